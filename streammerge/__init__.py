@@ -1,0 +1,1 @@
+"""streammerge: stream sharded FSDP checkpoints into Hugging Face safetensors."""
