@@ -1,0 +1,196 @@
+"""Load safely: read a rank file's tensor *metadata* (names, shapes, placements, byte offsets).
+
+`torch.load(weights_only=True)` runs only torch's allowlisted pickle opcodes, so a hostile file cannot
+run code. Loading onto the meta device reads the pickle and the zip directory only: no tensor data is
+read, whatever the file size, and every storage carries its byte offset inside the file
+(`_checkpoint_offset`), which is all the writer needs to stream bytes later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.tensor  # noqa: F401  (registers DTensor & placements with the weights-only unpickler)
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from .errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
+
+UNSAFE_FLAG = "--trust-pickle"
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where one tensor's local bytes lie in one rank file, and how they map onto the full tensor."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]  # full (global) shape
+    local_shape: tuple[int, ...]
+    local_stride: tuple[int, ...]
+    offset: int  # byte offset in the file of the local tensor's first element
+    placements: tuple[str, ...] | None  # None: a plain tensor (a full copy)
+    mesh_shape: tuple[int, ...] | None = None
+    coordinate: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RankFile:
+    path: Path
+    rank: int
+    size: int
+    mtime_ns: int
+    tensors: dict[str, TensorRecord]
+    other: dict[str, Any]  # non-tensor entries (rare in model files; kept for error messages)
+
+
+def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
+    """torch.load onto the meta device, weights-only unless the user explicitly trusts the file."""
+    if trust_pickle:
+        warnings.warn(
+            f"loading {path} with weights_only=False: any code pickled in this file will run",
+            stacklevel=2,
+        )
+    try:
+        with warnings.catch_warnings(), _quiet("torch.distributed.device_mesh"):
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="meta", weights_only=not trust_pickle, mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise UnsafePickleError(
+            f"{path}: refused to load: the pickle asks for something outside torch's weights-only "
+            f"allowlist ({detail.strip()[:200]}). Unpickling it could run arbitrary code. Only if you "
+            f"created this file yourself and trust it, rerun with {UNSAFE_FLAG}."
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupted rank file ({msg[:200]})") from None
+
+
+class _quiet:
+    """Silence a logger: unpickling a DeviceMesh outside a process group logs a harmless warning."""
+
+    def __init__(self, name: str):
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self) -> None:
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)
+
+
+def _placement_name(p: Any) -> str:
+    if type(p) is Shard:
+        return f"Shard({p.dim})"
+    if type(p) is Replicate:
+        return "Replicate()"
+    if isinstance(p, Partial):
+        raise UnsupportedLayoutError(f"Partial placement ({p}) holds unreduced values that cannot be merged")
+    raise UnsupportedLayoutError(f"placement {p!r} is not supported (only Shard(d) and Replicate())")
+
+
+def _mesh_layout(dt: DTensor, rank: int, world_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Mesh shape and this rank's coordinate, read from pickled attributes only.
+
+    DeviceMesh methods break on meshes pickled by another torch version, so only plain attributes
+    are read; a 1-D mesh needs nothing at all.
+    """
+    ndim = len(dt.placements)
+    mesh = dt.device_mesh
+    state = getattr(mesh, "__dict__", {})
+    shape = None
+    layout = state.get("_layout")
+    if layout is not None and isinstance(getattr(layout, "__dict__", {}).get("shape"), tuple):
+        shape = tuple(int(s) for s in layout.__dict__["shape"])
+    coord = state.get("_coordinate_on_dim")
+    if shape is None:
+        m = state.get("mesh")
+        if isinstance(m, torch.Tensor) and m.device.type != "meta":
+            shape = tuple(m.shape)
+            hits = (m == rank).nonzero()
+            coord = tuple(int(c) for c in hits[0]) if len(hits) else None
+    if shape is None and ndim == 1:
+        shape = (world_size,)
+    if shape is None or len(shape) != ndim:
+        raise UnsupportedLayoutError(f"cannot read the {ndim}-D device mesh layout of this torch version")
+    if coord is None:
+        coord, r = [], rank  # row-major mesh over ranks 0..W-1, as init_device_mesh builds it
+        for s in reversed(shape):
+            coord.append(r % s)
+            r //= s
+        coord = tuple(reversed(coord))
+    return shape, tuple(int(c) for c in coord)
+
+
+def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) -> TensorRecord:
+    if isinstance(t, DTensor):
+        local = t._local_tensor
+        try:
+            placements = tuple(_placement_name(p) for p in t.placements)
+        except UnsupportedLayoutError as e:
+            raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
+        try:
+            mesh_shape, coord = _mesh_layout(t, rank, world_size)
+        except UnsupportedLayoutError as e:
+            raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
+        shape = tuple(t.shape)
+    else:
+        local, placements, mesh_shape, coord = t, None, None, None
+        shape = tuple(t.shape)
+    storage = local.untyped_storage()
+    base = getattr(storage, "_checkpoint_offset", None)
+    if base is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has no storage offset (not a torch zip checkpoint?)")
+    return TensorRecord(
+        name=name,
+        dtype=local.dtype,
+        shape=shape,
+        local_shape=tuple(local.shape),
+        local_stride=tuple(local.stride()),
+        offset=int(base) + local.storage_offset() * local.element_size(),
+        placements=placements,
+        mesh_shape=mesh_shape,
+        coordinate=coord,
+    )
+
+
+def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool = False) -> RankFile:
+    """Read one rank file's tensor records without reading tensor data."""
+    st = os.stat(path)
+    obj = torch_load_meta(path, trust_pickle=trust_pickle)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    tensors, other = {}, {}
+    for name, value in obj.items():
+        if not isinstance(name, str):
+            other[name] = value
+        elif isinstance(value, torch.Tensor):
+            rec = _record(name, value, rank, world_size, path)
+            nbytes = _span_bytes(rec)
+            if rec.offset + nbytes > st.st_size:
+                raise CheckpointError(
+                    f"{path}: truncated: tensor {name!r} needs bytes up to {rec.offset + nbytes}, "
+                    f"file has {st.st_size}"
+                )
+            tensors[name] = rec
+        else:
+            other[name] = value
+    return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns, tensors=tensors, other=other)
+
+
+def _span_bytes(rec: TensorRecord) -> int:
+    """Bytes from the first to one past the last element of a (possibly strided) local tensor."""
+    if any(s == 0 for s in rec.local_shape):
+        return 0
+    last = sum((s - 1) * st for s, st in zip(rec.local_shape, rec.local_stride))
+    return (last + 1) * rec.dtype.itemsize

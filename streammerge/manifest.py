@@ -1,0 +1,64 @@
+"""The manifest: which output files are finished, with size and sha256, for resume, verify and push."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import OutputError
+from .write import OutputFile
+
+STATE_DIR = ".streammerge"
+MANIFEST = "manifest.json"
+
+
+class Manifest:
+    """Lives in OUT/.streammerge/manifest.json and is rewritten atomically after every finished file."""
+
+    def __init__(self, out_dir: Path, fingerprint: str, source: str, options: dict):
+        self.path = out_dir / STATE_DIR / MANIFEST
+        self.data = {"version": 1, "fingerprint": fingerprint, "source": source, "options": options,
+                     "files": {}, "complete": False}
+
+    @staticmethod
+    def read(out_dir: Path) -> dict | None:
+        path = out_dir / STATE_DIR / MANIFEST
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise OutputError(f"{path}: unreadable manifest (delete the output folder to start over)") from None
+
+    def adopt(self, previous: dict | None) -> None:
+        """Keep what a previous run of the same merge finished."""
+        if previous and previous.get("fingerprint") == self.data["fingerprint"]:
+            self.data["files"] = dict(previous.get("files", {}))
+
+    def finished(self, out_dir: Path, filename: str) -> OutputFile | None:
+        """A file counts as finished when the manifest lists it and it is still there at its size."""
+        entry = self.data["files"].get(filename)
+        if entry is None:
+            return None
+        try:
+            if os.path.getsize(out_dir / filename) != entry["size"]:
+                return None
+        except OSError:
+            return None
+        return OutputFile(filename, entry["size"], entry["sha256"])
+
+    def add(self, f: OutputFile) -> None:
+        self.data["files"][f.filename] = {k: v for k, v in asdict(f).items() if k != "filename"}
+        self.save()
+
+    def complete(self) -> None:
+        self.data["complete"] = True
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)

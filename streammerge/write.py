@@ -1,0 +1,314 @@
+"""Write: execute a plan, one output file at a time, in bounded memory.
+
+Each file is created at its final size under a temporary name, its header written from the plan,
+and every tensor filled window by window: worker threads read the pieces of a window straight from
+the rank files (positioned reads; casts chunk by chunk with torch, so values equal `tensor.to(dtype)`)
+and write it in place, while this thread hashes the windows in file order. Memory is the window
+buffers and nothing else; page cache is dropped behind us so a memory cgroup stays bounded too. The
+file is re-opened with the Rust reader (`safetensors.safe_open`) before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import itertools
+import math
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import OutputError, VerifyError
+from .plan import FilePlan, Piece, Plan, TensorPlan
+
+DEFAULT_BUFFER_SIZE = 64 * 2**20
+TMP_SUFFIX = ".streammerge-tmp"
+
+Box = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A finished, verified output file (what the manifest and the Hub upload need)."""
+
+    filename: str  # relative to the output folder, e.g. "optimizer/optimizer.safetensors"
+    size: int
+    sha256: str
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name("." + path.name + TMP_SUFFIX)
+
+
+# ---------------------------------------------------------------- page cache control
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if os.name == "posix" else None
+_SYNC_RANGE_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def _drop_cache(fd: int, offset: int, length: int, *, written: bool) -> None:
+    """Evict a range from the page cache (after flushing it, if we wrote it)."""
+    if length <= 0 or not hasattr(os, "posix_fadvise"):
+        return
+    if written and _libc is not None and hasattr(_libc, "sync_file_range"):
+        _libc.sync_file_range(fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), _SYNC_RANGE_ALL)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- windows of a tensor
+
+def windows(shape: tuple[int, ...], itemsize: int, budget: int) -> Iterator[Box]:
+    """Split a tensor into boxes that are contiguous in row-major order and at most `budget` bytes.
+
+    Whole rows of the outermost dimension when they fit; otherwise single indices of the leading
+    dimensions and a range of the first dimension whose slab fits.
+    """
+    if math.prod(shape) == 0:
+        return
+    if not shape:
+        yield ()
+        return
+    suffix = [1] * (len(shape) + 1)
+    for i in reversed(range(len(shape))):
+        suffix[i] = suffix[i + 1] * shape[i]
+    k = next(i for i in range(len(shape)) if suffix[i + 1] * itemsize <= budget or i == len(shape) - 1)
+    step = max(1, budget // (suffix[k + 1] * itemsize))
+    tail = tuple((0, s) for s in shape[k + 1:])
+    for prefix in itertools.product(*(range(s) for s in shape[:k])):
+        head = tuple((p, p + 1) for p in prefix)
+        for a in range(0, shape[k], step):
+            yield head + ((a, min(a + step, shape[k])),) + tail
+
+
+def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def _is_contiguous(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    expected = 1
+    for size, stride in zip(reversed(sizes), reversed(strides)):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+# ---------------------------------------------------------------- reading sources
+
+class Sources:
+    """Read-only file descriptors of the rank files, opened once and shared by the worker threads."""
+
+    def __init__(self, drop_cache: bool = True):
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.drop_cache = drop_cache
+
+    def fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def read_into(self, path: str, offset: int, view: memoryview) -> None:
+        fd = self.fd(path)
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OutputError(f"{path}: unexpected end of file at byte {offset + done} (file truncated while merging?)")
+            done += n
+        if self.drop_cache:
+            _drop_cache(fd, offset, len(view), written=False)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def fill_window(t: TensorPlan, box: Box, out: torch.Tensor, scratch: torch.Tensor, sources: Sources) -> int:
+    """Assemble one window of tensor `t` into `out` (uint8); returns its byte length."""
+    wshape = tuple(hi - lo for lo, hi in box)
+    n_out = math.prod(wshape) * t.dtype.itemsize
+    out_mv = memoryview(out.numpy())
+    wstrides = _row_major(wshape)
+    src_isz = t.source_dtype.itemsize
+    for p in t.pieces:
+        lo = [max(b[0], s) for b, s in zip(box, p.start)]
+        hi = [min(b[1], s + n) for b, s, n in zip(box, p.start, p.shape)]
+        if any(a >= b for a, b in zip(lo, hi)):
+            continue
+        sizes = tuple(b - a for a, b in zip(lo, hi))
+        local = [a - s for a, s in zip(lo, p.start)]
+        src_off = p.offset + sum(i * st for i, st in zip(local, p.stride)) * src_isz
+        span = (sum((n - 1) * st for n, st in zip(sizes, p.stride)) + 1) * src_isz
+        dst = [a - b[0] for a, b in zip(lo, box)]
+        dst_flat = sum(i * st for i, st in zip(dst, wstrides))
+        if (t.dtype == t.source_dtype and _is_contiguous(sizes, p.stride)
+                and _is_contiguous(sizes, wstrides)):
+            start = dst_flat * src_isz
+            sources.read_into(p.file, src_off, out_mv[start:start + math.prod(sizes) * src_isz])
+            continue
+        if span > scratch.numel():
+            raise OutputError(f"{t.name}: a piece spans {span} bytes for one window; raise --buffer-size")
+        sources.read_into(p.file, src_off, memoryview(scratch.numpy())[:span])
+        src = scratch[:span].view(t.source_dtype).as_strided(sizes, p.stride)
+        window = out[:n_out].view(t.dtype).view(wshape)
+        window[tuple(slice(a, a + n) for a, n in zip(dst, sizes))].copy_(src)
+    return n_out
+
+
+# ---------------------------------------------------------------- one output file
+
+class FileWriter:
+    """Writes the files of a plan with a shared pool of threads and a fixed set of buffers."""
+
+    def __init__(self, *, workers: int = 2, buffer_size: int = DEFAULT_BUFFER_SIZE, drop_cache: bool = True,
+                 progress: Callable[[int], None] | None = None):
+        self.workers = max(1, workers)
+        self.depth = max(2, 2 * self.workers)
+        # each in-flight window needs its output bytes and, for casts and strided pieces, a scratch copy
+        self.window_bytes = max(4096, buffer_size // (2 * self.depth)) // 64 * 64
+        self.drop_cache = drop_cache
+        self.progress = progress
+        self.sources = Sources(drop_cache)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="streammerge")
+        self._buffers = [(torch.empty(self.window_bytes, dtype=torch.uint8),
+                          torch.empty(self.window_bytes, dtype=torch.uint8)) for _ in range(self.depth)]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.sources.close()
+
+    def __enter__(self) -> FileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _jobs(self, plan: Plan, fp: FilePlan) -> Iterator[tuple[TensorPlan, Box, int]]:
+        data_start = fp.layout.data_start
+        for e in fp.layout.entries:
+            t = plan.tensors[e.name]
+            itemsize = max(t.dtype.itemsize, t.source_dtype.itemsize)
+            budget = self.window_bytes * t.dtype.itemsize // itemsize
+            for box in windows(t.shape, t.dtype.itemsize, budget):
+                flat = sum(lo * st for (lo, _), st in zip(box, _row_major(t.shape)))
+                yield t, box, data_start + e.begin + flat * t.dtype.itemsize
+
+    def write(self, plan: Plan, fp: FilePlan, path: Path) -> OutputFile:
+        """Write one file atomically: temp name, fill, verify with the Rust reader, rename."""
+        tmp = tmp_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise OutputError(f"{tmp}: cannot create ({e.strerror})") from None
+        try:
+            digest = self._fill(plan, fp, fd, tmp)
+            os.fsync(fd)
+            if self.drop_cache:
+                _drop_cache(fd, 0, fp.size, written=True)
+        except OSError as e:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutputError(f"{path.parent}: no space left writing {path.name} "
+                                  f"({fp.size / 1e9:.2f} GB needed); free space and rerun to resume") from None
+            raise OutputError(f"{path}: write failed ({e.strerror or e})") from None
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        check_with_rust_reader(tmp, plan, fp)
+        os.replace(tmp, path)
+        rel = f"{plan.subdir}/{fp.filename}" if plan.subdir else fp.filename
+        return OutputFile(rel, fp.size, digest)
+
+    def _fill(self, plan: Plan, fp: FilePlan, fd: int, tmp: Path) -> str:
+        try:
+            os.posix_fallocate(fd, 0, fp.size)  # reserves the space: a full disk fails now, not halfway
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                raise
+            os.ftruncate(fd, fp.size)
+        header = fp.layout.header
+        os.pwrite(fd, header, 0)
+        sha = hashlib.sha256(header)
+        inflight: deque[tuple[Future, int]] = deque()
+        free = list(range(self.depth))
+        written_upto = len(header)
+
+        def finish_oldest() -> None:
+            nonlocal written_upto
+            fut, slot = inflight.popleft()
+            n, offset = fut.result()
+            sha.update(memoryview(self._buffers[slot][0].numpy())[:n])
+            if self.drop_cache and offset + n - written_upto >= 4 * self.window_bytes:
+                _drop_cache(fd, written_upto, offset + n - written_upto, written=True)
+                written_upto = offset + n
+            free.append(slot)
+            if self.progress:
+                self.progress(n)
+
+        try:
+            for t, box, offset in self._jobs(plan, fp):
+                if not free:
+                    finish_oldest()
+                slot = free.pop()
+                inflight.append((self._pool.submit(self._job, t, box, offset, fd, slot), slot))
+            while inflight:
+                finish_oldest()
+        finally:
+            for fut, _ in inflight:  # let running jobs end before their buffers or fd go away
+                fut.cancel()
+                try:
+                    fut.result()
+                except BaseException:
+                    pass
+        return sha.hexdigest()
+
+    def _job(self, t: TensorPlan, box: Box, offset: int, fd: int, slot: int) -> tuple[int, int]:
+        out, scratch = self._buffers[slot]
+        n = fill_window(t, box, out, scratch, self.sources)
+        view = memoryview(out.numpy())[:n]
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, view[done:], offset + done)
+        return n, offset
+
+
+def check_with_rust_reader(path: Path, plan: Plan, fp: FilePlan) -> None:
+    """Open the file with safetensors' Rust reader and compare its header with the plan."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            if keys != set(fp.names):
+                raise VerifyError(f"{path}: tensors {sorted(keys ^ set(fp.names))[:3]} differ from the plan")
+            for e in fp.layout.entries:
+                sl = f.get_slice(e.name)
+                if tuple(sl.get_shape()) != e.shape or sl.get_dtype() != e.dtype:
+                    raise VerifyError(f"{path}: tensor {e.name!r} reads back as {sl.get_dtype()} {sl.get_shape()}")
+    except VerifyError:
+        raise
+    except Exception as e:  # the Rust reader's own errors (SafetensorError) are not importable as one type
+        raise VerifyError(f"{path}: the safetensors reader rejects the file ({e})") from None
