@@ -1,1 +1,18 @@
-"""streammerge: stream sharded FSDP checkpoints into Hugging Face safetensors."""
+"""streammerge: stream sharded FSDP (veRL) checkpoints into Hugging Face safetensors in constant memory.
+
+Public API::
+
+    plan(ckpt_dir) -> Plan                      # what would be written, from metadata only
+    merge(ckpt_dir, out_dir, **options) -> MergeResult
+"""
+
+from .discover import Checkpoint, find_checkpoint
+from .errors import CheckpointError, OutputError, StreammergeError, UnsafePickleError, VerifyError
+from .pipeline import MergeResult, merge, plan
+from .plan import Plan
+
+__version__ = "0.1.0"
+__all__ = [
+    "Checkpoint", "CheckpointError", "MergeResult", "OutputError", "Plan", "StreammergeError",
+    "UnsafePickleError", "VerifyError", "find_checkpoint", "merge", "plan",
+]

@@ -63,6 +63,12 @@ class TensorPlan:
     dtype: torch.dtype  # output dtype
     placements: str  # for display: "Shard(0)", "(Replicate(), Shard(0))", "plain"
     pieces: tuple[Piece, ...]
+    flat: bool = False  # pieces index the flattened tensor (FSDP1 flat parameters), not its shape
+
+    @property
+    def geometry(self) -> tuple[int, ...]:
+        """The shape the pieces are boxes of."""
+        return (self.numel,) if self.flat else self.shape
 
     @property
     def numel(self) -> int:

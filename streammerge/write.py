@@ -144,7 +144,7 @@ class Sources:
 
 def fill_window(t: TensorPlan, box: Box, out: torch.Tensor, scratch: torch.Tensor, sources: Sources) -> int:
     """Assemble one window of tensor `t` into `out` (uint8); returns its byte length."""
-    wshape = tuple(hi - lo for lo, hi in box)
+    wshape = tuple(hi - lo for lo, hi in box)  # box is in t.geometry coordinates
     n_out = math.prod(wshape) * t.dtype.itemsize
     out_mv = memoryview(out.numpy())
     wstrides = _row_major(wshape)
@@ -208,8 +208,9 @@ class FileWriter:
             t = plan.tensors[e.name]
             itemsize = max(t.dtype.itemsize, t.source_dtype.itemsize)
             budget = self.window_bytes * t.dtype.itemsize // itemsize
-            for box in windows(t.shape, t.dtype.itemsize, budget):
-                flat = sum(lo * st for (lo, _), st in zip(box, _row_major(t.shape)))
+            strides = _row_major(t.geometry)
+            for box in windows(t.geometry, t.dtype.itemsize, budget):
+                flat = sum(lo * st for (lo, _), st in zip(box, strides))
                 yield t, box, data_start + e.begin + flat * t.dtype.itemsize
 
     def write(self, plan: Plan, fp: FilePlan, path: Path) -> OutputFile:

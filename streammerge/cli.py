@@ -1,0 +1,124 @@
+"""Command line: argument parsing only; every command calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import StreammergeError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded FSDP checkpoint into a Hugging Face folder
+streammerge inspect CKPT_DIR                print the merge plan without writing
+streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it"""
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT_DIR", help="actor/ folder, global_step_N folder, or run folder")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new or empty; or a previous run to resume)")
+    _plan_args(p)
+    p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
+    p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
+    p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="leave read and written data in the page cache (default: drop it, for small memory limits)")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "keep", "bfloat16", "float16", "float32"],
+                   help="output dtype of floating tensors: auto = the config's dtype, else keep (default auto)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output file, decimal units (default 5GB)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="DANGEROUS: load rank files with weights_only=False (runs any code pickled in them); "
+                        "only for files you made yourself")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .pipeline import merge
+
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    result = merge(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                   workers=args.workers, buffer_size=args.buffer_size, optimizer=not args.no_optimizer,
+                   trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress)
+    for w in result.warnings:
+        print(f"streammerge: warning: {w}", file=sys.stderr)
+    print(result.summary())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .pipeline import plan
+    from .plan import plan_to_json
+
+    p = plan(args.checkpoint, dtype=args.dtype, max_shard_size=args.max_shard_size, trust_pickle=args.trust_pickle)
+    if args.json:
+        print(json.dumps(plan_to_json(p), indent=1))
+    else:
+        print(p.describe(max_rows=None if args.all else 60))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out_dir)
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    if command == "merge":
+        p = argparse.ArgumentParser(prog="streammerge", description="Merge a sharded FSDP checkpoint into a "
+                                    "Hugging Face model folder, streaming in constant memory.", epilog=HELP,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        _merge_args(p)
+    elif command == "inspect":
+        p = argparse.ArgumentParser(prog="streammerge inspect", description="Print the merge plan; writes nothing.")
+        p.add_argument("checkpoint", metavar="CKPT_DIR")
+        _plan_args(p)
+        p.add_argument("--all", action="store_true", help="list every tensor (default: the first 60)")
+        p.add_argument("--json", action="store_true", help="machine-readable plan")
+    elif command == "demo":
+        p = argparse.ArgumentParser(prog="streammerge demo",
+                                    description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")
+        p.add_argument("out_dir", nargs="?", default="streammerge-demo", metavar="OUT_DIR")
+    else:
+        raise KeyError(command)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+COMMANDS.update({"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS and argv[0] != "merge" else "merge"
+    if command != "merge" or (argv and argv[0] == "merge"):
+        argv = argv[1:]
+    args = build_parser(command).parse_args(argv)
+    try:
+        return COMMANDS[command](args)
+    except StreammergeError as e:
+        if args.debug:
+            raise
+        print(f"streammerge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("streammerge: interrupted; finished files are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (ValueError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"streammerge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
