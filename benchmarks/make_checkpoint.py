@@ -122,6 +122,33 @@ def expected_tensor(preset: str, name: str, dtype: torch.dtype = torch.float32, 
     return out
 
 
+def check_merge(out_dir: str | Path, preset: str, dtype: torch.dtype | None = None, layers: int | None = None,
+                names: list[str] | None = None) -> int:
+    """Compare tensors of a merged folder bit for bit with `expected_tensor`; returns how many were checked.
+
+    `names=None` checks every tensor. `dtype=None` expects the saved dtype (float32).
+    """
+    from safetensors import safe_open
+
+    out = Path(out_dir)
+    index = out / "model.safetensors.index.json"
+    where = (json.loads(index.read_text())["weight_map"] if index.is_file()
+             else {k: "model.safetensors" for k in safe_open(str(out / "model.safetensors"), "pt").keys()})
+    specs = {s.name for s in param_specs(preset, layers)}
+    if set(where) != specs:
+        raise AssertionError(f"{out}: tensor names differ from the preset: {sorted(set(where) ^ specs)[:5]}")
+    checked = 0
+    for name in (names if names is not None else sorted(where)):
+        with safe_open(str(out / where[name]), "pt") as f:
+            got = f.get_tensor(name)
+        want = expected_tensor(preset, name, layers=layers)
+        want = want if dtype is None else want.to(dtype)
+        if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got.view(torch.uint8) if got.dim() else got, want.view(torch.uint8) if want.dim() else want):
+            raise AssertionError(f"{out}: tensor {name} differs from the source")
+        checked += 1
+    return checked
+
+
 def chunk_rows(length: int, parts: int, index: int) -> tuple[int, int]:
     """torch.chunk bounds along dim 0 (what FSDP2's Shard(0) holds)."""
     size = -(-length // parts) if length else 0

@@ -66,6 +66,79 @@ def _drop_cache(fd: int, offset: int, length: int, *, written: bool) -> None:
         pass
 
 
+class WriteBehind:
+    """Flush what was written to disk and evict it from the page cache, off the hashing thread.
+
+    The producer hands over file-ordered byte ranges as they are hashed; a thread starts writeback
+    of each range (`sync_file_range(WRITE)`, asynchronous) and waits for the range before it, then
+    drops it. Dirty pages count against a memory cgroup, and cgroup v1 does not throttle writers,
+    so the producer waits when more than `limit` bytes are written but not yet flushed.
+    """
+
+    def __init__(self, fd: int, start: int, *, chunk: int, limit: int, enabled: bool = True):
+        self.fd, self.chunk, self.limit, self.enabled = fd, chunk, max(limit, 2 * chunk), enabled
+        self.issued = self.flushed = start
+        self._ranges: deque[tuple[int, int] | None] = deque()
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="streammerge-flush", daemon=True)
+        if enabled:
+            self._thread.start()
+
+    def advance(self, upto: int) -> None:
+        """Bytes up to `upto` are written (and hashed); flush them once a chunk has gathered."""
+        if not self.enabled or upto - self.issued < self.chunk:
+            return
+        with self._cond:
+            self._ranges.append((self.issued, upto))
+            self.issued = upto
+            self._cond.notify_all()
+            while self.issued - self.flushed > self.limit and self._error is None:
+                self._cond.wait()
+
+    def close(self, end: int) -> None:
+        """Flush everything up to `end` and stop the thread."""
+        if not self.enabled:
+            return
+        with self._cond:
+            if end > self.issued:
+                self._ranges.append((self.issued, end))
+                self.issued = end
+            self._ranges.append(None)
+            self._cond.notify_all()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        previous: tuple[int, int] | None = None
+        try:
+            while True:
+                with self._cond:
+                    while not self._ranges:
+                        self._cond.wait()
+                    rng = self._ranges.popleft()
+                if rng is not None:
+                    _start_writeback(self.fd, rng[0], rng[1] - rng[0])
+                if previous is not None:
+                    _drop_cache(self.fd, previous[0], previous[1] - previous[0], written=True)
+                    with self._cond:
+                        self.flushed = previous[1]
+                        self._cond.notify_all()
+                if rng is None:
+                    return
+                previous = rng
+        except BaseException as e:  # surfaced by close(); the producer must not wait forever
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    if length > 0 and _libc is not None and hasattr(_libc, "sync_file_range"):
+        _libc.sync_file_range(fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), 2)  # WRITE: async
+
+
 # ---------------------------------------------------------------- windows of a tensor
 
 def windows(shape: tuple[int, ...], itemsize: int, budget: int) -> Iterator[Box]:
@@ -185,6 +258,7 @@ class FileWriter:
         self.depth = max(2, 2 * self.workers)
         # each in-flight window needs its output bytes and, for casts and strided pieces, a scratch copy
         self.window_bytes = max(4096, buffer_size // (2 * self.depth)) // 64 * 64
+        self.flush_bytes = max(8 * 2**20, 2 * self.window_bytes)
         self.drop_cache = drop_cache
         self.progress = progress
         self.sources = Sources(drop_cache)
@@ -224,8 +298,6 @@ class FileWriter:
         try:
             digest = self._fill(plan, fp, fd, tmp)
             os.fsync(fd)
-            if self.drop_cache:
-                _drop_cache(fd, 0, fp.size, written=True)
         except OSError as e:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -255,17 +327,14 @@ class FileWriter:
         sha = hashlib.sha256(header)
         inflight: deque[tuple[Future, int]] = deque()
         free = list(range(self.depth))
-        written_upto = len(header)
+        behind = WriteBehind(fd, 0, chunk=self.flush_bytes, limit=4 * self.flush_bytes, enabled=self.drop_cache)
 
         def finish_oldest() -> None:
-            nonlocal written_upto
             fut, slot = inflight.popleft()
             n, offset = fut.result()
             sha.update(memoryview(self._buffers[slot][0].numpy())[:n])
-            if self.drop_cache and offset + n - written_upto >= 4 * self.window_bytes:
-                _drop_cache(fd, written_upto, offset + n - written_upto, written=True)
-                written_upto = offset + n
             free.append(slot)
+            behind.advance(offset + n)
             if self.progress:
                 self.progress(n)
 
@@ -284,6 +353,7 @@ class FileWriter:
                     fut.result()
                 except BaseException:
                     pass
+            behind.close(fp.size)
         return sha.hexdigest()
 
     def _job(self, t: TensorPlan, box: Box, offset: int, fd: int, slot: int) -> tuple[int, int]:
