@@ -38,10 +38,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .distributed import launched_by_torchrun, merge_torchrun
     from .pipeline import merge
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = merge(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+    result = (merge_torchrun if launched_by_torchrun() else merge)(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
                    workers=args.workers, buffer_size=args.buffer_size, optimizer=not args.no_optimizer,
                    trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress)
     for w in result.warnings:

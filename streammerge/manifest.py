@@ -12,13 +12,14 @@ from .write import OutputFile
 
 STATE_DIR = ".streammerge"
 MANIFEST = "manifest.json"
+PART_GLOB = "manifest.part-*.json"  # one per torchrun rank > 0, folded into MANIFEST by rank 0
 
 
 class Manifest:
     """Lives in OUT/.streammerge/manifest.json and is rewritten atomically after every finished file."""
 
-    def __init__(self, out_dir: Path, fingerprint: str, source: str, options: dict):
-        self.path = out_dir / STATE_DIR / MANIFEST
+    def __init__(self, out_dir: Path, fingerprint: str, source: str, options: dict, part: int = 0):
+        self.path = out_dir / STATE_DIR / (MANIFEST if part == 0 else PART_GLOB.replace("*", str(part)))
         self.data = {"version": 1, "fingerprint": fingerprint, "source": source, "options": options,
                      "files": {}, "complete": False}
 
@@ -36,6 +37,21 @@ class Manifest:
         """Keep what a previous run of the same merge finished."""
         if previous and previous.get("fingerprint") == self.data["fingerprint"]:
             self.data["files"] = dict(previous.get("files", {}))
+        self.gather_parts(remove=False)
+
+    def gather_parts(self, remove: bool = True) -> None:
+        """Fold in the files that torchrun ranks listed in their part manifests (same merge only)."""
+        for p in sorted(self.path.parent.glob(PART_GLOB)):
+            if p == self.path:
+                continue
+            try:
+                data = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue  # a part being replaced right now; its rank lists it again when it finishes
+            if data.get("fingerprint") == self.data["fingerprint"]:
+                self.data["files"].update(data.get("files", {}))
+            if remove:
+                p.unlink(missing_ok=True)
 
     def finished(self, out_dir: Path, filename: str) -> OutputFile | None:
         """A file counts as finished when the manifest lists it and it is still there at its size."""

@@ -90,13 +90,14 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
           max_shard_size: int | str = MAX_SHARD_SIZE, workers: int | None = None,
           buffer_size: int | str = DEFAULT_BUFFER_SIZE, optimizer: bool = True, trust_pickle: bool = False,
           drop_cache: bool = True, progress: bool = False, on_file_done: FileCallback | None = None,
-          num_parts: int = 1, part: int = 0) -> MergeResult:
+          num_parts: int = 1, part: int = 0, sync: Callable[[], None] | None = None) -> MergeResult:
     """Merge an FSDP checkpoint into a Hugging Face folder, streaming in bounded memory.
 
     Re-running after an interruption reuses the files already finished. `on_file_done` is called
     for each finished file (e.g. to start uploading it while the next one is written).
     `num_parts`/`part` write only this worker's share of the files (torchrun); part 0 also writes
-    the small files and the index.
+    the small files and the index. `sync` is a barrier across the parts (see distributed.py):
+    called twice by every part, after part 0 set up the folder and before part 0 writes the index.
     """
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
@@ -120,11 +121,15 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
 
     options = {"dtype": str(out_dtype), "max_shard_size": parse_size(max_shard_size), "optimizer": len(plans) > 1}
     fingerprint = hashlib.sha256("".join(p.fingerprint() for p in plans).encode() + repr(options).encode()).hexdigest()
+    if sync is not None and part != 0:
+        sync()  # part 0 checks and sets up the folder first
     previous = _check_out_dir(out, ck, fingerprint)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out, fingerprint, str(ck.path), options)
+    manifest = Manifest(out, fingerprint, str(ck.path), options, part=part)
     manifest.adopt(previous)
     manifest.save()
+    if sync is not None and part == 0:
+        sync()
 
     files: list[OutputFile] = []
     reused: list[str] = []
@@ -157,7 +162,10 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
     finally:
         if bar:
             bar.close()
+    if sync is not None:
+        sync()  # every part has written its files
     if part == 0:
+        manifest.gather_parts()
         for rel, data in _small_files(ck, plans, out_dtype, config):
             f = _write_small(out, rel, data)
             manifest.add(f)
