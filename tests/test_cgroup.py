@@ -9,87 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from make_checkpoint import check_merge, make_checkpoint, param_specs  # noqa: E402
+from memcg import MemoryCgroup, Unavailable  # noqa: E402
 
 LIMIT = 512 * 2**20
 PRESET = "qwen2.5-0.5b"  # 1.98 GB of float32 rank files
-
-
-class MemoryCgroup:
-    """A throwaway memory cgroup: v1 nested under our own cgroup (so its limits still apply), or v2."""
-
-    def __init__(self, limit: int):
-        self.path, self.version = self._create(f"streammerge-test-{os.getpid()}")
-        if self.version == 1:
-            (self.path / "memory.limit_in_bytes").write_text(str(limit))
-            memsw = self.path / "memory.memsw.limit_in_bytes"
-            if memsw.exists():  # no escape into swap either
-                memsw.write_text(str(limit))
-        else:
-            (self.path / "memory.max").write_text(str(limit))
-            if (self.path / "memory.swap.max").exists():
-                (self.path / "memory.swap.max").write_text("0")
-
-    @staticmethod
-    def _create(name: str) -> tuple[Path, int]:
-        if os.geteuid() != 0:
-            pytest.skip("creating a memory cgroup needs root")
-        v1 = Path("/sys/fs/cgroup/memory")
-        if (v1 / "memory.limit_in_bytes").exists():
-            own = next((ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().splitlines()
-                        if ln.split(":", 2)[1] == "memory"), "/")
-            for parent in (v1 / own.lstrip("/"), v1):
-                try:
-                    (parent / name).mkdir()
-                    return parent / name, 1
-                except OSError:
-                    continue
-            pytest.skip("cgroup v1 memory controller is mounted but no cgroup can be created here")
-        v2 = Path("/sys/fs/cgroup")
-        if "memory" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
-            try:
-                if "memory" not in (v2 / "cgroup.subtree_control").read_text().split():
-                    (v2 / "cgroup.subtree_control").write_text("+memory")
-                (v2 / name).mkdir()
-                return v2 / name, 2
-            except OSError as e:
-                pytest.skip(f"cgroup v2: cannot create a child with the memory controller ({e.strerror})")
-        pytest.skip("no memory cgroup controller (neither v1 /sys/fs/cgroup/memory nor v2 'memory')")
-
-    def peak(self) -> int:
-        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
-        return int((self.path / name).read_text())
-
-    def oom_kills(self) -> int:
-        f = self.path / ("memory.oom_control" if self.version == 1 else "memory.events")
-        for line in f.read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-        return 0
-
-    def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
-        """Run a command inside the cgroup (it joins before exec, so nothing runs outside)."""
-        procs = self.path / "cgroup.procs"
-        return subprocess.run(["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *cmd], **kw)
-
-    def remove(self) -> None:
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
 
 
 def _evict(paths) -> None:
@@ -104,7 +36,10 @@ def _evict(paths) -> None:
 
 
 def test_2gb_merge_fits_in_512mb_cgroup(tmp_path):
-    cg = MemoryCgroup(LIMIT)
+    try:
+        cg = MemoryCgroup(LIMIT)
+    except Unavailable as e:
+        pytest.skip(str(e))
     try:
         actor = make_checkpoint(tmp_path / "ckpt", preset=PRESET, world_size=8)
         rank_files = sorted(actor.glob("model_world_size_*.pt"))
