@@ -18,15 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.tensor  # noqa: F401  (registers DTensor & placements with the weights-only unpickler)
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from .errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
 
 UNSAFE_FLAG = "--trust-pickle"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tensor per rank: keep it small
 class TensorRecord:
     """Where one tensor's local bytes lie in one rank file, and how they map onto the full tensor."""
 
@@ -58,6 +56,8 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
             f"loading {path} with weights_only=False: any code pickled in this file will run",
             stacklevel=2,
         )
+    import torch.distributed.tensor  # noqa: F401  (registers DTensor & placements with the weights-only unpickler)
+
     try:
         with warnings.catch_warnings(), _quiet("torch.distributed.device_mesh"):
             warnings.simplefilter("ignore")
@@ -90,6 +90,8 @@ class _quiet:
 
 
 def _placement_name(p: Any) -> str:
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
     if type(p) is Shard:
         return f"Shard({p.dim})"
     if type(p) is Replicate:
@@ -99,7 +101,7 @@ def _placement_name(p: Any) -> str:
     raise UnsupportedLayoutError(f"placement {p!r} is not supported (only Shard(d) and Replicate())")
 
 
-def _mesh_layout(dt: DTensor, rank: int, world_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _mesh_layout(dt: Any, rank: int, world_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Mesh shape and this rank's coordinate, read from pickled attributes only.
 
     DeviceMesh methods break on meshes pickled by another torch version, so only plain attributes
@@ -108,10 +110,9 @@ def _mesh_layout(dt: DTensor, rank: int, world_size: int) -> tuple[tuple[int, ..
     ndim = len(dt.placements)
     mesh = dt.device_mesh
     state = getattr(mesh, "__dict__", {})
-    shape = None
-    layout = state.get("_layout")
-    if layout is not None and isinstance(getattr(layout, "__dict__", {}).get("shape"), tuple):
-        shape = tuple(int(s) for s in layout.__dict__["shape"])
+    from .metapickle import layout_shape
+
+    shape = layout_shape(state.get("_layout"))
     coord = state.get("_coordinate_on_dim")
     if shape is None:
         m = state.get("mesh")
@@ -133,6 +134,8 @@ def _mesh_layout(dt: DTensor, rank: int, world_size: int) -> tuple[tuple[int, ..
 
 
 def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) -> TensorRecord:
+    from torch.distributed.tensor import DTensor
+
     if isinstance(t, DTensor):
         local = t._local_tensor
         try:
@@ -167,6 +170,11 @@ def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) 
 def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool = False) -> RankFile:
     """Read one rank file's tensor records without reading tensor data."""
     st = os.stat(path)
+    fast = None if trust_pickle else _fast_records(path, rank, world_size)
+    if fast is not None:
+        tensors, other = fast
+        return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                        tensors=_checked(tensors, path, st.st_size), other=other)
     obj = torch_load_meta(path, trust_pickle=trust_pickle)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
@@ -194,3 +202,58 @@ def _span_bytes(rec: TensorRecord) -> int:
         return 0
     last = sum((s - 1) * st for s, st in zip(rec.local_shape, rec.local_stride))
     return (last + 1) * rec.dtype.itemsize
+
+
+def _checked(tensors: dict[str, TensorRecord], path: Path, size: int) -> dict[str, TensorRecord]:
+    for name, rec in tensors.items():
+        nbytes = _span_bytes(rec)
+        if rec.offset + nbytes > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} needs bytes up to {rec.offset + nbytes}, "
+                                  f"file has {size}")
+    return tensors
+
+
+def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, TensorRecord], dict] | None:
+    """The records through metapickle's allowlisted C unpickler; None when torch.load must decide."""
+    from . import metapickle as mp
+
+    got = mp.read_state(path)
+    if got is None:
+        return None
+    obj, offsets = got
+    if not isinstance(obj, dict):
+        return None
+    tensors: dict[str, TensorRecord] = {}
+    other: dict = {}
+    for name, v in obj.items():
+        if not isinstance(name, str):
+            other[name] = v
+            continue
+        if isinstance(v, mp.Local):
+            local, placements, mesh_shape, coord, shape, dtype = v, None, None, None, v.shape, v.dtype
+        elif isinstance(v, mp.Wrapper):
+            local, spec = v.state.get("_local_tensor"), v.state.get("_spec")
+            if not isinstance(local, mp.Local) or not isinstance(spec, mp.DTensorSpec):
+                return None
+            try:
+                placements = tuple(mp.placement_name(p) for p in spec.placements)
+                mesh_shape, coord = mp.mesh_layout(spec.mesh, len(placements), rank, world_size)
+            except UnsupportedLayoutError as e:
+                raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
+            except AttributeError:
+                return None
+            shape, dtype = v.shape, v.dtype
+            if local.dtype != dtype:
+                return None
+        else:
+            other[name] = v
+            continue
+        if local.storage.key not in offsets:
+            return None
+        tensors[name] = TensorRecord(
+            name=name, dtype=dtype, shape=tuple(int(s) for s in shape),
+            local_shape=tuple(int(s) for s in local.shape), local_stride=tuple(int(s) for s in local.stride),
+            offset=offsets[local.storage.key] + local.offset * dtype.itemsize,
+            placements=placements, mesh_shape=mesh_shape, coordinate=coord)
+    return tensors, other
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import os
 import resource
@@ -60,9 +62,21 @@ def plan(checkpoint_dir: str | Path | Checkpoint, *, dtype: str | torch.dtype | 
     """Plan a merge without writing anything (reads metadata only)."""
     ck = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else find_checkpoint(checkpoint_dir)
     config = read_config(ck.hf_dir)
-    rank_files = load_rank_files(ck.model_files, ck.world_size, trust_pickle=trust_pickle)
-    return build_plan(ck, rank_files, dtype=resolve_dtype(dtype, config),
-                      max_shard_size=parse_size(max_shard_size), hf_config=config)
+    with gc_paused():  # millions of small records, no cycles: the cyclic GC would rescan them over and over
+        rank_files = load_rank_files(ck.model_files, ck.world_size, trust_pickle=trust_pickle)
+        return build_plan(ck, rank_files, dtype=resolve_dtype(dtype, config),
+                          max_shard_size=parse_size(max_shard_size), hf_config=config)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _check_out_dir(out_dir: Path, ck: Checkpoint, fingerprint: str) -> dict | None:

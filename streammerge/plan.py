@@ -43,7 +43,7 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2) or "B"])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tensor per rank: keep it small
 class Piece:
     """A box of the full tensor stored contiguously-or-strided in one rank file."""
 
