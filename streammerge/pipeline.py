@@ -223,8 +223,9 @@ def _write_small(out: Path, rel: str, data: bytes) -> OutputFile:
 
 
 def default_workers() -> int:
-    """Reads and writes overlap well with a few threads; more than 4 rarely helps a single disk."""
-    return max(2, min(4, os.cpu_count() or 2))
+    """Threads mostly wait on the disk (reads, writes) and release the GIL when they copy or cast:
+    more in flight than cores keeps the disk busy (measured: 8 beat 2 and 4 on 2 cores)."""
+    return max(4, min(16, 4 * (os.cpu_count() or 1)))
 
 
 def _progress_bar(total: int, enabled: bool):
