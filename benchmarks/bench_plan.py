@@ -85,7 +85,8 @@ def make(out: Path, ranks: int, tensors: int, jobs: int) -> Path:
 
 
 LOAD_TORCH = """
-import sys, time, warnings, logging
+import sys, time, warnings, logging, gc
+gc.disable()  # as streammerge.plan does while loading
 warnings.simplefilter("ignore"); logging.disable(logging.WARNING)
 from pathlib import Path
 from streammerge.load import torch_load_meta, _record
@@ -99,7 +100,8 @@ print(time.perf_counter() - t, n)
 """
 
 LOAD_FAST = """
-import sys, time
+import sys, time, gc
+gc.disable()  # as streammerge.plan does while loading
 from pathlib import Path
 from streammerge.load import _fast_records
 paths = sys.argv[1:]
