@@ -8,6 +8,8 @@ then run every contender --repeat times, interleaved, each in its own subprocess
 
     cat             cat of the model rank files into one file, then sync of that file (the physical limit)
     cp              cp of the model rank files, then sync of the copies
+    cat+sha256      cat | tee FILE | sha256sum, then sync: the limit for a merge that must also hash
+                    its output (streammerge records every file's sha256 for resume, verify and push)
     streammerge     python -m streammerge CKPT OUT --dtype keep        (float32 -> float32)
     streammerge-bf16  ... --dtype bfloat16                             (writes half the bytes)
     naive           benchmarks/naive_merge.py: load every rank, torch.cat, save_pretrained (bfloat16)
@@ -54,7 +56,7 @@ sys.path.insert(0, str(HERE))
 
 from make_checkpoint import PRESETS, check_merge, checkpoint_bytes, make_checkpoint  # noqa: E402
 
-CONTENDERS = ["cat", "cp", "streammerge", "streammerge-bf16", "naive", "verl"]
+CONTENDERS = ["cat", "cp", "cat+sha256", "streammerge", "streammerge-bf16", "naive", "verl"]
 WARM = "import torch, torch.distributed.tensor, transformers, safetensors, streammerge.pipeline"
 
 
@@ -134,6 +136,9 @@ def command(name: str, actor: Path, out: Path, verl_path: str | None) -> list[st
     files = [str(p) for p in sorted(actor.glob("model_world_size_*_rank_*.pt"))]
     if name == "cat":
         return ["sh", "-c", 'out="$1"; shift; cat "$@" > "$out" && sync "$out"', "sh", str(out / "all.bin"), *files]
+    if name == "cat+sha256":
+        return ["sh", "-c", 'out="$1"; shift; cat "$@" | tee "$out" | sha256sum > /dev/null && sync "$out"', "sh",
+                str(out / "all.bin"), *files]
     if name == "cp":
         return ["sh", "-c", 'out="$1"; shift; cp "$@" "$out"/ && sync "$out"/*', "sh", str(out), *files]
     if name == "streammerge":
@@ -239,7 +244,7 @@ def bench_preset(preset: str, a: argparse.Namespace, env: dict, verl_reason: str
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             drop_cache(files, policy)
-            if not a.cold_imports and c not in ("cat", "cp"):
+            if not a.cold_imports and c not in ("cat", "cp", "cat+sha256"):
                 subprocess.run([sys.executable, "-c", WARM], cwd=ROOT, env=env, capture_output=True)
             load = os.getloadavg()[0]
             r = measure(command(c, actor, out, a.verl_path), env)
@@ -278,7 +283,7 @@ def bench_preset(preset: str, a: argparse.Namespace, env: dict, verl_reason: str
         if any("merge_s_in_process" in r for r in ok):
             summary[c]["merge_s_in_process"] = round(statistics.median(r["merge_s_in_process"] for r in ok
                                                                        if "merge_s_in_process" in r), 3)
-    for base in ("cat", "cp"):
+    for base in ("cat", "cp", "cat+sha256"):
         if base in summary:
             for c in summary:
                 summary[c][f"ratio_to_{base}"] = round(summary[c]["wall_s"] / summary[base]["wall_s"], 2)
@@ -300,7 +305,7 @@ def plot(result: dict, path: Path) -> None:
     presets = sorted(result["presets"], key=lambda p: p["checkpoint_bytes"])
     xs = [p["checkpoint_bytes"] / 1e9 for p in presets]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"cat": ("k", "--"), "cp": ("grey", ":"), "streammerge": ("tab:blue", "-"),
+    styles = {"cat": ("k", "--"), "cp": ("grey", ":"), "cat+sha256": ("tab:green", "--"), "streammerge": ("tab:blue", "-"),
               "streammerge-bf16": ("tab:cyan", "-"), "naive": ("tab:red", "-"), "verl": ("tab:orange", "-")}
     for c in CONTENDERS:
         pts = [(x, p["summary"][c]) for x, p in zip(xs, presets) if c in p["summary"]]
@@ -308,7 +313,7 @@ def plot(result: dict, path: Path) -> None:
             continue
         color, ls = styles[c]
         ax1.plot([x for x, _ in pts], [s["wall_s"] for _, s in pts], marker="o", color=color, ls=ls, label=c)
-        if c not in ("cat", "cp"):
+        if c not in ("cat", "cp", "cat+sha256"):
             ax2.plot([x for x, _ in pts], [s["peak_rss_mb"] for _, s in pts], marker="o", color=color, ls=ls, label=c)
     base = result["import"]["rss_mb"]
     ax2.axhline(base, color="tab:blue", lw=0.8, ls=":", label=f"streammerge import baseline ({base:.0f} MB)")
@@ -383,10 +388,12 @@ def table(result: dict) -> str:
              f"{result['import']['cold_s']:.1f} s cold / {result['import']['warm_s']:.1f} s warm"]
     for pr in result["presets"]:
         lines.append(f"\n{pr['preset']} (world size {pr['world_size']}, {pr['checkpoint_bytes'] / 1e9:.2f} GB):")
-        lines.append(f"  {'contender':<18}{'wall s':>8}{'MB/s':>8}{'peak RSS MB':>13}{'x cat':>7}{'x cp':>7}")
+        lines.append(f"  {'contender':<18}{'wall s':>8}{'MB/s':>8}{'peak RSS MB':>13}{'x cat':>7}{'x cp':>7}"
+                     f"{'x cat+sha':>10}")
         for c, s in pr["summary"].items():
             lines.append(f"  {c:<18}{s['wall_s']:>8.2f}{s['mb_per_s']:>8.0f}{s['peak_rss_mb']:>13.0f}"
-                         f"{s.get('ratio_to_cat', float('nan')):>7.2f}{s.get('ratio_to_cp', float('nan')):>7.2f}")
+                         f"{s.get('ratio_to_cat', float('nan')):>7.2f}{s.get('ratio_to_cp', float('nan')):>7.2f}"
+                         f"{s.get('ratio_to_cat+sha256', float('nan')):>10.2f}")
         for c, why in pr["not_run"].items():
             lines.append(f"  {c}: {why}")
         for k, v in pr["checks"].items():
