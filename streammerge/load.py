@@ -225,6 +225,7 @@ def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, Ten
         return None
     tensors: dict[str, TensorRecord] = {}
     other: dict = {}
+    shared: dict[tuple, tuple] = {}
     for name, v in obj.items():
         if not isinstance(name, str):
             other[name] = v
@@ -250,10 +251,13 @@ def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, Ten
             continue
         if local.storage.key not in offsets:
             return None
+        same = shared.setdefault  # one tuple object per distinct value: 50,000 records share a few dozen
         tensors[name] = TensorRecord(
-            name=name, dtype=dtype, shape=tuple(int(s) for s in shape),
-            local_shape=tuple(int(s) for s in local.shape), local_stride=tuple(int(s) for s in local.stride),
+            name=name, dtype=dtype, shape=same(shape, shape),
+            local_shape=same(local.shape, local.shape), local_stride=same(local.stride, local.stride),
             offset=offsets[local.storage.key] + local.offset * dtype.itemsize,
-            placements=placements, mesh_shape=mesh_shape, coordinate=coord)
+            placements=placements if placements is None else same(placements, placements),
+            mesh_shape=mesh_shape if mesh_shape is None else same(mesh_shape, mesh_shape),
+            coordinate=coord if coord is None else same(coord, coord))
     return tensors, other
 

@@ -213,8 +213,14 @@ def region_of(record: TensorRecord) -> tuple[tuple[int, int], ...]:
     return tuple(box)
 
 
-def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[RankFile]) -> tuple[TensorRecord, tuple[Piece, ...]]:
-    """Check every rank agrees on one tensor and return the pieces that tile it exactly once."""
+def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[RankFile],
+                  shared: dict | None = None) -> tuple[TensorRecord, tuple[Piece, ...]]:
+    """Check every rank agrees on one tensor and return the pieces that tile it exactly once.
+
+    `shared` (one dict for a whole plan) makes equal file names and start tuples one object each:
+    a plan holds one Piece per tensor per rank, millions for large world sizes.
+    """
+    same = (shared if shared is not None else {}).setdefault
     first = records[0]
     for rec, rf in zip(records, files):
         for attr in ("shape", "dtype", "placements", "mesh_shape"):
@@ -238,8 +244,9 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
             )
         if 0 in want or box in seen:  # empty piece, or a replica of a piece we already have
             continue
-        seen[box] = Piece(rf.rank, str(rf.path), rec.offset, rec.local_shape, rec.local_stride,
-                          tuple(lo for lo, _ in box))
+        start = tuple(lo for lo, _ in box)
+        path = str(rf.path)
+        seen[box] = Piece(rf.rank, same(path, path), rec.offset, rec.local_shape, rec.local_stride, same(start, start))
     covered = sum(math.prod(p.shape) for p in seen.values())
     if covered != math.prod(first.shape):
         raise CheckpointError(
@@ -353,9 +360,10 @@ def plan_tensors(rank_files: Sequence[RankFile], dtype: torch.dtype | None) -> d
             what = f"lacks {missing}" if missing else f"has extra {extra}"
             raise CheckpointError(f"{rf.path}: tensor names differ from rank {rank_files[0].rank}'s: it {what}")
     out = {}
+    shared: dict = {}
     for name in names:
         records = [rf.tensors[name] for rf in rank_files]
-        first, pieces = tensor_pieces(name, records, rank_files)
+        first, pieces = tensor_pieces(name, records, rank_files, shared)
         out_dtype = dtype if (dtype is not None and first.dtype.is_floating_point) else first.dtype
         placements = "plain" if first.placements is None else (
             first.placements[0] if len(first.placements) == 1 else "(" + ", ".join(first.placements) + ")")
