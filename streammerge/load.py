@@ -226,6 +226,7 @@ def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, Ten
     tensors: dict[str, TensorRecord] = {}
     other: dict = {}
     shared: dict[tuple, tuple] = {}
+    layouts: dict[tuple[int, int], tuple] = {}  # ids stay valid: `obj` keeps every object alive
     for name, v in obj.items():
         if not isinstance(name, str):
             other[name] = v
@@ -238,7 +239,10 @@ def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, Ten
                 return None
             try:
                 placements = tuple(mp.placement_name(p) for p in spec.placements)
-                mesh_shape, coord = mp.mesh_layout(spec.mesh, len(placements), rank, world_size)
+                key = (id(spec.mesh), len(placements))  # one mesh object per file, shared by every DTensor
+                if key not in layouts:
+                    layouts[key] = mp.mesh_layout(spec.mesh, len(placements), rank, world_size)
+                mesh_shape, coord = layouts[key]
             except UnsupportedLayoutError as e:
                 raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
             except AttributeError:
