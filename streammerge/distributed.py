@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputError
 from .pipeline import MergeResult, merge
 
 # A rank waits at the last barrier while the others finish their share: allow long merges.
@@ -23,8 +24,16 @@ BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
 
 def launched_by_torchrun() -> bool:
-    """True when torchrun (or srun with the same variables) started more than one copy of us."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    """True when torchrun started more than one copy of us.
+
+    Several copies started by srun alone would each write every file into the same folder: refuse.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+        raise OutputError("started as one of several Slurm tasks without torchrun: every task would write "
+                          "every file; run `srun torchrun ... -m streammerge CKPT OUT` (see README), or one task")
+    return False
 
 
 def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, **options: Any) -> MergeResult:

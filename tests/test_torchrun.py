@@ -82,3 +82,12 @@ def test_torchrun_resume_rewrites_only_what_is_missing(ckpt, single, tmp_path):
     assert "wrote" in r.stdout
     assert {p.name: p.stat().st_mtime_ns for p in shards[:-1]} == kept  # reused, not rewritten
     assert _files(out) == _files(single)
+
+
+def test_several_slurm_tasks_without_torchrun_are_refused(ckpt, tmp_path):
+    out = tmp_path / "out"
+    env = dict(_env(), SLURM_NTASKS="4", SLURM_PROCID="1")
+    r = subprocess.run([sys.executable, "-m", "streammerge", str(ckpt), str(out), *OPTS], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "torchrun" in r.stderr
+    assert not out.exists()
