@@ -17,6 +17,7 @@ This module works on files only; it knows nothing about checkpoints or tensors.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import logging
 import os
 import random
@@ -28,9 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-import httpx2
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
-from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils.sha import git_hash
 
 logger = logging.getLogger(__name__)
@@ -131,8 +130,11 @@ class HubPusher:
                  private: bool = False, organization: str | None = None, revision: str | None = None,
                  commit_message: str | None = None, max_files_per_commit: int = 50, max_workers: int = 2,
                  repo_type: str = "model", retry: RetryPolicy | None = None):
-        if "/" not in repo_id and organization:
-            repo_id = f"{organization}/{repo_id}"
+        if organization:
+            if "/" not in repo_id:
+                repo_id = f"{organization}/{repo_id}"
+            elif repo_id.split("/")[0] != organization:
+                raise ValueError(f"repo_id {repo_id!r} names another namespace than organization {organization!r}")
         if max_files_per_commit < 1 or max_workers < 1:
             raise ValueError("max_files_per_commit and max_workers must be at least 1")
         self.repo_id = repo_id
@@ -488,11 +490,27 @@ def _chain(exc: BaseException | None) -> Iterable[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # huggingface_hub 1.x/2.x speak HTTP through httpx2 (or httpx), older ones through requests.
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+TRANSPORT_ERRORS = _transport_errors()
+
+
 def _status(exc: BaseException) -> int | None:
+    """HTTP status of the first error in the chain that carries a response."""
     for e in _chain(exc):
-        response = getattr(e, "response", None)
-        if isinstance(e, (HfHubHTTPError, httpx2.HTTPStatusError)) and response is not None:
-            return response.status_code
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
     return None
 
 
@@ -511,7 +529,7 @@ def _retryable(exc: BaseException) -> bool:
     if status is not None:
         return status in RETRY_STATUS
     # Resets, timeouts, refused connections: from httpx, or from hf_xet as a builtin ConnectionError.
-    return any(isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)) for e in _chain(exc))
+    return any(isinstance(e, TRANSPORT_ERRORS) for e in _chain(exc))
 
 
 def _mentions_xet_missing(exc: BaseException) -> bool:

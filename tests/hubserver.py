@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -410,9 +411,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _drop(self) -> None:
+        """Reset the connection (RST, no answer), as a proxy or a crashed server would."""
         self.close_connection = True
         try:
-            self.connection.shutdown(socket.SHUT_RDWR)
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
         except OSError:
             pass
 
