@@ -56,6 +56,7 @@ def hub_env(monkeypatch, tmp_path):
 def hub():
     with HubServer() as server:
         yield server
+    assert not server.errors, server.errors
 
 
 def write_random(path: Path, size: int, seed: int) -> None:
@@ -158,9 +159,8 @@ def test_data_files_are_committed_before_index_and_config(hub, folder):
 
 
 def test_existing_repo_is_updated_and_a_rerun_sends_nothing(hub, folder):
-    repo = hub.create_repo("alice/tiny")
-    hub._apply_commit(repo, "main", "old", "", {"config.json": hub._regular_entry(b'{"old": true}'),
-                                                "notes.txt": hub._regular_entry(b"kept")}, [])
+    hub.create_repo("alice/tiny")
+    hub.add_files("alice/tiny", {"config.json": b'{"old": true}', "notes.txt": b"kept"})
     opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
 
     push_folder(folder, "alice/tiny", **opts)
@@ -284,6 +284,13 @@ def test_read_only_token_and_foreign_org_get_permission_advice(hub, folder):
         push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=READ_TOKEN, retry=FAST)
     assert exc_info.value.kind == "permission" and "write access" in str(exc_info.value)
     assert READ_TOKEN not in str(exc_info.value)
+
+    # A merge feeding the pusher learns it at its next submit, not after writing every shard.
+    pusher = HubPusher("alice/tiny", endpoint=hub.endpoint, token=READ_TOKEN, retry=FAST)
+    pusher.submit(folder / "config.json").result(timeout=30)
+    with pytest.raises(PushError, match="write access"):
+        pusher.submit(folder / "tokenizer_config.json")
+    pusher.close()
 
     hub.create_repo("acme/tiny")  # exists, but bob is not in acme
     with pytest.raises(PushError) as exc_info:
