@@ -41,6 +41,8 @@ ALWAYS_IGNORE = (".git/*", ".cache/huggingface/*")  # the Hub refuses these fold
 # Files that point at other files or describe the repo: committed after everything they refer to.
 LAST_PATTERNS = ("*.index.json", "config.json", "README.md")
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RECOMMENDED_MAX_FILE_SIZE = 5 * 10**9  # the Hub's advice per file
+HUB_MAX_FILE_SIZE = 50 * 10**9  # the Hub refuses bigger files
 MAX_RETRY_AFTER = 600.0
 
 
@@ -122,8 +124,11 @@ class HubPusher:
         endpoint: Hub URL; ``None`` uses ``HF_ENDPOINT`` or huggingface.co.
         private: visibility when the repo is created (an existing repo keeps its own).
         revision: branch to commit to; created from ``main`` when missing.
+        commit_message: summary of the commit(s); several commits get " (part i/n)".
         max_files_per_commit: keeps each commit request well under the Hub's ~60 s commit timeout.
         max_workers: files uploaded at the same time.
+        repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``.
+        retry: patience for transient failures (5xx, 429, resets).
     """
 
     def __init__(self, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
@@ -170,7 +175,7 @@ class HubPusher:
             self.close()
 
     def submit(self, local_path: str | os.PathLike, path_in_repo: str | None = None, *,
-               sha256: str | None = None, size: int | None = None) -> Future:
+               sha256: str | None = None, size: int | None = None) -> Future[None]:
         """Start uploading a finished file now, in the background; it is committed by :meth:`finish`.
 
         ``sha256`` (hex) and ``size`` are optional hints from a writer that already knows them: the
@@ -186,6 +191,10 @@ class HubPusher:
         on_disk = os.path.getsize(local)
         if size is not None and size != on_disk:
             raise ValueError(f"{local} has {on_disk} bytes on disk but {size} were announced: is it finished?")
+        if on_disk > HUB_MAX_FILE_SIZE:
+            raise ValueError(f"{local} has {on_disk} bytes; the Hub refuses files over 50 GB: use smaller shards")
+        if on_disk > RECOMMENDED_MAX_FILE_SIZE:
+            logger.warning("%s has %d bytes; the Hub advises files of at most 5 GB", local, on_disk)
         op = CommitOperationAdd(path_in_repo or os.path.basename(local), local)
         if sha256 is not None:
             op.upload_info.sha256 = bytes.fromhex(sha256)
@@ -276,29 +285,31 @@ class HubPusher:
 
     # ---- commits ---------------------------------------------------------------------------
     def _commit(self, uploads: list[_Upload], message: str) -> CommitInfo:
+        what = f"commit {len(uploads)} files"
         ops = [u.op for u in uploads]
         parent: str | None = None
-        for attempt in range(1, self.retry.attempts + 1):
-            try:
-                return self.api.create_commit(
-                    self.repo_id, ops, commit_message=message, revision=self.revision,
-                    repo_type=self.repo_type, parent_commit=parent, num_threads=self.max_workers)
-            except Exception as exc:
-                err = self._classify(exc, f"commit {len(ops)} files")
-                self._fatal = self._fatal or err
-                conflict = _status(exc) == 412  # our parent_commit is no longer the head
-                if err is not None or attempt == self.retry.attempts or not (conflict or _retryable(exc)):
-                    raise err or self._gave_up(f"commit {len(ops)} files", attempt, exc) from exc
-                self._wait(f"commit {len(ops)} files", attempt, exc)
-            # The commit may have been applied even though we saw an error (lost answer): look first.
-            head, landed = self._call("check the remote revision", lambda: self._landed(uploads))
-            if landed:
-                logger.info("The commit was applied although its answer was lost; not sending it again")
-                return self._commit_info(head, message)
-            parent = head
-            # Fresh operations: the old ones carry upload state from the failed attempt.
-            ops = [_fresh_op(u) for u in uploads]
-        raise AssertionError("unreachable")
+        failed_before = False
+
+        def attempt() -> CommitInfo:
+            nonlocal ops, parent, failed_before
+            if failed_before:
+                # The last attempt may have been applied even though its answer was lost: look first.
+                head, landed = self._landed(uploads)
+                if landed:
+                    logger.info("The commit was applied although its answer was lost; not sending it again")
+                    return self._commit_info(head, message)
+                # On top of the head we saw, so a late landing of the lost attempt makes this one fail
+                # (412) instead of applying twice. Fresh operations: the old ones carry upload state.
+                parent, ops = head, [_fresh_op(u) for u in uploads]
+            failed_before = True
+            info = self.api.create_commit(self.repo_id, ops, commit_message=message, revision=self.revision,
+                                          repo_type=self.repo_type, parent_commit=parent,
+                                          num_threads=self.max_workers)
+            failed_before = False
+            return info
+
+        # 412 (or 409): our parent_commit is no longer the head; the next attempt looks again.
+        return self._call(what, attempt, retry_status=RETRY_STATUS | {409, 412})
 
     def _landed(self, uploads: list[_Upload]) -> tuple[str, bool]:
         """Head sha of the branch, and whether it already holds every file with our content."""
@@ -330,7 +341,8 @@ class HubPusher:
                           commit_message=message, commit_description="", oid=oid, _endpoint=endpoint)
 
     # ---- retries and errors ----------------------------------------------------------------
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], retry_status: frozenset[int] = RETRY_STATUS) -> T:
+        """``fn()``, retried with backoff on transient failures; PushError when it cannot succeed."""
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 return fn()
@@ -339,7 +351,7 @@ class HubPusher:
                 if err is not None:
                     self._fatal = self._fatal or err
                     raise err from exc
-                if attempt == self.retry.attempts or not _retryable(exc):
+                if attempt == self.retry.attempts or not _retryable(exc, retry_status):
                     raise self._gave_up(what, attempt, exc) from exc
                 self._wait(what, attempt, exc)
         raise AssertionError("unreachable")
@@ -524,10 +536,10 @@ def _retry_after(exc: BaseException) -> float | None:
     return None
 
 
-def _retryable(exc: BaseException) -> bool:
+def _retryable(exc: BaseException, retry_status: frozenset[int] = RETRY_STATUS) -> bool:
     status = _status(exc)
     if status is not None:
-        return status in RETRY_STATUS
+        return status in retry_status
     # Resets, timeouts, refused connections: from httpx, or from hf_xet as a builtin ConnectionError.
     return any(isinstance(e, TRANSPORT_ERRORS) for e in _chain(exc))
 
