@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 WRITE_TOKEN = "hf_streammergeTestWriteTokenAlice0001"
@@ -130,7 +130,8 @@ class Fault:
     pattern: re.Pattern
     method: str | None
     # "status": answer with an error; "drop": handle, then reset instead of answering;
-    # "reset": reset without handling; "hang": wait for release() before the body, then reset.
+    # "reset": reset without handling; "hang": wait for release() before the body, then reset;
+    # "call": run callback, then handle normally.
     action: str
     times: int
     skip: int = 0
@@ -139,6 +140,7 @@ class Fault:
     entered: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
     max_wait: float = 60.0
+    callback: Callable[[], object] | None = None
 
     def release(self) -> None:
         """Let a held ("hang") request go on: its connection is then dropped, nothing stored."""
@@ -223,6 +225,11 @@ class HubServer:
     def reset_next(self, pattern: str, n: int = 1, method: str | None = None, skip: int = 0) -> Fault:
         """Read the next ``n`` matching requests, then reset the connection without handling them."""
         return self._add_fault(Fault(re.compile(pattern), method, "reset", n, skip))
+
+    def before_next(self, pattern: str, action: Callable[[], object], n: int = 1, method: str | None = None,
+                    skip: int = 0) -> Fault:
+        """Run ``action()`` just before handling the next ``n`` matching requests (e.g. a rival commit)."""
+        return self._add_fault(Fault(re.compile(pattern), method, "call", n, skip, callback=action))
 
     def hang(self, pattern: str, n: int = 1, method: str | None = None, skip: int = 0,
              max_wait: float = 60.0) -> Fault:
@@ -450,6 +457,8 @@ class _Handler(BaseHTTPRequestHandler):
             body_size = len(body)
             if fault is not None and fault.action == "reset":
                 raise _Drop()
+            if fault is not None and fault.action == "call":
+                fault.callback()
             if fault is not None and fault.action == "status":
                 log(fault.status)
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}

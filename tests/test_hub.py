@@ -256,6 +256,17 @@ def test_failed_commit_is_sent_again_on_top_of_the_head_it_checked(hub, folder):
     assert remote_files(hub, "alice/tiny") == expected_files(folder)
 
 
+def test_retried_commit_never_lands_on_a_head_it_did_not_check(hub, folder):
+    hub.fail_next(r"/commit/", status=503)
+    # Between our look at the head and the retried commit, someone else commits (as a lost attempt
+    # landing late would): the Hub refuses ours (412), we look again and commit on the new head.
+    hub.before_next(r"/commit/", lambda: hub.add_files("alice/tiny", {"other.txt": b"x"}, "rival"))
+    push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    assert [e.status for e in hub.requests("POST", r"/commit/")] == [503, 412, 200]
+    assert [c.summary for c in hub.commit_log("alice/tiny")][1:] == ["rival", "Upload model with streammerge"]
+    assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "other.txt": b"x"}
+
+
 def test_bad_token_gives_login_advice_and_never_shows_the_token(hub, folder):
     bad = "hf_ThisIsNotAValidTokenButLooksLikeOne42"
     before = tree_digest(folder)
