@@ -6,13 +6,23 @@ API with basic and multipart transfers, NDJSON commits, branches, revision info 
 There is deliberately no Xet endpoint, like a Hub without Xet: a client with Xet on fails on it.
 
 Tests drive it with the real client and then look at its state (repos, commits, blobs) and at the
-request log. Fault knobs make the next matching requests fail, hang, or lose their response::
+request log. Tokens: WRITE_TOKEN and READ_TOKEN belong to "alice" (member of org "acme"),
+OTHER_TOKEN to "bob"; anything else gets 401. Fault knobs act on the next requests whose path
+matches a regex: ``fail_next`` (status, optional Retry-After), ``drop_response`` /
+``drop_after_commit`` (handled, then connection reset), ``reset_next`` (reset, not handled),
+``hang`` (held until ``release()``, then reset), ``before_next`` (run a callback first)::
 
-    with HubServer() as hub:
+    @pytest.fixture
+    def hub():
+        with HubServer() as server:
+            yield server
+
+    def test_x(hub):
         hub.fail_next(r"/commit/", status=503)
-        api = HfApi(endpoint=hub.endpoint, token=WRITE_TOKEN)
+        api = HfApi(endpoint=hub.endpoint, token=WRITE_TOKEN)   # with HF_HUB_DISABLE_XET on
         ...
         assert hub.file_bytes("alice/m", "config.json") == b"..."
+        assert [e.status for e in hub.requests("POST", r"/commit/")] == [503, 200]
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 WRITE_TOKEN = "hf_streammergeTestWriteTokenAlice0001"
 READ_TOKEN = "hf_streammergeTestReadTokenAlice0002"
@@ -691,6 +701,3 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": entry.size})
         return 200, data, headers, "application/octet-stream"
 
-
-def repo_url(endpoint: str, repo_id: str, repo_type: str = "model") -> str:
-    return f"{endpoint}/{URL_PREFIX[repo_type]}{quote(repo_id)}"
