@@ -17,7 +17,6 @@ import json
 import math
 import multiprocessing
 import os
-import socket
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -64,7 +63,6 @@ class _Spec:
     reference: bool
     extra_buffers: bool
     plain_tensors: bool
-    port: int
 
     def __post_init__(self) -> None:
         if self.arch not in ("llama", "qwen2"):
@@ -129,7 +127,7 @@ def make_checkpoint(
         tie_word_embeddings=tie_word_embeddings, shard_placement=shard_placement,
         hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, steps=steps,
         seed=seed, optimizer=optimizer, reference=reference, extra_buffers=extra_buffers,
-        plain_tensors=plain_tensors, port=_free_port(),
+        plain_tensors=plain_tensors,
     )
     actor_dir.mkdir(parents=True, exist_ok=True)
     _run_ranks(spec)
@@ -145,33 +143,31 @@ def _default_dim_names(ndim: int) -> tuple[str, ...]:
     return names[ndim]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(spec: _Spec) -> None:
     """Run one process per rank; raises with the failing rank's traceback."""
     import torch.multiprocessing as tmp
+    from torch.distributed import TCPStore
 
+    # The rendezvous store lives here, on a port the OS picks: no window for another
+    # process to take a "free" port before rank 0 binds it.
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     # No effect if this process's forkserver already runs, which is fine: it is then warm.
     multiprocessing.get_context("forkserver").set_forkserver_preload(_WORKER_IMPORTS)
-    tmp.start_processes(_rank_main, args=(spec,), nprocs=spec.world_size, join=True,
+    tmp.start_processes(_rank_main, args=(spec, store.port), nprocs=spec.world_size, join=True,
                         start_method="forkserver")
 
 
 # ----------------------------------------------------------------------------- worker side
 
 
-def _rank_main(rank: int, spec: _Spec) -> None:
+def _rank_main(rank: int, spec: _Spec, store_port: int) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{spec.port}", rank=rank,
-        world_size=spec.world_size, timeout=timedelta(seconds=120),
-    )
+    torch.set_num_threads(1)  # ranks outnumber cores; intra-op threads would only contend
+    timeout = timedelta(seconds=120)
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size,
+                            timeout=timeout)
     try:
         _train_and_save(rank, spec)
     finally:
@@ -187,7 +183,7 @@ def _train_and_save(rank: int, spec: _Spec) -> None:
     model = _build_model(spec, config)
     _shard(model, device_mesh, spec)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    # veRL's constant schedule is a LambdaLR; it lands in extra_state as "lr_scheduler".
+    # Like veRL's get_constant_schedule_with_warmup: a LambdaLR whose state has lr_lambdas [None].
     scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda _: 1.0)
     _train(model, optim, scheduler, spec, rank)
     _save_rank_files(model, optim, scheduler, spec, rank)
@@ -381,7 +377,7 @@ def _save_reference(model, optim, spec: _Spec, rank: int) -> None:
         "arch": spec.arch,
         "shard_placement_fn": spec.shard_placement == "first_divisible",
         "device": "cpu",
-        "synthetic": {k: v for k, v in asdict(spec).items() if k not in ("actor_dir", "port")},
+        "synthetic": {k: v for k, v in asdict(spec).items() if k != "actor_dir"},
         "param_order": [name for name, _ in model.named_parameters()],
     }
     (ref_dir / "INFO.json").write_text(json.dumps(info, indent=2))
