@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--mesh", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                    help="e.g. 2,2 for HSDP")
+    p.add_argument("--mesh-dim-names", type=lambda s: tuple(s.split(",")), default=None,
+                   help='default "fsdp" (1-D) or "ddp,fsdp" (2-D); VeOmni uses "dp_shard"')
     p.add_argument("--tie", action="store_true", help="tie_word_embeddings")
     p.add_argument("--shard-placement", choices=["dim0", "first_divisible"], default="dim0")
     p.add_argument("--hidden-size", type=int, default=64)
@@ -407,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plain-tensors", action="store_true")
     a = p.parse_args(argv)
     actor = make_checkpoint(
-        a.out_dir, arch=a.arch, world_size=a.world_size, mesh=a.mesh, tie_word_embeddings=a.tie,
+        a.out_dir, arch=a.arch, world_size=a.world_size, mesh=a.mesh,
+        mesh_dim_names=a.mesh_dim_names, tie_word_embeddings=a.tie,
         shard_placement=a.shard_placement, hidden_size=a.hidden_size, num_layers=a.num_layers,
         vocab_size=a.vocab_size, steps=a.steps, seed=a.seed, optimizer=not a.no_optimizer,
         reference=not a.no_reference, extra_buffers=a.extra_buffers, plain_tensors=a.plain_tensors,

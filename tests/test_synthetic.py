@@ -149,8 +149,9 @@ def test_reference_equals_gathered_rank_pieces(case):
 
 def test_model_files_hold_float32_dtensors(sharded):
     _, actor = sharded
+    param_names = set(info(actor)["param_order"])
     for rank_sd in load_ranks(actor, map_location="meta"):
-        params = [v for k, v in rank_sd.items() if k in info(actor)["param_order"]]
+        params = [v for k, v in rank_sd.items() if k in param_names]
         assert params and all(isinstance(v, DTensor) and v.dtype == torch.float32 for v in params)
 
 
@@ -189,6 +190,13 @@ def test_first_divisible_shards_on_first_dim_divisible_by_fsdp_size(make_ckpt):
         dim = next((d for d, n in enumerate(value.shape) if n % 4 == 0), 0)
         assert value.placements == (Shard(dim),), key
     assert rank_sd["model.embed_tokens.weight"].placements == (Shard(1),)  # 1003 rows, 64 columns
+
+
+def test_mesh_dim_names_can_be_chosen(make_ckpt):
+    actor = make_ckpt(mesh_dim_names=("dp_shard",))
+    assert info(actor)["mesh_dim_names"] == ["dp_shard"]
+    embed = load_ranks(actor, map_location="meta")[0]["model.embed_tokens.weight"]
+    assert embed.device_mesh.mesh_dim_names == ("dp_shard",)  # our own torch pickled it: readable
 
 
 def test_tied_model_saves_embed_and_lm_head(make_ckpt):
@@ -245,7 +253,7 @@ def test_optimizer_is_int_keyed_in_named_parameters_order(case):
 
 @pytest.mark.parametrize("name", ["ws2", "qwen2_tied_ws4"])
 def test_huggingface_dir_loads_offline(make_ckpt, name):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     actor = make_ckpt(**CASES[name])
     hf = actor / "huggingface"
