@@ -30,7 +30,6 @@ ShardPlacement = Literal["dim0", "first_divisible"]
 # Everything a worker imports; preloaded once into the forkserver so each rank starts in
 # milliseconds instead of re-importing torch and transformers (seconds per process).
 _WORKER_IMPORTS = [
-    "__main__",  # multiprocessing re-imports the caller's main module in every child otherwise
     "torch.distributed.fsdp",
     "torch.distributed.checkpoint.state_dict",
     "transformers.models.llama.modeling_llama",
@@ -115,8 +114,9 @@ def make_checkpoint(
     The same arguments always give the same tensor values.
 
     Ranks are forked from a forkserver that imports torch and transformers once per calling
-    process, so only the first call pays seconds. As with any multiprocessing use, a calling
-    script must guard its entry point with ``if __name__ == "__main__":``.
+    process, so only the first call pays seconds. Like every multiprocessing child, each rank
+    re-imports the caller's main module: a calling script must guard its entry point with
+    ``if __name__ == "__main__":``.
     """
     mesh = tuple(mesh) if mesh is not None else (world_size,)
     root = Path(out_dir)
