@@ -107,8 +107,8 @@ def make_checkpoint(
 ) -> Path:
     """Train a tiny model with FSDP2 on ``world_size`` CPU ranks and save it as veRL does.
 
-    Writes ``out_dir/global_step_{steps}/actor/`` and ``out_dir/latest_checkpointed_iteration.txt``
-    and returns the actor directory. ``mesh=(2, 2)`` gives HSDP with dim names ("ddp", "fsdp");
+    Writes ``out_dir/global_step_{steps}/actor/`` (which must not hold files yet) and
+    ``out_dir/latest_checkpointed_iteration.txt`` and returns the actor directory. ``mesh=(2, 2)`` gives HSDP with dim names ("ddp", "fsdp");
     ``shard_placement="first_divisible"`` is veRL's older shard_placement_fn (some Shard(1));
     ``plain_tensors`` (world size 1 only) saves plain full tensors, as FSDP1 does at world size 1.
     The same arguments always give the same tensor values.
@@ -129,6 +129,9 @@ def make_checkpoint(
         seed=seed, optimizer=optimizer, reference=reference, extra_buffers=extra_buffers,
         plain_tensors=plain_tensors,
     )
+    if actor_dir.is_dir() and any(actor_dir.iterdir()):
+        # Rank files of another world size would mix with ours into an unmergeable folder.
+        raise FileExistsError(f"{actor_dir} is not empty; pick a new out_dir or remove it")
     actor_dir.mkdir(parents=True, exist_ok=True)
     _run_ranks(spec)
     # veRL's trainer writes the tracker only after every rank has saved.

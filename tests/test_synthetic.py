@@ -310,6 +310,14 @@ def test_bad_arguments_fail_before_any_work(tmp_path, kwargs):
     assert not (tmp_path / "out").exists()
 
 
+def test_refuses_to_mix_into_a_used_actor_dir(tmp_path):
+    actor = tmp_path / f"global_step_{STEPS}" / "actor"
+    actor.mkdir(parents=True)
+    (actor / "model_world_size_8_rank_0.pt").touch()
+    with pytest.raises(FileExistsError):
+        make_checkpoint(tmp_path)
+
+
 def test_cli_prints_the_actor_dir(tmp_path, capsys):
     main([str(tmp_path), "--world-size", "1", "--steps", "1", "--no-reference"])
     actor = Path(capsys.readouterr().out.strip())
