@@ -12,7 +12,9 @@ from .errors import StreammergeError
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded FSDP checkpoint into a Hugging Face folder
 streammerge inspect CKPT_DIR                print the merge plan without writing
-streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it"""
+streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it
+streammerge CKPT_DIR OUT_DIR --push --repo-id NAME   merge and push to the Hugging Face Hub at the same time
+streammerge watch RUN_DIR --push --repo-id NAME      merge and push each new checkpoint of a training run"""
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
@@ -37,9 +39,102 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "only for files you made yourself")
 
 
+def _push_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("push to the Hugging Face Hub",
+                             "Token from HF_TOKEN or `hf auth login`, endpoint from HF_ENDPOINT.")
+    g.add_argument("--push", action=argparse.BooleanOptionalAction, default=None,
+                   help="push to the Hub, uploading each file while the next is merged")
+    g.add_argument("--repo-id", metavar="NAME", help="NAME or NAMESPACE/NAME; created if missing, updated if it exists")
+    g.add_argument("--organization", metavar="ORG", help="namespace for a NAME without one")
+    g.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                   help="create the repo private (an existing repo keeps its visibility)")
+    g.add_argument("--revision", metavar="BRANCH", help="branch to commit to (default main; created from main)")
+    g.add_argument("--commit-message", metavar="TEXT")
+    g.add_argument("--config", metavar="FILE",
+                   help="YAML file with an hf_upload: block (top level or nested); flags override it")
+    g.add_argument("--model-name", metavar="NAME_OR_PATH",
+                   help="take config and tokenizer from this model folder or Hub model, not from huggingface/")
+    g.add_argument("--optimizer-save-mode", choices=["full", "none"], default=None,
+                   help="seed workflow spelling: none = --no-optimizer")
+    g.add_argument("--no-model-card", action="store_true", help="do not write and push a README.md model card")
+    g.add_argument("--max-files-per-commit", type=int, default=50, metavar="N",
+                   help="split bigger pushes into several commits (default 50)")
+    g.add_argument("--upload-workers", type=int, default=2, metavar="N", help="files uploaded at once (default 2)")
+
+
+def _push_settings(args: argparse.Namespace):
+    from .publish import push_settings
+
+    settings = push_settings(args.config, push=args.push, repo_id=args.repo_id, organization=args.organization,
+                             private=args.private, optimizer_save_mode=args.optimizer_save_mode)
+    if args.no_optimizer:
+        settings.optimizer_save_mode = None
+    return settings
+
+
+def _push_options(args: argparse.Namespace) -> dict:
+    return {"model_card": not args.no_model_card, "commit_message": args.commit_message,
+            "max_files_per_commit": args.max_files_per_commit, "upload_workers": args.upload_workers}
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import PushError
+    from .pipeline import merge
+    from .discover import find_checkpoint
+    from .publish import merge_and_push, with_model_files
+
+    settings = _push_settings(args)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
+                   buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
+                   drop_cache=not args.keep_cache, progress=progress)
+    if not settings.enabled:  # a config file with enabled: false, or --no-push
+        with with_model_files(find_checkpoint(args.checkpoint), args.model_name) as ck:
+            result = merge(ck, args.out_dir, **options)
+    else:
+        try:
+            pushed = merge_and_push(args.checkpoint, args.out_dir, settings.repo_id, organization=settings.organization,
+                                    private=settings.private, revision=args.revision, model_name=args.model_name,
+                                    **_push_options(args), **options)
+        except PushError as e:
+            print(f"streammerge: push failed: {e}", file=sys.stderr)
+            return 3
+        result = pushed.merge
+    for w in result.warnings:
+        print(f"streammerge: warning: {w}", file=sys.stderr)
+    print(result.summary())
+    if settings.enabled:
+        print(pushed.summary())
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import logging
+
+    from .watch import Watcher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s streammerge: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpx2", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = _push_settings(args)
+    options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
+                   buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
+                   model_name=args.model_name)
+    if settings.enabled:
+        options.update(_push_options(args))
+    watcher = Watcher(args.run_dir, push=settings.enabled, repo_id=settings.repo_id,
+                      organization=settings.organization, private=settings.private, revision=args.revision,
+                      revision_per_step=args.revision_per_step, only_latest=args.only_latest, out_root=args.out_root,
+                      state_file=args.state_file, **options)
+    results = watcher.run(interval=args.interval, once=args.once)
+    return 3 if any(not r.ok for r in results) else 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import merge
 
+    if args.push or args.config:
+        return cmd_push(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     result = merge(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
                    workers=args.workers, buffer_size=args.buffer_size, optimizer=not args.no_optimizer,
@@ -74,6 +169,27 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                     "Hugging Face model folder, streaming in constant memory.", epilog=HELP,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         _merge_args(p)
+        _push_args(p)
+    elif command == "watch":
+        p = argparse.ArgumentParser(prog="streammerge watch", description="Follow a training run's "
+                                    "latest_checkpointed_iteration.txt; merge (and with --push, push) each new "
+                                    "checkpoint once all its rank files are there and no longer growing.")
+        p.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's checkpoint folder (holds global_step_N/)")
+        _plan_args(p)
+        p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
+        p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
+        p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
+        _push_args(p)
+        p.add_argument("--revision-per-step", action="store_true", help="push step N to branch step-N")
+        p.add_argument("--only-latest", action="store_true",
+                       help="only the step latest_checkpointed_iteration.txt names; skip older unpushed steps")
+        p.add_argument("--once", action="store_true", help="process what is there now, then exit")
+        p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
+                       help="seconds between looks (default 60); with --once the two looks are at most 5 s apart")
+        p.add_argument("--out-root", metavar="DIR",
+                       help="merge step N into DIR/global_step_N (default: RUN_DIR/global_step_N/actor-hf)")
+        p.add_argument("--state-file", metavar="FILE",
+                       help="where pushed steps are recorded (default RUN_DIR/.streammerge-watch.json)")
     elif command == "inspect":
         p = argparse.ArgumentParser(prog="streammerge inspect", description="Print the merge plan; writes nothing.")
         p.add_argument("checkpoint", metavar="CKPT_DIR")
@@ -90,7 +206,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS.update({"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo})
+COMMANDS.update({"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "watch": cmd_watch})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -206,6 +206,17 @@ class HubPusher:
             self._uploads[op.path_in_repo] = _Upload(local, op, future)
         return future
 
+    def wait_ready(self) -> str:
+        """Create the repo (and branch) now and wait for it; returns the full repo id.
+
+        A bad token, a missing permission or an unreachable Hub fails here (:class:`PushError`),
+        before the caller spends hours producing files that could not be pushed.
+        """
+        self._start()
+        assert self._setup is not None
+        self._setup.result()
+        return self.repo_id
+
     def finish(self) -> CommitInfo:
         """Wait for every upload, then commit: data files first, index/config/README last.
 

@@ -86,7 +86,7 @@ def _check_out_dir(out_dir: Path, ck: Checkpoint, fingerprint: str) -> dict | No
     return previous
 
 
-def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype | None = "auto",
+def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype: str | torch.dtype | None = "auto",
           max_shard_size: int | str = MAX_SHARD_SIZE, workers: int | None = None,
           buffer_size: int | str = DEFAULT_BUFFER_SIZE, optimizer: bool = True, trust_pickle: bool = False,
           drop_cache: bool = True, progress: bool = False, on_file_done: FileCallback | None = None,
@@ -100,7 +100,7 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
     """
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
-    ck = find_checkpoint(checkpoint_dir)
+    ck = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else find_checkpoint(checkpoint_dir)
     config = read_config(ck.hf_dir)
     out_dtype = resolve_dtype(dtype, config)
     weights = plan(ck, dtype=out_dtype if out_dtype is not None else "keep", max_shard_size=max_shard_size,

@@ -2,7 +2,8 @@
 
 It speaks the part of the Hub protocol that the real ``huggingface_hub`` client uses to push with
 Xet disabled (see ``shared/docs/hub-protocol.md``): whoami, repo creation, preupload, the LFS batch
-API with basic and multipart transfers, NDJSON commits, branches, revision info and file download.
+API with basic and multipart transfers, NDJSON commits, branches, revision info, file listing (tree)
+and file download (enough for ``snapshot_download``).
 There is deliberately no Xet endpoint, like a Hub without Xet: a client with Xet on fails on it.
 
 Tests drive it with the real client and then look at its state (repos, commits, blobs) and at the
@@ -576,12 +577,38 @@ class _Handler(BaseHTTPRequestHandler):
                 start = (json.loads(body or b"{}") or {}).get("startingPoint") or "main"
                 repo.branches[branch] = hub._revision(repo, start).oid
                 return 200, {}, {}, "application/json"
+            if method == "GET" and action == "tree":  # what snapshot_download lists (no pagination)
+                repo = hub._get_repo(user, repo_type, repo_id)
+                commit = hub._revision(repo, rest[1])
+                return 200, self._tree(commit, "/".join(rest[2:]), query), {}, "application/json"
             if method == "GET" and action == "refs":
                 repo = hub._get_repo(user, repo_type, repo_id)
                 return 200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": oid}
                                           for b, oid in repo.branches.items()], "tags": [], "converts": []}, \
                     {}, "application/json"
         raise HttpError(404, f"Not found: {method} /api/{repo_type}s/{repo_id}/{'/'.join(rest)}")
+
+    @staticmethod
+    def _tree(commit: Commit, prefix: str, query: dict) -> list[dict]:
+        recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
+        base = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        if base and not any(p.startswith(base) for p in commit.tree):
+            raise HttpError(404, f"Entry not found: {prefix}", "EntryNotFound")
+        files, folders = [], set()
+        for path, entry in sorted(commit.tree.items()):
+            if not path.startswith(base):
+                continue
+            parts = path[len(base):].split("/")
+            for i in range(1, len(parts) if recursive else min(2, len(parts))):
+                folders.add(base + "/".join(parts[:i]))
+            if recursive or len(parts) == 1:
+                item = {"type": "file", "oid": entry.blob_id, "size": entry.size, "path": path}
+                if entry.lfs:
+                    item["lfs"] = {"oid": entry.sha256, "size": entry.size,
+                                   "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+                files.append(item)
+        return [{"type": "directory", "oid": git_blob_sha1(f.encode()), "size": 0, "path": f}
+                for f in sorted(folders)] + files
 
     def _preupload_one(self, commit: Commit, f: dict) -> dict:
         path, size = f["path"], int(f["size"])
