@@ -211,10 +211,11 @@ class Watcher:
         except Exception as e:  # a sidecar outlives one bad step: log, look again later
             kind = e.kind if isinstance(e, PushError) else type(e).__name__
             expected = isinstance(e, (PushError, StreammergeError, OSError))
-            logger.error("step %d: failed (%s): %s; will try again at the next look", step, kind, e,
+            logger.error("step %d: failed (%s), will try again at the next look: %s", step, kind, e,
                          exc_info=not expected)
             return PushResult(ok=False, step=step, out_dir=out, error=str(e), error_kind=kind)
         result.step = step
+        self._seen.pop(step, None)
         self._record(step, {"revision": result.revision, "commit": result.commit_oid, "out_dir": str(result.out_dir),
                             "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         logger.info("step %d: %s", step, result.summary())
@@ -230,11 +231,11 @@ class Watcher:
         stop = stop or threading.Event()
         results: list[PushResult] = []
         if once:
-            self.poll()
-            if not self._seen:
+            results += self.poll()  # steps this watcher already looked at may be ready now
+            if not self._seen.keys() - {r.step for r in results}:
                 return results
             time.sleep(min(interval, MAX_SETTLE))
-            return self.poll()
+            return results + self.poll()
         logger.info("watching %s every %g s (state in %s)", self.run_dir, interval, self.state_file)
         while not stop.is_set():
             results += self.poll()
