@@ -78,9 +78,9 @@ def _push_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from .discover import find_checkpoint
     from .hub import PushError
     from .pipeline import merge
-    from .discover import find_checkpoint
     from .publish import merge_and_push, with_model_files
 
     settings = _push_settings(args)
@@ -89,6 +89,9 @@ def cmd_push(args: argparse.Namespace) -> int:
                    buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
                    drop_cache=not args.keep_cache, progress=progress)
     if not settings.enabled:  # a config file with enabled: false, or --no-push
+        if args.push is None:
+            print(f"streammerge: {args.config} does not enable hf_upload: merging only (--push pushes anyway)",
+                  file=sys.stderr)
         with with_model_files(find_checkpoint(args.checkpoint), args.model_name) as ck:
             result = merge(ck, args.out_dir, **options)
     else:

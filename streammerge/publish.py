@@ -31,7 +31,7 @@ from typing import Any
 
 from .discover import Checkpoint, find_checkpoint
 from .errors import CheckpointError, StreammergeError
-from .hub import PushError, RetryPolicy, make_model_card
+from .hub import HubPusher, PushError, RetryPolicy, make_model_card
 from .model_folder import read_config
 from .pipeline import MergeResult, merge
 
@@ -201,8 +201,8 @@ def model_files(model_name: str, dest: Path, *, token: str | None = None, endpoi
             src = Path(snapshot_download(model_name, allow_patterns=list(MODEL_FILE_PATTERNS), token=token,
                                          endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None))
         except Exception as e:  # offline, not found, no access: all mean "give a local folder"
-            raise ConfigError(f"model_name {model_name!r}: could not fetch its config and tokenizer from the Hub "
-                              f"({_first_line(e)}); give a local model folder instead") from None
+            raise ConfigError(f"model_name {model_name!r}: not a local folder, and its config and tokenizer could "
+                              f"not be fetched from the Hub ({_first_line(e)})") from None
     dest.mkdir(parents=True, exist_ok=True)
     for p in sorted(src.iterdir()):
         if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS):
@@ -281,8 +281,6 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
         if config is None:
             logger.warning("%s has no huggingface/config.json and no model_name was given: the repo will hold "
                            "weights that transformers cannot load on their own", ck.path)
-        from .hub import HubPusher
-
         pusher = HubPusher(repo_id, token=token, endpoint=endpoint, private=private, organization=organization,
                            revision=revision, commit_message=commit_message,
                            max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry)
