@@ -145,8 +145,8 @@ def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float) -> 
                         pusher.submit(out / f.filename, f.filename, sha256=f.sha256, size=f.size)
             files = len(merged.files)
         t_end = time.perf_counter()
-    return {"mode": mode, "link_mbps": link_mbps or None, "total_s": round(t_end - t0, 2), "merge_s": round(t_merge_done - t0, 2),
-            "after_merge_s": round(t_end - t_merge_done, 2), "files": files}
+    return {"mode": mode, "link_mbps": link_mbps or None, "total_s": round(t_end - t0, 2),
+            "merge_s": round(t_merge_done - t0, 2), "after_merge_s": round(t_end - t_merge_done, 2), "files": files}
 
 
 MODES = ("serial", "serial_hashed", "overlapped")

@@ -32,10 +32,10 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = ".streammerge-watch.json"
 STEP_BRANCH = "step-{step}"
-MAX_SETTLE = 5.0
-# merge_and_push options that a merge without push does not take
+MAX_SETTLE = 5.0  # with once=True, the two looks at a checkpoint are min(interval, this) apart
+# merge_and_push options that merge() does not take
 PUSH_OPTIONS = frozenset({"token", "endpoint", "model_name", "model_card", "commit_message", "max_files_per_commit",
-                          "upload_workers", "retry"})  # with once=True, the two looks at a checkpoint are min(interval, this) apart
+                          "upload_workers", "retry"})
 
 Snapshot = dict[str, tuple[int, int]]
 
@@ -222,7 +222,8 @@ class Watcher:
         return result
 
     # ---- the loop --------------------------------------------------------------------------
-    def run(self, *, interval: float = 60.0, once: bool = False, stop: threading.Event | None = None) -> list[PushResult]:
+    def run(self, *, interval: float = 60.0, once: bool = False,
+            stop: threading.Event | None = None) -> list[PushResult]:
         """Poll every ``interval`` seconds until ``stop`` is set (or, with ``once``, process what is there).
 
         ``once`` looks twice, ``min(interval, 5 s)`` apart, to see which checkpoints are complete,
