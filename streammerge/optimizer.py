@@ -17,6 +17,7 @@ order and the whole is padded to a multiple of the world size. Those flat shards
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -77,7 +78,6 @@ def _meta_models(hf_dir: Path):
     import transformers
     from transformers import AutoConfig
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     config = AutoConfig.from_pretrained(str(hf_dir))
     builders = []
     for arch in getattr(config, "architectures", None) or []:
@@ -86,13 +86,19 @@ def _meta_models(hf_dir: Path):
             builders.append(lambda cls=cls: cls._from_config(config))
     builders.append(lambda: transformers.AutoModelForCausalLM.from_config(config))
     builders.append(lambda: transformers.AutoModelForTokenClassification.from_config(config, num_labels=1))
+    log = logging.getLogger("transformers")
     for build in builders:
+        level = log.level
         try:
+            log.setLevel(logging.ERROR)
             with torch.device("meta"), _warnings.catch_warnings():
                 _warnings.simplefilter("ignore")
-                yield build()
+                model = build()
         except Exception:  # an architecture this transformers cannot build: try the next
             continue
+        finally:
+            log.setLevel(level)
+        yield model
 
 
 def model_params(hf_dir: Path | None, known: Mapping[str, tuple[int, ...]]) -> ModelParams:
@@ -103,10 +109,8 @@ def model_params(hf_dir: Path | None, known: Mapping[str, tuple[int, ...]]) -> M
     """
     if hf_dir is None or not (hf_dir / "config.json").is_file():
         raise _Skip("no huggingface/config.json to rebuild the parameter order from")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise _Skip("transformers is not installed (needed to rebuild the parameter order)") from None
+    if importlib.util.find_spec("transformers") is None:
+        raise _Skip("transformers is not installed (needed to rebuild the parameter order)")
     tried = []
     try:
         for model in _meta_models(hf_dir):

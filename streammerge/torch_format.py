@@ -5,8 +5,9 @@ torch.save needs every tensor in memory. Instead we use torch's own two-pass rou
 pickle and every storage record at its final place, leaving the data regions empty (sparse). The
 record offsets are then read back from the file itself (torch.load onto the meta device), each
 record is filled window by window straight from the rank files, and the zip CRC-32 of each record,
-which torch leaves at 0 when it skips data, is patched in. The result is byte-for-byte what torch.save
-of the same dict would lay out, one record per tensor, so any zip tool accepts it too.
+which torch leaves at 0 when it skips data, is patched in. The result has torch.save's layout (same
+records in the same places, 64-byte aligned, one record per tensor; the pickle differs only in memo
+references), and its CRCs are right, so zip tools accept it too.
 """
 
 from __future__ import annotations

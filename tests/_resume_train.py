@@ -105,8 +105,11 @@ def _train(rank: int, job: Job) -> None:
     torch.save(model.state_dict(), actor / f"model_{suffix}")
     torch.save(optim.state_dict(), actor / f"optim_{suffix}")
     oracle = get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    flat = get_optimizer_state_dict(model, optim, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True))
     if rank == 0:
         torch.save(oracle, Path(job.work) / "oracle_optimizer.pt")
+        torch.save(flat, Path(job.work) / "oracle_optimizer_flat.pt")
         (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": job.world_size}))
         config().save_pretrained(actor / "huggingface")
     _step(model, optim, scheduler, job.steps)

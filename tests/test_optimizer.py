@@ -19,7 +19,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import streammerge
-from streammerge.errors import CheckpointError
 from streammerge.optimizer import OPTIMIZER_INDEX, OptimizerMismatchError, model_params, optimizer_save_mode_enabled
 
 FIXTURES = Path(os.environ.get("STREAMMERGE_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "verl"))
@@ -224,6 +223,19 @@ def test_config_that_does_not_match_the_model_files_skips_the_optimizer(tmp_path
     assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "optimizer").exists()
 
 
+@needs_fixtures
+def test_several_param_groups_are_not_guessed(tmp_path) -> None:
+    def split(osd: dict) -> None:
+        group = osd["param_groups"][0]
+        osd["param_groups"] = [{**group, "params": group["params"][:5]},
+                               {**group, "weight_decay": 0.0, "params": group["params"][5:]}]
+
+    ck = _tampered(tmp_path, "gpu_fsdp2_llama_shard1_ws4", split)
+    result = streammerge.merge(ck, tmp_path / "out")
+    assert len(result.warnings) == 1 and "2 param groups" in result.warnings[0]
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "optimizer").exists()
+
+
 def test_unknown_optimizer_format_is_rejected() -> None:
     from streammerge.cli import build_parser
 
@@ -280,6 +292,19 @@ def test_export_equals_live_full_optimizer_state(resume_run) -> None:
     work, export = resume_run
     assert_same_optimizer(streammerge.load_optimizer_state_dict(export),
                           torch.load(work / "oracle_optimizer.pt", weights_only=True))
+
+
+def test_flattened_form_equals_torchs(resume_run) -> None:
+    """flatten_state=True gives what get_optimizer_state_dict(flatten_optimizer_state_dict=True) gives."""
+    work, export = resume_run
+    got = streammerge.load_optimizer_state_dict(export, flatten_state=True)
+    want = torch.load(work / "oracle_optimizer_flat.pt", weights_only=True)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert got[k].dtype == v.dtype and torch.equal(_bits(got[k]), _bits(v)), k
+        else:
+            assert got[k] == v, k
 
 
 @pytest.mark.parametrize("world_size, fsdp", [(4, True), (1, False)], ids=["fsdp2-4-ranks", "one-process"])
