@@ -148,8 +148,8 @@ def _fsdp1_units(model: torch.nn.Module) -> tuple[tuple[str, tuple[str, ...]], .
 def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool = False) -> RankFile:
     """Tensor records of one optim rank file, named `state.<int>.<key>`, without reading tensor data.
 
-    `other` holds `param_groups`, `ids` (every int, in the file's order) and `values` (non-tensor
-    state such as a float step, by name).
+    `other` holds `param_groups`, `ids` (every int of the groups, in order), `keys` (each int's tensor
+    names) and `values` (non-tensor state such as a float step, by name).
     """
     rf = load_rank_file(path, rank, world_size, trust_pickle=trust_pickle)
     state, groups = rf.other.get("state"), rf.other.get("param_groups")
@@ -157,6 +157,7 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
         raise CheckpointError(f"{path}: not an optimizer state dict (expected 'state' and 'param_groups')")
     tensors: dict[str, Any] = {}
     values: dict[str, Any] = {}
+    keys: dict[int, list[str]] = {}
     for pid, entry in state.items():
         if not isinstance(pid, int) or not isinstance(entry, dict):
             raise _Skip(f"{path.name}: optimizer state keyed by {type(pid).__name__}, not by parameter index")
@@ -168,11 +169,12 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
                     raise CheckpointError(f"{path}: truncated: {name} needs bytes up to "
                                           f"{rec.offset + _span_bytes(rec)}, file has {rf.size}")
                 tensors[name] = rec
+                keys.setdefault(pid, []).append(name)
             else:
                 values[name] = value
     ids = [i for g in groups for i in g.get("params", [])]
     return RankFile(rf.path, rank, rf.size, rf.mtime_ns, tensors,
-                    {"param_groups": groups, "ids": ids, "state_ids": list(state), "values": values})
+                    {"param_groups": groups, "ids": ids, "keys": keys, "values": values})
 
 
 def _walk(entry: Mapping, prefix: str = ""):
@@ -213,8 +215,10 @@ def plan_optimizer(ck: Checkpoint, weights_plan: Plan, *, max_shard_size: int, t
                         "parameters each group holds, so their names cannot be assigned safely")
         if ids != list(range(len(ids))):
             raise _Skip("the optimizer's parameter indices are not 0..N-1 in order")
-        if ck.fsdp_version == 1:
-            tensors, fqns = _plan_fsdp1(files, model, weights_plan, ck)
+        # FSDP1 keeps one entry per flat parameter; checkpoints older than fsdp_config.json don't say
+        flat = ck.fsdp_version == 1 or (ck.fsdp_version is None and len(ids) == len(model.units) != len(model.params))
+        if flat:
+            tensors, fqns = _plan_fsdp1(files, model, weights_plan)
         else:
             tensors, fqns = _plan_per_param(files, model)
     except _Skip as e:
@@ -265,8 +269,7 @@ def _jsonable(v: Any) -> bool:
 
 
 def _state_keys(files: Sequence[RankFile], pid: int) -> list[str]:
-    prefix = f"state.{pid}."
-    return [n for n in files[0].tensors if n.startswith(prefix)]
+    return files[0].other["keys"].get(pid, [])
 
 
 def _plan_per_param(files: Sequence[RankFile], model: ModelParams) -> tuple[dict[str, TensorPlan], dict[int, list[str]]]:
@@ -295,8 +298,8 @@ def _plan_per_param(files: Sequence[RankFile], model: ModelParams) -> tuple[dict
     return tensors, {pid: [model.params[pid][0]] for pid in ids}
 
 
-def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams, weights_plan: Plan,
-                ck: Checkpoint) -> tuple[dict[str, TensorPlan], dict[int, list[str]]]:
+def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams,
+                weights_plan: Plan) -> tuple[dict[str, TensorPlan], dict[int, list[str]]]:
     """FSDP1 flat parameters: cut each rank's 1-D shard back into the parameters it holds."""
     ids = files[0].other["ids"]
     world = len(files)

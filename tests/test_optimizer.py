@@ -224,6 +224,18 @@ def test_config_that_does_not_match_the_model_files_skips_the_optimizer(tmp_path
 
 
 @needs_fixtures
+def test_fsdp1_without_fsdp_config_is_recognised_by_its_flat_entries(tmp_path) -> None:
+    """Checkpoints older than fsdp_config.json: the entry count tells flat parameters from parameters."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for p in (FIXTURES / "gpu_fsdp1_llama_ws4").iterdir():
+        if p.name != "fsdp_config.json":
+            os.symlink(p, ck / p.name)
+    streammerge.merge(ck, tmp_path / "out", dtype="keep")
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), _reference("gpu_fsdp1_llama_ws4"))
+
+
+@needs_fixtures
 def test_several_param_groups_are_not_guessed(tmp_path) -> None:
     def split(osd: dict) -> None:
         group = osd["param_groups"][0]
