@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+SHARD = "200KB"  # small on purpose: the tiny model still shows sharded files and an index
+
 
 def run_demo(out_dir: str | Path) -> int:
     """Make a 2-rank FSDP2 checkpoint on CPU (gloo), show its plan, merge it, and load the result."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from .pipeline import merge, plan
     from .synthetic import make_checkpoint
@@ -23,16 +26,17 @@ def run_demo(out_dir: str | Path) -> int:
     print(f"    {actor}  ({time.perf_counter() - t0:.1f} s)\n")
 
     print("2/4 the plan (`streammerge inspect`), from metadata only:")
-    print("    " + plan(actor).describe(max_rows=6).replace("\n", "\n    ") + "\n")
+    print("    " + plan(actor, max_shard_size=SHARD).describe(max_rows=6).replace("\n", "\n    ") + "\n")
 
     print("3/4 merging (`streammerge CKPT OUT`):")
-    result = merge(actor, out / "model", max_shard_size="200KB")
+    result = merge(actor, out / "model", max_shard_size=SHARD)
     print(f"    {result.summary()}")
     for w in result.warnings:
         print(f"    warning: {w}")
     print()
 
     print("4/4 loading the merged folder with transformers and comparing with the training state:")
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     reference = load_file(actor / "reference" / "model.safetensors")
     dtype = next(model.parameters()).dtype
