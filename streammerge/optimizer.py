@@ -215,10 +215,17 @@ def plan_optimizer(ck: Checkpoint, weights_plan: Plan, *, max_shard_size: int, t
                         "parameters each group holds, so their names cannot be assigned safely")
         if ids != list(range(len(ids))):
             raise _Skip("the optimizer's parameter indices are not 0..N-1 in order")
-        # FSDP1 keeps one entry per flat parameter; checkpoints older than fsdp_config.json don't say
-        flat = ck.fsdp_version == 1 or (ck.fsdp_version is None and len(ids) == len(model.units) != len(model.params))
-        if flat:
+        per_param = len(ids) == len(model.params)
+        if ck.fsdp_version == 1 and not per_param or (
+                ck.fsdp_version is None and len(ids) == len(model.units) != len(model.params)):
+            # FSDP1 flat parameters (checkpoints older than fsdp_config.json: told by the entry count)
             tensors, fqns = _plan_fsdp1(files, model, weights_plan)
+        elif ck.fsdp_version == 1:  # one entry per parameter: full plain tensors (world size 1) fit as is
+            try:
+                tensors, fqns = _plan_per_param(files, model)
+            except OptimizerMismatchError:
+                raise _Skip("FSDP1 optimizer holds one entry per parameter but not in the parameters' shapes "
+                            "(use_orig_params=True keeps 1-D pieces, which is not supported)") from None
         else:
             tensors, fqns = _plan_per_param(files, model)
     except _Skip as e:

@@ -235,6 +235,20 @@ def test_fsdp1_without_fsdp_config_is_recognised_by_its_flat_entries(tmp_path) -
     assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), _reference("gpu_fsdp1_llama_ws4"))
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(arch="qwen2", tie_word_embeddings=True, extra_buffers=True, world_size=2),
+    dict(world_size=1, plain_tensors=True),
+], ids=["buffers-and-tied-weights", "plain-world-size-1"])
+def test_synthetic_checkpoints(make_ckpt, tmp_path, kwargs) -> None:
+    """Buffers sit between parameters in the state dict and a tied weight appears once in the
+    optimizer: the names still come out right. FSDP1's plain full tensors at world size 1 too."""
+    actor = make_ckpt(**kwargs)
+    result = streammerge.merge(actor, tmp_path / "out", dtype="keep")
+    assert result.warnings == []
+    want = torch.load(actor / "reference" / "optimizer.pt", weights_only=True)
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), want)
+
+
 @needs_fixtures
 def test_several_param_groups_are_not_guessed(tmp_path) -> None:
     def split(osd: dict) -> None:
