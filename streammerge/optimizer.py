@@ -454,8 +454,10 @@ def _load_safetensors_export(folder: Path) -> dict:
                 raise StreammergeError(f"{path}: tensor {name!r} has inconsistent offsets")
             if math.prod(shape) == 0:
                 flat[name] = torch.empty(shape, dtype=dtype)
-                continue
-            # offsets are aligned to the dtype (the header is padded to 8 bytes, larger dtypes come first)
-            flat[name] = torch.empty(0, dtype=dtype).set_(storage, (start + begin) // dtype.itemsize, shape)
+            elif (start + begin) % dtype.itemsize == 0:  # always so in our files: 8-byte header, larger dtypes first
+                flat[name] = torch.empty(0, dtype=dtype).set_(storage, (start + begin) // dtype.itemsize, shape)
+            else:  # a file from elsewhere: copy this one tensor out
+                raw = torch.empty(0, dtype=torch.uint8).set_(storage, start + begin, (end - begin,))
+                flat[name] = raw.clone().view(dtype).reshape(shape)
     flat.update(json.loads(meta.get("state_values", "{}")))
     return nest(flat, groups)
