@@ -24,6 +24,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
     p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
     p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
+    p.add_argument("--optimizer-format", choices=["safetensors", "torch"], default="safetensors",
+                   help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
     p.add_argument("--keep-cache", action="store_true",
                    help="leave read and written data in the page cache (default: drop it, for small memory limits)")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
@@ -87,7 +89,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
                    buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
-                   drop_cache=not args.keep_cache, progress=progress)
+                   drop_cache=not args.keep_cache, progress=progress, optimizer_format=args.optimizer_format)
     if not settings.enabled:  # a config file with enabled: false, or --no-push
         if args.push is None:
             print(f"streammerge: {args.config} does not enable hf_upload: merging only (--push pushes anyway)",
@@ -122,7 +124,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     settings = _push_settings(args)
     options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
                    buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
-                   model_name=args.model_name)
+                   optimizer_format=args.optimizer_format, model_name=args.model_name)
     if settings.enabled:
         options.update(_push_options(args))
     watcher = Watcher(args.run_dir, push=settings.enabled, repo_id=settings.repo_id,
@@ -141,7 +143,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     result = merge(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
                    workers=args.workers, buffer_size=args.buffer_size, optimizer=not args.no_optimizer,
-                   trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress)
+                   trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress,
+                   optimizer_format=args.optimizer_format)
     for w in result.warnings:
         print(f"streammerge: warning: {w}", file=sys.stderr)
     print(result.summary())
@@ -182,6 +185,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
         p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
         p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
+        p.add_argument("--optimizer-format", choices=["safetensors", "torch"], default="safetensors",
+                       help="optimizer export: sharded safetensors + index (default), or one optimizer.pt")
         _push_args(p)
         p.add_argument("--revision-per-step", action="store_true", help="push step N to branch step-N")
         p.add_argument("--only-latest", action="store_true",

@@ -37,9 +37,11 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        from .plan import _fmt_bytes
+
         mbps = self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
         reused = f", {len(self.reused)} files reused from an earlier run" if self.reused else ""
-        return (f"wrote {self.bytes_written / 1e9:.3f} GB in {len(self.files)} files to {self.out_dir} "
+        return (f"wrote {_fmt_bytes(self.bytes_written)} in {len(self.files)} files to {self.out_dir} "
                 f"in {self.seconds:.2f} s ({mbps:.0f} MB/s), peak RSS {self.peak_rss / 2**20:.0f} MiB{reused}")
 
 
@@ -90,7 +92,7 @@ def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype
           max_shard_size: int | str = MAX_SHARD_SIZE, workers: int | None = None,
           buffer_size: int | str = DEFAULT_BUFFER_SIZE, optimizer: bool = True, trust_pickle: bool = False,
           drop_cache: bool = True, progress: bool = False, on_file_done: FileCallback | None = None,
-          num_parts: int = 1, part: int = 0) -> MergeResult:
+          num_parts: int = 1, part: int = 0, optimizer_format: str = "safetensors") -> MergeResult:
     """Merge an FSDP checkpoint into a Hugging Face folder, streaming in bounded memory.
 
     Re-running after an interruption reuses the files already finished. `on_file_done` is called
@@ -111,7 +113,7 @@ def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype
         from .optimizer import plan_optimizer  # optional stage: only when optimizer files exist
 
         opt_plan, opt_warnings = plan_optimizer(ck, weights, max_shard_size=parse_size(max_shard_size),
-                                                trust_pickle=trust_pickle)
+                                                trust_pickle=trust_pickle, fmt=optimizer_format)
         warnings += opt_warnings
         if opt_plan is not None:
             plans.append(opt_plan)
@@ -150,7 +152,12 @@ def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype
                             bar.update(prior.size)
                         done(prior)
                         continue
-                    f = writer.write(p, fp, out / rel)
+                    if fp.filename.endswith(".pt"):  # --optimizer-format torch
+                        from .torch_format import write_torch_file
+
+                        f = write_torch_file(p, fp, out / rel, writer)
+                    else:
+                        f = writer.write(p, fp, out / rel)
                     written += f.size
                     manifest.add(f)
                     done(f)

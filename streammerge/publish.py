@@ -33,13 +33,13 @@ from .discover import Checkpoint, find_checkpoint
 from .errors import CheckpointError, StreammergeError
 from .hub import HubPusher, PushError, RetryPolicy, make_model_card
 from .model_folder import read_config
+from .optimizer import optimizer_save_mode_enabled
 from .pipeline import MergeResult, merge
 
 logger = logging.getLogger(__name__)
 
 CONFIG_BLOCK = "hf_upload"
 CONFIG_KEYS = ("enabled", "repo_id", "organization", "private", "optimizer_save_mode")
-OPTIMIZER_MODES = ("full", None)
 DEFAULT_OUT_SUFFIX = "-hf"
 # What a model name contributes to the merged folder: config, generation config, tokenizer, remote code.
 MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
@@ -77,11 +77,10 @@ class PushConfig:
 
 def optimizer_mode(value: Any) -> str | None:
     """``"full"`` or None; also accepts the seed CLI's ``"none"`` and YAML's ``false``."""
-    if value is None or value is False or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-        return None
-    if isinstance(value, str) and value.lower() == "full":
-        return "full"
-    raise ConfigError(f"optimizer_save_mode must be \"full\" or null, not {value!r}")
+    try:
+        return "full" if optimizer_save_mode_enabled(value) else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def find_config_block(data: Any, key: str = CONFIG_BLOCK) -> dict | None:

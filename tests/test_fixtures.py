@@ -111,7 +111,7 @@ def test_cli_inspect_and_merge(tmp_path: Path) -> None:
                           "--dtype", "bfloat16", "--max-shard-size", "200KB", "--no-optimizer"],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
-    assert "GB" in run.stdout and "peak RSS" in run.stdout and "MB/s" in run.stdout
+    assert "B in" in run.stdout and "peak RSS" in run.stdout and "MB/s" in run.stdout
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
 
 

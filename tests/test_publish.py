@@ -98,7 +98,7 @@ def cli(args: list[str], hub: HubServer, token: str = WRITE_TOKEN, wait: bool = 
 def test_cli_push_to_private_org_repo_uploads_merged_files_index_last(hub, make_ckpt, tmp_path):
     out = tmp_path / "out"
     proc = cli([make_ckpt(), out, "--push", "--repo-id", "tiny", "--organization", "acme", "--private",
-                "--max-shard-size", SHARD, "--max-files-per-commit", "3", "--no-optimizer"], hub)
+                "--max-shard-size", SHARD, "--max-files-per-commit", "3"], hub)
     assert proc.returncode == 0, proc.stderr
 
     assert hub.repo("acme/tiny").private
@@ -114,17 +114,23 @@ def test_cli_push_to_private_org_repo_uploads_merged_files_index_last(hub, make_
         assert entries[name].lfs
         assert entries[name].sha256 == manifest["files"][name]["sha256"] == hashlib.sha256(local[name]).hexdigest()
 
+    last = LAST | {"optimizer/optimizer.safetensors.index.json"}
     commits = hub.commit_log("acme/tiny")[1:]
-    assert len(commits) >= 3 and LAST <= set(commits[-1].added)
-    for commit in commits[:-1]:
-        assert not LAST & set(commit.added)
-    index = json.loads(local["model.safetensors.index.json"])
-    assert set(index["weight_map"].values()) <= set(commits[-2].tree)  # every shard was there before the index
+    first_last = next(i for i, c in enumerate(commits) if last & set(c.added))
+    assert first_last >= 2  # the data files alone took several commits (at most 3 files each)
+    assert not any(last & set(c.added) for c in commits[:first_last])
+    assert all(set(c.added) <= last for c in commits[first_last:])
+    assert set().union(*(c.added for c in commits[first_last:])) == last
+    for index_name in ("model.safetensors.index.json", "optimizer/optimizer.safetensors.index.json"):
+        index = json.loads(local[index_name])
+        folder = index_name.rpartition("/")[0]
+        named = {f"{folder}/{f}" if folder else f for f in index["weight_map"].values()}
+        assert named <= set(commits[first_last - 1].tree)  # every file an index names was there before it
 
     card = local["README.md"].decode()
     config = json.loads(local["config.json"])
     for fact in (str(make_ckpt()), "| Training step | `2` |", "| FSDP world size | `2` |",
-                 f"| Weights dtype | `{config['dtype']}` |", "| Optimizer state included | `no` |",
+                 f"| Weights dtype | `{config['dtype']}` |", "| Optimizer state included | `yes` |",
                  'from_pretrained("acme/tiny"'):
         assert fact in card
     assert f"acme/tiny/commit/{hub.repo('acme/tiny').branches['main']}" in proc.stdout
@@ -370,12 +376,29 @@ def test_model_name_from_the_hub_fetches_config_and_tokenizer_only(hub, make_ckp
     assert "base_model: acme/base" in remote["README.md"].decode()
 
 
-def test_optimizer_full_pushes_the_optimizer_export(hub, make_ckpt, tmp_path):
-    pytest.importorskip("streammerge.optimizer", reason="the optimizer export (branch optim) has not landed")
+def test_optimizer_full_pushes_an_optimizer_export_that_loads_as_the_card_says(hub, make_ckpt, tmp_path):
     result = streammerge.upload_checkpoint_to_hf(make_ckpt(), repo_id="tiny", optimizer_save_mode="full",
                                                  token=WRITE_TOKEN, endpoint=hub.endpoint, retry=FAST,
                                                  out_dir=tmp_path / "out")
     remote = remote_files(hub, "alice/tiny")
     assert [p for p in remote if p.startswith("optimizer/")]
     assert remote == local_files(result.out_dir)
-    assert "| Optimizer state included | `yes` |" in remote["README.md"].decode()
+    card = remote["README.md"].decode()
+    assert "| Optimizer state included | `yes` |" in card and "load_optimizer_state_dict" in card
+
+    # The card's recipe, on the files as the Hub serves them.
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    download = tmp_path / "download"
+    for path, data in remote.items():
+        (download / path).parent.mkdir(parents=True, exist_ok=True)
+        (download / path).write_bytes(data)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(download))
+    optimizer = torch.optim.AdamW(model.parameters())
+    set_optimizer_state_dict(model, optimizer, streammerge.load_optimizer_state_dict(f"{download}/optimizer"),
+                             options=StateDictOptions(flatten_optimizer_state_dict=True))
+    state = optimizer.state_dict()["state"]
+    assert len(state) == len(list(model.parameters()))
+    assert all(s["exp_avg"].abs().sum() > 0 for s in state.values())
