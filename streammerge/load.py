@@ -9,6 +9,7 @@ read, whatever the file size, and every storage carries its byte offset inside t
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import warnings
@@ -58,6 +59,7 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
             f"loading {path} with weights_only=False: any code pickled in this file will run",
             stacklevel=2,
         )
+    check_zip(path)
     try:
         with warnings.catch_warnings(), _quiet("torch.distributed.device_mesh"):
             warnings.simplefilter("ignore")
@@ -73,6 +75,36 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: truncated or corrupted rank file ({msg[:200]})") from None
+    except Exception as e:  # a damaged pickle can fail anywhere inside the unpickler
+        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def check_zip(path: Path) -> None:
+    """Name truncation and corruption before torch reads a rank file.
+
+    torch.save writes a zip whose directory sits at the end, so a cut-short copy loses it first;
+    torch.load checks no CRCs, so the pickle's CRC is checked here (tensor data is checked by verify).
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            if not pickles:
+                raise CheckpointError(f"{path}: not a torch checkpoint (a zip file without data.pkl)")
+            packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise UnsupportedLayoutError(f"{path}: compressed zip entries ({packed[0]}, ...) are not supported; "
+                                             "re-save the file with torch.save")
+            if pickles[0].CRC != 0:  # 0: saved with torch.serialization.set_crc32_options(False)
+                z.read(pickles[0])
+    except zipfile.BadZipFile as e:
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f"{path}: truncated or corrupted rank file ({size} bytes; {str(e)[:120]}); "
+            "copy it again from the node that saved it"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 class _quiet:
@@ -112,6 +144,8 @@ def _mesh_layout(dt: DTensor, rank: int, world_size: int) -> tuple[tuple[int, ..
     layout = state.get("_layout")
     if layout is not None and isinstance(getattr(layout, "__dict__", {}).get("shape"), tuple):
         shape = tuple(int(s) for s in layout.__dict__["shape"])
+    elif layout is not None and isinstance(getattr(layout, "__dict__", {}).get("axes"), tuple):
+        shape = _axes_sizes(layout.__dict__["axes"])  # torch >= 2.13: one flat layout per mesh dim
     coord = state.get("_coordinate_on_dim")
     if shape is None:
         m = state.get("mesh")
@@ -132,6 +166,21 @@ def _mesh_layout(dt: DTensor, rank: int, world_size: int) -> tuple[tuple[int, ..
     return shape, tuple(int(c) for c in coord)
 
 
+def _axes_sizes(axes: tuple) -> tuple[int, ...] | None:
+    sizes = []
+    for axis in axes:
+        shape = getattr(axis, "__dict__", {}).get("shape")
+        if not isinstance(shape, tuple):
+            return None
+        flat = [int(s) for s in _flatten(shape)]
+        sizes.append(math.prod(flat))
+    return tuple(sizes)
+
+
+def _flatten(value: Any) -> list:
+    return [x for v in value for x in _flatten(v)] if isinstance(value, tuple) else [value]
+
+
 def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) -> TensorRecord:
     if isinstance(t, DTensor):
         local = t._local_tensor
@@ -144,9 +193,14 @@ def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) 
         except UnsupportedLayoutError as e:
             raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
         shape = tuple(t.shape)
+        order = getattr(getattr(t, "_spec", None), "__dict__", {}).get("shard_order")
+        if order and any(list(e[1]) != sorted(e[1]) for e in order):
+            raise UnsupportedLayoutError(f"{path}: tensor {name!r}: a non-default shard order {order} is not supported")
     else:
         local, placements, mesh_shape, coord = t, None, None, None
         shape = tuple(t.shape)
+    if local.layout != torch.strided:
+        raise UnsupportedLayoutError(f"{path}: tensor {name!r} has layout {local.layout}; only dense tensors are supported")
     storage = local.untyped_storage()
     base = getattr(storage, "_checkpoint_offset", None)
     if base is None:

@@ -216,11 +216,11 @@ class FileWriter:
     def write(self, plan: Plan, fp: FilePlan, path: Path) -> OutputFile:
         """Write one file atomically: temp name, fill, verify with the Rust reader, rename."""
         tmp = tmp_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
-            raise OutputError(f"{tmp}: cannot create ({e.strerror})") from None
+            raise output_error(e, path) from None
         try:
             digest = self._fill(plan, fp, fd, tmp)
             os.fsync(fd)
@@ -229,10 +229,7 @@ class FileWriter:
         except OSError as e:
             os.close(fd)
             tmp.unlink(missing_ok=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise OutputError(f"{path.parent}: no space left writing {path.name} "
-                                  f"({fp.size / 1e9:.2f} GB needed); free space and rerun to resume") from None
-            raise OutputError(f"{path}: write failed ({e.strerror or e})") from None
+            raise output_error(e, path, fp.size) from None
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -294,6 +291,19 @@ class FileWriter:
         while done < n:
             done += os.pwrite(fd, view[done:], offset + done)
         return n, offset
+
+
+def output_error(e: OSError, path: Path, size: int | None = None) -> OutputError:
+    """One line a user can act on for a failed write; the merge resumes after the fix."""
+    need = f" ({size / 1e9:.2f} GB needed)" if size else ""
+    causes = {errno.ENOSPC: f"no space left on device writing {path.name}{need}",
+              errno.EDQUOT: f"disk quota exceeded writing {path.name}{need}",
+              errno.EFBIG: f"{path.name} is larger than this file system or the file-size limit (ulimit -f) "
+                           "allows; lower --max-shard-size",
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+    cause = causes.get(e.errno, f"write failed ({e.strerror or e})")
+    where = path.parent if e.errno in (errno.ENOSPC, errno.EDQUOT) else path
+    return OutputError(f"{where}: {cause}; fix this and rerun the same command to resume (finished files are kept)")
 
 
 def check_with_rust_reader(path: Path, plan: Plan, fp: FilePlan) -> None:

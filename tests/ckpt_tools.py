@@ -1,0 +1,162 @@
+"""Build and break veRL-format rank files in one process, for the reliability tests.
+
+Rank files hold real DTensors: each rank's DeviceMesh is made by `init_device_mesh` under torch's
+fake process group (one process, any world size), so the pickles carry exactly what a real rank
+would save (mesh layout, this rank's coordinate, placements). Local tensors are cut from a full
+tensor with `torch.chunk`, the reference the planner is checked against.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.tensor  # noqa: F401
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "verl"
+if not FIXTURES.is_dir():
+    FIXTURES = Path("/work/shared/fixtures/verl")
+REPO = Path(__file__).resolve().parents[1]
+
+Spec = tuple[torch.Tensor, Sequence[Placement]]  # a full tensor and how it is placed on the mesh
+
+
+@cache
+def device_mesh(mesh_shape: tuple[int, ...], rank: int) -> DeviceMesh:
+    """The mesh object rank `rank` would hold, made under a fake process group of the right size."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialized in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=math.prod(mesh_shape))
+    try:
+        return init_device_mesh("cpu", mesh_shape)
+    finally:
+        dist.destroy_process_group()
+
+
+def coordinate(mesh_shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    coord, r = [], rank
+    for s in reversed(mesh_shape):
+        coord.append(r % s)
+        r //= s
+    return tuple(reversed(coord))
+
+
+def local_piece(full: torch.Tensor, placements: Sequence[Placement], mesh_shape: tuple[int, ...],
+                coord: tuple[int, ...]) -> torch.Tensor:
+    """What one rank holds: torch.chunk along each Shard dim in mesh order (empty when chunk runs out)."""
+    t = full
+    for p, n, c in zip(placements, mesh_shape, coord):
+        if isinstance(p, Shard):
+            parts = list(torch.chunk(t, n, dim=p.dim))
+            if c < len(parts):
+                t = parts[c]
+            else:
+                t = t.narrow(p.dim, t.shape[p.dim], 0)
+    return t
+
+
+def write_rank_files(out_dir: Path, tensors: Mapping[str, Spec | torch.Tensor], mesh_shape: tuple[int, ...], *,
+                     strided: Sequence[str] = (), hf_config: Mapping | None = None, fsdp_config: bool = True,
+                     ranks: Sequence[int] | None = None, prefix: str = "model") -> Path:
+    """Save `{prefix}_world_size_W_rank_R.pt` for each rank: DTensors for specs, full copies for plain tensors.
+
+    Names in `strided` are saved as column-major local tensors (a strided storage layout).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world = math.prod(mesh_shape)
+    for rank in range(world) if ranks is None else ranks:
+        mesh = device_mesh(tuple(mesh_shape), rank)
+        coord = coordinate(mesh_shape, rank)
+        sd = {}
+        for name, spec in tensors.items():
+            if isinstance(spec, torch.Tensor):
+                sd[name] = spec.clone()
+                continue
+            full, placements = spec
+            local = local_piece(full, placements, mesh_shape, coord).clone()
+            if name in strided and local.dim() >= 2:
+                local = local.transpose(-1, -2).contiguous().transpose(-1, -2)
+            sd[name] = DTensor.from_local(local, mesh, list(placements), run_check=False,
+                                          shape=full.shape, stride=full.stride())
+        torch.save(sd, out_dir / f"{prefix}_world_size_{world}_rank_{rank}.pt")
+    if fsdp_config:
+        (out_dir / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world}))
+    if hf_config is not None:
+        (out_dir / "huggingface").mkdir(exist_ok=True)
+        (out_dir / "huggingface" / "config.json").write_text(json.dumps(hf_config))
+    return out_dir
+
+
+def llama_like(seed: int = 0, *, hidden: int = 64, vocab: int = 1003, layers: int = 2,
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Full tensors with the names and (uneven) shapes of a tiny Llama."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden // 2, hidden),
+                       p + "mlp.down_proj.weight": (hidden, 3 * hidden - 17), p + "input_layernorm.weight": (hidden,)})
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    return {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+
+
+def good_checkpoint(out_dir: Path, *, world: int = 4, mesh_shape: tuple[int, ...] | None = None, seed: int = 0,
+                    scale: int = 1) -> Path:
+    """A small, valid FSDP2-style checkpoint (Shard(0); HSDP when mesh_shape is 2-D) with a huggingface/ folder."""
+    mesh_shape = mesh_shape or (world,)
+    placements = [Replicate()] * (len(mesh_shape) - 1) + [Shard(0)]
+    full = llama_like(seed, hidden=64 * scale, vocab=1003 * scale)
+    specs: dict[str, Spec | torch.Tensor] = {k: (v, placements) for k, v in full.items()}
+    specs["model.rotary_emb.inv_freq"] = torch.arange(8, dtype=torch.float32)  # a plain buffer, full on every rank
+    hf = FIXTURES / "gpu_fsdp2_llama_shard1_ws4" / "huggingface"
+    write_rank_files(out_dir, specs, mesh_shape)
+    shutil.copytree(hf, Path(out_dir) / "huggingface", dirs_exist_ok=True)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.update(tie_word_embeddings=False, dtype="float32")
+    (Path(out_dir) / "huggingface" / "config.json").write_text(json.dumps(cfg, indent=2))
+    for p in Path(out_dir).rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return Path(out_dir)
+
+
+def copy_fixture(name: str, dst: Path, *, optimizer: bool = False) -> Path:
+    """A writable copy of a shared GPU fixture (model files, fsdp_config, huggingface/; optim files on request)."""
+    src = FIXTURES / name
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.name.startswith("model_") or p.name == "fsdp_config.json" or (optimizer and p.name.startswith("optim_")):
+            shutil.copyfile(p, dst / p.name)
+    shutil.copytree(src / "huggingface", dst / "huggingface")
+    for p in dst.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dst
+
+
+def rewrite_rank(path: Path, edit: Callable[[dict], dict | None]) -> None:
+    """Load a rank file safely, let `edit` change its state dict, save it back."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = edit(sd) or sd
+    torch.save(sd, path)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and mtime, to prove a folder was not modified."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tree_bytes(folder: Path, *, skip_state: bool = True) -> dict[str, bytes]:
+    """Every output file's bytes, keyed by relative path (the .streammerge/ state folder left out)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not (skip_state and ".streammerge" in p.relative_to(folder).parts)}
