@@ -4,15 +4,17 @@ Public API::
 
     plan(ckpt_dir) -> Plan                      # what would be written, from metadata only
     merge(ckpt_dir, out_dir, **options) -> MergeResult
+    verify(out_dir, checkpoint_dir=None) -> VerifyReport
 """
 
 from .discover import Checkpoint, find_checkpoint
 from .errors import CheckpointError, OutputError, StreammergeError, UnsafePickleError, VerifyError
 from .pipeline import MergeResult, merge, plan
 from .plan import Plan
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 __all__ = [
     "Checkpoint", "CheckpointError", "MergeResult", "OutputError", "Plan", "StreammergeError",
-    "UnsafePickleError", "VerifyError", "find_checkpoint", "merge", "plan",
+    "UnsafePickleError", "VerifyError", "VerifyReport", "find_checkpoint", "merge", "plan", "verify",
 ]
