@@ -137,6 +137,7 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
     ours = [f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename for p in plans for fp in p.split(num_parts, part)]
     if part == 0:
         ours += [rel for rel, _ in _small_files(ck, plans, out_dtype, config, contents=False)]
+    _remove_temp_files(out, ours)  # left by a killed run
 
     files: list[OutputFile] = []
     reused: list[str] = []
@@ -167,11 +168,22 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
                     manifest.add(f)
                     done(f)
         if part == 0:
-            for rel, data in _small_files(ck, plans, out_dtype, config):
-                f = _write_small(out, rel, data)
+            smalls = list(_small_files(ck, plans, out_dtype, config))
+            indexes = {f"{p.subdir}/{p.index_filename}" if p.subdir else p.index_filename
+                       for p in plans if p.index_filename}
+            for rel, data in smalls:
+                if rel not in indexes:
+                    f = _write_small(out, rel, data)
+                    manifest.add(f)
+                    done(f)
+            # an index says "complete": it appears only once the manifest says so
+            staged = [_write_small(out, rel, data, rename=False) for rel, data in smalls if rel in indexes]
+            for f in staged:
                 manifest.add(f)
-                done(f)
             manifest.complete()
+            for f in staged:
+                os.replace(tmp_path(out / f.filename), out / f.filename)
+                done(f)
     except BaseException:  # Ctrl-C, a full disk...: leave finished files and the manifest, no temp files
         _remove_temp_files(out, ours)
         raise
@@ -214,16 +226,17 @@ def _remove_temp_files(out: Path, rels: Sequence[str]) -> None:
     (out / STATE_DIR / "manifest.tmp").unlink(missing_ok=True)
 
 
-def _write_small(out: Path, rel: str, data: bytes) -> OutputFile:
+def _write_small(out: Path, rel: str, data: bytes, rename: bool = True) -> OutputFile:
     path = out / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if rename:
+            os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise output_error(e, path) from None

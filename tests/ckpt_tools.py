@@ -112,11 +112,11 @@ def llama_like(seed: int = 0, *, hidden: int = 64, vocab: int = 1003, layers: in
 
 
 def good_checkpoint(out_dir: Path, *, world: int = 4, mesh_shape: tuple[int, ...] | None = None, seed: int = 0,
-                    scale: int = 1) -> Path:
+                    scale: int = 1, layers: int = 2) -> Path:
     """A small, valid FSDP2-style checkpoint (Shard(0); HSDP when mesh_shape is 2-D) with a huggingface/ folder."""
     mesh_shape = mesh_shape or (world,)
     placements = [Replicate()] * (len(mesh_shape) - 1) + [Shard(0)]
-    full = llama_like(seed, hidden=64 * scale, vocab=1003 * scale)
+    full = llama_like(seed, hidden=64 * scale, vocab=1003 * scale, layers=layers)
     specs: dict[str, Spec | torch.Tensor] = {k: (v, placements) for k, v in full.items()}
     specs["model.rotary_emb.inv_freq"] = torch.arange(8, dtype=torch.float32)  # a plain buffer, full on every rank
     hf = FIXTURES / "gpu_fsdp2_llama_shard1_ws4" / "huggingface"
