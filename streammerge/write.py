@@ -294,16 +294,19 @@ class FileWriter:
 
 
 def output_error(e: OSError, path: Path, size: int | None = None) -> OutputError:
-    """One line a user can act on for a failed write; the merge resumes after the fix."""
-    need = f" ({size / 1e9:.2f} GB needed)" if size else ""
-    causes = {errno.ENOSPC: f"no space left on device writing {path.name}{need}",
-              errno.EDQUOT: f"disk quota exceeded writing {path.name}{need}",
-              errno.EFBIG: f"{path.name} is larger than this file system or the file-size limit (ulimit -f) "
-                           "allows; lower --max-shard-size",
-              errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
-    cause = causes.get(e.errno, f"write failed ({e.strerror or e})")
-    where = path.parent if e.errno in (errno.ENOSPC, errno.EDQUOT) else path
-    return OutputError(f"{where}: {cause}; fix this and rerun the same command to resume (finished files are kept)")
+    """One line a user can act on for a failed write; finished files are kept and the merge resumes."""
+    resume = "rerun the same command to resume (finished files are kept)"
+    need = f" ({size / 1e6:,.1f} MB needed)" if size else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        return OutputError(f"{path.parent}: {what} writing {path.name}{need}; free space and {resume}")
+    if e.errno == errno.EFBIG:
+        big = f"{size / 1e6:,.1f} MB" if size else "the file"
+        return OutputError(f"{path}: {big} exceeds the file-size limit (ulimit -f) or this file system's largest "
+                           f"file; raise the limit and {resume}, or use a smaller --max-shard-size with a new OUT_DIR")
+    cause = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+             errno.EPERM: "permission denied"}.get(e.errno, f"write failed ({e.strerror or e})")
+    return OutputError(f"{path}: {cause}; fix this and {resume}")
 
 
 def check_with_rust_reader(path: Path, plan: Plan, fp: FilePlan) -> None:
