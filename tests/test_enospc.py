@@ -18,6 +18,7 @@ import pytest
 from ckpt_tools import REPO, good_checkpoint, snapshot, tree_bytes
 
 import streammerge
+from streammerge.cli import main
 from streammerge.manifest import MANIFEST, STATE_DIR, sha256_file
 from streammerge.write import TMP_SUFFIX
 
@@ -66,20 +67,18 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_disk_full_stops_with_a_clear_message_then_resumes(ckpt, tmpfs, tmp_path):
+def test_disk_full_stops_with_a_clear_message_then_resumes(ckpt, tmpfs, tmp_path, capsys):
     reference = tmp_path / "ref"
     streammerge.merge(ckpt, reference, max_shard_size="600KB")
     source_before = snapshot(ckpt)
     out = tmpfs / "out"
-    r = cli([ckpt, out, "--max-shard-size", "600KB"])
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert_stopped_cleanly(out, r.stderr, ["no space left on device", str(out)])
+    assert main([str(ckpt), str(out), "--max-shard-size", "600KB"]) == 2
+    assert_stopped_cleanly(out, capsys.readouterr().err, ["no space left on device", str(out)])
     assert snapshot(ckpt) == source_before
     # the user frees space and reruns the same command
     subprocess.run(["mount", "-o", "remount,size=16m", str(tmpfs)], check=True)
-    r = cli([ckpt, out, "--max-shard-size", "600KB"])
-    assert r.returncode == 0, r.stderr
-    assert "reused" in r.stdout
+    assert main([str(ckpt), str(out), "--max-shard-size", "600KB"]) == 0
+    assert "reused" in capsys.readouterr().out
     assert tree_bytes(out) == tree_bytes(reference)
 
 
@@ -95,6 +94,5 @@ def test_file_size_limit_stops_with_a_clear_message(ckpt, tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert_stopped_cleanly(out, r.stderr, ["model.safetensors", "file-size limit", "raise the limit"])
     assert not (out / "model.safetensors").exists()
-    r = cli([ckpt, out, "--max-shard-size", "5GB"])  # limit lifted: the same command finishes
-    assert r.returncode == 0, r.stderr
+    assert main([str(ckpt), str(out), "--max-shard-size", "5GB"]) == 0  # limit lifted: the same command finishes
     assert streammerge.verify(out, ckpt).ok
