@@ -38,7 +38,7 @@ class TensorRecord:
     local_stride: tuple[int, ...]
     offset: int  # byte offset in the file of the local tensor's first element
     placements: tuple[str, ...] | None  # None: a plain tensor (a full copy)
-    mesh_shape: tuple[int, ...] | None = None
+    mesh_shape: tuple[int, ...] | None = None  # None: unknown, inferred from all ranks' coordinates
     coordinate: tuple[int, ...] | None = None
 
 
@@ -131,54 +131,52 @@ def _placement_name(p: Any) -> str:
     raise UnsupportedLayoutError(f"placement {p!r} is not supported (only Shard(d) and Replicate())")
 
 
-def _mesh_layout(dt: DTensor, rank: int, world_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _layout_shape(layout: Any) -> tuple[int, ...] | None:
+    """Mesh shape from a pickled _MeshLayout: torch 2.11 keeps `shape`, 2.13 keeps one `axes` entry per dim."""
+    state = getattr(layout, "__dict__", {})
+    if isinstance(state.get("shape"), tuple):
+        return tuple(int(s) for s in state["shape"])
+    axes = state.get("axes")
+    if isinstance(axes, tuple):
+        sizes = []
+        for axis in axes:
+            shape = getattr(axis, "__dict__", {}).get("shape")
+            if not isinstance(shape, tuple):
+                return None
+            sizes.append(math.prod(int(s) for s in shape))
+        return tuple(sizes)
+    return None
+
+
+def _mesh_layout(dt: DTensor, rank: int, world_size: int) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
     """Mesh shape and this rank's coordinate, read from pickled attributes only.
 
     DeviceMesh methods break on meshes pickled by another torch version, so only plain attributes
-    are read; a 1-D mesh needs nothing at all.
+    are read. Either may come back None: the planner then infers the mesh shape from the
+    coordinates of all ranks, and a 1-D mesh needs nothing at all.
     """
     ndim = len(dt.placements)
-    mesh = dt.device_mesh
-    state = getattr(mesh, "__dict__", {})
-    shape = None
-    layout = state.get("_layout")
-    if layout is not None and isinstance(getattr(layout, "__dict__", {}).get("shape"), tuple):
-        shape = tuple(int(s) for s in layout.__dict__["shape"])
-    elif layout is not None and isinstance(getattr(layout, "__dict__", {}).get("axes"), tuple):
-        shape = _axes_sizes(layout.__dict__["axes"])  # torch >= 2.13: one flat layout per mesh dim
+    state = getattr(dt.device_mesh, "__dict__", {})
+    shape = _layout_shape(state["_layout"]) if "_layout" in state else None
     coord = state.get("_coordinate_on_dim")
-    if shape is None:
-        m = state.get("mesh")
-        if isinstance(m, torch.Tensor) and m.device.type != "meta":
-            shape = tuple(m.shape)
-            hits = (m == rank).nonzero()
-            coord = tuple(int(c) for c in hits[0]) if len(hits) else None
+    m = state.get("mesh")
+    if shape is None and isinstance(m, torch.Tensor) and m.device.type != "meta":
+        shape = tuple(m.shape)
+        hits = (m == rank).nonzero()
+        coord = tuple(int(c) for c in hits[0]) if len(hits) else coord
     if shape is None and ndim == 1:
         shape = (world_size,)
-    if shape is None or len(shape) != ndim:
-        raise UnsupportedLayoutError(f"cannot read the {ndim}-D device mesh layout of this torch version")
-    if coord is None:
+    if shape is not None and len(shape) != ndim:
+        raise UnsupportedLayoutError(f"device mesh has {len(shape)} dims but {ndim} placements")
+    if coord is None and shape is not None:
         coord, r = [], rank  # row-major mesh over ranks 0..W-1, as init_device_mesh builds it
         for s in reversed(shape):
             coord.append(r % s)
             r //= s
         coord = tuple(reversed(coord))
+    if coord is None:
+        raise UnsupportedLayoutError(f"cannot read the {ndim}-D device mesh layout of this torch version")
     return shape, tuple(int(c) for c in coord)
-
-
-def _axes_sizes(axes: tuple) -> tuple[int, ...] | None:
-    sizes = []
-    for axis in axes:
-        shape = getattr(axis, "__dict__", {}).get("shape")
-        if not isinstance(shape, tuple):
-            return None
-        flat = [int(s) for s in _flatten(shape)]
-        sizes.append(math.prod(flat))
-    return tuple(sizes)
-
-
-def _flatten(value: Any) -> list:
-    return [x for v in value for x in _flatten(v)] if isinstance(value, tuple) else [value]
 
 
 def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) -> TensorRecord:

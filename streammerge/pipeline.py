@@ -37,9 +37,11 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        from .plan import _fmt_bytes
+
         mbps = self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
         reused = f", {len(self.reused)} files reused from an earlier run" if self.reused else ""
-        return (f"wrote {self.bytes_written / 1e9:.3f} GB in {len(self.files)} files to {self.out_dir} "
+        return (f"wrote {_fmt_bytes(self.bytes_written)} in {len(self.files)} files to {self.out_dir} "
                 f"in {self.seconds:.2f} s ({mbps:.0f} MB/s), peak RSS {self.peak_rss / 2**20:.0f} MiB{reused}")
 
 

@@ -195,12 +195,12 @@ def chunk_bounds(length: int, parts: int, index: int) -> tuple[int, int]:
     return min(index * size, length), min((index + 1) * size, length)
 
 
-def region_of(record: TensorRecord) -> tuple[tuple[int, int], ...]:
+def region_of(record: TensorRecord, mesh_shape: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
     """The box of the full tensor a rank's local tensor holds, from placements and mesh coordinate."""
     box = [(0, s) for s in record.shape]
     if record.placements is None:
         return tuple(box)
-    for placement, size, coord in zip(record.placements, record.mesh_shape, record.coordinate):
+    for placement, size, coord in zip(record.placements, mesh_shape or record.mesh_shape, record.coordinate):
         if placement.startswith("Shard("):
             d = int(placement[6:-1])
             if d < 0:
@@ -217,7 +217,7 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
     """Check every rank agrees on one tensor and return the pieces that tile it exactly once."""
     first = records[0]
     for rec, rf in zip(records, files):
-        for attr in ("shape", "dtype", "placements", "mesh_shape"):
+        for attr in ("shape", "dtype", "placements", "mesh_shape") if first.mesh_shape else ("shape", "dtype", "placements"):
             if getattr(rec, attr) != getattr(first, attr):
                 raise CheckpointError(
                     f"{rf.path}: tensor {name!r} has {attr} {getattr(rec, attr)} but rank {files[0].rank} "
@@ -227,9 +227,10 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
         if first.local_shape != first.shape:
             raise CheckpointError(f"{files[0].path}: plain tensor {name!r} has shape {first.local_shape}, expected {first.shape}")
         return first, (Piece(files[0].rank, str(files[0].path), first.offset, first.shape, first.local_stride, (0,) * len(first.shape)),)
+    mesh_shape = first.mesh_shape or tuple(max(c) + 1 for c in zip(*(r.coordinate for r in records)))
     seen: dict[tuple, Piece] = {}
     for rec, rf in zip(records, files):
-        box = region_of(rec)
+        box = region_of(rec, mesh_shape)
         want = tuple(hi - lo for lo, hi in box)
         if rec.local_shape != want:
             raise CheckpointError(
