@@ -1,6 +1,8 @@
 """Build and break veRL-format rank files in one process, for the reliability tests.
 
-Rank files hold real DTensors: each rank's DeviceMesh is made by `init_device_mesh` under torch's
+Whole realistic checkpoints come from `make_ckpt` (streammerge.synthetic, real FSDP2 runs); this
+module makes the ones a training run cannot: any placement on any mesh, in milliseconds, and
+edits of single rank files. Rank files hold real DTensors: each rank's DeviceMesh is made by `init_device_mesh` under torch's
 fake process group (one process, any world size), so the pickles carry exactly what a real rank
 would save (mesh layout, this rank's coordinate, placements). Local tensors are cut from a full
 tensor with `torch.chunk`, the reference the planner is checked against.
@@ -21,9 +23,6 @@ import torch.distributed.tensor  # noqa: F401
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "verl"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/verl")
 REPO = Path(__file__).resolve().parents[1]
 
 Spec = tuple[torch.Tensor, Sequence[Placement]]  # a full tensor and how it is placed on the mesh
@@ -98,41 +97,8 @@ def write_rank_files(out_dir: Path, tensors: Mapping[str, Spec | torch.Tensor], 
     return out_dir
 
 
-def llama_like(seed: int = 0, *, hidden: int = 64, vocab: int = 1003, layers: int = 2,
-               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Full tensors with the names and (uneven) shapes of a tiny Llama."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden // 2, hidden),
-                       p + "mlp.down_proj.weight": (hidden, 3 * hidden - 17), p + "input_layernorm.weight": (hidden,)})
-    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
-    return {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
-
-
-def good_checkpoint(out_dir: Path, *, world: int = 4, mesh_shape: tuple[int, ...] | None = None, seed: int = 0,
-                    scale: int = 1, layers: int = 2) -> Path:
-    """A small, valid FSDP2-style checkpoint (Shard(0); HSDP when mesh_shape is 2-D) with a huggingface/ folder."""
-    mesh_shape = mesh_shape or (world,)
-    placements = [Replicate()] * (len(mesh_shape) - 1) + [Shard(0)]
-    full = llama_like(seed, hidden=64 * scale, vocab=1003 * scale, layers=layers)
-    specs: dict[str, Spec | torch.Tensor] = {k: (v, placements) for k, v in full.items()}
-    specs["model.rotary_emb.inv_freq"] = torch.arange(8, dtype=torch.float32)  # a plain buffer, full on every rank
-    hf = FIXTURES / "gpu_fsdp2_llama_shard1_ws4" / "huggingface"
-    write_rank_files(out_dir, specs, mesh_shape)
-    shutil.copytree(hf, Path(out_dir) / "huggingface", dirs_exist_ok=True)
-    cfg = json.loads((hf / "config.json").read_text())
-    cfg.update(tie_word_embeddings=False, dtype="float32")
-    (Path(out_dir) / "huggingface" / "config.json").write_text(json.dumps(cfg, indent=2))
-    for p in Path(out_dir).rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return Path(out_dir)
-
-
-def copy_fixture(name: str, dst: Path, *, optimizer: bool = False) -> Path:
-    """A writable copy of a shared GPU fixture (model files, fsdp_config, huggingface/; optim files on request)."""
-    src = FIXTURES / name
+def copy_actor(src: Path, dst: Path, *, optimizer: bool = False) -> Path:
+    """A writable copy of a checkpoint folder: model files, fsdp_config, huggingface/ (optim files on request)."""
     dst.mkdir(parents=True, exist_ok=True)
     for p in src.iterdir():
         if p.name.startswith("model_") or p.name == "fsdp_config.json" or (optimizer and p.name.startswith("optim_")):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ckpt_tools import REPO, good_checkpoint, snapshot, tree_bytes
+from ckpt_tools import REPO, copy_actor, snapshot, tree_bytes
 
 import streammerge
 from streammerge.cli import main
@@ -26,9 +26,10 @@ INDEX = "model.safetensors.index.json"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """~2.6 MB of output: does not fit a 2 MB file system."""
-    return good_checkpoint(tmp_path_factory.mktemp("ck") / "actor", scale=2)
+def ckpt(make_ckpt, tmp_path_factory) -> Path:
+    """~2.6 MB of float32 output: does not fit a 2 MB file system."""
+    actor = make_ckpt(world_size=2, hidden_size=128, vocab_size=2006, optimizer=False, reference=False)
+    return copy_actor(actor, tmp_path_factory.mktemp("ck") / "actor")
 
 
 def cli(args: list, preexec=None) -> subprocess.CompletedProcess:
@@ -69,15 +70,15 @@ def tmpfs(tmp_path):
 
 def test_disk_full_stops_with_a_clear_message_then_resumes(ckpt, tmpfs, tmp_path, capsys):
     reference = tmp_path / "ref"
-    streammerge.merge(ckpt, reference, max_shard_size="600KB")
+    streammerge.merge(ckpt, reference, max_shard_size="600KB", dtype="keep")
     source_before = snapshot(ckpt)
     out = tmpfs / "out"
-    assert main([str(ckpt), str(out), "--max-shard-size", "600KB"]) == 2
+    assert main([str(ckpt), str(out), "--max-shard-size", "600KB", "--dtype", "keep"]) == 2
     assert_stopped_cleanly(out, capsys.readouterr().err, ["no space left on device", str(out)])
     assert snapshot(ckpt) == source_before
     # the user frees space and reruns the same command
     subprocess.run(["mount", "-o", "remount,size=16m", str(tmpfs)], check=True)
-    assert main([str(ckpt), str(out), "--max-shard-size", "600KB"]) == 0
+    assert main([str(ckpt), str(out), "--max-shard-size", "600KB", "--dtype", "keep"]) == 0
     assert "reused" in capsys.readouterr().out
     assert tree_bytes(out) == tree_bytes(reference)
 
@@ -90,9 +91,9 @@ def _limit_file_size(limit: int):
 
 def test_file_size_limit_stops_with_a_clear_message(ckpt, tmp_path):
     out = tmp_path / "out"
-    r = cli([ckpt, out, "--max-shard-size", "5GB"], preexec=_limit_file_size(1_000_000))
+    r = cli([ckpt, out, "--max-shard-size", "5GB", "--dtype", "keep"], preexec=_limit_file_size(1_000_000))
     assert r.returncode == 2, r.stdout + r.stderr
     assert_stopped_cleanly(out, r.stderr, ["model.safetensors", "file-size limit", "raise the limit"])
     assert not (out / "model.safetensors").exists()
-    assert main([str(ckpt), str(out), "--max-shard-size", "5GB"]) == 0  # limit lifted: the same command finishes
+    assert main([str(ckpt), str(out), "--max-shard-size", "5GB", "--dtype", "keep"]) == 0  # limit lifted: the same command finishes
     assert streammerge.verify(out, ckpt).ok

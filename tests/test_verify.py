@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_tools import REPO, copy_fixture, good_checkpoint, write_rank_files
+from ckpt_tools import REPO, copy_actor, write_rank_files
 from torch.distributed.tensor import Replicate, Shard
 
 import streammerge
@@ -27,9 +27,9 @@ INDEX = "model.safetensors.index.json"
 
 @pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
 @pytest.mark.parametrize("name", FIXTURES)
-def test_real_merges_verify(name, dtype, tmp_path):
+def test_real_merges_verify(name, dtype, verl_fixtures, tmp_path):
     """Every GPU fixture (FSDP1 flat pieces, Shard(1), HSDP replicas, tied weights), kept or cast, in tiny windows."""
-    ckpt = copy_fixture(name, tmp_path / "actor")
+    ckpt = copy_actor(verl_fixtures / name, tmp_path / "actor")
     out = tmp_path / "out"
     streammerge.merge(ckpt, out, dtype=dtype, max_shard_size="100KB")
     report = streammerge.verify(out, ckpt, chunk_size=4096)
@@ -58,9 +58,10 @@ def test_strided_and_two_d_sources_verify(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory) -> tuple[Path, Path]:
+def merged(make_ckpt, tmp_path_factory) -> tuple[Path, Path]:
+    """A real HSDP checkpoint merged (cast to bfloat16) into several files."""
     base = tmp_path_factory.mktemp("merged")
-    ckpt = good_checkpoint(base / "actor")
+    ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), base / "actor")
     out = base / "out"
     streammerge.merge(ckpt, out, max_shard_size="100KB", dtype="bfloat16")
     return ckpt, out
@@ -156,19 +157,18 @@ def test_the_undamaged_copy_verifies(merged, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
-def test_another_checkpoint_is_not_the_source(merged, tmp_path):
+def test_another_checkpoint_is_not_the_source(merged, make_ckpt):
     ckpt, out = merged
-    other = good_checkpoint(tmp_path / "other" / "actor", seed=1)  # same names and shapes, other values
+    other = make_ckpt(world_size=4, mesh=(2, 2), seed=1)  # same names and shapes, other values
     report = streammerge.verify(out, other)
     assert any("was not made from" in f for f in report.failures)
     differ = [f for f in report.failures if "differ from rank" in f]
-    assert len(differ) == report.tensors_checked - 1  # all but the rotary buffer, the same in both
-    assert not any("inv_freq" in f for f in differ)
+    assert len(differ) == report.tensors_checked > 0
 
 
-def test_corrupted_source_data_is_caught_by_merge_verify(tmp_path, capsys):
+def test_corrupted_source_data_is_caught_by_merge_verify(verl_fixtures, tmp_path, capsys):
     """torch.load never checks zip CRCs: a flipped bit in a rank's tensor data merges silently, --verify catches it."""
-    ckpt = copy_fixture("gpu_fsdp2_llama_shard1_ws4", tmp_path / "actor")
+    ckpt = copy_actor(verl_fixtures / "gpu_fsdp2_llama_shard1_ws4", tmp_path / "actor")
     victim = ckpt / "model_world_size_4_rank_2.pt"
     with zipfile.ZipFile(victim) as z:
         info = max(z.infolist(), key=lambda i: i.file_size)  # the biggest tensor record
@@ -183,19 +183,19 @@ def test_corrupted_source_data_is_caught_by_merge_verify(tmp_path, capsys):
 
 
 def test_verify_reads_in_bounded_memory(tmp_path):
-    """A 64 MB tensor verified with 1 MiB chunks: the peak RSS grows by far less than the tensor."""
+    """A 32 MB tensor verified with 512 KiB chunks: the peak RSS grows by far less than the tensor."""
     g = torch.Generator().manual_seed(0)
-    ckpt = write_rank_files(tmp_path / "actor", {"w": (torch.randn(4096, 4096, generator=g), [Shard(1)])}, (2,))
+    ckpt = write_rank_files(tmp_path / "actor", {"w": (torch.randn(2048, 4096, generator=g), [Shard(1)])}, (2,))
     out = tmp_path / "out"
     streammerge.merge(ckpt, out)
     code = ("import resource, sys, streammerge\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            f"r = streammerge.verify({str(out)!r}, {str(ckpt)!r}, chunk_size='1MiB')\n"
+            f"r = streammerge.verify({str(out)!r}, {str(ckpt)!r}, chunk_size='512KiB')\n"
             "assert r.ok, r.summary()\n"
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     grown = int(r.stdout.strip().splitlines()[-1])
-    print(f"verify of a 64 MB tensor grew peak RSS by {grown / 2**20:.1f} MiB")
-    assert grown < 24 * 2**20
+    print(f"verify of a 32 MB tensor grew peak RSS by {grown / 2**20:.1f} MiB")
+    assert grown < 12 * 2**20
