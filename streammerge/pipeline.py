@@ -130,13 +130,14 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
         raise OutputError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     manifest = Manifest(out, fingerprint, str(ck.path), options)
     manifest.adopt(previous)
-    if part == 0:  # an index means "complete": drop the old one until this run has written everything again
+    ours = [f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename for p in plans for fp in p.split(num_parts, part)]
+    finished = {rel: manifest.finished(out, rel) for rel in ours}
+    if part == 0 and None in finished.values():  # an index means "complete": drop it until every file is back
         for p in plans:
             rel = f"{p.subdir}/{p.index_filename}" if p.subdir else p.index_filename
             if p.index_filename and manifest.data["files"].pop(rel, None) is not None:
                 (out / rel).unlink(missing_ok=True)
     manifest.save()
-    ours = [f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename for p in plans for fp in p.split(num_parts, part)]
     if part == 0:
         ours += [rel for rel, _ in _small_files(ck, plans, out_dtype, config, contents=False)]
     _remove_temp_files(out, ours)  # left by a killed run
@@ -158,7 +159,7 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
             for p in plans:
                 for fp in p.split(num_parts, part):
                     rel = f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename
-                    prior = manifest.finished(out, rel)
+                    prior = finished[rel]
                     if prior is not None:
                         reused.append(rel)
                         if bar:

@@ -213,8 +213,12 @@ def test_index_only_exists_when_every_file_does(big, reference, done):
 
 
 def test_rerun_of_a_finished_merge_rewrites_nothing_big(big, reference, done):
+    """Nothing to redo: no data file is rewritten, and the index never goes away (even if interrupted)."""
     before = snapshot(done)
-    result = streammerge.merge(big, done, **OPTIONS)
+    index_there = []
+    result = streammerge.merge(big, done, on_file_done=lambda f, p: index_there.append((done / INDEX).exists()),
+                               **OPTIONS)
+    assert index_there and all(index_there)
     assert result.bytes_written == 0
     assert len(result.reused) == sum(1 for rel in before if rel.endswith(".safetensors"))
     assert tree_bytes(done) == reference[1]
