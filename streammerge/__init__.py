@@ -5,10 +5,12 @@ Public API::
     plan(ckpt_dir) -> Plan                      # what would be written, from metadata only
     merge(ckpt_dir, out_dir, **options) -> MergeResult
     verify(out_dir, checkpoint_dir=None) -> VerifyReport
+    load_optimizer_state_dict(out_dir) -> dict  # full optimizer state, name-keyed, for set_optimizer_state_dict
 """
 
 from .discover import Checkpoint, find_checkpoint
 from .errors import CheckpointError, OutputError, StreammergeError, UnsafePickleError, VerifyError
+from .optimizer import OPTIMIZER_SAVE_MODES, load_optimizer_state_dict, optimizer_save_mode_enabled
 from .pipeline import MergeResult, merge, plan
 from .plan import Plan
 from .verify import VerifyReport, verify
@@ -17,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint", "CheckpointError", "MergeResult", "OutputError", "Plan", "StreammergeError",
     "UnsafePickleError", "VerifyError", "VerifyReport", "find_checkpoint", "merge", "plan", "verify",
+    "OPTIMIZER_SAVE_MODES", "load_optimizer_state_dict", "optimizer_save_mode_enabled",
 ]

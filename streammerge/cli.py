@@ -23,6 +23,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
     p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
     p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
+    p.add_argument("--optimizer-format", choices=["safetensors", "torch"], default="safetensors",
+                   help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
     p.add_argument("--keep-cache", action="store_true",
                    help="leave read and written data in the page cache (default: drop it, for small memory limits)")
     p.add_argument("--verify", action="store_true",
@@ -47,7 +49,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _warn_trust_pickle(args)
     result = merge(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
                    workers=args.workers, buffer_size=args.buffer_size, optimizer=not args.no_optimizer,
-                   trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress)
+                   trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress,
+                   optimizer_format=args.optimizer_format)
     for w in result.warnings:
         print(f"streammerge: warning: {w}", file=sys.stderr)
     print(result.summary())

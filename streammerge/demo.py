@@ -15,6 +15,7 @@ def run_demo(out_dir: str | Path) -> int:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from .optimizer import load_optimizer_state_dict
     from .pipeline import merge, plan
     from .synthetic import make_checkpoint
 
@@ -46,5 +47,9 @@ def run_demo(out_dir: str | Path) -> int:
         logits = model(ids).logits
     print(f"    weights equal the gathered training state (cast to {str(dtype)[6:]}): {same}")
     print(f"    logits {tuple(logits.shape)}, finite: {bool(torch.isfinite(logits).all())}")
+    optim = load_optimizer_state_dict(out / "model")
+    ref_optim = torch.load(actor / "reference" / "optimizer.pt", weights_only=True)
+    same_optim = all(torch.equal(v, ref_optim["state"][k][key]) for k, s in optim["state"].items() for key, v in s.items())
+    print(f"    optimizer state: {len(optim['state'])} parameters in optimizer/, equal to the training state: {same_optim}")
     print(f"\nDone in {time.perf_counter() - t0:.1f} s. Merged model: {out / 'model'}")
-    return 0 if same else 1
+    return 0 if same and same_optim else 1

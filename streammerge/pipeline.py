@@ -93,7 +93,7 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
           max_shard_size: int | str = MAX_SHARD_SIZE, workers: int | None = None,
           buffer_size: int | str = DEFAULT_BUFFER_SIZE, optimizer: bool = True, trust_pickle: bool = False,
           drop_cache: bool = True, progress: bool = False, on_file_done: FileCallback | None = None,
-          num_parts: int = 1, part: int = 0) -> MergeResult:
+          num_parts: int = 1, part: int = 0, optimizer_format: str = "safetensors") -> MergeResult:
     """Merge an FSDP checkpoint into a Hugging Face folder, streaming in bounded memory.
 
     Re-running after an interruption reuses the files already finished. `on_file_done` is called
@@ -114,7 +114,7 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
         from .optimizer import plan_optimizer  # optional stage: only when optimizer files exist
 
         opt_plan, opt_warnings = plan_optimizer(ck, weights, max_shard_size=parse_size(max_shard_size),
-                                                trust_pickle=trust_pickle)
+                                                trust_pickle=trust_pickle, fmt=optimizer_format)
         warnings += opt_warnings
         if opt_plan is not None:
             plans.append(opt_plan)
@@ -166,7 +166,12 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
                             bar.update(prior.size)
                         done(prior)
                         continue
-                    f = writer.write(p, fp, out / rel)
+                    if fp.filename.endswith(".pt"):  # --optimizer-format torch
+                        from .torch_format import write_torch_file
+
+                        f = write_torch_file(p, fp, out / rel, writer)
+                    else:
+                        f = writer.write(p, fp, out / rel)
                     written += f.size
                     manifest.add(f)
                     done(f)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import OutputError, VerifyError
-from .plan import FilePlan, Piece, Plan, TensorPlan
+from .plan import FilePlan, Plan, TensorPlan
 
 DEFAULT_BUFFER_SIZE = 64 * 2**20
 TMP_SUFFIX = ".streammerge-tmp"

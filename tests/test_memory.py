@@ -23,22 +23,13 @@ print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
 """
 
 
-def _checkpoint(root: Path, mb: int, world_size: int = 2) -> Path:
-    """Rank files of plain float32 rows (each rank one row block), `mb` MB in all."""
+def _checkpoint(root: Path, mb: int) -> Path:
+    """A world-size-1 checkpoint of plain float32 tensors, `mb` MB in all (the writer path, not the planner)."""
     actor = root / "actor"
     actor.mkdir(parents=True)
-    rows = mb * 10**6 // 4 // 4096 // world_size
-    for r in range(world_size):
-        sd = {f"layers.{i}.weight": torch.full((rows // 4, 4096), float(r + i)) for i in range(4)}
-        torch.save(sd, actor / f"model_world_size_1_rank_0.pt" if world_size == 1 else actor / f"part{r}.pt")
-    # one rank file holding everything keeps this test about the writer, not the planner
-    if world_size != 1:
-        merged = {}
-        for r in range(world_size):
-            for k, v in torch.load(actor / f"part{r}.pt", weights_only=True).items():
-                merged[f"{k}.{r}"] = v
-            (actor / f"part{r}.pt").unlink()
-        torch.save(merged, actor / "model_world_size_1_rank_0.pt")
+    rows = mb * 10**6 // 4 // 4096 // 8
+    torch.save({f"layers.{i}.weight": torch.full((rows, 4096), float(i)) for i in range(8)},
+               actor / "model_world_size_1_rank_0.pt")
     return actor
 
 
