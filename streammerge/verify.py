@@ -45,6 +45,7 @@ class VerifyReport:
     tensors_checked: int = 0  # tensors compared with the checkpoint
     bytes_read: int = 0
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was not checked, and why
 
     @property
     def ok(self) -> bool:
@@ -57,7 +58,7 @@ class VerifyReport:
         against = f", {self.tensors_checked} tensors compared with {self.checkpoint}" if self.checkpoint else ""
         head = (f"verify {self.out_dir}: {'OK' if self.ok else f'{len(self.failures)} problem(s)'} "
                 f"({len(self.files_checked)} files checked{against})")
-        return "\n".join([head] + [f"  FAIL {m}" for m in self.failures])
+        return "\n".join([head] + [f"  note: {m}" for m in self.notes] + [f"  FAIL {m}" for m in self.failures])
 
 
 def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, trust_pickle: bool = False,
@@ -248,8 +249,8 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
 
 # ---------------------------------------------------------------- against the checkpoint
 
-def _plans(ck: Checkpoint, options: dict, *, trust_pickle: bool) -> list[Plan]:
-    """The plans the merge made, from the options it recorded (as pipeline.merge builds them)."""
+def _plans(ck: Checkpoint, options: dict, files: dict, *, trust_pickle: bool) -> list[Plan]:
+    """The plans the merge made, from the options and files it recorded (as pipeline.merge builds them)."""
     from .pipeline import plan
 
     dtype_name = str(options.get("dtype", "None")).replace("torch.", "")
@@ -259,9 +260,10 @@ def _plans(ck: Checkpoint, options: dict, *, trust_pickle: bool) -> list[Plan]:
                    trust_pickle=trust_pickle)
     plans = [weights]
     if options.get("optimizer") and ck.optim_files:
-        from .optimizer import plan_optimizer
+        from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, plan_optimizer
 
-        opt_plan, _ = plan_optimizer(ck, weights, max_shard_size=max_shard, trust_pickle=trust_pickle)
+        fmt = "torch" if f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}" in files else "safetensors"
+        opt_plan, _ = plan_optimizer(ck, weights, max_shard_size=max_shard, trust_pickle=trust_pickle, fmt=fmt)
         if opt_plan is not None:
             plans.append(opt_plan)
     return plans
@@ -272,7 +274,7 @@ def _check_against_checkpoint(out: Path, ck: Checkpoint, manifest: dict | None, 
     from .pipeline import merge_fingerprint
 
     options = (manifest or {}).get("options") or {"dtype": "None", "optimizer": bool(ck.optim_files)}
-    plans = _plans(ck, options, trust_pickle=trust_pickle)
+    plans = _plans(ck, options, (manifest or {}).get("files", {}), trust_pickle=trust_pickle)
     if manifest is not None and merge_fingerprint(plans, options) != manifest.get("fingerprint"):
         report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
                     "differs); tensors are compared one by one below")
@@ -283,6 +285,8 @@ def _check_against_checkpoint(out: Path, ck: Checkpoint, manifest: dict | None, 
             for rel, fp in expected_files.items():
                 if rel not in headers and not (out / rel).is_file():
                     report.fail(f"{rel}: missing (the checkpoint's plan has it)")
+                elif not rel.endswith(".safetensors"):
+                    report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's sha256 only")
             where = {name: rel for rel, fp in expected_files.items() for name in fp.names}
             for rel in {r for r in headers if (r.startswith(p.subdir + "/") if p.subdir else "/" not in r)}:
                 for name in sorted(set(headers[rel].entries) - set(p.tensors))[:5]:

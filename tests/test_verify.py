@@ -34,7 +34,7 @@ def test_real_merges_verify(name, dtype, verl_fixtures, tmp_path):
     streammerge.merge(ckpt, out, dtype=dtype, max_shard_size="100KB")
     report = streammerge.verify(out, ckpt, chunk_size=4096)
     assert report.ok, report.summary()
-    assert report.tensors_checked == len(json.loads((out / INDEX).read_text())["weight_map"])
+    assert report.tensors_checked >= len(json.loads((out / INDEX).read_text())["weight_map"])
     assert report.bytes_read > sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
@@ -59,9 +59,9 @@ def test_strided_and_two_d_sources_verify(tmp_path):
 
 @pytest.fixture(scope="module")
 def merged(make_ckpt, tmp_path_factory) -> tuple[Path, Path]:
-    """A real HSDP checkpoint merged (cast to bfloat16) into several files."""
+    """A real HSDP checkpoint with its optimizer, merged (weights cast to bfloat16) into several files."""
     base = tmp_path_factory.mktemp("merged")
-    ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), base / "actor")
+    ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), base / "actor", optimizer=True)
     out = base / "out"
     streammerge.merge(ckpt, out, max_shard_size="100KB", dtype="bfloat16")
     return ckpt, out
@@ -111,6 +111,13 @@ def gap_in_header(out: Path) -> None:
     p.write_bytes(struct.pack("<Q", len(text)) + text + bytes(24))
 
 
+def flip_optimizer_byte(out: Path) -> None:
+    p = sorted((out / "optimizer").glob("optimizer-*.safetensors"))[-1]
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0x20
+    p.write_bytes(bytes(data))
+
+
 # id -> (damage, words that some failure line must contain; with_ckpt: compare with the checkpoint too)
 DAMAGE = {
     "flipped_byte": (flip_data_byte, ["model-00002-of-", "sha256", "differs from the manifest"], False),
@@ -130,6 +137,10 @@ DAMAGE = {
     "no_manifest": (lambda out: (out / STATE_DIR / MANIFEST).unlink(), ["no .streammerge/manifest.json"], False),
     "temp_file_left": (lambda out: tmp_path(shards(out)[0]).write_bytes(b"x"), ["temporary file"], False),
     "gap_in_header": (gap_in_header, ["model-00001-of-", "belong to no tensor"], False),
+    "optimizer_byte": (flip_optimizer_byte, ["optimizer/optimizer-", "sha256"], False),
+    "optimizer_byte_vs_source": (flip_optimizer_byte, ["optimizer/optimizer-", "differ from rank", "optim_world_size_4"], True),
+    "optimizer_index": (lambda out: (out / "optimizer" / "optimizer.safetensors.index.json").write_text("{"),
+                        ["optimizer/optimizer.safetensors.index.json", "unreadable index"], False),
 }
 
 
@@ -162,8 +173,9 @@ def test_another_checkpoint_is_not_the_source(merged, make_ckpt):
     other = make_ckpt(world_size=4, mesh=(2, 2), seed=1)  # same names and shapes, other values
     report = streammerge.verify(out, other)
     assert any("was not made from" in f for f in report.failures)
-    differ = [f for f in report.failures if "differ from rank" in f]
-    assert len(differ) == report.tensors_checked > 0
+    weights = json.loads((out / INDEX).read_text())["weight_map"]
+    differ = [f for f in report.failures if "differ from rank" in f and f.startswith("model-")]
+    assert len(differ) == len(weights) > 0  # every weight; of the optimizer, all but the equal step counts
 
 
 def test_corrupted_source_data_is_caught_by_merge_verify(verl_fixtures, tmp_path, capsys):
