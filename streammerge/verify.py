@@ -157,11 +157,16 @@ def _check_safetensors(out: Path, report: VerifyReport) -> dict[str, _Header]:
         report.files_checked.add(rel)
         try:
             raw, data_start = read_header(str(path))
+            if not isinstance(raw, dict):
+                raise ValueError("the header is not a JSON object")
         except (ValueError, OSError) as e:
             report.fail(f"{rel}: unreadable safetensors header ({e})")
             continue
         entries: dict[str, _Entry] = {}
         problems_before = len(report.failures)
+        meta = raw.get("__metadata__")
+        if "/" not in rel and not (isinstance(meta, dict) and meta.get("format") == "pt"):
+            report.fail(f"{rel}: header metadata lacks format 'pt' (transformers refuses to load such weights)")
         for name, info in raw.items():
             if name == "__metadata__":
                 continue
@@ -288,7 +293,7 @@ def _check_against_checkpoint(out: Path, ck: Checkpoint, manifest: dict | None, 
                 elif not rel.endswith(".safetensors"):
                     report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's sha256 only")
             where = {name: rel for rel, fp in expected_files.items() for name in fp.names}
-            for rel in {r for r in headers if (r.startswith(p.subdir + "/") if p.subdir else "/" not in r)}:
+            for rel in sorted(r for r in headers if (r.startswith(p.subdir + "/") if p.subdir else "/" not in r)):
                 for name in sorted(set(headers[rel].entries) - set(p.tensors))[:5]:
                     report.fail(f"{rel}: holds {name!r}, which the checkpoint does not have")
             for name, t in p.tensors.items():
@@ -325,7 +330,6 @@ class _Sources:
         self.chunk = chunk
         self.fds: dict[str, int] = {}
         self.records: dict[str, list[tuple[int, int, int, str]]] = {}  # file -> (start, size, crc, name)
-        self.crc_state: dict[tuple[str, int], int | None] = {}  # (file, record start) -> running crc, None: skip
         self.checked: set[tuple[str, int]] = set()
         self.needed: dict[tuple[str, int], str] = {}  # record -> a tensor read from it
 
