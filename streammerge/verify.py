@@ -339,14 +339,11 @@ class _Sources:
             self.records[path] = _zip_records(path, self.fds[path])
         return self.fds[path]
 
-    def read(self, path: str, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd(path), length, offset)
-        while len(data) < length:
-            more = os.pread(self.fds[path], length - len(data), offset + len(data))
-            if not more:
-                raise OSError(f"{path}: ends at byte {offset + len(data)}, expected {offset + length}")
-            data += more
-        return data
+    def read(self, path: str, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        if not _pread_into(self.fd(path), memoryview(buf), offset):
+            raise OSError(f"{path}: ends before byte {offset + length}")
+        return buf
 
     def record_of(self, path: str, offset: int) -> tuple[int, int, int, str] | None:
         self.fd(path)
@@ -422,6 +419,17 @@ def _storage_order(p: Piece) -> tuple[int, ...]:
     return tuple(sorted(range(len(p.shape)), key=lambda d: (-p.stride[d], d)))
 
 
+def _pread_into(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill `view` from the file at `offset`; False when the file ends first."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            return False
+        done += n
+    return True
+
+
 def _read_box(fd: int, base: int, shape: tuple[int, ...], lo: tuple[int, ...], sizes: tuple[int, ...],
               dtype: torch.dtype, limit: int) -> torch.Tensor | None:
     """A box of a row-major tensor stored at `base`: one read when its span is small, else one read per run."""
@@ -429,22 +437,23 @@ def _read_box(fd: int, base: int, shape: tuple[int, ...], lo: tuple[int, ...], s
     strides = _row_major(shape)
     first = sum(a * st for a, st in zip(lo, strides))
     span = (sum((n - 1) * st for n, st in zip(sizes, strides)) + 1) * isz
-    if span <= limit:
-        raw = os.pread(fd, span, base + first * isz)
-        if len(raw) != span:
+    box_bytes = math.prod(sizes) * isz
+    if span <= max(limit, 2 * box_bytes):
+        raw = bytearray(span)
+        if not _pread_into(fd, memoryview(raw), base + first * isz):
             return None
-        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        flat = torch.frombuffer(raw, dtype=torch.uint8)
         box = flat.as_strided(sizes + (isz,), tuple(st * isz for st in strides) + (1,))
         return box.contiguous().view(-1).view(dtype).view(sizes)
-    k = max((d for d in range(len(shape)) if sizes[d] != shape[d]), default=0)
+    k = max((d for d in range(len(shape)) if sizes[d] != shape[d]), default=0)  # dims after k are whole
     run = sizes[k] * strides[k] * isz
-    out = bytearray()
+    out = bytearray(box_bytes)
+    view, pos = memoryview(out), 0
     for idx in itertools.product(*(range(a, a + n) for a, n in zip(lo[:k], sizes[:k]))):
         offset = sum(i * st for i, st in zip(idx, strides)) + lo[k] * strides[k]
-        raw = os.pread(fd, run, base + offset * isz)
-        if len(raw) != run:
+        if not _pread_into(fd, view[pos:pos + run], base + offset * isz):
             return None
-        out += raw
+        pos += run
     return torch.frombuffer(out, dtype=torch.uint8).view(dtype).view(sizes)
 
 
@@ -478,16 +487,16 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
                 raw = sources.read(p.file, src_off, span)
                 if streaming:
                     crc = zlib.crc32(raw, crc)
-                src = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(t.source_dtype)
+                src = torch.frombuffer(raw, dtype=torch.uint8).view(t.source_dtype)
                 want = src.as_strided(psizes, pstride).permute(inverse).to(t.dtype).contiguous()
                 sizes = tuple(psizes[inverse[d]] for d in range(len(order)))
                 lo = tuple(s + plo[inverse[d]] for d, s in enumerate(p.start))
-                got = _read_box(out_file.fileno(), base, t.geometry, lo, sizes, t.dtype, 4 * chunk)
+                got = _read_box(out_file.fileno(), base, t.geometry, lo, sizes, t.dtype, chunk)
                 report.bytes_read += span + math.prod(sizes) * out_isz
                 if got is None:
                     report.fail(f"{rel}: tensor {name!r}: the file ends inside its data")
                     return
-                if not torch.equal(_bytes_of(want), _bytes_of(got)):
+                if not torch.equal(want.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)):
                     _report_mismatch(rel, name, p, want, got, lo, t, report)
                     return
             if streaming:
