@@ -67,6 +67,8 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        # torch's own hint (allowlist the global) is the opposite of what a stranger's file deserves
+        detail = detail.split(" Please use")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
         raise UnsafePickleError(
             f"{path}: refused to load: the pickle asks for something outside torch's weights-only "
             f"allowlist ({detail.strip()[:200]}). Unpickling it could run arbitrary code. Only if you "
