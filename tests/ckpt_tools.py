@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.tensor  # noqa: F401
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Shard
 
 REPO = Path(__file__).resolve().parents[1]
 

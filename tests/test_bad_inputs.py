@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_tools import REPO, copy_actor, device_mesh, rewrite_rank, snapshot
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from streammerge.cli import main
