@@ -65,16 +65,15 @@ def local_piece(full: torch.Tensor, placements: Sequence[Placement], mesh_shape:
 
 
 def write_rank_files(out_dir: Path, tensors: Mapping[str, Spec | torch.Tensor], mesh_shape: tuple[int, ...], *,
-                     strided: Sequence[str] = (), hf_config: Mapping | None = None, fsdp_config: bool = True,
-                     ranks: Sequence[int] | None = None, prefix: str = "model") -> Path:
-    """Save `{prefix}_world_size_W_rank_R.pt` for each rank: DTensors for specs, full copies for plain tensors.
+                     strided: Sequence[str] = ()) -> Path:
+    """Save `model_world_size_W_rank_R.pt` for each rank: DTensors for specs, full copies for plain tensors.
 
     Names in `strided` are saved as column-major local tensors (a strided storage layout).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world = math.prod(mesh_shape)
-    for rank in range(world) if ranks is None else ranks:
+    for rank in range(world):
         mesh = device_mesh(tuple(mesh_shape), rank)
         coord = coordinate(mesh_shape, rank)
         sd = {}
@@ -88,12 +87,8 @@ def write_rank_files(out_dir: Path, tensors: Mapping[str, Spec | torch.Tensor], 
                 local = local.transpose(-1, -2).contiguous().transpose(-1, -2)
             sd[name] = DTensor.from_local(local, mesh, list(placements), run_check=False,
                                           shape=full.shape, stride=full.stride())
-        torch.save(sd, out_dir / f"{prefix}_world_size_{world}_rank_{rank}.pt")
-    if fsdp_config:
-        (out_dir / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world}))
-    if hf_config is not None:
-        (out_dir / "huggingface").mkdir(exist_ok=True)
-        (out_dir / "huggingface" / "config.json").write_text(json.dumps(hf_config))
+        torch.save(sd, out_dir / f"model_world_size_{world}_rank_{rank}.pt")
+    (out_dir / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world}))
     return out_dir
 
 
