@@ -10,8 +10,10 @@ from collections.abc import Callable, Sequence
 from .errors import StreammergeError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+PUSH_FAILED = 4  # exit code: the push (or, in watch, a step) failed; re-running resumes it
 HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded FSDP checkpoint into a Hugging Face folder
 streammerge inspect CKPT_DIR                print the merge plan without writing
+streammerge verify OUT_DIR [CKPT_DIR]       check an output folder (and, given the checkpoint, every tensor)
 streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it
 streammerge CKPT_DIR OUT_DIR --push --repo-id NAME   merge and push to the Hugging Face Hub at the same time
 streammerge watch RUN_DIR --push --repo-id NAME      merge and push each new checkpoint of a training run"""
@@ -28,6 +30,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
                    help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
     p.add_argument("--keep-cache", action="store_true",
                    help="leave read and written data in the page cache (default: drop it, for small memory limits)")
+    p.add_argument("--verify", action="store_true",
+                   help="after the merge, check every output file and every tensor against the checkpoint")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -86,6 +90,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .publish import merge_and_push, with_model_files
 
     settings = _push_settings(args)
+    _warn_trust_pickle(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
                    buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
@@ -103,7 +108,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                                     **_push_options(args), **options)
         except PushError as e:
             print(f"streammerge: push failed: {e}", file=sys.stderr)
-            return 3
+            return PUSH_FAILED
         result = pushed.merge
     for w in result.warnings:
         print(f"streammerge: warning: {w}", file=sys.stderr)
@@ -122,6 +127,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = _push_settings(args)
+    _warn_trust_pickle(args)
     options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
                    buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
                    optimizer_format=args.optimizer_format, model_name=args.model_name)
@@ -132,7 +138,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                       revision_per_step=args.revision_per_step, only_latest=args.only_latest, out_root=args.out_root,
                       state_file=args.state_file, **options)
     results = watcher.run(interval=args.interval, once=args.once)
-    return 3 if any(not r.ok for r in results) else 0
+    return PUSH_FAILED if any(not r.ok for r in results) else 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -141,6 +147,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.push or args.config:
         return cmd_push(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    _warn_trust_pickle(args)
     result = merge(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
                    workers=args.workers, buffer_size=args.buffer_size, optimizer=not args.no_optimizer,
                    trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress,
@@ -148,13 +155,39 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for w in result.warnings:
         print(f"streammerge: warning: {w}", file=sys.stderr)
     print(result.summary())
+    if args.verify:
+        from .verify import verify
+
+        report = verify(result.out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
+        print(report.summary())
+        return 0 if report.ok else 1
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    _warn_trust_pickle(args)
+    report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _warn_trust_pickle(args: argparse.Namespace) -> None:
+    """--trust-pickle is per run and never silent: say it once, loudly, before any file is opened."""
+    if getattr(args, "trust_pickle", False):
+        import warnings
+
+        warnings.filterwarnings("ignore", message="loading .* with weights_only=False")  # the line below says it once
+        print("streammerge: warning: --trust-pickle: rank files are unpickled with weights_only=False; "
+              "any code pickled in them will run. Use it only for files you made yourself.", file=sys.stderr)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .pipeline import plan
     from .plan import plan_to_json
 
+    _warn_trust_pickle(args)
     p = plan(args.checkpoint, dtype=args.dtype, max_shard_size=args.max_shard_size, trust_pickle=args.trust_pickle)
     if args.json:
         print(json.dumps(plan_to_json(p), indent=1))
@@ -204,6 +237,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _plan_args(p)
         p.add_argument("--all", action="store_true", help="list every tensor (default: the first 60)")
         p.add_argument("--json", action="store_true", help="machine-readable plan")
+    elif command == "verify":
+        p = argparse.ArgumentParser(prog="streammerge verify",
+                                    description="Check a merged folder: headers, coverage, sha256 against the manifest, "
+                                                "index; given the checkpoint, every tensor against its source pieces. "
+                                                "Exit code 0 only when everything holds.")
+        p.add_argument("out_dir", metavar="OUT_DIR")
+        p.add_argument("checkpoint", metavar="CKPT_DIR", nargs="?", default=None)
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="DANGEROUS: load rank files with weights_only=False")
     elif command == "demo":
         p = argparse.ArgumentParser(prog="streammerge demo",
                                     description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")
@@ -214,7 +256,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS.update({"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "watch": cmd_watch})
+COMMANDS.update({"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "verify": cmd_verify,
+                 "watch": cmd_watch})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command != "merge" or (argv and argv[0] == "merge"):
         argv = argv[1:]
     args = build_parser(command).parse_args(argv)
+    previous = _sigterm_as_interrupt()
     try:
         return COMMANDS[command](args)
     except StreammergeError as e:
@@ -242,6 +286,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"streammerge: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"streammerge: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 3
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt():
+    """A job scheduler's SIGTERM stops as cleanly as Ctrl-C (temp files removed, resumable)."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

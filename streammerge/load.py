@@ -59,6 +59,7 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
             f"loading {path} with weights_only=False: any code pickled in this file will run",
             stacklevel=2,
         )
+    check_zip(path)
     try:
         with warnings.catch_warnings(), _quiet("torch.distributed.device_mesh"):
             warnings.simplefilter("ignore")
@@ -66,6 +67,8 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        # torch's own hint (allowlist the global) is the opposite of what a stranger's file deserves
+        detail = detail.split(" Please use")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
         raise UnsafePickleError(
             f"{path}: refused to load: the pickle asks for something outside torch's weights-only "
             f"allowlist ({detail.strip()[:200]}). Unpickling it could run arbitrary code. Only if you "
@@ -74,6 +77,36 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: truncated or corrupted rank file ({msg[:200]})") from None
+    except Exception as e:  # a damaged pickle can fail anywhere inside the unpickler
+        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def check_zip(path: Path) -> None:
+    """Name truncation and corruption before torch reads a rank file.
+
+    torch.save writes a zip whose directory sits at the end, so a cut-short copy loses it first;
+    torch.load checks no CRCs, so the pickle's CRC is checked here (tensor data is checked by verify).
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            if not pickles:
+                raise CheckpointError(f"{path}: not a torch checkpoint (a zip file without data.pkl)")
+            packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise UnsupportedLayoutError(f"{path}: compressed zip entries ({packed[0]}, ...) are not supported; "
+                                             "re-save the file with torch.save")
+            if pickles[0].CRC != 0:  # 0: saved with torch.serialization.set_crc32_options(False)
+                z.read(pickles[0])
+    except zipfile.BadZipFile as e:
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f"{path}: truncated or corrupted rank file ({size} bytes; {str(e)[:120]}); "
+            "copy it again from the node that saved it"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 class _quiet:
@@ -160,9 +193,14 @@ def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) 
         except UnsupportedLayoutError as e:
             raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
         shape = tuple(t.shape)
+        order = getattr(getattr(t, "_spec", None), "__dict__", {}).get("shard_order")
+        if order and any(list(e[1]) != sorted(e[1]) for e in order):
+            raise UnsupportedLayoutError(f"{path}: tensor {name!r}: a non-default shard order {order} is not supported")
     else:
         local, placements, mesh_shape, coord = t, None, None, None
         shape = tuple(t.shape)
+    if local.layout != torch.strided:
+        raise UnsupportedLayoutError(f"{path}: tensor {name!r} has layout {local.layout}; only dense tensors are supported")
     storage = local.untyped_storage()
     base = getattr(storage, "_checkpoint_offset", None)
     if base is None:

@@ -19,7 +19,7 @@ from .load import RankFile, load_rank_file
 from .manifest import STATE_DIR, Manifest
 from .model_folder import carried_files, config_bytes, read_config
 from .plan import MAX_SHARD_SIZE, Plan, build_plan, parse_size, resolve_dtype
-from .write import DEFAULT_BUFFER_SIZE, FileWriter, OutputFile, tmp_path
+from .write import DEFAULT_BUFFER_SIZE, TMP_SUFFIX, FileWriter, OutputFile, output_error, tmp_path
 
 FileCallback = Callable[[OutputFile, Path], None]
 
@@ -78,7 +78,8 @@ def _check_out_dir(out_dir: Path, ck: Checkpoint, fingerprint: str) -> dict | No
         raise OutputError(f"{out_dir}: exists and is not a folder")
     previous = Manifest.read(out_dir)
     if previous is None:
-        if any(out_dir.iterdir()):
+        # a run killed before its first manifest leaves only our state folder and temp files
+        if any(p.name != STATE_DIR and not p.name.endswith(TMP_SUFFIX) for p in out_dir.iterdir()):
             raise OutputError(f"{out_dir}: folder is not empty and is not a streammerge output; "
                               "choose an empty or new folder (nothing was changed)")
         return None
@@ -121,12 +122,25 @@ def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype
         warnings.append(f"optimizer not exported: optim rank files missing for ranks {list(ck.missing_optim_ranks)}")
 
     options = {"dtype": str(out_dtype), "max_shard_size": parse_size(max_shard_size), "optimizer": len(plans) > 1}
-    fingerprint = hashlib.sha256("".join(p.fingerprint() for p in plans).encode() + repr(options).encode()).hexdigest()
+    fingerprint = merge_fingerprint(plans, options)
     previous = _check_out_dir(out, ck, fingerprint)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     manifest = Manifest(out, fingerprint, str(ck.path), options)
     manifest.adopt(previous)
+    ours = [f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename for p in plans for fp in p.split(num_parts, part)]
+    finished = {rel: manifest.finished(out, rel) for rel in ours}
+    if part == 0 and None in finished.values():  # an index means "complete": drop it until every file is back
+        for p in plans:
+            rel = f"{p.subdir}/{p.index_filename}" if p.subdir else p.index_filename
+            if p.index_filename and manifest.data["files"].pop(rel, None) is not None:
+                (out / rel).unlink(missing_ok=True)
     manifest.save()
+    if part == 0:
+        ours += [rel for rel, _ in _small_files(ck, plans, out_dtype, config, contents=False)]
+    _remove_temp_files(out, ours)  # left by a killed run
 
     files: list[OutputFile] = []
     reused: list[str] = []
@@ -145,7 +159,7 @@ def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype
             for p in plans:
                 for fp in p.split(num_parts, part):
                     rel = f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename
-                    prior = manifest.finished(out, rel)
+                    prior = finished[rel]
                     if prior is not None:
                         reused.append(rel)
                         if bar:
@@ -161,49 +175,79 @@ def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype
                     written += f.size
                     manifest.add(f)
                     done(f)
+        if part == 0:
+            smalls = list(_small_files(ck, plans, out_dtype, config))
+            indexes = {f"{p.subdir}/{p.index_filename}" if p.subdir else p.index_filename
+                       for p in plans if p.index_filename}
+            for rel, data in smalls:
+                if rel not in indexes:
+                    f = _write_small(out, rel, data)
+                    manifest.add(f)
+                    done(f)
+            # an index says "complete": it appears only once the manifest says so
+            staged = [_write_small(out, rel, data, rename=False) for rel, data in smalls if rel in indexes]
+            for f in staged:
+                manifest.add(f)
+            manifest.complete()
+            for f in staged:
+                os.replace(tmp_path(out / f.filename), out / f.filename)
+                done(f)
+    except BaseException:  # Ctrl-C, a full disk...: leave finished files and the manifest, no temp files
+        _remove_temp_files(out, ours)
+        raise
     finally:
         if bar:
             bar.close()
-    if part == 0:
-        for rel, data in _small_files(ck, plans, out_dtype, config):
-            f = _write_small(out, rel, data)
-            manifest.add(f)
-            done(f)
-        manifest.complete()
     return MergeResult(out, files, plans, written, sum(f.size for f in files), time.perf_counter() - t0,
                        peak_rss(), reused, warnings)
 
 
-def _small_files(ck: Checkpoint, plans: list[Plan], dtype: torch.dtype | None, config: dict | None):
+def _small_files(ck: Checkpoint, plans: list[Plan], dtype: torch.dtype | None, config: dict | None,
+                 contents: bool = True):
     """Config, tokenizer and other carried files, then the indexes: the index is always written last."""
     import json
 
     if ck.hf_dir is not None:
         for src in carried_files(ck.hf_dir):
             rel = src.relative_to(ck.hf_dir).as_posix()
-            if rel == "config.json" and config is not None:
+            if not contents:
+                yield rel, b""
+            elif rel == "config.json" and config is not None:
                 yield rel, config_bytes(config, dtype)
             else:
                 yield rel, src.read_bytes()
     for p in plans:
         if p.index_filename:
             rel = f"{p.subdir}/{p.index_filename}" if p.subdir else p.index_filename
-            yield rel, (json.dumps(p.index_json(), indent=2) + "\n").encode()
+            yield rel, (json.dumps(p.index_json(), indent=2) + "\n").encode() if contents else b""
 
 
-def _write_small(out: Path, rel: str, data: bytes) -> OutputFile:
+def merge_fingerprint(plans: Sequence[Plan], options: dict) -> str:
+    """Identifies a merge (plans and options): a resumed run must match it, and verify checks it."""
+    return hashlib.sha256("".join(p.fingerprint() for p in plans).encode() + repr(options).encode()).hexdigest()
+
+
+def _remove_temp_files(out: Path, rels: Sequence[str]) -> None:
+    """Remove the temp files this run may have left (only our own names; never a user's file)."""
+    for rel in rels:
+        tmp_path(out / rel).unlink(missing_ok=True)
+    (out / STATE_DIR / "manifest.tmp").unlink(missing_ok=True)
+
+
+def _write_small(out: Path, rel: str, data: bytes, rename: bool = True) -> OutputFile:
     path = out / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if rename:
+            os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: write failed ({e.strerror or e})") from None
+        raise output_error(e, path) from None
     return OutputFile(rel, len(data), hashlib.sha256(data).hexdigest())
 
 

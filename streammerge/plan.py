@@ -242,6 +242,14 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
                           tuple(lo for lo, _ in box))
     covered = sum(math.prod(p.shape) for p in seen.values())
     if covered != math.prod(first.shape):
+        by_coord: dict[tuple, RankFile] = {}
+        for rec, rf in zip(records, files):
+            if rec.coordinate in by_coord:
+                raise CheckpointError(
+                    f"{rf.path}: holds the same mesh coordinate {rec.coordinate} as {by_coord[rec.coordinate].path.name} "
+                    "(a copy of another rank's file, or from another run?)"
+                )
+            by_coord[rec.coordinate] = rf
         raise CheckpointError(
             f"{files[0].path.parent}: tensor {name!r}: the rank pieces cover {covered} of "
             f"{math.prod(first.shape)} elements (a mesh coordinate is missing or repeated)"

@@ -164,12 +164,14 @@ def test_cli_kill_mid_upload_then_rerun_sends_nothing_twice(hub, make_ckpt, tmp_
     assert "reused" in proc.stdout  # the merge re-used its finished files
     assert remote_files(hub, "alice/tiny") == local_files(out)
     assert len(hub.commit_log("alice/tiny")) == 2
+    report = streammerge.verify(out, make_ckpt())  # the folder survived the kill intact, every tensor checked
+    assert report.ok and report.tensors_checked, report.summary()
 
 
 def test_cli_bad_token_fails_before_merging_with_advice_and_never_prints_it(hub, make_ckpt, tmp_path):
     out = tmp_path / "out"
     proc = cli([make_ckpt(), out, "--push", "--repo-id", "tiny", "--no-optimizer"], hub, token=BAD_TOKEN)
-    assert proc.returncode == 3
+    assert proc.returncode == 4
     assert "hf auth login" in proc.stderr and "HF_TOKEN" in proc.stderr and "Traceback" not in proc.stderr
     assert BAD_TOKEN not in proc.stdout + proc.stderr
     assert not out.exists()  # checked before the merge started
