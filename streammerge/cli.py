@@ -23,17 +23,21 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT_DIR", help="actor/ folder, global_step_N folder, or run folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new or empty; or a previous run to resume)")
     _plan_args(p)
-    p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
-    p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
-    p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
-    p.add_argument("--optimizer-format", choices=["safetensors", "torch"], default="safetensors",
-                   help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
+    _write_args(p)
     p.add_argument("--keep-cache", action="store_true",
                    help="leave read and written data in the page cache (default: drop it, for small memory limits)")
     p.add_argument("--verify", action="store_true",
                    help="after the merge, check every output file and every tensor against the checkpoint")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _write_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
+    p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
+    p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
+    p.add_argument("--optimizer-format", choices=["safetensors", "torch"], default="safetensors",
+                   help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -215,11 +219,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                     "checkpoint once all its rank files are there and no longer growing.")
         p.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's checkpoint folder (holds global_step_N/)")
         _plan_args(p)
-        p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
-        p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
-        p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
-        p.add_argument("--optimizer-format", choices=["safetensors", "torch"], default="safetensors",
-                       help="optimizer export: sharded safetensors + index (default), or one optimizer.pt")
+        _write_args(p)
         _push_args(p)
         p.add_argument("--revision-per-step", action="store_true", help="push step N to branch step-N")
         p.add_argument("--only-latest", action="store_true",

@@ -51,3 +51,31 @@ def make_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """No Xet, no token or endpoint from the machine, an empty HF cache, quiet progress bars."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    disable_progress_bars()
+    yield
+    enable_progress_bars()
+
+
+@pytest.fixture
+def hub():
+    """A Hub-compatible server on 127.0.0.1 (tests/hubserver.py); a bug inside it fails the test."""
+    from hubserver import HubServer
+
+    with HubServer() as server:
+        yield server
+    assert not server.errors, server.errors

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
-from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
 from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from streammerge.hub import HubPusher, PushError, RetryPolicy, make_model_card, plan_commits, push_folder
 
 # huggingface_hub's own LFS PUTs use httpx's deprecated data=<file>.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
+              pytest.mark.usefixtures("hub_env")]
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(attempts=5, base_delay=0.05, max_delay=0.5)
@@ -38,25 +38,6 @@ SHARDS = {"model-00001-of-00004.safetensors": 2_500_000,  # multipart (server ch
 LAST = {"config.json", "model.safetensors.index.json", "optimizer/optimizer.safetensors.index.json"}
 
 
-@pytest.fixture(autouse=True)
-def hub_env(monkeypatch, tmp_path):
-    """No Xet, no real token or endpoint from the machine, quiet progress bars."""
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    disable_progress_bars()
-    yield
-    enable_progress_bars()
-
-
-@pytest.fixture
-def hub():
-    with HubServer() as server:
-        yield server
-    assert not server.errors, server.errors
 
 
 def write_random(path: Path, size: int, seed: int) -> None:

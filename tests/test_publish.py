@@ -17,9 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
-from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
 import streammerge
 from hubserver import WRITE_TOKEN, HubServer
@@ -27,7 +26,8 @@ from streammerge.errors import CheckpointError
 from streammerge.hub import PushError, RetryPolicy
 from streammerge.publish import ConfigError, load_push_config, merge_and_push, push_settings
 
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
+              pytest.mark.usefixtures("hub_env")]
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(attempts=5, base_delay=0.05, max_delay=0.5)
@@ -36,26 +36,6 @@ BAD_TOKEN = "hf_ThisIsNotAValidTokenButLooksLikeOne42"
 LAST = {"model.safetensors.index.json", "config.json", "README.md"}
 
 
-@pytest.fixture(autouse=True)
-def hub_env(monkeypatch, tmp_path):
-    """No Xet, no token or endpoint from the machine, an empty HF cache, quiet progress bars."""
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    disable_progress_bars()
-    yield
-    enable_progress_bars()
-
-
-@pytest.fixture
-def hub():
-    with HubServer() as server:
-        yield server
-    assert not server.errors, server.errors
 
 
 @pytest.fixture

@@ -16,15 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
-from huggingface_hub import constants
-from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
 import streammerge
 from hubserver import WRITE_TOKEN, HubServer
 from streammerge.hub import RetryPolicy
 from streammerge.watch import STATE_FILE, Watcher, watch
 
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
+              pytest.mark.usefixtures("hub_env")]
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2)
@@ -32,24 +31,6 @@ SHARD = "200KB"
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-@pytest.fixture(autouse=True)
-def hub_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    disable_progress_bars()
-    yield
-    enable_progress_bars()
-
-
-@pytest.fixture
-def hub():
-    with HubServer() as server:
-        yield server
-    assert not server.errors, server.errors
 
 
 @pytest.fixture
