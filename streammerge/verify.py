@@ -29,7 +29,7 @@ from .errors import OutputError
 from .manifest import MANIFEST, STATE_DIR, Manifest, sha256_file
 from .plan import DTYPE_NAMES, Piece, Plan, TensorPlan, parse_size
 from .safetensors_format import CODE_DTYPES, read_header
-from .write import TMP_SUFFIX, windows
+from .write import TMP_SUFFIX, _is_contiguous, _row_major, windows
 
 DEFAULT_CHUNK = 16 * 2**20
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
@@ -397,23 +397,6 @@ def _zip_records(path: str, fd: int) -> list[tuple[int, int, int, str]]:
     return sorted(out)
 
 
-def _is_row_major(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    expected = 1
-    for n, st in zip(reversed(shape), reversed(stride)):
-        if n != 1 and st != expected:
-            return False
-        expected *= n
-    return True
-
-
-def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= n
-    return tuple(reversed(strides))
-
-
 def _storage_order(p: Piece) -> tuple[int, ...]:
     """Dims of a piece from largest stride to smallest: windows in this order read its bytes front to back."""
     return tuple(sorted(range(len(p.shape)), key=lambda d: (-p.stride[d], d)))
@@ -476,7 +459,7 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
             rec = sources.record_of(p.file, p.offset)
             if rec is not None:
                 sources.needed.setdefault((p.file, rec[0]), name)
-            streaming = (rec is not None and (p.file, rec[0]) not in sources.checked and _is_row_major(pshape, pstride)
+            streaming = (rec is not None and (p.file, rec[0]) not in sources.checked and _is_contiguous(pshape, pstride)
                          and p.offset + math.prod(p.shape) * src_isz <= rec[0] + rec[1])
             crc = sources.crc(p.file, rec[0], p.offset) if streaming else 0
             for pbox in windows(pshape, src_isz, budget):
