@@ -4,15 +4,24 @@ Public API::
 
     plan(ckpt_dir) -> Plan                      # what would be written, from metadata only
     merge(ckpt_dir, out_dir, **options) -> MergeResult
+    verify(out_dir, checkpoint_dir=None) -> VerifyReport
+    load_optimizer_state_dict(out_dir) -> dict  # full optimizer state, name-keyed, for set_optimizer_state_dict
+    merge_and_push(ckpt_dir, out_dir, repo_id, **options) -> PushResult   # upload while merging
+    upload_checkpoint_to_hf(...), HuggingFaceUploader(...)                # the seed workflow's names
 """
 
 from .discover import Checkpoint, find_checkpoint
 from .errors import CheckpointError, OutputError, StreammergeError, UnsafePickleError, VerifyError
+from .optimizer import OPTIMIZER_SAVE_MODES, load_optimizer_state_dict, optimizer_save_mode_enabled
 from .pipeline import MergeResult, merge, plan
 from .plan import Plan
+from .publish import HuggingFaceUploader, PushResult, merge_and_push, upload_checkpoint_to_hf
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 __all__ = [
     "Checkpoint", "CheckpointError", "MergeResult", "OutputError", "Plan", "StreammergeError",
-    "UnsafePickleError", "VerifyError", "find_checkpoint", "merge", "plan",
+    "UnsafePickleError", "VerifyError", "VerifyReport", "find_checkpoint", "merge", "plan", "verify",
+    "OPTIMIZER_SAVE_MODES", "load_optimizer_state_dict", "optimizer_save_mode_enabled",
+    "HuggingFaceUploader", "PushResult", "merge_and_push", "upload_checkpoint_to_hf",
 ]

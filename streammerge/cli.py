@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -10,22 +11,34 @@ from collections.abc import Callable, Sequence
 from .errors import StreammergeError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+PUSH_FAILED = 4  # exit code: the push (or, in watch, a step) failed; re-running resumes it
 HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded FSDP checkpoint into a Hugging Face folder
 streammerge inspect CKPT_DIR                print the merge plan without writing
-streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it"""
+streammerge verify OUT_DIR [CKPT_DIR]       check an output folder (and, given the checkpoint, every tensor)
+streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it
+streammerge CKPT_DIR OUT_DIR --push --repo-id NAME   merge and push to the Hugging Face Hub at the same time
+streammerge watch RUN_DIR --push --repo-id NAME      merge and push each new checkpoint of a training run"""
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT_DIR", help="actor/ folder, global_step_N folder, or run folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new or empty; or a previous run to resume)")
     _plan_args(p)
+    _write_args(p)
+    p.add_argument("--keep-cache", action="store_true",
+                   help="leave read and written data in the page cache (default: drop it, for small memory limits)")
+    p.add_argument("--verify", action="store_true",
+                   help="after the merge, check every output file and every tensor against the checkpoint")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
     p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
     p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
-    p.add_argument("--keep-cache", action="store_true",
-                   help="leave read and written data in the page cache (default: drop it, for small memory limits)")
-    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--optimizer-format", choices=["safetensors", "torch"], default="safetensors",
+                   help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -37,24 +50,155 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "only for files you made yourself")
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from .distributed import launched_by_torchrun, merge_torchrun
-    from .pipeline import merge
+def _push_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("push to the Hugging Face Hub",
+                             "Token from HF_TOKEN or `hf auth login`, endpoint from HF_ENDPOINT.")
+    g.add_argument("--push", action=argparse.BooleanOptionalAction, default=None,
+                   help="push to the Hub, uploading each file while the next is merged")
+    g.add_argument("--repo-id", metavar="NAME", help="NAME or NAMESPACE/NAME; created if missing, updated if it exists")
+    g.add_argument("--organization", metavar="ORG", help="namespace for a NAME without one")
+    g.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                   help="create the repo private (an existing repo keeps its visibility)")
+    g.add_argument("--revision", metavar="BRANCH", help="branch to commit to (default main; created from main)")
+    g.add_argument("--commit-message", metavar="TEXT")
+    g.add_argument("--config", metavar="FILE",
+                   help="YAML file with an hf_upload: block (top level or nested); flags override it")
+    g.add_argument("--model-name", metavar="NAME_OR_PATH",
+                   help="take config and tokenizer from this model folder or Hub model, not from huggingface/")
+    g.add_argument("--optimizer-save-mode", choices=["full", "none"], default=None,
+                   help="seed workflow spelling: none = --no-optimizer")
+    g.add_argument("--no-model-card", action="store_true", help="do not write and push a README.md model card")
+    g.add_argument("--max-files-per-commit", type=int, default=50, metavar="N",
+                   help="split bigger pushes into several commits (default 50)")
+    g.add_argument("--upload-workers", type=int, default=2, metavar="N", help="files uploaded at once (default 2)")
 
+
+def _push_settings(args: argparse.Namespace):
+    from .publish import push_settings
+
+    settings = push_settings(args.config, push=args.push, repo_id=args.repo_id, organization=args.organization,
+                             private=args.private, optimizer_save_mode=args.optimizer_save_mode)
+    if args.no_optimizer:
+        settings.optimizer_save_mode = None
+    return settings
+
+
+def _push_options(args: argparse.Namespace) -> dict:
+    return {"model_card": not args.no_model_card, "commit_message": args.commit_message,
+            "max_files_per_commit": args.max_files_per_commit, "upload_workers": args.upload_workers}
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .discover import find_checkpoint
+    from .hub import PushError
+    from .pipeline import merge
+    from .publish import merge_and_push, with_model_files
+
+    settings = _push_settings(args)
+    _warn_trust_pickle(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = (merge_torchrun if launched_by_torchrun() else merge)(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                   workers=args.workers, buffer_size=args.buffer_size, optimizer=not args.no_optimizer,
-                   trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress)
+    options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
+                   buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
+                   drop_cache=not args.keep_cache, progress=progress, optimizer_format=args.optimizer_format)
+    if not settings.enabled:  # a config file with enabled: false, or --no-push
+        if args.push is None:
+            print(f"streammerge: {args.config} does not enable hf_upload: merging only (--push pushes anyway)",
+                  file=sys.stderr)
+        with with_model_files(find_checkpoint(args.checkpoint), args.model_name) as ck:
+            result = merge(ck, args.out_dir, **options)
+    else:
+        try:
+            pushed = merge_and_push(args.checkpoint, args.out_dir, settings.repo_id, organization=settings.organization,
+                                    private=settings.private, revision=args.revision, model_name=args.model_name,
+                                    **_push_options(args), **options)
+        except PushError as e:
+            print(f"streammerge: push failed: {e}", file=sys.stderr)
+            return PUSH_FAILED
+        result = pushed.merge
     for w in result.warnings:
         print(f"streammerge: warning: {w}", file=sys.stderr)
     print(result.summary())
+    if settings.enabled:
+        print(pushed.summary())
     return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import logging
+
+    from .watch import Watcher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s streammerge: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpx2", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = _push_settings(args)
+    _warn_trust_pickle(args)
+    options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
+                   buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
+                   optimizer_format=args.optimizer_format, model_name=args.model_name)
+    if settings.enabled:
+        options.update(_push_options(args))
+    watcher = Watcher(args.run_dir, push=settings.enabled, repo_id=settings.repo_id,
+                      organization=settings.organization, private=settings.private, revision=args.revision,
+                      revision_per_step=args.revision_per_step, only_latest=args.only_latest, out_root=args.out_root,
+                      state_file=args.state_file, **options)
+    results = watcher.run(interval=args.interval, once=args.once)
+    return PUSH_FAILED if any(not r.ok for r in results) else 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .distributed import launched_by_torchrun, merge_torchrun
+    from .errors import OutputError
+    from .pipeline import merge
+
+    torchrun = launched_by_torchrun()
+    if args.push or args.config:
+        if torchrun:
+            raise OutputError("--push is not supported under torchrun: merge with torchrun, then push the folder "
+                              "from one process")
+        return cmd_push(args)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    _warn_trust_pickle(args)
+    result = (merge_torchrun if torchrun else merge)(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                   workers=args.workers, buffer_size=args.buffer_size, optimizer=not args.no_optimizer,
+                   trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress,
+                   optimizer_format=args.optimizer_format)
+    for w in result.warnings:
+        print(f"streammerge: warning: {w}", file=sys.stderr)
+    print(result.summary())
+    if args.verify and (not torchrun or os.environ.get("RANK") == "0"):  # one rank checks the whole folder
+        from .verify import verify
+
+        report = verify(result.out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
+        print(report.summary())
+        return 0 if report.ok else 1
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    _warn_trust_pickle(args)
+    report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _warn_trust_pickle(args: argparse.Namespace) -> None:
+    """--trust-pickle is per run and never silent: say it once, loudly, before any file is opened."""
+    if getattr(args, "trust_pickle", False):
+        import warnings
+
+        warnings.filterwarnings("ignore", message="loading .* with weights_only=False")  # the line below says it once
+        print("streammerge: warning: --trust-pickle: rank files are unpickled with weights_only=False; "
+              "any code pickled in them will run. Use it only for files you made yourself.", file=sys.stderr)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .pipeline import plan
     from .plan import plan_to_json
 
+    _warn_trust_pickle(args)
     p = plan(args.checkpoint, dtype=args.dtype, max_shard_size=args.max_shard_size, trust_pickle=args.trust_pickle)
     if args.json:
         print(json.dumps(plan_to_json(p), indent=1))
@@ -75,12 +219,40 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                     "Hugging Face model folder, streaming in constant memory.", epilog=HELP,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         _merge_args(p)
+        _push_args(p)
+    elif command == "watch":
+        p = argparse.ArgumentParser(prog="streammerge watch", description="Follow a training run's "
+                                    "latest_checkpointed_iteration.txt; merge (and with --push, push) each new "
+                                    "checkpoint once all its rank files are there and no longer growing.")
+        p.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's checkpoint folder (holds global_step_N/)")
+        _plan_args(p)
+        _write_args(p)
+        _push_args(p)
+        p.add_argument("--revision-per-step", action="store_true", help="push step N to branch step-N")
+        p.add_argument("--only-latest", action="store_true",
+                       help="only the step latest_checkpointed_iteration.txt names; skip older unpushed steps")
+        p.add_argument("--once", action="store_true", help="process what is there now, then exit")
+        p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
+                       help="seconds between looks (default 60); with --once the two looks are at most 5 s apart")
+        p.add_argument("--out-root", metavar="DIR",
+                       help="merge step N into DIR/global_step_N (default: RUN_DIR/global_step_N/actor-hf)")
+        p.add_argument("--state-file", metavar="FILE",
+                       help="where pushed steps are recorded (default RUN_DIR/.streammerge-watch.json)")
     elif command == "inspect":
         p = argparse.ArgumentParser(prog="streammerge inspect", description="Print the merge plan; writes nothing.")
         p.add_argument("checkpoint", metavar="CKPT_DIR")
         _plan_args(p)
         p.add_argument("--all", action="store_true", help="list every tensor (default: the first 60)")
         p.add_argument("--json", action="store_true", help="machine-readable plan")
+    elif command == "verify":
+        p = argparse.ArgumentParser(prog="streammerge verify",
+                                    description="Check a merged folder: headers, coverage, sha256 against the manifest, "
+                                                "index; given the checkpoint, every tensor against its source pieces. "
+                                                "Exit code 0 only when everything holds.")
+        p.add_argument("out_dir", metavar="OUT_DIR")
+        p.add_argument("checkpoint", metavar="CKPT_DIR", nargs="?", default=None)
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="DANGEROUS: load rank files with weights_only=False")
     elif command == "demo":
         p = argparse.ArgumentParser(prog="streammerge demo",
                                     description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")
@@ -91,7 +263,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS.update({"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo})
+COMMANDS.update({"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "verify": cmd_verify,
+                 "watch": cmd_watch})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command != "merge" or (argv and argv[0] == "merge"):
         argv = argv[1:]
     args = build_parser(command).parse_args(argv)
+    previous = _sigterm_as_interrupt()
     try:
         return COMMANDS[command](args)
     except StreammergeError as e:
@@ -119,6 +293,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"streammerge: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"streammerge: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 3
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt():
+    """A job scheduler's SIGTERM stops as cleanly as Ctrl-C (temp files removed, resumable)."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ read, whatever the file size, and every storage carries its byte offset inside t
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import warnings
@@ -35,7 +36,7 @@ class TensorRecord:
     local_stride: tuple[int, ...]
     offset: int  # byte offset in the file of the local tensor's first element
     placements: tuple[str, ...] | None  # None: a plain tensor (a full copy)
-    mesh_shape: tuple[int, ...] | None = None
+    mesh_shape: tuple[int, ...] | None = None  # None: unknown, inferred from all ranks' coordinates
     coordinate: tuple[int, ...] | None = None
 
 
@@ -56,6 +57,7 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
             f"loading {path} with weights_only=False: any code pickled in this file will run",
             stacklevel=2,
         )
+    check_zip(path)
     import torch.distributed.tensor  # noqa: F401  (registers DTensor & placements with the weights-only unpickler)
 
     try:
@@ -65,6 +67,8 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        # torch's own hint (allowlist the global) is the opposite of what a stranger's file deserves
+        detail = detail.split(" Please use")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
         raise UnsafePickleError(
             f"{path}: refused to load: the pickle asks for something outside torch's weights-only "
             f"allowlist ({detail.strip()[:200]}). Unpickling it could run arbitrary code. Only if you "
@@ -73,6 +77,36 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: truncated or corrupted rank file ({msg[:200]})") from None
+    except Exception as e:  # a damaged pickle can fail anywhere inside the unpickler
+        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def check_zip(path: Path) -> None:
+    """Name truncation and corruption before torch reads a rank file.
+
+    torch.save writes a zip whose directory sits at the end, so a cut-short copy loses it first;
+    torch.load checks no CRCs, so the pickle's CRC is checked here (tensor data is checked by verify).
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            if not pickles:
+                raise CheckpointError(f"{path}: not a torch checkpoint (a zip file without data.pkl)")
+            packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise UnsupportedLayoutError(f"{path}: compressed zip entries ({packed[0]}, ...) are not supported; "
+                                             "re-save the file with torch.save")
+            if pickles[0].CRC != 0:  # 0: saved with torch.serialization.set_crc32_options(False)
+                z.read(pickles[0])
+    except zipfile.BadZipFile as e:
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f"{path}: truncated or corrupted rank file ({size} bytes; {str(e)[:120]}); "
+            "copy it again from the node that saved it"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 class _quiet:
@@ -101,35 +135,51 @@ def _placement_name(p: Any) -> str:
     raise UnsupportedLayoutError(f"placement {p!r} is not supported (only Shard(d) and Replicate())")
 
 
-def _mesh_layout(dt: Any, rank: int, world_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _layout_shape(layout: Any) -> tuple[int, ...] | None:
+    """Mesh shape from a pickled _MeshLayout: torch 2.11 keeps `shape`, 2.13 keeps one `axes` entry per dim."""
+    state = getattr(layout, "__dict__", {})
+    if isinstance(state.get("shape"), tuple):
+        return tuple(int(s) for s in state["shape"])
+    axes = state.get("axes")
+    if isinstance(axes, tuple):
+        sizes = []
+        for axis in axes:
+            shape = getattr(axis, "__dict__", {}).get("shape")
+            if not isinstance(shape, tuple):
+                return None
+            sizes.append(math.prod(int(s) for s in shape))
+        return tuple(sizes)
+    return None
+
+
+def _mesh_layout(dt: Any, rank: int, world_size: int) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
     """Mesh shape and this rank's coordinate, read from pickled attributes only.
 
     DeviceMesh methods break on meshes pickled by another torch version, so only plain attributes
-    are read; a 1-D mesh needs nothing at all.
+    are read. Either may come back None: the planner then infers the mesh shape from the
+    coordinates of all ranks, and a 1-D mesh needs nothing at all.
     """
     ndim = len(dt.placements)
-    mesh = dt.device_mesh
-    state = getattr(mesh, "__dict__", {})
-    from .metapickle import layout_shape
-
-    shape = layout_shape(state.get("_layout"))
+    state = getattr(dt.device_mesh, "__dict__", {})
+    shape = _layout_shape(state["_layout"]) if "_layout" in state else None
     coord = state.get("_coordinate_on_dim")
-    if shape is None:
-        m = state.get("mesh")
-        if isinstance(m, torch.Tensor) and m.device.type != "meta":
-            shape = tuple(m.shape)
-            hits = (m == rank).nonzero()
-            coord = tuple(int(c) for c in hits[0]) if len(hits) else None
+    m = state.get("mesh")
+    if shape is None and isinstance(m, torch.Tensor) and m.device.type != "meta":
+        shape = tuple(m.shape)
+        hits = (m == rank).nonzero()
+        coord = tuple(int(c) for c in hits[0]) if len(hits) else coord
     if shape is None and ndim == 1:
         shape = (world_size,)
-    if shape is None or len(shape) != ndim:
-        raise UnsupportedLayoutError(f"cannot read the {ndim}-D device mesh layout of this torch version")
-    if coord is None:
+    if shape is not None and len(shape) != ndim:
+        raise UnsupportedLayoutError(f"device mesh has {len(shape)} dims but {ndim} placements")
+    if coord is None and shape is not None:
         coord, r = [], rank  # row-major mesh over ranks 0..W-1, as init_device_mesh builds it
         for s in reversed(shape):
             coord.append(r % s)
             r //= s
         coord = tuple(reversed(coord))
+    if coord is None:
+        raise UnsupportedLayoutError(f"cannot read the {ndim}-D device mesh layout of this torch version")
     return shape, tuple(int(c) for c in coord)
 
 
@@ -147,9 +197,14 @@ def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) 
         except UnsupportedLayoutError as e:
             raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
         shape = tuple(t.shape)
+        order = getattr(getattr(t, "_spec", None), "__dict__", {}).get("shard_order")
+        if order and any(list(e[1]) != sorted(e[1]) for e in order):
+            raise UnsupportedLayoutError(f"{path}: tensor {name!r}: a non-default shard order {order} is not supported")
     else:
         local, placements, mesh_shape, coord = t, None, None, None
         shape = tuple(t.shape)
+    if local.layout != torch.strided:
+        raise UnsupportedLayoutError(f"{path}: tensor {name!r} has layout {local.layout}; only dense tensors are supported")
     storage = local.untyped_storage()
     base = getattr(storage, "_checkpoint_offset", None)
     if base is None:
@@ -170,11 +225,12 @@ def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) 
 def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool = False) -> RankFile:
     """Read one rank file's tensor records without reading tensor data."""
     st = os.stat(path)
-    fast = None if trust_pickle else _fast_records(path, rank, world_size)
-    if fast is not None:
-        tensors, other = fast
-        return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                        tensors=_checked(tensors, path, st.st_size), other=other)
+    if not trust_pickle:
+        check_zip(path)
+        fast = _fast_records(path, rank, world_size)
+        if fast is not None:
+            return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                            tensors=_checked(fast[0], path, st.st_size), other=fast[1])
     obj = torch_load_meta(path, trust_pickle=trust_pickle)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
@@ -229,8 +285,7 @@ def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, Ten
     layouts: dict[tuple[int, int], tuple] = {}  # ids stay valid: `obj` keeps every object alive
     for name, v in obj.items():
         if not isinstance(name, str):
-            other[name] = v
-            continue
+            return None
         if isinstance(v, mp.Local):
             local, placements, mesh_shape, coord, shape, dtype = v, None, None, None, v.shape, v.dtype
         elif isinstance(v, mp.Wrapper):
@@ -241,18 +296,20 @@ def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, Ten
                 placements = tuple(mp.placement_name(p) for p in spec.placements)
                 key = (id(spec.mesh), len(placements))  # one mesh object per file, shared by every DTensor
                 if key not in layouts:
-                    layouts[key] = mp.mesh_layout(spec.mesh, len(placements), rank, world_size)
+                    layouts[key] = _mesh_layout(mp.MeshView(spec), rank, world_size)
                 mesh_shape, coord = layouts[key]
+                order = [getattr(e, "args", e) for e in spec.__dict__.get("shard_order") or ()]
+                if order and any(list(e[1]) != sorted(e[1]) for e in order):
+                    raise UnsupportedLayoutError(f"a non-default shard order {order} is not supported")
             except UnsupportedLayoutError as e:
                 raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
-            except AttributeError:
+            except (mp.NotPlain, AttributeError, IndexError, TypeError, KeyError):
                 return None
             shape, dtype = v.shape, v.dtype
             if local.dtype != dtype:
                 return None
-        else:
-            other[name] = v
-            continue
+        else:  # nested state (optimizer files) and other objects: torch.load gives callers real tensors
+            return None
         if local.storage.key not in offsets:
             return None
         same = shared.setdefault  # one tuple object per distinct value: 50,000 records share a few dozen

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict
 from pathlib import Path
 
 from .errors import OutputError
-from .write import OutputFile
+from .write import OutputFile, output_error
 
 STATE_DIR = ".streammerge"
 MANIFEST = "manifest.json"
@@ -54,19 +55,34 @@ class Manifest:
                 p.unlink(missing_ok=True)
 
     def finished(self, out_dir: Path, filename: str) -> OutputFile | None:
-        """A file counts as finished when the manifest lists it and it is still there at its size."""
+        """A file counts as finished when the manifest lists it and it is still there, unchanged.
+
+        Size and mtime as recorded mean untouched since written and checked; otherwise the file is
+        re-hashed and kept only if its sha256 still matches.
+        """
         entry = self.data["files"].get(filename)
         if entry is None:
             return None
+        path = out_dir / filename
         try:
-            if os.path.getsize(out_dir / filename) != entry["size"]:
+            st = os.stat(path)
+            if st.st_size != entry["size"]:
                 return None
+            if st.st_mtime_ns != entry.get("mtime_ns"):
+                if sha256_file(path) != entry["sha256"]:
+                    return None
+                entry["mtime_ns"] = st.st_mtime_ns
         except OSError:
             return None
         return OutputFile(filename, entry["size"], entry["sha256"])
 
     def add(self, f: OutputFile) -> None:
-        self.data["files"][f.filename] = {k: v for k, v in asdict(f).items() if k != "filename"}
+        entry = {k: v for k, v in asdict(f).items() if k != "filename"}
+        try:
+            entry["mtime_ns"] = os.stat(self.path.parent.parent / f.filename).st_mtime_ns
+        except OSError:
+            pass
+        self.data["files"][f.filename] = entry
         self.save()
 
     def complete(self) -> None:
@@ -74,7 +90,25 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(self.data, indent=1))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise output_error(e, self.path) from None
+
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    """sha256 of a file, read in bounded chunks."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()

@@ -241,54 +241,19 @@ def _storage_keys(obj: Any) -> set[str]:
 
 
 def placement_name(p: Any) -> str:
-    """The same names load.py gives torch's placements."""
-    from .errors import UnsupportedLayoutError
-
+    """The names load.py gives torch's placements; anything else goes to torch.load, which explains it."""
     if type(p) is Shard:
         return f"Shard({p.dim})"
     if type(p) is Replicate:
         return "Replicate()"
-    if type(p) is Partial:
-        raise UnsupportedLayoutError(f"Partial placement ({getattr(p, 'reduce_op', '?')}) holds unreduced values "
-                                     "that cannot be merged")
-    raise UnsupportedLayoutError(f"placement {type(p).__name__} is not supported (only Shard(d) and Replicate())")
+    raise NotPlain(f"placement {type(p).__name__}")
 
 
-def layout_shape(layout: Any) -> tuple[int, ...] | None:
-    """A pickled _MeshLayout's mesh shape: `shape` (torch 2.10-2.12), or one size per `axes` entry (2.13)."""
-    state = getattr(layout, "__dict__", {})
-    if isinstance(state.get("shape"), tuple):
-        return tuple(int(s) for s in state["shape"])
-    axes = state.get("axes")
-    if isinstance(axes, tuple) and axes:
-        sizes = []
-        for axis in axes:
-            ax_shape = getattr(axis, "__dict__", {}).get("shape")
-            if not isinstance(ax_shape, tuple):
-                return None
-            n = 1
-            for s in ax_shape:
-                n *= int(s)
-            sizes.append(n)
-        return tuple(sizes)
-    return None
+class MeshView:
+    """What load._mesh_layout reads from a DTensor (`placements`, `device_mesh`), for an unpickled spec."""
 
+    __slots__ = ("placements", "device_mesh")
 
-def mesh_layout(mesh: Any, ndim: int, rank: int, world_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Mesh shape and this rank's coordinate from the pickled attributes (as load._mesh_layout does)."""
-    from .errors import UnsupportedLayoutError
+    def __init__(self, spec: DTensorSpec):
+        self.placements, self.device_mesh = spec.placements, spec.mesh
 
-    state = getattr(mesh, "__dict__", {})
-    shape = layout_shape(state.get("_layout"))
-    coord = state.get("_coordinate_on_dim")
-    if shape is None and ndim == 1:
-        shape = (world_size,)
-    if shape is None or len(shape) != ndim:
-        raise UnsupportedLayoutError(f"cannot read the {ndim}-D device mesh layout of this torch version")
-    if coord is None:
-        coord, r = [], rank
-        for s in reversed(shape):
-            coord.append(r % s)
-            r //= s
-        coord = tuple(reversed(coord))
-    return shape, tuple(int(c) for c in coord)

@@ -21,7 +21,7 @@ from .load import RankFile, load_rank_file
 from .manifest import STATE_DIR, Manifest
 from .model_folder import carried_files, config_bytes, read_config
 from .plan import MAX_SHARD_SIZE, Plan, build_plan, parse_size, resolve_dtype
-from .write import DEFAULT_BUFFER_SIZE, FileWriter, OutputFile, tmp_path
+from .write import DEFAULT_BUFFER_SIZE, TMP_SUFFIX, FileWriter, OutputFile, output_error, tmp_path
 
 FileCallback = Callable[[OutputFile, Path], None]
 
@@ -39,9 +39,11 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        from .plan import _fmt_bytes
+
         mbps = self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
         reused = f", {len(self.reused)} files reused from an earlier run" if self.reused else ""
-        return (f"wrote {self.bytes_written / 1e9:.3f} GB in {len(self.files)} files to {self.out_dir} "
+        return (f"wrote {_fmt_bytes(self.bytes_written)} in {len(self.files)} files to {self.out_dir} "
                 f"in {self.seconds:.2f} s ({mbps:.0f} MB/s), peak RSS {self.peak_rss / 2**20:.0f} MiB{reused}")
 
 
@@ -90,7 +92,8 @@ def _check_out_dir(out_dir: Path, ck: Checkpoint, fingerprint: str) -> dict | No
         raise OutputError(f"{out_dir}: exists and is not a folder")
     previous = Manifest.read(out_dir)
     if previous is None:
-        if any(out_dir.iterdir()):
+        # a run killed before its first manifest leaves only our state folder and temp files
+        if any(p.name != STATE_DIR and not p.name.endswith(TMP_SUFFIX) for p in out_dir.iterdir()):
             raise OutputError(f"{out_dir}: folder is not empty and is not a streammerge output; "
                               "choose an empty or new folder (nothing was changed)")
         return None
@@ -100,11 +103,12 @@ def _check_out_dir(out_dir: Path, ck: Checkpoint, fingerprint: str) -> dict | No
     return previous
 
 
-def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch.dtype | None = "auto",
+def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype: str | torch.dtype | None = "auto",
           max_shard_size: int | str = MAX_SHARD_SIZE, workers: int | None = None,
           buffer_size: int | str = DEFAULT_BUFFER_SIZE, optimizer: bool = True, trust_pickle: bool = False,
           drop_cache: bool = True, progress: bool = False, on_file_done: FileCallback | None = None,
-          num_parts: int = 1, part: int = 0, sync: Callable[[], None] | None = None) -> MergeResult:
+          num_parts: int = 1, part: int = 0, optimizer_format: str = "safetensors",
+          sync: Callable[[], None] | None = None) -> MergeResult:
     """Merge an FSDP checkpoint into a Hugging Face folder, streaming in bounded memory.
 
     Re-running after an interruption reuses the files already finished. `on_file_done` is called
@@ -115,7 +119,7 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
     """
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
-    ck = find_checkpoint(checkpoint_dir)
+    ck = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else find_checkpoint(checkpoint_dir)
     config = read_config(ck.hf_dir)
     out_dtype = resolve_dtype(dtype, config)
     weights = plan(ck, dtype=out_dtype if out_dtype is not None else "keep", max_shard_size=max_shard_size,
@@ -126,7 +130,7 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
         from .optimizer import plan_optimizer  # optional stage: only when optimizer files exist
 
         opt_plan, opt_warnings = plan_optimizer(ck, weights, max_shard_size=parse_size(max_shard_size),
-                                                trust_pickle=trust_pickle)
+                                                trust_pickle=trust_pickle, fmt=optimizer_format)
         warnings += opt_warnings
         if opt_plan is not None:
             plans.append(opt_plan)
@@ -134,14 +138,27 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
         warnings.append(f"optimizer not exported: optim rank files missing for ranks {list(ck.missing_optim_ranks)}")
 
     options = {"dtype": str(out_dtype), "max_shard_size": parse_size(max_shard_size), "optimizer": len(plans) > 1}
-    fingerprint = hashlib.sha256("".join(p.fingerprint() for p in plans).encode() + repr(options).encode()).hexdigest()
+    fingerprint = merge_fingerprint(plans, options)
     if sync is not None and part != 0:
         sync()  # part 0 checks and sets up the folder first
     previous = _check_out_dir(out, ck, fingerprint)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     manifest = Manifest(out, fingerprint, str(ck.path), options, part=part)
     manifest.adopt(previous)
+    ours = [f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename for p in plans for fp in p.split(num_parts, part)]
+    finished = {rel: manifest.finished(out, rel) for rel in ours}
+    if part == 0 and None in finished.values():  # an index means "complete": drop it until every file is back
+        for p in plans:
+            rel = f"{p.subdir}/{p.index_filename}" if p.subdir else p.index_filename
+            if p.index_filename and manifest.data["files"].pop(rel, None) is not None:
+                (out / rel).unlink(missing_ok=True)
     manifest.save()
+    if part == 0:
+        ours += [rel for rel, _ in _small_files(ck, plans, out_dtype, config, contents=False)]
+    _remove_temp_files(out, ours, own_manifest=part == 0)  # left by a killed run
     if sync is not None and part == 0:
         sync()
 
@@ -162,63 +179,99 @@ def merge(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
             for p in plans:
                 for fp in p.split(num_parts, part):
                     rel = f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename
-                    prior = manifest.finished(out, rel)
+                    prior = finished[rel]
                     if prior is not None:
                         reused.append(rel)
                         if bar:
                             bar.update(prior.size)
                         done(prior)
                         continue
-                    f = writer.write(p, fp, out / rel)
+                    if fp.filename.endswith(".pt"):  # --optimizer-format torch
+                        from .torch_format import write_torch_file
+
+                        f = write_torch_file(p, fp, out / rel, writer)
+                    else:
+                        f = writer.write(p, fp, out / rel)
                     written += f.size
                     manifest.add(f)
                     done(f)
+        if sync is not None:
+            sync()  # every part has written its files
+        if part == 0:
+            manifest.gather_parts()
+            smalls = list(_small_files(ck, plans, out_dtype, config))
+            indexes = {f"{p.subdir}/{p.index_filename}" if p.subdir else p.index_filename
+                       for p in plans if p.index_filename}
+            for rel, data in smalls:
+                if rel not in indexes:
+                    f = _write_small(out, rel, data)
+                    manifest.add(f)
+                    done(f)
+            # an index says "complete": it appears only once the manifest says so
+            staged = [_write_small(out, rel, data, rename=False) for rel, data in smalls if rel in indexes]
+            for f in staged:
+                manifest.add(f)
+            manifest.complete()
+            for f in staged:
+                os.replace(tmp_path(out / f.filename), out / f.filename)
+                done(f)
+    except BaseException:  # Ctrl-C, a full disk...: leave finished files and the manifest, no temp files
+        _remove_temp_files(out, ours, own_manifest=part == 0)
+        raise
     finally:
         if bar:
             bar.close()
-    if sync is not None:
-        sync()  # every part has written its files
-    if part == 0:
-        manifest.gather_parts()
-        for rel, data in _small_files(ck, plans, out_dtype, config):
-            f = _write_small(out, rel, data)
-            manifest.add(f)
-            done(f)
-        manifest.complete()
     return MergeResult(out, files, plans, written, sum(f.size for f in files), time.perf_counter() - t0,
                        peak_rss(), reused, warnings)
 
 
-def _small_files(ck: Checkpoint, plans: list[Plan], dtype: torch.dtype | None, config: dict | None):
+def _small_files(ck: Checkpoint, plans: list[Plan], dtype: torch.dtype | None, config: dict | None,
+                 contents: bool = True):
     """Config, tokenizer and other carried files, then the indexes: the index is always written last."""
     import json
 
     if ck.hf_dir is not None:
         for src in carried_files(ck.hf_dir):
             rel = src.relative_to(ck.hf_dir).as_posix()
-            if rel == "config.json" and config is not None:
+            if not contents:
+                yield rel, b""
+            elif rel == "config.json" and config is not None:
                 yield rel, config_bytes(config, dtype)
             else:
                 yield rel, src.read_bytes()
     for p in plans:
         if p.index_filename:
             rel = f"{p.subdir}/{p.index_filename}" if p.subdir else p.index_filename
-            yield rel, (json.dumps(p.index_json(), indent=2) + "\n").encode()
+            yield rel, (json.dumps(p.index_json(), indent=2) + "\n").encode() if contents else b""
 
 
-def _write_small(out: Path, rel: str, data: bytes) -> OutputFile:
+def merge_fingerprint(plans: Sequence[Plan], options: dict) -> str:
+    """Identifies a merge (plans and options): a resumed run must match it, and verify checks it."""
+    return hashlib.sha256("".join(p.fingerprint() for p in plans).encode() + repr(options).encode()).hexdigest()
+
+
+def _remove_temp_files(out: Path, rels: Sequence[str], own_manifest: bool = True) -> None:
+    """Remove the temp files this run may have left (only our own names; never a user's file)."""
+    for rel in rels:
+        tmp_path(out / rel).unlink(missing_ok=True)
+    if own_manifest:  # torchrun ranks > 0 keep their own part manifests; manifest.tmp is rank 0's
+        (out / STATE_DIR / "manifest.tmp").unlink(missing_ok=True)
+
+
+def _write_small(out: Path, rel: str, data: bytes, rename: bool = True) -> OutputFile:
     path = out / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if rename:
+            os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: write failed ({e.strerror or e})") from None
+        raise output_error(e, path) from None
     return OutputFile(rel, len(data), hashlib.sha256(data).hexdigest())
 
 

@@ -9,7 +9,6 @@ writer only executes it.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -195,12 +194,12 @@ def chunk_bounds(length: int, parts: int, index: int) -> tuple[int, int]:
     return min(index * size, length), min((index + 1) * size, length)
 
 
-def region_of(record: TensorRecord) -> tuple[tuple[int, int], ...]:
+def region_of(record: TensorRecord, mesh_shape: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
     """The box of the full tensor a rank's local tensor holds, from placements and mesh coordinate."""
     box = [(0, s) for s in record.shape]
     if record.placements is None:
         return tuple(box)
-    for placement, size, coord in zip(record.placements, record.mesh_shape, record.coordinate):
+    for placement, size, coord in zip(record.placements, mesh_shape or record.mesh_shape, record.coordinate):
         if placement.startswith("Shard("):
             d = int(placement[6:-1])
             if d < 0:
@@ -223,7 +222,7 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
     same = (shared if shared is not None else {}).setdefault
     first = records[0]
     for rec, rf in zip(records, files):
-        for attr in ("shape", "dtype", "placements", "mesh_shape"):
+        for attr in ("shape", "dtype", "placements", "mesh_shape") if first.mesh_shape else ("shape", "dtype", "placements"):
             if getattr(rec, attr) != getattr(first, attr):
                 raise CheckpointError(
                     f"{rf.path}: tensor {name!r} has {attr} {getattr(rec, attr)} but rank {files[0].rank} "
@@ -233,9 +232,10 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
         if first.local_shape != first.shape:
             raise CheckpointError(f"{files[0].path}: plain tensor {name!r} has shape {first.local_shape}, expected {first.shape}")
         return first, (Piece(files[0].rank, str(files[0].path), first.offset, first.shape, first.local_stride, (0,) * len(first.shape)),)
+    mesh_shape = first.mesh_shape or tuple(max(c) + 1 for c in zip(*(r.coordinate for r in records)))
     seen: dict[tuple, Piece] = {}
     for rec, rf in zip(records, files):
-        box = region_of(rec)
+        box = region_of(rec, mesh_shape)
         want = tuple(hi - lo for lo, hi in box)
         if rec.local_shape != want:
             raise CheckpointError(
@@ -249,6 +249,14 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
         seen[box] = Piece(rf.rank, same(path, path), rec.offset, rec.local_shape, rec.local_stride, same(start, start))
     covered = sum(math.prod(p.shape) for p in seen.values())
     if covered != math.prod(first.shape):
+        by_coord: dict[tuple, RankFile] = {}
+        for rec, rf in zip(records, files):
+            if rec.coordinate in by_coord:
+                raise CheckpointError(
+                    f"{rf.path}: holds the same mesh coordinate {rec.coordinate} as {by_coord[rec.coordinate].path.name} "
+                    "(a copy of another rank's file, or from another run?)"
+                )
+            by_coord[rec.coordinate] = rf
         raise CheckpointError(
             f"{files[0].path.parent}: tensor {name!r}: the rank pieces cover {covered} of "
             f"{math.prod(first.shape)} elements (a mesh coordinate is missing or repeated)"

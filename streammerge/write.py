@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import OutputError, VerifyError
-from .plan import FilePlan, Piece, Plan, TensorPlan
+from .plan import FilePlan, Plan, TensorPlan
 
 DEFAULT_BUFFER_SIZE = 64 * 2**20
 TMP_SUFFIX = ".streammerge-tmp"
@@ -290,21 +290,18 @@ class FileWriter:
     def write(self, plan: Plan, fp: FilePlan, path: Path) -> OutputFile:
         """Write one file atomically: temp name, fill, verify with the Rust reader, rename."""
         tmp = tmp_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
-            raise OutputError(f"{tmp}: cannot create ({e.strerror})") from None
+            raise output_error(e, path) from None
         try:
             digest = self._fill(plan, fp, fd, tmp)
             os.fsync(fd)
         except OSError as e:
             os.close(fd)
             tmp.unlink(missing_ok=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise OutputError(f"{path.parent}: no space left writing {path.name} "
-                                  f"({fp.size / 1e9:.2f} GB needed); free space and rerun to resume") from None
-            raise OutputError(f"{path}: write failed ({e.strerror or e})") from None
+            raise output_error(e, path, fp.size) from None
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -364,6 +361,22 @@ class FileWriter:
         while done < n:
             done += os.pwrite(fd, view[done:], offset + done)
         return n, offset
+
+
+def output_error(e: OSError, path: Path, size: int | None = None) -> OutputError:
+    """One line a user can act on for a failed write; finished files are kept and the merge resumes."""
+    resume = "rerun the same command to resume (finished files are kept)"
+    need = f" ({size / 1e6:,.1f} MB needed)" if size else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        return OutputError(f"{path.parent}: {what} writing {path.name}{need}; free space and {resume}")
+    if e.errno == errno.EFBIG:
+        big = f"{size / 1e6:,.1f} MB" if size else "the file"
+        return OutputError(f"{path}: {big} exceeds the file-size limit (ulimit -f) or this file system's largest "
+                           f"file; raise the limit and {resume}, or use a smaller --max-shard-size with a new OUT_DIR")
+    cause = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+             errno.EPERM: "permission denied"}.get(e.errno, f"write failed ({e.strerror or e})")
+    return OutputError(f"{path}: {cause}; fix this and {resume}")
 
 
 def check_with_rust_reader(path: Path, plan: Plan, fp: FilePlan) -> None:

@@ -1,0 +1,428 @@
+"""Publish: merge a checkpoint and push it to the Hub at the same time, plus the seed workflow's API.
+
+Each output file starts uploading as soon as the merge has finished and verified it, while the
+merge writes the next one, so a push takes about as long as the longer of the two, not their sum
+(:func:`merge_and_push`). The repo is made, and the token checked, before the merge starts. The
+commits come last: data files first, then index, config and model card (see :mod:`streammerge.hub`).
+
+Re-running the same call after an interruption is cheap: the merge re-uses the files its manifest
+lists and the Hub is not sent what it already has.
+
+For users of the training-time uploader this project grew from, the same names work unchanged:
+an ``hf_upload:`` block in a YAML training config (:func:`load_push_config`),
+:func:`upload_checkpoint_to_hf` and :class:`HuggingFaceUploader`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .discover import Checkpoint, find_checkpoint
+from .errors import CheckpointError, StreammergeError
+from .hub import HubPusher, PushError, RetryPolicy, make_model_card
+from .model_folder import read_config
+from .optimizer import optimizer_save_mode_enabled
+from .pipeline import MergeResult, merge
+
+logger = logging.getLogger(__name__)
+
+CONFIG_BLOCK = "hf_upload"
+CONFIG_KEYS = ("enabled", "repo_id", "organization", "private", "optimizer_save_mode")
+DEFAULT_OUT_SUFFIX = "-hf"
+# What a model name contributes to the merged folder: config, generation config, tokenizer, remote code.
+MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                       "added_tokens.json", "vocab*", "merges.txt", "chat_template*", "*.tiktoken",
+                       "spiece.model", "*.py")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ConfigError(StreammergeError):
+    """A push setting is missing or wrong (the YAML block, a flag, the model name)."""
+
+
+# ---- settings: the hf_upload block and the flags that override it ------------------------------
+@dataclass
+class PushConfig:
+    """The seed workflow's ``hf_upload:`` block; CLI flags and arguments override its fields."""
+
+    enabled: bool = False
+    repo_id: str | None = None
+    organization: str | None = None
+    private: bool = False
+    optimizer_save_mode: str | None = "full"
+
+    @property
+    def optimizer(self) -> bool:
+        return self.optimizer_save_mode is not None
+
+    def override(self, **flags: Any) -> "PushConfig":
+        """A copy with every flag that is not None applied (a CLI flag beats the file)."""
+        changes = {k: v for k, v in flags.items() if v is not None}
+        if "optimizer_save_mode" in changes:
+            changes["optimizer_save_mode"] = optimizer_mode(changes["optimizer_save_mode"])
+        return dataclasses.replace(self, **changes)
+
+
+def optimizer_mode(value: Any) -> str | None:
+    """``"full"`` or None; also accepts the seed CLI's ``"none"`` and YAML's ``false``."""
+    try:
+        return "full" if optimizer_save_mode_enabled(value) else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def find_config_block(data: Any, key: str = CONFIG_BLOCK) -> dict | None:
+    """The ``key:`` mapping anywhere in a parsed YAML document (top level or nested), or None.
+
+    Training configs nest it differently (``hf_upload:`` at the top, or ``trainer.hf_upload:``);
+    two different blocks in one file are refused rather than guessed between.
+    """
+    found: list[tuple[str, Any]] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                path = f"{where}.{k}" if where else str(k)
+                if k == key:
+                    found.append((path, v))
+                else:
+                    walk(v, path)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(data, "")
+    blocks = [(p, v) for p, v in found if v is not None]
+    if not blocks:
+        return {} if found else None
+    if any(v != blocks[0][1] for _, v in blocks[1:]):
+        raise ConfigError(f"several different {key}: blocks ({', '.join(p for p, _ in blocks)}); keep one")
+    path, block = blocks[0]
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{path} must be a mapping of {', '.join(CONFIG_KEYS)}")
+    return dict(block)
+
+
+def load_push_config(path: str | os.PathLike) -> PushConfig:
+    """Read the ``hf_upload:`` block of a YAML file (a whole training config is fine)."""
+    import yaml
+
+    path = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    block = find_config_block(data)
+    if block is None:
+        raise ConfigError(f"{path}: no {CONFIG_BLOCK}: block found")
+    unknown = sorted(set(block) - set(CONFIG_KEYS))
+    if unknown:
+        logger.warning("%s: ignoring unknown %s keys %s (known: %s)", path, CONFIG_BLOCK, unknown,
+                       ", ".join(CONFIG_KEYS))
+    for k in ("repo_id", "organization"):
+        v = block.get(k)
+        if isinstance(v, str) and "${" in v:
+            raise ConfigError(f"{path}: {CONFIG_BLOCK}.{k} is {v!r}, an interpolation streammerge cannot resolve; "
+                              f"pass --{k.replace('_', '-')} instead")
+    config = PushConfig(enabled=bool(block.get("enabled", False)), repo_id=block.get("repo_id") or None,
+                        organization=block.get("organization") or None, private=bool(block.get("private", False)))
+    if "optimizer_save_mode" in block:
+        config.optimizer_save_mode = optimizer_mode(block["optimizer_save_mode"])
+    return config
+
+
+def push_settings(config_file: str | os.PathLike | None = None, *, push: bool | None = None,
+                  repo_id: str | None = None, organization: str | None = None, private: bool | None = None,
+                  optimizer_save_mode: str | None = None) -> PushConfig:
+    """The ``hf_upload:`` block of ``config_file`` (if any) with every given flag applied on top."""
+    base = load_push_config(config_file) if config_file else PushConfig()
+    config = base.override(enabled=push, repo_id=repo_id, organization=organization, private=private,
+                           optimizer_save_mode=optimizer_save_mode)
+    if config.enabled and not config.repo_id:
+        raise ConfigError("pushing needs a repo: give --repo-id NAME (or hf_upload.repo_id in the config file)")
+    return config
+
+
+# ---- where things come from and go -----------------------------------------------------------
+def default_out_dir(ck: Checkpoint) -> Path:
+    """``<actor folder>-hf`` next to the actor folder: e.g. ``global_step_500/actor-hf``.
+
+    Outside the checkpoint's own folder, on the file system that already holds the checkpoint (so
+    it has room), found again by a re-run (so it resumes), and removed with the step folder when
+    the trainer rotates old checkpoints out.
+    """
+    return ck.path.parent / (ck.path.name + DEFAULT_OUT_SUFFIX)
+
+
+def resolve_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
+    """The checkpoint at ``checkpoint_dir``; with ``step``, its ``global_step_{step}`` when it is a run folder."""
+    path = Path(checkpoint_dir).expanduser()
+    if step is not None and (path / f"global_step_{int(step)}").is_dir():
+        path = path / f"global_step_{int(step)}"
+    ck = find_checkpoint(path)
+    if step is not None and ck.step is not None and ck.step != int(step):
+        raise CheckpointError(f"{ck.path} is the checkpoint of step {ck.step}, not of step {step}; "
+                              "give the run folder or the matching global_step folder")
+    if step is not None and ck.step is None:
+        ck = dataclasses.replace(ck, step=int(step))
+    return ck
+
+
+def model_files(model_name: str, dest: Path, *, token: str | None = None, endpoint: str | None = None) -> Path:
+    """Copy the config and tokenizer files of ``model_name`` (a local folder or a Hub model) into ``dest``.
+
+    A local folder is read as is (offline). A Hub name is fetched with huggingface_hub, limited to
+    :data:`MODEL_FILE_PATTERNS`: never the weights.
+    """
+    local = Path(model_name).expanduser()
+    if local.is_dir():
+        src = local
+    elif not _HUB_ID.match(model_name) or model_name.startswith((".", "~")):
+        raise ConfigError(f"model_name {model_name!r}: no such folder")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            src = Path(snapshot_download(model_name, allow_patterns=list(MODEL_FILE_PATTERNS), token=token,
+                                         endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None))
+        except Exception as e:  # offline, not found, no access: all mean "give a local folder"
+            raise ConfigError(f"model_name {model_name!r}: not a local folder, and its config and tokenizer could "
+                              f"not be fetched from the Hub ({_first_line(e)})") from None
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.iterdir()):
+        if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS):
+            shutil.copyfile(p, dest / p.name)
+    if not (dest / "config.json").is_file():
+        raise ConfigError(f"model_name {model_name!r}: no config.json in {src}")
+    return dest
+
+
+@contextmanager
+def with_model_files(ck: Checkpoint, model_name: str | None, *, token: str | None = None,
+                     endpoint: str | None = None) -> Iterator[Checkpoint]:
+    """``ck`` with its config and tokenizer taken from ``model_name`` (staged in a temporary folder)."""
+    if not model_name:
+        yield ck
+        return
+    with tempfile.TemporaryDirectory(prefix="streammerge-model-") as tmp:
+        yield dataclasses.replace(ck, hf_dir=model_files(model_name, Path(tmp), token=token, endpoint=endpoint))
+
+
+# ---- merge and push --------------------------------------------------------------------------
+@dataclass
+class PushResult:
+    """What a push did; ``ok`` is False (and ``error`` says why) only when failures are not raised."""
+
+    ok: bool
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_url: str | None = None
+    commit_oid: str | None = None
+    out_dir: Path | None = None
+    step: int | None = None
+    files: list[str] = field(default_factory=list)  # paths in the repo this push covered
+    unchanged: list[str] = field(default_factory=list)  # of those, what the Hub already had
+    commits: int = 0
+    merge: MergeResult | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    error_kind: str | None = None  # PushError.kind ("auth", "permission", ...) or the exception type
+    note: str | None = None
+
+    def summary(self) -> str:
+        if not self.ok:
+            return f"push failed: {self.error}"
+        if self.note:
+            return self.note
+        sent = len(self.files) - len(self.unchanged)
+        if not self.commits:
+            what = f"the Hub already had all {len(self.files)} files, nothing committed"
+        else:
+            unchanged = f" ({len(self.unchanged)} were already there)" if self.unchanged else ""
+            what = f"{sent} files committed in {self.commits} commit{'s' if self.commits != 1 else ''}{unchanged}"
+        return f"pushed to {self.repo_id} revision {self.revision} in {self.seconds:.1f} s: {what}; {self.commit_url}"
+
+
+def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os.PathLike | None, repo_id: str, *,
+                   organization: str | None = None, private: bool = False, revision: str | None = None,
+                   commit_message: str | None = None, token: str | None = None, endpoint: str | None = None,
+                   optimizer: bool = True, model_name: str | None = None, model_card: bool = True,
+                   max_files_per_commit: int = 50, upload_workers: int = 2, retry: RetryPolicy | None = None,
+                   **merge_options: Any) -> PushResult:
+    """Merge ``checkpoint`` into ``out_dir`` and push it to ``repo_id``, uploading while merging.
+
+    ``out_dir=None`` uses :func:`default_out_dir`. ``model_name`` (local folder or Hub model) replaces
+    the checkpoint's ``huggingface/`` folder as the source of config and tokenizer. ``merge_options``
+    go to :func:`streammerge.merge` (dtype, max_shard_size, workers, ...). Raises :class:`PushError`
+    when the push fails (the local folder is kept as the merge left it; re-run to resume) and
+    :class:`StreammergeError` when the merge does.
+    """
+    t0 = time.perf_counter()
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint)
+    out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(ck)
+    with ExitStack() as stack:
+        ck = stack.enter_context(with_model_files(ck, model_name, token=token, endpoint=endpoint))
+        config = read_config(ck.hf_dir)
+        if config is None:
+            logger.warning("%s has no huggingface/config.json and no model_name was given: the repo will hold "
+                           "weights that transformers cannot load on their own", ck.path)
+        pusher = HubPusher(repo_id, token=token, endpoint=endpoint, private=private, organization=organization,
+                           revision=revision, commit_message=commit_message,
+                           max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry)
+        stack.callback(pusher.close)
+        full_id = pusher.wait_ready()  # a bad token fails now, not after the merge
+        logger.info("pushing to %s (revision %s) while merging into %s", full_id, pusher.revision, out)
+        files: list[str] = []
+
+        def upload(f, path: Path) -> None:
+            pusher.submit(path, f.filename, sha256=f.sha256, size=f.size)
+            files.append(f.filename)
+
+        result = merge(ck, out, optimizer=optimizer, on_file_done=upload, **merge_options)
+        has_optimizer = len(result.plans) > 1
+        if commit_message is None:
+            what = "model and optimizer" if has_optimizer else "model"
+            step = f" from step {ck.step}" if ck.step is not None else ""
+            pusher.commit_message = f"Upload {what}{step} with streammerge"
+        if model_card and "README.md" not in files:  # a README carried from huggingface/ is the user's own
+            card = make_model_card({
+                "repo_id": full_id, "source": str(ck.path), "step": ck.step, "world_size": ck.world_size,
+                "fsdp_version": ck.fsdp_version, "dtype": _dtype_name(result), "optimizer": has_optimizer,
+                "model_type": (config or {}).get("model_type"),
+                "base_model": model_name if model_name and not Path(model_name).expanduser().is_dir() else None,
+            })
+            _write_text(out / "README.md", card)
+            pusher.submit(out / "README.md", "README.md")
+            files.append("README.md")
+        info = pusher.finish()
+    return PushResult(ok=True, repo_id=pusher.repo_id, revision=pusher.revision, commit_url=info.commit_url,
+                      commit_oid=info.oid, out_dir=result.out_dir, step=ck.step, files=files,
+                      unchanged=list(pusher.unchanged), commits=len(pusher.commits), merge=result,
+                      seconds=time.perf_counter() - t0)
+
+
+def _dtype_name(result: MergeResult) -> str | None:
+    """The floating dtype(s) of the weights as written, e.g. "bfloat16"."""
+    names = sorted({str(t.dtype).replace("torch.", "") for t in result.plans[0].tensors.values()
+                    if t.dtype.is_floating_point})
+    return ", ".join(names) or None
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name("." + path.name + ".streammerge-tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# ---- the seed workflow's API -------------------------------------------------------------------
+def _run(raise_on_error: bool, what: str, fn) -> PushResult:
+    """``fn()``; with ``raise_on_error=False`` a failure is logged and returned, never raised."""
+    if _other_rank():
+        return PushResult(ok=True, note="not rank 0: nothing to do here (rank 0 merges and pushes)")
+    t0 = time.perf_counter()
+    try:
+        return fn()
+    except Exception as e:
+        if raise_on_error:
+            raise
+        kind = e.kind if isinstance(e, PushError) else type(e).__name__
+        logger.error("%s failed (%s): %s", what, kind, e)
+        logger.debug("traceback of the failed upload", exc_info=True)
+        return PushResult(ok=False, error=str(e), error_kind=kind, seconds=time.perf_counter() - t0)
+
+
+def _other_rank() -> bool:
+    """True on ranks other than 0 of an initialized torch.distributed job (the seed uploaded from rank 0)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+class HuggingFaceUploader:
+    """Drop-in for the seed workflow's uploader: merge a veRL checkpoint and push it to the Hub.
+
+    ``HuggingFaceUploader(repo_id="me/model", optimizer_save_mode="full").upload_from_checkpoint_dir(
+    checkpoint_dir="ckpts/exp/global_step_500/actor", step=500)``. With ``raise_on_error=False`` a
+    failed upload is logged and returned as ``PushResult(ok=False, error=...)``, so a training job
+    that uploads at its end cannot crash because of it. Under torch.distributed only rank 0 works;
+    the other ranks return at once (no barrier, so a long upload cannot time out a collective).
+    """
+
+    def __init__(self, repo_id: str, organization: str | None = None, private: bool = False,
+                 optimizer_save_mode: str | None = None, *, token: str | None = None, endpoint: str | None = None,
+                 revision: str | None = None, commit_message: str | None = None, raise_on_error: bool = True,
+                 **options: Any):
+        if not repo_id:
+            raise ConfigError("repo_id is required")
+        self.repo_id = repo_id
+        self.organization = organization
+        self.private = private
+        self.optimizer_save_mode = optimizer_mode(optimizer_save_mode)
+        self.token = token
+        self.endpoint = endpoint
+        self.revision = revision
+        self.commit_message = commit_message
+        self.raise_on_error = raise_on_error
+        self.options = options  # merge_and_push / merge options: dtype, max_shard_size, retry, ...
+
+    def upload_from_checkpoint_dir(self, checkpoint_dir: str | os.PathLike, model_name: str | None = None,
+                                   step: int | None = None, *, out_dir: str | os.PathLike | None = None,
+                                   raise_on_error: bool | None = None) -> PushResult:
+        """Merge the checkpoint (actor, global_step_N or run folder; ``step`` picks global_step_N) and push it.
+
+        Config and tokenizer come from the checkpoint's ``huggingface/`` folder, or from
+        ``model_name`` when given. The merged folder goes to ``out_dir``, by default
+        ``<actor folder>-hf`` beside the actor folder (kept, so a re-run resumes).
+        """
+        def work() -> PushResult:
+            ck = resolve_checkpoint(checkpoint_dir, step)
+            return merge_and_push(ck, out_dir, self.repo_id, organization=self.organization, private=self.private,
+                                  revision=self.revision, commit_message=self.commit_message, token=self.token,
+                                  endpoint=self.endpoint, optimizer=self.optimizer_save_mode is not None,
+                                  model_name=model_name, **self.options)
+
+        raise_ = self.raise_on_error if raise_on_error is None else raise_on_error
+        result = _run(raise_, f"upload of {checkpoint_dir} to {self.repo_id}", work)
+        if result.ok:
+            logger.info("%s", result.summary())
+        return result
+
+
+def upload_checkpoint_to_hf(checkpoint_dir: str | os.PathLike, model_name: str | None = None,
+                            repo_id: str | None = None, step: int | None = None, organization: str | None = None,
+                            private: bool = False, optimizer_save_mode: str | None = "full", *,
+                            out_dir: str | os.PathLike | None = None, raise_on_error: bool = True,
+                            **options: Any) -> PushResult:
+    """Merge a veRL checkpoint and push it to the Hub: the seed workflow's one-call entry point.
+
+    Same arguments, in the same order, as the seed's function; ``model_name`` is optional here.
+    ``options``: ``token``, ``endpoint``, ``revision``, ``commit_message`` and merge options.
+    """
+    if not repo_id:
+        raise ConfigError("repo_id is required")
+    return HuggingFaceUploader(repo_id, organization, private, optimizer_save_mode, **options) \
+        .upload_from_checkpoint_dir(checkpoint_dir, model_name, step, out_dir=out_dir, raise_on_error=raise_on_error)
+
+
+__all__ = ["ConfigError", "HuggingFaceUploader", "PushConfig", "PushResult", "default_out_dir", "load_push_config",
+           "merge_and_push", "model_files", "push_settings", "resolve_checkpoint", "upload_checkpoint_to_hf",
+           "with_model_files"]

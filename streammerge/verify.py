@@ -1,0 +1,507 @@
+"""Verify: prove an output folder is complete and correct, reading everything in bounded chunks.
+
+Without the checkpoint: every safetensors file opens with the Rust reader and its tensors tile the
+data exactly, every file's sha256 matches the manifest, and each index names exactly the tensors its
+files hold. With the checkpoint: the merge is planned again from metadata and every output tensor is
+compared with its source pieces, bit for bit (or with their cast, when a dtype was chosen); the zip
+CRC32 of each source record read is checked too, because torch.load never checks them.
+
+Nothing is fixed here and nothing is written: verify reports, the merge command repairs (rerun it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import math
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .discover import Checkpoint, find_checkpoint
+from .errors import OutputError
+from .manifest import MANIFEST, STATE_DIR, Manifest, sha256_file
+from .plan import DTYPE_NAMES, Piece, Plan, TensorPlan, parse_size
+from .safetensors_format import CODE_DTYPES, read_header
+from .write import TMP_SUFFIX, _is_contiguous, _row_major, windows
+
+DEFAULT_CHUNK = 16 * 2**20
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+@dataclass
+class VerifyReport:
+    """What verify checked and every problem it found; `ok` only when there are none."""
+
+    out_dir: Path
+    checkpoint: Path | None = None
+    files_checked: set[str] = field(default_factory=set)  # relative paths
+    tensors_checked: int = 0  # tensors compared with the checkpoint
+    bytes_read: int = 0
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was not checked, and why
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def fail(self, message: str) -> None:
+        self.failures.append(message)
+
+    def summary(self) -> str:
+        against = f", {self.tensors_checked} tensors compared with {self.checkpoint}" if self.checkpoint else ""
+        head = (f"verify {self.out_dir}: {'OK' if self.ok else f'{len(self.failures)} problem(s)'} "
+                f"({len(self.files_checked)} files checked{against})")
+        return "\n".join([head] + [f"  note: {m}" for m in self.notes] + [f"  FAIL {m}" for m in self.failures])
+
+
+def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, trust_pickle: bool = False,
+           chunk_size: int | str = DEFAULT_CHUNK) -> VerifyReport:
+    """Check an output folder; given the checkpoint, check every tensor against its source pieces.
+
+    Problems with the output are collected in the report (never raised); a checkpoint that cannot
+    be read raises CheckpointError as the merge would.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    report = VerifyReport(out, Path(checkpoint_dir).expanduser().resolve() if checkpoint_dir else None)
+    if not out.is_dir():
+        report.fail(f"{out}: not a folder")
+        return report
+    chunk = max(4096, parse_size(chunk_size))
+    manifest = _check_manifest(out, report)
+    _check_temp_files(out, report)
+    headers = _check_safetensors(out, report)
+    _check_indexes(out, headers, report)
+    if checkpoint_dir is not None:
+        ck = find_checkpoint(checkpoint_dir)
+        report.checkpoint = ck.path
+        _check_against_checkpoint(out, ck, manifest, headers, report, trust_pickle=trust_pickle, chunk=chunk)
+    return report
+
+
+# ---------------------------------------------------------------- the output folder alone
+
+def _rel(out: Path, path: Path) -> str:
+    return path.relative_to(out).as_posix()
+
+
+def _output_files(out: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in out.rglob(pattern) if p.is_file() and STATE_DIR not in p.relative_to(out).parts)
+
+
+def _check_manifest(out: Path, report: VerifyReport) -> dict | None:
+    try:
+        manifest = Manifest.read(out)
+    except OutputError as e:
+        report.fail(str(e))
+        return None
+    if manifest is None:
+        report.fail(f"{out}: no {STATE_DIR}/{MANIFEST}: not a streammerge output, or its merge never started "
+                    "(file checksums cannot be checked)")
+        return None
+    if not manifest.get("complete"):
+        report.fail(f"{out}: the merge did not finish; rerun the same merge command to resume")
+    for rel, entry in manifest.get("files", {}).items():
+        path = out / rel
+        report.files_checked.add(rel)
+        if not path.is_file():
+            report.fail(f"{rel}: listed in the manifest but missing")
+            continue
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            report.fail(f"{rel}: {size} bytes, the manifest says {entry.get('size')} (changed after it was written)")
+            continue
+        digest = sha256_file(path)
+        report.bytes_read += size
+        if digest != entry.get("sha256"):
+            report.fail(f"{rel}: sha256 {digest[:16]}... differs from the manifest's {str(entry.get('sha256'))[:16]}... "
+                        "(changed after it was written)")
+    return manifest
+
+
+def _check_temp_files(out: Path, report: VerifyReport) -> None:
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX)]
+    leftovers += [p for p in [out / STATE_DIR / "manifest.tmp"] if p.exists()]
+    for p in sorted(leftovers):
+        report.fail(f"{_rel(out, p)}: temporary file left by an interrupted merge; rerun the merge to finish")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Header:
+    path: Path
+    data_start: int
+    entries: dict[str, _Entry]
+
+
+def _check_safetensors(out: Path, report: VerifyReport) -> dict[str, _Header]:
+    """Every safetensors file: header parses, tensors tile the data exactly, the Rust reader agrees."""
+    from safetensors import safe_open
+
+    headers: dict[str, _Header] = {}
+    for path in _output_files(out, "*.safetensors"):
+        rel = _rel(out, path)
+        report.files_checked.add(rel)
+        try:
+            raw, data_start = read_header(str(path))
+            if not isinstance(raw, dict):
+                raise ValueError("the header is not a JSON object")
+        except (ValueError, OSError) as e:
+            report.fail(f"{rel}: unreadable safetensors header ({e})")
+            continue
+        entries: dict[str, _Entry] = {}
+        problems_before = len(report.failures)
+        meta = raw.get("__metadata__")
+        if "/" not in rel and not (isinstance(meta, dict) and meta.get("format") == "pt"):
+            report.fail(f"{rel}: header metadata lacks format 'pt' (transformers refuses to load such weights)")
+        for name, info in raw.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = CODE_DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                report.fail(f"{rel}: tensor {name!r} has a malformed header entry {info!r:.100}")
+                continue
+            need = math.prod(shape) * dtype.itemsize
+            if end - begin != need:
+                report.fail(f"{rel}: tensor {name!r} spans {end - begin} bytes, its dtype and shape need {need}")
+            entries[name] = _Entry(dtype, shape, begin, end)
+        data_len = path.stat().st_size - data_start
+        pos, prev = 0, None
+        for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+            if e.begin > pos:
+                report.fail(f"{rel}: data bytes [{pos}, {e.begin}) belong to no tensor")
+            elif e.begin < pos:
+                report.fail(f"{rel}: tensors {prev!r} and {name!r} overlap")
+            pos, prev = max(pos, e.end), name
+        if pos > data_len:
+            report.fail(f"{rel}: truncated: tensor {prev!r} ends at data byte {pos}, the file has {data_len}")
+        elif pos < data_len:
+            report.fail(f"{rel}: {data_len - pos} bytes after the last tensor belong to no tensor")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+                if keys != set(entries):
+                    report.fail(f"{rel}: the safetensors reader sees tensors {sorted(keys ^ set(entries))[:3]} differently")
+                for name in keys & set(entries):
+                    sl = f.get_slice(name)
+                    if tuple(sl.get_shape()) != entries[name].shape:
+                        report.fail(f"{rel}: the safetensors reader reads {name!r} with shape {sl.get_shape()}")
+        except Exception as e:  # SafetensorError is not importable as one type
+            report.fail(f"{rel}: the safetensors reader rejects the file ({str(e)[:200]})")
+        if len(report.failures) == problems_before:
+            headers[rel] = _Header(path, data_start, entries)
+    return headers
+
+
+def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport) -> None:
+    """Each index names exactly the tensors its files hold; no shard file goes unnamed."""
+    named: set[str] = set()
+    for index in _output_files(out, "*.safetensors.index.json"):
+        irel = _rel(out, index)
+        report.files_checked.add(irel)
+        try:
+            data = json.loads(index.read_text())
+            weight_map = data["weight_map"]
+            total = data.get("metadata", {}).get("total_size")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            report.fail(f"{irel}: unreadable index ({e})")
+            continue
+        base = index.parent
+        by_file: dict[str, set[str]] = {}
+        for name, filename in weight_map.items():
+            by_file.setdefault(filename, set()).add(name)
+        size = 0
+        for filename, names in sorted(by_file.items()):
+            frel = _rel(out, base / filename)
+            named.add(frel)
+            header = headers.get(frel)
+            if header is None:
+                if not (base / filename).is_file():
+                    report.fail(f"{irel}: names {filename}, which does not exist")
+                continue  # unreadable files are reported by their own check
+            held = set(header.entries)
+            for name in sorted(names - held)[:5]:
+                report.fail(f"{irel}: maps {name!r} to {filename}, which does not hold it")
+            for name in sorted(held - names)[:5]:
+                report.fail(f"{frel}: holds {name!r}, which {irel} does not map to it")
+            size += sum(e.end - e.begin for e in header.entries.values())
+        prefix = index.name[: -len(".safetensors.index.json")]
+        for path in sorted(base.glob(f"{prefix}*.safetensors")):
+            if _rel(out, path) not in named:
+                report.fail(f"{_rel(out, path)}: not named by {irel}")
+        if total is not None and all(_rel(out, base / f) in headers for f in by_file) and total != size:
+            report.fail(f"{irel}: total_size {total} but its files hold {size} bytes of tensors")
+    for rel in headers:
+        if rel not in named and SHARD_NAME.search(rel):
+            report.fail(f"{rel}: a shard file that no index names")
+
+
+# ---------------------------------------------------------------- against the checkpoint
+
+def _plans(ck: Checkpoint, options: dict, files: dict, *, trust_pickle: bool) -> list[Plan]:
+    """The plans the merge made, from the options and files it recorded (as pipeline.merge builds them)."""
+    from .pipeline import plan
+
+    dtype_name = str(options.get("dtype", "None")).replace("torch.", "")
+    dtype = DTYPE_NAMES.get(dtype_name) if dtype_name != "None" else None
+    max_shard = int(options.get("max_shard_size", parse_size("5GB")))
+    weights = plan(ck, dtype=dtype if dtype is not None else "keep", max_shard_size=max_shard,
+                   trust_pickle=trust_pickle)
+    plans = [weights]
+    if options.get("optimizer") and ck.optim_files:
+        from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, plan_optimizer
+
+        fmt = "torch" if f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}" in files else "safetensors"
+        opt_plan, _ = plan_optimizer(ck, weights, max_shard_size=max_shard, trust_pickle=trust_pickle, fmt=fmt)
+        if opt_plan is not None:
+            plans.append(opt_plan)
+    return plans
+
+
+def _check_against_checkpoint(out: Path, ck: Checkpoint, manifest: dict | None, headers: dict[str, _Header],
+                              report: VerifyReport, *, trust_pickle: bool, chunk: int) -> None:
+    from .pipeline import merge_fingerprint
+
+    options = (manifest or {}).get("options") or {"dtype": "None", "optimizer": bool(ck.optim_files)}
+    plans = _plans(ck, options, (manifest or {}).get("files", {}), trust_pickle=trust_pickle)
+    if manifest is not None and merge_fingerprint(plans, options) != manifest.get("fingerprint"):
+        report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
+                    "differs); tensors are compared one by one below")
+    sources = _Sources(chunk)
+    try:
+        for p in plans:
+            expected_files = {f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename: fp for fp in p.files}
+            for rel, fp in expected_files.items():
+                if rel not in headers and not (out / rel).is_file():
+                    report.fail(f"{rel}: missing (the checkpoint's plan has it)")
+                elif not rel.endswith(".safetensors"):
+                    report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's sha256 only")
+            where = {name: rel for rel, fp in expected_files.items() for name in fp.names}
+            for rel in sorted(r for r in headers if (r.startswith(p.subdir + "/") if p.subdir else "/" not in r)):
+                for name in sorted(set(headers[rel].entries) - set(p.tensors))[:5]:
+                    report.fail(f"{rel}: holds {name!r}, which the checkpoint does not have")
+            for name, t in p.tensors.items():
+                rel = where.get(name)
+                header = headers.get(rel) if rel else None
+                if header is None:
+                    continue  # missing or broken file: reported above
+                entry = header.entries.get(name)
+                if entry is None:
+                    report.fail(f"{rel}: lacks tensor {name!r}")
+                    continue
+                if entry.dtype != t.dtype or entry.shape != t.shape:
+                    report.fail(f"{rel}: tensor {name!r} is {_short(entry.dtype)} {list(entry.shape)}, "
+                                f"the checkpoint gives {_short(t.dtype)} {list(t.shape)}")
+                    continue
+                try:
+                    _compare_tensor(rel, header, entry, name, t, sources, report, chunk)
+                except OSError as e:
+                    report.fail(f"{rel}: tensor {name!r}: cannot read its source ({e})")
+                report.tensors_checked += 1
+        sources.finish_crcs(report)
+    finally:
+        sources.close()
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class _Sources:
+    """Positioned reads of rank files, and the zip CRC32 of every source record a piece reads."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+        self.fds: dict[str, int] = {}
+        self.records: dict[str, list[tuple[int, int, int, str]]] = {}  # file -> (start, size, crc, name)
+        self.checked: set[tuple[str, int]] = set()
+        self.needed: dict[tuple[str, int], str] = {}  # record -> a tensor read from it
+
+    def fd(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+            self.records[path] = _zip_records(path, self.fds[path])
+        return self.fds[path]
+
+    def read(self, path: str, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        if not _pread_into(self.fd(path), memoryview(buf), offset):
+            raise OSError(f"{path}: ends before byte {offset + length}")
+        return buf
+
+    def record_of(self, path: str, offset: int) -> tuple[int, int, int, str] | None:
+        self.fd(path)
+        recs = self.records[path]
+        i = bisect.bisect_right(recs, (offset, math.inf)) - 1
+        if i >= 0 and recs[i][0] <= offset < recs[i][0] + recs[i][1]:
+            return recs[i]
+        return None
+
+    def crc(self, path: str, start: int, end: int, crc: int = 0) -> int:
+        """Continue a CRC32 over bytes [start, end) of a file, a chunk at a time."""
+        for pos in range(start, end, self.chunk):
+            crc = zlib.crc32(self.read(path, pos, min(self.chunk, end - pos)), crc)
+        return crc
+
+    def finish_crcs(self, report: VerifyReport) -> None:
+        """Records no single contiguous piece streamed through in order get a sequential pass of their own."""
+        for path, start in sorted(set(self.needed) - self.checked):
+            rec = next(r for r in self.records[path] if r[0] == start)
+            self.check_crc(path, rec, self.crc(path, start, start + rec[1]), report)
+
+    def check_crc(self, path: str, rec: tuple[int, int, int, str], crc: int, report: VerifyReport) -> None:
+        self.checked.add((path, rec[0]))
+        if rec[2] != 0 and crc != rec[2]:  # 0: saved without CRCs (torch.serialization.set_crc32_options)
+            report.fail(f"{path}: zip record {rec[3]} (data of {self.needed.get((path, rec[0]), '?')!r}) fails its "
+                        "CRC32 check: the rank file is corrupted (changed after torch.save wrote it); the output "
+                        "copies what is there now")
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _zip_records(path: str, fd: int) -> list[tuple[int, int, int, str]]:
+    """(data start, size, crc32, name) of each stored zip entry, from the central directory and local headers."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except zipfile.BadZipFile:
+        return []
+    out = []
+    for info in infos:
+        local = os.pread(fd, 30, info.header_offset)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            continue
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        out.append((info.header_offset + 30 + name_len + extra_len, info.file_size, info.CRC, info.filename))
+    return sorted(out)
+
+
+def _storage_order(p: Piece) -> tuple[int, ...]:
+    """Dims of a piece from largest stride to smallest: windows in this order read its bytes front to back."""
+    return tuple(sorted(range(len(p.shape)), key=lambda d: (-p.stride[d], d)))
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill `view` from the file at `offset`; False when the file ends first."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            return False
+        done += n
+    return True
+
+
+def _read_box(fd: int, base: int, shape: tuple[int, ...], lo: tuple[int, ...], sizes: tuple[int, ...],
+              dtype: torch.dtype, limit: int) -> torch.Tensor | None:
+    """A box of a row-major tensor stored at `base`: one read when its span is small, else one read per run."""
+    isz = dtype.itemsize
+    strides = _row_major(shape)
+    first = sum(a * st for a, st in zip(lo, strides))
+    span = (sum((n - 1) * st for n, st in zip(sizes, strides)) + 1) * isz
+    box_bytes = math.prod(sizes) * isz
+    if span <= max(limit, 2 * box_bytes):
+        raw = bytearray(span)
+        if not _pread_into(fd, memoryview(raw), base + first * isz):
+            return None
+        flat = torch.frombuffer(raw, dtype=torch.uint8)
+        box = flat.as_strided(sizes + (isz,), tuple(st * isz for st in strides) + (1,))
+        return box.contiguous().view(-1).view(dtype).view(sizes)
+    k = max((d for d in range(len(shape)) if sizes[d] != shape[d]), default=0)  # dims after k are whole
+    run = sizes[k] * strides[k] * isz
+    out = bytearray(box_bytes)
+    view, pos = memoryview(out), 0
+    for idx in itertools.product(*(range(a, a + n) for a, n in zip(lo[:k], sizes[:k]))):
+        offset = sum(i * st for i, st in zip(idx, strides)) + lo[k] * strides[k]
+        if not _pread_into(fd, view[pos:pos + run], base + offset * isz):
+            return None
+        pos += run
+    return torch.frombuffer(out, dtype=torch.uint8).view(dtype).view(sizes)
+
+
+def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: TensorPlan, sources: _Sources,
+                    report: VerifyReport, chunk: int) -> None:
+    """Compare an output tensor with its source pieces, one bounded window of each piece at a time.
+
+    Windows follow each piece's storage order, so a strided piece is read front to back like a
+    contiguous one; the output box is gathered with positioned reads (no mmap, bounded memory).
+    """
+    src_isz, out_isz = t.source_dtype.itemsize, t.dtype.itemsize
+    budget = max(1, chunk // max(src_isz, out_isz)) * src_isz
+    base = header.data_start + entry.begin
+    with open(header.path, "rb", buffering=0) as out_file:
+        for p in t.pieces:
+            order = _storage_order(p)
+            inverse = tuple(order.index(d) for d in range(len(order)))
+            pshape = tuple(p.shape[d] for d in order)
+            pstride = tuple(p.stride[d] for d in order)
+            rec = sources.record_of(p.file, p.offset)
+            if rec is not None:
+                sources.needed.setdefault((p.file, rec[0]), name)
+            streaming = (rec is not None and (p.file, rec[0]) not in sources.checked and _is_contiguous(pshape, pstride)
+                         and p.offset + math.prod(p.shape) * src_isz <= rec[0] + rec[1])
+            crc = sources.crc(p.file, rec[0], p.offset) if streaming else 0
+            for pbox in windows(pshape, src_isz, budget):
+                psizes = tuple(hi - lo for lo, hi in pbox)
+                plo = tuple(lo for lo, _ in pbox)
+                src_off = p.offset + sum(i * st for i, st in zip(plo, pstride)) * src_isz
+                span = (sum((n - 1) * st for n, st in zip(psizes, pstride)) + 1) * src_isz
+                raw = sources.read(p.file, src_off, span)
+                if streaming:
+                    crc = zlib.crc32(raw, crc)
+                src = torch.frombuffer(raw, dtype=torch.uint8).view(t.source_dtype)
+                want = src.as_strided(psizes, pstride).permute(inverse).to(t.dtype).contiguous()
+                sizes = tuple(psizes[inverse[d]] for d in range(len(order)))
+                lo = tuple(s + plo[inverse[d]] for d, s in enumerate(p.start))
+                got = _read_box(out_file.fileno(), base, t.geometry, lo, sizes, t.dtype, chunk)
+                report.bytes_read += span + math.prod(sizes) * out_isz
+                if got is None:
+                    report.fail(f"{rel}: tensor {name!r}: the file ends inside its data")
+                    return
+                if not torch.equal(want.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)):
+                    _report_mismatch(rel, name, p, want, got, lo, t, report)
+                    return
+            if streaming:
+                crc = sources.crc(p.file, p.offset + math.prod(p.shape) * src_isz, rec[0] + rec[1], crc)
+                sources.check_crc(p.file, rec, crc, report)
+
+
+def _bytes_of(x: torch.Tensor) -> torch.Tensor:
+    """Elements as rows of raw bytes: equality is bit equality (NaNs, -0.0 and all)."""
+    x = x.contiguous().reshape(-1)
+    return x.view(torch.uint8).reshape(x.numel(), x.element_size())
+
+
+def _report_mismatch(rel: str, name: str, p: Piece, want: torch.Tensor, got: torch.Tensor, lo: tuple[int, ...],
+                     t: TensorPlan, report: VerifyReport) -> None:
+    differs = (_bytes_of(want) != _bytes_of(got)).any(dim=1)
+    first = int(differs.nonzero()[0])
+    index = []
+    for n in reversed(want.shape):
+        index.append(first % n)
+        first //= n
+    at = [a + i for a, i in zip(lo, reversed(index))]
+    where = f"flat index {at[0]}" if t.flat else f"index {at}"
+    report.fail(f"{rel}: tensor {name!r}: {int(differs.sum())} of {want.numel()} elements in one window differ "
+                f"from rank {p.rank}'s file {Path(p.file).name} (first at {where})")

@@ -1,0 +1,253 @@
+"""Watch: a sidecar that merges (and pushes) each new checkpoint of a training run as it lands.
+
+It follows the run's ``latest_checkpointed_iteration.txt``. A step is taken once every rank file
+is present and no file of its actor folder changed size or mtime between two looks, so a checkpoint
+still being written (or copied in from other nodes) is never merged half-way. Each finished step is
+recorded in a small state file (``RUN_DIR/.streammerge-watch.json`` by default), written
+atomically after each push, so a restarted watcher never pushes a step twice.
+
+Meant for a login node: one process, no GPU, bounded memory (the merge streams).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .discover import LATEST_FILE, Checkpoint, find_checkpoint
+from .errors import CheckpointError, StreammergeError
+from .hub import PushError
+from .pipeline import merge
+from .publish import PushResult, default_out_dir, merge_and_push, with_model_files
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = ".streammerge-watch.json"
+STEP_BRANCH = "step-{step}"
+MAX_SETTLE = 5.0  # with once=True, the two looks at a checkpoint are min(interval, this) apart
+# merge_and_push options that merge() does not take
+PUSH_OPTIONS = frozenset({"token", "endpoint", "model_name", "model_card", "commit_message", "max_files_per_commit",
+                          "upload_workers", "retry"})
+
+Snapshot = dict[str, tuple[int, int]]
+
+
+def step_dirs(run_dir: Path) -> Iterator[tuple[int, Path]]:
+    """``(N, run_dir/global_step_N)`` in step order."""
+    found = []
+    for p in run_dir.iterdir():
+        m = re.fullmatch(r"global_step_(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return iter(sorted(found))
+
+
+def latest_step(run_dir: Path) -> int | None:
+    """The step named by the trainer's tracker file, None while there is none (or it is mid-write)."""
+    try:
+        text = (run_dir / LATEST_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def snapshot(folder: Path) -> Snapshot:
+    """Size and mtime of every file under ``folder``: equal twice in a row means nobody is writing."""
+    out: Snapshot = {}
+    for p in folder.rglob("*"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # renamed away between listing and stat: a writer is busy
+            out[p.as_posix()] = (-1, -1)
+            continue
+        if p.is_file():
+            out[p.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+class Watcher:
+    """Merges, and with ``push`` pushes, every complete checkpoint of ``run_dir`` once.
+
+    Args:
+        run_dir: the trainer's checkpoint folder (holds ``global_step_N/`` and the tracker file).
+        push: push each merged step to ``repo_id`` (else only merge).
+        revision: branch for every push (default ``main``); ``revision_per_step`` pushes step N to
+            branch ``step-N`` instead.
+        only_latest: only the step the tracker names; older unpushed steps are skipped.
+        out_root: merged folders go to ``out_root/global_step_N``; default: beside each actor folder
+            (see :func:`streammerge.publish.default_out_dir`).
+        state_file: where pushed steps are recorded (default ``run_dir/.streammerge-watch.json``).
+        options: for :func:`streammerge.publish.merge_and_push` (token, endpoint, optimizer,
+            model_name, dtype, max_shard_size, ...).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, push: bool = True, repo_id: str | None = None,
+                 organization: str | None = None, private: bool = False, revision: str | None = None,
+                 revision_per_step: bool = False, only_latest: bool = False, out_root: str | os.PathLike | None = None,
+                 state_file: str | os.PathLike | None = None, **options: Any):
+        self.run_dir = Path(run_dir).expanduser().resolve()
+        if not self.run_dir.is_dir():
+            raise CheckpointError(f"{self.run_dir}: no such run folder")
+        if push and not repo_id:
+            raise ValueError("push needs a repo_id")
+        if revision and revision_per_step:
+            raise ValueError("give either a revision or revision_per_step, not both")
+        self.push = push
+        self.repo_id = repo_id
+        self.organization = organization
+        self.private = private
+        self.revision = revision
+        self.revision_per_step = revision_per_step
+        self.only_latest = only_latest
+        self.out_root = Path(out_root).expanduser().resolve() if out_root else None
+        self.state_file = Path(state_file).expanduser() if state_file else self.run_dir / STATE_FILE
+        self.options = options
+        self._seen: dict[int, Snapshot] = {}
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def target(self) -> str:
+        """The key steps are recorded under: the repo (with its organization), or "merge-only"."""
+        if not self.push:
+            return "merge-only"
+        assert self.repo_id is not None
+        if self.organization and "/" not in self.repo_id:
+            return f"{self.organization}/{self.repo_id}"
+        return self.repo_id
+
+    def _read_state(self) -> dict:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return {"version": 1, "targets": {}}
+        except ValueError:
+            raise StreammergeError(f"{self.state_file}: unreadable watch state; fix or delete it "
+                                   "(deleting it makes the watcher look at every step again)") from None
+        state.setdefault("targets", {})
+        return state
+
+    def done_steps(self) -> dict[int, dict]:
+        """Steps already merged/pushed for this target, with what was recorded for each."""
+        entries = self._read_state()["targets"].get(self.target, {})
+        return {int(k): v for k, v in entries.items()}
+
+    def _record(self, step: int, entry: dict) -> None:
+        state = self._read_state()  # re-read: another watcher of the same run may have recorded too
+        state["targets"].setdefault(self.target, {})[str(step)] = entry
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, self.state_file)
+
+    # ---- one look --------------------------------------------------------------------------
+    def candidates(self) -> list[tuple[int, Path]]:
+        """Steps to process, oldest first: not done yet, and not newer than the tracker's step."""
+        latest = latest_step(self.run_dir)
+        if latest is None:
+            return []
+        done = self.done_steps()
+        if self.only_latest:
+            path = self.run_dir / f"global_step_{latest}"
+            return [(latest, path)] if latest not in done and path.is_dir() else []
+        return [(n, p) for n, p in step_dirs(self.run_dir) if n <= latest and n not in done]
+
+    def ready(self, step: int, path: Path) -> Checkpoint | None:
+        """The checkpoint when it is complete and did not change since the last look, else None."""
+        try:
+            ck = find_checkpoint(path)
+        except CheckpointError as e:
+            logger.info("step %d: not complete yet (%s)", step, e)
+            self._seen.pop(step, None)
+            return None
+        if ck.missing_optim_ranks and self.options.get("optimizer", True):
+            logger.info("step %d: waiting for optimizer rank files %s", step, list(ck.missing_optim_ranks))
+            self._seen.pop(step, None)
+            return None
+        now = snapshot(ck.path)
+        before, self._seen[step] = self._seen.get(step), now
+        if before != now:
+            if before is not None:
+                logger.info("step %d: files still changing; looking again later", step)
+            return None
+        return ck
+
+    def poll(self) -> list[PushResult]:
+        """Look once; merge (and push) each step that is ready. Failures are logged and retried later."""
+        results = []
+        for step, path in self.candidates():
+            ck = self.ready(step, path)
+            if ck is not None:
+                results.append(self.process(step, ck))
+        return results
+
+    def process(self, step: int, ck: Checkpoint) -> PushResult:
+        """Merge and push one step, and record it when that worked."""
+        out = self.out_root / f"global_step_{step}" if self.out_root else default_out_dir(ck)
+        opts = dict(self.options)
+        try:
+            if self.push:
+                assert self.repo_id is not None
+                revision = STEP_BRANCH.format(step=step) if self.revision_per_step else self.revision
+                logger.info("step %d: merging into %s and pushing to %s%s", step, out, self.target,
+                            f" (branch {revision})" if revision else "")
+                result = merge_and_push(ck, out, self.repo_id, organization=self.organization, private=self.private,
+                                        revision=revision, **opts)
+            else:
+                logger.info("step %d: merging into %s", step, out)
+                merge_opts = {k: v for k, v in opts.items() if k not in PUSH_OPTIONS}
+                t0 = time.perf_counter()
+                with with_model_files(ck, opts.get("model_name"), token=opts.get("token"),
+                                      endpoint=opts.get("endpoint")) as ck:
+                    merged = merge(ck, out, **merge_opts)
+                result = PushResult(ok=True, out_dir=merged.out_dir, step=step, merge=merged,
+                                    seconds=time.perf_counter() - t0, note=f"step {step}: {merged.summary()}")
+        except Exception as e:  # a sidecar outlives one bad step: log, look again later
+            kind = e.kind if isinstance(e, PushError) else type(e).__name__
+            expected = isinstance(e, (PushError, StreammergeError, OSError))
+            logger.error("step %d: failed (%s), will try again at the next look: %s", step, kind, e,
+                         exc_info=not expected)
+            return PushResult(ok=False, step=step, out_dir=out, error=str(e), error_kind=kind)
+        result.step = step
+        self._seen.pop(step, None)
+        self._record(step, {"revision": result.revision, "commit": result.commit_oid, "out_dir": str(result.out_dir),
+                            "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        logger.info("step %d: %s", step, result.summary())
+        return result
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self, *, interval: float = 60.0, once: bool = False,
+            stop: threading.Event | None = None) -> list[PushResult]:
+        """Poll every ``interval`` seconds until ``stop`` is set (or, with ``once``, process what is there).
+
+        ``once`` looks twice, ``min(interval, 5 s)`` apart, to see which checkpoints are complete,
+        processes them and returns.
+        """
+        stop = stop or threading.Event()
+        results: list[PushResult] = []
+        if once:
+            results += self.poll()  # steps this watcher already looked at may be ready now
+            if not self._seen.keys() - {r.step for r in results}:
+                return results
+            time.sleep(min(interval, MAX_SETTLE))
+            return results + self.poll()
+        logger.info("watching %s every %g s (state in %s)", self.run_dir, interval, self.state_file)
+        while not stop.is_set():
+            results += self.poll()
+            stop.wait(interval)
+        return results
+
+
+def watch(run_dir: str | os.PathLike, *, interval: float = 60.0, once: bool = False,
+          stop: threading.Event | None = None, **options: Any) -> list[PushResult]:
+    """Run a :class:`Watcher` (``options`` are its arguments); see :meth:`Watcher.run`."""
+    return Watcher(run_dir, **options).run(interval=interval, once=once, stop=stop)
+
+
+__all__ = ["STATE_FILE", "Watcher", "latest_step", "snapshot", "step_dirs", "watch"]

@@ -1,0 +1,326 @@
+"""Broken checkpoints through the real CLI: one line naming the file and the problem, exit 2, no traceback.
+
+Every case starts from a good checkpoint (real DTensor rank files) and breaks it the way it breaks in
+practice: a node's ranks never copied, a file cut short, two runs in one folder, a rank re-saved with
+a different shape... The source folder is never modified, and nothing is written for a bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_tools import REPO, copy_actor, device_mesh, rewrite_rank, snapshot
+from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from streammerge.cli import main
+from streammerge.errors import CheckpointError
+
+WS = 4
+
+
+def rank(d: Path, r: int, ws: int = WS) -> Path:
+    return d / f"model_world_size_{ws}_rank_{r}.pt"
+
+
+def redo(t: DTensor, r: int, *, local: torch.Tensor | None = None, placements=None, shape=None) -> DTensor:
+    """The same DTensor as rank r would save it, with one thing changed."""
+    local = t._local_tensor if local is None else local
+    shape = tuple(t.shape) if shape is None else shape
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, device_mesh((WS,), r), list(placements or t.placements), run_check=False,
+                              shape=shape, stride=stride)
+
+
+def edit_rank(r: int, fn):
+    def breaker(d: Path) -> None:
+        rewrite_rank(rank(d, r), lambda sd: fn(sd, r))
+    return breaker
+
+
+def _set(sd: dict, key: str, value) -> dict:
+    sd[key] = value
+    return sd
+
+
+def _flip_pickle(d: Path) -> None:
+    p = rank(d, 1)
+    with zipfile.ZipFile(p) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    data = bytearray(p.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + 40  # inside the pickle stream
+    for i in range(start, start + 16):
+        data[i] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _truncate(fraction: float):
+    def breaker(d: Path) -> None:
+        p = rank(d, 2)
+        os.truncate(p, int(p.stat().st_size * fraction))
+    return breaker
+
+
+def _empty_ckpt(d: Path) -> None:
+    for r in range(WS):
+        torch.save({"step": 3}, rank(d, r))
+
+
+def _not_a_checkpoint(d: Path) -> None:
+    for p in d.glob("*.pt"):
+        p.unlink()
+    (d / "notes.txt").write_text("not a checkpoint")
+
+
+DOWN = "model.layers.0.mlp.down_proj.weight"
+NORM = "model.norm.weight"
+
+# id -> (how to break a good checkpoint, words the one-line error must contain; "{d}" is the checkpoint folder)
+CASES = {
+    "missing_ranks": (lambda d: [rank(d, 1).unlink(), rank(d, 3).unlink()],
+                      ["{d}", "missing model rank files", "rank(s) 1, 3", "world size 4"]),
+    "missing_ranks_no_fsdp_config": (lambda d: [rank(d, 3).unlink(), (d / "fsdp_config.json").unlink()],
+                                     ["{d}", "missing model rank files", "rank(s) 3"]),
+    "two_world_sizes": (lambda d: shutil.copyfile(rank(d, 0), rank(d, 0, ws=2)),
+                        ["{d}", "several world sizes [2, 4]", "remove the files of world size [2]"]),
+    "two_world_sizes_no_fsdp_config": (lambda d: [shutil.copyfile(rank(d, 0), rank(d, 0, ws=2)),
+                                                  (d / "fsdp_config.json").unlink()],
+                                       ["{d}", "several world sizes [2, 4]"]),
+    "config_names_absent_world_size": (lambda d: (d / "fsdp_config.json").write_text('{"world_size": 8}'),
+                                       ["fsdp_config.json", "world_size 8", "found world sizes [4]"]),
+    "fsdp_config_unreadable": (lambda d: (d / "fsdp_config.json").write_text("{oops"),
+                               ["fsdp_config.json", "unreadable"]),
+    "truncated_half": (_truncate(0.5), ["model_world_size_4_rank_2.pt", "truncated or corrupted"]),
+    "truncated_tail": (_truncate(0.995), ["model_world_size_4_rank_2.pt", "truncated or corrupted"]),
+    "zero_bytes": (_truncate(0.0), ["model_world_size_4_rank_2.pt", "truncated or corrupted", "0 bytes"]),
+    "not_a_zip": (lambda d: rank(d, 2).write_bytes(os.urandom(4096)),
+                  ["model_world_size_4_rank_2.pt", "truncated or corrupted"]),
+    "flipped_pickle_bytes": (_flip_pickle, ["model_world_size_4_rank_1.pt", "corrupted", "CRC"]),
+    "other_global_shape": (edit_rank(1, lambda sd, r: _set(sd, DOWN, redo(sd[DOWN], r, local=sd[DOWN]._local_tensor[:, :-1].clone(),
+                                                                            shape=(sd[DOWN].shape[0], sd[DOWN].shape[1] - 1)))),
+                           ["model_world_size_4_rank_1.pt", DOWN, "shape", "different runs"]),
+    "wrong_local_shape": (edit_rank(1, lambda sd, r: _set(sd, DOWN, redo(sd[DOWN], r, local=sd[DOWN]._local_tensor[:-1].clone()))),
+                          ["model_world_size_4_rank_1.pt", DOWN, "local shape"]),
+    "other_dtype": (edit_rank(2, lambda sd, r: _set(sd, NORM, redo(sd[NORM], r, local=sd[NORM]._local_tensor.bfloat16()))),
+                    ["model_world_size_4_rank_2.pt", NORM, "dtype torch.bfloat16", "rank 0 has torch.float32"]),
+    "other_placements": (edit_rank(3, lambda sd, r: _set(sd, NORM, redo(sd[NORM], r, placements=[Replicate()]))),
+                         ["model_world_size_4_rank_3.pt", NORM, "placements"]),
+    "extra_name": (edit_rank(1, lambda sd, r: _set(sd, "model.extra.weight", torch.zeros(3))),
+                   ["model_world_size_4_rank_1.pt", "names differ", "model.extra.weight"]),
+    "missing_name": (edit_rank(2, lambda sd, r: {k: v for k, v in sd.items() if k != NORM}),
+                     ["model_world_size_4_rank_2.pt", "names differ", "lacks", NORM]),
+    "rank_file_copied_over_another": (lambda d: shutil.copyfile(rank(d, 0), rank(d, 1)),
+                                      ["model_world_size_4_rank_1.pt", "same mesh coordinate", "model_world_size_4_rank_0.pt"]),
+    "partial_placement": (edit_rank(0, lambda sd, r: _set(sd, NORM, redo(sd[NORM], r, placements=[Partial()]))),
+                          ["model_world_size_4_rank_0.pt", NORM, "Partial"]),
+    "strided_shard_placement": (edit_rank(0, lambda sd, r: _set(sd, NORM, redo(sd[NORM], r, placements=[_StridedShard(0, split_factor=2)]))),
+                                ["model_world_size_4_rank_0.pt", NORM, "_StridedShard", "not supported"]),
+    "sparse_layout": (edit_rank(0, lambda sd, r: _set(sd, NORM, torch.zeros(sd[NORM].shape).to_sparse())),
+                      ["model_world_size_4_rank_0.pt", NORM, "sparse", "only dense"]),
+    "not_a_state_dict": (lambda d: torch.save([1, 2, 3], rank(d, 0)), ["model_world_size_4_rank_0.pt", "expected a state dict"]),
+    "empty_checkpoint": (_empty_ckpt, ["{d}", "no tensors", "empty checkpoint"]),
+    "not_a_checkpoint": (_not_a_checkpoint, ["{d}", "not an FSDP checkpoint"]),
+    "only_optimizer_files": (lambda d: [os.rename(rank(d, r), d / f"optim_world_size_4_rank_{r}.pt") for r in range(WS)],
+                             ["{d}", "no model_world_size_*_rank_*.pt files"]),
+}
+
+
+@pytest.fixture(scope="module")
+def good(make_ckpt, tmp_path_factory) -> Path:
+    """A real FSDP2 checkpoint (Shard(0) and Shard(1), uneven pieces) without optimizer files."""
+    return copy_actor(make_ckpt(world_size=WS, shard_placement="first_divisible"),
+                      tmp_path_factory.mktemp("good") / "actor")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_checkpoint_gives_one_line(case, good, tmp_path, capsys):
+    breaker, words = CASES[case]
+    ckpt = tmp_path / "actor"
+    shutil.copytree(good, ckpt)
+    breaker(ckpt)
+    before = snapshot(ckpt)
+    out = tmp_path / "out"
+    for command in (["merge", ckpt, out], ["inspect", ckpt]):
+        code, stdout, stderr = run_cli(command, capsys)
+        assert code == 2, (case, command, stdout, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("streammerge: error: "), stderr
+        for w in words:
+            assert w.format(d=ckpt) in lines[0], (w, lines[0])
+        assert "Traceback" not in stderr
+    assert not out.exists(), "nothing may be written for a bad input"
+    assert snapshot(ckpt) == before, "the checkpoint was modified"
+
+
+def test_the_good_checkpoint_merges(good, tmp_path, capsys):
+    """The cases above fail because of what they break, not because the base checkpoint is bad."""
+    code, stdout, stderr = run_cli(["merge", good, tmp_path / "out", "--verify"], capsys)
+    assert code == 0, stderr
+    assert "verify" in stdout and "OK" in stdout
+
+
+def test_real_process_exit_code_and_debug(good, tmp_path):
+    """In a real process: exit code 2 and one line; with --debug the exception (and its traceback) propagates."""
+    ckpt = tmp_path / "actor"
+    shutil.copytree(good, ckpt)
+    rank(ckpt, 2).unlink()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    plain = subprocess.run([sys.executable, "-m", "streammerge", str(ckpt), str(tmp_path / "out")],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2
+    assert plain.stderr.strip().splitlines() == [plain.stderr.strip()]
+    assert "rank(s) 2" in plain.stderr and "Traceback" not in plain.stderr
+    with pytest.raises(CheckpointError, match="rank\\(s\\) 2"):
+        main([str(ckpt), str(tmp_path / "out"), "--debug"])
+
+
+def test_run_folder_naming_a_missing_step(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "global_step_5" / "actor").mkdir(parents=True)
+    (run / "latest_checkpointed_iteration.txt").write_text("7")
+    code, _, stderr = run_cli(["merge", run, tmp_path / "out"], capsys)
+    assert code == 2 and "names step 7" in stderr and "global_step_7 does not exist" in stderr
+
+
+def test_path_that_is_a_file_or_missing(tmp_path, capsys):
+    f = tmp_path / "model_world_size_1_rank_0.pt"
+    f.write_bytes(b"x")
+    code, _, stderr = run_cli(["merge", f, tmp_path / "out"], capsys)
+    assert code == 2 and "not a folder" in stderr and str(f) in stderr
+    code, _, stderr = run_cli(["merge", tmp_path / "nope", tmp_path / "out"], capsys)
+    assert code == 2 and "no such file or directory" in stderr
+
+
+# ---------------------------------------------------------------- hostile pickles
+
+
+class Payload:
+    """Unpickling this runs `exec`, which creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(good, tmp_path, capsys):
+    ckpt = tmp_path / "actor"
+    shutil.copytree(good, ckpt)
+    marker = tmp_path / "PWNED"
+    rewrite_rank(rank(ckpt, 1), lambda sd: _set(sd, "evil", Payload(marker)))
+    with zipfile.ZipFile(rank(ckpt, 1)) as z:  # the payload really is in the file
+        assert b"exec" in z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert run_cli(["merge", good, tmp_path / "good_out"], capsys)[0] == 0
+    for command in (["merge", ckpt, tmp_path / "out"], ["inspect", ckpt],
+                    ["verify", tmp_path / "good_out", ckpt]):
+        code, _, stderr = run_cli(command, capsys)
+        assert code == 2, (command, stderr)
+        assert "model_world_size_4_rank_1.pt" in stderr and "refused to load" in stderr
+        assert "--trust-pickle" in stderr and "exec" in stderr
+        assert not marker.exists(), "the pickled code ran"
+    assert not (tmp_path / "out").exists()
+
+    # the explicit, per-run opt-in: the user is warned, and the payload does run (so the test above can fail)
+    code, _, stderr = run_cli(["merge", ckpt, tmp_path / "out", "--trust-pickle"], capsys)
+    assert code == 0, stderr
+    assert "warning: --trust-pickle" in stderr and "code pickled in them will run" in stderr
+    assert marker.read_text() == "pwned"
+
+
+def test_trust_pickle_warning_reaches_a_real_terminal(good, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "streammerge", "inspect", str(good), "--trust-pickle"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("warning: --trust-pickle") == 1
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+@pytest.fixture()
+def ckpt(good, tmp_path) -> Path:
+    d = tmp_path / "ckpt" / "actor"
+    shutil.copytree(good, d)
+    return d
+
+
+def test_refuses_a_non_empty_foreign_folder(ckpt, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.tex").write_text("years of work")
+    (out / "sub" / "model.safetensors").write_bytes(b"not ours")
+    before = snapshot(out)
+    code, _, stderr = run_cli(["merge", ckpt, out], capsys)
+    assert code == 2 and "not empty" in stderr and "nothing was changed" in stderr
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["sub", "thesis.tex"]
+
+
+@pytest.mark.parametrize("where", ["actor", "actor/huggingface", "actor/new/deeper"])
+def test_refuses_an_output_inside_the_checkpoint(ckpt, tmp_path, capsys, where):
+    before = snapshot(ckpt)
+    out = ckpt.parent / where
+    code, _, stderr = run_cli(["merge", ckpt, out], capsys)
+    assert code == 2 and "inside the checkpoint" in stderr
+    assert snapshot(ckpt) == before
+    assert not (ckpt / "new").exists()
+
+
+def test_refuses_a_file_as_output(ckpt, tmp_path, capsys):
+    out = tmp_path / "out.txt"
+    out.write_text("x")
+    code, _, stderr = run_cli(["merge", ckpt, out], capsys)
+    assert code == 2 and "not a folder" in stderr and out.read_text() == "x"
+
+
+def test_refuses_a_folder_holding_another_merge(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(["merge", ckpt, out, "--dtype", "bfloat16"], capsys)[0] == 0
+    before = snapshot(out)
+    code, _, stderr = run_cli(["merge", ckpt, out, "--dtype", "float16"], capsys)
+    assert code == 2 and "different merge" in stderr
+    assert snapshot(out) == before
+    code, stdout, _ = run_cli(["merge", ckpt, out, "--dtype", "bfloat16"], capsys)  # the same merge: resumes
+    assert code == 0 and "reused" in stdout
+    assert snapshot(out).keys() == before.keys()
+
+
+def test_source_is_never_modified(ckpt, tmp_path, capsys):
+    """Bytes and mtimes of every checkpoint file survive a merge, a verify and failed merges."""
+    before = snapshot(ckpt.parent)
+    out = tmp_path / "out"
+    assert run_cli(["merge", ckpt, out, "--verify", "--max-shard-size", "100KB"], capsys)[0] == 0
+    assert run_cli(["verify", out, ckpt], capsys)[0] == 0
+    assert run_cli(["merge", ckpt, out, "--dtype", "float16"], capsys)[0] == 2  # refused: another merge
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    os.truncate(rank(broken, 3), 100)
+    assert run_cli(["merge", broken, tmp_path / "out2"], capsys)[0] == 2
+    assert snapshot(ckpt.parent) == before
+
+
+def test_real_gpu_checkpoint_missing_a_rank(verl_fixtures, tmp_path, capsys):
+    """A real GPU-made checkpoint with one rank missing names that rank (the multi-node case)."""
+    d = copy_actor(verl_fixtures / "gpu_fsdp2_hsdp_llama_2x2", tmp_path / "actor")
+    rank(d, 2).unlink()
+    code, _, stderr = run_cli(["merge", d, tmp_path / "out"], capsys)
+    assert code == 2 and "rank(s) 2 of world size 4" in stderr and "shared file system" in stderr
+    cfg = json.loads((d / "fsdp_config.json").read_text())
+    assert cfg["world_size"] == 4

@@ -1,0 +1,99 @@
+"""A disk that fills up, or a file-size limit: a clear message, no index, no temp files, then resume.
+
+ENOSPC comes from a real 2 MB tmpfs (needs root and mount); EFBIG from RLIMIT_FSIZE in a subprocess,
+which works for any user. A case is skipped, with the reason, only when its mechanism is unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ckpt_tools import REPO, copy_actor, snapshot, tree_bytes
+
+import streammerge
+from streammerge.cli import main
+from streammerge.manifest import MANIFEST, STATE_DIR, sha256_file
+from streammerge.write import TMP_SUFFIX
+
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt, tmp_path_factory) -> Path:
+    """~2.6 MB of float32 output: does not fit a 2 MB file system."""
+    actor = make_ckpt(world_size=2, hidden_size=128, vocab_size=2006, optimizer=False, reference=False)
+    return copy_actor(actor, tmp_path_factory.mktemp("ck") / "actor")
+
+
+def cli(args: list, preexec=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "streammerge", *map(str, args), "--no-progress"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, preexec_fn=preexec)
+
+
+def assert_stopped_cleanly(out: Path, stderr: str, words: list[str]) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streammerge: error: "), stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert "rerun the same command to resume" in lines[0]
+    assert not (out / INDEX).exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX) or p.name == "manifest.tmp"]
+    manifest = json.loads((out / STATE_DIR / MANIFEST).read_text())
+    assert not manifest["complete"]
+    for rel, entry in manifest["files"].items():  # what it lists is complete and intact
+        assert sha256_file(out / rel) == entry["sha256"]
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("ENOSPC on tmpfs: no mount command on this machine (the RLIMIT_FSIZE test still runs)")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"ENOSPC on tmpfs: cannot mount here ({r.stderr.strip() or 'not root'}); "
+                    "the RLIMIT_FSIZE test still runs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_stops_with_a_clear_message_then_resumes(ckpt, tmpfs, tmp_path, capsys):
+    reference = tmp_path / "ref"
+    streammerge.merge(ckpt, reference, max_shard_size="600KB", dtype="keep")
+    source_before = snapshot(ckpt)
+    out = tmpfs / "out"
+    assert main([str(ckpt), str(out), "--max-shard-size", "600KB", "--dtype", "keep"]) == 2
+    assert_stopped_cleanly(out, capsys.readouterr().err, ["no space left on device", str(out)])
+    assert snapshot(ckpt) == source_before
+    # the user frees space and reruns the same command
+    subprocess.run(["mount", "-o", "remount,size=16m", str(tmpfs)], check=True)
+    assert main([str(ckpt), str(out), "--max-shard-size", "600KB", "--dtype", "keep"]) == 0
+    assert "reused" in capsys.readouterr().out
+    assert tree_bytes(out) == tree_bytes(reference)
+
+
+def _limit_file_size(limit: int):
+    def preexec() -> None:  # Python ignores SIGXFSZ, so writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+def test_file_size_limit_stops_with_a_clear_message(ckpt, tmp_path):
+    out = tmp_path / "out"
+    r = cli([ckpt, out, "--max-shard-size", "5GB", "--dtype", "keep"], preexec=_limit_file_size(1_000_000))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert_stopped_cleanly(out, r.stderr, ["model.safetensors", "file-size limit", "raise the limit"])
+    assert not (out / "model.safetensors").exists()
+    assert main([str(ckpt), str(out), "--max-shard-size", "5GB", "--dtype", "keep"]) == 0  # limit lifted: the same command finishes
+    assert streammerge.verify(out, ckpt).ok

@@ -1,0 +1,362 @@
+"""The upload engine against a Hub-compatible server, both real: huggingface_hub talks HTTP to it.
+
+Uploads take the Git LFS path (HF_HUB_DISABLE_XET), except in the test that shows what a user with
+Xet on sees against a Hub without Xet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
+from huggingface_hub.errors import RepositoryNotFoundError
+
+from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
+from streammerge.hub import HubPusher, PushError, RetryPolicy, make_model_card, plan_commits, push_folder
+
+# huggingface_hub's own LFS PUTs use httpx's deprecated data=<file>.
+pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
+              pytest.mark.usefixtures("hub_env")]
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = RetryPolicy(attempts=5, base_delay=0.05, max_delay=0.5)
+SHARDS = {"model-00001-of-00004.safetensors": 2_500_000,  # multipart (server chunk: 1 MiB)
+          "model-00002-of-00004.safetensors": 1_500_000,
+          "model-00003-of-00004.safetensors": 700_000,  # single PUT
+          "model-00004-of-00004.safetensors": 300_000}
+LAST = {"config.json", "model.safetensors.index.json", "optimizer/optimizer.safetensors.index.json"}
+
+
+
+
+def write_random(path: Path, size: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(random.Random(seed).randbytes(size))
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A merge output: 4 shards + index, config, tokenizer config, optimizer/, and merge scratch files."""
+    out = tmp_path / "out"
+    for i, (name, size) in enumerate(SHARDS.items()):
+        write_random(out / name, size, seed=i)
+    write_random(out / "optimizer" / "optimizer-00001-of-00001.safetensors", 400_000, seed=99)
+    weight_map = {f"layers.{i}.weight": name for i, name in enumerate(SHARDS)}
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(SHARDS.values())}, "weight_map": weight_map}))
+    (out / "optimizer" / "optimizer.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"state.x.exp_avg": "optimizer-00001-of-00001.safetensors"}}))
+    (out / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    (out / ".streammerge").mkdir()
+    (out / ".streammerge" / "state.json").write_text("{}")
+    (out / "model-00005.safetensors.streammerge-tmp").write_bytes(b"partial")
+    return out
+
+
+def expected_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".streammerge" not in p.as_posix()}
+
+
+def remote_files(hub: HubServer, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+    return {p: hub.file_bytes(repo_id, p, revision) for p in hub.files(repo_id, revision) if p != ".gitattributes"}
+
+
+def tree_digest(folder: Path) -> dict[str, tuple[int, str]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def completed_puts(hub: HubServer) -> Counter:
+    """Completed blob uploads, by LFS object (multipart: by object and part)."""
+    return Counter(e.path for e in hub.requests("PUT", r"^/_lfs/") if e.status == 200)
+
+
+def run_client(code: str, env: dict[str, str], **kw) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_DISABLE_XET": "1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1", **env}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+# ---- behaviour --------------------------------------------------------------------------------
+def test_push_folder_uploads_every_file_with_its_content(hub, folder):
+    info = push_folder(folder, "tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+
+    assert hub.repo("alice/tiny").private is False
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)
+    entries = hub.files("alice/tiny")
+    for name in SHARDS:  # LFS objects are stored under the sha256 of the local file
+        assert entries[name].lfs and entries[name].sha256 == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    assert not entries["config.json"].lfs
+    assert info.oid == hub.repo("alice/tiny").branches["main"]
+    # Everything fits in one commit: one atomic change after the Hub's initial commit.
+    assert [c.summary for c in hub.commit_log("alice/tiny")] == ["initial commit", "Upload model with streammerge"]
+    # The real client can read it back.
+    got = hf_hub_download("alice/tiny", "model-00001-of-00004.safetensors", endpoint=hub.endpoint,
+                          token=WRITE_TOKEN, cache_dir=folder.parent / "cache")
+    assert Path(got).read_bytes() == (folder / "model-00001-of-00004.safetensors").read_bytes()
+
+
+def test_private_repo_in_organization_with_token_and_endpoint_from_env(hub, folder, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    push_folder(folder, "tiny", organization="acme", private=True, retry=FAST)
+
+    repo = hub.repo("acme/tiny")
+    assert repo.private
+    assert remote_files(hub, "acme/tiny") == expected_files(folder)
+    for token in (False, OTHER_TOKEN):  # anonymous, and a user outside the org, cannot see it
+        with pytest.raises(RepositoryNotFoundError):
+            HfApi(endpoint=hub.endpoint, token=token).repo_info("acme/tiny")
+
+
+def test_data_files_are_committed_before_index_and_config(hub, folder):
+    push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=3,
+                retry=FAST)
+
+    commits = hub.commit_log("alice/tiny")[1:]
+    assert len(commits) == 3  # 6 data files in 2 commits, then the 3 "last" files
+    assert set(commits[-1].added) == LAST
+    for commit in commits[:-1]:
+        assert not LAST & set(commit.added)
+    # Each index only names files that were already on the Hub.
+    before_last = commits[-2].tree
+    index = json.loads(hub.file_bytes("alice/tiny", "model.safetensors.index.json"))
+    assert set(index["weight_map"].values()) <= set(before_last)
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)
+
+
+def test_existing_repo_is_updated_and_a_rerun_sends_nothing(hub, folder):
+    hub.create_repo("alice/tiny")
+    hub.add_files("alice/tiny", {"config.json": b'{"old": true}', "notes.txt": b"kept"})
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+
+    push_folder(folder, "alice/tiny", **opts)
+    assert hub.file_bytes("alice/tiny", "config.json") == (folder / "config.json").read_bytes()
+    assert hub.file_bytes("alice/tiny", "notes.txt") == b"kept"  # a push adds, it does not delete
+    n_commits, n_log = len(hub.commit_log("alice/tiny")), len(hub.log)
+
+    push_folder(folder, "alice/tiny", **opts)  # same folder again
+    again = hub.log[n_log:]
+    assert not [e for e in again if e.method == "PUT" or "/commit/" in e.path]
+    assert len(hub.commit_log("alice/tiny")) == n_commits
+
+    write_random(folder / "model-00003-of-00004.safetensors", 700_000, seed=1234)  # one shard changes
+    n_log = len(hub.log)
+    push_folder(folder, "alice/tiny", **opts)
+    puts = [e.path for e in hub.log[n_log:] if e.method == "PUT"]
+    assert puts == [f"/_lfs/upload/{hashlib.sha256((folder / 'model-00003-of-00004.safetensors').read_bytes()).hexdigest()}"]
+    assert hub.commit_log("alice/tiny")[-1].added == ["model-00003-of-00004.safetensors"]
+    assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "notes.txt": b"kept"}
+
+
+def test_branch_is_created_and_main_is_left_alone(hub, folder):
+    push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, revision="step-3", retry=FAST)
+    assert remote_files(hub, "alice/tiny", "step-3") == expected_files(folder)
+    assert set(hub.files("alice/tiny", "main")) == {".gitattributes"}
+
+
+def test_resume_after_client_killed_mid_upload_resends_nothing_stored(hub, folder):
+    code = f"""
+        from streammerge.hub import push_folder
+        push_folder({str(folder)!r}, "alice/tiny", max_workers=1)
+    """
+    env = {"HF_TOKEN": WRITE_TOKEN, "HF_ENDPOINT": hub.endpoint}
+    held = hub.hang(r"^/_lfs/(upload|part)/", method="PUT", skip=3)  # let 3 blob PUTs through, hold the 4th
+    proc = run_client(code, env)
+    try:
+        assert held.entered.wait(30), proc.communicate(timeout=5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        held.release()
+        if proc.poll() is None:
+            proc.kill()
+    first_run = completed_puts(hub)
+    assert sum(first_run.values()) == 3
+    assert not hub.requests("POST", r"/commit/")  # killed before anything was committed
+
+    n_log = len(hub.log)
+    proc = run_client(code, env)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+
+    second_run = Counter(e.path for e in hub.log[n_log:] if e.method == "PUT" and e.status == 200)
+    assert not set(first_run) & set(second_run)  # nothing the Hub stored was sent again
+    assert max(completed_puts(hub).values()) == 1  # no blob (or part) PUT twice
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)
+
+
+def test_transient_errors_and_rate_limits_are_retried(hub, folder):
+    hub.reset_next(r"^/api/repos/create$")
+    hub.fail_next(r"^/api/repos/create$", status=503)
+    hub.fail_next(r"/preupload/", status=500)
+    hub.fail_next(r"/info/lfs/objects/batch$", status=502)
+    hub.fail_next(r"^/_lfs/(upload|part)/", status=503, method="PUT")
+    hub.fail_next(r"/commit/", status=429, retry_after=1)
+    push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)
+    assert len(hub.commit_log("alice/tiny")) == 2
+    assert [e.status for e in hub.requests("POST", r"^/api/repos/create$")] == [None, 503, 200]
+    attempts = hub.requests("POST", r"/commit/")
+    assert [e.status for e in attempts] == [429, 200]
+    assert attempts[1].t_start - attempts[0].t_end >= 1.0  # Retry-After honoured
+    assert max(completed_puts(hub).values()) == 1
+
+
+def test_lost_commit_answer_does_not_commit_twice(hub, folder):
+    hub.drop_after_commit()
+    info = push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+
+    commits = hub.commit_log("alice/tiny")
+    assert len(commits) == 2 and info.oid == commits[-1].oid
+    assert [e.status for e in hub.requests("POST", r"/commit/")] == [None]  # applied once, answer lost
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)
+
+
+def test_failed_commit_is_sent_again_on_top_of_the_head_it_checked(hub, folder):
+    hub.fail_next(r"/commit/", status=500)
+    hub.reset_next(r"/commit/")  # then a connection reset before the server applied it
+    push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    assert [e.status for e in hub.requests("POST", r"/commit/")] == [500, None, 200]
+    assert len(hub.commit_log("alice/tiny")) == 2
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)
+
+
+def test_retried_commit_never_lands_on_a_head_it_did_not_check(hub, folder):
+    hub.fail_next(r"/commit/", status=503)
+    # Between our look at the head and the retried commit, someone else commits (as a lost attempt
+    # landing late would): the Hub refuses ours (412), we look again and commit on the new head.
+    hub.before_next(r"/commit/", lambda: hub.add_files("alice/tiny", {"other.txt": b"x"}, "rival"))
+    push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    assert [e.status for e in hub.requests("POST", r"/commit/")] == [503, 412, 200]
+    assert [c.summary for c in hub.commit_log("alice/tiny")][1:] == ["rival", "Upload model with streammerge"]
+    assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "other.txt": b"x"}
+
+
+def test_bad_token_gives_login_advice_and_never_shows_the_token(hub, folder):
+    bad = "hf_ThisIsNotAValidTokenButLooksLikeOne42"
+    before = tree_digest(folder)
+    with pytest.raises(PushError) as exc_info:
+        push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=bad, retry=FAST)
+    assert exc_info.value.kind == "auth"
+    assert "hf auth login" in str(exc_info.value) and "HF_TOKEN" in str(exc_info.value)
+
+    # What a user sees, traceback and logs included, when the token comes from HF_TOKEN.
+    proc = run_client(f"""
+        import logging; logging.basicConfig(level=logging.DEBUG)
+        from streammerge.hub import push_folder
+        push_folder({str(folder)!r}, "alice/tiny")
+    """, {"HF_TOKEN": bad, "HF_ENDPOINT": hub.endpoint})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "PushError" in err and "hf auth login" in err and "the token in HF_TOKEN" in err
+    assert bad not in out + err
+    assert tree_digest(folder) == before  # a failed push leaves the folder alone
+    assert ("model", "alice/tiny") not in hub.repos
+
+
+def test_read_only_token_and_foreign_org_get_permission_advice(hub, folder):
+    before = tree_digest(folder)
+    with pytest.raises(PushError) as exc_info:
+        push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=READ_TOKEN, retry=FAST)
+    assert exc_info.value.kind == "permission" and "write access" in str(exc_info.value)
+    assert READ_TOKEN not in str(exc_info.value)
+
+    # A merge feeding the pusher learns it at its next submit, not after writing every shard.
+    pusher = HubPusher("alice/tiny", endpoint=hub.endpoint, token=READ_TOKEN, retry=FAST)
+    pusher.submit(folder / "config.json").result(timeout=30)
+    with pytest.raises(PushError, match="write access"):
+        pusher.submit(folder / "tokenizer_config.json")
+    pusher.close()
+
+    hub.create_repo("acme/tiny")  # exists, but bob is not in acme
+    with pytest.raises(PushError) as exc_info:
+        push_folder(folder, "tiny", organization="acme", endpoint=hub.endpoint, token=OTHER_TOKEN, retry=FAST)
+    assert exc_info.value.kind == "permission" and "member" in str(exc_info.value)
+    assert len(hub.commit_log("acme/tiny")) == 1
+    assert tree_digest(folder) == before
+
+
+def test_xet_on_against_a_hub_without_xet_says_how_to_turn_it_off(hub, folder, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    with pytest.raises(PushError) as exc_info:
+        push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    assert exc_info.value.kind == "xet"
+    assert "HF_HUB_DISABLE_XET=1" in str(exc_info.value)
+    assert WRITE_TOKEN not in str(exc_info.value)
+
+
+def test_uploads_start_while_the_next_file_is_still_being_produced(hub, tmp_path):
+    out = tmp_path / "growing"
+    produced: dict[str, float] = {}
+    with HubPusher("alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST) as pusher:
+        for i, (name, size) in enumerate(SHARDS.items()):
+            write_random(out / name, size, seed=i)
+            produced[name] = time.monotonic()
+            pusher.submit(out / name, name, size=size)
+            time.sleep(0.4)  # the merge producing the next shard
+        (out / "config.json").write_text("{}")
+        pusher.submit(out / "config.json")
+        finish_called = time.monotonic()
+        pusher.finish()
+
+    first_shard = hashlib.sha256((out / "model-00001-of-00004.safetensors").read_bytes()).hexdigest()
+    done = [e for e in hub.requests("POST", rf"^/_lfs/complete/{first_shard}$") if e.status == 200]
+    assert done and done[0].t_end < produced["model-00002-of-00004.safetensors"]
+    assert len([e for e in hub.requests("PUT") if e.t_end < finish_called]) >= 4
+    assert not [e for e in hub.requests("POST", r"/commit/") if e.t_start < finish_called]
+    assert remote_files(hub, "alice/tiny") == {**expected_files(out)}
+
+
+def test_submit_checks_the_announced_size_and_uses_a_known_sha256(hub, tmp_path):
+    f = tmp_path / "model.safetensors"
+    write_random(f, 200_000, seed=5)
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    with HubPusher("alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST) as pusher:
+        with pytest.raises(ValueError, match="is it finished"):
+            pusher.submit(f, size=100)
+        pusher.submit(f, sha256=digest, size=200_000)
+    assert hub.files("alice/tiny")["model.safetensors"].sha256 == digest
+
+
+def test_model_card_describes_the_merge_and_goes_in_the_last_commit(hub, folder):
+    info = {"repo_id": "alice/tiny", "source": "/ckpt/global_step_3/actor", "step": 3, "world_size": 4,
+            "dtype": "bfloat16", "optimizer": True, "base_model": "meta-llama/Llama-3.2-1B"}
+    text = make_model_card(info)
+    card = ModelCard(text)
+    assert card.data.library_name == "transformers" and "streammerge" in card.data.tags
+    assert card.data.base_model == "meta-llama/Llama-3.2-1B"
+    for fact in ("/ckpt/global_step_3/actor", "| `4` |", "bfloat16", 'from_pretrained("alice/tiny"',
+                 "load_optimizer_state_dict"):
+        assert fact in text
+    assert "load_optimizer_state_dict" not in make_model_card({**info, "optimizer": False})
+
+    (folder / "README.md").write_text(text)
+    push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=4,
+                retry=FAST)
+    assert set(hub.commit_log("alice/tiny")[-1].added) == LAST | {"README.md"}
+    assert hub.file_bytes("alice/tiny", "README.md").decode() == text
+
+
+def test_plan_commits_orders_and_splits():
+    paths = ["b.safetensors", "config.json", "a.safetensors", "model.safetensors.index.json", "c.safetensors"]
+    assert plan_commits(paths, 10) == [["a.safetensors", "b.safetensors", "c.safetensors", "config.json",
+                                        "model.safetensors.index.json"]]
+    assert plan_commits(paths, 2) == [["a.safetensors", "b.safetensors"], ["c.safetensors"],
+                                      ["config.json", "model.safetensors.index.json"]]
+    assert plan_commits([], 2) == []

@@ -1,0 +1,52 @@
+"""Peak RSS does not grow with the checkpoint size (benchmarks measure the numbers; this checks the bound loosely)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MERGE_AND_REPORT = """
+import json, resource, sys
+import streammerge
+r = streammerge.merge(sys.argv[1], sys.argv[2], dtype=sys.argv[3], buffer_size="16MiB", workers=2)
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "bytes": r.bytes_written}))
+"""
+BASELINE = """
+import json, resource
+import streammerge, streammerge.write, safetensors.torch
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def _checkpoint(root: Path, mb: int) -> Path:
+    """A world-size-1 checkpoint of plain float32 tensors, `mb` MB in all (the writer path, not the planner)."""
+    actor = root / "actor"
+    actor.mkdir(parents=True)
+    rows = mb * 10**6 // 4 // 4096 // 8
+    torch.save({f"layers.{i}.weight": torch.full((rows, 4096), float(i)) for i in range(8)},
+               actor / "model_world_size_1_rank_0.pt")
+    return actor
+
+
+def _run(code: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_rss_flat_in_checkpoint_size(tmp_path: Path) -> None:
+    small = _checkpoint(tmp_path / "small", 40)
+    large = _checkpoint(tmp_path / "large", 480)
+    base = _run(BASELINE)["peak"]
+    for dtype in ("keep", "bfloat16"):
+        s = _run(MERGE_AND_REPORT, str(small), str(tmp_path / f"out-s-{dtype}"), dtype)
+        big = _run(MERGE_AND_REPORT, str(large), str(tmp_path / f"out-l-{dtype}"), dtype)
+        assert big["bytes"] >= 10 * s["bytes"] // 2
+        growth = big["peak"] - s["peak"]
+        # 12x more data; the merge may grow by a few MiB of bookkeeping at most, never by the data
+        assert growth < 24 * 2**20, (dtype, s, big)
+        assert big["peak"] - base < 96 * 2**20, (dtype, base, big)

@@ -1,0 +1,360 @@
+"""Optimizer export: names and bits against torch's own full state, layout, refusals, torch format, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import streammerge
+from streammerge.optimizer import OPTIMIZER_INDEX, OptimizerMismatchError, model_params, optimizer_save_mode_enabled
+
+FIXTURES = Path(os.environ.get("STREAMMERGE_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "verl"))
+NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference").is_dir()) if FIXTURES.is_dir() else []
+REPO = Path(__file__).resolve().parents[1]
+needs_fixtures = pytest.mark.skipif(not NAMES, reason=f"veRL fixtures not found at {FIXTURES}")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_same_optimizer(got: dict, ref: dict) -> None:
+    """Every parameter, every key, every bit; and the param groups (hyperparameters and fqns)."""
+    assert got["param_groups"] == ref["param_groups"]
+    assert list(got["state"]) == list(ref["state"])
+    for fqn, entry in ref["state"].items():
+        assert set(got["state"][fqn]) == set(entry), fqn
+        for key, want in entry.items():
+            have = got["state"][fqn][key]
+            assert have.dtype == want.dtype and have.shape == want.shape, (fqn, key)
+            assert torch.equal(_bits(have), _bits(want)), (fqn, key)
+
+
+def _reference(name: str) -> dict:
+    return torch.load(FIXTURES / name / "reference" / "optimizer.pt", weights_only=True)
+
+
+def _export(tmp_path_factory, name: str, fmt: str):
+    out = tmp_path_factory.mktemp(name) / "out"
+    result = streammerge.merge(FIXTURES / name, out, dtype="keep", max_shard_size="150KB", optimizer_format=fmt)
+    assert result.warnings == []
+    return name, out, result
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def st_export(request, tmp_path_factory):
+    """Each fixture merged with the default optimizer format (sharded safetensors + index)."""
+    return _export(tmp_path_factory, request.param, "safetensors")
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def pt_export(request, tmp_path_factory):
+    """Each fixture merged with --optimizer-format torch."""
+    return _export(tmp_path_factory, request.param, "torch")
+
+
+@needs_fixtures
+def test_safetensors_export_equals_torch_full_state_bit_for_bit(st_export) -> None:
+    name, out, _ = st_export
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(out), _reference(name))
+
+
+@needs_fixtures
+def test_safetensors_layout(st_export) -> None:
+    name, out, _ = st_export
+    index = json.loads((out / "optimizer" / OPTIMIZER_INDEX).read_text())
+    ref = _reference(name)
+    want = {f"state.{fqn}.{key}" for fqn, entry in ref["state"].items() for key in entry}
+    assert set(index["weight_map"]) == want
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all(f.startswith("optimizer-") for f in files)
+    total = 0
+    for f in files:
+        with safe_open(str(out / "optimizer" / f), framework="pt") as st:  # the Rust reader
+            sizes = {k: math.prod(st.get_slice(k).get_shape()) * 4 for k in st.keys()}
+        total += sum(sizes.values())
+        assert sum(sizes.values()) <= 150_000 or len(sizes) == 1  # --max-shard-size, or one oversized tensor
+    assert index["metadata"]["total_size"] == total
+    groups = json.loads(index["metadata"]["param_groups"])
+    assert [g["params"] for g in groups] == [g["params"] for g in ref["param_groups"]]
+    for key in ("lr", "betas", "eps", "weight_decay", "initial_lr"):
+        assert groups[0][key] == (list(ref["param_groups"][0][key]) if key == "betas" else ref["param_groups"][0][key])
+
+
+@needs_fixtures
+def test_export_is_memory_mapped(st_export) -> None:
+    """load_optimizer_state_dict reads nothing up front: tensors are copy-on-write views of the mapped files."""
+    name, out, _ = st_export
+    index = json.loads((out / "optimizer" / OPTIMIZER_INDEX).read_text())
+    osd = streammerge.load_optimizer_state_dict(out / "optimizer")
+    fqn, entry = next(iter(osd["state"].items()))
+    path = out / "optimizer" / index["weight_map"][f"state.{fqn}.exp_avg"]
+    before = path.read_bytes()
+    assert entry["exp_avg"].untyped_storage().nbytes() == len(before)  # a view of the whole file, not a copy
+    entry["exp_avg"].add_(1)
+    assert path.read_bytes() == before
+
+
+@needs_fixtures
+def test_torch_format_equals_torch_full_state_and_is_a_valid_zip(pt_export) -> None:
+    name, out, result = pt_export
+    path = out / "optimizer" / "optimizer.pt"
+    assert sorted(p.name for p in (out / "optimizer").iterdir()) == ["optimizer.pt"]
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None  # every record's CRC-32 is right
+        data = [i for i in zf.infolist() if "/data/" in i.filename]
+        assert len(data) == sum(len(e) for e in _reference(name)["state"].values())  # one record per tensor
+        with open(path, "rb") as fh:
+            for info in data:  # torch's 64-byte alignment of storage records
+                fh.seek(info.header_offset + 26)
+                n, m = int.from_bytes(fh.read(2), "little"), int.from_bytes(fh.read(2), "little")
+                assert (info.header_offset + 30 + n + m) % 64 == 0
+    assert_same_optimizer(torch.load(path, weights_only=True, map_location="cpu"), _reference(name))
+    entry = next(f for f in result.files if f.filename == "optimizer/optimizer.pt")
+    assert entry.size == path.stat().st_size
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_order_is_named_parameters_order(name) -> None:
+    """The ints of the rank files follow named_parameters() (FSDP1: the flat parameters' order)."""
+    info = json.loads((FIXTURES / name / "reference" / "INFO.json").read_text())
+    p = streammerge.plan(FIXTURES / name, dtype="keep")
+    known = {n: t.shape for n, t in p.tensors.items()} | {n: p.tensors[k].shape for n, k in p.dropped.items()}
+    model = model_params(FIXTURES / name / "huggingface", known)
+    if info["fsdp_version"] == 1:
+        flat = [f.replace("_fsdp_wrapped_module.", "").replace("._flat_param", "").replace("_flat_param", "")
+                for f in info["param_order"]]
+        assert [prefix for prefix, _ in model.units] == flat
+    else:
+        assert [n for n, _ in model.params] == info["param_order"]
+
+
+def test_optimizer_save_mode_words() -> None:
+    assert optimizer_save_mode_enabled("full") and optimizer_save_mode_enabled("FULL")
+    for off in (None, "null", "None", ""):
+        assert not optimizer_save_mode_enabled(off)
+    with pytest.raises(ValueError, match="optimizer_save_mode"):
+        optimizer_save_mode_enabled("sharded")
+
+
+# ---------------------------------------------------------------- refusals
+
+def _tampered(tmp: Path, name: str, change) -> Path:
+    """A copy of a fixture whose optim rank files went through `change(optim_state_dict)`."""
+    src = FIXTURES / name
+    dst = tmp / name
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name.startswith("optim_"):
+            osd = torch.load(p, map_location="cpu", weights_only=True)
+            change(osd)
+            torch.save(osd, dst / p.name)
+        elif p.is_dir():
+            shutil.copytree(p, dst / p.name)
+        else:
+            os.symlink(p, dst / p.name)
+    return dst
+
+
+def _swap_first_two(osd: dict) -> None:
+    osd["state"][0], osd["state"][1] = osd["state"][1], osd["state"][0]
+
+
+def _drop_last(osd: dict) -> None:
+    last = osd["param_groups"][0]["params"].pop()
+    osd["state"].pop(last, None)
+
+
+@needs_fixtures
+def test_state_of_another_shape_is_refused(tmp_path) -> None:
+    ck = _tampered(tmp_path, "gpu_fsdp2_llama_shard1_ws4", _swap_first_two)
+    with pytest.raises(OptimizerMismatchError, match=r"model\.embed_tokens\.weight.*refusing to guess.*--no-optimizer"):
+        streammerge.merge(ck, tmp_path / "out")
+    cli = subprocess.run([sys.executable, "-m", "streammerge", str(ck), str(tmp_path / "out2")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and "refusing to guess" in cli.stderr and "Traceback" not in cli.stderr
+    result = streammerge.merge(ck, tmp_path / "out3", optimizer=False)  # the way out the message names
+    assert not (tmp_path / "out3" / "optimizer").exists() and (tmp_path / "out3" / "model.safetensors").is_file()
+    assert result.warnings == []
+
+
+@needs_fixtures
+def test_fewer_states_than_parameters_is_refused(tmp_path) -> None:
+    ck = _tampered(tmp_path, "gpu_fsdp2_qwen2_tied_ws4", _drop_last)
+    with pytest.raises(OptimizerMismatchError, match="holds 25 parameters but Qwen2ForCausalLM .* has 26"):
+        streammerge.merge(ck, tmp_path / "out")
+
+
+@needs_fixtures
+def test_fsdp1_unmatched_flat_parameters_still_export_weights(tmp_path) -> None:
+    ck = _tampered(tmp_path, "gpu_fsdp1_llama_ws4", _swap_first_two)
+    result = streammerge.merge(ck, tmp_path / "out", dtype="keep")
+    assert len(result.warnings) == 1
+    assert "optimizer not exported" in result.warnings[0] and "wrap policy" in result.warnings[0]
+    assert not (tmp_path / "out" / "optimizer").exists()
+    ref = load_file(FIXTURES / "gpu_fsdp1_llama_ws4" / "reference" / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(got[k], ref[k]) for k in got)
+
+
+@needs_fixtures
+def test_config_that_does_not_match_the_model_files_skips_the_optimizer(tmp_path) -> None:
+    ck = tmp_path / "ck"
+    shutil.copytree(FIXTURES / "gpu_fsdp2_hsdp_llama_2x2", ck, symlinks=True)
+    cfg = json.loads((ck / "huggingface" / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (ck / "huggingface" / "config.json").write_text(json.dumps(cfg))
+    result = streammerge.merge(ck, tmp_path / "out")
+    assert len(result.warnings) == 1 and "model.layers.0.mlp.gate_proj.weight" in result.warnings[0]
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "optimizer").exists()
+
+
+@needs_fixtures
+def test_fsdp1_without_fsdp_config_is_recognised_by_its_flat_entries(tmp_path) -> None:
+    """Checkpoints older than fsdp_config.json: the entry count tells flat parameters from parameters."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for p in (FIXTURES / "gpu_fsdp1_llama_ws4").iterdir():
+        if p.name != "fsdp_config.json":
+            os.symlink(p, ck / p.name)
+    streammerge.merge(ck, tmp_path / "out", dtype="keep")
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), _reference("gpu_fsdp1_llama_ws4"))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(arch="qwen2", tie_word_embeddings=True, extra_buffers=True, world_size=2),
+    dict(world_size=1, plain_tensors=True),
+], ids=["buffers-and-tied-weights", "plain-world-size-1"])
+def test_synthetic_checkpoints(make_ckpt, tmp_path, kwargs) -> None:
+    """Buffers sit between parameters in the state dict and a tied weight appears once in the
+    optimizer: the names still come out right. FSDP1's plain full tensors at world size 1 too."""
+    actor = make_ckpt(**kwargs)
+    result = streammerge.merge(actor, tmp_path / "out", dtype="keep")
+    assert result.warnings == []
+    want = torch.load(actor / "reference" / "optimizer.pt", weights_only=True)
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), want)
+
+
+@needs_fixtures
+def test_several_param_groups_are_not_guessed(tmp_path) -> None:
+    def split(osd: dict) -> None:
+        group = osd["param_groups"][0]
+        osd["param_groups"] = [{**group, "params": group["params"][:5]},
+                               {**group, "weight_decay": 0.0, "params": group["params"][5:]}]
+
+    ck = _tampered(tmp_path, "gpu_fsdp2_llama_shard1_ws4", split)
+    result = streammerge.merge(ck, tmp_path / "out")
+    assert len(result.warnings) == 1 and "2 param groups" in result.warnings[0]
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "optimizer").exists()
+
+
+def test_unknown_optimizer_format_is_rejected() -> None:
+    from streammerge.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser("merge").parse_args(["a", "b", "--optimizer-format", "zip"])
+
+
+@needs_fixtures
+def test_cli_torch_format_and_resume_reuses_files(tmp_path) -> None:
+    name = "gpu_fsdp2_qwen2_tied_ws4"
+    args = [sys.executable, "-m", "streammerge", str(FIXTURES / name), str(tmp_path / "out"),
+            "--optimizer-format", "torch", "--dtype", "keep"]
+    first = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    again = streammerge.merge(FIXTURES / name, tmp_path / "out", dtype="keep", optimizer_format="torch")
+    assert "optimizer/optimizer.pt" in again.reused and again.bytes_written == 0
+    manifest = json.loads((tmp_path / "out" / ".streammerge" / "manifest.json").read_text())
+    assert "optimizer/optimizer.pt" in manifest["files"]
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), _reference(name))
+
+
+# ---------------------------------------------------------------- resume on another world size
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(job, nprocs: int) -> None:
+    import torch.multiprocessing as tmp
+
+    import _resume_train as rt
+
+    tmp.start_processes(rt.run, args=(job,), nprocs=nprocs, join=True, start_method="forkserver")
+
+
+@pytest.fixture(scope="module")
+def resume_run(tmp_path_factory):
+    """Train with FSDP2 on 2 gloo ranks for 2 steps, save veRL rank files, go on for a 3rd step."""
+    import _resume_train as rt
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["torch.distributed.fsdp", "transformers.models.llama.modeling_llama", "_resume_train", "streammerge"])
+    work = tmp_path_factory.mktemp("resume")
+    _ranks(rt.Job("train", 2, _port(), str(work), steps=2), 2)
+    export = work / "export"
+    result = streammerge.merge(work / "global_step_2" / "actor", export, dtype="keep")
+    assert result.warnings == []
+    return work, export
+
+
+def test_export_equals_live_full_optimizer_state(resume_run) -> None:
+    work, export = resume_run
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(export),
+                          torch.load(work / "oracle_optimizer.pt", weights_only=True))
+
+
+def test_flattened_form_equals_torchs(resume_run) -> None:
+    """flatten_state=True gives what get_optimizer_state_dict(flatten_optimizer_state_dict=True) gives."""
+    work, export = resume_run
+    got = streammerge.load_optimizer_state_dict(export, flatten_state=True)
+    want = torch.load(work / "oracle_optimizer_flat.pt", weights_only=True)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert got[k].dtype == v.dtype and torch.equal(_bits(got[k]), _bits(v)), k
+        else:
+            assert got[k] == v, k
+
+
+@pytest.mark.parametrize("world_size, fsdp", [(4, True), (1, False)], ids=["fsdp2-4-ranks", "one-process"])
+def test_resume_on_another_world_size_is_bitwise_uninterrupted(resume_run, world_size, fsdp) -> None:
+    import _resume_train as rt
+
+    work, export = resume_run
+    tag = f"{world_size}-{fsdp}"
+    _ranks(rt.Job("resume", world_size, _port(), str(work), steps=2, export=str(export), fsdp=fsdp, tag=tag),
+           world_size)
+    want = load_file(work / "uninterrupted.safetensors")
+    got = load_file(work / f"resumed_{tag}.safetensors")
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(_bits(got[k]), _bits(want[k])), k
+
+
+def test_resume_without_optimizer_state_differs(resume_run) -> None:
+    """Control: the comparison above sees the optimizer state (a fresh AdamW gives other weights)."""
+    import _resume_train as rt
+
+    work, export = resume_run
+    _ranks(rt.Job("resume", 1, _port(), str(work), steps=2, export=str(export), fsdp=False, tag="fresh",
+                  load_optimizer=False), 1)
+    want = load_file(work / "uninterrupted.safetensors")
+    got = load_file(work / "resumed_fresh.safetensors")
+    assert any(not torch.equal(got[k], want[k]) for k in want)

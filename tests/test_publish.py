@@ -1,0 +1,386 @@
+"""Merge + push against the Hub-compatible server: real checkpoints, real merges, real huggingface_hub client.
+
+Uploads take the Git LFS path (HF_HUB_DISABLE_XET); the Xet path is covered in test_hub.py. The CLI
+runs as a subprocess with HF_TOKEN/HF_ENDPOINT in its environment, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.errors import RepositoryNotFoundError
+
+import streammerge
+from hubserver import WRITE_TOKEN, HubServer
+from streammerge.errors import CheckpointError
+from streammerge.hub import PushError, RetryPolicy
+from streammerge.publish import ConfigError, load_push_config, merge_and_push, push_settings
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
+              pytest.mark.usefixtures("hub_env")]
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = RetryPolicy(attempts=5, base_delay=0.05, max_delay=0.5)
+SHARD = "200KB"  # the tiny model in 3 shards + index
+BAD_TOKEN = "hf_ThisIsNotAValidTokenButLooksLikeOne42"
+LAST = {"model.safetensors.index.json", "config.json", "README.md"}
+
+
+
+
+@pytest.fixture
+def run_dir(make_ckpt, tmp_path) -> Path:
+    """A private copy of a training run folder: global_step_2/actor (with optimizer files) + tracker."""
+    run = tmp_path / "run"
+    shutil.copytree(make_ckpt().parents[1], run)
+    return run
+
+
+def opts(hub: HubServer, **kw) -> dict:
+    return {"token": WRITE_TOKEN, "endpoint": hub.endpoint, "retry": FAST, "optimizer": False,
+            "max_shard_size": SHARD, **kw}
+
+
+def local_files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".streammerge" not in p.relative_to(out).parts}
+
+
+def remote_files(hub: HubServer, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+    return {p: hub.file_bytes(repo_id, p, revision) for p in hub.files(repo_id, revision) if p != ".gitattributes"}
+
+
+def completed_puts(hub: HubServer, since: int = 0) -> Counter:
+    return Counter(e.path for e in hub.log[since:] if e.method == "PUT" and e.path.startswith("/_lfs/")
+                   and e.status == 200)
+
+
+def cli(args: list[str], hub: HubServer, token: str = WRITE_TOKEN, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": token, "HF_ENDPOINT": hub.endpoint,
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    cmd = [sys.executable, "-m", "streammerge", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+# ---- the CLI --------------------------------------------------------------------------------
+def test_cli_push_to_private_org_repo_uploads_merged_files_index_last(hub, make_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = cli([make_ckpt(), out, "--push", "--repo-id", "tiny", "--organization", "acme", "--private",
+                "--max-shard-size", SHARD, "--max-files-per-commit", "3"], hub)
+    assert proc.returncode == 0, proc.stderr
+
+    assert hub.repo("acme/tiny").private
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub.endpoint, token=False).repo_info("acme/tiny")
+    local = local_files(out)
+    assert remote_files(hub, "acme/tiny") == local
+    manifest = json.loads((out / ".streammerge" / "manifest.json").read_text())
+    entries = hub.files("acme/tiny")
+    shards = [f for f in manifest["files"] if f.endswith(".safetensors")]
+    assert len(shards) >= 2
+    for name in shards:  # the Hub stores each shard under the sha256 the writer computed
+        assert entries[name].lfs
+        assert entries[name].sha256 == manifest["files"][name]["sha256"] == hashlib.sha256(local[name]).hexdigest()
+
+    last = LAST | {"optimizer/optimizer.safetensors.index.json"}
+    commits = hub.commit_log("acme/tiny")[1:]
+    first_last = next(i for i, c in enumerate(commits) if last & set(c.added))
+    assert first_last >= 2  # the data files alone took several commits (at most 3 files each)
+    assert not any(last & set(c.added) for c in commits[:first_last])
+    assert all(set(c.added) <= last for c in commits[first_last:])
+    assert set().union(*(c.added for c in commits[first_last:])) == last
+    for index_name in ("model.safetensors.index.json", "optimizer/optimizer.safetensors.index.json"):
+        index = json.loads(local[index_name])
+        folder = index_name.rpartition("/")[0]
+        named = {f"{folder}/{f}" if folder else f for f in index["weight_map"].values()}
+        assert named <= set(commits[first_last - 1].tree)  # every file an index names was there before it
+
+    card = local["README.md"].decode()
+    config = json.loads(local["config.json"])
+    for fact in (str(make_ckpt()), "| Training step | `2` |", "| FSDP world size | `2` |",
+                 f"| Weights dtype | `{config['dtype']}` |", "| Optimizer state included | `yes` |",
+                 'from_pretrained("acme/tiny"'):
+        assert fact in card
+    assert f"acme/tiny/commit/{hub.repo('acme/tiny').branches['main']}" in proc.stdout
+    assert WRITE_TOKEN not in proc.stdout + proc.stderr
+
+
+def test_cli_kill_mid_upload_then_rerun_sends_nothing_twice(hub, make_ckpt, tmp_path):
+    out = tmp_path / "out"
+    args = [make_ckpt(), out, "--push", "--repo-id", "alice/tiny", "--max-shard-size", SHARD, "--no-optimizer",
+            "--upload-workers", "1"]
+    held = hub.hang(r"^/_lfs/(upload|part)/", method="PUT", skip=2)  # 2 blobs go through, the 3rd is held
+    proc = cli(args, hub, wait=False)
+    try:
+        assert held.entered.wait(60), proc.communicate(timeout=5)
+        proc.kill()
+        proc.wait(10)
+    finally:
+        held.release()
+        if proc.poll() is None:
+            proc.kill()
+    first = completed_puts(hub)
+    assert sum(first.values()) == 2
+    assert not hub.requests("POST", r"/commit/")
+
+    n_log = len(hub.log)
+    proc = cli(args, hub)
+    assert proc.returncode == 0, proc.stderr
+    second = completed_puts(hub, n_log)
+    assert second and not set(first) & set(second)  # nothing the Hub had was sent again
+    assert max(completed_puts(hub).values()) == 1
+    assert "reused" in proc.stdout  # the merge re-used its finished files
+    assert remote_files(hub, "alice/tiny") == local_files(out)
+    assert len(hub.commit_log("alice/tiny")) == 2
+    report = streammerge.verify(out, make_ckpt())  # the folder survived the kill intact, every tensor checked
+    assert report.ok and report.tensors_checked, report.summary()
+
+
+def test_cli_bad_token_fails_before_merging_with_advice_and_never_prints_it(hub, make_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = cli([make_ckpt(), out, "--push", "--repo-id", "tiny", "--no-optimizer"], hub, token=BAD_TOKEN)
+    assert proc.returncode == 4
+    assert "hf auth login" in proc.stderr and "HF_TOKEN" in proc.stderr and "Traceback" not in proc.stderr
+    assert BAD_TOKEN not in proc.stdout + proc.stderr
+    assert not out.exists()  # checked before the merge started
+    assert not hub.repos
+
+
+def test_cli_config_block_nested_in_training_config_with_flag_override(hub, make_ckpt, tmp_path):
+    config = tmp_path / "ppo_trainer.yaml"
+    config.write_text(
+        "data:\n  train_batch_size: 8\n"
+        "trainer:\n  project_name: demo\n  total_epochs: 1\n"
+        "  hf_upload:\n    enabled: true\n    repo_id: from-file\n    organization: acme\n"
+        "    private: true\n    optimizer_save_mode: null\n")
+    out = tmp_path / "out"
+    assert make_ckpt().joinpath("optim_world_size_2_rank_0.pt").is_file()  # there is optimizer state to skip
+    proc = cli([make_ckpt(), out, "--config", config, "--repo-id", "from-flag", "--max-shard-size", SHARD], hub)
+    assert proc.returncode == 0, proc.stderr
+
+    assert ("model", "acme/from-file") not in hub.repos
+    assert hub.repo("acme/from-flag").private
+    remote = remote_files(hub, "acme/from-flag")
+    assert remote == local_files(out)
+    assert not [p for p in remote if p.startswith("optimizer")]
+    assert "| Optimizer state included | `no` |" in remote["README.md"].decode()
+
+
+# ---- the library ----------------------------------------------------------------------------
+def test_existing_repo_gets_a_branch_and_a_rerun_sends_nothing(hub, make_ckpt, tmp_path):
+    hub.create_repo("alice/tiny")
+    hub.add_files("alice/tiny", {"notes.txt": b"kept", "config.json": b"{}"})
+    out = tmp_path / "out"
+
+    first = merge_and_push(make_ckpt(), out, "alice/tiny", revision="step-2", **opts(hub))
+    assert first.ok and first.commit_oid == hub.repo("alice/tiny").branches["step-2"]
+    assert remote_files(hub, "alice/tiny", "step-2") == {**local_files(out), "notes.txt": b"kept"}
+    assert remote_files(hub, "alice/tiny", "main") == {"notes.txt": b"kept", "config.json": b"{}"}
+
+    n_log, n_commits = len(hub.log), len(hub.commit_log("alice/tiny", "step-2"))
+    again = merge_and_push(make_ckpt(), out, "alice/tiny", revision="step-2", **opts(hub))
+    assert not [e for e in hub.log[n_log:] if e.method == "PUT" or "/commit/" in e.path]
+    assert len(hub.commit_log("alice/tiny", "step-2")) == n_commits
+    assert again.commits == 0 and sorted(again.unchanged) == sorted(again.files)
+    assert again.merge.reused and again.commit_oid == first.commit_oid
+
+
+def test_transient_errors_and_rate_limits_are_retried(hub, make_ckpt, tmp_path):
+    hub.reset_next(r"^/api/repos/create$")
+    hub.fail_next(r"/preupload/", status=500)
+    hub.fail_next(r"/info/lfs/objects/batch$", status=502)
+    hub.fail_next(r"^/_lfs/(upload|part)/", status=503, method="PUT")
+    hub.fail_next(r"/commit/", status=429, retry_after=1)
+    out = tmp_path / "out"
+    result = merge_and_push(make_ckpt(), out, "tiny", **opts(hub))
+
+    assert result.ok and remote_files(hub, "alice/tiny") == local_files(out)
+    assert [e.status for e in hub.requests("POST", r"^/api/repos/create$")] == [None, 200]
+    commits = hub.requests("POST", r"/commit/")
+    assert [e.status for e in commits] == [429, 200] and commits[1].t_start - commits[0].t_end >= 1.0
+    assert [e.status for e in hub.requests("PUT")].count(503) == 1
+    assert max(completed_puts(hub).values()) == 1
+    assert len(hub.commit_log("alice/tiny")) == 2
+
+
+def test_lost_commit_answer_is_not_committed_twice(hub, make_ckpt, tmp_path):
+    hub.drop_after_commit()
+    result = merge_and_push(make_ckpt(), tmp_path / "out", "tiny", **opts(hub))
+    commits = hub.commit_log("alice/tiny")
+    assert len(commits) == 2 and result.commit_oid == commits[-1].oid
+    assert [e.status for e in hub.requests("POST", r"/commit/")] == [None]
+    assert remote_files(hub, "alice/tiny") == local_files(tmp_path / "out")
+
+
+def test_failed_push_keeps_the_merged_folder_and_the_rerun_finishes(hub, make_ckpt, tmp_path):
+    out = tmp_path / "out"
+    streammerge.merge(make_ckpt(), out, optimizer=False, max_shard_size=SHARD)
+    before = {k: hashlib.sha256(v).hexdigest() for k, v in local_files(out).items()}
+    hub.fail_next(r"/commit/", status=500, n=FAST.attempts)
+    with pytest.raises(PushError) as exc_info:
+        merge_and_push(make_ckpt(), out, "tiny", **opts(hub))
+    assert exc_info.value.kind == "failed" and "running the same push again" in str(exc_info.value)
+    after = {k: hashlib.sha256(v).hexdigest() for k, v in local_files(out).items()}
+    assert {k: after[k] for k in before} == before and set(after) - set(before) == {"README.md"}
+    assert not [p for p in out.rglob("*") if "tmp" in p.name]
+    assert set(hub.files("alice/tiny")) == {".gitattributes"}
+
+    n_log = len(hub.log)
+    merge_and_push(make_ckpt(), out, "tiny", **opts(hub))
+    assert not completed_puts(hub, n_log)  # every blob was already uploaded by the failed run
+    assert remote_files(hub, "alice/tiny") == local_files(out)
+
+
+def test_config_block_is_found_anywhere_and_checked(tmp_path):
+    top = tmp_path / "top.yaml"
+    top.write_text("hf_upload:\n  enabled: true\n  repo_id: alice/m\n  private: true\n  optimizer_save_mode: null\n")
+    assert load_push_config(top) == streammerge.publish.PushConfig(True, "alice/m", None, True, None)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("actor_rollout_ref:\n  model: {path: Qwen/Qwen2.5-0.5B}\n"
+                      "trainer:\n  logger: [console]\n  hf_upload:\n    enabled: false\n    repo_id: m\n"
+                      "    organization: acme\n    optimizer_save_mode: full\n")
+    cfg = load_push_config(nested)
+    assert (cfg.enabled, cfg.repo_id, cfg.organization, cfg.optimizer) == (False, "m", "acme", True)
+    # flags win over the file
+    cfg = push_settings(nested, push=True, repo_id="other", private=True, optimizer_save_mode="none")
+    assert (cfg.enabled, cfg.repo_id, cfg.organization, cfg.private, cfg.optimizer) == (True, "other", "acme", True,
+                                                                                       False)
+    for text, message in [("trainer: {epochs: 1}\n", "no hf_upload"),
+                          ("a: {hf_upload: {repo_id: x}}\nb: {hf_upload: {repo_id: y}}\n", "several different"),
+                          ("hf_upload: {enabled: true, repo_id: '${oc.env:USER}/m'}\n", "interpolation"),
+                          ("hf_upload: {enabled: true, optimizer_save_mode: sharded}\n", "optimizer_save_mode"),
+                          ("hf_upload: [1, 2]\n", "mapping"),
+                          ("hf_upload: {enabled: true}\n", "--repo-id")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            push_settings(bad)
+
+
+# ---- the seed workflow's API ------------------------------------------------------------------
+def test_seed_function_picks_the_step_in_a_run_folder_and_uses_the_default_out_dir(hub, run_dir, make_ckpt,
+                                                                                   monkeypatch):
+    other = run_dir / "global_step_5"  # a newer step with other weights; the tracker names it
+    shutil.copytree(make_ckpt(seed=1), other / "actor")
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("5")
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+
+    result = streammerge.upload_checkpoint_to_hf(checkpoint_dir=run_dir, repo_id="tiny", step=2,
+                                                 optimizer_save_mode=None, max_shard_size=SHARD, retry=FAST)
+    assert result.ok and result.step == 2
+    assert result.out_dir == (run_dir / "global_step_2" / "actor-hf").resolve()
+    step2 = streammerge.merge(run_dir / "global_step_2", run_dir.parent / "check", optimizer=False,
+                              max_shard_size=SHARD)
+    weights = {f.filename for f in step2.files if f.filename.endswith(".safetensors")}
+    remote = remote_files(hub, "alice/tiny")
+    assert remote == local_files(result.out_dir)
+    assert weights and all(remote[w] == (step2.out_dir / w).read_bytes() for w in weights)
+    assert "| Training step | `2` |" in remote["README.md"].decode()
+    assert hub.commit_log("alice/tiny")[-1].summary == "Upload model from step 2 with streammerge"
+
+    with pytest.raises(CheckpointError, match="step 5, not of step 2"):
+        streammerge.upload_checkpoint_to_hf(checkpoint_dir=other / "actor", repo_id="tiny", step=2)
+
+
+def test_seed_uploader_class_and_raise_on_error_false_returns_the_failure(hub, make_ckpt, tmp_path, caplog):
+    uploader = streammerge.HuggingFaceUploader(repo_id="tiny", optimizer_save_mode=None, token=WRITE_TOKEN,
+                                               endpoint=hub.endpoint, max_shard_size=SHARD, retry=FAST)
+    result = uploader.upload_from_checkpoint_dir(checkpoint_dir=make_ckpt(), step=2, out_dir=tmp_path / "out")
+    assert result.ok and remote_files(hub, "alice/tiny") == local_files(tmp_path / "out")
+
+    bad = streammerge.HuggingFaceUploader(repo_id="tiny", optimizer_save_mode=None, token=BAD_TOKEN,
+                                          endpoint=hub.endpoint, retry=FAST, raise_on_error=False)
+    with caplog.at_level(logging.ERROR):
+        failed = bad.upload_from_checkpoint_dir(checkpoint_dir=make_ckpt(), out_dir=tmp_path / "out2")
+    assert not failed.ok and failed.error_kind == "auth" and "hf auth login" in failed.error
+    assert "hf auth login" in caplog.text and BAD_TOKEN not in caplog.text + failed.error
+
+    failed = streammerge.upload_checkpoint_to_hf(make_ckpt(), None, "tiny", optimizer_save_mode=None, token=BAD_TOKEN,
+                                                 endpoint=hub.endpoint, retry=FAST, raise_on_error=False)
+    assert not failed.ok and failed.error_kind == "auth"
+    with pytest.raises(PushError):
+        streammerge.upload_checkpoint_to_hf(make_ckpt(), None, "tiny", optimizer_save_mode=None, token=BAD_TOKEN,
+                                            endpoint=hub.endpoint, retry=FAST)
+
+
+def _actor_without_hf(make_ckpt, tmp_path) -> Path:
+    actor = tmp_path / "run" / "global_step_2" / "actor"
+    shutil.copytree(make_ckpt(), actor, ignore=shutil.ignore_patterns("huggingface"))
+    return actor
+
+
+def test_model_name_as_local_folder_gives_config_and_tokenizer_only(hub, make_ckpt, tmp_path):
+    base = tmp_path / "base_model"
+    shutil.copytree(make_ckpt() / "huggingface", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "streammerge_marker": 7}))
+    (base / "model.safetensors").write_bytes(b"not these weights")
+    (base / "README.md").write_text("the base model's card")
+    actor = _actor_without_hf(make_ckpt, tmp_path)
+
+    result = streammerge.upload_checkpoint_to_hf(actor, model_name=str(base), repo_id="tiny", step=2,
+                                                 optimizer_save_mode=None, token=WRITE_TOKEN, endpoint=hub.endpoint,
+                                                 retry=FAST)
+    remote = remote_files(hub, "alice/tiny")
+    assert json.loads(remote["config.json"])["streammerge_marker"] == 7
+    assert remote["tokenizer.json"] == (base / "tokenizer.json").read_bytes()
+    assert remote["model.safetensors"] == (result.out_dir / "model.safetensors").read_bytes() != b"not these weights"
+    assert "the base model's card" not in remote["README.md"].decode()
+    assert not hub.requests("GET", r"/resolve/")  # a local folder is read offline
+
+
+def test_model_name_from_the_hub_fetches_config_and_tokenizer_only(hub, make_ckpt, tmp_path):
+    hf = make_ckpt() / "huggingface"
+    hub.create_repo("acme/base")
+    hub.add_files("acme/base", {**{p.name: p.read_bytes() for p in hf.iterdir()},
+                                "model.safetensors": os.urandom(300_000), "README.md": b"base card"})
+    actor = _actor_without_hf(make_ckpt, tmp_path)
+
+    result = merge_and_push(actor, tmp_path / "out", "tiny", model_name="acme/base", **opts(hub))
+    fetched = {e.path.rsplit("/", 1)[-1] for e in hub.requests("GET", r"^/acme/base/resolve/")}
+    assert fetched == {p.name for p in hf.iterdir()}  # config, generation config, tokenizer; no weights, no card
+    remote = remote_files(hub, "alice/tiny")
+    assert remote["config.json"] == (result.out_dir / "config.json").read_bytes()
+    assert json.loads(remote["config.json"])["vocab_size"] == json.loads((hf / "config.json").read_text())["vocab_size"]
+    assert "base_model: acme/base" in remote["README.md"].decode()
+
+
+def test_optimizer_full_pushes_an_optimizer_export_that_loads_as_the_card_says(hub, make_ckpt, tmp_path):
+    result = streammerge.upload_checkpoint_to_hf(make_ckpt(), repo_id="tiny", optimizer_save_mode="full",
+                                                 token=WRITE_TOKEN, endpoint=hub.endpoint, retry=FAST,
+                                                 out_dir=tmp_path / "out")
+    remote = remote_files(hub, "alice/tiny")
+    assert [p for p in remote if p.startswith("optimizer/")]
+    assert remote == local_files(result.out_dir)
+    card = remote["README.md"].decode()
+    assert "| Optimizer state included | `yes` |" in card and "load_optimizer_state_dict" in card
+
+    # The card's recipe, on the files as the Hub serves them.
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    download = tmp_path / "download"
+    for path, data in remote.items():
+        (download / path).parent.mkdir(parents=True, exist_ok=True)
+        (download / path).write_bytes(data)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(download))
+    optimizer = torch.optim.AdamW(model.parameters())
+    set_optimizer_state_dict(model, optimizer, streammerge.load_optimizer_state_dict(f"{download}/optimizer"),
+                             options=StateDictOptions(flatten_optimizer_state_dict=True))
+    state = optimizer.state_dict()["state"]
+    assert len(state) == len(list(model.parameters()))
+    assert all(s["exp_avg"].abs().sum() > 0 for s in state.values())

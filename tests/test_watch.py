@@ -1,0 +1,181 @@
+"""The watch sidecar: follows a training run, merges and pushes each complete checkpoint once.
+
+Checkpoints are real (synthetic FSDP2 runs from ``make_ckpt``), copied into a run folder the way
+the trainer lays them out; the Hub is the test server, driven by the real huggingface_hub client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import streammerge
+from hubserver import WRITE_TOKEN, HubServer
+from streammerge.hub import RetryPolicy
+from streammerge.watch import STATE_FILE, Watcher, watch
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
+              pytest.mark.usefixtures("hub_env")]
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2)
+SHARD = "200KB"
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+
+
+@pytest.fixture
+def actors(make_ckpt) -> list[Path]:
+    """Two real checkpoints with different weights, to play two steps of one run."""
+    return [make_ckpt(), make_ckpt(seed=1)]
+
+
+def add_step(run: Path, step: int, actor: Path, *, tracker: bool = True) -> Path:
+    dest = run / f"global_step_{step}" / "actor"
+    shutil.copytree(actor, dest)
+    if tracker:  # the trainer writes the tracker after every rank has saved
+        (run / TRACKER).write_text(str(step))
+    return dest
+
+
+def push_options(hub: HubServer) -> dict:
+    return {"push": True, "repo_id": "tiny", "token": WRITE_TOKEN, "endpoint": hub.endpoint, "retry": FAST,
+            "optimizer": False, "max_shard_size": SHARD}
+
+
+def remote_files(hub: HubServer, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+    return {p: hub.file_bytes(repo_id, p, revision) for p in hub.files(repo_id, revision) if p != ".gitattributes"}
+
+
+def local_files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".streammerge" not in p.relative_to(out).parts}
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"watch exited early:\n{proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out:\n{proc.communicate()[1]}")
+        time.sleep(0.05)
+
+
+def test_watch_cli_pushes_each_complete_step_to_its_branch_and_not_again_after_restart(hub, actors, tmp_path):
+    run = tmp_path / "run"
+    add_step(run, 1, actors[0])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": WRITE_TOKEN, "HF_ENDPOINT": hub.endpoint,
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    args = [sys.executable, "-m", "streammerge", "watch", str(run), "--push", "--repo-id", "tiny",
+            "--revision-per-step", "--max-shard-size", SHARD, "--interval", "0.4"]
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def recorded(step: int) -> bool:  # pushed, and written down as pushed
+            state = run / STATE_FILE
+            return state.is_file() and str(step) in json.loads(state.read_text())["targets"].get("tiny", {})
+
+        wait_for(lambda: recorded(1), 60, proc)
+
+        # Step 2 arrives the hard way: the tracker already names it while rank 1's model file is
+        # missing, then that file grows in small writes for longer than two looks. Nothing may be
+        # pushed (or even merged) before it is whole.
+        name = "model_world_size_2_rank_1.pt"
+        actor2 = run / "global_step_2" / "actor"
+        shutil.copytree(actors[1], actor2, ignore=shutil.ignore_patterns(name))
+        (run / TRACKER).write_text("2")
+        time.sleep(1.2)
+        data = (actors[1] / name).read_bytes()
+        with open(actor2 / name, "wb") as f:
+            for i in range(24):
+                f.write(data[i * len(data) // 24:(i + 1) * len(data) // 24])
+                f.flush()
+                time.sleep(0.05)
+        assert "step-2" not in hub.repo("alice/tiny").branches
+        assert not (actor2.parent / "actor-hf").exists()
+        wait_for(lambda: recorded(2), 60, proc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "step 2: not complete yet" in err and "step 2: files still changing" in err
+
+    for step, actor in ((1, actors[0]), (2, actors[1])):
+        out = run / f"global_step_{step}" / "actor-hf"
+        assert remote_files(hub, "alice/tiny", f"step-{step}") == local_files(out)
+        check = streammerge.merge(actor, tmp_path / f"check{step}", max_shard_size=SHARD)
+        assert any(f.filename.startswith("optimizer/") for f in check.files)
+        for f in check.files:  # the data; the optimizer index also names the step, which differs here
+            if f.filename.endswith(".safetensors"):
+                assert (out / f.filename).read_bytes() == (check.out_dir / f.filename).read_bytes()
+    assert set(hub.files("alice/tiny", "main")) == {".gitattributes"}
+    state = json.loads((run / STATE_FILE).read_text())
+    assert set(state["targets"]["tiny"]) == {"1", "2"}
+    assert state["targets"]["tiny"]["2"]["revision"] == "step-2"
+
+    # A restarted watcher finds both steps recorded: it neither merges nor talks to the Hub.
+    n_log = len(hub.log)
+    proc = subprocess.run([*args, "--once"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert len(hub.log) == n_log and len(hub.commit_log("alice/tiny", "step-2")) == 2
+    assert WRITE_TOKEN not in proc.stderr + err
+
+
+def test_only_latest_skips_older_steps_and_once_twice_pushes_each_step_once(hub, actors, tmp_path):
+    run = tmp_path / "run"
+    add_step(run, 1, actors[0])
+    add_step(run, 2, actors[1])
+    add_step(run, 3, actors[0], tracker=False)  # still being written: the tracker says 2
+
+    results = watch(run, once=True, interval=0.1, only_latest=True, **push_options(hub))
+    assert [(r.step, r.ok) for r in results] == [(2, True)]
+    assert remote_files(hub, "alice/tiny") == local_files(run / "global_step_2" / "actor-hf")
+    assert not (run / "global_step_1" / "actor-hf").exists()
+    assert not (run / "global_step_3" / "actor-hf").exists()
+
+    n_log = len(hub.log)
+    assert watch(run, once=True, interval=0.1, only_latest=True, **push_options(hub)) == []
+    assert len(hub.log) == n_log
+
+    (run / TRACKER).write_text("3")
+    results = watch(run, once=True, interval=0.1, only_latest=True, **push_options(hub))
+    assert [(r.step, r.ok) for r in results] == [(3, True)]
+    commits = hub.commit_log("alice/tiny")
+    assert [c.summary for c in commits[1:]] == ["Upload model from step 2 with streammerge",
+                                                "Upload model from step 3 with streammerge"]
+    assert remote_files(hub, "alice/tiny") == local_files(run / "global_step_3" / "actor-hf")
+    assert set(Watcher(run, only_latest=True, **push_options(hub)).done_steps()) == {2, 3}
+
+
+def test_a_failed_push_is_not_recorded_and_is_retried_at_the_next_look(hub, actors, tmp_path):
+    run = tmp_path / "run"
+    add_step(run, 4, actors[0])
+    out_root = tmp_path / "merged"
+    hub.fail_next(r"/commit/", status=500, n=FAST.attempts)
+    watcher = Watcher(run, out_root=out_root, state_file=tmp_path / "state.json", **push_options(hub))
+
+    failed = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok, r.error_kind) for r in failed] == [(4, False, "failed")]
+    assert watcher.done_steps() == {}
+
+    retried = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in retried] == [(4, True)]
+    assert remote_files(hub, "alice/tiny") == local_files(out_root / "global_step_4")
+    assert watcher.done_steps()[4]["commit"] == hub.repo("alice/tiny").branches["main"]
+    assert not (run / STATE_FILE).exists()
+
+    # Without --push the sidecar only merges, under its own record.
+    merged = Watcher(run, push=False, optimizer=False, max_shard_size=SHARD, out_root=tmp_path / "local")
+    assert [(r.step, r.ok) for r in merged.run(once=True, interval=0.1)] == [(4, True)]
+    assert local_files(tmp_path / "local" / "global_step_4") == \
+        {k: v for k, v in local_files(out_root / "global_step_4").items() if k != "README.md"}
+    assert set(merged.done_steps()) == {4}
