@@ -15,8 +15,18 @@ from .errors import CheckpointError, OutputError, StreammergeError, UnsafePickle
 from .optimizer import OPTIMIZER_SAVE_MODES, load_optimizer_state_dict, optimizer_save_mode_enabled
 from .pipeline import MergeResult, merge, plan
 from .plan import Plan
-from .publish import HuggingFaceUploader, PushResult, merge_and_push, upload_checkpoint_to_hf
 from .verify import VerifyReport, verify
+
+_PUBLISH = ("HuggingFaceUploader", "PushResult", "merge_and_push", "upload_checkpoint_to_hf")
+
+
+def __getattr__(name: str):
+    """The Hub stack (huggingface_hub: ~0.3 s, ~18 MB RSS) is imported only when a push needs it."""
+    if name in _PUBLISH:
+        from . import publish
+
+        return getattr(publish, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
 __all__ = [
