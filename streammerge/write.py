@@ -230,7 +230,6 @@ def fill_window(t: TensorPlan, box: Box, out: torch.Tensor, scratch: torch.Tenso
         sizes = tuple(b - a for a, b in zip(lo, hi))
         local = [a - s for a, s in zip(lo, p.start)]
         src_off = p.offset + sum(i * st for i, st in zip(local, p.stride)) * src_isz
-        span = (sum((n - 1) * st for n, st in zip(sizes, p.stride)) + 1) * src_isz
         dst = [a - b[0] for a, b in zip(lo, box)]
         dst_flat = sum(i * st for i, st in zip(dst, wstrides))
         if (t.dtype == t.source_dtype and _is_contiguous(sizes, p.stride)
@@ -238,13 +237,32 @@ def fill_window(t: TensorPlan, box: Box, out: torch.Tensor, scratch: torch.Tenso
             start = dst_flat * src_isz
             sources.read_into(p.file, src_off, out_mv[start:start + math.prod(sizes) * src_isz])
             continue
-        if span > scratch.numel():
-            raise OutputError(f"{t.name}: a piece spans {span} bytes for one window; raise --buffer-size")
-        sources.read_into(p.file, src_off, memoryview(scratch.numpy())[:span])
-        src = scratch[:span].view(t.source_dtype).as_strided(sizes, p.stride)
         window = out[:n_out].view(t.dtype).view(wshape)
-        window[tuple(slice(a, a + n) for a, n in zip(dst, sizes))].copy_(src)
+        for off, part in _fitting_parts(sizes, p.stride, src_isz, scratch.numel()):
+            part_src = src_off + sum(i * st for i, st in zip(off, p.stride)) * src_isz
+            span = (sum((n - 1) * st for n, st in zip(part, p.stride)) + 1) * src_isz
+            sources.read_into(p.file, part_src, memoryview(scratch.numpy())[:span])
+            src = scratch[:span].view(t.source_dtype).as_strided(part, p.stride)
+            window[tuple(slice(a + o, a + o + n) for a, o, n in zip(dst, off, part))].copy_(src)
     return n_out
+
+
+def _fitting_parts(sizes: tuple[int, ...], strides: tuple[int, ...], itemsize: int,
+                   limit: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Split a strided box into (offset, sizes) parts whose storage span fits the scratch buffer.
+
+    Row-major pieces always fit in one part; a piece stored in another order (e.g. column-major) is
+    halved along its largest-stride dimension until each part fits.
+    """
+    span = (sum((n - 1) * st for n, st in zip(sizes, strides)) + 1) * itemsize
+    if span <= limit or all(n == 1 for n in sizes):
+        yield (0,) * len(sizes), sizes
+        return
+    d = max((i for i, n in enumerate(sizes) if n > 1), key=lambda i: strides[i])
+    half = sizes[d] // 2
+    for start, n in ((0, half), (half, sizes[d] - half)):
+        for off, part in _fitting_parts(sizes[:d] + (n,) + sizes[d + 1:], strides, itemsize, limit):
+            yield off[:d] + (off[d] + start,) + off[d + 1:], part
 
 
 # ---------------------------------------------------------------- one output file

@@ -114,3 +114,18 @@ def test_casts_equal_torch_to(tmp_path: Path, dtype: torch.dtype) -> None:
         want = v.to(dtype) if v.is_floating_point() else v
         assert got[k].dtype == want.dtype
         assert torch.equal(got[k].view(torch.uint8), want.contiguous().view(torch.uint8)), k
+
+
+def test_column_major_pieces_larger_than_the_buffer(tmp_path: Path) -> None:
+    """Local tensors stored in another order than row-major, much larger than one window, merge exactly."""
+    gen = torch.Generator().manual_seed(4)
+    cm = torch.randn(300, 500, generator=gen).t()  # shape (500, 300), strides (1, 500)
+    cube = torch.randn(20, 30, 40, generator=gen).permute(2, 0, 1)
+    assert cm.stride() == (1, 500) and not cube.is_contiguous()
+    ck = _plain_checkpoint(tmp_path, {"cm": cm, "cube": cube})
+    streammerge.merge(ck, tmp_path / "out", dtype="bfloat16", buffer_size=64 * 1024)
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(got["cm"], cm.to(torch.bfloat16))
+    assert torch.equal(got["cube"], cube.to(torch.bfloat16))
