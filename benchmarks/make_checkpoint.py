@@ -181,18 +181,10 @@ def _rank_state(specs: list[Spec], mesh, coord: tuple[int, ...], shape: tuple[in
             if kind == "exp_avg_sq":
                 local.abs_()
         state[spec.name] = DTensor.from_local(local, mesh, placements, run_check=False,
-                                              shape=torch.Size(spec.shape), stride=_contiguous(spec.shape))
+                                              shape=torch.Size(spec.shape), stride=torch.empty(spec.shape, device="meta").stride())
     if kind == "model" and tie:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]  # one storage, as a tied model saves it
     return state
-
-
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for s in reversed(shape):
-        out.append(acc)
-        acc *= s
-    return tuple(reversed(out))
 
 
 def _write_rank(args: tuple) -> float:

@@ -157,6 +157,17 @@ class Fault:
         """Let a held ("hang") request go on: its connection is then dropped, nothing stored."""
         self.released.set()
 
+    def kill_when_entered(self, proc, timeout: float) -> None:
+        """SIGKILL a client process once it is stuck in this held request, then let the server go on."""
+        try:
+            assert self.entered.wait(timeout), proc.communicate(timeout=5)
+            proc.kill()
+            proc.wait(10)
+        finally:
+            self.release()
+            if proc.poll() is None:
+                proc.kill()
+
 
 class HttpError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -177,14 +176,7 @@ def test_resume_after_client_killed_mid_upload_resends_nothing_stored(hub, folde
     env = {"HF_TOKEN": WRITE_TOKEN, "HF_ENDPOINT": hub.endpoint}
     held = hub.hang(r"^/_lfs/(upload|part)/", method="PUT", skip=3)  # let 3 blob PUTs through, hold the 4th
     proc = run_client(code, env)
-    try:
-        assert held.entered.wait(30), proc.communicate(timeout=5)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        held.release()
-        if proc.poll() is None:
-            proc.kill()
+    held.kill_when_entered(proc, timeout=30)
     first_run = completed_puts(hub)
     assert sum(first_run.values()) == 3
     assert not hub.requests("POST", r"/commit/")  # killed before anything was committed

@@ -123,14 +123,7 @@ def test_cli_kill_mid_upload_then_rerun_sends_nothing_twice(hub, make_ckpt, tmp_
             "--upload-workers", "1"]
     held = hub.hang(r"^/_lfs/(upload|part)/", method="PUT", skip=2)  # 2 blobs go through, the 3rd is held
     proc = cli(args, hub, wait=False)
-    try:
-        assert held.entered.wait(60), proc.communicate(timeout=5)
-        proc.kill()
-        proc.wait(10)
-    finally:
-        held.release()
-        if proc.poll() is None:
-            proc.kill()
+    held.kill_when_entered(proc, timeout=60)
     first = completed_puts(hub)
     assert sum(first.values()) == 2
     assert not hub.requests("POST", r"/commit/")
