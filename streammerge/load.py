@@ -276,7 +276,14 @@ def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, Ten
     got = mp.read_state(path)
     if got is None:
         return None
-    obj, offsets = got
+    return records_from_state(got[0], got[1], path, rank, world_size)
+
+
+def records_from_state(obj: Any, offsets: dict[str, int], path: Path, rank: int,
+                       world_size: int) -> tuple[dict[str, TensorRecord], dict] | None:
+    """TensorRecords from a state dict metapickle decoded, given each storage's byte offset."""
+    from . import metapickle as mp
+
     if not isinstance(obj, dict):
         return None
     tensors: dict[str, TensorRecord] = {}

@@ -257,3 +257,23 @@ class MeshView:
     def __init__(self, spec: DTensorSpec):
         self.placements, self.device_mesh = spec.placements, spec.mesh
 
+
+
+def unpickler(file: io.BytesIO) -> pickle.Unpickler:
+    """The allowlisted C unpickler (its `memo` is what rankset compares between rank files)."""
+    return _Unpickler(file)
+
+
+def decode(data: bytes, *, memo: bool = False) -> Any | None:
+    """Unpickle bytes into our records (and the memo, if asked); None when they need torch.load."""
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        u = _Unpickler(io.BytesIO(data))
+        obj = u.load()
+        return (obj, u.memo.copy()) if memo else obj
+    except (NotPlain, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError):
+        return None
+    finally:
+        if gc_was_on:
+            gc.enable()

@@ -17,7 +17,7 @@ import torch
 
 from .discover import Checkpoint, find_checkpoint
 from .errors import OutputError
-from .load import RankFile, load_rank_file
+from .rankset import load_ranks
 from .manifest import STATE_DIR, Manifest
 from .model_folder import carried_files, config_bytes, read_config
 from .plan import MAX_SHARD_SIZE, Plan, build_plan, parse_size, resolve_dtype
@@ -55,18 +55,14 @@ def peak_rss() -> int:
     return max(own, kids) * scale
 
 
-def load_rank_files(paths: Sequence[Path], world_size: int, *, trust_pickle: bool = False) -> list[RankFile]:
-    return [load_rank_file(p, r, world_size, trust_pickle=trust_pickle) for r, p in enumerate(paths)]
-
-
 def plan(checkpoint_dir: str | Path | Checkpoint, *, dtype: str | torch.dtype | None = "auto",
          max_shard_size: int | str = MAX_SHARD_SIZE, trust_pickle: bool = False) -> Plan:
     """Plan a merge without writing anything (reads metadata only)."""
     ck = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else find_checkpoint(checkpoint_dir)
     config = read_config(ck.hf_dir)
     with gc_paused():  # millions of small records, no cycles: the cyclic GC would rescan them over and over
-        rank_files = load_rank_files(ck.model_files, ck.world_size, trust_pickle=trust_pickle)
-        return build_plan(ck, rank_files, dtype=resolve_dtype(dtype, config),
+        ranks = load_ranks(ck.model_files, ck.world_size, trust_pickle=trust_pickle)
+        return build_plan(ck, ranks, dtype=resolve_dtype(dtype, config),
                           max_shard_size=parse_size(max_shard_size), hf_config=config)
 
 

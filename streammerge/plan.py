@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from .discover import Checkpoint
 from .errors import CheckpointError, UnsupportedLayoutError
 from .load import RankFile, TensorRecord
+from .rankset import RankSet
 from .safetensors_format import Layout, layout
 
 MAX_SHARD_SIZE = "5GB"
@@ -54,6 +55,69 @@ class Piece:
     start: tuple[int, ...]  # index of the piece's first element in the full tensor
 
 
+class ShardedPieces(Sequence[Piece]):
+    """One tensor's pieces across a RankSet, built when iterated.
+
+    A plan holds one of these per tensor instead of one Piece per tensor per rank (51 million for
+    1024 ranks x 50,000 tensors): which ranks contribute which box is shared by every tensor of the
+    same shape and placements, and each rank's offset is its base offset plus a shift.
+    """
+
+    __slots__ = ("ranks", "index", "parts", "shape", "stride")
+
+    def __init__(self, ranks: RankSet, index: int, parts: PieceParts, shape: tuple[int, ...],
+                 stride: tuple[int, ...]):
+        self.ranks, self.index, self.parts, self.shape, self.stride = ranks, index, parts, shape, stride
+
+    def __len__(self) -> int:
+        return len(self.parts.boxes)
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return tuple(self)[k]
+        e, start = self.parts.boxes[k]
+        entry = self.ranks.entries[e]
+        return Piece(entry.rank, self.ranks.path_names[e], entry.base[self.index] + entry.shift, self.shape,
+                     self.stride, start)
+
+    def __iter__(self) -> Iterator[Piece]:
+        entries, names, i = self.ranks.entries, self.ranks.path_names, self.index
+        for e, start in self.parts.boxes:
+            entry = entries[e]
+            yield Piece(entry.rank, names[e], entry.base[i] + entry.shift, self.shape, self.stride, start)
+
+    def _key(self) -> tuple:
+        return (id(self.ranks), self.parts.digest, self.shape, self.stride,
+                tuple(self.ranks.offset(e, self.index) for e in self.ranks.keyed))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ShardedPieces):
+            return self._key() == other._key()
+        return isinstance(other, tuple) and tuple(self) == other
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:  # what Plan.fingerprint hashes: stable across runs, compact
+        return (f"ShardedPieces({self.ranks.digest}, {self.parts.digest}, {self.shape}, {self.stride}, "
+                f"{self.ranks.entries[0].base[self.index]})")
+
+
+@dataclass(frozen=True)
+class PieceParts:
+    """Which rank entries hold which box of a tensor (shared by tensors of one shape and placements)."""
+
+    boxes: tuple[tuple[int, tuple[int, ...]], ...]  # (entry index, start of its box)
+
+    @property
+    def digest(self) -> str:
+        d = self.__dict__.get("_digest")
+        if d is None:
+            d = hashlib.sha256(repr(self.boxes).encode()).hexdigest()[:16]
+            object.__setattr__(self, "_digest", d)
+        return d
+
+
 @dataclass(frozen=True)
 class TensorPlan:
     name: str
@@ -61,7 +125,7 @@ class TensorPlan:
     source_dtype: torch.dtype
     dtype: torch.dtype  # output dtype
     placements: str  # for display: "Shard(0)", "(Replicate(), Shard(0))", "plain"
-    pieces: tuple[Piece, ...]
+    pieces: Sequence[Piece]  # a tuple, or ShardedPieces built on demand
     flat: bool = False  # pieces index the flattened tensor (FSDP1 flat parameters), not its shape
 
     @property
@@ -357,21 +421,32 @@ def tied_duplicates(tensors: Mapping[str, TensorPlan], tie_embeddings: bool) -> 
 
 # ---------------------------------------------------------------- the model plan
 
-def plan_tensors(rank_files: Sequence[RankFile], dtype: torch.dtype | None) -> dict[str, TensorPlan]:
-    """One TensorPlan per tensor name, in the state-dict order of rank 0."""
-    names = list(rank_files[0].tensors)
-    name_set = set(names)
-    for rf in rank_files[1:]:
-        if set(rf.tensors) != name_set:
-            missing = sorted(name_set - set(rf.tensors))[:3]
-            extra = sorted(set(rf.tensors) - name_set)[:3]
-            what = f"lacks {missing}" if missing else f"has extra {extra}"
-            raise CheckpointError(f"{rf.path}: tensor names differ from rank {rank_files[0].rank}'s: it {what}")
-    out = {}
+def plan_tensors(ranks: RankSet, dtype: torch.dtype | None) -> dict[str, TensorPlan]:
+    """One TensorPlan per tensor name, in the state-dict order of rank 0.
+
+    Tensors whose records differ between ranks beyond offset and mesh coordinate (uneven shards,
+    ranks decoded in full) get their pieces listed; all others share PieceParts by shape and placements.
+    """
+    files = [RankFile(e.path, e.rank, e.size, e.mtime_ns, {}, {}) for e in ranks.entries]  # for messages
+    listed = set().union(*(e.overrides for e in ranks.entries))
+    parts: dict[tuple, PieceParts] = {}
     shared: dict = {}
-    for name in names:
-        records = [rf.tensors[name] for rf in rank_files]
-        first, pieces = tensor_pieces(name, records, rank_files, shared)
+    out = {}
+    for i, name in enumerate(ranks.names):
+        t = ranks.template.tensors[name]
+        if name in listed:
+            first, pieces = tensor_pieces(name, [ranks.record(k, name) for k in range(ranks.world_size)], files, shared)
+        else:
+            slot = ranks.slots[i]
+            first, key = t, (t.shape, t.local_shape, t.placements, t.mesh_shape, slot)
+            lay = parts.get(key)
+            if lay is None:  # entry index in place of the offset: the boxes hold for every tensor of this key
+                records = [replace(t, offset=k, coordinate=None if slot < 0 else e.coordinates[slot])
+                           for k, e in enumerate(ranks.entries)]
+                _, ps = tensor_pieces(name, records, files)
+                rank_to_entry = {e.rank: k for k, e in enumerate(ranks.entries)}
+                lay = parts[key] = PieceParts(tuple((rank_to_entry[p.rank], p.start) for p in ps))
+            pieces = ShardedPieces(ranks, i, lay, t.local_shape, t.local_stride)
         out_dtype = dtype if (dtype is not None and first.dtype.is_floating_point) else first.dtype
         placements = "plain" if first.placements is None else (
             first.placements[0] if len(first.placements) == 1 else "(" + ", ".join(first.placements) + ")")
@@ -379,10 +454,10 @@ def plan_tensors(rank_files: Sequence[RankFile], dtype: torch.dtype | None) -> d
     return out
 
 
-def build_plan(checkpoint: Checkpoint, rank_files: Sequence[RankFile], *, dtype: torch.dtype | None,
+def build_plan(checkpoint: Checkpoint, ranks: RankSet, *, dtype: torch.dtype | None,
                max_shard_size: int, hf_config: Mapping | None) -> Plan:
     """The weights plan: pieces, tied-key dropping and output files."""
-    tensors = plan_tensors(rank_files, dtype)
+    tensors = plan_tensors(ranks, dtype)
     if not tensors:
         raise CheckpointError(f"{checkpoint.path}: the model rank files hold no tensors (empty checkpoint)")
     dropped = tied_duplicates(tensors, ties_embeddings(hf_config, checkpoint.hf_dir))

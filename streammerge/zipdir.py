@@ -38,6 +38,7 @@ class Directory:
     crcs: tuple[int, ...]
     central_offset: int  # where the central directory starts (the end of the last record)
     central_bytes: bytes  # the raw central directory, for comparing rank files
+    entry_starts: tuple[int, ...]  # where each entry starts in central_bytes
 
     def index(self, name: str) -> int:
         try:
@@ -53,8 +54,8 @@ def _bad(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path}: truncated or corrupted rank file ({why}); copy it again from the node that saved it")
 
 
-def read_directory(path: str | Path) -> Directory:
-    """Parse the end records and the central directory (one read at the end of the file)."""
+def read_central(path: str | Path) -> tuple[int, int, int, bytes]:
+    """(file size, entry count, central directory offset, its bytes): the end records, then one read."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -82,7 +83,16 @@ def read_directory(path: str | Path) -> Directory:
             cd = f.read(cd_size)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    names, offsets, sizes, crcs = [], [], [], []
+    if len(cd) != cd_size:
+        raise _bad(path, "central directory cut short")
+    return size, count, cd_offset, cd
+
+
+def read_directory(path: str | Path) -> Directory:
+    """Parse the end records and the central directory (one read at the end of the file)."""
+    path = Path(path)
+    size, count, cd_offset, cd = read_central(path)
+    names, offsets, sizes, crcs, starts = [], [], [], [], []
     pos = 0
     unpack = _CENTRAL.unpack_from
     for _ in range(count):
@@ -97,6 +107,7 @@ def read_directory(path: str | Path) -> Directory:
         name = cd[pos + CENTRAL_SIZE:pos + CENTRAL_SIZE + nlen].decode("utf-8", "replace")
         if usize == _MAX32 or lho == _MAX32 or csize == _MAX32:
             usize, lho = _zip64_fields(cd[pos + CENTRAL_SIZE + nlen:pos + CENTRAL_SIZE + nlen + elen], usize, csize, lho)
+        starts.append(pos)
         names.append(name)
         offsets.append(lho)
         sizes.append(usize)
@@ -106,7 +117,7 @@ def read_directory(path: str | Path) -> Directory:
     cut = len(prefix)
     return Directory(path=path, size=size, prefix=prefix, names=tuple(n[cut:] for n in names),
                      header_offsets=tuple(offsets), sizes=tuple(sizes), crcs=tuple(crcs),
-                     central_offset=cd_offset, central_bytes=cd)
+                     central_offset=cd_offset, central_bytes=cd, entry_starts=tuple(starts))
 
 
 def _zip64_fields(extra: bytes, usize: int, csize: int, lho: int) -> tuple[int, int]:

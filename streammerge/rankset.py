@@ -1,0 +1,576 @@
+"""Load every rank file of a checkpoint: decode rank 0, then prove each other rank is the same file up to its rank.
+
+veRL writes all rank files with the same code from the same module, so they are alike: their pickles
+are byte-identical after the first DTensor (whose device mesh, pickled once, holds the rank), and
+their zip directories differ only in CRCs, the archive name and a shift of the offsets. Decoding a
+pickle costs ~40 µs per tensor, most of an hour for 1024 files of 50,000 tensors. So rank 0 is
+decoded; every other rank is checked with byte compares (memcmp, numpy) and only its differing head
+is decoded. A rank that does not match (uneven shards, another torch, an edited file) is decoded in
+full, so the result is the same either way, only slower.
+
+What the byte compares cannot see: the local zip header before each record. A file whose central
+directory matches but whose local headers were rewritten by hand could make the writer read other
+bytes of that same file (never outside it); torch.save never writes such a file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import os
+import pickle
+import re
+import struct
+from array import array
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import metapickle as mp
+from . import zipdir
+from .errors import CheckpointError
+from .load import (
+    RankFile,
+    TensorRecord,
+    _mesh_layout,
+    _span_bytes,
+    load_rank_file,
+    records_from_state,
+)
+
+HEAD_MAX = 1 << 20  # a differing head longer than this is decoded in full anyway
+_RANK_KEYS = frozenset({"_rank", "_coordinate_on_dim", "_hash"})  # differ by rank, or a cached hash
+_DECODE_ERRORS = (mp.NotPlain, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                  IndexError, KeyError, RecursionError)
+
+
+@dataclass(frozen=True, eq=False)
+class RankEntry:
+    """One rank file: where its tensors are, as offsets shared with alike files plus a shift."""
+
+    rank: int
+    path: Path
+    size: int
+    mtime_ns: int
+    coordinates: tuple[tuple[int, ...] | None, ...]  # one per mesh slot (see RankSet.slots)
+    base: array  # per tensor (in the template's order): byte offset in a file laid out like this one
+    shift: int
+    overrides: dict[str, TensorRecord] = field(default_factory=dict)  # records that differ in more than that
+    decoded: bool = False  # decoded in full (did not match the template)
+
+
+@dataclass(eq=False)
+class RankSet:
+    """All rank files of a checkpoint, read as rank 0's records plus what differs per rank."""
+
+    template: RankFile
+    names: tuple[str, ...]
+    entries: tuple[RankEntry, ...]
+    slots: tuple[int, ...]  # per tensor: which device mesh it lives on (-1: a plain tensor)
+
+    def __post_init__(self) -> None:
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.path_names = [str(e.path) for e in self.entries]
+        self.keyed = [k for k, e in enumerate(self.entries) if e.decoded]  # own offsets: part of alias keys
+        h = hashlib.sha256()
+        bases: dict[int, str] = {}
+        for e in self.entries:
+            if id(e.base) not in bases:
+                bases[id(e.base)] = hashlib.sha256(e.base.tobytes()).hexdigest()
+            h.update(repr((e.rank, str(e.path), e.size, e.coordinates, e.shift, bases[id(e.base)],
+                           sorted(e.overrides.items()))).encode())
+        self.digest = h.hexdigest()[:16]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.entries)
+
+    @property
+    def decoded(self) -> int:
+        """How many rank files were decoded in full (the template counts)."""
+        return sum(e.decoded for e in self.entries)
+
+    def offset(self, k: int, i: int) -> int:
+        e = self.entries[k]
+        return e.base[i] + e.shift
+
+    def record(self, k: int, name: str) -> TensorRecord:
+        e = self.entries[k]
+        rec = e.overrides.get(name)
+        if rec is not None:
+            return rec
+        i = self.index[name]
+        slot = self.slots[i]
+        return replace(self.template.tensors[name], offset=e.base[i] + e.shift,
+                       coordinate=None if slot < 0 else e.coordinates[slot])
+
+    def rank_file(self, k: int) -> RankFile:
+        """A RankFile view (records built on demand would defeat the point: only for small checkpoints)."""
+        e = self.entries[k]
+        return RankFile(e.path, e.rank, e.size, e.mtime_ns, {n: self.record(k, n) for n in self.names}, {})
+
+
+def load_ranks(paths: Sequence[Path], world_size: int, *, trust_pickle: bool = False,
+               threads: int = 2) -> RankSet:
+    """Read every rank file's records; a rank alike rank 0 costs byte compares, not a decode."""
+    paths = [Path(p) for p in paths]
+    matcher = None if trust_pickle or len(paths) == 1 else _Matcher.create(paths[0], world_size)
+    if matcher is not None:
+        template, slots = matcher.template, matcher.slots
+    else:
+        template = load_rank_file(paths[0], 0, world_size, trust_pickle=trust_pickle)
+        slots = _slots_by_coordinate(template)
+    names = tuple(template.tensors)
+    first = _decoded_entry(template, template, names, slots)
+
+    def one(k: int) -> RankEntry:
+        got = matcher.match(k, paths[k]) if matcher is not None else None
+        if got is None:
+            rf = load_rank_file(paths[k], k, world_size, trust_pickle=trust_pickle)
+            return _decoded_entry(rf, template, names, slots)
+        return got
+
+    if threads > 1 and len(paths) > 2:
+        with ThreadPoolExecutor(threads) as pool:
+            rest = list(pool.map(one, range(1, len(paths))))
+    else:
+        rest = [one(k) for k in range(1, len(paths))]
+    return RankSet(template, names, (first, *rest), slots)
+
+
+def _slots_by_coordinate(rf: RankFile) -> tuple[int, ...]:
+    """Mesh slots when mesh identity is unknown: one per distinct mesh layout and coordinate in rank 0."""
+    seen: dict[tuple, int] = {}
+    return tuple(-1 if t.placements is None else seen.setdefault((t.mesh_shape, t.coordinate, len(t.placements)), len(seen))
+                 for t in rf.tensors.values())
+
+
+def _slot_coordinates(records: Sequence[TensorRecord], slots: Sequence[int]) -> tuple[tuple[int, ...] | None, ...]:
+    out: list[tuple[int, ...] | None] = [None] * (max(slots, default=-1) + 1)
+    for rec, slot in zip(records, slots):
+        if slot >= 0 and out[slot] is None:
+            out[slot] = rec.coordinate
+    return tuple(out)
+
+
+def _decoded_entry(rf: RankFile, template: RankFile, names: tuple[str, ...], slots: Sequence[int]) -> RankEntry:
+    """An entry for a fully decoded rank file: its own offsets, and whatever differs from the template."""
+    if set(rf.tensors) != set(names):
+        missing = sorted(set(names) - set(rf.tensors))[:3]
+        extra = sorted(set(rf.tensors) - set(names))[:3]
+        what = f"lacks {missing}" if missing else f"has extra {extra}"
+        raise CheckpointError(f"{rf.path}: tensor names differ from rank {template.rank}'s: it {what}")
+    records = [rf.tensors[n] for n in names]
+    coords = _slot_coordinates(records, slots)
+    overrides = {}
+    for n, rec, slot in zip(names, records, slots):
+        derived = replace(template.tensors[n], offset=rec.offset, coordinate=None if slot < 0 else coords[slot])
+        if rec != derived:
+            overrides[n] = rec
+    return RankEntry(rf.rank, rf.path, rf.size, rf.mtime_ns, coords, array("q", (r.offset for r in records)), 0,
+                     overrides, decoded=True)
+
+
+@dataclass(eq=False)
+class _Group:
+    """Rank files whose archive name has one length: laid out alike, up to a shift."""
+
+    ref: zipdir.Directory  # the first such file, read exactly
+    base: array  # per tensor: byte offset in ref
+    keys: dict[str, int]  # storage key -> byte offset in ref
+
+    def __post_init__(self) -> None:
+        self.cd = np.frombuffer(self.ref.central_bytes, np.uint8)
+        self.starts = np.asarray(self.ref.entry_starts, np.int64)
+        self.lho = np.asarray(self.ref.header_offsets, np.int64)
+
+
+class _Shifted(dict):
+    """Storage offsets of a shifted file, computed only for the storages asked for."""
+
+    def __init__(self, keys: dict[str, int], shift: int):
+        super().__init__()
+        self.keys_, self.shift = keys, shift
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys_
+
+    def __getitem__(self, key: str) -> int:
+        return self.keys_[key] + self.shift
+
+
+class _Matcher:
+    """Rank 0's pickle and zip directory, and the byte compares that prove another rank alike."""
+
+    def __init__(self, template: RankFile, world_size: int, pickle_bytes: bytes, starts: list[int],
+                 slots: tuple[int, ...], meshes: list[tuple[int, Any]], storage: list[tuple[str, int]],
+                 patterns: list[re.Pattern]):
+        self.template, self.world_size, self.slots, self.storage = template, world_size, slots, storage
+        self.pickle, self.starts = pickle_bytes, starts
+        self.meshes = meshes  # per slot: (memo index of the mesh in rank 0's pickle, its decoded spec)
+        self.names = tuple(template.tensors)
+        self.patterns = patterns  # tokens that differ by rank and mean nothing to us (see _variable_tokens)
+        canon = self._canon(pickle_bytes)
+        self.canon_starts = _key_positions(canon, self.names)
+        if self.canon_starts is None:
+            raise ValueError("keys not found")
+        self.tail = np.frombuffer(canon, np.uint8)[self.canon_starts[1]:]  # records 1.. of rank 0
+        self._heads: dict[int, tuple[dict, dict] | None] = {}
+        self.groups: dict[int, _Group] = {}  # by archive-name length
+
+    @classmethod
+    def create(cls, path: Path, world_size: int) -> _Matcher | None:
+        """Decode rank 0; None when it is not a plain state dict of tensors (then every rank is decoded
+        by load_rank_file, which also explains what is wrong with a bad file)."""
+        try:
+            d = zipdir.read_directory(path)
+            data = zipdir.read_record(d, "data.pkl")
+            keys = cls._key_offsets(d)
+        except CheckpointError:
+            return None
+        decoded = mp.decode(data, memo=True)
+        if decoded is None or not isinstance(decoded[0], dict):
+            return None
+        obj, memo = decoded
+        got = records_from_state(obj, keys, path, 0, world_size)
+        if got is None or got[1] or len(got[0]) < 2:
+            return None
+        tensors = got[0]
+        if any(t.offset + _span_bytes(t) > d.size for t in tensors.values()):
+            return None
+        where = {id(v): i for i, v in memo.items() if type(v) is mp.DeviceMesh}
+        meshes: dict[int, int] = {}  # id(mesh) -> slot
+        mesh_list: list[tuple[int, Any]] = []
+        slots, storage = [], []
+        for v in obj.values():
+            local = v.state["_local_tensor"] if isinstance(v, mp.Wrapper) else v
+            storage.append((local.storage.key, local.offset * local.dtype.itemsize))
+            if isinstance(v, mp.Wrapper):
+                spec = v.state["_spec"]
+                if id(spec.mesh) not in where:
+                    return None
+                if id(spec.mesh) not in meshes:
+                    meshes[id(spec.mesh)] = len(mesh_list)
+                    mesh_list.append((where[id(spec.mesh)], spec))
+                slots.append(meshes[id(spec.mesh)])
+            else:
+                slots.append(-1)
+        starts = _key_positions(data, tuple(tensors))
+        if starts is None:
+            return None
+        st = os.stat(path)
+        template = RankFile(path, 0, st.st_size, st.st_mtime_ns, tensors, {})
+        try:
+            m = cls(template, world_size, data, starts, tuple(slots), mesh_list, storage, _variable_tokens(data, memo))
+        except ValueError:
+            return None
+        m.mesh_refs = _mesh_references(obj, memo, [spec.mesh for _, spec in mesh_list])
+        m.groups[len(d.prefix)] = _Group(d, array("q", (t.offset for t in tensors.values())), keys)
+        return m
+
+    @staticmethod
+    def _key_offsets(d: zipdir.Directory) -> dict[str, int]:
+        picked = [i for i, n in enumerate(d.names) if n.startswith("data/")]
+        offs = zipdir.data_offsets(d, picked)
+        return {d.names[i][5:]: offs[i] for i in picked}
+
+    # ------------------------------------------------------------ zip directory
+
+    def _group(self, path: Path, prefix_len: int) -> _Group:
+        g = self.groups.get(prefix_len)
+        if g is None:  # first file with this archive-name length: read its offsets exactly
+            d = zipdir.read_directory(path)
+            keys = self._key_offsets(d)
+            try:
+                base = array("q", (keys[key] + off for key, off in self.storage))
+            except KeyError:
+                raise CheckpointError(f"{path}: a storage record of rank 0 is missing") from None
+            for t, o in zip(self.template.tensors.values(), base):
+                if o + _span_bytes(t) > d.size:
+                    raise CheckpointError(f"{path}: truncated: tensor {t.name!r} needs bytes up to "
+                                          f"{o + _span_bytes(t)}, file has {d.size}")
+            g = self.groups.setdefault(prefix_len, _Group(d, base, keys))
+        return g
+
+    @staticmethod
+    def _shift(g: _Group, size: int, cd: bytes, prefix: bytes) -> int | None:
+        """The offset shift of a central directory alike the group's; None when it differs in anything else."""
+        if len(cd) != len(g.cd):
+            return None
+        a, b, starts = np.frombuffer(cd, np.uint8), g.cd, g.starts
+        diff = np.flatnonzero(a != b)
+        if diff.size:
+            entry = np.searchsorted(starts, diff, side="right") - 1
+            fld = diff - starts[entry]
+            ok = ((fld >= 16) & (fld < 20)) | ((fld >= 42) & (fld < 46)) \
+                | ((fld >= zipdir.CENTRAL_SIZE) & (fld < zipdir.CENTRAL_SIZE + len(prefix))) \
+                | ((entry == 0) & (fld >= 20) & (fld < 28))
+            if not ok.all():
+                return None
+        names = a[(starts[:, None] + zipdir.CENTRAL_SIZE + np.arange(len(prefix))[None, :])]
+        if not (names == np.frombuffer(prefix, np.uint8)[None, :]).all():
+            return None
+        lho = a[starts[:, None] + 42 + np.arange(4)[None, :]].copy().view("<u4").ravel().astype(np.int64)
+        if (lho == 0xFFFFFFFF).any() or (g.lho >= 0xFFFFFFFF).any():
+            return None  # zip64 offsets live in extra fields: decode such files in full
+        d = lho[1:] - g.lho[1:]
+        if d.size == 0 or (d != d[0]).any() or d[0] % 64 or size != g.ref.size + int(d[0]):
+            return None
+        return int(d[0])
+
+    # ------------------------------------------------------------ pickle
+
+    def _template_head(self, j: int) -> tuple[dict, dict] | None:
+        if j not in self._heads:
+            self._heads[j] = _decode_head(self.pickle[:self.starts[j]])
+        return self._heads[j]
+
+    def _canon(self, data: bytes) -> bytes:
+        for tag, pattern in enumerate(self.patterns):
+            data = pattern.sub(b"\xff" + bytes([tag]), data)
+        return data
+
+    def _head_records(self, canon: bytes) -> int | None:
+        """How many leading records differ from rank 0's: the rest are compared aligned from the end, so
+        a head that grew by a byte (a rank >= 256 in the mesh) shifts nothing after it."""
+        n = len(self.tail)
+        if len(canon) <= n:
+            return None
+        diff = np.flatnonzero(np.frombuffer(canon, np.uint8)[len(canon) - n:] != self.tail)
+        if diff.size == 0:
+            return 1
+        j = bisect.bisect_right(self.canon_starts, self.canon_starts[1] + int(diff[-1]))
+        return j if j < len(self.starts) and self.starts[j] <= HEAD_MAX else None
+
+    def _unreferenced(self, j: int, indices: set[int]) -> bool:
+        """No record from j on uses these memo entries (mesh internals, e.g. the coordinate tuple) other
+        than through the mesh: such a record would mean something else in the other file."""
+        return all(self.mesh_refs.get(i, -1) < j for i in indices)
+
+    def match(self, k: int, path: Path) -> RankEntry | None:
+        """Rank k's entry from byte compares and a decode of its differing head; None: decode it in full."""
+        st = os.stat(path)
+        try:
+            size, _, _, cd = zipdir.read_central(path)
+        except CheckpointError:
+            return None  # the full decode reports what is wrong
+        if len(cd) < zipdir.CENTRAL_SIZE:
+            return None
+        nlen = int.from_bytes(cd[28:30], "little")
+        first = cd[zipdir.CENTRAL_SIZE:zipdir.CENTRAL_SIZE + nlen]
+        if not first.endswith(b"data.pkl"):
+            return None
+        prefix = first[:-len(b"data.pkl")]
+        try:
+            g = self._group(path, len(prefix))
+        except CheckpointError:
+            return None
+        shift = 0 if g.ref.path == path else self._shift(g, size, cd, prefix)
+        if shift is None:
+            return None
+        pkl_size = int.from_bytes(cd[24:28], "little")
+        with open(path, "rb") as f:
+            local = f.read(zipdir.LOCAL_SIZE)
+            if len(local) < zipdir.LOCAL_SIZE or local[:4] != b"PK\x03\x04":
+                return None
+            f.seek(zipdir.LOCAL_SIZE + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+            data = f.read(pkl_size)
+        if len(data) != pkl_size:
+            return None
+        j = self._head_records(self._canon(data))
+        if j is None:
+            return None
+        raw = self.names[j].encode("utf-8")
+        cut = data.find(b"X" + struct.pack("<I", len(raw)) + raw)
+        if cut < 0:
+            return None
+        mine = _decode_head(data[:cut])
+        ours = self._template_head(j)
+        if mine is None or ours is None or list(mine[0]) != list(self.names[:j]):
+            return None
+        differ = _memo_differences(mine[1], ours[1])
+        if differ is None or not self._unreferenced(j, {i for i in differ if type(ours[1][i]) is not mp.DeviceMesh}):
+            return None
+        got = records_from_state(mine[0], _Shifted(g.keys, shift), path, k, self.world_size)
+        if got is None or got[1]:
+            return None
+        coords = []
+        for slot, (index, spec) in enumerate(self.meshes):
+            if index in mine[1]:  # defined in the head: this rank's own mesh
+                if type(mine[1][index]) is not mp.DeviceMesh:
+                    return None
+                view = mp.MeshView(spec)
+                view.device_mesh = mine[1][index]
+                coords.append(_mesh_layout(view, k, self.world_size)[1])
+            else:  # byte-identical to rank 0's
+                coords.append(next(t.coordinate for t, sl in zip(self.template.tensors.values(), self.slots) if sl == slot))
+        coords = tuple(coords)
+        overrides = {}
+        for i, (name, rec) in enumerate(got[0].items()):
+            t, slot = self.template.tensors[name], self.slots[i]
+            if rec != replace(t, offset=g.base[i] + shift, coordinate=None if slot < 0 else coords[slot]):
+                overrides[name] = rec
+        return RankEntry(k, path, st.st_size, st.st_mtime_ns, coords, g.base, shift, overrides)
+
+
+def _mesh_references(obj: dict, memo: dict, meshes: list) -> dict[int, int]:
+    """For each memo entry a mesh holds: the last record that uses it directly (not through the mesh)."""
+    index = {id(v): i for i, v in memo.items()}
+    owned: dict[int, int] = {}
+    stack = [m.__dict__ for m in meshes]
+    while stack:
+        v = stack.pop()
+        if id(v) in owned:
+            continue
+        owned[id(v)] = index.get(id(v), -1)
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, (tuple, list)) else (
+            (v.__dict__,) if hasattr(v, "__dict__") and not isinstance(v, type) else ())
+        stack.extend(items)
+    last: dict[int, int] = {}
+    for r, value in enumerate(obj.values()):
+        stack, seen = [value], set()
+        while stack:
+            v = stack.pop()
+            if id(v) in seen or type(v) is mp.DeviceMesh:
+                continue
+            seen.add(id(v))
+            if id(v) in owned and owned[id(v)] >= 0:
+                last[owned[id(v)]] = r
+            if isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, (tuple, list)):
+                stack.extend(v)
+            elif isinstance(v, mp.Wrapper):
+                stack.append(v.state)
+            elif isinstance(v, mp.Local):
+                stack.extend((v.shape, v.stride))
+            elif hasattr(v, "__dict__") and not isinstance(v, type):
+                stack.append(v.__dict__)
+    return last
+
+
+def _key_positions(data: bytes, names: Sequence[str]) -> list[int] | None:
+    """Where each top-level key's BINUNICODE starts (keys are unique and come in order)."""
+    starts, pos = [], 0
+    for name in names:
+        raw = name.encode("utf-8")
+        pos = data.find(b"X" + struct.pack("<I", len(raw)) + raw, pos)
+        if pos < 0:
+            return None
+        starts.append(pos)
+        pos += 5 + len(raw)
+    return starts
+
+
+_INT = rb"(?:N|K.|M..|J....|\x8a\x01.|\x8a\x02.{2}|\x8a\x03.{3}|\x8a\x04.{4}|\x8a\x05.{5}|\x8a\x06.{6}|\x8a\x07.{7}|\x8a\x08.{8}|\x8a\x09.{9})"
+_PUT = rb"(?:q.|r....)"
+
+
+def _variable_tokens(data: bytes, memo: dict) -> list[re.Pattern]:
+    """Patterns for what differs by rank in every record and means nothing to a merge: the device a GPU
+    rank saved from ('cuda:3', torch.device('cuda', 3)) and DTensorSpec's cached `_hash`."""
+    out = []
+    kinds = sorted({m.group(1) for m in re.finditer(rb"X[\x03-\x20]\x00\x00\x00([a-z]{2,16}):[0-9]", data)
+                    if m.group(1).decode() in _DEVICE_TYPES})
+    for kind in kinds:
+        k = re.escape(kind)
+        out.append(re.compile(rb"X[\x03-\x20]\x00\x00\x00" + k + rb":[0-9]{1,5}", re.DOTALL))
+        out.append(re.compile(rb"X" + struct.pack("<I", len(kind)) + k + _PUT + rb"(?:K.|M..)\x86", re.DOTALL))
+    hashes = [i for i, v in memo.items() if v == "_hash"]
+    if hashes:
+        gets = b"|".join(re.escape(b"h" + bytes([i]) if i < 256 else b"j" + struct.pack("<I", i)) for i in hashes)
+        out.append(re.compile(rb"(?:X\x05\x00\x00\x00_hash" + _PUT + b"|" + gets + b")" + _INT, re.DOTALL))
+    return out
+
+
+def _decode_head(data: bytes) -> tuple[dict, dict] | None:
+    """Decode the first records of a state-dict pickle: close the open SETITEMS batch and stop."""
+    try:
+        u = mp.unpickler(io.BytesIO(data + b"u."))
+        obj = u.load()
+        memo = u.memo.copy()
+    except _DECODE_ERRORS:
+        return None
+    return (obj, memo) if isinstance(obj, dict) else None
+
+
+_MESH_LAYOUT_KEYS = ("_layout", "_mesh_dim_names", "_device_type", "mesh")  # what a mesh means to a merge
+
+
+def _mesh_owned(memo: dict) -> set[int]:
+    """ids of everything a DeviceMesh holds (group names, its rank, coordinate...): rank-specific."""
+    owned: set[int] = set()
+    states = [v.__dict__ for v in memo.values() if type(v) is mp.DeviceMesh]
+    stack = list(states)
+    for v in memo.values():  # the state dict each mesh was built from (BUILD copied its items)
+        if isinstance(v, dict) and any(all(k in s and s[k] is x for k, x in v.items()) for s in states):
+            stack.append(v)
+    while stack:
+        v = stack.pop()
+        if id(v) in owned:
+            continue
+        owned.add(id(v))
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (tuple, list)):
+            stack.extend(v)
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            stack.append(v.__dict__)
+    return owned
+
+
+def _memo_differences(a: dict, b: dict) -> set[int] | None:
+    """Memo indices whose objects differ between two heads; None if any differs outside a device mesh."""
+    if a.keys() != b.keys():
+        return None
+    own_a, own_b = _mesh_owned(a), _mesh_owned(b)
+    differ = set()
+    for i in a:
+        if not _same(a[i], b[i]):
+            if id(a[i]) not in own_a or id(b[i]) not in own_b:
+                return None
+            differ.add(i)
+    return differ
+
+
+_DEVICE_TYPES = frozenset({"cuda", "npu", "xpu", "hpu", "mtia", "musa", "mps", "privateuseone", "cpu", "meta"})
+
+
+def _device_type(x: Any) -> str | None:
+    """'cuda' for 'cuda:3' or ('cuda', 3): the device a rank saved from, which says nothing about layout."""
+    if type(x) is str and ":" in x:
+        kind, _, index = x.partition(":")
+        return kind if kind in _DEVICE_TYPES and index.isdigit() else None
+    if type(x) is tuple and len(x) == 2 and type(x[0]) is str and type(x[1]) is int and x[0] in _DEVICE_TYPES:
+        return x[0]
+    return None
+
+
+def _same(x: Any, y: Any, depth: int = 0) -> bool:
+    if type(x) is not type(y) or depth > 50:
+        return False
+    kind = _device_type(x)
+    if kind is not None:
+        return kind == _device_type(y)
+    if isinstance(x, (tuple, list)):
+        return len(x) == len(y) and all(_same(p, q, depth + 1) for p, q in zip(x, y))
+    if isinstance(x, dict):
+        keys = x.keys() - _RANK_KEYS
+        return keys == y.keys() - _RANK_KEYS and all(_same(x[key], y[key], depth + 1) for key in keys)
+    if isinstance(x, mp.Storage):
+        return (x.key, x.dtype, x.numel) == (y.key, y.dtype, y.numel)
+    if isinstance(x, mp.DeviceMesh):
+        return all(_same(x.__dict__.get(k), y.__dict__.get(k), depth + 1) for k in _MESH_LAYOUT_KEYS)
+    if isinstance(x, mp.Local):
+        return _same((x.storage, x.offset, x.shape, x.stride), (y.storage, y.offset, y.shape, y.stride), depth + 1)
+    if isinstance(x, mp.Wrapper):
+        return _same((x.cls, x.dtype, x.shape, x.stride, x.state), (y.cls, y.dtype, y.shape, y.stride, y.state),
+                     depth + 1)
+    if hasattr(x, "__dict__") and not isinstance(x, type):
+        return _same(x.__dict__, y.__dict__, depth + 1)
+    return x == y
