@@ -132,7 +132,7 @@ def _write_ranks_fast(actor: Path, done: Path, world: int, n: int, ranks: list[i
     todo = [r for r in ranks if not (done / str(r)).exists()]
     if not todo:
         return
-    # Interleaved so that every worker writes low and high ranks alike; chunksize 1 keeps the progress exact.
+    # One rank per task: the workers share the ranks out as they go, and the progress line stays exact.
     with mp.get_context("spawn").Pool(min(jobs, len(todo)), initializer=_fast_init,
                                       initargs=(world, n, rows)) as pool:
         t0 = time.perf_counter()
