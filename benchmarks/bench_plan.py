@@ -255,7 +255,9 @@ import sys, time
 from streammerge.pipeline import plan
 t = time.perf_counter()
 p = plan(sys.argv[1], dtype="keep")
-print(time.perf_counter() - t, sum(len(t.pieces) for t in p.tensors.values()))
+secs = time.perf_counter() - t
+ranks = next((t.pieces.ranks for t in p.tensors.values() if hasattr(t.pieces, "ranks")), None)
+print(secs, sum(len(t.pieces) for t in p.tensors.values()), ranks.decoded if ranks is not None else -1)
 """
 
 
@@ -264,7 +266,8 @@ def run_py(code: str, args: list[str], env: dict) -> tuple[float, int, float, fl
     r = measure([sys.executable, "-c", code, *args], env)
     if r["returncode"] != 0:
         raise RuntimeError(f"failed: {r['stderr'][-2000:]}")
-    secs, count = r["stdout"].split()[:2]
+    secs, count, *more = r["stdout"].split()
+    run_py.extra = [int(x) for x in more]  # PLAN also prints how many rank files were decoded in full
     return float(secs), int(count), r["peak_rss_mb"], r["wall_s"]
 
 
@@ -356,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             "what": 'streammerge.pipeline.plan(CKPT, dtype="keep") end to end, in a fresh subprocess',
             "plan_s": round(secs, 2), "process_wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
             "pieces": pieces, "us_per_record": round(secs / records * 1e6, 3),
+            "rank_files_decoded_in_full": run_py.extra[0] if run_py.extra else None,
+            "rank_files_matched_against_rank_0": a.ranks - run_py.extra[0] if run_py.extra else None,
             "kb_per_record_over_import": round((rss - base) * 1024 / records, 4)}
         if records != target:
             extra["plan_minutes"] = round(res["plan"]["us_per_record"] * target / 1e6 / 60, 1)
