@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import streammerge
 from streammerge.safetensors_format import DTYPE_CODES, layout
 
-ALL_DTYPES = list(DTYPE_CODES)
+ALL_DTYPES = [d.torch() for d in DTYPE_CODES]  # every dtype safetensors stores, as torch dtypes
 
 
 def _random(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
