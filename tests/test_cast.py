@@ -36,12 +36,9 @@ def _assert_same(bits: np.ndarray, src: dtypes.DType, dst: dtypes.DType) -> None
                           f"{[hex(b) for b in bits[bad[:4]].tolist()]}")
 
 
-@pytest.mark.parametrize("src", [dtypes.float16, dtypes.bfloat16])
-@pytest.mark.parametrize("dst", FLOATS)
+@pytest.mark.parametrize(("src", "dst"), [(s, d) for s in (dtypes.float16, dtypes.bfloat16) for d in FLOATS if s is not d])
 def test_every_16_bit_pattern(src, dst):
     """All 65,536 values: NaN payloads and signs, infinities, subnormals, ties."""
-    if src is dst:
-        pytest.skip("no cast")
     _assert_same(np.arange(1 << 16, dtype=np.uint16), src, dst)
 
 
@@ -109,7 +106,7 @@ def test_dtypes_match_torch():
     for d in dtypes.BY_NAME.values():
         t = d.torch()
         assert dtypes.of(t) is d and dtypes.of(str(t)) is d and dtypes.of(d.name) is d
-        assert str(d) == str(t) and d == t and t == d and not d != t
+        assert str(d) == str(t) and d == t and t == d and not d != t and not t != d
         assert d.itemsize == t.itemsize and d.is_floating_point == t.is_floating_point, d
         assert d.numpy.itemsize == d.itemsize
         assert pickle.loads(pickle.dumps(d)) is d
