@@ -6,7 +6,7 @@ the rank files (positioned reads; casts chunk by chunk with numpy, bit for bit w
 gives, see cast.py; torch only for float8) and write it in place, while this thread hashes the
 windows in file order. Memory is the window buffers and nothing else; page cache is dropped behind
 us so a memory cgroup stays bounded too. The file is re-opened with the Rust reader
-(`safetensors.safe_open`) before it is renamed into place. Nothing here imports torch.
+(`safetensors.safe_open`) before it is renamed into place. torch is imported only for a float8 cast.
 """
 
 from __future__ import annotations
