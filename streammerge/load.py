@@ -12,15 +12,17 @@ import logging
 import math
 import os
 import pickle
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from . import dtypes
+from .dtypes import DType
 from .errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
+from .zipdir import read_directory, read_record
 
 UNSAFE_FLAG = "--trust-pickle"
 
@@ -30,7 +32,7 @@ class TensorRecord:
     """Where one tensor's local bytes lie in one rank file, and how they map onto the full tensor."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]  # full (global) shape
     local_shape: tuple[int, ...]
     local_stride: tuple[int, ...]
@@ -58,6 +60,7 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
             stacklevel=2,
         )
     check_zip(path)
+    import torch
     import torch.distributed.tensor  # noqa: F401  (registers DTensor & placements with the weights-only unpickler)
 
     try:
@@ -86,27 +89,9 @@ def check_zip(path: Path) -> None:
 
     torch.save writes a zip whose directory sits at the end, so a cut-short copy loses it first;
     torch.load checks no CRCs, so the pickle's CRC is checked here (tensor data is checked by verify).
+    Compressed entries, a missing data.pkl and a bad CRC are refused by zipdir with the same messages.
     """
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
-            if not pickles:
-                raise CheckpointError(f"{path}: not a torch checkpoint (a zip file without data.pkl)")
-            packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
-            if packed:
-                raise UnsupportedLayoutError(f"{path}: compressed zip entries ({packed[0]}, ...) are not supported; "
-                                             "re-save the file with torch.save")
-            if pickles[0].CRC != 0:  # 0: saved with torch.serialization.set_crc32_options(False)
-                z.read(pickles[0])
-    except zipfile.BadZipFile as e:
-        size = os.path.getsize(path)
-        raise CheckpointError(
-            f"{path}: truncated or corrupted rank file ({size} bytes; {str(e)[:120]}); "
-            "copy it again from the node that saved it"
-        ) from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    read_record(read_directory(path), "data.pkl")
 
 
 class _quiet:
@@ -164,7 +149,7 @@ def _mesh_layout(dt: Any, rank: int, world_size: int) -> tuple[tuple[int, ...] |
     shape = _layout_shape(state["_layout"]) if "_layout" in state else None
     coord = state.get("_coordinate_on_dim")
     m = state.get("mesh")
-    if shape is None and isinstance(m, torch.Tensor) and m.device.type != "meta":
+    if shape is None and _is_torch_tensor(m) and m.device.type != "meta":
         shape = tuple(m.shape)
         hits = (m == rank).nonzero()
         coord = tuple(int(c) for c in hits[0]) if len(hits) else coord
@@ -183,7 +168,14 @@ def _mesh_layout(dt: Any, rank: int, world_size: int) -> tuple[tuple[int, ...] |
     return shape, tuple(int(c) for c in coord)
 
 
-def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) -> TensorRecord:
+def _is_torch_tensor(obj: Any) -> bool:
+    """isinstance(obj, torch.Tensor), without importing torch: a tensor exists only once torch is imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _record(name: str, t: Any, rank: int, world_size: int, path: Path) -> TensorRecord:
+    import torch
     from torch.distributed.tensor import DTensor
 
     if isinstance(t, DTensor):
@@ -211,7 +203,7 @@ def _record(name: str, t: torch.Tensor, rank: int, world_size: int, path: Path) 
         raise CheckpointError(f"{path}: tensor {name!r} has no storage offset (not a torch zip checkpoint?)")
     return TensorRecord(
         name=name,
-        dtype=local.dtype,
+        dtype=dtypes.of(local.dtype),
         shape=shape,
         local_shape=tuple(local.shape),
         local_stride=tuple(local.stride()),
@@ -238,7 +230,7 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
     for name, value in obj.items():
         if not isinstance(name, str):
             other[name] = value
-        elif isinstance(value, torch.Tensor):
+        elif _is_torch_tensor(value):
             rec = _record(name, value, rank, world_size, path)
             nbytes = _span_bytes(rec)
             if rec.offset + nbytes > st.st_size:

@@ -17,16 +17,19 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
+from . import dtypes
+from .dtypes import DType
+from .errors import CheckpointError
+from .zipdir import data_offsets, read_directory, read_record
 
-_DTYPES = {name: getattr(torch, name) for name in (
+_DTYPES = {name: dtypes.of(name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
     "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")}
-_STORAGES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-             "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-             "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-             "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
-             "ComplexDoubleStorage": torch.complex128}
+_STORAGES = {"DoubleStorage": dtypes.float64, "FloatStorage": dtypes.float32, "HalfStorage": dtypes.float16,
+             "BFloat16Storage": dtypes.bfloat16, "LongStorage": dtypes.int64, "IntStorage": dtypes.int32,
+             "ShortStorage": dtypes.int16, "CharStorage": dtypes.int8, "ByteStorage": dtypes.uint8,
+             "BoolStorage": dtypes.bool_, "ComplexFloatStorage": dtypes.complex64,
+             "ComplexDoubleStorage": dtypes.complex128}
 
 
 class NotPlain(Exception):
@@ -88,7 +91,7 @@ class StridedShard(Obj):
 class Storage:
     __slots__ = ("key", "dtype", "numel")
 
-    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+    def __init__(self, key: str, dtype: DType, numel: int):
         self.key, self.dtype, self.numel = key, dtype, numel
 
 
@@ -101,14 +104,14 @@ class Local:
         self.storage, self.offset, self.shape, self.stride = storage, offset, tuple(shape), tuple(stride)
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> DType:
         return self.storage.dtype
 
 
 class Wrapper:
     """A tensor subclass rebuilt by _rebuild_wrapper_subclass (DTensor): global dtype/shape plus state."""
 
-    def __init__(self, cls: type, dtype: torch.dtype, shape: tuple, stride: tuple):
+    def __init__(self, cls: type, dtype: DType, shape: tuple, stride: tuple):
         self.cls, self.dtype, self.shape, self.stride = cls, dtype, tuple(shape), tuple(stride)
         self.state: dict = {}
 
@@ -126,7 +129,7 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset=0, layout=None, device=None,
                               requires_grad=False) -> Wrapper:
-    if cls is not DTensor or not isinstance(dtype, torch.dtype):
+    if cls is not DTensor or not isinstance(dtype, DType):
         raise NotPlain("unknown tensor subclass")
     return Wrapper(cls, dtype, size, stride)
 
@@ -192,7 +195,7 @@ class _Unpickler(pickle.Unpickler):
             raise NotPlain(f"{module}.{name}") from None
 
     def persistent_load(self, pid: Any) -> Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], DType)):
             raise NotPlain("unknown persistent id")
         return Storage(str(pid[2]), pid[1], int(pid[4]))
 
@@ -203,10 +206,10 @@ def read_state(path: str | Path) -> tuple[Any, dict[str, int]] | None:
     Returns None when the file needs torch.load (unknown globals, legacy format).
     """
     try:
-        reader = torch._C.PyTorchFileReader(str(path))
-        data = reader.get_record("data.pkl")
-    except (RuntimeError, OSError):
-        return None
+        d = read_directory(path)
+        data = read_record(d, "data.pkl")
+    except CheckpointError:
+        return None  # load.check_zip (or torch.load) reports what is wrong with the file
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of small acyclic objects: the cyclic collector would rescan them again and again
     try:
@@ -218,11 +221,11 @@ def read_state(path: str | Path) -> tuple[Any, dict[str, int]] | None:
     finally:
         if gc_was_on:
             gc.enable()
-    offsets: dict[str, int] = {}
     try:
-        for key in _storage_keys(obj):
-            offsets[key] = reader.get_record_offset(f"data/{key}")
-    except RuntimeError:
+        records = {key: d.index(f"data/{key}") for key in _storage_keys(obj)}
+        at = data_offsets(d, sorted(records.values()))  # local headers in file order
+        offsets = {key: at[i] for key, i in records.items()}
+    except CheckpointError:
         return None
     return obj, offsets
 

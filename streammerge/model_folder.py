@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
+from .dtypes import DType
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -27,7 +27,7 @@ def carried_files(hf_dir: Path | None) -> Iterator[Path]:
             yield p
 
 
-def config_bytes(config: dict, dtype: torch.dtype | None) -> bytes:
+def config_bytes(config: dict, dtype: DType | None) -> bytes:
     """config.json naming the dtype we wrote (both spellings transformers has used, where present)."""
     config = dict(config)
     if dtype is not None:

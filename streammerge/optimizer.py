@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .discover import Checkpoint
 from .errors import CheckpointError, StreammergeError
 from .load import RankFile, _record, _span_bytes, load_rank_file
@@ -75,6 +73,7 @@ class ModelParams:
 
 def _meta_models(hf_dir: Path):
     """Candidate models on the meta device: the config's architecture, then causal LM, then veRL's critic."""
+    import torch
     import transformers
     from transformers import AutoConfig
 
@@ -151,6 +150,8 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
     `other` holds `param_groups`, `ids` (every int of the groups, in order), `keys` (each int's tensor
     names) and `values` (non-tensor state such as a float step, by name).
     """
+    import torch
+
     rf = load_rank_file(path, rank, world_size, trust_pickle=trust_pickle)
     state, groups = rf.other.get("state"), rf.other.get("param_groups")
     if not isinstance(state, dict) or not isinstance(groups, list):
@@ -422,6 +423,8 @@ def load_optimizer_state_dict(path: str | Path, *, flatten_state: bool = False) 
     `optimizer/`). `flatten_state=True` gives torch's flattened form instead. Feed either to
     `torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`.
     """
+    import torch
+
     folder = _export_dir(Path(path))
     if (folder / OPTIMIZER_INDEX).is_file():
         osd = _load_safetensors_export(folder)
@@ -431,6 +434,8 @@ def load_optimizer_state_dict(path: str | Path, *, flatten_state: bool = False) 
 
 
 def _load_safetensors_export(folder: Path) -> dict:
+    import torch
+
     from .safetensors_format import CODE_DTYPES, read_header
 
     index = json.loads((folder / OPTIMIZER_INDEX).read_text())
@@ -447,7 +452,7 @@ def _load_safetensors_export(folder: Path) -> dict:
         for name, e in header.items():
             if name == "__metadata__":
                 continue
-            dtype = CODE_DTYPES[e["dtype"]]
+            dtype = CODE_DTYPES[e["dtype"]].torch()
             begin, end = e["data_offsets"]
             shape = tuple(e["shape"])
             if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:

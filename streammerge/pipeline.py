@@ -12,16 +12,26 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .discover import Checkpoint, find_checkpoint
+from .dtypes import DType
 from .errors import OutputError
-from .rankset import load_ranks
 from .manifest import STATE_DIR, Manifest
 from .model_folder import carried_files, config_bytes, read_config
 from .plan import MAX_SHARD_SIZE, Plan, build_plan, parse_size, resolve_dtype
-from .write import DEFAULT_BUFFER_SIZE, TMP_SUFFIX, FileWriter, OutputFile, output_error, tmp_path
+from .rankset import load_ranks
+from .write import (
+    DEFAULT_BUFFER_SIZE,
+    TMP_SUFFIX,
+    FileWriter,
+    OutputFile,
+    output_error,
+    tmp_path,
+)
+
+if TYPE_CHECKING:
+    import torch  # a torch.dtype is accepted as `dtype` (read by name; torch is not imported for it)
 
 FileCallback = Callable[[OutputFile, Path], None]
 
@@ -55,7 +65,7 @@ def peak_rss() -> int:
     return max(own, kids) * scale
 
 
-def plan(checkpoint_dir: str | Path | Checkpoint, *, dtype: str | torch.dtype | None = "auto",
+def plan(checkpoint_dir: str | Path | Checkpoint, *, dtype: str | DType | torch.dtype | None = "auto",
          max_shard_size: int | str = MAX_SHARD_SIZE, trust_pickle: bool = False) -> Plan:
     """Plan a merge without writing anything (reads metadata only)."""
     ck = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else find_checkpoint(checkpoint_dir)
@@ -99,7 +109,7 @@ def _check_out_dir(out_dir: Path, ck: Checkpoint, fingerprint: str) -> dict | No
     return previous
 
 
-def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype: str | torch.dtype | None = "auto",
+def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype: str | DType | torch.dtype | None = "auto",
           max_shard_size: int | str = MAX_SHARD_SIZE, workers: int | None = None,
           buffer_size: int | str = DEFAULT_BUFFER_SIZE, optimizer: bool = True, trust_pickle: bool = False,
           drop_cache: bool = True, progress: bool = False, on_file_done: FileCallback | None = None,
@@ -123,7 +133,9 @@ def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype
     plans = [weights]
     warnings: list[str] = []
     if optimizer and ck.optim_files:
-        from .optimizer import plan_optimizer  # optional stage: only when optimizer files exist
+        from .optimizer import (
+            plan_optimizer,  # optional stage: only when optimizer files exist
+        )
 
         opt_plan, opt_warnings = plan_optimizer(ck, weights, max_shard_size=parse_size(max_shard_size),
                                                 trust_pickle=trust_pickle, fmt=optimizer_format)
@@ -221,7 +233,7 @@ def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype
                        peak_rss(), reused, warnings)
 
 
-def _small_files(ck: Checkpoint, plans: list[Plan], dtype: torch.dtype | None, config: dict | None,
+def _small_files(ck: Checkpoint, plans: list[Plan], dtype: DType | None, config: dict | None,
                  contents: bool = True):
     """Config, tokenizer and other carried files, then the indexes: the index is always written last."""
     import json

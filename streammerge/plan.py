@@ -15,8 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
+from . import dtypes
 from .discover import Checkpoint
 from .errors import CheckpointError, UnsupportedLayoutError
 from .load import RankFile, TensorRecord
@@ -28,9 +27,9 @@ SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_METADATA = {"format": "pt"}
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-               "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "half": torch.float16,
-               "float": torch.float32, "float64": torch.float64}
+DTYPE_NAMES = {"bfloat16": dtypes.bfloat16, "float16": dtypes.float16, "float32": dtypes.float32,
+               "bf16": dtypes.bfloat16, "fp16": dtypes.float16, "fp32": dtypes.float32, "half": dtypes.float16,
+               "float": dtypes.float32, "float64": dtypes.float64}
 
 
 def parse_size(size: int | str) -> int:
@@ -122,8 +121,8 @@ class PieceParts:
 class TensorPlan:
     name: str
     shape: tuple[int, ...]
-    source_dtype: torch.dtype
-    dtype: torch.dtype  # output dtype
+    source_dtype: dtypes.DType
+    dtype: dtypes.DType  # output dtype
     placements: str  # for display: "Shard(0)", "(Replicate(), Shard(0))", "plain"
     pieces: Sequence[Piece]  # a tuple, or ShardedPieces built on demand
     flat: bool = False  # pieces index the flattened tensor (FSDP1 flat parameters), not its shape
@@ -239,7 +238,7 @@ def p_bytes(t: TensorPlan) -> int:
     return t.numel * t.source_dtype.itemsize
 
 
-def _short(dt: torch.dtype) -> str:
+def _short(dt: dtypes.DType) -> str:
     return str(dt).replace("torch.", "")
 
 
@@ -362,10 +361,12 @@ def assign_files(tensors: Sequence[TensorPlan], max_shard_size: int, *, prefix: 
 
 # ---------------------------------------------------------------- dtype and tied weights
 
-def resolve_dtype(option: str | torch.dtype | None, hf_config: Mapping | None) -> torch.dtype | None:
-    """--dtype: 'auto' uses the config's dtype, else keeps; 'keep' keeps; a name casts. None = keep."""
-    if isinstance(option, torch.dtype):
-        return option
+def resolve_dtype(option: str | dtypes.DType | None, hf_config: Mapping | None) -> dtypes.DType | None:
+    """--dtype: 'auto' uses the config's dtype, else keeps; 'keep' keeps; a name casts. None = keep.
+
+    A dtype object (ours or a torch.dtype, read by name) is taken as is."""
+    if option is not None and not isinstance(option, str):
+        return dtypes.of(option)
     option = (option or "auto").lower()
     if option == "keep":
         return None
@@ -421,7 +422,7 @@ def tied_duplicates(tensors: Mapping[str, TensorPlan], tie_embeddings: bool) -> 
 
 # ---------------------------------------------------------------- the model plan
 
-def plan_tensors(ranks: RankSet, dtype: torch.dtype | None) -> dict[str, TensorPlan]:
+def plan_tensors(ranks: RankSet, dtype: dtypes.DType | None) -> dict[str, TensorPlan]:
     """One TensorPlan per tensor name, in the state-dict order of rank 0.
 
     Tensors whose records differ between ranks beyond offset and mesh coordinate (uneven shards,
@@ -454,7 +455,7 @@ def plan_tensors(ranks: RankSet, dtype: torch.dtype | None) -> dict[str, TensorP
     return out
 
 
-def build_plan(checkpoint: Checkpoint, ranks: RankSet, *, dtype: torch.dtype | None,
+def build_plan(checkpoint: Checkpoint, ranks: RankSet, *, dtype: dtypes.DType | None,
                max_shard_size: int, hf_config: Mapping | None) -> Plan:
     """The weights plan: pieces, tied-key dropping and output files."""
     tensors = plan_tensors(ranks, dtype)

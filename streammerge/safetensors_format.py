@@ -13,32 +13,16 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import torch
+from . import dtypes
+from .dtypes import DType
 
-# torch dtype -> safetensors dtype code
-DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.int16: "I16",
-    torch.uint16: "U16",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int32: "I32",
-    torch.uint32: "U32",
-    torch.float32: "F32",
-    torch.complex64: "C64",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.uint64: "U64",
-}
+# our dtype -> safetensors dtype code
+DTYPE_CODES: dict[DType, str] = {d: d.code for d in dtypes.SAFETENSORS}
 # Rank of each code in the Rust `Dtype` enum (ascending); files list the highest rank first.
 _ENUM_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
                "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
 _RANK = {code: i for i, code in enumerate(_ENUM_ORDER)}
-CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+CODE_DTYPES = dict(dtypes.BY_CODE)
 
 
 @dataclass(frozen=True)
@@ -66,16 +50,17 @@ class Layout:
         return self.data_start + (self.entries[-1].end if self.entries else 0)
 
 
-def dtype_code(dtype: torch.dtype) -> str:
-    try:
-        return DTYPE_CODES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype} cannot be stored in safetensors") from None
+def dtype_code(dtype: DType | str) -> str:
+    """"BF16" for bfloat16 (ours, a torch.dtype or a name)."""
+    code = dtypes.of(dtype).code
+    if code is None:
+        raise ValueError(f"dtype {dtype} cannot be stored in safetensors")
+    return code
 
 
-def layout(tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> Layout:
-    """Order tensors and compute the header the Rust writer would produce for them."""
-    items = [(name, dtype_code(dt), tuple(int(s) for s in shape), dt.itemsize) for name, dt, shape in tensors]
+def layout(tensors: Iterable[tuple[str, DType, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> Layout:
+    """Order tensors and compute the header the Rust writer would produce for them (dtypes: ours or torch's)."""
+    items = [(name, dtype_code(dt), tuple(int(s) for s in shape), dtypes.of(dt).itemsize) for name, dt, shape in tensors]
     items.sort(key=lambda it: (-_RANK[it[1]], it[0]))
     entries, offset = [], 0
     for name, code, shape, itemsize in items:

@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .errors import OutputError, VerifyError
@@ -69,7 +70,7 @@ def _save_skeleton(tmp: Path, tensors: dict, values: dict, groups: list) -> None
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        fakes = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in tensors.items()}
+        fakes = {name: torch.empty(t.shape, dtype=t.dtype.torch()) for name, t in tensors.items()}
     obj = nest({**fakes, **values}, groups)
     with open(tmp, "wb") as fh, torch.serialization.skip_data(materialize_fake_tensors=True):
         torch.save(obj, fh)  # a file object gives the records torch's usual "archive/" prefix
@@ -91,8 +92,8 @@ def _record_offsets(tmp: Path, tensors: dict) -> list[tuple[int, object]]:
 def _fill(tmp: Path, offsets, plan: Plan, writer: FileWriter) -> dict[int, tuple[int, int]]:
     """Copy every tensor into its record; returns {record data offset: (nbytes, crc32)}."""
     budget = writer.window_bytes
-    out = torch.empty(budget, dtype=torch.uint8)
-    scratch = torch.empty(budget, dtype=torch.uint8)
+    out = np.empty(budget, dtype=np.uint8)
+    scratch = np.empty(budget, dtype=np.uint8)
     crcs: dict[int, tuple[int, int]] = {}
     fd = os.open(tmp, os.O_RDWR)
     try:
@@ -101,7 +102,7 @@ def _fill(tmp: Path, offsets, plan: Plan, writer: FileWriter) -> dict[int, tuple
             strides = _row_major(t.geometry)
             for box in windows(t.geometry, t.dtype.itemsize, budget):
                 n = fill_window(t, box, out, scratch, writer.sources)
-                view = memoryview(out.numpy())[:n]
+                view = memoryview(out)[:n]
                 at = start + sum(lo * st for (lo, _), st in zip(box, strides)) * t.dtype.itemsize
                 done = 0
                 while done < n:

@@ -21,15 +21,18 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .discover import Checkpoint, find_checkpoint
+from .dtypes import DType
 from .errors import OutputError
 from .manifest import MANIFEST, STATE_DIR, Manifest, sha256_file
 from .plan import DTYPE_NAMES, Piece, Plan, TensorPlan, parse_size
 from .safetensors_format import CODE_DTYPES, read_header
 from .write import TMP_SUFFIX, _is_contiguous, _row_major, windows
+
+if TYPE_CHECKING:
+    import torch  # only comparing tensors with the checkpoint imports torch
 
 DEFAULT_CHUNK = 16 * 2**20
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
@@ -134,7 +137,7 @@ def _check_temp_files(out: Path, report: VerifyReport) -> None:
 
 @dataclass(frozen=True)
 class _Entry:
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -319,7 +322,7 @@ def _check_against_checkpoint(out: Path, ck: Checkpoint, manifest: dict | None, 
         sources.close()
 
 
-def _short(dtype: torch.dtype) -> str:
+def _short(dtype: DType) -> str:
     return str(dtype).replace("torch.", "")
 
 
@@ -416,6 +419,8 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> bool:
 def _read_box(fd: int, base: int, shape: tuple[int, ...], lo: tuple[int, ...], sizes: tuple[int, ...],
               dtype: torch.dtype, limit: int) -> torch.Tensor | None:
     """A box of a row-major tensor stored at `base`: one read when its span is small, else one read per run."""
+    import torch
+
     isz = dtype.itemsize
     strides = _row_major(shape)
     first = sum(a * st for a, st in zip(lo, strides))
@@ -447,6 +452,8 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
     Windows follow each piece's storage order, so a strided piece is read front to back like a
     contiguous one; the output box is gathered with positioned reads (no mmap, bounded memory).
     """
+    import torch
+
     src_isz, out_isz = t.source_dtype.itemsize, t.dtype.itemsize
     budget = max(1, chunk // max(src_isz, out_isz)) * src_isz
     base = header.data_start + entry.begin
@@ -470,11 +477,12 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
                 raw = sources.read(p.file, src_off, span)
                 if streaming:
                     crc = zlib.crc32(raw, crc)
-                src = torch.frombuffer(raw, dtype=torch.uint8).view(t.source_dtype)
-                want = src.as_strided(psizes, pstride).permute(inverse).to(t.dtype).contiguous()
+                src = torch.frombuffer(raw, dtype=torch.uint8).view(t.source_dtype.torch())
+                # contiguous before the cast: torch writes other NaN bits for strided tensors (see cast.py)
+                want = src.as_strided(psizes, pstride).permute(inverse).contiguous().to(t.dtype.torch())
                 sizes = tuple(psizes[inverse[d]] for d in range(len(order)))
                 lo = tuple(s + plo[inverse[d]] for d, s in enumerate(p.start))
-                got = _read_box(out_file.fileno(), base, t.geometry, lo, sizes, t.dtype, chunk)
+                got = _read_box(out_file.fileno(), base, t.geometry, lo, sizes, t.dtype.torch(), chunk)
                 report.bytes_read += span + math.prod(sizes) * out_isz
                 if got is None:
                     report.fail(f"{rel}: tensor {name!r}: the file ends inside its data")
@@ -489,6 +497,8 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
 
 def _bytes_of(x: torch.Tensor) -> torch.Tensor:
     """Elements as rows of raw bytes: equality is bit equality (NaNs, -0.0 and all)."""
+    import torch
+
     x = x.contiguous().reshape(-1)
     return x.view(torch.uint8).reshape(x.numel(), x.element_size())
 

@@ -2,10 +2,11 @@
 
 Each file is created at its final size under a temporary name, its header written from the plan,
 and every tensor filled window by window: worker threads read the pieces of a window straight from
-the rank files (positioned reads; casts chunk by chunk with torch, so values equal `tensor.to(dtype)`)
-and write it in place, while this thread hashes the windows in file order. Memory is the window
-buffers and nothing else; page cache is dropped behind us so a memory cgroup stays bounded too. The
-file is re-opened with the Rust reader (`safetensors.safe_open`) before it is renamed into place.
+the rank files (positioned reads; casts chunk by chunk with numpy, bit for bit what `tensor.to(dtype)`
+gives, see cast.py; torch only for float8) and write it in place, while this thread hashes the
+windows in file order. Memory is the window buffers and nothing else; page cache is dropped behind
+us so a memory cgroup stays bounded too. The file is re-opened with the Rust reader
+(`safetensors.safe_open`) before it is renamed into place. torch is imported only for a float8 cast.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from .cast import cast_into, numpy_can_cast
+from .dtypes import DType
 from .errors import OutputError, VerifyError
 from .plan import FilePlan, Plan, TensorPlan
 
@@ -215,11 +218,11 @@ class Sources:
             self._fds.clear()
 
 
-def fill_window(t: TensorPlan, box: Box, out: torch.Tensor, scratch: torch.Tensor, sources: Sources) -> int:
+def fill_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, sources: Sources) -> int:
     """Assemble one window of tensor `t` into `out` (uint8); returns its byte length."""
     wshape = tuple(hi - lo for lo, hi in box)  # box is in t.geometry coordinates
     n_out = math.prod(wshape) * t.dtype.itemsize
-    out_mv = memoryview(out.numpy())
+    out_mv = memoryview(out)
     wstrides = _row_major(wshape)
     src_isz = t.source_dtype.itemsize
     for p in t.pieces:
@@ -237,14 +240,29 @@ def fill_window(t: TensorPlan, box: Box, out: torch.Tensor, scratch: torch.Tenso
             start = dst_flat * src_isz
             sources.read_into(p.file, src_off, out_mv[start:start + math.prod(sizes) * src_isz])
             continue
-        window = out[:n_out].view(t.dtype).view(wshape)
-        for off, part in _fitting_parts(sizes, p.stride, src_isz, scratch.numel()):
+        window = out[:n_out].view(t.dtype.numpy).reshape(wshape)
+        for off, part in _fitting_parts(sizes, p.stride, src_isz, scratch.size):
             part_src = src_off + sum(i * st for i, st in zip(off, p.stride)) * src_isz
             span = (sum((n - 1) * st for n, st in zip(part, p.stride)) + 1) * src_isz
-            sources.read_into(p.file, part_src, memoryview(scratch.numpy())[:span])
-            src = scratch[:span].view(t.source_dtype).as_strided(part, p.stride)
-            window[tuple(slice(a + o, a + o + n) for a, o, n in zip(dst, off, part))].copy_(src)
+            sources.read_into(p.file, part_src, memoryview(scratch)[:span])
+            region = tuple(slice(a + o, a + o + n) for a, o, n in zip(dst, off, part)) + (...,)  # 0-d: a view
+            if numpy_can_cast(t.source_dtype, t.dtype):
+                src = np.lib.stride_tricks.as_strided(scratch[:span].view(t.source_dtype.numpy), part,
+                                                      tuple(st * src_isz for st in p.stride))
+                cast_into(window[region], src, t.source_dtype, t.dtype)
+            else:
+                _torch_copy(out[:n_out], wshape, region, scratch[:span], part, p.stride, t.source_dtype, t.dtype)
     return n_out
+
+
+def _torch_copy(out: np.ndarray, wshape: tuple[int, ...], region: tuple[slice, ...], scratch: np.ndarray,
+                part: tuple[int, ...], stride: tuple[int, ...], src_dtype: DType, dst_dtype: DType) -> None:
+    """The casts numpy cannot reproduce (float8): torch's copy_ over the same buffers (imports torch)."""
+    import torch
+
+    window = torch.from_numpy(out).view(dst_dtype.torch()).view(wshape)
+    src = torch.from_numpy(scratch).view(src_dtype.torch()).as_strided(part, stride)
+    window[region].copy_(src)
 
 
 def _fitting_parts(sizes: tuple[int, ...], strides: tuple[int, ...], itemsize: int,
@@ -281,8 +299,8 @@ class FileWriter:
         self.progress = progress
         self.sources = Sources(drop_cache)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="streammerge")
-        self._buffers = [(torch.empty(self.window_bytes, dtype=torch.uint8),
-                          torch.empty(self.window_bytes, dtype=torch.uint8)) for _ in range(self.depth)]
+        self._buffers = [(np.empty(self.window_bytes, dtype=np.uint8), np.empty(self.window_bytes, dtype=np.uint8))
+                         for _ in range(self.depth)]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -347,7 +365,7 @@ class FileWriter:
         def finish_oldest() -> None:
             fut, slot = inflight.popleft()
             n, offset = fut.result()
-            sha.update(memoryview(self._buffers[slot][0].numpy())[:n])
+            sha.update(memoryview(self._buffers[slot][0])[:n])
             free.append(slot)
             behind.advance(offset + n)
             if self.progress:
@@ -374,7 +392,7 @@ class FileWriter:
     def _job(self, t: TensorPlan, box: Box, offset: int, fd: int, slot: int) -> tuple[int, int]:
         out, scratch = self._buffers[slot]
         n = fill_window(t, box, out, scratch, self.sources)
-        view = memoryview(out.numpy())[:n]
+        view = memoryview(out)[:n]
         done = 0
         while done < n:
             done += os.pwrite(fd, view[done:], offset + done)
@@ -398,11 +416,16 @@ def output_error(e: OSError, path: Path, size: int | None = None) -> OutputError
 
 
 def check_with_rust_reader(path: Path, plan: Plan, fp: FilePlan) -> None:
-    """Open the file with safetensors' Rust reader and compare its header with the plan."""
+    """Open the file with safetensors' Rust reader and compare its header with the plan.
+
+    Opening validates the whole header (JSON, every dtype, offsets contiguous from 0 and sized
+    by dtype and shape, the data covering the file exactly); the framework only matters for reading
+    tensors, which we do not, so numpy's keeps torch unimported and takes bfloat16 and float8 headers.
+    """
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             keys = set(f.keys())
             if keys != set(fp.names):
                 raise VerifyError(f"{path}: tensors {sorted(keys ^ set(fp.names))[:3]} differ from the plan")

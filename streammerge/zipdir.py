@@ -65,7 +65,7 @@ def read_central(path: str | Path) -> tuple[int, int, int, bytes]:
             tail = f.read(tail_len)
             at = tail.rfind(b"PK\x05\x06")
             if at < 0 or len(tail) - at < _EOCD.size:
-                raise _bad(path, "no zip end record")
+                raise _bad(path, f"{size} bytes, no zip end record")
             _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
             if count == 0xFFFF or cd_size == _MAX32 or cd_offset == _MAX32:
                 loc = at - _ZIP64_LOCATOR.size

@@ -92,3 +92,46 @@ def test_demo_command_runs_the_whole_path(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "weights equal the gathered training state" in run.stdout and ": True" in run.stdout
     assert (tmp_path / "demo" / "model" / "model.safetensors.index.json").is_file()
+
+
+def _imported(stderr: str) -> set[str]:
+    """Module names from `python -X importtime` output."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_merge_never_imports_torch(make_ckpt, tmp_path: Path) -> None:
+    """The CLI and the library merge a real FSDP2 checkpoint (Shard(0) and Shard(1) pieces) without
+    importing torch, and the bfloat16 files are byte for byte what torch's `.to()` and save_file give."""
+    from safetensors.torch import save_file
+
+    actor = make_ckpt(world_size=4, shard_placement="first_divisible")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "cli"
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "streammerge", str(actor), str(out),
+                          "--dtype", "bfloat16", "--no-optimizer", "--no-progress", "--max-shard-size", "100KB"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    modules = _imported(run.stderr)
+    assert "streammerge.write" in modules and "numpy" in modules and "safetensors" in modules  # the parse works
+    heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "transformers", "huggingface_hub"))
+    assert not heavy, heavy
+
+    ref = load_file(actor / "reference" / "model.safetensors")
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 1
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(weight_map) == set(ref) and all(ref[k].dtype == torch.float32 for k in ref)
+    for f in files:
+        keys = [k for k, v in weight_map.items() if v == f.name]
+        save_file({k: ref[k].to(torch.bfloat16) for k in keys}, tmp_path / "want.safetensors", metadata={"format": "pt"})
+        assert f.read_bytes() == (tmp_path / "want.safetensors").read_bytes(), f.name
+
+    code = ("import sys, streammerge; r = streammerge.merge(sys.argv[1], sys.argv[2], dtype='bfloat16', "
+            "optimizer=False, max_shard_size='100KB'); print(len(r.files)); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    lib = subprocess.run([sys.executable, "-c", code, str(actor), str(tmp_path / "lib")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert lib.returncode == 0, lib.stderr[-3000:]
+    assert lib.stdout.split("\n")[1] == "[]", lib.stdout
+    for f in files:
+        assert (tmp_path / "lib" / f.name).read_bytes() == f.read_bytes()

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import streammerge
 from streammerge.safetensors_format import DTYPE_CODES, layout
 
-ALL_DTYPES = list(DTYPE_CODES)
+ALL_DTYPES = [d.torch() for d in DTYPE_CODES]  # every dtype safetensors stores, as torch dtypes
 
 
 def _random(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -129,3 +129,17 @@ def test_column_major_pieces_larger_than_the_buffer(tmp_path: Path) -> None:
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(got["cm"], cm.to(torch.bfloat16))
     assert torch.equal(got["cube"], cube.to(torch.bfloat16))
+
+
+def test_float8_casts_go_through_torch(tmp_path: Path) -> None:
+    """numpy has no float8: those casts (strided pieces too) fall back to torch's copy_ and equal `.to()`."""
+    gen = torch.Generator().manual_seed(5)
+    e4 = (torch.randn(40, 30, generator=gen) * 8).to(torch.float8_e4m3fn)
+    e5 = (torch.randn(30, 40, generator=gen) * 8).to(torch.float8_e5m2).t()  # column-major piece
+    ck = _plain_checkpoint(tmp_path, {"e4": e4, "e5": e5, "f": torch.randn(7, generator=gen)})
+    streammerge.merge(ck, tmp_path / "out", dtype="bfloat16", buffer_size=4096 * 8)
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    for k, v in {"e4": e4, "e5": e5}.items():
+        assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.to(torch.bfloat16)), k
