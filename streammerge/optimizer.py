@@ -25,7 +25,10 @@ import warnings as _warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from .discover import Checkpoint
 from .errors import CheckpointError, StreammergeError
@@ -247,8 +250,8 @@ def plan_optimizer(ck: Checkpoint, weights_plan: Plan, *, max_shard_size: int, t
         index_metadata["step"] = str(ck.step)
     index_metadata["source_world_size"] = str(ck.world_size)
     if fmt == "torch":
-        from .safetensors_format import layout
         from .plan import FilePlan
+        from .safetensors_format import layout
 
         # One file; its size in the plan is the safetensors estimate (the zip adds a few headers).
         file = FilePlan(OPTIMIZER_PT, layout(((t.name, t.dtype, t.shape) for t in tensors.values()), None))

@@ -188,6 +188,7 @@ class _Group:
         self.cd = np.frombuffer(self.ref.central_bytes, np.uint8)
         self.starts = np.asarray(self.ref.entry_starts, np.int64)
         self.lho = np.asarray(self.ref.header_offsets, np.int64)
+        self.first_storage = next((i for i, n in enumerate(self.ref.names) if n.startswith("data/")), len(self.ref.names))
 
 
 class _Shifted(dict):
@@ -318,7 +319,7 @@ class _Matcher:
         lho = a[starts[:, None] + 42 + np.arange(4)[None, :]].copy().view("<u4").ravel().astype(np.int64)
         if (lho == 0xFFFFFFFF).any() or (g.lho >= 0xFFFFFFFF).any():
             return None  # zip64 offsets live in extra fields: decode such files in full
-        d = lho[1:] - g.lho[1:]
+        d = lho[g.first_storage:] - g.lho[g.first_storage:]  # the small records before may move by a byte
         if d.size == 0 or (d != d[0]).any() or d[0] % 64 or size != g.ref.size + int(d[0]):
             return None
         return int(d[0])
@@ -481,10 +482,12 @@ def _variable_tokens(data: bytes, memo: dict) -> list[re.Pattern]:
         k = re.escape(kind)
         out.append(re.compile(rb"X[\x03-\x20]\x00\x00\x00" + k + rb":[0-9]{1,5}", re.DOTALL))
         out.append(re.compile(rb"X" + struct.pack("<I", len(kind)) + k + _PUT + rb"(?:K.|M..)\x86", re.DOTALL))
-    hashes = [i for i, v in memo.items() if v == "_hash"]
-    if hashes:
-        gets = b"|".join(re.escape(b"h" + bytes([i]) if i < 256 else b"j" + struct.pack("<I", i)) for i in hashes)
-        out.append(re.compile(rb"(?:X\x05\x00\x00\x00_hash" + _PUT + b"|" + gets + b")" + _INT, re.DOTALL))
+    cached = any(type(v) is mp.DTensorSpec and v.__dict__.get("_hash") is not None for v in memo.values())
+    if cached:  # each pattern starts with literal bytes: the regex engine then searches, not steps
+        out.append(re.compile(rb"X\x05\x00\x00\x00_hash" + _PUT + _INT, re.DOTALL))
+        for i in (i for i, v in memo.items() if v == "_hash"):
+            get = b"h" + bytes([i]) if i < 256 else b"j" + struct.pack("<I", i)
+            out.append(re.compile(re.escape(get) + _INT, re.DOTALL))
     return out
 
 
@@ -529,9 +532,11 @@ def _memo_differences(a: dict, b: dict) -> set[int] | None:
     if a.keys() != b.keys():
         return None
     own_a, own_b = _mesh_owned(a), _mesh_owned(b)
+    index_a = {id(v): i for i, v in a.items()}
+    index_b = {id(v): i for i, v in b.items()}
     differ = set()
     for i in a:
-        if not _same(a[i], b[i]):
+        if not _same(a[i], b[i], 0, (index_a, index_b)):
             if id(a[i]) not in own_a or id(b[i]) not in own_b:
                 return None
             differ.add(i)
@@ -551,26 +556,32 @@ def _device_type(x: Any) -> str | None:
     return None
 
 
-def _same(x: Any, y: Any, depth: int = 0) -> bool:
+def _same(x: Any, y: Any, depth: int = 0, memos: tuple[dict, dict] | None = None) -> bool:
+    """Equal as a merge reads them. With `memos`, objects below the top that both memos hold are
+    compared by memo index only (each memo entry is compared once, on its own)."""
     if type(x) is not type(y) or depth > 50:
         return False
+    if memos is not None and depth > 0:
+        i, j = memos[0].get(id(x)), memos[1].get(id(y))
+        if i is not None or j is not None:
+            return i == j
     kind = _device_type(x)
     if kind is not None:
         return kind == _device_type(y)
     if isinstance(x, (tuple, list)):
-        return len(x) == len(y) and all(_same(p, q, depth + 1) for p, q in zip(x, y))
+        return len(x) == len(y) and all(_same(p, q, depth + 1, memos) for p, q in zip(x, y))
     if isinstance(x, dict):
         keys = x.keys() - _RANK_KEYS
-        return keys == y.keys() - _RANK_KEYS and all(_same(x[key], y[key], depth + 1) for key in keys)
+        return keys == y.keys() - _RANK_KEYS and all(_same(x[key], y[key], depth + 1, memos) for key in keys)
     if isinstance(x, mp.Storage):
         return (x.key, x.dtype, x.numel) == (y.key, y.dtype, y.numel)
     if isinstance(x, mp.DeviceMesh):
-        return all(_same(x.__dict__.get(k), y.__dict__.get(k), depth + 1) for k in _MESH_LAYOUT_KEYS)
+        return all(_same(x.__dict__.get(k), y.__dict__.get(k), depth + 1, memos) for k in _MESH_LAYOUT_KEYS)
     if isinstance(x, mp.Local):
-        return _same((x.storage, x.offset, x.shape, x.stride), (y.storage, y.offset, y.shape, y.stride), depth + 1)
+        return _same((x.storage, x.offset, x.shape, x.stride), (y.storage, y.offset, y.shape, y.stride), depth + 1, memos)
     if isinstance(x, mp.Wrapper):
         return _same((x.cls, x.dtype, x.shape, x.stride, x.state), (y.cls, y.dtype, y.shape, y.stride, y.state),
-                     depth + 1)
+                     depth + 1, memos)
     if hasattr(x, "__dict__") and not isinstance(x, type):
-        return _same(x.__dict__, y.__dict__, depth + 1)
+        return _same(x.__dict__, y.__dict__, depth + 1, memos)
     return x == y
