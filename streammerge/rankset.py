@@ -234,43 +234,40 @@ class _Matcher:
             keys = cls._key_offsets(d)
         except CheckpointError:
             return None
-        decoded = mp.decode(data, memo=True)
-        if decoded is None or not isinstance(decoded[0], dict):
+        obj = mp.decode(data)
+        if not isinstance(obj, dict):
             return None
-        obj, memo = decoded
         got = records_from_state(obj, keys, path, 0, world_size)
         if got is None or got[1] or len(got[0]) < 2:
             return None
         tensors = got[0]
         if any(t.offset + _span_bytes(t) > d.size for t in tensors.values()):
             return None
-        where = {id(v): i for i, v in memo.items() if type(v) is mp.DeviceMesh}
-        meshes: dict[int, int] = {}  # id(mesh) -> slot
-        mesh_list: list[tuple[int, Any]] = []
-        slots, storage = [], []
-        for v in obj.values():
-            local = v.state["_local_tensor"] if isinstance(v, mp.Wrapper) else v
-            storage.append((local.storage.key, local.offset * local.dtype.itemsize))
-            if isinstance(v, mp.Wrapper):
-                spec = v.state["_spec"]
-                if id(spec.mesh) not in where:
-                    return None
-                if id(spec.mesh) not in meshes:
-                    meshes[id(spec.mesh)] = len(mesh_list)
-                    mesh_list.append((where[id(spec.mesh)], spec))
-                slots.append(meshes[id(spec.mesh)])
-            else:
-                slots.append(-1)
         starts = _key_positions(data, tuple(tensors))
         if starts is None:
             return None
+        slots, storage, firsts = _mesh_slots(obj)
+        # memo indices: from a decode of the records up to the last mesh's first use (the whole
+        # file's memo would hold an entry per pickled object, millions)
+        cut = max(firsts, default=0) + 1
+        prefix = _decode_head(data[:starts[cut]]) if cut < len(starts) else None
+        if prefix is None:
+            return None
+        full_meshes = [_mesh_of(list(obj.values())[r]) for r in firsts]
+        head_meshes = [_mesh_of(list(prefix[0].values())[r]) for r in firsts]
+        index = {id(v): i for i, v in prefix[1].items()}
+        if any(id(m) not in index for m in head_meshes):
+            return None
+        mesh_list = [(index[id(hm)], list(obj.values())[r].state["_spec"]) for hm, r in zip(head_meshes, firsts)]
         st = os.stat(path)
         template = RankFile(path, 0, st.st_size, st.st_mtime_ns, tensors, {})
+        cached = any(isinstance(v, mp.Wrapper) and v.state["_spec"].__dict__.get("_hash") is not None for v in obj.values())
         try:
-            m = cls(template, world_size, data, starts, tuple(slots), mesh_list, storage, _variable_tokens(data, memo))
+            m = cls(template, world_size, data, starts, slots, mesh_list, storage,
+                    _variable_tokens(data, prefix[1], cached))
         except ValueError:
             return None
-        m.mesh_refs = _mesh_references(obj, memo, [spec.mesh for _, spec in mesh_list])
+        m.mesh_refs = _mesh_references(obj, full_meshes, head_meshes, index)
         m.groups[len(d.prefix)] = _Group(d, array("q", (t.offset for t in tensors.values())), keys)
         return m
 
@@ -419,19 +416,47 @@ class _Matcher:
         return RankEntry(k, path, st.st_size, st.st_mtime_ns, coords, g.base, shift, overrides)
 
 
-def _mesh_references(obj: dict, memo: dict, meshes: list) -> dict[int, int]:
-    """For each memo entry a mesh holds: the last record that uses it directly (not through the mesh)."""
-    index = {id(v): i for i, v in memo.items()}
+def _mesh_of(value: Any) -> Any:
+    return value.state["_spec"].mesh
+
+
+def _mesh_slots(obj: dict) -> tuple[tuple[int, ...], list[tuple[str, int]], list[int]]:
+    """Per tensor its mesh slot (-1: plain) and (storage key, byte offset); per slot its first record."""
+    slot_of: dict[int, int] = {}
+    slots, storage, firsts = [], [], []
+    for r, v in enumerate(obj.values()):
+        local = v.state["_local_tensor"] if isinstance(v, mp.Wrapper) else v
+        storage.append((local.storage.key, local.offset * local.dtype.itemsize))
+        if isinstance(v, mp.Wrapper):
+            key = id(_mesh_of(v))
+            if key not in slot_of:
+                slot_of[key] = len(firsts)
+                firsts.append(r)
+            slots.append(slot_of[key])
+        else:
+            slots.append(-1)
+    return tuple(slots), storage, firsts
+
+
+def _mesh_references(obj: dict, meshes: list, head_meshes: list, index: dict[int, int]) -> dict[int, int]:
+    """For each memo entry a mesh holds: the last record that uses it directly (not through the mesh).
+
+    `meshes` come from the whole decode, `head_meshes` (the same, decoded again with their memo
+    `index`) say which memo entry each of their parts is.
+    """
     owned: dict[int, int] = {}
-    stack = [m.__dict__ for m in meshes]
+    stack = [(m.__dict__, h.__dict__) for m, h in zip(meshes, head_meshes)]
     while stack:
-        v = stack.pop()
+        v, w = stack.pop()
         if id(v) in owned:
             continue
-        owned[id(v)] = index.get(id(v), -1)
-        items = v.values() if isinstance(v, dict) else v if isinstance(v, (tuple, list)) else (
-            (v.__dict__,) if hasattr(v, "__dict__") and not isinstance(v, type) else ())
-        stack.extend(items)
+        owned[id(v)] = index.get(id(w), -1)
+        if isinstance(v, dict) and isinstance(w, dict):
+            stack.extend((x, w.get(k)) for k, x in v.items())
+        elif isinstance(v, (tuple, list)) and isinstance(w, (tuple, list)) and len(v) == len(w):
+            stack.extend(zip(v, w))
+        elif hasattr(v, "__dict__") and hasattr(w, "__dict__") and not isinstance(v, type):
+            stack.append((v.__dict__, w.__dict__))
     last: dict[int, int] = {}
     for r, value in enumerate(obj.values()):
         stack, seen = [value], set()
@@ -472,7 +497,7 @@ _INT = rb"(?:N|K.|M..|J....|\x8a\x01.|\x8a\x02.{2}|\x8a\x03.{3}|\x8a\x04.{4}|\x8
 _PUT = rb"(?:q.|r....)"
 
 
-def _variable_tokens(data: bytes, memo: dict) -> list[re.Pattern]:
+def _variable_tokens(data: bytes, memo: dict, cached: bool) -> list[re.Pattern]:
     """Patterns for what differs by rank in every record and means nothing to a merge: the device a GPU
     rank saved from ('cuda:3', torch.device('cuda', 3)) and DTensorSpec's cached `_hash`."""
     out = []
@@ -482,7 +507,6 @@ def _variable_tokens(data: bytes, memo: dict) -> list[re.Pattern]:
         k = re.escape(kind)
         out.append(re.compile(rb"X[\x03-\x20]\x00\x00\x00" + k + rb":[0-9]{1,5}", re.DOTALL))
         out.append(re.compile(rb"X" + struct.pack("<I", len(kind)) + k + _PUT + rb"(?:K.|M..)\x86", re.DOTALL))
-    cached = any(type(v) is mp.DTensorSpec and v.__dict__.get("_hash") is not None for v in memo.values())
     if cached:  # each pattern starts with literal bytes: the regex engine then searches, not steps
         out.append(re.compile(rb"X\x05\x00\x00\x00_hash" + _PUT + _INT, re.DOTALL))
         for i in (i for i, v in memo.items() if v == "_hash"):
