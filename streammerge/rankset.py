@@ -380,13 +380,14 @@ class _Matcher:
             data = f.read(pkl_size)
         if len(data) != pkl_size:
             return None
-        j = self._head_records(self._canon(data))
+        canon = self._canon(data)
+        j = self._head_records(canon)
         if j is None:
             return None
         raw = self.names[j].encode("utf-8")
         cut = data.find(b"X" + struct.pack("<I", len(raw)) + raw)
-        if cut < 0:
-            return None
+        if cut < 0 or len(self._canon(data[:cut])) != len(canon) - (len(self.tail) + self.canon_starts[1] - self.canon_starts[j]):
+            return None  # the head must end exactly where the compared tail begins
         mine = _decode_head(data[:cut])
         ours = self._template_head(j)
         if mine is None or ours is None or list(mine[0]) != list(self.names[:j]):
