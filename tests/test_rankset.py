@@ -8,6 +8,7 @@ edited the way a matcher could be fooled: swapped, re-saved with other strides, 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from streammerge.errors import CheckpointError
 from streammerge.load import load_rank_file
 from streammerge.plan import ShardedPieces, tensor_pieces
 from streammerge.rankset import load_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 SYNTHETIC = {
     "ws4": dict(world_size=4),
@@ -126,3 +129,17 @@ def test_a_rank_from_another_model_is_refused(make_ckpt, tmp_path):
     shutil.copy(other / "model_world_size_4_rank_3.pt", mixed / "model_world_size_4_rank_3.pt")
     with pytest.raises(CheckpointError, match="rank_3"):
         streammerge.plan(mixed, dtype="keep")
+
+
+def test_three_hundred_ranks_are_matched_past_rank_256(tmp_path):
+    """Archive names of 1 to 3 digits (three layouts) and mesh ranks past 255 (one byte more in the
+    pickle, so every offset after it shifts): still one decode, and the same records as decoding each."""
+    import bench_plan  # real torch.save of DTensors on torch's fake process group, checked there against one process per rank
+
+    actor, _ = bench_plan.make(tmp_path / "c", 300, 3, 2)
+    ck = find_checkpoint(actor)
+    ranks = load_ranks(ck.model_files, 300)
+    assert ranks.decoded == 1
+    assert len({id(e.base) for e in ranks.entries[1:]}) == 3  # one zip layout per archive-name length
+    decoded = _assert_same_as_decoding(actor)
+    assert decoded == 1
