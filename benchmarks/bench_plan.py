@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_merge import disk, machine, measure  # noqa: E402
+from bench_merge import cache_policy, disk, drop_cache, machine, measure  # noqa: E402
 
 
 def tensor_names(n: int) -> list[str]:
@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         res["plan"] = None
         res["plan_note"] = "skipped (--skip-plan)"
     else:
+        files = sorted(actor.glob("model_world_size_*.pt"))
+        drop_cache(files, cache_policy())  # planning reads every rank's pickle and zip directory: from disk
+        res["cache"] = f"cold for the plan ({cache_policy()} first); warm for the per-record samples"
         secs, pieces, rss, wall = run_py(PLAN, [str(actor)], env)
         res["plan"] = {
             "what": 'streammerge.pipeline.plan(CKPT, dtype="keep") end to end, in a fresh subprocess',
