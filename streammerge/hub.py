@@ -450,7 +450,8 @@ def make_model_card(info: Mapping[str, Any]) -> str:
 
     ``info`` keys (all optional): ``repo_id``, ``source`` (checkpoint path), ``step``,
     ``world_size``, ``fsdp_version``, ``dtype``, ``optimizer`` (bool: ``optimizer/`` is included),
-    ``base_model``, ``license``, ``tags``, ``model_type``.
+    ``optimizer_format`` (``"safetensors"``, the default, or ``"torch"``: how ``optimizer/`` was
+    written), ``base_model``, ``license``, ``tags``, ``model_type``.
     """
     repo_id = info.get("repo_id") or "REPO_ID"
     tags = ["streammerge", "verl", "fsdp"] + [t for t in info.get("tags") or [] if t]
@@ -480,13 +481,23 @@ tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 ```
 """
     if info.get("optimizer"):
+        fmt = info.get("optimizer_format") or "safetensors"
+        if fmt == "torch":
+            what = """`optimizer/optimizer.pt` holds the optimizer state as one torch file (it loads with
+`torch.load(..., weights_only=True)`), keyed by parameter name (`state[<param name>][<key>]` and
+`param_groups`), as `torch.distributed.checkpoint.state_dict.get_optimizer_state_dict` returns the
+full state, so training can resume on any world size:"""
+        elif fmt == "safetensors":
+            what = """`optimizer/` holds the optimizer state as safetensors (with `optimizer.safetensors.index.json`), in
+the flattened form of `torch.distributed.checkpoint.state_dict`
+(`state.<param name>.<key>`, `param_groups.<param name>.<key>`), so training can resume on any
+world size:"""
+        else:
+            raise ValueError(f"optimizer_format {fmt!r}: expected 'safetensors' or 'torch'")
         body += f"""
 ## Optimizer state
 
-`optimizer/` holds the optimizer state as safetensors (with `optimizer.safetensors.index.json`), in
-the flattened form of `torch.distributed.checkpoint.state_dict`
-(`state.<param name>.<key>`, `param_groups.<param name>.<key>`), so training can resume on any
-world size:
+{what}
 
 ```python
 from huggingface_hub import snapshot_download

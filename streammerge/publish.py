@@ -33,7 +33,7 @@ from .discover import Checkpoint, find_checkpoint
 from .errors import CheckpointError, StreammergeError
 from .hub import HubPusher, PushError, RetryPolicy, make_model_card
 from .model_folder import read_config
-from .optimizer import optimizer_save_mode_enabled
+from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
 from .pipeline import MergeResult, merge
 
 logger = logging.getLogger(__name__)
@@ -302,6 +302,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
             card = make_model_card({
                 "repo_id": full_id, "source": str(ck.path), "step": ck.step, "world_size": ck.world_size,
                 "fsdp_version": ck.fsdp_version, "dtype": _dtype_name(result), "optimizer": has_optimizer,
+                "optimizer_format": _optimizer_format(result),
                 "model_type": (config or {}).get("model_type"),
                 "base_model": model_name if model_name and not Path(model_name).expanduser().is_dir() else None,
             })
@@ -320,6 +321,14 @@ def _dtype_name(result: MergeResult) -> str | None:
     names = sorted({str(t.dtype).replace("torch.", "") for t in result.plans[0].tensors.values()
                     if t.dtype.is_floating_point})
     return ", ".join(names) or None
+
+
+def _optimizer_format(result: MergeResult) -> str | None:
+    """How ``optimizer/`` was written: "torch" (one optimizer.pt), "safetensors", or None (not at all)."""
+    names = {f.filename for f in result.files}
+    if f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}" in names:
+        return "torch"
+    return "safetensors" if any(n.startswith(OPTIMIZER_DIR + "/") for n in names) else None
 
 
 def _write_text(path: Path, text: str) -> None:

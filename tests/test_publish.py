@@ -377,3 +377,22 @@ def test_optimizer_full_pushes_an_optimizer_export_that_loads_as_the_card_says(h
     state = optimizer.state_dict()["state"]
     assert len(state) == len(list(model.parameters()))
     assert all(s["exp_avg"].abs().sum() > 0 for s in state.values())
+
+
+def test_cli_torch_optimizer_format_gets_a_model_card_that_says_so_and_loads(hub, make_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = cli([make_ckpt(), out, "--push", "--repo-id", "tiny", "--max-shard-size", SHARD,
+                "--optimizer-format", "torch"], hub)
+    assert proc.returncode == 0, proc.stderr
+    remote = remote_files(hub, "alice/tiny")
+    assert [p for p in remote if p.startswith("optimizer/")] == ["optimizer/optimizer.pt"]
+    card = remote["README.md"].decode()
+    assert "| Optimizer state included | `yes` |" in card
+    assert "`optimizer/optimizer.pt`" in card and "weights_only=True" in card
+    assert "safetensors" not in card.split("## Optimizer state")[1]
+
+    download = tmp_path / "download"  # the card's recipe, on the files as the Hub serves them
+    (download / "optimizer").mkdir(parents=True)
+    (download / "optimizer" / "optimizer.pt").write_bytes(remote["optimizer/optimizer.pt"])
+    state = streammerge.load_optimizer_state_dict(f"{download}/optimizer")
+    assert state["state"] and state["param_groups"]
