@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils.sha import git_hash
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,11 @@ class HubPusher:
     exception stops without committing (uploaded blobs stay on the Hub and are not sent again on
     the next run).
 
+    Nothing is created on the Hub until there is something to upload: the repo (and the branch) are
+    made when the first file is submitted (or at :meth:`finish`). :meth:`check_access` checks the
+    token without creating anything, and :meth:`discard` removes a repo or branch this pusher made
+    when whatever was producing the files failed before anything was committed.
+
     Args:
         repo_id: ``"name"`` or ``"namespace/name"``; with ``organization`` and no namespace it becomes
             ``"organization/name"``; with neither, the token's user is the namespace.
@@ -162,10 +168,12 @@ class HubPusher:
         self._result: CommitInfo | None = None
         self._fatal: PushError | None = None  # auth/permission/xet: no point trying other files
         self._closed = False
+        self._user: dict | None = None  # whoami, once asked
+        self._created_repo: str | None = None  # head sha of the repo this pusher created, if it did
+        self._created_branch: str | None = None  # head sha of the branch this pusher created, if it did
 
     # ---- public API ------------------------------------------------------------------------
     def __enter__(self) -> "HubPusher":
-        self._start()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -205,6 +213,61 @@ class HubPusher:
                 logger.warning("%s was submitted twice; the last one is committed", op.path_in_repo)
             self._uploads[op.path_in_repo] = _Upload(local, op, future)
         return future
+
+    def check_access(self) -> str:
+        """Check the token now, creating nothing on the Hub; returns the full repo id.
+
+        A bad token (401), a read-only token, or a namespace the token's user cannot write to fails
+        here (:class:`PushError`), before the caller spends hours producing files. The repo itself is
+        created only when the first file is submitted.
+        """
+        user = self._whoami()
+        role = ((user.get("auth") or {}).get("accessToken") or {}).get("role")
+        ns = self.repo_id.split("/")[0]
+        orgs = user.get("orgs")
+        if role == "read":
+            raise self._permission_error("check the token", "it is a read-only token")
+        if role == "write" and isinstance(orgs, list) and ns not in {user.get("name")} | {o.get("name") for o in orgs}:
+            raise self._permission_error("check the token", f"{user.get('name')} is not a member of {ns}")
+        return self.repo_id
+
+    def discard(self) -> list[str]:
+        """Stop without committing, and remove from the Hub what this pusher created, if nothing was committed.
+
+        For a producer that failed (a merge that stopped half-way): a repo this pusher created is
+        deleted when it still holds only the Hub's initial commit, a branch it created when its head
+        has not moved. Returns what was removed (``"repo"``, ``"branch <name>"``). Never raises: a
+        failure to clean up is logged, the caller's own error matters more.
+        """
+        self.close()
+        removed: list[str] = []
+        if self._setup is None or self.commits:
+            return removed
+        try:
+            self._setup.result()
+        except BaseException:  # the setup failed (or never ran): whatever it made is recorded below
+            pass
+        try:
+            if self._created_repo is not None:
+                info = self.api.repo_info(self.repo_id, repo_type=self.repo_type)
+                refs = self.api.list_repo_refs(self.repo_id, repo_type=self.repo_type)
+                if info.sha == self._created_repo and all(b.target_commit == info.sha for b in refs.branches):
+                    self.api.delete_repo(self.repo_id, repo_type=self.repo_type, missing_ok=True)
+                    removed.append("repo")
+                else:
+                    logger.warning("%s was created by this push but has changed since; not deleting it", self.repo_id)
+            elif self._created_branch is not None:
+                info = self.api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type)
+                if info.sha == self._created_branch:
+                    self.api.delete_branch(self.repo_id, branch=self.revision, repo_type=self.repo_type)
+                    removed.append(f"branch {self.revision}")
+        except Exception as exc:
+            logger.warning("could not remove the %s this push created on %s: %s",
+                           "repo" if self._created_repo else "branch", self._where(), self._redact(_first_line(exc)))
+        if removed:
+            logger.info("removed the %s this push had created, as nothing was pushed: %s", " and ".join(removed),
+                        self.repo_id)
+        return removed
 
     def wait_ready(self) -> str:
         """Create the repo (and branch) now and wait for it; returns the full repo id.
@@ -265,13 +328,39 @@ class HubPusher:
                 self._setup = self._pool.submit(self._prepare_repo)
             return self._pool
 
+    def _whoami(self) -> dict:
+        """The token's user (cached); qualifies a bare repo name with the user's namespace."""
+        if self._user is None:
+            self._user = self._call("check the token", lambda: self.api.whoami())
+            if "/" not in self.repo_id:
+                self.repo_id = f"{self._user['name']}/{self.repo_id}"
+        return self._user
+
+    def _head(self, revision: str | None = None) -> str | None:
+        """Head sha of the repo's ``revision`` (default branch when None); None when repo or branch is missing."""
+        try:
+            return self.api.repo_info(self.repo_id, revision=revision, repo_type=self.repo_type).sha
+        except GatedRepoError:
+            raise
+        except RepositoryNotFoundError:  # RevisionNotFoundError is not one of these
+            if revision is None:
+                return None
+            raise
+        except RevisionNotFoundError:
+            return None
+
     def _prepare_repo(self) -> None:
-        url = self._call("create the repo", lambda: self.api.create_repo(
-            self.repo_id, private=self.private, repo_type=self.repo_type, exist_ok=True))
-        self.repo_id = url.repo_id or self.repo_id
-        if self.revision != "main":
+        self._whoami()
+        if self._call("look up the repo", self._head) is None:
+            url = self._call("create the repo", lambda: self.api.create_repo(
+                self.repo_id, private=self.private, repo_type=self.repo_type, exist_ok=True))
+            self.repo_id = url.repo_id or self.repo_id
+            self._created_repo = self._call("read the new repo", self._head)
+        if self.revision != "main" and self._call(f"look up branch {self.revision}",
+                                                  lambda: self._head(self.revision)) is None:
             self._call(f"create branch {self.revision}", lambda: self.api.create_branch(
                 self.repo_id, branch=self.revision, repo_type=self.repo_type, exist_ok=True))
+            self._created_branch = self._call(f"read branch {self.revision}", lambda: self._head(self.revision))
 
     def _upload(self, op: CommitOperationAdd) -> None:
         assert self._setup is not None
@@ -391,13 +480,7 @@ class HubPusher:
                 "(https://huggingface.co/settings/tokens). Note that HF_TOKEN takes precedence over "
                 "`hf auth login`."), kind="auth")
         if status == 403:
-            ns = self.repo_id.split("/")[0] if "/" in self.repo_id else "your namespace"
-            return PushError(self._redact(
-                f"The Hub refused to let {self._token_source()} write to {self.repo_id} "
-                f"(403 Forbidden) while trying to {what}.\n"
-                "Check that the token has write access (a 'write' token, or a fine-grained token with "
-                f"write permission on this repo), and, if {ns} is an organization, that you are a member "
-                "with write rights there."), kind="permission")
+            return self._permission_error(what)
         if _mentions_xet_missing(exc):
             return PushError(self._redact(
                 f"The Hub at {self._where()} does not offer Xet storage (it has no xet-write-token "
@@ -405,6 +488,15 @@ class HubPusher:
                 "Set HF_HUB_DISABLE_XET=1 in the environment to upload through Git LFS instead."),
                 kind="xet")
         return None
+
+    def _permission_error(self, what: str, why: str = "403 Forbidden") -> PushError:
+        ns = self.repo_id.split("/")[0] if "/" in self.repo_id else "your namespace"
+        return PushError(self._redact(
+            f"The Hub refused to let {self._token_source()} write to {self.repo_id} "
+            f"({why}) while trying to {what}.\n"
+            "Check that the token has write access (a 'write' token, or a fine-grained token with "
+            f"write permission on this repo), and, if {ns} is an organization, that you are a member "
+            "with write rights there."), kind="permission")
 
     def _where(self) -> str:
         return (self.api.endpoint or "the Hub").rstrip("/")

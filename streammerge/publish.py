@@ -2,8 +2,10 @@
 
 Each output file starts uploading as soon as the merge has finished and verified it, while the
 merge writes the next one, so a push takes about as long as the longer of the two, not their sum
-(:func:`merge_and_push`). The repo is made, and the token checked, before the merge starts. The
-commits come last: data files first, then index, config and model card (see :mod:`streammerge.hub`).
+(:func:`merge_and_push`). The token is checked before the merge starts; the repo (and branch) are
+made only when the first file is ready, and removed again if the merge then fails, so a failed merge
+leaves nothing behind on the Hub. The commits come last: data files first, then index, config and
+model card (see :mod:`streammerge.hub`).
 
 Re-running the same call after an interruption is cheap: the merge re-uses the files its manifest
 lists and the Hub is not sent what it already has.
@@ -269,7 +271,8 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
     the checkpoint's ``huggingface/`` folder as the source of config and tokenizer. ``merge_options``
     go to :func:`streammerge.merge` (dtype, max_shard_size, workers, ...). Raises :class:`PushError`
     when the push fails (the local folder is kept as the merge left it; re-run to resume) and
-    :class:`StreammergeError` when the merge does.
+    :class:`StreammergeError` when the merge does. The repo (or branch) is created when the first
+    merged file is ready; when the merge fails, one created by this call is deleted again.
     """
     t0 = time.perf_counter()
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint)
@@ -284,7 +287,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
                            revision=revision, commit_message=commit_message,
                            max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry)
         stack.callback(pusher.close)
-        full_id = pusher.wait_ready()  # a bad token fails now, not after the merge
+        full_id = pusher.check_access()  # a bad token fails now, not after the merge; nothing is created yet
         logger.info("pushing to %s (revision %s) while merging into %s", full_id, pusher.revision, out)
         files: list[str] = []
 
@@ -292,7 +295,11 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
             pusher.submit(path, f.filename, sha256=f.sha256, size=f.size)
             files.append(f.filename)
 
-        result = merge(ck, out, optimizer=optimizer, on_file_done=upload, **merge_options)
+        try:
+            result = merge(ck, out, optimizer=optimizer, on_file_done=upload, **merge_options)
+        except Exception:  # not KeyboardInterrupt: an interrupted push resumes, its uploads are kept
+            pusher.discard()  # the repo/branch made for the first file, if any: a failed merge leaves nothing
+            raise
         has_optimizer = len(result.plans) > 1
         if commit_message is None:
             what = "model and optimizer" if has_optimizer else "model"

@@ -21,7 +21,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import streammerge
-from hubserver import WRITE_TOKEN, HubServer
+from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from streammerge.errors import CheckpointError
 from streammerge.hub import PushError, RetryPolicy
 from streammerge.publish import ConfigError, load_push_config, merge_and_push, push_settings
@@ -169,6 +169,65 @@ def test_cli_config_block_nested_in_training_config_with_flag_override(hub, make
     assert remote == local_files(out)
     assert not [p for p in remote if p.startswith("optimizer")]
     assert "| Optimizer state included | `no` |" in remote["README.md"].decode()
+
+
+def _broken_actor(make_ckpt, tmp_path) -> Path:
+    """A copy of the checkpoint whose second model rank file was cut short (as a failed copy leaves it)."""
+    actor = tmp_path / "broken" / "global_step_2" / "actor"
+    shutil.copytree(make_ckpt(), actor)
+    rank1 = actor / "model_world_size_2_rank_1.pt"
+    rank1.write_bytes(rank1.read_bytes()[:100_000])
+    return actor
+
+
+def test_cli_merge_that_fails_creates_nothing_on_the_hub(hub, make_ckpt, tmp_path):
+    proc = cli([_broken_actor(make_ckpt, tmp_path), tmp_path / "out", "--push", "--repo-id", "tiny"], hub)
+    assert proc.returncode == 2 and "truncated" in proc.stderr, proc.stderr
+    assert not hub.requests("POST", r"^/api/repos/create$") and not hub.repos
+    assert hub.requests("GET", r"^/api/whoami-v2$")  # the token was checked before the merge
+
+    # A token that cannot write there still fails before the merge, without creating anything either.
+    for token, repo_id, words in ((READ_TOKEN, "tiny", "read-only"), (OTHER_TOKEN, "acme/tiny", "not a member")):
+        out = tmp_path / f"out-{token}"
+        proc = cli([make_ckpt(), out, "--push", "--repo-id", repo_id, "--no-optimizer"], hub, token=token)
+        assert proc.returncode == 4 and words in proc.stderr and "write access" in proc.stderr, proc.stderr
+        assert not out.exists() and not hub.repos and token not in proc.stdout + proc.stderr
+
+
+def test_seed_api_merge_that_fails_creates_nothing_on_the_hub(hub, make_ckpt, tmp_path):
+    hub.create_repo("alice/kept")
+    before = hub.repo("alice/kept").branches.copy()
+    for repo_id, revision in (("tiny", None), ("alice/kept", "step-2")):
+        failed = streammerge.upload_checkpoint_to_hf(_broken_actor(make_ckpt, tmp_path / repo_id), repo_id=repo_id,
+                                                     token=WRITE_TOKEN, endpoint=hub.endpoint, retry=FAST,
+                                                     revision=revision, raise_on_error=False)
+        assert not failed.ok and failed.error_kind == "CheckpointError" and "truncated" in failed.error
+    assert list(hub.repos) == [("model", "alice/kept")] and hub.repo("alice/kept").branches == before
+    assert not hub.requests("POST", r"^/api/repos/create$") and not hub.requests("POST", r"/branch/")
+
+
+def test_cli_merge_failing_after_its_first_upload_removes_the_repo_and_branch_it_made(hub, make_ckpt, tmp_path):
+    """The optimizer.pt (1.8 MB) passes a 1 MB file-size limit only after the model shards were uploading."""
+    hub.create_repo("alice/kept")
+    hub.add_files("alice/kept", {"notes.txt": b"kept"})
+    main_before = hub.repo("alice/kept").branches["main"]
+    code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000)); "
+            "sys.argv[0] = 'streammerge'; runpy.run_module('streammerge', run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": WRITE_TOKEN, "HF_ENDPOINT": hub.endpoint,
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    for n, extra in enumerate((["--repo-id", "tiny"], ["--repo-id", "alice/kept", "--revision", "step-2"])):
+        proc = subprocess.run([sys.executable, "-c", code, str(make_ckpt()), str(tmp_path / f"out{n}"), "--push",
+                               "--max-shard-size", SHARD, "--optimizer-format", "torch", "--workers", "1", *extra],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "optimizer.pt: write failed" in proc.stderr, proc.stderr
+        assert (tmp_path / f"out{n}" / "model-00001-of-00003.safetensors").is_file()
+    assert [e.status for e in hub.requests("POST", r"^/api/repos/create$")] == [200]  # made for the first file
+    assert [e.status for e in hub.requests("POST", r"/branch/step-2$")] == [200]
+    assert hub.requests("POST", r"/preupload/")  # ... and uploads had started
+    assert [e.status for e in hub.requests("DELETE")] == [200, 200]
+    assert list(hub.repos) == [("model", "alice/kept")]  # the new repo is gone, the existing one untouched
+    assert hub.repo("alice/kept").branches == {"main": main_before}
+    assert not hub.requests("POST", r"/commit/")
 
 
 # ---- the library ----------------------------------------------------------------------------
