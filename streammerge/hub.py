@@ -17,10 +17,12 @@ This module works on files only; it knows nothing about checkpoints or tensors.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import (CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData,
+                             get_token)
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils.sha import git_hash
 
@@ -81,6 +84,25 @@ def is_last_file(path_in_repo: str) -> bool:
     """True for the files committed last (index, config, model card)."""
     name = PurePosixPath(path_in_repo).name
     return any(fnmatch.fnmatchcase(name, p) for p in LAST_PATTERNS)
+
+
+def matches(path_in_repo: str, pattern: str) -> bool:
+    """Glob match anchored at the repo root: ``*`` and ``?`` stop at ``/``, ``**`` does not; ``dir/`` is ``dir/**``.
+
+    Stricter than huggingface_hub's ``delete_patterns`` (fnmatch, where ``*`` crosses folders), so
+    that ``model-*.safetensors`` never reaches into a user's ``extra/model-x.safetensors``.
+    """
+    return _glob(pattern).fullmatch(path_in_repo) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _glob(pattern: str) -> re.Pattern:
+    if pattern.endswith("/"):
+        pattern += "**"
+    out = []
+    for part in re.split(r"(\*\*|\*|\?)", pattern):
+        out.append({"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part)))
+    return re.compile("".join(out), re.DOTALL)
 
 
 def plan_commits(paths: Iterable[str], max_files_per_commit: int) -> list[list[str]]:
@@ -135,12 +157,16 @@ class HubPusher:
         max_workers: files uploaded at the same time.
         repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``.
         retry: patience for transient failures (5xx, 429, resets).
+        delete_patterns: remote files at the revision that match one of these (see :func:`matches`)
+            and are not part of this push are deleted in the last commit, as ``upload_folder``'s
+            ``delete_patterns`` does (``.gitattributes`` never). None (default): nothing is deleted.
     """
 
     def __init__(self, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
                  private: bool = False, organization: str | None = None, revision: str | None = None,
                  commit_message: str | None = None, max_files_per_commit: int = 50, max_workers: int = 2,
-                 repo_type: str = "model", retry: RetryPolicy | None = None):
+                 repo_type: str = "model", retry: RetryPolicy | None = None,
+                 delete_patterns: Iterable[str] | None = None):
         if organization:
             if "/" not in repo_id:
                 repo_id = f"{organization}/{repo_id}"
@@ -156,11 +182,13 @@ class HubPusher:
         self.max_files_per_commit = max_files_per_commit
         self.max_workers = max_workers
         self.retry = retry or RetryPolicy()
+        self.delete_patterns = None if delete_patterns is None else tuple(delete_patterns)
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
         self._token = token
         self.api = HfApi(endpoint=self.endpoint, token=token)
         self.commits: list[CommitInfo] = []
         self.unchanged: list[str] = []  # paths whose content the Hub already had at this revision
+        self.deleted: list[str] = []  # remote paths the last commit deleted (delete_patterns)
         self._uploads: dict[str, _Upload] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -283,7 +311,10 @@ class HubPusher:
     def finish(self) -> CommitInfo:
         """Wait for every upload, then commit: data files first, index/config/README last.
 
-        Returns the last commit made, or the current head when the Hub already had everything.
+        With ``delete_patterns``, the last commit also deletes the remote files that match them and
+        were not submitted (listed at the branch head that commit is made on top of), so an index and
+        the shards it names are replaced in one step. Returns the last commit made, or the current
+        head when the Hub already had everything.
         """
         if self._result is not None:
             return self._result
@@ -300,15 +331,19 @@ class HubPusher:
                 logger.info("Hub already has %d of %d files unchanged; not committing them again",
                             len(self.unchanged), len(uploads))
             batches = plan_commits(changed, self.max_files_per_commit)
+            if not batches and self.delete_patterns:
+                batches = [[]]  # nothing new, but stale files may still have to go
             for i, batch in enumerate(batches, 1):
                 message = self.commit_message if len(batches) == 1 else \
                     f"{self.commit_message} (part {i}/{len(batches)})"
-                info = self._commit([changed[p] for p in batch], message)
-                self.commits.append(info)
-            if not batches:
-                self._result = self._head_commit_info()
-            else:
-                self._result = self.commits[-1]
+                keep = set(uploads) if i == len(batches) and self.delete_patterns else None
+                info = self._commit([changed[p] for p in batch], message, keep=keep)
+                if info is not None:
+                    self.commits.append(info)
+            if self.deleted:
+                logger.info("deleted %d stale files from %s: %s", len(self.deleted), self.repo_id,
+                            ", ".join(self.deleted))
+            self._result = self.commits[-1] if self.commits else self._head_commit_info()
             return self._result
         finally:
             self.close()
@@ -384,50 +419,71 @@ class HubPusher:
             raise self._fatal
 
     # ---- commits ---------------------------------------------------------------------------
-    def _commit(self, uploads: list[_Upload], message: str) -> CommitInfo:
-        what = f"commit {len(uploads)} files"
-        ops = [u.op for u in uploads]
-        parent: str | None = None
-        failed_before = False
+    def _commit(self, uploads: list[_Upload], message: str, keep: set[str] | None = None) -> CommitInfo | None:
+        """Commit ``uploads``; with ``keep``, also delete the stale files (``delete_patterns``, not in ``keep``).
 
-        def attempt() -> CommitInfo:
-            nonlocal ops, parent, failed_before
-            if failed_before:
+        None when there was nothing to commit (no uploads, nothing stale).
+        """
+        what = f"commit {len(uploads)} files" if keep is None else f"commit {len(uploads)} files and delete stale ones"
+        failed_before = False
+        sent: list[str] = []  # what the attempt in flight deletes
+
+        def attempt() -> CommitInfo | None:
+            nonlocal failed_before, sent
+            ops: list[Any] = [u.op for u in uploads]
+            parent: str | None = None
+            stale: list[str] = []
+            if failed_before or keep is not None:
                 # The last attempt may have been applied even though its answer was lost: look first.
-                head, landed = self._landed(uploads)
-                if landed:
+                # The stale files are listed at the head the commit is then made on top of.
+                info = self.api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type,
+                                          files_metadata=failed_before)
+                stale = self._stale(info.sha, keep) if keep is not None else []
+                if failed_before and self._holds(info, uploads) and not stale:
                     logger.info("The commit was applied although its answer was lost; not sending it again")
-                    return self._commit_info(head, message)
-                # On top of the head we saw, so a late landing of the lost attempt makes this one fail
-                # (412) instead of applying twice. Fresh operations: the old ones carry upload state.
-                parent, ops = head, [_fresh_op(u) for u in uploads]
-            failed_before = True
-            info = self.api.create_commit(self.repo_id, ops, commit_message=message, revision=self.revision,
-                                          repo_type=self.repo_type, parent_commit=parent,
-                                          num_threads=self.max_workers)
+                    self.deleted = sent
+                    return self._commit_info(info.sha, message)
+                # On top of the head we saw, so a late landing of the lost attempt (or anyone's commit
+                # since we listed the files) makes this one fail (412) instead of applying twice or
+                # deleting a file we did not see. Fresh operations: the old ones carry upload state.
+                parent = info.sha
+                if failed_before:
+                    ops = [_fresh_op(u) for u in uploads]
+            if not ops and not stale:
+                return None
+            failed_before, sent = True, stale
+            info = self.api.create_commit(self.repo_id, ops + [CommitOperationDelete(p) for p in stale],
+                                          commit_message=message, revision=self.revision, repo_type=self.repo_type,
+                                          parent_commit=parent, num_threads=self.max_workers)
             failed_before = False
+            self.deleted = stale
             return info
 
         # 412 (or 409): our parent_commit is no longer the head; the next attempt looks again.
         return self._call(what, attempt, retry_status=RETRY_STATUS | {409, 412})
 
-    def _landed(self, uploads: list[_Upload]) -> tuple[str, bool]:
-        """Head sha of the branch, and whether it already holds every file with our content."""
-        info = self.api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type,
-                                  files_metadata=True)
+    def _stale(self, head: str, keep: set[str]) -> list[str]:
+        """Remote files at ``head`` that match ``delete_patterns`` and are not in ``keep``."""
+        assert self.delete_patterns is not None
+        files = self.api.list_repo_files(self.repo_id, revision=head, repo_type=self.repo_type)
+        return sorted(p for p in files if p not in keep and p != ".gitattributes"
+                      and any(matches(p, pat) for pat in self.delete_patterns))
+
+    def _holds(self, info: Any, uploads: list[_Upload]) -> bool:
+        """Whether the revision ``info`` (read with files_metadata) holds every upload with our content."""
         remote = {s.rfilename: s for s in info.siblings or []}
         for u in uploads:
             sib = remote.get(u.op.path_in_repo)
             if sib is None:
-                return info.sha, False
+                return False
             if sib.lfs is not None:
                 same = sib.lfs.sha256 == u.op.upload_info.sha256.hex()
             else:
                 with open(u.local_path, "rb") as f:
                     same = sib.blob_id == git_hash(f.read())
             if not same:
-                return info.sha, False
-        return info.sha, True
+                return False
+        return True
 
     def _head_commit_info(self) -> CommitInfo:
         info = self._call("read the remote revision", lambda: self.api.repo_info(

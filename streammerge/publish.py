@@ -47,6 +47,10 @@ DEFAULT_OUT_SUFFIX = "-hf"
 MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                        "added_tokens.json", "vocab*", "merges.txt", "chat_template*", "*.tiktoken",
                        "spiece.model", "*.py")
+# What a push of ours owns in the repo: files matching these that the push does not bring are stale
+# (a shard of an earlier merge with more shards, an old optimizer export) and deleted in its last
+# commit. Matched from the repo root, `*` within one folder (see streammerge.hub.matches).
+OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -238,6 +242,7 @@ class PushResult:
     step: int | None = None
     files: list[str] = field(default_factory=list)  # paths in the repo this push covered
     unchanged: list[str] = field(default_factory=list)  # of those, what the Hub already had
+    deleted: list[str] = field(default_factory=list)  # stale files of an earlier push, deleted
     commits: int = 0
     merge: MergeResult | None = None
     seconds: float = 0.0
@@ -256,6 +261,8 @@ class PushResult:
         else:
             unchanged = f" ({len(self.unchanged)} were already there)" if self.unchanged else ""
             what = f"{sent} files committed in {self.commits} commit{'s' if self.commits != 1 else ''}{unchanged}"
+            if self.deleted:
+                what += f", {len(self.deleted)} stale files of an earlier push deleted"
         return f"pushed to {self.repo_id} revision {self.revision} in {self.seconds:.1f} s: {what}; {self.commit_url}"
 
 
@@ -264,7 +271,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
                    commit_message: str | None = None, token: str | None = None, endpoint: str | None = None,
                    optimizer: bool = True, model_name: str | None = None, model_card: bool = True,
                    max_files_per_commit: int = 50, upload_workers: int = 2, retry: RetryPolicy | None = None,
-                   **merge_options: Any) -> PushResult:
+                   delete_stale: bool = True, **merge_options: Any) -> PushResult:
     """Merge ``checkpoint`` into ``out_dir`` and push it to ``repo_id``, uploading while merging.
 
     ``out_dir=None`` uses :func:`default_out_dir`. ``model_name`` (local folder or Hub model) replaces
@@ -273,6 +280,11 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
     when the push fails (the local folder is kept as the merge left it; re-run to resume) and
     :class:`StreammergeError` when the merge does. The repo (or branch) is created when the first
     merged file is ready; when the merge fails, one created by this call is deleted again.
+
+    ``delete_stale`` (default True): the last commit deletes the files at the revision that match
+    :data:`OWNED_PATTERNS` (weight shards and their index, ``optimizer/``) and are not part of this
+    push, e.g. the 4th shard of an earlier 4-shard merge, or an earlier optimizer export when this
+    push has none. Nothing else is ever deleted (README.md, your own files).
     """
     t0 = time.perf_counter()
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint)
@@ -285,7 +297,8 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
                            "weights that transformers cannot load on their own", ck.path)
         pusher = HubPusher(repo_id, token=token, endpoint=endpoint, private=private, organization=organization,
                            revision=revision, commit_message=commit_message,
-                           max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry)
+                           max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry,
+                           delete_patterns=OWNED_PATTERNS if delete_stale else None)
         stack.callback(pusher.close)
         full_id = pusher.check_access()  # a bad token fails now, not after the merge; nothing is created yet
         logger.info("pushing to %s (revision %s) while merging into %s", full_id, pusher.revision, out)
@@ -319,7 +332,8 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
         info = pusher.finish()
     return PushResult(ok=True, repo_id=pusher.repo_id, revision=pusher.revision, commit_url=info.commit_url,
                       commit_oid=info.oid, out_dir=result.out_dir, step=ck.step, files=files,
-                      unchanged=list(pusher.unchanged), commits=len(pusher.commits), merge=result,
+                      unchanged=list(pusher.unchanged), deleted=list(pusher.deleted), commits=len(pusher.commits),
+                      merge=result,
                       seconds=time.perf_counter() - t0)
 
 
@@ -439,6 +453,6 @@ def upload_checkpoint_to_hf(checkpoint_dir: str | os.PathLike, model_name: str |
         .upload_from_checkpoint_dir(checkpoint_dir, model_name, step, out_dir=out_dir, raise_on_error=raise_on_error)
 
 
-__all__ = ["ConfigError", "HuggingFaceUploader", "PushConfig", "PushResult", "default_out_dir", "load_push_config",
+__all__ = ["OWNED_PATTERNS", "ConfigError", "HuggingFaceUploader", "PushConfig", "PushResult", "default_out_dir", "load_push_config",
            "merge_and_push", "model_files", "push_settings", "resolve_checkpoint", "upload_checkpoint_to_hf",
            "with_model_files"]

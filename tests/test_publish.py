@@ -455,3 +455,33 @@ def test_cli_torch_optimizer_format_gets_a_model_card_that_says_so_and_loads(hub
     (download / "optimizer" / "optimizer.pt").write_bytes(remote["optimizer/optimizer.pt"])
     state = streammerge.load_optimizer_state_dict(f"{download}/optimizer")
     assert state["state"] and state["param_groups"]
+
+
+def test_push_over_an_earlier_push_deletes_its_stale_shards_and_optimizer_in_the_last_commit(hub, make_ckpt, tmp_path):
+    user_files = {"notes.txt": b"kept", "extra/model-00001-of-00009.safetensors": b"a user's own file",
+                  "model_fp8.safetensors": b"not one of ours", "optimizer.txt": b"not in optimizer/"}
+    first = merge_and_push(make_ckpt(), tmp_path / "first", "tiny", **opts(hub, optimizer=True, max_shard_size="100KB"))
+    old_shards = {p for p in first.files if p.startswith("model-")}
+    assert len(old_shards) > 3 and [p for p in first.files if p.startswith("optimizer/")]
+    hub.add_files("alice/tiny", user_files, "the user's own files")
+    card = hub.file_bytes("alice/tiny", "README.md")
+
+    out = tmp_path / "second"  # 3 shards, no optimizer, no card: everything else of the first push is stale
+    second = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False, max_files_per_commit=3))
+    assert {p for p in second.files if p.startswith("model-")} == {f"model-0000{i}-of-00003.safetensors"
+                                                                  for i in (1, 2, 3)}
+    remote = remote_files(hub, "alice/tiny")
+    assert remote == {**local_files(out), **user_files, "README.md": card}
+    assert sorted(second.deleted) == sorted(p for p in first.files
+                                            if p in old_shards or p.startswith("optimizer/")) != []
+    assert "stale files of an earlier push deleted" in second.summary()
+    commits = hub.commit_log("alice/tiny")[-second.commits:]
+    assert second.commits > 1 and not any(c.deleted for c in commits[:-1])
+    assert sorted(commits[-1].deleted) == sorted(second.deleted)  # with the new index, in one step
+    assert "model.safetensors.index.json" in commits[-1].added
+    index = json.loads(remote["model.safetensors.index.json"])
+    assert set(index["weight_map"].values()) <= set(remote)
+
+    n_commits = len(hub.commit_log("alice/tiny"))  # the same push again: nothing to send, nothing to delete
+    again = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False))
+    assert again.commits == 0 and not again.deleted and len(hub.commit_log("alice/tiny")) == n_commits
