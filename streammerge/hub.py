@@ -255,7 +255,8 @@ class HubPusher:
         orgs = user.get("orgs")
         if role == "read":
             raise self._permission_error("check the token", "it is a read-only token")
-        if role == "write" and isinstance(orgs, list) and ns not in {user.get("name")} | {o.get("name") for o in orgs}:
+        names = {str(n).lower() for n in [user.get("name")] + [o.get("name") for o in orgs or [] if isinstance(o, dict)]}
+        if role == "write" and isinstance(orgs, list) and ns.lower() not in names:
             raise self._permission_error("check the token", f"{user.get('name')} is not a member of {ns}")
         return self.repo_id
 
