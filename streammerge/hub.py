@@ -17,10 +17,12 @@ This module works on files only; it knows nothing about checkpoints or tensors.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import (CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData,
+                             get_token)
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils.sha import git_hash
 
 logger = logging.getLogger(__name__)
@@ -82,6 +86,25 @@ def is_last_file(path_in_repo: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in LAST_PATTERNS)
 
 
+def matches(path_in_repo: str, pattern: str) -> bool:
+    """Glob match anchored at the repo root: ``*`` and ``?`` stop at ``/``, ``**`` does not; ``dir/`` is ``dir/**``.
+
+    Stricter than huggingface_hub's ``delete_patterns`` (fnmatch, where ``*`` crosses folders), so
+    that ``model-*.safetensors`` never reaches into a user's ``extra/model-x.safetensors``.
+    """
+    return _glob(pattern).fullmatch(path_in_repo) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _glob(pattern: str) -> re.Pattern:
+    if pattern.endswith("/"):
+        pattern += "**"
+    out = []
+    for part in re.split(r"(\*\*|\*|\?)", pattern):
+        out.append({"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part)))
+    return re.compile("".join(out), re.DOTALL)
+
+
 def plan_commits(paths: Iterable[str], max_files_per_commit: int) -> list[list[str]]:
     """Split ``paths`` into commits: data files first, index/config/README in the last commit.
 
@@ -117,6 +140,11 @@ class HubPusher:
     exception stops without committing (uploaded blobs stay on the Hub and are not sent again on
     the next run).
 
+    Nothing is created on the Hub until there is something to upload: the repo (and the branch) are
+    made when the first file is submitted (or at :meth:`finish`). :meth:`check_access` checks the
+    token without creating anything, and :meth:`discard` removes a repo or branch this pusher made
+    when whatever was producing the files failed before anything was committed.
+
     Args:
         repo_id: ``"name"`` or ``"namespace/name"``; with ``organization`` and no namespace it becomes
             ``"organization/name"``; with neither, the token's user is the namespace.
@@ -129,12 +157,16 @@ class HubPusher:
         max_workers: files uploaded at the same time.
         repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``.
         retry: patience for transient failures (5xx, 429, resets).
+        delete_patterns: remote files at the revision that match one of these (see :func:`matches`)
+            and are not part of this push are deleted in the last commit, as ``upload_folder``'s
+            ``delete_patterns`` does (``.gitattributes`` never). None (default): nothing is deleted.
     """
 
     def __init__(self, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
                  private: bool = False, organization: str | None = None, revision: str | None = None,
                  commit_message: str | None = None, max_files_per_commit: int = 50, max_workers: int = 2,
-                 repo_type: str = "model", retry: RetryPolicy | None = None):
+                 repo_type: str = "model", retry: RetryPolicy | None = None,
+                 delete_patterns: Iterable[str] | None = None):
         if organization:
             if "/" not in repo_id:
                 repo_id = f"{organization}/{repo_id}"
@@ -150,11 +182,13 @@ class HubPusher:
         self.max_files_per_commit = max_files_per_commit
         self.max_workers = max_workers
         self.retry = retry or RetryPolicy()
+        self.delete_patterns = None if delete_patterns is None else tuple(delete_patterns)
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
         self._token = token
         self.api = HfApi(endpoint=self.endpoint, token=token)
         self.commits: list[CommitInfo] = []
         self.unchanged: list[str] = []  # paths whose content the Hub already had at this revision
+        self.deleted: list[str] = []  # remote paths the last commit deleted (delete_patterns)
         self._uploads: dict[str, _Upload] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -162,10 +196,12 @@ class HubPusher:
         self._result: CommitInfo | None = None
         self._fatal: PushError | None = None  # auth/permission/xet: no point trying other files
         self._closed = False
+        self._user: dict | None = None  # whoami, once asked
+        self._created_repo: str | None = None  # head sha of the repo this pusher created, if it did
+        self._created_branch: str | None = None  # head sha of the branch this pusher created, if it did
 
     # ---- public API ------------------------------------------------------------------------
     def __enter__(self) -> "HubPusher":
-        self._start()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -206,6 +242,62 @@ class HubPusher:
             self._uploads[op.path_in_repo] = _Upload(local, op, future)
         return future
 
+    def check_access(self) -> str:
+        """Check the token now, creating nothing on the Hub; returns the full repo id.
+
+        A bad token (401), a read-only token, or a namespace the token's user cannot write to fails
+        here (:class:`PushError`), before the caller spends hours producing files. The repo itself is
+        created only when the first file is submitted.
+        """
+        user = self._whoami()
+        role = ((user.get("auth") or {}).get("accessToken") or {}).get("role")
+        ns = self.repo_id.split("/")[0]
+        orgs = user.get("orgs")
+        if role == "read":
+            raise self._permission_error("check the token", "it is a read-only token")
+        names = {str(n).lower() for n in [user.get("name")] + [o.get("name") for o in orgs or [] if isinstance(o, dict)]}
+        if role == "write" and isinstance(orgs, list) and ns.lower() not in names:
+            raise self._permission_error("check the token", f"{user.get('name')} is not a member of {ns}")
+        return self.repo_id
+
+    def discard(self) -> list[str]:
+        """Stop without committing, and remove from the Hub what this pusher created, if nothing was committed.
+
+        For a producer that failed (a merge that stopped half-way): a repo this pusher created is
+        deleted when it still holds only the Hub's initial commit, a branch it created when its head
+        has not moved. Returns what was removed (``"repo"``, ``"branch <name>"``). Never raises: a
+        failure to clean up is logged, the caller's own error matters more.
+        """
+        self.close()
+        removed: list[str] = []
+        if self._setup is None or self.commits:
+            return removed
+        try:
+            self._setup.result()
+        except BaseException:  # the setup failed (or never ran): whatever it made is recorded below
+            pass
+        try:
+            if self._created_repo is not None:
+                info = self.api.repo_info(self.repo_id, repo_type=self.repo_type)
+                refs = self.api.list_repo_refs(self.repo_id, repo_type=self.repo_type)
+                if info.sha == self._created_repo and all(b.target_commit == info.sha for b in refs.branches):
+                    self.api.delete_repo(self.repo_id, repo_type=self.repo_type, missing_ok=True)
+                    removed.append("repo")
+                else:
+                    logger.warning("%s was created by this push but has changed since; not deleting it", self.repo_id)
+            elif self._created_branch is not None:
+                info = self.api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type)
+                if info.sha == self._created_branch:
+                    self.api.delete_branch(self.repo_id, branch=self.revision, repo_type=self.repo_type)
+                    removed.append(f"branch {self.revision}")
+        except Exception as exc:
+            logger.warning("could not remove the %s this push created on %s: %s",
+                           "repo" if self._created_repo else "branch", self._where(), self._redact(_first_line(exc)))
+        if removed:
+            logger.info("removed the %s this push had created, as nothing was pushed: %s", " and ".join(removed),
+                        self.repo_id)
+        return removed
+
     def wait_ready(self) -> str:
         """Create the repo (and branch) now and wait for it; returns the full repo id.
 
@@ -220,7 +312,10 @@ class HubPusher:
     def finish(self) -> CommitInfo:
         """Wait for every upload, then commit: data files first, index/config/README last.
 
-        Returns the last commit made, or the current head when the Hub already had everything.
+        With ``delete_patterns``, the last commit also deletes the remote files that match them and
+        were not submitted (listed at the branch head that commit is made on top of), so an index and
+        the shards it names are replaced in one step. Returns the last commit made, or the current
+        head when the Hub already had everything.
         """
         if self._result is not None:
             return self._result
@@ -237,15 +332,19 @@ class HubPusher:
                 logger.info("Hub already has %d of %d files unchanged; not committing them again",
                             len(self.unchanged), len(uploads))
             batches = plan_commits(changed, self.max_files_per_commit)
+            if not batches and self.delete_patterns:
+                batches = [[]]  # nothing new, but stale files may still have to go
             for i, batch in enumerate(batches, 1):
                 message = self.commit_message if len(batches) == 1 else \
                     f"{self.commit_message} (part {i}/{len(batches)})"
-                info = self._commit([changed[p] for p in batch], message)
-                self.commits.append(info)
-            if not batches:
-                self._result = self._head_commit_info()
-            else:
-                self._result = self.commits[-1]
+                keep = set(uploads) if i == len(batches) and self.delete_patterns else None
+                info = self._commit([changed[p] for p in batch], message, keep=keep)
+                if info is not None:
+                    self.commits.append(info)
+            if self.deleted:
+                logger.info("deleted %d stale files from %s: %s", len(self.deleted), self.repo_id,
+                            ", ".join(self.deleted))
+            self._result = self.commits[-1] if self.commits else self._head_commit_info()
             return self._result
         finally:
             self.close()
@@ -265,13 +364,39 @@ class HubPusher:
                 self._setup = self._pool.submit(self._prepare_repo)
             return self._pool
 
+    def _whoami(self) -> dict:
+        """The token's user (cached); qualifies a bare repo name with the user's namespace."""
+        if self._user is None:
+            self._user = self._call("check the token", lambda: self.api.whoami())
+            if "/" not in self.repo_id:
+                self.repo_id = f"{self._user['name']}/{self.repo_id}"
+        return self._user
+
+    def _head(self, revision: str | None = None) -> str | None:
+        """Head sha of the repo's ``revision`` (default branch when None); None when repo or branch is missing."""
+        try:
+            return self.api.repo_info(self.repo_id, revision=revision, repo_type=self.repo_type).sha
+        except GatedRepoError:
+            raise
+        except RepositoryNotFoundError:  # RevisionNotFoundError is not one of these
+            if revision is None:
+                return None
+            raise
+        except RevisionNotFoundError:
+            return None
+
     def _prepare_repo(self) -> None:
-        url = self._call("create the repo", lambda: self.api.create_repo(
-            self.repo_id, private=self.private, repo_type=self.repo_type, exist_ok=True))
-        self.repo_id = url.repo_id or self.repo_id
-        if self.revision != "main":
+        self._whoami()
+        if self._call("look up the repo", self._head) is None:
+            url = self._call("create the repo", lambda: self.api.create_repo(
+                self.repo_id, private=self.private, repo_type=self.repo_type, exist_ok=True))
+            self.repo_id = url.repo_id or self.repo_id
+            self._created_repo = self._call("read the new repo", self._head)
+        if self.revision != "main" and self._call(f"look up branch {self.revision}",
+                                                  lambda: self._head(self.revision)) is None:
             self._call(f"create branch {self.revision}", lambda: self.api.create_branch(
                 self.repo_id, branch=self.revision, repo_type=self.repo_type, exist_ok=True))
+            self._created_branch = self._call(f"read branch {self.revision}", lambda: self._head(self.revision))
 
     def _upload(self, op: CommitOperationAdd) -> None:
         assert self._setup is not None
@@ -295,50 +420,71 @@ class HubPusher:
             raise self._fatal
 
     # ---- commits ---------------------------------------------------------------------------
-    def _commit(self, uploads: list[_Upload], message: str) -> CommitInfo:
-        what = f"commit {len(uploads)} files"
-        ops = [u.op for u in uploads]
-        parent: str | None = None
-        failed_before = False
+    def _commit(self, uploads: list[_Upload], message: str, keep: set[str] | None = None) -> CommitInfo | None:
+        """Commit ``uploads``; with ``keep``, also delete the stale files (``delete_patterns``, not in ``keep``).
 
-        def attempt() -> CommitInfo:
-            nonlocal ops, parent, failed_before
-            if failed_before:
+        None when there was nothing to commit (no uploads, nothing stale).
+        """
+        what = f"commit {len(uploads)} files" if keep is None else f"commit {len(uploads)} files and delete stale ones"
+        failed_before = False
+        sent: list[str] = []  # what the attempt in flight deletes
+
+        def attempt() -> CommitInfo | None:
+            nonlocal failed_before, sent
+            ops: list[Any] = [u.op for u in uploads]
+            parent: str | None = None
+            stale: list[str] = []
+            if failed_before or keep is not None:
                 # The last attempt may have been applied even though its answer was lost: look first.
-                head, landed = self._landed(uploads)
-                if landed:
+                # The stale files are listed at the head the commit is then made on top of.
+                info = self.api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type,
+                                          files_metadata=failed_before)
+                stale = self._stale(info.sha, keep) if keep is not None else []
+                if failed_before and self._holds(info, uploads) and not stale:
                     logger.info("The commit was applied although its answer was lost; not sending it again")
-                    return self._commit_info(head, message)
-                # On top of the head we saw, so a late landing of the lost attempt makes this one fail
-                # (412) instead of applying twice. Fresh operations: the old ones carry upload state.
-                parent, ops = head, [_fresh_op(u) for u in uploads]
-            failed_before = True
-            info = self.api.create_commit(self.repo_id, ops, commit_message=message, revision=self.revision,
-                                          repo_type=self.repo_type, parent_commit=parent,
-                                          num_threads=self.max_workers)
+                    self.deleted = sent
+                    return self._commit_info(info.sha, message)
+                # On top of the head we saw, so a late landing of the lost attempt (or anyone's commit
+                # since we listed the files) makes this one fail (412) instead of applying twice or
+                # deleting a file we did not see. Fresh operations: the old ones carry upload state.
+                parent = info.sha
+                if failed_before:
+                    ops = [_fresh_op(u) for u in uploads]
+            if not ops and not stale:
+                return None
+            failed_before, sent = True, stale
+            info = self.api.create_commit(self.repo_id, ops + [CommitOperationDelete(p) for p in stale],
+                                          commit_message=message, revision=self.revision, repo_type=self.repo_type,
+                                          parent_commit=parent, num_threads=self.max_workers)
             failed_before = False
+            self.deleted = stale
             return info
 
         # 412 (or 409): our parent_commit is no longer the head; the next attempt looks again.
         return self._call(what, attempt, retry_status=RETRY_STATUS | {409, 412})
 
-    def _landed(self, uploads: list[_Upload]) -> tuple[str, bool]:
-        """Head sha of the branch, and whether it already holds every file with our content."""
-        info = self.api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type,
-                                  files_metadata=True)
+    def _stale(self, head: str, keep: set[str]) -> list[str]:
+        """Remote files at ``head`` that match ``delete_patterns`` and are not in ``keep``."""
+        assert self.delete_patterns is not None
+        files = self.api.list_repo_files(self.repo_id, revision=head, repo_type=self.repo_type)
+        return sorted(p for p in files if p not in keep and p != ".gitattributes"
+                      and any(matches(p, pat) for pat in self.delete_patterns))
+
+    def _holds(self, info: Any, uploads: list[_Upload]) -> bool:
+        """Whether the revision ``info`` (read with files_metadata) holds every upload with our content."""
         remote = {s.rfilename: s for s in info.siblings or []}
         for u in uploads:
             sib = remote.get(u.op.path_in_repo)
             if sib is None:
-                return info.sha, False
+                return False
             if sib.lfs is not None:
                 same = sib.lfs.sha256 == u.op.upload_info.sha256.hex()
             else:
                 with open(u.local_path, "rb") as f:
                     same = sib.blob_id == git_hash(f.read())
             if not same:
-                return info.sha, False
-        return info.sha, True
+                return False
+        return True
 
     def _head_commit_info(self) -> CommitInfo:
         info = self._call("read the remote revision", lambda: self.api.repo_info(
@@ -391,13 +537,7 @@ class HubPusher:
                 "(https://huggingface.co/settings/tokens). Note that HF_TOKEN takes precedence over "
                 "`hf auth login`."), kind="auth")
         if status == 403:
-            ns = self.repo_id.split("/")[0] if "/" in self.repo_id else "your namespace"
-            return PushError(self._redact(
-                f"The Hub refused to let {self._token_source()} write to {self.repo_id} "
-                f"(403 Forbidden) while trying to {what}.\n"
-                "Check that the token has write access (a 'write' token, or a fine-grained token with "
-                f"write permission on this repo), and, if {ns} is an organization, that you are a member "
-                "with write rights there."), kind="permission")
+            return self._permission_error(what)
         if _mentions_xet_missing(exc):
             return PushError(self._redact(
                 f"The Hub at {self._where()} does not offer Xet storage (it has no xet-write-token "
@@ -405,6 +545,15 @@ class HubPusher:
                 "Set HF_HUB_DISABLE_XET=1 in the environment to upload through Git LFS instead."),
                 kind="xet")
         return None
+
+    def _permission_error(self, what: str, why: str = "403 Forbidden") -> PushError:
+        ns = self.repo_id.split("/")[0] if "/" in self.repo_id else "your namespace"
+        return PushError(self._redact(
+            f"The Hub refused to let {self._token_source()} write to {self.repo_id} "
+            f"({why}) while trying to {what}.\n"
+            "Check that the token has write access (a 'write' token, or a fine-grained token with "
+            f"write permission on this repo), and, if {ns} is an organization, that you are a member "
+            "with write rights there."), kind="permission")
 
     def _where(self) -> str:
         return (self.api.endpoint or "the Hub").rstrip("/")
@@ -450,7 +599,8 @@ def make_model_card(info: Mapping[str, Any]) -> str:
 
     ``info`` keys (all optional): ``repo_id``, ``source`` (checkpoint path), ``step``,
     ``world_size``, ``fsdp_version``, ``dtype``, ``optimizer`` (bool: ``optimizer/`` is included),
-    ``base_model``, ``license``, ``tags``, ``model_type``.
+    ``optimizer_format`` (``"safetensors"``, the default, or ``"torch"``: how ``optimizer/`` was
+    written), ``base_model``, ``license``, ``tags``, ``model_type``.
     """
     repo_id = info.get("repo_id") or "REPO_ID"
     tags = ["streammerge", "verl", "fsdp"] + [t for t in info.get("tags") or [] if t]
@@ -480,13 +630,23 @@ tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 ```
 """
     if info.get("optimizer"):
+        fmt = info.get("optimizer_format") or "safetensors"
+        if fmt == "torch":
+            what = """`optimizer/optimizer.pt` holds the optimizer state as one torch file (it loads with
+`torch.load(..., weights_only=True)`), keyed by parameter name (`state[<param name>][<key>]` and
+`param_groups`), as `torch.distributed.checkpoint.state_dict.get_optimizer_state_dict` returns the
+full state, so training can resume on any world size:"""
+        elif fmt == "safetensors":
+            what = """`optimizer/` holds the optimizer state as safetensors (with `optimizer.safetensors.index.json`), in
+the flattened form of `torch.distributed.checkpoint.state_dict`
+(`state.<param name>.<key>`, `param_groups.<param name>.<key>`), so training can resume on any
+world size:"""
+        else:
+            raise ValueError(f"optimizer_format {fmt!r}: expected 'safetensors' or 'torch'")
         body += f"""
 ## Optimizer state
 
-`optimizer/` holds the optimizer state as safetensors (with `optimizer.safetensors.index.json`), in
-the flattened form of `torch.distributed.checkpoint.state_dict`
-(`state.<param name>.<key>`, `param_groups.<param name>.<key>`), so training can resume on any
-world size:
+{what}
 
 ```python
 from huggingface_hub import snapshot_download

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import warnings as _warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 from .discover import Checkpoint
 from .errors import CheckpointError, StreammergeError
-from .load import RankFile, _record, _span_bytes, load_rank_file
+from .load import RankFile, _record, _span_bytes, torch_load_meta
 from .plan import Piece, Plan, TensorPlan, assign_files, chunk_bounds, tensor_pieces
 
 OPTIMIZER_DIR = "optimizer"
@@ -155,8 +156,12 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
     """
     import torch
 
-    rf = load_rank_file(path, rank, world_size, trust_pickle=trust_pickle)
-    state, groups = rf.other.get("state"), rf.other.get("param_groups")
+    # Straight to torch.load (weights_only unless trust_pickle; zip and pickle CRC checked first):
+    # load_rank_file's metapickle fast path only takes flat name -> tensor dicts, so on the nested
+    # state of an optimizer file it always unpickled the whole file for nothing before this ran.
+    st = os.stat(path)
+    obj = torch_load_meta(Path(path), trust_pickle=trust_pickle)
+    state, groups = (obj.get("state"), obj.get("param_groups")) if isinstance(obj, dict) else (None, None)
     if not isinstance(state, dict) or not isinstance(groups, list):
         raise CheckpointError(f"{path}: not an optimizer state dict (expected 'state' and 'param_groups')")
     tensors: dict[str, Any] = {}
@@ -169,15 +174,15 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
             name = f"state.{pid}.{key}"
             if isinstance(value, torch.Tensor):
                 rec = _record(name, value, rank, world_size, path)
-                if rec.offset + _span_bytes(rec) > rf.size:
+                if rec.offset + _span_bytes(rec) > st.st_size:
                     raise CheckpointError(f"{path}: truncated: {name} needs bytes up to "
-                                          f"{rec.offset + _span_bytes(rec)}, file has {rf.size}")
+                                          f"{rec.offset + _span_bytes(rec)}, file has {st.st_size}")
                 tensors[name] = rec
                 keys.setdefault(pid, []).append(name)
             else:
                 values[name] = value
     ids = [i for g in groups for i in g.get("params", [])]
-    return RankFile(rf.path, rank, rf.size, rf.mtime_ns, tensors,
+    return RankFile(Path(path), rank, st.st_size, st.st_mtime_ns, tensors,
                     {"param_groups": groups, "ids": ids, "keys": keys, "values": values})
 
 

@@ -2,8 +2,10 @@
 
 Each output file starts uploading as soon as the merge has finished and verified it, while the
 merge writes the next one, so a push takes about as long as the longer of the two, not their sum
-(:func:`merge_and_push`). The repo is made, and the token checked, before the merge starts. The
-commits come last: data files first, then index, config and model card (see :mod:`streammerge.hub`).
+(:func:`merge_and_push`). The token is checked before the merge starts; the repo (and branch) are
+made only when the first file is ready, and removed again if the merge then fails, so a failed merge
+leaves nothing behind on the Hub. The commits come last: data files first, then index, config and
+model card (see :mod:`streammerge.hub`).
 
 Re-running the same call after an interruption is cheap: the merge re-uses the files its manifest
 lists and the Hub is not sent what it already has.
@@ -33,7 +35,7 @@ from .discover import Checkpoint, find_checkpoint
 from .errors import CheckpointError, StreammergeError
 from .hub import HubPusher, PushError, RetryPolicy, make_model_card
 from .model_folder import read_config
-from .optimizer import optimizer_save_mode_enabled
+from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
 from .pipeline import MergeResult, merge
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ DEFAULT_OUT_SUFFIX = "-hf"
 MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                        "added_tokens.json", "vocab*", "merges.txt", "chat_template*", "*.tiktoken",
                        "spiece.model", "*.py")
+# What a push of ours owns in the repo: files matching these that the push does not bring are stale
+# (a shard of an earlier merge with more shards, an old optimizer export) and deleted in its last
+# commit. Matched from the repo root, `*` within one folder (see streammerge.hub.matches).
+OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -236,6 +242,7 @@ class PushResult:
     step: int | None = None
     files: list[str] = field(default_factory=list)  # paths in the repo this push covered
     unchanged: list[str] = field(default_factory=list)  # of those, what the Hub already had
+    deleted: list[str] = field(default_factory=list)  # stale files of an earlier push, deleted
     commits: int = 0
     merge: MergeResult | None = None
     seconds: float = 0.0
@@ -254,6 +261,8 @@ class PushResult:
         else:
             unchanged = f" ({len(self.unchanged)} were already there)" if self.unchanged else ""
             what = f"{sent} files committed in {self.commits} commit{'s' if self.commits != 1 else ''}{unchanged}"
+            if self.deleted:
+                what += f", {len(self.deleted)} stale files of an earlier push deleted"
         return f"pushed to {self.repo_id} revision {self.revision} in {self.seconds:.1f} s: {what}; {self.commit_url}"
 
 
@@ -262,14 +271,20 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
                    commit_message: str | None = None, token: str | None = None, endpoint: str | None = None,
                    optimizer: bool = True, model_name: str | None = None, model_card: bool = True,
                    max_files_per_commit: int = 50, upload_workers: int = 2, retry: RetryPolicy | None = None,
-                   **merge_options: Any) -> PushResult:
+                   delete_stale: bool = True, **merge_options: Any) -> PushResult:
     """Merge ``checkpoint`` into ``out_dir`` and push it to ``repo_id``, uploading while merging.
 
     ``out_dir=None`` uses :func:`default_out_dir`. ``model_name`` (local folder or Hub model) replaces
     the checkpoint's ``huggingface/`` folder as the source of config and tokenizer. ``merge_options``
     go to :func:`streammerge.merge` (dtype, max_shard_size, workers, ...). Raises :class:`PushError`
     when the push fails (the local folder is kept as the merge left it; re-run to resume) and
-    :class:`StreammergeError` when the merge does.
+    :class:`StreammergeError` when the merge does. The repo (or branch) is created when the first
+    merged file is ready; when the merge fails, one created by this call is deleted again.
+
+    ``delete_stale`` (default True): the last commit deletes the files at the revision that match
+    :data:`OWNED_PATTERNS` (weight shards and their index, ``optimizer/``) and are not part of this
+    push, e.g. the 4th shard of an earlier 4-shard merge, or an earlier optimizer export when this
+    push has none. Nothing else is ever deleted (README.md, your own files).
     """
     t0 = time.perf_counter()
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint)
@@ -282,9 +297,10 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
                            "weights that transformers cannot load on their own", ck.path)
         pusher = HubPusher(repo_id, token=token, endpoint=endpoint, private=private, organization=organization,
                            revision=revision, commit_message=commit_message,
-                           max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry)
+                           max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry,
+                           delete_patterns=OWNED_PATTERNS if delete_stale else None)
         stack.callback(pusher.close)
-        full_id = pusher.wait_ready()  # a bad token fails now, not after the merge
+        full_id = pusher.check_access()  # a bad token fails now, not after the merge; nothing is created yet
         logger.info("pushing to %s (revision %s) while merging into %s", full_id, pusher.revision, out)
         files: list[str] = []
 
@@ -292,7 +308,11 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
             pusher.submit(path, f.filename, sha256=f.sha256, size=f.size)
             files.append(f.filename)
 
-        result = merge(ck, out, optimizer=optimizer, on_file_done=upload, **merge_options)
+        try:
+            result = merge(ck, out, optimizer=optimizer, on_file_done=upload, **merge_options)
+        except Exception:  # not KeyboardInterrupt: an interrupted push resumes, its uploads are kept
+            pusher.discard()  # the repo/branch made for the first file, if any: a failed merge leaves nothing
+            raise
         has_optimizer = len(result.plans) > 1
         if commit_message is None:
             what = "model and optimizer" if has_optimizer else "model"
@@ -302,6 +322,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
             card = make_model_card({
                 "repo_id": full_id, "source": str(ck.path), "step": ck.step, "world_size": ck.world_size,
                 "fsdp_version": ck.fsdp_version, "dtype": _dtype_name(result), "optimizer": has_optimizer,
+                "optimizer_format": _optimizer_format(result),
                 "model_type": (config or {}).get("model_type"),
                 "base_model": model_name if model_name and not Path(model_name).expanduser().is_dir() else None,
             })
@@ -311,7 +332,8 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
         info = pusher.finish()
     return PushResult(ok=True, repo_id=pusher.repo_id, revision=pusher.revision, commit_url=info.commit_url,
                       commit_oid=info.oid, out_dir=result.out_dir, step=ck.step, files=files,
-                      unchanged=list(pusher.unchanged), commits=len(pusher.commits), merge=result,
+                      unchanged=list(pusher.unchanged), deleted=list(pusher.deleted), commits=len(pusher.commits),
+                      merge=result,
                       seconds=time.perf_counter() - t0)
 
 
@@ -320,6 +342,14 @@ def _dtype_name(result: MergeResult) -> str | None:
     names = sorted({str(t.dtype).replace("torch.", "") for t in result.plans[0].tensors.values()
                     if t.dtype.is_floating_point})
     return ", ".join(names) or None
+
+
+def _optimizer_format(result: MergeResult) -> str | None:
+    """How ``optimizer/`` was written: "torch" (one optimizer.pt), "safetensors", or None (not at all)."""
+    names = {f.filename for f in result.files}
+    if f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}" in names:
+        return "torch"
+    return "safetensors" if any(n.startswith(OPTIMIZER_DIR + "/") for n in names) else None
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -423,6 +453,6 @@ def upload_checkpoint_to_hf(checkpoint_dir: str | os.PathLike, model_name: str |
         .upload_from_checkpoint_dir(checkpoint_dir, model_name, step, out_dir=out_dir, raise_on_error=raise_on_error)
 
 
-__all__ = ["ConfigError", "HuggingFaceUploader", "PushConfig", "PushResult", "default_out_dir", "load_push_config",
+__all__ = ["OWNED_PATTERNS", "ConfigError", "HuggingFaceUploader", "PushConfig", "PushResult", "default_out_dir", "load_push_config",
            "merge_and_push", "model_files", "push_settings", "resolve_checkpoint", "upload_checkpoint_to_hf",
            "with_model_files"]

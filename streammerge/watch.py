@@ -35,7 +35,7 @@ STEP_BRANCH = "step-{step}"
 MAX_SETTLE = 5.0  # with once=True, the two looks at a checkpoint are min(interval, this) apart
 # merge_and_push options that merge() does not take
 PUSH_OPTIONS = frozenset({"token", "endpoint", "model_name", "model_card", "commit_message", "max_files_per_commit",
-                          "upload_workers", "retry"})
+                          "upload_workers", "retry", "delete_stale"})
 
 Snapshot = dict[str, tuple[int, int]]
 

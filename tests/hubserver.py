@@ -2,8 +2,8 @@
 
 It speaks the part of the Hub protocol that the real ``huggingface_hub`` client uses to push with
 Xet disabled (see ``shared/docs/hub-protocol.md``): whoami, repo creation, preupload, the LFS batch
-API with basic and multipart transfers, NDJSON commits, branches, revision info, file listing (tree)
-and file download (enough for ``snapshot_download``).
+API with basic and multipart transfers, NDJSON commits, branches (created and deleted), repo
+deletion, revision info, file listing (tree) and file download (enough for ``snapshot_download``).
 There is deliberately no Xet endpoint, like a Hub without Xet: a client with Xet on fails on it.
 
 Tests drive it with the real client and then look at its state (repos, commits, blobs) and at the
@@ -517,6 +517,8 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, self._whoami(user), {}, "application/json"
         if path == "/api/repos/create" and method == "POST":
             return 200, self._create_repo(user, json.loads(body or b"{}")), {}, "application/json"
+        if path == "/api/repos/delete" and method == "DELETE":
+            return 200, self._delete_repo(user, json.loads(body or b"{}")), {}, "application/json"
         if path == "/api/validate-yaml" and method == "POST":
             return 200, {"errors": [], "warnings": []}, {}, "application/json"
         if segs[0] == "_lfs":
@@ -555,6 +557,17 @@ class _Handler(BaseHTTPRequestHandler):
             hub.create_repo(repo_id, repo_type, private)
         return {"url": url, "name": repo_id, "id": repo_id}
 
+    def _delete_repo(self, user: TokenInfo | None, payload: dict) -> dict:
+        hub = self.hub
+        repo_type = payload.get("type") or "model"
+        with hub._lock:
+            if user is None:
+                raise HttpError(401, "You must be authenticated to delete a repo")
+            repo_id = f"{payload.get('organization') or user.user}/{payload['name']}"
+            hub._get_repo(user, repo_type, repo_id, write=True)
+            del hub.repos[(repo_type, repo_id)]
+        return {}
+
     def _repo_api(self, user: TokenInfo | None, repo_type: str, repo_id: str, rest: list[str],
                   query: dict, body: bytes) -> tuple[int, Any, dict, str]:
         hub = self.hub
@@ -587,6 +600,15 @@ class _Handler(BaseHTTPRequestHandler):
                     raise HttpError(409, f"Reference refs/heads/{branch} already exists")
                 start = (json.loads(body or b"{}") or {}).get("startingPoint") or "main"
                 repo.branches[branch] = hub._revision(repo, start).oid
+                return 200, {}, {}, "application/json"
+            if method == "DELETE" and action == "branch":
+                repo = hub._get_repo(user, repo_type, repo_id, write=True)
+                branch = rest[1]
+                if branch not in repo.branches:
+                    raise HttpError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+                if branch == "main":
+                    raise HttpError(403, "Cannot delete the default branch")
+                del repo.branches[branch]
                 return 200, {}, {}, "application/json"
             if method == "GET" and action == "tree":  # what snapshot_download lists (no pagination)
                 repo = hub._get_repo(user, repo_type, repo_id)

@@ -352,3 +352,34 @@ def test_plan_commits_orders_and_splits():
     assert plan_commits(paths, 2) == [["a.safetensors", "b.safetensors"], ["c.safetensors"],
                                       ["config.json", "model.safetensors.index.json"]]
     assert plan_commits([], 2) == []
+
+
+def test_delete_patterns_remove_stale_files_only_and_list_them_at_the_head_committed_on(hub, folder):
+    from streammerge.hub import matches
+
+    owned = ("model-*-of-*.safetensors", "optimizer/")
+    assert matches("optimizer/a/b.pt", "optimizer/") and matches("model-1-of-2.safetensors", owned[0])
+    assert not matches("extra/model-1-of-2.safetensors", owned[0]) and not matches("optimizer.pt", "optimizer/")
+    assert matches("x/y/z.json", "**.json") and not matches("x/y.json", "*.json") and matches("a.bin", "?.bin")
+
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    push_folder(folder, "alice/tiny", **opts)
+    hub.add_files("alice/tiny", {"notes.txt": b"kept", "extra/model-00001-of-00002.safetensors": b"kept too"})
+    (folder / "model-00004-of-00004.safetensors").unlink()  # this push has one shard fewer; the rest is unchanged
+    n_log = len(hub.log)
+    info = push_folder(folder, "alice/tiny", delete_patterns=owned, **opts)
+    last = hub.commit_log("alice/tiny")[-1]
+    assert info.oid == last.oid and last.added == [] and last.deleted == ["model-00004-of-00004.safetensors"]
+    assert not [e for e in hub.log[n_log:] if e.method == "PUT"]
+    assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "notes.txt": b"kept",
+                                               "extra/model-00001-of-00002.safetensors": b"kept too"}
+    assert ".gitattributes" in hub.files("alice/tiny")
+
+    # A file of ours that appears after the files were listed (a rival push) makes the commit fail
+    # (412: its parent is no longer the head); the retry lists again and deletes that one too.
+    hub.before_next(r"/commit/", lambda: hub.add_files("alice/tiny", {"optimizer/old.pt": b"x"}, "rival"))
+    (folder / "model-00003-of-00004.safetensors").unlink()
+    push_folder(folder, "alice/tiny", delete_patterns=owned, **opts)
+    assert [e.status for e in hub.requests("POST", r"/commit/")][-2:] == [412, 200]
+    assert sorted(hub.commit_log("alice/tiny")[-1].deleted) == ["model-00003-of-00004.safetensors", "optimizer/old.pt"]
+    assert "notes.txt" in hub.files("alice/tiny") and "optimizer/old.pt" not in hub.files("alice/tiny")

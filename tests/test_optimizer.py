@@ -358,3 +358,39 @@ def test_resume_without_optimizer_state_differs(resume_run) -> None:
     want = load_file(work / "uninterrupted.safetensors")
     got = load_file(work / "resumed_fresh.safetensors")
     assert any(not torch.equal(got[k], want[k]) for k in want)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_optimizer_rank_files_are_unpickled_once_and_weights_only(make_ckpt, tmp_path, monkeypatch) -> None:
+    """metapickle's fast path never takes an optimizer file (nested state): it must not be tried at all."""
+    from streammerge import metapickle
+    from streammerge.errors import UnsafePickleError
+    from streammerge.optimizer import load_optim_file
+
+    actor = make_ckpt()
+    path = actor / "optim_world_size_2_rank_0.pt"
+    tries, loads = [], []
+    read_state, torch_load = metapickle.read_state, torch.load
+    monkeypatch.setattr(metapickle, "read_state", lambda p: tries.append(p) or read_state(p))
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or torch_load(*a, **kw))
+
+    rf = load_optim_file(path, 0, 2)
+    assert rf.tensors and rf.other["param_groups"] and rf.size == path.stat().st_size
+    assert tries == [] and loads == [True]
+    streammerge.merge(actor, tmp_path / "out", max_shard_size="200KB")  # the whole merge: no optimizer file tried
+    assert (tmp_path / "out" / "optimizer" / OPTIMIZER_INDEX).is_file()
+    assert not [p for p in tries if Path(p).name.startswith("optim_")]
+
+    marker = tmp_path / "pwned"  # still weights-only: code pickled in an optimizer file never runs
+    evil = tmp_path / "optim_world_size_1_rank_0.pt"
+    torch.save({"state": {0: {"step": _Payload(marker)}}, "param_groups": [{"params": [0]}]}, evil)
+    with pytest.raises(UnsafePickleError):
+        load_optim_file(evil, 0, 1)
+    assert not marker.exists()

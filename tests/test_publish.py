@@ -21,7 +21,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import streammerge
-from hubserver import WRITE_TOKEN, HubServer
+from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from streammerge.errors import CheckpointError
 from streammerge.hub import PushError, RetryPolicy
 from streammerge.publish import ConfigError, load_push_config, merge_and_push, push_settings
@@ -169,6 +169,65 @@ def test_cli_config_block_nested_in_training_config_with_flag_override(hub, make
     assert remote == local_files(out)
     assert not [p for p in remote if p.startswith("optimizer")]
     assert "| Optimizer state included | `no` |" in remote["README.md"].decode()
+
+
+def _broken_actor(make_ckpt, tmp_path) -> Path:
+    """A copy of the checkpoint whose second model rank file was cut short (as a failed copy leaves it)."""
+    actor = tmp_path / "broken" / "global_step_2" / "actor"
+    shutil.copytree(make_ckpt(), actor)
+    rank1 = actor / "model_world_size_2_rank_1.pt"
+    rank1.write_bytes(rank1.read_bytes()[:100_000])
+    return actor
+
+
+def test_cli_merge_that_fails_creates_nothing_on_the_hub(hub, make_ckpt, tmp_path):
+    proc = cli([_broken_actor(make_ckpt, tmp_path), tmp_path / "out", "--push", "--repo-id", "tiny"], hub)
+    assert proc.returncode == 2 and "truncated" in proc.stderr, proc.stderr
+    assert not hub.requests("POST", r"^/api/repos/create$") and not hub.repos
+    assert hub.requests("GET", r"^/api/whoami-v2$")  # the token was checked before the merge
+
+    # A token that cannot write there still fails before the merge, without creating anything either.
+    for token, repo_id, words in ((READ_TOKEN, "tiny", "read-only"), (OTHER_TOKEN, "acme/tiny", "not a member")):
+        out = tmp_path / f"out-{token}"
+        proc = cli([make_ckpt(), out, "--push", "--repo-id", repo_id, "--no-optimizer"], hub, token=token)
+        assert proc.returncode == 4 and words in proc.stderr and "write access" in proc.stderr, proc.stderr
+        assert not out.exists() and not hub.repos and token not in proc.stdout + proc.stderr
+
+
+def test_seed_api_merge_that_fails_creates_nothing_on_the_hub(hub, make_ckpt, tmp_path):
+    hub.create_repo("alice/kept")
+    before = hub.repo("alice/kept").branches.copy()
+    for repo_id, revision in (("tiny", None), ("alice/kept", "step-2")):
+        failed = streammerge.upload_checkpoint_to_hf(_broken_actor(make_ckpt, tmp_path / repo_id), repo_id=repo_id,
+                                                     token=WRITE_TOKEN, endpoint=hub.endpoint, retry=FAST,
+                                                     revision=revision, raise_on_error=False)
+        assert not failed.ok and failed.error_kind == "CheckpointError" and "truncated" in failed.error
+    assert list(hub.repos) == [("model", "alice/kept")] and hub.repo("alice/kept").branches == before
+    assert not hub.requests("POST", r"^/api/repos/create$") and not hub.requests("POST", r"/branch/")
+
+
+def test_cli_merge_failing_after_its_first_upload_removes_the_repo_and_branch_it_made(hub, make_ckpt, tmp_path):
+    """The optimizer.pt (1.8 MB) passes a 1 MB file-size limit only after the model shards were uploading."""
+    hub.create_repo("alice/kept")
+    hub.add_files("alice/kept", {"notes.txt": b"kept"})
+    main_before = hub.repo("alice/kept").branches["main"]
+    code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000)); "
+            "sys.argv[0] = 'streammerge'; runpy.run_module('streammerge', run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": WRITE_TOKEN, "HF_ENDPOINT": hub.endpoint,
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    for n, extra in enumerate((["--repo-id", "tiny"], ["--repo-id", "alice/kept", "--revision", "step-2"])):
+        proc = subprocess.run([sys.executable, "-c", code, str(make_ckpt()), str(tmp_path / f"out{n}"), "--push",
+                               "--max-shard-size", SHARD, "--optimizer-format", "torch", "--workers", "1", *extra],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "optimizer.pt: write failed" in proc.stderr, proc.stderr
+        assert (tmp_path / f"out{n}" / "model-00001-of-00003.safetensors").is_file()
+    assert [e.status for e in hub.requests("POST", r"^/api/repos/create$")] == [200]  # made for the first file
+    assert [e.status for e in hub.requests("POST", r"/branch/step-2$")] == [200]
+    assert hub.requests("POST", r"/preupload/")  # ... and uploads had started
+    assert [e.status for e in hub.requests("DELETE")] == [200, 200]
+    assert list(hub.repos) == [("model", "alice/kept")]  # the new repo is gone, the existing one untouched
+    assert hub.repo("alice/kept").branches == {"main": main_before}
+    assert not hub.requests("POST", r"/commit/")
 
 
 # ---- the library ----------------------------------------------------------------------------
@@ -377,3 +436,52 @@ def test_optimizer_full_pushes_an_optimizer_export_that_loads_as_the_card_says(h
     state = optimizer.state_dict()["state"]
     assert len(state) == len(list(model.parameters()))
     assert all(s["exp_avg"].abs().sum() > 0 for s in state.values())
+
+
+def test_cli_torch_optimizer_format_gets_a_model_card_that_says_so_and_loads(hub, make_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = cli([make_ckpt(), out, "--push", "--repo-id", "tiny", "--max-shard-size", SHARD,
+                "--optimizer-format", "torch"], hub)
+    assert proc.returncode == 0, proc.stderr
+    remote = remote_files(hub, "alice/tiny")
+    assert [p for p in remote if p.startswith("optimizer/")] == ["optimizer/optimizer.pt"]
+    card = remote["README.md"].decode()
+    assert "| Optimizer state included | `yes` |" in card
+    assert "`optimizer/optimizer.pt`" in card and "weights_only=True" in card
+    assert "safetensors" not in card.split("## Optimizer state")[1]
+
+    download = tmp_path / "download"  # the card's recipe, on the files as the Hub serves them
+    (download / "optimizer").mkdir(parents=True)
+    (download / "optimizer" / "optimizer.pt").write_bytes(remote["optimizer/optimizer.pt"])
+    state = streammerge.load_optimizer_state_dict(f"{download}/optimizer")
+    assert state["state"] and state["param_groups"]
+
+
+def test_push_over_an_earlier_push_deletes_its_stale_shards_and_optimizer_in_the_last_commit(hub, make_ckpt, tmp_path):
+    user_files = {"notes.txt": b"kept", "extra/model-00001-of-00009.safetensors": b"a user's own file",
+                  "model_fp8.safetensors": b"not one of ours", "optimizer.txt": b"not in optimizer/"}
+    first = merge_and_push(make_ckpt(), tmp_path / "first", "tiny", **opts(hub, optimizer=True, max_shard_size="100KB"))
+    old_shards = {p for p in first.files if p.startswith("model-")}
+    assert len(old_shards) > 3 and [p for p in first.files if p.startswith("optimizer/")]
+    hub.add_files("alice/tiny", user_files, "the user's own files")
+    card = hub.file_bytes("alice/tiny", "README.md")
+
+    out = tmp_path / "second"  # 3 shards, no optimizer, no card: everything else of the first push is stale
+    second = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False, max_files_per_commit=3))
+    assert {p for p in second.files if p.startswith("model-")} == {f"model-0000{i}-of-00003.safetensors"
+                                                                  for i in (1, 2, 3)}
+    remote = remote_files(hub, "alice/tiny")
+    assert remote == {**local_files(out), **user_files, "README.md": card}
+    assert sorted(second.deleted) == sorted(p for p in first.files
+                                            if p in old_shards or p.startswith("optimizer/")) != []
+    assert "stale files of an earlier push deleted" in second.summary()
+    commits = hub.commit_log("alice/tiny")[-second.commits:]
+    assert second.commits > 1 and not any(c.deleted for c in commits[:-1])
+    assert sorted(commits[-1].deleted) == sorted(second.deleted)  # with the new index, in one step
+    assert "model.safetensors.index.json" in commits[-1].added
+    index = json.loads(remote["model.safetensors.index.json"])
+    assert set(index["weight_map"].values()) <= set(remote)
+
+    n_commits = len(hub.commit_log("alice/tiny"))  # the same push again: nothing to send, nothing to delete
+    again = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False))
+    assert again.commits == 0 and not again.deleted and len(hub.commit_log("alice/tiny")) == n_commits
