@@ -45,9 +45,9 @@ def reference(big, tmp_path_factory) -> tuple[Path, dict[str, bytes], float]:
     return out, tree_bytes(out), time.perf_counter() - t0
 
 
-def start(ckpt: Path, out: Path) -> subprocess.Popen:
+def start(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "streammerge", str(ckpt), str(out), *CLI_OPTIONS],
+    return subprocess.Popen([sys.executable, "-m", "streammerge", str(ckpt), str(out), *CLI_OPTIONS, *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -124,8 +124,8 @@ def test_kill_9_at_random_points_then_resume(big, reference, tmp_path):
 def test_interrupt_stops_cleanly_and_resumes(big, reference, tmp_path, sig):
     _, ref_bytes, _ = reference
     out = tmp_path / "out"
-    for _ in range(3):  # the signal must land while files are being written
-        proc = start(big, out)
+    for _ in range(6):  # the signal must land while files are being written (one worker: slower)
+        proc = start(big, out, "--workers", "1")
         if wait_for(lambda: bool((manifest_of(out) or {}).get("files")), proc):
             proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
