@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# A shell that starts pytest in the background (`cmd &`) sets SIGINT to "ignore", and every child
+# inherits that: Ctrl-C tests of the CLI would then test nothing. Python's own handler here means
+# children start with the default again.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from streammerge.synthetic import make_checkpoint
 
