@@ -217,8 +217,7 @@ def _record(name: str, t: Any, rank: int, world_size: int, path: Path) -> Tensor
 def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool = False) -> RankFile:
     """Read one rank file's tensor records without reading tensor data."""
     st = os.stat(path)
-    if not trust_pickle:
-        check_zip(path)
+    if not trust_pickle:  # read_state checks the zip as check_zip does; on failure torch_load_meta reports it
         fast = _fast_records(path, rank, world_size)
         if fast is not None:
             return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns,
@@ -268,7 +267,7 @@ def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, Ten
     got = mp.read_state(path)
     if got is None:
         return None
-    return records_from_state(got[0], got[1], path, rank, world_size)
+    return records_from_state(got.obj, got.offsets, path, rank, world_size)
 
 
 def records_from_state(obj: Any, offsets: dict[str, int], path: Path, rank: int,

@@ -14,13 +14,14 @@ import collections
 import gc
 import io
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import dtypes
 from .dtypes import DType
 from .errors import CheckpointError
-from .zipdir import data_offsets, read_directory, read_record
+from .zipdir import Directory, read_directory, read_record, storage_offsets
 
 _DTYPES = {name: dtypes.of(name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
@@ -200,7 +201,17 @@ class _Unpickler(pickle.Unpickler):
         return Storage(str(pid[2]), pid[1], int(pid[4]))
 
 
-def read_state(path: str | Path) -> tuple[Any, dict[str, int]] | None:
+@dataclass(frozen=True)
+class State:
+    """A rank file as read here: its zip directory, pickle bytes, decoded records and storage offsets."""
+
+    directory: Directory
+    pickle: bytes
+    obj: Any
+    offsets: dict[str, int]  # storage key -> byte offset of its data in the file
+
+
+def read_state(path: str | Path) -> State | None:
     """Unpickle a torch zip checkpoint into our records, with each storage's byte offset in the file.
 
     Returns None when the file needs torch.load (unknown globals, legacy format).
@@ -210,24 +221,14 @@ def read_state(path: str | Path) -> tuple[Any, dict[str, int]] | None:
         data = read_record(d, "data.pkl")
     except CheckpointError:
         return None  # load.check_zip (or torch.load) reports what is wrong with the file
-    gc_was_on = gc.isenabled()
-    gc.disable()  # millions of small acyclic objects: the cyclic collector would rescan them again and again
-    try:
-        obj = _Unpickler(io.BytesIO(data)).load()
-    except NotPlain:
+    obj = decode(data)  # None: torch.load reports what is wrong with the file
+    if obj is None:
         return None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError):
-        return None  # torch.load reports what is wrong with the file
-    finally:
-        if gc_was_on:
-            gc.enable()
     try:
-        records = {key: d.index(f"data/{key}") for key in _storage_keys(obj)}
-        at = data_offsets(d, sorted(records.values()))  # local headers in file order
-        offsets = {key: at[i] for key, i in records.items()}
+        offsets = storage_offsets(d, _storage_keys(obj))
     except CheckpointError:
         return None
-    return obj, offsets
+    return State(d, data, obj, offsets)
 
 
 def _storage_keys(obj: Any) -> set[str]:
@@ -262,15 +263,10 @@ class MeshView:
 
 
 
-def unpickler(file: io.BytesIO) -> pickle.Unpickler:
-    """The allowlisted C unpickler (its `memo` is what rankset compares between rank files)."""
-    return _Unpickler(file)
-
-
 def decode(data: bytes, *, memo: bool = False) -> Any | None:
     """Unpickle bytes into our records (and the memo, if asked); None when they need torch.load."""
     gc_was_on = gc.isenabled()
-    gc.disable()
+    gc.disable()  # millions of small acyclic objects: the cyclic collector would rescan them again and again
     try:
         u = _Unpickler(io.BytesIO(data))
         obj = u.load()

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import os
-import pickle
 import re
 import struct
 from array import array
@@ -34,19 +32,10 @@ import numpy as np
 from . import metapickle as mp
 from . import zipdir
 from .errors import CheckpointError
-from .load import (
-    RankFile,
-    TensorRecord,
-    _mesh_layout,
-    _span_bytes,
-    load_rank_file,
-    records_from_state,
-)
+from .load import RankFile, TensorRecord, _checked, _mesh_layout, _span_bytes, load_rank_file, records_from_state
 
 HEAD_MAX = 1 << 20  # a differing head longer than this is decoded in full anyway
 _RANK_KEYS = frozenset({"_rank", "_coordinate_on_dim", "_hash"})  # differ by rank, or a cached hash
-_DECODE_ERRORS = (mp.NotPlain, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-                  IndexError, KeyError, RecursionError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,12 +97,6 @@ class RankSet:
         slot = self.slots[i]
         return replace(self.template.tensors[name], offset=e.base[i] + e.shift,
                        coordinate=None if slot < 0 else e.coordinates[slot])
-
-    def rank_file(self, k: int) -> RankFile:
-        """A RankFile view (records built on demand would defeat the point: only for small checkpoints)."""
-        e = self.entries[k]
-        return RankFile(e.path, e.rank, e.size, e.mtime_ns, {n: self.record(k, n) for n in self.names}, {})
-
 
 def load_ranks(paths: Sequence[Path], world_size: int, *, trust_pickle: bool = False,
                threads: int = 2) -> RankSet:
@@ -228,21 +211,14 @@ class _Matcher:
     def create(cls, path: Path, world_size: int) -> _Matcher | None:
         """Decode rank 0; None when it is not a plain state dict of tensors (then every rank is decoded
         by load_rank_file, which also explains what is wrong with a bad file)."""
-        try:
-            d = zipdir.read_directory(path)
-            data = zipdir.read_record(d, "data.pkl")
-            keys = cls._key_offsets(d)
-        except CheckpointError:
+        state = mp.read_state(path)
+        if state is None or not isinstance(state.obj, dict):
             return None
-        obj = mp.decode(data)
-        if not isinstance(obj, dict):
-            return None
+        d, data, obj, keys = state.directory, state.pickle, state.obj, state.offsets
         got = records_from_state(obj, keys, path, 0, world_size)
         if got is None or got[1] or len(got[0]) < 2:
             return None
-        tensors = got[0]
-        if any(t.offset + _span_bytes(t) > d.size for t in tensors.values()):
-            return None
+        tensors = _checked(got[0], path, d.size)
         starts = _key_positions(data, tuple(tensors))
         if starts is None:
             return None
@@ -253,12 +229,13 @@ class _Matcher:
         prefix = _decode_head(data[:starts[cut]]) if cut < len(starts) else None
         if prefix is None:
             return None
-        full_meshes = [_mesh_of(list(obj.values())[r]) for r in firsts]
-        head_meshes = [_mesh_of(list(prefix[0].values())[r]) for r in firsts]
+        values, head_values = list(obj.values()), list(prefix[0].values())
+        full_meshes = [_mesh_of(values[r]) for r in firsts]
+        head_meshes = [_mesh_of(head_values[r]) for r in firsts]
         index = {id(v): i for i, v in prefix[1].items()}
         if any(id(m) not in index for m in head_meshes):
             return None
-        mesh_list = [(index[id(hm)], list(obj.values())[r].state["_spec"]) for hm, r in zip(head_meshes, firsts)]
+        mesh_list = [(index[id(hm)], values[r].state["_spec"]) for hm, r in zip(head_meshes, firsts)]
         st = os.stat(path)
         template = RankFile(path, 0, st.st_size, st.st_mtime_ns, tensors, {})
         cached = any(isinstance(v, mp.Wrapper) and v.state["_spec"].__dict__.get("_hash") is not None for v in obj.values())
@@ -271,23 +248,14 @@ class _Matcher:
         m.groups[len(d.prefix)] = _Group(d, array("q", (t.offset for t in tensors.values())), keys)
         return m
 
-    @staticmethod
-    def _key_offsets(d: zipdir.Directory) -> dict[str, int]:
-        picked = [i for i, n in enumerate(d.names) if n.startswith("data/")]
-        offs = zipdir.data_offsets(d, picked)
-        return {d.names[i][5:]: offs[i] for i in picked}
-
     # ------------------------------------------------------------ zip directory
 
     def _group(self, path: Path, prefix_len: int) -> _Group:
         g = self.groups.get(prefix_len)
         if g is None:  # first file with this archive-name length: read its offsets exactly
             d = zipdir.read_directory(path)
-            keys = self._key_offsets(d)
-            try:
-                base = array("q", (keys[key] + off for key, off in self.storage))
-            except KeyError:
-                raise CheckpointError(f"{path}: a storage record of rank 0 is missing") from None
+            keys = zipdir.storage_offsets(d, {key for key, _ in self.storage})  # raises if one is missing
+            base = array("q", (keys[key] + off for key, off in self.storage))
             for t, o in zip(self.template.tensors.values(), base):
                 if o + _span_bytes(t) > d.size:
                     raise CheckpointError(f"{path}: truncated: tensor {t.name!r} needs bytes up to "
@@ -519,12 +487,10 @@ def _variable_tokens(data: bytes, memo: dict, cached: bool) -> list[re.Pattern]:
 def _decode_head(data: bytes) -> tuple[dict, dict] | None:
     """Decode the first records of a state-dict pickle: close the open SETITEMS batch and stop."""
     try:
-        u = mp.unpickler(io.BytesIO(data + b"u."))
-        obj = u.load()
-        memo = u.memo.copy()
-    except _DECODE_ERRORS:
+        got = mp.decode(data + b"u.", memo=True)
+    except RecursionError:
         return None
-    return (obj, memo) if isinstance(obj, dict) else None
+    return got if got is not None and isinstance(got[0], dict) else None
 
 
 _MESH_LAYOUT_KEYS = ("_layout", "_mesh_dim_names", "_device_type", "mesh")  # what a mesh means to a merge

@@ -173,6 +173,13 @@ def data_offsets(d: Directory, indices: list[int] | range | None = None) -> dict
     return out
 
 
+def storage_offsets(d: Directory, keys: object) -> dict[str, int]:
+    """Where the bytes of each storage `data/<key>` start (local headers read in file order)."""
+    records = {key: d.index(f"data/{key}") for key in keys}
+    at = data_offsets(d, sorted(records.values()))
+    return {key: at[i] for key, i in records.items()}
+
+
 def read_record(d: Directory, name: str, *, check_crc: bool = True) -> bytes:
     """One record's bytes (data.pkl), CRC-checked unless it was saved without CRCs (crc 0)."""
     i = d.index(name)
