@@ -133,9 +133,7 @@ def merge(checkpoint_dir: str | Path | Checkpoint, out_dir: str | Path, *, dtype
     plans = [weights]
     warnings: list[str] = []
     if optimizer and ck.optim_files:
-        from .optimizer import (
-            plan_optimizer,  # optional stage: only when optimizer files exist
-        )
+        from .optimizer import plan_optimizer  # optional stage: only when optimizer files exist
 
         opt_plan, opt_warnings = plan_optimizer(ck, weights, max_shard_size=parse_size(max_shard_size),
                                                 trust_pickle=trust_pickle, fmt=optimizer_format)
