@@ -1,0 +1,129 @@
+"""One options object for every command: merge, inspect, verify, push, watch and torchrun use it alike.
+
+`MergeOptions` is frozen plain data. Callers build it once (the CLI from flags, the library from
+keyword arguments) and every stage reads the fields it needs, so an option can never mean one thing
+in `merge` and another in `verify`. `fingerprint_fields()` is what a resumed run must agree on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import dtypes
+from .dtypes import DType
+
+MAX_SHARD_SIZE = 5 * 10**9  # huggingface_hub's default ("5GB", decimal)
+DEFAULT_BUFFER_SIZE = 64 * 2**20
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+DTYPE_CHOICES = ("auto", "keep", "bfloat16", "float16", "float32")
+OUTPUT_DTYPES = {"bfloat16": dtypes.bfloat16, "float16": dtypes.float16, "float32": dtypes.float32,
+                 "bf16": dtypes.bfloat16, "fp16": dtypes.float16, "fp32": dtypes.float32, "half": dtypes.float16,
+                 "float": dtypes.float32, "float64": dtypes.float64}
+OPTIMIZER_FORMATS = ("safetensors", "torch")
+LORA_MODES = ("both", "fold", "adapter")
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as huggingface_hub does); '64MiB' is binary."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"cannot read size {size!r}: use e.g. 5GB, 500MB or 64MiB")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2) or "B"])
+
+
+def resolve_dtype(option: str | DType | Any | None, hf_config: Mapping | None) -> DType | None:
+    """--dtype: 'auto' uses the config's dtype, else keeps; 'keep' keeps; a name casts. None = keep.
+
+    A dtype object (ours or a torch.dtype, read by name) is taken as is.
+    """
+    if option is not None and not isinstance(option, str):
+        return dtypes.of(option)
+    option = (option or "auto").lower().removeprefix("torch.")
+    if option == "keep":
+        return None
+    if option == "auto":
+        cfg = hf_config if isinstance(hf_config, Mapping) else {}
+        named = cfg.get("dtype") or cfg.get("torch_dtype")
+        return OUTPUT_DTYPES.get(str(named).replace("torch.", "")) if isinstance(named, str) else None
+    if option not in OUTPUT_DTYPES:
+        raise ValueError(f"unknown dtype {option!r}: use {', '.join(DTYPE_CHOICES)}")
+    return OUTPUT_DTYPES[option]
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything that decides what a merge writes, and how it runs.
+
+    Sizes are stored in bytes (`MergeOptions.create` parses "5GB"); `dtype` stays the user's word
+    ("auto", "keep", "bfloat16", ...) until the checkpoint's config resolves it.
+    """
+
+    dtype: str = "auto"
+    max_shard_size: int = MAX_SHARD_SIZE
+    optimizer: bool = True
+    optimizer_format: str = "safetensors"
+    trust_pickle: bool = False
+    model_name: str | None = None  # config and tokenizer from this folder or Hub model
+    lora: str = "both"  # LoRA checkpoints: fold the adapter in, export it, or both
+    lora_rank: int | None = None  # r and alpha when the checkpoint does not record them
+    lora_alpha: float | None = None
+    base_model: str | None = None  # adapter-only checkpoints: the base weights (folder or Hub model)
+    key_prefix: str | None = None  # DCP: strip this prefix from keys ("model."); None: detect
+    # how it runs (not part of the fingerprint)
+    workers: int | None = None
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    drop_cache: bool = True
+    progress: bool = False
+
+    RUNTIME = ("workers", "buffer_size", "drop_cache", "progress")
+
+    def __post_init__(self) -> None:
+        if self.optimizer_format not in OPTIMIZER_FORMATS:
+            raise ValueError(f"optimizer format {self.optimizer_format!r}: use one of {', '.join(OPTIMIZER_FORMATS)}")
+        if self.lora not in LORA_MODES:
+            raise ValueError(f"--lora {self.lora!r}: use one of {', '.join(LORA_MODES)}")
+        if self.max_shard_size <= 0:
+            raise ValueError("max_shard_size must be positive")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("workers must be at least 1")
+
+    @classmethod
+    def create(cls, options: MergeOptions | None = None, **kwargs: Any) -> MergeOptions:
+        """Options from keyword arguments (sizes as "5GB" or bytes, a dtype as a name or dtype object),
+        applied over `options`. Unknown names raise TypeError, as a misspelt argument should."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown merge option(s) {', '.join(unknown)}")
+        for key in ("max_shard_size", "buffer_size"):
+            if key in kwargs and kwargs[key] is not None:
+                kwargs[key] = parse_size(kwargs[key])
+        if "dtype" in kwargs:
+            kwargs["dtype"] = dtype_word(kwargs["dtype"])
+        given = {k: v for k, v in kwargs.items() if v is not None or k in ("workers", "model_name", "base_model",
+                                                                         "lora_rank", "lora_alpha", "key_prefix")}
+        return dataclasses.replace(options or cls(), **given)
+
+    def replace(self, **kwargs: Any) -> MergeOptions:
+        return MergeOptions.create(self, **kwargs)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The options a resumed run must share with the run it resumes (how it runs does not count)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME}
+
+
+def dtype_word(dtype: str | DType | Any | None) -> str:
+    """The user's dtype choice as a word: None -> "keep", torch.bfloat16 -> "bfloat16"."""
+    if dtype is None:
+        return "keep"
+    if isinstance(dtype, str):
+        word = dtype.lower().removeprefix("torch.")
+        return word if word in ("auto", "keep") else dtypes.of(word).name
+    return dtypes.of(dtype).name
