@@ -225,7 +225,7 @@ import sys, time, warnings, logging, gc
 gc.disable()  # as streammerge.plan does while loading
 warnings.simplefilter("ignore"); logging.disable(logging.WARNING)
 from pathlib import Path
-from streammerge.load import torch_load_meta
+from streammerge.sources.rankfile import torch_load_meta
 import torch
 paths = sys.argv[1:]
 t = time.perf_counter(); n = 0
@@ -239,7 +239,7 @@ LOAD_FAST = """
 import sys, time, gc
 gc.disable()  # as streammerge.plan does while loading
 from pathlib import Path
-from streammerge.load import _fast_records
+from streammerge.sources.rankfile import _fast_records
 world, paths = int(sys.argv[1]), sys.argv[2:]
 t = time.perf_counter(); n = 0
 for p in paths:

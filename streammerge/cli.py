@@ -8,7 +8,9 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from . import __version__
 from .errors import StreammergeError
+from .options import DTYPE_CHOICES, LORA_MODES, OPTIMIZER_FORMATS, MergeOptions
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 PUSH_FAILED = 4  # exit code: the push (or, in watch, a step) failed; re-running resumes it
@@ -36,18 +38,45 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 def _write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
     p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
-    p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
-    p.add_argument("--optimizer-format", choices=["safetensors", "torch"], default="safetensors",
+    p.add_argument("--optimizer-format", choices=OPTIMIZER_FORMATS, default="safetensors",
                    help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "keep", "bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="output dtype of floating tensors: auto = the config's dtype, else keep (default auto)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output file, decimal units (default 5GB)")
+    p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
+    p.add_argument("--model-name", metavar="NAME_OR_PATH",
+                   help="take config and tokenizer from this model folder or Hub model, not from huggingface/")
     p.add_argument("--trust-pickle", action="store_true",
                    help="DANGEROUS: load rank files with weights_only=False (runs any code pickled in them); "
                         "only for files you made yourself")
+    g = p.add_argument_group("LoRA checkpoints (peft-named tensors)")
+    g.add_argument("--lora", choices=LORA_MODES, default="both",
+                   help="fold the adapter into the weights, export it as a peft adapter folder, or both (default)")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="r, when the checkpoint has no lora_train_meta.json")
+    g.add_argument("--lora-alpha", type=float, metavar="ALPHA",
+                   help="lora_alpha, when the checkpoint has no lora_train_meta.json")
+    g.add_argument("--base-model", metavar="NAME_OR_PATH",
+                   help="base weights for an adapter-only (save_lora_only) checkpoint: a model folder or Hub model")
+    g = p.add_argument_group("torch DCP checkpoints")
+    g.add_argument("--key-prefix", metavar="PREFIX",
+                   help="strip this prefix from DCP keys (default: detect 'model.' of {'model': ..., 'optimizer': ...})")
+
+
+def merge_options(args: argparse.Namespace, **overrides: object) -> MergeOptions:
+    """The one options object every command builds from its flags."""
+    progress = getattr(args, "progress", False)
+    fields = dict(
+        dtype=args.dtype, max_shard_size=args.max_shard_size, optimizer=not args.no_optimizer,
+        trust_pickle=args.trust_pickle, model_name=args.model_name, lora=args.lora, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, base_model=args.base_model, key_prefix=args.key_prefix,
+        optimizer_format=getattr(args, "optimizer_format", "safetensors"), workers=getattr(args, "workers", None),
+        buffer_size=getattr(args, "buffer_size", None), drop_cache=not getattr(args, "keep_cache", False),
+        progress=sys.stderr.isatty() if progress is None else bool(progress))
+    fields.update(overrides)
+    return MergeOptions.create(**fields)
 
 
 def _push_args(p: argparse.ArgumentParser) -> None:
@@ -63,8 +92,6 @@ def _push_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--commit-message", metavar="TEXT")
     g.add_argument("--config", metavar="FILE",
                    help="YAML file with an hf_upload: block (top level or nested); flags override it")
-    g.add_argument("--model-name", metavar="NAME_OR_PATH",
-                   help="take config and tokenizer from this model folder or Hub model, not from huggingface/")
     g.add_argument("--optimizer-save-mode", choices=["full", "none"], default=None,
                    help="seed workflow spelling: none = --no-optimizer")
     g.add_argument("--no-model-card", action="store_true", help="do not write and push a README.md model card")
@@ -89,28 +116,23 @@ def _push_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .discover import find_checkpoint
     from .hub import PushError
     from .pipeline import merge
-    from .publish import merge_and_push, with_model_files
+    from .publish import merge_and_push
 
     settings = _push_settings(args)
     _warn_trust_pickle(args)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
-                   buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
-                   drop_cache=not args.keep_cache, progress=progress, optimizer_format=args.optimizer_format)
+    options = merge_options(args, optimizer=settings.optimizer)
     if not settings.enabled:  # a config file with enabled: false, or --no-push
         if args.push is None:
             print(f"streammerge: {args.config} does not enable hf_upload: merging only (--push pushes anyway)",
                   file=sys.stderr)
-        with with_model_files(find_checkpoint(args.checkpoint), args.model_name) as ck:
-            result = merge(ck, args.out_dir, **options)
+        result = merge(args.checkpoint, args.out_dir, options)
     else:
         try:
             pushed = merge_and_push(args.checkpoint, args.out_dir, settings.repo_id, organization=settings.organization,
-                                    private=settings.private, revision=args.revision, model_name=args.model_name,
-                                    **_push_options(args), **options)
+                                    private=settings.private, revision=args.revision, options=options,
+                                    **_push_options(args))
         except PushError as e:
             print(f"streammerge: push failed: {e}", file=sys.stderr)
             return PUSH_FAILED
@@ -133,15 +155,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = _push_settings(args)
     _warn_trust_pickle(args)
-    options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, workers=args.workers,
-                   buffer_size=args.buffer_size, optimizer=settings.optimizer, trust_pickle=args.trust_pickle,
-                   optimizer_format=args.optimizer_format, model_name=args.model_name)
-    if settings.enabled:
-        options.update(_push_options(args))
+    push_options = _push_options(args) if settings.enabled else {}
     watcher = Watcher(args.run_dir, push=settings.enabled, repo_id=settings.repo_id,
                       organization=settings.organization, private=settings.private, revision=args.revision,
                       revision_per_step=args.revision_per_step, only_latest=args.only_latest, out_root=args.out_root,
-                      state_file=args.state_file, **options)
+                      state_file=args.state_file, options=merge_options(args, optimizer=settings.optimizer,
+                                                                        progress=False), **push_options)
     results = watcher.run(interval=args.interval, once=args.once)
     return PUSH_FAILED if any(not r.ok for r in results) else 0
 
@@ -157,12 +176,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise OutputError("--push is not supported under torchrun: merge with torchrun, then push the folder "
                               "from one process")
         return cmd_push(args)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
     _warn_trust_pickle(args)
-    result = (merge_torchrun if torchrun else merge)(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                   workers=args.workers, buffer_size=args.buffer_size, optimizer=not args.no_optimizer,
-                   trust_pickle=args.trust_pickle, drop_cache=not args.keep_cache, progress=progress,
-                   optimizer_format=args.optimizer_format)
+    result = (merge_torchrun if torchrun else merge)(args.checkpoint, args.out_dir, merge_options(args))
     for w in result.warnings:
         print(f"streammerge: warning: {w}", file=sys.stderr)
     print(result.summary())
@@ -195,20 +210,19 @@ def _warn_trust_pickle(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .pipeline import plan
-    from .plan import plan_to_json
+    from .pipeline import plan_merge
 
     _warn_trust_pickle(args)
-    p = plan(args.checkpoint, dtype=args.dtype, max_shard_size=args.max_shard_size, trust_pickle=args.trust_pickle)
+    p = plan_merge(args.checkpoint, merge_options(args, progress=False))
     if args.json:
-        print(json.dumps(plan_to_json(p), indent=1))
+        print(json.dumps(p.to_json(), indent=1))
     else:
         print(p.describe(max_rows=None if args.all else 60))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .testing.demo import run_demo
 
     return run_demo(args.out_dir)
 
@@ -260,6 +274,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     else:
         raise KeyError(command)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"streammerge {__version__}")
     return p
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
+from .options import MergeOptions
 from .pipeline import MergeResult, merge
 
 # A rank waits at the last barrier while the others finish their share: allow long merges.
@@ -36,7 +37,8 @@ def launched_by_torchrun() -> bool:
     return False
 
 
-def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, **options: Any) -> MergeResult:
+def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, options: MergeOptions | None = None,
+                   **kwargs: Any) -> MergeResult:
     """`pipeline.merge` for this rank's share of the files; takes the same options."""
     import torch.distributed as dist
 
@@ -45,7 +47,7 @@ def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, **options: A
         dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        result = merge(checkpoint_dir, out_dir, num_parts=world, part=rank, sync=dist.barrier, **options)
+        result = merge(checkpoint_dir, out_dir, options, num_parts=world, part=rank, sync=dist.barrier, **kwargs)
         dist.barrier()  # nobody reports success before rank 0 has written the index
         return result
     finally:

@@ -26,6 +26,12 @@ class DType:
     """One element type. Instances are unique per name (compare with `is` or `==`)."""
 
     __slots__ = ("name", "code", "itemsize", "is_floating_point", "numpy", "_str")
+    name: str
+    code: str | None
+    itemsize: int
+    is_floating_point: bool
+    numpy: np.dtype
+    _str: str
 
     def __init__(self, name: str, code: str | None, itemsize: int, is_floating_point: bool, numpy: str):
         object.__setattr__(self, "name", name)  # "bfloat16", as torch names it

@@ -29,3 +29,7 @@ class VerifyError(StreammergeError):
     """An output file does not match its plan, manifest or source."""
 
     exit_code = 1
+
+
+class ConfigError(StreammergeError):
+    """A setting is missing or wrong: a flag, a config file, the model name, a config that does not fit the weights."""

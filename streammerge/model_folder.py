@@ -1,38 +1,198 @@
-"""Carry the model folder: config (with the output dtype), generation config, tokenizer, remote code."""
+"""The model folder: config (read as JSON, written with the output dtype), tokenizer and the other small files.
+
+Config and tokenizer come from the checkpoint's `huggingface/` folder, or from `--model-name` (a
+local folder, or a Hub model of which only config and tokenizer files are fetched). Nothing here
+imports transformers or runs code from the folder: `config.json` is read as JSON, and what a model
+class would decide (does it tie its embeddings?) comes from a table of transformers' defaults.
+Files are never followed through links that leave their folder.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import json
-from collections.abc import Iterator
+import os
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from .dtypes import DType
+from .errors import CheckpointError, ConfigError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# What a model name contributes to the merged folder: config, generation config, tokenizer, remote code.
+MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                       "added_tokens.json", "vocab*", "merges.txt", "chat_template*", "*.tiktoken",
+                       "spiece.model", "*.py")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# transformers' default `tie_word_embeddings` per model type, for configs that do not say
+# (save_pretrained leaves the key out when it equals the defaults). Unknown types: keep both tensors.
+TIE_DEFAULTS = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "phi",
+                     "phi3", "olmo", "olmo2", "deepseek_v2", "deepseek_v3", "granite", "gpt_neox", "stablelm", "glm",
+                     "glm4", "glm4_moe", "gpt_oss", "seed_oss", "hunyuan_v1_dense", "exaone4", "apertus", "arcee",
+                     "dots1", "llama4_text", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"), False),
+    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "starcoder2", "falcon", "opt", "bloom",
+                     "cohere", "ernie4_5", "smollm3", "mistral3"), True),
+}
 
 
-def read_config(hf_dir: Path | None) -> dict | None:
-    if hf_dir is None or not (hf_dir / "config.json").is_file():
+def read_config(model_dir: Path | None) -> dict | None:
+    """config.json as a dict, or None when there is none; one-line errors for a file that is not a JSON object."""
+    if model_dir is None:
         return None
-    return json.loads((hf_dir / "config.json").read_text())
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
-def carried_files(hf_dir: Path | None) -> Iterator[Path]:
-    """Every file of huggingface/ except weights (which we write ourselves)."""
-    if hf_dir is None:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def ties_embeddings(config: Mapping | None) -> bool:
+    """Whether the model ties its output embedding to its input embedding; False when unsure (keeps both)."""
+    cfg = dict(config or {})
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    for c in (cfg, text_cfg):
+        if isinstance(c.get("tie_word_embeddings"), bool):
+            return c["tie_word_embeddings"]
+    for c in (text_cfg, cfg):
+        if c.get("model_type") in TIE_DEFAULTS:
+            return TIE_DEFAULTS[c["model_type"]]
+    return False
+
+
+def carried_files(model_dir: Path | None, root: Path | None = None) -> Iterator[Path]:
+    """Every file of the model folder except weights (which we write ourselves).
+
+    A link is followed only where it stays inside `root` (the checkpoint, or the folder itself):
+    a `huggingface/` file linking to `/etc/passwd` or a home folder must not end up on the Hub.
+    """
+    if model_dir is None:
         return
-    for p in sorted(hf_dir.rglob("*")):
-        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name not in WEIGHT_INDEXES:
-            yield p
+    root = (root or model_dir).resolve()
+    for p in sorted(model_dir.rglob("*")):
+        if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES or not p.is_file():
+            continue
+        target = p.resolve()
+        if target != root and root not in target.parents:
+            raise CheckpointError(f"{p}: links outside {root} (to {target}); streammerge does not copy files "
+                                  "from outside the checkpoint: replace the link with the file itself")
+        yield p
 
 
 def config_bytes(config: dict, dtype: DType | None) -> bytes:
     """config.json naming the dtype we wrote (both spellings transformers has used, where present)."""
     config = dict(config)
     if dtype is not None:
-        name = str(dtype).replace("torch.", "")
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
         for k in keys:
-            config[k] = name
+            config[k] = dtype.name
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def model_dir_for(model_name: str, *, token: str | None = None, endpoint: str | None = None) -> tuple[Path, Path]:
+    """(folder with config and tokenizer, root that links may point into) for a local folder or a Hub model.
+
+    A local folder is read as is. A Hub name is fetched with huggingface_hub into its cache, limited
+    to MODEL_FILE_PATTERNS: never the weights, never code run (files are only copied).
+    """
+    local = Path(model_name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model_name {model_name!r}: no config.json in {local}")
+        return local.resolve(), local.resolve()
+    if not _HUB_ID.match(model_name) or model_name.startswith((".", "~")):
+        raise ConfigError(f"model_name {model_name!r}: no such folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        snap = Path(snapshot_download(model_name, allow_patterns=list(MODEL_FILE_PATTERNS), token=token,
+                                      endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None))
+    except Exception as e:  # offline, not found, no access: all mean "give a local folder"
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ConfigError(f"model_name {model_name!r}: not a local folder, and its config and tokenizer could "
+                          f"not be fetched from the Hub ({first})") from None
+    if not (snap / "config.json").is_file():
+        raise ConfigError(f"model_name {model_name!r}: the Hub model has no config.json")
+    return snap, snap.parent.parent  # the cache's snapshots/<rev>/ link into the repo's blobs/
+
+
+def model_files(model_dir: Path, root: Path) -> Iterator[Path]:
+    """The config and tokenizer files of a model given by name (not its weights or anything else)."""
+    for p in carried_files(model_dir, root):
+        if p.parent == model_dir and any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS):
+            yield p
+
+
+# ---------------------------------------------------------------- does the config describe these weights?
+
+def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Refuse a config that does not describe these weights (transformers would load them as something else).
+
+    Torch-free and structural: the embedding is vocab_size x hidden_size, the decoder has
+    num_hidden_layers layers, attention projections have the head counts' sizes. Raises ConfigError
+    naming the first contradiction; says nothing where the config or the names give no rule.
+    """
+    if not config:
+        return
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    hidden, vocab = _int(cfg, "hidden_size", "n_embd", "d_model"), _int(cfg, "vocab_size")
+    embeds = [n for n in shapes if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
+    for name in embeds[:1]:
+        shape = shapes[name]
+        if len(shape) != 2:
+            continue
+        if hidden is not None and shape[1] != hidden:
+            _mismatch(where, f"{name} is {shape[1]} wide but the config's hidden_size is {hidden}")
+        if vocab is not None and shape[0] != vocab:
+            _mismatch(where, f"{name} has {shape[0]} rows but the config's vocab_size is {vocab}")
+    layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    seen = {int(m.group(1)) for n in shapes for m in [re.search(r"\.layers\.(\d+)\.", n)] if m}
+    if layers is not None and seen and max(seen) + 1 != layers:
+        _mismatch(where, f"the weights have {max(seen) + 1} decoder layers but the config's num_hidden_layers is {layers}")
+    heads, kv = _int(cfg, "num_attention_heads"), _int(cfg, "num_key_value_heads")
+    head_dim = _int(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
+    for name, shape in shapes.items():
+        if len(shape) != 2 or ".layers." not in name:
+            continue
+        want = {"q_proj.weight": heads, "k_proj.weight": kv or heads, "v_proj.weight": kv or heads}
+        for suffix, n in want.items():
+            if name.endswith("self_attn." + suffix) and n and head_dim and shape[0] != n * head_dim:
+                _mismatch(where, f"{name} has {shape[0]} rows but the config gives {n} heads x {head_dim}")
+        if hidden is not None and name.endswith(("self_attn.q_proj.weight", "mlp.up_proj.weight")) and shape[1] != hidden:
+            _mismatch(where, f"{name} is {shape[1]} wide but the config's hidden_size is {hidden}")
+        if name.endswith("mlp.down_proj.weight") and not name.count(".experts."):
+            inter = _int(cfg, "intermediate_size")
+            if inter is not None and shape[1] != inter and not _is_moe(cfg):
+                _mismatch(where, f"{name} is {shape[1]} wide but the config's intermediate_size is {inter}")
+
+
+def _is_moe(cfg: Mapping) -> bool:
+    return any(k in cfg for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size"))
+
+
+def _int(cfg: Mapping, *keys: str) -> int | None:
+    for k in keys:
+        v = cfg.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _mismatch(where: str, what: str) -> None:
+    raise ConfigError(f"{where}: config.json does not describe these weights: {what} (a config of another "
+                      "model? give the right one with --model-name)")

@@ -82,7 +82,7 @@ class MergeOptions:
     drop_cache: bool = True
     progress: bool = False
 
-    RUNTIME = ("workers", "buffer_size", "drop_cache", "progress")
+    RUNTIME = ("workers", "buffer_size", "drop_cache", "progress", "trust_pickle")
 
     def __post_init__(self) -> None:
         if self.optimizer_format not in OPTIMIZER_FORMATS:

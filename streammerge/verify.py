@@ -12,6 +12,7 @@ Nothing is fixed here and nothing is written: verify reports, the merge command 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import json
 import math
@@ -23,16 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .discover import Checkpoint, find_checkpoint
 from .dtypes import DType
 from .errors import OutputError
-from .manifest import MANIFEST, STATE_DIR, Manifest, sha256_file
-from .plan import DTYPE_NAMES, Piece, Plan, TensorPlan, parse_size
-from .safetensors_format import CODE_DTYPES, read_header
-from .write import TMP_SUFFIX, _is_contiguous, _row_major, windows
+from .options import MergeOptions, parse_size
+from .plan import Piece, TensorPlan
+from .sources import Source, open_checkpoint
+from .write.manifest import MANIFEST, STATE_DIR, Manifest, sha256_file
+from .write.safetensors_format import CODE_DTYPES, read_header
+from .write.writer import TMP_SUFFIX, _is_contiguous, _row_major, windows
 
 if TYPE_CHECKING:
     import torch  # only comparing tensors with the checkpoint imports torch
+
+    from .pipeline import MergePlan
+
+MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeOptions)} - set(MergeOptions.RUNTIME)
 
 DEFAULT_CHUNK = 16 * 2**20
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
@@ -82,7 +88,7 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     headers = _check_safetensors(out, report)
     _check_indexes(out, headers, report)
     if checkpoint_dir is not None:
-        ck = find_checkpoint(checkpoint_dir)
+        ck = open_checkpoint(checkpoint_dir)
         report.checkpoint = ck.path
         _check_against_checkpoint(out, ck, manifest, headers, report, trust_pickle=trust_pickle, chunk=chunk)
     return report
@@ -257,39 +263,28 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
 
 # ---------------------------------------------------------------- against the checkpoint
 
-def _plans(ck: Checkpoint, options: dict, files: dict, *, trust_pickle: bool) -> list[Plan]:
-    """The plans the merge made, from the options and files it recorded (as pipeline.merge builds them)."""
-    from .pipeline import plan
+def replan(ck: Source, recorded: dict | None, *, trust_pickle: bool) -> MergePlan:
+    """The plan the merge made, from the options its manifest records (or the defaults, keeping dtypes)."""
+    from .pipeline import plan_merge
 
-    dtype_name = str(options.get("dtype", "None")).replace("torch.", "")
-    dtype = DTYPE_NAMES.get(dtype_name) if dtype_name != "None" else None
-    max_shard = int(options.get("max_shard_size", parse_size("5GB")))
-    weights = plan(ck, dtype=dtype if dtype is not None else "keep", max_shard_size=max_shard,
-                   trust_pickle=trust_pickle)
-    plans = [weights]
-    if options.get("optimizer") and ck.optim_files:
-        from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, plan_optimizer
-
-        fmt = "torch" if f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}" in files else "safetensors"
-        opt_plan, _ = plan_optimizer(ck, weights, max_shard_size=max_shard, trust_pickle=trust_pickle, fmt=fmt)
-        if opt_plan is not None:
-            plans.append(opt_plan)
-    return plans
+    fields = {k: v for k, v in (recorded or {}).items() if k in MERGE_FIELDS}
+    if not recorded:  # no manifest: compare with the saved dtypes
+        fields["dtype"] = "keep"
+    options = MergeOptions.create(**{**fields, "trust_pickle": trust_pickle})
+    return plan_merge(ck, options)
 
 
-def _check_against_checkpoint(out: Path, ck: Checkpoint, manifest: dict | None, headers: dict[str, _Header],
+def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, headers: dict[str, _Header],
                               report: VerifyReport, *, trust_pickle: bool, chunk: int) -> None:
-    from .pipeline import merge_fingerprint
-
-    options = (manifest or {}).get("options") or {"dtype": "None", "optimizer": bool(ck.optim_files)}
-    plans = _plans(ck, options, (manifest or {}).get("files", {}), trust_pickle=trust_pickle)
-    if manifest is not None and merge_fingerprint(plans, options) != manifest.get("fingerprint"):
+    merge_plan = replan(ck, (manifest or {}).get("options"), trust_pickle=trust_pickle)
+    plans = merge_plan.plans
+    if manifest is not None and merge_plan.fingerprint() != manifest.get("fingerprint"):
         report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
                     "differs); tensors are compared one by one below")
     sources = _Sources(chunk)
     try:
         for p in plans:
-            expected_files = {f"{p.subdir}/{fp.filename}" if p.subdir else fp.filename: fp for fp in p.files}
+            expected_files = {p.rel(fp.filename): fp for fp in p.files}
             for rel, fp in expected_files.items():
                 if rel not in headers and not (out / rel).is_file():
                     report.fail(f"{rel}: missing (the checkpoint's plan has it)")
@@ -312,6 +307,10 @@ def _check_against_checkpoint(out: Path, ck: Checkpoint, manifest: dict | None, 
                     report.fail(f"{rel}: tensor {name!r} is {_short(entry.dtype)} {list(entry.shape)}, "
                                 f"the checkpoint gives {_short(t.dtype)} {list(t.shape)}")
                     continue
+                if t.fold is not None:
+                    _compare_fold(rel, header, entry, name, t, report, chunk)
+                    report.tensors_checked += 1
+                    continue
                 try:
                     _compare_tensor(rel, header, entry, name, t, sources, report, chunk)
                 except OSError as e:
@@ -323,7 +322,41 @@ def _check_against_checkpoint(out: Path, ck: Checkpoint, manifest: dict | None, 
 
 
 def _short(dtype: DType) -> str:
-    return str(dtype).replace("torch.", "")
+    return dtype.name
+
+
+def _compare_fold(rel: str, header: _Header, entry: _Entry, name: str, t: TensorPlan, report: VerifyReport,
+                  chunk: int) -> None:
+    """A folded LoRA weight: recompute `W + scale * B @ A` window by window and compare bit for bit."""
+    import numpy as np
+
+    from .write.compute import fill_fold_window
+    from .write.writer import Sources
+
+    isz = t.dtype.itemsize
+    budget = max(4096, chunk // 12) * isz
+    rows, cols = t.shape
+    readers = Sources(drop_cache=False)
+    try:
+        with open(header.path, "rb", buffering=0) as out_file:
+            for box in windows(t.shape, isz, budget):
+                n = 1
+                for lo, hi in box:
+                    n *= hi - lo
+                want = np.empty(n * isz, np.uint8)
+                fill_fold_window(t, box, want, np.empty(n * max(4, t.source_dtype.itemsize), np.uint8), readers)
+                (r0, r1), (c0, c1) = box
+                got = bytearray()
+                for r in range(r0, r1):
+                    start = header.data_start + entry.begin + (r * cols + c0) * isz
+                    got += os.pread(out_file.fileno(), (c1 - c0) * isz, start)
+                report.bytes_read += 2 * len(got)
+                if bytes(got) != want.tobytes():
+                    report.fail(f"{rel}: tensor {name!r}: rows {r0}-{r1 - 1} differ from the fold recomputed "
+                                "from the checkpoint")
+                    return
+    finally:
+        readers.close()
 
 
 class _Sources:

@@ -25,7 +25,7 @@ import pytest
 # children start with the default again.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-from streammerge.synthetic import make_checkpoint
+from streammerge.testing.synthetic import make_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VERL_FIXTURES = Path(

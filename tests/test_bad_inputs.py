@@ -129,7 +129,7 @@ CASES = {
                       ["model_world_size_4_rank_0.pt", NORM, "sparse", "only dense"]),
     "not_a_state_dict": (lambda d: torch.save([1, 2, 3], rank(d, 0)), ["model_world_size_4_rank_0.pt", "expected a state dict"]),
     "empty_checkpoint": (_empty_ckpt, ["{d}", "no tensors", "empty checkpoint"]),
-    "not_a_checkpoint": (_not_a_checkpoint, ["{d}", "not an FSDP checkpoint"]),
+    "not_a_checkpoint": (_not_a_checkpoint, ["{d}", "not a checkpoint streammerge can read"]),
     "only_optimizer_files": (lambda d: [os.rename(rank(d, r), d / f"optim_world_size_4_rank_{r}.pt") for r in range(WS)],
                              ["{d}", "no model_world_size_*_rank_*.pt files"]),
 }

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from streammerge import cast, dtypes
+from streammerge import dtypes
+from streammerge.write import cast
 
 FLOATS = [dtypes.float16, dtypes.bfloat16, dtypes.float32, dtypes.float64]
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -19,8 +19,8 @@ from ckpt_tools import REPO, copy_actor, snapshot, tree_bytes
 
 import streammerge
 from streammerge.cli import main
-from streammerge.manifest import MANIFEST, STATE_DIR, sha256_file
-from streammerge.write import TMP_SUFFIX
+from streammerge.write.manifest import MANIFEST, STATE_DIR, sha256_file
+from streammerge.write.writer import TMP_SUFFIX
 
 INDEX = "model.safetensors.index.json"
 

@@ -18,7 +18,7 @@ print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
 """
 BASELINE = """
 import json, resource
-import streammerge, streammerge.write, safetensors.torch
+import streammerge, streammerge.write.writer, safetensors.torch
 print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.tensor  # noqa: F401  (lets torch.load(weights_only=True) rebuild DTensors)
 from safetensors.torch import load_file
 
 import streammerge
@@ -68,8 +69,8 @@ def test_run_folder_and_step_folder_resolve_to_the_actor(make_ckpt) -> None:
     run_dir = actor.parent.parent
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text() == "2"
     for path in (actor, actor.parent, run_dir):
-        ck = streammerge.find_checkpoint(path)
-        assert ck.path == actor.resolve() and ck.world_size == 2 and ck.step == 2 and ck.has_optimizer
+        ck = streammerge.open_checkpoint(path)
+        assert ck.path == actor.resolve() and ck.world_size == 2 and ck.step == 2 and ck.has_optimizer()
 
 
 def test_auto_dtype_follows_config_and_rewrites_it(make_ckpt, tmp_path: Path) -> None:

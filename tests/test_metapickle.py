@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from streammerge import load, metapickle
+from streammerge.sources import rankfile as load
+from streammerge.sources import torchpickle as metapickle
 from streammerge.errors import UnsafePickleError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import streammerge
-from streammerge.optimizer import OPTIMIZER_INDEX, OptimizerMismatchError, model_params, optimizer_save_mode_enabled
+from streammerge.optimizer import OPTIMIZER_INDEX, OptimizerMismatchError, optimizer_save_mode_enabled
+from streammerge.optimizer.naming import model_params
 
 FIXTURES = Path(os.environ.get("STREAMMERGE_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "verl"))
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference").is_dir()) if FIXTURES.is_dir() else []
@@ -132,9 +133,9 @@ def test_torch_format_equals_torch_full_state_and_is_a_valid_zip(pt_export) -> N
 def test_parameter_order_is_named_parameters_order(name) -> None:
     """The ints of the rank files follow named_parameters() (FSDP1: the flat parameters' order)."""
     info = json.loads((FIXTURES / name / "reference" / "INFO.json").read_text())
-    p = streammerge.plan(FIXTURES / name, dtype="keep")
+    p = streammerge.plan(FIXTURES / name, dtype="keep").weights
     known = {n: t.shape for n, t in p.tensors.items()} | {n: p.tensors[k].shape for n, k in p.dropped.items()}
-    model = model_params(FIXTURES / name / "huggingface", known)
+    model = model_params(json.loads((FIXTURES / name / "huggingface" / "config.json").read_text()), known)
     if info["fsdp_version"] == 1:
         flat = [f.replace("_fsdp_wrapped_module.", "").replace("._flat_param", "").replace("_flat_param", "")
                 for f in info["param_order"]]
@@ -212,15 +213,16 @@ def test_fsdp1_unmatched_flat_parameters_still_export_weights(tmp_path) -> None:
 
 
 @needs_fixtures
-def test_config_that_does_not_match_the_model_files_skips_the_optimizer(tmp_path) -> None:
+def test_config_that_does_not_match_the_model_files_is_refused(tmp_path) -> None:
+    """A config of another size would load as another model: refused before anything is written."""
     ck = tmp_path / "ck"
     shutil.copytree(FIXTURES / "gpu_fsdp2_hsdp_llama_2x2", ck, symlinks=True)
     cfg = json.loads((ck / "huggingface" / "config.json").read_text())
     cfg["intermediate_size"] += 8
     (ck / "huggingface" / "config.json").write_text(json.dumps(cfg))
-    result = streammerge.merge(ck, tmp_path / "out")
-    assert len(result.warnings) == 1 and "model.layers.0.mlp.gate_proj.weight" in result.warnings[0]
-    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "optimizer").exists()
+    with pytest.raises(streammerge.ConfigError, match="intermediate_size"):
+        streammerge.merge(ck, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @needs_fixtures
@@ -229,7 +231,9 @@ def test_fsdp1_without_fsdp_config_is_recognised_by_its_flat_entries(tmp_path) -
     ck = tmp_path / "ck"
     ck.mkdir()
     for p in (FIXTURES / "gpu_fsdp1_llama_ws4").iterdir():
-        if p.name != "fsdp_config.json":
+        if p.is_dir():  # huggingface/ is copied into OUT: a copy, since links out of the checkpoint are refused
+            shutil.copytree(p, ck / p.name)
+        elif p.name != "fsdp_config.json":
             os.symlink(p, ck / p.name)
     streammerge.merge(ck, tmp_path / "out", dtype="keep")
     assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), _reference("gpu_fsdp1_llama_ws4"))
@@ -370,9 +374,9 @@ class _Payload:
 
 def test_optimizer_rank_files_are_unpickled_once_and_weights_only(make_ckpt, tmp_path, monkeypatch) -> None:
     """metapickle's fast path never takes an optimizer file (nested state): it must not be tried at all."""
-    from streammerge import metapickle
+    from streammerge.sources import torchpickle as metapickle
     from streammerge.errors import UnsafePickleError
-    from streammerge.optimizer import load_optim_file
+    from streammerge.optimizer.fsdp import load_optim_file
 
     actor = make_ckpt()
     path = actor / "optim_world_size_2_rank_0.pt"

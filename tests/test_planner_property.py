@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import Replicate, Shard
 
 import streammerge
-from streammerge.plan import chunk_bounds
+from streammerge.sources.rankfile import chunk_bounds
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool]
 OUT_DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -16,11 +16,10 @@ import torch
 import torch.distributed.tensor  # noqa: F401  (lets torch.load(weights_only=True) rebuild DTensors)
 
 import streammerge
-from streammerge.discover import find_checkpoint
+from streammerge import open_checkpoint as find_checkpoint
 from streammerge.errors import CheckpointError
-from streammerge.load import load_rank_file
-from streammerge.plan import ShardedPieces, tensor_pieces
-from streammerge.rankset import load_ranks
+from streammerge.sources.rankfile import load_rank_file, tensor_pieces
+from streammerge.sources.rankset import ShardedPieces, load_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -36,13 +35,13 @@ FIXTURES = ["gpu_fsdp2_llama_shard1_ws4", "gpu_fsdp2_qwen2_tied_ws4", "gpu_fsdp2
 
 def _assert_same_as_decoding(actor: Path) -> int:
     ck = find_checkpoint(actor)
-    ranks = load_ranks(ck.model_files, ck.world_size)
+    ranks = load_ranks(ck.model_files, ck.world_size, match_min_records=0)
     full = [load_rank_file(p, k, ck.world_size) for k, p in enumerate(ck.model_files)]
     assert ranks.names == tuple(full[0].tensors)
     for k, rf in enumerate(full):
         for name in ranks.names:
             assert ranks.record(k, name) == rf.tensors[name], (k, name)
-    plan = streammerge.plan(actor, dtype="keep")
+    plan = streammerge.plan(actor, dtype="keep").weights
     for name, t in plan.tensors.items():
         _, eager = tensor_pieces(name, [rf.tensors[name] for rf in full], full)
         assert tuple(t.pieces) == eager, name
@@ -68,10 +67,10 @@ def test_gpu_fixtures_match_decoding(case, verl_fixtures):
 
 def test_plan_shares_pieces_instead_of_listing_them(make_ckpt):
     actor = make_ckpt(world_size=4, vocab_size=1004)
-    plan = streammerge.plan(actor, dtype="keep")
+    plan = streammerge.plan(actor, dtype="keep").weights
     lazy = [t for t in plan.tensors.values() if isinstance(t.pieces, ShardedPieces)]
     assert len(lazy) == len(plan.tensors)
-    assert streammerge.plan(actor, dtype="keep").fingerprint() == plan.fingerprint()
+    assert streammerge.plan(actor, dtype="keep").weights.fingerprint() == plan.fingerprint()
 
 
 def _copy(actor: Path, tmp_path: Path) -> Path:
@@ -93,7 +92,7 @@ def test_swapped_rank_files_merge_by_their_own_mesh_coordinate(make_ckpt, tmp_pa
     b.rename(a)
     (swapped / "tmp.pt").rename(b)
     ck = find_checkpoint(swapped)
-    ranks = load_ranks(ck.model_files, 4)
+    ranks = load_ranks(ck.model_files, 4, match_min_records=0)
     assert [e.coordinates for e in ranks.entries] == [((0,),), ((2,),), ((1,),), ((3,),)]
     streammerge.merge(swapped, tmp_path / "out", dtype="keep", optimizer=False, max_shard_size="40KB")
     assert _merged_files(tmp_path / "out") == _merged_files(tmp_path / "ref")
@@ -114,7 +113,7 @@ def test_a_rank_resaved_with_other_strides_is_read_as_it_is(make_ckpt, tmp_path)
     assert dt._local_tensor.stride() != local.stride()
     torch.save(sd, path)
     ck = find_checkpoint(edited)
-    ranks = load_ranks(ck.model_files, 4)
+    ranks = load_ranks(ck.model_files, 4, match_min_records=0)
     entry = ranks.entries[2]
     assert entry.decoded or name in entry.overrides
     assert ranks.record(2, name).local_stride == dt._local_tensor.stride()
@@ -138,7 +137,7 @@ def test_three_hundred_ranks_are_matched_past_rank_256(tmp_path):
 
     actor, _ = bench_plan.make(tmp_path / "c", 300, 3, 2)
     ck = find_checkpoint(actor)
-    ranks = load_ranks(ck.model_files, 300)
+    ranks = load_ranks(ck.model_files, 300, match_min_records=0)
     assert ranks.decoded == 1
     assert len({id(e.base) for e in ranks.entries[1:]}) == 3  # one zip layout per archive-name length
     decoded = _assert_same_as_decoding(actor)

@@ -21,8 +21,8 @@ import pytest
 from ckpt_tools import REPO, copy_actor, snapshot, tree_bytes
 
 import streammerge
-from streammerge.manifest import MANIFEST, STATE_DIR, sha256_file
-from streammerge.write import TMP_SUFFIX, tmp_path
+from streammerge.write.manifest import MANIFEST, STATE_DIR, sha256_file
+from streammerge.write.writer import TMP_SUFFIX, tmp_path
 
 OPTIONS = dict(max_shard_size="500KB", buffer_size="64KiB", workers=2)
 CLI_OPTIONS = ["--max-shard-size", "500KB", "--buffer-size", "64KiB", "--workers", "2", "--no-progress"]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import streammerge
-from streammerge.safetensors_format import DTYPE_CODES, layout
+from streammerge.write.safetensors_format import DTYPE_CODES, layout
 
 ALL_DTYPES = [d.torch() for d in DTYPE_CODES]  # every dtype safetensors stores, as torch dtypes
 

@@ -11,7 +11,7 @@ import torch.distributed.tensor  # noqa: F401  (lets weights_only loads rebuild 
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from streammerge.synthetic import main, make_checkpoint
+from streammerge.testing.synthetic import main, make_checkpoint
 
 STEPS = 2
 CASES = {

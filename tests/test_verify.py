@@ -18,8 +18,8 @@ from torch.distributed.tensor import Replicate, Shard
 
 import streammerge
 from streammerge.cli import main
-from streammerge.manifest import MANIFEST, STATE_DIR
-from streammerge.write import tmp_path
+from streammerge.write.manifest import MANIFEST, STATE_DIR
+from streammerge.write.writer import tmp_path
 
 FIXTURES = ["gpu_fsdp1_llama_ws4", "gpu_fsdp2_llama_shard1_ws4", "gpu_fsdp2_hsdp_llama_2x2", "gpu_fsdp2_qwen2_tied_ws4"]
 INDEX = "model.safetensors.index.json"

@@ -1,0 +1,58 @@
+"""Sources: find a checkpoint on disk and the format that reads it.
+
+`open_checkpoint(path)` accepts what users type: the folder holding the files, a `global_step_N`
+folder (its `actor/`), or a run folder whose `latest_checkpointed_iteration.txt` names the step.
+Each format registers how to recognise its folder and how to open it; the first that recognises a
+folder reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import CheckpointError
+from . import verl
+from .base import Piece, ReadStats, Source, SourceTensor
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+SUBFOLDERS = ("actor",)  # where a step folder keeps its checkpoint
+
+# (what it is, does this folder hold it, open it)
+FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Source]]] = [
+    ("veRL FSDP rank files (model_world_size_*_rank_*.pt)", verl.has_rank_files, verl.verl_source),
+]
+
+
+def open_checkpoint(path: str | Path) -> Source:
+    """The checkpoint at `path`, opened by the format that recognises it (metadata is read lazily)."""
+    folder, opener = _find(Path(path).expanduser().resolve())
+    return opener(folder)
+
+
+def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (give the checkpoint folder, not a file)")
+    for _, holds, opener in FORMATS:
+        if holds(path):
+            return path, opener
+    latest = path / LATEST_FILE
+    if latest.is_file() and depth < 2:
+        text = latest.read_text(errors="replace").strip()
+        if not text.isdigit():
+            raise CheckpointError(f"{latest}: expected a step number, found {text[:40]!r}")
+        step_dir = path / f"global_step_{int(text)}"
+        if not step_dir.is_dir():
+            raise CheckpointError(f"{latest} names step {text}, but {step_dir} does not exist")
+        return _find(step_dir, depth + 1)
+    for sub in SUBFOLDERS:
+        if (path / sub).is_dir() and depth < 3:
+            return _find(path / sub, depth + 1)
+    kinds = "; ".join(what for what, _, _ in FORMATS)
+    raise CheckpointError(f"{path}: not a checkpoint streammerge can read (looked for: {kinds}; "
+                          f"an actor/ folder; {LATEST_FILE})")
+
+
+__all__ = ["FORMATS", "Piece", "ReadStats", "Source", "SourceTensor", "open_checkpoint"]

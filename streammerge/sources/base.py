@@ -1,0 +1,137 @@
+"""What every checkpoint format provides: its tensors as pieces of files, found from metadata alone.
+
+A source (one per format: veRL FSDP rank files, torch DCP, Megatron) finds its files and describes
+each tensor it holds -- name, full shape, dtype, and the `Piece`s of files its bytes lie in -- without
+reading tensor data and without importing torch. The planner turns these into output files; the
+writer copies the pieces. Nothing downstream knows which format a piece came from.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..dtypes import DType
+
+if TYPE_CHECKING:
+    from ..options import MergeOptions
+    from ..plan import Plan
+
+
+@dataclass(frozen=True, slots=True)  # one per tensor per rank: keep it small
+class Piece:
+    """A box of a tensor, stored contiguously or strided in one file."""
+
+    rank: int  # which rank (or chunk) wrote it: for messages only
+    file: str
+    offset: int  # byte offset in the file of the piece's first element
+    shape: tuple[int, ...]  # the box's size
+    stride: tuple[int, ...]  # in elements, as stored
+    start: tuple[int, ...]  # index of the box's first element in the full tensor
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor as a checkpoint stores it: its full shape and dtype, and pieces that tile it exactly once."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: DType
+    pieces: Sequence[Piece]  # a tuple, or a lazy sequence for large checkpoints
+    layout: str = "plain"  # for display: "Shard(0)", "(Replicate(), Shard(0))", "plain", "4 chunks"
+    flat: bool = False  # pieces are boxes of the flattened tensor (FSDP1 flat parameters)
+
+    @property
+    def geometry(self) -> tuple[int, ...]:
+        """The shape the pieces are boxes of."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        return (n,) if self.flat else self.shape
+
+    def renamed(self, name: str) -> SourceTensor:
+        return SourceTensor(name, self.shape, self.dtype, self.pieces, self.layout, self.flat)
+
+
+def pieces_key(pieces: Sequence[Piece]) -> str:
+    """A stable digest of where a tensor's bytes are (part of the resume fingerprint)."""
+    key = getattr(pieces, "key", None)
+    if callable(key):
+        return key()
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(repr((p.rank, p.file, p.offset, p.shape, p.stride, p.start)).encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class ReadStats:
+    """How the metadata was read: the fast paths taken, and every fallback with its reason.
+
+    A fallback is never an error (the slow path gives the same answer), but it should never be
+    silent either: `inspect` and the merge summary print this.
+    """
+
+    files: int = 0
+    matched: int = 0  # files proven alike a decoded one by byte compares
+    decoded: int = 0  # files decoded in full
+    torch_loaded: int = 0  # files read with torch.load (weights-only) because our decoder declined
+    fallbacks: Counter = field(default_factory=Counter)  # reason -> how many files
+
+    def fell_back(self, reason: str) -> None:
+        self.fallbacks[reason] += 1
+
+    def describe(self) -> str:
+        parts = [f"{self.files} files"]
+        if self.matched:
+            parts.append(f"{self.matched} matched by byte compares")
+        parts.append(f"{self.decoded} decoded")
+        if self.torch_loaded:
+            parts.append(f"{self.torch_loaded} read with torch.load")
+        text = ", ".join(parts)
+        if self.fallbacks:
+            text += "; fell back: " + "; ".join(f"{n} x {why}" for why, n in self.fallbacks.most_common(3))
+        return text
+
+
+class Source(abc.ABC):
+    """A checkpoint found on disk. Subclasses read one format."""
+
+    format: str = "?"  # "veRL FSDP", "torch DCP", "Megatron torch_dist"
+
+    def __init__(self, path: Path, *, step: int | None = None, hf_dir: Path | None = None):
+        self.path = path  # the folder holding the files
+        self.step = step
+        self.hf_dir = hf_dir  # config.json and tokenizer as saved with the checkpoint, if any
+        self.stats = ReadStats()
+
+    @abc.abstractmethod
+    def tensors(self, options: MergeOptions) -> dict[str, SourceTensor]:
+        """Every model tensor, in save order, under the names the checkpoint uses."""
+
+    def optimizer_plan(self, weights: Plan, options: MergeOptions, config: dict | None,
+                       model_dir: Path | None) -> tuple[Plan | None, list[str]]:
+        """The optimizer export, or (None, [why not]) when there is none or it cannot be named safely."""
+        return None, []
+
+    def has_optimizer(self) -> bool:
+        return False
+
+    def info(self) -> dict[str, Any]:
+        """Facts for `inspect` and the model card (world size, FSDP version, ...)."""
+        return {}
+
+    def files(self) -> list[Path]:
+        """Every file the tensors are read from (for watch and verify)."""
+        return []
+
+    def describe(self) -> list[str]:
+        info = ", ".join(f"{k} {v}" for k, v in self.info().items() if v is not None)
+        step = self.step if self.step is not None else "?"
+        return [f"checkpoint  {self.path}", f"format      {self.format}   step {step}" + (f"   {info}" if info else ""),
+                f"read        {self.stats.describe()}"]

@@ -1,0 +1,227 @@
+"""LoRA checkpoints: PEFT-named tensors -> a plain model with the adapter folded in, and the adapter itself.
+
+A peft model's state dict names every tensor under `base_model.model.`; a LoRA-targeted Linear keeps
+its weight as `<module>.base_layer.weight` beside `<module>.lora_A.<adapter>.weight` (r x in) and
+`<module>.lora_B.<adapter>.weight` (out x r). Written as they are, transformers would load none of
+them (every weight "missing", newly initialised). Here:
+
+- fold: `<module>.weight = W + scale * (B @ A)`, a computed tensor of the plan (see plan.LoraFold),
+  with standard names; `scale` is `lora_alpha / r` (rsLoRA: `lora_alpha / sqrt(r)`), as in peft.
+- adapter: `lora_adapter/adapter_model.safetensors` + `adapter_config.json`, as peft's
+  `save_pretrained` writes them (adapter name dropped from the keys), for `PeftModel.from_pretrained`.
+
+r and alpha come from veRL's `lora_train_meta.json` or from options (`--lora-rank/--lora-alpha`).
+What peft's LoRA merge would compute differently or that we cannot fold exactly (DoRA, embedding
+and convolution adapters, LoRA biases, several adapters, per-module ranks) is refused, never
+written approximately.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..dtypes import DType
+from ..errors import CheckpointError, ConfigError
+from ..plan import LoraFold, Plan, TensorPlan, build_plan, output_dtype
+from .base import Source, SourceTensor
+
+PREFIX = "base_model.model."
+META_FILE = "lora_train_meta.json"
+ADAPTER_DIR = "lora_adapter"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)\.(?P<adapter>[^.]+)\.weight$")
+_UNSUPPORTED = {
+    "lora_magnitude_vector": "DoRA (use_dora=True)",
+    "lora_embedding_A": "LoRA on embeddings",
+    "lora_embedding_B": "LoRA on embeddings",
+}
+
+
+def is_peft(tensors: Mapping[str, SourceTensor]) -> bool:
+    """True for a peft model's state dict (every key under `base_model.model.`, or LoRA keys among them)."""
+    return any(".lora_A." in n or ".lora_B." in n for n in tensors) or (
+        bool(tensors) and all(n.startswith(PREFIX) for n in tensors))
+
+
+@dataclass
+class LoraPlan:
+    """What a LoRA checkpoint contributes to a merge."""
+
+    weights: list[TensorPlan]  # the top-level model: folded (fold, both) or the base as saved (adapter)
+    plans: list[Plan] = field(default_factory=list)  # the adapter export, when asked for
+    generated: dict[str, bytes] = field(default_factory=dict)  # adapter_config.json
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One LoRA-targeted module: its A and B, and the base weight they fold into (None: not in the checkpoint)."""
+
+    module: str  # peft name of the module, e.g. base_model.model.model.layers.0.self_attn.q_proj
+    a: SourceTensor
+    b: SourceTensor
+    base: SourceTensor | None
+
+
+def lora_settings(source: Source, options: Any, ranks: set[int]) -> tuple[int, float, bool, str]:
+    """(r, alpha, use_rslora, task_type) from lora_train_meta.json, overridden by options; refuses guesses."""
+    meta: dict = {}
+    path = source.path / META_FILE
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+    r = options.lora_rank if options.lora_rank is not None else meta.get("r", meta.get("lora_rank"))
+    alpha = options.lora_alpha if options.lora_alpha is not None else meta.get("lora_alpha")
+    if len(ranks) != 1:
+        raise CheckpointError(f"{source.path}: LoRA adapters of several ranks {sorted(ranks)} (a rank_pattern); "
+                              "folding them is not supported")
+    (seen,) = ranks
+    if r is None:
+        r = seen
+    if not isinstance(r, int) or isinstance(r, bool) or r != seen:
+        raise CheckpointError(f"{source.path}: LoRA rank {r!r} (from {META_FILE} or --lora-rank) but lora_A has "
+                              f"{seen} rows")
+    if alpha is None:
+        raise ConfigError(f"{source.path}: a LoRA checkpoint without {META_FILE}: give --lora-alpha (and "
+                          "--lora-rank) as the run's LoraConfig had them; the scale alpha/r cannot be read from "
+                          "the weights")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise CheckpointError(f"{path}: lora_alpha {alpha!r} is not a number")
+    rslora = bool(meta.get("use_rslora", False))
+    task = meta.get("task_type") if isinstance(meta.get("task_type"), str) else "CAUSAL_LM"
+    return r, float(alpha), rslora, task
+
+
+def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any, config: Mapping | None,
+              dtype: DType | None) -> LoraPlan:
+    """The output tensors of a LoRA checkpoint (see the module docstring for the modes)."""
+    for name in tensors:
+        for marker, what in _UNSUPPORTED.items():
+            if f".{marker}." in name or name.endswith(f".{marker}"):
+                raise CheckpointError(f"{source.path}: {name!r}: {what} is not supported by streammerge's LoRA fold; "
+                                      "merge it with peft's merge_and_unload instead")
+        if re.search(r"\.lora_B\.[^.]+\.bias$", name):
+            raise CheckpointError(f"{source.path}: {name!r}: LoRA biases (lora_bias=True) are not supported")
+    if config and config.get("model_type") in ("gpt2", "openai-gpt"):
+        raise CheckpointError(f"{source.path}: LoRA on {config['model_type']} (Conv1D layers, fan_in_fan_out) is "
+                              "not supported")
+    adapters, plain, adapter_names = _pair(source, tensors)
+    if len(adapter_names) > 1:
+        raise CheckpointError(f"{source.path}: several LoRA adapters {sorted(adapter_names)}; streammerge folds "
+                              "one (peft's merge_and_unload folds the active ones)")
+    r, alpha, rslora, task = lora_settings(source, options, {a.a.shape[0] for a in adapters})
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    mode = options.lora
+    missing = [a.module for a in adapters if a.base is None]
+    out = LoraPlan(weights=[])
+    if missing and mode != "adapter":
+        raise ConfigError(f"{source.path}: the checkpoint holds only the LoRA adapter (save_lora_only: "
+                          f"{_short(missing[0])}.base_layer.weight is not there); give the base model with "
+                          "--base-model, or export just the adapter with --lora adapter")
+    if not missing:
+        for name, t in plain.items():
+            out.weights.append(TensorPlan(name, t, output_dtype(t.dtype, dtype)))
+        for a in adapters:
+            assert a.base is not None
+            _check_shapes(source, a)
+            name = _short(a.module) + ".weight"
+            base = a.base.renamed(name)
+            fold = LoraFold(a.a, a.b, scale) if mode in ("fold", "both") else None
+            out.weights.append(TensorPlan(name, base, output_dtype(base.dtype, dtype), fold))
+        order = {n: i for i, n in enumerate(_short_name(n) for n in tensors)}
+        out.weights.sort(key=lambda t: order.get(t.name, len(order)))
+    out.notes.append(f"LoRA        {len(adapters)} adapted modules, r {r}, alpha {alpha:g}, scale {scale:g}"
+                     f"{' (rsLoRA)' if rslora else ''}, mode {mode}"
+                     + (" (fold: W + scale * B @ A, computed in float32)" if mode != "adapter" else ""))
+    if mode in ("adapter", "both"):
+        out.plans.append(_adapter_plan(adapters, plain, options))
+        out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(adapters, r, alpha, rslora, task, config)
+    return out
+
+
+def _pair(source: Source, tensors: Mapping[str, SourceTensor]) -> tuple[list[Adapter], dict[str, SourceTensor], set[str]]:
+    """LoRA modules with their A, B and base weight; every other tensor under its plain name."""
+    parts: dict[str, dict[str, SourceTensor]] = {}
+    names: set[str] = set()
+    lora_keys: set[str] = set()
+    for name, t in tensors.items():
+        m = _LORA.match(name)
+        if m:
+            parts.setdefault(m["module"], {})[m["ab"]] = t
+            names.add(m["adapter"])
+            lora_keys.add(name)
+    adapters = []
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{source.path}: {module!r} has lora_{''.join(ab)} but not its pair")
+        adapters.append(Adapter(module, ab["A"], ab["B"], tensors.get(module + ".base_layer.weight")))
+    used = {a.module + ".base_layer.weight" for a in adapters}
+    plain: dict[str, SourceTensor] = {}
+    for name, t in tensors.items():
+        if name in lora_keys or name in used:
+            continue
+        if ".original_module." in name:  # modules_to_save keeps the untrained copy too: the trained one is written
+            continue
+        short = _short_name(name)
+        if short in plain:
+            raise CheckpointError(f"{source.path}: {name!r} and another key both become {short!r}")
+        plain[short] = t.renamed(short)
+    return adapters, plain, names
+
+
+def _short_name(name: str) -> str:
+    """A peft key -> the key transformers expects: no `base_model.model.`, `base_layer.`, modules_to_save."""
+    name = name.removeprefix(PREFIX).replace(".base_layer.", ".")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+
+
+def _short(module: str) -> str:
+    return _short_name(module + ".x")[:-2]
+
+
+def _check_shapes(source: Source, a: Adapter) -> None:
+    base = a.base
+    assert base is not None
+    if len(base.shape) != 2 or a.a.shape != (a.a.shape[0], base.shape[1]) or a.b.shape != (base.shape[0], a.a.shape[0]):
+        raise CheckpointError(f"{source.path}: {_short(a.module)}: lora_A {list(a.a.shape)} and lora_B "
+                              f"{list(a.b.shape)} do not fit the base weight {list(base.shape)} (a Linear's "
+                              "(out, in)); cannot fold")
+    if base.flat or a.a.flat or a.b.flat:
+        raise CheckpointError(f"{source.path}: {_short(a.module)}: flat-parameter pieces cannot be folded")
+
+
+def _adapter_plan(adapters: list[Adapter], plain: Mapping[str, SourceTensor], options: Any) -> Plan:
+    """peft's adapter file: `base_model.model.<module>.lora_A.weight`, in the dtype the run saved."""
+    tensors = []
+    for a in adapters:
+        for ab, t in (("A", a.a), ("B", a.b)):
+            name = f"{a.module}.lora_{ab}.weight"
+            tensors.append(TensorPlan(name, t.renamed(name), t.dtype))
+    return build_plan(tensors, max_shard_size=options.max_shard_size, subdir=ADAPTER_DIR,
+                      single_file=ADAPTER_FILE)
+
+
+def _adapter_config(adapters: list[Adapter], r: int, alpha: float, rslora: bool, task: str,
+                    config: Mapping | None) -> bytes:
+    """adapter_config.json as peft writes it for a LoraConfig with these settings."""
+    targets = sorted({a.module.rsplit(".", 1)[-1] for a in adapters})
+    base = (config or {}).get("_name_or_path")
+    cfg = {
+        "peft_type": "LORA", "task_type": task, "r": r, "lora_alpha": alpha if not float(alpha).is_integer() else int(alpha),
+        "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": rslora, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+        "base_model_name_or_path": base if isinstance(base, str) and base else None,
+    }
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()

@@ -1,0 +1,416 @@
+"""A veRL rank file: its tensor metadata (names, shapes, placements, byte offsets), read safely,
+and the pieces of the full tensors that its DTensor placements give.
+
+`torch.load(weights_only=True)` runs only torch's allowlisted pickle opcodes, so a hostile file cannot
+run code. Loading onto the meta device reads the pickle and the zip directory only: no tensor data is
+read, whatever the file size, and every storage carries its byte offset inside the file
+(`_checkpoint_offset`), which is all the writer needs to stream bytes later.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import sys
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import dtypes
+from ..dtypes import DType
+from ..errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
+from .base import Piece, ReadStats
+from .torchzip import read_directory, read_record
+
+UNSAFE_FLAG = "--trust-pickle"
+
+
+@dataclass(frozen=True, slots=True)  # one per tensor per rank: keep it small
+class TensorRecord:
+    """Where one tensor's local bytes lie in one rank file, and how they map onto the full tensor."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]  # full (global) shape
+    local_shape: tuple[int, ...]
+    local_stride: tuple[int, ...]
+    offset: int  # byte offset in the file of the local tensor's first element
+    placements: tuple[str, ...] | None  # None: a plain tensor (a full copy)
+    mesh_shape: tuple[int, ...] | None = None  # None: unknown, inferred from all ranks' coordinates
+    coordinate: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RankFile:
+    path: Path
+    rank: int
+    size: int
+    mtime_ns: int
+    tensors: dict[str, TensorRecord]
+    other: dict[str, Any]  # non-tensor entries (rare in model files; kept for error messages)
+
+
+def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
+    """torch.load onto the meta device, weights-only unless the user explicitly trusts the file."""
+    if trust_pickle:
+        warnings.warn(
+            f"loading {path} with weights_only=False: any code pickled in this file will run",
+            stacklevel=2,
+        )
+    check_zip(path)
+    import torch
+    import torch.distributed.tensor  # noqa: F401  (registers DTensor & placements with the weights-only unpickler)
+
+    try:
+        with warnings.catch_warnings(), _quiet("torch.distributed.device_mesh"):
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="meta", weights_only=not trust_pickle, mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        # torch's own hint (allowlist the global) is the opposite of what a stranger's file deserves
+        detail = detail.split(" Please use")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
+        raise UnsafePickleError(
+            f"{path}: refused to load: the pickle asks for something outside torch's weights-only "
+            f"allowlist ({detail.strip()[:200]}). Unpickling it could run arbitrary code. Only if you "
+            f"created this file yourself and trust it, rerun with {UNSAFE_FLAG}."
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupted rank file ({msg[:200]})") from None
+    except Exception as e:  # a damaged pickle can fail anywhere inside the unpickler
+        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def check_zip(path: Path) -> None:
+    """Name truncation and corruption before torch reads a rank file.
+
+    torch.save writes a zip whose directory sits at the end, so a cut-short copy loses it first;
+    torch.load checks no CRCs, so the pickle's CRC is checked here (tensor data is checked by verify).
+    Compressed entries, a missing data.pkl and a bad CRC are refused by zipdir with the same messages.
+    """
+    read_record(read_directory(path), "data.pkl")
+
+
+class _quiet:
+    """Silence a logger: unpickling a DeviceMesh outside a process group logs a harmless warning."""
+
+    def __init__(self, name: str):
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self) -> None:
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)
+
+
+def _placement_name(p: Any) -> str:
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    if type(p) is Shard:
+        return f"Shard({p.dim})"
+    if type(p) is Replicate:
+        return "Replicate()"
+    if isinstance(p, Partial):
+        raise UnsupportedLayoutError(f"Partial placement ({p}) holds unreduced values that cannot be merged")
+    raise UnsupportedLayoutError(f"placement {p!r} is not supported (only Shard(d) and Replicate())")
+
+
+def _layout_shape(layout: Any) -> tuple[int, ...] | None:
+    """Mesh shape from a pickled _MeshLayout: torch 2.11 keeps `shape`, 2.13 keeps one `axes` entry per dim."""
+    state = getattr(layout, "__dict__", {})
+    if isinstance(state.get("shape"), tuple):
+        return tuple(int(s) for s in state["shape"])
+    axes = state.get("axes")
+    if isinstance(axes, tuple):
+        sizes = []
+        for axis in axes:
+            shape = getattr(axis, "__dict__", {}).get("shape")
+            if not isinstance(shape, tuple):
+                return None
+            sizes.append(math.prod(int(s) for s in shape))
+        return tuple(sizes)
+    return None
+
+
+def _mesh_layout(dt: Any, rank: int, world_size: int) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """Mesh shape and this rank's coordinate, read from pickled attributes only.
+
+    DeviceMesh methods break on meshes pickled by another torch version, so only plain attributes
+    are read. Either may come back None: the planner then infers the mesh shape from the
+    coordinates of all ranks, and a 1-D mesh needs nothing at all.
+    """
+    ndim = len(dt.placements)
+    state = getattr(dt.device_mesh, "__dict__", {})
+    shape = _layout_shape(state["_layout"]) if "_layout" in state else None
+    coord = state.get("_coordinate_on_dim")
+    m = state.get("mesh")
+    if shape is None and _is_torch_tensor(m) and m.device.type != "meta":
+        shape = tuple(m.shape)
+        hits = (m == rank).nonzero()
+        coord = tuple(int(c) for c in hits[0]) if len(hits) else coord
+    if shape is None and ndim == 1:
+        shape = (world_size,)
+    if shape is not None and len(shape) != ndim:
+        raise UnsupportedLayoutError(f"device mesh has {len(shape)} dims but {ndim} placements")
+    if coord is None and shape is not None:
+        coord, r = [], rank  # row-major mesh over ranks 0..W-1, as init_device_mesh builds it
+        for s in reversed(shape):
+            coord.append(r % s)
+            r //= s
+        coord = tuple(reversed(coord))
+    if coord is None:
+        raise UnsupportedLayoutError(f"cannot read the {ndim}-D device mesh layout of this torch version")
+    return shape, tuple(int(c) for c in coord)
+
+
+def _is_torch_tensor(obj: Any) -> bool:
+    """isinstance(obj, torch.Tensor), without importing torch: a tensor exists only once torch is imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _record(name: str, t: Any, rank: int, world_size: int, path: Path) -> TensorRecord:
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        local = t._local_tensor
+        try:
+            placements = tuple(_placement_name(p) for p in t.placements)
+        except UnsupportedLayoutError as e:
+            raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
+        try:
+            mesh_shape, coord = _mesh_layout(t, rank, world_size)
+        except UnsupportedLayoutError as e:
+            raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
+        shape = tuple(t.shape)
+        order = getattr(getattr(t, "_spec", None), "__dict__", {}).get("shard_order")
+        if order and any(list(e[1]) != sorted(e[1]) for e in order):
+            raise UnsupportedLayoutError(f"{path}: tensor {name!r}: a non-default shard order {order} is not supported")
+    else:
+        local, placements, mesh_shape, coord = t, None, None, None
+        shape = tuple(t.shape)
+    if local.layout != torch.strided:
+        raise UnsupportedLayoutError(f"{path}: tensor {name!r} has layout {local.layout}; only dense tensors are supported")
+    storage = local.untyped_storage()
+    base = getattr(storage, "_checkpoint_offset", None)
+    if base is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has no storage offset (not a torch zip checkpoint?)")
+    return TensorRecord(
+        name=name,
+        dtype=dtypes.of(local.dtype),
+        shape=shape,
+        local_shape=tuple(local.shape),
+        local_stride=tuple(local.stride()),
+        offset=int(base) + local.storage_offset() * local.element_size(),
+        placements=placements,
+        mesh_shape=mesh_shape,
+        coordinate=coord,
+    )
+
+
+def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool = False,
+                   stats: ReadStats | None = None) -> RankFile:
+    """Read one rank file's tensor records without reading tensor data."""
+    st = os.stat(path)
+    if not trust_pickle:  # read_state checks the zip as check_zip does; on failure torch_load_meta reports it
+        fast = _fast_records(path, rank, world_size)
+        if fast is not None:
+            if stats is not None:
+                stats.decoded += 1
+            return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                            tensors=_checked(fast[0], path, st.st_size), other=fast[1])
+    if stats is not None:
+        stats.torch_loaded += 1
+        stats.fell_back("--trust-pickle" if trust_pickle else "our decoder declined the pickle: torch.load decides")
+    obj = torch_load_meta(path, trust_pickle=trust_pickle)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    tensors, other = {}, {}
+    for name, value in obj.items():
+        if not isinstance(name, str):
+            other[name] = value
+        elif _is_torch_tensor(value):
+            rec = _record(name, value, rank, world_size, path)
+            nbytes = _span_bytes(rec)
+            if rec.offset + nbytes > st.st_size:
+                raise CheckpointError(
+                    f"{path}: truncated: tensor {name!r} needs bytes up to {rec.offset + nbytes}, "
+                    f"file has {st.st_size}"
+                )
+            tensors[name] = rec
+        else:
+            other[name] = value
+    return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns, tensors=tensors, other=other)
+
+
+def _span_bytes(rec: TensorRecord) -> int:
+    """Bytes from the first to one past the last element of a (possibly strided) local tensor."""
+    if any(s == 0 for s in rec.local_shape):
+        return 0
+    last = sum((s - 1) * st for s, st in zip(rec.local_shape, rec.local_stride))
+    return (last + 1) * rec.dtype.itemsize
+
+
+def _checked(tensors: dict[str, TensorRecord], path: Path, size: int) -> dict[str, TensorRecord]:
+    for name, rec in tensors.items():
+        nbytes = _span_bytes(rec)
+        if rec.offset + nbytes > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} needs bytes up to {rec.offset + nbytes}, "
+                                  f"file has {size}")
+    return tensors
+
+
+def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, TensorRecord], dict] | None:
+    """The records through metapickle's allowlisted C unpickler; None when torch.load must decide."""
+    from . import torchpickle as mp
+
+    got = mp.read_state(path)
+    if got is None:
+        return None
+    return records_from_state(got.obj, got.offsets, path, rank, world_size)
+
+
+def records_from_state(obj: Any, offsets: dict[str, int], path: Path, rank: int,
+                       world_size: int) -> tuple[dict[str, TensorRecord], dict] | None:
+    """TensorRecords from a state dict metapickle decoded, given each storage's byte offset."""
+    from . import torchpickle as mp
+
+    if not isinstance(obj, dict):
+        return None
+    tensors: dict[str, TensorRecord] = {}
+    other: dict = {}
+    shared: dict[tuple, tuple] = {}
+    layouts: dict[tuple[int, int], tuple] = {}  # ids stay valid: `obj` keeps every object alive
+    for name, v in obj.items():
+        if not isinstance(name, str):
+            return None
+        if isinstance(v, mp.Local):
+            local, placements, mesh_shape, coord, shape, dtype = v, None, None, None, v.shape, v.dtype
+        elif isinstance(v, mp.Wrapper):
+            local, spec = v.state.get("_local_tensor"), v.state.get("_spec")
+            if not isinstance(local, mp.Local) or not isinstance(spec, mp.DTensorSpec):
+                return None
+            try:
+                placements = tuple(mp.placement_name(p) for p in spec.placements)
+                key = (id(spec.mesh), len(placements))  # one mesh object per file, shared by every DTensor
+                if key not in layouts:
+                    layouts[key] = _mesh_layout(mp.MeshView(spec), rank, world_size)
+                mesh_shape, coord = layouts[key]
+                order = [getattr(e, "args", e) for e in spec.__dict__.get("shard_order") or ()]
+                if order and any(list(e[1]) != sorted(e[1]) for e in order):
+                    raise UnsupportedLayoutError(f"a non-default shard order {order} is not supported")
+            except UnsupportedLayoutError as e:
+                raise UnsupportedLayoutError(f"{path}: tensor {name!r}: {e}") from None
+            except (mp.NotPlain, AttributeError, IndexError, TypeError, KeyError):
+                return None
+            shape, dtype = v.shape, v.dtype
+            if local.dtype != dtype:
+                return None
+        else:  # nested state (optimizer files) and other objects: torch.load gives callers real tensors
+            return None
+        if local.storage.key not in offsets:
+            return None
+        same = shared.setdefault  # one tuple object per distinct value: 50,000 records share a few dozen
+        tensors[name] = TensorRecord(
+            name=name, dtype=dtype, shape=same(shape, shape),
+            local_shape=same(local.shape, local.shape), local_stride=same(local.stride, local.stride),
+            offset=offsets[local.storage.key] + local.offset * dtype.itemsize,
+            placements=placements if placements is None else same(placements, placements),
+            mesh_shape=mesh_shape if mesh_shape is None else same(mesh_shape, mesh_shape),
+            coordinate=coord if coord is None else same(coord, coord))
+    return tensors, other
+
+
+
+# ---------------------------------------------------------------- placements -> pieces
+
+def chunk_bounds(length: int, parts: int, index: int) -> tuple[int, int]:
+    """The [lo, hi) range torch.chunk gives piece `index` of `parts` (uneven; trailing pieces may be empty)."""
+    size = -(-length // parts) if length else 0
+    return min(index * size, length), min((index + 1) * size, length)
+
+
+def region_of(record: TensorRecord, mesh_shape: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
+    """The box of the full tensor a rank's local tensor holds, from placements and mesh coordinate."""
+    box = [(0, s) for s in record.shape]
+    if record.placements is None:
+        return tuple(box)
+    for placement, size, coord in zip(record.placements, mesh_shape or record.mesh_shape, record.coordinate):
+        if placement.startswith("Shard("):
+            d = int(placement[6:-1])
+            if d < 0:
+                d += len(box)
+            if not 0 <= d < len(box):
+                raise UnsupportedLayoutError(f"{record.name}: {placement} on a {len(box)}-D tensor")
+            lo, hi = box[d]
+            a, b = chunk_bounds(hi - lo, size, coord)
+            box[d] = (lo + a, lo + b)
+    return tuple(box)
+
+
+def layout_name(placements: tuple[str, ...] | None) -> str:
+    """"Shard(0)", "(Replicate(), Shard(0))" or "plain", as inspect shows them."""
+    if placements is None:
+        return "plain"
+    return placements[0] if len(placements) == 1 else "(" + ", ".join(placements) + ")"
+
+
+def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[RankFile],
+                  shared: dict | None = None) -> tuple[TensorRecord, tuple[Piece, ...]]:
+    """Check every rank agrees on one tensor and return the pieces that tile it exactly once.
+
+    `shared` (one dict for a whole plan) makes equal file names and start tuples one object each:
+    a plan holds one Piece per tensor per rank, millions for large world sizes.
+    """
+    same = (shared if shared is not None else {}).setdefault
+    first = records[0]
+    for rec, rf in zip(records, files):
+        for attr in ("shape", "dtype", "placements", "mesh_shape") if first.mesh_shape else ("shape", "dtype", "placements"):
+            if getattr(rec, attr) != getattr(first, attr):
+                raise CheckpointError(
+                    f"{rf.path}: tensor {name!r} has {attr} {getattr(rec, attr)} but rank {files[0].rank} "
+                    f"has {getattr(first, attr)} (rank files from different runs?)"
+                )
+    if first.placements is None:  # plain tensor: every rank holds a full copy; take one
+        if first.local_shape != first.shape:
+            raise CheckpointError(f"{files[0].path}: plain tensor {name!r} has shape {first.local_shape}, expected {first.shape}")
+        return first, (Piece(files[0].rank, str(files[0].path), first.offset, first.shape, first.local_stride, (0,) * len(first.shape)),)
+    mesh_shape = first.mesh_shape or tuple(max(c) + 1 for c in zip(*(r.coordinate for r in records)))
+    seen: dict[tuple, Piece] = {}
+    for rec, rf in zip(records, files):
+        box = region_of(rec, mesh_shape)
+        want = tuple(hi - lo for lo, hi in box)
+        if rec.local_shape != want:
+            raise CheckpointError(
+                f"{rf.path}: tensor {name!r}: local shape {list(rec.local_shape)} does not match the "
+                f"{list(want)} piece that {', '.join(rec.placements)} gives rank {rf.rank}"
+            )
+        if 0 in want or box in seen:  # empty piece, or a replica of a piece we already have
+            continue
+        start = tuple(lo for lo, _ in box)
+        path = str(rf.path)
+        seen[box] = Piece(rf.rank, same(path, path), rec.offset, rec.local_shape, rec.local_stride, same(start, start))
+    covered = sum(math.prod(p.shape) for p in seen.values())
+    if covered != math.prod(first.shape):
+        by_coord: dict[tuple, RankFile] = {}
+        for rec, rf in zip(records, files):
+            if rec.coordinate in by_coord:
+                raise CheckpointError(
+                    f"{rf.path}: holds the same mesh coordinate {rec.coordinate} as {by_coord[rec.coordinate].path.name} "
+                    "(a copy of another rank's file, or from another run?)"
+                )
+            by_coord[rec.coordinate] = rf
+        raise CheckpointError(
+            f"{files[0].path.parent}: tensor {name!r}: the rank pieces cover {covered} of "
+            f"{math.prod(first.shape)} elements (a mesh coordinate is missing or repeated)"
+        )
+    return first, tuple(seen.values())

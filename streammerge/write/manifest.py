@@ -1,0 +1,114 @@
+"""The manifest: which output files are finished, with size and sha256, for resume, verify and push."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import OutputError
+from .writer import OutputFile, output_error
+
+STATE_DIR = ".streammerge"
+MANIFEST = "manifest.json"
+PART_GLOB = "manifest.part-*.json"  # one per torchrun rank > 0, folded into MANIFEST by rank 0
+
+
+class Manifest:
+    """Lives in OUT/.streammerge/manifest.json and is rewritten atomically after every finished file."""
+
+    def __init__(self, out_dir: Path, fingerprint: str, source: str, options: dict, part: int = 0):
+        self.path = out_dir / STATE_DIR / (MANIFEST if part == 0 else PART_GLOB.replace("*", str(part)))
+        self.data = {"version": 2, "fingerprint": fingerprint, "source": source, "options": options,
+                     "files": {}, "complete": False}
+
+    @staticmethod
+    def read(out_dir: Path) -> dict | None:
+        path = out_dir / STATE_DIR / MANIFEST
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise OutputError(f"{path}: unreadable manifest (delete the output folder to start over)") from None
+
+    def adopt(self, previous: dict | None) -> None:
+        """Keep what a previous run of the same merge finished."""
+        if previous and previous.get("fingerprint") == self.data["fingerprint"]:
+            self.data["files"] = dict(previous.get("files", {}))
+        self.gather_parts(remove=False)
+
+    def gather_parts(self, remove: bool = True) -> None:
+        """Fold in the files that torchrun ranks listed in their part manifests (same merge only)."""
+        for p in sorted(self.path.parent.glob(PART_GLOB)):
+            if p == self.path:
+                continue
+            try:
+                data = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue  # a part being replaced right now; its rank lists it again when it finishes
+            if data.get("fingerprint") == self.data["fingerprint"]:
+                self.data["files"].update(data.get("files", {}))
+            if remove:
+                p.unlink(missing_ok=True)
+
+    def finished(self, out_dir: Path, filename: str) -> OutputFile | None:
+        """A file counts as finished when the manifest lists it and it is still there, unchanged.
+
+        Size and mtime as recorded mean untouched since written and checked; otherwise the file is
+        re-hashed and kept only if its sha256 still matches.
+        """
+        entry = self.data["files"].get(filename)
+        if entry is None:
+            return None
+        path = out_dir / filename
+        try:
+            st = os.stat(path)
+            if st.st_size != entry["size"]:
+                return None
+            if st.st_mtime_ns != entry.get("mtime_ns"):
+                if sha256_file(path) != entry["sha256"]:
+                    return None
+                entry["mtime_ns"] = st.st_mtime_ns
+        except OSError:
+            return None
+        return OutputFile(filename, entry["size"], entry["sha256"])
+
+    def add(self, f: OutputFile) -> None:
+        entry = {k: v for k, v in asdict(f).items() if k != "filename"}
+        try:
+            entry["mtime_ns"] = os.stat(self.path.parent.parent / f.filename).st_mtime_ns
+        except OSError:
+            pass
+        self.data["files"][f.filename] = entry
+        self.save()
+
+    def complete(self) -> None:
+        self.data["complete"] = True
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(self.data, indent=1))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise output_error(e, self.path) from None
+
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    """sha256 of a file, read in bounded chunks."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()

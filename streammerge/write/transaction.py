@@ -1,0 +1,195 @@
+"""The output folder as a transaction: safe to start, resumable when stopped, never half-visible.
+
+`OutputFolder` owns what a merge does to OUT beside writing tensor bytes: it refuses folders it could
+damage (someone's files, the checkpoint itself, another merge's output), takes a lock so that two
+merges never write one folder, keeps the manifest of finished files (resume, verify, push), removes
+the temp files a killed run left, writes the small files, and makes the index appear last, only
+once every file it names is in place. Under torchrun every rank holds one; part 0 does the folder's
+setup and its end, and `sync` (a barrier) orders them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import OutputError
+from .manifest import STATE_DIR, Manifest
+from .writer import TMP_SUFFIX, OutputFile, output_error, tmp_path
+
+LOCK_FILE = "lock"
+
+Sync = Callable[[], None]
+
+
+class OutputFolder:
+    """One merge's output folder. Use as a context manager; call `finish` once every data file is written."""
+
+    def __init__(self, out: Path, *, fingerprint: str, source: Path, options: dict[str, Any],
+                 data_files: Sequence[str], small_files: Sequence[str], index_files: Sequence[str],
+                 part: int = 0, sync: Sync | None = None):
+        self.out, self.fingerprint, self.source = out, fingerprint, source
+        self.part, self.sync = part, sync
+        self.data_files = list(data_files)  # this part's share
+        self.small_files = list(small_files)  # part 0 writes these at the end
+        self.index_files = list(index_files)  # written last, once everything else is there
+        self.manifest = Manifest(out, fingerprint, str(source), options, part=part)
+        self.prior: dict[str, OutputFile | None] = {}
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------ start
+
+    def __enter__(self) -> OutputFolder:
+        if self.sync is not None and self.part != 0:
+            self.sync()  # part 0 checks and sets up the folder first
+        previous = self._check()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{self.out}: cannot create the output folder ({e.strerror or e})") from None
+        if self.part == 0:
+            self._lock()
+        try:
+            self.manifest.adopt(previous)
+            self.prior = {rel: self.manifest.finished(self.out, rel) for rel in self.data_files}
+            if self.part == 0 and None in self.prior.values():
+                self._unpublish_indexes()  # an index means "complete": none until every file is back
+            self.manifest.save()
+            self._remove_temp_files()  # left by a killed run
+            if self.sync is not None and self.part == 0:
+                self.sync()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def _check(self) -> dict | None:
+        """Refuse folders we could damage; return the manifest of a previous run of this same merge."""
+        src, out = self.source.resolve(), self.out
+        if out == src or src in out.parents:
+            raise OutputError(f"{out}: the output folder is inside the checkpoint {src}; choose a folder outside it")
+        if not out.exists():
+            return None
+        if not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a folder")
+        previous = Manifest.read(out)
+        if previous is None:
+            # a run killed before its first manifest leaves only our state folder and temp files
+            if any(p.name != STATE_DIR and not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
+                raise OutputError(f"{out}: folder is not empty and is not a streammerge output; "
+                                  "choose an empty or new folder (nothing was changed)")
+            return None
+        if previous.get("fingerprint") != self.fingerprint:
+            raise OutputError(f"{out}: holds a different merge (other checkpoint or options, or a streammerge "
+                              "version that planned differently); choose a new folder, or delete this one to start over")
+        return previous
+
+    def _lock(self) -> None:
+        """An exclusive lock on OUT/.streammerge/lock for the whole merge; says who holds it if taken."""
+        import fcntl
+
+        path = self.out / STATE_DIR / LOCK_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise output_error(e, path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"{self.out}: another streammerge is writing this folder ({holder}); wait for it "
+                                  "to finish, or choose another folder") from None
+            raise output_error(e, path) from None
+        info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def _unpublish_indexes(self) -> None:
+        for rel in self.index_files:
+            if self.manifest.data["files"].pop(rel, None) is not None:
+                (self.out / rel).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ during
+
+    def finished(self, rel: str) -> OutputFile | None:
+        """The data file as an earlier run of this merge finished it, if it is still there unchanged."""
+        return self.prior.get(rel)
+
+    def add(self, f: OutputFile) -> None:
+        self.manifest.add(f)
+
+    # ------------------------------------------------------------ end
+
+    def finish(self, contents: Callable[[str], bytes], done: Callable[[OutputFile], None]) -> None:
+        """Every part has written its files: part 0 writes the small files, then the indexes, then marks complete."""
+        if self.sync is not None:
+            self.sync()
+        if self.part != 0:
+            return
+        self.manifest.gather_parts()
+        for rel in self.small_files:
+            f = self.write_small(rel, contents(rel))
+            self.manifest.add(f)
+            done(f)
+        staged = [self.write_small(rel, contents(rel), rename=False) for rel in self.index_files]
+        for f in staged:
+            self.manifest.add(f)
+        self.manifest.complete()
+        for f in staged:
+            os.replace(tmp_path(self.out / f.filename), self.out / f.filename)
+            done(f)
+
+    def write_small(self, rel: str, data: bytes, *, rename: bool = True) -> OutputFile:
+        """A small file written whole, fsynced, under a temp name until it is complete."""
+        path = self.out / rel
+        tmp = tmp_path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if rename:
+                os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise output_error(e, path) from None
+        return OutputFile(rel, len(data), hashlib.sha256(data).hexdigest())
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is not None:  # Ctrl-C, a full disk...: leave finished files and the manifest, no temp files
+                self._remove_temp_files()
+        finally:
+            self._unlock()
+
+    def _remove_temp_files(self) -> None:
+        """Remove the temp files this merge may have left (only our own names; never a user's file)."""
+        ours: Iterable[str] = self.data_files + (self.small_files + self.index_files if self.part == 0 else [])
+        for rel in ours:
+            with contextlib.suppress(OSError):
+                tmp_path(self.out / rel).unlink(missing_ok=True)
+        if self.part == 0:  # torchrun ranks > 0 keep their own part manifests; manifest.tmp is rank 0's
+            with contextlib.suppress(OSError):
+                (self.out / STATE_DIR / "manifest.tmp").unlink(missing_ok=True)
+
+
+def index_bytes(index: dict) -> bytes:
+    return (json.dumps(index, indent=2) + "\n").encode()

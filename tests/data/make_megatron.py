@@ -1,0 +1,865 @@
+#!/usr/bin/env python3
+"""Generate tiny, real Megatron-Core ``torch_dist`` checkpoints with exact HF ground truth.
+
+NOT run in CI.  Needs megatron-core 0.19.2 (which declares Python >= 3.12 but imports and runs
+on 3.11), torch (CPU is enough) and transformers::
+
+    python -m venv --system-site-packages /tmp/mcore && . /tmp/mcore/bin/activate
+    pip install --no-deps --ignore-requires-python megatron-core==0.19.2
+    pip install numpy packaging psutil          # usually already present
+    python tests/data/make_megatron.py --out tests/data/megatron            # every case
+    python tests/data/make_megatron.py --out tests/data/megatron --case qwen2_tp2
+    python tests/data/make_megatron.py --out tests/data/megatron --verify-only
+
+For each case this script
+
+1. builds a tiny Hugging Face model with transformers (fixed seed, every parameter re-drawn so
+   that norms and biases are not all ones / zeros) and writes ``huggingface/`` (config.json and
+   a tiny offline WordLevel tokenizer) and ``reference/model.safetensors`` (exactly the file
+   ``save_pretrained`` writes: the ground truth);
+2. converts those weights by hand into the parameters of a Megatron-Core ``GPTModel`` built
+   with the local (non Transformer-Engine) layer spec, and proves the mapping in a 1-process
+   gloo group: the Megatron forward must equal the HF forward (allclose);
+3. saves that model with ``megatron.core.dist_checkpointing`` to a staging folder, starts the
+   target layout (TP/PP/EP/DP) as N gloo processes on CPU, loads the staging checkpoint into
+   the sharded model (Megatron reshards it itself), re-checks the forward in the parallel
+   layout where the collectives work on gloo, and saves the final ``torch_dist`` checkpoint
+   (optionally with the distributed optimizer state, laid out like Megatron-LM or veRL);
+4. reads the result back with torch's own DCP reader only (no Megatron), maps it to HF names
+   with :func:`mcore_to_hf` and compares every tensor with the reference, bit for bit.
+
+Megatron on CPU needs a few shims (see :func:`_setup_megatron`): one MoE module imports
+triton at import time (stubbed), ``torch.cuda.synchronize`` / ``current_device`` are replaced
+with CPU no-ops, ``Tensor.cuda()`` returns the tensor itself (tied embeddings with PP > 1), and
+the CUDA RNG tracker's ``fork`` becomes a null context (dropout is 0).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import types
+import zlib
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+# arch: llama | qwen2 | qwen3 | qwen3_moe | mixtral
+# layout: "plain"  -> <case>/ holds the dist checkpoint itself (dist_checkpointing.save of
+#                     model.sharded_state_dict(), Megatron's default save strategy)
+#         "mlm"    -> Megatron-LM training layout: <case>/iter_0000001/ + tracker file,
+#                     {"model", "optimizer", "args", "iteration", ...} with the distributed
+#                     optimizer in Megatron-LM's default 'dp_reshardable' form, fully parallel save
+#         "verl_v1" -> veRL <= 0.8 MegatronCheckpointManager (use_dist_checkpointing=True):
+#                     <case>/global_step_1/actor/{dist_ckpt/,huggingface/,transformer_config.json}
+#                     one DCP with {"model", "optimizer", "lr_scheduler", "rng_state"}, optimizer
+#                     'dp_reshardable' (veRL's default), fully parallel save over DP
+#         "verl_v2" -> veRL >= 0.9 (layout schema v2): actor/{model,optimizer,extra}/dist_ckpt/,
+#                     transformer_config.json, ckpt_contents.json; optimizer 'fully_reshardable'
+#                     (actor.megatron.dist_ckpt_optim_fully_reshardable=True)
+CASES = {
+    "llama_tp2_pp2": dict(arch="llama", tp=2, pp=2, ep=1, dp=1, layers=4, vocab=128, pad_to=128,
+                          tied=False, dtype="float32", layout="plain", seed=1),
+    "qwen2_tp2": dict(arch="qwen2", tp=2, pp=1, ep=1, dp=1, layers=2, vocab=131, pad_to=256,
+                      tied=True, dtype="float32", layout="plain", seed=2),
+    "qwen3_pp2": dict(arch="qwen3", tp=1, pp=2, ep=1, dp=1, layers=2, vocab=128, pad_to=128,
+                      tied=True, dtype="float32", layout="plain", seed=3),
+    "qwen3moe_ep2": dict(arch="qwen3_moe", tp=1, pp=1, ep=2, dp=2, layers=2, vocab=128,
+                         pad_to=128, tied=False, dtype="float32", layout="plain", seed=4),
+    "mixtral_ep2_tp2": dict(arch="mixtral", tp=2, pp=1, ep=2, dp=2, layers=2, vocab=128,
+                            pad_to=128, tied=False, dtype="float32", layout="plain", seed=5),
+    "llama_mlm_optim_pp2_dp2": dict(arch="llama", tp=1, pp=2, ep=1, dp=2, layers=2, vocab=128,
+                                    pad_to=128, tied=False, dtype="bfloat16", layout="mlm",
+                                    seed=6),
+    "verl_v1_qwen2_tp2_dp2": dict(arch="qwen2", tp=2, pp=1, ep=1, dp=2, layers=2, vocab=128,
+                                  pad_to=128, tied=True, dtype="bfloat16", layout="verl_v1",
+                                  seed=7),
+    "verl_v2_qwen3_tp2_dp2": dict(arch="qwen3", tp=2, pp=1, ep=1, dp=2, layers=2, vocab=128,
+                                  pad_to=128, tied=False, dtype="bfloat16", layout="verl_v2",
+                                  seed=8),
+}
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 32, 4, 2, 8, 64
+N_EXPERTS, TOPK, MOE_FFN = 4, 2, 16
+EPS = 1e-6
+SEQ = 8
+
+
+def world_size(c):
+    # Megatron: world = TP * PP * DP  (EP is carved out of DP x TP for the expert layers)
+    return c["tp"] * c["pp"] * c["dp"]
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face side
+# --------------------------------------------------------------------------------------------
+def hf_config(c):
+    import transformers as tf
+
+    common = dict(vocab_size=c["vocab"], hidden_size=HIDDEN, num_hidden_layers=c["layers"],
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  max_position_embeddings=64, rms_norm_eps=EPS,
+                  tie_word_embeddings=c["tied"], bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    a = c["arch"]
+    if a == "llama":
+        return tf.LlamaConfig(intermediate_size=FFN, head_dim=HEAD_DIM, attention_bias=False,
+                              mlp_bias=False, **common)
+    if a == "qwen2":
+        cfg = tf.Qwen2Config(intermediate_size=FFN, **common)
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0}
+        return cfg
+    if a == "qwen3":
+        cfg = tf.Qwen3Config(intermediate_size=FFN, head_dim=HEAD_DIM, attention_bias=False,
+                             **common)
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0}
+        return cfg
+    if a == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(intermediate_size=FFN, moe_intermediate_size=MOE_FFN,
+                                num_experts=N_EXPERTS, num_experts_per_tok=TOPK,
+                                norm_topk_prob=True, head_dim=HEAD_DIM, attention_bias=False,
+                                decoder_sparse_step=1, mlp_only_layers=[],
+                                router_aux_loss_coef=0.0, **common)
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0}
+        return cfg
+    if a == "mixtral":
+        return tf.MixtralConfig(intermediate_size=MOE_FFN, num_local_experts=N_EXPERTS,
+                                num_experts_per_tok=TOPK, head_dim=HEAD_DIM,
+                                router_aux_loss_coef=0.0, **common)
+    raise ValueError(a)
+
+
+def hf_model_class(c):
+    import transformers as tf
+
+    return {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+            "qwen3": tf.Qwen3ForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
+            "mixtral": tf.MixtralForCausalLM}[c["arch"]]
+
+
+def build_hf(c):
+    torch.manual_seed(c["seed"])
+    cfg = hf_config(c)
+    model = hf_model_class(c)(cfg).float().eval()
+    g = torch.Generator().manual_seed(1000 + c["seed"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:                      # RMSNorm weights: around 1, all distinct
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:                                   # linear / fused expert weights
+                fan_in = p.shape[-1]
+                scale = 3.0 if name.endswith("gate.weight") else 1.0   # decisive routing
+                p.copy_(scale * torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    if c["tied"]:
+        model.tie_weights()
+    return model
+
+
+def make_tokenizer(vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for i in range(len(specials), vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def input_ids(c):
+    g = torch.Generator().manual_seed(77)
+    return torch.randint(4, c["vocab"], (1, SEQ), generator=g)
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping HF <-> Megatron-Core (local spec)
+# --------------------------------------------------------------------------------------------
+def _qkv_interleave(q, k, v):
+    """HF q [nq*d, ...], k/v [ng*d, ...] -> Megatron linear_qkv rows, grouped per query group:
+    [q heads of group 0 (nq/ng * d rows), k of group 0 (d), v of group 0 (d), q of group 1, ...]"""
+    d, ng, nq = HEAD_DIM, KV_HEADS, HEADS
+    rest = q.shape[1:]
+    q = q.reshape(ng, nq // ng * d, *rest)
+    k = k.reshape(ng, d, *rest)
+    v = v.reshape(ng, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest).contiguous()
+
+
+def _qkv_split(w):
+    d, ng, nq = HEAD_DIM, KV_HEADS, HEADS
+    rest = w.shape[1:]
+    w = w.reshape(ng, nq // ng + 2, d, *rest)
+    q = w[:, : nq // ng].reshape(nq * d, *rest)
+    k = w[:, nq // ng].reshape(ng * d, *rest)
+    v = w[:, nq // ng + 1].reshape(ng * d, *rest)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def hf_expert_names(c, i, e):
+    """(gate, up, down) HF names of expert e in layer i, as save_pretrained writes them."""
+    if c["arch"] == "mixtral":    # w1 = gate, w3 = up, w2 = down
+        p = f"model.layers.{i}.block_sparse_moe.experts.{e}."
+        return p + "w1.weight", p + "w3.weight", p + "w2.weight"
+    p = f"model.layers.{i}.mlp.experts.{e}."
+    return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
+
+
+def hf_router_name(c, i):
+    if c["arch"] == "mixtral":
+        return f"model.layers.{i}.block_sparse_moe.gate.weight"
+    return f"model.layers.{i}.mlp.gate.weight"
+
+
+def hf_to_mcore(c, hf):
+    """HF state dict (save_pretrained names) -> Megatron GPTModel.state_dict() names (TP=PP=1).
+    The embedding (and untied output layer) is padded with extra rows up to c['pad_to']."""
+    out = {}
+    moe = c["arch"] in ("qwen3_moe", "mixtral")
+
+    def pad(w):
+        if c["pad_to"] == w.shape[0]:
+            return w
+        g = torch.Generator().manual_seed(4242)
+        extra = torch.randn(c["pad_to"] - w.shape[0], w.shape[1], generator=g).to(w.dtype)
+        return torch.cat([w, extra], 0)      # padding rows: arbitrary values, must be dropped
+
+    out["embedding.word_embeddings.weight"] = pad(hf["model.embed_tokens.weight"])
+    for i in range(c["layers"]):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
+        a = h + "self_attn."
+        out[m + "self_attention.linear_qkv.weight"] = _qkv_interleave(
+            hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"])
+        if c["arch"] == "qwen2":
+            out[m + "self_attention.linear_qkv.bias"] = _qkv_interleave(
+                hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"])
+        if c["arch"] in ("qwen3", "qwen3_moe"):
+            out[m + "self_attention.q_layernorm.weight"] = hf[a + "q_norm.weight"]
+            out[m + "self_attention.k_layernorm.weight"] = hf[a + "k_norm.weight"]
+        out[m + "self_attention.linear_proj.weight"] = hf[a + "o_proj.weight"]
+        out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
+        if moe:
+            out[m + "mlp.router.weight"] = hf[hf_router_name(c, i)]
+            for e in range(N_EXPERTS):
+                gn, un, dn = hf_expert_names(c, i, e)
+                x = m + f"mlp.experts.local_experts.{e}."
+                out[x + "linear_fc1.weight"] = torch.cat([hf[gn], hf[un]], 0)
+                out[x + "linear_fc2.weight"] = hf[dn]
+        else:
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], 0)
+            out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
+    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+    if not c["tied"]:
+        out["output_layer.weight"] = pad(hf["lm_head.weight"])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def mcore_to_hf(c, dcp, prefix=""):
+    """Global DCP tensors (torch_dist keys, layers stacked on dim 0) -> HF save_pretrained dict.
+
+    This is the reader's job, written independently of hf_to_mcore (which it inverts)."""
+    g = lambda k: dcp[prefix + k]  # noqa: E731
+    hf = {}
+    V = c["vocab"]
+    hf["model.embed_tokens.weight"] = g("embedding.word_embeddings.weight")[:V]
+    hf["model.norm.weight"] = g("decoder.final_layernorm.weight")
+    if not c["tied"]:
+        hf["lm_head.weight"] = g("output_layer.weight")[:V]
+    moe = c["arch"] in ("qwen3_moe", "mixtral")
+    L = "decoder.layers."
+    for i in range(c["layers"]):
+        h = f"model.layers.{i}."
+        hf[h + "input_layernorm.weight"] = g(L + "self_attention.linear_qkv.layer_norm_weight")[i]
+        q, k, v = _qkv_split(g(L + "self_attention.linear_qkv.weight")[i])
+        hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"] = q, k
+        hf[h + "self_attn.v_proj.weight"] = v
+        if c["arch"] == "qwen2":
+            q, k, v = _qkv_split(g(L + "self_attention.linear_qkv.bias")[i])
+            hf[h + "self_attn.q_proj.bias"], hf[h + "self_attn.k_proj.bias"] = q, k
+            hf[h + "self_attn.v_proj.bias"] = v
+        if c["arch"] in ("qwen3", "qwen3_moe"):
+            hf[h + "self_attn.q_norm.weight"] = g(L + "self_attention.q_layernorm.weight")[i]
+            hf[h + "self_attn.k_norm.weight"] = g(L + "self_attention.k_layernorm.weight")[i]
+        hf[h + "self_attn.o_proj.weight"] = g(L + "self_attention.linear_proj.weight")[i]
+        # pre_mlp_layernorm is saved under the TE-style name, for MoE layers too
+        hf[h + "post_attention_layernorm.weight"] = g(L + "mlp.linear_fc1.layer_norm_weight")[i]
+        if moe:
+            hf[hf_router_name(c, i)] = g(L + "mlp.router.weight")[i]
+            fc1 = g(L + "mlp.experts.experts.linear_fc1.weight")[i]   # [E, 2*F, H]
+            fc2 = g(L + "mlp.experts.experts.linear_fc2.weight")[i]   # [E, H, F]
+            for e in range(N_EXPERTS):
+                gn, un, dn = hf_expert_names(c, i, e)
+                hf[gn], hf[un] = fc1[e].chunk(2, 0)
+                hf[dn] = fc2[e]
+        else:
+            hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"] = \
+                g(L + "mlp.linear_fc1.weight")[i].chunk(2, 0)
+            hf[h + "mlp.down_proj.weight"] = g(L + "mlp.linear_fc2.weight")[i]
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron side (runs in spawned gloo workers)
+# --------------------------------------------------------------------------------------------
+def _setup_megatron():
+    """CPU shims; must run before megatron.core is imported."""
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name not in sys.modules:     # this one module imports triton at import time
+        stub = types.ModuleType(name)
+        stub.GLOBAL_BLOCK_SIZE = 1024
+
+        def _no_triton(*a, **k):
+            raise RuntimeError("paged stash needs triton (stubbed out on CPU)")
+
+        stub.paged_stash_copy_kernel = stub.paged_stash_pop_kernel = _no_triton
+        stub.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
+        sys.modules[name] = stub
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: "cpu"
+    torch.Tensor.cuda = lambda self, *a, **k: self      # tied embeddings + PP call .cuda()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+
+
+def _setup_megatron_optimizer_on_cpu():
+    """Extra shims for DDP + DistributedOptimizer, which create tensors on device='cuda' and
+    check ``param.type()`` against 'torch.cuda.*Tensor' names."""
+    def _cpu(device):
+        if device is None:
+            return None
+        return "cpu" if str(device).startswith("cuda") else device
+
+    for fname in ("tensor", "zeros", "empty", "ones", "full", "arange", "zeros_like",
+                  "empty_like"):
+        orig = getattr(torch, fname)
+
+        def wrapped(*a, _orig=orig, **k):
+            if "device" in k:
+                k["device"] = _cpu(k["device"])
+            return _orig(*a, **k)
+
+        setattr(torch, fname, wrapped)
+    orig_type = torch.Tensor.type
+
+    def _type(self, *a, **k):
+        if a or k:
+            return orig_type(self, *a, **k)
+        t = orig_type(self)
+        return t.replace("torch.", "torch.cuda.", 1) if not self.is_cuda else t
+
+    torch.Tensor.type = _type
+
+
+def mcore_config(c, dtype):
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    kw = dict(
+        num_layers=c["layers"], hidden_size=HIDDEN, num_attention_heads=HEADS,
+        num_query_groups=KV_HEADS, kv_channels=HEAD_DIM, ffn_hidden_size=FFN,
+        normalization="RMSNorm", layernorm_epsilon=EPS, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=c["arch"] == "qwen2",
+        qk_layernorm=c["arch"] in ("qwen3", "qwen3_moe"),
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
+        tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"],
+        expert_model_parallel_size=c["ep"], sequence_parallel=False,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+    )
+    if c["arch"] in ("qwen3_moe", "mixtral"):
+        kw.update(num_moe_experts=N_EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=MOE_FFN,
+                  moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+                  moe_aux_loss_coeff=0.0, moe_grouped_gemm=False)
+    return TransformerConfig(**kw)
+
+
+def build_mcore(c, dtype):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    cfg = mcore_config(c, dtype)
+    moe = c["arch"] in ("qwen3_moe", "mixtral")
+    spec = get_gpt_layer_local_spec(num_experts=N_EXPERTS if moe else None, moe_grouped_gemm=False,
+                                    qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+    rope_base = hf_config(c).rope_parameters["rope_theta"]
+    model = GPTModel(cfg, spec, vocab_size=c["pad_to"], max_sequence_length=64,
+                     pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(),
+                     position_embedding_type="rope", rotary_base=rope_base,
+                     share_embeddings_and_output_weights=c["tied"])
+    return cfg, model
+
+
+def _causal_mask():
+    return torch.triu(torch.ones(SEQ, SEQ), 1).bool()[None, None]   # True = masked out
+
+
+def mcore_logits(c, model, ids):
+    """Forward through every PP stage (activations passed with gloo send/recv), logits gathered
+    over TP.  Returns full logits [b, s, padded_vocab] on the last stage, None elsewhere."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pos = torch.arange(SEQ)[None]
+    pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), c["pp"]
+    ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    with torch.no_grad():
+        if pp_rank > 0:
+            x = torch.empty(SEQ, 1, HIDDEN, dtype=next(model.parameters()).dtype)
+            dist.recv(x, src=ranks[pp_rank - 1])
+            model.set_input_tensor(x)
+        out = model(ids, pos, attention_mask=_causal_mask())
+        if pp_rank < pp_size - 1:
+            dist.send(out.contiguous(), dst=ranks[pp_rank + 1])
+            return None
+    tp_group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(out) for _ in range(c["tp"])]
+    dist.all_gather(parts, out.contiguous(), group=tp_group)
+    return torch.cat(parts, -1).float()
+
+
+def _init_dist(rank, ws, port, c):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=ws)
+    if ws == 1:
+        ps.initialize_model_parallel(1, 1)
+    else:
+        ps.initialize_model_parallel(tensor_model_parallel_size=c["tp"],
+                                     pipeline_model_parallel_size=c["pp"],
+                                     expert_model_parallel_size=c["ep"])
+
+
+def _stage_worker(rank, ws, port, c, work):
+    """1 process: load the hand-converted weights, prove forward equality, save staging ckpt."""
+    _setup_megatron()
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    _init_dist(rank, ws, port, {**c, "tp": 1, "pp": 1, "ep": 1})
+    c1 = {**c, "tp": 1, "pp": 1, "ep": 1}
+    _, model = build_mcore(c1, torch.float32)
+    sd = torch.load(os.path.join(work, "mcore_tp1.pt"))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    assert not missing and not unexpected, (missing, unexpected)
+    model.eval()
+    ref = torch.load(os.path.join(work, "hf_logits.pt"))
+    got = mcore_logits(c1, model, torch.load(os.path.join(work, "ids.pt")))[..., : c["vocab"]]
+    err = (got - ref).abs().max().item()
+    print(f"[{c['name']}] TP1 Megatron vs HF forward: max|diff| = {err:.3g}", flush=True)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), err
+    if c["dtype"] == "bfloat16":
+        model.to(torch.bfloat16)
+    stage = os.path.join(work, "staging")
+    os.makedirs(stage, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), stage)
+    dist.destroy_process_group()
+
+
+def _fill_grads_and_step(model_chunks, optimizer):
+    """Give every parameter a deterministic gradient and take one Adam step with lr=0:
+    the optimizer gets real exp_avg / exp_avg_sq / fp32 master params while the weights stay
+    exactly equal to the reference."""
+    for m in model_chunks:
+        for name, p in m.named_parameters():
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            grad = 0.01 * torch.randn(p.shape, generator=g)
+            if hasattr(p, "main_grad"):
+                p.main_grad.copy_(grad.to(p.main_grad.dtype))
+            else:
+                p.grad = grad.to(p.dtype)
+    ok, _, _ = optimizer.step()
+    assert ok
+
+
+def _parallel_worker(rank, ws, port, c, work, out_dir):
+    _setup_megatron()
+    import argparse as ap
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    _init_dist(rank, ws, port, c)
+    dtype = torch.bfloat16 if c["dtype"] == "bfloat16" else torch.float32
+    cfg, model = build_mcore(c, dtype)
+    model.eval()
+    stage = os.path.join(work, "staging")
+
+    chunks, optimizer, sched = [model], None, None
+    if c["layout"] != "plain":
+        _setup_megatron_optimizer_on_cpu()
+        from megatron.core.distributed import DistributedDataParallel as DDP
+        from megatron.core.distributed import DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        inner = Float16Module(cfg, model) if dtype == torch.bfloat16 else model
+        ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                                grad_reduce_in_fp32=True,
+                                                overlap_grad_reduce=False,
+                                                overlap_param_gather=False)
+        wrapped = DDP(cfg, ddp_cfg, inner)
+        chunks = [wrapped]
+
+    # weights: Megatron reshards the 1-process staging checkpoint into this layout
+    # (Megatron-LM and veRL take sharded_state_dict() of the unwrapped GPTModel, not of DDP)
+    sd = dist_checkpointing.load(model.sharded_state_dict(), stage)
+    model.load_state_dict(sd, strict=False)
+
+    # forward in the parallel layout (gloo collectives) must still equal HF
+    ref = torch.load(os.path.join(work, "hf_logits.pt"))
+    try:
+        got = mcore_logits(c, model, torch.load(os.path.join(work, "ids.pt")))
+        if got is not None:
+            got = got[..., : c["vocab"]]
+            err = (got - ref).abs().max().item()
+            rel = err / ref.abs().max().item()
+            print(f"[{c['name']}] rank {rank} parallel forward ({c['dtype']}) vs HF fp32: "
+                  f"max|diff| = {err:.3g} (relative {rel:.2g})", flush=True)
+            if dtype == torch.float32:
+                assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), err
+            else:   # bf16 weights computed in bf16: only a sanity bound
+                assert rel < 0.05, rel
+    except (RuntimeError, NotImplementedError) as exc:   # e.g. a collective gloo lacks
+        print(f"[{c['name']}] rank {rank} parallel forward skipped: {exc!r}"[:300], flush=True)
+
+    if c["layout"] != "plain":
+        ocfg = OptimizerConfig(optimizer="adam", lr=0.0, min_lr=0.0, weight_decay=0.01,
+                               adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=0.0,
+                               bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                               use_distributed_optimizer=True)
+        optimizer = get_megatron_optimizer(ocfg, chunks)
+        sched = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=0.0, min_lr=0.0,
+                                        lr_warmup_steps=0, lr_decay_steps=10,
+                                        lr_decay_style="constant", start_wd=0.01, end_wd=0.01,
+                                        wd_incr_steps=10, wd_incr_style="constant")
+        _fill_grads_and_step(chunks, optimizer)
+        sched.step(increment=1)
+
+    dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    import random
+
+    import numpy as np
+
+    random.seed(rank)
+    np.random.seed(rank)
+    torch.manual_seed(rank)
+    rng = [{"random_rng_state": random.getstate(),
+            "np_rng_state": np.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(),
+            "rng_tracker_states": {}}]
+    rng_obj = ShardedObject("rng_state", rng, (c["pp"], c["tp"]),
+                            (ps.get_pipeline_model_parallel_rank(),
+                             ps.get_tensor_model_parallel_rank()),
+                            replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+    if c["layout"] == "plain":
+        ckpt = out_dir
+        os.makedirs(ckpt, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+    elif c["layout"] == "mlm":
+        # like Megatron-LM megatron/training/checkpointing.py save_checkpoint (torch_dist)
+        ckpt = os.path.join(out_dir, "iter_0000001")
+        os.makedirs(ckpt, exist_ok=True)
+        meta = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+                "chained_optim_avoid_prefix": True, "dp_cp_group": dp_cp_group}
+        args = ap.Namespace(
+            num_layers=c["layers"], hidden_size=HIDDEN, ffn_hidden_size=FFN,
+            num_attention_heads=HEADS, group_query_attention=True, num_query_groups=KV_HEADS,
+            kv_channels=HEAD_DIM, max_position_embeddings=64, position_embedding_type="rope",
+            rotary_base=10000, normalization="RMSNorm", norm_epsilon=EPS, swiglu=True,
+            untie_embeddings_and_output_weights=not c["tied"], add_bias_linear=False,
+            add_qkv_bias=False, padded_vocab_size=c["pad_to"], make_vocab_size_divisible_by=128,
+            tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"],
+            expert_model_parallel_size=c["ep"], data_parallel_size=c["dp"],
+            bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype,
+            ckpt_format="torch_dist", use_distributed_optimizer=True,
+            tokenizer_type="HuggingFaceTokenizer", iteration=1, consumed_train_samples=8)
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": 1}
+        state["model"] = model.sharded_state_dict(metadata=meta)     # unwrap_model(model)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=meta)
+        state["opt_param_scheduler"] = sched.state_dict()
+        state["rng_state"] = rng_obj
+        state["num_floating_point_operations_so_far"] = 123456789
+        strategy = FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy(), dp_cp_group)
+        content = {k: v for k, v in meta.items() if k != "dp_cp_group"}
+        dist.barrier()
+        dist_checkpointing.save(state, ckpt, strategy, validate_access_integrity=True,
+                                content_metadata=content)
+        if rank == 0:
+            with open(os.path.join(out_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write("1")
+    elif c["layout"] in ("verl_v1", "verl_v2"):
+        # like veRL's MegatronCheckpointManager.save_checkpoint with use_dist_checkpointing=True:
+        # v1 = veRL <= 0.8 (one dist_ckpt/ with model+optimizer+lr_scheduler+rng_state),
+        # v2 = veRL >= 0.9 (model/dist_ckpt, optimizer/dist_ckpt, extra/dist_ckpt + manifest).
+        actor = os.path.join(out_dir, "global_step_1", "actor")
+        if c["layout"] == "verl_v1":
+            meta = {"distrib_optim_sharding_type": "dp_reshardable"}      # veRL default
+        else:   # actor.megatron.dist_ckpt_optim_fully_reshardable=True (mem_efficient False)
+            meta = {"distrib_optim_sharding_type": "fully_reshardable",
+                    "distrib_optim_fully_reshardable_mem_efficient": False}
+        meta.update(singleton_local_shards=False, chained_optim_avoid_prefix=True)
+        model_meta = {**meta, "dp_cp_group": dp_cp_group}
+        model_sd = {"model": chunks[0].module.sharded_state_dict(metadata=model_meta)}
+        optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False,
+                                                              metadata=meta),
+                    "lr_scheduler": sched.state_dict()}
+        extra_sd = {"rng_state": rng_obj}
+
+        def save(state, path):
+            os.makedirs(path, exist_ok=True)
+            dist.barrier()
+            strategy = FullyParallelSaveStrategyWrapper(
+                TorchDistSaveShardedStrategy(backend="torch_dist", version=1), dp_cp_group)
+            dist_checkpointing.save(state, path, sharded_strategy=strategy,
+                                    validate_access_integrity=True, content_metadata=dict(meta))
+
+        if c["layout"] == "verl_v1":
+            save({**model_sd, **optim_sd, **extra_sd}, os.path.join(actor, "dist_ckpt"))
+        else:
+            save(model_sd, os.path.join(actor, "model", "dist_ckpt"))
+            save(optim_sd, os.path.join(actor, "optimizer", "dist_ckpt"))
+            save(extra_sd, os.path.join(actor, "extra", "dist_ckpt"))
+        if rank == 0:
+            _write_transformer_config(cfg, os.path.join(actor, "transformer_config.json"))
+            if c["layout"] == "verl_v2":
+                _write_verl_manifest(c, ws, os.path.join(actor, "ckpt_contents.json"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _write_transformer_config(cfg, path):
+    """TransformerConfig as JSON, the way veRL writes transformer_config.json (dtypes as str,
+    callables dropped)."""
+    import dataclasses
+
+    d = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name.startswith("_") or callable(v):
+            continue
+        if isinstance(v, torch.dtype):
+            v = str(v)
+        try:
+            json.dumps(v)
+        except TypeError:
+            v = str(v)
+        d[f.name] = v
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
+
+
+def _write_verl_manifest(c, ws, path):
+    """ckpt_contents.json of veRL >= 0.9 (schema v2) for save_contents=[model, optimizer, extra],
+    use_dist_checkpointing=True, no bridge, no PEFT."""
+    mf = {
+        "schema_version": 2, "framework": "megatron", "role": "actor",
+        "arch": hf_model_class(c).__name__, "global_step": 1, "world_size": ws,
+        "backend": {"has_bridge": False, "use_dist_checkpointing": True, "peft": False},
+        "save_contents": ["model", "optimizer", "extra"],
+        "contents": {
+            "model": {"path": "model/dist_ckpt", "format": "megatron_dist_checkpoint",
+                      "backend": "dist_checkpointing"},
+            "optimizer": {"path": "optimizer/dist_ckpt", "format": "megatron_dist_checkpoint"},
+            "lr_scheduler": {"path": "optimizer/dist_ckpt", "format": "megatron_dist_checkpoint",
+                             "key": "lr_scheduler"},
+            "rng_state": {"path": "extra/dist_ckpt", "format": "megatron_dist_checkpoint",
+                          "key": "rng_state"},
+            "transformer_config": {"path": "transformer_config.json", "format": "json"},
+        },
+        "directories": {
+            "model/dist_ckpt": "Megatron dist_checkpointing shards for model weights.",
+            "optimizer/dist_ckpt": "Megatron dist_checkpointing shards for the optimizer state "
+                                   "(includes lr_scheduler when present).",
+            "extra/dist_ckpt": "Megatron dist_checkpointing shards for extra state (rng_state).",
+        },
+        "saved_any_dist_ckpt": True,
+    }
+    with open(path, "w") as f:
+        json.dump(mf, f, indent=2, sort_keys=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, n, *args):
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(n, _free_port(), *args), nprocs=n, join=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Torch-only reading (what the reader has to do) and verification
+# --------------------------------------------------------------------------------------------
+def load_dcp(path):
+    """Every entry of a DCP folder as global tensors / objects, with torch only (no Megatron)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    sd = {}
+    _load_state_dict(sd, storage_reader=FileSystemReader(path),
+                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return sd
+
+
+def dcp_dir(case_dir, c):
+    if c["layout"] == "mlm":
+        return os.path.join(case_dir, "iter_0000001")
+    if c["layout"] == "verl_v1":
+        return os.path.join(case_dir, "global_step_1", "actor", "dist_ckpt")
+    if c["layout"] == "verl_v2":
+        return os.path.join(case_dir, "global_step_1", "actor", "model", "dist_ckpt")
+    return case_dir
+
+
+def verify(case_dir, c):
+    from safetensors.torch import load_file
+
+    ref = load_file(os.path.join(case_dir, "reference", "model.safetensors"))
+    dcp = load_dcp(dcp_dir(case_dir, c))
+    # no "model." prefix even when the saved dict nests the model under "model": DCP keys are
+    # the ShardedTensor keys, not the nesting path
+    got = mcore_to_hf(c, dcp)
+    assert set(got) == set(ref), (sorted(set(got) ^ set(ref)))
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, (k, got[k].dtype, v.dtype)
+        assert torch.equal(got[k].view(torch.uint8) if False else got[k], v), k
+        assert got[k].contiguous().view(-1).view(torch.uint8).equal(
+            v.contiguous().view(-1).view(torch.uint8)), k
+    print(f"[{c['name']}] verified: {len(ref)} HF tensors bit-identical to reference", flush=True)
+    if c["layout"] == "verl_v2":
+        # fully_reshardable optimizer state is in model space: the same mapping applies to
+        # optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>; with lr=0 the fp32 master
+        # copy equals the bf16 weights upcast
+        opt = load_dcp(os.path.join(case_dir, "global_step_1", "actor", "optimizer", "dist_ckpt"))
+        for kind in ("param", "exp_avg", "exp_avg_sq"):
+            sub = {k[len(f"optimizer.state.{kind}."):]: v for k, v in opt.items()
+                   if k.startswith(f"optimizer.state.{kind}.")}
+            mapped = mcore_to_hf(c, sub)
+            assert set(mapped) == set(ref)
+            if kind == "param":
+                for k, v in ref.items():
+                    assert torch.equal(mapped[k], v.float()), k
+            else:
+                assert all(t.dtype == torch.float32 and t.abs().sum() > 0
+                           for t in mapped.values())
+        print(f"[{c['name']}] optimizer.state.param.* == reference upcast to fp32 (same mapping)",
+              flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+def generate(name, out_root, keep_work=False):
+    c = {**CASES[name], "name": name}
+    case_dir = os.path.join(out_root, name)
+    shutil.rmtree(case_dir, ignore_errors=True)
+    os.makedirs(case_dir)
+    work = tempfile.mkdtemp(prefix=f"mcore-{name}-")
+
+    model = build_hf(c)
+    ids = input_ids(c)
+    torch.save(hf_logits(model, ids), os.path.join(work, "hf_logits.pt"))
+    torch.save(ids, os.path.join(work, "ids.pt"))
+    tok = make_tokenizer(c["vocab"])
+
+    hf_tmp = os.path.join(work, "hf")
+    if c["dtype"] == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(hf_tmp)
+    # veRL v1 writes config + tokenizer (no weights) to actor/huggingface/; veRL v2 with
+    # use_dist_checkpointing and no bridge writes no HF folder at all, so for it (and for the
+    # plain / Megatron-LM cases) the config lives in <case>/huggingface/, outside the tree.
+    hf_dir = (os.path.join(case_dir, "global_step_1", "actor", "huggingface")
+              if c["layout"] == "verl_v1" else os.path.join(case_dir, "huggingface"))
+    os.makedirs(hf_dir, exist_ok=True)
+    shutil.copy(os.path.join(hf_tmp, "config.json"), hf_dir)
+    tok.save_pretrained(hf_dir)
+    os.makedirs(os.path.join(case_dir, "reference"))
+    shutil.copy(os.path.join(hf_tmp, "model.safetensors"),
+                os.path.join(case_dir, "reference", "model.safetensors"))
+
+    from safetensors.torch import load_file
+
+    hf_sd = {k: v.float() for k, v in load_file(os.path.join(hf_tmp, "model.safetensors")).items()}
+    if c["dtype"] == "bfloat16":
+        # the forward check runs in fp32 on the bf16-rounded weights: recompute the HF logits
+        m32 = build_hf(c)
+        m32.load_state_dict(hf_sd, strict=False)
+        if c["tied"]:
+            m32.tie_weights()
+        torch.save(hf_logits(m32, ids), os.path.join(work, "hf_logits.pt"))
+    torch.save(hf_to_mcore(c, hf_sd), os.path.join(work, "mcore_tp1.pt"))
+
+    _spawn(_stage_worker, 1, c, work)
+    out_dir = case_dir
+    _spawn(_parallel_worker, world_size(c), c, work, out_dir)
+
+    if c["layout"].startswith("verl"):
+        # trainer-level files next to the actor folder (ray_trainer._save_checkpoint)
+        torch.save({"_snapshot": {"_num_yielded": 1}, "_iterator_finished": False},
+                   os.path.join(case_dir, "global_step_1", "data.pt"))
+        with open(os.path.join(case_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("1")
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    verify(case_dir, c)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(HERE, "megatron"))
+    ap.add_argument("--case", action="append", choices=sorted(CASES))
+    ap.add_argument("--verify-only", action="store_true")
+    ap.add_argument("--keep-work", action="store_true")
+    a = ap.parse_args()
+    for name in a.case or list(CASES):
+        if a.verify_only:
+            verify(os.path.join(a.out, name), {**CASES[name], "name": name})
+        else:
+            generate(name, a.out, a.keep_work)
+
+
+if __name__ == "__main__":
+    main()
