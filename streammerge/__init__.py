@@ -23,7 +23,7 @@ _PUBLISH = ("HuggingFaceUploader", "PushResult", "merge_and_push", "upload_check
 def __getattr__(name: str):
     """The Hub stack (huggingface_hub: ~0.3 s, ~18 MB RSS) is imported only when a push needs it."""
     if name in _PUBLISH:
-        from . import publish
+        from .hub import publish
 
         return getattr(publish, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

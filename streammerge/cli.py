@@ -74,7 +74,7 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 
 def _push_settings(args: argparse.Namespace):
-    from .publish import push_settings
+    from .hub.publish import push_settings
 
     settings = push_settings(args.config, push=args.push, repo_id=args.repo_id, organization=args.organization,
                              private=args.private, optimizer_save_mode=args.optimizer_save_mode)
@@ -90,9 +90,9 @@ def _push_options(args: argparse.Namespace) -> dict:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from .discover import find_checkpoint
-    from .hub import PushError
+    from .hub.retry import PushError
     from .pipeline import merge
-    from .publish import merge_and_push, with_model_files
+    from .hub.publish import merge_and_push, with_model_files
 
     settings = _push_settings(args)
     _warn_trust_pickle(args)
@@ -126,7 +126,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     import logging
 
-    from .watch import Watcher
+    from .hub.watch import Watcher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s streammerge: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpx2", "huggingface_hub"):

@@ -22,7 +22,10 @@ from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
-from streammerge.hub import HubPusher, PushError, RetryPolicy, make_model_card, plan_commits, push_folder
+from streammerge.hub.card import make_model_card
+from streammerge.hub.commits import matches, plan_commits
+from streammerge.hub.pusher import HubPusher, push_folder
+from streammerge.hub.retry import PushError, RetryPolicy
 
 # huggingface_hub's own LFS PUTs use httpx's deprecated data=<file>.
 pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
@@ -170,7 +173,7 @@ def test_branch_is_created_and_main_is_left_alone(hub, folder):
 
 def test_resume_after_client_killed_mid_upload_resends_nothing_stored(hub, folder):
     code = f"""
-        from streammerge.hub import push_folder
+        from streammerge.hub.pusher import push_folder
         push_folder({str(folder)!r}, "alice/tiny", max_workers=1)
     """
     env = {"HF_TOKEN": WRITE_TOKEN, "HF_ENDPOINT": hub.endpoint}
@@ -251,7 +254,7 @@ def test_bad_token_gives_login_advice_and_never_shows_the_token(hub, folder):
     # What a user sees, traceback and logs included, when the token comes from HF_TOKEN.
     proc = run_client(f"""
         import logging; logging.basicConfig(level=logging.DEBUG)
-        from streammerge.hub import push_folder
+        from streammerge.hub.pusher import push_folder
         push_folder({str(folder)!r}, "alice/tiny")
     """, {"HF_TOKEN": bad, "HF_ENDPOINT": hub.endpoint})
     out, err = proc.communicate(timeout=60)
@@ -355,8 +358,6 @@ def test_plan_commits_orders_and_splits():
 
 
 def test_delete_patterns_remove_stale_files_only_and_list_them_at_the_head_committed_on(hub, folder):
-    from streammerge.hub import matches
-
     owned = ("model-*-of-*.safetensors", "optimizer/")
     assert matches("optimizer/a/b.pt", "optimizer/") and matches("model-1-of-2.safetensors", owned[0])
     assert not matches("extra/model-1-of-2.safetensors", owned[0]) and not matches("optimizer.pt", "optimizer/")

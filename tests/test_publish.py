@@ -23,8 +23,8 @@ from huggingface_hub.errors import RepositoryNotFoundError
 import streammerge
 from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from streammerge.errors import CheckpointError
-from streammerge.hub import PushError, RetryPolicy
-from streammerge.publish import ConfigError, load_push_config, merge_and_push, push_settings
+from streammerge.hub.publish import ConfigError, PushConfig, load_push_config, merge_and_push, push_settings
+from streammerge.hub.retry import PushError, RetryPolicy
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
               pytest.mark.usefixtures("hub_env")]
@@ -298,7 +298,7 @@ def test_failed_push_keeps_the_merged_folder_and_the_rerun_finishes(hub, make_ck
 def test_config_block_is_found_anywhere_and_checked(tmp_path):
     top = tmp_path / "top.yaml"
     top.write_text("hf_upload:\n  enabled: true\n  repo_id: alice/m\n  private: true\n  optimizer_save_mode: null\n")
-    assert load_push_config(top) == streammerge.publish.PushConfig(True, "alice/m", None, True, None)
+    assert load_push_config(top) == PushConfig(True, "alice/m", None, True, None)
     nested = tmp_path / "nested.yaml"
     nested.write_text("actor_rollout_ref:\n  model: {path: Qwen/Qwen2.5-0.5B}\n"
                       "trainer:\n  logger: [console]\n  hf_upload:\n    enabled: false\n    repo_id: m\n"

@@ -5,7 +5,7 @@ merge writes the next one, so a push takes about as long as the longer of the tw
 (:func:`merge_and_push`). The token is checked before the merge starts; the repo (and branch) are
 made only when the first file is ready, and removed again if the merge then fails, so a failed merge
 leaves nothing behind on the Hub. The commits come last: data files first, then index, config and
-model card (see :mod:`streammerge.hub`).
+model card (see :mod:`streammerge.hub.commits`).
 
 Re-running the same call after an interruption is cheap: the merge re-uses the files its manifest
 lists and the Hub is not sent what it already has.
@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .discover import Checkpoint, find_checkpoint
-from .errors import CheckpointError, StreammergeError
-from .hub import HubPusher, PushError, RetryPolicy, make_model_card
-from .model_folder import read_config
-from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
-from .pipeline import MergeResult, merge
+from ..discover import Checkpoint, find_checkpoint
+from ..errors import CheckpointError, StreammergeError
+from ..model_folder import read_config
+from ..optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
+from ..pipeline import MergeResult, merge
+from .card import make_model_card
+from .pusher import HubPusher
+from .retry import PushError, RetryPolicy, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "s
                        "spiece.model", "*.py")
 # What a push of ours owns in the repo: files matching these that the push does not bring are stale
 # (a shard of an earlier merge with more shards, an old optimizer export) and deleted in its last
-# commit. Matched from the repo root, `*` within one folder (see streammerge.hub.matches).
+# commit. Matched from the repo root, `*` within one folder (see streammerge.hub.commits.matches).
 OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -207,7 +209,7 @@ def model_files(model_name: str, dest: Path, *, token: str | None = None, endpoi
                                          endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None))
         except Exception as e:  # offline, not found, no access: all mean "give a local folder"
             raise ConfigError(f"model_name {model_name!r}: not a local folder, and its config and tokenizer could "
-                              f"not be fetched from the Hub ({_first_line(e)})") from None
+                              f"not be fetched from the Hub ({first_line(e)})") from None
     dest.mkdir(parents=True, exist_ok=True)
     for p in sorted(src.iterdir()):
         if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS):
@@ -356,11 +358,6 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name("." + path.name + ".streammerge-tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 # ---- the seed workflow's API -------------------------------------------------------------------

@@ -22,11 +22,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .discover import LATEST_FILE, Checkpoint, find_checkpoint
-from .errors import CheckpointError, StreammergeError
-from .hub import PushError
-from .pipeline import merge
+from ..discover import LATEST_FILE, Checkpoint, find_checkpoint
+from ..errors import CheckpointError, StreammergeError
+from ..pipeline import merge
 from .publish import PushResult, default_out_dir, merge_and_push, with_model_files
+from .retry import PushError
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ class Watcher:
             branch ``step-N`` instead.
         only_latest: only the step the tracker names; older unpushed steps are skipped.
         out_root: merged folders go to ``out_root/global_step_N``; default: beside each actor folder
-            (see :func:`streammerge.publish.default_out_dir`).
+            (see :func:`streammerge.hub.publish.default_out_dir`).
         state_file: where pushed steps are recorded (default ``run_dir/.streammerge-watch.json``).
-        options: for :func:`streammerge.publish.merge_and_push` (token, endpoint, optimizer,
+        options: for :func:`streammerge.hub.publish.merge_and_push` (token, endpoint, optimizer,
             model_name, dtype, max_shard_size, ...).
     """
 
