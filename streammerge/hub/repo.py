@@ -9,14 +9,21 @@ merge leaves nothing behind on the Hub.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
+
 from huggingface_hub import HfApi
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-from .retry import PushError, Retrier, first_line
+from .retry import TOKENS_URL, PushError, Retrier, first_line
 
 logger = logging.getLogger(__name__)
 
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+# Fine-grained token permissions that allow writing to the repos of a user or organization.
+WRITE_PERMISSIONS = frozenset({"repo.write", "repo.content.write"})
+# Roles in an organization that may push: "contributor" only to repos the user created there.
+ORG_WRITE_ROLES = frozenset({"contributor", "write", "admin"})
 
 
 def qualify(repo_id: str, organization: str | None) -> str:
@@ -32,6 +39,65 @@ def qualify(repo_id: str, organization: str | None) -> str:
     if repo_id.split("/")[0] != organization:
         raise ValueError(f"repo_id {repo_id!r} names another namespace than organization {organization!r}")
     return repo_id
+
+
+def write_refusal(user: Mapping[str, Any], repo_id: str) -> tuple[str, str] | None:
+    """Why the token that ``user`` (a whoami-v2 answer) describes cannot write to ``repo_id``, or None.
+
+    Returns ``(where, why)``, e.g. ``("organization acme", "carol has the read-only 'read' role in
+    acme")``. It reads the token's ``role`` ("read" writes nowhere; "write" writes where the user
+    may; "fineGrained" only where one of its ``scoped`` entries grants repo.write), the user's
+    ``orgs`` and the user's ``roleInOrg`` in each. What whoami does not say is left to the Hub
+    (which still answers 403): None means "as far as the token tells".
+    """
+    name = str(user.get("name") or "")
+    ns = repo_id.split("/")[0]
+    token = (user.get("auth") or {}).get("accessToken") or {}
+    role = token.get("role")
+    orgs = {str(o.get("name")).lower(): o for o in user.get("orgs") or [] if isinstance(o, Mapping)}
+    own = ns.lower() == name.lower()
+    if own:
+        where = repo_id
+    elif ns.lower() in orgs:
+        where = f"organization {ns}"
+    else:
+        where = ns
+    if role == "read":
+        return where, "read-only token"
+    if not own and isinstance(user.get("orgs"), list):
+        org = orgs.get(ns.lower())
+        if org is None:
+            return where, f"{name} is not a member of {ns}"
+        org_role = org.get("roleInOrg")
+        if org_role is not None and org_role not in ORG_WRITE_ROLES:
+            return where, f"{name} has the read-only {org_role!r} role in {ns}"
+    if role == "fineGrained":
+        fine = token.get("fineGrained") or {}
+        granted = set(fine.get("global") or [])
+        for scope in fine.get("scoped") or []:
+            entity = scope.get("entity") or {}
+            target = str(entity.get("name") or "").lower()
+            if (target == ns.lower() and entity.get("type") in ("user", "org")) or target == repo_id.lower():
+                granted.update(scope.get("permissions") or [])
+        if not granted & WRITE_PERMISSIONS:
+            return where, f"fine-grained token without repo.write on {ns}"
+    return None
+
+
+def _advice(user: Mapping[str, Any], repo_id: str, why: str) -> str:
+    """What to do about a refusal from :func:`write_refusal`."""
+    ns = repo_id.split("/")[0]
+    name = user.get("name")
+    if why == "read-only token":
+        return f"create a token with write access at {TOKENS_URL}, then set HF_TOKEN or run `hf auth login`"
+    if why.startswith("fine-grained"):
+        return (f"give the token write access to the repos of {ns} (repo.write) at {TOKENS_URL}, or use a "
+                "'write' token")
+    if " role in " in why:
+        return (f"a token needs write access there: ask an admin of {ns} for the contributor or write role, or "
+                f"push to your own namespace ({name}/...)")
+    return (f"a token needs write access there: push to your own namespace ({name}/...), or to an organization "
+            "where you have a write role (--organization)")
 
 
 class HubRepo:
@@ -73,26 +139,18 @@ class HubRepo:
     def check_access(self) -> str:
         """Check the token now, creating nothing on the Hub; returns the full repo id.
 
-        A bad token (401), a read-only token, or a namespace the token's user cannot write to fails
-        here (:class:`PushError`), before the caller spends hours producing files.
+        A bad token (401), a read-only token, a namespace the user may not write to, or a
+        fine-grained token without write permission there fails here (:class:`PushError`, one line),
+        before the caller spends hours producing files (see :func:`write_refusal`).
         """
         user = self.whoami()
-        role = ((user.get("auth") or {}).get("accessToken") or {}).get("role")
-        ns = self.repo_id.split("/")[0]
-        orgs = user.get("orgs")
-        if role == "read":
-            raise self._refused("it is a read-only token")
-        names = {str(n).lower() for n in [user.get("name")] + [o.get("name") for o in orgs or [] if isinstance(o, dict)]}
-        if role == "write" and isinstance(orgs, list) and ns.lower() not in names:
-            raise self._refused(f"{user.get('name')} is not a member of {ns}")
+        refusal = write_refusal(user, self.repo_id)
+        if refusal is not None:
+            where, why = refusal
+            raise PushError(self.calls.redact(
+                f"token of user {user.get('name')} cannot write to {where} ({why}); "
+                f"{_advice(user, self.repo_id, why)}"), kind="permission")
         return self.repo_id
-
-    def _refused(self, why: str) -> PushError:
-        ns = self.repo_id.split("/")[0]
-        return PushError(self.calls.redact(
-            f"The Hub would not let {self.calls.token_source()} write to {self.repo_id} ({why}): check that the "
-            f"token has write access (a 'write' token, or a fine-grained token with repo.write on {ns}) and, if "
-            f"{ns} is an organization, that you are a member with a write role there"), kind="permission")
 
     def prepare(self) -> None:
         """Create the repo and the branch when missing, remembering what was created (see :meth:`discard`)."""
