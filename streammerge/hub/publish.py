@@ -18,6 +18,7 @@ an ``hf_upload:`` block in a YAML training config (:func:`load_push_config`),
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import logging
 import os
@@ -137,10 +138,12 @@ def load_push_config(path: str | os.PathLike) -> PushConfig:
     block = find_config_block(data)
     if block is None:
         raise ConfigError(f"{path}: no {CONFIG_BLOCK}: block found")
-    unknown = sorted(set(block) - set(CONFIG_KEYS))
-    if unknown:
-        logger.warning("%s: ignoring unknown %s keys %s (known: %s)", path, CONFIG_BLOCK, unknown,
-                       ", ".join(CONFIG_KEYS))
+    for key in block:  # a typo such as "privat" must not publish a private model publicly
+        if key not in CONFIG_KEYS:
+            close = difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r} in {CONFIG_BLOCK}: {hint}(known keys: "
+                              f"{', '.join(CONFIG_KEYS)}); nothing was merged or pushed")
     for k in ("repo_id", "organization"):
         v = block.get(k)
         if isinstance(v, str) and "${" in v:
