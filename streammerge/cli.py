@@ -16,7 +16,7 @@ HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded FSDP checkp
 streammerge inspect CKPT_DIR                print the merge plan without writing
 streammerge verify OUT_DIR [CKPT_DIR]       check an output folder (and, given the checkpoint, every tensor)
 streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it
-streammerge CKPT_DIR OUT_DIR --push --repo-id NAME   merge and push to the Hugging Face Hub at the same time
+streammerge CKPT_DIR OUT_DIR --push [--repo-id NAME]  merge and push to the Hugging Face Hub at the same time
 streammerge watch RUN_DIR --push --repo-id NAME      merge and push each new checkpoint of a training run"""
 
 
@@ -55,10 +55,12 @@ def _push_args(p: argparse.ArgumentParser) -> None:
                              "Token from HF_TOKEN or `hf auth login`, endpoint from HF_ENDPOINT.")
     g.add_argument("--push", action=argparse.BooleanOptionalAction, default=None,
                    help="push to the Hub, uploading each file while the next is merged")
-    g.add_argument("--repo-id", metavar="NAME", help="NAME or NAMESPACE/NAME; created if missing, updated if it exists")
+    g.add_argument("--repo-id", metavar="NAME",
+                   help="NAME or NAMESPACE/NAME; created if missing, updated if it exists (default: named after "
+                        "OUT_DIR in your namespace, created private)")
     g.add_argument("--organization", metavar="ORG", help="namespace for a NAME without one")
     g.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
-                   help="create the repo private (an existing repo keeps its visibility)")
+                   help="create the repo private (an existing repo keeps its visibility; a warning says so)")
     g.add_argument("--revision", metavar="BRANCH", help="branch to commit to (default main; created from main)")
     g.add_argument("--commit-message", metavar="TEXT")
     g.add_argument("--config", metavar="FILE",
@@ -107,6 +109,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         with with_model_files(find_checkpoint(args.checkpoint), args.model_name) as ck:
             result = merge(ck, args.out_dir, **options)
     else:
+        if settings.repo_id is None:
+            _say_inferred_repo(args.out_dir, settings.organization, settings.private)
         try:
             pushed = merge_and_push(args.checkpoint, args.out_dir, settings.repo_id, organization=settings.organization,
                                     private=settings.private, revision=args.revision, model_name=args.model_name,
@@ -121,6 +125,20 @@ def cmd_push(args: argparse.Namespace) -> int:
     if settings.enabled:
         print(pushed.summary())
     return 0
+
+
+def _say_inferred_repo(out_dir: str, organization: str | None, private: bool | None) -> None:
+    """Say which repo a push without --repo-id goes to before the merge starts (the URL comes at the end)."""
+    from .hub.repo import repo_name_for
+
+    try:
+        name = repo_name_for(out_dir)
+    except ValueError:
+        return  # merge_and_push refuses it with the reason
+    where = f"{organization}/{name}" if organization else f"{name} in your namespace"
+    visibility = "public" if private is False else "private"
+    print(f"streammerge: no --repo-id: pushing to {where} (named after OUT_DIR; created {visibility} if missing)",
+          file=sys.stderr)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

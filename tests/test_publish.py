@@ -112,10 +112,11 @@ def test_cli_push_to_private_org_repo_uploads_merged_files_index_last(hub, make_
 
     card = local["README.md"].decode()
     config = json.loads(local["config.json"])
-    for fact in ("| Source checkpoint | `global_step_2/actor` |", "| Training step | `2` |", "| FSDP world size | `2` |",
-                 f"| Weights dtype | `{config['dtype']}` |", "| Optimizer state included | `yes` |",
-                 'from_pretrained("acme/tiny"'):
+    for fact in ("| Source checkpoint | `global_step_2/actor` |", "| Training step | `2` |",
+                 "| FSDP world size | `2` |", f"| Weights dtype | `{config['dtype']}` |",
+                 "| Optimizer state included | `yes` |", 'from_pretrained("acme/tiny"'):
         assert fact in card
+    assert str(make_ckpt()) not in card  # no local path on the Hub
     assert f"acme/tiny/commit/{hub.repo('acme/tiny').branches['main']}" in proc.stdout
     assert WRITE_TOKEN not in proc.stdout + proc.stderr
 
@@ -312,12 +313,14 @@ def test_config_block_is_found_anywhere_and_checked(tmp_path):
     cfg = push_settings(nested, push=True, repo_id="other", private=True, optimizer_save_mode="none")
     assert (cfg.enabled, cfg.repo_id, cfg.organization, cfg.private, cfg.optimizer) == (True, "other", "acme", True,
                                                                                        False)
+    no_repo = tmp_path / "no-repo.yaml"  # no repo_id anywhere: the push names it after the output folder
+    no_repo.write_text("hf_upload: {enabled: true}\n")
+    assert (push_settings(no_repo).repo_id, push_settings(no_repo).private) == (None, None)
     for text, message in [("trainer: {epochs: 1}\n", "no hf_upload"),
                           ("a: {hf_upload: {repo_id: x}}\nb: {hf_upload: {repo_id: y}}\n", "several different"),
                           ("hf_upload: {enabled: true, repo_id: '${oc.env:USER}/m'}\n", "interpolation"),
                           ("hf_upload: {enabled: true, optimizer_save_mode: sharded}\n", "optimizer_save_mode"),
-                          ("hf_upload: [1, 2]\n", "mapping"),
-                          ("hf_upload: {enabled: true}\n", "--repo-id")]:
+                          ("hf_upload: [1, 2]\n", "mapping")]:
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ConfigError, match=message):

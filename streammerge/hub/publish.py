@@ -2,10 +2,10 @@
 
 Each output file starts uploading as soon as the merge has finished and verified it, while the
 merge writes the next one, so a push takes about as long as the longer of the two, not their sum
-(:func:`merge_and_push`). The token is checked before the merge starts; the repo (and branch) are
-made only when the first file is ready, and removed again if the merge then fails, so a failed merge
-leaves nothing behind on the Hub. The commits come last: data files first, then index, config and
-model card (see :mod:`streammerge.hub.commits`).
+(:func:`merge_and_push`). The token's right to write to the repo is checked before the merge
+starts; the repo (and branch) are made only when the first file is ready, and removed again if the
+merge then fails, so a failed merge leaves nothing behind on the Hub. The commits come last: data
+files first, then index, config and model card (see :mod:`streammerge.hub.commits`).
 
 Re-running the same call after an interruption is cheap: the merge re-uses the files its manifest
 lists and the Hub is not sent what it already has.
@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from ..optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
 from ..pipeline import MergeResult, merge
 from .card import make_model_card
 from .pusher import HubPusher
+from .repo import repo_name_for
 from .retry import PushError, RetryPolicy, first_line
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ class PushConfig:
     """The seed workflow's ``hf_upload:`` block; CLI flags and arguments override its fields."""
 
     enabled: bool = False
-    repo_id: str | None = None
+    repo_id: str | None = None  # None: named after the output folder (see merge_and_push)
     organization: str | None = None
-    private: bool = False
+    private: bool | None = None  # None: private only when the repo name is inferred
     optimizer_save_mode: str | None = "full"
 
     @property
@@ -149,8 +150,10 @@ def load_push_config(path: str | os.PathLike) -> PushConfig:
         if isinstance(v, str) and "${" in v:
             raise ConfigError(f"{path}: {CONFIG_BLOCK}.{k} is {v!r}, an interpolation streammerge cannot resolve; "
                               f"pass --{k.replace('_', '-')} instead")
+    private = block.get("private")
     config = PushConfig(enabled=bool(block.get("enabled", False)), repo_id=block.get("repo_id") or None,
-                        organization=block.get("organization") or None, private=bool(block.get("private", False)))
+                        organization=block.get("organization") or None,
+                        private=None if private is None else bool(private))
     if "optimizer_save_mode" in block:
         config.optimizer_save_mode = optimizer_mode(block["optimizer_save_mode"])
     return config
@@ -159,13 +162,13 @@ def load_push_config(path: str | os.PathLike) -> PushConfig:
 def push_settings(config_file: str | os.PathLike | None = None, *, push: bool | None = None,
                   repo_id: str | None = None, organization: str | None = None, private: bool | None = None,
                   optimizer_save_mode: str | None = None) -> PushConfig:
-    """The ``hf_upload:`` block of ``config_file`` (if any) with every given flag applied on top."""
+    """The ``hf_upload:`` block of ``config_file`` (if any) with every given flag applied on top.
+
+    Without a repo id anywhere the push names the repo after the output folder (:func:`merge_and_push`).
+    """
     base = load_push_config(config_file) if config_file else PushConfig()
-    config = base.override(enabled=push, repo_id=repo_id, organization=organization, private=private,
-                           optimizer_save_mode=optimizer_save_mode)
-    if config.enabled and not config.repo_id:
-        raise ConfigError("pushing needs a repo: give --repo-id NAME (or hf_upload.repo_id in the config file)")
-    return config
+    return base.override(enabled=push, repo_id=repo_id, organization=organization, private=private,
+                         optimizer_save_mode=optimizer_save_mode)
 
 
 # ---- where things come from and go -----------------------------------------------------------
@@ -240,6 +243,7 @@ class PushResult:
 
     ok: bool
     repo_id: str | None = None
+    url: str | None = None  # the repo's page
     revision: str | None = None
     commit_url: str | None = None
     commit_oid: str | None = None
@@ -255,6 +259,13 @@ class PushResult:
     error_kind: str | None = None  # PushError.kind ("auth", "permission", ...) or the exception type
     note: str | None = None
 
+    def __repr__(self) -> str:
+        """Short: the merge result (plans of every tensor) and the file lists are left out."""
+        shown = {k: getattr(self, k) for k in ("repo_id", "revision", "commit_oid", "step", "error_kind", "note")}
+        parts = [f"ok={self.ok}"] + [f"{k}={v!r}" for k, v in shown.items() if v is not None]
+        parts += [f"files={len(self.files)}", f"commits={self.commits}", f"seconds={self.seconds:.1f}"]
+        return f"PushResult({', '.join(parts)})"
+
     def summary(self) -> str:
         if not self.ok:
             return f"push failed: {self.error}"
@@ -268,18 +279,24 @@ class PushResult:
             what = f"{sent} files committed in {self.commits} commit{'s' if self.commits != 1 else ''}{unchanged}"
             if self.deleted:
                 what += f", {len(self.deleted)} stale files of an earlier push deleted"
-        return f"pushed to {self.repo_id} revision {self.revision} in {self.seconds:.1f} s: {what}; {self.commit_url}"
+        return (f"pushed to {self.url or self.repo_id} (revision {self.revision}) in {self.seconds:.1f} s: {what}; "
+                f"{self.commit_url}")
 
 
-def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os.PathLike | None, repo_id: str, *,
-                   organization: str | None = None, private: bool = False, revision: str | None = None,
-                   commit_message: str | None = None, token: str | None = None, endpoint: str | None = None,
+def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os.PathLike | None,
+                   repo_id: str | None, *, organization: str | None = None, private: bool | None = None,
+                   revision: str | None = None, commit_message: str | None = None, token: str | None = None,
+                   endpoint: str | None = None,
                    optimizer: bool = True, model_name: str | None = None, model_card: bool = True,
                    max_files_per_commit: int = 50, upload_workers: int = 2, retry: RetryPolicy | None = None,
                    delete_stale: bool = True, **merge_options: Any) -> PushResult:
     """Merge ``checkpoint`` into ``out_dir`` and push it to ``repo_id``, uploading while merging.
 
-    ``out_dir=None`` uses :func:`default_out_dir`. ``model_name`` (local folder or Hub model) replaces
+    ``out_dir=None`` uses :func:`default_out_dir`. ``repo_id=None`` names the repo after ``out_dir``,
+    as transformers' ``push_to_hub`` does (``<user or organization>/<folder name>``, made a valid name
+    by :func:`.repo.repo_name_for`), and creates it private unless ``private=False``; with a given
+    ``repo_id``, ``private=None`` means public. An existing repo keeps its visibility (a warning says
+    so when ``private=True`` meets a public repo). ``model_name`` (local folder or Hub model) replaces
     the checkpoint's ``huggingface/`` folder as the source of config and tokenizer. ``merge_options``
     go to :func:`streammerge.merge` (dtype, max_shard_size, workers, ...). Raises :class:`PushError`
     when the push fails (the local folder is kept as the merge left it; re-run to resume) and
@@ -290,11 +307,25 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
     :data:`OWNED_PATTERNS` (weight shards and their index, ``optimizer/``) and are not part of this
     push, e.g. the 4th shard of an earlier 4-shard merge, or an earlier optimizer export when this
     push has none. Nothing else is ever deleted (README.md, your own files).
+
+    huggingface_hub's own progress bars show only with ``progress=True`` (a merge option).
     """
     t0 = time.perf_counter()
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint)
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(ck)
+    inferred = not repo_id
+    if inferred:
+        if out_dir is None:
+            raise ConfigError(f"no repo_id: give one, or an out_dir to name the repo after (the default output "
+                              f"folder {out.name!r} does not name the model)")
+        try:
+            repo_id = repo_name_for(out)
+        except ValueError as e:
+            raise ConfigError(f"{out}: {e}") from None
+    if private is None:
+        private = inferred  # a name we made up is not a decision to publish
     with ExitStack() as stack:
+        stack.enter_context(_hub_progress_bars(bool(merge_options.get("progress"))))
         ck = stack.enter_context(with_model_files(ck, model_name, token=token, endpoint=endpoint))
         config = read_config(ck.hf_dir)
         if config is None:
@@ -306,7 +337,8 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
                            delete_patterns=OWNED_PATTERNS if delete_stale else None)
         stack.callback(pusher.close)
         full_id = pusher.check_access()  # a bad token fails now, not after the merge; nothing is created yet
-        logger.info("pushing to %s (revision %s) while merging into %s", full_id, pusher.revision, out)
+        logger.info("pushing to %s (revision %s%s) while merging into %s", pusher.repo.url, pusher.revision,
+                    ", named after the output folder" if inferred else "", out)
         files: list[str] = []
 
         def upload(f, path: Path) -> None:
@@ -325,7 +357,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
             pusher.commit_message = f"Upload {what}{step} with streammerge"
         if model_card and "README.md" not in files:  # a README carried from huggingface/ is the user's own
             card = make_model_card({
-                "repo_id": full_id, "source": str(ck.path), "step": ck.step, "world_size": ck.world_size,
+                "repo_id": full_id, "source": source_label(ck), "step": ck.step, "world_size": ck.world_size,
                 "fsdp_version": ck.fsdp_version, "dtype": _dtype_name(result), "optimizer": has_optimizer,
                 "optimizer_format": _optimizer_format(result),
                 "model_type": (config or {}).get("model_type"),
@@ -335,11 +367,35 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
             pusher.submit(out / "README.md", "README.md")
             files.append("README.md")
         info = pusher.finish()
-    return PushResult(ok=True, repo_id=pusher.repo_id, revision=pusher.revision, commit_url=info.commit_url,
-                      commit_oid=info.oid, out_dir=result.out_dir, step=ck.step, files=files,
-                      unchanged=list(pusher.unchanged), deleted=list(pusher.deleted), commits=len(pusher.commits),
-                      merge=result,
-                      seconds=time.perf_counter() - t0)
+    return PushResult(ok=True, repo_id=pusher.repo_id, url=pusher.repo.url, revision=pusher.revision,
+                      commit_url=info.commit_url, commit_oid=info.oid, out_dir=result.out_dir, step=ck.step,
+                      files=files, unchanged=list(pusher.unchanged), deleted=list(pusher.deleted),
+                      commits=len(pusher.commits), merge=result, seconds=time.perf_counter() - t0)
+
+
+def source_label(ck: Checkpoint) -> str:
+    """The checkpoint as the model card names it: relative to its run folder, never a local path.
+
+    ``global_step_500/actor`` for a trainer's layout, else the folder's own name: an absolute path
+    tells the repo's readers nothing and tells them about the machine it was merged on.
+    """
+    step_dir = ck.path.parent.name
+    return f"{step_dir}/{ck.path.name}" if re.fullmatch(r"global_step_\d+", step_dir) else ck.path.name
+
+
+@contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's upload bars follow the merge's ``progress`` (off for ``--no-progress``), then are restored."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def _dtype_name(result: MergeResult) -> str | None:
@@ -364,20 +420,25 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # ---- the seed workflow's API -------------------------------------------------------------------
-def _run(raise_on_error: bool, what: str, fn) -> PushResult:
-    """``fn()``; with ``raise_on_error=False`` a failure is logged and returned, never raised."""
-    if _other_rank():
-        return PushResult(ok=True, note="not rank 0: nothing to do here (rank 0 merges and pushes)")
+def _run(raise_on_error: bool, what: str, fn: Callable[[], PushResult]) -> PushResult:
+    """``fn()``; with ``raise_on_error=False`` any failure is logged as one error line and returned, never raised.
+
+    The seed workflow uploads at the end of training: a bad token, a missing checkpoint or a Hub
+    that is down must not turn hours of finished training into a crashed job.
+    """
     t0 = time.perf_counter()
     try:
+        if _other_rank():
+            return PushResult(ok=True, note="not rank 0: nothing to do here (rank 0 merges and pushes)")
         return fn()
     except Exception as e:
         if raise_on_error:
             raise
         kind = e.kind if isinstance(e, PushError) else type(e).__name__
-        logger.error("%s failed (%s): %s", what, kind, e)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or kind
+        logger.error("%s failed (%s): %s", what, kind, message)
         logger.debug("traceback of the failed upload", exc_info=True)
-        return PushResult(ok=False, error=str(e), error_kind=kind, seconds=time.perf_counter() - t0)
+        return PushResult(ok=False, error=message, error_kind=kind, seconds=time.perf_counter() - t0)
 
 
 def _other_rank() -> bool:
@@ -391,28 +452,29 @@ class HuggingFaceUploader:
     """Drop-in for the seed workflow's uploader: merge a veRL checkpoint and push it to the Hub.
 
     ``HuggingFaceUploader(repo_id="me/model", optimizer_save_mode="full").upload_from_checkpoint_dir(
-    checkpoint_dir="ckpts/exp/global_step_500/actor", step=500)``. With ``raise_on_error=False`` a
-    failed upload is logged and returned as ``PushResult(ok=False, error=...)``, so a training job
-    that uploads at its end cannot crash because of it. Under torch.distributed only rank 0 works;
-    the other ranks return at once (no barrier, so a long upload cannot time out a collective).
+    checkpoint_dir="ckpts/exp/global_step_500/actor", step=500)``. A failed upload is logged as one
+    error line and returned as ``PushResult(ok=False, error=...)``, so a training job that uploads
+    at its end cannot crash because of it; ``raise_on_error=True`` raises instead (and checks the
+    arguments at once). Under torch.distributed only rank 0 works; the other ranks return at once
+    (no barrier, so a long upload cannot time out a collective).
     """
 
-    def __init__(self, repo_id: str, organization: str | None = None, private: bool = False,
+    def __init__(self, repo_id: str | None = None, organization: str | None = None, private: bool | None = None,
                  optimizer_save_mode: str | None = None, *, token: str | None = None, endpoint: str | None = None,
-                 revision: str | None = None, commit_message: str | None = None, raise_on_error: bool = True,
+                 revision: str | None = None, commit_message: str | None = None, raise_on_error: bool = False,
                  **options: Any):
-        if not repo_id:
-            raise ConfigError("repo_id is required")
         self.repo_id = repo_id
         self.organization = organization
         self.private = private
-        self.optimizer_save_mode = optimizer_mode(optimizer_save_mode)
+        self.optimizer_save_mode = optimizer_save_mode
         self.token = token
         self.endpoint = endpoint
         self.revision = revision
         self.commit_message = commit_message
         self.raise_on_error = raise_on_error
         self.options = options  # merge_and_push / merge options: dtype, max_shard_size, retry, ...
+        if raise_on_error:
+            optimizer_mode(optimizer_save_mode)  # a bad value fails now rather than after training
 
     def upload_from_checkpoint_dir(self, checkpoint_dir: str | os.PathLike, model_name: str | None = None,
                                    step: int | None = None, *, out_dir: str | os.PathLike | None = None,
@@ -424,14 +486,14 @@ class HuggingFaceUploader:
         ``<actor folder>-hf`` beside the actor folder (kept, so a re-run resumes).
         """
         def work() -> PushResult:
+            optimizer = optimizer_mode(self.optimizer_save_mode) is not None
             ck = resolve_checkpoint(checkpoint_dir, step)
             return merge_and_push(ck, out_dir, self.repo_id, organization=self.organization, private=self.private,
                                   revision=self.revision, commit_message=self.commit_message, token=self.token,
-                                  endpoint=self.endpoint, optimizer=self.optimizer_save_mode is not None,
-                                  model_name=model_name, **self.options)
+                                  endpoint=self.endpoint, optimizer=optimizer, model_name=model_name, **self.options)
 
         raise_ = self.raise_on_error if raise_on_error is None else raise_on_error
-        result = _run(raise_, f"upload of {checkpoint_dir} to {self.repo_id}", work)
+        result = _run(raise_, f"upload of {checkpoint_dir} to {self.repo_id or 'the Hub'}", work)
         if result.ok:
             logger.info("%s", result.summary())
         return result
@@ -439,20 +501,19 @@ class HuggingFaceUploader:
 
 def upload_checkpoint_to_hf(checkpoint_dir: str | os.PathLike, model_name: str | None = None,
                             repo_id: str | None = None, step: int | None = None, organization: str | None = None,
-                            private: bool = False, optimizer_save_mode: str | None = "full", *,
-                            out_dir: str | os.PathLike | None = None, raise_on_error: bool = True,
+                            private: bool | None = None, optimizer_save_mode: str | None = "full", *,
+                            out_dir: str | os.PathLike | None = None, raise_on_error: bool = False,
                             **options: Any) -> PushResult:
     """Merge a veRL checkpoint and push it to the Hub: the seed workflow's one-call entry point.
 
-    Same arguments, in the same order, as the seed's function; ``model_name`` is optional here.
+    Same arguments, in the same order, as the seed's function; ``model_name`` is optional here. A
+    failure is logged as one error line and returned (``ok=False``) unless ``raise_on_error=True``.
     ``options``: ``token``, ``endpoint``, ``revision``, ``commit_message`` and merge options.
     """
-    if not repo_id:
-        raise ConfigError("repo_id is required")
     return HuggingFaceUploader(repo_id, organization, private, optimizer_save_mode, **options) \
         .upload_from_checkpoint_dir(checkpoint_dir, model_name, step, out_dir=out_dir, raise_on_error=raise_on_error)
 
 
-__all__ = ["OWNED_PATTERNS", "ConfigError", "HuggingFaceUploader", "PushConfig", "PushResult", "default_out_dir", "load_push_config",
-           "merge_and_push", "model_files", "push_settings", "resolve_checkpoint", "upload_checkpoint_to_hf",
-           "with_model_files"]
+__all__ = ["OWNED_PATTERNS", "ConfigError", "HuggingFaceUploader", "PushConfig", "PushResult", "default_out_dir",
+           "load_push_config", "merge_and_push", "model_files", "push_settings", "resolve_checkpoint", "source_label",
+           "upload_checkpoint_to_hf", "with_model_files"]

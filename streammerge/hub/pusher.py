@@ -51,7 +51,8 @@ class HubPusher:
             ``"organization/name"``; with neither, the token's user is the namespace.
         token: a Hub token; ``None`` uses ``HF_TOKEN`` or the one saved by ``hf auth login``.
         endpoint: Hub URL; ``None`` uses ``HF_ENDPOINT`` or huggingface.co.
-        private: visibility when the repo is created (an existing repo keeps its own).
+        private: visibility when the repo is created (an existing repo keeps its own; a warning says so
+            when it is public).
         revision: branch to commit to; created from ``main`` when missing.
         commit_message: summary of the commit(s); several commits get " (part i/n)".
         max_files_per_commit: keeps each commit request well under the Hub's ~60 s commit timeout.

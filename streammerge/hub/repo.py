@@ -9,6 +9,8 @@ merge leaves nothing behind on the Hub.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,7 @@ from .retry import TOKENS_URL, PushError, Retrier, first_line
 logger = logging.getLogger(__name__)
 
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+REPO_NAME_MAX = 96  # the Hub's limit on the name part of a repo id
 # Fine-grained token permissions that allow writing to the repos of a user or organization.
 WRITE_PERMISSIONS = frozenset({"repo.write", "repo.content.write"})
 # Roles in an organization that may push: "contributor" only to repos the user created there.
@@ -100,6 +103,28 @@ def _advice(user: Mapping[str, Any], repo_id: str, why: str) -> str:
             "where you have a write role (--organization)")
 
 
+def repo_name_for(folder: str | os.PathLike) -> str:
+    """A valid Hub repo name made from a folder's name, as transformers' ``push_to_hub`` names a repo.
+
+    Anything but ASCII letters, digits, ``_``, ``-`` and ``.`` becomes ``-``; ``--`` and ``..``
+    (refused by the Hub) collapse, the ends are trimmed to a letter or digit, a ``.git`` ending is
+    dropped and the name is cut to 96 characters: ``"My Model (v2)"`` -> ``"My-Model-v2"``.
+    Raises ValueError when nothing usable is left.
+    """
+    raw = os.path.basename(os.path.abspath(os.path.expanduser(os.fspath(folder))))
+    name = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_.-]+", "-", raw))
+    name = re.sub(r"\.{2,}", ".", name)
+    previous = None
+    while name != previous:
+        previous = name
+        name = name.strip("-.")
+        name = name[:-len(".git")] if name.endswith(".git") else name
+        name = name[:REPO_NAME_MAX]
+    if not name:
+        raise ValueError(f"{raw!r} gives no valid Hub repo name (letters, digits, '-', '_', '.'); give --repo-id NAME")
+    return name
+
+
 class HubRepo:
     """One repo and branch on the Hub as a push sees it: named, checked, created on demand, discarded.
 
@@ -122,6 +147,7 @@ class HubRepo:
         self.user: dict | None = None  # whoami, once asked
         self.created_repo: str | None = None  # head sha of the repo this push created, if it did
         self.created_branch: str | None = None  # head sha of the branch this push created, if it did
+        self._visibility_told = False
         calls.target = repo_id
 
     @property
@@ -150,12 +176,28 @@ class HubRepo:
             raise PushError(self.calls.redact(
                 f"token of user {user.get('name')} cannot write to {where} ({why}); "
                 f"{_advice(user, self.repo_id, why)}"), kind="permission")
+        if self.private:
+            self._warn_if_public(self.calls.call("look up the repo", self.info))
         return self.repo_id
+
+    def _warn_if_public(self, info: Any | None) -> None:
+        """Say so (once) when a private repo was asked for but the repo exists and is public: it stays public."""
+        if not self.private or self._visibility_told or info is None or getattr(info, "private", None) is not False:
+            return
+        self._visibility_told = True
+        kind = "" if self.repo_type == "model" else f" --type {self.repo_type}"
+        logger.warning("%s exists and is public; streammerge does not change the visibility of an existing repo "
+                       "(--private applies only to a repo it creates), so this push goes to a public repo; to make "
+                       "it private, run `hf repos settings %s --private%s`, use the repo's Settings page on the Hub, "
+                       "or call HfApi().update_repo_settings(%r, private=True)",
+                       self.repo_id, self.repo_id, kind, self.repo_id)
 
     def prepare(self) -> None:
         """Create the repo and the branch when missing, remembering what was created (see :meth:`discard`)."""
         self.whoami()
-        if self.calls.call("look up the repo", self.head) is None:
+        info = self.calls.call("look up the repo", self.info)
+        self._warn_if_public(info)
+        if info is None:
             url = self.calls.call("create the repo", lambda: self.api.create_repo(
                 self.repo_id, private=self.private, repo_type=self.repo_type, exist_ok=True))
             self._rename(url.repo_id or self.repo_id)
@@ -168,8 +210,13 @@ class HubRepo:
 
     def head(self, revision: str | None = None) -> str | None:
         """Head sha of ``revision`` (the default branch when None); None when the repo or branch is missing."""
+        info = self.info(revision)
+        return None if info is None else info.sha
+
+    def info(self, revision: str | None = None) -> Any | None:
+        """The repo's info at ``revision`` (the default branch when None); None when the repo or branch is missing."""
         try:
-            return self.api.repo_info(self.repo_id, revision=revision, repo_type=self.repo_type).sha
+            return self.api.repo_info(self.repo_id, revision=revision, repo_type=self.repo_type)
         except GatedRepoError:
             raise
         except RepositoryNotFoundError:  # RevisionNotFoundError is not one of these

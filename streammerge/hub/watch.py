@@ -25,7 +25,7 @@ from typing import Any
 from ..discover import LATEST_FILE, Checkpoint, find_checkpoint
 from ..errors import CheckpointError, StreammergeError
 from ..pipeline import merge
-from .publish import PushResult, default_out_dir, merge_and_push, with_model_files
+from .publish import ConfigError, PushResult, default_out_dir, merge_and_push, with_model_files
 from .retry import PushError
 
 logger = logging.getLogger(__name__)
@@ -90,14 +90,14 @@ class Watcher:
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, push: bool = True, repo_id: str | None = None,
-                 organization: str | None = None, private: bool = False, revision: str | None = None,
+                 organization: str | None = None, private: bool | None = None, revision: str | None = None,
                  revision_per_step: bool = False, only_latest: bool = False, out_root: str | os.PathLike | None = None,
                  state_file: str | os.PathLike | None = None, **options: Any):
         self.run_dir = Path(run_dir).expanduser().resolve()
         if not self.run_dir.is_dir():
             raise CheckpointError(f"{self.run_dir}: no such run folder")
-        if push and not repo_id:
-            raise ValueError("push needs a repo_id")
+        if push and not repo_id:  # each step has its own output folder: none of them names the model
+            raise ConfigError("watch --push needs --repo-id NAME (every step is pushed to that repo)")
         if revision and revision_per_step:
             raise ValueError("give either a revision or revision_per_step, not both")
         self.push = push
