@@ -261,7 +261,8 @@ class PushResult:
 
     def __repr__(self) -> str:
         """Short: the merge result (plans of every tensor) and the file lists are left out."""
-        shown = {k: getattr(self, k) for k in ("repo_id", "revision", "commit_oid", "step", "error_kind", "note")}
+        shown = {k: getattr(self, k) for k in ("repo_id", "revision", "commit_oid", "step", "error_kind", "error",
+                                               "note")}
         parts = [f"ok={self.ok}"] + [f"{k}={v!r}" for k, v in shown.items() if v is not None]
         parts += [f"files={len(self.files)}", f"commits={self.commits}", f"seconds={self.seconds:.1f}"]
         return f"PushResult({', '.join(parts)})"
