@@ -121,8 +121,8 @@ def serve(link_mbps: float) -> None:
 def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float) -> dict:
     import streammerge
     from hubserver import WRITE_TOKEN
-    from streammerge.hub import HubPusher, push_folder
-    from streammerge.publish import merge_and_push
+    from streammerge.hub.publish import merge_and_push
+    from streammerge.hub.pusher import HubPusher, push_folder
 
     shutil.rmtree(out, ignore_errors=True)
     drop_cache(ckpt)

@@ -29,7 +29,7 @@ _PUBLISH = ("HuggingFaceUploader", "PushResult", "merge_and_push", "upload_check
 def __getattr__(name: str) -> Any:
     """The Hub stack (huggingface_hub) is imported only when a push needs it."""
     if name in _PUBLISH:
-        from . import publish
+        from .hub import publish
 
         return getattr(publish, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

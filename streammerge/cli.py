@@ -18,7 +18,7 @@ HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded FSDP checkp
 streammerge inspect CKPT_DIR                print the merge plan without writing
 streammerge verify OUT_DIR [CKPT_DIR]       check an output folder (and, given the checkpoint, every tensor)
 streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it
-streammerge CKPT_DIR OUT_DIR --push --repo-id NAME   merge and push to the Hugging Face Hub at the same time
+streammerge CKPT_DIR OUT_DIR --push [--repo-id NAME]  merge and push to the Hugging Face Hub at the same time
 streammerge watch RUN_DIR --push --repo-id NAME      merge and push each new checkpoint of a training run"""
 
 
@@ -84,10 +84,12 @@ def _push_args(p: argparse.ArgumentParser) -> None:
                              "Token from HF_TOKEN or `hf auth login`, endpoint from HF_ENDPOINT.")
     g.add_argument("--push", action=argparse.BooleanOptionalAction, default=None,
                    help="push to the Hub, uploading each file while the next is merged")
-    g.add_argument("--repo-id", metavar="NAME", help="NAME or NAMESPACE/NAME; created if missing, updated if it exists")
+    g.add_argument("--repo-id", metavar="NAME",
+                   help="NAME or NAMESPACE/NAME; created if missing, updated if it exists (default: named after "
+                        "OUT_DIR in your namespace, created private)")
     g.add_argument("--organization", metavar="ORG", help="namespace for a NAME without one")
     g.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
-                   help="create the repo private (an existing repo keeps its visibility)")
+                   help="create the repo private (an existing repo keeps its visibility; a warning says so)")
     g.add_argument("--revision", metavar="BRANCH", help="branch to commit to (default main; created from main)")
     g.add_argument("--commit-message", metavar="TEXT")
     g.add_argument("--config", metavar="FILE",
@@ -101,7 +103,7 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 
 def _push_settings(args: argparse.Namespace):
-    from .publish import push_settings
+    from .hub.publish import push_settings
 
     settings = push_settings(args.config, push=args.push, repo_id=args.repo_id, organization=args.organization,
                              private=args.private, optimizer_save_mode=args.optimizer_save_mode)
@@ -116,9 +118,9 @@ def _push_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import PushError
+    from .hub.publish import merge_and_push
+    from .hub.retry import PushError
     from .pipeline import merge
-    from .publish import merge_and_push
 
     settings = _push_settings(args)
     _warn_trust_pickle(args)
@@ -129,6 +131,8 @@ def cmd_push(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         result = merge(args.checkpoint, args.out_dir, options)
     else:
+        if settings.repo_id is None:
+            _say_inferred_repo(args.out_dir, settings.organization, settings.private)
         try:
             pushed = merge_and_push(args.checkpoint, args.out_dir, settings.repo_id, organization=settings.organization,
                                     private=settings.private, revision=args.revision, options=options,
@@ -145,10 +149,24 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_inferred_repo(out_dir: str, organization: str | None, private: bool | None) -> None:
+    """Say which repo a push without --repo-id goes to before the merge starts (the URL comes at the end)."""
+    from .hub.repo import repo_name_for
+
+    try:
+        name = repo_name_for(out_dir)
+    except ValueError:
+        return  # merge_and_push refuses it with the reason
+    where = f"{organization}/{name}" if organization else f"{name} in your namespace"
+    visibility = "public" if private is False else "private"
+    print(f"streammerge: no --repo-id: pushing to {where} (named after OUT_DIR; created {visibility} if missing)",
+          file=sys.stderr)
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     import logging
 
-    from .watch import Watcher
+    from .hub.watch import Watcher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s streammerge: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpx2", "huggingface_hub"):

@@ -111,12 +111,16 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = None, **kwargs: Any) -> MergePlan:
-    """Plan a merge from metadata alone: nothing is written, no tensor data is read."""
+def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = None, *, token: str | None = None,
+               endpoint: str | None = None, **kwargs: Any) -> MergePlan:
+    """Plan a merge from metadata alone: nothing is written, no tensor data is read.
+
+    `token` and `endpoint` reach the Hub for a `model_name` given as a Hub model (never recorded).
+    """
     options = MergeOptions.create(options, **kwargs)
     source = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
     if options.model_name:
-        model_dir, root = model_dir_for(options.model_name)
+        model_dir, root = model_dir_for(options.model_name, token=token, endpoint=endpoint)
         model_paths = list(model_files(model_dir, root))
     else:
         model_dir, root = source.hf_dir, source.path

@@ -7,8 +7,12 @@ deletion, revision info, file listing (tree) and file download (enough for ``sna
 There is deliberately no Xet endpoint, like a Hub without Xet: a client with Xet on fails on it.
 
 Tests drive it with the real client and then look at its state (repos, commits, blobs) and at the
-request log. Tokens: WRITE_TOKEN and READ_TOKEN belong to "alice" (member of org "acme"),
-OTHER_TOKEN to "bob"; anything else gets 401. Fault knobs act on the next requests whose path
+request log. Tokens (``/api/whoami-v2`` describes them as the Hub does, and writes are refused
+with 403 as the Hub refuses them): WRITE_TOKEN (classic write) and READ_TOKEN (classic read) belong
+to "alice", who has the write role in org "acme"; OTHER_TOKEN (classic write) to "bob", in no org;
+ORG_READER_TOKEN (classic write) to "carol", who has the read role in "acme"; FINE_TOKEN is a
+fine-grained token of "alice" with repo.write on "acme" only (alice's own namespace: read only).
+Anything else gets 401. Fault knobs act on the next requests whose path
 matches a regex: ``fail_next`` (status, optional Retry-After), ``drop_response`` /
 ``drop_after_commit`` (handled, then connection reset), ``reset_next`` (reset, not handled),
 ``hang`` (held until ``release()``, then reset), ``before_next`` (run a callback first)::
@@ -45,20 +49,36 @@ from urllib.parse import parse_qs, unquote, urlsplit
 WRITE_TOKEN = "hf_streammergeTestWriteTokenAlice0001"
 READ_TOKEN = "hf_streammergeTestReadTokenAlice0002"
 OTHER_TOKEN = "hf_streammergeTestWriteTokenBob00003"
+ORG_READER_TOKEN = "hf_streammergeTestWriteTokenCarol004"
+FINE_TOKEN = "hf_streammergeTestFineTokenAlice00005"
+
+# Fine-grained permissions that let a token write to the repos of an entity (the Hub's names).
+WRITE_PERMISSIONS = frozenset({"repo.write", "repo.content.write"})
+ORG_WRITE_ROLES = frozenset({"contributor", "write", "admin"})
 
 
 @dataclass(frozen=True)
 class TokenInfo:
     user: str
-    role: str  # "read" or "write"
+    role: str  # "read", "write" or "fineGrained"
+    # fine-grained only: (entity type "user"/"org"/"model"/..., entity name, permissions) per scope
+    scoped: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def permissions(self, namespace: str, repo_id: str | None = None) -> set[str]:
+        """A fine-grained token's permissions on ``namespace`` (or on the repo ``repo_id``)."""
+        return {p for etype, name, perms in self.scoped for p in perms
+                if (etype in ("user", "org") and name == namespace) or (repo_id is not None and name == repo_id)}
 
 
 DEFAULT_TOKENS = {
     WRITE_TOKEN: TokenInfo("alice", "write"),
     READ_TOKEN: TokenInfo("alice", "read"),
     OTHER_TOKEN: TokenInfo("bob", "write"),
+    ORG_READER_TOKEN: TokenInfo("carol", "write"),
+    FINE_TOKEN: TokenInfo("alice", "fineGrained", (("user", "alice", ("repo.content.read",)),
+                                                   ("org", "acme", ("repo.content.read", "repo.write")))),
 }
-DEFAULT_ORGS = {"acme": {"alice"}}
+DEFAULT_ORGS = {"acme": {"alice": "write", "carol": "read"}}  # org -> member -> role in the org
 
 # What a new repo on the Hub gets in its first commit; these names go to LFS.
 LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.npy",
@@ -184,10 +204,12 @@ class _Drop(Exception):
 class HubServer:
     """In-process Hub-compatible server; use as a context manager (``with HubServer() as hub``)."""
 
-    def __init__(self, tokens: dict[str, TokenInfo] | None = None, orgs: dict[str, set[str]] | None = None,
-                 multipart_chunk_size: int = 1024 * 1024):
+    def __init__(self, tokens: dict[str, TokenInfo] | None = None,
+                 orgs: dict[str, dict[str, str] | set[str]] | None = None, multipart_chunk_size: int = 1024 * 1024):
         self.tokens = dict(DEFAULT_TOKENS if tokens is None else tokens)
-        self.orgs = {k: set(v) for k, v in (DEFAULT_ORGS if orgs is None else orgs).items()}
+        # org -> {member: role}; a set of members gives each the write role
+        self.orgs = {k: dict(v) if isinstance(v, dict) else dict.fromkeys(v, "write")
+                     for k, v in (DEFAULT_ORGS if orgs is None else orgs).items()}
         self.multipart_chunk_size = multipart_chunk_size
         self.repos: dict[tuple[str, str], Repo] = {}
         self.blobs: dict[str, bytes] = {}
@@ -318,13 +340,20 @@ class HubServer:
             raise HttpError(401, "Invalid credentials in Authorization header")
         return info
 
-    def _can_write_ns(self, user: TokenInfo | None, namespace: str) -> None:
+    def _can_write_ns(self, user: TokenInfo | None, namespace: str, repo_id: str | None = None) -> None:
+        """403 unless the token may write to ``namespace`` (or to the repo ``repo_id`` there), as on the Hub."""
         if user is None:
             raise HttpError(401, "You must be authenticated to write to the Hub")
-        if user.role != "write":
+        if user.role == "read":
             raise HttpError(403, "You don't have the rights to write with this token: it is a read token")
-        if namespace != user.user and user.user not in self.orgs.get(namespace, ()):
-            raise HttpError(403, f"You don't have the rights to write to the namespace {namespace}")
+        if namespace != user.user:
+            role = self.orgs.get(namespace, {}).get(user.user)
+            if role is None:
+                raise HttpError(403, f"You don't have the rights to write to the namespace {namespace}")
+            if role not in ORG_WRITE_ROLES:
+                raise HttpError(403, f"You have the {role} role in {namespace}, which cannot write")
+        if user.role == "fineGrained" and not user.permissions(namespace, repo_id) & WRITE_PERMISSIONS:
+            raise HttpError(403, f"This fine-grained token has no write permission on {repo_id or namespace}")
 
     def _get_repo(self, user: TokenInfo | None, repo_type: str, repo_id: str, write: bool = False) -> Repo:
         repo = self.repos.get((repo_type, repo_id))
@@ -335,7 +364,7 @@ class HubServer:
         if repo is None:
             raise HttpError(404, "Repository not found", "RepoNotFound")
         if write:
-            self._can_write_ns(user, repo.namespace)
+            self._can_write_ns(user, repo.namespace, repo.repo_id)
         return repo
 
     @staticmethod
@@ -537,9 +566,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---- endpoints -------------------------------------------------------------------------
     def _whoami(self, user: TokenInfo) -> dict:
-        orgs = [{"name": o, "type": "org"} for o, members in self.hub.orgs.items() if user.user in members]
-        return {"type": "user", "name": user.user, "fullname": user.user.title(), "orgs": orgs,
-                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user.role}}}
+        """What the Hub answers: the user, its orgs with the user's role in each, and the token's role
+        (fine-grained tokens list their permissions per entity)."""
+        def entity(kind: str, name: str) -> dict:
+            return {"id": hashlib.sha1(f"{kind}:{name}".encode()).hexdigest()[:24], "name": name,
+                    "fullname": name.title(), "avatarUrl": f"/avatars/{name}.svg"}
+
+        orgs = [{**entity("org", o), "type": "org", "email": None, "canPay": False, "periodEnd": None,
+                 "roleInOrg": members[user.user]}
+                for o, members in self.hub.orgs.items() if user.user in members]
+        token: dict[str, Any] = {"displayName": f"{user.role} token", "role": user.role,
+                                 "createdAt": "2026-01-01T00:00:00.000Z"}
+        if user.role == "fineGrained":
+            token["fineGrained"] = {
+                "canReadGatedRepos": False, "global": ["discussion.write", "post.write"],
+                "scoped": [{"entity": {"_id": entity(kind, name)["id"], "type": kind, "name": name},
+                            "permissions": list(perms)} for kind, name, perms in user.scoped]}
+        return {**entity("user", user.user), "type": "user", "email": f"{user.user}@example.com",
+                "emailVerified": True, "isPro": False, "canPay": False, "periodEnd": None, "orgs": orgs,
+                "auth": {"type": "access_token", "accessToken": token}}
 
     def _create_repo(self, user: TokenInfo | None, payload: dict) -> dict:
         hub = self.hub
@@ -548,8 +593,8 @@ class _Handler(BaseHTTPRequestHandler):
             if user is None:
                 raise HttpError(401, "You must be authenticated to create a repo")
             ns = payload.get("organization") or user.user
-            hub._can_write_ns(user, ns)
             repo_id = f"{ns}/{payload['name']}"
+            hub._can_write_ns(user, ns, repo_id)
             url = f"{hub.endpoint}/{URL_PREFIX[repo_type]}{repo_id}"
             if (repo_type, repo_id) in hub.repos:
                 raise HttpError(409, f"You already created this {repo_type} repo", extra={"url": url})

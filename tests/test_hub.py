@@ -19,10 +19,13 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
-from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
-from streammerge.hub import HubPusher, PushError, RetryPolicy, make_model_card, plan_commits, push_folder
+from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
+from streammerge.hub.card import make_model_card
+from streammerge.hub.commits import matches, plan_commits
+from streammerge.hub.pusher import HubPusher, push_folder
+from streammerge.hub.retry import PushError, RetryPolicy
 
 # huggingface_hub's own LFS PUTs use httpx's deprecated data=<file>.
 pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
@@ -170,7 +173,7 @@ def test_branch_is_created_and_main_is_left_alone(hub, folder):
 
 def test_resume_after_client_killed_mid_upload_resends_nothing_stored(hub, folder):
     code = f"""
-        from streammerge.hub import push_folder
+        from streammerge.hub.pusher import push_folder
         push_folder({str(folder)!r}, "alice/tiny", max_workers=1)
     """
     env = {"HF_TOKEN": WRITE_TOKEN, "HF_ENDPOINT": hub.endpoint}
@@ -251,7 +254,7 @@ def test_bad_token_gives_login_advice_and_never_shows_the_token(hub, folder):
     # What a user sees, traceback and logs included, when the token comes from HF_TOKEN.
     proc = run_client(f"""
         import logging; logging.basicConfig(level=logging.DEBUG)
-        from streammerge.hub import push_folder
+        from streammerge.hub.pusher import push_folder
         push_folder({str(folder)!r}, "alice/tiny")
     """, {"HF_TOKEN": bad, "HF_ENDPOINT": hub.endpoint})
     out, err = proc.communicate(timeout=60)
@@ -355,8 +358,6 @@ def test_plan_commits_orders_and_splits():
 
 
 def test_delete_patterns_remove_stale_files_only_and_list_them_at_the_head_committed_on(hub, folder):
-    from streammerge.hub import matches
-
     owned = ("model-*-of-*.safetensors", "optimizer/")
     assert matches("optimizer/a/b.pt", "optimizer/") and matches("model-1-of-2.safetensors", owned[0])
     assert not matches("extra/model-1-of-2.safetensors", owned[0]) and not matches("optimizer.pt", "optimizer/")
@@ -383,3 +384,61 @@ def test_delete_patterns_remove_stale_files_only_and_list_them_at_the_head_commi
     assert [e.status for e in hub.requests("POST", r"/commit/")][-2:] == [412, 200]
     assert sorted(hub.commit_log("alice/tiny")[-1].deleted) == ["model-00003-of-00004.safetensors", "optimizer/old.pt"]
     assert "notes.txt" in hub.files("alice/tiny") and "optimizer/old.pt" not in hub.files("alice/tiny")
+
+
+# Every kind of token, against a personal and an organization namespace: (token, repo, refusal or None).
+ACCESS_CASES = [
+    (WRITE_TOKEN, "alice/m", None),  # classic write token: own namespace ...
+    (WRITE_TOKEN, "acme/m", None),  # ... and an org where alice has the write role
+    (READ_TOKEN, "alice/m", "token of user alice cannot write to alice/m (read-only token)"),
+    (OTHER_TOKEN, "acme/m", "token of user bob cannot write to acme (bob is not a member of acme)"),
+    (ORG_READER_TOKEN, "acme/m", "token of user carol cannot write to organization acme (carol has the read-only "
+                                 "'read' role in acme)"),
+    (ORG_READER_TOKEN, "carol/m", None),
+    (FINE_TOKEN, "acme/m", None),  # fine-grained, repo.write on acme
+    (FINE_TOKEN, "alice/m", "token of user alice cannot write to alice/m (fine-grained token without repo.write "
+                            "on alice)"),
+]
+
+
+@pytest.mark.parametrize("token,repo_id,refusal", ACCESS_CASES, ids=[
+    "write-own", "write-org", "read", "not-member", "org-read-role", "org-reader-own", "fine-org", "fine-own"])
+def test_access_check_reads_whoami_as_the_hub_enforces_it(hub, token, repo_id, refusal):
+    """The check before the merge agrees with what the Hub then allows: each refusal is one line
+    naming the user, the namespace and the reason, and the Hub refuses that token there too."""
+    pusher = HubPusher(repo_id, endpoint=hub.endpoint, token=token, retry=FAST)
+    api = HfApi(endpoint=hub.endpoint, token=token)
+    if refusal is None:
+        assert pusher.check_access() == repo_id
+        api.create_repo(repo_id)
+        assert ("model", repo_id) in hub.repos
+        return
+    with pytest.raises(PushError) as exc_info:
+        pusher.check_access()
+    message = str(exc_info.value)
+    assert exc_info.value.kind == "permission" and message.startswith(refusal), message
+    assert "\n" not in message and token not in message and "write access" in message
+    assert not hub.requests("POST", r"^/api/repos/create$")  # checked without creating anything
+    with pytest.raises(HfHubHTTPError) as denied:
+        api.create_repo(repo_id)
+    assert denied.value.response.status_code == 403
+
+
+def test_fine_grained_token_pushes_to_the_org_it_is_scoped_to(hub, folder):
+    push_folder(folder, "tiny", organization="acme", endpoint=hub.endpoint, token=FINE_TOKEN, retry=FAST)
+    assert remote_files(hub, "acme/tiny") == expected_files(folder)
+
+
+def test_repo_name_for_a_folder_is_a_valid_hub_name(tmp_path):
+    from huggingface_hub.utils import validate_repo_id
+
+    from streammerge.hub.repo import repo_name_for
+
+    for folder, name in [("my-model", "my-model"), ("My Model (v2)", "My-Model-v2"), ("qwen2.5_7b", "qwen2.5_7b"),
+                         ("..run--12..", "run-12"), ("a" * 120, "a" * 96), ("modèle", "mod-le"),
+                         ("checkpoint.git", "checkpoint")]:
+        assert repo_name_for(tmp_path / folder) == name, folder
+        validate_repo_id(f"alice/{name}")
+    assert repo_name_for(Path("out/")) == "out"  # the folder's own name, even with a trailing slash
+    with pytest.raises(ValueError, match="--repo-id"):
+        repo_name_for(tmp_path / "%%%")

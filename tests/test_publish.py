@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -21,10 +22,10 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import streammerge
-from hubserver import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
+from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from streammerge.errors import CheckpointError
-from streammerge.hub import PushError, RetryPolicy
-from streammerge.publish import ConfigError, load_push_config, merge_and_push, push_settings
+from streammerge.hub.publish import ConfigError, PushConfig, load_push_config, merge_and_push, push_settings
+from streammerge.hub.retry import PushError, RetryPolicy
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
               pytest.mark.usefixtures("hub_env")]
@@ -65,9 +66,11 @@ def completed_puts(hub: HubServer, since: int = 0) -> Counter:
                    and e.status == 200)
 
 
-def cli(args: list[str], hub: HubServer, token: str = WRITE_TOKEN, wait: bool = True):
+def cli(args: list[str], hub: HubServer, token: str = WRITE_TOKEN, wait: bool = True, quiet_hf: bool = True):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": token, "HF_ENDPOINT": hub.endpoint,
            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if not quiet_hf:  # huggingface_hub's own progress bars as a user gets them
+        env.pop("HF_HUB_DISABLE_PROGRESS_BARS")
     cmd = [sys.executable, "-m", "streammerge", *map(str, args)]
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -109,10 +112,11 @@ def test_cli_push_to_private_org_repo_uploads_merged_files_index_last(hub, make_
 
     card = local["README.md"].decode()
     config = json.loads(local["config.json"])
-    for fact in (str(make_ckpt()), "| Training step | `2` |", "| FSDP world size | `2` |",
-                 f"| Weights dtype | `{config['dtype']}` |", "| Optimizer state included | `yes` |",
-                 'from_pretrained("acme/tiny"'):
+    for fact in ("| Source checkpoint | `global_step_2/actor` |", "| Training step | `2` |",
+                 "| FSDP world size | `2` |", f"| Weights dtype | `{config['dtype']}` |",
+                 "| Optimizer state included | `yes` |", 'from_pretrained("acme/tiny"'):
         assert fact in card
+    assert str(make_ckpt()) not in card  # no local path on the Hub
     assert f"acme/tiny/commit/{hub.repo('acme/tiny').branches['main']}" in proc.stdout
     assert WRITE_TOKEN not in proc.stdout + proc.stderr
 
@@ -298,7 +302,7 @@ def test_failed_push_keeps_the_merged_folder_and_the_rerun_finishes(hub, make_ck
 def test_config_block_is_found_anywhere_and_checked(tmp_path):
     top = tmp_path / "top.yaml"
     top.write_text("hf_upload:\n  enabled: true\n  repo_id: alice/m\n  private: true\n  optimizer_save_mode: null\n")
-    assert load_push_config(top) == streammerge.publish.PushConfig(True, "alice/m", None, True, None)
+    assert load_push_config(top) == PushConfig(True, "alice/m", None, True, None)
     nested = tmp_path / "nested.yaml"
     nested.write_text("actor_rollout_ref:\n  model: {path: Qwen/Qwen2.5-0.5B}\n"
                       "trainer:\n  logger: [console]\n  hf_upload:\n    enabled: false\n    repo_id: m\n"
@@ -309,12 +313,14 @@ def test_config_block_is_found_anywhere_and_checked(tmp_path):
     cfg = push_settings(nested, push=True, repo_id="other", private=True, optimizer_save_mode="none")
     assert (cfg.enabled, cfg.repo_id, cfg.organization, cfg.private, cfg.optimizer) == (True, "other", "acme", True,
                                                                                        False)
+    no_repo = tmp_path / "no-repo.yaml"  # no repo_id anywhere: the push names it after the output folder
+    no_repo.write_text("hf_upload: {enabled: true}\n")
+    assert (push_settings(no_repo).repo_id, push_settings(no_repo).private) == (None, None)
     for text, message in [("trainer: {epochs: 1}\n", "no hf_upload"),
                           ("a: {hf_upload: {repo_id: x}}\nb: {hf_upload: {repo_id: y}}\n", "several different"),
                           ("hf_upload: {enabled: true, repo_id: '${oc.env:USER}/m'}\n", "interpolation"),
                           ("hf_upload: {enabled: true, optimizer_save_mode: sharded}\n", "optimizer_save_mode"),
-                          ("hf_upload: [1, 2]\n", "mapping"),
-                          ("hf_upload: {enabled: true}\n", "--repo-id")]:
+                          ("hf_upload: [1, 2]\n", "mapping")]:
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ConfigError, match=message):
@@ -344,7 +350,8 @@ def test_seed_function_picks_the_step_in_a_run_folder_and_uses_the_default_out_d
     assert hub.commit_log("alice/tiny")[-1].summary == "Upload model from step 2 with streammerge"
 
     with pytest.raises(CheckpointError, match="step 5, not of step 2"):
-        streammerge.upload_checkpoint_to_hf(checkpoint_dir=other / "actor", repo_id="tiny", step=2)
+        streammerge.upload_checkpoint_to_hf(checkpoint_dir=other / "actor", repo_id="tiny", step=2,
+                                            raise_on_error=True)
 
 
 def test_seed_uploader_class_and_raise_on_error_false_returns_the_failure(hub, make_ckpt, tmp_path, caplog):
@@ -365,7 +372,7 @@ def test_seed_uploader_class_and_raise_on_error_false_returns_the_failure(hub, m
     assert not failed.ok and failed.error_kind == "auth"
     with pytest.raises(PushError):
         streammerge.upload_checkpoint_to_hf(make_ckpt(), None, "tiny", optimizer_save_mode=None, token=BAD_TOKEN,
-                                            endpoint=hub.endpoint, retry=FAST)
+                                            endpoint=hub.endpoint, retry=FAST, raise_on_error=True)
 
 
 def _actor_without_hf(make_ckpt, tmp_path) -> Path:
@@ -485,3 +492,140 @@ def test_push_over_an_earlier_push_deletes_its_stale_shards_and_optimizer_in_the
     n_commits = len(hub.commit_log("alice/tiny"))  # the same push again: nothing to send, nothing to delete
     again = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False))
     assert again.commits == 0 and not again.deleted and len(hub.commit_log("alice/tiny")) == n_commits
+
+
+# ---- fixes of user-facing problems ---------------------------------------------------------------
+def _errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_seed_calls_never_raise_they_log_one_error_line_and_return_the_failure(hub, run_dir, make_ckpt, tmp_path,
+                                                                               caplog, monkeypatch):
+    """A failed upload at the end of training must not crash the training: the seed's calls, made as
+    the seed makes them, log one error line and return ok=False, whatever went wrong."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    broken = _broken_actor(make_ckpt, tmp_path)
+    with socket.socket() as s:  # a port nobody listens on: the Hub is unreachable
+        s.bind(("127.0.0.1", 0))
+        unreachable = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cases = [  # (what, HF_TOKEN, call, error kind, words in the error)
+        ("bad token", BAD_TOKEN, lambda: streammerge.upload_checkpoint_to_hf(
+            checkpoint_dir=run_dir, repo_id="tiny", step=2), "auth", "hf auth login"),
+        ("missing checkpoint", WRITE_TOKEN, lambda: streammerge.upload_checkpoint_to_hf(
+            checkpoint_dir=tmp_path / "no-such-run", repo_id="tiny", step=2), "CheckpointError", "no-such-run"),
+        ("merge error", WRITE_TOKEN, lambda: streammerge.HuggingFaceUploader(
+            repo_id="tiny", optimizer_save_mode="full").upload_from_checkpoint_dir(checkpoint_dir=broken, step=2),
+         "CheckpointError", "truncated"),
+        ("no permission", READ_TOKEN, lambda: streammerge.HuggingFaceUploader(
+            repo_id="tiny").upload_from_checkpoint_dir(checkpoint_dir=run_dir, step=2), "permission", "read-only"),
+        # the one extra argument: the default patience for an unreachable Hub is over a minute
+        ("network", WRITE_TOKEN, lambda: streammerge.upload_checkpoint_to_hf(
+            checkpoint_dir=run_dir, repo_id="tiny", step=2, endpoint=unreachable, retry=FAST),
+         "failed", "after 5 attempts"),
+    ]
+    for what, token, call, kind, words in cases:
+        monkeypatch.setenv("HF_TOKEN", token)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            result = call()
+        assert not result.ok and result.error_kind == kind and words in result.error, (what, result.error)
+        errors = _errors(caplog)
+        assert len(errors) == 1 and "\n" not in errors[0] and words in errors[0], (what, errors)
+        assert token not in caplog.text + result.error, what
+    assert not hub.repos and not (run_dir / "global_step_2" / "actor-hf").exists()  # refused before merging
+
+    monkeypatch.setenv("HF_TOKEN", BAD_TOKEN)
+    with pytest.raises(PushError):
+        streammerge.upload_checkpoint_to_hf(checkpoint_dir=run_dir, repo_id="tiny", step=2, raise_on_error=True)
+    with pytest.raises(CheckpointError):
+        streammerge.HuggingFaceUploader(repo_id="tiny", raise_on_error=True).upload_from_checkpoint_dir(
+            checkpoint_dir=tmp_path / "no-such-run")
+    with pytest.raises(PushError):  # the library's own entry points keep raising
+        merge_and_push(run_dir, tmp_path / "out", "tiny", endpoint=hub.endpoint, retry=FAST)
+
+
+def test_cli_push_without_repo_id_names_a_private_repo_after_the_output_folder(hub, make_ckpt, tmp_path):
+    out = tmp_path / "Qwen2 tiny (step 2)"
+    proc = cli([make_ckpt(), out, "--push", "--no-optimizer", "--max-shard-size", SHARD], hub)
+    assert proc.returncode == 0, proc.stderr
+    repo = hub.repo("alice/Qwen2-tiny-step-2")
+    assert repo.private and remote_files(hub, "alice/Qwen2-tiny-step-2") == local_files(out)
+    assert f"{hub.endpoint}/alice/Qwen2-tiny-step-2 " in proc.stdout  # the repo's URL, printed
+
+    # The library does the same; with an explicit private=False the repo is public.
+    named = merge_and_push(make_ckpt(), tmp_path / "lib-model", None, organization="acme", **opts(hub))
+    assert named.repo_id == "acme/lib-model" and hub.repo("acme/lib-model").private
+    assert named.url == f"{hub.endpoint}/acme/lib-model"
+    public = merge_and_push(make_ckpt(), tmp_path / "lib-public", None, private=False, **opts(hub))
+    assert public.repo_id == "alice/lib-public" and not hub.repo("alice/lib-public").private
+    with pytest.raises(ConfigError, match="repo_id"):  # the default folder (actor-hf) names no model
+        merge_and_push(make_ckpt(), None, None, **opts(hub))
+
+
+def test_cli_token_that_cannot_write_there_is_refused_before_merging(hub, make_ckpt, tmp_path):
+    for token, args, refusal in (
+            (ORG_READER_TOKEN, ["--repo-id", "tiny", "--organization", "acme"],
+             "token of user carol cannot write to organization acme (carol has the read-only 'read' role in acme)"),
+            (FINE_TOKEN, ["--repo-id", "tiny"],
+             "token of user alice cannot write to alice/tiny (fine-grained token without repo.write on alice)")):
+        out = tmp_path / f"out-{token}"
+        proc = cli([make_ckpt(), out, "--push", *args, "--no-optimizer"], hub, token=token)
+        assert proc.returncode == 4, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and refusal in lines[0] and token not in proc.stderr, proc.stderr
+        assert not out.exists() and not hub.repos  # before the merge, nothing created
+
+
+def test_unknown_key_in_hf_upload_is_an_error_naming_the_closest_key(hub, make_ckpt, tmp_path):
+    config = tmp_path / "ppo_trainer.yaml"
+    config.write_text("trainer:\n  hf_upload:\n    enabled: true\n    repo_id: tiny\n    privat: true\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'privat' in hf_upload: did you mean 'private'\?"):
+        load_push_config(config)
+    config.write_text("hf_upload: {enabled: true, repo_id: tiny, colour: blue}\n")
+    with pytest.raises(ConfigError, match="unknown key 'colour'.*known keys: enabled, repo_id"):
+        load_push_config(config)
+
+    config.write_text("hf_upload:\n  enabled: true\n  repo_id: tiny\n  privat: true\n")
+    out = tmp_path / "out"
+    proc = cli([make_ckpt(), out, "--config", config], hub)
+    assert proc.returncode == 2 and "did you mean 'private'?" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not hub.repos and not hub.requests()  # a typo never publishes anything
+
+
+def test_cli_private_on_an_existing_public_repo_warns_how_to_change_it(hub, make_ckpt, tmp_path):
+    hub.create_repo("alice/tiny")  # public
+    proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "tiny", "--private", "--no-optimizer"], hub)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "public" in line]
+    assert len(warnings) == 1, proc.stderr
+    for words in ("alice/tiny exists and is public", "does not change", "hf repos settings alice/tiny --private",
+                  "update_repo_settings"):
+        assert words in warnings[0], warnings[0]
+    assert not hub.repo("alice/tiny").private and hub.files("alice/tiny")["config.json"]
+
+    proc = cli([make_ckpt(), tmp_path / "out2", "--push", "--repo-id", "tiny", "--no-optimizer"], hub)
+    assert proc.returncode == 0 and "public" not in proc.stderr  # no --private asked: nothing to say
+
+
+def test_model_card_has_no_local_paths(hub, run_dir, tmp_path):
+    result = streammerge.upload_checkpoint_to_hf(checkpoint_dir=run_dir, repo_id="tiny", step=2, token=WRITE_TOKEN,
+                                                 endpoint=hub.endpoint, optimizer_save_mode=None, retry=FAST,
+                                                 raise_on_error=True)
+    card = hub.file_bytes("alice/tiny", "README.md").decode()
+    assert "| Source checkpoint | `global_step_2/actor` |" in card and "| Training step | `2` |" in card
+    assert str(tmp_path) not in card and str(run_dir.resolve()) not in card and result.ok
+
+
+def test_cli_no_progress_silences_huggingface_hub_progress_bars(hub, make_ckpt, tmp_path):
+    args = [make_ckpt(), tmp_path / "out", "--push", "--repo-id", "tiny", "--no-optimizer"]
+    proc = cli([*args, "--no-progress"], hub, quiet_hf=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "%|" not in proc.stderr and "B/s" not in proc.stderr, proc.stderr
+
+
+def test_push_result_repr_is_short(hub, make_ckpt, tmp_path):
+    result = merge_and_push(make_ckpt(), tmp_path / "out", "tiny", **opts(hub))
+    text = repr(result)
+    assert len(text) < 400 and "alice/tiny" in text and "Plan" not in text, text
+    assert result.merge.plans  # everything is still there, just not in the repr

@@ -19,8 +19,8 @@ import pytest
 
 import streammerge
 from hubserver import WRITE_TOKEN, HubServer
-from streammerge.hub import RetryPolicy
-from streammerge.watch import STATE_FILE, Watcher, watch
+from streammerge.hub.retry import RetryPolicy
+from streammerge.hub.watch import STATE_FILE, Watcher, watch
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
               pytest.mark.usefixtures("hub_env")]

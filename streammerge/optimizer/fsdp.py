@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan, build_plan
 from ..sources.base import Piece, SourceTensor
 from ..sources.rankfile import RankFile, _record, _span_bytes, chunk_bounds, layout_name, tensor_pieces, torch_load_meta
-from . import (LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_INDEX, OPTIMIZER_PT, OptimizerMismatchError,
+from . import (LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError,
                Skip)
 from .export import walk_state
 from .naming import ModelParams, model_params

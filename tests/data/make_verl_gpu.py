@@ -153,7 +153,11 @@ def _describe_short(key, t) -> dict:
     d = _describe(t)
     if key == "exp_avg":
         return d
-    keep = ("type", "local_shape", "shape", "dtype", "sha256", "value") if key == "step" else ("local_shape", "shape", "sha256")
+    keep = (
+        ("type", "local_shape", "shape", "dtype", "sha256", "value")
+        if key == "step"
+        else ("local_shape", "shape", "sha256")
+    )
     return {k: v for k, v in d.items() if k in keep}
 
 
@@ -224,6 +228,8 @@ def _manual_full_state(fsdp_model, optimizer, param_order, spec):
 
 
 def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) -> None:
+    import faulthandler
+
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
@@ -232,8 +238,6 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
         get_optimizer_state_dict,
     )
     from torch.distributed.device_mesh import init_device_mesh
-
-    import faulthandler
 
     faulthandler.enable()  # a crash in a collective prints the Python stack
     spec = CASES[case]
@@ -245,9 +249,7 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
         device = torch.device("cuda", 0)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=240)
-    )
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=240))
     mesh = init_device_mesh(device.type, spec["mesh"], mesh_dim_names=spec["names"])
 
     torch.manual_seed(0)
@@ -281,9 +283,7 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
             kw["shard_placement_fn"] = placement
         wrapped = []
         for m in model.modules():
-            if isinstance(m, layer_cls) or (
-                isinstance(m, torch.nn.Embedding) and not config.tie_word_embeddings
-            ):
+            if isinstance(m, layer_cls) or (isinstance(m, torch.nn.Embedding) and not config.tie_word_embeddings):
                 wrapped.append(m)
         for m in wrapped:
             fully_shard(m, **kw)
@@ -293,7 +293,9 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
             if hasattr(m, "set_force_sum_reduction_for_comms"):
                 m.set_force_sum_reduction_for_comms(True)
         options.update(
-            fully_shard="each decoder layer" + ("" if config.tie_word_embeddings else ", untied embeddings") + ", then root",
+            fully_shard="each decoder layer"
+            + ("" if config.tie_word_embeddings else ", untied embeddings")
+            + ", then root",
             mixed_precision="param_dtype=bfloat16, reduce_dtype=float32, master float32",
             reshard_after_forward=True,
             shard_placement_fn="first dim divisible by fsdp size, else Shard(0)"
@@ -324,16 +326,14 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
         options.update(
             sharding_strategy=strategy.name,
             use_orig_params=spec["use_orig_params"],
-            auto_wrap="transformer_auto_wrap_policy({%s}) + root" % layer_cls.__name__,
+            auto_wrap=f"transformer_auto_wrap_policy({{{layer_cls.__name__}}}) + root",
             mixed_precision="param_dtype=bfloat16, reduce_dtype=float32, buffer_dtype=float32, master float32",
             sync_module_states=use_cuda,
             state_dict_type="SHARDED_STATE_DICT (ShardedStateDictConfig(offload_to_cpu=True))",
         )
 
     param_order = [n for n, _ in fsdp_model.named_parameters()]
-    optimizer = torch.optim.AdamW(
-        fsdp_model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01
-    )
+    optimizer = torch.optim.AdamW(fsdp_model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda s: min(1.0, (s + 1) / 2))
 
     losses = []
@@ -410,7 +410,16 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
                     # per original param: [in_shard, offset_in_shard, numel_in_shard, start, end]
                     "shard_param_infos": [
                         [bool(x.in_shard)]
-                        + ([int(x.offset_in_shard), int(x.numel_in_shard), int(x.intra_param_start_idx), int(x.intra_param_end_idx)] if x.in_shard else [])
+                        + (
+                            [
+                                int(x.offset_in_shard),
+                                int(x.numel_in_shard),
+                                int(x.intra_param_start_idx),
+                                int(x.intra_param_end_idx),
+                            ]
+                            if x.in_shard
+                            else []
+                        )
                         for x in p._shard_param_infos
                     ],
                 }
@@ -458,6 +467,9 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
         with open(os.path.join(out_dir, "fsdp_config.json"), "w") as f:
             json.dump({"FSDP_version": spec["fsdp"], "world_size": world}, f, indent=4)
         hf = os.path.join(out_dir, "huggingface")
+        # like a HF model folder's config.json (what veRL copies): architectures and dtype set
+        config.architectures = [_model_cls(spec["arch"]).__name__]
+        config.dtype = torch.float32
         config.save_pretrained(hf)
         from transformers import GenerationConfig
 
@@ -511,7 +523,9 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
                     k: {
                         "type": d["type"],
                         "placements": d.get("placements"),
-                        "local_shape_by_rank": [gathered[r]["model"][k].get("local_shape", d["shape"]) for r in range(world)],
+                        "local_shape_by_rank": [
+                            gathered[r]["model"][k].get("local_shape", d["shape"]) for r in range(world)
+                        ],
                         "local_device": d["device"],
                     }
                     for k, d in gathered[0]["model"].items()
@@ -521,12 +535,22 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
                 "optim_exp_avg_by_rank": {
                     i: {
                         "name": param_order[int(i)],
-                        "type": [gathered[r]["optim"]["state"].get(i, {}).get("exp_avg", {}).get("type") for r in range(world)],
+                        "type": [
+                            gathered[r]["optim"]["state"].get(i, {}).get("exp_avg", {}).get("type")
+                            for r in range(world)
+                        ],
                         "placements": next(
-                            (g["optim"]["state"][i]["exp_avg"].get("placements") for g in gathered if i in g["optim"]["state"]), None
+                            (
+                                g["optim"]["state"][i]["exp_avg"].get("placements")
+                                for g in gathered
+                                if i in g["optim"]["state"]
+                            ),
+                            None,
                         ),
                         "local_shape_by_rank": [
-                            gathered[r]["optim"]["state"][i]["exp_avg"].get("local_shape", gathered[r]["optim"]["state"][i]["exp_avg"]["shape"])
+                            gathered[r]["optim"]["state"][i]["exp_avg"].get(
+                                "local_shape", gathered[r]["optim"]["state"][i]["exp_avg"]["shape"]
+                            )
                             if i in gathered[r]["optim"]["state"]
                             else None
                             for r in range(world)
@@ -534,28 +558,34 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
                     }
                     for i in [str(j) for j in range(len(param_order))]
                 },
-                "optim_param_groups_params_by_rank": [gathered[r]["optim"]["param_groups_params"] for r in range(world)],
+                "optim_param_groups_params_by_rank": [
+                    gathered[r]["optim"]["param_groups_params"] for r in range(world)
+                ],
                 # rank lists that hold byte-identical local tensors (singletons: all distinct)
                 "identical_locals_by_rank": {"model": groups("model"), "optim_exp_avg": groups("optim")},
-                "layout_file": "LAYOUT.json: per rank, every model/optim entry (type, placements, shapes, dtype, device, sha256[:12] of local bytes)",
+                "layout_file": (
+                    "LAYOUT.json: per rank, every model/optim entry "
+                    "(type, placements, shapes, dtype, device, sha256[:12] of local bytes)"
+                ),
             }
             with open(os.path.join(ref, "INFO.json"), "w") as f:
                 json.dump(info, f, indent=1)
             with open(os.path.join(ref, "LAYOUT.json"), "w") as f:
                 lines = ["{"]
                 for r in range(world):
-                    lines.append(' "%d": {' % r)
+                    lines.append(f' "{r}": {{')
                     sections = list(gathered[r].items())
                     for si, (sec, val) in enumerate(sections):
                         end = "," if si < len(sections) - 1 else ""
                         if isinstance(val, dict) and val and all(isinstance(v, dict) for v in val.values()):
-                            lines.append('  "%s": {' % sec)
+                            lines.append(f'  "{sec}": {{')
                             items = list(val.items())
                             for ki, (k, v) in enumerate(items):
-                                lines.append("   %s: %s%s" % (json.dumps(k), json.dumps(v, separators=(",", ":")), "," if ki < len(items) - 1 else ""))
+                                comma = "," if ki < len(items) - 1 else ""
+                                lines.append(f"   {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}{comma}")
                             lines.append("  }" + end)
                         else:
-                            lines.append('  "%s": %s%s' % (sec, json.dumps(val, separators=(",", ":")), end))
+                            lines.append(f'  "{sec}": {json.dumps(val, separators=(",", ":"))}{end}')
                     lines.append(" }" + ("," if r < world - 1 else ""))
                 lines.append("}")
                 f.write("\n".join(lines) + "\n")
@@ -664,7 +694,11 @@ def verify(root: str) -> int:
                     v0 = optims[0]["state"][i][key]
                     full = _assemble(
                         {r: optims[r]["state"][i][key]._local_tensor for r in range(W)},
-                        [repr(p) for p in v0.placements], mesh_shape, coords, list(v0.shape), v0.dtype,
+                        [repr(p) for p in v0.placements],
+                        mesh_shape,
+                        coords,
+                        list(v0.shape),
+                        v0.dtype,
                     )
                     n_opt += 1
                     if not torch.equal(full, ref_opt["state"][name][key]):
@@ -754,13 +788,26 @@ def main() -> int:
             case, mode = pending.pop(0)
             world = 4
             env = dict(
-                os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1", MAKE_VERL_REF=mode
+                os.environ,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()),
+                PYTHONUNBUFFERED="1",
+                MAKE_VERL_REF=mode,
             )
             env.pop("LOCAL_RANK", None)
             log = open(os.path.join(args.out_dir, f"{case}.log"), "w")
             procs = [
                 subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), args.out_dir, "--_worker", case, str(r), str(world), args.device],
+                    [
+                        sys.executable,
+                        os.path.abspath(__file__),
+                        args.out_dir,
+                        "--_worker",
+                        case,
+                        str(r),
+                        str(world),
+                        args.device,
+                    ],
                     env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -779,7 +826,9 @@ def main() -> int:
                         p.kill()
                 for p in procs:
                     p.wait()
-                results[case] = f"FAILED ({mode} reference) codes={[p.returncode for p in procs]} after {time.time() - t0:.0f}s"
+                results[case] = (
+                    f"FAILED ({mode} reference) codes={[p.returncode for p in procs]} after {time.time() - t0:.0f}s"
+                )
                 del running[case]
                 print(f"{case}: {results[case]}", flush=True)
                 if mode == "api" and CASES[case]["fsdp"] == 2:

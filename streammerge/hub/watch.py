@@ -22,11 +22,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .discover import LATEST_FILE, Checkpoint, find_checkpoint
-from .errors import CheckpointError, StreammergeError
-from .hub import PushError
-from .pipeline import merge
-from .publish import PushResult, default_out_dir, merge_and_push, with_model_files
+from ..errors import CheckpointError, ConfigError, StreammergeError
+from ..options import MergeOptions
+from ..pipeline import merge
+from ..sources import LATEST_FILE, Source, open_checkpoint
+from .publish import PushResult, default_out_dir, merge_and_push
+from .retry import PushError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ STATE_FILE = ".streammerge-watch.json"
 STEP_BRANCH = "step-{step}"
 MAX_SETTLE = 5.0  # with once=True, the two looks at a checkpoint are min(interval, this) apart
 # merge_and_push options that merge() does not take
-PUSH_OPTIONS = frozenset({"token", "endpoint", "model_name", "model_card", "commit_message", "max_files_per_commit",
+PUSH_OPTIONS = frozenset({"token", "endpoint", "model_card", "commit_message", "max_files_per_commit",
                           "upload_workers", "retry", "delete_stale"})
 
 Snapshot = dict[str, tuple[int, int]]
@@ -83,21 +84,22 @@ class Watcher:
             branch ``step-N`` instead.
         only_latest: only the step the tracker names; older unpushed steps are skipped.
         out_root: merged folders go to ``out_root/global_step_N``; default: beside each actor folder
-            (see :func:`streammerge.publish.default_out_dir`).
+            (see :func:`streammerge.hub.publish.default_out_dir`).
         state_file: where pushed steps are recorded (default ``run_dir/.streammerge-watch.json``).
-        options: for :func:`streammerge.publish.merge_and_push` (token, endpoint, optimizer,
-            model_name, dtype, max_shard_size, ...).
+        options: the merge's :class:`MergeOptions`; keyword ``options`` are merge options applied over
+            it (dtype, max_shard_size, optimizer, model_name, ...) or push options for
+            :func:`streammerge.hub.publish.merge_and_push` (token, endpoint, commit_message, ...).
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, push: bool = True, repo_id: str | None = None,
-                 organization: str | None = None, private: bool = False, revision: str | None = None,
+                 organization: str | None = None, private: bool | None = None, revision: str | None = None,
                  revision_per_step: bool = False, only_latest: bool = False, out_root: str | os.PathLike | None = None,
-                 state_file: str | os.PathLike | None = None, **options: Any):
+                 state_file: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any):
         self.run_dir = Path(run_dir).expanduser().resolve()
         if not self.run_dir.is_dir():
             raise CheckpointError(f"{self.run_dir}: no such run folder")
-        if push and not repo_id:
-            raise ValueError("push needs a repo_id")
+        if push and not repo_id:  # each step has its own output folder: none of them names the model
+            raise ConfigError("watch --push needs --repo-id NAME (every step is pushed to that repo)")
         if revision and revision_per_step:
             raise ValueError("give either a revision or revision_per_step, not both")
         self.push = push
@@ -109,7 +111,8 @@ class Watcher:
         self.only_latest = only_latest
         self.out_root = Path(out_root).expanduser().resolve() if out_root else None
         self.state_file = Path(state_file).expanduser() if state_file else self.run_dir / STATE_FILE
-        self.options = options
+        self.push_options = {k: v for k, v in kwargs.items() if k in PUSH_OPTIONS}
+        self.options = MergeOptions.create(options, **{k: v for k, v in kwargs.items() if k not in PUSH_OPTIONS})
         self._seen: dict[int, Snapshot] = {}
 
     # ---- state -----------------------------------------------------------------------------
@@ -158,16 +161,17 @@ class Watcher:
             return [(latest, path)] if latest not in done and path.is_dir() else []
         return [(n, p) for n, p in step_dirs(self.run_dir) if n <= latest and n not in done]
 
-    def ready(self, step: int, path: Path) -> Checkpoint | None:
+    def ready(self, step: int, path: Path) -> Source | None:
         """The checkpoint when it is complete and did not change since the last look, else None."""
         try:
-            ck = find_checkpoint(path)
+            ck = open_checkpoint(path)
         except CheckpointError as e:
             logger.info("step %d: not complete yet (%s)", step, e)
             self._seen.pop(step, None)
             return None
-        if ck.missing_optim_ranks and self.options.get("optimizer", True):
-            logger.info("step %d: waiting for optimizer rank files %s", step, list(ck.missing_optim_ranks))
+        missing = getattr(ck, "missing_optim_ranks", ())
+        if missing and self.options.optimizer:
+            logger.info("step %d: waiting for optimizer rank files %s", step, list(missing))
             self._seen.pop(step, None)
             return None
         now = snapshot(ck.path)
@@ -187,10 +191,9 @@ class Watcher:
                 results.append(self.process(step, ck))
         return results
 
-    def process(self, step: int, ck: Checkpoint) -> PushResult:
+    def process(self, step: int, ck: Source) -> PushResult:
         """Merge and push one step, and record it when that worked."""
         out = self.out_root / f"global_step_{step}" if self.out_root else default_out_dir(ck)
-        opts = dict(self.options)
         try:
             if self.push:
                 assert self.repo_id is not None
@@ -198,14 +201,11 @@ class Watcher:
                 logger.info("step %d: merging into %s and pushing to %s%s", step, out, self.target,
                             f" (branch {revision})" if revision else "")
                 result = merge_and_push(ck, out, self.repo_id, organization=self.organization, private=self.private,
-                                        revision=revision, **opts)
+                                        revision=revision, options=self.options, **self.push_options)
             else:
                 logger.info("step %d: merging into %s", step, out)
-                merge_opts = {k: v for k, v in opts.items() if k not in PUSH_OPTIONS}
                 t0 = time.perf_counter()
-                with with_model_files(ck, opts.get("model_name"), token=opts.get("token"),
-                                      endpoint=opts.get("endpoint")) as ck:
-                    merged = merge(ck, out, **merge_opts)
+                merged = merge(ck, out, self.options)
                 result = PushResult(ok=True, out_dir=merged.out_dir, step=step, merge=merged,
                                     seconds=time.perf_counter() - t0, note=f"step {step}: {merged.summary()}")
         except Exception as e:  # a sidecar outlives one bad step: log, look again later

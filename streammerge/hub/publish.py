@@ -2,10 +2,10 @@
 
 Each output file starts uploading as soon as the merge has finished and verified it, while the
 merge writes the next one, so a push takes about as long as the longer of the two, not their sum
-(:func:`merge_and_push`). The token is checked before the merge starts; the repo (and branch) are
-made only when the first file is ready, and removed again if the merge then fails, so a failed merge
-leaves nothing behind on the Hub. The commits come last: data files first, then index, config and
-model card (see :mod:`streammerge.hub`).
+(:func:`merge_and_push`). The token's right to write to the repo is checked before the merge
+starts; the repo (and branch) are made only when the first file is ready, and removed again if the
+merge then fails, so a failed merge leaves nothing behind on the Hub. The commits come last: data
+files first, then index, config and model card (see :mod:`streammerge.hub.commits`).
 
 Re-running the same call after an interruption is cheap: the merge re-uses the files its manifest
 lists and the Hub is not sent what it already has.
@@ -18,44 +18,36 @@ an ``hf_upload:`` block in a YAML training config (:func:`load_push_config`),
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
+import difflib
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .discover import Checkpoint, find_checkpoint
-from .errors import CheckpointError, StreammergeError
-from .hub import HubPusher, PushError, RetryPolicy, make_model_card
-from .model_folder import read_config
-from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
-from .pipeline import MergeResult, merge
+from ..errors import CheckpointError, ConfigError
+from ..optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
+from ..options import MergeOptions
+from ..pipeline import MergeResult, merge, plan_merge
+from ..sources import Source, open_checkpoint
+from .card import make_model_card
+from .pusher import HubPusher
+from .repo import repo_name_for
+from .retry import PushError, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
 CONFIG_BLOCK = "hf_upload"
 CONFIG_KEYS = ("enabled", "repo_id", "organization", "private", "optimizer_save_mode")
 DEFAULT_OUT_SUFFIX = "-hf"
-# What a model name contributes to the merged folder: config, generation config, tokenizer, remote code.
-MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                       "added_tokens.json", "vocab*", "merges.txt", "chat_template*", "*.tiktoken",
-                       "spiece.model", "*.py")
 # What a push of ours owns in the repo: files matching these that the push does not bring are stale
 # (a shard of an earlier merge with more shards, an old optimizer export) and deleted in its last
-# commit. Matched from the repo root, `*` within one folder (see streammerge.hub.matches).
+# commit. Matched from the repo root, `*` within one folder (see streammerge.hub.commits.matches).
 OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class ConfigError(StreammergeError):
-    """A push setting is missing or wrong (the YAML block, a flag, the model name)."""
 
 
 # ---- settings: the hf_upload block and the flags that override it ------------------------------
@@ -64,9 +56,9 @@ class PushConfig:
     """The seed workflow's ``hf_upload:`` block; CLI flags and arguments override its fields."""
 
     enabled: bool = False
-    repo_id: str | None = None
+    repo_id: str | None = None  # None: named after the output folder (see merge_and_push)
     organization: str | None = None
-    private: bool = False
+    private: bool | None = None  # None: private only when the repo name is inferred
     optimizer_save_mode: str | None = "full"
 
     @property
@@ -135,17 +127,21 @@ def load_push_config(path: str | os.PathLike) -> PushConfig:
     block = find_config_block(data)
     if block is None:
         raise ConfigError(f"{path}: no {CONFIG_BLOCK}: block found")
-    unknown = sorted(set(block) - set(CONFIG_KEYS))
-    if unknown:
-        logger.warning("%s: ignoring unknown %s keys %s (known: %s)", path, CONFIG_BLOCK, unknown,
-                       ", ".join(CONFIG_KEYS))
+    for key in block:  # a typo such as "privat" must not publish a private model publicly
+        if key not in CONFIG_KEYS:
+            close = difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r} in {CONFIG_BLOCK}: {hint}(known keys: "
+                              f"{', '.join(CONFIG_KEYS)}); nothing was merged or pushed")
     for k in ("repo_id", "organization"):
         v = block.get(k)
         if isinstance(v, str) and "${" in v:
             raise ConfigError(f"{path}: {CONFIG_BLOCK}.{k} is {v!r}, an interpolation streammerge cannot resolve; "
                               f"pass --{k.replace('_', '-')} instead")
+    private = block.get("private")
     config = PushConfig(enabled=bool(block.get("enabled", False)), repo_id=block.get("repo_id") or None,
-                        organization=block.get("organization") or None, private=bool(block.get("private", False)))
+                        organization=block.get("organization") or None,
+                        private=None if private is None else bool(private))
     if "optimizer_save_mode" in block:
         config.optimizer_save_mode = optimizer_mode(block["optimizer_save_mode"])
     return config
@@ -154,17 +150,17 @@ def load_push_config(path: str | os.PathLike) -> PushConfig:
 def push_settings(config_file: str | os.PathLike | None = None, *, push: bool | None = None,
                   repo_id: str | None = None, organization: str | None = None, private: bool | None = None,
                   optimizer_save_mode: str | None = None) -> PushConfig:
-    """The ``hf_upload:`` block of ``config_file`` (if any) with every given flag applied on top."""
+    """The ``hf_upload:`` block of ``config_file`` (if any) with every given flag applied on top.
+
+    Without a repo id anywhere the push names the repo after the output folder (:func:`merge_and_push`).
+    """
     base = load_push_config(config_file) if config_file else PushConfig()
-    config = base.override(enabled=push, repo_id=repo_id, organization=organization, private=private,
-                           optimizer_save_mode=optimizer_save_mode)
-    if config.enabled and not config.repo_id:
-        raise ConfigError("pushing needs a repo: give --repo-id NAME (or hf_upload.repo_id in the config file)")
-    return config
+    return base.override(enabled=push, repo_id=repo_id, organization=organization, private=private,
+                         optimizer_save_mode=optimizer_save_mode)
 
 
 # ---- where things come from and go -----------------------------------------------------------
-def default_out_dir(ck: Checkpoint) -> Path:
+def default_out_dir(ck: Source) -> Path:
     """``<actor folder>-hf`` next to the actor folder: e.g. ``global_step_500/actor-hf``.
 
     Outside the checkpoint's own folder, on the file system that already holds the checkpoint (so
@@ -174,58 +170,18 @@ def default_out_dir(ck: Checkpoint) -> Path:
     return ck.path.parent / (ck.path.name + DEFAULT_OUT_SUFFIX)
 
 
-def resolve_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Checkpoint:
+def resolve_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Source:
     """The checkpoint at ``checkpoint_dir``; with ``step``, its ``global_step_{step}`` when it is a run folder."""
     path = Path(checkpoint_dir).expanduser()
     if step is not None and (path / f"global_step_{int(step)}").is_dir():
         path = path / f"global_step_{int(step)}"
-    ck = find_checkpoint(path)
+    ck = open_checkpoint(path)
     if step is not None and ck.step is not None and ck.step != int(step):
         raise CheckpointError(f"{ck.path} is the checkpoint of step {ck.step}, not of step {step}; "
                               "give the run folder or the matching global_step folder")
     if step is not None and ck.step is None:
-        ck = dataclasses.replace(ck, step=int(step))
+        ck.step = int(step)
     return ck
-
-
-def model_files(model_name: str, dest: Path, *, token: str | None = None, endpoint: str | None = None) -> Path:
-    """Copy the config and tokenizer files of ``model_name`` (a local folder or a Hub model) into ``dest``.
-
-    A local folder is read as is (offline). A Hub name is fetched with huggingface_hub, limited to
-    :data:`MODEL_FILE_PATTERNS`: never the weights.
-    """
-    local = Path(model_name).expanduser()
-    if local.is_dir():
-        src = local
-    elif not _HUB_ID.match(model_name) or model_name.startswith((".", "~")):
-        raise ConfigError(f"model_name {model_name!r}: no such folder")
-    else:
-        from huggingface_hub import snapshot_download
-
-        try:
-            src = Path(snapshot_download(model_name, allow_patterns=list(MODEL_FILE_PATTERNS), token=token,
-                                         endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None))
-        except Exception as e:  # offline, not found, no access: all mean "give a local folder"
-            raise ConfigError(f"model_name {model_name!r}: not a local folder, and its config and tokenizer could "
-                              f"not be fetched from the Hub ({_first_line(e)})") from None
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in sorted(src.iterdir()):
-        if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS):
-            shutil.copyfile(p, dest / p.name)
-    if not (dest / "config.json").is_file():
-        raise ConfigError(f"model_name {model_name!r}: no config.json in {src}")
-    return dest
-
-
-@contextmanager
-def with_model_files(ck: Checkpoint, model_name: str | None, *, token: str | None = None,
-                     endpoint: str | None = None) -> Iterator[Checkpoint]:
-    """``ck`` with its config and tokenizer taken from ``model_name`` (staged in a temporary folder)."""
-    if not model_name:
-        yield ck
-        return
-    with tempfile.TemporaryDirectory(prefix="streammerge-model-") as tmp:
-        yield dataclasses.replace(ck, hf_dir=model_files(model_name, Path(tmp), token=token, endpoint=endpoint))
 
 
 # ---- merge and push --------------------------------------------------------------------------
@@ -235,6 +191,7 @@ class PushResult:
 
     ok: bool
     repo_id: str | None = None
+    url: str | None = None  # the repo's page
     revision: str | None = None
     commit_url: str | None = None
     commit_oid: str | None = None
@@ -250,6 +207,14 @@ class PushResult:
     error_kind: str | None = None  # PushError.kind ("auth", "permission", ...) or the exception type
     note: str | None = None
 
+    def __repr__(self) -> str:
+        """Short: the merge result (plans of every tensor) and the file lists are left out."""
+        shown = {k: getattr(self, k) for k in ("repo_id", "revision", "commit_oid", "step", "error_kind", "error",
+                                               "note")}
+        parts = [f"ok={self.ok}"] + [f"{k}={v!r}" for k, v in shown.items() if v is not None]
+        parts += [f"files={len(self.files)}", f"commits={self.commits}", f"seconds={self.seconds:.1f}"]
+        return f"PushResult({', '.join(parts)})"
+
     def summary(self) -> str:
         if not self.ok:
             return f"push failed: {self.error}"
@@ -263,20 +228,27 @@ class PushResult:
             what = f"{sent} files committed in {self.commits} commit{'s' if self.commits != 1 else ''}{unchanged}"
             if self.deleted:
                 what += f", {len(self.deleted)} stale files of an earlier push deleted"
-        return f"pushed to {self.repo_id} revision {self.revision} in {self.seconds:.1f} s: {what}; {self.commit_url}"
+        return (f"pushed to {self.url or self.repo_id} (revision {self.revision}) in {self.seconds:.1f} s: {what}; "
+                f"{self.commit_url}")
 
 
-def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os.PathLike | None, repo_id: str, *,
-                   organization: str | None = None, private: bool = False, revision: str | None = None,
-                   commit_message: str | None = None, token: str | None = None, endpoint: str | None = None,
-                   optimizer: bool = True, model_name: str | None = None, model_card: bool = True,
+def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.PathLike | None,
+                   repo_id: str | None, *, organization: str | None = None, private: bool | None = None,
+                   revision: str | None = None, commit_message: str | None = None, token: str | None = None,
+                   endpoint: str | None = None, options: MergeOptions | None = None,
+                   optimizer: bool | None = None, model_name: str | None = None, model_card: bool = True,
                    max_files_per_commit: int = 50, upload_workers: int = 2, retry: RetryPolicy | None = None,
                    delete_stale: bool = True, **merge_options: Any) -> PushResult:
     """Merge ``checkpoint`` into ``out_dir`` and push it to ``repo_id``, uploading while merging.
 
-    ``out_dir=None`` uses :func:`default_out_dir`. ``model_name`` (local folder or Hub model) replaces
-    the checkpoint's ``huggingface/`` folder as the source of config and tokenizer. ``merge_options``
-    go to :func:`streammerge.merge` (dtype, max_shard_size, workers, ...). Raises :class:`PushError`
+    ``out_dir=None`` uses :func:`default_out_dir`. ``repo_id=None`` names the repo after ``out_dir``,
+    as transformers' ``push_to_hub`` does (``<user or organization>/<folder name>``, made a valid name
+    by :func:`.repo.repo_name_for`), and creates it private unless ``private=False``; with a given
+    ``repo_id``, ``private=None`` means public. An existing repo keeps its visibility (a warning says
+    so when ``private=True`` meets a public repo). ``model_name`` (local folder or Hub model) replaces
+    the checkpoint's ``huggingface/`` folder as the source of config and tokenizer. ``options`` (a
+    :class:`MergeOptions`) and ``merge_options`` (dtype, max_shard_size, workers, ... applied over it)
+    are the merge's options, as for :func:`streammerge.merge`. Raises :class:`PushError`
     when the push fails (the local folder is kept as the merge left it; re-run to resume) and
     :class:`StreammergeError` when the merge does. The repo (or branch) is created when the first
     merged file is ready; when the merge fails, one created by this call is deleted again.
@@ -285,62 +257,99 @@ def merge_and_push(checkpoint: str | os.PathLike | Checkpoint, out_dir: str | os
     :data:`OWNED_PATTERNS` (weight shards and their index, ``optimizer/``) and are not part of this
     push, e.g. the 4th shard of an earlier 4-shard merge, or an earlier optimizer export when this
     push has none. Nothing else is ever deleted (README.md, your own files).
+
+    huggingface_hub's own progress bars show only with ``progress=True`` (a merge option).
     """
     t0 = time.perf_counter()
-    ck = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint)
+    opts = MergeOptions.create(options, **merge_options, optimizer=optimizer, model_name=model_name)
+    ck = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(ck)
+    inferred = not repo_id
+    if inferred:
+        if out_dir is None:
+            raise ConfigError(f"no repo_id: give one, or an out_dir to name the repo after (the default output "
+                              f"folder {out.name!r} does not name the model)")
+        try:
+            repo_id = repo_name_for(out)
+        except ValueError as e:
+            raise ConfigError(f"{out}: {e}") from None
+    if private is None:
+        private = inferred  # a name we made up is not a decision to publish
     with ExitStack() as stack:
-        ck = stack.enter_context(with_model_files(ck, model_name, token=token, endpoint=endpoint))
-        config = read_config(ck.hf_dir)
-        if config is None:
-            logger.warning("%s has no huggingface/config.json and no model_name was given: the repo will hold "
-                           "weights that transformers cannot load on their own", ck.path)
+        stack.enter_context(_hub_progress_bars(opts.progress))
         pusher = HubPusher(repo_id, token=token, endpoint=endpoint, private=private, organization=organization,
                            revision=revision, commit_message=commit_message,
                            max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry,
                            delete_patterns=OWNED_PATTERNS if delete_stale else None)
         stack.callback(pusher.close)
         full_id = pusher.check_access()  # a bad token fails now, not after the merge; nothing is created yet
-        logger.info("pushing to %s (revision %s) while merging into %s", full_id, pusher.revision, out)
+        logger.info("pushing to %s (revision %s%s) while merging into %s", pusher.repo.url, pusher.revision,
+                    ", named after the output folder" if inferred else "", out)
         files: list[str] = []
 
         def upload(f, path: Path) -> None:
             pusher.submit(path, f.filename, sha256=f.sha256, size=f.size)
             files.append(f.filename)
 
+        plan = plan_merge(ck, opts, token=token, endpoint=endpoint)  # a bad checkpoint fails here, before anything is created on the Hub
         try:
-            result = merge(ck, out, optimizer=optimizer, on_file_done=upload, **merge_options)
+            result = merge(plan, out, on_file_done=upload)
         except Exception:  # not KeyboardInterrupt: an interrupted push resumes, its uploads are kept
             pusher.discard()  # the repo/branch made for the first file, if any: a failed merge leaves nothing
             raise
-        has_optimizer = len(result.plans) > 1
+        has_optimizer = plan.plan(OPTIMIZER_DIR) is not None
         if commit_message is None:
             what = "model and optimizer" if has_optimizer else "model"
             step = f" from step {ck.step}" if ck.step is not None else ""
             pusher.commit_message = f"Upload {what}{step} with streammerge"
         if model_card and "README.md" not in files:  # a README carried from huggingface/ is the user's own
+            info = ck.info()
             card = make_model_card({
-                "repo_id": full_id, "source": str(ck.path), "step": ck.step, "world_size": ck.world_size,
-                "fsdp_version": ck.fsdp_version, "dtype": _dtype_name(result), "optimizer": has_optimizer,
-                "optimizer_format": _optimizer_format(result),
-                "model_type": (config or {}).get("model_type"),
-                "base_model": model_name if model_name and not Path(model_name).expanduser().is_dir() else None,
+                "repo_id": full_id, "source": source_label(ck), "format": ck.format, "step": ck.step,
+                "world_size": info.get("world size"), "fsdp_version": info.get("FSDP"), "dtype": _dtype_name(result),
+                "optimizer": has_optimizer, "optimizer_format": _optimizer_format(result),
+                "model_type": (plan.config or {}).get("model_type"), "notes": plan.weights.notes,
+                "base_model": opts.model_name if opts.model_name and not Path(opts.model_name).expanduser().is_dir()
+                else None,
             })
             _write_text(out / "README.md", card)
             pusher.submit(out / "README.md", "README.md")
             files.append("README.md")
         info = pusher.finish()
-    return PushResult(ok=True, repo_id=pusher.repo_id, revision=pusher.revision, commit_url=info.commit_url,
-                      commit_oid=info.oid, out_dir=result.out_dir, step=ck.step, files=files,
-                      unchanged=list(pusher.unchanged), deleted=list(pusher.deleted), commits=len(pusher.commits),
-                      merge=result,
-                      seconds=time.perf_counter() - t0)
+    return PushResult(ok=True, repo_id=pusher.repo_id, url=pusher.repo.url, revision=pusher.revision,
+                      commit_url=info.commit_url, commit_oid=info.oid, out_dir=result.out_dir, step=ck.step,
+                      files=files, unchanged=list(pusher.unchanged), deleted=list(pusher.deleted),
+                      commits=len(pusher.commits), merge=result, seconds=time.perf_counter() - t0)
+
+
+def source_label(ck: Source) -> str:
+    """The checkpoint as the model card names it: relative to its run folder, never a local path.
+
+    ``global_step_500/actor`` for a trainer's layout, else the folder's own name: an absolute path
+    tells the repo's readers nothing and tells them about the machine it was merged on.
+    """
+    step_dir = ck.path.parent.name
+    return f"{step_dir}/{ck.path.name}" if re.fullmatch(r"global_step_\d+", step_dir) else ck.path.name
+
+
+@contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's upload bars follow the merge's ``progress`` (off for ``--no-progress``), then are restored."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def _dtype_name(result: MergeResult) -> str | None:
     """The floating dtype(s) of the weights as written, e.g. "bfloat16"."""
-    names = sorted({str(t.dtype).replace("torch.", "") for t in result.plans[0].tensors.values()
-                    if t.dtype.is_floating_point})
+    names = sorted({t.dtype.name for t in result.plan.weights.tensors.values() if t.dtype.is_floating_point})
     return ", ".join(names) or None
 
 
@@ -358,26 +367,26 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 # ---- the seed workflow's API -------------------------------------------------------------------
-def _run(raise_on_error: bool, what: str, fn) -> PushResult:
-    """``fn()``; with ``raise_on_error=False`` a failure is logged and returned, never raised."""
-    if _other_rank():
-        return PushResult(ok=True, note="not rank 0: nothing to do here (rank 0 merges and pushes)")
+def _run(raise_on_error: bool, what: str, fn: Callable[[], PushResult]) -> PushResult:
+    """``fn()``; with ``raise_on_error=False`` any failure is logged as one error line and returned, never raised.
+
+    The seed workflow uploads at the end of training: a bad token, a missing checkpoint or a Hub
+    that is down must not turn hours of finished training into a crashed job.
+    """
     t0 = time.perf_counter()
     try:
+        if _other_rank():
+            return PushResult(ok=True, note="not rank 0: nothing to do here (rank 0 merges and pushes)")
         return fn()
     except Exception as e:
         if raise_on_error:
             raise
         kind = e.kind if isinstance(e, PushError) else type(e).__name__
-        logger.error("%s failed (%s): %s", what, kind, e)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or kind
+        logger.error("%s failed (%s): %s", what, kind, message)
         logger.debug("traceback of the failed upload", exc_info=True)
-        return PushResult(ok=False, error=str(e), error_kind=kind, seconds=time.perf_counter() - t0)
+        return PushResult(ok=False, error=message, error_kind=kind, seconds=time.perf_counter() - t0)
 
 
 def _other_rank() -> bool:
@@ -391,28 +400,29 @@ class HuggingFaceUploader:
     """Drop-in for the seed workflow's uploader: merge a veRL checkpoint and push it to the Hub.
 
     ``HuggingFaceUploader(repo_id="me/model", optimizer_save_mode="full").upload_from_checkpoint_dir(
-    checkpoint_dir="ckpts/exp/global_step_500/actor", step=500)``. With ``raise_on_error=False`` a
-    failed upload is logged and returned as ``PushResult(ok=False, error=...)``, so a training job
-    that uploads at its end cannot crash because of it. Under torch.distributed only rank 0 works;
-    the other ranks return at once (no barrier, so a long upload cannot time out a collective).
+    checkpoint_dir="ckpts/exp/global_step_500/actor", step=500)``. A failed upload is logged as one
+    error line and returned as ``PushResult(ok=False, error=...)``, so a training job that uploads
+    at its end cannot crash because of it; ``raise_on_error=True`` raises instead (and checks the
+    arguments at once). Under torch.distributed only rank 0 works; the other ranks return at once
+    (no barrier, so a long upload cannot time out a collective).
     """
 
-    def __init__(self, repo_id: str, organization: str | None = None, private: bool = False,
+    def __init__(self, repo_id: str | None = None, organization: str | None = None, private: bool | None = None,
                  optimizer_save_mode: str | None = None, *, token: str | None = None, endpoint: str | None = None,
-                 revision: str | None = None, commit_message: str | None = None, raise_on_error: bool = True,
+                 revision: str | None = None, commit_message: str | None = None, raise_on_error: bool = False,
                  **options: Any):
-        if not repo_id:
-            raise ConfigError("repo_id is required")
         self.repo_id = repo_id
         self.organization = organization
         self.private = private
-        self.optimizer_save_mode = optimizer_mode(optimizer_save_mode)
+        self.optimizer_save_mode = optimizer_save_mode
         self.token = token
         self.endpoint = endpoint
         self.revision = revision
         self.commit_message = commit_message
         self.raise_on_error = raise_on_error
         self.options = options  # merge_and_push / merge options: dtype, max_shard_size, retry, ...
+        if raise_on_error:
+            optimizer_mode(optimizer_save_mode)  # a bad value fails now rather than after training
 
     def upload_from_checkpoint_dir(self, checkpoint_dir: str | os.PathLike, model_name: str | None = None,
                                    step: int | None = None, *, out_dir: str | os.PathLike | None = None,
@@ -424,14 +434,14 @@ class HuggingFaceUploader:
         ``<actor folder>-hf`` beside the actor folder (kept, so a re-run resumes).
         """
         def work() -> PushResult:
+            optimizer = optimizer_mode(self.optimizer_save_mode) is not None
             ck = resolve_checkpoint(checkpoint_dir, step)
             return merge_and_push(ck, out_dir, self.repo_id, organization=self.organization, private=self.private,
                                   revision=self.revision, commit_message=self.commit_message, token=self.token,
-                                  endpoint=self.endpoint, optimizer=self.optimizer_save_mode is not None,
-                                  model_name=model_name, **self.options)
+                                  endpoint=self.endpoint, optimizer=optimizer, model_name=model_name, **self.options)
 
         raise_ = self.raise_on_error if raise_on_error is None else raise_on_error
-        result = _run(raise_, f"upload of {checkpoint_dir} to {self.repo_id}", work)
+        result = _run(raise_, f"upload of {checkpoint_dir} to {self.repo_id or 'the Hub'}", work)
         if result.ok:
             logger.info("%s", result.summary())
         return result
@@ -439,20 +449,19 @@ class HuggingFaceUploader:
 
 def upload_checkpoint_to_hf(checkpoint_dir: str | os.PathLike, model_name: str | None = None,
                             repo_id: str | None = None, step: int | None = None, organization: str | None = None,
-                            private: bool = False, optimizer_save_mode: str | None = "full", *,
-                            out_dir: str | os.PathLike | None = None, raise_on_error: bool = True,
+                            private: bool | None = None, optimizer_save_mode: str | None = "full", *,
+                            out_dir: str | os.PathLike | None = None, raise_on_error: bool = False,
                             **options: Any) -> PushResult:
     """Merge a veRL checkpoint and push it to the Hub: the seed workflow's one-call entry point.
 
-    Same arguments, in the same order, as the seed's function; ``model_name`` is optional here.
+    Same arguments, in the same order, as the seed's function; ``model_name`` is optional here. A
+    failure is logged as one error line and returned (``ok=False``) unless ``raise_on_error=True``.
     ``options``: ``token``, ``endpoint``, ``revision``, ``commit_message`` and merge options.
     """
-    if not repo_id:
-        raise ConfigError("repo_id is required")
     return HuggingFaceUploader(repo_id, organization, private, optimizer_save_mode, **options) \
         .upload_from_checkpoint_dir(checkpoint_dir, model_name, step, out_dir=out_dir, raise_on_error=raise_on_error)
 
 
-__all__ = ["OWNED_PATTERNS", "ConfigError", "HuggingFaceUploader", "PushConfig", "PushResult", "default_out_dir", "load_push_config",
-           "merge_and_push", "model_files", "push_settings", "resolve_checkpoint", "upload_checkpoint_to_hf",
-           "with_model_files"]
+__all__ = ["OWNED_PATTERNS", "ConfigError", "HuggingFaceUploader", "PushConfig", "PushResult", "default_out_dir",
+           "load_push_config", "merge_and_push", "push_settings", "resolve_checkpoint", "source_label",
+           "upload_checkpoint_to_hf"]

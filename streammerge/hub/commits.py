@@ -1,0 +1,228 @@
+"""Commits of a push: in a safe order, each applied once, stale files of an earlier push deleted with the last.
+
+Data files are committed first and the files that point at them (``*.index.json``, ``config.json``,
+``README.md``) last, so the repo never shows an index naming a shard it does not have. A commit
+whose answer was lost is checked against the remote before it is sent again, and a retry is made
+on top of the head it checked, so it is never applied twice and never deletes a file it did not see.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import logging
+import re
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.utils.sha import git_hash
+
+from .repo import HubRepo
+from .retry import RETRY_STATUS, Retrier
+
+logger = logging.getLogger(__name__)
+
+# Files that point at other files or describe the repo: committed after everything they refer to.
+LAST_PATTERNS = ("*.index.json", "config.json", "README.md")
+
+
+def is_last_file(path_in_repo: str) -> bool:
+    """True for the files committed last (index, config, model card)."""
+    name = PurePosixPath(path_in_repo).name
+    return any(fnmatch.fnmatchcase(name, p) for p in LAST_PATTERNS)
+
+
+def matches(path_in_repo: str, pattern: str) -> bool:
+    """Glob match anchored at the repo root: ``*`` and ``?`` stop at ``/``, ``**`` does not; ``dir/`` is ``dir/**``.
+
+    Stricter than huggingface_hub's ``delete_patterns`` (fnmatch, where ``*`` crosses folders), so
+    that ``model-*.safetensors`` never reaches into a user's ``extra/model-x.safetensors``.
+    """
+    return _glob(pattern).fullmatch(path_in_repo) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _glob(pattern: str) -> re.Pattern:
+    if pattern.endswith("/"):
+        pattern += "**"
+    out = []
+    for part in re.split(r"(\*\*|\*|\?)", pattern):
+        out.append({"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part)))
+    return re.compile("".join(out), re.DOTALL)
+
+
+def plan_commits(paths: Iterable[str], max_files_per_commit: int) -> list[list[str]]:
+    """Split ``paths`` into commits: data files first, index/config/README in the last commit.
+
+    Everything fits in one commit when it can (one atomic change, and commits are rate-limited).
+    Otherwise the data files go in batches of ``max_files_per_commit`` and the "last" files after
+    them, e.g. 5 shards + index + config with max 3 -> [[s1, s2, s3], [s4, s5], [config, index]].
+    """
+    if max_files_per_commit < 1:
+        raise ValueError("max_files_per_commit must be at least 1")
+    paths = sorted(set(paths))
+    last = [p for p in paths if is_last_file(p)]
+    data = [p for p in paths if not is_last_file(p)]
+    if not paths:
+        return []
+    if len(paths) <= max_files_per_commit:
+        return [data + last]
+    chunk = max_files_per_commit
+    return [data[i:i + chunk] for i in range(0, len(data), chunk)] + \
+        [last[i:i + chunk] for i in range(0, len(last), chunk)]
+
+
+@dataclass
+class Upload:
+    """A submitted file: where it is, its commit operation (which carries the upload state), its upload."""
+
+    local_path: str
+    op: CommitOperationAdd
+    future: Future
+
+
+def unchanged(op: CommitOperationAdd) -> bool:
+    """Whether the Hub already holds this content at this path (as preupload found out)."""
+    # Upload state that preupload_lfs_files leaves on the operation (private in huggingface_hub):
+    # the remote oid at this path. If a future version drops it, create_commit still skips no-ops.
+    remote = getattr(op, "_remote_oid", None)
+    try:
+        return remote is not None and remote == op._local_oid
+    except AttributeError:
+        return False
+
+
+class Committer:
+    """Makes the commits of one push to ``repo``'s branch and remembers what they did.
+
+    ``delete_patterns``: remote files at the branch head that match one of these (see
+    :func:`matches`) and are not part of the push are deleted in its last commit, as
+    ``upload_folder``'s ``delete_patterns`` does (``.gitattributes`` never). None: nothing is deleted.
+    """
+
+    def __init__(self, api: HfApi, calls: Retrier, repo: HubRepo, *, delete_patterns: Iterable[str] | None = None,
+                 num_threads: int = 2):
+        self.api = api
+        self.calls = calls
+        self.repo = repo
+        self.delete_patterns = None if delete_patterns is None else tuple(delete_patterns)
+        self.num_threads = num_threads
+        self.commits: list[CommitInfo] = []
+        self.unchanged: list[str] = []  # paths whose content the Hub already had at this revision
+        self.deleted: list[str] = []  # remote paths the last commit deleted
+
+    def commit_all(self, uploads: dict[str, Upload], message: str, max_files_per_commit: int) -> CommitInfo:
+        """Commit ``uploads`` (path in repo -> finished upload) in the order of :func:`plan_commits`.
+
+        Files the Hub already holds unchanged are left out (listed in ``unchanged``) but still count
+        as part of the push for stale-file deletion. Several commits get " (part i/n)" after
+        ``message``. Returns the last commit made, or the current head when nothing was committed.
+        """
+        changed = {p: u for p, u in uploads.items() if not unchanged(u.op)}
+        self.unchanged = sorted(set(uploads) - set(changed))
+        if self.unchanged:
+            logger.info("Hub already has %d of %d files unchanged; not committing them again",
+                        len(self.unchanged), len(uploads))
+        batches = plan_commits(changed, max_files_per_commit)
+        if not batches and self.delete_patterns:
+            batches = [[]]  # nothing new, but stale files may still have to go
+        for i, batch in enumerate(batches, 1):
+            part = message if len(batches) == 1 else f"{message} (part {i}/{len(batches)})"
+            keep = set(uploads) if i == len(batches) and self.delete_patterns else None
+            info = self.commit([changed[p] for p in batch], part, keep=keep)
+            if info is not None:
+                self.commits.append(info)
+        if self.deleted:
+            logger.info("deleted %d stale files from %s: %s", len(self.deleted), self.repo.repo_id,
+                        ", ".join(self.deleted))
+        return self.commits[-1] if self.commits else self._head_commit_info(message)
+
+    def commit(self, uploads: list[Upload], message: str, keep: set[str] | None = None) -> CommitInfo | None:
+        """Commit ``uploads``; with ``keep``, also delete the stale files (``delete_patterns``, not in ``keep``).
+
+        None when there was nothing to commit (no uploads, nothing stale).
+        """
+        repo = self.repo
+        what = f"commit {len(uploads)} files" if keep is None else f"commit {len(uploads)} files and delete stale ones"
+        failed_before = False
+        sent: list[str] = []  # what the attempt in flight deletes
+
+        def attempt() -> CommitInfo | None:
+            nonlocal failed_before, sent
+            ops: list[Any] = [u.op for u in uploads]
+            parent: str | None = None
+            stale: list[str] = []
+            if failed_before or keep is not None:
+                # The last attempt may have been applied even though its answer was lost: look first.
+                # The stale files are listed at the head the commit is then made on top of.
+                info = self.api.repo_info(repo.repo_id, revision=repo.revision, repo_type=repo.repo_type,
+                                          files_metadata=failed_before)
+                stale = self._stale(info.sha, keep) if keep is not None else []
+                if failed_before and self._holds(info, uploads) and not stale:
+                    logger.info("The commit was applied although its answer was lost; not sending it again")
+                    self.deleted = sent
+                    return self._commit_info(info.sha, message)
+                # On top of the head we saw, so a late landing of the lost attempt (or anyone's commit
+                # since we listed the files) makes this one fail (412) instead of applying twice or
+                # deleting a file we did not see. Fresh operations: the old ones carry upload state.
+                parent = info.sha
+                if failed_before:
+                    ops = [_fresh_op(u) for u in uploads]
+            if not ops and not stale:
+                return None
+            failed_before, sent = True, stale
+            info = self.api.create_commit(repo.repo_id, ops + [CommitOperationDelete(p) for p in stale],
+                                          commit_message=message, revision=repo.revision, repo_type=repo.repo_type,
+                                          parent_commit=parent, num_threads=self.num_threads)
+            failed_before = False
+            self.deleted = stale
+            return info
+
+        # 412 (or 409): our parent_commit is no longer the head; the next attempt looks again.
+        return self.calls.call(what, attempt, retry_status=RETRY_STATUS | {409, 412})
+
+    def _stale(self, head: str, keep: set[str]) -> list[str]:
+        """Remote files at ``head`` that match ``delete_patterns`` and are not in ``keep``."""
+        assert self.delete_patterns is not None
+        files = self.api.list_repo_files(self.repo.repo_id, revision=head, repo_type=self.repo.repo_type)
+        return sorted(p for p in files if p not in keep and p != ".gitattributes"
+                      and any(matches(p, pat) for pat in self.delete_patterns))
+
+    @staticmethod
+    def _holds(info: Any, uploads: list[Upload]) -> bool:
+        """Whether the revision ``info`` (read with files_metadata) holds every upload with our content."""
+        remote = {s.rfilename: s for s in info.siblings or []}
+        for u in uploads:
+            sib = remote.get(u.op.path_in_repo)
+            if sib is None:
+                return False
+            if sib.lfs is not None:
+                same = sib.lfs.sha256 == u.op.upload_info.sha256.hex()
+            else:
+                with open(u.local_path, "rb") as f:
+                    same = sib.blob_id == git_hash(f.read())
+            if not same:
+                return False
+        return True
+
+    def _head_commit_info(self, message: str) -> CommitInfo:
+        repo = self.repo
+        sha = self.calls.call("read the remote revision", lambda: self.api.repo_info(
+            repo.repo_id, revision=repo.revision, repo_type=repo.repo_type).sha)
+        return self._commit_info(sha, message)
+
+    def _commit_info(self, oid: str, message: str) -> CommitInfo:
+        endpoint = self.api.endpoint.rstrip("/")
+        return CommitInfo(commit_url=f"{self.repo.url}/commit/{oid}", commit_message=message, commit_description="",
+                          oid=oid, _endpoint=endpoint)
+
+
+def _fresh_op(upload: Upload) -> CommitOperationAdd:
+    op = CommitOperationAdd(upload.op.path_in_repo, upload.local_path)
+    if upload.op.upload_info.is_hashed:
+        op.upload_info.sha256 = upload.op.upload_info.sha256
+    return op
