@@ -137,9 +137,9 @@ def export_plan(tensors: Mapping[str, TensorPlan], index_metadata: Mapping[str, 
                       index_metadata=index_metadata, always_index=True)
 
 
-def _plain(s: SourceTensor) -> TensorPlan:
-    """Optimizer state is exported in the dtype it was saved in."""
-    return TensorPlan(s.name, s, s.dtype)
+def _plain(name: str, s: SourceTensor) -> TensorPlan:
+    """Optimizer state is exported under its parameter's name, in the dtype it was saved in."""
+    return TensorPlan(name, s, s.dtype)
 
 
 def _check_json(obj: Any, what: str) -> None:
@@ -182,7 +182,7 @@ def _plan_per_param(files: Sequence[RankFile], model: ModelParams) -> tuple[dict
                     f"{list(first.shape)}, but parameter {pid} in named_parameters order, {fqn}, has "
                     f"shape {list(shape)}; refusing to guess names ({NO_OPTIMIZER_HINT})")
             out = f"state.{fqn}.{name.split('.', 2)[2]}"
-            tensors[out] = _plain(SourceTensor(out, first.shape, first.dtype, pieces, layout_name(first.placements)))
+            tensors[out] = _plain(out, SourceTensor(name, first.shape, first.dtype, pieces, layout_name(first.placements)))
     return tensors, {pid: [model.params[pid][0]] for pid in ids}
 
 
@@ -215,7 +215,7 @@ def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams,
                 first, pieces = tensor_pieces(name, records, files)
                 for f in members:
                     out = f"state.{f}.{key}"
-                    tensors[out] = _plain(SourceTensor(out, (), first.dtype, pieces))
+                    tensors[out] = _plain(out, SourceTensor(name, (), first.dtype, pieces))
                 continue
             sizes = {r.local_shape for r in records}
             if sizes != {(chunk,)} or any(r.local_stride != (1,) for r in records):
@@ -236,7 +236,7 @@ def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams,
                                             (b - a,), (1,), (a - flat_at,)))
                 flat_at += n
                 out = f"state.{f}.{key}"
-                tensors[out] = _plain(SourceTensor(out, shapes[f], dtype, tuple(pieces), "flat", flat=True))
+                tensors[out] = _plain(out, SourceTensor(f"{name}[{f}]", shapes[f], dtype, tuple(pieces), "flat", flat=True))
     return tensors, fqns
 
 

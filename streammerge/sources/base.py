@@ -99,6 +99,30 @@ class ReadStats:
         return text
 
 
+class Oracle(abc.ABC):
+    """An independent reader of a checkpoint's tensors, through torch's own loaders: verify's reference.
+
+    It shares nothing with the source's metadata readers (no zip parsing, no unpickler of ours), so
+    a bug in those cannot hide itself from `verify OUT CKPT`. Boxes are `((lo, hi), ...)` of the
+    full tensor; reads are bounded by the box (plus what torch memory-maps).
+    """
+
+    @abc.abstractmethod
+    def shape(self, name: str) -> tuple[tuple[int, ...], str] | None:
+        """(full shape, dtype name) of a tensor as torch sees it; None when the checkpoint has no such tensor."""
+
+    @abc.abstractmethod
+    def read(self, name: str, box: tuple[tuple[int, int], ...]) -> Any:
+        """One box of the full tensor, as a torch tensor in its saved dtype."""
+
+    def check_integrity(self, paths: Sequence[Path]) -> list[str]:
+        """Checksums the format keeps and torch's loader skips (zip CRC-32s): one problem per line."""
+        return []
+
+    def close(self) -> None:
+        """Release files and maps."""
+
+
 class Source(abc.ABC):
     """A checkpoint found on disk. Subclasses read one format."""
 
@@ -129,6 +153,10 @@ class Source(abc.ABC):
     def files(self) -> list[Path]:
         """Every file the tensors are read from (for watch and verify)."""
         return []
+
+    def oracle(self, options: MergeOptions) -> Oracle | None:
+        """An independent reader for `verify` (None: this format has none; verify then says so)."""
+        return None
 
     def describe(self) -> list[str]:
         info = ", ".join(f"{k} {v}" for k, v in self.info().items() if v is not None)

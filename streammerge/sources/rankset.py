@@ -107,6 +107,10 @@ class Fallback(Exception):
     """This rank file cannot be proven alike by byte compares: it is decoded in full (the reason is recorded)."""
 
 
+class SmallCheckpoint(Fallback):
+    """Few records in all: decoding every rank is the plan, not a fallback."""
+
+
 def load_ranks(paths: Sequence[Path], world_size: int, *, trust_pickle: bool = False, threads: int = 2,
                stats: ReadStats | None = None, match_min_records: int = MATCH_MIN_RECORDS) -> RankSet:
     """Read every rank file's records; at scale, a rank alike rank 0 costs byte compares, not a decode."""
@@ -117,6 +121,8 @@ def load_ranks(paths: Sequence[Path], world_size: int, *, trust_pickle: bool = F
     if not trust_pickle and len(paths) > 1:
         try:
             matcher = _Matcher.create(paths[0], world_size, match_min_records)
+        except SmallCheckpoint:
+            pass
         except Fallback as e:
             stats.fell_back(str(e))
     if matcher is not None:
@@ -238,7 +244,7 @@ class _Matcher:
         d, data, obj, keys = state.directory, state.pickle, state.obj, state.offsets
         got = records_from_state(obj, keys, path, 0, world_size)
         if got is not None and len(got[0]) * world_size < min_records:
-            raise Fallback(f"below {min_records:,} records: every rank is decoded")
+            raise SmallCheckpoint()
         if got is None or got[1] or len(got[0]) < 2:
             raise Fallback("rank 0 holds other objects than tensors, or fewer than 2")
         tensors = _checked(got[0], path, d.size)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
-from .base import Source, SourceTensor
+from .base import Oracle, Source, SourceTensor
 from .rankset import RankSet, load_ranks, source_tensors
 
 if TYPE_CHECKING:
@@ -155,6 +155,11 @@ class VerlSource(Source):
 
     def files(self) -> list[Path]:
         return [*self.model_files, *self.optim_files]
+
+    def oracle(self, options: MergeOptions) -> Oracle:
+        from .verl_oracle import VerlOracle
+
+        return VerlOracle(self.files(), self.world_size)
 
 
 def _ranges(ranks: list[int]) -> str:

@@ -1,0 +1,195 @@
+"""verify's reference reader for veRL rank files: torch itself, sharing no code with the merge's readers.
+
+Each rank file is opened with `torch.load(mmap=True, weights_only=True)` (torch's zip reader and
+its weights-only unpickler; tensor bytes are memory-mapped, not read), and each DTensor's place in
+the full tensor comes from torch's own placement logic (`_compute_local_shape_and_global_offset`),
+given the mesh shape and this rank's coordinate. Where a DeviceMesh pickled by another torch version
+cannot say its shape, the shape is the factorisation of the world size under which torch's logic
+gives every rank exactly the local shape it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .base import Oracle
+
+Box = tuple[tuple[int, int], ...]
+
+
+class VerlOracle(Oracle):
+    """Tensors of veRL rank files (model and optimizer files), as torch loads them."""
+
+    def __init__(self, files: Sequence[Path], world_size: int):
+        self.files, self.world_size = list(files), world_size
+        self._loaded: dict[Path, dict[str, Any]] = {}
+        self._placed: dict[str, list[tuple[Any, tuple[int, ...]]]] = {}
+
+    def _state(self, path: Path) -> dict[str, Any]:
+        if path not in self._loaded:
+            import torch
+            import torch.distributed.tensor  # noqa: F401  (lets weights_only loads rebuild DTensors)
+
+            mesh_log = logging.getLogger("torch.distributed.device_mesh")  # warns about meshes unpickled without PGs
+            level = mesh_log.level
+            try:
+                mesh_log.setLevel(logging.ERROR)
+                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # torch refuses it: the merge's reader must not have accepted it either
+                raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it "
+                                      f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
+                                      ) from None
+            finally:
+                mesh_log.setLevel(level)
+            self._loaded[path] = dict(_flat(obj))
+        return self._loaded[path]
+
+    def _files_for(self, name: str) -> list[Path]:
+        optim = name.startswith("state.")
+        return [p for p in self.files if p.name.startswith("optim_" if optim else "model_")]
+
+    def shape(self, name: str) -> tuple[tuple[int, ...], str] | None:
+        files = self._files_for(name)
+        if not files:
+            return None
+        v = self._state(files[0]).get(name)
+        if v is None or not hasattr(v, "shape"):
+            return None
+        return tuple(v.shape), str(v.dtype).removeprefix("torch.")
+
+    def _pieces(self, name: str) -> list[tuple[Any, tuple[int, ...]]]:
+        """(local tensor, its offset in the full tensor) for every distinct piece of `name`."""
+        if name in self._placed:
+            return self._placed[name]
+        from torch.distributed.tensor import DTensor
+
+        files = self._files_for(name)
+        values = [self._state(p).get(name) for p in files]
+        if any(v is None for v in values):
+            raise CheckpointError(f"{files[values.index(None)]}: torch.load finds no tensor {name!r}")
+        first = values[0]
+        if not isinstance(first, DTensor):
+            self._placed[name] = [(first, (0,) * first.dim())]
+            return self._placed[name]
+        shape = tuple(first.shape)
+        mesh_shape = _mesh_shape(first, values)
+        pieces, seen = [], set()
+        for rank, v in enumerate(values):
+            local = v._local_tensor
+            want, offset = _torch_placement(shape, mesh_shape, _coordinate(rank, mesh_shape), v.placements)
+            if tuple(local.shape) != want:
+                raise CheckpointError(f"{files[rank]}: tensor {name!r}: torch's placement logic gives rank {rank} "
+                                      f"a {list(want)} piece, the file holds {list(local.shape)}")
+            if offset not in seen and local.numel():
+                seen.add(offset)
+                pieces.append((local, offset))
+        self._placed[name] = pieces
+        return pieces
+
+    def read(self, name: str, box: Box) -> Any:
+        import torch
+
+        pieces = self._pieces(name)
+        out = torch.empty(tuple(hi - lo for lo, hi in box), dtype=pieces[0][0].dtype if pieces else torch.float32)
+        filled = 0
+        for local, offset in pieces:
+            lo = [max(b[0], o) for b, o in zip(box, offset)]
+            hi = [min(b[1], o + n) for b, o, n in zip(box, offset, local.shape)]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            src = local[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))]
+            out[tuple(slice(a - b0, b - b0) for a, b, (b0, _) in zip(lo, hi, box))] = src
+            filled += math.prod(b - a for a, b in zip(lo, hi))
+        if filled != out.numel():
+            raise CheckpointError(f"{name!r}: the rank files' pieces cover {filled} of the {out.numel()} elements "
+                                  f"of the box {list(box)}")
+        return out
+
+    def check_integrity(self, paths: Sequence[Path]) -> list[str]:
+        """Every zip record's CRC-32 (torch.load checks none), with the standard library's zip reader."""
+        problems = []
+        for path in paths:
+            try:
+                with zipfile.ZipFile(path) as z:
+                    for info in z.infolist():
+                        if info.CRC == 0:  # saved without CRCs (torch.serialization.set_crc32_options(False))
+                            continue
+                        with z.open(info) as fh:
+                            while fh.read(16 * 2**20):
+                                pass
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                problems.append(f"{path}: zip record {getattr(e, 'filename', '') or ''}fails its CRC-32 or zip "
+                                f"check ({e}): the rank file is corrupted (changed after torch.save wrote it)")
+        return problems
+
+    def close(self) -> None:
+        self._loaded.clear()
+        self._placed.clear()
+
+
+def _flat(obj: Any, prefix: str = "") -> Any:
+    """A model state dict as is; an optimizer's nested state as `state.<int>.<key>` (as the optimizer plan names it)."""
+    if isinstance(obj, dict) and "state" in obj and "param_groups" in obj and not prefix:
+        for pid, entry in obj["state"].items():
+            yield from _flat(entry, f"state.{pid}.")
+        return
+    for k, v in (obj.items() if isinstance(obj, dict) else ()):
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _coordinate(rank: int, mesh_shape: tuple[int, ...]) -> list[int]:
+    """init_device_mesh lays ranks out row-major: mesh = arange(world).view(mesh_shape)."""
+    coord = []
+    for s in reversed(mesh_shape):
+        coord.append(rank % s)
+        rank //= s
+    return list(reversed(coord))
+
+
+def _torch_placement(shape: tuple[int, ...], mesh_shape: tuple[int, ...], coord: list[int],
+                     placements: Sequence[Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    local, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, coord, list(placements))
+    return tuple(int(s) for s in local), tuple(int(o) for o in offset)
+
+
+def _mesh_shape(first: Any, values: Sequence[Any]) -> tuple[int, ...]:
+    """The mesh's shape as torch reports it, else the one factorisation torch's placement logic agrees with."""
+    world, ndim = len(values), len(first.placements)
+    try:
+        shape = tuple(int(s) for s in first.device_mesh.shape)
+        if math.prod(shape) == world and len(shape) == ndim:
+            return shape
+    except Exception:  # a mesh pickled by another torch version
+        pass
+    shape_of = tuple(first.shape)
+    fits = []
+    for cand in _factorisations(world, ndim):
+        if all(_torch_placement(shape_of, cand, _coordinate(r, cand), v.placements)[0] == tuple(v._local_tensor.shape)
+               for r, v in enumerate(values)):
+            fits.append(cand)
+    if len(fits) != 1:
+        raise CheckpointError(f"cannot tell the {ndim}-D device mesh of {world} ranks from the rank files "
+                              f"(candidates {fits})")
+    return fits[0]
+
+
+def _factorisations(n: int, k: int) -> list[tuple[int, ...]]:
+    if k == 1:
+        return [(n,)]
+    out = []
+    for d in range(1, n + 1):
+        if n % d == 0:
+            out += [(d, *rest) for rest in _factorisations(n // d, k - 1)]
+    return out
+
