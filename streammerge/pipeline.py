@@ -123,11 +123,12 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         model_dir, root = model_dir_for(options.model_name, token=token, endpoint=endpoint)
         model_paths = list(model_files(model_dir, root))
     else:
-        model_dir, root = source.hf_dir, source.path
+        model_dir, root = source.hf_dir, source.root
         model_paths = list(carried_files(model_dir, root))
     config = read_config(model_dir)
     dtype = resolve_dtype(options.dtype, config)
     warnings: list[str] = []
+    source.use_model(config, model_dir)
     with gc_paused():
         tensors = source.tensors(options)
         from .sources import lora

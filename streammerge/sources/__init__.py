@@ -1,9 +1,10 @@
 """Sources: find a checkpoint on disk and the format that reads it.
 
 `open_checkpoint(path)` accepts what users type: the folder holding the files, a `global_step_N`
-folder (its `actor/`), or a run folder whose `latest_checkpointed_iteration.txt` names the step.
-Each format registers how to recognise its folder and how to open it; the first that recognises a
-folder reads it.
+folder (its `actor/`), or a run folder whose `latest_checkpointed_iteration.txt` names the step
+(veRL's `global_step_N/`, Megatron-LM's `iter_NNNNNNN/` or `release/`). Each format registers how to
+recognise its folder and how to open it; the first that recognises a folder reads it (a DCP format
+also looks just below: veRL Megatron's `dist_ckpt/` and `model/dist_ckpt/`, prime-rl's `trainer/`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointError
-from . import verl
+from . import dcp, verl
 from .base import Piece, ReadStats, Source, SourceTensor
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -21,6 +22,7 @@ SUBFOLDERS = ("actor",)  # where a step folder keeps its checkpoint
 # (what it is, does this folder hold it, open it)
 FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Source]]] = [
     ("veRL FSDP rank files (model_world_size_*_rank_*.pt)", verl.has_rank_files, verl.verl_source),
+    ("torch DCP or Megatron torch_dist (.metadata, __*_*.distcp)", dcp.holds, dcp.open_dcp),
 ]
 
 
@@ -41,11 +43,16 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
     latest = path / LATEST_FILE
     if latest.is_file() and depth < 2:
         text = latest.read_text(errors="replace").strip()
-        if not text.isdigit():
+        if text == "release":  # Megatron-LM's converted checkpoints
+            names = ["release"]
+        elif text.isdigit():
+            names = [f"global_step_{int(text)}", f"iter_{int(text):07d}"]  # veRL, Megatron-LM
+        else:
             raise CheckpointError(f"{latest}: expected a step number, found {text[:40]!r}")
-        step_dir = path / f"global_step_{int(text)}"
-        if not step_dir.is_dir():
-            raise CheckpointError(f"{latest} names step {text}, but {step_dir} does not exist")
+        step_dir = next((path / n for n in names if (path / n).is_dir()), None)
+        if step_dir is None:
+            raise CheckpointError(f"{latest} names step {text}, but {' or '.join(str(path / n) for n in names)} "
+                                  "does not exist")
         return _find(step_dir, depth + 1)
     for sub in SUBFOLDERS:
         if (path / sub).is_dir() and depth < 3:

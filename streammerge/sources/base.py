@@ -134,6 +134,16 @@ class Source(abc.ABC):
         self.hf_dir = hf_dir  # config.json and tokenizer as saved with the checkpoint, if any
         self.stats = ReadStats()
 
+    @property
+    def root(self) -> Path:
+        """The folder holding the checkpoint and its huggingface/: copied files may not link out of it."""
+        return self.path
+
+    def use_model(self, config: dict | None, model_dir: Path | None) -> None:
+        """The config the merge writes (from the checkpoint or --model-name), given before `tensors`:
+        formats whose tensors are named and laid out by the architecture (Megatron) need it."""
+        return None
+
     @abc.abstractmethod
     def tensors(self, options: MergeOptions) -> dict[str, SourceTensor]:
         """Every model tensor, in save order, under the names the checkpoint uses."""

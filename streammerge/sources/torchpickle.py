@@ -89,10 +89,14 @@ class StridedShard(Obj):
     pass
 
 
+class _UntypedStorage:
+    """The `torch.storage.UntypedStorage` a persistent id names for dtypes rebuilt by _rebuild_tensor_v3."""
+
+
 class Storage:
     __slots__ = ("key", "dtype", "numel")
 
-    def __init__(self, key: str, dtype: DType, numel: int):
+    def __init__(self, key: str, dtype: DType | None, numel: int):  # None: untyped, numel in bytes
         self.key, self.dtype, self.numel = key, dtype, numel
 
 
@@ -119,9 +123,29 @@ class Wrapper:
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None) -> Local:
-    if not isinstance(storage, Storage):
-        raise NotPlain("tensor without a storage")
+    if not isinstance(storage, Storage) or storage.dtype is None:
+        raise NotPlain("tensor without a typed storage")
+    _plain_view(backward_hooks, metadata)
     return Local(storage, int(storage_offset), size, stride)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
+                       metadata=None) -> Local:
+    """Dtypes without a legacy storage class (float8, uint16/32/64): an untyped storage plus the dtype."""
+    if not isinstance(storage, Storage) or storage.dtype is not None or not isinstance(dtype, DType):
+        raise NotPlain("_rebuild_tensor_v3 without an untyped storage and a dtype")
+    if storage.numel % dtype.itemsize:
+        raise NotPlain(f"untyped storage of {storage.numel} bytes holds no whole {dtype.name} elements")
+    _plain_view(backward_hooks, metadata)
+    return Local(Storage(storage.key, dtype, storage.numel // dtype.itemsize), int(storage_offset), size, stride)
+
+
+def _plain_view(backward_hooks: Any, metadata: Any) -> None:
+    """The bytes mean what they say: no conjugate/negative bit (they change the values), no hooks."""
+    if metadata:
+        raise NotPlain(f"tensor with extra metadata {sorted(metadata)!r}")
+    if backward_hooks:
+        raise NotPlain("tensor with backward hooks")
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -162,6 +186,8 @@ def _get_layout(name):
 _GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch.storage", "UntypedStorage"): _UntypedStorage,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_wrapper_subclass"): _rebuild_wrapper_subclass,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
@@ -196,9 +222,10 @@ class _Unpickler(pickle.Unpickler):
             raise NotPlain(f"{module}.{name}") from None
 
     def persistent_load(self, pid: Any) -> Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], DType)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and (isinstance(pid[1], DType) or pid[1] is _UntypedStorage)):
             raise NotPlain("unknown persistent id")
-        return Storage(str(pid[2]), pid[1], int(pid[4]))
+        return Storage(str(pid[2]), None if pid[1] is _UntypedStorage else pid[1], int(pid[4]))
 
 
 @dataclass(frozen=True)
@@ -265,14 +292,24 @@ class MeshView:
 
 def decode(data: bytes, *, memo: bool = False) -> Any | None:
     """Unpickle bytes into our records (and the memo, if asked); None when they need torch.load."""
+    try:
+        return decode_or_raise(data, memo=memo)
+    except NotPlain:
+        return None
+
+
+def decode_or_raise(data: bytes, *, memo: bool = False) -> Any:
+    """`decode`, raising NotPlain with the reason instead of returning None (for formats with no fallback)."""
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of small acyclic objects: the cyclic collector would rescan them again and again
     try:
         u = _Unpickler(io.BytesIO(data))
         obj = u.load()
         return (obj, u.memo.copy()) if memo else obj
-    except (NotPlain, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError):
-        return None
+    except NotPlain:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise NotPlain(f"corrupt pickle ({type(e).__name__}: {e})") from None
     finally:
         if gc_was_on:
             gc.enable()

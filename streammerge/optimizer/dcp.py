@@ -1,0 +1,190 @@
+"""Optimizer state in a DCP checkpoint -> the optimizer export's plan.
+
+`get_optimizer_state_dict(model, optim)` keys the state by parameter name, so a DCP of
+`{"model": ..., "optimizer": ...}` holds `optimizer.state.<fqn>.<key>` tensors (DTensor chunks like
+the parameter's) and `optimizer.param_groups.<i>.<field>` byte items (`.metadata`'s planner_data
+records the nesting; torchtitan saves the flattened form, `param_groups.<fqn>.<field>`). The export
+is the same as veRL's: `state.<fqn>.<key>` in the saved dtype, param groups in the index metadata.
+No parameter order has to be rebuilt: every name is checked against the weights instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CheckpointError
+from ..plan import Plan, TensorPlan
+from . import LAYOUT_NAME, Skip
+from .fsdp import export_plan
+
+if TYPE_CHECKING:
+    from ..options import MergeOptions
+    from ..sources.dcp import DcpCheckpoint
+
+
+def _param_and_key(rest: str, path: tuple | None, depth: int, params: Mapping[str, tuple[int, ...]]) -> tuple[str, str]:
+    """`<fqn>.<key>` -> (fqn, key): from the saved nesting when recorded, else the longest parameter name."""
+    if path is not None and len(path) >= depth + 2 and isinstance(path[depth], str):
+        fqn, key = path[depth], ".".join(str(p) for p in path[depth + 1:])
+        if f"{fqn}.{key}" == rest:
+            return fqn, key
+    best = max((f for f in params if rest.startswith(f + ".")), key=len, default=None)
+    if best is None:
+        raise Skip(f"optimizer state {rest!r} names no parameter of the model")
+    return best, rest[len(best) + 1:]
+
+
+def plan_dcp_optimizer(ck: DcpCheckpoint, prefix: str, weights: Plan, options: MergeOptions, *,
+                       source_note: str, step: int | None) -> tuple[Plan | None, list[str]]:
+    """Plan `OUT/optimizer/` from the `<prefix>state.*` tensors and `<prefix>param_groups.*` items."""
+    try:
+        tensors, groups, values = _state(ck, prefix, weights)
+    except Skip as e:
+        return None, [f"optimizer not exported: {e}"]
+    meta = {"format": LAYOUT_NAME, "param_groups": json.dumps(groups), "source": source_note}
+    if values:
+        meta["state_values"] = json.dumps(values)
+    if step is not None:
+        meta["step"] = str(step)
+    return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size), []
+
+
+def _state(ck: DcpCheckpoint, prefix: str, weights: Plan) -> tuple[dict[str, TensorPlan], list[dict], dict]:
+    params = {n: t.shape for n, t in weights.tensors.items()}
+    params.update({n: weights.tensors[k].shape for n, k in weights.dropped.items()})
+    state_prefix = prefix + "state."
+    depth = prefix.count(".") + 1  # where the fqn sits in a planner_data path
+    pd = ck.meta.planner_data or {}
+    tensors: dict[str, TensorPlan] = {}
+    for key, src in ck.tensors.items():
+        if not key.startswith(state_prefix):
+            continue
+        fqn, skey = _param_and_key(key[len(state_prefix):], pd.get(key), depth, params)
+        if fqn not in params:
+            raise Skip(f"optimizer state {key!r} is for {fqn!r}, which is not a weight of the model")
+        if src.shape not in ((), params[fqn]):
+            raise CheckpointError(f"{ck.folder}: optimizer state {key!r} has shape {list(src.shape)}, but the "
+                                  f"parameter {fqn!r} has {list(params[fqn])}")
+        out = f"state.{fqn}.{skey}"
+        tensors[out] = TensorPlan(out, src, src.dtype)  # source keeps its DCP key: verify reads it by that name
+    if not tensors:
+        raise Skip(f"no tensors under {state_prefix!r}")
+    values: dict[str, Any] = {}
+    for key in ck.bytes_items:
+        if key.startswith(state_prefix):
+            fqn, skey = _param_and_key(key[len(state_prefix):], pd.get(key), depth, params)
+            values[f"state.{fqn}.{skey}"] = _json_value(ck, key)
+    return tensors, _param_groups(ck, prefix, depth, params), values
+
+
+def _json_value(ck: DcpCheckpoint, key: str) -> Any:
+    try:
+        value = ck.read_object(key)
+    except CheckpointError as e:
+        raise Skip(f"cannot read {key!r} ({e})") from None
+    if isinstance(value, tuple):
+        value = list(value)
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        raise Skip(f"{key!r} holds a {type(value).__name__}, which cannot be recorded as JSON") from None
+    return value
+
+
+def _param_groups(ck: DcpCheckpoint, prefix: str, depth: int, params: Mapping[str, Any]) -> list[dict]:
+    """The param groups, as torch's nested form lists them (params by name)."""
+    gp = prefix + "param_groups."
+    pd = ck.meta.planner_data or {}
+    nested: dict[int, dict[str, Any]] = {}
+    flat: dict[str, dict[str, Any]] = {}
+    for key in ck.bytes_items:
+        if not key.startswith(gp):
+            continue
+        path = pd.get(key)
+        if path is not None and len(path) == depth + 2 and isinstance(path[depth], int):
+            nested.setdefault(path[depth], {})[str(path[depth + 1])] = _json_value(ck, key)
+            continue
+        head, _, field = key[len(gp):].partition(".")
+        if head.isdigit() and "." not in field and path is None:
+            nested.setdefault(int(head), {})[field] = _json_value(ck, key)
+            continue
+        rest = key[len(gp):]  # flattened form: param_groups.<fqn>.<field>
+        fqn = max((f for f in params if rest.startswith(f + ".")), key=len, default=None)
+        if fqn is None:
+            raise Skip(f"param group entry {key!r} names no parameter of the model")
+        flat.setdefault(fqn, {})[rest[len(fqn) + 1:]] = _json_value(ck, key)
+    if nested and flat:
+        raise Skip("param groups saved both nested and flattened")
+    if nested:
+        groups = [nested[i] for i in sorted(nested)]
+        if any(not isinstance(g.get("params"), list) for g in groups):
+            raise Skip("a param group without its list of parameter names")
+        return groups
+    if not flat:
+        raise Skip(f"no param groups under {gp!r}")
+    groups: list[dict] = []  # the flattened form has one entry per parameter: equal settings share a group
+    for fqn, hyper in flat.items():
+        same = next((g for g in groups if {k: v for k, v in g.items() if k != "params"} == hyper), None)
+        if same is None:
+            same = {**hyper, "params": []}
+            groups.append(same)
+        same["params"].append(fqn)
+    return groups
+
+
+
+MEGATRON_LAYOUT = "Megatron distributed optimizer state (fully_reshardable), Hugging Face names (streammerge)"
+
+
+def megatron_optimizer_plan(oc: DcpCheckpoint, arch: Any, takes: Mapping[str, Any], weights: Plan,
+                            options: MergeOptions, *, step: int | None) -> tuple[Plan | None, list[str]]:
+    """Megatron's `optimizer.state.<exp_avg|exp_avg_sq|param>.<key>` through the weights' table: exact copies.
+
+    Megatron keeps `step` and the hyperparameters per param group and does not record which parameters
+    each group holds, so the groups go into the index metadata as saved (`megatron_param_groups`), not
+    as torch's param groups: the export is the state by parameter name, not a torch optimizer state dict.
+    """
+    from ..sources.megatron import optimizer_views
+
+    views = optimizer_views(oc, arch, takes)
+    if not views:
+        return None, ["optimizer not exported: no optimizer.state.* tensors for the model's keys"]
+    missing = sorted({n.rsplit(".", 1)[0].removeprefix("state.") for n in views}
+                     - set(weights.tensors) - set(weights.dropped))
+    if missing:
+        return None, [f"optimizer not exported: state for {missing[0]!r}, which is not a weight of the model"]
+    tensors = {name: TensorPlan(name, src, src.dtype) for name, src in views.items()}
+    meta = {"format": MEGATRON_LAYOUT, "source": f"Megatron torch_dist {oc.folder.name}"}
+    warnings: list[str] = []
+    groups = _megatron_groups(oc)
+    if groups is None:
+        warnings.append(f"{oc.folder}: the optimizer's param groups (in common_state) are not readable without "
+                        "running code; the export holds the state tensors only")
+    else:
+        meta["megatron_param_groups"] = json.dumps(groups)
+    if step is not None:
+        meta["step"] = str(step)
+    return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size), warnings
+
+
+def _megatron_groups(oc: DcpCheckpoint) -> list | None:
+    key = next((k for k in oc.bytes_items if k.startswith("common_state/")), None)
+    if key is None:
+        return None
+    try:
+        common = oc.read_object(key)
+    except CheckpointError:
+        return None
+    state = common[0] if isinstance(common, list) and common else common
+    opt = state.get("optimizer") if isinstance(state, dict) else None
+    inner = opt.get("optimizer") if isinstance(opt, dict) else None
+    groups = inner.get("param_groups") if isinstance(inner, dict) else None
+    if not isinstance(groups, list):
+        return None
+    try:
+        json.dumps(groups)
+    except (TypeError, ValueError):
+        return None
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]

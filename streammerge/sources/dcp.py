@@ -1,0 +1,651 @@
+"""torch Distributed Checkpoint (DCP) folders: `.metadata` plus `__<rank>_<n>.distcp` files.
+
+Every stored item sits in a `.distcp` file at its `_StorageInfo.offset` as one `torch.save` zip blob
+of `length` bytes (a file is its items back to back). A tensor chunk's blob holds `data.pkl` (one
+`_rebuild_tensor_v2/v3` call: storage, offset, size, stride) and the storage record `data/<key>`;
+the zip's offsets are relative to the blob, so its 64-byte alignment holds within the blob only.
+Planning reads `.metadata` (`dcpmeta`), then each chunk's zip directory and `data.pkl` (2-3
+positioned reads per chunk, `torchpickle`'s allowlisted unpickler): a piece per chunk, with the
+absolute offset and strides of its bytes. No tensor data is read, nothing from the files runs, and
+every offset is checked against the file, the blob, the record and the metadata.
+
+The blob's zip is read here, bounded to [offset, offset + length) of the file: `torchzip` reads
+zips that are whole files (until it reads byte ranges, this module keeps its own small reader).
+
+Which keys are the model: the nesting `planner_data` records (`{"model": ..., "optimizer": ...}` ->
+`model.` keys, prime-rl's `app.model.`, torchtitan's top-level keys next to `optimizer`), or
+`--key-prefix`. Megatron-Core `torch_dist` folders (`metadata.json`) are read by `megatron.py`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
+from . import torchpickle
+from .base import Oracle, Piece, ReadStats, Source, SourceTensor
+from .dcpmeta import METADATA_FILE, DcpMetadata, TensorEntry, read_metadata
+
+if TYPE_CHECKING:
+    from ..options import MergeOptions
+    from ..plan import Plan
+
+RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+STEP_DIR = re.compile(r"^(?:global_step_|iter_|step[_-]|checkpoint-)(\d+)$")
+MEGATRON_METADATA = "metadata.json"  # Megatron-Core dist_checkpointing: {"sharded_backend": "torch_dist", ...}
+# Where trainers keep the DCP below the folder a user names: veRL Megatron (<= 0.8: actor/dist_ckpt,
+# >= 0.9: actor/model/dist_ckpt), prime-rl (step_N/trainer), accelerate FSDP (pytorch_model_fsdp_0).
+DCP_SUBFOLDERS = ("dist_ckpt", "model/dist_ckpt", "trainer", "pytorch_model_fsdp_0")
+MODEL_CONTAINERS = ("model",)
+OPTIMIZER_CONTAINERS = ("optimizer", "optimizers", "optim")
+# top-level names of a trainer's saved dict, recognised when .metadata records no nesting
+_TRAINER_KEYS = {"model", "optimizer", "optimizers", "optim", "app", "lr_scheduler", "scheduler", "dataloader",
+                 "train_state", "extra", "progress", "rng_state"}
+
+
+# ---------------------------------------------------------------- finding the folder
+
+def is_dcp_folder(folder: Path) -> bool:
+    """A DCP folder, or the remains of one (per-rank metadata only, .distcp files only): its reader explains."""
+    if (folder / METADATA_FILE).is_file():
+        return True
+    try:
+        return any(RANK_FILE.match(p.name) or re.match(r"^__\d+\.metadata$", p.name) for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def locate(folder: Path) -> Path | None:
+    """The DCP folder at or just below `folder` (the layouts trainers write), or None."""
+    for sub in ("", *DCP_SUBFOLDERS):
+        d = folder / sub if sub else folder
+        if d.is_dir() and is_dcp_folder(d):
+            return d
+    return None
+
+
+def holds(folder: Path) -> bool:
+    return locate(folder) is not None
+
+
+def open_dcp(folder: Path) -> Source:
+    """The checkpoint at or below `folder`: Megatron-Core `torch_dist` when `metadata.json` says so, else DCP."""
+    d = locate(folder)
+    if d is None:
+        raise CheckpointError(f"{folder}: no DCP checkpoint (.metadata) here or in {', '.join(DCP_SUBFOLDERS)}")
+    hf_dir = find_hf_dir(d)
+    step = step_of(d)
+    backend = megatron_backend(d)
+    if backend is not None:
+        if backend != "torch_dist":
+            raise UnsupportedLayoutError(f"{d / MEGATRON_METADATA}: Megatron sharded backend {backend!r}; only "
+                                         "torch_dist is supported (re-save with --ckpt-format torch_dist)")
+        from .megatron import MegatronSource
+
+        return MegatronSource(d, hf_dir=hf_dir, step=step)
+    return DcpSource(d, hf_dir=hf_dir, step=step)
+
+
+def megatron_backend(folder: Path) -> str | None:
+    """Megatron-Core's `metadata.json` backend name, or None when the folder has none."""
+    path = folder / MEGATRON_METADATA
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        backend = meta["sharded_backend"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"{path}: not Megatron-Core checkpoint metadata ({e})") from None
+    return str(backend)
+
+
+def find_hf_dir(dcp_dir: Path) -> Path | None:
+    """config.json and tokenizer saved with the checkpoint: `huggingface/` beside or above the DCP folder
+    (veRL: actor/huggingface, actor/model/huggingface), or a parent folder holding config.json."""
+    for d in (dcp_dir, dcp_dir.parent):
+        if (d / "huggingface" / "config.json").is_file():
+            return d / "huggingface"
+    if (dcp_dir / "config.json").is_file():
+        return dcp_dir
+    if (dcp_dir.parent / "config.json").is_file():
+        return dcp_dir.parent
+    return None
+
+
+def step_of(path: Path) -> int | None:
+    for part in reversed(path.parts):
+        m = STEP_DIR.match(part)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+# ---------------------------------------------------------------- one item's torch.save zip
+
+_EOCD = struct.Struct("<IHHHHIIH")
+_LOC64 = struct.Struct("<IIQI")
+_EOCD64 = struct.Struct("<IQHHIIQQQQ")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_M32 = 0xFFFFFFFF
+
+
+class _Entry(NamedTuple):
+    name: str  # without the archive prefix
+    raw_name: bytes
+    lho: int  # blob-relative
+    size: int
+    crc: int
+
+
+class _Blob:
+    """One item's [offset, offset+length) of a .distcp file, read as a zip whose offsets start at 0.
+
+    The end of the blob (end records, central directory) and its head (data.pkl, the small records,
+    the storage's local header) are each read once: a tensor blob costs 2-3 positioned reads.
+    """
+
+    _WINDOW = 4096
+
+    def __init__(self, fd: int, path: str, offset: int, length: int, fqn: str):
+        self.fd, self.path, self.base, self.length, self.fqn = fd, path, offset, length, fqn
+        self._cache: list[tuple[int, bytes]] = []
+        self._lhos: list[int] = []  # local header offsets, sorted: each record must end where the next begins
+
+    def fail(self, why: str, cls: type[CheckpointError] = CheckpointError) -> CheckpointError:
+        return cls(f"{self.path}: item {self.fqn!r} at [{self.base}, {self.base + self.length}): {why}")
+
+    def read(self, at: int, n: int, cache: bool = False) -> bytes:
+        if at < 0 or n < 0 or at + n > self.length:
+            raise self.fail(f"zip structure points outside the item ({at}+{n} > {self.length})")
+        for s, buf in self._cache:
+            if s <= at and at + n <= s + len(buf):
+                return buf[at - s:at - s + n]
+        try:
+            data = os.pread(self.fd, n, self.base + at)
+        except OSError as e:
+            raise self.fail(f"cannot read ({e.strerror or e})") from None
+        if len(data) != n:
+            raise self.fail("file cut short")
+        if cache:
+            self._cache.append((at, data))
+        return data
+
+    def directory(self) -> tuple[dict[str, _Entry], int]:
+        """Central directory entries by name (archive prefix removed), and where the directory starts."""
+        n = min(self.length, self._WINDOW)
+        tail = self.read(self.length - n, n, cache=True)
+        eocd_at = self.length - _EOCD.size
+        if eocd_at < 0 or tail[-_EOCD.size:][:4] != b"PK\x05\x06":
+            if _is_safetensors_at(self.path, self.base):
+                raise self.fail("a safetensors blob, not a torch.save zip (a DCP saved with "
+                                "serialization_format=SAFETENSORS); not supported", UnsupportedLayoutError)
+            if self.read(0, min(4, self.length)) != b"PK\x03\x04":
+                raise self.fail("not a torch.save zip")
+            raise self.fail("no zip end record at the end of the item")
+        _, disk, _, _, count, cd_size, cd_off, clen = _EOCD.unpack(self.read(eocd_at, _EOCD.size))
+        if clen or disk:
+            raise self.fail("zip end record with a comment or several disks")
+        cd_end = eocd_at
+        loc_at = eocd_at - _LOC64.size
+        if loc_at >= 0 and self.read(loc_at, 4) == b"PK\x06\x07":  # torch always writes zip64 end records
+            eocd64_at = _LOC64.unpack(self.read(loc_at, _LOC64.size))[2]
+            rec = self.read(eocd64_at, _EOCD64.size)
+            if rec[:4] != b"PK\x06\x06" or eocd64_at + _EOCD64.size != loc_at:
+                raise self.fail("bad zip64 end record")
+            count, cd_size, cd_off = _EOCD64.unpack(rec)[7:]
+            cd_end = eocd64_at
+        elif _M32 in (cd_size, cd_off) or count == 0xFFFF:
+            raise self.fail("zip64 locator missing")
+        if cd_off + cd_size != cd_end:
+            raise self.fail("zip central directory does not end where the end record starts")
+        cd = self.read(cd_off, cd_size)
+        entries: list[_Entry] = []
+        pos = 0
+        for _ in range(count):
+            if pos + _CENTRAL.size > len(cd):
+                raise self.fail("zip central directory cut short")
+            (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, _, _, _, lho) = \
+                _CENTRAL.unpack_from(cd, pos)
+            if sig != 0x02014B50:
+                raise self.fail("bad zip central directory entry")
+            if method != 0 or flags & 1:
+                raise self.fail("compressed or encrypted zip record", UnsupportedLayoutError)
+            at = pos + _CENTRAL.size
+            raw = cd[at:at + nlen]
+            if _M32 in (csize, usize, lho):
+                usize, csize, lho = _zip64_extra(cd[at + nlen:at + nlen + elen], usize, csize, lho)
+            if csize != usize:
+                raise self.fail("zip record with different stored and real sizes")
+            entries.append(_Entry(raw.decode("utf-8", "replace"), raw, lho, usize, crc))
+            pos = at + nlen + elen + clen
+        if pos != len(cd):
+            raise self.fail("zip central directory has trailing bytes")
+        pickles = [e for e in entries if e.name == "data.pkl" or e.name.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise self.fail("not a torch.save zip (no single data.pkl)")
+        prefix = pickles[0].name[:-len("data.pkl")]
+        if not all(e.name.startswith(prefix) for e in entries):
+            raise self.fail("zip records outside the archive folder")
+        out = {e.name[len(prefix):]: e for e in entries}
+        if len(out) != len(entries):
+            raise self.fail("duplicate zip record names")
+        self._lhos = sorted(e.lho for e in entries)
+        if len(set(self._lhos)) != len(self._lhos):
+            raise self.fail("two zip records share a local header")
+        return out, cd_off
+
+    def locate(self, entries: dict[str, _Entry], cd_off: int, names: list[str]) -> dict[str, tuple[int, int]]:
+        """(data start, size) of the named records. torch packs records back to back (alignment padding
+        sits in the next local header's extra field) and, with zip flag bit 3, follows each record's
+        data with a data descriptor; both are checked, so a shifted header or size cannot go unnoticed."""
+        lhos = self._lhos
+        self.read(0, min(self.length, self._WINDOW), cache=True)
+        out: dict[str, tuple[int, int]] = {}
+        for name in names:
+            e = entries[name]
+            nxt = next((x for x in lhos if x > e.lho), cd_off)
+            head = self.read(e.lho, _LOCAL.size + len(e.raw_name))
+            sig, _, flags, method, _, _, crc, csize, usize, nlen, elen = _LOCAL.unpack_from(head)
+            if sig != 0x04034B50 or head[_LOCAL.size:] != e.raw_name:
+                raise self.fail(f"bad zip local header for {name}")
+            if method != 0 or flags & 1:
+                raise self.fail(f"compressed or encrypted zip record {name}", UnsupportedLayoutError)
+            start = e.lho + _LOCAL.size + nlen + elen
+            end = start + e.size
+            gap = nxt - end
+            if flags & 8:
+                fmt = {16: "<4sIII", 24: "<4sIQQ"}.get(gap)
+                desc = struct.unpack(fmt, self.read(end, gap)) if fmt else None
+                if desc != (b"PK\x07\x08", e.crc, e.size, e.size):
+                    raise self.fail(f"zip record {name} does not end where its data descriptor should be")
+            elif gap != 0 or ((crc, csize, usize) != (e.crc, e.size, e.size) and _M32 not in (csize, usize)):
+                raise self.fail(f"zip local header of {name} disagrees with the directory")
+            out[name] = (start, e.size)
+        return out
+
+    def pickle(self) -> tuple[dict[str, _Entry], int, Any]:
+        """The directory and `data.pkl` decoded by the allowlisted unpickler (byte order checked)."""
+        entries, cd_off = self.directory()
+        head = self.locate(entries, cd_off, [n for n in ("data.pkl", "byteorder") if n in entries])
+        pkl = self.read(*head["data.pkl"])
+        crc = entries["data.pkl"].crc
+        if crc and zlib.crc32(pkl) != crc:  # 0: saved with torch.serialization.set_crc32_options(False)
+            raise self.fail("CRC mismatch in data.pkl")
+        if "byteorder" in head:  # absent in files from before torch wrote it: little-endian
+            order = self.read(*head["byteorder"])
+            if order != b"little":
+                raise self.fail(f"byte order {order[:16]!r}", UnsupportedLayoutError)
+        try:
+            obj = torchpickle.decode_or_raise(pkl)
+        except torchpickle.NotPlain as e:
+            raise self.fail(f"data.pkl: {e} (torch.load reads more than this reader allows; re-save the item "
+                            "with dcp.save)", UnsupportedLayoutError) from None
+        return entries, cd_off, obj
+
+
+def _is_safetensors_at(path: str, offset: int) -> bool:
+    """Whether a safetensors file starts at `offset`: 8-byte little-endian header size, then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            head = f.read(9)
+            n = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+            return head[8:9] == b"{" and offset + 8 + n <= os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+
+
+def _zip64_extra(extra: bytes, usize: int, csize: int, lho: int) -> tuple[int, int, int]:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, n = struct.unpack_from("<HH", extra, pos)
+        if tag == 1:
+            vals = list(struct.unpack_from(f"<{n // 8}Q", extra, pos + 4))
+            if usize == _M32 and vals:
+                usize = vals.pop(0)
+            if csize == _M32 and vals:
+                csize = vals.pop(0)
+            if lho == _M32 and vals:
+                lho = vals.pop(0)
+            break
+        pos += 4 + n
+    return usize, csize, lho
+
+
+def _chunk_location(blob: _Blob, entry: TensorEntry, sizes: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """(absolute offset of the chunk's first element, element strides) from one tensor item's blob."""
+    entries, cd_off, view = blob.pickle()
+    if not isinstance(view, torchpickle.Local):
+        raise blob.fail("data.pkl does not hold one plain tensor", UnsupportedLayoutError)
+    shape, stride, offset = view.shape, view.stride, view.offset
+    if not all(type(v) is int and v >= 0 for v in (offset, *shape, *stride)) or len(shape) != len(stride):
+        raise blob.fail(f"bad tensor view offset={offset!r} size={shape!r} stride={stride!r}")
+    if view.dtype is not entry.dtype:
+        raise blob.fail(f"stored dtype {view.dtype.name} but .metadata says {entry.dtype.name}")
+    if shape != sizes:
+        raise blob.fail(f"stored shape {list(shape)} but .metadata says chunk sizes {list(sizes)}")
+    rec = f"data/{view.storage.key}"
+    if rec not in entries:
+        raise blob.fail(f"no zip record {rec}")
+    data_start, nbytes = blob.locate(entries, cd_off, [rec])[rec]
+    itemsize = entry.dtype.itemsize
+    if view.storage.numel * itemsize != nbytes:
+        raise blob.fail(f"storage record holds {nbytes} bytes, the pickle says {view.storage.numel * itemsize}")
+    if _numel(shape):
+        last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+        if (last + 1) * itemsize > nbytes:
+            raise blob.fail("tensor view reaches past its storage")
+    return blob.base + data_start + offset * itemsize, stride
+
+
+# ---------------------------------------------------------------- the folder
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def check_tiling(where: str, shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+    """The chunks must cover every element exactly once: in bounds, volumes add up, no two overlap."""
+    total = 0
+    for start, size in boxes:
+        if len(start) != len(shape) or len(size) != len(shape):
+            raise CheckpointError(f"{where}: chunk rank differs from the tensor's")
+        if any(o + n > d for o, n, d in zip(start, size, shape)):
+            raise CheckpointError(f"{where}: chunk at {list(start)} of {list(size)} runs past the shape {list(shape)}")
+        total += _numel(size)
+    if total != _numel(shape):
+        raise CheckpointError(f"{where}: chunks hold {total} elements, the tensor has {_numel(shape)} "
+                              "(gap or overlap)")
+    live = [b for b in boxes if _numel(b[1])]
+    if len(live) < 2 or not shape:
+        return
+    # sweep along the dim with the most distinct starts: neighbours there are few for FSDP/TP splits
+    dim = max(range(len(shape)), key=lambda d: len({b[0][d] for b in live}))
+    live.sort(key=lambda b: b[0][dim])
+    active: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for b in live:
+        active = [a for a in active if a[0][dim] + a[1][dim] > b[0][dim]]
+        for a in active:
+            if all(ao < bo + bn and bo < ao + an for ao, an, bo, bn in zip(a[0], a[1], b[0], b[1])):
+                raise CheckpointError(f"{where}: chunks at {list(a[0])} and {list(b[0])} overlap")
+        active.append(b)
+
+
+@dataclass
+class DcpCheckpoint:
+    """A DCP folder as planned: every tensor's pieces (by DCP key) and every byte item's range."""
+
+    folder: Path
+    meta: DcpMetadata
+    tensors: dict[str, SourceTensor]  # DCP key -> pieces, in save order
+    bytes_items: dict[str, tuple[str, int, int]]  # DCP key -> (file, offset, length)
+    files: list[Path] = field(default_factory=list)  # every .distcp file .metadata names
+
+    def read_object(self, key: str) -> Any:
+        """A byte item's value (a torch.save blob of plain Python data), through the allowlisted unpickler."""
+        file, offset, length = self.bytes_items[key]
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            return _Blob(fd, file, offset, length, key).pickle()[2]
+        finally:
+            os.close(fd)
+
+
+def read_dcp(folder: Path, stats: ReadStats | None = None) -> DcpCheckpoint:
+    """Plan a DCP folder: every tensor's pieces and every byte item's range, all checked; reads no tensor data."""
+    gc_was_on = gc.isenabled()
+    gc.disable()  # many small acyclic records: the cyclic collector would rescan them again and again
+    try:
+        return _read_dcp(folder, stats or ReadStats())
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def _read_dcp(folder: Path, stats: ReadStats) -> DcpCheckpoint:
+    md = read_metadata(folder)
+    sizes: dict[str, int] = {}
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+    where: dict[tuple[str, tuple[int, ...] | None], tuple[str, int, int]] = {}
+    for (fqn, off), (rel, offset, length) in md.storage.items():
+        file = str(folder / rel)
+        if file not in sizes:
+            try:
+                sizes[file] = os.stat(file).st_size
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot read ({e.strerror or e}), named by {md.path}") from None
+        if offset + length > sizes[file]:
+            raise CheckpointError(f"{file}: item {fqn!r} at [{offset}, {offset + length}) runs past the end of the "
+                                  f"{sizes[file]}-byte file (truncated? copy it again)")
+        where[(fqn, off)] = (file, offset, length)
+        spans.setdefault(file, []).append((offset, offset + length, fqn))
+    for file, ranges in spans.items():
+        ranges.sort()
+        for (s0, e0, f0), (s1, _, f1) in zip(ranges, ranges[1:]):
+            if s1 < e0:
+                if s0 == s1 and _is_safetensors_at(file, s0):
+                    raise UnsupportedLayoutError(f"{file}: tensors stored as one safetensors blob (a DCP saved "
+                                                 "with serialization_format=SAFETENSORS); not supported")
+                raise CheckpointError(f"{file}: items {f0!r} and {f1!r} overlap in the file")
+
+    tensors: dict[str, SourceTensor] = {}
+    bytes_items: dict[str, tuple[str, int, int]] = {}
+    used: set[tuple[str, tuple[int, ...] | None]] = set()
+    for fqn in md.byte_keys:
+        if (fqn, None) not in where:
+            raise CheckpointError(f"{md.path}: byte item {fqn!r} has no storage entry")
+        used.add((fqn, None))
+        bytes_items[fqn] = where[(fqn, None)]
+    fds: dict[str, int] = {}
+    try:
+        for fqn, entry in md.tensors.items():
+            tensors[fqn] = _tensor(fqn, entry, where, used, fds, md.path)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    stray = set(where) - used
+    if stray:
+        fqn, off = sorted(stray, key=str)[0]
+        raise CheckpointError(f"{md.path}: {len(stray)} storage entries match no chunk, e.g. {fqn!r} at {off}")
+    files = sorted({Path(f) for f in sizes})
+    stats.files += len(files)
+    stats.decoded += len(files)
+    return DcpCheckpoint(folder, md, tensors, bytes_items, files)
+
+
+def _tensor(fqn: str, entry: TensorEntry, where: Mapping, used: set, fds: dict[str, int], mpath: Path) -> SourceTensor:
+    check_tiling(f"{mpath}: tensor {fqn!r}", entry.shape, list(entry.chunks))
+    pieces = []
+    for start, size in entry.chunks:
+        loc = where.get((fqn, start))
+        if loc is None:
+            if _numel(size) == 0:  # torch dedups empty chunks that share an offset; nothing to read
+                continue
+            raise CheckpointError(f"{mpath}: tensor {fqn!r} chunk at {list(start)} has no storage entry")
+        used.add((fqn, start))
+        file, offset, length = loc
+        if file not in fds:
+            try:
+                fds[file] = os.open(file, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot read ({e.strerror or e})") from None
+        data_at, stride = _chunk_location(_Blob(fds[file], file, offset, length, fqn), entry, size)
+        if _numel(size):
+            m = RANK_FILE.match(os.path.basename(file))
+            pieces.append(Piece(int(m.group(1)) if m else -1, file, data_at, size, stride, start))
+    layout = "plain" if len(entry.chunks) == 1 else f"{len(entry.chunks)} chunks"
+    return SourceTensor(fqn, entry.shape, entry.dtype, tuple(pieces), layout)
+
+
+# ---------------------------------------------------------------- which keys are the model
+
+@dataclass(frozen=True)
+class KeySplit:
+    """The model's keys (output name -> DCP key), the optimizer's container, and what is left out."""
+
+    prefix: str  # stripped from model keys ("" for none)
+    model: dict[str, str]
+    optimizer_prefix: str | None  # e.g. "optimizer." (its keys: <prefix>state.<fqn>.<key>)
+    others: dict[str, int]  # other containers holding tensors -> how many (not exported)
+    how: str  # for inspect: how the split was decided
+
+
+def _paths(ck: DcpCheckpoint) -> dict[str, tuple]:
+    """Each tensor key's path in the saved dict: from planner_data, else guessed from trainer-style names."""
+    pd = ck.meta.planner_data
+    if pd is not None and all(k in pd for k in ck.tensors):
+        return {k: pd[k] for k in ck.tensors}
+    heads = {k.split(".", 1)[0] for k in ck.tensors if "." in k}
+    trainer = len(heads & _TRAINER_KEYS) >= 2 and all(k.split(".", 1)[0] in _TRAINER_KEYS for k in ck.tensors)
+    return {k: tuple(k.split(".", 1)) if trainer else (k,) for k in ck.tensors}
+
+
+def split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
+    """Decide which tensors are the model: `key_prefix` when given, else the saved dict's nesting.
+
+    A `model` container (at the top, or one level down as prime-rl's `app.model`) is the model; without
+    one, the top-level tensors are (a bare state dict, or torchtitan's model keys next to `optimizer`).
+    """
+    keys = list(ck.tensors)
+    if key_prefix is not None:
+        model = {k[len(key_prefix):]: k for k in keys if k.startswith(key_prefix) and len(k) > len(key_prefix)}
+        if not model:
+            heads = sorted({k.split(".", 1)[0] + "." for k in keys})[:6]
+            raise ConfigError(f"{ck.folder}: no tensor key starts with --key-prefix {key_prefix!r} "
+                              f"(keys start with {', '.join(heads)})")
+        parent = key_prefix[:-len("model.")] if key_prefix.endswith("model.") else None
+        opt = _optimizer_prefix(keys, parent) if parent is not None else None
+        others = _others(keys, [key_prefix] + ([opt] if opt else []))
+        return KeySplit(key_prefix, model, opt, others, f"--key-prefix {key_prefix!r}")
+    paths = _paths(ck)
+    containers = {p[:i] for p in paths.values() for i in range(1, min(len(p), 3))}
+    found = next((c for c in sorted(containers, key=len) if c[-1] in MODEL_CONTAINERS), None)
+    if found is not None:
+        prefix = ".".join(str(x) for x in found) + "."
+        model = {k[len(prefix):]: k for k, p in paths.items() if p[:len(found)] == found}
+        if all(k.startswith(prefix) for k in model.values()):
+            opt = _optimizer_prefix(keys, ".".join(str(x) for x in found[:-1]) + "." if len(found) > 1 else "")
+            others = _others(keys, [prefix] + ([opt] if opt else []))
+            return KeySplit(prefix, model, opt, others, f"the {prefix!r} keys of the saved dict")
+    top = {k: k for k, p in paths.items() if len(p) == 1}
+    if not top:
+        heads = sorted({str(p[0]) for p in paths.values()})[:6]
+        raise CheckpointError(f"{ck.folder}: cannot tell which tensors are the model (the saved dict holds "
+                              f"{', '.join(heads)}); name them with --key-prefix, e.g. --key-prefix {heads[0]}.")
+    nested = {str(p[0]) + "." for p in paths.values() if len(p) > 1}
+    opt = _optimizer_prefix(keys, "")
+    how = "every key" if not nested else "the top-level keys of the saved dict"
+    return KeySplit("", top, opt, _others([k for k in keys if k not in top], [opt] if opt else []), how)
+
+
+def _optimizer_prefix(keys: list[str], parent: str) -> str | None:
+    for name in OPTIMIZER_CONTAINERS:
+        p = f"{parent}{name}."
+        if any(k.startswith(p + "state.") for k in keys):
+            return p
+    return None
+
+
+def _others(keys: list[str], taken: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k in keys:
+        if not any(k.startswith(t) for t in taken):
+            head = k.split(".", 1)[0]
+            out[head] = out.get(head, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------- the source
+
+class DcpSource(Source):
+    """A torch DCP folder (dcp.save of an FSDP2 model, torchtitan, prime-rl, accelerate's SHARDED_STATE_DICT)."""
+
+    format = "torch DCP"
+
+    def __init__(self, path: Path, *, hf_dir: Path | None = None, step: int | None = None):
+        super().__init__(path, step=step, hf_dir=hf_dir)
+        self._ck: DcpCheckpoint | None = None
+        self._split: tuple[str | None, KeySplit] | None = None
+
+    @property
+    def root(self) -> Path:
+        """huggingface/ may sit beside the DCP folder (veRL: actor/dist_ckpt and actor/huggingface)."""
+        if self.hf_dir is None:
+            return self.path
+        return Path(os.path.commonpath([self.path, self.hf_dir]))
+
+    def checkpoint(self) -> DcpCheckpoint:
+        """The folder's plan (read once)."""
+        if self._ck is None:
+            self._ck = read_dcp(self.path, self.stats)
+        return self._ck
+
+    def split(self, key_prefix: str | None) -> KeySplit:
+        if self._split is None or self._split[0] != key_prefix:
+            self._split = (key_prefix, split_keys(self.checkpoint(), key_prefix))
+        return self._split[1]
+
+    def tensors(self, options: MergeOptions) -> dict[str, SourceTensor]:
+        ck = self.checkpoint()
+        split = self.split(options.key_prefix)
+        tensors = {name: ck.tensors[key].renamed(name) for name, key in split.model.items()}
+        if not tensors:
+            raise CheckpointError(f"{self.path}: the checkpoint holds no model tensors")
+        return tensors
+
+    def has_optimizer(self) -> bool:
+        try:
+            return self.split(self._key_prefix()).optimizer_prefix is not None
+        except CheckpointError:
+            return False
+
+    def _key_prefix(self) -> str | None:
+        return self._split[0] if self._split is not None else None
+
+    def optimizer_plan(self, weights: Plan, options: MergeOptions, config: dict | None,
+                       model_dir: Path | None) -> tuple[Plan | None, list[str]]:
+        from ..optimizer.dcp import plan_dcp_optimizer
+
+        split = self.split(options.key_prefix)
+        if split.optimizer_prefix is None:
+            return None, []
+        return plan_dcp_optimizer(self.checkpoint(), split.optimizer_prefix, weights, options,
+                                  source_note=f"torch DCP {self.path.name}", step=self.step)
+
+    def info(self) -> dict[str, Any]:
+        ck = self.checkpoint()
+        return {"files": len(ck.files), "keys": len(ck.tensors) + len(ck.bytes_items)}
+
+    def describe(self) -> list[str]:
+        lines = super().describe()
+        if self._split is not None:
+            split = self._split[1]
+            lines.append(f"model       {len(split.model)} tensors: {split.how}"
+                         + (f", {split.prefix!r} stripped" if split.prefix else ""))
+            if split.optimizer_prefix:
+                lines.append(f"optimizer   {split.optimizer_prefix}state.*")
+            if split.others:
+                left = ", ".join(f"{k}.* ({n} tensors)" for k, n in sorted(split.others.items()))
+                lines.append(f"not merged  {left}")
+        return lines
+
+    def files(self) -> list[Path]:
+        return list(self.checkpoint().files)
+
+    def oracle(self, options: MergeOptions) -> Oracle:
+        from .dcp_oracle import DcpOracle
+
+        return DcpOracle(self.path, self.split(options.key_prefix).model)  # optimizer sources keep their DCP keys
