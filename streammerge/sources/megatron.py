@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from ..model_folder import ties_embeddings
-from .base import Oracle, Piece, Source, SourceTensor
+from .base import Oracle, Piece, SourceTensor
 from .dcp import DcpCheckpoint, DcpSource, megatron_backend, read_dcp
 
 if TYPE_CHECKING:
@@ -195,8 +195,8 @@ def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[Ta
             takes += [Take(p + n["gate"], _L + "mlp.linear_fc1.weight", (i,), "gate"),
                       Take(p + n["up"], _L + "mlp.linear_fc1.weight", (i,), "up"),
                       Take(p + n["down"], _L + "mlp.linear_fc2.weight", (i,), "all")]
-        takes.append(Take(p + "input_layernorm.weight", _L + "self_attention.linear_qkv.layer_norm_weight", (i,), "all"))
-        takes.append(Take(p + "post_attention_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight", (i,), "all"))
+        takes += [Take(p + "input_layernorm.weight", _L + "self_attention.linear_qkv.layer_norm_weight", (i,), "all"),
+                  Take(p + "post_attention_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight", (i,), "all")]
     takes.append(Take("model.norm.weight", "decoder.final_layernorm.weight", (), "all"))
     if "output_layer.weight" in expect:
         takes.append(Take("lm_head.weight", "output_layer.weight", (), "vocab"))
@@ -242,7 +242,10 @@ def view(src: SourceTensor, take: Take, a: Arch, name: str | None = None,
     k = len(take.index)
     isz = src.dtype.itemsize
     pieces = []
-    candidates = src.pieces if not k else (by_layer if by_layer is not None else pieces_by_layer(src)).get(take.index[0], ())
+    if k:
+        candidates = (by_layer if by_layer is not None else pieces_by_layer(src)).get(take.index[0], [])
+    else:
+        candidates = list(src.pieces)
     for p in candidates:
         for s_src, s_dst, size in segs:
             lo = [max(a0, b0) for a0, b0 in zip(p.start, s_src)]
@@ -382,7 +385,8 @@ class MegatronSource(DcpSource):
             opt = model if oc.folder == self.path else DcpOracle(oc.folder)
             for name, t in takes.items():
                 for k in OPTIMIZER_KINDS:
-                    sources[optimizer_name(name, k)] = (opt, Take(t.hf, f"optimizer.state.{k}.{t.key}", t.index, t.part))
+                    key = f"optimizer.state.{k}.{t.key}"
+                    sources[optimizer_name(name, k)] = (opt, Take(t.hf, key, t.index, t.part))
         return MegatronOracle(sources, arch)
 
 
