@@ -1,4 +1,4 @@
-"""Make real veRL-format FSDP2 sharded checkpoints on CPU.
+"""Make real veRL-format FSDP2 sharded checkpoints on CPU (and the same training saved as a torch DCP).
 
 The merge core, its tests, ``streammerge demo`` and the benchmarks need inputs that are
 byte-for-byte what veRL's ``FSDPCheckpointManager.save_checkpoint`` writes. Rather than
@@ -7,6 +7,7 @@ processes with the gloo backend and saves exactly the way veRL does, plus an ora
 (``reference/``) gathered from the live training state with torch's own full-state APIs.
 
     make_checkpoint("/tmp/ck", arch="qwen2", world_size=4, tie_word_embeddings=True)
+    make_checkpoint("/tmp/ck", save_format="dcp")   # dcp.save({"model": ..., "optimizer": ...}) instead
     python -m streammerge.synthetic /tmp/ck --arch qwen2 --world-size 4 --tie
 """
 
@@ -26,12 +27,14 @@ import torch
 
 Arch = Literal["llama", "qwen2"]
 ShardPlacement = Literal["dim0", "first_divisible"]
+SaveFormat = Literal["verl", "dcp"]
 
 # Everything a worker imports; preloaded once into the forkserver so each rank starts in
 # milliseconds instead of re-importing torch and transformers (seconds per process).
 _WORKER_IMPORTS = [
     "torch.distributed.fsdp",
     "torch.distributed.checkpoint.state_dict",
+    "torch.distributed.checkpoint",
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",
     "safetensors.torch",
@@ -62,6 +65,7 @@ class _Spec:
     reference: bool
     extra_buffers: bool
     plain_tensors: bool
+    save_format: SaveFormat = "verl"
 
     def __post_init__(self) -> None:
         if self.arch not in ("llama", "qwen2"):
@@ -84,6 +88,8 @@ class _Spec:
             raise ValueError("steps must be >= 0")
         if self.plain_tensors and self.world_size != 1:
             raise ValueError("plain_tensors is what FSDP1 saves at world size 1 only")
+        if self.save_format not in ("verl", "dcp") or (self.save_format == "dcp" and self.plain_tensors):
+            raise ValueError(f"save_format must be 'verl' or 'dcp' (without plain_tensors), got {self.save_format!r}")
 
 
 def make_checkpoint(
@@ -104,6 +110,7 @@ def make_checkpoint(
     reference: bool = True,
     extra_buffers: bool = False,
     plain_tensors: bool = False,
+    save_format: SaveFormat = "verl",
 ) -> Path:
     """Train a tiny model with FSDP2 on ``world_size`` CPU ranks and save it as veRL does.
 
@@ -111,6 +118,9 @@ def make_checkpoint(
     ``out_dir/latest_checkpointed_iteration.txt`` and returns the actor directory. ``mesh=(2, 2)`` gives HSDP with dim names ("ddp", "fsdp");
     ``shard_placement="first_divisible"`` is veRL's older shard_placement_fn (some Shard(1));
     ``plain_tensors`` (world size 1 only) saves plain full tensors, as FSDP1 does at world size 1.
+    ``save_format="dcp"`` saves the same training with ``dcp.save({"model": get_model_state_dict(model),
+    "optimizer": get_optimizer_state_dict(model, optim), "scheduler": ...})`` into ``out_dir/step_{steps}/``
+    (beside its ``huggingface/`` and ``reference/``) and returns that folder.
     The same arguments always give the same tensor values.
 
     Ranks are forked from a forkserver that imports torch and transformers once per calling
@@ -120,22 +130,22 @@ def make_checkpoint(
     """
     mesh = tuple(mesh) if mesh is not None else (world_size,)
     root = Path(out_dir)
-    actor_dir = root / f"global_step_{steps}" / "actor"
+    actor_dir = root / f"global_step_{steps}" / "actor" if save_format == "verl" else root / f"step_{steps}"
     spec = _Spec(
         actor_dir=str(actor_dir), arch=arch, world_size=world_size, mesh=mesh,
         mesh_dim_names=tuple(mesh_dim_names) if mesh_dim_names else _default_dim_names(len(mesh)),
         tie_word_embeddings=tie_word_embeddings, shard_placement=shard_placement,
         hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, steps=steps,
         seed=seed, optimizer=optimizer, reference=reference, extra_buffers=extra_buffers,
-        plain_tensors=plain_tensors,
+        plain_tensors=plain_tensors, save_format=save_format,
     )
     if actor_dir.is_dir() and any(actor_dir.iterdir()):
         # Rank files of another world size would mix with ours into an unmergeable folder.
         raise FileExistsError(f"{actor_dir} is not empty; pick a new out_dir or remove it")
     actor_dir.mkdir(parents=True, exist_ok=True)
     _run_ranks(spec)
-    # veRL's trainer writes the tracker only after every rank has saved.
-    (root / "latest_checkpointed_iteration.txt").write_text(str(steps))
+    if save_format == "verl":  # veRL's trainer writes the tracker only after every rank has saved
+        (root / "latest_checkpointed_iteration.txt").write_text(str(steps))
     return actor_dir
 
 
@@ -189,7 +199,10 @@ def _train_and_save(rank: int, spec: _Spec) -> None:
     # Like veRL's get_constant_schedule_with_warmup: a LambdaLR whose state has lr_lambdas [None].
     scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda _: 1.0)
     _train(model, optim, scheduler, spec, rank)
-    _save_rank_files(model, optim, scheduler, spec, rank)
+    if spec.save_format == "dcp":
+        _save_dcp(model, optim, scheduler, spec)
+    else:
+        _save_rank_files(model, optim, scheduler, spec, rank)
     if rank == 0:
         _save_hf_dir(config, spec)
     if spec.reference:
@@ -272,6 +285,17 @@ def _save_rank_files(model, optim, scheduler, spec: _Spec, rank: int) -> None:
     torch.save(extra, actor / f"extra_state_{suffix}")
 
 
+def _save_dcp(model, optim, scheduler, spec: _Spec) -> None:
+    """A trainer's torch DCP (collective): model and optimizer by parameter name, the scheduler as bytes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model), "scheduler": scheduler.state_dict()}
+    if spec.optimizer:
+        state["optimizer"] = get_optimizer_state_dict(model, optim)
+    dcp.save(state, checkpoint_id=spec.actor_dir)
+
+
 def _to_plain(obj):
     """DTensors -> full plain tensors, recursively (FSDP1's world-size-1 output)."""
     from torch.distributed.tensor import DTensor
@@ -296,8 +320,9 @@ def _save_hf_dir(config, spec: _Spec) -> None:
     config.save_pretrained(hf_dir)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(hf_dir)
     _tokenizer(spec.arch, spec.vocab_size).save_pretrained(hf_dir)
-    fsdp_config = {"FSDP_version": 1 if spec.plain_tensors else 2, "world_size": spec.world_size}
-    (actor / "fsdp_config.json").write_text(json.dumps(fsdp_config, indent=4))
+    if spec.save_format == "verl":
+        fsdp_config = {"FSDP_version": 1 if spec.plain_tensors else 2, "world_size": spec.world_size}
+        (actor / "fsdp_config.json").write_text(json.dumps(fsdp_config, indent=4))
 
 
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -410,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--extra-buffers", action="store_true")
     p.add_argument("--plain-tensors", action="store_true")
+    p.add_argument("--save-format", choices=["verl", "dcp"], default="verl")
     a = p.parse_args(argv)
     actor = make_checkpoint(
         a.out_dir, arch=a.arch, world_size=a.world_size, mesh=a.mesh,
@@ -417,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         shard_placement=a.shard_placement, hidden_size=a.hidden_size, num_layers=a.num_layers,
         vocab_size=a.vocab_size, steps=a.steps, seed=a.seed, optimizer=not a.no_optimizer,
         reference=not a.no_reference, extra_buffers=a.extra_buffers, plain_tensors=a.plain_tensors,
+        save_format=a.save_format,
     )
     print(actor)
 
