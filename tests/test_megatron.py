@@ -1,0 +1,301 @@
+"""Megatron-Core torch_dist checkpoints -> Hugging Face models, against the HF models they were made from.
+
+The fixtures (tests/data/megatron, see its README) are real megatron-core 0.19.2 saves on gloo CPU
+processes (TP, PP, EP, DP; Megatron-LM's and veRL's layouts; distributed optimizers), each with the
+`save_pretrained` file of the HF model it was converted from: every merged tensor must equal it bit
+for bit, transformers must load the output with no missing key, and verify must agree through torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import streammerge
+from streammerge import dtypes
+from streammerge.errors import CheckpointError, ConfigError, StreammergeError, UnsupportedLayoutError
+from streammerge.sources import open_checkpoint
+from streammerge.sources.base import Piece, SourceTensor
+from streammerge.sources.megatron import Arch, MegatronSource, Take, torch_view, view
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "data" / "megatron"
+# case -> (what a user types, --model-name or None)
+CASES = {
+    "llama_tp2_pp2": ("llama_tp2_pp2", None),
+    "qwen2_tp2": ("qwen2_tp2", None),  # padded vocab, tied, qkv bias
+    "qwen3_pp2": ("qwen3_pp2", None),
+    "qwen3moe_ep2": ("qwen3moe_ep2", None),
+    "mixtral_ep2_tp2": ("mixtral_ep2_tp2", None),
+    "llama_mlm_optim_pp2_dp2": ("llama_mlm_optim_pp2_dp2", None),  # Megatron-LM run folder -> iter_0000001
+    "verl_v1_qwen2_tp2_dp2": ("verl_v1_qwen2_tp2_dp2", None),  # veRL run folder -> global_step_1/actor/dist_ckpt
+    "verl_v2_qwen3_tp2_dp2": ("verl_v2_qwen3_tp2_dp2", "verl_v2_qwen3_tp2_dp2/huggingface"),  # .../model/dist_ckpt
+}
+
+
+def _reference(case: str) -> Path:
+    return next((FIX / case).rglob("reference/model.safetensors"))
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _merge(case: str, out: Path, **kwargs) -> streammerge.MergeResult:
+    typed, model = CASES[case]
+    return streammerge.merge(FIX / typed, out, model_name=str(FIX / model) if model else None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory) -> dict[str, tuple[Path, streammerge.MergeResult]]:
+    """Every case merged once (dtype auto: the config's, which is the saved dtype in every fixture)."""
+    base = tmp_path_factory.mktemp("megatron")
+    return {case: (base / case, _merge(case, base / case)) for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_tensor_equals_the_hf_model(case: str, merged) -> None:
+    out, result = merged[case]
+    assert result.plan.source.format == "Megatron torch_dist"
+    ref = load_file(_reference(case))
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(ref)
+    for name, want in ref.items():
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+        assert _bits(got[name]) == _bits(want), f"{case}: {name} differs from the HF model"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_transformers_loads_it_as_the_hf_model(case: str, merged, tmp_path: Path) -> None:
+    """No missing or unexpected key, and the loaded model equals the HF model loaded from its own file
+    (transformers 5 fuses MoE experts in memory: both go through the same conversion)."""
+    from transformers import AutoModelForCausalLM
+
+    out, _ = merged[case]
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    shutil.copy(out / "config.json", ref_dir / "config.json")
+    shutil.copy(_reference(case), ref_dir / "model.safetensors")
+    dtype = load_file(_reference(case))["model.norm.weight"].dtype
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=dtype)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    want = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=dtype).state_dict()
+    got = model.state_dict()
+    assert set(got) == set(want)
+    assert all(_bits(got[k]) == _bits(want[k]) for k in want)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_verify_through_torch(case: str, merged) -> None:
+    out, result = merged[case]
+    report = streammerge.verify(out, FIX / CASES[case][0], chunk_size=4096)
+    assert report.ok, report.summary()
+    assert report.tensors_checked == sum(len(p.tensors) for p in result.plans)
+
+
+def test_the_layouts_users_type() -> None:
+    """DCP folder, veRL actor/ and step folders, Megatron-LM's iteration folder: the same checkpoint."""
+    v1 = FIX / "verl_v1_qwen2_tp2_dp2"
+    for typed in (v1, v1 / "global_step_1", v1 / "global_step_1" / "actor", v1 / "global_step_1/actor/dist_ckpt"):
+        src = open_checkpoint(typed)
+        assert isinstance(src, MegatronSource) and src.path.name == "dist_ckpt" and src.step == 1
+        assert src.hf_dir == v1 / "global_step_1" / "actor" / "huggingface"
+    v2 = open_checkpoint(FIX / "verl_v2_qwen3_tp2_dp2" / "global_step_1" / "actor")
+    assert v2.path.parts[-2:] == ("model", "dist_ckpt") and v2.hf_dir is None
+    mlm = open_checkpoint(FIX / "llama_mlm_optim_pp2_dp2")
+    assert mlm.path.name == "iter_0000001" and mlm.step == 1
+
+
+def test_fully_reshardable_optimizer_is_mapped_exactly(merged) -> None:
+    """veRL >= 0.9's optimizer/dist_ckpt: Megatron's fp32 master params equal the HF model upcast, bit for bit;
+    exp_avg and exp_avg_sq of every parameter go through the same table."""
+    out, result = merged["verl_v2_qwen3_tp2_dp2"]
+    assert not result.warnings, result.warnings
+    opt = load_file(out / "optimizer" / "optimizer.safetensors")
+    ref = load_file(_reference("verl_v2_qwen3_tp2_dp2"))
+    assert set(opt) == {f"state.{k}.{kind}" for k in ref for kind in ("exp_avg", "exp_avg_sq", "param")}
+    assert all(torch.equal(opt[f"state.{k}.param"], v.float()) for k, v in ref.items())
+    assert all(opt[f"state.{k}.exp_avg"].abs().sum() > 0 for k in ref)
+    meta = json.loads((out / "optimizer" / "optimizer.safetensors.index.json").read_text())["metadata"]
+    groups = json.loads(meta["megatron_param_groups"])
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0] and groups[0]["step"] == 1.0
+    with pytest.raises(StreammergeError, match="no param_groups"):  # not a torch optimizer state dict
+        streammerge.load_optimizer_state_dict(out)
+
+
+@pytest.mark.parametrize("case", ["llama_mlm_optim_pp2_dp2", "verl_v1_qwen2_tp2_dp2"])
+def test_dp_reshardable_optimizer_is_skipped_with_the_reason(case: str, merged) -> None:
+    out, result = merged[case]
+    assert not (out / "optimizer").exists()
+    assert len(result.warnings) == 1 and "dp_reshardable" in result.warnings[0]
+    assert "fully_reshardable" in result.warnings[0]  # and how to save one that can be exported
+
+
+# ---------------------------------------------------------------- refusals
+
+def _copy(case: str, tmp_path: Path) -> Path:
+    dst = tmp_path / case
+    shutil.copytree(FIX / case, dst)
+    return dst
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "huggingface" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def _rename_key(folder: Path, old: str, new: str) -> None:
+    md = pickle.loads((folder / ".metadata").read_bytes())
+    md.state_dict_metadata = {new if k == old else k: v for k, v in md.state_dict_metadata.items()}
+    for idx in md.storage_data:
+        if idx.fqn == old:
+            object.__setattr__(idx, "fqn", new)
+    md.storage_data = dict(md.storage_data.items())
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+
+
+def test_refuses_without_a_config(tmp_path: Path) -> None:
+    folder = _copy("qwen3_pp2", tmp_path)
+    shutil.rmtree(folder / "huggingface")
+    with pytest.raises(ConfigError, match="needs the model's config.json .* --model-name"):
+        streammerge.plan(folder)
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"model_type": "gemma"}, UnsupportedLayoutError, "model_type 'gemma'"),
+    ({"num_key_value_heads": 4}, ConfigError, "linear_qkv.weight is .* the config gives"),
+    ({"num_hidden_layers": 3}, ConfigError, "does not describe this checkpoint"),
+    ({"vocab_size": 300}, ConfigError, "fewer than the config's vocab_size 300"),
+    ({"tie_word_embeddings": True}, ConfigError, "ties the embeddings, but the checkpoint has its own output_layer"),
+])
+def test_refuses_a_config_that_does_not_describe_it(tmp_path: Path, changes, error, message) -> None:
+    folder = _copy("llama_tp2_pp2", tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises(error, match=message):
+        streammerge.plan(folder)
+
+
+def test_refuses_untied_config_without_output_layer(tmp_path: Path) -> None:
+    folder = _copy("qwen2_tp2", tmp_path)
+    _edit_config(folder, tie_word_embeddings=False)
+    with pytest.raises(CheckpointError, match="no 'output_layer.weight'"):
+        streammerge.plan(folder)
+
+
+def test_refuses_to_drop_an_unmapped_key(tmp_path: Path) -> None:
+    folder = _copy("qwen3moe_ep2", tmp_path)
+    _rename_key(folder, "decoder.layers.mlp.router.weight", "decoder.layers.mlp.router.expert_bias")
+    with pytest.raises(UnsupportedLayoutError, match="'decoder.layers.mlp.router.expert_bias' has no Hugging Face"):
+        streammerge.plan(folder)
+    folder = _copy("llama_tp2_pp2", tmp_path / "b")
+    _rename_key(folder, "common_state/shard_0_1", "mystery/shard_0_1")
+    with pytest.raises(UnsupportedLayoutError, match="'mystery/shard_0_1' is not a tensor and not known"):
+        streammerge.plan(folder)
+
+
+def test_refuses_other_megatron_backends(tmp_path: Path) -> None:
+    folder = _copy("qwen3_pp2", tmp_path)
+    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr", "sharded_backend_version": 1}))
+    with pytest.raises(UnsupportedLayoutError, match="backend 'zarr'; only torch_dist"):
+        streammerge.plan(folder)
+
+
+def test_verify_catches_a_changed_qkv_byte_through_torch(tmp_path: Path) -> None:
+    folder = _copy("llama_tp2_pp2", tmp_path)
+    out = tmp_path / "out"
+    streammerge.merge(folder, out)
+    src = open_checkpoint(folder)
+    src.use_model(json.loads((folder / "huggingface/config.json").read_text()), folder / "huggingface")
+    k = src.tensors(streammerge.MergeOptions())["model.layers.2.self_attn.k_proj.weight"]
+    p = k.pieces[-1]
+    with open(p.file, "r+b") as f:  # the exponent byte of the last element of group 1's k rows
+        at = p.offset + ((p.shape[0] - 1) * p.stride[0] + (p.shape[1] - 1) * p.stride[1]) * 4 + 3
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x01]))
+    report = streammerge.verify(out, folder)
+    assert any("model.layers.2.self_attn.k_proj.weight" in f and "torch.load" in f for f in report.failures), \
+        report.summary()
+
+
+def test_megatron_merge_never_imports_torch(tmp_path: Path) -> None:
+    code = ("import sys, streammerge; r = streammerge.merge(sys.argv[1], sys.argv[2]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(len(r.files))")
+    r = subprocess.run([sys.executable, "-c", code, str(FIX / "mixtral_ep2_tp2"), str(tmp_path / "out")],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- the arithmetic, on any layout
+
+def _stored(m: torch.Tensor, splits: list[list[int]], path: Path) -> SourceTensor:
+    """`m` cut into chunks at the given per-dim boundaries (as TP/PP/EP saves cut it), each chunk written
+    contiguously to a file: the pieces a DCP source would give."""
+    import itertools
+
+    pieces, offset = [], 0
+    with open(path, "wb") as f:
+        bounds = [sorted({0, n, *cuts}) for n, cuts in zip(m.shape, splits)]
+        for box in itertools.product(*[list(zip(b, b[1:])) for b in bounds]):
+            chunk = m[tuple(slice(lo, hi) for lo, hi in box)].contiguous()
+            f.write(_bits(chunk))
+            strides = tuple(chunk.stride())
+            pieces.append(Piece(0, str(path), offset, tuple(chunk.shape), strides, tuple(lo for lo, _ in box)))
+            offset += chunk.numel() * 4
+    return SourceTensor("m", tuple(m.shape), dtypes.float32, tuple(pieces))
+
+
+def _assemble(t: SourceTensor) -> torch.Tensor:
+    out = torch.full(t.shape, float("nan"))
+    for p in t.pieces:
+        raw = Path(p.file).read_bytes()
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+        src = flat.as_strided(p.shape, p.stride, p.offset // 4)
+        out[tuple(slice(s, s + n) for s, n in zip(p.start, p.shape))] = src
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.integers(1, 4), per_group=st.integers(1, 3), head_dim=st.integers(1, 4), hidden=st.integers(1, 5),
+       layers=st.integers(1, 3), cut=st.data())
+def test_views_equal_torch_reshapes(tmp_path_factory, groups, per_group, head_dim, hidden, layers, cut) -> None:
+    """q/k/v rows per group, gate/up halves, the unpadded vocab: our pieces give what torch's view/reshape/
+    chunk give, for any chunking of the stacked tensor (TP splits need not hold whole groups here)."""
+    a = Arch("llama", layers, hidden, groups * per_group, groups, head_dim, 3, 2, 0, 0, False)
+    rows = (a.heads + 2 * groups) * head_dim
+    path = tmp_path_factory.mktemp("views") / "m.bin"
+    qkv = torch.randn(layers, rows, hidden)
+    row_cuts = cut.draw(st.lists(st.integers(1, max(1, rows - 1)), max_size=3))
+    src = _stored(qkv, [list(range(1, layers)), row_cuts, []], path)
+    for i in range(layers):
+        for part in "qkv":
+            take = Take("x", "k", (i,), part)
+            assert torch.equal(_assemble(view(src, take, a)), torch_view(qkv[i], take, a)), (i, part)
+    bias = torch.randn(layers, rows)
+    src = _stored(bias, [[], row_cuts], path)
+    assert all(torch.equal(_assemble(view(src, Take("x", "k", (i,), p), a)), torch_view(bias[i], Take("x", "k", (i,), p), a))
+               for i in range(layers) for p in "qkv")
+    fc1 = torch.randn(layers, 2, 6, hidden)  # (layer, expert, [gate; up], hidden)
+    src = _stored(fc1, [[], [1], cut.draw(st.lists(st.integers(1, 5), max_size=2)), []], path)
+    for i in range(layers):
+        for e in range(2):
+            for part in ("gate", "up", "all"):
+                take = Take("x", "k", (i, e), part)
+                assert torch.equal(_assemble(view(src, take, a)), torch_view(fc1[i, e], take, a))
+    emb = torch.randn(5, hidden)  # padded vocab: 5 rows saved, 3 in the model
+    src = _stored(emb, [cut.draw(st.lists(st.integers(1, 4), max_size=2)), []], path)
+    assert torch.equal(_assemble(view(src, Take("x", "k", (), "vocab"), a)), emb[:3])
