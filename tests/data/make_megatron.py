@@ -766,8 +766,7 @@ def verify(case_dir, c):
     assert set(got) == set(ref), (sorted(set(got) ^ set(ref)))
     for k, v in ref.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape, (k, got[k].dtype, v.dtype)
-        assert torch.equal(got[k].view(torch.uint8) if False else got[k], v), k
-        assert got[k].contiguous().view(-1).view(torch.uint8).equal(
+        assert got[k].contiguous().view(-1).view(torch.uint8).equal(        # same bytes
             v.contiguous().view(-1).view(torch.uint8)), k
     print(f"[{c['name']}] verified: {len(ref)} HF tensors bit-identical to reference", flush=True)
     if c["layout"] == "verl_v2":
