@@ -64,8 +64,8 @@ def _no_constant(name: str) -> Any:
 
 def ties_embeddings(config: Mapping | None) -> bool:
     """Whether the model ties its output embedding to its input embedding; False when unsure (keeps both)."""
-    cfg = dict(config or {})
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    cfg: dict[str, Any] = dict(config or {})
+    text_cfg: dict[str, Any] = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else {}
     for c in (cfg, text_cfg):
         if isinstance(c.get("tie_word_embeddings"), bool):
             return c["tie_word_embeddings"]
@@ -149,7 +149,7 @@ def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ..
     """
     if not config:
         return
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    cfg: Mapping[str, Any] = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     hidden, vocab = _int(cfg, "hidden_size", "n_embd", "d_model"), _int(cfg, "vocab_size")
     embeds = [n for n in shapes if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
     for name in embeds[:1]:

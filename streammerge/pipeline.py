@@ -22,8 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import DType
-from .model_folder import (carried_files, check_config_fits, config_bytes, model_dir_for, model_files, read_config,
-                           ties_embeddings)
+from .model_folder import (
+    carried_files,
+    check_config_fits,
+    config_bytes,
+    model_dir_for,
+    model_files,
+    read_config,
+    ties_embeddings,
+)
 from .options import MergeOptions, resolve_dtype
 from .plan import Plan, build_plan, copy_plans, fmt_bytes
 from .sources import Source, open_checkpoint
@@ -119,6 +126,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     """
     options = MergeOptions.create(options, **kwargs)
     source = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
+    model_dir: Path | None
     if options.model_name:
         model_dir, root = model_dir_for(options.model_name, token=token, endpoint=endpoint)
         model_paths = list(model_files(model_dir, root))

@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import dtypes
 from .dtypes import DType
@@ -194,7 +194,7 @@ class Plan:
 
         tensors = []
         for t in self.tensors.values():
-            row = {"name": t.name, "source": t.source.name, "shape": list(t.shape), "source_dtype": t.source_dtype.name,
+            row: dict[str, Any] = {"name": t.name, "source": t.source.name, "shape": list(t.shape), "source_dtype": t.source_dtype.name,
                    "dtype": t.dtype.name, "placements": t.placements, "pieces": pieces(t.pieces)}
             if t.fold:
                 row["fold"] = {"scale": t.fold.scale, "lora_A": t.fold.a.name, "lora_A_pieces": pieces(t.fold.a.pieces),

@@ -70,9 +70,10 @@ class VerlOracle(Oracle):
         from torch.distributed.tensor import DTensor
 
         files = self._files_for(name)
-        values = [self._state(p).get(name) for p in files]
-        if any(v is None for v in values):
-            raise CheckpointError(f"{files[values.index(None)]}: torch.load finds no tensor {name!r}")
+        got = [self._state(p).get(name) for p in files]
+        if any(v is None for v in got):
+            raise CheckpointError(f"{files[got.index(None)]}: torch.load finds no tensor {name!r}")
+        values: list[Any] = got
         first = values[0]
         if not isinstance(first, DTensor):
             self._placed[name] = [(first, (0,) * first.dim())]
