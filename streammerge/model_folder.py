@@ -163,7 +163,8 @@ def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ..
     layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers")
     seen = {int(m.group(1)) for n in shapes for m in [re.search(r"\.layers\.(\d+)\.", n)] if m}
     if layers is not None and seen and max(seen) + 1 != layers:
-        _mismatch(where, f"the weights have {max(seen) + 1} decoder layers but the config's num_hidden_layers is {layers}")
+        _mismatch(where, f"the weights have {max(seen) + 1} decoder layers but the config's num_hidden_layers "
+                         f"is {layers}")
     heads, kv = _int(cfg, "num_attention_heads"), _int(cfg, "num_key_value_heads")
     head_dim = _int(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
     for name, shape in shapes.items():
@@ -173,7 +174,8 @@ def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ..
         for suffix, n in want.items():
             if name.endswith("self_attn." + suffix) and n and head_dim and shape[0] != n * head_dim:
                 _mismatch(where, f"{name} has {shape[0]} rows but the config gives {n} heads x {head_dim}")
-        if hidden is not None and name.endswith(("self_attn.q_proj.weight", "mlp.up_proj.weight")) and shape[1] != hidden:
+        wide = name.endswith(("self_attn.q_proj.weight", "mlp.up_proj.weight"))
+        if hidden is not None and wide and shape[1] != hidden:
             _mismatch(where, f"{name} is {shape[1]} wide but the config's hidden_size is {hidden}")
         if name.endswith("mlp.down_proj.weight") and not name.count(".experts."):
             inter = _int(cfg, "intermediate_size")
