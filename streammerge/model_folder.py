@@ -64,8 +64,8 @@ def _no_constant(name: str) -> Any:
 
 def ties_embeddings(config: Mapping | None) -> bool:
     """Whether the model ties its output embedding to its input embedding; False when unsure (keeps both)."""
-    cfg = dict(config or {})
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    cfg: dict[str, Any] = dict(config or {})
+    text_cfg: dict[str, Any] = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else {}
     for c in (cfg, text_cfg):
         if isinstance(c.get("tie_word_embeddings"), bool):
             return c["tie_word_embeddings"]
@@ -149,7 +149,7 @@ def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ..
     """
     if not config:
         return
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    cfg: Mapping[str, Any] = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     hidden, vocab = _int(cfg, "hidden_size", "n_embd", "d_model"), _int(cfg, "vocab_size")
     embeds = [n for n in shapes if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
     for name in embeds[:1]:
@@ -163,7 +163,8 @@ def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ..
     layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers")
     seen = {int(m.group(1)) for n in shapes for m in [re.search(r"\.layers\.(\d+)\.", n)] if m}
     if layers is not None and seen and max(seen) + 1 != layers:
-        _mismatch(where, f"the weights have {max(seen) + 1} decoder layers but the config's num_hidden_layers is {layers}")
+        _mismatch(where, f"the weights have {max(seen) + 1} decoder layers but the config's num_hidden_layers "
+                         f"is {layers}")
     heads, kv = _int(cfg, "num_attention_heads"), _int(cfg, "num_key_value_heads")
     head_dim = _int(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
     for name, shape in shapes.items():
@@ -173,7 +174,8 @@ def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ..
         for suffix, n in want.items():
             if name.endswith("self_attn." + suffix) and n and head_dim and shape[0] != n * head_dim:
                 _mismatch(where, f"{name} has {shape[0]} rows but the config gives {n} heads x {head_dim}")
-        if hidden is not None and name.endswith(("self_attn.q_proj.weight", "mlp.up_proj.weight")) and shape[1] != hidden:
+        wide = name.endswith(("self_attn.q_proj.weight", "mlp.up_proj.weight"))
+        if hidden is not None and wide and shape[1] != hidden:
             _mismatch(where, f"{name} is {shape[1]} wide but the config's hidden_size is {hidden}")
         if name.endswith("mlp.down_proj.weight") and not name.count(".experts."):
             inter = _int(cfg, "intermediate_size")

@@ -22,8 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import DType
-from .model_folder import (carried_files, check_config_fits, config_bytes, model_dir_for, model_files, read_config,
-                           ties_embeddings)
+from .model_folder import (
+    carried_files,
+    check_config_fits,
+    config_bytes,
+    model_dir_for,
+    model_files,
+    read_config,
+    ties_embeddings,
+)
 from .options import MergeOptions, resolve_dtype
 from .plan import Plan, build_plan, copy_plans, fmt_bytes
 from .sources import Source, open_checkpoint
@@ -51,6 +58,11 @@ class MergePlan:
     @property
     def weights(self) -> Plan:
         return self.plans[0]
+
+    def add_generated(self, rel: str, data: bytes) -> None:
+        """A small file made by streammerge (model card, adapter config), written with the rest of the folder."""
+        self.generated[rel] = data
+        self.small[rel] = None
 
     def plan(self, subdir: str) -> Plan | None:
         return next((p for p in self.plans if p.subdir == subdir), None)
@@ -119,6 +131,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     """
     options = MergeOptions.create(options, **kwargs)
     source = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
+    model_dir: Path | None
     if options.model_name:
         model_dir, root = model_dir_for(options.model_name, token=token, endpoint=endpoint)
         model_paths = list(model_files(model_dir, root))
@@ -158,8 +171,10 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     if model_dir is not None:
         for p in model_paths:
             small[p.relative_to(model_dir).as_posix()] = p
-    small.update(dict.fromkeys(generated))
-    return MergePlan(source, options, dtype, config, model_dir, plans, small, generated, warnings)
+    merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings)
+    for rel, data in generated.items():
+        merge_plan.add_generated(rel, data)
+    return merge_plan
 
 
 # ---------------------------------------------------------------- executing a plan

@@ -14,10 +14,9 @@ from streammerge.sources import torchpickle as metapickle
 from streammerge.errors import UnsafePickleError
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 FIXTURES = Path(os.environ.get("VERL_FIXTURES", ROOT.parent / "shared" / "fixtures" / "verl"))
 
-from make_checkpoint import make_checkpoint  # noqa: E402
+from streammerge.testing.presets import make_checkpoint
 
 
 def _torch_records(path: Path, rank: int, world_size: int) -> dict:
@@ -86,7 +85,7 @@ def test_unknown_but_safe_entries_fall_back_to_torch_load(tmp_path):
 
 def test_hsdp_checkpoint_of_this_torch_merges_right(hsdp_ckpt, tmp_path):
     """torch 2.13 pickles the mesh layout as `axes`, not `shape`: both loaders must read it."""
-    from make_checkpoint import check_merge
+    from streammerge.testing.presets import check_merge
 
     from streammerge import merge
 

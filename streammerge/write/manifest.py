@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from ..errors import OutputError
 from .writer import OutputFile, output_error
@@ -21,7 +22,7 @@ class Manifest:
 
     def __init__(self, out_dir: Path, fingerprint: str, source: str, options: dict, part: int = 0):
         self.path = out_dir / STATE_DIR / (MANIFEST if part == 0 else PART_GLOB.replace("*", str(part)))
-        self.data = {"version": 2, "fingerprint": fingerprint, "source": source, "options": options,
+        self.data: dict[str, Any] = {"version": 2, "fingerprint": fingerprint, "source": source, "options": options,
                      "files": {}, "complete": False}
 
     @staticmethod
