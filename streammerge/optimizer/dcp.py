@@ -118,10 +118,10 @@ def _param_groups(ck: DcpCheckpoint, prefix: str, depth: int, params: Mapping[st
     if nested and flat:
         raise Skip("param groups saved both nested and flattened")
     if nested:
-        groups = [nested[i] for i in sorted(nested)]
-        if any(not isinstance(g.get("params"), list) for g in groups):
+        listed = [nested[i] for i in sorted(nested)]
+        if any(not isinstance(g.get("params"), list) for g in listed):
             raise Skip("a param group without its list of parameter names")
-        return groups
+        return listed
     if not flat:
         raise Skip(f"no param groups under {gp!r}")
     groups: list[dict] = []  # the flattened form has one entry per parameter: equal settings share a group

@@ -40,7 +40,7 @@ def _allowed() -> dict[tuple[str, str], Any]:
                md.MetadataIndex, md.StorageMeta, md.TensorProperties, md._MEM_FORMAT_ENCODING, _StorageInfo,
                planner.SavePlan, planner.WriteItem, planner.WriteItemType, planner.TensorWriteData,
                planner.BytesIOWriteData, torch.Size, pathlib.PosixPath, pathlib.PurePosixPath, OrderedDict]
-    out = {(c.__module__, c.__qualname__): c for c in classes}
+    out: dict[tuple[str, str], Any] = {(c.__module__, c.__qualname__): c for c in classes}
     out[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     out.update({("pathlib", c.__name__): c for c in (pathlib.PosixPath, pathlib.PurePosixPath)})
     for name in dir(torch):
@@ -112,7 +112,7 @@ class DcpOracle(Oracle):
         self.folder = folder
         self.names = dict(names or {})
         self._md: Any = None
-        self._where: dict[tuple[str, tuple[int, ...]], Any] = {}
+        self._where: dict[tuple[str, tuple[int, ...] | None], Any] = {}
         self._cache: OrderedDict[tuple[str, tuple[int, ...]], Any] = OrderedDict()
         self._cached = 0
 
@@ -148,7 +148,7 @@ class DcpOracle(Oracle):
             raise CheckpointError(f"{self.folder}: torch finds no stored chunk of {key!r} at {list(offsets)}")
         with ItemFile(self.folder / info.relative_path, info.offset, info.length) as f:
             try:
-                t = torch.load(f, map_location="cpu", weights_only=True)
+                t = torch.load(f, map_location="cpu", weights_only=True)  # type: ignore[arg-type]
             except Exception as e:
                 why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise CheckpointError(f"{self.folder / info.relative_path}: torch.load(weights_only=True) refuses "

@@ -64,7 +64,8 @@ def arch_of(config: Mapping[str, Any] | None, where: str) -> Arch:
     if not config:
         raise ConfigError(f"{where}: a Megatron checkpoint needs the model's config.json (head counts, vocab size): "
                           "give it with --model-name (a Hub model or a folder with config.json)")
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text = config.get("text_config")
+    cfg: Mapping[str, Any] = text if isinstance(text, dict) else config
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UnsupportedLayoutError(f"{where}: model_type {model_type!r}: streammerge maps Megatron checkpoints of "

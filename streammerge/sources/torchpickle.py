@@ -110,6 +110,7 @@ class Local:
 
     @property
     def dtype(self) -> DType:
+        assert self.storage.dtype is not None  # the rebuild functions only make Locals of typed storages
         return self.storage.dtype
 
 
@@ -225,7 +226,8 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and (isinstance(pid[1], DType) or pid[1] is _UntypedStorage)):
             raise NotPlain("unknown persistent id")
-        return Storage(str(pid[2]), None if pid[1] is _UntypedStorage else pid[1], int(pid[4]))
+        kind = pid[1]
+        return Storage(str(pid[2]), kind if isinstance(kind, DType) else None, int(pid[4]))
 
 
 @dataclass(frozen=True)

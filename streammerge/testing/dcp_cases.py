@@ -22,14 +22,24 @@ _PRELOAD = ["torch.distributed.fsdp", "torch.distributed.checkpoint", "torch.dis
             "torch.distributed.tensor"]
 
 
+class Attention(nn.Module):
+    def __init__(self, h: int):
+        super().__init__()
+        self.q_proj = nn.Linear(h, h)
+
+
+class Mlp(nn.Module):
+    def __init__(self, h: int, inter: int):
+        super().__init__()
+        self.up_proj = nn.Linear(h, inter, bias=False)  # 7 rows: uneven on 2 and 3 ranks
+        self.down_proj = nn.Linear(inter, h, bias=False)
+
+
 class Block(nn.Module):
     def __init__(self, h: int, inter: int):
         super().__init__()
-        self.self_attn = nn.Module()
-        self.self_attn.q_proj = nn.Linear(h, h)
-        self.mlp = nn.Module()
-        self.mlp.up_proj = nn.Linear(h, inter, bias=False)  # 7 rows: uneven on 2 and 3 ranks
-        self.mlp.down_proj = nn.Linear(inter, h, bias=False)
+        self.self_attn = Attention(h)
+        self.mlp = Mlp(h, inter)
         self.input_layernorm = nn.LayerNorm(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,15 +47,20 @@ class Block(nn.Module):
         return x + self.mlp.down_proj(torch.relu(self.mlp.up_proj(x)))
 
 
+class Body(nn.Module):
+    def __init__(self, vocab: int, h: int, inter: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, h)
+        self.layers = nn.ModuleList([Block(h, inter) for _ in range(2)])
+        self.norm = nn.LayerNorm(h)
+
+
 class Tiny(nn.Module):
     """HF-like names (model.layers.0.self_attn.q_proj.weight, lm_head.weight); vocab 11 shards unevenly."""
 
     def __init__(self, vocab: int = 11, h: int = 6, inter: int = 7):
         super().__init__()
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(vocab, h)
-        self.model.layers = nn.ModuleList([Block(h, inter) for _ in range(2)])
-        self.model.norm = nn.LayerNorm(h)
+        self.model = Body(vocab, h, inter)
         self.lm_head = nn.Linear(h, vocab, bias=False)
         self.register_buffer("step_count", torch.tensor(7, dtype=torch.int64))  # 0-d plain buffer on every rank
         self.register_buffer("inv_freq", torch.arange(3, dtype=torch.float32) / 3)
