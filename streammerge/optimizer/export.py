@@ -103,7 +103,9 @@ def _load_safetensors_export(folder: Path) -> dict:
     index = json.loads((folder / OPTIMIZER_INDEX).read_text())
     meta = index.get("metadata", {})
     if "param_groups" not in meta:
-        raise StreammergeError(f"{folder / OPTIMIZER_INDEX}: no param_groups in the index metadata")
+        why = (" (a Megatron distributed optimizer export: state tensors by parameter name, no torch param groups; "
+               "read its files with safetensors)" if "megatron_param_groups" in meta else "")
+        raise StreammergeError(f"{folder / OPTIMIZER_INDEX}: no param_groups in the index metadata{why}")
     groups = json.loads(meta["param_groups"])
     flat: dict[str, Any] = {}
     for filename in dict.fromkeys(index["weight_map"].values()):

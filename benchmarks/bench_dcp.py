@@ -1,0 +1,136 @@
+"""DCP benchmark: streammerge on a torch DCP checkpoint against `cp` and torch's own tools, in one run.
+
+    python benchmarks/bench_dcp.py --preset qwen2.5-1.5b --world-size 8 --repeat 3
+
+Makes a DCP checkpoint of the preset's shapes (`streammerge.testing.presets.make_dcp_checkpoint`: float32
+FSDP2 Shard(0) DTensors on WORLD gloo processes, `dcp.save({"model": state_dict})`, a tied lm_head
+saved too, as `get_model_state_dict` returns it) under --workdir, then runs every contender --repeat
+times, interleaved, each in its own subprocess, with the page cache dropped before each run:
+
+    cp                 cp of the .distcp files and .metadata, then sync of the copies (the physical limit)
+    streammerge        python -m streammerge DCP OUT --dtype keep (float32, sha256 of every file, Rust-reader check)
+    streammerge-bf16   ... --dtype bfloat16
+    torch              benchmarks/dcp_torch_merge.py: dcp_to_torch_save, then torch.load(mmap) + save_file
+
+Wall time is the whole subprocess; peak RSS is the largest sum of RSS over the process tree (sampled
+every 10 ms, see bench_merge.measure). Outputs are checked: streammerge's and torch's float32 outputs
+equal the preset's formula bit for bit (every tensor). Results: benchmarks/results/dcp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
+
+from bench_merge import WARM, cache_policy, disk, drop_cache, machine, measure  # noqa: E402
+
+from streammerge.testing.presets import PRESETS, check_merge, make_dcp_checkpoint  # noqa: E402
+
+CONTENDERS = ["cp", "streammerge", "streammerge-bf16", "torch"]
+
+
+def command(name: str, ckpt: Path, out: Path) -> list[str]:
+    files = [str(p) for p in sorted(ckpt.glob("*.distcp"))] + [str(ckpt / ".metadata")]
+    if name == "cp":
+        return ["sh", "-c", 'out="$1"; shift; cp "$@" "$out"/ && sync "$out"/* "$out"/.metadata', "sh", str(out),
+                *files]
+    if name == "streammerge":
+        return [sys.executable, "-m", "streammerge", str(ckpt), str(out / "m"), "--dtype", "keep", "--no-progress"]
+    if name == "streammerge-bf16":
+        return [sys.executable, "-m", "streammerge", str(ckpt), str(out / "m"), "--dtype", "bfloat16", "--no-progress"]
+    if name == "torch":
+        return [sys.executable, str(HERE / "dcp_torch_merge.py"), str(ckpt), str(out / "m")]
+    raise KeyError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen2.5-1.5b", choices=list(PRESETS))
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--workdir", default="/work/bench-tmp/bench_dcp", help="checkpoint and outputs (deleted after)")
+    p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
+    a = p.parse_args(argv)
+    contenders = [c for c in a.contenders.split(",") if c]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / f"dcp-{a.preset}-ws{a.world_size}"
+    if not (ckpt / "COMPLETE").exists():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        t = time.perf_counter()
+        make_dcp_checkpoint(ckpt, preset=a.preset, world_size=a.world_size)
+        (ckpt / "COMPLETE").write_text("ok")
+        print(f"checkpoint made in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    files = sorted(ckpt.glob("*.distcp")) + [ckpt / ".metadata"]
+    size = sum(f.stat().st_size for f in files)
+    policy = cache_policy()
+    runs: dict[str, list[dict]] = {c: [] for c in contenders}
+    checks: dict[str, bool] = {}
+    for rep in range(a.repeat):
+        for c in contenders:
+            out = work / f"out-{c}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            drop_cache(files, policy)
+            if c != "cp":
+                subprocess.run([sys.executable, "-c", WARM], cwd=ROOT, env=env, capture_output=True)
+            load = os.getloadavg()[0]
+            r = measure(command(c, ckpt, out), env)
+            r["loadavg_1m_before"] = load
+            if r["returncode"] != 0:
+                print(f"{c} failed ({r['returncode']}): {r['stderr'][-800:]}", file=sys.stderr)
+            elif rep == 0 and c in ("streammerge", "torch"):
+                what = f"{c} float32 output == the preset's tensors, bit for bit"
+                checks[what] = check_merge(out / "m", a.preset) > 0
+            if r["returncode"] == 0:
+                r.pop("stdout")
+                r.pop("stderr")
+            runs[c].append(r)
+            print(f"run {rep + 1}/{a.repeat} {c:<17} {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                  f"(load {load:.1f})", file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+    summary = {}
+    for c, rs in runs.items():
+        ok = [r for r in rs if r["returncode"] == 0]
+        if ok:
+            wall = statistics.median(r["wall_s"] for r in ok)
+            summary[c] = {"wall_s": round(wall, 2), "wall_s_all": [round(r["wall_s"], 2) for r in ok],
+                          "peak_rss_mb": round(max(r["peak_rss_mb"] for r in ok), 1),
+                          "mb_per_s": round(size / 1e6 / wall, 1), "runs": len(ok)}
+    if "cp" in summary:
+        for s in summary.values():
+            s["ratio_to_cp"] = round(s["wall_s"] / summary["cp"]["wall_s"], 2)
+    result = {"machine": machine(), "disk": disk(work), "cache_policy": policy, "repeat": a.repeat,
+              "command": " ".join(["bench_dcp.py", *(argv if argv is not None else sys.argv[1:])]),
+              "preset": a.preset, "world_size": a.world_size, "checkpoint_bytes": size, "summary": summary,
+              "checks": checks, "runs": runs}
+    if not a.keep:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    out = Path(a.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dcp.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{a.preset} DCP, world size {a.world_size}, {size / 1e9:.2f} GB; cache {policy}")
+    for c, s in summary.items():
+        ratio = s.get("ratio_to_cp", float("nan"))
+        print(f"  {c:<18}{s['wall_s']:>8.2f} s{s['peak_rss_mb']:>10.0f} MB{ratio:>7.2f} x cp")
+    for k, v in checks.items():
+        print(f"  check: {k}: {'yes' if v else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
