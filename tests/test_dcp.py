@@ -790,3 +790,70 @@ def test_torchrun_merge_equals_one_process(qwen_dcp: Path, tmp_path: Path) -> No
                 if p.is_file() and ".streammerge" not in p.parts}
     a, b = files(one), files(two)
     assert a == b and len([f for f in a if f.endswith(".safetensors")]) >= 4
+
+
+def test_an_interrupted_merge_resumes(qwen_dcp: Path, tmp_path: Path) -> None:
+    """Finished files are reused, missing ones written again: the folder equals an uninterrupted merge."""
+    def files(d: Path) -> dict[str, bytes]:
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*")
+                if p.is_file() and ".streammerge" not in p.parts}
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    streammerge.merge(qwen_dcp, full, max_shard_size="60KB")
+    streammerge.merge(qwen_dcp, cut, max_shard_size="60KB")
+    shards = sorted(cut.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    shards[1].unlink()
+    (cut / "model.safetensors.index.json").unlink()
+    again = streammerge.merge(qwen_dcp, cut, max_shard_size="60KB")
+    assert shards[0].name in again.reused and shards[1].name not in again.reused
+    assert files(cut) == files(full)
+
+
+def _trained_tiny() -> tuple[nn.Module, torch.optim.Optimizer]:
+    from streammerge.testing.dcp_cases import Tiny
+
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.AdamW([{"params": list(model.model.parameters()), "lr": 1e-2},
+                             {"params": list(model.lm_head.parameters()), "lr": 3e-3, "weight_decay": 0.0}])
+    model(torch.tensor([[1, 2, 3, 4]])).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _same_optimizer_state(got: dict, want: dict) -> None:
+    assert got["param_groups"] == want["param_groups"]
+    assert set(got["state"]) == set(want["state"])
+    for fqn, state in want["state"].items():
+        assert set(got["state"][fqn]) == set(state) and all(torch.equal(got["state"][fqn][k], v)
+                                                            for k, v in state.items()), fqn
+
+
+@pytest.mark.parametrize("layout", ["prime-rl", "torchtitan"])
+def test_trainer_layouts_and_their_optimizer(layout: str, tmp_path: Path) -> None:
+    """prime-rl's `{"app": {"model", "optimizers", ...}}` under step_N/trainer/, and torchtitan's top-level
+    model keys beside a flattened optimizer (`state.<fqn>.<key>`, `param_groups.<fqn>.<key>`): the model
+    under its own names, the optimizer export equal to torch's full optimizer state dict, two param groups."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    model, opt = _trained_tiny()
+    want_model = get_model_state_dict(model)
+    want_opt = get_optimizer_state_dict(model, opt)
+    if layout == "prime-rl":
+        folder = tmp_path / "checkpoints" / "step_7" / "trainer"
+        state = {"app": {"model": want_model, "optimizers": want_opt, "progress": {"step": 7}}}
+        typed = folder.parent
+    else:
+        folder = typed = tmp_path / "step-7"
+        flat = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        state = {**want_model, "optimizer": flat, "lr_scheduler": {"last_epoch": 7}, "train_state": {"step": 7}}
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    out = tmp_path / "out"
+    result = streammerge.merge(typed, out, dtype="keep")
+    assert not result.warnings[1:], result.warnings  # [0]: no config.json
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(want_model) and all(torch.equal(got[k], v) for k, v in want_model.items())
+    _same_optimizer_state(streammerge.load_optimizer_state_dict(out), want_opt)
+    assert result.plan.source.step == 7
+

@@ -301,3 +301,23 @@ def test_views_equal_torch_reshapes(tmp_path_factory, groups, per_group, head_di
     emb = torch.randn(5, hidden)  # padded vocab: 5 rows saved, 3 in the model
     src = _stored(emb, [cut.draw(st.lists(st.integers(1, 4), max_size=2)), []], path)
     assert torch.equal(_assemble(view(src, Take("x", "k", (), "vocab"), a)), emb[:3])
+
+
+@pytest.mark.usefixtures("hub_env")
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_merge_and_push(hub, tmp_path: Path) -> None:
+    """The Hub gets exactly the merged folder (weights, config, tokenizer, card naming the format)."""
+    from hubserver import WRITE_TOKEN
+
+    from streammerge.hub.publish import merge_and_push
+    from streammerge.hub.retry import RetryPolicy
+
+    out = tmp_path / "out"
+    pushed = merge_and_push(FIX / "mixtral_ep2_tp2", out, "alice/mixtral", token=WRITE_TOKEN, endpoint=hub.endpoint,
+                            retry=RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2))
+    assert pushed.ok
+    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
+             if p.is_file() and ".streammerge" not in p.relative_to(out).parts}
+    remote = {p: hub.file_bytes("alice/mixtral", p) for p in hub.files("alice/mixtral") if p != ".gitattributes"}
+    assert remote == local and "model.safetensors" in local
+    assert "Megatron torch_dist" in local["README.md"].decode()
