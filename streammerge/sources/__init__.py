@@ -51,8 +51,8 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
             raise CheckpointError(f"{latest}: expected a step number, found {text[:40]!r}")
         step_dir = next((path / n for n in names if (path / n).is_dir()), None)
         if step_dir is None:
-            raise CheckpointError(f"{latest} names step {text}, but {' or '.join(str(path / n) for n in names)} "
-                                  "does not exist")
+            also = f" (nor {names[1]}/, Megatron-LM's name for it)" if len(names) > 1 else ""
+            raise CheckpointError(f"{latest} names step {text}, but {path / names[0]} does not exist{also}")
         return _find(step_dir, depth + 1)
     for sub in SUBFOLDERS:
         if (path / sub).is_dir() and depth < 3:

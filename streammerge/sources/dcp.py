@@ -109,15 +109,13 @@ def megatron_backend(folder: Path) -> str | None:
 
 
 def find_hf_dir(dcp_dir: Path) -> Path | None:
-    """config.json and tokenizer saved with the checkpoint: `huggingface/` beside or above the DCP folder
-    (veRL: actor/huggingface, actor/model/huggingface), or a parent folder holding config.json."""
+    """config.json and tokenizer saved with the checkpoint: a `huggingface/` folder in or beside the DCP
+    folder (veRL: actor/huggingface, actor/model/huggingface). A config.json lying among other files
+    (accelerate's checkpoint-N/) is not taken: every file of this folder is carried into the output,
+    so such a folder is given with --model-name, which carries its config and tokenizer only."""
     for d in (dcp_dir, dcp_dir.parent):
         if (d / "huggingface" / "config.json").is_file():
             return d / "huggingface"
-    if (dcp_dir / "config.json").is_file():
-        return dcp_dir
-    if (dcp_dir.parent / "config.json").is_file():
-        return dcp_dir.parent
     return None
 
 

@@ -299,6 +299,7 @@ class MegatronSource(DcpSource):
         self._config_where = str(path)
         self._arch: Arch | None = None
         self._takes: dict[str, Take] | None = None
+        self._optimizer: tuple[DcpCheckpoint | None, str | None] | None = None
 
     def use_model(self, config: dict | None, model_dir: Path | None) -> None:
         self.config = config
@@ -330,6 +331,11 @@ class MegatronSource(DcpSource):
 
     def optimizer_checkpoint(self) -> tuple[DcpCheckpoint | None, str | None]:
         """(the DCP holding optimizer state, its kind): this folder, or veRL's optimizer/dist_ckpt beside model/."""
+        if self._optimizer is None:
+            self._optimizer = self._find_optimizer()
+        return self._optimizer
+
+    def _find_optimizer(self) -> tuple[DcpCheckpoint | None, str | None]:
         ck = self.checkpoint()
         sibling = self.path.parent.parent / "optimizer" / "dist_ckpt" if self.path.parent.name == "model" else None
         candidates = [ck]
