@@ -150,11 +150,11 @@ class OutputFolder:
             self.manifest.add(f)
             done(f)
         staged = [self.write_small(rel, contents(rel), rename=False) for rel in self.index_files]
-        for f in staged:
-            self.manifest.add(f)
+        # the manifest lists only files that are in place, and an index appears only in a complete folder
         self.manifest.complete()
         for f in staged:
             os.replace(tmp_path(self.out / f.filename), self.out / f.filename)
+            self.manifest.add(f)
             done(f)
 
     def write_small(self, rel: str, data: bytes, *, rename: bool = True) -> OutputFile:
