@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import SHARED_CASES, SHARED_VERL, VERL_CASES, VERL_DATA
 
+from streammerge.errors import UnsafePickleError
 from streammerge.sources import rankfile as load
 from streammerge.sources import torchpickle as metapickle
-from streammerge.errors import UnsafePickleError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-FIXTURES = Path(os.environ.get("VERL_FIXTURES", ROOT.parent / "shared" / "fixtures" / "verl"))
 
 from make_checkpoint import make_checkpoint  # noqa: E402
 
@@ -38,9 +38,8 @@ def hsdp_ckpt(tmp_path_factory) -> Path:
 
 def _cases(hsdp_ckpt: Path) -> list[tuple[Path, int, int]]:
     cases = list(_rank_files(hsdp_ckpt))
-    if FIXTURES.is_dir():
-        for d in sorted(FIXTURES.iterdir()):
-            cases += list(_rank_files(d))
+    for d in [VERL_DATA / c for c in VERL_CASES] + [SHARED_VERL / c for c in SHARED_CASES]:  # shared: extras, if there
+        cases += list(_rank_files(d))
     return cases
 
 
