@@ -140,7 +140,7 @@ def model_files(model_dir: Path, root: Path) -> Iterator[Path]:
 
 # ---------------------------------------------------------------- does the config describe these weights?
 
-_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 # Keys that change what another key means: the embedding is projected (OPT, ALBERT), the vocabulary padded.
 _EMBED_WIDTH_KEYS = ("word_embed_proj_dim", "embedding_size")
 _MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers")  # extra decoder layers saved
@@ -175,7 +175,7 @@ def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ..
         _mismatch(where, f"{embed} has {rows} rows but the config's vocab_size is {vocab}")
 
     prefix = embed[: embed.rindex(".", 0, len(embed) - len(".weight")) + 1]  # "model." of model.embed_tokens.weight
-    layer = re.compile(re.escape(prefix) + r"layers\.(\d+)\.(.*)$")
+    layer = re.compile(re.escape(prefix) + r"(?:layers|h)\.(\d+)\.(.*)$")  # h: GPT-2, BLOOM, Falcon
     decoder = {m.group(1, 2): n for n in shapes for m in [layer.match(n)] if m}
     layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers")
     seen = {int(i) for i, _ in decoder}
