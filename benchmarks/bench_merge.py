@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from make_checkpoint import PRESETS, check_merge, checkpoint_bytes, make_checkpoint  # noqa: E402
+from streammerge.testing.presets import PRESETS, check_merge, checkpoint_bytes, make_checkpoint  # noqa: E402
 
 CONTENDERS = ["cat", "cp", "cat+sha256", "streammerge", "streammerge-bf16", "naive", "verl"]
 WARM = "import torch, torch.distributed.tensor, transformers, safetensors, streammerge.pipeline"

@@ -66,6 +66,11 @@ class MergePlan:
         return (f"MergePlan({str(self.source.path)!r}, {self.source.format}, dtype={dtype}, {plans}, "
                 f"small files={len(self.small)}, warnings={len(self.warnings)})")
 
+    def add_generated(self, rel: str, data: bytes) -> None:
+        """A small file made by streammerge (model card, adapter config), written with the rest of the folder."""
+        self.generated[rel] = data
+        self.small[rel] = None
+
     def plan(self, subdir: str) -> Plan | None:
         return next((p for p in self.plans if p.subdir == subdir), None)
 
@@ -172,8 +177,10 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     if model_dir is not None:
         for p in model_paths:
             small[p.relative_to(model_dir).as_posix()] = p
-    small.update(dict.fromkeys(generated))
-    return MergePlan(source, options, dtype, config, model_dir, plans, small, generated, warnings)
+    merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings)
+    for rel, data in generated.items():
+        merge_plan.add_generated(rel, data)
+    return merge_plan
 
 
 # ---------------------------------------------------------------- executing a plan

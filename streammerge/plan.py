@@ -42,7 +42,8 @@ class LoraFold:
     scale: float
 
     def key(self) -> str:
-        return f"fold({self.scale!r},{self.a.name},{pieces_key(self.a.pieces)},{self.b.name},{pieces_key(self.b.pieces)})"
+        a, b = self.a, self.b
+        return f"fold({self.scale!r},{a.name},{pieces_key(a.pieces)},{b.name},{pieces_key(b.pieces)})"
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ class Plan:
         lines += self.notes
         src = sum(t.numel * t.source_dtype.itemsize for t in self.tensors.values())
         title = f"[{self.subdir}] " if self.subdir else ""
-        lines.append(f"{title}tensors     {len(self.tensors)}   source {fmt_bytes(src)}   output {fmt_bytes(self.total_bytes)}")
+        lines.append(f"{title}tensors     {len(self.tensors)}   source {fmt_bytes(src)}   "
+                     f"output {fmt_bytes(self.total_bytes)}")
         if self.dropped:
             lines.append("tied (not written, like save_pretrained): "
                          + ", ".join(f"{k} -> {v}" for k, v in self.dropped.items()))
@@ -199,8 +201,9 @@ class Plan:
 
         tensors = []
         for t in self.tensors.values():
-            row: dict[str, Any] = {"name": t.name, "source": t.source.name, "shape": list(t.shape), "source_dtype": t.source_dtype.name,
-                   "dtype": t.dtype.name, "placements": t.placements, "pieces": pieces(t.pieces)}
+            row: dict[str, Any] = {"name": t.name, "source": t.source.name, "shape": list(t.shape),
+                                   "source_dtype": t.source_dtype.name, "dtype": t.dtype.name,
+                                   "placements": t.placements, "pieces": pieces(t.pieces)}
             if t.fold:
                 row["fold"] = {"scale": t.fold.scale, "lora_A": t.fold.a.name, "lora_A_pieces": pieces(t.fold.a.pieces),
                                "lora_B": t.fold.b.name, "lora_B_pieces": pieces(t.fold.b.pieces)}

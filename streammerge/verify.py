@@ -382,10 +382,23 @@ def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan
                 return
             report.bytes_read += 2 * len(got)
             if bytes(got) != want.numpy().tobytes():
-                where = f"rows {box[0][0]}-{box[0][1] - 1}" if box else "the value"
-                report.fail(f"{rel}: tensor {t.name!r}: {where} differ from what torch.load reads from the "
-                            f"checkpoint{' and folds' if t.fold else ''}")
+                _report_window(rel, t, box, want, got, oracle, report)
                 return
+
+
+def _report_window(rel: str, t: TensorPlan, box: tuple[tuple[int, int], ...], want: torch.Tensor, got: bytearray,
+                   oracle: Oracle, report: VerifyReport) -> None:
+    """Name the first element that differs, and the file it comes from."""
+    import numpy as np
+
+    isz = t.dtype.itemsize
+    rows = np.frombuffer(want.numpy().tobytes(), np.uint8).reshape(-1, isz) != np.frombuffer(bytes(got), np.uint8).reshape(-1, isz)
+    bad = rows.any(axis=1)
+    shape = tuple(hi - lo for lo, hi in box)
+    first = tuple(int(i) + lo for i, (lo, _) in zip(np.unravel_index(int(np.argmax(bad)), shape), box)) if shape else ()
+    source = oracle.locate(t.source.name, first)
+    report.fail(f"{rel}: tensor {t.name!r}: {int(bad.sum())} of {bad.size} elements in one window differ from "
+                f"{source} as torch.load reads it{' and peft folds it' if t.fold else ''} (first at index {list(first)})")
 
 
 def _expected(t: TensorPlan, box: tuple[tuple[int, int], ...], oracle: Oracle) -> torch.Tensor:

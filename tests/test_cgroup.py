@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from make_checkpoint import check_merge, make_checkpoint, param_specs  # noqa: E402
-from memcg import MemoryCgroup, Unavailable  # noqa: E402
+from streammerge.testing.presets import check_merge, make_checkpoint, param_specs
+from streammerge.testing.memcg import MemoryCgroup, Unavailable
 
 LIMIT = 512 * 2**20
 PRESET = "qwen2.5-0.5b"  # 1.98 GB of float32 rank files

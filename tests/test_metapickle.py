@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,9 @@ from fixture_paths import SHARED_CASES, SHARED_VERL, VERL_CASES, VERL_DATA
 from streammerge.errors import UnsafePickleError
 from streammerge.sources import rankfile as load
 from streammerge.sources import torchpickle as metapickle
+from streammerge.testing.presets import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from make_checkpoint import make_checkpoint  # noqa: E402
 
 
 def _torch_records(path: Path, rank: int, world_size: int) -> dict:
@@ -85,9 +82,8 @@ def test_unknown_but_safe_entries_fall_back_to_torch_load(tmp_path):
 
 def test_hsdp_checkpoint_of_this_torch_merges_right(hsdp_ckpt, tmp_path):
     """torch 2.13 pickles the mesh layout as `axes`, not `shape`: both loaders must read it."""
-    from make_checkpoint import check_merge
-
     from streammerge import merge
+    from streammerge.testing.presets import check_merge
 
     merge(hsdp_ckpt, tmp_path / "out", dtype="keep", optimizer=False)
     assert check_merge(tmp_path / "out", "tiny") > 0

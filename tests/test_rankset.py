@@ -8,21 +8,20 @@ edited the way a matcher could be fooled: swapped, re-saved with other strides, 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.tensor  # noqa: F401  (lets torch.load(weights_only=True) rebuild DTensors)
 from fixture_paths import VERL_CASES as FIXTURES
+from torch.distributed.tensor import Shard
 
 import streammerge
 from streammerge import open_checkpoint as find_checkpoint
 from streammerge.errors import CheckpointError
 from streammerge.sources.rankfile import load_rank_file, tensor_pieces
 from streammerge.sources.rankset import ShardedPieces, load_ranks
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from streammerge.testing.rankfiles import write_rank_files
 
 SYNTHETIC = {
     "ws4": dict(world_size=4),
@@ -141,9 +140,9 @@ def test_a_rank_from_another_model_is_refused(make_ckpt, tmp_path):
 def test_three_hundred_ranks_are_matched_past_rank_256(tmp_path):
     """Archive names of 1 to 3 digits (three layouts) and mesh ranks past 255 (one byte more in the
     pickle, so every offset after it shifts): still one decode, and the same records as decoding each."""
-    import bench_plan  # real torch.save of DTensors on torch's fake process group, checked there against one process per rank
-
-    actor, _ = bench_plan.make(tmp_path / "c", 300, 3, 2)
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.w": (torch.randn(600, 4, generator=g), [Shard(0)]) for i in range(3)}
+    actor = write_rank_files(tmp_path / "c", tensors, (300,))
     ck = find_checkpoint(actor)
     ranks = load_ranks(ck.model_files, 300, match_min_records=0)
     assert ranks.decoded == 1

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from make_checkpoint import check_merge, make_checkpoint  # noqa: E402
+from streammerge.testing.presets import check_merge, make_checkpoint
 
 OPTS = ["--max-shard-size", "100KB", "--no-optimizer", "--no-progress", "--dtype", "bfloat16"]
 

@@ -11,7 +11,8 @@ from huggingface_hub import ModelCard, ModelCardData
 def make_model_card(info: Mapping[str, Any]) -> str:
     """A README.md for a merged checkpoint, so users of the repo know where it came from.
 
-    ``info`` keys (all optional): ``repo_id``, ``source`` (checkpoint path), ``step``,
+    ``info`` keys (all optional): ``repo_id``, ``source`` (checkpoint path), ``format`` (e.g.
+    ``"veRL FSDP"``), ``notes`` (lines the plan shows, e.g. LoRA settings), ``step``,
     ``world_size``, ``fsdp_version``, ``dtype``, ``optimizer`` (bool: ``optimizer/`` is included),
     ``optimizer_format`` (``"safetensors"``, the default, or ``"torch"``: how ``optimizer/`` was
     written), ``base_model``, ``license``, ``tags``, ``model_type``.
@@ -28,7 +29,7 @@ def make_model_card(info: Mapping[str, Any]) -> str:
     body = f"""
 # {repo_id.split("/")[-1]}
 
-This model was merged from a veRL FSDP sharded checkpoint with streammerge.
+This model was merged from a {info.get("format") or "sharded"} checkpoint with streammerge.
 
 | | |
 |---|---|

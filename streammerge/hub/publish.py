@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from ..optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
 from ..options import MergeOptions
-from ..pipeline import MergeResult, merge, plan_merge
+from ..pipeline import MergePlan, MergeResult, merge, plan_merge
 from ..sources import Source, open_checkpoint
 from .card import make_model_card
 from .pusher import HubPusher
@@ -292,30 +292,19 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
             pusher.submit(path, f.filename, sha256=f.sha256, size=f.size)
             files.append(f.filename)
 
-        plan = plan_merge(ck, opts, token=token, endpoint=endpoint)  # a bad checkpoint fails here, before anything is created on the Hub
+        plan = plan_merge(ck, opts, token=token, endpoint=endpoint)  # a bad checkpoint fails before the Hub is touched
+        has_optimizer = plan.plan(OPTIMIZER_DIR) is not None
+        if model_card and "README.md" not in plan.small:  # a README carried from huggingface/ is the user's own
+            plan.add_generated("README.md", _card(plan, full_id, source_label(ck)).encode())
         try:
             result = merge(plan, out, on_file_done=upload)
         except Exception:  # not KeyboardInterrupt: an interrupted push resumes, its uploads are kept
             pusher.discard()  # the repo/branch made for the first file, if any: a failed merge leaves nothing
             raise
-        has_optimizer = plan.plan(OPTIMIZER_DIR) is not None
         if commit_message is None:
             what = "model and optimizer" if has_optimizer else "model"
             step = f" from step {ck.step}" if ck.step is not None else ""
             pusher.commit_message = f"Upload {what}{step} with streammerge"
-        if model_card and "README.md" not in files:  # a README carried from huggingface/ is the user's own
-            info = ck.info()
-            card = make_model_card({
-                "repo_id": full_id, "source": source_label(ck), "format": ck.format, "step": ck.step,
-                "world_size": info.get("world size"), "fsdp_version": info.get("FSDP"), "dtype": _dtype_name(result),
-                "optimizer": has_optimizer, "optimizer_format": _optimizer_format(result),
-                "model_type": (plan.config or {}).get("model_type"), "notes": plan.weights.notes,
-                "base_model": opts.model_name if opts.model_name and not Path(opts.model_name).expanduser().is_dir()
-                else None,
-            })
-            _write_text(out / "README.md", card)
-            pusher.submit(out / "README.md", "README.md")
-            files.append("README.md")
         info = pusher.finish()
     return PushResult(ok=True, repo_id=pusher.repo_id, url=pusher.repo.url, revision=pusher.revision,
                       commit_url=info.commit_url, commit_oid=info.oid, out_dir=result.out_dir, step=ck.step,
@@ -348,24 +337,19 @@ def _hub_progress_bars(enabled: bool) -> Iterator[None]:
         enable_progress_bars()
 
 
-def _dtype_name(result: MergeResult) -> str | None:
-    """The floating dtype(s) of the weights as written, e.g. "bfloat16"."""
-    names = sorted({t.dtype.name for t in result.plan.weights.tensors.values() if t.dtype.is_floating_point})
-    return ", ".join(names) or None
-
-
-def _optimizer_format(result: MergeResult) -> str | None:
-    """How ``optimizer/`` was written: "torch" (one optimizer.pt), "safetensors", or None (not at all)."""
-    names = {f.filename for f in result.files}
-    if f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}" in names:
-        return "torch"
-    return "safetensors" if any(n.startswith(OPTIMIZER_DIR + "/") for n in names) else None
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".streammerge-tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _card(plan: MergePlan, repo_id: str, source: str) -> str:
+    """The model card, from the plan alone (so it is written and recorded like every other file of the merge)."""
+    ck, opts, info = plan.source, plan.options, plan.source.info()
+    names = sorted({t.dtype.name for t in plan.weights.tensors.values() if t.dtype.is_floating_point})
+    optimizer = plan.plan(OPTIMIZER_DIR)
+    fmt = None if optimizer is None else ("torch" if optimizer.files[0].filename == OPTIMIZER_PT else "safetensors")
+    hub_model = opts.model_name if opts.model_name and not Path(opts.model_name).expanduser().is_dir() else None
+    return make_model_card({
+        "repo_id": repo_id, "source": source, "format": ck.format, "step": ck.step,
+        "world_size": info.get("world size"), "fsdp_version": info.get("FSDP"), "dtype": ", ".join(names) or None,
+        "optimizer": optimizer is not None, "optimizer_format": fmt,
+        "model_type": (plan.config or {}).get("model_type"), "notes": plan.weights.notes, "base_model": hub_model,
+    })
 
 
 # ---- the seed workflow's API -------------------------------------------------------------------

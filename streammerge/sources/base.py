@@ -115,11 +115,15 @@ class Oracle(abc.ABC):
     def read(self, name: str, box: tuple[tuple[int, int], ...]) -> Any:
         """One box of the full tensor, as a torch tensor in its saved dtype."""
 
+    def locate(self, name: str, index: tuple[int, ...]) -> str:
+        """Which file holds one element of a tensor, for messages ("rank 2's file ...")."""
+        return "the checkpoint"
+
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
         """Checksums the format keeps and torch's loader skips (zip CRC-32s): one problem per line."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (most oracles hold nothing to release)
         """Release files and maps."""
 
 

@@ -29,7 +29,7 @@ class VerlOracle(Oracle):
     def __init__(self, files: Sequence[Path], world_size: int):
         self.files, self.world_size = list(files), world_size
         self._loaded: dict[Path, dict[str, Any]] = {}
-        self._placed: dict[str, list[tuple[Any, tuple[int, ...]]]] = {}
+        self._placed: dict[str, list[tuple[Any, tuple[int, ...], Path]]] = {}
 
     def _state(self, path: Path) -> dict[str, Any]:
         if path not in self._loaded:
@@ -61,17 +61,17 @@ class VerlOracle(Oracle):
             return None
         return tuple(v.shape), str(v.dtype).removeprefix("torch.")
 
-    def _pieces(self, name: str) -> list[tuple[Any, tuple[int, ...]]]:
-        """(local tensor, its offset in the full tensor) for every distinct piece of `name`."""
+    def _pieces(self, name: str) -> list[tuple[Any, tuple[int, ...], Path]]:
+        """(local tensor, its offset in the full tensor, its file) for every distinct piece of `name`."""
         if name in self._placed:
             return self._placed[name]
         from torch.distributed.tensor import DTensor
 
         files = self._files_for(name)
         got = [self._state(p).get(name) for p in files]
-        plain = next((v for v in got if v is not None and not isinstance(v, DTensor)), None)
+        plain = next((k for k, v in enumerate(got) if v is not None and not isinstance(v, DTensor)), None)
         if plain is not None:  # a full copy on every rank holding it (FSDP1 use_orig_params: not all do); take one
-            self._placed[name] = [(plain, (0,) * plain.dim())]
+            self._placed[name] = [(got[plain], (0,) * got[plain].dim(), files[plain])]
             return self._placed[name]
         if any(v is None for v in got):
             raise CheckpointError(f"{files[got.index(None)]}: torch.load finds no tensor {name!r}")
@@ -88,7 +88,7 @@ class VerlOracle(Oracle):
                                       f"a {list(want)} piece, the file holds {list(local.shape)}")
             if offset not in seen and local.numel():
                 seen.add(offset)
-                pieces.append((local, offset))
+                pieces.append((local, offset, files[rank]))
         self._placed[name] = pieces
         return pieces
 
@@ -98,7 +98,7 @@ class VerlOracle(Oracle):
         pieces = self._pieces(name)
         out = torch.empty(tuple(hi - lo for lo, hi in box), dtype=pieces[0][0].dtype if pieces else torch.float32)
         filled = 0
-        for local, offset in pieces:
+        for local, offset, _ in pieces:
             lo = [max(b[0], o) for b, o in zip(box, offset)]
             hi = [min(b[1], o + n) for b, o, n in zip(box, offset, local.shape)]
             if any(a >= b for a, b in zip(lo, hi)):
@@ -111,21 +111,29 @@ class VerlOracle(Oracle):
                                   f"of the box {list(box)}")
         return out
 
+    def locate(self, name: str, index: tuple[int, ...]) -> str:
+        for local, offset, path in self._pieces(name):
+            if all(o <= i < o + n for i, o, n in zip(index, offset, local.shape)):
+                return f"rank {self.files.index(path) % self.world_size}'s file {path.name}"
+        return "the checkpoint"
+
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
-        """Every zip record's CRC-32 (torch.load checks none), with the standard library's zip reader."""
+        """Every zip record's CRC32 (torch.load checks none), with the standard library's zip reader."""
         problems = []
         for path in paths:
+            record = "?"
             try:
                 with zipfile.ZipFile(path) as z:
                     for info in z.infolist():
+                        record = info.filename
                         if info.CRC == 0:  # saved without CRCs (torch.serialization.set_crc32_options(False))
                             continue
                         with z.open(info) as fh:
                             while fh.read(16 * 2**20):
                                 pass
             except (zipfile.BadZipFile, OSError, EOFError) as e:
-                problems.append(f"{path}: zip record {getattr(e, 'filename', '') or ''}fails its CRC-32 or zip "
-                                f"check ({e}): the rank file is corrupted (changed after torch.save wrote it)")
+                problems.append(f"{path}: zip record {record} fails its CRC32 check ({e}): the rank file is "
+                                "corrupted (changed after torch.save wrote it); copy it again from the node that saved it")
         return problems
 
     def close(self) -> None:

@@ -89,7 +89,8 @@ class OutputFolder:
             return None
         if previous.get("fingerprint") != self.fingerprint:
             raise OutputError(f"{out}: holds a different merge (other checkpoint or options, or a streammerge "
-                              "version that planned differently); choose a new folder, or delete this one to start over")
+                              "version that planned differently); choose a new folder, or delete this one to "
+                              "start over")
         return previous
 
     def _lock(self) -> None:
