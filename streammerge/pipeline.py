@@ -226,7 +226,7 @@ class MergeResult:
             what += f" and wrote {' and '.join(wrote)}" if wrote else ""
         else:
             what = f"wrote {' and '.join(wrote) or 'nothing'} to {self.out_dir}"
-            what += f", reusing {earlier}," if reused else ""
+            what += f" and reused {earlier}," if reused else ""
         speed = f" ({fmt_bytes(int(self.bytes_written / self.seconds))}/s)" if new and self.seconds > 0 else ""
         return (f"{what} in {self.seconds:.2f} s{speed}, peak RSS {self.peak_rss / 2**20:.0f} MiB; "
                 f"read {self.plan.source.stats.describe()}")

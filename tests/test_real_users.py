@@ -416,7 +416,7 @@ def test_summary_of_a_tiny_merge_a_resume_and_a_finished_folder(tmp_path):
     again = streammerge.merge(ck, out, max_shard_size="20KB").summary()
     size = data[1].stat().st_size
     assert again.startswith(f"wrote 1 data file ({size / 1000:.2f} kB) and {len(small)} small files (config, "
-                            f"tokenizer, indexes) to {out}, reusing {len(data) - 1} data files "
+                            f"tokenizer, indexes) to {out} and reused {len(data) - 1} data files "
                             f"({(total - size) / 1000:.2f} kB) finished by an earlier run, in "), again
 
     done = streammerge.merge(ck, out, max_shard_size="20KB").summary()
