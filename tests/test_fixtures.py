@@ -110,7 +110,8 @@ def test_cli_inspect_and_merge(tmp_path: Path) -> None:
                           "--dtype", "bfloat16", "--max-shard-size", "10KB", "--no-optimizer"],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
-    assert re.search(r"wrote \d+\.\d\d kB in \d+ files .* \((\d+\.\d\d [kMG]B|\d+ B)/s\), peak RSS", run.stdout), run.stdout
+    summary = r"wrote \d+ data files \(\d+\.\d\d kB\) .* \(\d+\.\d\d [kMG]B/s\), peak RSS"
+    assert re.search(summary, run.stdout), run.stdout
     assert " 0 MB/s" not in run.stdout and " 0 B/s" not in run.stdout
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
 

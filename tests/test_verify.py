@@ -185,7 +185,7 @@ def test_corrupted_source_data_is_caught_by_merge_verify(verl_fixtures, tmp_path
     ckpt = copy_actor(verl_fixtures / "fsdp2_llama_shard1_ws4", tmp_path / "actor")
     victim = ckpt / "model_world_size_4_rank_2.pt"
     with zipfile.ZipFile(victim) as z:
-        info = max(z.infolist(), key=lambda i: i.file_size)  # the biggest tensor record
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)  # biggest tensor
     data = bytearray(victim.read_bytes())
     name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
     data[info.header_offset + 30 + name_len + extra_len + 100] ^= 0x04
