@@ -159,7 +159,8 @@ def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ..
     """
     if not config or config.get("auto_map"):
         return
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text = config.get("text_config")
+    cfg: Mapping = text if isinstance(text, dict) else config
     if cfg.get("auto_map"):
         return
     embed = next((n for n in shapes if n.endswith(_INPUT_EMBEDDINGS) and len(shapes[n]) == 2), None)

@@ -348,16 +348,16 @@ def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams) -> Named:
             flat_at = 0
             for f in members:
                 n = math.prod(shapes[f])
-                pieces = []
+                parts: list[Piece] = []
                 for shard, rec in enumerate(records):
                     lo, hi = chunk_bounds(total, world, shard)
                     a, b = max(lo, flat_at), min(hi, flat_at + n)
                     if a < b:
                         rf, at = files[shard], rec.offset + (a - lo) * dtype.itemsize
-                        pieces.append(Piece(rf.rank, str(rf.path), at, (b - a,), (1,), (a - flat_at,)))
+                        parts.append(Piece(rf.rank, str(rf.path), at, (b - a,), (1,), (a - flat_at,)))
                 flat_at += n
                 out = f"state.{f}.{key}"
-                src = SourceTensor(f"{name}[{f}]", shapes[f], dtype, tuple(pieces), "flat", flat=True)
+                src = SourceTensor(f"{name}[{f}]", shapes[f], dtype, tuple(parts), "flat", flat=True)
                 tensors[out] = _plain(out, src)
     return tensors, fqns
 

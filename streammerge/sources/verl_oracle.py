@@ -69,9 +69,9 @@ class VerlOracle(Oracle):
 
         files = self._files_for(name)
         got = [self._state(p).get(name) for p in files]
-        plain = next((k for k, v in enumerate(got) if v is not None and not isinstance(v, DTensor)), None)
+        plain = next(((v, p) for v, p in zip(got, files) if v is not None and not isinstance(v, DTensor)), None)
         if plain is not None:  # a full copy on every rank holding it (FSDP1 use_orig_params: not all do); take one
-            self._placed[name] = [(got[plain], (0,) * got[plain].dim(), files[plain])]
+            self._placed[name] = [(plain[0], (0,) * plain[0].dim(), plain[1])]
             return self._placed[name]
         if any(v is None for v in got):
             raise CheckpointError(f"{files[got.index(None)]}: torch.load finds no tensor {name!r}")
