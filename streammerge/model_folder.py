@@ -140,47 +140,58 @@ def model_files(model_dir: Path, root: Path) -> Iterator[Path]:
 
 # ---------------------------------------------------------------- does the config describe these weights?
 
-def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
-    """Refuse a config that does not describe these weights (transformers would load them as something else).
+_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+# Keys that change what another key means: the embedding is projected (OPT, ALBERT), the vocabulary padded.
+_EMBED_WIDTH_KEYS = ("word_embed_proj_dim", "embedding_size")
+_MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers")  # extra decoder layers saved
 
-    Torch-free and structural: the embedding is vocab_size x hidden_size, the decoder has
-    num_hidden_layers layers, attention projections have the head counts' sizes. Raises ConfigError
-    naming the first contradiction; says nothing where the config or the names give no rule.
+
+def check_config_fits(config: Mapping | None, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Refuse a config that does not describe these weights (transformers would load them as another model).
+
+    Torch-free and structural, and only where both sides say something: a key absent from config.json
+    (transformers then takes its class default, which we do not know) and names that give no rule say
+    nothing, and a config with `auto_map` is read by its own code, so it is not judged at all. The
+    rules, for the text decoder the input embedding belongs to (not a vision tower beside it):
+    the embedding is vocab_size x hidden_size, the decoder has num_hidden_layers layers (plus any
+    multi-token-prediction layers), attention and MLP inputs are hidden_size wide, a dense MLP's
+    down projection is intermediate_size wide. Raises ConfigError naming the first contradiction.
     """
-    if not config:
+    if not config or config.get("auto_map"):
         return
-    cfg: Mapping[str, Any] = config["text_config"] if isinstance(config.get("text_config"), dict) else config
-    hidden, vocab = _int(cfg, "hidden_size", "n_embd", "d_model"), _int(cfg, "vocab_size")
-    embeds = [n for n in shapes if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
-    for name in embeds[:1]:
+    text = config.get("text_config")
+    cfg: Mapping = text if isinstance(text, dict) else config
+    if cfg.get("auto_map"):
+        return
+    embed = next((n for n in shapes if n.endswith(_INPUT_EMBEDDINGS) and len(shapes[n]) == 2), None)
+    if embed is None:
+        return
+    hidden = _int(cfg, "hidden_size", "n_embd", "d_model")
+    vocab = _int(cfg, "padded_vocab_size", "vocab_size")
+    rows, width = shapes[embed]
+    embed_width = _int(cfg, *_EMBED_WIDTH_KEYS) or (None if any(k in cfg for k in _EMBED_WIDTH_KEYS) else hidden)
+    if embed_width is not None and width != embed_width:
+        _mismatch(where, f"{embed} is {width} wide but the config's hidden_size is {embed_width}")
+    if vocab is not None and rows != vocab:
+        _mismatch(where, f"{embed} has {rows} rows but the config's vocab_size is {vocab}")
+
+    prefix = embed[: embed.rindex(".", 0, len(embed) - len(".weight")) + 1]  # "model." of model.embed_tokens.weight
+    layer = re.compile(re.escape(prefix) + r"(?:layers|h)\.(\d+)\.(.*)$")  # h: GPT-2, BLOOM, Falcon
+    decoder = {m.group(1, 2): n for n in shapes for m in [layer.match(n)] if m}
+    layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    seen = {int(i) for i, _ in decoder}
+    if layers is not None and seen and max(seen) + 1 not in (layers, layers + (_int(cfg, *_MTP_KEYS) or 0)):
+        _mismatch(where, f"the weights have {max(seen) + 1} decoder layers but the config's num_hidden_layers "
+                         f"is {layers}")
+    inter = None if _is_moe(cfg) else _int(cfg, "intermediate_size")
+    for (_, rest), name in decoder.items():
         shape = shapes[name]
         if len(shape) != 2:
             continue
-        if hidden is not None and shape[1] != hidden:
+        if hidden is not None and rest in ("self_attn.q_proj.weight", "mlp.up_proj.weight") and shape[1] != hidden:
             _mismatch(where, f"{name} is {shape[1]} wide but the config's hidden_size is {hidden}")
-        if vocab is not None and shape[0] != vocab:
-            _mismatch(where, f"{name} has {shape[0]} rows but the config's vocab_size is {vocab}")
-    layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers")
-    seen = {int(m.group(1)) for n in shapes for m in [re.search(r"\.layers\.(\d+)\.", n)] if m}
-    if layers is not None and seen and max(seen) + 1 != layers:
-        _mismatch(where, f"the weights have {max(seen) + 1} decoder layers but the config's num_hidden_layers "
-                         f"is {layers}")
-    heads, kv = _int(cfg, "num_attention_heads"), _int(cfg, "num_key_value_heads")
-    head_dim = _int(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
-    for name, shape in shapes.items():
-        if len(shape) != 2 or ".layers." not in name:
-            continue
-        want = {"q_proj.weight": heads, "k_proj.weight": kv or heads, "v_proj.weight": kv or heads}
-        for suffix, n in want.items():
-            if name.endswith("self_attn." + suffix) and n and head_dim and shape[0] != n * head_dim:
-                _mismatch(where, f"{name} has {shape[0]} rows but the config gives {n} heads x {head_dim}")
-        wide = name.endswith(("self_attn.q_proj.weight", "mlp.up_proj.weight"))
-        if hidden is not None and wide and shape[1] != hidden:
-            _mismatch(where, f"{name} is {shape[1]} wide but the config's hidden_size is {hidden}")
-        if name.endswith("mlp.down_proj.weight") and not name.count(".experts."):
-            inter = _int(cfg, "intermediate_size")
-            if inter is not None and shape[1] != inter and not _is_moe(cfg):
-                _mismatch(where, f"{name} is {shape[1]} wide but the config's intermediate_size is {inter}")
+        if inter is not None and rest == "mlp.down_proj.weight" and shape[1] != inter:
+            _mismatch(where, f"{name} is {shape[1]} wide but the config's intermediate_size is {inter}")
 
 
 def _is_moe(cfg: Mapping) -> bool:

@@ -59,6 +59,13 @@ class MergePlan:
     def weights(self) -> Plan:
         return self.plans[0]
 
+    def __repr__(self) -> str:
+        plans = ", ".join(f"{p.subdir or 'weights'}: {len(p.tensors)} tensors in {len(p.files)} files"
+                          for p in self.plans)
+        dtype = self.dtype.name if self.dtype else None
+        return (f"MergePlan({str(self.source.path)!r}, {self.source.format}, dtype={dtype}, {plans}, "
+                f"small files={len(self.small)}, warnings={len(self.warnings)})")
+
     def add_generated(self, rel: str, data: bytes) -> None:
         """A small file made by streammerge (model card, adapter config), written with the rest of the folder."""
         self.generated[rel] = data
@@ -179,12 +186,12 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
 
 # ---------------------------------------------------------------- executing a plan
 
-@dataclass
+@dataclass(repr=False)
 class MergeResult:
     out_dir: Path
-    files: list[OutputFile] = field(repr=False)
-    plan: MergePlan = field(repr=False)
-    bytes_written: int  # bytes written by this run (reused files excluded)
+    files: list[OutputFile]
+    plan: MergePlan
+    bytes_written: int  # bytes of data files written by this run (reused files and small files excluded)
     bytes_total: int
     seconds: float
     peak_rss: int  # bytes, this process (and its children)
@@ -195,20 +202,39 @@ class MergeResult:
     def plans(self) -> list[Plan]:
         return self.plan.plans
 
+    def __repr__(self) -> str:
+        return (f"MergeResult({str(self.out_dir)!r}, files={len(self.files)}, reused={len(self.reused)}, "
+                f"bytes_written={self.bytes_written}, seconds={self.seconds:.2f}, warnings={len(self.warnings)})")
+
     def summary(self) -> str:
-        written = [f for f in self.files if f.filename not in self.reused]
-        if written and self.reused:
-            what = (f"wrote {fmt_bytes(self.bytes_written)} in {len(written)} files, reused {len(self.reused)} files "
-                    f"({fmt_bytes(self.bytes_total - self.bytes_written)}) finished by an earlier run,")
-        elif self.reused:
-            what = f"nothing to write: all {len(self.reused)} files were finished by an earlier run,"
+        """One line: the data files written and reused, the small files (config, tokenizer, indexes), speed, memory.
+
+        Data files are the weight, optimizer and adapter shards; only their bytes count for the speed.
+        """
+        data = {p.rel(fp.filename) for p in self.plans for fp in p.files}
+        reused = [f for f in self.files if f.filename in self.reused]
+        new = [f for f in self.files if f.filename in data and f.filename not in self.reused]
+        small = [f for f in self.files if f.filename not in data]
+        wrote = []
+        if new:
+            wrote.append(f"{_count(len(new), 'data file')} ({fmt_bytes(sum(f.size for f in new))})")
+        if small:
+            wrote.append(f"{_count(len(small), 'small file')} (config, tokenizer, indexes)")
+        earlier = (f"{_count(len(reused), 'data file')} ({fmt_bytes(sum(f.size for f in reused))}) "
+                   "finished by an earlier run")
+        if reused and not new:
+            what = f"nothing left to merge in {self.out_dir}: reused {earlier}"
+            what += f" and wrote {' and '.join(wrote)}" if wrote else ""
         else:
-            what = f"wrote {fmt_bytes(self.bytes_written)} in {len(written)} files"
-        rate = self.bytes_written / self.seconds if self.seconds > 0 else 0.0
-        speed = f" ({fmt_bytes(int(rate))}/s)" if self.bytes_written else ""
-        read = self.plan.source.stats.describe()
-        return (f"{what} to {self.out_dir} in {self.seconds:.2f} s{speed}, peak RSS {self.peak_rss / 2**20:.0f} MiB; "
-                f"read {read}")
+            what = f"wrote {' and '.join(wrote) or 'nothing'} to {self.out_dir}"
+            what += f" and reused {earlier}," if reused else ""
+        speed = f" ({fmt_bytes(int(self.bytes_written / self.seconds))}/s)" if new and self.seconds > 0 else ""
+        return (f"{what} in {self.seconds:.2f} s{speed}, peak RSS {self.peak_rss / 2**20:.0f} MiB; "
+                f"read {self.plan.source.stats.describe()}")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def peak_rss() -> int:
@@ -241,7 +267,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                           part=part, sync=sync)
     files: list[OutputFile] = []
     reused: list[str] = []
-    written = 0
+    written = planned = 0
     bar = _progress_bar(sum(fp.size for _, fp in shares), opts.progress)
 
     def done(f: OutputFile) -> None:
@@ -254,21 +280,22 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                                 drop_cache=opts.drop_cache, progress=bar.update if bar else None) as writer:
             for p, fp in shares:
                 rel = p.rel(fp.filename)
+                planned += fp.size
                 prior = folder.finished(rel)
-                if prior is not None:
-                    reused.append(rel)
-                    if bar:
-                        bar.update(prior.size)
-                    done(prior)
-                    continue
-                if p.index_filename is None and fp.filename.endswith(".pt"):  # --optimizer-format torch
-                    from .write.torch_format import write_torch_file
+                if prior is None:
+                    if p.index_filename is None and fp.filename.endswith(".pt"):  # --optimizer-format torch
+                        from .write.torch_format import write_torch_file
 
-                    f = write_torch_file(p, fp, out / rel, writer)
+                        f = write_torch_file(p, fp, out / rel, writer)
+                    else:
+                        f = writer.write(p, fp, out / rel)
+                    written += f.size
+                    folder.add(f)
                 else:
-                    f = writer.write(p, fp, out / rel)
-                written += f.size
-                folder.add(f)
+                    f = prior
+                    reused.append(rel)
+                if bar:  # the writer counts tensor bytes as they land; headers, a torch file's records: here
+                    bar.update(planned - bar.n)
                 done(f)
             folder.finish(mp.contents, done)
     finally:

@@ -128,6 +128,11 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def __repr__(self) -> str:
+        index = f", index={self.index_filename!r}" if self.index_filename else ""
+        return (f"Plan({self.subdir or 'weights'}: {len(self.tensors)} tensors, {fmt_bytes(self.total_bytes)} in "
+                f"{len(self.files)} files{index}, tied={len(self.dropped)})")
+
     def rel(self, filename: str) -> str:
         """A file's path relative to the output folder."""
         return f"{self.subdir}/{filename}" if self.subdir else filename

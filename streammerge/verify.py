@@ -64,6 +64,10 @@ class VerifyReport:
     def fail(self, message: str) -> None:
         self.failures.append(message)
 
+    def __repr__(self) -> str:
+        return (f"VerifyReport({str(self.out_dir)!r}, ok={self.ok}, files={len(self.files_checked)}, "
+                f"tensors={self.tensors_checked}, failures={len(self.failures)})")
+
     def summary(self) -> str:
         against = f", {self.tensors_checked} tensors compared with {self.checkpoint}" if self.checkpoint else ""
         head = (f"verify {self.out_dir}: {'OK' if self.ok else f'{len(self.failures)} problem(s)'} "

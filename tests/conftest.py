@@ -4,7 +4,10 @@
         actor = make_ckpt(world_size=4, shard_placement="first_divisible")  # -> .../actor
 
     def test_real(verl_fixtures):
-        actor = verl_fixtures / "gpu_fsdp2_qwen2_tied_ws4"
+        actor = verl_fixtures / "fsdp2_qwen2_tied_ws4"      # tests/data/verl: always there
+
+    def test_extra(shared_verl_fixtures):
+        actor = shared_verl_fixtures / "gpu_fsdp2_qwen2_tied_ws4"   # larger ones outside the project: skipped if absent
 
 Checkpoints from ``make_ckpt`` are shared by every test that asks for the same arguments:
 treat them as read-only and ``shutil.copytree`` the actor dir before changing anything.
@@ -13,7 +16,6 @@ treat them as read-only and ``shutil.copytree`` the actor dir before changing an
 from __future__ import annotations
 
 import inspect
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -25,20 +27,25 @@ import pytest
 # children start with the default again.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-from streammerge.testing.synthetic import make_checkpoint
+from fixture_paths import SHARED_VERL, VERL_DATA  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-VERL_FIXTURES = Path(
-    os.environ.get("STREAMMERGE_FIXTURES") or REPO_ROOT.parent / "shared" / "fixtures" / "verl"
-).resolve()
+from streammerge.testing.synthetic import make_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def verl_fixtures() -> Path:
-    """The real GPU-made veRL checkpoints (one folder per case); skips when not present."""
-    if not VERL_FIXTURES.is_dir():
-        pytest.skip(f"veRL fixtures not found at {VERL_FIXTURES}; set STREAMMERGE_FIXTURES to their folder")
-    return VERL_FIXTURES
+    """The GPU-made veRL checkpoints in tests/data/verl (one folder per case, each with reference/)."""
+    assert VERL_DATA.is_dir(), f"{VERL_DATA} is part of the project: restore it (git checkout tests/data)"
+    return VERL_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_verl_fixtures() -> Path:
+    """Larger GPU-made veRL checkpoints kept outside the project (an extra: skipped when absent)."""
+    if not SHARED_VERL.is_dir():
+        pytest.skip(f"extra veRL fixtures not found at {SHARED_VERL} (set STREAMMERGE_FIXTURES to their folder; "
+                    "tests/data/verl covers the same cases)")
+    return SHARED_VERL
 
 
 @pytest.fixture(scope="session")

@@ -318,7 +318,7 @@ def test_source_is_never_modified(ckpt, tmp_path, capsys):
 
 def test_real_gpu_checkpoint_missing_a_rank(verl_fixtures, tmp_path, capsys):
     """A real GPU-made checkpoint with one rank missing names that rank (the multi-node case)."""
-    d = copy_actor(verl_fixtures / "gpu_fsdp2_hsdp_llama_2x2", tmp_path / "actor")
+    d = copy_actor(verl_fixtures / "fsdp2_hsdp_llama_2x2", tmp_path / "actor")
     rank(d, 2).unlink()
     code, _, stderr = run_cli(["merge", d, tmp_path / "out"], capsys)
     assert code == 2 and "rank(s) 2 of world size 4" in stderr and "shared file system" in stderr

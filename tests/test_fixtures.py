@@ -1,23 +1,23 @@
-"""Real GPU-made veRL checkpoints (../shared/fixtures/verl): merged tensors equal the oracle bit for bit."""
+"""Real GPU-made veRL fixtures (tests/data/verl; extras in ../shared): merged tensors equal the oracle bit for bit."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import REPO, SHARED_CASES, VERL_CASES
+from fixture_paths import VERL_DATA as FIXTURES
 from safetensors.torch import load_file, save_file
 
 import streammerge
 
-FIXTURES = Path(os.environ.get("STREAMMERGE_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "verl"))
-NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference").is_dir()) if FIXTURES.is_dir() else []
-pytestmark = pytest.mark.skipif(not NAMES, reason=f"veRL fixtures not found at {FIXTURES}")
-REPO = Path(__file__).resolve().parents[1]
+NAMES = VERL_CASES
 
 
 def _merged(out: Path) -> dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ def _merged(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module", params=NAMES)
 def merged_keep(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "out"
-    result = streammerge.merge(FIXTURES / request.param, out, dtype="keep", optimizer=False, max_shard_size="300KB")
+    result = streammerge.merge(FIXTURES / request.param, out, dtype="keep", optimizer=False, max_shard_size="20KB")
     return request.param, out, result
 
 
@@ -51,7 +51,8 @@ def test_files_are_byte_identical_to_save_file(merged_keep, tmp_path: Path) -> N
     name, out, _ = merged_keep
     ref = load_file(FIXTURES / name / "reference" / "model.safetensors")
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for k, t in ref.items() if k in index["weight_map"])
+    written = [t for k, t in ref.items() if k in index["weight_map"]]
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written)
     by_file: dict[str, list[str]] = {}
     for key, fname in index["weight_map"].items():
         by_file.setdefault(fname, []).append(key)
@@ -81,17 +82,17 @@ def test_bfloat16_merge_equals_torch_cast(name: str, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("name", ["gpu_fsdp2_qwen2_tied_ws4", "gpu_fsdp2_llama_shard1_ws4"])
+@pytest.mark.parametrize("name", ["fsdp2_qwen2_tied_ws4", "fsdp2_llama_shard1_ws4", "fsdp1_origparams_llama_ws4"])
 def test_from_pretrained_gives_reference_logits(name: str, tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if name not in NAMES:
-        pytest.skip(f"{name} missing")
     out = tmp_path / "out"
     streammerge.merge(FIXTURES / name, out, dtype="keep", optimizer=False)
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    oracle = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(FIXTURES / name / "huggingface")).eval()
-    missing, unexpected = oracle.load_state_dict(load_file(FIXTURES / name / "reference" / "model.safetensors"), strict=False)
+    merged = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    config = AutoConfig.from_pretrained(FIXTURES / name / "huggingface", trust_remote_code=False)
+    oracle = AutoModelForCausalLM.from_config(config, trust_remote_code=False).eval()
+    reference = load_file(FIXTURES / name / "reference" / "model.safetensors")
+    missing, unexpected = oracle.load_state_dict(reference, strict=False)
     assert not unexpected and not missing
     ids = torch.randint(0, merged.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -99,19 +100,19 @@ def test_from_pretrained_gives_reference_logits(name: str, tmp_path: Path) -> No
 
 
 def test_cli_inspect_and_merge(tmp_path: Path) -> None:
-    name = "gpu_fsdp2_hsdp_llama_2x2"
-    if name not in NAMES:
-        pytest.skip(f"{name} missing")
+    name = "fsdp2_hsdp_llama_2x2"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     show = subprocess.run([sys.executable, "-m", "streammerge", "inspect", str(FIXTURES / name)],
                           capture_output=True, text=True, env=env, check=True)
     assert "(Replicate(), Shard(0))" in show.stdout and "model.safetensors" in show.stdout
     assert not (tmp_path / "out").exists()
     run = subprocess.run([sys.executable, "-m", "streammerge", str(FIXTURES / name), str(tmp_path / "out"),
-                          "--dtype", "bfloat16", "--max-shard-size", "200KB", "--no-optimizer"],
+                          "--dtype", "bfloat16", "--max-shard-size", "10KB", "--no-optimizer"],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
-    assert "B in" in run.stdout and "peak RSS" in run.stdout and "MB/s" in run.stdout
+    summary = r"wrote \d+ data files \(\d+\.\d\d kB\) .* \(\d+\.\d\d [kMG]B/s\), peak RSS"
+    assert re.search(summary, run.stdout), run.stdout
+    assert " 0 MB/s" not in run.stdout and " 0 B/s" not in run.stdout
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
 
 
@@ -122,3 +123,31 @@ def test_plan_reads_no_tensor_data() -> None:
     for t in p.tensors.values():
         assert all(isinstance(piece.offset, int) for piece in t.pieces)
     assert "checkpoint" in p.describe()
+
+
+def test_every_case_is_in_the_project() -> None:
+    """A fresh clone has every GPU-made case, small: no test depends on files outside the project."""
+    assert set(NAMES) >= {"fsdp2_qwen2_tied_ws4", "fsdp2_llama_shard1_ws4", "fsdp1_llama_ws4", "fsdp2_hsdp_llama_2x2",
+                          "fsdp1_origparams_llama_ws4", "fsdp1_hsdp_llama_2x2"}
+    size = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
+    assert size < 5 * 10**6, f"tests/data/verl holds {size} bytes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHARED_CASES or ["(none)"])
+def test_shared_extra_fixtures_equal_reference(name: str, shared_verl_fixtures: Path, tmp_path: Path) -> None:
+    """The larger NCCL-made checkpoints outside the project, when present: weights and optimizer, every bit."""
+    from test_optimizer import assert_same_optimizer
+
+    ckpt = shared_verl_fixtures / name
+    out = tmp_path / "out"
+    result = streammerge.merge(ckpt, out, dtype="keep", max_shard_size="300KB")
+    assert result.warnings == []
+    ref = load_file(ckpt / "reference" / "model.safetensors")
+    got = _merged(out)
+    assert set(got) | set(result.plans[0].dropped) == set(ref)
+    for key, tensor in got.items():
+        assert tensor.dtype == ref[key].dtype and torch.equal(tensor, ref[key]), key
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(out),
+                          torch.load(ckpt / "reference" / "optimizer.pt", weights_only=True))
+    assert streammerge.verify(out, ckpt).ok

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import SHARED_CASES, SHARED_VERL, VERL_CASES, VERL_DATA
 
+from streammerge.errors import UnsafePickleError
 from streammerge.sources import rankfile as load
 from streammerge.sources import torchpickle as metapickle
-from streammerge.errors import UnsafePickleError
+from streammerge.testing.presets import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("VERL_FIXTURES", ROOT.parent / "shared" / "fixtures" / "verl"))
-
-from streammerge.testing.presets import make_checkpoint
 
 
 def _torch_records(path: Path, rank: int, world_size: int) -> dict:
@@ -37,9 +35,8 @@ def hsdp_ckpt(tmp_path_factory) -> Path:
 
 def _cases(hsdp_ckpt: Path) -> list[tuple[Path, int, int]]:
     cases = list(_rank_files(hsdp_ckpt))
-    if FIXTURES.is_dir():
-        for d in sorted(FIXTURES.iterdir()):
-            cases += list(_rank_files(d))
+    for d in [VERL_DATA / c for c in VERL_CASES] + [SHARED_VERL / c for c in SHARED_CASES]:  # shared: extras, if there
+        cases += list(_rank_files(d))
     return cases
 
 
@@ -85,9 +82,8 @@ def test_unknown_but_safe_entries_fall_back_to_torch_load(tmp_path):
 
 def test_hsdp_checkpoint_of_this_torch_merges_right(hsdp_ckpt, tmp_path):
     """torch 2.13 pickles the mesh layout as `axes`, not `shape`: both loaders must read it."""
-    from streammerge.testing.presets import check_merge
-
     from streammerge import merge
+    from streammerge.testing.presets import check_merge
 
     merge(hsdp_ckpt, tmp_path / "out", dtype="keep", optimizer=False)
     assert check_merge(tmp_path / "out", "tiny") > 0

@@ -8,12 +8,12 @@ edited the way a matcher could be fooled: swapped, re-saved with other strides, 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.tensor  # noqa: F401  (lets torch.load(weights_only=True) rebuild DTensors)
+from fixture_paths import VERL_CASES as FIXTURES
 from torch.distributed.tensor import Shard
 
 import streammerge
@@ -30,7 +30,6 @@ SYNTHETIC = {
     "hsdp-2x2": dict(world_size=4, mesh=(2, 2)),
     "ws3-uneven": dict(world_size=3, hidden_size=40),
 }
-FIXTURES = ["gpu_fsdp2_llama_shard1_ws4", "gpu_fsdp2_qwen2_tied_ws4", "gpu_fsdp2_hsdp_llama_2x2", "gpu_fsdp1_llama_ws4"]
 
 
 def _assert_same_as_decoding(actor: Path) -> int:
@@ -61,7 +60,15 @@ def test_matched_records_equal_decoded_records(case, make_ckpt):
 @pytest.mark.parametrize("case", FIXTURES)
 def test_gpu_fixtures_match_decoding(case, verl_fixtures):
     decoded = _assert_same_as_decoding(verl_fixtures / case)
-    if case == "gpu_fsdp2_llama_shard1_ws4":  # saved from cuda:R with cached spec hashes: still matched
+    if case.startswith("fsdp2_") and "hsdp" not in case:  # rank 3 holds short pieces of most tensors: decoded
+        assert decoded <= 2
+
+
+@pytest.mark.parametrize("case", ["gpu_fsdp2_llama_shard1_ws4", "gpu_fsdp2_hsdp_llama_2x2"])
+def test_shared_gpu_fixtures_match_decoding(case, shared_verl_fixtures):
+    """The NCCL-made extras were saved from cuda:R with cached spec hashes: still matched."""
+    decoded = _assert_same_as_decoding(shared_verl_fixtures / case)
+    if case == "gpu_fsdp2_llama_shard1_ws4":
         assert decoded == 1
 
 

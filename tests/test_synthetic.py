@@ -26,9 +26,9 @@ CASES = {
 SHARDED_CASES = [c for c in CASES if c != "plain_ws1"]
 # Our case -> the GPU-made fixture it imitates.
 FIXTURE_TWINS = {
-    "qwen2_tied_ws4": "gpu_fsdp2_qwen2_tied_ws4",
-    "ws4_first_divisible": "gpu_fsdp2_llama_shard1_ws4",
-    "hsdp_2x2": "gpu_fsdp2_hsdp_llama_2x2",
+    "qwen2_tied_ws4": "fsdp2_qwen2_tied_ws4",
+    "ws4_first_divisible": "fsdp2_llama_shard1_ws4",
+    "hsdp_2x2": "fsdp2_hsdp_llama_2x2",
 }
 
 
@@ -330,24 +330,39 @@ def test_cli_prints_the_actor_dir(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", list(FIXTURE_TWINS))
 def test_structure_matches_the_gpu_fixture(make_ckpt, verl_fixtures, name):
-    ours, theirs = make_ckpt(**CASES[name]), verl_fixtures / FIXTURE_TWINS[name]
+    """tests/data/verl's model is smaller (hidden 30): everything but the sizes (and the Shard dims they decide)."""
+    _assert_twins(make_ckpt(**CASES[name]), verl_fixtures / FIXTURE_TWINS[name], sizes=False)
+
+
+@pytest.mark.parametrize("name", list(FIXTURE_TWINS))
+def test_structure_matches_the_shared_gpu_fixture(make_ckpt, shared_verl_fixtures, name):
+    """The extras outside the project have our sizes (hidden 64, vocab 1003): every shape and placement too."""
+    _assert_twins(make_ckpt(**CASES[name]), shared_verl_fixtures / f"gpu_{FIXTURE_TWINS[name]}", sizes=True)
+
+
+def _assert_twins(ours: Path, theirs: Path, *, sizes: bool) -> None:
     for kind in ("model", "optim"):
         for our_sd, their_sd in zip(load_ranks(ours, kind, "meta"), load_ranks(theirs, kind, "meta")):
-            assert _structure(our_sd) == _structure(their_sd), kind
+            assert _structure(our_sd, sizes) == _structure(their_sd, sizes), kind
     assert info(ours)["param_order"] == info(theirs)["param_order"]
     assert info(ours)["mesh_dim_names"] == info(theirs)["mesh_dim_names"]
-    our_extra, their_extra = (torch.load(d / "extra_state_world_size_4_rank_0.pt", weights_only=True) for d in (ours, theirs))
+    our_extra, their_extra = (torch.load(d / "extra_state_world_size_4_rank_0.pt", weights_only=True)
+                              for d in (ours, theirs))
     assert set(our_extra) == set(their_extra) and set(our_extra["lr_scheduler"]) == set(their_extra["lr_scheduler"])
 
 
-def _structure(obj):
-    """Keys, types, placements, global and local shapes, dtypes: everything but the values."""
+def _structure(obj, sizes: bool = True):
+    """Keys, types, placements, global and local shapes, dtypes: everything but the values.
+
+    Without `sizes`: ranks instead of shapes, and placement kinds instead of placements."""
     if isinstance(obj, DTensor):
+        if not sizes:
+            return ("DTensor", tuple(type(p).__name__ for p in obj.placements), obj.dim(), obj.dtype)
         return ("DTensor", obj.placements, tuple(obj.shape), tuple(obj._local_tensor.shape), obj.dtype)
     if isinstance(obj, torch.Tensor):
-        return ("Tensor", tuple(obj.shape), obj.dtype)
+        return ("Tensor", tuple(obj.shape) if sizes else obj.dim(), obj.dtype)
     if isinstance(obj, dict):
-        return {k: _structure(v) for k, v in obj.items()} | {"__keys__": list(obj)}
+        return {k: _structure(v, sizes) for k, v in obj.items()} | {"__keys__": list(obj)}
     if isinstance(obj, (list, tuple)):
-        return [_structure(v) for v in obj]
+        return [_structure(v, sizes) for v in obj]
     return type(obj).__name__

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_tools import REPO, copy_actor, write_rank_files
+from fixture_paths import VERL_CASES as FIXTURES
 from torch.distributed.tensor import Replicate, Shard
 
 import streammerge
@@ -21,17 +22,18 @@ from streammerge.cli import main
 from streammerge.write.manifest import MANIFEST, STATE_DIR
 from streammerge.write.writer import tmp_path
 
-FIXTURES = ["gpu_fsdp1_llama_ws4", "gpu_fsdp2_llama_shard1_ws4", "gpu_fsdp2_hsdp_llama_2x2", "gpu_fsdp2_qwen2_tied_ws4"]
 INDEX = "model.safetensors.index.json"
 
 
 @pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
 @pytest.mark.parametrize("name", FIXTURES)
 def test_real_merges_verify(name, dtype, verl_fixtures, tmp_path):
-    """Every GPU fixture (FSDP1 flat pieces, Shard(1), HSDP replicas, tied weights), kept or cast, in tiny windows."""
-    ckpt = copy_actor(verl_fixtures / name, tmp_path / "actor")
+    """Every GPU fixture (FSDP1 flat pieces with and without use_orig_params, Shard(1), HSDP replicas, tied
+    weights), weights and optimizer, kept or cast, in tiny windows."""
+    ckpt = copy_actor(verl_fixtures / name, tmp_path / "actor", optimizer=True)
     out = tmp_path / "out"
-    streammerge.merge(ckpt, out, dtype=dtype, max_shard_size="100KB")
+    result = streammerge.merge(ckpt, out, dtype=dtype, max_shard_size="20KB")
+    assert result.warnings == [] and (out / "optimizer").is_dir()
     report = streammerge.verify(out, ckpt, chunk_size=4096)
     assert report.ok, report.summary()
     assert report.tensors_checked >= len(json.loads((out / INDEX).read_text())["weight_map"])
@@ -180,10 +182,10 @@ def test_another_checkpoint_is_not_the_source(merged, make_ckpt):
 
 def test_corrupted_source_data_is_caught_by_merge_verify(verl_fixtures, tmp_path, capsys):
     """torch.load never checks zip CRCs: a flipped bit in a rank's tensor data merges silently, --verify catches it."""
-    ckpt = copy_actor(verl_fixtures / "gpu_fsdp2_llama_shard1_ws4", tmp_path / "actor")
+    ckpt = copy_actor(verl_fixtures / "fsdp2_llama_shard1_ws4", tmp_path / "actor")
     victim = ckpt / "model_world_size_4_rank_2.pt"
     with zipfile.ZipFile(victim) as z:
-        info = max(z.infolist(), key=lambda i: i.file_size)  # the biggest tensor record
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)  # biggest tensor
     data = bytearray(victim.read_bytes())
     name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
     data[info.header_offset + 30 + name_len + extra_len + 100] ^= 0x04

@@ -261,7 +261,8 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
     huggingface_hub's own progress bars show only with ``progress=True`` (a merge option).
     """
     t0 = time.perf_counter()
-    opts = MergeOptions.create(options, **merge_options, optimizer=optimizer, model_name=model_name)
+    given = {"model_name": model_name} if model_name is not None else {}  # None keeps options' --model-name
+    opts = MergeOptions.create(options, **merge_options, optimizer=optimizer, **given)
     ck = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(ck)
     inferred = not repo_id

@@ -1,11 +1,17 @@
 """veRL's optim rank files -> the optimizer export's plan.
 
 FSDP2 (and plain full tensors) keep one state per parameter, DTensor-sharded like the parameter.
-FSDP1 (use_orig_params=False) keeps one 1-D flat shard per FlatParameter instead: each decoder layer
-is one unit, the remaining parameters form the root unit, parameters are concatenated in
-registration order and the whole is padded to a multiple of the world size. Those flat shards
-become flat pieces. Every state tensor is checked against its parameter's shape before anything is
-written; layouts that cannot be named safely are skipped with a warning, the weights still exported.
+FSDP1 flattens each wrapped unit (one per decoder layer, the rest in the root) into a FlatParameter
+and gives each rank one contiguous slice of it; its optimizer state follows that layout:
+- `use_orig_params=False`: one 1-D flat shard per FlatParameter (parameters concatenated in
+  registration order, the whole padded to a multiple of the shard count);
+- `use_orig_params=True`: one state per original parameter, holding only this rank's 1-D piece of
+  the flattened parameter; a rank holding none of it has no entry. FSDP1 aligns parameters inside
+  the FlatParameter with padding, so piece sizes are read from the files, never derived.
+With hybrid sharding (a 2-D mesh) the flat slices are sharded over the mesh dim on which the model's
+DTensors are `Shard` and replicated over the other: one replica is read, the others must agree.
+Every state tensor is checked against its parameter's shape before anything is written; layouts
+that cannot be named safely are skipped with a warning, the weights still exported.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan, build_plan
 from ..sources.base import Piece, SourceTensor
 from ..sources.rankfile import RankFile, _record, _span_bytes, chunk_bounds, layout_name, tensor_pieces, torch_load_meta
-from . import (LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError,
-               Skip)
+from . import LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError, Skip
 from .export import walk_state
 from .naming import ModelParams, model_params
+
+Named = tuple[dict[str, TensorPlan], dict[int, list[str]]]  # output tensors; each entry's parameter names
 
 if TYPE_CHECKING:
     from ..options import MergeOptions
@@ -81,8 +88,9 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
         files = [load_optim_file(p, r, ck.world_size, trust_pickle=trust_pickle) for r, p in enumerate(ck.optim_files)]
         groups = files[0].other["param_groups"]
         for rf in files[1:]:
-            if rf.other["ids"] != files[0].other["ids"] or set(rf.tensors) != set(files[0].tensors):
-                raise CheckpointError(f"{rf.path}: optimizer entries differ from rank 0's (files from different runs?)")
+            if rf.other["ids"] != files[0].other["ids"]:
+                raise CheckpointError(f"{rf.path}: its param groups list other parameter indices than "
+                                      f"{files[0].path.name}'s (files from different runs?)")
         known = {n: t.shape for n, t in weights_plan.tensors.items()}
         known.update({n: weights_plan.tensors[k].shape for n, k in weights_plan.dropped.items()})
         where = str(model_dir / "config.json") if model_dir is not None else "config.json"
@@ -97,20 +105,19 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
         if ck.fsdp_version == 1 and not per_param or (
                 ck.fsdp_version is None and len(ids) == len(model.units) != len(model.params)):
             # FSDP1 flat parameters (checkpoints older than fsdp_config.json: told by the entry count)
-            tensors, fqns = _plan_fsdp1(files, model, weights_plan)
-        elif ck.fsdp_version == 1:  # one entry per parameter: full plain tensors (world size 1) fit as is
-            try:
-                tensors, fqns = _plan_per_param(files, model)
-            except OptimizerMismatchError:
-                raise Skip("FSDP1 optimizer holds one entry per parameter but not in the parameters' shapes "
-                            "(use_orig_params=True keeps 1-D pieces, which is not supported)") from None
+            tensors, fqns = _plan_fsdp1(shard_files(ck, files, trust_pickle), model)
+        elif ck.fsdp_version in (1, None) and per_param and _orig_param_pieces(files, model):
+            tensors, fqns = _plan_orig_params(shard_files(ck, files, trust_pickle), model)
         else:
             tensors, fqns = _plan_per_param(files, model)
     except Skip as e:
         return None, [f"optimizer not exported: {e}"]
 
-    values = {f"state.{f}.{n.split('.', 2)[2]}": v for n, v in files[0].other["values"].items()
-              for f in fqns[int(n.split(".", 2)[1])]}
+    values: dict[str, Any] = {}
+    for rf in files:  # FSDP1 use_orig_params: a parameter's values are only on the ranks holding a piece of it
+        for n, v in rf.other["values"].items():
+            for f in fqns[int(n.split(".", 2)[1])]:
+                values.setdefault(f"state.{f}.{n.split('.', 2)[2]}", v)
     _check_json(values, "non-tensor optimizer state")
     meta_groups = []
     for g in groups:
@@ -162,8 +169,9 @@ def _state_keys(files: Sequence[RankFile], pid: int) -> list[str]:
     return files[0].other["keys"].get(pid, [])
 
 
-def _plan_per_param(files: Sequence[RankFile], model: ModelParams) -> tuple[dict[str, TensorPlan], dict[int, list[str]]]:
+def _plan_per_param(files: Sequence[RankFile], model: ModelParams) -> Named:
     """FSDP2 (and plain full tensors): one state per parameter, DTensor-sharded like the parameter."""
+    _same_entries(files)
     ids = files[0].other["ids"]
     if len(ids) != len(model.params):
         raise OptimizerMismatchError(
@@ -182,17 +190,130 @@ def _plan_per_param(files: Sequence[RankFile], model: ModelParams) -> tuple[dict
                     f"{list(first.shape)}, but parameter {pid} in named_parameters order, {fqn}, has "
                     f"shape {list(shape)}; refusing to guess names ({NO_OPTIMIZER_HINT})")
             out = f"state.{fqn}.{name.split('.', 2)[2]}"
-            tensors[out] = _plain(out, SourceTensor(name, first.shape, first.dtype, pieces, layout_name(first.placements)))
+            layout = layout_name(first.placements)
+            tensors[out] = _plain(out, SourceTensor(name, first.shape, first.dtype, pieces, layout))
     return tensors, {pid: [model.params[pid][0]] for pid in ids}
 
 
-def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams,
-                weights_plan: Plan) -> tuple[dict[str, TensorPlan], dict[int, list[str]]]:
-    """FSDP1 flat parameters: cut each rank's 1-D shard back into the parameters it holds."""
+def _same_entries(files: Sequence[RankFile]) -> None:
+    """Layouts where every rank holds a part of every state: the same entries on every rank."""
+    for rf in files[1:]:
+        if set(rf.tensors) != set(files[0].tensors):
+            odd = sorted(set(files[0].tensors) ^ set(rf.tensors))[0]
+            raise CheckpointError(f"{rf.path}: optimizer entries differ from {files[0].path.name}'s (e.g. {odd}, "
+                                  "in one only; files from different runs?)")
+
+
+def shard_files(ck: VerlSource, files: Sequence[RankFile], trust_pickle: bool = False) -> list[RankFile]:
+    """FSDP1: one optim file per shard of the FlatParameters, in shard order.
+
+    FSDP1 shards over the mesh dim on which the model's DTensors are `Shard` (all ranks for a 1-D
+    mesh; the "fsdp" dim of HSDP's (Replicate(), Shard(0))) and replicates over the other. The
+    model rank files give each rank's coordinate; of each shard's replicas the first is read, and
+    the others must hold the same entries in the same shapes.
+    """
+    ranks = ck.ranks(trust_pickle)
+    name = next((n for n in ranks.names if ranks.template.tensors[n].placements), None)
+    if name is None:  # plain tensors (world size 1, or full state dicts): shards in rank order
+        return list(files)
+    records = [ranks.record(k, name) for k in range(len(files))]
+    placements = records[0].placements or ()
+    dims = [d for d, p in enumerate(placements) if p.startswith("Shard")]
+    if len(dims) != 1 or any(r.coordinate is None for r in records):
+        raise Skip(f"the model is sharded as {layout_name(placements)}: cannot tell which ranks hold which "
+                   "slice of FSDP1's flat parameters")
+    by_shard: dict[int, list[RankFile]] = {}
+    for rec, rf in zip(records, files):
+        by_shard.setdefault(rec.coordinate[dims[0]], []).append(rf)  # type: ignore[index]
+    if sorted(by_shard) != list(range(len(by_shard))) or len({len(g) for g in by_shard.values()}) != 1:
+        raise CheckpointError(f"{ck.path}: the model rank files' mesh coordinates do not form a full mesh "
+                              f"(ranks per shard: { {k: [rf.rank for rf in g] for k, g in sorted(by_shard.items())} })")
+    for group in by_shard.values():
+        first = group[0]
+        for rf in group[1:]:
+            for n, rec in first.tensors.items():
+                other = rf.tensors.get(n)
+                if other is None or (other.local_shape, other.dtype) != (rec.local_shape, rec.dtype):
+                    have = "no such entry" if other is None else f"{other.dtype.name} {list(other.local_shape)}"
+                    raise CheckpointError(f"{rf.path}: optimizer entry {n} ({have}) differs from its replica "
+                                          f"{first.path.name} ({rec.dtype.name} {list(rec.local_shape)}); "
+                                          "files from different runs?")
+            if set(rf.tensors) != set(first.tensors):
+                extra = sorted(set(rf.tensors) - set(first.tensors))[0]
+                raise CheckpointError(f"{rf.path}: holds optimizer entry {extra}, which its replica "
+                                      f"{first.path.name} lacks; files from different runs?")
+    return [by_shard[i][0] for i in range(len(by_shard))]
+
+
+def _orig_param_pieces(files: Sequence[RankFile], model: ModelParams) -> bool:
+    """FSDP1 use_orig_params=True: some state is a plain piece smaller than its parameter, or some
+    rank has no entry for a parameter (it holds none of it)."""
+    keys = files[0].other["keys"]
+    for rf in files:
+        if rf.other["keys"] != keys:
+            return True
+        for name, rec in rf.tensors.items():
+            pid = int(name.split(".", 2)[1])
+            if rec.placements is None and pid < len(model.params) and rec.local_shape not in ((), model.params[pid][1]):
+                return True
+    return False
+
+
+def _plan_orig_params(files: Sequence[RankFile], model: ModelParams) -> Named:
+    """FSDP1 use_orig_params=True: each parameter's state is the 1-D pieces the shards hold, joined in shard order.
+
+    A shard's slice of a FlatParameter is contiguous, so the part of one parameter it holds is too,
+    and the parameter is the pieces joined in shard order. Piece sizes come from the files (FSDP1
+    pads between parameters, so they cannot be derived from the shapes); they must add up to the
+    parameter exactly, from consecutive shards.
+    """
+    tensors: dict[str, TensorPlan] = {}
+    for pid in files[0].other["ids"]:
+        fqn, shape = model.params[pid]
+        numel = math.prod(shape)
+        holders = [rf for rf in files if pid in rf.other["keys"]]
+        if not holders:  # no state (a frozen parameter, or no step taken): as torch leaves it
+            continue
+        keys = [n.split(".", 2)[2] for n in holders[0].other["keys"][pid]]
+        for rf in holders[1:]:
+            if [n.split(".", 2)[2] for n in rf.other["keys"][pid]] != keys:
+                raise CheckpointError(f"{rf.path}: optimizer entry {pid} holds {rf.other['keys'][pid]}, but "
+                                      f"{holders[0].path.name} holds {holders[0].other['keys'][pid]}")
+        for key in keys:
+            name = f"state.{pid}.{key}"
+            records = [rf.tensors[name] for rf in holders]
+            if any(r.placements is not None for r in records) or len({r.dtype for r in records}) != 1:
+                raise Skip(f"FSDP1 optimizer entry {pid} ({key}) is not a plain tensor of one dtype on every rank")
+            out = f"state.{fqn}.{key}"
+            first = records[0]
+            if all(r.local_shape == () for r in records):  # a scalar (step): every holder has its own copy
+                tensors[out] = _plain(out, SourceTensor(name, (), first.dtype, (
+                    Piece(holders[0].rank, str(holders[0].path), first.offset, (), (), ()),)))
+                continue
+            sizes = [r.local_shape[0] if len(r.local_shape) == 1 and r.local_stride in ((1,), ()) else -1
+                     for r in records]
+            shards = [files.index(rf) for rf in holders]
+            if -1 in sizes or sum(sizes) != numel or shards != list(range(shards[0], shards[0] + len(shards))):
+                raise OptimizerMismatchError(
+                    f"{holders[0].path.parent}: optimizer entry {pid} ({key}) holds pieces of "
+                    f"{[list(r.local_shape) for r in records]} elements on ranks {[rf.rank for rf in holders]}, but "
+                    f"parameter {pid} in named_parameters order, {fqn}, has shape {list(shape)} ({numel} elements, "
+                    f"which FSDP1 with use_orig_params gives to consecutive ranks); refusing to guess names "
+                    f"({NO_OPTIMIZER_HINT})")
+            pieces, at = [], 0
+            for rf, rec, n in zip(holders, records, sizes):
+                if n:
+                    pieces.append(Piece(rf.rank, str(rf.path), rec.offset, (n,), (1,), (at,)))
+                at += n
+            tensors[out] = _plain(out, SourceTensor(name, shape, first.dtype, tuple(pieces), "flat", flat=True))
+    return tensors, {pid: [model.params[pid][0]] for pid in files[0].other["ids"]}
+
+
+def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams) -> Named:
+    """FSDP1 flat parameters: cut each shard's 1-D slice (one file per shard) back into the parameters it holds."""
+    _same_entries(files)
     ids = files[0].other["ids"]
     world = len(files)
-    if any(t.source.layout.startswith("(") for t in weights_plan.tensors.values()):
-        raise Skip("FSDP1 with hybrid sharding (2-D mesh) is not supported for the optimizer export")
     units = model.units
     shapes = dict(model.params)
     if len(ids) != len(units):
@@ -227,16 +348,17 @@ def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams,
             flat_at = 0
             for f in members:
                 n = math.prod(shapes[f])
-                pieces = []
-                for rank, rec in enumerate(records):
-                    lo, hi = chunk_bounds(total, world, rank)
+                parts: list[Piece] = []
+                for shard, rec in enumerate(records):
+                    lo, hi = chunk_bounds(total, world, shard)
                     a, b = max(lo, flat_at), min(hi, flat_at + n)
                     if a < b:
-                        pieces.append(Piece(rank, str(files[rank].path), rec.offset + (a - lo) * dtype.itemsize,
-                                            (b - a,), (1,), (a - flat_at,)))
+                        rf, at = files[shard], rec.offset + (a - lo) * dtype.itemsize
+                        parts.append(Piece(rf.rank, str(rf.path), at, (b - a,), (1,), (a - flat_at,)))
                 flat_at += n
                 out = f"state.{f}.{key}"
-                tensors[out] = _plain(out, SourceTensor(f"{name}[{f}]", shapes[f], dtype, tuple(pieces), "flat", flat=True))
+                src = SourceTensor(f"{name}[{f}]", shapes[f], dtype, tuple(parts), "flat", flat=True)
+                tensors[out] = _plain(out, src)
     return tensors, fqns
 
 

@@ -57,14 +57,17 @@ def _meta_models(config: Any) -> Iterator[torch.nn.Module]:
     import torch
     import transformers
 
+    # eager attention: a config naming a hub kernel ("kernels-community/...") would have transformers fetch
+    # and import it; parameter names and shapes never depend on the attention implementation
+    eager = {"attn_implementation": "eager"}
     builders = []
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            builders.append(lambda cls=cls: cls._from_config(config))
-    builders.append(lambda: transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False))
+            builders.append(lambda cls=cls: cls._from_config(config, **eager))
+    builders.append(lambda: transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False, **eager))
     builders.append(lambda: transformers.AutoModelForTokenClassification.from_config(
-        config, num_labels=1, trust_remote_code=False))
+        config, num_labels=1, trust_remote_code=False, **eager))
     log = logging.getLogger("transformers")
     for build in builders:
         level = log.level

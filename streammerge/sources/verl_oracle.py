@@ -55,10 +55,8 @@ class VerlOracle(Oracle):
         return [p for p in self.files if p.name.startswith("optim_" if optim else "model_")]
 
     def shape(self, name: str) -> tuple[tuple[int, ...], str] | None:
-        files = self._files_for(name)
-        if not files:
-            return None
-        v = self._state(files[0]).get(name)
+        # the first file holding it: FSDP1 with use_orig_params has a parameter's state only on its ranks
+        v = next((self._state(p)[name] for p in self._files_for(name) if name in self._state(p)), None)
         if v is None or not hasattr(v, "shape"):
             return None
         return tuple(v.shape), str(v.dtype).removeprefix("torch.")
@@ -71,13 +69,14 @@ class VerlOracle(Oracle):
 
         files = self._files_for(name)
         got = [self._state(p).get(name) for p in files]
+        plain = next(((v, p) for v, p in zip(got, files) if v is not None and not isinstance(v, DTensor)), None)
+        if plain is not None:  # a full copy on every rank holding it (FSDP1 use_orig_params: not all do); take one
+            self._placed[name] = [(plain[0], (0,) * plain[0].dim(), plain[1])]
+            return self._placed[name]
         if any(v is None for v in got):
             raise CheckpointError(f"{files[got.index(None)]}: torch.load finds no tensor {name!r}")
         values: list[Any] = got
         first = values[0]
-        if not isinstance(first, DTensor):
-            self._placed[name] = [(first, (0,) * first.dim(), files[0])]
-            return self._placed[name]
         shape = tuple(first.shape)
         mesh_shape = _mesh_shape(first, values)
         pieces, seen = [], set()

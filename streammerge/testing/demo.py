@@ -38,7 +38,7 @@ def run_demo(out_dir: str | Path) -> int:
 
     print("4/4 loading the merged folder with transformers and comparing with the training state:")
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=False).eval()
     reference = load_file(actor / "reference" / "model.safetensors")
     dtype = next(model.parameters()).dtype
     same = all(torch.equal(p, reference[k].to(dtype)) for k, p in model.state_dict().items() if k in reference)

@@ -1,0 +1,14 @@
+"""Where the GPU-made veRL fixtures are: tests/data/verl (in the project), and larger extras outside it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VERL_DATA = REPO / "tests" / "data" / "verl"
+VERL_CASES = sorted(p.name for p in VERL_DATA.iterdir() if (p / "reference").is_dir())
+# The same kinds of case, larger, kept outside the project (../shared/fixtures/verl, or STREAMMERGE_FIXTURES).
+SHARED_VERL = Path(os.environ.get("STREAMMERGE_FIXTURES") or REPO.parent / "shared" / "fixtures" / "verl").resolve()
+SHARED_CASES = sorted(p.name for p in SHARED_VERL.iterdir() if (p / "reference").is_dir()) \
+    if SHARED_VERL.is_dir() else []
