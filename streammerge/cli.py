@@ -58,6 +58,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-rank", type=int, metavar="R", help="r, when the checkpoint has no lora_train_meta.json")
     g.add_argument("--lora-alpha", type=float, metavar="ALPHA",
                    help="lora_alpha, when the checkpoint has no lora_train_meta.json")
+    g.add_argument("--lora-rslora", action="store_true", default=None,
+                   help="the run used rsLoRA (scale alpha/sqrt(r)), when lora_train_meta.json does not say")
     g.add_argument("--base-model", metavar="NAME_OR_PATH",
                    help="base weights for an adapter-only (save_lora_only) checkpoint: a model folder or Hub model")
     g = p.add_argument_group("torch DCP checkpoints")
@@ -71,7 +73,7 @@ def merge_options(args: argparse.Namespace, **overrides: object) -> MergeOptions
     fields = dict(
         dtype=args.dtype, max_shard_size=args.max_shard_size, optimizer=not args.no_optimizer,
         trust_pickle=args.trust_pickle, model_name=args.model_name, lora=args.lora, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, base_model=args.base_model, key_prefix=args.key_prefix,
+        lora_alpha=args.lora_alpha, lora_rslora=getattr(args, "lora_rslora", None), base_model=args.base_model, key_prefix=args.key_prefix,
         optimizer_format=getattr(args, "optimizer_format", "safetensors"), workers=getattr(args, "workers", None),
         buffer_size=getattr(args, "buffer_size", None), drop_cache=not getattr(args, "keep_cache", False),
         progress=sys.stderr.isatty() if progress is None else bool(progress))

@@ -74,6 +74,7 @@ class MergeOptions:
     lora: str = "both"  # LoRA checkpoints: fold the adapter in, export it, or both
     lora_rank: int | None = None  # r and alpha when the checkpoint does not record them
     lora_alpha: float | None = None
+    lora_rslora: bool | None = None  # rsLoRA (alpha/sqrt(r)) when the checkpoint does not record it
     base_model: str | None = None  # adapter-only checkpoints: the base weights (folder or Hub model)
     key_prefix: str | None = None  # DCP: strip this prefix from keys ("model."); None: detect
     # how it runs (not part of the fingerprint)
@@ -108,7 +109,8 @@ class MergeOptions:
         if "dtype" in kwargs:
             kwargs["dtype"] = dtype_word(kwargs["dtype"])
         given = {k: v for k, v in kwargs.items() if v is not None or k in ("workers", "model_name", "base_model",
-                                                                         "lora_rank", "lora_alpha", "key_prefix")}
+                                                                         "lora_rank", "lora_alpha", "lora_rslora",
+                                                                         "key_prefix")}
         return dataclasses.replace(options or cls(), **given)
 
     def replace(self, **kwargs: Any) -> MergeOptions:

@@ -137,6 +137,7 @@ class Source(abc.ABC):
         self.step = step
         self.hf_dir = hf_dir  # config.json and tokenizer as saved with the checkpoint, if any
         self.stats = ReadStats()
+        self.lora_base: Source | None = None  # an adapter-only LoRA checkpoint's base model (--base-model)
 
     @property
     def root(self) -> Path:

@@ -10,7 +10,9 @@ them (every weight "missing", newly initialised). Here:
 - adapter: `lora_adapter/adapter_model.safetensors` + `adapter_config.json`, as peft's
   `save_pretrained` writes them (adapter name dropped from the keys), for `PeftModel.from_pretrained`.
 
-r and alpha come from veRL's `lora_train_meta.json` or from options (`--lora-rank/--lora-alpha`).
+r and alpha come from veRL's `lora_train_meta.json` or from options (`--lora-rank/--lora-alpha`,
+`--lora-rslora`: rsLoRA cannot be told from the weights). An adapter-only (`save_lora_only`) checkpoint
+takes its base weights from `--base-model` (`hf.HFSource`).
 What peft's LoRA merge would compute differently or that we cannot fold exactly (DoRA, embedding
 and convolution adapters, LoRA biases, several adapters, per-module ranks) is refused, never
 written approximately.
@@ -98,7 +100,8 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> tuple[int, f
                           "the weights")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise CheckpointError(f"{path}: lora_alpha {alpha!r} is not a number")
-    rslora = bool(meta.get("use_rslora", False))
+    flag = getattr(options, "lora_rslora", None)
+    rslora = bool(meta.get("use_rslora", False)) if flag is None else bool(flag)
     task = meta.get("task_type") if isinstance(meta.get("task_type"), str) else "CAUSAL_LM"
     return r, float(alpha), rslora, task
 
@@ -116,7 +119,7 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     if config and config.get("model_type") in ("gpt2", "openai-gpt"):
         raise CheckpointError(f"{source.path}: LoRA on {config['model_type']} (Conv1D layers, fan_in_fan_out) is "
                               "not supported")
-    adapters, plain, adapter_names = _pair(source, tensors)
+    adapters, plain, adapter_names, saved = _pair(source, tensors)
     if len(adapter_names) > 1:
         raise CheckpointError(f"{source.path}: several LoRA adapters {sorted(adapter_names)}; streammerge folds "
                               "one (peft's merge_and_unload folds the active ones)")
@@ -125,33 +128,66 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     mode = options.lora
     missing = [a.module for a in adapters if a.base is None]
     out = LoraPlan(weights=[])
-    if missing and mode != "adapter":
+    base_name = getattr(options, "base_model", None)
+    if missing and base_name:
+        adapters, plain = _with_base(source, adapters, plain, base_name)
+        out.notes.append(f"base        {base_name} (the checkpoint holds only the adapter)")
+    elif missing and mode != "adapter":
         raise ConfigError(f"{source.path}: the checkpoint holds only the LoRA adapter (save_lora_only: "
                           f"{_short(missing[0])}.base_layer.weight is not there); give the base model with "
                           "--base-model, or export just the adapter with --lora adapter")
-    if not missing:
+    if not missing or base_name:
         for name, t in plain.items():
             out.weights.append(TensorPlan(name, t, output_dtype(t.dtype, dtype)))
         for a in adapters:
             assert a.base is not None
             _check_shapes(source, a)
             name = _short(a.module) + ".weight"
-            base = a.base.renamed(name)
             fold = LoraFold(a.a, a.b, scale) if mode in ("fold", "both") else None
-            out.weights.append(TensorPlan(name, base, output_dtype(base.dtype, dtype), fold))
-        order = {n: i for i, n in enumerate(_short_name(n) for n in tensors)}
+            out.weights.append(TensorPlan(name, a.base, output_dtype(a.base.dtype, dtype), fold))
+        order: dict[str, int] = {}
+        for n in [*(_short_name(n) for n in tensors), *(source.lora_base.tensors() if source.lora_base else ())]:
+            order.setdefault(n, len(order))
         out.weights.sort(key=lambda t: order.get(t.name, len(order)))
     out.notes.append(f"LoRA        {len(adapters)} adapted modules, r {r}, alpha {alpha:g}, scale {scale:g}"
                      f"{' (rsLoRA)' if rslora else ''}, mode {mode}"
                      + (" (fold: W + scale * B @ A, computed in float32)" if mode != "adapter" else ""))
     if mode in ("adapter", "both"):
-        out.plans.append(_adapter_plan(adapters, plain, options))
-        out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(adapters, r, alpha, rslora, task, config)
+        out.plans.append(_adapter_plan(adapters, saved, options))
+        base_ref = base_name or (config or {}).get("_name_or_path")
+        out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(
+            adapters, r, alpha, rslora, task, base_ref if isinstance(base_ref, str) and base_ref else None,
+            sorted({_short(m).rsplit(".", 1)[-1] for m in saved}))
     return out
 
 
-def _pair(source: Source, tensors: Mapping[str, SourceTensor]) -> tuple[list[Adapter], dict[str, SourceTensor], set[str]]:
-    """LoRA modules with their A, B and base weight; every other tensor under its plain name."""
+def _with_base(source: Source, adapters: list[Adapter], plain: dict[str, SourceTensor],
+               base_name: str) -> tuple[list[Adapter], dict[str, SourceTensor]]:
+    """An adapter-only checkpoint completed by the base model's weights (the checkpoint's own tensors win)."""
+    from .hf import HFSource, resolve_base
+
+    base = HFSource(resolve_base(base_name))
+    weights = base.tensors()
+    source.lora_base = base  # verify reads the base through its own oracle
+    done = []
+    for a in adapters:
+        if a.base is None:
+            name = _short(a.module) + ".weight"
+            if name not in weights:
+                raise CheckpointError(f"{base.path}: the base model has no {name!r}, which the adapter "
+                                      f"{_short(a.module)} folds into (a base of another architecture?)")
+            a = Adapter(a.module, a.a, a.b, weights[name])
+        done.append(a)
+    folded = {_short(a.module) + ".weight" for a in done}
+    merged = {n: t for n, t in weights.items() if n not in folded}
+    merged.update(plain)
+    return done, merged
+
+
+def _pair(source: Source, tensors: Mapping[str, SourceTensor]
+          ) -> tuple[list[Adapter], dict[str, SourceTensor], set[str], dict[str, SourceTensor]]:
+    """LoRA modules with their A, B and base weight; every other tensor under its plain name (the source
+    keeps the checkpoint's name); and the trained modules_to_save tensors under peft's adapter-file names."""
     parts: dict[str, dict[str, SourceTensor]] = {}
     names: set[str] = set()
     lora_keys: set[str] = set()
@@ -168,16 +204,21 @@ def _pair(source: Source, tensors: Mapping[str, SourceTensor]) -> tuple[list[Ada
         adapters.append(Adapter(module, ab["A"], ab["B"], tensors.get(module + ".base_layer.weight")))
     used = {a.module + ".base_layer.weight" for a in adapters}
     plain: dict[str, SourceTensor] = {}
+    saved: dict[str, SourceTensor] = {}
     for name, t in tensors.items():
         if name in lora_keys or name in used:
             continue
         if ".original_module." in name:  # modules_to_save keeps the untrained copy too: the trained one is written
             continue
+        m = re.search(r"\.modules_to_save\.([^.]+)\.", name)
+        if m:
+            names.add(m.group(1))
+            saved[name[:m.start()] + "." + name[m.end():]] = t
         short = _short_name(name)
         if short in plain:
             raise CheckpointError(f"{source.path}: {name!r} and another key both become {short!r}")
-        plain[short] = t.renamed(short)
-    return adapters, plain, names
+        plain[short] = t
+    return adapters, plain, names, saved
 
 
 def _short_name(name: str) -> str:
@@ -201,27 +242,27 @@ def _check_shapes(source: Source, a: Adapter) -> None:
         raise CheckpointError(f"{source.path}: {_short(a.module)}: flat-parameter pieces cannot be folded")
 
 
-def _adapter_plan(adapters: list[Adapter], plain: Mapping[str, SourceTensor], options: Any) -> Plan:
-    """peft's adapter file: `base_model.model.<module>.lora_A.weight`, in the dtype the run saved."""
+def _adapter_plan(adapters: list[Adapter], saved: Mapping[str, SourceTensor], options: Any) -> Plan:
+    """peft's adapter file: `base_model.model.<module>.lora_A.weight` (and modules_to_save tensors under their
+    module's name), in the dtype the run saved."""
     tensors = []
     for a in adapters:
         for ab, t in (("A", a.a), ("B", a.b)):
-            name = f"{a.module}.lora_{ab}.weight"
-            tensors.append(TensorPlan(name, t.renamed(name), t.dtype))
+            tensors.append(TensorPlan(f"{a.module}.lora_{ab}.weight", t, t.dtype))
+    for name, t in saved.items():
+        tensors.append(TensorPlan(name, t, t.dtype))
     return build_plan(tensors, max_shard_size=options.max_shard_size, subdir=ADAPTER_DIR,
                       single_file=ADAPTER_FILE)
 
 
-def _adapter_config(adapters: list[Adapter], r: int, alpha: float, rslora: bool, task: str,
-                    config: Mapping | None) -> bytes:
+def _adapter_config(adapters: list[Adapter], r: int, alpha: float, rslora: bool, task: str, base: str | None,
+                    modules_to_save: list[str]) -> bytes:
     """adapter_config.json as peft writes it for a LoraConfig with these settings."""
     targets = sorted({a.module.rsplit(".", 1)[-1] for a in adapters})
-    base = (config or {}).get("_name_or_path")
     cfg = {
         "peft_type": "LORA", "task_type": task, "r": r, "lora_alpha": alpha if not float(alpha).is_integer() else int(alpha),
         "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": rslora, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
-        "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-        "base_model_name_or_path": base if isinstance(base, str) and base else None,
+        "use_rslora": rslora, "use_dora": False, "modules_to_save": modules_to_save or None, "init_lora_weights": True,
+        "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base,
     }
     return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()

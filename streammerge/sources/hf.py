@@ -1,0 +1,196 @@
+"""A plain Hugging Face model folder (safetensors) as a source: the base weights of an adapter-only checkpoint.
+
+veRL's `save_lora_only` checkpoints hold the LoRA tensors and nothing else; the fold needs the base
+weights, which `--base-model` names: a local folder, or a Hub model of which only the safetensors
+files, their index and the config are fetched (huggingface_hub's cache; no code is run). Tensors are
+read from the safetensors headers like any other source: one contiguous piece each, streamed by the
+writer. `HFOracle` is verify's independent reader of the same files (safetensors' own `safe_open`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import dtypes
+from ..errors import CheckpointError, ConfigError
+from ..write.safetensors_format import read_header
+from .base import Oracle, Piece, Source, SourceTensor
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+HUB_PATTERNS = ("*.safetensors", INDEX, "config.json")
+
+
+def resolve_base(name: str, *, token: str | None = None, endpoint: str | None = None) -> Path:
+    """The folder of `--base-model`: a local folder as is, or a Hub model's safetensors and config fetched."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    from ..model_folder import _HUB_ID
+
+    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+        raise ConfigError(f"--base-model {name!r}: no such folder (and not a Hub model name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        snap = snapshot_download(name, allow_patterns=list(HUB_PATTERNS), token=token,
+                                 endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
+    except Exception as e:  # offline, not found, no access: all mean "give a local folder"
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ConfigError(f"--base-model {name!r}: not a local folder, and its safetensors could not be fetched "
+                          f"from the Hub ({first})") from None
+    return Path(snap)
+
+
+class HFSource(Source):
+    """The safetensors weights of a model folder (sharded with an index, or one model.safetensors)."""
+
+    format = "HF safetensors"
+
+    def __init__(self, path: Path):
+        super().__init__(path, hf_dir=path if (path / "config.json").is_file() else None)
+        self._tensors: dict[str, SourceTensor] | None = None
+
+    def weight_files(self) -> list[Path]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: unreadable index ({e})") from None
+            files = [self.path / n for n in names]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names {missing[0]}, which is not in {self.path}")
+            return files
+        if (self.path / SINGLE).is_file():
+            return [self.path / SINGLE]
+        found = sorted(self.path.glob("*.safetensors"))
+        if not found:
+            raise CheckpointError(f"{self.path}: no safetensors weights (give a model folder saved with "
+                                  "save_pretrained(safe_serialization=True))")
+        return found
+
+    def tensors(self, options: Any = None) -> dict[str, SourceTensor]:
+        if self._tensors is None:
+            out: dict[str, SourceTensor] = {}
+            for f in self.weight_files():
+                for name, t in _read(f).items():
+                    if name in out:
+                        raise CheckpointError(f"{f}: tensor {name!r} is also in another file of {self.path}")
+                    out[name] = t
+            self._tensors = out
+            self.stats.files += len(self.weight_files())
+        return self._tensors
+
+    def files(self) -> list[Path]:
+        return self.weight_files()
+
+    def oracle(self, options: Any = None) -> Oracle:
+        return HFOracle(self.weight_files())
+
+
+def _read(path: Path) -> dict[str, SourceTensor]:
+    try:
+        header, start = read_header(str(path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    size = path.stat().st_size
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = dtypes.BY_CODE[e["dtype"]]
+            shape = tuple(int(s) for s in e["shape"])
+            begin, end = (int(x) for x in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        n = 1
+        for s in shape:
+            n *= s
+        if end - begin != n * dtype.itemsize or begin < 0 or start + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r}: its data offsets do not fit its shape or the file")
+        stride = tuple(_row_major(shape))
+        out[name] = SourceTensor(name, shape, dtype, (Piece(0, str(path), start + begin, shape, stride,
+                                                            (0,) * len(shape)),))
+    return out
+
+
+def _row_major(shape: tuple[int, ...]) -> list[int]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return strides[::-1]
+
+
+class HFOracle(Oracle):
+    """The base folder's tensors as safetensors' own reader gives them."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = list(files)
+        self._where: dict[str, Path] | None = None
+
+    def _index(self) -> dict[str, Path]:
+        if self._where is None:
+            from safetensors import safe_open
+
+            self._where = {}
+            for f in self.files:
+                with safe_open(str(f), "pt") as st:
+                    for k in st.keys():
+                        self._where[k] = f
+        return self._where
+
+    def shape(self, name: str) -> tuple[tuple[int, ...], str] | None:
+        f = self._index().get(name)
+        if f is None:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as st:
+            sl = st.get_slice(name)
+            dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(
+                sl.get_dtype(), dtypes.BY_CODE[sl.get_dtype()].name)
+            return tuple(sl.get_shape()), dtype
+
+    def read(self, name: str, box: tuple[tuple[int, int], ...]) -> Any:
+        from safetensors import safe_open
+
+        with safe_open(str(self._index()[name]), "pt") as st:
+            return st.get_slice(name)[tuple(slice(lo, hi) for lo, hi in box)]
+
+    def locate(self, name: str, index: tuple[int, ...]) -> str:
+        f = self._index().get(name)
+        return str(f) if f else "the base model"
+
+
+class CombinedOracle(Oracle):
+    """The checkpoint's oracle, then the base model's for names the checkpoint does not hold."""
+
+    def __init__(self, first: Oracle, base: Oracle):
+        self.first, self.base = first, base
+
+    def _for(self, name: str) -> Oracle:
+        return self.first if self.first.shape(name) is not None else self.base
+
+    def shape(self, name: str) -> tuple[tuple[int, ...], str] | None:
+        return self.first.shape(name) or self.base.shape(name)
+
+    def read(self, name: str, box: tuple[tuple[int, int], ...]) -> Any:
+        return self._for(name).read(name, box)
+
+    def locate(self, name: str, index: tuple[int, ...]) -> str:
+        return self._for(name).locate(name, index)
+
+    def check_integrity(self, paths: Sequence[Path]) -> list[str]:
+        return self.first.check_integrity(paths)
+
+    def close(self) -> None:
+        self.first.close()
+        self.base.close()
