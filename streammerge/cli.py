@@ -73,7 +73,8 @@ def merge_options(args: argparse.Namespace, **overrides: object) -> MergeOptions
     fields = dict(
         dtype=args.dtype, max_shard_size=args.max_shard_size, optimizer=not args.no_optimizer,
         trust_pickle=args.trust_pickle, model_name=args.model_name, lora=args.lora, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, lora_rslora=getattr(args, "lora_rslora", None), base_model=args.base_model, key_prefix=args.key_prefix,
+        lora_alpha=args.lora_alpha, lora_rslora=getattr(args, "lora_rslora", None), base_model=args.base_model,
+        key_prefix=args.key_prefix,
         optimizer_format=getattr(args, "optimizer_format", "safetensors"), workers=getattr(args, "workers", None),
         buffer_size=getattr(args, "buffer_size", None), drop_cache=not getattr(args, "keep_cache", False),
         progress=sys.stderr.isatty() if progress is None else bool(progress))

@@ -54,6 +54,7 @@ class MergePlan:
     small: dict[str, Path | None] = field(default_factory=dict)  # rel path -> file to copy (None: generated)
     generated: dict[str, bytes] = field(default_factory=dict)  # rel path -> contents of generated small files
     warnings: list[str] = field(default_factory=list)
+    lora: dict[str, Any] | None = None  # a LoRA checkpoint's settings (r, alpha, scale, mode, base) for the card
 
     @property
     def weights(self) -> Plan:
@@ -154,11 +155,13 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         from .sources import lora
 
         generated: dict[str, bytes] = {}
+        lora_info = None
         if lora.is_peft(tensors):
             planned = lora.plan_lora(source, tensors, options, config, dtype)
             weights_tensors, extra, notes = planned.weights, planned.plans, planned.notes
             generated.update(planned.generated)
             warnings += planned.warnings
+            lora_info = planned.info
         else:
             weights_tensors, extra, notes = copy_plans(tensors.values(), dtype), [], []
         where = str(model_dir / "config.json") if model_dir is not None else str(source.path)
@@ -178,7 +181,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     if model_dir is not None:
         for p in model_paths:
             small[p.relative_to(model_dir).as_posix()] = p
-    merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings)
+    merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info)
     for rel, data in generated.items():
         merge_plan.add_generated(rel, data)
     return merge_plan

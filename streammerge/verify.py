@@ -287,10 +287,11 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
                     "differs); tensors are compared one by one below")
     oracle = ck.oracle(merge_plan.options)
-    if oracle is not None and ck.lora_base is not None:
+    base_oracle = ck.lora_base.oracle(merge_plan.options) if ck.lora_base is not None else None
+    if oracle is not None and base_oracle is not None:
         from .sources.hf import CombinedOracle
 
-        oracle = CombinedOracle(oracle, ck.lora_base.oracle(merge_plan.options))
+        oracle = CombinedOracle(oracle, base_oracle)
     if oracle is None:
         report.notes.append(f"{ck.format}: no reader independent of the merge's own; tensors are compared with the "
                             "bytes the merge's reader locates")

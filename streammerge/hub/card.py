@@ -15,21 +15,26 @@ def make_model_card(info: Mapping[str, Any]) -> str:
     ``"veRL FSDP"``), ``notes`` (lines the plan shows, e.g. LoRA settings), ``step``,
     ``world_size``, ``fsdp_version``, ``dtype``, ``optimizer`` (bool: ``optimizer/`` is included),
     ``optimizer_format`` (``"safetensors"``, the default, or ``"torch"``: how ``optimizer/`` was
-    written), ``base_model``, ``license``, ``tags``, ``model_type``.
+    written), ``base_model``, ``license``, ``tags``, ``model_type``, ``lora`` (a LoRA checkpoint's
+    ``r``, ``alpha``, ``scale``, ``rslora``, ``mode``, ``base_model``, ``adapter_dir``).
     """
     repo_id = info.get("repo_id") or "REPO_ID"
-    tags = ["streammerge", "verl", "fsdp"] + [t for t in info.get("tags") or [] if t]
+    lora = info.get("lora")
+    tags = ["streammerge", "verl", "fsdp"] + (["lora"] if lora else []) + [t for t in info.get("tags") or [] if t]
     data = ModelCardData(library_name="transformers", base_model=info.get("base_model"),
                          license=info.get("license"), tags=tags)
     facts = [("Source checkpoint", info.get("source")), ("Training step", info.get("step")),
              ("FSDP world size", info.get("world_size")), ("FSDP version", info.get("fsdp_version")),
              ("Model type", info.get("model_type")), ("Weights dtype", info.get("dtype")),
              ("Optimizer state included", "yes" if info.get("optimizer") else "no")]
+    if lora:
+        facts += [("LoRA r", lora.get("r")), ("LoRA alpha", _num(lora.get("alpha"))),
+                  ("LoRA scale", f"{lora.get('scale'):g}{' (rsLoRA)' if lora.get('rslora') else ''}")]
     rows = "\n".join(f"| {k} | `{v}` |" for k, v in facts if v is not None and v != "")
     body = f"""
 # {repo_id.split("/")[-1]}
 
-This model was merged from a {info.get("format") or "sharded"} checkpoint with streammerge.
+This model was merged from a {info.get("format") or "sharded"} checkpoint with streammerge.{_lora_text(lora)}
 
 | | |
 |---|---|
@@ -77,3 +82,25 @@ set_optimizer_state_dict(model, optimizer, optim_state,
 ```
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _num(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _lora_text(lora: Mapping[str, Any] | None) -> str:
+    """What a LoRA fine-tune's card says: of which base, with r and alpha, folded or not, where the adapter is."""
+    if not lora:
+        return ""
+    base = f"`{lora['base_model']}`" if lora.get("base_model") else "a base model the checkpoint does not name"
+    text = (f"\n\nIt is a LoRA fine-tune of {base} (r={lora.get('r')}, lora_alpha={_num(lora.get('alpha'))}"
+            f"{', rsLoRA' if lora.get('rslora') else ''}).")
+    if lora.get("mode") in ("fold", "both"):
+        text += (" The adapter is folded into the weights (`W + scale * B @ A`, computed in float32): load it as a "
+                 "plain model.")
+    else:
+        text += " The weights are the base model's, without the adapter."
+    if lora.get("adapter_dir"):
+        text += (f" The peft adapter itself is in `{lora['adapter_dir']}/` "
+                 f"(`PeftModel.from_pretrained(base_model, repo_id, subfolder=\"{lora['adapter_dir']}\")`).")
+    return text

@@ -47,7 +47,8 @@ DEFAULT_OUT_SUFFIX = "-hf"
 # What a push of ours owns in the repo: files matching these that the push does not bring are stale
 # (a shard of an earlier merge with more shards, an old optimizer export) and deleted in its last
 # commit. Matched from the repo root, `*` within one folder (see streammerge.hub.commits.matches).
-OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**")
+OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**",
+                  "lora_adapter/**")
 
 
 # ---- settings: the hf_upload block and the flags that override it ------------------------------
@@ -344,12 +345,21 @@ def _card(plan: MergePlan, repo_id: str, source: str) -> str:
     optimizer = plan.plan(OPTIMIZER_DIR)
     fmt = None if optimizer is None else ("torch" if optimizer.files[0].filename == OPTIMIZER_PT else "safetensors")
     hub_model = opts.model_name if opts.model_name and not Path(opts.model_name).expanduser().is_dir() else None
+    lora_base = (plan.lora or {}).get("base_model")
+    lora = {**plan.lora, "base_model": _hub_name(lora_base) or (Path(lora_base).name if lora_base else None)} \
+        if plan.lora else None  # a local base folder by its name only: a path tells the repo's readers nothing
     return make_model_card({
         "repo_id": repo_id, "source": source, "format": ck.format, "step": ck.step,
         "world_size": info.get("world size"), "fsdp_version": info.get("FSDP"), "dtype": ", ".join(names) or None,
         "optimizer": optimizer is not None, "optimizer_format": fmt,
-        "model_type": (plan.config or {}).get("model_type"), "notes": plan.weights.notes, "base_model": hub_model,
+        "model_type": (plan.config or {}).get("model_type"), "notes": plan.weights.notes,
+        "base_model": hub_model or _hub_name(lora_base), "lora": lora,
     })
+
+
+def _hub_name(name: str | None) -> str | None:
+    """A LoRA base given as a Hub model (the card's metadata links it); a local folder names nothing public."""
+    return name if name and not Path(name).expanduser().exists() else None
 
 
 # ---- the seed workflow's API -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan, build_plan
+from ..sources import lora
 from ..sources.base import Piece, SourceTensor
 from ..sources.rankfile import RankFile, _record, _span_bytes, chunk_bounds, layout_name, tensor_pieces, torch_load_meta
 from . import LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError, Skip
@@ -95,6 +96,9 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
         known.update({n: weights_plan.tensors[k].shape for n, k in weights_plan.dropped.items()})
         where = str(model_dir / "config.json") if model_dir is not None else "config.json"
         model = model_params(config, known, where)
+        checkpoint_tensors = ck.tensors(options)
+        if lora.is_peft(checkpoint_tensors):  # the optimizer was built over the peft model's parameters
+            model = lora.peft_params(model, {n: t.shape for n, t in checkpoint_tensors.items()})
         ids = files[0].other["ids"]
         if len(groups) != 1:
             raise Skip(f"the optimizer has {len(groups)} param groups; the rank files do not record which "

@@ -155,9 +155,7 @@ class HFOracle(Oracle):
 
         with safe_open(str(f), "pt") as st:
             sl = st.get_slice(name)
-            dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(
-                sl.get_dtype(), dtypes.BY_CODE[sl.get_dtype()].name)
-            return tuple(sl.get_shape()), dtype
+            return tuple(sl.get_shape()), dtypes.BY_CODE[sl.get_dtype()].name
 
     def read(self, name: str, box: tuple[tuple[int, int], ...]) -> Any:
         from safetensors import safe_open

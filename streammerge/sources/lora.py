@@ -60,6 +60,7 @@ class LoraPlan:
     generated: dict[str, bytes] = field(default_factory=dict)  # adapter_config.json
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # r, alpha, scale, rsLoRA, mode, base: for the model card
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> tuple[int, f
         raise CheckpointError(f"{path}: lora_alpha {alpha!r} is not a number")
     flag = getattr(options, "lora_rslora", None)
     rslora = bool(meta.get("use_rslora", False)) if flag is None else bool(flag)
-    task = meta.get("task_type") if isinstance(meta.get("task_type"), str) else "CAUSAL_LM"
+    task = meta["task_type"] if isinstance(meta.get("task_type"), str) else "CAUSAL_LM"
     return r, float(alpha), rslora, task
 
 
@@ -130,7 +131,7 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     out = LoraPlan(weights=[])
     base_name = getattr(options, "base_model", None)
     if missing and base_name:
-        adapters, plain = _with_base(source, adapters, plain, base_name)
+        adapters, plain = _with_base(source, adapters, plain, base_name, options)
         out.notes.append(f"base        {base_name} (the checkpoint holds only the adapter)")
     elif missing and mode != "adapter":
         raise ConfigError(f"{source.path}: the checkpoint holds only the LoRA adapter (save_lora_only: "
@@ -146,28 +147,30 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
             fold = LoraFold(a.a, a.b, scale) if mode in ("fold", "both") else None
             out.weights.append(TensorPlan(name, a.base, output_dtype(a.base.dtype, dtype), fold))
         order: dict[str, int] = {}
-        for n in [*(_short_name(n) for n in tensors), *(source.lora_base.tensors() if source.lora_base else ())]:
+        for n in [*(_short_name(n) for n in tensors), *(source.lora_base.tensors(options) if source.lora_base else ())]:
             order.setdefault(n, len(order))
         out.weights.sort(key=lambda t: order.get(t.name, len(order)))
     out.notes.append(f"LoRA        {len(adapters)} adapted modules, r {r}, alpha {alpha:g}, scale {scale:g}"
                      f"{' (rsLoRA)' if rslora else ''}, mode {mode}"
                      + (" (fold: W + scale * B @ A, computed in float32)" if mode != "adapter" else ""))
+    base_ref = base_name or (config or {}).get("_name_or_path")
+    base_ref = base_ref if isinstance(base_ref, str) and base_ref else None
+    out.info = {"r": r, "alpha": alpha, "scale": scale, "rslora": rslora, "mode": mode, "base_model": base_ref,
+                "modules": len(adapters), "adapter_dir": ADAPTER_DIR if mode in ("adapter", "both") else None}
     if mode in ("adapter", "both"):
         out.plans.append(_adapter_plan(adapters, saved, options))
-        base_ref = base_name or (config or {}).get("_name_or_path")
         out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(
-            adapters, r, alpha, rslora, task, base_ref if isinstance(base_ref, str) and base_ref else None,
-            sorted({_short(m).rsplit(".", 1)[-1] for m in saved}))
+            adapters, r, alpha, rslora, task, base_ref, sorted({_short(m).rsplit(".", 1)[-1] for m in saved}))
     return out
 
 
 def _with_base(source: Source, adapters: list[Adapter], plain: dict[str, SourceTensor],
-               base_name: str) -> tuple[list[Adapter], dict[str, SourceTensor]]:
+               base_name: str, options: Any) -> tuple[list[Adapter], dict[str, SourceTensor]]:
     """An adapter-only checkpoint completed by the base model's weights (the checkpoint's own tensors win)."""
     from .hf import HFSource, resolve_base
 
     base = HFSource(resolve_base(base_name))
-    weights = base.tensors()
+    weights = base.tensors(options)
     source.lora_base = base  # verify reads the base through its own oracle
     done = []
     for a in adapters:
@@ -260,9 +263,58 @@ def _adapter_config(adapters: list[Adapter], r: int, alpha: float, rslora: bool,
     """adapter_config.json as peft writes it for a LoraConfig with these settings."""
     targets = sorted({a.module.rsplit(".", 1)[-1] for a in adapters})
     cfg = {
-        "peft_type": "LORA", "task_type": task, "r": r, "lora_alpha": alpha if not float(alpha).is_integer() else int(alpha),
+        "peft_type": "LORA", "task_type": task, "r": r,
+        "lora_alpha": alpha if not float(alpha).is_integer() else int(alpha),
         "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": rslora, "use_dora": False, "modules_to_save": modules_to_save or None, "init_lora_weights": True,
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base,
     }
     return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def peft_params(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """The plain model's parameter order (optimizer.naming.ModelParams) as the peft model's `named_parameters()`.
+
+    peft wraps a targeted Linear as `base_layer` (registered first) then `lora_A.<adapter>` and
+    `lora_B.<adapter>`; a modules_to_save module as `original_module` then `modules_to_save.<adapter>`.
+    An optimizer built over the peft model's parameters (veRL passes them all; the frozen ones get
+    no state) is indexed in this order, so its state is named by the adapter parameters.
+    """
+    from ..optimizer.naming import ModelParams
+
+    lora: dict[str, list[str]] = {}
+    for name in shapes:
+        m = _LORA.match(name)
+        if m:
+            lora.setdefault(m["module"], []).append(name)
+    saved: dict[str, str] = {}
+    for name in shapes:
+        m = re.search(r"\.modules_to_save\.([^.]+)\.", name)
+        if m:
+            saved[name[:m.start()]] = m.group(1)
+    groups: list[tuple[str, list[tuple[str, tuple[int, ...]]]]] = []
+    for fqn, shape in model.params:
+        module, leaf = fqn.rsplit(".", 1) if "." in fqn else ("", fqn)
+        if groups and groups[-1][0] == module:
+            groups[-1][1].append((leaf, shape))
+        else:
+            groups.append((module, [(leaf, shape)]))
+    params: list[tuple[str, tuple[int, ...]]] = []
+    for module, leaves in groups:
+        pm = PREFIX + module
+        if pm in lora:
+            params += [(f"{pm}.base_layer.{leaf}", shape) for leaf, shape in leaves]
+            params += [(n, tuple(shapes[n])) for n in sorted(lora.pop(pm), key=lambda n: ".lora_B." in n)]
+        elif pm in saved:
+            params += [(f"{pm}.original_module.{leaf}", shape) for leaf, shape in leaves]
+            params += [(f"{pm}.modules_to_save.{saved[pm]}.{leaf}", shape) for leaf, shape in leaves]
+        else:
+            params += [(f"{PREFIX}{module}.{leaf}" if module else PREFIX + leaf, shape) for leaf, shape in leaves]
+    if lora:
+        raise CheckpointError(f"LoRA module {next(iter(lora))!r} is not a parameter of {model.model_class}; cannot "
+                              "name the optimizer state")
+    for name, shape in params:
+        if name in shapes and tuple(shapes[name]) != shape:
+            raise CheckpointError(f"{name!r} is {list(shapes[name])} in the checkpoint but {list(shape)} in "
+                                  f"{model.model_class}; cannot name the optimizer state")
+    return ModelParams(tuple(params), (), model.model_class)
