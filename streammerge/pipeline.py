@@ -157,7 +157,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         generated: dict[str, bytes] = {}
         lora_info = None
         if lora.is_peft(tensors):
-            planned = lora.plan_lora(source, tensors, options, config, dtype)
+            planned = lora.plan_lora(source, tensors, options, config, dtype, token=token, endpoint=endpoint)
             weights_tensors, extra, notes = planned.weights, planned.plans, planned.notes
             generated.update(planned.generated)
             warnings += planned.warnings

@@ -101,13 +101,13 @@ def _read(path: Path) -> dict[str, SourceTensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     size = path.stat().st_size
     out = {}
-    for name, e in header.items():
+    for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype = dtypes.BY_CODE[e["dtype"]]
-            shape = tuple(int(s) for s in e["shape"])
-            begin, end = (int(x) for x in e["data_offsets"])
+            dtype = dtypes.BY_CODE[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
         n = 1

@@ -108,8 +108,11 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> tuple[int, f
 
 
 def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any, config: Mapping | None,
-              dtype: DType | None) -> LoraPlan:
-    """The output tensors of a LoRA checkpoint (see the module docstring for the modes)."""
+              dtype: DType | None, *, token: str | None = None, endpoint: str | None = None) -> LoraPlan:
+    """The output tensors of a LoRA checkpoint (see the module docstring for the modes).
+
+    `token` and `endpoint` reach the Hub for a `--base-model` given as a Hub model (never recorded).
+    """
     for name in tensors:
         for marker, what in _UNSUPPORTED.items():
             if f".{marker}." in name or name.endswith(f".{marker}"):
@@ -131,7 +134,7 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     out = LoraPlan(weights=[])
     base_name = getattr(options, "base_model", None)
     if missing and base_name:
-        adapters, plain = _with_base(source, adapters, plain, base_name, options)
+        adapters, plain = _with_base(source, adapters, plain, base_name, options, token, endpoint)
         out.notes.append(f"base        {base_name} (the checkpoint holds only the adapter)")
     elif missing and mode != "adapter":
         raise ConfigError(f"{source.path}: the checkpoint holds only the LoRA adapter (save_lora_only: "
@@ -160,16 +163,16 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     if mode in ("adapter", "both"):
         out.plans.append(_adapter_plan(adapters, saved, options))
         out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(
-            adapters, r, alpha, rslora, task, base_ref, sorted({_short(m).rsplit(".", 1)[-1] for m in saved}))
+            adapters, r, alpha, rslora, task, base_ref, sorted({_short(n.rsplit(".", 1)[0]).rsplit(".", 1)[-1] for n in saved}))
     return out
 
 
 def _with_base(source: Source, adapters: list[Adapter], plain: dict[str, SourceTensor],
-               base_name: str, options: Any) -> tuple[list[Adapter], dict[str, SourceTensor]]:
+               base_name: str, options: Any, token: str | None, endpoint: str | None) -> tuple[list[Adapter], dict[str, SourceTensor]]:
     """An adapter-only checkpoint completed by the base model's weights (the checkpoint's own tensors win)."""
     from .hf import HFSource, resolve_base
 
-    base = HFSource(resolve_base(base_name))
+    base = HFSource(resolve_base(base_name, token=token, endpoint=endpoint))
     weights = base.tensors(options)
     source.lora_base = base  # verify reads the base through its own oracle
     done = []

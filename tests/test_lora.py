@@ -1,0 +1,327 @@
+"""LoRA checkpoints: real peft models trained with FSDP2 on gloo ranks, folded and exported, checked against peft.
+
+Each trained checkpoint is made once for the module (streammerge.testing.lora): its oracle is the
+gathered peft state dict, peft's own `merge_and_unload()` of it and the trained model's logits.
+Refusals use real peft models of each unsupported kind, saved as DTensor rank files in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streammerge.cli import main as cli_main
+from streammerge.errors import CheckpointError, ConfigError
+from streammerge.pipeline import merge, plan_merge
+from streammerge.testing.lora import LoraSpec, lora_config, make_lora_checkpoint, model_config
+from streammerge.verify import verify
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
+                                        "ignore:Use .content=<...>.:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def fp32_ws2(tmp_path_factory) -> Path:
+    """2 ranks, float32, lora_train_meta.json: the everyday veRL LoRA checkpoint."""
+    return make_lora_checkpoint(tmp_path_factory.mktemp("lora"), world_size=2, r=8, lora_alpha=16)
+
+
+@pytest.fixture(scope="module")
+def bf16_ws3_lora_only(tmp_path_factory) -> Path:
+    """3 ranks (uneven shards), bf16 mixed precision, save_lora_only, lm_head in modules_to_save."""
+    return make_lora_checkpoint(tmp_path_factory.mktemp("lora"), world_size=3, r=8, lora_alpha=32,
+                                mixed_precision="bf16", save_lora_only=True, modules_to_save=("lm_head",))
+
+
+@pytest.fixture(scope="module")
+def no_meta_rslora(tmp_path_factory) -> Path:
+    """2 ranks, rsLoRA, r 4, alpha 8, and no lora_train_meta.json (an older veRL)."""
+    return make_lora_checkpoint(tmp_path_factory.mktemp("lora"), world_size=2, r=4, lora_alpha=8, use_rslora=True,
+                                write_meta=False, seed=3)
+
+
+def assert_equals_peft_merge(actor: Path, out: Path) -> None:
+    """Every tensor bit for bit as peft's merge_and_unload, and transformers loads it with nothing missing."""
+    from transformers import AutoModelForCausalLM
+
+    merged = load_file(actor / "reference" / "merged.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(merged)
+    differ = [k for k in merged if not torch.equal(merged[k], got[k])]
+    assert not differ, f"{len(differ)} tensors differ from peft's merge, e.g. {differ[0]}"
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    logits_ref = load_file(actor / "reference" / "logits.safetensors")
+    with torch.no_grad():
+        logits = model.eval()(input_ids=logits_ref["input_ids"]).logits
+    # the folded model computes W' x, the trained one W x + s B (A x): same function, other rounding
+    assert torch.allclose(logits, logits_ref["logits"], atol=1e-4, rtol=0)
+
+
+def assert_adapter_reproduces_training(actor: Path, out: Path, base: Path) -> None:
+    """PeftModel.from_pretrained(base, OUT/lora_adapter) gives the trained model's logits exactly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "lora_adapter").eval()
+    ref = load_file(actor / "reference" / "logits.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"]).logits
+    assert torch.equal(logits, ref["logits"])
+
+
+def run(args: list, capsys) -> tuple[int, str]:
+    """The CLI in this process: (exit code, stderr); stdout is kept in `run.out`."""
+    rc = cli_main([str(a) for a in args])
+    captured = capsys.readouterr()
+    run.out = captured.out  # type: ignore[attr-defined]
+    return rc, captured.err
+
+
+# ---- trained checkpoints ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fold_and_adapter_equal_peft_two_ranks_fp32(fp32_ws2, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = run(["merge", fp32_ws2, out], capsys)
+    assert rc == 0, err
+    assert_equals_peft_merge(fp32_ws2, out)
+    assert_adapter_reproduces_training(fp32_ws2, out, fp32_ws2 / "reference" / "base")
+    cfg = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["peft_type"]) == (8, 16, False, "LORA")
+    report = verify(out, fp32_ws2)
+    assert report.ok, report.failures
+    assert report.tensors_checked > 0
+
+
+@pytest.mark.slow
+def test_optimizer_state_is_named_by_the_adapter_parameters(fp32_ws2, tmp_path):
+    merge(fp32_ws2, tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "optimizer" / "optimizer.safetensors.index.json").read_text())
+    got = {}
+    for f in set(index["weight_map"].values()):
+        got.update(load_file(tmp_path / "out" / "optimizer" / f))
+    ref = torch.load(fp32_ws2 / "reference" / "optimizer.pt", weights_only=True)["state"]
+    assert ref and all(".lora_" in name for name in ref)
+    want = {f"state.{p}.{k}": v for p, s in ref.items() for k, v in s.items()}
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v.reshape(got[k].shape)), k
+
+
+@pytest.mark.slow
+def test_verify_fails_on_a_tampered_fold(fp32_ws2, tmp_path):
+    out = tmp_path / "out"
+    merge(fp32_ws2, out, optimizer=False, lora="fold")
+    assert not (out / "lora_adapter").exists()
+    from safetensors.torch import save_file
+
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors[name][3, 5] += 1e-3
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    report = verify(out, fp32_ws2)
+    assert not report.ok
+    # not only the manifest's sha256: the recomputed fold names the tensor
+    assert any(name in p and "peft folds it" in p for p in report.failures), report.failures
+
+
+@pytest.mark.slow
+def test_bf16_output_is_the_float32_fold_rounded_once(fp32_ws2, tmp_path):
+    """--dtype bfloat16: the fold in float32 then one rounding, which peft's merge in bf16 is not (measured)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    merge(fp32_ws2, out, optimizer=False, dtype="bfloat16", lora="fold")
+    got = load_file(out / "model.safetensors")
+    merged = load_file(fp32_ws2 / "reference" / "merged.safetensors")
+    assert all(torch.equal(got[k], merged[k].to(torch.bfloat16)) for k in merged)
+    # peft merging a bf16 model rounds W, B @ A and their sum each to bf16
+    base = AutoModelForCausalLM.from_pretrained(fp32_ws2 / "reference" / "base", dtype=torch.bfloat16)
+    tmp = tmp_path / "both"
+    merge(fp32_ws2, tmp, optimizer=False, lora="adapter")
+    peft_bf16 = PeftModel.from_pretrained(base, tmp / "lora_adapter", torch_dtype=torch.bfloat16).merge_and_unload()
+    sd = peft_bf16.state_dict()
+    ours = max((got[k].float() - merged[k]).abs().max().item() for k in merged)
+    theirs = max((sd[k].float() - merged[k]).abs().max().item() for k in merged)
+    print(f"bf16 output vs float32 peft merge: max |diff| ours {ours:.3g}, peft merging in bf16 {theirs:.3g}")
+    assert ours <= theirs
+
+
+@pytest.mark.slow
+def test_three_ranks_bf16_lora_only_with_base_folder_and_modules_to_save(bf16_ws3_lora_only, tmp_path, capsys):
+    actor = bf16_ws3_lora_only
+    base = actor / "reference" / "base"
+    rc, err = run(["merge", actor, tmp_path / "none"], capsys)
+    assert rc == 2 and "--base-model" in err and err.count("\n") == 1
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--base-model", base], capsys)
+    assert rc == 0, err
+    assert_equals_peft_merge(actor, out)
+    assert_adapter_reproduces_training(actor, out, base)
+    cfg = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["lm_head"] and cfg["lora_alpha"] == 32
+    report = verify(out, actor)
+    assert report.ok, report.failures
+    # the adapter alone needs no base
+    rc, err = run(["merge", actor, tmp_path / "adapter", "--lora", "adapter", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    assert_adapter_reproduces_training(actor, tmp_path / "adapter", base)
+
+
+@pytest.mark.slow
+def test_checkpoint_without_meta_needs_the_flags(no_meta_rslora, tmp_path, capsys):
+    actor = no_meta_rslora
+    rc, err = run(["merge", actor, tmp_path / "none"], capsys)
+    assert rc == 2 and "--lora-alpha" in err and "lora_train_meta.json" in err
+    rc, err = run(["merge", actor, tmp_path / "wrong", "--lora-rank", "8", "--lora-alpha", "8"], capsys)
+    assert rc == 2 and "rank 8" in err
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--lora-rank", "4", "--lora-alpha", "8", "--lora-rslora", "--no-optimizer"],
+                  capsys)
+    assert rc == 0, err
+    assert_equals_peft_merge(actor, out)
+    assert_adapter_reproduces_training(actor, out, actor / "reference" / "base")
+    assert json.loads((out / "lora_adapter" / "adapter_config.json").read_text())["use_rslora"] is True
+    # without --lora-rslora the scale is alpha/r: the weights cannot tell, so the flag matters
+    plain = tmp_path / "plain"
+    merge(actor, plain, optimizer=False, lora="fold", lora_rank=4, lora_alpha=8)
+    merged = load_file(actor / "reference" / "merged.safetensors")
+    got = load_file(plain / "model.safetensors")
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.slow
+def test_inspect_shows_r_alpha_and_scale(fp32_ws2, capsys):
+    rc, err = run(["inspect", fp32_ws2], capsys)
+    assert rc == 0, err
+    assert "r 8, alpha 16, scale 2" in run.out and "+ LoRA" in run.out  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_push_sends_fold_adapter_and_a_card_naming_the_base(fp32_ws2, hub, hub_env, tmp_path):
+    from hubserver import WRITE_TOKEN
+
+    from streammerge.hub.publish import merge_and_push
+    from streammerge.hub.retry import RetryPolicy
+
+    base = fp32_ws2 / "reference" / "base"
+    hub.create_repo("acme/tiny-base")
+    hub.add_files("acme/tiny-base", {p.name: p.read_bytes() for p in base.iterdir()})
+    actor = tmp_path / "lora_only"
+    shutil.copytree(fp32_ws2, actor)
+    for f in actor.glob("model_world_size_*.pt"):  # keep only the adapter: as save_lora_only writes it
+        sd = torch.load(f, weights_only=True)
+        torch.save({k: v for k, v in sd.items() if ".lora_" in k}, f)
+    retry = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2)
+    result = merge_and_push(actor, tmp_path / "out", "tiny-lora", base_model="acme/tiny-base", token=WRITE_TOKEN,
+                            endpoint=hub.endpoint, retry=retry, optimizer=False)
+    fetched = {e.path.rsplit("/", 1)[-1] for e in hub.requests("GET", r"^/acme/tiny-base/resolve/")}
+    assert fetched == {"model.safetensors", "config.json"}  # weights and config only, no tokenizer or card
+    files = set(hub.files("alice/tiny-lora"))
+    assert {"model.safetensors", "lora_adapter/adapter_model.safetensors", "lora_adapter/adapter_config.json"} <= files
+    card = hub.file_bytes("alice/tiny-lora", "README.md").decode()
+    assert "LoRA fine-tune of `acme/tiny-base` (r=8, lora_alpha=16)" in card and "base_model: acme/tiny-base" in card
+    assert_equals_peft_merge(fp32_ws2, result.out_dir)
+    # a later push of the fold alone deletes the adapter folder it no longer brings
+    merge_and_push(actor, tmp_path / "out2", "tiny-lora", base_model="acme/tiny-base", token=WRITE_TOKEN,
+                   endpoint=hub.endpoint, retry=retry, optimizer=False, lora="fold")
+    assert not any(f.startswith("lora_adapter/") for f in hub.files("alice/tiny-lora"))
+
+
+# ---- refusals: real peft models of each kind streammerge does not fold ----------------------------
+
+def _save_peft(tmp_path: Path, model, config=None) -> Path:
+    """A peft model's state dict as 2 ranks of DTensor rank files (Shard(0)), with huggingface/ and meta."""
+    from torch.distributed.tensor import Shard
+
+    from streammerge.testing.rankfiles import write_rank_files
+
+    actor = tmp_path / "actor"
+    specs = {k: (v.detach().clone(), [Shard(0)]) for k, v in model.state_dict().items()}
+    write_rank_files(actor, specs, (2,))
+    (config or model_config(LoraSpec(""))).save_pretrained(actor / "huggingface")
+    (actor / "lora_train_meta.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM"}))
+    return actor
+
+
+def _peft(**extra):
+    from peft import get_peft_model
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    spec = LoraSpec("", hidden_size=32, num_layers=1)
+    torch.manual_seed(0)
+    return get_peft_model(Qwen2ForCausalLM(model_config(spec)), lora_config(spec, **extra)), model_config(spec)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"use_dora": True}, "DoRA"),
+    ({"lora_bias": True}, "LoRA biases"),
+    ({"rank_pattern": {"q_proj": 4}}, "several ranks"),
+])
+def test_refuses_what_it_cannot_fold_exactly(tmp_path, capsys, extra, message):
+    model, config = _peft(**extra)
+    actor = _save_peft(tmp_path, model, config)
+    with pytest.raises(CheckpointError, match=message):
+        plan_merge(actor)
+    rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_refuses_embedding_lora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    config = model_config(LoraSpec("", hidden_size=32, num_layers=1))
+    model = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=8, lora_alpha=16,
+                                                               target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(CheckpointError, match="LoRA on embeddings"):
+        plan_merge(_save_peft(tmp_path, model, config))
+
+
+def test_refuses_several_adapters(tmp_path):
+    model, config = _peft()
+    model.add_adapter("second", lora_config(LoraSpec("")))
+    with pytest.raises(CheckpointError, match="several LoRA adapters"):
+        plan_merge(_save_peft(tmp_path, model, config))
+
+
+def test_refuses_conv1d_lora_of_gpt2(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"],
+                                                              fan_in_fan_out=True))
+    with pytest.raises(CheckpointError, match="Conv1D"):
+        plan_merge(_save_peft(tmp_path, model, config))
+
+
+def test_refuses_a_lora_a_without_its_b(tmp_path):
+    model, config = _peft()
+    actor = tmp_path / "x"
+    from torch.distributed.tensor import Shard
+
+    from streammerge.testing.rankfiles import write_rank_files
+
+    sd = {k: (v.detach().clone(), [Shard(0)]) for k, v in model.state_dict().items() if "q_proj.lora_B" not in k}
+    write_rank_files(actor, sd, (2,))
+    config.save_pretrained(actor / "huggingface")
+    (actor / "lora_train_meta.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    with pytest.raises(CheckpointError, match="not its pair"):
+        plan_merge(actor)
+
+
+def test_missing_alpha_is_a_config_error_naming_the_flag(tmp_path):
+    model, config = _peft()
+    actor = _save_peft(tmp_path, model, config)
+    (actor / "lora_train_meta.json").unlink()
+    with pytest.raises(ConfigError, match="--lora-alpha"):
+        plan_merge(actor)
