@@ -194,7 +194,8 @@ def test_checkpoint_without_meta_needs_the_flags(no_meta_rslora, tmp_path, capsy
     merge(actor, plain, optimizer=False, lora="fold", lora_rank=4, lora_alpha=8)
     merged = load_file(actor / "reference" / "merged.safetensors")
     got = load_file(plain / "model.safetensors")
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(got[q], merged[q])
 
 
 @pytest.mark.slow

@@ -163,12 +163,13 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     if mode in ("adapter", "both"):
         out.plans.append(_adapter_plan(adapters, saved, options))
         out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(
-            adapters, r, alpha, rslora, task, base_ref, sorted({_short(n.rsplit(".", 1)[0]).rsplit(".", 1)[-1] for n in saved}))
+            adapters, r, alpha, rslora, task, base_ref,
+            sorted({_short(n.rsplit(".", 1)[0]).rsplit(".", 1)[-1] for n in saved}))
     return out
 
 
-def _with_base(source: Source, adapters: list[Adapter], plain: dict[str, SourceTensor],
-               base_name: str, options: Any, token: str | None, endpoint: str | None) -> tuple[list[Adapter], dict[str, SourceTensor]]:
+def _with_base(source: Source, adapters: list[Adapter], plain: dict[str, SourceTensor], base_name: str, options: Any,
+               token: str | None, endpoint: str | None) -> tuple[list[Adapter], dict[str, SourceTensor]]:
     """An adapter-only checkpoint completed by the base model's weights (the checkpoint's own tensors win)."""
     from .hf import HFSource, resolve_base
 
