@@ -411,11 +411,15 @@ def _expected(t: TensorPlan, box: tuple[tuple[int, int], ...], oracle: Oracle) -
     src = oracle.read(t.source.name, box).contiguous()  # contiguous first: torch's strided cast writes other NaN bits
     if t.fold is None:
         return src.to(t.dtype.torch())
-    (r0, r1), (c0, c1) = box
-    rank = t.fold.a.shape[0]
-    b = oracle.read(t.fold.b.name, ((r0, r1), (0, rank))).float()
-    a = oracle.read(t.fold.a.name, ((0, rank), (c0, c1))).float()
-    return (src.float() + (b @ a) * t.fold.scale).to(t.dtype.torch())
+    from .write.compute import add_delta  # the fold's block shapes: BLAS rounds other shapes otherwise
+
+    fold = t.fold
+    rank, cols = fold.a.shape
+    w = src.float().clone()
+    a = oracle.read(fold.a.name, ((0, rank), (0, cols))).float()
+    add_delta(w, lambda lo, hi: oracle.read(fold.b.name, ((lo, hi), (0, rank))).float(), a, fold.scale,
+              t.shape[0], box)
+    return w.to(t.dtype.torch())
 
 
 class _Sources:

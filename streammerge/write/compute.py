@@ -1,20 +1,64 @@
 """Computed tensors: a LoRA fold `W + scale * (B @ A)`, one window of W's rows at a time.
 
-The arithmetic is peft's merge (`delta = (B @ A) * scaling; W += delta`) in float32, done by torch
+The arithmetic is peft's merge (`delta = B @ A; delta *= scale; W += delta`) in float32, done by torch
 (imported only when a plan holds a fold) so that rounding is torch's own; the result is then cast
-to the output dtype with torch's `.to()`. A window of rows needs only the same rows of B and the
-matching columns of A, so memory stays at a few windows whatever the size of W.
+to the output dtype with torch's `.to()`. A window of W needs only rows of B and all of A (r x in,
+small), so memory stays at a few windows whatever the size of W.
+
+`B @ A` is always computed in the same row blocks (`fold_blocks`: FOLD_BLOCK to 2 * FOLD_BLOCK - 1
+rows, every column), whatever the window: BLAS picks other kernels for other shapes (one row, a few
+columns) and their sums round differently, so windows cut anywhere would give bits that depend on
+the buffer size. In blocks like these, every row comes out as in the whole product peft computes
+(checked on many shapes, ranks and thread counts; tests compare with peft bit for bit), and verify,
+which recomputes folds in windows of its own, uses the same blocks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import dtypes
 from ..plan import TensorPlan
 from .writer import Box, Sources, fill_window
+
+if TYPE_CHECKING:
+    import torch
+
+FOLD_BLOCK = 64
+
+
+def fold_blocks(rows: int, r0: int, r1: int) -> Iterator[tuple[int, int]]:
+    """The fixed row blocks of a `rows`-row product that meet rows [r0, r1)."""
+    n = max(1, rows // FOLD_BLOCK)
+    first = min(r0 // FOLD_BLOCK, n - 1)
+    for i in range(first, n):
+        lo, hi = i * FOLD_BLOCK, (i + 1) * FOLD_BLOCK if i < n - 1 else rows
+        if lo >= r1:
+            break
+        yield lo, hi
+
+
+def add_delta(w: torch.Tensor, read_b: Callable[[int, int], Any], a: torch.Tensor, scale: float, rows: int,
+              box: Box) -> None:
+    """`w` (the window `box` of W, float32) += the same window of `(B @ A) * scale`, in the fixed blocks.
+
+    `read_b(lo, hi)` gives rows lo..hi of B as float32; `a` is all of A as float32; `rows` is W's.
+    """
+    import torch
+
+    (r0, r1), (c0, c1) = box
+    blocks = list(fold_blocks(rows, r0, r1))
+    first, last = blocks[0][0], blocks[-1][1]
+    b = read_b(first, last)
+    for lo, hi in blocks:
+        delta = torch.mm(b[lo - first:hi - first], a)
+        delta.mul_(scale)
+        s, e = max(lo, r0), min(hi, r1)
+        w[s - r0:e - r0].add_(delta[s - lo:e - lo, c0:c1])
 
 
 def _read_f32(source, box: Box, scratch: np.ndarray, sources: Sources) -> np.ndarray:
@@ -28,7 +72,6 @@ def _read_f32(source, box: Box, scratch: np.ndarray, sources: Sources) -> np.nda
 def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, sources: Sources) -> int:
     """Window `box` (rows, columns) of the folded weight, in the output dtype, into `out`; returns its bytes.
 
-    The same operations as peft's merge, in its order: `delta = B @ A`, `delta *= scale`, `W += delta`.
     A float32 output is folded in place in `out` (W is read straight into it).
     """
     import torch
@@ -36,18 +79,19 @@ def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarr
     fold = t.fold
     assert fold is not None and len(box) == 2
     (r0, r1), (c0, c1) = box
-    rank = fold.a.shape[0]
-    b = torch.from_numpy(_read_f32(fold.b, ((r0, r1), (0, rank)), scratch, sources))
-    a = torch.from_numpy(_read_f32(fold.a, ((0, rank), (c0, c1)), scratch, sources))
-    delta = torch.mm(b, a)
-    delta.mul_(fold.scale)
+    rank, cols = fold.a.shape
+
+    def read_b(lo: int, hi: int) -> torch.Tensor:
+        return torch.from_numpy(_read_f32(fold.b, ((lo, hi), (0, rank)), scratch, sources))
+
+    a = torch.from_numpy(_read_f32(fold.a, ((0, rank), (0, cols)), scratch, sources))
     if t.dtype == dtypes.float32:
         n = fill_window(TensorPlan(t.source.name, t.source, dtypes.float32), box, out, scratch, sources)
         w = torch.from_numpy(out[:n].view(np.float32)).view(r1 - r0, c1 - c0)
-        w.add_(delta)
+        add_delta(w, read_b, a, fold.scale, t.shape[0], box)
         return n
     w = torch.from_numpy(_read_f32(t.source, box, scratch, sources))
-    w.add_(delta)
+    add_delta(w, read_b, a, fold.scale, t.shape[0], box)
     result = w.to(t.dtype.torch()).contiguous().view(torch.uint8).reshape(-1).numpy()
     out[:result.size] = result
     return int(result.size)
