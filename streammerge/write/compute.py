@@ -5,17 +5,20 @@ The arithmetic is peft's merge (`delta = B @ A; delta *= scale; W += delta`) in 
 to the output dtype with torch's `.to()`. A window of W needs only rows of B and all of A (r x in,
 small), so memory stays at a few windows whatever the size of W.
 
-`B @ A` is always computed in the same row blocks (`fold_blocks`: FOLD_BLOCK to 2 * FOLD_BLOCK - 1
-rows, every column), whatever the window: BLAS picks other kernels for other shapes (one row, a few
-columns) and their sums round differently, so windows cut anywhere would give bits that depend on
-the buffer size. In blocks like these, every row comes out as in the whole product peft computes
-(checked on many shapes, ranks and thread counts; tests compare with peft bit for bit), and verify,
-which recomputes folds in windows of its own, uses the same blocks.
+`B @ A` is always computed in the same row blocks (`fold_blocks`: a size set by W's width alone,
+16 to 256 rows, the last block up to twice that; every column), whatever the window: BLAS picks
+other kernels for other shapes (one row, a few columns) and their sums round differently, so
+windows cut anywhere would give bits that depend on the buffer size. In blocks like these, every
+row comes out as in the whole product peft computes (checked on many shapes, ranks and thread
+counts; tests compare with peft bit for bit), and verify, which recomputes folds in windows of its
+own, uses the same blocks.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,20 +26,27 @@ import numpy as np
 
 from .. import dtypes
 from ..plan import TensorPlan
+from ..sources.base import SourceTensor, pieces_key
 from .writer import Box, Sources, fill_window
 
 if TYPE_CHECKING:
     import torch
 
-FOLD_BLOCK = 64
+FOLD_BLOCK_BYTES = 256 << 10  # a block of the product stays in cache while it is scaled and added
+_A_CACHE_SIZE = 8  # lora_A of the folds in flight: every window of a weight needs all of its A
 
 
-def fold_blocks(rows: int, r0: int, r1: int) -> Iterator[tuple[int, int]]:
-    """The fixed row blocks of a `rows`-row product that meet rows [r0, r1)."""
-    n = max(1, rows // FOLD_BLOCK)
-    first = min(r0 // FOLD_BLOCK, n - 1)
+def block_rows(cols: int) -> int:
+    return max(16, min(256, FOLD_BLOCK_BYTES // (4 * max(1, cols))))
+
+
+def fold_blocks(rows: int, cols: int, r0: int, r1: int) -> Iterator[tuple[int, int]]:
+    """The fixed row blocks of a `rows` x `cols` product that meet rows [r0, r1)."""
+    size = block_rows(cols)
+    n = max(1, rows // size)
+    first = min(r0 // size, n - 1)
     for i in range(first, n):
-        lo, hi = i * FOLD_BLOCK, (i + 1) * FOLD_BLOCK if i < n - 1 else rows
+        lo, hi = i * size, (i + 1) * size if i < n - 1 else rows
         if lo >= r1:
             break
         yield lo, hi
@@ -51,7 +61,7 @@ def add_delta(w: torch.Tensor, read_b: Callable[[int, int], Any], a: torch.Tenso
     import torch
 
     (r0, r1), (c0, c1) = box
-    blocks = list(fold_blocks(rows, r0, r1))
+    blocks = list(fold_blocks(rows, a.shape[1], r0, r1))
     first, last = blocks[0][0], blocks[-1][1]
     b = read_b(first, last)
     for lo, hi in blocks:
@@ -69,12 +79,39 @@ def _read_f32(source, box: Box, scratch: np.ndarray, sources: Sources) -> np.nda
     return buf.reshape(shape)
 
 
+_a_cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+_a_lock = threading.Lock()
+
+
+def _lora_a(a: SourceTensor, scratch: np.ndarray, sources: Sources) -> torch.Tensor:
+    """All of lora_A as float32, read once for the windows of its weight (a few recent ones are kept)."""
+    import torch
+
+    key = (a.name, pieces_key(a.pieces))
+    with _a_lock:
+        hit = _a_cache.get(key)
+        if hit is not None:
+            _a_cache.move_to_end(key)
+            return hit
+    value = torch.from_numpy(_read_f32(a, ((0, a.shape[0]), (0, a.shape[1])), scratch, sources))
+    with _a_lock:
+        _a_cache[key] = value
+        while len(_a_cache) > _A_CACHE_SIZE:
+            _a_cache.popitem(last=False)
+    return value
+
+
 def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, sources: Sources) -> int:
     """Window `box` (rows, columns) of the folded weight, in the output dtype, into `out`; returns its bytes.
 
-    A float32 output is folded in place in `out` (W is read straight into it).
+    A float32 output is folded in place in `out` (W is read straight into it). Runs in a writer thread:
+    the threads already fold windows in parallel, and OpenMP threads inside each small product only
+    add overhead (the setting is per thread).
     """
     import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
     fold = t.fold
     assert fold is not None and len(box) == 2
@@ -84,7 +121,7 @@ def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarr
     def read_b(lo: int, hi: int) -> torch.Tensor:
         return torch.from_numpy(_read_f32(fold.b, ((lo, hi), (0, rank)), scratch, sources))
 
-    a = torch.from_numpy(_read_f32(fold.a, ((0, rank), (0, cols)), scratch, sources))
+    a = _lora_a(fold.a, scratch, sources)
     if t.dtype == dtypes.float32:
         n = fill_window(TensorPlan(t.source.name, t.source, dtypes.float32), box, out, scratch, sources)
         w = torch.from_numpy(out[:n].view(np.float32)).view(r1 - r0, c1 - c0)
