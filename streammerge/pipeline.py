@@ -264,7 +264,8 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     mp = checkpoint if isinstance(checkpoint, MergePlan) else plan_merge(checkpoint, options, **kwargs)
     opts = mp.options
     shares = [(p, fp) for p in mp.plans for fp in p.split(num_parts, part)]
-    if any(t.fold is not None for p, fp in shares for t in (p.tensors[n] for n in fp.names)):
+    folds = any(t.fold is not None for p, fp in shares for t in (p.tensors[n] for n in fp.names))
+    if folds:
         _import_torch_behind()  # folds need torch: its import (seconds) overlaps the first files' copies
     folder = OutputFolder(out, fingerprint=mp.fingerprint(), source=mp.source.path, options=mp.record(),
                           data_files=[p.rel(fp.filename) for p, fp in shares],
@@ -306,6 +307,10 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     finally:
         if bar:
             bar.close()
+        if folds:
+            from .write import compute
+
+            compute.forget()
     return MergeResult(out, files, mp, written, sum(f.size for f in files), time.perf_counter() - t0,
                        peak_rss(), reused, list(mp.warnings))
 

@@ -41,7 +41,7 @@ class LoraSpec:
     actor_dir: str
     world_size: int = 2
     r: int = 8
-    lora_alpha: float = 16
+    lora_alpha: int = 16
     use_rslora: bool = False
     modules_to_save: tuple[str, ...] = ()
     mixed_precision: str | None = None  # "bf16": MixedPrecisionPolicy(param_dtype=bfloat16)
@@ -104,7 +104,7 @@ def base_model(spec: LoraSpec):
     from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
     torch.manual_seed(spec.seed)
-    return Qwen2ForCausalLM(model_config(spec)).to(torch.float32)
+    return Qwen2ForCausalLM(model_config(spec)).float()
 
 
 def peft_model(spec: LoraSpec):

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 FOLD_BLOCK_BYTES = 256 << 10  # a block of the product stays in cache while it is scaled and added
-_A_CACHE_SIZE = 8  # lora_A of the folds in flight: every window of a weight needs all of its A
+_CACHE_SIZE = 16  # lora_A and lora_B of the folds in flight: read once per weight, not once per window
 
 
 def block_rows(cols: int) -> int:
@@ -83,8 +83,9 @@ _a_cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 _a_lock = threading.Lock()
 
 
-def _lora_a(a: SourceTensor, scratch: np.ndarray, sources: Sources) -> torch.Tensor:
-    """All of lora_A as float32, read once for the windows of its weight (a few recent ones are kept)."""
+def _whole_f32(a: SourceTensor, scratch: np.ndarray, sources: Sources) -> torch.Tensor:
+    """All of lora_A or lora_B as float32, read once for the windows of its weight (a few recent ones are
+    kept): small reads once per window would each cost a seek on a cold cache."""
     import torch
 
     key = (a.name, pieces_key(a.pieces))
@@ -96,9 +97,15 @@ def _lora_a(a: SourceTensor, scratch: np.ndarray, sources: Sources) -> torch.Ten
     value = torch.from_numpy(_read_f32(a, ((0, a.shape[0]), (0, a.shape[1])), scratch, sources))
     with _a_lock:
         _a_cache[key] = value
-        while len(_a_cache) > _A_CACHE_SIZE:
+        while len(_a_cache) > _CACHE_SIZE:
             _a_cache.popitem(last=False)
     return value
+
+
+def forget() -> None:
+    """Drop the cached adapter tensors (at the end of a merge: a later one may read rewritten files)."""
+    with _a_lock:
+        _a_cache.clear()
 
 
 def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, sources: Sources) -> int:
@@ -116,12 +123,13 @@ def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarr
     fold = t.fold
     assert fold is not None and len(box) == 2
     (r0, r1), (c0, c1) = box
-    rank, cols = fold.a.shape
+
+    b = _whole_f32(fold.b, scratch, sources)
+    a = _whole_f32(fold.a, scratch, sources)
 
     def read_b(lo: int, hi: int) -> torch.Tensor:
-        return torch.from_numpy(_read_f32(fold.b, ((lo, hi), (0, rank)), scratch, sources))
+        return b[lo:hi]
 
-    a = _lora_a(fold.a, scratch, sources)
     if t.dtype == dtypes.float32:
         n = fill_window(TensorPlan(t.source.name, t.source, dtypes.float32), box, out, scratch, sources)
         w = torch.from_numpy(out[:n].view(np.float32)).view(r1 - r0, c1 - c0)
