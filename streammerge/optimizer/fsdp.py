@@ -96,9 +96,8 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
         known.update({n: weights_plan.tensors[k].shape for n, k in weights_plan.dropped.items()})
         where = str(model_dir / "config.json") if model_dir is not None else "config.json"
         model = model_params(config, known, where)
-        checkpoint_tensors = ck.tensors(options)
-        if lora.is_peft(checkpoint_tensors):  # the optimizer was built over the peft model's parameters
-            model = lora.peft_params(model, {n: t.shape for n, t in checkpoint_tensors.items()})
+        if any(n.startswith(lora.NOTE) for n in weights_plan.notes):  # built over the peft model's parameters
+            model = lora.peft_params(model, {n: t.shape for n, t in ck.tensors(options).items()})
         ids = files[0].other["ids"]
         if len(groups) != 1:
             raise Skip(f"the optimizer has {len(groups)} param groups; the rank files do not record which "

@@ -37,6 +37,7 @@ META_FILE = "lora_train_meta.json"
 ADAPTER_DIR = "lora_adapter"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+NOTE = "LoRA  "  # the plan note of a LoRA checkpoint (inspect shows it; the optimizer export looks for it)
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)\.(?P<adapter>[^.]+)\.weight$")
 _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA (use_dora=True)",
@@ -153,7 +154,7 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         for n in [*(_short_name(n) for n in tensors), *(source.lora_base.tensors(options) if source.lora_base else ())]:
             order.setdefault(n, len(order))
         out.weights.sort(key=lambda t: order.get(t.name, len(order)))
-    out.notes.append(f"LoRA        {len(adapters)} adapted modules, r {r}, alpha {alpha:g}, scale {scale:g}"
+    out.notes.append(f"{NOTE}      {len(adapters)} adapted modules, r {r}, alpha {alpha:g}, scale {scale:g}"
                      f"{' (rsLoRA)' if rslora else ''}, mode {mode}"
                      + (" (fold: W + scale * B @ A, computed in float32)" if mode != "adapter" else ""))
     base_ref = base_name or (config or {}).get("_name_or_path")
