@@ -102,6 +102,6 @@ def _lora_text(lora: Mapping[str, Any] | None) -> str:
     else:
         text += " The weights are the base model's, without the adapter."
     if lora.get("adapter_dir"):
-        text += (f" The peft adapter itself is in `{lora['adapter_dir']}/` "
-                 f"(`PeftModel.from_pretrained(base_model, repo_id, subfolder=\"{lora['adapter_dir']}\")`).")
+        text += (f" The peft adapter itself is in `{lora['adapter_dir']}/`: load it on the base model with peft's "
+                 f"`PeftModel.from_pretrained`, `subfolder=\"{lora['adapter_dir']}\"`.")
     return text
