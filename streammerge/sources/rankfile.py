@@ -25,7 +25,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
 from .base import Piece, ReadStats
-from .torchzip import read_directory, read_record
+from .torchzip import Directory, check_byteorder, data_offsets, read_directory, read_record
 
 UNSAFE_FLAG = "--trust-pickle"
 
@@ -94,7 +94,9 @@ def check_zip(path: Path) -> None:
     torch.load checks no CRCs, so the pickle's CRC is checked here (tensor data is checked by verify).
     Compressed entries, a missing data.pkl and a bad CRC are refused by zipdir with the same messages.
     """
-    read_record(read_directory(path), "data.pkl")
+    d = read_directory(path)
+    read_record(d, "data.pkl")
+    check_byteorder(d)
 
 
 class _quiet:
@@ -177,7 +179,13 @@ def _is_torch_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def _record(name: str, t: Any, rank: int, world_size: int, path: Path) -> TensorRecord:
+def _data_records(d: Directory) -> dict[int, int]:
+    """Where each storage record's data starts (from its local header, as torch's reader finds it) -> its size."""
+    picked = [i for i, n in enumerate(d.names) if n.startswith("data/")]
+    return {start: d.sizes[i] for i, start in data_offsets(d, picked).items()}
+
+
+def _record(name: str, t: Any, rank: int, world_size: int, path: Path, records: dict[int, int]) -> TensorRecord:
     import torch
     from torch.distributed.tensor import DTensor
 
@@ -204,6 +212,14 @@ def _record(name: str, t: Any, rank: int, world_size: int, path: Path) -> Tensor
     base = getattr(storage, "_checkpoint_offset", None)
     if base is None:
         raise CheckpointError(f"{path}: tensor {name!r} has no storage offset (not a torch zip checkpoint?)")
+    # on the meta device torch predicts where records lie in its own layout; the bytes must be where its
+    # reader of real tensors finds them: at a record's data, the record exactly the storage's size
+    if records.get(int(base)) != storage.nbytes():
+        raise CheckpointError(f"{path}: tensor {name!r}: its storage is not where torch.save would have put it "
+                              "(a rank file re-packed or edited by another zip tool); re-save it with torch.save")
+    if local.numel() and (local.storage_offset() + sum((s - 1) * st for s, st in zip(local.shape, local.stride()))
+                          + 1) * local.element_size() > storage.nbytes():
+        raise CheckpointError(f"{path}: tensor {name!r} reaches outside its storage (torch.load refuses it)")
     return TensorRecord(
         name=name,
         dtype=dtypes.of(local.dtype),
@@ -235,11 +251,12 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     tensors, other = {}, {}
+    records = _data_records(read_directory(path))
     for name, value in obj.items():
         if not isinstance(name, str):
             other[name] = value
         elif _is_torch_tensor(value):
-            rec = _record(name, value, rank, world_size, path)
+            rec = _record(name, value, rank, world_size, path, records)
             nbytes = _span_bytes(rec)
             if rec.offset + nbytes > st.st_size:
                 raise CheckpointError(

@@ -113,6 +113,10 @@ def read_directory(path: str | Path) -> Directory:
         sizes.append(usize)
         crcs.append(crc)
         pos += CENTRAL_SIZE + nlen + elen + clen
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CheckpointError(f"{path}: two zip records named {twice!r} (torch would read one, a copy tool another); "
+                              "re-save the file with torch.save")
     prefix = _prefix(path, names)
     cut = len(prefix)
     return Directory(path=path, size=size, prefix=prefix, names=tuple(n[cut:] for n in names),
@@ -178,6 +182,22 @@ def storage_offsets(d: Directory, keys: object) -> dict[str, int]:
     records = {key: d.index(f"data/{key}") for key in keys}
     at = data_offsets(d, sorted(records.values()))
     return {key: at[i] for key, i in records.items()}
+
+
+def check_byteorder(d: Directory) -> None:
+    """Refuse a file saved big-endian: its tensor bytes would need swapping, which the byte-copying writer never does.
+
+    A file without the record is little-endian, as torch.load assumes by default.
+    """
+    if "byteorder" not in d.names:
+        return
+    order = read_record(d, "byteorder")
+    if order == b"little":
+        return
+    if order == b"big":
+        raise UnsupportedLayoutError(f"{d.path}: saved on a big-endian machine (its byteorder record says 'big'); "
+                                     "load and re-save it with torch.save on a little-endian machine")
+    raise CheckpointError(f"{d.path}: unknown byteorder record {order[:20]!r} (torch.load refuses it too)")
 
 
 def read_record(d: Directory, name: str, *, check_crc: bool = True) -> bytes:
