@@ -25,7 +25,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
 from .base import Piece, ReadStats
-from .torchzip import Directory, check_byteorder, data_offsets, read_directory, read_record
+from .torchzip import check_byteorder, data_offsets, read_directory, read_record
 
 UNSAFE_FLAG = "--trust-pickle"
 
@@ -179,13 +179,15 @@ def _is_torch_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def _data_records(d: Directory) -> dict[int, int]:
+def storage_records(path: Path) -> dict[int, int]:
     """Where each storage record's data starts (from its local header, as torch's reader finds it) -> its size."""
+    d = read_directory(path)
     picked = [i for i, n in enumerate(d.names) if n.startswith("data/")]
     return {start: d.sizes[i] for i, start in data_offsets(d, picked).items()}
 
 
-def _record(name: str, t: Any, rank: int, world_size: int, path: Path, records: dict[int, int]) -> TensorRecord:
+def _record(name: str, t: Any, rank: int, world_size: int, path: Path,
+            records: dict[int, int] | None = None) -> TensorRecord:
     import torch
     from torch.distributed.tensor import DTensor
 
@@ -214,6 +216,8 @@ def _record(name: str, t: Any, rank: int, world_size: int, path: Path, records: 
         raise CheckpointError(f"{path}: tensor {name!r} has no storage offset (not a torch zip checkpoint?)")
     # on the meta device torch predicts where records lie in its own layout; the bytes must be where its
     # reader of real tensors finds them: at a record's data, the record exactly the storage's size
+    if records is None:
+        records = storage_records(path)
     if records.get(int(base)) != storage.nbytes():
         raise CheckpointError(f"{path}: tensor {name!r}: its storage is not where torch.save would have put it "
                               "(a rank file re-packed or edited by another zip tool); re-save it with torch.save")
@@ -251,7 +255,7 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     tensors, other = {}, {}
-    records = _data_records(read_directory(path))
+    records = storage_records(path)
     for name, value in obj.items():
         if not isinstance(name, str):
             other[name] = value
