@@ -97,6 +97,7 @@ def check_zip(path: Path) -> None:
     d = read_directory(path)
     read_record(d, "data.pkl")
     check_byteorder(d)
+    data_offsets(d)  # every record's local header
 
 
 class _quiet:

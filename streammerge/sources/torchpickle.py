@@ -21,7 +21,7 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError
-from .torchzip import Directory, check_byteorder, read_directory, read_record, storage_offsets
+from .torchzip import Directory, check_byteorder, data_offsets, read_directory, read_record, storage_offsets
 
 _DTYPES = {name: dtypes.of(name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
@@ -304,6 +304,7 @@ def check_storages(d: Directory, storages: dict[str, tuple[DType | None, int]]) 
         if have != nbytes:
             raise CheckpointError(f"{d.path}: zip record {name} holds {have} bytes, its storage needs {nbytes} "
                                   "(torch.load refuses it); copy the file again from the node that saved it")
+    data_offsets(d)  # every record's local header, as torch's reader meets some of them (version, byteorder...)
     return storage_offsets(d, storages)
 
 

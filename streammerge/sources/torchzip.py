@@ -189,6 +189,9 @@ def check_byteorder(d: Directory) -> None:
 
     A file without the record is little-endian, as torch.load assumes by default.
     """
+    if "version" not in d.names and ".data/version" not in d.names:
+        raise CheckpointError(f"{d.path}: the zip has no version record (torch.load refuses it); "
+                              "copy the file again from the node that saved it")
     if "byteorder" not in d.names:
         return
     order = read_record(d, "byteorder")
