@@ -18,11 +18,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import streammerge
-from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from streammerge.errors import CheckpointError
 from streammerge.hub.publish import ConfigError, PushConfig, load_push_config, merge_and_push, push_settings
 from streammerge.hub.retry import PushError, RetryPolicy

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from hubserver import WRITE_TOKEN, HubServer
 
 import streammerge
-from hubserver import WRITE_TOKEN, HubServer
 from streammerge.hub.retry import RetryPolicy
 from streammerge.hub.watch import STATE_FILE, Watcher, watch
 

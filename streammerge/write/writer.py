@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cast import cast_into, numpy_can_cast
 from ..dtypes import DType
 from ..errors import OutputError, VerifyError
 from ..options import DEFAULT_BUFFER_SIZE
 from ..plan import FilePlan, Plan, TensorPlan
+from .cast import cast_into, numpy_can_cast
 
 FOLD_COPIES = 3  # a fold window holds float32 copies of W's window, B's rows and the result
 TMP_SUFFIX = ".streammerge-tmp"
