@@ -49,6 +49,8 @@ def scan(data: bytes, checks: Sequence[int] = (), key_limit: int | None = None) 
     ci, nchecks = 0, len(checks)
     pos, n = 0, len(data)
     while pos < n:
+        if pos >= limit and ci == nchecks:
+            break  # past the keys wanted, and no position left to check
         while ci < nchecks and checks[ci] < pos:
             return None  # a check position fell inside an opcode
         if ci < nchecks and checks[ci] == pos:

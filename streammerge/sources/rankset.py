@@ -264,7 +264,7 @@ class _Matcher:
         if got is None or got[1] or len(got[0]) < 2:
             raise Fallback("rank 0 holds other objects than tensors, or fewer than 2")
         tensors = _checked(got[0], path, d.size)
-        starts = scan(data, key_limit=2 * HEAD_MAX)
+        starts = scan(data, key_limit=HEAD_MAX + 1)  # keys by walking opcodes: a name may equal any other string
         if starts is None or len(starts) < 2 or len(starts) > len(tensors):
             raise Fallback("rank 0's pickle is not a plain dict of records")
         slots, storage, firsts = _mesh_slots(obj)
@@ -285,11 +285,10 @@ class _Matcher:
         template = RankFile(path, 0, st.st_size, st.st_mtime_ns, tensors, {})
         cached = any(isinstance(v, mp.Wrapper) and v.state["_spec"].__dict__.get("_hash") is not None for v in obj.values())
         pattern = _variable_tokens(data, prefix[1], cached)
-        if pattern is not None:
-            # a token counts only where opcodes start (never inside a name or an operand), and is never a key
-            bounds = sorted({p for m in pattern.finditer(data) for p in (m.start(), *m.span(m.lastgroup or 0))})
-            if scan(data, bounds, key_limit=0) is None or set(bounds) & set(starts):
-                raise Fallback("rank 0's pickle holds bytes like a device or hash token inside its data")
+        # a token counts only where opcodes start (never inside a name or an operand), and is never a key
+        bounds = sorted({p for m in (pattern.finditer(data) if pattern else ()) for p in (m.start(), *m.span(m.lastgroup))})
+        if bounds and (scan(data, bounds, key_limit=0) is None or set(bounds) & set(starts)):
+            raise Fallback("rank 0's pickle holds bytes like a device or hash token inside its data")
         m = cls(template, world_size, data, starts, slots, mesh_list, storage, pattern)
         m.mesh_refs = _mesh_references(obj, full_meshes, head_meshes, index)
         m.groups[len(d.prefix)] = _Group(d, array("q", (t.offset for t in tensors.values())), keys)
@@ -437,6 +436,9 @@ class _Matcher:
         return RankEntry(k, path, st.st_size, st.st_mtime_ns, coords, g.base, shift, overrides)
 
 
+_SIG_AND_LENGTHS = np.array([0, 1, 2, 3, 26, 27, 28, 29], np.int64)
+
+
 def _check_local_headers(path: Path, g: _Group, shift: int, cd: bytes) -> None:
     """Every storage record's data is where its local header says (the reader reads there), and the byteorder
     record says little: a central directory alike rank 0's says nothing about either."""
@@ -446,10 +448,9 @@ def _check_local_headers(path: Path, g: _Group, shift: int, cd: bytes) -> None:
     if lho.size:
         if int(lho.max()) + zipdir.LOCAL_SIZE > raw.size:
             raise Fallback("local headers past the end of the file")
-        head = raw[lho[:, None] + np.arange(zipdir.LOCAL_SIZE)[None, :]]
-        sig = head[:, :4].copy().view("<u4").ravel()
-        lengths = head[:, 26:30].copy().view("<u2").reshape(-1, 2).astype(np.int64).sum(axis=1)
-        if (sig != 0x04034B50).any() or (lho + zipdir.LOCAL_SIZE + lengths != g.data_starts + shift).any():
+        head = raw[lho[:, None] + _SIG_AND_LENGTHS[None, :]].view("<u4")  # signature; name and extra lengths
+        lengths = (head[:, 1] & 0xFFFF).astype(np.int64) + (head[:, 1] >> 16)
+        if (head[:, 0] != 0x04034B50).any() or (lho + zipdir.LOCAL_SIZE + lengths != g.data_starts + shift).any():
             raise Fallback("local headers differ from rank 0's")
     if g.byteorder is not None:
         at = int(g.starts[g.byteorder])
@@ -585,11 +586,19 @@ class _Canon:
 
     def removed_before(self, raw: int) -> int:
         """Bytes of tokens that start before this pickle position."""
-        return int(self.size[:np.searchsorted(self.raw, raw, "left")].sum())
+        return int(self._sums[np.searchsorted(self.raw, raw, "left")])
 
     def removed_before_rest(self, at: int) -> int:
         """Bytes of tokens cut out at or before this position of `rest`."""
-        return int(self.size[:np.searchsorted(self.at, at, "right")].sum())
+        return int(self._sums[np.searchsorted(self.at, at, "right")])
+
+    @property
+    def _sums(self) -> np.ndarray:
+        sums = self.__dict__.get("_cumulative")
+        if sums is None:
+            sums = np.concatenate(([0], np.cumsum(self.size)))
+            object.__setattr__(self, "_cumulative", sums)
+        return sums
 
     def tail_tokens(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(place, kind) of the tokens in the last n bytes of `rest`, places counted from where those begin."""

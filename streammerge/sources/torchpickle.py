@@ -21,7 +21,7 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError
-from .torchzip import Directory, check_byteorder, data_offsets, read_directory, read_record, storage_offsets
+from .torchzip import Directory, check_byteorder, data_offsets, read_directory, read_record
 
 _DTYPES = {name: dtypes.of(name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
@@ -293,10 +293,9 @@ def read_state(path: str | Path) -> State | None:
 
 def check_storages(d: Directory, storages: dict[str, tuple[DType | None, int]]) -> dict[str, int]:
     """Each storage's data offset; refuses a storage whose record is missing or not exactly its size, as torch does."""
-    sizes = {}
     for key, (dtype, numel) in storages.items():
         name = f"data/{key}"
-        if name not in d.names:
+        if not d.has(name):
             raise CheckpointError(f"{d.path}: the pickle names storage {name}, which the zip does not hold "
                                   "(truncated or edited rank file)")
         nbytes = numel * (dtype.itemsize if dtype is not None else 1)
@@ -304,8 +303,8 @@ def check_storages(d: Directory, storages: dict[str, tuple[DType | None, int]]) 
         if have != nbytes:
             raise CheckpointError(f"{d.path}: zip record {name} holds {have} bytes, its storage needs {nbytes} "
                                   "(torch.load refuses it); copy the file again from the node that saved it")
-    data_offsets(d)  # every record's local header, as torch's reader meets some of them (version, byteorder...)
-    return storage_offsets(d, storages)
+    starts = data_offsets(d)  # every record's local header: torch's reader meets some of them (version, byteorder...)
+    return {key: starts[d.index(f"data/{key}")] for key in storages}
 
 
 def placement_name(p: Any) -> str:

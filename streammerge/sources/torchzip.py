@@ -40,6 +40,13 @@ class Directory:
     central_bytes: bytes  # the raw central directory, for comparing rank files
     entry_starts: tuple[int, ...]  # where each entry starts in central_bytes
 
+    def has(self, name: str) -> bool:
+        try:
+            self.index(name)
+            return True
+        except CheckpointError:
+            return False
+
     def index(self, name: str) -> int:
         try:
             return self._positions[name]
