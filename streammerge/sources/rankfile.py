@@ -25,7 +25,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
 from .base import Piece, ReadStats
-from .torchzip import check_byteorder, data_offsets, read_directory, read_record
+from .torchzip import check_torch_records, data_offsets, read_directory, read_record
 
 UNSAFE_FLAG = "--trust-pickle"
 
@@ -81,10 +81,11 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
             f"created this file yourself and trust it, rerun with {UNSAFE_FLAG}."
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # one line
         raise CheckpointError(f"{path}: truncated or corrupted rank file ({msg[:200]})") from None
     except Exception as e:  # a damaged pickle can fail anywhere inside the unpickler
-        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {str(e)[:200]})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {first[:200]})") from None
 
 
 def check_zip(path: Path) -> None:
@@ -96,7 +97,7 @@ def check_zip(path: Path) -> None:
     """
     d = read_directory(path)
     read_record(d, "data.pkl")
-    check_byteorder(d)
+    check_torch_records(d)
     data_offsets(d)  # every record's local header
 
 
@@ -261,7 +262,11 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
         if not isinstance(name, str):
             other[name] = value
         elif _is_torch_tensor(value):
-            rec = _record(name, value, rank, world_size, path, records)
+            try:
+                rec = _record(name, value, rank, world_size, path, records)
+            except (AttributeError, TypeError, ValueError, IndexError, KeyError) as e:  # a tensor torch half-built
+                raise CheckpointError(f"{path}: tensor {name!r} is malformed ({type(e).__name__}: "
+                                      f"{(str(e).splitlines() or [''])[0][:150]})") from None
             nbytes = _span_bytes(rec)
             if rec.offset + nbytes > st.st_size:
                 raise CheckpointError(

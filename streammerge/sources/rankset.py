@@ -306,7 +306,7 @@ class _Matcher:
                 if o + _span_bytes(t) > d.size:
                     raise CheckpointError(f"{path}: truncated: tensor {t.name!r} needs bytes up to "
                                           f"{o + _span_bytes(t)}, file has {d.size}")
-            zipdir.check_byteorder(d)
+            zipdir.check_torch_records(d)
             first = next(iter(self.groups.values())).ref  # rank 0's, its sizes checked against its storages
             if any(d.sizes[d.index(n)] != first.sizes[first.index(n)] for n in first.names if n.startswith("data/")):
                 raise CheckpointError(f"{path}: zip records differ in size from rank 0's")

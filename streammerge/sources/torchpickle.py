@@ -14,6 +14,7 @@ import collections
 import gc
 import io
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError
-from .torchzip import Directory, check_byteorder, data_offsets, read_directory, read_record
+from .torchzip import Directory, check_torch_records, data_offsets, read_directory, read_record
 
 _DTYPES = {name: dtypes.of(name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
@@ -132,7 +133,14 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if not isinstance(storage, Storage) or storage.dtype is None:
         raise NotPlain("tensor without a typed storage")
     _plain_view(backward_hooks, metadata)
+    _grad_ok(storage.dtype, requires_grad)
     return _view(storage, storage_offset, size, stride)
+
+
+def _grad_ok(dtype: DType, requires_grad: Any) -> None:
+    """torch refuses gradients on integer tensors (a flag the merge otherwise ignores)."""
+    if requires_grad and not dtype.name.startswith(("float", "bfloat", "complex")):
+        raise Malformed(f"an {dtype.name} tensor that requires gradients (torch.load refuses it)")
 
 
 def _view(storage: Storage, storage_offset: Any, size: Any, stride: Any) -> Local:
@@ -160,6 +168,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     if storage.numel % dtype.itemsize:
         raise NotPlain(f"untyped storage of {storage.numel} bytes holds no whole {dtype.name} elements")
     _plain_view(backward_hooks, metadata)
+    _grad_ok(dtype, requires_grad)
     return _view(Storage(storage.key, dtype, storage.numel // dtype.itemsize), storage_offset, size, stride)
 
 
@@ -179,6 +188,9 @@ def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset=0, layout
                               requires_grad=False) -> Wrapper:
     if cls is not DTensor or not isinstance(dtype, DType):
         raise NotPlain("unknown tensor subclass")
+    if layout not in (None, "torch.strided") or not (isinstance(device, tuple) and device and type(device[0]) is str):
+        raise Malformed("a DTensor whose layout or device is not one")
+    _grad_ok(dtype, requires_grad)
     return Wrapper(cls, dtype, size, stride)
 
 
@@ -197,6 +209,9 @@ def _size(*args):
 
 
 def _device(*args):
+    """torch.device(type[, index]) as torch builds it: a device type torch knows, else torch.load refuses."""
+    if not args or type(args[0]) is not str or not _DEVICE.match(args[0]) or ":" in args[0] and len(args) > 1:
+        raise Malformed(f"a tensor on an unknown device {str(args)[:40]}")
     return args
 
 
@@ -232,6 +247,11 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+# torch's device types (and accelerator plugins veRL saves from: npu, musa); torch.device refuses any other
+_DEVICE = re.compile(r"(cpu|cuda|ipu|xpu|mkldnn|opengl|opencl|ideep|hip|ve|fpga|maia|xla|lazy|vulkan|mps|meta|hpu"
+                       r"|mtia|privateuseone|npu|musa)(:[0-9]+)?\Z")
+
+
 class _Unpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO):
         super().__init__(file)
@@ -252,7 +272,7 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and (isinstance(pid[1], DType) or pid[1] is _UntypedStorage)):
             raise NotPlain("unknown persistent id")
-        kind, key, numel = pid[1], pid[2], pid[4]
+        kind, key, numel = pid[1], pid[2], pid[4]  # the location is not read: torch.load maps it away too
         if type(key) is not str or type(numel) is not int or numel < 0:
             raise NotPlain("persistent id without a storage key and size")
         dtype = kind if isinstance(kind, DType) else None
@@ -281,7 +301,7 @@ def read_state(path: str | Path) -> State | None:
         data = read_record(d, "data.pkl")
     except CheckpointError:
         return None  # load.check_zip (or torch.load) reports what is wrong with the file
-    check_byteorder(d)
+    check_torch_records(d)
     try:
         obj, storages = _decode_storages(data)
     except Malformed as e:
@@ -355,7 +375,8 @@ def _decode(data: bytes, memo: bool) -> tuple[Any, dict | None, dict[str, tuple[
         return obj, (u.memo.copy() if memo else None), u.storages
     except NotPlain:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, RecursionError) as e:
         raise NotPlain(f"corrupt pickle ({type(e).__name__}: {e})") from None
     finally:
         if gc_was_on:
