@@ -7,7 +7,6 @@ compared with torch.load's, byte for byte. A differential fuzz test does the sam
 
 from __future__ import annotations
 
-import json
 import logging
 import pickletools
 import shutil
@@ -173,7 +172,8 @@ def test_local_headers(good: Path, tmp_path: Path, case: str) -> None:
     raw = bytearray(p.read_bytes())
     info = records(p)["data/0"]
     if case == "extra+8":
-        struct.pack_into("<H", raw, info.header_offset + 28, struct.unpack_from("<H", raw, info.header_offset + 28)[0] + 8)
+        extra = struct.unpack_from("<H", raw, info.header_offset + 28)[0]
+        struct.pack_into("<H", raw, info.header_offset + 28, extra + 8)
     elif case == "name":
         raw[info.header_offset + 30 + len(info.filename) - 1] ^= 1
     else:
@@ -316,7 +316,8 @@ MUTATIONS = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutation=MUTATIONS)
 def test_differential_fuzz(good: Path, tmp_path_factory: pytest.TempPathFactory, mutation: tuple) -> None:
     mutate_and_compare(good, tmp_path_factory, mutation)
@@ -409,3 +410,19 @@ def test_verify_reads_the_checkpoint_through_torch(verl_fixtures: Path, tmp_path
     report = streammerge.verify(out, ckpt, chunk_size=4096)
     assert not report.ok
     assert any("model_world_size_4_rank_2.pt" in f and "torch.load" in f for f in report.failures), report.summary()
+
+
+def test_shared_nested_state_is_walked_once(tmp_path: Path) -> None:
+    """A pickle sharing one dict 2**40 times over loads in a blink; walking it naively never ends."""
+    from streammerge.optimizer.fsdp import load_optim_file
+    from streammerge.sources.verl_oracle import VerlOracle
+
+    nested: dict = {"exp_avg": torch.zeros(2)}
+    for _ in range(40):
+        nested = {"a": nested, "b": nested}
+    path = tmp_path / "optim_world_size_1_rank_0.pt"
+    torch.save({"state": {0: nested}, "param_groups": [{"params": [0]}]}, path)
+    with pytest.raises(CheckpointError, match="already seen"):
+        load_optim_file(path, 0, 1)
+    with pytest.raises(CheckpointError, match="already seen"):
+        VerlOracle([path], 1).shape("state.0.a.exp_avg")

@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan, build_plan
 from ..sources.base import Piece, SourceTensor
-from ..sources.rankfile import RankFile, _record, _span_bytes, storage_records, chunk_bounds, layout_name, tensor_pieces, torch_load_meta
+from ..sources.rankfile import (
+    RankFile,
+    _record,
+    _span_bytes,
+    chunk_bounds,
+    layout_name,
+    storage_records,
+    tensor_pieces,
+    torch_load_meta,
+)
 from . import LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError, Skip
 from .export import walk_state
 from .naming import ModelParams, model_params
@@ -61,7 +70,11 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
     for pid, entry in state.items():
         if not isinstance(pid, int) or not isinstance(entry, dict):
             raise Skip(f"{path.name}: optimizer state keyed by {type(pid).__name__}, not by parameter index")
-        for key, value in walk_state(entry):
+        try:
+            flat = list(walk_state(entry))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        for key, value in flat:
             name = f"state.{pid}.{key}"
             if isinstance(value, torch.Tensor):
                 rec = _record(name, value, rank, world_size, path, records)

@@ -84,8 +84,8 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # one line
         raise CheckpointError(f"{path}: truncated or corrupted rank file ({msg[:200]})") from None
     except Exception as e:  # a damaged pickle can fail anywhere inside the unpickler
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {first[:200]})") from None
+        line = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {line[:200]})") from None
 
 
 def check_zip(path: Path) -> None:

@@ -8,9 +8,11 @@ decoded; every other rank is checked with byte compares (memcmp, numpy) and only
 is decoded. A rank that does not match (uneven shards, another torch, an edited file) is decoded in
 full, so the result is the same either way, only slower.
 
-What the byte compares cannot see: the local zip header before each record. A file whose central
-directory matches but whose local headers were rewritten by hand could make the writer read other
-bytes of that same file (never outside it); torch.save never writes such a file.
+Tokens that differ by rank (the device a GPU rank saved from, a cached hash) are cut out before the
+compare, only where rank 0's opcodes start (never inside a name or an operand), and compared by place
+and kind; the keys are found by walking rank 0's opcodes, never by searching for names. The local zip
+header of every storage record of every matched rank is read (vectorised), so the bytes read are the
+ones torch's reader would take.
 """
 
 from __future__ import annotations
@@ -286,7 +288,8 @@ class _Matcher:
         cached = any(isinstance(v, mp.Wrapper) and v.state["_spec"].__dict__.get("_hash") is not None for v in obj.values())
         pattern = _variable_tokens(data, prefix[1], cached)
         # a token counts only where opcodes start (never inside a name or an operand), and is never a key
-        bounds = sorted({p for m in (pattern.finditer(data) if pattern else ()) for p in (m.start(), *m.span(m.lastgroup))})
+        matches = pattern.finditer(data) if pattern else ()
+        bounds = sorted({p for m in matches for p in (m.start(), *m.span(m.lastgroup or 0))})
         if bounds and (scan(data, bounds, key_limit=0) is None or set(bounds) & set(starts)):
             raise Fallback("rank 0's pickle holds bytes like a device or hash token inside its data")
         m = cls(template, world_size, data, starts, slots, mesh_list, storage, pattern)
@@ -458,7 +461,8 @@ def _check_local_headers(path: Path, g: _Group, shift: int, cd: bytes) -> None:
         local = raw[lho_b:lho_b + zipdir.LOCAL_SIZE].tobytes()
         if len(local) < zipdir.LOCAL_SIZE or local[:4] != b"PK\x03\x04":
             raise Fallback("no local header for the byteorder record")
-        start = lho_b + zipdir.LOCAL_SIZE + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        lengths = int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        start = lho_b + zipdir.LOCAL_SIZE + lengths
         if raw[start:start + 6].tobytes() != b"little":
             raise Fallback("byteorder record is not 'little'")
 
@@ -572,12 +576,13 @@ class _Canon:
         pieces, raw, at, kind, size = [], [], [], [], []
         pos = kept = 0
         for m in pattern.finditer(data) if pattern is not None else ():
-            a, b = m.span(m.lastgroup)
+            group = m.lastgroup or "t0"  # every alternative ends in its named token group
+            a, b = m.span(group)
             pieces.append(data[pos:a])
             kept += a - pos
             raw.append(a)
             at.append(kept)
-            kind.append(int(m.lastgroup[1:]))
+            kind.append(int(group[1:]))
             size.append(b - a)
             pos = b
         pieces.append(data[pos:])

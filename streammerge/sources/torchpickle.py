@@ -190,6 +190,9 @@ def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset=0, layout
         raise NotPlain("unknown tensor subclass")
     if layout not in (None, "torch.strided") or not (isinstance(device, tuple) and device and type(device[0]) is str):
         raise Malformed("a DTensor whose layout or device is not one")
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and all(type(x) is int and x >= 0 for x in (*size, *stride))):
+        raise Malformed(f"a DTensor whose shape {str(size)[:40]} or stride {str(stride)[:40]} is not whole numbers")
     _grad_ok(dtype, requires_grad)
     return Wrapper(cls, dtype, size, stride)
 

@@ -47,7 +47,10 @@ class VerlOracle(Oracle):
                                       ) from None
             finally:
                 mesh_log.setLevel(level)
-            self._loaded[path] = dict(_flat(obj))
+            try:
+                self._loaded[path] = dict(_flat(obj))
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
         return self._loaded[path]
 
     def _files_for(self, name: str) -> list[Path]:
@@ -141,15 +144,22 @@ class VerlOracle(Oracle):
         self._placed.clear()
 
 
-def _flat(obj: Any, prefix: str = "") -> Any:
-    """A model state dict as is; an optimizer's nested state as `state.<int>.<key>` (as the optimizer plan names it)."""
+def _flat(obj: Any, prefix: str = "", seen: set[int] | None = None) -> Any:
+    """A model state dict as is; an optimizer's nested state as `state.<int>.<key>` (as the optimizer plan names it).
+
+    Each dict is walked once (a pickle can share one dict many times over, whose walk would never end).
+    """
+    seen = seen if seen is not None else set()
+    if id(obj) in seen or prefix.count(".") > 64:
+        raise CheckpointError(f"state {prefix.rstrip('.')!r} holds a dict already seen, or nests too deep")
+    seen.add(id(obj))
     if isinstance(obj, dict) and "state" in obj and "param_groups" in obj and not prefix:
         for pid, entry in obj["state"].items():
-            yield from _flat(entry, f"state.{pid}.")
+            yield from _flat(entry, f"state.{pid}.", seen)
         return
     for k, v in (obj.items() if isinstance(obj, dict) else ()):
         if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
+            yield from _flat(v, f"{prefix}{k}.", seen)
         else:
             yield f"{prefix}{k}", v
 
