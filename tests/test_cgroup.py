@@ -17,6 +17,7 @@ import pytest
 from streammerge.testing.memcg import MemoryCgroup, Unavailable
 from streammerge.testing.presets import check_merge, make_checkpoint, param_specs
 
+pytestmark = pytest.mark.slow  # real multi-process or multi-GB runs
 ROOT = Path(__file__).resolve().parents[1]
 
 LIMIT = 512 * 2**20

@@ -13,6 +13,7 @@ import pytest
 
 from streammerge.testing.presets import check_merge, make_checkpoint
 
+pytestmark = pytest.mark.slow  # real multi-process or multi-GB runs
 ROOT = Path(__file__).resolve().parents[1]
 
 OPTS = ["--max-shard-size", "100KB", "--no-optimizer", "--no-progress", "--dtype", "bfloat16"]
