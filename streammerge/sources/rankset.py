@@ -216,7 +216,10 @@ class _Group:
         starts = zipdir.data_offsets(self.ref, records)  # the local headers, read exactly
         self.records = np.asarray(records, np.int64)
         self.data_starts = np.asarray([starts[i] for i in records], np.int64)
-        self.byteorder = self.ref.names.index("byteorder") if "byteorder" in self.ref.names else None
+        # the small records torch's reader parses: each rank's must hold what this file's holds
+        self.small = [(self.ref.index(n), zipdir.read_record(self.ref, n, check_crc=False)) for n in _SMALL
+                      if self.ref.has(n)]
+        self.serialization_id = self.ref.index(_SERIAL) if self.ref.has(_SERIAL) else None
 
 
 class _Shifted(dict):
@@ -443,8 +446,9 @@ _SIG_AND_LENGTHS = np.array([0, 1, 2, 3, 26, 27, 28, 29], np.int64)
 
 
 def _check_local_headers(path: Path, g: _Group, shift: int, cd: bytes) -> None:
-    """Every storage record's data is where its local header says (the reader reads there), and the byteorder
-    record says little: a central directory alike rank 0's says nothing about either."""
+    """Every storage record's data is where its local header says (the reader reads there), and the small
+    records torch parses (version, alignment, byteorder) hold what rank 0's hold: a central directory
+    alike rank 0's says nothing about either."""
     with open(path, "rb") as f:
         raw = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
     lho = g.lho[g.records] + shift
@@ -455,16 +459,33 @@ def _check_local_headers(path: Path, g: _Group, shift: int, cd: bytes) -> None:
         lengths = (head[:, 1] & 0xFFFF).astype(np.int64) + (head[:, 1] >> 16)
         if (head[:, 0] != 0x04034B50).any() or (lho + zipdir.LOCAL_SIZE + lengths != g.data_starts + shift).any():
             raise Fallback("local headers differ from rank 0's")
-    if g.byteorder is not None:
-        at = int(g.starts[g.byteorder])
-        lho_b = int.from_bytes(cd[at + 42:at + 46], "little")
-        local = raw[lho_b:lho_b + zipdir.LOCAL_SIZE].tobytes()
-        if len(local) < zipdir.LOCAL_SIZE or local[:4] != b"PK\x03\x04":
-            raise Fallback("no local header for the byteorder record")
-        lengths = int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
-        start = lho_b + zipdir.LOCAL_SIZE + lengths
-        if raw[start:start + 6].tobytes() != b"little":
-            raise Fallback("byteorder record is not 'little'")
+    for i, content in g.small:
+        if _record_bytes(raw, cd, int(g.starts[i]), len(content)) != content:
+            raise Fallback(f"zip record {g.ref.names[i]} differs from rank 0's")
+    if g.serialization_id is not None:
+        i = g.serialization_id
+        data = _record_bytes(raw, cd, int(g.starts[i]), g.ref.sizes[i])
+        try:
+            if data is None:
+                raise UnicodeDecodeError("utf-8", b"", 0, 0, "no record")
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Fallback("serialization id is not text") from None
+
+
+_SMALL = ("version", ".data/version", ".format_version", ".storage_alignment", "byteorder")
+_SERIAL = ".data/serialization_id"
+
+
+def _record_bytes(raw: np.ndarray, cd: bytes, entry: int, size: int) -> bytes | None:
+    """A record's bytes, found through its local header as torch's reader finds them; None if there is none."""
+    lho = int.from_bytes(cd[entry + 42:entry + 46], "little")
+    local = raw[lho:lho + zipdir.LOCAL_SIZE].tobytes()
+    if len(local) < zipdir.LOCAL_SIZE or local[:4] != b"PK\x03\x04":
+        return None
+    start = lho + zipdir.LOCAL_SIZE + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    data = raw[start:start + size].tobytes()
+    return data if len(data) == size else None
 
 
 def _mesh_of(value: Any) -> Any:
