@@ -436,7 +436,8 @@ def test_matcher_fuzz_on_gpu_saved_pickles(verl_fixtures: Path, tmp_path_factory
     """A byte of a GPU-saved rank's pickle changed (CRC kept right), next to device and hash tokens: the
     matched records still read what torch.load reads, or the load refuses."""
     actor = tmp_path_factory.mktemp("fuzz_gpu") / "actor"
-    shutil.copytree(verl_fixtures / "fsdp2_llama_shard1_ws4", actor, ignore=shutil.ignore_patterns("optim_*", "extra_*"))
+    shutil.copytree(verl_fixtures / "fsdp2_llama_shard1_ws4", actor,
+                    ignore=shutil.ignore_patterns("optim_*", "extra_*"))
     victim = actor / "model_world_size_4_rank_2.pt"
     mutate(victim, ("pickle", where, value))
     try:
