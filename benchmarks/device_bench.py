@@ -301,8 +301,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("--workers")
     ax.set_ylabel("wall s (cold cache)")
-    ax.set_title(f"{result.get('bf16_checkpoint', {}).get('preset', '?')} float32 -> bfloat16, "
-                 f"{result['machine']['cpus']} CPUs")
+    made = result.get("bf16_checkpoint") or result.get("keep_checkpoint") or {}
+    ax.set_title(f"{made.get('preset', '?')} float32 -> bfloat16, {result['machine']['cpus']} CPUs")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,11 +1,12 @@
 """Write: execute a plan, one output file at a time, in bounded memory.
 
-Each file is created at its final size under a temporary name, its header written from the plan,
-and every tensor filled window by window: worker threads read the pieces of a window straight from
-the rank files (positioned reads; casts chunk by chunk with numpy, bit for bit what `tensor.to(dtype)`
-gives, see cast.py; torch only for float8) and write it in place, while this thread hashes the
-windows in file order. Memory is the window buffers and nothing else; page cache is dropped behind
-us so a memory cgroup stays bounded too. The file is re-opened with the Rust reader
+Each file is created at its final size under a temporary name and cut into aligned windows of file
+space (the header in the first): worker threads fill a window from the pieces of every tensor it
+spans, read straight from the rank files (positioned reads; casts chunk by chunk with numpy, bit for
+bit what `tensor.to(dtype)` gives, see cast.py; torch only for float8), and write it with one pwrite,
+O_DIRECT where the file system allows, while this thread takes the CRC-32 of the windows in file
+order (and sha256, only when asked: a push needs it). Memory is the window buffers and nothing else;
+page cache is dropped behind us (or never filled, with O_DIRECT) so a memory cgroup stays bounded too. The file is re-opened with the Rust reader
 (`safetensors.safe_open`) before it is renamed into place. torch is imported only for a float8 cast.
 """
 
