@@ -272,7 +272,8 @@ def bench_preset(preset: str, a: argparse.Namespace, env: dict, verl_reason: str
     if "streammerge-bf16" in bf16_sha:
         for c in ("naive", "verl"):
             if c in bf16_sha:
-                checks[f"streammerge bfloat16 files byte-identical to {c}'s"] = bf16_sha[c] == bf16_sha["streammerge-bf16"]
+                same = bf16_sha[c] == bf16_sha["streammerge-bf16"]
+                checks[f"streammerge bfloat16 files byte-identical to {c}'s"] = same
     summary = {}
     for c, rs in runs.items():
         ok = [r for r in rs if r["returncode"] == 0]
@@ -307,7 +308,8 @@ def plot(result: dict, path: Path) -> None:
     presets = sorted(result["presets"], key=lambda p: p["checkpoint_bytes"])
     xs = [p["checkpoint_bytes"] / 1e9 for p in presets]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"cat": ("k", "--"), "cp": ("grey", ":"), "cat+sha256": ("tab:green", "--"), "streammerge": ("tab:blue", "-"),
+    styles = {"cat": ("k", "--"), "cp": ("grey", ":"), "cat+sha256": ("tab:green", "--"),
+              "streammerge": ("tab:blue", "-"),
               "streammerge-bf16": ("tab:cyan", "-"), "naive": ("tab:red", "-"), "verl": ("tab:orange", "-")}
     for c in CONTENDERS:
         pts = [(x, p["summary"][c]) for x, p in zip(xs, presets) if c in p["summary"]]
@@ -385,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(result: dict) -> str:
-    lines = [f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['machine']['ram_gb']} GB; "
+    m = result["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB; "
              f"cache: {result['cache_policy']}; import baseline {result['import']['rss_mb']:.0f} MB RSS, "
              f"{result['import']['cold_s']:.1f} s cold / {result['import']['warm_s']:.1f} s warm"]
     for pr in result["presets"]:

@@ -42,7 +42,8 @@ def tensor_names(n: int) -> list[str]:
     while len(names) < n:
         p = f"model.layers.{layer}."
         names += [p + s for s in ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight",
-                                   "self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")]
+                                   "self_attn.o_proj.weight", "input_layernorm.weight",
+                                   "post_attention_layernorm.weight")]
         for e in range(256):
             names += [f"{p}mlp.experts.{e}.{w}.weight" for w in ("gate_proj", "up_proj", "down_proj")]
         layer += 1
@@ -155,7 +156,8 @@ def make(out: Path, ranks: int, tensors: int, jobs: int, method: str = "fast") -
         shutil.rmtree(out, ignore_errors=True)
     (actor / "huggingface").mkdir(parents=True, exist_ok=True)
     (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": ranks}))
-    (actor / "huggingface" / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False}))
+    config = {"model_type": "llama", "tie_word_embeddings": False}
+    (actor / "huggingface" / "config.json").write_text(json.dumps(config))
     t0 = time.perf_counter()
     if method == "fast":
         resumed = sum(1 for _ in done.iterdir()) if done.is_dir() else 0

@@ -75,7 +75,7 @@ class Server:
     def __init__(self, link_mbps: float):
         self.link_mbps = link_mbps
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve", "--link-mbps", str(self.link_mbps)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.endpoint = self.proc.stdout.readline().strip()
@@ -119,8 +119,9 @@ def serve(link_mbps: float) -> None:
 
 
 def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float) -> dict:
-    import streammerge
     from hubserver import WRITE_TOKEN
+
+    import streammerge
     from streammerge.hub.publish import merge_and_push
     from streammerge.hub.pusher import HubPusher, push_folder
 

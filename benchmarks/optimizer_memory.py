@@ -84,12 +84,13 @@ def naive(actor: Path, out: Path) -> None:
     """The usual workaround: every rank file fully in RAM, every state gathered, one torch.save."""
     import torch
     import torch.distributed.tensor  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     files = sorted(actor.glob("optim_world_size_*_rank_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     ranks = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     with torch.device("meta"):
-        names = [n for n, _ in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(actor / "huggingface")).named_parameters()]
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(actor / "huggingface"))
+        names = [n for n, _ in model.named_parameters()]
     state = {}
     for i, fqn in enumerate(names):
         entry = ranks[0]["state"][i]
@@ -125,7 +126,9 @@ def compare(export: Path, naive_pt: Path) -> int:
     for fqn, entry in want["state"].items():
         for k, v in entry.items():
             g = got["state"][fqn][k]
-            assert g.dtype == v.dtype and g.shape == v.shape and torch.equal(g.view(-1).view(torch.uint8) if g.dim() else g, v.view(-1).view(torch.uint8) if v.dim() else v), (fqn, k)
+            same = torch.equal(g.view(-1).view(torch.uint8) if g.dim() else g,
+                               v.view(-1).view(torch.uint8) if v.dim() else v)
+            assert g.dtype == v.dtype and g.shape == v.shape and same, (fqn, k)
             n += v.numel() * v.element_size()
     return n
 
@@ -152,15 +155,19 @@ def main() -> None:
     for label, extra in (("streammerge", []), ("streammerge-torch", ["--optimizer-format", "torch"])):
         out = a.work / f"out-{label}"
         shutil.rmtree(out, ignore_errors=True)
-        secs, rss = measure([sys.executable, "-m", "streammerge", str(actor), str(out), "--dtype", "keep", "--no-progress", *extra])
+        secs, rss = measure([sys.executable, "-m", "streammerge", str(actor), str(out), "--dtype", "keep",
+                             "--no-progress", *extra])
         size = sum(f.stat().st_size for f in (out / "optimizer").iterdir())
         rows.append((label, secs, rss, size))
-        print(f"{label:<18} {secs:7.1f} s   peak RSS {rss / 2**20:8.0f} MiB   optimizer/ {size / 1e9:.2f} GB", flush=True)
+        print(f"{label:<18} {secs:7.1f} s   peak RSS {rss / 2**20:8.0f} MiB   optimizer/ {size / 1e9:.2f} GB",
+              flush=True)
     if not a.skip_naive:
         naive_pt = a.work / "naive-optimizer.pt"
         secs, rss = measure([sys.executable, __file__, "--naive", str(actor), str(naive_pt)])
         rows.append(("naive", secs, rss, naive_pt.stat().st_size))
-        print(f"{'naive':<18} {secs:7.1f} s   peak RSS {rss / 2**20:8.0f} MiB   optimizer.pt {naive_pt.stat().st_size / 1e9:.2f} GB", flush=True)
+        size = naive_pt.stat().st_size
+        print(f"{'naive':<18} {secs:7.1f} s   peak RSS {rss / 2**20:8.0f} MiB   optimizer.pt {size / 1e9:.2f} GB",
+              flush=True)
         for label in ("streammerge", "streammerge-torch"):
             n = compare(a.work / f"out-{label}", naive_pt)
             print(f"{label}: equal to the naive optimizer.pt bit for bit ({n / 1e9:.2f} GB compared)", flush=True)

@@ -41,9 +41,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 WRITE_TOKEN = "hf_streammergeTestWriteTokenAlice0001"
@@ -224,7 +225,7 @@ class HubServer:
         self.endpoint = ""
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         handler = type("BoundHandler", (_Handler,), {"hub": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
@@ -241,7 +242,7 @@ class HubServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -526,7 +527,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Drop()
             log(status)
             self._send(status, payload, headers, ctype)
-        except (_Drop, ConnectionError, socket.timeout):
+        except (TimeoutError, _Drop, ConnectionError):
             log(None)
             self._drop()
         except Exception as exc:  # a bug in this server: answer 500 and keep it for the test to see

@@ -37,7 +37,8 @@ def _assert_same(bits: np.ndarray, src: dtypes.DType, dst: dtypes.DType) -> None
                           f"{[hex(b) for b in bits[bad[:4]].tolist()]}")
 
 
-@pytest.mark.parametrize(("src", "dst"), [(s, d) for s in (dtypes.float16, dtypes.bfloat16) for d in FLOATS if s is not d])
+@pytest.mark.parametrize(("src", "dst"),
+                         [(s, d) for s in (dtypes.float16, dtypes.bfloat16) for d in FLOATS if s is not d])
 def test_every_16_bit_pattern(src, dst):
     """All 65,536 values: NaN payloads and signs, infinities, subnormals, ties."""
     _assert_same(np.arange(1 << 16, dtype=np.uint16), src, dst)

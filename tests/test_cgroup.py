@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from streammerge.testing.presets import check_merge, make_checkpoint, param_specs
 from streammerge.testing.memcg import MemoryCgroup, Unavailable
+from streammerge.testing.presets import check_merge, make_checkpoint, param_specs
+
+pytestmark = pytest.mark.slow  # real multi-process or multi-GB runs
+ROOT = Path(__file__).resolve().parents[1]
 
 LIMIT = 512 * 2**20
 PRESET = "qwen2.5-0.5b"  # 1.98 GB of float32 rank files
@@ -53,7 +54,8 @@ def test_2gb_merge_fits_in_512mb_cgroup(tmp_path):
         peak, kills = cg.peak(), cg.oom_kills()
         print(f"\n{size / 1e9:.2f} GB merge in a {LIMIT >> 20} MiB cgroup v{cg.version}: peak usage "
               f"{peak / 2**20:.0f} MiB (RSS + page cache), {kills} OOM kills; {r.stdout.strip()}")
-        assert r.returncode == 0, f"merge failed in the cgroup (exit {r.returncode}, OOM kills {kills}): {r.stderr[-2000:]}"
+        assert r.returncode == 0, (f"merge failed in the cgroup (exit {r.returncode}, OOM kills {kills}): "
+                                   f"{r.stderr[-2000:]}")
         assert kills == 0
         assert 0 < peak <= LIMIT
         written = sum(p.stat().st_size for p in out.glob("*.safetensors"))

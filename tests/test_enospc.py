@@ -95,5 +95,6 @@ def test_file_size_limit_stops_with_a_clear_message(ckpt, tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert_stopped_cleanly(out, r.stderr, ["model.safetensors", "file-size limit", "raise the limit"])
     assert not (out / "model.safetensors").exists()
-    assert main([str(ckpt), str(out), "--max-shard-size", "5GB", "--dtype", "keep"]) == 0  # limit lifted: the same command finishes
+    # limit lifted: the same command finishes
+    assert main([str(ckpt), str(out), "--max-shard-size", "5GB", "--dtype", "keep"]) == 0
     assert streammerge.verify(out, ckpt).ok

@@ -18,10 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from streammerge.hub.card import make_model_card
 from streammerge.hub.commits import matches, plan_commits
 from streammerge.hub.pusher import HubPusher, push_folder
@@ -160,7 +160,8 @@ def test_existing_repo_is_updated_and_a_rerun_sends_nothing(hub, folder):
     n_log = len(hub.log)
     push_folder(folder, "alice/tiny", **opts)
     puts = [e.path for e in hub.log[n_log:] if e.method == "PUT"]
-    assert puts == [f"/_lfs/upload/{hashlib.sha256((folder / 'model-00003-of-00004.safetensors').read_bytes()).hexdigest()}"]
+    sha = hashlib.sha256((folder / "model-00003-of-00004.safetensors").read_bytes()).hexdigest()
+    assert puts == [f"/_lfs/upload/{sha}"]
     assert hub.commit_log("alice/tiny")[-1].added == ["model-00003-of-00004.safetensors"]
     assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "notes.txt": b"kept"}
 

@@ -26,7 +26,9 @@ NEEDS_HUB = ("streammerge.hub", "streammerge.publish", "streammerge.watch")
 def _modules() -> list[str]:
     names = []
     for info in pkgutil.walk_packages(streammerge.__path__, "streammerge."):
-        if info.name.endswith("__main__") or info.name in TORCH_MODULES or info.name.startswith(NEEDS_HUB) or info.name.startswith("streammerge.testing"):
+        name = info.name
+        if (name.endswith("__main__") or name in TORCH_MODULES or name.startswith(NEEDS_HUB)
+                or name.startswith("streammerge.testing")):
             continue
         names.append(info.name)
     return sorted(names)

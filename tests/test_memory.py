@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ def _run(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_rss_flat_in_checkpoint_size(tmp_path: Path) -> None:
     small = _checkpoint(tmp_path / "small", 40)
     large = _checkpoint(tmp_path / "large", 480)

@@ -86,6 +86,7 @@ def test_auto_dtype_follows_config_and_rewrites_it(make_ckpt, tmp_path: Path) ->
     assert len(tok("hello world")["input_ids"]) > 0
 
 
+@pytest.mark.slow
 def test_demo_command_runs_the_whole_path(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "streammerge", "demo", str(tmp_path / "demo")],

@@ -185,6 +185,7 @@ def _drop_last(osd: dict) -> None:
     osd["state"].pop(last, None)
 
 
+@pytest.mark.slow
 def test_state_of_another_shape_is_refused(tmp_path) -> None:
     ck = _tampered(tmp_path, "fsdp2_llama_shard1_ws4", _swap_first_two)
     with pytest.raises(OptimizerMismatchError, match=r"model\.embed_tokens\.weight.*refusing to guess.*--no-optimizer"):
@@ -320,6 +321,7 @@ def test_unknown_optimizer_format_is_rejected() -> None:
         build_parser("merge").parse_args(["a", "b", "--optimizer-format", "zip"])
 
 
+@pytest.mark.slow
 def test_cli_torch_format_and_resume_reuses_files(tmp_path) -> None:
     name = "fsdp2_qwen2_tied_ws4"
     args = [sys.executable, "-m", "streammerge", str(FIXTURES / name), str(tmp_path / "out"),

@@ -18,11 +18,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import streammerge
-from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from streammerge.errors import CheckpointError
 from streammerge.hub.publish import ConfigError, PushConfig, load_push_config, merge_and_push, push_settings
 from streammerge.hub.retry import PushError, RetryPolicy
@@ -78,6 +78,7 @@ def cli(args: list[str], hub: HubServer, token: str = WRITE_TOKEN, wait: bool = 
 
 
 # ---- the CLI --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_push_to_private_org_repo_uploads_merged_files_index_last(hub, make_ckpt, tmp_path):
     out = tmp_path / "out"
     proc = cli([make_ckpt(), out, "--push", "--repo-id", "tiny", "--organization", "acme", "--private",
@@ -210,6 +211,7 @@ def test_seed_api_merge_that_fails_creates_nothing_on_the_hub(hub, make_ckpt, tm
     assert not hub.requests("POST", r"^/api/repos/create$") and not hub.requests("POST", r"/branch/")
 
 
+@pytest.mark.slow
 def test_cli_merge_failing_after_its_first_upload_removes_the_repo_and_branch_it_made(hub, make_ckpt, tmp_path):
     """The optimizer.pt (1.8 MB) passes a 1 MB file-size limit only after the model shards were uploading."""
     hub.create_repo("alice/kept")
@@ -445,6 +447,7 @@ def test_optimizer_full_pushes_an_optimizer_export_that_loads_as_the_card_says(h
     assert all(s["exp_avg"].abs().sum() > 0 for s in state.values())
 
 
+@pytest.mark.slow
 def test_cli_torch_optimizer_format_gets_a_model_card_that_says_so_and_loads(hub, make_ckpt, tmp_path):
     out = tmp_path / "out"
     proc = cli([make_ckpt(), out, "--push", "--repo-id", "tiny", "--max-shard-size", SHARD,

@@ -111,6 +111,7 @@ SKIPPED = re.compile(r"warning: optimizer not exported: \S*config\.json: model_t
 
 # ---------------------------------------------------------------- 1. code from the checkpoint never runs
 
+@pytest.mark.slow
 def test_merge_on_a_terminal_answering_yes_never_runs_checkpoint_code(evil, tmp_path):
     actor, _, _, marker = evil
     code, out = run_in_pty([actor, tmp_path / "out", "--max-shard-size", "100KB"])
@@ -135,6 +136,7 @@ def test_inspect_on_a_terminal_answering_yes_never_runs_checkpoint_code(evil):
     assert SKIPPED.search(out), out
 
 
+@pytest.mark.slow
 def test_model_name_with_remote_code_never_runs_it(evil, tmp_path):
     _, bare, name, marker = evil
     code, out = run_in_pty([bare, tmp_path / "out", "--model-name", name])

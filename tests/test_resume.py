@@ -85,6 +85,7 @@ def check_invariants(out: Path) -> None:
         assert report.ok, report.summary()
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume(big, reference, tmp_path):
     ref_out, ref_bytes, _ = reference
     seed = int(os.environ.get("STREAMMERGE_TEST_SEED", random.randrange(2**32)))

@@ -34,7 +34,8 @@ def _plain_checkpoint(root: Path, tensors: dict[str, torch.Tensor]) -> Path:
 def test_header_matches_rust_writer_for_every_dtype(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     tensors = {f"t{i:02d}_{str(dt)[6:]}": _random(dt, (3, 2), gen) for i, dt in enumerate(ALL_DTYPES)}
-    tensors.update({"zero_d": torch.tensor(1.5), "empty": torch.zeros(0, 4), "a.b": torch.ones(5, dtype=torch.bfloat16)})
+    tensors.update({"zero_d": torch.tensor(1.5), "empty": torch.zeros(0, 4),
+                    "a.b": torch.ones(5, dtype=torch.bfloat16)})
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
     ref = (tmp_path / "ref.safetensors").read_bytes()
     ours = layout(((k, v.dtype, tuple(v.shape)) for k, v in tensors.items()), {"format": "pt"})
@@ -55,7 +56,8 @@ def test_merge_is_byte_identical_to_save_file(tmp_path: Path) -> None:
 @settings(max_examples=25, deadline=None)
 @given(
     shapes=st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3), min_size=1, max_size=6),
-    dtypes=st.lists(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool]),
+    dtypes=st.lists(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8,
+                                     torch.bool]),
                     min_size=6, max_size=6),
     names=st.lists(st.text("abcxyz._0123456789", min_size=1, max_size=12), min_size=6, max_size=6, unique=True),
     shard=st.integers(200, 2000),

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from streammerge.testing.presets import check_merge, make_checkpoint
+
+pytestmark = pytest.mark.slow  # real multi-process or multi-GB runs
+ROOT = Path(__file__).resolve().parents[1]
 
 OPTS = ["--max-shard-size", "100KB", "--no-optimizer", "--no-progress", "--dtype", "bfloat16"]
 

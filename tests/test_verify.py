@@ -196,6 +196,7 @@ def test_corrupted_source_data_is_caught_by_merge_verify(verl_fixtures, tmp_path
     assert "model_world_size_4_rank_2.pt" in out and "CRC32" in out and info.filename in out
 
 
+@pytest.mark.slow
 def test_verify_reads_in_bounded_memory(tmp_path):
     """A 32 MB tensor verified with 512 KiB chunks: the peak RSS grows by far less than the tensor."""
     g = torch.Generator().manual_seed(0)

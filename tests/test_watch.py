@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from hubserver import WRITE_TOKEN, HubServer
 
 import streammerge
-from hubserver import WRITE_TOKEN, HubServer
 from streammerge.hub.retry import RetryPolicy
 from streammerge.hub.watch import STATE_FILE, Watcher, watch
 
@@ -72,6 +72,7 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_watch_cli_pushes_each_complete_step_to_its_branch_and_not_again_after_restart(hub, actors, tmp_path):
     run = tmp_path / "run"
     add_step(run, 1, actors[0])

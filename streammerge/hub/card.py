@@ -52,7 +52,8 @@ tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 `param_groups`), as `torch.distributed.checkpoint.state_dict.get_optimizer_state_dict` returns the
 full state, so training can resume on any world size:"""
         elif fmt == "safetensors":
-            what = """`optimizer/` holds the optimizer state as safetensors (with `optimizer.safetensors.index.json`), in
+            what = """`optimizer/` holds the optimizer state as safetensors (with
+`optimizer.safetensors.index.json`), in
 the flattened form of `torch.distributed.checkpoint.state_dict`
 (`state.<param name>.<key>`, `param_groups.<param name>.<key>`), so training can resume on any
 world size:"""

@@ -22,7 +22,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelet
 from huggingface_hub.utils.sha import git_hash
 
 from .repo import HubRepo
-from .retry import RETRY_STATUS, Retrier
+from .retry import RETRY_STATUS, PushError, Retrier
 
 logger = logging.getLogger(__name__)
 
@@ -161,26 +161,27 @@ class Committer:
                 # The stale files are listed at the head the commit is then made on top of.
                 info = self.api.repo_info(repo.repo_id, revision=repo.revision, repo_type=repo.repo_type,
                                           files_metadata=failed_before)
-                stale = self._stale(info.sha, keep) if keep is not None else []
+                head = _sha(info)
+                stale = self._stale(head, keep) if keep is not None else []
                 if failed_before and self._holds(info, uploads) and not stale:
                     logger.info("The commit was applied although its answer was lost; not sending it again")
                     self.deleted = sent
-                    return self._commit_info(info.sha, message)
+                    return self._commit_info(head, message)
                 # On top of the head we saw, so a late landing of the lost attempt (or anyone's commit
                 # since we listed the files) makes this one fail (412) instead of applying twice or
                 # deleting a file we did not see. Fresh operations: the old ones carry upload state.
-                parent = info.sha
+                parent = head
                 if failed_before:
                     ops = [_fresh_op(u) for u in uploads]
             if not ops and not stale:
                 return None
             failed_before, sent = True, stale
-            info = self.api.create_commit(repo.repo_id, ops + [CommitOperationDelete(p) for p in stale],
+            commit = self.api.create_commit(repo.repo_id, ops + [CommitOperationDelete(p) for p in stale],
                                           commit_message=message, revision=repo.revision, repo_type=repo.repo_type,
                                           parent_commit=parent, num_threads=self.num_threads)
             failed_before = False
             self.deleted = stale
-            return info
+            return commit
 
         # 412 (or 409): our parent_commit is no longer the head; the next attempt looks again.
         return self.calls.call(what, attempt, retry_status=RETRY_STATUS | {409, 412})
@@ -211,8 +212,8 @@ class Committer:
 
     def _head_commit_info(self, message: str) -> CommitInfo:
         repo = self.repo
-        sha = self.calls.call("read the remote revision", lambda: self.api.repo_info(
-            repo.repo_id, revision=repo.revision, repo_type=repo.repo_type).sha)
+        sha = self.calls.call("read the remote revision", lambda: _sha(self.api.repo_info(
+            repo.repo_id, revision=repo.revision, repo_type=repo.repo_type)))
         return self._commit_info(sha, message)
 
     def _commit_info(self, oid: str, message: str) -> CommitInfo:
@@ -226,3 +227,10 @@ def _fresh_op(upload: Upload) -> CommitOperationAdd:
     if upload.op.upload_info.is_hashed:
         op.upload_info.sha256 = upload.op.upload_info.sha256
     return op
+
+
+def _sha(info: Any) -> str:
+    """The commit a repo_info answer is at (the Hub always sends it; a server that does not is refused)."""
+    if not isinstance(info.sha, str):
+        raise PushError("the Hub did not say which commit the repository is at")
+    return info.sha

@@ -65,7 +65,7 @@ class PushConfig:
     def optimizer(self) -> bool:
         return self.optimizer_save_mode is not None
 
-    def override(self, **flags: Any) -> "PushConfig":
+    def override(self, **flags: Any) -> PushConfig:
         """A copy with every flag that is not None applied (a CLI flag beats the file)."""
         changes = {k: v for k, v in flags.items() if v is not None}
         if "optimizer_save_mode" in changes:

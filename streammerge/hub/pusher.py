@@ -55,7 +55,7 @@ class HubPusher:
             when it is public).
         revision: branch to commit to; created from ``main`` when missing.
         commit_message: summary of the commit(s); several commits get " (part i/n)".
-        max_files_per_commit: keeps each commit request well under the Hub's ~60 s commit timeout.
+        max_files_per_commit: keeps each commit request well under the Hub's commit timeout.
         max_workers: files uploaded at the same time.
         repo_type: ``"model"`` (default), ``"dataset"`` or ``"space"``.
         retry: patience for transient failures (5xx, 429, resets).
@@ -109,7 +109,7 @@ class HubPusher:
         return self.committer.deleted
 
     # ---- public API ------------------------------------------------------------------------
-    def __enter__(self) -> "HubPusher":
+    def __enter__(self) -> HubPusher:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -112,7 +112,8 @@ def _load_safetensors_export(folder: Path) -> dict:
         path = folder / filename
         header, start = read_header(str(path))
         size = path.stat().st_size
-        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else None
+        storage: Any = (torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size
+                        else torch.UntypedStorage())
         for name, e in header.items():
             if name == "__metadata__":
                 continue
@@ -124,9 +125,10 @@ def _load_safetensors_export(folder: Path) -> dict:
             if math.prod(shape) == 0:
                 flat[name] = torch.empty(shape, dtype=dtype)
             elif (start + begin) % dtype.itemsize == 0:  # always so in our files: 8-byte header, larger dtypes first
-                flat[name] = torch.empty(0, dtype=dtype).set_(storage, (start + begin) // dtype.itemsize, shape)
+                flat[name] = torch.empty(0, dtype=dtype).set_(storage, (start + begin) // dtype.itemsize, shape,
+                                                              torch.empty(shape, device="meta").stride())
             else:  # a file from elsewhere: copy this one tensor out
-                raw = torch.empty(0, dtype=torch.uint8).set_(storage, start + begin, (end - begin,))
+                raw = torch.empty(0, dtype=torch.uint8).set_(storage, start + begin, (end - begin,), (1,))
                 flat[name] = raw.clone().view(dtype).reshape(shape)
     flat.update(json.loads(meta.get("state_values", "{}")))
     return nest(flat, groups)

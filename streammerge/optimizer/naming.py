@@ -8,10 +8,11 @@ a warning that says why). Every candidate is checked against the shapes in the m
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import warnings as _warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,11 +61,11 @@ def _meta_models(config: Any) -> Iterator[torch.nn.Module]:
     # eager attention: a config naming a hub kernel ("kernels-community/...") would have transformers fetch
     # and import it; parameter names and shapes never depend on the attention implementation
     eager = {"attn_implementation": "eager"}
-    builders = []
+    builders: list[Callable[[], Any]] = []
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            builders.append(lambda cls=cls: cls._from_config(config, **eager))
+            builders.append(functools.partial(cls._from_config, config, **eager))
     builders.append(lambda: transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False, **eager))
     builders.append(lambda: transformers.AutoModelForTokenClassification.from_config(
         config, num_labels=1, trust_remote_code=False, **eager))

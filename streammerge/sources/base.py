@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -177,3 +178,12 @@ class Source(abc.ABC):
         step = self.step if self.step is not None else "?"
         return [f"checkpoint  {self.path}", f"format      {self.format}   step {step}" + (f"   {info}" if info else ""),
                 f"read        {self.stats.describe()}"]
+
+
+def step_of(path: Path, step_dir: re.Pattern[str]) -> int | None:
+    """The training step a checkpoint folder belongs to: the innermost folder named like ``step_dir``."""
+    for part in reversed(path.parts):
+        m = step_dir.match(part)
+        if m:
+            return int(m.group(1))
+    return None

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from . import torchpickle
-from .base import Oracle, Piece, ReadStats, Source, SourceTensor
+from .base import Oracle, Piece, ReadStats, Source, SourceTensor, step_of
 from .dcpmeta import METADATA_FILE, DcpMetadata, TensorEntry, read_metadata
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def open_dcp(folder: Path) -> Source:
     if d is None:
         raise CheckpointError(f"{folder}: no DCP checkpoint (.metadata) here or in {', '.join(DCP_SUBFOLDERS)}")
     hf_dir = find_hf_dir(d)
-    step = step_of(d)
+    step = step_of(d, STEP_DIR)
     backend = megatron_backend(d)
     if backend is not None:
         if backend != "torch_dist":
@@ -118,13 +118,6 @@ def find_hf_dir(dcp_dir: Path) -> Path | None:
             return d / "huggingface"
     return None
 
-
-def step_of(path: Path) -> int | None:
-    for part in reversed(path.parts):
-        m = STEP_DIR.match(part)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 # ---------------------------------------------------------------- one item's torch.save zip

@@ -29,12 +29,21 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CheckpointError
 from . import torchpickle as mp
 from . import torchzip as zipdir
-from ..errors import CheckpointError
 from .base import Piece, ReadStats, SourceTensor
-from .rankfile import (RankFile, TensorRecord, _checked, _mesh_layout, _span_bytes, layout_name, load_rank_file,
-                       records_from_state, tensor_pieces)
+from .rankfile import (
+    RankFile,
+    TensorRecord,
+    _checked,
+    _mesh_layout,
+    _span_bytes,
+    layout_name,
+    load_rank_file,
+    records_from_state,
+    tensor_pieces,
+)
 
 HEAD_MAX = 1 << 20  # a differing head longer than this is decoded in full anyway
 _RANK_KEYS = frozenset({"_rank", "_coordinate_on_dim", "_hash"})  # differ by rank, or a cached hash

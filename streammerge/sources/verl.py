@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
-from .base import Oracle, Source, SourceTensor
+from .base import Oracle, Source, SourceTensor, step_of
 from .rankset import RankSet, load_ranks, source_tensors
 
 if TYPE_CHECKING:
@@ -23,13 +23,6 @@ if TYPE_CHECKING:
 RANK_FILE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 
-
-def step_of(path: Path) -> int | None:
-    for part in reversed(path.parts):
-        m = STEP_DIR.match(part)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 def has_rank_files(folder: Path) -> bool:
@@ -102,7 +95,7 @@ def verl_source(actor: Path) -> VerlSource:
     hf_dir = actor / "huggingface"
     return VerlSource(actor, world_size=world_size, model_files=tuple(ranks[r] for r in range(world_size)),
                       optim_files=optim_files, missing_optim_ranks=missing_optim,
-                      hf_dir=hf_dir if hf_dir.is_dir() else None, fsdp_version=fsdp_version, step=step_of(actor))
+                      hf_dir=hf_dir if hf_dir.is_dir() else None, fsdp_version=fsdp_version, step=step_of(actor, STEP_DIR))
 
 
 class VerlSource(Source):

@@ -49,7 +49,9 @@ def run_demo(out_dir: str | Path) -> int:
     print(f"    logits {tuple(logits.shape)}, finite: {bool(torch.isfinite(logits).all())}")
     optim = load_optimizer_state_dict(out / "model")
     ref_optim = torch.load(actor / "reference" / "optimizer.pt", weights_only=True)
-    same_optim = all(torch.equal(v, ref_optim["state"][k][key]) for k, s in optim["state"].items() for key, v in s.items())
-    print(f"    optimizer state: {len(optim['state'])} parameters in optimizer/, equal to the training state: {same_optim}")
+    same_optim = all(torch.equal(v, ref_optim["state"][k][key])
+                     for k, s in optim["state"].items() for key, v in s.items())
+    print(f"    optimizer state: {len(optim['state'])} parameters in optimizer/, "
+          f"equal to the training state: {same_optim}")
     print(f"\nDone in {time.perf_counter() - t0:.1f} s. Merged model: {out / 'model'}")
     return 0 if same and same_optim else 1

@@ -48,14 +48,15 @@ class MemoryCgroup:
                     continue
             raise Unavailable("cgroup v1 memory controller is mounted but no cgroup can be created here")
         v2 = Path("/sys/fs/cgroup")
-        if "memory" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "memory" in controllers.read_text().split():
             try:
                 if "memory" not in (v2 / "cgroup.subtree_control").read_text().split():
                     (v2 / "cgroup.subtree_control").write_text("+memory")
                 (v2 / name).mkdir()
                 return v2 / name, 2
             except OSError as e:
-                raise Unavailable(f"cgroup v2: cannot create a child with the memory controller ({e.strerror})")
+                raise Unavailable(f"cgroup v2: cannot create a child with the memory controller ({e.strerror})") from e
         raise Unavailable("no memory cgroup controller (neither v1 /sys/fs/cgroup/memory nor v2 'memory')")
 
     def peak(self) -> int:

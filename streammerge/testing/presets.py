@@ -101,7 +101,7 @@ def fill(spec: Spec, start: int, out: torch.Tensor) -> None:
     """Fill a contiguous tensor with the elements of `spec` from flat index `start` on.
 
     Element i of tensor k is BASE[(i + 7919 k) mod PERIOD]: slices of one random block, copied at
-    memory speed (hashing every element ran at ~50 MB/s). Random mantissas, so a bfloat16 cast rounds.
+    memory speed (hashing every element was far slower than the disk). Random mantissas, so a bfloat16 cast rounds.
     """
     base, flat = _base(), out.view(-1)
     pos, done = (start + spec.seed * 7919) % PERIOD, 0
@@ -112,7 +112,8 @@ def fill(spec: Spec, start: int, out: torch.Tensor) -> None:
         pos = 0
 
 
-def expected_tensor(preset: str, name: str, dtype: torch.dtype = torch.float32, layers: int | None = None) -> torch.Tensor:
+def expected_tensor(preset: str, name: str, dtype: torch.dtype = torch.float32,
+                    layers: int | None = None) -> torch.Tensor:
     """The full tensor `name` of a checkpoint made from `preset` (for checking merges)."""
     specs = {s.name: s for s in param_specs(preset, layers)}
     if name == "lm_head.weight" and name not in specs:
@@ -144,7 +145,9 @@ def check_merge(out_dir: str | Path, preset: str, dtype: torch.dtype | None = No
             got = f.get_tensor(name)
         want = expected_tensor(preset, name, layers=layers)
         want = want if dtype is None else want.to(dtype)
-        if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got.view(torch.uint8) if got.dim() else got, want.view(torch.uint8) if want.dim() else want):
+        same = torch.equal(got.view(torch.uint8) if got.dim() else got,
+                           want.view(torch.uint8) if want.dim() else want)
+        if got.dtype != want.dtype or got.shape != want.shape or not same:
             raise AssertionError(f"{out}: tensor {name} differs from the source")
         checked += 1
     return checked
@@ -182,7 +185,8 @@ def _rank_state(specs: list[Spec], mesh, coord: tuple[int, ...], shape: tuple[in
             if kind == "exp_avg_sq":
                 local.abs_()
         state[spec.name] = DTensor.from_local(local, mesh, placements, run_check=False,
-                                              shape=torch.Size(spec.shape), stride=torch.empty(spec.shape, device="meta").stride())
+                                              shape=torch.Size(spec.shape),
+                                              stride=torch.empty(spec.shape, device="meta").stride())
     if kind == "model" and tie:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]  # one storage, as a tied model saves it
     return state
@@ -199,13 +203,14 @@ def _write_rank(args: tuple) -> float:
     tie = PRESETS[preset][6]
     shape = mesh_shape(world_size, hsdp)
     mesh = device_mesh(shape, rank, ("ddp", "fsdp") if len(shape) == 2 else ("fsdp",))
-    coord = tuple(mesh.get_coordinate())
+    coord = tuple(mesh.get_coordinate() or ())
     out = Path(out)
     state = _rank_state(specs, mesh, coord, shape, dtype, tie, "model")
     _save(state, out / f"model_world_size_{world_size}_rank_{rank}.pt")
     del state
     if optimizer:
-        moments = {k: _rank_state(specs, mesh, coord, shape, torch.float32, False, k) for k in ("exp_avg", "exp_avg_sq")}
+        moments = {k: _rank_state(specs, mesh, coord, shape, torch.float32, False, k)
+                   for k in ("exp_avg", "exp_avg_sq")}
         opt = {"state": {i: {"step": torch.tensor(2.0), "exp_avg": moments["exp_avg"][s.name],
                              "exp_avg_sq": moments["exp_avg_sq"][s.name]} for i, s in enumerate(specs)},
                "param_groups": [{"lr": 1e-6, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0.01,

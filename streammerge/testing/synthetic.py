@@ -21,7 +21,7 @@ import os
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -115,7 +115,8 @@ def make_checkpoint(
     """Train a tiny model with FSDP2 on ``world_size`` CPU ranks and save it as veRL does.
 
     Writes ``out_dir/global_step_{steps}/actor/`` (which must not hold files yet) and
-    ``out_dir/latest_checkpointed_iteration.txt`` and returns the actor directory. ``mesh=(2, 2)`` gives HSDP with dim names ("ddp", "fsdp");
+    ``out_dir/latest_checkpointed_iteration.txt`` and returns the actor directory.
+    ``mesh=(2, 2)`` gives HSDP with dim names ("ddp", "fsdp");
     ``shard_placement="first_divisible"`` is veRL's older shard_placement_fn (some Shard(1));
     ``plain_tensors`` (world size 1 only) saves plain full tensors, as FSDP1 does at world size 1.
     ``save_format="dcp"`` saves the same training with ``dcp.save({"model": get_model_state_dict(model),
@@ -213,7 +214,7 @@ def _train_and_save(rank: int, spec: _Spec) -> None:
 def _model_config(spec: _Spec):
     """A tiny config shaped like the GPU fixtures' (4 heads, 2 KV heads, SwiGLU 2.75x)."""
     bos_id, eos_id = spec.vocab_size - 2, spec.vocab_size - 1
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
         intermediate_size=spec.hidden_size * 11 // 4, num_hidden_layers=spec.num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -231,10 +232,10 @@ def _model_config(spec: _Spec):
 
 def _build_model(spec: _Spec, config) -> torch.nn.Module:
     """Same seed on every rank, so every rank holds the same full model before sharding."""
-    if spec.arch == "llama":
-        from transformers.models.llama.modeling_llama import LlamaForCausalLM as cls
-    else:
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM as cls
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    cls: Any = LlamaForCausalLM if spec.arch == "llama" else Qwen2ForCausalLM
     torch.manual_seed(spec.seed)
     model = cls(config).to(torch.float32)
     if spec.extra_buffers:
@@ -244,7 +245,7 @@ def _build_model(spec: _Spec, config) -> torch.nn.Module:
     return model
 
 
-def _shard(model: torch.nn.Module, device_mesh, spec: _Spec) -> None:
+def _shard(model: Any, device_mesh, spec: _Spec) -> None:
     """veRL's apply_fsdp2: fully_shard each decoder layer, then the root."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -393,7 +394,7 @@ def _save_reference(model, optim, spec: _Spec, rank: int) -> None:
     ref_dir = Path(spec.actor_dir) / "reference"
     ref_dir.mkdir(exist_ok=True)
     # safetensors refuses shared storage; tied weights must be separate copies.
-    save_file({k: v.clone() for k, v in full_model.items()}, ref_dir / "model.safetensors",
+    save_file({k: cast(torch.Tensor, v).clone() for k, v in full_model.items()}, ref_dir / "model.safetensors",
               metadata={"format": "pt"})
     if full_optim is not None:
         torch.save(full_optim, ref_dir / "optimizer.pt")

@@ -17,7 +17,7 @@ from .. import dtypes
 from ..dtypes import DType
 
 # our dtype -> safetensors dtype code
-DTYPE_CODES: dict[DType, str] = {d: d.code for d in dtypes.SAFETENSORS}
+DTYPE_CODES: dict[DType, str] = {d: d.code for d in dtypes.SAFETENSORS if d.code}
 # Rank of each code in the Rust `Dtype` enum (ascending); files list the highest rank first.
 _ENUM_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
                "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
@@ -60,7 +60,8 @@ def dtype_code(dtype: DType | str) -> str:
 
 def layout(tensors: Iterable[tuple[str, DType, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> Layout:
     """Order tensors and compute the header the Rust writer would produce for them (dtypes: ours or torch's)."""
-    items = [(name, dtype_code(dt), tuple(int(s) for s in shape), dtypes.of(dt).itemsize) for name, dt, shape in tensors]
+    items = [(name, dtype_code(dt), tuple(int(s) for s in shape), dtypes.of(dt).itemsize)
+             for name, dt, shape in tensors]
     items.sort(key=lambda it: (-_RANK[it[1]], it[0]))
     entries, offset = [], 0
     for name, code, shape, itemsize in items:

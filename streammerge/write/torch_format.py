@@ -83,7 +83,10 @@ def _record_offsets(tmp: Path, tensors: dict) -> list[tuple[int, object]]:
         meta = loaded.get(name)
         if not isinstance(meta, torch.Tensor) or tuple(meta.shape) != t.shape or meta.dtype != t.dtype:
             raise VerifyError(f"{tmp}: torch.save laid out {name!r} differently from the plan")
-        out.append((int(meta.untyped_storage()._checkpoint_offset), t))
+        offset = meta.untyped_storage()._checkpoint_offset
+        if offset is None:
+            raise VerifyError(f"{tmp}: torch.save did not record where {name!r} is")
+        out.append((offset, t))
     out.sort(key=lambda x: x[0])
     return out
 
@@ -101,7 +104,7 @@ def _fill(tmp: Path, offsets, plan: Plan, writer: FileWriter) -> dict[int, tuple
             strides = _row_major(t.geometry)
             for box in windows(t.geometry, t.dtype.itemsize, budget):
                 n = fill_window(t, box, out, scratch, writer.sources)
-                view = memoryview(out)[:n]
+                view = memoryview(out.data)[:n]
                 at = start + sum(lo * st for (lo, _), st in zip(box, strides)) * t.dtype.itemsize
                 done = 0
                 while done < n:

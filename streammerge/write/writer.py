@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cast import cast_into, numpy_can_cast
 from ..dtypes import DType
 from ..errors import OutputError, VerifyError
 from ..options import DEFAULT_BUFFER_SIZE
 from ..plan import FilePlan, Plan, TensorPlan
+from .cast import cast_into, numpy_can_cast
 
 WINDOW_MAX = 4 * 2**20  # bytes of output file per job: large sequential writes, still many in flight
 ALIGN = 4096  # O_DIRECT needs file offsets, lengths and buffers aligned to the logical block size
