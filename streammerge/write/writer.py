@@ -6,8 +6,9 @@ spans, read straight from the rank files (positioned reads; casts chunk by chunk
 bit what `tensor.to(dtype)` gives, see cast.py; torch only for float8), and write it with one pwrite,
 O_DIRECT where the file system allows, while this thread takes the CRC-32 of the windows in file
 order (and sha256, only when asked: a push needs it). Memory is the window buffers and nothing else;
-page cache is dropped behind us (or never filled, with O_DIRECT) so a memory cgroup stays bounded too. The file is re-opened with the Rust reader
-(`safetensors.safe_open`) before it is renamed into place. torch is imported only for a float8 cast.
+page cache is dropped behind us (or never filled, with O_DIRECT) so a memory cgroup stays bounded too.
+The file is re-opened with the Rust reader (`safetensors.safe_open`) before it is renamed into place.
+torch is imported only for a float8 cast.
 """
 
 from __future__ import annotations
