@@ -337,14 +337,10 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify")
     crc_pool = None
     try:
-        if oracle is not None:  # the rank files' CRCs, streamed alongside the comparison
+        if oracle is not None and serial is None:  # the rank files' CRCs, streamed alongside the comparison
             paths = list(ck.files())
-            if getattr(oracle, "thread_safe", False):
-                crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
-                integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
-            else:
-                crc_pool = ThreadPoolExecutor(1, thread_name_prefix="streammerge-crc")
-                integrity = [crc_pool.submit(oracle.check_integrity, paths)]
+            crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
+            integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
         for p in plans:
             expected_files = {p.rel(fp.filename): fp for fp in p.files}
             for rel in expected_files:
@@ -381,9 +377,9 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         for done in [pool.submit(task) for task in tasks]:
             done.result()
         if oracle is not None:
-            for fut in integrity:
-                for problem in fut.result():
-                    report.fail(problem)
+            problems = [m for fut in integrity for m in fut.result()] if crc_pool else oracle.check_integrity(ck.files())
+            for problem in problems:
+                report.fail(problem)
             if own_reader:
                 report.notes.append(f"{own_reader} tensors (e.g. FSDP1 flat optimizer state) were compared through "
                                     "the merge's own reader: torch's loader has no tensor of that shape to compare")
