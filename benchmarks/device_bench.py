@@ -232,6 +232,10 @@ class Bench:
         if actor is None:
             return
         files = rank_files(actor)
+        out = self.work / "bf16-out"
+        if self.a.only_sweep:
+            self.sweep(actor, out, files, est)
+            return
         if not same:
             self.cat_into("bf16/cat_into_file", files, est)
         else:
@@ -252,13 +256,19 @@ class Bench:
                 self.run(f"bf16/{key}", sm(actor, out, "bfloat16"), files, est)
                 self.env.pop(var)
                 shutil.rmtree(out, ignore_errors=True)
-        for w in [int(x) for x in self.a.sweep.split(",") if x]:
-            self.run(f"bf16/workers_{w}", sm(actor, out, "bfloat16", "--workers", str(w)), files, est)
-            shutil.rmtree(out, ignore_errors=True)
+        self.sweep(actor, out, files, est)
         tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "streammerge",
               str(actor), str(out), "--dtype", "bfloat16", "--no-optimizer", "--no-progress"]
         self.run("bf16/torchrun_4", tr, files, 1.5 * est)
         shutil.rmtree(out, ignore_errors=True)
+
+    def sweep(self, actor: Path, out: Path, files: list[Path], est: float) -> None:
+        for w in [int(x) for x in self.a.sweep.split(",") if x]:
+            key = f"bf16/workers_{w}"
+            done = sum(k == key or k.startswith(key + "_run") for k in self.result["runs"])
+            key += f"_run{done + 1}" if done else ""
+            self.run(key, sm(actor, out, "bfloat16", "--workers", str(w)), files, est)
+            shutil.rmtree(out, ignore_errors=True)
 
     def summarize(self) -> None:
         runs = self.result["runs"]
@@ -274,7 +284,8 @@ class Bench:
             "verify_vs_cat_both_folders (target <= 1.2)": ratio("bf16/verify", "bf16/cat_both_folders"),
             "torchrun_4_vs_default (target <= 1.0)": ratio("bf16/torchrun_4", "bf16/streammerge_default"),
         }
-        sweep = {k.split("_")[-1]: v["wall_s"] for k, v in runs.items() if k.startswith("bf16/workers_")}
+        sweep = {k.removeprefix("bf16/workers_"): v["wall_s"] for k, v in runs.items()
+                 if k.startswith("bf16/workers_")}
         self.result["workers_sweep_s"] = sweep
         self.save()
 
@@ -291,8 +302,8 @@ def plot(result: dict, path: Path) -> None:
     if not sweep:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ws = sorted(sweep, key=int)
-    ax.plot([int(w) for w in ws], [sweep[w] for w in ws], "o-", label="streammerge --workers N")
+    points = sorted((int(k.split("_")[0]), v) for k, v in sweep.items())
+    ax.plot([w for w, _ in points], [s for _, s in points], "o", label="streammerge --workers N (each run)")
     runs = result["runs"]
     for key, style in [("bf16/cat_into_file", "--"), ("bf16/streammerge_default", ":")]:
         if key in runs:
@@ -316,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--sweep", default="2,32,8,16,4")
+    p.add_argument("--only-sweep", action="store_true", help="make the bf16 checkpoint and run the sweep only")
     p.add_argument("--no-direct", action="store_true", help="also run the default with O_DIRECT off")
     p.add_argument("--deadline", type=float, default=540.0, help="seconds from start; later steps are skipped")
     p.add_argument("--est", type=float, default=45.0, help="expected seconds of one merge-sized step")
