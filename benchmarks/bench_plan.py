@@ -258,8 +258,10 @@ from streammerge.pipeline import plan
 t = time.perf_counter()
 p = plan(sys.argv[1], dtype="keep")
 secs = time.perf_counter() - t
-ranks = next((t.pieces.ranks for t in p.tensors.values() if hasattr(t.pieces, "ranks")), None)
-print(secs, sum(len(t.pieces) for t in p.tensors.values()), ranks.decoded if ranks is not None else -1)
+p = getattr(p, "weights", p)  # a MergePlan holds the weights' plan first
+pieces = [t.source.pieces for t in p.tensors.values()]
+ranks = next((ps.ranks for ps in pieces if hasattr(ps, "ranks")), None)
+print(secs, sum(len(ps) for ps in pieces), ranks.decoded if ranks is not None else -1)
 """
 
 

@@ -36,7 +36,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 
 def _write_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: from CPU count)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads that fill and write windows (default: one per window in flight; never more)")
     p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
     p.add_argument("--optimizer-format", choices=OPTIMIZER_FORMATS, default="safetensors",
                    help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
@@ -281,7 +282,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable plan")
     elif command == "verify":
         p = argparse.ArgumentParser(prog="streammerge verify",
-                                    description="Check a merged folder: headers, coverage, sha256 against the manifest, "
+                                    description="Check a merged folder: headers, coverage, crc32 against the manifest, "
                                                 "index; given the checkpoint, every tensor against its source pieces. "
                                                 "Exit code 0 only when everything holds.")
         p.add_argument("out_dir", metavar="OUT_DIR")

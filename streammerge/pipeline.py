@@ -31,11 +31,11 @@ from .model_folder import (
     read_config,
     ties_embeddings,
 )
-from .options import MergeOptions, resolve_dtype
+from .options import DEFAULT_BUFFER_SIZE, MergeOptions, resolve_dtype
 from .plan import Plan, build_plan, copy_plans, fmt_bytes
 from .sources import Source, open_checkpoint
 from .write.transaction import OutputFolder, index_bytes
-from .write.writer import FileWriter, OutputFile
+from .write.writer import FileWriter, OutputFile, in_flight
 
 FINGERPRINT_VERSION = 2
 FileCallback = Callable[[OutputFile, Path], None]
@@ -200,6 +200,7 @@ class MergeResult:
     peak_rss: int  # bytes, this process (and its children)
     reused: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    fell_back: dict[str, str] = field(default_factory=dict)  # writer fast path -> why it was not taken
 
     @property
     def plans(self) -> list[Plan]:
@@ -232,8 +233,10 @@ class MergeResult:
             what = f"wrote {' and '.join(wrote) or 'nothing'} to {self.out_dir}"
             what += f" and reused {earlier}," if reused else ""
         speed = f" ({fmt_bytes(int(self.bytes_written / self.seconds))}/s)" if new and self.seconds > 0 else ""
+        slow = "; ".join(f"{k} ({v})" for k, v in self.fell_back.items())
+        slow = f"; write fell back: {slow}" if slow else ""
         return (f"{what} in {self.seconds:.2f} s{speed}, peak RSS {self.peak_rss / 2**20:.0f} MiB; "
-                f"read {self.plan.source.stats.describe()}")
+                f"read {self.plan.source.stats.describe()}{slow}")
 
 
 def _count(n: int, what: str) -> str:
@@ -250,7 +253,7 @@ def peak_rss() -> int:
 
 def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, options: MergeOptions | None = None, *,
           on_file_done: FileCallback | None = None, num_parts: int = 1, part: int = 0,
-          sync: Callable[[], None] | None = None, **kwargs: Any) -> MergeResult:
+          sync: Callable[[], None] | None = None, hash_sha256: bool = False, **kwargs: Any) -> MergeResult:
     """Merge a checkpoint into a Hugging Face folder, streaming in bounded memory.
 
     Options are a `MergeOptions` or keyword arguments (`dtype="bfloat16"`, `max_shard_size="5GB"`,
@@ -258,6 +261,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     called for each finished file (e.g. to start uploading it while the next one is written).
     `num_parts`/`part` write only this worker's share of the files (torchrun); part 0 also writes
     the small files and the index. `sync` is a barrier across the parts (see distributed.py).
+    `hash_sha256` records each data file's sha256 as it is written (a push needs it; resume does not).
     """
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
@@ -274,6 +278,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     files: list[OutputFile] = []
     reused: list[str] = []
     written = planned = 0
+    fell_back: dict[str, str] = {}
     bar = _progress_bar(sum(fp.size for _, fp in shares), opts.progress)
 
     def done(f: OutputFile) -> None:
@@ -282,8 +287,9 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
             on_file_done(f, out / f.filename)
 
     try:
-        with folder, FileWriter(workers=opts.workers or default_workers(), buffer_size=opts.buffer_size,
-                                drop_cache=opts.drop_cache, progress=bar.update if bar else None) as writer:
+        with folder, FileWriter(workers=opts.workers or default_workers(opts.buffer_size), buffer_size=opts.buffer_size,
+                                drop_cache=opts.drop_cache, progress=bar.update if bar else None,
+                                sha256=hash_sha256) as writer:
             for p, fp in shares:
                 rel = p.rel(fp.filename)
                 planned += fp.size
@@ -303,6 +309,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                 if bar:  # the writer counts tensor bytes as they land; headers, a torch file's records: here
                     bar.update(planned - bar.n)
                 done(f)
+            fell_back.update(writer.fallbacks)
             folder.finish(mp.contents, done)
     finally:
         if bar:
@@ -312,7 +319,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
 
             compute.forget()
     return MergeResult(out, files, mp, written, sum(f.size for f in files), time.perf_counter() - t0,
-                       peak_rss(), reused, list(mp.warnings))
+                       peak_rss(), reused, list(mp.warnings), fell_back)
 
 
 def _import_torch_behind() -> None:
@@ -323,10 +330,11 @@ def _import_torch_behind() -> None:
                      daemon=True).start()
 
 
-def default_workers() -> int:
-    """Threads mostly wait on the disk (reads, writes) and release the GIL when they copy or cast:
-    more in flight than cores keeps the disk busy."""
-    return max(4, min(16, 4 * (os.cpu_count() or 1)))
+def default_workers(buffer_size: int = DEFAULT_BUFFER_SIZE) -> int:
+    """One thread per window in flight: the buffer budget sets the disk's queue depth, and threads
+    beyond it would only wait for a free buffer. Threads mostly wait on the disk and release the GIL
+    when they copy or cast, so a few per core are enough; the writer never runs more than its windows."""
+    return max(2, min(in_flight(buffer_size), 4 * (os.cpu_count() or 1)))
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -1,10 +1,13 @@
 """Verify: prove an output folder is complete and correct, reading everything in bounded chunks.
 
 Without the checkpoint: every safetensors file opens with the Rust reader and its tensors tile the
-data exactly, every file's sha256 matches the manifest, and each index names exactly the tensors its
+data exactly, every file's checksum matches the manifest, and each index names exactly the tensors its
 files hold. With the checkpoint: the merge is planned again from metadata and every output tensor is
 compared with its source pieces, bit for bit (or with their cast, when a dtype was chosen); the zip
-CRC32 of each source record read is checked too, because torch.load never checks them.
+CRC32 of each source record is checked too, because torch.load never checks them. Tensors are
+compared by a pool of threads while other threads stream the rank files once for their CRCs (which
+also brings them into the page cache for the comparison); a safetensors file compared tensor by
+tensor is not checksummed again, so each folder is read about once.
 
 Nothing is fixed here and nothing is written: verify reports, the merge command repairs (rerun it).
 """
@@ -12,14 +15,19 @@ Nothing is fixed here and nothing is written: verify reports, the merge command 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
 import re
 import struct
+import threading
 import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +38,7 @@ from .options import MergeOptions, parse_size
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
 from .sources.base import Oracle
-from .write.manifest import MANIFEST, STATE_DIR, Manifest, sha256_file
+from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
 from .write.writer import TMP_SUFFIX, _is_contiguous, _row_major, windows
 
@@ -41,7 +49,7 @@ if TYPE_CHECKING:
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeOptions)} - set(MergeOptions.RUNTIME)
 
-DEFAULT_CHUNK = 16 * 2**20
+DEFAULT_CHUNK = 4 * 2**20
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
@@ -76,7 +84,7 @@ class VerifyReport:
 
 
 def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, trust_pickle: bool = False,
-           chunk_size: int | str = DEFAULT_CHUNK) -> VerifyReport:
+           chunk_size: int | str = DEFAULT_CHUNK, workers: int | None = None) -> VerifyReport:
     """Check an output folder; given the checkpoint, check every tensor against its source pieces.
 
     Problems with the output are collected in the report (never raised); a checkpoint that cannot
@@ -88,14 +96,17 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
         report.fail(f"{out}: not a folder")
         return report
     chunk = max(4096, parse_size(chunk_size))
-    manifest = _check_manifest(out, report)
+    # with the checkpoint, every tensor of a safetensors file is compared with its source: no checksum pass
+    manifest = _check_manifest(out, report,
+                               checksum=lambda rel: checkpoint_dir is None or not rel.endswith(".safetensors"))
     _check_temp_files(out, report)
     headers = _check_safetensors(out, report)
     _check_indexes(out, headers, report)
     if checkpoint_dir is not None:
         ck = open_checkpoint(checkpoint_dir)
         report.checkpoint = ck.path
-        _check_against_checkpoint(out, ck, manifest, headers, report, trust_pickle=trust_pickle, chunk=chunk)
+        _check_against_checkpoint(out, ck, manifest, headers, report, trust_pickle=trust_pickle, chunk=chunk,
+                                  workers=workers or _default_workers())
     return report
 
 
@@ -109,7 +120,7 @@ def _output_files(out: Path, pattern: str) -> list[Path]:
     return sorted(p for p in out.rglob(pattern) if p.is_file() and STATE_DIR not in p.relative_to(out).parts)
 
 
-def _check_manifest(out: Path, report: VerifyReport) -> dict | None:
+def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], bool] = lambda rel: True) -> dict | None:
     try:
         manifest = Manifest.read(out)
     except OutputError as e:
@@ -131,11 +142,21 @@ def _check_manifest(out: Path, report: VerifyReport) -> dict | None:
         if size != entry.get("size"):
             report.fail(f"{rel}: {size} bytes, the manifest says {entry.get('size')} (changed after it was written)")
             continue
-        digest = sha256_file(path)
+        if not checksum(rel):
+            continue
         report.bytes_read += size
-        if digest != entry.get("sha256"):
-            report.fail(f"{rel}: sha256 {digest[:16]}... differs from the manifest's {str(entry.get('sha256'))[:16]}... "
-                        "(changed after it was written)")
+        if entry.get("crc32") is not None:
+            crc = crc32_file(path)
+            if crc != entry["crc32"]:
+                report.fail(f"{rel}: crc32 {crc:08x} differs from the manifest's {entry['crc32']:08x} "
+                            "(changed after it was written)")
+        elif entry.get("sha256") is not None:
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                report.fail(f"{rel}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}... "
+                            "(changed after it was written)")
+        else:
+            report.fail(f"{rel}: the manifest records no checksum for it")
     return manifest
 
 
@@ -280,7 +301,7 @@ def replan(ck: Source, recorded: dict | None, *, trust_pickle: bool) -> MergePla
 
 
 def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, headers: dict[str, _Header],
-                              report: VerifyReport, *, trust_pickle: bool, chunk: int) -> None:
+                              report: VerifyReport, *, trust_pickle: bool, chunk: int, workers: int) -> None:
     merge_plan = replan(ck, (manifest or {}).get("options"), trust_pickle=trust_pickle)
     plans = merge_plan.plans
     if manifest is not None and merge_plan.fingerprint() != manifest.get("fingerprint"):
@@ -297,14 +318,41 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                             "bytes the merge's reader locates")
     sources = _Sources(chunk)
     own_reader = 0
+    tasks: list[Callable[[], None]] = []
+    lock = threading.Lock()
+    serial = threading.Lock() if not getattr(oracle, "thread_safe", False) else None  # oracles not made for threads
+
+    def compare(rel: str, header: _Header, entry: _Entry, name: str, t: TensorPlan, with_oracle: bool) -> None:
+        try:
+            if with_oracle:
+                assert oracle is not None
+                with serial or contextlib.nullcontext():
+                    _compare_with_oracle(rel, header, entry, t, oracle, report, chunk)
+                    release = getattr(oracle, "release", None)
+                    if release is not None:
+                        release(t)
+            else:
+                _compare_tensor(rel, header, entry, name, t, sources, report, chunk)
+        except OSError as e:
+            report.fail(f"{rel}: tensor {name!r}: cannot read its source ({e})")
+        with lock:
+            report.tensors_checked += 1
+
+    integrity: list[Future[list[str]]] = []
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify")
+    crc_pool = None
     try:
+        if oracle is not None and serial is None:  # the rank files' CRCs, streamed alongside the comparison
+            paths = list(ck.files())
+            crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
+            integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
         for p in plans:
             expected_files = {p.rel(fp.filename): fp for fp in p.files}
-            for rel, fp in expected_files.items():
+            for rel in expected_files:
                 if rel not in headers and not (out / rel).is_file():
                     report.fail(f"{rel}: missing (the checkpoint's plan has it)")
                 elif not rel.endswith(".safetensors"):
-                    report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's sha256 only")
+                    report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's checksum only")
             where = {name: rel for rel, fp in expected_files.items() for name in fp.names}
             for rel in sorted(r for r in headers if (r.startswith(p.subdir + "/") if p.subdir else "/" not in r)):
                 for name in sorted(set(headers[rel].entries) - set(p.tensors))[:5]:
@@ -322,19 +370,20 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                     report.fail(f"{rel}: tensor {name!r} is {_short(entry.dtype)} {list(entry.shape)}, "
                                 f"the checkpoint gives {_short(t.dtype)} {list(t.shape)}")
                     continue
-                try:
-                    if oracle is not None and _oracle_can_read(oracle, t, rel, report):
-                        _compare_with_oracle(rel, header, entry, t, oracle, report, chunk)
-                    elif t.fold is None:
-                        own_reader += 1
-                        _compare_tensor(rel, header, entry, name, t, sources, report, chunk)
-                    else:
-                        report.fail(f"{rel}: tensor {name!r}: a LoRA fold that no independent reader can check")
-                except OSError as e:
-                    report.fail(f"{rel}: tensor {name!r}: cannot read its source ({e})")
-                report.tensors_checked += 1
+                assert rel is not None
+                if oracle is not None and _oracle_can_read(oracle, t, rel, report):
+                    tasks.append(functools.partial(compare, rel, header, entry, name, t, True))
+                elif t.fold is None:
+                    own_reader += 1
+                    tasks.append(functools.partial(compare, rel, header, entry, name, t, False))
+                else:
+                    report.fail(f"{rel}: tensor {name!r}: a LoRA fold that no independent reader can check")
+                    report.tensors_checked += 1
+        for done in [pool.submit(task) for task in tasks]:
+            done.result()
         if oracle is not None:
-            for problem in oracle.check_integrity(ck.files()):
+            problems = [m for fut in integrity for m in fut.result()] if crc_pool else oracle.check_integrity(ck.files())
+            for problem in problems:
                 report.fail(problem)
             if own_reader:
                 report.notes.append(f"{own_reader} tensors (e.g. FSDP1 flat optimizer state) were compared through "
@@ -342,9 +391,18 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         else:
             sources.finish_crcs(report)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if crc_pool is not None:
+            crc_pool.shutdown(wait=True, cancel_futures=True)
         sources.close()
         if oracle is not None:
             oracle.close()
+
+
+def _default_workers() -> int:
+    from .pipeline import default_workers
+
+    return default_workers()
 
 
 def _short(dtype: DType) -> str:
@@ -372,6 +430,7 @@ def _oracle_can_read(oracle: Oracle, t: TensorPlan, rel: str, report: VerifyRepo
 def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan, oracle: Oracle,
                          report: VerifyReport, chunk: int) -> None:
     """Each window of the output tensor against what torch's own reader gives (cast, or folded, by torch)."""
+    import numpy as np
     import torch
 
     isz = t.dtype.itemsize
@@ -386,7 +445,7 @@ def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan
                 report.fail(f"{rel}: tensor {t.name!r}: the file ends inside its data")
                 return
             report.bytes_read += 2 * len(got)
-            if bytes(got) != want.numpy().tobytes():
+            if not np.array_equal(np.frombuffer(got, dtype=np.uint8), want.numpy()):
                 _report_window(rel, t, box, want, got, oracle, report)
                 return
 
@@ -431,12 +490,15 @@ class _Sources:
         self.records: dict[str, list[tuple[int, int, int, str]]] = {}  # file -> (start, size, crc, name)
         self.checked: set[tuple[str, int]] = set()
         self.needed: dict[tuple[str, int], str] = {}  # record -> a tensor read from it
+        self._lock = threading.Lock()  # comparison threads share the descriptors
 
     def fd(self, path: str) -> int:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-            self.records[path] = _zip_records(path, self.fds[path])
-        return self.fds[path]
+        with self._lock:
+            if path not in self.fds:
+                fd = os.open(path, os.O_RDONLY)
+                self.records[path] = _zip_records(path, fd)
+                self.fds[path] = fd
+            return self.fds[path]
 
     def read(self, path: str, offset: int, length: int) -> bytearray:
         buf = bytearray(length)

@@ -19,7 +19,7 @@ from ckpt_tools import REPO, copy_actor, snapshot, tree_bytes
 
 import streammerge
 from streammerge.cli import main
-from streammerge.write.manifest import MANIFEST, STATE_DIR, sha256_file
+from streammerge.write.manifest import MANIFEST, STATE_DIR, crc32_file
 from streammerge.write.writer import TMP_SUFFIX
 
 INDEX = "model.safetensors.index.json"
@@ -49,7 +49,7 @@ def assert_stopped_cleanly(out: Path, stderr: str, words: list[str]) -> None:
     manifest = json.loads((out / STATE_DIR / MANIFEST).read_text())
     assert not manifest["complete"]
     for rel, entry in manifest["files"].items():  # what it lists is complete and intact
-        assert sha256_file(out / rel) == entry["sha256"]
+        assert crc32_file(out / rel) == entry["crc32"]
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ import pytest
 from ckpt_tools import REPO, copy_actor, snapshot, tree_bytes
 
 import streammerge
-from streammerge.write.manifest import MANIFEST, STATE_DIR, sha256_file
+from streammerge.write.manifest import MANIFEST, STATE_DIR, crc32_file
 from streammerge.write.writer import TMP_SUFFIX, tmp_path
 
 OPTIONS = dict(max_shard_size="500KB", buffer_size="64KiB", workers=2)
@@ -78,7 +78,7 @@ def check_invariants(out: Path) -> None:
         return
     for rel, entry in m["files"].items():
         assert (out / rel).stat().st_size == entry["size"], rel
-        assert sha256_file(out / rel) == entry["sha256"], rel
+        assert crc32_file(out / rel) == entry["crc32"], rel  # every file the manifest lists has its checksum
     if (out / INDEX).exists():
         assert m["complete"]
         report = streammerge.verify(out)
@@ -114,8 +114,8 @@ def test_kill_9_at_random_points_then_resume(big, reference, tmp_path):
     assert killed, "every run finished before its kill; the checkpoint is too small to test this"
     result = streammerge.merge(big, out, **OPTIONS)  # the same merge: resumes
     assert tree_bytes(out) == ref_bytes, "resumed output differs from an uninterrupted run"
-    assert {k: (v["size"], v["sha256"]) for k, v in manifest_of(out)["files"].items()} == \
-        {k: (v["size"], v["sha256"]) for k, v in manifest_of(ref_out)["files"].items()}
+    assert {k: (v["size"], v["crc32"]) for k, v in manifest_of(out)["files"].items()} == \
+        {k: (v["size"], v["crc32"]) for k, v in manifest_of(ref_out)["files"].items()}
     assert not [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX)]
     assert streammerge.verify(out, big).ok
     print(f"{killed} kills; the final run reused {len(result.reused)} of {len(result.files)} files")

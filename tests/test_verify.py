@@ -122,7 +122,7 @@ def flip_optimizer_byte(out: Path) -> None:
 
 # id -> (damage, words that some failure line must contain; with_ckpt: compare with the checkpoint too)
 DAMAGE = {
-    "flipped_byte": (flip_data_byte, ["model-00002-of-", "sha256", "differs from the manifest"], False),
+    "flipped_byte": (flip_data_byte, ["model-00002-of-", "crc32", "differs from the manifest"], False),
     "flipped_byte_vs_source": (flip_data_byte, ["model-00002-of-", "elements in one window differ from rank"], True),
     "truncated": (lambda out: os.truncate(shards(out)[2], shards(out)[2].stat().st_size - 10),
                   ["model-00003-of-", "truncated"], False),
@@ -139,7 +139,7 @@ DAMAGE = {
     "no_manifest": (lambda out: (out / STATE_DIR / MANIFEST).unlink(), ["no .streammerge/manifest.json"], False),
     "temp_file_left": (lambda out: tmp_path(shards(out)[0]).write_bytes(b"x"), ["temporary file"], False),
     "gap_in_header": (gap_in_header, ["model-00001-of-", "belong to no tensor"], False),
-    "optimizer_byte": (flip_optimizer_byte, ["optimizer/optimizer-", "sha256"], False),
+    "optimizer_byte": (flip_optimizer_byte, ["optimizer/optimizer-", "crc32"], False),
     "optimizer_byte_vs_source": (flip_optimizer_byte, ["optimizer/optimizer-", "differ from rank", "optim_world_size_4"], True),
     "optimizer_index": (lambda out: (out / "optimizer" / "optimizer.safetensors.index.json").write_text("{"),
                         ["optimizer/optimizer.safetensors.index.json", "unreadable index"], False),

@@ -298,7 +298,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
         if model_card and "README.md" not in plan.small:  # a README carried from huggingface/ is the user's own
             plan.add_generated("README.md", _card(plan, full_id, source_label(ck)).encode())
         try:
-            result = merge(plan, out, on_file_done=upload)
+            result = merge(plan, out, on_file_done=upload, hash_sha256=True)
         except Exception:  # not KeyboardInterrupt: an interrupted push resumes, its uploads are kept
             pusher.discard()  # the repo/branch made for the first file, if any: a failed merge leaves nothing
             raise

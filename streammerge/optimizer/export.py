@@ -12,16 +12,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import StreammergeError
+from ..errors import CheckpointError, StreammergeError
 from . import OPTIMIZER_DIR, OPTIMIZER_INDEX, OPTIMIZER_PT
 
 
-def walk_state(entry: Mapping, prefix: str = ""):
-    """(dotted key, value) of a possibly nested per-parameter state (torch flattens nesting with dots)."""
+def walk_state(entry: Mapping, prefix: str = "", _seen: set[int] | None = None):
+    """(dotted key, value) of a possibly nested per-parameter state (torch flattens nesting with dots).
+
+    Each dict is walked once: a pickle can share one dict many times over, whose walk would never end.
+    """
+    seen = _seen if _seen is not None else {id(entry)}
     for k, v in entry.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            yield from walk_state(v, key + ".")
+            if id(v) in seen or key.count(".") > 64:
+                raise CheckpointError(f"optimizer state {key!r} holds a dict already seen, or nests too deep "
+                                      "(not an optimizer's state; a crafted file?)")
+            seen.add(id(v))
+            yield from walk_state(v, key + ".", seen)
         else:
             yield key, v
 

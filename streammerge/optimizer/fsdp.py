@@ -27,7 +27,16 @@ from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan, build_plan
 from ..sources import lora
 from ..sources.base import Piece, SourceTensor
-from ..sources.rankfile import RankFile, _record, _span_bytes, chunk_bounds, layout_name, tensor_pieces, torch_load_meta
+from ..sources.rankfile import (
+    RankFile,
+    _record,
+    _span_bytes,
+    chunk_bounds,
+    layout_name,
+    storage_records,
+    tensor_pieces,
+    torch_load_meta,
+)
 from . import LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError, Skip
 from .export import walk_state
 from .naming import ModelParams, model_params
@@ -58,13 +67,18 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
     tensors: dict[str, Any] = {}
     values: dict[str, Any] = {}
     keys: dict[int, list[str]] = {}
+    records = storage_records(Path(path))
     for pid, entry in state.items():
         if not isinstance(pid, int) or not isinstance(entry, dict):
             raise Skip(f"{path.name}: optimizer state keyed by {type(pid).__name__}, not by parameter index")
-        for key, value in walk_state(entry):
+        try:
+            flat = list(walk_state(entry))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        for key, value in flat:
             name = f"state.{pid}.{key}"
             if isinstance(value, torch.Tensor):
-                rec = _record(name, value, rank, world_size, path)
+                rec = _record(name, value, rank, world_size, path, records)
                 if rec.offset + _span_bytes(rec) > st.st_size:
                     raise CheckpointError(f"{path}: truncated: {name} needs bytes up to "
                                           f"{rec.offset + _span_bytes(rec)}, file has {st.st_size}")

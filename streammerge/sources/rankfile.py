@@ -25,7 +25,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
 from .base import Piece, ReadStats
-from .torchzip import read_directory, read_record
+from .torchzip import check_torch_records, data_offsets, read_directory, read_record
 
 UNSAFE_FLAG = "--trust-pickle"
 
@@ -81,10 +81,11 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
             f"created this file yourself and trust it, rerun with {UNSAFE_FLAG}."
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # one line
         raise CheckpointError(f"{path}: truncated or corrupted rank file ({msg[:200]})") from None
     except Exception as e:  # a damaged pickle can fail anywhere inside the unpickler
-        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {str(e)[:200]})") from None
+        line = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {line[:200]})") from None
 
 
 def check_zip(path: Path) -> None:
@@ -94,7 +95,10 @@ def check_zip(path: Path) -> None:
     torch.load checks no CRCs, so the pickle's CRC is checked here (tensor data is checked by verify).
     Compressed entries, a missing data.pkl and a bad CRC are refused by zipdir with the same messages.
     """
-    read_record(read_directory(path), "data.pkl")
+    d = read_directory(path)
+    read_record(d, "data.pkl")
+    check_torch_records(d)
+    data_offsets(d)  # every record's local header
 
 
 class _quiet:
@@ -177,7 +181,15 @@ def _is_torch_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def _record(name: str, t: Any, rank: int, world_size: int, path: Path) -> TensorRecord:
+def storage_records(path: Path) -> dict[int, int]:
+    """Where each storage record's data starts (from its local header, as torch's reader finds it) -> its size."""
+    d = read_directory(path)
+    picked = [i for i, n in enumerate(d.names) if n.startswith("data/")]
+    return {start: d.sizes[i] for i, start in data_offsets(d, picked).items()}
+
+
+def _record(name: str, t: Any, rank: int, world_size: int, path: Path,
+            records: dict[int, int] | None = None) -> TensorRecord:
     import torch
     from torch.distributed.tensor import DTensor
 
@@ -204,6 +216,16 @@ def _record(name: str, t: Any, rank: int, world_size: int, path: Path) -> Tensor
     base = getattr(storage, "_checkpoint_offset", None)
     if base is None:
         raise CheckpointError(f"{path}: tensor {name!r} has no storage offset (not a torch zip checkpoint?)")
+    # on the meta device torch predicts where records lie in its own layout; the bytes must be where its
+    # reader of real tensors finds them: at a record's data, the record exactly the storage's size
+    if records is None:
+        records = storage_records(path)
+    if records.get(int(base)) != storage.nbytes():
+        raise CheckpointError(f"{path}: tensor {name!r}: its storage is not where torch.save would have put it "
+                              "(a rank file re-packed or edited by another zip tool); re-save it with torch.save")
+    if local.numel() and (local.storage_offset() + sum((s - 1) * st for s, st in zip(local.shape, local.stride()))
+                          + 1) * local.element_size() > storage.nbytes():
+        raise CheckpointError(f"{path}: tensor {name!r} reaches outside its storage (torch.load refuses it)")
     return TensorRecord(
         name=name,
         dtype=dtypes.of(local.dtype),
@@ -235,11 +257,16 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     tensors, other = {}, {}
+    records = storage_records(path)
     for name, value in obj.items():
         if not isinstance(name, str):
             other[name] = value
         elif _is_torch_tensor(value):
-            rec = _record(name, value, rank, world_size, path)
+            try:
+                rec = _record(name, value, rank, world_size, path, records)
+            except (AttributeError, TypeError, ValueError, IndexError, KeyError) as e:  # a tensor torch half-built
+                raise CheckpointError(f"{path}: tensor {name!r} is malformed ({type(e).__name__}: "
+                                      f"{(str(e).splitlines() or [''])[0][:150]})") from None
             nbytes = _span_bytes(rec)
             if rec.offset + nbytes > st.st_size:
                 raise CheckpointError(

@@ -8,15 +8,18 @@ decoded; every other rank is checked with byte compares (memcmp, numpy) and only
 is decoded. A rank that does not match (uneven shards, another torch, an edited file) is decoded in
 full, so the result is the same either way, only slower.
 
-What the byte compares cannot see: the local zip header before each record. A file whose central
-directory matches but whose local headers were rewritten by hand could make the writer read other
-bytes of that same file (never outside it); torch.save never writes such a file.
+Tokens that differ by rank (the device a GPU rank saved from, a cached hash) are cut out before the
+compare, only where rank 0's opcodes start (never inside a name or an operand), and compared by place
+and kind; the keys are found by walking rank 0's opcodes, never by searching for names. The local zip
+header of every storage record of every matched rank is read (vectorised), so the bytes read are the
+ones torch's reader would take.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import mmap
 import os
 import re
 import struct
@@ -33,6 +36,7 @@ from ..errors import CheckpointError
 from . import torchpickle as mp
 from . import torchzip as zipdir
 from .base import Piece, ReadStats, SourceTensor
+from .picklescan import scan
 from .rankfile import (
     RankFile,
     TensorRecord,
@@ -208,6 +212,14 @@ class _Group:
         self.starts = np.asarray(self.ref.entry_starts, np.int64)
         self.lho = np.asarray(self.ref.header_offsets, np.int64)
         self.first_storage = next((i for i, n in enumerate(self.ref.names) if n.startswith("data/")), len(self.ref.names))
+        records = [i for i, n in enumerate(self.ref.names) if n.startswith("data/")]
+        starts = zipdir.data_offsets(self.ref, records)  # the local headers, read exactly
+        self.records = np.asarray(records, np.int64)
+        self.data_starts = np.asarray([starts[i] for i in records], np.int64)
+        # the small records torch's reader parses: each rank's must hold what this file's holds
+        self.small = [(self.ref.index(n), zipdir.read_record(self.ref, n, check_crc=False)) for n in _SMALL
+                      if self.ref.has(n)]
+        self.serialization_id = self.ref.index(_SERIAL) if self.ref.has(_SERIAL) else None
 
 
 class _Shifted(dict):
@@ -229,17 +241,17 @@ class _Matcher:
 
     def __init__(self, template: RankFile, world_size: int, pickle_bytes: bytes, starts: list[int],
                  slots: tuple[int, ...], meshes: list[tuple[int, Any]], storage: list[tuple[str, int]],
-                 patterns: list[re.Pattern]):
+                 pattern: re.Pattern | None):
         self.template, self.world_size, self.slots, self.storage = template, world_size, slots, storage
         self.pickle, self.starts = pickle_bytes, starts
         self.meshes = meshes  # per slot: (memo index of the mesh in rank 0's pickle, its decoded spec)
         self.names = tuple(template.tensors)
-        self.patterns = patterns  # tokens that differ by rank and mean nothing to us (see _variable_tokens)
-        canon = self._canon(pickle_bytes)
-        self.canon_starts = _key_positions(canon, self.names)
-        if self.canon_starts is None:
-            raise ValueError("keys not found")
-        self.tail = np.frombuffer(canon, np.uint8)[self.canon_starts[1]:]  # records 1.. of rank 0
+        self.pattern = pattern  # tokens that differ by rank and mean nothing to us (see _variable_tokens)
+        self.canon = self._canon(pickle_bytes)
+        # each key's start with the tokens before it removed (a key is never a token: checked in create)
+        self.canon_starts = [k - self.canon.removed_before(k) for k in starts]
+        self.tail = np.frombuffer(self.canon.rest, np.uint8)[self.canon_starts[1]:]  # records 1.. of rank 0
+        self.tail_tokens = self.canon.tail_tokens(len(self.tail))
         self._heads: dict[int, tuple[dict, dict] | None] = {}
         self.groups: dict[int, _Group] = {}  # by archive-name length
 
@@ -257,9 +269,9 @@ class _Matcher:
         if got is None or got[1] or len(got[0]) < 2:
             raise Fallback("rank 0 holds other objects than tensors, or fewer than 2")
         tensors = _checked(got[0], path, d.size)
-        starts = _key_positions(data, tuple(tensors))
-        if starts is None:
-            raise Fallback("rank 0's keys are not found in its pickle in order")
+        starts = scan(data, key_limit=HEAD_MAX + 1)  # keys by walking opcodes: a name may equal any other string
+        if starts is None or len(starts) < 2 or len(starts) > len(tensors):
+            raise Fallback("rank 0's pickle is not a plain dict of records")
         slots, storage, firsts = _mesh_slots(obj)
         # memo indices: from a decode of the records up to the last mesh's first use (the whole
         # file's memo would hold an entry per pickled object, millions)
@@ -277,11 +289,13 @@ class _Matcher:
         st = os.stat(path)
         template = RankFile(path, 0, st.st_size, st.st_mtime_ns, tensors, {})
         cached = any(isinstance(v, mp.Wrapper) and v.state["_spec"].__dict__.get("_hash") is not None for v in obj.values())
-        try:
-            m = cls(template, world_size, data, starts, slots, mesh_list, storage,
-                    _variable_tokens(data, prefix[1], cached))
-        except ValueError:
-            raise Fallback("rank 0's canonical pickle lost its keys") from None
+        pattern = _variable_tokens(data, prefix[1], cached)
+        # a token counts only where opcodes start (never inside a name or an operand), and is never a key
+        matches = pattern.finditer(data) if pattern else ()
+        bounds = sorted({p for m in matches for p in (m.start(), *m.span(m.lastgroup or 0))})
+        if bounds and (scan(data, bounds, key_limit=0) is None or set(bounds) & set(starts)):
+            raise Fallback("rank 0's pickle holds bytes like a device or hash token inside its data")
+        m = cls(template, world_size, data, starts, slots, mesh_list, storage, pattern)
         m.mesh_refs = _mesh_references(obj, full_meshes, head_meshes, index)
         m.groups[len(d.prefix)] = _Group(d, array("q", (t.offset for t in tensors.values())), keys)
         return m
@@ -298,6 +312,10 @@ class _Matcher:
                 if o + _span_bytes(t) > d.size:
                     raise CheckpointError(f"{path}: truncated: tensor {t.name!r} needs bytes up to "
                                           f"{o + _span_bytes(t)}, file has {d.size}")
+            zipdir.check_torch_records(d)
+            first = next(iter(self.groups.values())).ref  # rank 0's, its sizes checked against its storages
+            if any(d.sizes[d.index(n)] != first.sizes[first.index(n)] for n in first.names if n.startswith("data/")):
+                raise CheckpointError(f"{path}: zip records differ in size from rank 0's")
             g = self.groups.setdefault(prefix_len, _Group(d, base, keys))
         return g
 
@@ -334,21 +352,22 @@ class _Matcher:
             self._heads[j] = _decode_head(self.pickle[:self.starts[j]])
         return self._heads[j]
 
-    def _canon(self, data: bytes) -> bytes:
-        for tag, pattern in enumerate(self.patterns):
-            data = pattern.sub(b"\xff" + bytes([tag]), data)
-        return data
+    def _canon(self, data: bytes) -> _Canon:
+        return _Canon.of(data, self.pattern)
 
-    def _head_records(self, canon: bytes) -> int | None:
+    def _head_records(self, canon: _Canon) -> int | None:
         """How many leading records differ from rank 0's: the rest are compared aligned from the end, so
-        a head that grew by a byte (a rank >= 256 in the mesh) shifts nothing after it."""
+        a head that grew by a byte (a rank >= 256 in the mesh) shifts nothing after it. Tokens compare by
+        kind and place only; everything else byte for byte."""
         n = len(self.tail)
-        if len(canon) <= n:
+        if len(canon.rest) <= n:
             return None
-        diff = np.flatnonzero(np.frombuffer(canon, np.uint8)[len(canon) - n:] != self.tail)
-        if diff.size == 0:
+        diff = np.flatnonzero(np.frombuffer(canon.rest, np.uint8)[len(canon.rest) - n:] != self.tail)
+        last = int(diff[-1]) if diff.size else -1
+        last = max(last, min(_last_token_difference(canon.tail_tokens(n), self.tail_tokens), n - 1))
+        if last < 0:
             return 1
-        j = bisect.bisect_right(self.canon_starts, self.canon_starts[1] + int(diff[-1]))
+        j = bisect.bisect_right(self.canon_starts, self.canon_starts[1] + last)
         return j if j < len(self.starts) and self.starts[j] <= HEAD_MAX else None
 
     def _unreferenced(self, j: int, indices: set[int]) -> bool:
@@ -375,6 +394,8 @@ class _Matcher:
         except CheckpointError:
             raise Fallback("storage records missing or cut short") from None
         shift = 0 if g.ref.path == path else self._shift(g, size, cd, prefix)
+        if g.ref.path != path:
+            _check_local_headers(path, g, shift, cd)
         pkl_size = int.from_bytes(cd[24:28], "little")
         with open(path, "rb") as f:
             local = f.read(zipdir.LOCAL_SIZE)
@@ -388,9 +409,9 @@ class _Matcher:
         j = self._head_records(canon)
         if j is None:
             raise Fallback("pickle differs from rank 0's beyond its first records")
-        raw = self.names[j].encode("utf-8")
-        cut = data.find(b"X" + struct.pack("<I", len(raw)) + raw)
-        if cut < 0 or len(self._canon(data[:cut])) != len(canon) - (len(self.tail) + self.canon_starts[1] - self.canon_starts[j]):
+        at = len(canon.rest) - (len(self.canon.rest) - self.canon_starts[j])  # record j's key, tokens removed
+        cut = at + canon.removed_before_rest(at)
+        if not 0 < cut <= len(data) or data[cut:cut + 1] != self.pickle[self.starts[j]:self.starts[j] + 1]:
             raise Fallback("pickle head does not end where the compared tail begins")
         mine = _decode_head(data[:cut])
         ours = self._template_head(j)
@@ -419,6 +440,52 @@ class _Matcher:
             if rec != replace(t, offset=g.base[i] + shift, coordinate=None if slot < 0 else coords[slot]):
                 overrides[name] = rec
         return RankEntry(k, path, st.st_size, st.st_mtime_ns, coords, g.base, shift, overrides)
+
+
+_SIG_AND_LENGTHS = np.array([0, 1, 2, 3, 26, 27, 28, 29], np.int64)
+
+
+def _check_local_headers(path: Path, g: _Group, shift: int, cd: bytes) -> None:
+    """Every storage record's data is where its local header says (the reader reads there), and the small
+    records torch parses (version, alignment, byteorder) hold what rank 0's hold: a central directory
+    alike rank 0's says nothing about either."""
+    with open(path, "rb") as f:
+        raw = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+    lho = g.lho[g.records] + shift
+    if lho.size:
+        if int(lho.max()) + zipdir.LOCAL_SIZE > raw.size:
+            raise Fallback("local headers past the end of the file")
+        head = raw[lho[:, None] + _SIG_AND_LENGTHS[None, :]].view("<u4")  # signature; name and extra lengths
+        lengths = (head[:, 1] & 0xFFFF).astype(np.int64) + (head[:, 1] >> 16)
+        if (head[:, 0] != 0x04034B50).any() or (lho + zipdir.LOCAL_SIZE + lengths != g.data_starts + shift).any():
+            raise Fallback("local headers differ from rank 0's")
+    for i, content in g.small:
+        if _record_bytes(raw, cd, int(g.starts[i]), len(content)) != content:
+            raise Fallback(f"zip record {g.ref.names[i]} differs from rank 0's")
+    if g.serialization_id is not None:
+        i = g.serialization_id
+        data = _record_bytes(raw, cd, int(g.starts[i]), g.ref.sizes[i])
+        try:
+            if data is None:
+                raise UnicodeDecodeError("utf-8", b"", 0, 0, "no record")
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Fallback("serialization id is not text") from None
+
+
+_SMALL = ("version", ".data/version", ".format_version", ".storage_alignment", "byteorder")
+_SERIAL = ".data/serialization_id"
+
+
+def _record_bytes(raw: np.ndarray, cd: bytes, entry: int, size: int) -> bytes | None:
+    """A record's bytes, found through its local header as torch's reader finds them; None if there is none."""
+    lho = int.from_bytes(cd[entry + 42:entry + 46], "little")
+    local = raw[lho:lho + zipdir.LOCAL_SIZE].tobytes()
+    if len(local) < zipdir.LOCAL_SIZE or local[:4] != b"PK\x03\x04":
+        return None
+    start = lho + zipdir.LOCAL_SIZE + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    data = raw[start:start + size].tobytes()
+    return data if len(data) == size else None
 
 
 def _mesh_of(value: Any) -> Any:
@@ -485,39 +552,99 @@ def _mesh_references(obj: dict, meshes: list, head_meshes: list, index: dict[int
     return last
 
 
-def _key_positions(data: bytes, names: Sequence[str]) -> list[int] | None:
-    """Where each top-level key's BINUNICODE starts (keys are unique and come in order)."""
-    starts, pos = [], 0
-    for name in names:
-        raw = name.encode("utf-8")
-        pos = data.find(b"X" + struct.pack("<I", len(raw)) + raw, pos)
-        if pos < 0:
-            return None
-        starts.append(pos)
-        pos += 5 + len(raw)
-    return starts
-
-
 _INT = rb"(?:N|K.|M..|J....|\x8a\x01.|\x8a\x02.{2}|\x8a\x03.{3}|\x8a\x04.{4}|\x8a\x05.{5}|\x8a\x06.{6}|\x8a\x07.{7}|\x8a\x08.{8}|\x8a\x09.{9})"
 _PUT = rb"(?:q.|r....)"
 
 
-def _variable_tokens(data: bytes, memo: dict, cached: bool) -> list[re.Pattern]:
-    """Patterns for what differs by rank in every record and means nothing to a merge: the device a GPU
-    rank saved from ('cuda:3', torch.device('cuda', 3)) and DTensorSpec's cached `_hash`."""
+def _variable_tokens(data: bytes, memo: dict, cached: bool) -> re.Pattern | None:
+    """One pattern for what differs by rank in every record and means nothing to a merge: the device a GPU
+    rank saved from ('cuda:3', torch.device('cuda', 3)) and DTensorSpec's cached `_hash`. Each alternative's
+    named group is the token (removed before comparing); the bytes around it stay and are compared."""
     out = []
     kinds = sorted({m.group(1) for m in re.finditer(rb"X[\x03-\x20]\x00\x00\x00([a-z]{2,16}):[0-9]", data)
                     if m.group(1).decode() in _DEVICE_TYPES})
     for kind in kinds:
         k = re.escape(kind)
-        out.append(re.compile(rb"X[\x03-\x20]\x00\x00\x00" + k + rb":[0-9]{1,5}", re.DOTALL))
-        out.append(re.compile(rb"X" + struct.pack("<I", len(kind)) + k + _PUT + rb"(?:K.|M..)\x86", re.DOTALL))
-    if cached:  # each pattern starts with literal bytes: the regex engine then searches, not steps
-        out.append(re.compile(rb"X\x05\x00\x00\x00_hash" + _PUT + _INT, re.DOTALL))
+        for digits in range(1, 6):  # the length field says how many digits: one alternative per length
+            out.append(rb"X" + re.escape(struct.pack("<I", len(kind) + 1 + digits)) + k + rb":[0-9]{%d}" % digits)
+        out.append(rb"X" + re.escape(struct.pack("<I", len(kind))) + k + _PUT + rb"(?P<v>K.|M..)\x86")
+    if cached:
+        out.append(rb"X\x05\x00\x00\x00_hash" + _PUT + rb"(?P<v>" + _INT + rb")")
         for i in (i for i, v in memo.items() if v == "_hash"):
             get = b"h" + bytes([i]) if i < 256 else b"j" + struct.pack("<I", i)
-            out.append(re.compile(re.escape(get) + _INT, re.DOTALL))
-    return out
+            out.append(re.escape(get) + rb"(?P<v>" + _INT + rb")")
+    if not out:
+        return None
+    named = []
+    for t, alt in enumerate(out):  # each alternative's token group gets its own name: t<kind>
+        named.append(alt.replace(rb"(?P<v>", rb"(?P<t%d>" % t) if b"(?P<v>" in alt else rb"(?P<t%d>" % t + alt + b")")
+    return re.compile(b"|".join(named), re.DOTALL)
+
+
+@dataclass(frozen=True)
+class _Canon:
+    """A pickle with its tokens cut out, and where each was: compared with another rank's, token places
+    and kinds must agree, token values may differ."""
+
+    rest: bytes
+    raw: np.ndarray  # where each token starts in the pickle
+    at: np.ndarray  # where it was cut out of `rest`
+    kind: np.ndarray  # which alternative of the pattern it is
+    size: np.ndarray  # its length
+
+    @classmethod
+    def of(cls, data: bytes, pattern: re.Pattern | None) -> _Canon:
+        pieces, raw, at, kind, size = [], [], [], [], []
+        pos = kept = 0
+        for m in pattern.finditer(data) if pattern is not None else ():
+            group = m.lastgroup or "t0"  # every alternative ends in its named token group
+            a, b = m.span(group)
+            pieces.append(data[pos:a])
+            kept += a - pos
+            raw.append(a)
+            at.append(kept)
+            kind.append(int(group[1:]))
+            size.append(b - a)
+            pos = b
+        pieces.append(data[pos:])
+        arr = [np.asarray(x, np.int64) for x in (raw, at, kind, size)]
+        return cls(b"".join(pieces), *arr)
+
+    def removed_before(self, raw: int) -> int:
+        """Bytes of tokens that start before this pickle position."""
+        return int(self._sums[np.searchsorted(self.raw, raw, "left")])
+
+    def removed_before_rest(self, at: int) -> int:
+        """Bytes of tokens cut out at or before this position of `rest`."""
+        return int(self._sums[np.searchsorted(self.at, at, "right")])
+
+    @property
+    def _sums(self) -> np.ndarray:
+        sums = self.__dict__.get("_cumulative")
+        if sums is None:
+            sums = np.concatenate(([0], np.cumsum(self.size)))
+            object.__setattr__(self, "_cumulative", sums)
+        return sums
+
+    def tail_tokens(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(place, kind) of the tokens in the last n bytes of `rest`, places counted from where those begin."""
+        first = np.searchsorted(self.at, len(self.rest) - n, "left")
+        return self.at[first:] - (len(self.rest) - n), self.kind[first:]
+
+
+def _last_token_difference(mine: tuple[np.ndarray, np.ndarray], ours: tuple[np.ndarray, np.ndarray]) -> int:
+    """The last place where two tails' tokens differ in place or kind (aligned from the end), -1 if nowhere."""
+    (pa, ka), (pb, kb) = mine, ours
+    m = min(len(pa), len(pb))
+    neq = (pa[len(pa) - m:] != pb[len(pb) - m:]) | (ka[len(ka) - m:] != kb[len(kb) - m:])
+    idx = np.flatnonzero(neq)
+    if idx.size:
+        i = int(idx[-1])
+        return int(max(pa[len(pa) - m + i], pb[len(pb) - m + i]))
+    if len(pa) != len(pb):
+        longer = pa if len(pa) > len(pb) else pb
+        return int(longer[len(longer) - m - 1])
+    return -1
 
 
 def _decode_head(data: bytes) -> tuple[dict, dict] | None:

@@ -14,6 +14,7 @@ import collections
 import gc
 import io
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError
-from .torchzip import Directory, read_directory, read_record, storage_offsets
+from .torchzip import Directory, check_torch_records, data_offsets, read_directory, read_record
 
 _DTYPES = {name: dtypes.of(name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
@@ -35,6 +36,11 @@ _STORAGES = {"DoubleStorage": dtypes.float64, "FloatStorage": dtypes.float32, "H
 
 class NotPlain(Exception):
     """The file uses something outside the allowlist: let torch.load(weights_only=True) judge it."""
+
+
+class Malformed(NotPlain):
+    """The pickle describes tensors that torch.load refuses (a view outside its storage), or that torch and a
+    reader could decode differently (one storage named with two dtypes or sizes): refused, never guessed."""
 
 
 class Obj:
@@ -127,7 +133,31 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if not isinstance(storage, Storage) or storage.dtype is None:
         raise NotPlain("tensor without a typed storage")
     _plain_view(backward_hooks, metadata)
-    return Local(storage, int(storage_offset), size, stride)
+    _grad_ok(storage.dtype, requires_grad)
+    return _view(storage, storage_offset, size, stride)
+
+
+def _grad_ok(dtype: DType, requires_grad: Any) -> None:
+    """torch refuses gradients on integer tensors (a flag the merge otherwise ignores)."""
+    if requires_grad and not dtype.name.startswith(("float", "bfloat", "complex")):
+        raise Malformed(f"an {dtype.name} tensor that requires gradients (torch.load refuses it)")
+
+
+def _view(storage: Storage, storage_offset: Any, size: Any, stride: Any) -> Local:
+    """A view as torch's `set_` accepts it: non-negative offset and sizes, and every element inside the storage."""
+    if not (type(storage_offset) is int and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) and all(type(x) is int for x in (*size, *stride))):
+        raise NotPlain("tensor view that is not plain integers")
+    if storage_offset < 0 or any(s < 0 for s in size):
+        raise Malformed(f"a tensor view with a negative offset or size ({storage_offset}, {list(size)})")
+    if all(s > 0 for s in size):
+        if any(st < 0 for s, st in zip(size, stride) if s > 1):
+            raise Malformed(f"a tensor view with negative strides {list(stride)}")
+        last = storage_offset + sum((s - 1) * st for s, st in zip(size, stride))
+        if last >= storage.numel:
+            raise Malformed(f"a tensor view (offset {storage_offset}, shape {list(size)}, stride {list(stride)}) "
+                            f"reaches element {last} of storage data/{storage.key}, which holds {storage.numel}")
+    return Local(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
@@ -138,7 +168,8 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     if storage.numel % dtype.itemsize:
         raise NotPlain(f"untyped storage of {storage.numel} bytes holds no whole {dtype.name} elements")
     _plain_view(backward_hooks, metadata)
-    return Local(Storage(storage.key, dtype, storage.numel // dtype.itemsize), int(storage_offset), size, stride)
+    _grad_ok(dtype, requires_grad)
+    return _view(Storage(storage.key, dtype, storage.numel // dtype.itemsize), storage_offset, size, stride)
 
 
 def _plain_view(backward_hooks: Any, metadata: Any) -> None:
@@ -157,6 +188,12 @@ def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset=0, layout
                               requires_grad=False) -> Wrapper:
     if cls is not DTensor or not isinstance(dtype, DType):
         raise NotPlain("unknown tensor subclass")
+    if layout not in (None, "torch.strided") or not (isinstance(device, tuple) and device and type(device[0]) is str):
+        raise Malformed("a DTensor whose layout or device is not one")
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and all(type(x) is int and x >= 0 for x in (*size, *stride))):
+        raise Malformed(f"a DTensor whose shape {str(size)[:40]} or stride {str(stride)[:40]} is not whole numbers")
+    _grad_ok(dtype, requires_grad)
     return Wrapper(cls, dtype, size, stride)
 
 
@@ -175,6 +212,9 @@ def _size(*args):
 
 
 def _device(*args):
+    """torch.device(type[, index]) as torch builds it: a device type torch knows, else torch.load refuses."""
+    if not args or type(args[0]) is not str or not _DEVICE.match(args[0]) or ":" in args[0] and len(args) > 1:
+        raise Malformed(f"a tensor on an unknown device {str(args)[:40]}")
     return args
 
 
@@ -210,7 +250,16 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+# torch's device types (and accelerator plugins veRL saves from: npu, musa); torch.device refuses any other
+_DEVICE = re.compile(r"(cpu|cuda|ipu|xpu|mkldnn|opengl|opencl|ideep|hip|ve|fpga|maia|xla|lazy|vulkan|mps|meta|hpu"
+                       r"|mtia|privateuseone|npu|musa)(:[0-9]+)?\Z")
+
+
 class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file)
+        self.storages: dict[str, tuple[DType | None, int]] = {}  # key -> (dtype, numel), as torch loads each once
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch":
             if name in _DTYPES:
@@ -226,8 +275,13 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and (isinstance(pid[1], DType) or pid[1] is _UntypedStorage)):
             raise NotPlain("unknown persistent id")
-        kind = pid[1]
-        return Storage(str(pid[2]), kind if isinstance(kind, DType) else None, int(pid[4]))
+        kind, key, numel = pid[1], pid[2], pid[4]  # the location is not read: torch.load maps it away too
+        if type(key) is not str or type(numel) is not int or numel < 0:
+            raise NotPlain("persistent id without a storage key and size")
+        dtype = kind if isinstance(kind, DType) else None
+        if self.storages.setdefault(key, (dtype, numel)) != (dtype, numel):
+            raise Malformed(f"storage data/{key} is named with two dtypes or sizes (torch.load would use the first)")
+        return Storage(key, dtype, numel)
 
 
 @dataclass(frozen=True)
@@ -237,7 +291,7 @@ class State:
     directory: Directory
     pickle: bytes
     obj: Any
-    offsets: dict[str, int]  # storage key -> byte offset of its data in the file
+    offsets: dict[str, int]  # storage key -> byte offset of its data in the file (every storage the pickle names)
 
 
 def read_state(path: str | Path) -> State | None:
@@ -250,27 +304,30 @@ def read_state(path: str | Path) -> State | None:
         data = read_record(d, "data.pkl")
     except CheckpointError:
         return None  # load.check_zip (or torch.load) reports what is wrong with the file
-    obj = decode(data)  # None: torch.load reports what is wrong with the file
-    if obj is None:
-        return None
+    check_torch_records(d)
     try:
-        offsets = storage_offsets(d, _storage_keys(obj))
-    except CheckpointError:
-        return None
-    return State(d, data, obj, offsets)
+        obj, storages = _decode_storages(data)
+    except Malformed as e:
+        raise CheckpointError(f"{d.path}: {e}; torch.load refuses or misreads such a file") from None
+    except NotPlain:
+        return None  # torch.load decides, and reports what is wrong with the file
+    return State(d, data, obj, check_storages(d, storages))
 
 
-def _storage_keys(obj: Any) -> set[str]:
-    keys: set[str] = set()
-    if isinstance(obj, dict):
-        for v in obj.values():
-            if isinstance(v, Local):
-                keys.add(v.storage.key)
-            elif isinstance(v, Wrapper):
-                local = v.state.get("_local_tensor")
-                if isinstance(local, Local):
-                    keys.add(local.storage.key)
-    return keys
+def check_storages(d: Directory, storages: dict[str, tuple[DType | None, int]]) -> dict[str, int]:
+    """Each storage's data offset; refuses a storage whose record is missing or not exactly its size, as torch does."""
+    for key, (dtype, numel) in storages.items():
+        name = f"data/{key}"
+        if not d.has(name):
+            raise CheckpointError(f"{d.path}: the pickle names storage {name}, which the zip does not hold "
+                                  "(truncated or edited rank file)")
+        nbytes = numel * (dtype.itemsize if dtype is not None else 1)
+        have = d.sizes[d.index(name)]
+        if have != nbytes:
+            raise CheckpointError(f"{d.path}: zip record {name} holds {have} bytes, its storage needs {nbytes} "
+                                  "(torch.load refuses it); copy the file again from the node that saved it")
+    starts = data_offsets(d)  # every record's local header: torch's reader meets some of them (version, byteorder...)
+    return {key: starts[d.index(f"data/{key}")] for key in storages}
 
 
 def placement_name(p: Any) -> str:
@@ -302,15 +359,27 @@ def decode(data: bytes, *, memo: bool = False) -> Any | None:
 
 def decode_or_raise(data: bytes, *, memo: bool = False) -> Any:
     """`decode`, raising NotPlain with the reason instead of returning None (for formats with no fallback)."""
+    obj, memo_copy, _ = _decode(data, memo)
+    return (obj, memo_copy) if memo else obj
+
+
+def _decode_storages(data: bytes) -> tuple[Any, dict[str, tuple[DType | None, int]]]:
+    """The decoded object and every storage its pickle names: key -> (dtype, numel)."""
+    obj, _, storages = _decode(data, False)
+    return obj, storages
+
+
+def _decode(data: bytes, memo: bool) -> tuple[Any, dict | None, dict[str, tuple[DType | None, int]]]:
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of small acyclic objects: the cyclic collector would rescan them again and again
     try:
         u = _Unpickler(io.BytesIO(data))
         obj = u.load()
-        return (obj, u.memo.copy()) if memo else obj
+        return obj, (u.memo.copy() if memo else None), u.storages
     except NotPlain:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, RecursionError) as e:
         raise NotPlain(f"corrupt pickle ({type(e).__name__}: {e})") from None
     finally:
         if gc_was_on:

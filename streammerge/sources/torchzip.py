@@ -23,6 +23,7 @@ _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # 46 bytes, the name follows
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
 CENTRAL_SIZE, LOCAL_SIZE = _CENTRAL.size, _LOCAL.size
 _MAX32 = 0xFFFFFFFF
+_MAX_VERSION = 10  # the newest file format version torch's reader reads (kMaxSupportedFileFormatVersion)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,13 @@ class Directory:
     central_offset: int  # where the central directory starts (the end of the last record)
     central_bytes: bytes  # the raw central directory, for comparing rank files
     entry_starts: tuple[int, ...]  # where each entry starts in central_bytes
+
+    def has(self, name: str) -> bool:
+        try:
+            self.index(name)
+            return True
+        except CheckpointError:
+            return False
 
     def index(self, name: str) -> int:
         try:
@@ -66,17 +74,29 @@ def read_central(path: str | Path) -> tuple[int, int, int, bytes]:
             at = tail.rfind(b"PK\x05\x06")
             if at < 0 or len(tail) - at < _EOCD.size:
                 raise _bad(path, f"{size} bytes, no zip end record")
-            _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
-            if count == 0xFFFF or cd_size == _MAX32 or cd_offset == _MAX32:
-                loc = at - _ZIP64_LOCATOR.size
-                if loc < 0 or tail[loc:loc + 4] != b"PK\x06\x07":
-                    raise _bad(path, "zip64 locator missing")
-                eocd64_at = _ZIP64_LOCATOR.unpack_from(tail, loc)[2]
+            _, disk, cd_disk, on_disk, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+            loc = at - _ZIP64_LOCATOR.size
+            # a zip64 end record, where there is one, is what torch's zip reader (miniz) goes by; its checks here
+            if loc >= 0 and tail[loc:loc + 4] == b"PK\x06\x07":
+                _, _, eocd64_at, disks = _ZIP64_LOCATOR.unpack_from(tail, loc)
+                if eocd64_at > size:
+                    raise _bad(path, "zip64 end record missing")
                 f.seek(eocd64_at)
                 rec = f.read(_ZIP64_EOCD.size)
-                if len(rec) < _ZIP64_EOCD.size or rec[:4] != b"PK\x06\x06":
+                if len(rec) < _ZIP64_EOCD.size:
                     raise _bad(path, "zip64 end record missing")
-                _, _, _, _, _, _, _, count, cd_size, cd_offset = _ZIP64_EOCD.unpack(rec)
+                if rec[:4] == b"PK\x06\x06":  # else the 32-bit end record holds (as in miniz)
+                    _, rec_size, _, _, disk, cd_disk, on_disk, count, cd_size, cd_offset = _ZIP64_EOCD.unpack(rec)
+                    if rec_size < _ZIP64_EOCD.size - 12 or disks != 1 or max(count, on_disk, cd_size) > _MAX32:
+                        raise _bad(path, "bad zip64 end record")
+                elif count == 0xFFFF or cd_size == _MAX32 or cd_offset == _MAX32:
+                    raise _bad(path, "zip64 end record missing")
+            elif count == 0xFFFF or cd_size == _MAX32 or cd_offset == _MAX32:
+                raise _bad(path, "zip64 locator missing")
+            if count != on_disk or ((disk | cd_disk) != 0 and (disk, cd_disk) != (1, 1)):
+                raise _bad(path, "a zip split over several disks")
+            if cd_size < count * CENTRAL_SIZE:
+                raise _bad(path, "central directory too small for its entries")
             if cd_offset + cd_size > size:
                 raise _bad(path, f"central directory past the end of the {size}-byte file")
             f.seek(cd_offset)
@@ -98,21 +118,37 @@ def read_directory(path: str | Path) -> Directory:
     for _ in range(count):
         if pos + CENTRAL_SIZE > len(cd):
             raise _bad(path, "central directory cut short")
-        (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, _, _, _, lho) = unpack(cd, pos)
-        if sig != 0x02014B50:
+        (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, disk, _, attr, lho) = unpack(cd, pos)
+        if sig != 0x02014B50 or disk != 0:
             raise _bad(path, "bad central directory entry")
-        if method != 0 or flags & 1:
+        if method != 0 or flags & 0x2061:  # encrypted, patched or masked: torch's zip reader refuses them too
             raise UnsupportedLayoutError(f"{path}: compressed or encrypted zip entries are not supported; "
                                          "re-save the file with torch.save")
-        name = cd[pos + CENTRAL_SIZE:pos + CENTRAL_SIZE + nlen].decode("utf-8", "replace")
+        try:
+            name = cd[pos + CENTRAL_SIZE:pos + CENTRAL_SIZE + nlen].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad(path, "a zip record name is not UTF-8") from None
         if usize == _MAX32 or lho == _MAX32 or csize == _MAX32:
-            usize, lho = _zip64_fields(cd[pos + CENTRAL_SIZE + nlen:pos + CENTRAL_SIZE + nlen + elen], usize, csize, lho)
+            usize, csize, lho = _zip64_fields(cd[pos + CENTRAL_SIZE + nlen:pos + CENTRAL_SIZE + nlen + elen],
+                                              usize, csize, lho)
+        if attr & 0x10 or name.endswith("/"):  # torch's zip reader reads a directory entry as no bytes
+            raise _bad(path, f"record {name} is marked as a folder")
+        if csize != usize:  # a stored record is its own bytes: torch's zip reader refuses anything else
+            raise _bad(path, f"record {name} has a stored size {csize} and a size {usize}")
+        if lho + LOCAL_SIZE + csize > size:
+            raise _bad(path, f"record {name} runs past the end of the file")
         starts.append(pos)
         names.append(name)
         offsets.append(lho)
         sizes.append(usize)
         crcs.append(crc)
         pos += CENTRAL_SIZE + nlen + elen + clen
+        if pos > len(cd):
+            raise _bad(path, "central directory entry runs past the directory")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CheckpointError(f"{path}: two zip records named {twice!r} (torch would read one, a copy tool another); "
+                              "re-save the file with torch.save")
     prefix = _prefix(path, names)
     cut = len(prefix)
     return Directory(path=path, size=size, prefix=prefix, names=tuple(n[cut:] for n in names),
@@ -120,7 +156,7 @@ def read_directory(path: str | Path) -> Directory:
                      central_offset=cd_offset, central_bytes=cd, entry_starts=tuple(starts))
 
 
-def _zip64_fields(extra: bytes, usize: int, csize: int, lho: int) -> tuple[int, int]:
+def _zip64_fields(extra: bytes, usize: int, csize: int, lho: int) -> tuple[int, int, int]:
     pos = 0
     while pos + 4 <= len(extra):
         tag, n = struct.unpack_from("<HH", extra, pos)
@@ -129,19 +165,21 @@ def _zip64_fields(extra: bytes, usize: int, csize: int, lho: int) -> tuple[int, 
             if usize == _MAX32 and vals:
                 usize = vals.pop(0)
             if csize == _MAX32 and vals:
-                vals.pop(0)
+                csize = vals.pop(0)
             if lho == _MAX32 and vals:
                 lho = vals.pop(0)
             break
         pos += 4 + n
-    return usize, lho
+    return usize, csize, lho
 
 
 def _prefix(path: Path, names: list[str]) -> str:
-    pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
-    if not pickles:
+    """The archive folder: the first record's, as torch's reader takes it."""
+    if not names or "/" not in names[0]:
+        raise CheckpointError(f"{path}: not a torch checkpoint (its first zip record is in no archive folder)")
+    prefix = names[0][:names[0].index("/") + 1]
+    if prefix + "data.pkl" not in names:
         raise CheckpointError(f"{path}: not a torch checkpoint (a zip file without data.pkl)")
-    prefix = pickles[0][: -len("data.pkl")]
     if any(not n.startswith(prefix) for n in names):
         raise CheckpointError(f"{path}: zip records outside the archive folder {prefix!r}")
     return prefix
@@ -165,8 +203,8 @@ def data_offsets(d: Directory, indices: list[int] | range | None = None) -> dict
             if sig != 0x04034B50:
                 raise _bad(d.path, f"bad local header for {d.names[i]}")
             start = lho + LOCAL_SIZE + nlen + elen
-            if start + d.sizes[i] > d.size:
-                raise _bad(d.path, f"record {d.names[i]} runs past the end of the file")
+            if start + d.sizes[i] > d.central_offset:
+                raise _bad(d.path, f"record {d.names[i]} runs past the end of the file's records")
             out[i] = start
     finally:
         os.close(fd)
@@ -178,6 +216,42 @@ def storage_offsets(d: Directory, keys: object) -> dict[str, int]:
     records = {key: d.index(f"data/{key}") for key in keys}
     at = data_offsets(d, sorted(records.values()))
     return {key: at[i] for key, i in records.items()}
+
+
+def check_torch_records(d: Directory) -> None:
+    """The small records torch's reader parses: a version and an alignment that are numbers, and a byteorder.
+
+    A file saved big-endian is refused: its tensor bytes would need swapping, which the byte-copying writer
+    never does. A file without the byteorder record is little-endian, as torch.load assumes by default.
+    """
+    version = "version" if d.has("version") else ".data/version"
+    if not d.has(version):
+        raise CheckpointError(f"{d.path}: the zip has no version record (torch.load refuses it); "
+                              "copy the file again from the node that saved it")
+    for name in (version, ".storage_alignment"):  # records torch's reader parses as numbers
+        if d.has(name):
+            text = read_record(d, name, check_crc=False)
+            try:
+                number = int(text)
+            except ValueError:
+                raise _bad(d.path, f"record {name} holds {text[:20]!r}, not a number") from None
+            if name == version and not 1 <= number <= _MAX_VERSION:
+                raise CheckpointError(f"{d.path}: file format version {number}, outside the 1-{_MAX_VERSION} torch.load "
+                                      "reads; re-save the file with torch.save")
+    if d.has(".data/serialization_id"):
+        try:
+            read_record(d, ".data/serialization_id", check_crc=False).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad(d.path, "record .data/serialization_id is not text") from None
+    if "byteorder" not in d.names:
+        return
+    order = read_record(d, "byteorder")
+    if order == b"little":
+        return
+    if order == b"big":
+        raise UnsupportedLayoutError(f"{d.path}: saved on a big-endian machine (its byteorder record says 'big'); "
+                                     "load and re-save it with torch.save on a little-endian machine")
+    raise CheckpointError(f"{d.path}: unknown byteorder record {order[:20]!r} (torch.load refuses it too)")
 
 
 def read_record(d: Directory, name: str, *, check_crc: bool = True) -> bytes:

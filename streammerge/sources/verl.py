@@ -32,11 +32,15 @@ def has_rank_files(folder: Path) -> bool:
 def verl_source(actor: Path) -> VerlSource:
     """The checkpoint whose rank files are in `actor`."""
     found: dict[str, dict[int, dict[int, Path]]] = {}
-    for p in actor.iterdir():
+    for p in sorted(actor.iterdir()):
         m = RANK_FILE.match(p.name)
         if m:
             kind, ws, rank = m.group(1), int(m.group(2)), int(m.group(3))
-            found.setdefault(kind, {}).setdefault(ws, {})[rank] = p
+            same = found.setdefault(kind, {}).setdefault(ws, {})
+            if rank in same:
+                raise CheckpointError(f"{actor}: two files for rank {rank}: {same[rank].name} and {p.name}; "
+                                      "keep the one the run saved")
+            same[rank] = p
     models = found.get("model", {})
     if not models:
         raise CheckpointError(f"{actor}: no model_world_size_*_rank_*.pt files (only optimizer or extra state)")
@@ -46,11 +50,17 @@ def verl_source(actor: Path) -> VerlSource:
     cfg_path = actor / "fsdp_config.json"
     if cfg_path.is_file():
         try:
-            cfg = json.loads(cfg_path.read_text())
-            config_ws = int(cfg["world_size"]) if "world_size" in cfg else None
-            fsdp_version = cfg.get("FSDP_version")
-        except (ValueError, TypeError, KeyError) as e:
-            raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
+            cfg = json.loads(cfg_path.read_text(), parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, OSError) as e:
+            raise CheckpointError(f"{cfg_path}: unreadable ({str(e)[:120]})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}")
+        config_ws = cfg.get("world_size")
+        if config_ws is not None and (type(config_ws) is not int or config_ws < 1):
+            raise CheckpointError(f"{cfg_path}: world_size {str(config_ws)[:40]!r} is not a positive integer")
+        fsdp_version = cfg.get("FSDP_version")
+        if fsdp_version is not None and type(fsdp_version) is not int:
+            raise CheckpointError(f"{cfg_path}: FSDP_version {str(fsdp_version)[:40]!r} is not an integer")
 
     if config_ws is not None:
         world_size = config_ws
@@ -74,6 +84,13 @@ def verl_source(actor: Path) -> VerlSource:
         )
 
     ranks = models[world_size]
+    if world_size > len(ranks):  # never walk a world size taken from a file name: it may be any number
+        missing = [r for r in range(min(world_size, max(ranks) + 2)) if r not in ranks][:1000]
+        raise CheckpointError(
+            f"{actor}: missing model rank files for rank(s) {_ranges(missing)}"
+            f"{', ...' if world_size > max(ranks) + 2 else ''} of world size {world_size} "
+            "(on clusters without a shared file system, copy every node's rank files into one folder)"
+        )
     missing = [r for r in range(world_size) if r not in ranks]
     if missing:
         raise CheckpointError(
@@ -153,6 +170,10 @@ class VerlSource(Source):
         from .verl_oracle import VerlOracle
 
         return VerlOracle(self.files(), self.world_size)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _ranges(ranks: list[int]) -> str:

@@ -10,8 +10,12 @@ gives every rank exactly the local shape it holds.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import mmap
+import os
+import threading
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +28,34 @@ Box = tuple[tuple[int, int], ...]
 
 
 class VerlOracle(Oracle):
-    """Tensors of veRL rank files (model and optimizer files), as torch loads them."""
+    """Tensors of veRL rank files (model and optimizer files), as torch loads them.
+
+    Safe to share between threads (verify compares tensors in parallel). Tensor bytes are mapped, so
+    `release` unmaps the pages of a compared tensor again: the resident set stays at the tensors in use.
+    """
+
+    thread_safe = True
 
     def __init__(self, files: Sequence[Path], world_size: int):
         self.files, self.world_size = list(files), world_size
         self._loaded: dict[Path, dict[str, Any]] = {}
         self._placed: dict[str, list[tuple[Any, tuple[int, ...], Path]]] = {}
+        self._lock = threading.RLock()
+
+    def release(self, t: Any) -> None:
+        """Drop the mapped pages of the pieces a compared tensor read (they are re-read from the file if needed)."""
+        names = [s.name for s in [t.source] + ([t.fold.a, t.fold.b] if getattr(t, "fold", None) else [])]
+        for name in names:
+            with self._lock:
+                pieces = self._placed.get(name, [])
+            for local, _, _ in pieces:
+                _unmap_pages(local)
 
     def _state(self, path: Path) -> dict[str, Any]:
+        with self._lock:
+            return self._state_locked(path)
+
+    def _state_locked(self, path: Path) -> dict[str, Any]:
         if path not in self._loaded:
             import torch
             import torch.distributed.tensor  # noqa: F401  (lets weights_only loads rebuild DTensors)
@@ -47,7 +71,10 @@ class VerlOracle(Oracle):
                                       ) from None
             finally:
                 mesh_log.setLevel(level)
-            self._loaded[path] = dict(_flat(obj))
+            try:
+                self._loaded[path] = dict(_flat(obj))
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
         return self._loaded[path]
 
     def _files_for(self, name: str) -> list[Path]:
@@ -63,6 +90,10 @@ class VerlOracle(Oracle):
 
     def _pieces(self, name: str) -> list[tuple[Any, tuple[int, ...], Path]]:
         """(local tensor, its offset in the full tensor, its file) for every distinct piece of `name`."""
+        with self._lock:
+            return self._pieces_locked(name)
+
+    def _pieces_locked(self, name: str) -> list[tuple[Any, tuple[int, ...], Path]]:
         if name in self._placed:
             return self._placed[name]
         from torch.distributed.tensor import DTensor
@@ -105,6 +136,7 @@ class VerlOracle(Oracle):
                 continue
             src = local[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))]
             out[tuple(slice(a - b0, b - b0) for a, b, (b0, _) in zip(lo, hi, box))] = src
+            _unmap_span(src)  # read once: keep the resident set at a window, not the whole mapped tensor
             filled += math.prod(b - a for a, b in zip(lo, hi))
         if filled != out.numel():
             raise CheckpointError(f"{name!r}: the rank files' pieces cover {filled} of the {out.numel()} elements "
@@ -129,7 +161,7 @@ class VerlOracle(Oracle):
                         if info.CRC == 0:  # saved without CRCs (torch.serialization.set_crc32_options(False))
                             continue
                         with z.open(info) as fh:
-                            while fh.read(16 * 2**20):
+                            while fh.read(4 * 2**20):  # one buffer per thread: verify runs these side by side
                                 pass
             except (zipfile.BadZipFile, OSError, EOFError) as e:
                 problems.append(f"{path}: zip record {record} fails its CRC32 check ({e}): the rank file is "
@@ -141,15 +173,55 @@ class VerlOracle(Oracle):
         self._placed.clear()
 
 
-def _flat(obj: Any, prefix: str = "") -> Any:
-    """A model state dict as is; an optimizer's nested state as `state.<int>.<key>` (as the optimizer plan names it)."""
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None  # libc's symbols, no ldconfig child
+_MADV_DONTNEED = 4
+_PAGE = mmap.PAGESIZE
+
+
+def _unmap_pages(local: Any) -> None:
+    """madvise(DONTNEED) over a memory-mapped tensor's storage: a private, read-only file mapping
+    faults the pages back from the file when touched again, so this only bounds the resident set."""
+    if _libc is None or not hasattr(_libc, "madvise"):
+        return
+    try:
+        storage = local.untyped_storage()
+        start, n = storage.data_ptr(), storage.nbytes()
+    except Exception:  # not a plain CPU storage
+        return
+    if n <= 0 or start == 0:
+        return
+    lo = start // _PAGE * _PAGE
+    hi = -(-(start + n) // _PAGE) * _PAGE
+    _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _unmap_span(view: Any) -> None:
+    """madvise(DONTNEED) over the pages a strided view of a mapped tensor spans."""
+    if _libc is None or not hasattr(_libc, "madvise") or view.numel() == 0:
+        return
+    start = view.data_ptr()
+    span = (sum((n - 1) * st for n, st in zip(view.shape, view.stride())) + 1) * view.element_size()
+    lo = start // _PAGE * _PAGE
+    hi = -(-(start + span) // _PAGE) * _PAGE
+    _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _flat(obj: Any, prefix: str = "", seen: set[int] | None = None) -> Any:
+    """A model state dict as is; an optimizer's nested state as `state.<int>.<key>` (as the optimizer plan names it).
+
+    Each dict is walked once (a pickle can share one dict many times over, whose walk would never end).
+    """
+    seen = seen if seen is not None else set()
+    if id(obj) in seen or prefix.count(".") > 64:
+        raise CheckpointError(f"state {prefix.rstrip('.')!r} holds a dict already seen, or nests too deep")
+    seen.add(id(obj))
     if isinstance(obj, dict) and "state" in obj and "param_groups" in obj and not prefix:
         for pid, entry in obj["state"].items():
-            yield from _flat(entry, f"state.{pid}.")
+            yield from _flat(entry, f"state.{pid}.", seen)
         return
     for k, v in (obj.items() if isinstance(obj, dict) else ()):
         if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
+            yield from _flat(v, f"{prefix}{k}.", seen)
         else:
             yield f"{prefix}{k}", v
 

@@ -1,10 +1,11 @@
-"""The manifest: which output files are finished, with size and sha256, for resume, verify and push."""
+"""The manifest: which output files are finished, with size, mtime and checksum, for resume, verify and push."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ class Manifest:
         """A file counts as finished when the manifest lists it and it is still there, unchanged.
 
         Size and mtime as recorded mean untouched since written and checked; otherwise the file is
-        re-hashed and kept only if its sha256 still matches.
+        read again and kept only if its checksum (crc32, or sha256 in manifests that recorded one) matches.
         """
         entry = self.data["files"].get(filename)
         if entry is None:
@@ -70,15 +71,15 @@ class Manifest:
             if st.st_size != entry["size"]:
                 return None
             if st.st_mtime_ns != entry.get("mtime_ns"):
-                if sha256_file(path) != entry["sha256"]:
+                if not checksum_matches(path, entry):
                     return None
                 entry["mtime_ns"] = st.st_mtime_ns
         except OSError:
             return None
-        return OutputFile(filename, entry["size"], entry["sha256"])
+        return OutputFile(filename, entry["size"], entry.get("crc32"), entry.get("sha256"))
 
     def add(self, f: OutputFile) -> None:
-        entry = {k: v for k, v in asdict(f).items() if k != "filename"}
+        entry = {k: v for k, v in asdict(f).items() if k != "filename" and v is not None}
         try:
             entry["mtime_ns"] = os.stat(self.path.parent.parent / f.filename).st_mtime_ns
         except OSError:
@@ -102,6 +103,26 @@ class Manifest:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise output_error(e, self.path) from None
+
+
+def checksum_matches(path: Path, entry: dict) -> bool:
+    """The file still has the checksum its manifest entry records (crc32 first: it is the cheap one)."""
+    if entry.get("crc32") is not None:
+        return crc32_file(path) == entry["crc32"]
+    if entry.get("sha256") is not None:
+        return sha256_file(path) == entry["sha256"]
+    return False
+
+
+def crc32_file(path: Path, chunk: int = 8 * 2**20) -> int:
+    """zlib's CRC-32 of a file, read in bounded chunks."""
+    crc = 0
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
 
 
 def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:

@@ -1,24 +1,27 @@
 """Write: execute a plan, one output file at a time, in bounded memory.
 
-Each file is created at its final size under a temporary name, its header written from the plan,
-and every tensor filled window by window: worker threads read the pieces of a window straight from
-the rank files (positioned reads; casts chunk by chunk with numpy, bit for bit what `tensor.to(dtype)`
-gives, see cast.py; torch only for float8) and write it in place, while this thread hashes the
-windows in file order. Memory is the window buffers and nothing else; page cache is dropped behind
-us so a memory cgroup stays bounded too. The file is re-opened with the Rust reader
-(`safetensors.safe_open`) before it is renamed into place. torch is imported only for a float8 cast.
+Each file is created at its final size under a temporary name and cut into aligned windows of file
+space (the header in the first): worker threads fill a window from the pieces of every tensor it
+spans, read straight from the rank files (positioned reads; casts chunk by chunk with numpy, bit for
+bit what `tensor.to(dtype)` gives, see cast.py; torch only for float8), and write it with one pwrite,
+O_DIRECT where the file system allows, while this thread takes the CRC-32 of the windows in file
+order (and sha256, only when asked: a push needs it). Memory is the window buffers and nothing else;
+page cache is dropped behind us (or never filled, with O_DIRECT) so a memory cgroup stays bounded too.
+The file is re-opened with the Rust reader (`safetensors.safe_open`) before it is renamed into place.
+torch is imported only for a float8 cast.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import itertools
 import math
+import mmap
 import os
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +36,8 @@ from ..options import DEFAULT_BUFFER_SIZE
 from ..plan import FilePlan, Plan, TensorPlan
 from .cast import cast_into, numpy_can_cast
 
+WINDOW_MAX = 4 * 2**20  # bytes of output file per job: large sequential writes, still many in flight
+ALIGN = 4096  # O_DIRECT needs file offsets, lengths and buffers aligned to the logical block size
 FOLD_COPIES = 3  # a fold window holds float32 copies of W's window, B's rows and the result
 TMP_SUFFIX = ".streammerge-tmp"
 
@@ -45,7 +50,8 @@ class OutputFile:
 
     filename: str  # relative to the output folder, e.g. "optimizer/optimizer.safetensors"
     size: int
-    sha256: str
+    crc32: int | None = None  # of the whole file: resume and verify use it when the mtime changed
+    sha256: str | None = None  # only where computed anyway (small files) or asked for (a push needs it)
 
 
 def tmp_path(path: Path) -> Path:
@@ -54,7 +60,8 @@ def tmp_path(path: Path) -> Path:
 
 # ---------------------------------------------------------------- page cache control
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if os.name == "posix" else None
+# the process's own symbols include libc's; find_library would run ldconfig (a child process) to find it
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 _SYNC_RANGE_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
@@ -187,13 +194,26 @@ def _is_contiguous(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
 
 # ---------------------------------------------------------------- reading sources
 
-class Sources:
-    """Read-only file descriptors of the rank files, opened once and shared by the worker threads."""
+DIRECT_MIN = 256 * 2**10  # smaller reads go through the page cache: a bounce copy is not worth it
 
-    def __init__(self, drop_cache: bool = True):
+
+class Sources:
+    """Read-only file descriptors of the rank files, opened once and shared by the worker threads.
+
+    With `direct`, large reads use O_DIRECT where the file system takes it: the whole request goes
+    to the disk at once and nothing stays in the page cache. Offsets in a rank file are not aligned,
+    so each thread reads aligned blocks into its own bounce buffer and copies the bytes asked for.
+    """
+
+    def __init__(self, drop_cache: bool = True, direct: bool = False, bounce: int = 2 * 2**20):
         self._fds: dict[str, int] = {}
+        self._dfds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
         self.drop_cache = drop_cache
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.bounce = max(ALIGN, bounce // ALIGN * ALIGN)
+        self.fell_back: dict[str, str] = {}
 
     def fd(self, path: str) -> int:
         with self._lock:
@@ -201,7 +221,31 @@ class Sources:
                 self._fds[path] = os.open(path, os.O_RDONLY)
             return self._fds[path]
 
+    def _dfd(self, path: str) -> int | None:
+        with self._lock:
+            if path not in self._dfds:
+                try:
+                    self._dfds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                except OSError as e:
+                    self._no_direct(f"open: {e.strerror or e}")
+                    return None
+            return self._dfds[path]
+
+    def _no_direct(self, why: str) -> None:
+        self.direct = False
+        self.fell_back.setdefault("O_DIRECT reads", why)
+
     def read_into(self, path: str, offset: int, view: memoryview) -> None:
+        if self.direct and len(view) >= DIRECT_MIN:
+            dfd = self._dfd(path)
+            if dfd is not None:
+                try:
+                    self._read_direct(path, dfd, offset, view)
+                    return
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._no_direct(f"read: {e.strerror or e}")
         fd = self.fd(path)
         done = 0
         while done < len(view):
@@ -212,11 +256,30 @@ class Sources:
         if self.drop_cache:
             _drop_cache(fd, offset, len(view), written=False)
 
+    def _read_direct(self, path: str, fd: int, offset: int, view: memoryview) -> None:
+        buf = getattr(self._local, "bounce", None)
+        if buf is None:
+            buf = self._local.bounce = mmap.mmap(-1, self.bounce)  # page-aligned
+        bounce = memoryview(buf)
+        done = 0
+        while done < len(view):
+            start = offset + done
+            lo = start // ALIGN * ALIGN
+            want = min(len(view) - done, self.bounce - (start - lo))
+            hi = -(-(start + want) // ALIGN) * ALIGN
+            n = os.preadv(fd, [bounce[:hi - lo]], lo)
+            got = min(want, n - (start - lo))
+            if got <= 0:
+                raise OutputError(f"{path}: unexpected end of file at byte {start} (file truncated while merging?)")
+            view[done:done + got] = bounce[start - lo:start - lo + got]
+            done += got
+
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in list(self._fds.values()) + list(self._dfds.values()):
                 os.close(fd)
             self._fds.clear()
+            self._dfds.clear()
 
 
 def fill_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, sources: Sources) -> int:
@@ -286,22 +349,83 @@ def _fitting_parts(sizes: tuple[int, ...], strides: tuple[int, ...], itemsize: i
 
 # ---------------------------------------------------------------- one output file
 
+
+
+def window_size(buffer_size: int) -> int:
+    """Bytes of output one job writes: at most WINDOW_MAX, at least one block, always a multiple of ALIGN."""
+    return max(ALIGN, min(WINDOW_MAX, buffer_size // 4 // ALIGN * ALIGN))
+
+
+def in_flight(buffer_size: int) -> int:
+    """How many windows fit the buffer budget (each needs its output bytes and a scratch copy)."""
+    return max(2, buffer_size // (2 * window_size(buffer_size)))
+
+
+def flat_boxes(shape: tuple[int, ...], a: int, b: int) -> Iterator[Box]:
+    """Elements [a, b) of a row-major tensor, in order, as boxes that are each contiguous in row-major order."""
+    if a >= b:
+        return
+    if not shape:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    i0, r0 = divmod(a, inner)
+    i1, r1 = divmod(b, inner)
+    if i0 == i1:
+        for sub in flat_boxes(shape[1:], r0, r1):
+            yield ((i0, i0 + 1),) + sub
+        return
+    if r0:
+        for sub in flat_boxes(shape[1:], r0, inner):
+            yield ((i0, i0 + 1),) + sub
+        i0 += 1
+    if i1 > i0:
+        yield ((i0, i1),) + tuple((0, s) for s in shape[1:])
+    if r1:
+        for sub in flat_boxes(shape[1:], 0, r1):
+            yield ((i1, i1 + 1),) + sub
+
+
+# what one window holds: header bytes (tensor None, box None) or a box of a tensor, at `dst` in the window;
+# `cut` = (skip, keep) when only some bytes of a single element fall in this window
+Segment = tuple[TensorPlan | None, Box | None, int, tuple[int, int] | None]
+
+
 class FileWriter:
-    """Writes the files of a plan with a shared pool of threads and a fixed set of buffers."""
+    """Writes the files of a plan in fixed windows of output-file space, with a fixed set of buffers.
+
+    The file is cut into aligned windows (the header lies in window 0); a job assembles one window
+    from its tensors' pieces and writes it with one pwrite (O_DIRECT where the file system takes it).
+    How many windows are in flight comes from the buffer budget, how many threads work on them from
+    `workers` (never more than windows in flight): disk queue depth and CPU work are set apart.
+    """
 
     def __init__(self, *, workers: int = 2, buffer_size: int = DEFAULT_BUFFER_SIZE, drop_cache: bool = True,
-                 progress: Callable[[int], None] | None = None):
-        self.workers = max(1, workers)
-        self.depth = max(2, 2 * self.workers)
-        # each in-flight window needs its output bytes and, for casts and strided pieces, a scratch copy
-        self.window_bytes = max(4096, buffer_size // (2 * self.depth)) // 64 * 64
+                 progress: Callable[[int], None] | None = None, direct: bool | None = None, sha256: bool = False):
+        self.window_bytes = window_size(buffer_size)
+        self.depth = in_flight(buffer_size)
+        self.workers = max(1, min(workers, self.depth))
         self.flush_bytes = max(8 * 2**20, 2 * self.window_bytes)
         self.drop_cache = drop_cache
         self.progress = progress
-        self.sources = Sources(drop_cache)
+        self.sha256 = sha256  # the Hub needs it; merges that do not push skip it
+        self.fell_back: dict[str, str] = {}  # fast path -> why it was not taken (observable, never silent)
+        if direct is None:
+            direct = os.environ.get("STREAMMERGE_NO_DIRECT") != "1"
+            if not direct:
+                self.fell_back["O_DIRECT"] = "STREAMMERGE_NO_DIRECT=1"
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        if direct and not self.direct:
+            self.fell_back["O_DIRECT"] = "not available on this platform"
+        # O_DIRECT reads measured no faster on the device (README) and skip a warm page cache: opt-in only
+        reads = self.direct and os.environ.get("STREAMMERGE_DIRECT_READS") == "1"
+        self.sources = Sources(drop_cache, direct=reads)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="streammerge")
-        self._buffers = [(np.empty(self.window_bytes, dtype=np.uint8), np.empty(self.window_bytes, dtype=np.uint8))
-                         for _ in range(self.depth)]
+        self._arena = mmap.mmap(-1, 2 * self.depth * self.window_bytes)  # page-aligned, as O_DIRECT wants
+        arena = np.frombuffer(self._arena, dtype=np.uint8)
+        w = self.window_bytes
+        self._buffers = [(arena[2 * i * w:(2 * i + 1) * w], arena[(2 * i + 1) * w:(2 * i + 2) * w])
+                         for i in range(self.depth)]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -313,18 +437,50 @@ class FileWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _jobs(self, plan: Plan, fp: FilePlan) -> Iterator[tuple[TensorPlan, Box, int]]:
+    def _windows(self, plan: Plan, fp: FilePlan) -> Iterator[tuple[int, int, list[Segment]]]:
+        """(file offset, length, segments) of every window of the file, in file order."""
+        w = self.window_bytes
         data_start = fp.layout.data_start
-        for e in fp.layout.entries:
-            t = plan.tensors[e.name]
-            itemsize = max(t.dtype.itemsize, t.source_dtype.itemsize)
-            if t.fold is not None:  # float32 copies of the W window and the matching rows of B and A
-                itemsize = max(itemsize, 4 * FOLD_COPIES)
-            budget = self.window_bytes * t.dtype.itemsize // itemsize
-            strides = _row_major(t.geometry)
-            for box in windows(t.geometry, t.dtype.itemsize, budget):
-                flat = sum(lo * st for (lo, _), st in zip(box, strides))
-                yield t, box, data_start + e.begin + flat * t.dtype.itemsize
+        spans: list[tuple[int, int, TensorPlan | None]] = [(0, data_start, None)]
+        spans += [(data_start + e.begin, data_start + e.end, plan.tensors[e.name]) for e in fp.layout.entries]
+        i = 0
+        for w0 in range(0, fp.size, w):
+            w1 = min(w0 + w, fp.size)
+            segs: list[Segment] = []
+            while i < len(spans) and spans[i][1] <= w0:
+                i += 1
+            j = i
+            while j < len(spans) and spans[j][0] < w1:
+                s0, s1, t = spans[j]
+                a, b = max(s0, w0), min(s1, w1)
+                if t is None:
+                    segs.append((None, None, a - w0, None))
+                else:
+                    segs.extend(self._segments(t, a - s0, b - s0, a - w0))
+                j += 1
+            yield w0, w1 - w0, segs
+
+    def _segments(self, t: TensorPlan, a: int, b: int, dst: int) -> Iterator[Segment]:
+        """Bytes [a, b) of tensor t as boxes placed from `dst`; an element cut by a window edge comes alone."""
+        isz = t.dtype.itemsize
+        e0, e1 = -(-a // isz), b // isz
+        if a % isz:
+            elem = a // isz
+            keep = min(b, (elem + 1) * isz) - a
+            yield t, next(flat_boxes(t.geometry, elem, elem + 1)), dst, (a % isz, keep)
+            dst += keep
+        if e0 < e1:
+            step = e1 - e0
+            if t.fold is not None:  # float32 copies of W's window, B's rows and the result
+                step = max(1, self.window_bytes // (4 * FOLD_COPIES))
+            for lo in range(e0, e1, step):
+                hi = min(e1, lo + step)
+                for box in flat_boxes(t.geometry, lo, hi):
+                    yield t, box, dst, None
+                    dst += math.prod(hi_ - lo_ for lo_, hi_ in box) * isz
+        if b % isz and b // isz >= e0:
+            elem = b // isz
+            yield t, next(flat_boxes(t.geometry, elem, elem + 1)), dst, (0, b % isz)
 
     def write(self, plan: Plan, fp: FilePlan, path: Path) -> OutputFile:
         """Write one file atomically: temp name, fill, verify with the Rust reader, rename."""
@@ -335,7 +491,7 @@ class FileWriter:
         except OSError as e:
             raise output_error(e, path) from None
         try:
-            digest = self._fill(plan, fp, fd, tmp)
+            crc, sha = self._fill(plan, fp, fd, tmp)
             os.fsync(fd)
         except OSError as e:
             os.close(fd)
@@ -348,9 +504,27 @@ class FileWriter:
         os.close(fd)
         check_with_rust_reader(tmp, plan, fp)
         os.replace(tmp, path)
-        return OutputFile(plan.rel(fp.filename), fp.size, digest)
+        return OutputFile(plan.rel(fp.filename), fp.size, crc, sha)
 
-    def _fill(self, plan: Plan, fp: FilePlan, fd: int, tmp: Path) -> str:
+    def _open_direct(self, tmp: Path) -> int | None:
+        if not self.direct:
+            return None
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_DIRECT)
+        except OSError as e:
+            self._no_direct(f"open: {e.strerror or e}")
+            return None
+
+    def _no_direct(self, why: str) -> None:
+        self.direct = False
+        self.fell_back.setdefault("O_DIRECT", why)
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        """Every fast path not taken, and why (writes and reads)."""
+        return {**self.fell_back, **self.sources.fell_back}
+
+    def _fill(self, plan: Plan, fp: FilePlan, fd: int, tmp: Path) -> tuple[int, str | None]:
         try:
             os.posix_fallocate(fd, 0, fp.size)  # reserves the space: a full disk fails now, not halfway
         except OSError as e:
@@ -358,27 +532,33 @@ class FileWriter:
                 raise
             os.ftruncate(fd, fp.size)
         header = fp.layout.header
-        os.pwrite(fd, header, 0)
-        sha = hashlib.sha256(header)
+        dfd = self._open_direct(tmp)
+        crc = 0
+        sha = hashlib.sha256() if self.sha256 else None
         inflight: deque[tuple[Future, int]] = deque()
         free = list(range(self.depth))
-        behind = WriteBehind(fd, 0, chunk=self.flush_bytes, limit=4 * self.flush_bytes, enabled=self.drop_cache)
+        behind = WriteBehind(fd, 0, chunk=self.flush_bytes, limit=4 * self.flush_bytes,
+                             enabled=self.drop_cache and dfd is None)
 
         def finish_oldest() -> None:
+            nonlocal crc
             fut, slot = inflight.popleft()
             n, offset = fut.result()
-            sha.update(memoryview(self._buffers[slot][0])[:n])
+            view = self._buffers[slot][0].data[:n]
+            crc = zlib.crc32(view, crc)
+            if sha is not None:
+                sha.update(view)
             free.append(slot)
             behind.advance(offset + n)
             if self.progress:
                 self.progress(n)
 
         try:
-            for t, box, offset in self._jobs(plan, fp):
+            for w0, n, segs in self._windows(plan, fp):
                 if not free:
                     finish_oldest()
                 slot = free.pop()
-                inflight.append((self._pool.submit(self._job, t, box, offset, fd, slot), slot))
+                inflight.append((self._pool.submit(self._job, segs, header, w0, n, fd, dfd, slot), slot))
             while inflight:
                 finish_oldest()
         finally:
@@ -389,21 +569,52 @@ class FileWriter:
                 except BaseException:
                     pass
             behind.close(fp.size)
-        return sha.hexdigest()
+            if dfd is not None:
+                os.close(dfd)
+        if os.fstat(fd).st_size != fp.size:  # an O_DIRECT tail is written whole blocks long
+            os.ftruncate(fd, fp.size)
+        return crc, sha.hexdigest() if sha is not None else None
 
-    def _job(self, t: TensorPlan, box: Box, offset: int, fd: int, slot: int) -> tuple[int, int]:
+    def _job(self, segs: list[Segment], header: bytes, w0: int, n: int, fd: int, dfd: int | None,
+             slot: int) -> tuple[int, int]:
         out, scratch = self._buffers[slot]
+        for t, box, dst, cut in segs:
+            if t is None:
+                part = header[w0 + dst:w0 + n]
+                out[dst:dst + len(part)] = np.frombuffer(part, dtype=np.uint8)
+            elif cut is not None:
+                one = np.empty(16, dtype=np.uint8)
+                self._fill_box(t, box, one, scratch)
+                skip, keep = cut
+                out[dst:dst + keep] = one[skip:skip + keep]
+            else:
+                self._fill_box(t, box, out[dst:], scratch)
+        if dfd is not None and self.direct:
+            padded = -(-n // ALIGN) * ALIGN
+            out[n:padded] = 0
+            try:
+                _pwrite_all(dfd, out.data[:padded], w0)
+                return n, w0
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._no_direct(f"write: {e.strerror or e}")
+        _pwrite_all(fd, out.data[:n], w0)
+        return n, w0
+
+    def _fill_box(self, t: TensorPlan, box: Box | None, out: np.ndarray, scratch: np.ndarray) -> int:
+        assert box is not None
         if t.fold is not None:
             from .compute import fill_fold_window
 
-            n = fill_fold_window(t, box, out, scratch, self.sources)
-        else:
-            n = fill_window(t, box, out, scratch, self.sources)
-        view = memoryview(out)[:n]
-        done = 0
-        while done < n:
-            done += os.pwrite(fd, view[done:], offset + done)
-        return n, offset
+            return fill_fold_window(t, box, out, scratch, self.sources)
+        return fill_window(t, box, out, scratch, self.sources)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def output_error(e: OSError, path: Path, size: int | None = None) -> OutputError:

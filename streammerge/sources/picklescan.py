@@ -1,0 +1,106 @@
+"""Where a pickle's opcodes and its top-level dict keys start, found by walking the opcodes (no decoding).
+
+The rank matcher compares pickles byte for byte, except for a few tokens that differ by rank and mean
+nothing to a merge (the device a rank saved from, a cached hash). A token is only a token where an
+opcode starts; the same bytes inside a tensor name or an integer's operand are data. This walk says
+which positions are opcode starts, and which opcodes begin each key of the state dict.
+"""
+
+from __future__ import annotations
+
+import pickletools
+import struct
+from collections.abc import Sequence
+
+_GLOBAL_LIKE = (ord("c"), ord("i"))  # GLOBAL, INST: two newline-terminated arguments
+_SETITEM, _SETITEMS, _STOP = ord("s"), ord("u"), ord(".")
+
+
+def _tables() -> tuple[list[int], list[tuple[int, bool, int, bool]]]:
+    """Per opcode byte: its argument length (>= 0 fixed, < 0 pickletools' variable kinds, None unknown) and
+    its stack effect (items taken below any mark, whether it takes a mark, items pushed, whether it pushes a mark)."""
+    length: list = [None] * 256
+    effect: list = [(0, False, 0, False)] * 256
+    for op in pickletools.opcodes:
+        c = ord(op.code)
+        length[c] = op.arg.n if op.arg is not None else 0
+        before = op.stack_before
+        takes_mark = pickletools.markobject in before
+        below = before.index(pickletools.markobject) if takes_mark else len(before)
+        pushes_mark = pickletools.markobject in op.stack_after
+        effect[c] = (below, takes_mark, 0 if pushes_mark else len(op.stack_after), pushes_mark)
+    return length, effect
+
+
+_LENGTH, _EFFECT = _tables()
+
+
+def scan(data: bytes, checks: Sequence[int] = (), key_limit: int | None = None) -> list[int] | None:
+    """Start positions of the top-level dict's keys (those starting before `key_limit`), walking every opcode.
+
+    None when the bytes are not a well-formed pickle of one dict, or when a position in `checks` (sorted)
+    is not the start of an opcode.
+    """
+    length, effect, unpack = _LENGTH, _EFFECT, struct.unpack_from
+    limit = len(data) if key_limit is None else key_limit
+    frames: list[list[int]] = [[]]  # per open mark: where each stack item's opcodes begin
+    marks: list[int] = []
+    keys: list[int] = []
+    ci, nchecks = 0, len(checks)
+    pos, n = 0, len(data)
+    while pos < n:
+        if pos >= limit and ci == nchecks:
+            break  # past the keys wanted, and no position left to check
+        while ci < nchecks and checks[ci] < pos:
+            return None  # a check position fell inside an opcode
+        if ci < nchecks and checks[ci] == pos:
+            ci += 1
+        c = data[pos]
+        k = length[c]
+        if k is None:
+            return None
+        if k >= 0:
+            end = pos + 1 + k
+        elif k == -2:
+            end = pos + 2 + data[pos + 1] if pos + 1 < n else n + 1
+        elif k in (-3, -4):
+            end = pos + 5 + unpack("<I", data, pos + 1)[0] if pos + 5 <= n else n + 1
+        elif k == -5:
+            end = pos + 9 + unpack("<Q", data, pos + 1)[0] if pos + 9 <= n else n + 1
+        else:  # newline-terminated
+            end = data.find(b"\n", pos + 1) + 1
+            if end and c in _GLOBAL_LIKE:
+                end = data.find(b"\n", end) + 1
+            if not end:
+                return None
+        if end > n:
+            return None
+        if c == _STOP:
+            break
+        if pos < limit:  # the stack, as far as keys are wanted
+            below, takes_mark, pushes, pushes_mark = effect[c]
+            start = pos
+            if takes_mark:
+                if not marks:
+                    return None
+                inner = frames.pop()
+                start = marks.pop()
+                if c == _SETITEMS and len(frames) == 1 and len(frames[0]) == 1:
+                    keys.extend(inner[0::2])
+            frame = frames[-1]
+            if below:
+                if len(frame) < below:
+                    return None
+                start = frame[-below]
+                if c == _SETITEM and len(frames) == 1 and len(frame) == 3:
+                    keys.append(frame[-2])
+                del frame[-below:]
+            if pushes_mark:
+                marks.append(pos)
+                frames.append([])
+            elif pushes:
+                frame.extend([start] * pushes)
+        pos = end
+    if ci < nchecks:
+        return None
+    return [k for k in keys if k < limit]
