@@ -1,9 +1,10 @@
 """Element types without torch: name, safetensors code, size, and the numpy dtype of the bytes.
 
 A merge only needs to know how big an element is, what safetensors calls it and whether `--dtype`
-casts it; importing torch for that costs more time and memory than the merge's buffer. These objects are what the planner, the
-unpickler (metapickle) and the writer pass around. Torch dtypes are accepted wherever a dtype is
-(`of(torch.bfloat16)`, by name, so torch is never imported to read one) and compare equal to ours::
+casts it; importing torch for that costs more time and memory than the merge's buffer. These objects
+are what the planner, the unpickler (metapickle) and the writer pass around. Torch dtypes are accepted
+wherever a dtype is (`of(torch.bfloat16)`, by name, so torch is never imported to read one) and
+compare equal to ours::
 
     >>> of("bf16") is of(torch.bfloat16) is bfloat16
     True

@@ -218,12 +218,12 @@ def _check_safetensors(out: Path, report: VerifyReport) -> dict[str, _Header]:
             entries[name] = _Entry(dtype, shape, begin, end)
         data_len = path.stat().st_size - data_start
         pos, prev = 0, None
-        for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-            if e.begin > pos:
-                report.fail(f"{rel}: data bytes [{pos}, {e.begin}) belong to no tensor")
-            elif e.begin < pos:
+        for name, entry in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+            if entry.begin > pos:
+                report.fail(f"{rel}: data bytes [{pos}, {entry.begin}) belong to no tensor")
+            elif entry.begin < pos:
                 report.fail(f"{rel}: tensors {prev!r} and {name!r} overlap")
-            pos, prev = max(pos, e.end), name
+            pos, prev = max(pos, entry.end), name
         if pos > data_len:
             report.fail(f"{rel}: truncated: tensor {prev!r} ends at data byte {pos}, the file has {data_len}")
         elif pos < data_len:
@@ -232,7 +232,8 @@ def _check_safetensors(out: Path, report: VerifyReport) -> dict[str, _Header]:
             with safe_open(str(path), framework="pt") as f:
                 keys = set(f.keys())
                 if keys != set(entries):
-                    report.fail(f"{rel}: the safetensors reader sees tensors {sorted(keys ^ set(entries))[:3]} differently")
+                    report.fail(f"{rel}: the safetensors reader sees tensors {sorted(keys ^ set(entries))[:3]} "
+                                "differently")
                 for name in keys & set(entries):
                     sl = f.get_slice(name)
                     if tuple(sl.get_shape()) != entries[name].shape:
@@ -358,7 +359,7 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                 for name in sorted(set(headers[rel].entries) - set(p.tensors))[:5]:
                     report.fail(f"{rel}: holds {name!r}, which the checkpoint does not have")
             for name, t in p.tensors.items():
-                rel = where.get(name)
+                rel = where.get(name, "")
                 header = headers.get(rel) if rel else None
                 if header is None:
                     continue  # missing or broken file: reported above
@@ -370,7 +371,6 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                     report.fail(f"{rel}: tensor {name!r} is {_short(entry.dtype)} {list(entry.shape)}, "
                                 f"the checkpoint gives {_short(t.dtype)} {list(t.shape)}")
                     continue
-                assert rel is not None
                 if oracle is not None and _oracle_can_read(oracle, t, rel, report):
                     tasks.append(functools.partial(compare, rel, header, entry, name, t, True))
                 elif t.fold is None:
@@ -382,7 +382,8 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         for done in [pool.submit(task) for task in tasks]:
             done.result()
         if oracle is not None:
-            problems = [m for fut in integrity for m in fut.result()] if crc_pool else oracle.check_integrity(ck.files())
+            problems = ([m for fut in integrity for m in fut.result()] if crc_pool
+                        else oracle.check_integrity(ck.files()))
             for problem in problems:
                 report.fail(problem)
             if own_reader:
@@ -456,13 +457,15 @@ def _report_window(rel: str, t: TensorPlan, box: tuple[tuple[int, int], ...], wa
     import numpy as np
 
     isz = t.dtype.itemsize
-    rows = np.frombuffer(want.numpy().tobytes(), np.uint8).reshape(-1, isz) != np.frombuffer(bytes(got), np.uint8).reshape(-1, isz)
+    rows = (np.frombuffer(want.numpy().tobytes(), np.uint8).reshape(-1, isz)
+            != np.frombuffer(bytes(got), np.uint8).reshape(-1, isz))
     bad = rows.any(axis=1)
     shape = tuple(hi - lo for lo, hi in box)
     first = tuple(int(i) + lo for i, (lo, _) in zip(np.unravel_index(int(np.argmax(bad)), shape), box)) if shape else ()
     source = oracle.locate(t.source.name, first)
     report.fail(f"{rel}: tensor {t.name!r}: {int(bad.sum())} of {bad.size} elements in one window differ from "
-                f"{source} as torch.load reads it{' and peft folds it' if t.fold else ''} (first at index {list(first)})")
+                f"{source} as torch.load reads it{' and peft folds it' if t.fold else ''} "
+                f"(first at index {list(first)})")
 
 
 def _expected(t: TensorPlan, box: tuple[tuple[int, int], ...], oracle: Oracle) -> torch.Tensor:
@@ -626,7 +629,10 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
                 sources.needed.setdefault((p.file, rec[0]), name)
             streaming = (rec is not None and (p.file, rec[0]) not in sources.checked and _is_contiguous(pshape, pstride)
                          and p.offset + math.prod(p.shape) * src_isz <= rec[0] + rec[1])
-            crc = sources.crc(p.file, rec[0], p.offset) if streaming else 0
+            crc = 0
+            if streaming:
+                assert rec is not None  # streaming needs the piece's record
+                crc = sources.crc(p.file, rec[0], p.offset)
             for pbox in windows(pshape, src_isz, budget):
                 psizes = tuple(hi - lo for lo, hi in pbox)
                 plo = tuple(lo for lo, _ in pbox)
@@ -649,6 +655,7 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
                     _report_mismatch(rel, name, p, want, got, lo, t, report)
                     return
             if streaming:
+                assert rec is not None
                 crc = sources.crc(p.file, p.offset + math.prod(p.shape) * src_isz, rec[0] + rec[1], crc)
                 sources.check_crc(p.file, rec, crc, report)
 

@@ -44,7 +44,8 @@ def test_merge_equals_gathered_state(case: str, make_ckpt, tmp_path: Path) -> No
     ref = load_file(actor / "reference" / "model.safetensors")
     got = _merged(tmp_path / "out")
     dropped = result.plans[0].dropped
-    assert set(got) | set(dropped) == set(ref) - {"model.loss_scale", "model.layers.0.token_counts"} | (set(got) & set(ref))
+    assert set(got) | set(dropped) == (set(ref) - {"model.loss_scale", "model.layers.0.token_counts"}
+                                       | (set(got) & set(ref)))
     for key, tensor in got.items():
         assert tensor.dtype == ref[key].dtype and torch.equal(tensor, ref[key]), key
     assert bool(dropped) == CASES[case].get("tie_word_embeddings", False)
@@ -125,7 +126,8 @@ def test_merge_never_imports_torch(make_ckpt, tmp_path: Path) -> None:
     assert set(weight_map) == set(ref) and all(ref[k].dtype == torch.float32 for k in ref)
     for f in files:
         keys = [k for k, v in weight_map.items() if v == f.name]
-        save_file({k: ref[k].to(torch.bfloat16) for k in keys}, tmp_path / "want.safetensors", metadata={"format": "pt"})
+        save_file({k: ref[k].to(torch.bfloat16) for k in keys}, tmp_path / "want.safetensors",
+                  metadata={"format": "pt"})
         assert f.read_bytes() == (tmp_path / "want.safetensors").read_bytes(), f.name
 
     code = ("import sys, streammerge; r = streammerge.merge(sys.argv[1], sys.argv[2], dtype='bfloat16', "

@@ -101,7 +101,7 @@ def test_kill_9_at_random_points_then_resume(big, reference, tmp_path):
             started = True
         else:  # after a random number of finished files, a random moment into the next one
             target = rng.randint(len((manifest_of(out) or {"files": {}})["files"]), total)
-            started = wait_for(lambda: len((manifest_of(out) or {"files": {}})["files"]) >= target, proc)
+            started = wait_for(lambda target=target: len((manifest_of(out) or {"files": {}})["files"]) >= target, proc)
             time.sleep(rng.uniform(0, 0.03))
         if started and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

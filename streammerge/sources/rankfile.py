@@ -152,10 +152,10 @@ def _mesh_layout(dt: Any, rank: int, world_size: int) -> tuple[tuple[int, ...] |
     coordinates of all ranks, and a 1-D mesh needs nothing at all.
     """
     ndim = len(dt.placements)
-    state = getattr(dt.device_mesh, "__dict__", {})
+    state: dict[str, Any] = getattr(dt.device_mesh, "__dict__", {})
     shape = _layout_shape(state["_layout"]) if "_layout" in state else None
     coord = state.get("_coordinate_on_dim")
-    m = state.get("mesh")
+    m: Any = state.get("mesh")  # a torch tensor when _is_torch_tensor says so
     if shape is None and _is_torch_tensor(m) and m.device.type != "meta":
         shape = tuple(m.shape)
         hits = (m == rank).nonzero()
@@ -211,7 +211,8 @@ def _record(name: str, t: Any, rank: int, world_size: int, path: Path,
         local, placements, mesh_shape, coord = t, None, None, None
         shape = tuple(t.shape)
     if local.layout != torch.strided:
-        raise UnsupportedLayoutError(f"{path}: tensor {name!r} has layout {local.layout}; only dense tensors are supported")
+        raise UnsupportedLayoutError(f"{path}: tensor {name!r} has layout {local.layout}; "
+                                     "only dense tensors are supported")
     storage = local.untyped_storage()
     base = getattr(storage, "_checkpoint_offset", None)
     if base is None:
@@ -232,7 +233,7 @@ def _record(name: str, t: Any, rank: int, world_size: int, path: Path,
         shape=shape,
         local_shape=tuple(local.shape),
         local_stride=tuple(local.stride()),
-        offset=int(base) + local.storage_offset() * local.element_size(),
+        offset=int(base) + int(local.storage_offset()) * local.element_size(),
         placements=placements,
         mesh_shape=mesh_shape,
         coordinate=coord,
@@ -323,9 +324,10 @@ def records_from_state(obj: Any, offsets: dict[str, int], path: Path, rank: int,
         if isinstance(v, mp.Local):
             local, placements, mesh_shape, coord, shape, dtype = v, None, None, None, v.shape, v.dtype
         elif isinstance(v, mp.Wrapper):
-            local, spec = v.state.get("_local_tensor"), v.state.get("_spec")
-            if not isinstance(local, mp.Local) or not isinstance(spec, mp.DTensorSpec):
+            wrapped, spec = v.state.get("_local_tensor"), v.state.get("_spec")
+            if not isinstance(wrapped, mp.Local) or not isinstance(spec, mp.DTensorSpec):
                 return None
+            local = wrapped
             try:
                 placements = tuple(mp.placement_name(p) for p in spec.placements)
                 key = (id(spec.mesh), len(placements))  # one mesh object per file, shared by every DTensor
@@ -371,7 +373,10 @@ def region_of(record: TensorRecord, mesh_shape: tuple[int, ...] | None = None) -
     box = [(0, s) for s in record.shape]
     if record.placements is None:
         return tuple(box)
-    for placement, size, coord in zip(record.placements, mesh_shape or record.mesh_shape, record.coordinate):
+    mesh = mesh_shape or record.mesh_shape
+    # a sharded record always carries a coordinate (_mesh_layout raises without one); tensor_pieces passes the mesh
+    assert mesh is not None and record.coordinate is not None, record.name
+    for placement, size, coord in zip(record.placements, mesh, record.coordinate):
         if placement.startswith("Shard("):
             d = int(placement[6:-1])
             if d < 0:
@@ -401,7 +406,8 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
     same = (shared if shared is not None else {}).setdefault
     first = records[0]
     for rec, rf in zip(records, files):
-        for attr in ("shape", "dtype", "placements", "mesh_shape") if first.mesh_shape else ("shape", "dtype", "placements"):
+        attrs = ("shape", "dtype", "placements", "mesh_shape") if first.mesh_shape else ("shape", "dtype", "placements")
+        for attr in attrs:
             if getattr(rec, attr) != getattr(first, attr):
                 raise CheckpointError(
                     f"{rf.path}: tensor {name!r} has {attr} {getattr(rec, attr)} but rank {files[0].rank} "
@@ -409,8 +415,10 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
                 )
     if first.placements is None:  # plain tensor: every rank holds a full copy; take one
         if first.local_shape != first.shape:
-            raise CheckpointError(f"{files[0].path}: plain tensor {name!r} has shape {first.local_shape}, expected {first.shape}")
-        return first, (Piece(files[0].rank, str(files[0].path), first.offset, first.shape, first.local_stride, (0,) * len(first.shape)),)
+            raise CheckpointError(f"{files[0].path}: plain tensor {name!r} has shape {first.local_shape}, "
+                                  f"expected {first.shape}")
+        return first, (Piece(files[0].rank, str(files[0].path), first.offset, first.shape, first.local_stride,
+                             (0,) * len(first.shape)),)
     mesh_shape = first.mesh_shape or tuple(max(c) + 1 for c in zip(*(r.coordinate for r in records)))
     seen: dict[tuple, Piece] = {}
     for rec, rf in zip(records, files):
@@ -419,7 +427,7 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
         if rec.local_shape != want:
             raise CheckpointError(
                 f"{rf.path}: tensor {name!r}: local shape {list(rec.local_shape)} does not match the "
-                f"{list(want)} piece that {', '.join(rec.placements)} gives rank {rf.rank}"
+                f"{list(want)} piece that {', '.join(first.placements)} gives rank {rf.rank}"
             )
         if 0 in want or box in seen:  # empty piece, or a replica of a piece we already have
             continue
@@ -428,11 +436,12 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
         seen[box] = Piece(rf.rank, same(path, path), rec.offset, rec.local_shape, rec.local_stride, same(start, start))
     covered = sum(math.prod(p.shape) for p in seen.values())
     if covered != math.prod(first.shape):
-        by_coord: dict[tuple, RankFile] = {}
+        by_coord: dict[tuple[int, ...] | None, RankFile] = {}
         for rec, rf in zip(records, files):
             if rec.coordinate in by_coord:
                 raise CheckpointError(
-                    f"{rf.path}: holds the same mesh coordinate {rec.coordinate} as {by_coord[rec.coordinate].path.name} "
+                    f"{rf.path}: holds the same mesh coordinate {rec.coordinate} as "
+                    f"{by_coord[rec.coordinate].path.name} "
                     "(a copy of another rank's file, or from another run?)"
                 )
             by_coord[rec.coordinate] = rf

@@ -169,7 +169,8 @@ def load_ranks(paths: Sequence[Path], world_size: int, *, trust_pickle: bool = F
 def _slots_by_coordinate(rf: RankFile) -> tuple[int, ...]:
     """Mesh slots when mesh identity is unknown: one per distinct mesh layout and coordinate in rank 0."""
     seen: dict[tuple, int] = {}
-    return tuple(-1 if t.placements is None else seen.setdefault((t.mesh_shape, t.coordinate, len(t.placements)), len(seen))
+    return tuple(-1 if t.placements is None
+                 else seen.setdefault((t.mesh_shape, t.coordinate, len(t.placements)), len(seen))
                  for t in rf.tensors.values())
 
 
@@ -211,7 +212,8 @@ class _Group:
         self.cd = np.frombuffer(self.ref.central_bytes, np.uint8)
         self.starts = np.asarray(self.ref.entry_starts, np.int64)
         self.lho = np.asarray(self.ref.header_offsets, np.int64)
-        self.first_storage = next((i for i, n in enumerate(self.ref.names) if n.startswith("data/")), len(self.ref.names))
+        self.first_storage = next((i for i, n in enumerate(self.ref.names) if n.startswith("data/")),
+                                  len(self.ref.names))
         records = [i for i, n in enumerate(self.ref.names) if n.startswith("data/")]
         starts = zipdir.data_offsets(self.ref, records)  # the local headers, read exactly
         self.records = np.asarray(records, np.int64)
@@ -254,6 +256,7 @@ class _Matcher:
         self.tail_tokens = self.canon.tail_tokens(len(self.tail))
         self._heads: dict[int, tuple[dict, dict] | None] = {}
         self.groups: dict[int, _Group] = {}  # by archive-name length
+        self.mesh_refs: dict[int, int] = {}  # set by create (see _mesh_references)
 
     @classmethod
     def create(cls, path: Path, world_size: int, min_records: int = 0) -> _Matcher:
@@ -288,7 +291,8 @@ class _Matcher:
         mesh_list = [(index[id(hm)], values[r].state["_spec"]) for hm, r in zip(head_meshes, firsts)]
         st = os.stat(path)
         template = RankFile(path, 0, st.st_size, st.st_mtime_ns, tensors, {})
-        cached = any(isinstance(v, mp.Wrapper) and v.state["_spec"].__dict__.get("_hash") is not None for v in obj.values())
+        cached = any(isinstance(v, mp.Wrapper) and v.state["_spec"].__dict__.get("_hash") is not None
+                     for v in obj.values())
         pattern = _variable_tokens(data, prefix[1], cached)
         # a token counts only where opcodes start (never inside a name or an operand), and is never a key
         matches = pattern.finditer(data) if pattern else ()
@@ -423,17 +427,18 @@ class _Matcher:
         got = records_from_state(mine[0], _Shifted(g.keys, shift), path, k, self.world_size)
         if got is None or got[1]:
             raise Fallback("pickle head holds other objects than tensors")
-        coords = []
+        found: list[tuple[int, ...] | None] = []
         for slot, (index, spec) in enumerate(self.meshes):
             if index in mine[1]:  # defined in the head: this rank's own mesh
                 if type(mine[1][index]) is not mp.DeviceMesh:
                     raise Fallback("device mesh memo entry is not a mesh")
                 view = mp.MeshView(spec)
                 view.device_mesh = mine[1][index]
-                coords.append(_mesh_layout(view, k, self.world_size)[1])
+                found.append(_mesh_layout(view, k, self.world_size)[1])
             else:  # byte-identical to rank 0's
-                coords.append(next(t.coordinate for t, sl in zip(self.template.tensors.values(), self.slots) if sl == slot))
-        coords = tuple(coords)
+                found.append(next(t.coordinate for t, sl in zip(self.template.tensors.values(), self.slots)
+                                  if sl == slot))
+        coords = tuple(found)
         overrides = {}
         for i, (name, rec) in enumerate(got[0].items()):
             t, slot = self.template.tensors[name], self.slots[i]
@@ -495,7 +500,9 @@ def _mesh_of(value: Any) -> Any:
 def _mesh_slots(obj: dict) -> tuple[tuple[int, ...], list[tuple[str, int]], list[int]]:
     """Per tensor its mesh slot (-1: plain) and (storage key, byte offset); per slot its first record."""
     slot_of: dict[int, int] = {}
-    slots, storage, firsts = [], [], []
+    slots: list[int] = []
+    storage: list[tuple[str, int]] = []
+    firsts: list[int] = []
     for r, v in enumerate(obj.values()):
         local = v.state["_local_tensor"] if isinstance(v, mp.Wrapper) else v
         storage.append((local.storage.key, local.offset * local.dtype.itemsize))
@@ -552,7 +559,8 @@ def _mesh_references(obj: dict, meshes: list, head_meshes: list, index: dict[int
     return last
 
 
-_INT = rb"(?:N|K.|M..|J....|\x8a\x01.|\x8a\x02.{2}|\x8a\x03.{3}|\x8a\x04.{4}|\x8a\x05.{5}|\x8a\x06.{6}|\x8a\x07.{7}|\x8a\x08.{8}|\x8a\x09.{9})"
+_INT = (rb"(?:N|K.|M..|J....|\x8a\x01.|\x8a\x02.{2}|\x8a\x03.{3}|\x8a\x04.{4}|\x8a\x05.{5}|\x8a\x06.{6}"
+        rb"|\x8a\x07.{7}|\x8a\x08.{8}|\x8a\x09.{9})")
 _PUT = rb"(?:q.|r....)"
 
 
@@ -732,7 +740,8 @@ def _same(x: Any, y: Any, depth: int = 0, memos: tuple[dict, dict] | None = None
     if isinstance(x, mp.DeviceMesh):
         return all(_same(x.__dict__.get(k), y.__dict__.get(k), depth + 1, memos) for k in _MESH_LAYOUT_KEYS)
     if isinstance(x, mp.Local):
-        return _same((x.storage, x.offset, x.shape, x.stride), (y.storage, y.offset, y.shape, y.stride), depth + 1, memos)
+        return _same((x.storage, x.offset, x.shape, x.stride), (y.storage, y.offset, y.shape, y.stride),
+                     depth + 1, memos)
     if isinstance(x, mp.Wrapper):
         return _same((x.cls, x.dtype, x.shape, x.stride, x.state), (y.cls, y.dtype, y.shape, y.stride, y.state),
                      depth + 1, memos)
@@ -766,25 +775,26 @@ class ShardedPieces(Sequence[Piece]):
     same shape and placements, and each rank's offset is its base offset plus a shift.
     """
 
-    __slots__ = ("ranks", "index", "parts", "shape", "stride")
+    __slots__ = ("ranks", "tensor_index", "parts", "shape", "stride")
 
     def __init__(self, ranks: RankSet, index: int, parts: PieceParts, shape: tuple[int, ...],
                  stride: tuple[int, ...]):
-        self.ranks, self.index, self.parts, self.shape, self.stride = ranks, index, parts, shape, stride
+        self.ranks, self.parts, self.shape, self.stride = ranks, parts, shape, stride
+        self.tensor_index = index  # the tensor's position in the rank set (not Sequence.index)
 
     def __len__(self) -> int:
         return len(self.parts.boxes)
 
-    def __getitem__(self, k):  # type: ignore[override]
+    def __getitem__(self, k):
         if isinstance(k, slice):
             return tuple(self)[k]
         e, start = self.parts.boxes[k]
         entry = self.ranks.entries[e]
-        return Piece(entry.rank, self.ranks.path_names[e], entry.base[self.index] + entry.shift, self.shape,
+        return Piece(entry.rank, self.ranks.path_names[e], entry.base[self.tensor_index] + entry.shift, self.shape,
                      self.stride, start)
 
     def __iter__(self) -> Iterator[Piece]:
-        entries, names, i = self.ranks.entries, self.ranks.path_names, self.index
+        entries, names, i = self.ranks.entries, self.ranks.path_names, self.tensor_index
         for e, start in self.parts.boxes:
             entry = entries[e]
             yield Piece(entry.rank, names[e], entry.base[i] + entry.shift, self.shape, self.stride, start)
@@ -794,7 +804,7 @@ class ShardedPieces(Sequence[Piece]):
         shift and base offsets, and the offsets in the fully decoded ranks (rank 0 among them) tell
         tensors apart; a matched rank's offsets follow rank 0's (equal keys: one storage, as tied weights)."""
         ranks = self.ranks
-        own = tuple(ranks.offset(e, self.index) for e in ranks.keyed)
+        own = tuple(ranks.offset(e, self.tensor_index) for e in ranks.keyed)
         return f"sharded({ranks.digest},{self.parts.digest},{self.shape},{self.stride},{own})"
 
     def __eq__(self, other: object) -> bool:

@@ -46,6 +46,8 @@ class Malformed(NotPlain):
 class Obj:
     """Any allowlisted class: keeps constructor args and the pickled state, runs nothing."""
 
+    args: tuple[Any, ...]
+
     def __new__(cls, *args: Any) -> Obj:
         o = object.__new__(cls)
         o.args = args
@@ -64,7 +66,8 @@ class DTensor(Obj):
 
 
 class DTensorSpec(Obj):
-    pass
+    mesh: Any  # set from the pickled state
+    placements: Any
 
 
 class DeviceMesh(Obj):
@@ -80,7 +83,7 @@ class TensorMeta(Obj):
 
 
 class Shard(Obj):
-    pass
+    dim: Any  # set from the pickled state
 
 
 class Replicate(Obj):

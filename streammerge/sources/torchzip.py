@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import CheckpointError, UnsupportedLayoutError
@@ -48,18 +50,20 @@ class Directory:
         except CheckpointError:
             return False
 
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
     def index(self, name: str) -> int:
         try:
-            return self._positions[name]
-        except AttributeError:
-            object.__setattr__(self, "_positions", {n: i for i, n in enumerate(self.names)})
             return self._positions[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: the zip holds no record {name!r}") from None
 
 
 def _bad(path: Path, why: str) -> CheckpointError:
-    return CheckpointError(f"{path}: truncated or corrupted rank file ({why}); copy it again from the node that saved it")
+    return CheckpointError(f"{path}: truncated or corrupted rank file ({why}); "
+                           "copy it again from the node that saved it")
 
 
 def read_central(path: str | Path) -> tuple[int, int, int, bytes]:
@@ -211,7 +215,7 @@ def data_offsets(d: Directory, indices: list[int] | range | None = None) -> dict
     return out
 
 
-def storage_offsets(d: Directory, keys: object) -> dict[str, int]:
+def storage_offsets(d: Directory, keys: Iterable[str]) -> dict[str, int]:
     """Where the bytes of each storage `data/<key>` start (local headers read in file order)."""
     records = {key: d.index(f"data/{key}") for key in keys}
     at = data_offsets(d, sorted(records.values()))
@@ -236,8 +240,8 @@ def check_torch_records(d: Directory) -> None:
             except ValueError:
                 raise _bad(d.path, f"record {name} holds {text[:20]!r}, not a number") from None
             if name == version and not 1 <= number <= _MAX_VERSION:
-                raise CheckpointError(f"{d.path}: file format version {number}, outside the 1-{_MAX_VERSION} torch.load "
-                                      "reads; re-save the file with torch.save")
+                raise CheckpointError(f"{d.path}: file format version {number}, outside the 1-{_MAX_VERSION} "
+                                      "torch.load reads; re-save the file with torch.save")
     if d.has(".data/serialization_id"):
         try:
             read_record(d, ".data/serialization_id", check_crc=False).decode("utf-8")

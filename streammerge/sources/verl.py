@@ -112,7 +112,8 @@ def verl_source(actor: Path) -> VerlSource:
     hf_dir = actor / "huggingface"
     return VerlSource(actor, world_size=world_size, model_files=tuple(ranks[r] for r in range(world_size)),
                       optim_files=optim_files, missing_optim_ranks=missing_optim,
-                      hf_dir=hf_dir if hf_dir.is_dir() else None, fsdp_version=fsdp_version, step=step_of(actor, STEP_DIR))
+                      hf_dir=hf_dir if hf_dir.is_dir() else None, fsdp_version=fsdp_version,
+                      step=step_of(actor, STEP_DIR))
 
 
 class VerlSource(Source):

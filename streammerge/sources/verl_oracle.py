@@ -66,9 +66,8 @@ class VerlOracle(Oracle):
                 mesh_log.setLevel(logging.ERROR)
                 obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:  # torch refuses it: the merge's reader must not have accepted it either
-                raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it "
-                                      f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
-                                      ) from None
+                why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it ({why})") from None
             finally:
                 mesh_log.setLevel(level)
             try:
@@ -165,7 +164,8 @@ class VerlOracle(Oracle):
                                 pass
             except (zipfile.BadZipFile, OSError, EOFError) as e:
                 problems.append(f"{path}: zip record {record} fails its CRC32 check ({e}): the rank file is "
-                                "corrupted (changed after torch.save wrote it); copy it again from the node that saved it")
+                                "corrupted (changed after torch.save wrote it); "
+                                "copy it again from the node that saved it")
         return problems
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 
 import numpy as np
 
@@ -251,7 +252,8 @@ class Sources:
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:
-                raise OutputError(f"{path}: unexpected end of file at byte {offset + done} (file truncated while merging?)")
+                raise OutputError(f"{path}: unexpected end of file at byte {offset + done} "
+                                  "(file truncated while merging?)")
             done += n
         if self.drop_cache:
             _drop_cache(fd, offset, len(view), written=False)
@@ -286,7 +288,8 @@ def fill_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, s
     """Assemble one window of tensor `t` into `out` (uint8); returns its byte length."""
     wshape = tuple(hi - lo for lo, hi in box)  # box is in t.geometry coordinates
     n_out = math.prod(wshape) * t.dtype.itemsize
-    out_mv = memoryview(out)
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; ndarray is a buffer on 3.11 too
+    out_mv = memoryview(out)  # type: ignore[arg-type]
     wstrides = _row_major(wshape)
     src_isz = t.source_dtype.itemsize
     for p in t.pieces:
@@ -308,7 +311,7 @@ def fill_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, s
         for off, part in _fitting_parts(sizes, p.stride, src_isz, scratch.size):
             part_src = src_off + sum(i * st for i, st in zip(off, p.stride)) * src_isz
             span = (sum((n - 1) * st for n, st in zip(part, p.stride)) + 1) * src_isz
-            sources.read_into(p.file, part_src, memoryview(scratch)[:span])
+            sources.read_into(p.file, part_src, memoryview(scratch)[:span])  # type: ignore[arg-type]  # as out_mv
             region = tuple(slice(a + o, a + o + n) for a, o, n in zip(dst, off, part)) + (...,)  # 0-d: a view
             if numpy_can_cast(t.source_dtype, t.dtype):
                 src = np.lib.stride_tricks.as_strided(scratch[:span].view(t.source_dtype.numpy), part,
@@ -319,7 +322,7 @@ def fill_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, s
     return n_out
 
 
-def _torch_copy(out: np.ndarray, wshape: tuple[int, ...], region: tuple[slice, ...], scratch: np.ndarray,
+def _torch_copy(out: np.ndarray, wshape: tuple[int, ...], region: tuple[slice | EllipsisType, ...], scratch: np.ndarray,
                 part: tuple[int, ...], stride: tuple[int, ...], src_dtype: DType, dst_dtype: DType) -> None:
     """The casts numpy cannot reproduce (float8): torch's copy_ over the same buffers (imports torch)."""
     import torch
@@ -628,8 +631,9 @@ def output_error(e: OSError, path: Path, size: int | None = None) -> OutputError
         big = f"{size / 1e6:,.1f} MB" if size else "the file"
         return OutputError(f"{path}: {big} exceeds the file-size limit (ulimit -f) or this file system's largest "
                            f"file; raise the limit and {resume}, or use a smaller --max-shard-size with a new OUT_DIR")
-    cause = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-             errno.EPERM: "permission denied"}.get(e.errno, f"write failed ({e.strerror or e})")
+    causes: dict[int | None, str] = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                                     errno.EPERM: "permission denied"}
+    cause = causes.get(e.errno, f"write failed ({e.strerror or e})")
     return OutputError(f"{path}: {cause}; fix this and {resume}")
 
 
