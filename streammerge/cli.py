@@ -65,7 +65,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="base weights for an adapter-only (save_lora_only) checkpoint: a model folder or Hub model")
     g = p.add_argument_group("torch DCP checkpoints")
     g.add_argument("--key-prefix", metavar="PREFIX",
-                   help="strip this prefix from DCP keys (default: detect 'model.' of {'model': ..., 'optimizer': ...})")
+                   help="strip this prefix from DCP keys "
+                        "(default: detect 'model.' of {'model': ..., 'optimizer': ...})")
 
 
 def merge_options(args: argparse.Namespace, **overrides: object) -> MergeOptions:
@@ -144,6 +145,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         except PushError as e:
             print(f"streammerge: push failed: {e}", file=sys.stderr)
             return PUSH_FAILED
+        assert pushed.merge is not None  # a push that returns has merged
         result = pushed.merge
     for w in result.warnings:
         print(f"streammerge: warning: {w}", file=sys.stderr)

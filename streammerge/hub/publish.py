@@ -264,7 +264,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
     t0 = time.perf_counter()
     given = {"model_name": model_name} if model_name is not None else {}  # None keeps options' --model-name
     opts = MergeOptions.create(options, **merge_options, optimizer=optimizer, **given)
-    ck = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
+    ck = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(Path(checkpoint))
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(ck)
     inferred = not repo_id
     if inferred:
@@ -279,6 +279,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
         private = inferred  # a name we made up is not a decision to publish
     with ExitStack() as stack:
         stack.enter_context(_hub_progress_bars(opts.progress))
+        assert repo_id  # given, or named after the output folder above
         pusher = HubPusher(repo_id, token=token, endpoint=endpoint, private=private, organization=organization,
                            revision=revision, commit_message=commit_message,
                            max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry,
