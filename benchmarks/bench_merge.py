@@ -64,11 +64,14 @@ WARM = "import torch, torch.distributed.tensor, transformers, safetensors, strea
 # ---------------------------------------------------------------- measuring one process tree
 
 def measure(cmd: list[str], env: dict) -> dict:
-    """Run cmd; wall time, peak RSS of the whole tree (sampled) and the children's ru_maxrss."""
-    before = _children_maxrss()
+    """Run cmd; wall time, peak RSS of the whole tree (sampled every 10 ms) and of each process (VmHWM).
+
+    Not the children's ru_maxrss: it survives exec, so a child spawned (vfork) by this process while it is
+    large, e.g. right after it made a checkpoint, reports this process's peak as its own.
+    """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    peak, hwm = [0], [0]
     stop = threading.Event()
 
     def sample() -> None:
@@ -82,6 +85,7 @@ def measure(cmd: list[str], env: dict) -> dict:
                 for p in [root, *root.children(recursive=True)]:
                     try:
                         total += p.memory_info().rss
+                        hwm[0] = max(hwm[0], vm_hwm(p.pid))
                     except psutil.NoSuchProcess:
                         pass
             except psutil.NoSuchProcess:
@@ -95,16 +99,18 @@ def measure(cmd: list[str], env: dict) -> dict:
     wall = time.perf_counter() - t0
     stop.set()
     th.join()
-    maxrss = _children_maxrss()
-    return {"wall_s": wall, "peak_rss_mb": max(peak[0], maxrss * 1024 if maxrss > before else 0) / 2**20,
+    return {"wall_s": wall, "peak_rss_mb": max(peak[0], hwm[0]) / 2**20,
             "sampled_peak_rss_mb": peak[0] / 2**20, "returncode": proc.returncode,
             "stdout": out[-2000:], "stderr": err[-2000:]}
 
 
-def _children_maxrss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, largest child so far
+def vm_hwm(pid: int) -> int:
+    """A live process's peak resident set since its exec, in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 # ---------------------------------------------------------------- cache control

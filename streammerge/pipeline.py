@@ -244,11 +244,19 @@ def _count(n: int, what: str) -> str:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process and its finished children, in bytes."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Peak resident set size of this process and its finished children, in bytes.
+
+    On Linux this process's own peak is VmHWM: `ru_maxrss` survives exec, so a merge started by a large
+    process (a trainer, a benchmark) through vfork would report that process's peak as its own.
+    """
     scale = 1 if sys.platform == "darwin" else 1024
-    return max(own, kids) * scale
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    try:
+        with open("/proc/self/status") as f:
+            own = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return max(own, kids)
 
 
 def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, options: MergeOptions | None = None, *,
