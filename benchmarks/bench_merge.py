@@ -63,14 +63,14 @@ WARM = "import torch, torch.distributed.tensor, transformers, safetensors, strea
 
 # ---------------------------------------------------------------- measuring one process tree
 
-def measure(cmd: list[str], env: dict) -> dict:
+def measure(cmd: list[str], env: dict, cwd: Path = ROOT) -> dict:
     """Run cmd; wall time, peak RSS of the whole tree (sampled every 10 ms) and of each process (VmHWM).
 
     Not the children's ru_maxrss: it survives exec, so a child spawned (vfork) by this process while it is
     large, e.g. right after it made a checkpoint, reports this process's peak as its own.
     """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, hwm = [0], [0]
     stop = threading.Event()
 
@@ -100,8 +100,8 @@ def measure(cmd: list[str], env: dict) -> dict:
     stop.set()
     th.join()
     return {"wall_s": wall, "peak_rss_mb": max(peak[0], hwm[0]) / 2**20,
-            "sampled_peak_rss_mb": peak[0] / 2**20, "returncode": proc.returncode,
-            "stdout": out[-2000:], "stderr": err[-2000:]}
+            "sampled_peak_rss_mb": peak[0] / 2**20, "max_process_rss_mb": hwm[0] / 2**20,
+            "returncode": proc.returncode, "stdout": out[-2000:], "stderr": err[-2000:]}
 
 
 def vm_hwm(pid: int) -> int:

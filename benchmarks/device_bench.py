@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +34,9 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import bench_merge  # noqa: E402
 
 from streammerge.testing.presets import make_checkpoint  # noqa: E402
 
@@ -48,44 +50,15 @@ def elapsed() -> float:
 
 
 def measure(cmd: list[str], env: dict, cwd: Path = ROOT) -> dict:
-    """Run cmd; wall time, peak RSS of the tree (sampled every 10 ms) and of each process in it."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak, per = [0], {}
-    stop = threading.Event()
-
-    def sample() -> None:
-        try:
-            root = psutil.Process(proc.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not stop.is_set():
-            total = 0
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        rss = p.memory_info().rss
-                    except psutil.NoSuchProcess:
-                        continue
-                    total += rss
-                    per[p.pid] = max(per.get(p.pid, 0), rss)
-            except psutil.NoSuchProcess:
-                break
-            peak[0] = max(peak[0], total)
-            stop.wait(0.01)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    reported = [int(x) for x in re.findall(r"peak RSS (\d+) MiB", out + err)]
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak[0] / 2**20, 1),
-            "max_process_rss_mb": round(max(per.values(), default=0) / 2**20, 1),
-            "reported_peak_rss_mib": reported, "returncode": proc.returncode,
-            "fell_back": re.findall(r"write fell back: ([^\n]*)", out + err),
-            "stdout": out[-1500:], "stderr": err[-1500:]}
+    """bench_merge's measurement (wall time, sampled tree RSS, per-process VmHWM), plus what the merge
+    itself reported: its peak RSS line and any recorded fallback of a fast path."""
+    r = bench_merge.measure(cmd, env, cwd)
+    text = r["stdout"] + r["stderr"]
+    return {"wall_s": round(r["wall_s"], 2), "peak_rss_mb": round(r["peak_rss_mb"], 1),
+            "max_process_rss_mb": round(r["max_process_rss_mb"], 1),
+            "reported_peak_rss_mib": [int(x) for x in re.findall(r"peak RSS (\d+) MiB", text)],
+            "returncode": r["returncode"], "fell_back": re.findall(r"write fell back: ([^\n]*)", text),
+            "stdout": r["stdout"][-1500:], "stderr": r["stderr"][-1500:]}
 
 
 def can_drop_caches() -> str:
