@@ -70,19 +70,6 @@ def can_drop_caches() -> str:
         return f"fadvise (drop_caches: {e.strerror or e})"
 
 
-def drop(files: list[Path], policy: str) -> None:
-    os.sync()
-    if policy == "drop_caches":
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-        return
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def probe_direct(folder: Path) -> str:
     import mmap
 
@@ -140,7 +127,7 @@ class Bench:
             self.result["skipped"].append(f"{key} (needs ~{need:.0f} s, {self.a.deadline - elapsed():.0f} s left)")
             self.save()
             return None
-        drop(cold, self.policy)
+        bench_merge.drop_cache(cold, self.policy)
         if cmd[0] == sys.executable:  # Python's libraries cached, as on a machine that uses them (not timed)
             subprocess.run([sys.executable, "-c", WARM], env=self.env, cwd=cwd, check=False)
         r = measure(cmd, self.env, cwd)
