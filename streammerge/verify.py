@@ -37,10 +37,10 @@ from .errors import OutputError
 from .options import MergeOptions, parse_size
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
-from .sources.base import Oracle
+from .sources.base import Oracle, row_major
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
-from .write.writer import TMP_SUFFIX, _is_contiguous, _row_major, windows
+from .write.writer import TMP_SUFFIX, _is_contiguous, windows
 
 if TYPE_CHECKING:
     import torch  # only comparing tensors with the checkpoint imports torch
@@ -436,7 +436,7 @@ def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan
 
     isz = t.dtype.itemsize
     budget = max(isz, chunk // (4 if t.fold else 1))
-    strides = _row_major(t.shape)
+    strides = row_major(t.shape)
     with open(header.path, "rb", buffering=0) as out_file:
         for box in windows(t.shape, isz, budget):
             want = _expected(t, box, oracle).contiguous().reshape(-1).view(torch.uint8)
@@ -583,7 +583,7 @@ def _read_box(fd: int, base: int, shape: tuple[int, ...], lo: tuple[int, ...], s
     import torch
 
     isz = dtype.itemsize
-    strides = _row_major(shape)
+    strides = row_major(shape)
     first = sum(a * st for a, st in zip(lo, strides))
     span = (sum((n - 1) * st for n, st in zip(sizes, strides)) + 1) * isz
     box_bytes = math.prod(sizes) * isz

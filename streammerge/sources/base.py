@@ -188,3 +188,12 @@ def step_of(path: Path, step_dir: re.Pattern[str]) -> int | None:
         if m:
             return int(m.group(1))
     return None
+
+
+def row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The element strides of a contiguous tensor of this shape."""
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))

@@ -10,6 +10,7 @@ writer. `HFOracle` is verify's independent reader of the same files (safetensors
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import CheckpointError, ConfigError
 from ..write.safetensors_format import read_header
-from .base import Oracle, Piece, Source, SourceTensor
+from .base import Oracle, Piece, Source, SourceTensor, row_major
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -110,23 +111,12 @@ def _read(path: Path) -> dict[str, SourceTensor]:
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        n = 1
-        for s in shape:
-            n *= s
-        if end - begin != n * dtype.itemsize or begin < 0 or start + end > size:
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or start + end > size:
             raise CheckpointError(f"{path}: tensor {name!r}: its data offsets do not fit its shape or the file")
-        stride = tuple(_row_major(shape))
+        stride = row_major(shape)
         out[name] = SourceTensor(name, shape, dtype, (Piece(0, str(path), start + begin, shape, stride,
                                                             (0,) * len(shape)),))
     return out
-
-
-def _row_major(shape: tuple[int, ...]) -> list[int]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return strides[::-1]
 
 
 class HFOracle(Oracle):

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import OutputError, VerifyError
 from ..optimizer.export import flatten, nest
-from .writer import OutputFile, _drop_cache, _row_major, fill_window, tmp_path, windows
+from ..sources.base import row_major
+from .writer import OutputFile, _drop_cache, fill_window, tmp_path, windows
 
 if TYPE_CHECKING:
     from ..plan import FilePlan, Plan
@@ -101,7 +102,7 @@ def _fill(tmp: Path, offsets, plan: Plan, writer: FileWriter) -> dict[int, tuple
     try:
         for start, t in offsets:
             crc = 0
-            strides = _row_major(t.geometry)
+            strides = row_major(t.geometry)
             for box in windows(t.geometry, t.dtype.itemsize, budget):
                 n = fill_window(t, box, out, scratch, writer.sources)
                 view = memoryview(out.data)[:n]

@@ -35,6 +35,7 @@ from ..dtypes import DType
 from ..errors import OutputError, VerifyError
 from ..options import DEFAULT_BUFFER_SIZE
 from ..plan import FilePlan, Plan, TensorPlan
+from ..sources.base import row_major
 from .cast import cast_into, numpy_can_cast
 
 WINDOW_MAX = 4 * 2**20  # bytes of output file per job: large sequential writes, still many in flight
@@ -176,14 +177,6 @@ def windows(shape: tuple[int, ...], itemsize: int, budget: int) -> Iterator[Box]
             yield head + ((a, min(a + step, shape[k])),) + tail
 
 
-def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return tuple(reversed(strides))
-
-
 def _is_contiguous(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     expected = 1
     for size, stride in zip(reversed(sizes), reversed(strides)):
@@ -290,7 +283,7 @@ def fill_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, s
     n_out = math.prod(wshape) * t.dtype.itemsize
     # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; ndarray is a buffer on 3.11 too
     out_mv = memoryview(out)  # type: ignore[arg-type]
-    wstrides = _row_major(wshape)
+    wstrides = row_major(wshape)
     src_isz = t.source_dtype.itemsize
     for p in t.pieces:
         lo = [max(b[0], s) for b, s in zip(box, p.start)]
