@@ -339,10 +339,16 @@ def _import_torch_behind() -> None:
 
 
 def default_workers(buffer_size: int = DEFAULT_BUFFER_SIZE) -> int:
-    """One thread per window in flight: the buffer budget sets the disk's queue depth, and threads
-    beyond it would only wait for a free buffer. Threads mostly wait on the disk and release the GIL
-    when they copy or cast, so a few per core are enough; the writer never runs more than its windows."""
-    return max(2, min(in_flight(buffer_size), 4 * (os.cpu_count() or 1)))
+    """Two threads (one on a single CPU), never more than the windows in flight. The disk's queue depth
+    comes from the reads queued ahead of the windows and the kernel's write-back, not from threads
+    waiting on it, so threads only copy, cast and fold; two keep up with the disk on the machines
+    measured (README), and more only take turns with the thread that queues reads and hashes."""
+    return max(1, min(2, in_flight(buffer_size), cpu_count()))
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -200,8 +200,9 @@ def test_corrupted_source_data_is_caught_by_merge_verify(verl_fixtures, tmp_path
 
 @pytest.mark.slow
 def test_verify_reads_in_bounded_memory(tmp_path):
-    """32 MB and 128 MB tensors verified with 512 KiB chunks: the peak RSS grows by a fixed amount (threads,
-    windows), the same for both, never by the tensor."""
+    """32 MB and 128 MB tensors verified with 512 KiB chunks, files cold: the peak RSS grows by a fixed
+    amount (threads, windows, torch), never by the tensor. Mapped rank-file pages peak a little higher on
+    the longer tensor (cold files: about 13 MiB more, and the same for a 512 MB tensor)."""
     # VmHWM, not ru_maxrss: ru_maxrss survives exec, so this child would start at this test process's peak
     hwm = "next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))"
     grown = {}
@@ -211,6 +212,11 @@ def test_verify_reads_in_bounded_memory(tmp_path):
                                 (2,))
         out = tmp_path / f"out{rows}"
         streammerge.merge(ckpt, out)
+        for f in [*ckpt.glob("*.pt"), *out.glob("*.safetensors")]:  # cold, as after a merge of a large model
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
         code = ("import sys, streammerge, streammerge.sources.verl_oracle, torch\n"
                 f"before = {hwm}\n"
                 f"r = streammerge.verify({str(out)!r}, {str(ckpt)!r}, chunk_size='512KiB')\n"
@@ -222,5 +228,5 @@ def test_verify_reads_in_bounded_memory(tmp_path):
         grown[rows] = int(r.stdout.strip().splitlines()[-1])
     print(f"verify grew peak RSS by {grown[2048] / 2**20:.1f} MiB (32 MB tensor), "
           f"{grown[8192] / 2**20:.1f} MiB (128 MB)")
-    assert abs(grown[8192] - grown[2048]) < 8 * 2**20, grown
+    assert abs(grown[8192] - grown[2048]) < 24 * 2**20, grown  # a tensor 96 MB larger
     assert grown[8192] < 128 * 2**20, grown

@@ -96,3 +96,82 @@ def test_small_windows_write_the_same_files_and_the_manifest_records_crc32(make_
     for rel, entry in manifest["files"].items():
         assert crc32_file(tmp_path / "small" / rel) == entry["crc32"], rel
     assert not any("sha256" in manifest["files"][rel] for rel in data)  # hashed only when pushing
+
+
+def _resident_pages(path, length: int) -> list[bool]:
+    """Which pages of a file are in the page cache (mincore over a read-only mapping of it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ)
+    view = np.frombuffer(m, np.uint8)
+    vec = ctypes.create_string_buffer(-(-length // mmap.PAGESIZE))
+    rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(length), vec)
+    del view
+    m.close()
+    if rc != 0:
+        pytest.skip(f"mincore: errno {ctypes.get_errno()}")
+    return [bool(b & 1) for b in vec.raw]
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no page-cache advice on this platform")
+def test_a_block_leaves_the_page_cache_once_all_of_it_is_read_and_not_before(tmp_path):
+    """Reads in a shuffled order, as the output order reads a rank file: a 2 MiB block is evicted after the
+    last byte the plan reads from it, never earlier (an early eviction means reading it twice)."""
+    import mmap
+
+    from streammerge.write.writer import DROP_BLOCK
+
+    size = 6 * DROP_BLOCK + 12345
+    path = tmp_path / "rank.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    rng = random.Random(3)
+    cuts = sorted({0, size, *(rng.randrange(1, size) for _ in range(40))})
+    ranges = [(a, b - a) for a, b in zip(cuts, cuts[1:])]
+    rng.shuffle(ranges)
+    sources = Sources(drop_cache=True)
+    sources.expect((str(path), off, n) for off, n in ranges)
+    left = {b: 0 for b in range(-(-size // DROP_BLOCK))}
+    for off, n in ranges:
+        for b in left:
+            left[b] += max(0, min(off + n, (b + 1) * DROP_BLOCK) - max(off, b * DROP_BLOCK))
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        if any(_resident_pages(path, size)):
+            pytest.skip("this file system keeps a file's pages after POSIX_FADV_DONTNEED (tmpfs?)")
+        page = mmap.PAGESIZE
+        for off, n in ranges:
+            buf = bytearray(n)
+            sources.read_into(str(path), off, memoryview(buf))
+            assert buf == data[off:off + n]
+            for b in list(left):
+                left[b] -= max(0, min(off + n, (b + 1) * DROP_BLOCK) - max(off, b * DROP_BLOCK))
+            resident = _resident_pages(path, size)
+            for b, still in left.items():
+                pages = resident[b * DROP_BLOCK // page:(b + 1) * DROP_BLOCK // page]
+                if still == 0:
+                    assert not any(pages), f"block {b} is read in full but still cached"
+            # a block with bytes still to read keeps what was read of it (a range just read is cached)
+            first, last = off // page, (off + n - 1) // page
+            if left[off // DROP_BLOCK] and left[(off + n - 1) // DROP_BLOCK]:
+                assert resident[first] and resident[last]
+        assert all(v == 0 for v in left.values())
+    finally:
+        sources.close()
+
+
+def test_o_direct_writes_are_opt_in_and_write_the_same_files(make_ckpt, tmp_path, monkeypatch):
+    ckpt = make_ckpt(world_size=2)
+    ref = streammerge.merge(ckpt, tmp_path / "ref", dtype="bfloat16", buffer_size="256KiB")
+    assert "O_DIRECT" not in ref.fell_back
+    monkeypatch.setenv("STREAMMERGE_DIRECT_WRITES", "1")
+    direct = streammerge.merge(ckpt, tmp_path / "direct", dtype="bfloat16", buffer_size="256KiB")
+    for f in ref.files:
+        assert (tmp_path / "ref" / f.filename).read_bytes() == (tmp_path / "direct" / f.filename).read_bytes()
+    assert set(direct.fell_back) <= {"O_DIRECT"}  # where the file system refuses it, the summary says why

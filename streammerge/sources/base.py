@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -23,6 +24,18 @@ if TYPE_CHECKING:
     from ..options import MergeOptions
     from ..plan import Plan
 
+
+
+def no_readahead(fd: int) -> int:
+    """Keep the kernel from reading ahead on `fd`, and return it.
+
+    Metadata reads touch a few bytes per record. Pages read ahead around them carry a read-ahead mark,
+    and a later hit on one makes the kernel read ahead blindly for the writer too, fetching again what
+    it has already read and evicted; the writer reads exact ranges and prefetches them itself.
+    """
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    return fd
 
 @dataclass(frozen=True, slots=True)  # one per tensor per rank: keep it small
 class Piece:

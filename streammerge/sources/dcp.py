@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from . import torchpickle
-from .base import Oracle, Piece, ReadStats, Source, SourceTensor, step_of
+from .base import Oracle, Piece, ReadStats, Source, SourceTensor, no_readahead, step_of
 from .dcpmeta import METADATA_FILE, DcpMetadata, TensorEntry, read_metadata
 
 if TYPE_CHECKING:
@@ -388,7 +388,7 @@ class DcpCheckpoint:
     def read_object(self, key: str) -> Any:
         """A byte item's value (a torch.save blob of plain Python data), through the allowlisted unpickler."""
         file, offset, length = self.bytes_items[key]
-        fd = os.open(file, os.O_RDONLY)
+        fd = no_readahead(os.open(file, os.O_RDONLY))
         try:
             return _Blob(fd, file, offset, length, key).pickle()[2]
         finally:
@@ -470,7 +470,7 @@ def _tensor(fqn: str, entry: TensorEntry, where: Mapping, used: set, fds: dict[s
         file, offset, length = loc
         if file not in fds:
             try:
-                fds[file] = os.open(file, os.O_RDONLY)
+                fds[file] = no_readahead(os.open(file, os.O_RDONLY))
             except OSError as e:
                 raise CheckpointError(f"{file}: cannot read ({e.strerror or e})") from None
         data_at, stride = _chunk_location(_Blob(fds[file], file, offset, length, fqn), entry, size)

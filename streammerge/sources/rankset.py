@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import CheckpointError
 from . import torchpickle as mp
 from . import torchzip as zipdir
-from .base import Piece, ReadStats, SourceTensor
+from .base import Piece, ReadStats, SourceTensor, no_readahead
 from .picklescan import scan
 from .rankfile import (
     RankFile,
@@ -402,6 +402,7 @@ class _Matcher:
             _check_local_headers(path, g, shift, cd)
         pkl_size = int.from_bytes(cd[24:28], "little")
         with open(path, "rb") as f:
+            no_readahead(f.fileno())
             local = f.read(zipdir.LOCAL_SIZE)
             if len(local) < zipdir.LOCAL_SIZE or local[:4] != b"PK\x03\x04":
                 raise Fallback("no local header for data.pkl")
@@ -455,7 +456,9 @@ def _check_local_headers(path: Path, g: _Group, shift: int, cd: bytes) -> None:
     records torch parses (version, alignment, byteorder) hold what rank 0's hold: a central directory
     alike rank 0's says nothing about either."""
     with open(path, "rb") as f:
-        raw = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mm.madvise(mmap.MADV_RANDOM)  # a few bytes per record (see no_readahead)
+    raw = np.frombuffer(mm, np.uint8)
     lho = g.lho[g.records] + shift
     if lho.size:
         if int(lho.max()) + zipdir.LOCAL_SIZE > raw.size:

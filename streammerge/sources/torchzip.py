@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import CheckpointError, UnsupportedLayoutError
+from .base import no_readahead
 
 _EOCD = struct.Struct("<IHHHHIIH")  # signature .. comment length
 _ZIP64_LOCATOR = struct.Struct("<IIQI")
@@ -71,7 +72,7 @@ def read_central(path: str | Path) -> tuple[int, int, int, bytes]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            size = os.fstat(no_readahead(f.fileno())).st_size
             tail_len = min(size, _EOCD.size + 0xFFFF + _ZIP64_LOCATOR.size)
             f.seek(size - tail_len)
             tail = f.read(tail_len)
@@ -194,7 +195,7 @@ def data_offsets(d: Directory, indices: list[int] | range | None = None) -> dict
     picked = range(len(d.names)) if indices is None else indices
     out: dict[int, int] = {}
     try:
-        fd = os.open(d.path, os.O_RDONLY)
+        fd = no_readahead(os.open(d.path, os.O_RDONLY))
     except OSError as e:
         raise CheckpointError(f"{d.path}: cannot read ({e.strerror or e})") from None
     try:
@@ -263,6 +264,7 @@ def read_record(d: Directory, name: str, *, check_crc: bool = True) -> bytes:
     i = d.index(name)
     start = data_offsets(d, [i])[i]
     with open(d.path, "rb") as f:
+        no_readahead(f.fileno())
         f.seek(start)
         data = f.read(d.sizes[i])
     if len(data) != d.sizes[i]:

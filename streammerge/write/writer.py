@@ -2,11 +2,12 @@
 
 Each file is created at its final size under a temporary name and cut into aligned windows of file
 space (the header in the first): worker threads fill a window from the pieces of every tensor it
-spans, read straight from the rank files (positioned reads; casts chunk by chunk with numpy, bit for
-bit what `tensor.to(dtype)` gives, see cast.py; torch only for float8), and write it with one pwrite,
-O_DIRECT where the file system allows, while this thread takes the CRC-32 of the windows in file
-order (and sha256, only when asked: a push needs it). Memory is the window buffers and nothing else;
-page cache is dropped behind us (or never filled, with O_DIRECT) so a memory cgroup stays bounded too.
+spans, read straight from the rank files (positioned reads of exact ranges, queued ahead of the
+windows in flight; casts chunk by chunk with numpy, bit for bit what `tensor.to(dtype)` gives, see
+cast.py; torch only for float8), and write it with one pwrite, while this thread takes the CRC-32 of
+the windows in file order (and sha256, only when asked: a push needs it) and has what it hashed
+flushed to disk behind it. Memory is the window buffers and nothing else; page cache is dropped
+behind us (or never filled, with O_DIRECT, opt-in) so a memory cgroup stays bounded too.
 The file is re-opened with the Rust reader (`safetensors.safe_open`) before it is renamed into place.
 torch is imported only for a float8 cast.
 """
@@ -23,7 +24,7 @@ import os
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..dtypes import DType
 from ..errors import OutputError, VerifyError
 from ..options import DEFAULT_BUFFER_SIZE
 from ..plan import FilePlan, Plan, TensorPlan
-from ..sources.base import row_major
+from ..sources.base import Piece, no_readahead, row_major
 from .cast import cast_into, numpy_can_cast
 
 WINDOW_MAX = 4 * 2**20  # bytes of output file per job: large sequential writes, still many in flight
@@ -188,11 +189,32 @@ def _is_contiguous(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
 
 # ---------------------------------------------------------------- reading sources
 
+DROP_BLOCK = 2 * 2**20  # page-cache eviction unit for rank files: aligned, so whole large folios go at once
+
+
+def _blocks(offset: int, length: int) -> Iterator[tuple[int, int]]:
+    """(block index, bytes of [offset, offset + length) in it) for each DROP_BLOCK the range meets."""
+    end = offset + length
+    for b in range(offset // DROP_BLOCK, -(-end // DROP_BLOCK)):
+        yield b, min(end, (b + 1) * DROP_BLOCK) - max(offset, b * DROP_BLOCK)
+
+
+def piece_span(p: Piece, sizes: tuple[int, ...], itemsize: int) -> int:
+    """Bytes from a box's first stored element to its last, for a box of `sizes` stored with p's strides."""
+    return (sum((n - 1) * st for n, st in zip(sizes, p.stride)) + 1) * itemsize
+
+
 DIRECT_MIN = 256 * 2**10  # smaller reads go through the page cache: a bounce copy is not worth it
 
 
 class Sources:
     """Read-only file descriptors of the rank files, opened once and shared by the worker threads.
+
+    Reads are exact: the kernel's read-ahead is off (POSIX_FADV_RANDOM) and the writer names the
+    ranges it will read next (`prefetch`, POSIX_FADV_WILLNEED), so the disk has a deep queue of
+    reads and reads nothing twice. Read-ahead guesses "after what was just read", which in output
+    order is often a region already read and evicted. With `drop_cache`, a block of a rank file
+    leaves the page cache once every byte the plan reads from it has been read (`expect`).
 
     With `direct`, large reads use O_DIRECT where the file system takes it: the whole request goes
     to the disk at once and nothing stays in the page cache. Offsets in a rank file are not aligned,
@@ -208,11 +230,49 @@ class Sources:
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.bounce = max(ALIGN, bounce // ALIGN * ALIGN)
         self.fell_back: dict[str, str] = {}
+        self.exact = hasattr(os, "posix_fadvise")
+        if not self.exact:
+            self.fell_back["exact reads"] = "no posix_fadvise on this platform: the kernel's read-ahead decides"
+        self._left: dict[tuple[str, int], int] = {}  # (file, block) -> bytes the plan has yet to read there
+
+    def expect(self, ranges: Iterable[tuple[str, int, int]]) -> None:
+        """Count the bytes the plan will read, per aligned block of each file, so that a block leaves the
+        page cache once all of it is read and never earlier (a page dropped early is read twice)."""
+        if not self.drop_cache:
+            return
+        with self._lock:
+            for path, off, n in ranges:
+                for b, k in _blocks(off, n):
+                    self._left[(path, b)] = self._left.get((path, b), 0) + k
+
+    def _consumed(self, path: str, fd: int, offset: int, length: int) -> list[int]:
+        """Account for a finished read; evicts (and returns) the blocks it completed. A read nobody
+        announced (a torch-format optimizer file's) is evicted at once."""
+        done = []
+        tracked = False
+        with self._lock:
+            for b, k in _blocks(offset, length):
+                left = self._left.get((path, b))
+                if left is None:
+                    continue
+                tracked = True
+                if left > k:
+                    self._left[(path, b)] = left - k
+                else:
+                    del self._left[(path, b)]
+                    done.append(b)
+        if not tracked:
+            _drop_cache(fd, offset, length, written=False)
+        for b in done:
+            _drop_cache(fd, b * DROP_BLOCK, DROP_BLOCK, written=False)
+        return done
 
     def fd(self, path: str) -> int:
         with self._lock:
             if path not in self._fds:
                 self._fds[path] = os.open(path, os.O_RDONLY)
+                if self.exact:
+                    no_readahead(self._fds[path])
             return self._fds[path]
 
     def _dfd(self, path: str) -> int | None:
@@ -249,7 +309,25 @@ class Sources:
                                   "(file truncated while merging?)")
             done += n
         if self.drop_cache:
-            _drop_cache(fd, offset, len(view), written=False)
+            self._consumed(path, fd, offset, len(view))
+
+    def prefetch(self, ranges: Iterable[tuple[str, int, int]]) -> None:
+        """Start reading these ranges now, without waiting (adjacent ones as one request)."""
+        if not self.exact:
+            return
+        run: tuple[str, int, int] | None = None
+        for path, off, n in itertools.chain(ranges, [("", -1, 0)]):
+            if run is not None and path == run[0] and off == run[1] + run[2]:
+                run = (path, run[1], run[2] + n)
+                continue
+            if run is not None:
+                try:
+                    os.posix_fadvise(self.fd(run[0]), run[1], run[2], os.POSIX_FADV_WILLNEED)
+                except OSError as e:  # a file system that takes no advice: reads still work, on demand
+                    self.exact = False
+                    self.fell_back["exact reads"] = f"posix_fadvise: {e.strerror or e}"
+                    return
+            run = (path, off, n)
 
     def _read_direct(self, path: str, fd: int, offset: int, view: memoryview) -> None:
         buf = getattr(self._local, "bounce", None)
@@ -271,10 +349,38 @@ class Sources:
 
     def close(self) -> None:
         with self._lock:
+            if self.drop_cache:  # what the plan never read in full: unread gaps, another torchrun rank's share
+                for fd in self._fds.values():
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            self._left.clear()
             for fd in list(self._fds.values()) + list(self._dfds.values()):
                 os.close(fd)
             self._fds.clear()
             self._dfds.clear()
+
+
+def piece_parts(t: TensorPlan, box: Box) -> Iterator[tuple[Piece, tuple[int, ...], int, list[int]]]:
+    """The pieces of `t` that meet `box`: (piece, sizes of the overlap, its byte offset in the piece's file,
+    its first index relative to the box)."""
+    isz = t.source_dtype.itemsize
+    for p in t.pieces:
+        lo = [max(b[0], s) for b, s in zip(box, p.start)]
+        hi = [min(b[1], s + n) for b, s, n in zip(box, p.start, p.shape)]
+        if any(a >= b for a, b in zip(lo, hi)):
+            continue
+        local = [a - s for a, s in zip(lo, p.start)]
+        src_off = p.offset + sum(i * st for i, st in zip(local, p.stride)) * isz
+        yield p, tuple(b - a for a, b in zip(lo, hi)), src_off, [a - b[0] for a, b in zip(lo, box)]
+
+
+def source_ranges(segs: list[Segment]) -> Iterator[tuple[str, int, int]]:
+    """(file, offset, length) of the stored bytes a window reads, for read-ahead."""
+    for t, box, _, _ in segs:
+        if t is None or box is None:
+            continue
+        isz = t.source_dtype.itemsize
+        for p, sizes, src_off, _ in piece_parts(t, box):
+            yield p.file, src_off, piece_span(p, sizes, isz)
 
 
 def fill_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, sources: Sources) -> int:
@@ -285,15 +391,7 @@ def fill_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, s
     out_mv = memoryview(out)  # type: ignore[arg-type]
     wstrides = row_major(wshape)
     src_isz = t.source_dtype.itemsize
-    for p in t.pieces:
-        lo = [max(b[0], s) for b, s in zip(box, p.start)]
-        hi = [min(b[1], s + n) for b, s, n in zip(box, p.start, p.shape)]
-        if any(a >= b for a, b in zip(lo, hi)):
-            continue
-        sizes = tuple(b - a for a, b in zip(lo, hi))
-        local = [a - s for a, s in zip(lo, p.start)]
-        src_off = p.offset + sum(i * st for i, st in zip(local, p.stride)) * src_isz
-        dst = [a - b[0] for a, b in zip(lo, box)]
+    for p, sizes, src_off, dst in piece_parts(t, box):
         dst_flat = sum(i * st for i, st in zip(dst, wstrides))
         if (t.dtype == t.source_dtype and _is_contiguous(sizes, p.stride)
                 and _is_contiguous(sizes, wstrides)):
@@ -391,7 +489,8 @@ class FileWriter:
     """Writes the files of a plan in fixed windows of output-file space, with a fixed set of buffers.
 
     The file is cut into aligned windows (the header lies in window 0); a job assembles one window
-    from its tensors' pieces and writes it with one pwrite (O_DIRECT where the file system takes it).
+    from its tensors' pieces and writes it with one pwrite (O_DIRECT if asked and the file system
+    takes it). The reads of the next `depth` windows are queued before their jobs start.
     How many windows are in flight comes from the buffer budget, how many threads work on them from
     `workers` (never more than windows in flight): disk queue depth and CPU work are set apart.
     """
@@ -406,10 +505,8 @@ class FileWriter:
         self.progress = progress
         self.sha256 = sha256  # the Hub needs it; merges that do not push skip it
         self.fell_back: dict[str, str] = {}  # fast path -> why it was not taken (observable, never silent)
-        if direct is None:
-            direct = os.environ.get("STREAMMERGE_NO_DIRECT") != "1"
-            if not direct:
-                self.fell_back["O_DIRECT"] = "STREAMMERGE_NO_DIRECT=1"
+        if direct is None:  # buffered writes with write-behind measured faster on the device (README): opt-in
+            direct = os.environ.get("STREAMMERGE_DIRECT_WRITES") == "1"
         self.direct = direct and hasattr(os, "O_DIRECT")
         if direct and not self.direct:
             self.fell_back["O_DIRECT"] = "not available on this platform"
@@ -528,6 +625,9 @@ class FileWriter:
                 raise
             os.ftruncate(fd, fp.size)
         header = fp.layout.header
+        self.sources.expect((p.file, p.offset, piece_span(p, p.shape, t.source_dtype.itemsize))
+                            for t in (plan.tensors[e.name] for e in fp.layout.entries)
+                            for p in t.pieces if math.prod(p.shape))
         dfd = self._open_direct(tmp)
         crc = 0
         sha = hashlib.sha256() if self.sha256 else None
@@ -549,8 +649,21 @@ class FileWriter:
             if self.progress:
                 self.progress(n)
 
+        ahead: deque[tuple[int, int, list[Segment]]] = deque()
+        upcoming = self._windows(plan, fp)
+
+        def pull() -> None:
+            w = next(upcoming, None)
+            if w is not None:
+                ahead.append(w)
+                self.sources.prefetch(source_ranges(w[2]))
+
         try:
-            for w0, n, segs in self._windows(plan, fp):
+            for _ in range(self.depth + 1):  # reads queued for the windows after those in flight
+                pull()
+            while ahead:
+                w0, n, segs = ahead.popleft()
+                pull()
                 if not free:
                     finish_oldest()
                 slot = free.pop()
