@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import bench_merge  # noqa: E402
+import io_matrix  # noqa: E402
 
 from streammerge.testing.presets import make_checkpoint  # noqa: E402
 
@@ -130,7 +131,10 @@ class Bench:
         bench_merge.drop_cache(cold, self.policy)
         if cmd[0] == sys.executable:  # Python's libraries cached, as on a machine that uses them (not timed)
             subprocess.run([sys.executable, "-c", WARM], env=self.env, cwd=cwd, check=False)
+        before = io_matrix.diskstats(self.disk)
         r = measure(cmd, self.env, cwd)
+        after = io_matrix.diskstats(self.disk)
+        r["disk_read_gb"], r["disk_written_gb"] = ((b - a) * 512 / 1e9 for a, b in zip(before[:2], after[:2]))
         r["cmd"] = " ".join(cmd[:3] + ["..."] if len(cmd) > 12 else cmd)
         self.result["runs"][key] = r
         print(f"[{elapsed():6.1f} s] {key}: {r['wall_s']} s, rc {r['returncode']}, peak RSS {r['peak_rss_mb']} MB",
@@ -171,8 +175,10 @@ class Bench:
         self.result["o_direct"] = probe_direct(self.work)
         part = max((p for p in psutil.disk_partitions(all=True) if str(self.work).startswith(p.mountpoint)),
                    key=lambda p: len(p.mountpoint), default=None)
+        self.disk = io_matrix.disk_of(self.work)
         self.result["disk"] = {"fstype": part.fstype if part else "?", "device": part.device if part else "?",
-                               "free_gb": round(shutil.disk_usage(self.work).free / 1e9, 1)}
+                               "free_gb": round(shutil.disk_usage(self.work).free / 1e9, 1),
+                               "queue": io_matrix.queue_settings(self.disk)}
         self.save()
         est = self.a.est  # seconds a merge-sized step is expected to take (the deadline checks use it)
         same = self.a.keep_preset == self.a.bf16_preset  # one checkpoint serves both cases
@@ -209,13 +215,12 @@ class Bench:
             self.run("bf16/verify", [sys.executable, "-m", "streammerge", "verify", str(out), str(actor)], both,
                      1.5 * est)
             shutil.rmtree(out, ignore_errors=True)
-        if self.a.no_direct:  # what O_DIRECT reads, and reads and writes, are worth
-            for key, var in [("default_no_o_direct_reads", "STREAMMERGE_NO_DIRECT_READS"),
-                             ("default_no_o_direct", "STREAMMERGE_NO_DIRECT")]:
-                self.env[var] = "1"
-                self.run(f"bf16/{key}", sm(actor, out, "bfloat16"), files, est)
-                self.env.pop(var)
+        if self.a.direct:  # what O_DIRECT writes (opt-in) are worth against the default's buffered ones
+            self.env["STREAMMERGE_DIRECT_WRITES"] = "1"
+            for dtype in ["keep", "bfloat16"]:
+                self.run(f"{'bf16' if dtype != 'keep' else 'keep'}/o_direct_writes", sm(actor, out, dtype), files, est)
                 shutil.rmtree(out, ignore_errors=True)
+            self.env.pop("STREAMMERGE_DIRECT_WRITES")
         self.sweep(actor, out, files, est)
         tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "streammerge",
               str(actor), str(out), "--dtype", "bfloat16", "--no-optimizer", "--no-progress"]
@@ -288,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--sweep", default="2,32,8,16,4")
     p.add_argument("--only-sweep", action="store_true", help="make the bf16 checkpoint and run the sweep only")
-    p.add_argument("--no-direct", action="store_true", help="also run the default with O_DIRECT off")
+    p.add_argument("--direct", action="store_true", help="also run keep and bfloat16 with O_DIRECT writes")
     p.add_argument("--deadline", type=float, default=540.0, help="seconds from start; later steps are skipped")
     p.add_argument("--est", type=float, default=45.0, help="expected seconds of one merge-sized step")
     p.add_argument("--make-budget", type=float, default=90.0)

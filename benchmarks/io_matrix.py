@@ -1,0 +1,150 @@
+"""I/O settings side by side (issue 15): variants of one merge against `cat`, cold cache, interleaved rounds.
+
+    python benchmarks/io_matrix.py --preset qwen2.5-1.5b --rounds 3 \\
+        --variant "default=" --variant "prefetch8=STREAMMERGE_PREFETCH=8" --variant "w8=--workers 8"
+
+A variant is `label=` followed by space-separated tokens: `NAME=VALUE` (upper case) sets an environment
+variable, anything else is a streammerge argument. Every round runs `cat` of the rank files into one file
++ sync, `cat` > /dev/null, and each variant (keep and/or bfloat16, --dtypes), in a shuffled order, the
+page cache dropped before each. For each run the block device's counters (/proc/diskstats) give bytes read
+and written and the average number of requests in flight. Medians per variant go to --results (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import bench_merge  # noqa: E402
+
+from streammerge.testing.presets import make_checkpoint  # noqa: E402
+
+
+def disk_of(path: Path) -> str:
+    """The whole block device behind `path` (e.g. vda), as /proc/diskstats names it."""
+    dev = os.stat(path).st_dev
+    sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+    return sys_dev.parent.name if (sys_dev / "partition").exists() else sys_dev.name
+
+
+def diskstats(name: str) -> tuple[int, int, int, int]:
+    """(sectors read, sectors written, ms doing I/O, weighted ms in queue) of one device."""
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if f[2] == name:
+            return int(f[5]), int(f[9]), int(f[12]), int(f[13])
+    return 0, 0, 0, 0
+
+
+def queue_settings(name: str) -> dict:
+    q = Path(f"/sys/block/{name}/queue")
+    out = {}
+    for key in ("read_ahead_kb", "max_sectors_kb", "nr_requests", "scheduler", "rotational"):
+        try:
+            out[key] = (q / key).read_text().strip()
+        except OSError:
+            pass
+    return out
+
+
+def parse_variant(spec: str) -> tuple[str, dict, list[str]]:
+    label, _, rest = spec.partition("=")
+    env, args = {}, []
+    for tok in rest.split():
+        name, eq, value = tok.partition("=")
+        if eq and name.isupper():
+            env[name] = value
+        else:
+            args.append(tok)
+    return label, env, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/var/tmp/iomatrix")
+    p.add_argument("--checkpoint", help="an existing veRL actor folder (else --preset is made)")
+    p.add_argument("--preset", default="qwen2.5-1.5b")
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--variant", action="append", default=[])
+    p.add_argument("--dtypes", default="keep,bfloat16")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds from start; no round starts after it")
+    p.add_argument("--est", type=float, default=30.0, help="expected seconds of one round (for the deadline)")
+    p.add_argument("--results", default=str(HERE / "results" / "io_matrix.json"))
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    actor = Path(a.checkpoint) if a.checkpoint else make_checkpoint(work / "ck", preset=a.preset,
+                                                                    world_size=a.world_size)
+    files = sorted(actor.glob("model_world_size_*_rank_*.pt"))
+    dev = disk_of(work)
+    policy = bench_merge.cache_policy()
+    env0 = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    variants = [parse_variant(v) for v in a.variant or ["default="]]
+    out = work / "out"
+    cat_into = ["sh", "-c", 'o="$1"; shift; cat "$@" > "$o" && sync "$o"', "sh", str(work / "cat.bin"),
+                *map(str, files)]
+    cat_null = ["sh", "-c", 'cat "$@" > /dev/null', "sh", *map(str, files)]
+    jobs: list[tuple[str, list[str], dict]] = [("cat_into_file", cat_into, env0), ("cat_read_only", cat_null, env0)]
+    for dt in a.dtypes.split(","):
+        for label, env, args in variants:
+            cmd = [sys.executable, "-m", "streammerge", str(actor), str(out), "--dtype", dt, "--no-optimizer",
+                   "--no-progress", *args]
+            jobs.append((f"{dt}/{label}", cmd, {**env0, **env}))
+    result: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "disk": dev,
+                    "queue": queue_settings(dev), "cache": policy,
+                    "checkpoint_bytes": sum(f.stat().st_size for f in files),
+                    "variants": a.variant, "runs": {}, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    rng = random.Random(0)
+    for rnd in range(a.rounds):
+        if time.perf_counter() - t0 + a.est > a.deadline:
+            result["stopped"] = f"deadline after {rnd} rounds"
+            break
+        order = jobs[:]
+        rng.shuffle(order)
+        for key, cmd, env in order:
+            bench_merge.drop_cache(files, policy)
+            before = diskstats(dev)
+            r = bench_merge.measure(cmd, env)
+            after = diskstats(dev)
+            d = [b - a_ for a_, b in zip(before, after)]
+            run = {"wall_s": round(r["wall_s"], 3), "rss_mb": round(r["max_process_rss_mb"], 1),
+                   "read_gb": round(d[0] * 512 / 1e9, 2), "written_gb": round(d[1] * 512 / 1e9, 2),
+                   "busy": round(d[2] / 1000 / r["wall_s"], 2), "avg_queue": round(d[3] / 1000 / r["wall_s"], 1),
+                   "rc": r["returncode"]}
+            if r["returncode"]:
+                run["stderr"] = r["stderr"][-500:]
+            result["runs"].setdefault(key, []).append(run)
+            print(f"[{time.perf_counter() - t0:6.1f}] {key}: {run}", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+            (work / "cat.bin").unlink(missing_ok=True)
+    med = {k: statistics.median(r["wall_s"] for r in v) for k, v in result["runs"].items()}
+    base = med.get("cat_into_file")
+    result["median_s"] = {k: round(v, 2) for k, v in med.items()}
+    result["vs_cat_into_file"] = {k: round(v / base, 3) for k, v in med.items()} if base else {}
+    Path(a.results).parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=1)
+    Path(a.results).write_text(text)
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / Path(a.results).name).write_text(text)
+    print(json.dumps(result["vs_cat_into_file"], indent=1))
+    if not a.checkpoint:
+        shutil.rmtree(work / "ck", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
