@@ -349,7 +349,7 @@ class Sources:
 
     def close(self) -> None:
         with self._lock:
-            if self.drop_cache:  # what the plan never read in full: unread gaps, another torchrun rank's share
+            if self.drop_cache and hasattr(os, "posix_fadvise"):  # unread gaps, another torchrun rank's share
                 for fd in self._fds.values():
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             self._left.clear()
