@@ -343,10 +343,6 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify")
     crc_pool = None
     try:
-        if oracle is not None and serial is None:  # the rank files' CRCs, streamed alongside the comparison
-            paths = list(ck.files())
-            crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
-            integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
         for p in plans:
             expected_files = {p.rel(fp.filename): fp for fp in p.files}
             for rel in expected_files:
@@ -379,6 +375,11 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                 else:
                     report.fail(f"{rel}: tensor {name!r}: a LoRA fold that no independent reader can check")
                     report.tensors_checked += 1
+        if oracle is not None and serial is None:  # the rank files' CRCs, streamed alongside the comparison
+            oracle.load_all()  # first: torch.load's small reads would wait behind the streams
+            paths = list(ck.files())
+            crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
+            integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
         for done in [pool.submit(task) for task in tasks]:
             done.result()
         if oracle is not None:

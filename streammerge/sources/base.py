@@ -137,6 +137,10 @@ class Oracle(abc.ABC):
         """Checksums the format keeps and torch's loader skips (zip CRC-32s): one problem per line."""
         return []
 
+    def load_all(self) -> None:  # noqa: B027  (oracles that load nothing up front need nothing here)
+        """Read every file's metadata now: verify calls this before it streams the files for their checksums,
+        behind which these small reads would queue."""
+
     def close(self) -> None:  # noqa: B027  (most oracles hold nothing to release)
         """Release files and maps."""
 

@@ -51,6 +51,10 @@ class VerlOracle(Oracle):
             for local, _, _ in pieces:
                 _unmap_pages(local)
 
+    def load_all(self) -> None:
+        for path in self.files:
+            self._state(path)
+
     def _state(self, path: Path) -> dict[str, Any]:
         with self._lock:
             return self._state_locked(path)
