@@ -329,9 +329,7 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                 assert oracle is not None
                 with serial or contextlib.nullcontext():
                     _compare_with_oracle(rel, header, entry, t, oracle, report, chunk)
-                    release = getattr(oracle, "release", None)
-                    if release is not None:
-                        release(t)
+                    oracle.release(t)
             else:
                 _compare_tensor(rel, header, entry, name, t, sources, report, chunk)
         except OSError as e:

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ..plan import Plan
 
 
-
 def no_readahead(fd: int) -> int:
     """Keep the kernel from reading ahead on `fd`, and return it.
 
@@ -36,6 +35,7 @@ def no_readahead(fd: int) -> int:
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     return fd
+
 
 @dataclass(frozen=True, slots=True)  # one per tensor per rank: keep it small
 class Piece:
@@ -136,6 +136,9 @@ class Oracle(abc.ABC):
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
         """Checksums the format keeps and torch's loader skips (zip CRC-32s): one problem per line."""
         return []
+
+    def release(self, t: Any) -> None:  # noqa: B027  (oracles that map nothing hold nothing per tensor)
+        """Let go of what reading a compared output tensor `t` (a TensorPlan) brought into memory."""
 
     def load_all(self) -> None:  # noqa: B027  (oracles that load nothing up front need nothing here)
         """Read every file's metadata now: verify calls this before it streams the files for their checksums,

@@ -247,7 +247,7 @@ class Sources:
 
     def _consumed(self, path: str, fd: int, offset: int, length: int) -> list[int]:
         """Account for a finished read; evicts (and returns) the blocks it completed. A read nobody
-        announced (a torch-format optimizer file's) is evicted at once."""
+        announced (a torch-format optimizer file's, a LoRA fold's lora_A and lora_B) is evicted at once."""
         done = []
         tracked = False
         with self._lock:
@@ -371,6 +371,14 @@ def piece_parts(t: TensorPlan, box: Box) -> Iterator[tuple[Piece, tuple[int, ...
         local = [a - s for a, s in zip(lo, p.start)]
         src_off = p.offset + sum(i * st for i, st in zip(local, p.stride)) * isz
         yield p, tuple(b - a for a, b in zip(lo, hi)), src_off, [a - b[0] for a, b in zip(lo, box)]
+
+
+def piece_ranges(tensors: Iterable[TensorPlan]) -> Iterator[tuple[str, int, int]]:
+    """(file, offset, length) of every stored piece of these tensors: what writing them will read."""
+    for t in tensors:
+        for p in t.pieces:
+            if math.prod(p.shape):
+                yield p.file, p.offset, piece_span(p, p.shape, t.source_dtype.itemsize)
 
 
 def source_ranges(segs: list[Segment]) -> Iterator[tuple[str, int, int]]:
@@ -625,9 +633,7 @@ class FileWriter:
                 raise
             os.ftruncate(fd, fp.size)
         header = fp.layout.header
-        self.sources.expect((p.file, p.offset, piece_span(p, p.shape, t.source_dtype.itemsize))
-                            for t in (plan.tensors[e.name] for e in fp.layout.entries)
-                            for p in t.pieces if math.prod(p.shape))
+        self.sources.expect(piece_ranges(plan.tensors[e.name] for e in fp.layout.entries))
         dfd = self._open_direct(tmp)
         crc = 0
         sha = hashlib.sha256() if self.sha256 else None
