@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from streammerge import dtypes
+from streammerge.sources.base import row_major
 from streammerge.write import cast
 
 FLOATS = [dtypes.float16, dtypes.bfloat16, dtypes.float32, dtypes.float64]
@@ -79,22 +80,14 @@ def test_strided_views_and_scalars():
     for shape in [(), (5,), (70000,), (3, 40000), (2, 3, 9000), (300, 500)]:
         n = max(1, int(np.prod(shape)))
         base = np.resize(cases, 2 * n)
-        src = np.lib.stride_tricks.as_strided(base.view(np.float32), shape, tuple(8 * s for s in _row(shape)))
+        src = np.lib.stride_tricks.as_strided(base.view(np.float32), shape, tuple(8 * s for s in row_major(shape)))
         for dst_dtype in (dtypes.bfloat16, dtypes.float16):
             big = np.zeros(3 * n, dst_dtype.numpy)
-            dst = np.lib.stride_tricks.as_strided(big, shape, tuple(6 * s for s in _row(shape)))
+            dst = np.lib.stride_tricks.as_strided(big, shape, tuple(6 * s for s in row_major(shape)))
             cast.cast_into(dst, src, dtypes.float32, dst_dtype)
             want = torch.from_numpy(np.ascontiguousarray(src)).to(dst_dtype.torch()).view(torch.int16).numpy()
             assert np.array_equal(np.ascontiguousarray(dst).view(np.int16), want), (shape, dst_dtype)
             assert not big.reshape(n, 3)[:, 1:].any(), "wrote outside the view"
-
-
-def _row(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for s in reversed(shape):
-        out.append(acc)
-        acc *= s
-    return tuple(reversed(out))
 
 
 def test_float8_is_left_to_torch():
