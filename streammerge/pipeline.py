@@ -278,7 +278,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     shares = [(p, fp) for p in mp.plans for fp in p.split(num_parts, part)]
     folds = any(t.fold is not None for p, fp in shares for t in (p.tensors[n] for n in fp.names))
     if folds:
-        _import_torch_behind()  # folds need torch: its import (seconds) overlaps the first files' copies
+        import_behind("torch")  # folds need torch: its import (seconds) overlaps the first files' copies
     folder = OutputFolder(out, fingerprint=mp.fingerprint(), source=mp.source.path, options=mp.record(),
                           data_files=[p.rel(fp.filename) for p, fp in shares],
                           small_files=sorted(set(mp.small) - set(mp.indexes)), index_files=mp.indexes,
@@ -330,12 +330,16 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                        peak_rss(), reused, list(mp.warnings), fell_back)
 
 
-def _import_torch_behind() -> None:
+def import_behind(*modules: str) -> None:
+    """Import modules (torch) on a thread of their own: seconds, more from a cold disk, that other work overlaps."""
     import importlib
     import threading
 
-    threading.Thread(target=importlib.import_module, args=("torch",), name="streammerge-import-torch",
-                     daemon=True).start()
+    def run() -> None:
+        for name in modules:
+            importlib.import_module(name)
+
+    threading.Thread(target=run, name="streammerge-import", daemon=True).start()
 
 
 def default_workers(buffer_size: int = DEFAULT_BUFFER_SIZE) -> int:

@@ -96,14 +96,18 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
         report.fail(f"{out}: not a folder")
         return report
     chunk = max(4096, parse_size(chunk_size))
+    ck = open_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if ck is not None:  # comparing needs torch: its import overlaps the checks of the folder alone
+        from .pipeline import import_behind
+
+        import_behind(*ck.oracle_modules)
     # with the checkpoint, every tensor of a safetensors file is compared with its source: no checksum pass
     manifest = _check_manifest(out, report,
                                checksum=lambda rel: checkpoint_dir is None or not rel.endswith(".safetensors"))
     _check_temp_files(out, report)
     headers = _check_safetensors(out, report)
     _check_indexes(out, headers, report)
-    if checkpoint_dir is not None:
-        ck = open_checkpoint(checkpoint_dir)
+    if ck is not None:
         report.checkpoint = ck.path
         _check_against_checkpoint(out, ck, manifest, headers, report, trust_pickle=trust_pickle, chunk=chunk,
                                   workers=workers or _default_workers())
@@ -229,7 +233,7 @@ def _check_safetensors(out: Path, report: VerifyReport) -> dict[str, _Header]:
         elif pos < data_len:
             report.fail(f"{rel}: {data_len - pos} bytes after the last tensor belong to no tensor")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="numpy") as f:  # headers only: numpy's takes every dtype
                 keys = set(f.keys())
                 if keys != set(entries):
                     report.fail(f"{rel}: the safetensors reader sees tensors {sorted(keys ^ set(entries))[:3]} "
@@ -309,6 +313,8 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
                     "differs); tensors are compared one by one below")
     oracle = ck.oracle(merge_plan.options)
+    if oracle is not None:
+        oracle.load_all()  # before the streams below start: torch.load's small reads would wait behind them
     base_oracle = ck.lora_base.oracle(merge_plan.options) if ck.lora_base is not None else None
     if oracle is not None and base_oracle is not None:
         from .sources.hf import CombinedOracle
@@ -338,7 +344,10 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
             report.tensors_checked += 1
 
     integrity: list[Future[list[str]]] = []
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify")
+    import torch
+
+    torch_threads = torch.get_num_threads()  # set back when the comparing threads are done
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify", initializer=_one_torch_thread)
     crc_pool = None
     try:
         for p in plans:
@@ -374,7 +383,6 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                     report.fail(f"{rel}: tensor {name!r}: a LoRA fold that no independent reader can check")
                     report.tensors_checked += 1
         if oracle is not None and serial is None:  # the rank files' CRCs, streamed alongside the comparison
-            oracle.load_all()  # first: torch.load's small reads would wait behind the streams
             paths = list(ck.files())
             crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
             integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
@@ -392,11 +400,20 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
             sources.finish_crcs(report)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
         if crc_pool is not None:
             crc_pool.shutdown(wait=True, cancel_futures=True)
         sources.close()
         if oracle is not None:
             oracle.close()
+
+
+def _one_torch_thread() -> None:
+    """Each comparing thread runs torch's ops on itself alone: the threads already use every CPU, and intra-op
+    threads started from each of them would outnumber the CPUs many times over."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _default_workers() -> int:

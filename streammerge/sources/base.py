@@ -152,6 +152,7 @@ class Source(abc.ABC):
     """A checkpoint found on disk. Subclasses read one format."""
 
     format: str = "?"  # "veRL FSDP", "torch DCP", "Megatron torch_dist"
+    oracle_modules: tuple[str, ...] = ("torch",)  # what the oracle imports: verify starts that early
 
     def __init__(self, path: Path, *, step: int | None = None, hf_dir: Path | None = None):
         self.path = path  # the folder holding the files

@@ -565,6 +565,7 @@ class DcpSource(Source):
     """A torch DCP folder (dcp.save of an FSDP2 model, torchtitan, prime-rl, accelerate's SHARDED_STATE_DICT)."""
 
     format = "torch DCP"
+    oracle_modules = ("torch.distributed.checkpoint",)
 
     def __init__(self, path: Path, *, hf_dir: Path | None = None, step: int | None = None):
         super().__init__(path, step=step, hf_dir=hf_dir)

@@ -120,6 +120,7 @@ class VerlSource(Source):
     """The rank files of one veRL FSDP checkpoint (one world size, every rank present)."""
 
     format = "veRL FSDP"
+    oracle_modules = ("torch.distributed.tensor",)  # its oracle rebuilds DTensors
 
     def __init__(self, path: Path, *, world_size: int, model_files: tuple[Path, ...],
                  optim_files: tuple[Path, ...] = (), missing_optim_ranks: tuple[int, ...] = (),

@@ -10,6 +10,7 @@ gives every rank exactly the local shape it holds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -17,7 +18,7 @@ import mmap
 import os
 import threading
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,33 +53,38 @@ class VerlOracle(Oracle):
                 _unmap_pages(local)
 
     def load_all(self) -> None:
-        for path in self.files:
-            self._state(path)
+        """torch.load every rank file, several at once: each waits on its own small reads, not on the others'."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..pipeline import cpu_count
+
+        with ThreadPoolExecutor(max(1, min(8, cpu_count(), len(self.files))),
+                                thread_name_prefix="streammerge-load") as pool:
+            list(pool.map(self._state, self.files))
 
     def _state(self, path: Path) -> dict[str, Any]:
         with self._lock:
-            return self._state_locked(path)
+            loaded = self._loaded.get(path)
+        if loaded is None:
+            loaded = self._load(path)
+            with self._lock:
+                loaded = self._loaded.setdefault(path, loaded)
+        return loaded
 
-    def _state_locked(self, path: Path) -> dict[str, Any]:
-        if path not in self._loaded:
-            import torch
-            import torch.distributed.tensor  # noqa: F401  (lets weights_only loads rebuild DTensors)
+    def _load(self, path: Path) -> dict[str, Any]:
+        import torch
+        import torch.distributed.tensor  # noqa: F401  (lets weights_only loads rebuild DTensors)
 
-            mesh_log = logging.getLogger("torch.distributed.device_mesh")  # warns about meshes unpickled without PGs
-            level = mesh_log.level
-            try:
-                mesh_log.setLevel(logging.ERROR)
+        try:
+            with _quiet_mesh_log():
                 obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # torch refuses it: the merge's reader must not have accepted it either
-                why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it ({why})") from None
-            finally:
-                mesh_log.setLevel(level)
-            try:
-                self._loaded[path] = dict(_flat(obj))
-            except CheckpointError as e:
-                raise CheckpointError(f"{path}: {e}") from None
-        return self._loaded[path]
+        except Exception as e:  # torch refuses it: the merge's reader must not have accepted it either
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it ({why})") from None
+        try:
+            return dict(_flat(obj))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     def _files_for(self, name: str) -> list[Path]:
         optim = name.startswith("state.")
@@ -175,6 +181,30 @@ class VerlOracle(Oracle):
     def close(self) -> None:
         self._loaded.clear()
         self._placed.clear()
+
+
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_quiet_level = logging.NOTSET
+
+
+@contextlib.contextmanager
+def _quiet_mesh_log() -> Iterator[None]:
+    """Silence torch's warning about meshes unpickled without process groups while any thread loads."""
+    global _quiet_users, _quiet_level
+    log = logging.getLogger("torch.distributed.device_mesh")
+    with _quiet_lock:
+        if _quiet_users == 0:
+            _quiet_level = log.level
+            log.setLevel(logging.ERROR)
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                log.setLevel(_quiet_level)
 
 
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None  # libc's symbols, no ldconfig child
