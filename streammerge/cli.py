@@ -190,7 +190,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .distributed import launched_by_torchrun, merge_torchrun
+    from .distributed import idle_summary, launched_by_torchrun, merge_torchrun
     from .errors import OutputError
     from .pipeline import merge
 
@@ -202,10 +202,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return cmd_push(args)
     _warn_trust_pickle(args)
     result = (merge_torchrun if torchrun else merge)(args.checkpoint, args.out_dir, merge_options(args))
+    if result is None:  # a torchrun rank beyond local rank 0
+        print(idle_summary())
+        return 0
     for w in result.warnings:
         print(f"streammerge: warning: {w}", file=sys.stderr)
     print(result.summary())
-    if args.verify and (not torchrun or os.environ.get("RANK") == "0"):  # one rank checks the whole folder
+    if args.verify and (not torchrun or os.environ.get("RANK") == "0"):  # one writer checks the whole folder
         from .verify import verify
 
         report = verify(result.out_dir, args.checkpoint, trust_pickle=args.trust_pickle)

@@ -18,8 +18,7 @@ import streammerge
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "huggingface_hub", "peft")
 # modules whose job needs torch (they are imported only when that job runs)
-TORCH_MODULES = {"streammerge.write.torch_format", "streammerge.testing.synthetic", "streammerge.testing.demo",
-                 "streammerge.distributed"}
+TORCH_MODULES = {"streammerge.write.torch_format", "streammerge.testing.synthetic", "streammerge.testing.demo"}
 NEEDS_HUB = ("streammerge.hub", "streammerge.publish", "streammerge.watch")
 
 

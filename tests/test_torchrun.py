@@ -1,10 +1,13 @@
-"""torchrun scale-out: ranks write disjoint shares of the files; the result equals a one-process merge."""
+"""torchrun scale-out: one writer per host (local rank 0) writes its host's share of the files; the result
+equals a one-process merge, and on one host no rank imports torch."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +20,16 @@ pytestmark = pytest.mark.slow  # real multi-process or multi-GB runs
 ROOT = Path(__file__).resolve().parents[1]
 
 OPTS = ["--max-shard-size", "100KB", "--no-optimizer", "--no-progress", "--dtype", "bfloat16"]
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "MASTER_ADDR", "MASTER_PORT")
+WROTE = re.compile(r"^wrote (\d+) data files? \(.*peak RSS (\d+) MiB", re.M)
+IDLE = re.compile(r"^streammerge: rank (\d+) \(local rank (\d+) on host (\d+)\): nothing to write, .*"
+                  r"peak RSS (\d+) MiB", re.M)
 
 
 def _env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for k in TORCHRUN_VARS:
         env.pop(k, None)
     return env
 
@@ -34,9 +42,48 @@ def _torchrun(ckpt: Path, out: Path, nproc: int) -> subprocess.CompletedProcess:
     return r
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_hosts(ckpt: Path, out: Path, logs: Path, hosts: int, nproc: int) -> list[str]:
+    """One torchrun agent per "host", all on this machine (static rendezvous); each agent's stdout."""
+    port = _free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    agents = []
+    for node in range(hosts):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={hosts}", f"--node-rank={node}",
+               f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
+               "-m", "streammerge", str(ckpt), str(out), *OPTS]
+        with open(logs / f"host{node}.out", "w") as o, open(logs / f"host{node}.err", "w") as e:
+            agents.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=o, stderr=e))
+    try:
+        codes = [a.wait(timeout=150) for a in agents]
+    finally:
+        for a in agents:  # on a failure or timeout; SIGTERM lets the agent stop its workers too
+            if a.poll() is None:
+                a.send_signal(signal.SIGTERM)
+        for a in agents:
+            try:
+                a.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                a.kill()
+    outs = [(logs / f"host{node}.out").read_text() for node in range(hosts)]
+    assert codes == [0] * hosts, "\n".join(outs + [(logs / f"host{n}.err").read_text() for n in range(hosts)])
+    return outs
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file() and ".streammerge" not in p.parts}
+
+
+def _manifest_content(folder: Path) -> tuple[dict, dict]:
+    """The manifest, and its files' (size, crc32): mtimes differ between runs, of course."""
+    m = json.loads((folder / ".streammerge" / "manifest.json").read_text())
+    return m, {f: (e["size"], e["crc32"]) for f, e in m["files"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -53,36 +100,60 @@ def single(ckpt, tmp_path_factory) -> Path:
     return out
 
 
-def test_torchrun_output_is_byte_identical_to_one_process(ckpt, single, tmp_path):
-    out = tmp_path / "out"
-    r = _torchrun(ckpt, out, nproc=3)
+@pytest.fixture(scope="module")
+def torch_rss() -> int:
+    """Peak RSS (MiB) of a process that only imports torch: any rank that imported it peaks above this."""
+    code = "import torch; from streammerge.pipeline import peak_rss; print(peak_rss() // 2**20)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
+def _same_as_single(out: Path, single: Path) -> None:
     expected = _files(single)
     assert len([f for f in expected if f.endswith(".safetensors")]) >= 3  # enough files to share out
     assert _files(out) == expected
-    # every rank wrote something: three "wrote ..." summaries, none of them empty
-    files_per_rank = [int(n) for n in re.findall(r"wrote (\d+) data files? \(", r.stdout)]
-    assert len(files_per_rank) == 3 and min(files_per_rank) > 0, r.stdout
-    manifest = json.loads((out / ".streammerge" / "manifest.json").read_text())
-    single_manifest = json.loads((single / ".streammerge" / "manifest.json").read_text())
-    def content(m: dict) -> dict:  # mtimes differ between the two runs, of course
-        return {f: (e["size"], e["crc32"]) for f, e in m["files"].items()}
-
-    assert manifest["complete"] and content(manifest) == content(single_manifest)
+    manifest, content = _manifest_content(out)
+    single_manifest, single_content = _manifest_content(single)
+    assert manifest["complete"] and content == single_content
     assert manifest["fingerprint"] == single_manifest["fingerprint"]
     assert not list((out / ".streammerge").glob("manifest.part-*"))
+
+
+def test_one_host_has_one_writer_and_no_rank_imports_torch(ckpt, single, torch_rss, tmp_path):
+    out = tmp_path / "out"
+    r = _torchrun(ckpt, out, nproc=3)
+    _same_as_single(out, single)
+    wrote, idle = WROTE.findall(r.stdout), IDLE.findall(r.stdout)
+    assert len(wrote) == 1 and int(wrote[0][0]) >= 3, r.stdout  # local rank 0 wrote every file
+    assert sorted((int(rank), int(local), int(host)) for rank, local, host, _ in idle) == [(1, 1, 0), (2, 2, 0)]
+    rss = [int(w[1]) for w in wrote] + [int(i[3]) for i in idle]
+    assert max(rss) < torch_rss / 2, (rss, torch_rss)  # torch would cost more than the whole rank does
     assert check_merge(out, "tiny", dtype=__import__("torch").bfloat16) > 0
 
 
-def test_torchrun_resume_rewrites_only_what_is_missing(ckpt, single, tmp_path):
+def test_several_hosts_write_one_share_each(ckpt, single, tmp_path):
     out = tmp_path / "out"
-    _torchrun(ckpt, out, nproc=2)
+    outs = _torchrun_hosts(ckpt, out, tmp_path / "logs", hosts=2, nproc=2)
+    _same_as_single(out, single)
+    for host, text in enumerate(outs):
+        wrote, idle = WROTE.findall(text), IDLE.findall(text)
+        assert len(wrote) == 1 and int(wrote[0][0]) > 0, text  # local rank 0 wrote this host's share
+        assert [(int(local), int(host_)) for _, local, host_, _ in idle] == [(1, host)], text
+
+
+def test_several_hosts_resume_rewrites_only_what_is_missing(ckpt, single, tmp_path):
+    out = tmp_path / "out"
+    _torchrun_hosts(ckpt, out, tmp_path / "logs1", hosts=2, nproc=1)
     shards = sorted(out.glob("model-*.safetensors"))
     victim = shards[-1]
     victim.unlink()
     (out / "model.safetensors.index.json").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in shards[:-1]}
-    r = _torchrun(ckpt, out, nproc=2)
-    assert "wrote" in r.stdout
+    outs = _torchrun_hosts(ckpt, out, tmp_path / "logs2", hosts=2, nproc=1)
+    assert [int(w[0]) for text in outs for w in WROTE.findall(text)] == [1], outs  # only the victim
+    assert "finished by an earlier run" in "".join(outs)
     assert {p.name: p.stat().st_mtime_ns for p in shards[:-1]} == kept  # reused, not rewritten
     assert _files(out) == _files(single)
 
