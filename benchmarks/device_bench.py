@@ -42,6 +42,8 @@ import io_matrix  # noqa: E402
 from streammerge.testing.presets import make_checkpoint  # noqa: E402
 
 T0 = time.perf_counter()
+SWITCH = ("import runpy, sys; sys.setswitchinterval({}); sys.argv[0] = 'streammerge'; "
+          "runpy.run_module('streammerge', run_name='__main__')")
 WARM = ("import torch, torch.distributed.tensor, torch.distributed.run, safetensors, numpy, streammerge.cli, "
         "streammerge.verify")
 
@@ -123,16 +125,17 @@ class Bench:
     def time_left(self, need: float) -> bool:
         return elapsed() + need < self.a.deadline
 
-    def run(self, key: str, cmd: list[str], cold: list[Path], need: float, cwd: Path = ROOT) -> dict | None:
+    def run(self, key: str, cmd: list[str], cold: list[Path], need: float, cwd: Path = ROOT,
+            env: dict | None = None) -> dict | None:
         if not self.time_left(need):
             self.result["skipped"].append(f"{key} (needs ~{need:.0f} s, {self.a.deadline - elapsed():.0f} s left)")
             self.save()
             return None
         bench_merge.drop_cache(cold, self.policy)
-        if cmd[0] == sys.executable:  # Python's libraries cached, as on a machine that uses them (not timed)
-            subprocess.run([sys.executable, "-c", WARM], env=self.env, cwd=cwd, check=False)
+        if sys.executable in cmd[:12]:  # Python's libraries cached, as on a machine that uses them (not timed)
+            subprocess.run([sys.executable, "-c", WARM], env={**self.env, **(env or {})}, cwd=cwd, check=False)
         before = io_matrix.diskstats(self.disk)
-        r = measure(cmd, self.env, cwd)
+        r = measure(cmd, {**self.env, **(env or {})}, cwd)
         after = io_matrix.diskstats(self.disk)
         r["disk_read_gb"], r["disk_written_gb"] = ((b - a) * 512 / 1e9 for a, b in zip(before[:2], after[:2]))
         r["cmd"] = " ".join(cmd[:3] + ["..."] if len(cmd) > 12 else cmd)
@@ -214,6 +217,12 @@ class Bench:
             self.cat_null("bf16/cat_both_folders", both, est)
             self.run("bf16/verify", [sys.executable, "-m", "streammerge", "verify", str(out), str(actor)], both,
                      1.5 * est)
+            if self.a.old:
+                self.run("bf16/verify_old", [sys.executable, "-m", "streammerge", "verify", str(out), str(actor)],
+                         both, 1.5 * est, cwd=Path(self.a.old), env={"PYTHONPATH": self.a.old})
+            if self.a.profile:
+                self.profiled("bf16/verify", [sys.executable, "-m", "streammerge", "verify", str(out), str(actor)],
+                              files, 2 * est)
             shutil.rmtree(out, ignore_errors=True)
         if self.a.direct:  # what O_DIRECT writes (opt-in) are worth against the default's buffered ones
             self.env["STREAMMERGE_DIRECT_WRITES"] = "1"
@@ -226,6 +235,41 @@ class Bench:
               str(actor), str(out), "--dtype", "bfloat16", "--no-optimizer", "--no-progress"]
         self.run("bf16/torchrun_4", tr, files, 1.5 * est)
         shutil.rmtree(out, ignore_errors=True)
+        if self.a.old:
+            self.run("bf16/torchrun_4_old", tr, files, 1.5 * est, cwd=Path(self.a.old), env={"PYTHONPATH": self.a.old})
+            shutil.rmtree(out, ignore_errors=True)
+        if self.a.switch_interval:  # the GIL hypothesis: a thread that waits for the GIL gets it sooner
+            wrapped = [sys.executable, "-c", SWITCH.format(self.a.switch_interval)] + sm(actor, out, "bfloat16")[3:]
+            for w in (8, 32):
+                self.run(f"bf16/workers_{w}_switch_{self.a.switch_interval:g}", wrapped + ["--workers", str(w)],
+                         files, est)
+                shutil.rmtree(out, ignore_errors=True)
+        if self.a.profile:
+            for w in (8, 2):
+                self.profiled(f"bf16/workers_{w}", sm(actor, out, "bfloat16", "--workers", str(w)), files, est)
+                shutil.rmtree(out, ignore_errors=True)
+        if self.a.second_round:  # run again what the targets compare, for the spread
+            self.cat_into("bf16/cat_into_file_run2", files, est)
+            self.run("bf16/streammerge_default_run2", sm(actor, out, "bfloat16"), files, est)
+            both = files + folder_files(out)
+            self.cat_null("bf16/cat_both_folders_run2", both, est)
+            self.run("bf16/verify_run2", [sys.executable, "-m", "streammerge", "verify", str(out), str(actor)], both,
+                     1.5 * est)
+            shutil.rmtree(out, ignore_errors=True)
+            self.run("keep/streammerge_default_run2", sm(actor, out, "keep"), files, est)
+            shutil.rmtree(out, ignore_errors=True)
+
+    def profiled(self, key: str, cmd: list[str], files: list[Path], need: float) -> None:
+        """Run under py-spy (a static binary carried in .tools/, if there): every thread's stacks, idle ones too,
+        100 times a second, as a speedscope file in $OUT (samples in time order per thread)."""
+        spy = ROOT / ".tools" / "py-spy"
+        if not spy.exists() or not self.time_left(need):
+            self.result["skipped"].append(f"{key} under py-spy")
+            return
+        dest = Path(os.environ.get("OUT", self.work)) / (key.replace("/", "_") + ".speedscope.json")
+        out_files = folder_files(Path(cmd[cmd.index("verify") + 1])) if "verify" in cmd else []
+        self.run(key + "_pyspy", [str(spy), "record", "--nonblocking", "--idle", "--threads", "-r", "100", "-f",
+                                  "speedscope", "-o", str(dest), "--", *cmd], files + out_files, need)
 
     def sweep(self, actor: Path, out: Path, files: list[Path], est: float) -> None:
         for w in [int(x) for x in self.a.sweep.split(",") if x]:
@@ -294,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", default="2,32,8,16,4")
     p.add_argument("--only-sweep", action="store_true", help="make the bf16 checkpoint and run the sweep only")
     p.add_argument("--direct", action="store_true", help="also run keep and bfloat16 with O_DIRECT writes")
+    p.add_argument("--switch-interval", type=float, default=0.0,
+                   help="also run --workers 8 and 32 with this sys.setswitchinterval (seconds)")
+    p.add_argument("--profile", action="store_true", help="also run verify and --workers 8/2 under .tools/py-spy")
+    p.add_argument("--old", default="", help="folder holding an older streammerge package: verify and torchrun with it too")
+    p.add_argument("--second-round", action="store_true", help="run the compared steps a second time")
     p.add_argument("--deadline", type=float, default=540.0, help="seconds from start; later steps are skipped")
     p.add_argument("--est", type=float, default=45.0, help="expected seconds of one merge-sized step")
     p.add_argument("--make-budget", type=float, default=90.0)

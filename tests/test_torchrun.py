@@ -127,7 +127,8 @@ def test_one_host_has_one_writer_and_no_rank_imports_torch(ckpt, single, torch_r
     _same_as_single(out, single)
     wrote, idle = WROTE.findall(r.stdout), IDLE.findall(r.stdout)
     assert len(wrote) == 1 and int(wrote[0][0]) >= 3, r.stdout  # local rank 0 wrote every file
-    assert sorted((int(rank), int(local), int(host)) for rank, local, host, _ in idle) == [(1, 1, 0), (2, 2, 0)]
+    assert sorted((int(rank), int(local), int(host)) for rank, local, host, _ in idle) == [(1, 1, 0), (2, 2, 0)], \
+        r.stdout + r.stderr
     rss = [int(w[1]) for w in wrote] + [int(i[3]) for i in idle]
     assert max(rss) < torch_rss / 2, (rss, torch_rss)  # torch would cost more than the whole rank does
     assert check_merge(out, "tiny", dtype=__import__("torch").bfloat16) > 0
