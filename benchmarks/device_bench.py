@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--switch-interval", type=float, default=0.0,
                    help="also run --workers 8 and 32 with this sys.setswitchinterval (seconds)")
     p.add_argument("--profile", action="store_true", help="also run verify and --workers 8/2 under .tools/py-spy")
-    p.add_argument("--old", default="", help="folder holding an older streammerge package: verify and torchrun with it too")
+    p.add_argument("--old", default="", help="folder of an older streammerge package: verify, torchrun with it too")
     p.add_argument("--second-round", action="store_true", help="run the compared steps a second time")
     p.add_argument("--deadline", type=float, default=540.0, help="seconds from start; later steps are skipped")
     p.add_argument("--est", type=float, default=45.0, help="expected seconds of one merge-sized step")
