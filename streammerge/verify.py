@@ -45,7 +45,6 @@ from .write.writer import TMP_SUFFIX, _is_contiguous, windows
 if TYPE_CHECKING:
     import torch  # only comparing tensors with the checkpoint imports torch
 
-    from .pipeline import MergePlan
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeOptions)} - set(MergeOptions.RUNTIME)
 
@@ -294,40 +293,25 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
 
 # ---------------------------------------------------------------- against the checkpoint
 
-def replan(ck: Source, recorded: dict | None, *, trust_pickle: bool) -> MergePlan:
-    """The plan the merge made, from the options its manifest records (or the defaults, keeping dtypes)."""
-    from .pipeline import plan_merge
-
+def recorded_options(recorded: dict | None, *, trust_pickle: bool) -> MergeOptions:
+    """The options the merge ran with, as its manifest records them (or the defaults, keeping dtypes)."""
     fields = {k: v for k, v in (recorded or {}).items() if k in MERGE_FIELDS}
     if not recorded:  # no manifest: compare with the saved dtypes
         fields["dtype"] = "keep"
-    options = MergeOptions.create(**{**fields, "trust_pickle": trust_pickle})
-    return plan_merge(ck, options)
+    return MergeOptions.create(**{**fields, "trust_pickle": trust_pickle})
 
 
 def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, headers: dict[str, _Header],
                               report: VerifyReport, *, trust_pickle: bool, chunk: int, workers: int) -> None:
-    merge_plan = replan(ck, (manifest or {}).get("options"), trust_pickle=trust_pickle)
-    plans = merge_plan.plans
-    if manifest is not None and merge_plan.fingerprint() != manifest.get("fingerprint"):
-        report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
-                    "differs); tensors are compared one by one below")
-    oracle = ck.oracle(merge_plan.options)
-    if oracle is not None:
-        oracle.load_all()  # before the streams below start: torch.load's small reads would wait behind them
-    base_oracle = ck.lora_base.oracle(merge_plan.options) if ck.lora_base is not None else None
-    if oracle is not None and base_oracle is not None:
-        from .sources.hf import CombinedOracle
+    from .pipeline import plan_merge
 
-        oracle = CombinedOracle(oracle, base_oracle)
-    if oracle is None:
-        report.notes.append(f"{ck.format}: no reader independent of the merge's own; tensors are compared with the "
-                            "bytes the merge's reader locates")
+    options = recorded_options((manifest or {}).get("options"), trust_pickle=trust_pickle)
+    oracle = None if ck.oracle_after_plan else ck.oracle(options)
     sources = _Sources(chunk)
     own_reader = 0
     tasks: list[Callable[[], None]] = []
     lock = threading.Lock()
-    serial = threading.Lock() if not getattr(oracle, "thread_safe", False) else None  # oracles not made for threads
+    serial: threading.Lock | None = None  # for oracles not made for threads
 
     def compare(rel: str, header: _Header, entry: _Entry, name: str, t: TensorPlan, with_oracle: bool) -> None:
         try:
@@ -344,12 +328,41 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
             report.tensors_checked += 1
 
     integrity: list[Future[list[str]]] = []
-    import torch
-
-    torch_threads = torch.get_num_threads()  # set back when the comparing threads are done
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify", initializer=_one_torch_thread)
-    crc_pool = None
+    crc_pool = pool = None
+    torch_threads = 0
     try:
+        if oracle is not None and getattr(oracle, "thread_safe", False):
+            # The rank files' CRC streams need neither the plan nor torch, so they start first, while the merge is
+            # planned again and torch is imported. The small reads the planner and torch.load make are queued
+            # before them: behind the streams each would wait its turn.
+            oracle.prefetch()
+            paths = list(ck.files())
+            crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
+            integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
+        merge_plan = plan_merge(ck, options)
+        plans = merge_plan.plans
+        if manifest is not None and merge_plan.fingerprint() != manifest.get("fingerprint"):
+            report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
+                        "differs); tensors are compared one by one below")
+        if ck.oracle_after_plan:
+            oracle = ck.oracle(options)
+        base = ck.lora_base.oracle(options) if ck.lora_base is not None else None  # found by planning an adapter
+        if oracle is not None and base is not None:
+            from .sources.hf import CombinedOracle
+
+            oracle = CombinedOracle(oracle, base)
+        if oracle is None:
+            report.notes.append(f"{ck.format}: no reader independent of the merge's own; tensors are compared with "
+                                "the bytes the merge's reader locates")
+        elif not getattr(oracle, "thread_safe", False):
+            serial = threading.Lock()
+        if oracle is not None:
+            oracle.load_all()
+        import torch
+
+        torch_threads = torch.get_num_threads()  # set back when the comparing threads are done
+        pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify",
+                                  initializer=_one_torch_thread)
         for p in plans:
             expected_files = {p.rel(fp.filename): fp for fp in p.files}
             for rel in expected_files:
@@ -382,10 +395,6 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                 else:
                     report.fail(f"{rel}: tensor {name!r}: a LoRA fold that no independent reader can check")
                     report.tensors_checked += 1
-        if oracle is not None and serial is None:  # the rank files' CRCs, streamed alongside the comparison
-            paths = list(ck.files())
-            crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
-            integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
         for done in [pool.submit(task) for task in tasks]:
             done.result()
         if oracle is not None:
@@ -399,13 +408,14 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         else:
             sources.finish_crcs(report)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(torch_threads)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(torch_threads)
+        if oracle is not None:
+            oracle.close()  # first: a verify stopped by an error need not wait for the streams to end
         if crc_pool is not None:
             crc_pool.shutdown(wait=True, cancel_futures=True)
         sources.close()
-        if oracle is not None:
-            oracle.close()
 
 
 def _one_torch_thread() -> None:

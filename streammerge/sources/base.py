@@ -140,9 +140,12 @@ class Oracle(abc.ABC):
     def release(self, t: Any) -> None:  # noqa: B027  (oracles that map nothing hold nothing per tensor)
         """Let go of what reading a compared output tensor `t` (a TensorPlan) brought into memory."""
 
+    def prefetch(self) -> None:  # noqa: B027  (oracles that load nothing up front need nothing here)
+        """Queue the small reads `load_all` will make, without waiting: verify calls this before it starts streaming
+        the files for their checksums, behind which those reads would queue."""
+
     def load_all(self) -> None:  # noqa: B027  (oracles that load nothing up front need nothing here)
-        """Read every file's metadata now: verify calls this before it streams the files for their checksums,
-        behind which these small reads would queue."""
+        """Read every file's metadata now, before the comparisons need it."""
 
     def close(self) -> None:  # noqa: B027  (most oracles hold nothing to release)
         """Release files and maps."""
@@ -153,6 +156,7 @@ class Source(abc.ABC):
 
     format: str = "?"  # "veRL FSDP", "torch DCP", "Megatron torch_dist"
     oracle_modules: tuple[str, ...] = ("torch",)  # what the oracle imports: verify starts that early
+    oracle_after_plan = False  # the oracle needs what planning learns (the config): verify makes it after planning
 
     def __init__(self, path: Path, *, step: int | None = None, hf_dir: Path | None = None):
         self.path = path  # the folder holding the files

@@ -179,6 +179,15 @@ class CombinedOracle(Oracle):
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
         return self.first.check_integrity(paths)
 
+    def prefetch(self) -> None:
+        self.first.prefetch()
+
+    def load_all(self) -> None:
+        self.first.load_all()
+
+    def release(self, t: Any) -> None:
+        self.first.release(t)
+
     def close(self) -> None:
         self.first.close()
         self.base.close()

@@ -292,6 +292,7 @@ class MegatronSource(DcpSource):
     """A Megatron-Core `torch_dist` folder (Megatron-LM, NeMo 2, veRL's Megatron backend without mbridge)."""
 
     format = "Megatron torch_dist"
+    oracle_after_plan = True  # names and layouts come from the architecture in the config
 
     def __init__(self, path: Path, *, hf_dir: Path | None = None, step: int | None = None):
         super().__init__(path, hf_dir=hf_dir, step=step)

@@ -42,6 +42,7 @@ class VerlOracle(Oracle):
         self._loaded: dict[Path, dict[str, Any]] = {}
         self._placed: dict[str, list[tuple[Any, tuple[int, ...], Path]]] = {}
         self._lock = threading.RLock()
+        self._closed = threading.Event()
 
     def release(self, t: Any) -> None:
         """Drop the mapped pages of the pieces a compared tensor read (they are re-read from the file if needed)."""
@@ -51,6 +52,29 @@ class VerlOracle(Oracle):
                 pieces = self._placed.get(name, [])
             for local, _, _ in pieces:
                 _unmap_pages(local)
+
+    def prefetch(self) -> None:
+        """Queue what torch.load(mmap=True) reads: the small records (data.pkl, ...) and the local zip header of
+        each tensor record, read to find where its data starts. They are scattered through the file."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for path in self.files:
+            try:
+                with zipfile.ZipFile(path) as z:
+                    infos = z.infolist()
+                fd = os.open(path, os.O_RDONLY)
+            except (OSError, zipfile.BadZipFile):
+                continue  # torch.load says what is wrong with it
+            try:
+                for info in infos:
+                    header = 30 + len(info.filename.encode()) + len(info.extra) + _PAGE  # local extra may differ
+                    tensor = "/data/" in info.filename
+                    os.posix_fadvise(fd, info.header_offset, header + (0 if tensor else info.compress_size),
+                                     os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # advice only: the reads happen anyway
+            finally:
+                os.close(fd)
 
     def load_all(self) -> None:
         """torch.load every rank file, several at once: each waits on its own small reads, not on the others'."""
@@ -169,8 +193,8 @@ class VerlOracle(Oracle):
                         record = info.filename
                         if info.CRC == 0:  # saved without CRCs (torch.serialization.set_crc32_options(False))
                             continue
-                        with z.open(info) as fh:
-                            while fh.read(4 * 2**20):  # one buffer per thread: verify runs these side by side
+                        with z.open(info) as fh:  # one buffer per thread: verify runs these side by side
+                            while not self._closed.is_set() and fh.read(4 * 2**20):
                                 pass
             except (zipfile.BadZipFile, OSError, EOFError) as e:
                 problems.append(f"{path}: zip record {record} fails its CRC32 check ({e}): the rank file is "
@@ -179,6 +203,8 @@ class VerlOracle(Oracle):
         return problems
 
     def close(self) -> None:
+        """Also ends the checksum streams early (a verify that stopped on an error)."""
+        self._closed.set()
         self._loaded.clear()
         self._placed.clear()
 
