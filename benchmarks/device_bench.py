@@ -194,6 +194,7 @@ class Bench:
                 out = self.work / "keep-out"
                 self.run("keep/streammerge_default", sm(actor, out, "keep"), files, est / 2)
                 shutil.rmtree(out, ignore_errors=True)
+                self.keep_extras(actor, files, est / 2)
                 if not same:
                     shutil.rmtree(self.work / "keep", ignore_errors=True)
         if not same or actor is None:
@@ -209,7 +210,8 @@ class Bench:
             self.cat_into("bf16/cat_into_file", files, est)
         else:
             self.result["runs"]["bf16/cat_into_file"] = self.result["runs"].get("keep/cat_into_file")
-        self.cat_null("bf16/cat_read_only", files, est)
+        if not self.a.no_read_only:
+            self.cat_null("bf16/cat_read_only", files, est)
         out = self.work / "bf16-out"
         self.run("bf16/streammerge_default", sm(actor, out, "bfloat16"), files, est)
         if out.exists():
@@ -220,7 +222,7 @@ class Bench:
             if self.a.old:
                 self.run("bf16/verify_old", [sys.executable, "-m", "streammerge", "verify", str(out), str(actor)],
                          both, 1.5 * est, cwd=Path(self.a.old), env={"PYTHONPATH": self.a.old})
-            if self.a.profile:
+            if self.a.profile == "bf16":
                 self.profiled("bf16/verify", [sys.executable, "-m", "streammerge", "verify", str(out), str(actor)],
                               files, 2 * est)
             shutil.rmtree(out, ignore_errors=True)
@@ -233,9 +235,10 @@ class Bench:
         self.sweep(actor, out, files, est)
         tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "streammerge",
               str(actor), str(out), "--dtype", "bfloat16", "--no-optimizer", "--no-progress"]
-        self.run("bf16/torchrun_4", tr, files, 1.5 * est)
-        shutil.rmtree(out, ignore_errors=True)
-        if self.a.old:
+        if not self.a.no_torchrun:
+            self.run("bf16/torchrun_4", tr, files, 1.5 * est)
+            shutil.rmtree(out, ignore_errors=True)
+        if self.a.old and not self.a.no_torchrun:
             self.run("bf16/torchrun_4_old", tr, files, 1.5 * est, cwd=Path(self.a.old), env={"PYTHONPATH": self.a.old})
             shutil.rmtree(out, ignore_errors=True)
         if self.a.switch_interval:  # the GIL hypothesis: a thread that waits for the GIL gets it sooner
@@ -244,11 +247,11 @@ class Bench:
                 self.run(f"bf16/workers_{w}_switch_{self.a.switch_interval:g}", wrapped + ["--workers", str(w)],
                          files, est)
                 shutil.rmtree(out, ignore_errors=True)
-        if self.a.profile:
+        if self.a.profile == "bf16":
             for w in (8, 2):
                 self.profiled(f"bf16/workers_{w}", sm(actor, out, "bfloat16", "--workers", str(w)), files, est)
                 shutil.rmtree(out, ignore_errors=True)
-        if self.a.second_round:  # run again what the targets compare, for the spread
+        if self.a.second_round and not self.a.keep_sweep:  # run again what the targets compare, for the spread
             self.cat_into("bf16/cat_into_file_run2", files, est)
             self.run("bf16/streammerge_default_run2", sm(actor, out, "bfloat16"), files, est)
             both = files + folder_files(out)
@@ -258,6 +261,36 @@ class Bench:
             shutil.rmtree(out, ignore_errors=True)
             self.run("keep/streammerge_default_run2", sm(actor, out, "keep"), files, est)
             shutil.rmtree(out, ignore_errors=True)
+
+    def keep_extras(self, actor: Path, files: list[Path], est: float) -> None:
+        """More on the keep case's checkpoint: keep-dtype --workers N interleaved with `cat`, and verify of a
+        bfloat16 merge against `cat` of both folders (keys "keep_ckpt/...")."""
+        out = self.work / "keep-out"
+        sweep = [int(x) for x in self.a.keep_sweep.split(",") if x]
+        for tag in (("", "_run2") if self.a.second_round else ("",)) if sweep else ():
+            if tag:
+                self.cat_into(f"keep/cat_into_file{tag}", files, est)
+                self.run(f"keep/streammerge_default{tag}", sm(actor, out, "keep"), files, est)
+                shutil.rmtree(out, ignore_errors=True)
+            for w in sweep:
+                self.run(f"keep/workers_{w}{tag}", sm(actor, out, "keep", "--workers", str(w)), files, est)
+                shutil.rmtree(out, ignore_errors=True)
+        if not self.a.keep_verify:
+            return
+        self.run("keep_ckpt/streammerge_bf16", sm(actor, out, "bfloat16"), files, est)
+        if not out.exists():
+            return
+        both = files + folder_files(out)
+        verify = [sys.executable, "-m", "streammerge", "verify", str(out), str(actor)]
+        for tag in ("", "_run2"):
+            self.cat_null(f"keep_ckpt/cat_both_folders{tag}", both, est)
+            self.run(f"keep_ckpt/verify{tag}", verify, both, 1.5 * est)
+            if self.a.old and not tag:
+                self.run("keep_ckpt/verify_old", verify, both, 1.5 * est, cwd=Path(self.a.old),
+                         env={"PYTHONPATH": self.a.old})
+        if self.a.profile == "keep":
+            self.profiled("keep_ckpt/verify", verify, files, 2 * est)
+        shutil.rmtree(out, ignore_errors=True)
 
     def profiled(self, key: str, cmd: list[str], files: list[Path], need: float) -> None:
         """Run under py-spy (a static binary carried in .tools/, if there): every thread's stacks, idle ones too,
@@ -291,6 +324,8 @@ class Bench:
             "keep_default_vs_cat_into_file (target <= 1.0)": ratio("keep/streammerge_default", "keep/cat_into_file"),
             "bf16_default_vs_cat_into_file (target <= 0.8)": ratio("bf16/streammerge_default", "bf16/cat_into_file"),
             "verify_vs_cat_both_folders (target <= 1.2)": ratio("bf16/verify", "bf16/cat_both_folders"),
+            "keep_ckpt_verify_vs_cat_both_folders (target <= 1.2)": ratio("keep_ckpt/verify",
+                                                                         "keep_ckpt/cat_both_folders"),
             "torchrun_4_vs_default (target <= 1.0)": ratio("bf16/torchrun_4", "bf16/streammerge_default"),
         }
         sweep = {k.removeprefix("bf16/workers_"): v["wall_s"] for k, v in runs.items()
@@ -340,7 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--direct", action="store_true", help="also run keep and bfloat16 with O_DIRECT writes")
     p.add_argument("--switch-interval", type=float, default=0.0,
                    help="also run --workers 8 and 32 with this sys.setswitchinterval (seconds)")
-    p.add_argument("--profile", action="store_true", help="also run verify and --workers 8/2 under .tools/py-spy")
+    p.add_argument("--profile", choices=["", "keep", "bf16"], default="",
+                   help="also run verify (and, for bf16, --workers 8/2) of that case under .tools/py-spy")
+    p.add_argument("--keep-sweep", default="", help="keep-dtype --workers values (twice with --second-round)")
+    p.add_argument("--keep-verify", action="store_true", help="verify a bfloat16 merge of the keep checkpoint")
+    p.add_argument("--no-read-only", action="store_true", help="skip cat > /dev/null of the bf16 checkpoint")
+    p.add_argument("--no-torchrun", action="store_true")
     p.add_argument("--old", default="", help="folder of an older streammerge package: verify, torchrun with it too")
     p.add_argument("--second-round", action="store_true", help="run the compared steps a second time")
     p.add_argument("--deadline", type=float, default=540.0, help="seconds from start; later steps are skipped")
