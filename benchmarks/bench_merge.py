@@ -306,7 +306,11 @@ def bench_preset(preset: str, a: argparse.Namespace, env: dict, verl_reason: str
 # ---------------------------------------------------------------- plot
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the JSON has every number; the plot is a convenience
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -45,7 +45,6 @@ from .write.writer import TMP_SUFFIX, _is_contiguous, windows
 if TYPE_CHECKING:
     import torch  # only comparing tensors with the checkpoint imports torch
 
-
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeOptions)} - set(MergeOptions.RUNTIME)
 
 DEFAULT_CHUNK = 4 * 2**20
