@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 from . import __version__
 from .errors import StreammergeError
@@ -203,11 +204,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _warn_trust_pickle(args)
     result = (merge_torchrun if torchrun else merge)(args.checkpoint, args.out_dir, merge_options(args))
     if result is None:  # a torchrun rank beyond local rank 0
-        print(idle_summary())
+        _say(idle_summary())
         return 0
     for w in result.warnings:
-        print(f"streammerge: warning: {w}", file=sys.stderr)
-    print(result.summary())
+        _say(f"streammerge: warning: {w}", sys.stderr)
+    _say(result.summary())
     if args.verify and (not torchrun or os.environ.get("RANK") == "0"):  # one writer checks the whole folder
         from .verify import verify
 
@@ -215,6 +216,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(report.summary())
         return 0 if report.ok else 1
     return 0
+
+
+def _say(text: str, stream: TextIO | None = None) -> None:
+    """One write per message: torchrun's ranks share one stdout, and print's separate newline (unbuffered,
+    as under PYTHONUNBUFFERED) lets another rank's line land in the middle of this one."""
+    stream = stream or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
