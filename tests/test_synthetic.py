@@ -366,3 +366,41 @@ def _structure(obj, sizes: bool = True):
     if isinstance(obj, (list, tuple)):
         return [_structure(v, sizes) for v in obj]
     return type(obj).__name__
+
+
+# ----------------------------------------------------------------------------- the rank runner
+
+
+def _crash_first_time(rank: int, marker: str) -> None:
+    import os
+    import signal
+
+    if rank == 1 and not os.path.exists(marker):
+        Path(marker).write_text("crashed once")
+        os.kill(os.getpid(), signal.SIGSEGV)
+    Path(f"{marker}.rank{rank}").write_text(os.environ.get("OPENBLAS_NUM_THREADS", "unset"))
+
+
+def _raise(rank: int) -> None:
+    raise ValueError(f"rank {rank} refuses")
+
+
+def test_a_rank_killed_by_a_signal_reruns_the_job_once_with_a_warning(tmp_path):
+    """And the ranks' thread pools are single-threaded (a forking process must be: see ranks.py)."""
+    from streammerge.testing.ranks import run_ranks
+
+    marker = tmp_path / "marker"
+    with pytest.warns(RuntimeWarning, match=r"rank 1 of .*_crash_first_time died by SIGSEGV \(attempt 1 of 2\)"):
+        run_ranks(_crash_first_time, (str(marker),), 2)
+    assert [(tmp_path / f"marker.rank{r}").read_text() for r in (0, 1)] == ["1", "1"]
+
+
+def test_a_rank_killed_twice_or_raising_fails_the_job(tmp_path):
+    import torch.multiprocessing as tmp
+
+    from streammerge.testing.ranks import run_ranks
+
+    with pytest.raises(tmp.ProcessExitedException, match="SIGSEGV"):
+        run_ranks(_crash_first_time, (str(tmp_path / "marker"),), 2, attempts=1)
+    with pytest.raises(tmp.ProcessRaisedException, match="rank [01] refuses"):
+        run_ranks(_raise, (), 2)

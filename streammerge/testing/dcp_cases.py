@@ -9,9 +9,7 @@ case (`CASES`) and, beside each, torch's own consolidation (`<case>.pt`, `dcp_to
 
 from __future__ import annotations
 
-import multiprocessing
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -95,48 +93,40 @@ def _build(mesh, placement_fn=None) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
-def _worker(rank: int, world: int, root: str, port: int) -> None:
-    import torch.distributed as dist
+def _worker(rank: int, world: int, root: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
-        if world == 4:  # HSDP: (replicate, shard) mesh, plus 2-D sharded DTensor grids
-            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ddp", "fsdp"))
-            model, opt = _build(mesh)
-            sd = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
-            g = torch.Generator().manual_seed(1)
-            sd["grid01"] = distribute_tensor(torch.randn(5, 7, generator=g), mesh, [Shard(0), Shard(1)])
-            bf = torch.randn(5, 7, generator=g).to(torch.bfloat16)
-            sd["grid10"] = distribute_tensor(bf, mesh, [Shard(1), Shard(0)])
-            sd["rep_shard"] = distribute_tensor(torch.arange(9, dtype=torch.int64), mesh, [Replicate(), Shard(0)])
-            dcp.save(sd, checkpoint_id=f"{root}/w4_hsdp")
-            return
-        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+    if world == 4:  # HSDP: (replicate, shard) mesh, plus 2-D sharded DTensor grids
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ddp", "fsdp"))
         model, opt = _build(mesh)
-        dcp.save(get_model_state_dict(model), checkpoint_id=f"{root}/w{world}_model")
-        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=f"{root}/w{world}_trainer")
-        model, opt = _build(mesh, _shard_dim1_if_even(world))
-        g = torch.Generator().manual_seed(2)
-        sd = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt),
-              "extra": {
-                  "cols_uneven": distribute_tensor(torch.randint(-9, 9, (5, 7), generator=g), mesh, [Shard(1)]),
-                  "flags": distribute_tensor(torch.rand(7, generator=g) > 0.5, mesh, [Shard(0)]),
-                  "tiny": distribute_tensor(torch.ones(1, dtype=torch.bfloat16), mesh, [Shard(0)]),  # empty shards
-                  "rep": distribute_tensor(torch.randn(3, 4, generator=g), mesh, [Replicate()]),
-                  "plain": torch.arange(4, dtype=torch.float16),  # the same plain tensor on every rank
-              }}
-        dcp.save(sd, checkpoint_id=f"{root}/w{world}_shard1")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+        sd = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+        g = torch.Generator().manual_seed(1)
+        sd["grid01"] = distribute_tensor(torch.randn(5, 7, generator=g), mesh, [Shard(0), Shard(1)])
+        bf = torch.randn(5, 7, generator=g).to(torch.bfloat16)
+        sd["grid10"] = distribute_tensor(bf, mesh, [Shard(1), Shard(0)])
+        sd["rep_shard"] = distribute_tensor(torch.arange(9, dtype=torch.int64), mesh, [Replicate(), Shard(0)])
+        dcp.save(sd, checkpoint_id=f"{root}/w4_hsdp")
+        return
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+    model, opt = _build(mesh)
+    dcp.save(get_model_state_dict(model), checkpoint_id=f"{root}/w{world}_model")
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=f"{root}/w{world}_trainer")
+    model, opt = _build(mesh, _shard_dim1_if_even(world))
+    g = torch.Generator().manual_seed(2)
+    sd = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt),
+          "extra": {
+              "cols_uneven": distribute_tensor(torch.randint(-9, 9, (5, 7), generator=g), mesh, [Shard(1)]),
+              "flags": distribute_tensor(torch.rand(7, generator=g) > 0.5, mesh, [Shard(0)]),
+              "tiny": distribute_tensor(torch.ones(1, dtype=torch.bfloat16), mesh, [Shard(0)]),  # empty shards
+              "rep": distribute_tensor(torch.randn(3, 4, generator=g), mesh, [Replicate()]),
+              "plain": torch.arange(4, dtype=torch.float16),  # the same plain tensor on every rank
+          }}
+    dcp.save(sd, checkpoint_id=f"{root}/w{world}_shard1")
 
 
 def save_single(root: Path) -> None:
@@ -176,17 +166,13 @@ def save_single(root: Path) -> None:
 
 def make_cases(root: Path) -> Path:
     """Every case under `root` (see CASES), each with torch's consolidation beside it as `<case>.pt`."""
-    import torch.multiprocessing as tmp
-    from torch.distributed import TCPStore
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    from .ranks import run_ranks
+
     save_single(root)
-    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
     for world in (2, 3, 4):
-        store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        tmp.start_processes(_worker, args=(world, str(root), store.port), nprocs=world, join=True,
-                            start_method="forkserver")
-        del store
+        run_ranks(_worker, (world, str(root)), world, preload=_PRELOAD)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in CASES:

@@ -20,14 +20,13 @@ The oracle, in `reference/` (rank 0, from the live training state):
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from .ranks import run_ranks
 from .synthetic import _WORKER_IMPORTS, _tokenizer
 
 _PEFT_IMPORTS = [*_WORKER_IMPORTS, "peft"]
@@ -67,13 +66,7 @@ def make_lora_checkpoint(out_dir: str | os.PathLike, **kwargs) -> Path:
         raise FileExistsError(f"{actor} is not empty")
     actor.mkdir(parents=True, exist_ok=True)
     spec = LoraSpec(actor_dir=str(actor), **kwargs)
-    import torch.multiprocessing as tmp
-    from torch.distributed import TCPStore
-
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    multiprocessing.get_context("forkserver").set_forkserver_preload(_PEFT_IMPORTS)
-    tmp.start_processes(_rank_main, args=(spec, store.port), nprocs=spec.world_size, join=True,
-                        start_method="forkserver")
+    run_ranks(_train_and_save, (spec,), spec.world_size, preload=_PEFT_IMPORTS)
     (Path(out_dir) / "latest_checkpointed_iteration.txt").write_text("1")
     return actor
 
@@ -118,19 +111,6 @@ def peft_model(spec: LoraSpec):
 
 def input_ids(spec: LoraSpec) -> torch.Tensor:
     return torch.randint(0, spec.vocab_size, (2, _SEQ_LEN), generator=torch.Generator().manual_seed(7))
-
-
-def _rank_main(rank: int, spec: LoraSpec, port: int) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    timeout = timedelta(seconds=120)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size, timeout=timeout)
-    try:
-        _train_and_save(rank, spec)
-    finally:
-        dist.destroy_process_group()
 
 
 def _train_and_save(rank: int, spec: LoraSpec) -> None:
@@ -189,7 +169,7 @@ def _save_side_files(spec: LoraSpec, full: dict, full_optim: dict) -> None:
             meta["use_rslora"] = True
         (actor / "lora_train_meta.json").write_text(json.dumps(meta))
     ref = actor / "reference"
-    ref.mkdir()
+    ref.mkdir(exist_ok=True)
     save_file({k: v.clone().contiguous() for k, v in full.items()}, ref / "model.safetensors")
     torch.save(full_optim, ref / "optimizer.pt")
     trained = peft_model(spec)

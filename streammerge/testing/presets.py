@@ -271,25 +271,15 @@ def make_checkpoint(out: str | Path, *, preset: str = "qwen2.5-0.5b", world_size
     return actor
 
 
-def _dcp_rank(rank: int, out: str, preset: str, layers: int | None, world_size: int, port: int) -> None:
+def _dcp_rank(rank: int, out: str, preset: str, layers: int | None, world_size: int) -> None:
     """One rank of a real gloo job: its Shard(0) DTensors of the preset, saved by dcp.save with the others."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)
-    timeout = timedelta(seconds=1800)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
-    try:
-        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fsdp",))
-        state = _rank_state(param_specs(preset, layers), mesh, (rank,), (world_size,), torch.float32,
-                            PRESETS[preset][6], "model")
-        dcp.save({"model": state}, checkpoint_id=out)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fsdp",))
+    state = _rank_state(param_specs(preset, layers), mesh, (rank,), (world_size,), torch.float32,
+                        PRESETS[preset][6], "model")
+    dcp.save({"model": state}, checkpoint_id=out)
 
 
 def make_dcp_checkpoint(out: str | Path, *, preset: str = "qwen2.5-0.5b", world_size: int = 8,
@@ -297,15 +287,12 @@ def make_dcp_checkpoint(out: str | Path, *, preset: str = "qwen2.5-0.5b", world_
     """The preset's weights (float32, FSDP2 Shard(0) on `world_size` gloo processes) saved by `dcp.save` as
     `{"model": state_dict}` into OUT (a tied lm_head is saved too, as get_model_state_dict returns it),
     with OUT/huggingface/config.json; returns OUT. Content as `make_checkpoint`'s: `check_merge` applies."""
-    import torch.multiprocessing as tmp
-    from torch.distributed import TCPStore
+    from .ranks import run_ranks
 
     root = Path(out)
     (root / "huggingface").mkdir(parents=True, exist_ok=True)
     (root / "huggingface" / "config.json").write_text(json.dumps(hf_config(preset, layers), indent=2) + "\n")
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    tmp.start_processes(_dcp_rank, args=(str(root), preset, layers, world_size, store.port), nprocs=world_size,
-                        join=True, start_method="spawn")
+    run_ranks(_dcp_rank, (str(root), preset, layers, world_size), world_size, start_method="spawn", timeout_s=1800)
     return root
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
+
+from .ranks import run_ranks
 
 Arch = Literal["llama", "qwen2"]
 ShardPlacement = Literal["dim0", "first_divisible"]
@@ -159,33 +159,7 @@ def _default_dim_names(ndim: int) -> tuple[str, ...]:
 
 def _run_ranks(spec: _Spec) -> None:
     """Run one process per rank; raises with the failing rank's traceback."""
-    import torch.multiprocessing as tmp
-    from torch.distributed import TCPStore
-
-    # The rendezvous store lives here, on a port the OS picks: no window for another
-    # process to take a "free" port before rank 0 binds it.
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    # No effect if this process's forkserver already runs, which is fine: it is then warm.
-    multiprocessing.get_context("forkserver").set_forkserver_preload(_WORKER_IMPORTS)
-    tmp.start_processes(_rank_main, args=(spec, store.port), nprocs=spec.world_size, join=True,
-                        start_method="forkserver")
-
-
-# ----------------------------------------------------------------------------- worker side
-
-
-def _rank_main(rank: int, spec: _Spec, store_port: int) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)  # ranks outnumber cores; intra-op threads would only contend
-    timeout = timedelta(seconds=120)
-    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size,
-                            timeout=timeout)
-    try:
-        _train_and_save(rank, spec)
-    finally:
-        dist.destroy_process_group()
+    run_ranks(_train_and_save, (spec,), spec.world_size, preload=_WORKER_IMPORTS)
 
 
 def _train_and_save(rank: int, spec: _Spec) -> None:
