@@ -10,7 +10,8 @@ Two synthetic veRL checkpoints (float32, --world-size ranks, benchmarks/make_che
   bf16  (--bf16-preset, default qwen2.5-7b): `cat` into one file + sync, `cat` > /dev/null (read only),
         `streammerge --dtype bfloat16` at default settings (target: <= 0.8x the cat into one file),
         `cat` of both folders > /dev/null against `streammerge verify OUT CKPT` (target: <= 1.2x),
-        `torchrun --nproc-per-node 4` with each rank's peak RSS, and a --workers sweep.
+        `torchrun --nproc-per-node 4` with each rank's peak RSS (and the same launch of no-op workers:
+        torchrun's own cost), and a --workers sweep.
 Before every run: sync and drop the page cache (as root: /proc/sys/vm/drop_caches; else fadvise); then,
 for Python runs, an untimed `import torch, streammerge...` so libraries are cached but the data is cold.
 Each step is skipped when the --deadline (seconds from start) would be passed; the JSON is rewritten after
@@ -238,6 +239,8 @@ class Bench:
         if not self.a.no_torchrun:
             self.run("bf16/torchrun_4", tr, files, 1.5 * est)
             shutil.rmtree(out, ignore_errors=True)
+            # torchrun's own cost, the same launch with workers that do nothing: no rank can remove it
+            self.run("bf16/torchrun_4_noop", [*tr[:5], "--no-python", "true"], [], est / 4)
         if self.a.old and not self.a.no_torchrun:
             self.run("bf16/torchrun_4_old", tr, files, 1.5 * est, cwd=Path(self.a.old), env={"PYTHONPATH": self.a.old})
             shutil.rmtree(out, ignore_errors=True)
@@ -328,6 +331,10 @@ class Bench:
                                                                          "keep_ckpt/cat_both_folders"),
             "torchrun_4_vs_default (target <= 1.0)": ratio("bf16/torchrun_4", "bf16/streammerge_default"),
         }
+        if "bf16/torchrun_4_noop" in runs and ratio("bf16/torchrun_4", "bf16/streammerge_default") is not None:
+            rest = runs["bf16/torchrun_4"]["wall_s"] - runs["bf16/torchrun_4_noop"]["wall_s"]
+            self.result["ratios"]["torchrun_4_less_its_noop_launch_vs_default"] = round(
+                rest / runs["bf16/streammerge_default"]["wall_s"], 3)
         sweep = {k.removeprefix("bf16/workers_"): v["wall_s"] for k, v in runs.items()
                  if k.startswith("bf16/workers_")}
         self.result["workers_sweep_s"] = sweep
