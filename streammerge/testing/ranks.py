@@ -5,8 +5,9 @@ process holds on a port the OS picks, runs `fn(rank, *args)` and leaves the grou
 is made single-threaded: numpy and scipy, which transformers imports, start OpenBLAS thread servers
 at import, and a process that forks while other threads run may hand its children a lock held
 forever or a half-updated structure. A rank that still dies by a signal (a crash inside torch or
-gloo, not in streammerge: no streammerge code runs in the ranks) is reported as a warning and the
-whole job runs once more; the generators are seeded and write the same files each time.
+gloo: the ranks only train and save with torch, transformers and peft, no code under test runs there)
+is reported as a warning and the whole job runs once more; the generators are seeded and write the
+same files each time.
 """
 
 from __future__ import annotations
