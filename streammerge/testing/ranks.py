@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
+from unittest.mock import patch
 
 import torch
 
@@ -39,7 +40,7 @@ def run_ranks(fn: Callable[..., None], args: Sequence[Any], world_size: int, *, 
     for attempt in range(1, attempts + 1):
         store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         try:
-            with _single_threaded_children():
+            with patch.dict(os.environ, _SINGLE_THREADED):  # for the children and a forkserver started now
                 if start_method == "forkserver":
                     multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
                 tmp.start_processes(_rank_entry, args=(fn, tuple(args), world_size, store.port, timeout_s),
@@ -53,21 +54,6 @@ def run_ranks(fn: Callable[..., None], args: Sequence[Any], world_size: int, *, 
                           RuntimeWarning, stacklevel=2)
         finally:
             del store
-
-
-class _single_threaded_children:
-    """Set the thread-pool variables for the children (and a forkserver started now), then restore ours."""
-
-    def __enter__(self) -> None:
-        self._saved = {k: os.environ.get(k) for k in _SINGLE_THREADED}
-        os.environ.update(_SINGLE_THREADED)
-
-    def __exit__(self, *exc: object) -> None:
-        for k, v in self._saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _rank_entry(rank: int, fn: Callable[..., None], args: tuple, world_size: int, port: int,

@@ -144,7 +144,7 @@ def make_checkpoint(
         # Rank files of another world size would mix with ours into an unmergeable folder.
         raise FileExistsError(f"{actor_dir} is not empty; pick a new out_dir or remove it")
     actor_dir.mkdir(parents=True, exist_ok=True)
-    _run_ranks(spec)
+    run_ranks(_train_and_save, (spec,), spec.world_size, preload=_WORKER_IMPORTS)
     if save_format == "verl":  # veRL's trainer writes the tracker only after every rank has saved
         (root / "latest_checkpointed_iteration.txt").write_text(str(steps))
     return actor_dir
@@ -155,11 +155,6 @@ def _default_dim_names(ndim: int) -> tuple[str, ...]:
     if ndim not in names:
         raise ValueError(f"mesh must be 1-D or 2-D (HSDP), got {ndim} dims")
     return names[ndim]
-
-
-def _run_ranks(spec: _Spec) -> None:
-    """Run one process per rank; raises with the failing rank's traceback."""
-    run_ranks(_train_and_save, (spec,), spec.world_size, preload=_WORKER_IMPORTS)
 
 
 def _train_and_save(rank: int, spec: _Spec) -> None:
