@@ -298,14 +298,16 @@ def test_xet_on_against_a_hub_without_xet_says_how_to_turn_it_off(hub, folder, m
 
 
 def test_uploads_start_while_the_next_file_is_still_being_produced(hub, tmp_path):
+    # The producer waits for each shard's upload before it writes the next one, so the test does
+    # not depend on how fast a loaded machine uploads; a pusher that only uploads in finish() never
+    # completes one and the wait fails.
     out = tmp_path / "growing"
     produced: dict[str, float] = {}
     with HubPusher("alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST) as pusher:
         for i, (name, size) in enumerate(SHARDS.items()):
             write_random(out / name, size, seed=i)
             produced[name] = time.monotonic()
-            pusher.submit(out / name, name, size=size)
-            time.sleep(0.4)  # the merge producing the next shard
+            pusher.submit(out / name, name, size=size).result(timeout=60)
         (out / "config.json").write_text("{}")
         pusher.submit(out / "config.json")
         finish_called = time.monotonic()
