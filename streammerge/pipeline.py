@@ -355,6 +355,44 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def memory_room() -> int:
+    """Bytes of memory this process can still fill with page cache: what the machine has available, or less
+    where a memory cgroup (ours or a parent's, v1 or v2) allows less; the cgroup's own cache counts as room."""
+    import psutil
+
+    room = psutil.virtual_memory().available
+    for limit, anon in _cgroup_memory():
+        room = min(room, max(0, limit - anon))
+    return room
+
+
+def _cgroup_memory() -> Iterator[tuple[int, int]]:
+    """(limit, anonymous memory in use) of each memory cgroup above this process that sets a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        v1 = "memory" in controllers.split(",")
+        if not v1 and controllers:
+            continue
+        root = Path("/sys/fs/cgroup/memory" if v1 else "/sys/fs/cgroup")
+        limit_file, anon_key = ("memory.limit_in_bytes", "total_rss") if v1 else ("memory.max", "anon")
+        group = root / rel.lstrip("/")
+        while True:
+            try:
+                text = (group / limit_file).read_text().strip()
+                stat = dict(ln.split() for ln in (group / "memory.stat").read_text().splitlines())
+                if text != "max" and int(text) < 2**60:
+                    yield int(text), int(stat.get(anon_key, 0))
+            except (OSError, ValueError):
+                pass
+            if group == root:
+                break
+            group = group.parent
+
+
 def _progress_bar(total: int, enabled: bool):
     if not enabled:
         return None

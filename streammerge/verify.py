@@ -7,7 +7,10 @@ compared with its source pieces, bit for bit (or with their cast, when a dtype w
 CRC32 of each source record is checked too, because torch.load never checks them. Tensors are
 compared by a pool of threads while other threads stream the rank files once for their CRCs (which
 also brings them into the page cache for the comparison); a safetensors file compared tensor by
-tensor is not checksummed again, so each folder is read about once.
+tensor is not checksummed again, so each folder is read about once. Where the page cache cannot hold
+the rank files, the streams' pages would be evicted before the comparison reads them: there the CRCs
+are computed from the bytes the comparison reads, and the kernel is asked to read a bounded distance
+ahead of it instead.
 
 Nothing is fixed here and nothing is written: verify reports, the merge command repairs (rerun it).
 """
@@ -23,7 +26,6 @@ import json
 import math
 import os
 import re
-import struct
 import threading
 import zlib
 from collections.abc import Callable
@@ -38,6 +40,7 @@ from .options import MergeOptions, parse_size
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
 from .sources.base import Oracle, row_major
+from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
 from .write.writer import TMP_SUFFIX, _is_contiguous, windows
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeOptions)} - set(MergeOptions.RUNTIME)
 
 DEFAULT_CHUNK = 4 * 2**20
+CHECKSUMS = ("auto", "streams", "compare")
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
@@ -82,12 +86,19 @@ class VerifyReport:
 
 
 def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, trust_pickle: bool = False,
-           chunk_size: int | str = DEFAULT_CHUNK, workers: int | None = None) -> VerifyReport:
+           chunk_size: int | str = DEFAULT_CHUNK, workers: int | None = None,
+           checksums: str = "auto") -> VerifyReport:
     """Check an output folder; given the checkpoint, check every tensor against its source pieces.
 
     Problems with the output are collected in the report (never raised); a checkpoint that cannot
-    be read raises CheckpointError as the merge would.
+    be read raises CheckpointError as the merge would. ``checksums`` says where the rank files' zip
+    CRC-32s come from: ``"streams"`` read each file front to back beside the comparison (and bring it
+    into the page cache for it), ``"compare"`` computes them from what the comparison reads, streaming
+    only the records it did not read in order (for machines whose page cache cannot hold the rank
+    files, where streams would have them read from disk twice); ``"auto"`` picks by the memory free.
     """
+    if checksums not in CHECKSUMS:
+        raise ValueError(f"checksums must be one of {', '.join(CHECKSUMS)}, not {checksums!r}")
     out = Path(out_dir).expanduser().resolve()
     report = VerifyReport(out, Path(checkpoint_dir).expanduser().resolve() if checkpoint_dir else None)
     if not out.is_dir():
@@ -108,7 +119,7 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     if ck is not None:
         report.checkpoint = ck.path
         _check_against_checkpoint(out, ck, manifest, headers, report, trust_pickle=trust_pickle, chunk=chunk,
-                                  workers=workers or _default_workers())
+                                  workers=workers or _default_workers(), checksums=checksums)
     return report
 
 
@@ -301,7 +312,8 @@ def recorded_options(recorded: dict | None, *, trust_pickle: bool) -> MergeOptio
 
 
 def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, headers: dict[str, _Header],
-                              report: VerifyReport, *, trust_pickle: bool, chunk: int, workers: int) -> None:
+                              report: VerifyReport, *, trust_pickle: bool, chunk: int, workers: int,
+                              checksums: str) -> None:
     from .pipeline import plan_merge
 
     options = recorded_options((manifest or {}).get("options"), trust_pickle=trust_pickle)
@@ -309,6 +321,7 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
     sources = _Sources(chunk)
     own_reader = 0
     tasks: list[Callable[[], None]] = []
+    compared: list[TensorPlan] = []  # the tensor of each task
     lock = threading.Lock()
     serial: threading.Lock | None = None  # for oracles not made for threads
 
@@ -328,18 +341,22 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
 
     integrity: list[Future[list[str]]] = []
     crc_pool = pool = None
+    readahead: _Readahead | None = None
     torch_threads = 0
     try:
-        if oracle is not None and getattr(oracle, "thread_safe", False):
+        paths = list(ck.files())
+        if oracle is not None and getattr(oracle, "thread_safe", False) and _streams(checksums, paths, report, oracle):
             # The rank files' CRC streams need neither the plan nor torch, so they start first, while the merge is
             # planned again and torch is imported. The small reads the planner and torch.load make are queued
             # before them: behind the streams each would wait its turn.
             oracle.prefetch()
-            paths = list(ck.files())
             crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
             integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
+        as_read = oracle is not None and crc_pool is None and getattr(oracle, "thread_safe", False)
         merge_plan = plan_merge(ck, options)
         plans = merge_plan.plans
+        if as_read:  # the first tensors' bytes are on their way while torch is imported and each file loaded
+            readahead = _Readahead([t for p in plans for t in p.tensors.values()])
         if manifest is not None and merge_plan.fingerprint() != manifest.get("fingerprint"):
             report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
                         "differs); tensors are compared one by one below")
@@ -388,17 +405,23 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                     continue
                 if oracle is not None and _oracle_can_read(oracle, t, rel, report):
                     tasks.append(functools.partial(compare, rel, header, entry, name, t, True))
+                    compared.append(t)
                 elif t.fold is None:
                     own_reader += 1
                     tasks.append(functools.partial(compare, rel, header, entry, name, t, False))
+                    compared.append(t)
                 else:
                     report.fail(f"{rel}: tensor {name!r}: a LoRA fold that no independent reader can check")
                     report.tensors_checked += 1
+        if readahead is not None:
+            tasks = [functools.partial(readahead.before, t, task) for t, task in zip(compared, tasks)]
         for done in [pool.submit(task) for task in tasks]:
             done.result()
         if oracle is not None:
-            problems = ([m for fut in integrity for m in fut.result()] if crc_pool
-                        else oracle.check_integrity(ck.files()))
+            problems = [m for fut in integrity for m in fut.result()] if crc_pool else oracle.check_integrity(paths)
+            if oracle.crc_from_reads:
+                report.notes.append(f"{oracle.crc_from_reads} zip records' CRC-32s were computed from the bytes the "
+                                    f"comparison read; {oracle.crc_streamed} were streamed")
             for problem in problems:
                 report.fail(problem)
             if own_reader:
@@ -410,11 +433,105 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(torch_threads)
+        if readahead is not None:
+            readahead.close()
         if oracle is not None:
             oracle.close()  # first: a verify stopped by an error need not wait for the streams to end
         if crc_pool is not None:
             crc_pool.shutdown(wait=True, cancel_futures=True)
         sources.close()
+
+
+def _streams(checksums: str, paths: list[Path], report: VerifyReport, oracle: Oracle) -> bool:
+    """Whether the CRC-32 streams run beside the comparison: with "auto", when the rank files fit in half the
+    page cache this process may fill (else a stream's pages are evicted before the comparison reads them
+    again, and every byte comes from disk twice). Otherwise the oracle checks them from what it reads."""
+    from .pipeline import memory_room
+
+    if checksums == "streams":
+        return True
+    if checksums == "auto":
+        total = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+        room = memory_room()
+        if total <= room // 2:
+            return True
+        report.notes.append(f"the rank files ({total / 1e9:.2f} GB) do not fit in half the page cache this process "
+                            f"may use ({room / 1e9:.2f} GB): their CRC-32s come from what the comparison reads")
+    return not oracle.crc_as_read()
+
+
+class _Readahead:
+    """Without CRC streams nothing reads ahead of the comparison, whose mapped reads fault pages in a few at a time:
+    so a thread asks the kernel (posix_fadvise WILLNEED) for the rank-file bytes of the tensors after the one being
+    compared, up to an eighth of the memory free for page cache. Advice only: the pieces' places come from the
+    merge's own reader, and a wrong one costs time, never a wrong result."""
+
+    def __init__(self, order: list[TensorPlan]):
+        from .pipeline import memory_room
+
+        self.budget = max(64 * 2**20, memory_room() // 8)
+        self._order = order
+        self._index = {id(t): i for i, t in enumerate(order)}
+        self._starts = [0, *itertools.accumulate(sum(_span(p, t) for p in t.pieces) for t in order)]
+        self._next = 0  # the first tensor not asked for yet
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="streammerge-readahead")
+        self._fds: dict[str, int] = {}
+        self._steps: dict[str, int] = {}
+        self._ask(0)
+
+    def before(self, t: TensorPlan, task: Callable[[], None]) -> None:
+        """Run the comparison of `t` once the tensors within the budget after it are asked for."""
+        if id(t) in self._index:
+            self._ask(self._index[id(t)])
+        task()
+
+    def _ask(self, i: int) -> None:
+        with self._lock:
+            first = self._next
+            while self._next < len(self._order) and self._starts[self._next] < self._starts[i] + self.budget:
+                self._next += 1
+            ahead = self._order[first:self._next]
+        if ahead:
+            self._pool.submit(self._advise, ahead)
+
+    def _advise(self, tensors: list[TensorPlan]) -> None:
+        for t in tensors:
+            for p in t.pieces:
+                try:
+                    if p.file not in self._fds:
+                        self._fds[p.file] = os.open(p.file, os.O_RDONLY)
+                        self._steps[p.file] = _willneed_step(self._fds[p.file])
+                    fd, step, end = self._fds[p.file], self._steps[p.file], p.offset + _span(p, t)
+                    for pos in range(p.offset, end, step):
+                        os.posix_fadvise(fd, pos, min(step, end - pos), os.POSIX_FADV_WILLNEED)
+                except (OSError, AttributeError):
+                    return
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+def _willneed_step(fd: int) -> int:
+    """The most one WILLNEED reads: Linux cuts the advice to the device's readahead or largest request size."""
+    st = os.fstat(fd)
+    dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    for queue in (dev / "queue", dev / ".." / "queue"):  # a disk's, or the disk of a partition
+        try:
+            kib = max(int((queue / name).read_text()) for name in ("read_ahead_kb", "max_sectors_kb"))
+            return min(8 * 2**20, max(128 * 2**10, kib * 2**10))
+        except (OSError, ValueError):
+            continue
+    return 128 * 2**10
+
+
+def _span(p: Piece, t: TensorPlan) -> int:
+    """Bytes from a piece's first element to its last, as stored."""
+    if not all(p.shape):
+        return 0
+    return (sum((n - 1) * st for n, st in zip(p.shape, p.stride)) + 1) * t.source_dtype.itemsize
 
 
 def _one_torch_thread() -> None:
@@ -525,7 +642,7 @@ class _Sources:
         with self._lock:
             if path not in self.fds:
                 fd = os.open(path, os.O_RDONLY)
-                self.records[path] = _zip_records(path, fd)
+                self.records[path] = zip_records(path, fd)
                 self.fds[path] = fd
             return self.fds[path]
 
@@ -566,25 +683,6 @@ class _Sources:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-
-
-def _zip_records(path: str, fd: int) -> list[tuple[int, int, int, str]]:
-    """(data start, size, crc32, name) of each stored zip entry, from the central directory and local headers."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except zipfile.BadZipFile:
-        return []
-    out = []
-    for info in infos:
-        local = os.pread(fd, 30, info.header_offset)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            continue
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        out.append((info.header_offset + 30 + name_len + extra_len, info.file_size, info.CRC, info.filename))
-    return sorted(out)
 
 
 def _storage_order(p: Piece) -> tuple[int, ...]:

@@ -29,19 +29,25 @@ INDEX = "model.safetensors.index.json"
 @pytest.mark.parametrize("name", FIXTURES)
 def test_real_merges_verify(name, dtype, verl_fixtures, tmp_path):
     """Every GPU fixture (FSDP1 flat pieces with and without use_orig_params, Shard(1), HSDP replicas, tied
-    weights), weights and optimizer, kept or cast, in tiny windows."""
+    weights), weights and optimizer, kept or cast, in tiny windows; the rank files' CRC-32s streamed, and
+    (cast only, to keep the suite short) taken from what the comparison reads."""
     ckpt = copy_actor(verl_fixtures / name, tmp_path / "actor", optimizer=True)
     out = tmp_path / "out"
     result = streammerge.merge(ckpt, out, dtype=dtype, max_shard_size="20KB")
     assert result.warnings == [] and (out / "optimizer").is_dir()
-    report = streammerge.verify(out, ckpt, chunk_size=4096)
-    assert report.ok, report.summary()
+    for checksums in ("streams", "compare") if dtype == "bfloat16" else ("streams",):
+        report = streammerge.verify(out, ckpt, chunk_size=4096, checksums=checksums)
+        assert report.ok, report.summary()
+    if name.startswith("fsdp2") and dtype == "bfloat16":  # DTensor pieces read in order: checked from the reads
+        assert any("computed from the bytes the comparison read" in n for n in report.notes), report.notes
     assert report.tensors_checked >= len(json.loads((out / INDEX).read_text())["weight_map"])
     assert report.bytes_read > sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
-def test_strided_and_two_d_sources_verify(tmp_path):
-    """Column-major local tensors and (Shard, Shard) meshes: verify walks each piece in storage order."""
+@pytest.mark.parametrize("checksums", ["streams", "compare"])
+def test_strided_and_two_d_sources_verify(tmp_path, checksums):
+    """Column-major local tensors and (Shard, Shard) meshes: verify walks each piece in storage order. Read
+    out of order, their records' CRC-32s are streamed after the comparison instead."""
     g = torch.Generator().manual_seed(3)
     specs = {
         "a": (torch.randn(13, 7, generator=g), [Shard(0), Shard(1)]),
@@ -51,7 +57,7 @@ def test_strided_and_two_d_sources_verify(tmp_path):
     ckpt = write_rank_files(tmp_path / "actor", specs, (2, 3), strided=["a", "b", "c"])
     out = tmp_path / "out"
     streammerge.merge(ckpt, out, dtype="bfloat16")
-    report = streammerge.verify(out, ckpt, chunk_size=4096)
+    report = streammerge.verify(out, ckpt, chunk_size=4096, checksums=checksums)
     assert report.ok, report.summary()
     assert report.tensors_checked == 3
 
@@ -196,6 +202,33 @@ def test_corrupted_source_data_is_caught_by_merge_verify(verl_fixtures, tmp_path
     out = capsys.readouterr().out
     assert code == 1
     assert "model_world_size_4_rank_2.pt" in out and "CRC32" in out and info.filename in out
+
+
+def _flip_in_record(path: Path, info: zipfile.ZipInfo, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + at] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("checksums", ["streams", "compare"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_corrupted_record_is_caught_whichever_way_its_crc_is_taken(verl_fixtures, tmp_path, checksums, where):
+    """A flipped bit in a rank's tensor data, merged as it is now (so the output equals the source): only the
+    record's CRC-32 can tell, whether streamed or computed from the comparison's reads. The flip sits at a
+    record's first, a middle or its last byte, so a running CRC that skipped a window's edge would miss it."""
+    ckpt = copy_actor(verl_fixtures / "fsdp2_llama_shard1_ws4", tmp_path / "actor", optimizer=True)
+    victim = ckpt / "optim_world_size_4_rank_3.pt"
+    with zipfile.ZipFile(victim) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    _flip_in_record(victim, info, {"first": 0, "middle": info.file_size // 2, "last": info.file_size - 1}[where])
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, dtype="keep")
+    report = streammerge.verify(out, ckpt, chunk_size=4096, checksums=checksums)
+    bad = [f for f in report.failures if info.filename in f and "CRC32" in f]
+    assert len(bad) == 1 and victim.name in bad[0], report.summary()
+    assert not [f for f in report.failures if "differ" in f], report.summary()  # the output is what the file holds
+    assert ("over the bytes torch.load mapped" in bad[0]) == (checksums == "compare"), bad[0]
 
 
 @pytest.mark.slow

@@ -137,6 +137,14 @@ class Oracle(abc.ABC):
         """Checksums the format keeps and torch's loader skips (zip CRC-32s): one problem per line."""
         return []
 
+    crc_from_reads = 0  # records whose checksum check_integrity took from what `read` gave
+    crc_streamed = 0  # records check_integrity read for their checksum
+
+    def crc_as_read(self) -> bool:
+        """Check checksums from the bytes `read` gives, before `check_integrity` streams what is left; False
+        when this oracle cannot (then `check_integrity` reads everything)."""
+        return False
+
     def release(self, t: Any) -> None:  # noqa: B027  (oracles that map nothing hold nothing per tensor)
         """Let go of what reading a compared output tensor `t` (a TensorPlan) brought into memory."""
 

@@ -16,8 +16,10 @@ import logging
 import math
 import mmap
 import os
+import struct
 import threading
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ class VerlOracle(Oracle):
         self._placed: dict[str, list[tuple[Any, tuple[int, ...], Path]]] = {}
         self._lock = threading.RLock()
         self._closed = threading.Event()
+        self._as_read: _CrcAsRead | None = None
 
     def release(self, t: Any) -> None:
         """Drop the mapped pages of the pieces a compared tensor read (they are re-read from the file if needed)."""
@@ -76,6 +79,14 @@ class VerlOracle(Oracle):
             finally:
                 os.close(fd)
 
+    def crc_as_read(self) -> bool:
+        """Check each tensor record's CRC-32 from the bytes the comparison reads through torch, not in a stream
+        of its own; `check_integrity` then reads only the records no comparison read front to back. Call before
+        anything is loaded. For machines whose page cache cannot hold the rank files: there a stream's pages
+        are evicted before the comparison reads them, and every byte is read from disk twice."""
+        self._as_read = _CrcAsRead()
+        return True
+
     def load_all(self) -> None:
         """torch.load every rank file, several at once: each waits on its own small reads, not on the others'."""
         from concurrent.futures import ThreadPoolExecutor
@@ -106,9 +117,12 @@ class VerlOracle(Oracle):
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it ({why})") from None
         try:
-            return dict(_flat(obj))
+            flat = dict(_flat(obj))
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
+        if self._as_read is not None:
+            self._as_read.add_file(path, flat.values())
+        return flat
 
     def _files_for(self, name: str) -> list[Path]:
         optim = name.startswith("state.")
@@ -162,13 +176,15 @@ class VerlOracle(Oracle):
         pieces = self._pieces(name)
         out = torch.empty(tuple(hi - lo for lo, hi in box), dtype=pieces[0][0].dtype if pieces else torch.float32)
         filled = 0
-        for local, offset, _ in pieces:
+        for local, offset, path in pieces:
             lo = [max(b[0], o) for b, o in zip(box, offset)]
             hi = [min(b[1], o + n) for b, o, n in zip(box, offset, local.shape)]
             if any(a >= b for a, b in zip(lo, hi)):
                 continue
             src = local[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))]
             out[tuple(slice(a - b0, b - b0) for a, b, (b0, _) in zip(lo, hi, box))] = src
+            if self._as_read is not None:
+                self._as_read.window(path, local, src)
             _unmap_span(src)  # read once: keep the resident set at a window, not the whole mapped tensor
             filled += math.prod(b - a for a, b in zip(lo, hi))
         if filled != out.numel():
@@ -184,7 +200,8 @@ class VerlOracle(Oracle):
 
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
         """Every zip record's CRC32 (torch.load checks none), with the standard library's zip reader."""
-        problems = []
+        as_read = self._as_read
+        problems = [p for path in paths for p in as_read.problems.get(Path(path), [])] if as_read else []
         for path in paths:
             record = "?"
             try:
@@ -193,6 +210,11 @@ class VerlOracle(Oracle):
                         record = info.filename
                         if info.CRC == 0:  # saved without CRCs (torch.serialization.set_crc32_options(False))
                             continue
+                        if as_read is not None:  # one thread: verify streams nothing beside the comparison
+                            if (Path(path), info.filename) in as_read.checked:
+                                self.crc_from_reads += 1
+                                continue
+                            self.crc_streamed += 1
                         with z.open(info) as fh:  # one buffer per thread: verify runs these side by side
                             while not self._closed.is_set() and fh.read(4 * 2**20):
                                 pass
@@ -207,6 +229,125 @@ class VerlOracle(Oracle):
         self._closed.set()
         self._loaded.clear()
         self._placed.clear()
+
+
+class _CrcAsRead:
+    """Running CRC-32s of tensor records, fed by the windows the comparison reads in order.
+
+    torch.load(mmap=True) maps each whole file; where /proc/self/maps says the mapping starts, a storage's address
+    gives its offset in the file, which must be the data start of a record of the storage's size. A record read
+    out of order, or by two tensors, is left to the stream of `check_integrity`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[Path, dict[int, tuple[int, int, str]]] = {}  # storage address -> (size, crc, name)
+        self._running: dict[tuple[Path, int], tuple[int, int] | None] = {}  # -> (bytes done, crc); None: given up
+        self._busy: set[tuple[Path, int]] = set()
+        self.checked: set[tuple[Path, str]] = set()  # (file, record name) checked from what was read
+        self.problems: dict[Path, list[str]] = {}
+
+    def add_file(self, path: Path, values: Any) -> None:
+        storages = {}
+        for v in values:
+            local = getattr(v, "_local_tensor", v)
+            if hasattr(local, "untyped_storage") and local.device.type == "cpu":
+                s = local.untyped_storage()
+                if s.nbytes():
+                    storages[s.data_ptr()] = s.nbytes()
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                records = {start: (size, crc, name) for start, size, crc, name in zip_records(path, fd)}
+            finally:
+                os.close(fd)
+        except OSError:
+            return
+        base = _mapped_at(path, min(storages)) if storages else None
+        if base is not None and all(records.get(ptr - base, (None,))[0] == n for ptr, n in storages.items()):
+            with self._lock:
+                self._records[path] = {ptr: records[ptr - base] for ptr in storages}
+
+    def window(self, path: Path, local: Any, src: Any) -> None:
+        """`src`, a view of `local` read by the comparison: continue its record's CRC, or give the record up."""
+        import torch
+
+        storage = local.untyped_storage()
+        record = self._records.get(path, {}).get(storage.data_ptr())
+        if record is None or src.numel() == 0:
+            return
+        key = (path, storage.data_ptr())
+        at = src.data_ptr() - storage.data_ptr()
+        with self._lock:
+            state = self._running.get(key, (0, 0))
+            if state is None or key in self._busy or at < state[0] or not src.is_contiguous():
+                self._running[key] = None
+                return
+            self._busy.add(key)
+        done, crc = state
+        if at > done:
+            crc = zlib.crc32(_storage_bytes(storage, done, at), crc)
+        crc = zlib.crc32(src.reshape(-1).view(torch.uint8).numpy(), crc)
+        done = at + src.numel() * src.element_size()
+        size, want, name = record
+        end = (local.storage_offset() + local.numel()) * local.element_size()
+        if done == end and local.is_contiguous():
+            crc = zlib.crc32(_storage_bytes(storage, done, size), crc)
+            done = size
+        with self._lock:
+            self._busy.discard(key)
+            if self._running.get(key, (0, 0)) is None:
+                return
+            self._running[key] = (done, crc)
+            if done == size:
+                self.checked.add((path, name))
+                if want != 0 and crc != want:  # 0: saved without CRCs
+                    self.problems.setdefault(path, []).append(
+                        f"{path}: zip record {name} fails its CRC32 check (over the bytes torch.load mapped): the "
+                        "rank file is corrupted (changed after torch.save wrote it); copy it again from the node that "
+                        "saved it")
+
+
+def _mapped_at(path: Path, address: int) -> int | None:
+    """The address byte 0 of `path` would have in this process's mapping of it that holds `address`."""
+    try:
+        target = os.stat(path)
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= address < hi and len(fields) == 6 and int(fields[4]) == target.st_ino:
+                    return lo - int(fields[2], 16)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _storage_bytes(storage: Any, lo: int, hi: int) -> Any:
+    """Bytes [lo, hi) of a storage, as an array; its mapped pages are let go again."""
+    import torch
+
+    view = torch.empty(0, dtype=torch.uint8).set_(storage, lo, (hi - lo,), (1,))
+    data = view.numpy().copy()
+    _unmap_span(view)
+    return data
+
+
+def zip_records(path: str | Path, fd: int) -> list[tuple[int, int, int, str]]:
+    """(data start, size, crc32, name) of each stored zip entry, from the central directory and local headers."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except zipfile.BadZipFile:
+        return []
+    out = []
+    for info in infos:
+        local = os.pread(fd, 30, info.header_offset)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            continue
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        out.append((info.header_offset + 30 + name_len + extra_len, info.file_size, info.CRC, info.filename))
+    return sorted(out)
 
 
 _quiet_lock = threading.Lock()
