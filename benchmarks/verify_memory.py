@@ -23,6 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import bench_merge  # noqa: E402
 
 from streammerge.options import parse_size  # noqa: E402
 from streammerge.testing.memcg import MemoryCgroup  # noqa: E402
@@ -31,16 +34,6 @@ from streammerge.testing.presets import make_checkpoint  # noqa: E402
 VERIFY = ("import streammerge, sys; r = streammerge.verify(sys.argv[1], sys.argv[2], checksums=sys.argv[3]); "
           "print(next(int(l.split()[1]) for l in open('/proc/self/io') if l.startswith('read_bytes:'))); "
           "sys.exit(not r.ok)")
-
-
-def drop(files: list[Path]) -> None:
-    os.sync()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_verify(out: Path, actor: Path, checksums: str, limit: int | None) -> dict:
@@ -80,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-c", "import torch, numpy, safetensors, streammerge.verify"], check=True)
     runs: dict[str, list[dict]] = {}
     for _ in range(a.rounds):
-        drop(files)
+        bench_merge.drop_cache(files, "fadvise")
         t = time.perf_counter()
         subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
         runs.setdefault("cat_both_folders", []).append({"wall_s": round(time.perf_counter() - t, 2)})
         for name, checksums, lim in (("compare_limited", "compare", limit), ("streams_limited", "streams", limit),
                                      ("compare", "compare", None), ("streams", "streams", None)):
-            drop(files)
+            bench_merge.drop_cache(files, "fadvise")
             runs.setdefault(f"verify_{name}", []).append(run_verify(out, actor, checksums, lim))
         print(json.dumps({k: v[-1] for k, v in runs.items()}), flush=True)
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
