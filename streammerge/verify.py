@@ -91,11 +91,12 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     """Check an output folder; given the checkpoint, check every tensor against its source pieces.
 
     Problems with the output are collected in the report (never raised); a checkpoint that cannot
-    be read raises CheckpointError as the merge would. ``checksums`` says where the rank files' zip
+    be read raises CheckpointError as the merge would. ``checksums`` says where veRL rank files' zip
     CRC-32s come from: ``"streams"`` read each file front to back beside the comparison (and bring it
     into the page cache for it), ``"compare"`` computes them from what the comparison reads, streaming
     only the records it did not read in order (for machines whose page cache cannot hold the rank
     files, where streams would have them read from disk twice); ``"auto"`` picks by the memory free.
+    Other formats check their checksums after the comparison either way.
     """
     if checksums not in CHECKSUMS:
         raise ValueError(f"checksums must be one of {', '.join(CHECKSUMS)}, not {checksums!r}")

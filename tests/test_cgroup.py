@@ -103,4 +103,5 @@ def test_verify_in_1gib_cgroup_reads_the_rank_files_once(actor, tmp_path):
     summary, read = r.stdout.rsplit("\n", 2)[0], int(r.stdout.split()[-1])
     print(f"\nverify in a 1 GiB cgroup read {read / 1e9:.2f} GB from disk for {both / 1e9:.2f} GB of files")
     assert "come from what the comparison reads" in summary, summary
-    assert read < 1.2 * both, (read, both)
+    # measured 1.00-1.15x here; the streams read 1.7-2.0x (benchmarks/results/verify_memory.json)
+    assert read < 1.4 * both, (read, both)
