@@ -231,6 +231,27 @@ def test_corrupted_record_is_caught_whichever_way_its_crc_is_taken(verl_fixtures
     assert ("over the bytes torch.load mapped" in bad[0]) == (checksums == "compare"), bad[0]
 
 
+@pytest.mark.parametrize("checksums", ["streams", "compare"])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_flip_in_storage_outside_its_tensor_is_caught_by_the_crc(tmp_path, checksums, where):
+    """torch.save writes a view's whole storage: bytes before and after the tensor are in its record, never
+    compared, and a running CRC over the comparison's reads must take them in too."""
+    g = torch.Generator().manual_seed(4)
+    ckpt = write_rank_files(tmp_path / "actor", {"w": torch.randn(8, 6, generator=g)}, (2,), padded=["w"])
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, dtype="keep")
+    assert streammerge.verify(out, ckpt, checksums=checksums).ok
+    victim = ckpt / "model_world_size_2_rank_0.pt"  # the full copy torch's reader compares (rank 1's is streamed)
+    with zipfile.ZipFile(victim) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    assert info.file_size == (3 + 8 * 6 + 5) * 4  # the whole storage
+    _flip_in_record(victim, info, 1 if where == "before" else info.file_size - 2)
+    report = streammerge.verify(out, ckpt, checksums=checksums)
+    bad = [f for f in report.failures if info.filename in f and "CRC32" in f]
+    assert len(bad) == 1 and len(report.failures) == 1, report.summary()
+    assert ("over the bytes torch.load mapped" in bad[0]) == (checksums == "compare"), bad[0]
+
+
 @pytest.mark.slow
 def test_verify_reads_in_bounded_memory(tmp_path):
     """32 MB and 128 MB tensors verified with 512 KiB chunks, files cold: the peak RSS grows by a fixed

@@ -61,10 +61,12 @@ def local_piece(full: torch.Tensor, placements: Sequence[Placement], mesh_shape:
 
 
 def write_rank_files(out_dir: Path, tensors: Mapping[str, Spec | torch.Tensor], mesh_shape: tuple[int, ...], *,
-                     strided: Sequence[str] = ()) -> Path:
+                     strided: Sequence[str] = (), padded: Sequence[str] = ()) -> Path:
     """Save `model_world_size_W_rank_R.pt` for each rank: DTensors for specs, full copies for plain tensors.
 
-    Names in `strided` are saved as column-major local tensors (a strided storage layout).
+    Names in `strided` are saved as column-major local tensors (a strided storage layout); plain tensors
+    named in `padded` as views into a larger storage, 3 elements after its start and 5 before its end
+    (torch.save writes the whole storage).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,7 @@ def write_rank_files(out_dir: Path, tensors: Mapping[str, Spec | torch.Tensor], 
         sd = {}
         for name, spec in tensors.items():
             if isinstance(spec, torch.Tensor):
-                sd[name] = spec.clone()
+                sd[name] = _padded(spec) if name in padded else spec.clone()
                 continue
             full, placements = spec
             local = local_piece(full, placements, mesh_shape, coord).clone()
@@ -86,3 +88,9 @@ def write_rank_files(out_dir: Path, tensors: Mapping[str, Spec | torch.Tensor], 
         torch.save(sd, out_dir / f"model_world_size_{world}_rank_{rank}.pt")
     (out_dir / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world}))
     return out_dir
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    storage = torch.full((3 + t.numel() + 5,), -7.0, dtype=t.dtype)
+    storage[3:3 + t.numel()] = t.reshape(-1)
+    return storage[3:3 + t.numel()].view(t.shape)
