@@ -43,7 +43,7 @@ from .sources.base import Oracle, row_major
 from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
-from .write.writer import TMP_SUFFIX, _is_contiguous, windows
+from .write.writer import TMP_SUFFIX, _is_contiguous, piece_span, windows
 
 if TYPE_CHECKING:
     import torch  # only comparing tensors with the checkpoint imports torch
@@ -322,11 +322,12 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
     sources = _Sources(chunk)
     own_reader = 0
     tasks: list[Callable[[], None]] = []
-    compared: list[TensorPlan] = []  # the tensor of each task
     lock = threading.Lock()
     serial: threading.Lock | None = None  # for oracles not made for threads
 
     def compare(rel: str, header: _Header, entry: _Entry, name: str, t: TensorPlan, with_oracle: bool) -> None:
+        if readahead is not None:
+            readahead.reached(t)
         try:
             if with_oracle:
                 assert oracle is not None
@@ -346,14 +347,17 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
     torch_threads = 0
     try:
         paths = list(ck.files())
-        if oracle is not None and getattr(oracle, "thread_safe", False) and _streams(checksums, paths, report, oracle):
-            # The rank files' CRC streams need neither the plan nor torch, so they start first, while the merge is
-            # planned again and torch is imported. The small reads the planner and torch.load make are queued
-            # before them: behind the streams each would wait its turn.
-            oracle.prefetch()
-            crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
-            integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
-        as_read = oracle is not None and crc_pool is None and getattr(oracle, "thread_safe", False)
+        as_read = False  # the CRC-32s come from the comparison's reads (see _streams)
+        if oracle is not None and getattr(oracle, "thread_safe", False):
+            if _streams(checksums, paths, report, oracle):
+                # The rank files' CRC streams need neither the plan nor torch, so they start first, while the merge
+                # is planned again and torch is imported. The small reads the planner and torch.load make are
+                # queued before them: behind the streams each would wait its turn.
+                oracle.prefetch()
+                crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
+                integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
+            else:
+                as_read = True
         merge_plan = plan_merge(ck, options)
         plans = merge_plan.plans
         if as_read:  # the first tensors' bytes are on their way while torch is imported and each file loaded
@@ -406,16 +410,12 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
                     continue
                 if oracle is not None and _oracle_can_read(oracle, t, rel, report):
                     tasks.append(functools.partial(compare, rel, header, entry, name, t, True))
-                    compared.append(t)
                 elif t.fold is None:
                     own_reader += 1
                     tasks.append(functools.partial(compare, rel, header, entry, name, t, False))
-                    compared.append(t)
                 else:
                     report.fail(f"{rel}: tensor {name!r}: a LoRA fold that no independent reader can check")
                     report.tensors_checked += 1
-        if readahead is not None:
-            tasks = [functools.partial(readahead.before, t, task) for t, task in zip(compared, tasks)]
         for done in [pool.submit(task) for task in tasks]:
             done.result()
         if oracle is not None:
@@ -481,11 +481,10 @@ class _Readahead:
         self._steps: dict[str, int] = {}
         self._ask(0)
 
-    def before(self, t: TensorPlan, task: Callable[[], None]) -> None:
-        """Run the comparison of `t` once the tensors within the budget after it are asked for."""
+    def reached(self, t: TensorPlan) -> None:
+        """The comparison of `t` starts: ask for the tensors within the budget after it."""
         if id(t) in self._index:
             self._ask(self._index[id(t)])
-        task()
 
     def _ask(self, i: int) -> None:
         with self._lock:
@@ -529,10 +528,8 @@ def _willneed_step(fd: int) -> int:
 
 
 def _span(p: Piece, t: TensorPlan) -> int:
-    """Bytes from a piece's first element to its last, as stored."""
-    if not all(p.shape):
-        return 0
-    return (sum((n - 1) * st for n, st in zip(p.shape, p.stride)) + 1) * t.source_dtype.itemsize
+    """Bytes from a piece's first element to its last, as stored (none for an empty piece)."""
+    return piece_span(p, p.shape, t.source_dtype.itemsize) if all(p.shape) else 0
 
 
 def _one_torch_thread() -> None:
