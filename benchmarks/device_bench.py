@@ -172,7 +172,8 @@ class Bench:
         self.save()
         return actor
 
-    def main(self) -> None:
+    def setup(self) -> None:
+        """The work folder, how the page cache is dropped, and the disk under it (recorded in the result)."""
         self.work.mkdir(parents=True, exist_ok=True)
         self.policy = can_drop_caches()
         self.result["cache"] = self.policy
@@ -184,6 +185,9 @@ class Bench:
                                "free_gb": round(shutil.disk_usage(self.work).free / 1e9, 1),
                                "queue": io_matrix.queue_settings(self.disk)}
         self.save()
+
+    def main(self) -> None:
+        self.setup()
         est = self.a.est  # seconds a merge-sized step is expected to take (the deadline checks use it)
         same = self.a.keep_preset == self.a.bf16_preset  # one checkpoint serves both cases
         actor = None
@@ -370,13 +374,21 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_args(p: argparse.ArgumentParser, *, est: float, results: str) -> None:
+    """What `Bench` reads: where to work, the checkpoint's shape, the time limits, the JSON's path."""
     p.add_argument("--workdir", default="/tmp/dbench")
-    p.add_argument("--keep-preset", default="qwen2.5-3b", help="'' to skip the keep-dtype case")
-    p.add_argument("--bf16-preset", default="qwen2.5-7b")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--deadline", type=float, default=540.0, help="seconds from start; later steps are skipped")
+    p.add_argument("--est", type=float, default=est, help="expected seconds of one merge-sized step")
+    p.add_argument("--make-budget", type=float, default=90.0)
+    p.add_argument("--results", default=str(HERE / "results" / results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keep-preset", default="qwen2.5-3b", help="'' to skip the keep-dtype case")
+    p.add_argument("--bf16-preset", default="qwen2.5-7b")
     p.add_argument("--sweep", default="2,32,8,16,4")
     p.add_argument("--only-sweep", action="store_true", help="make the bf16 checkpoint and run the sweep only")
     p.add_argument("--direct", action="store_true", help="also run keep and bfloat16 with O_DIRECT writes")
@@ -390,10 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torchrun", action="store_true")
     p.add_argument("--old", default="", help="folder of an older streammerge package: verify, torchrun with it too")
     p.add_argument("--second-round", action="store_true", help="run the compared steps a second time")
-    p.add_argument("--deadline", type=float, default=540.0, help="seconds from start; later steps are skipped")
-    p.add_argument("--est", type=float, default=45.0, help="expected seconds of one merge-sized step")
-    p.add_argument("--make-budget", type=float, default=90.0)
-    p.add_argument("--results", default=str(HERE / "results" / "device.json"))
+    common_args(p, est=45.0, results="device.json")
     a = p.parse_args(argv)
     b = Bench(a)
     try:

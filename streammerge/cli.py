@@ -11,7 +11,7 @@ from typing import TextIO
 
 from . import __version__
 from .errors import StreammergeError
-from .options import DTYPE_CHOICES, LORA_MODES, OPTIMIZER_FORMATS, MergeOptions
+from .options import CHECKSUMS, DTYPE_CHOICES, LORA_MODES, OPTIMIZER_FORMATS, MergeOptions
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 PUSH_FAILED = 4  # exit code: the push (or, in watch, a step) failed; re-running resumes it
@@ -230,7 +230,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
     _warn_trust_pickle(args)
-    report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
+    report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle, checksums=args.checksums)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -303,6 +303,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("checkpoint", metavar="CKPT_DIR", nargs="?", default=None)
         p.add_argument("--trust-pickle", action="store_true",
                        help="DANGEROUS: load rank files with weights_only=False")
+        p.add_argument("--checksums", choices=CHECKSUMS, default="auto",
+                       help="where veRL rank files' zip CRC-32s come from: 'streams' read each file beside the "
+                            "comparison, 'compare' takes them from the comparison's own reads (for little page "
+                            "cache); 'auto' picks by the memory free")
     elif command == "demo":
         p = argparse.ArgumentParser(prog="streammerge demo",
                                     description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")

@@ -26,6 +26,7 @@ OUTPUT_DTYPES = {"bfloat16": dtypes.bfloat16, "float16": dtypes.float16, "float3
                  "float": dtypes.float32, "float64": dtypes.float64}
 OPTIMIZER_FORMATS = ("safetensors", "torch")
 LORA_MODES = ("both", "fold", "adapter")
+CHECKSUMS = ("auto", "streams", "compare")  # where verify takes veRL rank files' zip CRC-32s from
 
 
 def parse_size(size: int | str) -> int:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from .dtypes import DType
 from .errors import OutputError
-from .options import MergeOptions, parse_size
+from .options import CHECKSUMS, MergeOptions, parse_size
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
 from .sources.base import Oracle, row_major
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeOptions)} - set(MergeOptions.RUNTIME)
 
 DEFAULT_CHUNK = 4 * 2**20
-CHECKSUMS = ("auto", "streams", "compare")
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -19,6 +20,7 @@ from torch.distributed.tensor import Replicate, Shard
 
 import streammerge
 from streammerge.cli import main
+from streammerge.sources.verl_oracle import VerlOracle
 from streammerge.write.manifest import MANIFEST, STATE_DIR
 from streammerge.write.writer import tmp_path
 
@@ -178,6 +180,15 @@ def test_the_undamaged_copy_verifies(merged, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("checksums", ["streams", "compare"])
+def test_verify_command_takes_the_crcs_where_told(merged, capsys, checksums):
+    ckpt, out = merged
+    assert main(["verify", str(out), str(ckpt), "--checksums", checksums]) == 0
+    printed = capsys.readouterr().out
+    assert "OK" in printed
+    assert ("computed from the bytes the comparison read" in printed) == (checksums == "compare"), printed
+
+
 def test_another_checkpoint_is_not_the_source(merged, make_ckpt):
     ckpt, out = merged
     other = make_ckpt(world_size=4, mesh=(2, 2), seed=1)  # same names and shapes, other values
@@ -250,6 +261,71 @@ def test_a_flip_in_storage_outside_its_tensor_is_caught_by_the_crc(tmp_path, che
     bad = [f for f in report.failures if info.filename in f and "CRC32" in f]
     assert len(bad) == 1 and len(report.failures) == 1, report.summary()
     assert ("over the bytes torch.load mapped" in bad[0]) == (checksums == "compare"), bad[0]
+
+
+def _zipfile_bad_record(path: Path) -> str | None:
+    """The standard library's verdict on a zip: the first record its reader fails on (read to its end, where the
+    CRC is checked), "?" when the file cannot be read as a zip, None when all hold. Each record is opened by its
+    directory entry: testzip() opens by name, and a flip that makes two names equal would have it read one twice."""
+    record = "?"
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                record = info.filename
+                with z.open(info) as fh:
+                    while fh.read(2**20):
+                        pass
+    except Exception:
+        return record
+    return None
+
+
+def _deflate_small_records(src: Path, dst: Path) -> None:
+    """The rank file again with its pickle and small records deflated (torch.save stores them; a zip may not)."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for info in z.infolist():
+            packed = zipfile.ZIP_STORED if "/data/" in info.filename else zipfile.ZIP_DEFLATED
+            out.writestr(info.filename, z.read(info), compress_type=packed)
+
+
+@pytest.mark.parametrize("deflated", [False, True])
+def test_crc_streams_agree_with_zipfile_on_mutated_rank_files(verl_fixtures, tmp_path, deflated):
+    """check_integrity reads stored records itself (os.preadv, zlib.crc32) and hands any other kind to zipfile: on
+    a real rank file with one flipped bit at every header field, name, first and last data byte, the central
+    directory, the end record and random places, and truncated, it finds a bad record exactly when zipfile's own
+    reader fails on one, and names that record."""
+    src = verl_fixtures / "fsdp2_llama_shard1_ws4" / "model_world_size_4_rank_1.pt"
+    if deflated:
+        _deflate_small_records(src, tmp_path / "deflated.pt")
+        src = tmp_path / "deflated.pt"
+    data = src.read_bytes()
+    assert VerlOracle([src], 4).check_integrity([src]) == [] and _zipfile_bad_record(src) is None
+    with zipfile.ZipFile(src) as z:
+        infos, start_dir = z.infolist(), z.start_dir
+    places = set(range(start_dir, len(data), 7)) | set(range(len(data) - 22, len(data)))
+    for info in infos:
+        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+        begin = info.header_offset + 30 + name_len + extra_len
+        places |= {info.header_offset + k for k in (0, 3, 6, 7, 8, 14, 18, 22, 26, 27, 28, 30, 30 + name_len - 1)}
+        places |= {begin, begin + info.compress_size // 2, begin + info.compress_size - 1}
+    rng = random.Random(0)
+    places |= {rng.randrange(len(data)) for _ in range(40)}
+    mutants = [(at, 1 << rng.randrange(8)) for at in sorted(places)] + [(-1, 0)]  # (-1, 0): cut in half
+    streamed = 0
+    for i, (at, bit) in enumerate(mutants):
+        victim = tmp_path / f"mutant{i}.pt"
+        mutated = bytearray(data) if at >= 0 else bytearray(data[:len(data) // 2])
+        if at >= 0:
+            mutated[at] ^= bit
+        victim.write_bytes(bytes(mutated))
+        found = VerlOracle([victim], 4).check_integrity([victim])
+        named = _zipfile_bad_record(victim)
+        assert bool(found) == (named is not None), (at, bit, found)
+        if named is not None:
+            assert len(found) == 1 and f"zip record {named} " in found[0], (at, bit, found)
+            streamed += "/data/" in named
+        victim.unlink()
+    assert streamed >= 2 * sum("/data/" in i.filename for i in infos)  # every tensor record's first and last byte
 
 
 @pytest.mark.slow
