@@ -1,6 +1,7 @@
 """Issue 15's remaining targets, measured in interleaved rounds on one checkpoint (device machine, one call).
 
     python benchmarks/device_rounds.py --preset qwen2.5-3b --rounds 3 --old OLD_CODE_DIR --deadline 540
+    python benchmarks/device_rounds.py --timelines --no-import-test --rounds 1 --steps keep
 
 On one synthetic veRL checkpoint (float32, world size 8), cold cache before every run (device_bench's `Bench`):
   - `import torch` alone and beside the three ways of streaming the rank files (import_contention.py);
@@ -10,6 +11,8 @@ On one synthetic veRL checkpoint (float32, world size 8), cold cache before ever
   - once, with a bytecode cache (PYTHONPYCACHEPREFIX, written by the untimed warm-up, as pip's install-time
     compile gives): verify both ways and torchrun. Where Python's modules have no cached bytecode, every run
     compiles torch's from source before it can compare anything.
+With --timelines, first: verify_timeline.py both ways, with and without the bytecode cache (phases and the disk's
+read rate over time; their JSON also goes to $OUT). --steps picks the parts of each round.
 The JSON (--results, and $OUT/device.json) is rewritten after every step.
 """
 
@@ -53,8 +56,10 @@ class Rounds(Bench):
         out = self.work / "bf16-out"
         self.run("bf16/streammerge_default", sm(actor, out, "bfloat16"), files, est)
         both = files + folder_files(out)
+        if a.timelines:
+            self.timelines(out, actor, both, est)
         script = str(HERE / "import_contention.py")
-        for mode in ("none", "zip", "pread", "willneed"):
+        for mode in ("none", "zip", "pread", "willneed") if a.import_test else ():
             r = self.run(f"import/{mode}", [sys.executable, script, "--mode", mode, *map(str, files)], files, est)
             if r and r["returncode"] == 0:
                 r["measured"] = json.loads(r["stdout"].strip().splitlines()[-1])
@@ -62,21 +67,46 @@ class Rounds(Bench):
         pyc = {"PYTHONPYCACHEPREFIX": str(self.work / "pyc"), "PYTHONDONTWRITEBYTECODE": ""}
         tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "streammerge",
               str(actor), str(self.work / "tr-out"), "--dtype", "bfloat16", "--no-optimizer", "--no-progress"]
+        steps = a.steps.split(",")
         for r in range(1, a.rounds + 1):
-            self.cat_null(f"verify/cat_both_folders_run{r}", both, est)
-            for mode in ("streams", "compare"):
-                self.run(f"verify/{mode}_run{r}", self.verify(out, actor, mode), both, 1.5 * est)
-            if a.old:
+            if "verify" in steps:
+                self.cat_null(f"verify/cat_both_folders_run{r}", both, est)
+                for mode in ("streams", "compare"):
+                    self.run(f"verify/{mode}_run{r}", self.verify(out, actor, mode), both, 1.5 * est)
+            if a.old and "verify" in steps:
                 self.run(f"verify/old_streams_run{r}", self.verify(out, actor, None), both, 1.5 * est,
                          cwd=Path(a.old), env={"PYTHONPATH": a.old})
-            if r == 1:
+            if r == 1 and "once" in steps:
                 for mode in ("streams", "compare"):
                     self.run(f"verify_pyc/{mode}", self.verify(out, actor, mode), both, 1.5 * est, env=pyc)
                 self.torchrun("", tr, files, est, {})
                 self.torchrun("_pyc", tr, files, est, pyc)
-            self.cat_into(f"keep/cat_into_file_run{r}", files, est)
-            self.run(f"keep/streammerge_default_run{r}", sm(actor, self.work / "keep-out", "keep"), files, est)
-            shutil.rmtree(self.work / "keep-out", ignore_errors=True)
+            if "keep" in steps:
+                self.cat_into(f"keep/cat_into_file_run{r}", files, est)
+                self.run(f"keep/streammerge_default_run{r}", sm(actor, self.work / "keep-out", "keep"), files, est)
+                shutil.rmtree(self.work / "keep-out", ignore_errors=True)
+            if "keep_cache" in steps:  # no flush- or drop-behind: the page cache takes it all, as it does for cat
+                self.run(f"keep/keep_cache_run{r}", sm(actor, self.work / "keep-out", "keep", "--keep-cache"), files,
+                         est)
+                shutil.rmtree(self.work / "keep-out", ignore_errors=True)
+
+    def timelines(self, out: Path, actor: Path, both: list[Path], est: float) -> None:
+        """verify_timeline.py both ways (this code, --old's, alternated), then with a bytecode cache, each pair of
+        rows after a `cat` of both folders."""
+        pyc = {"PYTHONPYCACHEPREFIX": str(self.work / "pyc"), "PYTHONDONTWRITEBYTECODE": ""}
+        dest = Path(os.environ.get("OUT", self.work))
+        old = [("_old", {"PYTHONPATH": str(Path(self.a.old).resolve())})] if self.a.old else []
+        runs = [(mode, tag, env) for mode in ("streams", "compare") for tag, env in [("", {}), *old]]
+        runs += [(mode, "_pyc", pyc) for mode in ("streams", "compare")]
+        for i, (mode, tag, env) in enumerate(runs):
+            if i % 4 == 0:
+                self.cat_null(f"timeline/cat_both_folders{'_again' if i else ''}", both, est)
+            key, path = f"timeline/{mode}{tag}", dest / f"timeline_{mode}{tag}.json"
+            r = self.run(key, [sys.executable, str(HERE / "verify_timeline.py"), str(out), str(actor), "--checksums",
+                               mode, "--json", str(path)], both, 1.5 * est, env=env)
+            if r is not None and path.exists():
+                r["timeline"] = json.loads(path.read_text())
+                self.save()
 
     @staticmethod
     def verify(out: Path, actor: Path, checksums: str | None) -> list[str]:
@@ -99,7 +129,7 @@ class Rounds(Bench):
                 base = f"verify/cat_both_folders_{name.rsplit('_', 1)[1]}"
             elif group == "verify_pyc":
                 base = "verify/cat_both_folders_run1"
-            elif group == "keep" and name.startswith("streammerge"):
+            elif group == "keep" and not name.startswith("cat"):
                 base = f"keep/cat_into_file_{name.rsplit('_', 1)[1]}"
             elif k == "torchrun/torchrun_4" or k == "torchrun/torchrun_4_pyc":
                 base = "bf16/streammerge_default"
@@ -115,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="qwen2.5-3b")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--old", default="", help="folder of an older streammerge package: its verify runs each round too")
+    p.add_argument("--steps", default="verify,once,keep", help="what each round runs (once: in the first only)")
+    p.add_argument("--timelines", action="store_true", help="verify_timeline.py runs first")
+    p.add_argument("--no-import-test", dest="import_test", action="store_false")
     common_args(p, est=20.0, results="device_rounds.json")
     a = p.parse_args(argv)
     b = Rounds(a)

@@ -48,6 +48,8 @@ from .write.writer import TMP_SUFFIX, _is_contiguous, piece_span, windows
 if TYPE_CHECKING:
     import torch  # only comparing tensors with the checkpoint imports torch
 
+    from .pipeline import MergePlan
+
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeOptions)} - set(MergeOptions.RUNTIME)
 
 DEFAULT_CHUNK = 4 * 2**20
@@ -105,21 +107,27 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
         report.fail(f"{out}: not a folder")
         return report
     chunk = max(4096, parse_size(chunk_size))
+    workers = workers or _default_workers()
     ck = open_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    if ck is not None:  # comparing needs torch: its import overlaps the checks of the folder alone
-        from .pipeline import import_behind
-
-        import_behind(*ck.oracle_modules)
     # with the checkpoint, every tensor of a safetensors file is compared with its source: no checksum pass
     manifest = _check_manifest(out, report,
                                checksum=lambda rel: checkpoint_dir is None or not rel.endswith(".safetensors"))
-    _check_temp_files(out, report)
-    headers = _check_safetensors(out, report)
-    _check_indexes(out, headers, report)
+    reading = None
     if ck is not None:
-        report.checkpoint = ck.path
-        _check_against_checkpoint(out, ck, manifest, headers, report, trust_pickle=trust_pickle, chunk=chunk,
-                                  workers=workers or _default_workers(), checksums=checksums)
+        from .pipeline import import_behind
+
+        reading = _start_reading(ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
+                                 checksums=checksums, then=functools.partial(import_behind, *ck.oracle_modules))
+    try:
+        _check_temp_files(out, report)
+        headers = _check_safetensors(out, report)
+        _check_indexes(out, headers, report)
+        if ck is not None and reading is not None:
+            report.checkpoint = ck.path
+            _check_against_checkpoint(out, ck, reading, headers, report, chunk=chunk, workers=workers)
+    finally:
+        if reading is not None:
+            reading.close()
     return report
 
 
@@ -311,13 +319,68 @@ def recorded_options(recorded: dict | None, *, trust_pickle: bool) -> MergeOptio
     return MergeOptions.create(**{**fields, "trust_pickle": trust_pickle})
 
 
-def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, headers: dict[str, _Header],
-                              report: VerifyReport, *, trust_pickle: bool, chunk: int, workers: int,
-                              checksums: str) -> None:
+@dataclass
+class _Reading:
+    """What verify starts before anything else, so the disk is busy from the first moment: the plan, the oracle,
+    and either the rank files' CRC streams or the readahead of the comparison's first bytes."""
+
+    options: MergeOptions
+    manifest: dict | None
+    oracle: Oracle | None
+    plan: MergePlan | None = None
+    crc_pool: ThreadPoolExecutor | None = None
+    integrity: list[Future[list[str]]] = field(default_factory=list)
+    readahead: _Readahead | None = None
+    as_read: bool = False  # the CRC-32s come from the comparison's reads (see _streams)
+
+    def close(self) -> None:
+        if self.readahead is not None:
+            self.readahead.close()
+        if self.oracle is not None:
+            self.oracle.close()  # first: a verify stopped by an error need not wait for the streams to end
+        if self.crc_pool is not None:
+            self.crc_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_reading(ck: Source, manifest: dict | None, report: VerifyReport, *, trust_pickle: bool, workers: int,
+                   checksums: str, then: Callable[[], None]) -> _Reading:
+    """Plan, make the oracle, start the CRC streams or the readahead, and call `then` (torch's import) as soon as
+    the disk has work queued. Not before: where Python keeps no compiled bytecode, compiling torch's modules holds
+    the GIL for seconds, and no other thread can start anything meanwhile."""
     from .pipeline import plan_merge
 
     options = recorded_options((manifest or {}).get("options"), trust_pickle=trust_pickle)
-    oracle = None if ck.oracle_after_plan else ck.oracle(options)
+    reading = _Reading(options, manifest, None if ck.oracle_after_plan else ck.oracle(options))
+    try:
+        oracle = reading.oracle
+        if oracle is not None and getattr(oracle, "thread_safe", False):
+            paths = list(ck.files())
+            # The small reads the planner and torch.load make go first: behind the streams or the readahead each
+            # would wait its turn.
+            oracle.prefetch()
+            if _streams(checksums, paths, report, oracle):
+                # The CRC streams need neither the plan nor torch, so they start first.
+                reading.crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)),
+                                                      thread_name_prefix="streammerge-crc")
+                reading.integrity = [reading.crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
+            else:
+                reading.as_read = True
+        if not reading.as_read:
+            then()
+        reading.plan = plan_merge(ck, options)
+        if reading.as_read:  # the first tensors' bytes are on their way while torch is imported and each file loaded
+            reading.readahead = _Readahead([t for p in reading.plan.plans for t in p.tensors.values()])
+            then()
+        return reading
+    except BaseException:
+        reading.close()
+        raise
+
+
+def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers: dict[str, _Header],
+                              report: VerifyReport, *, chunk: int, workers: int) -> None:
+    oracle, readahead, merge_plan = reading.oracle, reading.readahead, reading.plan
+    assert merge_plan is not None
     sources = _Sources(chunk)
     own_reader = 0
     tasks: list[Callable[[], None]] = []
@@ -340,37 +403,22 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         with lock:
             report.tensors_checked += 1
 
-    integrity: list[Future[list[str]]] = []
-    crc_pool = pool = None
-    readahead: _Readahead | None = None
+    pool = None
     torch_threads = 0
     try:
         paths = list(ck.files())
-        as_read = False  # the CRC-32s come from the comparison's reads (see _streams)
-        if oracle is not None and getattr(oracle, "thread_safe", False):
-            if _streams(checksums, paths, report, oracle):
-                # The rank files' CRC streams need neither the plan nor torch, so they start first, while the merge
-                # is planned again and torch is imported. The small reads the planner and torch.load make are
-                # queued before them: behind the streams each would wait its turn.
-                oracle.prefetch()
-                crc_pool = ThreadPoolExecutor(max(1, min(len(paths), workers)), thread_name_prefix="streammerge-crc")
-                integrity = [crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
-            else:
-                as_read = True
-        merge_plan = plan_merge(ck, options)
         plans = merge_plan.plans
-        if as_read:  # the first tensors' bytes are on their way while torch is imported and each file loaded
-            readahead = _Readahead([t for p in plans for t in p.tensors.values()])
-        if manifest is not None and merge_plan.fingerprint() != manifest.get("fingerprint"):
+        if reading.manifest is not None and merge_plan.fingerprint() != reading.manifest.get("fingerprint"):
             report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
                         "differs); tensors are compared one by one below")
         if ck.oracle_after_plan:
-            oracle = ck.oracle(options)
-        base = ck.lora_base.oracle(options) if ck.lora_base is not None else None  # found by planning an adapter
+            oracle = reading.oracle = ck.oracle(reading.options)
+        # an adapter's base model is found by planning it
+        base = ck.lora_base.oracle(reading.options) if ck.lora_base is not None else None
         if oracle is not None and base is not None:
             from .sources.hf import CombinedOracle
 
-            oracle = CombinedOracle(oracle, base)
+            oracle = reading.oracle = CombinedOracle(oracle, base)
         if oracle is None:
             report.notes.append(f"{ck.format}: no reader independent of the merge's own; tensors are compared with "
                                 "the bytes the merge's reader locates")
@@ -418,7 +466,8 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         for done in [pool.submit(task) for task in tasks]:
             done.result()
         if oracle is not None:
-            problems = [m for fut in integrity for m in fut.result()] if crc_pool else oracle.check_integrity(paths)
+            problems = ([m for fut in reading.integrity for m in fut.result()] if reading.crc_pool
+                        else oracle.check_integrity(paths))
             if oracle.crc_from_reads:
                 report.notes.append(f"{oracle.crc_from_reads} zip records' CRC-32s were computed from the bytes the "
                                     f"comparison read; {oracle.crc_streamed} were streamed")
@@ -433,12 +482,6 @@ def _check_against_checkpoint(out: Path, ck: Source, manifest: dict | None, head
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(torch_threads)
-        if readahead is not None:
-            readahead.close()
-        if oracle is not None:
-            oracle.close()  # first: a verify stopped by an error need not wait for the streams to end
-        if crc_pool is not None:
-            crc_pool.shutdown(wait=True, cancel_futures=True)
         sources.close()
 
 
