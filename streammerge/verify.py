@@ -327,11 +327,11 @@ class _Reading:
     options: MergeOptions
     manifest: dict | None
     oracle: Oracle | None
+    paths: list[Path]
     plan: MergePlan | None = None
     crc_pool: ThreadPoolExecutor | None = None
     integrity: list[Future[list[str]]] = field(default_factory=list)
     readahead: _Readahead | None = None
-    as_read: bool = False  # the CRC-32s come from the comparison's reads (see _streams)
 
     def close(self) -> None:
         if self.readahead is not None:
@@ -350,11 +350,11 @@ def _start_reading(ck: Source, manifest: dict | None, report: VerifyReport, *, t
     from .pipeline import plan_merge
 
     options = recorded_options((manifest or {}).get("options"), trust_pickle=trust_pickle)
-    reading = _Reading(options, manifest, None if ck.oracle_after_plan else ck.oracle(options))
+    reading = _Reading(options, manifest, None if ck.oracle_after_plan else ck.oracle(options), list(ck.files()))
+    as_read = False  # the CRC-32s come from the comparison's reads (see _streams)
     try:
-        oracle = reading.oracle
+        oracle, paths = reading.oracle, reading.paths
         if oracle is not None and getattr(oracle, "thread_safe", False):
-            paths = list(ck.files())
             # The small reads the planner and torch.load make go first: behind the streams or the readahead each
             # would wait its turn.
             oracle.prefetch()
@@ -364,11 +364,11 @@ def _start_reading(ck: Source, manifest: dict | None, report: VerifyReport, *, t
                                                       thread_name_prefix="streammerge-crc")
                 reading.integrity = [reading.crc_pool.submit(oracle.check_integrity, [path]) for path in paths]
             else:
-                reading.as_read = True
-        if not reading.as_read:
+                as_read = True
+        if not as_read:
             then()
         reading.plan = plan_merge(ck, options)
-        if reading.as_read:  # the first tensors' bytes are on their way while torch is imported and each file loaded
+        if as_read:  # the first tensors' bytes are on their way while torch is imported and each file loaded
             reading.readahead = _Readahead([t for p in reading.plan.plans for t in p.tensors.values()])
             then()
         return reading
@@ -406,7 +406,6 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
     pool = None
     torch_threads = 0
     try:
-        paths = list(ck.files())
         plans = merge_plan.plans
         if reading.manifest is not None and merge_plan.fingerprint() != reading.manifest.get("fingerprint"):
             report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
@@ -467,7 +466,7 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
             done.result()
         if oracle is not None:
             problems = ([m for fut in reading.integrity for m in fut.result()] if reading.crc_pool
-                        else oracle.check_integrity(paths))
+                        else oracle.check_integrity(reading.paths))
             if oracle.crc_from_reads:
                 report.notes.append(f"{oracle.crc_from_reads} zip records' CRC-32s were computed from the bytes the "
                                     f"comparison read; {oracle.crc_streamed} were streamed")

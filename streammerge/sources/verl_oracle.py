@@ -359,15 +359,13 @@ def _stream_crc(fd: int, info: zipfile.ZipInfo, view: memoryview, closed: thread
     plain = info.flag_bits & ~(_DATA_DESCRIPTOR | _UTF8_NAME) == 0
     if info.compress_type != zipfile.ZIP_STORED or not plain or info.compress_size != info.file_size:
         return False
-    local = os.pread(fd, 30, info.header_offset)
-    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+    local = _local_header(fd, info)
+    if local is None:
         raise zipfile.BadZipFile(f"bad local header of {info.filename!r}")
-    local_flags, = struct.unpack("<H", local[6:8])
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    name = os.pread(fd, name_len, info.header_offset + 30).decode("utf-8" if local_flags & _UTF8_NAME else "cp437")
+    flags, name_len, pos = local
+    name = os.pread(fd, name_len, info.header_offset + 30).decode("utf-8" if flags & _UTF8_NAME else "cp437")
     if name != info.orig_filename:  # as zipfile's open() checks
         raise zipfile.BadZipFile(f"file name in directory {info.filename!r} and local header {name!r} differ")
-    pos = info.header_offset + 30 + name_len + extra_len
     end, crc = pos + info.file_size, 0
     while pos < end:
         if closed.is_set():
@@ -391,12 +389,20 @@ def zip_records(path: str | Path, fd: int) -> list[tuple[int, int, int, str]]:
         return []
     out = []
     for info in infos:
-        local = os.pread(fd, 30, info.header_offset)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            continue
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        out.append((info.header_offset + 30 + name_len + extra_len, info.file_size, info.CRC, info.filename))
+        local = _local_header(fd, info)
+        if local is not None:
+            out.append((local[2], info.file_size, info.CRC, info.filename))
     return sorted(out)
+
+
+def _local_header(fd: int, info: zipfile.ZipInfo) -> tuple[int, int, int] | None:
+    """(flag bits, name length, data start) from a record's local header; None where no local header is there."""
+    local = os.pread(fd, 30, info.header_offset)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        return None
+    flags, = struct.unpack("<H", local[6:8])
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return flags, name_len, info.header_offset + 30 + name_len + extra_len
 
 
 _quiet_lock = threading.Lock()
