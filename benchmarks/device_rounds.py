@@ -11,8 +11,9 @@ On one synthetic veRL checkpoint (float32, world size 8), cold cache before ever
   - once, with a bytecode cache (PYTHONPYCACHEPREFIX, written by the untimed warm-up, as pip's install-time
     compile gives): verify both ways and torchrun. Where Python's modules have no cached bytecode, every run
     compiles torch's from source before it can compare anything.
-With --timelines, first: verify_timeline.py both ways, with and without the bytecode cache (phases and the disk's
-read rate over time; their JSON also goes to $OUT). --steps picks the parts of each round.
+With --timelines, first: verify_timeline.py, `streammerge verify` processes both ways and with the bytecode cache, and
+this code's verify() in-process (the disk's read rate over time, the report-to-exit teardown, the in-process phases;
+their JSON goes into the results). --steps picks the parts of each round.
 The JSON (--results, and $OUT/device.json) is rewritten after every step.
 """
 
@@ -28,7 +29,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from device_bench import HERE, Bench, common_args, elapsed, folder_files, rank_files, sm
+from device_bench import HERE, ROOT, Bench, common_args, elapsed, folder_files, rank_files, sm
 
 
 def python_facts() -> dict:
@@ -75,7 +76,7 @@ class Rounds(Bench):
                     self.run(f"verify/{mode}_run{r}", self.verify(out, actor, mode), both, 1.5 * est)
             if a.old and "verify" in steps:
                 self.run(f"verify/old_streams_run{r}", self.verify(out, actor, None), both, 1.5 * est,
-                         cwd=Path(a.old), env={"PYTHONPATH": a.old})
+                         cwd=Path(a.old).resolve(), env={"PYTHONPATH": str(Path(a.old).resolve())})
             if r == 1 and "once" in steps:
                 for mode in ("streams", "compare"):
                     self.run(f"verify_pyc/{mode}", self.verify(out, actor, mode), both, 1.5 * est, env=pyc)
@@ -91,19 +92,23 @@ class Rounds(Bench):
                 shutil.rmtree(self.work / "keep-out", ignore_errors=True)
 
     def timelines(self, out: Path, actor: Path, both: list[Path], est: float) -> None:
-        """verify_timeline.py both ways (this code, --old's, alternated), then with a bytecode cache, each pair of
-        rows after a `cat` of both folders."""
+        """verify_timeline.py: `streammerge verify` processes both ways (this code, --old's, alternated), this code's
+        verify() in-process (its phases), then processes with a bytecode cache; a `cat` of both folders first and
+        after every fourth run."""
         pyc = {"PYTHONPYCACHEPREFIX": str(self.work / "pyc"), "PYTHONDONTWRITEBYTECODE": ""}
-        dest = Path(os.environ.get("OUT", self.work))
-        old = [("_old", {"PYTHONPATH": str(Path(self.a.old).resolve())})] if self.a.old else []
-        runs = [(mode, tag, env) for mode in ("streams", "compare") for tag, env in [("", {}), *old]]
-        runs += [(mode, "_pyc", pyc) for mode in ("streams", "compare")]
-        for i, (mode, tag, env) in enumerate(runs):
+        # `python -m` puts its working folder first on sys.path: --old's code runs from its own folder
+        old = [("_old", {"PYTHONPATH": str(Path(self.a.old).resolve())}, True)] if self.a.old else []
+        runs = [(mode, tag, env, cli) for mode in ("streams", "compare")
+                for tag, env, cli in [("", {}, True), *old, ("_inproc", {}, False)]]
+        runs += [(mode, "_pyc", pyc, True) for mode in ("streams", "compare")]
+        for i, (mode, tag, env, cli) in enumerate(runs):
+            cwd = Path(env["PYTHONPATH"]) if "PYTHONPATH" in env else ROOT
             if i % 4 == 0:
-                self.cat_null(f"timeline/cat_both_folders{'_again' if i else ''}", both, est)
-            key, path = f"timeline/{mode}{tag}", dest / f"timeline_{mode}{tag}.json"
+                self.cat_null(f"timeline/cat_both_folders_{i // 4 + 1}", both, est)
+            key, path = f"timeline/{mode}{tag}", self.work / f"timeline_{mode}{tag}.json"
             r = self.run(key, [sys.executable, str(HERE / "verify_timeline.py"), str(out), str(actor), "--checksums",
-                               mode, "--json", str(path)], both, 1.5 * est, env=env)
+                               mode, "--json", str(path), *(["--cli"] if cli else [])], both, 1.5 * est, cwd=cwd,
+                         env=env)
             if r is not None and path.exists():
                 r["timeline"] = json.loads(path.read_text())
                 self.save()

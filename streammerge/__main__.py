@@ -1,7 +1,5 @@
 """`python -m streammerge ...` (also how torchrun launches it)."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -189,6 +189,23 @@ def test_verify_command_takes_the_crcs_where_told(merged, capsys, checksums):
     assert ("computed from the bytes the comparison read" in printed) == (checksums == "compare"), printed
 
 
+def test_the_verify_process_prints_its_whole_report_and_exits_with_its_code(merged, tmp_path):
+    """The process entry ends a read-only command without the interpreter's teardown: nothing printed may be lost
+    (stdout a pipe, so block-buffered), and the exit code is the report's."""
+    ckpt, good = merged
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    shards(out)[0].write_bytes(b"")  # several failures: the file's own, and the index's about it
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"PYTHONPATH": str(REPO)}
+    for folder, code in [(good, 0), (out, 1)]:
+        r = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(folder), str(ckpt)], cwd=REPO,
+                           capture_output=True, text=True, env=env, timeout=300)
+        report = streammerge.verify(folder, ckpt)
+        assert r.returncode == code, r.stderr
+        assert r.stdout == report.summary() + "\n"
+        assert report.ok == (code == 0) and (code == 0 or len(report.failures) > 1)
+
+
 def test_another_checkpoint_is_not_the_source(merged, make_ckpt):
     ckpt, out = merged
     other = make_ckpt(world_size=4, mesh=(2, 2), seed=1)  # same names and shapes, other values
