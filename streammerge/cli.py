@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -374,8 +373,12 @@ def run() -> NoReturn:
     code = main()
     if sys.argv[1:2] and sys.argv[1] in READ_ONLY:
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
+            try:
                 stream.flush()
+            except BrokenPipeError:  # the reader went away (`| head`), as main treats it
+                pass
+            except (OSError, ValueError):
+                code = code or 120  # what Python's own exit returns when it cannot flush
         os._exit(code)
     sys.exit(code)
 

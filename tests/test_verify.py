@@ -191,7 +191,7 @@ def test_verify_command_takes_the_crcs_where_told(merged, capsys, checksums):
 
 def test_the_verify_process_prints_its_whole_report_and_exits_with_its_code(merged, tmp_path):
     """The process entry ends a read-only command without the interpreter's teardown: nothing printed may be lost
-    (stdout a pipe, so block-buffered), and the exit code is the report's."""
+    (stdout a pipe, so block-buffered), and the exit code is the report's, unless the report could not be written."""
     ckpt, good = merged
     out = tmp_path / "out"
     shutil.copytree(good, out)
@@ -204,6 +204,11 @@ def test_the_verify_process_prints_its_whole_report_and_exits_with_its_code(merg
         assert r.returncode == code, r.stderr
         assert r.stdout == report.summary() + "\n"
         assert report.ok == (code == 0) and (code == 0 or len(report.failures) > 1)
+    if os.path.exists("/dev/full"):  # a report that cannot be written is no success
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(good)], cwd=REPO, stdout=full,
+                               stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+        assert r.returncode != 0
 
 
 def test_another_checkpoint_is_not_the_source(merged, make_ckpt):
