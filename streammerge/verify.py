@@ -470,6 +470,10 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
             if oracle.crc_from_reads:
                 report.notes.append(f"{oracle.crc_from_reads} zip records' CRC-32s were computed from the bytes the "
                                     f"comparison read; {oracle.crc_streamed} were streamed")
+            slow = oracle.crc_by_slow_reader()
+            if slow:
+                report.notes.append(f"{sum(slow.values())} zip records' CRC-32s were read the slow way: "
+                                    + ", ".join(f"{n} {why}" for why, n in sorted(slow.items())))
             for problem in problems:
                 report.fail(problem)
             if own_reader:

@@ -140,6 +140,10 @@ class Oracle(abc.ABC):
     crc_from_reads = 0  # records whose checksum check_integrity took from what `read` gave
     crc_streamed = 0  # records check_integrity read for their checksum
 
+    def crc_by_slow_reader(self) -> dict[str, int]:
+        """Records check_integrity could not read its fast way and handed to a general reader, counted by why."""
+        return {}
+
     def crc_as_read(self) -> bool:
         """Check checksums from the bytes `read` gives, before `check_integrity` streams what is left; False
         when this oracle cannot (then `check_integrity` reads everything)."""

@@ -10,6 +10,7 @@ gives every rank exactly the local shape it holds.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -48,6 +49,7 @@ class VerlOracle(Oracle):
         self._lock = threading.RLock()
         self._closed = threading.Event()
         self._as_read: _CrcAsRead | None = None
+        self._zip_reader: collections.Counter[str] = collections.Counter()  # records not streamed, by why
 
     def release(self, t: Any) -> None:
         """Drop the mapped pages of the pieces a compared tensor read (they are re-read from the file if needed)."""
@@ -223,10 +225,15 @@ class VerlOracle(Oracle):
                                 self.crc_streamed += 1
                             if self._closed.is_set():
                                 break
-                            if not _stream_crc(fd, info, view, self._closed):
-                                with z.open(info) as fh:
-                                    while not self._closed.is_set() and fh.read(4 * 2**20):
-                                        pass
+                            why = _not_plain(info)
+                            if why is None:
+                                _stream_crc(fd, info, view, self._closed)
+                                continue
+                            with self._lock:
+                                self._zip_reader[why] += 1
+                            with z.open(info) as fh:
+                                while not self._closed.is_set() and fh.read(4 * 2**20):
+                                    pass
                     finally:
                         os.close(fd)
             except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, RuntimeError, NotImplementedError,
@@ -235,6 +242,10 @@ class VerlOracle(Oracle):
                                 "corrupted (changed after torch.save wrote it); "
                                 "copy it again from the node that saved it")
         return problems
+
+    def crc_by_slow_reader(self) -> dict[str, int]:
+        with self._lock:
+            return {f"{why} (Python's zip reader)": n for why, n in self._zip_reader.items()}
 
     def close(self) -> None:
         """Also ends the checksum streams early (a verify that stopped on an error)."""
@@ -350,15 +361,23 @@ def _storage_bytes(storage: Any, lo: int, hi: int) -> Any:
     return data
 
 
-def _stream_crc(fd: int, info: zipfile.ZipInfo, view: memoryview, closed: threading.Event) -> bool:
-    """CRC-32 of a plain stored record (what torch.save writes), read with os.preadv into one reused buffer; raises
-    BadZipFile on a mismatch or a local header that disagrees with the directory, EOFError on a short file.
-    False (nothing checked) for any other kind of record. Hand-written instead of zipfile's reader because that
-    allocates a new buffer per read and runs Python between reads while holding the GIL, which verify's import of
-    torch on another thread waits for: the streams run during that import."""
-    plain = info.flag_bits & ~(_DATA_DESCRIPTOR | _UTF8_NAME) == 0
-    if info.compress_type != zipfile.ZIP_STORED or not plain or info.compress_size != info.file_size:
-        return False
+def _not_plain(info: zipfile.ZipInfo) -> str | None:
+    """Why `_stream_crc` cannot read a record (None: a plain stored record, as torch.save writes them)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return f"compressed (method {info.compress_type})"
+    if info.flag_bits & ~(_DATA_DESCRIPTOR | _UTF8_NAME):
+        return f"flag bits {info.flag_bits:#06x}"
+    if info.compress_size != info.file_size:
+        return "stored sizes that differ"
+    return None
+
+
+def _stream_crc(fd: int, info: zipfile.ZipInfo, view: memoryview, closed: threading.Event) -> None:
+    """CRC-32 of a plain stored record (`_not_plain` says which), read with os.preadv into one reused buffer;
+    raises BadZipFile on a mismatch or a local header that disagrees with the directory, EOFError on a short file.
+    Hand-written instead of zipfile's reader because that allocates a new buffer per read and runs Python between
+    reads while holding the GIL, which verify's import of torch on another thread waits for: the streams run during
+    that import."""
     local = _local_header(fd, info)
     if local is None:
         raise zipfile.BadZipFile(f"bad local header of {info.filename!r}")
@@ -369,7 +388,7 @@ def _stream_crc(fd: int, info: zipfile.ZipInfo, view: memoryview, closed: thread
     end, crc = pos + info.file_size, 0
     while pos < end:
         if closed.is_set():
-            return True
+            return
         n = os.preadv(fd, [view[:min(len(view), end - pos)]], pos)
         if n == 0:
             raise EOFError(f"the file ends inside record {info.filename!r}")
@@ -377,7 +396,6 @@ def _stream_crc(fd: int, info: zipfile.ZipInfo, view: memoryview, closed: thread
         pos += n
     if crc != info.CRC:
         raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
-    return True
 
 
 def zip_records(path: str | Path, fd: int) -> list[tuple[int, int, int, str]]:
