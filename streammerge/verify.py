@@ -464,6 +464,8 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
                     report.tensors_checked += 1
         for done in [pool.submit(task) for task in tasks]:
             done.result()
+        if readahead is not None and readahead.refused:
+            report.notes.append(f"the comparison read the rank files without readahead: {readahead.refused}")
         if oracle is not None:
             problems = ([m for fut in reading.integrity for m in fut.result()] if reading.crc_pool
                         else oracle.check_integrity(reading.paths))
@@ -526,9 +528,11 @@ class _Readahead:
         self._steps: dict[str, int] = {}
         self._ask(0)
 
+    refused: str | None = None  # why nothing is read ahead (then the comparison's own faults read)
+
     def reached(self, t: TensorPlan) -> None:
         """The comparison of `t` starts: ask for the tensors within the budget after it."""
-        if id(t) in self._index:
+        if id(t) in self._index and self.refused is None:
             self._ask(self._index[id(t)])
 
     def _ask(self, i: int) -> None:
@@ -550,7 +554,11 @@ class _Readahead:
                     fd, step, end = self._fds[p.file], self._steps[p.file], p.offset + _span(p, t)
                     for pos in range(p.offset, end, step):
                         os.posix_fadvise(fd, pos, min(step, end - pos), os.POSIX_FADV_WILLNEED)
-                except (OSError, AttributeError):
+                except AttributeError:
+                    self.refused = "this platform has no posix_fadvise"
+                    return
+                except OSError as e:
+                    self.refused = f"posix_fadvise(WILLNEED) on {Path(p.file).name} failed ({e.strerror or e})"
                     return
 
     def close(self) -> None:

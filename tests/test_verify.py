@@ -211,6 +211,17 @@ def test_the_verify_process_prints_its_whole_report_and_exits_with_its_code(merg
         assert r.returncode != 0
 
 
+def test_a_verify_without_readahead_says_so(merged, monkeypatch):
+    """Where the platform has no posix_fadvise (macOS), the comparison's readahead cannot be asked for: the result is
+    the same, and the report says the fast path was not taken and why."""
+    ckpt, out = merged
+    assert not any("without readahead" in n for n in streammerge.verify(out, ckpt, checksums="compare").notes)
+    monkeypatch.delattr(os, "posix_fadvise")
+    report = streammerge.verify(out, ckpt, checksums="compare")
+    assert report.ok, report.summary()
+    assert any("without readahead: this platform has no posix_fadvise" in n for n in report.notes), report.notes
+
+
 def test_another_checkpoint_is_not_the_source(merged, make_ckpt):
     ckpt, out = merged
     other = make_ckpt(world_size=4, mesh=(2, 2), seed=1)  # same names and shapes, other values
