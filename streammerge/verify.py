@@ -474,8 +474,8 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
                                     f"comparison read; {oracle.crc_streamed} were streamed")
             slow = oracle.crc_by_slow_reader()
             if slow:
-                report.notes.append(f"{sum(slow.values())} zip records' CRC-32s were read the slow way: "
-                                    + ", ".join(f"{n} {why}" for why, n in sorted(slow.items())))
+                report.notes.append(f"{sum(slow.values())} zip records' CRC-32s were read through Python's zip reader, "
+                                    "not streamed: " + ", ".join(f"{n} {why}" for why, n in sorted(slow.items())))
             for problem in problems:
                 report.fail(problem)
             if own_reader:
@@ -514,6 +514,8 @@ class _Readahead:
     compared, up to an eighth of the memory free for page cache. Advice only: the pieces' places come from the
     merge's own reader, and a wrong one costs time, never a wrong result."""
 
+    refused: str | None = None  # why nothing is read ahead (then the comparison's own faults read)
+
     def __init__(self, order: list[TensorPlan]):
         from .pipeline import memory_room
 
@@ -527,8 +529,6 @@ class _Readahead:
         self._fds: dict[str, int] = {}
         self._steps: dict[str, int] = {}
         self._ask(0)
-
-    refused: str | None = None  # why nothing is read ahead (then the comparison's own faults read)
 
     def reached(self, t: TensorPlan) -> None:
         """The comparison of `t` starts: ask for the tensors within the budget after it."""

@@ -141,7 +141,7 @@ class Oracle(abc.ABC):
     crc_streamed = 0  # records check_integrity read for their checksum
 
     def crc_by_slow_reader(self) -> dict[str, int]:
-        """Records check_integrity could not read its fast way and handed to a general reader, counted by why."""
+        """Records check_integrity could not stream its fast way and read through a general reader, counted by why."""
         return {}
 
     def crc_as_read(self) -> bool:

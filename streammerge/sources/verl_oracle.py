@@ -245,7 +245,7 @@ class VerlOracle(Oracle):
 
     def crc_by_slow_reader(self) -> dict[str, int]:
         with self._lock:
-            return {f"{why} (Python's zip reader)": n for why, n in self._zip_reader.items()}
+            return dict(self._zip_reader)
 
     def close(self) -> None:
         """Also ends the checksum streams early (a verify that stopped on an error)."""
