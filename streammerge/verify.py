@@ -27,13 +27,14 @@ import math
 import os
 import re
 import threading
-import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checksum import FELL_BACK as CRC_FELL_BACK
+from .checksum import crc32
 from .dtypes import DType
 from .errors import OutputError
 from .options import CHECKSUMS, MergeOptions, parse_size
@@ -464,6 +465,8 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
                     report.tensors_checked += 1
         for done in [pool.submit(task) for task in tasks]:
             done.result()
+        if CRC_FELL_BACK:
+            report.notes.append(f"CRC-32s: {CRC_FELL_BACK}")
         if readahead is not None and readahead.refused:
             report.notes.append(f"the comparison read the rank files without readahead: {readahead.refused}")
         if oracle is not None:
@@ -714,7 +717,7 @@ class _Sources:
     def crc(self, path: str, start: int, end: int, crc: int = 0) -> int:
         """Continue a CRC32 over bytes [start, end) of a file, a chunk at a time."""
         for pos in range(start, end, self.chunk):
-            crc = zlib.crc32(self.read(path, pos, min(self.chunk, end - pos)), crc)
+            crc = crc32(self.read(path, pos, min(self.chunk, end - pos)), crc)
         return crc
 
     def finish_crcs(self, report: VerifyReport) -> None:
@@ -815,7 +818,7 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
                 span = (sum((n - 1) * st for n, st in zip(psizes, pstride)) + 1) * src_isz
                 raw = sources.read(p.file, src_off, span)
                 if streaming:
-                    crc = zlib.crc32(raw, crc)
+                    crc = crc32(raw, crc)
                 src = torch.frombuffer(raw, dtype=torch.uint8).view(t.source_dtype.torch())
                 # contiguous before the cast: torch writes other NaN bits for strided tensors (see cast.py)
                 want = src.as_strided(psizes, pstride).permute(inverse).contiguous().to(t.dtype.torch())

@@ -24,12 +24,12 @@ import json
 import os
 import re
 import struct
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..checksum import crc32
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from . import torchpickle
 from .base import Oracle, Piece, ReadStats, Source, SourceTensor, no_readahead, step_of
@@ -270,7 +270,7 @@ class _Blob:
         head = self.locate(entries, cd_off, [n for n in ("data.pkl", "byteorder") if n in entries])
         pkl = self.read(*head["data.pkl"])
         crc = entries["data.pkl"].crc
-        if crc and zlib.crc32(pkl) != crc:  # 0: saved with torch.serialization.set_crc32_options(False)
+        if crc and crc32(pkl) != crc:  # 0: saved with torch.serialization.set_crc32_options(False)
             raise self.fail("CRC mismatch in data.pkl")
         if "byteorder" in head:  # absent in files from before torch wrote it: little-endian
             order = self.read(*head["byteorder"])

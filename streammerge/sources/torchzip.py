@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from ..checksum import crc32
 from ..errors import CheckpointError, UnsupportedLayoutError
 from .base import no_readahead
 
@@ -269,6 +269,6 @@ def read_record(d: Directory, name: str, *, check_crc: bool = True) -> bytes:
         data = f.read(d.sizes[i])
     if len(data) != d.sizes[i]:
         raise _bad(d.path, f"record {name} cut short")
-    if check_crc and d.crcs[i] != 0 and zlib.crc32(data) != d.crcs[i]:
+    if check_crc and d.crcs[i] != 0 and crc32(data) != d.crcs[i]:
         raise _bad(d.path, f"CRC mismatch in {name}")
     return data

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checksum import crc32
 from ..errors import CheckpointError
 from .base import Oracle
 
@@ -314,13 +315,13 @@ class _CrcAsRead:
             self._busy.add(key)
         done, crc = state
         if at > done:
-            crc = zlib.crc32(_storage_bytes(storage, done, at), crc)
-        crc = zlib.crc32(src.reshape(-1).view(torch.uint8).numpy(), crc)
+            crc = crc32(_storage_bytes(storage, done, at), crc)
+        crc = crc32(src.reshape(-1).view(torch.uint8).numpy(), crc)
         done = at + src.numel() * src.element_size()
         size, want, name = record
         end = (local.storage_offset() + local.numel()) * local.element_size()
         if done == end and local.is_contiguous():
-            crc = zlib.crc32(_storage_bytes(storage, done, size), crc)
+            crc = crc32(_storage_bytes(storage, done, size), crc)
             done = size
         with self._lock:
             self._busy.discard(key)
@@ -392,7 +393,7 @@ def _stream_crc(fd: int, info: zipfile.ZipInfo, view: memoryview, closed: thread
         n = os.preadv(fd, [view[:min(len(view), end - pos)]], pos)
         if n == 0:
             raise EOFError(f"the file ends inside record {info.filename!r}")
-        crc = zlib.crc32(view[:n], crc)
+        crc = crc32(view[:n], crc)
         pos += n
     if crc != info.CRC:
         raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")

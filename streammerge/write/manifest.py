@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..checksum import crc32
 from ..errors import OutputError
 from .writer import OutputFile, output_error
 
@@ -115,13 +115,13 @@ def checksum_matches(path: Path, entry: dict) -> bool:
 
 
 def crc32_file(path: Path, chunk: int = 8 * 2**20) -> int:
-    """zlib's CRC-32 of a file, read in bounded chunks."""
+    """The CRC-32 (zlib's polynomial) of a file, read in bounded chunks."""
     crc = 0
     buf = bytearray(chunk)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
+            crc = crc32(view[:n], crc)
     return crc
 
 

@@ -16,13 +16,13 @@ import math
 import os
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..checksum import crc32
 from ..errors import OutputError, VerifyError
 from ..optimizer.export import flatten, nest
 from ..sources.base import row_major
@@ -110,7 +110,7 @@ def _fill(tmp: Path, offsets, plan: Plan, writer: FileWriter) -> dict[int, tuple
                 done = 0
                 while done < n:
                     done += os.pwrite(fd, view[done:], at + done)
-                crc = zlib.crc32(view, crc)
+                crc = crc32(view, crc)
                 if writer.drop_cache:
                     _drop_cache(fd, at, n, written=True)
                 if writer.progress:
@@ -175,13 +175,13 @@ def _hash_and_check(tmp: Path, crcs: dict[int, tuple[int, int]], writer: FileWri
             if n == 0:
                 break
             view = memoryview(buf)[:n]
-            whole = zlib.crc32(view, whole)
+            whole = crc32(view, whole)
             while i < len(spans) and spans[i][1] <= pos:
                 i += 1
             j = i
             while j < len(spans) and spans[j][0] < pos + n:
                 a, b = max(spans[j][0], pos), min(spans[j][1], pos + n)
-                got[spans[j][0]] = zlib.crc32(view[a - pos:b - pos], got[spans[j][0]])
+                got[spans[j][0]] = crc32(view[a - pos:b - pos], got[spans[j][0]])
                 j += 1
             if writer.drop_cache:
                 _drop_cache(fd, pos, n, written=False)

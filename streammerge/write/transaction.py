@@ -17,11 +17,11 @@ import json
 import os
 import socket
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checksum import crc32
 from ..errors import OutputError
 from .manifest import STATE_DIR, Manifest
 from .writer import TMP_SUFFIX, OutputFile, output_error, tmp_path
@@ -173,7 +173,7 @@ class OutputFolder:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise output_error(e, path) from None
-        return OutputFile(rel, len(data), zlib.crc32(data), hashlib.sha256(data).hexdigest())
+        return OutputFile(rel, len(data), crc32(data), hashlib.sha256(data).hexdigest())
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:

@@ -22,7 +22,6 @@ import math
 import mmap
 import os
 import threading
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +31,8 @@ from types import EllipsisType
 
 import numpy as np
 
+from ..checksum import FELL_BACK as CRC_FELL_BACK
+from ..checksum import crc32
 from ..dtypes import DType
 from ..errors import OutputError, VerifyError
 from ..options import DEFAULT_BUFFER_SIZE
@@ -623,7 +624,7 @@ class FileWriter:
     @property
     def fallbacks(self) -> dict[str, str]:
         """Every fast path not taken, and why (writes and reads)."""
-        return {**self.fell_back, **self.sources.fell_back}
+        return {**self.fell_back, **self.sources.fell_back, **({"CRC-32": CRC_FELL_BACK} if CRC_FELL_BACK else {})}
 
     def _fill(self, plan: Plan, fp: FilePlan, fd: int, tmp: Path) -> tuple[int, str | None]:
         try:
@@ -647,7 +648,7 @@ class FileWriter:
             fut, slot = inflight.popleft()
             n, offset = fut.result()
             view = self._buffers[slot][0].data[:n]
-            crc = zlib.crc32(view, crc)
+            crc = crc32(view, crc)
             if sha is not None:
                 sha.update(view)
             free.append(slot)
