@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -319,6 +320,16 @@ class Bench:
             self.run(key, sm(actor, out, "bfloat16", "--workers", str(w)), files, est)
             shutil.rmtree(out, ignore_errors=True)
 
+    def run_all(self, *then: Callable[[], None]) -> None:
+        """main(); then, however it ended, the summary, `then` and the work folder removed (the JSON is kept)."""
+        try:
+            self.main()
+        finally:
+            self.summarize()
+            for step in then:
+                step()
+            shutil.rmtree(self.work, ignore_errors=True)
+
     def summarize(self) -> None:
         runs = self.result["runs"]
 
@@ -405,12 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     common_args(p, est=45.0, results="device.json")
     a = p.parse_args(argv)
     b = Bench(a)
-    try:
-        b.main()
-    finally:
-        b.summarize()
-        plot(b.result, Path(os.environ.get("OUT", Path(a.results).parent)) / "device.png")
-        shutil.rmtree(b.work, ignore_errors=True)
+    b.run_all(lambda: plot(b.result, Path(os.environ.get("OUT", Path(a.results).parent)) / "device.png"))
     print(json.dumps(b.result["ratios"], indent=1))
     print(json.dumps(b.result.get("workers_sweep_s"), indent=1))
     return 0

@@ -156,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     common_args(p, est=20.0, results="device_rounds.json")
     a = p.parse_args(argv)
     b = Rounds(a)
-    try:
-        b.main()
-    finally:
-        b.summarize()
-        shutil.rmtree(b.work, ignore_errors=True)
+    b.run_all()
     print(f"[{elapsed():6.1f} s] done")
     print(json.dumps(b.result["ratios"], indent=1))
     return 0
