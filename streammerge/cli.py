@@ -323,10 +323,7 @@ COMMANDS.update({"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in COMMANDS and argv[0] != "merge" else "merge"
-    if command != "merge" or (argv and argv[0] == "merge"):
-        argv = argv[1:]
+    command, argv = _command(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(command).parse_args(argv)
     previous = _sigterm_as_interrupt()
     try:
@@ -361,6 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _command(argv: list[str]) -> tuple[str, list[str]]:
+    """The command a command line names (merge when it names none), and its arguments."""
+    if argv and argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    return "merge", argv
+
+
 READ_ONLY = ("verify", "inspect")
 
 
@@ -371,7 +375,7 @@ def run() -> NoReturn:
     nothing: a read-only command ends at once, after flushing its output. Commands that write exit normally.
     """
     code = main()
-    if sys.argv[1:2] and sys.argv[1] in READ_ONLY:
+    if _command(sys.argv[1:])[0] in READ_ONLY:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -129,6 +129,8 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     finally:
         if reading is not None:
             reading.close()
+    if CRC_FELL_BACK:  # the manifest's checksums and the rank files' zip CRCs alike
+        report.notes.append(f"CRC-32s: {CRC_FELL_BACK}")
     return report
 
 
@@ -465,8 +467,6 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
                     report.tensors_checked += 1
         for done in [pool.submit(task) for task in tasks]:
             done.result()
-        if CRC_FELL_BACK:
-            report.notes.append(f"CRC-32s: {CRC_FELL_BACK}")
         if readahead is not None and readahead.refused:
             report.notes.append(f"the comparison read the rank files without readahead: {readahead.refused}")
         if oracle is not None:
