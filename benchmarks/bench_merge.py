@@ -9,8 +9,9 @@ then run every contender --repeat times, interleaved, each in its own subprocess
     cat             cat of the model rank files into one file, then sync of that file (the physical limit)
     cp              cp of the model rank files, then sync of the copies
     cat+sha256      cat | tee FILE | openssl dgst -sha256, then sync: the same work with standard tools when
-                    the output must also be hashed (streammerge records every file's sha256 for resume,
-                    verify and push); pipes make it slower than one process that hashes its own buffers
+                    the output must also be hashed (streammerge hashes every file it writes: CRC-32 for
+                    resume and verify, sha256 too when it pushes); pipes make it slower than one process
+                    that hashes its own buffers
     streammerge     python -m streammerge CKPT OUT --dtype keep        (float32 -> float32)
     streammerge-bf16  ... --dtype bfloat16                             (writes half the bytes)
     naive           benchmarks/naive_merge.py: load every rank, torch.cat, save_pretrained (bfloat16)
