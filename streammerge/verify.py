@@ -634,12 +634,13 @@ def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan
     isz = t.dtype.itemsize
     budget = max(isz, chunk // (4 if t.fold else 1))
     strides = row_major(t.shape)
+    scratch = _Scratch.mine()
     with open(header.path, "rb", buffering=0) as out_file:
         for box in windows(t.shape, isz, budget):
-            want = _expected(t, box, oracle).contiguous().reshape(-1).view(torch.uint8)
+            want = _expected(t, box, oracle, scratch).contiguous().reshape(-1).view(torch.uint8)
             first = sum(lo * st for (lo, _), st in zip(box, strides))
-            got = bytearray(want.numel())
-            if not _pread_into(out_file.fileno(), memoryview(got), header.data_start + entry.begin + first * isz):
+            got = scratch.bytes("got", want.numel())
+            if not _pread_into(out_file.fileno(), got, header.data_start + entry.begin + first * isz):
                 report.fail(f"{rel}: tensor {t.name!r}: the file ends inside its data")
                 return
             report.bytes_read += 2 * len(got)
@@ -648,7 +649,7 @@ def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan
                 return
 
 
-def _report_window(rel: str, t: TensorPlan, box: tuple[tuple[int, int], ...], want: torch.Tensor, got: bytearray,
+def _report_window(rel: str, t: TensorPlan, box: tuple[tuple[int, int], ...], want: torch.Tensor, got: memoryview,
                    oracle: Oracle, report: VerifyReport) -> None:
     """Name the first element that differs, and the file it comes from."""
     import numpy as np
@@ -665,11 +666,13 @@ def _report_window(rel: str, t: TensorPlan, box: tuple[tuple[int, int], ...], wa
                 f"(first at index {list(first)})")
 
 
-def _expected(t: TensorPlan, box: tuple[tuple[int, int], ...], oracle: Oracle) -> torch.Tensor:
+def _expected(t: TensorPlan, box: tuple[tuple[int, int], ...], oracle: Oracle, scratch: _Scratch) -> torch.Tensor:
     """The output window as torch computes it: `.to(dtype)` of the source, or peft's fold `W + (B @ A) * scale`."""
     src = oracle.read(t.source.name, box).contiguous()  # contiguous first: torch's strided cast writes other NaN bits
     if t.fold is None:
-        return src.to(t.dtype.torch())
+        if src.dtype == t.dtype.torch():
+            return src
+        return scratch.tensor("want", src.shape, t.dtype.torch()).copy_(src)  # what .to() does, into reused memory
     from .write.compute import add_delta  # the fold's block shapes: BLAS rounds other shapes otherwise
 
     fold = t.fold
@@ -679,6 +682,36 @@ def _expected(t: TensorPlan, box: tuple[tuple[int, int], ...], oracle: Oracle) -
     add_delta(w, lambda lo, hi: oracle.read(fold.b.name, ((lo, hi), (0, rank))).float(), a, fold.scale,
               t.shape[0], box)
     return w.to(t.dtype.torch())
+
+
+class _Scratch:
+    """A comparing thread's buffers, reused window after window: fresh ones would be new pages each time, which the
+    kernel zeroes and maps in one fault at a time."""
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, bytearray] = {}
+
+    @classmethod
+    def mine(cls) -> _Scratch:
+        scratch = getattr(cls._local, "scratch", None)
+        if scratch is None:
+            scratch = cls._local.scratch = cls()
+        return scratch
+
+    def bytes(self, slot: str, n: int) -> memoryview:
+        buf = self._bufs.get(slot)
+        if buf is None or len(buf) < n:
+            buf = self._bufs[slot] = bytearray(n)  # a new one: views of the old may still be alive
+        return memoryview(buf)[:n]
+
+    def tensor(self, slot: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        n = math.prod(shape)
+        return torch.frombuffer(self.bytes(slot, max(1, n * dtype.itemsize)), dtype=torch.uint8)[:n * dtype.itemsize] \
+            .view(dtype).view(tuple(shape))
 
 
 class _Sources:

@@ -172,6 +172,28 @@ def test_damage_is_named(case, merged, tmp_path, capsys):
     assert stdout.count("  FAIL ") == len(report.failures) > 0
 
 
+def test_one_thread_reusing_its_buffers_names_every_damaged_tensor(merged, tmp_path):
+    """One comparing thread, small windows: its buffers are reused for every window of every tensor, so a window
+    compared after a good one (and a tensor after a damaged one) must still be compared with its own bytes."""
+    ckpt, good = merged
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    flipped = []
+    for p in shards(out)[:3]:
+        data = bytearray(p.read_bytes())
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        name, info = max(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][1] - kv[1]["data_offsets"][0])
+        data[8 + n + info["data_offsets"][1] - 1] ^= 0x40  # the last byte of the file's largest tensor
+        p.write_bytes(bytes(data))
+        flipped.append(name)
+    assert streammerge.verify(good, ckpt, chunk_size=4096, workers=1).ok
+    report = streammerge.verify(out, ckpt, chunk_size=4096, workers=1)
+    assert sorted(n for f in report.failures for n in flipped if repr(n) in f) == sorted(flipped), report.summary()
+    assert all("elements in one window differ" in f for f in report.failures), report.summary()
+
+
 def test_the_undamaged_copy_verifies(merged, tmp_path, capsys):
     ckpt, good = merged
     out = tmp_path / "out"
