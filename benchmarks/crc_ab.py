@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import sys
@@ -60,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                     args, cold = [str(a.checkpoint), str(out), "--dtype", step, "--no-progress"], files
                 if cold:
                     bench_merge.drop_cache(cold, policy)
-                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 m = measure(cli(args, way == "zlib"), {"PYTHONPATH": str(ROOT)})
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                m["user_s"] = round(after.ru_utime - before.ru_utime, 2)
-                m["sys_s"] = round(after.ru_stime - before.ru_stime, 2)
                 if m["returncode"] != 0:
                     raise SystemExit(f"{step} {way}: rc {m['returncode']}: {m['stderr'][-500:]}")
                 for key in ("wall_s", "user_s", "sys_s"):

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -55,11 +56,15 @@ def elapsed() -> float:
 
 
 def measure(cmd: list[str], env: dict, cwd: Path = ROOT) -> dict:
-    """bench_merge's measurement (wall time, sampled tree RSS, per-process VmHWM), plus what the merge
-    itself reported: its peak RSS line and any recorded fallback of a fast path."""
+    """bench_merge's measurement (wall time, sampled tree RSS, per-process VmHWM), the CPU seconds of the
+    waited-for process tree (getrusage), plus what the merge itself reported: its peak RSS line and any
+    recorded fallback of a fast path."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = bench_merge.measure(cmd, env, cwd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     text = r["stdout"] + r["stderr"]
-    return {"wall_s": round(r["wall_s"], 2), "peak_rss_mb": round(r["peak_rss_mb"], 1),
+    return {"wall_s": round(r["wall_s"], 2), "user_s": round(after.ru_utime - before.ru_utime, 2),
+            "sys_s": round(after.ru_stime - before.ru_stime, 2), "peak_rss_mb": round(r["peak_rss_mb"], 1),
             "max_process_rss_mb": round(r["max_process_rss_mb"], 1),
             "reported_peak_rss_mib": [int(x) for x in re.findall(r"peak RSS (\d+) MiB", text)],
             "returncode": r["returncode"], "fell_back": re.findall(r"write fell back: ([^\n]*)", text),
