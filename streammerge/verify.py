@@ -639,7 +639,7 @@ def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan
         for box in windows(t.shape, isz, budget):
             want = _expected(t, box, oracle, scratch).contiguous().reshape(-1).view(torch.uint8)
             first = sum(lo * st for (lo, _), st in zip(box, strides))
-            got = scratch.bytes("got", want.numel())
+            got = scratch.buffer("got", want.numel())
             if not _pread_into(out_file.fileno(), got, header.data_start + entry.begin + first * isz):
                 report.fail(f"{rel}: tensor {t.name!r}: the file ends inside its data")
                 return
@@ -700,7 +700,7 @@ class _Scratch:
             scratch = cls._local.scratch = cls()
         return scratch
 
-    def bytes(self, slot: str, n: int) -> memoryview:
+    def buffer(self, slot: str, n: int) -> memoryview:
         buf = self._bufs.get(slot)
         if buf is None or len(buf) < n:
             buf = self._bufs[slot] = bytearray(n)  # a new one: views of the old may still be alive
@@ -710,7 +710,7 @@ class _Scratch:
         import torch
 
         n = math.prod(shape)
-        return torch.frombuffer(self.bytes(slot, max(1, n * dtype.itemsize)), dtype=torch.uint8)[:n * dtype.itemsize] \
+        return torch.frombuffer(self.buffer(slot, max(1, n * dtype.itemsize)), dtype=torch.uint8)[:n * dtype.itemsize] \
             .view(dtype).view(tuple(shape))
 
 
