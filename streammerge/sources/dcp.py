@@ -34,6 +34,7 @@ from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from . import torchpickle
 from .base import Oracle, Piece, ReadStats, Source, SourceTensor, no_readahead, step_of
 from .dcpmeta import METADATA_FILE, DcpMetadata, TensorEntry, read_metadata
+from .torchzip import zip64_fields
 
 if TYPE_CHECKING:
     from ..options import MergeOptions
@@ -214,7 +215,7 @@ class _Blob:
             at = pos + _CENTRAL.size
             raw = cd[at:at + nlen]
             if _M32 in (csize, usize, lho):
-                usize, csize, lho = _zip64_extra(cd[at + nlen:at + nlen + elen], usize, csize, lho)
+                usize, csize, lho = zip64_fields(cd[at + nlen:at + nlen + elen], usize, csize, lho)
             if csize != usize:
                 raise self.fail("zip record with different stored and real sizes")
             entries.append(_Entry(raw.decode("utf-8", "replace"), raw, lho, usize, crc))
@@ -294,23 +295,6 @@ def _is_safetensors_at(path: str, offset: int) -> bool:
             return head[8:9] == b"{" and offset + 8 + n <= os.fstat(f.fileno()).st_size
     except OSError:
         return False
-
-
-def _zip64_extra(extra: bytes, usize: int, csize: int, lho: int) -> tuple[int, int, int]:
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, n = struct.unpack_from("<HH", extra, pos)
-        if tag == 1:
-            vals = list(struct.unpack_from(f"<{n // 8}Q", extra, pos + 4))
-            if usize == _M32 and vals:
-                usize = vals.pop(0)
-            if csize == _M32 and vals:
-                csize = vals.pop(0)
-            if lho == _M32 and vals:
-                lho = vals.pop(0)
-            break
-        pos += 4 + n
-    return usize, csize, lho
 
 
 def _chunk_location(blob: _Blob, entry: TensorEntry, sizes: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:

@@ -134,7 +134,7 @@ def read_directory(path: str | Path) -> Directory:
         except UnicodeDecodeError:
             raise _bad(path, "a zip record name is not UTF-8") from None
         if usize == _MAX32 or lho == _MAX32 or csize == _MAX32:
-            usize, csize, lho = _zip64_fields(cd[pos + CENTRAL_SIZE + nlen:pos + CENTRAL_SIZE + nlen + elen],
+            usize, csize, lho = zip64_fields(cd[pos + CENTRAL_SIZE + nlen:pos + CENTRAL_SIZE + nlen + elen],
                                               usize, csize, lho)
         if attr & 0x10 or name.endswith("/"):  # torch's zip reader reads a directory entry as no bytes
             raise _bad(path, f"record {name} is marked as a folder")
@@ -161,7 +161,9 @@ def read_directory(path: str | Path) -> Directory:
                      central_offset=cd_offset, central_bytes=cd, entry_starts=tuple(starts))
 
 
-def _zip64_fields(extra: bytes, usize: int, csize: int, lho: int) -> tuple[int, int, int]:
+def zip64_fields(extra: bytes, usize: int, csize: int, lho: int) -> tuple[int, int, int]:
+    """A central directory entry's sizes and local header offset, with those saturated at 0xFFFFFFFF taken
+    from its zip64 extra field (in that order, only the saturated ones present)."""
     pos = 0
     while pos + 4 <= len(extra):
         tag, n = struct.unpack_from("<HH", extra, pos)
