@@ -70,11 +70,7 @@ class Rounds(Bench):
               str(actor), str(self.work / "tr-out"), "--dtype", "bfloat16", "--no-optimizer", "--no-progress"]
         steps = a.steps.split(",")
         for r in range(1, a.rounds + 1):
-            # a baseline is only worth its time when the run it is the baseline of fits after it
-            for step, need in (("verify", 2.5 * est), ("keep", 2 * est)):
-                if step in steps and not self.time_left(need):
-                    self.result["skipped"].append(f"round {r}'s {step} (needs ~{need:.0f} s with its baseline)")
-            if "verify" in steps and self.time_left(2.5 * est):
+            if "verify" in steps and self.fits(f"round {r}'s verify", 2.5 * est):
                 self.cat_null(f"verify/cat_both_folders_run{r}", both, est)
                 for mode in ("streams", "compare"):
                     self.run(f"verify/{mode}_run{r}", self.verify(out, actor, mode), both, 1.5 * est)
@@ -86,7 +82,7 @@ class Rounds(Bench):
                     self.run(f"verify_pyc/{mode}", self.verify(out, actor, mode), both, 1.5 * est, env=pyc)
                 self.torchrun("", tr, files, est, {})
                 self.torchrun("_pyc", tr, files, est, pyc)
-            if "keep" in steps and self.time_left(2 * est):
+            if "keep" in steps and self.fits(f"round {r}'s keep", 2 * est):
                 self.cat_into(f"keep/cat_into_file_run{r}", files, est)
                 self.run(f"keep/streammerge_default_run{r}", sm(actor, self.work / "keep-out", "keep"), files, est)
                 shutil.rmtree(self.work / "keep-out", ignore_errors=True)
@@ -94,6 +90,13 @@ class Rounds(Bench):
                 self.run(f"keep/keep_cache_run{r}", sm(actor, self.work / "keep-out", "keep", "--keep-cache"), files,
                          est)
                 shutil.rmtree(self.work / "keep-out", ignore_errors=True)
+
+    def fits(self, what: str, need: float) -> bool:
+        """Whether a baseline and the run it is the baseline of both fit before the deadline (else neither runs)."""
+        if self.time_left(need):
+            return True
+        self.result["skipped"].append(f"{what} (needs ~{need:.0f} s with its baseline)")
+        return False
 
     def timelines(self, out: Path, actor: Path, both: list[Path], est: float) -> None:
         """verify_timeline.py: `streammerge verify` processes both ways (this code, --old's, alternated), this code's
