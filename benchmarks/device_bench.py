@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import resource
 import shutil
@@ -119,7 +120,8 @@ class Bench:
         self.env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                     "PYTHONUNBUFFERED": "1"}
         mem = round(psutil.virtual_memory().total / 1e9, 1)
-        self.result: dict = {"machine": {"cpus": os.cpu_count(), "mem_gb": mem, "python": sys.version.split()[0]},
+        self.result: dict = {"machine": {"cpus": os.cpu_count(), "mem_gb": mem, "python": sys.version.split()[0],
+                                           "kernel": platform.release()},
                              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "runs": {},
                              "skipped": [], "args": vars(a)}
 
