@@ -2,9 +2,11 @@
 
     python benchmarks/copy_ab.py CKPT_ACTOR_DIR --rounds 8 --results benchmarks/results/copy_ab_2core.json
 
-Every way copies the model rank files' bytes and ends with fsync of what it wrote:
+Every way copies the model rank files' bytes and ends with fsync of what it wrote; the order of the ways is reversed
+every other round (a run's time depends on what ran before it, e.g. on a file system mounted with `discard`):
     cp          coreutils cp of the files into a folder, then sync of the copies (bench_merge's baseline)
-    cfr_files   copy_file_range of each whole file into a file of its own (the kernel copies; what cp does)
+    cfr_files   copy_file_range of each whole file into a file of its own, fsync after each (the kernel copies,
+                as in cp, which leaves the write-back to its final sync instead)
     cfr_one     copy_file_range of the files, 4 MiB at a time, into one file (the kernel copies)
     rw_one      pread + pwrite of 4 MiB windows into one file on 2 threads, no checksum (copies through user memory)
     rw_one_crc  the same, with a CRC-32 of every window (what a keep merge does per byte, without its plan)
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.run:
         copy(a.run[0], Path(a.run[1]), [Path(f) for f in a.run[2:]])
         return 0
+    if a.actor is None:
+        p.error("ACTOR_DIR is needed")
     import bench_merge  # not in the copying children: their start-up is part of their time
     from device_bench import ROOT, measure
 
