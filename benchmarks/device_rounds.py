@@ -70,13 +70,13 @@ class Rounds(Bench):
               str(actor), str(self.work / "tr-out"), "--dtype", "bfloat16", "--no-optimizer", "--no-progress"]
         steps = a.steps.split(",")
         for r in range(1, a.rounds + 1):
-            if "verify" in steps and self.fits(f"round {r}'s verify", 2.5 * est):
+            if "verify" in steps and self.fits(f"round {r}'s verify", (2.5 + 1.5 * bool(a.old)) * est):
                 self.cat_null(f"verify/cat_both_folders_run{r}", both, est)
                 for mode in ("streams", "compare"):
                     self.run(f"verify/{mode}_run{r}", self.verify(out, actor, mode), both, 1.5 * est)
-            if a.old and "verify" in steps:
-                self.run(f"verify/old_streams_run{r}", self.verify(out, actor, None), both, 1.5 * est,
-                         cwd=Path(a.old).resolve(), env={"PYTHONPATH": str(Path(a.old).resolve())})
+                if a.old:
+                    self.run(f"verify/old_streams_run{r}", self.verify(out, actor, None), both, 1.5 * est,
+                             cwd=Path(a.old).resolve(), env={"PYTHONPATH": str(Path(a.old).resolve())})
             if r == 1 and "once" in steps:
                 for mode in ("streams", "compare"):
                     self.run(f"verify_pyc/{mode}", self.verify(out, actor, mode), both, 1.5 * est, env=pyc)
