@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import DType
+from .errors import CheckpointError, ConfigError
 from .model_folder import (
     carried_files,
     check_config_fits,
@@ -32,8 +33,9 @@ from .model_folder import (
     ties_embeddings,
 )
 from .options import DEFAULT_BUFFER_SIZE, MergeOptions, resolve_dtype
-from .plan import Plan, build_plan, copy_plans, fmt_bytes
+from .plan import FilePlan, Plan, build_plan, copy_plans, fmt_bytes
 from .sources import Source, open_checkpoint
+from .write.manifest import Manifest
 from .write.transaction import OutputFolder, index_bytes
 from .write.writer import FileWriter, OutputFile, in_flight
 
@@ -59,6 +61,12 @@ class MergePlan:
     @property
     def weights(self) -> Plan:
         return self.plans[0]
+
+    def saved_dtype(self) -> DType | None:
+        """The one floating dtype the weights keep (config.json must name it, or transformers' dtype "auto"
+        loads them cast to the dtype the training config named); None when there are several, or none."""
+        kept = {t.dtype for t in self.weights.tensors.values() if t.dtype.is_floating_point}
+        return kept.pop() if len(kept) == 1 else None
 
     def __repr__(self) -> str:
         plans = ", ".join(f"{p.subdir or 'weights'}: {len(p.tensors)} tensors in {len(p.files)} files"
@@ -101,7 +109,7 @@ class MergePlan:
                 return index_bytes(p.index_json())
         src = self.small[rel]
         if rel == "config.json" and self.config is not None:
-            return config_bytes(self.config, self.dtype)
+            return config_bytes(self.config, self.dtype or self.saved_dtype())
         assert src is not None
         return src.read_bytes()
 
@@ -182,6 +190,11 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         for p in model_paths:
             small[p.relative_to(model_dir).as_posix()] = p
     merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info)
+    if config is not None and dtype is None and merge_plan.saved_dtype() is None:
+        kept = sorted({t.dtype.name for t in weights.tensors.values() if t.dtype.is_floating_point})
+        if len(kept) > 1:
+            warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "
+                            "all as the one its dtype option or config.json names; give --dtype to write one")
     for rel, data in generated.items():
         merge_plan.add_generated(rel, data)
     return merge_plan
@@ -279,10 +292,11 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     folds = any(t.fold is not None for p, fp in shares for t in (p.tensors[n] for n in fp.names))
     if folds:
         import_behind("torch")  # folds need torch: its import (seconds) overlaps the first files' copies
+    _check_ties(mp, shares)
     folder = OutputFolder(out, fingerprint=mp.fingerprint(), source=mp.source.path, options=mp.record(),
                           data_files=[p.rel(fp.filename) for p, fp in shares],
                           small_files=sorted(set(mp.small) - set(mp.indexes)), index_files=mp.indexes,
-                          part=part, sync=sync)
+                          part=part, sync=sync, inputs=_inputs(mp))
     files: list[OutputFile] = []
     reused: list[str] = []
     written = planned = 0
@@ -328,6 +342,33 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
             compute.forget()
     return MergeResult(out, files, mp, written, sum(f.size for f in files), time.perf_counter() - t0,
                        peak_rss(), reused, list(mp.warnings), fell_back)
+
+
+def _inputs(mp: MergePlan) -> dict[str, list[int]]:
+    try:
+        files = [*mp.source.files(), *(mp.source.lora_base.files() if mp.source.lora_base is not None else ())]
+        return Manifest.identify(files)
+    except OSError as e:
+        raise CheckpointError(f"{mp.source.path}: cannot read a checkpoint file ({e})") from None
+
+
+def _check_ties(mp: MergePlan, shares: list[tuple[Plan, FilePlan]]) -> None:
+    """Refuse, before anything is written, an output embedding dropped as tied (the config says so) whose bytes
+    differ from the input embedding's: transformers would load the input embedding in its place."""
+    mine = {(id(p), n) for p, fp in shares for n in fp.names}
+    ties = [(p, name, t) for p in mp.plans for name, t in p.tie_checks.items() if (id(p), p.dropped[name]) in mine]
+    if not ties:
+        return
+    with FileWriter(workers=1, buffer_size=mp.options.buffer_size, drop_cache=mp.options.drop_cache) as writer:
+        for p, name, t in ties:
+            kept = p.dropped[name]
+            if not writer.same_bytes(t, p.tensors[kept]):
+                where = mp.model_dir / "config.json" if mp.model_dir is not None else mp.source.path
+                trained = "with its LoRA folded in " if t.fold is not None else ""
+                raise ConfigError(f"{where}: ties the embeddings (tie_word_embeddings), but the checkpoint's "
+                                  f"{name} {trained}differs from {kept}, so a tied model would not be the trained "
+                                  "one; set tie_word_embeddings to false in that config (both are then written), "
+                                  "or give the run's own config with --model-name")
 
 
 def import_behind(*modules: str) -> None:

@@ -119,6 +119,9 @@ class Plan:
     files: tuple[FilePlan, ...]
     index_filename: str | None  # None when one file holds everything (and no index is needed)
     dropped: dict[str, str] = field(default_factory=dict)  # tied duplicate -> the key kept
+    # a duplicate dropped because the config ties it, not because it shares the kept one's storage: the writer
+    # (and verify) must find its bytes equal to the kept tensor's, or the tied model is not the trained one
+    tie_checks: dict[str, TensorPlan] = field(default_factory=dict)
     subdir: str = ""  # "" for weights, "optimizer" for the optimizer export, "lora_adapter"
     index_metadata: dict = field(default_factory=dict)
     source: Source | None = field(default=None, repr=False, compare=False)
@@ -264,12 +267,16 @@ _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "wo
                      "tok_embeddings.weight")
 
 
+def _storage_key(t: TensorPlan) -> str:
+    return t.key().split("|", 2)[2]  # everything but the names: equal keys read the same bytes the same way
+
+
 def tied_duplicates(tensors: Mapping[str, TensorPlan], tie_embeddings: bool) -> dict[str, str]:
     """Keys that save_pretrained would not write: aliases of one storage, and tied output embeddings."""
     dropped: dict[str, str] = {}
     by_bytes: dict[str, str] = {}
     for name, t in tensors.items():
-        key = t.key().split("|", 2)[2]  # everything but the names
+        key = _storage_key(t)
         if key in by_bytes and t.pieces:
             dropped[name] = by_bytes[key]
         else:
@@ -297,6 +304,7 @@ def build_plan(tensors: Iterable[TensorPlan], *, max_shard_size: int, tie_embedd
     planned = {t.name: t for t in tensors}
     dropped = tied_duplicates(planned, tie_embeddings) if not subdir else {}
     kept = {k: v for k, v in planned.items() if k not in dropped}
+    checks = {k: planned[k] for k, v in dropped.items() if _storage_key(planned[k]) != _storage_key(planned[v])}
     if single_file is not None:
         entries = ((t.name, t.dtype, t.shape) for t in kept.values())
         return Plan(tensors=kept, files=(FilePlan(single_file, layout(entries, metadata)),), index_filename=None,
@@ -304,7 +312,7 @@ def build_plan(tensors: Iterable[TensorPlan], *, max_shard_size: int, tie_embedd
     files, index = assign_files(list(kept.values()), max_shard_size, prefix=prefix, metadata=metadata)
     if always_index and index is None:
         index = f"{prefix}.safetensors.index.json"
-    return Plan(tensors=kept, files=files, index_filename=index, dropped=dropped, subdir=subdir,
+    return Plan(tensors=kept, files=files, index_filename=index, dropped=dropped, tie_checks=checks, subdir=subdir,
                 index_metadata=dict(index_metadata or {}), source=source, notes=list(notes))
 
 

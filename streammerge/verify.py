@@ -444,14 +444,18 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
             for rel in sorted(r for r in headers if (r.startswith(p.subdir + "/") if p.subdir else "/" not in r)):
                 for name in sorted(set(headers[rel].entries) - set(p.tensors))[:5]:
                     report.fail(f"{rel}: holds {name!r}, which the checkpoint does not have")
-            for name, t in p.tensors.items():
-                rel = where.get(name, "")
+            # a tie the config made (not shared storage) is checked as the trained output embedding: its source
+            # against the input embedding written in its place
+            checks = [(name, t, name) for name, t in p.tensors.items()]
+            checks += [(name, t, p.dropped[name]) for name, t in p.tie_checks.items()]
+            for name, t, written in checks:
+                rel = where.get(written, "")
                 header = headers.get(rel) if rel else None
                 if header is None:
                     continue  # missing or broken file: reported above
-                entry = header.entries.get(name)
+                entry = header.entries.get(written)
                 if entry is None:
-                    report.fail(f"{rel}: lacks tensor {name!r}")
+                    report.fail(f"{rel}: lacks tensor {written!r}")
                     continue
                 if entry.dtype != t.dtype or entry.shape != t.shape:
                     report.fail(f"{rel}: tensor {name!r} is {_short(entry.dtype)} {list(entry.shape)}, "

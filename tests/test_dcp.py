@@ -762,6 +762,36 @@ def test_verify_catches_a_changed_chunk_through_torch(qwen_dcp: Path, tmp_path: 
     assert any("CRC-32" in f for f in report.failures), report.summary()
 
 
+def test_a_tie_made_by_the_config_is_checked_against_the_bytes(qwen_dcp: Path, tmp_path: Path, capsys) -> None:
+    """dcp.save stores a tied model's lm_head.weight apart from its embedding, so the tie comes from the config alone.
+    Equal bytes: lm_head is dropped, and verify compares its source with the embedding written in its place. Once
+    they differ (a config that says tied for an untied run): verify names lm_head, and the merge refuses in one line
+    before it writes anything; with the config untied, both are written as torch reads them."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(qwen_dcp, ckpt)
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, optimizer=False)
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    report = streammerge.verify(out, ckpt)
+    assert report.ok, report.summary()
+    head = read_dcp(ckpt).tensors["model.lm_head.weight"]
+    _flip(Path(head.pieces[-1].file), head.pieces[-1].offset + 3, 0x01)  # an exponent bit: survives the cast
+    report = streammerge.verify(out, ckpt)
+    assert not report.ok and any("lm_head.weight" in f for f in report.failures), report.summary()
+    assert main([str(ckpt), str(tmp_path / "again"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "lm_head.weight differs from model.embed_tokens.weight" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "again").exists()
+    config = json.loads((ckpt / "huggingface" / "config.json").read_text())
+    (ckpt / "huggingface" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    streammerge.merge(ckpt, tmp_path / "untied", optimizer=False, dtype="keep")
+    got = load_file(tmp_path / "untied" / "model.safetensors")
+    dcp_to_torch_save(str(ckpt), str(ckpt) + ".pt")
+    want = flat_reference(ckpt, read_dcp(ckpt))
+    assert torch.equal(got["lm_head.weight"], want["model.lm_head.weight"])
+    assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+
+
 def test_cli_inspect_and_merge(qwen_dcp: Path, tmp_path: Path, capsys) -> None:
     assert main(["inspect", str(qwen_dcp)]) == 0
     text = capsys.readouterr().out

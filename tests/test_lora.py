@@ -338,3 +338,74 @@ def test_missing_alpha_is_a_config_error_naming_the_flag(tmp_path):
     (actor / "lora_train_meta.json").unlink()
     with pytest.raises(ConfigError, match="--lora-alpha"):
         plan_merge(actor)
+
+
+@pytest.mark.parametrize("tuner, message", [
+    ("vera", "not LoRA's A, B or base weight"),
+    ("ia3", "not LoRA's A, B or base weight"),
+    ("loha", "not LoRA's A, B or base weight"),
+    ("adalora", "not LoRA's A, B or base weight"),
+    ("trainable_tokens", "trainable tokens"),
+])
+def test_refuses_other_peft_tuners(tmp_path, capsys, tuner, message):
+    """Other tuners' tensors are neither a LoRA pair nor the model's: written as they are, transformers would load
+    a model with their modules newly initialised (VeRA's keys are not even under base_model.model.)."""
+    import peft
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    targets = ["q_proj", "v_proj"]
+    configs = {
+        "vera": lambda: peft.VeraConfig(r=4, target_modules=targets),
+        "ia3": lambda: peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "loha": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=targets),
+        "adalora": lambda: peft.AdaLoraConfig(r=4, lora_alpha=8, target_modules=targets, total_step=10),
+        "trainable_tokens": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"],
+                                                    trainable_token_indices=[5, 6]),
+    }
+    config = model_config(LoraSpec("", hidden_size=32, num_layers=1))
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Qwen2ForCausalLM(config), configs[tuner]())
+    actor = _save_peft(tmp_path, model, config)
+    rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_lora_on_the_lm_head_of_a_tied_model(tmp_path, capsys):
+    """peft trains lm_head's own delta over the embedding it shares: the trained model has lm_head W + s B A and the
+    embedding W, which a tied model cannot hold. The merge refuses; with the config untied, both are written and
+    lm_head is peft's own fold (W + its get_delta_weight), bit for bit."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    config = model_config(LoraSpec("", hidden_size=32, num_layers=1))
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "lm_head"])
+    model = get_peft_model(Qwen2ForCausalLM(config), lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # trained: B is no longer zero
+    actor = _save_peft(tmp_path, model, config)
+    rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "tie_word_embeddings" in err and "lm_head.weight with its LoRA folded in differs" in err
+    assert not (tmp_path / "out").exists()
+
+    cfg = json.loads((actor / "huggingface" / "config.json").read_text())
+    (actor / "huggingface" / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    rc, err = run(["merge", actor, tmp_path / "out", "--dtype", "float32"], capsys)
+    assert rc == 0, err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    head = model.base_model.model.lm_head
+    with torch.no_grad():
+        want = head.base_layer.weight + head.get_delta_weight("default")
+    assert torch.equal(got["lm_head.weight"], want)
+    assert torch.equal(got["model.embed_tokens.weight"], head.base_layer.weight)  # the embedding stayed W
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.arange(12).view(1, 12) % config.vocab_size
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-4, rtol=0)
+    assert verify(tmp_path / "out", actor).ok

@@ -188,6 +188,21 @@ def test_refuses_a_config_that_does_not_describe_it(tmp_path: Path, changes, err
         streammerge.plan(folder)
 
 
+@pytest.mark.parametrize("case", ["verl_v1_qwen2_tp2_dp2", "verl_v2_qwen3_tp2_dp2"])
+def test_refuses_a_head_layout_the_run_did_not_record(case: str, tmp_path: Path) -> None:
+    """8 heads of 4 dims and 4 KV heads give every tensor the shapes of the run's 4 heads of 8 and 2 query groups,
+    and would split the fused QKV rows wrongly: veRL's transformer_config.json says which layout the run had."""
+    run = _copy(case, tmp_path)
+    actor = run / "global_step_1" / "actor"
+    hf = actor if (actor / "huggingface").is_dir() else run  # veRL v2 saves no config: it is given by --model-name
+    recorded = json.loads((actor / "transformer_config.json").read_text())
+    assert (recorded["num_attention_heads"], recorded["num_query_groups"], recorded["kv_channels"]) == (4, 2, 8)
+    streammerge.plan(actor, model_name=str(hf / "huggingface"))  # the run's own config
+    _edit_config(hf, num_attention_heads=8, num_key_value_heads=4, head_dim=4)
+    with pytest.raises(ConfigError, match="num_attention_heads 8, but the run recorded 4 in .*transformer_config"):
+        streammerge.plan(actor, model_name=str(hf / "huggingface"))
+
+
 def test_refuses_untied_config_without_output_layer(tmp_path: Path) -> None:
     folder = _copy("qwen2_tp2", tmp_path)
     _edit_config(folder, tie_word_embeddings=False)

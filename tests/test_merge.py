@@ -87,6 +87,21 @@ def test_auto_dtype_follows_config_and_rewrites_it(make_ckpt, tmp_path: Path) ->
     assert len(tok("hello world")["input_ids"]) > 0
 
 
+def test_keep_names_the_saved_dtype_in_the_config(make_ckpt, tmp_path: Path) -> None:
+    """float32 rank files under a config that says bfloat16 (the usual veRL run): with --dtype keep the config must
+    say float32, or transformers (dtype "auto") loads the weights rounded to bfloat16, not as trained."""
+    from transformers import AutoModelForCausalLM
+
+    actor = make_ckpt()
+    assert json.loads((actor / "huggingface" / "config.json").read_text())["dtype"] == "bfloat16"
+    streammerge.merge(actor, tmp_path / "out", dtype="keep", optimizer=False)
+    got = _merged(tmp_path / "out")
+    assert {t.dtype for t in got.values() if t.is_floating_point()} == {torch.float32}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert all(torch.equal(loaded[k], t) for k, t in got.items() if k in loaded)
+
+
 @pytest.mark.slow
 def test_demo_command_runs_the_whole_path(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -223,3 +223,24 @@ def test_rerun_of_a_finished_merge_rewrites_nothing_big(big, reference, done):
     assert result.bytes_written == 0
     assert len(result.reused) == sum(1 for rel in before if rel.endswith(".safetensors"))
     assert tree_bytes(done) == reference[1]
+
+
+def test_a_checkpoint_saved_again_is_not_resumed(big, tmp_path):
+    """The same step saved again at the same path (a restarted run) has the same layout, so the same plan: the files
+    an earlier merge finished hold the old weights. The rerun must not reuse them, finished or half done."""
+    from streammerge.errors import OutputError
+
+    ckpt = copy_actor(big, tmp_path / "actor")
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, **OPTIONS)
+    assert streammerge.merge(ckpt, out, **OPTIONS).bytes_written == 0  # unchanged: nothing to redo
+    rank0 = ckpt / "model_world_size_4_rank_0.pt"
+    data = bytearray(rank0.read_bytes())
+    data[-4096] ^= 0x01  # same size and layout, other bytes (a tensor's or the zip's: the merge need not tell which)
+    rank0.write_bytes(bytes(data))
+    victim = sorted(rel for rel in manifest_of(out)["files"] if rel.endswith(".safetensors"))[0]
+    for interrupted in (False, True):
+        if interrupted:
+            (out / victim).unlink()
+        with pytest.raises(OutputError, match=r"as it was before .*model_world_size_4_rank_0\.pt changed"):
+            streammerge.merge(ckpt, out, **OPTIONS)

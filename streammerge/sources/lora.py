@@ -47,9 +47,11 @@ _UNSUPPORTED = {
 
 
 def is_peft(tensors: Mapping[str, SourceTensor]) -> bool:
-    """True for a peft model's state dict (every key under `base_model.model.`, or LoRA keys among them)."""
-    return any(".lora_A." in n or ".lora_B." in n for n in tensors) or (
-        bool(tensors) and all(n.startswith(PREFIX) for n in tensors))
+    """True for a peft model's state dict: LoRA keys, or every key under `base_model.` and the model under
+    `base_model.model.` (other tuners keep shared tensors beside it, e.g. VeRA's `base_model.vera_A`)."""
+    if any(".lora_A." in n or ".lora_B." in n for n in tensors):
+        return True
+    return all(n.startswith("base_model.") for n in tensors) and any(n.startswith(PREFIX) for n in tensors)
 
 
 @dataclass
@@ -218,6 +220,7 @@ def _pair(source: Source, tensors: Mapping[str, SourceTensor]
             continue
         if ".original_module." in name:  # modules_to_save keeps the untrained copy too: the trained one is written
             continue
+        _refuse_other_tuners(source, name, names, parts)
         m = re.search(r"\.modules_to_save\.([^.]+)\.", name)
         if m:
             names.add(m.group(1))
@@ -227,6 +230,21 @@ def _pair(source: Source, tensors: Mapping[str, SourceTensor]
             raise CheckpointError(f"{source.path}: {name!r} and another key both become {short!r}")
         plain[short] = t
     return adapters, plain, names, saved
+
+
+def _refuse_other_tuners(source: Source, name: str, adapter_names: set[str], lora_modules: Mapping) -> None:
+    """A key that is neither LoRA's nor the model's is another peft tuner's part, which the fold would leave out
+    (or write under a name transformers ignores)."""
+    if ".trainable_tokens_" in name or ".token_adapter." in name:
+        raise CheckpointError(f"{source.path}: {name!r}: peft trainable tokens (trainable_token_indices) are not "
+                              "supported by streammerge's LoRA fold; merge it with peft's merge_and_unload instead")
+    last = name.rsplit(".", 1)[-1]
+    wrapped = name.split(".base_layer.", 1)[0] if ".base_layer." in name else None
+    if (not name.startswith(PREFIX) or (wrapped is not None and wrapped not in lora_modules) or ".lora_" in name
+            or last in adapter_names or last == "default"):
+        raise CheckpointError(f"{source.path}: {name!r}: a peft tensor that is not LoRA's A, B or base weight (another "
+                              "tuner: VeRA, IA3, LoHa, LoKr, AdaLoRA...) is not supported by streammerge's LoRA "
+                              "fold; merge it with peft's merge_and_unload instead")
 
 
 def _short_name(name: str) -> str:

@@ -21,6 +21,7 @@ buffers whose parameter order and padding are not in the checkpoint: skipped wit
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 _NO_WEIGHTS = re.compile(r"(\._extra_state/|^common_state/|^rng_state/|^optimizer\.)")
 _L = "decoder.layers."
+RECORDED_CONFIG = "transformer_config.json"  # veRL's Megatron backend saves the run's TransformerConfig here
 OPTIMIZER_KINDS = ("exp_avg", "exp_avg_sq", "param")
 
 
@@ -96,6 +98,33 @@ def arch_of(config: Mapping[str, Any] | None, where: str) -> Arch:
     return Arch(model_type, need("num_hidden_layers"), hidden, heads, groups, head_dim, need("vocab_size"),
                 need("intermediate_size") if model_type != "mixtral" else 0, experts, expert_ffn,
                 ties_embeddings(config))
+
+
+def check_recorded(a: Arch, folder: Path, where: str) -> None:
+    """Compare the layout from config.json with the one the run recorded, where it did (veRL: the actor folder,
+    above dist_ckpt/ or model/dist_ckpt/).
+
+    Other head counts can give every tensor the same shape (4 heads of 8 dims, 8 of 4), and would split the
+    fused QKV rows into the wrong q, k and v: shapes alone cannot tell.
+    """
+    path = next((d / RECORDED_CONFIG for d in (folder, *folder.parents[:2]) if (d / RECORDED_CONFIG).is_file()), None)
+    if path is None:
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    ours = {"num_layers": a.layers, "hidden_size": a.hidden, "num_attention_heads": a.heads,
+            "num_query_groups": a.groups, "kv_channels": a.head_dim}
+    for key, value in ours.items():
+        saved = recorded.get(key)
+        if key == "num_query_groups" and saved is None:  # no grouped-query attention: one group per head
+            saved = recorded.get("num_attention_heads")
+        if isinstance(saved, int) and not isinstance(saved, bool) and saved != value:
+            raise ConfigError(f"{where}: gives {key} {value}, but the run recorded {saved} in {path}; give the "
+                              "run's own config with --model-name")
 
 
 # ---------------------------------------------------------------- the table
@@ -312,6 +341,7 @@ class MegatronSource(DcpSource):
         if self._arch is None or self._takes is None:
             ck = self.checkpoint()
             arch = arch_of(self.config, self._config_where)
+            check_recorded(arch, self.path, self._config_where)
             where = f"{self.path} (with {self._config_where})"
             odd = sorted(k for k in ck.bytes_items if not _NO_WEIGHTS.search(k))
             if odd:

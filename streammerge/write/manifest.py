@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,21 @@ PART_GLOB = "manifest.part-*.json"  # one per torchrun rank > 0, folded into MAN
 class Manifest:
     """Lives in OUT/.streammerge/manifest.json and is rewritten atomically after every finished file."""
 
-    def __init__(self, out_dir: Path, fingerprint: str, source: str, options: dict, part: int = 0):
+    def __init__(self, out_dir: Path, fingerprint: str, source: str, options: dict, part: int = 0,
+                 inputs: dict[str, list[int]] | None = None):
         self.path = out_dir / STATE_DIR / (MANIFEST if part == 0 else PART_GLOB.replace("*", str(part)))
         self.data: dict[str, Any] = {"version": 2, "fingerprint": fingerprint, "source": source, "options": options,
-                     "files": {}, "complete": False}
+                     "inputs": inputs or {}, "files": {}, "complete": False}
+
+    @staticmethod
+    def identify(paths: Iterable[Path]) -> dict[str, list[int]]:
+        """[size, mtime_ns] of each file a merge reads: the plan fingerprint says how the checkpoint is laid out, not
+        what its files hold, and a checkpoint saved again at the same path keeps its layout."""
+        out = {}
+        for p in paths:
+            st = os.stat(p)
+            out[str(p)] = [st.st_size, st.st_mtime_ns]
+        return out
 
     @staticmethod
     def read(out_dir: Path) -> dict | None:

@@ -36,13 +36,14 @@ class OutputFolder:
 
     def __init__(self, out: Path, *, fingerprint: str, source: Path, options: dict[str, Any],
                  data_files: Sequence[str], small_files: Sequence[str], index_files: Sequence[str],
-                 part: int = 0, sync: Sync | None = None):
+                 part: int = 0, sync: Sync | None = None, inputs: dict[str, list[int]] | None = None):
         self.out, self.fingerprint, self.source = out, fingerprint, source
+        self.inputs = inputs or {}
         self.part, self.sync = part, sync
         self.data_files = list(data_files)  # this part's share
         self.small_files = list(small_files)  # part 0 writes these at the end
         self.index_files = list(index_files)  # written last, once everything else is there
-        self.manifest = Manifest(out, fingerprint, str(source), options, part=part)
+        self.manifest = Manifest(out, fingerprint, str(source), options, part=part, inputs=self.inputs)
         self.prior: dict[str, OutputFile | None] = {}
         self._lock_fd: int | None = None
 
@@ -92,6 +93,12 @@ class OutputFolder:
             raise OutputError(f"{out}: holds a different merge (other checkpoint or options, or a streammerge "
                               "version that planned differently); choose a new folder, or delete this one to "
                               "start over")
+        before = previous.get("inputs") or {}  # none in manifests of older versions
+        changed = sorted(k for k in before.keys() & self.inputs.keys() if before[k] != self.inputs[k])
+        if changed:
+            raise OutputError(f"{out}: holds a merge of the checkpoint as it was before {changed[0]} changed (its size "
+                              "or modification time differs: saved again?); choose a new folder, or delete this one "
+                              "to merge it again")
         return previous
 
     def _lock(self) -> None:

@@ -718,6 +718,19 @@ class FileWriter:
         _pwrite_all(fd, out.data[:n], w0)
         return n, w0
 
+    def same_bytes(self, a: TensorPlan, b: TensorPlan) -> bool:
+        """Whether two tensors of a plan would be written with the same bytes (a tied duplicate's check),
+        window by window in two of the writer's buffers."""
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        (out_a, scratch_a), (out_b, scratch_b) = self._buffers[0], self._buffers[1]
+        budget = self.window_bytes // (4 * FOLD_COPIES) if a.fold or b.fold else self.window_bytes
+        for box in windows(a.shape, a.dtype.itemsize, max(a.dtype.itemsize, budget)):
+            n = self._fill_box(a, box, out_a, scratch_a)
+            if self._fill_box(b, box, out_b, scratch_b) != n or not np.array_equal(out_a[:n], out_b[:n]):
+                return False
+        return True
+
     def _fill_box(self, t: TensorPlan, box: Box | None, out: np.ndarray, scratch: np.ndarray) -> int:
         assert box is not None
         if t.fold is not None:
