@@ -51,6 +51,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
     p.add_argument("--model-name", metavar="NAME_OR_PATH",
                    help="take config and tokenizer from this model folder or Hub model, not from huggingface/")
+    p.add_argument("--weights-only", action="store_true",
+                   help="a checkpoint without a config: write the weights alone (transformers cannot load the "
+                        "folder as a model); without this flag such a merge is refused")
     p.add_argument("--trust-pickle", action="store_true",
                    help="DANGEROUS: load rank files with weights_only=False (runs any code pickled in them); "
                         "only for files you made yourself")
@@ -77,7 +80,7 @@ def merge_options(args: argparse.Namespace, **overrides: object) -> MergeOptions
         dtype=args.dtype, max_shard_size=args.max_shard_size, optimizer=not args.no_optimizer,
         trust_pickle=args.trust_pickle, model_name=args.model_name, lora=args.lora, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_rslora=getattr(args, "lora_rslora", None), base_model=args.base_model,
-        key_prefix=args.key_prefix,
+        key_prefix=args.key_prefix, weights_only=getattr(args, "weights_only", False),
         optimizer_format=getattr(args, "optimizer_format", "safetensors"), workers=getattr(args, "workers", None),
         buffer_size=getattr(args, "buffer_size", None), drop_cache=not getattr(args, "keep_cache", False),
         progress=sys.stderr.isatty() if progress is None else bool(progress))

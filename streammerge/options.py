@@ -78,13 +78,14 @@ class MergeOptions:
     lora_rslora: bool | None = None  # rsLoRA (alpha/sqrt(r)) when the checkpoint does not record it
     base_model: str | None = None  # adapter-only checkpoints: the base weights (folder or Hub model)
     key_prefix: str | None = None  # DCP: strip this prefix from keys ("model."); None: detect
+    weights_only: bool = False  # without a config: write the weights alone, a folder transformers cannot load
     # how it runs (not part of the fingerprint)
     workers: int | None = None
     buffer_size: int = DEFAULT_BUFFER_SIZE
     drop_cache: bool = True
     progress: bool = False
 
-    RUNTIME = ("workers", "buffer_size", "drop_cache", "progress", "trust_pickle")
+    RUNTIME = ("workers", "buffer_size", "drop_cache", "progress", "trust_pickle", "weights_only")
 
     def __post_init__(self) -> None:
         if self.optimizer_format not in OPTIMIZER_FORMATS:

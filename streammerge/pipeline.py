@@ -288,6 +288,10 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     out = Path(out_dir).expanduser().resolve()
     mp = checkpoint if isinstance(checkpoint, MergePlan) else plan_merge(checkpoint, options, **kwargs)
     opts = mp.options
+    if mp.config is None and not opts.weights_only:
+        raise ConfigError(f"{mp.source.path}: no config.json (no huggingface/ folder beside it, no --model-name): "
+                          "transformers could not load the output as a model; give the model's config and tokenizer "
+                          "with --model-name (a folder or a Hub model), or --weights-only to write the weights alone")
     shares = [(p, fp) for p in mp.plans for fp in p.split(num_parts, part)]
     folds = any(t.fold is not None for p, fp in shares for t in (p.tensors[n] for n in fp.names))
     if folds:

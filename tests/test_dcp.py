@@ -152,7 +152,8 @@ def test_expected_layouts(ckpts: Path) -> None:
 
 def test_reading_and_merging_never_import_torch(ckpts: Path, tmp_path: Path) -> None:
     code = ("import sys, streammerge; from streammerge.sources import open_checkpoint; "
-            "src = open_checkpoint(sys.argv[1]); r = streammerge.merge(src, sys.argv[2], dtype='bfloat16'); "
+            "src = open_checkpoint(sys.argv[1]); "
+            "r = streammerge.merge(src, sys.argv[2], dtype='bfloat16', weights_only=True); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(len(r.files))")
     out = subprocess.run([sys.executable, "-c", code, str(ckpts / "w3_trainer"), str(tmp_path / "out")],
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -694,7 +695,7 @@ def test_merge_equals_torch(ckpts: Path, tmp_path: Path, name: str) -> None:
     """Every merged tensor equals dcp_to_torch_save's, bit for bit; bfloat16 casts equal torch's .to()."""
     ref = _torch_full(ckpts / name)
     out = tmp_path / "keep"
-    streammerge.merge(ckpts / name, out, dtype="keep", max_shard_size="300B")
+    streammerge.merge(ckpts / name, out, dtype="keep", max_shard_size="300B", weights_only=True)
     got = {}
     for f in out.glob("model*.safetensors"):
         got.update(load_file(f))
@@ -703,7 +704,7 @@ def test_merge_equals_torch(ckpts: Path, tmp_path: Path, name: str) -> None:
     report = streammerge.verify(out, ckpts / name, chunk_size=4096)
     assert report.ok and report.tensors_checked >= len(ref), report.summary()
     cast = tmp_path / "bf16"
-    streammerge.merge(ckpts / name, cast, dtype="bfloat16", optimizer=False)
+    streammerge.merge(ckpts / name, cast, dtype="bfloat16", optimizer=False, weights_only=True)
     got = load_file(cast / "model.safetensors")
     assert all(raw(got[k]) == raw(v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in ref.items())
 
@@ -790,6 +791,19 @@ def test_a_tie_made_by_the_config_is_checked_against_the_bytes(qwen_dcp: Path, t
     want = flat_reference(ckpt, read_dcp(ckpt))
     assert torch.equal(got["lm_head.weight"], want["model.lm_head.weight"])
     assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+
+
+def test_without_a_config_only_weights_only_writes(ckpts: Path, tmp_path: Path, capsys) -> None:
+    """A DCP of bare tensors has no config: transformers could not load the output as a model, so exit 0 needs the
+    user to ask for the weights alone; inspect still shows the plan."""
+    assert main(["inspect", str(ckpts / "w2_model")]) == 0
+    capsys.readouterr()
+    assert main([str(ckpts / "w2_model"), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no config.json" in err and "--weights-only" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+    assert main([str(ckpts / "w2_model"), str(tmp_path / "out"), "--no-progress", "--weights-only"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "config.json").exists()
 
 
 def test_cli_inspect_and_merge(qwen_dcp: Path, tmp_path: Path, capsys) -> None:
@@ -880,7 +894,7 @@ def test_trainer_layouts_and_their_optimizer(layout: str, tmp_path: Path) -> Non
         state = {**want_model, "optimizer": flat, "lr_scheduler": {"last_epoch": 7}, "train_state": {"step": 7}}
     dcp.save(state, checkpoint_id=str(folder), no_dist=True)
     out = tmp_path / "out"
-    result = streammerge.merge(typed, out, dtype="keep")
+    result = streammerge.merge(typed, out, dtype="keep", weights_only=True)
     assert not result.warnings[1:], result.warnings  # [0]: no config.json
     got = load_file(out / "model.safetensors")
     assert set(got) == set(want_model) and all(torch.equal(got[k], v) for k, v in want_model.items())

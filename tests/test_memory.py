@@ -18,7 +18,7 @@ HWM = "next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.sta
 MERGE_AND_REPORT = f"""
 import json, sys
 import streammerge
-r = streammerge.merge(sys.argv[1], sys.argv[2], dtype=sys.argv[3], buffer_size="16MiB", workers=2)
+r = streammerge.merge(sys.argv[1], sys.argv[2], dtype=sys.argv[3], buffer_size="16MiB", workers=2, weights_only=True)
 print(json.dumps({{"peak": {HWM}, "bytes": r.bytes_written}}))
 """
 BASELINE = f"""
@@ -62,8 +62,8 @@ def test_summary_reports_the_merge_own_peak_not_its_launcher(tmp_path: Path) -> 
     """A trainer that runs the CLI at its last step is large; the merge's summary must not report its peak."""
     ckpt = _checkpoint(tmp_path / "ckpt", 8)
     launcher = torch.ones(2**28)  # 1 GiB, touched, in this (the launching) process
-    out = subprocess.run([sys.executable, "-m", "streammerge", str(ckpt), str(tmp_path / "out"), "--no-progress"],
-                         capture_output=True, text=True, cwd=REPO, check=True)
+    out = subprocess.run([sys.executable, "-m", "streammerge", str(ckpt), str(tmp_path / "out"), "--no-progress",
+                          "--weights-only"], capture_output=True, text=True, cwd=REPO, check=True)
     del launcher
     peak = int(re.search(r"peak RSS (\d+) MiB", out.stdout + out.stderr).group(1))
     assert peak < 512, out.stdout

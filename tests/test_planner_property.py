@@ -78,7 +78,8 @@ def test_merge_equals_the_full_tensors(case):
         strided = [name for name, _, _, s in specs if s]
         ckpt = write_rank_files(tmp / "actor", tensors, mesh, strided=strided)
         out = tmp / "out"
-        streammerge.merge(ckpt, out, dtype=out_dtype, max_shard_size=max_shard, buffer_size="4KiB", workers=2)
+        streammerge.merge(ckpt, out, dtype=out_dtype, max_shard_size=max_shard, buffer_size="4KiB", workers=2,
+                          weights_only=True)
 
         merged: dict[str, torch.Tensor] = {}
         for f in sorted(out.glob("*.safetensors")):

@@ -48,7 +48,7 @@ def test_merge_is_byte_identical_to_save_file(tmp_path: Path) -> None:
     tensors = {f"layer.{i}.w": _random(dt, (7, 5), gen) for i, dt in enumerate(ALL_DTYPES)}
     tensors["scalar"] = torch.tensor(3, dtype=torch.int64)
     ck = _plain_checkpoint(tmp_path, tensors)
-    streammerge.merge(ck, tmp_path / "out", dtype="keep", buffer_size=4096 * 8)
+    streammerge.merge(ck, tmp_path / "out", dtype="keep", buffer_size=4096 * 8, weights_only=True)
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
@@ -69,7 +69,7 @@ def test_sharded_merge_matches_save_file_per_file(tmp_path_factory, shapes, dtyp
     tensors = {names[i]: _random(dtypes[i], tuple(s), gen) for i, s in enumerate(shapes)}
     ck = _plain_checkpoint(tmp, tensors)
     out = tmp / "out"
-    streammerge.merge(ck, out, dtype="keep", max_shard_size=shard, buffer_size=8192 * 8)
+    streammerge.merge(ck, out, dtype="keep", max_shard_size=shard, buffer_size=8192 * 8, weights_only=True)
     files = sorted(out.glob("*.safetensors"))
     index = out / "model.safetensors.index.json"
     if len(files) == 1:
@@ -92,7 +92,7 @@ def test_large_windows_split_inside_rows(tmp_path: Path) -> None:
     tensors = {"wide": _random(torch.float32, (3, 40000), gen), "long": _random(torch.float32, (100000,), gen),
                "cube": _random(torch.float32, (2, 3, 9000), gen)}
     ck = _plain_checkpoint(tmp_path, tensors)
-    streammerge.merge(ck, tmp_path / "out", dtype="bfloat16", buffer_size=64 * 1024)
+    streammerge.merge(ck, tmp_path / "out", dtype="bfloat16", buffer_size=64 * 1024, weights_only=True)
     from safetensors.torch import load_file
 
     got = load_file(tmp_path / "out" / "model.safetensors")
@@ -108,7 +108,7 @@ def test_casts_equal_torch_to(tmp_path: Path, dtype: torch.dtype) -> None:
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, 65504.0, 65520.0, 3.0e38])
     src = {"x": torch.cat([x.float(), special]), "d": x, "h": x.to(torch.bfloat16), "i": torch.arange(10)}
     ck = _plain_checkpoint(tmp_path, src)
-    streammerge.merge(ck, tmp_path / "out", dtype=str(dtype)[6:], buffer_size=4096 * 8)
+    streammerge.merge(ck, tmp_path / "out", dtype=str(dtype)[6:], buffer_size=4096 * 8, weights_only=True)
     from safetensors.torch import load_file
 
     got = load_file(tmp_path / "out" / "model.safetensors")
@@ -125,7 +125,7 @@ def test_column_major_pieces_larger_than_the_buffer(tmp_path: Path) -> None:
     cube = torch.randn(20, 30, 40, generator=gen).permute(2, 0, 1)
     assert cm.stride() == (1, 500) and not cube.is_contiguous()
     ck = _plain_checkpoint(tmp_path, {"cm": cm, "cube": cube})
-    streammerge.merge(ck, tmp_path / "out", dtype="bfloat16", buffer_size=64 * 1024)
+    streammerge.merge(ck, tmp_path / "out", dtype="bfloat16", buffer_size=64 * 1024, weights_only=True)
     from safetensors.torch import load_file
 
     got = load_file(tmp_path / "out" / "model.safetensors")
@@ -139,7 +139,7 @@ def test_float8_casts_go_through_torch(tmp_path: Path) -> None:
     e4 = (torch.randn(40, 30, generator=gen) * 8).to(torch.float8_e4m3fn)
     e5 = (torch.randn(30, 40, generator=gen) * 8).to(torch.float8_e5m2).t()  # column-major piece
     ck = _plain_checkpoint(tmp_path, {"e4": e4, "e5": e5, "f": torch.randn(7, generator=gen)})
-    streammerge.merge(ck, tmp_path / "out", dtype="bfloat16", buffer_size=4096 * 8)
+    streammerge.merge(ck, tmp_path / "out", dtype="bfloat16", buffer_size=4096 * 8, weights_only=True)
     from safetensors.torch import load_file
 
     got = load_file(tmp_path / "out" / "model.safetensors")

@@ -58,7 +58,7 @@ def test_strided_and_two_d_sources_verify(tmp_path, checksums):
     }
     ckpt = write_rank_files(tmp_path / "actor", specs, (2, 3), strided=["a", "b", "c"])
     out = tmp_path / "out"
-    streammerge.merge(ckpt, out, dtype="bfloat16")
+    streammerge.merge(ckpt, out, dtype="bfloat16", weights_only=True)
     report = streammerge.verify(out, ckpt, chunk_size=4096, checksums=checksums)
     assert report.ok, report.summary()
     assert report.tensors_checked == 3
@@ -305,7 +305,7 @@ def test_a_flip_in_storage_outside_its_tensor_is_caught_by_the_crc(tmp_path, che
     g = torch.Generator().manual_seed(4)
     ckpt = write_rank_files(tmp_path / "actor", {"w": torch.randn(8, 6, generator=g)}, (2,), padded=["w"])
     out = tmp_path / "out"
-    streammerge.merge(ckpt, out, dtype="keep")
+    streammerge.merge(ckpt, out, dtype="keep", weights_only=True)
     assert streammerge.verify(out, ckpt, checksums=checksums).ok
     victim = ckpt / "model_world_size_2_rank_0.pt"  # the full copy torch's reader compares (rank 1's is streamed)
     with zipfile.ZipFile(victim) as z:
@@ -402,7 +402,7 @@ def test_verify_reads_in_bounded_memory(tmp_path):
         ckpt = write_rank_files(tmp_path / f"actor{rows}", {"w": (torch.randn(rows, 4096, generator=g), [Shard(1)])},
                                 (2,))
         out = tmp_path / f"out{rows}"
-        streammerge.merge(ckpt, out)
+        streammerge.merge(ckpt, out, weights_only=True)
         for f in [*ckpt.glob("*.pt"), *out.glob("*.safetensors")]:  # cold, as after a merge of a large model
             fd = os.open(f, os.O_RDONLY)
             os.fsync(fd)
