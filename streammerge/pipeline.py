@@ -37,7 +37,7 @@ from .plan import FilePlan, Plan, build_plan, copy_plans, fmt_bytes
 from .sources import Source, open_checkpoint
 from .write.manifest import Manifest
 from .write.transaction import OutputFolder, index_bytes
-from .write.writer import FileWriter, OutputFile, in_flight
+from .write.writer import FileWriter, OutputFile, in_flight, piece_ranges
 
 FINGERPRINT_VERSION = 2
 FileCallback = Callable[[OutputFile, Path], None]
@@ -363,10 +363,14 @@ def _check_ties(mp: MergePlan, shares: list[tuple[Plan, FilePlan]]) -> None:
     ties = [(p, name, t) for p in mp.plans for name, t in p.tie_checks.items() if (id(p), p.dropped[name]) in mine]
     if not ties:
         return
-    with FileWriter(workers=1, buffer_size=mp.options.buffer_size, drop_cache=mp.options.drop_cache) as writer:
+    # The kept tensor's pages stay in the page cache for the merge, which reads them next; the dropped one's go.
+    with FileWriter(workers=1, buffer_size=mp.options.buffer_size, drop_cache=False) as writer:
         for p, name, t in ties:
             kept = p.dropped[name]
-            if not writer.same_bytes(t, p.tensors[kept]):
+            same = writer.same_bytes(t, p.tensors[kept])
+            if mp.options.drop_cache:
+                writer.sources.evict(piece_ranges([t]))
+            if not same:
                 where = mp.model_dir / "config.json" if mp.model_dir is not None else mp.source.path
                 trained = "with its LoRA folded in " if t.fold is not None else ""
                 raise ConfigError(f"{where}: ties the embeddings (tie_word_embeddings), but the checkpoint's "

@@ -312,6 +312,11 @@ class Sources:
         if self.drop_cache:
             self._consumed(path, fd, offset, len(view))
 
+    def evict(self, ranges: Iterable[tuple[str, int, int]]) -> None:
+        """Drop these ranges of the rank files from the page cache (read, and not needed again)."""
+        for path, off, n in ranges:
+            _drop_cache(self.fd(path), off, n, written=False)
+
     def prefetch(self, ranges: Iterable[tuple[str, int, int]]) -> None:
         """Start reading these ranges now, without waiting (adjacent ones as one request)."""
         if not self.exact:
