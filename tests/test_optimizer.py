@@ -445,3 +445,75 @@ def test_optimizer_rank_files_are_unpickled_once_and_weights_only(make_ckpt, tmp
     with pytest.raises(UnsafePickleError):
         load_optim_file(evil, 0, 1)
     assert not marker.exists()
+
+
+def _train_two_steps(rank: int, actor: str, case: str) -> None:
+    """Two AdamW steps of a tiny model under FSDP2 on 2 gloo ranks, saved as veRL saves, with torch's own full
+    optimizer state dict beside it (`oracle_optimizer.pt`). Cases: `critic` (veRL's value model, a token
+    classifier, from a base config that ties embeddings and names the causal LM), `named` / `named_reversed`
+    (AdamW over named parameters, torch >= 2.6, which records `param_names`; reversed: layers last to first),
+    `tensor_lr` (a tensor learning rate in the param group)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForTokenClassification, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=67, hidden_size=32, intermediate_size=88, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=case == "critic", num_labels=1)
+    config.architectures = ["Qwen2ForCausalLM"]
+    torch.manual_seed(0)
+    model = (AutoModelForTokenClassification.from_config(config) if case == "critic" else Qwen2ForCausalLM(config))
+    model = model.float()
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = list(model.named_parameters())
+    if case == "named_reversed":  # the layers' parameters in reverse layer order, in the layers' slots
+        layers = [np for np in params if ".layers." in np[0]]
+        by_layer = sorted(layers, key=lambda np: -int(np[0].split(".")[2]))
+        it = iter(by_layer)
+        params = [next(it) if ".layers." in np[0] else np for np in params]
+    lr = torch.tensor(1e-2) if case == "tensor_lr" else 1e-2  # torch takes a tensor lr (capturable schedules)
+    optim = torch.optim.AdamW(params if case.startswith("named") else model.parameters(), lr=lr)
+    for i in range(2):
+        ids = torch.randint(0, 67, (2, 8), generator=torch.Generator().manual_seed(i))
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        optim.step()
+        optim.zero_grad()
+    out = Path(actor)
+    torch.save(model.state_dict(), out / f"model_world_size_2_rank_{rank}.pt")
+    torch.save(optim.state_dict(), out / f"optim_world_size_2_rank_{rank}.pt")
+    dist.barrier()
+    full = get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save(full, out / "oracle_optimizer.pt")
+        (out / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": 2}))
+        config.save_pretrained(out / "huggingface")
+
+
+@pytest.mark.parametrize("case", ["critic", "named", "named_reversed", "tensor_lr"])
+def test_optimizers_named_by_what_was_trained(case: str, tmp_path: Path) -> None:
+    """A critic of a tied base is named as the token classifier it is (the tied causal LM's parameters fit inside
+    it); named parameters in the model's order export as torch's full state; in another order (same shapes, so
+    position alone cannot tell) the optimizer is not exported, with the reason, and the weights still are; so too
+    with a tensor in a param group (it cannot go into the index's JSON), which used to end as an internal error."""
+    from streammerge.testing.ranks import run_ranks
+
+    actor = tmp_path / "actor"
+    actor.mkdir()
+    run_ranks(_train_two_steps, (str(actor), case), 2)
+    out = tmp_path / "out"
+    result = streammerge.merge(actor, out, dtype="keep")
+    assert (out / "model.safetensors").is_file()
+    if case in ("named_reversed", "tensor_lr"):
+        why = "param_names" if case == "named_reversed" else "cannot be recorded as JSON"
+        assert not (out / "optimizer").exists()
+        assert any(why in w and "optimizer not exported" in w for w in result.warnings), result.warnings
+        return
+    assert result.warnings == []
+    ref = torch.load(actor / "oracle_optimizer.pt", weights_only=True)
+    got = streammerge.load_optimizer_state_dict(out)
+    assert_same_optimizer(got, ref)  # param groups included: named parameters' param_names, a list as in torch

@@ -55,7 +55,9 @@ def nest(flat: Mapping[str, Any], param_groups: Sequence[Mapping]) -> dict:
     state = {f: by_fqn[f] for f in fqns if f in by_fqn}
     groups = []
     for g in param_groups:
-        hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in g.items() if k != "params"}
+        # JSON has no tuples: torch's are betas and the like; param_names (named-parameter optimizers) is a list
+        hyper = {k: tuple(v) if isinstance(v, list) and k != "param_names" else v for k, v in g.items()
+                 if k != "params"}
         groups.append({**hyper, "params": list(g["params"])})
     return {"state": state, "param_groups": groups}
 

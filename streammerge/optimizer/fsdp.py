@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,20 +128,20 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
             tensors, fqns = _plan_orig_params(shard_files(ck, files, trust_pickle), model)
         else:
             tensors, fqns = _plan_per_param(files, model)
+        _check_recorded_names(groups, fqns)
+        values: dict[str, Any] = {}
+        for rf in files:  # FSDP1 use_orig_params: a parameter's values are only on the ranks holding a piece of it
+            for n, v in rf.other["values"].items():
+                for f in fqns[int(n.split(".", 2)[1])]:
+                    values.setdefault(f"state.{f}.{n.split('.', 2)[2]}", v)
+        _check_json(values, "non-tensor optimizer state")
+        meta_groups = []
+        for g in groups:
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            _check_json(hyper, "param group")
+            meta_groups.append({**hyper, "params": [f for i in g["params"] for f in fqns[i]]})
     except Skip as e:
         return None, [f"optimizer not exported: {e}"]
-
-    values: dict[str, Any] = {}
-    for rf in files:  # FSDP1 use_orig_params: a parameter's values are only on the ranks holding a piece of it
-        for n, v in rf.other["values"].items():
-            for f in fqns[int(n.split(".", 2)[1])]:
-                values.setdefault(f"state.{f}.{n.split('.', 2)[2]}", v)
-    _check_json(values, "non-tensor optimizer state")
-    meta_groups = []
-    for g in groups:
-        hyper = {k: v for k, v in g.items() if k != "params"}
-        _check_json(hyper, "param group")
-        meta_groups.append({**hyper, "params": [f for i in g["params"] for f in fqns[i]]})
     index_metadata = {"format": LAYOUT_NAME, "param_groups": json.dumps(meta_groups)}
     if values:
         index_metadata["state_values"] = json.dumps(values)
@@ -164,6 +165,27 @@ def export_plan(tensors: Mapping[str, TensorPlan], index_metadata: Mapping[str, 
 def _plain(name: str, s: SourceTensor) -> TensorPlan:
     """Optimizer state is exported under its parameter's name, in the dtype it was saved in."""
     return TensorPlan(name, s, s.dtype)
+
+
+_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
+
+
+def _check_recorded_names(groups: list[dict], fqns: Mapping[int, list[str]]) -> None:
+    """An optimizer built from named parameters records them (`param_names`, torch >= 2.6). The state is named
+    here by position in the model's named_parameters(); where the optimizer's own names say another order
+    (layers listed in reverse have the same shapes), that naming is wrong: skip rather than misname."""
+    for g in groups:
+        names = g.get("param_names")
+        if names is None:
+            continue
+        for pid, recorded in zip(g.get("params", []), names):
+            ours = fqns.get(pid, [])
+            if len(ours) != 1:  # an FSDP1 flat parameter: several names, none recorded
+                continue
+            a, b = _WRAPPERS.sub(r"\1", str(recorded)), ours[0]
+            if not (a == b or a.endswith("." + b) or b.endswith("." + a)):
+                raise Skip(f"the optimizer records parameter {pid} as {recorded!r} (param_names), but it is "
+                           f"{b!r} in the model's named_parameters() order; the state cannot be named by position")
 
 
 def _check_json(obj: Any, what: str) -> None:

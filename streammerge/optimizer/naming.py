@@ -8,6 +8,7 @@ a warning that says why). Every candidate is checked against the shapes in the m
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import logging
@@ -67,8 +68,10 @@ def _meta_models(config: Any) -> Iterator[torch.nn.Module]:
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             builders.append(functools.partial(cls._from_config, config, **eager))
     builders.append(lambda: transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False, **eager))
+    critic = copy.deepcopy(config)
+    critic.num_labels = 1  # veRL's critic: one value per token (from_config no longer takes num_labels itself)
     builders.append(lambda: transformers.AutoModelForTokenClassification.from_config(
-        config, num_labels=1, trust_remote_code=False, **eager))
+        critic, trust_remote_code=False, **eager))
     log = logging.getLogger("transformers")
     for build in builders:
         level = log.level
@@ -88,21 +91,27 @@ def model_params(config: Mapping[str, Any] | None, known: Mapping[str, tuple[int
                  where: str = "config.json") -> ModelParams:
     """Build the parameter order from config.json without allocating weights.
 
-    `known` maps the names in the model rank files to their shapes: the first candidate model whose
-    parameters all appear there with the same shapes is the one that was trained.
+    `known` maps the names in the model rank files to their shapes: of the candidate models whose
+    parameters all appear there with the same shapes, the one with the most is the one that was trained
+    (a causal LM with tied embeddings fits inside a critic built from the same config, which adds its head).
     """
     if not config:
         raise Skip("no huggingface/config.json to rebuild the parameter order from")
     if importlib.util.find_spec("transformers") is None:
         raise Skip("transformers is not installed (needed to rebuild the parameter order)")
     tried = []
+    best: ModelParams | None = None
     for model in _meta_models(built_in_config(config, where)):
         params = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
         bad = [n for n, s in params if known.get(n) != s]
         if not bad:
-            return ModelParams(params, _fsdp1_units(model), type(model).__name__)
+            if best is None or len(params) > len(best.params):
+                best = ModelParams(params, _fsdp1_units(model), type(model).__name__)
+            continue
         tried.append(f"{type(model).__name__} (e.g. {bad[0]!r} "
                      f"{'has another shape' if bad[0] in known else 'is not in the model files'})")
+    if best is not None:
+        return best
     if not tried:
         raise Skip(f"transformers cannot build the model of {where}")
     raise Skip(f"no model built from {where} has the parameters of the model files: " + "; ".join(tried))
