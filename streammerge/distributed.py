@@ -37,6 +37,12 @@ def launched_by_torchrun() -> bool:
     Several copies started by srun alone would each write every file into the same folder: refuse.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        if "GROUP_RANK" not in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # another launcher's environment, inherited by one process (a Kubeflow pod, a Ray worker): joining a
+            # group of WORLD_SIZE ranks would wait for ranks that never come
+            raise OutputError(f"RANK and WORLD_SIZE={os.environ['WORLD_SIZE']} are set, but not by torchrun (no "
+                              "GROUP_RANK): unset RANK and WORLD_SIZE to merge in this process, or start the "
+                              "merge with torchrun")
         return True
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
         raise OutputError("started as one of several Slurm tasks without torchrun: every task would write "

@@ -297,10 +297,11 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     if folds:
         import_behind("torch")  # folds need torch: its import (seconds) overlaps the first files' copies
     _check_ties(mp, shares)
+    inputs = _inputs(mp)
     folder = OutputFolder(out, fingerprint=mp.fingerprint(), source=mp.source.path, options=mp.record(),
                           data_files=[p.rel(fp.filename) for p, fp in shares],
                           small_files=sorted(set(mp.small) - set(mp.indexes)), index_files=mp.indexes,
-                          part=part, sync=sync, inputs=_inputs(mp))
+                          part=part, sync=sync, inputs=inputs)
     files: list[OutputFile] = []
     reused: list[str] = []
     written = planned = 0
@@ -336,6 +337,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                     bar.update(planned - bar.n)
                 done(f)
             fell_back.update(writer.fallbacks)
+            _check_unchanged(mp, inputs)
             folder.finish(mp.contents, done)
     finally:
         if bar:
@@ -354,6 +356,16 @@ def _inputs(mp: MergePlan) -> dict[str, list[int]]:
         return Manifest.identify(files)
     except OSError as e:
         raise CheckpointError(f"{mp.source.path}: cannot read a checkpoint file ({e})") from None
+
+
+def _check_unchanged(mp: MergePlan, before: dict[str, list[int]]) -> None:
+    """Before the index says "complete": a checkpoint file rewritten in place while it was merged (saved again at
+    the same path) gave some files its old bytes and some its new ones."""
+    now = _inputs(mp)
+    changed = sorted(k for k in before if now.get(k) != before[k])
+    if changed:
+        raise CheckpointError(f"{changed[0]} changed while it was merged (saved again?): the output would mix two "
+                              "saves; delete the output folder and merge again once the checkpoint is complete")
 
 
 def _check_ties(mp: MergePlan, shares: list[tuple[Plan, FilePlan]]) -> None:

@@ -244,3 +244,28 @@ def test_a_checkpoint_saved_again_is_not_resumed(big, tmp_path):
             (out / victim).unlink()
         with pytest.raises(OutputError, match=r"as it was before .*model_world_size_4_rank_0\.pt changed"):
             streammerge.merge(ckpt, out, **OPTIONS)
+
+
+def test_a_checkpoint_saved_again_while_it_is_merged_fails(big, tmp_path):
+    """torch.save rewrites a rank file in place: the files written before it hold the old bytes, those after the new
+    ones. The merge must fail before the index says the folder is complete, and a rerun must not resume it."""
+    from streammerge.errors import CheckpointError, OutputError
+
+    ckpt = copy_actor(big, tmp_path / "actor")
+    out = tmp_path / "out"
+    rank0 = ckpt / "model_world_size_4_rank_0.pt"
+    saved = []
+
+    def save_again(f, path) -> None:
+        if not saved:
+            data = bytearray(rank0.read_bytes())
+            data[-4096] ^= 0x01
+            with open(rank0, "r+b") as fh:  # in place, as torch.save does
+                fh.write(bytes(data))
+            saved.append(f.filename)
+
+    with pytest.raises(CheckpointError, match=r"model_world_size_4_rank_0\.pt changed while it was merged"):
+        streammerge.merge(ckpt, out, on_file_done=save_again, **OPTIONS)
+    assert saved and not (out / INDEX).exists()
+    with pytest.raises(OutputError, match="as it was before"):
+        streammerge.merge(ckpt, out, **OPTIONS)

@@ -166,3 +166,14 @@ def test_several_slurm_tasks_without_torchrun_are_refused(ckpt, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "torchrun" in r.stderr
     assert not out.exists()
+
+
+def test_rank_variables_from_another_launcher_are_refused_at_once(make_ckpt, tmp_path: Path) -> None:
+    """RANK and WORLD_SIZE inherited from a launcher that is not torchrun (a Kubeflow pod, a Ray worker) with no other
+    rank coming: joining a process group would wait for hours, silently. One line, exit 2, nothing written."""
+    actor = make_ckpt()
+    env = dict(_env(), RANK="0", WORLD_SIZE="24", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    r = subprocess.run([sys.executable, "-m", "streammerge", str(actor), str(tmp_path / "out"), *OPTS], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not by torchrun" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "out").exists()

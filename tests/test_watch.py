@@ -180,3 +180,57 @@ def test_a_failed_push_is_not_recorded_and_is_retried_at_the_next_look(hub, acto
     assert local_files(tmp_path / "local" / "global_step_4") == \
         {k: v for k, v in local_files(out_root / "global_step_4").items() if k != "README.md"}
     assert set(merged.done_steps()) == {4}
+
+
+@pytest.mark.slow
+def test_an_older_step_is_never_pushed_over_a_newer_one(hub, actors, tmp_path):
+    """Steps 2 and 4 are ready; step 2's commit fails through every retry and step 4 is pushed to main. At the next
+    look step 2 must not be committed on top: main would hold older weights than the newest checkpoint's."""
+    run = tmp_path / "run"
+    add_step(run, 2, actors[0])
+    add_step(run, 4, actors[1])
+    watcher = Watcher(run, out_root=tmp_path / "merged", state_file=tmp_path / "state.json", **push_options(hub))
+    hub.fail_next(r"/commit/", status=503, n=FAST.attempts)  # the outage hits step 2's commit only
+    first = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in first] == [(2, False), (4, True)]
+    head = hub.repo("alice/tiny").branches["main"]
+    second = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok, r.error_kind) for r in second] == [(2, False, "superseded")]
+    assert hub.repo("alice/tiny").branches["main"] == head
+    assert remote_files(hub, "alice/tiny") == local_files(tmp_path / "merged" / "global_step_4")
+    assert watcher.done_steps()[2] == {**watcher.done_steps()[2], "superseded_by": 4}
+    assert watcher.run(once=True, interval=0.1) == []  # recorded: not looked at again
+
+
+def test_a_rotating_trainer_never_stops_the_watcher(actors, tmp_path):
+    """veRL's max_ckpt_to_keep removes the previous step while the watcher may be looking at it: the look must treat
+    the vanished folder as not ready, not die. A trainer thread saves and rotates steps quickly; the watcher looks
+    every few milliseconds."""
+    import threading
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stop = threading.Event()
+
+    def trainer() -> None:
+        n = 0
+        while not stop.is_set():  # veRL's order: remove the previous actor/, save the next, write the tracker
+            n += 1
+            shutil.rmtree(run / f"global_step_{n - 1}" / "actor", ignore_errors=True)
+            shutil.copytree(actors[0], run / f"global_step_{n}" / "actor",
+                            ignore=shutil.ignore_patterns("optim_*", "reference"))
+            (run / TRACKER).write_text(str(n))
+            time.sleep(0.03)
+
+    thread = threading.Thread(target=trainer, daemon=True)
+    thread.start()
+    watcher = Watcher(run, push=False, optimizer=False, max_shard_size=SHARD, out_root=tmp_path / "out",
+                      state_file=tmp_path / "state.json")
+    try:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            watcher.poll()  # raises if a look trips over the rotation
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        thread.join()

@@ -165,16 +165,16 @@ class Watcher:
         """The checkpoint when it is complete and did not change since the last look, else None."""
         try:
             ck = open_checkpoint(path)
-        except CheckpointError as e:
-            logger.info("step %d: not complete yet (%s)", step, e)
+            missing = getattr(ck, "missing_optim_ranks", ())
+            now = snapshot(ck.path)
+        except (CheckpointError, OSError) as e:  # OSError: the trainer removed it while we looked (max_ckpt_to_keep)
+            logger.info("step %d: not complete yet, or removed (%s)", step, e)
             self._seen.pop(step, None)
             return None
-        missing = getattr(ck, "missing_optim_ranks", ())
         if missing and self.options.optimizer:
             logger.info("step %d: waiting for optimizer rank files %s", step, list(missing))
             self._seen.pop(step, None)
             return None
-        now = snapshot(ck.path)
         before, self._seen[step] = self._seen.get(step), now
         if before != now:
             if before is not None:
@@ -191,9 +191,24 @@ class Watcher:
                 results.append(self.process(step, ck))
         return results
 
+    def superseded(self, step: int) -> int | None:
+        """A newer step already pushed to the one branch every step goes to: pushing this one after it would
+        leave the branch holding older weights than the newest checkpoint's."""
+        if not self.push or self.revision_per_step:
+            return None
+        newer = [s for s, entry in self.done_steps().items() if s > step and "superseded_by" not in entry]
+        return max(newer) if newer else None
+
     def process(self, step: int, ck: Source) -> PushResult:
         """Merge and push one step, and record it when that worked."""
         out = self.out_root / f"global_step_{step}" if self.out_root else default_out_dir(ck)
+        newer = self.superseded(step)
+        if newer is not None:
+            note = f"step {step}: not pushed, step {newer} is already on {self.revision or 'main'}"
+            logger.warning("%s", note)
+            self._seen.pop(step, None)
+            self._record(step, {"superseded_by": newer, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            return PushResult(ok=False, step=step, out_dir=out, error=note, error_kind="superseded")
         try:
             if self.push:
                 assert self.repo_id is not None

@@ -34,7 +34,7 @@ import numpy as np
 from ..checksum import FELL_BACK as CRC_FELL_BACK
 from ..checksum import crc32
 from ..dtypes import DType
-from ..errors import OutputError, VerifyError
+from ..errors import CheckpointError, OutputError, VerifyError
 from ..options import DEFAULT_BUFFER_SIZE
 from ..plan import FilePlan, Plan, TensorPlan
 from ..sources.base import Piece, no_readahead, row_major
@@ -271,7 +271,11 @@ class Sources:
     def fd(self, path: str) -> int:
         with self._lock:
             if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
+                try:
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:  # the checkpoint's fault, not the output's: say so (the writer reports OSErrors
+                    # as failed writes)
+                    raise CheckpointError(f"{path}: cannot read ({e.strerror or e}; removed while merging?)") from None
                 if self.exact:
                     no_readahead(self._fds[path])
             return self._fds[path]
