@@ -206,6 +206,16 @@ def test_run_folder_naming_a_missing_step(tmp_path, capsys):
     assert code == 2 and "names step 7" in stderr and "global_step_7 does not exist" in stderr
 
 
+@pytest.mark.parametrize("text", ["²", "step 7", ""])
+def test_a_tracker_that_is_not_a_step_number(tmp_path, capsys, text):
+    """str.isdigit() takes '²', which int() refuses: the tracker must still give its one line."""
+    run = tmp_path / "run"
+    (run / "global_step_5" / "actor").mkdir(parents=True)
+    (run / "latest_checkpointed_iteration.txt").write_text(text)
+    code, _, stderr = run_cli(["merge", run, tmp_path / "out"], capsys)
+    assert code == 2 and "expected a step number" in stderr and stderr.count("\n") == 1, stderr
+
+
 def test_path_that_is_a_file_or_missing(tmp_path, capsys):
     f = tmp_path / "model_world_size_1_rank_0.pt"
     f.write_bytes(b"x")

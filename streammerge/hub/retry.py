@@ -184,7 +184,7 @@ def retry_after(exc: BaseException) -> float | None:
         response = getattr(e, "response", None)
         if response is not None and hasattr(response, "headers"):
             value = response.headers.get("Retry-After")
-            if value is not None and value.strip().isdigit():
+            if value is not None and value.strip().isascii() and value.strip().isdigit():
                 return float(value)
     return None
 

@@ -57,7 +57,7 @@ def latest_step(run_dir: Path) -> int | None:
         text = (run_dir / LATEST_FILE).read_text().strip()
     except FileNotFoundError:
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def snapshot(folder: Path) -> Snapshot:

@@ -45,7 +45,7 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
         text = latest.read_text(errors="replace").strip()
         if text == "release":  # Megatron-LM's converted checkpoints
             names = ["release"]
-        elif text.isdigit():
+        elif text.isascii() and text.isdigit():  # str.isdigit also takes "²", which int() refuses
             names = [f"global_step_{int(text)}", f"iter_{int(text):07d}"]  # veRL, Megatron-LM
         else:
             raise CheckpointError(f"{latest}: expected a step number, found {text[:40]!r}")

@@ -273,8 +273,7 @@ class Sources:
             if path not in self._fds:
                 try:
                     self._fds[path] = os.open(path, os.O_RDONLY)
-                except OSError as e:  # the checkpoint's fault, not the output's: say so (the writer reports OSErrors
-                    # as failed writes)
+                except OSError as e:  # not an OSError: the writer reports those as failed writes of the output
                     raise CheckpointError(f"{path}: cannot read ({e.strerror or e}; removed while merging?)") from None
                 if self.exact:
                     no_readahead(self._fds[path])
