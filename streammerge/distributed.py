@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,12 @@ def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, options: Mer
             return None
 
         def sync() -> None:
-            dist.barrier(group=group)
+            try:
+                dist.barrier(group=group)
+            except RuntimeError as e:  # gloo's error when a peer writer has failed and left
+                first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:120]
+                raise OutputError(f"another host's writer stopped ({first}): its own error says why; fix that and "
+                                  "rerun the same command (finished files are kept)") from None
 
         result = merge(checkpoint_dir, out_dir, options, num_parts=me.hosts, part=me.host, sync=sync, **kwargs)
         sync()  # nobody reports success before host 0's writer has written the index
