@@ -34,7 +34,8 @@ WS = 2
 # refusals stricter than torch's, each with its stated reason
 STRICTER = ("two zip records named", "big-endian", "two dtypes or sizes", "not where torch.save would have put it",
             "CRC mismatch", "differ in size", "bad local header", "runs past the end", "outside the archive folder",
-            "central directory", "is malformed", "marked as a folder", "tensor names differ from rank 0")
+            "central directory", "is malformed", "marked as a folder", "tensor names differ from rank 0",
+            "as torch.save never names it")
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,10 @@ def set_crc(raw: bytearray, info: zipfile.ZipInfo) -> None:
 
 
 @pytest.mark.parametrize("case", ["zipfile", "reversed", "dup_last", "dup_first", "big", "unknown_order", "no_order",
-                                  "short", "long", "missing"])
+                                  "short", "long", "missing", "case_decoy", "upper_big_order", "upper_data"])
 def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
+    """torch's zip reader finds records ignoring case: a look-alike of a record (a zero-filled `Data/0` beside
+    `data/0`, a `BYTEORDER` saying big) may be what it reads, so such files are refused, never read otherwise."""
     p = rank_file(copy(good, tmp_path))
     if case == "zipfile":
         repack(p)
@@ -159,9 +162,18 @@ def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
         repack(p, data=lambda n, b: (b[:-8] if case == "short" else b + b"\1" * 8) if n == "data/0" else b)
     elif case == "missing":
         repack(p, lambda items: [(n, b) for n, b in items if not n.endswith("/data/1")])
+    elif case == "case_decoy":
+        repack(p, lambda items: items + [(n.replace("/data/0", "/Data/0"), b"\0" * len(b)) for n, b in items
+                                         if n.endswith("/data/0")])
+    elif case == "upper_big_order":
+        repack(p, lambda items: [(n.replace("/byteorder", "/BYTEORDER"), b"big" if n.endswith("/byteorder") else b)
+                                 for n, b in items])
+    elif case == "upper_data":
+        repack(p, lambda items: [(n.replace("/data/0", "/DATA/0"), b) for n, b in items])
     got = differential(p)
     expect = {"zipfile": "same", "reversed": "same", "no_order": "same", "dup_last": "stricter",
-              "dup_first": "stricter", "big": "stricter"}.get(case, "both refuse")
+              "dup_first": "stricter", "big": "stricter", "case_decoy": "stricter", "upper_big_order": "stricter",
+              "upper_data": "stricter"}.get(case, "both refuse")
     assert got == expect
 
 
@@ -455,3 +467,34 @@ def test_matcher_fuzz_on_gpu_saved_pickles(verl_fixtures: Path, tmp_path_factory
             raise
         return
     assert torch_ok
+
+
+def _build_after(nth_reduce: int, state: bytes):
+    """A pickle edit: BUILD with `state` (opcodes pushing one object) on what the last storage's BINPERSID made
+    (nth_reduce 0) or the nth REDUCE after it made (2: the tensor's _rebuild_tensor_v2; 1 is its hooks'
+    OrderedDict()), right after it is made."""
+    def edit(name: str, b: bytes) -> bytes:
+        if name != "data.pkl":
+            return b
+        ops = list(pickletools.genops(b))
+        at = max(i for i, (op, _, _) in enumerate(ops) if op.name == "BINPERSID")
+        for _ in range(nth_reduce):
+            at = next(i for i in range(at + 1, len(ops)) if ops[i][0].name == "REDUCE")
+        pos = ops[at + 1][2]
+        return b[:pos] + state + b"b" + b[pos:]
+    return edit
+
+
+def _short_unicode(text: str) -> bytes:
+    return b"X" + struct.pack("<I", len(text)) + text.encode()
+
+
+@pytest.mark.parametrize("case", ["storage_key", "tensor_offset"])
+def test_state_set_on_a_storage_or_tensor(good: Path, tmp_path: Path, case: str) -> None:
+    """BUILD on a storage or a tensor: torch's classes decide (a storage takes a harmless attribute, a tensor refuses
+    (None, {'offset': 3})); our records must not take it as a new key or offset, which read other bytes."""
+    p = rank_file(copy(good, tmp_path))
+    field, value, nth = ("key", _short_unicode("0"), 0) if case == "storage_key" else ("offset", b"K\x03", 2)
+    state = b"N}" + _short_unicode(field) + value + b"s\x86"  # (None, {field: value}): slot state
+    repack(p, data=_build_after(nth, state))
+    assert differential(p) in (("same", "stricter") if case == "storage_key" else ("both refuse",))

@@ -102,8 +102,15 @@ class _UntypedStorage:
     """The `torch.storage.UntypedStorage` a persistent id names for dtypes rebuilt by _rebuild_tensor_v3."""
 
 
+def _no_state(self: Any, state: Any) -> None:
+    """A BUILD opcode on a storage or a tensor: torch's classes decide what that does (some refuse, some ignore
+    it); ours would take it as new fields. torch's own unpickler reads such a file instead."""
+    raise NotPlain(f"state set on a {type(self).__name__.lower()} (BUILD)")
+
+
 class Storage:
     __slots__ = ("key", "dtype", "numel")
+    __setstate__ = _no_state
 
     def __init__(self, key: str, dtype: DType | None, numel: int):  # None: untyped, numel in bytes
         self.key, self.dtype, self.numel = key, dtype, numel
@@ -113,6 +120,7 @@ class Local:
     """A plain tensor as pickled: its storage and view (no data)."""
 
     __slots__ = ("storage", "offset", "shape", "stride")
+    __setstate__ = _no_state
 
     def __init__(self, storage: Storage, offset: int, shape: tuple, stride: tuple):
         self.storage, self.offset, self.shape, self.stride = storage, offset, tuple(shape), tuple(stride)
@@ -126,13 +134,14 @@ class Local:
 class Wrapper:
     """A tensor subclass rebuilt by _rebuild_wrapper_subclass (DTensor): global dtype/shape plus state."""
 
+    __setstate__ = _no_state
+
     def __init__(self, cls: type, dtype: DType, shape: tuple, stride: tuple):
         self.cls, self.dtype, self.shape, self.stride = cls, dtype, tuple(shape), tuple(stride)
         self.state: dict = {}
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> Local:
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None) -> Local:
     if not isinstance(storage, Storage) or storage.dtype is None:
         raise NotPlain("tensor without a typed storage")
     _plain_view(backward_hooks, metadata)
@@ -183,7 +192,11 @@ def _plain_view(backward_hooks: Any, metadata: Any) -> None:
         raise NotPlain("tensor with backward hooks")
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    """torch's signature (no defaults: a call torch refuses fails here too); nn.Parameter refuses gradients on
+    integer tensors."""
+    if isinstance(data, Local):
+        _grad_ok(data.dtype, requires_grad)
     return data
 
 

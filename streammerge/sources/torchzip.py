@@ -154,8 +154,19 @@ def read_directory(path: str | Path) -> Directory:
         twice = next(n for n in names if names.count(n) > 1)
         raise CheckpointError(f"{path}: two zip records named {twice!r} (torch would read one, a copy tool another); "
                               "re-save the file with torch.save")
+    folded: dict[str, str] = {}
+    for n in names:  # torch's zip reader (miniz) finds records ignoring case: a look-alike could be the one it reads
+        other = folded.setdefault(n.lower(), n)
+        if other != n:
+            raise CheckpointError(f"{path}: two zip records named {other!r} and {n!r}, which torch's zip reader does "
+                                  "not tell apart (it ignores case); re-save the file with torch.save")
     prefix = _prefix(path, names)
     cut = len(prefix)
+    for n in names:
+        own = n[cut:]
+        if own != own.lower() and (own.lower() in _TORCH_RECORDS or own.lower().startswith(("data/", ".data/"))):
+            raise CheckpointError(f"{path}: zip record {n!r} is named as torch.save never names it (torch's zip reader "
+                                  "would find it under its lower-case name); re-save the file with torch.save")
     return Directory(path=path, size=size, prefix=prefix, names=tuple(n[cut:] for n in names),
                      header_offsets=tuple(offsets), sizes=tuple(sizes), crcs=tuple(crcs),
                      central_offset=cd_offset, central_bytes=cd, entry_starts=tuple(starts))
@@ -223,6 +234,9 @@ def storage_offsets(d: Directory, keys: Iterable[str]) -> dict[str, int]:
     records = {key: d.index(f"data/{key}") for key in keys}
     at = data_offsets(d, sorted(records.values()))
     return {key: at[i] for key, i in records.items()}
+
+
+_TORCH_RECORDS = {"byteorder", "version", "data.pkl", ".storage_alignment"}
 
 
 def check_torch_records(d: Directory) -> None:
