@@ -498,3 +498,17 @@ def test_state_set_on_a_storage_or_tensor(good: Path, tmp_path: Path, case: str)
     state = b"N}" + _short_unicode(field) + value + b"s\x86"  # (None, {field: value}): slot state
     repack(p, data=_build_after(nth, state))
     assert differential(p) in (("same", "stricter") if case == "storage_key" else ("both refuse",))
+
+
+def test_a_dtype_where_a_storage_type_belongs(good: Path, tmp_path: Path) -> None:
+    """A persistent id naming `torch.float32` instead of `torch.FloatStorage`: torch.load refuses it (a dtype is no
+    storage type), so the reader must not take the two alike."""
+    p = rank_file(copy(good, tmp_path))
+    repack(p, data=lambda n, b: b.replace(b"ctorch\nFloatStorage\n", b"ctorch\nfloat32\n") if n == "data.pkl" else b)
+    assert b"ctorch\nfloat32\n" in records_bytes(p)
+    assert differential(p) == "both refuse"
+
+
+def records_bytes(path: Path) -> bytes:
+    with zipfile.ZipFile(path) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))

@@ -27,11 +27,22 @@ from .torchzip import Directory, check_torch_records, data_offsets, read_directo
 _DTYPES = {name: dtypes.of(name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
     "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")}
-_STORAGES = {"DoubleStorage": dtypes.float64, "FloatStorage": dtypes.float32, "HalfStorage": dtypes.float16,
-             "BFloat16Storage": dtypes.bfloat16, "LongStorage": dtypes.int64, "IntStorage": dtypes.int32,
-             "ShortStorage": dtypes.int16, "CharStorage": dtypes.int8, "ByteStorage": dtypes.uint8,
-             "BoolStorage": dtypes.bool_, "ComplexFloatStorage": dtypes.complex64,
-             "ComplexDoubleStorage": dtypes.complex128}
+
+
+class _StorageType:
+    """`torch.FloatStorage` and the like, as a persistent id names them: a dtype (`torch.float32`) in that place
+    is refused by torch.load, so the two must not decode alike."""
+
+    def __init__(self, dtype: DType):
+        self.dtype = dtype
+
+
+_STORAGES = {name: _StorageType(d) for name, d in {
+    "DoubleStorage": dtypes.float64, "FloatStorage": dtypes.float32, "HalfStorage": dtypes.float16,
+    "BFloat16Storage": dtypes.bfloat16, "LongStorage": dtypes.int64, "IntStorage": dtypes.int32,
+    "ShortStorage": dtypes.int16, "CharStorage": dtypes.int8, "ByteStorage": dtypes.uint8,
+    "BoolStorage": dtypes.bool_, "ComplexFloatStorage": dtypes.complex64,
+    "ComplexDoubleStorage": dtypes.complex128}.items()}
 
 
 class NotPlain(Exception):
@@ -289,12 +300,12 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and (isinstance(pid[1], DType) or pid[1] is _UntypedStorage)):
+                and (isinstance(pid[1], _StorageType) or pid[1] is _UntypedStorage)):
             raise NotPlain("unknown persistent id")
         kind, key, numel = pid[1], pid[2], pid[4]  # the location is not read: torch.load maps it away too
         if type(key) is not str or type(numel) is not int or numel < 0:
             raise NotPlain("persistent id without a storage key and size")
-        dtype = kind if isinstance(kind, DType) else None
+        dtype = kind.dtype if isinstance(kind, _StorageType) else None
         if self.storages.setdefault(key, (dtype, numel)) != (dtype, numel):
             raise Malformed(f"storage data/{key} is named with two dtypes or sizes (torch.load would use the first)")
         return Storage(key, dtype, numel)
