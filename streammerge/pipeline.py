@@ -62,10 +62,14 @@ class MergePlan:
     def weights(self) -> Plan:
         return self.plans[0]
 
+    def kept_dtypes(self) -> set[DType]:
+        """The floating dtypes of the weights as written."""
+        return {t.dtype for t in self.weights.tensors.values() if t.dtype.is_floating_point}
+
     def saved_dtype(self) -> DType | None:
         """The one floating dtype the weights keep (config.json must name it, or transformers' dtype "auto"
         loads them cast to the dtype the training config named); None when there are several, or none."""
-        kept = {t.dtype for t in self.weights.tensors.values() if t.dtype.is_floating_point}
+        kept = self.kept_dtypes()
         return kept.pop() if len(kept) == 1 else None
 
     def __repr__(self) -> str:
@@ -190,11 +194,10 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         for p in model_paths:
             small[p.relative_to(model_dir).as_posix()] = p
     merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info)
-    if config is not None and dtype is None and merge_plan.saved_dtype() is None:
-        kept = sorted({t.dtype.name for t in weights.tensors.values() if t.dtype.is_floating_point})
-        if len(kept) > 1:
-            warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "
-                            "all as the one its dtype option or config.json names; give --dtype to write one")
+    kept = sorted(d.name for d in merge_plan.kept_dtypes())
+    if config is not None and dtype is None and len(kept) > 1:
+        warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "
+                        "all as the one its dtype option or config.json names; give --dtype to write one")
     for rel, data in generated.items():
         merge_plan.add_generated(rel, data)
     return merge_plan
@@ -361,8 +364,7 @@ def _inputs(mp: MergePlan) -> dict[str, list[int]]:
 def _check_unchanged(mp: MergePlan, before: dict[str, list[int]]) -> None:
     """Before the index says "complete": a checkpoint file rewritten in place while it was merged (saved again at
     the same path) gave some files its old bytes and some its new ones."""
-    now = _inputs(mp)
-    changed = sorted(k for k in before if now.get(k) != before[k])
+    changed = Manifest.changed(before, _inputs(mp))
     if changed:
         raise CheckpointError(f"{changed[0]} changed while it was merged (saved again?): the output would mix two "
                               "saves; delete the output folder and merge again once the checkpoint is complete")

@@ -150,16 +150,17 @@ def read_directory(path: str | Path) -> Directory:
         pos += CENTRAL_SIZE + nlen + elen + clen
         if pos > len(cd):
             raise _bad(path, "central directory entry runs past the directory")
-    if len(set(names)) != len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise CheckpointError(f"{path}: two zip records named {twice!r} (torch would read one, a copy tool another); "
-                              "re-save the file with torch.save")
     folded: dict[str, str] = {}
     for n in names:  # torch's zip reader (miniz) finds records ignoring case: a look-alike could be the one it reads
-        other = folded.setdefault(n.lower(), n)
-        if other != n:
-            raise CheckpointError(f"{path}: two zip records named {other!r} and {n!r}, which torch's zip reader does "
-                                  "not tell apart (it ignores case); re-save the file with torch.save")
+        other = folded.get(n.lower())
+        if other is None:
+            folded[n.lower()] = n
+            continue
+        if other == n:
+            raise CheckpointError(f"{path}: two zip records named {n!r} (torch would read one, a copy tool another); "
+                                  "re-save the file with torch.save")
+        raise CheckpointError(f"{path}: two zip records named {other!r} and {n!r}, which torch's zip reader does "
+                              "not tell apart (it ignores case); re-save the file with torch.save")
     prefix = _prefix(path, names)
     cut = len(prefix)
     for n in names:

@@ -39,6 +39,12 @@ class Manifest:
         return out
 
     @staticmethod
+    def changed(before: dict[str, list[int]], now: dict[str, list[int]]) -> list[str]:
+        """The files of both records whose size or modification time differs (a record of an older version
+        lists none)."""
+        return sorted(k for k in before.keys() & now.keys() if before[k] != now[k])
+
+    @staticmethod
     def read(out_dir: Path) -> dict | None:
         path = out_dir / STATE_DIR / MANIFEST
         try:

@@ -93,8 +93,7 @@ class OutputFolder:
             raise OutputError(f"{out}: holds a different merge (other checkpoint or options, or a streammerge "
                               "version that planned differently); choose a new folder, or delete this one to "
                               "start over")
-        before = previous.get("inputs") or {}  # none in manifests of older versions
-        changed = sorted(k for k in before.keys() & self.inputs.keys() if before[k] != self.inputs[k])
+        changed = Manifest.changed(previous.get("inputs") or {}, self.inputs)
         if changed:
             raise OutputError(f"{out}: holds a merge of the checkpoint as it was before {changed[0]} changed (its size "
                               "or modification time differs: saved again?); choose a new folder, or delete this one "
