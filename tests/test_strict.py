@@ -509,6 +509,40 @@ def test_a_dtype_where_a_storage_type_belongs(good: Path, tmp_path: Path) -> Non
     assert differential(p) == "both refuse"
 
 
+def _drop_first_after(key: str, opname: str):
+    """A pickle edit: remove the first `opname` opcode (one byte, no operand) after the string `key`."""
+    def edit(name: str, b: bytes) -> bytes:
+        if name != "data.pkl":
+            return b
+        ops = list(pickletools.genops(b))
+        start = next(i for i, (_, arg, _) in enumerate(ops) if arg == key)
+        at = next(pos for op, _, pos in ops[start:] if op.name == opname)
+        return b[:at] + b[at + 1:]
+    return edit
+
+
+def test_a_rebuild_call_missing_an_argument(good: Path, tmp_path: Path) -> None:
+    """_rebuild_tensor_v2 called without its requires_grad: torch's call fails (backward_hooks missing), so the
+    reader must not build a record from the arguments it got."""
+    p = rank_file(copy(good, tmp_path))
+    repack(p, data=_drop_first_after("c.bias", "NEWFALSE"))
+    assert differential(p) == "both refuse"
+
+
+def test_an_integer_parameter_that_requires_grad(tmp_path: Path) -> None:
+    """torch refuses an integer tensor requiring gradients when it rebuilds the Parameter; so must the reader."""
+    p = tmp_path / f"model_world_size_{WS}_rank_0.pt"
+    torch.save({"x": torch.nn.Parameter(torch.zeros(3, dtype=torch.int32), requires_grad=False), "y": torch.ones(2)},
+               p)
+    assert differential(p) == "same"
+
+    def grad(name: str, b: bytes) -> bytes:  # the Parameter's requires_grad is the NEWFALSE before its hooks' BINGET
+        return b.replace(b"\x89h\x0b)R", b"\x88h\x0b)R", 1) if name == "data.pkl" else b
+    repack(p, data=grad)
+    assert b"\x88h\x0b)R" in records_bytes(p)
+    assert differential(p) == "both refuse"
+
+
 def records_bytes(path: Path) -> bytes:
     with zipfile.ZipFile(path) as z:
         return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
