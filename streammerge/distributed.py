@@ -103,7 +103,8 @@ def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, options: Mer
             try:
                 dist.barrier(group=group)
             except RuntimeError as e:  # gloo's error when a peer writer has failed and left
-                first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:120]
+                first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+                first = first.split(". ")[0][:120]
                 raise OutputError(f"another host's writer stopped ({first}): its own error says why; fix that and "
                                   "rerun the same command (finished files are kept)") from None
 

@@ -48,15 +48,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun_hosts(ckpt: Path, out: Path, logs: Path, hosts: int, nproc: int) -> list[str]:
-    """One torchrun agent per "host", all on this machine (static rendezvous); each agent's stdout."""
+def _torchrun_hosts(ckpt: Path, out: Path, logs: Path, hosts: int, nproc: int,
+                    host_opts: tuple[list[str], ...] = ()) -> list[str]:
+    """One torchrun agent per "host", all on this machine (static rendezvous); each agent's stdout, or, when a host
+    has options of its own (`host_opts`), each agent's (exit code, stderr) without checking them."""
     port = _free_port()
     logs.mkdir(parents=True, exist_ok=True)
     agents = []
     for node in range(hosts):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={hosts}", f"--node-rank={node}",
                f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
-               "-m", "streammerge", str(ckpt), str(out), *OPTS]
+               "-m", "streammerge", str(ckpt), str(out), *OPTS, *(host_opts[node] if host_opts else [])]
         with open(logs / f"host{node}.out", "w") as o, open(logs / f"host{node}.err", "w") as e:
             agents.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=o, stderr=e))
     try:
@@ -70,6 +72,8 @@ def _torchrun_hosts(ckpt: Path, out: Path, logs: Path, hosts: int, nproc: int) -
                 a.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 a.kill()
+    if host_opts:
+        return [f"{code}\n{(logs / f'host{n}.err').read_text()}" for n, code in enumerate(codes)]
     outs = [(logs / f"host{node}.out").read_text() for node in range(hosts)]
     assert codes == [0] * hosts, "\n".join(outs + [(logs / f"host{n}.err").read_text() for n in range(hosts)])
     return outs
@@ -157,6 +161,20 @@ def test_several_hosts_resume_rewrites_only_what_is_missing(ckpt, single, tmp_pa
     assert "finished by an earlier run" in "".join(outs)
     assert {p.name: p.stat().st_mtime_ns for p in shards[:-1]} == kept  # reused, not rewritten
     assert _files(out) == _files(single)
+
+
+def test_hosts_that_plan_differently_each_stop_with_one_line(ckpt, tmp_path):
+    """Host 1 was given another dtype (its plan differs): whichever host opens the folder second refuses it, and the
+    other one's writer learns at the barrier that its peer stopped. Each says so in one line, neither exits 0."""
+    ends = _torchrun_hosts(ckpt, tmp_path / "out", tmp_path / "logs", hosts=2, nproc=1,
+                           host_opts=([], ["--dtype", "float32"]))
+    for end in ends:
+        code, err = end.split("\n", 1)
+        assert code != "0", ends
+        lines = [ln for ln in err.splitlines() if ln.startswith("streammerge:")]
+        assert len(lines) == 1 and "internal error" not in lines[0], ends  # (torchrun's agent adds its own traceback)
+    assert any("another host's writer stopped" in e for e in ends), ends
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
 def test_several_slurm_tasks_without_torchrun_are_refused(ckpt, tmp_path):
