@@ -141,6 +141,29 @@ def test_data_files_are_committed_before_index_and_config(hub, folder):
     assert remote_files(hub, "alice/tiny") == expected_files(folder)
 
 
+def test_a_push_over_an_earlier_one_never_shows_a_mix_of_the_two(hub, folder):
+    """The second push rewrites every shard under the same names in several commits, and its second commit fails.
+    No commit of it, and not the head it leaves, may hold the old index over some new and some old shards (a model
+    of two training steps that loads): each holds the old push whole, or no index and no config."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=3, retry=FAST)
+    push_folder(folder, "alice/tiny", **opts)
+    old = remote_files(hub, "alice/tiny")
+    n_old = len(hub.commit_log("alice/tiny"))
+    for i, (name, size) in enumerate(SHARDS.items()):
+        write_random(folder / name, size, seed=100 + i)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "step": 4}))
+    hub.fail_next(r"/commit/", n=20, status=422, skip=1)
+    with pytest.raises(PushError):
+        push_folder(folder, "alice/tiny", **opts)
+    hub.clear_faults()
+    new_commits = hub.commit_log("alice/tiny")[n_old:]
+    assert new_commits and "model-00001-of-00004.safetensors" in new_commits[0].added
+    for c in new_commits:
+        assert not {"config.json", "model.safetensors.index.json"} & set(c.tree), c.summary
+    push_folder(folder, "alice/tiny", **opts)  # the rerun completes the new push
+    assert remote_files(hub, "alice/tiny") == expected_files(folder) != old
+
+
 def test_existing_repo_is_updated_and_a_rerun_sends_nothing(hub, folder):
     hub.create_repo("alice/tiny")
     hub.add_files("alice/tiny", {"config.json": b'{"old": true}', "notes.txt": b"kept"})

@@ -1,7 +1,10 @@
 """Commits of a push: in a safe order, each applied once, stale files of an earlier push deleted with the last.
 
 Data files are committed first and the files that point at them (``*.index.json``, ``config.json``,
-``README.md``) last, so the repo never shows an index naming a shard it does not have. A commit
+``README.md``) last, so the repo never shows an index naming a shard it does not have. When a push of
+several commits overwrites data files an earlier push left, its first commit also deletes the files it
+will write last: the commits in between then hold no loadable model, rather than the old index over a
+mix of old and new shards (a model made of two training steps). A commit
 whose answer was lost is checked against the remote before it is sent again, and a retry is made
 on top of the head it checked, so it is never applied twice and never deletes a file it did not see.
 """
@@ -130,10 +133,11 @@ class Committer:
         batches = plan_commits(changed, max_files_per_commit)
         if not batches and self.delete_patterns:
             batches = [[]]  # nothing new, but stale files may still have to go
+        hide = self._pointers_over_overwrites(batches, uploads) if len(batches) > 1 else []
         for i, batch in enumerate(batches, 1):
             part = message if len(batches) == 1 else f"{message} (part {i}/{len(batches)})"
             keep = set(uploads) if i == len(batches) and self.delete_patterns else None
-            info = self.commit([changed[p] for p in batch], part, keep=keep)
+            info = self.commit([changed[p] for p in batch], part, keep=keep, hide=hide if i == 1 else ())
             if info is not None:
                 self.commits.append(info)
         if self.deleted:
@@ -141,11 +145,24 @@ class Committer:
                         ", ".join(self.deleted))
         return self.commits[-1] if self.commits else self._head_commit_info(message)
 
-    def commit(self, uploads: list[Upload], message: str, keep: set[str] | None = None) -> CommitInfo | None:
-        """Commit ``uploads``; with ``keep``, also delete the stale files (``delete_patterns``, not in ``keep``).
+    def _pointers_over_overwrites(self, batches: list[list[str]], uploads: dict[str, Upload]) -> list[str]:
+        """The remote index/config/card files this push rewrites at the end, when an earlier commit of it
+        overwrites a remote data file they may point at (else none)."""
+        repo = self.repo
+        remote = set(self.calls.call("list the remote files", lambda: self.api.list_repo_files(
+            repo.repo_id, revision=repo.revision, repo_type=repo.repo_type)))
+        if not any(p in remote for batch in batches[:-1] for p in batch):
+            return []
+        return sorted(p for p in remote if p in uploads and is_last_file(p))
+
+    def commit(self, uploads: list[Upload], message: str, keep: set[str] | None = None,
+               hide: Iterable[str] = ()) -> CommitInfo | None:
+        """Commit ``uploads``; with ``keep``, also delete the stale files (``delete_patterns``, not in ``keep``);
+        ``hide``: remote files to delete in the same commit (those still at the head).
 
         None when there was nothing to commit (no uploads, nothing stale).
         """
+        hide = tuple(hide)
         repo = self.repo
         what = f"commit {len(uploads)} files" if keep is None else f"commit {len(uploads)} files and delete stale ones"
         failed_before = False
@@ -156,14 +173,17 @@ class Committer:
             ops: list[Any] = [u.op for u in uploads]
             parent: str | None = None
             stale: list[str] = []
-            if failed_before or keep is not None:
+            gone: list[str] = []
+            if failed_before or keep is not None or hide:
                 # The last attempt may have been applied even though its answer was lost: look first.
                 # The stale files are listed at the head the commit is then made on top of.
                 info = self.api.repo_info(repo.repo_id, revision=repo.revision, repo_type=repo.repo_type,
                                           files_metadata=failed_before)
                 head = _sha(info)
                 stale = self._stale(head, keep) if keep is not None else []
-                if failed_before and self._holds(info, uploads) and not stale:
+                present = {sib.rfilename for sib in info.siblings or []}
+                gone = [p for p in hide if p in present]
+                if failed_before and self._holds(info, uploads) and not stale and not gone:
                     logger.info("The commit was applied although its answer was lost; not sending it again")
                     self.deleted = sent
                     return self._commit_info(head, message)
@@ -173,10 +193,10 @@ class Committer:
                 parent = head
                 if failed_before:
                     ops = [_fresh_op(u) for u in uploads]
-            if not ops and not stale:
+            if not ops and not stale and not gone:
                 return None
             failed_before, sent = True, stale
-            commit = self.api.create_commit(repo.repo_id, ops + [CommitOperationDelete(p) for p in stale],
+            commit = self.api.create_commit(repo.repo_id, ops + [CommitOperationDelete(p) for p in stale + gone],
                                           commit_message=message, revision=repo.revision, repo_type=repo.repo_type,
                                           parent_commit=parent, num_threads=self.num_threads)
             failed_before = False
