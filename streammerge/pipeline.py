@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from .write.transaction import OutputFolder, index_bytes
 from .write.writer import FileWriter, OutputFile, in_flight, piece_ranges
 
 FINGERPRINT_VERSION = 2
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json")  # what makes a folder load as a model
 FileCallback = Callable[[OutputFile, Path], None]
 
 
@@ -180,6 +181,12 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         check_config_fits(config, {t.name: t.shape for t in weights_tensors}, where)
         weights = build_plan(weights_tensors, max_shard_size=options.max_shard_size,
                              tie_embeddings=ties_embeddings(config), source=source, notes=notes)
+        if lora_info is not None and not weights_tensors:
+            # just the adapter: a config.json beside no weights would load as a randomly initialised model
+            weights = replace(weights, files=(), index_filename=None)
+            model_paths = [p for p in model_paths if p.name not in MODEL_CONFIG_FILES]
+            warnings.append("only the LoRA adapter is written (lora_adapter/): the checkpoint holds no base weights "
+                            "and no --base-model was given, so there is no model and no config.json at the top")
     if config is None:
         warnings.append(f"{source.path}: no config.json (and no --model-name): the output holds weights that "
                         "transformers cannot load on their own")

@@ -185,6 +185,14 @@ def test_three_ranks_bf16_lora_only_with_base_folder_and_modules_to_save(bf16_ws
     rc, err = run(["merge", actor, tmp_path / "adapter", "--lora", "adapter", "--no-optimizer"], capsys)
     assert rc == 0, err
     assert_adapter_reproduces_training(actor, tmp_path / "adapter", base)
+    # with no base there is no model: no top-level weights or config.json (transformers would build a random model)
+    top = {p.name for p in (tmp_path / "adapter").iterdir() if p.is_file()}
+    assert not top & {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"}
+    assert "only the LoRA adapter is written" in err
+    from transformers import AutoModelForCausalLM
+    with pytest.raises((OSError, ValueError)):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert verify(tmp_path / "adapter", actor).ok
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import streammerge
@@ -609,6 +609,20 @@ def test_cli_private_on_an_existing_public_repo_warns_how_to_change_it(hub, make
 
     proc = cli([make_ckpt(), tmp_path / "out2", "--push", "--repo-id", "tiny", "--no-optimizer"], hub)
     assert proc.returncode == 0 and "public" not in proc.stderr  # no --private asked: nothing to say
+
+
+def test_card_of_a_weights_only_dcp_push_does_not_say_transformers_loads_it(hub, tmp_path):
+    """No config.json: the card must not tell readers to load the repo with transformers, nor tag it veRL/FSDP."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    ckpt = tmp_path / "dcp"
+    dcp.save({"layer.weight": torch.randn(8, 4)}, checkpoint_id=ckpt)  # one process, no process group
+    proc = cli([ckpt, tmp_path / "out", "--weights-only", "--push", "--repo-id", "alice/w"], hub)
+    assert proc.returncode == 0, proc.stderr
+    card = ModelCard(hub.file_bytes("alice/w", "README.md").decode())
+    assert card.data.library_name is None and "from_pretrained" not in card.text and "no `config.json`" in card.text
+    assert "torch-dcp" in card.data.tags and "verl" not in card.data.tags
+    assert set(remote_files(hub, "alice/w")) == {"model.safetensors", "README.md"}
 
 
 def test_model_card_has_no_local_paths(hub, run_dir, tmp_path):

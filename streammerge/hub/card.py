@@ -15,13 +15,16 @@ def make_model_card(info: Mapping[str, Any]) -> str:
     ``"veRL FSDP"``), ``notes`` (lines the plan shows, e.g. LoRA settings), ``step``,
     ``world_size``, ``fsdp_version``, ``dtype``, ``optimizer`` (bool: ``optimizer/`` is included),
     ``optimizer_format`` (``"safetensors"``, the default, or ``"torch"``: how ``optimizer/`` was
-    written), ``base_model``, ``license``, ``tags``, ``model_type``, ``lora`` (a LoRA checkpoint's
-    ``r``, ``alpha``, ``scale``, ``rslora``, ``mode``, ``base_model``, ``adapter_dir``).
+    written), ``base_model``, ``license``, ``tags`` (e.g. the checkpoint format's), ``model_type``, ``lora``
+    (a LoRA checkpoint's ``r``, ``alpha``, ``scale``, ``rslora``, ``mode``, ``base_model``, ``adapter_dir``),
+    ``loads`` (False: no config.json or no weights at the top, so transformers cannot load the repo; default
+    True), ``tokenizer`` (False: no tokenizer files; default True).
     """
     repo_id = info.get("repo_id") or "REPO_ID"
     lora = info.get("lora")
-    tags = ["streammerge", "verl", "fsdp"] + (["lora"] if lora else []) + [t for t in info.get("tags") or [] if t]
-    data = ModelCardData(library_name="transformers", base_model=info.get("base_model"),
+    loads = info.get("loads", True)
+    tags = ["streammerge"] + (["lora"] if lora else []) + [t for t in info.get("tags") or [] if t]
+    data = ModelCardData(library_name="transformers" if loads else None, base_model=info.get("base_model"),
                          license=info.get("license"), tags=tags)
     facts = [("Source checkpoint", info.get("source")), ("Training step", info.get("step")),
              ("FSDP world size", info.get("world_size")), ("FSDP version", info.get("fsdp_version")),
@@ -34,21 +37,12 @@ def make_model_card(info: Mapping[str, Any]) -> str:
     body = f"""
 # {repo_id.split("/")[-1]}
 
-This model was merged from a {info.get("format") or "sharded"} checkpoint with streammerge.{_lora_text(lora)}
+This model was merged from a {info.get("format") or "sharded"} checkpoint with streammerge.{_lora_text(lora, loads)}
 
 | | |
 |---|---|
 {rows}
-
-## How to load it
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto")
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
-```
-"""
+{_how_to_load(repo_id, loads, info.get("tokenizer", True), lora)}"""
     if info.get("optimizer"):
         fmt = info.get("optimizer_format") or "safetensors"
         if fmt == "torch":
@@ -89,14 +83,34 @@ def _num(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def _lora_text(lora: Mapping[str, Any] | None) -> str:
+def _how_to_load(repo_id: str, loads: bool, tokenizer: bool, lora: Mapping[str, Any] | None) -> str:
+    if not loads:
+        if lora and lora.get("adapter_dir"):
+            return ""  # the LoRA text says how to load the adapter
+        return ("\nThere is no `config.json` here (merged with `--weights-only`): transformers cannot load this repo "
+                "on its own. Add the config of the model these weights belong to.\n")
+    tok = f'\ntokenizer = AutoTokenizer.from_pretrained("{repo_id}")' if tokenizer else ""
+    return f"""
+## How to load it
+
+```python
+from transformers import {"AutoModelForCausalLM, AutoTokenizer" if tokenizer else "AutoModelForCausalLM"}
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto"){tok}
+```
+"""
+
+
+def _lora_text(lora: Mapping[str, Any] | None, loads: bool = True) -> str:
     """What a LoRA fine-tune's card says: of which base, with r and alpha, folded or not, where the adapter is."""
     if not lora:
         return ""
     base = f"`{lora['base_model']}`" if lora.get("base_model") else "a base model the checkpoint does not name"
     text = (f"\n\nIt is a LoRA fine-tune of {base} (r={lora.get('r')}, lora_alpha={_num(lora.get('alpha'))}"
             f"{', rsLoRA' if lora.get('rslora') else ''}).")
-    if lora.get("mode") in ("fold", "both"):
+    if not loads:
+        text += " The checkpoint holds only the adapter, so this repo has no merged weights."
+    elif lora.get("mode") in ("fold", "both"):
         text += (" The adapter is folded into the weights (`W + scale * B @ A`, computed in float32): load it as a "
                  "plain model.")
     else:

@@ -181,7 +181,7 @@ class Committer:
                                           files_metadata=failed_before)
                 head = _sha(info)
                 stale = self._stale(head, keep) if keep is not None else []
-                present = {sib.rfilename for sib in info.siblings or []}
+                present = {sib.rfilename for sib in getattr(info, "siblings", None) or []}
                 gone = [p for p in hide if p in present]
                 if failed_before and self._holds(info, uploads) and not stale and not gone:
                     logger.info("The commit was applied although its answer was lost; not sending it again")

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
@@ -339,6 +339,9 @@ def _hub_progress_bars(enabled: bool) -> Iterator[None]:
         enable_progress_bars()
 
 
+FORMAT_TAGS = {"veRL FSDP": ["verl", "fsdp"], "torch DCP": ["torch-dcp"], "Megatron torch_dist": ["megatron"]}
+
+
 def _card(plan: MergePlan, repo_id: str, source: str) -> str:
     """The model card, from the plan alone (so it is written and recorded like every other file of the merge)."""
     ck, opts, info = plan.source, plan.options, plan.source.info()
@@ -349,8 +352,11 @@ def _card(plan: MergePlan, repo_id: str, source: str) -> str:
     lora_base = (plan.lora or {}).get("base_model")
     lora = {**plan.lora, "base_model": _hub_name(lora_base) or (Path(lora_base).name if lora_base else None)} \
         if plan.lora else None  # a local base folder by its name only: a path tells the repo's readers nothing
+    loads = plan.config is not None and bool(plan.weights.files) and "config.json" in plan.small
     return make_model_card({
         "repo_id": repo_id, "source": source, "format": ck.format, "step": ck.step,
+        "tags": FORMAT_TAGS.get(ck.format, []), "loads": loads,
+        "tokenizer": any(PurePosixPath(n).name.startswith("tokenizer") for n in plan.small),
         "world_size": info.get("world size"), "fsdp_version": info.get("FSDP"), "dtype": ", ".join(names) or None,
         "optimizer": optimizer is not None, "optimizer_format": fmt,
         "model_type": (plan.config or {}).get("model_type"), "notes": plan.weights.notes,
