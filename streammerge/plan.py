@@ -272,12 +272,18 @@ def _storage_key(t: TensorPlan) -> str:
 
 
 def tied_duplicates(tensors: Mapping[str, TensorPlan], tie_embeddings: bool) -> dict[str, str]:
-    """Keys that save_pretrained would not write: aliases of one storage, and tied output embeddings."""
+    """Keys that save_pretrained would not write: aliases of one storage, and tied output embeddings.
+
+    An output embedding sharing the input embedding's storage is dropped only when the config ties them:
+    under an untied config transformers expects it in the file (the trained run tied them; the untied
+    model is still the trained function with both written).
+    """
     dropped: dict[str, str] = {}
     by_bytes: dict[str, str] = {}
     for name, t in tensors.items():
         key = _storage_key(t)
-        if key in by_bytes and t.pieces:
+        if key in by_bytes and t.pieces and (tie_embeddings or not any(
+                n.endswith(_OUTPUT_EMBEDDINGS) for n in (name, by_bytes[key]))):
             dropped[name] = by_bytes[key]
         else:
             by_bytes[key] = name

@@ -99,6 +99,29 @@ def test_from_pretrained_gives_reference_logits(name: str, tmp_path: Path) -> No
         assert torch.equal(merged(ids).logits, oracle(ids).logits)
 
 
+def test_a_tied_run_under_an_untied_config_keeps_its_lm_head(tmp_path: Path) -> None:
+    """The rank files share lm_head's storage with the embedding, but the config given does not tie them:
+    transformers then expects lm_head.weight in the file, so it must be written (equal to the trained one)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "fsdp2_qwen2_tied_ws4", ckpt)
+    config = json.loads((ckpt / "huggingface" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    (ckpt / "huggingface" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    out = tmp_path / "out"
+    result = streammerge.merge(ckpt, out, dtype="keep", optimizer=False)
+    assert not result.plans[0].dropped
+    ref = load_file(ckpt / "reference" / "model.safetensors")
+    got = _merged(out)
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and torch.equal(model.lm_head.weight, ref["lm_head.weight"])
+    assert streammerge.verify(out, ckpt).ok
+
+
 def test_cli_inspect_and_merge(tmp_path: Path) -> None:
     name = "fsdp2_hsdp_llama_2x2"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
