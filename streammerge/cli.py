@@ -190,7 +190,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                       state_file=args.state_file, options=merge_options(args, optimizer=settings.optimizer,
                                                                         progress=False), **push_options)
     results = watcher.run(interval=args.interval, once=args.once)
-    return PUSH_FAILED if any(not r.ok for r in results) else 0
+    # a step a newer one superseded was left on purpose (a warning), not a failure
+    return PUSH_FAILED if any(not r.ok and r.error_kind != "superseded" for r in results) else 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

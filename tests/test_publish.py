@@ -322,6 +322,9 @@ def test_config_block_is_found_anywhere_and_checked(tmp_path):
                           ("a: {hf_upload: {repo_id: x}}\nb: {hf_upload: {repo_id: y}}\n", "several different"),
                           ("hf_upload: {enabled: true, repo_id: '${oc.env:USER}/m'}\n", "interpolation"),
                           ("hf_upload: {enabled: true, optimizer_save_mode: sharded}\n", "optimizer_save_mode"),
+                          ("hf_upload: {enabled: '${oc.env:HF_UPLOAD,false}', repo_id: m}\n", "not true or false"),
+                          ("hf_upload: {enabled: 'false', repo_id: m}\n", "--no-push"),
+                          ("hf_upload: {enabled: true, private: 'yes'}\n", "--no-private"),
                           ("hf_upload: [1, 2]\n", "mapping")]:
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
@@ -577,6 +580,21 @@ def test_cli_token_that_cannot_write_there_is_refused_before_merging(hub, make_c
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and refusal in lines[0] and token not in proc.stderr, proc.stderr
         assert not out.exists() and not hub.repos  # before the merge, nothing created
+
+
+def test_cli_repo_id_or_branch_the_hub_refuses_is_refused_before_merging(hub, make_ckpt, tmp_path):
+    """Found after the whole merge, these ended in exit 4 with 'run the same push again' advice that cannot help."""
+    for i, args in enumerate((["--repo-id", "alice/my model"], ["--repo-id", "a/b/c"], ["--repo-id", "m.git"],
+                              ["--repo-id", "tiny", "--revision", "a..b"], ["--repo-id", "tiny", "--revision", "0" * 40],
+                              ["--repo-id", "alice/m", "--organization", "acme"])):
+        out = tmp_path / f"out-{i}"
+        proc = cli([make_ckpt(), out, "--push", *args, "--no-optimizer"], hub)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert not out.exists() and not hub.repos
+    run = tmp_path / "run"  # watch refuses at once too, rather than logging a traceback at every look
+    shutil.copytree(make_ckpt().parents[1], run)
+    proc = cli(["watch", run, "--push", "--repo-id", "alice/m", "--organization", "acme", "--once"], hub)
+    assert proc.returncode == 2 and "another namespace" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unknown_key_in_hf_upload_is_an_error_naming_the_closest_key(hub, make_ckpt, tmp_path):

@@ -139,10 +139,15 @@ def load_push_config(path: str | os.PathLike) -> PushConfig:
         if isinstance(v, str) and "${" in v:
             raise ConfigError(f"{path}: {CONFIG_BLOCK}.{k} is {v!r}, an interpolation streammerge cannot resolve; "
                               f"pass --{k.replace('_', '-')} instead")
+    for k in ("enabled", "private"):  # a string ("${oc.env:...}", "false") must not publish by being truthy
+        v = block.get(k)
+        if v is not None and not isinstance(v, bool):
+            flag = "push" if k == "enabled" else k
+            raise ConfigError(f"{path}: {CONFIG_BLOCK}.{k} is {v!r}, not true or false (an interpolation or a string "
+                              f"is not resolved); pass --{flag} or --no-{flag} instead")
     private = block.get("private")
-    config = PushConfig(enabled=bool(block.get("enabled", False)), repo_id=block.get("repo_id") or None,
-                        organization=block.get("organization") or None,
-                        private=None if private is None else bool(private))
+    config = PushConfig(enabled=block.get("enabled") is True, repo_id=block.get("repo_id") or None,
+                        organization=block.get("organization") or None, private=private)
     if "optimizer_save_mode" in block:
         config.optimizer_save_mode = optimizer_mode(block["optimizer_save_mode"])
     return config

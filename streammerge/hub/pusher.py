@@ -23,7 +23,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
 from .commits import Committer, Upload
-from .repo import HubRepo, qualify
+from .repo import HubRepo, check_target
 from .retry import Retrier, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class HubPusher:
         endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
         self.api = HfApi(endpoint=endpoint, token=token)
         self.calls = Retrier(retry, token=token, endpoint=self.api.endpoint)
-        self.repo = HubRepo(self.api, self.calls, qualify(repo_id, organization), repo_type=repo_type,
+        self.repo = HubRepo(self.api, self.calls, check_target(repo_id, organization, revision), repo_type=repo_type,
                             private=private, revision=revision or "main")
         self.committer = Committer(self.api, self.calls, self.repo, delete_patterns=delete_patterns,
                                    num_threads=max_workers)

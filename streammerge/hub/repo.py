@@ -44,6 +44,27 @@ def qualify(repo_id: str, organization: str | None) -> str:
     return repo_id
 
 
+_BAD_REF = re.compile(r"(^[-/.])|(\.\.)|([\x00-\x20~^:?*\[\\\x7f])|(@\{)|(/\.)|(//)|([/.]$)|(\.lock$)")
+
+
+def check_target(repo_id: str, organization: str | None, revision: str | None) -> str:
+    """The repo id to push to (see :func:`qualify`), or ValueError (one line) for a repo id or branch the Hub
+    refuses: found before any merge, not after hours of it."""
+    from huggingface_hub.utils import validate_repo_id
+
+    full = qualify(repo_id, organization)
+    try:
+        validate_repo_id(full)
+    except ValueError as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"repo id {full!r} is not valid on the Hub: {why}") from None
+    if revision is not None and (not revision or _BAD_REF.search(revision) or revision.startswith("refs/")
+                                 or re.fullmatch(r"[0-9a-f]{40}", revision)):
+        raise ValueError(f"revision {revision!r} is not a branch name a push can create or commit to (a commit "
+                         "sha, a ref path or a name git refuses); give a branch name such as 'main' or 'step-500'")
+    return full
+
+
 def write_refusal(user: Mapping[str, Any], repo_id: str) -> tuple[str, str] | None:
     """Why the token that ``user`` (a whoami-v2 answer) describes cannot write to ``repo_id``, or None.
 

@@ -27,6 +27,7 @@ from ..options import MergeOptions
 from ..pipeline import merge
 from ..sources import LATEST_FILE, Source, open_checkpoint
 from .publish import PushResult, default_out_dir, merge_and_push
+from .repo import check_target
 from .retry import PushError
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class Watcher:
             raise ConfigError("watch --push needs --repo-id NAME (every step is pushed to that repo)")
         if revision and revision_per_step:
             raise ValueError("give either a revision or revision_per_step, not both")
+        if push:
+            assert repo_id
+            check_target(repo_id, organization, revision)  # a bad setting is refused now, not at every look
         self.push = push
         self.repo_id = repo_id
         self.organization = organization
@@ -225,7 +229,7 @@ class Watcher:
                                     seconds=time.perf_counter() - t0, note=f"step {step}: {merged.summary()}")
         except Exception as e:  # a sidecar outlives one bad step: log, look again later
             kind = e.kind if isinstance(e, PushError) else type(e).__name__
-            expected = isinstance(e, (PushError, StreammergeError, OSError))
+            expected = isinstance(e, (PushError, StreammergeError, OSError, ValueError))
             logger.error("step %d: failed (%s), will try again at the next look: %s", step, kind, e,
                          exc_info=not expected)
             return PushResult(ok=False, step=step, out_dir=out, error=str(e), error_kind=kind)
