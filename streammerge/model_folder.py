@@ -76,7 +76,8 @@ def ties_embeddings(config: Mapping | None) -> bool:
 
 
 def carried_files(model_dir: Path | None, root: Path | None = None) -> Iterator[Path]:
-    """Every file of the model folder except weights (which we write ourselves).
+    """Every file of the model folder except weights (which we write ourselves), hidden files and folders
+    (`.env`, `.git/`, `.cache/`: secrets and tool state, not the model) and `__pycache__/`.
 
     A link is followed only where it stays inside `root` (the checkpoint, or the folder itself):
     a `huggingface/` file linking to `/etc/passwd` or a home folder must not end up on the Hub.
@@ -86,6 +87,8 @@ def carried_files(model_dir: Path | None, root: Path | None = None) -> Iterator[
     root = (root or model_dir).resolve()
     for p in sorted(model_dir.rglob("*")):
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES or not p.is_file():
+            continue
+        if any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(model_dir).parts):
             continue
         target = p.resolve()
         if target != root and root not in target.parents:

@@ -122,6 +122,25 @@ def test_a_tied_run_under_an_untied_config_keeps_its_lm_head(tmp_path: Path) -> 
     assert streammerge.verify(out, ckpt).ok
 
 
+def test_hidden_files_and_bytecode_of_the_model_folder_are_not_carried(tmp_path: Path) -> None:
+    """huggingface/.env (an API key), .git/, .cache/ and __pycache__ are not the model: never copied, never pushed."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "fsdp2_llama_shard1_ws4", ckpt)
+    hf = ckpt / "huggingface"
+    extra = {".env": "WANDB_API_KEY=secret", ".git/config": "[core]", ".cache/huggingface/x.lock": "",
+             "__pycache__/m.cpython-311.pyc": "", "notes/readme.txt": "kept"}
+    for rel, text in extra.items():
+        (hf / rel).parent.mkdir(parents=True, exist_ok=True)
+        (hf / rel).write_text(text)
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, optimizer=False)
+    carried = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert "notes/readme.txt" in carried and "config.json" in carried
+    assert not {rel for rel in extra if rel in carried} - {"notes/readme.txt"}
+
+
 def test_cli_inspect_and_merge(tmp_path: Path) -> None:
     name = "fsdp2_hsdp_llama_2x2"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
