@@ -326,6 +326,17 @@ COMMANDS.update({"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "
                  "watch": cmd_watch})
 
 
+def _exit_now_if_uploading(code: int) -> None:
+    """An upload in flight runs on a thread the interpreter waits for at exit (a whole shard, retries included),
+    so an interrupted push would hang there after saying it stopped; the local folder is already consistent."""
+    import threading
+
+    if any(t.name.startswith("streammerge-push") and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     command, argv = _command(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(command).parse_args(argv)
@@ -341,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print("streammerge: interrupted; finished files are kept, rerun the same command to resume", file=sys.stderr)
+        _exit_now_if_uploading(130)
         return 130
     except BrokenPipeError:
         return 0

@@ -146,6 +146,23 @@ def test_cli_kill_mid_upload_then_rerun_sends_nothing_twice(hub, make_ckpt, tmp_
     assert report.ok and report.tensors_checked, report.summary()
 
 
+def test_cli_sigterm_during_an_upload_stops_at_once(hub, make_ckpt, tmp_path):
+    """A scheduler's SIGTERM while a shard is uploading: the process said "interrupted" but stayed until the held
+    upload ended (then retried it); a scheduler follows with SIGKILL. It must exit at once, 130, one line."""
+    import signal
+    import time
+    held = hub.hang(r"^/_lfs/(upload|part)/", method="PUT", max_wait=30)
+    proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "alice/tiny", "--max-shard-size", SHARD,
+                "--no-optimizer"], hub, wait=False)
+    assert held.entered.wait(60)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 10 and proc.returncode == 130, err
+    assert err.strip().splitlines() == ["streammerge: interrupted; finished files are kept, rerun the same command "
+                                        "to resume"], err
+
+
 def test_cli_bad_token_fails_before_merging_with_advice_and_never_prints_it(hub, make_ckpt, tmp_path):
     out = tmp_path / "out"
     proc = cli([make_ckpt(), out, "--push", "--repo-id", "tiny", "--no-optimizer"], hub, token=BAD_TOKEN)
@@ -585,7 +602,8 @@ def test_cli_token_that_cannot_write_there_is_refused_before_merging(hub, make_c
 def test_cli_repo_id_or_branch_the_hub_refuses_is_refused_before_merging(hub, make_ckpt, tmp_path):
     """Found after the whole merge, these ended in exit 4 with 'run the same push again' advice that cannot help."""
     for i, args in enumerate((["--repo-id", "alice/my model"], ["--repo-id", "a/b/c"], ["--repo-id", "m.git"],
-                              ["--repo-id", "tiny", "--revision", "a..b"], ["--repo-id", "tiny", "--revision", "0" * 40],
+                              ["--repo-id", "tiny", "--revision", "a..b"],
+                              ["--repo-id", "tiny", "--revision", "0" * 40],
                               ["--repo-id", "alice/m", "--organization", "acme"])):
         out = tmp_path / f"out-{i}"
         proc = cli([make_ckpt(), out, "--push", *args, "--no-optimizer"], hub)
