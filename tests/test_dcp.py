@@ -686,6 +686,21 @@ def test_model_keys_from_the_saved_nesting(ckpts: Path) -> None:
         open_checkpoint(ckpts / "w2_shard1").tensors(opts.replace(key_prefix="nope."))
 
 
+def test_two_model_containers_or_none_at_all(tmp_path: Path) -> None:
+    """Two `model` containers at one depth: the one merged followed the string hash seed (actor in one run, critic
+    in the next, and verify disagreed). A save of no tensors ended in an internal IndexError. Both: one line."""
+    opts = streammerge.MergeOptions()
+    dcp.save({"actor": {"model": {"w": torch.ones(2)}}, "critic": {"model": {"w": torch.zeros(2)}}},
+             checkpoint_id=str(tmp_path / "two"), no_dist=True)
+    with pytest.raises(CheckpointError, match=r"several model containers \(actor\.model\., critic\.model\.\)"):
+        open_checkpoint(tmp_path / "two").tensors(opts)
+    chosen = open_checkpoint(tmp_path / "two").tensors(opts.replace(key_prefix="critic.model."))
+    assert list(chosen) == ["w"]
+    dcp.save({"step": 5}, checkpoint_id=str(tmp_path / "none"), no_dist=True)
+    with pytest.raises(CheckpointError, match="holds no tensors"):
+        open_checkpoint(tmp_path / "none").tensors(opts)
+
+
 def _torch_full(folder: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
     return torch.load(str(folder) + ".pt", weights_only=False)[prefix]
 

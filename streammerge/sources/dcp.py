@@ -495,6 +495,10 @@ def split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
     one, the top-level tensors are (a bare state dict, or torchtitan's model keys next to `optimizer`).
     """
     keys = list(ck.tensors)
+    if not keys:
+        raise CheckpointError(f"{ck.folder}: the save holds no tensors ({len(ck.bytes_items)} non-tensor items; a "
+                              "save with flatten_state_dict=False pickles nested dicts whole, which streammerge does "
+                              "not unpickle)")
     if key_prefix is not None:
         model = {k[len(key_prefix):]: k for k in keys if k.startswith(key_prefix) and len(k) > len(key_prefix)}
         if not model:
@@ -507,7 +511,13 @@ def split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
         return KeySplit(key_prefix, model, opt, others, f"--key-prefix {key_prefix!r}")
     paths = _paths(ck)
     containers = {p[:i] for p in paths.values() for i in range(1, min(len(p), 3))}
-    found = next((c for c in sorted(containers, key=len) if c[-1] in MODEL_CONTAINERS), None)
+    candidates = sorted((c for c in containers if c[-1] in MODEL_CONTAINERS),
+                        key=lambda c: (len(c), tuple(map(str, c))))
+    found = candidates[0] if candidates else None
+    if found is not None and len(candidates) > 1 and len(candidates[1]) == len(found):
+        names = [".".join(map(str, c)) + "." for c in candidates if len(c) == len(found)]
+        raise CheckpointError(f"{ck.folder}: several model containers ({', '.join(names)}): say which one is the "
+                              f"model with --key-prefix, e.g. --key-prefix {names[0]}")
     if found is not None:
         prefix = ".".join(str(x) for x in found) + "."
         model = {k[len(prefix):]: k for k, p in paths.items() if p[:len(found)] == found}
