@@ -916,3 +916,28 @@ def test_trainer_layouts_and_their_optimizer(layout: str, tmp_path: Path) -> Non
     _same_optimizer_state(streammerge.load_optimizer_state_dict(out), want_opt)
     assert result.plan.source.step == 7
 
+
+
+@pytest.mark.parametrize("case", ["tensor_lr", "adafactor"])
+def test_optimizer_state_the_export_cannot_hold_is_a_warning(case: str, tmp_path: Path) -> None:
+    """A tensor lr was dropped from the exported param groups without a word; Adafactor's factored state refused
+    the whole merge. Both: the weights are written (equal to the model's), the optimizer skipped with the reason."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from streammerge.testing.dcp_cases import Tiny
+
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = (torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.01)) if case == "tensor_lr"
+           else torch.optim.Adafactor(model.parameters(), lr=0.01))
+    model(torch.tensor([[1, 2, 3, 4]])).sum().backward()
+    opt.step()
+    want = get_model_state_dict(model)
+    dcp.save({"model": want, "optimizer": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    result = streammerge.merge(tmp_path / "ck", tmp_path / "out", dtype="keep", weights_only=True)
+    why = "is a tensor" if case == "tensor_lr" else "a factored optimizer such as Adafactor"
+    assert any(w.startswith("optimizer not exported") and why in w for w in result.warnings), result.warnings
+    assert not (tmp_path / "out" / "optimizer").exists()
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())

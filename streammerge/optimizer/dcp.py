@@ -64,9 +64,10 @@ def _state(ck: DcpCheckpoint, prefix: str, weights: Plan) -> tuple[dict[str, Ten
         fqn, skey = _param_and_key(key[len(state_prefix):], pd.get(key), depth, params)
         if fqn not in params:
             raise Skip(f"optimizer state {key!r} is for {fqn!r}, which is not a weight of the model")
-        if src.shape not in ((), params[fqn]):
-            raise CheckpointError(f"{ck.folder}: optimizer state {key!r} has shape {list(src.shape)}, but the "
-                                  f"parameter {fqn!r} has {list(params[fqn])}")
+        if src.shape not in ((), params[fqn]):  # factored state (Adafactor's row/col variances): another layout
+            raise Skip(f"optimizer state {key!r} has shape {list(src.shape)}, but the parameter {fqn!r} has "
+                       f"{list(params[fqn])} (a factored optimizer such as Adafactor?); the export holds per-parameter "
+                       "state of the parameter's shape only")
         out = f"state.{fqn}.{skey}"
         tensors[out] = TensorPlan(out, src, src.dtype)  # source keeps its DCP key: verify reads it by that name
     if not tensors:
@@ -97,6 +98,9 @@ def _param_groups(ck: DcpCheckpoint, prefix: str, depth: int, params: Mapping[st
     """The param groups, as torch's nested form lists them (params by name)."""
     gp = prefix + "param_groups."
     pd = ck.meta.planner_data or {}
+    tensor_field = next((k for k in ck.tensors if k.startswith(gp)), None)
+    if tensor_field is not None:  # e.g. lr=torch.tensor(...): the index's JSON cannot record it, and leaving it out
+        raise Skip(f"param group field {tensor_field!r} is a tensor, which the export cannot record")  # loses it
     nested: dict[int, dict[str, Any]] = {}
     flat: dict[str, dict[str, Any]] = {}
     for key in ck.bytes_items:
