@@ -941,3 +941,24 @@ def test_optimizer_state_the_export_cannot_hold_is_a_warning(case: str, tmp_path
     assert not (tmp_path / "out" / "optimizer").exists()
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_planner_data_that_disagrees_with_its_key(tmp_path: Path) -> None:
+    """A path in planner_data that does not join to its key: torch's loader refuses the save, and the model/optimizer
+    split put the tensor in neither (it vanished from the merge, exit 0). Refused in one line."""
+    import pickle
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ck = tmp_path / "ck"
+    dcp.save({"model": {"a": torch.ones(2), "b": torch.zeros(3)}}, checkpoint_id=str(ck), no_dist=True)
+    with open(ck / ".metadata", "rb") as f:
+        md = pickle.load(f)  # our own file, just written
+    md.planner_data["model.b"] = ("stray", *md.planner_data["model.b"])
+    with open(ck / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    from torch.distributed.checkpoint.api import CheckpointException
+    with pytest.raises(CheckpointException, match="Missing key"):
+        dcp_to_torch_save(str(ck), str(tmp_path / "ref.pt"))
+    with pytest.raises(CheckpointError, match=r"planner_data gives key 'model\.b' the path"):
+        read_dcp(ck)

@@ -299,6 +299,10 @@ def read_metadata(folder: Path) -> DcpMetadata:
     planner_data = None
     if isinstance(planner, dict) and all(isinstance(v, tuple) for v in planner.values()):
         planner_data = {k: v for k, v in planner.items() if isinstance(k, str)}
+        for k, v in planner_data.items():  # torch flattens a path by joining it: a key that is not its path's join
+            if ".".join(map(str, v)) != k:  # is refused by torch's loader; the model/optimizer split would lose it
+                raise CheckpointError(f"{path}: planner_data gives key {k!r} the path {v!r}, which torch would name "
+                                      f"{'.'.join(map(str, v))!r} (a hand-edited or mixed .metadata?)")
     extras = {k: _plain(v) for k, v in md.f.items()
               if k not in ("state_dict_metadata", "storage_data", "planner_data", "all_local_plans")}
     return DcpMetadata(path, tensors, tuple(byte_keys), storage, planner_data, extras)
