@@ -40,7 +40,7 @@ from .errors import OutputError
 from .options import CHECKSUMS, MergeOptions, parse_size
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
-from .sources.base import Oracle, row_major
+from .sources.base import Oracle, open_checkpoint_file, row_major
 from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
@@ -556,7 +556,7 @@ class _Readahead:
             for p in t.pieces:
                 try:
                     if p.file not in self._fds:
-                        self._fds[p.file] = os.open(p.file, os.O_RDONLY)
+                        self._fds[p.file] = open_checkpoint_file(p.file)
                         self._steps[p.file] = _willneed_step(self._fds[p.file])
                     fd, step, end = self._fds[p.file], self._steps[p.file], p.offset + _span(p, t)
                     for pos in range(p.offset, end, step):
@@ -732,7 +732,7 @@ class _Sources:
     def fd(self, path: str) -> int:
         with self._lock:
             if path not in self.fds:
-                fd = os.open(path, os.O_RDONLY)
+                fd = open_checkpoint_file(path)
                 self.records[path] = zip_records(path, fd)
                 self.fds[path] = fd
             return self.fds[path]

@@ -962,3 +962,32 @@ def test_planner_data_that_disagrees_with_its_key(tmp_path: Path) -> None:
         dcp_to_torch_save(str(ck), str(tmp_path / "ref.pt"))
     with pytest.raises(CheckpointError, match=r"planner_data gives key 'model\.b' the path"):
         read_dcp(ck)
+
+
+def test_more_files_than_the_soft_open_files_limit(tmp_path: Path) -> None:
+    """One .distcp per item (single_file_per_rank=False): more files than `ulimit -Sn` were refused (EMFILE) where
+    torch consolidates them. The soft limit is raised to the hard one; at the hard limit the error says so."""
+    import resource
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    ck = tmp_path / "ck"
+    state = {f"layers.{i}.w": torch.full((4,), float(i)) for i in range(300)}
+    dcp.save(state, storage_writer=FileSystemWriter(str(ck), single_file_per_rank=False), no_dist=True)
+    assert len(list(ck.glob("*.distcp"))) == 300
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"hard open-files limit {hard}")
+
+    def run(limit: tuple[int, int], out: Path) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "streammerge", str(ck), str(out), "--weights-only", "--no-progress"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ok = run((128, min(hard, 4096) if hard != resource.RLIM_INFINITY else 4096), tmp_path / "out")
+    assert ok.returncode == 0, ok.stderr
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(state) and all(torch.equal(got[k], v) for k, v in state.items())
+    low = run((128, 128), tmp_path / "low")
+    assert low.returncode == 2 and "more files than this process may hold open (128)" in low.stderr, low.stderr
+    assert low.stderr.count("\n") == 1

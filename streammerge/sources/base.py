@@ -9,6 +9,7 @@ writer copies the pieces. Nothing downstream knows which format a piece came fro
 from __future__ import annotations
 
 import abc
+import errno
 import hashlib
 import os
 import re
@@ -19,10 +20,46 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DType
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:
     from ..options import MergeOptions
     from ..plan import Plan
+
+
+def open_checkpoint_file(path: str | os.PathLike) -> int:
+    """A read-only fd on a checkpoint file; one-line CheckpointError when it cannot be opened.
+
+    Every data file stays open for the whole pass (a DCP save with one file per tensor group, or a
+    thousand ranks, passes the usual soft limit of 1024): on EMFILE the soft limit is raised to the hard
+    one once and the open retried.
+    """
+    try:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError as e:
+            if e.errno != errno.EMFILE or not _raise_open_files_limit():
+                raise
+            return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        if e.errno == errno.EMFILE:
+            import resource
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            raise CheckpointError(f"{path}: cannot open it: the checkpoint has more files than this process may "
+                                  f"hold open ({limit}); raise the limit (ulimit -Hn) and rerun") from None
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _raise_open_files_limit() -> bool:
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == hard:
+            return False
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return True
+    except (ImportError, ValueError, OSError):
+        return False
 
 
 def no_readahead(fd: int) -> int:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ..checksum import crc32
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from . import torchpickle
-from .base import Oracle, Piece, ReadStats, Source, SourceTensor, no_readahead, step_of
+from .base import Oracle, Piece, ReadStats, Source, SourceTensor, no_readahead, open_checkpoint_file, step_of
 from .dcpmeta import METADATA_FILE, DcpMetadata, TensorEntry, read_metadata
 from .torchzip import zip64_fields
 
@@ -453,10 +453,7 @@ def _tensor(fqn: str, entry: TensorEntry, where: Mapping, used: set, fds: dict[s
         used.add((fqn, start))
         file, offset, length = loc
         if file not in fds:
-            try:
-                fds[file] = no_readahead(os.open(file, os.O_RDONLY))
-            except OSError as e:
-                raise CheckpointError(f"{file}: cannot read ({e.strerror or e})") from None
+            fds[file] = no_readahead(open_checkpoint_file(file))
         data_at, stride = _chunk_location(_Blob(fds[file], file, offset, length, fqn), entry, size)
         if _numel(size):
             m = RANK_FILE.match(os.path.basename(file))

@@ -34,10 +34,10 @@ import numpy as np
 from ..checksum import FELL_BACK as CRC_FELL_BACK
 from ..checksum import crc32
 from ..dtypes import DType
-from ..errors import CheckpointError, OutputError, VerifyError
+from ..errors import OutputError, VerifyError
 from ..options import DEFAULT_BUFFER_SIZE
 from ..plan import FilePlan, Plan, TensorPlan
-from ..sources.base import Piece, no_readahead, row_major
+from ..sources.base import Piece, no_readahead, open_checkpoint_file, row_major
 from .cast import cast_into, numpy_can_cast
 
 WINDOW_MAX = 4 * 2**20  # bytes of output file per job: large sequential writes, still many in flight
@@ -271,10 +271,8 @@ class Sources:
     def fd(self, path: str) -> int:
         with self._lock:
             if path not in self._fds:
-                try:
-                    self._fds[path] = os.open(path, os.O_RDONLY)
-                except OSError as e:  # not an OSError: the writer reports those as failed writes of the output
-                    raise CheckpointError(f"{path}: cannot read ({e.strerror or e}; removed while merging?)") from None
+                # a CheckpointError, not an OSError: the writer reports those as failed writes of the output
+                self._fds[path] = open_checkpoint_file(path)
                 if self.exact:
                     no_readahead(self._fds[path])
             return self._fds[path]
