@@ -86,6 +86,7 @@ DOWN = "model.layers.0.mlp.down_proj.weight"
 NORM = "model.norm.weight"
 
 # id -> (how to break a good checkpoint, words the one-line error must contain; "{d}" is the checkpoint folder)
+DEEP = "[" * 100_000 + "]" * 100_000  # 200 kB of JSON nested past Python's recursion limit
 CASES = {
     "missing_ranks": (lambda d: [rank(d, 1).unlink(), rank(d, 3).unlink()],
                       ["{d}", "missing model rank files", "rank(s) 1, 3", "world size 4"]),
@@ -100,6 +101,10 @@ CASES = {
                                        ["fsdp_config.json", "world_size 8", "found world sizes [4]"]),
     "fsdp_config_unreadable": (lambda d: (d / "fsdp_config.json").write_text("{oops"),
                                ["fsdp_config.json", "unreadable"]),
+    "fsdp_config_nested_too_deeply": (lambda d: (d / "fsdp_config.json").write_text(DEEP),
+                                      ["fsdp_config.json", "unreadable", "recursion"]),
+    "config_nested_too_deeply": (lambda d: (d / "huggingface" / "config.json").write_text(DEEP),
+                                 ["config.json", "not valid JSON", "recursion"]),
     "truncated_half": (_truncate(0.5), ["model_world_size_4_rank_2.pt", "truncated or corrupted"]),
     "truncated_tail": (_truncate(0.995), ["model_world_size_4_rank_2.pt", "truncated or corrupted"]),
     "zero_bytes": (_truncate(0.0), ["model_world_size_4_rank_2.pt", "truncated or corrupted", "0 bytes"]),

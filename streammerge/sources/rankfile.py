@@ -9,6 +9,7 @@ read, whatever the file size, and every storage carries its byte offset inside t
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -165,11 +166,7 @@ def _mesh_layout(dt: Any, rank: int, world_size: int) -> tuple[tuple[int, ...] |
     if shape is not None and len(shape) != ndim:
         raise UnsupportedLayoutError(f"device mesh has {len(shape)} dims but {ndim} placements")
     if coord is None and shape is not None:
-        coord, r = [], rank  # row-major mesh over ranks 0..W-1, as init_device_mesh builds it
-        for s in reversed(shape):
-            coord.append(r % s)
-            r //= s
-        coord = tuple(reversed(coord))
+        coord = row_major_coordinate(rank, shape)
     if coord is None:
         raise UnsupportedLayoutError(f"cannot read the {ndim}-D device mesh layout of this torch version")
     return shape, tuple(int(c) for c in coord)
@@ -420,6 +417,7 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
         return first, (Piece(files[0].rank, str(files[0].path), first.offset, first.shape, first.local_stride,
                              (0,) * len(first.shape)),)
     mesh_shape = first.mesh_shape or tuple(max(c) + 1 for c in zip(*(r.coordinate for r in records)))
+    _check_coordinates(records, files, mesh_shape)
     seen: dict[tuple, Piece] = {}
     for rec, rf in zip(records, files):
         box = region_of(rec, mesh_shape)
@@ -436,17 +434,38 @@ def tensor_pieces(name: str, records: Sequence[TensorRecord], files: Sequence[Ra
         seen[box] = Piece(rf.rank, same(path, path), rec.offset, rec.local_shape, rec.local_stride, same(start, start))
     covered = sum(math.prod(p.shape) for p in seen.values())
     if covered != math.prod(first.shape):
-        by_coord: dict[tuple[int, ...] | None, RankFile] = {}
-        for rec, rf in zip(records, files):
-            if rec.coordinate in by_coord:
-                raise CheckpointError(
-                    f"{rf.path}: holds the same mesh coordinate {rec.coordinate} as "
-                    f"{by_coord[rec.coordinate].path.name} "
-                    "(a copy of another rank's file, or from another run?)"
-                )
-            by_coord[rec.coordinate] = rf
         raise CheckpointError(
             f"{files[0].path.parent}: tensor {name!r}: the rank pieces cover {covered} of "
-            f"{math.prod(first.shape)} elements (a mesh coordinate is missing or repeated)"
+            f"{math.prod(first.shape)} elements (a mesh coordinate is missing)"
         )
     return first, tuple(seen.values())
+
+
+def _check_coordinates(records: Sequence[TensorRecord], files: Sequence[RankFile], mesh_shape: tuple[int, ...]) -> None:
+    """Each rank file holds its own place in the mesh: no coordinate twice (a copy of another rank's file covers
+    HSDP's shards all the same), and, for a mesh over the whole world, the coordinate its name gives (veRL resumes
+    each rank from the file of its name, so a renamed file would resume the wrong shard)."""
+    by_coord: dict[tuple[int, ...] | None, RankFile] = {}
+    for rec, rf in zip(records, files):
+        if rec.coordinate in by_coord:
+            raise CheckpointError(f"{rf.path}: holds the same mesh coordinate {rec.coordinate} as "
+                                  f"{by_coord[rec.coordinate].path.name} (a copy of another rank's file, or from "
+                                  "another run?)")
+        by_coord[rec.coordinate] = rf
+    if math.prod(mesh_shape) != len(records):
+        return
+    for rec, rf in zip(records, files):
+        named = row_major_coordinate(rf.rank, mesh_shape)
+        if rec.coordinate != named:
+            raise CheckpointError(f"{rf.path}: renamed rank file? its pickled mesh coordinate is {rec.coordinate}, "
+                                  f"its name says rank {rf.rank} (coordinate {named})")
+
+
+@functools.lru_cache(maxsize=4096)
+def row_major_coordinate(rank: int, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Where init_device_mesh puts a rank: mesh = arange(world).view(mesh_shape)."""
+    coord = []
+    for s in reversed(mesh_shape):
+        coord.append(rank % s)
+        rank //= s
+    return tuple(reversed(coord))

@@ -165,7 +165,12 @@ class VerlOracle(Oracle):
         pieces, seen = [], set()
         for rank, v in enumerate(values):
             local = v._local_tensor
-            want, offset = _torch_placement(shape, mesh_shape, _coordinate(rank, mesh_shape), v.placements)
+            coordinate = _coordinate(rank, mesh_shape)
+            saved = _saved_coordinate(v)
+            if saved is not None and saved != coordinate:
+                raise CheckpointError(f"{files[rank]}: renamed rank file? its pickled mesh coordinate is "
+                                      f"{tuple(saved)}, its name says rank {rank} (coordinate {tuple(coordinate)})")
+            want, offset = _torch_placement(shape, mesh_shape, coordinate, v.placements)
             if tuple(local.shape) != want:
                 raise CheckpointError(f"{files[rank]}: tensor {name!r}: torch's placement logic gives rank {rank} "
                                       f"a {list(want)} piece, the file holds {list(local.shape)}")
@@ -509,6 +514,15 @@ def _coordinate(rank: int, mesh_shape: tuple[int, ...]) -> list[int]:
         coord.append(rank % s)
         rank //= s
     return list(reversed(coord))
+
+
+def _saved_coordinate(v: Any) -> list[int] | None:
+    """The mesh coordinate the saving rank pickled with its DTensor (None where the mesh does not say)."""
+    try:
+        coordinate = v.device_mesh.get_coordinate()
+    except Exception:  # a mesh pickled by another torch version
+        return None
+    return None if coordinate is None else [int(c) for c in coordinate]
 
 
 def _torch_placement(shape: tuple[int, ...], mesh_shape: tuple[int, ...], coord: list[int],
