@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import jsonfile
 from .dtypes import DType
 from .errors import CheckpointError, ConfigError
 
@@ -48,7 +49,7 @@ def read_config(model_dir: Path | None) -> dict | None:
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text(), parse_constant=_no_constant)
+        config = jsonfile.loads(path.read_text(), parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
     except OSError as e:

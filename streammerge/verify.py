@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 import re
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import jsonfile
 from .checksum import FELL_BACK as CRC_FELL_BACK
 from .checksum import crc32
 from .dtypes import DType
@@ -276,7 +276,7 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
         irel = _rel(out, index)
         report.files_checked.add(irel)
         try:
-            data = json.loads(index.read_text())
+            data = jsonfile.loads(index.read_text())
             weight_map = data["weight_map"]
             total = data.get("metadata", {}).get("total_size")
         except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -103,6 +103,17 @@ def test_swapped_rank_files_merge_by_their_own_mesh_coordinate(make_ckpt, tmp_pa
     assert [e.coordinates for e in ranks.entries] == [((0,),), ((2,),), ((1,),), ((3,),)]
     streammerge.merge(swapped, tmp_path / "out", dtype="keep", optimizer=False, max_shard_size="40KB")
     assert _merged_files(tmp_path / "out") == _merged_files(tmp_path / "ref")
+    report = streammerge.verify(tmp_path / "out", swapped)  # torch's own placement, from each file's coordinate
+    assert report.ok, report.failures
+
+
+def test_a_copy_of_another_ranks_file_is_refused_even_where_it_covers_every_element(make_ckpt, tmp_path):
+    """HSDP 2x2: rank 2 (replica 1, shard 0) replaced by rank 0's file still covers every element."""
+    actor = make_ckpt(world_size=4, mesh=(2, 2))
+    copied = _copy(actor, tmp_path)
+    shutil.copyfile(copied / "model_world_size_4_rank_0.pt", copied / "model_world_size_4_rank_2.pt")
+    with pytest.raises(CheckpointError, match="same mesh coordinate"):
+        streammerge.merge(copied, tmp_path / "out", dtype="keep", optimizer=False)
 
 
 def test_a_rank_resaved_with_other_strides_is_read_as_it_is(make_ckpt, tmp_path):

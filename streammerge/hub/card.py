@@ -89,16 +89,22 @@ def _how_to_load(repo_id: str, loads: bool, tokenizer: bool, lora: Mapping[str, 
             return ""  # the LoRA text says how to load the adapter
         return ("\nThere is no `config.json` here (merged with `--weights-only`): transformers cannot load this repo "
                 "on its own. Add the config of the model these weights belong to.\n")
-    tok = f'\ntokenizer = AutoTokenizer.from_pretrained("{repo_id}")' if tokenizer else ""
-    return f"""
+    return _LOAD_TEXT.format(repo_id=repo_id, tokenizer_import=_TOKENIZER_IMPORT if tokenizer else "",
+                             tokenizer=_TOKENIZER_LINE.format(repo_id=repo_id) if tokenizer else "")
+
+
+_LOAD_TEXT = """
 ## How to load it
 
 ```python
-from transformers import {"AutoModelForCausalLM, AutoTokenizer" if tokenizer else "AutoModelForCausalLM"}
+from transformers import AutoModelForCausalLM{tokenizer_import}
 
-model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto"){tok}
+model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto"){tokenizer}
 ```
 """
+_TOKENIZER_IMPORT = """, AutoTokenizer"""
+_TOKENIZER_LINE = """
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")"""
 
 
 def _lora_text(lora: Mapping[str, Any] | None, loads: bool = True) -> str:

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .. import jsonfile
 from ..errors import CheckpointError, ConfigError, StreammergeError
 from ..options import MergeOptions
 from ..pipeline import merge
@@ -132,7 +133,7 @@ class Watcher:
 
     def _read_state(self) -> dict:
         try:
-            state = json.loads(self.state_file.read_text())
+            state = jsonfile.loads(self.state_file.read_text())
         except FileNotFoundError:
             return {"version": 1, "targets": {}}
         except ValueError:

@@ -6,12 +6,12 @@ each rank of a resumed job touches only the slices it keeps.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import jsonfile
 from ..errors import CheckpointError, StreammergeError
 from . import OPTIMIZER_DIR, OPTIMIZER_INDEX, OPTIMIZER_PT
 
@@ -110,13 +110,13 @@ def _load_safetensors_export(folder: Path) -> dict:
 
     from ..write.safetensors_format import CODE_DTYPES, read_header
 
-    index = json.loads((folder / OPTIMIZER_INDEX).read_text())
+    index = jsonfile.loads((folder / OPTIMIZER_INDEX).read_text())
     meta = index.get("metadata", {})
     if "param_groups" not in meta:
         why = (" (a Megatron distributed optimizer export: state tensors by parameter name, no torch param groups; "
                "read its files with safetensors)" if "megatron_param_groups" in meta else "")
         raise StreammergeError(f"{folder / OPTIMIZER_INDEX}: no param_groups in the index metadata{why}")
-    groups = json.loads(meta["param_groups"])
+    groups = jsonfile.loads(meta["param_groups"])
     flat: dict[str, Any] = {}
     for filename in dict.fromkeys(index["weight_map"].values()):
         path = folder / filename
@@ -140,5 +140,5 @@ def _load_safetensors_export(folder: Path) -> dict:
             else:  # a file from elsewhere: copy this one tensor out
                 raw = torch.empty(0, dtype=torch.uint8).set_(storage, start + begin, (end - begin,), (1,))
                 flat[name] = raw.clone().view(dtype).reshape(shape)
-    flat.update(json.loads(meta.get("state_values", "{}")))
+    flat.update(jsonfile.loads(meta.get("state_values", "{}")))
     return nest(flat, groups)

@@ -20,7 +20,6 @@ Which keys are the model: the nesting `planner_data` records (`{"model": ..., "o
 from __future__ import annotations
 
 import gc
-import json
 import os
 import re
 import struct
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .. import jsonfile
 from ..checksum import crc32
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from . import torchpickle
@@ -102,7 +102,7 @@ def megatron_backend(folder: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        meta = json.loads(path.read_text())
+        meta = jsonfile.loads(path.read_text())
         backend = meta["sharded_backend"]
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise CheckpointError(f"{path}: not Megatron-Core checkpoint metadata ({e})") from None

@@ -9,14 +9,13 @@ writer. `HFOracle` is verify's independent reader of the same files (safetensors
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import dtypes
+from .. import dtypes, jsonfile
 from ..errors import CheckpointError, ConfigError
 from ..write.safetensors_format import read_header
 from .base import Oracle, Piece, Source, SourceTensor, row_major
@@ -60,7 +59,7 @@ class HFSource(Source):
         index = self.path / INDEX
         if index.is_file():
             try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                names = sorted(set(jsonfile.loads(index.read_text())["weight_map"].values()))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: unreadable index ({e})") from None
             files = [self.path / n for n in names]

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import jsonfile
 from ..dtypes import DType
 from ..errors import CheckpointError, ConfigError
 from ..plan import LoraFold, Plan, TensorPlan, build_plan, output_dtype
@@ -82,7 +83,7 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> tuple[int, f
     path = source.path / META_FILE
     if path.is_file():
         try:
-            meta = json.loads(path.read_text())
+            meta = jsonfile.loads(path.read_text())
         except ValueError as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(meta, dict):

@@ -21,13 +21,13 @@ buffers whose parameter order and padding are not in the checkpoint: skipped wit
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import jsonfile
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from ..model_folder import ties_embeddings
 from .base import Oracle, Piece, SourceTensor
@@ -111,7 +111,7 @@ def check_recorded(a: Arch, folder: Path, where: str) -> None:
     if path is None:
         return
     try:
-        recorded = json.loads(path.read_text())
+        recorded = jsonfile.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read it ({e})") from None
     if not isinstance(recorded, dict):

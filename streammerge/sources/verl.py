@@ -7,11 +7,11 @@ their DTensor placements give each rank's box of the full tensor.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import jsonfile
 from ..errors import CheckpointError
 from .base import Oracle, Source, SourceTensor, step_of
 from .rankset import RankSet, load_ranks, source_tensors
@@ -50,7 +50,7 @@ def verl_source(actor: Path) -> VerlSource:
     cfg_path = actor / "fsdp_config.json"
     if cfg_path.is_file():
         try:
-            cfg = json.loads(cfg_path.read_text(), parse_constant=_no_constant)
+            cfg = jsonfile.loads(cfg_path.read_text(), parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError, OSError) as e:
             raise CheckpointError(f"{cfg_path}: unreadable ({str(e)[:120]})") from None
         if not isinstance(cfg, dict):

@@ -165,11 +165,7 @@ class VerlOracle(Oracle):
         pieces, seen = [], set()
         for rank, v in enumerate(values):
             local = v._local_tensor
-            coordinate = _coordinate(rank, mesh_shape)
-            saved = _saved_coordinate(v)
-            if saved is not None and saved != coordinate:
-                raise CheckpointError(f"{files[rank]}: renamed rank file? its pickled mesh coordinate is "
-                                      f"{tuple(saved)}, its name says rank {rank} (coordinate {tuple(coordinate)})")
+            coordinate = _saved_coordinate(v) or _coordinate(rank, mesh_shape)  # a renamed file keeps its place
             want, offset = _torch_placement(shape, mesh_shape, coordinate, v.placements)
             if tuple(local.shape) != want:
                 raise CheckpointError(f"{files[rank]}: tensor {name!r}: torch's placement logic gives rank {rank} "

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .. import jsonfile
 from ..checksum import crc32
 from ..errors import OutputError
 from .writer import OutputFile, output_error
@@ -48,7 +49,7 @@ class Manifest:
     def read(out_dir: Path) -> dict | None:
         path = out_dir / STATE_DIR / MANIFEST
         try:
-            return json.loads(path.read_text())
+            return jsonfile.loads(path.read_text())
         except FileNotFoundError:
             return None
         except ValueError:
@@ -66,7 +67,7 @@ class Manifest:
             if p == self.path:
                 continue
             try:
-                data = json.loads(p.read_text())
+                data = jsonfile.loads(p.read_text())
             except (OSError, ValueError):
                 continue  # a part being replaced right now; its rank lists it again when it finishes
             if data.get("fingerprint") == self.data["fingerprint"]:

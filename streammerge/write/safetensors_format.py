@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .. import dtypes
+from .. import dtypes, jsonfile
 from ..dtypes import DType
 
 # our dtype -> safetensors dtype code
@@ -92,4 +92,4 @@ def read_header(path: str) -> tuple[dict, int]:
         text = f.read(n)
         if len(text) != n:
             raise ValueError("file ends inside the header")
-    return json.loads(text), 8 + n
+    return jsonfile.loads(text), 8 + n
