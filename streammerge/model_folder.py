@@ -13,7 +13,7 @@ import fnmatch
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,8 @@ def ties_embeddings(config: Mapping | None) -> bool:
     return False
 
 
-def carried_files(model_dir: Path | None, root: Path | None = None) -> Iterator[Path]:
+def carried_files(model_dir: Path | None, root: Path | None = None,
+                  keep: Callable[[Path], bool] = lambda p: True) -> Iterator[Path]:
     """Every file of the model folder except weights (which we write ourselves), hidden files and folders
     (`.env`, `.git/`, `.cache/`: secrets and tool state, not the model) and `__pycache__/`.
 
@@ -90,6 +91,8 @@ def carried_files(model_dir: Path | None, root: Path | None = None) -> Iterator[
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES or not p.is_file():
             continue
         if any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(model_dir).parts):
+            continue
+        if not keep(p):
             continue
         target = p.resolve()
         if target != root and root not in target.parents:
@@ -118,7 +121,10 @@ def model_dir_for(model_name: str, *, token: str | None = None, endpoint: str | 
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ConfigError(f"model_name {model_name!r}: no config.json in {local}")
-        return local.resolve(), local.resolve()
+        folder = local.resolve()
+        if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+            return folder, folder.parent.parent  # a Hub cache snapshot: its files link into the repo's blobs/
+        return folder, folder
     if not _HUB_ID.match(model_name) or model_name.startswith((".", "~")):
         raise ConfigError(f"model_name {model_name!r}: no such folder")
     from huggingface_hub import snapshot_download
@@ -137,9 +143,8 @@ def model_dir_for(model_name: str, *, token: str | None = None, endpoint: str | 
 
 def model_files(model_dir: Path, root: Path) -> Iterator[Path]:
     """The config and tokenizer files of a model given by name (not its weights or anything else)."""
-    for p in carried_files(model_dir, root):
-        if p.parent == model_dir and any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS):
-            yield p
+    yield from carried_files(model_dir, root, keep=lambda p: p.parent == model_dir and any(
+        fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS))
 
 
 # ---------------------------------------------------------------- does the config describe these weights?

@@ -423,6 +423,32 @@ def test_model_name_as_local_folder_gives_config_and_tokenizer_only(hub, make_ck
     assert not hub.requests("GET", r"/resolve/")  # a local folder is read offline
 
 
+def test_model_name_as_a_hub_cache_snapshot_folder_follows_its_links_into_blobs(make_ckpt, tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/config.json links to ../../blobs/<hash>; a link out of the cache
+    repo is still refused."""
+    repo = tmp_path / "hub_cache" / "models--acme--base"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in (make_ckpt() / "huggingface").iterdir():
+        blob = repo / "blobs" / f"blob-{p.name}"
+        blob.write_bytes(p.read_bytes())
+        (snap / p.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the model's")
+    (snap / "notes.txt").symlink_to(secret)  # not a file streammerge takes from a model_name: not looked at
+    actor = _actor_without_hf(make_ckpt, tmp_path)
+
+    streammerge.merge(actor, tmp_path / "out", model_name=str(snap), optimizer=False)
+    hf = make_ckpt() / "huggingface"
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+
+    (snap / "special_tokens_map.json").unlink(missing_ok=True)
+    (snap / "special_tokens_map.json").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="links outside"):
+        streammerge.merge(actor, tmp_path / "out2", model_name=str(snap), optimizer=False)
+
+
 def test_model_name_from_the_hub_fetches_config_and_tokenizer_only(hub, make_ckpt, tmp_path):
     hf = make_ckpt() / "huggingface"
     hub.create_repo("acme/base")
