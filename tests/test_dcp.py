@@ -431,6 +431,15 @@ def test_safetensors_format_refused(tmp_path: Path) -> None:
             read_dcp(d)
 
 
+def test_a_dtype_streammerge_does_not_read_is_named(tmp_path: Path) -> None:
+    """MX scales (float8_e8m0fnu) and the fnuz float8s: the error names the dtype, not an allowlist of classes."""
+    for dtype in (torch.float8_e8m0fnu, torch.float8_e4m3fnuz):
+        d = tmp_path / str(dtype)
+        dcp.save({"w": torch.zeros(4, dtype=dtype), "b": torch.zeros(2)}, checkpoint_id=str(d), no_dist=True)
+        with pytest.raises(UnsupportedLayoutError, match=rf"tensors of dtype {dtype}, which streammerge does not"):
+            read_dcp(d)
+
+
 def test_hf_storage_folder_refused(tmp_path: Path) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -29,6 +30,7 @@ from ..errors import CheckpointError, UnsupportedLayoutError
 METADATA_FILE = ".metadata"
 _DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
            "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
+_TORCH_DTYPE_NAME = re.compile(r"^(u?int\d+|float\d+(_\w+)?|bfloat16|complex\d+|bits\w+|q(u?int\d+\w*)|half|double)$")
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,9 @@ class _Unpickler(pickle.Unpickler):
         try:
             return _GLOBALS[(module, name)]
         except KeyError:
+            if module == "torch" and _TORCH_DTYPE_NAME.match(name):
+                raise UnsupportedLayoutError(f"it holds tensors of dtype torch.{name}, which streammerge does not "
+                                             f"read (it reads {', '.join(_DTYPES)})") from None
             hint = _HINTS.get((module, name), "not on the allowlist of DCP metadata classes")
             raise UnsupportedLayoutError(f"the pickle names {module}.{name}: {hint}") from None
 
