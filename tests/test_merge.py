@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.distributed.tensor  # noqa: F401  (lets torch.load(weights_only=Tru
 from safetensors.torch import load_file
 
 import streammerge
+from streammerge.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,6 +74,14 @@ def test_run_folder_and_step_folder_resolve_to_the_actor(make_ckpt) -> None:
     for path in (actor, actor.parent, run_dir):
         ck = streammerge.open_checkpoint(path)
         assert ck.path == actor.resolve() and ck.world_size == 2 and ck.step == 2 and ck.has_optimizer()
+
+
+def test_a_step_folder_with_only_a_critic_names_it(make_ckpt, tmp_path: Path) -> None:
+    step = tmp_path / "run" / "global_step_2"
+    shutil.copytree(make_ckpt(), step / "critic")
+    with pytest.raises(CheckpointError, match=r"no actor/ here, only critic/ .*give .*global_step_2/critic"):
+        streammerge.open_checkpoint(step)
+    assert streammerge.open_checkpoint(step / "critic").path == (step / "critic").resolve()
 
 
 def test_auto_dtype_follows_config_and_rewrites_it(make_ckpt, tmp_path: Path) -> None:

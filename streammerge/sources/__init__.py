@@ -57,6 +57,9 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
     for sub in SUBFOLDERS:
         if (path / sub).is_dir() and depth < 3:
             return _find(path / sub, depth + 1)
+    if depth < 3 and any(holds(path / "critic") for _, holds, _ in FORMATS if (path / "critic").is_dir()):
+        raise CheckpointError(f"{path}: no actor/ here, only critic/ (veRL's value model); give "
+                              f"{path / 'critic'} to merge the critic")
     kinds = "; ".join(what for what, _, _ in FORMATS)
     raise CheckpointError(f"{path}: not a checkpoint streammerge can read (looked for: {kinds}; "
                           f"an actor/ folder; {LATEST_FILE})")
