@@ -216,6 +216,30 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings
     """The run's LoraConfig from lora_train_meta.json and adapter_config.json, and the options; refuses guesses,
     values of the wrong type, files that disagree and options that contradict a file."""
     records = _records(source)
+    task = _recorded(records, "task_type")
+    bias = _recorded(records, "bias")
+    init = _recorded(records, "init_lora_weights")
+    dora = _recorded(records, "use_dora")
+    fifo = _recorded(records, "fan_in_fan_out")
+    for name, why in (("rank_pattern", "a rank per module"), ("alpha_pattern", "an alpha per module"),
+                      ("target_parameters", "LoRA on parameters (peft's ParamWrapper, e.g. MoE experts)"),
+                      ("layer_replication", "layers repeated over shared base weights"),
+                      ("alora_invocation_tokens", "activated LoRA, applied only after its invocation tokens")):
+        rec = _recorded(records, name)
+        if rec is not None and rec.value:
+            raise CheckpointError(f"{rec.where} is {json.dumps(rec.value)}: {why} is not supported by streammerge's "
+                                  "LoRA fold; merge it with peft's merge_and_unload instead")
+    if dora is not None and dora.value:
+        raise CheckpointError(f"{dora.where} is true: DoRA's magnitude vector rescales each column of the folded "
+                              "weight, which streammerge's LoRA fold does not do; merge it with peft's "
+                              "merge_and_unload instead")
+    lbias = _recorded(records, "lora_bias")
+    if lbias is not None and lbias.value:
+        raise CheckpointError(f"{lbias.where} is true: LoRA biases (lora_bias=True) are not supported")
+    if init is not None and isinstance(init.value, str) and not init.value.lower().startswith(
+            (*_PLAIN_INITS, *_RESIDUAL_INITS)):
+        raise CheckpointError(f"{init.where} is {json.dumps(init.value)}, an initialisation streammerge does not "
+                              "know: whether it changed the base weights cannot be told, so the fold is refused")
     rank_opt, alpha_opt = options.lora_rank, options.lora_alpha
     flag = getattr(options, "lora_rslora", None)
     if rank_opt is not None and not (_is_int(rank_opt) and rank_opt > 0):
@@ -241,30 +265,6 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings
         raise ConfigError(f"{source.path}: a LoRA checkpoint that records no lora_alpha (no {META_FILE} or "
                           f"{ADAPTER_CONFIG} with it): give --lora-alpha and --lora-rank, and --lora-rslora if the run "
                           "used rsLoRA, as the run's LoraConfig had them; the scale cannot be read from the weights")
-    task = _recorded(records, "task_type")
-    bias = _recorded(records, "bias")
-    init = _recorded(records, "init_lora_weights")
-    dora = _recorded(records, "use_dora")
-    fifo = _recorded(records, "fan_in_fan_out")
-    for name, why in (("rank_pattern", "a rank per module"), ("alpha_pattern", "an alpha per module"),
-                      ("target_parameters", "LoRA on parameters (peft's ParamWrapper, e.g. MoE experts)"),
-                      ("layer_replication", "layers repeated over shared base weights"),
-                      ("alora_invocation_tokens", "activated LoRA, applied only after its invocation tokens")):
-        rec = _recorded(records, name)
-        if rec is not None and rec.value:
-            raise CheckpointError(f"{rec.where} is {json.dumps(rec.value)}: {why} is not supported by streammerge's "
-                                  "LoRA fold; merge it with peft's merge_and_unload instead")
-    if dora is not None and dora.value:
-        raise CheckpointError(f"{dora.where} is true: DoRA's magnitude vector rescales each column of the folded "
-                              "weight, which streammerge's LoRA fold does not do; merge it with peft's "
-                              "merge_and_unload instead")
-    lbias = _recorded(records, "lora_bias")
-    if lbias is not None and lbias.value:
-        raise CheckpointError(f"{lbias.where} is true: LoRA biases (lora_bias=True) are not supported")
-    if init is not None and isinstance(init.value, str) and not init.value.lower().startswith(
-            (*_PLAIN_INITS, *_RESIDUAL_INITS)):
-        raise CheckpointError(f"{init.where} is {json.dumps(init.value)}, an initialisation streammerge does not "
-                              "know: whether it changed the base weights cannot be told, so the fold is refused")
     wheres = {name: rec.where for name, rec in (("bias", bias), ("init_lora_weights", init),
                                                  ("fan_in_fan_out", fifo)) if rec is not None}
     return LoraSettings(r=r, alpha=float(alpha), rslora=bool(rslora),
