@@ -423,7 +423,8 @@ def test_lora_on_the_lm_head_of_a_tied_model(tmp_path, capsys):
 # ---- peft's adapter_config.json, read strictly ---------------------------------------------------------------
 
 def _trained_peft(model_cls=None, config=None, **extra):
-    """A real peft model with every lora_B (and every bias) moved off its initial value, as training leaves it."""
+    """A real peft model with every lora_B (and the biases peft trains) moved off its initial value, as training
+    leaves it; also its config and the untouched base model's state dict."""
     from peft import LoraConfig, get_peft_model
     from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
@@ -437,7 +438,7 @@ def _trained_peft(model_cls=None, config=None, **extra):
     model = get_peft_model(base, LoraConfig(**settings))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name or name.endswith(".bias"):
+            if "lora_B" in name or (name.endswith(".bias") and p.requires_grad):
                 p.add_(torch.randn_like(p) * 0.1)
     return model, config, base_sd
 
@@ -463,6 +464,9 @@ def _save_actor(tmp_path: Path, model, config, *, place: str | None = "lora_adap
     if meta is not None:
         (actor / "lora_train_meta.json").write_text(json.dumps(meta))
     return actor
+
+
+META = {"r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM"}  # veRL's lora_train_meta.json beside peft's config
 
 
 def _peft_merged(model) -> dict:
@@ -585,3 +589,82 @@ def test_lora_on_moe_expert_parameters_is_refused_as_target_parameters(tmp_path,
         actor = _save_actor(tmp_path, model, config, place=place, meta={"r": 4, "lora_alpha": 8})
         rc, err = run(["merge", actor, tmp_path / "out"], capsys)
         assert rc == 2 and err.count("\n") == 1 and "target_parameters" in err, err
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_inits_fold_only_onto_the_residual_base_they_saved(tmp_path, capsys, init):
+    """PiSSA and OLoRA replace W by W - s B0 A0 when the adapter is made: the checkpoint's base_layer.weight is that
+    residual, and its fold is peft's merge bit for bit; an adapter exported for the original base, or folded onto it
+    (an adapter-only checkpoint with --base-model), would be another model, so both are refused."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    model, config, base_sd = _trained_peft(init_lora_weights=init)
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    rc, err = run(["merge", actor, tmp_path / "both"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--lora fold" in err and init in err, err
+    rc, err = run(["merge", actor, tmp_path / "fold", "--lora", "fold", "--dtype", "float32", "--no-optimizer"],
+                  capsys)
+    assert rc == 0, err
+
+    base = Qwen2ForCausalLM(config)
+    base.load_state_dict(base_sd)
+    base.save_pretrained(tmp_path / "base")  # the original, untouched base model
+    only = tmp_path / "only"
+    only.mkdir()
+    adapter_only = _save_actor(only, model, config, keep=lambda k: ".lora_" in k, meta=META)
+    capsys.readouterr()
+    rc, err = run(["merge", adapter_only, tmp_path / "onbase", "--lora", "fold", "--base-model", tmp_path / "base"],
+                  capsys)
+    assert rc == 2 and err.count("\n") == 1 and "residual" in err, err
+    _assert_bits(tmp_path / "fold", _peft_merged(model))
+
+
+def test_refuses_lora_on_the_square_conv1d_of_imagegpt(tmp_path, capsys):
+    """attn.c_proj of a GPT-2-style model is a square Conv1D ([in, out]): lora_A and lora_B fit it untransposed, so only
+    the model type tells that peft folds (B @ A).T into it."""
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    config = ImageGPTConfig(vocab_size=17, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    config.architectures = ["ImageGPTForCausalImageModeling"]
+    model, config, _ = _trained_peft(ImageGPTForCausalImageModeling, config, target_modules=["attn.c_proj"],
+                                     fan_in_fan_out=True, task_type=None)
+    actor = _save_actor(tmp_path, model, config, place=None, meta={"r": 8, "lora_alpha": 16})
+    rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Conv1D" in err and "imagegpt" in err, err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_are_in_the_fold_and_the_adapter(tmp_path, capsys, bias):
+    """bias="all" / "lora_only" train the biases (Qwen2's q, k, v_proj have them): the fold keeps the trained ones, and
+    the exported adapter holds them as peft's save_pretrained does, so PeftModel on the untrained base gives the
+    trained model again."""
+    from peft import PeftModel
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "o_proj"], bias=bias)
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--dtype", "float32", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    want = load_file(tmp_path / "peft_saved" / "adapter_model.safetensors")
+    got = load_file(out / "lora_adapter" / "adapter_model.safetensors")
+    assert any(k.endswith(".bias") for k in want)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "lora_adapter" / "adapter_config.json").read_text())["bias"] == bias
+    only = tmp_path / "only"
+    only.mkdir()
+    adapter_only = _save_actor(only, model, config, keep=lambda k: ".lora_" in k, meta=META)
+    base = Qwen2ForCausalLM(config)
+    base.load_state_dict(base_sd)
+    base.save_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(base, out / "lora_adapter").eval()
+    ids = torch.arange(12).view(1, 12) % config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    _assert_bits(out, _peft_merged(model))
+
+    # an adapter-only checkpoint without the trained biases: the base model's untrained ones are refused
+    capsys.readouterr()
+    rc, err = run(["merge", adapter_only, tmp_path / "onbase", "--base-model", tmp_path / "base"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "trained biases" in err and "_proj.bias" in err, err
