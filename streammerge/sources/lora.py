@@ -10,12 +10,17 @@ them (every weight "missing", newly initialised). Here:
 - adapter: `lora_adapter/adapter_model.safetensors` + `adapter_config.json`, as peft's
   `save_pretrained` writes them (adapter name dropped from the keys), for `PeftModel.from_pretrained`.
 
-r and alpha come from veRL's `lora_train_meta.json` or from options (`--lora-rank/--lora-alpha`,
-`--lora-rslora`: rsLoRA cannot be told from the weights). An adapter-only (`save_lora_only`) checkpoint
-takes its base weights from `--base-model` (`hf.HFSource`).
+r, alpha and rsLoRA come from veRL's `lora_train_meta.json` and peft's `adapter_config.json` (in the checkpoint
+folder, its `lora_adapter/` or its `huggingface/`), read strictly (r an integer > 0, lora_alpha a number,
+use_rslora a boolean), or from options (`--lora-rank/--lora-alpha`, `--lora-rslora`: rsLoRA cannot be told from
+the weights); two files that disagree, or an option that contradicts a file, are refused. An adapter-only
+(`save_lora_only`) checkpoint takes its base weights from `--base-model` (`hf.HFSource`).
 What peft's LoRA merge would compute differently or that we cannot fold exactly (DoRA, embedding
-and convolution adapters, LoRA biases, several adapters, per-module ranks) is refused, never
-written approximately.
+and convolution adapters, GPT-2-style Conv1D layers, LoRA biases, several adapters, rank or alpha patterns,
+target_parameters, an initialisation of unknown effect) is refused, never written approximately. A PiSSA-like
+initialisation (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) left the residual base in the checkpoint: it folds onto that
+one only, and its adapter is not exported (it would not fit the original base). With bias "all" or "lora_only" the
+trained biases are written in both the fold and the adapter, as peft's save_pretrained does.
 """
 
 from __future__ import annotations
