@@ -491,6 +491,11 @@ def test_adapter_config_gives_r_alpha_and_rslora(tmp_path, capsys, place):
     _assert_bits(tmp_path / "out", _peft_merged(model))
     cfg = json.loads((tmp_path / "out" / "lora_adapter" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]) == (8, 16, True)
+    # huggingface/adapter_config.json is not carried beside config.json: transformers would load OUT as an adapter
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
 @pytest.mark.parametrize("where, field, value", [
