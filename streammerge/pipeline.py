@@ -171,6 +171,9 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         lora_info = None
         if lora.is_peft(tensors):
             planned = lora.plan_lora(source, tensors, options, config, dtype, token=token, endpoint=endpoint)
+            # peft's adapter_config.json beside config.json would make transformers load OUT as an adapter (of the
+            # base it names); the adapter's own config is written in lora_adapter/
+            model_paths = [p for p in model_paths if not (p.name == lora.ADAPTER_CONFIG and p.parent == model_dir)]
             weights_tensors, extra, notes = planned.weights, planned.plans, planned.notes
             generated.update(planned.generated)
             warnings += planned.warnings

@@ -344,8 +344,9 @@ def test_missing_alpha_is_a_config_error_naming_the_flag(tmp_path):
     model, config = _peft()
     actor = _save_peft(tmp_path, model, config)
     (actor / "lora_train_meta.json").unlink()
-    with pytest.raises(ConfigError, match="--lora-alpha"):
+    with pytest.raises(ConfigError, match="--lora-alpha") as e:
         plan_merge(actor)
+    assert "--lora-rank" in str(e.value) and "--lora-rslora" in str(e.value)
 
 
 @pytest.mark.parametrize("tuner, message", [
@@ -417,3 +418,258 @@ def test_lora_on_the_lm_head_of_a_tied_model(tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-4, rtol=0)
     assert verify(tmp_path / "out", actor).ok
+
+
+# ---- peft's adapter_config.json, read strictly ---------------------------------------------------------------
+
+def _trained_peft(model_cls=None, config=None, **extra):
+    """A real peft model with every lora_B (and the biases peft trains) moved off its initial value, as training
+    leaves it; also its config and the untouched base model's state dict."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    config = config or model_config(LoraSpec("", hidden_size=32, num_layers=1))
+    torch.manual_seed(0)
+    base = (model_cls or Qwen2ForCausalLM)(config)
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    torch.manual_seed(1)
+    settings = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0,
+                "task_type": "CAUSAL_LM", **extra}
+    model = get_peft_model(base, LoraConfig(**settings))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or (name.endswith(".bias") and p.requires_grad):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model, config, base_sd
+
+
+def _save_actor(tmp_path: Path, model, config, *, place: str | None = "lora_adapter", meta: dict | None = None,
+                keep=lambda k: True, edit: dict | None = None) -> Path:
+    """The peft model's state dict (keys kept by `keep`) as 2 DTensor ranks, huggingface/config.json, and peft's own
+    adapter_config.json (save_pretrained's, with `edit` applied) in `place` (None: none), and meta if given."""
+    from torch.distributed.tensor import Shard
+
+    from streammerge.testing.rankfiles import write_rank_files
+
+    actor = tmp_path / "actor"
+    specs = {k: (v.detach().clone(), [Shard(0)]) for k, v in model.state_dict().items() if keep(k)}
+    write_rank_files(actor, specs, (2,))
+    config.save_pretrained(actor / "huggingface")
+    if place is not None:
+        saved = tmp_path / "peft_saved"
+        model.save_pretrained(saved)
+        cfg = {**json.loads((saved / "adapter_config.json").read_text()), **(edit or {})}
+        (actor / place).mkdir(parents=True, exist_ok=True)
+        (actor / place / "adapter_config.json").write_text(json.dumps(cfg))
+    if meta is not None:
+        (actor / "lora_train_meta.json").write_text(json.dumps(meta))
+    return actor
+
+
+META = {"r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM"}  # veRL's lora_train_meta.json beside peft's config
+
+
+def _peft_merged(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def _assert_bits(out: Path, want: dict) -> None:
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(want)
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{len(differ)} tensors differ from peft's merge, e.g. {differ[0]}"
+
+
+@pytest.mark.parametrize("place", ["", "lora_adapter", "huggingface"])
+def test_adapter_config_gives_r_alpha_and_rslora(tmp_path, capsys, place):
+    """No lora_train_meta.json and no flags: peft's adapter_config.json (where veRL or save_pretrained put it) says
+    r 8, lora_alpha 16 and use_rslora, and the fold is peft's merge bit for bit (rsLoRA: not alpha/r)."""
+    model, config, _ = _trained_peft(use_rslora=True)
+    actor = _save_actor(tmp_path, model, config, place=place)
+    rc, err = run(["merge", actor, tmp_path / "out", "--dtype", "float32", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    _assert_bits(tmp_path / "out", _peft_merged(model))
+    cfg = json.loads((tmp_path / "out" / "lora_adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]) == (8, 16, True)
+    # huggingface/adapter_config.json is not carried beside config.json: transformers would load OUT as an adapter
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.parametrize("where, field, value", [
+    ("lora_adapter/adapter_config.json", "r", 8.0),
+    ("lora_adapter/adapter_config.json", "r", "8"),
+    ("lora_adapter/adapter_config.json", "r", True),
+    ("lora_adapter/adapter_config.json", "r", 0),
+    ("lora_adapter/adapter_config.json", "lora_alpha", "16"),
+    ("lora_adapter/adapter_config.json", "lora_alpha", True),
+    ("lora_adapter/adapter_config.json", "use_rslora", "false"),
+    ("lora_adapter/adapter_config.json", "use_rslora", 0),
+    ("lora_train_meta.json", "r", 8.0),
+    ("lora_train_meta.json", "lora_alpha", False),
+    ("lora_train_meta.json", "use_rslora", "true"),
+])
+def test_recorded_values_of_the_wrong_type_are_refused(tmp_path, capsys, where, field, value):
+    model, config, _ = _trained_peft()
+    meta = {"r": 8, "lora_alpha": 16}
+    if where == "lora_train_meta.json":
+        meta[field] = value
+    actor = _save_actor(tmp_path, model, config, meta=meta,
+                        edit={field: value} if where != "lora_train_meta.json" else None)
+    rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"{actor / where}: {field} is {json.dumps(value)}" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-alpha", "32"], "--lora-alpha 32.0 contradicts {cfg}: lora_alpha 16"),
+    (["--lora-rank", "4"], "--lora-rank 4 contradicts {cfg}: r 8"),
+    (["--lora-rslora"], "--lora-rslora true contradicts {cfg}: use_rslora false"),
+])
+def test_an_option_contradicting_the_adapter_config_is_refused(tmp_path, capsys, flags, message):
+    model, config, _ = _trained_peft()
+    actor = _save_actor(tmp_path, model, config)
+    rc, err = run(["merge", actor, tmp_path / "out", *flags], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert message.format(cfg=actor / "lora_adapter" / "adapter_config.json") in err
+    # options that agree with the file are fine
+    rc, err = run(["merge", actor, tmp_path / "ok", "--lora-alpha", "16", "--lora-rank", "8", "--no-optimizer"],
+                  capsys)
+    assert rc == 0, err
+
+
+def test_two_files_that_disagree_are_refused_naming_both(tmp_path, capsys):
+    model, config, _ = _trained_peft()
+    actor = _save_actor(tmp_path, model, config, meta={"r": 8, "lora_alpha": 32})
+    rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"{actor / 'lora_train_meta.json'}: lora_alpha is 32" in err
+    assert f"{actor / 'lora_adapter' / 'adapter_config.json'}: lora_alpha is 16" in err
+
+
+@pytest.mark.parametrize("extra, keep, message", [
+    # DoRA's magnitude vectors left out of the rank files (an adapter-only save): the config still says DoRA
+    ({"use_dora": True}, lambda k: "lora_magnitude_vector" not in k, "DoRA"),
+    # one alpha for q_proj: every rank is 8, so nothing in the weights shows that q_proj's scale differs
+    ({"alpha_pattern": {"q_proj": 64}}, None, "alpha_pattern"),
+    ({"target_modules": ["q_proj"], "rank_pattern": {"q_proj": 4}, "r": 8, "lora_alpha": 16}, None, "rank_pattern"),
+])
+def test_adapter_config_refusals_of_what_the_fold_cannot_do(tmp_path, capsys, extra, keep, message):
+    model, config, _ = _trained_peft(**extra)
+    actor = _save_actor(tmp_path, model, config, keep=keep or (lambda k: True))
+    rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert message in err and "adapter_config.json" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"init_lora_weights": "some_new_method"}, "an initialisation streammerge does not know"),
+    ({"layer_replication": [[0, 1], [0, 1]]}, "layers repeated over shared base weights"),
+    ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
+    ({"peft_type": "IA3"}, "another peft method is not LoRA"),
+    ({"lora_bias": True}, "LoRA biases"),
+])
+def test_adapter_config_settings_that_change_the_function_are_refused(tmp_path, capsys, edit, message):
+    model, config, _ = _trained_peft()
+    actor = _save_actor(tmp_path, model, config, edit=edit)
+    rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_lora_on_moe_expert_parameters_is_refused_as_target_parameters(tmp_path, capsys):
+    """peft's ParamWrapper (target_parameters) adapts a 3-D experts tensor: there is no base_layer.weight."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    model, config, _ = _trained_peft(Qwen2MoeForCausalLM, config, r=4, lora_alpha=8, target_modules=["q_proj"],
+                                     target_parameters=["mlp.experts.gate_up_proj"])
+    for place in (None, "lora_adapter"):  # from the tensors alone, and from the config
+        shutil.rmtree(tmp_path / "actor", ignore_errors=True)
+        actor = _save_actor(tmp_path, model, config, place=place, meta={"r": 4, "lora_alpha": 8})
+        rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+        assert rc == 2 and err.count("\n") == 1 and "target_parameters" in err, err
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_inits_fold_only_onto_the_residual_base_they_saved(tmp_path, capsys, init):
+    """PiSSA and OLoRA replace W by W - s B0 A0 when the adapter is made: the checkpoint's base_layer.weight is that
+    residual, and its fold is peft's merge bit for bit; an adapter exported for the original base, or folded onto it
+    (an adapter-only checkpoint with --base-model), would be another model, so both are refused."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    model, config, base_sd = _trained_peft(init_lora_weights=init)
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    rc, err = run(["merge", actor, tmp_path / "both"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--lora fold" in err and init in err, err
+    rc, err = run(["merge", actor, tmp_path / "fold", "--lora", "fold", "--dtype", "float32", "--no-optimizer"],
+                  capsys)
+    assert rc == 0, err
+
+    base = Qwen2ForCausalLM(config)
+    base.load_state_dict(base_sd)
+    base.save_pretrained(tmp_path / "base")  # the original, untouched base model
+    only = tmp_path / "only"
+    only.mkdir()
+    adapter_only = _save_actor(only, model, config, keep=lambda k: ".lora_" in k, meta=META)
+    capsys.readouterr()
+    rc, err = run(["merge", adapter_only, tmp_path / "onbase", "--lora", "fold", "--base-model", tmp_path / "base"],
+                  capsys)
+    assert rc == 2 and err.count("\n") == 1 and "residual" in err, err
+    _assert_bits(tmp_path / "fold", _peft_merged(model))
+
+
+def test_refuses_lora_on_the_square_conv1d_of_imagegpt(tmp_path, capsys):
+    """attn.c_proj of a GPT-2-style model is a square Conv1D ([in, out]): lora_A and lora_B fit it untransposed, so only
+    the model type tells that peft folds (B @ A).T into it."""
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    config = ImageGPTConfig(vocab_size=17, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    config.architectures = ["ImageGPTForCausalImageModeling"]
+    model, config, _ = _trained_peft(ImageGPTForCausalImageModeling, config, target_modules=["attn.c_proj"],
+                                     fan_in_fan_out=True, task_type=None)
+    actor = _save_actor(tmp_path, model, config, place=None, meta={"r": 8, "lora_alpha": 16})
+    rc, err = run(["merge", actor, tmp_path / "out"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Conv1D" in err and "imagegpt" in err, err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_are_in_the_fold_and_the_adapter(tmp_path, capsys, bias):
+    """bias="all" / "lora_only" train the biases (Qwen2's q, k, v_proj have them): the fold keeps the trained ones, and
+    the exported adapter holds them as peft's save_pretrained does, so PeftModel on the untrained base gives the
+    trained model again."""
+    from peft import PeftModel
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "o_proj"], bias=bias)
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--dtype", "float32", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    want = load_file(tmp_path / "peft_saved" / "adapter_model.safetensors")
+    got = load_file(out / "lora_adapter" / "adapter_model.safetensors")
+    assert any(k.endswith(".bias") for k in want)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "lora_adapter" / "adapter_config.json").read_text())["bias"] == bias
+    only = tmp_path / "only"
+    only.mkdir()
+    adapter_only = _save_actor(only, model, config, keep=lambda k: ".lora_" in k, meta=META)
+    base = Qwen2ForCausalLM(config)
+    base.load_state_dict(base_sd)
+    base.save_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(base, out / "lora_adapter").eval()
+    ids = torch.arange(12).view(1, 12) % config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    _assert_bits(out, _peft_merged(model))
+
+    # an adapter-only checkpoint without the trained biases: the base model's untrained ones are refused
+    capsys.readouterr()
+    rc, err = run(["merge", adapter_only, tmp_path / "onbase", "--base-model", tmp_path / "base"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "trained biases" in err and "_proj.bias" in err, err

@@ -10,12 +10,17 @@ them (every weight "missing", newly initialised). Here:
 - adapter: `lora_adapter/adapter_model.safetensors` + `adapter_config.json`, as peft's
   `save_pretrained` writes them (adapter name dropped from the keys), for `PeftModel.from_pretrained`.
 
-r and alpha come from veRL's `lora_train_meta.json` or from options (`--lora-rank/--lora-alpha`,
-`--lora-rslora`: rsLoRA cannot be told from the weights). An adapter-only (`save_lora_only`) checkpoint
-takes its base weights from `--base-model` (`hf.HFSource`).
+r, alpha and rsLoRA come from veRL's `lora_train_meta.json` and peft's `adapter_config.json` (in the checkpoint
+folder, its `lora_adapter/` or its `huggingface/`), read strictly (r an integer > 0, lora_alpha a number,
+use_rslora a boolean), or from options (`--lora-rank/--lora-alpha`, `--lora-rslora`: rsLoRA cannot be told from
+the weights); two files that disagree, or an option that contradicts a file, are refused. An adapter-only
+(`save_lora_only`) checkpoint takes its base weights from `--base-model` (`hf.HFSource`).
 What peft's LoRA merge would compute differently or that we cannot fold exactly (DoRA, embedding
-and convolution adapters, LoRA biases, several adapters, per-module ranks) is refused, never
-written approximately.
+and convolution adapters, GPT-2-style Conv1D layers, LoRA biases, several adapters, rank or alpha patterns,
+target_parameters, an initialisation of unknown effect) is refused, never written approximately. A PiSSA-like
+initialisation (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) left the residual base in the checkpoint: it folds onto that
+one only, and its adapter is not exported (it would not fit the original base). With bias "all" or "lora_only" the
+trained biases are written in both the fold and the adapter, as peft's save_pretrained does.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .. import jsonfile
@@ -77,38 +83,200 @@ class Adapter:
     base: SourceTensor | None
 
 
-def lora_settings(source: Source, options: Any, ranks: set[int]) -> tuple[int, float, bool, str]:
-    """(r, alpha, use_rslora, task_type) from lora_train_meta.json, overridden by options; refuses guesses."""
-    meta: dict = {}
-    path = source.path / META_FILE
-    if path.is_file():
-        try:
-            meta = jsonfile.loads(path.read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-    r = options.lora_rank if options.lora_rank is not None else meta.get("r", meta.get("lora_rank"))
-    alpha = options.lora_alpha if options.lora_alpha is not None else meta.get("lora_alpha")
+_CONV1D_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder")
+_CONV1D_ARCHS = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer", "Clvp")
+_CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")  # GPT-2's Conv1D modules: other models' c_proj is a Linear
+# init_lora_weights that leave the base weights as they were (the fold onto any copy of the base is exact) and those
+# that replace W by a residual W - s B0 A0 at initialisation (only the checkpoint's own base_layer.weight is right)
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A value of the run's LoraConfig and the file (and field) it was read from."""
+
+    value: Any
+    where: str
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The run's LoraConfig as far as the fold and the export need it."""
+
+    r: int
+    alpha: float
+    rslora: bool
+    task: str = "CAUSAL_LM"
+    bias: str = "none"
+    init: bool | str = True
+    fan_in_fan_out: bool = False
+    where: dict[str, str] = field(default_factory=dict)  # the file and field each recorded value came from
+
+    @property
+    def residual_init(self) -> bool:
+        """peft's initialisation replaced the base weights by a residual (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA)."""
+        return isinstance(self.init, str) and self.init.lower().startswith(_RESIDUAL_INITS)
+
+
+def adapter_config_files(source: Source) -> list[Path]:
+    """peft's adapter_config.json where a checkpoint keeps it: in its folder, its `lora_adapter/` (veRL writes one
+    there beside the rank files) and its config folder (`huggingface/`)."""
+    hf = source.hf_dir if source.hf_dir is not None else source.path / "huggingface"
+    found: dict[Path, Path] = {}
+    for p in (source.path / ADAPTER_CONFIG, source.path / ADAPTER_DIR / ADAPTER_CONFIG, hf / ADAPTER_CONFIG):
+        if p.is_file():
+            found.setdefault(p.resolve(), p)
+    return list(found.values())
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        value = jsonfile.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# field -> (test, what it must be); a field absent (or null, for the optional ones) is not recorded
+_FIELDS: dict[str, tuple[Any, str]] = {
+    "r": (lambda v: _is_int(v) and v > 0, "an integer > 0"),
+    "lora_alpha": (_is_number, "a number"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "bias": (lambda v: v is None or v in ("none", "all", "lora_only"), '"none", "all" or "lora_only"'),
+    "rank_pattern": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "alpha_pattern": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "target_parameters": (lambda v: v is None or isinstance(v, list), "a list"),
+    "layer_replication": (lambda v: v is None or isinstance(v, list), "a list"),
+    "alora_invocation_tokens": (lambda v: v is None or isinstance(v, list), "a list"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name"),
+    "task_type": (lambda v: v is None or isinstance(v, str), "a string"),
+    "peft_type": (lambda v: v is None or v == "LORA", '"LORA" (another peft method is not LoRA)'),
+}
+
+
+def _records(source: Source) -> list[tuple[str, dict]]:
+    """Every file that records the run's LoRA settings, as (path, fields by peft's names), checked strictly."""
+    records: list[tuple[str, dict]] = []
+    meta_path = source.path / META_FILE
+    if meta_path.is_file():
+        meta = _json_object(meta_path)
+        fields = {k: meta[k] for k in ("r", "lora_alpha", "use_rslora", "task_type") if k in meta}
+        if "r" not in fields and "lora_rank" in meta:
+            fields["r"] = meta["lora_rank"]
+        records.append((str(meta_path), fields))
+    files = adapter_config_files(source)
+    for path in files:
+        cfg = _json_object(path)
+        records.append((str(path), {k: cfg[k] for k in _FIELDS if k in cfg}))
+    for where, fields in records:
+        for name, value in fields.items():
+            test, what = _FIELDS[name]
+            if not test(value):
+                field = "lora_rank" if name == "r" and where.endswith(META_FILE) and "r" not in fields else name
+                raise CheckpointError(f"{where}: {field} is {json.dumps(value)}; it must be {what}")
+    return records
+
+
+def _same(a: Any, b: Any) -> bool:
+    if _is_number(a) and _is_number(b):
+        return float(a) == float(b)
+    return type(a) is type(b) and a == b
+
+
+def _recorded(records: list[tuple[str, dict]], name: str) -> Recorded | None:
+    """The one value the files record for `name`; two files that disagree are refused, naming both."""
+    found = [Recorded(fields[name], f"{where}: {name}") for where, fields in records if fields.get(name) is not None]
+    for other in found[1:]:
+        if not _same(other.value, found[0].value):
+            raise CheckpointError(f"{found[0].where} is {json.dumps(found[0].value)} but {other.where} is "
+                                  f"{json.dumps(other.value)}; which one the run used cannot be told")
+    return found[0] if found else None
+
+
+def _with_option(rec: Recorded | None, option: Any, flag: str) -> Any:
+    """The option when given (it must agree with a recorded value), else the recorded value (None: neither)."""
+    if option is None:
+        return rec.value if rec else None
+    if rec is not None and not _same(option, rec.value):
+        raise ConfigError(f"{flag} {json.dumps(option)} contradicts {rec.where} {json.dumps(rec.value)}; leave the "
+                          "flag out or correct the file")
+    return option
+
+
+def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings:
+    """The run's LoraConfig from lora_train_meta.json and adapter_config.json, and the options; refuses guesses,
+    values of the wrong type, files that disagree and options that contradict a file."""
+    records = _records(source)
+    task = _recorded(records, "task_type")
+    bias = _recorded(records, "bias")
+    init = _recorded(records, "init_lora_weights")
+    dora = _recorded(records, "use_dora")
+    fifo = _recorded(records, "fan_in_fan_out")
+    for name, why in (("rank_pattern", "a rank per module"), ("alpha_pattern", "an alpha per module"),
+                      ("target_parameters", "LoRA on parameters (peft's ParamWrapper, e.g. MoE experts)"),
+                      ("layer_replication", "layers repeated over shared base weights"),
+                      ("alora_invocation_tokens", "activated LoRA, applied only after its invocation tokens")):
+        rec = _recorded(records, name)
+        if rec is not None and rec.value:
+            raise CheckpointError(f"{rec.where} is {json.dumps(rec.value)}: {why} is not supported by streammerge's "
+                                  "LoRA fold; merge it with peft's merge_and_unload instead")
+    if dora is not None and dora.value:
+        raise CheckpointError(f"{dora.where} is true: DoRA's magnitude vector rescales each column of the folded "
+                              "weight, which streammerge's LoRA fold does not do; merge it with peft's "
+                              "merge_and_unload instead")
+    lbias = _recorded(records, "lora_bias")
+    if lbias is not None and lbias.value:
+        raise CheckpointError(f"{lbias.where} is true: LoRA biases (lora_bias=True) are not supported")
+    if init is not None and isinstance(init.value, str) and not init.value.lower().startswith(
+            (*_PLAIN_INITS, *_RESIDUAL_INITS)):
+        raise CheckpointError(f"{init.where} is {json.dumps(init.value)}, an initialisation streammerge does not "
+                              "know: whether it changed the base weights cannot be told, so the fold is refused")
+    rank_opt, alpha_opt = options.lora_rank, options.lora_alpha
+    flag = getattr(options, "lora_rslora", None)
+    if rank_opt is not None and not (_is_int(rank_opt) and rank_opt > 0):
+        raise ConfigError(f"--lora-rank {rank_opt!r}: it must be an integer > 0")
+    if alpha_opt is not None and not _is_number(alpha_opt):
+        raise ConfigError(f"--lora-alpha {alpha_opt!r}: it must be a finite number")
+    if flag is not None and not isinstance(flag, bool):
+        raise ConfigError(f"--lora-rslora {flag!r}: it must be true or false")
+    r_rec = _recorded(records, "r")
+    r = _with_option(r_rec, rank_opt, "--lora-rank")
+    alpha = _with_option(_recorded(records, "lora_alpha"), alpha_opt, "--lora-alpha")
+    rslora = _with_option(_recorded(records, "use_rslora"), flag, "--lora-rslora")
     if len(ranks) != 1:
         raise CheckpointError(f"{source.path}: LoRA adapters of several ranks {sorted(ranks)} (a rank_pattern); "
                               "folding them is not supported")
     (seen,) = ranks
     if r is None:
         r = seen
-    if not isinstance(r, int) or isinstance(r, bool) or r != seen:
-        raise CheckpointError(f"{source.path}: LoRA rank {r!r} (from {META_FILE} or --lora-rank) but lora_A has "
-                              f"{seen} rows")
+    if r != seen:
+        where = "--lora-rank" if rank_opt is not None else r_rec.where if r_rec else "r"
+        raise CheckpointError(f"{source.path}: LoRA rank {r!r} (from {where}) but lora_A has {seen} rows")
     if alpha is None:
-        raise ConfigError(f"{source.path}: a LoRA checkpoint without {META_FILE}: give --lora-alpha (and "
-                          "--lora-rank) as the run's LoraConfig had them; the scale alpha/r cannot be read from "
-                          "the weights")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise CheckpointError(f"{path}: lora_alpha {alpha!r} is not a number")
-    flag = getattr(options, "lora_rslora", None)
-    rslora = bool(meta.get("use_rslora", False)) if flag is None else bool(flag)
-    task = meta["task_type"] if isinstance(meta.get("task_type"), str) else "CAUSAL_LM"
-    return r, float(alpha), rslora, task
+        raise ConfigError(f"{source.path}: a LoRA checkpoint that records no lora_alpha (no {META_FILE} or "
+                          f"{ADAPTER_CONFIG} with it): give --lora-alpha and --lora-rank, and --lora-rslora if the run "
+                          "used rsLoRA, as the run's LoraConfig had them; the scale cannot be read from the weights")
+    wheres = {name: rec.where for name, rec in (("bias", bias), ("init_lora_weights", init),
+                                                 ("fan_in_fan_out", fifo)) if rec is not None}
+    return LoraSettings(r=r, alpha=float(alpha), rslora=bool(rslora),
+                        task=task.value if task is not None else "CAUSAL_LM",
+                        bias=bias.value if bias is not None else "none",
+                        init=init.value if init is not None else True,
+                        fan_in_fan_out=bool(fifo and fifo.value), where=wheres)
 
 
 def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any, config: Mapping | None,
@@ -124,22 +292,50 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
                                       "merge it with peft's merge_and_unload instead")
         if re.search(r"\.lora_B\.[^.]+\.bias$", name):
             raise CheckpointError(f"{source.path}: {name!r}: LoRA biases (lora_bias=True) are not supported")
-    if config and config.get("model_type") in ("gpt2", "openai-gpt"):
-        raise CheckpointError(f"{source.path}: LoRA on {config['model_type']} (Conv1D layers, fan_in_fan_out) is "
-                              "not supported")
     adapters, plain, adapter_names, saved = _pair(source, tensors)
+    wrapped = {n.split(".base_layer.", 1)[0] for n in tensors if ".base_layer." in n and not n.endswith(".weight")}
+    for a in adapters:
+        if a.base is None and a.module in wrapped:
+            raise CheckpointError(f"{source.path}: {_short(a.module)!r}: LoRA on a parameter (target_parameters: "
+                                  "peft's ParamWrapper, e.g. MoE experts) is not supported by streammerge's LoRA fold; "
+                                  "merge it with peft's merge_and_unload instead")
     if len(adapter_names) > 1:
         raise CheckpointError(f"{source.path}: several LoRA adapters {sorted(adapter_names)}; streammerge folds "
                               "one (peft's merge_and_unload folds the active ones)")
-    r, alpha, rslora, task = lora_settings(source, options, {a.a.shape[0] for a in adapters})
+    settings = lora_settings(source, options, {a.a.shape[0] for a in adapters})
+    _refuse_conv1d(source, config, adapters, settings)
+    r, alpha, rslora, task = settings.r, settings.alpha, settings.rslora, settings.task
     scale = alpha / math.sqrt(r) if rslora else alpha / r
     mode = options.lora
     missing = [a.module for a in adapters if a.base is None]
+    if settings.residual_init:
+        init = f"{settings.where['init_lora_weights']} is {json.dumps(settings.init)}"
+        if missing:
+            raise CheckpointError(f"{init}: peft replaced the base weights by a residual when it initialised the "
+                                  "adapter, and the checkpoint holds only the adapter (the base model's weights are "
+                                  "not that residual); merge it with peft instead")
+        if mode != "fold":
+            raise ConfigError(f"{init}: this adapter belongs to the residual base weights saved in the checkpoint, "
+                              "not to the base model, so an exported adapter would load wrong; give --lora fold")
+    biases = _trained_biases(tensors, adapters, settings.bias)
     out = LoraPlan(weights=[])
     base_name = getattr(options, "base_model", None)
     if missing and base_name:
+        own = set(plain)
         adapters, plain = _with_base(source, adapters, plain, base_name, options, token, endpoint)
         out.notes.append(f"base        {base_name} (the checkpoint holds only the adapter)")
+        if settings.bias != "none":
+            targets = {_short(a.module) + ".bias" for a in adapters}
+            lost = [n for n in plain if n not in own and n.endswith(".bias")
+                    and (settings.bias == "all" or n in targets)]
+            if lost:
+                raise CheckpointError(f"{settings.where['bias']} is {json.dumps(settings.bias)}: the run trained "
+                                      f"biases, but the checkpoint lacks {lost[0]!r} ({len(lost)} in all), so the "
+                                      "base model's untrained one would be written")
+    elif missing and mode == "adapter" and settings.bias != "none" and not biases:
+        raise CheckpointError(f"{settings.where['bias']} is {json.dumps(settings.bias)}: the run trained biases, but "
+                              "the checkpoint holds none (the model may have none, or the save left them out: "
+                              "which cannot be told)")
     elif missing and mode != "adapter":
         raise ConfigError(f"{source.path}: the checkpoint holds only the LoRA adapter (save_lora_only: "
                           f"{_short(missing[0])}.base_layer.weight is not there); give the base model with "
@@ -165,11 +361,46 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     out.info = {"r": r, "alpha": alpha, "scale": scale, "rslora": rslora, "mode": mode, "base_model": base_ref,
                 "modules": len(adapters), "adapter_dir": ADAPTER_DIR if mode in ("adapter", "both") else None}
     if mode in ("adapter", "both"):
-        out.plans.append(_adapter_plan(adapters, saved, options))
+        out.plans.append(_adapter_plan(adapters, {**saved, **biases}, options))
         out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(
             adapters, r, alpha, rslora, task, base_ref,
-            sorted({_short(n.rsplit(".", 1)[0]).rsplit(".", 1)[-1] for n in saved}))
+            sorted({_short(n.rsplit(".", 1)[0]).rsplit(".", 1)[-1] for n in saved}), settings.bias)
     return out
+
+
+def _refuse_conv1d(source: Source, config: Mapping | None, adapters: list[Adapter], settings: LoraSettings) -> None:
+    """GPT-2-style Conv1D layers keep W as (in, out): peft folds the transpose of B @ A into them, which this fold
+    does not do (a square one, e.g. GPT-2's attn.c_proj, would even pass the shape check)."""
+    cfg = config or {}
+    archs = cfg.get("architectures")
+    arch = next((a for a in archs if isinstance(a, str) and a.startswith(_CONV1D_ARCHS)), None) \
+        if isinstance(archs, list) else None
+    names = sorted({_short(a.module).rsplit(".", 1)[-1] for a in adapters} & set(_CONV1D_NAMES))
+    if cfg.get("model_type") in _CONV1D_TYPES:
+        why = f"{cfg['model_type']}"
+    elif arch:
+        why = f"{arch}"
+    elif settings.fan_in_fan_out:
+        why = f"a model with {settings.where['fan_in_fan_out']} true"
+    elif config is None and names:
+        why = f"modules named {', '.join(names)} with no config.json to tell they are not GPT-2's"
+    else:
+        return
+    raise CheckpointError(f"{source.path}: LoRA on {why}: its Conv1D layers keep the weight transposed ([in, out], "
+                          "peft's fan_in_fan_out), which streammerge's fold does not do; merge it with peft's "
+                          "merge_and_unload instead")
+
+
+def _trained_biases(tensors: Mapping[str, SourceTensor], adapters: list[Adapter], bias: str) -> dict[str, SourceTensor]:
+    """The biases peft's save_pretrained puts in the adapter file for `bias` ("all": every `.bias`; "lora_only": the
+    LoRA-targeted modules' own), by the peft model's names (modules_to_save copies go with their module)."""
+    if bias == "all":
+        return {n: t for n, t in tensors.items() if n.endswith(".bias") and ".lora_" not in n
+                and ".original_module." not in n and ".modules_to_save." not in n}
+    if bias == "lora_only":
+        names = [a.module + ".base_layer.bias" for a in adapters]
+        return {n: tensors[n] for n in names if n in tensors}
+    return {}
 
 
 def _with_base(source: Source, adapters: list[Adapter], plain: dict[str, SourceTensor], base_name: str, options: Any,
@@ -283,13 +514,13 @@ def _adapter_plan(adapters: list[Adapter], saved: Mapping[str, SourceTensor], op
 
 
 def _adapter_config(adapters: list[Adapter], r: int, alpha: float, rslora: bool, task: str, base: str | None,
-                    modules_to_save: list[str]) -> bytes:
+                    modules_to_save: list[str], bias: str = "none") -> bytes:
     """adapter_config.json as peft writes it for a LoraConfig with these settings."""
     targets = sorted({a.module.rsplit(".", 1)[-1] for a in adapters})
     cfg = {
         "peft_type": "LORA", "task_type": task, "r": r,
         "lora_alpha": alpha if not float(alpha).is_integer() else int(alpha),
-        "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": targets, "lora_dropout": 0.0, "bias": bias, "fan_in_fan_out": False,
         "use_rslora": rslora, "use_dora": False, "modules_to_save": modules_to_save or None, "init_lora_weights": True,
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base,
     }
