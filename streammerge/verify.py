@@ -483,7 +483,7 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
             if slow:
                 report.notes.append(f"{sum(slow.values())} zip records' CRC-32s were read through Python's zip reader, "
                                     "not streamed: " + ", ".join(f"{n} {why}" for why, n in sorted(slow.items())))
-            for problem in problems:
+            for problem in problems + oracle.disagreements():
                 report.fail(problem)
             if own_reader:
                 report.notes.append(f"{own_reader} tensors (e.g. FSDP1 flat optimizer state) were compared through "

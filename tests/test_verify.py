@@ -421,3 +421,48 @@ def test_verify_reads_in_bounded_memory(tmp_path):
           f"{grown[8192] / 2**20:.1f} MiB (128 MB)")
     assert abs(grown[8192] - grown[2048]) < 24 * 2**20, grown  # a tensor 96 MB larger
     assert grown[8192] < 128 * 2**20, grown
+
+
+# ---------------------------------------------------------------- HSDP replicas
+
+
+def _diverge(path: Path, prefix: str) -> str:
+    """torch.save the rank file again with one element of its first DTensor named `prefix...` changed: every zip CRC
+    is valid, only the value differs from the replica's. Returns the tensor's name."""
+    from torch.distributed.tensor import DTensor
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    flat = sd["state"] if "state" in sd else sd
+    if "state" in sd:
+        name, key = next((f"state.{pid}.exp_avg", pid) for pid, e in sorted(flat.items())
+                         if isinstance(e.get("exp_avg"), DTensor))
+        local = flat[key]["exp_avg"]._local_tensor
+    else:
+        name = next(k for k, v in sorted(flat.items()) if k.startswith(prefix) and isinstance(v, DTensor))
+        local = flat[name]._local_tensor
+    local.view(-1)[-1] += 1.0
+    torch.save(sd, path)
+    return name
+
+
+@pytest.mark.parametrize("rank", [0, 2])  # rank 0's copy is the one the merge reads; rank 2's is its replica
+@pytest.mark.parametrize("kind", ["model", "optim"])
+def test_a_diverged_hsdp_replica_is_named_by_verify(kind, rank, make_ckpt, tmp_path, capsys):
+    """Mesh (2, 2), (Replicate(), Shard(0)): ranks 0 and 2 hold the same shards. One of them re-saved with one
+    changed value (valid CRCs) merges (the merge reads one replica), and verify names the file and the tensor."""
+    ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), tmp_path / "actor", optimizer=True)
+    victim = ckpt / f"{kind}_world_size_4_rank_{rank}.pt"
+    name = _diverge(victim, "model.layers.0.")
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out)
+    for checksums in ("streams", "compare"):
+        report = streammerge.verify(out, ckpt, checksums=checksums, chunk_size=4096)
+        replica = [f for f in report.failures if "differ from its replica" in f]
+        assert len(replica) == 1, report.summary()
+        assert str(ckpt / f"{kind}_world_size_4_rank_2.pt") in replica[0] and repr(name) in replica[0]
+        assert f"{kind}_world_size_4_rank_0.pt" in replica[0]
+        assert "CRC32" not in report.summary()  # torch.save wrote every record's CRC afresh
+        if rank == 2:  # the merge read rank 0's copy: the output itself matches it
+            assert report.failures == replica, report.summary()
+    assert main(["verify", str(out), str(ckpt)]) == 1
+    assert "differ from its replica" in capsys.readouterr().out
