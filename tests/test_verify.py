@@ -466,3 +466,87 @@ def test_a_diverged_hsdp_replica_is_named_by_verify(kind, rank, make_ckpt, tmp_p
             assert report.failures == replica, report.summary()
     assert main(["verify", str(out), str(ckpt)]) == 1
     assert "differ from its replica" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the small files, against the checkpoint
+
+
+@pytest.fixture(scope="module")
+def merged_keep(make_ckpt, tmp_path_factory) -> tuple[Path, Path]:
+    """The HSDP checkpoint with its optimizer, merged with the default options but dtypes as saved (what verify
+    re-plans with when the folder has no manifest)."""
+    base = tmp_path_factory.mktemp("merged_keep")
+    ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), base / "actor", optimizer=True)
+    out = base / "out"
+    streammerge.merge(ckpt, out, dtype="keep")
+    return ckpt, out
+
+
+def _rewrite(out: Path, rel: str, edit) -> None:
+    """Change a small file and record it in the manifest as written so: its checksum alone cannot tell."""
+    from streammerge.checksum import crc32
+
+    path = out / rel
+    data = edit(path.read_bytes())
+    path.write_bytes(data)
+    m = json.loads((out / STATE_DIR / MANIFEST).read_text())
+    entry = m["files"][rel]
+    entry.update(size=len(data), crc32=crc32(data), mtime_ns=path.stat().st_mtime_ns)
+    entry.pop("sha256", None)
+    (out / STATE_DIR / MANIFEST).write_text(json.dumps(m))
+
+
+def _edit_json(fn):
+    def edit(data: bytes) -> bytes:
+        obj = json.loads(data)
+        fn(obj)
+        return json.dumps(obj, indent=2).encode()
+    return edit
+
+
+SMALL_EDITS = {
+    "config.json": (_edit_json(lambda c: c.update(rms_norm_eps=0.5)), "'rms_norm_eps' is 0.5, the checkpoint gives"),
+    "generation_config.json": (_edit_json(lambda c: c.update(temperature=3.0)), "'temperature' is 3.0"),
+    "tokenizer.json": (lambda b: b.replace(b'"', b"'", 1), "bytes, the checkpoint gives"),
+    "optimizer/optimizer.safetensors.index.json": (
+        _edit_json(lambda i: i["metadata"].update(param_groups=i["metadata"]["param_groups"].replace("0.", "0.9", 1))),
+        "'metadata' is"),
+}
+
+
+@pytest.mark.parametrize("rel", list(SMALL_EDITS))
+def test_an_edited_small_file_is_named_against_the_checkpoint(rel, merged_keep, tmp_path):
+    """config.json, generation_config.json, the tokenizer, the optimizer's index (its param groups): compared byte for
+    byte with what the merge writes from the checkpoint, so an edit the manifest was made to agree with is caught."""
+    ckpt, good = merged_keep
+    assert (good / rel).is_file(), sorted(p.name for p in good.iterdir())
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    edit, words = SMALL_EDITS[rel]
+    _rewrite(out, rel, edit)
+    assert streammerge.verify(out).ok  # the folder alone: its manifest agrees
+    report = streammerge.verify(out, ckpt)
+    assert [f for f in report.failures if f.startswith(f"{rel}: differs from what the merge writes")], report.summary()
+    assert any(words in f for f in report.failures), report.summary()
+    assert rel in report.files_checked
+
+
+def test_without_a_manifest_the_checkpoint_still_checks_everything(merged_keep, tmp_path):
+    """No manifest, but the checkpoint given: a note, not a failure; the small files are still compared."""
+    ckpt, good = merged_keep
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    shutil.rmtree(out / STATE_DIR)
+    report = streammerge.verify(out, ckpt)
+    assert report.ok, report.summary()
+    assert any(n.startswith("no manifest: ") for n in report.notes), report.notes
+    assert {"config.json", "optimizer/optimizer.safetensors.index.json"} <= report.files_checked
+    assert report.tensors_checked > 0
+    assert not streammerge.verify(out).ok  # the folder alone: nothing to check it against
+    config = json.loads((out / "config.json").read_text())
+    config["hidden_act"] = "relu"
+    (out / "config.json").write_text(json.dumps(config))
+    report = streammerge.verify(out, ckpt)
+    assert report.failures == ["config.json: differs from what the merge writes from the checkpoint ('hidden_act' is "
+                               "'relu', the checkpoint gives 'silu'); rerun the merge to write it again"], \
+        report.summary()
