@@ -483,6 +483,8 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
         if readahead is not None and readahead.refused:
             report.notes.append(f"the comparison read the rank files without readahead: {readahead.refused}")
         if oracle is not None:
+            # copies the comparison did not read are compared first: their CRC-32s can then come from those reads
+            diverged = oracle.disagreements()
             problems = ([m for fut in reading.integrity for m in fut.result()] if reading.crc_pool
                         else oracle.check_integrity(reading.paths))
             if oracle.crc_from_reads:
@@ -492,7 +494,7 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
             if slow:
                 report.notes.append(f"{sum(slow.values())} zip records' CRC-32s were read through Python's zip reader, "
                                     "not streamed: " + ", ".join(f"{n} {why}" for why, n in sorted(slow.items())))
-            for problem in problems + oracle.disagreements():
+            for problem in problems + diverged:
                 report.fail(problem)
             if own_reader:
                 report.notes.append(f"{own_reader} tensors (e.g. FSDP1 flat optimizer state) were compared through "

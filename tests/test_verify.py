@@ -468,6 +468,29 @@ def test_a_diverged_hsdp_replica_is_named_by_verify(kind, rank, make_ckpt, tmp_p
     assert "differ from its replica" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("checksums", ["streams", "compare"])
+def test_a_diverged_fsdp1_hsdp_flat_optimizer_shard_is_named_by_verify(verl_fixtures, tmp_path, checksums):
+    """FSDP1 with HYBRID_SHARD: the flat optimizer shards are plain tensors, compared through the merge's reader
+    (one replica); their other replica is compared with it too. Ranks 0 and 2 hold the same shard."""
+    ckpt = copy_actor(verl_fixtures / "fsdp1_hsdp_llama_2x2", tmp_path / "actor", optimizer=True)
+    victim = ckpt / "optim_world_size_4_rank_2.pt"
+    osd = torch.load(victim, map_location="cpu", weights_only=True)
+    osd["state"][1]["exp_avg"][-1] += 1.0
+    torch.save(osd, victim)
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out)
+    report = streammerge.verify(out, ckpt, checksums=checksums, chunk_size=4096)
+    n = osd["state"][1]["exp_avg"].numel()
+    assert report.failures == [
+        f"{victim}: tensor 'state.1.exp_avg': 1 of {n} elements in one window differ from its replica in "
+        f"optim_world_size_4_rank_0.pt (first at index [{n - 1}]): replicas of one "
+        "shard hold the same values, so one of these files diverged or comes from another save (the merge copies "
+        "optim_world_size_4_rank_0.pt's); copy the rank files of one save again"], report.summary()
+    clean = copy_actor(verl_fixtures / "fsdp1_hsdp_llama_2x2", tmp_path / "clean", optimizer=True)
+    streammerge.merge(clean, tmp_path / "out2")
+    assert streammerge.verify(tmp_path / "out2", clean, checksums=checksums).ok
+
+
 # ---------------------------------------------------------------- the small files, against the checkpoint
 
 

@@ -244,8 +244,64 @@ class VerlOracle(Oracle):
                 f"{read_from.name}'s); copy the rank files of one save again"))
 
     def disagreements(self) -> list[str]:
+        """The replicas `read` found to differ, and the plain optimizer tensors it never reads (FSDP1's flat shards,
+        whose output tensors are compared through the merge's reader) against their HSDP replicas."""
+        self._compare_plain_replicas()
         with self._lock:
             return [self._diverged[k] for k in sorted(self._diverged, key=lambda k: (str(k[1]), k[0]))]
+
+    def _replica_groups(self) -> list[list[int]]:
+        """Ranks holding the same shard (coordinates equal on the mesh dims the model's DTensors are Shard on), from
+        the model files; [] unless some shard has more than one copy (HSDP)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        model = [p for p in self.files if p.name.startswith("model_")]
+        if len(model) < 2:
+            return []
+        first = self._state(model[0])
+        name = next((n for n, v in first.items() if isinstance(v, DTensor)), None)
+        if name is None:
+            return []
+        got = [self._state(p).get(name) for p in model]
+        values = [v for v in got if isinstance(v, DTensor)]
+        if len(values) != len(got):
+            return []
+        mesh_shape = _mesh_shape(values[0], values)
+        dims = [d for d, pl in enumerate(values[0].placements) if isinstance(pl, Shard)]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for rank, v in enumerate(values):
+            coordinate = _saved_coordinate(v) or _coordinate(rank, mesh_shape)
+            groups.setdefault(tuple(coordinate[d] for d in dims), []).append(rank)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def _compare_plain_replicas(self) -> None:
+        from torch.distributed.tensor import DTensor
+
+        optim = [p for p in self.files if p.name.startswith("optim_")]
+        if not optim:
+            return
+        groups = [[optim[r] for r in g if r < len(optim)] for g in self._replica_groups()]
+        window = _STREAM_CHUNK
+        for group in groups:
+            first = self._state(group[0])
+            for path in group[1:]:
+                other = self._state(path)
+                for name, v in first.items():
+                    copy = other.get(name)
+                    if (isinstance(v, DTensor) or not hasattr(v, "shape") or copy is None or isinstance(copy, DTensor)
+                            or (copy.shape, copy.dtype) != (v.shape, v.dtype) or not v.is_contiguous()
+                            or not copy.is_contiguous() or v.dim() > 1 or (name, path) in self._diverged):
+                        continue  # DTensors and full copies are compared as read; other shapes the merge refuses
+                    a, b = v.reshape(-1), copy.reshape(-1)
+                    step = max(1, window // max(1, v.element_size()))
+                    for lo in range(0, a.numel(), step):
+                        want, src = a[lo:lo + step], b[lo:lo + step]
+                        if self._as_read is not None:  # read in order: the record's CRC-32 need not be streamed
+                            self._as_read.window(group[0], v, want)
+                        self._compare_replica(name, src, copy, path, want, group[0], [lo] if v.dim() else [])
+                        _unmap_span(want)
+                        if (name, path) in self._diverged:
+                            break
 
     def locate(self, name: str, index: tuple[int, ...]) -> str:
         for local, offset, path in self._pieces(name):
