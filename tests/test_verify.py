@@ -573,3 +573,14 @@ def test_without_a_manifest_the_checkpoint_still_checks_everything(merged_keep, 
     assert report.failures == ["config.json: differs from what the merge writes from the checkpoint ('hidden_act' is "
                                "'relu', the checkpoint gives 'silu'); rerun the merge to write it again"], \
         report.summary()
+
+
+def test_a_model_card_is_not_made_again_and_the_report_says_so(merged_keep, tmp_path):
+    """push writes a README.md model card that re-planning does not make: a note, not a failure."""
+    ckpt, good = merged_keep
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    (out / "README.md").write_text("# a card\n")
+    report = streammerge.verify(out, ckpt)
+    assert report.ok, report.summary()
+    assert any(n.startswith("README.md: a model card") for n in report.notes), report.notes
