@@ -112,7 +112,8 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     ck = open_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     # with the checkpoint, every tensor of a safetensors file is compared with its source: no checksum pass
     manifest = _check_manifest(out, report,
-                               checksum=lambda rel: checkpoint_dir is None or not rel.endswith(".safetensors"))
+                               checksum=lambda rel: checkpoint_dir is None or not rel.endswith(".safetensors"),
+                               against_checkpoint=ck is not None)
     reading = None
     if ck is not None:
         from .pipeline import import_behind
@@ -144,11 +145,18 @@ def _output_files(out: Path, pattern: str) -> list[Path]:
     return sorted(p for p in out.rglob(pattern) if p.is_file() and STATE_DIR not in p.relative_to(out).parts)
 
 
-def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], bool] = lambda rel: True) -> dict | None:
+def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], bool] = lambda rel: True, *,
+                    against_checkpoint: bool = False) -> dict | None:
     try:
         manifest = Manifest.read(out)
     except OutputError as e:
         report.fail(str(e))
+        return None
+    if manifest is None and against_checkpoint:  # every file is compared with what the checkpoint gives instead
+        report.notes.append(f"no manifest: {out} has no {STATE_DIR}/{MANIFEST} (not written by streammerge, or that "
+                            "folder was removed): file checksums are not checked; every tensor and small file is "
+                            "compared with what a merge with the default options (dtypes as saved, 5GB shards) "
+                            "writes from the checkpoint")
         return None
     if manifest is None:
         report.fail(f"{out}: no {STATE_DIR}/{MANIFEST}: not a streammerge output, or its merge never started "
@@ -433,6 +441,7 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
         torch_threads = torch.get_num_threads()  # set back when the comparing threads are done
         pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify",
                                   initializer=_one_torch_thread)
+        _check_small_files(out, merge_plan, reading.manifest, report)
         for p in plans:
             expected_files = {p.rel(fp.filename): fp for fp in p.files}
             for rel in expected_files:
@@ -474,6 +483,8 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
         if readahead is not None and readahead.refused:
             report.notes.append(f"the comparison read the rank files without readahead: {readahead.refused}")
         if oracle is not None:
+            # copies the comparison did not read are compared first: their CRC-32s can then come from those reads
+            diverged = oracle.disagreements()
             problems = ([m for fut in reading.integrity for m in fut.result()] if reading.crc_pool
                         else oracle.check_integrity(reading.paths))
             if oracle.crc_from_reads:
@@ -483,7 +494,7 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
             if slow:
                 report.notes.append(f"{sum(slow.values())} zip records' CRC-32s were read through Python's zip reader, "
                                     "not streamed: " + ", ".join(f"{n} {why}" for why, n in sorted(slow.items())))
-            for problem in problems:
+            for problem in problems + diverged:
                 report.fail(problem)
             if own_reader:
                 report.notes.append(f"{own_reader} tensors (e.g. FSDP1 flat optimizer state) were compared through "
@@ -495,6 +506,58 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
             pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(torch_threads)
         sources.close()
+
+
+def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, report: VerifyReport) -> None:
+    """config.json, generation_config.json, the tokenizer's files, the indexes, an adapter's config: byte for byte
+    what the merge writes from the checkpoint (the manifest's checksums only say they are as the merge left them)."""
+    listed = (manifest or {}).get("files", {})
+    for rel in sorted(set(merge_plan.small) | set(merge_plan.indexes)):
+        path = out / rel
+        if not path.is_file():
+            if rel not in listed:  # else the manifest check said so
+                report.fail(f"{rel}: missing (the checkpoint's plan writes it)")
+            continue
+        try:
+            want = merge_plan.contents(rel)
+        except OSError as e:
+            report.fail(f"{rel}: cannot read what the checkpoint gives for it ({e})")
+            continue
+        got = path.read_bytes()
+        report.files_checked.add(rel)
+        report.bytes_read += len(got)
+        if got != want:
+            why = _first_difference(got, want)
+            report.fail(f"{rel}: differs from what the merge writes from the checkpoint ({why}); rerun the merge to "
+                        "write it again")
+    card = "README.md"
+    if (out / card).is_file() and card not in merge_plan.small:
+        report.notes.append(f"{card}: a model card (push writes one) is not made again from the checkpoint"
+                            + ("; checked against the manifest's checksum only" if card in listed else ""))
+
+
+def _first_difference(got: bytes, want: bytes) -> str:
+    """Where a small file differs: the first key of a JSON object whose value differs, else the first byte."""
+    try:
+        a, b = jsonfile.loads(got.decode()), jsonfile.loads(want.decode())
+    except (ValueError, UnicodeDecodeError):
+        a = b = None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(b) + [k for k in a if k not in b]:
+            if key not in a:
+                return f"no {key!r}, the checkpoint gives {_brief(b[key])}"
+            if key not in b:
+                return f"{key!r} is {_brief(a[key])}, the checkpoint gives none"
+            if a[key] != b[key]:
+                return f"{key!r} is {_brief(a[key])}, the checkpoint gives {_brief(b[key])}"
+        return "the same JSON, written differently"
+    at = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+    return f"{len(got)} bytes, the checkpoint gives {len(want)}; first difference at byte {at}"
+
+
+def _brief(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _streams(checksums: str, paths: list[Path], report: VerifyReport, oracle: Oracle) -> bool:

@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.tensor  # noqa: F401  (lets weights_only loads rebuild DTensors)
 from fixture_paths import REPO, VERL_CASES
 from fixture_paths import VERL_DATA as FIXTURES
 from safetensors import safe_open
@@ -517,3 +519,38 @@ def test_optimizers_named_by_what_was_trained(case: str, tmp_path: Path) -> None
     ref = torch.load(actor / "oracle_optimizer.pt", weights_only=True)
     got = streammerge.load_optimizer_state_dict(out)
     assert_same_optimizer(got, ref)  # param groups included: named parameters' param_names, a list as in torch
+
+
+def _step(value) -> Callable[[dict], None]:
+    def set_step(osd: dict) -> None:
+        for entry in osd["state"].values():
+            entry["step"] = value
+    return set_step
+
+
+@pytest.mark.parametrize("name", ["fsdp2_llama_shard1_ws4", "fsdp1_llama_ws4", "fsdp1_hsdp_llama_2x2"])
+def test_a_rank_file_from_another_step_is_refused(name, tmp_path) -> None:
+    """`step` is on every rank: one optim file saved at another step (its shapes all match) names both files and
+    both values, instead of rank 0's step being exported as everyone's."""
+    ck = _tampered(tmp_path, name, _step(torch.tensor(9.0)), ranks=(2,))
+    want = r"optim_world_size_4_rank_2.pt: optimizer entry 0 \(.*\) has step 9.0, but optim_world_size_4_rank_0.pt " \
+           r"has 3.0: .*different saves.*--no-optimizer"
+    with pytest.raises(streammerge.CheckpointError, match=want):
+        streammerge.merge(ck, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    streammerge.merge(ck, tmp_path / "out2", optimizer=False)  # the way out the message names
+
+
+def test_a_float_step_that_differs_between_ranks_is_refused(tmp_path) -> None:
+    """A step kept as a Python number (not a tensor) is compared too; agreeing ranks export it."""
+    ck = _tampered(tmp_path, "fsdp2_llama_shard1_ws4", _step(5.0))
+    streammerge.merge(ck, tmp_path / "out")
+    got = streammerge.load_optimizer_state_dict(tmp_path / "out")["state"]
+    assert {v["step"] for v in got.values()} == {5.0}
+    rank3 = ck / "optim_world_size_4_rank_3.pt"
+    osd = torch.load(rank3, map_location="cpu", weights_only=True)
+    _step(6.0)(osd)
+    torch.save(osd, rank3)
+    with pytest.raises(streammerge.CheckpointError, match=r"rank_3.pt: optimizer entry 0 .* has step 6.0, but "
+                                                          r"optim_world_size_4_rank_0.pt has 5.0"):
+        streammerge.merge(ck, tmp_path / "out2")

@@ -421,3 +421,166 @@ def test_verify_reads_in_bounded_memory(tmp_path):
           f"{grown[8192] / 2**20:.1f} MiB (128 MB)")
     assert abs(grown[8192] - grown[2048]) < 24 * 2**20, grown  # a tensor 96 MB larger
     assert grown[8192] < 128 * 2**20, grown
+
+
+# ---------------------------------------------------------------- HSDP replicas
+
+
+def _diverge(path: Path, prefix: str) -> str:
+    """torch.save the rank file again with one element of its first DTensor named `prefix...` changed: every zip CRC
+    is valid, only the value differs from the replica's. Returns the tensor's name."""
+    from torch.distributed.tensor import DTensor
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    flat = sd["state"] if "state" in sd else sd
+    if "state" in sd:
+        name, key = next((f"state.{pid}.exp_avg", pid) for pid, e in sorted(flat.items())
+                         if isinstance(e.get("exp_avg"), DTensor))
+        local = flat[key]["exp_avg"]._local_tensor
+    else:
+        name = next(k for k, v in sorted(flat.items()) if k.startswith(prefix) and isinstance(v, DTensor))
+        local = flat[name]._local_tensor
+    local.view(-1)[-1] += 1.0
+    torch.save(sd, path)
+    return name
+
+
+@pytest.mark.parametrize("rank", [0, 2])  # rank 0's copy is the one the merge reads; rank 2's is its replica
+@pytest.mark.parametrize("kind", ["model", "optim"])
+def test_a_diverged_hsdp_replica_is_named_by_verify(kind, rank, make_ckpt, tmp_path, capsys):
+    """Mesh (2, 2), (Replicate(), Shard(0)): ranks 0 and 2 hold the same shards. One of them re-saved with one
+    changed value (valid CRCs) merges (the merge reads one replica), and verify names the file and the tensor."""
+    ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), tmp_path / "actor", optimizer=True)
+    victim = ckpt / f"{kind}_world_size_4_rank_{rank}.pt"
+    name = _diverge(victim, "model.layers.0.")
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out)
+    for checksums in ("streams", "compare"):
+        report = streammerge.verify(out, ckpt, checksums=checksums, chunk_size=4096)
+        replica = [f for f in report.failures if "differ from its replica" in f]
+        assert len(replica) == 1, report.summary()
+        assert str(ckpt / f"{kind}_world_size_4_rank_2.pt") in replica[0] and repr(name) in replica[0]
+        assert f"{kind}_world_size_4_rank_0.pt" in replica[0]
+        assert "CRC32" not in report.summary()  # torch.save wrote every record's CRC afresh
+        if rank == 2:  # the merge read rank 0's copy: the output itself matches it
+            assert report.failures == replica, report.summary()
+    assert main(["verify", str(out), str(ckpt)]) == 1
+    assert "differ from its replica" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("checksums", ["streams", "compare"])
+def test_a_diverged_fsdp1_hsdp_flat_optimizer_shard_is_named_by_verify(verl_fixtures, tmp_path, checksums):
+    """FSDP1 with HYBRID_SHARD: the flat optimizer shards are plain tensors, compared through the merge's reader
+    (one replica); their other replica is compared with it too. Ranks 0 and 2 hold the same shard."""
+    ckpt = copy_actor(verl_fixtures / "fsdp1_hsdp_llama_2x2", tmp_path / "actor", optimizer=True)
+    victim = ckpt / "optim_world_size_4_rank_2.pt"
+    osd = torch.load(victim, map_location="cpu", weights_only=True)
+    osd["state"][1]["exp_avg"][-1] += 1.0
+    torch.save(osd, victim)
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out)
+    report = streammerge.verify(out, ckpt, checksums=checksums, chunk_size=4096)
+    n = osd["state"][1]["exp_avg"].numel()
+    assert report.failures == [
+        f"{victim}: tensor 'state.1.exp_avg': 1 of {n} elements in one window differ from its replica in "
+        f"optim_world_size_4_rank_0.pt (first at index [{n - 1}]): replicas of one "
+        "shard hold the same values, so one of these files diverged or comes from another save (the merge copies "
+        "optim_world_size_4_rank_0.pt's); copy the rank files of one save again"], report.summary()
+    clean = copy_actor(verl_fixtures / "fsdp1_hsdp_llama_2x2", tmp_path / "clean", optimizer=True)
+    streammerge.merge(clean, tmp_path / "out2")
+    assert streammerge.verify(tmp_path / "out2", clean, checksums=checksums).ok
+
+
+# ---------------------------------------------------------------- the small files, against the checkpoint
+
+
+@pytest.fixture(scope="module")
+def merged_keep(make_ckpt, tmp_path_factory) -> tuple[Path, Path]:
+    """The HSDP checkpoint with its optimizer, merged with the default options but dtypes as saved (what verify
+    re-plans with when the folder has no manifest)."""
+    base = tmp_path_factory.mktemp("merged_keep")
+    ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), base / "actor", optimizer=True)
+    out = base / "out"
+    streammerge.merge(ckpt, out, dtype="keep")
+    return ckpt, out
+
+
+def _rewrite(out: Path, rel: str, edit) -> None:
+    """Change a small file and record it in the manifest as written so: its checksum alone cannot tell."""
+    from streammerge.checksum import crc32
+
+    path = out / rel
+    data = edit(path.read_bytes())
+    path.write_bytes(data)
+    m = json.loads((out / STATE_DIR / MANIFEST).read_text())
+    entry = m["files"][rel]
+    entry.update(size=len(data), crc32=crc32(data), mtime_ns=path.stat().st_mtime_ns)
+    entry.pop("sha256", None)
+    (out / STATE_DIR / MANIFEST).write_text(json.dumps(m))
+
+
+def _edit_json(fn):
+    def edit(data: bytes) -> bytes:
+        obj = json.loads(data)
+        fn(obj)
+        return json.dumps(obj, indent=2).encode()
+    return edit
+
+
+SMALL_EDITS = {
+    "config.json": (_edit_json(lambda c: c.update(rms_norm_eps=0.5)), "'rms_norm_eps' is 0.5, the checkpoint gives"),
+    "generation_config.json": (_edit_json(lambda c: c.update(temperature=3.0)), "'temperature' is 3.0"),
+    "tokenizer.json": (lambda b: b.replace(b'"', b"'", 1), "bytes, the checkpoint gives"),
+    "optimizer/optimizer.safetensors.index.json": (
+        _edit_json(lambda i: i["metadata"].update(param_groups=i["metadata"]["param_groups"].replace("0.", "0.9", 1))),
+        "'metadata' is"),
+}
+
+
+@pytest.mark.parametrize("rel", list(SMALL_EDITS))
+def test_an_edited_small_file_is_named_against_the_checkpoint(rel, merged_keep, tmp_path):
+    """config.json, generation_config.json, the tokenizer, the optimizer's index (its param groups): compared byte for
+    byte with what the merge writes from the checkpoint, so an edit the manifest was made to agree with is caught."""
+    ckpt, good = merged_keep
+    assert (good / rel).is_file(), sorted(p.name for p in good.iterdir())
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    edit, words = SMALL_EDITS[rel]
+    _rewrite(out, rel, edit)
+    assert streammerge.verify(out).ok  # the folder alone: its manifest agrees
+    report = streammerge.verify(out, ckpt)
+    assert [f for f in report.failures if f.startswith(f"{rel}: differs from what the merge writes")], report.summary()
+    assert any(words in f for f in report.failures), report.summary()
+    assert rel in report.files_checked
+
+
+def test_without_a_manifest_the_checkpoint_still_checks_everything(merged_keep, tmp_path):
+    """No manifest, but the checkpoint given: a note, not a failure; the small files are still compared."""
+    ckpt, good = merged_keep
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    shutil.rmtree(out / STATE_DIR)
+    report = streammerge.verify(out, ckpt)
+    assert report.ok, report.summary()
+    assert any(n.startswith("no manifest: ") for n in report.notes), report.notes
+    assert {"config.json", "optimizer/optimizer.safetensors.index.json"} <= report.files_checked
+    assert report.tensors_checked > 0
+    assert not streammerge.verify(out).ok  # the folder alone: nothing to check it against
+    config = json.loads((out / "config.json").read_text())
+    config["hidden_act"] = "relu"
+    (out / "config.json").write_text(json.dumps(config))
+    report = streammerge.verify(out, ckpt)
+    assert report.failures == ["config.json: differs from what the merge writes from the checkpoint ('hidden_act' is "
+                               "'relu', the checkpoint gives 'silu'); rerun the merge to write it again"], \
+        report.summary()
+
+
+def test_a_model_card_is_not_made_again_and_the_report_says_so(merged_keep, tmp_path):
+    """push writes a README.md model card that re-planning does not make: a note, not a failure."""
+    ckpt, good = merged_keep
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    (out / "README.md").write_text("# a card\n")
+    report = streammerge.verify(out, ckpt)
+    assert report.ok, report.summary()
+    assert any(n.startswith("README.md: a model card") for n in report.notes), report.notes

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan, build_plan
 from ..sources import lora
-from ..sources.base import Piece, SourceTensor
+from ..sources.base import Piece, SourceTensor, open_checkpoint_file
 from ..sources.rankfile import (
     RankFile,
     _record,
@@ -129,9 +129,14 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
         else:
             tensors, fqns = _plan_per_param(files, model)
         _check_recorded_names(groups, fqns)
+        _check_scalars_agree(files, fqns)
         values: dict[str, Any] = {}
+        held: dict[str, RankFile] = {}
         for rf in files:  # FSDP1 use_orig_params: a parameter's values are only on the ranks holding a piece of it
             for n, v in rf.other["values"].items():
+                first = held.setdefault(n, rf)
+                if rf is not first and not _same_value(v, first.other["values"][n]):
+                    raise CheckpointError(_scalar_mismatch(rf, first, n, v, first.other["values"][n], fqns))
                 for f in fqns[int(n.split(".", 2)[1])]:
                     values.setdefault(f"state.{f}.{n.split('.', 2)[2]}", v)
         _check_json(values, "non-tensor optimizer state")
@@ -194,6 +199,52 @@ def _check_json(obj: Any, what: str) -> None:
     except (TypeError, ValueError):
         bad = {k: type(v).__name__ for k, v in obj.items() if not _jsonable(v)}
         raise Skip(f"{what} holds values that cannot be recorded as JSON: {bad}") from None
+
+
+def _check_scalars_agree(files: Sequence[RankFile], fqns: Mapping[int, list[str]]) -> None:
+    """Scalar state (Adam's `step`) is the same on every rank holding it: one read of a few bytes per rank and entry.
+    A rank file saved at another step (copied from another save) disagrees here, though its shapes all match; the
+    export would otherwise carry rank 0's value as if every rank had it."""
+    scalars: dict[str, list[tuple[RankFile, bytes]]] = {}
+    for rf in files:
+        entries = [(n, r) for n, r in rf.tensors.items() if r.local_shape == () and r.placements is None]
+        if not entries:
+            continue
+        fd = open_checkpoint_file(rf.path)
+        try:
+            for n, r in entries:
+                raw = os.pread(fd, r.dtype.itemsize, r.offset)
+                if len(raw) != r.dtype.itemsize:
+                    raise CheckpointError(f"{rf.path}: truncated: {n} needs bytes up to {r.offset + r.dtype.itemsize}")
+                scalars.setdefault(n, []).append((rf, raw))
+        finally:
+            os.close(fd)
+    for n, held in scalars.items():
+        first, want = held[0]
+        for rf, raw in held[1:]:
+            if raw != want:
+                dtype = first.tensors[n].dtype.torch()
+                raise CheckpointError(_scalar_mismatch(rf, first, n, _scalar(raw, dtype), _scalar(want, dtype), fqns))
+
+
+def _scalar(raw: bytes, dtype: Any) -> Any:
+    import torch
+
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).item()
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _scalar_mismatch(rf: RankFile, first: RankFile, name: str, got: Any, want: Any,
+                     fqns: Mapping[int, list[str]]) -> str:
+    pid, key = name.split(".", 2)[1:]
+    params = fqns.get(int(pid), [])
+    which = f" ({params[0]}{f' and {len(params) - 1} more' if len(params) > 1 else ''})" if params else ""
+    return (f"{rf.path}: optimizer entry {pid}{which} has {key} {got!r}, but {first.path.name} has {want!r}: every "
+            f"rank holds the same {key}, so the rank files come from different saves (copy one save's files; "
+            f"{NO_OPTIMIZER_HINT})")
 
 
 def _jsonable(v: Any) -> bool:

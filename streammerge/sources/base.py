@@ -174,6 +174,10 @@ class Oracle(abc.ABC):
         """Checksums the format keeps and torch's loader skips (zip CRC-32s): one problem per line."""
         return []
 
+    def disagreements(self) -> list[str]:
+        """Copies of one piece that `read` found to differ (HSDP replicas): one problem per tensor and file."""
+        return []
+
     crc_from_reads = 0  # records whose checksum check_integrity took from what `read` gave
     crc_streamed = 0  # records check_integrity read for their checksum
 

@@ -178,6 +178,9 @@ class CombinedOracle(Oracle):
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
         return self.first.check_integrity(paths)
 
+    def disagreements(self) -> list[str]:
+        return self.first.disagreements() + self.base.disagreements()
+
     def prefetch(self) -> None:
         self.first.prefetch()
 

@@ -47,6 +47,9 @@ class VerlOracle(Oracle):
         self.files, self.world_size = list(files), world_size
         self._loaded: dict[Path, dict[str, Any]] = {}
         self._placed: dict[str, list[tuple[Any, tuple[int, ...], Path]]] = {}
+        # each placed piece's replicas (HSDP, plain copies): (local tensor, its file), compared with the piece read
+        self._copies: dict[str, list[list[tuple[Any, Path]]]] = {}
+        self._diverged: dict[tuple[str, Path], str] = {}  # (tensor, replica's file) -> its first disagreement
         self._lock = threading.RLock()
         self._closed = threading.Event()
         self._as_read: _CrcAsRead | None = None
@@ -58,7 +61,10 @@ class VerlOracle(Oracle):
         for name in names:
             with self._lock:
                 pieces = self._placed.get(name, [])
+                copies = self._copies.get(name, [])
             for local, _, _ in pieces:
+                _unmap_pages(local)
+            for local, _ in (c for group in copies for c in group):
                 _unmap_pages(local)
 
     def prefetch(self) -> None:
@@ -153,8 +159,12 @@ class VerlOracle(Oracle):
         files = self._files_for(name)
         got = [self._state(p).get(name) for p in files]
         plain = next(((v, p) for v, p in zip(got, files) if v is not None and not isinstance(v, DTensor)), None)
-        if plain is not None:  # a full copy on every rank holding it (FSDP1 use_orig_params: not all do); take one
+        if plain is not None:  # a full copy on every rank holding it (FSDP1 use_orig_params: not all do); read one
             self._placed[name] = [(plain[0], (0,) * plain[0].dim(), plain[1])]
+            # the others are its replicas (only tensors whose full shape torch sees here are read: not flat pieces)
+            self._copies[name] = [[(v, p) for v, p in zip(got, files) if v is not None and v is not plain[0]
+                                   and not isinstance(v, DTensor) and (v.shape, v.dtype) == (plain[0].shape,
+                                                                                              plain[0].dtype)]]
             return self._placed[name]
         if any(v is None for v in got):
             raise CheckpointError(f"{files[got.index(None)]}: torch.load finds no tensor {name!r}")
@@ -162,7 +172,9 @@ class VerlOracle(Oracle):
         first = values[0]
         shape = tuple(first.shape)
         mesh_shape = _mesh_shape(first, values)
-        pieces, seen = [], set()
+        pieces: list[tuple[Any, tuple[int, ...], Path]] = []
+        copies: list[list[tuple[Any, Path]]] = []
+        seen: dict[tuple[int, ...], int] = {}
         for rank, v in enumerate(values):
             local = v._local_tensor
             coordinate = _saved_coordinate(v) or _coordinate(rank, mesh_shape)  # a renamed file keeps its place
@@ -170,33 +182,126 @@ class VerlOracle(Oracle):
             if tuple(local.shape) != want:
                 raise CheckpointError(f"{files[rank]}: tensor {name!r}: torch's placement logic gives rank {rank} "
                                       f"a {list(want)} piece, the file holds {list(local.shape)}")
-            if offset not in seen and local.numel():
-                seen.add(offset)
+            if not local.numel():
+                continue
+            if offset in seen:  # a replica (HSDP): the merge reads the first; verify compares the others with it
+                copies[seen[offset]].append((local, files[rank]))
+            else:
+                seen[offset] = len(pieces)
                 pieces.append((local, offset, files[rank]))
+                copies.append([])
         self._placed[name] = pieces
+        self._copies[name] = copies
         return pieces
 
     def read(self, name: str, box: Box) -> Any:
         import torch
 
         pieces = self._pieces(name)
+        with self._lock:
+            copies = self._copies.get(name, [])
         out = torch.empty(tuple(hi - lo for lo, hi in box), dtype=pieces[0][0].dtype if pieces else torch.float32)
         filled = 0
-        for local, offset, path in pieces:
+        for i, (local, offset, path) in enumerate(pieces):
             lo = [max(b[0], o) for b, o in zip(box, offset)]
             hi = [min(b[1], o + n) for b, o, n in zip(box, offset, local.shape)]
             if any(a >= b for a, b in zip(lo, hi)):
                 continue
-            src = local[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))]
-            out[tuple(slice(a - b0, b - b0) for a, b, (b0, _) in zip(lo, hi, box))] = src
+            where = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))
+            src = local[where]
+            dst = out[tuple(slice(a - b0, b - b0) for a, b, (b0, _) in zip(lo, hi, box))]
+            dst.copy_(src)
             if self._as_read is not None:
                 self._as_read.window(path, local, src)
             _unmap_span(src)  # read once: keep the resident set at a window, not the whole mapped tensor
+            for copy, copy_path in copies[i] if i < len(copies) else ():
+                self._compare_replica(name, copy[where], copy, copy_path, dst, path, lo)
             filled += math.prod(b - a for a, b in zip(lo, hi))
         if filled != out.numel():
             raise CheckpointError(f"{name!r}: the rank files' pieces cover {filled} of the {out.numel()} elements "
                                   f"of the box {list(box)}")
         return out
+
+    def _compare_replica(self, name: str, src: Any, local: Any, path: Path, want: Any, read_from: Path,
+                         lo: Sequence[int]) -> None:
+        """One window of a replica against the same window of the piece the merge reads, bit for bit."""
+        import torch
+
+        if self._as_read is not None:
+            self._as_read.window(path, local, src)
+        a, b = _bytes_rows(src), _bytes_rows(want)
+        _unmap_span(src)
+        if torch.equal(a, b) or (name, path) in self._diverged:
+            return
+        differs = (a != b).any(dim=1)
+        first = int(differs.nonzero()[0]) if differs.any() else 0
+        index = [int(i) + o for i, o in zip(_unravel(first, tuple(src.shape)), lo)]
+        with self._lock:
+            self._diverged.setdefault((name, path), (
+                f"{path}: tensor {name!r}: {int(differs.sum())} of {differs.numel()} elements in one window differ "
+                f"from its replica in {read_from.name} (first at index {index}): replicas of one shard hold the same "
+                f"values, so one of these files diverged or comes from another save (the merge copies "
+                f"{read_from.name}'s); copy the rank files of one save again"))
+
+    def disagreements(self) -> list[str]:
+        """The replicas `read` found to differ, and the plain optimizer tensors it never reads (FSDP1's flat shards,
+        whose output tensors are compared through the merge's reader) against their HSDP replicas."""
+        self._compare_plain_replicas()
+        with self._lock:
+            return [self._diverged[k] for k in sorted(self._diverged, key=lambda k: (str(k[1]), k[0]))]
+
+    def _replica_groups(self) -> list[list[int]]:
+        """Ranks holding the same shard (coordinates equal on the mesh dims the model's DTensors are Shard on), from
+        the model files; [] unless some shard has more than one copy (HSDP)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        model = [p for p in self.files if p.name.startswith("model_")]
+        if len(model) < 2:
+            return []
+        first = self._state(model[0])
+        name = next((n for n, v in first.items() if isinstance(v, DTensor)), None)
+        if name is None:
+            return []
+        got = [self._state(p).get(name) for p in model]
+        values = [v for v in got if isinstance(v, DTensor)]
+        if len(values) != len(got):
+            return []
+        mesh_shape = _mesh_shape(values[0], values)
+        dims = [d for d, pl in enumerate(values[0].placements) if isinstance(pl, Shard)]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for rank, v in enumerate(values):
+            coordinate = _saved_coordinate(v) or _coordinate(rank, mesh_shape)
+            groups.setdefault(tuple(coordinate[d] for d in dims), []).append(rank)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def _compare_plain_replicas(self) -> None:
+        from torch.distributed.tensor import DTensor
+
+        optim = [p for p in self.files if p.name.startswith("optim_")]
+        if not optim:
+            return
+        groups = [[optim[r] for r in g if r < len(optim)] for g in self._replica_groups()]
+        window = _STREAM_CHUNK
+        for group in groups:
+            first = self._state(group[0])
+            for path in group[1:]:
+                other = self._state(path)
+                for name, v in first.items():
+                    copy = other.get(name)
+                    if (isinstance(v, DTensor) or not hasattr(v, "shape") or copy is None or isinstance(copy, DTensor)
+                            or (copy.shape, copy.dtype) != (v.shape, v.dtype) or not v.is_contiguous()
+                            or not copy.is_contiguous() or v.dim() > 1 or (name, path) in self._diverged):
+                        continue  # DTensors and full copies are compared as read; other shapes the merge refuses
+                    a, b = v.reshape(-1), copy.reshape(-1)
+                    step = max(1, window // max(1, v.element_size()))
+                    for lo in range(0, a.numel(), step):
+                        want, src = a[lo:lo + step], b[lo:lo + step]
+                        if self._as_read is not None:  # read in order: the record's CRC-32 need not be streamed
+                            self._as_read.window(group[0], v, want)
+                        self._compare_replica(name, src, copy, path, want, group[0], [lo] if v.dim() else [])
+                        _unmap_span(want)
+                        if (name, path) in self._diverged:
+                            break
 
     def locate(self, name: str, index: tuple[int, ...]) -> str:
         for local, offset, path in self._pieces(name):
@@ -254,6 +359,7 @@ class VerlOracle(Oracle):
         self._closed.set()
         self._loaded.clear()
         self._placed.clear()
+        self._copies.clear()
 
 
 class _CrcAsRead:
@@ -501,6 +607,22 @@ def _flat(obj: Any, prefix: str = "", seen: set[int] | None = None) -> Any:
             yield from _flat(v, f"{prefix}{k}.", seen)
         else:
             yield f"{prefix}{k}", v
+
+
+def _bytes_rows(x: Any) -> Any:
+    """Elements as rows of raw bytes: equality is bit equality (NaNs, -0.0 and all)."""
+    import torch
+
+    x = x.contiguous().reshape(-1)
+    return x.view(torch.uint8).reshape(x.numel(), x.element_size())
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
+    index = []
+    for n in reversed(shape):
+        index.append(flat % n)
+        flat //= n
+    return list(reversed(index))
 
 
 def _coordinate(rank: int, mesh_shape: tuple[int, ...]) -> list[int]:
