@@ -48,15 +48,7 @@ def read_config(model_dir: Path | None) -> dict | None:
     path = model_dir / "config.json"
     if not path.is_file():
         return None
-    try:
-        config = jsonfile.loads(path.read_text(), parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return jsonfile.read_object(path, parse_constant=_no_constant)
 
 
 def _no_constant(name: str) -> Any:

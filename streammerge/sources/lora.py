@@ -130,16 +130,6 @@ def adapter_config_files(source: Source) -> list[Path]:
     return list(found.values())
 
 
-def _json_object(path: Path) -> dict:
-    try:
-        value = jsonfile.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -173,14 +163,14 @@ def _records(source: Source) -> list[tuple[str, dict]]:
     records: list[tuple[str, dict]] = []
     meta_path = source.path / META_FILE
     if meta_path.is_file():
-        meta = _json_object(meta_path)
+        meta = jsonfile.read_object(meta_path)
         fields = {k: meta[k] for k in ("r", "lora_alpha", "use_rslora", "task_type") if k in meta}
         if "r" not in fields and "lora_rank" in meta:
             fields["r"] = meta["lora_rank"]
         records.append((str(meta_path), fields))
     files = adapter_config_files(source)
     for path in files:
-        cfg = _json_object(path)
+        cfg = jsonfile.read_object(path)
         records.append((str(path), {k: cfg[k] for k in _FIELDS if k in cfg}))
     for where, fields in records:
         for name, value in fields.items():

@@ -110,12 +110,7 @@ def check_recorded(a: Arch, folder: Path, where: str) -> None:
     path = next((d / RECORDED_CONFIG for d in (folder, *folder.parents[:2]) if (d / RECORDED_CONFIG).is_file()), None)
     if path is None:
         return
-    try:
-        recorded = jsonfile.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read it ({e})") from None
-    if not isinstance(recorded, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    recorded = jsonfile.read_object(path)
     ours = {"num_layers": a.layers, "hidden_size": a.hidden, "num_attention_heads": a.heads,
             "num_query_groups": a.groups, "kv_channels": a.head_dim}
     for key, value in ours.items():

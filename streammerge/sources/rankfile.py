@@ -9,7 +9,6 @@ read, whatever the file size, and every storage carries its byte offset inside t
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -453,9 +452,8 @@ def _check_coordinates(records: Sequence[TensorRecord], files: Sequence[RankFile
         by_coord[rec.coordinate] = rf
 
 
-@functools.lru_cache(maxsize=4096)
 def row_major_coordinate(rank: int, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Where init_device_mesh puts a rank: mesh = arange(world).view(mesh_shape)."""
+    """Where init_device_mesh puts a rank (mesh = arange(world).view(mesh_shape)); also a flat index's place."""
     coord = []
     for s in reversed(mesh_shape):
         coord.append(rank % s)

@@ -28,6 +28,7 @@ from typing import Any
 from ..checksum import crc32
 from ..errors import CheckpointError
 from .base import Oracle
+from .rankfile import row_major_coordinate
 
 Box = tuple[tuple[int, int], ...]
 _STREAM_CHUNK = 8 * 2**20
@@ -177,7 +178,8 @@ class VerlOracle(Oracle):
         seen: dict[tuple[int, ...], int] = {}
         for rank, v in enumerate(values):
             local = v._local_tensor
-            coordinate = _saved_coordinate(v) or _coordinate(rank, mesh_shape)  # a renamed file keeps its place
+            # a renamed file keeps its place
+            coordinate = _saved_coordinate(v) or row_major_coordinate(rank, mesh_shape)
             want, offset = _torch_placement(shape, mesh_shape, coordinate, v.placements)
             if tuple(local.shape) != want:
                 raise CheckpointError(f"{files[rank]}: tensor {name!r}: torch's placement logic gives rank {rank} "
@@ -235,7 +237,7 @@ class VerlOracle(Oracle):
             return
         differs = (a != b).any(dim=1)
         first = int(differs.nonzero()[0]) if differs.any() else 0
-        index = [int(i) + o for i, o in zip(_unravel(first, tuple(src.shape)), lo)]
+        index = [int(i) + o for i, o in zip(row_major_coordinate(first, tuple(src.shape)), lo)]
         with self._lock:
             self._diverged.setdefault((name, path), (
                 f"{path}: tensor {name!r}: {int(differs.sum())} of {differs.numel()} elements in one window differ "
@@ -270,7 +272,7 @@ class VerlOracle(Oracle):
         dims = [d for d, pl in enumerate(values[0].placements) if isinstance(pl, Shard)]
         groups: dict[tuple[int, ...], list[int]] = {}
         for rank, v in enumerate(values):
-            coordinate = _saved_coordinate(v) or _coordinate(rank, mesh_shape)
+            coordinate = _saved_coordinate(v) or row_major_coordinate(rank, mesh_shape)
             groups.setdefault(tuple(coordinate[d] for d in dims), []).append(rank)
         return [g for g in groups.values() if len(g) > 1]
 
@@ -617,23 +619,6 @@ def _bytes_rows(x: Any) -> Any:
     return x.view(torch.uint8).reshape(x.numel(), x.element_size())
 
 
-def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
-    index = []
-    for n in reversed(shape):
-        index.append(flat % n)
-        flat //= n
-    return list(reversed(index))
-
-
-def _coordinate(rank: int, mesh_shape: tuple[int, ...]) -> list[int]:
-    """init_device_mesh lays ranks out row-major: mesh = arange(world).view(mesh_shape)."""
-    coord = []
-    for s in reversed(mesh_shape):
-        coord.append(rank % s)
-        rank //= s
-    return list(reversed(coord))
-
-
 def _saved_coordinate(v: Any) -> list[int] | None:
     """The mesh coordinate the saving rank pickled with its DTensor (None where the mesh does not say)."""
     try:
@@ -643,11 +628,11 @@ def _saved_coordinate(v: Any) -> list[int] | None:
     return None if coordinate is None else [int(c) for c in coordinate]
 
 
-def _torch_placement(shape: tuple[int, ...], mesh_shape: tuple[int, ...], coord: list[int],
+def _torch_placement(shape: tuple[int, ...], mesh_shape: tuple[int, ...], coord: Sequence[int],
                      placements: Sequence[Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-    local, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, coord, list(placements))
+    local, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coord), list(placements))
     return tuple(int(s) for s in local), tuple(int(o) for o in offset)
 
 
@@ -663,8 +648,8 @@ def _mesh_shape(first: Any, values: Sequence[Any]) -> tuple[int, ...]:
     shape_of = tuple(first.shape)
     fits = []
     for cand in _factorisations(world, ndim):
-        if all(_torch_placement(shape_of, cand, _coordinate(r, cand), v.placements)[0] == tuple(v._local_tensor.shape)
-               for r, v in enumerate(values)):
+        if all(_torch_placement(shape_of, cand, row_major_coordinate(r, cand), v.placements)[0]
+               == tuple(v._local_tensor.shape) for r, v in enumerate(values)):
             fits.append(cand)
     if len(fits) != 1:
         raise CheckpointError(f"cannot tell the {ndim}-D device mesh of {world} ranks from the rank files "
