@@ -40,7 +40,7 @@ from .errors import OutputError
 from .options import CHECKSUMS, MergeOptions, parse_size
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
-from .sources.base import Oracle, open_checkpoint_file, row_major
+from .sources.base import Oracle, bytes_rows, open_checkpoint_file, row_major
 from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
@@ -938,17 +938,9 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
                 sources.check_crc(p.file, rec, crc, report)
 
 
-def _bytes_of(x: torch.Tensor) -> torch.Tensor:
-    """Elements as rows of raw bytes: equality is bit equality (NaNs, -0.0 and all)."""
-    import torch
-
-    x = x.contiguous().reshape(-1)
-    return x.view(torch.uint8).reshape(x.numel(), x.element_size())
-
-
 def _report_mismatch(rel: str, name: str, p: Piece, want: torch.Tensor, got: torch.Tensor, lo: tuple[int, ...],
                      t: TensorPlan, report: VerifyReport) -> None:
-    differs = (_bytes_of(want) != _bytes_of(got)).any(dim=1)
+    differs = (bytes_rows(want) != bytes_rows(got)).any(dim=1)
     first = int(differs.nonzero()[0])
     index = []
     for n in reversed(want.shape):

@@ -268,6 +268,14 @@ def step_of(path: Path, step_dir: re.Pattern[str]) -> int | None:
     return None
 
 
+def bytes_rows(x: Any) -> Any:
+    """A tensor's elements as rows of raw bytes: equality is bit equality (NaNs, -0.0 and all)."""
+    import torch
+
+    x = x.contiguous().reshape(-1)
+    return x.view(torch.uint8).reshape(x.numel(), x.element_size())
+
+
 def row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The element strides of a contiguous tensor of this shape."""
     strides, acc = [], 1

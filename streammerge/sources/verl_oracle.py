@@ -27,7 +27,7 @@ from typing import Any
 
 from ..checksum import crc32
 from ..errors import CheckpointError
-from .base import Oracle
+from .base import Oracle, bytes_rows
 from .rankfile import row_major_coordinate
 
 Box = tuple[tuple[int, int], ...]
@@ -178,8 +178,7 @@ class VerlOracle(Oracle):
         seen: dict[tuple[int, ...], int] = {}
         for rank, v in enumerate(values):
             local = v._local_tensor
-            # a renamed file keeps its place
-            coordinate = _saved_coordinate(v) or row_major_coordinate(rank, mesh_shape)
+            coordinate = _coordinate(v, rank, mesh_shape)
             want, offset = _torch_placement(shape, mesh_shape, coordinate, v.placements)
             if tuple(local.shape) != want:
                 raise CheckpointError(f"{files[rank]}: tensor {name!r}: torch's placement logic gives rank {rank} "
@@ -231,7 +230,7 @@ class VerlOracle(Oracle):
 
         if self._as_read is not None:
             self._as_read.window(path, local, src)
-        a, b = _bytes_rows(src), _bytes_rows(want)
+        a, b = bytes_rows(src), bytes_rows(want)
         _unmap_span(src)
         if torch.equal(a, b) or (name, path) in self._diverged:
             return
@@ -272,7 +271,7 @@ class VerlOracle(Oracle):
         dims = [d for d, pl in enumerate(values[0].placements) if isinstance(pl, Shard)]
         groups: dict[tuple[int, ...], list[int]] = {}
         for rank, v in enumerate(values):
-            coordinate = _saved_coordinate(v) or row_major_coordinate(rank, mesh_shape)
+            coordinate = _coordinate(v, rank, mesh_shape)
             groups.setdefault(tuple(coordinate[d] for d in dims), []).append(rank)
         return [g for g in groups.values() if len(g) > 1]
 
@@ -611,12 +610,10 @@ def _flat(obj: Any, prefix: str = "", seen: set[int] | None = None) -> Any:
             yield f"{prefix}{k}", v
 
 
-def _bytes_rows(x: Any) -> Any:
-    """Elements as rows of raw bytes: equality is bit equality (NaNs, -0.0 and all)."""
-    import torch
-
-    x = x.contiguous().reshape(-1)
-    return x.view(torch.uint8).reshape(x.numel(), x.element_size())
+def _coordinate(v: Any, rank: int, mesh_shape: tuple[int, ...]) -> Sequence[int]:
+    """Where a rank's DTensor sits in the mesh: the coordinate it pickled (a renamed file keeps its place), else the
+    one its rank number gives."""
+    return _saved_coordinate(v) or row_major_coordinate(rank, mesh_shape)
 
 
 def _saved_coordinate(v: Any) -> list[int] | None:
