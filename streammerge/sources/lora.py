@@ -176,8 +176,8 @@ def _records(source: Source) -> list[tuple[str, dict]]:
         for name, value in fields.items():
             test, what = _FIELDS[name]
             if not test(value):
-                field = "lora_rank" if name == "r" and where.endswith(META_FILE) and "r" not in fields else name
-                raise CheckpointError(f"{where}: {field} is {json.dumps(value)}; it must be {what}")
+                key = "lora_rank" if name == "r" and where.endswith(META_FILE) and "r" not in fields else name
+                raise CheckpointError(f"{where}: {key} is {json.dumps(value)}; it must be {what}")
     return records
 
 
