@@ -7,7 +7,7 @@ random again. `check_config_fits` (model_folder.py) catches the plain contradict
 this check asks transformers itself, before any byte is written.
 
 The model is built on the meta device (no weights allocated) from transformers' own classes only:
-the config through `CONFIG_MAPPING[model_type]` (never AutoConfig), the model with
+the config through `CONFIG_MAPPING[model_type]` (never the Auto config class, which reads auto_map), the model with
 `trust_remote_code=False`, eager attention (a config naming a hub kernel must not fetch it). A
 config with `auto_map`, a model type or architecture transformers does not know, or no
 transformers installed: the check is skipped with a warning that says so, never failed.

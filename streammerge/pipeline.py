@@ -92,7 +92,8 @@ class MergePlan:
     def check_architecture(self) -> None:
         """Before anything is written: the model transformers builds from the config.json we write must have
         exactly the weights' names and shapes (architecture.py). Raises ConfigError; a check that cannot run
-        (custom code, no transformers) leaves a warning. A critic's config is corrected to its value-head class."""
+        (custom code, no transformers) leaves a note (inspect shows it). A critic's config is corrected to its
+        value-head class."""
         if self.arch_done:
             return
         self.arch_done = True
@@ -101,7 +102,7 @@ class MergePlan:
         check, note = (self.arch, None) if self.arch is not None else architecture.start(self.config, self._where())
         if check is None:
             if note:
-                self.warnings.append(note)
+                self.weights.notes.append(note)
             return
         try:
             fixed, note = check.check({n: t.shape for n, t in self.weights.tensors.items()})
@@ -109,8 +110,6 @@ class MergePlan:
             check.close()
         if fixed is not None:
             self.config = fixed
-            self.warnings.append(note)
-        elif note.startswith("architecture check skipped"):
             self.warnings.append(note)
         else:
             self.weights.notes.append(note)
@@ -208,7 +207,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         raise
     merge_plan.arch = arch
     if arch is None and arch_note:
-        merge_plan.warnings.append(arch_note)
+        merge_plan.weights.notes.append(arch_note)
         merge_plan.arch_done = True
     return merge_plan
 
