@@ -232,7 +232,8 @@ class ArchCheck:
                                f"[{alt['class']!r}] and one label")
         raise ConfigError(f"{self.where}: transformers {version} builds {own['class']} from this config.json, "
                           f"which is not these weights: {problems} (it would load them with those tensors "
-                          "dropped or randomly initialised); give the model's own config with --model-name")
+                          "dropped or randomly initialised); give the model's own config with --model-name "
+                          f"({DISABLE_ENV}=0 writes it anyway)")
 
 
 def _safe_describe(config: Mapping[str, Any]) -> dict[str, Any]:
