@@ -48,7 +48,7 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 # ---------------------------------------------------------------- in the child (or in-process): ask transformers
 
-def describe(config: Mapping[str, Any]) -> dict[str, Any]:
+def describe(config: Mapping[str, Any], names: Any = None) -> dict[str, Any]:
     """What transformers builds from `config`: {"models": [...]} or {"skip": why}. Imports torch and transformers.
 
     Each model: its class, `forms` (names -> shapes as save_pretrained writes them, then as the model's own
@@ -99,8 +99,36 @@ def describe(config: Mapping[str, Any]) -> dict[str, Any]:
                 return {"skip": f"transformers {transformers.__version__} cannot build {cls.__name__} from it "
                                 f"({first})"}
             continue
-        models.append(_model_names(model))
+        entry = _model_names(model)
+        if callable(names):
+            names = names()
+        entry["loads_as"] = _loads_as(model, names or [])
+        models.append(entry)
     return {"transformers": transformers.__version__, "models": models}
+
+
+def _loads_as(model: Any, names: list[str]) -> dict[str, list]:
+    """The names transformers' loader renames (old spellings, MoE experts fused into one tensor): name ->
+    [the model's key, whether several checkpoint tensors become that one (no shape to compare one to one)]."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers: names load as they are
+        return {}
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = model.state_dict()
+    out: dict[str, list] = {}
+    for name in names:
+        try:
+            target, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        except Exception:  # noqa: BLE001 - a name the loader cannot place stays as it is (unexpected)
+            continue
+        converted = pattern is not None and any(pattern in c.source_patterns for c in converters)
+        if target != name or converted:
+            out[name] = [target, converted]
+    return out
 
 
 def _model_names(model: Any) -> dict[str, Any]:
@@ -129,10 +157,12 @@ def _model_names(model: Any) -> dict[str, Any]:
             "ignore_unexpected": [str(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]}
 
 
-def child_main(data: bytes) -> None:
-    """The child: config JSON in, one JSON line out (the answer and this process's peak RSS)."""
+def child_main() -> None:
+    """The child: a line of config JSON in, then (once the merge has planned) a line of the weights' names; one
+    JSON line out (the answer and this process's peak RSS). The model is built while the merge plans."""
     try:
-        answer = describe(json.loads(data))
+        config = json.loads(sys.stdin.buffer.readline())
+        answer = describe(config, lambda: json.loads(sys.stdin.buffer.readline() or b"[]"))
     except Exception as e:
         answer = {"skip": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
     answer["rss"] = _own_peak()
@@ -148,17 +178,16 @@ def _own_peak() -> int:
         return 0
 
 
-# The launcher reads the config, then forks and exits: the merge reaps it at once, and the detached child's
+# The launcher forks and exits: the merge reaps it at once, and the detached child's
 # memory never reaches the merge's RUSAGE_CHILDREN (the merge's own peak stays its own).
 _CHILD = """\
 import os, sys
-data = sys.stdin.buffer.read()
 if hasattr(os, "fork") and os.fork():
     os._exit(0)
 sys.stdout.write(str(os.getpid()) + "\\n"); sys.stdout.flush()
 sys.path.insert(0, {root!r})
 from streammerge.architecture import child_main
-child_main(data)
+child_main()
 """
 
 
@@ -178,13 +207,22 @@ class ArchCheck:
     _out: bytes = b""
     _err: bytes = b""
     _pid: int | None = None
+    _names: list[str] | None = None
+    _names_ready: threading.Event = field(default_factory=threading.Event)
     seconds: float = 0.0
 
-    def result(self) -> dict[str, Any]:
+    def result(self, names: list[str]) -> dict[str, Any]:
         if self.answer is not None:
             return self.answer
+        self._names = names
+        cached = _cache_get(self.config, names)
+        if cached is not None:
+            self.close()
+            self.answer, self.how = cached, "cache"
+            return cached
+        self._names_ready.set()
         if self._thread is None:  # in-process
-            self.answer = _safe_describe(self.config)
+            self.answer = _safe_describe(self.config, names)
         else:
             timeout = float(os.environ.get(TIMEOUT_ENV) or 300)
             self._thread.join(timeout)
@@ -196,7 +234,7 @@ class ArchCheck:
                 self.answer = _parse(self._out, self._err)
         self.seconds = time.perf_counter() - self.started
         if "models" in self.answer:
-            _cache_put(self.config, self.answer)
+            _cache_put(self.config, names, self.answer)
         return self.answer
 
     def close(self) -> None:
@@ -214,7 +252,7 @@ class ArchCheck:
     def check(self, shapes: Shapes) -> tuple[dict | None, str]:
         """(a config to write instead, or None; a note). Raises ConfigError where transformers would load
         another model than these tensors."""
-        answer = self.result()
+        answer = self.result(sorted(shapes))
         if "skip" in answer:
             return None, f"architecture check skipped: {answer['skip']}"
         models = answer["models"]
@@ -236,9 +274,9 @@ class ArchCheck:
                           f"({DISABLE_ENV}=0 writes it anyway)")
 
 
-def _safe_describe(config: Mapping[str, Any]) -> dict[str, Any]:
+def _safe_describe(config: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
     try:
-        return describe(config)
+        return describe(config, names)
     except Exception as e:  # noqa: BLE001
         return {"skip": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
 
@@ -297,7 +335,28 @@ def _compare(model: Mapping[str, Any], shapes: Shapes, show: int = 3) -> str:
             parts.append(f"{len(unexpected)} not in the model (" + ", ".join(unexpected[:show])
                          + (", ..." if len(unexpected) > show else "") + ")")
         best = best or "; ".join(parts)
-    return best
+    return "" if _loads_exactly(model, shapes, optional, ig_missing, ig_unexpected) else best
+
+
+def _loads_exactly(model: Mapping[str, Any], shapes: Shapes, optional: set, ig_missing: list,
+                   ig_unexpected: list) -> bool:
+    """As transformers' loader places them (old spellings renamed, MoE experts fused): every name lands on one of
+    the model's tensors with its shape, and every tensor of the model is filled."""
+    loads = model.get("loads_as") or {}
+    if not loads:
+        return False
+    own = model["forms"][-1]  # the model's own state_dict names
+    landed = set()
+    for name, shape in shapes.items():
+        target, fused = loads.get(name, (name, False))
+        if target not in own:
+            if any(p.search(name) for p in ig_unexpected):
+                continue
+            return False
+        if not fused and tuple(own[target]) != tuple(shape):
+            return False
+        landed.add(target)
+    return all(k in landed or k in optional or any(p.search(k) for p in ig_missing) for k in own)
 
 
 def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | None, str | None]:
@@ -314,10 +373,6 @@ def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | Non
         return None, "architecture check skipped: transformers is not installed, so nothing checked that " \
                      "config.json describes these weights"
     check = ArchCheck(dict(config), where)
-    cached = _cache_get(config)
-    if cached is not None:
-        check.answer, check.how = cached, "cache"
-        return check, None
     if "transformers" in sys.modules and "torch" in sys.modules:
         check.how = "in-process"  # already paid for: no child, computed when asked
         return check, None
@@ -331,7 +386,7 @@ def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | Non
     except OSError as e:
         return None, f"architecture check skipped: cannot start a child process ({e.strerror or e})"
     check.how = "child"
-    data = json.dumps(config).encode()
+    data = json.dumps(config).encode() + b"\n"
     check._thread = threading.Thread(target=_run_child, args=(check, data, err), name="streammerge-archcheck",
                                      daemon=True)
     check._thread.start()
@@ -343,12 +398,15 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
     assert proc is not None and proc.stdin is not None and proc.stdout is not None
     try:
         proc.stdin.write(data)
-        proc.stdin.close()
+        proc.stdin.flush()
         first = proc.stdout.readline()
         if first.strip().isdigit():
             check._pid = int(first)
         else:
             check._out = first
+        check._names_ready.wait()
+        proc.stdin.write(json.dumps(check._names or []).encode() + b"\n")
+        proc.stdin.close()
         check._out += proc.stdout.read()
         proc.wait()
         err.seek(0)
@@ -361,7 +419,7 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
 
 # ---------------------------------------------------------------- cache: the same config, the same transformers
 
-def _cache_key(config: Mapping[str, Any]) -> str | None:
+def _cache_key(config: Mapping[str, Any], names: list[str]) -> str | None:
     from importlib import metadata
 
     try:
@@ -369,7 +427,7 @@ def _cache_key(config: Mapping[str, Any]) -> str | None:
     except metadata.PackageNotFoundError:
         return None
     h = hashlib.sha256(f"streammerge architecture v{CHECK_VERSION}|{versions}|".encode())
-    h.update(json.dumps(config, sort_keys=True).encode())
+    h.update(json.dumps([config, names], sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
@@ -380,8 +438,8 @@ def _cache_dir() -> Path:
     return Path(base) / "streammerge" / "architecture"
 
 
-def _cache_get(config: Mapping[str, Any]) -> dict | None:
-    key = _cache_key(config)
+def _cache_get(config: Mapping[str, Any], names: list[str]) -> dict | None:
+    key = _cache_key(config, names)
     if key is None:
         return None
     try:
@@ -391,8 +449,8 @@ def _cache_get(config: Mapping[str, Any]) -> dict | None:
     return answer if isinstance(answer, dict) and isinstance(answer.get("models"), list) else None
 
 
-def _cache_put(config: Mapping[str, Any], answer: dict) -> None:
-    key = _cache_key(config)
+def _cache_put(config: Mapping[str, Any], names: list[str], answer: dict) -> None:
+    key = _cache_key(config, names)
     if key is None:
         return
     try:
