@@ -253,7 +253,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .pipeline import plan_merge
 
     _warn_trust_pickle(args)
-    p = plan_merge(args.checkpoint, merge_options(args, progress=False))
+    p = plan_merge(args.checkpoint, merge_options(args, progress=False), check_architecture=False)
     if args.json:
         print(json.dumps(p.to_json(), indent=1))
     else:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import architecture
+from .architecture import ArchCheck
 from .dtypes import DType
 from .errors import CheckpointError, ConfigError
 from .model_folder import (
@@ -58,6 +60,8 @@ class MergePlan:
     generated: dict[str, bytes] = field(default_factory=dict)  # rel path -> contents of generated small files
     warnings: list[str] = field(default_factory=list)
     lora: dict[str, Any] | None = None  # a LoRA checkpoint's settings (r, alpha, scale, mode, base) for the card
+    arch: ArchCheck | None = field(default=None, repr=False)  # transformers' names for config.json (started)
+    arch_done: bool = False
 
     @property
     def weights(self) -> Plan:
@@ -84,6 +88,34 @@ class MergePlan:
         """A small file made by streammerge (model card, adapter config), written with the rest of the folder."""
         self.generated[rel] = data
         self.small[rel] = None
+
+    def check_architecture(self) -> None:
+        """Before anything is written: the model transformers builds from the config.json we write must have
+        exactly the weights' names and shapes (architecture.py). Raises ConfigError; a check that cannot run
+        (custom code, no transformers) leaves a note (inspect shows it). A critic's config is corrected to its
+        value-head class."""
+        if self.arch_done:
+            return
+        self.arch_done = True
+        if self.config is None or not self.weights.tensors or self.model_dir is None:
+            return
+        check, note = (self.arch, None) if self.arch is not None else architecture.start(self.config, self._where())
+        if check is None:
+            if note:
+                self.weights.notes.append(note)
+            return
+        try:
+            fixed, note = check.check({n: t.shape for n, t in self.weights.tensors.items()})
+        finally:
+            check.close()
+        if fixed is not None:
+            self.config = fixed
+            self.warnings.append(note)
+        else:
+            self.weights.notes.append(note)
+
+    def _where(self) -> str:
+        return str(self.model_dir / "config.json") if self.model_dir is not None else str(self.source.path)
 
     def plan(self, subdir: str) -> Plan | None:
         return next((p for p in self.plans if p.subdir == subdir), None)
@@ -145,10 +177,12 @@ def gc_paused() -> Iterator[None]:
 
 
 def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = None, *, token: str | None = None,
-               endpoint: str | None = None, **kwargs: Any) -> MergePlan:
+               endpoint: str | None = None, check_architecture: bool = True, **kwargs: Any) -> MergePlan:
     """Plan a merge from metadata alone: nothing is written, no tensor data is read.
 
     `token` and `endpoint` reach the Hub for a `model_name` given as a Hub model (never recorded).
+    `check_architecture` starts asking transformers which tensors config.json describes, beside reading the
+    checkpoint's metadata (`merge` waits for the answer before writing; inspect and verify do not ask).
     """
     options = MergeOptions.create(options, **kwargs)
     source = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
@@ -162,6 +196,25 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     config = read_config(model_dir)
     dtype = resolve_dtype(options.dtype, config)
     warnings: list[str] = []
+    arch, arch_note = (None, None)
+    if check_architecture and model_dir is not None:
+        arch, arch_note = architecture.start(config, str(model_dir / "config.json"))
+    try:
+        merge_plan = _plan_merge(source, options, model_dir, model_paths, config, dtype, warnings, token, endpoint)
+    except BaseException:
+        if arch is not None:
+            arch.close()
+        raise
+    merge_plan.arch = arch
+    if arch is None and arch_note:
+        merge_plan.weights.notes.append(arch_note)
+        merge_plan.arch_done = True
+    return merge_plan
+
+
+def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, model_paths: list[Path],
+                config: dict | None, dtype: DType | None, warnings: list[str], token: str | None,
+                endpoint: str | None) -> MergePlan:
     source.use_model(config, model_dir)
     with gc_paused():
         tensors = source.tensors(options)
@@ -309,6 +362,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     folds = any(t.fold is not None for p, fp in shares for t in (p.tensors[n] for n in fp.names))
     if folds:
         import_behind("torch")  # folds need torch: its import (seconds) overlaps the first files' copies
+    mp.check_architecture()
     _check_ties(mp, shares)
     inputs = _inputs(mp)
     folder = OutputFolder(out, fingerprint=mp.fingerprint(), source=mp.source.path, options=mp.record(),

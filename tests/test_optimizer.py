@@ -294,10 +294,12 @@ def test_fsdp1_without_fsdp_config_is_recognised_by_its_flat_entries(tmp_path) -
     dict(arch="qwen2", tie_word_embeddings=True, extra_buffers=True, world_size=2),
     dict(world_size=1, plain_tensors=True),
 ], ids=["buffers-and-tied-weights", "plain-world-size-1"])
-def test_synthetic_checkpoints(make_ckpt, tmp_path, kwargs) -> None:
+def test_synthetic_checkpoints(make_ckpt, tmp_path, kwargs, monkeypatch) -> None:
     """Buffers sit between parameters in the state dict and a tied weight appears once in the
     optimizer: the names still come out right. FSDP1's plain full tensors at world size 1 too."""
     actor = make_ckpt(**kwargs)
+    if kwargs.get("extra_buffers"):  # buffers transformers' class lacks: the architecture check would refuse them
+        monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")
     result = streammerge.merge(actor, tmp_path / "out", dtype="keep")
     assert result.warnings == []
     want = torch.load(actor / "reference" / "optimizer.pt", weights_only=True)
@@ -515,7 +517,11 @@ def test_optimizers_named_by_what_was_trained(case: str, tmp_path: Path) -> None
         assert not (out / "optimizer").exists()
         assert any(why in w and "optimizer not exported" in w for w in result.warnings), result.warnings
         return
-    assert result.warnings == []
+    if case == "critic":  # veRL saves the critic with its base's config: written as the class that has the head
+        assert len(result.warnings) == 1 and "value head" in result.warnings[0], result.warnings
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForTokenClassification"]
+    else:
+        assert result.warnings == []
     ref = torch.load(actor / "oracle_optimizer.pt", weights_only=True)
     got = streammerge.load_optimizer_state_dict(out)
     assert_same_optimizer(got, ref)  # param groups included: named parameters' param_names, a list as in torch

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan
+from ..sources.dcp import strip_wrappers
 from . import LAYOUT_NAME, Skip
 from .fsdp import export_plan
 
@@ -25,11 +26,13 @@ if TYPE_CHECKING:
 
 
 def _param_and_key(rest: str, path: tuple | None, depth: int, params: Mapping[str, tuple[int, ...]]) -> tuple[str, str]:
-    """`<fqn>.<key>` -> (fqn, key): from the saved nesting when recorded, else the longest parameter name."""
+    """`<fqn>.<key>` -> (fqn, key): from the saved nesting when recorded, else the longest parameter name
+    (wrapper segments such as `_orig_mod.` removed, as from the model's names)."""
     if path is not None and len(path) >= depth + 2 and isinstance(path[depth], str):
         fqn, key = path[depth], ".".join(str(p) for p in path[depth + 1:])
         if f"{fqn}.{key}" == rest:
-            return fqn, key
+            return strip_wrappers(fqn), key
+    rest = strip_wrappers(rest)
     best = max((f for f in params if rest.startswith(f + ".")), key=len, default=None)
     if best is None:
         raise Skip(f"optimizer state {rest!r} names no parameter of the model")
@@ -114,7 +117,7 @@ def _param_groups(ck: DcpCheckpoint, prefix: str, depth: int, params: Mapping[st
         if head.isdigit() and "." not in field and path is None:
             nested.setdefault(int(head), {})[field] = _json_value(ck, key)
             continue
-        rest = key[len(gp):]  # flattened form: param_groups.<fqn>.<field>
+        rest = strip_wrappers(key[len(gp):])  # flattened form: param_groups.<fqn>.<field>
         fqn = max((f for f in params if rest.startswith(f + ".")), key=len, default=None)
         if fqn is None:
             raise Skip(f"param group entry {key!r} names no parameter of the model")

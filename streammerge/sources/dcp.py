@@ -24,7 +24,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -485,7 +485,43 @@ def _paths(ck: DcpCheckpoint) -> dict[str, tuple]:
     return {k: tuple(k.split(".", 1)) if trainer else (k,) for k in ck.tensors}
 
 
+# Module names that wrappers put into a state dict's keys and torch's own state-dict hooks (get_model_state_dict,
+# checkpoint_wrapper, FSDP) leave out: torch.compile's `_orig_mod.`, activation checkpointing's, FSDP1's.
+WRAPPER_SEGMENTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+_WRAPPERS = re.compile(r"(?:^|(?<=\.))(?:" + "|".join(WRAPPER_SEGMENTS) + r")\.")
+
+
+def strip_wrappers(name: str) -> str:
+    """`_orig_mod.model.layers.0.x` -> `model.layers.0.x`: the name the unwrapped model gives the parameter."""
+    return _WRAPPERS.sub("", name)
+
+
 def split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
+    """Decide which tensors are the model (wrapper segments removed from their names, see `unwrapped`)."""
+    split = _split_keys(ck, key_prefix)
+    model = unwrapped(split.model, ck.folder)
+    if model == split.model:
+        return split
+    return replace(split, model=model, how=f"{split.how}, wrapper segments ({', '.join(WRAPPER_SEGMENTS)}) removed")
+
+
+def unwrapped(model: Mapping[str, str], where: Path) -> dict[str, str]:
+    """Output names without wrapper segments: a model saved with `model.state_dict()` under torch.compile or
+    activation checkpointing carries them, and transformers would find none of its parameters under those
+    names. Two keys that become one name are refused: the folder would hold one of them, silently."""
+    out: dict[str, str] = {}
+    for name, key in model.items():
+        clean = strip_wrappers(name)
+        if clean in out:
+            raise CheckpointError(f"{where}: keys {out[clean]!r} and {key!r} are both {clean!r} once the wrapper "
+                                  f"segments torch's state_dict leaves out ({', '.join(WRAPPER_SEGMENTS)}) are "
+                                  "removed: the save holds two copies of one parameter; save the model once, or "
+                                  "choose its keys with --key-prefix")
+        out[clean] = key
+    return out
+
+
+def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
     """Decide which tensors are the model: `key_prefix` when given, else the saved dict's nesting.
 
     A `model` container (at the top, or one level down as prime-rl's `app.model`) is the model; without

@@ -1,0 +1,463 @@
+"""Does transformers build, from the config.json we write, a model with exactly the tensors we write?
+
+transformers loads a folder by building the model its config.json describes and filling it by name:
+a tensor of the folder it has no place for is dropped ("unexpected"), a parameter the folder lacks is
+randomly initialised ("missing"), a shape that differs is an error or, with ignore_mismatched_sizes,
+random again. `check_config_fits` (model_folder.py) catches the plain contradictions without torch;
+this check asks transformers itself, before any byte is written.
+
+The model is built on the meta device (no weights allocated) from transformers' own classes only:
+the config through `CONFIG_MAPPING[model_type]` (never the Auto config class, which reads auto_map), the model with
+`trust_remote_code=False`, eager attention (a config naming a hub kernel must not fetch it). A
+config with `auto_map`, a model type or architecture transformers does not know, or no
+transformers installed: the check is skipped with a warning that says so, never failed.
+
+Importing torch and transformers costs seconds and ~400 MB, more than a whole merge is allowed, so it
+runs in a child process started when the config is read (it overlaps reading the checkpoint's
+metadata) that prints the names and shapes as JSON. The child detaches from the merge (a double
+fork), so its memory does not count as the merge's peak RSS; it reports its own. Where torch and
+transformers are already imported (a Python session, a test run) it is done in-process instead, and a
+result is kept in a small cache (the same config with the same transformers gives the same names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CHECK_VERSION = 1
+TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the child (default 300)
+DISABLE_ENV = "STREAMMERGE_ARCH_CHECK"  # "0": skip the check (with a warning)
+CACHE_ENV = "STREAMMERGE_CACHE"
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+# ---------------------------------------------------------------- in the child (or in-process): ask transformers
+
+def describe(config: Mapping[str, Any], names: Any = None) -> dict[str, Any]:
+    """What transformers builds from `config`: {"models": [...]} or {"skip": why}. Imports torch and transformers.
+
+    Each model: its class, `forms` (names -> shapes as save_pretrained writes them, then as the model's own
+    state_dict names them where that differs: transformers loads both), `optional` (tied copies and buffers:
+    their absence loads the same model), and the class's ignore patterns. The config's own class comes first,
+    then (a config that is no token classifier) the same model as veRL's critic: <Type>ForTokenClassification
+    with one label.
+    """
+    import copy
+    import logging
+    import warnings
+
+    import torch
+    import transformers
+
+    from .optimizer import Skip
+    from .optimizer.naming import built_in_config
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        cfg = built_in_config(config, "config.json")
+    except Skip as e:
+        return {"skip": str(e).removeprefix("config.json: ")}
+    archs = [a for a in (getattr(cfg, "architectures", None) or []) if isinstance(a, str)]
+    own: Any = None
+    if archs:
+        own = getattr(transformers, archs[0], None)
+        if not (isinstance(own, type) and issubclass(own, transformers.PreTrainedModel)):
+            return {"skip": f"architectures names {archs[0]!r}, which is not a class built into transformers "
+                            f"{transformers.__version__}"}
+    builders: list[tuple[Any, Any]] = [(own or transformers.AutoModelForCausalLM, cfg)]
+    if not (own and own.__name__.endswith("ForTokenClassification")):
+        critic = copy.deepcopy(cfg)
+        critic.num_labels = 1
+        builders.append((transformers.AutoModelForTokenClassification, critic))
+    models = []
+    for i, (cls, c) in enumerate(builders):
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if cls.__name__.startswith("AutoModel"):
+                    model = cls.from_config(c, trust_remote_code=False, attn_implementation="eager")
+                else:
+                    model = cls._from_config(c, attn_implementation="eager")
+        except Exception as e:
+            if i == 0:
+                first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                return {"skip": f"transformers {transformers.__version__} cannot build {cls.__name__} from it "
+                                f"({first})"}
+            continue
+        entry = _model_names(model)
+        if callable(names):
+            names = names()
+        entry["loads_as"] = _loads_as(model, names or [])
+        models.append(entry)
+    return {"transformers": transformers.__version__, "models": models}
+
+
+def _loads_as(model: Any, names: list[str]) -> dict[str, list]:
+    """The names transformers' loader renames (old spellings, MoE experts fused into one tensor): name ->
+    [the model's key, whether several checkpoint tensors become that one (no shape to compare one to one)]."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers: names load as they are
+        return {}
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = model.state_dict()
+    out: dict[str, list] = {}
+    for name in names:
+        try:
+            target, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        except Exception:  # noqa: BLE001 - a name the loader cannot place stays as it is (unexpected)
+            continue
+        converted = pattern is not None and any(pattern in c.source_patterns for c in converters)
+        if target != name or converted:
+            out[name] = [target, converted]
+    return out
+
+
+def _model_names(model: Any) -> dict[str, Any]:
+    sd = model.state_dict()
+    shapes = {k: list(v.shape) for k, v in sd.items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_id: dict[int, list[str]] = {}
+    for k in sd:
+        if k in params:
+            by_id.setdefault(id(params[k]), []).append(k)
+    tied = {n for group in by_id.values() if len(group) > 1 for n in group[1:]}
+    tied |= set(getattr(model, "all_tied_weights_keys", None) or {})
+    buffers = {k for k in sd if k not in params}
+    forms = [shapes]
+    try:  # transformers >= 5 renames (fuses MoE experts) on load and back on save: both spellings load
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = revert_weight_conversion(model, {k: v for k, v in sd.items() if k not in tied})
+        saved_shapes = {k: list(v.shape) for k, v in saved.items()}
+        if set(saved_shapes) != set(shapes) - tied:
+            forms.insert(0, saved_shapes)
+    except Exception:  # an older transformers (no conversion), or one whose conversion needs real tensors
+        pass
+    return {"class": type(model).__name__, "forms": forms, "optional": sorted(tied | buffers),
+            "ignore_missing": [str(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()],
+            "ignore_unexpected": [str(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]}
+
+
+def child_main() -> None:
+    """The child: a line of config JSON in, then (once the merge has planned) a line of the weights' names; one
+    JSON line out (the answer and this process's peak RSS). The model is built while the merge plans."""
+    try:
+        config = json.loads(sys.stdin.buffer.readline())
+        answer = describe(config, lambda: json.loads(sys.stdin.buffer.readline() or b"[]"))
+    except Exception as e:
+        answer = {"skip": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+    answer["rss"] = _own_peak()
+    sys.stdout.write("\n" + json.dumps(answer) + "\n")
+    sys.stdout.flush()
+
+
+def _own_peak() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+# The launcher forks and exits: the merge reaps it at once, and the detached child's
+# memory never reaches the merge's RUSAGE_CHILDREN (the merge's own peak stays its own).
+_CHILD = """\
+import os, sys
+if hasattr(os, "fork") and os.fork():
+    os._exit(0)
+sys.stdout.write(str(os.getpid()) + "\\n"); sys.stdout.flush()
+sys.path.insert(0, {root!r})
+from streammerge.architecture import child_main
+child_main()
+"""
+
+
+# ---------------------------------------------------------------- in the merge: start, wait, compare
+
+@dataclass
+class ArchCheck:
+    """A started check: `result()` waits for it; `check(shapes)` compares."""
+
+    config: dict
+    where: str
+    started: float = field(default_factory=time.perf_counter)
+    answer: dict[str, Any] | None = None
+    how: str = ""
+    _thread: threading.Thread | None = None
+    _proc: subprocess.Popen | None = None
+    _out: bytes = b""
+    _err: bytes = b""
+    _pid: int | None = None
+    _names: list[str] | None = None
+    _names_ready: threading.Event = field(default_factory=threading.Event)
+    seconds: float = 0.0
+
+    def result(self, names: list[str]) -> dict[str, Any]:
+        if self.answer is not None:
+            return self.answer
+        self._names = names
+        cached = _cache_get(self.config, names)
+        if cached is not None:
+            self.close()
+            self.answer, self.how = cached, "cache"
+            return cached
+        self._names_ready.set()
+        if self._thread is None:  # in-process
+            self.answer = _safe_describe(self.config, names)
+        else:
+            timeout = float(os.environ.get(TIMEOUT_ENV) or 300)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.close()
+                self.answer = {"skip": f"transformers did not answer within {timeout:.0f} s (set {TIMEOUT_ENV} "
+                                       "to wait longer)"}
+            else:
+                self.answer = _parse(self._out, self._err)
+        self.seconds = time.perf_counter() - self.started
+        if "models" in self.answer:
+            _cache_put(self.config, names, self.answer)
+        return self.answer
+
+    def close(self) -> None:
+        """Stop a child still running (the merge failed or was interrupted before it answered)."""
+        if self._pid is not None and self._thread is not None and self._thread.is_alive():
+            import signal
+
+            try:
+                os.kill(self._pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+
+    def check(self, shapes: Shapes) -> tuple[dict | None, str]:
+        """(a config to write instead, or None; a note). Raises ConfigError where transformers would load
+        another model than these tensors."""
+        answer = self.result(sorted(shapes))
+        if "skip" in answer:
+            return None, f"architecture check skipped: {answer['skip']}"
+        models = answer["models"]
+        own = models[0]
+        problems = _compare(own, shapes)
+        version = answer.get("transformers", "?")
+        if not problems:
+            return None, f"architecture: {own['class']} built from config.json by transformers {version} has exactly " \
+                         "these tensor names and shapes"
+        for alt in models[1:]:
+            if not _compare(alt, shapes):
+                fixed = critic_config(self.config, alt["class"])
+                return fixed, (f"config.json says {_archs(self.config)} but the weights are {alt['class']}'s "
+                               f"(a value head, veRL's critic): config.json is written with architectures "
+                               f"[{alt['class']!r}] and one label")
+        raise ConfigError(f"{self.where}: transformers {version} builds {own['class']} from this config.json, "
+                          f"which is not these weights: {problems} (it would load them with those tensors "
+                          "dropped or randomly initialised); give the model's own config with --model-name "
+                          f"({DISABLE_ENV}=0 writes it anyway)")
+
+
+def _safe_describe(config: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
+    try:
+        return describe(config, names)
+    except Exception as e:  # noqa: BLE001
+        return {"skip": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+
+
+def _parse(out: bytes, err: bytes) -> dict[str, Any]:
+    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+    if lines:
+        try:
+            answer = json.loads(lines[-1])
+            if isinstance(answer, dict) and ("models" in answer or "skip" in answer):
+                return answer
+        except ValueError:
+            pass
+    why = [ln.strip() for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+    return {"skip": f"the child process that asks transformers failed ({why[-1][:200] if why else 'no output'})"}
+
+
+def _archs(config: Mapping[str, Any]) -> str:
+    a = config.get("architectures")
+    return f"architectures {a}" if a else "no architectures"
+
+
+def critic_config(config: Mapping[str, Any], cls: str) -> dict:
+    """The config as veRL's critic is: its token-classification class, one label."""
+    fixed = dict(config)
+    fixed["architectures"] = [cls]
+    labels = config.get("id2label")
+    if not (isinstance(labels, dict) and len(labels) == 1):
+        fixed["id2label"] = {"0": "LABEL_0"}
+        fixed["label2id"] = {"LABEL_0": 0}
+    fixed.pop("num_labels", None)
+    return fixed
+
+
+def _compare(model: Mapping[str, Any], shapes: Shapes, show: int = 3) -> str:
+    """'' when `shapes` is one of the model's forms (optional names and ignore patterns aside), else what differs."""
+    optional = set(model["optional"])
+    ig_missing = [re.compile(p) for p in model["ignore_missing"]]
+    ig_unexpected = [re.compile(p) for p in model["ignore_unexpected"]]
+    best = ""
+    for form in model["forms"]:
+        missing = [n for n in form if n not in shapes and n not in optional
+                   and not any(p.search(n) for p in ig_missing)]
+        unexpected = [n for n in shapes if n not in form and not any(p.search(n) for p in ig_unexpected)]
+        other = [n for n in shapes if n in form and tuple(form[n]) != tuple(shapes[n])]
+        if not (missing or unexpected or other):
+            return ""
+        parts = []
+        if other:
+            parts.append("shapes differ: " + ", ".join(f"{n} is {list(shapes[n])} in the checkpoint, "
+                                                        f"{list(form[n])} in the model" for n in other[:show]))
+        if missing:
+            parts.append(f"{len(missing)} missing from the checkpoint (" + ", ".join(missing[:show])
+                         + (", ..." if len(missing) > show else "") + ")")
+        if unexpected:
+            parts.append(f"{len(unexpected)} not in the model (" + ", ".join(unexpected[:show])
+                         + (", ..." if len(unexpected) > show else "") + ")")
+        best = best or "; ".join(parts)
+    return "" if _loads_exactly(model, shapes, optional, ig_missing, ig_unexpected) else best
+
+
+def _loads_exactly(model: Mapping[str, Any], shapes: Shapes, optional: set, ig_missing: list,
+                   ig_unexpected: list) -> bool:
+    """As transformers' loader places them (old spellings renamed, MoE experts fused): every name lands on one of
+    the model's tensors with its shape, and every tensor of the model is filled."""
+    loads = model.get("loads_as") or {}
+    if not loads:
+        return False
+    own = model["forms"][-1]  # the model's own state_dict names
+    landed = set()
+    for name, shape in shapes.items():
+        target, fused = loads.get(name, (name, False))
+        if target not in own:
+            if any(p.search(name) for p in ig_unexpected):
+                continue
+            return False
+        if not fused and tuple(own[target]) != tuple(shape):
+            return False
+        landed.add(target)
+    return all(k in landed or k in optional or any(p.search(k) for p in ig_missing) for k in own)
+
+
+def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | None, str | None]:
+    """Start the check of `config` (None and a note where it cannot run)."""
+    if not config:
+        return None, None
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"architecture check skipped: {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    text = config.get("text_config")
+    if config.get("auto_map") or (isinstance(text, dict) and text.get("auto_map")):
+        return None, "architecture check skipped: config.json has auto_map (the model is the checkpoint's own " \
+                     "code, which streammerge never runs)"
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
+        return None, "architecture check skipped: transformers is not installed, so nothing checked that " \
+                     "config.json describes these weights"
+    check = ArchCheck(dict(config), where)
+    if "transformers" in sys.modules and "torch" in sys.modules:
+        check.how = "in-process"  # already paid for: no child, computed when asked
+        return check, None
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+               TOKENIZERS_PARALLELISM="false")
+    try:
+        err = tempfile.TemporaryFile()  # a file, not a pipe: warnings that fill a pipe would stall the child
+        check._proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=root)], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=err, env=env)
+    except OSError as e:
+        return None, f"architecture check skipped: cannot start a child process ({e.strerror or e})"
+    check.how = "child"
+    data = json.dumps(config).encode() + b"\n"
+    check._thread = threading.Thread(target=_run_child, args=(check, data, err), name="streammerge-archcheck",
+                                     daemon=True)
+    check._thread.start()
+    return check, None
+
+
+def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
+    proc = check._proc
+    assert proc is not None and proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        first = proc.stdout.readline()
+        if first.strip().isdigit():
+            check._pid = int(first)
+        else:
+            check._out = first
+        check._names_ready.wait()
+        proc.stdin.write(json.dumps(check._names or []).encode() + b"\n")
+        proc.stdin.close()
+        check._out += proc.stdout.read()
+        proc.wait()
+        err.seek(0)
+        check._err = err.read()[-4096:]
+    except Exception as e:  # noqa: BLE001
+        check._err += str(e).encode()
+    finally:
+        err.close()
+
+
+# ---------------------------------------------------------------- cache: the same config, the same transformers
+
+def _cache_key(config: Mapping[str, Any], names: list[str]) -> str | None:
+    from importlib import metadata
+
+    try:
+        versions = f"{metadata.version('transformers')}|{metadata.version('torch')}"
+    except metadata.PackageNotFoundError:
+        return None
+    h = hashlib.sha256(f"streammerge architecture v{CHECK_VERSION}|{versions}|".encode())
+    h.update(json.dumps([config, names], sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "architecture"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "streammerge" / "architecture"
+
+
+def _cache_get(config: Mapping[str, Any], names: list[str]) -> dict | None:
+    key = _cache_key(config, names)
+    if key is None:
+        return None
+    try:
+        answer = json.loads((_cache_dir() / f"{key}.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return answer if isinstance(answer, dict) and isinstance(answer.get("models"), list) else None
+
+
+def _cache_put(config: Mapping[str, Any], names: list[str], answer: dict) -> None:
+    key = _cache_key(config, names)
+    if key is None:
+        return
+    try:
+        d = _cache_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({k: v for k, v in answer.items() if k != "rss"}))
+        os.replace(tmp, d / f"{key}.json")
+    except OSError:
+        pass
