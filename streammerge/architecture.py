@@ -211,20 +211,26 @@ class ArchCheck:
     _names_ready: threading.Event = field(default_factory=threading.Event)
     seconds: float = 0.0
 
+    def ready(self, names: list[str]) -> bool:
+        """Whether `result` answers without waiting: in-process, cached, or the child has answered. The first call
+        gives the child the weights' names (it places them while the merge writes)."""
+        if self.answer is None and self._names is None:
+            self._names = names
+            cached = _cache_get(self.config, names)
+            if cached is not None:
+                self.close()
+                self.answer, self.how = cached, "cache"
+            self._names_ready.set()
+        return self.answer is not None or self._thread is None or not self._thread.is_alive()
+
     def result(self, names: list[str]) -> dict[str, Any]:
+        self.ready(names)
         if self.answer is not None:
             return self.answer
-        self._names = names
-        cached = _cache_get(self.config, names)
-        if cached is not None:
-            self.close()
-            self.answer, self.how = cached, "cache"
-            return cached
-        self._names_ready.set()
         if self._thread is None:  # in-process
             self.answer = _safe_describe(self.config, names)
         else:
-            timeout = float(os.environ.get(TIMEOUT_ENV) or 300)
+            timeout = _timeout()
             self._thread.join(timeout)
             if self._thread.is_alive():
                 self.close()
@@ -272,6 +278,13 @@ class ArchCheck:
                           f"which is not these weights: {problems} (it would load them with those tensors "
                           "dropped or randomly initialised); give the model's own config with --model-name "
                           f"({DISABLE_ENV}=0 writes it anyway)")
+
+
+def _timeout() -> float:
+    try:
+        return float(os.environ.get(TIMEOUT_ENV) or 300)
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
 
 
 def _safe_describe(config: Mapping[str, Any], names: list[str]) -> dict[str, Any]:

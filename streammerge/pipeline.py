@@ -62,6 +62,7 @@ class MergePlan:
     lora: dict[str, Any] | None = None  # a LoRA checkpoint's settings (r, alpha, scale, mode, base) for the card
     arch: ArchCheck | None = field(default=None, repr=False)  # transformers' names for config.json (started)
     arch_done: bool = False
+    arch_note: str = ""  # what the architecture check found or why it did not run (the summary says it)
 
     @property
     def weights(self) -> Plan:
@@ -89,29 +90,40 @@ class MergePlan:
         self.generated[rel] = data
         self.small[rel] = None
 
-    def check_architecture(self) -> None:
-        """Before anything is written: the model transformers builds from the config.json we write must have
+    def check_architecture(self, *, wait: bool = True) -> None:
+        """Before the folder is complete: the model transformers builds from the config.json we write must have
         exactly the weights' names and shapes (architecture.py). Raises ConfigError; a check that cannot run
         (custom code, no transformers) leaves a note (inspect shows it). A critic's config is corrected to its
-        value-head class."""
+        value-head class. Without `wait`, only an answer already there is taken: the merge asks before and
+        between files, so a child still importing transformers costs no wall time, and waits only at the end."""
         if self.arch_done:
             return
-        self.arch_done = True
         if self.config is None or not self.weights.tensors or self.model_dir is None:
+            self.arch_done = True
             return
-        check, note = (self.arch, None) if self.arch is not None else architecture.start(self.config, self._where())
-        if check is None:
-            if note:
-                self.weights.notes.append(note)
+        if self.arch is None:
+            self.arch, note = architecture.start(self.config, self._where())
+            if self.arch is None:
+                self.arch_done = True
+                if note:
+                    self.note_architecture(note)
+                return
+        shapes = {n: t.shape for n, t in self.weights.tensors.items()}
+        if not wait and not self.arch.ready(sorted(shapes)):
             return
+        self.arch_done = True
         try:
-            fixed, note = check.check({n: t.shape for n, t in self.weights.tensors.items()})
+            fixed, note = self.arch.check(shapes)
         finally:
-            check.close()
+            self.arch.close()
         if fixed is not None:
             self.config = fixed
             self.warnings.append(note)
-        else:
+        self.note_architecture(note)
+
+    def note_architecture(self, note: str) -> None:
+        self.arch_note = note
+        if note not in self.warnings:
             self.weights.notes.append(note)
 
     def _where(self) -> str:
@@ -207,7 +219,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         raise
     merge_plan.arch = arch
     if arch is None and arch_note:
-        merge_plan.weights.notes.append(arch_note)
+        merge_plan.note_architecture(arch_note)
         merge_plan.arch_done = True
     return merge_plan
 
@@ -314,8 +326,9 @@ class MergeResult:
         speed = f" ({fmt_bytes(int(self.bytes_written / self.seconds))}/s)" if new and self.seconds > 0 else ""
         slow = "; ".join(f"{k} ({v})" for k, v in self.fell_back.items())
         slow = f"; write fell back: {slow}" if slow else ""
+        arch = f"; {self.plan.arch_note}" if self.plan.arch_note else ""
         return (f"{what} in {self.seconds:.2f} s{speed}, peak RSS {self.peak_rss / 2**20:.0f} MiB; "
-                f"read {self.plan.source.stats.describe()}{slow}")
+                f"read {self.plan.source.stats.describe()}{slow}{arch}")
 
 
 def _count(n: int, what: str) -> str:
@@ -362,7 +375,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     folds = any(t.fold is not None for p, fp in shares for t in (p.tensors[n] for n in fp.names))
     if folds:
         import_behind("torch")  # folds need torch: its import (seconds) overlaps the first files' copies
-    mp.check_architecture()
+    mp.check_architecture(wait=False)  # answered already (in-process, cached): before a byte is written
     _check_ties(mp, shares)
     inputs = _inputs(mp)
     folder = OutputFolder(out, fingerprint=mp.fingerprint(), source=mp.source.path, options=mp.record(),
@@ -403,10 +416,14 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                 if bar:  # the writer counts tensor bytes as they land; headers, a torch file's records: here
                     bar.update(planned - bar.n)
                 done(f)
+                mp.check_architecture(wait=False)
             fell_back.update(writer.fallbacks)
+            mp.check_architecture()  # the index and config.json appear only once transformers agreed
             _check_unchanged(mp, inputs)
             folder.finish(mp.contents, done)
     finally:
+        if mp.arch is not None:
+            mp.arch.close()  # a merge that failed first: the child's answer is no longer wanted
         if bar:
             bar.close()
         if folds:

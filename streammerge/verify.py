@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import jsonfile
+from .architecture import critic_config
 from .checksum import FELL_BACK as CRC_FELL_BACK
 from .checksum import crc32
 from .dtypes import DType
@@ -526,6 +527,8 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
         got = path.read_bytes()
         report.files_checked.add(rel)
         report.bytes_read += len(got)
+        if got != want and rel == "config.json":
+            want = _as_critic(got, merge_plan) or want
         if got != want:
             why = _first_difference(got, want)
             report.fail(f"{rel}: differs from what the merge writes from the checkpoint ({why}); rerun the merge to "
@@ -534,6 +537,18 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
     if (out / card).is_file() and card not in merge_plan.small:
         report.notes.append(f"{card}: a model card (push writes one) is not made again from the checkpoint"
                             + ("; checked against the manifest's checksum only" if card in listed else ""))
+
+
+def _as_critic(got: bytes, merge_plan: MergePlan) -> bytes | None:
+    """config.json as the merge writes it for a critic saved with its base model's config: the same config with
+    its value-head class (architecture.critic_config), the class read from the written file."""
+    try:
+        cls = jsonfile.loads(got.decode())["architectures"][0]
+    except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError):
+        return None
+    if not (isinstance(cls, str) and cls.endswith("ForTokenClassification")) or merge_plan.config is None:
+        return None
+    return dataclasses.replace(merge_plan, config=critic_config(merge_plan.config, cls)).contents("config.json")
 
 
 def _first_difference(got: bytes, want: bytes) -> str:

@@ -32,6 +32,16 @@ from fixture_paths import SHARED_VERL, VERL_DATA  # noqa: E402
 from streammerge.testing.synthetic import make_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def architecture_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The architecture check's answers go to a folder of this run, not the user's ~/.cache (CLI children too)."""
+    import os
+
+    folder = tmp_path_factory.mktemp("streammerge-cache")
+    os.environ["STREAMMERGE_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def verl_fixtures() -> Path:
     """The GPU-made veRL checkpoints in tests/data/verl (one folder per case, each with reference/)."""

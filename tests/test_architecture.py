@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,11 @@ def test_a_critic_saved_with_its_base_config_gets_its_value_head_class(tmp_path)
     assert not any(info.values()), info
     assert torch.equal(loaded.score.weight, critic.score.weight)
     assert torch.equal(load_file(out / "model.safetensors")["score.weight"], critic.score.weight)
+    # verify expects the corrected config, and nothing else in its place
+    assert streammerge.verify(out, folder).ok
+    written["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}
+    (out / "config.json").write_text(json.dumps(written))
+    assert not streammerge.verify(out, folder).ok
 
 
 # ---------------------------------------------------------------- the child process (the CLI's path)
@@ -155,7 +161,26 @@ def test_the_cli_asks_a_child_process_and_refuses_in_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert "k_proj.weight is [16, 32] in the checkpoint, [32, 32] in the model" in lines[0], lines[0]
-    assert not list((tmp_path / "out").glob("*.safetensors"))
+    # the weights were written while the child imported transformers; the folder was never completed
+    out = tmp_path / "out"
+    assert not (out / "config.json").exists() and not list(out.glob("*.index.json"))
     # the answer is cached: the same config again asks no child (and the right config merges)
     cached = list((tmp_path / "cache" / "architecture").glob("*.json"))
     assert len(cached) == 1
+    # the right config: the merge completes once the child agrees, and its summary says what was checked
+    good = _save(tmp_path / "good", model.state_dict(), _config(model))
+    for _ in range(2):  # the second run takes the cached answer
+        shutil.rmtree(tmp_path / "out2", ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "streammerge", str(good), str(tmp_path / "out2"), "--no-progress"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "architecture: Qwen2ForCausalLM built from config.json by transformers" in proc.stdout, proc.stdout
+        assert (tmp_path / "out2" / "config.json").is_file()
+    assert len(list((tmp_path / "cache" / "architecture").glob("*.json"))) == 2
+
+
+def test_a_config_with_auto_map_is_not_checked_and_the_summary_says_so(tmp_path):
+    model = _model()
+    folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model, auto_map={"AutoModel": "modeling_x.X"}))
+    result = streammerge.merge(folder, tmp_path / "out")
+    assert "architecture check skipped: config.json has auto_map" in result.summary()
