@@ -243,6 +243,12 @@ class ArchCheck:
             _cache_put(self.config, names, self.answer)
         return self.answer
 
+    def _how(self) -> str:
+        if self.how == "child" and self.answer is not None:
+            rss = self.answer.get("rss") or 0
+            return f"asked a child process: {self.seconds:.1f} s, {rss / 2**20:.0f} MiB"
+        return {"cache": "answer cached", "in-process": "asked in this process"}.get(self.how, self.how)
+
     def close(self) -> None:
         """Stop a child still running (the merge failed or was interrupted before it answered)."""
         if self._pid is not None and self._thread is not None and self._thread.is_alive():
@@ -267,7 +273,7 @@ class ArchCheck:
         version = answer.get("transformers", "?")
         if not problems:
             return None, f"architecture: {own['class']} built from config.json by transformers {version} has exactly " \
-                         "these tensor names and shapes"
+                         f"these tensor names and shapes ({self._how()})"
         for alt in models[1:]:
             if not _compare(alt, shapes):
                 fixed = critic_config(self.config, alt["class"])
