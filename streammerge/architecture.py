@@ -220,6 +220,10 @@ class ArchCheck:
             if cached is not None:
                 self.close()
                 self.answer, self.how = cached, "cache"
+            elif self.how == "deferred":
+                note = self.spawn()
+                if note:
+                    self.answer = {"skip": note.removeprefix("architecture check skipped: ")}
             self._names_ready.set()
         return self.answer is not None or self._thread is None or not self._thread.is_alive()
 
@@ -242,6 +246,24 @@ class ArchCheck:
         if "models" in self.answer:
             _cache_put(self.config, names, self.answer)
         return self.answer
+
+    def spawn(self) -> str | None:
+        """Start the child that asks transformers (None, or a note why it could not start)."""
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+                   TOKENIZERS_PARALLELISM="false")
+        try:
+            err = tempfile.TemporaryFile()  # a file, not a pipe: warnings that fill a pipe would stall the child
+            self._proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=root)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=err, env=env)
+        except OSError as e:
+            return f"architecture check skipped: cannot start a child process ({e.strerror or e})"
+        self.how = "child"
+        data = json.dumps(self.config).encode() + b"\n"
+        self._thread = threading.Thread(target=_run_child, args=(self, data, err), name="streammerge-archcheck",
+                                        daemon=True)
+        self._thread.start()
+        return None
 
     def _how(self) -> str:
         if self.how == "child" and self.answer is not None:
@@ -395,21 +417,11 @@ def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | Non
     if "transformers" in sys.modules and "torch" in sys.modules:
         check.how = "in-process"  # already paid for: no child, computed when asked
         return check, None
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
-               TOKENIZERS_PARALLELISM="false")
-    try:
-        err = tempfile.TemporaryFile()  # a file, not a pipe: warnings that fill a pipe would stall the child
-        check._proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=root)], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=err, env=env)
-    except OSError as e:
-        return None, f"architecture check skipped: cannot start a child process ({e.strerror or e})"
-    check.how = "child"
-    data = json.dumps(config).encode() + b"\n"
-    check._thread = threading.Thread(target=_run_child, args=(check, data, err), name="streammerge-archcheck",
-                                     daemon=True)
-    check._thread.start()
-    return check, None
+    if _cached_config(config):
+        check.how = "deferred"  # a child only if the weights' names are not the cached ones
+        return check, None
+    note = check.spawn()
+    return (None, note) if note else (check, None)
 
 
 def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
@@ -438,7 +450,7 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
 
 # ---------------------------------------------------------------- cache: the same config, the same transformers
 
-def _cache_key(config: Mapping[str, Any], names: list[str]) -> str | None:
+def _config_key(config: Mapping[str, Any]) -> str | None:
     from importlib import metadata
 
     try:
@@ -446,8 +458,22 @@ def _cache_key(config: Mapping[str, Any], names: list[str]) -> str | None:
     except metadata.PackageNotFoundError:
         return None
     h = hashlib.sha256(f"streammerge architecture v{CHECK_VERSION}|{versions}|".encode())
-    h.update(json.dumps([config, names], sort_keys=True).encode())
+    h.update(json.dumps(config, sort_keys=True).encode())
     return h.hexdigest()[:32]
+
+
+def _cache_key(config: Mapping[str, Any], names: list[str]) -> str | None:
+    """`<config>-<names>`: the config's part alone says whether a child may be needed at all."""
+    key = _config_key(config)
+    return None if key is None else f"{key}-{hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]}"
+
+
+def _cached_config(config: Mapping[str, Any]) -> bool:
+    key = _config_key(config)
+    try:
+        return key is not None and any(_cache_dir().glob(f"{key}-*.json"))
+    except OSError:
+        return False
 
 
 def _cache_dir() -> Path:

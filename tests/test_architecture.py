@@ -177,6 +177,13 @@ def test_the_cli_asks_a_child_process_and_refuses_in_one_line(tmp_path):
         assert "architecture: Qwen2ForCausalLM built from config.json by transformers" in proc.stdout, proc.stdout
         assert (tmp_path / "out2" / "config.json").is_file()
     assert len(list((tmp_path / "cache" / "architecture").glob("*.json"))) == 2
+    # the same config with other names (a frozen embedding left out): the cache has none for them, so a child asks
+    state = {k: v for k, v in model.state_dict().items() if k != "model.embed_tokens.weight"}
+    partial = _save(tmp_path / "partial", state, _config(model))
+    proc = subprocess.run([sys.executable, "-m", "streammerge", str(partial), str(tmp_path / "out3"), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "1 missing from the checkpoint (model.embed_tokens.weight)" in proc.stderr, \
+        proc.stderr
 
 
 def test_a_config_with_auto_map_is_not_checked_and_the_summary_says_so(tmp_path):
