@@ -4,20 +4,21 @@ transformers loads a folder by building the model its config.json describes and 
 a tensor of the folder it has no place for is dropped ("unexpected"), a parameter the folder lacks is
 randomly initialised ("missing"), a shape that differs is an error or, with ignore_mismatched_sizes,
 random again. `check_config_fits` (model_folder.py) catches the plain contradictions without torch;
-this check asks transformers itself, before any byte is written.
+this check asks transformers itself, before the folder is completed (its index and config.json).
 
 The model is built on the meta device (no weights allocated) from transformers' own classes only:
 the config through `CONFIG_MAPPING[model_type]` (never the Auto config class, which reads auto_map), the model with
 `trust_remote_code=False`, eager attention (a config naming a hub kernel must not fetch it). A
 config with `auto_map`, a model type or architecture transformers does not know, or no
-transformers installed: the check is skipped with a warning that says so, never failed.
+transformers installed: the check is left out with a note the merge's summary shows, never failed.
 
-Importing torch and transformers costs seconds and ~400 MB, more than a whole merge is allowed, so it
-runs in a child process started when the config is read (it overlaps reading the checkpoint's
-metadata) that prints the names and shapes as JSON. The child detaches from the merge (a double
-fork), so its memory does not count as the merge's peak RSS; it reports its own. Where torch and
-transformers are already imported (a Python session, a test run) it is done in-process instead, and a
-result is kept in a small cache (the same config with the same transformers gives the same names).
+Importing torch and transformers costs seconds (more from a cold disk) and hundreds of MB, more than a whole
+merge is allowed, so it runs in a child process started when the config is read, which answers while the
+merge writes: the merge takes the answer between files and waits for it only before completing the folder.
+The child detaches from the merge (a double fork), so its memory does not count as the merge's peak RSS; it
+reports its own. Where torch and transformers are already imported (a Python session, a test run) it is done
+in-process instead. Answers are cached by config, then by the weights' names: a config with a cached answer
+starts no child unless the names are new.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def _loads_as(model: Any, names: list[str]) -> dict[str, list]:
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # an older transformers: names load as they are
-        return {}
+    except ImportError:  # transformers 4: the class's own table of old spellings
+        return loads_as_v4(getattr(model, "_checkpoint_conversion_mapping", None) or {}, names)
     conversions = get_model_conversion_mapping(model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
@@ -128,6 +129,20 @@ def _loads_as(model: Any, names: list[str]) -> dict[str, list]:
         converted = pattern is not None and any(pattern in c.source_patterns for c in converters)
         if target != name or converted:
             out[name] = [target, converted]
+    return out
+
+
+def loads_as_v4(mapping: Mapping[str, str], names: list[str]) -> dict[str, list]:
+    """transformers 4's renaming on load (`_checkpoint_conversion_mapping`, e.g. Qwen2.5-VL's `^visual` ->
+    `model.visual`): the first pattern that matches a name renames it."""
+    out: dict[str, list] = {}
+    for name in names:
+        for pattern, replacement in mapping.items():
+            target, n = re.subn(pattern, replacement, name)
+            if n:
+                if target != name:
+                    out[name] = [target, False]
+                break
     return out
 
 
@@ -352,52 +367,38 @@ def critic_config(config: Mapping[str, Any], cls: str) -> dict:
     return fixed
 
 
-def _compare(model: Mapping[str, Any], shapes: Shapes, show: int = 3) -> str:
-    """'' when `shapes` is one of the model's forms (optional names and ignore patterns aside), else what differs."""
+def _compare(model: Mapping[str, Any], shapes: Shapes) -> str:
+    """'' when `shapes` is one of the model's forms (optional names and ignore patterns aside) or loads exactly as
+    transformers' loader places it, else what differs (as the loader places the names, where it renames)."""
     optional = set(model["optional"])
     ig_missing = [re.compile(p) for p in model["ignore_missing"]]
     ig_unexpected = [re.compile(p) for p in model["ignore_unexpected"]]
-    best = ""
-    for form in model["forms"]:
-        missing = [n for n in form if n not in shapes and n not in optional
-                   and not any(p.search(n) for p in ig_missing)]
-        unexpected = [n for n in shapes if n not in form and not any(p.search(n) for p in ig_unexpected)]
-        other = [n for n in shapes if n in form and tuple(form[n]) != tuple(shapes[n])]
-        if not (missing or unexpected or other):
-            return ""
-        parts = []
-        if other:
-            parts.append("shapes differ: " + ", ".join(f"{n} is {list(shapes[n])} in the checkpoint, "
-                                                        f"{list(form[n])} in the model" for n in other[:show]))
-        if missing:
-            parts.append(f"{len(missing)} missing from the checkpoint (" + ", ".join(missing[:show])
-                         + (", ..." if len(missing) > show else "") + ")")
-        if unexpected:
-            parts.append(f"{len(unexpected)} not in the model (" + ", ".join(unexpected[:show])
-                         + (", ..." if len(unexpected) > show else "") + ")")
-        best = best or "; ".join(parts)
-    return "" if _loads_exactly(model, shapes, optional, ig_missing, ig_unexpected) else best
 
-
-def _loads_exactly(model: Mapping[str, Any], shapes: Shapes, optional: set, ig_missing: list,
-                   ig_unexpected: list) -> bool:
-    """As transformers' loader places them (old spellings renamed, MoE experts fused): every name lands on one of
-    the model's tensors with its shape, and every tensor of the model is filled."""
-    loads = model.get("loads_as") or {}
-    if not loads:
-        return False
-    own = model["forms"][-1]  # the model's own state_dict names
-    landed = set()
-    for name, shape in shapes.items():
-        target, fused = loads.get(name, (name, False))
-        if target not in own:
-            if any(p.search(name) for p in ig_unexpected):
+    def differences(form: Mapping[str, Any], place: Mapping[str, Any]) -> str:
+        unexpected, other, landed = [], [], set()
+        for name, shape in shapes.items():
+            target, fused = place.get(name, (name, False))
+            if target not in form:
+                if not any(p.search(name) for p in ig_unexpected):
+                    unexpected.append(name)
                 continue
-            return False
-        if not fused and tuple(own[target]) != tuple(shape):
-            return False
-        landed.add(target)
-    return all(k in landed or k in optional or any(p.search(k) for p in ig_missing) for k in own)
+            landed.add(target)
+            if not fused and tuple(form[target]) != tuple(shape):
+                other.append(f"{name} is {list(shape)} in the checkpoint, {list(form[target])} in the model")
+        missing = [k for k in form
+                   if k not in landed and k not in optional and not any(p.search(k) for p in ig_missing)]
+        parts = ["shapes differ: " + ", ".join(other[:3])] if other else []
+        for what, names in (("missing from the checkpoint", missing), ("not in the model", unexpected)):
+            if names:
+                more = ", ..." if len(names) > 3 else ""
+                parts.append(f"{len(names)} {what} ({', '.join(names[:3])}{more})")
+        return "; ".join(parts)
+
+    found = [differences(form, {}) for form in model["forms"]]
+    if "" in found:
+        return ""
+    loads = model.get("loads_as") or {}
+    return differences(model["forms"][-1], loads) if loads else found[0]
 
 
 def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | None, str | None]:

@@ -191,3 +191,20 @@ def test_a_config_with_auto_map_is_not_checked_and_the_summary_says_so(tmp_path)
     folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model, auto_map={"AutoModel": "modeling_x.X"}))
     result = streammerge.merge(folder, tmp_path / "out")
     assert "architecture check skipped: config.json has auto_map" in result.summary()
+
+
+def test_transformers_4_renames_old_spellings_as_its_loader_does():
+    """transformers 4.52+ (no conversion_mapping module) renames a VL model's old keys with the class's own table;
+    the table here is Qwen2.5-VL's from that release."""
+    from streammerge.architecture import _compare, loads_as_v4
+
+    table = {"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"}
+    own = {"model.visual.patch_embed.proj.weight": [32, 3], "model.language_model.embed_tokens.weight": [64, 32],
+           "lm_head.weight": [64, 32]}
+    old = {"visual.patch_embed.proj.weight": (32, 3), "model.embed_tokens.weight": (64, 32), "lm_head.weight": (64, 32)}
+    model = {"forms": [own], "optional": [], "ignore_missing": [], "ignore_unexpected": [],
+             "loads_as": loads_as_v4(table, sorted(old))}
+    assert model["loads_as"] == {"visual.patch_embed.proj.weight": ["model.visual.patch_embed.proj.weight", False],
+                                 "model.embed_tokens.weight": ["model.language_model.embed_tokens.weight", False]}
+    assert _compare(model, old) == ""
+    assert "shapes differ" in _compare(model, {**old, "model.embed_tokens.weight": (65, 32)})
