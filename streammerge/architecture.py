@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -369,13 +370,14 @@ def critic_config(config: Mapping[str, Any], cls: str) -> dict:
 
 def _compare(model: Mapping[str, Any], shapes: Shapes) -> str:
     """'' when `shapes` is one of the model's forms (optional names and ignore patterns aside) or loads exactly as
-    transformers' loader places it, else what differs (as the loader places the names, where it renames)."""
+    transformers' loader places it (old spellings renamed, MoE experts fused), else what differs."""
     optional = set(model["optional"])
     ig_missing = [re.compile(p) for p in model["ignore_missing"]]
     ig_unexpected = [re.compile(p) for p in model["ignore_unexpected"]]
 
-    def differences(form: Mapping[str, Any], place: Mapping[str, Any]) -> str:
+    def differences(form: Mapping[str, Any], place: Mapping[str, Any]) -> tuple[int, str]:
         unexpected, other, landed = [], [], set()
+        fused_sizes: dict[str, int] = {}
         for name, shape in shapes.items():
             target, fused = place.get(name, (name, False))
             if target not in form:
@@ -383,8 +385,14 @@ def _compare(model: Mapping[str, Any], shapes: Shapes) -> str:
                     unexpected.append(name)
                 continue
             landed.add(target)
-            if not fused and tuple(form[target]) != tuple(shape):
+            if fused:  # several checkpoint tensors (an MoE layer's experts) make this one: their sizes must add up
+                fused_sizes[target] = fused_sizes.get(target, 0) + math.prod(shape)
+            elif tuple(form[target]) != tuple(shape):
                 other.append(f"{name} is {list(shape)} in the checkpoint, {list(form[target])} in the model")
+        for target, size in fused_sizes.items():
+            if size != math.prod(form[target]):
+                other.append(f"the checkpoint tensors fused into {target} hold {size} elements, the model's "
+                             f"{list(form[target])} holds {math.prod(form[target])}")
         missing = [k for k in form
                    if k not in landed and k not in optional and not any(p.search(k) for p in ig_missing)]
         parts = ["shapes differ: " + ", ".join(other[:3])] if other else []
@@ -392,13 +400,12 @@ def _compare(model: Mapping[str, Any], shapes: Shapes) -> str:
             if names:
                 more = ", ..." if len(names) > 3 else ""
                 parts.append(f"{len(names)} {what} ({', '.join(names[:3])}{more})")
-        return "; ".join(parts)
+        return len(other) + len(missing) + len(unexpected), "; ".join(parts)
 
     found = [differences(form, {}) for form in model["forms"]]
-    if "" in found:
-        return ""
-    loads = model.get("loads_as") or {}
-    return differences(model["forms"][-1], loads) if loads else found[0]
+    if model.get("loads_as"):
+        found.append(differences(model["forms"][-1], model["loads_as"]))
+    return min(found)[1]  # "" where one fits; else the way of reading the names that differs least
 
 
 def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | None, str | None]:

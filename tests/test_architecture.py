@@ -208,3 +208,27 @@ def test_transformers_4_renames_old_spellings_as_its_loader_does():
                                  "model.embed_tokens.weight": ["model.language_model.embed_tokens.weight", False]}
     assert _compare(model, old) == ""
     assert "shapes differ" in _compare(model, {**old, "model.embed_tokens.weight": (65, 32)})
+
+
+def test_moe_experts_saved_one_by_one_are_checked_as_transformers_fuses_them(tmp_path):
+    """Per-expert names (transformers 4's, a Megatron conversion's) load fused into one tensor per layer: the experts'
+    sizes must add up to the fused tensor of the config's model, which no per-name shape compare can see."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tiny = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2,
+                max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**tiny))
+    saved = revert_weight_conversion(model, dict(model.state_dict()))
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in saved
+    config = _config(model)
+    _refused(_save(tmp_path / "wide", saved, {**config, "moe_intermediate_size": 32}), tmp_path / "out1",
+             r"the checkpoint tensors fused into model\.layers\.\d\.mlp\.experts\.\w+ hold \d+ elements, the model's "
+             r"\[4, \d+, \d+\] holds \d+")
+    out = tmp_path / "out2"
+    streammerge.merge(_save(tmp_path / "right", saved, config), out)
+    loaded, info = transformers.Qwen3MoeForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
