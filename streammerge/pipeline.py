@@ -57,7 +57,7 @@ class MergePlan:
     model_dir: Path | None  # where config and tokenizer come from
     plans: list[Plan]  # the weights first, then the optimizer and the LoRA adapter when there are
     small: dict[str, Path | None] = field(default_factory=dict)  # rel path -> file to copy (None: generated)
-    generated: dict[str, bytes] = field(default_factory=dict)  # rel path -> contents of generated small files
+    generated: dict[str, bytes | Callable[[], bytes]] = field(default_factory=dict)  # rel path -> generated contents
     warnings: list[str] = field(default_factory=list)
     lora: dict[str, Any] | None = None  # a LoRA checkpoint's settings (r, alpha, scale, mode, base) for the card
     arch: ArchCheck | None = field(default=None, repr=False)  # transformers' names for config.json (started)
@@ -85,8 +85,10 @@ class MergePlan:
         return (f"MergePlan({str(self.source.path)!r}, {self.source.format}, dtype={dtype}, {plans}, "
                 f"small files={len(self.small)}, warnings={len(self.warnings)})")
 
-    def add_generated(self, rel: str, data: bytes) -> None:
-        """A small file made by streammerge (model card, adapter config), written with the rest of the folder."""
+    def add_generated(self, rel: str, data: bytes | Callable[[], bytes]) -> None:
+        """A small file made by streammerge (model card, adapter config), written with the rest of the folder; a
+        callable makes it then, from the plan as the merge left it (the card names the class of a corrected
+        config)."""
         self.generated[rel] = data
         self.small[rel] = None
 
@@ -152,7 +154,8 @@ class MergePlan:
     def contents(self, rel: str) -> bytes:
         """The bytes of a small file (config, tokenizer, generated files, indexes)."""
         if rel in self.generated:
-            return self.generated[rel]
+            data = self.generated[rel]
+            return data() if callable(data) else data
         for p in self.plans:
             if p.index_filename and p.rel(p.index_filename) == rel:
                 return index_bytes(p.index_json())
@@ -232,7 +235,7 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
         tensors = source.tensors(options)
         from .sources import lora
 
-        generated: dict[str, bytes] = {}
+        generated: dict[str, bytes | Callable[[], bytes]] = {}
         lora_info = None
         if lora.is_peft(tensors):
             planned = lora.plan_lora(source, tensors, options, config, dtype, token=token, endpoint=endpoint)

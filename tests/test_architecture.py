@@ -127,7 +127,9 @@ def test_two_keys_that_unwrap_to_one_name_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- veRL's critic
 
-def test_a_critic_saved_with_its_base_config_gets_its_value_head_class(tmp_path):
+@pytest.mark.usefixtures("hub_env")
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_a_critic_saved_with_its_base_config_gets_its_value_head_class(tmp_path, hub):
     """veRL's critic is <Type>ForTokenClassification with one label, but the config it saves still names the causal
     LM: that config would load the critic with its value head dropped and a random lm_head."""
     critic = _model(transformers.Qwen2ForTokenClassification, num_labels=1)
@@ -142,6 +144,13 @@ def test_a_critic_saved_with_its_base_config_gets_its_value_head_class(tmp_path)
     assert not any(info.values()), info
     assert torch.equal(loaded.score.weight, critic.score.weight)
     assert torch.equal(load_file(out / "model.safetensors")["score.weight"], critic.score.weight)
+    # the card pushed with it loads it by its own class (AutoModelForCausalLM would load another model)
+    from hubserver import WRITE_TOKEN
+
+    streammerge.merge_and_push(folder, tmp_path / "pushed", "alice/critic", token=WRITE_TOKEN, endpoint=hub.endpoint)
+    card = hub.file_bytes("alice/critic", "README.md", "main").decode()
+    assert 'model = Qwen2ForTokenClassification.from_pretrained("alice/critic"' in card, card
+    assert "AutoModelForCausalLM" not in card
     # verify expects the corrected config, and nothing else in its place
     assert streammerge.verify(out, folder).ok
     written["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}

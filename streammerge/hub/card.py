@@ -18,7 +18,8 @@ def make_model_card(info: Mapping[str, Any]) -> str:
     written), ``base_model``, ``license``, ``tags`` (e.g. the checkpoint format's), ``model_type``, ``lora``
     (a LoRA checkpoint's ``r``, ``alpha``, ``scale``, ``rslora``, ``mode``, ``base_model``, ``adapter_dir``),
     ``loads`` (False: no config.json or no weights at the top, so transformers cannot load the repo; default
-    True), ``tokenizer`` (False: no tokenizer files; default True).
+    True), ``tokenizer`` (False: no tokenizer files; default True), ``model_class`` (config.json's architecture,
+    where transformers has it: a class other than a causal LM is loaded by its own name).
     """
     repo_id = info.get("repo_id") or "REPO_ID"
     lora = info.get("lora")
@@ -42,7 +43,7 @@ This model was merged from a {info.get("format") or "sharded"} checkpoint with s
 | | |
 |---|---|
 {rows}
-{_how_to_load(repo_id, loads, info.get("tokenizer", True), lora)}"""
+{_how_to_load(repo_id, loads, info.get("tokenizer", True), lora, info.get("model_class"))}"""
     if info.get("optimizer"):
         fmt = info.get("optimizer_format") or "safetensors"
         if fmt == "torch":
@@ -83,13 +84,16 @@ def _num(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def _how_to_load(repo_id: str, loads: bool, tokenizer: bool, lora: Mapping[str, Any] | None) -> str:
+def _how_to_load(repo_id: str, loads: bool, tokenizer: bool, lora: Mapping[str, Any] | None,
+                 model_class: str | None = None) -> str:
     if not loads:
         if lora and lora.get("adapter_dir"):
             return ""  # the LoRA text says how to load the adapter
         return ("\nThere is no `config.json` here (merged with `--weights-only`): transformers cannot load this repo "
                 "on its own. Add the config of the model these weights belong to.\n")
-    return _LOAD_TEXT.format(repo_id=repo_id, tokenizer_import=_TOKENIZER_IMPORT if tokenizer else "",
+    # a causal LM loads through the Auto class; a critic's token classifier, a VL model...: by their own class
+    loader = model_class if model_class and not model_class.endswith("ForCausalLM") else "AutoModelForCausalLM"
+    return _LOAD_TEXT.format(repo_id=repo_id, loader=loader, tokenizer_import=_TOKENIZER_IMPORT if tokenizer else "",
                              tokenizer=_TOKENIZER_LINE.format(repo_id=repo_id) if tokenizer else "")
 
 
@@ -97,9 +101,9 @@ _LOAD_TEXT = """
 ## How to load it
 
 ```python
-from transformers import AutoModelForCausalLM{tokenizer_import}
+from transformers import {loader}{tokenizer_import}
 
-model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto"){tokenizer}
+model = {loader}.from_pretrained("{repo_id}", dtype="auto"){tokenizer}
 ```
 """
 _TOKENIZER_IMPORT = """, AutoTokenizer"""

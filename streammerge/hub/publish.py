@@ -302,7 +302,8 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
         plan = plan_merge(ck, opts, token=token, endpoint=endpoint)  # a bad checkpoint fails before the Hub is touched
         has_optimizer = plan.plan(OPTIMIZER_DIR) is not None
         if model_card and "README.md" not in plan.small:  # a README carried from huggingface/ is the user's own
-            plan.add_generated("README.md", _card(plan, full_id, source_label(ck)).encode())
+            label = source_label(ck)
+            plan.add_generated("README.md", lambda: _card(plan, full_id, label).encode())
         try:
             result = merge(plan, out, on_file_done=upload, hash_sha256=True)
         except Exception:  # not KeyboardInterrupt: an interrupted push resumes, its uploads are kept
@@ -365,8 +366,17 @@ def _card(plan: MergePlan, repo_id: str, source: str) -> str:
         "world_size": info.get("world size"), "fsdp_version": info.get("FSDP"), "dtype": ", ".join(names) or None,
         "optimizer": optimizer is not None, "optimizer_format": fmt,
         "model_type": (plan.config or {}).get("model_type"), "notes": plan.weights.notes,
+        "model_class": _builtin_class(plan.config),
         "base_model": hub_model or _hub_name(lora_base), "lora": lora,
     })
+
+
+def _builtin_class(config: Mapping[str, Any] | None) -> str | None:
+    """The model class config.json names, where it is transformers' own (no auto_map): the card loads with it."""
+    archs = (config or {}).get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str) or (config or {}).get("auto_map"):
+        return None
+    return archs[0] if archs[0].isidentifier() else None
 
 
 def _hub_name(name: str | None) -> str | None:
