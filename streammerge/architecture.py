@@ -59,8 +59,19 @@ def describe(config: Mapping[str, Any], names: Any = None) -> dict[str, Any]:
     then (a config that is no token classifier) the same model as veRL's critic: <Type>ForTokenClassification
     with one label.
     """
-    import copy
     import logging
+
+    log = logging.getLogger("transformers")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its warnings about the config are not the merge's; the caller's level comes back
+    try:
+        return _describe(config, names)
+    finally:
+        log.setLevel(level)
+
+
+def _describe(config: Mapping[str, Any], names: Any) -> dict[str, Any]:
+    import copy
     import warnings
 
     import torch
@@ -69,7 +80,6 @@ def describe(config: Mapping[str, Any], names: Any = None) -> dict[str, Any]:
     from .optimizer import Skip
     from .optimizer.naming import built_in_config
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         cfg = built_in_config(config, "config.json")
     except Skip as e:

@@ -7,6 +7,7 @@ Real transformers models, tiny (hidden 32, 2 layers), saved with torch DCP in on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -92,8 +93,16 @@ def test_a_frozen_embedding_left_out_of_the_checkpoint_is_refused(tmp_path):
 def test_the_right_config_merges_and_says_it_was_checked(tmp_path):
     model = _model()
     folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model))
-    result = streammerge.merge(folder, tmp_path / "out")
+    log = logging.getLogger("transformers")
+    before = log.level
+    log.setLevel(logging.INFO)  # a training process's own setting: the in-process check leaves it as it was
+    try:
+        result = streammerge.merge(folder, tmp_path / "out")
+        assert log.level == logging.INFO
+    finally:
+        log.setLevel(before)
     assert any(n.startswith("architecture: Qwen2ForCausalLM built from config.json") for n in result.plan.weights.notes)
+    assert "(asked in this process)" in result.summary()
 
 
 # ---------------------------------------------------------------- wrapper segments in DCP keys
