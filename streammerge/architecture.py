@@ -239,7 +239,7 @@ class ArchCheck:
 
     def ready(self, names: list[str]) -> bool:
         """Whether `result` answers without waiting: in-process, cached, or the child has answered. The first call
-        gives the child the weights' names (it places them while the merge writes)."""
+        gives the child the weights' names (it places them while the merge writes); later calls do not read them."""
         if self.answer is None and self._names is None:
             self._names = names
             cached = _cache_get(self.config, names)

@@ -9,6 +9,7 @@ transaction. A plain model merge never imports torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -110,18 +111,26 @@ class MergePlan:
                 if note:
                     self.note_architecture(note)
                 return
-        shapes = {n: t.shape for n, t in self.weights.tensors.items()}
-        if not wait and not self.arch.ready(sorted(shapes)):
+        if not wait and not self.arch.ready(self._weight_names):
             return
         self.arch_done = True
         try:
-            fixed, note = self.arch.check(shapes)
+            fixed, note = self.arch.check(self._weight_shapes)
         finally:
             self.arch.close()
         if fixed is not None:
             self.config = fixed
             self.warnings.append(note)
         self.note_architecture(note)
+
+    @functools.cached_property
+    def _weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The weights' shapes by name, in the plan's order, made once: the merge asks the check after every file."""
+        return {n: t.shape for n, t in self.weights.tensors.items()}
+
+    @functools.cached_property
+    def _weight_names(self) -> list[str]:
+        return sorted(self._weight_shapes)
 
     def note_architecture(self, note: str) -> None:
         self.arch_note = note
