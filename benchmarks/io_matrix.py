@@ -6,7 +6,8 @@
 A variant is `label=` followed by space-separated tokens: `NAME=VALUE` (upper case) sets an environment
 variable, anything else is a streammerge argument. Every round runs `cat` of the rank files into one file
 + sync, `cat` > /dev/null, and each variant (keep and/or bfloat16, --dtypes), in a shuffled order, the
-page cache dropped before each. For each run the block device's counters (/proc/diskstats) give bytes read
+page cache dropped before each. `--command "label=SHELL"` adds a shell command to each round
+(`{actor}` and `{out}` are replaced: torchrun, say); `--no-read-only` leaves `cat` > /dev/null out. For each run the block device's counters (/proc/diskstats) give bytes read
 and written and the average number of requests in flight. Medians per variant go to --results (JSON).
 """
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--dtypes", default="keep,bfloat16")
+    p.add_argument("--command", action="append", default=[], help="label=shell command ({actor}, {out})")
+    p.add_argument("--no-read-only", dest="read_only", action="store_false")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--deadline", type=float, default=1e9, help="seconds from start; no round starts after it")
     p.add_argument("--est", type=float, default=30.0, help="expected seconds of one round (for the deadline)")
@@ -72,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     cat_into = ["sh", "-c", 'o="$1"; shift; cat "$@" > "$o" && sync "$o"', "sh", str(work / "cat.bin"),
                 *map(str, files)]
     cat_null = ["sh", "-c", 'cat "$@" > /dev/null', "sh", *map(str, files)]
-    jobs: list[tuple[str, list[str], dict]] = [("cat_into_file", cat_into, env0), ("cat_read_only", cat_null, env0)]
+    jobs: list[tuple[str, list[str], dict]] = [("cat_into_file", cat_into, env0)]
+    if a.read_only:
+        jobs.append(("cat_read_only", cat_null, env0))
+    for spec in a.command:
+        label, _, shell = spec.partition("=")
+        jobs.append((label, ["sh", "-c", shell.format(actor=actor, out=out)], env0))
     for dt in a.dtypes.split(","):
         for label, env, args in variants:
             cmd = [sys.executable, "-m", "streammerge", str(actor), str(out), "--dtype", dt, "--no-optimizer",
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "disk": dev,
                     "queue": queue_settings(dev), "cache": policy,
                     "checkpoint_bytes": sum(f.stat().st_size for f in files),
-                    "variants": a.variant, "runs": {}, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+                    "variants": a.variant, "commands": a.command, "runs": {}, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     rng = random.Random(0)
     for rnd in range(a.rounds):
         if time.perf_counter() - t0 + a.est > a.deadline:
@@ -101,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                    "rc": r["returncode"]}
             if r["returncode"]:
                 run["stderr"] = r["stderr"][-500:]
+            elif not key.startswith("cat_"):  # the summary lines: the architecture check's note, ranks' memory
+                run["said"] = [ln for ln in (r["stdout"] + r["stderr"]).splitlines()
+                               if "architecture" in ln or "MiB" in ln][-4:]
             result["runs"].setdefault(key, []).append(run)
             print(f"[{time.perf_counter() - t0:6.1f}] {key}: {run}", flush=True)
             shutil.rmtree(out, ignore_errors=True)
