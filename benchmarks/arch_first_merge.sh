@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The architecture check on a first merge and a cached one, with a bytecode cache as a pip install has, beside torchrun
 # (device machine, issue 15). Usage: benchmarks/arch_first_merge.sh PRESET ROUNDS DEADLINE_S EST_S RESULTS
-set -e; export PYTHONPYCACHEPREFIX=/var/tmp/pyc PYTHONDONTWRITEBYTECODE= STREAMMERGE_CACHE=/var/tmp/smcache
+set -e; export PYTHONPATH=$PWD PYTHONPYCACHEPREFIX=/var/tmp/pyc PYTHONDONTWRITEBYTECODE= STREAMMERGE_CACHE=/var/tmp/smcache
 t=$SECONDS; python3 benchmarks/make_checkpoint.py /var/tmp/ck --preset $1 --world-size 8 >/dev/null; echo "made in $((SECONDS-t)) s"
 A=/var/tmp/ck/global_step_1/actor
-PYTHONPATH=$PWD python3 -m streammerge $A /var/tmp/w --dtype bfloat16 --no-optimizer --no-progress 2>&1 | tail -1; rm -rf /var/tmp/w
+python3 -m streammerge $A /var/tmp/w --dtype bfloat16 --no-optimizer --no-progress 2>&1 | tail -1; rm -rf /var/tmp/w
 torchrun --standalone --nproc-per-node 4 --no-python true; echo "warm at $SECONDS s"
 TR="torchrun --standalone --nproc-per-node 4"
 python3 benchmarks/io_matrix.py --workdir /var/tmp/iom --checkpoint $A --dtypes bfloat16 --rounds $2 --no-read-only \
