@@ -7,8 +7,9 @@ A variant is `label=` followed by space-separated tokens: `NAME=VALUE` (upper ca
 variable, anything else is a streammerge argument. Every round runs `cat` of the rank files into one file
 + sync, `cat` > /dev/null, and each variant (keep and/or bfloat16, --dtypes), in a shuffled order, the
 page cache dropped before each. `--command "label=SHELL"` adds a shell command to each round
-(`{actor}` and `{out}` are replaced: torchrun, say); `--no-read-only` leaves `cat` > /dev/null out. For each run the block device's counters (/proc/diskstats) give bytes read
-and written and the average number of requests in flight. Medians per variant go to --results (JSON).
+(`{actor}` and `{out}` are replaced: torchrun, say); `--no-read-only` leaves `cat` > /dev/null out. For each
+run the block device's counters (/proc/diskstats) give bytes read and written and the average number of requests
+in flight. Medians per variant go to --results (JSON).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "disk": dev,
                     "queue": queue_settings(dev), "cache": policy,
                     "checkpoint_bytes": sum(f.stat().st_size for f in files),
-                    "variants": a.variant, "commands": a.command, "runs": {}, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+                    "variants": a.variant, "commands": a.command, "runs": {},
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     rng = random.Random(0)
     for rnd in range(a.rounds):
         if time.perf_counter() - t0 + a.est > a.deadline:
