@@ -47,6 +47,19 @@ def parse_variant(spec: str) -> tuple[str, dict, list[str]]:
     return label, env, args
 
 
+def summarize(result: dict) -> None:
+    """Medians per job over the runs that succeeded (a `cat` that filled the disk is no baseline), and each
+    against `cat` into one file."""
+    ok = {k: [r["wall_s"] for r in v if r["rc"] == 0] for k, v in result["runs"].items()}
+    failed = {k: len(v) - len(ok[k]) for k, v in result["runs"].items() if len(v) > len(ok[k])}
+    med = {k: statistics.median(v) for k, v in ok.items() if v}
+    base = med.get("cat_into_file")
+    result["median_s"] = {k: round(v, 2) for k, v in med.items()}
+    result["vs_cat_into_file"] = {k: round(v / base, 3) for k, v in med.items()} if base else {}
+    if failed:
+        result["failed_runs"] = failed
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/var/tmp/iomatrix")
@@ -76,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     cat_into = ["sh", "-c", 'o="$1"; shift; cat "$@" > "$o" && sync "$o"', "sh", str(work / "cat.bin"),
                 *map(str, files)]
     cat_null = ["sh", "-c", 'cat "$@" > /dev/null', "sh", *map(str, files)]
-    jobs: list[tuple[str, list[str], dict]] = [("cat_into_file", cat_into, env0)]
+    need, free = sum(f.stat().st_size for f in files), shutil.disk_usage(work).free
+    jobs: list[tuple[str, list[str], dict]] = [("cat_into_file", cat_into, env0)] if free > 1.05 * need else []
+    if not jobs:
+        print(f"cat into one file left out: {free / 1e9:.1f} GB free for {need / 1e9:.1f} GB", flush=True)
     if a.read_only:
         jobs.append(("cat_read_only", cat_null, env0))
     for spec in a.command:
@@ -120,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 (Path(os.environ["OUT"]) / Path(a.results).name).write_text(json.dumps(result, indent=1))
             shutil.rmtree(out, ignore_errors=True)
             (work / "cat.bin").unlink(missing_ok=True)
-    med = {k: statistics.median(r["wall_s"] for r in v) for k, v in result["runs"].items()}
-    base = med.get("cat_into_file")
-    result["median_s"] = {k: round(v, 2) for k, v in med.items()}
-    result["vs_cat_into_file"] = {k: round(v / base, 3) for k, v in med.items()} if base else {}
+    summarize(result)
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=1)
     Path(a.results).write_text(text)
