@@ -105,7 +105,8 @@ def _push_args(p: argparse.ArgumentParser) -> None:
                    help="YAML file with an hf_upload: block (top level or nested); flags override it")
     g.add_argument("--optimizer-save-mode", choices=["full", "none"], default=None,
                    help="seed workflow spelling: none = --no-optimizer")
-    g.add_argument("--no-model-card", action="store_true", help="do not write and push a README.md model card")
+    g.add_argument("--no-model-card", action="store_true",
+                   help="do not write and push a README.md model card (an earlier push's card, unedited, is deleted)")
     g.add_argument("--max-files-per-commit", type=int, default=50, metavar="N",
                    help="split bigger pushes into several commits (default 50)")
     g.add_argument("--upload-workers", type=int, default=2, metavar="N", help="files uploaded at once (default 2)")

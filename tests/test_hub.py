@@ -22,7 +22,7 @@ from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRI
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from streammerge.hub.card import make_model_card
+from streammerge.hub.card import card_state, is_untouched_card, make_model_card
 from streammerge.hub.commits import matches, plan_commits
 from streammerge.hub.pusher import HubPusher, push_folder
 from streammerge.hub.retry import PushError, RetryPolicy
@@ -372,6 +372,31 @@ def test_model_card_describes_the_merge_and_goes_in_the_last_commit(hub, folder)
                 retry=FAST)
     assert set(hub.commit_log("alice/tiny")[-1].added) == LAST | {"README.md"}
     assert hub.file_bytes("alice/tiny", "README.md").decode() == text
+
+
+def test_any_single_byte_edit_of_a_generated_card_is_no_longer_recognised_as_untouched():
+    card = make_model_card({"repo_id": "alice/tiny", "source": "global_step_3/actor", "step": 3, "dtype": "bfloat16",
+                            "model_class": "Qwen2ForTokenClassification"}).encode()
+    assert card_state(card) == "untouched" and is_untouched_card(card)
+    assert card.endswith(b" -->\n") and b"\n\n<!-- streammerge card sha256:" in card
+    assert "<!--" not in ModelCard(card.decode()).data.to_yaml()  # the metadata the Hub reads is unchanged
+    n = 0
+    for i in range(len(card) + 1):
+        edits = [card[:i] + bytes([b]) + card[i:] for b in range(256)]  # a byte inserted before byte i
+        if i < len(card):  # byte i deleted, or replaced by any other value
+            edits += [card[:i] + card[i + 1:]] + [card[:i] + bytes([b]) + card[i + 1:] for b in range(256)
+                                                   if b != card[i]]
+        for edited in edits:
+            assert not is_untouched_card(edited), (i, edited[max(0, i - 20):i + 20])
+            n += 1
+    assert n > 500 * len(card)
+    # Still ours by its tag, once edited: kept, with a warning. Anything else is someone else's.
+    assert card_state(card.replace(b"| `3` |", b"| `4` |")) == "edited"
+    assert card_state(card.replace(b"<!-- streammerge card", b"<!-- card")) == "edited"
+    assert card_state(b"---\ntags: streammerge\n---\n# an old card\n") == "edited"
+    for other in (b"", b"# My model\n", b"---\ntags: [rl]\n---\nstreammerge\n", b"---\ntags: [a\n---\n",
+                  b"\xff\xfe---", card.replace(b"- streammerge\n", b"- mine\n")):
+        assert card_state(other) == "other", other
 
 
 def test_plan_commits_orders_and_splits():

@@ -520,16 +520,15 @@ def test_push_over_an_earlier_push_deletes_its_stale_shards_and_optimizer_in_the
     old_shards = {p for p in first.files if p.startswith("model-")}
     assert len(old_shards) > 3 and [p for p in first.files if p.startswith("optimizer/")]
     hub.add_files("alice/tiny", user_files, "the user's own files")
-    card = hub.file_bytes("alice/tiny", "README.md")
 
     out = tmp_path / "second"  # 3 shards, no optimizer, no card: everything else of the first push is stale
     second = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False, max_files_per_commit=3))
     assert {p for p in second.files if p.startswith("model-")} == {f"model-0000{i}-of-00003.safetensors"
                                                                   for i in (1, 2, 3)}
     remote = remote_files(hub, "alice/tiny")
-    assert remote == {**local_files(out), **user_files, "README.md": card}
-    assert sorted(second.deleted) == sorted(p for p in first.files
-                                            if p in old_shards or p.startswith("optimizer/")) != []
+    assert remote == {**local_files(out), **user_files}  # the first push's card went too (it described that push)
+    assert sorted(second.deleted) == sorted(p for p in first.files if p in old_shards or p.startswith("optimizer/")
+                                            or p == "README.md") != []
     assert "stale files of an earlier push deleted" in second.summary()
     commits = hub.commit_log("alice/tiny")[-second.commits:]
     assert second.commits > 1 and not any(c.deleted for c in commits[:-1])
@@ -541,6 +540,93 @@ def test_push_over_an_earlier_push_deletes_its_stale_shards_and_optimizer_in_the
     n_commits = len(hub.commit_log("alice/tiny"))  # the same push again: nothing to send, nothing to delete
     again = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False))
     assert again.commits == 0 and not again.deleted and len(hub.commit_log("alice/tiny")) == n_commits
+
+
+def _hub_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("streammerge")]
+
+
+def _readme_reads(hub: HubServer, since: int = 0) -> list[str]:
+    return [e.path for e in hub.log[since:] if e.method == "GET" and e.path.endswith("/README.md")]
+
+
+def test_push_without_a_card_deletes_the_untouched_card_an_earlier_push_generated(hub, make_ckpt, tmp_path, caplog):
+    out = tmp_path / "out"
+    first = merge_and_push(make_ckpt(), out, "tiny", **opts(hub))
+    assert "README.md" in first.files and (out / "README.md").is_file()
+
+    n_log = len(hub.log)  # delete_stale=False: the push deletes nothing, so it does not even look at the card
+    kept = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False, delete_stale=False))
+    assert not kept.deleted and hub.file_bytes("alice/tiny", "README.md") == (out / "README.md").read_bytes()
+    assert not _readme_reads(hub, n_log)
+
+    caplog.set_level(logging.INFO)
+    second = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False))  # as --no-model-card does
+    assert second.deleted == ["README.md"] and "1 stale files of an earlier push deleted" in second.summary()
+    assert remote_files(hub, "alice/tiny") == {p: b for p, b in local_files(out).items() if p != "README.md"}
+    last = hub.commit_log("alice/tiny")[-1]
+    assert last.deleted == ["README.md"] and last.oid == second.commit_oid  # in the push's one (last) commit
+    assert any("deleted README.md, the model card an earlier push generated" in m for m in caplog.messages)
+    assert not _hub_warnings(caplog)
+
+
+def test_push_without_a_card_keeps_an_edited_card_and_warns_it_may_describe_an_earlier_upload(hub, make_ckpt,
+                                                                                             tmp_path, caplog):
+    merge_and_push(make_ckpt(), tmp_path / "out", "tiny", **opts(hub))
+    api = HfApi(endpoint=hub.endpoint, token=WRITE_TOKEN)
+    card = Path(api.hf_hub_download("alice/tiny", "README.md", local_dir=tmp_path / "download")).read_text()
+    edited = card.replace("with streammerge.", "with streammerge. It scores 71% on our evals.", 1).encode()
+    assert edited != card.encode()
+    api.upload_file(path_or_fileobj=edited, path_in_repo="README.md", repo_id="alice/tiny")
+
+    caplog.set_level(logging.INFO)
+    second = merge_and_push(make_ckpt(), tmp_path / "out", "tiny", **opts(hub, model_card=False))
+    assert not second.deleted and hub.file_bytes("alice/tiny", "README.md") == edited
+    warnings = _hub_warnings(caplog)
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "alice/tiny: README.md" in warnings[0] and "may describe an earlier upload" in warnings[0]
+
+
+def test_a_card_edited_after_the_push_looked_at_it_is_kept(hub, make_ckpt, tmp_path, caplog):
+    """The card is judged at the head the last commit is made on: an edit landing in between makes that
+    commit fail (412), and the retry finds the edited card."""
+    caplog.set_level(logging.INFO)
+    merge_and_push(make_ckpt(), tmp_path / "out", "tiny", **opts(hub))
+    edited = hub.file_bytes("alice/tiny", "README.md") + b"\nOur notes.\n"
+    hub.before_next(r"/commit/", lambda: hub.add_files("alice/tiny", {"README.md": edited}, "an edit"))
+    result = merge_and_push(make_ckpt(), tmp_path / "out", "tiny", **opts(hub, model_card=False))
+    assert [e.status for e in hub.requests("POST", r"/commit/")][-1] == 412  # then nothing was left to commit
+    assert not result.deleted and result.commits == 0 and hub.file_bytes("alice/tiny", "README.md") == edited
+    assert not any("deleted" in m or "was applied" in m for m in caplog.messages)
+    assert len([m for m in _hub_warnings(caplog) if "may describe an earlier upload" in m]) == 1
+
+
+def test_push_without_a_card_keeps_a_readme_the_user_wrote_and_says_nothing(hub, make_ckpt, tmp_path, caplog):
+    user_readme = b"---\nlicense: mit\ntags:\n- rl\n---\n# My model\n\nTrained by me.\n"
+    hub.create_repo("alice/tiny")
+    hub.add_files("alice/tiny", {"README.md": user_readme}, "the user's card")
+    caplog.set_level(logging.INFO)
+
+    result = merge_and_push(make_ckpt(), tmp_path / "out", "tiny", **opts(hub, model_card=False))
+    assert not result.deleted and hub.file_bytes("alice/tiny", "README.md") == user_readme
+    branch = merge_and_push(make_ckpt(), tmp_path / "out", "tiny", revision="step-2", **opts(hub, model_card=False))
+    assert not branch.deleted and hub.file_bytes("alice/tiny", "README.md", "step-2") == user_readme  # a new branch
+
+    fresh = merge_and_push(make_ckpt(), tmp_path / "out", "fresh", **opts(hub, model_card=False))  # a new repo
+    assert fresh.ok and not fresh.deleted and "README.md" not in hub.files("alice/fresh")
+    assert not _hub_warnings(caplog)
+
+
+def test_readme_in_the_checkpoints_huggingface_folder_replaces_a_generated_card(hub, make_ckpt, tmp_path, caplog):
+    merge_and_push(make_ckpt(), tmp_path / "first", "tiny", **opts(hub))
+    actor = tmp_path / "ckpt" / "actor"
+    shutil.copytree(make_ckpt(), actor)
+    (actor / "huggingface" / "README.md").write_text("# The user's own card\n")
+    caplog.set_level(logging.INFO)
+
+    second = merge_and_push(actor, tmp_path / "second", "tiny", **opts(hub))
+    assert hub.file_bytes("alice/tiny", "README.md") == b"# The user's own card\n"
+    assert "README.md" in second.files and not second.deleted and not _hub_warnings(caplog)
 
 
 # ---- fixes of user-facing problems ---------------------------------------------------------------

@@ -1,11 +1,23 @@
-"""The model card (``README.md``) of a merged checkpoint: where it came from and how to load it."""
+"""The model card (``README.md``) of a merged checkpoint: where it came from and how to load it.
+
+A generated card ends with a marker line, ``<!-- streammerge card sha256:<hex> -->`` (an HTML comment:
+the Hub shows nothing), the sha256 of every byte before it. A later push that writes no card can then
+tell a card that still describes an earlier upload, untouched, from one a person has edited since
+(:func:`card_state`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+CARD_TAG = "streammerge"
+_MARKER_START = b"<!-- streammerge card sha256:"
 
 
 def make_model_card(info: Mapping[str, Any]) -> str:
@@ -24,7 +36,7 @@ def make_model_card(info: Mapping[str, Any]) -> str:
     repo_id = info.get("repo_id") or "REPO_ID"
     lora = info.get("lora")
     loads = info.get("loads", True)
-    tags = ["streammerge"] + (["lora"] if lora else []) + [t for t in info.get("tags") or [] if t]
+    tags = [CARD_TAG] + (["lora"] if lora else []) + [t for t in info.get("tags") or [] if t]
     data = ModelCardData(library_name="transformers" if loads else None, base_model=info.get("base_model"),
                          license=info.get("license"), tags=tags)
     facts = [("Source checkpoint", info.get("source")), ("Training step", info.get("step")),
@@ -77,7 +89,38 @@ set_optimizer_state_dict(model, optimizer, optim_state,
                          options=StateDictOptions(flatten_optimizer_state_dict=True))
 ```
 """
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+    # A blank line before the marker, so that it is an HTML block of its own after a table or paragraph.
+    text = str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")).rstrip("\n") + "\n\n"
+    return text + _marker(text.encode()).decode()
+
+
+def _marker(body: bytes) -> bytes:
+    return _MARKER_START + hashlib.sha256(body).hexdigest().encode() + b" -->\n"
+
+
+def is_untouched_card(data: bytes) -> bool:
+    """Whether ``data`` is, byte for byte, a card :func:`make_model_card` wrote (its marker matches the text)."""
+    start = data.rfind(_MARKER_START)
+    return start >= 0 and data == data[:start] + _marker(data[:start])
+
+
+def card_state(data: bytes) -> Literal["untouched", "edited", "other"]:
+    """What a repo's README.md is to a push that writes no card, so that only our own stale card is removed.
+
+    ``"untouched"``: a generated card nobody changed (it describes the upload that wrote it).
+    ``"edited"``: tagged ``streammerge`` in its metadata but not byte for byte generated (edited since, or
+    written before cards had a marker): someone's text now. ``"other"``: anything else.
+    """
+    if is_untouched_card(data):
+        return "untouched"
+    match = REGEX_YAML_BLOCK.search(data.decode("utf-8", errors="replace"))
+    try:
+        meta = yaml.safe_load(match.group(2)) if match else None
+    except yaml.YAMLError:
+        return "other"
+    tags = meta.get("tags") if isinstance(meta, dict) else None
+    tags = [tags] if isinstance(tags, str) else tags
+    return "edited" if isinstance(tags, list) and CARD_TAG in tags else "other"
 
 
 def _num(v: Any) -> Any:

@@ -15,22 +15,25 @@ import fnmatch
 import functools
 import logging
 import re
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.utils.sha import git_hash
 
 from .repo import HubRepo
-from .retry import RETRY_STATUS, PushError, Retrier
+from .retry import RETRY_STATUS, PushError, Retrier, status_of
 
 logger = logging.getLogger(__name__)
 
 # Files that point at other files or describe the repo: committed after everything they refer to.
 LAST_PATTERNS = ("*.index.json", "config.json", "README.md")
+# Answers to a commit that say it was not applied: its parent is no longer the head (412), or a conflict.
+REFUSED = frozenset({409, 412})
 
 
 def is_last_file(path_in_repo: str) -> bool:
@@ -105,14 +108,18 @@ class Committer:
     ``delete_patterns``: remote files at the branch head that match one of these (see
     :func:`matches`) and are not part of the push are deleted in its last commit, as
     ``upload_folder``'s ``delete_patterns`` does (``.gitattributes`` never). None: nothing is deleted.
+    ``delete_if``: remote path -> check of its content; a file there that is not part of the push is
+    deleted with them when the check of its content at that head says so (e.g. a model card an
+    earlier push generated and nobody edited since).
     """
 
     def __init__(self, api: HfApi, calls: Retrier, repo: HubRepo, *, delete_patterns: Iterable[str] | None = None,
-                 num_threads: int = 2):
+                 delete_if: Mapping[str, Callable[[bytes], bool]] | None = None, num_threads: int = 2):
         self.api = api
         self.calls = calls
         self.repo = repo
         self.delete_patterns = None if delete_patterns is None else tuple(delete_patterns)
+        self.delete_if = dict(delete_if or {})
         self.num_threads = num_threads
         self.commits: list[CommitInfo] = []
         self.unchanged: list[str] = []  # paths whose content the Hub already had at this revision
@@ -131,12 +138,13 @@ class Committer:
             logger.info("Hub already has %d of %d files unchanged; not committing them again",
                         len(self.unchanged), len(uploads))
         batches = plan_commits(changed, max_files_per_commit)
-        if not batches and self.delete_patterns:
+        deletes = bool(self.delete_patterns or self.delete_if)
+        if not batches and deletes:
             batches = [[]]  # nothing new, but stale files may still have to go
         hide = self._pointers_over_overwrites(batches, uploads) if len(batches) > 1 else []
         for i, batch in enumerate(batches, 1):
             part = message if len(batches) == 1 else f"{message} (part {i}/{len(batches)})"
-            keep = set(uploads) if i == len(batches) and self.delete_patterns else None
+            keep = set(uploads) if i == len(batches) and deletes else None
             info = self.commit([changed[p] for p in batch], part, keep=keep, hide=hide if i == 1 else ())
             if info is not None:
                 self.commits.append(info)
@@ -166,10 +174,11 @@ class Committer:
         repo = self.repo
         what = f"commit {len(uploads)} files" if keep is None else f"commit {len(uploads)} files and delete stale ones"
         failed_before = False
+        maybe_applied = False  # the last attempt failed without a refusal: the Hub may have applied it
         sent: list[str] = []  # what the attempt in flight deletes
 
         def attempt() -> CommitInfo | None:
-            nonlocal failed_before, sent
+            nonlocal failed_before, maybe_applied, sent
             ops: list[Any] = [u.op for u in uploads]
             parent: str | None = None
             stale: list[str] = []
@@ -178,14 +187,14 @@ class Committer:
                 # The last attempt may have been applied even though its answer was lost: look first.
                 # The stale files are listed at the head the commit is then made on top of.
                 info = self.api.repo_info(repo.repo_id, revision=repo.revision, repo_type=repo.repo_type,
-                                          files_metadata=failed_before)
+                                          files_metadata=maybe_applied)
                 head = _sha(info)
                 stale = self._stale(head, keep) if keep is not None else []
                 present = {sib.rfilename for sib in getattr(info, "siblings", None) or []}
                 gone = [p for p in hide if p in present]
-                if failed_before and self._holds(info, uploads) and not stale and not gone:
+                if maybe_applied and self._holds(info, uploads) and not stale and not gone:
                     logger.info("The commit was applied although its answer was lost; not sending it again")
-                    self.deleted = sent
+                    self.deleted = [p for p in sent if p not in present]
                     return self._commit_info(head, message)
                 # On top of the head we saw, so a late landing of the lost attempt (or anyone's commit
                 # since we listed the files) makes this one fail (412) instead of applying twice or
@@ -195,23 +204,38 @@ class Committer:
                     ops = [_fresh_op(u) for u in uploads]
             if not ops and not stale and not gone:
                 return None
-            failed_before, sent = True, stale
-            commit = self.api.create_commit(repo.repo_id, ops + [CommitOperationDelete(p) for p in stale + gone],
-                                          commit_message=message, revision=repo.revision, repo_type=repo.repo_type,
-                                          parent_commit=parent, num_threads=self.num_threads)
-            failed_before = False
+            failed_before, maybe_applied, sent = True, True, stale
+            try:
+                commit = self.api.create_commit(repo.repo_id, ops + [CommitOperationDelete(p) for p in stale + gone],
+                                              commit_message=message, revision=repo.revision,
+                                              repo_type=repo.repo_type, parent_commit=parent,
+                                              num_threads=self.num_threads)
+            except Exception as exc:
+                maybe_applied = status_of(exc) not in REFUSED  # a refused commit changed nothing
+                raise
+            failed_before = maybe_applied = False
             self.deleted = stale
             return commit
 
         # 412 (or 409): our parent_commit is no longer the head; the next attempt looks again.
-        return self.calls.call(what, attempt, retry_status=RETRY_STATUS | {409, 412})
+        return self.calls.call(what, attempt, retry_status=RETRY_STATUS | REFUSED)
 
     def _stale(self, head: str, keep: set[str]) -> list[str]:
-        """Remote files at ``head`` that match ``delete_patterns`` and are not in ``keep``."""
-        assert self.delete_patterns is not None
+        """Remote files at ``head`` that are not in ``keep`` and match ``delete_patterns`` or pass ``delete_if``."""
         files = self.api.list_repo_files(self.repo.repo_id, revision=head, repo_type=self.repo.repo_type)
-        return sorted(p for p in files if p not in keep and p != ".gitattributes"
-                      and any(matches(p, pat) for pat in self.delete_patterns))
+        stale = {p for p in files if p not in keep and p != ".gitattributes"
+                 and any(matches(p, pat) for pat in self.delete_patterns or ())}
+        stale.update(p for p, check in self.delete_if.items()
+                     if p in files and p not in keep and p not in stale and check(self._read(p, head)))
+        return sorted(stale)
+
+    def _read(self, path: str, head: str) -> bytes:
+        """The content of ``path`` at commit ``head`` (a small file: it is downloaded whole)."""
+        repo = self.repo
+        with tempfile.TemporaryDirectory(prefix="streammerge-") as tmp:
+            local = self.api.hf_hub_download(repo.repo_id, path, revision=head, repo_type=repo.repo_type,
+                                             local_dir=tmp)
+            return Path(local).read_bytes()
 
     @staticmethod
     def _holds(info: Any, uploads: list[Upload]) -> bool:

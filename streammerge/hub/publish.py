@@ -34,7 +34,7 @@ from ..optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
 from ..options import MergeOptions
 from ..pipeline import MergePlan, MergeResult, merge, plan_merge
 from ..sources import Source, open_checkpoint
-from .card import make_model_card
+from .card import card_state, make_model_card
 from .pusher import HubPusher
 from .repo import repo_name_for
 from .retry import PushError, RetryPolicy
@@ -262,7 +262,9 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
     ``delete_stale`` (default True): the last commit deletes the files at the revision that match
     :data:`OWNED_PATTERNS` (weight shards and their index, ``optimizer/``) and are not part of this
     push, e.g. the 4th shard of an earlier 4-shard merge, or an earlier optimizer export when this
-    push has none. Nothing else is ever deleted (README.md, your own files).
+    push has none. A push that brings no README.md (``model_card=False`` and none in ``huggingface/``)
+    also deletes a README.md that is a card an earlier push generated, byte for byte (it describes
+    that upload); one edited since stays, with a warning. Nothing else is ever deleted.
 
     huggingface_hub's own progress bars show only with ``progress=True`` (a merge option).
     """
@@ -288,7 +290,9 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
         pusher = HubPusher(repo_id, token=token, endpoint=endpoint, private=private, organization=organization,
                            revision=revision, commit_message=commit_message,
                            max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry,
-                           delete_patterns=OWNED_PATTERNS if delete_stale else None)
+                           delete_patterns=OWNED_PATTERNS if delete_stale else None,
+                           delete_if={"README.md": _earlier_card_check(lambda: pusher.repo_id)} if delete_stale
+                           else None)
         stack.callback(pusher.close)
         full_id = pusher.check_access()  # a bad token fails now, not after the merge; nothing is created yet
         logger.info("pushing to %s (revision %s%s) while merging into %s", pusher.repo.url, pusher.revision,
@@ -314,10 +318,32 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
             step = f" from step {ck.step}" if ck.step is not None else ""
             pusher.commit_message = f"Upload {what}{step} with streammerge"
         info = pusher.finish()
+        if "README.md" in pusher.deleted:
+            logger.info("%s: deleted README.md, the model card an earlier push generated (unedited): it described "
+                        "that upload, and this push writes none", pusher.repo_id)
     return PushResult(ok=True, repo_id=pusher.repo_id, url=pusher.repo.url, revision=pusher.revision,
                       commit_url=info.commit_url, commit_oid=info.oid, out_dir=result.out_dir, step=ck.step,
                       files=files, unchanged=list(pusher.unchanged), deleted=list(pusher.deleted),
                       commits=len(pusher.commits), merge=result, seconds=time.perf_counter() - t0)
+
+
+def _earlier_card_check(repo_id: Callable[[], str]) -> Callable[[bytes], bool]:
+    """The push's check of a README.md it does not replace: True (delete it) for a card an earlier push generated
+    and nobody edited, which describes that upload and not this one; an edited card stays, with one warning."""
+    warned = False
+
+    def check(data: bytes) -> bool:
+        nonlocal warned
+        state = card_state(data)
+        if state == "edited" and not warned:
+            warned = True
+            logger.warning("%s: README.md is a streammerge model card edited since it was generated (or made before "
+                           "cards were marked), so it is kept, but it may describe an earlier upload (step, dtype, "
+                           "how to load it): update or delete it on the Hub, or push with a model card to replace it",
+                           repo_id())
+        return state == "untouched"
+
+    return check
 
 
 def source_label(ck: Source) -> str:

@@ -15,7 +15,7 @@ import fnmatch
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -61,13 +61,16 @@ class HubPusher:
         retry: patience for transient failures (5xx, 429, resets).
         delete_patterns: remote files matching these that this push does not bring are deleted in
             its last commit (see :class:`.commits.Committer`). None (default): nothing is deleted.
+        delete_if: remote path -> check of its content: deleted in the last commit too when this push
+            does not bring it and the check says so (see :class:`.commits.Committer`).
     """
 
     def __init__(self, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
                  private: bool = False, organization: str | None = None, revision: str | None = None,
                  commit_message: str | None = None, max_files_per_commit: int = 50, max_workers: int = 2,
                  repo_type: str = "model", retry: RetryPolicy | None = None,
-                 delete_patterns: Iterable[str] | None = None):
+                 delete_patterns: Iterable[str] | None = None,
+                 delete_if: Mapping[str, Callable[[bytes], bool]] | None = None):
         if max_files_per_commit < 1 or max_workers < 1:
             raise ValueError("max_files_per_commit and max_workers must be at least 1")
         endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
@@ -76,7 +79,7 @@ class HubPusher:
         self.repo = HubRepo(self.api, self.calls, check_target(repo_id, organization, revision), repo_type=repo_type,
                             private=private, revision=revision or "main")
         self.committer = Committer(self.api, self.calls, self.repo, delete_patterns=delete_patterns,
-                                   num_threads=max_workers)
+                                   delete_if=delete_if, num_threads=max_workers)
         self.commit_message = commit_message or "Upload model with streammerge"
         self.max_files_per_commit = max_files_per_commit
         self.max_workers = max_workers
