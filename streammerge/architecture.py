@@ -4,7 +4,8 @@ transformers loads a folder by building the model its config.json describes and 
 a tensor of the folder it has no place for is dropped ("unexpected"), a parameter the folder lacks is
 randomly initialised ("missing"), a shape that differs is an error or, with ignore_mismatched_sizes,
 random again. `check_config_fits` (model_folder.py) catches the plain contradictions without torch;
-this check asks transformers itself, before the folder is completed (its index and config.json).
+this check asks transformers itself, before the folder is completed (its index and config.json), and
+verify asks it again of a finished folder's own config.json and weights (`start_folder`).
 
 The model is built on the meta device (no weights allocated) from transformers' own classes only:
 the config through `CONFIG_MAPPING[model_type]` (never the Auto config class, which reads auto_map), the model with
@@ -23,6 +24,7 @@ starts no child unless the names are new.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -45,6 +47,8 @@ CHECK_VERSION = 1
 TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the child (default 300)
 DISABLE_ENV = "STREAMMERGE_ARCH_CHECK"  # "0": skip the check (with a warning)
 CACHE_ENV = "STREAMMERGE_CACHE"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # what transformers loads, the first found
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: a folder of an adapter alone
 Shapes = Mapping[str, tuple[int, ...]]
 
 
@@ -309,29 +313,49 @@ class ArchCheck:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
 
+    def verdict(self, shapes: Shapes, *, held_by: str = "checkpoint") -> Verdict:
+        """What transformers' answer says of these weights, held by the `held_by` (the checkpoint, the folder); waits
+        for the answer. The caller words what to do about it."""
+        answer = self.result(sorted(shapes))
+        if "skip" in answer:
+            return Verdict(f"architecture check skipped: {answer['skip']}")
+        models = answer["models"]
+        own = models[0]
+        problems = _compare(own, shapes, held_by)
+        version = answer.get("transformers", "?")
+        if not problems:
+            return Verdict(f"architecture: {own['class']} built from config.json by transformers {version} has "
+                           f"exactly these tensor names and shapes ({self._how()})")
+        for alt in models[1:]:
+            if not _compare(alt, shapes):
+                return Verdict(problem=f"config.json says {_archs(self.config)} but the weights are "
+                                       f"{alt['class']}'s (a value head, veRL's critic)", critic=alt["class"])
+        return Verdict(problem=f"transformers {version} builds {own['class']} from this config.json, which is not "
+                               f"these weights: {problems} (it would load them with those tensors dropped or "
+                               "randomly initialised)")
+
     def check(self, shapes: Shapes) -> tuple[dict | None, str]:
         """(a config to write instead, or None; a note). Raises ConfigError where transformers would load
         another model than these tensors."""
-        answer = self.result(sorted(shapes))
-        if "skip" in answer:
-            return None, f"architecture check skipped: {answer['skip']}"
-        models = answer["models"]
-        own = models[0]
-        problems = _compare(own, shapes)
-        version = answer.get("transformers", "?")
-        if not problems:
-            return None, f"architecture: {own['class']} built from config.json by transformers {version} has exactly " \
-                         f"these tensor names and shapes ({self._how()})"
-        for alt in models[1:]:
-            if not _compare(alt, shapes):
-                fixed = critic_config(self.config, alt["class"])
-                return fixed, (f"config.json says {_archs(self.config)} but the weights are {alt['class']}'s "
-                               f"(a value head, veRL's critic): config.json is written with architectures "
-                               f"[{alt['class']!r}] and one label")
-        raise ConfigError(f"{self.where}: transformers {version} builds {own['class']} from this config.json, "
-                          f"which is not these weights: {problems} (it would load them with those tensors "
-                          "dropped or randomly initialised); give the model's own config with --model-name "
-                          f"({DISABLE_ENV}=0 writes it anyway)")
+        found = self.verdict(shapes)
+        if found.critic is not None:
+            return critic_config(self.config, found.critic), (f"{found.problem}: config.json is written with "
+                                                               f"architectures [{found.critic!r}] and one label")
+        if found.problem:
+            raise ConfigError(f"{self.where}: {found.problem}; give the model's own config with --model-name "
+                              f"({DISABLE_ENV}=0 writes it anyway)")
+        return None, found.note
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """transformers' answer about some weights: `note` says how it answered, or why the check was left out; else
+    `problem` says what differs, and `critic` names the value-head class (veRL's critic) the weights are where that
+    model, not the config's own, has exactly their tensors."""
+
+    note: str = ""
+    problem: str = ""
+    critic: str | None = None
 
 
 def _timeout() -> float:
@@ -378,7 +402,7 @@ def critic_config(config: Mapping[str, Any], cls: str) -> dict:
     return fixed
 
 
-def _compare(model: Mapping[str, Any], shapes: Shapes) -> str:
+def _compare(model: Mapping[str, Any], shapes: Shapes, held_by: str = "checkpoint") -> str:
     """'' when `shapes` is one of the model's forms (optional names and ignore patterns aside) or loads exactly as
     transformers' loader places it (old spellings renamed, MoE experts fused), else what differs."""
     optional = set(model["optional"])
@@ -398,15 +422,15 @@ def _compare(model: Mapping[str, Any], shapes: Shapes) -> str:
             if fused:  # several checkpoint tensors (an MoE layer's experts) make this one: their sizes must add up
                 fused_sizes[target] = fused_sizes.get(target, 0) + math.prod(shape)
             elif tuple(form[target]) != tuple(shape):
-                other.append(f"{name} is {list(shape)} in the checkpoint, {list(form[target])} in the model")
+                other.append(f"{name} is {list(shape)} in the {held_by}, {list(form[target])} in the model")
         for target, size in fused_sizes.items():
             if size != math.prod(form[target]):
-                other.append(f"the checkpoint tensors fused into {target} hold {size} elements, the model's "
+                other.append(f"the {held_by} tensors fused into {target} hold {size} elements, the model's "
                              f"{list(form[target])} holds {math.prod(form[target])}")
         missing = [k for k in form
                    if k not in landed and k not in optional and not any(p.search(k) for p in ig_missing)]
         parts = ["shapes differ: " + ", ".join(other[:3])] if other else []
-        for what, names in (("missing from the checkpoint", missing), ("not in the model", unexpected)):
+        for what, names in ((f"missing from the {held_by}", missing), ("not in the model", unexpected)):
             if names:
                 more = ", ..." if len(names) > 3 else ""
                 parts.append(f"{len(names)} {what} ({', '.join(names[:3])}{more})")
@@ -442,6 +466,22 @@ def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | Non
     return (None, note) if note else (check, None)
 
 
+def start_folder(folder: Path) -> tuple[ArchCheck | None, str | None]:
+    """Start the check of a model folder's own config.json (verify), to be given the weights' shapes once their
+    headers are read. (None, None) where there is no config.json; (None, a note) where the folder holds no weights
+    transformers would load with it. Raises CheckpointError for a config.json that is not a JSON object."""
+    from .model_folder import read_config
+
+    config = read_config(folder)
+    if config is None:
+        return None, None
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        what = f"a peft adapter folder ({ADAPTER_CONFIG}), whose base weights are elsewhere" \
+            if (folder / ADAPTER_CONFIG).is_file() else "no weights transformers would load"
+        return None, f"architecture check skipped: {what}: no {' or '.join(WEIGHT_FILES)} beside config.json"
+    return start(config, str(folder / "config.json"))
+
+
 def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
     proc = check._proc
     assert proc is not None and proc.stdin is not None and proc.stdout is not None
@@ -468,12 +508,20 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
 
 # ---------------------------------------------------------------- cache: the same config, the same transformers
 
-def _config_key(config: Mapping[str, Any]) -> str | None:
+@functools.cache
+def _versions() -> str | None:
+    """Read once per process: each lookup parses the package's metadata (milliseconds, twice per check)."""
     from importlib import metadata
 
     try:
-        versions = f"{metadata.version('transformers')}|{metadata.version('torch')}"
+        return f"{metadata.version('transformers')}|{metadata.version('torch')}"
     except metadata.PackageNotFoundError:
+        return None
+
+
+def _config_key(config: Mapping[str, Any]) -> str | None:
+    versions = _versions()
+    if versions is None:
         return None
     h = hashlib.sha256(f"streammerge architecture v{CHECK_VERSION}|{versions}|".encode())
     h.update(json.dumps(config, sort_keys=True).encode())

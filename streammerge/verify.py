@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import jsonfile
-from .architecture import critic_config
+from . import architecture, jsonfile
+from .architecture import WEIGHT_FILES, ArchCheck, critic_config
 from .checksum import FELL_BACK as CRC_FELL_BACK
 from .checksum import crc32
 from .dtypes import DType
-from .errors import OutputError
+from .errors import OutputError, StreammergeError
 from .options import CHECKSUMS, MergeOptions, parse_size
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
@@ -110,27 +110,40 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
         return report
     chunk = max(4096, parse_size(chunk_size))
     workers = workers or _default_workers()
-    ck = open_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    # with the checkpoint, every tensor of a safetensors file is compared with its source: no checksum pass
-    manifest = _check_manifest(out, report,
-                               checksum=lambda rel: checkpoint_dir is None or not rel.endswith(".safetensors"),
-                               against_checkpoint=ck is not None)
+    arch = _start_architecture(out, report)  # first: a child importing transformers answers while the rest reads
     reading = None
-    if ck is not None:
-        from .pipeline import import_behind
-
-        reading = _start_reading(ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
-                                 checksums=checksums, then=functools.partial(import_behind, *ck.oracle_modules))
     try:
+        ck = open_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        # with the checkpoint, every tensor of a safetensors file is compared with its source: no checksum pass
+        manifest = _check_manifest(out, report,
+                                   checksum=lambda rel: checkpoint_dir is None or not rel.endswith(".safetensors"),
+                                   against_checkpoint=ck is not None)
+        if ck is not None:
+            from .pipeline import import_behind
+
+            reading = _start_reading(ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
+                                     checksums=checksums, then=functools.partial(import_behind, *ck.oracle_modules))
         _check_temp_files(out, report)
         headers = _check_safetensors(out, report)
-        _check_indexes(out, headers, report)
+        weight_maps = _check_indexes(out, headers, report)
+        shapes = None
+        if arch is not None:
+            shapes = _weight_shapes(out, headers, weight_maps, report)
+            if shapes is None:
+                arch.close()
+                arch = None
+            else:
+                arch.ready(sorted(shapes))  # the child places the names while the tensors are compared
         if ck is not None and reading is not None:
             report.checkpoint = ck.path
             _check_against_checkpoint(out, ck, reading, headers, report, chunk=chunk, workers=workers)
+        if arch is not None and shapes is not None:
+            _check_architecture(arch, shapes, report)
     finally:
         if reading is not None:
             reading.close()
+        if arch is not None:
+            arch.close()
     if CRC_FELL_BACK:  # the manifest's checksums and the rank files' zip CRCs alike
         report.notes.append(f"CRC-32s: {CRC_FELL_BACK}")
     return report
@@ -278,9 +291,11 @@ def _check_safetensors(out: Path, report: VerifyReport) -> dict[str, _Header]:
     return headers
 
 
-def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport) -> None:
-    """Each index names exactly the tensors its files hold; no shard file goes unnamed."""
+def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport) -> dict[str, dict]:
+    """Each index names exactly the tensors its files hold; no shard file goes unnamed. Returns each readable
+    index's weight map by its relative path."""
     named: set[str] = set()
+    weight_maps: dict[str, dict] = {}
     for index in _output_files(out, "*.safetensors.index.json"):
         irel = _rel(out, index)
         report.files_checked.add(irel)
@@ -291,6 +306,7 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             report.fail(f"{irel}: unreadable index ({e})")
             continue
+        weight_maps[irel] = weight_map
         base = index.parent
         by_file: dict[str, set[str]] = {}
         for name, filename in weight_map.items():
@@ -319,6 +335,51 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
     for rel in headers:
         if rel not in named and SHARD_NAME.search(rel):
             report.fail(f"{rel}: a shard file that no index names")
+    return weight_maps
+
+
+# ---------------------------------------------------------------- what transformers builds from config.json
+
+def _start_architecture(out: Path, report: VerifyReport) -> ArchCheck | None:
+    """Start asking transformers which tensors OUT's config.json describes (architecture.py: a child, the cache or
+    this process); a folder it cannot be asked about gets a note, one without config.json nothing."""
+    try:
+        arch, note = architecture.start_folder(out)
+    except StreammergeError as e:  # a config.json that is no JSON object: transformers cannot load the folder
+        report.fail(f"{e}; rerun the merge to write it again")
+        return None
+    if note:
+        report.notes.append(note)
+    return arch
+
+
+def _weight_shapes(out: Path, headers: dict[str, _Header], weight_maps: dict[str, dict],
+                   report: VerifyReport) -> dict[str, tuple[int, ...]] | None:
+    """The names and shapes of the tensors transformers loads with config.json: model.safetensors, else the files
+    its index names (its order); None, with a note, where some of them failed the checks above."""
+    single, index = WEIGHT_FILES
+    try:
+        if (out / single).is_file():
+            return {name: e.shape for name, e in headers[single].entries.items()}
+        return {name: headers[file].entries[name].shape for name, file in weight_maps[index].items()}
+    except (KeyError, TypeError, AttributeError):
+        report.notes.append("architecture check skipped: the weights' files failed the checks above")
+        return None
+
+
+def _check_architecture(arch: ArchCheck, shapes: dict[str, tuple[int, ...]], report: VerifyReport) -> None:
+    """The model transformers builds from config.json must have exactly these tensors; a critic's config names its
+    value-head class already (the merge writes it so)."""
+    found = arch.verdict(shapes, held_by="folder")
+    if found.critic is not None:
+        report.fail(f"{found.problem}: transformers would load them as the class config.json names, without the "
+                    f"value head; config.json needs architectures [{found.critic!r}] and one label (rerun the merge "
+                    "to write it so)")
+    elif found.problem:
+        report.fail(f"config.json: {found.problem}; put the weights' own config.json there (rerun the merge, with "
+                    "--model-name where the checkpoint's config is not the model's)")
+    else:
+        report.notes.append(found.note)
 
 
 # ---------------------------------------------------------------- against the checkpoint

@@ -250,3 +250,149 @@ def test_moe_experts_saved_one_by_one_are_checked_as_transformers_fuses_them(tmp
     assert not any(info.values()), info
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------- verify asks it of a finished folder
+
+def _replace_config(out: Path, config: dict) -> None:
+    """Another config.json, recorded in the manifest as written so: its checksum alone cannot tell."""
+    from streammerge.checksum import crc32
+
+    data = json.dumps(config, indent=2).encode()
+    (out / "config.json").write_bytes(data)
+    manifest = out / ".streammerge" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    entry = m["files"]["config.json"]
+    entry.update(size=len(data), crc32=crc32(data), mtime_ns=(out / "config.json").stat().st_mtime_ns)
+    entry.pop("sha256", None)
+    manifest.write_text(json.dumps(m))
+
+
+@pytest.fixture
+def merged_qwen2(tmp_path) -> tuple[Path, Path]:
+    """A tiny Qwen2 (attention biases, 2 of 4 heads for keys and values) merged into one model.safetensors."""
+    model = _model()
+    folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model))
+    out = tmp_path / "out"
+    streammerge.merge(folder, out)
+    return folder, out
+
+
+def test_verify_says_how_transformers_answered_for_a_merged_folder(merged_qwen2):
+    folder, out = merged_qwen2
+    for ckpt in (None, folder):
+        report = streammerge.verify(out, ckpt)
+        assert report.ok, report.summary()
+        lines = [n for n in report.notes if n.startswith("architecture: ")]
+        assert lines == [lines[0]] and lines[0].startswith("architecture: Qwen2ForCausalLM built from config.json by "
+                                                           "transformers "), report.notes
+        assert "  note: architecture: Qwen2ForCausalLM" in report.summary()
+
+
+@pytest.mark.parametrize("change, first", [
+    ({"num_key_value_heads": 4}, r"shapes differ: model\.layers\.0\.self_attn\.k_proj\.bias is \[16\] in the folder, "
+                                 r"\[32\] in the model"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+     r"6 not in the model \(model\.layers\.0\.self_attn\.[kqv]_proj\.bias, "),
+], ids=["head_counts", "llama_config_for_qwen2_weights"])
+def test_verify_fails_a_config_json_replaced_by_another_models(merged_qwen2, monkeypatch, change, first):
+    """The manifest agrees with the new config.json, every file is whole: only transformers' answer tells."""
+    folder, out = merged_qwen2
+    _replace_config(out, {**json.loads((out / "config.json").read_text()), **change})
+    report = streammerge.verify(out)
+    assert len(report.failures) == 1, report.summary()
+    assert re.fullmatch(r"config\.json: transformers \S+ builds \w+ from this config\.json, which is not these "
+                        r"weights: " + first + r".*; put the weights' own config\.json there \(rerun the merge.*\)",
+                        report.failures[0]), report.failures[0]
+    assert not any(n.startswith("architecture") for n in report.notes), report.notes
+    # with the checkpoint too (the config is also not the one the merge writes): both say so
+    failures = streammerge.verify(out, folder).failures
+    assert [f for f in failures if "which is not these weights" in f] == report.failures, failures
+    # STREAMMERGE_ARCH_CHECK=0: not asked, and the report says so
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")
+    report = streammerge.verify(out)
+    assert report.ok, report.summary()
+    assert "architecture check skipped: STREAMMERGE_ARCH_CHECK=0" in report.notes
+
+
+def test_verify_of_a_critic(tmp_path, monkeypatch):
+    """A critic's folder with its value-head config passes as itself; with its base model's config (the merge corrects
+    it; STREAMMERGE_ARCH_CHECK=0 writes it as saved) it fails, since the folder's config.json must already be right."""
+    critic = _model(transformers.Qwen2ForTokenClassification, num_labels=1)
+    right = _save(tmp_path / "right", critic.state_dict(), _config(critic))
+    streammerge.merge(right, tmp_path / "out")
+    report = streammerge.verify(tmp_path / "out")
+    assert report.ok, report.summary()
+    assert any(n.startswith("architecture: Qwen2ForTokenClassification built from config.json") for n in report.notes)
+
+    base = _save(tmp_path / "base", critic.state_dict(), _config(critic, architectures=["Qwen2ForCausalLM"]))
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")
+    streammerge.merge(base, tmp_path / "as_saved")
+    monkeypatch.delenv("STREAMMERGE_ARCH_CHECK")
+    assert json.loads((tmp_path / "as_saved" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    report = streammerge.verify(tmp_path / "as_saved")
+    assert report.failures == [
+        "config.json says architectures ['Qwen2ForCausalLM'] but the weights are Qwen2ForTokenClassification's (a "
+        "value head, veRL's critic): transformers would load them as the class config.json names, without the value "
+        "head; config.json needs architectures ['Qwen2ForTokenClassification'] and one label (rerun the merge to "
+        "write it so)"], report.summary()
+
+
+def test_verify_leaves_out_what_it_cannot_ask_with_a_note(merged_qwen2, tmp_path):
+    """auto_map (the checkpoint's own code), weights that failed their own checks, a folder with no weights beside
+    config.json or an adapter's: a note, never a failure of its own; no config.json: nothing."""
+    from streammerge.architecture import start_folder
+
+    _, good = merged_qwen2
+    out = tmp_path / "auto_map"
+    shutil.copytree(good, out)
+    _replace_config(out, {**json.loads((out / "config.json").read_text()), "auto_map": {"AutoModel": "modeling_x.X"}})
+    report = streammerge.verify(out)
+    assert report.ok and any(n.startswith("architecture check skipped: config.json has auto_map") for n in report.notes)
+
+    out = tmp_path / "truncated"
+    shutil.copytree(good, out)
+    os.truncate(out / "model.safetensors", (out / "model.safetensors").stat().st_size - 8)
+    report = streammerge.verify(out)
+    assert not any("config.json" in f for f in report.failures), report.summary()
+    assert "architecture check skipped: the weights' files failed the checks above" in report.notes
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert start_folder(adapter) == (None, None)
+    shutil.copyfile(good / "config.json", adapter / "config.json")
+    assert start_folder(adapter) == (None, "architecture check skipped: no weights transformers would load: no "
+                                           "model.safetensors or model.safetensors.index.json beside config.json")
+    (adapter / "adapter_config.json").write_text("{}")
+    shutil.copyfile(good / "model.safetensors", adapter / "adapter_model.safetensors")
+    check, note = start_folder(adapter)
+    assert check is None and note.startswith("architecture check skipped: a peft adapter folder (adapter_config.json)")
+
+    weights_only = tmp_path / "weights_only"
+    dcp.save({"model": dict(_model().state_dict())}, checkpoint_id=str(tmp_path / "bare"), no_dist=True)
+    streammerge.merge(tmp_path / "bare", weights_only, weights_only=True)
+    assert not (weights_only / "config.json").exists()
+    report = streammerge.verify(weights_only)
+    assert report.ok and not any("architecture" in n for n in report.notes), report.summary()
+
+
+def test_the_verify_command_asks_a_child_process_and_exits_1_on_a_config_of_another_model(merged_qwen2, tmp_path):
+    """No transformers in the verify process: a child answers while verify reads, once; then the cache does."""
+    _, good = merged_qwen2
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    _replace_config(bad, {**json.loads((bad / "config.json").read_text()), "num_key_value_heads": 4})
+    env = dict(os.environ, PYTHONPATH=str(REPO), STREAMMERGE_CACHE=str(tmp_path / "cli_cache"))
+    hows = []
+    for folder, code in [(good, 0), (good, 0), (bad, 1)]:
+        proc = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(folder)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == code, proc.stdout + proc.stderr
+        if code == 0:
+            line = next(ln for ln in proc.stdout.splitlines() if "note: architecture: Qwen2ForCausalLM" in ln)
+            hows.append(line.rsplit("(", 1)[1])
+        else:
+            fails = [ln for ln in proc.stdout.splitlines() if ln.startswith("  FAIL ")]
+            assert len(fails) == 1 and "k_proj.weight is [16, 32] in the folder, [32, 32] in the model" in fails[0], \
+                proc.stdout
+    assert hows[0].startswith("asked a child process: ") and hows[1] == "answer cached)", hows
