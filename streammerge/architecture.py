@@ -334,6 +334,20 @@ class ArchCheck:
                                f"these weights: {problems} (it would load them with those tensors dropped or "
                                "randomly initialised)")
 
+    def remember_written(self, written: Mapping[str, Any], names: list[str]) -> None:
+        """Cache the answer under the config.json the merge wrote too, so that verify of the folder finds it: the
+        checked config but for its dtype (which names no tensor and sizes none), or its critic correction (the
+        answer holds that model)."""
+        if not self.answer or "models" not in self.answer:
+            return
+        if _but_dtype(written) == _but_dtype(self.config):
+            _cache_put(written, names, self.answer)
+            return
+        cls = (written.get("architectures") or [None])[0]
+        alt = [m for m in self.answer["models"][1:] if m["class"] == cls]
+        if alt and _but_dtype(written) == _but_dtype(critic_config(self.config, cls)):
+            _cache_put(written, names, {**self.answer, "models": alt})
+
     def check(self, shapes: Shapes) -> tuple[dict | None, str]:
         """(a config to write instead, or None; a note). Raises ConfigError where transformers would load
         another model than these tensors."""
@@ -388,6 +402,10 @@ def _parse(out: bytes, err: bytes) -> dict[str, Any]:
 def _archs(config: Mapping[str, Any]) -> str:
     a = config.get("architectures")
     return f"architectures {a}" if a else "no architectures"
+
+
+def _but_dtype(config: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
 
 
 def critic_config(config: Mapping[str, Any], cls: str) -> dict:

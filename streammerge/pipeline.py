@@ -122,6 +122,9 @@ class MergePlan:
             self.config = fixed
             self.warnings.append(note)
         self.note_architecture(note)
+        if self.config is not None:
+            self.arch.remember_written(json.loads(config_bytes(self.config, self.dtype or self.saved_dtype())),
+                                       self._weight_names)
 
     @functools.cached_property
     def _weight_shapes(self) -> dict[str, tuple[int, ...]]:

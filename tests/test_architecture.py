@@ -160,6 +160,13 @@ def test_a_critic_saved_with_its_base_config_gets_its_value_head_class(tmp_path,
     card = hub.file_bytes("alice/critic", "README.md", "main").decode()
     assert 'model = Qwen2ForTokenClassification.from_pretrained("alice/critic"' in card, card
     assert "AutoModelForCausalLM" not in card
+    # the answer is remembered for the corrected config.json as transformers itself answers for it (verify finds it)
+    from streammerge import architecture
+
+    names = sorted(load_file(out / "model.safetensors"))
+    remembered = architecture._cache_get(written, names)
+    assert remembered is not None
+    assert remembered["models"] == json.loads(json.dumps(architecture.describe(written, names)["models"]))
     # verify expects the corrected config, and nothing else in its place
     assert streammerge.verify(out, folder).ok
     written["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}
@@ -194,7 +201,14 @@ def test_the_cli_asks_a_child_process_and_refuses_in_one_line(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert "architecture: Qwen2ForCausalLM built from config.json by transformers" in proc.stdout, proc.stdout
         assert (tmp_path / "out2" / "config.json").is_file()
-    assert len(list((tmp_path / "cache" / "architecture").glob("*.json"))) == 2
+    # cached under the config.json the merge wrote too (its dtype named): verify of the folder asks no child
+    written = json.loads((tmp_path / "out2" / "config.json").read_text())
+    assert written != json.loads((good / "huggingface" / "config.json").read_text())
+    assert len(list((tmp_path / "cache" / "architecture").glob("*.json"))) == 3
+    proc = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(tmp_path / "out2")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "has exactly these tensor names and shapes (answer cached)" in proc.stdout, \
+        proc.stdout + proc.stderr
     # the same config with other names (a frozen embedding left out): the cache has none for them, so a child asks
     state = {k: v for k, v in model.state_dict().items() if k != "model.embed_tokens.weight"}
     partial = _save(tmp_path / "partial", state, _config(model))
@@ -280,6 +294,14 @@ def merged_qwen2(tmp_path) -> tuple[Path, Path]:
 
 def test_verify_says_how_transformers_answered_for_a_merged_folder(merged_qwen2):
     folder, out = merged_qwen2
+    # the merge remembered its answer for the config.json it wrote as transformers answers for that config
+    from streammerge import architecture
+
+    written, names = json.loads((out / "config.json").read_text()), sorted(load_file(out / "model.safetensors"))
+    assert written != json.loads((folder / "huggingface" / "config.json").read_text())  # its dtype named
+    remembered = architecture._cache_get(written, names)
+    assert remembered is not None
+    assert remembered["models"] == json.loads(json.dumps(architecture.describe(written, names)["models"]))
     for ckpt in (None, folder):
         report = streammerge.verify(out, ckpt)
         assert report.ok, report.summary()
