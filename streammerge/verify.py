@@ -38,6 +38,7 @@ from .checksum import FELL_BACK as CRC_FELL_BACK
 from .checksum import crc32
 from .dtypes import DType
 from .errors import OutputError, StreammergeError
+from .optimizer import OPTIMIZER_DIR
 from .options import CHECKSUMS, MergeOptions, parse_size
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
@@ -121,7 +122,7 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
         if ck is not None:
             from .pipeline import import_behind
 
-            reading = _start_reading(ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
+            reading = _start_reading(out, ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
                                      checksums=checksums, then=functools.partial(import_behind, *ck.oracle_modules))
         _check_temp_files(out, report)
         headers = _check_safetensors(out, report)
@@ -168,9 +169,9 @@ def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], b
         return None
     if manifest is None and against_checkpoint:  # every file is compared with what the checkpoint gives instead
         report.notes.append(f"no manifest: {out} has no {STATE_DIR}/{MANIFEST} (not written by streammerge, or that "
-                            "folder was removed): file checksums are not checked; every tensor and small file is "
-                            "compared with what a merge with the default options (dtypes as saved, 5GB shards) "
-                            "writes from the checkpoint")
+                            "folder was removed): file checksums are not checked; every tensor is compared with the "
+                            "checkpoint in whichever of the folder's files holds it, config.json and "
+                            "generation_config.json as data, other small files where the folder has them")
         return None
     if manifest is None:
         report.fail(f"{out}: no {STATE_DIR}/{MANIFEST}: not a streammerge output, or its merge never started "
@@ -384,12 +385,37 @@ def _check_architecture(arch: ArchCheck, shapes: dict[str, tuple[int, ...]], rep
 
 # ---------------------------------------------------------------- against the checkpoint
 
-def recorded_options(recorded: dict | None, *, trust_pickle: bool) -> MergeOptions:
-    """The options the merge ran with, as its manifest records them (or the defaults, keeping dtypes)."""
+def recorded_options(recorded: dict | None, *, trust_pickle: bool, folder: dict | None = None) -> MergeOptions:
+    """The options the merge ran with, as its manifest records them; without one, what the folder shows (`folder`,
+    see `_folder_options`) over the defaults, keeping dtypes."""
     fields = {k: v for k, v in (recorded or {}).items() if k in MERGE_FIELDS}
-    if not recorded:  # no manifest: compare with the saved dtypes
-        fields["dtype"] = "keep"
+    if not recorded:
+        fields = {"dtype": "keep", **(folder or {})}
     return MergeOptions.create(**{**fields, "trust_pickle": trust_pickle})
+
+
+def _folder_options(out: Path) -> tuple[dict, str]:
+    """Without a manifest (a folder another tool wrote, or one whose .streammerge/ was removed): the options a merge
+    into this folder had, as far as the folder shows them: the one floating-point dtype of its weights, and whether
+    it holds an optimizer export. Returns them with the words for the report's note."""
+    floats: set[DType] = set()
+    for path in sorted(out.glob("*.safetensors")):
+        try:
+            raw, _ = read_header(str(path))
+        except (ValueError, OSError):
+            continue  # the header check reports it
+        for name, e in raw.items() if isinstance(raw, dict) else ():
+            d = CODE_DTYPES.get(str(e.get("dtype"))) if name != "__metadata__" and isinstance(e, dict) else None
+            if d is not None and d.is_floating_point:
+                floats.add(d)
+    fields: dict = {"optimizer": (out / OPTIMIZER_DIR).is_dir()}
+    words = [] if fields["optimizer"] else [f"without {OPTIMIZER_DIR}/ (the folder has none)"]
+    if len(floats) == 1:
+        fields["dtype"] = next(iter(floats)).name
+        words.insert(0, f"cast to {fields['dtype']} (its weights' one floating-point dtype)")
+    else:
+        words.insert(0, "dtypes as saved")
+    return fields, "compared as a merge " + ", ".join(words) + ", tensor by tensor wherever the folder holds them"
 
 
 @dataclass
@@ -415,14 +441,18 @@ class _Reading:
             self.crc_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _start_reading(ck: Source, manifest: dict | None, report: VerifyReport, *, trust_pickle: bool, workers: int,
-                   checksums: str, then: Callable[[], None]) -> _Reading:
+def _start_reading(out: Path, ck: Source, manifest: dict | None, report: VerifyReport, *, trust_pickle: bool,
+                   workers: int, checksums: str, then: Callable[[], None]) -> _Reading:
     """Plan, make the oracle, start the CRC streams or the readahead, and call `then` (torch's import) as soon as
     the disk has work queued. Not before: where Python keeps no compiled bytecode, compiling torch's modules holds
     the GIL for seconds, and no other thread can start anything meanwhile."""
     from .pipeline import plan_merge
 
-    options = recorded_options((manifest or {}).get("options"), trust_pickle=trust_pickle)
+    folder = None
+    if manifest is None:
+        folder, note = _folder_options(out)
+        report.notes.append(f"no manifest: {note}")
+    options = recorded_options((manifest or {}).get("options"), trust_pickle=trust_pickle, folder=folder)
     reading = _Reading(options, manifest, None if ck.oracle_after_plan else ck.oracle(options), list(ck.files()))
     as_read = False  # the CRC-32s come from the comparison's reads (see _streams)
     try:
@@ -504,26 +534,38 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
         pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify",
                                   initializer=_one_torch_thread)
         _check_small_files(out, merge_plan, reading.manifest, report)
+        own_layout = reading.manifest is None  # a folder another tool wrote: its own files, its own tie copies
         for p in plans:
             expected_files = {p.rel(fp.filename): fp for fp in p.files}
+            mine = sorted(r for r in headers if (r.startswith(p.subdir + "/") if p.subdir else "/" not in r))
+            if own_layout and not mine and p.subdir:
+                report.notes.append(f"{p.subdir}/: not in the folder (a merge would write it)")
+                continue
             for rel in expected_files:
                 if rel not in headers and not (out / rel).is_file():
-                    report.fail(f"{rel}: missing (the checkpoint's plan has it)")
+                    if not own_layout:
+                        report.fail(f"{rel}: missing (the checkpoint's plan has it)")
                 elif not rel.endswith(".safetensors"):
                     report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's checksum only")
-            where = {name: rel for rel, fp in expected_files.items() for name in fp.names}
-            for rel in sorted(r for r in headers if (r.startswith(p.subdir + "/") if p.subdir else "/" not in r)):
-                for name in sorted(set(headers[rel].entries) - set(p.tensors))[:5]:
-                    report.fail(f"{rel}: holds {name!r}, which the checkpoint does not have")
+            if own_layout:
+                where = {name: rel for rel in reversed(mine) for name in headers[rel].entries}
+            else:
+                where = {name: rel for rel, fp in expected_files.items() for name in fp.names}
             # a tie the config made (not shared storage) is checked as the trained output embedding: its source
-            # against the input embedding written in its place
+            # against the input embedding written in its place, or against the copy a folder of another tool holds
             checks = [(name, t, name) for name, t in p.tensors.items()]
-            checks += [(name, t, p.dropped[name]) for name, t in p.tie_checks.items()]
+            copies = {name for name in p.tie_checks if own_layout and name in where}
+            checks += [(name, t, name if name in copies else p.dropped[name]) for name, t in p.tie_checks.items()]
+            for rel in mine:
+                for name in sorted(set(headers[rel].entries) - set(p.tensors) - copies)[:5]:
+                    report.fail(f"{rel}: holds {name!r}, which the checkpoint does not have")
             for name, t, written in checks:
                 rel = where.get(written, "")
                 header = headers.get(rel) if rel else None
                 if header is None:
-                    continue  # missing or broken file: reported above
+                    if own_layout and rel not in headers:
+                        report.fail(f"{written!r}: in none of the folder's files (the checkpoint has it)")
+                    continue  # else a missing or broken file: reported above
                 entry = header.entries.get(written)
                 if entry is None:
                     report.fail(f"{rel}: lacks tensor {written!r}")
@@ -574,10 +616,13 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
     """config.json, generation_config.json, the tokenizer's files, the indexes, an adapter's config: byte for byte
     what the merge writes from the checkpoint (the manifest's checksums only say they are as the merge left them)."""
     listed = (manifest or {}).get("files", {})
-    for rel in sorted(set(merge_plan.small) | set(merge_plan.indexes)):
+    own_layout = manifest is None  # a folder another tool wrote: its index is its own, its files formatted its way
+    for rel in sorted(set(merge_plan.small) | (set() if own_layout else set(merge_plan.indexes))):
         path = out / rel
         if not path.is_file():
-            if rel not in listed:  # else the manifest check said so
+            if own_layout:
+                report.notes.append(f"{rel}: not in the folder (a merge would write it)")
+            elif rel not in listed:  # else the manifest check said so
                 report.fail(f"{rel}: missing (the checkpoint's plan writes it)")
             continue
         try:
@@ -590,14 +635,36 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
         report.bytes_read += len(got)
         if got != want and rel == "config.json":
             want = _as_critic(got, merge_plan) or want
+        if got != want and own_layout and _same_data(got, want, strict=rel in CONFIG_FILES):
+            continue
         if got != want:
             why = _first_difference(got, want)
+            if own_layout and rel not in CONFIG_FILES:
+                report.notes.append(f"{rel}: differs from the checkpoint's ({why})")
+                continue
             report.fail(f"{rel}: differs from what the merge writes from the checkpoint ({why}); rerun the merge to "
                         "write it again")
     card = "README.md"
     if (out / card).is_file() and card not in merge_plan.small:
         report.notes.append(f"{card}: a model card (push writes one) is not made again from the checkpoint"
                             + ("; checked against the manifest's checksum only" if card in listed else ""))
+
+
+CONFIG_FILES = ("config.json", "generation_config.json")  # what the model is and how it generates: never a note
+# What save_pretrained adds or spells its own way; the dtype is the tensors' own (compared one by one).
+WRITER_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
+
+
+def _same_data(got: bytes, want: bytes, *, strict: bool) -> bool:
+    """Whether two JSON files hold the same data (a config as another writer formats it). `strict` (a config) leaves
+    out only what the writer adds (WRITER_KEYS) and keeps every other key, defaults included."""
+    try:
+        a, b = jsonfile.loads(got), jsonfile.loads(want)
+    except ValueError:
+        return False
+    if strict and isinstance(a, dict) and isinstance(b, dict):
+        a, b = ({k: v for k, v in d.items() if k not in WRITER_KEYS} for d in (a, b))
+    return bool(a == b)
 
 
 def _as_critic(got: bytes, merge_plan: MergePlan) -> bytes | None:

@@ -575,6 +575,64 @@ def test_without_a_manifest_the_checkpoint_still_checks_everything(merged_keep, 
         report.summary()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_folder_transformers_wrote_is_compared_as_it_holds_the_weights(merged_keep, tmp_path, dtype):
+    """No manifest: a folder another tool wrote (here save_pretrained, as veRL's model merger does), in its own dtype,
+    shards and JSON formatting and without the optimizer, is compared tensor by tensor with the checkpoint, cast to
+    the dtype it holds; one changed element, a missing tensor or another config value fails."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    ckpt, good = merged_keep
+    model = transformers.AutoModelForCausalLM.from_pretrained(good, dtype=torch.float32)
+    folder = tmp_path / "folder"
+    model.to(dtype).save_pretrained(folder, max_shard_size="300KB")
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 1 and not (folder / STATE_DIR).exists()
+    report = streammerge.verify(folder, ckpt)
+    assert report.ok, report.summary()
+    name = str(dtype).removeprefix("torch.")
+    assert any(n.startswith(f"no manifest: compared as a merge cast to {name} ") for n in report.notes), report.notes
+    held = {k for f in shards for k in load_file(f)}
+    assert report.tensors_checked == len(held)
+
+    def edited(tmp: str, edit) -> Path:
+        out = tmp_path / tmp
+        shutil.copytree(folder, out)
+        edit(out)
+        return out
+
+    def change_one(out: Path) -> None:
+        state = load_file(out / shards[-1].name)
+        key = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+        state[key].view(-1)[0] += 1
+        save_file(state, out / shards[-1].name, metadata={"format": "pt"})
+
+    failures = streammerge.verify(edited("changed", change_one), ckpt).failures
+    assert failures and all(shards[-1].name in f for f in failures), failures
+
+    def drop_one(out: Path) -> None:
+        state = load_file(out / shards[0].name)
+        gone = sorted(state)[0]
+        del state[gone]
+        save_file(state, out / shards[0].name, metadata={"format": "pt"})
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        del index["weight_map"][gone]
+        (out / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    failures = streammerge.verify(edited("dropped", drop_one), ckpt).failures
+    assert any("in none of the folder's files (the checkpoint has it)" in f for f in failures), failures
+
+    def other_config(out: Path) -> None:
+        config = json.loads((out / "config.json").read_text())
+        config["rms_norm_eps"] *= 10
+        (out / "config.json").write_text(json.dumps(config))
+
+    failures = streammerge.verify(edited("config", other_config), ckpt).failures
+    assert any(f.startswith("config.json: differs from what the merge writes") and "'rms_norm_eps' is" in f
+               for f in failures), failures
+
+
 def test_a_model_card_is_not_made_again_and_the_report_says_so(merged_keep, tmp_path):
     """push writes a README.md model card that re-planning does not make: a note, not a failure."""
     ckpt, good = merged_keep
