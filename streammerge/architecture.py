@@ -42,13 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .model_folder import DTYPE_KEYS
 
 CHECK_VERSION = 1
 TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the child (default 300)
 DISABLE_ENV = "STREAMMERGE_ARCH_CHECK"  # "0": skip the check (with a warning)
 CACHE_ENV = "STREAMMERGE_CACHE"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # what transformers loads, the first found
-ADAPTER_CONFIG = "adapter_config.json"  # peft's: a folder of an adapter alone
 Shapes = Mapping[str, tuple[int, ...]]
 
 
@@ -405,7 +404,7 @@ def _archs(config: Mapping[str, Any]) -> str:
 
 
 def _but_dtype(config: Mapping[str, Any]) -> dict:
-    return {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+    return {k: v for k, v in config.items() if k not in DTYPE_KEYS}
 
 
 def critic_config(config: Mapping[str, Any], cls: str) -> dict:
@@ -489,14 +488,16 @@ def start_folder(folder: Path) -> tuple[ArchCheck | None, str | None]:
     headers are read. (None, None) where there is no config.json; (None, a note) where the folder holds no weights
     transformers would load with it. Raises CheckpointError for a config.json that is not a JSON object."""
     from .model_folder import read_config
+    from .sources.hf import INDEX, SINGLE
+    from .sources.lora import ADAPTER_CONFIG
 
     config = read_config(folder)
     if config is None:
         return None, None
-    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+    if not any((folder / f).is_file() for f in (SINGLE, INDEX)):
         what = f"a peft adapter folder ({ADAPTER_CONFIG}), whose base weights are elsewhere" \
             if (folder / ADAPTER_CONFIG).is_file() else "no weights transformers would load"
-        return None, f"architecture check skipped: {what}: no {' or '.join(WEIGHT_FILES)} beside config.json"
+        return None, f"architecture check skipped: {what}: no {SINGLE} or {INDEX} beside config.json"
     return start(config, str(folder / "config.json"))
 
 

@@ -22,6 +22,7 @@ from .dtypes import DType
 from .errors import CheckpointError, ConfigError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+DTYPE_KEYS = ("dtype", "torch_dtype")  # both spellings of config.json's dtype that transformers has used
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # What a model name contributes to the merged folder: config, generation config, tokenizer, remote code.
 MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
@@ -97,7 +98,7 @@ def config_bytes(config: dict, dtype: DType | None) -> bytes:
     """config.json naming the dtype we wrote (both spellings transformers has used, where present)."""
     config = dict(config)
     if dtype is not None:
-        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+        keys = [k for k in DTYPE_KEYS if k in config] or ["torch_dtype"]
         for k in keys:
             config[k] = dtype.name
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()

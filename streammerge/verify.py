@@ -33,16 +33,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import architecture, jsonfile
-from .architecture import WEIGHT_FILES, ArchCheck, critic_config
+from .architecture import ArchCheck, critic_config
 from .checksum import FELL_BACK as CRC_FELL_BACK
 from .checksum import crc32
 from .dtypes import DType
 from .errors import OutputError, StreammergeError
+from .model_folder import DTYPE_KEYS
 from .optimizer import OPTIMIZER_DIR
 from .options import CHECKSUMS, MergeOptions, parse_size
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
 from .sources.base import Oracle, bytes_rows, open_checkpoint_file, row_major
+from .sources.hf import INDEX, SINGLE
 from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
@@ -358,11 +360,10 @@ def _weight_shapes(out: Path, headers: dict[str, _Header], weight_maps: dict[str
                    report: VerifyReport) -> dict[str, tuple[int, ...]] | None:
     """The names and shapes of the tensors transformers loads with config.json: model.safetensors, else the files
     its index names (its order); None, with a note, where some of them failed the checks above."""
-    single, index = WEIGHT_FILES
     try:
-        if (out / single).is_file():
-            return {name: e.shape for name, e in headers[single].entries.items()}
-        return {name: headers[file].entries[name].shape for name, file in weight_maps[index].items()}
+        if (out / SINGLE).is_file():
+            return {name: e.shape for name, e in headers[SINGLE].entries.items()}
+        return {name: headers[file].entries[name].shape for name, file in weight_maps[INDEX].items()}
     except (KeyError, TypeError, AttributeError):
         report.notes.append("architecture check skipped: the weights' files failed the checks above")
         return None
@@ -652,7 +653,7 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
 
 CONFIG_FILES = ("config.json", "generation_config.json")  # what the model is and how it generates: never a note
 # What save_pretrained adds or spells its own way; the dtype is the tensors' own (compared one by one).
-WRITER_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
+WRITER_KEYS = ("transformers_version", "_name_or_path", *DTYPE_KEYS)
 
 
 def _same_data(got: bytes, want: bytes, *, strict: bool) -> bool:
