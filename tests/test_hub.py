@@ -437,6 +437,34 @@ def test_delete_patterns_remove_stale_files_only_and_list_them_at_the_head_commi
     assert "notes.txt" in hub.files("alice/tiny") and "optimizer/old.pt" not in hub.files("alice/tiny")
 
 
+
+def test_a_folder_pushed_over_an_earlier_model_replaces_its_weights_and_untouched_card(hub, folder, tmp_path):
+    """An earlier push of one model.safetensors with a generated card, then this sharded folder: transformers prefers
+    model.safetensors to an index, so the old file left beside the new index would load the earlier model."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    earlier = tmp_path / "earlier"
+    write_random(earlier / "model.safetensors", 600_000, seed=7)
+    (earlier / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    (earlier / "README.md").write_text(make_model_card({"repo_id": "alice/tiny", "source": "global_step_1/actor",
+                                                        "step": 1, "dtype": "bfloat16"}))
+    push_folder(earlier, "alice/tiny", **opts)
+    hub.add_files("alice/tiny", {"notes.txt": b"kept"})
+    assert {"model.safetensors", "README.md"} <= set(hub.files("alice/tiny"))
+
+    push_folder(folder, "alice/tiny", **opts)
+    assert sorted(hub.commit_log("alice/tiny")[-1].deleted) == ["README.md", "model.safetensors"]
+    assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "notes.txt": b"kept"}
+
+    # a folder without weights (a tokenizer update) deletes nothing; delete_stale=False keeps what is there
+    extra = tmp_path / "tokenizer"
+    (extra / "tokenizer_config.json").parent.mkdir()
+    (extra / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
+    push_folder(extra, "alice/tiny", **opts)
+    assert hub.commit_log("alice/tiny")[-1].deleted == []
+    push_folder(earlier, "alice/tiny", delete_stale=False, **opts)
+    assert hub.commit_log("alice/tiny")[-1].deleted == []
+    assert {"model.safetensors", "model.safetensors.index.json", "README.md"} <= set(hub.files("alice/tiny"))
+
 # Every kind of token, against a personal and an organization namespace: (token, repo, refusal or None).
 ACCESS_CASES = [
     (WRITE_TOKEN, "alice/m", None),  # classic write token: own namespace ...

@@ -34,8 +34,8 @@ from ..optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
 from ..options import MergeOptions
 from ..pipeline import MergePlan, MergeResult, merge, plan_merge
 from ..sources import Source, open_checkpoint
-from .card import card_state, make_model_card
-from .pusher import HubPusher
+from .card import make_model_card
+from .pusher import OWNED_PATTERNS, HubPusher, earlier_card_check
 from .repo import repo_name_for
 from .retry import PushError, RetryPolicy
 
@@ -44,11 +44,6 @@ logger = logging.getLogger(__name__)
 CONFIG_BLOCK = "hf_upload"
 CONFIG_KEYS = ("enabled", "repo_id", "organization", "private", "optimizer_save_mode")
 DEFAULT_OUT_SUFFIX = "-hf"
-# What a push of ours owns in the repo: files matching these that the push does not bring are stale
-# (a shard of an earlier merge with more shards, an old optimizer export) and deleted in its last
-# commit. Matched from the repo root, `*` within one folder (see streammerge.hub.commits.matches).
-OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**",
-                  "lora_adapter/**")
 
 
 # ---- settings: the hf_upload block and the flags that override it ------------------------------
@@ -291,7 +286,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
                            revision=revision, commit_message=commit_message,
                            max_files_per_commit=max_files_per_commit, max_workers=upload_workers, retry=retry,
                            delete_patterns=OWNED_PATTERNS if delete_stale else None,
-                           delete_if={"README.md": _earlier_card_check(lambda: pusher.repo_id)} if delete_stale
+                           delete_if={"README.md": earlier_card_check(lambda: pusher.repo_id)} if delete_stale
                            else None)
         stack.callback(pusher.close)
         full_id = pusher.check_access()  # a bad token fails now, not after the merge; nothing is created yet
@@ -327,23 +322,6 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
                       commits=len(pusher.commits), merge=result, seconds=time.perf_counter() - t0)
 
 
-def _earlier_card_check(repo_id: Callable[[], str]) -> Callable[[bytes], bool]:
-    """The push's check of a README.md it does not replace: True (delete it) for a card an earlier push generated
-    and nobody edited, which describes that upload and not this one; an edited card stays, with one warning."""
-    warned = False
-
-    def check(data: bytes) -> bool:
-        nonlocal warned
-        state = card_state(data)
-        if state == "edited" and not warned:
-            warned = True
-            logger.warning("%s: README.md is a streammerge model card edited since it was generated (or made before "
-                           "cards were marked), so it is kept, but it may describe an earlier upload (step, dtype, "
-                           "how to load it): update or delete it on the Hub, or push with a model card to replace it",
-                           repo_id())
-        return state == "untouched"
-
-    return check
 
 
 def source_label(ck: Source) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
+from .card import card_state
 from .commits import Committer, Upload
 from .repo import HubRepo, check_target
 from .retry import Retrier, RetryPolicy
@@ -32,6 +33,12 @@ DEFAULT_IGNORE = (".streammerge/*", "*.streammerge-tmp")
 ALWAYS_IGNORE = (".git/*", ".cache/huggingface/*")  # the Hub refuses these folders
 RECOMMENDED_MAX_FILE_SIZE = 5 * 10**9  # the Hub's advice per file
 HUB_MAX_FILE_SIZE = 50 * 10**9  # the Hub refuses bigger files
+
+# What a push of ours owns in the repo: files matching these that the push does not bring are stale
+# (a shard of an earlier merge with more shards, an old optimizer export) and deleted in its last
+# commit. Matched from the repo root, `*` within one folder (see streammerge.hub.commits.matches).
+OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**",
+                  "lora_adapter/**")
 
 
 class HubPusher:
@@ -231,20 +238,48 @@ class HubPusher:
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, ignore: Iterable[str] = DEFAULT_IGNORE,
-                **options: Any) -> CommitInfo:
+                delete_stale: bool = True, **options: Any) -> CommitInfo:
     """Push every file of a finished folder; ``options`` are those of :class:`HubPusher`.
 
     Files matching ``ignore`` (paths relative to ``folder``, fnmatch style) are left out, so the
-    merge's temporary and state files never reach the Hub.
+    merge's temporary and state files never reach the Hub. A folder that holds model weights
+    replaces the weights at the revision, as a merge's push does (``delete_stale``): an earlier
+    push's files that match :data:`OWNED_PATTERNS` and are not in the folder are deleted in the last
+    commit (a model.safetensors left beside a new sharded index is what transformers would load),
+    and so is a README.md an earlier push generated, unedited, where the folder has none.
     """
+    from ..sources.hf import INDEX, SINGLE
+
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
     patterns = tuple(ignore) + ALWAYS_IGNORE
     files = sorted(p for p in root.rglob("*") if p.is_file())
+    if delete_stale and any((root / name).is_file() for name in (SINGLE, INDEX)):
+        options.setdefault("delete_patterns", OWNED_PATTERNS)
+        options.setdefault("delete_if", {"README.md": earlier_card_check(lambda: pusher.repo_id)})
     with HubPusher(repo_id, **options) as pusher:
         for path in files:
             rel = path.relative_to(root).as_posix()
             if not any(fnmatch.fnmatch(rel, pat) for pat in patterns):
                 pusher.submit(path, rel)
         return pusher.finish()
+
+
+def earlier_card_check(repo_id: Callable[[], str]) -> Callable[[bytes], bool]:
+    """The push's check of a README.md it does not replace: True (delete it) for a card an earlier push generated
+    and nobody edited, which describes that upload and not this one; an edited card stays, with one warning."""
+    warned = False
+
+    def check(data: bytes) -> bool:
+        nonlocal warned
+        state = card_state(data)
+        if state == "edited" and not warned:
+            warned = True
+            logger.warning("%s: README.md is a streammerge model card edited since it was generated (or made before "
+                           "cards were marked), so it is kept, but it may describe an earlier upload (step, dtype, "
+                           "how to load it): update or delete it on the Hub, or push with a model card to replace it",
+                           repo_id())
+        return state == "untouched"
+
+    return check
