@@ -48,6 +48,7 @@ CHECK_VERSION = 1
 TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the child (default 300)
 DISABLE_ENV = "STREAMMERGE_ARCH_CHECK"  # "0": skip the check (with a warning)
 CACHE_ENV = "STREAMMERGE_CACHE"
+IO_ENV = "STREAMMERGE_ARCH_IO"  # "idle": this process reads in the idle I/O class while the child imports (opt-in)
 Shapes = Mapping[str, tuple[int, ...]]
 
 
@@ -239,6 +240,8 @@ class ArchCheck:
     _names: list[str] | None = None
     _names_ready: threading.Event = field(default_factory=threading.Event)
     seconds: float = 0.0
+    _yield: Any = None  # ioprio.Yield while the child imports
+    io_note: str | None = None  # why this process could not step aside on the disk
 
     def ready(self, names: list[str]) -> bool:
         """Whether `result` answers without waiting: in-process, cached, or the child has answered. The first call
@@ -288,6 +291,11 @@ class ArchCheck:
         except OSError as e:
             return f"architecture check skipped: cannot start a child process ({e.strerror or e})"
         self.how = "child"
+        if os.environ.get(IO_ENV) == "idle":
+            from . import ioprio
+
+            self._yield = ioprio.Yield()
+            self.io_note = self._yield.start()
         data = json.dumps(self.config).encode() + b"\n"
         self._thread = threading.Thread(target=_run_child, args=(self, data, err), name="streammerge-archcheck",
                                         daemon=True)
@@ -297,7 +305,11 @@ class ArchCheck:
     def _how(self) -> str:
         if self.how == "child" and self.answer is not None:
             rss = self.answer.get("rss") or 0
-            return f"asked a child process: {self.seconds:.1f} s, {rss / 2**20:.0f} MiB"
+            aside = ""
+            if self._yield is not None:
+                aside = f"; this process kept its I/O priority ({self.io_note})" if self.io_note else \
+                    "; it read the disk first (this process stood in the idle I/O class meanwhile)"
+            return f"asked a child process: {self.seconds:.1f} s, {rss / 2**20:.0f} MiB{aside}"
         return {"cache": "answer cached", "in-process": "asked in this process"}.get(self.how, self.how)
 
     def close(self) -> None:
@@ -311,6 +323,8 @@ class ArchCheck:
                 pass
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
+        if self._yield is not None:
+            self._yield.end()
 
     def verdict(self, shapes: Shapes, *, held_by: str = "checkpoint") -> Verdict:
         """What transformers' answer says of these weights, held by the `held_by` (the checkpoint, the folder); waits
@@ -516,6 +530,8 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
         proc.stdin.write(json.dumps(check._names or []).encode() + b"\n")
         proc.stdin.close()
         check._out += proc.stdout.read()
+        if check._yield is not None:
+            check._yield.end()
         proc.wait()
         err.seek(0)
         check._err = err.read()[-4096:]

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,35 @@ def test_the_cli_asks_a_child_process_and_refuses_in_one_line(tmp_path):
         proc.stderr
 
 
+
+@pytest.mark.skipif(sys.platform != "linux", reason="I/O priorities are Linux's")
+def test_while_the_child_imports_this_process_reads_in_the_idle_io_class_and_gets_its_priority_back(monkeypatch):
+    """Opt-in (STREAMMERGE_ARCH_IO=idle): every thread here stands in the idle I/O class until the child answers, a
+    thread started meanwhile (a writer's) too; then each has its own priority again, and the note says so."""
+    from streammerge import architecture, ioprio
+
+    monkeypatch.setenv(architecture.IO_ENV, "idle")
+    before = {tid: ioprio.get(tid) for tid in ioprio._threads()}
+    assert ioprio.IDLE not in before.values()
+    model = _model()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check = architecture.ArchCheck(_config(model), "config.json")
+    assert check.spawn() is None
+    try:
+        assert {ioprio.get(tid) for tid in ioprio._threads() if tid in before} == {ioprio.IDLE}
+        seen = []
+        late = threading.Thread(target=lambda: seen.append(ioprio.get(0)))
+        late.start()
+        late.join()
+        assert seen == [ioprio.IDLE]
+        fixed, note = check.check(shapes)  # waits for the answer: the priorities are back once it came
+        assert {tid: ioprio.get(tid) for tid in ioprio._threads() if tid in before} == \
+            {tid: p for tid, p in before.items() if tid in ioprio._threads()}
+    finally:
+        check.close()
+    assert fixed is None and "asked a child process" in note
+    assert note.endswith("it read the disk first (this process stood in the idle I/O class meanwhile))"), note
+
 def test_a_config_with_auto_map_is_not_checked_and_the_summary_says_so(tmp_path):
     model = _model()
     folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model, auto_map={"AutoModel": "modeling_x.X"}))
@@ -412,7 +442,7 @@ def test_the_verify_command_asks_a_child_process_and_exits_1_on_a_config_of_anot
         assert proc.returncode == code, proc.stdout + proc.stderr
         if code == 0:
             line = next(ln for ln in proc.stdout.splitlines() if "note: architecture: Qwen2ForCausalLM" in ln)
-            hows.append(line.rsplit("(", 1)[1])
+            hows.append(line.split("has exactly these tensor names and shapes (", 1)[1])
         else:
             fails = [ln for ln in proc.stdout.splitlines() if ln.startswith("  FAIL ")]
             assert len(fails) == 1 and "k_proj.weight is [16, 32] in the folder, [32, 32] in the model" in fails[0], \
