@@ -177,7 +177,8 @@ def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], b
         return None
     if manifest is None:
         report.fail(f"{out}: no {STATE_DIR}/{MANIFEST}: not a streammerge output, or its merge never started "
-                    "(file checksums cannot be checked)")
+                    "(file checksums cannot be checked); give the checkpoint too (streammerge verify OUT CKPT) to "
+                    "compare every tensor with it")
         return None
     if not manifest.get("complete"):
         report.fail(f"{out}: the merge did not finish; rerun the same merge command to resume")

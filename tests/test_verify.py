@@ -589,6 +589,8 @@ def test_a_folder_transformers_wrote_is_compared_as_it_holds_the_weights(merged_
     model.to(dtype).save_pretrained(folder, max_shard_size="300KB")
     shards = sorted(folder.glob("*.safetensors"))
     assert len(shards) > 1 and not (folder / STATE_DIR).exists()
+    alone = streammerge.verify(folder)  # nothing to compare the tensors with: refused, saying what would do
+    assert not alone.ok and any("give the checkpoint too (streammerge verify OUT CKPT)" in f for f in alone.failures)
     report = streammerge.verify(folder, ckpt)
     assert report.ok, report.summary()
     name = str(dtype).removeprefix("torch.")
