@@ -34,16 +34,19 @@ class LoraFold:
     """`W + scale * (B @ A)` (peft's merge), computed in float32 one window of W's rows at a time.
 
     `base` is W (out x in), `a` is lora_A (r x in), `b` is lora_B (out x r): each a source tensor of
-    its own, so the fold reads them from wherever the checkpoint keeps them.
+    its own, so the fold reads them from wherever the checkpoint keeps them. `transpose`: W is a
+    GPT-2-style Conv1D's (in x out), and peft folds `(B @ A).T * scale` into it (fan_in_fan_out).
     """
 
     a: SourceTensor
     b: SourceTensor
     scale: float
+    transpose: bool = False
 
     def key(self) -> str:
         a, b = self.a, self.b
-        return f"fold({self.scale!r},{a.name},{pieces_key(a.pieces)},{b.name},{pieces_key(b.pieces)})"
+        tail = ",T" if self.transpose else ""  # a Linear's key as before: manifests record it for resume
+        return f"fold({self.scale!r},{a.name},{pieces_key(a.pieces)},{b.name},{pieces_key(b.pieces)}{tail})"
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class TensorPlan:
 
     @property
     def placements(self) -> str:
-        return self.source.layout + (" + LoRA" if self.fold else "")
+        return self.source.layout + ((" + LoRA.T" if self.fold.transpose else " + LoRA") if self.fold else "")
 
     @property
     def numel(self) -> int:
@@ -210,6 +213,8 @@ class Plan:
             if t.fold:
                 row["fold"] = {"scale": t.fold.scale, "lora_A": t.fold.a.name, "lora_A_pieces": pieces(t.fold.a.pieces),
                                "lora_B": t.fold.b.name, "lora_B_pieces": pieces(t.fold.b.pieces)}
+                if t.fold.transpose:
+                    row["fold"]["transpose"] = True
             tensors.append(row)
         return {"subdir": self.subdir, "tensors": tensors,
                 "files": [{"filename": f.filename, "size": f.size, "tensors": list(f.names)} for f in self.files],

@@ -879,7 +879,8 @@ def _report_window(rel: str, t: TensorPlan, box: tuple[tuple[int, int], ...], wa
 
 
 def _expected(t: TensorPlan, box: tuple[tuple[int, int], ...], oracle: Oracle, scratch: _Scratch) -> torch.Tensor:
-    """The output window as torch computes it: `.to(dtype)` of the source, or peft's fold `W + (B @ A) * scale`."""
+    """The output window as torch computes it: `.to(dtype)` of the source, or peft's fold `W + (B @ A) * scale`
+    (a Conv1D's: `W + (B @ A).T * scale`)."""
     src = oracle.read(t.source.name, box).contiguous()  # contiguous first: torch's strided cast writes other NaN bits
     if t.fold is None:
         if src.dtype == t.dtype.torch():
@@ -892,7 +893,7 @@ def _expected(t: TensorPlan, box: tuple[tuple[int, int], ...], oracle: Oracle, s
     w = src.float().clone()
     a = oracle.read(fold.a.name, ((0, rank), (0, cols))).float()
     add_delta(w, lambda lo, hi: oracle.read(fold.b.name, ((lo, hi), (0, rank))).float(), a, fold.scale,
-              t.shape[0], box)
+              fold.b.shape[0], box, fold.transpose)
     return w.to(t.dtype.torch())
 
 

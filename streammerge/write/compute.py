@@ -12,6 +12,11 @@ windows cut anywhere would give bits that depend on the buffer size. In blocks l
 row comes out as in the whole product peft computes (checked on many shapes, ranks and thread
 counts; tests compare with peft bit for bit), and verify, which recomputes folds in windows of its
 own, uses the same blocks.
+
+A GPT-2-style Conv1D keeps W as (in x out), and peft folds `(B @ A).T * scale` (fan_in_fan_out):
+W's window rows are columns of B @ A and its window columns are rows, so the window takes the same
+blocks of B @ A (every column) that cover its columns, and adds their transposed slice. A window of
+whole rows of W then needs every block: the product is recomputed per window rather than held.
 """
 
 from __future__ import annotations
@@ -53,22 +58,28 @@ def fold_blocks(rows: int, cols: int, r0: int, r1: int) -> Iterator[tuple[int, i
 
 
 def add_delta(w: torch.Tensor, read_b: Callable[[int, int], Any], a: torch.Tensor, scale: float, rows: int,
-              box: Box) -> None:
-    """`w` (the window `box` of W, float32) += the same window of `(B @ A) * scale`, in the fixed blocks.
+              box: Box, transpose: bool = False) -> None:
+    """`w` (the window `box` of W, float32) += the same window of `(B @ A) * scale` (`transpose`: of
+    `(B @ A).T * scale`, W being a Conv1D's), in the fixed blocks.
 
-    `read_b(lo, hi)` gives rows lo..hi of B as float32; `a` is all of A as float32; `rows` is W's.
+    `read_b(lo, hi)` gives rows lo..hi of B as float32; `a` is all of A as float32; `rows` is B's.
     """
     import torch
 
     (r0, r1), (c0, c1) = box
+    if transpose:  # the window's columns are the product's rows
+        (r0, r1), (c0, c1) = (c0, c1), (r0, r1)
     blocks = list(fold_blocks(rows, a.shape[1], r0, r1))
     first, last = blocks[0][0], blocks[-1][1]
     b = read_b(first, last)
     for lo, hi in blocks:
         delta = torch.mm(b[lo - first:hi - first], a)
-        delta.mul_(scale)
         s, e = max(lo, r0), min(hi, r1)
-        w[s - r0:e - r0].add_(delta[s - lo:e - lo, c0:c1])
+        if transpose:
+            w[:, s - r0:e - r0].add_(delta[s - lo:e - lo, c0:c1].mul_(scale).t())
+        else:
+            delta.mul_(scale)
+            w[s - r0:e - r0].add_(delta[s - lo:e - lo, c0:c1])
 
 
 def _read_f32(source, box: Box, scratch: np.ndarray, sources: Sources) -> np.ndarray:
@@ -133,10 +144,10 @@ def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarr
     if t.dtype == dtypes.float32:
         n = fill_window(TensorPlan(t.source.name, t.source, dtypes.float32), box, out, scratch, sources)
         w = torch.from_numpy(out[:n].view(np.float32)).view(r1 - r0, c1 - c0)
-        add_delta(w, read_b, a, fold.scale, t.shape[0], box)
+        add_delta(w, read_b, a, fold.scale, fold.b.shape[0], box, fold.transpose)
         return n
     w = torch.from_numpy(_read_f32(t.source, box, scratch, sources))
-    add_delta(w, read_b, a, fold.scale, t.shape[0], box)
+    add_delta(w, read_b, a, fold.scale, fold.b.shape[0], box, fold.transpose)
     result = w.to(t.dtype.torch()).contiguous().view(torch.uint8).reshape(-1).numpy()
     out[:result.size] = result
     return int(result.size)
