@@ -7,8 +7,13 @@ them (every weight "missing", newly initialised). Here:
 
 - fold: `<module>.weight = W + scale * (B @ A)`, a computed tensor of the plan (see plan.LoraFold),
   with standard names; `scale` is `lora_alpha / r` (rsLoRA: `lora_alpha / sqrt(r)`), as in peft.
+  A GPT-2-style Conv1D (gpt2, openai-gpt, imagegpt, decision_transformer, clvp: c_attn, q_attn, c_proj,
+  c_fc) keeps W as [in, out]: it gets `(B @ A).T`, as peft's fan_in_fan_out folds it. Which layers are
+  Conv1D is told by config.json's model type and the module's name, never by the shapes alone (a square
+  one fits either way); the shapes must agree with it.
 - adapter: `lora_adapter/adapter_model.safetensors` + `adapter_config.json`, as peft's
-  `save_pretrained` writes them (adapter name dropped from the keys), for `PeftModel.from_pretrained`.
+  `save_pretrained` writes them (adapter name dropped from the keys; fan_in_fan_out true for Conv1D
+  layers), for `PeftModel.from_pretrained`.
 
 r, alpha and rsLoRA come from veRL's `lora_train_meta.json` and peft's `adapter_config.json` (in the checkpoint
 folder, its `lora_adapter/` or its `huggingface/`), read strictly (r an integer > 0, lora_alpha a number,
@@ -16,11 +21,13 @@ use_rslora a boolean), or from options (`--lora-rank/--lora-alpha`, `--lora-rslo
 the weights); two files that disagree, or an option that contradicts a file, are refused. An adapter-only
 (`save_lora_only`) checkpoint takes its base weights from `--base-model` (`hf.HFSource`).
 What peft's LoRA merge would compute differently or that we cannot fold exactly (DoRA, embedding
-and convolution adapters, GPT-2-style Conv1D layers, LoRA biases, several adapters, rank or alpha patterns,
-target_parameters, an initialisation of unknown effect) is refused, never written approximately. A PiSSA-like
-initialisation (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) left the residual base in the checkpoint: it folds onto that
-one only, and its adapter is not exported (it would not fit the original base). With bias "all" or "lora_only" the
-trained biases are written in both the fold and the adapter, as peft's save_pretrained does.
+and convolution adapters, LoRA biases, several adapters, rank or alpha patterns, target_parameters, an
+initialisation of unknown effect, Conv1D-named layers whose kind cannot be told: no config.json, a GPT-2-style
+part inside another model, fan_in_fan_out on a model that is not GPT-2-style) is refused, never written
+approximately. A PiSSA-like initialisation (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) left the residual base in the
+checkpoint: it folds onto that one only, and its adapter is not exported (it would not fit the original base). With
+bias "all" or "lora_only" the trained biases are written in both the fold and the adapter, as peft's save_pretrained
+does.
 """
 
 from __future__ import annotations
@@ -293,7 +300,7 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         raise CheckpointError(f"{source.path}: several LoRA adapters {sorted(adapter_names)}; streammerge folds "
                               "one (peft's merge_and_unload folds the active ones)")
     settings = lora_settings(source, options, {a.a.shape[0] for a in adapters})
-    _refuse_conv1d(source, config, adapters, settings)
+    conv1d = _conv1d_modules(source, config, adapters, settings)
     r, alpha, rslora, task = settings.r, settings.alpha, settings.rslora, settings.task
     scale = alpha / math.sqrt(r) if rslora else alpha / r
     mode = options.lora
@@ -335,9 +342,9 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
             out.weights.append(TensorPlan(name, t, output_dtype(t.dtype, dtype)))
         for a in adapters:
             assert a.base is not None
-            _check_shapes(source, a)
+            _check_shapes(source, a, a.module in conv1d)
             name = _short(a.module) + ".weight"
-            fold = LoraFold(a.a, a.b, scale) if mode in ("fold", "both") else None
+            fold = LoraFold(a.a, a.b, scale, transpose=a.module in conv1d) if mode in ("fold", "both") else None
             out.weights.append(TensorPlan(name, a.base, output_dtype(a.base.dtype, dtype), fold))
         order: dict[str, int] = {}
         for n in [*(_short_name(n) for n in tensors), *(source.lora_base.tensors(options) if source.lora_base else ())]:
@@ -345,7 +352,8 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         out.weights.sort(key=lambda t: order.get(t.name, len(order)))
     out.notes.append(f"{NOTE}      {len(adapters)} adapted modules, r {r}, alpha {alpha:g}, scale {scale:g}"
                      f"{' (rsLoRA)' if rslora else ''}, mode {mode}"
-                     + (" (fold: W + scale * B @ A, computed in float32)" if mode != "adapter" else ""))
+                     + (" (fold: W + scale * B @ A, computed in float32)" if mode != "adapter" else "")
+                     + (f"; {len(conv1d)} of them Conv1D ([in, out]: W + scale * (B @ A).T)" if conv1d else ""))
     base_ref = base_name or (config or {}).get("_name_or_path")
     base_ref = base_ref if isinstance(base_ref, str) and base_ref else None
     out.info = {"r": r, "alpha": alpha, "scale": scale, "rslora": rslora, "mode": mode, "base_model": base_ref,
@@ -354,31 +362,59 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         out.plans.append(_adapter_plan(adapters, {**saved, **biases}, options))
         out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(
             adapters, r, alpha, rslora, task, base_ref,
-            sorted({_short(n.rsplit(".", 1)[0]).rsplit(".", 1)[-1] for n in saved}), settings.bias)
+            sorted({_short(n.rsplit(".", 1)[0]).rsplit(".", 1)[-1] for n in saved}), settings.bias, bool(conv1d))
     return out
 
 
-def _refuse_conv1d(source: Source, config: Mapping | None, adapters: list[Adapter], settings: LoraSettings) -> None:
-    """GPT-2-style Conv1D layers keep W as (in, out): peft folds the transpose of B @ A into them, which this fold
-    does not do (a square one, e.g. GPT-2's attn.c_proj, would even pass the shape check)."""
-    cfg = config or {}
-    archs = cfg.get("architectures")
-    arch = next((a for a in archs if isinstance(a, str) and a.startswith(_CONV1D_ARCHS)), None) \
-        if isinstance(archs, list) else None
-    names = sorted({_short(a.module).rsplit(".", 1)[-1] for a in adapters} & set(_CONV1D_NAMES))
-    if cfg.get("model_type") in _CONV1D_TYPES:
-        why = f"{cfg['model_type']}"
-    elif arch:
-        why = f"{arch}"
-    elif settings.fan_in_fan_out:
-        why = f"a model with {settings.where['fan_in_fan_out']} true"
-    elif config is None and names:
-        why = f"modules named {', '.join(names)} with no config.json to tell they are not GPT-2's"
-    else:
-        return
-    raise CheckpointError(f"{source.path}: LoRA on {why}: its Conv1D layers keep the weight transposed ([in, out], "
-                          "peft's fan_in_fan_out), which streammerge's fold does not do; merge it with peft's "
-                          "merge_and_unload instead")
+def _conv1d_model(config: Mapping) -> str | None:
+    """The model type or architecture that makes `config` a GPT-2-style model (its Conv1D layers named in
+    _CONV1D_NAMES); None: not one."""
+    if config.get("model_type") in _CONV1D_TYPES:
+        return str(config["model_type"])
+    archs = config.get("architectures")
+    if isinstance(archs, list):
+        return next((a for a in archs if isinstance(a, str) and a.startswith(_CONV1D_ARCHS)), None)
+    return None
+
+
+def _conv1d_part(config: Mapping, where: str = "") -> str | None:
+    """A sub-config of a GPT-2-style model (an encoder-decoder's `decoder`...), as `key: type`; None: none."""
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            path = f"{where}.{key}" if where else str(key)
+            kind = _conv1d_model(value)
+            found = f"{path}: {kind}" if kind else _conv1d_part(value, path)
+            if found:
+                return found
+    return None
+
+
+def _conv1d_modules(source: Source, config: Mapping | None, adapters: list[Adapter],
+                    settings: LoraSettings) -> set[str]:
+    """The adapted modules that are GPT-2-style Conv1D layers: W kept as [in, out], into which peft folds
+    `(B @ A).T` (it sets fan_in_fan_out per layer, Conv1D or Linear). Told by the model's type and the module's
+    name; where that cannot be told (a square layer would pass the shape check either way) it is refused."""
+    named = {a.module for a in adapters if _short(a.module).rsplit(".", 1)[-1] in _CONV1D_NAMES}
+    if config is not None and _conv1d_model(config):
+        return named
+    names = ", ".join(sorted({_short(m).rsplit(".", 1)[-1] for m in named}))
+    part = _conv1d_part(config) if config is not None else None
+    if config is None and named:
+        raise CheckpointError(f"{source.path}: LoRA on modules named {names} and no config.json to tell whether "
+                              "they are GPT-2-style Conv1D layers (weight [in, out], folded transposed) or Linear "
+                              "ones; give the model's config with --model-name, or merge it with peft's "
+                              "merge_and_unload instead")
+    if part and named:
+        raise CheckpointError(f"{source.path}: LoRA on modules named {names} of a model that holds a GPT-2-style "
+                              f"part (config.json {part}): which of them are its Conv1D layers (weight [in, out], "
+                              "folded transposed) cannot be told; merge it with peft's merge_and_unload instead")
+    if settings.fan_in_fan_out:
+        model = f"model_type {config.get('model_type')!r}" if config is not None else "a model with no config.json"
+        raise CheckpointError(f"{settings.where['fan_in_fan_out']} is true, but {model} is none of "
+                              f"the GPT-2-style models ({', '.join(_CONV1D_TYPES)}) whose Conv1D layers streammerge "
+                              "knows: which weights are kept transposed cannot be told; merge it with peft's "
+                              "merge_and_unload instead")
+    return set()
 
 
 def _trained_biases(tensors: Mapping[str, SourceTensor], adapters: list[Adapter], bias: str) -> dict[str, SourceTensor]:
@@ -479,13 +515,16 @@ def _short(module: str) -> str:
     return _short_name(module + ".x")[:-2]
 
 
-def _check_shapes(source: Source, a: Adapter) -> None:
+def _check_shapes(source: Source, a: Adapter, conv1d: bool) -> None:
+    """lora_A (r, in) and lora_B (out, r) against the base weight: a Linear's (out, in), a Conv1D's (in, out)."""
     base = a.base
     assert base is not None
-    if len(base.shape) != 2 or a.a.shape != (a.a.shape[0], base.shape[1]) or a.b.shape != (base.shape[0], a.a.shape[0]):
+    ab = len(a.a.shape) == 2 and len(a.b.shape) == 2 and a.b.shape[1] == a.a.shape[0]
+    want = (a.a.shape[1], a.b.shape[0]) if conv1d else (a.b.shape[0], a.a.shape[1])
+    if not ab or tuple(base.shape) != want:
+        kind = "a GPT-2-style Conv1D's (in, out)" if conv1d else "a Linear's (out, in)"
         raise CheckpointError(f"{source.path}: {_short(a.module)}: lora_A {list(a.a.shape)} and lora_B "
-                              f"{list(a.b.shape)} do not fit the base weight {list(base.shape)} (a Linear's "
-                              "(out, in)); cannot fold")
+                              f"{list(a.b.shape)} do not fit the base weight {list(base.shape)} ({kind}); cannot fold")
     if base.flat or a.a.flat or a.b.flat:
         raise CheckpointError(f"{source.path}: {_short(a.module)}: flat-parameter pieces cannot be folded")
 
@@ -504,13 +543,14 @@ def _adapter_plan(adapters: list[Adapter], saved: Mapping[str, SourceTensor], op
 
 
 def _adapter_config(adapters: list[Adapter], r: int, alpha: float, rslora: bool, task: str, base: str | None,
-                    modules_to_save: list[str], bias: str = "none") -> bytes:
-    """adapter_config.json as peft writes it for a LoraConfig with these settings."""
+                    modules_to_save: list[str], bias: str = "none", fan_in_fan_out: bool = False) -> bytes:
+    """adapter_config.json as peft writes it for a LoraConfig with these settings (peft turns fan_in_fan_out on
+    in the config it saves when it wraps a Conv1D; lora_A and lora_B are saved untransposed either way)."""
     targets = sorted({a.module.rsplit(".", 1)[-1] for a in adapters})
     cfg = {
         "peft_type": "LORA", "task_type": task, "r": r,
         "lora_alpha": alpha if not float(alpha).is_integer() else int(alpha),
-        "target_modules": targets, "lora_dropout": 0.0, "bias": bias, "fan_in_fan_out": False,
+        "target_modules": targets, "lora_dropout": 0.0, "bias": bias, "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": rslora, "use_dora": False, "modules_to_save": modules_to_save or None, "init_lora_weights": True,
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base,
     }
