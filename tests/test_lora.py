@@ -314,17 +314,6 @@ def test_refuses_several_adapters(tmp_path):
         plan_merge(_save_peft(tmp_path, model, config))
 
 
-def test_refuses_conv1d_lora_of_gpt2(tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
-    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"],
-                                                              fan_in_fan_out=True))
-    with pytest.raises(CheckpointError, match="Conv1D"):
-        plan_merge(_save_peft(tmp_path, model, config))
-
-
 def test_refuses_a_lora_a_without_its_b(tmp_path):
     model, config = _peft()
     actor = tmp_path / "x"
@@ -624,18 +613,203 @@ def test_residual_inits_fold_only_onto_the_residual_base_they_saved(tmp_path, ca
     _assert_bits(tmp_path / "fold", _peft_merged(model))
 
 
-def test_refuses_lora_on_the_square_conv1d_of_imagegpt(tmp_path, capsys):
-    """attn.c_proj of a GPT-2-style model is a square Conv1D ([in, out]): lora_A and lora_B fit it untransposed, so only
-    the model type tells that peft folds (B @ A).T into it."""
+# ---- GPT-2-style Conv1D: W kept as [in, out], peft folds (B @ A).T --------------------------------------------
+
+CONV1D_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attn.c_attn, the square attn.c_proj, mlp.c_fc and mlp.c_proj
+
+
+def _gpt2(**extra):
+    """A trained peft LoRA of a tiny GPT-2: mlp.c_fc is 64 -> 1024, so B @ A has several of the fold's row blocks."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=64, n_inner=1024, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    config.architectures = ["GPT2LMHeadModel"]
+    return _trained_peft(GPT2LMHeadModel, config, **{"target_modules": CONV1D_TARGETS, **extra})
+
+
+def _merged_as_saved(model) -> dict:
+    """peft's merge_and_unload() with each tied tensor once (the first name, as save_pretrained keeps it)."""
+    seen, out = set(), {}
+    for k, v in model.merge_and_unload().state_dict().items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            out[k] = v.detach().clone()
+    return out
+
+
+def _merged_conv1d(model, base_sd: dict) -> dict:
+    """peft's merge (as _merged_as_saved), checked to mean something: every Conv1D's B is trained, and its fold differs
+    from W and, where it is square (it fits either way round), from the untransposed W + s B A."""
+    layers = [(name.removeprefix("base_model.model.") + ".weight", m.lora_A["default"].weight.detach().clone(),
+               m.lora_B["default"].weight.detach().clone(), m.scaling["default"], m.fan_in_fan_out)
+              for name, m in model.named_modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+    want = _merged_as_saved(model)
+    square = 0
+    for key, a, b, scale, fan_in_fan_out in layers:
+        assert fan_in_fan_out and b.abs().min() > 0
+        assert not torch.equal(want[key], base_sd[key])
+        if a.shape[1] == b.shape[0]:
+            square += 1
+            assert not torch.equal(want[key], base_sd[key] + (b @ a) * scale)
+    assert square
+    return want
+
+
+@pytest.mark.parametrize("buffer", ["64MiB", "24KiB"])
+def test_gpt2_conv1d_fold_is_peft_merge_bit_for_bit(tmp_path, capsys, buffer):
+    """c_attn [64, 192], the square attn.c_proj, mlp.c_fc [64, 1024] and mlp.c_proj [1024, 64] get peft's
+    W + (B @ A).T * scale, bit for bit; with 24KiB buffers the windows cut W anywhere (single elements, parts of rows)
+    and still give the same bits."""
+    model, config, base_sd = _gpt2()
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    want = _merged_conv1d(model, base_sd)
+    rc, err = run(["merge", actor, tmp_path / "out", "--lora", "fold", "--dtype", "float32", "--no-optimizer",
+                   "--buffer-size", buffer, "--workers", "2"], capsys)
+    assert rc == 0, err
+    _assert_bits(tmp_path / "out", want)
+    from transformers import AutoModelForCausalLM
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_imagegpt_square_conv1d_fold_is_peft_merge(tmp_path, capsys):
+    """attn.c_proj of ImageGPT is a square Conv1D: lora_A and lora_B fit it untransposed too, so only the model type
+    tells that peft folds (B @ A).T into it. No adapter_config.json here (nothing records fan_in_fan_out)."""
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
     config = ImageGPTConfig(vocab_size=17, n_positions=16, n_embd=32, n_layer=1, n_head=2)
     config.architectures = ["ImageGPTForCausalImageModeling"]
-    model, config, _ = _trained_peft(ImageGPTForCausalImageModeling, config, target_modules=["attn.c_proj"],
-                                     fan_in_fan_out=True, task_type=None)
+    model, config, base_sd = _trained_peft(ImageGPTForCausalImageModeling, config, target_modules=["attn.c_proj"],
+                                           task_type=None)
     actor = _save_actor(tmp_path, model, config, place=None, meta={"r": 8, "lora_alpha": 16})
+    rc, err = run(["inspect", actor], capsys)
+    assert rc == 0 and "1 of them Conv1D" in run.out and "+ LoRA.T" in run.out, err  # type: ignore[attr-defined]
+    want = _merged_conv1d(model, base_sd)
+    rc, err = run(["merge", actor, tmp_path / "out", "--lora", "fold", "--dtype", "float32", "--no-optimizer",
+                   "--buffer-size", "24KiB"], capsys)
+    assert rc == 0, err
+    _assert_bits(tmp_path / "out", want)
+
+
+def test_gpt2_conv1d_adapter_export_loads_as_the_trained_model(tmp_path, capsys):
+    """--lora adapter: lora_A and lora_B as peft saves them (untransposed), adapter_config.json with fan_in_fan_out
+    true as peft writes it for Conv1D targets; PeftModel on the untrained base gives the trained logits exactly, and
+    peft has no fan_in_fan_out to correct while loading it."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    model, config, base_sd = _gpt2()
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--lora", "adapter", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    want = load_file(tmp_path / "peft_saved" / "adapter_model.safetensors")
+    got = load_file(out / "lora_adapter" / "adapter_model.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
+    peft_cfg = json.loads((tmp_path / "peft_saved" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and peft_cfg["fan_in_fan_out"] is True
+    assert sorted(cfg["target_modules"]) == sorted(peft_cfg["target_modules"])
+    base = GPT2LMHeadModel(config)
+    base.load_state_dict(base_sd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(base, out / "lora_adapter").eval()
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    ids = torch.arange(12).view(1, 12) % config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_verify_recomputes_the_conv1d_fold_and_fails_on_one_element(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model, config, _ = _gpt2()
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--dtype", "float32", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    for chunk in (None, 4096):  # verify's own windows, small ones cutting W too
+        report = verify(out, actor, **({"chunk_size": chunk} if chunk else {}))
+        assert report.ok, report.failures
+    rc, err = run(["verify", out, actor], capsys)
+    assert rc == 0, err
+    tensors = load_file(out / "model.safetensors")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    tensors[name][40, 700] += 1e-3
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    report = verify(out, actor)
+    assert not report.ok
+    # not only the manifest's sha256: the recomputed fold names the tensor and the element
+    assert any(name in f and "peft folds it" in f and "[40, 700]" in f for f in report.failures), report.failures
+    rc, err = run(["verify", out, actor], capsys)
+    assert rc != 0
+
+
+def test_gpt_bigcode_c_attn_is_a_linear(tmp_path, capsys):
+    """GPTBigCode names its layers as GPT-2 does, but they are nn.Linear: folded untransposed, exported without
+    fan_in_fan_out."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    config = GPTBigCodeConfig(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    config.architectures = ["GPTBigCodeForCausalLM"]
+    model, config, _ = _trained_peft(GPTBigCodeForCausalLM, config, target_modules=CONV1D_TARGETS)
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    rc, err = run(["merge", actor, tmp_path / "out", "--dtype", "float32", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "out" / "lora_adapter" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is False
+    _assert_bits(tmp_path / "out", _merged_as_saved(model))
+
+
+def _vision_gpt2():
+    """A real VisionEncoderDecoderModel (ViT encoder, GPT-2 decoder) with LoRA on the decoder's c_attn."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
+
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=8,
+                  patch_size=4),
+        GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
+    torch.manual_seed(0)
+    model = get_peft_model(VisionEncoderDecoderModel(config), LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
+    return model, config
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no config", "no config.json to tell whether they are GPT-2-style Conv1D layers"),
+    ("linear shapes in a gpt2", "(a GPT-2-style Conv1D's (in, out)); cannot fold"),
+    ("conv1d shapes in a gpt_bigcode", "(a Linear's (out, in)); cannot fold"),
+    ("fan_in_fan_out on qwen2", "fan_in_fan_out is true, but model_type 'qwen2' is none of the GPT-2-style"),
+    ("gpt2 inside another model", "holds a GPT-2-style part (config.json decoder: gpt2)"),
+])
+def test_conv1d_that_cannot_be_told_or_contradicts_its_shapes_is_refused(tmp_path, capsys, case, message):
+    """Where the kind of a layer cannot be told, or its shapes contradict it, a one-line error: a square layer folded
+    the wrong way round would load as another model."""
+    from transformers import GPT2Config, GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    if case == "no config":
+        model, config, _ = _gpt2()
+        actor = _save_actor(tmp_path, model, config, meta=META)
+        (actor / "huggingface" / "config.json").unlink()
+    elif case == "linear shapes in a gpt2":  # a GPTBigCode checkpoint whose config.json says gpt2
+        small = {"n_embd": 32, "n_layer": 1, "n_head": 2, "vocab_size": 64, "n_positions": 32}
+        model, _, _ = _trained_peft(GPTBigCodeForCausalLM, GPTBigCodeConfig(**small), target_modules=["c_attn"])
+        actor = _save_actor(tmp_path, model, GPT2Config(**small), meta=META)
+    elif case == "conv1d shapes in a gpt_bigcode":
+        model, config, _ = _gpt2(target_modules=["c_attn"])
+        small = {k: getattr(config, k) for k in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions")}
+        actor = _save_actor(tmp_path, model, GPTBigCodeConfig(**small), place=None, meta=META)  # no fan_in_fan_out
+    elif case == "fan_in_fan_out on qwen2":
+        model, config, _ = _trained_peft()
+        actor = _save_actor(tmp_path, model, config, meta=META, edit={"fan_in_fan_out": True})
+    else:
+        model, config = _vision_gpt2()
+        actor = _save_peft(tmp_path, model, config)
     rc, err = run(["merge", actor, tmp_path / "out"], capsys)
-    assert rc == 2 and err.count("\n") == 1 and "Conv1D" in err and "imagegpt" in err, err
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
