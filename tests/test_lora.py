@@ -765,7 +765,8 @@ def test_gpt_bigcode_c_attn_is_a_linear(tmp_path, capsys):
 
 
 def _vision_gpt2():
-    """A real VisionEncoderDecoderModel (ViT encoder, GPT-2 decoder) with LoRA on the decoder's c_attn."""
+    """A real VisionEncoderDecoderModel (ViT encoder, GPT-2 decoder) with LoRA on the decoder's square attn.c_proj (a
+    Linear's shapes fit it too)."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
@@ -774,7 +775,8 @@ def _vision_gpt2():
                   patch_size=4),
         GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
     torch.manual_seed(0)
-    model = get_peft_model(VisionEncoderDecoderModel(config), LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["attn.c_proj"])
+    model = get_peft_model(VisionEncoderDecoderModel(config), lora)
     return model, config
 
 
@@ -783,7 +785,7 @@ def _vision_gpt2():
     ("linear shapes in a gpt2", "(a GPT-2-style Conv1D's (in, out)); cannot fold"),
     ("conv1d shapes in a gpt_bigcode", "(a Linear's (out, in)); cannot fold"),
     ("fan_in_fan_out on qwen2", "fan_in_fan_out is true, but model_type 'qwen2' is none of the GPT-2-style"),
-    ("gpt2 inside another model", "holds a GPT-2-style part (config.json decoder: gpt2)"),
+    ("gpt2 inside another model", "c_proj of a model that holds a GPT-2-style part (config.json decoder: gpt2)"),
 ])
 def test_conv1d_that_cannot_be_told_or_contradicts_its_shapes_is_refused(tmp_path, capsys, case, message):
     """Where the kind of a layer cannot be told, or its shapes contradict it, a one-line error: a square layer folded
