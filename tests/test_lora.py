@@ -131,16 +131,22 @@ def test_verify_fails_on_a_tampered_fold(fp32_ws2, tmp_path):
     out = tmp_path / "out"
     merge(fp32_ws2, out, optimizer=False, lora="fold")
     assert not (out / "lora_adapter").exists()
+    name = "model.layers.1.self_attn.o_proj.weight"
+    failures = _verify_tampered_fold(out, fp32_ws2, name, (3, 5))
+    # not only the manifest's sha256: the recomputed fold names the tensor
+    assert any(name in p and "peft folds it" in p for p in failures), failures
+
+
+def _verify_tampered_fold(out: Path, ckpt: Path, name: str, index: tuple[int, int]) -> list[str]:
+    """verify's failures after one element of the folded weight `name` in OUT's model.safetensors changed."""
     from safetensors.torch import save_file
 
     tensors = load_file(out / "model.safetensors")
-    name = "model.layers.1.self_attn.o_proj.weight"
-    tensors[name][3, 5] += 1e-3
+    tensors[name][index] += 1e-3
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    report = verify(out, fp32_ws2)
+    report = verify(out, ckpt)
     assert not report.ok
-    # not only the manifest's sha256: the recomputed fold names the tensor
-    assert any(name in p and "peft folds it" in p for p in report.failures), report.failures
+    return report.failures
 
 
 @pytest.mark.slow
@@ -432,6 +438,19 @@ def _trained_peft(model_cls=None, config=None, **extra):
     return model, config, base_sd
 
 
+def _adapter_as_peft_saved(tmp_path: Path, actor: Path, capsys, *args: str, biases: bool = False) -> Path:
+    """Merge `actor` into tmp_path/out; its exported adapter file must equal peft's save_pretrained one tensor for
+    tensor (with trained biases among them, if `biases`)."""
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, *args, "--no-optimizer"], capsys)
+    assert rc == 0, err
+    want = load_file(tmp_path / "peft_saved" / "adapter_model.safetensors")
+    got = load_file(out / "lora_adapter" / "adapter_model.safetensors")
+    assert not biases or any(k.endswith(".bias") for k in want)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    return out
+
+
 def _save_actor(tmp_path: Path, model, config, *, place: str | None = "lora_adapter", meta: dict | None = None,
                 keep=lambda k: True, edit: dict | None = None) -> Path:
     """The peft model's state dict (keys kept by `keep`) as 2 DTensor ranks, huggingface/config.json, and peft's own
@@ -702,12 +721,7 @@ def test_gpt2_conv1d_adapter_export_loads_as_the_trained_model(tmp_path, capsys)
 
     model, config, base_sd = _gpt2()
     actor = _save_actor(tmp_path, model, config, meta=META)
-    out = tmp_path / "out"
-    rc, err = run(["merge", actor, out, "--lora", "adapter", "--no-optimizer"], capsys)
-    assert rc == 0, err
-    want = load_file(tmp_path / "peft_saved" / "adapter_model.safetensors")
-    got = load_file(out / "lora_adapter" / "adapter_model.safetensors")
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    out = _adapter_as_peft_saved(tmp_path, actor, capsys, "--lora", "adapter")
     cfg = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
     peft_cfg = json.loads((tmp_path / "peft_saved" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True and peft_cfg["fan_in_fan_out"] is True
@@ -724,8 +738,6 @@ def test_gpt2_conv1d_adapter_export_loads_as_the_trained_model(tmp_path, capsys)
 
 
 def test_verify_recomputes_the_conv1d_fold_and_fails_on_one_element(tmp_path, capsys):
-    from safetensors.torch import save_file
-
     model, config, _ = _gpt2()
     actor = _save_actor(tmp_path, model, config, meta=META)
     out = tmp_path / "out"
@@ -736,14 +748,10 @@ def test_verify_recomputes_the_conv1d_fold_and_fails_on_one_element(tmp_path, ca
         assert report.ok, report.failures
     rc, err = run(["verify", out, actor], capsys)
     assert rc == 0, err
-    tensors = load_file(out / "model.safetensors")
     name = "transformer.h.0.mlp.c_fc.weight"
-    tensors[name][40, 700] += 1e-3
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    report = verify(out, actor)
-    assert not report.ok
+    failures = _verify_tampered_fold(out, actor, name, (40, 700))
     # not only the manifest's sha256: the recomputed fold names the tensor and the element
-    assert any(name in f and "peft folds it" in f and "[40, 700]" in f for f in report.failures), report.failures
+    assert any(name in f and "peft folds it" in f and "[40, 700]" in f for f in failures), failures
     rc, err = run(["verify", out, actor], capsys)
     assert rc != 0
 
@@ -825,13 +833,7 @@ def test_trained_biases_are_in_the_fold_and_the_adapter(tmp_path, capsys, bias):
 
     model, config, base_sd = _trained_peft(target_modules=["q_proj", "o_proj"], bias=bias)
     actor = _save_actor(tmp_path, model, config, meta=META)
-    out = tmp_path / "out"
-    rc, err = run(["merge", actor, out, "--dtype", "float32", "--no-optimizer"], capsys)
-    assert rc == 0, err
-    want = load_file(tmp_path / "peft_saved" / "adapter_model.safetensors")
-    got = load_file(out / "lora_adapter" / "adapter_model.safetensors")
-    assert any(k.endswith(".bias") for k in want)
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    out = _adapter_as_peft_saved(tmp_path, actor, capsys, "--dtype", "float32", biases=True)
     assert json.loads((out / "lora_adapter" / "adapter_config.json").read_text())["bias"] == bias
     only = tmp_path / "only"
     only.mkdir()
