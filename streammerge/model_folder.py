@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import jsonfile
@@ -102,6 +102,23 @@ def config_bytes(config: dict, dtype: DType | None) -> bytes:
         for k in keys:
             config[k] = dtype.name
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def hub_id(name: str | None) -> str | None:
+    """The Hub model `name` stands for, or None: a Hub id itself (not a local folder), or the repo of a Hub cache
+    snapshot (`.../models--org--name/snapshots/rev`, on this machine or the training one). The card's
+    `base_model` must be such an id (the Hub refuses a card whose metadata names a path); a local folder
+    elsewhere names nothing public."""
+    if not name:
+        return None
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            repo = parts[i - 1].removeprefix("models--").replace("--", "/", 1)
+            return repo if _HUB_ID.match(repo) and "--" not in repo and ".." not in repo else None
+    if Path(name).expanduser().exists() or name.startswith((".", "~", "/")):
+        return None
+    return name if _HUB_ID.match(name) and "--" not in name and ".." not in name else None
 
 
 def model_dir_for(model_name: str, *, token: str | None = None, endpoint: str | None = None) -> tuple[Path, Path]:

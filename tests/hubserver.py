@@ -91,6 +91,26 @@ REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _check_card_metadata(card: bytes) -> None:
+    """The Hub refuses a commit whose README.md metadata is invalid: `base_model` must be model ids (a path is
+    not one). Only the id's form is checked here, not that such a model exists."""
+    from huggingface_hub import RepoCard
+
+    try:
+        data = RepoCard(card.decode()).data.to_dict()
+    except Exception as e:
+        raise HttpError(400, f"Invalid metadata in README.md: {e}") from None
+    base = data.get("base_model")
+    ids = base if isinstance(base, list) else [base] if base is not None else []
+    for i in ids:
+        if not isinstance(i, str) or not _MODEL_ID.match(i) or "--" in i or ".." in i:
+            raise HttpError(400, f'Invalid metadata in README.md: "base_model" with value {i!r} is not valid. '
+                                 "Use a model id from https://hf.co/models.")
+
+
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -727,6 +747,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HttpError(400, f"Unknown commit operation {key}")
         if rev not in repo.branches:
             raise HttpError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        if "README.md" in added and not added["README.md"].lfs:
+            _check_card_metadata(hub.blobs[added["README.md"].sha256])
         commit = hub._apply_commit(repo, rev, header.get("summary", ""), header.get("description", ""),
                                    added, deleted, header.get("parentCommit"))
         return {"commitUrl": f"{hub.endpoint}/{URL_PREFIX[repo.type]}{repo.repo_id}/commit/{commit.oid}",

@@ -521,3 +521,24 @@ def test_repo_name_for_a_folder_is_a_valid_hub_name(tmp_path):
     assert repo_name_for(Path("out/")) == "out"  # the folder's own name, even with a trailing slash
     with pytest.raises(ValueError, match="--repo-id"):
         repo_name_for(tmp_path / "%%%")
+
+
+def test_a_base_model_names_a_hub_model_or_nothing(tmp_path):
+    """What the card's base_model may say (the Hub refuses a path there): a Hub id as given, the repo of a Hub cache
+    snapshot (also of the training machine, also a Windows path), never a folder here or elsewhere."""
+    from huggingface_hub.utils import validate_repo_id
+
+    from streammerge.model_folder import hub_id
+
+    local = tmp_path / "Qwen2.5-0.5B"
+    local.mkdir()
+    for name, want in [("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B"), ("gpt2", "gpt2"),
+                       ("/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-7B/snapshots/abc123", "Qwen/Qwen2.5-7B"),
+                       ("hub/models--gpt2/snapshots/abc/", "gpt2"),
+                       ("C:\\Users\\me\\hub\\models--acme--m\\snapshots\\r1", "acme/m"),
+                       ("/mnt/train/models/Qwen2.5", None), ("./Qwen2.5", None), ("~/models/q", None),
+                       (str(local), None), ("a--b/c", None), ("a/b/c", None),
+                       ("", None), (None, None)]:
+        assert hub_id(name) == want, name
+        if want:
+            validate_repo_id(want)

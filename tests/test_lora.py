@@ -262,6 +262,36 @@ def test_push_sends_fold_adapter_and_a_card_naming_the_base(fp32_ws2, hub, hub_e
     assert not any(f.startswith("lora_adapter/") for f in hub.files("alice/tiny-lora"))
 
 
+@pytest.mark.parametrize("recorded, base", [
+    ("/mnt/train/models/Qwen2.5-0.5B", None),  # a folder of the training machine: names nothing public
+    ("/root/.cache/huggingface/hub/models--acme--tiny-base/snapshots/0123abc", "acme/tiny-base"),  # a cache snapshot
+])
+def test_a_base_recorded_as_a_path_is_pushed_as_a_model_id_or_not_at_all(fp32_ws2, hub, hub_env, tmp_path, recorded,
+                                                                          base):
+    """config.json's `_name_or_path` is where the run loaded the base from. The Hub refuses a card whose base_model is
+    a path (the test server as well), so the card names the model id a cache snapshot stands for, or no base; the
+    exported adapter_config.json names that id too, else the path as peft would."""
+    from hubserver import WRITE_TOKEN
+
+    from streammerge.hub.publish import merge_and_push
+    from streammerge.hub.retry import RetryPolicy
+
+    actor = tmp_path / "actor"
+    shutil.copytree(fp32_ws2, actor)
+    cfg = actor / "huggingface" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "_name_or_path": recorded}))
+    result = merge_and_push(actor, tmp_path / "out", "tiny-lora", token=WRITE_TOKEN, endpoint=hub.endpoint,
+                            retry=RetryPolicy(attempts=1), optimizer=False)
+    assert result.ok
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(hub.file_bytes("alice/tiny-lora", "README.md").decode())
+    assert card.data.to_dict().get("base_model") == base
+    assert f"LoRA fine-tune of `{base or 'Qwen2.5-0.5B'}`" in card.text
+    adapter = json.loads(hub.file_bytes("alice/tiny-lora", "lora_adapter/adapter_config.json"))
+    assert adapter["base_model_name_or_path"] == (base or recorded)
+
+
 # ---- refusals: real peft models of each kind streammerge does not fold ----------------------------
 
 def _save_peft(tmp_path: Path, model, config=None) -> Path:

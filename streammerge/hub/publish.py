@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
+from ..model_folder import hub_id
 from ..optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
 from ..options import MergeOptions
 from ..pipeline import MergePlan, MergeResult, merge, plan_merge
@@ -358,9 +359,9 @@ def _card(plan: MergePlan, repo_id: str, source: str) -> str:
     names = sorted({t.dtype.name for t in plan.weights.tensors.values() if t.dtype.is_floating_point})
     optimizer = plan.plan(OPTIMIZER_DIR)
     fmt = None if optimizer is None else ("torch" if optimizer.files[0].filename == OPTIMIZER_PT else "safetensors")
-    hub_model = opts.model_name if opts.model_name and not Path(opts.model_name).expanduser().is_dir() else None
+    hub_model = hub_id(opts.model_name)
     lora_base = (plan.lora or {}).get("base_model")
-    lora = {**plan.lora, "base_model": _hub_name(lora_base) or (Path(lora_base).name if lora_base else None)} \
+    lora = {**plan.lora, "base_model": hub_id(lora_base) or (PurePosixPath(lora_base).name if lora_base else None)} \
         if plan.lora else None  # a local base folder by its name only: a path tells the repo's readers nothing
     loads = plan.config is not None and bool(plan.weights.files) and "config.json" in plan.small
     return make_model_card({
@@ -371,7 +372,7 @@ def _card(plan: MergePlan, repo_id: str, source: str) -> str:
         "optimizer": optimizer is not None, "optimizer_format": fmt,
         "model_type": (plan.config or {}).get("model_type"), "notes": plan.weights.notes,
         "model_class": _builtin_class(plan.config),
-        "base_model": hub_model or _hub_name(lora_base), "lora": lora,
+        "base_model": hub_model or hub_id(lora_base), "lora": lora,
     })
 
 
@@ -381,11 +382,6 @@ def _builtin_class(config: Mapping[str, Any] | None) -> str | None:
     if not isinstance(archs, list) or not archs or not isinstance(archs[0], str) or (config or {}).get("auto_map"):
         return None
     return archs[0] if archs[0].isidentifier() else None
-
-
-def _hub_name(name: str | None) -> str | None:
-    """A LoRA base given as a Hub model (the card's metadata links it); a local folder names nothing public."""
-    return name if name and not Path(name).expanduser().exists() else None
 
 
 # ---- the seed workflow's API -------------------------------------------------------------------

@@ -43,6 +43,7 @@ from typing import Any
 from .. import jsonfile
 from ..dtypes import DType
 from ..errors import CheckpointError, ConfigError
+from ..model_folder import hub_id
 from ..plan import LoraFold, Plan, TensorPlan, build_plan, output_dtype
 from .base import Source, SourceTensor
 
@@ -361,7 +362,7 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     if mode in ("adapter", "both"):
         out.plans.append(_adapter_plan(adapters, {**saved, **biases}, options))
         out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(
-            adapters, r, alpha, rslora, task, base_ref,
+            adapters, r, alpha, rslora, task, hub_id(base_ref) or base_ref,
             sorted({_short(n.rsplit(".", 1)[0]).rsplit(".", 1)[-1] for n in saved}), settings.bias, bool(conv1d))
     return out
 
