@@ -115,10 +115,25 @@ def hub_id(name: str | None) -> str | None:
     for i in range(len(parts) - 2, 0, -1):
         if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
             repo = parts[i - 1].removeprefix("models--").replace("--", "/", 1)
-            return repo if _HUB_ID.match(repo) and "--" not in repo and ".." not in repo else None
-    if Path(name).expanduser().exists() or name.startswith((".", "~", "/")):
+            return repo if _is_model_id(repo) else None
+    if name.startswith((".", "~", "/")) or not _is_model_id(name):
         return None
-    return name if _HUB_ID.match(name) and "--" not in name and ".." not in name else None
+    try:
+        here = Path(name).exists()
+    except (OSError, ValueError):
+        return None
+    return None if here else name
+
+
+_ID_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+
+
+def _is_model_id(name: str) -> bool:
+    """A name the Hub takes as a model id: one or two parts of ASCII letters, digits, `-`, `_`, `.`, each starting
+    and ending with a letter or digit, at most 96 long, no `--` or `..`, no `.git` at the end."""
+    ids = name.split("/")
+    return (len(ids) <= 2 and all(_ID_PART.fullmatch(p) for p in ids) and "--" not in name and ".." not in name
+            and not name.endswith(".git"))
 
 
 def model_dir_for(model_name: str, *, token: str | None = None, endpoint: str | None = None) -> tuple[Path, Path]:

@@ -91,13 +91,11 @@ REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
 def _check_card_metadata(card: bytes) -> None:
     """The Hub refuses a commit whose README.md metadata is invalid: `base_model` must be model ids (a path is
-    not one). Only the id's form is checked here, not that such a model exists."""
+    not one). Only the id's form is checked here (by huggingface_hub's own rule), not that such a model exists."""
     from huggingface_hub import RepoCard
+    from huggingface_hub.utils import validate_repo_id
 
     try:
         data = RepoCard(card.decode()).data.to_dict()
@@ -106,9 +104,11 @@ def _check_card_metadata(card: bytes) -> None:
     base = data.get("base_model")
     ids = base if isinstance(base, list) else [base] if base is not None else []
     for i in ids:
-        if not isinstance(i, str) or not _MODEL_ID.match(i) or "--" in i or ".." in i:
+        try:
+            validate_repo_id(i)
+        except Exception:
             raise HttpError(400, f'Invalid metadata in README.md: "base_model" with value {i!r} is not valid. '
-                                 "Use a model id from https://hf.co/models.")
+                                 "Use a model id from https://hf.co/models.") from None
 
 
 def git_blob_sha1(data: bytes) -> str:

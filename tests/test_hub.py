@@ -538,7 +538,9 @@ def test_a_base_model_names_a_hub_model_or_nothing(tmp_path):
                        ("C:\\Users\\me\\hub\\models--acme--m\\snapshots\\r1", "acme/m"),
                        ("/mnt/train/models/Qwen2.5", None), ("./Qwen2.5", None), ("~/models/q", None),
                        (str(local), None), ("a--b/c", None), ("a/b/c", None),
-                       ("", None), (None, None)]:
+                       ("~alice/models/q", None), ("x" * 300, None), ("acme/m\n", None), ("acme/m.git", None),
+                       ("acme/m-", None), ("acme/.m", None), ("modèle/x", None), ("a" * 97, None),
+                       ("/x/models--acme--m.git/snapshots/r", None), ("", None), (None, None)]:
         assert hub_id(name) == want, name
         if want:
             validate_repo_id(want)

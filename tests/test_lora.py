@@ -825,6 +825,8 @@ def _vision_gpt2():
     ("conv1d shapes in a gpt_bigcode", "(a Linear's (out, in)); cannot fold"),
     ("fan_in_fan_out on qwen2", "fan_in_fan_out is true, but model_type 'qwen2' is none of the GPT-2-style"),
     ("gpt2 inside another model", "c_proj of a model that holds a GPT-2-style part (config.json decoder: gpt2)"),
+    ("custom code, square c_proj", "square layers named c_proj of a model with its own modeling code"),
+    ("custom code, c_fc [in, out]", "(a Linear's (out, in)); cannot fold"),
 ])
 def test_conv1d_that_cannot_be_told_or_contradicts_its_shapes_is_refused(tmp_path, capsys, case, message):
     """Where the kind of a layer cannot be told, or its shapes contradict it, a one-line error: a square layer folded
@@ -843,12 +845,19 @@ def test_conv1d_that_cannot_be_told_or_contradicts_its_shapes_is_refused(tmp_pat
         model, config, _ = _gpt2(target_modules=["c_attn"])
         small = {k: getattr(config, k) for k in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions")}
         actor = _save_actor(tmp_path, model, GPTBigCodeConfig(**small), place=None, meta=META)  # no fan_in_fan_out
+    elif case.startswith("custom code"):  # JAIS-like: its own modeling code, GPT-2's Conv1D, veRL's meta file only
+        model, config, _ = _gpt2(target_modules=["attn.c_proj" if "square" in case else "mlp.c_fc"])
+        actor = _save_actor(tmp_path, model, config, place=None, meta=META)
+        cfg = actor / "huggingface" / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_type": "jais", "architectures": [
+            "JAISLMHeadModel"], "auto_map": {"AutoModelForCausalLM": "modeling_jais.JAISLMHeadModel"}}))
     elif case == "fan_in_fan_out on qwen2":
         model, config, _ = _trained_peft()
         actor = _save_actor(tmp_path, model, config, meta=META, edit={"fan_in_fan_out": True})
     else:
         model, config = _vision_gpt2()
         actor = _save_peft(tmp_path, model, config)
+    capsys.readouterr()  # transformers' warnings about the tiny configs are not the merge's
     rc, err = run(["merge", actor, tmp_path / "out"], capsys)
     assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out" / "model.safetensors").exists()

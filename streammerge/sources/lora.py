@@ -94,6 +94,7 @@ class Adapter:
 _CONV1D_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder")
 _CONV1D_ARCHS = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer", "Clvp")
 _CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")  # GPT-2's Conv1D modules: other models' c_proj is a Linear
+_GPT2_LIKE = re.compile(r"c_\w+|q_attn")  # how custom-code models that borrow GPT-2's layers name them (JAIS: c_fc2)
 # init_lora_weights that leave the base weights as they were (the fold onto any copy of the base is exact) and those
 # that replace W by a residual W - s B0 A0 at initialisation (only the checkpoint's own base_layer.weight is right)
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
@@ -409,6 +410,13 @@ def _conv1d_modules(source: Source, config: Mapping | None, adapters: list[Adapt
         raise CheckpointError(f"{source.path}: LoRA on modules named {names} of a model that holds a GPT-2-style "
                               f"part (config.json {part}): which of them are its Conv1D layers (weight [in, out], "
                               "folded transposed) cannot be told; merge it with peft's merge_and_unload instead")
+    square = sorted({_short(a.module).rsplit(".", 1)[-1] for a in adapters
+                     if _GPT2_LIKE.fullmatch(_short(a.module).rsplit(".", 1)[-1]) and a.a.shape[-1] == a.b.shape[0]})
+    if config is not None and config.get("auto_map") and square:
+        raise CheckpointError(f"{source.path}: LoRA on square layers named {', '.join(square)} of a model with its "
+                              "own modeling code (config.json auto_map; some such models use GPT-2's Conv1D): whether "
+                              "their weights are kept [in, out] and folded transposed cannot be told from the shapes; "
+                              "merge it with peft's merge_and_unload instead")
     if settings.fan_in_fan_out:
         model = f"model_type {config.get('model_type')!r}" if config is not None else "a model with no config.json"
         raise CheckpointError(f"{settings.where['fan_in_fan_out']} is true, but {model} is none of "
