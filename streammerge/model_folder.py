@@ -116,7 +116,7 @@ def hub_id(name: str | None) -> str | None:
         if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
             repo = parts[i - 1].removeprefix("models--").replace("--", "/", 1)
             return repo if _is_model_id(repo) else None
-    if name.startswith((".", "~", "/")) or not _is_model_id(name):
+    if not _is_model_id(name):
         return None
     try:
         here = Path(name).exists()
@@ -125,15 +125,16 @@ def hub_id(name: str | None) -> str | None:
     return None if here else name
 
 
-_ID_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
-
-
 def _is_model_id(name: str) -> bool:
-    """A name the Hub takes as a model id: one or two parts of ASCII letters, digits, `-`, `_`, `.`, each starting
-    and ending with a letter or digit, at most 96 long, no `--` or `..`, no `.git` at the end."""
-    ids = name.split("/")
-    return (len(ids) <= 2 and all(_ID_PART.fullmatch(p) for p in ids) and "--" not in name and ".." not in name
-            and not name.endswith(".git"))
+    """A name the Hub takes as a model id (huggingface_hub's own rule: a path, `~user`, `--`, `.git` are none)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def model_dir_for(model_name: str, *, token: str | None = None, endpoint: str | None = None) -> tuple[Path, Path]:
