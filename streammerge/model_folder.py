@@ -13,13 +13,14 @@ import fnmatch
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import jsonfile
 from .dtypes import DType
 from .errors import CheckpointError, ConfigError
+from .paths import user_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 DTYPE_KEYS = ("dtype", "torch_dtype")  # both spellings of config.json's dtype that transformers has used
@@ -28,7 +29,6 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
                        "added_tokens.json", "vocab*", "merges.txt", "chat_template*", "*.tiktoken",
                        "spiece.model", "*.py")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 # transformers' default `tie_word_embeddings` per model type, for configs that do not say
 # (save_pretrained leaves the key out when it equals the defaults). Unknown types: keep both tensors.
@@ -137,13 +137,30 @@ def _is_model_id(name: str) -> bool:
     return True
 
 
+def hub_snapshot(name: str, what: str, patterns: Iterable[str], fetched: str, *, token: str | None = None,
+                 endpoint: str | None = None) -> Path:
+    """The snapshot folder of Hub model `name`, only the files matching `patterns` fetched (never code run), or a
+    one-line ConfigError: a name the Hub takes as no model id is a missing local folder."""
+    if not _is_model_id(name):
+        raise ConfigError(f"{what} {name!r}: no such folder (and not a Hub model id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(patterns), token=token,
+                                      endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None))
+    except Exception as e:  # offline, not found, no access: all mean "give a local folder"
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ConfigError(f"{what} {name!r}: not a local folder, and {fetched} could not be fetched from the Hub "
+                          f"({first})") from None
+
+
 def model_dir_for(model_name: str, *, token: str | None = None, endpoint: str | None = None) -> tuple[Path, Path]:
     """(folder with config and tokenizer, root that links may point into) for a local folder or a Hub model.
 
     A local folder is read as is. A Hub name is fetched with huggingface_hub into its cache, limited
     to MODEL_FILE_PATTERNS: never the weights, never code run (files are only copied).
     """
-    local = Path(model_name).expanduser()
+    local = user_path(model_name)
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ConfigError(f"model_name {model_name!r}: no config.json in {local}")
@@ -151,17 +168,8 @@ def model_dir_for(model_name: str, *, token: str | None = None, endpoint: str | 
         if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
             return folder, folder.parent.parent  # a Hub cache snapshot: its files link into the repo's blobs/
         return folder, folder
-    if not _HUB_ID.match(model_name) or model_name.startswith((".", "~")):
-        raise ConfigError(f"model_name {model_name!r}: no such folder")
-    from huggingface_hub import snapshot_download
-
-    try:
-        snap = Path(snapshot_download(model_name, allow_patterns=list(MODEL_FILE_PATTERNS), token=token,
-                                      endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None))
-    except Exception as e:  # offline, not found, no access: all mean "give a local folder"
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ConfigError(f"model_name {model_name!r}: not a local folder, and its config and tokenizer could "
-                          f"not be fetched from the Hub ({first})") from None
+    snap = hub_snapshot(model_name, "model_name", MODEL_FILE_PATTERNS, "its config and tokenizer", token=token,
+                        endpoint=endpoint)
     if not (snap / "config.json").is_file():
         raise ConfigError(f"model_name {model_name!r}: the Hub model has no config.json")
     return snap, snap.parent.parent  # the cache's snapshots/<rev>/ link into the repo's blobs/

@@ -36,6 +36,7 @@ from .model_folder import (
     ties_embeddings,
 )
 from .options import DEFAULT_BUFFER_SIZE, MergeOptions, resolve_dtype
+from .paths import user_path
 from .plan import FilePlan, Plan, build_plan, copy_plans, fmt_bytes
 from .sources import Source, open_checkpoint
 from .write.manifest import Manifest
@@ -379,7 +380,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     `hash_sha256` records each data file's sha256 as it is written (a push needs it; resume does not).
     """
     t0 = time.perf_counter()
-    out = Path(out_dir).expanduser().resolve()
+    out = user_path(out_dir).resolve()
     mp = checkpoint if isinstance(checkpoint, MergePlan) else plan_merge(checkpoint, options, **kwargs)
     opts = mp.options
     if mp.config is None and not opts.weights_only:

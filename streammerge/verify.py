@@ -41,6 +41,7 @@ from .errors import OutputError, StreammergeError
 from .model_folder import DTYPE_KEYS
 from .optimizer import OPTIMIZER_DIR
 from .options import CHECKSUMS, MergeOptions, parse_size
+from .paths import user_path
 from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
 from .sources.base import Oracle, bytes_rows, open_checkpoint_file, row_major
@@ -106,8 +107,8 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     """
     if checksums not in CHECKSUMS:
         raise ValueError(f"checksums must be one of {', '.join(CHECKSUMS)}, not {checksums!r}")
-    out = Path(out_dir).expanduser().resolve()
-    report = VerifyReport(out, Path(checkpoint_dir).expanduser().resolve() if checkpoint_dir else None)
+    out = user_path(out_dir).resolve()
+    report = VerifyReport(out, user_path(checkpoint_dir).resolve() if checkpoint_dir else None)
     if not out.is_dir():
         report.fail(f"{out}: not a folder")
         return report

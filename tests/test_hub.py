@@ -544,3 +544,22 @@ def test_a_base_model_names_a_hub_model_or_nothing(tmp_path):
         assert hub_id(name) == want, name
         if want:
             validate_repo_id(want)
+
+
+def test_a_name_from_the_training_machine_is_refused_in_one_line(tmp_path):
+    """A `~user` path whose user has no home here, or a name the Hub takes as no id, is neither fetched nor a crash
+    in pathlib: --model-name, --base-model and the checkpoint folder each get a one-line error that names it."""
+    from streammerge.errors import ConfigError
+    from streammerge.model_folder import model_dir_for
+    from streammerge.sources.hf import resolve_base
+
+    for name in ("~nosuchuser-sm/models/q", "a--b/c", "acme/m.git", "./missing"):
+        with pytest.raises(ConfigError, match="no such folder") as e:
+            model_dir_for(name)
+        assert repr(name) in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(ConfigError, match="--base-model") as e:
+            resolve_base(name)
+    r = subprocess.run([sys.executable, "-m", "streammerge", "~nosuchuser-sm/ckpt", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "~nosuchuser-sm/ckpt" in r.stderr, r.stderr
+    assert "internal error" not in r.stderr

@@ -33,6 +33,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model_folder import hub_id
 from ..optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
 from ..options import MergeOptions
+from ..paths import user_path
 from ..pipeline import MergePlan, MergeResult, merge, plan_merge
 from ..sources import Source, open_checkpoint
 from .card import make_model_card
@@ -114,7 +115,7 @@ def load_push_config(path: str | os.PathLike) -> PushConfig:
     """Read the ``hf_upload:`` block of a YAML file (a whole training config is fine)."""
     import yaml
 
-    path = Path(path).expanduser()
+    path = user_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
@@ -174,7 +175,7 @@ def default_out_dir(ck: Source) -> Path:
 
 def resolve_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Source:
     """The checkpoint at ``checkpoint_dir``; with ``step``, its ``global_step_{step}`` when it is a run folder."""
-    path = Path(checkpoint_dir).expanduser()
+    path = user_path(checkpoint_dir)
     if step is not None and (path / f"global_step_{int(step)}").is_dir():
         path = path / f"global_step_{int(step)}"
     ck = open_checkpoint(path)
@@ -268,7 +269,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
     given = {"model_name": model_name} if model_name is not None else {}  # None keeps options' --model-name
     opts = MergeOptions.create(options, **merge_options, optimizer=optimizer, **given)
     ck = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(Path(checkpoint))
-    out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(ck)
+    out = user_path(out_dir) if out_dir is not None else default_out_dir(ck)
     inferred = not repo_id
     if inferred:
         if out_dir is None:

@@ -25,6 +25,7 @@ from typing import Any
 from .. import jsonfile
 from ..errors import CheckpointError, ConfigError, StreammergeError
 from ..options import MergeOptions
+from ..paths import user_path
 from ..pipeline import merge
 from ..sources import LATEST_FILE, Source, open_checkpoint
 from .publish import PushResult, default_out_dir, merge_and_push
@@ -97,7 +98,7 @@ class Watcher:
                  organization: str | None = None, private: bool | None = None, revision: str | None = None,
                  revision_per_step: bool = False, only_latest: bool = False, out_root: str | os.PathLike | None = None,
                  state_file: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any):
-        self.run_dir = Path(run_dir).expanduser().resolve()
+        self.run_dir = user_path(run_dir).resolve()
         if not self.run_dir.is_dir():
             raise CheckpointError(f"{self.run_dir}: no such run folder")
         if push and not repo_id:  # each step has its own output folder: none of them names the model
@@ -114,8 +115,8 @@ class Watcher:
         self.revision = revision
         self.revision_per_step = revision_per_step
         self.only_latest = only_latest
-        self.out_root = Path(out_root).expanduser().resolve() if out_root else None
-        self.state_file = Path(state_file).expanduser() if state_file else self.run_dir / STATE_FILE
+        self.out_root = user_path(out_root).resolve() if out_root else None
+        self.state_file = user_path(state_file) if state_file else self.run_dir / STATE_FILE
         self.push_options = {k: v for k, v in kwargs.items() if k in PUSH_OPTIONS}
         self.options = MergeOptions.create(options, **{k: v for k, v in kwargs.items() if k not in PUSH_OPTIONS})
         self._seen: dict[int, Snapshot] = {}

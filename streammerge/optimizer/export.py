@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import jsonfile
 from ..errors import CheckpointError, StreammergeError
+from ..paths import user_path
 from . import OPTIMIZER_DIR, OPTIMIZER_INDEX, OPTIMIZER_PT
 
 
@@ -77,7 +78,7 @@ def flatten(osd: Mapping) -> dict[str, Any]:
 
 
 def _export_dir(path: Path) -> Path:
-    path = Path(path).expanduser()
+    path = user_path(path)
     if (path / OPTIMIZER_DIR).is_dir():
         return path / OPTIMIZER_DIR
     if (path / OPTIMIZER_INDEX).is_file() or (path / OPTIMIZER_PT).is_file():

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..paths import user_path
 from . import dcp, verl
 from .base import Piece, ReadStats, Source, SourceTensor
 
@@ -28,7 +29,7 @@ FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Source]]] = [
 
 def open_checkpoint(path: str | Path) -> Source:
     """The checkpoint at `path`, opened by the format that recognises it (metadata is read lazily)."""
-    folder, opener = _find(Path(path).expanduser().resolve())
+    folder, opener = _find(user_path(path).resolve())
     return opener(folder)
 
 

@@ -10,13 +10,13 @@ writer. `HFOracle` is verify's independent reader of the same files (safetensors
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import dtypes, jsonfile
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
+from ..paths import user_path
 from ..write.safetensors_format import read_header
 from .base import Oracle, Piece, Source, SourceTensor, row_major
 
@@ -27,23 +27,12 @@ HUB_PATTERNS = ("*.safetensors", INDEX, "config.json")
 
 def resolve_base(name: str, *, token: str | None = None, endpoint: str | None = None) -> Path:
     """The folder of `--base-model`: a local folder as is, or a Hub model's safetensors and config fetched."""
-    local = Path(name).expanduser()
+    local = user_path(name)
     if local.is_dir():
         return local.resolve()
-    from ..model_folder import _HUB_ID
+    from ..model_folder import hub_snapshot
 
-    if not _HUB_ID.match(name) or name.startswith((".", "~")):
-        raise ConfigError(f"--base-model {name!r}: no such folder (and not a Hub model name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        snap = snapshot_download(name, allow_patterns=list(HUB_PATTERNS), token=token,
-                                 endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
-    except Exception as e:  # offline, not found, no access: all mean "give a local folder"
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ConfigError(f"--base-model {name!r}: not a local folder, and its safetensors could not be fetched "
-                          f"from the Hub ({first})") from None
-    return Path(snap)
+    return hub_snapshot(name, "--base-model", HUB_PATTERNS, "its safetensors", token=token, endpoint=endpoint)
 
 
 class HFSource(Source):
