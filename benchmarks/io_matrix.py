@@ -7,7 +7,7 @@ A variant is `label=` followed by space-separated tokens: `NAME=VALUE` (upper ca
 variable, anything else is a streammerge argument. Every round runs `cat` of the rank files into one file
 + sync, `cat` > /dev/null, and each variant (keep and/or bfloat16, --dtypes), in a shuffled order, the
 page cache dropped before each. `--command "label=SHELL"` adds a shell command to each round
-(`{actor}` and `{out}` are replaced: torchrun, say); `--no-read-only` leaves `cat` > /dev/null out. For each
+(`{actor}`, `{out}` and `{python}` are replaced: torchrun, say); `--no-read-only` leaves `cat` > /dev/null out. For each
 run the block device's counters (/proc/diskstats) give bytes read and written and the average number of requests
 in flight. Medians per variant go to --results (JSON).
 """
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append(("cat_read_only", cat_null, env0))
     for spec in a.command:
         label, _, shell = spec.partition("=")
-        jobs.append((label, ["sh", "-c", shell.format(actor=actor, out=out)], env0))
+        jobs.append((label, ["sh", "-c", shell.format(actor=actor, out=out, python=sys.executable)], env0))
     for dt in a.dtypes.split(","):
         for label, env, args in variants:
             cmd = [sys.executable, "-m", "streammerge", str(actor), str(out), "--dtype", dt, "--no-optimizer",
