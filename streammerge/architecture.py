@@ -49,9 +49,6 @@ TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the chil
 DISABLE_ENV = "STREAMMERGE_ARCH_CHECK"  # "0": skip the check (with a warning)
 CACHE_ENV = "STREAMMERGE_CACHE"
 IO_ENV = "STREAMMERGE_ARCH_IO"  # "idle": this process reads in the idle I/O class while the child imports (opt-in)
-AHEAD_ENV = "STREAMMERGE_ARCH_AHEAD"  # "0": the child neither reads its imports ahead nor records them
-AHEAD_WAIT = 60.0  # seconds the merge holds its reads back for the child's read-ahead, at most
-_CHILD_AHEAD = "_STREAMMERGE_CHILD_AHEAD"  # to the child: "read:LIST" or "record:LIST" (imports_ahead.py)
 Shapes = Mapping[str, tuple[int, ...]]
 
 
@@ -192,18 +189,7 @@ def _model_names(model: Any) -> dict[str, Any]:
 
 def child_main() -> None:
     """The child: a line of config JSON in, then (once the merge has planned) a line of the weights' names; one
-    JSON line out (the answer and this process's peak RSS). The model is built while the merge plans. Given a list
-    of its imports, it first reads them ahead and says so in a line of its own; else it records them once it has
-    answered (imports_ahead.py)."""
-    mode, _, listed = os.environ.pop(_CHILD_AHEAD, "").partition(":")
-    stale = mode == "record"
-    if mode == "read":
-        from . import imports_ahead
-
-        ahead = imports_ahead.read_ahead(Path(listed))
-        stale = ahead.stale
-        sys.stdout.write(f"ahead {ahead.bytes} {ahead.seconds:.3f} {int(stale)}\n")
-        sys.stdout.flush()
+    JSON line out (the answer and this process's peak RSS). The model is built while the merge plans."""
     try:
         config = json.loads(sys.stdin.buffer.readline())
         answer = describe(config, lambda: json.loads(sys.stdin.buffer.readline() or b"[]"))
@@ -212,12 +198,6 @@ def child_main() -> None:
     answer["rss"] = _own_peak()
     sys.stdout.write("\n" + json.dumps(answer) + "\n")
     sys.stdout.flush()
-    if stale and listed and "models" in answer:
-        from . import imports_ahead
-
-        os.close(1)  # the merge reads the answer to the end of the pipe: it has it, and need not wait for this
-        sys.stdout = open(os.devnull, "w")
-        imports_ahead.record(Path(listed))
 
 
 def _own_peak() -> int:
@@ -243,12 +223,6 @@ child_main()
 
 # ---------------------------------------------------------------- in the merge: start, wait, compare
 
-def _set_event() -> threading.Event:
-    event = threading.Event()
-    event.set()
-    return event
-
-
 @dataclass
 class ArchCheck:
     """A started check: `result()` waits for it; `check(shapes)` compares."""
@@ -266,10 +240,6 @@ class ArchCheck:
     _names: list[str] | None = None
     _names_ready: threading.Event = field(default_factory=threading.Event)
     seconds: float = 0.0
-    _ahead: threading.Event = field(default_factory=_set_event)  # cleared while the child reads ahead
-    ahead: tuple[int, float] | None = None  # the child's read-ahead of its imports: bytes, seconds
-    ahead_note: str = ""  # why the imports were not read ahead, or what went wrong with it
-    waited: float = 0.0  # seconds the merge held its reads back for the read-ahead
     _yield: Any = None  # ioprio.Yield while the child imports
     io_note: str | None = None  # why this process could not step aside on the disk
 
@@ -314,12 +284,6 @@ class ArchCheck:
         root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
                    TOKENIZERS_PARALLELISM="false")
-        listed = _imports_list()
-        if listed is not None:
-            there = listed.is_file()
-            env[_CHILD_AHEAD] = f"{'read' if there else 'record'}:{listed}"
-            if not there:
-                self.ahead_note = f"its imports were not read ahead: no list of them yet in {listed.parent}"
         try:
             err = tempfile.TemporaryFile()  # a file, not a pipe: warnings that fill a pipe would stall the child
             self._proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=root)], stdin=subprocess.PIPE,
@@ -327,8 +291,6 @@ class ArchCheck:
         except OSError as e:
             return f"architecture check skipped: cannot start a child process ({e.strerror or e})"
         self.how = "child"
-        if env.get(_CHILD_AHEAD, "").startswith("read:"):
-            self._ahead.clear()
         if os.environ.get(IO_ENV) == "idle":
             from . import ioprio
 
@@ -340,26 +302,12 @@ class ArchCheck:
         self._thread.start()
         return None
 
-    def wait_ahead(self, timeout: float = AHEAD_WAIT) -> None:
-        """Before the merge's first read: let the child read its imports while nothing else reads the disk."""
-        if self._ahead.is_set():
-            return
-        t0 = time.perf_counter()
-        if not self._ahead.wait(timeout):
-            self.ahead_note = f"the merge stopped waiting for its read-ahead after {timeout:.0f} s"
-        self.waited = time.perf_counter() - t0
-
     def _how(self) -> str:
         if self.how == "child" and self.answer is not None:
             rss = self.answer.get("rss") or 0
             aside = ""
-            if self.ahead is not None:
-                aside = (f"; it read its imports ahead first, {self.ahead[0] / 1e6:.0f} MB in {self.ahead[1]:.1f} s, "
-                         f"the merge waiting {self.waited:.1f} s")
-            if self.ahead_note:
-                aside += f"; {self.ahead_note}"
             if self._yield is not None:
-                aside += f"; this process kept its I/O priority ({self.io_note})" if self.io_note else \
+                aside = f"; this process kept its I/O priority ({self.io_note})" if self.io_note else \
                     "; it read the disk first (this process stood in the idle I/O class meanwhile)"
             return f"asked a child process: {self.seconds:.1f} s, {rss / 2**20:.0f} MiB{aside}"
         return {"cache": "answer cached", "in-process": "asked in this process"}.get(self.how, self.how)
@@ -576,18 +524,8 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
         first = proc.stdout.readline()
         if first.strip().isdigit():
             check._pid = int(first)
-            if not check._ahead.is_set():
-                line = proc.stdout.readline()
-                words = line.split()
-                if len(words) == 4 and words[0] == b"ahead":
-                    check.ahead = (int(words[1]), float(words[2]))
-                    if words[3] == b"1":
-                        check.ahead_note = "much of its list was gone (the child lists its imports again)"
-                else:
-                    check._out = line
         else:
             check._out = first
-        check._ahead.set()
         check._names_ready.wait()
         proc.stdin.write(json.dumps(check._names or []).encode() + b"\n")
         proc.stdin.close()
@@ -600,7 +538,6 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
     except Exception as e:  # noqa: BLE001
         check._err += str(e).encode()
     finally:
-        check._ahead.set()
         err.close()
 
 
@@ -638,19 +575,6 @@ def _cached_config(config: Mapping[str, Any]) -> bool:
         return key is not None and any(_cache_dir().glob(f"{key}-*.json"))
     except OSError:
         return False
-
-
-def _imports_list() -> Path | None:
-    """This Python's list of the child's imports (imports_ahead.py), where reading ahead is wanted and possible."""
-    versions = _versions()
-    if versions is None or os.environ.get(AHEAD_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    from . import imports_ahead
-
-    try:
-        return imports_ahead.list_path(_cache_dir().parent / "imports", versions)
-    except OSError:
-        return None
 
 
 def _cache_dir() -> Path:

@@ -392,8 +392,6 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     if folds:
         import_behind("torch")  # folds need torch: its import (seconds) overlaps the first files' copies
     mp.check_architecture(wait=False)  # answered already (in-process, cached): before a byte is written
-    if mp.arch is not None:
-        mp.arch.wait_ahead()  # a child reading its imports ahead has the disk to itself
     _check_ties(mp, shares)
     inputs = _inputs(mp)
     folder = OutputFolder(out, fingerprint=mp.fingerprint(), source=mp.source.path, options=mp.record(),

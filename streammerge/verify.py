@@ -115,8 +115,6 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     chunk = max(4096, parse_size(chunk_size))
     workers = workers or _default_workers()
     arch = _start_architecture(out, report)  # first: a child importing transformers answers while the rest reads
-    if arch is not None:
-        arch.wait_ahead()  # a child reading its imports ahead has the disk to itself
     reading = None
     try:
         ck = open_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
