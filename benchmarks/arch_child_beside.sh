@@ -18,7 +18,8 @@ print(json.dumps({'child_wall_s':round(w,2),'cpu_s':round(cpu/1e9,2),'runq_s':ro
 cold() { rm -rf $OUT; sync; echo 3 > /proc/sys/vm/drop_caches; }
 for r in $(seq $2); do
   cold; echo "{\"round\": $r, \"mode\": \"alone\", \"child\": $(python3 -c "$PROBE" 2>/dev/null)}"
-  cold; echo "{\"round\": $r, \"mode\": \"alone_noautoload\", \"child\": $(TORCH_DEVICE_BACKEND_AUTOLOAD=0 python3 -c "$PROBE" 2>/dev/null)}"
+  case " ${MODES:-noautoload} " in *" noautoload "*)
+    cold; echo "{\"round\": $r, \"mode\": \"alone_noautoload\", \"child\": $(TORCH_DEVICE_BACKEND_AUTOLOAD=0 python3 -c "$PROBE" 2>/dev/null)}";; esac
   for mode in ${MODES:-beside idle small pinned noautoload}; do
     cold; P=""; X=""; Q=""
     case $mode in idle) P="ionice -c3";; small) X="--buffer-size 2MiB";; pinned) P="taskset -c 0"; Q="taskset -c 1";;
