@@ -433,7 +433,7 @@ def test_optimizer_rank_files_are_unpickled_once_and_weights_only(make_ckpt, tmp
     path = actor / "optim_world_size_2_rank_0.pt"
     tries, loads = [], []
     read_state, torch_load = metapickle.read_state, torch.load
-    monkeypatch.setattr(metapickle, "read_state", lambda p: tries.append(p) or read_state(p))
+    monkeypatch.setattr(metapickle, "read_state", lambda p, *rest: tries.append(p) or read_state(p, *rest))
     monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or torch_load(*a, **kw))
 
     rf = load_optim_file(path, 0, 2)

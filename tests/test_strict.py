@@ -7,8 +7,10 @@ compared with torch.load's, byte for byte. A differential fuzz test does the sam
 
 from __future__ import annotations
 
+import io
 import logging
 import pickletools
+import re
 import shutil
 import struct
 import warnings
@@ -546,3 +548,193 @@ def test_an_integer_parameter_that_requires_grad(tmp_path: Path) -> None:
 def records_bytes(path: Path) -> bytes:
     with zipfile.ZipFile(path) as z:
         return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+# ---------------------------------------------------------------- what torch's unpickler would not read alike
+
+def _build_on_global(global_line: bytes, state: bytes):
+    """A pickle edit: right after the first GLOBAL `global_line`, BUILD `state` on the global it pushed."""
+    def edit(name: str, b: bytes) -> bytes:
+        if name != "data.pkl":
+            return b
+        at = b.index(b"c" + global_line) + 1 + len(global_line)
+        return b[:at] + state + b"b" + b[at:]
+    return edit
+
+
+def rewrite_with_torch(path: Path, edit) -> None:
+    """Write the file again through torch's own zip writer (its alignment, its records), data.pkl edited: where
+    `repack`'s layout sends a file to the stricter checks, this one stays a file torch.save could have written."""
+    with zipfile.ZipFile(path) as z:
+        items = [(i.filename.split("/", 1)[1], z.read(i)) for i in z.infolist()]
+    w = torch._C.PyTorchFileWriter(str(path))
+    for name, b in items:
+        if name not in ("version", ".data/version", ".data/serialization_id"):  # the writer adds its own
+            b = edit(name, b)
+            w.write_record(name, b, len(b))
+    w.write_end_of_file()
+
+
+@pytest.mark.parametrize("case", ["storage_type", "function"])
+def test_state_set_on_a_global_changes_no_later_file(good: Path, tmp_path: Path, case: str) -> None:
+    """One object per allowlisted global serves every file of the process (watch merges step after step): a BUILD
+    on it (torch refuses BUILD on a class or function) must not change how the next, clean file reads."""
+    p = rank_file(copy(good, tmp_path / "bad"))
+    if case == "storage_type":  # FloatStorage read as int32 from then on: same size, other values
+        line, state = b"torch\nFloatStorage\n", b"}" + _short_unicode("dtype") + b"ctorch\nint32\n" + b"s"
+    else:  # _rebuild_tensor_v2's default metadata, through slot state (None, {"__defaults__": ("neg",)})
+        line = b"torch._utils\n_rebuild_tensor_v2\n"
+        state = b"N}" + _short_unicode("__defaults__") + b"(" + _short_unicode("neg") + b"ts\x86"
+    rewrite_with_torch(p, _build_on_global(line, state))
+    assert differential(p) == "both refuse"
+    clean, stats = rank_file(copy(good, tmp_path / "clean")), ReadStats()
+    assert differential(clean) == "same"
+    load_rank_file(clean, 0, WS, stats=stats)
+    assert stats.decoded == 1, stats.describe()  # the fast decoder still takes a clean file
+
+
+@pytest.mark.parametrize("case", ["protocol_4", "memo_index"])
+def test_opcodes_torch_does_not_read(good: Path, tmp_path: Path, case: str) -> None:
+    """The C unpickler reads every protocol and sizes its memo by the largest index named; torch reads protocol 2's
+    opcodes and keeps a dict. Either kind of file goes to torch.load, which refuses the one and reads the other."""
+    p = rank_file(copy(good, tmp_path))
+    if case == "protocol_4":  # SHORT_BINUNICODE for a key: same meaning, an opcode torch's unpickler refuses
+        old, new = _short_unicode("c.bias"), b"\x8c\x06c.bias"
+    else:  # a memo index of 2**24 (PUT): 256 MB of C memo, from 5 bytes
+        old = b"ccollections\nOrderedDict\n"
+        new = old + b"r\x00\x00\x00\x01"
+    rewrite_with_torch(p, lambda n, b: b.replace(old, new, 1) if n == "data.pkl" else b)
+    assert new in records_bytes(p)
+    stats = ReadStats()
+    if case == "protocol_4":
+        assert differential(p) == "both refuse"
+        with pytest.raises(CheckpointError, match="opcode torch.save never writes"):
+            load_rank_file(p, 0, WS)
+    else:
+        assert differential(p) == "same"
+        load_rank_file(p, 0, WS, stats=stats)
+        assert stats.torch_loaded == 1 and stats.decoded == 0
+
+
+def test_opcode_allowlist_is_torchs() -> None:
+    """Every opcode byte: refused by our walk exactly where torch's weights-only unpickler says it is unsupported."""
+    from torch import _weights_only_unpickler as wou
+
+    from streammerge.sources.picklescan import beyond_torch
+
+    for c in range(256):
+        data = b"\x80\x02" + bytes([c]) + b"\x00" * 16 + b"."
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # protocol numbers other than 2
+                wou.Unpickler(io.BytesIO(data)).load()
+            torch_refuses = False
+        except Exception as e:
+            torch_refuses = f"Unsupported operand {c}" in str(e)
+        ours = beyond_torch(data)
+        assert (ours == f"pickle opcode {bytes([c])!r}, which torch's weights-only unpickler does not read") \
+            == torch_refuses, c
+
+
+@pytest.mark.parametrize("bit", ["neg", "conj"])
+def test_a_tensor_saved_with_its_negative_or_conjugate_bit(tmp_path: Path, bit: str) -> None:
+    """torch.save keeps a lazy negation or conjugation as metadata: the stored bytes are not the values. Refused
+    in one line (the fast decoder declines the metadata; torch.load's tensor has the bit)."""
+    t = torch.arange(6.0).reshape(2, 3)
+    lazy = torch._neg_view(t) if bit == "neg" else torch.complex(t, t).conj()
+    p = tmp_path / f"model_world_size_{WS}_rank_0.pt"
+    torch.save({"a": lazy, "b": torch.ones(2)}, p)
+    with pytest.raises(StreammergeError, match=("negative" if bit == "neg" else "conjugate") + " bit") as e:
+        load_rank_file(p, 0, WS)
+    assert "\n" not in str(e.value)
+
+
+def test_data_version_record_comes_first(good: Path, tmp_path: Path) -> None:
+    """torch's reader takes `.data/version` where a file has it, `version` only where not."""
+    for data_version, version, want in ((b"99\n", b"3\n", "both refuse"), (b"3\n", b"99\n", "same")):
+        p = rank_file(copy(good, tmp_path / version.decode().strip()))
+        prefix = p.stem + "/"
+        repack(p, edit=lambda items: [(n, b) for n, b in items if not n.endswith("version")]  # noqa: B023
+               + [(prefix + "version", version), (prefix + ".data/version", data_version)])  # noqa: B023
+        assert differential(p) == want
+
+
+@pytest.mark.parametrize("value", ["list", "int_key", "bytes"])
+def test_entries_that_are_no_tensor(tmp_path: Path, value: str) -> None:
+    """A list of tensors or a tensor under a number is refused (no name to give it); anything holding no tensor is
+    left out and named in the summary."""
+    t = torch.ones(2, 3)
+    extra = {"list": {"c": [t * 2]}, "int_key": {3: t * 3}, "bytes": {"_extra_state": b"fp8 scales"}}[value]
+    p = tmp_path / f"model_world_size_{WS}_rank_0.pt"
+    torch.save({"a": t, **extra}, p)
+    stats = ReadStats()
+    if value == "bytes":
+        assert set(load_rank_file(p, 0, WS, stats=stats).tensors) == {"a"}
+        assert "left out (not tensors): '_extra_state'" in stats.describe()
+    else:
+        with pytest.raises(CheckpointError, match="holds tensors inside a list" if value == "list" else "int key 3"):
+            load_rank_file(p, 0, WS, stats=stats)
+
+
+def _point_data_pkl_at_a_second_copy(path: Path, edit) -> None:
+    """Insert a second data.pkl record (edit(data.pkl), same length) after the first, padded so every later record
+    moves by a multiple of 64, and point the directory's data.pkl entry at it, where torch's reader looks."""
+    raw = bytearray(path.read_bytes())
+    info = records(path)
+    pkl_info = info["data.pkl"]
+    start = data_start(raw, pkl_info)
+    pkl = bytes(raw[start:start + pkl_info.file_size])
+    new = edit(pkl)
+    name = pkl_info.filename.encode()
+    pad = -(30 + len(name) + 4 + len(new)) % 64
+    extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+    block = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, zlib.crc32(new), len(new), len(new), len(name),
+                        len(extra)) + name + extra + new
+    at, shift = start + len(pkl), len(block)
+    out = raw[:at] + block + raw[at:]
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+    cd = out.find(b"PK\x01\x02", at + shift)
+    for i, zi in enumerate(infos):  # central entries in order: data.pkl first
+        assert out[cd:cd + 4] == b"PK\x01\x02"
+        if i == 0:
+            struct.pack_into("<II", out, cd + 16, zlib.crc32(new), len(new))
+            struct.pack_into("<I", out, cd + 42, at)
+        else:
+            struct.pack_into("<I", out, cd + 42, zi.header_offset + shift)
+        n, e, c = struct.unpack_from("<HHH", out, cd + 28)
+        cd += 46 + n + e + c
+    for sig, off in ((b"PK\x05\x06", 16), (b"PK\x06\x06", 48)):
+        pos = out.rfind(sig)
+        if pos >= 0:
+            fmt = "<I" if off == 16 else "<Q"
+            old = struct.unpack_from(fmt, out, pos + off)[0]
+            if old not in (0xFFFFFFFF,):
+                struct.pack_into(fmt, out, pos + off, old + shift)
+    loc = out.rfind(b"PK\x06\x07")
+    if loc >= 0:
+        struct.pack_into("<Q", out, loc + 8, struct.unpack_from("<Q", out, loc + 8)[0] + shift)
+    path.write_bytes(bytes(out))
+
+
+def test_matcher_reads_data_pkl_where_the_directory_points(tmp_path: Path) -> None:
+    """A rank file with two data.pkl records, the directory naming the second (two tensors' storages swapped):
+    torch reads the second, and so must a rank the matcher proves alike rank 0."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    actor = write_rank_files(tmp_path / "actor", {"a.weight": (a, [Shard(0)]), "b.weight": (b, [Shard(0)]),
+                                                  "c.weight": (a + b, [Shard(0)])}, (WS,))
+    from streammerge.sources import torchpickle
+
+    def swap(pkl: bytes) -> bytes:
+        obj = torchpickle.decode(pkl)
+        ka, kb = (obj[n].state["_local_tensor"].storage.key.encode() for n in ("a.weight", "b.weight"))
+        other = {ka: kb, kb: ka}
+        pattern = re.compile(rb"X\x01\x00\x00\x00(.)(q.X\x03\x00\x00\x00cpu)", re.S)  # a key, then its location
+        out = pattern.sub(lambda m: b"X\x01\x00\x00\x00" + other.get(m.group(1), m.group(1)) + m.group(2), pkl)
+        assert out != pkl and len(out) == len(pkl)
+        return out
+    _point_data_pkl_at_a_second_copy(rank_file(actor, 1), swap)
+    local = torch.load(rank_file(actor, 1), map_location="cpu", weights_only=True)["a.weight"]._local_tensor
+    assert torch.equal(local, b[3:])  # torch reads the second pickle
+    ranks_equal_torch(actor)

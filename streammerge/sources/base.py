@@ -133,6 +133,7 @@ class ReadStats:
     decoded: int = 0  # files decoded in full
     torch_loaded: int = 0  # files read with torch.load (weights-only) because our decoder declined
     fallbacks: Counter = field(default_factory=Counter)  # reason -> how many files
+    left_out: Counter = field(default_factory=Counter)  # a model file's entry that is no tensor -> how many files
 
     def fell_back(self, reason: str) -> None:
         self.fallbacks[reason] += 1
@@ -145,6 +146,8 @@ class ReadStats:
         if self.torch_loaded:
             parts.append(f"{self.torch_loaded} read with torch.load")
         text = ", ".join(parts)
+        if self.left_out:
+            text += "; left out (not tensors): " + ", ".join(n for n, _ in self.left_out.most_common(3))
         if self.fallbacks:
             text += "; fell back: " + "; ".join(f"{n} x {why}" for why, n in self.fallbacks.most_common(3))
         return text
@@ -272,7 +275,7 @@ def bytes_rows(x: Any) -> Any:
     """A tensor's elements as rows of raw bytes: equality is bit equality (NaNs, -0.0 and all)."""
     import torch
 
-    x = x.contiguous().reshape(-1)
+    x = x.resolve_conj().resolve_neg().contiguous().reshape(-1)  # a lazy view's values, not its stored bytes
     return x.view(torch.uint8).reshape(x.numel(), x.element_size())
 
 

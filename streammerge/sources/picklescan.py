@@ -8,7 +8,9 @@ which positions are opcode starts, and which opcodes begin each key of the state
 
 from __future__ import annotations
 
+import functools
 import pickletools
+import re
 import struct
 from collections.abc import Sequence
 
@@ -104,3 +106,57 @@ def scan(data: bytes, checks: Sequence[int] = (), key_limit: int | None = None) 
     if ci < nchecks:
         return None
     return [k for k in keys if k < limit]
+
+
+
+# The opcodes torch's weights-only unpickler reads (torch.save writes protocol 2), with their operands:
+# n >= 0 bytes, -1 two newline-terminated lines, -2 a 1-byte length, -4 a 4-byte length.
+_TORCH_OPERANDS = {
+    b"c": -1, b"\x81": 0, b"R": 0, b"b": 0, b"a": 0, b"e": 0, b"s": 0, b"u": 0, b"(": 0, b"t": 0, b"\x85": 0,
+    b"\x86": 0, b"\x87": 0, b"N": 0, b"\x89": 0, b"\x88": 0, b")": 0, b"]": 0, b"}": 0, b"\x8f": 0, b"J": 4,
+    b"K": 1, b"M": 2, b"G": 8, b"X": -4, b"U": -2, b"Q": 0, b"h": 1, b"j": 4, b"q": 1, b"r": 4, b"\x8a": -2,
+    b"\x80": 1, b".": 0}
+_LONG_BINPUT, _BINUNICODE, _GLOBAL = ord("r"), ord("X"), ord("c")
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_run(high: int) -> re.Pattern[bytes]:
+    """A run of fixed-operand opcodes, LONG_BINPUT among them while its index is below (high + 1) * 65536."""
+    alts = [b"[" + b"".join(re.escape(op) for op, n in _TORCH_OPERANDS.items() if n == k and op not in b"r.")
+            + b"]" + b"." * k for k in sorted({n for n in _TORCH_OPERANDS.values() if n >= 0})]
+    alts.append(b"r..[\\x00-" + re.escape(bytes([high])) + b"]\\x00")
+    return re.compile(b"(?:" + b"|".join(alts) + b")*", re.S)
+
+
+def beyond_torch(data: bytes) -> str | None:
+    """Why torch's weights-only unpickler would not read this pickle as the C unpickler would, or None.
+
+    The C unpickler reads every protocol's opcodes, and grows its memo to twice the largest index a PUT names
+    (a few bytes can ask for gigabytes) where torch's keeps a dict. A file with either goes to torch.load,
+    which refuses the one and reads the other. A pickle cut short is left to the unpickler to report. Runs of
+    fixed-size opcodes are skipped by a regular expression: a loop over each opcode costs most of a decode.
+    """
+    n, pos, unpack = len(data), 0, struct.unpack_from
+    run = _fixed_run(min(255, n >> 16)).match
+    try:
+        while pos < n:
+            pos = run(data, pos).end()  # type: ignore[union-attr]  # a * pattern always matches
+            c = data[pos]
+            k = _TORCH_OPERANDS.get(bytes([c]))
+            if k is None:
+                return f"pickle opcode {bytes([c])!r}, which torch's weights-only unpickler does not read"
+            if c == _STOP:
+                return None
+            if c == _LONG_BINPUT:
+                if unpack("<I", data, pos + 1)[0] > n:
+                    return f"a memo index of {unpack('<I', data, pos + 1)[0]} in a pickle of {n} bytes"
+                pos += 5
+            elif c == _BINUNICODE:
+                pos += 5 + unpack("<I", data, pos + 1)[0]
+            elif c == _GLOBAL:
+                pos = data.index(b"\n", data.index(b"\n", pos + 1) + 1) + 1
+            else:  # SHORT_BINSTRING, LONG1
+                pos += 2 + data[pos + 1]
+    except (IndexError, ValueError, struct.error):
+        pass
+    return None

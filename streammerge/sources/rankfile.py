@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
 import pickle
 import sys
@@ -75,6 +76,9 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
         # torch's own hint (allowlist the global) is the opposite of what a stranger's file deserves
         detail = detail.split(" Please use")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
+        if "Unsupported operand" in detail:  # an opcode, not a global: no code asked for, torch.save never wrote it
+            raise CheckpointError(f"{path}: its pickle uses an opcode torch.save never writes ({detail.strip()[:60]}), "
+                                  "which torch.load(weights_only=True) refuses; re-save the file with torch.save")
         raise UnsafePickleError(
             f"{path}: refused to load: the pickle asks for something outside torch's weights-only "
             f"allowlist ({detail.strip()[:200]}). Unpickling it could run arbitrary code. Only if you "
@@ -131,7 +135,7 @@ def _layout_shape(layout: Any) -> tuple[int, ...] | None:
     """Mesh shape from a pickled _MeshLayout: torch 2.11 keeps `shape`, 2.13 keeps one `axes` entry per dim."""
     state = getattr(layout, "__dict__", {})
     if isinstance(state.get("shape"), tuple):
-        return tuple(int(s) for s in state["shape"])
+        return _whole("mesh shape", state["shape"])
     axes = state.get("axes")
     if isinstance(axes, tuple):
         sizes = []
@@ -139,7 +143,7 @@ def _layout_shape(layout: Any) -> tuple[int, ...] | None:
             shape = getattr(axis, "__dict__", {}).get("shape")
             if not isinstance(shape, tuple):
                 return None
-            sizes.append(math.prod(int(s) for s in shape))
+            sizes.append(math.prod(_whole("mesh shape", shape)))
         return tuple(sizes)
     return None
 
@@ -168,7 +172,18 @@ def _mesh_layout(dt: Any, rank: int, world_size: int) -> tuple[tuple[int, ...] |
         coord = row_major_coordinate(rank, shape)
     if coord is None:
         raise UnsupportedLayoutError(f"cannot read the {ndim}-D device mesh layout of this torch version")
-    return shape, tuple(int(c) for c in coord)
+    return shape, _whole("coordinate", coord)
+
+
+def _whole(what: str, values: Any) -> tuple[int, ...]:
+    """Mesh sizes and coordinates as the ints they must be (a file may hold anything there)."""
+    try:
+        out = tuple(operator.index(v) for v in values)
+    except TypeError:
+        out = None
+    if out is None or any(v < 0 for v in out):
+        raise UnsupportedLayoutError(f"device mesh {what} {str(values)[:60]} is not whole numbers")
+    return out
 
 
 def _is_torch_tensor(obj: Any) -> bool:
@@ -206,13 +221,18 @@ def _record(name: str, t: Any, rank: int, world_size: int, path: Path,
     else:
         local, placements, mesh_shape, coord = t, None, None, None
         shape = tuple(t.shape)
+    if local.is_neg() or local.is_conj():
+        bit, fix = ("negative", "resolve_neg") if local.is_neg() else ("conjugate", "resolve_conj")
+        raise UnsupportedLayoutError(f"{path}: tensor {name!r} was saved with torch's {bit} bit set (a lazy view whose "
+                                     f"stored bytes are not its values); save it after .{fix}()")
     if local.layout != torch.strided:
         raise UnsupportedLayoutError(f"{path}: tensor {name!r} has layout {local.layout}; "
                                      "only dense tensors are supported")
     storage = local.untyped_storage()
     base = getattr(storage, "_checkpoint_offset", None)
     if base is None:
-        raise CheckpointError(f"{path}: tensor {name!r} has no storage offset (not a torch zip checkpoint?)")
+        raise CheckpointError(f"{path}: tensor {name!r} has no stored data (a tensor saved from the meta device holds "
+                              "no values)")
     # on the meta device torch predicts where records lie in its own layout; the bytes must be where its
     # reader of real tensors finds them: at a record's data, the record exactly the storage's size
     if records is None:
@@ -223,9 +243,14 @@ def _record(name: str, t: Any, rank: int, world_size: int, path: Path,
     if local.numel() and (local.storage_offset() + sum((s - 1) * st for s, st in zip(local.shape, local.stride()))
                           + 1) * local.element_size() > storage.nbytes():
         raise CheckpointError(f"{path}: tensor {name!r} reaches outside its storage (torch.load refuses it)")
+    try:
+        dtype = dtypes.of(local.dtype)
+    except ValueError:
+        raise UnsupportedLayoutError(f"{path}: tensor {name!r} has dtype {local.dtype}, which streammerge does "
+                                     "not support") from None
     return TensorRecord(
         name=name,
-        dtype=dtypes.of(local.dtype),
+        dtype=dtype,
         shape=shape,
         local_shape=tuple(local.shape),
         local_stride=tuple(local.stride()),
@@ -240,8 +265,9 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
                    stats: ReadStats | None = None) -> RankFile:
     """Read one rank file's tensor records without reading tensor data."""
     st = os.stat(path)
+    declined: list[str] = []
     if not trust_pickle:  # read_state checks the zip as check_zip does; on failure torch_load_meta reports it
-        fast = _fast_records(path, rank, world_size)
+        fast = _fast_records(path, rank, world_size, declined)
         if fast is not None:
             if stats is not None:
                 stats.decoded += 1
@@ -249,16 +275,24 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
                             tensors=_checked(fast[0], path, st.st_size), other=fast[1])
     if stats is not None:
         stats.torch_loaded += 1
-        stats.fell_back("--trust-pickle" if trust_pickle else "our decoder declined the pickle: torch.load decides")
+        why = f" ({declined[0][:80]})" if declined else ""
+        stats.fell_back("--trust-pickle" if trust_pickle else f"our decoder declined the pickle{why}: torch.load decides")
     obj = torch_load_meta(path, trust_pickle=trust_pickle)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     tensors, other = {}, {}
     records = storage_records(path)
     for name, value in obj.items():
-        if not isinstance(name, str):
+        if not isinstance(name, str) or not _is_torch_tensor(value):
+            if _holds_tensor(value):
+                what = (f"entry {name!r} holds tensors inside a {type(value).__name__}" if isinstance(name, str)
+                        else f"a tensor lies under the {type(name).__name__} key {name!r}")
+                raise CheckpointError(f"{path}: {what}; a model rank file maps each name to one tensor, and "
+                                      "streammerge does not guess names for others")
             other[name] = value
-        elif _is_torch_tensor(value):
+            if stats is not None:
+                stats.left_out[repr(name)[:40]] += 1
+        else:
             try:
                 rec = _record(name, value, rank, world_size, path, records)
             except (AttributeError, TypeError, ValueError, IndexError, KeyError) as e:  # a tensor torch half-built
@@ -271,9 +305,20 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
                     f"file has {st.st_size}"
                 )
             tensors[name] = rec
-        else:
-            other[name] = value
     return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns, tensors=tensors, other=other)
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether a tensor lies anywhere inside lists, tuples, sets and dicts (keys too), however deep."""
+    seen, todo = set(), [value]
+    while todo:
+        v = todo.pop()
+        if _is_torch_tensor(v):
+            return True
+        if isinstance(v, (list, tuple, set, frozenset, dict)) and id(v) not in seen:
+            seen.add(id(v))
+            todo.extend(v.items() if isinstance(v, dict) else v)
+    return False
 
 
 def _span_bytes(rec: TensorRecord) -> int:
@@ -293,11 +338,12 @@ def _checked(tensors: dict[str, TensorRecord], path: Path, size: int) -> dict[st
     return tensors
 
 
-def _fast_records(path: Path, rank: int, world_size: int) -> tuple[dict[str, TensorRecord], dict] | None:
+def _fast_records(path: Path, rank: int, world_size: int,
+                  declined: list[str] | None = None) -> tuple[dict[str, TensorRecord], dict] | None:
     """The records through metapickle's allowlisted C unpickler; None when torch.load must decide."""
     from . import torchpickle as mp
 
-    got = mp.read_state(path)
+    got = mp.read_state(path, declined)
     if got is None:
         return None
     return records_from_state(got.obj, got.offsets, path, rank, world_size)

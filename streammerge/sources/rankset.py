@@ -401,12 +401,15 @@ class _Matcher:
         if g.ref.path != path:
             _check_local_headers(path, g, shift, cd)
         pkl_size = int.from_bytes(cd[24:28], "little")
+        pkl_at = int.from_bytes(cd[42:46], "little")  # torch's reader finds data.pkl where the directory says
         with open(path, "rb") as f:
             no_readahead(f.fileno())
+            f.seek(pkl_at)
             local = f.read(zipdir.LOCAL_SIZE)
             if len(local) < zipdir.LOCAL_SIZE or local[:4] != b"PK\x03\x04":
                 raise Fallback("no local header for data.pkl")
-            f.seek(zipdir.LOCAL_SIZE + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+            f.seek(pkl_at + zipdir.LOCAL_SIZE + int.from_bytes(local[26:28], "little")
+                   + int.from_bytes(local[28:30], "little"))
             data = f.read(pkl_size)
         if len(data) != pkl_size:
             raise Fallback("data.pkl cut short")

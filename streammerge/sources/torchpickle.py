@@ -4,8 +4,10 @@
 meshes and specs: ~200 µs per DTensor, an hour for 1024 rank files of 50,000 tensors. Here the C
 unpickler (`pickle.Unpickler`) runs instead, and every global the file may name is mapped to a tiny
 record class of ours (`find_class`), never to torch's own code: nothing from the file can run, which is
-stricter than weights_only. A file that names anything outside the allowlist is not an error here:
-`read_state` returns None and the caller falls back to `torch.load(weights_only=True)`, which decides.
+stricter than weights_only. The C unpickler reads every protocol's opcodes, so the pickle's opcodes are
+first checked against the few torch's reads (`picklescan.beyond_torch`). A file that uses anything outside
+these allowlists is not an error here: `read_state` returns None and the caller falls back to
+`torch.load(weights_only=True)`, which decides.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError
+from .picklescan import beyond_torch
 from .torchzip import Directory, check_torch_records, data_offsets, read_directory, read_record
 
 _DTYPES = {name: dtypes.of(name) for name in (
@@ -29,12 +32,25 @@ _DTYPES = {name: dtypes.of(name) for name in (
     "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")}
 
 
+def _no_state(self: Any, state: Any) -> None:
+    """A BUILD opcode on a storage or a tensor: torch's classes decide what that does (some refuse, some ignore
+    it); ours would take it as new fields. torch's own unpickler reads such a file instead."""
+    raise NotPlain(f"state set on a {type(self).__name__.lower()} (BUILD)")
+
+
 class _StorageType:
     """`torch.FloatStorage` and the like, as a persistent id names them: a dtype (`torch.float32`) in that place
-    is refused by torch.load, so the two must not decode alike."""
+    is refused by torch.load, so the two must not decode alike. One object per name serves every file, so a
+    BUILD opcode on it must not change it for the files read after (torch refuses BUILD on a storage type)."""
+
+    __slots__ = ("dtype",)
+    __setstate__ = _no_state
 
     def __init__(self, dtype: DType):
-        self.dtype = dtype
+        object.__setattr__(self, "dtype", dtype)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
 
 
 _STORAGES = {name: _StorageType(d) for name, d in {
@@ -112,11 +128,25 @@ class StridedShard(Obj):
 class _UntypedStorage:
     """The `torch.storage.UntypedStorage` a persistent id names for dtypes rebuilt by _rebuild_tensor_v3."""
 
+    __setstate__ = _no_state  # a BUILD on the class itself: refused (see _Global)
 
-def _no_state(self: Any, state: Any) -> None:
-    """A BUILD opcode on a storage or a tensor: torch's classes decide what that does (some refuse, some ignore
-    it); ours would take it as new fields. torch's own unpickler reads such a file instead."""
-    raise NotPlain(f"state set on a {type(self).__name__.lower()} (BUILD)")
+
+class _Global:
+    """A function the allowlist maps a global to. One object serves every file read in this process, so a BUILD
+    opcode must not set attributes on it (its `__defaults__`, say) for the files read after: refused, as torch
+    refuses BUILD on anything but tensors, parameters and dicts."""
+
+    __slots__ = ("fn",)
+    __setstate__ = _no_state
+
+    def __init__(self, fn: Any):
+        object.__setattr__(self, "fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("read-only")
 
 
 class Storage:
@@ -253,15 +283,15 @@ def _get_layout(name):
 
 _GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_tensor_v2"): _Global(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): _Global(_rebuild_tensor_v3),
     ("torch.storage", "UntypedStorage"): _UntypedStorage,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_wrapper_subclass"): _rebuild_wrapper_subclass,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Size"): _size,
-    ("torch", "device"): _device,
-    ("torch.serialization", "_get_layout"): _get_layout,
+    ("torch._utils", "_rebuild_parameter"): _Global(_rebuild_parameter),
+    ("torch._utils", "_rebuild_wrapper_subclass"): _Global(_rebuild_wrapper_subclass),
+    ("torch._tensor", "_rebuild_from_type_v2"): _Global(_rebuild_from_type_v2),
+    ("torch", "Size"): _Global(_size),
+    ("torch", "device"): _Global(_device),
+    ("torch.serialization", "_get_layout"): _Global(_get_layout),
     ("torch.distributed.tensor", "DTensor"): DTensor,
     ("torch.distributed.tensor._api", "DTensor"): DTensor,
     ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"): DTensorSpec,
@@ -321,10 +351,10 @@ class State:
     offsets: dict[str, int]  # storage key -> byte offset of its data in the file (every storage the pickle names)
 
 
-def read_state(path: str | Path) -> State | None:
+def read_state(path: str | Path, declined: list[str] | None = None) -> State | None:
     """Unpickle a torch zip checkpoint into our records, with each storage's byte offset in the file.
 
-    Returns None when the file needs torch.load (unknown globals, legacy format).
+    Returns None when the file needs torch.load (unknown globals, legacy format), and adds why to `declined`.
     """
     try:
         d = read_directory(path)
@@ -336,7 +366,9 @@ def read_state(path: str | Path) -> State | None:
         obj, storages = _decode_storages(data)
     except Malformed as e:
         raise CheckpointError(f"{d.path}: {e}; torch.load refuses or misreads such a file") from None
-    except NotPlain:
+    except NotPlain as e:
+        if declined is not None:
+            declined.append(str(e))
         return None  # torch.load decides, and reports what is wrong with the file
     return State(d, data, obj, check_storages(d, storages))
 
@@ -397,6 +429,9 @@ def _decode_storages(data: bytes) -> tuple[Any, dict[str, tuple[DType | None, in
 
 
 def _decode(data: bytes, memo: bool) -> tuple[Any, dict | None, dict[str, tuple[DType | None, int]]]:
+    why = beyond_torch(data)
+    if why:
+        raise NotPlain(why)
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of small acyclic objects: the cyclic collector would rescan them again and again
     try:

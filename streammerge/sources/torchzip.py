@@ -246,7 +246,7 @@ def check_torch_records(d: Directory) -> None:
     A file saved big-endian is refused: its tensor bytes would need swapping, which the byte-copying writer
     never does. A file without the byteorder record is little-endian, as torch.load assumes by default.
     """
-    version = "version" if d.has("version") else ".data/version"
+    version = ".data/version" if d.has(".data/version") else "version"  # torch's reader asks in this order
     if not d.has(version):
         raise CheckpointError(f"{d.path}: the zip has no version record (torch.load refuses it); "
                               "copy the file again from the node that saved it")
