@@ -78,7 +78,8 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
         detail = detail.split(" Please use")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
         if "Unsupported operand" in detail:  # an opcode, not a global: no code asked for, torch.save never wrote it
             raise CheckpointError(f"{path}: its pickle uses an opcode torch.save never writes ({detail.strip()[:60]}), "
-                                  "which torch.load(weights_only=True) refuses; re-save the file with torch.save")
+                                  "which torch.load(weights_only=True) refuses; re-save the file with torch.save"
+                                  ) from None
         raise UnsafePickleError(
             f"{path}: refused to load: the pickle asks for something outside torch's weights-only "
             f"allowlist ({detail.strip()[:200]}). Unpickling it could run arbitrary code. Only if you "
@@ -276,7 +277,8 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
     if stats is not None:
         stats.torch_loaded += 1
         why = f" ({declined[0][:80]})" if declined else ""
-        stats.fell_back("--trust-pickle" if trust_pickle else f"our decoder declined the pickle{why}: torch.load decides")
+        stats.fell_back("--trust-pickle" if trust_pickle
+                        else f"our decoder declined the pickle{why}: torch.load decides")
     obj = torch_load_meta(path, trust_pickle=trust_pickle)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
