@@ -45,6 +45,7 @@ class _StorageType:
 
     __slots__ = ("dtype",)
     __setstate__ = _no_state
+    dtype: DType
 
     def __init__(self, dtype: DType):
         object.__setattr__(self, "dtype", dtype)
@@ -138,6 +139,7 @@ class _Global:
 
     __slots__ = ("fn",)
     __setstate__ = _no_state
+    fn: Any
 
     def __init__(self, fn: Any):
         object.__setattr__(self, "fn", fn)
