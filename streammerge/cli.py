@@ -146,7 +146,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         try:
             pushed = merge_and_push(args.checkpoint, args.out_dir, settings.repo_id, organization=settings.organization,
                                     private=settings.private, revision=args.revision, options=options,
-                                    **_push_options(args))
+                                    verify=bool(args.verify), **_push_options(args))
         except PushError as e:
             print(f"streammerge: push failed: {e}", file=sys.stderr)
             return PUSH_FAILED
@@ -156,7 +156,16 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(f"streammerge: warning: {w}", file=sys.stderr)
     print(result.summary())
     if settings.enabled:
+        if pushed.verify is not None:
+            print(pushed.verify.summary())
         print(pushed.summary())
+        return 0 if pushed.ok else 1
+    if args.verify:
+        from .verify import verify
+
+        report = verify(result.out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
+        print(report.summary())
+        return 0 if report.ok else 1
     return 0
 
 

@@ -50,3 +50,22 @@ def tree_bytes(folder: Path, *, skip_state: bool = True) -> dict[str, bytes]:
     """Every output file's bytes, keyed by relative path (the .streammerge/ state folder left out)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file() and not (skip_state and ".streammerge" in p.relative_to(folder).parts)}
+
+
+def diverge(path: Path, prefix: str) -> str:
+    """torch.save the rank file again with one element of its first DTensor named `prefix...` changed: every zip CRC
+    is valid, only the value differs from the replica's. Returns the tensor's name."""
+    from torch.distributed.tensor import DTensor
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    flat = sd["state"] if "state" in sd else sd
+    if "state" in sd:
+        name, key = next((f"state.{pid}.exp_avg", pid) for pid, e in sorted(flat.items())
+                         if isinstance(e.get("exp_avg"), DTensor))
+        local = flat[key]["exp_avg"]._local_tensor
+    else:
+        name = next(k for k, v in sorted(flat.items()) if k.startswith(prefix) and isinstance(v, DTensor))
+        local = flat[name]._local_tensor
+    local.view(-1)[-1] += 1.0
+    torch.save(sd, path)
+    return name

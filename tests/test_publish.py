@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from ckpt_tools import copy_actor, diverge
 from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -794,3 +795,22 @@ def test_push_result_repr_is_short(hub, make_ckpt, tmp_path):
     text = repr(result)
     assert len(text) < 400 and "alice/tiny" in text and "Plan" not in text, text
     assert result.merge.plans  # everything is still there, just not in the repr
+
+
+def test_push_with_verify_commits_nothing_when_verify_fails(hub, make_ckpt, tmp_path):
+    """--verify beside --push (or --config) checks the folder before the commit: an HSDP replica that differs (the
+    merge reads one replica) fails it, nothing is committed, the repo made for the first upload is removed again,
+    and the exit code is verify's 1."""
+    ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), tmp_path / "actor")
+    diverge(ckpt / "model_world_size_4_rank_2.pt", "model.layers.0.")
+    proc = cli([ckpt, tmp_path / "out", "--push", "--repo-id", "tiny", "--verify", "--no-optimizer"], hub)
+    assert proc.returncode == 1, proc.stderr
+    assert "differ from its replica" in proc.stdout and "push failed: verify found 1 problem(s): nothing committed" \
+        in proc.stdout, proc.stdout
+    assert not hub.requests("POST", r"/commit/") and not hub.repos
+    config = tmp_path / "train.yaml"
+    config.write_text("hf_upload:\n  enabled: false\n")
+    proc = cli([ckpt, tmp_path / "out2", "--config", config, "--verify", "--no-optimizer"], hub)
+    assert proc.returncode == 1 and "differ from its replica" in proc.stdout, proc.stdout + proc.stderr
+    proc = cli([make_ckpt(), tmp_path / "out3", "--push", "--repo-id", "tiny", "--verify", "--no-optimizer"], hub)
+    assert proc.returncode == 0 and ": OK (" in proc.stdout and "pushed to" in proc.stdout, proc.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_tools import REPO, copy_actor, write_rank_files
+from ckpt_tools import REPO, copy_actor, diverge, write_rank_files
 from fixture_paths import VERL_CASES as FIXTURES
 from torch.distributed.tensor import Replicate, Shard
 
@@ -426,25 +426,6 @@ def test_verify_reads_in_bounded_memory(tmp_path):
 # ---------------------------------------------------------------- HSDP replicas
 
 
-def _diverge(path: Path, prefix: str) -> str:
-    """torch.save the rank file again with one element of its first DTensor named `prefix...` changed: every zip CRC
-    is valid, only the value differs from the replica's. Returns the tensor's name."""
-    from torch.distributed.tensor import DTensor
-
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    flat = sd["state"] if "state" in sd else sd
-    if "state" in sd:
-        name, key = next((f"state.{pid}.exp_avg", pid) for pid, e in sorted(flat.items())
-                         if isinstance(e.get("exp_avg"), DTensor))
-        local = flat[key]["exp_avg"]._local_tensor
-    else:
-        name = next(k for k, v in sorted(flat.items()) if k.startswith(prefix) and isinstance(v, DTensor))
-        local = flat[name]._local_tensor
-    local.view(-1)[-1] += 1.0
-    torch.save(sd, path)
-    return name
-
-
 @pytest.mark.parametrize("rank", [0, 2])  # rank 0's copy is the one the merge reads; rank 2's is its replica
 @pytest.mark.parametrize("kind", ["model", "optim"])
 def test_a_diverged_hsdp_replica_is_named_by_verify(kind, rank, make_ckpt, tmp_path, capsys):
@@ -452,7 +433,7 @@ def test_a_diverged_hsdp_replica_is_named_by_verify(kind, rank, make_ckpt, tmp_p
     changed value (valid CRCs) merges (the merge reads one replica), and verify names the file and the tensor."""
     ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), tmp_path / "actor", optimizer=True)
     victim = ckpt / f"{kind}_world_size_4_rank_{rank}.pt"
-    name = _diverge(victim, "model.layers.0.")
+    name = diverge(victim, "model.layers.0.")
     out = tmp_path / "out"
     streammerge.merge(ckpt, out)
     for checksums in ("streams", "compare"):

@@ -209,6 +209,7 @@ class PushResult:
     error: str | None = None
     error_kind: str | None = None  # PushError.kind ("auth", "permission", ...) or the exception type
     note: str | None = None
+    verify: Any = None  # the VerifyReport, when the push was asked to verify first
 
     def __repr__(self) -> str:
         """Short: the merge result (plans of every tensor) and the file lists are left out."""
@@ -241,7 +242,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
                    endpoint: str | None = None, options: MergeOptions | None = None,
                    optimizer: bool | None = None, model_name: str | None = None, model_card: bool = True,
                    max_files_per_commit: int = 50, upload_workers: int = 2, retry: RetryPolicy | None = None,
-                   delete_stale: bool = True, **merge_options: Any) -> PushResult:
+                   delete_stale: bool = True, verify: bool = False, **merge_options: Any) -> PushResult:
     """Merge ``checkpoint`` into ``out_dir`` and push it to ``repo_id``, uploading while merging.
 
     ``out_dir=None`` uses :func:`default_out_dir`. ``repo_id=None`` names the repo after ``out_dir``,
@@ -262,6 +263,10 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
     push has none. A push that brings no README.md (``model_card=False`` and none in ``huggingface/``)
     also deletes a README.md that is a card an earlier push generated, byte for byte (it describes
     that upload); one edited since stays, with a warning. Nothing else is ever deleted.
+
+    ``verify=True`` checks the finished folder against the checkpoint (:func:`streammerge.verify`) before the
+    commit: on a failure nothing is committed (a repo or branch this call created is removed again) and the
+    result has ``ok=False``, ``error_kind="verify"`` and the report in ``verify``.
 
     huggingface_hub's own progress bars show only with ``progress=True`` (a merge option).
     """
@@ -310,6 +315,19 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
         except Exception:  # not KeyboardInterrupt: an interrupted push resumes, its uploads are kept
             pusher.discard()  # the repo/branch made for the first file, if any: a failed merge leaves nothing
             raise
+        report = None
+        if verify:
+            from ..verify import verify as verify_folder
+
+            report = verify_folder(result.out_dir, checkpoint if not isinstance(checkpoint, Source) else ck.root,
+                                   trust_pickle=opts.trust_pickle)
+            if not report.ok:
+                removed = pusher.discard()
+                gone = f"; removed what this push created ({', '.join(removed)})" if removed else ""
+                return PushResult(ok=False, repo_id=pusher.repo_id, revision=pusher.revision, out_dir=result.out_dir,
+                                  step=ck.step, merge=result, seconds=time.perf_counter() - t0, verify=report,
+                                  error=f"verify found {len(report.failures)} problem(s): nothing committed{gone}",
+                                  error_kind="verify")
         if commit_message is None:
             what = "model and optimizer" if has_optimizer else "model"
             step = f" from step {ck.step}" if ck.step is not None else ""
@@ -321,7 +339,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
     return PushResult(ok=True, repo_id=pusher.repo_id, url=pusher.repo.url, revision=pusher.revision,
                       commit_url=info.commit_url, commit_oid=info.oid, out_dir=result.out_dir, step=ck.step,
                       files=files, unchanged=list(pusher.unchanged), deleted=list(pusher.deleted),
-                      commits=len(pusher.commits), merge=result, seconds=time.perf_counter() - t0)
+                      commits=len(pusher.commits), merge=result, seconds=time.perf_counter() - t0, verify=report)
 
 
 
