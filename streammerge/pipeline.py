@@ -250,17 +250,20 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
 
         generated: dict[str, bytes | Callable[[], bytes]] = {}
         lora_info = None
+        # peft's adapter_config.json beside config.json would make transformers load OUT as an adapter (of the
+        # base it names); a LoRA adapter's own config is written in lora_adapter/
+        adapter_config = [p for p in model_paths if p.name == lora.ADAPTER_CONFIG and p.parent == model_dir]
+        model_paths = [p for p in model_paths if p not in adapter_config]
         if lora.is_peft(tensors):
             planned = lora.plan_lora(source, tensors, options, config, dtype, token=token, endpoint=endpoint)
-            # peft's adapter_config.json beside config.json would make transformers load OUT as an adapter (of the
-            # base it names); the adapter's own config is written in lora_adapter/
-            model_paths = [p for p in model_paths if not (p.name == lora.ADAPTER_CONFIG and p.parent == model_dir)]
             weights_tensors, extra, notes = planned.weights, planned.plans, planned.notes
             generated.update(planned.generated)
             warnings += planned.warnings
             lora_info = planned.info
         else:
             weights_tensors, extra, notes = copy_plans(tensors.values(), dtype), [], []
+            warnings += [f"{p}: not copied: the checkpoint holds no LoRA adapter, and beside config.json it would make "
+                         "transformers load OUT as a peft adapter" for p in adapter_config]
         where = str(model_dir / "config.json") if model_dir is not None else str(source.path)
         check_config_fits(config, {t.name: t.shape for t in weights_tensors}, where)
         weights = build_plan(weights_tensors, max_shard_size=options.max_shard_size,
@@ -397,6 +400,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     folder = OutputFolder(out, fingerprint=mp.fingerprint(), source=mp.source.path, options=mp.record(),
                           data_files=[p.rel(fp.filename) for p, fp in shares],
                           small_files=sorted(set(mp.small) - set(mp.indexes)), index_files=mp.indexes,
+                          all_data_files=[p.rel(fp.filename) for p in mp.plans for fp in p.files],
                           part=part, sync=sync, inputs=inputs)
     files: list[OutputFile] = []
     reused: list[str] = []
@@ -446,8 +450,10 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
             from .write import compute
 
             compute.forget()
+    removed = [f"removed {rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it"
+               for rel in folder.removed]
     return MergeResult(out, files, mp, written, sum(f.size for f in files), time.perf_counter() - t0,
-                       peak_rss(), reused, list(mp.warnings), fell_back)
+                       peak_rss(), reused, list(mp.warnings) + removed, fell_back)
 
 
 def _inputs(mp: MergePlan) -> dict[str, list[int]]:

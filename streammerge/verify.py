@@ -46,6 +46,7 @@ from .plan import Piece, TensorPlan
 from .sources import Source, open_checkpoint
 from .sources.base import Oracle, bytes_rows, open_checkpoint_file, row_major
 from .sources.hf import INDEX, SINGLE
+from .sources.lora import ADAPTER_CONFIG
 from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
@@ -647,6 +648,13 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
                 continue
             report.fail(f"{rel}: differs from what the merge writes from the checkpoint ({why}); rerun the merge to "
                         "write it again")
+    planned = {*merge_plan.small, *merge_plan.indexes, *(p.rel(f.filename) for p in merge_plan.plans for f in p.files)}
+    for rel in sorted(set(listed) - planned):
+        report.fail(f"{rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it; rerun the "
+                    "merge to remove it")
+    if (out / ADAPTER_CONFIG).is_file() and ADAPTER_CONFIG not in merge_plan.small and (out / "config.json").is_file():
+        report.fail(f"{ADAPTER_CONFIG}: beside config.json it makes transformers load this folder as a peft adapter of "
+                    "the base model it names, not as these weights; remove it")
     card = "README.md"
     if (out / card).is_file() and card not in merge_plan.small:
         report.notes.append(f"{card}: a model card (push writes one) is not made again from the checkpoint"

@@ -625,3 +625,47 @@ def test_a_model_card_is_not_made_again_and_the_report_says_so(merged_keep, tmp_
     report = streammerge.verify(out, ckpt)
     assert report.ok, report.summary()
     assert any(n.startswith("README.md: a model card") for n in report.notes), report.notes
+
+
+# ---------------------------------------------------------------- files beside the weights that change what loads
+
+
+def test_an_adapter_config_beside_config_json_is_never_written_and_fails_verify(make_ckpt, tmp_path):
+    """A checkpoint with no LoRA whose huggingface/ holds peft's adapter_config.json: copied beside config.json it
+    would make transformers load OUT as an adapter of another base. Left out with a warning; verify fails a folder
+    that has one."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = copy_actor(make_ckpt(), tmp_path / "actor")
+    adapter = json.dumps({"peft_type": "LORA", "base_model_name_or_path": "meta-llama/Llama-3.2-1B", "r": 8,
+                          "lora_alpha": 16, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"})
+    (ckpt / "huggingface" / "adapter_config.json").write_text(adapter)
+    out = tmp_path / "out"
+    result = streammerge.merge(ckpt, out, optimizer=False)
+    assert not (out / "adapter_config.json").exists()
+    assert any("adapter_config.json: not copied" in w for w in result.warnings), result.warnings
+    AutoModelForCausalLM.from_pretrained(out)  # a model, not an adapter
+    assert streammerge.verify(out, ckpt).ok
+    (out / "adapter_config.json").write_text(adapter)
+    report = streammerge.verify(out, ckpt)
+    assert [f for f in report.failures if f.startswith("adapter_config.json: beside config.json")], report.summary()
+
+
+def test_a_small_file_the_checkpoint_no_longer_gives_is_removed_by_the_rerun(make_ckpt, tmp_path):
+    """Merged with a chat template, which is then removed from the checkpoint's huggingface/: verify fails the
+    folder (the manifest lists a file the plan does not write), and a rerun of the merge removes it."""
+    from transformers import AutoTokenizer
+
+    ckpt = copy_actor(make_ckpt(), tmp_path / "actor")
+    (ckpt / "huggingface" / "chat_template.jinja").write_text("{{ 'OLD TEMPLATE' }}")
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, optimizer=False)
+    assert AutoTokenizer.from_pretrained(out).chat_template == "{{ 'OLD TEMPLATE' }}"
+    (ckpt / "huggingface" / "chat_template.jinja").unlink()
+    report = streammerge.verify(out, ckpt)
+    assert [f for f in report.failures if f.startswith("chat_template.jinja: an earlier run")], report.summary()
+    result = streammerge.merge(ckpt, out, optimizer=False)
+    assert not (out / "chat_template.jinja").exists()
+    assert any(w.startswith("removed chat_template.jinja") for w in result.warnings), result.warnings
+    assert AutoTokenizer.from_pretrained(out).chat_template is None
+    assert streammerge.verify(out, ckpt).ok

@@ -36,15 +36,18 @@ class OutputFolder:
 
     def __init__(self, out: Path, *, fingerprint: str, source: Path, options: dict[str, Any],
                  data_files: Sequence[str], small_files: Sequence[str], index_files: Sequence[str],
-                 part: int = 0, sync: Sync | None = None, inputs: dict[str, list[int]] | None = None):
+                 all_data_files: Sequence[str] | None = None, part: int = 0, sync: Sync | None = None,
+                 inputs: dict[str, list[int]] | None = None):
         self.out, self.fingerprint, self.source = out, fingerprint, source
         self.inputs = inputs or {}
         self.part, self.sync = part, sync
         self.data_files = list(data_files)  # this part's share
         self.small_files = list(small_files)  # part 0 writes these at the end
         self.index_files = list(index_files)  # written last, once everything else is there
+        self.planned = {*(all_data_files if all_data_files is not None else data_files), *small_files, *index_files}
         self.manifest = Manifest(out, fingerprint, str(source), options, part=part, inputs=self.inputs)
         self.prior: dict[str, OutputFile | None] = {}
+        self.removed: list[str] = []  # files of an earlier run this merge no longer writes
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------ start
@@ -152,6 +155,7 @@ class OutputFolder:
         if self.part != 0:
             return
         self.manifest.gather_parts()
+        self._remove_unplanned()
         for rel in self.small_files:
             f = self.write_small(rel, contents(rel))
             self.manifest.add(f)
@@ -163,6 +167,20 @@ class OutputFolder:
             os.replace(tmp_path(self.out / f.filename), self.out / f.filename)
             self.manifest.add(f)
             done(f)
+
+    def _remove_unplanned(self) -> None:
+        """Files an earlier run of this merge wrote that this one does not (a chat template since removed from the
+        checkpoint's huggingface/ folder): left in place, transformers would load them with the new ones."""
+        for rel in sorted(set(self.manifest.data["files"]) - self.planned):
+            path = self.out / rel
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise output_error(e, path) from None
+            del self.manifest.data["files"][rel]
+            self.removed.append(rel)
+        if self.removed:
+            self.manifest.save()
 
     def write_small(self, rel: str, data: bytes, *, rename: bool = True) -> OutputFile:
         """A small file written whole, fsynced, under a temp name until it is complete."""
