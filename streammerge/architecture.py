@@ -11,7 +11,8 @@ The model is built on the meta device (no weights allocated) from transformers' 
 the config through `CONFIG_MAPPING[model_type]` (never the Auto config class, which reads auto_map), the model with
 `trust_remote_code=False`, eager attention (a config naming a hub kernel must not fetch it). A
 config with `auto_map`, a model type or architecture transformers does not know, or no
-transformers installed: the check is left out with a note the merge's summary shows, never failed.
+transformers installed: the check is left out with a note the merge's summary shows, never failed. A config
+transformers itself refuses to read or build (but for a package it lacks here) fails it: the folder would not load.
 
 Importing torch and transformers costs seconds (more from a cold disk) and hundreds of MB, more than a whole
 merge is allowed, so it runs in a child process started when the config is read, which answers while the
@@ -55,7 +56,8 @@ Shapes = Mapping[str, tuple[int, ...]]
 # ---------------------------------------------------------------- in the child (or in-process): ask transformers
 
 def describe(config: Mapping[str, Any], names: Any = None) -> dict[str, Any]:
-    """What transformers builds from `config`: {"models": [...]} or {"skip": why}. Imports torch and transformers.
+    """What transformers builds from `config`: {"models": [...]}, {"skip": why} or {"refuse": why} (transformers
+    refuses the config). Imports torch and transformers.
 
     Each model: its class, `forms` (names -> shapes as save_pretrained writes them, then as the model's own
     state_dict names them where that differs: transformers loads both), `optional` (tied copies and buffers:
@@ -81,11 +83,13 @@ def _describe(config: Mapping[str, Any], names: Any) -> dict[str, Any]:
     import torch
     import transformers
 
-    from .optimizer import Skip
+    from .optimizer import Skip, Unreadable
     from .optimizer.naming import built_in_config
 
     try:
         cfg = built_in_config(config, "config.json")
+    except Unreadable as e:
+        return {"refuse": str(e).removeprefix("config.json: "), "transformers": transformers.__version__}
     except Skip as e:
         return {"skip": str(e).removeprefix("config.json: ")}
     archs = [a for a in (getattr(cfg, "architectures", None) or []) if isinstance(a, str)]
@@ -112,8 +116,11 @@ def _describe(config: Mapping[str, Any], names: Any) -> dict[str, Any]:
         except Exception as e:
             if i == 0:
                 first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-                return {"skip": f"transformers {transformers.__version__} cannot build {cls.__name__} from it "
-                                f"({first})"}
+                why = f"transformers {transformers.__version__} cannot build {cls.__name__} from it ({first})"
+                # a package the model's code wants is missing here, or its __init__ computes with tensors, which
+                # the meta device cannot: that says nothing of the config
+                skip = isinstance(e, ImportError) or "meta" in str(e).lower()
+                return {"skip" if skip else "refuse": why, "transformers": transformers.__version__}
             continue
         entry = _model_names(model)
         if callable(names):
@@ -330,6 +337,8 @@ class ArchCheck:
         """What transformers' answer says of these weights, held by the `held_by` (the checkpoint, the folder); waits
         for the answer. The caller words what to do about it."""
         answer = self.result(sorted(shapes))
+        if "refuse" in answer:
+            return Verdict(problem=f"{answer['refuse']}; transformers would not load the folder")
         if "skip" in answer:
             return Verdict(f"architecture check skipped: {answer['skip']}")
         models = answer["models"]
@@ -404,7 +413,7 @@ def _parse(out: bytes, err: bytes) -> dict[str, Any]:
     if lines:
         try:
             answer = json.loads(lines[-1])
-            if isinstance(answer, dict) and ("models" in answer or "skip" in answer):
+            if isinstance(answer, dict) and ("models" in answer or "skip" in answer or "refuse" in answer):
                 return answer
         except ValueError:
             pass

@@ -91,6 +91,18 @@ def test_a_frozen_embedding_left_out_of_the_checkpoint_is_refused(tmp_path):
     _refused(folder, tmp_path / "out", r"1 missing from the checkpoint \(model\.embed_tokens\.weight\)")
 
 
+@pytest.mark.parametrize("change", [{"tie_word_embeddings": "true"}, {"num_attention_heads": 3}])
+def test_a_config_transformers_cannot_read_is_refused(tmp_path, change):
+    """transformers refuses this config.json (a string for a bool, heads that do not divide the width): a folder
+    with it would not load, so it is a refusal, not a check left out."""
+    model = _model(transformers.LlamaForCausalLM)
+    folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model, **change))
+    with pytest.raises(Exception):  # noqa: B017  (transformers' own refusal, whatever its class)
+        transformers.LlamaConfig.from_dict(_config(model, **change))
+    _refused(folder, tmp_path / "out", r"config\.json: transformers cannot read it \(.+\); transformers would not load "
+                                       r"the folder")
+
+
 def test_the_right_config_merges_and_says_it_was_checked(tmp_path):
     model = _model()
     folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model))
@@ -365,6 +377,14 @@ def test_verify_fails_a_config_json_replaced_by_another_models(merged_qwen2, mon
     report = streammerge.verify(out)
     assert report.ok, report.summary()
     assert "architecture check skipped: STREAMMERGE_ARCH_CHECK=0" in report.notes
+
+
+def test_verify_fails_a_config_json_transformers_cannot_read(merged_qwen2):
+    folder, out = merged_qwen2
+    _replace_config(out, {**json.loads((out / "config.json").read_text()), "tie_word_embeddings": "true"})
+    report = streammerge.verify(out)
+    assert len(report.failures) == 1 and report.failures[0].startswith(
+        "config.json: transformers cannot read it (Validation error for field 'tie_word_embeddings'"), report.summary()
 
 
 def test_verify_of_a_critic(tmp_path, monkeypatch):

@@ -319,7 +319,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
         if verify:
             from ..verify import verify as verify_folder
 
-            report = verify_folder(result.out_dir, checkpoint if not isinstance(checkpoint, Source) else ck.root,
+            report = verify_folder(result.out_dir, ck.root if isinstance(checkpoint, Source) else Path(checkpoint),
                                    trust_pickle=opts.trust_pickle)
             if not report.ok:
                 removed = pusher.discard()

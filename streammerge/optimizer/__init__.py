@@ -46,6 +46,11 @@ class Skip(Exception):
     """This optimizer layout cannot be named safely; the weights are still exported."""
 
 
+class Unreadable(Skip):
+    """transformers itself refuses the config.json (a value of the wrong type, a setting it cannot build): the
+    folder would not load, so the architecture check refuses the merge where the optimizer export only skips."""
+
+
 def load_optimizer_state_dict(path: Any, *, flatten_state: bool = False) -> dict:
     """The full optimizer state of an export, name-keyed (see `export.load_optimizer_state_dict`)."""
     from .export import load_optimizer_state_dict as load

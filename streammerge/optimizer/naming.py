@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import Skip
+from . import Skip, Unreadable
 
 if TYPE_CHECKING:
     import torch
@@ -47,8 +47,11 @@ def built_in_config(config: Mapping[str, Any], where: str) -> Any:
         raise Skip(f"{where}: model_type {model_type!r} is not built into transformers{remote}")
     try:
         return CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if k != "auto_map"})
+    except ImportError as e:  # a package this transformers wants for the model type: nothing said of the config
+        raise Skip(f"{where}: transformers cannot read it here ({str(e).splitlines()[0][:160]})") from None
     except Exception as e:  # a config this transformers cannot read: its own message says why
-        raise Skip(f"{where}: transformers cannot read it ({str(e).splitlines()[0][:160]})") from None
+        raise Unreadable(f"{where}: transformers cannot read it ({' '.join(str(e).split())[:160] or type(e).__name__})"
+                         ) from None
 
 
 def _meta_models(config: Any) -> Iterator[torch.nn.Module]:
