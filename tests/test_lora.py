@@ -332,6 +332,30 @@ def test_refuses_what_it_cannot_fold_exactly(tmp_path, capsys, extra, message):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("edit, message", [
+    ("int8_base", "its base weight is int8, which the fold"),
+    ("complex_a", "its lora_A is complex64, which the fold"),
+    ("vector_a", "are not both matrices; cannot fold"),
+])
+def test_refuses_factors_and_bases_it_cannot_fold_exactly(tmp_path, capsys, edit, message):
+    """A quantized (integer) base would be truncated after the fold, a complex factor lose its imaginary part, and
+    a lora_A that is no matrix has no rank: refused in one line (exit 2), nothing written."""
+    model, config = _peft()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    key = next(k for k in state if k.endswith("q_proj.base_layer.weight"))
+    a_key = key.replace("base_layer", "lora_A.default")
+    if edit == "int8_base":
+        state[key] = (state[key] * 100).round().to(torch.int8)
+    elif edit == "complex_a":
+        state[a_key] = torch.complex(state[a_key], state[a_key])
+    else:
+        state[a_key] = state[a_key].reshape(-1)
+    actor = _save_peft(tmp_path, type("M", (), {"state_dict": lambda self: state})(), config)
+    rc, err = run(["merge", actor, tmp_path / "out", "--lora", "fold"], capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_refuses_embedding_lora(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM

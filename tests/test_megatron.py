@@ -180,6 +180,10 @@ def test_refuses_without_a_config(tmp_path: Path) -> None:
     ({"num_hidden_layers": 3}, ConfigError, "does not describe this checkpoint"),
     ({"vocab_size": 300}, ConfigError, "fewer than the config's vocab_size 300"),
     ({"tie_word_embeddings": True}, ConfigError, "ties the embeddings, but the checkpoint has its own output_layer"),
+    # head numbers of another type: named, never taken for something else (a float, a string repeated)
+    ({"num_key_value_heads": "2"}, ConfigError, "config.json's num_key_value_heads is \"2\", not a positive whole"),
+    ({"head_dim": 8.0}, ConfigError, "config.json's head_dim is 8.0, not a positive whole number"),
+    ({"num_hidden_layers": "2"}, ConfigError, "config.json's num_hidden_layers is \"2\""),
 ])
 def test_refuses_a_config_that_does_not_describe_it(tmp_path: Path, changes, error, message) -> None:
     folder = _copy("llama_tp2_pp2", tmp_path)

@@ -301,6 +301,10 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     if len(adapter_names) > 1:
         raise CheckpointError(f"{source.path}: several LoRA adapters {sorted(adapter_names)}; streammerge folds "
                               "one (peft's merge_and_unload folds the active ones)")
+    for a in adapters:
+        if len(a.a.shape) != 2 or len(a.b.shape) != 2:
+            raise CheckpointError(f"{source.path}: {_short(a.module)}: lora_A {list(a.a.shape)} and lora_B "
+                                  f"{list(a.b.shape)} are not both matrices; cannot fold")
     settings = lora_settings(source, options, {a.a.shape[0] for a in adapters})
     conv1d = _conv1d_modules(source, config, adapters, settings)
     r, alpha, rslora, task = settings.r, settings.alpha, settings.rslora, settings.task
@@ -345,6 +349,8 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         for a in adapters:
             assert a.base is not None
             _check_shapes(source, a, a.module in conv1d)
+            if mode in ("fold", "both"):
+                _check_dtypes(source, a)
             name = _short(a.module) + ".weight"
             fold = LoraFold(a.a, a.b, scale, transpose=a.module in conv1d) if mode in ("fold", "both") else None
             out.weights.append(TensorPlan(name, a.base, output_dtype(a.base.dtype, dtype), fold))
@@ -536,6 +542,21 @@ def _check_shapes(source: Source, a: Adapter, conv1d: bool) -> None:
                               f"{list(a.b.shape)} do not fit the base weight {list(base.shape)} ({kind}); cannot fold")
     if base.flat or a.a.flat or a.b.flat:
         raise CheckpointError(f"{source.path}: {_short(a.module)}: flat-parameter pieces cannot be folded")
+
+
+def _check_dtypes(source: Source, a: Adapter) -> None:
+    """The fold is real floating-point arithmetic: an integer (quantized) base weight would be truncated after it,
+    and a complex factor's imaginary part lost."""
+    assert a.base is not None
+    for what, t in (("base weight", a.base), ("lora_A", a.a), ("lora_B", a.b)):
+        if t.dtype.name not in _FOLDABLE:
+            why = "a quantized base is dequantized first by peft" if t is a.base else "no real floating-point dtype"
+            raise CheckpointError(f"{source.path}: {_short(a.module)}: its {what} is {t.dtype.name}, which the fold "
+                                  f"W + scale * B @ A cannot be computed exactly in ({why}); merge it with peft, or "
+                                  "export the adapter with --lora adapter")
+
+
+_FOLDABLE = ("float16", "bfloat16", "float32", "float64")
 
 
 def _adapter_plan(adapters: list[Adapter], saved: Mapping[str, SourceTensor], options: Any) -> Plan:

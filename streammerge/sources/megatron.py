@@ -21,6 +21,7 @@ buffers whose parameter order and padding are not in the checkpoint: skipped wit
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,16 +74,22 @@ def arch_of(config: Mapping[str, Any] | None, where: str) -> Arch:
         raise UnsupportedLayoutError(f"{where}: model_type {model_type!r}: streammerge maps Megatron checkpoints of "
                                      f"{', '.join(ARCHITECTURES)} only")
 
-    def need(*keys: str) -> int:
+    def need(*keys: str, default: int | None = None) -> int:
+        """The first of `keys` the config has (null counts as absent), which must be a positive whole number."""
         for k in keys:
             v = cfg.get(k)
+            if v is None:
+                continue
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 return v
+            raise ConfigError(f"{where}: config.json's {k} is {json.dumps(v)[:40]}, not a positive whole number")
+        if default is not None:
+            return default
         raise ConfigError(f"{where}: config.json has no {keys[0]}")
 
     hidden, heads = need("hidden_size"), need("num_attention_heads")
-    groups = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
+    groups = need("num_key_value_heads", default=heads)
+    head_dim = need("head_dim", default=hidden // heads)
     experts, expert_ffn = 0, 0
     if model_type == "qwen3_moe":
         experts, expert_ffn = need("num_experts", "num_local_experts"), need("moe_intermediate_size")
