@@ -297,6 +297,19 @@ def _check_safetensors(out: Path, report: VerifyReport) -> dict[str, _Header]:
     return headers
 
 
+def _bad_weight_map(weight_map: object, base: Path) -> str | None:
+    """Why a weight map is not names -> file names beside its index (a path that leaves the folder), or None."""
+    if not isinstance(weight_map, dict):
+        return f"weight_map is a {type(weight_map).__name__}, not an object"
+    for name, filename in weight_map.items():
+        if not isinstance(filename, str):
+            return f"{name!r} maps to {repr(filename)[:40]}, not a file name"
+        if os.path.isabs(filename) or ".." in Path(filename).parts or not (base / filename).resolve().is_relative_to(
+                base.resolve()):
+            return f"{name!r} maps to {filename!r}, outside the folder"
+    return None
+
+
 def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport) -> dict[str, dict]:
     """Each index names exactly the tensors its files hold; no shard file goes unnamed. Returns each readable
     index's weight map by its relative path."""
@@ -312,8 +325,12 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             report.fail(f"{irel}: unreadable index ({e})")
             continue
-        weight_maps[irel] = weight_map
         base = index.parent
+        bad = _bad_weight_map(weight_map, base)
+        if bad:
+            report.fail(f"{irel}: unreadable index ({bad})")
+            continue
+        weight_maps[irel] = weight_map
         by_file: dict[str, set[str]] = {}
         for name, filename in weight_map.items():
             by_file.setdefault(filename, set()).add(name)

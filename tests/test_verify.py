@@ -153,6 +153,12 @@ DAMAGE = {
                                  ["optimizer/optimizer-", "differ from rank", "optim_world_size_4"], True),
     "optimizer_index": (lambda out: (out / "optimizer" / "optimizer.safetensors.index.json").write_text("{"),
                         ["optimizer/optimizer.safetensors.index.json", "unreadable index"], False),
+    # an index that is JSON but no weight map: a failure line, never an internal error
+    "index_weight_map_a_list": (edit_index(lambda idx: idx.update(weight_map=[])), [INDEX, "is a list"], False),
+    "index_maps_to_a_number": (edit_index(lambda idx: idx["weight_map"].update({"x": 5})), [INDEX, "not a file"],
+                               False),
+    "index_maps_outside": (edit_index(lambda idx: idx["weight_map"].update({"x": "/etc/passwd"})),
+                           [INDEX, "outside the folder"], False),
 }
 
 
