@@ -395,10 +395,15 @@ class Verdict:
 
 
 def _timeout() -> float:
+    text = os.environ.get(TIMEOUT_ENV) or "300"
     try:
-        return float(os.environ.get(TIMEOUT_ENV) or 300)
+        seconds = float(text)
     except ValueError:
-        raise ConfigError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
+        seconds = math.nan
+    if not 0 < seconds < 10**9:  # nan, inf and 0 or less too: the check would never answer, or never be asked
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds above 0 (the check's default is 300; "
+                          f"{DISABLE_ENV}=0 leaves it out)")
+    return seconds
 
 
 def _safe_describe(config: Mapping[str, Any], names: list[str]) -> dict[str, Any]:

@@ -38,7 +38,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 def _write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
-                   help="threads that fill and write windows (default: one per window in flight; never more)")
+                   help="threads that fill windows: copy, cast, fold (default 2, or 1 on a single CPU; never more "
+                        "than the windows in flight)")
     p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
     p.add_argument("--optimizer-format", choices=OPTIMIZER_FORMATS, default="safetensors",
                    help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
@@ -216,7 +217,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
                               "from one process")
         return cmd_push(args)
     _warn_trust_pickle(args)
-    result = (merge_torchrun if torchrun else merge)(args.checkpoint, args.out_dir, merge_options(args))
+    # --optimizer-save-mode none without a push: the seed workflow's spelling of --no-optimizer
+    options = merge_options(args, **({"optimizer": False} if args.optimizer_save_mode == "none" else {}))
+    result = (merge_torchrun if torchrun else merge)(args.checkpoint, args.out_dir, options)
     if result is None:  # a torchrun rank beyond local rank 0
         _say(idle_summary())
         return 0

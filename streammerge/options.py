@@ -8,6 +8,7 @@ in `merge` and another in `verify`. `fingerprint_fields()` is what a resumed run
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,6 +97,10 @@ class MergeOptions:
             raise ValueError("max_shard_size must be positive")
         if self.workers is not None and self.workers < 1:
             raise ValueError("workers must be at least 1")
+        memory = _physical_memory()
+        if memory and self.buffer_size > memory:
+            raise ValueError(f"buffer_size {self.buffer_size} is more than this machine's memory ({memory} bytes); "
+                             "the default 64MiB runs at disk speed")
 
     @classmethod
     def create(cls, options: MergeOptions | None = None, **kwargs: Any) -> MergeOptions:
@@ -121,6 +126,13 @@ class MergeOptions:
     def fingerprint_fields(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it resumes (how it runs does not count)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME}
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def dtype_word(dtype: str | DType | Any | None) -> str:

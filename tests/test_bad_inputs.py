@@ -347,3 +347,38 @@ def test_real_gpu_checkpoint_missing_a_rank(verl_fixtures, tmp_path, capsys):
     assert code == 2 and "rank(s) 2 of world size 4" in stderr and "shared file system" in stderr
     cfg = json.loads((d / "fsdp_config.json").read_text())
     assert cfg["world_size"] == 4
+
+
+@pytest.mark.parametrize("args, env, words", [
+    (["--buffer-size", "100TB"], {}, "buffer_size 100000000000000 is more than this machine's memory"),
+    ([], {"STREAMMERGE_ARCH_TIMEOUT": "inf"}, "STREAMMERGE_ARCH_TIMEOUT='inf' is not a number of seconds above 0"),
+    ([], {"STREAMMERGE_ARCH_TIMEOUT": "-1"}, "STREAMMERGE_ARCH_TIMEOUT='-1' is not a number of seconds above 0"),
+    ([], {"STREAMMERGE_ARCH_TIMEOUT": "nan"}, "STREAMMERGE_ARCH_TIMEOUT='nan' is not a number of seconds above 0"),
+])
+def test_settings_out_of_range_give_one_line(good, tmp_path, capsys, monkeypatch, args, env, words):
+    """A buffer bigger than the machine, a timeout that can never (or always) expire: one line naming the setting,
+    never an internal error or a check quietly left out."""
+    monkeypatch.setenv("STREAMMERGE_CACHE", str(tmp_path / "no-cache"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, stdout, stderr = run_cli(["merge", good, tmp_path / "out", *args], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and words in stderr, stderr
+
+
+def test_optimizer_save_mode_none_without_a_push(make_ckpt, tmp_path, capsys):
+    """The seed workflow's --optimizer-save-mode none is --no-optimizer, with or without a push."""
+    code, stdout, stderr = run_cli(["merge", make_ckpt(), tmp_path / "out", "--optimizer-save-mode", "none"], capsys)
+    assert code == 0, stderr
+    assert not (tmp_path / "out" / "optimizer").exists()
+
+
+@pytest.mark.parametrize("text", ["[]", '{"targets": []}', '{"targets": {"x": 5}}', "{"])
+def test_a_watch_state_file_that_is_no_state(make_ckpt, tmp_path, text):
+    from streammerge.errors import StreammergeError
+    from streammerge.hub.watch import Watcher
+
+    state = tmp_path / "state.json"
+    state.write_text(text)
+    watcher = Watcher(make_ckpt().parents[1], push=False, state_file=state, out_root=tmp_path / "out")
+    with pytest.raises(StreammergeError, match="unreadable watch state; fix or delete it"):
+        watcher.done_steps()

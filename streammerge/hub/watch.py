@@ -138,9 +138,11 @@ class Watcher:
         except FileNotFoundError:
             return {"version": 1, "targets": {}}
         except ValueError:
+            state = None
+        if not (isinstance(state, dict) and isinstance(state.setdefault("targets", {}), dict)
+                and all(isinstance(v, dict) for v in state["targets"].values())):
             raise StreammergeError(f"{self.state_file}: unreadable watch state; fix or delete it "
-                                   "(deleting it makes the watcher look at every step again)") from None
-        state.setdefault("targets", {})
+                                   "(deleting it makes the watcher look at every step again)")
         return state
 
     def done_steps(self) -> dict[int, dict]:
