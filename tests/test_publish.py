@@ -814,3 +814,21 @@ def test_push_with_verify_commits_nothing_when_verify_fails(hub, make_ckpt, tmp_
     assert proc.returncode == 1 and "differ from its replica" in proc.stdout, proc.stdout + proc.stderr
     proc = cli([make_ckpt(), tmp_path / "out3", "--push", "--repo-id", "tiny", "--verify", "--no-optimizer"], hub)
     assert proc.returncode == 0 and ": OK (" in proc.stdout and "pushed to" in proc.stdout, proc.stdout
+
+
+def test_a_push_into_a_repo_holding_a_peft_adapter_commits_nothing(hub, make_ckpt, tmp_path):
+    """The revision holds adapter_config.json at its top (someone's LoRA): transformers would load the repo as that
+    adapter, not as the pushed model. Not ours to delete: the push fails before its commit, saying what to do."""
+    hub.create_repo("alice/tuned")
+    adapter = {"peft_type": "LORA", "base_model_name_or_path": "other/base", "r": 8, "lora_alpha": 16,
+               "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
+    hub.add_files("alice/tuned", {"adapter_config.json": json.dumps(adapter).encode()})
+    head = hub.repo("alice/tuned").branches["main"]
+    proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "alice/tuned", "--no-optimizer"], hub)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "holds adapter_config.json at its top" in proc.stderr and "nothing was committed" in proc.stderr, proc.stderr
+    assert hub.repo("alice/tuned").branches["main"] == head
+    # to another branch of the same repo (made from main, so it holds the file too): refused alike
+    proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "alice/tuned", "--revision", "merged",
+                "--no-optimizer"], hub)
+    assert proc.returncode == 4 and "holds adapter_config.json" in proc.stderr, proc.stderr

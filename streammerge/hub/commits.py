@@ -28,6 +28,8 @@ from huggingface_hub.utils.sha import git_hash
 from .repo import HubRepo
 from .retry import RETRY_STATUS, PushError, Retrier, status_of
 
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: at a repo's top, transformers loads the repo as an adapter
+
 logger = logging.getLogger(__name__)
 
 # Files that point at other files or describe the repo: committed after everything they refer to.
@@ -132,6 +134,7 @@ class Committer:
         as part of the push for stale-file deletion. Several commits get " (part i/n)" after
         ``message``. Returns the last commit made, or the current head when nothing was committed.
         """
+        self._refuse_a_foreign_adapter(uploads)
         changed = {p: u for p, u in uploads.items() if not unchanged(u.op)}
         self.unchanged = sorted(set(uploads) - set(changed))
         if self.unchanged:
@@ -152,6 +155,21 @@ class Committer:
             logger.info("deleted %d stale files from %s: %s", len(self.deleted), self.repo.repo_id,
                         ", ".join(self.deleted))
         return self.commits[-1] if self.commits else self._head_commit_info(message)
+
+    def _refuse_a_foreign_adapter(self, uploads: dict[str, Upload]) -> None:
+        """A model pushed where the revision holds a peft adapter_config.json at the top: transformers would load
+        the repo as that adapter (on its base, or on these weights with its LoRA applied), not as this model. The
+        file is not ours to delete, so nothing is committed."""
+        if "config.json" not in uploads or ADAPTER_CONFIG in uploads:
+            return
+        repo = self.repo
+        remote = self.calls.call("list the remote files", lambda: self.api.list_repo_files(
+            repo.repo_id, revision=repo.revision, repo_type=repo.repo_type))
+        if ADAPTER_CONFIG in remote:
+            raise PushError(f"{repo.repo_id} (revision {repo.revision}) holds {ADAPTER_CONFIG} at its top, which would "
+                            "make transformers load it as a peft adapter instead of the pushed model; nothing was "
+                            "committed: delete that file from the repo (or push to another repo or --revision)",
+                            kind="conflict")
 
     def _pointers_over_overwrites(self, batches: list[list[str]], uploads: dict[str, Upload]) -> list[str]:
         """The remote index/config/card files this push rewrites at the end, when an earlier commit of it

@@ -31,8 +31,9 @@ TOKENS_URL = "https://huggingface.co/settings/tokens"
 class PushError(RuntimeError):
     """A push that cannot go on; the message (one line) says what the user should do.
 
-    ``kind`` is one of ``"auth"``, ``"permission"``, ``"xet"``, ``"failed"`` (gave up after retries or
-    a non-retryable error). The local folder is never changed by a failed push.
+    ``kind`` is one of ``"auth"``, ``"permission"``, ``"xet"``, ``"conflict"`` (the repo holds a file that would
+    make it load as something else), ``"failed"`` (gave up after retries or a non-retryable error). The local
+    folder is never changed by a failed push.
     """
 
     def __init__(self, message: str, kind: str = "failed"):
