@@ -72,6 +72,9 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+PER_STEP = "tiny@<a branch per step>"  # the watch state's key for a repo pushed a branch per step
+
+
 @pytest.mark.slow
 def test_watch_cli_pushes_each_complete_step_to_its_branch_and_not_again_after_restart(hub, actors, tmp_path):
     run = tmp_path / "run"
@@ -84,7 +87,7 @@ def test_watch_cli_pushes_each_complete_step_to_its_branch_and_not_again_after_r
     try:
         def recorded(step: int) -> bool:  # pushed, and written down as pushed
             state = run / STATE_FILE
-            return state.is_file() and str(step) in json.loads(state.read_text())["targets"].get("tiny", {})
+            return state.is_file() and str(step) in json.loads(state.read_text())["targets"].get(PER_STEP, {})
 
         wait_for(lambda: recorded(1), 60, proc)
 
@@ -120,14 +123,20 @@ def test_watch_cli_pushes_each_complete_step_to_its_branch_and_not_again_after_r
                 assert (out / f.filename).read_bytes() == (check.out_dir / f.filename).read_bytes()
     assert set(hub.files("alice/tiny", "main")) == {".gitattributes"}
     state = json.loads((run / STATE_FILE).read_text())
-    assert set(state["targets"]["tiny"]) == {"1", "2"}
-    assert state["targets"]["tiny"]["2"]["revision"] == "step-2"
+    assert set(state["targets"][PER_STEP]) == {"1", "2"}
+    assert state["targets"][PER_STEP]["2"]["revision"] == "step-2"
 
     # A restarted watcher finds both steps recorded: it neither merges nor talks to the Hub.
     n_log = len(hub.log)
     proc = subprocess.run([*args, "--once"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert len(hub.log) == n_log and len(hub.commit_log("alice/tiny", "step-2")) == 2
+
+    # A watcher of the same run that pushes to main: the steps on their own branches are not on main yet.
+    proc = subprocess.run([a for a in args if a != "--revision-per-step"] + ["--once", "--only-latest"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert remote_files(hub, "alice/tiny", "main") == local_files(run / "global_step_2" / "actor-hf")
     assert WRITE_TOKEN not in proc.stderr + err
 
 

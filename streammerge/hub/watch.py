@@ -124,13 +124,15 @@ class Watcher:
     # ---- state -----------------------------------------------------------------------------
     @property
     def target(self) -> str:
-        """The key steps are recorded under: the repo (with its organization), or "merge-only"."""
+        """The key steps are recorded under: the repo (with its organization) and the branch they go to (none for
+        main), or "merge-only". A step pushed to one branch is not pushed to another."""
         if not self.push:
             return "merge-only"
         assert self.repo_id is not None
-        if self.organization and "/" not in self.repo_id:
-            return f"{self.organization}/{self.repo_id}"
-        return self.repo_id
+        repo = f"{self.organization}/{self.repo_id}" if self.organization and "/" not in self.repo_id else self.repo_id
+        if self.revision_per_step:
+            return f"{repo}@<a branch per step>"
+        return repo if self.revision in (None, "main") else f"{repo}@{self.revision}"
 
     def _read_state(self) -> dict:
         try:
