@@ -204,6 +204,17 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _absolute_folders(options: MergeOptions) -> MergeOptions:
+    """A --model-name or --base-model given as a relative folder, made absolute: the manifest records the options,
+    and verify (or a resume) run from another folder must find the same one."""
+    changes = {}
+    for key in ("model_name", "base_model"):
+        value = getattr(options, key)
+        if value and not os.path.isabs(value) and user_path(value).is_dir():
+            changes[key] = os.path.abspath(user_path(value))
+    return options.replace(**changes) if changes else options
+
+
 def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = None, *, token: str | None = None,
                endpoint: str | None = None, check_architecture: bool = True, **kwargs: Any) -> MergePlan:
     """Plan a merge from metadata alone: nothing is written, no tensor data is read.
@@ -212,7 +223,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     `check_architecture` starts asking transformers which tensors config.json describes, beside reading the
     checkpoint's metadata (`merge` waits for the answer before writing; inspect and verify do not ask).
     """
-    options = MergeOptions.create(options, **kwargs)
+    options = _absolute_folders(MergeOptions.create(options, **kwargs))
     source = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
     model_dir: Path | None
     if options.model_name:

@@ -675,3 +675,16 @@ def test_a_small_file_the_checkpoint_no_longer_gives_is_removed_by_the_rerun(mak
     assert any(w.startswith("removed chat_template.jinja") for w in result.warnings), result.warnings
     assert AutoTokenizer.from_pretrained(out).chat_template is None
     assert streammerge.verify(out, ckpt).ok
+
+
+def test_verify_from_another_folder_finds_a_relative_model_name(make_ckpt, tmp_path, monkeypatch):
+    """--model-name given as a folder relative to where the merge ran: the manifest records it absolute, so verify
+    (or a resume) run from elsewhere finds the same config and tokenizer."""
+    ckpt = copy_actor(make_ckpt(), tmp_path / "a" / "ckpt")
+    (ckpt / "huggingface").rename(tmp_path / "a" / "mdl")
+    monkeypatch.chdir(tmp_path / "a")
+    streammerge.merge("ckpt", tmp_path / "out", model_name="mdl", optimizer=False)
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    report = streammerge.verify(tmp_path / "out", tmp_path / "a" / "ckpt")
+    assert report.ok, report.summary()
