@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import dtypes
 from .dtypes import DType
+from .errors import CheckpointError
 from .sources.base import Piece, SourceTensor, pieces_key
 from .write.safetensors_format import Layout, layout
 
@@ -313,6 +314,10 @@ def build_plan(tensors: Iterable[TensorPlan], *, max_shard_size: int, tie_embedd
     safetensors layout only estimates) and writes no index.
     """
     planned = {t.name: t for t in tensors}
+    if single_file is None and "__metadata__" in planned:
+        where = f"{source.path}: " if source is not None else ""
+        raise CheckpointError(f"{where}a tensor named '__metadata__', the key a safetensors header keeps for its "
+                              "metadata: no safetensors reader would load it; rename it before saving")
     dropped = tied_duplicates(planned, tie_embeddings) if not subdir else {}
     kept = {k: v for k, v in planned.items() if k not in dropped}
     checks = {k: planned[k] for k, v in dropped.items() if _storage_key(planned[k]) != _storage_key(planned[v])}

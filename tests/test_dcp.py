@@ -1000,3 +1000,30 @@ def test_more_files_than_the_soft_open_files_limit(tmp_path: Path) -> None:
     low = run((128, 128), tmp_path / "low")
     assert low.returncode == 2 and "more files than this process may hold open (128)" in low.stderr, low.stderr
     assert low.stderr.count("\n") == 1
+
+
+def _split_of(tmp_path: Path, state: dict, key_prefix: str | None = None):
+    from streammerge.sources.dcp import _split_keys
+
+    folder = tmp_path / "ck"
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    return _split_keys(read_dcp(folder), key_prefix)
+
+
+def test_which_keys_are_the_model(tmp_path: Path) -> None:
+    """A flat dict's optimizer keys are not the model; a top-level key that reads like a model key ('model.extra' beside
+    a 'model' dict) is listed as not merged; --key-prefix without its dot names a container, never half a name."""
+    w = torch.ones(2, 2)
+    flat = _split_of(tmp_path / "a", {"model.w": w, "optimizer.state.w.exp_avg": w, "optimizer.state.w.step": w[0, 0]})
+    assert list(flat.model) == ["model.w"] and flat.optimizer_prefix == "optimizer."
+    dotted = _split_of(tmp_path / "b", {"model": {"w": w}, "model.extra": w})
+    assert dotted.model == {"w": "model.w"} and dotted.others == {"model": 1}
+    prefixed = _split_of(tmp_path / "c", {"model": {"w": w, "b": w[0]}, "step": w[0, 0]}, key_prefix="model")
+    assert set(prefixed.model) == {"w", "b"}
+
+
+def test_a_tensor_named_like_the_safetensors_metadata_key(tmp_path: Path) -> None:
+    folder = tmp_path / "ck"
+    dcp.save({"__metadata__": torch.ones(2), "w": torch.ones(2)}, checkpoint_id=str(folder), no_dist=True)
+    with pytest.raises(CheckpointError, match="a tensor named '__metadata__'"):
+        streammerge.merge(folder, tmp_path / "out", weights_only=True)

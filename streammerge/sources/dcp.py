@@ -533,6 +533,7 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
                               "save with flatten_state_dict=False pickles nested dicts whole, which streammerge does "
                               "not unpickle)")
     if key_prefix is not None:
+        key_prefix = key_prefix if key_prefix.endswith(".") else key_prefix + "."  # a container, never part of a name
         model = {k[len(key_prefix):]: k for k in keys if k.startswith(key_prefix) and len(k) > len(key_prefix)}
         if not model:
             heads = sorted({k.split(".", 1)[0] + "." for k in keys})[:6]
@@ -540,7 +541,7 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
                               f"(keys start with {', '.join(heads)})")
         parent = key_prefix[:-len("model.")] if key_prefix.endswith("model.") else None
         opt = _optimizer_prefix(keys, parent) if parent is not None else None
-        others = _others(keys, [key_prefix] + ([opt] if opt else []))
+        others = _others(keys, model, opt)
         return KeySplit(key_prefix, model, opt, others, f"--key-prefix {key_prefix!r}")
     paths = _paths(ck)
     containers = {p[:i] for p in paths.values() for i in range(1, min(len(p), 3))}
@@ -556,17 +557,17 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
         model = {k[len(prefix):]: k for k, p in paths.items() if p[:len(found)] == found}
         if all(k.startswith(prefix) for k in model.values()):
             opt = _optimizer_prefix(keys, ".".join(str(x) for x in found[:-1]) + "." if len(found) > 1 else "")
-            others = _others(keys, [prefix] + ([opt] if opt else []))
+            others = _others(keys, model, opt)
             return KeySplit(prefix, model, opt, others, f"the {prefix!r} keys of the saved dict")
-    top = {k: k for k, p in paths.items() if len(p) == 1}
+    opt = _optimizer_prefix(keys, "")
+    top = {k: k for k, p in paths.items() if len(p) == 1 and not (opt and k.startswith(opt))}  # flat optimizer keys
     if not top:
         heads = sorted({str(p[0]) for p in paths.values()})[:6]
         raise CheckpointError(f"{ck.folder}: cannot tell which tensors are the model (the saved dict holds "
                               f"{', '.join(heads)}); name them with --key-prefix, e.g. --key-prefix {heads[0]}.")
     nested = {str(p[0]) + "." for p in paths.values() if len(p) > 1}
-    opt = _optimizer_prefix(keys, "")
-    how = "every key" if not nested else "the top-level keys of the saved dict"
-    return KeySplit("", top, opt, _others([k for k in keys if k not in top], [opt] if opt else []), how)
+    how = "every key" if not nested and len(top) == len(keys) else "the top-level keys of the saved dict"
+    return KeySplit("", top, opt, _others(keys, top, opt), how)
 
 
 def _optimizer_prefix(keys: list[str], parent: str) -> str | None:
@@ -577,10 +578,12 @@ def _optimizer_prefix(keys: list[str], parent: str) -> str | None:
     return None
 
 
-def _others(keys: list[str], taken: list[str]) -> dict[str, int]:
+def _others(keys: list[str], model: Mapping[str, str], opt: str | None) -> dict[str, int]:
+    """The keys neither the model nor the optimizer takes, counted by their first segment (inspect lists them)."""
+    taken = set(model.values())
     out: dict[str, int] = {}
     for k in keys:
-        if not any(k.startswith(t) for t in taken):
+        if k not in taken and not (opt and k.startswith(opt)):
             head = k.split(".", 1)[0]
             out[head] = out.get(head, 0) + 1
     return out

@@ -256,6 +256,9 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings
     r = _with_option(r_rec, rank_opt, "--lora-rank")
     alpha = _with_option(_recorded(records, "lora_alpha"), alpha_opt, "--lora-alpha")
     rslora = _with_option(_recorded(records, "use_rslora"), flag, "--lora-rslora")
+    if not ranks:
+        raise CheckpointError(f"{source.path}: a peft model's tensor names (base_model.model.…) but no LoRA pair "
+                              "(lora_A and lora_B): no adapter to fold or export; merge it with peft")
     if len(ranks) != 1:
         raise CheckpointError(f"{source.path}: LoRA adapters of several ranks {sorted(ranks)} (a rank_pattern); "
                               "folding them is not supported")
