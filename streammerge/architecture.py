@@ -500,6 +500,7 @@ def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | Non
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
         return None, "architecture check skipped: transformers is not installed, so nothing checked that " \
                      "config.json describes these weights"
+    _timeout()  # a setting out of range is refused however the check is answered (a child, this process, the cache)
     check = ArchCheck(dict(config), where)
     if "transformers" in sys.modules and "torch" in sys.modules:
         check.how = "in-process"  # already paid for: no child, computed when asked

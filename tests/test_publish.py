@@ -832,3 +832,23 @@ def test_a_push_into_a_repo_holding_a_peft_adapter_commits_nothing(hub, make_ckp
     proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "alice/tuned", "--revision", "merged",
                 "--no-optimizer"], hub)
     assert proc.returncode == 4 and "holds adapter_config.json" in proc.stderr, proc.stderr
+
+
+def test_a_push_with_a_card_keeps_a_readme_someone_edited_or_wrote(hub, make_ckpt, tmp_path, caplog):
+    """The generated card replaces only a card a push generated untouched: a card edited on the Hub, or the owner's
+    own README, stays (with one warning), and the rest of the push is committed."""
+    merge_and_push(make_ckpt(), tmp_path / "out", "tiny", **opts(hub))
+    edited = hub.file_bytes("alice/tiny", "README.md") + b"\nIt scores 71% on our evals.\n"
+    hub.add_files("alice/tiny", {"README.md": edited}, "an edit")
+    caplog.set_level(logging.INFO)
+    second = merge_and_push(make_ckpt(), tmp_path / "out2", "tiny", **opts(hub, max_shard_size="100KB"))
+    assert second.ok and second.commits >= 1 and hub.file_bytes("alice/tiny", "README.md") == edited
+    warnings = [m for m in _hub_warnings(caplog) if "README.md" in m]
+    assert len(warnings) == 1 and "edited since it was generated" in warnings[0], warnings
+    assert set(remote_files(hub, "alice/tiny")) - {"README.md"} == set(local_files(tmp_path / "out2")) - {"README.md"}
+
+    user_readme = b"---\nlicense: mit\n---\n# My model\n"
+    hub.create_repo("alice/own")
+    hub.add_files("alice/own", {"README.md": user_readme}, "the user's card")
+    merge_and_push(make_ckpt(), tmp_path / "out3", "alice/own", **opts(hub))
+    assert hub.file_bytes("alice/own", "README.md") == user_readme

@@ -112,16 +112,20 @@ class Committer:
     ``upload_folder``'s ``delete_patterns`` does (``.gitattributes`` never). None: nothing is deleted.
     ``delete_if``: remote path -> check of its content; a file there that is not part of the push is
     deleted with them when the check of its content at that head says so (e.g. a model card an
-    earlier push generated and nobody edited since).
+    earlier push generated and nobody edited since). ``keep_if``: remote path -> check of its content; where
+    it says so, the remote file stays and the push's file of that path is left out (a card someone edited).
     """
 
     def __init__(self, api: HfApi, calls: Retrier, repo: HubRepo, *, delete_patterns: Iterable[str] | None = None,
-                 delete_if: Mapping[str, Callable[[bytes], bool]] | None = None, num_threads: int = 2):
+                 delete_if: Mapping[str, Callable[[bytes], bool]] | None = None,
+                 keep_if: Mapping[str, Callable[[bytes], bool]] | None = None, num_threads: int = 2):
         self.api = api
         self.calls = calls
         self.repo = repo
         self.delete_patterns = None if delete_patterns is None else tuple(delete_patterns)
         self.delete_if = dict(delete_if or {})
+        self.keep_if = dict(keep_if or {})
+        self.kept: list[str] = []  # remote files kept in place of this push's (keep_if)
         self.num_threads = num_threads
         self.commits: list[CommitInfo] = []
         self.unchanged: list[str] = []  # paths whose content the Hub already had at this revision
@@ -134,9 +138,18 @@ class Committer:
         as part of the push for stale-file deletion. Several commits get " (part i/n)" after
         ``message``. Returns the last commit made, or the current head when nothing was committed.
         """
-        self._refuse_a_foreign_adapter(uploads)
-        changed = {p: u for p, u in uploads.items() if not unchanged(u.op)}
-        self.unchanged = sorted(set(uploads) - set(changed))
+        remote = self._remote_files(uploads)
+        if "config.json" in uploads and ADAPTER_CONFIG not in uploads and ADAPTER_CONFIG in remote:
+            repo = self.repo
+            raise PushError(f"{repo.repo_id} (revision {repo.revision}) holds {ADAPTER_CONFIG} at its top, which would "
+                            "make transformers load it as a peft adapter instead of the pushed model; nothing was "
+                            "committed: delete that file from the repo (or push to another repo or --revision)",
+                            kind="conflict")
+        for path, check in self.keep_if.items():
+            if path in uploads and path in remote and check(self._read(path, self.repo.revision)):
+                self.kept.append(path)
+        changed = {p: u for p, u in uploads.items() if not unchanged(u.op) and p not in self.kept}
+        self.unchanged = sorted(set(uploads) - set(changed) - set(self.kept))
         if self.unchanged:
             logger.info("Hub already has %d of %d files unchanged; not committing them again",
                         len(self.unchanged), len(uploads))
@@ -144,7 +157,8 @@ class Committer:
         deletes = bool(self.delete_patterns or self.delete_if)
         if not batches and deletes:
             batches = [[]]  # nothing new, but stale files may still have to go
-        hide = self._pointers_over_overwrites(batches, uploads) if len(batches) > 1 else []
+        sent = {p: u for p, u in uploads.items() if p not in self.kept}  # a kept file is not hidden for a while either
+        hide = self._pointers_over_overwrites(batches, sent) if len(batches) > 1 else []
         for i, batch in enumerate(batches, 1):
             part = message if len(batches) == 1 else f"{message} (part {i}/{len(batches)})"
             keep = set(uploads) if i == len(batches) and deletes else None
@@ -156,20 +170,14 @@ class Committer:
                         ", ".join(self.deleted))
         return self.commits[-1] if self.commits else self._head_commit_info(message)
 
-    def _refuse_a_foreign_adapter(self, uploads: dict[str, Upload]) -> None:
-        """A model pushed where the revision holds a peft adapter_config.json at the top: transformers would load
-        the repo as that adapter (on its base, or on these weights with its LoRA applied), not as this model. The
-        file is not ours to delete, so nothing is committed."""
-        if "config.json" not in uploads or ADAPTER_CONFIG in uploads:
-            return
+    def _remote_files(self, uploads: dict[str, Upload]) -> set[str]:
+        """The files at the revision, where this push needs to know them: a model (config.json) could meet a peft
+        adapter's config, and a file in keep_if could be kept."""
+        if not ("config.json" in uploads or any(p in uploads for p in self.keep_if)):
+            return set()
         repo = self.repo
-        remote = self.calls.call("list the remote files", lambda: self.api.list_repo_files(
-            repo.repo_id, revision=repo.revision, repo_type=repo.repo_type))
-        if ADAPTER_CONFIG in remote:
-            raise PushError(f"{repo.repo_id} (revision {repo.revision}) holds {ADAPTER_CONFIG} at its top, which would "
-                            "make transformers load it as a peft adapter instead of the pushed model; nothing was "
-                            "committed: delete that file from the repo (or push to another repo or --revision)",
-                            kind="conflict")
+        return set(self.calls.call("list the remote files", lambda: self.api.list_repo_files(
+            repo.repo_id, revision=repo.revision, repo_type=repo.repo_type)))
 
     def _pointers_over_overwrites(self, batches: list[list[str]], uploads: dict[str, Upload]) -> list[str]:
         """The remote index/config/card files this push rewrites at the end, when an earlier commit of it

@@ -37,7 +37,7 @@ from ..paths import user_path
 from ..pipeline import MergePlan, MergeResult, merge, plan_merge
 from ..sources import Source, open_checkpoint
 from .card import make_model_card
-from .pusher import OWNED_PATTERNS, HubPusher, earlier_card_check
+from .pusher import OWNED_PATTERNS, HubPusher, earlier_card_check, edited_card_check
 from .repo import repo_name_for
 from .retry import PushError, RetryPolicy
 
@@ -312,6 +312,8 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
         if model_card and "README.md" not in plan.small:  # a README carried from huggingface/ is the user's own
             label = source_label(ck)
             plan.add_generated("README.md", lambda: _card(plan, full_id, label).encode())
+            if delete_stale:  # a README on the Hub that someone wrote or edited is theirs: kept, with a warning
+                pusher.committer.keep_if["README.md"] = edited_card_check(lambda: pusher.repo_id)
         try:
             result = merge(plan, out, on_file_done=upload, hash_sha256=True)
         except Exception:  # not KeyboardInterrupt: an interrupted push resumes, its uploads are kept

@@ -70,6 +70,8 @@ class HubPusher:
             its last commit (see :class:`.commits.Committer`). None (default): nothing is deleted.
         delete_if: remote path -> check of its content: deleted in the last commit too when this push
             does not bring it and the check says so (see :class:`.commits.Committer`).
+        keep_if: remote path -> check of its content: where it says so, the remote file stays and this push's
+            file of that path is not committed (a model card someone edited, see :func:`edited_card_check`).
     """
 
     def __init__(self, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
@@ -77,7 +79,8 @@ class HubPusher:
                  commit_message: str | None = None, max_files_per_commit: int = 50, max_workers: int = 2,
                  repo_type: str = "model", retry: RetryPolicy | None = None,
                  delete_patterns: Iterable[str] | None = None,
-                 delete_if: Mapping[str, Callable[[bytes], bool]] | None = None):
+                 delete_if: Mapping[str, Callable[[bytes], bool]] | None = None,
+                 keep_if: Mapping[str, Callable[[bytes], bool]] | None = None):
         if max_files_per_commit < 1 or max_workers < 1:
             raise ValueError("max_files_per_commit and max_workers must be at least 1")
         endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
@@ -86,7 +89,7 @@ class HubPusher:
         self.repo = HubRepo(self.api, self.calls, check_target(repo_id, organization, revision), repo_type=repo_type,
                             private=private, revision=revision or "main")
         self.committer = Committer(self.api, self.calls, self.repo, delete_patterns=delete_patterns,
-                                   delete_if=delete_if, num_threads=max_workers)
+                                   delete_if=delete_if, keep_if=keep_if, num_threads=max_workers)
         self.commit_message = commit_message or "Upload model with streammerge"
         self.max_files_per_commit = max_files_per_commit
         self.max_workers = max_workers
@@ -264,6 +267,23 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, ignore: Iterable[str
             if not any(fnmatch.fnmatch(rel, pat) for pat in patterns):
                 pusher.submit(path, rel)
         return pusher.finish()
+
+
+def edited_card_check(repo_id: Callable[[], str]) -> Callable[[bytes], bool]:
+    """The push's check of the README.md it would replace with the card it generated: True (keep it, with a warning)
+    for one nobody's push generated untouched: a card edited since, or the repo owner's own README."""
+
+    def check(data: bytes) -> bool:
+        state = card_state(data)
+        if state == "untouched":
+            return False
+        what = ("a streammerge model card edited since it was generated" if state == "edited"
+                else "not a card a push generated")
+        logger.warning("%s: README.md is %s, so it is kept and this push's card is not committed; it may describe an "
+                       "earlier upload: update it on the Hub, or delete it there to get a new card", repo_id(), what)
+        return True
+
+    return check
 
 
 def earlier_card_check(repo_id: Callable[[], str]) -> Callable[[bytes], bool]:

@@ -27,6 +27,7 @@ from .manifest import STATE_DIR, Manifest
 from .writer import TMP_SUFFIX, OutputFile, output_error, tmp_path
 
 LOCK_FILE = "lock"
+MODEL_CARD = "README.md"
 
 Sync = Callable[[], None]
 
@@ -170,8 +171,9 @@ class OutputFolder:
 
     def _remove_unplanned(self) -> None:
         """Files an earlier run of this merge wrote that this one does not (a chat template since removed from the
-        checkpoint's huggingface/ folder): left in place, transformers would load them with the new ones."""
-        for rel in sorted(set(self.manifest.data["files"]) - self.planned):
+        checkpoint's huggingface/ folder): left in place, transformers would load them with the new ones. A model
+        card a push generated stays: it is the push's, and no loader reads it."""
+        for rel in sorted(set(self.manifest.data["files"]) - self.planned - {MODEL_CARD}):
             path = self.out / rel
             try:
                 path.unlink(missing_ok=True)
