@@ -25,7 +25,7 @@ from typing import Any
 from . import architecture
 from .architecture import ArchCheck
 from .dtypes import DType
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from .model_folder import (
     carried_files,
     check_config_fits,
@@ -204,6 +204,16 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _refuse_quantized(weights: Plan, where: str) -> None:
+    """Weights that are stored quantized (integer or 8-bit float tensors, scales) need the quantization_config that
+    is left out for full-precision ones: such a checkpoint is not merged."""
+    for t in weights.tensors.values():
+        if t.dtype.name not in ("float16", "bfloat16", "float32", "float64") or "scale" in t.name.rsplit(".", 1)[-1]:
+            raise UnsupportedLayoutError(f"{where}: config.json has a quantization_config and the weights are stored "
+                                         f"quantized ({t.name} is {t.dtype.name}): quantized checkpoints are not "
+                                         "merged")
+
+
 def _absolute_folders(options: MergeOptions) -> MergeOptions:
     """A --model-name or --base-model given as a relative folder, made absolute: the manifest records the options,
     and verify (or a resume) run from another folder must find the same one."""
@@ -235,11 +245,19 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     config = read_config(model_dir)
     dtype = resolve_dtype(options.dtype, config)
     warnings: list[str] = []
+    quantized = config.pop("quantization_config", None) if config is not None else None
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        warnings.append(f"config.json's quantization_config ({method or 'no quant_method'}) is left out: the merged "
+                        "weights are the trained ones, unquantized, and transformers would load them as quantized "
+                        "layers with scales it never finds")
     arch, arch_note = (None, None)
     if check_architecture and model_dir is not None:
         arch, arch_note = architecture.start(config, str(model_dir / "config.json"))
     try:
         merge_plan = _plan_merge(source, options, model_dir, model_paths, config, dtype, warnings, token, endpoint)
+        if quantized is not None:
+            _refuse_quantized(merge_plan.weights, str(model_dir / "config.json") if model_dir else str(source.path))
     except BaseException:
         if arch is not None:
             arch.close()

@@ -468,3 +468,21 @@ def test_the_verify_command_asks_a_child_process_and_exits_1_on_a_config_of_anot
             assert len(fails) == 1 and "k_proj.weight is [16, 32] in the folder, [32, 32] in the model" in fails[0], \
                 proc.stdout
     assert hows[0].startswith("asked a child process: ") and hows[1] == "answer cached)", hows
+
+
+def test_a_base_models_quantization_config_is_left_out_for_full_precision_weights(tmp_path):
+    """A bf16 fine-tune of an FP8 checkpoint keeps the base's quantization_config in its config.json: transformers on
+    a GPU would swap in FP8 layers and initialise their scales at random (benchmarks/results/quant_config_gpu.json).
+    The weights are the trained ones, unquantized: the config is written without it, with a warning. Weights stored
+    quantized are refused instead."""
+    model = _model(transformers.LlamaForCausalLM)
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model, quantization_config=fp8))
+    result = streammerge.merge(folder, tmp_path / "out")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert any("quantization_config (fp8) is left out" in w for w in result.warnings), result.warnings
+    assert streammerge.verify(tmp_path / "out", folder).ok
+    state = {k: (v * 10).to(torch.int8) if k.endswith("q_proj.weight") else v for k, v in model.state_dict().items()}
+    quantized = _save(tmp_path / "q", state, _config(model, quantization_config=fp8))
+    with pytest.raises(streammerge.StreammergeError, match=r"the weights are stored quantized \(model\.layers\.0\.self"):
+        streammerge.merge(quantized, tmp_path / "out2")
