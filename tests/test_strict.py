@@ -738,3 +738,18 @@ def test_matcher_reads_data_pkl_where_the_directory_points(tmp_path: Path) -> No
     local = torch.load(rank_file(actor, 1), map_location="cpu", weights_only=True)["a.weight"]._local_tensor
     assert torch.equal(local, b[3:])  # torch reads the second pickle
     ranks_equal_torch(actor)
+
+
+@pytest.mark.parametrize("what", ["broken_link", "config_folder"])
+def test_a_rank_file_or_fsdp_config_that_is_no_file(good: Path, tmp_path: Path, what: str) -> None:
+    actor = copy(good, tmp_path)
+    if what == "broken_link":
+        rank_file(actor, 1).unlink()
+        rank_file(actor, 1).symlink_to(tmp_path / "gone.pt")
+        with pytest.raises(CheckpointError, match="a link to nothing"):
+            verl_source(actor)
+    else:
+        (actor / "fsdp_config.json").unlink(missing_ok=True)
+        (actor / "fsdp_config.json").mkdir()
+        with pytest.raises(CheckpointError, match="fsdp_config.json: not a file"):
+            verl_source(actor)

@@ -35,6 +35,9 @@ def verl_source(actor: Path) -> VerlSource:
     for p in sorted(actor.iterdir()):
         m = RANK_FILE.match(p.name)
         if m:
+            if not p.is_file():
+                what = "a link to nothing" if p.is_symlink() and not p.exists() else "not a file"
+                raise CheckpointError(f"{p}: {what}; copy the rank file itself")
             kind, ws, rank = m.group(1), int(m.group(2)), int(m.group(3))
             same = found.setdefault(kind, {}).setdefault(ws, {})
             if rank in same:
@@ -48,6 +51,8 @@ def verl_source(actor: Path) -> VerlSource:
     fsdp_version = None
     config_ws = None
     cfg_path = actor / "fsdp_config.json"
+    if cfg_path.exists() and not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: not a file")
     if cfg_path.is_file():
         try:
             cfg = jsonfile.loads(cfg_path.read_text(), parse_constant=_no_constant)
