@@ -146,7 +146,8 @@ class Committer:
                             "committed: delete that file from the repo (or push to another repo or --revision)",
                             kind="conflict")
         for path, check in self.keep_if.items():
-            if path in uploads and path in remote and check(self._read(path, self.repo.revision)):
+            if path in uploads and path in remote and check(self.calls.call(
+                    f"read {path}", functools.partial(self._read, path, self.repo.revision))):
                 self.kept.append(path)
         changed = {p: u for p, u in uploads.items() if not unchanged(u.op) and p not in self.kept}
         self.unchanged = sorted(set(uploads) - set(changed) - set(self.kept))
