@@ -560,3 +560,18 @@ def test_a_float_step_that_differs_between_ranks_is_refused(tmp_path) -> None:
     with pytest.raises(streammerge.CheckpointError, match=r"rank_3.pt: optimizer entry 0 .* has step 6.0, but "
                                                           r"optim_world_size_4_rank_0.pt has 5.0"):
         streammerge.merge(ck, tmp_path / "out2")
+
+
+@pytest.mark.parametrize("edit, ranks, message", [
+    # two runs' files of the same step, mixed when copied: they agree on step and shapes, not on the settings
+    (lambda osd: osd["param_groups"][0].update(lr=0.5), (1,), r"rank_1.pt: param group 0 has lr 0.5, but "
+                                                              r"optim_world_size_4_rank_0.pt's has"),
+    (lambda osd: osd["state"].update({999: {"step": torch.tensor(3.0)}}), (0, 1, 2, 3),
+     r"rank_0.pt: optimizer state entry 999 is in no param group"),
+    (lambda osd: osd.update(param_groups=[[0, 1]]), (0, 1, 2, 3), r"not an optimizer state dict \(a param group"),
+    (lambda osd: osd["param_groups"][0].update(params=5), (0, 1, 2, 3), r"not an optimizer state dict"),
+], ids=["settings_differ", "orphan_entry", "group_not_a_dict", "params_not_a_list"])
+def test_optimizer_files_that_disagree_or_are_malformed(tmp_path, edit, ranks, message) -> None:
+    ck = _tampered(tmp_path, "fsdp2_qwen2_tied_ws4", edit, ranks=ranks)
+    with pytest.raises(streammerge.CheckpointError, match=message):
+        streammerge.merge(ck, tmp_path / "out")

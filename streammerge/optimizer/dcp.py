@@ -66,6 +66,9 @@ def _state(ck: DcpCheckpoint, prefix: str, weights: Plan) -> tuple[dict[str, Ten
             continue
         fqn, skey = _param_and_key(key[len(state_prefix):], pd.get(key), depth, params)
         if fqn not in params:
+            if ".lora_A." in fqn or ".lora_B." in fqn or fqn.startswith("base_model.model."):
+                raise Skip(f"optimizer state {key!r} is a LoRA (peft) model's: the optimizer of a peft model saved "
+                           "with torch DCP is not exported (veRL rank files' is)")
             raise Skip(f"optimizer state {key!r} is for {fqn!r}, which is not a weight of the model")
         if src.shape not in ((), params[fqn]):  # factored state (Adafactor's row/col variances): another layout
             raise Skip(f"optimizer state {key!r} has shape {list(src.shape)}, but the parameter {fqn!r} has "

@@ -65,6 +65,15 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
     state, groups = (obj.get("state"), obj.get("param_groups")) if isinstance(obj, dict) else (None, None)
     if not isinstance(state, dict) or not isinstance(groups, list):
         raise CheckpointError(f"{path}: not an optimizer state dict (expected 'state' and 'param_groups')")
+    for g in groups:
+        params = g.get("params") if isinstance(g, dict) else None
+        if not (isinstance(params, list) and all(type(i) is int for i in params)):
+            raise CheckpointError(f"{path}: not an optimizer state dict (a param group that is not a dict with a "
+                                  "'params' list of parameter indices)")
+    orphans = sorted(set(state) - {i for g in groups for i in g["params"]}, key=str)
+    if orphans:
+        raise CheckpointError(f"{path}: optimizer state entry {orphans[0]!r} is in no param group (a damaged or "
+                              f"hand-edited file); {NO_OPTIMIZER_HINT}")
     tensors: dict[str, Any] = {}
     values: dict[str, Any] = {}
     keys: dict[int, list[str]] = {}
@@ -107,6 +116,13 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
             if rf.other["ids"] != files[0].other["ids"]:
                 raise CheckpointError(f"{rf.path}: its param groups list other parameter indices than "
                                       f"{files[0].path.name}'s (files from different runs?)")
+            for i, (g, g0) in enumerate(zip(rf.other["param_groups"], groups)):
+                for k in sorted(set(g) | set(g0), key=str):
+                    if k != "params" and not _same_setting(g.get(k), g0.get(k)):
+                        raise CheckpointError(f"{rf.path}: param group {i} has {k} {g.get(k)!r}, but "
+                                              f"{files[0].path.name}'s has {g0.get(k)!r}: every rank holds the same "
+                                              "settings, so the rank files come from different runs "
+                                              f"({NO_OPTIMIZER_HINT})")
         known = {n: t.shape for n, t in weights_plan.tensors.items()}
         known.update({n: weights_plan.tensors[k].shape for n, k in weights_plan.dropped.items()})
         where = str(model_dir / "config.json") if model_dir is not None else "config.json"
@@ -231,6 +247,15 @@ def _scalar(raw: bytes, dtype: Any) -> Any:
     import torch
 
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).item()
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Two ranks' values of a param group setting agree (a tensor, loaded onto the meta device, by kind and shape)."""
+    if hasattr(a, "shape") and hasattr(b, "shape"):
+        return (a.dtype, tuple(a.shape)) == (b.dtype, tuple(b.shape))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    return _same_value(a, b)
 
 
 def _same_value(a: Any, b: Any) -> bool:
