@@ -141,7 +141,8 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
                 arch.ready(sorted(shapes))  # the child places the names while the tensors are compared
         if ck is not None and reading is not None:
             report.checkpoint = ck.path
-            _check_against_checkpoint(out, ck, reading, headers, report, chunk=chunk, workers=workers)
+            _check_against_checkpoint(out, ck, reading, headers, report, chunk=chunk, workers=workers,
+                                      weight_maps=weight_maps)
         if arch is not None and shapes is not None:
             _check_architecture(arch, shapes, report)
     finally:
@@ -376,6 +377,17 @@ def _start_architecture(out: Path, report: VerifyReport) -> ArchCheck | None:
     return arch
 
 
+def _loaded_files(out: Path, top: list[str], weight_map: dict | None) -> list[str]:
+    """Which of a folder's top-level safetensors files transformers loads: model.safetensors where there is one, else
+    the files its index names, else (no index) all of them."""
+    if SINGLE in top:
+        return [SINGLE]
+    if isinstance(weight_map, dict):
+        named = set(weight_map.values())
+        return [r for r in top if r in named]
+    return top
+
+
 def _weight_shapes(out: Path, headers: dict[str, _Header], weight_maps: dict[str, dict],
                    report: VerifyReport) -> dict[str, tuple[int, ...]] | None:
     """The names and shapes of the tensors transformers loads with config.json: model.safetensors, else the files
@@ -502,7 +514,8 @@ def _start_reading(out: Path, ck: Source, manifest: dict | None, report: VerifyR
 
 
 def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers: dict[str, _Header],
-                              report: VerifyReport, *, chunk: int, workers: int) -> None:
+                              report: VerifyReport, *, chunk: int, workers: int,
+                              weight_maps: dict[str, dict] | None = None) -> None:
     oracle, readahead, merge_plan = reading.oracle, reading.readahead, reading.plan
     assert merge_plan is not None
     sources = _Sources(chunk)
@@ -568,8 +581,15 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
                         report.fail(f"{rel}: missing (the checkpoint's plan has it)")
                 elif not rel.endswith(".safetensors"):
                     report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's checksum only")
+            if own_layout and not p.subdir:  # the tensors transformers loads: model.safetensors, else the index's
+                loaded = _loaded_files(out, mine, (weight_maps or {}).get(INDEX))
+                for rel in sorted(set(mine) - set(loaded)):
+                    report.notes.append(f"{rel}: not a file transformers loads from this folder; not compared")
+                mine = loaded
             if own_layout:
                 where = {name: rel for rel in reversed(mine) for name in headers[rel].entries}
+                if not p.subdir and SINGLE not in mine and isinstance((weight_maps or {}).get(INDEX), dict):
+                    where = {n: f for n, f in (weight_maps or {})[INDEX].items() if f in headers}
             else:
                 where = {name: rel for rel, fp in expected_files.items() for name in fp.names}
             # a tie the config made (not shared storage) is checked as the trained output embedding: its source

@@ -621,6 +621,14 @@ def test_a_folder_transformers_wrote_is_compared_as_it_holds_the_weights(merged_
     assert any(f.startswith("config.json: differs from what the merge writes") and "'rms_norm_eps' is" in f
                for f in failures), failures
 
+    def decoy(out: Path) -> None:  # an unchanged copy beside, the changed one where the index points
+        shutil.copyfile(out / shards[-1].name, out / "backup.safetensors")
+        change_one(out)
+
+    report = streammerge.verify(edited("decoy", decoy), ckpt)
+    assert report.failures and all(shards[-1].name in f for f in report.failures), report.summary()
+    assert "backup.safetensors: not a file transformers loads from this folder; not compared" in report.notes
+
 
 def test_a_model_card_is_not_made_again_and_the_report_says_so(merged_keep, tmp_path):
     """push writes a README.md model card that re-planning does not make: a note, not a failure."""
