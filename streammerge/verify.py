@@ -689,6 +689,14 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
     for rel in sorted(set(listed) - planned - {"README.md"}):  # a push's card: noted below
         report.fail(f"{rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it; rerun the "
                     "merge to remove it")
+    if not own_layout:  # a folder of ours: a file a loader reads that the merge did not write changes what loads
+        for path in sorted(out.rglob("*")):
+            rel = _rel(out, path)
+            if (path.is_file() and rel not in planned and rel not in listed and rel != "README.md"
+                    and not any(part.startswith(".") for part in Path(rel).parts)
+                    and not rel.endswith(TMP_SUFFIX) and path.suffix in LOADED_SUFFIXES):
+                report.fail(f"{rel}: not written by the merge (its plan has no such file), and transformers, the "
+                            "tokenizer or load_optimizer_state_dict may read it; remove it")
     if (out / ADAPTER_CONFIG).is_file() and ADAPTER_CONFIG not in merge_plan.small and (out / "config.json").is_file():
         report.fail(f"{ADAPTER_CONFIG}: beside config.json it makes transformers load this folder as a peft adapter of "
                     "the base model it names, not as these weights; remove it")
@@ -699,6 +707,9 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
 
 
 CONFIG_FILES = ("config.json", "generation_config.json")  # what the model is and how it generates: never a note
+# files transformers, a tokenizer or peft may read from a model folder (weights, configs, vocabularies, templates, code)
+LOADED_SUFFIXES = {".json", ".jinja", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".py", ".tiktoken",
+                   ".msgpack", ".h5", ".gguf", ".ckpt"}
 # What save_pretrained adds or spells its own way; the dtype is the tensors' own (compared one by one).
 WRITER_KEYS = ("transformers_version", "_name_or_path", *DTYPE_KEYS)
 

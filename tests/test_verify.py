@@ -159,6 +159,11 @@ DAMAGE = {
                                False),
     "index_maps_outside": (edit_index(lambda idx: idx["weight_map"].update({"x": "/etc/passwd"})),
                            [INDEX, "outside the folder"], False),
+    # files a loader reads that the merge never wrote: a chat template, other weights beside ours
+    "added_chat_template": (lambda out: (out / "chat_template.jinja").write_text("{{ 'other' }}"),
+                            ["chat_template.jinja", "not written by the merge"], True),
+    "added_pytorch_model_bin": (lambda out: shutil.copyfile(shards(out)[0], out / "pytorch_model.bin"),
+                                ["pytorch_model.bin", "not written by the merge"], True),
 }
 
 
