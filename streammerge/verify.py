@@ -377,6 +377,20 @@ def _start_architecture(out: Path, report: VerifyReport) -> ArchCheck | None:
     return arch
 
 
+def _check_header_bytes(path: Path, rel: str, want: bytes, report: VerifyReport) -> None:
+    """A file of ours has exactly the header the merge writes (as save_file would): tensor order, offsets and
+    metadata, which a comparison tensor by tensor does not see."""
+    try:
+        with open(path, "rb") as f:
+            got = f.read(len(want))
+    except OSError as e:
+        report.fail(f"{rel}: unreadable ({e.strerror or e})")
+        return
+    if got != want:
+        report.fail(f"{rel}: its header is not the one the merge writes (tensor order, offsets or metadata differ); "
+                    "rerun the merge to write it again")
+
+
 def _loaded_files(out: Path, top: list[str], weight_map: dict | None) -> list[str]:
     """Which of a folder's top-level safetensors files transformers loads: model.safetensors where there is one, else
     the files its index names, else (no index) all of them."""
@@ -575,12 +589,14 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
             if own_layout and not mine and p.subdir:
                 report.notes.append(f"{p.subdir}/: not in the folder (a merge would write it)")
                 continue
-            for rel in expected_files:
+            for rel, fp in expected_files.items():
                 if rel not in headers and not (out / rel).is_file():
                     if not own_layout:
                         report.fail(f"{rel}: missing (the checkpoint's plan has it)")
                 elif not rel.endswith(".safetensors"):
                     report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's checksum only")
+                elif not own_layout:  # the tensors are compared below; the header says where each one lies
+                    _check_header_bytes(out / rel, rel, fp.layout.header, report)
             if own_layout and not p.subdir:  # the tensors transformers loads: model.safetensors, else the index's
                 loaded = _loaded_files(out, mine, (weight_maps or {}).get(INDEX))
                 for rel in sorted(set(mine) - set(loaded)):

@@ -159,6 +159,10 @@ DAMAGE = {
                                False),
     "index_maps_outside": (edit_index(lambda idx: idx["weight_map"].update({"x": "/etc/passwd"})),
                            [INDEX, "outside the folder"], False),
+    # the header's metadata edited (same length): the tensors all compare equal, the file is not what the merge wrote
+    "header_metadata_vs_source": (lambda out: shards(out)[0].write_bytes(
+        shards(out)[0].read_bytes().replace(b'"format":"pt"', b'"format":"np"', 1)),
+        ["model-00001-of-", "header is not the one the merge writes"], True),
     # files a loader reads that the merge never wrote: a chat template, other weights beside ours
     "added_chat_template": (lambda out: (out / "chat_template.jinja").write_text("{{ 'other' }}"),
                             ["chat_template.jinja", "not written by the merge"], True),
