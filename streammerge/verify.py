@@ -751,6 +751,10 @@ def _as_critic(got: bytes, merge_plan: MergePlan) -> bytes | None:
         return None
     if not (isinstance(cls, str) and cls.endswith("ForTokenClassification")) or merge_plan.config is None:
         return None
+    weights = merge_plan.weights
+    head = [t for n, t in weights.tensors.items() if n.rsplit(".", 1)[0].endswith("score") and n.endswith(".weight")]
+    if "lm_head.weight" in {*weights.tensors, *weights.dropped} or not any(t.shape[:1] == (1,) for t in head):
+        return None  # the weights have no one-label value head: a critic's config is not theirs
     return dataclasses.replace(merge_plan, config=critic_config(merge_plan.config, cls)).contents("config.json")
 
 

@@ -310,11 +310,11 @@ def test_moe_experts_saved_one_by_one_are_checked_as_transformers_fuses_them(tmp
 
 # ---------------------------------------------------------------- verify asks it of a finished folder
 
-def _replace_config(out: Path, config: dict) -> None:
+def _replace_config(out: Path, config: dict | bytes) -> None:
     """Another config.json, recorded in the manifest as written so: its checksum alone cannot tell."""
     from streammerge.checksum import crc32
 
-    data = json.dumps(config, indent=2).encode()
+    data = config if isinstance(config, bytes) else json.dumps(config, indent=2).encode()
     (out / "config.json").write_bytes(data)
     manifest = out / ".streammerge" / "manifest.json"
     m = json.loads(manifest.read_text())
@@ -486,3 +486,19 @@ def test_a_base_models_quantization_config_is_left_out_for_full_precision_weight
     quantized = _save(tmp_path / "q", state, _config(model, quantization_config=fp8))
     with pytest.raises(streammerge.StreammergeError, match=r"the weights are stored quantized \(model\.layers\.0"):
         streammerge.merge(quantized, tmp_path / "out2")
+
+
+def test_verify_takes_a_critics_config_only_for_a_critics_weights(merged_qwen2, monkeypatch):
+    """The merge writes a critic's config (token classifier, one label) only for weights with that value head: for a
+    causal LM's weights, a config.json naming the critic's class differs from what the merge writes, whether or not
+    transformers is asked."""
+    from streammerge.architecture import critic_config
+    from streammerge.model_folder import config_bytes
+
+    folder, out = merged_qwen2
+    config = json.loads((out / "config.json").read_text())
+    _replace_config(out, config_bytes(critic_config(config, "Qwen2ForTokenClassification"), None))  # as a merge would
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")
+    report = streammerge.verify(out, folder)
+    assert any(f.startswith("config.json: differs from what the merge writes") for f in report.failures), \
+        report.summary()
