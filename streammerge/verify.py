@@ -933,9 +933,25 @@ def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan
                 report.fail(f"{rel}: tensor {t.name!r}: the file ends inside its data")
                 return
             report.bytes_read += 2 * len(got)
-            if not np.array_equal(np.frombuffer(got, dtype=np.uint8), want.numpy()):
+            if not np.array_equal(np.frombuffer(got, dtype=np.uint8), want.numpy()) and not (
+                    t.fold is None and _only_nan_payloads(t, want, torch.frombuffer(got, dtype=torch.uint8))):
                 _report_window(rel, t, box, want, got, oracle, report)
                 return
+
+
+def _only_nan_payloads(t: TensorPlan, want: torch.Tensor, got: torch.Tensor) -> bool:
+    """A cast where the only elements that differ are NaN in both: torch's `.to()` writes other NaN bits on some of
+    its paths (a 0-d tensor, a vector's tail) than on others, and the merge's cast matches one of them (cast.py)."""
+    import torch
+
+    if t.source_dtype == t.dtype or not t.dtype.is_floating_point:
+        return False
+    try:
+        w, g = want.view(t.dtype.torch()), got.view(t.dtype.torch())
+        differ = (bytes_rows(w) != bytes_rows(g)).any(dim=1).reshape(w.shape)
+        return bool((torch.isnan(w[differ]) & torch.isnan(g[differ])).all())
+    except (RuntimeError, TypeError):  # a dtype isnan does not take
+        return False
 
 
 def _report_window(rel: str, t: TensorPlan, box: tuple[tuple[int, int], ...], want: torch.Tensor, got: memoryview,
@@ -1152,7 +1168,8 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
                 if got is None:
                     report.fail(f"{rel}: tensor {name!r}: the file ends inside its data")
                     return
-                if not torch.equal(want.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)):
+                want_bytes, got_bytes = want.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)
+                if not torch.equal(want_bytes, got_bytes) and not _only_nan_payloads(t, want_bytes, got_bytes):
                     _report_mismatch(rel, name, p, want, got, lo, t, report)
                     return
             if streaming:

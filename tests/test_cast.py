@@ -112,3 +112,24 @@ def test_dtypes_match_torch():
         dtypes.of("float128")
     with pytest.raises(AttributeError):
         dtypes.float32.itemsize = 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_verify_takes_the_merges_nan_bits_on_torchs_scalar_paths(tmp_path, dtype):
+    """torch's `.to()` writes other NaN bits for a 0-d tensor and a vector's tail than the merge's cast (documented
+    in cast.py): verify, which casts with torch, must not fail the merge's own output for that, and still fails a
+    real difference."""
+    import streammerge
+    from streammerge.testing.rankfiles import write_rank_files
+
+    half = torch.zeros(17, dtype=torch.float16)
+    half.view(torch.int16)[-1] = 0x7D00  # a signalling NaN, the last element
+    ckpt = write_rank_files(tmp_path / "ckpt", {"s": torch.tensor(float("nan")), "h": half, "w": torch.ones(3)}, (2,))
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, weights_only=True, dtype=dtype)
+    assert streammerge.verify(out, ckpt).ok
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor, a 1.0 of w: no NaN on either side
+    (out / "model.safetensors").write_bytes(bytes(data))
+    report = streammerge.verify(out, ckpt)
+    assert any("'w'" in f and "differ" in f for f in report.failures), report.summary()
