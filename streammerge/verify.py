@@ -692,11 +692,14 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
         report.bytes_read += len(got)
         if got != want and rel == "config.json":
             want = _as_critic(got, merge_plan) or want
-        if got != want and own_layout and _same_data(got, want, strict=rel in CONFIG_FILES):
+        strict = rel in CONFIG_FILES  # what the model is and how it generates: never a note
+        if got != want and own_layout and _same_data(got, want, strict=strict):
             continue
+        if got != want and own_layout and rel.endswith(ADAPTER_CONFIG):  # another writer's keys aside, the adapter's
+            strict = not _same_data(got, want, strict=False, keys=ADAPTER_KEYS)
         if got != want:
             why = _first_difference(got, want)
-            if own_layout and rel not in CONFIG_FILES:
+            if own_layout and not strict:
                 report.notes.append(f"{rel}: differs from the checkpoint's ({why})")
                 continue
             report.fail(f"{rel}: differs from what the merge writes from the checkpoint ({why}); rerun the merge to "
@@ -723,6 +726,9 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
 
 
 CONFIG_FILES = ("config.json", "generation_config.json")  # what the model is and how it generates: never a note
+# what peft builds an adapter from: another writer's other keys (its version, new defaults) are notes
+ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules",
+                "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "layers_to_transform")
 # files transformers, a tokenizer or peft may read from a model folder (weights, configs, vocabularies, templates, code)
 LOADED_SUFFIXES = {".json", ".jinja", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".py", ".tiktoken",
                    ".msgpack", ".h5", ".gguf", ".ckpt"}
@@ -730,13 +736,16 @@ LOADED_SUFFIXES = {".json", ".jinja", ".safetensors", ".bin", ".pt", ".pth", ".m
 WRITER_KEYS = ("transformers_version", "_name_or_path", *DTYPE_KEYS)
 
 
-def _same_data(got: bytes, want: bytes, *, strict: bool) -> bool:
+def _same_data(got: bytes, want: bytes, *, strict: bool, keys: tuple[str, ...] | None = None) -> bool:
     """Whether two JSON files hold the same data (a config as another writer formats it). `strict` (a config) leaves
-    out only what the writer adds (WRITER_KEYS) and keeps every other key, defaults included."""
+    out only what the writer adds (WRITER_KEYS) and keeps every other key, defaults included; `keys` compares those
+    keys alone."""
     try:
         a, b = jsonfile.loads(got), jsonfile.loads(want)
     except ValueError:
         return False
+    if keys is not None:
+        return isinstance(a, dict) and isinstance(b, dict) and all(a.get(k) == b.get(k) for k in keys)
     if strict and isinstance(a, dict) and isinstance(b, dict):
         a, b = ({k: v for k, v in d.items() if k not in WRITER_KEYS} for d in (a, b))
     return bool(a == b)

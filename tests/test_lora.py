@@ -137,6 +137,24 @@ def test_verify_fails_on_a_tampered_fold(fp32_ws2, tmp_path):
     assert any(name in p and "peft folds it" in p for p in failures), failures
 
 
+@pytest.mark.slow
+def test_verify_without_a_manifest_fails_an_adapter_config_that_changes_the_adapter(fp32_ws2, tmp_path):
+    """A folder whose .streammerge/ is gone: another writer's adapter_config.json keys are notes, but a value peft
+    builds the adapter from (lora_alpha: four times the trained delta) fails."""
+    out = tmp_path / "out"
+    merge(fp32_ws2, out, optimizer=False, lora="both")
+    shutil.rmtree(out / ".streammerge")
+    assert verify(out, fp32_ws2).ok
+    path = out / "lora_adapter" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "peft_version": "0.0.1"}))  # another writer's key: a note
+    assert verify(out, fp32_ws2).ok
+    path.write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 4}))
+    failures = verify(out, fp32_ws2).failures
+    assert any(f.startswith("lora_adapter/adapter_config.json: differs") and "'lora_alpha'" in f for f in failures), \
+        failures
+
+
 def _verify_tampered_fold(out: Path, ckpt: Path, name: str, index: tuple[int, int]) -> list[str]:
     """verify's failures after one element of the folded weight `name` in OUT's model.safetensors changed."""
     from safetensors.torch import save_file
