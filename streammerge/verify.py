@@ -693,6 +693,12 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
         if got != want and rel == "config.json":
             want = _as_critic(got, merge_plan) or want
         strict = rel in CONFIG_FILES  # what the model is and how it generates: never a note
+        if rel == "config.json" and own_layout and merge_plan.dtype is not None:
+            named = _named_dtype(got)
+            if named is not None and named != merge_plan.dtype.name:
+                report.fail(f"config.json: names the dtype {named}, but the weights are {merge_plan.dtype.name}: "
+                            "transformers would load them cast to it, not as they are")
+                continue
         if got != want and own_layout and _same_data(got, want, strict=strict):
             continue
         if got != want and own_layout and rel.endswith(ADAPTER_CONFIG):  # another writer's keys aside, the adapter's
@@ -734,6 +740,20 @@ LOADED_SUFFIXES = {".json", ".jinja", ".safetensors", ".bin", ".pt", ".pth", ".m
                    ".msgpack", ".h5", ".gguf", ".ckpt"}
 # What save_pretrained adds or spells its own way; the dtype is the tensors' own (compared one by one).
 WRITER_KEYS = ("transformers_version", "_name_or_path", *DTYPE_KEYS)
+
+
+def _named_dtype(config: bytes) -> str | None:
+    """The floating dtype a config.json names for its weights (dtype, else torch_dtype), or None."""
+    try:
+        data = jsonfile.loads(config)
+    except ValueError:
+        return None
+    value = next((data[k] for k in DTYPE_KEYS if isinstance(data, dict) and isinstance(data.get(k), str)), None)
+    name = value.removeprefix("torch.") if value is not None else None
+    return name if name in FLOATING_NAMES else None
+
+
+FLOATING_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _same_data(got: bytes, want: bytes, *, strict: bool, keys: tuple[str, ...] | None = None) -> bool:

@@ -630,6 +630,15 @@ def test_a_folder_transformers_wrote_is_compared_as_it_holds_the_weights(merged_
     assert any(f.startswith("config.json: differs from what the merge writes") and "'rms_norm_eps' is" in f
                for f in failures), failures
 
+    def other_dtype(out: Path) -> None:  # transformers' dtype="auto" would load the weights cast
+        config = json.loads((out / "config.json").read_text())
+        config["dtype"] = "float16"
+        (out / "config.json").write_text(json.dumps(config))
+
+    failures = streammerge.verify(edited("dtype", other_dtype), ckpt).failures
+    assert f"config.json: names the dtype float16, but the weights are {name}: transformers would load them cast to " \
+           "it, not as they are" in failures, failures
+
     def decoy(out: Path) -> None:  # an unchanged copy beside, the changed one where the index points
         shutil.copyfile(out / shards[-1].name, out / "backup.safetensors")
         change_one(out)
