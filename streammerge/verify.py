@@ -42,7 +42,7 @@ from .model_folder import DTYPE_KEYS
 from .optimizer import OPTIMIZER_DIR
 from .options import CHECKSUMS, MergeOptions, parse_size
 from .paths import user_path
-from .plan import Piece, TensorPlan
+from .plan import FilePlan, Piece, Plan, TensorPlan
 from .sources import Source, open_checkpoint
 from .sources.base import Oracle, bytes_rows, open_checkpoint_file, row_major
 from .sources.hf import INDEX, SINGLE
@@ -377,6 +377,23 @@ def _start_architecture(out: Path, report: VerifyReport) -> ArchCheck | None:
     return arch
 
 
+def _torch_file_header(path: Path, rel: str, plan: Plan, fp: FilePlan, report: VerifyReport) -> _Header | None:
+    """Where each tensor of a torch.save file (optimizer.pt) lies, as torch's own reader finds it (the pickle read onto
+    the meta device), so that its records are compared with the checkpoint as a safetensors file's tensors are."""
+    from .write.torch_format import _record_offsets
+
+    try:
+        offsets = _record_offsets(path, {n: plan.tensors[n] for n in fp.names})
+    except Exception as e:  # noqa: BLE001  (torch's reader refuses a damaged file in many ways)
+        report.fail(f"{rel}: torch.load cannot read where its tensors lie ({(str(e).splitlines() or [''])[0][:160]})")
+        return None
+    entries = {}
+    for offset, t in offsets:
+        assert isinstance(t, TensorPlan)
+        entries[t.name] = _Entry(t.dtype, t.shape, offset, offset + t.numel * t.dtype.itemsize)
+    return _Header(path, 0, entries)
+
+
 def _check_header_bytes(path: Path, rel: str, want: bytes, report: VerifyReport) -> None:
     """A file of ours has exactly the header the merge writes (as save_file would): tensor order, offsets and
     metadata, which a comparison tensor by tensor does not see."""
@@ -593,6 +610,10 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
                 if rel not in headers and not (out / rel).is_file():
                     if not own_layout:
                         report.fail(f"{rel}: missing (the checkpoint's plan has it)")
+                elif rel.endswith(".pt") and not own_layout:  # torch's format (--optimizer-format torch): its records
+                    torch_file = _torch_file_header(out / rel, rel, p, fp, report)
+                    if torch_file is not None:
+                        headers[rel] = torch_file
                 elif not rel.endswith(".safetensors"):
                     report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's checksum only")
                 elif not own_layout:  # the tensors are compared below; the header says where each one lies

@@ -337,6 +337,20 @@ def test_cli_torch_format_and_resume_reuses_files(tmp_path) -> None:
     manifest = json.loads((tmp_path / "out" / ".streammerge" / "manifest.json").read_text())
     assert "optimizer/optimizer.pt" in manifest["files"]
     assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), _reference(name))
+    # verify compares optimizer.pt's records with the checkpoint, as a safetensors file's tensors
+    report = streammerge.verify(tmp_path / "out", FIXTURES / name)
+    assert report.ok and not any("optimizer.pt: not a safetensors file" in n for n in report.notes), report.summary()
+    path = tmp_path / "out" / "optimizer" / "optimizer.pt"
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        record = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size >= 8)
+    start = record.header_offset + 30 + int.from_bytes(data[record.header_offset + 26:record.header_offset + 28],
+                                                        "little") + int.from_bytes(
+        data[record.header_offset + 28:record.header_offset + 30], "little")
+    data[start + 3] ^= 0x40  # an exponent bit of the record's first float32 (the manifest still says otherwise)
+    path.write_bytes(bytes(data))
+    failures = streammerge.verify(tmp_path / "out", FIXTURES / name).failures
+    assert any(f.startswith("optimizer/optimizer.pt: tensor ") and "differ from rank" in f for f in failures), failures
 
 
 # ---------------------------------------------------------------- resume on another world size
