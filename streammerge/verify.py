@@ -695,6 +695,9 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
     what the merge writes from the checkpoint (the manifest's checksums only say they are as the merge left them)."""
     listed = (manifest or {}).get("files", {})
     own_layout = manifest is None  # a folder another tool wrote: its index is its own, its files formatted its way
+    if own_layout and merge_plan.config is None and (out / "config.json").is_file():
+        report.notes.append("config.json and the tokenizer: not compared (the checkpoint has none, and without a "
+                            "manifest the --model-name a merge took them from is unknown)")
     for rel in sorted(set(merge_plan.small) | (set() if own_layout else set(merge_plan.indexes))):
         path = out / rel
         if not path.is_file():
