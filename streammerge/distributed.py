@@ -27,9 +27,12 @@ from .errors import OutputError
 from .options import MergeOptions
 from .pipeline import MergeResult, merge, peak_rss
 
-# A writer waits at the last barrier while the others finish their share: allow long merges.
-# torchrun's agent stops every rank when one fails, so a crash never leaves the others waiting.
+# A writer waits at the last barrier while the others finish their share: allow long merges (torchrun's agent
+# stops the ranks of its own host when one fails; a writer that fails on another host says so before it leaves).
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
+# Until every host's ranks have met: a host that died before (another host's agent does not stop ours) must not
+# leave the others waiting for a day.
+STARTUP_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("STREAMMERGE_TORCHRUN_STARTUP_S") or 600))
 
 
 def launched_by_torchrun() -> bool:
@@ -89,13 +92,20 @@ def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, options: Mer
     import torch.distributed as dist
 
     created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
+        if created:
+            dist.init_process_group("gloo", timeout=STARTUP_TIMEOUT)
         writers = _writer_ranks(me)
-        # every rank must take part in creating a group, even one it is not in
-        group = (dist.new_group(ranks=writers, timeout=BARRIER_TIMEOUT)
-                 if len(writers) < dist.get_world_size() else None)
+        # every rank must take part in creating a group, even one it is not in; the writers' own group waits long
+        group = dist.new_group(ranks=writers, timeout=BARRIER_TIMEOUT)
+    except BaseException as e:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+        if isinstance(e, RuntimeError):  # gloo's or the store's error when another host's rank never came or left
+            raise OutputError(f"another host's ranks did not start or stopped before the merge began ({_first(e)}); "
+                              "their own error says why; rerun the same command") from None
+        raise
+    try:
         if dist.get_rank() not in writers:
             return None
 
@@ -103,10 +113,8 @@ def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, options: Mer
             try:
                 dist.barrier(group=group)
             except RuntimeError as e:  # gloo's error when a peer writer has failed and left
-                first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
-                first = first.split(". ")[0][:120]
-                raise OutputError(f"another host's writer stopped ({first}): its own error says why; fix that and "
-                                  "rerun the same command (finished files are kept)") from None
+                raise OutputError(f"another host's writer stopped ({_first(e)}): its own error says why; fix that "
+                                  "and rerun the same command (finished files are kept)") from None
 
         result = merge(checkpoint_dir, out_dir, options, num_parts=me.hosts, part=me.host, sync=sync, **kwargs)
         sync()  # nobody reports success before host 0's writer has written the index
@@ -114,6 +122,12 @@ def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, options: Mer
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def _first(e: BaseException) -> str:
+    """The first sentence of gloo's message, without its source location."""
+    first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+    return first.split(". ")[0][:120]
 
 
 def _writer_ranks(me: Place) -> list[int]:

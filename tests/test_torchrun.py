@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 
 def _torchrun_hosts(ckpt: Path, out: Path, logs: Path, hosts: int, nproc: int,
-                    host_opts: tuple[list[str], ...] = ()) -> list[str]:
+                    host_opts: tuple[list[str], ...] = (), env: dict | None = None) -> list[str]:
     """One torchrun agent per "host", all on this machine (static rendezvous); each agent's stdout, or, when a host
     has options of its own (`host_opts`), each agent's (exit code, stderr) without checking them."""
     port = _free_port()
@@ -60,7 +60,7 @@ def _torchrun_hosts(ckpt: Path, out: Path, logs: Path, hosts: int, nproc: int,
                f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
                "-m", "streammerge", str(ckpt), str(out), *OPTS, *(host_opts[node] if host_opts else [])]
         with open(logs / f"host{node}.out", "w") as o, open(logs / f"host{node}.err", "w") as e:
-            agents.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=o, stderr=e))
+            agents.append(subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **(env or {})}, stdout=o, stderr=e))
     try:
         codes = [a.wait(timeout=150) for a in agents]
     finally:
@@ -175,6 +175,17 @@ def test_hosts_that_plan_differently_each_stop_with_one_line(ckpt, tmp_path):
         assert len(lines) == 1 and "internal error" not in lines[0], ends  # (torchrun's agent adds its own traceback)
     assert any("another host's writer stopped" in e for e in ends), ends
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_a_host_that_dies_before_the_others_meet_it_stops_them_in_one_line(ckpt, tmp_path):
+    """Host 1's rank stops before the process group exists (here: a bad option): another host's agent does not stop
+    host 0's rank, which must not wait the writers' day-long barrier timeout, and says why in one line."""
+    ends = _torchrun_hosts(ckpt, tmp_path / "out", tmp_path / "logs", hosts=2, nproc=1,
+                           host_opts=([], ["--dtype", "nonsense"]), env={"STREAMMERGE_TORCHRUN_STARTUP_S": "10"})
+    code, err = ends[0].split("\n", 1)
+    lines = [ln for ln in err.splitlines() if ln.startswith("streammerge:")]
+    assert code != "0" and len(lines) == 1, ends
+    assert "another host's ranks did not start or stopped before the merge began" in lines[0], ends
 
 
 def test_several_slurm_tasks_without_torchrun_are_refused(ckpt, tmp_path):
