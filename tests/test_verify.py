@@ -714,3 +714,18 @@ def test_verify_from_another_folder_finds_a_relative_model_name(make_ckpt, tmp_p
     monkeypatch.chdir(tmp_path / "b")
     report = streammerge.verify(tmp_path / "out", tmp_path / "a" / "ckpt")
     assert report.ok, report.summary()
+
+
+def test_a_rerun_removes_the_temp_file_of_a_small_file_it_no_longer_writes(make_ckpt, tmp_path):
+    """A merge killed while it wrote a small file the checkpoint has since lost leaves that file's temp copy, under
+    the name no planned file has: the rerun removes every file of our temp suffix (never another name)."""
+    from streammerge.write.writer import tmp_path as temp_of
+
+    ckpt = copy_actor(make_ckpt(), tmp_path / "actor")
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, optimizer=False)
+    temp_of(out / "chat_template.jinja").write_text("{{ 'half written' }}")
+    (out / "notes.md").write_text("mine")
+    streammerge.merge(ckpt, out, optimizer=False)
+    assert not temp_of(out / "chat_template.jinja").exists() and (out / "notes.md").exists()
+    assert streammerge.verify(out, ckpt).ok

@@ -97,10 +97,12 @@ class Manifest:
             return None
         return OutputFile(filename, entry["size"], entry.get("crc32"), entry.get("sha256"))
 
-    def add(self, f: OutputFile) -> None:
+    def add(self, f: OutputFile, *, stat: bool = True) -> None:
+        """List a file (`stat`: as it is now in place, with its modification time)."""
         entry = {k: v for k, v in asdict(f).items() if k != "filename" and v is not None}
         try:
-            entry["mtime_ns"] = os.stat(self.path.parent.parent / f.filename).st_mtime_ns
+            if stat:
+                entry["mtime_ns"] = os.stat(self.path.parent.parent / f.filename).st_mtime_ns
         except OSError:
             pass
         self.data["files"][f.filename] = entry

@@ -69,7 +69,7 @@ class OutputFolder:
             if self.part == 0 and None in self.prior.values():
                 self._unpublish_indexes()  # an index means "complete": none until every file is back
             self.manifest.save()
-            self._remove_temp_files()  # left by a killed run
+            self._remove_temp_files(sweep=self.part == 0)  # left by a killed run (before the other parts start)
             if self.sync is not None and self.part == 0:
                 self.sync()
         except BaseException:
@@ -158,7 +158,12 @@ class OutputFolder:
         self.manifest.gather_parts()
         self._remove_unplanned()
         for rel in self.small_files:
-            f = self.write_small(rel, contents(rel))
+            f = self.write_small(rel, contents(rel), rename=False)
+            self.manifest.add(f, stat=False)  # listed before it appears: a run killed in between leaves none unlisted
+            try:
+                os.replace(tmp_path(self.out / rel), self.out / rel)
+            except OSError as e:
+                raise output_error(e, self.out / rel) from None
             self.manifest.add(f)
             done(f)
         staged = [self.write_small(rel, contents(rel), rename=False) for rel in self.index_files]
@@ -177,6 +182,7 @@ class OutputFolder:
             path = self.out / rel
             try:
                 path.unlink(missing_ok=True)
+                tmp_path(path).unlink(missing_ok=True)  # a run killed while it wrote the file left this
             except OSError as e:
                 raise output_error(e, path) from None
             del self.manifest.data["files"][rel]
@@ -208,12 +214,17 @@ class OutputFolder:
         finally:
             self._unlock()
 
-    def _remove_temp_files(self) -> None:
-        """Remove the temp files this merge may have left (only our own names; never a user's file)."""
+    def _remove_temp_files(self, sweep: bool = False) -> None:
+        """Remove the temp files this merge may have left (only our own names; never a user's file); `sweep`: every
+        file with our temp suffix, also of a file this run no longer writes."""
         ours: Iterable[str] = self.data_files + (self.small_files + self.index_files if self.part == 0 else [])
         for rel in ours:
             with contextlib.suppress(OSError):
                 tmp_path(self.out / rel).unlink(missing_ok=True)
+        if sweep:
+            for path in self.out.rglob("*" + TMP_SUFFIX):
+                with contextlib.suppress(OSError):
+                    path.unlink()
         if self.part == 0:  # torchrun ranks > 0 keep their own part manifests; manifest.tmp is rank 0's
             with contextlib.suppress(OSError):
                 (self.out / STATE_DIR / "manifest.tmp").unlink(missing_ok=True)
