@@ -611,7 +611,10 @@ class FileWriter:
             raise
         os.close(fd)
         check_with_rust_reader(tmp, plan, fp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # the folder removed under us (a trainer rotating its step folders), say
+            raise output_error(e, path) from None
         return OutputFile(plan.rel(fp.filename), fp.size, crc, sha)
 
     def _open_direct(self, tmp: Path) -> int | None:
