@@ -114,6 +114,8 @@ int16, uint16, float16, bfloat16 = BY_NAME["int16"], BY_NAME["uint16"], BY_NAME[
 int32, uint32, float32 = BY_NAME["int32"], BY_NAME["uint32"], BY_NAME["float32"]
 complex64, float64, int64, uint64, complex128 = (BY_NAME[n] for n in ("complex64", "float64", "int64", "uint64",
                                                                         "complex128"))
+# the floating dtypes weights are trained and kept in; float8 is floating point too, but a quantized storage
+FULL_PRECISION: tuple[DType, ...] = (float16, bfloat16, float32, float64)
 
 
 def of(dtype: DType | str | Any) -> DType:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import architecture
+from . import architecture, dtypes
 from .architecture import ArchCheck
 from .dtypes import DType
 from .errors import CheckpointError, ConfigError, UnsupportedLayoutError
@@ -208,7 +208,7 @@ def _refuse_quantized(weights: Plan, where: str) -> None:
     """Weights that are stored quantized (integer or 8-bit float tensors, scales) need the quantization_config that
     is left out for full-precision ones: such a checkpoint is not merged."""
     for t in weights.tensors.values():
-        if t.dtype.name not in ("float16", "bfloat16", "float32", "float64") or "scale" in t.name.rsplit(".", 1)[-1]:
+        if t.dtype not in dtypes.FULL_PRECISION or "scale" in t.name.rsplit(".", 1)[-1]:
             raise UnsupportedLayoutError(f"{where}: config.json has a quantization_config and the weights are stored "
                                          f"quantized ({t.name} is {t.dtype.name}): quantized checkpoints are not "
                                          "merged")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import architecture, jsonfile
+from . import architecture, dtypes, jsonfile
 from .architecture import ArchCheck, critic_config
 from .checksum import FELL_BACK as CRC_FELL_BACK
 from .checksum import crc32
@@ -774,10 +774,7 @@ def _named_dtype(config: bytes) -> str | None:
         return None
     value = next((data[k] for k in DTYPE_KEYS if isinstance(data, dict) and isinstance(data.get(k), str)), None)
     name = value.removeprefix("torch.") if value is not None else None
-    return name if name in FLOATING_NAMES else None
-
-
-FLOATING_NAMES = ("float16", "bfloat16", "float32", "float64")
+    return name if name in {d.name for d in dtypes.FULL_PRECISION} else None
 
 
 def _same_data(got: bytes, want: bytes, *, strict: bool, keys: tuple[str, ...] | None = None) -> bool:

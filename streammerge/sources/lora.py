@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import jsonfile
+from .. import dtypes, jsonfile
 from ..dtypes import DType
 from ..errors import CheckpointError, ConfigError
 from ..model_folder import hub_id
@@ -552,14 +552,11 @@ def _check_dtypes(source: Source, a: Adapter) -> None:
     and a complex factor's imaginary part lost."""
     assert a.base is not None
     for what, t in (("base weight", a.base), ("lora_A", a.a), ("lora_B", a.b)):
-        if t.dtype.name not in _FOLDABLE:
+        if t.dtype not in dtypes.FULL_PRECISION:
             why = "a quantized base is dequantized first by peft" if t is a.base else "no real floating-point dtype"
             raise CheckpointError(f"{source.path}: {_short(a.module)}: its {what} is {t.dtype.name}, which the fold "
                                   f"W + scale * B @ A cannot be computed exactly in ({why}); merge it with peft, or "
                                   "export the adapter with --lora adapter")
-
-
-_FOLDABLE = ("float16", "bfloat16", "float32", "float64")
 
 
 def _adapter_plan(adapters: list[Adapter], saved: Mapping[str, SourceTensor], options: Any) -> Plan:
