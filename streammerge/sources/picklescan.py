@@ -108,22 +108,17 @@ def scan(data: bytes, checks: Sequence[int] = (), key_limit: int | None = None) 
     return [k for k in keys if k < limit]
 
 
-
-# The opcodes torch's weights-only unpickler reads (torch.save writes protocol 2), with their operands:
-# n >= 0 bytes, -1 two newline-terminated lines, -2 a 1-byte length, -4 a 4-byte length.
-_TORCH_OPERANDS = {
-    b"c": -1, b"\x81": 0, b"R": 0, b"b": 0, b"a": 0, b"e": 0, b"s": 0, b"u": 0, b"(": 0, b"t": 0, b"\x85": 0,
-    b"\x86": 0, b"\x87": 0, b"N": 0, b"\x89": 0, b"\x88": 0, b")": 0, b"]": 0, b"}": 0, b"\x8f": 0, b"J": 4,
-    b"K": 1, b"M": 2, b"G": 8, b"X": -4, b"U": -2, b"Q": 0, b"h": 1, b"j": 4, b"q": 1, b"r": 4, b"\x8a": -2,
-    b"\x80": 1, b".": 0}
-_LONG_BINPUT, _BINUNICODE, _GLOBAL = ord("r"), ord("X"), ord("c")
+# The opcodes torch's weights-only unpickler reads (torch.save writes protocol 2); their operands as _LENGTH gives.
+_TORCH_OPCODES = frozenset(b"c\x81Rbaesu(t\x85\x86\x87N\x89\x88)]}\x8fJKMGXUQhjqr\x8a\x80.")
+_LONG_BINPUT = ord("r")
 
 
 @functools.lru_cache(maxsize=16)
 def _fixed_run(high: int) -> re.Pattern[bytes]:
     """A run of fixed-operand opcodes, LONG_BINPUT among them while its index is below (high + 1) * 65536."""
-    alts = [b"[" + b"".join(re.escape(op) for op, n in _TORCH_OPERANDS.items() if n == k and op not in b"r.")
-            + b"]" + b"." * k for k in sorted({n for n in _TORCH_OPERANDS.values() if n >= 0})]
+    fixed = sorted(c for c in _TORCH_OPCODES if _LENGTH[c] >= 0 and c not in (_LONG_BINPUT, _STOP))
+    alts = [b"[" + b"".join(re.escape(bytes([c])) for c in fixed if _LENGTH[c] == k) + b"]" + b"." * k
+            for k in sorted({_LENGTH[c] for c in fixed})]
     alts.append(b"r..[\\x00-" + re.escape(bytes([high])) + b"]\\x00")
     return re.compile(b"(?:" + b"|".join(alts) + b")*", re.S)
 
@@ -142,21 +137,21 @@ def beyond_torch(data: bytes) -> str | None:
         while pos < n:
             pos = run(data, pos).end()  # type: ignore[union-attr]  # a * pattern always matches
             c = data[pos]
-            k = _TORCH_OPERANDS.get(bytes([c]))
-            if k is None:
+            if c not in _TORCH_OPCODES:
                 return f"pickle opcode {bytes([c])!r}, which torch's weights-only unpickler does not read"
+            k = _LENGTH[c]
             if c == _STOP:
                 return None
-            if c == _LONG_BINPUT:
-                if unpack("<I", data, pos + 1)[0] > n:
-                    return f"a memo index of {unpack('<I', data, pos + 1)[0]} in a pickle of {n} bytes"
-                pos += 5
-            elif c == _BINUNICODE:
-                pos += 5 + unpack("<I", data, pos + 1)[0]
-            elif c == _GLOBAL:
-                pos = data.index(b"\n", data.index(b"\n", pos + 1) + 1) + 1
-            else:  # SHORT_BINSTRING, LONG1
+            if c == _LONG_BINPUT and unpack("<I", data, pos + 1)[0] > n:
+                return f"a memo index of {unpack('<I', data, pos + 1)[0]} in a pickle of {n} bytes"
+            if k >= 0:
+                pos += 1 + k
+            elif k == -2:  # SHORT_BINSTRING, LONG1
                 pos += 2 + data[pos + 1]
+            elif k in (-3, -4):  # BINUNICODE
+                pos += 5 + unpack("<I", data, pos + 1)[0]
+            else:  # GLOBAL: two newline-terminated arguments
+                pos = data.index(b"\n", data.index(b"\n", pos + 1) + 1) + 1
     except (IndexError, ValueError, struct.error):
         pass
     return None
