@@ -305,8 +305,7 @@ def _bad_weight_map(weight_map: object, base: Path) -> str | None:
     for name, filename in weight_map.items():
         if not isinstance(filename, str):
             return f"{name!r} maps to {repr(filename)[:40]}, not a file name"
-        if os.path.isabs(filename) or ".." in Path(filename).parts or not (base / filename).resolve().is_relative_to(
-                base.resolve()):
+        if ".." in Path(filename).parts or not (base / filename).resolve().is_relative_to(base.resolve()):
             return f"{name!r} maps to {filename!r}, outside the folder"
     return None
 
@@ -408,25 +407,24 @@ def _check_header_bytes(path: Path, rel: str, want: bytes, report: VerifyReport)
                     "rerun the merge to write it again")
 
 
-def _loaded_files(out: Path, top: list[str], weight_map: dict | None) -> list[str]:
-    """Which of a folder's top-level safetensors files transformers loads: model.safetensors where there is one, else
-    the files its index names, else (no index) all of them."""
-    if SINGLE in top:
-        return [SINGLE]
-    if isinstance(weight_map, dict):
-        named = set(weight_map.values())
-        return [r for r in top if r in named]
-    return top
+def _loaded_map(out: Path, headers: dict[str, _Header], weight_maps: dict[str, dict]) -> dict[str, str] | None:
+    """Name -> file of the tensors transformers loads with config.json: model.safetensors where there is one, else the
+    files its index names (its order); None where neither can be read (a file that failed the checks above)."""
+    if (out / SINGLE).is_file():
+        return {name: SINGLE for name in headers[SINGLE].entries} if SINGLE in headers else None
+    weight_map = weight_maps.get(INDEX)
+    return dict(weight_map) if isinstance(weight_map, dict) else None
 
 
 def _weight_shapes(out: Path, headers: dict[str, _Header], weight_maps: dict[str, dict],
                    report: VerifyReport) -> dict[str, tuple[int, ...]] | None:
-    """The names and shapes of the tensors transformers loads with config.json: model.safetensors, else the files
-    its index names (its order); None, with a note, where some of them failed the checks above."""
+    """The names and shapes of the tensors transformers loads (`_loaded_map`); None, with a note, where some of them
+    failed the checks above."""
+    loaded = _loaded_map(out, headers, weight_maps)
     try:
-        if (out / SINGLE).is_file():
-            return {name: e.shape for name, e in headers[SINGLE].entries.items()}
-        return {name: headers[file].entries[name].shape for name, file in weight_maps[INDEX].items()}
+        if loaded is None:
+            raise KeyError(SINGLE)
+        return {name: headers[file].entries[name].shape for name, file in loaded.items()}
     except (KeyError, TypeError, AttributeError):
         report.notes.append("architecture check skipped: the weights' files failed the checks above")
         return None
@@ -546,7 +544,7 @@ def _start_reading(out: Path, ck: Source, manifest: dict | None, report: VerifyR
 
 def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers: dict[str, _Header],
                               report: VerifyReport, *, chunk: int, workers: int,
-                              weight_maps: dict[str, dict] | None = None) -> None:
+                              weight_maps: dict[str, dict]) -> None:
     oracle, readahead, merge_plan = reading.oracle, reading.readahead, reading.plan
     assert merge_plan is not None
     sources = _Sources(chunk)
@@ -618,15 +616,15 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
                     report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's checksum only")
                 elif not own_layout:  # the tensors are compared below; the header says where each one lies
                     _check_header_bytes(out / rel, rel, fp.layout.header, report)
-            if own_layout and not p.subdir:  # the tensors transformers loads: model.safetensors, else the index's
-                loaded = _loaded_files(out, mine, (weight_maps or {}).get(INDEX))
-                for rel in sorted(set(mine) - set(loaded)):
+            loaded = _loaded_map(out, headers, weight_maps) if own_layout and not p.subdir else None
+            if loaded is not None:  # compared are the tensors transformers loads, where it finds them
+                files = set(loaded.values())
+                for rel in sorted(set(mine) - files):
                     report.notes.append(f"{rel}: not a file transformers loads from this folder; not compared")
-                mine = loaded
-            if own_layout:
+                mine = [rel for rel in mine if rel in files]
+                where = {name: rel for name, rel in loaded.items() if rel in headers}
+            elif own_layout:
                 where = {name: rel for rel in reversed(mine) for name in headers[rel].entries}
-                if not p.subdir and SINGLE not in mine and isinstance((weight_maps or {}).get(INDEX), dict):
-                    where = {n: f for n, f in (weight_maps or {})[INDEX].items() if f in headers}
             else:
                 where = {name: rel for rel, fp in expected_files.items() for name in fp.names}
             # a tie the config made (not shared storage) is checked as the trained output embedding: its source
