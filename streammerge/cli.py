@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn, TextIO
 
 from . import __version__
@@ -161,13 +162,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             print(pushed.verify.summary())
         print(pushed.summary())
         return 0 if pushed.ok else 1
-    if args.verify:
-        from .verify import verify
-
-        report = verify(result.out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
-        print(report.summary())
-        return 0 if report.ok else 1
-    return 0
+    return _verify_merged(result.out_dir, args) if args.verify else 0
 
 
 def _say_inferred_repo(out_dir: str, organization: str | None, private: bool | None) -> None:
@@ -227,12 +222,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
         _say(f"streammerge: warning: {w}", sys.stderr)
     _say(result.summary())
     if args.verify and (not torchrun or os.environ.get("RANK") == "0"):  # one writer checks the whole folder
-        from .verify import verify
-
-        report = verify(result.out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
-        print(report.summary())
-        return 0 if report.ok else 1
+        return _verify_merged(result.out_dir, args)
     return 0
+
+
+def _verify_merged(out_dir: Path, args: argparse.Namespace) -> int:
+    """merge --verify: the finished folder against the checkpoint; verify's exit code."""
+    from .verify import verify
+
+    report = verify(out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _say(text: str, stream: TextIO | None = None) -> None:
