@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +181,7 @@ class OutputFolder:
         for rel in sorted(set(self.manifest.data["files"]) - self.planned - {MODEL_CARD}):
             path = self.out / rel
             try:
-                path.unlink(missing_ok=True)
-                tmp_path(path).unlink(missing_ok=True)  # a run killed while it wrote the file left this
+                path.unlink(missing_ok=True)  # its temp copy, if a killed run left one, went with the others at start
             except OSError as e:
                 raise output_error(e, path) from None
             del self.manifest.data["files"][rel]
@@ -217,14 +216,14 @@ class OutputFolder:
     def _remove_temp_files(self, sweep: bool = False) -> None:
         """Remove the temp files this merge may have left (only our own names; never a user's file); `sweep`: every
         file with our temp suffix, also of a file this run no longer writes."""
-        ours: Iterable[str] = self.data_files + (self.small_files + self.index_files if self.part == 0 else [])
-        for rel in ours:
-            with contextlib.suppress(OSError):
-                tmp_path(self.out / rel).unlink(missing_ok=True)
         if sweep:
-            for path in self.out.rglob("*" + TMP_SUFFIX):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            ours = list(self.out.rglob("*" + TMP_SUFFIX))
+        else:
+            rels = self.data_files + (self.small_files + self.index_files if self.part == 0 else [])
+            ours = [tmp_path(self.out / rel) for rel in rels]
+        for path in ours:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         if self.part == 0:  # torchrun ranks > 0 keep their own part manifests; manifest.tmp is rank 0's
             with contextlib.suppress(OSError):
                 (self.out / STATE_DIR / "manifest.tmp").unlink(missing_ok=True)
