@@ -138,15 +138,15 @@ class Committer:
         as part of the push for stale-file deletion. Several commits get " (part i/n)" after
         ``message``. Returns the last commit made, or the current head when nothing was committed.
         """
-        remote = self._remote_files(uploads)
-        if "config.json" in uploads and ADAPTER_CONFIG not in uploads and ADAPTER_CONFIG in remote:
+        remote = functools.cache(self._remote_files)  # listed once, and only where something asks
+        if "config.json" in uploads and ADAPTER_CONFIG not in uploads and ADAPTER_CONFIG in remote():
             repo = self.repo
             raise PushError(f"{repo.repo_id} (revision {repo.revision}) holds {ADAPTER_CONFIG} at its top, which would "
                             "make transformers load it as a peft adapter instead of the pushed model; nothing was "
                             "committed: delete that file from the repo (or push to another repo or --revision)",
                             kind="conflict")
         for path, check in self.keep_if.items():
-            if path in uploads and path in remote and check(self.calls.call(
+            if path in uploads and path in remote() and check(self.calls.call(
                     f"read {path}", functools.partial(self._read, path, self.repo.revision))):
                 self.kept.append(path)
         changed = {p: u for p, u in uploads.items() if not unchanged(u.op) and p not in self.kept}
@@ -159,7 +159,7 @@ class Committer:
         if not batches and deletes:
             batches = [[]]  # nothing new, but stale files may still have to go
         sent = {p: u for p, u in uploads.items() if p not in self.kept}  # a kept file is not hidden for a while either
-        hide = self._pointers_over_overwrites(batches, sent) if len(batches) > 1 else []
+        hide = self._pointers_over_overwrites(batches, sent, remote()) if len(batches) > 1 else []
         for i, batch in enumerate(batches, 1):
             part = message if len(batches) == 1 else f"{message} (part {i}/{len(batches)})"
             keep = set(uploads) if i == len(batches) and deletes else None
@@ -171,21 +171,17 @@ class Committer:
                         ", ".join(self.deleted))
         return self.commits[-1] if self.commits else self._head_commit_info(message)
 
-    def _remote_files(self, uploads: dict[str, Upload]) -> set[str]:
-        """The files at the revision, where this push needs to know them: a model (config.json) could meet a peft
-        adapter's config, and a file in keep_if could be kept."""
-        if not ("config.json" in uploads or any(p in uploads for p in self.keep_if)):
-            return set()
+    def _remote_files(self) -> set[str]:
+        """The files at the revision before this push commits: a model meeting a peft adapter's config, a file in
+        keep_if, and the pointers that several commits overwrite are all judged from this one listing."""
         repo = self.repo
         return set(self.calls.call("list the remote files", lambda: self.api.list_repo_files(
             repo.repo_id, revision=repo.revision, repo_type=repo.repo_type)))
 
-    def _pointers_over_overwrites(self, batches: list[list[str]], uploads: dict[str, Upload]) -> list[str]:
+    def _pointers_over_overwrites(self, batches: list[list[str]], uploads: dict[str, Upload],
+                                  remote: set[str]) -> list[str]:
         """The remote index/config/card files this push rewrites at the end, when an earlier commit of it
         overwrites a remote data file they may point at (else none)."""
-        repo = self.repo
-        remote = set(self.calls.call("list the remote files", lambda: self.api.list_repo_files(
-            repo.repo_id, revision=repo.revision, repo_type=repo.repo_type)))
         if not any(p in remote for batch in batches[:-1] for p in batch):
             return []
         return sorted(p for p in remote if p in uploads and is_last_file(p))
