@@ -419,6 +419,19 @@ def test_transform_descriptors_refused(tmp_path: Path) -> None:
         read_dcp(tmp_path / "x")
 
 
+@pytest.mark.parametrize("value", [5, "xor/1", "", 0, {}, ("xor/1",)])
+def test_transform_descriptors_that_are_not_a_list_refused(ckpts: Path, tmp_path: Path, value) -> None:
+    """torch writes None or a list of descriptor strings. An int ended in an internal TypeError, a string was read
+    as one descriptor per character, a falsy one ("", 0, {}) was read as "no transforms": one line naming it."""
+    folder = _copy(ckpts, "tiny", tmp_path)
+    _edit_metadata(folder, lambda md: setattr(_entry(md, "w")[1], "transform_descriptors", value))
+    with pytest.raises(CheckpointError, match=r"item 'w' has transform_descriptors .*, not a list") as e:
+        read_dcp(folder)
+    assert "\n" not in str(e.value)
+    _edit_metadata(folder, lambda md: setattr(_entry(md, "w")[1], "transform_descriptors", []))
+    check_against_torch(folder)  # an empty list: no transforms, as torch reads it
+
+
 def test_safetensors_format_refused(tmp_path: Path) -> None:
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.filesystem import SerializationFormat

@@ -274,9 +274,13 @@ def read_metadata(folder: Path) -> DcpMetadata:
                                          f"{type(info).__name__}, not MetadataIndex -> _StorageInfo")
         fqn, off = idx.get("fqn"), idx.get("offset")
         rel, offset, length = info.get("relative_path"), info.get("offset"), info.get("length")
-        if info.get("transform_descriptors"):
+        transforms = info.get("transform_descriptors")
+        if transforms is not None and not isinstance(transforms, list):  # torch writes a list of descriptor strings
+            raise CheckpointError(f"{path}: item {fqn!r} has transform_descriptors {transforms!r:.80}, a "
+                                  f"{type(transforms).__name__}, not a list (a damaged or hand-edited .metadata?)")
+        if transforms:
             raise UnsupportedLayoutError(f"{path}: item {fqn!r} is stored through transforms "
-                                         f"{list(info.get('transform_descriptors'))} (compression or extensions)")
+                                         f"{transforms!r:.200} (compression or extensions)")
         if not isinstance(fqn, str) or not (off is None or _dims(off) is not None):
             raise CheckpointError(f"{path}: bad storage index {fqn!r} {off!r}")
         if not isinstance(rel, str) or not rel or rel != Path(rel).name or rel in (".", "..") \
