@@ -453,6 +453,21 @@ def test_a_dtype_streammerge_does_not_read_is_named(tmp_path: Path) -> None:
             read_dcp(d)
 
 
+def test_a_key_with_a_lone_surrogate_is_one_clear_line(tmp_path: Path) -> None:
+    """dcp.save takes a key with a lone surrogate (undecodable bytes decoded with surrogateescape): merge and inspect
+    ended in "'utf-8' codec can't encode character" from deep in the writer. One line naming the key and the file."""
+    folder = tmp_path / "ck"
+    dcp.save({"layers.0.w\udce9": torch.ones(2), "b": torch.ones(2)}, checkpoint_id=str(folder), no_dist=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for cmd in ([str(folder), str(tmp_path / "out"), "--weights-only", "--no-progress"], ["inspect", str(folder)]):
+        r = subprocess.run([sys.executable, "-m", "streammerge", *cmd], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r"key 'layers.0.w\udce9' is not valid text" in r.stderr and "U+DCE9" in r.stderr, r.stderr
+        assert str(folder / ".metadata") in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_hf_storage_folder_refused(tmp_path: Path) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 

@@ -297,6 +297,7 @@ def read_metadata(folder: Path) -> DcpMetadata:
     for fqn, item in md.get("state_dict_metadata").items():
         if not isinstance(fqn, str):
             raise CheckpointError(f"{path}: non-string key {fqn!r}")
+        _check_text(fqn, path)
         if isinstance(item, _BytesStorageMetadata):
             byte_keys.append(fqn)
         elif isinstance(item, _TensorStorageMetadata):
@@ -315,6 +316,17 @@ def read_metadata(folder: Path) -> DcpMetadata:
     extras = {k: _plain(v) for k, v in md.f.items()
               if k not in ("state_dict_metadata", "storage_data", "planner_data", "all_local_plans")}
     return DcpMetadata(path, tensors, tuple(byte_keys), storage, planner_data, extras)
+
+
+def _check_text(fqn: str, path: Path) -> None:
+    """A key must be text UTF-8 can carry: a lone surrogate (what Python makes of undecodable bytes) cannot be a
+    safetensors name, a JSON string or a line on the terminal."""
+    try:
+        fqn.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CheckpointError(f"{path}: key {fqn!r} is not valid text: it holds the lone surrogate "
+                              f"U+{ord(fqn[e.start]):04X} (undecodable bytes decoded with surrogateescape?), which no "
+                              "safetensors name can hold; rename the key and save again") from None
 
 
 def _tensor_entry(fqn: str, item: _TensorStorageMetadata, path: Path) -> TensorEntry:
