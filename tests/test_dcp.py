@@ -651,6 +651,36 @@ def test_per_rank_metadata_refused(tmp_path: Path) -> None:
         streammerge.plan(tmp_path / "nc")  # found by discovery, refused by the reader
 
 
+@pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")
+@pytest.mark.parametrize("stop_at", ["rename", "rm_file"])
+def test_a_save_that_did_not_finish_is_refused(tmp_path: Path, monkeypatch, stop_at: str) -> None:
+    """dcp.save writes .metadata.tmp last, removes an older .metadata, then renames. Stopped before the rename
+    (.metadata.tmp alone) it read as "not a torch DCP checkpoint"; stopped before the removal (an older save's
+    .metadata beside the new .distcp files) it was merged as the older save. Both: the save did not finish."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    folder = tmp_path / "ck"
+    dcp.save({"w": torch.zeros(3)}, checkpoint_id=str(folder), no_dist=True)  # an earlier save in the same folder
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(FileSystem, stop_at, crash)
+    with pytest.raises(BaseException, match="killed"):
+        dcp.save({"w": torch.ones(3)}, checkpoint_id=str(folder), no_dist=True)
+    monkeypatch.undo()
+    assert (folder / ".metadata.tmp").is_file() and (folder / ".metadata").exists() == (stop_at == "rm_file")
+    with pytest.raises(CheckpointError, match="the save did not finish"):
+        open_checkpoint(folder).tensors(streammerge.MergeOptions())  # found by discovery, refused by the reader
+    want = "beside .metadata" if stop_at == "rm_file" else "and no .metadata"
+    with pytest.raises(CheckpointError, match=rf"ck: the save did not finish \(\.metadata\.tmp {want}"):
+        read_dcp(folder)
+    assert main([str(folder), str(tmp_path / "out"), "--weights-only", "--no-progress"]) == 2
+    (folder / ".metadata.tmp").unlink()
+    (folder / ".metadata").unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=r"\.distcp files and no \.metadata: the save did not finish"):
+        read_dcp(folder)
+
+
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no .metadata file"):
         read_dcp(tmp_path)

@@ -33,7 +33,7 @@ from ..checksum import crc32
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from . import torchpickle
 from .base import Oracle, Piece, ReadStats, Source, SourceTensor, no_readahead, open_checkpoint_file, step_of
-from .dcpmeta import METADATA_FILE, DcpMetadata, TensorEntry, read_metadata
+from .dcpmeta import METADATA_FILE, METADATA_TMP, DcpMetadata, TensorEntry, read_metadata
 from .torchzip import zip64_fields
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ _TRAINER_KEYS = {"model", "optimizer", "optimizers", "optim", "app", "lr_schedul
 
 def is_dcp_folder(folder: Path) -> bool:
     """A DCP folder, or the remains of one (per-rank metadata only, .distcp files only): its reader explains."""
-    if (folder / METADATA_FILE).is_file():
+    if (folder / METADATA_FILE).is_file() or (folder / METADATA_TMP).is_file():
         return True
     try:
         return any(RANK_FILE.match(p.name) or re.match(r"^__\d+\.metadata$", p.name) for p in folder.iterdir())

@@ -28,6 +28,7 @@ from ..dtypes import DType
 from ..errors import CheckpointError, UnsupportedLayoutError
 
 METADATA_FILE = ".metadata"
+METADATA_TMP = ".metadata.tmp"  # what dcp.save writes, then renames to .metadata
 _DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
            "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
 _TORCH_DTYPE_NAME = re.compile(r"^(u?int\d+|float\d+(_\w+)?|bfloat16|complex\d+|bits\w+|q(u?int\d+\w*)|half|double)$")
@@ -251,12 +252,21 @@ def _plain(obj: Any, depth: int = 0) -> Any:
 def read_metadata(folder: Path) -> DcpMetadata:
     """Read and check `.metadata` of a DCP folder; one-line errors naming the file."""
     path = folder / METADATA_FILE
+    tmp = folder / METADATA_TMP
+    if tmp.exists():  # torch writes .metadata.tmp after every rank's data, removes .metadata, then renames
+        raise CheckpointError(f"{folder}: the save did not finish ({METADATA_TMP} "
+                              + ("beside .metadata: the .distcp files may be a newer save's than .metadata"
+                                 if path.exists() else "and no .metadata")
+                              + "); let it finish, or use an earlier checkpoint")
     if not path.is_file():
         if any(folder.glob("__*.metadata")):
             raise UnsupportedLayoutError(f"{folder}: only per-rank __N.metadata files (a DCP saved with "
                                          "use_collectives=False); load and save it once with torch to get .metadata")
         if (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors")):
             raise UnsupportedLayoutError(f"{folder}: safetensors files and no .metadata: already a model folder")
+        if any(folder.glob("*.distcp")):  # .metadata is written last
+            raise CheckpointError(f"{folder}: .distcp files and no .metadata: the save did not finish, or .metadata "
+                                  "was not copied")
         raise CheckpointError(f"{folder}: no .metadata file, not a torch DCP checkpoint")
     try:
         data = path.read_bytes()
