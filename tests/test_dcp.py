@@ -1085,3 +1085,74 @@ def test_a_tensor_named_like_the_safetensors_metadata_key(tmp_path: Path) -> Non
     dcp.save({"__metadata__": torch.ones(2), "w": torch.ones(2)}, checkpoint_id=str(folder), no_dist=True)
     with pytest.raises(CheckpointError, match="a tensor named '__metadata__'"):
         streammerge.merge(folder, tmp_path / "out", weights_only=True)
+
+
+def test_a_trainers_rng_state_is_not_a_model_tensor(tmp_path: Path) -> None:
+    """Top-level model keys beside a trainer's top-level tensors (torch.get_rng_state(), a step counter): those were
+    merged into model.safetensors as weights named 'rng_state' and 'step'. They are listed as not merged."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from streammerge.testing.dcp_cases import Tiny
+
+    want = get_model_state_dict(Tiny())
+    folder = tmp_path / "ck"
+    dcp.save({**want, "rng_state": torch.get_rng_state(), "step": torch.tensor(7), "lr_scheduler": {"last_epoch": 7}},
+             checkpoint_id=str(folder), no_dist=True)
+    split = open_checkpoint(folder).split(None)
+    assert set(split.model) == set(want) and split.others == {"rng_state": 1, "step": 1}
+    streammerge.merge(folder, tmp_path / "out", dtype="keep", weights_only=True)
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_tensors_pickled_inside_a_non_tensor_item_are_refused(tmp_path: Path, capsys) -> None:
+    """DCP stores a tuple of tensors (or an object holding some) as one pickled non-tensor item; the merge reads
+    tensor items only, so such a model's tensors vanished from the output (exit 0). Refused where the item is the
+    model's; elsewhere (an `extra` container) the model is merged as torch reads it."""
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    pair = (torch.ones(3), torch.zeros(2, dtype=torch.bfloat16))
+    cases = {"nested": {"model": {"w": w, "pair": pair}}, "top": {"w": w, "pair": pair}}
+    for name, state in cases.items():
+        folder = tmp_path / name
+        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+        dcp_to_torch_save(str(folder), str(folder) + ".pt")
+        ref = flat_reference(folder, read_dcp(folder))
+        key = "model.pair" if name == "nested" else "pair"
+        assert all(torch.equal(a, b) for a, b in zip(ref[key], pair))  # torch reads the tensors back from the item
+        assert main([str(folder), str(tmp_path / f"out_{name}"), "--weights-only", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"item {key!r} of the model pickles tensors inside a non-tensor value" in err, err
+        assert err.count("\n") == 1 and not (tmp_path / f"out_{name}").exists()
+    folder = tmp_path / "extra"
+    dcp.save({"model": {"w": w}, "extra": {"pair": pair, "note": "x"}}, checkpoint_id=str(folder), no_dist=True)
+    streammerge.merge(folder, tmp_path / "out_extra", dtype="keep", weights_only=True)
+    assert raw(load_file(tmp_path / "out_extra" / "model.safetensors")["w"]) == raw(w)
+
+
+def test_a_save_with_flatten_state_dict_false(tmp_path: Path, capsys) -> None:
+    """flatten_state_dict=False stores each nested dict whole, as one pickled item, and .metadata records no nesting:
+    the model inside {"model": ...} was dropped and the top-level tensors merged as the model (exit 0). Refused in one
+    line saying so; such a save of a flat dict of tensors (nothing pickled whole) is merged as torch reads it."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, opt = _trained_tiny()
+    want = get_model_state_dict(model)
+    nested = tmp_path / "nested"
+    dcp.save({"model": want, "optimizer": get_optimizer_state_dict(model, opt), "step": torch.tensor(7)},
+             checkpoint_id=str(nested), no_dist=True, planner=DefaultSavePlanner(flatten_state_dict=False))
+    ck = read_dcp(nested)
+    assert ck.meta.planner_data is None and set(ck.bytes_items) == {"model", "optimizer"} and list(ck.tensors) == ["step"]
+    for args in ([], ["--key-prefix", "model."]):
+        assert main([str(nested), str(tmp_path / "out"), "--weights-only", "--no-progress", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and not (tmp_path / "out").exists(), err
+        assert "item 'model' pickles tensors inside one non-tensor item" in err and "flatten_state_dict=False" in err
+    flat = tmp_path / "flat"
+    dcp.save(dict(want), checkpoint_id=str(flat), no_dist=True, planner=DefaultSavePlanner(flatten_state_dict=False))
+    assert read_dcp(flat).meta.planner_data is None
+    dcp_to_torch_save(str(flat), str(flat) + ".pt")
+    ref = torch.load(str(flat) + ".pt", weights_only=True)
+    streammerge.merge(flat, tmp_path / "out_flat", dtype="keep", weights_only=True)
+    got = load_file(tmp_path / "out_flat" / "model.safetensors")
+    assert set(got) == set(ref) == set(want) and all(raw(got[k]) == raw(v) for k, v in ref.items())

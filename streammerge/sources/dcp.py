@@ -51,6 +51,9 @@ OPTIMIZER_CONTAINERS = ("optimizer", "optimizers", "optim")
 # top-level names of a trainer's saved dict, recognised when .metadata records no nesting
 _TRAINER_KEYS = {"model", "optimizer", "optimizers", "optim", "app", "lr_scheduler", "scheduler", "dataloader",
                  "train_state", "extra", "progress", "rng_state"}
+# top-level tensors that are a trainer's state, never a model's weight (torch.get_rng_state() is a uint8 tensor)
+NOT_MODEL_KEYS = frozenset(_TRAINER_KEYS - {"model"} | {"rng_states", "rng", "cpu_rng_state", "cuda_rng_state",
+                                                         "step", "global_step", "epoch", "iteration"})
 
 
 # ---------------------------------------------------------------- finding the folder
@@ -378,6 +381,17 @@ class DcpCheckpoint:
         finally:
             os.close(fd)
 
+    def holds_tensors(self, key: str) -> bool:
+        """Whether a byte item pickles tensors inside (its torch.save zip has storage records): a tuple of tensors,
+        an object holding some, or a nested dict saved with flatten_state_dict=False. Reads the zip directory only."""
+        file, offset, length = self.bytes_items[key]
+        fd = no_readahead(os.open(file, os.O_RDONLY))
+        try:
+            entries, _ = _Blob(fd, file, offset, length, key).directory()
+        finally:
+            os.close(fd)
+        return any(name.startswith("data/") for name in entries)
+
 
 def read_dcp(folder: Path, stats: ReadStats | None = None) -> DcpCheckpoint:
     """Plan a DCP folder: every tensor's pieces and every byte item's range, all checked; reads no tensor data."""
@@ -497,8 +511,27 @@ def strip_wrappers(name: str) -> str:
 
 
 def split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
-    """Decide which tensors are the model (wrapper segments removed from their names, see `unwrapped`)."""
+    """Decide which tensors are the model (wrapper segments removed from their names, see `unwrapped`).
+
+    Non-tensor items that pickle tensors inside are refused where they could be the model's: DCP stores a tuple
+    of tensors, an object holding some, or (saved with flatten_state_dict=False) a whole nested dict as one
+    pickle, which the merge does not read; dropping them would leave the model without those weights."""
+    if ck.meta.planner_data is None:  # no recorded nesting (flatten_state_dict=False): any item may be the model
+        within = _container(key_prefix) if key_prefix is not None else ""
+        for key in ck.bytes_items:
+            if (key.startswith(within) or within.startswith(key + ".")) and ck.holds_tensors(key):
+                raise UnsupportedLayoutError(
+                    f"{ck.meta.path}: item {key!r} pickles tensors inside one non-tensor item, and .metadata records "
+                    "no nesting: a save with flatten_state_dict=False, which stores each nested dict whole; "
+                    "streammerge reads DCP's tensor items only. Load it with torch and save it again with "
+                    "flatten_state_dict=True (dcp.save's default)")
     split = _split_keys(ck, key_prefix)
+    pickled = [k for k in ck.bytes_items if _of_model(k, split, ck) and ck.holds_tensors(k)]
+    if pickled:
+        raise UnsupportedLayoutError(
+            f"{ck.meta.path}: item {pickled[0]!r} of the model pickles tensors inside a non-tensor value (a tuple or "
+            f"an object, which DCP stores whole; {len(pickled)} such items), and the merge would leave them out; "
+            "save them as tensors (in a dict or a list), or choose the model's keys with --key-prefix")
     model = unwrapped(split.model, ck.folder)
     if model == split.model:
         return split
@@ -521,6 +554,20 @@ def unwrapped(model: Mapping[str, str], where: Path) -> dict[str, str]:
     return out
 
 
+def _container(prefix: str) -> str:
+    return prefix if prefix.endswith(".") else prefix + "."  # a container, never part of a name
+
+
+def _of_model(key: str, split: KeySplit, ck: DcpCheckpoint) -> bool:
+    """Whether a (non-tensor) key sits where the split takes the model's tensors from."""
+    if split.optimizer_prefix and key.startswith(split.optimizer_prefix):
+        return False
+    if split.prefix:
+        return key.startswith(split.prefix)
+    path = (ck.meta.planner_data or {}).get(key, (key,))
+    return len(path) == 1 and key not in NOT_MODEL_KEYS
+
+
 def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
     """Decide which tensors are the model: `key_prefix` when given, else the saved dict's nesting.
 
@@ -533,7 +580,7 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
                               "save with flatten_state_dict=False pickles nested dicts whole, which streammerge does "
                               "not unpickle)")
     if key_prefix is not None:
-        key_prefix = key_prefix if key_prefix.endswith(".") else key_prefix + "."  # a container, never part of a name
+        key_prefix = _container(key_prefix)
         model = {k[len(key_prefix):]: k for k in keys if k.startswith(key_prefix) and len(k) > len(key_prefix)}
         if not model:
             heads = sorted({k.split(".", 1)[0] + "." for k in keys})[:6]
@@ -560,7 +607,8 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
             others = _others(keys, model, opt)
             return KeySplit(prefix, model, opt, others, f"the {prefix!r} keys of the saved dict")
     opt = _optimizer_prefix(keys, "")
-    top = {k: k for k, p in paths.items() if len(p) == 1 and not (opt and k.startswith(opt))}  # flat optimizer keys
+    top = {k: k for k, p in paths.items()  # not the flat optimizer's keys, nor a trainer's rng_state, step, ...
+           if len(p) == 1 and not (opt and k.startswith(opt)) and k not in NOT_MODEL_KEYS}
     if not top:
         heads = sorted({str(p[0]) for p in paths.values()})[:6]
         raise CheckpointError(f"{ck.folder}: cannot tell which tensors are the model (the saved dict holds "
