@@ -1156,3 +1156,62 @@ def test_a_save_with_flatten_state_dict_false(tmp_path: Path, capsys) -> None:
     streammerge.merge(flat, tmp_path / "out_flat", dtype="keep", weights_only=True)
     got = load_file(tmp_path / "out_flat" / "model.safetensors")
     assert set(got) == set(ref) == set(want) and all(raw(got[k]) == raw(v) for k, v in ref.items())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_torch_compile_prefix_is_stripped_in_the_param_groups_too(tmp_path: Path) -> None:
+    """A torch.compile'd model's own names (`_orig_mod.` ...) for its weights and optimizer state: the state's names
+    lost the prefix but the param groups' `params` kept it, so load_optimizer_state_dict refused the export (its state
+    in no group). Both stripped: the export is torch's full optimizer state dict of the uncompiled model, and it
+    resumes the optimizer."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    model, opt = _trained_tiny()
+    compiled = torch.compile(model)  # wraps only: nothing is compiled until it runs
+    names = {p: n for n, p in compiled.named_parameters()}
+    assert all(n.startswith("_orig_mod.") for n in names.values())
+    osd = {"state": {names[p]: dict(s) for p, s in opt.state.items()},
+           "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[p] for p in g["params"]]}
+                            for g in opt.param_groups]}
+    folder = tmp_path / "ck"
+    dcp.save({"model": compiled.state_dict(), "optimizer": osd}, checkpoint_id=str(folder), no_dist=True)
+    result = streammerge.merge(folder, tmp_path / "out", dtype="keep", weights_only=True)
+    assert not result.warnings[1:], result.warnings  # [0]: no config.json
+    want_model = get_model_state_dict(model)
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(want_model) and all(torch.equal(got[k], v) for k, v in want_model.items())
+    exported = streammerge.load_optimizer_state_dict(tmp_path / "out")
+    _same_optimizer_state(exported, get_optimizer_state_dict(model, opt))
+    fresh, fresh_opt = _trained_tiny()
+    fresh_opt.param_groups[0]["lr"] = 0.5
+    set_optimizer_state_dict(fresh, fresh_opt, exported)
+    _same_optimizer_state(get_optimizer_state_dict(fresh, fresh_opt), get_optimizer_state_dict(model, opt))
+
+
+@pytest.mark.parametrize("case", ["state_in_no_group", "group_names_no_weight", "param_in_two_groups"])
+def test_param_groups_that_do_not_hold_the_state_are_a_warning(case: str, tmp_path: Path) -> None:
+    """State for a parameter that no param group holds was exported (exit 0), and load_optimizer_state_dict then
+    refused the folder; a group naming no weight, or a parameter in two groups, likewise. The weights are written
+    (equal to the model's), the optimizer is not, with the reason."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, opt = _trained_tiny()
+    osd = get_optimizer_state_dict(model, opt)
+    groups = osd["param_groups"]
+    if case == "state_in_no_group":
+        osd["param_groups"] = groups[:1]
+        why = "optimizer state for 'lm_head.weight' (1 parameters), which no param group holds"
+    elif case == "group_names_no_weight":
+        groups[1]["params"] = ["lm_head.weight", "value_head.weight"]
+        why = "param group 1 holds 'value_head.weight', which is not a weight of the model"
+    else:
+        groups[1]["params"] = ["lm_head.weight", "model.norm.weight"]
+        why = "'model.norm.weight' is in param groups 0 and 1"
+    want = get_model_state_dict(model)
+    dcp.save({"model": want, "optimizer": osd}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    result = streammerge.merge(tmp_path / "ck", tmp_path / "out", dtype="keep", weights_only=True)
+    assert any(w == f"optimizer not exported: {why}" for w in result.warnings), result.warnings
+    assert not (tmp_path / "out" / "optimizer").exists()
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())

@@ -61,6 +61,7 @@ def _state(ck: DcpCheckpoint, prefix: str, weights: Plan) -> tuple[dict[str, Ten
     depth = prefix.count(".") + 1  # where the fqn sits in a planner_data path
     pd = ck.meta.planner_data or {}
     tensors: dict[str, TensorPlan] = {}
+    stateful: set[str] = set()  # parameters with state
     for key, src in ck.tensors.items():
         if not key.startswith(state_prefix):
             continue
@@ -75,6 +76,7 @@ def _state(ck: DcpCheckpoint, prefix: str, weights: Plan) -> tuple[dict[str, Ten
                        f"{list(params[fqn])} (a factored optimizer such as Adafactor?); the export holds per-parameter "
                        "state of the parameter's shape only")
         out = f"state.{fqn}.{skey}"
+        stateful.add(fqn)
         tensors[out] = TensorPlan(out, src, src.dtype)  # source keeps its DCP key: verify reads it by that name
     if not tensors:
         raise Skip(f"no tensors under {state_prefix!r}")
@@ -83,7 +85,27 @@ def _state(ck: DcpCheckpoint, prefix: str, weights: Plan) -> tuple[dict[str, Ten
         if key.startswith(state_prefix):
             fqn, skey = _param_and_key(key[len(state_prefix):], pd.get(key), depth, params)
             values[f"state.{fqn}.{skey}"] = _json_value(ck, key)
-    return tensors, _param_groups(ck, prefix, depth, params), values
+            stateful.add(fqn)
+    groups = _param_groups(ck, prefix, depth, params)
+    _check_membership(groups, stateful, params)
+    return tensors, groups, values
+
+
+def _check_membership(groups: list[dict], stateful: set[str], params: Mapping[str, Any]) -> None:
+    """Each group's params are weights of the model, in one group each, and every parameter with state is in a
+    group: torch's loader pairs the state with parameters through the groups, so anything else is an optimizer
+    state dict it cannot load, or one that gives the state to other parameters."""
+    owner: dict[str, int] = {}
+    for i, g in enumerate(groups):
+        for name in g["params"]:
+            if name not in params:
+                raise Skip(f"param group {i} holds {name!r}, which is not a weight of the model")
+            if name in owner:
+                raise Skip(f"{name!r} is in param groups {owner[name]} and {i}")
+            owner[name] = i
+    stray = sorted(stateful - set(owner))
+    if stray:
+        raise Skip(f"optimizer state for {stray[0]!r} ({len(stray)} parameters), which no param group holds")
 
 
 def _json_value(ck: DcpCheckpoint, key: str) -> Any:
@@ -129,9 +151,11 @@ def _param_groups(ck: DcpCheckpoint, prefix: str, depth: int, params: Mapping[st
         raise Skip("param groups saved both nested and flattened")
     if nested:
         listed = [nested[i] for i in sorted(nested)]
-        if any(not isinstance(g.get("params"), list) for g in listed):
+        if any(not isinstance(g.get("params"), list) or not all(isinstance(n, str) for n in g["params"])
+               for g in listed):
             raise Skip("a param group without its list of parameter names")
-        return listed
+        # the state's names lose torch.compile's `_orig_mod.` (and other wrapper segments) as the model's keys do
+        return [{**g, "params": [strip_wrappers(n) for n in g["params"]]} for g in listed]
     if not flat:
         raise Skip(f"no param groups under {gp!r}")
     groups: list[dict] = []  # the flattened form has one entry per parameter: equal settings share a group
