@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import os
 import re
@@ -39,7 +40,7 @@ from .checksum import crc32
 from .dtypes import DType
 from .errors import OutputError, StreammergeError
 from .model_folder import DTYPE_KEYS
-from .optimizer import OPTIMIZER_DIR
+from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT
 from .options import CHECKSUMS, MergeOptions, parse_size
 from .paths import user_path
 from .plan import FilePlan, Piece, Plan, TensorPlan
@@ -601,8 +602,12 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
         for p in plans:
             expected_files = {p.rel(fp.filename): fp for fp in p.files}
             mine = sorted(r for r in headers if (r.startswith(p.subdir + "/") if p.subdir else "/" not in r))
+            if own_layout and p.subdir == OPTIMIZER_DIR:  # else the index is compared byte for byte
+                _check_optimizer_groups(out, p, report)
             if own_layout and not mine and p.subdir:
-                report.notes.append(f"{p.subdir}/: not in the folder (a merge would write it)")
+                pt = p.subdir == OPTIMIZER_DIR and (out / OPTIMIZER_DIR / OPTIMIZER_PT).is_file()
+                report.notes.append(f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}: without a manifest only its param groups are "
+                                    "compared" if pt else f"{p.subdir}/: not in the folder (a merge would write it)")
                 continue
             for rel, fp in expected_files.items():
                 if rel not in headers and not (out / rel).is_file():
@@ -804,6 +809,72 @@ def _as_critic(got: bytes, merge_plan: MergePlan) -> bytes | None:
     if "lm_head.weight" in {*weights.tensors, *weights.dropped} or not any(t.shape[:1] == (1,) for t in head):
         return None  # the weights have no one-label value head: a critic's config is not theirs
     return dataclasses.replace(merge_plan, config=critic_config(merge_plan.config, cls)).contents("config.json")
+
+
+# what an optimizer export's index records as data besides its tensors (load_optimizer_state_dict reads them)
+OPTIMIZER_DATA = ("param_groups", "state_values", "megatron_param_groups")
+
+
+def _check_optimizer_groups(out: Path, p: Plan, report: VerifyReport) -> None:
+    """Without a manifest: the optimizer export's param groups (lr, betas, weight_decay, ... and the parameters each
+    group holds) and its non-tensor state, as data, against the checkpoint's. A comparison tensor by tensor does not
+    see them, and a resumed run would take them as trained."""
+    from .optimizer import OPTIMIZER_INDEX
+
+    index, pt = out / OPTIMIZER_DIR / OPTIMIZER_INDEX, out / OPTIMIZER_DIR / OPTIMIZER_PT
+    rel = f"{OPTIMIZER_DIR}/{OPTIMIZER_INDEX}"
+    want = {k: jsonfile.loads(p.index_metadata[k]) for k in OPTIMIZER_DATA if k in p.index_metadata}
+    if index.is_file():
+        try:
+            meta = jsonfile.loads(index.read_text()).get("metadata")
+            got = {k: jsonfile.loads(meta[k]) for k in OPTIMIZER_DATA if k in meta}
+        except (ValueError, UnicodeDecodeError, OSError, AttributeError, TypeError) as e:
+            report.fail(f"{rel}: its metadata cannot be read as an optimizer export's "
+                        f"({(str(e).splitlines() or [''])[0][:120]})")
+            return
+    elif pt.is_file() and "param_groups" in want:
+        import torch
+
+        from .optimizer.export import nest
+
+        rel = f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}"
+        try:
+            got = {"param_groups": torch.load(pt, map_location="cpu", mmap=True, weights_only=True)["param_groups"]}
+        except Exception as e:  # noqa: BLE001  (torch's reader refuses a damaged file in many ways)
+            report.fail(f"{rel}: torch.load cannot read its param groups ({(str(e).splitlines() or [''])[0][:120]})")
+            return
+        want = {"param_groups": nest({}, want["param_groups"])["param_groups"]}  # as the writer nests them
+    else:
+        return
+    for key in sorted(set(want) | set(got)):
+        a, b = got.get(key), want.get(key)
+        if _canonical(a) != _canonical(b):
+            report.fail(f"{rel}: {key} differ from the checkpoint's ({_first_group_difference(a, b)}); rerun the "
+                        "merge to write them again")
+        else:
+            report.files_checked.add(rel)
+
+
+def _canonical(v: object) -> str:
+    """JSON text to compare by (tuples as lists, NaN equal to NaN, keys in order)."""
+    return json.dumps(v, sort_keys=True, default=repr)
+
+
+def _first_group_difference(got: object, want: object) -> str:
+    if got is None or want is None:
+        return "none in the folder" if got is None else "the checkpoint has none"
+    if not isinstance(got, (list, tuple)) or not isinstance(want, (list, tuple)) or len(got) != len(want):
+        n = len(got) if isinstance(got, (list, tuple)) else type(got).__name__
+        return f"{n} groups, the checkpoint gives {len(want) if isinstance(want, (list, tuple)) else want!r}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        if isinstance(g, dict) and isinstance(w, dict):
+            for k in [*w, *(k for k in g if k not in w)]:
+                if _canonical(g.get(k)) != _canonical(w.get(k)):
+                    return (f"group {i}: {k!r} is {_brief(g[k]) if k in g else 'missing'}, the checkpoint gives "
+                            f"{_brief(w[k]) if k in w else 'none'}")
+        elif _canonical(g) != _canonical(w):
+            return f"entry {i} is {_brief(g)}, the checkpoint gives {_brief(w)}"
+    return "written differently"
 
 
 def _first_difference(got: bytes, want: bytes) -> str:

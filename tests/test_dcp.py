@@ -1215,3 +1215,49 @@ def test_param_groups_that_do_not_hold_the_state_are_a_warning(case: str, tmp_pa
     assert not (tmp_path / "out" / "optimizer").exists()
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_verify_without_a_manifest_compares_the_param_groups(fmt: str, tmp_path: Path) -> None:
+    """A folder without .streammerge/ (another tool's, or one whose state folder was removed) had its optimizer tensors
+    compared but not its param groups: a changed lr, betas or a parameter moved to another group passed. They are
+    compared with the checkpoint's, in the index's metadata or in optimizer.pt."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, opt = _trained_tiny()
+    folder = tmp_path / "ck"
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(folder), no_dist=True)
+    out = tmp_path / "out"
+    streammerge.merge(folder, out, dtype="keep", weights_only=True, optimizer_format=fmt)
+    shutil.rmtree(out / ".streammerge")
+    report = streammerge.verify(out, folder)
+    assert report.ok, report.summary()
+    index = out / "optimizer" / "optimizer.safetensors.index.json"
+    pt = out / "optimizer" / "optimizer.pt"
+    pristine = (index if fmt == "safetensors" else pt).read_bytes()
+
+    def edit(fn) -> None:
+        if fmt == "safetensors":
+            j = json.loads(pristine)
+            groups = json.loads(j["metadata"]["param_groups"])
+            fn(groups)
+            j["metadata"]["param_groups"] = json.dumps(groups)
+            index.write_text(json.dumps(j))
+        else:
+            osd = torch.load(io.BytesIO(pristine), weights_only=True)
+            fn(osd["param_groups"])
+            torch.save(osd, pt)
+
+    def move(groups) -> None:
+        groups[1]["params"].append(groups[0]["params"].pop())
+    for change, why in [(lambda g: g[0].update(lr=0.5), "group 0: 'lr' is 0.5, the checkpoint gives 0.01"),
+                        (lambda g: g[1].update(betas=[0.8, 0.9]), "group 1: 'betas' is"),
+                        (move, "group 0: 'params' is"),
+                        (lambda g: g.pop(), "1 groups, the checkpoint gives 2")]:
+        edit(change)
+        report = streammerge.verify(out, folder)
+        assert not report.ok and any("param_groups differ from the checkpoint's" in f and why in f
+                                     for f in report.failures), report.summary()
+    (index if fmt == "safetensors" else pt).write_bytes(pristine)
+    assert streammerge.verify(out, folder).ok
