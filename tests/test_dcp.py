@@ -1142,7 +1142,8 @@ def test_a_save_with_flatten_state_dict_false(tmp_path: Path, capsys) -> None:
     dcp.save({"model": want, "optimizer": get_optimizer_state_dict(model, opt), "step": torch.tensor(7)},
              checkpoint_id=str(nested), no_dist=True, planner=DefaultSavePlanner(flatten_state_dict=False))
     ck = read_dcp(nested)
-    assert ck.meta.planner_data is None and set(ck.bytes_items) == {"model", "optimizer"} and list(ck.tensors) == ["step"]
+    assert ck.meta.planner_data is None and set(ck.bytes_items) == {"model", "optimizer"}
+    assert list(ck.tensors) == ["step"]
     for args in ([], ["--key-prefix", "model."]):
         assert main([str(nested), str(tmp_path / "out"), "--weights-only", "--no-progress", *args]) == 2
         err = capsys.readouterr().err
@@ -1164,8 +1165,11 @@ def test_torch_compile_prefix_is_stripped_in_the_param_groups_too(tmp_path: Path
     lost the prefix but the param groups' `params` kept it, so load_optimizer_state_dict refused the export (its state
     in no group). Both stripped: the export is torch's full optimizer state dict of the uncompiled model, and it
     resumes the optimizer."""
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     model, opt = _trained_tiny()
     compiled = torch.compile(model)  # wraps only: nothing is compiled until it runs
