@@ -267,6 +267,16 @@ class _Blob:
 
     def pickle(self) -> tuple[dict[str, _Entry], int, Any]:
         """The directory and `data.pkl` decoded by the allowlisted unpickler (byte order checked)."""
+        entries, cd_off, pkl = self.pickle_bytes()
+        try:
+            obj = torchpickle.decode_or_raise(pkl)
+        except torchpickle.NotPlain as e:
+            raise self.fail(f"data.pkl: {e} (torch.load reads more than this reader allows; re-save the item "
+                            "with dcp.save)", UnsupportedLayoutError) from None
+        return entries, cd_off, obj
+
+    def pickle_bytes(self) -> tuple[dict[str, _Entry], int, bytes]:
+        """The directory and `data.pkl`'s bytes, CRC and byte order checked, not decoded."""
         entries, cd_off = self.directory()
         head = self.locate(entries, cd_off, [n for n in ("data.pkl", "byteorder") if n in entries])
         pkl = self.read(*head["data.pkl"])
@@ -277,12 +287,7 @@ class _Blob:
             order = self.read(*head["byteorder"])
             if order != b"little":
                 raise self.fail(f"byte order {order[:16]!r}", UnsupportedLayoutError)
-        try:
-            obj = torchpickle.decode_or_raise(pkl)
-        except torchpickle.NotPlain as e:
-            raise self.fail(f"data.pkl: {e} (torch.load reads more than this reader allows; re-save the item "
-                            "with dcp.save)", UnsupportedLayoutError) from None
-        return entries, cd_off, obj
+        return entries, cd_off, pkl
 
 
 def _is_safetensors_at(path: str, offset: int) -> bool:
@@ -375,6 +380,15 @@ class DcpCheckpoint:
         fd = no_readahead(os.open(file, os.O_RDONLY))
         try:
             return _Blob(fd, file, offset, length, key).pickle()[2]
+        finally:
+            os.close(fd)
+
+    def read_pickle(self, key: str) -> bytes:
+        """A byte item's `data.pkl`, CRC-checked but not decoded (for a reader with its own unpickler)."""
+        file, offset, length = self.bytes_items[key]
+        fd = no_readahead(os.open(file, os.O_RDONLY))
+        try:
+            return _Blob(fd, file, offset, length, key).pickle_bytes()[2]
         finally:
             os.close(fd)
 

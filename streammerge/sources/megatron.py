@@ -10,9 +10,10 @@ a half, the unpadded vocab), so the mapping is a view: plain pieces (offset, sha
 DCP chunks, copied by the writer like any other; verify, resume and torchrun work unchanged.
 
 The table (`table`) names, per architecture, which Megatron key and which box gives each HF tensor;
-head counts, sizes and the vocab come from config.json (`--model-name` or `huggingface/`). Every
-key of the checkpoint is used, or known to hold no weights (`_extra_state`, `common_state`,
-`rng_state`, optimizer state), or the merge stops; shapes that disagree with the config stop it too.
+head counts, sizes and the vocab come from config.json (`--model-name` or `huggingface/`), checked
+against the settings the run recorded where it did (`megatron_run`). Every key of the checkpoint is
+used, or known to hold no weights (`_extra_state`, `common_state`, `rng_state`, optimizer state), or
+the merge stops; shapes that disagree with the config stop it too.
 
 Optimizer: the distributed optimizer saved `fully_reshardable` keeps `optimizer.state.<kind>.<key>`
 in the model keys' layout, so the same table maps it exactly; `dp_reshardable` keeps flat DDP
@@ -28,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import jsonfile
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from ..model_folder import ties_embeddings
+from . import megatron_run
 from .base import Oracle, Piece, SourceTensor
 from .dcp import DcpCheckpoint, DcpSource, megatron_backend, read_dcp
 
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 _NO_WEIGHTS = re.compile(r"(\._extra_state/|^common_state/|^rng_state/|^optimizer\.)")
 _L = "decoder.layers."
-RECORDED_CONFIG = "transformer_config.json"  # veRL's Megatron backend saves the run's TransformerConfig here
 OPTIMIZER_KINDS = ("exp_avg", "exp_avg_sq", "param")
 
 
@@ -62,13 +62,19 @@ class Arch:
     tied: bool
 
 
+def text_config(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The language model's part of config.json (`text_config` of a multimodal config), or all of it."""
+    config = config or {}
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
+
+
 def arch_of(config: Mapping[str, Any] | None, where: str) -> Arch:
     """The numbers of the model config.json describes; refuses what the table does not map."""
     if not config:
         raise ConfigError(f"{where}: a Megatron checkpoint needs the model's config.json (head counts, vocab size): "
                           "give it with --model-name (a Hub model or a folder with config.json)")
-    text = config.get("text_config")
-    cfg: Mapping[str, Any] = text if isinstance(text, dict) else config
+    cfg = text_config(config)
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UnsupportedLayoutError(f"{where}: model_type {model_type!r}: streammerge maps Megatron checkpoints of "
@@ -105,28 +111,6 @@ def arch_of(config: Mapping[str, Any] | None, where: str) -> Arch:
     return Arch(model_type, need("num_hidden_layers"), hidden, heads, groups, head_dim, need("vocab_size"),
                 need("intermediate_size") if model_type != "mixtral" else 0, experts, expert_ffn,
                 ties_embeddings(config))
-
-
-def check_recorded(a: Arch, folder: Path, where: str) -> None:
-    """Compare the layout from config.json with the one the run recorded, where it did (veRL: the actor folder,
-    above dist_ckpt/ or model/dist_ckpt/).
-
-    Other head counts can give every tensor the same shape (4 heads of 8 dims, 8 of 4), and would split the
-    fused QKV rows into the wrong q, k and v: shapes alone cannot tell.
-    """
-    path = next((d / RECORDED_CONFIG for d in (folder, *folder.parents[:2]) if (d / RECORDED_CONFIG).is_file()), None)
-    if path is None:
-        return
-    recorded = jsonfile.read_object(path)
-    ours = {"num_layers": a.layers, "hidden_size": a.hidden, "num_attention_heads": a.heads,
-            "num_query_groups": a.groups, "kv_channels": a.head_dim}
-    for key, value in ours.items():
-        saved = recorded.get(key)
-        if key == "num_query_groups" and saved is None:  # no grouped-query attention: one group per head
-            saved = recorded.get("num_attention_heads")
-        if isinstance(saved, int) and not isinstance(saved, bool) and saved != value:
-            raise ConfigError(f"{where}: gives {key} {value}, but the run recorded {saved} in {path}; give the "
-                              "run's own config with --model-name")
 
 
 # ---------------------------------------------------------------- the table
@@ -343,7 +327,7 @@ class MegatronSource(DcpSource):
         if self._arch is None or self._takes is None:
             ck = self.checkpoint()
             arch = arch_of(self.config, self._config_where)
-            check_recorded(arch, self.path, self._config_where)
+            megatron_run.check(arch, text_config(self.config), megatron_run.recorded(self.path, ck), self._config_where)
             where = f"{self.path} (with {self._config_where})"
             odd = sorted(k for k in ck.bytes_items if not _NO_WEIGHTS.search(k))
             if odd:
