@@ -410,6 +410,18 @@ def test_defaults_are_transformers_own() -> None:
         assert rope_of(cfg, model_type)[1] == {}
 
 
+def test_refuses_qkv_bias_for_a_model_without_it(tmp_path: Path, monkeypatch) -> None:
+    """Only Qwen2 has q/k/v biases alone (Llama's attention_bias adds one to o_proj): the merge itself refuses,
+    not only transformers' check of the written config (which a user can turn off)."""
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")
+    folder = _copy("qwen2_tp2", tmp_path)
+    _edit_config(folder, model_type="llama", architectures=["LlamaForCausalLM"])
+    with pytest.raises(UnsupportedLayoutError, match="q/k/v biases .*linear_qkv.bias.* a transformers llama model "
+                                                     "does not have"):
+        streammerge.merge(folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_refuses_untied_config_without_output_layer(tmp_path: Path) -> None:
     folder = _copy("qwen2_tp2", tmp_path)
     _edit_config(folder, tie_word_embeddings=False)

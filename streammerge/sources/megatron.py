@@ -152,8 +152,13 @@ def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[Ta
         "decoder.final_layernorm.weight": (a.hidden,),
     }
     bias = _L + "self_attention.linear_qkv.bias"
-    if a.model_type == "qwen2" or bias in shapes:
+    if a.model_type == "qwen2":
         expect[bias] = (a.layers, qkv_rows)
+    elif bias in shapes:
+        raise UnsupportedLayoutError(f"{where}: the checkpoint has q/k/v biases ({bias}), which a transformers "
+                                     f"{a.model_type} model does not have (Llama's attention_bias adds an o_proj bias "
+                                     "the checkpoint lacks; of the mapped models only Qwen2 has q/k/v biases alone); "
+                                     "refusing to drop them")
     if a.model_type in ("qwen3", "qwen3_moe"):
         expect[_L + "self_attention.q_layernorm.weight"] = (a.layers, a.head_dim)
         expect[_L + "self_attention.k_layernorm.weight"] = (a.layers, a.head_dim)
