@@ -15,6 +15,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -420,6 +421,41 @@ def test_refuses_qkv_bias_for_a_model_without_it(tmp_path: Path, monkeypatch) ->
                                                      "does not have"):
         streammerge.merge(folder, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _resave(src: Path, dst: Path, change) -> None:
+    """The checkpoint read with torch's DCP reader and saved again by dcp.save (one process) after `change`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    sd: dict = {}
+    _load_state_dict(sd, storage_reader=dcp.FileSystemReader(src), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    change(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(dst), no_dist=True)
+    shutil.copy(src / "metadata.json", dst / "metadata.json")
+    shutil.copytree(src / "huggingface", dst / "huggingface")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8])
+def test_refuses_fp8_weights(tmp_path: Path, dtype) -> None:
+    """FP8 values mean nothing without their scales (kept elsewhere): never cast to the config's dtype as they are."""
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+
+    def to_fp8(sd: dict) -> None:
+        sd[key] = sd[key].to(dtype)
+
+    folder = tmp_path / "fp8"
+    _resave(FIX / "llama_tp2_pp2", folder, lambda sd: None)
+    streammerge.plan(folder)  # the same checkpoint saved again in one process merges
+    shutil.rmtree(folder)
+    _resave(FIX / "llama_tp2_pp2", folder, to_fp8)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(UnsupportedLayoutError, match=f"{key} is stored as {name}, not a full-precision float"):
+        streammerge.merge(folder, tmp_path / "out")
 
 
 def test_refuses_untied_config_without_output_layer(tmp_path: Path) -> None:

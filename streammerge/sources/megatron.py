@@ -13,7 +13,8 @@ The table (`table`) names, per architecture, which Megatron key and which box gi
 head counts, sizes and the vocab come from config.json (`--model-name` or `huggingface/`), checked
 against the settings the run recorded where it did (`megatron_run`). Every key of the checkpoint is
 used, or known to hold no weights (`_extra_state`, `common_state`, `rng_state`, optimizer state), or
-the merge stops; shapes that disagree with the config stop it too.
+the merge stops; shapes that disagree with the config, and weights not stored in full precision
+(FP8, integers), stop it too.
 
 Optimizer: the distributed optimizer saved `fully_reshardable` keeps `optimizer.state.<kind>.<key>`
 in the model keys' layout, so the same table maps it exactly; `dp_reshardable` keeps flat DDP
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..dtypes import FULL_PRECISION, DType
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from ..model_folder import ties_embeddings
 from . import megatron_run
@@ -137,11 +139,14 @@ def _moe_names(a: Arch, e: int) -> dict[str, str]:
     return {"gate": p + "gate_proj.weight", "up": p + "up_proj.weight", "down": p + "down_proj.weight"}
 
 
-def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[Take]:
+def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str,
+          dtypes_of: Mapping[str, DType] | None = None) -> list[Take]:
     """Every HF tensor of the model, in `named_parameters` order, as a box of a Megatron tensor.
 
-    `shapes` are the checkpoint's model keys; each one the table uses is checked against the config.
+    `shapes` are the checkpoint's model keys; each one the table uses is checked against the config, and its
+    dtype (`dtypes_of`) must be a full-precision float: FP8 or integer weights mean nothing without their scales.
     """
+    dtypes_of = dtypes_of or {}
     qkv_rows = (a.heads + 2 * a.groups) * a.head_dim
     expect: dict[str, tuple[int, ...]] = {
         "embedding.word_embeddings.weight": (-1, a.hidden),
@@ -179,6 +184,11 @@ def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[Ta
     if unmapped:
         raise UnsupportedLayoutError(f"{where}: Megatron key {unmapped[0]!r} has no Hugging Face {a.model_type} "
                                      f"tensor to go to ({len(unmapped)} unmapped keys); refusing to drop weights")
+    for key, dtype in dtypes_of.items():
+        if key in expect and dtype not in FULL_PRECISION:
+            raise UnsupportedLayoutError(f"{where}: {key} is stored as {dtype.name}, not a full-precision float: "
+                                         "quantized values whose scales are not applied here (Megatron itself saves "
+                                         "FP8 parameters dequantized); refusing to write them as the weights")
     for key, want in expect.items():
         got = shapes.get(key)
         if got is None:
@@ -338,8 +348,9 @@ class MegatronSource(DcpSource):
             if odd:
                 raise UnsupportedLayoutError(f"{self.path}: Megatron item {odd[0]!r} is not a tensor and not known "
                                              "to hold no weights; refusing to drop it")
-            shapes = {k: t.shape for k, t in ck.tensors.items() if not k.startswith("optimizer.")}
-            self._takes = {t.hf: t for t in table(arch, shapes, where)}
+            model = {k: t for k, t in ck.tensors.items() if not k.startswith("optimizer.")}
+            shapes = {k: t.shape for k, t in model.items()}
+            self._takes = {t.hf: t for t in table(arch, shapes, where, {k: t.dtype for k, t in model.items()})}
             self._arch = arch
         return self._arch, self._takes
 
