@@ -458,6 +458,21 @@ def test_refuses_fp8_weights(tmp_path: Path, dtype) -> None:
         streammerge.merge(folder, tmp_path / "out")
 
 
+def test_refuses_a_megatron_checkpoint_without_metadata_json(tmp_path: Path) -> None:
+    """metadata.json is Megatron's marker of a torch_dist save: without it, the stacked, fused keys are not taken
+    for a plain DCP (written as they are) but refused in one line that says what is missing."""
+    for case in ("llama_tp2_pp2", "mixtral_ep2_tp2"):
+        folder = _copy(case, tmp_path)
+        (folder / "metadata.json").unlink()
+        with pytest.raises(CheckpointError, match="no metadata.json, but this is a Megatron-Core checkpoint .*"
+                                                  "copy metadata.json from where it was saved"):
+            streammerge.plan(folder)
+    r = subprocess.run([sys.executable, "-m", "streammerge", str(folder), str(tmp_path / "out"), "--weights-only"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no metadata.json" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_refuses_untied_config_without_output_layer(tmp_path: Path) -> None:
     folder = _copy("qwen2_tp2", tmp_path)
     _edit_config(folder, tie_word_embeddings=False)

@@ -512,6 +512,15 @@ def strip_wrappers(name: str) -> str:
 
 def split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
     """Decide which tensors are the model (wrapper segments removed from their names, see `unwrapped`)."""
+    from .megatron import megatron_keys
+
+    marked = megatron_keys(ck)
+    if marked:  # Megatron's stacked, fused keys written as they are would be no Hugging Face model
+        raise CheckpointError(f"{ck.folder}: no {MEGATRON_METADATA}, but this is a Megatron-Core checkpoint "
+                              f"({marked}); without that marker its layout would be guessed: copy "
+                              f"{MEGATRON_METADATA} from where it was saved (a torch_dist save writes "
+                              '{"sharded_backend": "torch_dist", '
+                              '"sharded_backend_version": 1})')
     split = _split_keys(ck, key_prefix)
     model = unwrapped(split.model, ck.folder)
     if model == split.model:

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from ..plan import Plan
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+# keys only Megatron-Core writes: stacked layers (no layer number after `layers.`), ShardedObjects, its common state
+_MEGATRON_KEY = re.compile(r"^decoder\.layers\.[a-z_]|\._extra_state/shard_|^common_state/")
 _NO_WEIGHTS = re.compile(r"(\._extra_state/|^common_state/|^rng_state/|^optimizer\.)")
 _L = "decoder.layers."
 OPTIMIZER_KINDS = ("exp_avg", "exp_avg_sq", "param")
@@ -113,6 +115,14 @@ def arch_of(config: Mapping[str, Any] | None, where: str) -> Arch:
     return Arch(model_type, need("num_hidden_layers"), hidden, heads, groups, head_dim, need("vocab_size"),
                 need("intermediate_size") if model_type != "mixtral" else 0, experts, expert_ffn,
                 ties_embeddings(config))
+
+
+def megatron_keys(ck: DcpCheckpoint) -> str | None:
+    """What makes a DCP folder Megatron-Core's whatever metadata.json says (a key, common.pt), or None."""
+    if (ck.folder / megatron_run.COMMON_FILE).is_file():
+        return f"{megatron_run.COMMON_FILE} beside .metadata"
+    key = next((k for k in (*ck.bytes_items, *ck.tensors) if _MEGATRON_KEY.search(k)), None)
+    return None if key is None else f"key {key!r}"
 
 
 # ---------------------------------------------------------------- the table
