@@ -517,6 +517,44 @@ def test_verify_catches_a_changed_qkv_byte_through_torch(tmp_path: Path) -> None
         report.summary()
 
 
+def _swap_k_v(take: Take) -> Take:
+    return Take(take.hf, take.key, take.index, {"k": "v", "v": "k"}.get(take.part, take.part))
+
+
+def test_verify_catches_k_and_v_swapped(tmp_path: Path, monkeypatch) -> None:
+    """A group's k and v rows of the fused QKV have one shape: a mapping that took one for the other, or an output
+    whose k_proj and v_proj were exchanged, keeps every shape and loads; verify's own arithmetic (torch's reshape of
+    the QKV rows, not the merge's offsets) tells them apart."""
+    from streammerge.sources import megatron
+
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")  # not what is tested here, and seconds per merge
+    folder = FIX / "llama_tp2_pp2"
+    real = megatron.segments
+    monkeypatch.setattr(megatron, "segments", lambda take, a, mshape: real(_swap_k_v(take), a, mshape))
+    out = tmp_path / "mapped_wrong"
+    streammerge.merge(folder, out)
+    monkeypatch.setattr(megatron, "segments", real)
+    report = streammerge.verify(out, folder)
+    assert not report.ok
+    failed = {n for f in report.failures if "torch.load" in f for n in load_file(_reference("llama_tp2_pp2")) if n in f}
+    assert failed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(4) for p in "kv"}, report.failures
+
+    out = tmp_path / "swapped"
+    streammerge.merge(folder, out)
+    path = out / "model.safetensors"
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + header_len])
+    k, v = (header[f"model.layers.1.self_attn.{p}_proj.weight"]["data_offsets"] for p in "kv")
+    data = bytearray(path.read_bytes())
+    base = 8 + header_len
+    kb, vb = bytes(data[base + k[0]:base + k[1]]), bytes(data[base + v[0]:base + v[1]])
+    data[base + k[0]:base + k[1]], data[base + v[0]:base + v[1]] = vb, kb
+    path.write_bytes(bytes(data))
+    report = streammerge.verify(out, folder)
+    assert any("model.layers.1.self_attn.k_proj.weight" in f and "torch.load" in f for f in report.failures), \
+        report.summary()
+
+
 def test_megatron_merge_never_imports_torch(tmp_path: Path) -> None:
     code = ("import sys, streammerge; r = streammerge.merge(sys.argv[1], sys.argv[2]); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(len(r.files))")
