@@ -330,6 +330,10 @@ _LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_fa
 
 @pytest.mark.parametrize("args, config, error, message", [
     ({"use_rope_scaling": True}, _rope(10000.0, **_LLAMA3), None, None),  # Megatron's llama3 scaling is HF's
+    ({"use_rope_scaling": True}, {"rope_parameters": None, "rope_theta": 10000.0, "rope_scaling": _LLAMA3}, None,
+     None),  # as transformers 4 writes it
+    ({"rotary_base": 500000}, {"rope_parameters": None, "rope_theta": 10000.0}, ConfigError,
+     "gives rope theta 10000.0, but the run recorded rotary_base 500000"),
     ({"use_rope_scaling": True}, {}, ConfigError, "gives rope_type 'default', but the run recorded use_rope_scaling "
                                                   r"True \(llama3, factor 8.0\)"),
     ({"use_rope_scaling": True, "rope_scaling_factor": 32.0}, _rope(10000.0, **_LLAMA3), ConfigError,
