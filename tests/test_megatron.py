@@ -8,12 +8,14 @@ for bit, transformers must load the output with no missing key, and verify must 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -203,8 +205,276 @@ def test_refuses_a_head_layout_the_run_did_not_record(case: str, tmp_path: Path)
     assert (recorded["num_attention_heads"], recorded["num_query_groups"], recorded["kv_channels"]) == (4, 2, 8)
     streammerge.plan(actor, model_name=str(hf / "huggingface"))  # the run's own config
     _edit_config(hf, num_attention_heads=8, num_key_value_heads=4, head_dim=4)
-    with pytest.raises(ConfigError, match="num_attention_heads 8, but the run recorded 4 in .*transformer_config"):
+    with pytest.raises(ConfigError, match="gives num_attention_heads 8, but the run recorded num_attention_heads 4 in "
+                                          ".*transformer_config"):
         streammerge.plan(actor, model_name=str(hf / "huggingface"))
+
+
+# ---------------------------------------------------------------- what the run recorded, against config.json
+
+def _rope(theta: float, **scaling) -> dict:
+    return {"rope_parameters": {"rope_theta": theta, "rope_type": "default", **scaling}}
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"rms_norm_eps": 1e-5}, ConfigError, "gives rms_norm_eps 1e-05, but the run recorded norm_epsilon 1e-06 in "),
+    (_rope(500000.0), ConfigError, "gives rope theta 500000.0, but the run recorded rotary_base 10000 in "),
+    # 8 heads of 4 and 4 KV heads: every tensor has the run's shapes (4 heads of 8, 2 groups)
+    ({"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 4}, ConfigError,
+     "gives num_attention_heads 8, but the run recorded num_attention_heads 4 in "),
+    ({"hidden_act": "gelu"}, ConfigError, "gives hidden_act 'gelu', but the run trained a SwiGLU MLP"),
+    (_rope(10000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+           original_max_position_embeddings=8192), ConfigError,
+     "gives rope_type 'llama3', but the run recorded use_rope_scaling .not in the args: off. False in "),
+])
+def test_refuses_a_config_the_megatron_lm_args_contradict(tmp_path: Path, changes, error, message) -> None:
+    """Megatron-LM keeps its args (an argparse.Namespace) in the common_state item: read without running the
+    pickle, every setting that decides what the model computes must be config.json's."""
+    run = _copy("llama_mlm_optim_pp2_dp2", tmp_path)
+    streammerge.plan(run)  # the run's own config
+    _edit_config(run, **changes)
+    with pytest.raises(error, match=message + r".*iter_0000001/__0_0\.distcp \(common_state/shard_0_1\) "
+                                              r"\(Megatron-LM args\)"):
+        streammerge.plan(run)
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"layernorm_epsilon": 1e-5}, ConfigError,
+     "gives rms_norm_eps 1e-06, but the run recorded layernorm_epsilon 1e-05"),
+    ({"num_query_groups": None}, ConfigError,
+     r"gives num_key_value_heads 2, but the run recorded num_attention_heads \(num_query_groups null\) 4"),
+    ({"normalization": "LayerNorm"}, UnsupportedLayoutError, "recorded normalization 'LayerNorm' .*RMSNorm"),
+    ({"layernorm_zero_centered_gamma": True}, UnsupportedLayoutError,
+     "recorded layernorm_zero_centered_gamma True .*gamma - 1"),
+    ({"gated_linear_unit": False}, UnsupportedLayoutError, "recorded gated_linear_unit False"),
+    ({"rotary_interleaved": True}, UnsupportedLayoutError, "recorded rotary_interleaved True"),
+    ({"add_qkv_bias": False}, ConfigError, "gives model_type 'qwen2', but the run recorded add_qkv_bias False"),
+    ({"num_moe_experts": 4}, ConfigError, "gives model_type 'qwen2', but the run recorded num_moe_experts 4"),
+    ({"window_size": [4, 0]}, UnsupportedLayoutError, r"recorded window_size \[4, 0\] \(sliding-window"),
+])
+def test_refuses_what_verls_transformer_config_contradicts(tmp_path: Path, changes, error, message) -> None:
+    run = _copy("verl_v1_qwen2_tp2_dp2", tmp_path)
+    path = run / "global_step_1" / "actor" / "transformer_config.json"
+    recorded = json.loads(path.read_text())
+    recorded.update(changes)
+    path.write_text(json.dumps(recorded))
+    with pytest.raises(error, match=message):
+        streammerge.plan(run)
+
+
+class _Boom:
+    """Runs a command when unpickled by a reader that calls what a pickle names."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _args(**changes) -> argparse.Namespace:
+    """Megatron-LM args of the fixtures' Llama (as make_megatron.py records them), with changes."""
+    args = dict(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, group_query_attention=True,
+                num_query_groups=2, kv_channels=8, position_embedding_type="rope", rotary_base=10000,
+                rotary_percent=1.0, rotary_interleaved=False, use_rope_scaling=False, rope_scaling_factor=8.0,
+                normalization="RMSNorm", norm_epsilon=1e-6, apply_layernorm_1p=False, swiglu=True,
+                squared_relu=False, add_qkv_bias=False, qk_layernorm=False, num_experts=None, moe_router_topk=2,
+                params_dtype=torch.float32, init_method=torch.nn.init.normal_)
+    args.update(changes)
+    return argparse.Namespace(**args)
+
+
+def _common_pt(folder: Path, args: argparse.Namespace) -> None:
+    """megatron-core's legacy common.pt (which Megatron reads before the common_state item)."""
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 1}, folder / "common.pt")
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_args_are_read_without_running_the_pickle(tmp_path: Path, protocol: int) -> None:
+    from streammerge.sources.megatron_run import global_name, inert_loads, namespace_fields
+
+    marker = tmp_path / "ran"
+    data = pickle.dumps({"args": _args(boom=_Boom(marker))}, protocol=protocol)
+    args = namespace_fields(inert_loads(data)["args"])
+    assert not marker.exists()
+    assert args is not None and args["num_attention_heads"] == 4 and args["norm_epsilon"] == 1e-6
+    assert global_name(args["params_dtype"]) == "torch.float32"
+    assert global_name(args["init_method"]) == "torch.nn.init.normal_"
+    assert namespace_fields(inert_loads(pickle.dumps({"args": {"a": 1}}, protocol=protocol))["args"]) is None
+
+def test_legacy_common_pt_is_read_without_running_it(tmp_path: Path) -> None:
+    folder = _copy("llama_tp2_pp2", tmp_path)
+    marker = tmp_path / "ran"
+    _common_pt(folder, _args(boom=_Boom(marker), later=[_Boom(marker)]))
+    assert streammerge.plan(folder).weights.tensors  # torch dtypes, functions, a hostile object: records only
+    assert not marker.exists()
+    _common_pt(folder, _args(norm_epsilon=1e-5, boom=_Boom(marker)))
+    with pytest.raises(ConfigError, match="recorded norm_epsilon 1e-05 in .*common.pt"):
+        streammerge.plan(folder)
+    assert not marker.exists()
+    (folder / "common.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(CheckpointError, match="common.pt.*settings the run recorded"):
+        streammerge.plan(folder)
+
+
+def test_common_pt_comes_before_the_common_state_item(tmp_path: Path) -> None:
+    run = _copy("llama_mlm_optim_pp2_dp2", tmp_path)
+    _common_pt(run / "iter_0000001", _args(num_layers=2, rotary_base=500000))
+    with pytest.raises(ConfigError, match="rope theta 10000.0, but the run recorded rotary_base 500000 in .*common.pt"):
+        streammerge.plan(run)
+
+
+_LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("args, config, error, message", [
+    ({"use_rope_scaling": True}, _rope(10000.0, **_LLAMA3), None, None),  # Megatron's llama3 scaling is HF's
+    ({"use_rope_scaling": True}, {"rope_parameters": None, "rope_theta": 10000.0, "rope_scaling": _LLAMA3}, None,
+     None),  # as transformers 4 writes it
+    ({"rotary_base": 500000}, {"rope_parameters": None, "rope_theta": 10000.0}, ConfigError,
+     "gives rope theta 10000.0, but the run recorded rotary_base 500000"),
+    ({"use_rope_scaling": True}, {}, ConfigError, "gives rope_type 'default', but the run recorded use_rope_scaling "
+                                                  r"True \(llama3, factor 8.0\)"),
+    ({"use_rope_scaling": True, "rope_scaling_factor": 32.0}, _rope(10000.0, **_LLAMA3), ConfigError,
+     "gives rope scaling factor 8.0, but the run recorded use_rope_scaling True .*factor 32.0"),
+    ({"use_rope_scaling": True}, _rope(10000.0, **{**_LLAMA3, "original_max_position_embeddings": 131072}),
+     ConfigError, "rope scaling original_max_position_embeddings 131072, but the run recorded use_rope_scaling True"),
+    ({}, _rope(10000.0, rope_type="linear", factor=2.0), ConfigError, "gives rope_type 'linear', but the run recorded"),
+    ({"position_embedding_type": "yarn"}, {}, UnsupportedLayoutError, "recorded position_embedding_type 'yarn'"),
+    ({"rotary_percent": 0.5}, {}, UnsupportedLayoutError, "recorded rotary_percent 0.5"),
+    ({"rotary_seq_len_interpolation_factor": 4}, {}, UnsupportedLayoutError,
+     "recorded rotary_seq_len_interpolation_factor 4"),
+    ({"normalization": "LayerNorm"}, {}, UnsupportedLayoutError, "recorded normalization 'LayerNorm'"),
+    ({"apply_layernorm_1p": True}, {}, UnsupportedLayoutError, "recorded apply_layernorm_1p True"),
+    ({"swiglu": False}, {}, ConfigError, r"gives hidden_act 'silu', but the run recorded swiglu False \(gelu\)"),
+    ({"group_query_attention": False}, {}, ConfigError, "gives num_key_value_heads 2, but the run recorded "
+                                                        r"num_attention_heads \(no group_query_attention\) 4"),
+    ({"kv_channels": 4}, {}, ConfigError, "gives head_dim 8, but the run recorded kv_channels 4"),
+    ({"add_qkv_bias": True}, {}, UnsupportedLayoutError, "recorded add_qkv_bias True .*only Qwen2"),
+    ({"num_experts": 4}, {}, ConfigError, "gives model_type 'llama', but the run recorded num_experts 4"),
+])
+def test_rope_norm_and_activation_the_args_record(tmp_path: Path, args, config, error, message) -> None:
+    folder = _copy("llama_tp2_pp2", tmp_path)
+    _common_pt(folder, _args(**args))
+    _edit_config(folder, **config)
+    if error is None:
+        streammerge.plan(folder)
+        return
+    with pytest.raises(error, match=message):
+        streammerge.plan(folder)
+
+
+@pytest.mark.parametrize("case, args, config, error, message", [
+    ("mixtral_ep2_tp2", {}, {}, None, None),
+    ("mixtral_ep2_tp2", {"moe_router_topk": 1}, {}, ConfigError,
+     "gives num_experts_per_tok 2, but the run recorded moe_router_topk 1"),
+    ("mixtral_ep2_tp2", {"num_experts": 8}, {}, ConfigError,
+     "gives num_local_experts 4, but the run recorded num_experts 8"),
+    ("mixtral_ep2_tp2", {"moe_ffn_hidden_size": 32}, {}, ConfigError,
+     "gives intermediate_size 16, but the run recorded moe_ffn_hidden_size 32"),
+    ("mixtral_ep2_tp2", {"moe_router_pre_softmax": True}, {}, ConfigError, "recorded moe_router_pre_softmax True"),
+    ("mixtral_ep2_tp2", {"moe_router_score_function": "sigmoid"}, {}, UnsupportedLayoutError,
+     "recorded moe_router_score_function 'sigmoid'"),
+    ("mixtral_ep2_tp2", {"moe_router_topk_scaling_factor": 2.5}, {}, UnsupportedLayoutError,
+     "recorded moe_router_topk_scaling_factor 2.5"),
+    ("qwen3moe_ep2", {}, {}, None, None),
+    ("qwen3moe_ep2", {}, {"norm_topk_prob": False}, ConfigError,
+     "gives norm_topk_prob False, but the run recorded moe_router_pre_softmax False"),
+    ("qwen3moe_ep2", {"moe_router_pre_softmax": True}, {"norm_topk_prob": False}, None, None),
+])
+def test_moe_settings_the_args_record(tmp_path: Path, case, args, config, error, message) -> None:
+    folder = _copy(case, tmp_path)
+    cfg = json.loads((folder / "huggingface" / "config.json").read_text())
+    base = dict(num_layers=cfg["num_hidden_layers"], rotary_base=int(cfg["rope_parameters"]["rope_theta"]),
+                num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, moe_router_pre_softmax=False,
+                moe_router_score_function="softmax", moe_router_topk_scaling_factor=None,
+                qk_layernorm=case == "qwen3moe_ep2")
+    _common_pt(folder, _args(**{**base, **args}))
+    _edit_config(folder, **config)
+    if error is None:
+        streammerge.plan(folder)
+        return
+    with pytest.raises(error, match=message):
+        streammerge.plan(folder)
+
+
+def test_defaults_are_transformers_own() -> None:
+    """Where config.json leaves out eps, rope theta or the router's top-k, transformers' defaults are compared."""
+    import transformers
+
+    from streammerge.sources.megatron_run import DEFAULTS, rope_of
+
+    classes = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
+               "mixtral": "MixtralConfig"}
+    for model_type, cls in classes.items():
+        cfg = getattr(transformers, cls)().to_dict()
+        want = {"rms_norm_eps": cfg["rms_norm_eps"], "rope_theta": rope_of(cfg, model_type)[0]}
+        want.update({k: cfg[k] for k in ("num_experts_per_tok", "norm_topk_prob") if k in DEFAULTS[model_type]})
+        assert DEFAULTS[model_type] == want, model_type
+        assert rope_of(cfg, model_type)[1] == {}
+
+
+def test_refuses_qkv_bias_for_a_model_without_it(tmp_path: Path, monkeypatch) -> None:
+    """Only Qwen2 has q/k/v biases alone (Llama's attention_bias adds one to o_proj): the merge itself refuses,
+    not only transformers' check of the written config (which a user can turn off)."""
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")
+    folder = _copy("qwen2_tp2", tmp_path)
+    _edit_config(folder, model_type="llama", architectures=["LlamaForCausalLM"])
+    with pytest.raises(UnsupportedLayoutError, match="q/k/v biases .*linear_qkv.bias.* a transformers llama model "
+                                                     "does not have"):
+        streammerge.merge(folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _resave(src: Path, dst: Path, change) -> None:
+    """The checkpoint read with torch's DCP reader and saved again by dcp.save (one process) after `change`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    sd: dict = {}
+    _load_state_dict(sd, storage_reader=dcp.FileSystemReader(src), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    change(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(dst), no_dist=True)
+    shutil.copy(src / "metadata.json", dst / "metadata.json")
+    shutil.copytree(src / "huggingface", dst / "huggingface")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8])
+def test_refuses_fp8_weights(tmp_path: Path, dtype) -> None:
+    """FP8 values mean nothing without their scales (kept elsewhere): never cast to the config's dtype as they are."""
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+
+    def to_fp8(sd: dict) -> None:
+        sd[key] = sd[key].to(dtype)
+
+    folder = tmp_path / "fp8"
+    _resave(FIX / "llama_tp2_pp2", folder, lambda sd: None)
+    streammerge.plan(folder)  # the same checkpoint saved again in one process merges
+    shutil.rmtree(folder)
+    _resave(FIX / "llama_tp2_pp2", folder, to_fp8)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(UnsupportedLayoutError, match=f"{key} is stored as {name}, not a full-precision float"):
+        streammerge.merge(folder, tmp_path / "out")
+
+
+def test_refuses_a_megatron_checkpoint_without_metadata_json(tmp_path: Path) -> None:
+    """metadata.json is Megatron's marker of a torch_dist save: without it, the stacked, fused keys are not taken
+    for a plain DCP (written as they are) but refused in one line that says what is missing."""
+    for case in ("llama_tp2_pp2", "mixtral_ep2_tp2"):
+        folder = _copy(case, tmp_path)
+        (folder / "metadata.json").unlink()
+        with pytest.raises(CheckpointError, match="no metadata.json, but this is a Megatron-Core checkpoint .*"
+                                                  "copy metadata.json from where it was saved"):
+            streammerge.plan(folder)
+    r = subprocess.run([sys.executable, "-m", "streammerge", str(folder), str(tmp_path / "out"), "--weights-only"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no metadata.json" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_refuses_untied_config_without_output_layer(tmp_path: Path) -> None:
@@ -248,6 +518,44 @@ def test_verify_catches_a_changed_qkv_byte_through_torch(tmp_path: Path) -> None
         f.write(bytes([b[0] ^ 0x01]))
     report = streammerge.verify(out, folder)
     assert any("model.layers.2.self_attn.k_proj.weight" in f and "torch.load" in f for f in report.failures), \
+        report.summary()
+
+
+def _swap_k_v(take: Take) -> Take:
+    return Take(take.hf, take.key, take.index, {"k": "v", "v": "k"}.get(take.part, take.part))
+
+
+def test_verify_catches_k_and_v_swapped(tmp_path: Path, monkeypatch) -> None:
+    """A group's k and v rows of the fused QKV have one shape: a mapping that took one for the other, or an output
+    whose k_proj and v_proj were exchanged, keeps every shape and loads; verify's own arithmetic (torch's reshape of
+    the QKV rows, not the merge's offsets) tells them apart."""
+    from streammerge.sources import megatron
+
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")  # not what is tested here, and seconds per merge
+    folder = FIX / "llama_tp2_pp2"
+    real = megatron.segments
+    monkeypatch.setattr(megatron, "segments", lambda take, a, mshape: real(_swap_k_v(take), a, mshape))
+    out = tmp_path / "mapped_wrong"
+    streammerge.merge(folder, out)
+    monkeypatch.setattr(megatron, "segments", real)
+    report = streammerge.verify(out, folder)
+    assert not report.ok
+    failed = {n for f in report.failures if "torch.load" in f for n in load_file(_reference("llama_tp2_pp2")) if n in f}
+    assert failed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(4) for p in "kv"}, report.failures
+
+    out = tmp_path / "swapped"
+    streammerge.merge(folder, out)
+    path = out / "model.safetensors"
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + header_len])
+    k, v = (header[f"model.layers.1.self_attn.{p}_proj.weight"]["data_offsets"] for p in "kv")
+    data = bytearray(path.read_bytes())
+    base = 8 + header_len
+    kb, vb = bytes(data[base + k[0]:base + k[1]]), bytes(data[base + v[0]:base + v[1]])
+    data[base + k[0]:base + k[1]], data[base + v[0]:base + v[1]] = vb, kb
+    path.write_bytes(bytes(data))
+    report = streammerge.verify(out, folder)
+    assert any("model.layers.1.self_attn.k_proj.weight" in f and "torch.load" in f for f in report.failures), \
         report.summary()
 
 

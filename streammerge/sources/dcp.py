@@ -270,6 +270,16 @@ class _Blob:
 
     def pickle(self) -> tuple[dict[str, _Entry], int, Any]:
         """The directory and `data.pkl` decoded by the allowlisted unpickler (byte order checked)."""
+        entries, cd_off, pkl = self.pickle_bytes()
+        try:
+            obj = torchpickle.decode_or_raise(pkl)
+        except torchpickle.NotPlain as e:
+            raise self.fail(f"data.pkl: {e} (torch.load reads more than this reader allows; re-save the item "
+                            "with dcp.save)", UnsupportedLayoutError) from None
+        return entries, cd_off, obj
+
+    def pickle_bytes(self) -> tuple[dict[str, _Entry], int, bytes]:
+        """The directory and `data.pkl`'s bytes, CRC and byte order checked, not decoded."""
         entries, cd_off = self.directory()
         head = self.locate(entries, cd_off, [n for n in ("data.pkl", "byteorder") if n in entries])
         pkl = self.read(*head["data.pkl"])
@@ -280,12 +290,7 @@ class _Blob:
             order = self.read(*head["byteorder"])
             if order != b"little":
                 raise self.fail(f"byte order {order[:16]!r}", UnsupportedLayoutError)
-        try:
-            obj = torchpickle.decode_or_raise(pkl)
-        except torchpickle.NotPlain as e:
-            raise self.fail(f"data.pkl: {e} (torch.load reads more than this reader allows; re-save the item "
-                            "with dcp.save)", UnsupportedLayoutError) from None
-        return entries, cd_off, obj
+        return entries, cd_off, pkl
 
 
 def _is_safetensors_at(path: str, offset: int) -> bool:
@@ -391,6 +396,15 @@ class DcpCheckpoint:
         finally:
             os.close(fd)
         return any(name.startswith("data/") for name in entries)
+
+    def read_pickle(self, key: str) -> bytes:
+        """A byte item's `data.pkl`, CRC-checked but not decoded (for a reader with its own unpickler)."""
+        file, offset, length = self.bytes_items[key]
+        fd = no_readahead(os.open(file, os.O_RDONLY))
+        try:
+            return _Blob(fd, file, offset, length, key).pickle_bytes()[2]
+        finally:
+            os.close(fd)
 
 
 def read_dcp(folder: Path, stats: ReadStats | None = None) -> DcpCheckpoint:
@@ -516,6 +530,15 @@ def split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
     Non-tensor items that pickle tensors inside are refused where they could be the model's: DCP stores a tuple
     of tensors, an object holding some, or (saved with flatten_state_dict=False) a whole nested dict as one
     pickle, which the merge does not read; dropping them would leave the model without those weights."""
+    from .megatron import megatron_keys
+
+    marked = megatron_keys(ck)
+    if marked:  # Megatron's stacked, fused keys written as they are would be no Hugging Face model
+        raise CheckpointError(f"{ck.folder}: no {MEGATRON_METADATA}, but this is a Megatron-Core checkpoint "
+                              f"({marked}); without that marker its layout would be guessed: copy "
+                              f"{MEGATRON_METADATA} from where it was saved (a torch_dist save writes "
+                              '{"sharded_backend": "torch_dist", '
+                              '"sharded_backend_version": 1})')
     if ck.meta.planner_data is None:  # no recorded nesting (flatten_state_dict=False): any item may be the model
         within = _container(key_prefix) if key_prefix is not None else ""
         for key in ck.bytes_items:

@@ -10,9 +10,11 @@ a half, the unpadded vocab), so the mapping is a view: plain pieces (offset, sha
 DCP chunks, copied by the writer like any other; verify, resume and torchrun work unchanged.
 
 The table (`table`) names, per architecture, which Megatron key and which box gives each HF tensor;
-head counts, sizes and the vocab come from config.json (`--model-name` or `huggingface/`). Every
-key of the checkpoint is used, or known to hold no weights (`_extra_state`, `common_state`,
-`rng_state`, optimizer state), or the merge stops; shapes that disagree with the config stop it too.
+head counts, sizes and the vocab come from config.json (`--model-name` or `huggingface/`), checked
+against the settings the run recorded where it did (`megatron_run`). Every key of the checkpoint is
+used, or known to hold no weights (`_extra_state`, `common_state`, `rng_state`, optimizer state), or
+the merge stops; shapes that disagree with the config, and weights not stored in full precision
+(FP8, integers), stop it too.
 
 Optimizer: the distributed optimizer saved `fully_reshardable` keeps `optimizer.state.<kind>.<key>`
 in the model keys' layout, so the same table maps it exactly; `dp_reshardable` keeps flat DDP
@@ -28,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import jsonfile
+from ..dtypes import FULL_PRECISION, DType
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from ..model_folder import ties_embeddings
+from . import megatron_run
 from .base import Oracle, Piece, SourceTensor
 from .dcp import DcpCheckpoint, DcpSource, megatron_backend, read_dcp
 
@@ -39,9 +42,10 @@ if TYPE_CHECKING:
     from ..plan import Plan
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+# keys only Megatron-Core writes: stacked layers (no layer number after `layers.`), ShardedObjects, its common state
+_MEGATRON_KEY = re.compile(r"^decoder\.layers\.[a-z_]|\._extra_state/shard_|^common_state/")
 _NO_WEIGHTS = re.compile(r"(\._extra_state/|^common_state/|^rng_state/|^optimizer\.)")
 _L = "decoder.layers."
-RECORDED_CONFIG = "transformer_config.json"  # veRL's Megatron backend saves the run's TransformerConfig here
 OPTIMIZER_KINDS = ("exp_avg", "exp_avg_sq", "param")
 
 
@@ -62,13 +66,19 @@ class Arch:
     tied: bool
 
 
+def text_config(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The language model's part of config.json (`text_config` of a multimodal config), or all of it."""
+    config = config or {}
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
+
+
 def arch_of(config: Mapping[str, Any] | None, where: str) -> Arch:
     """The numbers of the model config.json describes; refuses what the table does not map."""
     if not config:
         raise ConfigError(f"{where}: a Megatron checkpoint needs the model's config.json (head counts, vocab size): "
                           "give it with --model-name (a Hub model or a folder with config.json)")
-    text = config.get("text_config")
-    cfg: Mapping[str, Any] = text if isinstance(text, dict) else config
+    cfg = text_config(config)
     model_type = cfg.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UnsupportedLayoutError(f"{where}: model_type {model_type!r}: streammerge maps Megatron checkpoints of "
@@ -107,26 +117,12 @@ def arch_of(config: Mapping[str, Any] | None, where: str) -> Arch:
                 ties_embeddings(config))
 
 
-def check_recorded(a: Arch, folder: Path, where: str) -> None:
-    """Compare the layout from config.json with the one the run recorded, where it did (veRL: the actor folder,
-    above dist_ckpt/ or model/dist_ckpt/).
-
-    Other head counts can give every tensor the same shape (4 heads of 8 dims, 8 of 4), and would split the
-    fused QKV rows into the wrong q, k and v: shapes alone cannot tell.
-    """
-    path = next((d / RECORDED_CONFIG for d in (folder, *folder.parents[:2]) if (d / RECORDED_CONFIG).is_file()), None)
-    if path is None:
-        return
-    recorded = jsonfile.read_object(path)
-    ours = {"num_layers": a.layers, "hidden_size": a.hidden, "num_attention_heads": a.heads,
-            "num_query_groups": a.groups, "kv_channels": a.head_dim}
-    for key, value in ours.items():
-        saved = recorded.get(key)
-        if key == "num_query_groups" and saved is None:  # no grouped-query attention: one group per head
-            saved = recorded.get("num_attention_heads")
-        if isinstance(saved, int) and not isinstance(saved, bool) and saved != value:
-            raise ConfigError(f"{where}: gives {key} {value}, but the run recorded {saved} in {path}; give the "
-                              "run's own config with --model-name")
+def megatron_keys(ck: DcpCheckpoint) -> str | None:
+    """What makes a DCP folder Megatron-Core's whatever metadata.json says (a key, common.pt), or None."""
+    if (ck.folder / megatron_run.COMMON_FILE).is_file():
+        return f"{megatron_run.COMMON_FILE} beside .metadata"
+    key = next((k for k in (*ck.bytes_items, *ck.tensors) if _MEGATRON_KEY.search(k)), None)
+    return None if key is None else f"key {key!r}"
 
 
 # ---------------------------------------------------------------- the table
@@ -153,11 +149,14 @@ def _moe_names(a: Arch, e: int) -> dict[str, str]:
     return {"gate": p + "gate_proj.weight", "up": p + "up_proj.weight", "down": p + "down_proj.weight"}
 
 
-def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[Take]:
+def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str,
+          dtypes_of: Mapping[str, DType] | None = None) -> list[Take]:
     """Every HF tensor of the model, in `named_parameters` order, as a box of a Megatron tensor.
 
-    `shapes` are the checkpoint's model keys; each one the table uses is checked against the config.
+    `shapes` are the checkpoint's model keys; each one the table uses is checked against the config, and its
+    dtype (`dtypes_of`) must be a full-precision float: FP8 or integer weights mean nothing without their scales.
     """
+    dtypes_of = dtypes_of or {}
     qkv_rows = (a.heads + 2 * a.groups) * a.head_dim
     expect: dict[str, tuple[int, ...]] = {
         "embedding.word_embeddings.weight": (-1, a.hidden),
@@ -168,8 +167,13 @@ def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[Ta
         "decoder.final_layernorm.weight": (a.hidden,),
     }
     bias = _L + "self_attention.linear_qkv.bias"
-    if a.model_type == "qwen2" or bias in shapes:
+    if a.model_type == "qwen2":
         expect[bias] = (a.layers, qkv_rows)
+    elif bias in shapes:
+        raise UnsupportedLayoutError(f"{where}: the checkpoint has q/k/v biases ({bias}), which a transformers "
+                                     f"{a.model_type} model does not have (Llama's attention_bias adds an o_proj bias "
+                                     "the checkpoint lacks; of the mapped models only Qwen2 has q/k/v biases alone); "
+                                     "refusing to drop them")
     if a.model_type in ("qwen3", "qwen3_moe"):
         expect[_L + "self_attention.q_layernorm.weight"] = (a.layers, a.head_dim)
         expect[_L + "self_attention.k_layernorm.weight"] = (a.layers, a.head_dim)
@@ -190,6 +194,11 @@ def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str) -> list[Ta
     if unmapped:
         raise UnsupportedLayoutError(f"{where}: Megatron key {unmapped[0]!r} has no Hugging Face {a.model_type} "
                                      f"tensor to go to ({len(unmapped)} unmapped keys); refusing to drop weights")
+    for key, dtype in dtypes_of.items():
+        if key in expect and dtype not in FULL_PRECISION:
+            raise UnsupportedLayoutError(f"{where}: {key} is stored as {dtype.name}, not a full-precision float: "
+                                         "quantized values whose scales are not applied here (Megatron itself saves "
+                                         "FP8 parameters dequantized); refusing to write them as the weights")
     for key, want in expect.items():
         got = shapes.get(key)
         if got is None:
@@ -343,14 +352,15 @@ class MegatronSource(DcpSource):
         if self._arch is None or self._takes is None:
             ck = self.checkpoint()
             arch = arch_of(self.config, self._config_where)
-            check_recorded(arch, self.path, self._config_where)
+            megatron_run.check(arch, text_config(self.config), megatron_run.recorded(self.path, ck), self._config_where)
             where = f"{self.path} (with {self._config_where})"
             odd = sorted(k for k in ck.bytes_items if not _NO_WEIGHTS.search(k))
             if odd:
                 raise UnsupportedLayoutError(f"{self.path}: Megatron item {odd[0]!r} is not a tensor and not known "
                                              "to hold no weights; refusing to drop it")
-            shapes = {k: t.shape for k, t in ck.tensors.items() if not k.startswith("optimizer.")}
-            self._takes = {t.hf: t for t in table(arch, shapes, where)}
+            model = {k: t for k, t in ck.tensors.items() if not k.startswith("optimizer.")}
+            shapes = {k: t.shape for k, t in model.items()}
+            self._takes = {t.hf: t for t in table(arch, shapes, where, {k: t.dtype for k, t in model.items()})}
             self._arch = arch
         return self._arch, self._takes
 
