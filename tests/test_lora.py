@@ -933,3 +933,35 @@ def test_trained_biases_are_in_the_fold_and_the_adapter(tmp_path, capsys, bias):
     capsys.readouterr()
     rc, err = run(["merge", adapter_only, tmp_path / "onbase", "--base-model", tmp_path / "base"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "trained biases" in err and "_proj.bias" in err, err
+
+
+# ---- tensors that do not fit together --------------------------------------------------------------------------
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _save_state(tmp_path: Path, state: dict, config) -> Path:
+    """A state dict (a real peft model's, edited) as 2 DTensor ranks with huggingface/ and veRL's meta."""
+    from torch.distributed.tensor import Shard
+
+    from streammerge.testing.rankfiles import write_rank_files
+
+    actor = tmp_path / "actor"
+    write_rank_files(actor, {k: (v.detach().clone(), [Shard(0)]) for k, v in state.items()}, (2,))
+    config.save_pretrained(actor / "huggingface")
+    (actor / "lora_train_meta.json").write_text(json.dumps(META))
+    return actor
+
+
+def test_a_plain_weight_beside_base_layer_weight_is_refused(tmp_path, capsys):
+    """peft keeps a LoRA-wrapped module's weight as base_layer.weight: a plain `weight` beside it would also be
+    q_proj.weight, and which of the two is the base cannot be told (the merge took one and dropped the other)."""
+    model, config, _ = _trained_peft(target_modules=["q_proj", "o_proj"])
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state[Q + ".weight"] = state[Q + ".base_layer.weight"] + 1
+    actor = _save_state(tmp_path, state, config)
+    for mode in ("fold", "adapter", "both"):
+        rc, err = run(["merge", actor, tmp_path / "out", "--lora", mode, "--no-optimizer"], capsys)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"'{Q}.weight' beside its base_layer.weight" in err and "model.layers.0.self_attn.q_proj.weight" in err
+        assert not (tmp_path / "out").exists()

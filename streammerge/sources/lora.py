@@ -487,6 +487,11 @@ def _pair(source: Source, tensors: Mapping[str, SourceTensor]
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{source.path}: {module!r} has lora_{''.join(ab)} but not its pair")
+        if module + ".weight" in tensors:  # peft keeps a wrapped module's weight as base_layer.weight, never both
+            other = "beside its base_layer.weight" if module + ".base_layer.weight" in tensors else "instead of a " \
+                "base_layer.weight"
+            raise CheckpointError(f"{source.path}: {module + '.weight'!r} {other}, for a module with a LoRA pair: "
+                                  f"which one is {_short(module)}.weight (the base to fold into) cannot be told")
         adapters.append(Adapter(module, ab["A"], ab["B"], tensors.get(module + ".base_layer.weight")))
     used = {a.module + ".base_layer.weight" for a in adapters}
     plain: dict[str, SourceTensor] = {}
