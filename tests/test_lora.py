@@ -935,6 +935,26 @@ def test_trained_biases_are_in_the_fold_and_the_adapter(tmp_path, capsys, bias):
     assert rc == 2 and err.count("\n") == 1 and "trained biases" in err and "_proj.bias" in err, err
 
 
+def _base_folder(tmp_path: Path, config, base_sd: dict, model_cls=None) -> Path:
+    """The untouched base model, saved as a model folder for --base-model."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    base = (model_cls or Qwen2ForCausalLM)(config)
+    base.load_state_dict(base_sd)
+    base.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _assert_adapter_gives_trained_logits(out: Path, base: Path, model) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "lora_adapter").eval()
+    ids = torch.arange(12).view(1, 12) % loaded.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
 # ---- tensors that do not fit together --------------------------------------------------------------------------
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -965,3 +985,44 @@ def test_a_plain_weight_beside_base_layer_weight_is_refused(tmp_path, capsys):
         assert rc == 2 and err.count("\n") == 1, err
         assert f"'{Q}.weight' beside its base_layer.weight" in err and "model.layers.0.self_attn.q_proj.weight" in err
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("b_rank", "q_proj: lora_B [32, 4] has 4 columns but lora_A [8, 32] has 8 rows"),
+    ("a_rank", "q_proj: lora_A has 4 rows but 2 other modules' have 8"),
+    ("a_in", "q_proj: lora_A [8, 16] and lora_B [32, 8] do not fit the base weight [32, 32]"),
+])
+def test_factors_that_do_not_fit_are_refused_in_every_mode(tmp_path, capsys, edit, message):
+    """A lora_B whose columns are not lora_A's rows, one module of another rank, or a lora_A of another width than the
+    base: refused in one line naming the module, by fold, adapter export (an adapter-only checkpoint too, where no
+    base can be compared) and verify (the folder an earlier merge made, its checkpoint since replaced)."""
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "v_proj", "o_proj"])
+    good = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = dict(good)
+    a, b = Q + ".lora_A.default.weight", Q + ".lora_B.default.weight"
+    if edit == "b_rank":
+        state[b] = good[b][:, :4].clone()
+    elif edit == "a_rank":
+        state[a], state[b] = good[a][:4].clone(), good[b][:, :4].clone()
+    else:
+        state[a] = good[a][:, :16].clone()
+    actor = _save_state(tmp_path, state, config)
+    for mode in ("fold", "adapter", "both"):
+        rc, err = run(["merge", actor, tmp_path / mode, "--lora", mode, "--no-optimizer"], capsys)
+        assert rc == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / mode).exists()
+
+    only = _save_state(tmp_path / "only", {k: v for k, v in state.items() if ".lora_" in k}, config)
+    # an adapter of another width than the base is caught against --base-model only: without one there is nothing
+    # to compare it with (README)
+    with_base = ["--base-model", _base_folder(tmp_path, config, base_sd)] if edit == "a_in" else []
+    capsys.readouterr()
+    rc, err = run(["merge", only, tmp_path / "only_out", "--lora", "adapter", "--no-optimizer", *with_base], capsys)
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "only_out").exists()
+
+    out = tmp_path / "out"  # a folder merged from the good checkpoint, verified against this one
+    rc, err = run(["merge", _save_state(tmp_path / "good", good, config), out, "--no-optimizer"], capsys)
+    assert rc == 0, err
+    rc, err = run(["verify", out, actor], capsys)
+    assert rc == 2 and err.count("\n") == 1 and message in err, err

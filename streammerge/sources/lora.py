@@ -216,9 +216,10 @@ def _with_option(rec: Recorded | None, option: Any, flag: str) -> Any:
     return option
 
 
-def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings:
+def lora_settings(source: Source, options: Any, ranks: Mapping[int, list[str]]) -> LoraSettings:
     """The run's LoraConfig from lora_train_meta.json and adapter_config.json, and the options; refuses guesses,
-    values of the wrong type, files that disagree and options that contradict a file."""
+    values of the wrong type, files that disagree and options that contradict a file. `ranks`: the adapted modules
+    by their rank (lora_A's rows)."""
     records = _records(source)
     task = _recorded(records, "task_type")
     bias = _recorded(records, "bias")
@@ -260,8 +261,11 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings
         raise CheckpointError(f"{source.path}: a peft model's tensor names (base_model.model.…) but no LoRA pair "
                               "(lora_A and lora_B): no adapter to fold or export; merge it with peft")
     if len(ranks) != 1:
-        raise CheckpointError(f"{source.path}: LoRA adapters of several ranks {sorted(ranks)} (a rank_pattern); "
-                              "folding them is not supported")
+        common = max(ranks, key=lambda k: len(ranks[k]))
+        odd = min((k for k in ranks if k != common), key=lambda k: len(ranks[k]))
+        raise CheckpointError(f"{source.path}: {ranks[odd][0]}: lora_A has {odd} rows but {len(ranks[common])} "
+                              f"other modules' have {common} (LoRA adapters of several ranks {sorted(ranks)}: a "
+                              "rank_pattern, or tensors of two runs?); folding them is not supported")
     (seen,) = ranks
     if r is None:
         r = seen
@@ -304,11 +308,18 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     if len(adapter_names) > 1:
         raise CheckpointError(f"{source.path}: several LoRA adapters {sorted(adapter_names)}; streammerge folds "
                               "one (peft's merge_and_unload folds the active ones)")
+    ranks: dict[int, list[str]] = {}
     for a in adapters:
         if len(a.a.shape) != 2 or len(a.b.shape) != 2:
             raise CheckpointError(f"{source.path}: {_short(a.module)}: lora_A {list(a.a.shape)} and lora_B "
                                   f"{list(a.b.shape)} are not both matrices; cannot fold")
-    settings = lora_settings(source, options, {a.a.shape[0] for a in adapters})
+        ranks.setdefault(a.a.shape[0], []).append(_short(a.module))
+    settings = lora_settings(source, options, ranks)  # first: a variant the config records is named as such
+    for a in adapters:
+        if a.b.shape[1] != a.a.shape[0]:  # checked here, not only against a base: an adapter-only export has none
+            raise CheckpointError(f"{source.path}: {_short(a.module)}: lora_B {list(a.b.shape)} has {a.b.shape[1]} "
+                                  f"columns but lora_A {list(a.a.shape)} has {a.a.shape[0]} rows (its rank); B @ A "
+                                  "cannot be formed (a block-diagonal BD-LoRA factor, or tensors of two runs?)")
     conv1d = _conv1d_modules(source, config, adapters, settings)
     r, alpha, rslora, task = settings.r, settings.alpha, settings.rslora, settings.task
     scale = alpha / math.sqrt(r) if rslora else alpha / r
