@@ -550,7 +550,10 @@ META = {"r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM"}  # veRL's lora_train
 
 
 def _peft_merged(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    """peft's merge_and_unload() of a copy (it unloads the model it is called on)."""
+    import copy
+
+    return {k: v.detach().clone() for k, v in copy.deepcopy(model).merge_and_unload().state_dict().items()}
 
 
 def _assert_bits(out: Path, want: dict) -> None:
@@ -953,6 +956,44 @@ def _assert_adapter_gives_trained_logits(out: Path, base: Path, model) -> None:
     ids = torch.arange(12).view(1, 12) % loaded.config.vocab_size
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+# ---- adapter-only checkpoints: what the adapter tensors alone do not say ---------------------------------------
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_adapter_only_checkpoint_with_trained_biases(tmp_path, capsys, recorded):
+    """bias="all" trains every bias, and peft's adapter save keeps them beside lora_A and lora_B. The fold onto
+    --base-model writes the trained ones (peft's merge bit for bit). Where no file records the bias setting ("none"
+    would be assumed), an exported adapter would leave them out and load with the base's biases: refused; where
+    adapter_config.json records it, the adapter holds them as peft's save_pretrained does."""
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "o_proj"], bias="all")
+    base = _base_folder(tmp_path, config, base_sd)
+    merged = _peft_merged(model)
+    actor = _save_actor(tmp_path / "ck", model, config, keep=lambda k: ".lora_" in k or k.endswith(".bias"),
+                        place="lora_adapter" if recorded else None, meta=META)
+    capsys.readouterr()
+    # trained biases differ from the base's: writing the base's would be another model
+    k_bias = "model.layers.0.self_attn.k_proj.bias"
+    assert not torch.equal(merged[k_bias], base_sd[k_bias])
+    fold = tmp_path / "fold"
+    rc, err = run(["merge", actor, fold, "--base-model", base, "--lora", "fold", "--no-optimizer", "--dtype",
+                   "float32"], capsys)
+    assert rc == 0, err
+    _assert_bits(fold, merged)
+    for args in (["--base-model", base], ["--lora", "adapter"]):
+        rc, err = run(["merge", actor, tmp_path / "out", "--no-optimizer", "--dtype", "float32", *args], capsys)
+        if recorded:
+            assert rc == 0, err
+            want = load_file(tmp_path / "ck" / "peft_saved" / "adapter_model.safetensors")
+            got = load_file(tmp_path / "out" / "lora_adapter" / "adapter_model.safetensors")
+            assert any(k.endswith(".bias") for k in want)
+            assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+            _assert_adapter_gives_trained_logits(tmp_path / "out", base, model)
+            shutil.rmtree(tmp_path / "out")
+        else:
+            assert rc == 2 and err.count("\n") == 1, err
+            assert "no file records peft's bias setting" in err and "trained biases" in err and "--lora fold" in err
+            assert not (tmp_path / "out").exists()
 
 
 # ---- tensors that do not fit together --------------------------------------------------------------------------

@@ -299,7 +299,9 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         if re.search(r"\.lora_B\.[^.]+\.bias$", name):
             raise CheckpointError(f"{source.path}: {name!r}: LoRA biases (lora_bias=True) are not supported")
     adapters, plain, adapter_names, saved = _pair(source, tensors)
-    wrapped = {n.split(".base_layer.", 1)[0] for n in tensors if ".base_layer." in n and not n.endswith(".weight")}
+    # a module whose base_layer holds parameters other than a Linear's weight and bias: peft's ParamWrapper
+    wrapped = {n.split(".base_layer.", 1)[0] for n in tensors
+               if ".base_layer." in n and n.split(".base_layer.", 1)[1] not in ("weight", "bias")}
     for a in adapters:
         if a.base is None and a.module in wrapped:
             raise CheckpointError(f"{source.path}: {_short(a.module)!r}: LoRA on a parameter (target_parameters: "
@@ -335,6 +337,15 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
             raise ConfigError(f"{init}: this adapter belongs to the residual base weights saved in the checkpoint, "
                               "not to the base model, so an exported adapter would load wrong; give --lora fold")
     biases = _trained_biases(tensors, adapters, settings.bias)
+    copies = {_short_name(n) for n in saved}  # modules_to_save copies are exported with their module
+    own_biases = sorted(n for n in plain if n.endswith(".bias") and n not in copies)
+    if missing and own_biases and settings.bias == "none" and mode != "fold":
+        said = (f"{settings.where['bias']} is \"none\"" if "bias" in settings.where
+                else f"{source.path}: no file records peft's bias setting (\"none\" assumed)")
+        raise CheckpointError(f"{said}, but the adapter-only checkpoint holds trained biases ({own_biases[0]!r}, "
+                              f"{len(own_biases)} in all): an exported adapter would leave them out and load with the "
+                              "base model's biases; give --lora fold --base-model BASE (the fold writes them), or "
+                              "record the run's bias in an adapter_config.json")
     out = LoraPlan(weights=[])
     base_name = getattr(options, "base_model", None)
     if missing and base_name:
