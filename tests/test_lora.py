@@ -960,6 +960,50 @@ def _assert_adapter_gives_trained_logits(out: Path, base: Path, model) -> None:
 
 # ---- adapter-only checkpoints: what the adapter tensors alone do not say ---------------------------------------
 
+def test_modules_to_save_missing_from_an_adapter_only_checkpoint_is_refused(tmp_path, capsys):
+    """modules_to_save=["lm_head"]: the trained lm_head is a copy beside the adapter. An adapter-only save that left it
+    out would fold onto (and export for) the base model's untrained lm_head: refused in one line, in every mode, naming
+    it. With the copy saved, the fold is peft's merge and the adapter loads as the trained model."""
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)  # trained, as it would be
+    base = _base_folder(tmp_path, config, base_sd)
+    without = _save_actor(tmp_path / "without", model, config, keep=lambda k: ".lora_" in k, meta=META)
+    capsys.readouterr()  # save_pretrained's progress bars are not the merge's
+    for args in (["--base-model", base], ["--base-model", base, "--lora", "fold"], ["--lora", "adapter"]):
+        rc, err = run(["merge", without, tmp_path / "out", "--no-optimizer", *args], capsys)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert "modules_to_save names 'lm_head'" in err and "no trained copy of lm_head" in err, err
+        assert not (tmp_path / "out").exists()
+
+    kept = _save_actor(tmp_path / "kept", model, config, keep=lambda k: ".lora_" in k or ".modules_to_save." in k,
+                       meta=META)
+    out = tmp_path / "ok"
+    rc, err = run(["merge", kept, out, "--base-model", base, "--no-optimizer", "--dtype", "float32"], capsys)
+    assert rc == 0, err
+    _assert_bits(out, _peft_merged(model))
+    _assert_adapter_gives_trained_logits(out, base, model)
+
+
+def test_an_adapter_only_modules_to_save_copy_with_a_bias_is_not_taken_for_a_trained_bias(tmp_path, capsys):
+    """bias "none", modules_to_save=["k_proj"] (Qwen2's k_proj has a bias): the copy's bias goes with its module into
+    the adapter file, so the adapter-only checkpoint is exported, and loads as the trained model."""
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "o_proj"], modules_to_save=["k_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(0.3)
+    base = _base_folder(tmp_path, config, base_sd)
+    actor = _save_actor(tmp_path / "ck", model, config, keep=lambda k: ".lora_" in k or ".modules_to_save." in k,
+                        meta=META)
+    capsys.readouterr()
+    rc, err = run(["merge", actor, tmp_path / "out", "--base-model", base, "--no-optimizer", "--dtype", "float32"],
+                  capsys)
+    assert rc == 0, err
+    _assert_bits(tmp_path / "out", _peft_merged(model))
+    _assert_adapter_gives_trained_logits(tmp_path / "out", base, model)
+
+
 @pytest.mark.parametrize("recorded", [False, True])
 def test_adapter_only_checkpoint_with_trained_biases(tmp_path, capsys, recorded):
     """bias="all" trains every bias, and peft's adapter save keeps them beside lora_A and lora_B. The fold onto

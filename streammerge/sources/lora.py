@@ -120,6 +120,7 @@ class LoraSettings:
     bias: str = "none"
     init: bool | str = True
     fan_in_fan_out: bool = False
+    modules_to_save: tuple[str, ...] = ()
     where: dict[str, str] = field(default_factory=dict)  # the file and field each recorded value came from
 
     @property
@@ -164,6 +165,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name"),
     "task_type": (lambda v: v is None or isinstance(v, str), "a string"),
     "peft_type": (lambda v: v is None or v == "LORA", '"LORA" (another peft method is not LoRA)'),
+    "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
+                        "a list of module names"),
 }
 
 
@@ -276,13 +279,15 @@ def lora_settings(source: Source, options: Any, ranks: Mapping[int, list[str]]) 
         raise ConfigError(f"{source.path}: a LoRA checkpoint that records no lora_alpha (no {META_FILE} or "
                           f"{ADAPTER_CONFIG} with it): give --lora-alpha and --lora-rank, and --lora-rslora if the run "
                           "used rsLoRA, as the run's LoraConfig had them; the scale cannot be read from the weights")
-    wheres = {name: rec.where for name, rec in (("bias", bias), ("init_lora_weights", init),
-                                                 ("fan_in_fan_out", fifo)) if rec is not None}
+    saved = _recorded(records, "modules_to_save")
+    wheres = {name: rec.where for name, rec in (("bias", bias), ("init_lora_weights", init), ("fan_in_fan_out", fifo),
+                                                 ("modules_to_save", saved)) if rec is not None}
     return LoraSettings(r=r, alpha=float(alpha), rslora=bool(rslora),
                         task=task.value if task is not None else "CAUSAL_LM",
                         bias=bias.value if bias is not None else "none",
                         init=init.value if init is not None else True,
-                        fan_in_fan_out=bool(fifo and fifo.value), where=wheres)
+                        fan_in_fan_out=bool(fifo and fifo.value),
+                        modules_to_save=tuple(saved.value) if saved is not None else (), where=wheres)
 
 
 def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any, config: Mapping | None,
@@ -368,6 +373,8 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         raise ConfigError(f"{source.path}: the checkpoint holds only the LoRA adapter (save_lora_only: "
                           f"{_short(missing[0])}.base_layer.weight is not there); give the base model with "
                           "--base-model, or export just the adapter with --lora adapter")
+    model_names = [*plain, *(_short(a.module) + ".weight" for a in adapters)] if not missing or base_name else None
+    _check_modules_to_save(source, settings, saved, model_names)
     if not missing or base_name:
         for name, t in plain.items():
             out.weights.append(TensorPlan(name, t, output_dtype(t.dtype, dtype)))
@@ -467,6 +474,38 @@ def _trained_biases(tensors: Mapping[str, SourceTensor], adapters: list[Adapter]
         names = [a.module + ".base_layer.bias" for a in adapters]
         return {n: tensors[n] for n in names if n in tensors}
     return {}
+
+
+_CLASSIFIERS = ("classifier", "score")  # peft adds both to modules_to_save for a classification model, which has one
+
+
+def _check_modules_to_save(source: Source, settings: LoraSettings, saved: Mapping[str, SourceTensor],
+                           model_names: list[str] | None) -> None:
+    """Every module the recorded `modules_to_save` names (peft wraps each module whose name ends with one) has its
+    trained copy in the checkpoint: else the fold writes, and the exported adapter loads, the base model's untrained
+    module. `model_names`: the output tensors' names (None: no base, only the checkpoint's own names are known)."""
+    if not settings.modules_to_save:
+        return
+    where = settings.where["modules_to_save"]
+    trained = {_short_name(n).rsplit(".", 1)[0] for n in saved}
+
+    def refuse(module: str, name: str) -> None:
+        raise CheckpointError(f"{where} names {name!r}, but the checkpoint holds no trained copy of {module} (peft "
+                              f"saves it as {module}.modules_to_save.<adapter>.…): the base model's untrained {module} "
+                              "would be written in its place; save the checkpoint with it")
+
+    if model_names is not None:
+        modules = {n.rsplit(".", i)[0] for n in model_names for i in range(1, n.count(".") + 1)}
+        for name in settings.modules_to_save:
+            for m in sorted(modules):
+                if m.endswith(name) and not any(m == t or m.startswith(t + ".") or t.startswith(m + ".")
+                                                for t in trained):
+                    refuse(m, name)
+        return
+    for name in settings.modules_to_save:  # no base: a name must match a trained module (of the two classifier
+        alternatives = _CLASSIFIERS if name in _CLASSIFIERS else (name,)  # names peft adds, one)
+        if not any(t.endswith(n) for t in trained for n in alternatives if n in settings.modules_to_save):
+            refuse(name, name)
 
 
 def _with_base(source: Source, adapters: list[Adapter], plain: dict[str, SourceTensor], base_name: str, options: Any,
