@@ -655,6 +655,11 @@ def test_adapter_config_refusals_of_what_the_fold_cannot_do(tmp_path, capsys, ex
     ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
     ({"peft_type": "IA3"}, "another peft method is not LoRA"),
     ({"lora_bias": True}, "LoRA biases"),
+    # LoRA variants peft 0.21 has (each a LoraConfig field): the weights look like a LoRA's, the config says otherwise
+    ({"velora_config": {"num_groups": 4}}, "VeLoRA is a LoRA variant streammerge does not fold or export exactly"),
+    ({"monteclora_config": {"num_samples": 2}}, "MonteCLoRA is a LoRA variant"),
+    ({"arrow_config": {"top_k": 2}}, "Arrow (per-token routing"),
+    ({"use_qalora": True}, "QALoRA"),
 ])
 def test_adapter_config_settings_that_change_the_function_are_refused(tmp_path, capsys, edit, message):
     model, config, _ = _trained_peft()
@@ -1111,3 +1116,30 @@ def test_factors_that_do_not_fit_are_refused_in_every_mode(tmp_path, capsys, edi
     assert rc == 0, err
     rc, err = run(["verify", out, actor], capsys)
     assert rc == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("variant", ["bdlora", "kasa"])
+def test_bd_lora_and_kasa_are_refused_naming_the_variant(tmp_path, capsys, variant):
+    """Real peft BD-LoRA (lora_A of q_proj and lora_B of o_proj stored as their diagonal blocks) and KaSA (B @
+    diag(lora_diag) @ A over an SVD-truncated base): refused in one line naming the variant, whether the config
+    records it or only the tensors show it, for full and adapter-only checkpoints (KaSA's lora_diag left out too)."""
+    from peft.tuners.lora.config import BdLoraConfig, KasaConfig
+
+    if variant == "bdlora":
+        extra = {"use_bdlora": BdLoraConfig(target_modules_bd_a=["q_proj"], target_modules_bd_b=["o_proj"], nblocks=2)}
+        name, from_tensors = "BD-LoRA", "o_proj: lora_B [32, 4] has 4 columns but lora_A [8, 32] has 8 rows"
+        adapter_only = lambda k: ".lora_" in k  # noqa: E731
+    else:
+        extra = {"kasa_config": KasaConfig()}
+        name, from_tensors = "KaSA", "lora_diag.default': KaSA"
+        adapter_only = lambda k: ".lora_A." in k or ".lora_B." in k  # noqa: E731 (lora_diag left out)
+    model, config, _ = _trained_peft(target_modules=["q_proj", "o_proj"], **extra)
+    cases = [(None, lambda k: True, from_tensors), (None, lambda k: ".lora_" in k, from_tensors),
+             ("lora_adapter", lambda k: True, name), ("lora_adapter", adapter_only, f"{list(extra)[0]} is")]
+    for i, (place, keep, message) in enumerate(cases):
+        actor = _save_actor(tmp_path / str(i), model, config, place=place, keep=keep, meta=META)
+        capsys.readouterr()
+        for mode in ("fold", "adapter"):
+            rc, err = run(["merge", actor, tmp_path / "out", "--lora", mode, "--no-optimizer"], capsys)
+            assert rc == 2 and err.count("\n") == 1 and message in err and name in err, (i, mode, err)
+            assert not (tmp_path / "out").exists()

@@ -58,6 +58,19 @@ _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA (use_dora=True)",
     "lora_embedding_A": "LoRA on embeddings",
     "lora_embedding_B": "LoRA on embeddings",
+    "lora_diag": "KaSA (kasa_config: B @ diag(lora_diag) @ A over an SVD-truncated base)",
+    "lora_velora_embed": "VeLoRA (velora_config)",
+    "lora_monteclora_sampler": "MonteCLoRA (monteclora_config)",
+}
+# peft's LoRA variants whose delta is not `scale * B @ A` over the saved base, or whose adapter needs its own config to
+# load (an exported plain adapter would not fit): the LoraConfig field that turns each on, and what it is
+_VARIANTS = {
+    "use_bdlora": "BD-LoRA (block-diagonal lora_A or lora_B, stored as its blocks)",
+    "kasa_config": "KaSA (B @ diag(lora_diag) @ A, over a base truncated by SVD)",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow (per-token routing between adapters, which no single weight holds)",
+    "use_qalora": "QALoRA (A applied to pooled inputs)",
 }
 
 
@@ -167,6 +180,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "peft_type": (lambda v: v is None or v == "LORA", '"LORA" (another peft method is not LoRA)'),
     "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
                         "a list of module names"),
+    **{name: (lambda v: True, "") for name in _VARIANTS},  # any value but null/false/{} turns the variant on
 }
 
 
@@ -237,6 +251,11 @@ def lora_settings(source: Source, options: Any, ranks: Mapping[int, list[str]]) 
         if rec is not None and rec.value:
             raise CheckpointError(f"{rec.where} is {json.dumps(rec.value)}: {why} is not supported by streammerge's "
                                   "LoRA fold; merge it with peft's merge_and_unload instead")
+    for name, what in _VARIANTS.items():
+        rec = _recorded(records, name)
+        if rec is not None and rec.value:
+            raise CheckpointError(f"{rec.where} is {json.dumps(rec.value)}: {what} is a LoRA variant streammerge does "
+                                  "not fold or export exactly; merge it with peft's merge_and_unload instead")
     if dora is not None and dora.value:
         raise CheckpointError(f"{dora.where} is true: DoRA's magnitude vector rescales each column of the folded "
                               "weight, which streammerge's LoRA fold does not do; merge it with peft's "
