@@ -1143,3 +1143,29 @@ def test_bd_lora_and_kasa_are_refused_naming_the_variant(tmp_path, capsys, varia
             rc, err = run(["merge", actor, tmp_path / "out", "--lora", mode, "--no-optimizer"], capsys)
             assert rc == 2 and err.count("\n") == 1 and message in err and name in err, (i, mode, err)
             assert not (tmp_path / "out").exists()
+
+
+def test_verify_takes_the_lora_settings_the_merge_took(tmp_path, capsys):
+    """No file records r, alpha or rsLoRA: the merge took them from --lora-rank/--lora-alpha/--lora-rslora, and so
+    does verify of a folder without a manifest (another tool's, or one whose .streammerge/ was removed); other values
+    fail, naming the tensors. With a manifest, verify checks the settings it records, and a flag that differs fails."""
+    model, config, _ = _trained_peft(target_modules=["q_proj", "o_proj"], use_rslora=True)
+    actor = _save_actor(tmp_path, model, config, place=None)
+    flags = ["--lora-rank", "8", "--lora-alpha", "16", "--lora-rslora"]
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--no-optimizer", "--dtype", "float32", *flags], capsys)
+    assert rc == 0, err
+    _assert_bits(out, _peft_merged(model))
+    rc, err = run(["verify", out, actor, *flags], capsys)
+    assert rc == 0, err
+    rc, err = run(["verify", out, actor, "--lora-alpha", "32"], capsys)
+    assert rc == 1 and "--lora-alpha 32.0: the merge ran with --lora-alpha 16.0" in run.out  # type: ignore[attr-defined]
+
+    shutil.rmtree(out / ".streammerge")
+    rc, err = run(["verify", out, actor], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "give --lora-alpha and --lora-rank" in err, err
+    rc, err = run(["verify", out, actor, *flags], capsys)
+    assert rc == 0, run.out  # type: ignore[attr-defined]
+    rc, err = run(["verify", out, actor, *flags[:4]], capsys)  # without rsLoRA: scale alpha/r, another model
+    assert rc == 1 and "model.layers.0.self_attn.q_proj.weight" in run.out  # type: ignore[attr-defined]
+    assert verify(out, actor, lora_rank=8, lora_alpha=16, lora_rslora=True).ok
