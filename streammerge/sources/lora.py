@@ -20,11 +20,13 @@ folder, its `lora_adapter/` or its `huggingface/`), read strictly (r an integer 
 use_rslora a boolean), or from options (`--lora-rank/--lora-alpha`, `--lora-rslora`: rsLoRA cannot be told from
 the weights); two files that disagree, or an option that contradicts a file, are refused. An adapter-only
 (`save_lora_only`) checkpoint takes its base weights from `--base-model` (`hf.HFSource`).
-What peft's LoRA merge would compute differently or that we cannot fold exactly (DoRA, embedding
-and convolution adapters, LoRA biases, several adapters, rank or alpha patterns, target_parameters, an
-initialisation of unknown effect, Conv1D-named layers whose kind cannot be told: no config.json, a GPT-2-style
-part inside another model, fan_in_fan_out on a model that is not GPT-2-style) is refused, never written
-approximately. A PiSSA-like initialisation (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) left the residual base in the
+What peft's LoRA merge would compute differently or that we cannot fold exactly (DoRA, BD-LoRA, KaSA and peft's
+other LoRA variants, embedding and convolution adapters, LoRA biases, several adapters, rank or alpha patterns,
+target_parameters, an initialisation of unknown effect, Conv1D-named layers whose kind cannot be told: no config.json,
+a GPT-2-style part inside another model, fan_in_fan_out on a model that is not GPT-2-style) is refused, never written
+approximately; so are factors that do not fit each other or the base, a plain weight beside a base_layer.weight, and an
+adapter-only checkpoint that lacks what the recorded config says was trained (modules_to_save copies, biases).
+A PiSSA-like initialisation (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) left the residual base in the
 checkpoint: it folds onto that one only, and its adapter is not exported (it would not fit the original base). With
 bias "all" or "lora_only" the trained biases are written in both the fold and the adapter, as peft's save_pretrained
 does.
