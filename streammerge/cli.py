@@ -62,17 +62,21 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA checkpoints (peft-named tensors)")
     g.add_argument("--lora", choices=LORA_MODES, default="both",
                    help="fold the adapter into the weights, export it as a peft adapter folder, or both (default)")
-    g.add_argument("--lora-rank", type=int, metavar="R", help="r, when the checkpoint has no lora_train_meta.json")
-    g.add_argument("--lora-alpha", type=float, metavar="ALPHA",
-                   help="lora_alpha, when the checkpoint has no lora_train_meta.json")
-    g.add_argument("--lora-rslora", action="store_true", default=None,
-                   help="the run used rsLoRA (scale alpha/sqrt(r)), when lora_train_meta.json does not say")
+    _lora_setting_args(g)
     g.add_argument("--base-model", metavar="NAME_OR_PATH",
                    help="base weights for an adapter-only (save_lora_only) checkpoint: a model folder or Hub model")
     g = p.add_argument_group("torch DCP checkpoints")
     g.add_argument("--key-prefix", metavar="PREFIX",
                    help="strip this prefix from DCP keys "
                         "(default: detect 'model.' of {'model': ..., 'optimizer': ...})")
+
+
+def _lora_setting_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--lora-rank", type=int, metavar="R", help="r, when the checkpoint has no lora_train_meta.json")
+    g.add_argument("--lora-alpha", type=float, metavar="ALPHA",
+                   help="lora_alpha, when the checkpoint has no lora_train_meta.json")
+    g.add_argument("--lora-rslora", action="store_true", default=None,
+                   help="the run used rsLoRA (scale alpha/sqrt(r)), when lora_train_meta.json does not say")
 
 
 def merge_options(args: argparse.Namespace, **overrides: object) -> MergeOptions:
@@ -247,7 +251,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
     _warn_trust_pickle(args)
-    report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle, checksums=args.checksums)
+    report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle, checksums=args.checksums,
+                    lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_rslora=args.lora_rslora)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -324,6 +329,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help="where veRL rank files' zip CRC-32s come from: 'streams' read each file beside the "
                             "comparison, 'compare' takes them from the comparison's own reads (for little page "
                             "cache); 'auto' picks by the memory free")
+        g = p.add_argument_group("LoRA checkpoints", "Settings the checkpoint's files do not record, as the merge "
+                                 "took them; a folder with a manifest is checked with those it records")
+        _lora_setting_args(g)
     elif command == "demo":
         p = argparse.ArgumentParser(prog="streammerge demo",
                                     description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")

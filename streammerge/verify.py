@@ -96,7 +96,8 @@ class VerifyReport:
 
 def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, trust_pickle: bool = False,
            chunk_size: int | str = DEFAULT_CHUNK, workers: int | None = None,
-           checksums: str = "auto") -> VerifyReport:
+           checksums: str = "auto", lora_rank: int | None = None, lora_alpha: float | None = None,
+           lora_rslora: bool | None = None) -> VerifyReport:
     """Check an output folder; given the checkpoint, check every tensor against its source pieces.
 
     Problems with the output are collected in the report (never raised); a checkpoint that cannot
@@ -106,6 +107,10 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     only the records it did not read in order (for machines whose page cache cannot hold the rank
     files, where streams would have them read from disk twice); ``"auto"`` picks by the memory free.
     Other formats check their checksums after the comparison either way.
+
+    ``lora_rank``, ``lora_alpha``, ``lora_rslora``: a LoRA checkpoint's settings that its files do not record, as
+    the merge took them (``--lora-rank`` ...). A folder with a manifest is checked with the settings it records (a
+    flag that differs from them is a failure); one without is checked with these.
     """
     if checksums not in CHECKSUMS:
         raise ValueError(f"checksums must be one of {', '.join(CHECKSUMS)}, not {checksums!r}")
@@ -127,8 +132,10 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
         if ck is not None:
             from .pipeline import import_behind
 
+            lora = {"lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_rslora": lora_rslora}
             reading = _start_reading(out, ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
-                                     checksums=checksums, then=functools.partial(import_behind, *ck.oracle_modules))
+                                     checksums=checksums, lora={k: v for k, v in lora.items() if v is not None},
+                                     then=functools.partial(import_behind, *ck.oracle_modules))
         _check_temp_files(out, report)
         headers = _check_safetensors(out, report)
         weight_maps = _check_indexes(out, headers, report)
@@ -481,6 +488,25 @@ def _folder_options(out: Path) -> tuple[dict, str]:
     return fields, "compared as a merge " + ", ".join(words) + ", tensor by tensor wherever the folder holds them"
 
 
+def _with_lora_flags(options: MergeOptions, given: dict, manifest: dict | None, report: VerifyReport) -> MergeOptions:
+    """verify's --lora-rank/--lora-alpha/--lora-rslora: the options of a folder without a manifest; with one, they
+    must be what it records (the merge's own)."""
+    if not given:
+        return options
+    if manifest is None:
+        return options.replace(**given)
+    for key, value in given.items():
+        ran = getattr(options, key)
+        flag = "--" + key.replace("_", "-")
+        if ran is None:
+            report.notes.append(f"{flag} {value}: not used; the merge ran without it (the checkpoint's files gave the "
+                                "setting), and the folder is checked as it was made")
+        elif float(ran) != float(value):
+            report.fail(f"{flag} {value}: the merge ran with {flag} {ran} (.streammerge/manifest.json); the folder is "
+                        "checked as it was made: leave the flag out, or merge again with it")
+    return options
+
+
 @dataclass
 class _Reading:
     """What verify starts before anything else, so the disk is busy from the first moment: the plan, the oracle,
@@ -505,7 +531,7 @@ class _Reading:
 
 
 def _start_reading(out: Path, ck: Source, manifest: dict | None, report: VerifyReport, *, trust_pickle: bool,
-                   workers: int, checksums: str, then: Callable[[], None]) -> _Reading:
+                   workers: int, checksums: str, then: Callable[[], None], lora: dict | None = None) -> _Reading:
     """Plan, make the oracle, start the CRC streams or the readahead, and call `then` (torch's import) as soon as
     the disk has work queued. Not before: where Python keeps no compiled bytecode, compiling torch's modules holds
     the GIL for seconds, and no other thread can start anything meanwhile."""
@@ -516,6 +542,7 @@ def _start_reading(out: Path, ck: Source, manifest: dict | None, report: VerifyR
         folder, note = _folder_options(out)
         report.notes.append(f"no manifest: {note}")
     options = recorded_options((manifest or {}).get("options"), trust_pickle=trust_pickle, folder=folder)
+    options = _with_lora_flags(options, lora or {}, manifest, report)
     reading = _Reading(options, manifest, None if ck.oracle_after_plan else ck.oracle(options), list(ck.files()))
     as_read = False  # the CRC-32s come from the comparison's reads (see _streams)
     try:

@@ -550,7 +550,10 @@ META = {"r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM"}  # veRL's lora_train
 
 
 def _peft_merged(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    """peft's merge_and_unload() of a copy (it unloads the model it is called on)."""
+    import copy
+
+    return {k: v.detach().clone() for k, v in copy.deepcopy(model).merge_and_unload().state_dict().items()}
 
 
 def _assert_bits(out: Path, want: dict) -> None:
@@ -652,6 +655,11 @@ def test_adapter_config_refusals_of_what_the_fold_cannot_do(tmp_path, capsys, ex
     ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
     ({"peft_type": "IA3"}, "another peft method is not LoRA"),
     ({"lora_bias": True}, "LoRA biases"),
+    # LoRA variants peft 0.21 has (each a LoraConfig field): the weights look like a LoRA's, the config says otherwise
+    ({"velora_config": {"num_groups": 4}}, "VeLoRA is a LoRA variant streammerge does not fold or export exactly"),
+    ({"monteclora_config": {"num_samples": 2}}, "MonteCLoRA is a LoRA variant"),
+    ({"arrow_config": {"top_k": 2}}, "Arrow (per-token routing"),
+    ({"use_qalora": True}, "QALoRA"),
 ])
 def test_adapter_config_settings_that_change_the_function_are_refused(tmp_path, capsys, edit, message):
     model, config, _ = _trained_peft()
@@ -933,3 +941,262 @@ def test_trained_biases_are_in_the_fold_and_the_adapter(tmp_path, capsys, bias):
     capsys.readouterr()
     rc, err = run(["merge", adapter_only, tmp_path / "onbase", "--base-model", tmp_path / "base"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "trained biases" in err and "_proj.bias" in err, err
+
+
+def _base_folder(tmp_path: Path, config, base_sd: dict, model_cls=None) -> Path:
+    """The untouched base model, saved as a model folder for --base-model."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    base = (model_cls or Qwen2ForCausalLM)(config)
+    base.load_state_dict(base_sd)
+    base.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _assert_adapter_gives_trained_logits(out: Path, base: Path, model) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "lora_adapter").eval()
+    ids = torch.arange(12).view(1, 12) % loaded.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+# ---- adapter-only checkpoints: what the adapter tensors alone do not say ---------------------------------------
+
+def test_modules_to_save_missing_from_an_adapter_only_checkpoint_is_refused(tmp_path, capsys):
+    """modules_to_save=["lm_head"]: the trained lm_head is a copy beside the adapter. An adapter-only save that left it
+    out would fold onto (and export for) the base model's untrained lm_head: refused in one line, in every mode, naming
+    it. With the copy saved, the fold is peft's merge and the adapter loads as the trained model."""
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)  # trained, as it would be
+    base = _base_folder(tmp_path, config, base_sd)
+    without = _save_actor(tmp_path / "without", model, config, keep=lambda k: ".lora_" in k, meta=META)
+    capsys.readouterr()  # save_pretrained's progress bars are not the merge's
+    for args in (["--base-model", base], ["--base-model", base, "--lora", "fold"], ["--lora", "adapter"]):
+        rc, err = run(["merge", without, tmp_path / "out", "--no-optimizer", *args], capsys)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert "modules_to_save names 'lm_head'" in err and "no trained copy of lm_head" in err, err
+        assert not (tmp_path / "out").exists()
+
+    kept = _save_actor(tmp_path / "kept", model, config, keep=lambda k: ".lora_" in k or ".modules_to_save." in k,
+                       meta=META)
+    out = tmp_path / "ok"
+    rc, err = run(["merge", kept, out, "--base-model", base, "--no-optimizer", "--dtype", "float32"], capsys)
+    assert rc == 0, err
+    _assert_bits(out, _peft_merged(model))
+    _assert_adapter_gives_trained_logits(out, base, model)
+
+
+def test_an_adapter_only_modules_to_save_copy_with_a_bias_is_not_taken_for_a_trained_bias(tmp_path, capsys):
+    """bias "none", modules_to_save=["k_proj"] (Qwen2's k_proj has a bias): the copy's bias goes with its module into
+    the adapter file, so the adapter-only checkpoint is exported, and loads as the trained model."""
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "o_proj"], modules_to_save=["k_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(0.3)
+    base = _base_folder(tmp_path, config, base_sd)
+    actor = _save_actor(tmp_path / "ck", model, config, keep=lambda k: ".lora_" in k or ".modules_to_save." in k,
+                        meta=META)
+    capsys.readouterr()
+    rc, err = run(["merge", actor, tmp_path / "out", "--base-model", base, "--no-optimizer", "--dtype", "float32"],
+                  capsys)
+    assert rc == 0, err
+    _assert_bits(tmp_path / "out", _peft_merged(model))
+    _assert_adapter_gives_trained_logits(tmp_path / "out", base, model)
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_adapter_only_checkpoint_with_trained_biases(tmp_path, capsys, recorded):
+    """bias="all" trains every bias, and peft's adapter save keeps them beside lora_A and lora_B. The fold onto
+    --base-model writes the trained ones (peft's merge bit for bit). Where no file records the bias setting ("none"
+    would be assumed), an exported adapter would leave them out and load with the base's biases: refused; where
+    adapter_config.json records it, the adapter holds them as peft's save_pretrained does."""
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "o_proj"], bias="all")
+    base = _base_folder(tmp_path, config, base_sd)
+    merged = _peft_merged(model)
+    actor = _save_actor(tmp_path / "ck", model, config, keep=lambda k: ".lora_" in k or k.endswith(".bias"),
+                        place="lora_adapter" if recorded else None, meta=META)
+    capsys.readouterr()
+    # trained biases differ from the base's: writing the base's would be another model
+    k_bias = "model.layers.0.self_attn.k_proj.bias"
+    assert not torch.equal(merged[k_bias], base_sd[k_bias])
+    fold = tmp_path / "fold"
+    rc, err = run(["merge", actor, fold, "--base-model", base, "--lora", "fold", "--no-optimizer", "--dtype",
+                   "float32"], capsys)
+    assert rc == 0, err
+    _assert_bits(fold, merged)
+    for args in (["--base-model", base], ["--lora", "adapter"]):
+        rc, err = run(["merge", actor, tmp_path / "out", "--no-optimizer", "--dtype", "float32", *args], capsys)
+        if recorded:
+            assert rc == 0, err
+            want = load_file(tmp_path / "ck" / "peft_saved" / "adapter_model.safetensors")
+            got = load_file(tmp_path / "out" / "lora_adapter" / "adapter_model.safetensors")
+            assert any(k.endswith(".bias") for k in want)
+            assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+            _assert_adapter_gives_trained_logits(tmp_path / "out", base, model)
+            shutil.rmtree(tmp_path / "out")
+        else:
+            assert rc == 2 and err.count("\n") == 1, err
+            assert "no file records peft's bias setting" in err and "trained biases" in err and "--lora fold" in err
+            assert not (tmp_path / "out").exists()
+
+
+# ---- tensors that do not fit together --------------------------------------------------------------------------
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _save_state(tmp_path: Path, state: dict, config) -> Path:
+    """A state dict (a real peft model's, edited) as 2 DTensor ranks with huggingface/ and veRL's meta."""
+    from torch.distributed.tensor import Shard
+
+    from streammerge.testing.rankfiles import write_rank_files
+
+    actor = tmp_path / "actor"
+    write_rank_files(actor, {k: (v.detach().clone(), [Shard(0)]) for k, v in state.items()}, (2,))
+    config.save_pretrained(actor / "huggingface")
+    (actor / "lora_train_meta.json").write_text(json.dumps(META))
+    return actor
+
+
+def test_a_plain_weight_beside_base_layer_weight_is_refused(tmp_path, capsys):
+    """peft keeps a LoRA-wrapped module's weight as base_layer.weight: a plain `weight` beside it would also be
+    q_proj.weight, and which of the two is the base cannot be told (the merge took one and dropped the other)."""
+    model, config, _ = _trained_peft(target_modules=["q_proj", "o_proj"])
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state[Q + ".weight"] = state[Q + ".base_layer.weight"] + 1
+    actor = _save_state(tmp_path, state, config)
+    for mode in ("fold", "adapter", "both"):
+        rc, err = run(["merge", actor, tmp_path / "out", "--lora", mode, "--no-optimizer"], capsys)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"'{Q}.weight' beside its base_layer.weight" in err and "model.layers.0.self_attn.q_proj.weight" in err
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("b_rank", "q_proj: lora_B [32, 4] has 4 columns but lora_A [8, 32] has 8 rows"),
+    ("a_rank", "q_proj: lora_A has 4 rows but 2 other modules' have 8"),
+    ("a_in", "q_proj: lora_A [8, 16] and lora_B [32, 8] do not fit the base weight [32, 32]"),
+])
+def test_factors_that_do_not_fit_are_refused_in_every_mode(tmp_path, capsys, edit, message):
+    """A lora_B whose columns are not lora_A's rows, one module of another rank, or a lora_A of another width than the
+    base: refused in one line naming the module, by fold, adapter export (an adapter-only checkpoint too, where no
+    base can be compared) and verify (the folder an earlier merge made, its checkpoint since replaced)."""
+    model, config, base_sd = _trained_peft(target_modules=["q_proj", "v_proj", "o_proj"])
+    good = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = dict(good)
+    a, b = Q + ".lora_A.default.weight", Q + ".lora_B.default.weight"
+    if edit == "b_rank":
+        state[b] = good[b][:, :4].clone()
+    elif edit == "a_rank":
+        state[a], state[b] = good[a][:4].clone(), good[b][:, :4].clone()
+    else:
+        state[a] = good[a][:, :16].clone()
+    actor = _save_state(tmp_path, state, config)
+    for mode in ("fold", "adapter", "both"):
+        rc, err = run(["merge", actor, tmp_path / mode, "--lora", mode, "--no-optimizer"], capsys)
+        assert rc == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / mode).exists()
+
+    only = _save_state(tmp_path / "only", {k: v for k, v in state.items() if ".lora_" in k}, config)
+    # an adapter of another width than the base is caught against --base-model only: without one there is nothing
+    # to compare it with (README)
+    with_base = ["--base-model", _base_folder(tmp_path, config, base_sd)] if edit == "a_in" else []
+    capsys.readouterr()
+    rc, err = run(["merge", only, tmp_path / "only_out", "--lora", "adapter", "--no-optimizer", *with_base], capsys)
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "only_out").exists()
+
+    out = tmp_path / "out"  # a folder merged from the good checkpoint, verified against this one
+    rc, err = run(["merge", _save_state(tmp_path / "good", good, config), out, "--no-optimizer"], capsys)
+    assert rc == 0, err
+    rc, err = run(["verify", out, actor], capsys)
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("variant", ["bdlora", "kasa"])
+def test_bd_lora_and_kasa_are_refused_naming_the_variant(tmp_path, capsys, variant):
+    """Real peft BD-LoRA (lora_A of q_proj and lora_B of o_proj stored as their diagonal blocks) and KaSA (B @
+    diag(lora_diag) @ A over an SVD-truncated base): refused in one line naming the variant, whether the config
+    records it or only the tensors show it, for full and adapter-only checkpoints (KaSA's lora_diag left out too)."""
+    from peft.tuners.lora.config import BdLoraConfig, KasaConfig
+
+    if variant == "bdlora":
+        extra = {"use_bdlora": BdLoraConfig(target_modules_bd_a=["q_proj"], target_modules_bd_b=["o_proj"], nblocks=2)}
+        name, from_tensors = "BD-LoRA", "o_proj: lora_B [32, 4] has 4 columns but lora_A [8, 32] has 8 rows"
+        adapter_only = lambda k: ".lora_" in k  # noqa: E731
+    else:
+        extra = {"kasa_config": KasaConfig()}
+        name, from_tensors = "KaSA", "lora_diag.default': KaSA"
+        adapter_only = lambda k: ".lora_A." in k or ".lora_B." in k  # noqa: E731 (lora_diag left out)
+    model, config, _ = _trained_peft(target_modules=["q_proj", "o_proj"], **extra)
+    cases = [(None, lambda k: True, from_tensors), (None, lambda k: ".lora_" in k, from_tensors),
+             ("lora_adapter", lambda k: True, name), ("lora_adapter", adapter_only, f"{list(extra)[0]} is")]
+    for i, (place, keep, message) in enumerate(cases):
+        actor = _save_actor(tmp_path / str(i), model, config, place=place, keep=keep, meta=META)
+        capsys.readouterr()
+        for mode in ("fold", "adapter"):
+            rc, err = run(["merge", actor, tmp_path / "out", "--lora", mode, "--no-optimizer"], capsys)
+            assert rc == 2 and err.count("\n") == 1 and message in err and name in err, (i, mode, err)
+            assert not (tmp_path / "out").exists()
+
+
+def test_verify_takes_the_lora_settings_the_merge_took(tmp_path, capsys):
+    """No file records r, alpha or rsLoRA: the merge took them from --lora-rank/--lora-alpha/--lora-rslora, and so
+    does verify of a folder without a manifest (another tool's, or one whose .streammerge/ was removed); other values
+    fail, naming the tensors. With a manifest, verify checks the settings it records, and a flag that differs fails."""
+    model, config, _ = _trained_peft(target_modules=["q_proj", "o_proj"], use_rslora=True)
+    actor = _save_actor(tmp_path, model, config, place=None)
+    flags = ["--lora-rank", "8", "--lora-alpha", "16", "--lora-rslora"]
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--no-optimizer", "--dtype", "float32", *flags], capsys)
+    assert rc == 0, err
+    _assert_bits(out, _peft_merged(model))
+    rc, err = run(["verify", out, actor, *flags], capsys)
+    assert rc == 0, err
+    rc, err = run(["verify", out, actor, "--lora-alpha", "32"], capsys)
+    assert rc == 1 and "--lora-alpha 32.0: the merge ran with --lora-alpha 16.0" in run.out  # type: ignore[attr-defined]
+
+    shutil.rmtree(out / ".streammerge")
+    rc, err = run(["verify", out, actor], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "give --lora-alpha and --lora-rank" in err, err
+    rc, err = run(["verify", out, actor, *flags], capsys)
+    assert rc == 0, run.out  # type: ignore[attr-defined]
+    rc, err = run(["verify", out, actor, *flags[:4]], capsys)  # without rsLoRA: scale alpha/r, another model
+    assert rc == 1 and "model.layers.0.self_attn.q_proj.weight" in run.out  # type: ignore[attr-defined]
+    assert verify(out, actor, lora_rank=8, lora_alpha=16, lora_rslora=True).ok
+
+
+def test_bf16_factors_fold_in_float32_rounded_once(tmp_path, capsys):
+    """A run that keeps W, lora_A and lora_B in bfloat16: the fold is computed in float32 from them and rounded once,
+    which is peft's merge of the model upcast to float32, cast to bf16, bit for bit. peft merging the bf16 model itself
+    (on CPU: the delta in float32, rounded to bf16, then added in bf16) rounds twice: it differs in a fraction of the
+    elements by an ulp or two, and is farther from the exact sum (measured here; the README quotes it)."""
+    import copy
+
+    from streammerge.testing.lora import model_config
+
+    config = model_config(LoraSpec("", hidden_size=64, num_layers=1))
+    model, config, _ = _trained_peft(config=config, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    model = model.to(torch.bfloat16)
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    capsys.readouterr()
+    rc, err = run(["merge", actor, tmp_path / "out", "--lora", "fold", "--no-optimizer", "--dtype", "bfloat16"], capsys)
+    assert rc == 0, err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    exact = _peft_merged(copy.deepcopy(model).float())  # W + s·B·A in float32 from the bf16 values
+    _assert_bits(tmp_path / "out", {k: v.to(torch.bfloat16) for k, v in exact.items()})
+    peft_bf16 = _peft_merged(model)
+    folded = [k for k in got if k.endswith("_proj.weight")]
+    differ = sum(int((got[k] != peft_bf16[k]).sum()) for k in folded)
+    total = sum(got[k].numel() for k in folded)
+    ours = max((got[k].double() - exact[k].double()).abs().max().item() for k in folded)
+    theirs = max((peft_bf16[k].double() - exact[k].double()).abs().max().item() for k in folded)
+    apart = max((got[k].double() - peft_bf16[k].double()).abs().max().item() for k in folded)
+    print(f"bf16 factors: {differ} of {total} folded elements differ from peft's bf16 merge (max {apart:.3g}); "
+          f"largest distance from the float32 fold: ours {ours:.3g}, peft's bf16 merge {theirs:.3g}")
+    assert 0 < differ < total // 2 and ours <= theirs

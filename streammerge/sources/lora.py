@@ -20,11 +20,13 @@ folder, its `lora_adapter/` or its `huggingface/`), read strictly (r an integer 
 use_rslora a boolean), or from options (`--lora-rank/--lora-alpha`, `--lora-rslora`: rsLoRA cannot be told from
 the weights); two files that disagree, or an option that contradicts a file, are refused. An adapter-only
 (`save_lora_only`) checkpoint takes its base weights from `--base-model` (`hf.HFSource`).
-What peft's LoRA merge would compute differently or that we cannot fold exactly (DoRA, embedding
-and convolution adapters, LoRA biases, several adapters, rank or alpha patterns, target_parameters, an
-initialisation of unknown effect, Conv1D-named layers whose kind cannot be told: no config.json, a GPT-2-style
-part inside another model, fan_in_fan_out on a model that is not GPT-2-style) is refused, never written
-approximately. A PiSSA-like initialisation (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) left the residual base in the
+What peft's LoRA merge would compute differently or that we cannot fold exactly (DoRA, BD-LoRA, KaSA and peft's
+other LoRA variants, embedding and convolution adapters, LoRA biases, several adapters, rank or alpha patterns,
+target_parameters, an initialisation of unknown effect, Conv1D-named layers whose kind cannot be told: no config.json,
+a GPT-2-style part inside another model, fan_in_fan_out on a model that is not GPT-2-style) is refused, never written
+approximately; so are factors that do not fit each other or the base, a plain weight beside a base_layer.weight, and an
+adapter-only checkpoint that lacks what the recorded config says was trained (modules_to_save copies, biases).
+A PiSSA-like initialisation (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) left the residual base in the
 checkpoint: it folds onto that one only, and its adapter is not exported (it would not fit the original base). With
 bias "all" or "lora_only" the trained biases are written in both the fold and the adapter, as peft's save_pretrained
 does.
@@ -58,6 +60,19 @@ _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA (use_dora=True)",
     "lora_embedding_A": "LoRA on embeddings",
     "lora_embedding_B": "LoRA on embeddings",
+    "lora_diag": "KaSA (kasa_config: B @ diag(lora_diag) @ A over an SVD-truncated base)",
+    "lora_velora_embed": "VeLoRA (velora_config)",
+    "lora_monteclora_sampler": "MonteCLoRA (monteclora_config)",
+}
+# peft's LoRA variants whose delta is not `scale * B @ A` over the saved base, or whose adapter needs its own config to
+# load (an exported plain adapter would not fit): the LoraConfig field that turns each on, and what it is
+_VARIANTS = {
+    "use_bdlora": "BD-LoRA (block-diagonal lora_A or lora_B, stored as its blocks)",
+    "kasa_config": "KaSA (B @ diag(lora_diag) @ A, over a base truncated by SVD)",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow (per-token routing between adapters, which no single weight holds)",
+    "use_qalora": "QALoRA (A applied to pooled inputs)",
 }
 
 
@@ -120,6 +135,7 @@ class LoraSettings:
     bias: str = "none"
     init: bool | str = True
     fan_in_fan_out: bool = False
+    modules_to_save: tuple[str, ...] = ()
     where: dict[str, str] = field(default_factory=dict)  # the file and field each recorded value came from
 
     @property
@@ -164,6 +180,9 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name"),
     "task_type": (lambda v: v is None or isinstance(v, str), "a string"),
     "peft_type": (lambda v: v is None or v == "LORA", '"LORA" (another peft method is not LoRA)'),
+    "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
+                        "a list of module names"),
+    **{name: (lambda v: True, "") for name in _VARIANTS},  # any value but null/false/{} turns the variant on
 }
 
 
@@ -216,9 +235,10 @@ def _with_option(rec: Recorded | None, option: Any, flag: str) -> Any:
     return option
 
 
-def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings:
+def lora_settings(source: Source, options: Any, ranks: Mapping[int, list[str]]) -> LoraSettings:
     """The run's LoraConfig from lora_train_meta.json and adapter_config.json, and the options; refuses guesses,
-    values of the wrong type, files that disagree and options that contradict a file."""
+    values of the wrong type, files that disagree and options that contradict a file. `ranks`: the adapted modules
+    by their rank (lora_A's rows)."""
     records = _records(source)
     task = _recorded(records, "task_type")
     bias = _recorded(records, "bias")
@@ -233,6 +253,11 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings
         if rec is not None and rec.value:
             raise CheckpointError(f"{rec.where} is {json.dumps(rec.value)}: {why} is not supported by streammerge's "
                                   "LoRA fold; merge it with peft's merge_and_unload instead")
+    for name, what in _VARIANTS.items():
+        rec = _recorded(records, name)
+        if rec is not None and rec.value:
+            raise CheckpointError(f"{rec.where} is {json.dumps(rec.value)}: {what} is a LoRA variant streammerge does "
+                                  "not fold or export exactly; merge it with peft's merge_and_unload instead")
     if dora is not None and dora.value:
         raise CheckpointError(f"{dora.where} is true: DoRA's magnitude vector rescales each column of the folded "
                               "weight, which streammerge's LoRA fold does not do; merge it with peft's "
@@ -260,8 +285,11 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings
         raise CheckpointError(f"{source.path}: a peft model's tensor names (base_model.model.…) but no LoRA pair "
                               "(lora_A and lora_B): no adapter to fold or export; merge it with peft")
     if len(ranks) != 1:
-        raise CheckpointError(f"{source.path}: LoRA adapters of several ranks {sorted(ranks)} (a rank_pattern); "
-                              "folding them is not supported")
+        common = max(ranks, key=lambda k: len(ranks[k]))
+        odd = min((k for k in ranks if k != common), key=lambda k: len(ranks[k]))
+        raise CheckpointError(f"{source.path}: {ranks[odd][0]}: lora_A has {odd} rows but {len(ranks[common])} "
+                              f"other modules' have {common} (LoRA adapters of several ranks {sorted(ranks)}: a "
+                              "rank_pattern, or tensors of two runs?); folding them is not supported")
     (seen,) = ranks
     if r is None:
         r = seen
@@ -272,13 +300,15 @@ def lora_settings(source: Source, options: Any, ranks: set[int]) -> LoraSettings
         raise ConfigError(f"{source.path}: a LoRA checkpoint that records no lora_alpha (no {META_FILE} or "
                           f"{ADAPTER_CONFIG} with it): give --lora-alpha and --lora-rank, and --lora-rslora if the run "
                           "used rsLoRA, as the run's LoraConfig had them; the scale cannot be read from the weights")
-    wheres = {name: rec.where for name, rec in (("bias", bias), ("init_lora_weights", init),
-                                                 ("fan_in_fan_out", fifo)) if rec is not None}
+    saved = _recorded(records, "modules_to_save")
+    wheres = {name: rec.where for name, rec in (("bias", bias), ("init_lora_weights", init), ("fan_in_fan_out", fifo),
+                                                 ("modules_to_save", saved)) if rec is not None}
     return LoraSettings(r=r, alpha=float(alpha), rslora=bool(rslora),
                         task=task.value if task is not None else "CAUSAL_LM",
                         bias=bias.value if bias is not None else "none",
                         init=init.value if init is not None else True,
-                        fan_in_fan_out=bool(fifo and fifo.value), where=wheres)
+                        fan_in_fan_out=bool(fifo and fifo.value),
+                        modules_to_save=tuple(saved.value) if saved is not None else (), where=wheres)
 
 
 def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any, config: Mapping | None,
@@ -295,7 +325,9 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         if re.search(r"\.lora_B\.[^.]+\.bias$", name):
             raise CheckpointError(f"{source.path}: {name!r}: LoRA biases (lora_bias=True) are not supported")
     adapters, plain, adapter_names, saved = _pair(source, tensors)
-    wrapped = {n.split(".base_layer.", 1)[0] for n in tensors if ".base_layer." in n and not n.endswith(".weight")}
+    # a module whose base_layer holds parameters other than a Linear's weight and bias: peft's ParamWrapper
+    wrapped = {n.split(".base_layer.", 1)[0] for n in tensors
+               if ".base_layer." in n and n.split(".base_layer.", 1)[1] not in ("weight", "bias")}
     for a in adapters:
         if a.base is None and a.module in wrapped:
             raise CheckpointError(f"{source.path}: {_short(a.module)!r}: LoRA on a parameter (target_parameters: "
@@ -304,11 +336,18 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     if len(adapter_names) > 1:
         raise CheckpointError(f"{source.path}: several LoRA adapters {sorted(adapter_names)}; streammerge folds "
                               "one (peft's merge_and_unload folds the active ones)")
+    ranks: dict[int, list[str]] = {}
     for a in adapters:
         if len(a.a.shape) != 2 or len(a.b.shape) != 2:
             raise CheckpointError(f"{source.path}: {_short(a.module)}: lora_A {list(a.a.shape)} and lora_B "
                                   f"{list(a.b.shape)} are not both matrices; cannot fold")
-    settings = lora_settings(source, options, {a.a.shape[0] for a in adapters})
+        ranks.setdefault(a.a.shape[0], []).append(_short(a.module))
+    settings = lora_settings(source, options, ranks)  # first: a variant the config records is named as such
+    for a in adapters:
+        if a.b.shape[1] != a.a.shape[0]:  # checked here, not only against a base: an adapter-only export has none
+            raise CheckpointError(f"{source.path}: {_short(a.module)}: lora_B {list(a.b.shape)} has {a.b.shape[1]} "
+                                  f"columns but lora_A {list(a.a.shape)} has {a.a.shape[0]} rows (its rank); B @ A "
+                                  "cannot be formed (a block-diagonal BD-LoRA factor, or tensors of two runs?)")
     conv1d = _conv1d_modules(source, config, adapters, settings)
     r, alpha, rslora, task = settings.r, settings.alpha, settings.rslora, settings.task
     scale = alpha / math.sqrt(r) if rslora else alpha / r
@@ -324,6 +363,15 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
             raise ConfigError(f"{init}: this adapter belongs to the residual base weights saved in the checkpoint, "
                               "not to the base model, so an exported adapter would load wrong; give --lora fold")
     biases = _trained_biases(tensors, adapters, settings.bias)
+    copies = {_short_name(n) for n in saved}  # modules_to_save copies are exported with their module
+    own_biases = sorted(n for n in plain if n.endswith(".bias") and n not in copies)
+    if missing and own_biases and settings.bias == "none" and mode != "fold":
+        said = (f"{settings.where['bias']} is \"none\"" if "bias" in settings.where
+                else f"{source.path}: no file records peft's bias setting (\"none\" assumed)")
+        raise CheckpointError(f"{said}, but the adapter-only checkpoint holds trained biases ({own_biases[0]!r}, "
+                              f"{len(own_biases)} in all): an exported adapter would leave them out and load with the "
+                              "base model's biases; give --lora fold --base-model BASE (the fold writes them), or "
+                              "record the run's bias in an adapter_config.json")
     out = LoraPlan(weights=[])
     base_name = getattr(options, "base_model", None)
     if missing and base_name:
@@ -346,6 +394,8 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         raise ConfigError(f"{source.path}: the checkpoint holds only the LoRA adapter (save_lora_only: "
                           f"{_short(missing[0])}.base_layer.weight is not there); give the base model with "
                           "--base-model, or export just the adapter with --lora adapter")
+    model_names = [*plain, *(_short(a.module) + ".weight" for a in adapters)] if not missing or base_name else None
+    _check_modules_to_save(source, settings, saved, model_names)
     if not missing or base_name:
         for name, t in plain.items():
             out.weights.append(TensorPlan(name, t, output_dtype(t.dtype, dtype)))
@@ -447,6 +497,38 @@ def _trained_biases(tensors: Mapping[str, SourceTensor], adapters: list[Adapter]
     return {}
 
 
+_CLASSIFIERS = ("classifier", "score")  # peft adds both to modules_to_save for a classification model, which has one
+
+
+def _check_modules_to_save(source: Source, settings: LoraSettings, saved: Mapping[str, SourceTensor],
+                           model_names: list[str] | None) -> None:
+    """Every module the recorded `modules_to_save` names (peft wraps each module whose name ends with one) has its
+    trained copy in the checkpoint: else the fold writes, and the exported adapter loads, the base model's untrained
+    module. `model_names`: the output tensors' names (None: no base, only the checkpoint's own names are known)."""
+    if not settings.modules_to_save:
+        return
+    where = settings.where["modules_to_save"]
+    trained = {_short_name(n).rsplit(".", 1)[0] for n in saved}
+
+    def refuse(module: str, name: str) -> None:
+        raise CheckpointError(f"{where} names {name!r}, but the checkpoint holds no trained copy of {module} (peft "
+                              f"saves it as {module}.modules_to_save.<adapter>.…): the base model's untrained {module} "
+                              "would be written in its place; save the checkpoint with it")
+
+    if model_names is not None:
+        modules = {n.rsplit(".", i)[0] for n in model_names for i in range(1, n.count(".") + 1)}
+        for name in settings.modules_to_save:
+            for m in sorted(modules):
+                if m.endswith(name) and not any(m == t or m.startswith(t + ".") or t.startswith(m + ".")
+                                                for t in trained):
+                    refuse(m, name)
+        return
+    for name in settings.modules_to_save:  # no base: a name must match a trained module (of the two classifier
+        alternatives = _CLASSIFIERS if name in _CLASSIFIERS else (name,)  # names peft adds, one)
+        if not any(t.endswith(n) for t in trained for n in alternatives if n in settings.modules_to_save):
+            refuse(name, name)
+
+
 def _with_base(source: Source, adapters: list[Adapter], plain: dict[str, SourceTensor], base_name: str, options: Any,
                token: str | None, endpoint: str | None) -> tuple[list[Adapter], dict[str, SourceTensor]]:
     """An adapter-only checkpoint completed by the base model's weights (the checkpoint's own tensors win)."""
@@ -487,6 +569,11 @@ def _pair(source: Source, tensors: Mapping[str, SourceTensor]
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{source.path}: {module!r} has lora_{''.join(ab)} but not its pair")
+        if module + ".weight" in tensors:  # peft keeps a wrapped module's weight as base_layer.weight, never both
+            other = "beside its base_layer.weight" if module + ".base_layer.weight" in tensors else "instead of a " \
+                "base_layer.weight"
+            raise CheckpointError(f"{source.path}: {module + '.weight'!r} {other}, for a module with a LoRA pair: "
+                                  f"which one is {_short(module)}.weight (the base to fold into) cannot be told")
         adapters.append(Adapter(module, ab["A"], ab["B"], tensors.get(module + ".base_layer.weight")))
     used = {a.module + ".base_layer.weight" for a in adapters}
     plain: dict[str, SourceTensor] = {}
