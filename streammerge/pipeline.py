@@ -337,7 +337,7 @@ class MergeResult:
     bytes_total: int
     seconds: float
     peak_rss: int  # bytes, this process (and its children)
-    reused: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)  # files an earlier run left as this one writes them
     warnings: list[str] = field(default_factory=list)
     fell_back: dict[str, str] = field(default_factory=dict)  # writer fast path -> why it was not taken
 
@@ -355,9 +355,10 @@ class MergeResult:
         Data files are the weight, optimizer and adapter shards; only their bytes count for the speed.
         """
         data = {p.rel(fp.filename) for p in self.plans for fp in p.files}
-        reused = [f for f in self.files if f.filename in self.reused]
+        reused = [f for f in self.files if f.filename in self.reused and f.filename in data]
         new = [f for f in self.files if f.filename in data and f.filename not in self.reused]
-        small = [f for f in self.files if f.filename not in data]
+        small = [f for f in self.files if f.filename not in data and f.filename not in self.reused]
+        kept = [f for f in self.files if f.filename not in data and f.filename in self.reused]
         wrote = []
         if new:
             wrote.append(f"{_count(len(new), 'data file')} ({fmt_bytes(sum(f.size for f in new))})")
@@ -365,6 +366,8 @@ class MergeResult:
             wrote.append(f"{_count(len(small), 'small file')} (config, tokenizer, indexes)")
         earlier = (f"{_count(len(reused), 'data file')} ({fmt_bytes(sum(f.size for f in reused))}) "
                    "finished by an earlier run")
+        if kept:
+            earlier += f" and {_count(len(kept), 'small file')} (config, tokenizer, indexes) as it left them"
         if reused and not new:
             what = f"nothing left to merge in {self.out_dir}: reused {earlier}"
             what += f" and wrote {' and '.join(wrote)}" if wrote else ""
@@ -482,7 +485,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     removed = [f"removed {rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it"
                for rel in folder.removed]
     return MergeResult(out, files, mp, written, sum(f.size for f in files), time.perf_counter() - t0,
-                       peak_rss(), reused, list(mp.warnings) + removed, fell_back)
+                       peak_rss(), reused + folder.kept, list(mp.warnings) + removed, fell_back)
 
 
 def _inputs(mp: MergePlan) -> dict[str, list[int]]:

@@ -423,7 +423,8 @@ def test_summary_of_a_tiny_merge_a_resume_and_a_finished_folder(tmp_path):
 
     done = streammerge.merge(ck, out, max_shard_size="20KB").summary()
     assert done.startswith(f"nothing left to merge in {out}: reused {len(data)} data files ({total / 1000:.2f} kB) "
-                           f"finished by an earlier run and wrote {len(small)} small files"), done
+                           f"finished by an earlier run and {len(small)} small files (config, tokenizer, indexes) as "
+                           "it left them in "), done
     assert "/s)" not in done and " 0 B" not in done
 
 

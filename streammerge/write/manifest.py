@@ -56,9 +56,10 @@ class Manifest:
             raise OutputError(f"{path}: unreadable manifest (delete the output folder to start over)") from None
 
     def adopt(self, previous: dict | None) -> None:
-        """Keep what a previous run of the same merge finished."""
+        """Keep what a previous run of the same merge finished, and whether it completed the folder."""
         if previous and previous.get("fingerprint") == self.data["fingerprint"]:
             self.data["files"] = dict(previous.get("files", {}))
+            self.data["complete"] = previous.get("complete") is True
         self.gather_parts(remove=False)
 
     def gather_parts(self, remove: bool = True) -> None:
@@ -97,8 +98,9 @@ class Manifest:
             return None
         return OutputFile(filename, entry["size"], entry.get("crc32"), entry.get("sha256"))
 
-    def add(self, f: OutputFile, *, stat: bool = True) -> None:
-        """List a file (`stat`: as it is now in place, with its modification time)."""
+    def add(self, f: OutputFile, *, stat: bool = True, save: bool = True) -> None:
+        """List a file (`stat`: as it is now in place, with its modification time; `save`: now, else with the next
+        change)."""
         entry = {k: v for k, v in asdict(f).items() if k != "filename" and v is not None}
         try:
             if stat:
@@ -106,7 +108,8 @@ class Manifest:
         except OSError:
             pass
         self.data["files"][f.filename] = entry
-        self.save()
+        if save:
+            self.save()
 
     def complete(self) -> None:
         self.data["complete"] = True
