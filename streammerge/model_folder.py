@@ -69,6 +69,23 @@ def ties_embeddings(config: Mapping | None) -> bool:
     return False
 
 
+def drop_quantization(config: dict) -> list[tuple[str, Any]]:
+    """Take every `quantization_config` out of `config`, the top level's and a sub-config's (a VLM's text_config, which
+    transformers reads too: `get_text_config(decoder=True)`); returns (where, value) of each, e.g.
+    ("text_config.quantization_config", {...})."""
+    found: list[tuple[str, Any]] = []
+
+    def walk(node: dict, where: str) -> None:
+        if "quantization_config" in node:
+            found.append((where + "quantization_config", node.pop("quantization_config")))
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{where}{key}.")
+
+    walk(config, "")
+    return found
+
+
 def carried_files(model_dir: Path | None, root: Path | None = None,
                   keep: Callable[[Path], bool] = lambda p: True) -> Iterator[Path]:
     """Every file of the model folder except weights (which we write ourselves), hidden files and folders

@@ -30,6 +30,7 @@ from .model_folder import (
     carried_files,
     check_config_fits,
     config_bytes,
+    drop_quantization,
     model_dir_for,
     model_files,
     read_config,
@@ -245,18 +246,18 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     config = read_config(model_dir)
     dtype = resolve_dtype(options.dtype, config)
     warnings: list[str] = []
-    quantized = config.pop("quantization_config", None) if config is not None else None
-    if quantized is not None:
-        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
-        warnings.append(f"config.json's quantization_config ({method or 'no quant_method'}) is left out: the merged "
-                        "weights are the trained ones, unquantized, and transformers would load them as quantized "
-                        "layers with scales it never finds")
+    quantized = drop_quantization(config) if config is not None else []
+    for key, value in quantized:
+        method = value.get("quant_method") if isinstance(value, dict) else None
+        warnings.append(f"config.json's {key} ({method or 'no quant_method'}) is left out: the merged weights are the "
+                        "trained ones, unquantized, and transformers would load them as quantized layers with scales "
+                        "it never finds")
     arch, arch_note = (None, None)
     if check_architecture and model_dir is not None:
         arch, arch_note = architecture.start(config, str(model_dir / "config.json"))
     try:
         merge_plan = _plan_merge(source, options, model_dir, model_paths, config, dtype, warnings, token, endpoint)
-        if quantized is not None:
+        if quantized:
             _refuse_quantized(merge_plan.weights, str(model_dir / "config.json") if model_dir else str(source.path))
     except BaseException:
         if arch is not None:

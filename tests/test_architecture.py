@@ -502,3 +502,34 @@ def test_verify_takes_a_critics_config_only_for_a_critics_weights(merged_qwen2, 
     report = streammerge.verify(out, folder)
     assert any(f.startswith("config.json: differs from what the merge writes") for f in report.failures), \
         report.summary()
+
+
+def _vlm() -> transformers.PreTrainedModel:
+    """A tiny Qwen2.5-VL: a vision tower beside a text decoder, each with a sub-config of its own."""
+    text = {**TINY, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}}
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4)
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(
+        transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+def test_a_vlms_nested_quantization_config_is_left_out_too(tmp_path):
+    """transformers reads a quantization_config from the text config too (get_text_config(decoder=True)): a VLM
+    fine-tuned in bf16 from an FP8 base keeps it there, and the folder loaded as FP8 layers (on this CPU, dequantized).
+    It is left out like the top level's, with a warning naming where it was."""
+    model = _vlm()
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    config = _config(model, architectures=["Qwen2_5_VLForConditionalGeneration"])
+    config["text_config"] = {**config["text_config"], "quantization_config": fp8}
+    folder = _save(tmp_path / "ckpt", model.state_dict(), config)
+    result = streammerge.merge(folder, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in written["text_config"]
+    assert any("text_config.quantization_config (fp8) is left out" in w for w in result.warnings), result.warnings
+    loaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert getattr(loaded, "hf_quantizer", None) is None and not hasattr(loaded.config, "quantization_config")
+    assert type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    assert streammerge.verify(tmp_path / "out", folder).ok
