@@ -86,6 +86,33 @@ def drop_quantization(config: dict) -> list[tuple[str, Any]]:
     return found
 
 
+# What a writer of config.json adds or spells its own way: no difference in the model.
+_WRITER_KEYS = ("transformers_version", "_name_or_path")
+
+
+def config_differences(given: Mapping[str, Any], own: Mapping[str, Any], where: str = "") -> list[str]:
+    """The keys (sub-configs' as `text_config.key`) whose values differ between two config.json files, each as
+    `key (given value, own value)`; a key only one of them has counts (its class default is not known here)."""
+    found = []
+    for key in sorted(set(given) | set(own)):
+        if key in _WRITER_KEYS:
+            continue
+        a, b = given.get(key, _ABSENT), own.get(key, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, f"{where}{key}.")
+        elif a != b:
+            found.append(f"{where}{key} ({_short(a)}, {_short(b)})")
+    return found
+
+
+_ABSENT = object()
+
+
+def _short(value: Any) -> str:
+    text = "absent" if value is _ABSENT else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def carried_files(model_dir: Path | None, root: Path | None = None,
                   keep: Callable[[Path], bool] = lambda p: True) -> Iterator[Path]:
     """Every file of the model folder except weights (which we write ourselves), hidden files and folders

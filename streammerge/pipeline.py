@@ -30,6 +30,7 @@ from .model_folder import (
     carried_files,
     check_config_fits,
     config_bytes,
+    config_differences,
     drop_quantization,
     model_dir_for,
     model_files,
@@ -226,6 +227,27 @@ def _absolute_folders(options: MergeOptions) -> MergeOptions:
     return options.replace(**changes) if changes else options
 
 
+def _model_name_differs(model_name: str, config: dict, source: Source) -> list[str]:
+    """A warning where --model-name's config.json says other than the one the checkpoint was saved with (its
+    huggingface/ folder): the weights were trained as the checkpoint's config describes, and config.json is written
+    from --model-name's."""
+    own_dir = source.hf_dir
+    try:
+        own = read_config(own_dir)
+    except CheckpointError:
+        own = None  # not a JSON object: what --model-name is for
+    if own is None or own_dir is None:
+        return []
+    found = config_differences(config, own)
+    if not found:
+        return []
+    more = f", and {len(found) - 5} more" if len(found) > 5 else ""
+    return [f"--model-name {model_name}: its config.json differs from the one saved with the checkpoint "
+            f"({own_dir / 'config.json'}) in {', '.join(found[:5])}{more} (--model-name's value first); config.json is "
+            "written from --model-name's, while the weights were trained as the checkpoint's describes: leave "
+            "--model-name out to write the checkpoint's own"]
+
+
 def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = None, *, token: str | None = None,
                endpoint: str | None = None, check_architecture: bool = True, **kwargs: Any) -> MergePlan:
     """Plan a merge from metadata alone: nothing is written, no tensor data is read.
@@ -246,6 +268,8 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     config = read_config(model_dir)
     dtype = resolve_dtype(options.dtype, config)
     warnings: list[str] = []
+    if options.model_name and config is not None:
+        warnings += _model_name_differs(options.model_name, config, source)
     quantized = drop_quantization(config) if config is not None else []
     for key, value in quantized:
         method = value.get("quant_method") if isinstance(value, dict) else None
