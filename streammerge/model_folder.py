@@ -23,6 +23,7 @@ from .errors import CheckpointError, ConfigError
 from .paths import user_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+GENERATION_CONFIG = "generation_config.json"
 DTYPE_KEYS = ("dtype", "torch_dtype")  # both spellings of config.json's dtype that transformers has used
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # What a model name contributes to the merged folder: config, generation config, tokenizer, remote code.
@@ -50,6 +51,19 @@ def read_config(model_dir: Path | None) -> dict | None:
     if not path.is_file():
         return None
     return jsonfile.read_object(path, parse_constant=_no_constant)
+
+
+def read_generation_config(model_dir: Path | None) -> dict | None:
+    """generation_config.json as a dict, or None when there is none. One that is not a JSON object is refused:
+    transformers ignores a file it cannot parse (the model then generates with other settings, silently) and fails
+    on one that is no object."""
+    if model_dir is None or not (model_dir / GENERATION_CONFIG).is_file():
+        return None
+    try:
+        return jsonfile.read_object(model_dir / GENERATION_CONFIG, parse_constant=_no_constant)
+    except CheckpointError as e:
+        raise ConfigError(f"{e}: transformers would load the model without it, generating otherwise than it was set "
+                          "up to, or not load it at all; fix the file, or remove it") from None
 
 
 def _no_constant(name: str) -> Any:

@@ -27,6 +27,7 @@ from .architecture import ArchCheck
 from .dtypes import DType
 from .errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from .model_folder import (
+    GENERATION_CONFIG,
     carried_files,
     check_config_fits,
     config_bytes,
@@ -35,6 +36,7 @@ from .model_folder import (
     model_dir_for,
     model_files,
     read_config,
+    read_generation_config,
     ties_embeddings,
 )
 from .options import DEFAULT_BUFFER_SIZE, MergeOptions, resolve_dtype
@@ -46,7 +48,7 @@ from .write.transaction import OutputFolder, index_bytes
 from .write.writer import FileWriter, OutputFile, in_flight, piece_ranges
 
 FINGERPRINT_VERSION = 2
-MODEL_CONFIG_FILES = ("config.json", "generation_config.json")  # what makes a folder load as a model
+MODEL_CONFIG_FILES = ("config.json", GENERATION_CONFIG)  # what makes a folder load as a model
 FileCallback = Callable[[OutputFile, Path], None]
 
 
@@ -67,6 +69,7 @@ class MergePlan:
     arch: ArchCheck | None = field(default=None, repr=False)  # transformers' names for config.json (started)
     arch_done: bool = False
     arch_note: str = ""  # what the architecture check found or why it did not run (the summary says it)
+    generation: dict | None = None  # generation_config.json as written (transformers is asked whether it reads it)
 
     @property
     def weights(self) -> Plan:
@@ -108,7 +111,7 @@ class MergePlan:
             self.arch_done = True
             return
         if self.arch is None:
-            self.arch, note = architecture.start(self.config, self._where())
+            self.arch, note = architecture.start(self.config, self._where(), self.generation)
             if self.arch is None:
                 self.arch_done = True
                 if note:
@@ -266,6 +269,8 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         model_dir, root = source.hf_dir, source.root
         model_paths = list(carried_files(model_dir, root))
     config = read_config(model_dir)
+    generation = read_generation_config(model_dir) if model_dir is not None and \
+        model_dir / GENERATION_CONFIG in model_paths else None
     dtype = resolve_dtype(options.dtype, config)
     warnings: list[str] = []
     if options.model_name and config is not None:
@@ -278,7 +283,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
                         "it never finds")
     arch, arch_note = (None, None)
     if check_architecture and model_dir is not None:
-        arch, arch_note = architecture.start(config, str(model_dir / "config.json"))
+        arch, arch_note = architecture.start(config, str(model_dir / "config.json"), generation)
     try:
         merge_plan = _plan_merge(source, options, model_dir, model_paths, config, dtype, warnings, token, endpoint)
         if quantized:
@@ -288,6 +293,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
             arch.close()
         raise
     merge_plan.arch = arch
+    merge_plan.generation = generation
     if arch is None and arch_note:
         merge_plan.note_architecture(arch_note)
         merge_plan.arch_done = True

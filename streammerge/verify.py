@@ -438,6 +438,8 @@ def _check_architecture(arch: ArchCheck, shapes: dict[str, tuple[int, ...]], rep
         report.fail(f"{found.problem}: transformers would load them as the class config.json names, without the "
                     f"value head; config.json needs architectures [{found.critic!r}] and one label (rerun the merge "
                     "to write it so)")
+    elif found.problem and found.file != "config.json":
+        report.fail(f"{found.file}: {found.problem}; fix or remove it (rerun the merge to write it again)")
     elif found.problem:
         report.fail(f"config.json: {found.problem}; put the weights' own config.json there (rerun the merge, with "
                     "--model-name where the checkpoint's config is not the model's)")

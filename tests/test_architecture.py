@@ -177,7 +177,7 @@ def test_a_critic_saved_with_its_base_config_gets_its_value_head_class(tmp_path,
     from streammerge import architecture
 
     names = sorted(load_file(out / "model.safetensors"))
-    remembered = architecture._cache_get(written, names)
+    remembered = architecture._cache_get({"config": written, "generation": None}, names)
     assert remembered is not None
     assert remembered["models"] == json.loads(json.dumps(architecture.describe(written, names)["models"]))
     # verify expects the corrected config, and nothing else in its place
@@ -310,16 +310,16 @@ def test_moe_experts_saved_one_by_one_are_checked_as_transformers_fuses_them(tmp
 
 # ---------------------------------------------------------------- verify asks it of a finished folder
 
-def _replace_config(out: Path, config: dict | bytes) -> None:
-    """Another config.json, recorded in the manifest as written so: its checksum alone cannot tell."""
+def _replace_config(out: Path, config: dict | bytes, name: str = "config.json") -> None:
+    """Another config.json (or `name`), recorded in the manifest as written so: its checksum alone cannot tell."""
     from streammerge.checksum import crc32
 
     data = config if isinstance(config, bytes) else json.dumps(config, indent=2).encode()
-    (out / "config.json").write_bytes(data)
+    (out / name).write_bytes(data)
     manifest = out / ".streammerge" / "manifest.json"
     m = json.loads(manifest.read_text())
-    entry = m["files"]["config.json"]
-    entry.update(size=len(data), crc32=crc32(data), mtime_ns=(out / "config.json").stat().st_mtime_ns)
+    entry = m["files"][name]
+    entry.update(size=len(data), crc32=crc32(data), mtime_ns=(out / name).stat().st_mtime_ns)
     entry.pop("sha256", None)
     manifest.write_text(json.dumps(m))
 
@@ -341,7 +341,7 @@ def test_verify_says_how_transformers_answered_for_a_merged_folder(merged_qwen2)
 
     written, names = json.loads((out / "config.json").read_text()), sorted(load_file(out / "model.safetensors"))
     assert written != json.loads((folder / "huggingface" / "config.json").read_text())  # its dtype named
-    remembered = architecture._cache_get(written, names)
+    remembered = architecture._cache_get({"config": written, "generation": None}, names)
     assert remembered is not None
     assert remembered["models"] == json.loads(json.dumps(architecture.describe(written, names)["models"]))
     for ckpt in (None, folder):
@@ -533,3 +533,61 @@ def test_a_vlms_nested_quantization_config_is_left_out_too(tmp_path):
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
     assert streammerge.verify(tmp_path / "out", folder).ok
+
+
+# ---------------------------------------------------------------- generation_config.json
+
+@pytest.mark.parametrize("text, words", [
+    ("{", r"generation_config\.json: not valid JSON \(.*\): transformers would load the model without it"),
+    ("[1]", r"generation_config\.json: expected a JSON object, found list: transformers would load"),
+])
+def test_a_generation_config_that_is_not_a_json_object_is_refused(tmp_path, text, words):
+    """transformers ignores a generation_config.json it cannot parse (the model generates with other settings, and
+    nothing says so) and fails to load a folder whose file is no object: refused before anything is written."""
+    model = _model()
+    folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model))
+    (folder / "huggingface" / "generation_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=words) as e:
+        streammerge.merge(folder, tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_generation_config_transformers_refuses_is_refused_and_the_cache_knows_it(tmp_path):
+    """A generation_config.json transformers' GenerationConfig refuses (max_new_tokens -5, four greedy sequences)
+    makes from_pretrained fail: the child builds it as from_pretrained does, and the merge is refused in one line
+    naming the file. Its answer is cached by config.json and generation_config.json together: the same config.json
+    with a good generation config merges, and a bad one after it is still refused."""
+    model = _model()
+    folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model))
+    generation = folder / "huggingface" / "generation_config.json"
+    generation.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    assert streammerge.merge(folder, tmp_path / "good").plan.arch_note.startswith("architecture: Qwen2ForCausalLM")
+    for bad in ({"max_new_tokens": -5}, {"num_return_sequences": 4}):
+        generation.write_text(json.dumps(bad))
+        refused = rf"{re.escape(str(generation))}: transformers \S+ cannot read it \("
+        with pytest.raises(ConfigError, match=refused) as e:
+            streammerge.merge(folder, tmp_path / "out")
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError):  # what from_pretrained of the folder would have done
+            transformers.GenerationConfig.from_dict(bad)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), STREAMMERGE_CACHE=str(tmp_path / "cli-cache"))
+    proc = subprocess.run([sys.executable, "-m", "streammerge", str(folder), str(tmp_path / "cli"), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)  # a real child process answers
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and str(generation) in lines[0], proc.stderr
+    assert "Greedy methods" in lines[0] and "fix that file, or remove it" in lines[0]
+
+
+def test_verify_fails_a_generation_config_json_transformers_cannot_read(merged_qwen2):
+    folder, out = merged_qwen2
+    (folder / "huggingface" / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    streammerge.merge(folder, out)
+    assert streammerge.verify(out).ok
+    for bad, words in ((b"{", "generation_config.json: not valid JSON"),
+                       (b'{"max_new_tokens": -5}', "generation_config.json: transformers")):
+        _replace_config(out, bad, "generation_config.json")
+        report = streammerge.verify(out)
+        assert [f for f in report.failures if words in f] == report.failures != [], report.summary()
