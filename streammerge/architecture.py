@@ -52,6 +52,8 @@ DISABLE_ENV = "STREAMMERGE_ARCH_CHECK"  # "0": skip the check (with a warning)
 CACHE_ENV = "STREAMMERGE_CACHE"
 IO_ENV = "STREAMMERGE_ARCH_IO"  # "idle": this process reads in the idle I/O class while the child imports (opt-in)
 Shapes = Mapping[str, tuple[int, ...]]
+# What loads a config.json that names no architectures (transformers maps its model_type): the first that has a class
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForSeq2SeqLM")
 
 
 # ---------------------------------------------------------------- in the child (or in-process): ask transformers
@@ -111,7 +113,15 @@ def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, An
         if not (isinstance(own, type) and issubclass(own, transformers.PreTrainedModel)):
             return {"skip": f"architectures names {archs[0]!r}, which is not a class built into transformers "
                             f"{transformers.__version__}"}
-    builders: list[tuple[Any, Any]] = [(own or transformers.AutoModelForCausalLM, cfg)]
+    else:  # no class named: the Auto class that maps this config loads it (a VLM's is image-text-to-text)
+        autos = [getattr(transformers, name) for name in AUTO_CLASSES if hasattr(transformers, name)]
+        own = next((auto for auto in autos if type(cfg) in auto._model_mapping), None)
+        if own is None:
+            return {"refuse": f"it names no architectures, and none of transformers {transformers.__version__}'s "
+                              f"{', '.join(AUTO_CLASSES)} takes model type {getattr(cfg, 'model_type', None)!r}, so "
+                              "which model would load these weights is unknown; name the model's class in its "
+                              "architectures", "said": True, "transformers": transformers.__version__}
+    builders: list[tuple[Any, Any]] = [(own, cfg)]
     if not (own and own.__name__.endswith("ForTokenClassification")):
         critic = copy.deepcopy(cfg)
         critic.num_labels = 1
@@ -357,8 +367,8 @@ class ArchCheck:
         for the answer. The caller words what to do about it."""
         answer = self.result(sorted(shapes))
         if "refuse" in answer:
-            return Verdict(problem=f"{answer['refuse']}; transformers would not load the folder",
-                           file=answer.get("file", "config.json"))
+            tail = "" if answer.get("said") else "; transformers would not load the folder"
+            return Verdict(problem=answer["refuse"] + tail, file=answer.get("file", "config.json"))
         if "skip" in answer:
             return Verdict(f"architecture check skipped: {answer['skip']}")
         models = answer["models"]

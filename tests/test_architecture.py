@@ -591,3 +591,33 @@ def test_verify_fails_a_generation_config_json_transformers_cannot_read(merged_q
         _replace_config(out, bad, "generation_config.json")
         report = streammerge.verify(out)
         assert [f for f in report.failures if words in f] == report.failures != [], report.summary()
+
+
+def test_a_vlm_config_that_names_no_architectures_is_checked_as_the_class_that_loads_it(tmp_path):
+    """A config.json without architectures loads through the Auto class that maps its model_type: a VLM's through
+    AutoModelForImageTextToText, not AutoModelForCausalLM (which has no class for it, and made the check refuse a
+    folder that loads). The check builds that class; the weights load exactly."""
+    model = _vlm()
+    config = _config(model)
+    config.pop("architectures", None)
+    folder = _save(tmp_path / "ckpt", model.state_dict(), config)
+    result = streammerge.merge(folder, tmp_path / "out")
+    assert result.plan.arch_note.startswith("architecture: Qwen2_5_VLForConditionalGeneration built from config.json")
+    assert "architectures" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    assert streammerge.verify(tmp_path / "out", folder).ok
+
+    clip = transformers.CLIPModel(transformers.CLIPConfig(  # no causal LM, image-text-to-text or seq2seq class
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4)))
+    config = _config(clip)
+    config.pop("architectures", None)
+    folder = _save(tmp_path / "clip", clip.state_dict(), config)
+    _refused(folder, tmp_path / "out-clip", r"it names no architectures, and none of transformers \S+'s "
+                                            r"AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM "
+                                            r"takes model type 'clip'")
