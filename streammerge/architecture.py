@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .model_folder import DTYPE_KEYS, GENERATION_CONFIG
+from .model_folder import DTYPE_KEYS, GENERATION_CONFIG, legacy_buffers
 
 CHECK_VERSION = 2  # 2: the answer covers generation_config.json too
 TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the child (default 300)
@@ -373,6 +373,8 @@ class ArchCheck:
             return Verdict(f"architecture check skipped: {answer['skip']}")
         models = answer["models"]
         own = models[0]
+        ignored = set(legacy_buffers(self.config, shapes))  # never read by transformers (another tool's folder)
+        shapes = {name: shape for name, shape in shapes.items() if name not in ignored}
         problems = _compare(own, shapes, held_by)
         version = answer.get("transformers", "?")
         if not problems:

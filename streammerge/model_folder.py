@@ -239,6 +239,35 @@ def model_files(model_dir: Path, root: Path) -> Iterator[Path]:
         fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS))
 
 
+# ---------------------------------------------------------------- buffers older transformers saved
+
+# Buffers that older transformers saved with the weights and current transformers computes itself and never reads
+# from a checkpoint: a rotary embedding's inverse frequencies (a non-persistent buffer, built from config.json), GPT-2's
+# and GPT-J's causal mask and its fill value (ignored on load, or gone). Each by the shape it has: a real bias is 1-D.
+_LEGACY_BUFFERS = re.compile(r"(?:^|\.)(?:rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+
+
+def legacy_buffers(config: Mapping | None, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The names of such buffers among the weights, which the merge leaves out as save_pretrained does: transformers
+    loads the same model with or without them (it builds them from config.json), and the architecture check then
+    shows the model has exactly the rest (a model that did have one as a persistent buffer would miss it, and the
+    merge would be refused). None without a config (nothing would load them as a model) or with `auto_map` (the
+    checkpoint's own code, which may keep them, is not asked)."""
+    text = config.get("text_config") if config else None
+    if not config or config.get("auto_map") or (isinstance(text, dict) and text.get("auto_map")):
+        return []
+    found = []
+    for name, shape in shapes.items():
+        if not _LEGACY_BUFFERS.search(name):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if (leaf == "inv_freq" and len(shape) == 1 or leaf == "masked_bias" and len(shape) <= 1 and
+                all(n == 1 for n in shape) or leaf == "bias" and len(shape) == 4 and shape[:2] == (1, 1) and
+                shape[2] == shape[3]):
+            found.append(name)
+    return found
+
+
 # ---------------------------------------------------------------- does the config describe these weights?
 
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")

@@ -33,6 +33,7 @@ from .model_folder import (
     config_bytes,
     config_differences,
     drop_quantization,
+    legacy_buffers,
     model_dir_for,
     model_files,
     read_config,
@@ -70,6 +71,7 @@ class MergePlan:
     arch_done: bool = False
     arch_note: str = ""  # what the architecture check found or why it did not run (the summary says it)
     generation: dict | None = None  # generation_config.json as written (transformers is asked whether it reads it)
+    buffers: list[str] = field(default_factory=list)  # buffers older transformers saved, left out (legacy_buffers)
 
     @property
     def weights(self) -> Plan:
@@ -324,6 +326,14 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
             weights_tensors, extra, notes = copy_plans(tensors.values(), dtype), [], []
             warnings += [f"{p}: not copied: the checkpoint holds no LoRA adapter, and beside config.json it would make "
                          "transformers load OUT as a peft adapter" for p in adapter_config]
+        buffers = set(legacy_buffers(config, {t.name: t.shape for t in weights_tensors}))
+        if buffers:
+            weights_tensors = [t for t in weights_tensors if t.name not in buffers]
+            example = sorted(buffers)[0]
+            warnings.append(f"{len(buffers)} buffers older transformers saved with the weights ({example}"
+                            f"{', ...' if len(buffers) > 1 else ''}) are not written, as save_pretrained does not "
+                            "write them: transformers computes them from config.json and never reads them from a "
+                            "checkpoint")
         where = str(model_dir / "config.json") if model_dir is not None else str(source.path)
         check_config_fits(config, {t.name: t.shape for t in weights_tensors}, where)
         weights = build_plan(weights_tensors, max_shard_size=options.max_shard_size,
@@ -347,7 +357,8 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
     if model_dir is not None:
         for p in model_paths:
             small[p.relative_to(model_dir).as_posix()] = p
-    merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info)
+    merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info,
+                           buffers=sorted(buffers))
     kept = sorted(d.name for d in merge_plan.kept_dtypes())
     if config is not None and dtype is None and len(kept) > 1:
         warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "

@@ -621,3 +621,61 @@ def test_a_vlm_config_that_names_no_architectures_is_checked_as_the_class_that_l
     _refused(folder, tmp_path / "out-clip", r"it names no architectures, and none of transformers \S+'s "
                                             r"AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM "
                                             r"takes model type 'clip'")
+
+
+# ---------------------------------------------------------------- buffers older transformers saved
+
+def _with_old_buffers(kind: str) -> tuple[transformers.PreTrainedModel, dict[str, torch.Tensor]]:
+    """A model's state dict as older transformers saved it: Llama's rotary inv_freq per layer, GPT-2's causal mask
+    (attn.bias) and its fill value (attn.masked_bias)."""
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = _model(transformers.LlamaForCausalLM)
+        state = dict(model.state_dict())
+        for i in range(2):
+            state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = model.model.rotary_emb.inv_freq.clone()
+        return model, state
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64,
+                                                                 n_positions=16))
+    state = dict(model.state_dict())
+    for i in range(2):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(16, 16, dtype=torch.bool)).view(1, 1, 16, 16)
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return model, state
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_buffers_older_transformers_saved_are_left_out_as_save_pretrained_does(tmp_path, kind):
+    """These buffers were refused as "not in the model", with the advice to give the model's own config, which it
+    was. transformers builds them from config.json (inv_freq is a non-persistent buffer) or ignores them (GPT-2's mask),
+    so the model loads the same without them: they are left out, as save_pretrained leaves them out, with a warning,
+    and the model transformers loads has every weight exactly."""
+    model, state = _with_old_buffers(kind)
+    folder = _save(tmp_path / "ckpt", state, _config(model, architectures=[type(model).__name__]))
+    out = tmp_path / "out"
+    result = streammerge.merge(folder, out)
+    buffers = sorted(set(state) - set(model.state_dict()))
+    assert any(w.startswith(f"{len(buffers)} buffers older transformers saved with the weights ({buffers[0]}")
+               for w in result.warnings), result.warnings
+    assert result.plan.arch_note.startswith(f"architecture: {type(model).__name__} built from config.json")
+    tied = {"lm_head.weight"} if kind == "gpt2" else set()  # GPT-2 ties lm_head to wte
+    assert sorted(load_file(out / "model.safetensors")) == sorted(set(model.state_dict()) - tied)
+    loaded, info = type(model).from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert streammerge.verify(out, folder).ok
+    other = tmp_path / "other"  # another tool's folder (veRL's merger: save_pretrained(state_dict=...)) keeps them
+    other.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.clone() for k, v in state.items() if k not in tied}, other / "model.safetensors",
+              metadata={"format": "pt"})
+    shutil.copy(folder / "huggingface" / "config.json", other)
+    report = streammerge.verify(other, folder)
+    assert report.ok and any("a buffer older transformers saved, which transformers does not read" in n
+                             for n in report.notes), report.summary()
+
+    auto_map = _save(tmp_path / "custom", state, _config(model, auto_map={"AutoModelForCausalLM": "m.M"}))
+    result = streammerge.merge(auto_map, tmp_path / "out-custom")  # its own code may keep them: written as saved
+    assert set(buffers) <= set(load_file(tmp_path / "out-custom" / "model.safetensors"))
+    assert not any("buffers older transformers saved" in w for w in result.warnings)
