@@ -50,6 +50,7 @@ from .sources.lora import ADAPTER_CONFIG
 from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
+from .write.transaction import LOADED_SUFFIXES
 from .write.writer import TMP_SUFFIX, _is_contiguous, piece_span, windows
 
 if TYPE_CHECKING:
@@ -763,9 +764,6 @@ CONFIG_FILES = ("config.json", "generation_config.json")  # what the model is an
 # what peft builds an adapter from: another writer's other keys (its version, new defaults) are notes
 ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules",
                 "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "layers_to_transform")
-# files transformers, a tokenizer or peft may read from a model folder (weights, configs, vocabularies, templates, code)
-LOADED_SUFFIXES = {".json", ".jinja", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".py", ".tiktoken",
-                   ".msgpack", ".h5", ".gguf", ".ckpt"}
 # What save_pretrained adds or spells its own way; the dtype is the tensors' own (compared one by one).
 WRITER_KEYS = ("transformers_version", "_name_or_path", *DTYPE_KEYS)
 
