@@ -232,6 +232,19 @@ def test_rerun_of_a_finished_merge_rewrites_nothing_big(big, reference, done):
     assert tree_bytes(done) == reference[1]
 
 
+def test_a_file_with_another_mtime_is_checked_once_and_the_folder_stays_up(big, reference, done):
+    """A finished folder copied without its mtimes: a rerun checks each file by crc32 and records its new mtime (the
+    next run does not read it again), and the folder loads all the while."""
+    victim = sorted(rel for rel in manifest_of(done)["files"] if rel.endswith(".safetensors"))[2]
+    os.utime(done / victim, ns=(1, 1))
+    index_there = []
+    result = streammerge.merge(big, done, on_file_done=lambda f, p: index_there.append((done / INDEX).exists()),
+                               **OPTIONS)
+    assert all(index_there) and victim in result.reused and result.bytes_written == 0
+    assert manifest_of(done)["files"][victim]["mtime_ns"] == 1
+    assert tree_bytes(done) == reference[1]
+
+
 def test_a_checkpoint_saved_again_is_not_resumed(big, tmp_path):
     """The same step saved again at the same path (a restarted run) has the same layout, so the same plan: the files
     an earlier merge finished hold the old weights. The rerun must not reuse them, finished or half done."""

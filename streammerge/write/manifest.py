@@ -28,6 +28,7 @@ class Manifest:
         self.path = out_dir / STATE_DIR / (MANIFEST if part == 0 else PART_GLOB.replace("*", str(part)))
         self.data: dict[str, Any] = {"version": 2, "fingerprint": fingerprint, "source": source, "options": options,
                      "inputs": inputs or {}, "files": {}, "complete": False}
+        self.refreshed = False  # an entry's mtime was brought up to date (its file checked by checksum): save it
 
     @staticmethod
     def identify(paths: Iterable[Path]) -> dict[str, list[int]]:
@@ -94,6 +95,7 @@ class Manifest:
                 if not checksum_matches(path, entry):
                     return None
                 entry["mtime_ns"] = st.st_mtime_ns
+                self.refreshed = True
         except OSError:
             return None
         return OutputFile(filename, entry["size"], entry.get("crc32"), entry.get("sha256"))

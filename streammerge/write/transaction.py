@@ -82,8 +82,9 @@ class OutputFolder:
             elif None in self.prior.values() or any(self.manifest.finished(self.out, rel) is None
                                                     for rel in self.all_data_files if rel not in self.prior):
                 self._unpublish()  # a folder that loads is complete: it does not load until every file is back
-            elif not self.manifest.data["complete"]:
-                self.manifest.save()  # else it loads as it is, and nothing is written while it does
+            elif not self.manifest.data["complete"] or self.manifest.refreshed:
+                self.manifest.save()  # else it loads as it is, and nothing is written while it does (but files
+                # checked by checksum, copied without their mtimes, are recorded so, not read again every run)
             self._remove_temp_files(sweep=self.part == 0)  # left by a killed run (before the other parts start)
             if self.sync is not None and self.part == 0:
                 self.sync()
