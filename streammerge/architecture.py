@@ -13,14 +13,15 @@ the config through `CONFIG_MAPPING[model_type]` (never the Auto config class, wh
 config with `auto_map`, a model type or architecture transformers does not know, or no
 transformers installed: the check is left out with a note the merge's summary shows, never failed. A config
 transformers itself refuses to read or build (but for a package it lacks here) fails it: the folder would not load.
+So does a generation_config.json beside it that transformers' GenerationConfig refuses (from_pretrained builds one).
 
 Importing torch and transformers costs seconds (more from a cold disk) and hundreds of MB, more than a whole
 merge is allowed, so it runs in a child process started when the config is read, which answers while the
 merge writes: the merge takes the answer between files and waits for it only before completing the folder.
 The child detaches from the merge (a double fork), so its memory does not count as the merge's peak RSS; it
 reports its own. Where torch and transformers are already imported (a Python session, a test run) it is done
-in-process instead. Answers are cached by config, then by the weights' names: a config with a cached answer
-starts no child unless the names are new.
+in-process instead. Answers are cached by config and generation config, then by the weights' names: a config with a
+cached answer starts no child unless the names are new.
 """
 
 from __future__ import annotations
@@ -43,21 +44,25 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .model_folder import DTYPE_KEYS
+from .model_folder import DTYPE_KEYS, GENERATION_CONFIG, legacy_buffers
 
-CHECK_VERSION = 1
+CHECK_VERSION = 2  # 2: the answer covers generation_config.json too
 TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the child (default 300)
 DISABLE_ENV = "STREAMMERGE_ARCH_CHECK"  # "0": skip the check (with a warning)
 CACHE_ENV = "STREAMMERGE_CACHE"
 IO_ENV = "STREAMMERGE_ARCH_IO"  # "idle": this process reads in the idle I/O class while the child imports (opt-in)
 Shapes = Mapping[str, tuple[int, ...]]
+# What loads a config.json that names no architectures (transformers maps its model_type): the first that has a class
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForSeq2SeqLM")
 
 
 # ---------------------------------------------------------------- in the child (or in-process): ask transformers
 
-def describe(config: Mapping[str, Any], names: Any = None) -> dict[str, Any]:
+def describe(config: Mapping[str, Any], names: Any = None,
+             generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What transformers builds from `config`: {"models": [...]}, {"skip": why} or {"refuse": why} (transformers
-    refuses the config). Imports torch and transformers.
+    refuses the config, or `generation`, the generation_config.json written beside it: then "file" names it).
+    Imports torch and transformers.
 
     Each model: its class, `forms` (names -> shapes as save_pretrained writes them, then as the model's own
     state_dict names them where that differs: transformers loads both), `optional` (tied copies and buffers:
@@ -71,12 +76,12 @@ def describe(config: Mapping[str, Any], names: Any = None) -> dict[str, Any]:
     level = log.level
     log.setLevel(logging.ERROR)  # its warnings about the config are not the merge's; the caller's level comes back
     try:
-        return _describe(config, names)
+        return _describe(config, names, generation)
     finally:
         log.setLevel(level)
 
 
-def _describe(config: Mapping[str, Any], names: Any) -> dict[str, Any]:
+def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     import copy
     import warnings
 
@@ -92,6 +97,15 @@ def _describe(config: Mapping[str, Any], names: Any) -> dict[str, Any]:
         return {"refuse": str(e).removeprefix("config.json: "), "transformers": transformers.__version__}
     except Skip as e:
         return {"skip": str(e).removeprefix("config.json: ")}
+    if generation is not None:  # from_pretrained builds it so; a file it cannot read loads a model that generates
+        try:                    # otherwise (transformers ignores one that is not JSON) or not at all
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                transformers.GenerationConfig.from_dict(dict(generation))
+        except Exception as e:  # noqa: BLE001 - any refusal of transformers' is the folder's
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            return {"refuse": f"transformers {transformers.__version__} cannot read it ({first})",
+                    "file": GENERATION_CONFIG, "transformers": transformers.__version__}
     archs = [a for a in (getattr(cfg, "architectures", None) or []) if isinstance(a, str)]
     own: Any = None
     if archs:
@@ -99,7 +113,15 @@ def _describe(config: Mapping[str, Any], names: Any) -> dict[str, Any]:
         if not (isinstance(own, type) and issubclass(own, transformers.PreTrainedModel)):
             return {"skip": f"architectures names {archs[0]!r}, which is not a class built into transformers "
                             f"{transformers.__version__}"}
-    builders: list[tuple[Any, Any]] = [(own or transformers.AutoModelForCausalLM, cfg)]
+    else:  # no class named: the Auto class that maps this config loads it (a VLM's is image-text-to-text)
+        autos = [getattr(transformers, name) for name in AUTO_CLASSES if hasattr(transformers, name)]
+        own = next((auto for auto in autos if type(cfg) in auto._model_mapping), None)
+        if own is None:
+            return {"refuse": f"it names no architectures, and none of transformers {transformers.__version__}'s "
+                              f"{', '.join(AUTO_CLASSES)} takes model type {getattr(cfg, 'model_type', None)!r}, so "
+                              "which model would load these weights is unknown; name the model's class in its "
+                              "architectures", "said": True, "transformers": transformers.__version__}
+    builders: list[tuple[Any, Any]] = [(own, cfg)]
     if not (own and own.__name__.endswith("ForTokenClassification")):
         critic = copy.deepcopy(cfg)
         critic.num_labels = 1
@@ -195,11 +217,13 @@ def _model_names(model: Any) -> dict[str, Any]:
 
 
 def child_main() -> None:
-    """The child: a line of config JSON in, then (once the merge has planned) a line of the weights' names; one
-    JSON line out (the answer and this process's peak RSS). The model is built while the merge plans."""
+    """The child: a line of JSON in (the config and the generation config), then (once the merge has planned) a
+    line of the weights' names; one JSON line out (the answer and this process's peak RSS). The model is built
+    while the merge plans."""
     try:
-        config = json.loads(sys.stdin.buffer.readline())
-        answer = describe(config, lambda: json.loads(sys.stdin.buffer.readline() or b"[]"))
+        asked = json.loads(sys.stdin.buffer.readline())
+        answer = describe(asked["config"], lambda: json.loads(sys.stdin.buffer.readline() or b"[]"),
+                          asked.get("generation"))
     except Exception as e:
         answer = {"skip": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
     answer["rss"] = _own_peak()
@@ -236,6 +260,7 @@ class ArchCheck:
 
     config: dict
     where: str
+    generation: dict | None = None  # generation_config.json written beside config.json, if any
     started: float = field(default_factory=time.perf_counter)
     answer: dict[str, Any] | None = None
     how: str = ""
@@ -255,7 +280,7 @@ class ArchCheck:
         gives the child the weights' names (it places them while the merge writes); later calls do not read them."""
         if self.answer is None and self._names is None:
             self._names = names
-            cached = _cache_get(self.config, names)
+            cached = _cache_get(self.asked(), names)
             if cached is not None:
                 self.close()
                 self.answer, self.how = cached, "cache"
@@ -271,7 +296,7 @@ class ArchCheck:
         if self.answer is not None:
             return self.answer
         if self._thread is None:  # in-process
-            self.answer = _safe_describe(self.config, names)
+            self.answer = _safe_describe(self.config, names, self.generation)
         else:
             timeout = _timeout()
             self._thread.join(timeout)
@@ -283,7 +308,7 @@ class ArchCheck:
                 self.answer = _parse(self._out, self._err)
         self.seconds = time.perf_counter() - self.started
         if "models" in self.answer:
-            _cache_put(self.config, names, self.answer)
+            _cache_put(self.asked(), names, self.answer)
         return self.answer
 
     def spawn(self) -> str | None:
@@ -303,11 +328,15 @@ class ArchCheck:
 
             self._yield = ioprio.Yield()
             self.io_note = self._yield.start()
-        data = json.dumps(self.config).encode() + b"\n"
+        data = json.dumps(self.asked()).encode() + b"\n"
         self._thread = threading.Thread(target=_run_child, args=(self, data, err), name="streammerge-archcheck",
                                         daemon=True)
         self._thread.start()
         return None
+
+    def asked(self, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What transformers is asked about (and the cache keyed by): the config and the generation config."""
+        return {"config": self.config if config is None else config, "generation": self.generation}
 
     def _how(self) -> str:
         if self.how == "child" and self.answer is not None:
@@ -338,11 +367,14 @@ class ArchCheck:
         for the answer. The caller words what to do about it."""
         answer = self.result(sorted(shapes))
         if "refuse" in answer:
-            return Verdict(problem=f"{answer['refuse']}; transformers would not load the folder")
+            tail = "" if answer.get("said") else "; transformers would not load the folder"
+            return Verdict(problem=answer["refuse"] + tail, file=answer.get("file", "config.json"))
         if "skip" in answer:
             return Verdict(f"architecture check skipped: {answer['skip']}")
         models = answer["models"]
         own = models[0]
+        ignored = set(legacy_buffers(self.config, shapes))  # never read by transformers (another tool's folder)
+        shapes = {name: shape for name, shape in shapes.items() if name not in ignored}
         problems = _compare(own, shapes, held_by)
         version = answer.get("transformers", "?")
         if not problems:
@@ -363,12 +395,12 @@ class ArchCheck:
         if not self.answer or "models" not in self.answer:
             return
         if _but_dtype(written) == _but_dtype(self.config):
-            _cache_put(written, names, self.answer)
+            _cache_put(self.asked(written), names, self.answer)
             return
         cls = (written.get("architectures") or [None])[0]
         alt = [m for m in self.answer["models"][1:] if m["class"] == cls]
         if alt and _but_dtype(written) == _but_dtype(critic_config(self.config, cls)):
-            _cache_put(written, names, {**self.answer, "models": alt})
+            _cache_put(self.asked(written), names, {**self.answer, "models": alt})
 
     def check(self, shapes: Shapes) -> tuple[dict | None, str]:
         """(a config to write instead, or None; a note). Raises ConfigError where transformers would load
@@ -377,6 +409,10 @@ class ArchCheck:
         if found.critic is not None:
             return critic_config(self.config, found.critic), (f"{found.problem}: config.json is written with "
                                                                f"architectures [{found.critic!r}] and one label")
+        if found.problem and found.file != "config.json":
+            raise ConfigError(f"{Path(self.where).with_name(found.file)}: {found.problem}; fix that file, or remove it "
+                              f"(transformers then generates with the defaults config.json gives) ({DISABLE_ENV}=0 "
+                              "writes it anyway)")
         if found.problem:
             raise ConfigError(f"{self.where}: {found.problem}; give the model's own config with --model-name "
                               f"({DISABLE_ENV}=0 writes it anyway)")
@@ -392,6 +428,7 @@ class Verdict:
     note: str = ""
     problem: str = ""
     critic: str | None = None
+    file: str = "config.json"  # the file transformers refused
 
 
 def _timeout() -> float:
@@ -406,9 +443,10 @@ def _timeout() -> float:
     return seconds
 
 
-def _safe_describe(config: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
+def _safe_describe(config: Mapping[str, Any], names: list[str],
+                   generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     try:
-        return describe(config, names)
+        return describe(config, names, generation)
     except Exception as e:  # noqa: BLE001
         return {"skip": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
 
@@ -487,8 +525,10 @@ def _compare(model: Mapping[str, Any], shapes: Shapes, held_by: str = "checkpoin
     return min(found)[1]  # "" where one fits; else the way of reading the names that differs least
 
 
-def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | None, str | None]:
-    """Start the check of `config` (None and a note where it cannot run)."""
+def start(config: Mapping[str, Any] | None, where: str,
+          generation: Mapping[str, Any] | None = None) -> tuple[ArchCheck | None, str | None]:
+    """Start the check of `config`, and of `generation` (the generation_config.json beside it, if any): None and a
+    note where it cannot run."""
     if not config:
         return None, None
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
@@ -501,11 +541,11 @@ def start(config: Mapping[str, Any] | None, where: str) -> tuple[ArchCheck | Non
         return None, "architecture check skipped: transformers is not installed, so nothing checked that " \
                      "config.json describes these weights"
     _timeout()  # a setting out of range is refused however the check is answered (a child, this process, the cache)
-    check = ArchCheck(dict(config), where)
+    check = ArchCheck(dict(config), where, None if generation is None else dict(generation))
     if "transformers" in sys.modules and "torch" in sys.modules:
         check.how = "in-process"  # already paid for: no child, computed when asked
         return check, None
-    if _cached_config(config):
+    if _cached_config(check.asked()):
         check.how = "deferred"  # a child only if the weights' names are not the cached ones
         return check, None
     note = check.spawn()
@@ -516,7 +556,7 @@ def start_folder(folder: Path) -> tuple[ArchCheck | None, str | None]:
     """Start the check of a model folder's own config.json (verify), to be given the weights' shapes once their
     headers are read. (None, None) where there is no config.json; (None, a note) where the folder holds no weights
     transformers would load with it. Raises CheckpointError for a config.json that is not a JSON object."""
-    from .model_folder import read_config
+    from .model_folder import read_config, read_generation_config
     from .sources.hf import INDEX, SINGLE
     from .sources.lora import ADAPTER_CONFIG
 
@@ -527,7 +567,7 @@ def start_folder(folder: Path) -> tuple[ArchCheck | None, str | None]:
         what = f"a peft adapter folder ({ADAPTER_CONFIG}), whose base weights are elsewhere" \
             if (folder / ADAPTER_CONFIG).is_file() else "no weights transformers would load"
         return None, f"architecture check skipped: {what}: no {SINGLE} or {INDEX} beside config.json"
-    return start(config, str(folder / "config.json"))
+    return start(config, str(folder / "config.json"), read_generation_config(folder))
 
 
 def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
@@ -569,23 +609,23 @@ def _versions() -> str | None:
         return None
 
 
-def _config_key(config: Mapping[str, Any]) -> str | None:
+def _config_key(asked: Mapping[str, Any]) -> str | None:
     versions = _versions()
     if versions is None:
         return None
     h = hashlib.sha256(f"streammerge architecture v{CHECK_VERSION}|{versions}|".encode())
-    h.update(json.dumps(config, sort_keys=True).encode())
+    h.update(json.dumps(asked, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
-def _cache_key(config: Mapping[str, Any], names: list[str]) -> str | None:
-    """`<config>-<names>`: the config's part alone says whether a child may be needed at all."""
-    key = _config_key(config)
+def _cache_key(asked: Mapping[str, Any], names: list[str]) -> str | None:
+    """`<config and generation config>-<names>`: the first part alone says whether a child may be needed at all."""
+    key = _config_key(asked)
     return None if key is None else f"{key}-{hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]}"
 
 
-def _cached_config(config: Mapping[str, Any]) -> bool:
-    key = _config_key(config)
+def _cached_config(asked: Mapping[str, Any]) -> bool:
+    key = _config_key(asked)
     try:
         return key is not None and any(_cache_dir().glob(f"{key}-*.json"))
     except OSError:
@@ -599,8 +639,8 @@ def _cache_dir() -> Path:
     return Path(base) / "streammerge" / "architecture"
 
 
-def _cache_get(config: Mapping[str, Any], names: list[str]) -> dict | None:
-    key = _cache_key(config, names)
+def _cache_get(asked: Mapping[str, Any], names: list[str]) -> dict | None:
+    key = _cache_key(asked, names)
     if key is None:
         return None
     try:
@@ -610,8 +650,8 @@ def _cache_get(config: Mapping[str, Any], names: list[str]) -> dict | None:
     return answer if isinstance(answer, dict) and isinstance(answer.get("models"), list) else None
 
 
-def _cache_put(config: Mapping[str, Any], names: list[str], answer: dict) -> None:
-    key = _cache_key(config, names)
+def _cache_put(asked: Mapping[str, Any], names: list[str], answer: dict) -> None:
+    key = _cache_key(asked, names)
     if key is None:
         return
     try:

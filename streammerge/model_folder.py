@@ -23,6 +23,7 @@ from .errors import CheckpointError, ConfigError
 from .paths import user_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+GENERATION_CONFIG = "generation_config.json"
 DTYPE_KEYS = ("dtype", "torch_dtype")  # both spellings of config.json's dtype that transformers has used
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # What a model name contributes to the merged folder: config, generation config, tokenizer, remote code.
@@ -52,6 +53,19 @@ def read_config(model_dir: Path | None) -> dict | None:
     return jsonfile.read_object(path, parse_constant=_no_constant)
 
 
+def read_generation_config(model_dir: Path | None) -> dict | None:
+    """generation_config.json as a dict, or None when there is none. One that is not a JSON object is refused:
+    transformers ignores a file it cannot parse (the model then generates with other settings, silently) and fails
+    on one that is no object."""
+    if model_dir is None or not (model_dir / GENERATION_CONFIG).is_file():
+        return None
+    try:
+        return jsonfile.read_object(model_dir / GENERATION_CONFIG, parse_constant=_no_constant)
+    except CheckpointError as e:
+        raise ConfigError(f"{e}: transformers would load the model without it, generating otherwise than it was set "
+                          "up to, or not load it at all; fix the file, or remove it") from None
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -67,6 +81,50 @@ def ties_embeddings(config: Mapping | None) -> bool:
         if c.get("model_type") in TIE_DEFAULTS:
             return TIE_DEFAULTS[c["model_type"]]
     return False
+
+
+def drop_quantization(config: dict) -> list[tuple[str, Any]]:
+    """Take every `quantization_config` out of `config`, the top level's and a sub-config's (a VLM's text_config, which
+    transformers reads too: `get_text_config(decoder=True)`); returns (where, value) of each, e.g.
+    ("text_config.quantization_config", {...})."""
+    found: list[tuple[str, Any]] = []
+
+    def walk(node: dict, where: str) -> None:
+        if "quantization_config" in node:
+            found.append((where + "quantization_config", node.pop("quantization_config")))
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{where}{key}.")
+
+    walk(config, "")
+    return found
+
+
+# What a writer of config.json adds or spells its own way: no difference in the model.
+_WRITER_KEYS = ("transformers_version", "_name_or_path")
+
+
+def config_differences(given: Mapping[str, Any], own: Mapping[str, Any], where: str = "") -> list[str]:
+    """The keys (sub-configs' as `text_config.key`) whose values differ between two config.json files, each as
+    `key (given value, own value)`; a key only one of them has counts (its class default is not known here)."""
+    found = []
+    for key in sorted(set(given) | set(own)):
+        if key in _WRITER_KEYS:
+            continue
+        a, b = given.get(key, _ABSENT), own.get(key, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, f"{where}{key}.")
+        elif a != b:
+            found.append(f"{where}{key} ({_short(a)}, {_short(b)})")
+    return found
+
+
+_ABSENT = object()
+
+
+def _short(value: Any) -> str:
+    text = "absent" if value is _ABSENT else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def carried_files(model_dir: Path | None, root: Path | None = None,
@@ -179,6 +237,35 @@ def model_files(model_dir: Path, root: Path) -> Iterator[Path]:
     """The config and tokenizer files of a model given by name (not its weights or anything else)."""
     yield from carried_files(model_dir, root, keep=lambda p: p.parent == model_dir and any(
         fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS))
+
+
+# ---------------------------------------------------------------- buffers older transformers saved
+
+# Buffers that older transformers saved with the weights and current transformers computes itself and never reads
+# from a checkpoint: a rotary embedding's inverse frequencies (a non-persistent buffer, built from config.json), GPT-2's
+# and GPT-J's causal mask and its fill value (ignored on load, or gone). Each by the shape it has: a real bias is 1-D.
+_LEGACY_BUFFERS = re.compile(r"(?:^|\.)(?:rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+
+
+def legacy_buffers(config: Mapping | None, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The names of such buffers among the weights, which the merge leaves out as save_pretrained does: transformers
+    loads the same model with or without them (it builds them from config.json), and the architecture check then
+    shows the model has exactly the rest (a model that did have one as a persistent buffer would miss it, and the
+    merge would be refused). None without a config (nothing would load them as a model) or with `auto_map` (the
+    checkpoint's own code, which may keep them, is not asked)."""
+    text = config.get("text_config") if config else None
+    if not config or config.get("auto_map") or (isinstance(text, dict) and text.get("auto_map")):
+        return []
+    found = []
+    for name, shape in shapes.items():
+        if not _LEGACY_BUFFERS.search(name):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if (leaf == "inv_freq" and len(shape) == 1 or leaf == "masked_bias" and len(shape) <= 1 and
+                all(n == 1 for n in shape) or leaf == "bias" and len(shape) == 4 and shape[:2] == (1, 1) and
+                shape[2] == shape[3]):
+            found.append(name)
+    return found
 
 
 # ---------------------------------------------------------------- does the config describe these weights?

@@ -27,12 +27,17 @@ from .architecture import ArchCheck
 from .dtypes import DType
 from .errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from .model_folder import (
+    GENERATION_CONFIG,
     carried_files,
     check_config_fits,
     config_bytes,
+    config_differences,
+    drop_quantization,
+    legacy_buffers,
     model_dir_for,
     model_files,
     read_config,
+    read_generation_config,
     ties_embeddings,
 )
 from .options import DEFAULT_BUFFER_SIZE, MergeOptions, resolve_dtype
@@ -44,7 +49,7 @@ from .write.transaction import OutputFolder, index_bytes
 from .write.writer import FileWriter, OutputFile, in_flight, piece_ranges
 
 FINGERPRINT_VERSION = 2
-MODEL_CONFIG_FILES = ("config.json", "generation_config.json")  # what makes a folder load as a model
+MODEL_CONFIG_FILES = ("config.json", GENERATION_CONFIG)  # what makes a folder load as a model
 FileCallback = Callable[[OutputFile, Path], None]
 
 
@@ -65,6 +70,8 @@ class MergePlan:
     arch: ArchCheck | None = field(default=None, repr=False)  # transformers' names for config.json (started)
     arch_done: bool = False
     arch_note: str = ""  # what the architecture check found or why it did not run (the summary says it)
+    generation: dict | None = None  # generation_config.json as written (transformers is asked whether it reads it)
+    buffers: list[str] = field(default_factory=list)  # buffers older transformers saved, left out (legacy_buffers)
 
     @property
     def weights(self) -> Plan:
@@ -106,7 +113,7 @@ class MergePlan:
             self.arch_done = True
             return
         if self.arch is None:
-            self.arch, note = architecture.start(self.config, self._where())
+            self.arch, note = architecture.start(self.config, self._where(), self.generation)
             if self.arch is None:
                 self.arch_done = True
                 if note:
@@ -225,6 +232,27 @@ def _absolute_folders(options: MergeOptions) -> MergeOptions:
     return options.replace(**changes) if changes else options
 
 
+def _model_name_differs(model_name: str, config: dict, source: Source) -> list[str]:
+    """A warning where --model-name's config.json says other than the one the checkpoint was saved with (its
+    huggingface/ folder): the weights were trained as the checkpoint's config describes, and config.json is written
+    from --model-name's."""
+    own_dir = source.hf_dir
+    try:
+        own = read_config(own_dir)
+    except CheckpointError:
+        own = None  # not a JSON object: what --model-name is for
+    if own is None or own_dir is None:
+        return []
+    found = config_differences(config, own)
+    if not found:
+        return []
+    more = f", and {len(found) - 5} more" if len(found) > 5 else ""
+    return [f"--model-name {model_name}: its config.json differs from the one saved with the checkpoint "
+            f"({own_dir / 'config.json'}) in {', '.join(found[:5])}{more} (--model-name's value first); config.json is "
+            "written from --model-name's, while the weights were trained as the checkpoint's describes: leave "
+            "--model-name out to write the checkpoint's own"]
+
+
 def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = None, *, token: str | None = None,
                endpoint: str | None = None, check_architecture: bool = True, **kwargs: Any) -> MergePlan:
     """Plan a merge from metadata alone: nothing is written, no tensor data is read.
@@ -243,26 +271,31 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         model_dir, root = source.hf_dir, source.root
         model_paths = list(carried_files(model_dir, root))
     config = read_config(model_dir)
+    generation = read_generation_config(model_dir) if model_dir is not None and \
+        model_dir / GENERATION_CONFIG in model_paths else None
     dtype = resolve_dtype(options.dtype, config)
     warnings: list[str] = []
-    quantized = config.pop("quantization_config", None) if config is not None else None
-    if quantized is not None:
-        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
-        warnings.append(f"config.json's quantization_config ({method or 'no quant_method'}) is left out: the merged "
-                        "weights are the trained ones, unquantized, and transformers would load them as quantized "
-                        "layers with scales it never finds")
+    if options.model_name and config is not None:
+        warnings += _model_name_differs(options.model_name, config, source)
+    quantized = drop_quantization(config) if config is not None else []
+    for key, value in quantized:
+        method = value.get("quant_method") if isinstance(value, dict) else None
+        warnings.append(f"config.json's {key} ({method or 'no quant_method'}) is left out: the merged weights are the "
+                        "trained ones, unquantized, and transformers would load them as quantized layers with scales "
+                        "it never finds")
     arch, arch_note = (None, None)
     if check_architecture and model_dir is not None:
-        arch, arch_note = architecture.start(config, str(model_dir / "config.json"))
+        arch, arch_note = architecture.start(config, str(model_dir / "config.json"), generation)
     try:
         merge_plan = _plan_merge(source, options, model_dir, model_paths, config, dtype, warnings, token, endpoint)
-        if quantized is not None:
+        if quantized:
             _refuse_quantized(merge_plan.weights, str(model_dir / "config.json") if model_dir else str(source.path))
     except BaseException:
         if arch is not None:
             arch.close()
         raise
     merge_plan.arch = arch
+    merge_plan.generation = generation
     if arch is None and arch_note:
         merge_plan.note_architecture(arch_note)
         merge_plan.arch_done = True
@@ -293,6 +326,14 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
             weights_tensors, extra, notes = copy_plans(tensors.values(), dtype), [], []
             warnings += [f"{p}: not copied: the checkpoint holds no LoRA adapter, and beside config.json it would make "
                          "transformers load OUT as a peft adapter" for p in adapter_config]
+        buffers = set(legacy_buffers(config, {t.name: t.shape for t in weights_tensors}))
+        if buffers:
+            weights_tensors = [t for t in weights_tensors if t.name not in buffers]
+            example = sorted(buffers)[0]
+            warnings.append(f"{len(buffers)} buffers older transformers saved with the weights ({example}"
+                            f"{', ...' if len(buffers) > 1 else ''}) are not written, as save_pretrained does not "
+                            "write them: transformers computes them from config.json and never reads them from a "
+                            "checkpoint")
         where = str(model_dir / "config.json") if model_dir is not None else str(source.path)
         check_config_fits(config, {t.name: t.shape for t in weights_tensors}, where)
         weights = build_plan(weights_tensors, max_shard_size=options.max_shard_size,
@@ -316,7 +357,8 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
     if model_dir is not None:
         for p in model_paths:
             small[p.relative_to(model_dir).as_posix()] = p
-    merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info)
+    merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info,
+                           buffers=sorted(buffers))
     kept = sorted(d.name for d in merge_plan.kept_dtypes())
     if config is not None and dtype is None and len(kept) > 1:
         warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "
@@ -337,7 +379,7 @@ class MergeResult:
     bytes_total: int
     seconds: float
     peak_rss: int  # bytes, this process (and its children)
-    reused: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)  # files an earlier run left as this one writes them
     warnings: list[str] = field(default_factory=list)
     fell_back: dict[str, str] = field(default_factory=dict)  # writer fast path -> why it was not taken
 
@@ -355,9 +397,10 @@ class MergeResult:
         Data files are the weight, optimizer and adapter shards; only their bytes count for the speed.
         """
         data = {p.rel(fp.filename) for p in self.plans for fp in p.files}
-        reused = [f for f in self.files if f.filename in self.reused]
+        reused = [f for f in self.files if f.filename in self.reused and f.filename in data]
         new = [f for f in self.files if f.filename in data and f.filename not in self.reused]
-        small = [f for f in self.files if f.filename not in data]
+        small = [f for f in self.files if f.filename not in data and f.filename not in self.reused]
+        kept = [f for f in self.files if f.filename not in data and f.filename in self.reused]
         wrote = []
         if new:
             wrote.append(f"{_count(len(new), 'data file')} ({fmt_bytes(sum(f.size for f in new))})")
@@ -365,6 +408,8 @@ class MergeResult:
             wrote.append(f"{_count(len(small), 'small file')} (config, tokenizer, indexes)")
         earlier = (f"{_count(len(reused), 'data file')} ({fmt_bytes(sum(f.size for f in reused))}) "
                    "finished by an earlier run")
+        if kept:
+            earlier += f" and {_count(len(kept), 'small file')} (config, tokenizer, indexes) as it left them"
         if reused and not new:
             what = f"nothing left to merge in {self.out_dir}: reused {earlier}"
             what += f" and wrote {' and '.join(wrote)}" if wrote else ""
@@ -482,7 +527,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     removed = [f"removed {rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it"
                for rel in folder.removed]
     return MergeResult(out, files, mp, written, sum(f.size for f in files), time.perf_counter() - t0,
-                       peak_rss(), reused, list(mp.warnings) + removed, fell_back)
+                       peak_rss(), reused + folder.kept, list(mp.warnings) + removed, fell_back)
 
 
 def _inputs(mp: MergePlan) -> dict[str, list[int]]:

@@ -51,6 +51,7 @@ from .sources.lora import ADAPTER_CONFIG
 from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
+from .write.transaction import LOADED_SUFFIXES
 from .write.writer import TMP_SUFFIX, _is_contiguous, piece_span, windows
 
 if TYPE_CHECKING:
@@ -446,6 +447,8 @@ def _check_architecture(arch: ArchCheck, shapes: dict[str, tuple[int, ...]], rep
         report.fail(f"{found.problem}: transformers would load them as the class config.json names, without the "
                     f"value head; config.json needs architectures [{found.critic!r}] and one label (rerun the merge "
                     "to write it so)")
+    elif found.problem and found.file != "config.json":
+        report.fail(f"{found.file}: {found.problem}; fix or remove it (rerun the merge to write it again)")
     elif found.problem:
         report.fail(f"config.json: {found.problem}; put the weights' own config.json there (rerun the merge, with "
                     "--model-name where the checkpoint's config is not the model's)")
@@ -665,7 +668,11 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
             copies = {name for name in p.tie_checks if own_layout and name in where}
             checks += [(name, t, name if name in copies else p.dropped[name]) for name, t in p.tie_checks.items()]
             for rel in mine:
-                for name in sorted(set(headers[rel].entries) - set(p.tensors) - copies)[:5]:
+                extra = sorted(set(headers[rel].entries) - set(p.tensors) - copies)
+                for name in [n for n in extra if n in merge_plan.buffers and not p.subdir][:1]:
+                    report.notes.append(f"{rel}: holds {name!r} (and any like it), a buffer older transformers saved, "
+                                        "which transformers does not read (a merge leaves it out); not compared")
+                for name in [n for n in extra if n not in merge_plan.buffers or p.subdir][:5]:
                     report.fail(f"{rel}: holds {name!r}, which the checkpoint does not have")
             for name, t, written in checks:
                 rel = where.get(written, "")
@@ -789,9 +796,6 @@ CONFIG_FILES = ("config.json", "generation_config.json")  # what the model is an
 # what peft builds an adapter from: another writer's other keys (its version, new defaults) are notes
 ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules",
                 "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "layers_to_transform")
-# files transformers, a tokenizer or peft may read from a model folder (weights, configs, vocabularies, templates, code)
-LOADED_SUFFIXES = {".json", ".jinja", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".py", ".tiktoken",
-                   ".msgpack", ".h5", ".gguf", ".ckpt"}
 # What save_pretrained adds or spells its own way; the dtype is the tensors' own (compared one by one).
 WRITER_KEYS = ("transformers_version", "_name_or_path", *DTYPE_KEYS)
 

@@ -177,7 +177,7 @@ def test_a_critic_saved_with_its_base_config_gets_its_value_head_class(tmp_path,
     from streammerge import architecture
 
     names = sorted(load_file(out / "model.safetensors"))
-    remembered = architecture._cache_get(written, names)
+    remembered = architecture._cache_get({"config": written, "generation": None}, names)
     assert remembered is not None
     assert remembered["models"] == json.loads(json.dumps(architecture.describe(written, names)["models"]))
     # verify expects the corrected config, and nothing else in its place
@@ -310,16 +310,16 @@ def test_moe_experts_saved_one_by_one_are_checked_as_transformers_fuses_them(tmp
 
 # ---------------------------------------------------------------- verify asks it of a finished folder
 
-def _replace_config(out: Path, config: dict | bytes) -> None:
-    """Another config.json, recorded in the manifest as written so: its checksum alone cannot tell."""
+def _replace_config(out: Path, config: dict | bytes, name: str = "config.json") -> None:
+    """Another config.json (or `name`), recorded in the manifest as written so: its checksum alone cannot tell."""
     from streammerge.checksum import crc32
 
     data = config if isinstance(config, bytes) else json.dumps(config, indent=2).encode()
-    (out / "config.json").write_bytes(data)
+    (out / name).write_bytes(data)
     manifest = out / ".streammerge" / "manifest.json"
     m = json.loads(manifest.read_text())
-    entry = m["files"]["config.json"]
-    entry.update(size=len(data), crc32=crc32(data), mtime_ns=(out / "config.json").stat().st_mtime_ns)
+    entry = m["files"][name]
+    entry.update(size=len(data), crc32=crc32(data), mtime_ns=(out / name).stat().st_mtime_ns)
     entry.pop("sha256", None)
     manifest.write_text(json.dumps(m))
 
@@ -341,7 +341,7 @@ def test_verify_says_how_transformers_answered_for_a_merged_folder(merged_qwen2)
 
     written, names = json.loads((out / "config.json").read_text()), sorted(load_file(out / "model.safetensors"))
     assert written != json.loads((folder / "huggingface" / "config.json").read_text())  # its dtype named
-    remembered = architecture._cache_get(written, names)
+    remembered = architecture._cache_get({"config": written, "generation": None}, names)
     assert remembered is not None
     assert remembered["models"] == json.loads(json.dumps(architecture.describe(written, names)["models"]))
     for ckpt in (None, folder):
@@ -502,3 +502,180 @@ def test_verify_takes_a_critics_config_only_for_a_critics_weights(merged_qwen2, 
     report = streammerge.verify(out, folder)
     assert any(f.startswith("config.json: differs from what the merge writes") for f in report.failures), \
         report.summary()
+
+
+def _vlm() -> transformers.PreTrainedModel:
+    """A tiny Qwen2.5-VL: a vision tower beside a text decoder, each with a sub-config of its own."""
+    text = {**TINY, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}}
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4)
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(
+        transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+def test_a_vlms_nested_quantization_config_is_left_out_too(tmp_path):
+    """transformers reads a quantization_config from the text config too (get_text_config(decoder=True)): a VLM
+    fine-tuned in bf16 from an FP8 base keeps it there, and the folder loaded as FP8 layers (on this CPU, dequantized).
+    It is left out like the top level's, with a warning naming where it was."""
+    model = _vlm()
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    config = _config(model, architectures=["Qwen2_5_VLForConditionalGeneration"])
+    config["text_config"] = {**config["text_config"], "quantization_config": fp8}
+    folder = _save(tmp_path / "ckpt", model.state_dict(), config)
+    result = streammerge.merge(folder, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in written["text_config"]
+    assert any("text_config.quantization_config (fp8) is left out" in w for w in result.warnings), result.warnings
+    loaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert getattr(loaded, "hf_quantizer", None) is None and not hasattr(loaded.config, "quantization_config")
+    assert type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    assert streammerge.verify(tmp_path / "out", folder).ok
+
+
+# ---------------------------------------------------------------- generation_config.json
+
+@pytest.mark.parametrize("text, words", [
+    ("{", r"generation_config\.json: not valid JSON \(.*\): transformers would load the model without it"),
+    ("[1]", r"generation_config\.json: expected a JSON object, found list: transformers would load"),
+])
+def test_a_generation_config_that_is_not_a_json_object_is_refused(tmp_path, text, words):
+    """transformers ignores a generation_config.json it cannot parse (the model generates with other settings, and
+    nothing says so) and fails to load a folder whose file is no object: refused before anything is written."""
+    model = _model()
+    folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model))
+    (folder / "huggingface" / "generation_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=words) as e:
+        streammerge.merge(folder, tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_generation_config_transformers_refuses_is_refused_and_the_cache_knows_it(tmp_path):
+    """A generation_config.json transformers' GenerationConfig refuses (max_new_tokens -5, four greedy sequences)
+    makes from_pretrained fail: the child builds it as from_pretrained does, and the merge is refused in one line
+    naming the file. Its answer is cached by config.json and generation_config.json together: the same config.json
+    with a good generation config merges, and a bad one after it is still refused."""
+    model = _model()
+    folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model))
+    generation = folder / "huggingface" / "generation_config.json"
+    generation.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    assert streammerge.merge(folder, tmp_path / "good").plan.arch_note.startswith("architecture: Qwen2ForCausalLM")
+    for bad in ({"max_new_tokens": -5}, {"num_return_sequences": 4}):
+        generation.write_text(json.dumps(bad))
+        refused = rf"{re.escape(str(generation))}: transformers \S+ cannot read it \("
+        with pytest.raises(ConfigError, match=refused) as e:
+            streammerge.merge(folder, tmp_path / "out")
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError):  # what from_pretrained of the folder would have done
+            transformers.GenerationConfig.from_dict(bad)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), STREAMMERGE_CACHE=str(tmp_path / "cli-cache"))
+    proc = subprocess.run([sys.executable, "-m", "streammerge", str(folder), str(tmp_path / "cli"), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)  # a real child process answers
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and str(generation) in lines[0], proc.stderr
+    assert "Greedy methods" in lines[0] and "fix that file, or remove it" in lines[0]
+
+
+def test_verify_fails_a_generation_config_json_transformers_cannot_read(merged_qwen2):
+    folder, out = merged_qwen2
+    (folder / "huggingface" / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    streammerge.merge(folder, out)
+    assert streammerge.verify(out).ok
+    for bad, words in ((b"{", "generation_config.json: not valid JSON"),
+                       (b'{"max_new_tokens": -5}', "generation_config.json: transformers")):
+        _replace_config(out, bad, "generation_config.json")
+        report = streammerge.verify(out)
+        assert [f for f in report.failures if words in f] == report.failures != [], report.summary()
+
+
+def test_a_vlm_config_that_names_no_architectures_is_checked_as_the_class_that_loads_it(tmp_path):
+    """A config.json without architectures loads through the Auto class that maps its model_type: a VLM's through
+    AutoModelForImageTextToText, not AutoModelForCausalLM (which has no class for it, and made the check refuse a
+    folder that loads). The check builds that class; the weights load exactly."""
+    model = _vlm()
+    config = _config(model)
+    config.pop("architectures", None)
+    folder = _save(tmp_path / "ckpt", model.state_dict(), config)
+    result = streammerge.merge(folder, tmp_path / "out")
+    assert result.plan.arch_note.startswith("architecture: Qwen2_5_VLForConditionalGeneration built from config.json")
+    assert "architectures" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    assert streammerge.verify(tmp_path / "out", folder).ok
+
+    clip = transformers.CLIPModel(transformers.CLIPConfig(  # no causal LM, image-text-to-text or seq2seq class
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4)))
+    config = _config(clip)
+    config.pop("architectures", None)
+    folder = _save(tmp_path / "clip", clip.state_dict(), config)
+    _refused(folder, tmp_path / "out-clip", r"it names no architectures, and none of transformers \S+'s "
+                                            r"AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM "
+                                            r"takes model type 'clip'")
+
+
+# ---------------------------------------------------------------- buffers older transformers saved
+
+def _with_old_buffers(kind: str) -> tuple[transformers.PreTrainedModel, dict[str, torch.Tensor]]:
+    """A model's state dict as older transformers saved it: Llama's rotary inv_freq per layer, GPT-2's causal mask
+    (attn.bias) and its fill value (attn.masked_bias)."""
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = _model(transformers.LlamaForCausalLM)
+        state = dict(model.state_dict())
+        for i in range(2):
+            state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = model.model.rotary_emb.inv_freq.clone()
+        return model, state
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64,
+                                                                 n_positions=16))
+    state = dict(model.state_dict())
+    for i in range(2):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(16, 16, dtype=torch.bool)).view(1, 1, 16, 16)
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return model, state
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_buffers_older_transformers_saved_are_left_out_as_save_pretrained_does(tmp_path, kind):
+    """These buffers were refused as "not in the model", with the advice to give the model's own config, which it
+    was. transformers builds them from config.json (inv_freq is a non-persistent buffer) or ignores them (GPT-2's mask),
+    so the model loads the same without them: they are left out, as save_pretrained leaves them out, with a warning,
+    and the model transformers loads has every weight exactly."""
+    model, state = _with_old_buffers(kind)
+    folder = _save(tmp_path / "ckpt", state, _config(model, architectures=[type(model).__name__]))
+    out = tmp_path / "out"
+    result = streammerge.merge(folder, out)
+    buffers = sorted(set(state) - set(model.state_dict()))
+    assert any(w.startswith(f"{len(buffers)} buffers older transformers saved with the weights ({buffers[0]}")
+               for w in result.warnings), result.warnings
+    assert result.plan.arch_note.startswith(f"architecture: {type(model).__name__} built from config.json")
+    tied = {"lm_head.weight"} if kind == "gpt2" else set()  # GPT-2 ties lm_head to wte
+    assert sorted(load_file(out / "model.safetensors")) == sorted(set(model.state_dict()) - tied)
+    loaded, info = type(model).from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert streammerge.verify(out, folder).ok
+    other = tmp_path / "other"  # another tool's folder (veRL's merger: save_pretrained(state_dict=...)) keeps them
+    other.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.clone() for k, v in state.items() if k not in tied}, other / "model.safetensors",
+              metadata={"format": "pt"})
+    shutil.copy(folder / "huggingface" / "config.json", other)
+    report = streammerge.verify(other, folder)
+    assert report.ok and any("a buffer older transformers saved, which transformers does not read" in n
+                             for n in report.notes), report.summary()
+
+    auto_map = _save(tmp_path / "custom", state, _config(model, auto_map={"AutoModelForCausalLM": "m.M"}))
+    result = streammerge.merge(auto_map, tmp_path / "out-custom")  # its own code may keep them: written as saved
+    assert set(buffers) <= set(load_file(tmp_path / "out-custom" / "model.safetensors"))
+    assert not any("buffers older transformers saved" in w for w in result.warnings)

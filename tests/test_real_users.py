@@ -252,6 +252,31 @@ def test_checkpoint_config_of_another_size_is_refused(make_ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_model_name_whose_config_differs_from_the_checkpoints_own_is_warned_about(make_ckpt, tmp_path):
+    """--model-name's config.json is written, but the checkpoint was saved with its own (huggingface/): values that
+    differ (another rope_theta, a longer context) would load the trained weights as another model than they were
+    trained as. A warning names them; a copy that differs only in what a writer adds says nothing."""
+    same = tmp_path / "same"
+    shutil.copytree(make_ckpt() / "huggingface", same)
+    config = json.loads((same / "config.json").read_text())
+    (same / "config.json").write_text(json.dumps({**config, "transformers_version": "4.0.0"}, indent=4))
+    result = streammerge.merge(make_ckpt(), tmp_path / "out-same", model_name=str(same))
+    assert not [w for w in result.warnings if "--model-name" in w], result.warnings
+
+    other = tmp_path / "other"
+    shutil.copytree(same, other)
+    (other / "config.json").write_text(json.dumps({**config, "rope_theta": 1e6, "max_position_embeddings": 65536}))
+    proc = subprocess.run([sys.executable, "-m", "streammerge", str(make_ckpt()), str(tmp_path / "out"),
+                           "--model-name", str(other)], env=env(), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    warned = [ln for ln in proc.stderr.splitlines() if "--model-name" in ln]
+    own = make_ckpt() / "huggingface" / "config.json"
+    assert len(warned) == 1 and f"its config.json differs from the one saved with the checkpoint ({own}) in " \
+        f"max_position_embeddings (65536, {config['max_position_embeddings']}), rope_theta (1000000.0, " in warned[0], \
+        proc.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_theta"] == 1e6
+
+
 def test_push_with_a_config_of_another_size_creates_nothing_on_the_hub(make_ckpt, wide_model, hub, hub_env, tmp_path):
     run = subprocess.run([sys.executable, "-m", "streammerge", str(make_ckpt()), str(tmp_path / "out"), "--push",
                           "--repo-id", "tiny", "--model-name", str(wide_model)], cwd=REPO, capture_output=True,
@@ -423,7 +448,8 @@ def test_summary_of_a_tiny_merge_a_resume_and_a_finished_folder(tmp_path):
 
     done = streammerge.merge(ck, out, max_shard_size="20KB").summary()
     assert done.startswith(f"nothing left to merge in {out}: reused {len(data)} data files ({total / 1000:.2f} kB) "
-                           f"finished by an earlier run and wrote {len(small)} small files"), done
+                           f"finished by an earlier run and {len(small)} small files (config, tokenizer, indexes) as "
+                           "it left them in "), done
     assert "/s)" not in done and " 0 B" not in done
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from ckpt_tools import REPO, copy_actor, snapshot, tree_bytes
 import streammerge
 from streammerge.write.manifest import MANIFEST, STATE_DIR, crc32_file
 from streammerge.write.writer import TMP_SUFFIX, tmp_path
+
+TMP_PATH = tmp_path  # where tests take pytest's tmp_path fixture
 
 OPTIONS = dict(max_shard_size="500KB", buffer_size="64KiB", workers=2)
 CLI_OPTIONS = ["--max-shard-size", "500KB", "--buffer-size", "64KiB", "--workers", "2", "--no-progress"]
@@ -214,14 +217,31 @@ def test_index_only_exists_when_every_file_does(big, reference, done):
 
 
 def test_rerun_of_a_finished_merge_rewrites_nothing_big(big, reference, done):
-    """Nothing to redo: no data file is rewritten, and the index never goes away (even if interrupted)."""
+    """Nothing to redo: no file is rewritten (not even config.json, the index or the manifest), every file is still
+    reported (a push uploads what it lacks), and the index never goes away (even if interrupted)."""
     before = snapshot(done)
     index_there = []
     result = streammerge.merge(big, done, on_file_done=lambda f, p: index_there.append((done / INDEX).exists()),
                                **OPTIONS)
     assert index_there and all(index_there)
     assert result.bytes_written == 0
-    assert len(result.reused) == sum(1 for rel in before if rel.endswith(".safetensors"))
+    assert sorted(result.reused) == sorted(f.filename for f in result.files) == \
+        sorted(rel for rel in before if not rel.startswith(STATE_DIR))
+    assert {rel: v for rel, v in snapshot(done).items() if rel != f"{STATE_DIR}/lock"} == \
+        {rel: v for rel, v in before.items() if rel != f"{STATE_DIR}/lock"}
+    assert tree_bytes(done) == reference[1]
+
+
+def test_a_file_with_another_mtime_is_checked_once_and_the_folder_stays_up(big, reference, done):
+    """A finished folder copied without its mtimes: a rerun checks each file by crc32 and records its new mtime (the
+    next run does not read it again), and the folder loads all the while."""
+    victim = sorted(rel for rel in manifest_of(done)["files"] if rel.endswith(".safetensors"))[2]
+    os.utime(done / victim, ns=(1, 1))
+    index_there = []
+    result = streammerge.merge(big, done, on_file_done=lambda f, p: index_there.append((done / INDEX).exists()),
+                               **OPTIONS)
+    assert all(index_there) and victim in result.reused and result.bytes_written == 0
+    assert manifest_of(done)["files"][victim]["mtime_ns"] == 1
     assert tree_bytes(done) == reference[1]
 
 
@@ -269,3 +289,130 @@ def test_a_checkpoint_saved_again_while_it_is_merged_fails(big, tmp_path):
     assert saved and not (out / INDEX).exists()
     with pytest.raises(OutputError, match="as it was before"):
         streammerge.merge(ckpt, out, **OPTIONS)
+
+
+# ---------------------------------------------------------------- a rerun into a folder that changed since
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "adapter_config.json", "tokenizer.model", "chat_template.jinja",
+                                  "optimizer/optimizer.pt"])
+def test_a_rerun_refuses_a_file_a_loader_reads_that_the_merge_did_not_write(big, done, name):
+    """Someone added a file to a finished folder that transformers, a tokenizer or peft reads with ours (a
+    model.safetensors is loaded instead of the shards, an adapter_config.json makes it a peft adapter): a rerun
+    would exit 0 on a folder that does not load as the trained model. Refused, naming the file; nothing changes."""
+    from streammerge.errors import OutputError
+
+    (done / name).parent.mkdir(exist_ok=True)
+    (done / name).write_bytes(b"someone else's file")
+    before = snapshot(done)
+    with pytest.raises(OutputError, match=rf"{re.escape(str(done / name))}: not written by this merge, and "
+                                          r"transformers, a tokenizer or peft may read it"):
+        streammerge.merge(big, done, **OPTIONS)
+    assert snapshot(done) == before
+
+
+def test_a_rerun_leaves_files_no_loader_reads(big, reference, done):
+    """A push's model card, hidden files (.gitattributes, .cache/) and notes are nobody's weights or config."""
+    for name, data in (("README.md", b"# card"), (".gitattributes", b"*.safetensors filter=lfs"),
+                       (".cache/huggingface/x.lock", b""), ("notes.md", b"eval: fine")):
+        (done / name).parent.mkdir(parents=True, exist_ok=True)
+        (done / name).write_bytes(data)
+    streammerge.merge(big, done, **OPTIONS)
+    assert (done / "notes.md").read_bytes() == b"eval: fine"
+    assert streammerge.verify(done, big).ok
+
+
+def _inotify_events(folders: list[Path]):
+    """A real inotify watch on `folders`: returns read() -> [(folder, event mask, name)] in the kernel's order."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK)
+    assert fd >= 0
+    masks = 0x2 | 0x8 | 0x80 | 0x100 | 0x200  # IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_DELETE
+    watches = {libc.inotify_add_watch(fd, str(f).encode(), masks): f for f in folders}
+
+    def read() -> list[tuple[Path, int, str]]:
+        events, buf = [], b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            buf += chunk
+        while buf:
+            wd, mask, _, size = struct.unpack_from("iIII", buf)
+            name = buf[16:16 + size].rstrip(b"\0").decode()
+            events.append((watches.get(wd), mask, name))
+            buf = buf[16 + size:]
+        return events
+
+    return read, fd
+
+
+def test_the_manifest_is_not_written_once_the_folder_loads(big, reference, tmp_path):
+    """The flaky kill -9 test (seed 213855966): a merge killed while it wrote the manifest after the index appeared
+    left .streammerge/manifest.tmp in a complete folder, which verify fails. Watched with inotify: the manifest's
+    last write comes before config.json and the index appear, and a rerun of the finished folder writes no manifest
+    at all (it loads all along)."""
+    out = tmp_path / "out"
+    (out / STATE_DIR).mkdir(parents=True)
+    read, fd = _inotify_events([out, out / STATE_DIR])
+    try:
+        streammerge.merge(big, out, **OPTIONS)
+        events = read()
+        appeared = [i for i, (f, mask, name) in enumerate(events) if f == out and mask & 0x80 and name in
+                    (INDEX, "config.json")]
+        manifest = [i for i, (f, _, name) in enumerate(events) if f == out / STATE_DIR and name.startswith("manifest")]
+        assert appeared and manifest and max(manifest) < min(appeared), (appeared, manifest)
+        assert [events[i][2] for i in appeared] == ["config.json", INDEX]  # config.json, then the index, last
+
+        streammerge.merge(big, out, **OPTIONS)
+        events = read()
+        assert not [e for e in events if e[0] == out / STATE_DIR and e[2].startswith("manifest")], events
+        assert not [e for e in events if e[0] == out], events  # nothing at all changed in the folder
+    finally:
+        os.close(fd)
+    assert tree_bytes(out) == reference[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard_size", ["500KB", "5GB"], ids=["sharded", "one-file"])
+def test_a_rerun_that_changes_the_small_files_takes_the_folder_down_first(big, tmp_path, shard_size):
+    """The checkpoint's huggingface/ changed (a fixed rope_theta, a new tokenizer) but not the weights: a rerun into
+    the finished folder rewrites the small files. Killed (SIGKILL) while it writes them, the folder must not load
+    new config.json with the old tokenizer (or old with new): the index and config.json go first, and come back
+    last. With one model.safetensors (no index) config.json alone makes the folder load."""
+    options = dict(OPTIONS, max_shard_size=shard_size)
+    ckpt = copy_actor(big, tmp_path / "actor")
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, **options)
+    assert (out / INDEX).exists() == (shard_size == "500KB")
+    old = tree_bytes(out)
+    hf = ckpt / "huggingface"
+    config = json.loads((hf / "config.json").read_text())
+    config["rope_theta"] = float(config.get("rope_theta") or 10000.0) * 2
+    (hf / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer = json.loads((hf / "tokenizer.json").read_text())
+    tokenizer["added_note"] = "x" * 150_000_000  # big enough to be caught while it is written and fsynced
+    (hf / "tokenizer.json").write_text(json.dumps(tokenizer))
+    new_tokenizer = (hf / "tokenizer.json").read_bytes()
+
+    proc = start(ckpt, out, "--max-shard-size", shard_size)
+    staged = TMP_PATH(out / "tokenizer.json")
+    assert wait_for(lambda: staged.exists(), proc, timeout=120), proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    loads = (out / "config.json").exists() and ((out / INDEX).exists() or (out / "model.safetensors").exists())
+    if loads:  # one run's small files, whole
+        now = {rel: (out / rel).read_bytes() for rel in ("config.json", "tokenizer.json")}
+        assert now == {rel: old[rel] for rel in now}, "the folder loads a mix of two runs' small files"
+    assert not (out / INDEX).exists() and not (out / "config.json").exists()
+    assert (out / "tokenizer.json").read_bytes() == old["tokenizer.json"]  # killed before its rename
+    check_invariants(out)
+
+    streammerge.merge(ckpt, out, **options)
+    assert (out / "tokenizer.json").read_bytes() == new_tokenizer
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == config["rope_theta"]
+    assert streammerge.verify(out, ckpt).ok

@@ -28,6 +28,7 @@ class Manifest:
         self.path = out_dir / STATE_DIR / (MANIFEST if part == 0 else PART_GLOB.replace("*", str(part)))
         self.data: dict[str, Any] = {"version": 2, "fingerprint": fingerprint, "source": source, "options": options,
                      "inputs": inputs or {}, "files": {}, "complete": False}
+        self.refreshed = False  # an entry's mtime was brought up to date (its file checked by checksum): save it
 
     @staticmethod
     def identify(paths: Iterable[Path]) -> dict[str, list[int]]:
@@ -56,9 +57,10 @@ class Manifest:
             raise OutputError(f"{path}: unreadable manifest (delete the output folder to start over)") from None
 
     def adopt(self, previous: dict | None) -> None:
-        """Keep what a previous run of the same merge finished."""
+        """Keep what a previous run of the same merge finished, and whether it completed the folder."""
         if previous and previous.get("fingerprint") == self.data["fingerprint"]:
             self.data["files"] = dict(previous.get("files", {}))
+            self.data["complete"] = previous.get("complete") is True
         self.gather_parts(remove=False)
 
     def gather_parts(self, remove: bool = True) -> None:
@@ -93,12 +95,14 @@ class Manifest:
                 if not checksum_matches(path, entry):
                     return None
                 entry["mtime_ns"] = st.st_mtime_ns
+                self.refreshed = True
         except OSError:
             return None
         return OutputFile(filename, entry["size"], entry.get("crc32"), entry.get("sha256"))
 
-    def add(self, f: OutputFile, *, stat: bool = True) -> None:
-        """List a file (`stat`: as it is now in place, with its modification time)."""
+    def add(self, f: OutputFile, *, stat: bool = True, save: bool = True) -> None:
+        """List a file (`stat`: as it is now in place, with its modification time; `save`: now, else with the next
+        change)."""
         entry = {k: v for k, v in asdict(f).items() if k != "filename" and v is not None}
         try:
             if stat:
@@ -106,7 +110,8 @@ class Manifest:
         except OSError:
             pass
         self.data["files"][f.filename] = entry
-        self.save()
+        if save:
+            self.save()
 
     def complete(self) -> None:
         self.data["complete"] = True

@@ -1,11 +1,14 @@
 """The output folder as a transaction: safe to start, resumable when stopped, never half-visible.
 
 `OutputFolder` owns what a merge does to OUT beside writing tensor bytes: it refuses folders it could
-damage (someone's files, the checkpoint itself, another merge's output), takes a lock so that two
-merges never write one folder, keeps the manifest of finished files (resume, verify, push), removes
-the temp files a killed run left, writes the small files, and makes the index appear last, only
-once every file it names is in place. Under torchrun every rank holds one; part 0 does the folder's
-setup and its end, and `sync` (a barrier) orders them.
+damage (someone's files, the checkpoint itself, another merge's output) or that hold a file a loader
+would read beside ours, takes a lock so that two merges never write one folder, keeps the manifest of
+finished files (resume, verify, push), removes the temp files a killed run left, writes the small
+files, and makes the folder loadable last: `config.json` (and an adapter's `adapter_config.json`) and
+then the index appear only once every other file is in place, and go first when a rerun changes
+anything. A folder that loads is one merge's, whole; the manifest says complete before that and is not
+written again while it loads (a kill leaves no `manifest.tmp` in a complete folder). Under torchrun every
+rank holds one; part 0 does the folder's setup and its end, and `sync` (a barrier) orders them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ from .writer import TMP_SUFFIX, OutputFile, output_error, tmp_path
 
 LOCK_FILE = "lock"
 MODEL_CARD = "README.md"
+# What makes a folder load (transformers: config.json; peft: adapter_config.json), written after the other small
+# files and before the indexes, removed first when a rerun changes the folder.
+LOADS_AS_MODEL = ("config.json", "adapter_config.json")
+# files transformers, a tokenizer or peft may read from a model folder (weights, configs, vocabularies, templates, code)
+LOADED_SUFFIXES = {".json", ".jinja", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".py", ".tiktoken",
+                   ".msgpack", ".h5", ".gguf", ".ckpt"}
 
 Sync = Callable[[], None]
 
@@ -45,10 +54,12 @@ class OutputFolder:
         self.data_files = list(data_files)  # this part's share
         self.small_files = list(small_files)  # part 0 writes these at the end
         self.index_files = list(index_files)  # written last, once everything else is there
-        self.planned = {*(all_data_files if all_data_files is not None else data_files), *small_files, *index_files}
+        self.all_data_files = list(all_data_files if all_data_files is not None else data_files)  # every part's
+        self.planned = {*self.all_data_files, *small_files, *index_files}
         self.manifest = Manifest(out, fingerprint, str(source), options, part=part, inputs=self.inputs)
         self.prior: dict[str, OutputFile | None] = {}
         self.removed: list[str] = []  # files of an earlier run this merge no longer writes
+        self.kept: list[str] = []  # small files an earlier run wrote as this one would: left as they were
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------ start
@@ -66,9 +77,14 @@ class OutputFolder:
         try:
             self.manifest.adopt(previous)
             self.prior = {rel: self.manifest.finished(self.out, rel) for rel in self.data_files}
-            if self.part == 0 and None in self.prior.values():
-                self._unpublish_indexes()  # an index means "complete": none until every file is back
-            self.manifest.save()
+            if self.part != 0:
+                self.manifest.save()
+            elif None in self.prior.values() or any(self.manifest.finished(self.out, rel) is None
+                                                    for rel in self.all_data_files if rel not in self.prior):
+                self._unpublish()  # a folder that loads is complete: it does not load until every file is back
+            elif not self.manifest.data["complete"] or self.manifest.refreshed:
+                self.manifest.save()  # else it loads as it is, and nothing is written while it does (but files
+                # checked by checksum, copied without their mtimes, are recorded so, not read again every run)
             self._remove_temp_files(sweep=self.part == 0)  # left by a killed run (before the other parts start)
             if self.sync is not None and self.part == 0:
                 self.sync()
@@ -102,7 +118,27 @@ class OutputFolder:
             raise OutputError(f"{out}: holds a merge of the checkpoint as it was before {changed[0]} changed (its size "
                               "or modification time differs: saved again?); choose a new folder, or delete this one "
                               "to merge it again")
+        foreign = self.foreign_files(previous)
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise OutputError(f"{out / foreign[0]}: not written by this merge{more}, and transformers, a tokenizer or "
+                              "peft may read it with the merged files (a folder that loads someone else's file beside "
+                              "ours is not the trained model); move it away, or merge into a new folder (nothing was "
+                              "changed)")
         return previous
+
+    def foreign_files(self, previous: dict) -> list[str]:
+        """Files a loader may read (LOADED_SUFFIXES) that neither this merge writes nor an earlier run of it listed: a
+        model.safetensors beside our shards, someone's adapter_config.json or tokenizer file. Hidden files and folders,
+        our temp files and a push's model card are no loader's."""
+        ours = self.planned | set(previous.get("files") or {}) | {MODEL_CARD}
+        found = []
+        for path in self.out.rglob("*"):
+            rel = path.relative_to(self.out)
+            if (path.suffix in LOADED_SUFFIXES and rel.as_posix() not in ours and not path.name.endswith(TMP_SUFFIX)
+                    and not any(part.startswith(".") for part in rel.parts) and path.is_file()):
+                found.append(rel.as_posix())
+        return sorted(found)
 
     def _lock(self) -> None:
         """An exclusive lock on OUT/.streammerge/lock for the whole merge; says who holds it if taken."""
@@ -133,10 +169,27 @@ class OutputFolder:
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
 
-    def _unpublish_indexes(self) -> None:
-        for rel in self.index_files:
-            if self.manifest.data["files"].pop(rel, None) is not None:
-                (self.out / rel).unlink(missing_ok=True)
+    def _loaders(self) -> list[str]:
+        """The files that make the folder load, in the order they appear: config.json (an adapter's config), then
+        the indexes."""
+        return [rel for rel in self.small_files if Path(rel).name in LOADS_AS_MODEL] + self.index_files
+
+    def _unpublish(self) -> None:
+        """Take the folder down before it changes: the indexes, then config.json (the adapter's config) leave the
+        folder, then the manifest stops saying complete. A kill in between leaves a folder that does not load,
+        never one that loads a mix of two runs."""
+        files = self.manifest.data["files"]
+        loaders = [*self.index_files, *(rel for rel in self.small_files if Path(rel).name in LOADS_AS_MODEL)]
+        for rel in loaders:
+            path = self.out / rel
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise output_error(e, path) from None
+        for rel in loaders:
+            files.pop(rel, None)
+        self.manifest.data["complete"] = False
+        self.manifest.save()
 
     # ------------------------------------------------------------ during
 
@@ -150,29 +203,58 @@ class OutputFolder:
     # ------------------------------------------------------------ end
 
     def finish(self, contents: Callable[[str], bytes], done: Callable[[OutputFile], None]) -> None:
-        """Every part has written its files: part 0 writes the small files, then the indexes, then marks complete."""
+        """Every part has written its files: part 0 writes the small files, then config.json, then the indexes.
+
+        A rerun whose small files are all as an earlier run left them in a complete folder changes nothing (not even
+        the manifest). Otherwise the folder is taken down first (`_unpublish`); the manifest lists each small file
+        before it appears (a run killed in between leaves none unlisted), and says complete, listing config.json and
+        the indexes, before they appear, so that nothing is written after the folder loads."""
         if self.sync is not None:
             self.sync()
         if self.part != 0:
             return
         self.manifest.gather_parts()
+        loaders = self._loaders()
+        others = [rel for rel in self.small_files if rel not in loaders]
+        data = {rel: contents(rel) for rel in others + loaders}  # small: all made before the folder changes
+        kept = {rel: f for rel in data if (f := self._as_written(rel, data[rel])) is not None}
+        stale = set(self.manifest.data["files"]) - self.planned - {MODEL_CARD}
+        if self.manifest.data["complete"] and not stale and len(kept) == len(data):
+            self.kept = list(data)
+            for rel in data:
+                done(kept[rel])
+            return
+        if self.manifest.data["complete"]:
+            self._unpublish()
         self._remove_unplanned()
-        for rel in self.small_files:
-            f = self.write_small(rel, contents(rel), rename=False)
+        for rel in others:
+            f = self.write_small(rel, data[rel], rename=False)
             self.manifest.add(f, stat=False)  # listed before it appears: a run killed in between leaves none unlisted
-            try:
-                os.replace(tmp_path(self.out / rel), self.out / rel)
-            except OSError as e:
-                raise output_error(e, self.out / rel) from None
+            self._rename(rel)
             self.manifest.add(f)
             done(f)
-        staged = [self.write_small(rel, contents(rel), rename=False) for rel in self.index_files]
-        # the manifest lists only files that are in place, and an index appears only in a complete folder
-        self.manifest.complete()
+        staged = [self.write_small(rel, data[rel], rename=False) for rel in loaders]
         for f in staged:
-            os.replace(tmp_path(self.out / f.filename), self.out / f.filename)
-            self.manifest.add(f)
+            self.manifest.add(f, stat=False, save=False)
+        self.manifest.complete()  # the last write of the manifest: from here on the folder loads
+        for f in staged:
+            self._rename(f.filename)
             done(f)
+
+    def _as_written(self, rel: str, data: bytes) -> OutputFile | None:
+        """The small file as an earlier run of this merge wrote it, if it holds `data`."""
+        entry = self.manifest.data["files"].get(rel)
+        if entry is None or entry.get("size") != len(data) or entry.get("crc32") != crc32(data):
+            return None
+        if self.manifest.finished(self.out, rel) is None:
+            return None
+        return OutputFile(rel, len(data), entry["crc32"], hashlib.sha256(data).hexdigest())
+
+    def _rename(self, rel: str) -> None:
+        try:
+            os.replace(tmp_path(self.out / rel), self.out / rel)
+        except OSError as e:
+            raise output_error(e, self.out / rel) from None
 
     def _remove_unplanned(self) -> None:
         """Files an earlier run of this merge wrote that this one does not (a chat template since removed from the
