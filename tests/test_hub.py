@@ -6,6 +6,7 @@ Xet on sees against a Hub without Xet.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -162,6 +163,66 @@ def test_a_push_over_an_earlier_one_never_shows_a_mix_of_the_two(hub, folder):
         assert not {"config.json", "model.safetensors.index.json"} & set(c.tree), c.summary
     push_folder(folder, "alice/tiny", **opts)  # the rerun completes the new push
     assert remote_files(hub, "alice/tiny") == expected_files(folder) != old
+
+
+# ---- what each revision a push makes loads ------------------------------------------------------
+READ_WITH = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "chat_template*",
+             "generation_config.json")
+
+
+def loaded(hub: HubServer, commit) -> dict[str, tuple | None]:
+    """What a loader reads at ``commit`` as (config, weights, tokenizer and generation files), or None where it would
+    load nothing.
+
+    transformers: config.json, and model.safetensors where there is one, else every file the index names. vLLM:
+    config.json, and every top-level *.safetensors file, only those the index names where there is an index.
+    """
+    tree = commit.tree
+    config = tree.get("config.json")
+    if config is None:
+        return {"transformers": None, "vllm": None}
+    index = tree.get("model.safetensors.index.json")
+    named = None if index is None else set(json.loads(hub.blobs[index.sha256])["weight_map"].values())
+
+    beside = frozenset((p, e.sha256) for p, e in tree.items() if any(fnmatch.fnmatchcase(p, w) for w in READ_WITH))
+
+    def state(files: set[str] | None) -> tuple | None:
+        if not files or not files <= set(tree):
+            return None
+        return config.sha256, frozenset((f, tree[f].sha256) for f in files), beside
+
+    top = {p for p in tree if "/" not in p and p.endswith(".safetensors")}
+    return {"transformers": state({"model.safetensors"} if "model.safetensors" in tree else named),
+            "vllm": state(top if named is None else top & named)}
+
+
+def assert_never_a_mix(hub: HubServer, repo_id: str, revision: str, since: int, before: bool = True) -> None:
+    """Every commit of ``revision`` from number ``since`` on loads nothing, the push's own model whole, or (with
+    ``before``) what commit ``since - 1`` loaded whole; and the head loads the push's model."""
+    log = hub.commit_log(repo_id, revision)
+    old, new = loaded(hub, log[since - 1]), loaded(hub, log[-1])
+    assert all(new.values()), new
+    for c in log[since:]:
+        for loader, state in loaded(hub, c).items():
+            allowed = [None, new[loader]] + ([old[loader]] if before else [])
+            assert state in allowed, (c.summary, loader, sorted(c.tree))
+
+
+@pytest.mark.parametrize("revision", ["main", "step"])
+def test_a_later_step_in_several_commits_commits_again_the_index_and_config_it_hid(hub, folder, revision):
+    """Step 2 overwrites step 1's shards (same names and sizes: its index and config are byte for byte step 1's) in
+    several commits, on main or on the branch step 1 went to. Its first commit hides index and config, so its last
+    must commit them again though the Hub had them unchanged when it began: else the head loads nothing."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=3, retry=FAST, revision=revision)
+    push_folder(folder, "alice/tiny", **opts)
+    old = remote_files(hub, "alice/tiny", revision)
+    since = len(hub.commit_log("alice/tiny", revision))
+    for i, (name, size) in enumerate(SHARDS.items()):
+        write_random(folder / name, size, seed=100 + i)
+    push_folder(folder, "alice/tiny", **opts)
+    assert remote_files(hub, "alice/tiny", revision) == expected_files(folder) != old
+    assert len(hub.commit_log("alice/tiny", revision)) - since > 1
+    assert_never_a_mix(hub, "alice/tiny", revision, since)
 
 
 def test_existing_repo_is_updated_and_a_rerun_sends_nothing(hub, folder):

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from ckpt_tools import copy_actor, diverge
+from ckpt_tools import copy_actor, diverge, rewrite_rank
 from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -541,6 +541,35 @@ def test_push_over_an_earlier_push_deletes_its_stale_shards_and_optimizer_in_the
     n_commits = len(hub.commit_log("alice/tiny"))  # the same push again: nothing to send, nothing to delete
     again = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False))
     assert again.commits == 0 and not again.deleted and len(hub.commit_log("alice/tiny")) == n_commits
+
+
+def test_a_later_step_of_the_same_model_in_several_commits_ends_with_its_index_and_config(hub, make_ckpt, tmp_path):
+    """Step B of the same run (same shapes and config: its index and config are byte for byte step A's) pushed over
+    step A in several commits. The first commit hides index and config (its shards overwrite A's), so the last must
+    commit them again though the Hub held them unchanged when the push began: else the repo ends with B's shards
+    and no index or config. No commit in between holds a config."""
+    a = copy_actor(make_ckpt(), tmp_path / "a" / "actor")
+    b = copy_actor(make_ckpt(), tmp_path / "b" / "actor")
+
+    def step(sd: dict) -> None:  # every weight moves, as a training step moves it
+        for v in sd.values():
+            local = getattr(v, "_local_tensor", v)
+            if local.is_floating_point():
+                local.add_(1.0)
+
+    for f in b.glob("model_world_size_*.pt"):
+        rewrite_rank(f, step)
+    merge_and_push(a, tmp_path / "out_a", "tiny", **opts(hub))
+    since = len(hub.commit_log("alice/tiny"))
+    second = merge_and_push(b, tmp_path / "out_b", "tiny", **opts(hub, max_files_per_commit=2))
+    local_a, local_b = local_files(tmp_path / "out_a"), local_files(tmp_path / "out_b")
+    for name in ("model.safetensors.index.json", "config.json"):
+        assert local_a[name] == local_b[name]
+    assert local_a["model-00001-of-00003.safetensors"] != local_b["model-00001-of-00003.safetensors"]
+    assert second.ok and second.commits > 1 and remote_files(hub, "alice/tiny") == local_b
+    assert "config.json" not in second.unchanged
+    commits = hub.commit_log("alice/tiny")[since:]
+    assert "config.json" in commits[0].deleted and not any("config.json" in c.tree for c in commits[:-1])
 
 
 def _hub_warnings(caplog) -> list[str]:

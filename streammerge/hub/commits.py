@@ -1,12 +1,13 @@
 """Commits of a push: in a safe order, each applied once, stale files of an earlier push deleted with the last.
 
 Data files are committed first and the files that point at them (``*.index.json``, ``config.json``,
-``README.md``) last, so the repo never shows an index naming a shard it does not have. When a push of
-several commits overwrites data files an earlier push left, its first commit also deletes the files it
-will write last: the commits in between then hold no loadable model, rather than the old index over a
-mix of old and new shards (a model made of two training steps). A commit
-whose answer was lost is checked against the remote before it is sent again, and a retry is made
-on top of the head it checked, so it is never applied twice and never deletes a file it did not see.
+``README.md``) last, all in one commit, so the repo never shows an index naming a shard it does not have.
+When a push of several commits overwrites data files an earlier push left, its first commit also deletes
+the files it will write last, and its last commit writes them again, unchanged ones too: the commits in
+between then hold no loadable model, rather than the old index over a mix of old and new shards (a model
+made of two training steps). A commit whose answer was lost is checked against the remote before it is
+sent again, and a retry is made on top of the head it checked, so it is never applied twice and never
+deletes a file it did not see.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def plan_commits(paths: Iterable[str], max_files_per_commit: int) -> list[list[s
     Everything fits in one commit when it can (one atomic change, and commits are rate-limited).
     Otherwise the data files go in batches of ``max_files_per_commit`` and the "last" files after
     them, e.g. 5 shards + index + config with max 3 -> [[s1, s2, s3], [s4, s5], [config, index]].
+    The "last" files go in one commit whatever their number (a few small files): a config committed
+    before its index would load beside the weights an earlier push left until that index came.
     """
     if max_files_per_commit < 1:
         raise ValueError("max_files_per_commit must be at least 1")
@@ -80,8 +83,7 @@ def plan_commits(paths: Iterable[str], max_files_per_commit: int) -> list[list[s
     if len(paths) <= max_files_per_commit:
         return [data + last]
     chunk = max_files_per_commit
-    return [data[i:i + chunk] for i in range(0, len(data), chunk)] + \
-        [last[i:i + chunk] for i in range(0, len(last), chunk)]
+    return [data[i:i + chunk] for i in range(0, len(data), chunk)] + ([last] if last else [])
 
 
 @dataclass
@@ -150,16 +152,20 @@ class Committer:
                     f"read {path}", functools.partial(self._read, path, self.repo.revision))):
                 self.kept.append(path)
         changed = {p: u for p, u in uploads.items() if not unchanged(u.op) and p not in self.kept}
-        self.unchanged = sorted(set(uploads) - set(changed) - set(self.kept))
-        if self.unchanged:
-            logger.info("Hub already has %d of %d files unchanged; not committing them again",
-                        len(self.unchanged), len(uploads))
         batches = plan_commits(changed, max_files_per_commit)
         deletes = bool(self.delete_patterns or self.delete_if)
         if not batches and deletes:
             batches = [[]]  # nothing new, but stale files may still have to go
         sent = {p: u for p, u in uploads.items() if p not in self.kept}  # a kept file is not hidden for a while either
-        hide = self._pointers_over_overwrites(batches, sent, remote()) if len(batches) > 1 else []
+        hide = self._to_hide(batches, sent, remote()) if len(batches) > 1 else []
+        again = [p for p in hide if p in sent and p not in changed]  # hidden though unchanged: written again last
+        if again:  # fresh operations: huggingface_hub leaves out one whose upload found the content there
+            changed.update((p, Upload(sent[p].local_path, _fresh_op(sent[p]), sent[p].future)) for p in again)
+            batches = plan_commits(changed, max_files_per_commit)
+        self.unchanged = sorted(set(uploads) - set(changed) - set(self.kept))
+        if self.unchanged:
+            logger.info("Hub already has %d of %d files unchanged; not committing them again",
+                        len(self.unchanged), len(uploads))
         for i, batch in enumerate(batches, 1):
             part = message if len(batches) == 1 else f"{message} (part {i}/{len(batches)})"
             keep = set(uploads) if i == len(batches) and deletes else None
@@ -173,18 +179,17 @@ class Committer:
 
     def _remote_files(self) -> set[str]:
         """The files at the revision before this push commits: a model meeting a peft adapter's config, a file in
-        keep_if, and the pointers that several commits overwrite are all judged from this one listing."""
+        keep_if, and what several commits must hide are all judged from this one listing."""
         repo = self.repo
         return set(self.calls.call("list the remote files", lambda: self.api.list_repo_files(
             repo.repo_id, revision=repo.revision, repo_type=repo.repo_type)))
 
-    def _pointers_over_overwrites(self, batches: list[list[str]], uploads: dict[str, Upload],
-                                  remote: set[str]) -> list[str]:
-        """The remote index/config/card files this push rewrites at the end, when an earlier commit of it
-        overwrites a remote data file they may point at (else none)."""
+    def _to_hide(self, batches: list[list[str]], sent: Mapping[str, Upload], remote: set[str]) -> list[str]:
+        """The remote index/config/card files this push writes again last, which the first of several commits
+        deletes when an earlier commit overwrites a remote data file they may point at (else none)."""
         if not any(p in remote for batch in batches[:-1] for p in batch):
             return []
-        return sorted(p for p in remote if p in uploads and is_last_file(p))
+        return sorted(p for p in remote if p in sent and is_last_file(p))
 
     def commit(self, uploads: list[Upload], message: str, keep: set[str] | None = None,
                hide: Iterable[str] = ()) -> CommitInfo | None:
