@@ -225,6 +225,74 @@ def test_a_later_step_in_several_commits_commits_again_the_index_and_config_it_h
     assert_never_a_mix(hub, "alice/tiny", revision, since)
 
 
+def single_file_folder(root: Path) -> Path:
+    """One model.safetensors, its config and tokenizer config, and an optimizer export of three files."""
+    write_random(root / "model.safetensors", 600_000, seed=7)
+    for i in range(1, 4):
+        write_random(root / "optimizer" / f"optimizer-0000{i}-of-00003.safetensors", 100_000, seed=70 + i)
+    (root / "optimizer" / "optimizer.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        f"state.{i}.exp_avg": f"optimizer-0000{i}-of-00003.safetensors" for i in range(1, 4)}}))
+    (root / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    (root / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    return root
+
+
+def test_another_models_tokenizer_or_generation_config_at_the_revision_is_refused(hub, folder):
+    """The revision holds files transformers reads beside the weights (another model's tokenizer, its generation
+    config) that this push does not bring: they would load with the pushed weights. Not ours to delete: refused
+    before anything is committed, in one line naming them and what to do."""
+    hub.create_repo("alice/tiny")
+    hub.add_files("alice/tiny", {"config.json": b"{}", "tokenizer.json": b"{}", "special_tokens_map.json": b"{}",
+                                 "generation_config.json": b"{}", "notes.txt": b"x", "docs/tokenizer.json": b"{}"})
+    head = hub.repo("alice/tiny").branches["main"]
+    with pytest.raises(PushError) as e:
+        push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    message = str(e.value)
+    assert e.value.kind == "conflict" and "\n" not in message, message
+    assert "generation_config.json, special_tokens_map.json, tokenizer.json" in message, message
+    assert "docs/" not in message and "notes.txt" not in message and "nothing was committed" in message
+    assert hub.repo("alice/tiny").branches["main"] == head and not hub.requests("POST", r"/commit/")
+
+    # the files this push brings itself are no conflict
+    for name in ("tokenizer.json", "special_tokens_map.json", "generation_config.json"):
+        (folder / name).write_text("{}")
+    push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "notes.txt": b"x",
+                                               "docs/tokenizer.json": b"{}"}
+
+
+def test_delete_stale_false_is_refused_where_the_revision_keeps_weights_a_loader_reads(hub, folder, tmp_path):
+    """delete_stale=False only adds. Beside the pushed index a model.safetensors (transformers loads it first), beside a
+    pushed model.safetensors the old index and shards (vLLM follows the index), or old shards the new index does not
+    name (loaders that read every *.safetensors) would load another push's weights: refused, nothing committed."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    single = single_file_folder(tmp_path / "single")
+    push_folder(folder, "alice/tiny", **opts)
+    push_folder(folder, "alice/tiny", delete_stale=False, **opts)  # nothing of an earlier push beside it: fine
+    head = hub.repo("alice/tiny").branches["main"]
+    with pytest.raises(PushError) as e:
+        push_folder(single, "alice/tiny", delete_stale=False, **opts)
+    assert e.value.kind == "conflict" and "\n" not in str(e.value)
+    assert "model-00001-of-00004.safetensors" in str(e.value) and "model.safetensors.index.json" in str(e.value)
+    assert "delete_stale" in str(e.value)
+
+    push_folder(single, "alice/tiny", revision="single", **opts)
+    with pytest.raises(PushError, match=r"model\.safetensors \("):
+        push_folder(folder, "alice/tiny", revision="single", delete_stale=False, **opts)
+
+    three = tmp_path / "three"  # the same weights in 3 shards of other names
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for i, name in enumerate(names):
+        write_random(three / name, 300_000, seed=30 + i)
+    (three / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 900_000}, "weight_map": {f"layers.{i}.weight": n for i, n in enumerate(names)}}))
+    (three / "config.json").write_bytes((folder / "config.json").read_bytes())
+    (three / "tokenizer_config.json").write_bytes((folder / "tokenizer_config.json").read_bytes())
+    with pytest.raises(PushError, match="model-00004-of-00004.safetensors"):
+        push_folder(three, "alice/tiny", delete_stale=False, **opts)
+    assert hub.repo("alice/tiny").branches["main"] == head
+
+
 def test_existing_repo_is_updated_and_a_rerun_sends_nothing(hub, folder):
     hub.create_repo("alice/tiny")
     hub.add_files("alice/tiny", {"config.json": b'{"old": true}', "notes.txt": b"kept"})
@@ -516,15 +584,17 @@ def test_a_folder_pushed_over_an_earlier_model_replaces_its_weights_and_untouche
     assert sorted(hub.commit_log("alice/tiny")[-1].deleted) == ["README.md", "model.safetensors"]
     assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "notes.txt": b"kept"}
 
-    # a folder without weights (a tokenizer update) deletes nothing; delete_stale=False keeps what is there
+    # a folder without weights (a tokenizer update) deletes nothing; delete_stale=False, which would keep the index and
+    # shards beside model.safetensors (and the other push's tokenizer), is refused
     extra = tmp_path / "tokenizer"
     (extra / "tokenizer_config.json").parent.mkdir()
     (extra / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
     push_folder(extra, "alice/tiny", **opts)
     assert hub.commit_log("alice/tiny")[-1].deleted == []
-    push_folder(earlier, "alice/tiny", delete_stale=False, **opts)
-    assert hub.commit_log("alice/tiny")[-1].deleted == []
-    assert {"model.safetensors", "model.safetensors.index.json", "README.md"} <= set(hub.files("alice/tiny"))
+    head = hub.repo("alice/tiny").branches["main"]
+    with pytest.raises(PushError, match="delete_stale=True"):
+        push_folder(earlier, "alice/tiny", delete_stale=False, **opts)
+    assert hub.repo("alice/tiny").branches["main"] == head
 
 # Every kind of token, against a personal and an organization namespace: (token, repo, refusal or None).
 ACCESS_CASES = [

@@ -863,6 +863,23 @@ def test_a_push_into_a_repo_holding_a_peft_adapter_commits_nothing(hub, make_ckp
     assert proc.returncode == 4 and "holds adapter_config.json" in proc.stderr, proc.stderr
 
 
+def test_cli_push_over_another_models_tokenizer_is_refused_in_one_line(hub, make_ckpt, tmp_path):
+    """The revision holds a slow tokenizer's vocab.json and merges.txt and a generation_config.json of another model;
+    the merge brings tokenizer.json, tokenizer_config.json and its own generation_config.json. transformers would load
+    that vocabulary with these weights: exit 4, one line naming the two files and the fix, nothing committed."""
+    hub.create_repo("alice/other")
+    hub.add_files("alice/other", {"vocab.json": b"{}", "merges.txt": b"#version: 0.2\n",
+                                  "generation_config.json": b"{}"})
+    head = hub.repo("alice/other").branches["main"]
+    proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "alice/other", "--no-optimizer"], hub)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and "merges.txt, vocab.json (another model's tokenizer" in line[0], proc.stderr
+    assert "generation_config.json" not in line[0] and "nothing was committed: delete them" in line[0]
+    assert hub.repo("alice/other").branches["main"] == head
+    assert {"tokenizer.json", "generation_config.json"} <= set(local_files(tmp_path / "out"))
+
+
 def test_a_push_with_a_card_keeps_a_readme_someone_edited_or_wrote(hub, make_ckpt, tmp_path, caplog):
     """The generated card replaces only a card a push generated untouched: a card edited on the Hub, or the owner's
     own README, stays (with one warning), and the rest of the push is committed."""

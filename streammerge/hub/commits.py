@@ -5,9 +5,11 @@ Data files are committed first and the files that point at them (``*.index.json`
 When a push of several commits overwrites data files an earlier push left, its first commit also deletes
 the files it will write last, and its last commit writes them again, unchanged ones too: the commits in
 between then hold no loadable model, rather than the old index over a mix of old and new shards (a model
-made of two training steps). A commit whose answer was lost is checked against the remote before it is
-sent again, and a retry is made on top of the head it checked, so it is never applied twice and never
-deletes a file it did not see.
+made of two training steps). Before anything is committed, a model push is refused where the revision
+holds files a loader would read with it that the push neither brings nor deletes (a peft adapter's config,
+another model's tokenizer, weights an earlier push left). A commit whose answer was lost is checked against
+the remote before it is sent again, and a retry is made on top of the head it checked, so it is never
+applied twice and never deletes a file it did not see.
 """
 
 from __future__ import annotations
@@ -26,10 +28,18 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.utils.sha import git_hash
 
+from ..model_folder import MODEL_FILE_PATTERNS
+from ..sources.hf import INDEX, SINGLE
 from .repo import HubRepo
 from .retry import RETRY_STATUS, PushError, Retrier, status_of
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's: at a repo's top, transformers loads the repo as an adapter
+CONFIG = "config.json"
+# The files transformers loads a model's weights from, at the top of a repo: model.safetensors before any index.
+WEIGHT_PATTERNS = (SINGLE, "model-*-of-*.safetensors", INDEX)
+# What else transformers reads beside a model's config and weights: the tokenizer and the generation settings
+# (what a merge carries from huggingface/, less config.json and the remote code only config.json's auto_map names).
+READ_BESIDE = tuple(p for p in MODEL_FILE_PATTERNS if p not in (CONFIG, "*.py"))
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,16 @@ def is_last_file(path_in_repo: str) -> bool:
     """True for the files committed last (index, config, model card)."""
     name = PurePosixPath(path_in_repo).name
     return any(fnmatch.fnmatchcase(name, p) for p in LAST_PATTERNS)
+
+
+def is_weight_file(path_in_repo: str) -> bool:
+    """True for the top-level files transformers loads weights from (model.safetensors, shards, their index)."""
+    return any(matches(path_in_repo, p) for p in WEIGHT_PATTERNS)
+
+
+def read_beside(path_in_repo: str) -> bool:
+    """True for a top-level file transformers reads with a model's weights (tokenizer, generation config)."""
+    return "/" not in path_in_repo and any(fnmatch.fnmatchcase(path_in_repo, p) for p in READ_BESIDE)
 
 
 def matches(path_in_repo: str, pattern: str) -> bool:
@@ -141,12 +161,9 @@ class Committer:
         ``message``. Returns the last commit made, or the current head when nothing was committed.
         """
         remote = functools.cache(self._remote_files)  # listed once, and only where something asks
-        if "config.json" in uploads and ADAPTER_CONFIG not in uploads and ADAPTER_CONFIG in remote():
-            repo = self.repo
-            raise PushError(f"{repo.repo_id} (revision {repo.revision}) holds {ADAPTER_CONFIG} at its top, which would "
-                            "make transformers load it as a peft adapter instead of the pushed model; nothing was "
-                            "committed: delete that file from the repo (or push to another repo or --revision)",
-                            kind="conflict")
+        if self.repo.repo_type == "model" and any(p in uploads for p in (CONFIG, SINGLE, INDEX)):
+            # a model: refused where what else the revision holds would load with it
+            self._refuse_foreign(uploads, remote())
         for path, check in self.keep_if.items():
             if path in uploads and path in remote() and check(self.calls.call(
                     f"read {path}", functools.partial(self._read, path, self.repo.revision))):
@@ -178,11 +195,40 @@ class Committer:
         return self.commits[-1] if self.commits else self._head_commit_info(message)
 
     def _remote_files(self) -> set[str]:
-        """The files at the revision before this push commits: a model meeting a peft adapter's config, a file in
+        """The files at the revision before this push commits: what else would load with a model push, a file in
         keep_if, and what several commits must hide are all judged from this one listing."""
         repo = self.repo
         return set(self.calls.call("list the remote files", lambda: self.api.list_repo_files(
             repo.repo_id, revision=repo.revision, repo_type=repo.repo_type)))
+
+    def _deletes(self, path: str) -> bool:
+        """Whether the last commit deletes ``path`` when this push does not bring it (``delete_patterns``)."""
+        return any(matches(path, p) for p in self.delete_patterns or ())
+
+    def _refuse_foreign(self, uploads: Mapping[str, Upload], remote: set[str]) -> None:
+        """PushError (nothing committed) where the revision holds files a loader would read with the pushed model
+        that this push neither brings nor deletes: a peft adapter's config (transformers loads the repo as that
+        adapter), another model's tokenizer or generation config, or weight files an earlier push left (kept by
+        ``delete_patterns=None``: a model.safetensors transformers loads before the pushed index, an index and shards
+        beside a pushed model.safetensors, or shards the pushed index does not name, which loaders that read every
+        ``*.safetensors`` take)."""
+        repo = self.repo
+        where = f"{repo.repo_id} (revision {repo.revision})"
+        if ADAPTER_CONFIG not in uploads and ADAPTER_CONFIG in remote:
+            raise PushError(f"{where} holds {ADAPTER_CONFIG} at its top, which would make transformers load it as a "
+                            "peft adapter instead of the pushed model; nothing was committed: delete that file from "
+                            "the repo (or push to another repo or --revision)", kind="conflict")
+        others = sorted(p for p in remote if p not in uploads and read_beside(p))
+        weights = sorted(p for p in remote if p not in uploads and is_weight_file(p) and not self._deletes(p)) \
+            if SINGLE in uploads or INDEX in uploads else []
+        if not others and not weights:
+            return
+        what = ([f"{', '.join(others)} (another model's tokenizer or generation settings)"] if others else []) + \
+               ([f"{', '.join(weights)} (weights an earlier push left, kept by delete_stale=False)"] if weights else [])
+        fix = "delete them from the repo" + (", push with delete_stale=True" if weights else "")
+        raise PushError(f"{where} holds {' and '.join(what)}, which this push does not bring and transformers or "
+                        f"another loader would read with the pushed model; nothing was committed: {fix}, or push to "
+                        "another repo or --revision", kind="conflict")
 
     def _to_hide(self, batches: list[list[str]], sent: Mapping[str, Upload], remote: set[str]) -> list[str]:
         """The remote index/config/card files this push writes again last, which the first of several commits

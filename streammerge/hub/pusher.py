@@ -23,7 +23,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
 from .card import card_state
-from .commits import Committer, Upload
+from .commits import WEIGHT_PATTERNS, Committer, Upload
 from .repo import HubRepo, check_target
 from .retry import Retrier, RetryPolicy
 
@@ -37,8 +37,7 @@ HUB_MAX_FILE_SIZE = 50 * 10**9  # the Hub refuses bigger files
 # What a push of ours owns in the repo: files matching these that the push does not bring are stale
 # (a shard of an earlier merge with more shards, an old optimizer export) and deleted in its last
 # commit. Matched from the repo root, `*` within one folder (see streammerge.hub.commits.matches).
-OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**",
-                  "lora_adapter/**")
+OWNED_PATTERNS = (*WEIGHT_PATTERNS, "optimizer/**", "lora_adapter/**")
 
 
 class HubPusher:
