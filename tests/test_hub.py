@@ -225,6 +225,26 @@ def test_a_later_step_in_several_commits_commits_again_the_index_and_config_it_h
     assert_never_a_mix(hub, "alice/tiny", revision, since)
 
 
+def test_a_tokenizer_file_in_an_early_commit_hides_the_model_it_would_load_with(hub, folder):
+    """Step 2 keeps step 1's weights but brings a chat template, an optimizer export in files of other names and a new
+    config, in several commits: the chat template in an early commit would load with step 1's config (a mix), so
+    that commit hides the config."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=2, retry=FAST)
+    push_folder(folder, "alice/tiny", **opts)
+    since = len(hub.commit_log("alice/tiny"))
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    (folder / "optimizer" / "optimizer-00001-of-00001.safetensors").unlink()  # in two files of other names now
+    for i in (1, 2):
+        write_random(folder / "optimizer" / f"optimizer-0000{i}-of-00002.safetensors", 200_000, seed=90 + i)
+    (folder / "optimizer" / "optimizer.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        f"state.{i}.exp_avg": f"optimizer-0000{i}-of-00002.safetensors" for i in (1, 2)}}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "step": 2}))
+    push_folder(folder, "alice/tiny", **opts)
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)
+    assert len(hub.commit_log("alice/tiny")) - since > 1
+    assert_never_a_mix(hub, "alice/tiny", "main", since)
+
+
 def single_file_folder(root: Path) -> Path:
     """One model.safetensors, its config and tokenizer config, and an optimizer export of three files."""
     write_random(root / "model.safetensors", 600_000, seed=7)
@@ -235,6 +255,44 @@ def single_file_folder(root: Path) -> Path:
     (root / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     (root / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     return root
+
+
+@pytest.mark.parametrize("order", ["single-over-sharded", "sharded-over-single"])
+def test_a_single_file_model_over_a_sharded_one_or_the_reverse_never_loads_a_mix(hub, folder, tmp_path, order):
+    """transformers loads model.safetensors before any index, vLLM every *.safetensors where there is no index: the
+    first commits of a push of several that bring one layout beside the other's entry point would load weights of
+    two pushes (or the new weights with the old config), unless that commit hides the entry point."""
+    single = single_file_folder(tmp_path / "single")
+    first, second = (folder, single) if order == "single-over-sharded" else (single, folder)
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=2, retry=FAST)
+    push_folder(first, "alice/tiny", **opts)
+    since = len(hub.commit_log("alice/tiny"))
+    push_folder(second, "alice/tiny", **opts)
+    assert remote_files(hub, "alice/tiny") == expected_files(second)
+    assert len(hub.commit_log("alice/tiny")) - since > 1
+    assert_never_a_mix(hub, "alice/tiny", "main", since)
+
+
+def test_a_branch_made_from_main_never_loads_mains_model(hub, folder, tmp_path):
+    """main holds step 1 (4 shards); step 5 goes to a new branch in several commits, in 3 shards of other names. The
+    branch starts as main's copy: its first commit hides main's index and config, so that no commit of the branch
+    loads main's model (or a mix of the two) under the branch's name."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=2, retry=FAST)
+    push_folder(folder, "alice/tiny", **opts)
+    since = len(hub.commit_log("alice/tiny"))
+    step5 = tmp_path / "step5"
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for i, name in enumerate(names):
+        write_random(step5 / name, 300_000, seed=50 + i)
+    (step5 / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 900_000}, "weight_map": {f"layers.{i}.weight": n for i, n in enumerate(names)}}))
+    (step5 / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "step": 5}))
+    (step5 / "tokenizer_config.json").write_bytes((folder / "tokenizer_config.json").read_bytes())
+    push_folder(step5, "alice/tiny", revision="step-5", **opts)
+    assert remote_files(hub, "alice/tiny", "step-5") == expected_files(step5)  # main's shards and optimizer: stale
+    assert len(hub.commit_log("alice/tiny", "step-5")) - since > 1
+    assert_never_a_mix(hub, "alice/tiny", "step-5", since, before=False)
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)  # main untouched
 
 
 def test_another_models_tokenizer_or_generation_config_at_the_revision_is_refused(hub, folder):

@@ -2,14 +2,15 @@
 
 Data files are committed first and the files that point at them (``*.index.json``, ``config.json``,
 ``README.md``) last, all in one commit, so the repo never shows an index naming a shard it does not have.
-When a push of several commits overwrites data files an earlier push left, its first commit also deletes
-the files it will write last, and its last commit writes them again, unchanged ones too: the commits in
-between then hold no loadable model, rather than the old index over a mix of old and new shards (a model
-made of two training steps). Before anything is committed, a model push is refused where the revision
-holds files a loader would read with it that the push neither brings nor deletes (a peft adapter's config,
-another model's tokenizer, weights an earlier push left). A commit whose answer was lost is checked against
-the remote before it is sent again, and a retry is made on top of the head it checked, so it is never
-applied twice and never deletes a file it did not see.
+When the first commits of a push of several would make the revision load something that is neither the
+earlier model nor this one (see :meth:`Committer._to_hide`), its first commit also deletes the files that
+make the revision loadable (index, config, card) and its last commit writes them again: the commits in
+between hold no loadable model, rather than a model made of two training steps. Before anything is
+committed, a model push is refused where the revision holds files a loader would read with it that the
+push neither brings nor deletes (a peft adapter's config, another model's tokenizer, weights an earlier
+push left). A commit whose answer was lost is checked against the remote before it is sent again, and a
+retry is made on top of the head it checked, so it is never applied twice and never deletes a file it
+did not see.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ class Committer:
         self.num_threads = num_threads
         self.commits: list[CommitInfo] = []
         self.unchanged: list[str] = []  # paths whose content the Hub already had at this revision
-        self.deleted: list[str] = []  # remote paths the last commit deleted
+        self.deleted: list[str] = []  # stale remote paths deleted (by the last commit, or the first that hid them)
 
     def commit_all(self, uploads: dict[str, Upload], message: str, max_files_per_commit: int) -> CommitInfo:
         """Commit ``uploads`` (path in repo -> finished upload) in the order of :func:`plan_commits`.
@@ -183,12 +184,16 @@ class Committer:
         if self.unchanged:
             logger.info("Hub already has %d of %d files unchanged; not committing them again",
                         len(self.unchanged), len(uploads))
+        hidden: list[str] = []
         for i, batch in enumerate(batches, 1):
             part = message if len(batches) == 1 else f"{message} (part {i}/{len(batches)})"
             keep = set(uploads) if i == len(batches) and deletes else None
             info = self.commit([changed[p] for p in batch], part, keep=keep, hide=hide if i == 1 else ())
             if info is not None:
                 self.commits.append(info)
+            if i == 1 and len(batches) > 1:
+                hidden = [p for p in self.deleted if p not in sent]  # stale entry points the first commit took
+        self.deleted = sorted(set(self.deleted) | set(hidden))
         if self.deleted:
             logger.info("deleted %d stale files from %s: %s", len(self.deleted), self.repo.repo_id,
                         ", ".join(self.deleted))
@@ -231,11 +236,24 @@ class Committer:
                         "another repo or --revision", kind="conflict")
 
     def _to_hide(self, batches: list[list[str]], sent: Mapping[str, Upload], remote: set[str]) -> list[str]:
-        """The remote index/config/card files this push writes again last, which the first of several commits
-        deletes when an earlier commit overwrites a remote data file they may point at (else none)."""
-        if not any(p in remote for batch in batches[:-1] for p in batch):
+        """The remote files the first of several commits deletes, so that no commit before the last loads a model that
+        is neither the earlier one nor this push's: the index, config and card this push writes again last, and the
+        weight entry points it deletes then as stale. None where the earlier model stays whole until the last commit.
+
+        Hidden where an earlier commit overwrites a remote file (shards of the same names: the old index over a mix
+        of two steps), adds tokenizer or generation files (read with the old weights), adds model.safetensors beside
+        remote weights (transformers loads it before any index, with the old config), or adds shards beside a remote
+        model.safetensors (loaders that read every ``*.safetensors`` of a folder without an index take both); and
+        always on a branch this push made, which starts as main's copy: main's model must not load under the
+        branch's name, nor a mix of it with this push.
+        """
+        early = {p for batch in batches[:-1] for p in batch}
+        if not (self.repo.created_branch is not None or early & remote or any(read_beside(p) for p in early)
+                or (SINGLE in early and (SINGLE in remote or INDEX in remote))
+                or (SINGLE in remote and any(is_weight_file(p) for p in early))):
             return []
-        return sorted(p for p in remote if p in sent and is_last_file(p))
+        return sorted(p for p in remote if (p in sent and is_last_file(p))
+                      or (p in (SINGLE, INDEX) and p not in sent and self._deletes(p)))
 
     def commit(self, uploads: list[Upload], message: str, keep: set[str] | None = None,
                hide: Iterable[str] = ()) -> CommitInfo | None:
@@ -246,6 +264,7 @@ class Committer:
         """
         hide = tuple(hide)
         repo = self.repo
+        self.deleted = []
         what = f"commit {len(uploads)} files" if keep is None else f"commit {len(uploads)} files and delete stale ones"
         failed_before = False
         maybe_applied = False  # the last attempt failed without a refusal: the Hub may have applied it
@@ -278,7 +297,7 @@ class Committer:
                     ops = [_fresh_op(u) for u in uploads]
             if not ops and not stale and not gone:
                 return None
-            failed_before, maybe_applied, sent = True, True, stale
+            failed_before, maybe_applied, sent = True, True, stale + gone
             try:
                 commit = self.api.create_commit(repo.repo_id, ops + [CommitOperationDelete(p) for p in stale + gone],
                                               commit_message=message, revision=repo.revision,
@@ -288,7 +307,7 @@ class Committer:
                 maybe_applied = status_of(exc) not in REFUSED  # a refused commit changed nothing
                 raise
             failed_before = maybe_applied = False
-            self.deleted = stale
+            self.deleted = stale + gone
             return commit
 
         # 412 (or 409): our parent_commit is no longer the head; the next attempt looks again.
