@@ -351,6 +351,31 @@ def test_delete_stale_false_is_refused_where_the_revision_keeps_weights_a_loader
     assert hub.repo("alice/tiny").branches["main"] == head
 
 
+@pytest.mark.parametrize("fails", ["first commit", "second commit", "conflict"])
+def test_a_failed_commit_removes_the_branch_the_push_made_and_only_that(hub, folder, fails):
+    """A push to a new branch whose commit fails (or is refused) removes the branch it made, with what of the push
+    it holds: no half-pushed branch stays. A branch that was there before stays as it was."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=3, retry=FAST)
+    hub.create_repo("alice/tiny")
+    hub.add_files("alice/tiny", {"notes.txt": b"x", **({"adapter_config.json": b"{}"} if fails == "conflict" else {})})
+    hub.repo("alice/tiny").branches["kept"] = hub.repo("alice/tiny").branches["main"]
+    before = dict(hub.repo("alice/tiny").branches)
+    for revision in ("new", "kept"):
+        if fails != "conflict":
+            hub.fail_next(r"/commit/", n=20, status=422, skip=1 if fails == "second commit" else 0)
+        with pytest.raises(PushError):
+            push_folder(folder, "alice/tiny", revision=revision, **opts)
+        hub.clear_faults()
+        if revision == "new":
+            assert hub.repo("alice/tiny").branches == before
+    assert hub.repo("alice/tiny").branches["main"] == before["main"]
+    assert "new" not in hub.repo("alice/tiny").branches
+    if fails == "second commit":  # the branch that was there keeps the commit that landed
+        assert hub.repo("alice/tiny").branches["kept"] != before["kept"]
+    else:
+        assert hub.repo("alice/tiny").branches["kept"] == before["kept"]
+
+
 def test_existing_repo_is_updated_and_a_rerun_sends_nothing(hub, folder):
     hub.create_repo("alice/tiny")
     hub.add_files("alice/tiny", {"config.json": b'{"old": true}', "notes.txt": b"kept"})

@@ -861,6 +861,8 @@ def test_a_push_into_a_repo_holding_a_peft_adapter_commits_nothing(hub, make_ckp
     proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "alice/tuned", "--revision", "merged",
                 "--no-optimizer"], hub)
     assert proc.returncode == 4 and "holds adapter_config.json" in proc.stderr, proc.stderr
+    assert hub.repo("alice/tuned").branches == {"main": head}  # the branch the push made for it is gone again
+    assert [e.status for e in hub.requests("POST", r"/branch/merged$")] == [200]
 
 
 def test_cli_push_over_another_models_tokenizer_is_refused_in_one_line(hub, make_ckpt, tmp_path):

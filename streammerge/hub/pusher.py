@@ -191,7 +191,10 @@ class HubPusher:
     def finish(self) -> CommitInfo:
         """Wait for every upload, then commit: data files first, index/config/README last.
 
-        Returns the last commit made, or the current head when the Hub already had everything.
+        Returns the last commit made, or the current head when the Hub already had everything. When an upload
+        or a commit fails (or is refused), a branch this pusher made is deleted again where it holds nothing but
+        this push's commits, so no half-pushed branch stays; a repo it made stays, with the uploaded files, so
+        that running the push again sends nothing twice.
         """
         if self._result is not None:
             return self._result
@@ -204,6 +207,9 @@ class HubPusher:
                 uploads = dict(self._uploads)
             self._result = self.committer.commit_all(uploads, self.commit_message, self.max_files_per_commit)
             return self._result
+        except Exception:  # not KeyboardInterrupt: an interrupted push resumes
+            self.repo.discard(own_head=self.commits[-1].oid if self.commits else None, whole_repo=False)
+            raise
         finally:
             self.close()
 
