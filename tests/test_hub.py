@@ -6,6 +6,7 @@ Xet on sees against a Hub without Xet.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -162,6 +163,217 @@ def test_a_push_over_an_earlier_one_never_shows_a_mix_of_the_two(hub, folder):
         assert not {"config.json", "model.safetensors.index.json"} & set(c.tree), c.summary
     push_folder(folder, "alice/tiny", **opts)  # the rerun completes the new push
     assert remote_files(hub, "alice/tiny") == expected_files(folder) != old
+
+
+# ---- what each revision a push makes loads ------------------------------------------------------
+READ_WITH = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "chat_template*",
+             "generation_config.json")
+
+
+def loaded(hub: HubServer, commit) -> dict[str, tuple | None]:
+    """What a loader reads at ``commit`` as (config, weights, tokenizer and generation files), or None where it would
+    load nothing.
+
+    transformers: config.json, and model.safetensors where there is one, else every file the index names. vLLM:
+    config.json, and every top-level *.safetensors file, only those the index names where there is an index.
+    """
+    tree = commit.tree
+    config = tree.get("config.json")
+    if config is None:
+        return {"transformers": None, "vllm": None}
+    index = tree.get("model.safetensors.index.json")
+    named = None if index is None else set(json.loads(hub.blobs[index.sha256])["weight_map"].values())
+
+    beside = frozenset((p, e.sha256) for p, e in tree.items() if any(fnmatch.fnmatchcase(p, w) for w in READ_WITH))
+
+    def state(files: set[str] | None) -> tuple | None:
+        if not files or not files <= set(tree):
+            return None
+        return config.sha256, frozenset((f, tree[f].sha256) for f in files), beside
+
+    top = {p for p in tree if "/" not in p and p.endswith(".safetensors")}
+    return {"transformers": state({"model.safetensors"} if "model.safetensors" in tree else named),
+            "vllm": state(top if named is None else top & named)}
+
+
+def assert_never_a_mix(hub: HubServer, repo_id: str, revision: str, since: int, before: bool = True) -> None:
+    """Every commit of ``revision`` from number ``since`` on loads nothing, the push's own model whole, or (with
+    ``before``) what commit ``since - 1`` loaded whole; and the head loads the push's model."""
+    log = hub.commit_log(repo_id, revision)
+    old, new = loaded(hub, log[since - 1]), loaded(hub, log[-1])
+    assert all(new.values()), new
+    for c in log[since:]:
+        for loader, state in loaded(hub, c).items():
+            allowed = [None, new[loader]] + ([old[loader]] if before else [])
+            assert state in allowed, (c.summary, loader, sorted(c.tree))
+
+
+@pytest.mark.parametrize("revision", ["main", "step"])
+def test_a_later_step_in_several_commits_commits_again_the_index_and_config_it_hid(hub, folder, revision):
+    """Step 2 overwrites step 1's shards (same names and sizes: its index and config are byte for byte step 1's) in
+    several commits, on main or on the branch step 1 went to. Its first commit hides index and config, so its last
+    must commit them again though the Hub had them unchanged when it began: else the head loads nothing."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=3, retry=FAST, revision=revision)
+    push_folder(folder, "alice/tiny", **opts)
+    old = remote_files(hub, "alice/tiny", revision)
+    since = len(hub.commit_log("alice/tiny", revision))
+    for i, (name, size) in enumerate(SHARDS.items()):
+        write_random(folder / name, size, seed=100 + i)
+    push_folder(folder, "alice/tiny", **opts)
+    assert remote_files(hub, "alice/tiny", revision) == expected_files(folder) != old
+    assert len(hub.commit_log("alice/tiny", revision)) - since > 1
+    assert_never_a_mix(hub, "alice/tiny", revision, since)
+
+
+def test_a_tokenizer_file_in_an_early_commit_hides_the_model_it_would_load_with(hub, folder):
+    """Step 2 keeps step 1's weights but brings a chat template, an optimizer export in files of other names and a new
+    config, in several commits: the chat template in an early commit would load with step 1's config (a mix), so
+    that commit hides the config."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=2, retry=FAST)
+    push_folder(folder, "alice/tiny", **opts)
+    since = len(hub.commit_log("alice/tiny"))
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    (folder / "optimizer" / "optimizer-00001-of-00001.safetensors").unlink()  # in two files of other names now
+    for i in (1, 2):
+        write_random(folder / "optimizer" / f"optimizer-0000{i}-of-00002.safetensors", 200_000, seed=90 + i)
+    (folder / "optimizer" / "optimizer.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        f"state.{i}.exp_avg": f"optimizer-0000{i}-of-00002.safetensors" for i in (1, 2)}}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "step": 2}))
+    push_folder(folder, "alice/tiny", **opts)
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)
+    assert len(hub.commit_log("alice/tiny")) - since > 1
+    assert_never_a_mix(hub, "alice/tiny", "main", since)
+
+
+def single_file_folder(root: Path) -> Path:
+    """One model.safetensors, its config and tokenizer config, and an optimizer export of three files."""
+    write_random(root / "model.safetensors", 600_000, seed=7)
+    for i in range(1, 4):
+        write_random(root / "optimizer" / f"optimizer-0000{i}-of-00003.safetensors", 100_000, seed=70 + i)
+    (root / "optimizer" / "optimizer.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        f"state.{i}.exp_avg": f"optimizer-0000{i}-of-00003.safetensors" for i in range(1, 4)}}))
+    (root / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
+    (root / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    return root
+
+
+@pytest.mark.parametrize("order", ["single-over-sharded", "sharded-over-single"])
+def test_a_single_file_model_over_a_sharded_one_or_the_reverse_never_loads_a_mix(hub, folder, tmp_path, order):
+    """transformers loads model.safetensors before any index, vLLM every *.safetensors where there is no index: the
+    first commits of a push of several that bring one layout beside the other's entry point would load weights of
+    two pushes (or the new weights with the old config), unless that commit hides the entry point."""
+    single = single_file_folder(tmp_path / "single")
+    first, second = (folder, single) if order == "single-over-sharded" else (single, folder)
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=2, retry=FAST)
+    push_folder(first, "alice/tiny", **opts)
+    since = len(hub.commit_log("alice/tiny"))
+    push_folder(second, "alice/tiny", **opts)
+    assert remote_files(hub, "alice/tiny") == expected_files(second)
+    assert len(hub.commit_log("alice/tiny")) - since > 1
+    assert_never_a_mix(hub, "alice/tiny", "main", since)
+
+
+def test_a_branch_made_from_main_never_loads_mains_model(hub, folder, tmp_path):
+    """main holds step 1 (4 shards); step 5 goes to a new branch in several commits, in 3 shards of other names. The
+    branch starts as main's copy: its first commit hides main's index and config, so that no commit of the branch
+    loads main's model (or a mix of the two) under the branch's name."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=2, retry=FAST)
+    push_folder(folder, "alice/tiny", **opts)
+    since = len(hub.commit_log("alice/tiny"))
+    step5 = tmp_path / "step5"
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for i, name in enumerate(names):
+        write_random(step5 / name, 300_000, seed=50 + i)
+    (step5 / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 900_000}, "weight_map": {f"layers.{i}.weight": n for i, n in enumerate(names)}}))
+    (step5 / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "step": 5}))
+    (step5 / "tokenizer_config.json").write_bytes((folder / "tokenizer_config.json").read_bytes())
+    push_folder(step5, "alice/tiny", revision="step-5", **opts)
+    assert remote_files(hub, "alice/tiny", "step-5") == expected_files(step5)  # main's shards and optimizer: stale
+    assert len(hub.commit_log("alice/tiny", "step-5")) - since > 1
+    assert_never_a_mix(hub, "alice/tiny", "step-5", since, before=False)
+    assert remote_files(hub, "alice/tiny") == expected_files(folder)  # main untouched
+
+
+def test_another_models_tokenizer_or_generation_config_at_the_revision_is_refused(hub, folder):
+    """The revision holds files transformers reads beside the weights (another model's tokenizer, its generation
+    config) that this push does not bring: they would load with the pushed weights. Not ours to delete: refused
+    before anything is committed, in one line naming them and what to do."""
+    hub.create_repo("alice/tiny")
+    hub.add_files("alice/tiny", {"config.json": b"{}", "tokenizer.json": b"{}", "special_tokens_map.json": b"{}",
+                                 "generation_config.json": b"{}", "notes.txt": b"x", "docs/tokenizer.json": b"{}"})
+    head = hub.repo("alice/tiny").branches["main"]
+    with pytest.raises(PushError) as e:
+        push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    message = str(e.value)
+    assert e.value.kind == "conflict" and "\n" not in message, message
+    assert "generation_config.json, special_tokens_map.json, tokenizer.json" in message, message
+    assert "docs/" not in message and "notes.txt" not in message and "nothing was committed" in message
+    assert hub.repo("alice/tiny").branches["main"] == head and not hub.requests("POST", r"/commit/")
+
+    # the files this push brings itself are no conflict
+    for name in ("tokenizer.json", "special_tokens_map.json", "generation_config.json"):
+        (folder / name).write_text("{}")
+    push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "notes.txt": b"x",
+                                               "docs/tokenizer.json": b"{}"}
+
+
+def test_delete_stale_false_is_refused_where_the_revision_keeps_weights_a_loader_reads(hub, folder, tmp_path):
+    """delete_stale=False only adds. Beside the pushed index a model.safetensors (transformers loads it first), beside a
+    pushed model.safetensors the old index and shards (vLLM follows the index), or old shards the new index does not
+    name (loaders that read every *.safetensors) would load another push's weights: refused, nothing committed."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    single = single_file_folder(tmp_path / "single")
+    push_folder(folder, "alice/tiny", **opts)
+    push_folder(folder, "alice/tiny", delete_stale=False, **opts)  # nothing of an earlier push beside it: fine
+    head = hub.repo("alice/tiny").branches["main"]
+    with pytest.raises(PushError) as e:
+        push_folder(single, "alice/tiny", delete_stale=False, **opts)
+    assert e.value.kind == "conflict" and "\n" not in str(e.value)
+    assert "model-00001-of-00004.safetensors" in str(e.value) and "model.safetensors.index.json" in str(e.value)
+    assert "delete_stale" in str(e.value)
+
+    push_folder(single, "alice/tiny", revision="single", **opts)
+    with pytest.raises(PushError, match=r"model\.safetensors \("):
+        push_folder(folder, "alice/tiny", revision="single", delete_stale=False, **opts)
+
+    three = tmp_path / "three"  # the same weights in 3 shards of other names
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for i, name in enumerate(names):
+        write_random(three / name, 300_000, seed=30 + i)
+    (three / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 900_000}, "weight_map": {f"layers.{i}.weight": n for i, n in enumerate(names)}}))
+    (three / "config.json").write_bytes((folder / "config.json").read_bytes())
+    (three / "tokenizer_config.json").write_bytes((folder / "tokenizer_config.json").read_bytes())
+    with pytest.raises(PushError, match="model-00004-of-00004.safetensors"):
+        push_folder(three, "alice/tiny", delete_stale=False, **opts)
+    assert hub.repo("alice/tiny").branches["main"] == head
+
+
+@pytest.mark.parametrize("fails", ["first commit", "second commit", "conflict"])
+def test_a_failed_commit_removes_the_branch_the_push_made_and_only_that(hub, folder, fails):
+    """A push to a new branch whose commit fails (or is refused) removes the branch it made, with what of the push
+    it holds: no half-pushed branch stays. A branch that was there before stays as it was."""
+    opts = dict(endpoint=hub.endpoint, token=WRITE_TOKEN, max_files_per_commit=3, retry=FAST)
+    hub.create_repo("alice/tiny")
+    hub.add_files("alice/tiny", {"notes.txt": b"x", **({"adapter_config.json": b"{}"} if fails == "conflict" else {})})
+    hub.repo("alice/tiny").branches["kept"] = hub.repo("alice/tiny").branches["main"]
+    before = dict(hub.repo("alice/tiny").branches)
+    for revision in ("new", "kept"):
+        if fails != "conflict":
+            hub.fail_next(r"/commit/", n=20, status=422, skip=1 if fails == "second commit" else 0)
+        with pytest.raises(PushError):
+            push_folder(folder, "alice/tiny", revision=revision, **opts)
+        hub.clear_faults()
+        if revision == "new":
+            assert hub.repo("alice/tiny").branches == before
+    assert hub.repo("alice/tiny").branches["main"] == before["main"]
+    assert "new" not in hub.repo("alice/tiny").branches
+    if fails == "second commit":  # the branch that was there keeps the commit that landed
+        assert hub.repo("alice/tiny").branches["kept"] != before["kept"]
+    else:
+        assert hub.repo("alice/tiny").branches["kept"] == before["kept"]
 
 
 def test_existing_repo_is_updated_and_a_rerun_sends_nothing(hub, folder):
@@ -455,15 +667,17 @@ def test_a_folder_pushed_over_an_earlier_model_replaces_its_weights_and_untouche
     assert sorted(hub.commit_log("alice/tiny")[-1].deleted) == ["README.md", "model.safetensors"]
     assert remote_files(hub, "alice/tiny") == {**expected_files(folder), "notes.txt": b"kept"}
 
-    # a folder without weights (a tokenizer update) deletes nothing; delete_stale=False keeps what is there
+    # a folder without weights (a tokenizer update) deletes nothing; delete_stale=False, which would keep the index and
+    # shards beside model.safetensors (and the other push's tokenizer), is refused
     extra = tmp_path / "tokenizer"
     (extra / "tokenizer_config.json").parent.mkdir()
     (extra / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
     push_folder(extra, "alice/tiny", **opts)
     assert hub.commit_log("alice/tiny")[-1].deleted == []
-    push_folder(earlier, "alice/tiny", delete_stale=False, **opts)
-    assert hub.commit_log("alice/tiny")[-1].deleted == []
-    assert {"model.safetensors", "model.safetensors.index.json", "README.md"} <= set(hub.files("alice/tiny"))
+    head = hub.repo("alice/tiny").branches["main"]
+    with pytest.raises(PushError, match="delete_stale=True"):
+        push_folder(earlier, "alice/tiny", delete_stale=False, **opts)
+    assert hub.repo("alice/tiny").branches["main"] == head
 
 # Every kind of token, against a personal and an organization namespace: (token, repo, refusal or None).
 ACCESS_CASES = [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.tensor  # noqa: F401  (lets this file's torch.load(weights_only=True) rebuild DTensors)
 from safetensors.torch import load_file
 
 from streammerge.cli import main as cli_main

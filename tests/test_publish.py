@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from ckpt_tools import copy_actor, diverge
+from ckpt_tools import copy_actor, diverge, rewrite_rank
 from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -543,6 +543,35 @@ def test_push_over_an_earlier_push_deletes_its_stale_shards_and_optimizer_in_the
     assert again.commits == 0 and not again.deleted and len(hub.commit_log("alice/tiny")) == n_commits
 
 
+def test_a_later_step_of_the_same_model_in_several_commits_ends_with_its_index_and_config(hub, make_ckpt, tmp_path):
+    """Step B of the same run (same shapes and config: its index and config are byte for byte step A's) pushed over
+    step A in several commits. The first commit hides index and config (its shards overwrite A's), so the last must
+    commit them again though the Hub held them unchanged when the push began: else the repo ends with B's shards
+    and no index or config. No commit in between holds a config."""
+    a = copy_actor(make_ckpt(), tmp_path / "a" / "actor")
+    b = copy_actor(make_ckpt(), tmp_path / "b" / "actor")
+
+    def step(sd: dict) -> None:  # every weight moves, as a training step moves it
+        for v in sd.values():
+            local = getattr(v, "_local_tensor", v)
+            if local.is_floating_point():
+                local.add_(1.0)
+
+    for f in b.glob("model_world_size_*.pt"):
+        rewrite_rank(f, step)
+    merge_and_push(a, tmp_path / "out_a", "tiny", **opts(hub))
+    since = len(hub.commit_log("alice/tiny"))
+    second = merge_and_push(b, tmp_path / "out_b", "tiny", **opts(hub, max_files_per_commit=2))
+    local_a, local_b = local_files(tmp_path / "out_a"), local_files(tmp_path / "out_b")
+    for name in ("model.safetensors.index.json", "config.json"):
+        assert local_a[name] == local_b[name]
+    assert local_a["model-00001-of-00003.safetensors"] != local_b["model-00001-of-00003.safetensors"]
+    assert second.ok and second.commits > 1 and remote_files(hub, "alice/tiny") == local_b
+    assert "config.json" not in second.unchanged
+    commits = hub.commit_log("alice/tiny")[since:]
+    assert "config.json" in commits[0].deleted and not any("config.json" in c.tree for c in commits[:-1])
+
+
 def _hub_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("streammerge")]
 
@@ -832,6 +861,25 @@ def test_a_push_into_a_repo_holding_a_peft_adapter_commits_nothing(hub, make_ckp
     proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "alice/tuned", "--revision", "merged",
                 "--no-optimizer"], hub)
     assert proc.returncode == 4 and "holds adapter_config.json" in proc.stderr, proc.stderr
+    assert hub.repo("alice/tuned").branches == {"main": head}  # the branch the push made for it is gone again
+    assert [e.status for e in hub.requests("POST", r"/branch/merged$")] == [200]
+
+
+def test_cli_push_over_another_models_tokenizer_is_refused_in_one_line(hub, make_ckpt, tmp_path):
+    """The revision holds a slow tokenizer's vocab.json and merges.txt and a generation_config.json of another model;
+    the merge brings tokenizer.json, tokenizer_config.json and its own generation_config.json. transformers would load
+    that vocabulary with these weights: exit 4, one line naming the two files and the fix, nothing committed."""
+    hub.create_repo("alice/other")
+    hub.add_files("alice/other", {"vocab.json": b"{}", "merges.txt": b"#version: 0.2\n",
+                                  "generation_config.json": b"{}"})
+    head = hub.repo("alice/other").branches["main"]
+    proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "alice/other", "--no-optimizer"], hub)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and "merges.txt, vocab.json (another model's tokenizer" in line[0], proc.stderr
+    assert "generation_config.json" not in line[0] and "nothing was committed: delete them" in line[0]
+    assert hub.repo("alice/other").branches["main"] == head
+    assert {"tokenizer.json", "generation_config.json"} <= set(local_files(tmp_path / "out"))
 
 
 def test_a_push_with_a_card_keeps_a_readme_someone_edited_or_wrote(hub, make_ckpt, tmp_path, caplog):

@@ -1,12 +1,16 @@
 """Commits of a push: in a safe order, each applied once, stale files of an earlier push deleted with the last.
 
 Data files are committed first and the files that point at them (``*.index.json``, ``config.json``,
-``README.md``) last, so the repo never shows an index naming a shard it does not have. When a push of
-several commits overwrites data files an earlier push left, its first commit also deletes the files it
-will write last: the commits in between then hold no loadable model, rather than the old index over a
-mix of old and new shards (a model made of two training steps). A commit
-whose answer was lost is checked against the remote before it is sent again, and a retry is made
-on top of the head it checked, so it is never applied twice and never deletes a file it did not see.
+``README.md``) last, all in one commit, so the repo never shows an index naming a shard it does not have.
+When the first commits of a push of several would make the revision load something that is neither the
+earlier model nor this one (see :meth:`Committer._to_hide`), its first commit also deletes the files that
+make the revision loadable (index, config, card) and its last commit writes them again: the commits in
+between hold no loadable model, rather than a model made of two training steps. Before anything is
+committed, a model push is refused where the revision holds files a loader would read with it that the
+push neither brings nor deletes (a peft adapter's config, another model's tokenizer, weights an earlier
+push left). A commit whose answer was lost is checked against the remote before it is sent again, and a
+retry is made on top of the head it checked, so it is never applied twice and never deletes a file it
+did not see.
 """
 
 from __future__ import annotations
@@ -25,10 +29,18 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.utils.sha import git_hash
 
+from ..model_folder import MODEL_FILE_PATTERNS
+from ..sources.hf import INDEX, SINGLE
 from .repo import HubRepo
 from .retry import RETRY_STATUS, PushError, Retrier, status_of
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's: at a repo's top, transformers loads the repo as an adapter
+CONFIG = "config.json"
+# The files transformers loads a model's weights from, at the top of a repo: model.safetensors before any index.
+WEIGHT_PATTERNS = (SINGLE, "model-*-of-*.safetensors", INDEX)
+# What else transformers reads beside a model's config and weights: the tokenizer and the generation settings
+# (what a merge carries from huggingface/, less config.json and the remote code only config.json's auto_map names).
+READ_BESIDE = tuple(p for p in MODEL_FILE_PATTERNS if p not in (CONFIG, "*.py"))
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +54,16 @@ def is_last_file(path_in_repo: str) -> bool:
     """True for the files committed last (index, config, model card)."""
     name = PurePosixPath(path_in_repo).name
     return any(fnmatch.fnmatchcase(name, p) for p in LAST_PATTERNS)
+
+
+def is_weight_file(path_in_repo: str) -> bool:
+    """True for the top-level files transformers loads weights from (model.safetensors, shards, their index)."""
+    return any(matches(path_in_repo, p) for p in WEIGHT_PATTERNS)
+
+
+def read_beside(path_in_repo: str) -> bool:
+    """True for a top-level file transformers reads with a model's weights (tokenizer, generation config)."""
+    return "/" not in path_in_repo and any(fnmatch.fnmatchcase(path_in_repo, p) for p in READ_BESIDE)
 
 
 def matches(path_in_repo: str, pattern: str) -> bool:
@@ -69,6 +91,8 @@ def plan_commits(paths: Iterable[str], max_files_per_commit: int) -> list[list[s
     Everything fits in one commit when it can (one atomic change, and commits are rate-limited).
     Otherwise the data files go in batches of ``max_files_per_commit`` and the "last" files after
     them, e.g. 5 shards + index + config with max 3 -> [[s1, s2, s3], [s4, s5], [config, index]].
+    The "last" files go in one commit whatever their number (a few small files): a config committed
+    before its index would load beside the weights an earlier push left until that index came.
     """
     if max_files_per_commit < 1:
         raise ValueError("max_files_per_commit must be at least 1")
@@ -80,8 +104,7 @@ def plan_commits(paths: Iterable[str], max_files_per_commit: int) -> list[list[s
     if len(paths) <= max_files_per_commit:
         return [data + last]
     chunk = max_files_per_commit
-    return [data[i:i + chunk] for i in range(0, len(data), chunk)] + \
-        [last[i:i + chunk] for i in range(0, len(last), chunk)]
+    return [data[i:i + chunk] for i in range(0, len(data), chunk)] + ([last] if last else [])
 
 
 @dataclass
@@ -129,7 +152,7 @@ class Committer:
         self.num_threads = num_threads
         self.commits: list[CommitInfo] = []
         self.unchanged: list[str] = []  # paths whose content the Hub already had at this revision
-        self.deleted: list[str] = []  # remote paths the last commit deleted
+        self.deleted: list[str] = []  # stale remote paths deleted (by the last commit, or the first that hid them)
 
     def commit_all(self, uploads: dict[str, Upload], message: str, max_files_per_commit: int) -> CommitInfo:
         """Commit ``uploads`` (path in repo -> finished upload) in the order of :func:`plan_commits`.
@@ -139,52 +162,98 @@ class Committer:
         ``message``. Returns the last commit made, or the current head when nothing was committed.
         """
         remote = functools.cache(self._remote_files)  # listed once, and only where something asks
-        if "config.json" in uploads and ADAPTER_CONFIG not in uploads and ADAPTER_CONFIG in remote():
-            repo = self.repo
-            raise PushError(f"{repo.repo_id} (revision {repo.revision}) holds {ADAPTER_CONFIG} at its top, which would "
-                            "make transformers load it as a peft adapter instead of the pushed model; nothing was "
-                            "committed: delete that file from the repo (or push to another repo or --revision)",
-                            kind="conflict")
+        if self.repo.repo_type == "model" and any(p in uploads for p in (CONFIG, SINGLE, INDEX)):
+            # a model: refused where what else the revision holds would load with it
+            self._refuse_foreign(uploads, remote())
         for path, check in self.keep_if.items():
             if path in uploads and path in remote() and check(self.calls.call(
                     f"read {path}", functools.partial(self._read, path, self.repo.revision))):
                 self.kept.append(path)
         changed = {p: u for p, u in uploads.items() if not unchanged(u.op) and p not in self.kept}
-        self.unchanged = sorted(set(uploads) - set(changed) - set(self.kept))
-        if self.unchanged:
-            logger.info("Hub already has %d of %d files unchanged; not committing them again",
-                        len(self.unchanged), len(uploads))
         batches = plan_commits(changed, max_files_per_commit)
         deletes = bool(self.delete_patterns or self.delete_if)
         if not batches and deletes:
             batches = [[]]  # nothing new, but stale files may still have to go
         sent = {p: u for p, u in uploads.items() if p not in self.kept}  # a kept file is not hidden for a while either
-        hide = self._pointers_over_overwrites(batches, sent, remote()) if len(batches) > 1 else []
+        hide = self._to_hide(batches, sent, remote()) if len(batches) > 1 else []
+        again = [p for p in hide if p in sent and p not in changed]  # hidden though unchanged: written again last
+        if again:  # fresh operations: huggingface_hub leaves out one whose upload found the content there
+            changed.update((p, Upload(sent[p].local_path, _fresh_op(sent[p]), sent[p].future)) for p in again)
+            batches = plan_commits(changed, max_files_per_commit)
+        self.unchanged = sorted(set(uploads) - set(changed) - set(self.kept))
+        if self.unchanged:
+            logger.info("Hub already has %d of %d files unchanged; not committing them again",
+                        len(self.unchanged), len(uploads))
+        hidden: list[str] = []
         for i, batch in enumerate(batches, 1):
             part = message if len(batches) == 1 else f"{message} (part {i}/{len(batches)})"
             keep = set(uploads) if i == len(batches) and deletes else None
             info = self.commit([changed[p] for p in batch], part, keep=keep, hide=hide if i == 1 else ())
             if info is not None:
                 self.commits.append(info)
+            if i == 1 and len(batches) > 1:
+                hidden = [p for p in self.deleted if p not in sent]  # stale entry points the first commit took
+        self.deleted = sorted(set(self.deleted) | set(hidden))
         if self.deleted:
             logger.info("deleted %d stale files from %s: %s", len(self.deleted), self.repo.repo_id,
                         ", ".join(self.deleted))
         return self.commits[-1] if self.commits else self._head_commit_info(message)
 
     def _remote_files(self) -> set[str]:
-        """The files at the revision before this push commits: a model meeting a peft adapter's config, a file in
-        keep_if, and the pointers that several commits overwrite are all judged from this one listing."""
+        """The files at the revision before this push commits: what else would load with a model push, a file in
+        keep_if, and what several commits must hide are all judged from this one listing."""
         repo = self.repo
         return set(self.calls.call("list the remote files", lambda: self.api.list_repo_files(
             repo.repo_id, revision=repo.revision, repo_type=repo.repo_type)))
 
-    def _pointers_over_overwrites(self, batches: list[list[str]], uploads: dict[str, Upload],
-                                  remote: set[str]) -> list[str]:
-        """The remote index/config/card files this push rewrites at the end, when an earlier commit of it
-        overwrites a remote data file they may point at (else none)."""
-        if not any(p in remote for batch in batches[:-1] for p in batch):
+    def _deletes(self, path: str) -> bool:
+        """Whether the last commit deletes ``path`` when this push does not bring it (``delete_patterns``)."""
+        return any(matches(path, p) for p in self.delete_patterns or ())
+
+    def _refuse_foreign(self, uploads: Mapping[str, Upload], remote: set[str]) -> None:
+        """PushError (nothing committed) where the revision holds files a loader would read with the pushed model
+        that this push neither brings nor deletes: a peft adapter's config (transformers loads the repo as that
+        adapter), another model's tokenizer or generation config, or weight files an earlier push left (kept by
+        ``delete_patterns=None``: a model.safetensors transformers loads before the pushed index, an index and shards
+        beside a pushed model.safetensors, or shards the pushed index does not name, which loaders that read every
+        ``*.safetensors`` take)."""
+        repo = self.repo
+        where = f"{repo.repo_id} (revision {repo.revision})"
+        if ADAPTER_CONFIG not in uploads and ADAPTER_CONFIG in remote:
+            raise PushError(f"{where} holds {ADAPTER_CONFIG} at its top, which would make transformers load it as a "
+                            "peft adapter instead of the pushed model; nothing was committed: delete that file from "
+                            "the repo (or push to another repo or --revision)", kind="conflict")
+        others = sorted(p for p in remote if p not in uploads and read_beside(p))
+        weights = sorted(p for p in remote if p not in uploads and is_weight_file(p) and not self._deletes(p)) \
+            if SINGLE in uploads or INDEX in uploads else []
+        if not others and not weights:
+            return
+        what = ([f"{', '.join(others)} (another model's tokenizer or generation settings)"] if others else []) + \
+               ([f"{', '.join(weights)} (weights an earlier push left, kept by delete_stale=False)"] if weights else [])
+        fix = "delete them from the repo" + (", push with delete_stale=True" if weights else "")
+        raise PushError(f"{where} holds {' and '.join(what)}, which this push does not bring and transformers or "
+                        f"another loader would read with the pushed model; nothing was committed: {fix}, or push to "
+                        "another repo or --revision", kind="conflict")
+
+    def _to_hide(self, batches: list[list[str]], sent: Mapping[str, Upload], remote: set[str]) -> list[str]:
+        """The remote files the first of several commits deletes, so that no commit before the last loads a model that
+        is neither the earlier one nor this push's: the index, config and card this push writes again last, and the
+        weight entry points it deletes then as stale. None where the earlier model stays whole until the last commit.
+
+        Hidden where an earlier commit overwrites a remote file (shards of the same names: the old index over a mix
+        of two steps), adds tokenizer or generation files (read with the old weights), adds model.safetensors beside
+        remote weights (transformers loads it before any index, with the old config), or adds shards beside a remote
+        model.safetensors (loaders that read every ``*.safetensors`` of a folder without an index take both); and
+        always on a branch this push made, which starts as main's copy: main's model must not load under the
+        branch's name, nor a mix of it with this push.
+        """
+        early = {p for batch in batches[:-1] for p in batch}
+        if not (self.repo.created_branch is not None or early & remote or any(read_beside(p) for p in early)
+                or (SINGLE in early and (SINGLE in remote or INDEX in remote))
+                or (SINGLE in remote and any(is_weight_file(p) for p in early))):
             return []
-        return sorted(p for p in remote if p in uploads and is_last_file(p))
+        return sorted(p for p in remote if (p in sent and is_last_file(p))
+                      or (p in (SINGLE, INDEX) and p not in sent and self._deletes(p)))
 
     def commit(self, uploads: list[Upload], message: str, keep: set[str] | None = None,
                hide: Iterable[str] = ()) -> CommitInfo | None:
@@ -195,6 +264,7 @@ class Committer:
         """
         hide = tuple(hide)
         repo = self.repo
+        self.deleted = []
         what = f"commit {len(uploads)} files" if keep is None else f"commit {len(uploads)} files and delete stale ones"
         failed_before = False
         maybe_applied = False  # the last attempt failed without a refusal: the Hub may have applied it
@@ -227,7 +297,7 @@ class Committer:
                     ops = [_fresh_op(u) for u in uploads]
             if not ops and not stale and not gone:
                 return None
-            failed_before, maybe_applied, sent = True, True, stale
+            failed_before, maybe_applied, sent = True, True, stale + gone
             try:
                 commit = self.api.create_commit(repo.repo_id, ops + [CommitOperationDelete(p) for p in stale + gone],
                                               commit_message=message, revision=repo.revision,
@@ -237,7 +307,7 @@ class Committer:
                 maybe_applied = status_of(exc) not in REFUSED  # a refused commit changed nothing
                 raise
             failed_before = maybe_applied = False
-            self.deleted = stale
+            self.deleted = stale + gone
             return commit
 
         # 412 (or 409): our parent_commit is no longer the head; the next attempt looks again.

@@ -264,7 +264,10 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
     push, e.g. the 4th shard of an earlier 4-shard merge, or an earlier optimizer export when this
     push has none. A push that brings no README.md (``model_card=False`` and none in ``huggingface/``)
     also deletes a README.md that is a card an earlier push generated, byte for byte (it describes
-    that upload); one edited since stays, with a warning. Nothing else is ever deleted.
+    that upload); one edited since stays, with a warning. Nothing else is ever deleted. With
+    ``delete_stale=False`` the push only adds, and is refused (:class:`PushError`, nothing committed) where the
+    revision would keep weights of an earlier push beside the new ones; so is any push where the revision holds
+    another model's tokenizer or generation config that this one does not bring.
 
     ``verify=True`` checks the finished folder against the checkpoint (:func:`streammerge.verify`) before the
     commit: on a failure nothing is committed (a repo or branch this call created is removed again) and the

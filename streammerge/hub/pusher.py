@@ -23,7 +23,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
 from .card import card_state
-from .commits import Committer, Upload
+from .commits import WEIGHT_PATTERNS, Committer, Upload
 from .repo import HubRepo, check_target
 from .retry import Retrier, RetryPolicy
 
@@ -37,8 +37,7 @@ HUB_MAX_FILE_SIZE = 50 * 10**9  # the Hub refuses bigger files
 # What a push of ours owns in the repo: files matching these that the push does not bring are stale
 # (a shard of an earlier merge with more shards, an old optimizer export) and deleted in its last
 # commit. Matched from the repo root, `*` within one folder (see streammerge.hub.commits.matches).
-OWNED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "optimizer/**",
-                  "lora_adapter/**")
+OWNED_PATTERNS = (*WEIGHT_PATTERNS, "optimizer/**", "lora_adapter/**")
 
 
 class HubPusher:
@@ -192,7 +191,10 @@ class HubPusher:
     def finish(self) -> CommitInfo:
         """Wait for every upload, then commit: data files first, index/config/README last.
 
-        Returns the last commit made, or the current head when the Hub already had everything.
+        Returns the last commit made, or the current head when the Hub already had everything. When an upload
+        or a commit fails (or is refused), a branch this pusher made is deleted again where it holds nothing but
+        this push's commits, so no half-pushed branch stays; a repo it made stays, with the uploaded files, so
+        that running the push again sends nothing twice.
         """
         if self._result is not None:
             return self._result
@@ -205,6 +207,9 @@ class HubPusher:
                 uploads = dict(self._uploads)
             self._result = self.committer.commit_all(uploads, self.commit_message, self.max_files_per_commit)
             return self._result
+        except Exception:  # not KeyboardInterrupt: an interrupted push resumes
+            self.repo.discard(own_head=self.commits[-1].oid if self.commits else None, whole_repo=False)
+            raise
         finally:
             self.close()
 

@@ -247,16 +247,18 @@ class HubRepo:
         except RevisionNotFoundError:
             return None
 
-    def discard(self) -> list[str]:
+    def discard(self, *, own_head: str | None = None, whole_repo: bool = True) -> list[str]:
         """Delete the repo or branch :meth:`prepare` created, when nothing was committed to it since.
 
-        A created repo goes when it still holds only the Hub's initial commit, a created branch when
-        its head has not moved. Returns what was removed (``"repo"``, ``"branch <name>"``). Never
-        raises: a failure to clean up is logged, the caller's own error matters more.
+        A created repo goes when it still holds only the Hub's initial commit (never with ``whole_repo=False``:
+        its uploaded files are kept for a rerun), a created branch when its head has not moved or is at
+        ``own_head`` (the last commit of the push that made it: nobody else committed there). Returns what was
+        removed (``"repo"``, ``"branch <name>"``). Never raises: a failure to clean up is logged, the caller's own
+        error matters more.
         """
         removed: list[str] = []
         try:
-            if self.created_repo is not None:
+            if self.created_repo is not None and whole_repo:
                 info = self.api.repo_info(self.repo_id, repo_type=self.repo_type)
                 refs = self.api.list_repo_refs(self.repo_id, repo_type=self.repo_type)
                 if info.sha == self.created_repo and all(b.target_commit == info.sha for b in refs.branches):
@@ -266,16 +268,19 @@ class HubRepo:
                     logger.warning("%s was created by this push but has changed since; not deleting it", self.repo_id)
             elif self.created_branch is not None:
                 info = self.api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type)
-                if info.sha == self.created_branch:
+                if info.sha in (self.created_branch, own_head):
                     self.api.delete_branch(self.repo_id, branch=self.revision, repo_type=self.repo_type)
                     removed.append(f"branch {self.revision}")
+                else:
+                    logger.warning("branch %s of %s was created by this push but has changed since; not deleting it",
+                                   self.revision, self.repo_id)
         except Exception as exc:
             logger.warning("could not remove the %s this push created on %s: %s",
                            "repo" if self.created_repo else "branch", self.calls.endpoint,
                            self.calls.redact(first_line(exc)))
         if removed:
-            logger.info("removed the %s this push had created, as nothing was pushed: %s", " and ".join(removed),
-                        self.repo_id)
+            logger.info("removed the %s this push had created, as the push did not complete: %s",
+                        " and ".join(removed), self.repo_id)
         return removed
 
     def _rename(self, repo_id: str) -> None:
