@@ -356,13 +356,7 @@ _LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_fa
 ])
 def test_rope_norm_and_activation_the_args_record(tmp_path: Path, args, config, error, message) -> None:
     folder = _copy("llama_tp2_pp2", tmp_path)
-    _common_pt(folder, _args(**args))
-    _edit_config(folder, **config)
-    if error is None:
-        streammerge.plan(folder)
-        return
-    with pytest.raises(error, match=message):
-        streammerge.plan(folder)
+    _plan_with_args(folder, _args(**args), config, error, message)
 
 
 @pytest.mark.parametrize("case, args, config, error, message", [
@@ -390,7 +384,12 @@ def test_moe_settings_the_args_record(tmp_path: Path, case, args, config, error,
                 num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, moe_router_pre_softmax=False,
                 moe_router_score_function="softmax", moe_router_topk_scaling_factor=None,
                 qk_layernorm=case == "qwen3moe_ep2")
-    _common_pt(folder, _args(**{**base, **args}))
+    _plan_with_args(folder, _args(**{**base, **args}), config, error, message)
+
+
+def _plan_with_args(folder: Path, args, config: dict, error, message) -> None:
+    """Plan the checkpoint with these recorded args and config.json edits: it plans, or raises ``error``."""
+    _common_pt(folder, args)
     _edit_config(folder, **config)
     if error is None:
         streammerge.plan(folder)

@@ -23,10 +23,10 @@ import gc
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from .. import jsonfile
 from ..checksum import crc32
@@ -48,6 +48,7 @@ MEGATRON_METADATA = "metadata.json"  # Megatron-Core dist_checkpointing: {"shard
 DCP_SUBFOLDERS = ("dist_ckpt", "model/dist_ckpt", "trainer", "pytorch_model_fsdp_0")
 MODEL_CONTAINERS = ("model",)
 OPTIMIZER_CONTAINERS = ("optimizer", "optimizers", "optim")
+_T = TypeVar("_T")
 # top-level names of a trainer's saved dict, recognised when .metadata records no nesting
 _TRAINER_KEYS = {"model", "optimizer", "optimizers", "optim", "app", "lr_scheduler", "scheduler", "dataloader",
                  "train_state", "extra", "progress", "rng_state"}
@@ -379,30 +380,23 @@ class DcpCheckpoint:
 
     def read_object(self, key: str) -> Any:
         """A byte item's value (a torch.save blob of plain Python data), through the allowlisted unpickler."""
-        file, offset, length = self.bytes_items[key]
-        fd = no_readahead(os.open(file, os.O_RDONLY))
-        try:
-            return _Blob(fd, file, offset, length, key).pickle()[2]
-        finally:
-            os.close(fd)
+        return self._with_blob(key, lambda blob: blob.pickle()[2])
 
     def holds_tensors(self, key: str) -> bool:
         """Whether a byte item pickles tensors inside (its torch.save zip has storage records): a tuple of tensors,
         an object holding some, or a nested dict saved with flatten_state_dict=False. Reads the zip directory only."""
-        file, offset, length = self.bytes_items[key]
-        fd = no_readahead(os.open(file, os.O_RDONLY))
-        try:
-            entries, _ = _Blob(fd, file, offset, length, key).directory()
-        finally:
-            os.close(fd)
+        entries, _ = self._with_blob(key, lambda blob: blob.directory())
         return any(name.startswith("data/") for name in entries)
 
     def read_pickle(self, key: str) -> bytes:
         """A byte item's `data.pkl`, CRC-checked but not decoded (for a reader with its own unpickler)."""
+        return self._with_blob(key, lambda blob: blob.pickle_bytes()[2])
+
+    def _with_blob(self, key: str, read: Callable[[_Blob], _T]) -> _T:
         file, offset, length = self.bytes_items[key]
         fd = no_readahead(os.open(file, os.O_RDONLY))
         try:
-            return _Blob(fd, file, offset, length, key).pickle_bytes()[2]
+            return read(_Blob(fd, file, offset, length, key))
         finally:
             os.close(fd)
 
