@@ -589,3 +589,35 @@ def test_optimizer_files_that_disagree_or_are_malformed(tmp_path, edit, ranks, m
     ck = _tampered(tmp_path, "fsdp2_qwen2_tied_ws4", edit, ranks=ranks)
     with pytest.raises(streammerge.CheckpointError, match=message):
         streammerge.merge(ck, tmp_path / "out")
+
+
+def test_a_parameter_order_other_than_transformers_is_not_named_by_it(tmp_path) -> None:
+    """The optimizer's integer keys follow the *trained* model's named_parameters() order, which its model rank files
+    record (state_dict order). Where the transformers class built here registers parameters in another order (another
+    transformers version, a patched class), same-shaped parameters (q_proj and o_proj) would swap names silently:
+    the model files' order is compared first, and the optimizer is not named by position."""
+    name = "fsdp2_llama_shard1_ws4"
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    config = json.loads((FIXTURES / name / "huggingface" / "config.json").read_text())
+    order = [n for n, _ in model_params(config, _shapes(name)).params]
+    iq, io = order.index(q), order.index(o)
+    ck = _tampered(tmp_path, name, lambda osd: _swap(osd, iq, io))  # trained with o_proj registered before q_proj
+    for p in sorted(ck.glob("model_world_size_*.pt")):
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+        keys = list(sd)
+        kq, ko = keys.index(q), keys.index(o)
+        keys[kq], keys[ko] = o, q
+        p.unlink()
+        torch.save({k: sd[k] for k in keys}, p)
+    result = streammerge.merge(ck, tmp_path / "out")
+    assert not (tmp_path / "out" / "optimizer").exists()
+    assert any("optimizer not exported" in w and o in w and q in w for w in result.warnings), result.warnings
+    # the weights are named by the files, not by position: still exact
+    ref = load_file(FIXTURES / name / "reference" / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(got[k], ref[k].to(got[k].dtype)) for k in got)
+
+
+def _shapes(name: str) -> dict:
+    sd = torch.load(FIXTURES / name / "model_world_size_4_rank_0.pt", map_location="cpu", weights_only=True)
+    return {k: tuple(v.shape) for k, v in sd.items()}

@@ -129,6 +129,7 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
         model = model_params(config, known, where)
         if any(n.startswith(lora.NOTE) for n in weights_plan.notes):  # built over the peft model's parameters
             model = lora.peft_params(model, {n: t.shape for n, t in ck.tensors(options).items()})
+        _check_trained_order(model, ck.ranks(trust_pickle).names)
         ids = files[0].other["ids"]
         if len(groups) != 1:
             raise Skip(f"the optimizer has {len(groups)} param groups; the rank files do not record which "
@@ -207,6 +208,24 @@ def _check_recorded_names(groups: list[dict], fqns: Mapping[int, list[str]]) -> 
             if not (a == b or a.endswith("." + b) or b.endswith("." + a)):
                 raise Skip(f"the optimizer records parameter {pid} as {recorded!r} (param_names), but it is "
                            f"{b!r} in the model's named_parameters() order; the state cannot be named by position")
+
+
+def _check_trained_order(model: ModelParams, file_order: Sequence[str]) -> None:
+    """The model rank files hold the trained model's state_dict, whose order is its named_parameters() order (with
+    buffers and tied copies between). The optimizer's integer keys follow that order; they are named here by the
+    order of the class transformers builds now. Where the two differ (another transformers version, a patched class),
+    same-shaped parameters (q_proj and o_proj) would swap names with no shape to tell: skip rather than misname."""
+    at = {n: i for i, n in enumerate(file_order)}
+    if not all(fqn in at for fqn, _ in model.params):  # named otherwise in the files (peft): not comparable
+        return
+    ours = [fqn for fqn, _ in model.params]
+    trained = sorted(ours, key=at.__getitem__)
+    for i, (a, b) in enumerate(zip(trained, ours)):
+        if a != b:
+            raise Skip(f"parameter {i} of the trained model is {a!r} (the order of the model rank files), but "
+                       f"{model.model_class} as this transformers builds it has {b!r} there (trained with another "
+                       "transformers version or model code?); the optimizer's state, indexed in the trained order, "
+                       "cannot be named by position")
 
 
 def _check_json(obj: Any, what: str) -> None:
