@@ -621,3 +621,27 @@ def test_a_parameter_order_other_than_transformers_is_not_named_by_it(tmp_path) 
 def _shapes(name: str) -> dict:
     sd = torch.load(FIXTURES / name / "model_world_size_4_rank_0.pt", map_location="cpu", weights_only=True)
     return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("names, why", [
+    ({0: "optim_world_size_2_rank_0.pt", 1: "optim_world_size_2_rank_1.pt"}, "of world size 2, but the model rank "
+                                                                              "files are of world size 4"),
+    ({0: "optim_world_size_4_rank_0.pt", 1: "optim_world_size_4_rank_1.pt", 3: "optim_world_size_4_rank_3.pt"},
+     "optim rank files missing for ranks 2"),
+], ids=["another_world_size", "a_rank_missing"])
+def test_optim_files_that_are_not_the_models_are_not_passed_over_silently(tmp_path, names, why) -> None:
+    """Optim rank files that are not the model's world size (another run's, copied beside it), or not every rank's,
+    are no optimizer to export: a warning says so, rather than a merge that quietly leaves the optimizer out."""
+    name = "fsdp2_llama_shard1_ws4"
+    ck = tmp_path / name
+    ck.mkdir()
+    for p in (FIXTURES / name).iterdir():
+        if p.is_dir():
+            shutil.copytree(p, ck / p.name)
+        elif not p.name.startswith("optim_"):
+            os.symlink(p, ck / p.name)
+    for r, target in names.items():
+        os.symlink(FIXTURES / name / f"optim_world_size_4_rank_{r}.pt", ck / target)
+    result = streammerge.merge(ck, tmp_path / "out")
+    assert not (tmp_path / "out" / "optimizer").exists()
+    assert any(w.startswith("optimizer not exported") and why in w for w in result.warnings), result.warnings

@@ -115,8 +115,9 @@ def verl_source(actor: Path) -> VerlSource:
             optim_files = tuple(optim[r] for r in range(world_size))
 
     hf_dir = actor / "huggingface"
+    other_optim = tuple(sorted(ws for ws in found.get("optim", {}) if ws != world_size))
     return VerlSource(actor, world_size=world_size, model_files=tuple(ranks[r] for r in range(world_size)),
-                      optim_files=optim_files, missing_optim_ranks=missing_optim,
+                      optim_files=optim_files, missing_optim_ranks=missing_optim, other_optim_world_sizes=other_optim,
                       hf_dir=hf_dir if hf_dir.is_dir() else None, fsdp_version=fsdp_version,
                       step=step_of(actor, STEP_DIR))
 
@@ -129,12 +130,14 @@ class VerlSource(Source):
 
     def __init__(self, path: Path, *, world_size: int, model_files: tuple[Path, ...],
                  optim_files: tuple[Path, ...] = (), missing_optim_ranks: tuple[int, ...] = (),
-                 hf_dir: Path | None = None, fsdp_version: int | None = None, step: int | None = None):
+                 other_optim_world_sizes: tuple[int, ...] = (), hf_dir: Path | None = None,
+                 fsdp_version: int | None = None, step: int | None = None):
         super().__init__(path, step=step, hf_dir=hf_dir)
         self.world_size = world_size
         self.model_files = model_files
         self.optim_files = optim_files
         self.missing_optim_ranks = missing_optim_ranks
+        self.other_optim_world_sizes = other_optim_world_sizes  # optim files of no model world size: another run's
         self.fsdp_version = fsdp_version
         self._ranks: RankSet | None = None
         self._trust: bool | None = None
@@ -152,8 +155,8 @@ class VerlSource(Source):
             raise CheckpointError(f"{self.path}: the model rank files hold no tensors (empty checkpoint)")
         return tensors
 
-    def has_optimizer(self) -> bool:
-        return bool(self.optim_files)
+    def has_optimizer(self) -> bool:  # or something to say why there is none
+        return bool(self.optim_files or self.missing_optim_ranks or self.other_optim_world_sizes)
 
     def optimizer_plan(self, weights: Plan, options: MergeOptions, config: dict | None,
                        model_dir: Path | None) -> tuple[Plan | None, list[str]]:
@@ -161,6 +164,12 @@ class VerlSource(Source):
             if self.missing_optim_ranks:
                 return None, [f"optimizer not exported: optim rank files missing for ranks "
                               f"{_ranges(list(self.missing_optim_ranks))}"]
+            if self.other_optim_world_sizes:
+                sizes = ", ".join(map(str, self.other_optim_world_sizes))
+                return None, [f"optimizer not exported: {self.path} holds optim rank files of world size {sizes}, "
+                              f"but the model rank files are of world size {self.world_size} (another run's "
+                              "optimizer?); copy the run's own optim_world_size_"
+                              f"{self.world_size}_rank_*.pt files"]
             return None, []
         from ..optimizer.fsdp import plan_optimizer  # optional stage: imports torch
 
