@@ -645,3 +645,27 @@ def test_optim_files_that_are_not_the_models_are_not_passed_over_silently(tmp_pa
     result = streammerge.merge(ck, tmp_path / "out")
     assert not (tmp_path / "out" / "optimizer").exists()
     assert any(w.startswith("optimizer not exported") and why in w for w in result.warnings), result.warnings
+
+
+@pytest.mark.parametrize("name", ["fsdp1_llama_ws4", "fsdp1_origparams_llama_ws4", "fsdp1_hsdp_llama_2x2"])
+def test_fsdp1_model_files_renamed_apart_from_the_optim_files(name, tmp_path) -> None:
+    """FSDP1's flat optimizer shards carry no mesh coordinate: each optim file is paired with the model file of its
+    rank. Where a model file's own coordinate is not its rank's (model files renamed, optim files not), that pairing
+    would export slices in the wrong places with exit 0: the optimizer is not exported, the weights (placed by their
+    own coordinates) are."""
+    ck = tmp_path / name
+    ck.mkdir()
+    swap = {"model_world_size_4_rank_1.pt": "model_world_size_4_rank_2.pt",
+            "model_world_size_4_rank_2.pt": "model_world_size_4_rank_1.pt"}
+    for p in (FIXTURES / name).iterdir():
+        if p.is_dir():
+            shutil.copytree(p, ck / p.name)
+        else:
+            os.symlink(p, ck / swap.get(p.name, p.name))
+    result = streammerge.merge(ck, tmp_path / "out", dtype="keep")
+    assert not (tmp_path / "out" / "optimizer").exists()
+    assert any(w.startswith("optimizer not exported") and "model_world_size_4_rank_1.pt" in w
+               for w in result.warnings), result.warnings
+    ref = load_file(FIXTURES / name / "reference" / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(got[k], ref[k].to(got[k].dtype)) for k in got)

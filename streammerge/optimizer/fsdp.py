@@ -34,6 +34,7 @@ from ..sources.rankfile import (
     _span_bytes,
     chunk_bounds,
     layout_name,
+    row_major_coordinate,
     storage_records,
     tensor_pieces,
     torch_load_meta,
@@ -356,6 +357,12 @@ def shard_files(ck: VerlSource, files: Sequence[RankFile], trust_pickle: bool = 
     if len(dims) != 1 or any(r.coordinate is None for r in records):
         raise Skip(f"the model is sharded as {layout_name(placements)}: cannot tell which ranks hold which "
                    "slice of FSDP1's flat parameters")
+    mesh = records[0].mesh_shape or tuple(max(c) + 1 for c in zip(*(r.coordinate for r in records)))
+    for k, rec in enumerate(records):  # flat shards carry no coordinate: an optim file is its model file's rank's
+        if rec.coordinate != row_major_coordinate(k, mesh):
+            raise Skip(f"{ck.model_files[k].name} holds mesh coordinate {rec.coordinate}, not rank {k}'s "
+                       f"{row_major_coordinate(k, mesh)} (model rank files renamed?); FSDP1's flat optimizer shards "
+                       f"record no coordinate, so which slice {files[k].path.name} holds cannot be told")
     by_shard: dict[int, list[RankFile]] = {}
     for rec, rf in zip(records, files):
         by_shard.setdefault(rec.coordinate[dims[0]], []).append(rf)  # type: ignore[index]
