@@ -669,3 +669,15 @@ def test_fsdp1_model_files_renamed_apart_from_the_optim_files(name, tmp_path) ->
     ref = load_file(FIXTURES / name / "reference" / "model.safetensors")
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(got[k], ref[k].to(got[k].dtype)) for k in got)
+
+
+@pytest.mark.parametrize("name", ["fsdp1_llama_ws4", "fsdp1_hsdp_llama_2x2"])
+def test_fsdp1_flat_shard_of_another_dtype_on_one_rank(name, tmp_path) -> None:
+    """A flat shard saved in another dtype on one rank (its element count the same) is read in its own dtype by
+    torch; taking rank 0's dtype for it would read other bytes (past its record) as the values: refused."""
+    def to_bf16(osd: dict) -> None:
+        osd["state"][0]["exp_avg"] = osd["state"][0]["exp_avg"].to(torch.bfloat16)
+    ck = _tampered(tmp_path, name, to_bf16, ranks=(1,))
+    with pytest.raises(streammerge.CheckpointError, match=r"optim_world_size_4_rank_1.pt.*bfloat16"):
+        streammerge.merge(ck, tmp_path / "out")
+    assert not (tmp_path / "out" / "optimizer").exists()

@@ -479,6 +479,11 @@ def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams) -> Named:
                     out = f"state.{f}.{key}"
                     tensors[out] = _plain(out, SourceTensor(name, (), first.dtype, pieces))
                 continue
+            for rf, rec in zip(files[1:], records[1:]):
+                if rec.dtype != records[0].dtype:
+                    raise CheckpointError(f"{rf.path}: optimizer entry {pid} ({key}) is {rec.dtype.name}, but "
+                                          f"{files[0].path.name}'s is {records[0].dtype.name}: every shard of a flat "
+                                          f"parameter has one dtype (files from different runs?; {NO_OPTIMIZER_HINT})")
             sizes = {r.local_shape for r in records}
             if sizes != {(chunk,)} or any(r.local_stride != (1,) for r in records):
                 raise Skip(
