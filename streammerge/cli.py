@@ -42,8 +42,6 @@ def _write_args(p: argparse.ArgumentParser) -> None:
                    help="threads that fill windows: copy, cast, fold (default 2, or 1 on a single CPU; never more "
                         "than the windows in flight)")
     p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
-    p.add_argument("--optimizer-format", choices=OPTIMIZER_FORMATS, default="safetensors",
-                   help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +49,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="output dtype of floating tensors: auto = the config's dtype, else keep (default auto)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output file, decimal units (default 5GB)")
     p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
+    p.add_argument("--optimizer-format", choices=OPTIMIZER_FORMATS, default="safetensors",
+                   help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
     p.add_argument("--model-name", metavar="NAME_OR_PATH",
                    help="take config and tokenizer from this model folder or Hub model, not from huggingface/")
     p.add_argument("--weights-only", action="store_true",
@@ -94,14 +94,14 @@ def merge_options(args: argparse.Namespace, **overrides: object) -> MergeOptions
     return MergeOptions.create(**fields)
 
 
-def _push_args(p: argparse.ArgumentParser) -> None:
+def _push_args(p: argparse.ArgumentParser, *, repo_default: str = "default: named after OUT_DIR in your namespace, "
+               "created private") -> None:
     g = p.add_argument_group("push to the Hugging Face Hub",
                              "Token from HF_TOKEN or `hf auth login`, endpoint from HF_ENDPOINT.")
     g.add_argument("--push", action=argparse.BooleanOptionalAction, default=None,
                    help="push to the Hub, uploading each file while the next is merged")
     g.add_argument("--repo-id", metavar="NAME",
-                   help="NAME or NAMESPACE/NAME; created if missing, updated if it exists (default: named after "
-                        "OUT_DIR in your namespace, created private)")
+                   help=f"NAME or NAMESPACE/NAME; created if missing, updated if it exists ({repo_default})")
     g.add_argument("--organization", metavar="ORG", help="namespace for a NAME without one")
     g.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
                    help="create the repo private (an existing repo keeps its visibility; a warning says so)")
@@ -299,7 +299,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's checkpoint folder (holds global_step_N/)")
         _plan_args(p)
         _write_args(p)
-        _push_args(p)
+        _push_args(p, repo_default="required with --push: every step is pushed to that repo")
         p.add_argument("--revision-per-step", action="store_true", help="push step N to branch step-N")
         p.add_argument("--only-latest", action="store_true",
                        help="only the step latest_checkpointed_iteration.txt names; skip older unpushed steps")

@@ -104,7 +104,7 @@ class Watcher:
         if push and not repo_id:  # each step has its own output folder: none of them names the model
             raise ConfigError("watch --push needs --repo-id NAME (every step is pushed to that repo)")
         if revision and revision_per_step:
-            raise ValueError("give either a revision or revision_per_step, not both")
+            raise ValueError("give either a revision (--revision) or revision_per_step (--revision-per-step), not both")
         if push:
             assert repo_id
             check_target(repo_id, organization, revision)  # a bad setting is refused now, not at every look
