@@ -16,8 +16,8 @@ from .options import CHECKSUMS, DTYPE_CHOICES, LORA_MODES, OPTIMIZER_FORMATS, Me
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 PUSH_FAILED = 4  # exit code: the push (or, in watch, a step) failed; re-running resumes it
-HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded FSDP checkpoint into a Hugging Face folder
-streammerge inspect CKPT_DIR                print the merge plan without writing
+HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded checkpoint into a Hugging Face folder
+streammerge inspect CKPT_DIR [--json]       print the merge plan without writing
 streammerge verify OUT_DIR [CKPT_DIR]       check an output folder (and, given the checkpoint, every tensor)
 streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it
 streammerge CKPT_DIR OUT_DIR --push [--repo-id NAME]  merge and push to the Hugging Face Hub at the same time
@@ -25,7 +25,8 @@ streammerge watch RUN_DIR --push --repo-id NAME      merge and push each new che
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT_DIR", help="actor/ folder, global_step_N folder, or run folder")
+    p.add_argument("checkpoint", metavar="CKPT_DIR",
+                   help="actor/ folder, global_step_N folder, run folder, or a torch DCP or Megatron torch_dist folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new or empty; or a previous run to resume)")
     _plan_args(p)
     _write_args(p)
@@ -287,8 +288,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "merge":
-        p = argparse.ArgumentParser(prog="streammerge", description="Merge a sharded FSDP checkpoint into a "
-                                    "Hugging Face model folder, streaming in constant memory.", epilog=HELP,
+        p = argparse.ArgumentParser(prog="streammerge", description="Merge a sharded checkpoint (veRL FSDP, LoRA, "
+                                    "torch DCP, Megatron torch_dist) into a Hugging Face model folder, streaming in "
+                                    "bounded memory.", epilog=HELP,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         _merge_args(p)
         _push_args(p)
