@@ -98,3 +98,23 @@ def test_synthetic_help_names_its_module(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         synthetic.main(["--help"])
     assert "python -m streammerge.testing.synthetic" in capsys.readouterr().out
+
+
+def test_bad_push_counts_and_watch_intervals_are_refused_at_once_in_one_line(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """--upload-workers 0 was refused only once the push started, naming HubPusher's max_workers; --interval 0 (or
+    less) made watch look at the run folder without pause."""
+    with pytest.raises(streammerge.ConfigError, match=r"upload_workers \(--upload-workers\) is 0"):
+        publish.merge_and_push(tmp_path / "no-checkpoint", tmp_path / "out", "me/x", upload_workers=0)
+    with pytest.raises(streammerge.ConfigError, match=r"max_files_per_commit \(--max-files-per-commit\)"):
+        watch_module.Watcher(tmp_path, push=False, max_files_per_commit=0)
+    with pytest.raises(ValueError, match=r"--interval"):
+        watch_module.Watcher(tmp_path, push=False).run(interval=0, once=True)
+    assert not (tmp_path / "out").exists()
+    capsys.readouterr()
+    for argv in (["watch", str(tmp_path), "--interval", "-1", "--once"],
+                 ["watch", str(tmp_path), "--push", "--repo-id", "me/x", "--upload-workers", "0", "--once"],
+                 [str(tmp_path), str(tmp_path / "out"), "--push", "--repo-id", "me/x", "--max-files-per-commit", "0"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("streammerge: error: "), err
