@@ -412,8 +412,18 @@ def run() -> NoReturn:
 
     verify imports torch to compare, and the interpreter's teardown of torch's modules would follow the report for
     nothing: a read-only command ends at once, after flushing its output. Commands that write exit normally.
+    With --debug, `main` raises for the traceback; the process still exits with the code the error has without it.
     """
-    code = main()
+    try:
+        code = main()
+    except (KeyboardInterrupt, Exception) as e:  # only --debug lets them out of main
+        import traceback
+
+        traceback.print_exc()
+        code = e.exit_code if isinstance(e, StreammergeError) else 130 if isinstance(e, KeyboardInterrupt) \
+            else 2 if isinstance(e, (ValueError, OSError)) else 3
+        if code == 130:
+            _exit_now_if_uploading(code)
     if _command(sys.argv[1:])[0] in READ_ONLY:
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -118,3 +118,19 @@ def test_bad_push_counts_and_watch_intervals_are_refused_at_once_in_one_line(tmp
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("streammerge: error: "), err
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    """--debug raised out of the process, which then exited 1 (verify's 'found problems') whatever the error."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("x")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for extra in ([], ["--debug"]):
+        proc = subprocess.run([sys.executable, "-m", "streammerge", str(VERL), str(tmp_path / "out"), *extra],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert ("Traceback" in proc.stderr) == bool(extra) and "folder is not empty" in proc.stderr
