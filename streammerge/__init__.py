@@ -7,6 +7,7 @@ Public API::
     verify(out_dir, checkpoint_dir=None) -> VerifyReport
     load_optimizer_state_dict(out_dir) -> dict  # full optimizer state, name-keyed, for set_optimizer_state_dict
     merge_and_push(ckpt_dir, out_dir, repo_id, **options) -> PushResult   # upload while merging
+    watch(run_dir, repo_id=..., once=False, **options) -> list[PushResult]  # `streammerge watch`
     upload_checkpoint_to_hf(...), HuggingFaceUploader(...)                # the seed workflow's names
 
 Options are keyword arguments or one `MergeOptions`.
@@ -32,6 +33,10 @@ def __getattr__(name: str) -> Any:
         from .hub import publish
 
         return getattr(publish, name)
+    if name == "watch":
+        from .hub.watch import watch
+
+        return watch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -39,5 +44,5 @@ __all__ = [
     "CheckpointError", "ConfigError", "MergeOptions", "MergePlan", "MergeResult", "OutputError", "Source",
     "StreammergeError", "UnsafePickleError", "VerifyError", "VerifyReport", "merge", "open_checkpoint", "plan",
     "plan_merge", "verify", "OPTIMIZER_SAVE_MODES", "load_optimizer_state_dict", "optimizer_save_mode_enabled",
-    "HuggingFaceUploader", "PushResult", "merge_and_push", "upload_checkpoint_to_hf",
+    "HuggingFaceUploader", "PushResult", "merge_and_push", "upload_checkpoint_to_hf", "watch",
 ]

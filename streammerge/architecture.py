@@ -26,6 +26,7 @@ cached answer starts no child unless the names are new.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -582,8 +583,13 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
         else:
             check._out = first
         check._names_ready.wait()
-        proc.stdin.write(json.dumps(check._names or []).encode() + b"\n")
-        proc.stdin.close()
+        try:
+            proc.stdin.write(json.dumps(check._names or []).encode() + b"\n")
+            proc.stdin.flush()
+        except BrokenPipeError:  # the child answered without the names (a refusal of the config) and has exited
+            pass
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
         check._out += proc.stdout.read()
         if check._yield is not None:
             check._yield.end()

@@ -16,8 +16,8 @@ from .options import CHECKSUMS, DTYPE_CHOICES, LORA_MODES, OPTIMIZER_FORMATS, Me
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 PUSH_FAILED = 4  # exit code: the push (or, in watch, a step) failed; re-running resumes it
-HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded FSDP checkpoint into a Hugging Face folder
-streammerge inspect CKPT_DIR                print the merge plan without writing
+HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded checkpoint into a Hugging Face folder
+streammerge inspect CKPT_DIR [--json]       print the merge plan without writing
 streammerge verify OUT_DIR [CKPT_DIR]       check an output folder (and, given the checkpoint, every tensor)
 streammerge demo [OUT_DIR]                  make a small real sharded checkpoint and merge it
 streammerge CKPT_DIR OUT_DIR --push [--repo-id NAME]  merge and push to the Hugging Face Hub at the same time
@@ -25,7 +25,8 @@ streammerge watch RUN_DIR --push --repo-id NAME      merge and push each new che
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT_DIR", help="actor/ folder, global_step_N folder, or run folder")
+    p.add_argument("checkpoint", metavar="CKPT_DIR",
+                   help="actor/ folder, global_step_N folder, run folder, or a torch DCP or Megatron torch_dist folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new or empty; or a previous run to resume)")
     _plan_args(p)
     _write_args(p)
@@ -42,8 +43,6 @@ def _write_args(p: argparse.ArgumentParser) -> None:
                    help="threads that fill windows: copy, cast, fold (default 2, or 1 on a single CPU; never more "
                         "than the windows in flight)")
     p.add_argument("--buffer-size", default="64MiB", help="total window buffer memory (default 64MiB)")
-    p.add_argument("--optimizer-format", choices=OPTIMIZER_FORMATS, default="safetensors",
-                   help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +50,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="output dtype of floating tensors: auto = the config's dtype, else keep (default auto)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output file, decimal units (default 5GB)")
     p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
+    p.add_argument("--optimizer-format", choices=OPTIMIZER_FORMATS, default="safetensors",
+                   help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
     p.add_argument("--model-name", metavar="NAME_OR_PATH",
                    help="take config and tokenizer from this model folder or Hub model, not from huggingface/")
     p.add_argument("--weights-only", action="store_true",
@@ -94,14 +95,14 @@ def merge_options(args: argparse.Namespace, **overrides: object) -> MergeOptions
     return MergeOptions.create(**fields)
 
 
-def _push_args(p: argparse.ArgumentParser) -> None:
+def _push_args(p: argparse.ArgumentParser, *, repo_default: str = "default: named after OUT_DIR in your namespace, "
+               "created private") -> None:
     g = p.add_argument_group("push to the Hugging Face Hub",
                              "Token from HF_TOKEN or `hf auth login`, endpoint from HF_ENDPOINT.")
     g.add_argument("--push", action=argparse.BooleanOptionalAction, default=None,
                    help="push to the Hub, uploading each file while the next is merged")
     g.add_argument("--repo-id", metavar="NAME",
-                   help="NAME or NAMESPACE/NAME; created if missing, updated if it exists (default: named after "
-                        "OUT_DIR in your namespace, created private)")
+                   help=f"NAME or NAMESPACE/NAME; created if missing, updated if it exists ({repo_default})")
     g.add_argument("--organization", metavar="ORG", help="namespace for a NAME without one")
     g.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
                    help="create the repo private (an existing repo keeps its visibility; a warning says so)")
@@ -287,8 +288,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "merge":
-        p = argparse.ArgumentParser(prog="streammerge", description="Merge a sharded FSDP checkpoint into a "
-                                    "Hugging Face model folder, streaming in constant memory.", epilog=HELP,
+        p = argparse.ArgumentParser(prog="streammerge", description="Merge a sharded checkpoint (veRL FSDP, LoRA, "
+                                    "torch DCP, Megatron torch_dist) into a Hugging Face model folder, streaming in "
+                                    "bounded memory.", epilog=HELP,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         _merge_args(p)
         _push_args(p)
@@ -299,7 +301,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's checkpoint folder (holds global_step_N/)")
         _plan_args(p)
         _write_args(p)
-        _push_args(p)
+        _push_args(p, repo_default="required with --push: every step is pushed to that repo")
         p.add_argument("--revision-per-step", action="store_true", help="push step N to branch step-N")
         p.add_argument("--only-latest", action="store_true",
                        help="only the step latest_checkpointed_iteration.txt names; skip older unpushed steps")
@@ -410,8 +412,18 @@ def run() -> NoReturn:
 
     verify imports torch to compare, and the interpreter's teardown of torch's modules would follow the report for
     nothing: a read-only command ends at once, after flushing its output. Commands that write exit normally.
+    With --debug, `main` raises for the traceback; the process still exits with the code the error has without it.
     """
-    code = main()
+    try:
+        code = main()
+    except (KeyboardInterrupt, Exception) as e:  # only --debug lets them out of main
+        import traceback
+
+        traceback.print_exc()
+        code = e.exit_code if isinstance(e, StreammergeError) else 130 if isinstance(e, KeyboardInterrupt) \
+            else 2 if isinstance(e, (ValueError, OSError)) else 3
+        if code == 130:
+            _exit_now_if_uploading(code)
     if _command(sys.argv[1:])[0] in READ_ONLY:
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -579,6 +580,25 @@ def test_a_generation_config_transformers_refuses_is_refused_and_the_cache_knows
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and str(generation) in lines[0], proc.stderr
     assert "Greedy methods" in lines[0] and "fix that file, or remove it" in lines[0]
+
+
+def test_a_child_that_refuses_before_it_is_given_the_names_is_still_heard():
+    """The child refuses a generation config (or a config transformers cannot read) without waiting for the weights'
+    names, and exits: when the merge sends the names only after that (a checkpoint slower to plan than transformers
+    to import), the write finds no reader. That is not a failed child: its answer, a refusal, stands (it was read
+    as "the child process ... failed ([Errno 32] Broken pipe)", and the merge completed the folder)."""
+    from streammerge import architecture
+
+    check = architecture.ArchCheck(_config(_model()), "ck/config.json", {"max_new_tokens": -5})
+    assert check.spawn() is None
+    deadline = time.monotonic() + 240
+    while check._pid is None and time.monotonic() < deadline:  # the detached child says its pid first
+        time.sleep(0.05)
+    while Path(f"/proc/{check._pid}").exists() and time.monotonic() < deadline:  # then answers and exits
+        time.sleep(0.05)
+    assert not Path(f"/proc/{check._pid}").exists()
+    answer = check.result(["model.embed_tokens.weight"])
+    assert answer.get("file") == "generation_config.json" and "cannot read it" in answer.get("refuse", ""), answer
 
 
 def test_verify_fails_a_generation_config_json_transformers_cannot_read(merged_qwen2):

@@ -238,6 +238,13 @@ class PushResult:
                 f"{self.commit_url}")
 
 
+def check_push_counts(max_files_per_commit: int = 50, upload_workers: int = 2) -> None:
+    """Refused before anything starts, in the words of the flags too (HubPusher would refuse them later)."""
+    for name, value in (("max_files_per_commit", max_files_per_commit), ("upload_workers", upload_workers)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"{name} (--{name.replace('_', '-')}) is {value!r}; it must be at least 1")
+
+
 def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.PathLike | None,
                    repo_id: str | None, *, organization: str | None = None, private: bool | None = None,
                    revision: str | None = None, commit_message: str | None = None, token: str | None = None,
@@ -276,6 +283,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
     huggingface_hub's own progress bars show only with ``progress=True`` (a merge option).
     """
     t0 = time.perf_counter()
+    check_push_counts(max_files_per_commit, upload_workers)
     given = {"model_name": model_name} if model_name is not None else {}  # None keeps options' --model-name
     opts = MergeOptions.create(options, **merge_options, optimizer=optimizer, **given)
     ck = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(Path(checkpoint))

@@ -28,7 +28,7 @@ from ..options import MergeOptions
 from ..paths import user_path
 from ..pipeline import merge
 from ..sources import LATEST_FILE, Source, open_checkpoint
-from .publish import PushResult, default_out_dir, merge_and_push
+from .publish import PushResult, check_push_counts, default_out_dir, merge_and_push
 from .repo import check_target
 from .retry import PushError
 
@@ -104,7 +104,7 @@ class Watcher:
         if push and not repo_id:  # each step has its own output folder: none of them names the model
             raise ConfigError("watch --push needs --repo-id NAME (every step is pushed to that repo)")
         if revision and revision_per_step:
-            raise ValueError("give either a revision or revision_per_step, not both")
+            raise ValueError("give either a revision (--revision) or revision_per_step (--revision-per-step), not both")
         if push:
             assert repo_id
             check_target(repo_id, organization, revision)  # a bad setting is refused now, not at every look
@@ -118,6 +118,8 @@ class Watcher:
         self.out_root = user_path(out_root).resolve() if out_root else None
         self.state_file = user_path(state_file) if state_file else self.run_dir / STATE_FILE
         self.push_options = {k: v for k, v in kwargs.items() if k in PUSH_OPTIONS}
+        check_push_counts(**{k: v for k, v in self.push_options.items()
+                             if k in ("max_files_per_commit", "upload_workers")})
         self.options = MergeOptions.create(options, **{k: v for k, v in kwargs.items() if k not in PUSH_OPTIONS})
         self._seen: dict[int, Snapshot] = {}
 
@@ -254,6 +256,8 @@ class Watcher:
         ``once`` looks twice, ``min(interval, 5 s)`` apart, to see which checkpoints are complete,
         processes them and returns.
         """
+        if not interval > 0:  # a wait of 0 s or less would look at the run folder without pause
+            raise ValueError(f"interval {interval!r} (--interval): give the seconds between looks, more than 0")
         stop = stop or threading.Event()
         results: list[PushResult] = []
         if once:

@@ -8,7 +8,7 @@ processes with the gloo backend and saves exactly the way veRL does, plus an ora
 
     make_checkpoint("/tmp/ck", arch="qwen2", world_size=4, tie_word_embeddings=True)
     make_checkpoint("/tmp/ck", save_format="dcp")   # dcp.save({"model": ..., "optimizer": ...}) instead
-    python -m streammerge.synthetic /tmp/ck --arch qwen2 --world-size 4 --tie
+    python -m streammerge.testing.synthetic /tmp/ck --arch qwen2 --world-size 4 --tie
 """
 
 from __future__ import annotations
@@ -385,8 +385,8 @@ def _save_reference(model, optim, spec: _Spec, rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m streammerge.synthetic OUT_DIR [options]``: print the actor directory."""
-    p = argparse.ArgumentParser(prog="python -m streammerge.synthetic", description=main.__doc__)
+    """``python -m streammerge.testing.synthetic OUT_DIR [options]``: print the actor directory."""
+    p = argparse.ArgumentParser(prog="python -m streammerge.testing.synthetic", description=main.__doc__)
     p.add_argument("out_dir")
     p.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     p.add_argument("--world-size", type=int, default=2)
