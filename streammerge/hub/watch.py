@@ -190,6 +190,8 @@ class Watcher:
             if before is not None:
                 logger.info("step %d: files still changing; looking again later", step)
             return None
+        # the merge must end with the files as these looks found them: one saved again since then is not merged
+        ck.seen = {(ck.path / rel).as_posix(): list(st) for rel, st in now.items()}
         return ck
 
     def poll(self) -> list[PushResult]:
