@@ -416,3 +416,49 @@ def test_a_rerun_that_changes_the_small_files_takes_the_folder_down_first(big, t
     assert (out / "tokenizer.json").read_bytes() == new_tokenizer
     assert json.loads((out / "config.json").read_text())["rope_theta"] == config["rope_theta"]
     assert streammerge.verify(out, ckpt).ok
+
+
+def test_a_part_that_failed_writing_the_small_files_keeps_the_other_parts_files(big, reference, tmp_path):
+    """torchrun's writers, played by two threads with a barrier: part 1 writes its share and lists it in its part
+    manifest; part 0 folds that in, then fails writing the small files (here: the checkpoint's tokenizer file went
+    away; a full disk does the same). The rerun must reuse part 1's finished files, not write them again."""
+    import threading
+
+    ckpt = copy_actor(big, tmp_path / "actor")
+    out = tmp_path / "out"
+    small = next(p for p in sorted((ckpt / "huggingface").iterdir()) if p.name != "config.json")
+    saved = small.read_bytes()
+    barrier = threading.Barrier(2, timeout=120)
+    errors: list[BaseException] = []
+
+    def part(n: int) -> None:
+        def gone(f, path) -> None:  # part 0's last data file: the small file vanishes before the end
+            if n == 0 and len(written[0]) == len(shares[0]):
+                small.unlink(missing_ok=True)
+
+        def note(f, path) -> None:
+            written[n].append(f.filename)
+            gone(f, path)
+
+        try:
+            streammerge.merge(ckpt, out, num_parts=2, part=n, sync=barrier.wait, on_file_done=note, **OPTIONS)
+        except BaseException as e:  # noqa: BLE001  (the test looks at it)
+            errors.append(e)
+            barrier.abort()
+
+    plan = streammerge.plan(ckpt, **OPTIONS)
+    shares = [plan.weights.split(2, n) for n in range(2)]
+    written: list[list[str]] = [[], []]
+    threads = [threading.Thread(target=part, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1 and isinstance(errors[0], OSError) and small.name in str(errors[0]), errors
+    assert not (out / INDEX).exists()
+    small.write_bytes(saved)
+    result = streammerge.merge(ckpt, out, **OPTIONS)
+    rewritten = sorted(f.filename for f in result.files if f.filename not in result.reused and
+                       f.filename.endswith(".safetensors"))
+    assert rewritten == [], f"{len(rewritten)} finished files of part 1 written again: {rewritten[:3]}"
+    assert tree_bytes(out) == reference[1]

@@ -213,6 +213,8 @@ class OutputFolder:
             self.sync()
         if self.part != 0:
             return
+        # the parts' manifests go only once this one, saved, lists their files: a failure before (a full disk writing
+        # the small files) must not leave their finished files listed nowhere, for the rerun to write them again
         self.manifest.gather_parts()
         loaders = self._loaders()
         others = [rel for rel in self.small_files if rel not in loaders]
@@ -220,12 +222,16 @@ class OutputFolder:
         kept = {rel: f for rel in data if (f := self._as_written(rel, data[rel])) is not None}
         stale = set(self.manifest.data["files"]) - self.planned - {MODEL_CARD}
         if self.manifest.data["complete"] and not stale and len(kept) == len(data):
+            self.manifest.remove_parts()  # a complete manifest lists every file: it is not written again
             self.kept = list(data)
             for rel in data:
                 done(kept[rel])
             return
         if self.manifest.data["complete"]:
             self._unpublish()
+        else:
+            self.manifest.save()
+        self.manifest.remove_parts()
         self._remove_unplanned()
         for rel in others:
             f = self.write_small(rel, data[rel], rename=False)
