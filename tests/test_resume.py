@@ -418,42 +418,48 @@ def test_a_rerun_that_changes_the_small_files_takes_the_folder_down_first(big, t
     assert streammerge.verify(out, ckpt).ok
 
 
-def test_a_part_that_failed_writing_the_small_files_keeps_the_other_parts_files(big, reference, tmp_path):
-    """torchrun's writers, played by two threads with a barrier: part 1 writes its share and lists it in its part
-    manifest; part 0 folds that in, then fails writing the small files (here: the checkpoint's tokenizer file went
-    away; a full disk does the same). The rerun must reuse part 1's finished files, not write them again."""
+def _two_parts(ckpt: Path, outs: list[Path], on_file_done=None) -> list[BaseException]:
+    """torchrun's two writers, played by two threads with a barrier as `sync` (what distributed.py passes): part n
+    merges into outs[n]; returns what they raised."""
     import threading
 
-    ckpt = copy_actor(big, tmp_path / "actor")
-    out = tmp_path / "out"
-    small = next(p for p in sorted((ckpt / "huggingface").iterdir()) if p.name != "config.json")
-    saved = small.read_bytes()
     barrier = threading.Barrier(2, timeout=120)
     errors: list[BaseException] = []
 
     def part(n: int) -> None:
-        def gone(f, path) -> None:  # part 0's last data file: the small file vanishes before the end
-            if n == 0 and len(written[0]) == len(shares[0]):
-                small.unlink(missing_ok=True)
-
-        def note(f, path) -> None:
-            written[n].append(f.filename)
-            gone(f, path)
-
         try:
-            streammerge.merge(ckpt, out, num_parts=2, part=n, sync=barrier.wait, on_file_done=note, **OPTIONS)
+            streammerge.merge(ckpt, outs[n], num_parts=2, part=n, sync=barrier.wait,
+                              on_file_done=(lambda f, path: on_file_done(n, f)) if on_file_done else None, **OPTIONS)
         except BaseException as e:  # noqa: BLE001  (the test looks at it)
             errors.append(e)
             barrier.abort()
 
-    plan = streammerge.plan(ckpt, **OPTIONS)
-    shares = [plan.weights.split(2, n) for n in range(2)]
-    written: list[list[str]] = [[], []]
     threads = [threading.Thread(target=part, args=(n,)) for n in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return errors
+
+
+def test_a_part_that_failed_writing_the_small_files_keeps_the_other_parts_files(big, reference, tmp_path):
+    """Part 1 writes its share and lists it in its part manifest; part 0 folds that in, then fails writing the small
+    files (here: the checkpoint's tokenizer file went away; a full disk does the same). The rerun must reuse part 1's
+    finished files, not write them again."""
+    ckpt = copy_actor(big, tmp_path / "actor")
+    out = tmp_path / "out"
+    small = next(p for p in sorted((ckpt / "huggingface").iterdir()) if p.name != "config.json")
+    saved = small.read_bytes()
+    mine = len(streammerge.plan(ckpt, **OPTIONS).weights.split(2, 0))
+    written: list[str] = []
+
+    def gone(n: int, f) -> None:  # part 0's last data file: the small file vanishes before the end
+        if n == 0:
+            written.append(f.filename)
+            if len(written) == mine:
+                small.unlink()
+
+    errors = _two_parts(ckpt, [out, out], gone)
     assert len(errors) == 1 and isinstance(errors[0], OSError) and small.name in str(errors[0]), errors
     assert not (out / INDEX).exists()
     small.write_bytes(saved)
@@ -462,3 +468,17 @@ def test_a_part_that_failed_writing_the_small_files_keeps_the_other_parts_files(
                        f.filename.endswith(".safetensors"))
     assert rewritten == [], f"{len(rewritten)} finished files of part 1 written again: {rewritten[:3]}"
     assert tree_bytes(out) == reference[1]
+
+
+def test_a_writer_whose_output_folder_host_0_cannot_see_fails_the_merge(big, tmp_path):
+    """Hosts without a shared file system (each its own local OUT): host 0 must not write an index naming files that
+    are not in its folder, and no writer may report success."""
+    from streammerge.errors import OutputError
+
+    outs = [tmp_path / "host0" / "out", tmp_path / "host1" / "out"]
+    errors = _two_parts(big, outs)
+    assert not (outs[0] / INDEX).exists() and not (outs[0] / "config.json").exists()
+    assert len(errors) == 1 and isinstance(errors[0], OutputError), errors
+    message = str(errors[0])
+    assert "another host" in message and ".safetensors" in message, message
+    assert "file system every host shares" in message, message

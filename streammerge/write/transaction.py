@@ -216,6 +216,8 @@ class OutputFolder:
         # the parts' manifests go only once this one, saved, lists their files: a failure before (a full disk writing
         # the small files) must not leave their finished files listed nowhere, for the rerun to write them again
         self.manifest.gather_parts()
+        if self.sync is not None:
+            self._check_parts()
         loaders = self._loaders()
         others = [rel for rel in self.small_files if rel not in loaders]
         data = {rel: contents(rel) for rel in others + loaders}  # small: all made before the folder changes
@@ -246,6 +248,18 @@ class OutputFolder:
         for f in staged:
             self._rename(f.filename)
             done(f)
+
+    def _check_parts(self) -> None:
+        """Before anything says complete: every other writer's files are here as it wrote them. Hosts that write to
+        folders of their own (no shared file system) would leave an index naming files this folder lacks."""
+        mine = set(self.data_files)
+        missing = [rel for rel in self.all_data_files
+                   if rel not in mine and self.manifest.finished(self.out, rel) is None]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise OutputError(f"{self.out / missing[0]}{more}: another host's writer finished it, but it is not in "
+                              "this folder as that writer listed it: the output folder must be on a file system every "
+                              "host shares (on clusters without one, merge in one process); nothing was published")
 
     def _as_written(self, rel: str, data: bytes) -> OutputFile | None:
         """The small file as an earlier run of this merge wrote it, if it holds `data`."""
