@@ -482,3 +482,22 @@ def test_a_writer_whose_output_folder_host_0_cannot_see_fails_the_merge(big, tmp
     message = str(errors[0])
     assert "another host" in message and ".safetensors" in message, message
     assert "file system every host shares" in message, message
+
+
+@pytest.mark.parametrize("second", [[], ["--dtype", "float32"]], ids=["same-merge", "other-options"])
+def test_a_second_merge_into_a_folder_being_written_is_refused_and_changes_nothing(big, reference, tmp_path, second):
+    """Two merges into one OUT at the same time: the second stops with one line (exit 2) and touches nothing, and the
+    first finishes as if alone."""
+    _, ref_bytes, _ = reference
+    out = tmp_path / "out"
+    first = start(big, out, "--buffer-size", "16KiB", "--workers", "1")  # slow enough to still run
+    assert wait_for(lambda: len((manifest_of(out) or {"files": {}})["files"]) >= 2, first)
+    other = start(big, out, *second)
+    _, err = other.communicate(timeout=60)
+    running = first.poll() is None
+    _, first_err = first.communicate(timeout=120)
+    assert first.returncode == 0, first_err
+    assert other.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("another streammerge is writing this folder" if running and not second else "") in err
+    assert tree_bytes(out) == ref_bytes
+    check_invariants(out)
