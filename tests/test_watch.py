@@ -275,3 +275,21 @@ def test_a_rank_file_saved_again_after_the_looks_is_not_merged_as_a_mix(actors, 
     assert [(r.step, r.ok) for r in results] == [(1, False)]
     assert "changed" in (results[0].error or "") and rank0.name in (results[0].error or "")
     assert watcher.done_steps() == {} and not (out / "model.safetensors.index.json").exists()
+
+
+def test_a_megatron_lm_run_is_watched_by_its_iter_folders(tmp_path):
+    """Megatron-LM names its step folders iter_NNNNNNN (its tracker is the same file): the watcher must merge them,
+    not idle silently forever."""
+    from safetensors.torch import load_file
+
+    fixture = ROOT / "tests" / "data" / "megatron" / "llama_mlm_optim_pp2_dp2"
+    run = tmp_path / "run"
+    shutil.copytree(fixture, run, ignore=shutil.ignore_patterns("reference"))
+    for only_latest in (False, True):
+        out = tmp_path / f"out-{only_latest}"
+        results = Watcher(run, push=False, optimizer=False, only_latest=only_latest, out_root=out,
+                          state_file=tmp_path / f"state-{only_latest}.json").run(once=True, interval=0.1)
+        assert [(r.step, r.ok) for r in results] == [(1, True)], [r.error for r in results]
+        got = load_file(out / "global_step_1" / "model.safetensors")
+        ref = load_file(next(fixture.rglob("reference/model.safetensors")))
+        assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref)
