@@ -530,18 +530,22 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                        peak_rss(), reused + folder.kept, list(mp.warnings) + removed, fell_back)
 
 
-def _inputs(mp: MergePlan) -> dict[str, list[int]]:
+def _inputs(mp: MergePlan, *, baseline: bool = True) -> dict[str, list[int]]:
+    """[size, mtime_ns] of each checkpoint file; the `baseline` a merge must end with is, for a file the caller found
+    complete earlier (`Source.seen`), what it found then."""
     try:
         files = [*mp.source.files(), *(mp.source.lora_base.files() if mp.source.lora_base is not None else ())]
-        return Manifest.identify(files)
+        now = Manifest.identify(files)
     except OSError as e:
         raise CheckpointError(f"{mp.source.path}: cannot read a checkpoint file ({e})") from None
+    seen = mp.source.seen if baseline else None
+    return {k: seen.get(k, v) for k, v in now.items()} if seen else now
 
 
 def _check_unchanged(mp: MergePlan, before: dict[str, list[int]]) -> None:
     """Before the index says "complete": a checkpoint file rewritten in place while it was merged (saved again at
     the same path) gave some files its old bytes and some its new ones."""
-    changed = Manifest.changed(before, _inputs(mp))
+    changed = Manifest.changed(before, _inputs(mp, baseline=False))
     if changed:
         raise CheckpointError(f"{changed[0]} changed while it was merged (saved again?): the output would mix two "
                               "saves; delete the output folder and merge again once the checkpoint is complete")

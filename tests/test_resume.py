@@ -416,3 +416,88 @@ def test_a_rerun_that_changes_the_small_files_takes_the_folder_down_first(big, t
     assert (out / "tokenizer.json").read_bytes() == new_tokenizer
     assert json.loads((out / "config.json").read_text())["rope_theta"] == config["rope_theta"]
     assert streammerge.verify(out, ckpt).ok
+
+
+def _two_parts(ckpt: Path, outs: list[Path], on_file_done=None) -> list[BaseException]:
+    """torchrun's two writers, played by two threads with a barrier as `sync` (what distributed.py passes): part n
+    merges into outs[n]; returns what they raised."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=120)
+    errors: list[BaseException] = []
+
+    def part(n: int) -> None:
+        try:
+            streammerge.merge(ckpt, outs[n], num_parts=2, part=n, sync=barrier.wait,
+                              on_file_done=(lambda f, path: on_file_done(n, f)) if on_file_done else None, **OPTIONS)
+        except BaseException as e:  # noqa: BLE001  (the test looks at it)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=part, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_a_part_that_failed_writing_the_small_files_keeps_the_other_parts_files(big, reference, tmp_path):
+    """Part 1 writes its share and lists it in its part manifest; part 0 folds that in, then fails writing the small
+    files (here: the checkpoint's tokenizer file went away; a full disk does the same). The rerun must reuse part 1's
+    finished files, not write them again."""
+    ckpt = copy_actor(big, tmp_path / "actor")
+    out = tmp_path / "out"
+    small = next(p for p in sorted((ckpt / "huggingface").iterdir()) if p.name != "config.json")
+    saved = small.read_bytes()
+    mine = len(streammerge.plan(ckpt, **OPTIONS).weights.split(2, 0))
+    written: list[str] = []
+
+    def gone(n: int, f) -> None:  # part 0's last data file: the small file vanishes before the end
+        if n == 0:
+            written.append(f.filename)
+            if len(written) == mine:
+                small.unlink()
+
+    errors = _two_parts(ckpt, [out, out], gone)
+    assert len(errors) == 1 and isinstance(errors[0], OSError) and small.name in str(errors[0]), errors
+    assert not (out / INDEX).exists()
+    small.write_bytes(saved)
+    result = streammerge.merge(ckpt, out, **OPTIONS)
+    rewritten = sorted(f.filename for f in result.files if f.filename not in result.reused and
+                       f.filename.endswith(".safetensors"))
+    assert rewritten == [], f"{len(rewritten)} finished files of part 1 written again: {rewritten[:3]}"
+    assert tree_bytes(out) == reference[1]
+
+
+def test_a_writer_whose_output_folder_host_0_cannot_see_fails_the_merge(big, tmp_path):
+    """Hosts without a shared file system (each its own local OUT): host 0 must not write an index naming files that
+    are not in its folder, and no writer may report success."""
+    from streammerge.errors import OutputError
+
+    outs = [tmp_path / "host0" / "out", tmp_path / "host1" / "out"]
+    errors = _two_parts(big, outs)
+    assert not (outs[0] / INDEX).exists() and not (outs[0] / "config.json").exists()
+    assert len(errors) == 1 and isinstance(errors[0], OutputError), errors
+    message = str(errors[0])
+    assert "another host" in message and ".safetensors" in message, message
+    assert "file system every host shares" in message, message
+
+
+@pytest.mark.parametrize("second", [[], ["--dtype", "float32"]], ids=["same-merge", "other-options"])
+def test_a_second_merge_into_a_folder_being_written_is_refused_and_changes_nothing(big, reference, tmp_path, second):
+    """Two merges into one OUT at the same time: the second stops with one line (exit 2) and touches nothing, and the
+    first finishes as if alone."""
+    _, ref_bytes, _ = reference
+    out = tmp_path / "out"
+    first = start(big, out, "--buffer-size", "16KiB", "--workers", "1")  # slow enough to still run
+    assert wait_for(lambda: len((manifest_of(out) or {"files": {}})["files"]) >= 2, first)
+    other = start(big, out, *second)
+    _, err = other.communicate(timeout=60)
+    running = first.poll() is None
+    _, first_err = first.communicate(timeout=120)
+    assert first.returncode == 0, first_err
+    assert other.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("another streammerge is writing this folder" if running and not second else "") in err
+    assert tree_bytes(out) == ref_bytes
+    check_invariants(out)

@@ -48,17 +48,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun_hosts(ckpt: Path, out: Path, logs: Path, hosts: int, nproc: int,
+def _torchrun_hosts(ckpt: Path, out: Path | list[Path], logs: Path, hosts: int, nproc: int,
                     host_opts: tuple[list[str], ...] = (), env: dict | None = None) -> list[str]:
     """One torchrun agent per "host", all on this machine (static rendezvous); each agent's stdout, or, when a host
-    has options of its own (`host_opts`), each agent's (exit code, stderr) without checking them."""
+    has options of its own (`host_opts`), each agent's (exit code, stderr) without checking them. `out` may give each
+    host an output folder of its own (hosts without a shared file system)."""
     port = _free_port()
     logs.mkdir(parents=True, exist_ok=True)
     agents = []
     for node in range(hosts):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={hosts}", f"--node-rank={node}",
                f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
-               "-m", "streammerge", str(ckpt), str(out), *OPTS, *(host_opts[node] if host_opts else [])]
+               "-m", "streammerge", str(ckpt), str(out[node] if isinstance(out, list) else out), *OPTS,
+               *(host_opts[node] if host_opts else [])]
         with open(logs / f"host{node}.out", "w") as o, open(logs / f"host{node}.err", "w") as e:
             agents.append(subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **(env or {})}, stdout=o, stderr=e))
     try:
@@ -186,6 +188,19 @@ def test_a_host_that_dies_before_the_others_meet_it_stops_them_in_one_line(ckpt,
     lines = [ln for ln in err.splitlines() if ln.startswith("streammerge:")]
     assert code != "0" and len(lines) == 1, ends
     assert "another host's ranks did not start or stopped before the merge began" in lines[0], ends
+
+
+def test_hosts_without_a_shared_output_folder_publish_nothing_and_fail(ckpt, tmp_path):
+    """Each host writes its share into a folder of its own (node-local disks): host 0 must not write an index naming
+    files its folder lacks, and neither host exits 0."""
+    outs = [tmp_path / "host0" / "out", tmp_path / "host1" / "out"]
+    ends = _torchrun_hosts(ckpt, outs, tmp_path / "logs", hosts=2, nproc=1, host_opts=([], []))
+    for end in ends:
+        code, err = end.split("\n", 1)
+        lines = [ln for ln in err.splitlines() if ln.startswith("streammerge:")]
+        assert code != "0" and len(lines) == 1 and "internal error" not in lines[0], ends
+    assert "file system every host shares" in ends[0], ends
+    assert not (outs[0] / "model.safetensors.index.json").exists() and not (outs[0] / "config.json").exists()
 
 
 def test_several_slurm_tasks_without_torchrun_are_refused(ckpt, tmp_path):

@@ -243,3 +243,53 @@ def test_a_rotating_trainer_never_stops_the_watcher(actors, tmp_path):
     finally:
         stop.set()
         thread.join()
+
+
+def test_a_rank_file_saved_again_after_the_looks_is_not_merged_as_a_mix(actors, tmp_path):
+    """The watcher judged step 1 complete (two equal looks); then the trainer saves step 1 again in place (a restarted
+    run), rank 0 first, before the merge starts. The merge must not take rank 0's new bytes with rank 1's old ones and
+    record the step: the checkpoint is no longer the one the looks found complete."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    actor = add_step(run, 1, actors[0])
+    rank0 = next(actor.glob("model_world_size_*_rank_0.pt"))
+
+    class Racing(Watcher):
+        def process(self, step, ck):  # the trainer's save lands right after the look that found the step ready
+            shutil.copyfile(actors[1] / rank0.name, rank0)
+            return super().process(step, ck)
+
+    watcher = Racing(run, push=False, optimizer=False, max_shard_size=SHARD, out_root=tmp_path / "out")
+    results = watcher.run(once=True, interval=0.1)
+    out = tmp_path / "out" / "global_step_1"
+    if results and results[0].ok:  # the old code: a folder that loads, recorded as step 1
+        merged = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+        saves = [{k: v for f in streammerge.merge(a, tmp_path / f"ref{i}", optimizer=False,
+                                                  max_shard_size=SHARD).out_dir.glob("*.safetensors")
+                  for k, v in load_file(f).items()} for i, a in enumerate(actors)]
+        same = [all(torch.equal(merged[k], s[k]) for k in s) for s in saves]
+        pytest.fail(f"step 1 merged and recorded after its rank 0 was saved again (equal to save 0: {same[0]}, "
+                    f"to save 1: {same[1]})")
+    assert [(r.step, r.ok) for r in results] == [(1, False)]
+    assert "changed" in (results[0].error or "") and rank0.name in (results[0].error or "")
+    assert watcher.done_steps() == {} and not (out / "model.safetensors.index.json").exists()
+
+
+def test_a_megatron_lm_run_is_watched_by_its_iter_folders(tmp_path):
+    """Megatron-LM names its step folders iter_NNNNNNN (its tracker is the same file): the watcher must merge them,
+    not idle silently forever."""
+    from safetensors.torch import load_file
+
+    fixture = ROOT / "tests" / "data" / "megatron" / "llama_mlm_optim_pp2_dp2"
+    run = tmp_path / "run"
+    shutil.copytree(fixture, run, ignore=shutil.ignore_patterns("reference"))
+    for only_latest in (False, True):
+        out = tmp_path / f"out-{only_latest}"
+        results = Watcher(run, push=False, optimizer=False, only_latest=only_latest, out_root=out,
+                          state_file=tmp_path / f"state-{only_latest}.json").run(once=True, interval=0.1)
+        assert [(r.step, r.ok) for r in results] == [(1, True)], [r.error for r in results]
+        got = load_file(out / "global_step_1" / "model.safetensors")
+        ref = load_file(next(fixture.rglob("reference/model.safetensors")))
+        assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref)

@@ -44,14 +44,22 @@ PUSH_OPTIONS = frozenset({"token", "endpoint", "model_card", "commit_message", "
 Snapshot = dict[str, tuple[int, int]]
 
 
+STEP_DIR = re.compile(r"global_step_(\d+)|iter_(\d{7,})")  # veRL's, Megatron-LM's
+
+
 def step_dirs(run_dir: Path) -> Iterator[tuple[int, Path]]:
-    """``(N, run_dir/global_step_N)`` in step order."""
+    """``(N, run_dir/global_step_N)`` (Megatron-LM: ``iter_NNNNNNN``) in step order."""
     found = []
     for p in run_dir.iterdir():
-        m = re.fullmatch(r"global_step_(\d+)", p.name)
+        m = STEP_DIR.fullmatch(p.name)
         if m and p.is_dir():
-            found.append((int(m.group(1)), p))
+            found.append((int(m.group(1) or m.group(2)), p))
     return iter(sorted(found))
+
+
+def step_dir(run_dir: Path, step: int) -> Path | None:
+    """The folder of step N: ``global_step_N``, or Megatron-LM's ``iter_NNNNNNN``, where it is a folder."""
+    return next((p for p in (run_dir / f"global_step_{step}", run_dir / f"iter_{step:07d}") if p.is_dir()), None)
 
 
 def latest_step(run_dir: Path) -> int | None:
@@ -81,7 +89,7 @@ class Watcher:
     """Merges, and with ``push`` pushes, every complete checkpoint of ``run_dir`` once.
 
     Args:
-        run_dir: the trainer's checkpoint folder (holds ``global_step_N/`` and the tracker file).
+        run_dir: the trainer's checkpoint folder (holds ``global_step_N/`` or ``iter_NNNNNNN/`` and the tracker file).
         push: push each merged step to ``repo_id`` (else only merge).
         revision: branch for every push (default ``main``); ``revision_per_step`` pushes step N to
             branch ``step-N`` instead.
@@ -169,8 +177,8 @@ class Watcher:
             return []
         done = self.done_steps()
         if self.only_latest:
-            path = self.run_dir / f"global_step_{latest}"
-            return [(latest, path)] if latest not in done and path.is_dir() else []
+            path = step_dir(self.run_dir, latest)
+            return [(latest, path)] if latest not in done and path is not None else []
         return [(n, p) for n, p in step_dirs(self.run_dir) if n <= latest and n not in done]
 
     def ready(self, step: int, path: Path) -> Source | None:
@@ -192,6 +200,8 @@ class Watcher:
             if before is not None:
                 logger.info("step %d: files still changing; looking again later", step)
             return None
+        # the merge must end with the files as these looks found them: one saved again since then is not merged
+        ck.seen = {(ck.path / rel).as_posix(): list(st) for rel, st in now.items()}
         return ck
 
     def poll(self) -> list[PushResult]:

@@ -213,6 +213,9 @@ class Source(abc.ABC):
     format: str = "?"  # "veRL FSDP", "torch DCP", "Megatron torch_dist"
     oracle_modules: tuple[str, ...] = ("torch",)  # what the oracle imports: verify starts that early
     oracle_after_plan = False  # the oracle needs what planning learns (the config): verify makes it after planning
+    # [size, mtime_ns] of its files (by path) when a caller found it complete (watch: two equal looks); a merge takes
+    # this as the state it must end with, so a file saved again after those looks but before the merge read it fails
+    seen: dict[str, list[int]] | None = None
 
     def __init__(self, path: Path, *, step: int | None = None, hf_dir: Path | None = None):
         self.path = path  # the folder holding the files

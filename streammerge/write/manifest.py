@@ -61,10 +61,11 @@ class Manifest:
         if previous and previous.get("fingerprint") == self.data["fingerprint"]:
             self.data["files"] = dict(previous.get("files", {}))
             self.data["complete"] = previous.get("complete") is True
-        self.gather_parts(remove=False)
+        self.gather_parts()
 
-    def gather_parts(self, remove: bool = True) -> None:
-        """Fold in the files that torchrun ranks listed in their part manifests (same merge only)."""
+    def gather_parts(self) -> None:
+        """Fold in the files that torchrun ranks listed in their part manifests (same merge only); `remove_parts`
+        removes them."""
         for p in sorted(self.path.parent.glob(PART_GLOB)):
             if p == self.path:
                 continue
@@ -74,7 +75,11 @@ class Manifest:
                 continue  # a part being replaced right now; its rank lists it again when it finishes
             if data.get("fingerprint") == self.data["fingerprint"]:
                 self.data["files"].update(data.get("files", {}))
-            if remove:
+
+    def remove_parts(self) -> None:
+        """Remove the part manifests, once this manifest, as saved, lists what they listed."""
+        for p in self.path.parent.glob(PART_GLOB):
+            if p != self.path:
                 p.unlink(missing_ok=True)
 
     def finished(self, out_dir: Path, filename: str) -> OutputFile | None:

@@ -213,19 +213,27 @@ class OutputFolder:
             self.sync()
         if self.part != 0:
             return
+        # the parts' manifests go only once this one, saved, lists their files: a failure before (a full disk writing
+        # the small files) must not leave their finished files listed nowhere, for the rerun to write them again
         self.manifest.gather_parts()
+        if self.sync is not None:
+            self._check_parts()
         loaders = self._loaders()
         others = [rel for rel in self.small_files if rel not in loaders]
         data = {rel: contents(rel) for rel in others + loaders}  # small: all made before the folder changes
         kept = {rel: f for rel in data if (f := self._as_written(rel, data[rel])) is not None}
         stale = set(self.manifest.data["files"]) - self.planned - {MODEL_CARD}
         if self.manifest.data["complete"] and not stale and len(kept) == len(data):
+            self.manifest.remove_parts()  # a complete manifest lists every file: it is not written again
             self.kept = list(data)
             for rel in data:
                 done(kept[rel])
             return
         if self.manifest.data["complete"]:
             self._unpublish()
+        else:
+            self.manifest.save()
+        self.manifest.remove_parts()
         self._remove_unplanned()
         for rel in others:
             f = self.write_small(rel, data[rel], rename=False)
@@ -240,6 +248,18 @@ class OutputFolder:
         for f in staged:
             self._rename(f.filename)
             done(f)
+
+    def _check_parts(self) -> None:
+        """Before anything says complete: every other writer's files are here as it wrote them. Hosts that write to
+        folders of their own (no shared file system) would leave an index naming files this folder lacks."""
+        mine = set(self.data_files)
+        missing = [rel for rel in self.all_data_files
+                   if rel not in mine and self.manifest.finished(self.out, rel) is None]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise OutputError(f"{self.out / missing[0]}{more}: another host's writer finished it, but it is not in "
+                              "this folder as that writer listed it: the output folder must be on a file system every "
+                              "host shares (on clusters without one, merge in one process); nothing was published")
 
     def _as_written(self, rel: str, data: bytes) -> OutputFile | None:
         """The small file as an earlier run of this merge wrote it, if it holds `data`."""
