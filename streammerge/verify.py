@@ -138,6 +138,8 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
             reading = _start_reading(out, ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
                                      checksums=checksums, lora={k: v for k, v in lora.items() if v is not None},
                                      then=functools.partial(import_behind, *ck.oracle_modules))
+        if ck is None and manifest is not None:
+            _check_unlisted_files(out, manifest, report)
         _check_temp_files(out, report)
         headers = _check_safetensors(out, report)
         weight_maps = _check_indexes(out, headers, report)
@@ -777,13 +779,9 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
         report.fail(f"{rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it; rerun the "
                     "merge to remove it")
     if not own_layout:  # a folder of ours: a file a loader reads that the merge did not write changes what loads
-        for path in sorted(out.rglob("*")):
-            rel = _rel(out, path)
-            if (path.is_file() and rel not in planned and rel not in listed and rel != "README.md"
-                    and not any(part.startswith(".") for part in Path(rel).parts)
-                    and not rel.endswith(TMP_SUFFIX) and path.suffix in LOADED_SUFFIXES):
-                report.fail(f"{rel}: not written by the merge (its plan has no such file), and transformers, the "
-                            "tokenizer or load_optimizer_state_dict may read it; remove it")
+        for rel in _foreign_loaded_files(out, planned | set(listed)):
+            report.fail(f"{rel}: not written by the merge (its plan has no such file), and transformers, the "
+                        "tokenizer or load_optimizer_state_dict may read it; remove it")
     if (out / ADAPTER_CONFIG).is_file() and ADAPTER_CONFIG not in merge_plan.small and (out / "config.json").is_file():
         report.fail(f"{ADAPTER_CONFIG}: beside config.json it makes transformers load this folder as a peft adapter of "
                     "the base model it names, not as these weights; remove it")
@@ -791,6 +789,32 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
     if (out / card).is_file() and card not in merge_plan.small:
         report.notes.append(f"{card}: a model card (push writes one) is not made again from the checkpoint"
                             + ("; checked against the manifest's checksum only" if card in listed else ""))
+
+
+def _foreign_loaded_files(out: Path, ours: set[str]) -> list[str]:
+    """Files of OUT a loader may read (LOADED_SUFFIXES) that are not `ours` (hidden ones, our temp files and a push's
+    card aside)."""
+    found = []
+    for path in sorted(out.rglob("*")):
+        rel = _rel(out, path)
+        if (path.is_file() and rel not in ours and rel != "README.md"
+                and not any(part.startswith(".") for part in Path(rel).parts)
+                and not rel.endswith(TMP_SUFFIX) and path.suffix in LOADED_SUFFIXES):
+            found.append(rel)
+    return found
+
+
+def _check_unlisted_files(out: Path, manifest: dict, report: VerifyReport) -> None:
+    """Without the checkpoint: the manifest lists every file the merge wrote, so a file a loader reads that it does
+    not list (a chat template or tokenizer file copied in, pytorch_model.bin, a config.json whose entry was removed)
+    is none of the merge's: the folder loads as something else."""
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        return
+    for rel in _foreign_loaded_files(out, set(listed)):
+        report.fail(f"{rel}: not in {STATE_DIR}/{MANIFEST} (the merge did not write it), and transformers, the "
+                    "tokenizer or load_optimizer_state_dict may read it; remove it, or give the checkpoint too "
+                    "(streammerge verify OUT CKPT)")
 
 
 CONFIG_FILES = ("config.json", "generation_config.json")  # what the model is and how it generates: never a note

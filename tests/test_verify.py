@@ -168,6 +168,15 @@ DAMAGE = {
                             ["chat_template.jinja", "not written by the merge"], True),
     "added_pytorch_model_bin": (lambda out: shutil.copyfile(shards(out)[0], out / "pytorch_model.bin"),
                                 ["pytorch_model.bin", "not written by the merge"], True),
+    # the same without the checkpoint: the manifest lists every file the merge wrote
+    "added_chat_template_alone": (lambda out: (out / "chat_template.jinja").write_text("{{ 'other' }}"),
+                                  ["chat_template.jinja", "not in .streammerge/manifest.json"], False),
+    "added_tokenizer_file_alone": (lambda out: (out / "special_tokens_map.json").write_text('{"eos_token": "x"}'),
+                                   ["special_tokens_map.json", "not in .streammerge/manifest.json"], False),
+    # a config.json changed, its manifest entry removed (so no crc32 to differ)
+    "config_unlisted_and_changed": (lambda out: (edit_manifest(lambda m: m["files"].pop("config.json"))(out),
+                                                 (out / "config.json").write_text('{"model_type": "llama"}')),
+                                    ["config.json", "not in .streammerge/manifest.json"], False),
 }
 
 
