@@ -741,7 +741,10 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
     for rel in sorted(set(merge_plan.small) | (set() if own_layout else set(merge_plan.indexes))):
         path = out / rel
         if not path.is_file():
-            if own_layout:
+            if own_layout and rel in CONFIG_FILES:  # transformers reads none: it loads no model, or generates otherwise
+                report.fail(f"{rel}: not in the folder, and the checkpoint gives one, which transformers reads with "
+                            "these weights; rerun the merge to write it")
+            elif own_layout:
                 report.notes.append(f"{rel}: not in the folder (a merge would write it)")
             elif rel not in listed:  # else the manifest check said so
                 report.fail(f"{rel}: missing (the checkpoint's plan writes it)")

@@ -635,6 +635,10 @@ def test_a_folder_transformers_wrote_is_compared_as_it_holds_the_weights(merged_
         config["rms_norm_eps"] *= 10
         (out / "config.json").write_text(json.dumps(config))
 
+    for rel in ("config.json", "generation_config.json"):  # transformers would load no model, or generate otherwise
+        failures = streammerge.verify(edited(f"no_{rel}", lambda out, rel=rel: (out / rel).unlink()), ckpt).failures
+        assert any(f.startswith(f"{rel}: not in the folder, and the checkpoint gives one") for f in failures), failures
+
     failures = streammerge.verify(edited("config", other_config), ckpt).failures
     assert any(f.startswith("config.json: differs from what the merge writes") and "'rms_norm_eps' is" in f
                for f in failures), failures
