@@ -405,6 +405,48 @@ def _torch_file_header(path: Path, rel: str, plan: Plan, fp: FilePlan, report: V
     return _Header(path, 0, entries)
 
 
+def _check_torch_pickle(path: Path, rel: str, plan: Plan, fp: FilePlan, report: VerifyReport) -> None:
+    """A torch.save file of ours (optimizer.pt) holds exactly what the merge pickles besides the tensors' bytes (which
+    are compared record by record): the param groups (lr, betas, ...), the non-tensor state, the nesting, each
+    tensor's shape and dtype. Its pickle is what load_optimizer_state_dict returns, and the records' comparison
+    does not see it."""
+    import torch
+
+    from .optimizer.export import nest
+
+    try:
+        groups = jsonfile.loads(plan.index_metadata["param_groups"])
+        values = jsonfile.loads(plan.index_metadata.get("state_values", "{}"))
+        want = nest({**{n: torch.empty(plan.tensors[n].shape, dtype=plan.tensors[n].dtype.torch(), device="meta")
+                        for n in fp.names}, **values}, groups)
+        got = torch.load(path, map_location="meta", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch's reader refuses a damaged file in many ways)
+        first = (str(e).splitlines() or [""])[0][:160]
+        report.fail(f"{rel}: torch.load cannot read it as the merge writes it ({first})")
+        return
+    if _pickled(got) != _pickled(want):
+        report.fail(f"{rel}: its pickle differs from what the merge writes (param groups, non-tensor state or "
+                    "nesting); rerun the merge to write it again")
+
+
+def _pickled(v: object) -> str:
+    """JSON text of what a torch.save file holds, tensors as their dtype and shape, tuples apart from lists."""
+    import torch
+
+    def plain(x: object) -> object:
+        if isinstance(x, torch.Tensor):
+            return ["<tensor>", str(x.dtype), list(x.shape)]
+        if isinstance(x, dict):
+            return {repr(k): plain(y) for k, y in x.items()}
+        if isinstance(x, tuple):
+            return ["<tuple>", *(plain(y) for y in x)]
+        if isinstance(x, list):
+            return [plain(y) for y in x]
+        return ["<" + type(x).__name__ + ">", repr(x)]
+
+    return json.dumps(plain(v), sort_keys=True)
+
+
 def _check_header_bytes(path: Path, rel: str, want: bytes, report: VerifyReport) -> None:
     """A file of ours has exactly the header the merge writes (as save_file would): tensor order, offsets and
     metadata, which a comparison tensor by tensor does not see."""
@@ -650,6 +692,7 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
                     torch_file = _torch_file_header(out / rel, rel, p, fp, report)
                     if torch_file is not None:
                         headers[rel] = torch_file
+                        _check_torch_pickle(out / rel, rel, p, fp, report)
                 elif not rel.endswith(".safetensors"):
                     report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's checksum only")
                 elif not own_layout:  # the tensors are compared below; the header says where each one lies

@@ -580,6 +580,38 @@ def test_without_a_manifest_the_checkpoint_still_checks_everything(merged_keep, 
         report.summary()
 
 
+def _resave(edit):
+    def rewrite(data: bytes) -> bytes:
+        import io
+
+        osd = torch.load(io.BytesIO(data), weights_only=True)
+        edit(osd)
+        buf = io.BytesIO()
+        torch.save(osd, buf)
+        return buf.getvalue()
+    return rewrite
+
+
+@pytest.mark.parametrize("edit", [
+    lambda osd: osd["param_groups"][0].update(lr=123.0),
+    lambda osd: osd["param_groups"][0].update(betas=list(osd["param_groups"][0]["betas"])),
+    lambda osd: osd.update(extra={"scheduler": 1}),
+], ids=["lr", "betas_a_list", "extra_key"])
+def test_an_optimizer_pt_whose_pickle_changed_fails_against_the_checkpoint(merged_keep, tmp_path, edit):
+    """--optimizer-format torch: optimizer.pt re-saved with its tensors unchanged but another lr (or any other
+    difference load_optimizer_state_dict would return), the manifest agreeing: the records compare equal, the pickle
+    is not what the merge writes."""
+    ckpt, _ = merged_keep
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, dtype="keep", optimizer_format="torch")
+    assert streammerge.verify(out, ckpt).ok
+    _rewrite(out, "optimizer/optimizer.pt", _resave(edit))
+    assert streammerge.verify(out).ok  # the folder alone: its manifest agrees
+    report = streammerge.verify(out, ckpt)
+    assert report.failures == ["optimizer/optimizer.pt: its pickle differs from what the merge writes (param groups, "
+                               "non-tensor state or nesting); rerun the merge to write it again"], report.summary()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_folder_transformers_wrote_is_compared_as_it_holds_the_weights(merged_keep, tmp_path, dtype):
     """No manifest: a folder another tool wrote (here save_pretrained, as veRL's model merger does), in its own dtype,
