@@ -424,18 +424,26 @@ def _check_torch_pickle(path: Path, rel: str, plan: Plan, fp: FilePlan, report: 
         first = (str(e).splitlines() or [""])[0][:160]
         report.fail(f"{rel}: torch.load cannot read it as the merge writes it ({first})")
         return
-    if _pickled(got) != _pickled(want):
-        report.fail(f"{rel}: its pickle differs from what the merge writes (param groups, non-tensor state or "
-                    "nesting); rerun the merge to write it again")
+    storages: list[object] = []
+    if _pickled(got, storages) != _pickled(want, []):
+        report.fail(f"{rel}: its pickle differs from what the merge writes (param groups, non-tensor state, nesting, "
+                    "or where a tensor lies in its record); rerun the merge to write it again")
+    elif len(set(storages)) != len(storages):
+        report.fail(f"{rel}: tensors share one record (the merge writes one record for each); rerun the merge to "
+                    "write it again")
 
 
-def _pickled(v: object) -> str:
-    """JSON text of what a torch.save file holds, tensors as their dtype and shape, tuples apart from lists."""
+def _pickled(v: object, storages: list[object]) -> str:
+    """JSON text of what a torch.save file holds, tuples apart from lists, each tensor as its dtype, shape, strides,
+    offset in its record and the record's size (the comparison reads each record from its first byte, row-major:
+    a tensor that starts later or reads it in another order is other values). `storages`: each tensor's record."""
     import torch
 
     def plain(x: object) -> object:
         if isinstance(x, torch.Tensor):
-            return ["<tensor>", str(x.dtype), list(x.shape)]
+            storage = x.untyped_storage()
+            storages.append(getattr(storage, "_checkpoint_offset", None) or id(storage))
+            return ["<tensor>", str(x.dtype), list(x.shape), list(x.stride()), x.storage_offset(), storage.nbytes()]
         if isinstance(x, dict):
             return {repr(k): plain(y) for k, y in x.items()}
         if isinstance(x, tuple):
