@@ -327,6 +327,7 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
     index's weight map by its relative path."""
     named: set[str] = set()
     weight_maps: dict[str, dict] = {}
+    checked = {_rel(out, p) for p in _output_files(out, "*.safetensors")}  # what _check_safetensors read
     for index in _output_files(out, "*.safetensors.index.json"):
         irel = _rel(out, index)
         report.files_checked.add(irel)
@@ -354,6 +355,8 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
             if header is None:
                 if not (base / filename).is_file():
                     report.fail(f"{irel}: names {filename}, which does not exist")
+                elif frel not in checked:  # config.json, a file in .streammerge/: transformers would read it as weights
+                    report.fail(f"{irel}: names {filename}, which is not one of the folder's safetensors files")
                 continue  # unreadable files are reported by their own check
             held = set(header.entries)
             for name in sorted(names - held)[:5]:

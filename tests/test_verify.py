@@ -157,6 +157,12 @@ DAMAGE = {
     "index_weight_map_a_list": (edit_index(lambda idx: idx.update(weight_map=[])), [INDEX, "is a list"], False),
     "index_maps_to_a_number": (edit_index(lambda idx: idx["weight_map"].update({"x": 5})), [INDEX, "not a file"],
                                False),
+    "index_maps_to_config_json": (edit_index(lambda idx: idx["weight_map"].update({"x": "config.json"})),
+                                  [INDEX, "names config.json, which is not one of the folder's safetensors"], False),
+    "index_maps_into_state_folder": (lambda out: (shutil.copyfile(shards(out)[0], out / STATE_DIR / "x.safetensors"),
+                                                  edit_index(lambda idx: idx["weight_map"].update(
+                                                      {"x": f"{STATE_DIR}/x.safetensors"}))(out)),
+                                     [INDEX, "not one of the folder's safetensors"], False),
     "index_maps_outside": (edit_index(lambda idx: idx["weight_map"].update({"x": "/etc/passwd"})),
                            [INDEX, "outside the folder"], False),
     # the header's metadata edited (same length): the tensors all compare equal, the file is not what the merge wrote
