@@ -917,11 +917,27 @@ def _as_critic(got: bytes, merge_plan: MergePlan) -> bytes | None:
         return None
     if not (isinstance(cls, str) and cls.endswith("ForTokenClassification")) or merge_plan.config is None:
         return None
+    archs = merge_plan.config.get("architectures")
+    if isinstance(archs, list) and archs and str(archs[0]).endswith("ForTokenClassification"):
+        return None  # the checkpoint's config names its token classifier already: the merge writes it as it is
+    if cls != _token_classifier(merge_plan.config.get("model_type"), cls):
+        return None  # the merge writes the class transformers' AutoModelForTokenClassification builds, no other
     weights = merge_plan.weights
     head = [t for n, t in weights.tensors.items() if n.rsplit(".", 1)[0].endswith("score") and n.endswith(".weight")]
     if "lm_head.weight" in {*weights.tensors, *weights.dropped} or not any(t.shape[:1] == (1,) for t in head):
         return None  # the weights have no one-label value head: a critic's config is not theirs
     return dataclasses.replace(merge_plan, config=critic_config(merge_plan.config, cls)).contents("config.json")
+
+
+def _token_classifier(model_type: object, default: str) -> str:
+    """The class AutoModelForTokenClassification builds for a model type (its name, from transformers' table), which
+    the merge names in a critic's config.json; `default` where transformers is not installed or has none."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES as names
+    except ImportError:
+        return default
+    found = names.get(model_type) if isinstance(model_type, str) else None
+    return found if isinstance(found, str) else default
 
 
 # what an optimizer export's index records as data besides its tensors (load_optimizer_state_dict reads them)
