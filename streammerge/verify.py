@@ -55,6 +55,7 @@ from .write.transaction import LOADED_SUFFIXES
 from .write.writer import TMP_SUFFIX, _is_contiguous, piece_span, windows
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch  # only comparing tensors with the checkpoint imports torch
 
     from .pipeline import MergePlan
@@ -137,6 +138,8 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
             reading = _start_reading(out, ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
                                      checksums=checksums, lora={k: v for k, v in lora.items() if v is not None},
                                      then=functools.partial(import_behind, *ck.oracle_modules))
+        if ck is None and manifest is not None:
+            _check_unlisted_files(out, manifest, report)
         _check_temp_files(out, report)
         headers = _check_safetensors(out, report)
         weight_maps = _check_indexes(out, headers, report)
@@ -324,6 +327,7 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
     index's weight map by its relative path."""
     named: set[str] = set()
     weight_maps: dict[str, dict] = {}
+    checked = {_rel(out, p) for p in _output_files(out, "*.safetensors")}  # what _check_safetensors read
     for index in _output_files(out, "*.safetensors.index.json"):
         irel = _rel(out, index)
         report.files_checked.add(irel)
@@ -351,6 +355,8 @@ def _check_indexes(out: Path, headers: dict[str, _Header], report: VerifyReport)
             if header is None:
                 if not (base / filename).is_file():
                     report.fail(f"{irel}: names {filename}, which does not exist")
+                elif frel not in checked:  # config.json, a file in .streammerge/: transformers would read it as weights
+                    report.fail(f"{irel}: names {filename}, which is not one of the folder's safetensors files")
                 continue  # unreadable files are reported by their own check
             held = set(header.entries)
             for name in sorted(names - held)[:5]:
@@ -400,6 +406,56 @@ def _torch_file_header(path: Path, rel: str, plan: Plan, fp: FilePlan, report: V
         assert isinstance(t, TensorPlan)
         entries[t.name] = _Entry(t.dtype, t.shape, offset, offset + t.numel * t.dtype.itemsize)
     return _Header(path, 0, entries)
+
+
+def _check_torch_pickle(path: Path, rel: str, plan: Plan, fp: FilePlan, report: VerifyReport) -> None:
+    """A torch.save file of ours (optimizer.pt) holds exactly what the merge pickles besides the tensors' bytes (which
+    are compared record by record): the param groups (lr, betas, ...), the non-tensor state, the nesting, each
+    tensor's shape and dtype. Its pickle is what load_optimizer_state_dict returns, and the records' comparison
+    does not see it."""
+    import torch
+
+    from .optimizer.export import nest
+
+    try:
+        groups = jsonfile.loads(plan.index_metadata["param_groups"])
+        values = jsonfile.loads(plan.index_metadata.get("state_values", "{}"))
+        want = nest({**{n: torch.empty(plan.tensors[n].shape, dtype=plan.tensors[n].dtype.torch(), device="meta")
+                        for n in fp.names}, **values}, groups)
+        got = torch.load(path, map_location="meta", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch's reader refuses a damaged file in many ways)
+        first = (str(e).splitlines() or [""])[0][:160]
+        report.fail(f"{rel}: torch.load cannot read it as the merge writes it ({first})")
+        return
+    storages: list[object] = []
+    if _pickled(got, storages) != _pickled(want, []):
+        report.fail(f"{rel}: its pickle differs from what the merge writes (param groups, non-tensor state, nesting, "
+                    "or where a tensor lies in its record); rerun the merge to write it again")
+    elif len(set(storages)) != len(storages):
+        report.fail(f"{rel}: tensors share one record (the merge writes one record for each); rerun the merge to "
+                    "write it again")
+
+
+def _pickled(v: object, storages: list[object]) -> str:
+    """JSON text of what a torch.save file holds, tuples apart from lists, each tensor as its dtype, shape, strides,
+    offset in its record and the record's size (the comparison reads each record from its first byte, row-major:
+    a tensor that starts later or reads it in another order is other values). `storages`: each tensor's record."""
+    import torch
+
+    def plain(x: object) -> object:
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            storages.append(getattr(storage, "_checkpoint_offset", None) or id(storage))
+            return ["<tensor>", str(x.dtype), list(x.shape), list(x.stride()), x.storage_offset(), storage.nbytes()]
+        if isinstance(x, dict):
+            return {repr(k): plain(y) for k, y in x.items()}
+        if isinstance(x, tuple):
+            return ["<tuple>", *(plain(y) for y in x)]
+        if isinstance(x, list):
+            return [plain(y) for y in x]
+        return ["<" + type(x).__name__ + ">", repr(x)]
+
+    return json.dumps(plain(v), sort_keys=True)
 
 
 def _check_header_bytes(path: Path, rel: str, want: bytes, report: VerifyReport) -> None:
@@ -647,6 +703,7 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
                     torch_file = _torch_file_header(out / rel, rel, p, fp, report)
                     if torch_file is not None:
                         headers[rel] = torch_file
+                        _check_torch_pickle(out / rel, rel, p, fp, report)
                 elif not rel.endswith(".safetensors"):
                     report.notes.append(f"{rel}: not a safetensors file; checked against the manifest's checksum only")
                 elif not own_layout:  # the tensors are compared below; the header says where each one lies
@@ -738,7 +795,10 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
     for rel in sorted(set(merge_plan.small) | (set() if own_layout else set(merge_plan.indexes))):
         path = out / rel
         if not path.is_file():
-            if own_layout:
+            if own_layout and rel in CONFIG_FILES:  # transformers reads none: it loads no model, or generates otherwise
+                report.fail(f"{rel}: not in the folder, and the checkpoint gives one, which transformers reads with "
+                            "these weights; rerun the merge to write it")
+            elif own_layout:
                 report.notes.append(f"{rel}: not in the folder (a merge would write it)")
             elif rel not in listed:  # else the manifest check said so
                 report.fail(f"{rel}: missing (the checkpoint's plan writes it)")
@@ -776,13 +836,9 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
         report.fail(f"{rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it; rerun the "
                     "merge to remove it")
     if not own_layout:  # a folder of ours: a file a loader reads that the merge did not write changes what loads
-        for path in sorted(out.rglob("*")):
-            rel = _rel(out, path)
-            if (path.is_file() and rel not in planned and rel not in listed and rel != "README.md"
-                    and not any(part.startswith(".") for part in Path(rel).parts)
-                    and not rel.endswith(TMP_SUFFIX) and path.suffix in LOADED_SUFFIXES):
-                report.fail(f"{rel}: not written by the merge (its plan has no such file), and transformers, the "
-                            "tokenizer or load_optimizer_state_dict may read it; remove it")
+        for rel in _foreign_loaded_files(out, planned | set(listed)):
+            report.fail(f"{rel}: not written by the merge (its plan has no such file), and transformers, the "
+                        "tokenizer or load_optimizer_state_dict may read it; remove it")
     if (out / ADAPTER_CONFIG).is_file() and ADAPTER_CONFIG not in merge_plan.small and (out / "config.json").is_file():
         report.fail(f"{ADAPTER_CONFIG}: beside config.json it makes transformers load this folder as a peft adapter of "
                     "the base model it names, not as these weights; remove it")
@@ -790,6 +846,32 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
     if (out / card).is_file() and card not in merge_plan.small:
         report.notes.append(f"{card}: a model card (push writes one) is not made again from the checkpoint"
                             + ("; checked against the manifest's checksum only" if card in listed else ""))
+
+
+def _foreign_loaded_files(out: Path, ours: set[str]) -> list[str]:
+    """Files of OUT a loader may read (LOADED_SUFFIXES) that are not `ours` (hidden ones, our temp files and a push's
+    card aside)."""
+    found = []
+    for path in sorted(out.rglob("*")):
+        rel = _rel(out, path)
+        if (path.is_file() and rel not in ours and rel != "README.md"
+                and not any(part.startswith(".") for part in Path(rel).parts)
+                and not rel.endswith(TMP_SUFFIX) and path.suffix in LOADED_SUFFIXES):
+            found.append(rel)
+    return found
+
+
+def _check_unlisted_files(out: Path, manifest: dict, report: VerifyReport) -> None:
+    """Without the checkpoint: the manifest lists every file the merge wrote, so a file a loader reads that it does
+    not list (a chat template or tokenizer file copied in, pytorch_model.bin, a config.json whose entry was removed)
+    is none of the merge's: the folder loads as something else."""
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        return
+    for rel in _foreign_loaded_files(out, set(listed)):
+        report.fail(f"{rel}: not in {STATE_DIR}/{MANIFEST} (the merge did not write it), and transformers, the "
+                    "tokenizer or load_optimizer_state_dict may read it; remove it, or give the checkpoint too "
+                    "(streammerge verify OUT CKPT)")
 
 
 CONFIG_FILES = ("config.json", "generation_config.json")  # what the model is and how it generates: never a note
@@ -835,11 +917,27 @@ def _as_critic(got: bytes, merge_plan: MergePlan) -> bytes | None:
         return None
     if not (isinstance(cls, str) and cls.endswith("ForTokenClassification")) or merge_plan.config is None:
         return None
+    archs = merge_plan.config.get("architectures")
+    if isinstance(archs, list) and archs and str(archs[0]).endswith("ForTokenClassification"):
+        return None  # the checkpoint's config names its token classifier already: the merge writes it as it is
+    if cls != _token_classifier(merge_plan.config.get("model_type"), cls):
+        return None  # the merge writes the class transformers' AutoModelForTokenClassification builds, no other
     weights = merge_plan.weights
     head = [t for n, t in weights.tensors.items() if n.rsplit(".", 1)[0].endswith("score") and n.endswith(".weight")]
     if "lm_head.weight" in {*weights.tensors, *weights.dropped} or not any(t.shape[:1] == (1,) for t in head):
         return None  # the weights have no one-label value head: a critic's config is not theirs
     return dataclasses.replace(merge_plan, config=critic_config(merge_plan.config, cls)).contents("config.json")
+
+
+def _token_classifier(model_type: object, default: str) -> str:
+    """The class AutoModelForTokenClassification builds for a model type (its name, from transformers' table), which
+    the merge names in a critic's config.json; `default` where transformers is not installed or has none."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES as names
+    except ImportError:
+        return default
+    found = names.get(model_type) if isinstance(model_type, str) else None
+    return found if isinstance(found, str) else default
 
 
 # what an optimizer export's index records as data besides its tensors (load_optimizer_state_dict reads them)
@@ -1084,7 +1182,8 @@ def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan
                 return
             report.bytes_read += 2 * len(got)
             if not np.array_equal(np.frombuffer(got, dtype=np.uint8), want.numpy()) and not (
-                    t.fold is None and _only_nan_payloads(t, want, torch.frombuffer(got, dtype=torch.uint8))):
+                    t.fold is None and _only_nan_payloads(t, want, torch.frombuffer(got, dtype=torch.uint8))
+                    and _is_merge_cast(t, oracle.read(t.source.name, box), np.frombuffer(got, dtype=np.uint8))):
                 _report_window(rel, t, box, want, got, oracle, report)
                 return
 
@@ -1102,6 +1201,24 @@ def _only_nan_payloads(t: TensorPlan, want: torch.Tensor, got: torch.Tensor) -> 
         return bool((torch.isnan(w[differ]) & torch.isnan(g[differ])).all())
     except (RuntimeError, TypeError):  # a dtype isnan does not take
         return False
+
+
+def _is_merge_cast(t: TensorPlan, src: torch.Tensor, got: np.ndarray) -> bool:
+    """Whether `got` (the output window's bytes) is exactly what the merge's own cast (cast.py) writes for `src`,
+    NaN bits included: torch's other NaN bits on its scalar paths excuse the merge's bits, not any NaN at all (a
+    NaN whose sign or payload was changed afterwards is no longer the merge's output). Casts the merge leaves to
+    torch (float8) take any NaN bits torch may write."""
+    import numpy as np
+    import torch
+
+    from .write.cast import cast_into, numpy_can_cast
+
+    if not numpy_can_cast(t.source_dtype, t.dtype):
+        return True
+    source = src.contiguous().reshape(-1).view(torch.uint8).numpy().view(t.source_dtype.numpy)
+    mine = np.empty(source.shape, t.dtype.numpy)
+    cast_into(mine, source, t.source_dtype, t.dtype)
+    return bool(np.array_equal(mine.view(np.uint8), np.asarray(got, dtype=np.uint8).reshape(-1)))
 
 
 def _report_window(rel: str, t: TensorPlan, box: tuple[tuple[int, int], ...], want: torch.Tensor, got: memoryview,
@@ -1310,7 +1427,8 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
                     crc = crc32(raw, crc)
                 src = torch.frombuffer(raw, dtype=torch.uint8).view(t.source_dtype.torch())
                 # contiguous before the cast: torch writes other NaN bits for strided tensors (see cast.py)
-                want = src.as_strided(psizes, pstride).permute(inverse).contiguous().to(t.dtype.torch())
+                source = src.as_strided(psizes, pstride).permute(inverse).contiguous()
+                want = source.to(t.dtype.torch())
                 sizes = tuple(psizes[inverse[d]] for d in range(len(order)))
                 lo = tuple(s + plo[inverse[d]] for d, s in enumerate(p.start))
                 got = _read_box(out_file.fileno(), base, t.geometry, lo, sizes, t.dtype.torch(), chunk)
@@ -1319,7 +1437,8 @@ def _compare_tensor(rel: str, header: _Header, entry: _Entry, name: str, t: Tens
                     report.fail(f"{rel}: tensor {name!r}: the file ends inside its data")
                     return
                 want_bytes, got_bytes = want.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)
-                if not torch.equal(want_bytes, got_bytes) and not _only_nan_payloads(t, want_bytes, got_bytes):
+                if not torch.equal(want_bytes, got_bytes) and not (
+                        _only_nan_payloads(t, want_bytes, got_bytes) and _is_merge_cast(t, source, got_bytes.numpy())):
                     _report_mismatch(rel, name, p, want, got, lo, t, report)
                     return
             if streaming:

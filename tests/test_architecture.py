@@ -411,6 +411,23 @@ def test_verify_of_a_critic(tmp_path, monkeypatch):
         "write it so)"], report.summary()
 
 
+def test_verify_against_the_checkpoint_fails_a_critic_config_naming_another_token_classifier(tmp_path):
+    """The merge names the class transformers' AutoModelForTokenClassification builds for the model type (or keeps
+    the checkpoint's own critic config): a config.json naming another *ForTokenClassification class is not the
+    merge's, whichever config the checkpoint has."""
+    critic = _model(transformers.Qwen2ForTokenClassification, num_labels=1)
+    for name, config in [("critic", _config(critic)), ("base", _config(critic, architectures=["Qwen2ForCausalLM"]))]:
+        ckpt = _save(tmp_path / name, critic.state_dict(), config)
+        out = tmp_path / f"out_{name}"
+        streammerge.merge(ckpt, out)
+        assert streammerge.verify(out, ckpt).ok
+        data = (out / "config.json").read_bytes()
+        assert b'"Qwen2ForTokenClassification"' in data
+        _replace_config(out, data.replace(b'"Qwen2ForTokenClassification"', b'"LlamaForTokenClassification"'))
+        failures = streammerge.verify(out, ckpt).failures
+        assert any(f.startswith("config.json: differs from what the merge writes") for f in failures), failures
+
+
 def test_verify_leaves_out_what_it_cannot_ask_with_a_note(merged_qwen2, tmp_path):
     """auto_map (the checkpoint's own code), weights that failed their own checks, a folder with no weights beside
     config.json or an adapter's: a note, never a failure of its own; no config.json: nothing."""

@@ -133,3 +133,36 @@ def test_verify_takes_the_merges_nan_bits_on_torchs_scalar_paths(tmp_path, dtype
     (out / "model.safetensors").write_bytes(bytes(data))
     report = streammerge.verify(out, ckpt)
     assert any("'w'" in f and "differ" in f for f in report.failures), report.summary()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_verify_fails_a_nan_whose_bits_changed_after_the_merge(tmp_path, dtype):
+    """Torch's other NaN bits excuse the merge's own bits, not any NaN: a NaN of the output whose sign or payload was
+    changed afterwards (still a NaN) is not the merge's output, with the checkpoint as without it (the crc32)."""
+    import json
+    import struct
+
+    import streammerge
+    from streammerge.testing.rankfiles import write_rank_files
+
+    x = torch.randn(4, 6)
+    x[0, 0] = float("nan")
+    half = torch.randn(4, 6).to(torch.float16)
+    half[0, 0] = float("nan")
+    for name, src in [("a", x), ("h", half)]:
+        ckpt = write_rank_files(tmp_path / f"ckpt_{name}", {name: src}, (2,))
+        out = tmp_path / f"out_{name}"
+        streammerge.merge(ckpt, out, weights_only=True, dtype=dtype)
+        assert streammerge.verify(out, ckpt).ok
+        data = bytearray((out / "model.safetensors").read_bytes())
+        (n,) = struct.unpack("<Q", data[:8])
+        entry = json.loads(data[8:8 + n])[name]
+        first = 8 + n + entry["data_offsets"][0]  # element [0, 0], the NaN
+        size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        data[first + size - 1] ^= 0x80  # its sign
+        data[first] ^= 0x01  # and its lowest payload bit: a NaN still
+        assert torch.isnan(torch.frombuffer(bytearray(data[first:first + size]), dtype=getattr(torch, dtype))).all()
+        (out / "model.safetensors").write_bytes(bytes(data))
+        for against in (ckpt, None):
+            report = streammerge.verify(out, against)
+            assert not report.ok, (name, against, report.summary())

@@ -157,6 +157,12 @@ DAMAGE = {
     "index_weight_map_a_list": (edit_index(lambda idx: idx.update(weight_map=[])), [INDEX, "is a list"], False),
     "index_maps_to_a_number": (edit_index(lambda idx: idx["weight_map"].update({"x": 5})), [INDEX, "not a file"],
                                False),
+    "index_maps_to_config_json": (edit_index(lambda idx: idx["weight_map"].update({"x": "config.json"})),
+                                  [INDEX, "names config.json, which is not one of the folder's safetensors"], False),
+    "index_maps_into_state_folder": (lambda out: (shutil.copyfile(shards(out)[0], out / STATE_DIR / "x.safetensors"),
+                                                  edit_index(lambda idx: idx["weight_map"].update(
+                                                      {"x": f"{STATE_DIR}/x.safetensors"}))(out)),
+                                     [INDEX, "not one of the folder's safetensors"], False),
     "index_maps_outside": (edit_index(lambda idx: idx["weight_map"].update({"x": "/etc/passwd"})),
                            [INDEX, "outside the folder"], False),
     # the header's metadata edited (same length): the tensors all compare equal, the file is not what the merge wrote
@@ -168,6 +174,15 @@ DAMAGE = {
                             ["chat_template.jinja", "not written by the merge"], True),
     "added_pytorch_model_bin": (lambda out: shutil.copyfile(shards(out)[0], out / "pytorch_model.bin"),
                                 ["pytorch_model.bin", "not written by the merge"], True),
+    # the same without the checkpoint: the manifest lists every file the merge wrote
+    "added_chat_template_alone": (lambda out: (out / "chat_template.jinja").write_text("{{ 'other' }}"),
+                                  ["chat_template.jinja", "not in .streammerge/manifest.json"], False),
+    "added_tokenizer_file_alone": (lambda out: (out / "special_tokens_map.json").write_text('{"eos_token": "x"}'),
+                                   ["special_tokens_map.json", "not in .streammerge/manifest.json"], False),
+    # a config.json changed, its manifest entry removed (so no crc32 to differ)
+    "config_unlisted_and_changed": (lambda out: (edit_manifest(lambda m: m["files"].pop("config.json"))(out),
+                                                 (out / "config.json").write_text('{"model_type": "llama"}')),
+                                    ["config.json", "not in .streammerge/manifest.json"], False),
 }
 
 
@@ -571,6 +586,60 @@ def test_without_a_manifest_the_checkpoint_still_checks_everything(merged_keep, 
         report.summary()
 
 
+def _resave(edit):
+    def rewrite(data: bytes) -> bytes:
+        import io
+
+        osd = torch.load(io.BytesIO(data), weights_only=True)
+        edit(osd)
+        buf = io.BytesIO()
+        torch.save(osd, buf)
+        return buf.getvalue()
+    return rewrite
+
+
+def _relaid(osd: dict, storage, offset: int, stride) -> None:
+    """A 2-D exp_avg whose record holds its bytes as the merge writes them (row-major from the first byte), but whose
+    view starts later in the record or reads it column-major: torch.load gives other values."""
+    state = next(s for s in osd["state"].values() if s["exp_avg"].dim() == 2)
+    t = state["exp_avg"]
+    view = torch.empty(0, dtype=t.dtype).set_(storage(t).untyped_storage(), offset, t.shape,
+                                              stride(t) if stride else t.stride())
+    assert not torch.equal(view, t)
+    state["exp_avg"] = view
+
+
+def _alias_steps(osd: dict) -> None:
+    """Two parameters' step counts (equal values) as one record."""
+    first, second = list(osd["state"].values())[:2]
+    second["step"] = first["step"]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda osd: osd["param_groups"][0].update(lr=123.0),
+    lambda osd: osd["param_groups"][0].update(betas=list(osd["param_groups"][0]["betas"])),
+    lambda osd: osd.update(extra={"scheduler": 1}),
+    lambda osd: _relaid(osd, lambda t: torch.cat([t.reshape(-1), t.reshape(-1)[:1]]), 1, None),
+    lambda osd: _relaid(osd, lambda t: t.contiguous().reshape(-1), 0, lambda t: (1, t.shape[0])),
+    lambda osd: _alias_steps(osd),
+], ids=["lr", "betas_a_list", "extra_key", "starts_later_in_its_record", "read_column_major", "one_record_shared"])
+def test_an_optimizer_pt_whose_pickle_changed_fails_against_the_checkpoint(merged_keep, tmp_path, edit):
+    """--optimizer-format torch: optimizer.pt re-saved with its tensors unchanged but another lr (or any other
+    difference load_optimizer_state_dict would return), the manifest agreeing: the records compare equal, the pickle
+    is not what the merge writes."""
+    ckpt, _ = merged_keep
+    out = tmp_path / "out"
+    streammerge.merge(ckpt, out, dtype="keep", optimizer_format="torch")
+    assert streammerge.verify(out, ckpt).ok
+    _rewrite(out, "optimizer/optimizer.pt", _resave(edit))
+    assert streammerge.verify(out).ok  # the folder alone: its manifest agrees
+    report = streammerge.verify(out, ckpt)
+    assert len(report.failures) == 1, report.summary()
+    assert report.failures[0].startswith("optimizer/optimizer.pt: ") and report.failures[0].endswith(
+        "; rerun the merge to write it again") and ("pickle differs" in report.failures[0]
+                                                    or "share one record" in report.failures[0]), report.summary()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_folder_transformers_wrote_is_compared_as_it_holds_the_weights(merged_keep, tmp_path, dtype):
     """No manifest: a folder another tool wrote (here save_pretrained, as veRL's model merger does), in its own dtype,
@@ -625,6 +694,10 @@ def test_a_folder_transformers_wrote_is_compared_as_it_holds_the_weights(merged_
         config = json.loads((out / "config.json").read_text())
         config["rms_norm_eps"] *= 10
         (out / "config.json").write_text(json.dumps(config))
+
+    for rel in ("config.json", "generation_config.json"):  # transformers would load no model, or generate otherwise
+        failures = streammerge.verify(edited(f"no_{rel}", lambda out, rel=rel: (out / rel).unlink()), ckpt).failures
+        assert any(f.startswith(f"{rel}: not in the folder, and the checkpoint gives one") for f in failures), failures
 
     failures = streammerge.verify(edited("config", other_config), ckpt).failures
     assert any(f.startswith("config.json: differs from what the merge writes") and "'rms_norm_eps' is" in f
