@@ -51,7 +51,7 @@ from .sources.lora import ADAPTER_CONFIG
 from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
-from .write.transaction import LOADED_SUFFIXES
+from .write.transaction import foreign_loaded_files
 from .write.writer import TMP_SUFFIX, _is_contiguous, piece_span, windows
 
 if TYPE_CHECKING:
@@ -836,7 +836,7 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
         report.fail(f"{rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it; rerun the "
                     "merge to remove it")
     if not own_layout:  # a folder of ours: a file a loader reads that the merge did not write changes what loads
-        for rel in _foreign_loaded_files(out, planned | set(listed)):
+        for rel in foreign_loaded_files(out, planned | set(listed)):
             report.fail(f"{rel}: not written by the merge (its plan has no such file), and transformers, the "
                         "tokenizer or load_optimizer_state_dict may read it; remove it")
     if (out / ADAPTER_CONFIG).is_file() and ADAPTER_CONFIG not in merge_plan.small and (out / "config.json").is_file():
@@ -848,19 +848,6 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
                             + ("; checked against the manifest's checksum only" if card in listed else ""))
 
 
-def _foreign_loaded_files(out: Path, ours: set[str]) -> list[str]:
-    """Files of OUT a loader may read (LOADED_SUFFIXES) that are not `ours` (hidden ones, our temp files and a push's
-    card aside)."""
-    found = []
-    for path in sorted(out.rglob("*")):
-        rel = _rel(out, path)
-        if (path.is_file() and rel not in ours and rel != "README.md"
-                and not any(part.startswith(".") for part in Path(rel).parts)
-                and not rel.endswith(TMP_SUFFIX) and path.suffix in LOADED_SUFFIXES):
-            found.append(rel)
-    return found
-
-
 def _check_unlisted_files(out: Path, manifest: dict, report: VerifyReport) -> None:
     """Without the checkpoint: the manifest lists every file the merge wrote, so a file a loader reads that it does
     not list (a chat template or tokenizer file copied in, pytorch_model.bin, a config.json whose entry was removed)
@@ -868,7 +855,7 @@ def _check_unlisted_files(out: Path, manifest: dict, report: VerifyReport) -> No
     listed = manifest.get("files")
     if not isinstance(listed, dict):
         return
-    for rel in _foreign_loaded_files(out, set(listed)):
+    for rel in foreign_loaded_files(out, set(listed)):
         report.fail(f"{rel}: not in {STATE_DIR}/{MANIFEST} (the merge did not write it), and transformers, the "
                     "tokenizer or load_optimizer_state_dict may read it; remove it, or give the checkpoint too "
                     "(streammerge verify OUT CKPT)")

@@ -295,7 +295,7 @@ def test_a_checkpoint_saved_again_while_it_is_merged_fails(big, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "adapter_config.json", "tokenizer.model", "chat_template.jinja",
-                                  "optimizer/optimizer.pt"])
+                                  "optimizer/optimizer.pt", "tokenizer.model.v3", "source.spm"])
 def test_a_rerun_refuses_a_file_a_loader_reads_that_the_merge_did_not_write(big, done, name):
     """Someone added a file to a finished folder that transformers, a tokenizer or peft reads with ours (a
     model.safetensors is loaded instead of the shards, an adapter_config.json makes it a peft adapter): a rerun

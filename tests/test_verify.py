@@ -179,6 +179,10 @@ DAMAGE = {
                                   ["chat_template.jinja", "not in .streammerge/manifest.json"], False),
     "added_tokenizer_file_alone": (lambda out: (out / "special_tokens_map.json").write_text('{"eos_token": "x"}'),
                                    ["special_tokens_map.json", "not in .streammerge/manifest.json"], False),
+    "added_mistral_tokenizer_alone": (lambda out: (out / "tokenizer.model.v3").write_bytes(b"other vocabulary"),
+                                      ["tokenizer.model.v3", "not in .streammerge/manifest.json"], False),
+    "added_marian_spm": (lambda out: (out / "source.spm").write_bytes(b"other vocabulary"),
+                         ["source.spm", "not written by the merge"], True),
     # a config.json changed, its manifest entry removed (so no crc32 to differ)
     "config_unlisted_and_changed": (lambda out: (edit_manifest(lambda m: m["files"].pop("config.json"))(out),
                                                  (out / "config.json").write_text('{"model_type": "llama"}')),

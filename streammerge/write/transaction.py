@@ -34,9 +34,23 @@ MODEL_CARD = "README.md"
 # What makes a folder load (transformers: config.json; peft: adapter_config.json), written after the other small
 # files and before the indexes, removed first when a rerun changes the folder.
 LOADS_AS_MODEL = ("config.json", "adapter_config.json")
-# files transformers, a tokenizer or peft may read from a model folder (weights, configs, vocabularies, templates, code)
+# files transformers, a tokenizer or peft may read from a model folder (weights, configs, vocabularies, templates, code;
+# .spm: Marian's sentencepiece models), and any tokenizer* file (mistral-common's tokenizer.model.v3)
 LOADED_SUFFIXES = {".json", ".jinja", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".py", ".tiktoken",
-                   ".msgpack", ".h5", ".gguf", ".ckpt"}
+                   ".msgpack", ".h5", ".gguf", ".ckpt", ".spm"}
+
+
+def foreign_loaded_files(out: Path, ours: set[str]) -> list[str]:
+    """Files of ``out`` (relative, sorted) a loader may read that are not in ``ours``: hidden files and folders, our
+    temp files and a push's model card are no loader's."""
+    found = []
+    for path in out.rglob("*"):
+        rel = path.relative_to(out)
+        if ((path.suffix in LOADED_SUFFIXES or path.name.startswith("tokenizer")) and rel.as_posix() not in ours
+                and rel.as_posix() != MODEL_CARD and not path.name.endswith(TMP_SUFFIX)
+                and not any(part.startswith(".") for part in rel.parts) and path.is_file()):
+            found.append(rel.as_posix())
+    return sorted(found)
 
 Sync = Callable[[], None]
 
@@ -128,17 +142,9 @@ class OutputFolder:
         return previous
 
     def foreign_files(self, previous: dict) -> list[str]:
-        """Files a loader may read (LOADED_SUFFIXES) that neither this merge writes nor an earlier run of it listed: a
-        model.safetensors beside our shards, someone's adapter_config.json or tokenizer file. Hidden files and folders,
-        our temp files and a push's model card are no loader's."""
-        ours = self.planned | set(previous.get("files") or {}) | {MODEL_CARD}
-        found = []
-        for path in self.out.rglob("*"):
-            rel = path.relative_to(self.out)
-            if (path.suffix in LOADED_SUFFIXES and rel.as_posix() not in ours and not path.name.endswith(TMP_SUFFIX)
-                    and not any(part.startswith(".") for part in rel.parts) and path.is_file()):
-                found.append(rel.as_posix())
-        return sorted(found)
+        """Files a loader may read that neither this merge writes nor an earlier run of it listed: a model.safetensors
+        beside our shards, someone's adapter_config.json or tokenizer file."""
+        return foreign_loaded_files(self.out, self.planned | set(previous.get("files") or {}))
 
     def _lock(self) -> None:
         """An exclusive lock on OUT/.streammerge/lock for the whole merge; says who holds it if taken."""
