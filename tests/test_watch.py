@@ -293,3 +293,24 @@ def test_a_megatron_lm_run_is_watched_by_its_iter_folders(tmp_path):
         got = load_file(out / "global_step_1" / "model.safetensors")
         ref = load_file(next(fixture.rglob("reference/model.safetensors")))
         assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref)
+
+
+def test_a_tracker_watch_cannot_follow_is_said_once(actors, tmp_path, caplog):
+    """Megatron-LM's tracker holds "release" for a converted checkpoint, and a tracker may name a step whose folder
+    is not there: the watcher waits either way, but says why once, not silently and not at every look."""
+    import logging
+
+    run = tmp_path / "run"
+    run.mkdir()
+    watcher = Watcher(run, push=False, optimizer=False, max_shard_size=SHARD, out_root=tmp_path / "out",
+                      state_file=tmp_path / "state.json")
+    for text, words in (("release", "holds 'release', not a step number"),
+                        ("7", "names step 7, but"), ("", None)):
+        (run / TRACKER).write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="streammerge.hub.watch"):
+            assert watcher.poll() == [] and watcher.poll() == []
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert said == ([] if words is None else [m for m in said if words in m]) and len(said) == (words is not None)
+    add_step(run, 7, actors[0])
+    assert [(r.step, r.ok) for r in watcher.run(once=True, interval=0.1)] == [(7, True)]

@@ -130,6 +130,7 @@ class Watcher:
                              if k in ("max_files_per_commit", "upload_workers")})
         self.options = MergeOptions.create(options, **{k: v for k, v in kwargs.items() if k not in PUSH_OPTIONS})
         self._seen: dict[int, Snapshot] = {}
+        self._told: set[str] = set()  # trackers already warned about: each is said once, not at every look
 
     # ---- state -----------------------------------------------------------------------------
     @property
@@ -174,12 +175,32 @@ class Watcher:
         """Steps to process, oldest first: not done yet, and not newer than the tracker's step."""
         latest = latest_step(self.run_dir)
         if latest is None:
+            self._tell_unfollowed()
             return []
+        if step_dir(self.run_dir, latest) is None:
+            self._tell(f"step {latest}", f"{self.run_dir / LATEST_FILE} names step {latest}, but {self.run_dir} has "
+                       f"neither global_step_{latest}/ nor iter_{latest:07d}/; waiting for it")
         done = self.done_steps()
         if self.only_latest:
             path = step_dir(self.run_dir, latest)
             return [(latest, path)] if latest not in done and path is not None else []
         return [(n, p) for n, p in step_dirs(self.run_dir) if n <= latest and n not in done]
+
+    def _tell_unfollowed(self) -> None:
+        """Warn (once per text) where the tracker holds something other than a step number: Megatron-LM writes
+        ``release`` for a converted checkpoint, which has no step to follow. An empty one is mid-write: no word."""
+        try:
+            text = (self.run_dir / LATEST_FILE).read_text(errors="replace").strip()
+        except OSError:
+            return
+        if text:
+            self._tell(text, f"{self.run_dir / LATEST_FILE} holds {text[:40]!r}, not a step number: watch follows "
+                             "numbered steps (global_step_N/, iter_NNNNNNN/) only; waiting")
+
+    def _tell(self, key: str, message: str) -> None:
+        if key not in self._told:
+            self._told.add(key)
+            logger.warning("%s", message)
 
     def ready(self, step: int, path: Path) -> Source | None:
         """The checkpoint when it is complete and did not change since the last look, else None."""
