@@ -253,7 +253,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     _warn_trust_pickle(args)
     report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle, checksums=args.checksums,
-                    lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_rslora=args.lora_rslora)
+                    lora=args.lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                    lora_rslora=args.lora_rslora)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -333,6 +334,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             "cache); 'auto' picks by the memory free")
         g = p.add_argument_group("LoRA checkpoints", "Settings the checkpoint's files do not record, as the merge "
                                  "took them; a folder with a manifest is checked with those it records")
+        g.add_argument("--lora", choices=LORA_MODES, default=None,
+                       help="the merge's --lora, for a folder without a manifest (default: both)")
         _lora_setting_args(g)
     elif command == "demo":
         p = argparse.ArgumentParser(prog="streammerge demo",

@@ -41,7 +41,7 @@ from .dtypes import DType
 from .errors import OutputError, StreammergeError
 from .model_folder import DTYPE_KEYS
 from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT
-from .options import CHECKSUMS, MergeOptions, parse_size
+from .options import CHECKSUMS, LORA_MODES, MergeOptions, parse_size
 from .paths import user_path
 from .plan import FilePlan, Piece, Plan, TensorPlan
 from .sources import Source, open_checkpoint
@@ -98,8 +98,8 @@ class VerifyReport:
 
 def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, trust_pickle: bool = False,
            chunk_size: int | str = DEFAULT_CHUNK, workers: int | None = None,
-           checksums: str = "auto", lora_rank: int | None = None, lora_alpha: float | None = None,
-           lora_rslora: bool | None = None) -> VerifyReport:
+           checksums: str = "auto", lora: str | None = None, lora_rank: int | None = None,
+           lora_alpha: float | None = None, lora_rslora: bool | None = None) -> VerifyReport:
     """Check an output folder; given the checkpoint, check every tensor against its source pieces.
 
     Problems with the output are collected in the report (never raised); a checkpoint that cannot
@@ -110,12 +110,15 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     files, where streams would have them read from disk twice); ``"auto"`` picks by the memory free.
     Other formats check their checksums after the comparison either way.
 
-    ``lora_rank``, ``lora_alpha``, ``lora_rslora``: a LoRA checkpoint's settings that its files do not record, as
-    the merge took them (``--lora-rank`` ...). A folder with a manifest is checked with the settings it records (a
-    flag that differs from them is a failure); one without is checked with these.
+    ``lora``, ``lora_rank``, ``lora_alpha``, ``lora_rslora``: a LoRA checkpoint's merge mode and the settings its
+    files do not record, as the merge took them (``--lora adapter``, ``--lora-rank`` ...). A folder with a manifest
+    is checked with those it records (one given that differs is a failure); one without is checked with these (a
+    folder cannot tell whether its weights are the fold or the base as saved: without ``lora``, ``both``).
     """
     if checksums not in CHECKSUMS:
         raise ValueError(f"checksums must be one of {', '.join(CHECKSUMS)}, not {checksums!r}")
+    if lora is not None and lora not in LORA_MODES:
+        raise ValueError(f"lora must be one of {', '.join(LORA_MODES)}, not {lora!r}")
     out = user_path(out_dir).resolve()
     report = VerifyReport(out, user_path(checkpoint_dir).resolve() if checkpoint_dir else None)
     if not out.is_dir():
@@ -134,9 +137,9 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
         if ck is not None:
             from .pipeline import import_behind
 
-            lora = {"lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_rslora": lora_rslora}
+            given = {"lora": lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_rslora": lora_rslora}
             reading = _start_reading(out, ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
-                                     checksums=checksums, lora={k: v for k, v in lora.items() if v is not None},
+                                     checksums=checksums, lora={k: v for k, v in given.items() if v is not None},
                                      then=functools.partial(import_behind, *ck.oracle_modules))
         if ck is None and manifest is not None:
             _check_unlisted_files(out, manifest, report)
@@ -548,8 +551,8 @@ def _folder_options(out: Path) -> tuple[dict, str]:
 
 
 def _with_lora_flags(options: MergeOptions, given: dict, manifest: dict | None, report: VerifyReport) -> MergeOptions:
-    """verify's --lora-rank/--lora-alpha/--lora-rslora: the options of a folder without a manifest; with one, they
-    must be what it records (the merge's own)."""
+    """verify's --lora/--lora-rank/--lora-alpha/--lora-rslora: the options of a folder without a manifest; with one,
+    they must be what it records (the merge's own)."""
     if not given:
         return options
     if manifest is None:
@@ -560,7 +563,7 @@ def _with_lora_flags(options: MergeOptions, given: dict, manifest: dict | None, 
         if ran is None:
             report.notes.append(f"{flag} {value}: not used; the merge ran without it (the checkpoint's files gave the "
                                 "setting), and the folder is checked as it was made")
-        elif float(ran) != float(value):
+        elif (ran != value) if isinstance(value, str) else (float(ran) != float(value)):
             report.fail(f"{flag} {value}: the merge ran with {flag} {ran} (.streammerge/manifest.json); the folder is "
                         "checked as it was made: leave the flag out, or merge again with it")
     return options

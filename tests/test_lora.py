@@ -1172,6 +1172,30 @@ def test_verify_takes_the_lora_settings_the_merge_took(tmp_path, capsys):
     assert verify(out, actor, lora_rank=8, lora_alpha=16, lora_rslora=True).ok
 
 
+def test_verify_takes_the_lora_mode_the_merge_took(tmp_path, capsys):
+    """--lora adapter keeps the base weights as saved: a folder without a manifest cannot tell them from a fold, and is
+    checked as --lora both (the fold), which fails; verify --lora adapter checks it as made. With a manifest, a mode
+    other than the recorded one fails."""
+    model, config, _ = _trained_peft(target_modules=["q_proj", "o_proj"])
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--no-optimizer", "--dtype", "float32", "--lora", "adapter"], capsys)
+    assert rc == 0, err
+    rc, err = run(["verify", out, actor, "--lora", "adapter"], capsys)
+    assert rc == 0, run.out  # type: ignore[attr-defined]
+    rc, err = run(["verify", out, actor, "--lora", "fold"], capsys)
+    assert rc == 1 and "--lora fold: the merge ran with --lora adapter" in run.out  # type: ignore[attr-defined]
+
+    shutil.rmtree(out / ".streammerge")
+    rc, err = run(["verify", out, actor], capsys)
+    assert rc == 1 and "model.layers.0.self_attn.q_proj.weight" in run.out  # type: ignore[attr-defined]
+    rc, err = run(["verify", out, actor, "--lora", "adapter"], capsys)
+    assert rc == 0, run.out  # type: ignore[attr-defined]
+    assert verify(out, actor, lora="adapter").ok
+    with pytest.raises(ValueError, match="lora must be one of"):
+        verify(out, actor, lora="merged")
+
+
 def test_bf16_factors_fold_in_float32_rounded_once(tmp_path, capsys):
     """A run that keeps W, lora_A and lora_B in bfloat16: the fold is computed in float32 from them and rounded once,
     which is peft's merge of the model upcast to float32, cast to bf16, bit for bit. peft merging the bf16 model itself
