@@ -319,6 +319,25 @@ def test_another_models_tokenizer_or_generation_config_at_the_revision_is_refuse
                                                "docs/tokenizer.json": b"{}"}
 
 
+def test_a_weights_only_push_over_another_config_is_refused(hub, folder):
+    """A --weights-only merge has no config.json: pushed over a revision that holds one, transformers would load the
+    pushed weights as that config's model (it may fit their shapes and still be another model). Refused, nothing
+    committed; the same push into a revision without a config goes through."""
+    (folder / "config.json").unlink()
+    (folder / "tokenizer_config.json").unlink()
+    hub.create_repo("alice/tiny")
+    hub.add_files("alice/tiny", {"config.json": b'{"model_type": "llama"}'})
+    head = hub.repo("alice/tiny").branches["main"]
+    with pytest.raises(PushError) as e:
+        push_folder(folder, "alice/tiny", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    message = str(e.value)
+    assert e.value.kind == "conflict" and "\n" not in message and "config.json (another model's config)" in message
+    assert hub.repo("alice/tiny").branches["main"] == head and not hub.requests("POST", r"/commit/")
+    hub.create_repo("alice/bare")
+    push_folder(folder, "alice/bare", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    assert remote_files(hub, "alice/bare") == expected_files(folder)
+
+
 def test_delete_stale_false_is_refused_where_the_revision_keeps_weights_a_loader_reads(hub, folder, tmp_path):
     """delete_stale=False only adds. Beside the pushed index a model.safetensors (transformers loads it first), beside a
     pushed model.safetensors the old index and shards (vLLM follows the index), or old shards the new index does not

@@ -213,7 +213,8 @@ class Committer:
     def _refuse_foreign(self, uploads: Mapping[str, Upload], remote: set[str]) -> None:
         """PushError (nothing committed) where the revision holds files a loader would read with the pushed model
         that this push neither brings nor deletes: a peft adapter's config (transformers loads the repo as that
-        adapter), another model's tokenizer or generation config, or weight files an earlier push left (kept by
+        adapter), another model's config.json (under a --weights-only push), tokenizer or generation config, or
+        weight files an earlier push left (kept by
         ``delete_patterns=None``: a model.safetensors transformers loads before the pushed index, an index and shards
         beside a pushed model.safetensors, or shards the pushed index does not name, which loaders that read every
         ``*.safetensors`` take)."""
@@ -223,13 +224,15 @@ class Committer:
             raise PushError(f"{where} holds {ADAPTER_CONFIG} at its top, which would make transformers load it as a "
                             "peft adapter instead of the pushed model; nothing was committed: delete that file from "
                             "the repo (or push to another repo or --revision)", kind="conflict")
-        others = sorted(p for p in remote if p not in uploads and read_beside(p))
+        others = sorted(p for p in remote if p not in uploads and (read_beside(p) or p == CONFIG))
         weights = sorted(p for p in remote if p not in uploads and is_weight_file(p) and not self._deletes(p)) \
             if SINGLE in uploads or INDEX in uploads else []
         if not others and not weights:
             return
-        what = ([f"{', '.join(others)} (another model's tokenizer or generation settings)"] if others else []) + \
-               ([f"{', '.join(weights)} (weights an earlier push left, kept by delete_stale=False)"] if weights else [])
+        kinds = " and ".join(k for k, has in (("config", CONFIG in others), ("tokenizer or generation settings",
+                                                                          set(others) - {CONFIG})) if has)
+        what = [f"{', '.join(others)} (another model's {kinds})"] if others else []
+        what += [f"{', '.join(weights)} (weights an earlier push left, kept by delete_stale=False)"] if weights else []
         fix = "delete them from the repo" + (", push with delete_stale=True" if weights else "")
         raise PushError(f"{where} holds {' and '.join(what)}, which this push does not bring and transformers or "
                         f"another loader would read with the pushed model; nothing was committed: {fix}, or push to "
