@@ -314,8 +314,18 @@ def build_plan(tensors: Iterable[TensorPlan], *, max_shard_size: int, tie_embedd
     safetensors layout only estimates) and writes no index.
     """
     planned = {t.name: t for t in tensors}
+    where = f"{source.path}: " if source is not None else ""
+    for t in planned.values():
+        if not t.name.isascii():
+            try:
+                t.name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CheckpointError(f"{where}tensor name {t.name!r} is not valid UTF-8 (a lone surrogate): no "
+                                      "safetensors header or index can hold it; rename it before saving") from None
+        if single_file is None and t.dtype.code is None:
+            raise CheckpointError(f"{where}tensor {t.name!r} has dtype {t.dtype.name}, which safetensors cannot "
+                                  "store; convert it before saving (complex128 to two float64 tensors, say)")
     if single_file is None and "__metadata__" in planned:
-        where = f"{source.path}: " if source is not None else ""
         raise CheckpointError(f"{where}a tensor named '__metadata__', the key a safetensors header keeps for its "
                               "metadata: no safetensors reader would load it; rename it before saving")
     dropped = tied_duplicates(planned, tie_embeddings) if not subdir else {}
