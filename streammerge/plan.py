@@ -294,6 +294,11 @@ def tied_duplicates(tensors: Mapping[str, TensorPlan], tie_embeddings: bool) -> 
         else:
             by_bytes[key] = name
     if tie_embeddings:
+        # save_pretrained keeps the input embedding: one dropped above as an alias of an output embedding that came
+        # first in the state dict is kept, and the output embedding is dropped as tied below
+        for name, kept in list(dropped.items()):
+            if name.endswith(_INPUT_EMBEDDINGS) and kept.endswith(_OUTPUT_EMBEDDINGS):
+                del dropped[name]
         for out_name in [n for n in tensors if n.endswith(_OUTPUT_EMBEDDINGS) and n not in dropped]:
             prefix = out_name.rsplit(".", 2)[0] + "." if out_name.count(".") >= 2 else ""
             inputs = [n for n in tensors if n.endswith(_INPUT_EMBEDDINGS) and n.startswith(prefix)
