@@ -81,6 +81,14 @@ class TensorPlan:
         return self.source.geometry
 
     @property
+    def fold_dtype(self) -> DType:
+        """What a fold computes in: float32, or float64 where W or a factor is float64 (peft's merge adds in W's
+        float64; float32 would round away W's low bits)."""
+        assert self.fold is not None
+        wide = dtypes.float64 in (self.source.dtype, self.fold.a.dtype, self.fold.b.dtype)
+        return dtypes.float64 if wide else dtypes.float32
+
+    @property
     def placements(self) -> str:
         return self.source.layout + ((" + LoRA.T" if self.fold.transpose else " + LoRA") if self.fold else "")
 
