@@ -103,6 +103,8 @@ class TensorPlan:
     def key(self) -> str:
         """What the bytes of this tensor depend on (resume fingerprint)."""
         fold = self.fold.key() if self.fold else ""
+        if self.fold and self.fold_dtype is dtypes.float64:
+            fold += "@float64"  # earlier versions folded these in float32: their outputs are not resumed
         return (f"{self.name}|{self.source.name}|{self.source_dtype.name}|{self.dtype.name}|{self.shape}|"
                 f"{self.source.flat}|{pieces_key(self.pieces)}|{fold}")
 
