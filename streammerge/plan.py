@@ -81,6 +81,14 @@ class TensorPlan:
         return self.source.geometry
 
     @property
+    def fold_dtype(self) -> DType:
+        """What a fold computes in: float32, or float64 where W or a factor is float64 (peft's merge adds in W's
+        float64; float32 would round away W's low bits)."""
+        assert self.fold is not None
+        wide = dtypes.float64 in (self.source.dtype, self.fold.a.dtype, self.fold.b.dtype)
+        return dtypes.float64 if wide else dtypes.float32
+
+    @property
     def placements(self) -> str:
         return self.source.layout + ((" + LoRA.T" if self.fold.transpose else " + LoRA") if self.fold else "")
 
@@ -95,6 +103,8 @@ class TensorPlan:
     def key(self) -> str:
         """What the bytes of this tensor depend on (resume fingerprint)."""
         fold = self.fold.key() if self.fold else ""
+        if self.fold and self.fold_dtype is dtypes.float64:
+            fold += "@float64"  # earlier versions folded these in float32: their outputs are not resumed
         return (f"{self.name}|{self.source.name}|{self.source_dtype.name}|{self.dtype.name}|{self.shape}|"
                 f"{self.source.flat}|{pieces_key(self.pieces)}|{fold}")
 
@@ -294,6 +304,11 @@ def tied_duplicates(tensors: Mapping[str, TensorPlan], tie_embeddings: bool) -> 
         else:
             by_bytes[key] = name
     if tie_embeddings:
+        # save_pretrained keeps the input embedding: one dropped above as an alias of an output embedding that came
+        # first in the state dict is kept, and the output embedding is dropped as tied below
+        for name, kept in list(dropped.items()):
+            if name.endswith(_INPUT_EMBEDDINGS) and kept.endswith(_OUTPUT_EMBEDDINGS):
+                del dropped[name]
         for out_name in [n for n in tensors if n.endswith(_OUTPUT_EMBEDDINGS) and n not in dropped]:
             prefix = out_name.rsplit(".", 2)[0] + "." if out_name.count(".") >= 2 else ""
             inputs = [n for n in tensors if n.endswith(_INPUT_EMBEDDINGS) and n.startswith(prefix)
@@ -314,8 +329,18 @@ def build_plan(tensors: Iterable[TensorPlan], *, max_shard_size: int, tie_embedd
     safetensors layout only estimates) and writes no index.
     """
     planned = {t.name: t for t in tensors}
+    where = f"{source.path}: " if source is not None else ""
+    for t in planned.values():
+        if not t.name.isascii():
+            try:
+                t.name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CheckpointError(f"{where}tensor name {t.name!r} is not valid UTF-8 (a lone surrogate): no "
+                                      "safetensors header or index can hold it; rename it before saving") from None
+        if single_file is None and t.dtype.code is None:
+            raise CheckpointError(f"{where}tensor {t.name!r} has dtype {t.dtype.name}, which safetensors cannot "
+                                  "store; convert it before saving (complex128 to two float64 tensors, say)")
     if single_file is None and "__metadata__" in planned:
-        where = f"{source.path}: " if source is not None else ""
         raise CheckpointError(f"{where}a tensor named '__metadata__', the key a safetensors header keeps for its "
                               "metadata: no safetensors reader would load it; rename it before saving")
     dropped = tied_duplicates(planned, tie_embeddings) if not subdir else {}

@@ -1240,9 +1240,10 @@ def _expected(t: TensorPlan, box: tuple[tuple[int, int], ...], oracle: Oracle, s
 
     fold = t.fold
     rank, cols = fold.a.shape
-    w = src.float().clone()
-    a = oracle.read(fold.a.name, ((0, rank), (0, cols))).float()
-    add_delta(w, lambda lo, hi: oracle.read(fold.b.name, ((lo, hi), (0, rank))).float(), a, fold.scale,
+    work = t.fold_dtype.torch()  # float32, or float64 where W or a factor is
+    w = src.to(work).clone()
+    a = oracle.read(fold.a.name, ((0, rank), (0, cols))).to(work)
+    add_delta(w, lambda lo, hi: oracle.read(fold.b.name, ((lo, hi), (0, rank))).to(work), a, fold.scale,
               fold.b.shape[0], box, fold.transpose)
     return w.to(t.dtype.torch())
 

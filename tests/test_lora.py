@@ -1225,3 +1225,15 @@ def test_bf16_factors_fold_in_float32_rounded_once(tmp_path, capsys):
     print(f"bf16 factors: {differ} of {total} folded elements differ from peft's bf16 merge (max {apart:.3g}); "
           f"largest distance from the float32 fold: ours {ours:.3g}, peft's bf16 merge {theirs:.3g}")
     assert 0 < differ < total // 2 and ours <= theirs
+
+
+def test_float64_weights_fold_in_float64(tmp_path, capsys):
+    """A run that keeps the model in float64: peft's merge adds the delta to W in float64. The fold read W as float32
+    (every W lost 29 bits of mantissa, in the whole of each folded weight) and wrote that back as float64, exit 0."""
+    model, config, _ = _trained_peft(target_modules=["q_proj", "down_proj"])
+    model = model.to(torch.float64)
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    rc, err = run(["merge", actor, tmp_path / "out", "--lora", "fold", "--no-optimizer", "--dtype", "keep"], capsys)
+    assert rc == 0, err
+    _assert_bits(tmp_path / "out", _peft_merged(model))
+    assert verify(tmp_path / "out", actor).ok

@@ -171,3 +171,24 @@ def test_merge_never_imports_torch(make_ckpt, tmp_path: Path) -> None:
     assert lib.stdout.split("\n")[1] == "[]", lib.stdout
     for f in files:
         assert (tmp_path / "lib" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_a_tied_output_embedding_saved_first_is_the_one_dropped(verl_fixtures, tmp_path: Path) -> None:
+    """lm_head.weight and embed_tokens.weight as one storage, lm_head first in the state dict, under a config that
+    ties them: the alias pass dropped embed_tokens (an alias of lm_head), the tie pass dropped lm_head (tied to
+    embed_tokens), and dropping both was undone, so both were written; save_pretrained writes embed_tokens only."""
+    src = verl_fixtures / "fsdp2_qwen2_tied_ws4"
+    ref = load_file(src / "reference" / "model.safetensors")
+    actor = tmp_path / "actor"
+    actor.mkdir()
+    shutil.copytree(src / "huggingface", actor / "huggingface")
+    emb = ref["model.embed_tokens.weight"].clone()
+    sd = {"lm_head.weight": emb, **{k: v for k, v in ref.items() if k != "lm_head.weight"}}
+    sd["model.embed_tokens.weight"] = emb
+    torch.save(sd, actor / "model_world_size_1_rank_0.pt")
+    out = tmp_path / "out"
+    result = streammerge.merge(actor, out, optimizer=False)
+    assert result.plan.weights.dropped == {"lm_head.weight": "model.embed_tokens.weight"}
+    merged = _merged(out)
+    assert set(merged) == set(ref) - {"lm_head.weight"}
+    assert torch.equal(merged["model.embed_tokens.weight"], emb)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,19 @@ def test_float8_casts_go_through_torch(tmp_path: Path) -> None:
     got = load_file(tmp_path / "out" / "model.safetensors")
     for k, v in {"e4": e4, "e5": e5}.items():
         assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.to(torch.bfloat16)), k
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"w": torch.ones(2, dtype=torch.complex128)}, r"tensor 'w' has dtype complex128, which safetensors cannot store"),
+    ({"a\ud800b": torch.ones(2)}, r"tensor name 'a\\ud800b' is not valid UTF-8"),
+])
+def test_a_tensor_safetensors_cannot_hold_is_refused_naming_it(tmp_path: Path, tensors, message) -> None:
+    """complex128 and names with a lone surrogate (pickle keeps both) stopped the plan with a bare ValueError
+    ('dtype torch.complex128 cannot be stored in safetensors', "'utf-8' codec can't encode character"), naming
+    neither the checkpoint nor the tensor."""
+    from streammerge.errors import CheckpointError
+
+    actor = _plain_checkpoint(tmp_path, {**tensors, "ok": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(actor))}: {message}"):
+        streammerge.merge(actor, tmp_path / "out", weights_only=True)
+    assert not (tmp_path / "out").exists()

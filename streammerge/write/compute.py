@@ -1,6 +1,7 @@
 """Computed tensors: a LoRA fold `W + scale * (B @ A)`, one window of W's rows at a time.
 
-The arithmetic is peft's merge (`delta = B @ A; delta *= scale; W += delta`) in float32, done by torch
+The arithmetic is peft's merge (`delta = B @ A; delta *= scale; W += delta`) in float32 (float64 where W or a
+factor is float64: `TensorPlan.fold_dtype`), done by torch
 (imported only when a plan holds a fold) so that rounding is torch's own; the result is then cast
 to the output dtype with torch's `.to()`. A window of W needs only rows of B and all of A (r x in,
 small), so memory stays at a few windows whatever the size of W.
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import dtypes
+from ..dtypes import DType
 from ..plan import TensorPlan
 from ..sources.base import SourceTensor, pieces_key
 from .writer import Box, Sources, fill_window
@@ -82,30 +84,30 @@ def add_delta(w: torch.Tensor, read_b: Callable[[int, int], Any], a: torch.Tenso
             w[s - r0:e - r0].add_(delta[s - lo:e - lo, c0:c1])
 
 
-def _read_f32(source, box: Box, scratch: np.ndarray, sources: Sources) -> np.ndarray:
-    """One box of a source tensor, as float32 (cast bit for bit as torch's .to() would)."""
+def _read_f32(source, box: Box, scratch: np.ndarray, sources: Sources, work: DType = dtypes.float32) -> np.ndarray:
+    """One box of a source tensor, as float32 or `work` (cast bit for bit as torch's .to() would)."""
     shape = tuple(hi - lo for lo, hi in box)
-    buf = np.empty(math.prod(shape), dtype=np.float32)
-    fill_window(TensorPlan(source.name, source, dtypes.float32), box, buf.view(np.uint8), scratch, sources)
+    buf = np.empty(math.prod(shape), dtype=np.dtype(work.numpy))
+    fill_window(TensorPlan(source.name, source, work), box, buf.view(np.uint8), scratch, sources)
     return buf.reshape(shape)
 
 
-_a_cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+_a_cache: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
 _a_lock = threading.Lock()
 
 
-def _whole_f32(a: SourceTensor, scratch: np.ndarray, sources: Sources) -> torch.Tensor:
+def _whole_f32(a: SourceTensor, scratch: np.ndarray, sources: Sources, work: DType = dtypes.float32) -> torch.Tensor:
     """All of lora_A or lora_B as float32, read once for the windows of its weight (a few recent ones are
     kept): small reads once per window would each cost a seek on a cold cache."""
     import torch
 
-    key = (a.name, pieces_key(a.pieces))
+    key = (a.name, pieces_key(a.pieces), work.name)
     with _a_lock:
         hit = _a_cache.get(key)
         if hit is not None:
             _a_cache.move_to_end(key)
             return hit
-    value = torch.from_numpy(_read_f32(a, ((0, a.shape[0]), (0, a.shape[1])), scratch, sources))
+    value = torch.from_numpy(_read_f32(a, ((0, a.shape[0]), (0, a.shape[1])), scratch, sources, work))
     with _a_lock:
         _a_cache[key] = value
         while len(_a_cache) > _CACHE_SIZE:
@@ -135,18 +137,19 @@ def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarr
     assert fold is not None and len(box) == 2
     (r0, r1), (c0, c1) = box
 
-    b = _whole_f32(fold.b, scratch, sources)
-    a = _whole_f32(fold.a, scratch, sources)
+    work = t.fold_dtype
+    b = _whole_f32(fold.b, scratch, sources, work)
+    a = _whole_f32(fold.a, scratch, sources, work)
 
     def read_b(lo: int, hi: int) -> torch.Tensor:
         return b[lo:hi]
 
-    if t.dtype == dtypes.float32:
-        n = fill_window(TensorPlan(t.source.name, t.source, dtypes.float32), box, out, scratch, sources)
-        w = torch.from_numpy(out[:n].view(np.float32)).view(r1 - r0, c1 - c0)
+    if t.dtype == work:
+        n = fill_window(TensorPlan(t.source.name, t.source, work), box, out, scratch, sources)
+        w = torch.from_numpy(out[:n].view(np.dtype(work.numpy))).view(r1 - r0, c1 - c0)
         add_delta(w, read_b, a, fold.scale, fold.b.shape[0], box, fold.transpose)
         return n
-    w = torch.from_numpy(_read_f32(t.source, box, scratch, sources))
+    w = torch.from_numpy(_read_f32(t.source, box, scratch, sources, work))
     add_delta(w, read_b, a, fold.scale, fold.b.shape[0], box, fold.transpose)
     result = w.to(t.dtype.torch()).contiguous().view(torch.uint8).reshape(-1).numpy()
     out[:result.size] = result

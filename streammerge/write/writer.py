@@ -579,8 +579,8 @@ class FileWriter:
             dst += keep
         if e0 < e1:
             step = e1 - e0
-            if t.fold is not None:  # float32 copies of W's window, B's rows and the result
-                step = max(1, self.window_bytes // (4 * FOLD_COPIES))
+            if t.fold is not None:  # float32 (or float64) copies of W's window, B's rows and the result
+                step = max(1, self.window_bytes // (t.fold_dtype.itemsize * FOLD_COPIES))
             for lo in range(e0, e1, step):
                 hi = min(e1, lo + step)
                 for box in flat_boxes(t.geometry, lo, hi):
@@ -733,7 +733,8 @@ class FileWriter:
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
         (out_a, scratch_a), (out_b, scratch_b) = self._buffers[0], self._buffers[1]
-        budget = self.window_bytes // (4 * FOLD_COPIES) if a.fold or b.fold else self.window_bytes
+        wide = max((t.fold_dtype.itemsize for t in (a, b) if t.fold), default=0)
+        budget = self.window_bytes // (wide * FOLD_COPIES) if wide else self.window_bytes
         for box in windows(a.shape, a.dtype.itemsize, max(a.dtype.itemsize, budget)):
             n = self._fill_box(a, box, out_a, scratch_a)
             if self._fill_box(b, box, out_b, scratch_b) != n or not np.array_equal(out_a[:n], out_b[:n]):
