@@ -369,35 +369,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _sigterm_as_interrupt()
     try:
         return COMMANDS[command](args)
-    except StreammergeError as e:
-        if args.debug:
-            raise
-        print(f"streammerge: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("streammerge: interrupted; finished files are kept, rerun the same command to resume", file=sys.stderr)
-        _exit_now_if_uploading(130)
-        return 130
     except BrokenPipeError:
         return 0
-    except (ValueError, OSError) as e:
+    except (KeyboardInterrupt, Exception) as e:
         if args.debug:
             raise
-        print(f"streammerge: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if args.debug:
-            raise
-        print(f"streammerge: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
-              "and please report it)", file=sys.stderr)
-        return 3
+        if isinstance(e, KeyboardInterrupt):
+            print("streammerge: interrupted; finished files are kept, rerun the same command to resume",
+                  file=sys.stderr)
+            _exit_now_if_uploading(130)
+        elif exit_code(e) == 3:
+            print(f"streammerge: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
+                  "and please report it)", file=sys.stderr)
+        else:
+            print(f"streammerge: error: {e}", file=sys.stderr)
+        return exit_code(e)
     finally:
         if previous is not None:
             import signal
 
             signal.signal(signal.SIGTERM, previous)
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit code an error ends a command with (the README's table): the error's own, 130 for an interrupt, 2 for
+    a bad value or an OS error, 3 for anything else (an internal error)."""
+    if isinstance(e, StreammergeError):
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    return 2 if isinstance(e, (ValueError, OSError)) else 3
 
 
 def _command(argv: list[str]) -> tuple[str, list[str]]:
@@ -423,8 +424,7 @@ def run() -> NoReturn:
         import traceback
 
         traceback.print_exc()
-        code = e.exit_code if isinstance(e, StreammergeError) else 130 if isinstance(e, KeyboardInterrupt) \
-            else 2 if isinstance(e, (ValueError, OSError)) else 3
+        code = exit_code(e)
         if code == 130:
             _exit_now_if_uploading(code)
     if _command(sys.argv[1:])[0] in READ_ONLY:
