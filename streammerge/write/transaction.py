@@ -185,7 +185,7 @@ class OutputFolder:
         folder, then the manifest stops saying complete. A kill in between leaves a folder that does not load,
         never one that loads a mix of two runs."""
         files = self.manifest.data["files"]
-        loaders = [*self.index_files, *(rel for rel in self.small_files if Path(rel).name in LOADS_AS_MODEL)]
+        loaders = self._loaders()[::-1]  # the order they appear, reversed
         for rel in loaders:
             path = self.out / rel
             try:
