@@ -64,11 +64,19 @@ def step_dir(run_dir: Path, step: int) -> Path | None:
 
 def latest_step(run_dir: Path) -> int | None:
     """The step named by the trainer's tracker file, None while there is none (or it is mid-write)."""
+    return _step_named(_tracker(run_dir))
+
+
+def _tracker(run_dir: Path) -> str | None:
+    """The tracker file's text, stripped; None while there is none."""
     try:
-        text = (run_dir / LATEST_FILE).read_text().strip()
+        return (run_dir / LATEST_FILE).read_text().strip()
     except FileNotFoundError:
         return None
-    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _step_named(text: str | None) -> int | None:
+    return int(text) if text and text.isascii() and text.isdigit() else None
 
 
 def snapshot(folder: Path) -> Snapshot:
@@ -173,9 +181,13 @@ class Watcher:
     # ---- one look --------------------------------------------------------------------------
     def candidates(self) -> list[tuple[int, Path]]:
         """Steps to process, oldest first: not done yet, and not newer than the tracker's step."""
-        latest = latest_step(self.run_dir)
+        text = _tracker(self.run_dir)
+        latest = _step_named(text)
         if latest is None:
-            self._tell_unfollowed()
+            if text:  # empty: mid-write, no word
+                self._tell(text, f"{self.run_dir / LATEST_FILE} holds {text[:40]!r}, not a step number: watch "
+                                 "follows numbered steps (global_step_N/, iter_NNNNNNN/) only (Megatron-LM writes "
+                                 "'release' for a converted checkpoint); waiting")
             return []
         if step_dir(self.run_dir, latest) is None:
             self._tell(f"step {latest}", f"{self.run_dir / LATEST_FILE} names step {latest}, but {self.run_dir} has "
@@ -185,17 +197,6 @@ class Watcher:
             path = step_dir(self.run_dir, latest)
             return [(latest, path)] if latest not in done and path is not None else []
         return [(n, p) for n, p in step_dirs(self.run_dir) if n <= latest and n not in done]
-
-    def _tell_unfollowed(self) -> None:
-        """Warn (once per text) where the tracker holds something other than a step number: Megatron-LM writes
-        ``release`` for a converted checkpoint, which has no step to follow. An empty one is mid-write: no word."""
-        try:
-            text = (self.run_dir / LATEST_FILE).read_text(errors="replace").strip()
-        except OSError:
-            return
-        if text:
-            self._tell(text, f"{self.run_dir / LATEST_FILE} holds {text[:40]!r}, not a step number: watch follows "
-                             "numbered steps (global_step_N/, iter_NNNNNNN/) only; waiting")
 
     def _tell(self, key: str, message: str) -> None:
         if key not in self._told:
