@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import dtypes
 from ..dtypes import DType
 from ..plan import TensorPlan
 from ..sources.base import SourceTensor, pieces_key
@@ -84,8 +83,9 @@ def add_delta(w: torch.Tensor, read_b: Callable[[int, int], Any], a: torch.Tenso
             w[s - r0:e - r0].add_(delta[s - lo:e - lo, c0:c1])
 
 
-def _read_f32(source, box: Box, scratch: np.ndarray, sources: Sources, work: DType = dtypes.float32) -> np.ndarray:
-    """One box of a source tensor, as float32 or `work` (cast bit for bit as torch's .to() would)."""
+def _read_as(work: DType, source, box: Box, scratch: np.ndarray, sources: Sources) -> np.ndarray:
+    """One box of a source tensor, as `work` (the fold's float32 or float64; cast bit for bit as torch's .to()
+    would)."""
     shape = tuple(hi - lo for lo, hi in box)
     buf = np.empty(math.prod(shape), dtype=np.dtype(work.numpy))
     fill_window(TensorPlan(source.name, source, work), box, buf.view(np.uint8), scratch, sources)
@@ -96,8 +96,8 @@ _a_cache: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
 _a_lock = threading.Lock()
 
 
-def _whole_f32(a: SourceTensor, scratch: np.ndarray, sources: Sources, work: DType = dtypes.float32) -> torch.Tensor:
-    """All of lora_A or lora_B as float32, read once for the windows of its weight (a few recent ones are
+def _whole_as(work: DType, a: SourceTensor, scratch: np.ndarray, sources: Sources) -> torch.Tensor:
+    """All of lora_A or lora_B as `work`, read once for the windows of its weight (a few recent ones are
     kept): small reads once per window would each cost a seek on a cold cache."""
     import torch
 
@@ -107,7 +107,7 @@ def _whole_f32(a: SourceTensor, scratch: np.ndarray, sources: Sources, work: DTy
         if hit is not None:
             _a_cache.move_to_end(key)
             return hit
-    value = torch.from_numpy(_read_f32(a, ((0, a.shape[0]), (0, a.shape[1])), scratch, sources, work))
+    value = torch.from_numpy(_read_as(work, a, ((0, a.shape[0]), (0, a.shape[1])), scratch, sources))
     with _a_lock:
         _a_cache[key] = value
         while len(_a_cache) > _CACHE_SIZE:
@@ -138,8 +138,8 @@ def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarr
     (r0, r1), (c0, c1) = box
 
     work = t.fold_dtype
-    b = _whole_f32(fold.b, scratch, sources, work)
-    a = _whole_f32(fold.a, scratch, sources, work)
+    b = _whole_as(work, fold.b, scratch, sources)
+    a = _whole_as(work, fold.a, scratch, sources)
 
     def read_b(lo: int, hi: int) -> torch.Tensor:
         return b[lo:hi]
@@ -149,7 +149,7 @@ def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarr
         w = torch.from_numpy(out[:n].view(np.dtype(work.numpy))).view(r1 - r0, c1 - c0)
         add_delta(w, read_b, a, fold.scale, fold.b.shape[0], box, fold.transpose)
         return n
-    w = torch.from_numpy(_read_f32(t.source, box, scratch, sources, work))
+    w = torch.from_numpy(_read_as(work, t.source, box, scratch, sources))
     add_delta(w, read_b, a, fold.scale, fold.b.shape[0], box, fold.transpose)
     result = w.to(t.dtype.torch()).contiguous().view(torch.uint8).reshape(-1).numpy()
     out[:result.size] = result
