@@ -325,6 +325,40 @@ def test_refuses_a_folder_holding_another_merge(ckpt, tmp_path, capsys):
     assert snapshot(out).keys() == before.keys()
 
 
+def test_a_rerun_changes_nothing_outside_the_output_folder(ckpt, tmp_path, capsys):
+    """A manifest naming files outside OUT (crafted, or edited) and a state folder that links out of OUT: a rerun
+    would remove those files, or write its manifest there; it is refused instead, and verify reads none of them."""
+    done = tmp_path / "done"
+    assert run_cli(["merge", ckpt, done], capsys)[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "victim.txt"
+    victim.write_text("precious")
+
+    def listing(out: Path) -> None:
+        manifest = out / ".streammerge" / "manifest.json"
+        data = json.loads(manifest.read_text())
+        data["files"].update({"../elsewhere/victim.txt": {"size": 8, "crc32": 1}, str(victim): {"size": 8, "crc32": 1}})
+        manifest.write_text(json.dumps(data))
+
+    def linked_state(out: Path) -> None:
+        shutil.move(out / ".streammerge", elsewhere / "state")
+        (out / ".streammerge").symlink_to(elsewhere / "state")
+
+    for case, tamper, words in [("listed", listing, "lists '../elsewhere/victim.txt'"),
+                                ("linked", linked_state, "links out of the output folder")]:
+        out = tmp_path / case
+        shutil.copytree(done, out, symlinks=True)
+        tamper(out)
+        before = snapshot(elsewhere)
+        code, _, stderr = run_cli(["merge", ckpt, out], capsys)
+        assert code == 2 and words in stderr and stderr.count("\n") == 1, (case, stderr)
+        assert snapshot(elsewhere) == before, case
+        if case == "listed":
+            code, stdout, _ = run_cli(["verify", out], capsys)
+            assert code == 1 and words in stdout and "victim.txt: crc32" not in stdout, (case, stdout)
+
+
 def test_source_is_never_modified(ckpt, tmp_path, capsys):
     """Bytes and mtimes of every checkpoint file survive a merge, a verify and failed merges."""
     before = snapshot(ckpt.parent)

@@ -50,7 +50,7 @@ class Manifest:
     def read(out_dir: Path) -> dict | None:
         path = out_dir / STATE_DIR / MANIFEST
         try:
-            return jsonfile.loads(path.read_text())
+            return _checked(jsonfile.loads(path.read_text()), path)
         except FileNotFoundError:
             return None
         except ValueError:
@@ -70,7 +70,7 @@ class Manifest:
             if p == self.path:
                 continue
             try:
-                data = jsonfile.loads(p.read_text())
+                data = _checked(jsonfile.loads(p.read_text()), p)
             except (OSError, ValueError):
                 continue  # a part being replaced right now; its rank lists it again when it finishes
             if data.get("fingerprint") == self.data["fingerprint"]:
@@ -134,6 +134,20 @@ class Manifest:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise output_error(e, self.path) from None
+
+
+def _checked(data: Any, path: Path) -> dict:
+    """A manifest as read, each file it lists a path inside the output folder: a rerun removes the listed files it no
+    longer writes, and verify reads them, so a name such as `../x` or `/x` would have them remove or read a file
+    elsewhere."""
+    files = data.get("files", {}) if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
+        raise ValueError("not a manifest")
+    for rel in files:
+        if "\\" in rel or "\0" in rel or any(part in ("", ".", "..") for part in rel.split("/")):
+            raise OutputError(f"{path}: lists {rel[:200]!r}, which is no file inside the output folder (a damaged or "
+                              "edited manifest); delete the output folder to start over")
+    return data
 
 
 def checksum_matches(path: Path, entry: dict) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..checksum import crc32
 from ..errors import OutputError
-from .manifest import STATE_DIR, Manifest
+from .manifest import MANIFEST, STATE_DIR, Manifest
 from .writer import TMP_SUFFIX, OutputFile, output_error, tmp_path
 
 LOCK_FILE = "lock"
@@ -117,6 +117,7 @@ class OutputFolder:
         if not out.is_dir():
             raise OutputError(f"{out}: exists and is not a folder")
         previous = Manifest.read(out)
+        self._check_links(previous)
         if previous is None:
             # a run killed before its first manifest leaves only our state folder and temp files
             if any(p.name != STATE_DIR and not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
@@ -140,6 +141,18 @@ class OutputFolder:
                               "ours is not the trained model); move it away, or merge into a new folder (nothing was "
                               "changed)")
         return previous
+
+    def _check_links(self, previous: dict | None) -> None:
+        """Refuse a folder where what the merge writes or removes lies in a subfolder that links out of it (an
+        `optimizer/` or `.streammerge/` that is a link to another folder): the merge would change files there."""
+        root = self.out.resolve()
+        listed = set((previous or {}).get("files") or {})
+        for folder in sorted({(self.out / rel).parent for rel in self.planned | listed | {f"{STATE_DIR}/{MANIFEST}"}}):
+            target = folder.resolve()
+            if target != root and root not in target.parents:
+                raise OutputError(f"{folder}: links out of the output folder (to {target}), and the merge writes and "
+                                  "removes files in it; replace the link with a folder, or merge into a new folder "
+                                  "(nothing was changed)")
 
     def foreign_files(self, previous: dict) -> list[str]:
         """Files a loader may read that neither this merge writes nor an earlier run of it listed: a model.safetensors
