@@ -242,8 +242,12 @@ def _own_peak() -> int:
 
 # The launcher forks and exits: the merge reaps it at once, and the detached child's
 # memory never reaches the merge's RUSAGE_CHILDREN (the merge's own peak stays its own).
+# `-c` puts the current folder first on sys.path (unless safe_path): taken off before any import.
 _CHILD = """\
-import os, sys
+import sys
+if not getattr(sys.flags, "safe_path", False):
+    del sys.path[0]
+import os
 if hasattr(os, "fork") and os.fork():
     os._exit(0)
 sys.stdout.write(str(os.getpid()) + "\\n"); sys.stdout.flush()
@@ -251,6 +255,12 @@ sys.path.insert(0, {root!r})
 from streammerge.architecture import child_main
 child_main()
 """
+
+
+def child_command() -> list[str]:
+    """The child's command line: this interpreter, this package first on sys.path, and never the current folder (a
+    json.py or transformers.py there, the user's or a checkpoint's, would run in the child)."""
+    return [sys.executable, "-c", _CHILD.format(root=str(Path(__file__).resolve().parents[1]))]
 
 
 # ---------------------------------------------------------------- in the merge: start, wait, compare
@@ -314,13 +324,12 @@ class ArchCheck:
 
     def spawn(self) -> str | None:
         """Start the child that asks transformers (None, or a note why it could not start)."""
-        root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
                    TOKENIZERS_PARALLELISM="false")
         try:
             err = tempfile.TemporaryFile()  # a file, not a pipe: warnings that fill a pipe would stall the child
-            self._proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=root)], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=err, env=env)
+            self._proc = subprocess.Popen(child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                          env=env)
         except OSError as e:
             return f"architecture check skipped: cannot start a child process ({e.strerror or e})"
         self.how = "child"

@@ -233,6 +233,19 @@ def test_the_cli_asks_a_child_process_and_refuses_in_one_line(tmp_path):
 
 
 
+def test_the_child_imports_nothing_from_the_current_folder(tmp_path):
+    """`python -c` puts the current folder first on sys.path: a json.py or transformers.py there (the user's, or in a
+    checkpoint folder the merge is started from) must not run in the child that asks transformers."""
+    from streammerge import architecture
+
+    ran = tmp_path / "ran"
+    for name in ("json", "transformers", "torch"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(ran)!r}, 'a').write({name!r})\n")
+    proc = subprocess.run(architecture.child_command(), input=b"", cwd=tmp_path, capture_output=True, timeout=120)
+    assert not ran.exists(), ran.read_text()
+    assert "skip" in json.loads(proc.stdout.splitlines()[-1]), proc.stdout  # no config given: it says so, and ends
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="I/O priorities are Linux's")
 def test_while_the_child_imports_this_process_reads_in_the_idle_io_class_and_gets_its_priority_back(monkeypatch):
     """Opt-in (STREAMMERGE_ARCH_IO=idle): every thread here stands in the idle I/O class until the child answers, a
