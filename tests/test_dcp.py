@@ -619,6 +619,24 @@ def test_fuzz_every_structural_byte_of_a_blob(ckpts: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bomb", [b"\x80\x02N" + b"r" + struct.pack("<I", 2**20) + b".",  # LONG_BINPUT
+                                  b"(dp1048576\n."])  # protocol 0's PUT
+def test_a_memo_index_past_the_pickle_is_refused_before_unpickling(ckpts: Path, tmp_path: Path, bomb: bytes) -> None:
+    """The C unpickler allocates and clears twice as many memo slots as the largest index a PUT names: 16 MiB here
+    from a dozen bytes, 64 GiB for 2**32 - 1. Refused in one line by every reader of such a pickle, before it runs."""
+    from streammerge.sources.megatron_run import inert_loads
+
+    folder = _copy(ckpts, "tiny", tmp_path)
+    (folder / ".metadata").write_bytes(bomb)
+    words = f"a memo index of 1048576 in a pickle of {len(bomb)} bytes"
+    with pytest.raises(CheckpointError, match=words):
+        read_dcp(folder)
+    with pytest.raises(CheckpointError, match=words):  # verify's torch-class reader
+        load_metadata(folder)
+    with pytest.raises(pickle.UnpicklingError, match=words):  # Megatron's common.pt and common_state item
+        inert_loads(bomb)
+
+
 def test_fuzz_every_byte_of_metadata(ckpts: Path, tmp_path: Path) -> None:
     """Flip each byte of .metadata: we raise, or every tensor we return equals what torch reads from the
     same damaged folder (when torch can read it), or the undamaged value of a tensor of that shape."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from .base import Oracle
+from .picklescan import oversized_memo
 
 Box = tuple[tuple[int, int], ...]
 CACHE_BYTES = 256 * 2**20
@@ -65,8 +66,11 @@ def load_metadata(folder: Path) -> Any:
     """`.metadata` as torch's own `Metadata` object, unpickled with only DCP's classes resolvable."""
     path = folder / ".metadata"
     try:
-        with open(path, "rb") as f:
-            return _TorchClasses(f).load()
+        data = path.read_bytes()
+        why = oversized_memo(data)
+        if why:
+            raise ValueError(why)
+        return _TorchClasses(io.BytesIO(data)).load()
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: torch's DCP classes cannot read it ({e})") from None
 

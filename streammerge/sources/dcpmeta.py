@@ -26,6 +26,7 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError, UnsupportedLayoutError
+from .picklescan import oversized_memo
 
 METADATA_FILE = ".metadata"
 METADATA_TMP = ".metadata.tmp"  # what dcp.save writes, then renames to .metadata
@@ -215,6 +216,9 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _unpickle(data: bytes, where: Path) -> Any:
+    why = oversized_memo(data)
+    if why:
+        raise CheckpointError(f"{where}: corrupt pickle ({why}); copy it again")
     try:
         return _Unpickler(io.BytesIO(data)).load()
     except UnsupportedLayoutError as e:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 from .. import jsonfile
 from ..errors import CheckpointError, ConfigError, StreammergeError, UnsupportedLayoutError
+from .picklescan import oversized_memo
 from .torchzip import read_directory, read_record
 
 if TYPE_CHECKING:
@@ -108,6 +109,9 @@ class _Inert(pickle.Unpickler):
 
 def inert_loads(data: bytes) -> Any:
     """Unpickle `data` into plain containers and `Record`s; raises pickle.UnpicklingError on a broken pickle."""
+    why = oversized_memo(data)
+    if why:
+        raise pickle.UnpicklingError(why)
     try:
         return _Inert(data).load()
     except pickle.UnpicklingError:

@@ -110,13 +110,14 @@ def scan(data: bytes, checks: Sequence[int] = (), key_limit: int | None = None) 
 
 # The opcodes torch's weights-only unpickler reads (torch.save writes protocol 2); their operands as _LENGTH gives.
 _TORCH_OPCODES = frozenset(b"c\x81Rbaesu(t\x85\x86\x87N\x89\x88)]}\x8fJKMGXUQhjqr\x8a\x80.")
-_LONG_BINPUT = ord("r")
+_ALL_OPCODES = frozenset(c for c in range(256) if _LENGTH[c] is not None)
+_LONG_BINPUT, _PUT = ord("r"), ord("p")
 
 
 @functools.lru_cache(maxsize=16)
-def _fixed_run(high: int) -> re.Pattern[bytes]:
+def _fixed_run(high: int, opcodes: frozenset[int]) -> re.Pattern[bytes]:
     """A run of fixed-operand opcodes, LONG_BINPUT among them while its index is below (high + 1) * 65536."""
-    fixed = sorted(c for c in _TORCH_OPCODES if _LENGTH[c] >= 0 and c not in (_LONG_BINPUT, _STOP))
+    fixed = sorted(c for c in opcodes if _LENGTH[c] >= 0 and c not in (_LONG_BINPUT, _STOP))
     alts = [b"[" + b"".join(re.escape(bytes([c])) for c in fixed if _LENGTH[c] == k) + b"]" + b"." * k
             for k in sorted({_LENGTH[c] for c in fixed})]
     alts.append(b"r..[\\x00-" + re.escape(bytes([high])) + b"]\\x00")
@@ -128,17 +129,31 @@ def beyond_torch(data: bytes) -> str | None:
 
     The C unpickler reads every protocol's opcodes, and grows its memo to twice the largest index a PUT names
     (a few bytes can ask for gigabytes) where torch's keeps a dict. A file with either goes to torch.load,
-    which refuses the one and reads the other. A pickle cut short is left to the unpickler to report. Runs of
-    fixed-size opcodes are skipped by a regular expression: a loop over each opcode costs most of a decode.
+    which refuses the one and reads the other. A pickle cut short is left to the unpickler to report.
     """
+    return _walk(data, _TORCH_OPCODES)
+
+
+def oversized_memo(data: bytes) -> str | None:
+    """Why the C unpickler must not read this pickle of any protocol, or None: a PUT naming a memo index past the
+    pickle's length, for which it allocates and clears twice that many slots (13 bytes can ask for 64 GiB). A
+    pickle's own PUTs number its objects from 0, so they stay below its length."""
+    return _walk(data, _ALL_OPCODES)
+
+
+def _walk(data: bytes, opcodes: frozenset[int]) -> str | None:
+    """The first opcode outside `opcodes`, or memo index past the pickle's length, said in words; None for neither.
+    Bytes that start no opcode, and a pickle cut short, are left to the unpickler to report. Runs of fixed-size
+    opcodes are skipped by a regular expression: a loop over each opcode costs most of a decode."""
     n, pos, unpack = len(data), 0, struct.unpack_from
-    run = _fixed_run(min(255, n >> 16)).match
+    run = _fixed_run(min(255, n >> 16), opcodes).match
     try:
         while pos < n:
             pos = run(data, pos).end()  # type: ignore[union-attr]  # a * pattern always matches
             c = data[pos]
-            if c not in _TORCH_OPCODES:
-                return f"pickle opcode {bytes([c])!r}, which torch's weights-only unpickler does not read"
+            if c not in opcodes:  # every opcode allowed: a byte that starts none, which the unpickler reports
+                return None if opcodes is _ALL_OPCODES else \
+                    f"pickle opcode {bytes([c])!r}, which torch's weights-only unpickler does not read"
             k = _LENGTH[c]
             if c == _STOP:
                 return None
@@ -146,12 +161,17 @@ def beyond_torch(data: bytes) -> str | None:
                 return f"a memo index of {unpack('<I', data, pos + 1)[0]} in a pickle of {n} bytes"
             if k >= 0:
                 pos += 1 + k
-            elif k == -2:  # SHORT_BINSTRING, LONG1
+            elif k == -2:  # SHORT_BINSTRING, LONG1, SHORT_BINUNICODE, SHORT_BINBYTES
                 pos += 2 + data[pos + 1]
-            elif k in (-3, -4):  # BINUNICODE
+            elif k in (-3, -4):  # BINUNICODE, BINBYTES, LONG4, ...
                 pos += 5 + unpack("<I", data, pos + 1)[0]
-            else:  # GLOBAL: two newline-terminated arguments
-                pos = data.index(b"\n", data.index(b"\n", pos + 1) + 1) + 1
+            elif k == -5:  # BINUNICODE8, BINBYTES8, BYTEARRAY8
+                pos += 9 + unpack("<Q", data, pos + 1)[0]
+            else:  # newline-terminated: one argument, two for GLOBAL and INST
+                end = data.index(b"\n", pos + 1)
+                if c == _PUT and int(data[pos + 1:end]) > n:
+                    return f"a memo index of {int(data[pos + 1:end])} in a pickle of {n} bytes"
+                pos = (data.index(b"\n", end + 1) if c in _GLOBAL_LIKE else end) + 1
     except (IndexError, ValueError, struct.error):
         pass
     return None
