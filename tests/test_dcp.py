@@ -637,6 +637,24 @@ def test_a_memo_index_past_the_pickle_is_refused_before_unpickling(ckpts: Path, 
         inert_loads(bomb)
 
 
+@pytest.mark.parametrize("field", ["transform_descriptors", "relative_path", "planner_data", "storage_meta"])
+def test_values_nested_past_the_recursion_limit(ckpts: Path, tmp_path: Path, field: str) -> None:
+    """The unpickler builds a tuple 200,000 deep from as many bytes without recursing; a message naming it, or a
+    check that walks it, would end in a RecursionError. One line naming .metadata instead."""
+    folder = _copy(ckpts, "tiny", tmp_path)
+    md = pickle.loads((folder / ".metadata").read_bytes())
+    if field == "planner_data":
+        md.planner_data = {"w": "SENTINEL"}
+    elif field == "storage_meta":
+        md.storage_meta = "SENTINEL"
+    else:
+        setattr(_entry(md, "w")[1], field, "SENTINEL")
+    data = pickle.dumps(md, protocol=2)
+    (folder / ".metadata").write_bytes(data.replace(b"X\x08\x00\x00\x00SENTINEL", b")" + b"\x85" * 200_000))
+    with pytest.raises(CheckpointError, match=r"tiny/\.metadata: values nested past Python's recursion limit"):
+        read_dcp(folder)
+
+
 def test_fuzz_every_byte_of_metadata(ckpts: Path, tmp_path: Path) -> None:
     """Flip each byte of .metadata: we raise, or every tensor we return equals what torch reads from the
     same damaged folder (when torch can read it), or the undamaged value of a tensor of that shape."""

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -314,6 +315,15 @@ def test_legacy_common_pt_is_read_without_running_it(tmp_path: Path) -> None:
     assert not marker.exists()
     (folder / "common.pt").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(CheckpointError, match="common.pt.*settings the run recorded"):
+        streammerge.plan(folder)
+    # a value nested 200,000 deep (as many bytes; the unpickler builds it without recursing): shown a few levels deep
+    _common_pt(folder, _args(num_layers="SENTINEL"))
+    with zipfile.ZipFile(folder / "common.pt") as z:
+        records = {i.filename: z.read(i) for i in z.infolist()}
+    with zipfile.ZipFile(folder / "common.pt", "w") as z:
+        for name, data in records.items():
+            z.writestr(name, data.replace(b"X\x08\x00\x00\x00SENTINEL", b")" + b"\x85" * 200_000))
+    with pytest.raises(ConfigError, match=r"recorded num_layers \(\(\(.*\.\.\..* in .*common.pt .*not two numbers"):
         streammerge.plan(folder)
 
 

@@ -240,8 +240,8 @@ def _dims(v: Any) -> tuple[int, ...] | None:
 
 def _plain(obj: Any, depth: int = 0) -> Any:
     """Our records -> dicts, recursively (for the metadata extras)."""
-    if depth > 50:
-        raise CheckpointError(".metadata: nesting too deep")
+    if depth > 50:  # far deeper than torch nests: said as Python's own limit is (read_metadata names the file)
+        raise RecursionError
     if isinstance(obj, _Rec):
         return {k: _plain(v, depth + 1) for k, v in obj.f.items()}
     if isinstance(obj, DType):
@@ -255,6 +255,14 @@ def _plain(obj: Any, depth: int = 0) -> Any:
 
 def read_metadata(folder: Path) -> DcpMetadata:
     """Read and check `.metadata` of a DCP folder; one-line errors naming the file."""
+    try:
+        return _read_metadata(folder)
+    except RecursionError:  # the unpickler builds any depth; a check's message naming such a value cannot
+        raise CheckpointError(f"{folder / METADATA_FILE}: values nested past Python's recursion limit (a damaged or "
+                              "crafted .metadata)") from None
+
+
+def _read_metadata(folder: Path) -> DcpMetadata:
     path = folder / METADATA_FILE
     tmp = folder / METADATA_TMP
     if tmp.exists():  # torch writes .metadata.tmp after every rank's data, removes .metadata, then renames

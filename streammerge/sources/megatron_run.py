@@ -26,6 +26,7 @@ import _compat_pickle
 import io
 import math
 import pickle
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,6 +408,10 @@ def _check_one(a: Arch, cfg: Mapping[str, Any], r: Recorded, where: str) -> None
 
 
 def _show(v: Any) -> str:
+    """A recorded value as a message shows it; containers a few levels deep at most (the unpickler builds any depth,
+    which str would recurse through past Python's limit)."""
+    if isinstance(v, (tuple, list, dict, set, frozenset)):
+        return reprlib.repr(v)[:60]
     return (repr(v) if isinstance(v, str) else str(v))[:60]
 
 
