@@ -49,6 +49,9 @@ def read_config(model_dir: Path | None) -> dict | None:
         return None
     path = model_dir / "config.json"
     if not path.is_file():
+        if os.path.lexists(path):  # reading a pipe would wait for ever
+            raise CheckpointError(f"{path}: not a file (a link to nothing, a pipe or a device); replace it with the "
+                                  "file itself")
         return None
     return jsonfile.read_object(path, parse_constant=_no_constant)
 
@@ -139,12 +142,15 @@ def carried_files(model_dir: Path | None, root: Path | None = None,
         return
     root = (root or model_dir).resolve()
     for p in sorted(model_dir.rglob("*")):
-        if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES or not p.is_file():
+        if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES or p.is_dir():
             continue
         if any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(model_dir).parts):
             continue
         if not keep(p):
             continue
+        if not p.is_file():  # left out, the folder would load without it (a tokenizer.json, a chat template)
+            raise CheckpointError(f"{p}: not a file (a link to nothing, a pipe or a device); replace it with the "
+                                  "file itself, or remove it")
         target = p.resolve()
         if target != root and root not in target.parents:
             raise CheckpointError(f"{p}: links outside {root} (to {target}); streammerge does not copy files "
