@@ -8,13 +8,15 @@ Refusals use real peft models of each unsupported kind, saved as DTensor rank fi
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.tensor  # noqa: F401  (lets this file's torch.load(weights_only=True) rebuild DTensors)
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from streammerge.cli import main as cli_main
 from streammerge.errors import CheckpointError, ConfigError
@@ -221,6 +223,25 @@ def test_three_ranks_bf16_lora_only_with_base_folder_and_modules_to_save(bf16_ws
 
 
 @pytest.mark.slow
+def test_a_base_model_folder_is_read_only_where_it_lies(tmp_path):
+    """--base-model's index names its shard files (from the Hub: whatever its owner wrote); a name that leaves the
+    folder would read weights elsewhere on this machine. A header that is no object is one line too."""
+    from streammerge.sources.hf import HFSource
+
+    other, base = tmp_path / "other", tmp_path / "base"
+    other.mkdir()
+    base.mkdir()
+    save_file({"w": torch.ones(2)}, other / "model.safetensors", metadata={"format": "pt"})
+    for name in ("../other/model.safetensors", str(other / "model.safetensors")):
+        (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+        with pytest.raises(CheckpointError, match=f"names '{re.escape(name)}', which is no file in"):
+            HFSource(base).tensors()
+    (base / "model.safetensors.index.json").unlink()
+    (base / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"[]")
+    with pytest.raises(CheckpointError, match="its header is a list, not an object"):
+        HFSource(base).tensors()
+
+
 def test_checkpoint_without_meta_needs_the_flags(no_meta_rslora, tmp_path, capsys):
     actor = no_meta_rslora
     rc, err = run(["merge", actor, tmp_path / "none"], capsys)

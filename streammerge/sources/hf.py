@@ -48,9 +48,15 @@ class HFSource(Source):
         index = self.path / INDEX
         if index.is_file():
             try:
-                names = sorted(set(jsonfile.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                weight_map = jsonfile.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: unreadable index ({e})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: unreadable index (weight_map is no object)")
+            for n in weight_map.values():  # a Hub model's index names what it likes: never a file elsewhere here
+                if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts:
+                    raise CheckpointError(f"{index}: names {str(n)[:200]!r}, which is no file in {self.path}")
+            names = sorted(set(weight_map.values()))
             files = [self.path / n for n in names]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -88,6 +94,9 @@ def _read(path: Path) -> dict[str, SourceTensor]:
         header, start = read_header(str(path))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header is a {type(header).__name__}, not "
+                              "an object)")
     size = path.stat().st_size
     out = {}
     for name, entry in header.items():
