@@ -364,6 +364,20 @@ def test_a_rerun_changes_nothing_outside_the_output_folder(ckpt, tmp_path, capsy
             code, stdout, _ = run_cli(["verify", out], capsys)
             assert code == 1 and words in stdout and "victim.txt: crc32" not in stdout, (case, stdout)
 
+    # a finished file replaced by a link to another file, its manifest entry given that file's size and mtime: a rerun
+    # (which a push uploads from) writes it again instead of taking the linked file for the merged one
+    out = tmp_path / "relinked"
+    shutil.copytree(done, out)
+    manifest = out / ".streammerge" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["files"]["model.safetensors"].update(size=victim.stat().st_size, mtime_ns=victim.stat().st_mtime_ns)
+    manifest.write_text(json.dumps(data))
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").symlink_to(victim)
+    code, stdout, stderr = run_cli(["merge", ckpt, out], capsys)
+    assert code == 0 and "wrote 1 data file" in stdout, stdout + stderr
+    assert not (out / "model.safetensors").is_symlink() and victim.read_text() == "precious"
+
 
 def test_source_is_never_modified(ckpt, tmp_path, capsys):
     """Bytes and mtimes of every checkpoint file survive a merge, a verify and failed merges."""

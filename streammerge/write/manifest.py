@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -93,9 +94,9 @@ class Manifest:
             return None
         path = out_dir / filename
         try:
-            st = os.stat(path)
-            if st.st_size != entry["size"]:
-                return None
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != entry["size"]:
+                return None  # a link is no file of ours, whatever it points to: written again, the link replaced
             if st.st_mtime_ns != entry.get("mtime_ns"):
                 if not checksum_matches(path, entry):
                     return None
