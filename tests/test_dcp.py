@@ -655,6 +655,17 @@ def test_values_nested_past_the_recursion_limit(ckpts: Path, tmp_path: Path, fie
         read_dcp(folder)
 
 
+def test_more_chunks_than_stored_items_are_refused_before_each_is_read(ckpts: Path, tmp_path: Path) -> None:
+    """One chunk listed 10**5 times costs two bytes each in the pickle (a memo GET) and far more to check one by one:
+    every chunk is a stored item, so a tensor listing more chunks than .metadata stores items is refused at once."""
+    folder = _copy(ckpts, "tiny", tmp_path)
+    _edit_metadata(folder, lambda md: setattr(md.state_dict_metadata["w"], "chunks",
+                                              md.state_dict_metadata["w"].chunks[:1] * 10**5))
+    assert (folder / ".metadata").stat().st_size < 10**6
+    with pytest.raises(CheckpointError, match=r"tensor 'w' lists 100000 chunks, more than the \d+ items storage_data"):
+        read_dcp(folder)
+
+
 def test_fuzz_every_byte_of_metadata(ckpts: Path, tmp_path: Path) -> None:
     """Flip each byte of .metadata: we raise, or every tensor we return equals what torch reads from the
     same damaged folder (when torch can read it), or the undamaged value of a tensor of that shape."""

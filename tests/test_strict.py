@@ -636,6 +636,24 @@ def test_opcode_allowlist_is_torchs() -> None:
             == torch_refuses, c
 
 
+def test_the_opcode_walk_keeps_nothing_per_opcode() -> None:
+    """A million of one small opcode (2 MB, a list of ints): the walk before the C unpickler reads a rank file's,
+    a .metadata's or a common state's pickle in bounded memory (the regex engine kept state for every repeat of a
+    match: ~60 bytes an opcode, gigabytes for a data.pkl of 100 MB)."""
+    import tracemalloc
+
+    from streammerge.sources.picklescan import beyond_torch, oversized_memo
+
+    data = b"\x80\x02](" + b"K\x01" * 1_000_000 + b"e."
+    tracemalloc.start()
+    try:
+        assert beyond_torch(data) is None and oversized_memo(data) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
 @pytest.mark.parametrize("bit", ["neg", "conj"])
 def test_a_tensor_saved_with_its_negative_or_conjugate_bit(tmp_path: Path, bit: str) -> None:
     """torch.save keeps a lazy negation or conjugation as metadata: the stored bytes are not the values. Refused

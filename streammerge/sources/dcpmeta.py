@@ -323,7 +323,7 @@ def _read_metadata(folder: Path) -> DcpMetadata:
         if isinstance(item, _BytesStorageMetadata):
             byte_keys.append(fqn)
         elif isinstance(item, _TensorStorageMetadata):
-            tensors[fqn] = _tensor_entry(fqn, item, path)
+            tensors[fqn] = _tensor_entry(fqn, item, path, len(storage))
         else:
             raise UnsupportedLayoutError(f"{path}: item {fqn!r} is a {type(item).__name__}")
 
@@ -351,10 +351,15 @@ def _check_text(fqn: str, path: Path) -> None:
                               "safetensors name can hold; rename the key and save again") from None
 
 
-def _tensor_entry(fqn: str, item: _TensorStorageMetadata, path: Path) -> TensorEntry:
+def _tensor_entry(fqn: str, item: _TensorStorageMetadata, path: Path, stored: int) -> TensorEntry:
+    """One tensor's entry; each of its chunks is one of the `stored` items (a list of one chunk repeated costs two
+    bytes a chunk in the pickle, and far more to check)."""
     props, shape, chunks = item.get("properties"), _dims(item.get("size")), item.get("chunks")
     if not isinstance(props, _TensorProperties) or shape is None or not isinstance(chunks, list) or not chunks:
         raise CheckpointError(f"{path}: tensor {fqn!r} has malformed metadata")
+    if len(chunks) > stored:
+        raise CheckpointError(f"{path}: tensor {fqn!r} lists {len(chunks)} chunks, more than the {stored} items "
+                              "storage_data records (a damaged or hand-edited .metadata?)")
     dtype, layout = props.get("dtype"), props.get("layout")
     if not isinstance(dtype, DType):
         raise UnsupportedLayoutError(f"{path}: tensor {fqn!r} has dtype {dtype!r}")

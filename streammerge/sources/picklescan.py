@@ -112,6 +112,7 @@ def scan(data: bytes, checks: Sequence[int] = (), key_limit: int | None = None) 
 _TORCH_OPCODES = frozenset(b"c\x81Rbaesu(t\x85\x86\x87N\x89\x88)]}\x8fJKMGXUQhjqr\x8a\x80.")
 _ALL_OPCODES = frozenset(c for c in range(256) if _LENGTH[c] is not None)
 _LONG_BINPUT, _PUT = ord("r"), ord("p")
+_STRETCH = 1 << 16  # bytes one regex match may cover
 
 
 @functools.lru_cache(maxsize=16)
@@ -149,7 +150,8 @@ def _walk(data: bytes, opcodes: frozenset[int]) -> str | None:
     run = _fixed_run(min(255, n >> 16), opcodes).match
     try:
         while pos < n:
-            pos = run(data, pos).end()  # type: ignore[union-attr]  # a * pattern always matches
+            # a * pattern always matches; a bounded stretch at a time, as the regex engine keeps state per repeat
+            pos = run(data, pos, pos + _STRETCH).end()  # type: ignore[union-attr]
             c = data[pos]
             if c not in opcodes:  # every opcode allowed: a byte that starts none, which the unpickler reports
                 return None if opcodes is _ALL_OPCODES else \
