@@ -227,6 +227,18 @@ def test_a_tracker_that_is_not_a_step_number(tmp_path, capsys, text):
     assert code == 2 and "expected a step number" in stderr and stderr.count("\n") == 1, stderr
 
 
+def test_watch_of_a_tracker_that_is_a_pipe(tmp_path):
+    """Reading a pipe waits for a writer: watch, which reads the tracker every poll, would hang for ever."""
+    run = tmp_path / "run"
+    (run / "global_step_5" / "actor").mkdir(parents=True)
+    os.mkfifo(run / "latest_checkpointed_iteration.txt")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "streammerge", "watch", str(run), "--once", "--no-push"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "latest_checkpointed_iteration.txt: not a file" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+
+
 def test_path_that_is_a_file_or_missing(tmp_path, capsys):
     f = tmp_path / "model_world_size_1_rank_0.pt"
     f.write_bytes(b"x")

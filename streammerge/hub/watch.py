@@ -69,8 +69,12 @@ def latest_step(run_dir: Path) -> int | None:
 
 def _tracker(run_dir: Path) -> str | None:
     """The tracker file's text, stripped; None while there is none."""
+    path = run_dir / LATEST_FILE
     try:
-        return (run_dir / LATEST_FILE).read_text().strip()
+        if not path.is_file() and path.exists():  # a pipe: reading it would wait for ever, poll after poll
+            raise CheckpointError(f"{path}: not a file (a pipe, a device or a folder); the tracker is the trainer's "
+                                  "text file naming its latest step")
+        return path.read_text().strip()
     except FileNotFoundError:
         return None
 
