@@ -363,8 +363,13 @@ def test_a_rerun_changes_nothing_outside_the_output_folder(ckpt, tmp_path, capsy
         shutil.move(out / ".streammerge", elsewhere / "state")
         (out / ".streammerge").symlink_to(elsewhere / "state")
 
+    def linked_lock(out: Path) -> None:
+        (out / ".streammerge" / "lock").unlink()
+        (out / ".streammerge" / "lock").symlink_to(victim)
+
     for case, tamper, words in [("listed", listing, "lists '../elsewhere/victim.txt'"),
-                                ("linked", linked_state, "links out of the output folder")]:
+                                ("linked", linked_state, "links out of the output folder"),
+                                ("lock", linked_lock, ".streammerge/lock: write failed")]:
         out = tmp_path / case
         shutil.copytree(done, out, symlinks=True)
         tamper(out)
@@ -377,7 +382,8 @@ def test_a_rerun_changes_nothing_outside_the_output_folder(ckpt, tmp_path, capsy
             assert code == 1 and words in stdout and "victim.txt: crc32" not in stdout, (case, stdout)
 
     # a finished file replaced by a link to another file, its manifest entry given that file's size and mtime: a rerun
-    # (which a push uploads from) writes it again instead of taking the linked file for the merged one
+    # (which a push uploads from) writes it again instead of taking the linked file for the merged one; a link left
+    # as the manifest's temp file is replaced, not written through
     out = tmp_path / "relinked"
     shutil.copytree(done, out)
     manifest = out / ".streammerge" / "manifest.json"
@@ -386,6 +392,7 @@ def test_a_rerun_changes_nothing_outside_the_output_folder(ckpt, tmp_path, capsy
     manifest.write_text(json.dumps(data))
     (out / "model.safetensors").unlink()
     (out / "model.safetensors").symlink_to(victim)
+    (out / ".streammerge" / "manifest.tmp").symlink_to(victim)
     code, stdout, stderr = run_cli(["merge", ckpt, out], capsys)
     assert code == 0 and "wrote 1 data file" in stdout, stdout + stderr
     assert not (out / "model.safetensors").is_symlink() and victim.read_text() == "precious"

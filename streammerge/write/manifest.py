@@ -127,7 +127,8 @@ class Manifest:
         tmp = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as fh:
+            tmp.unlink(missing_ok=True)  # a link left there would be written through: a new file, made here
+            with open(tmp, "x") as fh:
                 fh.write(json.dumps(self.data, indent=1))
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -166,7 +166,7 @@ class OutputFolder:
         path = self.out / STATE_DIR / LOCK_FILE
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link: refused, its target kept
         except OSError as e:
             raise output_error(e, path) from None
         try:
