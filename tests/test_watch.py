@@ -285,14 +285,18 @@ def test_a_megatron_lm_run_is_watched_by_its_iter_folders(tmp_path):
     fixture = ROOT / "tests" / "data" / "megatron" / "llama_mlm_optim_pp2_dp2"
     run = tmp_path / "run"
     shutil.copytree(fixture, run, ignore=shutil.ignore_patterns("reference"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
     for only_latest in (False, True):
         out = tmp_path / f"out-{only_latest}"
+        (tmp_path / f"state-{only_latest}.json.tmp").symlink_to(victim)  # the state is written anew, not through it
         results = Watcher(run, push=False, optimizer=False, only_latest=only_latest, out_root=out,
                           state_file=tmp_path / f"state-{only_latest}.json").run(once=True, interval=0.1)
         assert [(r.step, r.ok) for r in results] == [(1, True)], [r.error for r in results]
         got = load_file(out / "global_step_1" / "model.safetensors")
         ref = load_file(next(fixture.rglob("reference/model.safetensors")))
         assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref)
+        assert victim.read_text() == "precious" and (tmp_path / f"state-{only_latest}.json").is_file()
 
 
 def test_a_tracker_watch_cannot_follow_is_said_once(actors, tmp_path, caplog):

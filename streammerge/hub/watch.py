@@ -179,7 +179,9 @@ class Watcher:
         state = self._read_state()  # re-read: another watcher of the same run may have recorded too
         state["targets"].setdefault(self.target, {})[str(step)] = entry
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        tmp.unlink(missing_ok=True)  # a link there (the run folder is the trainer's) would be written through
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "w") as fh:
+            fh.write(json.dumps(state, indent=1, sort_keys=True))
         os.replace(tmp, self.state_file)
 
     # ---- one look --------------------------------------------------------------------------
