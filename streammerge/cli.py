@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -134,6 +135,15 @@ def _push_options(args: argparse.Namespace) -> dict:
             "max_files_per_commit": args.max_files_per_commit, "upload_workers": args.upload_workers}
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: object) -> str:
+    """Text for the terminal, control characters escaped as repr escapes them: a tensor or file name in a checkpoint
+    may hold an escape sequence that clears the screen or rewrites what was printed above it (an error into "OK")."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub.publish import merge_and_push
     from .hub.retry import PushError
@@ -155,17 +165,17 @@ def cmd_push(args: argparse.Namespace) -> int:
                                     private=settings.private, revision=args.revision, options=options,
                                     verify=bool(args.verify), **_push_options(args))
         except PushError as e:
-            print(f"streammerge: push failed: {e}", file=sys.stderr)
+            print(f"streammerge: push failed: {shown(e)}", file=sys.stderr)
             return PUSH_FAILED
         assert pushed.merge is not None  # a push that returns has merged
         result = pushed.merge
     for w in result.warnings:
-        print(f"streammerge: warning: {w}", file=sys.stderr)
-    print(result.summary())
+        print(f"streammerge: warning: {shown(w)}", file=sys.stderr)
+    print(shown(result.summary()))
     if settings.enabled:
         if pushed.verify is not None:
-            print(pushed.verify.summary())
-        print(pushed.summary())
+            print(shown(pushed.verify.summary()))
+        print(shown(pushed.summary()))
         return 0 if pushed.ok else 1
     return _verify_merged(result.out_dir, args) if args.verify else 0
 
@@ -236,7 +246,7 @@ def _verify_merged(out_dir: Path, args: argparse.Namespace) -> int:
     from .verify import verify
 
     report = verify(out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
-    print(report.summary())
+    print(shown(report.summary()))
     return 0 if report.ok else 1
 
 
@@ -255,7 +265,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle, checksums=args.checksums,
                     lora=args.lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                     lora_rslora=args.lora_rslora)
-    print(report.summary())
+    print(shown(report.summary()))
     return 0 if report.ok else 1
 
 
@@ -277,7 +287,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(p.to_json(), indent=1))
     else:
-        print(p.describe(max_rows=None if args.all else 60))
+        print(shown(p.describe(max_rows=None if args.all else 60)))
     return 0
 
 
@@ -379,10 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             _exit_now_if_uploading(130)
         elif exit_code(e) == 3:
-            print(f"streammerge: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, "
+            print(f"streammerge: internal error: {type(e).__name__}: {shown(e)} (rerun with --debug for the traceback, "
                   "and please report it)", file=sys.stderr)
         else:
-            print(f"streammerge: error: {e}", file=sys.stderr)
+            print(f"streammerge: error: {shown(e)}", file=sys.stderr)
         return exit_code(e)
     finally:
         if previous is not None:

@@ -468,6 +468,20 @@ def test_a_key_with_a_lone_surrogate_is_one_clear_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_key_holding_a_terminal_escape_is_printed_escaped(tmp_path: Path, capsys) -> None:
+    """A key may hold an escape sequence (this one clears the screen): inspect, merge and verify print it escaped,
+    so what a checkpoint names cannot rewrite what the terminal shows."""
+    folder = tmp_path / "ck"
+    dcp.save({"w\x1b[2J\x1b[1A": torch.ones(2)}, checkpoint_id=str(folder), no_dist=True)
+    out_dir = tmp_path / "out"
+    for cmd in (["inspect", folder], ["merge", folder, out_dir, "--weights-only"], ["verify", out_dir]):
+        assert main([str(a) for a in cmd]) == 0
+        out, err = capsys.readouterr()
+        assert "\x1b" not in out + err, cmd
+    main(["inspect", str(folder)])
+    assert r"w\x1b[2J\x1b[1A" in capsys.readouterr().out
+
+
 def test_hf_storage_folder_refused(tmp_path: Path) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
