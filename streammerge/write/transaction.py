@@ -89,6 +89,10 @@ class OutputFolder:
         if self.part == 0:
             self._lock()
         try:
+            if self.part == 0:
+                # again, holding the lock: a merge with other options that finished here since the first look would
+                # otherwise be taken down and replaced, and both would exit 0
+                previous = self._check()
             self.manifest.adopt(previous)
             self.prior = {rel: self.manifest.finished(self.out, rel) for rel in self.data_files}
             if self.part != 0:
