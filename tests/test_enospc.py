@@ -124,3 +124,17 @@ def test_a_full_disk_during_a_torch_format_optimizer_export_says_so_then_resumes
     filler.unlink()
     result = streammerge.merge(ckpt, out, **options)
     assert "model.safetensors" in result.reused and (out / "optimizer" / "optimizer.pt").is_file()
+
+
+def test_a_disk_full_before_the_merge_starts_says_so_in_one_line(verl_fixtures, tmpfs, capsys, monkeypatch):
+    """The first byte a merge writes is who holds the output folder's lock: a disk already full there must say so,
+    naming the folder and the fix, not print a bare errno."""
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")  # not what is tested here
+    free = os.statvfs(tmpfs)
+    with open(tmpfs / "filler", "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, free.f_bavail * free.f_frsize)
+    out = tmpfs / "out"
+    assert main([str(verl_fixtures / "fsdp2_qwen2_tied_ws4"), str(out), "--no-optimizer"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{out / STATE_DIR}: no space left on device" in err and "free space and rerun" in err, err

@@ -170,8 +170,12 @@ class OutputFolder:
                                   "to finish, or choose another folder") from None
             raise output_error(e, path) from None
         info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+        except OSError as e:  # a disk already full
+            os.close(fd)
+            raise output_error(e, path) from None
         self._lock_fd = fd
 
     def _unlock(self) -> None:
