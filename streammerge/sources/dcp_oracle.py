@@ -298,7 +298,31 @@ class MegatronOracle(Oracle):
         return self._last[1]
 
     def read(self, name: str, box: Box) -> Any:
-        return self._source(name)[tuple(slice(lo, hi) for lo, hi in box)]
+        """The box of an HF tensor. Where torch's arithmetic gives a view of `M[index]` (a whole tensor, the vocab
+        rows, gate or up), only the rows of `M[index]` the box spans are read: the view's strides and offset, taken
+        on the meta device, place the box in them. Otherwise (q, k, v: reshapes that copy) `M[index]` is read whole."""
+        import torch
+
+        from .megatron import torch_view
+
+        oracle, take = self.sources[name]
+        item = oracle.entry(take.key)
+        if item is None:
+            raise CheckpointError(f"torch finds no {take.key!r} in the checkpoint")
+        shape = tuple(item.size)[len(take.index):]
+        whole = torch.empty(shape, dtype=item.properties.dtype, device="meta")
+        view = torch_view(whole, take, self.arch)
+        part = view[tuple(slice(lo, hi) for lo, hi in box)]
+        if not shape or (view is not whole and view._base is not whole):
+            return self._source(name)[tuple(slice(lo, hi) for lo, hi in box)]
+        if part.numel() == 0:
+            return torch.empty(part.shape, dtype=part.dtype)
+        row = math.prod(shape[1:])
+        first = part.storage_offset()
+        last = first + sum((n - 1) * st for n, st in zip(part.shape, part.stride()))
+        rows = (first // row, last // row + 1)
+        src = oracle.read(take.key, tuple((i, i + 1) for i in take.index) + (rows,) + tuple((0, n) for n in shape[1:]))
+        return src.reshape(-1).as_strided(tuple(part.shape), tuple(part.stride()), first - rows[0] * row)
 
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
         seen: dict[int, DcpOracle] = {id(o): o for o, _ in self.sources.values()}
