@@ -84,7 +84,7 @@ def _peak_growth(run: Callable[[], object]) -> int:
 def test_verify_reads_a_large_stored_tensor_window_by_window(tmp_path: Path) -> None:
     """verify's DCP and Megatron readers read each window's rows of a stored tensor, never the whole tensor: a
     one-process `dcp.save` stores each tensor whole as one chunk, which was loaded for every 4 MiB window (a 1.24 GB
-    embedding: GBs of RSS, hours of reads), and a Megatron embedding or fused gate_up was read whole to be cut."""
+    embedding: GBs of RSS, hours of reads), and a Megatron embedding, fused gate_up or QKV was read whole to be cut."""
     import torch.distributed.checkpoint as dcp
 
     from streammerge.sources.dcp_oracle import DcpOracle, MegatronOracle
@@ -95,15 +95,18 @@ def test_verify_reads_a_large_stored_tensor_window_by_window(tmp_path: Path) -> 
     del w
     stored = DcpOracle(tmp_path / "ckpt")
     stored.read("small", ((0, 2), (0, 8)))  # what reading imports and sets up once
-    up = MegatronOracle({"w": (stored, Take("up", "w", (1,), "up"))},  # layer 1's half of a fused gate_up
-                        Arch("llama", 2, 4096, 32, 8, 128, 64, 1024, 0, 0, False))
-    up.shape("w")
+    # layer 1 as a fused gate_up (its up half), and as a fused QKV of 8 query groups (2 q, k, v heads of 64 rows)
+    megatron = MegatronOracle({"up": (stored, Take("up", "w", (1,), "up")), "q": (stored, Take("q", "w", (1,), "q"))},
+                              Arch("llama", 2, 4096, 16, 8, 64, 64, 1024, 0, 0, False))
+    megatron.shape("q")
 
-    def read_all(oracle: DcpOracle | MegatronOracle, lead: tuple, first: int, rows: int) -> None:
-        for lo in range(0, rows, 64):
-            got = oracle.read("w", lead + ((lo, lo + 64), (0, 4096))).reshape(64, 4096)
-            assert got.eq(torch.arange(first + lo, first + lo + 64.0)[:, None]).all()
+    def read_all(oracle: DcpOracle | MegatronOracle, name: str, lead: tuple, rows: torch.Tensor) -> None:
+        for lo in range(0, len(rows), 64):
+            got = oracle.read(name, lead + ((lo, lo + 64), (0, 4096))).reshape(64, 4096)
+            assert got.eq(2048.0 + rows[lo:lo + 64, None]).all()
 
-    growth = {"dcp": _peak_growth(lambda: read_all(stored, ((1, 2),), 2048, 2048)),
-              "megatron": _peak_growth(lambda: read_all(up, (), 2048 + 1024, 1024))}
+    q_rows = torch.arange(1024)
+    growth = {"dcp": _peak_growth(lambda: read_all(stored, "w", ((1, 2),), torch.arange(2048))),
+              "up": _peak_growth(lambda: read_all(megatron, "up", (), torch.arange(1024, 2048))),
+              "q": _peak_growth(lambda: read_all(megatron, "q", (), q_rows // 128 * 256 + q_rows % 128))}
     assert max(growth.values()) < 16 * 2**20, growth

@@ -298,9 +298,9 @@ class MegatronOracle(Oracle):
         return self._last[1]
 
     def read(self, name: str, box: Box) -> Any:
-        """The box of an HF tensor. Where torch's arithmetic gives a view of `M[index]` (a whole tensor, the vocab
-        rows, gate or up), only the rows of `M[index]` the box spans are read: the view's strides and offset, taken
-        on the meta device, place the box in them. Otherwise (q, k, v: reshapes that copy) `M[index]` is read whole."""
+        """The box of an HF tensor, reading only the rows of `M[index]` it comes from: torch's arithmetic moves whole
+        rows (view/reshape/chunk along dim 0), so `torch_view` of the row numbers says which rows those are (q, k and v
+        rows lie in every query group's slice of the fused QKV)."""
         import torch
 
         from .megatron import torch_view
@@ -310,19 +310,14 @@ class MegatronOracle(Oracle):
         if item is None:
             raise CheckpointError(f"torch finds no {take.key!r} in the checkpoint")
         shape = tuple(item.size)[len(take.index):]
-        whole = torch.empty(shape, dtype=item.properties.dtype, device="meta")
-        view = torch_view(whole, take, self.arch)
-        part = view[tuple(slice(lo, hi) for lo, hi in box)]
-        if not shape or (view is not whole and view._base is not whole):
-            return self._source(name)[tuple(slice(lo, hi) for lo, hi in box)]
-        if part.numel() == 0:
-            return torch.empty(part.shape, dtype=part.dtype)
-        row = math.prod(shape[1:])
-        first = part.storage_offset()
-        last = first + sum((n - 1) * st for n, st in zip(part.shape, part.stride()))
-        rows = (first // row, last // row + 1)
-        src = oracle.read(take.key, tuple((i, i + 1) for i in take.index) + (rows,) + tuple((0, n) for n in shape[1:]))
-        return src.reshape(-1).as_strided(tuple(part.shape), tuple(part.stride()), first - rows[0] * row)
+        if not shape:
+            return self._source(name)[()]
+        rows = torch_view(torch.arange(shape[0]), take, self.arch)[box[0][0]:box[0][1]]
+        if rows.numel() == 0:
+            return torch.empty(tuple(hi - lo for lo, hi in box), dtype=item.properties.dtype)
+        first, last = int(rows.min()), int(rows.max())
+        src = oracle.read(take.key, tuple((i, i + 1) for i in take.index) + ((first, last + 1),) + tuple(box[1:]))
+        return src.reshape((last + 1 - first,) + src.shape[len(take.index) + 1:])[rows - first]
 
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
         seen: dict[int, DcpOracle] = {id(o): o for o, _ in self.sources.values()}
