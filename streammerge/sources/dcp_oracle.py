@@ -8,8 +8,8 @@ obvious choice but refuses DCP's protocol-4 pickles (FRAME, STACK_GLOBAL), and t
 placed in the box by the chunk offsets torch recorded. Shared with the merge: nothing but the file
 names. Memory: the bytes a box reads. As `torch.load(mmap=True)` does for a file, a chunk's tensor comes from
 torch's unpickler onto the meta device (shape, strides, storage offset) and its storage from where torch's zip
-reader says its record lies; a box reads only its span of that record (a one-process save makes a chunk of a
-whole tensor, which read whole for each box took it again and again).
+reader says its record lies; a box reads only its span of that record (a one-process save stores each tensor,
+however large, as one chunk).
 """
 
 from __future__ import annotations
