@@ -98,3 +98,43 @@ def test_file_size_limit_stops_with_a_clear_message(ckpt, tmp_path):
     # limit lifted: the same command finishes
     assert main([str(ckpt), str(out), "--max-shard-size", "5GB", "--dtype", "keep"]) == 0
     assert streammerge.verify(out, ckpt).ok
+
+
+def test_a_full_disk_during_a_torch_format_optimizer_export_says_so_then_resumes(verl_fixtures, tmpfs, monkeypatch):
+    """optimizer.pt's skeleton is written by torch.save, whose zip writer reports a write that failed as a
+    RuntimeError about file positions: a full disk there must still say so, with the fix (exit 2), not stop as an
+    internal error (exit 3), and the rerun must finish the folder."""
+    from streammerge.cli import exit_code
+
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")  # not what is tested here, and seconds per merge
+    ckpt, options = verl_fixtures / "fsdp2_qwen2_tied_ws4", dict(dtype="keep", optimizer_format="torch")
+    out, filler = tmpfs / "out", tmpfs / "filler"
+
+    def fill_the_disk(f, path) -> None:  # the weights are written: nothing is left for optimizer.pt
+        if f.filename == "model.safetensors":
+            free = os.statvfs(tmpfs)
+            with open(filler, "wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, (free.f_bavail - 1) * free.f_frsize)  # a page for the zip's start
+
+    with pytest.raises(Exception) as failed:
+        streammerge.merge(ckpt, out, on_file_done=fill_the_disk, **options)
+    message = f"streammerge: error: {failed.value}"
+    assert exit_code(failed.value) == 2, message
+    assert_stopped_cleanly(out, message, ["no space left on device", "optimizer.pt", "free space"])
+    filler.unlink()
+    result = streammerge.merge(ckpt, out, **options)
+    assert "model.safetensors" in result.reused and (out / "optimizer" / "optimizer.pt").is_file()
+
+
+def test_a_disk_full_before_the_merge_starts_says_so_in_one_line(verl_fixtures, tmpfs, capsys, monkeypatch):
+    """The first byte a merge writes is who holds the output folder's lock: a disk already full there must say so,
+    naming the folder and the fix, not print a bare errno."""
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")  # not what is tested here
+    free = os.statvfs(tmpfs)
+    with open(tmpfs / "filler", "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, free.f_bavail * free.f_frsize)
+    out = tmpfs / "out"
+    assert main([str(verl_fixtures / "fsdp2_qwen2_tied_ws4"), str(out), "--no-optimizer"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{out / STATE_DIR}: no space left on device" in err and "free space and rerun" in err, err

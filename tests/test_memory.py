@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,45 @@ def test_summary_reports_the_merge_own_peak_not_its_launcher(tmp_path: Path) -> 
     del launcher
     peak = int(re.search(r"peak RSS (\d+) MiB", out.stdout + out.stderr).group(1))
     assert peak < 512, out.stdout
+
+
+def _peak_growth(run: Callable[[], object]) -> int:
+    """How far this process's peak RSS rises above its RSS now while `run` runs (the kernel's VmHWM, reset first)."""
+    def hwm() -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+    Path("/proc/self/clear_refs").write_text("5")
+    start = hwm()
+    run()
+    return hwm() - start
+
+
+def test_verify_reads_a_large_stored_tensor_window_by_window(tmp_path: Path) -> None:
+    """verify's DCP and Megatron readers read each window's rows of a stored tensor, never the whole tensor: a
+    one-process `dcp.save` stores each tensor whole as one chunk, which was loaded for every 4 MiB window (a 1.24 GB
+    embedding: GBs of RSS, hours of reads), and a Megatron embedding, fused gate_up or QKV was read whole to be cut."""
+    import torch.distributed.checkpoint as dcp
+
+    from streammerge.sources.dcp_oracle import DcpOracle, MegatronOracle
+    from streammerge.sources.megatron import Arch, Take
+
+    w = torch.arange(2 * 2048.0)[:, None].expand(-1, 4096).reshape(2, 2048, 4096).contiguous()  # 64 MiB
+    dcp.save({"w": w, "small": torch.ones(2, 8)}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    del w
+    stored = DcpOracle(tmp_path / "ckpt")
+    stored.read("small", ((0, 2), (0, 8)))  # what reading imports and sets up once
+    # layer 1 as a fused gate_up (its up half), and as a fused QKV of 8 query groups (2 q, k, v heads of 64 rows)
+    megatron = MegatronOracle({"up": (stored, Take("up", "w", (1,), "up")), "q": (stored, Take("q", "w", (1,), "q"))},
+                              Arch("llama", 2, 4096, 16, 8, 64, 64, 1024, 0, 0, False))
+    megatron.shape("q")
+
+    def read_all(oracle: DcpOracle | MegatronOracle, name: str, lead: tuple, rows: torch.Tensor) -> None:
+        for lo in range(0, len(rows), 64):
+            got = oracle.read(name, lead + ((lo, lo + 64), (0, 4096))).reshape(64, 4096)
+            assert got.eq(2048.0 + rows[lo:lo + 64, None]).all()
+
+    q_rows = torch.arange(1024)
+    growth = {"dcp": _peak_growth(lambda: read_all(stored, "w", ((1, 2),), torch.arange(2048))),
+              "up": _peak_growth(lambda: read_all(megatron, "up", (), torch.arange(1024, 2048))),
+              "q": _peak_growth(lambda: read_all(megatron, "q", (), q_rows // 128 * 256 + q_rows % 128))}
+    assert max(growth.values()) < 16 * 2**20, growth

@@ -318,6 +318,21 @@ def test_several_param_groups_are_not_guessed(tmp_path) -> None:
     assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "optimizer").exists()
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_state_safetensors_cannot_hold_is_not_exported(tmp_path, fmt) -> None:
+    """complex128 state (of a complex float64 parameter) stopped the merge with a bare ValueError (torch format)
+    or advice to convert the checkpoint (safetensors): the weights do not depend on it."""
+    def complex_state(osd: dict) -> None:
+        st = osd["state"][0]
+        st["exp_avg"] = torch.complex(st["exp_avg"].double(), st["exp_avg_sq"].double())
+
+    ck = _tampered(tmp_path, "fsdp1_llama_ws4", complex_state)
+    result = streammerge.merge(ck, tmp_path / "out", optimizer_format=fmt)
+    assert result.warnings == ["optimizer not exported: 'state.model.embed_tokens.weight.exp_avg' is complex128, "
+                               "which neither optimizer format streammerge writes can hold; the weights are exported"]
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "optimizer").exists()
+
+
 def test_unknown_optimizer_format_is_rejected() -> None:
     from streammerge.cli import build_parser
 

@@ -501,3 +501,30 @@ def test_a_second_merge_into_a_folder_being_written_is_refused_and_changes_nothi
     assert ("another streammerge is writing this folder" if running and not second else "") in err
     assert tree_bytes(out) == ref_bytes
     check_invariants(out)
+
+
+def test_a_merge_that_finished_between_a_second_merges_look_and_its_lock_is_not_replaced(verl_fixtures, tmp_path,
+                                                                                           monkeypatch):
+    """Two merges with different options started at once into a new OUT: the second looks at OUT (nothing there),
+    and the first takes the lock, finishes and releases it before the second takes it. The second must then refuse
+    the folder, as it refuses any folder holding a different merge, not take it down and replace it (both exiting 0,
+    the first one's user holding a folder that is no longer what it merged)."""
+    from streammerge.errors import OutputError
+    from streammerge.write.transaction import OutputFolder
+
+    monkeypatch.setenv("STREAMMERGE_ARCH_CHECK", "0")  # not what is tested here, and seconds per merge
+    ckpt, out = verl_fixtures / "fsdp2_qwen2_tied_ws4", tmp_path / "out"
+    lock = OutputFolder._lock
+    first: list[dict[str, bytes]] = []  # the folder as the first merge left it
+
+    def first_merge_finishes_before(folder: OutputFolder) -> None:
+        if not first:  # the second merge has looked at OUT: the first runs from start to end now
+            monkeypatch.setattr(OutputFolder, "_lock", lock)
+            streammerge.merge(ckpt, out, dtype="keep", optimizer=False)
+            first.append(tree_bytes(out))
+        lock(folder)
+
+    monkeypatch.setattr(OutputFolder, "_lock", first_merge_finishes_before)
+    with pytest.raises(OutputError, match="holds a different merge"):
+        streammerge.merge(ckpt, out, dtype="float16", optimizer=False)
+    assert first and tree_bytes(out) == first[0]

@@ -245,6 +245,36 @@ def test_a_rotating_trainer_never_stops_the_watcher(actors, tmp_path):
         thread.join()
 
 
+def test_two_watchers_of_one_run_record_every_step_either_pushed(tmp_path):
+    """Two watchers of one run (one pushing to main, one a branch per step) record in one state file at the same
+    time. A record written over the other's, or a temp file renamed away under the other, loses steps (pushed again
+    after a restart), kills a watcher or leaves a state file no watcher reads. Threads here: each opens the lock file
+    itself, so flock sees them as it sees two processes."""
+    import threading
+
+    run = tmp_path / "run"
+    run.mkdir()
+    watchers = [Watcher(run, push=False), Watcher(run, push=True, repo_id="tiny", revision_per_step=True)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def record(w: Watcher) -> None:
+        start.wait()
+        try:
+            for step in range(100):
+                w._record(step, {"at": "now"})
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=record, args=(w,)) for w in watchers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [sorted(w.done_steps()) for w in watchers] == [list(range(100))] * 2
+
+
 def test_a_rank_file_saved_again_after_the_looks_is_not_merged_as_a_mix(actors, tmp_path):
     """The watcher judged step 1 complete (two equal looks); then the trainer saves step 1 again in place (a restarted
     run), rank 0 first, before the merge starts. The merge must not take rank 0's new bytes with rank 1's old ones and

@@ -11,6 +11,7 @@ Meant for a login node: one process, no GPU, bounded memory (the merge streams).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -176,13 +177,28 @@ class Watcher:
         return {int(k): v for k, v in entries.items()}
 
     def _record(self, step: int, entry: dict) -> None:
-        state = self._read_state()  # re-read: another watcher of the same run may have recorded too
-        state["targets"].setdefault(self.target, {})[str(step)] = entry
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.unlink(missing_ok=True)  # a link there (the run folder is the trainer's) would be written through
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "w") as fh:
-            fh.write(json.dumps(state, indent=1, sort_keys=True))
-        os.replace(tmp, self.state_file)
+        with self._state_locked():
+            state = self._read_state()  # re-read: another watcher of the same run may have recorded too
+            state["targets"].setdefault(self.target, {})[str(step)] = entry
+            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+            tmp.unlink(missing_ok=True)  # a link there (the run folder is the trainer's) would be written through
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "w") as fh:
+                fh.write(json.dumps(state, indent=1, sort_keys=True))
+            os.replace(tmp, self.state_file)
+
+    @contextlib.contextmanager
+    def _state_locked(self) -> Iterator[None]:
+        """Watchers of one run (a branch each, or main and a branch per step) record in one state file: each
+        read-modify-write holds this lock, or one would write back the state it read before the other's record (that
+        step pushed again), rename the other's temp file away (the watcher dies) or mix both in it."""
+        import fcntl
+
+        fd = os.open(self.state_file.with_name(self.state_file.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
 
     # ---- one look --------------------------------------------------------------------------
     def candidates(self) -> list[tuple[int, Path]]:

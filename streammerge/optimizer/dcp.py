@@ -51,7 +51,7 @@ def plan_dcp_optimizer(ck: DcpCheckpoint, prefix: str, weights: Plan, options: M
         meta["state_values"] = json.dumps(values)
     if step is not None:
         meta["step"] = str(step)
-    return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size), []
+    return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size)
 
 
 def _state(ck: DcpCheckpoint, prefix: str, weights: Plan) -> tuple[dict[str, TensorPlan], list[dict], dict]:
@@ -200,7 +200,7 @@ def megatron_optimizer_plan(oc: DcpCheckpoint, arch: Any, takes: Mapping[str, An
         meta["megatron_param_groups"] = json.dumps(groups)
     if step is not None:
         meta["step"] = str(step)
-    return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size), warnings
+    return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size, warnings)
 
 
 def _megatron_groups(oc: DcpCheckpoint) -> list | None:

@@ -171,18 +171,25 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
     if ck.step is not None:
         index_metadata["step"] = str(ck.step)
     index_metadata["source_world_size"] = str(ck.world_size)
-    return export_plan(tensors, index_metadata, fmt, max_shard_size), []
+    return export_plan(tensors, index_metadata, fmt, max_shard_size)
 
 
 def export_plan(tensors: Mapping[str, TensorPlan], index_metadata: Mapping[str, str], fmt: str,
-                max_shard_size: int) -> Plan:
+                max_shard_size: int, warnings: Sequence[str] = ()) -> tuple[Plan | None, list[str]]:
     """`optimizer/` as sharded safetensors with an index (which carries the param groups, so it is always
-    written), or one `optimizer.pt` (its size in the plan is the safetensors estimate)."""
+    written), or one `optimizer.pt` (its size in the plan is the safetensors estimate).
+
+    State in a dtype safetensors has no code for (complex128) is not exported, with a warning: the weights
+    do not depend on it, so it need not stop the merge."""
+    odd = next((t for t in tensors.values() if t.dtype.code is None), None)
+    if odd is not None:
+        return None, [*warnings, f"optimizer not exported: {odd.name!r} is {odd.dtype.name}, which neither "
+                                 "optimizer format streammerge writes can hold; the weights are exported"]
     if fmt == "torch":
         return build_plan(tensors.values(), max_shard_size=max_shard_size, subdir=OPTIMIZER_DIR,
-                          index_metadata=index_metadata, metadata=None, single_file=OPTIMIZER_PT)
+                          index_metadata=index_metadata, metadata=None, single_file=OPTIMIZER_PT), list(warnings)
     return build_plan(tensors.values(), max_shard_size=max_shard_size, prefix="optimizer", subdir=OPTIMIZER_DIR,
-                      index_metadata=index_metadata, always_index=True)
+                      index_metadata=index_metadata, always_index=True), list(warnings)
 
 
 def _plain(name: str, s: SourceTensor) -> TensorPlan:

@@ -6,7 +6,10 @@ obvious choice but refuses DCP's protocol-4 pickles (FRAME, STACK_GLOBAL), and t
 `FileSystemReader.read_metadata` is a plain `pickle.load` that runs anything. Each chunk is read by
 `torch.load(weights_only=True)` of its item's byte range (torch's zip reader and unpickler), and
 placed in the box by the chunk offsets torch recorded. Shared with the merge: nothing but the file
-names. Memory: the chunks a box touches (a chunk is one rank's share of one tensor).
+names. Memory: the bytes a box reads. As `torch.load(mmap=True)` does for a file, a chunk's tensor comes from
+torch's unpickler onto the meta device (shape, strides, storage offset) and its storage from where torch's zip
+reader says its record lies; a box reads only its span of that record (a one-process save stores each tensor,
+however large, as one chunk).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import io
 import math
 import os
 import pickle
+import sys
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -26,7 +30,7 @@ from .base import Oracle
 from .picklescan import oversized_memo
 
 Box = tuple[tuple[int, int], ...]
-CACHE_BYTES = 256 * 2**20
+CACHE_CHUNKS = 4096  # where chunks lie (a few numbers each), for the boxes still to come
 
 
 def _allowed() -> dict[tuple[str, str], Any]:
@@ -117,8 +121,7 @@ class DcpOracle(Oracle):
         self.names = dict(names or {})
         self._md: Any = None
         self._where: dict[tuple[str, tuple[int, ...] | None], Any] = {}
-        self._cache: OrderedDict[tuple[str, tuple[int, ...]], Any] = OrderedDict()
-        self._cached = 0
+        self._cache: OrderedDict[tuple[str, tuple[int, ...]], tuple[Path, int, Any]] = OrderedDict()
 
     def metadata(self) -> Any:
         if self._md is None:
@@ -139,8 +142,10 @@ class DcpOracle(Oracle):
             return None
         return tuple(item.size), str(item.properties.dtype).removeprefix("torch.")
 
-    def chunk(self, key: str, offsets: tuple[int, ...]) -> Any:
-        """One stored chunk, loaded by torch.load(weights_only=True) from its item's bytes."""
+    def chunk(self, key: str, offsets: tuple[int, ...]) -> tuple[Path, int | None, Any]:
+        """One stored chunk as torch.load(weights_only=True) finds it in its item's bytes: the file, the byte
+        offset of its storage there and the tensor unpickled onto the meta device (no data read); or, for an
+        item torch.save of one tensor on this machine would not write, no offset and the tensor torch.load gives."""
         import torch
 
         cached = self._cache.get((key, offsets))
@@ -150,23 +155,36 @@ class DcpOracle(Oracle):
         info = self._where.get((key, offsets))
         if info is None:
             raise CheckpointError(f"{self.folder}: torch finds no stored chunk of {key!r} at {list(offsets)}")
-        with ItemFile(self.folder / info.relative_path, info.offset, info.length) as f:
+        path = self.folder / info.relative_path
+        t, start = self._load(path, info, key, "meta")
+        if (start is None or start + t.untyped_storage().nbytes() > info.length or t.layout != torch.strided
+                or t.is_conj() or t.is_neg()):
+            return path, None, self._load(path, info, key, "cpu")[0]  # held for this box only
+        located = (path, info.offset + start, t)
+        self._cache[(key, offsets)] = located
+        while len(self._cache) > CACHE_CHUNKS:
+            self._cache.popitem(last=False)
+        return located
+
+    def _load(self, path: Path, info: Any, key: str, device: str) -> tuple[Any, int | None]:
+        """torch.load(weights_only=True) of an item onto `device`, and where in the item torch's zip reader puts
+        its one storage (None: not one storage in this machine's byte order)."""
+        import torch
+
+        with ItemFile(path, info.offset, info.length) as f:
             try:
-                t = torch.load(f, map_location="cpu", weights_only=True)  # type: ignore[arg-type]
+                t = torch.load(f, map_location=device, weights_only=True)  # type: ignore[arg-type]
+                f.seek(0)
+                reader = torch._C.PyTorchFileReader(f)  # type: ignore[call-overload]  # as torch.load above
+                records = [r for r in reader.get_all_records() if r.startswith("data/")]
+                order = reader.get_record("byteorder").decode() if reader.has_record("byteorder") else "little"
+                start = reader.get_record_offset(records[0]) if len(records) == 1 and order == sys.byteorder else None
             except Exception as e:
                 why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                raise CheckpointError(f"{self.folder / info.relative_path}: torch.load(weights_only=True) refuses "
-                                      f"item {key!r} ({why})") from None
+                raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses item {key!r} ({why})") from None
         if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{self.folder / info.relative_path}: item {key!r} is not a tensor for torch.load")
-        nbytes = t.numel() * t.element_size()
-        while self._cache and self._cached + nbytes > CACHE_BYTES:
-            _, old = self._cache.popitem(last=False)
-            self._cached -= old.numel() * old.element_size()
-        if nbytes <= CACHE_BYTES:
-            self._cache[(key, offsets)] = t
-            self._cached += nbytes
-        return t
+            raise CheckpointError(f"{path}: item {key!r} is not a tensor for torch.load")
+        return t, start
 
     def read(self, name: str, box: Box) -> Any:
         import torch
@@ -183,12 +201,14 @@ class DcpOracle(Oracle):
             hi = [min(b[1], o + n) for b, o, n in zip(box, offsets, sizes)]
             if any(a >= b for a, b in zip(lo, hi)):
                 continue
-            t = self.chunk(key, offsets)
+            path, start, t = self.chunk(key, offsets)
             if tuple(t.shape) != sizes or t.dtype != item.properties.dtype:
                 raise CheckpointError(f"{self.folder}: torch.load gives chunk {list(offsets)} of {key!r} as {t.dtype} "
                                       f"{list(t.shape)}, .metadata says {item.properties.dtype} {list(sizes)}")
-            out[tuple(slice(a - b0, b - b0) for a, b, (b0, _) in zip(lo, hi, box))] = \
-                t[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+            part = t[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+            if start is not None:
+                part = _read_span(path, start, part)
+            out[tuple(slice(a - b0, b - b0) for a, b, (b0, _) in zip(lo, hi, box))] = part
             filled += math.prod(b - a for a, b in zip(lo, hi))
         if filled != out.numel():
             raise CheckpointError(f"{key!r}: the stored chunks cover {filled} of the {out.numel()} elements of "
@@ -215,7 +235,28 @@ class DcpOracle(Oracle):
 
     def close(self) -> None:
         self._cache.clear()
-        self._cached = 0
+
+
+def _read_span(path: Path, storage: int, view: Any) -> Any:
+    """The elements of a meta view of a stored tensor, from its storage's bytes at `storage` in `path`: only the
+    span the view covers is read, as torch.load(mmap=True) would fault it in."""
+    import torch
+
+    isz = view.element_size()
+    first = view.storage_offset()
+    count = sum((n - 1) * st for n, st in zip(view.shape, view.stride())) + 1
+    buf = bytearray(count * isz)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(fd, [memoryview(buf)[done:]], storage + first * isz + done)
+            if n == 0:
+                raise CheckpointError(f"{path}: ends inside a stored tensor (truncated after torch saved it?)")
+            done += n
+    finally:
+        os.close(fd)
+    return torch.frombuffer(buf, dtype=view.dtype).as_strided(tuple(view.shape), tuple(view.stride()))
 
 
 class MegatronOracle(Oracle):
@@ -261,7 +302,26 @@ class MegatronOracle(Oracle):
         return self._last[1]
 
     def read(self, name: str, box: Box) -> Any:
-        return self._source(name)[tuple(slice(lo, hi) for lo, hi in box)]
+        """The box of an HF tensor, reading only the rows of `M[index]` it comes from: torch's arithmetic moves whole
+        rows (view/reshape/chunk along dim 0), so `torch_view` of the row numbers says which rows those are (q, k and v
+        rows lie in every query group's slice of the fused QKV)."""
+        import torch
+
+        from .megatron import torch_view
+
+        oracle, take = self.sources[name]
+        item = oracle.entry(take.key)
+        if item is None:
+            raise CheckpointError(f"torch finds no {take.key!r} in the checkpoint")
+        shape = tuple(item.size)[len(take.index):]
+        if not shape:
+            return self._source(name)[()]
+        rows = torch_view(torch.arange(shape[0]), take, self.arch)[box[0][0]:box[0][1]]
+        if rows.numel() == 0:
+            return torch.empty(tuple(hi - lo for lo, hi in box), dtype=item.properties.dtype)
+        first, last = int(rows.min()), int(rows.max())
+        src = oracle.read(take.key, tuple((i, i + 1) for i in take.index) + ((first, last + 1),) + tuple(box[1:]))
+        return src.reshape((last + 1 - first,) + src.shape[len(take.index) + 1:])[rows - first]
 
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
         seen: dict[int, DcpOracle] = {id(o): o for o, _ in self.sources.values()}

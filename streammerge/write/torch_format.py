@@ -17,16 +17,16 @@ import os
 import struct
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
 
 from ..checksum import crc32
-from ..errors import OutputError, VerifyError
+from ..errors import VerifyError
 from ..optimizer.export import flatten, nest
 from ..sources.base import row_major
-from .writer import OutputFile, _drop_cache, fill_window, tmp_path, windows
+from .writer import OutputFile, _drop_cache, fill_window, output_error, tmp_path, windows
 
 if TYPE_CHECKING:
     from ..plan import FilePlan, Plan
@@ -56,7 +56,7 @@ def write_torch_file(plan: Plan, fp: FilePlan, path: Path, writer: FileWriter) -
         _check_structure(tmp, plan, fp)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: write failed ({e.strerror or e})") from None
+        raise output_error(e, path, fp.size) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -73,7 +73,34 @@ def _save_skeleton(tmp: Path, tensors: dict, values: dict, groups: list) -> None
         fakes = {name: torch.empty(t.shape, dtype=t.dtype.torch()) for name, t in tensors.items()}
     obj = nest({**fakes, **values}, groups)
     with open(tmp, "wb") as fh, torch.serialization.skip_data(materialize_fake_tensors=True):
-        torch.save(obj, fh)  # a file object gives the records torch's usual "archive/" prefix
+        sink = _Sink(fh)
+        try:
+            torch.save(obj, sink)  # a file object gives the records torch's usual "archive/" prefix
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None
+
+
+class _Sink:
+    """The file torch.save writes to. torch's zip writer turns a write or seek that failed (a full disk, a quota)
+    into a RuntimeError about file positions that no longer says why; the OSError is kept here to raise instead.
+    torch only calls methods of it."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._fh, name)
+
+        def call(*args: Any) -> Any:
+            try:
+                return method(*args)
+            except OSError as e:
+                self.error = e
+                raise
+        return call
 
 
 def _record_offsets(tmp: Path, tensors: dict) -> list[tuple[int, object]]:

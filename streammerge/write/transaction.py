@@ -89,6 +89,10 @@ class OutputFolder:
         if self.part == 0:
             self._lock()
         try:
+            if self.part == 0:
+                # again, holding the lock: a merge with other options that finished here since the first look would
+                # otherwise be taken down and replaced, and both would exit 0
+                previous = self._check()
             self.manifest.adopt(previous)
             self.prior = {rel: self.manifest.finished(self.out, rel) for rel in self.data_files}
             if self.part != 0:
@@ -179,8 +183,12 @@ class OutputFolder:
                                   "to finish, or choose another folder") from None
             raise output_error(e, path) from None
         info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+        except OSError as e:  # a disk already full
+            os.close(fd)
+            raise output_error(e, path) from None
         self._lock_fd = fd
 
     def _unlock(self) -> None:
