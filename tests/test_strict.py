@@ -37,7 +37,7 @@ WS = 2
 STRICTER = ("two zip records named", "big-endian", "two dtypes or sizes", "not where torch.save would have put it",
             "CRC mismatch", "differ in size", "bad local header", "runs past the end", "outside the archive folder",
             "central directory", "is malformed", "marked as a folder", "tensor names differ from rank 0",
-            "as torch.save never names it")
+            "as torch.save never names it", "does not start at the file's first byte")
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +142,13 @@ def set_crc(raw: bytearray, info: zipfile.ZipInfo) -> None:
 
 
 @pytest.mark.parametrize("case", ["zipfile", "reversed", "dup_last", "dup_first", "big", "unknown_order", "no_order",
-                                  "short", "long", "missing", "case_decoy", "upper_big_order", "upper_data"])
+                                  "short", "long", "missing", "case_decoy", "upper_big_order", "upper_data",
+                                  "behind_legacy"])
 def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
     """torch's zip reader finds records ignoring case: a look-alike of a record (a zero-filled `Data/0` beside
-    `data/0`, a `BYTEORDER` saying big) may be what it reads, so such files are refused, never read otherwise."""
+    `data/0`, a `BYTEORDER` saying big) may be what it reads, so such files are refused, never read otherwise.
+    torch.load reads a file that does not start with a zip record as a legacy torch.save file, whatever zip
+    follows it."""
     p = rank_file(copy(good, tmp_path))
     if case == "zipfile":
         repack(p)
@@ -172,10 +175,19 @@ def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
                                  for n, b in items])
     elif case == "upper_data":
         repack(p, lambda items: [(n.replace("/data/0", "/DATA/0"), b) for n, b in items])
+    elif case == "behind_legacy":  # other values in a legacy file, the rank file's zip appended behind it
+        with zipfile.ZipFile(p) as z:
+            items = [(i.filename, z.read(i)) for i in z.infolist()]
+        other = torch.load(p, weights_only=True)
+        other["c.bias"] += 1
+        torch.save(other, p, _use_new_zipfile_serialization=False)
+        with zipfile.ZipFile(p, "a") as w:
+            for n, b in items:
+                w.writestr(n, b)
     got = differential(p)
     expect = {"zipfile": "same", "reversed": "same", "no_order": "same", "dup_last": "stricter",
               "dup_first": "stricter", "big": "stricter", "case_decoy": "stricter", "upper_big_order": "stricter",
-              "upper_data": "stricter"}.get(case, "both refuse")
+              "upper_data": "stricter", "behind_legacy": "stricter"}.get(case, "both refuse")
     assert got == expect
 
 

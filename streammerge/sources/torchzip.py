@@ -104,6 +104,10 @@ def read_central(path: str | Path) -> tuple[int, int, int, bytes]:
                 raise _bad(path, "central directory too small for its entries")
             if cd_offset + cd_size > size:
                 raise _bad(path, f"central directory past the end of the {size}-byte file")
+            f.seek(0)
+            if f.read(4) != b"PK\x03\x04":  # torch.load reads such a file as a legacy (pre-zip) torch.save file
+                raise _bad(path, "a zip that does not start at the file's first byte, which torch.load would "
+                                 "read as another format")
             f.seek(cd_offset)
             cd = f.read(cd_size)
     except OSError as e:
