@@ -143,7 +143,7 @@ def set_crc(raw: bytearray, info: zipfile.ZipInfo) -> None:
 
 @pytest.mark.parametrize("case", ["zipfile", "reversed", "dup_last", "dup_first", "big", "unknown_order", "no_order",
                                   "short", "long", "missing", "case_decoy", "upper_big_order", "upper_data",
-                                  "behind_legacy"])
+                                  "behind_legacy", "folder_named_with_a_newline"])
 def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
     """torch's zip reader finds records ignoring case: a look-alike of a record (a zero-filled `Data/0` beside
     `data/0`, a `BYTEORDER` saying big) may be what it reads, so such files are refused, never read otherwise.
@@ -175,6 +175,8 @@ def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
                                  for n, b in items])
     elif case == "upper_data":
         repack(p, lambda items: [(n.replace("/data/0", "/DATA/0"), b) for n, b in items])
+    elif case == "folder_named_with_a_newline":  # the refusal names the record, still on one line
+        repack(p, lambda items: items + [(items[0][0].split("/")[0] + "/x\ny/", b"")])
     elif case == "behind_legacy":  # other values in a legacy file, the rank file's zip appended behind it
         with zipfile.ZipFile(p) as z:
             items = [(i.filename, z.read(i)) for i in z.infolist()]
@@ -187,7 +189,7 @@ def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
     got = differential(p)
     expect = {"zipfile": "same", "reversed": "same", "no_order": "same", "dup_last": "stricter",
               "dup_first": "stricter", "big": "stricter", "case_decoy": "stricter", "upper_big_order": "stricter",
-              "upper_data": "stricter", "behind_legacy": "stricter"}.get(case, "both refuse")
+              "upper_data": "stricter", "behind_legacy": "stricter", "folder_named_with_a_newline": "stricter"}.get(case, "both refuse")
     assert got == expect
 
 

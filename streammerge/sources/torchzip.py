@@ -141,11 +141,11 @@ def read_directory(path: str | Path) -> Directory:
             usize, csize, lho = zip64_fields(cd[pos + CENTRAL_SIZE + nlen:pos + CENTRAL_SIZE + nlen + elen],
                                               usize, csize, lho)
         if attr & 0x10 or name.endswith("/"):  # torch's zip reader reads a directory entry as no bytes
-            raise _bad(path, f"record {name} is marked as a folder")
+            raise _bad(path, f"record {name!r} is marked as a folder")
         if csize != usize:  # a stored record is its own bytes: torch's zip reader refuses anything else
-            raise _bad(path, f"record {name} has a stored size {csize} and a size {usize}")
+            raise _bad(path, f"record {name!r} has a stored size {csize} and a size {usize}")
         if lho + LOCAL_SIZE + csize > size:
-            raise _bad(path, f"record {name} runs past the end of the file")
+            raise _bad(path, f"record {name!r} runs past the end of the file")
         starts.append(pos)
         names.append(name)
         offsets.append(lho)
@@ -221,13 +221,13 @@ def data_offsets(d: Directory, indices: list[int] | range | None = None) -> dict
             lho = d.header_offsets[i]
             head = os.pread(fd, LOCAL_SIZE, lho)
             if len(head) < LOCAL_SIZE:
-                raise _bad(d.path, f"record {d.names[i]} cut short")
+                raise _bad(d.path, f"record {d.names[i]!r} cut short")
             sig, *_, nlen, elen = _LOCAL.unpack(head)
             if sig != 0x04034B50:
-                raise _bad(d.path, f"bad local header for {d.names[i]}")
+                raise _bad(d.path, f"bad local header for {d.names[i]!r}")
             start = lho + LOCAL_SIZE + nlen + elen
             if start + d.sizes[i] > d.central_offset:
-                raise _bad(d.path, f"record {d.names[i]} runs past the end of the file's records")
+                raise _bad(d.path, f"record {d.names[i]!r} runs past the end of the file's records")
             out[i] = start
     finally:
         os.close(fd)
