@@ -630,6 +630,17 @@ def test_opcodes_torch_does_not_read(good: Path, tmp_path: Path, case: str) -> N
         assert stats.torch_loaded == 1 and stats.decoded == 0
 
 
+@pytest.mark.parametrize("case", ["shape", "stride"])
+def test_a_dtensor_shape_beyond_int64(good: Path, tmp_path: Path, case: str) -> None:
+    """torch takes a DTensor's shape and stride as C int64s and refuses a file with a larger one."""
+    p = rank_file(copy(good, tmp_path))
+    old = b"K\x06K\x04\x86" if case == "shape" else b"K\x04K\x01\x86"  # a.weight's global (6, 4) or (4, 1)
+    new = b"\x8a\x09" + (2 ** 63).to_bytes(9, "little", signed=True) + old[2:]
+    rewrite_with_torch(p, lambda n, b: b.replace(old, new, 1) if n == "data.pkl" else b)
+    assert new in records_bytes(p)
+    assert differential(p) == "both refuse"
+
+
 def test_opcode_allowlist_is_torchs() -> None:
     """Every opcode byte: refused by our walk exactly where torch's weights-only unpickler says it is unsupported."""
     from torch import _weights_only_unpickler as wou

@@ -198,10 +198,18 @@ def _grad_ok(dtype: DType, requires_grad: Any) -> None:
         raise Malformed(f"an {dtype.name} tensor that requires gradients (torch.load refuses it)")
 
 
+_INT64 = 2 ** 63
+
+
+def _int64s(*values: Any) -> bool:
+    """Whether every value is an int torch takes as a size, stride or offset: a C int64 (it refuses a larger one)."""
+    return all(type(x) is int and -_INT64 <= x < _INT64 for x in values)
+
+
 def _view(storage: Storage, storage_offset: Any, size: Any, stride: Any) -> Local:
     """A view as torch's `set_` accepts it: non-negative offset and sizes, and every element inside the storage."""
-    if not (type(storage_offset) is int and isinstance(size, tuple) and isinstance(stride, tuple)
-            and len(size) == len(stride) and all(type(x) is int for x in (*size, *stride))):
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and _int64s(storage_offset, *size, *stride)):
         raise NotPlain("tensor view that is not plain integers")
     if storage_offset < 0 or any(s < 0 for s in size):
         raise Malformed(f"a tensor view with a negative offset or size ({storage_offset}, {list(size)})")
@@ -252,6 +260,8 @@ def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset=0, layout
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(type(x) is int and x >= 0 for x in (*size, *stride))):
         raise Malformed(f"a DTensor whose shape {str(size)[:40]} or stride {str(stride)[:40]} is not whole numbers")
+    if not _int64s(storage_offset, *size, *stride):
+        raise NotPlain("a DTensor offset, shape or stride that is no C int64")  # torch.load refuses it, and says why
     _grad_ok(dtype, requires_grad)
     return Wrapper(cls, dtype, size, stride)
 
