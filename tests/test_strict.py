@@ -189,7 +189,8 @@ def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
     got = differential(p)
     expect = {"zipfile": "same", "reversed": "same", "no_order": "same", "dup_last": "stricter",
               "dup_first": "stricter", "big": "stricter", "case_decoy": "stricter", "upper_big_order": "stricter",
-              "upper_data": "stricter", "behind_legacy": "stricter", "folder_named_with_a_newline": "stricter"}.get(case, "both refuse")
+              "upper_data": "stricter", "behind_legacy": "stricter",
+              "folder_named_with_a_newline": "stricter"}.get(case, "both refuse")
     assert got == expect
 
 
