@@ -1261,6 +1261,7 @@ def _edit_header(header: dict, case: str) -> tuple[dict, bytes]:
                                   "metadata_not_strings"])
 def test_a_base_file_safetensors_refuses_is_refused(tmp_path, case):
     """A --base-model safetensors file is read as safetensors' own loader reads it, or refused in one line."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from streammerge.sources.hf import HFSource
@@ -1276,7 +1277,7 @@ def test_a_base_file_safetensors_refuses_is_refused(tmp_path, case):
         t = HFSource(tmp_path).tensors()["b"]
         assert t.pieces[0].offset == 8 + len(text) + 24 and load_file(path)["b"].tolist() == [1.0] * 4
         return
-    with pytest.raises(Exception):
+    with pytest.raises(SafetensorError):
         load_file(path)
     with pytest.raises(CheckpointError, match="model.safetensors") as e:
         HFSource(tmp_path).tensors()
