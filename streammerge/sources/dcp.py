@@ -297,7 +297,7 @@ class _Blob:
         return entries, cd_off, obj
 
     def pickle_bytes(self) -> tuple[dict[str, _Entry], int, bytes]:
-        """The directory and `data.pkl`'s bytes, CRC and byte order checked, not decoded."""
+        """The directory and `data.pkl`'s bytes, CRC and the small records torch's reader parses checked, not decoded."""
         entries, cd_off = self.directory()
         head = self.locate(entries, cd_off, [n for n in ("data.pkl", *_SMALL_RECORDS) if n in entries])
         pkl = self.read(*head["data.pkl"])
