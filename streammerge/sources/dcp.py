@@ -297,7 +297,8 @@ class _Blob:
         return entries, cd_off, obj
 
     def pickle_bytes(self) -> tuple[dict[str, _Entry], int, bytes]:
-        """The directory and `data.pkl`'s bytes, CRC and the small records torch's reader parses checked, not decoded."""
+        """The directory and `data.pkl`'s bytes, not decoded; its CRC and the small records torch's reader parses
+        are checked."""
         entries, cd_off = self.directory()
         head = self.locate(entries, cd_off, [n for n in ("data.pkl", *_SMALL_RECORDS) if n in entries])
         pkl = self.read(*head["data.pkl"])
