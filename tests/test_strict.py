@@ -631,6 +631,23 @@ def test_opcodes_torch_does_not_read(good: Path, tmp_path: Path, case: str) -> N
         assert stats.torch_loaded == 1 and stats.decoded == 0
 
 
+@pytest.mark.parametrize("numel, size, expect", [(9, 5, "both refuse"), (10, 5, "same"), (10, 4, "same")])
+def test_an_untyped_storage_of_another_size(tmp_path: Path, numel: int, size: int, expect: str) -> None:
+    """A uint16 tensor's untyped storage (10 bytes as saved) named with `numel` bytes and viewed as `size` elements:
+    torch.load refuses a storage whose record is another size, read on its meta-device fallback or not."""
+    p = tmp_path / "model_world_size_2_rank_0.pt"
+    torch.save({"u16": torch.arange(5).to(torch.uint16)}, p)
+
+    def edit(name: str, b: bytes) -> bytes:
+        if name != "data.pkl":
+            return b
+        at = {arg: pos for op, arg, pos in pickletools.genops(b) if op.name == "BININT1"}
+        b = b[:at[10] + 1] + bytes([numel]) + b[at[10] + 2:]
+        return b[:at[5] + 1] + bytes([size]) + b[at[5] + 2:]
+    rewrite_with_torch(p, edit)
+    assert differential(p) == expect
+
+
 @pytest.mark.parametrize("case", ["shape", "stride"])
 def test_a_dtensor_shape_beyond_int64(good: Path, tmp_path: Path, case: str) -> None:
     """torch takes a DTensor's shape and stride as C int64s and refuses a file with a larger one."""

@@ -228,10 +228,9 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     """Dtypes without a legacy storage class (float8, uint16/32/64): an untyped storage plus the dtype."""
     if not isinstance(storage, Storage) or storage.dtype is not None or not isinstance(dtype, DType):
         raise NotPlain("_rebuild_tensor_v3 without an untyped storage and a dtype")
-    if storage.numel % dtype.itemsize:
-        raise NotPlain(f"untyped storage of {storage.numel} bytes holds no whole {dtype.name} elements")
     _plain_view(backward_hooks, metadata)
     _grad_ok(dtype, requires_grad)
+    # the view must fit in the storage's whole elements (its bytes are checked against the record by size)
     return _view(Storage(storage.key, dtype, storage.numel // dtype.itemsize), storage_offset, size, stride)
 
 
