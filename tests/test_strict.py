@@ -648,12 +648,14 @@ def test_an_untyped_storage_of_another_size(tmp_path: Path, numel: int, size: in
     assert differential(p) == expect
 
 
-@pytest.mark.parametrize("case", ["shape", "stride"])
-def test_a_dtensor_shape_beyond_int64(good: Path, tmp_path: Path, case: str) -> None:
-    """torch takes a DTensor's shape and stride as C int64s and refuses a file with a larger one."""
+@pytest.mark.parametrize("case", ["shape", "stride", "device"])
+def test_dtensor_arguments_torch_refuses(good: Path, tmp_path: Path, case: str) -> None:
+    """torch takes a DTensor's shape and stride as C int64s and its device as a torch.device: it refuses a file with a
+    larger number, or a torch.Size (a tuple, as a device's arguments are) where the device belongs."""
     p = rank_file(copy(good, tmp_path))
-    old = b"K\x06K\x04\x86" if case == "shape" else b"K\x04K\x01\x86"  # a.weight's global (6, 4) or (4, 1)
-    new = b"\x8a\x09" + (2 ** 63).to_bytes(9, "little", signed=True) + old[2:]
+    old = {"shape": b"K\x06K\x04\x86", "stride": b"K\x04K\x01\x86", "device": b"ctorch\ndevice\n"}[case]
+    big = b"\x8a\x09" + (2 ** 63).to_bytes(9, "little", signed=True) + old[2:]  # a.weight's global (6, 4) or (4, 1)
+    new = b"ctorch\nSize\n" if case == "device" else big
     rewrite_with_torch(p, lambda n, b: b.replace(old, new, 1) if n == "data.pkl" else b)
     assert new in records_bytes(p)
     assert differential(p) == "both refuse"

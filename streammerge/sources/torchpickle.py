@@ -254,7 +254,7 @@ def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset=0, layout
                               requires_grad=False) -> Wrapper:
     if cls is not DTensor or not isinstance(dtype, DType):
         raise NotPlain("unknown tensor subclass")
-    if layout not in (None, "torch.strided") or not (isinstance(device, tuple) and device and type(device[0]) is str):
+    if layout not in (None, "torch.strided") or type(device) is not Device:
         raise Malformed("a DTensor whose layout or device is not one")
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(type(x) is int and x >= 0 for x in (*size, *stride))):
@@ -279,11 +279,18 @@ def _size(*args):
     return tuple(*args)
 
 
+class Device(tuple):
+    """torch.device's arguments, told apart from the tuple a torch.Size decodes to (torch.load refuses a Size where a
+    device belongs)."""
+
+    __slots__ = ()
+
+
 def _device(*args):
     """torch.device(type[, index]) as torch builds it: a device type torch knows, else torch.load refuses."""
     if not args or type(args[0]) is not str or not _DEVICE.match(args[0]) or ":" in args[0] and len(args) > 1:
         raise Malformed(f"a tensor on an unknown device {str(args)[:40]}")
-    return args
+    return Device(args)
 
 
 def _get_layout(name):
