@@ -17,6 +17,7 @@ import gc
 import io
 import pickle
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -424,6 +425,63 @@ class MeshView:
     def __init__(self, spec: DTensorSpec):
         self.placements, self.device_mesh = spec.placements, spec.mesh
 
+
+
+class _Stub:
+    """Whatever a pickle builds, where only its storage keys are wanted: takes any arguments and state, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
+        return _Stub()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _KeyReader(pickle._Unpickler):
+    """The storage keys of every persistent id, in the order the pickle first names them; every global is a stub.
+    Python's pure-Python unpickler: its memo is a dict, which no index in the file can make huge."""
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file)
+        self.keys: dict[str, None] = {}
+
+    def _proto(self: Any) -> None:
+        """torch's unpickler takes any protocol number; Python's refuses those it does not know."""
+        self.read(1)
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.PROTO[0]: _proto}
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Stub
+
+    def persistent_load(self, pid: Any) -> _Stub:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str:
+            self.keys.setdefault(pid[2])
+        return _Stub()
+
+
+def storage_keys(data: bytes) -> list[str] | None:
+    """The storage keys a pickle names, in the order it first names them (running nothing); None if it cannot be
+    read so."""
+    reader = _KeyReader(io.BytesIO(data))
+    try:
+        reader.load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, RecursionError, struct.error):
+        return None
+    return list(reader.keys)
 
 
 def decode(data: bytes, *, memo: bool = False) -> Any | None:
