@@ -449,13 +449,13 @@ class _Stub:
         pass
 
 
-class _KeyReader(pickle._Unpickler):
-    """The storage keys of every persistent id, in the order the pickle first names them; every global is a stub.
+class _StorageReader(pickle._Unpickler):
+    """The storages of every persistent id, in the order the pickle first names them; every other global is a stub.
     Python's pure-Python unpickler: its memo is a dict, which no index in the file can make huge."""
 
     def __init__(self, file: io.BytesIO):
         super().__init__(file)
-        self.keys: dict[str, None] = {}
+        self.storages: dict[str, tuple[DType | None, int]] = {}
 
     def _proto(self: Any) -> None:
         """torch's unpickler takes any protocol number; Python's refuses those it does not know."""
@@ -464,24 +464,27 @@ class _KeyReader(pickle._Unpickler):
     dispatch = {**pickle._Unpickler.dispatch, pickle.PROTO[0]: _proto}
 
     def find_class(self, module: str, name: str) -> Any:
-        return _Stub
+        if module == "torch" and name in _STORAGES:
+            return _STORAGES[name]
+        return _UntypedStorage if (module, name) == ("torch.storage", "UntypedStorage") else _Stub
 
     def persistent_load(self, pid: Any) -> _Stub:
-        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str:
-            self.keys.setdefault(pid[2])
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str \
+                and type(pid[4]) is int and (isinstance(pid[1], _StorageType) or pid[1] is _UntypedStorage):
+            self.storages.setdefault(pid[2], (pid[1].dtype if isinstance(pid[1], _StorageType) else None, pid[4]))
         return _Stub()
 
 
-def storage_keys(data: bytes) -> list[str] | None:
-    """The storage keys a pickle names, in the order it first names them (running nothing); None if it cannot be
-    read so."""
-    reader = _KeyReader(io.BytesIO(data))
+def named_storages(data: bytes) -> dict[str, tuple[DType | None, int]] | None:
+    """Every storage a pickle names (key -> dtype, numel), in the order it first names them, read without running
+    anything; None if the pickle cannot be read so."""
+    reader = _StorageReader(io.BytesIO(data))
     try:
         reader.load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+    except (NotPlain, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             MemoryError, OverflowError, RecursionError, struct.error):
         return None
-    return list(reader.keys)
+    return reader.storages
 
 
 def decode(data: bytes, *, memo: bool = False) -> Any | None:
