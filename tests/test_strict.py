@@ -679,13 +679,17 @@ def test_an_untyped_storage_of_another_size(tmp_path: Path, numel: int, size: in
     assert differential(p) == expect
 
 
-@pytest.mark.parametrize("case", ["shape", "stride", "device"])
+@pytest.mark.parametrize("case", ["shape", "stride", "numel", "device"])
 def test_dtensor_arguments_torch_refuses(good: Path, tmp_path: Path, case: str) -> None:
-    """torch takes a DTensor's shape and stride as C int64s and its device as a torch.device: it refuses a file with a
-    larger number, or a torch.Size (a tuple, as a device's arguments are) where the device belongs."""
+    """torch takes a DTensor's shape and stride as C int64s, counts its elements in one, and takes its device as a
+    torch.device: it refuses a file with a larger number, or a torch.Size (a tuple, as a device's arguments are)
+    where the device belongs."""
     p = rank_file(copy(good, tmp_path))
-    old = {"shape": b"K\x06K\x04\x86", "stride": b"K\x04K\x01\x86", "device": b"ctorch\ndevice\n"}[case]
+    old = {"shape": b"K\x06K\x04\x86", "stride": b"K\x04K\x01\x86", "numel": b"K\x06K\x04\x86",
+           "device": b"ctorch\ndevice\n"}[case]
     big = b"\x8a\x09" + (2 ** 63).to_bytes(9, "little", signed=True) + old[2:]  # a.weight's global (6, 4) or (4, 1)
+    if case == "numel":  # (2**62, 4): each a C int64, 2**64 elements
+        big = b"\x8a\x08" + (2 ** 62).to_bytes(8, "little", signed=True) + old[2:]
     new = b"ctorch\nSize\n" if case == "device" else big
     rewrite_with_torch(p, lambda n, b: b.replace(old, new, 1) if n == "data.pkl" else b)
     assert new in records_bytes(p)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import gc
 import io
+import math
 import pickle
 import re
 import struct
@@ -207,10 +208,15 @@ def _int64s(*values: Any) -> bool:
     return all(type(x) is int and -_INT64 <= x < _INT64 for x in values)
 
 
+def _numel_ok(size: tuple[int, ...]) -> bool:
+    """Whether torch can count the elements of a shape: it refuses one whose product overflows a C int64."""
+    return abs(math.prod(size)) < _INT64
+
+
 def _view(storage: Storage, storage_offset: Any, size: Any, stride: Any) -> Local:
     """A view as torch's `set_` accepts it: non-negative offset and sizes, and every element inside the storage."""
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
-            and _int64s(storage_offset, *size, *stride)):
+            and _int64s(storage_offset, *size, *stride) and _numel_ok(size)):
         raise NotPlain("tensor view that is not plain integers")
     if storage_offset < 0 or any(s < 0 for s in size):
         raise Malformed(f"a tensor view with a negative offset or size ({storage_offset}, {list(size)})")
@@ -260,7 +266,7 @@ def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset=0, layout
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(type(x) is int and x >= 0 for x in (*size, *stride))):
         raise Malformed(f"a DTensor whose shape {str(size)[:40]} or stride {str(stride)[:40]} is not whole numbers")
-    if not _int64s(storage_offset, *size, *stride):
+    if not (_int64s(storage_offset, *size, *stride) and _numel_ok(size)):
         raise NotPlain("a DTensor offset, shape or stride that is no C int64")  # torch.load refuses it, and says why
     _grad_ok(dtype, requires_grad)
     return Wrapper(cls, dtype, size, stride)
