@@ -490,17 +490,19 @@ def test_hf_storage_folder_refused(tmp_path: Path) -> None:
         read_dcp(tmp_path / "hf")
 
 
-def _append_blob(folder: Path, fqn: str, obj) -> None:
-    """Store `obj` (torch.save) at the end of the item's file and point the item's entry at it."""
+def _append_blob(folder: Path, fqn: str, obj, edit=lambda blob: blob) -> bytes:
+    """Store `obj` (torch.save, then `edit`) at the end of the item's file and point the item's entry at it."""
     md = pickle.loads((folder / ".metadata").read_bytes())
     _, info = _entry(md, fqn)
     buf = io.BytesIO()
     torch.save(obj, buf)
+    blob = edit(buf.getvalue())
     f = folder / info.relative_path
-    info.offset, info.length = f.stat().st_size, len(buf.getvalue())
+    info.offset, info.length = f.stat().st_size, len(blob)
     with open(f, "ab") as fh:
-        fh.write(buf.getvalue())
+        fh.write(blob)
     (folder / ".metadata").write_bytes(pickle.dumps(md))
+    return blob
 
 
 def test_views_with_storage_offset_agree_with_torch(tmp_path: Path) -> None:
@@ -517,6 +519,73 @@ def test_views_with_storage_offset_agree_with_torch(tmp_path: Path) -> None:
     dcp_to_torch_save(str(folder), str(folder) + ".pt")
     ck = check_against_torch(folder)
     assert ck.tensors["v"].pieces[0].stride == (8, 1) and ck.tensors["w"].pieces[0].stride == (1, 8)
+
+
+def _repacked(blob: bytes, records=lambda items: items, after=lambda raw: raw, front: bytes = b"") -> bytes:
+    """A torch.save blob written again by Python's zipfile (behind `front`), its records and then its bytes edited."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        items = [(i.filename, z.read(i)) for i in z.infolist()]
+    out = io.BytesIO(front)
+    out.seek(len(front))
+    with zipfile.ZipFile(out, "a" if front else "w") as w:
+        for name, b in records(items):
+            w.writestr(name, b)
+    return after(out.getvalue())
+
+
+def _set_central(field: int, value: int, name: bytes):
+    """A byte edit: set a 16-bit field of the central directory entry whose name ends with `name`."""
+    def edit(raw: bytes) -> bytes:
+        raw = bytearray(raw)
+        at = raw.index(b"PK\x01\x02")
+        while not raw[at + 46:at + 46 + struct.unpack_from("<H", raw, at + 28)[0]].endswith(name):
+            at = raw.index(b"PK\x01\x02", at + 4)
+        struct.pack_into("<H", raw, at + field, value)
+        return bytes(raw)
+    return edit
+
+
+def _legacy(t: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(t, buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
+W = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+BLOB_EDITS = {
+    "zipfile": lambda b: _repacked(b),  # another writer's layout: read alike
+    "behind_a_legacy_file": lambda b: _repacked(b, front=_legacy(W + 1)),  # torch.load reads the legacy file
+    "version_11": lambda b: _repacked(b, lambda items: [(n, b"11" if n.endswith("/version") else d)
+                                                        for n, d in items]),
+    "upper_case_big_byteorder": lambda b: _repacked(b, lambda items: [
+        (n.replace("/byteorder", "/BYTEORDER"), b"big" if n.endswith("/byteorder") else d) for n, d in items]),
+    "entry_on_disk_2": lambda b: _repacked(b, after=_set_central(34, 2, b"data.pkl")),
+    "strong_encryption_flag": lambda b: _repacked(b, after=_set_central(8, 0x40, b"data.pkl")),
+    "name_not_utf8": lambda b: _repacked(b, after=lambda raw: raw.replace(b"serialization_id", b"serializ\xfftion_id")),
+    "format_version_header": lambda b: _repacked(
+        b, after=lambda raw: raw.replace(b"PK\x03\x04", b"PK\x03\x05", 2).replace(b"PK\x03\x05", b"PK\x03\x04", 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(BLOB_EDITS))
+def test_blob_zips_torch_reads_otherwise(tmp_path: Path, case: str) -> None:
+    """A tensor blob's zip as torch.load reads it (DCP's reader loads each blob with it): one that does not start with
+    a zip record is a legacy file to it; it reads record names ignoring case, refuses a version it does not know, an
+    entry on another disk or flagged as encrypted, a name that is not UTF-8, a broken local header of any record."""
+    dcp.save({"w": torch.zeros(2, 3)}, checkpoint_id=str(tmp_path / "b"), no_dist=True)
+    blob = _append_blob(tmp_path / "b", "w", W.clone(), BLOB_EDITS[case])
+    try:
+        theirs = torch.load(io.BytesIO(blob), weights_only=True)
+    except Exception:
+        theirs = None
+    if case == "zipfile":
+        assert torch.equal(theirs, W)
+        assert assemble(read_dcp(tmp_path / "b").tensors["w"]).tobytes() == raw(W)
+        return
+    assert theirs is None or not torch.equal(theirs, W), "torch.load reads this blob as the tensor saved"
+    with pytest.raises(CheckpointError) as e:
+        read_dcp(tmp_path / "b")
+    assert "__0_0.distcp: item 'w'" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_disallowed_global_in_blob(tmp_path: Path) -> None:

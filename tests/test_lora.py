@@ -1258,3 +1258,48 @@ def test_float64_weights_fold_in_float64(tmp_path, capsys):
     assert rc == 0, err
     _assert_bits(tmp_path / "out", _peft_merged(model))
     assert verify(tmp_path / "out", actor).ok
+
+
+def _edit_header(header: dict, case: str) -> tuple[dict, bytes]:
+    """A safetensors header edited as a hand or another writer could: the data after it, padded where asked."""
+    a, b = header["a"], header["b"]
+    if case == "gap":  # b 8 bytes later, 8 bytes no tensor holds between them
+        return {**header, "b": {**b, "data_offsets": [x + 8 for x in b["data_offsets"]]}}, b"\0" * 8
+    if case == "overlap":  # b read from a's bytes
+        return {**header, "b": {**a}}, b""
+    if case == "trailing":
+        return header, b"\0" * 8
+    if case == "float_shape":  # 3.0 is a float to safetensors, 3 to int()
+        return {**header, "a": {**a, "shape": [float(n) for n in a["shape"]]}}, b""
+    if case == "string_offsets":
+        return {**header, "a": {**a, "data_offsets": [str(n) for n in a["data_offsets"]]}}, b""
+    if case == "metadata_not_strings":
+        return {**header, "__metadata__": {"format": 1}}, b""
+    return header, b""
+
+
+@pytest.mark.parametrize("case", ["as_saved", "gap", "overlap", "trailing", "float_shape", "string_offsets",
+                                  "metadata_not_strings"])
+def test_a_base_file_safetensors_refuses_is_refused(tmp_path, case):
+    """A --base-model safetensors file is read as safetensors' own loader reads it, or refused in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from streammerge.sources.hf import HFSource
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}, str(path), metadata={"format": "pt"})
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, pad = _edit_header(json.loads(raw[8:8 + n]), case)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:] + pad)
+    if case == "as_saved":
+        t = HFSource(tmp_path).tensors()["b"]
+        assert t.pieces[0].offset == 8 + len(text) + 24 and load_file(path)["b"].tolist() == [1.0] * 4
+        return
+    with pytest.raises(SafetensorError):
+        load_file(path)
+    with pytest.raises(CheckpointError, match="model.safetensors") as e:
+        HFSource(tmp_path).tensors()
+    assert "\n" not in str(e.value)

@@ -37,7 +37,8 @@ WS = 2
 STRICTER = ("two zip records named", "big-endian", "two dtypes or sizes", "not where torch.save would have put it",
             "CRC mismatch", "differ in size", "bad local header", "runs past the end", "outside the archive folder",
             "central directory", "is malformed", "marked as a folder", "tensor names differ from rank 0",
-            "as torch.save never names it")
+            "as torch.save never names it", "does not start at the file's first byte",
+            "not in the order its pickle names them")
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +143,13 @@ def set_crc(raw: bytearray, info: zipfile.ZipInfo) -> None:
 
 
 @pytest.mark.parametrize("case", ["zipfile", "reversed", "dup_last", "dup_first", "big", "unknown_order", "no_order",
-                                  "short", "long", "missing", "case_decoy", "upper_big_order", "upper_data"])
+                                  "short", "long", "missing", "case_decoy", "upper_big_order", "upper_data",
+                                  "behind_legacy", "folder_named_with_a_newline"])
 def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
     """torch's zip reader finds records ignoring case: a look-alike of a record (a zero-filled `Data/0` beside
-    `data/0`, a `BYTEORDER` saying big) may be what it reads, so such files are refused, never read otherwise."""
+    `data/0`, a `BYTEORDER` saying big) may be what it reads, so such files are refused, never read otherwise.
+    torch.load reads a file that does not start with a zip record as a legacy torch.save file, whatever zip
+    follows it."""
     p = rank_file(copy(good, tmp_path))
     if case == "zipfile":
         repack(p)
@@ -172,10 +176,22 @@ def test_zip_records(good: Path, tmp_path: Path, case: str) -> None:
                                  for n, b in items])
     elif case == "upper_data":
         repack(p, lambda items: [(n.replace("/data/0", "/DATA/0"), b) for n, b in items])
+    elif case == "folder_named_with_a_newline":  # the refusal names the record, still on one line
+        repack(p, lambda items: items + [(items[0][0].split("/")[0] + "/x\ny/", b"")])
+    elif case == "behind_legacy":  # other values in a legacy file, the rank file's zip appended behind it
+        with zipfile.ZipFile(p) as z:
+            items = [(i.filename, z.read(i)) for i in z.infolist()]
+        other = torch.load(p, weights_only=True)
+        other["c.bias"] += 1
+        torch.save(other, p, _use_new_zipfile_serialization=False)
+        with zipfile.ZipFile(p, "a") as w:
+            for n, b in items:
+                w.writestr(n, b)
     got = differential(p)
     expect = {"zipfile": "same", "reversed": "same", "no_order": "same", "dup_last": "stricter",
               "dup_first": "stricter", "big": "stricter", "case_decoy": "stricter", "upper_big_order": "stricter",
-              "upper_data": "stricter"}.get(case, "both refuse")
+              "upper_data": "stricter", "behind_legacy": "stricter",
+              "folder_named_with_a_newline": "stricter"}.get(case, "both refuse")
     assert got == expect
 
 
@@ -575,6 +591,36 @@ def rewrite_with_torch(path: Path, edit) -> None:
     w.write_end_of_file()
 
 
+@pytest.mark.parametrize("case", ["as_saved", "records_in_another_order", "storage_named_smaller"])
+def test_meta_device_fallback_checks_what_torch_reads(tmp_path: Path, case: str) -> None:
+    """A tensor attribute sends the file to torch.load on the meta device, which reads no record (a storage named
+    smaller than its record grows to fit its view) and places each storage after the one the pickle names before it
+    (records of one size in another order would read each other's bytes)."""
+    p = tmp_path / "model_world_size_2_rank_0.pt"
+    a = torch.full((4,), 1.0)
+    a.note = "x"  # pickled as tensor state: read by torch's unpickler, not the fast decoder
+    torch.save({"a": a, "b": torch.full((4,), 2.0), "c": torch.full((4,), 3.0)}, p)
+    with zipfile.ZipFile(p) as z:
+        items = dict((i.filename.split("/", 1)[1], z.read(i)) for i in z.infolist())
+    order = ["data/0", "data/2", "data/1"] if case == "records_in_another_order" else ["data/0", "data/1", "data/2"]
+    own = ("version", ".data/version", ".data/serialization_id")  # the writer adds its own
+    w = torch._C.PyTorchFileWriter(str(p))
+    for name in [n for n in items if not n.startswith("data/") and n not in own] + order:
+        w.write_record(name, items[name], len(items[name]))
+    w.write_end_of_file()
+    if case == "storage_named_smaller":  # b's storage: 2 floats, its record and view 4
+        def numel(ops):
+            persid = next(i for i, (op, _, _) in enumerate(ops) if op.name == "BINPERSID")
+            return {next(pos for op, _, pos in reversed(ops[:persid]) if op.name == "BININT1") + 1: 2}
+        patch_pickle(p, "b", numel)
+    stats = ReadStats()
+    assert differential(p) == {"as_saved": "same", "records_in_another_order": "stricter",
+                               "storage_named_smaller": "both refuse"}[case]
+    if case == "as_saved":
+        load_rank_file(p, 0, WS, stats=stats)
+        assert stats.torch_loaded == 1
+
+
 @pytest.mark.parametrize("case", ["storage_type", "function"])
 def test_state_set_on_a_global_changes_no_later_file(good: Path, tmp_path: Path, case: str) -> None:
     """One object per allowlisted global serves every file of the process (watch merges step after step): a BUILD
@@ -614,6 +660,40 @@ def test_opcodes_torch_does_not_read(good: Path, tmp_path: Path, case: str) -> N
         assert differential(p) == "same"
         load_rank_file(p, 0, WS, stats=stats)
         assert stats.torch_loaded == 1 and stats.decoded == 0
+
+
+@pytest.mark.parametrize("numel, size, expect", [(9, 5, "both refuse"), (10, 5, "same"), (10, 4, "same")])
+def test_an_untyped_storage_of_another_size(tmp_path: Path, numel: int, size: int, expect: str) -> None:
+    """A uint16 tensor's untyped storage (10 bytes as saved) named with `numel` bytes and viewed as `size` elements:
+    torch.load refuses a storage whose record is another size, read on its meta-device fallback or not."""
+    p = tmp_path / "model_world_size_2_rank_0.pt"
+    torch.save({"u16": torch.arange(5).to(torch.uint16)}, p)
+
+    def edit(name: str, b: bytes) -> bytes:
+        if name != "data.pkl":
+            return b
+        at = {arg: pos for op, arg, pos in pickletools.genops(b) if op.name == "BININT1"}
+        b = b[:at[10] + 1] + bytes([numel]) + b[at[10] + 2:]
+        return b[:at[5] + 1] + bytes([size]) + b[at[5] + 2:]
+    rewrite_with_torch(p, edit)
+    assert differential(p) == expect
+
+
+@pytest.mark.parametrize("case", ["shape", "stride", "numel", "device"])
+def test_dtensor_arguments_torch_refuses(good: Path, tmp_path: Path, case: str) -> None:
+    """torch takes a DTensor's shape and stride as C int64s, counts its elements in one, and takes its device as a
+    torch.device: it refuses a file with a larger number, or a torch.Size (a tuple, as a device's arguments are)
+    where the device belongs."""
+    p = rank_file(copy(good, tmp_path))
+    old = {"shape": b"K\x06K\x04\x86", "stride": b"K\x04K\x01\x86", "numel": b"K\x06K\x04\x86",
+           "device": b"ctorch\ndevice\n"}[case]
+    big = b"\x8a\x09" + (2 ** 63).to_bytes(9, "little", signed=True) + old[2:]  # a.weight's global (6, 4) or (4, 1)
+    if case == "numel":  # (2**62, 4): each a C int64, 2**64 elements
+        big = b"\x8a\x08" + (2 ** 62).to_bytes(8, "little", signed=True) + old[2:]
+    new = b"ctorch\nSize\n" if case == "device" else big
+    rewrite_with_torch(p, lambda n, b: b.replace(old, new, 1) if n == "data.pkl" else b)
+    assert new in records_bytes(p)
+    assert differential(p) == "both refuse"
 
 
 def test_opcode_allowlist_is_torchs() -> None:

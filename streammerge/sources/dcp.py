@@ -34,7 +34,7 @@ from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
 from . import torchpickle
 from .base import Oracle, Piece, ReadStats, Source, SourceTensor, no_readahead, open_checkpoint_file, step_of
 from .dcpmeta import METADATA_FILE, METADATA_TMP, DcpMetadata, TensorEntry, read_metadata
-from .torchzip import zip64_fields
+from .torchzip import REFUSED_FLAGS, names_problem, on_one_disk, torch_records_problem, zip64_fields
 
 if TYPE_CHECKING:
     from ..options import MergeOptions
@@ -133,6 +133,9 @@ _EOCD64 = struct.Struct("<IQHHIIQQQQ")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _M32 = 0xFFFFFFFF
+# the records torch's reader reads besides data.pkl and the storages: their local headers are checked as theirs
+_SMALL_RECORDS = ("byteorder", "version", ".data/version", ".storage_alignment", ".data/serialization_id",
+                  ".format_version")
 
 
 class _Entry(NamedTuple):
@@ -188,20 +191,25 @@ class _Blob:
             if self.read(0, min(4, self.length)) != b"PK\x03\x04":
                 raise self.fail("not a torch.save zip")
             raise self.fail("no zip end record at the end of the item")
-        _, disk, _, _, count, cd_size, cd_off, clen = _EOCD.unpack(self.read(eocd_at, _EOCD.size))
+        if self.read(0, n, cache=True)[:4] != b"PK\x03\x04":  # torch.load reads such an item as a legacy file
+            raise self.fail("a zip that does not start at the item's first byte, which torch.load would read as "
+                            "another format")
+        _, disk, cd_disk, on_disk, count, cd_size, cd_off, clen = _EOCD.unpack(self.read(eocd_at, _EOCD.size))
         if clen or disk:
             raise self.fail("zip end record with a comment or several disks")
         cd_end = eocd_at
         loc_at = eocd_at - _LOC64.size
         if loc_at >= 0 and self.read(loc_at, 4) == b"PK\x06\x07":  # torch always writes zip64 end records
-            eocd64_at = _LOC64.unpack(self.read(loc_at, _LOC64.size))[2]
+            _, _, eocd64_at, disks = _LOC64.unpack(self.read(loc_at, _LOC64.size))
             rec = self.read(eocd64_at, _EOCD64.size)
-            if rec[:4] != b"PK\x06\x06" or eocd64_at + _EOCD64.size != loc_at:
+            if rec[:4] != b"PK\x06\x06" or eocd64_at + _EOCD64.size != loc_at or disks != 1:
                 raise self.fail("bad zip64 end record")
-            count, cd_size, cd_off = _EOCD64.unpack(rec)[7:]
+            _, _, _, _, disk, cd_disk, on_disk, count, cd_size, cd_off = _EOCD64.unpack(rec)
             cd_end = eocd64_at
         elif _M32 in (cd_size, cd_off) or count == 0xFFFF:
             raise self.fail("zip64 locator missing")
+        if not on_one_disk(disk, cd_disk, count, on_disk):
+            raise self.fail("a zip split over several disks")
         if cd_off + cd_size != cd_end:
             raise self.fail("zip central directory does not end where the end record starts")
         cd = self.read(cd_off, cd_size)
@@ -210,11 +218,11 @@ class _Blob:
         for _ in range(count):
             if pos + _CENTRAL.size > len(cd):
                 raise self.fail("zip central directory cut short")
-            (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, _, _, _, lho) = \
+            (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, disk, _, attr, lho) = \
                 _CENTRAL.unpack_from(cd, pos)
-            if sig != 0x02014B50:
+            if sig != 0x02014B50 or disk != 0:
                 raise self.fail("bad zip central directory entry")
-            if method != 0 or flags & 1:
+            if method != 0 or flags & REFUSED_FLAGS:
                 raise self.fail("compressed or encrypted zip record", UnsupportedLayoutError)
             at = pos + _CENTRAL.size
             raw = cd[at:at + nlen]
@@ -222,7 +230,13 @@ class _Blob:
                 usize, csize, lho = zip64_fields(cd[at + nlen:at + nlen + elen], usize, csize, lho)
             if csize != usize:
                 raise self.fail("zip record with different stored and real sizes")
-            entries.append(_Entry(raw.decode("utf-8", "replace"), raw, lho, usize, crc))
+            if attr & 0x10 or raw.endswith(b"/"):  # torch's zip reader reads a folder entry as no bytes
+                raise self.fail(f"zip record {raw[:60]!r} is marked as a folder")
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:  # torch's reader lists every record's name as text
+                raise self.fail(f"zip record name {raw[:60]!r} is not UTF-8") from None
+            entries.append(_Entry(name, raw, lho, usize, crc))
             pos = at + nlen + elen + clen
         if pos != len(cd):
             raise self.fail("zip central directory has trailing bytes")
@@ -232,6 +246,9 @@ class _Blob:
         prefix = pickles[0].name[:-len("data.pkl")]
         if not all(e.name.startswith(prefix) for e in entries):
             raise self.fail("zip records outside the archive folder")
+        problem = names_problem([e.name for e in entries], len(prefix))
+        if problem is not None:
+            raise self.fail(problem)
         out = {e.name[len(prefix):]: e for e in entries}
         if len(out) != len(entries):
             raise self.fail("duplicate zip record names")
@@ -280,17 +297,17 @@ class _Blob:
         return entries, cd_off, obj
 
     def pickle_bytes(self) -> tuple[dict[str, _Entry], int, bytes]:
-        """The directory and `data.pkl`'s bytes, CRC and byte order checked, not decoded."""
+        """The directory and `data.pkl`'s bytes, not decoded; its CRC and the small records torch's reader parses
+        are checked."""
         entries, cd_off = self.directory()
-        head = self.locate(entries, cd_off, [n for n in ("data.pkl", "byteorder") if n in entries])
+        head = self.locate(entries, cd_off, [n for n in ("data.pkl", *_SMALL_RECORDS) if n in entries])
         pkl = self.read(*head["data.pkl"])
         crc = entries["data.pkl"].crc
         if crc and crc32(pkl) != crc:  # 0: saved with torch.serialization.set_crc32_options(False)
             raise self.fail("CRC mismatch in data.pkl")
-        if "byteorder" in head:  # absent in files from before torch wrote it: little-endian
-            order = self.read(*head["byteorder"])
-            if order != b"little":
-                raise self.fail(f"byte order {order[:16]!r}", UnsupportedLayoutError)
+        problem = torch_records_problem(lambda name: self.read(*head[name]) if name in head else None)
+        if problem is not None:
+            raise self.fail(problem[1], problem[0])
         return entries, cd_off, pkl
 
 

@@ -90,6 +90,8 @@ class HFSource(Source):
 
 
 def _read(path: Path) -> dict[str, SourceTensor]:
+    """Every tensor of a safetensors file, checked as safetensors' own loader checks the header: whole numbers, and
+    tensors whose bytes tile the data after the header exactly (no gap, no overlap, no byte left over)."""
     try:
         header, start = read_header(str(path))
     except (OSError, ValueError) as e:
@@ -97,22 +99,37 @@ def _read(path: Path) -> dict[str, SourceTensor]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a readable safetensors file (its header is a {type(header).__name__}, not "
                               "an object)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: its __metadata__ is not a map of strings (safetensors refuses the file)")
     size = path.stat().st_size
     out = {}
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = dtypes.BY_CODE[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or start + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r}: its data offsets do not fit its shape or the file")
+        if not all(type(x) is int and 0 <= x < 2 ** 64 for x in (*shape, begin, end)):  # safetensors' usize
+            raise CheckpointError(f"{path}: tensor {name!r} has a shape or data offsets that are not whole numbers")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r}: its data offsets do not fit its shape")
+        spans.append((begin, end, name))
         stride = row_major(shape)
         out[name] = SourceTensor(name, shape, dtype, (Piece(0, str(path), start + begin, shape, stride,
                                                             (0,) * len(shape)),))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise CheckpointError(f"{path}: tensor {name!r}'s bytes start at {begin}, not where the tensor before "
+                                  f"it ends ({at}): a gap or an overlap, which safetensors refuses")
+        at = end
+    if start + at != size:
+        raise CheckpointError(f"{path}: its tensors end at byte {start + at} of the {size}-byte file (safetensors "
+                              "refuses it: truncated, or bytes no tensor holds)")
     return out
 
 

@@ -26,6 +26,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
 from .base import Piece, ReadStats
+from .torchpickle import check_storages, named_storages
 from .torchzip import check_torch_records, data_offsets, read_directory, read_record
 
 UNSAFE_FLAG = "--trust-pickle"
@@ -70,7 +71,7 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     try:
         with warnings.catch_warnings(), _quiet("torch.distributed.device_mesh"):
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="meta", weights_only=not trust_pickle, mmap=False)
+            obj = torch.load(path, map_location="meta", weights_only=not trust_pickle, mmap=False)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
@@ -91,6 +92,30 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     except Exception as e:  # a damaged pickle can fail anywhere inside the unpickler
         line = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: corrupted rank file ({type(e).__name__}: {line[:200]})") from None
+    _check_storages(path)
+    return obj
+
+
+def _check_storages(path: Path) -> None:
+    """On the meta device torch.load reads no record, so the checks its reading of the data makes are made here:
+    every storage's record is there and holds exactly its bytes. It also places each storage (`_checkpoint_offset`)
+    right after the one its pickle names before it, where torch.save writes it, not where its record is: the
+    records must lie in that order, or one storage's bytes would be taken for another's of the same size."""
+    d = read_directory(path)
+    storages = named_storages(read_record(d, "data.pkl"))
+    if storages is None:
+        raise CheckpointError(f"{path}: its pickle names its storages in a way this reader cannot follow; "
+                              "re-save it with torch.save")
+    check_storages(d, storages)
+    version = read_record(d, ".format_version", check_crc=False) if d.has(".format_version") else b""
+    if version < b"1":  # torch finds each record by name in files older than the layout it computes
+        return
+    keys = list(storages)
+    place = {k: d.header_offsets[d.index(f"data/{k}")] for k in keys}
+    if sorted(keys, key=place.__getitem__) != keys:
+        raise CheckpointError(f"{path}: its storage records are not in the order its pickle names them (a rank file "
+                              "re-packed or edited by another zip tool), so torch.load's meta-device reading would "
+                              "take one storage's bytes for another's; re-save it with torch.save")
 
 
 def check_zip(path: Path) -> None:

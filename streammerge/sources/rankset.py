@@ -719,7 +719,8 @@ def _device_type(x: Any) -> str | None:
     if type(x) is str and ":" in x:
         kind, _, index = x.partition(":")
         return kind if kind in _DEVICE_TYPES and index.isdigit() else None
-    if type(x) is tuple and len(x) == 2 and type(x[0]) is str and type(x[1]) is int and x[0] in _DEVICE_TYPES:
+    if type(x) in (tuple, mp.Device) and len(x) == 2 and type(x[0]) is str and type(x[1]) is int \
+            and x[0] in _DEVICE_TYPES:
         return x[0]
     return None
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import collections
 import gc
 import io
+import math
 import pickle
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,10 +200,23 @@ def _grad_ok(dtype: DType, requires_grad: Any) -> None:
         raise Malformed(f"an {dtype.name} tensor that requires gradients (torch.load refuses it)")
 
 
+_INT64 = 2 ** 63
+
+
+def _int64s(*values: Any) -> bool:
+    """Whether every value is an int torch takes as a size, stride or offset: a C int64 (it refuses a larger one)."""
+    return all(type(x) is int and -_INT64 <= x < _INT64 for x in values)
+
+
+def _numel_ok(size: tuple[int, ...]) -> bool:
+    """Whether torch can count the elements of a shape: it refuses one whose product overflows a C int64."""
+    return abs(math.prod(size)) < _INT64
+
+
 def _view(storage: Storage, storage_offset: Any, size: Any, stride: Any) -> Local:
     """A view as torch's `set_` accepts it: non-negative offset and sizes, and every element inside the storage."""
-    if not (type(storage_offset) is int and isinstance(size, tuple) and isinstance(stride, tuple)
-            and len(size) == len(stride) and all(type(x) is int for x in (*size, *stride))):
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and _int64s(storage_offset, *size, *stride) and _numel_ok(size)):
         raise NotPlain("tensor view that is not plain integers")
     if storage_offset < 0 or any(s < 0 for s in size):
         raise Malformed(f"a tensor view with a negative offset or size ({storage_offset}, {list(size)})")
@@ -220,10 +235,9 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     """Dtypes without a legacy storage class (float8, uint16/32/64): an untyped storage plus the dtype."""
     if not isinstance(storage, Storage) or storage.dtype is not None or not isinstance(dtype, DType):
         raise NotPlain("_rebuild_tensor_v3 without an untyped storage and a dtype")
-    if storage.numel % dtype.itemsize:
-        raise NotPlain(f"untyped storage of {storage.numel} bytes holds no whole {dtype.name} elements")
     _plain_view(backward_hooks, metadata)
     _grad_ok(dtype, requires_grad)
+    # the view must fit in the storage's whole elements (its bytes are checked against the record by size)
     return _view(Storage(storage.key, dtype, storage.numel // dtype.itemsize), storage_offset, size, stride)
 
 
@@ -247,11 +261,13 @@ def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset=0, layout
                               requires_grad=False) -> Wrapper:
     if cls is not DTensor or not isinstance(dtype, DType):
         raise NotPlain("unknown tensor subclass")
-    if layout not in (None, "torch.strided") or not (isinstance(device, tuple) and device and type(device[0]) is str):
+    if layout not in (None, "torch.strided") or type(device) is not Device:
         raise Malformed("a DTensor whose layout or device is not one")
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(type(x) is int and x >= 0 for x in (*size, *stride))):
         raise Malformed(f"a DTensor whose shape {str(size)[:40]} or stride {str(stride)[:40]} is not whole numbers")
+    if not (_int64s(storage_offset, *size, *stride) and _numel_ok(size)):
+        raise NotPlain("a DTensor offset, shape or stride that is no C int64")  # torch.load refuses it, and says why
     _grad_ok(dtype, requires_grad)
     return Wrapper(cls, dtype, size, stride)
 
@@ -270,11 +286,18 @@ def _size(*args):
     return tuple(*args)
 
 
+class Device(tuple):
+    """torch.device's arguments, told apart from the tuple a torch.Size decodes to (torch.load refuses a Size where a
+    device belongs)."""
+
+    __slots__ = ()
+
+
 def _device(*args):
     """torch.device(type[, index]) as torch builds it: a device type torch knows, else torch.load refuses."""
     if not args or type(args[0]) is not str or not _DEVICE.match(args[0]) or ":" in args[0] and len(args) > 1:
         raise Malformed(f"a tensor on an unknown device {str(args)[:40]}")
-    return args
+    return Device(args)
 
 
 def _get_layout(name):
@@ -408,6 +431,66 @@ class MeshView:
     def __init__(self, spec: DTensorSpec):
         self.placements, self.device_mesh = spec.placements, spec.mesh
 
+
+
+class _Stub:
+    """Whatever a pickle builds, where only its storage keys are wanted: takes any arguments and state, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
+        return _Stub()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StorageReader(pickle._Unpickler):
+    """The storages of every persistent id, in the order the pickle first names them; every other global is a stub.
+    Python's pure-Python unpickler: its memo is a dict, which no index in the file can make huge."""
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file)
+        self.storages: dict[str, tuple[DType | None, int]] = {}
+
+    def _proto(self: Any) -> None:
+        """torch's unpickler takes any protocol number; Python's refuses those it does not know."""
+        self.read(1)
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.PROTO[0]: _proto}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGES:
+            return _STORAGES[name]
+        return _UntypedStorage if (module, name) == ("torch.storage", "UntypedStorage") else _Stub
+
+    def persistent_load(self, pid: Any) -> _Stub:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str \
+                and type(pid[4]) is int and (isinstance(pid[1], _StorageType) or pid[1] is _UntypedStorage):
+            self.storages.setdefault(pid[2], (pid[1].dtype if isinstance(pid[1], _StorageType) else None, pid[4]))
+        return _Stub()
+
+
+def named_storages(data: bytes) -> dict[str, tuple[DType | None, int]] | None:
+    """Every storage a pickle names (key -> dtype, numel), in the order it first names them, read without running
+    anything; None if the pickle cannot be read so."""
+    reader = _StorageReader(io.BytesIO(data))
+    try:
+        reader.load()
+    except (NotPlain, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, RecursionError, struct.error):
+        return None
+    return reader.storages
 
 
 def decode(data: bytes, *, memo: bool = False) -> Any | None:

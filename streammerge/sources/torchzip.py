@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +27,7 @@ _LOCAL = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
 CENTRAL_SIZE, LOCAL_SIZE = _CENTRAL.size, _LOCAL.size
 _MAX32 = 0xFFFFFFFF
 _MAX_VERSION = 10  # the newest file format version torch's reader reads (kMaxSupportedFileFormatVersion)
+REFUSED_FLAGS = 0x2061  # zip entries encrypted, patched or masked: torch's zip reader refuses them
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,17 @@ class Directory:
 
 
 def _bad(path: Path, why: str) -> CheckpointError:
-    return CheckpointError(f"{path}: truncated or corrupted rank file ({why}); "
-                           "copy it again from the node that saved it")
+    return CheckpointError(f"{path}: {_corrupted(why)}")
+
+
+def _corrupted(why: str) -> str:
+    return f"truncated or corrupted rank file ({why}); copy it again from the node that saved it"
+
+
+def on_one_disk(disk: int, cd_disk: int, count: int, on_disk: int) -> bool:
+    """An end record's disk fields as torch's zip reader (miniz) takes them: every entry on one disk, numbered 0
+    (or 1, as some writers number it)."""
+    return count == on_disk and ((disk | cd_disk) == 0 or (disk, cd_disk) == (1, 1))
 
 
 def read_central(path: str | Path) -> tuple[int, int, int, bytes]:
@@ -98,12 +108,16 @@ def read_central(path: str | Path) -> tuple[int, int, int, bytes]:
                     raise _bad(path, "zip64 end record missing")
             elif count == 0xFFFF or cd_size == _MAX32 or cd_offset == _MAX32:
                 raise _bad(path, "zip64 locator missing")
-            if count != on_disk or ((disk | cd_disk) != 0 and (disk, cd_disk) != (1, 1)):
+            if not on_one_disk(disk, cd_disk, count, on_disk):
                 raise _bad(path, "a zip split over several disks")
             if cd_size < count * CENTRAL_SIZE:
                 raise _bad(path, "central directory too small for its entries")
             if cd_offset + cd_size > size:
                 raise _bad(path, f"central directory past the end of the {size}-byte file")
+            f.seek(0)
+            if f.read(4) != b"PK\x03\x04":  # torch.load reads such a file as a legacy (pre-zip) torch.save file
+                raise _bad(path, "a zip that does not start at the file's first byte, which torch.load would "
+                                 "read as another format")
             f.seek(cd_offset)
             cd = f.read(cd_size)
     except OSError as e:
@@ -126,7 +140,7 @@ def read_directory(path: str | Path) -> Directory:
         (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, disk, _, attr, lho) = unpack(cd, pos)
         if sig != 0x02014B50 or disk != 0:
             raise _bad(path, "bad central directory entry")
-        if method != 0 or flags & 0x2061:  # encrypted, patched or masked: torch's zip reader refuses them too
+        if method != 0 or flags & REFUSED_FLAGS:
             raise UnsupportedLayoutError(f"{path}: compressed or encrypted zip entries are not supported; "
                                          "re-save the file with torch.save")
         try:
@@ -137,11 +151,11 @@ def read_directory(path: str | Path) -> Directory:
             usize, csize, lho = zip64_fields(cd[pos + CENTRAL_SIZE + nlen:pos + CENTRAL_SIZE + nlen + elen],
                                               usize, csize, lho)
         if attr & 0x10 or name.endswith("/"):  # torch's zip reader reads a directory entry as no bytes
-            raise _bad(path, f"record {name} is marked as a folder")
+            raise _bad(path, f"record {name!r} is marked as a folder")
         if csize != usize:  # a stored record is its own bytes: torch's zip reader refuses anything else
-            raise _bad(path, f"record {name} has a stored size {csize} and a size {usize}")
+            raise _bad(path, f"record {name!r} has a stored size {csize} and a size {usize}")
         if lho + LOCAL_SIZE + csize > size:
-            raise _bad(path, f"record {name} runs past the end of the file")
+            raise _bad(path, f"record {name!r} runs past the end of the file")
         starts.append(pos)
         names.append(name)
         offsets.append(lho)
@@ -150,27 +164,37 @@ def read_directory(path: str | Path) -> Directory:
         pos += CENTRAL_SIZE + nlen + elen + clen
         if pos > len(cd):
             raise _bad(path, "central directory entry runs past the directory")
-    folded: dict[str, str] = {}
-    for n in names:  # torch's zip reader (miniz) finds records ignoring case: a look-alike could be the one it reads
-        other = folded.get(n.lower())
-        if other is None:
-            folded[n.lower()] = n
-            continue
-        if other == n:
-            raise CheckpointError(f"{path}: two zip records named {n!r} (torch would read one, a copy tool another); "
-                                  "re-save the file with torch.save")
-        raise CheckpointError(f"{path}: two zip records named {other!r} and {n!r}, which torch's zip reader does "
-                              "not tell apart (it ignores case); re-save the file with torch.save")
     prefix = _prefix(path, names)
     cut = len(prefix)
-    for n in names:
-        own = n[cut:]
-        if own != own.lower() and (own.lower() in _TORCH_RECORDS or own.lower().startswith(("data/", ".data/"))):
-            raise CheckpointError(f"{path}: zip record {n!r} is named as torch.save never names it (torch's zip reader "
-                                  "would find it under its lower-case name); re-save the file with torch.save")
+    problem = names_problem(names, cut)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     return Directory(path=path, size=size, prefix=prefix, names=tuple(n[cut:] for n in names),
                      header_offsets=tuple(offsets), sizes=tuple(sizes), crcs=tuple(crcs),
                      central_offset=cd_offset, central_bytes=cd, entry_starts=tuple(starts))
+
+
+def names_problem(names: list[str], cut: int) -> str | None:
+    """Why torch's zip reader (miniz), which finds records ignoring case, could read another record than the one
+    named, or None: two names alike but for case, or a record torch.save names in lower case written otherwise.
+    `cut` is the length of the archive folder every name starts with."""
+    folded: dict[str, str] = {}
+    for n in names:
+        other = folded.get(n.lower())
+        if other is None:
+            folded[n.lower()] = n
+        elif other == n:
+            return f"two zip records named {n!r} (torch would read one, a copy tool another); re-save the file with " \
+                   "torch.save"
+        else:
+            return (f"two zip records named {other!r} and {n!r}, which torch's zip reader does not tell apart (it "
+                    "ignores case); re-save the file with torch.save")
+    for n in names:
+        own = n[cut:]
+        if own != own.lower() and (own.lower() in _TORCH_RECORDS or own.lower().startswith(("data/", ".data/"))):
+            return (f"zip record {n!r} is named as torch.save never names it (torch's zip reader would find it under "
+                    "its lower-case name); re-save the file with torch.save")
+    return None
 
 
 def zip64_fields(extra: bytes, usize: int, csize: int, lho: int) -> tuple[int, int, int]:
@@ -217,13 +241,13 @@ def data_offsets(d: Directory, indices: list[int] | range | None = None) -> dict
             lho = d.header_offsets[i]
             head = os.pread(fd, LOCAL_SIZE, lho)
             if len(head) < LOCAL_SIZE:
-                raise _bad(d.path, f"record {d.names[i]} cut short")
+                raise _bad(d.path, f"record {d.names[i]!r} cut short")
             sig, *_, nlen, elen = _LOCAL.unpack(head)
             if sig != 0x04034B50:
-                raise _bad(d.path, f"bad local header for {d.names[i]}")
+                raise _bad(d.path, f"bad local header for {d.names[i]!r}")
             start = lho + LOCAL_SIZE + nlen + elen
             if start + d.sizes[i] > d.central_offset:
-                raise _bad(d.path, f"record {d.names[i]} runs past the end of the file's records")
+                raise _bad(d.path, f"record {d.names[i]!r} runs past the end of the file's records")
             out[i] = start
     finally:
         os.close(fd)
@@ -241,39 +265,50 @@ _TORCH_RECORDS = {"byteorder", "version", "data.pkl", ".storage_alignment"}
 
 
 def check_torch_records(d: Directory) -> None:
-    """The small records torch's reader parses: a version and an alignment that are numbers, and a byteorder.
+    """The small records torch's reader parses (see `torch_records_problem`), read CRC-checked where it matters."""
+    def read(name: str) -> bytes | None:
+        return read_record(d, name, check_crc=name == "byteorder") if d.has(name) else None
+    problem = torch_records_problem(read)
+    if problem is not None:
+        raise problem[0](f"{d.path}: {problem[1]}")
+
+
+def torch_records_problem(read: Callable[[str], bytes | None]) -> tuple[type[CheckpointError], str] | None:
+    """Why torch.load would refuse a torch zip, from the small records its reader parses: a version and an
+    alignment that are numbers, a serialization id that is text, and a byteorder; None if they are fine.
+    `read` gives a record's bytes by name (without the archive folder), None where there is none.
 
     A file saved big-endian is refused: its tensor bytes would need swapping, which the byte-copying writer
     never does. A file without the byteorder record is little-endian, as torch.load assumes by default.
     """
-    version = ".data/version" if d.has(".data/version") else "version"  # torch's reader asks in this order
-    if not d.has(version):
-        raise CheckpointError(f"{d.path}: the zip has no version record (torch.load refuses it); "
-                              "copy the file again from the node that saved it")
-    for name in (version, ".storage_alignment"):  # records torch's reader parses as numbers
-        if d.has(name):
-            text = read_record(d, name, check_crc=False)
-            try:
-                number = int(text)
-            except ValueError:
-                raise _bad(d.path, f"record {name} holds {text[:20]!r}, not a number") from None
-            if name == version and not 1 <= number <= _MAX_VERSION:
-                raise CheckpointError(f"{d.path}: file format version {number}, outside the 1-{_MAX_VERSION} "
-                                      "torch.load reads; re-save the file with torch.save")
-    if d.has(".data/serialization_id"):
+    version_name = ".data/version"  # torch's reader asks in this order
+    version = read(version_name)
+    if version is None:
+        version_name, version = "version", read("version")
+    if version is None:
+        return CheckpointError, ("the zip has no version record (torch.load refuses it); copy the file again from "
+                                 "the node that saved it")
+    for name, text in ((version_name, version), (".storage_alignment", read(".storage_alignment"))):  # numbers
+        if text is None:
+            continue
         try:
-            read_record(d, ".data/serialization_id", check_crc=False).decode("utf-8")
-        except UnicodeDecodeError:
-            raise _bad(d.path, "record .data/serialization_id is not text") from None
-    if "byteorder" not in d.names:
-        return
-    order = read_record(d, "byteorder")
-    if order == b"little":
-        return
+            number = int(text)
+        except ValueError:
+            return CheckpointError, _corrupted(f"record {name} holds {text[:20]!r}, not a number")
+        if name == version_name and not 1 <= number <= _MAX_VERSION:
+            return CheckpointError, (f"file format version {number}, outside the 1-{_MAX_VERSION} torch.load reads; "
+                                     "re-save the file with torch.save")
+    try:
+        (read(".data/serialization_id") or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return CheckpointError, _corrupted("record .data/serialization_id is not text")
+    order = read("byteorder")
+    if order is None or order == b"little":
+        return None
     if order == b"big":
-        raise UnsupportedLayoutError(f"{d.path}: saved on a big-endian machine (its byteorder record says 'big'); "
-                                     "load and re-save it with torch.save on a little-endian machine")
-    raise CheckpointError(f"{d.path}: unknown byteorder record {order[:20]!r} (torch.load refuses it too)")
+        return UnsupportedLayoutError, ("saved on a big-endian machine (its byteorder record says 'big'); load and "
+                                        "re-save it with torch.save on a little-endian machine")
+    return CheckpointError, f"unknown byteorder record {order[:20]!r} (torch.load refuses it too)"
 
 
 def read_record(d: Directory, name: str, *, check_crc: bool = True) -> bytes:
