@@ -24,7 +24,6 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from ckpt_tools import run_together
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -904,10 +903,13 @@ def test_torchrun_merge_equals_one_process(qwen_dcp: Path, tmp_path: Path) -> No
         env.pop(k, None)
     opts = ["--max-shard-size", "50KB", "--no-progress"]
     one, two = tmp_path / "one", tmp_path / "two"
-    for r in run_together([sys.executable, "-m", "streammerge", str(qwen_dcp), str(one), *opts],
-                          [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "streammerge", str(qwen_dcp), str(two), *opts], env=env):
-        assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "streammerge", str(qwen_dcp), str(one), *opts], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", "streammerge", str(qwen_dcp), str(two), *opts], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
 
     def files(d: Path) -> dict[str, bytes]:
         return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*")

@@ -750,21 +750,18 @@ def test_cli_token_that_cannot_write_there_is_refused_before_merging(hub, make_c
 
 def test_cli_repo_id_or_branch_the_hub_refuses_is_refused_before_merging(hub, make_ckpt, tmp_path):
     """Found after the whole merge, these ended in exit 4 with 'run the same push again' advice that cannot help."""
-    targets = (["--repo-id", "alice/my model"], ["--repo-id", "a/b/c"], ["--repo-id", "m.git"],
-               ["--repo-id", "tiny", "--revision", "a..b"], ["--repo-id", "tiny", "--revision", "0" * 40],
-               ["--repo-id", "alice/m", "--organization", "acme"])
+    for i, args in enumerate((["--repo-id", "alice/my model"], ["--repo-id", "a/b/c"], ["--repo-id", "m.git"],
+                              ["--repo-id", "tiny", "--revision", "a..b"],
+                              ["--repo-id", "tiny", "--revision", "0" * 40],
+                              ["--repo-id", "alice/m", "--organization", "acme"])):
+        out = tmp_path / f"out-{i}"
+        proc = cli([make_ckpt(), out, "--push", *args, "--no-optimizer"], hub)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert not out.exists() and not hub.repos
     run = tmp_path / "run"  # watch refuses at once too, rather than logging a traceback at every look
     shutil.copytree(make_ckpt().parents[1], run)
-    *merges, watched = run_together(
-        *(cli_command([make_ckpt(), tmp_path / f"out-{i}", "--push", *args, "--no-optimizer"])
-          for i, args in enumerate(targets)),
-        cli_command(["watch", run, "--push", "--repo-id", "alice/m", "--organization", "acme", "--once"]),
-        env=cli_env(hub), cwd=ROOT, timeout=120)
-    for i, (args, proc) in enumerate(zip(targets, merges)):
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
-        assert not (tmp_path / f"out-{i}").exists()
-    assert not hub.repos
-    assert watched.returncode == 2 and "another namespace" in watched.stderr and "Traceback" not in watched.stderr
+    proc = cli(["watch", run, "--push", "--repo-id", "alice/m", "--organization", "acme", "--once"], hub)
+    assert proc.returncode == 2 and "another namespace" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unknown_key_in_hf_upload_is_an_error_naming_the_closest_key(hub, make_ckpt, tmp_path):
