@@ -2,12 +2,13 @@
 
 The checkpoints themselves come from `streammerge.testing` (`rankfiles.write_rank_files`: any
 placement on any mesh in one process; `synthetic`: real FSDP2 runs, the `make_ckpt` fixture); this
-module copies them, edits single rank files and snapshots folders.
+module copies them, edits single rank files and snapshots folders, and runs independent CLI processes at once.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import torch.distributed.tensor  # noqa: F401
 from streammerge.testing.rankfiles import Spec, coordinate, device_mesh, local_piece, write_rank_files
 
 REPO = Path(__file__).resolve().parents[1]
-__all__ = ["REPO", "Spec", "coordinate", "copy_actor", "device_mesh", "local_piece", "rewrite_rank", "snapshot",
-           "tree_bytes", "write_rank_files"]
+__all__ = ["REPO", "Spec", "coordinate", "copy_actor", "device_mesh", "local_piece", "rewrite_rank", "run_together",
+           "snapshot", "tree_bytes", "write_rank_files"]
 
 
 def copy_actor(src: Path, dst: Path, *, optimizer: bool = False) -> Path:
@@ -69,3 +70,19 @@ def diverge(path: Path, prefix: str) -> str:
     local.view(-1)[-1] += 1.0
     torch.save(sd, path)
     return name
+
+
+def run_together(*commands: list[str], timeout: float = 300, **popen) -> list[subprocess.CompletedProcess]:
+    """`subprocess.run` of independent commands, all started at once: the test only waits, so the CLI processes share
+    the cores instead of taking turns (each pays for its interpreter and imports). Output is captured as text."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for command in commands:
+            procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen))
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import transformers
+from ckpt_tools import run_together
 from safetensors.torch import load_file
 
 import streammerge
@@ -486,18 +487,20 @@ def test_the_verify_command_asks_a_child_process_and_exits_1_on_a_config_of_anot
     shutil.copytree(good, bad)
     _replace_config(bad, {**json.loads((bad / "config.json").read_text()), "num_key_value_heads": 4})
     env = dict(os.environ, PYTHONPATH=str(REPO), STREAMMERGE_CACHE=str(tmp_path / "cli_cache"))
+
+    def verify(*folders: Path) -> list[subprocess.CompletedProcess]:
+        return run_together(*([sys.executable, "-m", "streammerge", "verify", str(f)] for f in folders), env=env)
+
+    first, refused = verify(good, bad)  # two configs: a child each, side by side
     hows = []
-    for folder, code in [(good, 0), (good, 0), (bad, 1)]:
-        proc = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(folder)], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == code, proc.stdout + proc.stderr
-        if code == 0:
-            line = next(ln for ln in proc.stdout.splitlines() if "note: architecture: Qwen2ForCausalLM" in ln)
-            hows.append(line.split("has exactly these tensor names and shapes (", 1)[1])
-        else:
-            fails = [ln for ln in proc.stdout.splitlines() if ln.startswith("  FAIL ")]
-            assert len(fails) == 1 and "k_proj.weight is [16, 32] in the folder, [32, 32] in the model" in fails[0], \
-                proc.stdout
+    for proc in (first, *verify(good)):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        line = next(ln for ln in proc.stdout.splitlines() if "note: architecture: Qwen2ForCausalLM" in ln)
+        hows.append(line.split("has exactly these tensor names and shapes (", 1)[1])
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    fails = [ln for ln in refused.stdout.splitlines() if ln.startswith("  FAIL ")]
+    assert len(fails) == 1 and "k_proj.weight is [16, 32] in the folder, [32, 32] in the model" in fails[0], \
+        refused.stdout
     assert hows[0].startswith("asked a child process: ") and hows[1] == "answer cached)", hows
 
 

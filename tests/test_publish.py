@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from ckpt_tools import copy_actor, diverge, rewrite_rank
+from ckpt_tools import copy_actor, diverge, rewrite_rank, run_together
 from hubserver import FINE_TOKEN, ORG_READER_TOKEN, OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN, HubServer
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -67,12 +67,20 @@ def completed_puts(hub: HubServer, since: int = 0) -> Counter:
                    and e.status == 200)
 
 
+def cli_env(hub: HubServer, token: str = WRITE_TOKEN) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": token, "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def cli_command(args: list) -> list[str]:
+    return [sys.executable, "-m", "streammerge", *map(str, args)]
+
+
 def cli(args: list[str], hub: HubServer, token: str = WRITE_TOKEN, wait: bool = True, quiet_hf: bool = True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": token, "HF_ENDPOINT": hub.endpoint,
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = cli_env(hub, token)
     if not quiet_hf:  # huggingface_hub's own progress bars as a user gets them
         env.pop("HF_HUB_DISABLE_PROGRESS_BARS")
-    cmd = [sys.executable, "-m", "streammerge", *map(str, args)]
+    cmd = cli_command(args)
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -237,12 +245,11 @@ def test_cli_merge_failing_after_its_first_upload_removes_the_repo_and_branch_it
     main_before = hub.repo("alice/kept").branches["main"]
     code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000)); "
             "sys.argv[0] = 'streammerge'; runpy.run_module('streammerge', run_name='__main__')")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": WRITE_TOKEN, "HF_ENDPOINT": hub.endpoint,
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    for n, extra in enumerate((["--repo-id", "tiny"], ["--repo-id", "alice/kept", "--revision", "step-2"])):
-        proc = subprocess.run([sys.executable, "-c", code, str(make_ckpt()), str(tmp_path / f"out{n}"), "--push",
-                               "--max-shard-size", SHARD, "--optimizer-format", "torch", "--workers", "1", *extra],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    targets = (["--repo-id", "tiny"], ["--repo-id", "alice/kept", "--revision", "step-2"])
+    runs = run_together(*([sys.executable, "-c", code, str(make_ckpt()), str(tmp_path / f"out{n}"), "--push",
+                           "--max-shard-size", SHARD, "--optimizer-format", "torch", "--workers", "1", *extra]
+                          for n, extra in enumerate(targets)), env=cli_env(hub), cwd=ROOT, timeout=120)
+    for n, proc in enumerate(runs):
         assert proc.returncode == 2 and "optimizer.pt: write failed" in proc.stderr, proc.stderr
         assert (tmp_path / f"out{n}" / "model-00001-of-00003.safetensors").is_file()
     assert [e.status for e in hub.requests("POST", r"^/api/repos/create$")] == [200]  # made for the first file
@@ -832,15 +839,17 @@ def test_push_with_verify_commits_nothing_when_verify_fails(hub, make_ckpt, tmp_
     and the exit code is verify's 1."""
     ckpt = copy_actor(make_ckpt(world_size=4, mesh=(2, 2)), tmp_path / "actor")
     diverge(ckpt / "model_world_size_4_rank_2.pt", "model.layers.0.")
-    proc = cli([ckpt, tmp_path / "out", "--push", "--repo-id", "tiny", "--verify", "--no-optimizer"], hub)
+    config = tmp_path / "train.yaml"
+    config.write_text("hf_upload:\n  enabled: false\n")
+    proc, unpushed = run_together(
+        cli_command([ckpt, tmp_path / "out", "--push", "--repo-id", "tiny", "--verify", "--no-optimizer"]),
+        cli_command([ckpt, tmp_path / "out2", "--config", config, "--verify", "--no-optimizer"]),
+        env=cli_env(hub), cwd=ROOT, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "differ from its replica" in proc.stdout and "push failed: verify found 1 problem(s): nothing committed" \
         in proc.stdout, proc.stdout
     assert not hub.requests("POST", r"/commit/") and not hub.repos
-    config = tmp_path / "train.yaml"
-    config.write_text("hf_upload:\n  enabled: false\n")
-    proc = cli([ckpt, tmp_path / "out2", "--config", config, "--verify", "--no-optimizer"], hub)
-    assert proc.returncode == 1 and "differ from its replica" in proc.stdout, proc.stdout + proc.stderr
+    assert unpushed.returncode == 1 and "differ from its replica" in unpushed.stdout, unpushed.stdout + unpushed.stderr
     proc = cli([make_ckpt(), tmp_path / "out3", "--push", "--repo-id", "tiny", "--verify", "--no-optimizer"], hub)
     assert proc.returncode == 0 and ": OK (" in proc.stdout and "pushed to" in proc.stdout, proc.stdout
 

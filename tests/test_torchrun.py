@@ -183,7 +183,7 @@ def test_a_host_that_dies_before_the_others_meet_it_stops_them_in_one_line(ckpt,
     """Host 1's rank stops before the process group exists (here: a bad option): another host's agent does not stop
     host 0's rank, which must not wait the writers' day-long barrier timeout, and says why in one line."""
     ends = _torchrun_hosts(ckpt, tmp_path / "out", tmp_path / "logs", hosts=2, nproc=1,
-                           host_opts=([], ["--dtype", "nonsense"]), env={"STREAMMERGE_TORCHRUN_STARTUP_S": "10"})
+                           host_opts=([], ["--dtype", "nonsense"]), env={"STREAMMERGE_TORCHRUN_STARTUP_S": "3"})
     code, err = ends[0].split("\n", 1)
     lines = [ln for ln in err.splitlines() if ln.startswith("streammerge:")]
     assert code != "0" and len(lines) == 1, ends

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_tools import REPO, copy_actor, diverge, write_rank_files
+from ckpt_tools import REPO, copy_actor, diverge, run_together, write_rank_files
 from fixture_paths import VERL_CASES as FIXTURES
 from torch.distributed.tensor import Replicate, Shard
 
@@ -253,9 +253,10 @@ def test_the_verify_process_prints_its_whole_report_and_exits_with_its_code(merg
     shutil.copytree(good, out)
     shards(out)[0].write_bytes(b"")  # several failures: the file's own, and the index's about it
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"PYTHONPATH": str(REPO)}
-    for folder, code in [(good, 0), (out, 1)]:
-        r = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(folder), str(ckpt)], cwd=REPO,
-                           capture_output=True, text=True, env=env, timeout=300)
+    cases = [(good, 0), (out, 1)]
+    runs = run_together(*([sys.executable, "-m", "streammerge", "verify", str(f), str(ckpt)] for f, _ in cases),
+                        cwd=REPO, env=env)
+    for (folder, code), r in zip(cases, runs):
         report = streammerge.verify(folder, ckpt)
         assert r.returncode == code, r.stderr
         assert r.stdout == report.summary() + "\n"
@@ -430,7 +431,7 @@ def test_verify_reads_in_bounded_memory(tmp_path):
     the longer tensor (cold files: about 13 MiB more, and the same for a 512 MB tensor)."""
     # VmHWM, not ru_maxrss: ru_maxrss survives exec, so this child would start at this test process's peak
     hwm = "next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))"
-    grown = {}
+    commands = {}
     for rows in (2048, 8192):
         g = torch.Generator().manual_seed(0)
         ckpt = write_rank_files(tmp_path / f"actor{rows}", {"w": (torch.randn(rows, 4096, generator=g), [Shard(1)])},
@@ -447,8 +448,10 @@ def test_verify_reads_in_bounded_memory(tmp_path):
                 f"r = streammerge.verify({str(out)!r}, {str(ckpt)!r}, chunk_size='512KiB')\n"
                 "assert r.ok, r.summary()\n"
                 f"print({hwm} - before)\n")
-        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                           capture_output=True, text=True, timeout=120)
+        commands[rows] = [sys.executable, "-c", code]
+    grown = {}
+    runs = run_together(*commands.values(), cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    for rows, r in zip(commands, runs):  # each its own peak (VmHWM), so side by side
         assert r.returncode == 0, r.stderr
         grown[rows] = int(r.stdout.strip().splitlines()[-1])
     print(f"verify grew peak RSS by {grown[2048] / 2**20:.1f} MiB (32 MB tensor), "
