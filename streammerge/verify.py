@@ -45,7 +45,7 @@ from .options import CHECKSUMS, LORA_MODES, MergeOptions, parse_size
 from .paths import user_path
 from .plan import FilePlan, Piece, Plan, TensorPlan
 from .sources import Source, open_checkpoint
-from .sources.base import Oracle, bytes_rows, open_checkpoint_file, row_major
+from .sources.base import Oracle, bytes_rows, open_checkpoint_file, pread_into, row_major
 from .sources.hf import INDEX, SINGLE
 from .sources.lora import ADAPTER_CONFIG
 from .sources.verl_oracle import zip_records
@@ -1167,7 +1167,7 @@ def _compare_with_oracle(rel: str, header: _Header, entry: _Entry, t: TensorPlan
             want = _expected(t, box, oracle, scratch).contiguous().reshape(-1).view(torch.uint8)
             first = sum(lo * st for (lo, _), st in zip(box, strides))
             got = scratch.buffer("got", want.numel())
-            if not _pread_into(out_file.fileno(), got, header.data_start + entry.begin + first * isz):
+            if not pread_into(out_file.fileno(), got, header.data_start + entry.begin + first * isz):
                 report.fail(f"{rel}: tensor {t.name!r}: the file ends inside its data")
                 return
             report.bytes_read += 2 * len(got)
@@ -1299,7 +1299,7 @@ class _Sources:
 
     def read(self, path: str, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
-        if not _pread_into(self.fd(path), memoryview(buf), offset):
+        if not pread_into(self.fd(path), memoryview(buf), offset):
             raise OSError(f"{path}: ends before byte {offset + length}")
         return buf
 
@@ -1341,17 +1341,6 @@ def _storage_order(p: Piece) -> tuple[int, ...]:
     return tuple(sorted(range(len(p.shape)), key=lambda d: (-p.stride[d], d)))
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> bool:
-    """Fill `view` from the file at `offset`; False when the file ends first."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            return False
-        done += n
-    return True
-
-
 def _read_box(fd: int, base: int, shape: tuple[int, ...], lo: tuple[int, ...], sizes: tuple[int, ...],
               dtype: torch.dtype, limit: int) -> torch.Tensor | None:
     """A box of a row-major tensor stored at `base`: one read when its span is small, else one read per run."""
@@ -1364,7 +1353,7 @@ def _read_box(fd: int, base: int, shape: tuple[int, ...], lo: tuple[int, ...], s
     box_bytes = math.prod(sizes) * isz
     if span <= max(limit, 2 * box_bytes):
         raw = bytearray(span)
-        if not _pread_into(fd, memoryview(raw), base + first * isz):
+        if not pread_into(fd, memoryview(raw), base + first * isz):
             return None
         flat = torch.frombuffer(raw, dtype=torch.uint8)
         box = flat.as_strided(sizes + (isz,), tuple(st * isz for st in strides) + (1,))
@@ -1375,7 +1364,7 @@ def _read_box(fd: int, base: int, shape: tuple[int, ...], lo: tuple[int, ...], s
     view, pos = memoryview(out), 0
     for idx in itertools.product(*(range(a, a + n) for a, n in zip(lo[:k], sizes[:k]))):
         offset = sum(i * st for i, st in zip(idx, strides)) + lo[k] * strides[k]
-        if not _pread_into(fd, view[pos:pos + run], base + offset * isz):
+        if not pread_into(fd, view[pos:pos + run], base + offset * isz):
             return None
         pos += run
     return torch.frombuffer(out, dtype=torch.uint8).view(dtype).view(sizes)

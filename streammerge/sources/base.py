@@ -62,6 +62,17 @@ def _raise_open_files_limit() -> bool:
         return False
 
 
+def pread_into(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill `view` from the file at `offset`; False when the file ends first."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            return False
+        done += n
+    return True
+
+
 def no_readahead(fd: int) -> int:
     """Keep the kernel from reading ahead on `fd`, and return it.
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .base import Oracle
+from .base import Oracle, pread_into
 from .picklescan import oversized_memo
 
 Box = tuple[tuple[int, int], ...]
@@ -248,12 +248,8 @@ def _read_span(path: Path, storage: int, view: Any) -> Any:
     buf = bytearray(count * isz)
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(buf):
-            n = os.preadv(fd, [memoryview(buf)[done:]], storage + first * isz + done)
-            if n == 0:
-                raise CheckpointError(f"{path}: ends inside a stored tensor (truncated after torch saved it?)")
-            done += n
+        if not pread_into(fd, memoryview(buf), storage + first * isz):
+            raise CheckpointError(f"{path}: ends inside a stored tensor (truncated after torch saved it?)")
     finally:
         os.close(fd)
     return torch.frombuffer(buf, dtype=view.dtype).as_strided(tuple(view.shape), tuple(view.stride()))
