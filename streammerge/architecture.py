@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +47,11 @@ from typing import Any
 from .errors import ConfigError
 from .model_folder import DTYPE_KEYS, GENERATION_CONFIG, legacy_buffers
 
-CHECK_VERSION = 2  # 2: the answer covers generation_config.json too
+CHECK_VERSION = 3  # 2: the answer covers generation_config.json too; 3: and what transformers keeps in float32
 TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the child (default 300)
 DISABLE_ENV = "STREAMMERGE_ARCH_CHECK"  # "0": skip the check (with a warning)
 CACHE_ENV = "STREAMMERGE_CACHE"
+FLOAT32_LINE = b"float32 "  # the child's early line: float32_rules, before it asks for the weights' names
 IO_ENV = "STREAMMERGE_ARCH_IO"  # "idle": this process reads in the idle I/O class while the child imports (opt-in)
 Shapes = Mapping[str, tuple[int, ...]]
 # What loads a config.json that names no architectures (transformers maps its model_type): the first that has a class
@@ -59,8 +60,8 @@ AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoMode
 
 # ---------------------------------------------------------------- in the child (or in-process): ask transformers
 
-def describe(config: Mapping[str, Any], names: Any = None,
-             generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def describe(config: Mapping[str, Any], names: Any = None, generation: Mapping[str, Any] | None = None,
+             early: Any = None) -> dict[str, Any]:
     """What transformers builds from `config`: {"models": [...]}, {"skip": why} or {"refuse": why} (transformers
     refuses the config, or `generation`, the generation_config.json written beside it: then "file" names it).
     Imports torch and transformers.
@@ -69,7 +70,8 @@ def describe(config: Mapping[str, Any], names: Any = None,
     state_dict names them where that differs: transformers loads both), `optional` (tied copies and buffers:
     their absence loads the same model), and the class's ignore patterns. The config's own class comes first,
     then (a config that is no token classifier) the same model as veRL's critic: <Type>ForTokenClassification
-    with one label.
+    with one label. `fp32` holds `float32_rules` of the config's own class, given to `early` as soon as that model
+    is built (the merge's plan may wait for it; the weights' names come later).
     """
     import logging
 
@@ -77,12 +79,13 @@ def describe(config: Mapping[str, Any], names: Any = None,
     level = log.level
     log.setLevel(logging.ERROR)  # its warnings about the config are not the merge's; the caller's level comes back
     try:
-        return _describe(config, names, generation)
+        return _describe(config, names, generation, early)
     finally:
         log.setLevel(level)
 
 
-def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, Any] | None = None,
+              early: Any = None) -> dict[str, Any]:
     import copy
     import warnings
 
@@ -127,7 +130,8 @@ def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, An
         critic = copy.deepcopy(cfg)
         critic.num_labels = 1
         builders.append((transformers.AutoModelForTokenClassification, critic))
-    models = []
+    models: list[dict] = []
+    rules: dict[str, Any] = {}
     for i, (cls, c) in enumerate(builders):
         try:
             with torch.device("meta"), warnings.catch_warnings():
@@ -145,12 +149,87 @@ def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, An
                 skip = isinstance(e, ImportError) or "meta" in str(e).lower()
                 return {"skip" if skip else "refuse": why, "transformers": transformers.__version__}
             continue
+        if i == 0:
+            rules = float32_rules(model)
+            if early is not None:
+                early(rules)
         entry = _model_names(model)
         if callable(names):
             names = names()
         entry["loads_as"] = _loads_as(model, names or [])
         models.append(entry)
-    return {"transformers": transformers.__version__, "models": models}
+    return {"transformers": transformers.__version__, "models": models, "fp32": rules}
+
+
+def float32_rules(model: Any) -> dict[str, Any]:
+    """What transformers keeps in float32 when it loads `model` in half precision, and how it matches the names:
+    `strict` for bfloat16 and float16 (routers' gates and score biases of DeepSeek-V3, GLM-4.5, ...), `float16` for
+    float16 alone; `match` "search" (transformers 5: a regular expression anywhere in the name, `*` for any run)
+    or "module" (transformers 4: a whole part of the dotted name)."""
+    import transformers
+
+    def patterns(attr: str) -> list[str]:
+        value = getattr(model, attr, None)
+        return sorted({str(p) for p in value}) if isinstance(value, (list, tuple, set, frozenset)) else []
+
+    major = int(re.match(r"\d+", transformers.__version__).group())  # type: ignore[union-attr]
+    return {"strict": patterns("_keep_in_fp32_modules_strict"), "float16": patterns("_keep_in_fp32_modules"),
+            "match": "search" if major >= 5 else "module"}
+
+
+def kept_in_float32(names: Iterable[str], rules: Mapping[str, Any], dtype: str) -> set[str]:
+    """Of `names`, those transformers loads in float32 into a model loaded in `dtype` (`float32_rules`): the names
+    it matches as its loader does. An answer it could not have given (a pattern that is no regular expression)
+    matches nothing."""
+    found = list(rules.get("strict") or ()) if dtype in ("bfloat16", "float16") else []
+    if dtype == "float16":
+        found += list(rules.get("float16") or ())
+    if not found or not all(isinstance(p, str) for p in found):
+        return set()
+    if rules.get("match") == "module":
+        alternatives = [rf"((^|\.){p}($|\.))" for p in found]
+    else:
+        alternatives = [f"(?:{p.replace('*', '.*')})" for p in found]
+    try:
+        rx = re.compile("|".join(alternatives))
+    except re.error:
+        return set()
+    return {n for n in names if rx.search(n)}
+
+
+def names_float32(config: Mapping[str, Any], dtype: str) -> bool:
+    """Whether transformers' own modeling code for this config's model types (its sub-configs' too) names modules it
+    keeps in float32 for `dtype`: read as text, nothing imported. Where it does, the plan waits for transformers'
+    answer; where it does not, it need not (the check's answer says so again, and a difference is warned of)."""
+    if dtype not in ("bfloat16", "float16"):
+        return False
+    attr = "_keep_in_fp32_modules_strict" if dtype == "bfloat16" else "_keep_in_fp32_modules"
+    try:
+        spec = importlib.util.find_spec("transformers")
+    except (ImportError, ValueError):
+        return False
+    roots = list(spec.submodule_search_locations or ()) if spec is not None else []
+    if not roots:
+        return False
+    types: set[str] = set()
+    stack: list[Any] = [config]
+    while stack:
+        part = stack.pop()
+        if isinstance(part, Mapping):
+            if isinstance(part.get("model_type"), str):
+                types.add(part["model_type"])
+            stack.extend(v for v in part.values() if isinstance(v, Mapping))
+    for kind in types:
+        folder = Path(roots[0]) / "models" / kind.replace("-", "_")
+        if not re.fullmatch(r"\w+", folder.name):
+            continue
+        for path in folder.glob("modeling_*.py"):
+            try:
+                if attr in path.read_text(encoding="utf-8", errors="replace"):
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def _loads_as(model: Any, names: list[str]) -> dict[str, list]:
@@ -224,11 +303,16 @@ def child_main() -> None:
     try:
         asked = json.loads(sys.stdin.buffer.readline())
         answer = describe(asked["config"], lambda: json.loads(sys.stdin.buffer.readline() or b"[]"),
-                          asked.get("generation"))
+                          asked.get("generation"), early=_say_float32)
     except Exception as e:
         answer = {"skip": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
     answer["rss"] = _own_peak()
     sys.stdout.write("\n" + json.dumps(answer) + "\n")
+    sys.stdout.flush()
+
+
+def _say_float32(rules: Mapping[str, Any]) -> None:
+    sys.stdout.write(FLOAT32_LINE.decode() + json.dumps(rules) + "\n")
     sys.stdout.flush()
 
 
@@ -285,6 +369,23 @@ class ArchCheck:
     seconds: float = 0.0
     _yield: Any = None  # ioprio.Yield while the child imports
     io_note: str | None = None  # why this process could not step aside on the disk
+    _float32: dict | None = None  # the child's early answer (float32_rules)
+    _float32_ready: threading.Event = field(default_factory=threading.Event)
+
+    def float32(self, dtype: str) -> dict[str, Any] | None:
+        """transformers' `float32_rules` for the config's model, which the plan needs before any byte is written:
+        cached, or asked (in this process, or of the child, waited for) where transformers' own code for the model
+        names such modules for `dtype` at all. None where it cannot be told (the check will skip)."""
+        cached = _cached_float32(self.asked())
+        if cached is not None or not names_float32(self.config, dtype):
+            return cached
+        if self.how == "in-process":
+            return _safe_describe(self.config, [], self.generation).get("fp32")
+        if self._thread is None:  # deferred: a cached config whose answers all predate the float32 rules
+            return None
+        if not self._float32_ready.wait(_timeout()):
+            return None
+        return self._float32
 
     def ready(self, names: list[str]) -> bool:
         """Whether `result` answers without waiting: in-process, cached, or the child has answered. The first call
@@ -591,6 +692,16 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
             check._pid = int(first)
         else:
             check._out = first
+        try:  # the float32 rules come once the model is built, before the child asks for the names
+            for line in iter(proc.stdout.readline, b""):
+                if line.startswith(FLOAT32_LINE):
+                    with contextlib.suppress(ValueError):
+                        rules = json.loads(line[len(FLOAT32_LINE):])
+                        check._float32 = rules if isinstance(rules, dict) else None
+                    break
+                check._out += line
+        finally:
+            check._float32_ready.set()
         check._names_ready.wait()
         try:
             proc.stdin.write(json.dumps(check._names or []).encode() + b"\n")
@@ -645,6 +756,28 @@ def _cached_config(asked: Mapping[str, Any]) -> bool:
         return key is not None and any(_cache_dir().glob(f"{key}-*.json"))
     except OSError:
         return False
+
+
+def cached_float32(config: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> dict | None:
+    """`float32_rules` for this config from an earlier check's answer, without asking transformers (inspect)."""
+    return _cached_float32({"config": dict(config), "generation": None if generation is None else dict(generation)})
+
+
+def _cached_float32(asked: Mapping[str, Any]) -> dict | None:
+    """The float32 rules of any cached answer for this config (they do not depend on the weights' names)."""
+    key = _config_key(asked)
+    try:
+        found = sorted(_cache_dir().glob(f"{key}-*.json")) if key is not None else []
+    except OSError:
+        return None
+    for path in found:
+        try:
+            rules = json.loads(path.read_text()).get("fp32")
+        except (OSError, ValueError, RecursionError, AttributeError):
+            continue
+        if isinstance(rules, dict):
+            return rules
+    return None
 
 
 def _cache_dir() -> Path:

@@ -80,6 +80,9 @@ class MergeOptions:
     base_model: str | None = None  # adapter-only checkpoints: the base weights (folder or Hub model)
     key_prefix: str | None = None  # DCP: strip this prefix from keys ("model."); None: detect
     weights_only: bool = False  # without a config: write the weights alone, a folder transformers cannot load
+    # tensors written in float32 where dtype would round them; None: those transformers keeps in float32 (a merge
+    # records the names it kept, and verify replays them)
+    float32_names: tuple[str, ...] | None = None
     # how it runs (not part of the fingerprint)
     workers: int | None = None
     buffer_size: int = DEFAULT_BUFFER_SIZE
@@ -115,6 +118,11 @@ class MergeOptions:
                 kwargs[key] = parse_size(kwargs[key])
         if "dtype" in kwargs:
             kwargs["dtype"] = dtype_word(kwargs["dtype"])
+        if kwargs.get("float32_names") is not None:
+            if isinstance(kwargs["float32_names"], str) or \
+                    not all(isinstance(n, str) for n in kwargs["float32_names"]):
+                raise ValueError("float32_names must be a list of tensor names")
+            kwargs["float32_names"] = tuple(sorted(set(kwargs["float32_names"])))
         given = {k: v for k, v in kwargs.items() if v is not None or k in ("workers", "model_name", "base_model",
                                                                          "lora_rank", "lora_alpha", "lora_rslora",
                                                                          "key_prefix")}
@@ -125,7 +133,9 @@ class MergeOptions:
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it resumes (how it runs does not count)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME}
+        del fields["float32_names"]  # the plan records the names it kept, where it kept any (MergePlan.record)
+        return fields
 
 
 def _physical_memory() -> int | None:

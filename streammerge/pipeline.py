@@ -42,7 +42,7 @@ from .model_folder import (
 )
 from .options import DEFAULT_BUFFER_SIZE, MergeOptions, resolve_dtype
 from .paths import user_path
-from .plan import FilePlan, Plan, build_plan, copy_plans, fmt_bytes
+from .plan import FilePlan, Plan, TensorPlan, build_plan, copy_plans, fmt_bytes
 from .sources import Source, open_checkpoint
 from .write.manifest import Manifest
 from .write.transaction import OutputFolder, index_bytes
@@ -72,6 +72,7 @@ class MergePlan:
     arch_note: str = ""  # what the architecture check found or why it did not run (the summary says it)
     generation: dict | None = None  # generation_config.json as written (transformers is asked whether it reads it)
     buffers: list[str] = field(default_factory=list)  # buffers older transformers saved, left out (legacy_buffers)
+    float32: tuple[str, ...] = ()  # written in float32 where `dtype` would round them (keep_float32)
 
     @property
     def weights(self) -> Plan:
@@ -130,9 +131,32 @@ class MergePlan:
             self.config = fixed
             self.warnings.append(note)
         self.note_architecture(note)
+        self._float32_differs()
         if self.config is not None:
             self.arch.remember_written(json.loads(config_bytes(self.config, self.dtype or self.saved_dtype())),
                                        self._weight_names)
+
+    def _float32_differs(self) -> None:
+        """A plan made without transformers' float32 rules (its code did not seem to name any) that the answer
+        contradicts: warned of, since transformers loads the weights either way (rounded ones upcast)."""
+        rules = (self.arch.answer or {}).get("fp32") if self.arch is not None else None
+        if not isinstance(rules, dict) or self.dtype is None or self.options.float32_names is not None:
+            return
+        wide = (dtypes.float32, dtypes.float64)
+        candidates = {n for n, t in self.weights.tensors.items() if t.source_dtype in wide and t.dtype == self.dtype}
+        candidates |= set(self.float32)
+        wanted = architecture.kept_in_float32(candidates, rules, self.dtype.name)
+        missed, extra = sorted(wanted - set(self.float32)), sorted(set(self.float32) - wanted)
+        if missed:
+            more = ", ..." if len(missed) > 1 else ""
+            self.warnings.append(f"transformers keeps {len(missed)} of these tensors in float32 when it loads the "
+                                 f"model in {self.dtype.name} ({missed[0]}{more}), and this merge wrote them as "
+                                 f"{self.dtype.name} (loaded upcast, their values rounded): merge again into a new "
+                                 "folder to write them in float32 (transformers' answer is cached)")
+        if extra:
+            self.warnings.append(f"{len(extra)} tensors were written in float32 ({extra[0]}"
+                                 f"{', ...' if len(extra) > 1 else ''}) that transformers would load in "
+                                 f"{self.dtype.name}: their values are the trained ones, unrounded")
 
     @functools.cached_property
     def _weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -160,8 +184,9 @@ class MergePlan:
 
     def record(self) -> dict[str, Any]:
         """The options as the manifest records them (what verify re-plans with)."""
+        kept = {"float32_names": list(self.float32)} if self.float32 else {}
         return {**self.options.fingerprint_fields(), "resolved_dtype": self.dtype.name if self.dtype else None,
-                "subdirs": [p.subdir for p in self.plans]}
+                "subdirs": [p.subdir for p in self.plans], **kept}
 
     def fingerprint(self) -> str:
         """Identifies this merge: a resumed run must match it, and verify checks it. Versioned."""
@@ -287,7 +312,8 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     if check_architecture and model_dir is not None:
         arch, arch_note = architecture.start(config, str(model_dir / "config.json"), generation)
     try:
-        merge_plan = _plan_merge(source, options, model_dir, model_paths, config, dtype, warnings, token, endpoint)
+        merge_plan = _plan_merge(source, options, model_dir, model_paths, config, dtype, warnings, token, endpoint,
+                                 arch, generation)
         if quantized:
             _refuse_quantized(merge_plan.weights, str(model_dir / "config.json") if model_dir else str(source.path))
     except BaseException:
@@ -302,9 +328,37 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     return merge_plan
 
 
+def keep_float32(tensors: list[TensorPlan], options: MergeOptions, dtype: DType | None, config: dict | None,
+                 arch: ArchCheck | None, generation: dict | None) -> tuple[list[TensorPlan], tuple[str, ...], str]:
+    """The tensors transformers keeps in float32 when it loads the model in half precision (the routers' gates and
+    score biases of DeepSeek-V3 or GLM-4.5, say) are written in float32, as save_pretrained writes them, where
+    `dtype` would round them: `options.float32_names` (what a merge recorded, for verify), else transformers' rules
+    for the config's class (asked by the check, else cached). Returns the tensors, the names kept so, and a note."""
+    half = [t for t in tensors if t.dtype in (dtypes.bfloat16, dtypes.float16)
+            and t.source_dtype in (dtypes.float32, dtypes.float64) and t.dtype == dtype]
+    if not half or dtype is None:
+        return tensors, (), ""
+    if options.float32_names is not None:
+        keep = set(options.float32_names)
+    else:
+        rules = arch.float32(dtype.name) if arch is not None else \
+            architecture.cached_float32(config, generation) if config is not None else None
+        keep = architecture.kept_in_float32((t.name for t in half), rules, dtype.name) if rules else set()
+        if rules is None and arch is None and config is not None and architecture.names_float32(config, dtype.name):
+            return tensors, (), (f"float32     transformers may keep some of these in float32 when it loads the model "
+                                 f"in {dtype.name}; a merge asks it, and writes those in float32")
+    kept = sorted(t.name for t in half if t.name in keep)
+    if not kept:
+        return tensors, (), ""
+    note = (f"float32     {len(kept)} tensors written in float32, not {dtype.name}: transformers keeps them in float32 "
+            f"({kept[0]}{', ...' if len(kept) > 1 else ''})")
+    return [replace(t, dtype=dtypes.float32) if t.name in kept else t for t in tensors], tuple(kept), note
+
+
 def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, model_paths: list[Path],
                 config: dict | None, dtype: DType | None, warnings: list[str], token: str | None,
-                endpoint: str | None) -> MergePlan:
+                endpoint: str | None, arch: ArchCheck | None = None,
+                generation: dict | None = None) -> MergePlan:
     source.use_model(config, model_dir)
     with gc_paused():
         tensors = source.tensors(options)
@@ -334,6 +388,8 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
                             f"{', ...' if len(buffers) > 1 else ''}) are not written, as save_pretrained does not "
                             "write them: transformers computes them from config.json and never reads them from a "
                             "checkpoint")
+        weights_tensors, float32, note = keep_float32(weights_tensors, options, dtype, config, arch, generation)
+        notes = [*notes, note] if note else notes
         where = str(model_dir / "config.json") if model_dir is not None else str(source.path)
         check_config_fits(config, {t.name: t.shape for t in weights_tensors}, where)
         weights = build_plan(weights_tensors, max_shard_size=options.max_shard_size,
@@ -358,7 +414,7 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
         for p in model_paths:
             small[p.relative_to(model_dir).as_posix()] = p
     merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info,
-                           buffers=sorted(buffers))
+                           buffers=sorted(buffers), float32=float32)
     kept = sorted(d.name for d in merge_plan.kept_dtypes())
     if config is not None and dtype is None and len(kept) > 1:
         warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "
@@ -420,6 +476,8 @@ class MergeResult:
         slow = "; ".join(f"{k} ({v})" for k, v in self.fell_back.items())
         slow = f"; write fell back: {slow}" if slow else ""
         arch = f"; {self.plan.arch_note}" if self.plan.arch_note else ""
+        if self.plan.float32:
+            arch += f"; {_count(len(self.plan.float32), 'tensor')} kept in float32, as transformers keeps them"
         return (f"{what} in {self.seconds:.2f} s{speed}, peak RSS {self.peak_rss / 2**20:.0f} MiB; "
                 f"read {self.plan.source.stats.describe()}{slow}{arch}")
 

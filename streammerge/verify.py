@@ -523,6 +523,7 @@ def recorded_options(recorded: dict | None, *, trust_pickle: bool, folder: dict 
     fields = {k: v for k, v in (recorded or {}).items() if k in MERGE_FIELDS}
     if not recorded:
         fields = {"dtype": "keep", **(folder or {})}
+    fields.setdefault("float32_names", ())  # never asked again: a merge records the names it kept in float32
     return MergeOptions.create(**{**fields, "trust_pickle": trust_pickle})
 
 
@@ -530,7 +531,7 @@ def _folder_options(out: Path) -> tuple[dict, str]:
     """Without a manifest (a folder another tool wrote, or one whose .streammerge/ was removed): the options a merge
     into this folder had, as far as the folder shows them: the one floating-point dtype of its weights, and whether
     it holds an optimizer export. Returns them with the words for the report's note."""
-    floats: set[DType] = set()
+    by_dtype: dict[DType, list[str]] = {}
     for path in sorted(out.glob("*.safetensors")):
         try:
             raw, _ = read_header(str(path))
@@ -539,10 +540,18 @@ def _folder_options(out: Path) -> tuple[dict, str]:
         for name, e in raw.items() if isinstance(raw, dict) else ():
             d = CODE_DTYPES.get(str(e.get("dtype"))) if name != "__metadata__" and isinstance(e, dict) else None
             if d is not None and d.is_floating_point:
-                floats.add(d)
+                by_dtype.setdefault(d, []).append(name)
+    floats = set(by_dtype)
     fields: dict = {"optimizer": (out / OPTIMIZER_DIR).is_dir()}
     words = [] if fields["optimizer"] else [f"without {OPTIMIZER_DIR}/ (the folder has none)"]
-    if len(floats) == 1:
+    half = floats - {dtypes.float32}
+    if len(floats) == 2 and dtypes.float32 in floats and half <= {dtypes.bfloat16, dtypes.float16}:
+        # a half-precision merge that kept what transformers keeps in float32 (pipeline.keep_float32)
+        fields["dtype"] = next(iter(half)).name
+        fields["float32_names"] = by_dtype[dtypes.float32]
+        words.insert(0, f"cast to {fields['dtype']} but for the {len(by_dtype[dtypes.float32])} tensors it holds in "
+                        "float32")
+    elif len(floats) == 1:
         fields["dtype"] = next(iter(floats)).name
         words.insert(0, f"cast to {fields['dtype']} (its weights' one floating-point dtype)")
     else:

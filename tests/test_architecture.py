@@ -732,3 +732,126 @@ def test_buffers_older_transformers_saved_are_left_out_as_save_pretrained_does(t
     result = streammerge.merge(auto_map, tmp_path / "out-custom")  # its own code may keep them: written as saved
     assert set(buffers) <= set(load_file(tmp_path / "out-custom" / "model.safetensors"))
     assert not any("buffers older transformers saved" in w for w in result.warnings)
+
+
+# ---------------------------------------------------------------- what transformers keeps in float32
+
+def _deepseek() -> tuple[transformers.PreTrainedModel, dict[str, torch.Tensor]]:
+    """A tiny DeepSeek-V3 (its router's gate.weight and e_score_correction_bias are `_keep_in_fp32_modules_strict`),
+    trained in float32 with a config naming bfloat16, as veRL saves it: every value random, so rounding shows."""
+    config = transformers.DeepseekV3Config(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, first_k_dense_replace=1,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False, dtype="bfloat16")
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config)
+    state = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    return model, state
+
+
+def test_what_transformers_keeps_in_float32_is_written_in_float32_as_save_pretrained_does(tmp_path):
+    """--dtype bfloat16 (here `auto`, from the config) would round the router's float32 gate and score bias, which
+    transformers keeps in float32 even in a bfloat16 model: they are written in float32, the rest in bfloat16, as
+    transformers' own save of the model loaded in bfloat16 writes them; verify replays it, with a manifest or not."""
+    model, state = _deepseek()
+    folder = _save(tmp_path / "ckpt", state, _config(model))
+    ref_dir = tmp_path / "ref"
+    model.save_pretrained(tmp_path / "fp32")
+    loaded = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)
+    loaded.save_pretrained(ref_dir)
+    ref = load_file(ref_dir / "model.safetensors")
+    kept = sorted(k for k, v in ref.items() if v.dtype == torch.float32)
+    assert kept == ["model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.1.mlp.gate.weight"]
+
+    out = tmp_path / "out"
+    result = streammerge.merge(folder, out)
+    got = load_file(out / "model.safetensors")
+    # (save_pretrained writes the experts one by one, the model's state dict holds them fused: other names, one rule)
+    assert sorted(k for k, v in got.items() if v.dtype == torch.float32) == kept
+    assert {v.dtype for k, v in got.items() if k not in kept} == {v.dtype for k, v in ref.items() if k not in kept} \
+        == {torch.bfloat16}
+    for name, value in got.items():
+        assert torch.equal(value, state[name].to(value.dtype)), name  # the kept ones: the trained bits
+    assert result.plan.float32 == tuple(kept)
+    assert any(n.startswith("float32     2 tensors written in float32, not bfloat16")
+               for n in result.plan.weights.notes)
+    manifest = json.loads((out / ".streammerge" / "manifest.json").read_text())
+    assert manifest["options"]["float32_names"] == kept
+    again = transformers.DeepseekV3ForCausalLM.from_pretrained(out)
+    for name, value in loaded.state_dict().items():
+        mine = again.state_dict()[name]
+        assert mine.dtype == value.dtype and torch.equal(mine, value), name
+
+    assert streammerge.verify(out, folder).ok
+    # the merge's record is replayed: a gate rounded after all is not what it wrote
+    from safetensors.torch import save_file
+    copy = tmp_path / "rounded"
+    shutil.copytree(out, copy)
+    save_file({**got, kept[1]: got[kept[1]].to(torch.bfloat16)}, copy / "model.safetensors", metadata={"format": "pt"})
+    report = streammerge.verify(copy, folder)
+    assert any(f"tensor {kept[1]!r} is bfloat16 [4, 32], the checkpoint gives float32" in f for f in report.failures), \
+        report.failures
+    # no manifest: the folder's float32 tensors are taken as kept so
+    shutil.rmtree(out / ".streammerge")
+    report = streammerge.verify(out, folder)
+    assert report.ok and any("but for the 2 tensors it holds in float32" in n for n in report.notes), report.notes
+
+
+def test_the_first_cli_merge_waits_for_transformers_float32_rules_and_inspect_says_so(tmp_path):
+    """A child process answers; the plan waits for its early line only where transformers' code for the model names
+    such modules. inspect never asks: it says a merge will, then (the answer cached) which tensors."""
+    model, state = _deepseek()
+    folder = _save(tmp_path / "ckpt", state, _config(model))
+    env = dict(os.environ, PYTHONPATH=str(REPO), STREAMMERGE_CACHE=str(tmp_path / "cache"))
+    inspect = [sys.executable, "-m", "streammerge", "inspect", str(folder)]
+    before, merged = run_together(inspect, [sys.executable, "-m", "streammerge", str(folder), str(tmp_path / "out"),
+                                            "--no-progress"], env=env)
+    assert merged.returncode == 0, merged.stderr
+    assert "(asked a child process" in merged.stdout and "2 tensors kept in float32, as transformers keeps them" \
+        in merged.stdout, merged.stdout
+    dtypes = {k: v.dtype for k, v in load_file(tmp_path / "out" / "model.safetensors").items()}
+    assert sorted(k for k, d in dtypes.items() if d == torch.float32) == [
+        "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.1.mlp.gate.weight"]
+    assert before.returncode == 0 and "transformers may keep some of these in float32" in before.stdout, before.stdout
+    after = subprocess.run(inspect, env=env, capture_output=True, text=True, timeout=300)
+    assert "2 tensors written in float32, not bfloat16" in after.stdout, after.stdout
+    assert re.search(r"model\.layers\.1\.mlp\.gate\.weight +\[4, 32\] +float32 ", after.stdout), after.stdout
+
+
+def test_a_plan_made_without_the_float32_rules_is_warned_of_once_transformers_answers(tmp_path):
+    model, state = _deepseek()
+    folder = _save(tmp_path / "ckpt", state, _config(model))
+    plan = streammerge.plan_merge(folder, check_architecture=False)  # no cached answer: nothing kept
+    assert plan.float32 == ()
+    plan.check_architecture()
+    assert any(w.startswith("transformers keeps 2 of these tensors in float32 when it loads the model in bfloat16")
+               for w in plan.warnings), plan.warnings
+
+
+def test_float32_rules_match_names_as_transformers_does():
+    """transformers 5 matches its patterns as regular expressions anywhere in the name (its own alternation is the
+    oracle); transformers 4 matched whole dotted parts. Only half precision keeps anything."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    from streammerge.architecture import kept_in_float32
+
+    names = ["model.layers.1.mlp.gate.weight", "model.layers.1.mlp.shared_expert_gate.weight", "lm_head.weight",
+             "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.mlp.gate_proj.weight",
+             "model.gate.weight.extra", "model.layers.2.mlp.gateXweight", "x.experts.3.conv.norm.weight"]
+    patterns = ["gate.weight", "e_score_correction_bias", "conv.*norm"]
+    oracle, _, _ = build_glob_alternation(patterns)
+    search = {"strict": patterns, "float16": [], "match": "search"}
+    assert kept_in_float32(names, search, "bfloat16") == {n for n in names if oracle.search(n)}
+    module = {**search, "match": "module"}
+    # transformers 4: rf"((^|\.){module}($|\.))", the pattern's dots any character there too
+    assert kept_in_float32(names, module, "float16") == {"model.layers.1.mlp.gate.weight",
+                                                         "model.layers.1.mlp.gate.e_score_correction_bias",
+                                                         "model.gate.weight.extra", "model.layers.2.mlp.gateXweight",
+                                                         "x.experts.3.conv.norm.weight"}
+    assert kept_in_float32(names, search, "float32") == set()
+    assert kept_in_float32(names, {"strict": [], "float16": ["lm_head"], "match": "search"}, "bfloat16") == set()
+    assert kept_in_float32(names, {"strict": [], "float16": ["lm_head"], "match": "search"}, "float16") == \
+        {"lm_head.weight"}
+    assert kept_in_float32(names, {"strict": ["("], "match": "search"}, "bfloat16") == set()
