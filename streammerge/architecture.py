@@ -220,10 +220,9 @@ def names_float32(config: Mapping[str, Any], dtype: str) -> bool:
                 types.add(part["model_type"])
             stack.extend(v for v in part.values() if isinstance(v, Mapping))
     for kind in types:
-        folder = Path(roots[0]) / "models" / kind.replace("-", "_")
-        if not re.fullmatch(r"\w+", folder.name):
+        if not re.fullmatch(r"[\w-]+", kind):  # a model type is a folder name of transformers', never a path
             continue
-        for path in folder.glob("modeling_*.py"):
+        for path in (Path(roots[0]) / "models" / kind.replace("-", "_")).glob("modeling_*.py"):
             try:
                 if attr in path.read_text(encoding="utf-8", errors="replace"):
                     return True
