@@ -379,12 +379,14 @@ class ArchCheck:
         if cached is not None or not names_float32(self.config, dtype):
             return cached
         if self.how == "in-process":
-            return _safe_describe(self.config, [], self.generation).get("fp32")
-        if self._thread is None:  # deferred: a cached config whose answers all predate the float32 rules
-            return None
-        if not self._float32_ready.wait(_timeout()):
-            return None
-        return self._float32
+            rules = _safe_describe(self.config, [], self.generation).get("fp32")
+        elif self._thread is None or not self._float32_ready.wait(_timeout()):
+            return None  # (deferred: a cached config whose answers all predate the float32 rules)
+        else:
+            rules = self._float32
+        if isinstance(rules, dict):
+            _cache_float32(self.asked(), rules)
+        return rules
 
     def ready(self, names: list[str]) -> bool:
         """Whether `result` answers without waiting: in-process, cached, or the child has answered. The first call
@@ -763,20 +765,22 @@ def cached_float32(config: Mapping[str, Any], generation: Mapping[str, Any] | No
 
 
 def _cached_float32(asked: Mapping[str, Any]) -> dict | None:
-    """The float32 rules of any cached answer for this config (they do not depend on the weights' names)."""
+    """The float32 rules cached for this config (they do not depend on the weights' names): a small file of their
+    own, `<config key>.float32.json`, so that a plan reads no whole answer."""
     key = _config_key(asked)
-    try:
-        found = sorted(_cache_dir().glob(f"{key}-*.json")) if key is not None else []
-    except OSError:
+    if key is None:
         return None
-    for path in found:
-        try:
-            rules = json.loads(path.read_text()).get("fp32")
-        except (OSError, ValueError, RecursionError, AttributeError):
-            continue
-        if isinstance(rules, dict):
-            return rules
-    return None
+    try:
+        rules = json.loads((_cache_dir() / f"{key}.float32.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return rules if isinstance(rules, dict) else None
+
+
+def _cache_float32(asked: Mapping[str, Any], rules: Mapping[str, Any]) -> None:
+    key = _config_key(asked)
+    if key is not None:
+        _cache_write(f"{key}.float32.json", rules)
 
 
 def _cache_dir() -> Path:
@@ -801,11 +805,17 @@ def _cache_put(asked: Mapping[str, Any], names: list[str], answer: dict) -> None
     key = _cache_key(asked, names)
     if key is None:
         return
+    _cache_write(f"{key}.json", {k: v for k, v in answer.items() if k != "rss"})
+    if isinstance(answer.get("fp32"), dict):
+        _cache_float32(asked, answer["fp32"])
+
+
+def _cache_write(name: str, data: Mapping[str, Any]) -> None:
     try:
         d = _cache_dir()
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({k: v for k, v in answer.items() if k != "rss"}))
-        os.replace(tmp, d / f"{key}.json")
+        tmp = d / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, d / name)
     except OSError:
         pass

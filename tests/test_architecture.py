@@ -205,8 +205,8 @@ def test_the_cli_asks_a_child_process_and_refuses_in_one_line(tmp_path):
     out = tmp_path / "out"
     assert not (out / "config.json").exists() and not list(out.glob("*.index.json"))
     # the answer is cached: the same config again asks no child (and the right config merges)
-    cached = list((tmp_path / "cache" / "architecture").glob("*.json"))
-    assert len(cached) == 1
+    cached = list((tmp_path / "cache" / "architecture").glob("*-*.json"))  # answers; beside them each config's
+    assert len(cached) == 1                                                 # float32 rules (<key>.float32.json)
     # the right config: the merge completes once the child agrees, and its summary says what was checked
     good = _save(tmp_path / "good", model.state_dict(), _config(model))
     for _ in range(2):  # the second run takes the cached answer
@@ -219,7 +219,7 @@ def test_the_cli_asks_a_child_process_and_refuses_in_one_line(tmp_path):
     # cached under the config.json the merge wrote too (its dtype named): verify of the folder asks no child
     written = json.loads((tmp_path / "out2" / "config.json").read_text())
     assert written != json.loads((good / "huggingface" / "config.json").read_text())
-    assert len(list((tmp_path / "cache" / "architecture").glob("*.json"))) == 3
+    assert len(list((tmp_path / "cache" / "architecture").glob("*-*.json"))) == 3
     proc = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(tmp_path / "out2")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "has exactly these tensor names and shapes (answer cached)" in proc.stdout, \
