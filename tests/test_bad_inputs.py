@@ -22,6 +22,7 @@ from ckpt_tools import REPO, copy_actor, device_mesh, rewrite_rank, snapshot
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
 
+import streammerge
 from streammerge.cli import main
 from streammerge.errors import CheckpointError
 
@@ -237,6 +238,21 @@ def test_watch_of_a_tracker_that_is_a_pipe(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "latest_checkpointed_iteration.txt: not a file" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["inspect"]])
+def test_merge_or_inspect_of_a_tracker_that_is_a_pipe(tmp_path, command):
+    """A pipe as the tracker is named as what it is, as watch names it, not "not a checkpoint"; and never opened to
+    read, which would wait for a writer."""
+    run = tmp_path / "run"
+    (run / "global_step_5" / "actor").mkdir(parents=True)
+    os.mkfifo(run / "latest_checkpointed_iteration.txt")
+    env = {**os.environ, "PYTHONPATH": str(Path(streammerge.__file__).parents[1])}  # the code under test
+    out = [str(tmp_path / "out")] if not command else []
+    r = subprocess.run([sys.executable, "-m", "streammerge", *command, str(run), *out], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "latest_checkpointed_iteration.txt: not a file (a pipe" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "out").exists(), r.stderr
 
 
 def test_path_that_is_a_file_or_missing(tmp_path, capsys):
