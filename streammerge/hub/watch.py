@@ -29,6 +29,7 @@ from ..options import MergeOptions
 from ..paths import user_path
 from ..pipeline import merge
 from ..sources import LATEST_FILE, Source, open_checkpoint, read_tracker
+from ..write.transaction import open_lock
 from .publish import PushResult, check_push_counts, default_out_dir, merge_and_push
 from .repo import check_target
 from .retry import PushError
@@ -181,7 +182,7 @@ class Watcher:
         step pushed again), rename the other's temp file away (the watcher dies) or mix both in it."""
         import fcntl
 
-        fd = os.open(self.state_file.with_name(self.state_file.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock(self.state_file.with_name(self.state_file.name + ".lock"))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

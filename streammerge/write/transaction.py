@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +54,26 @@ def foreign_loaded_files(out: Path, ours: set[str]) -> list[str]:
     return sorted(found)
 
 Sync = Callable[[], None]
+
+
+def open_lock(path: Path) -> int:
+    """A read-write fd on the lock file `path` (created if missing), to flock. Lock files lie in folders others
+    write too (a run folder is the trainer's): a link there is refused, not followed to create or open a file
+    elsewhere, and so is anything but a regular file (a pipe, a device, a folder)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(f"{path}: a link, where streammerge keeps its lock file (it follows no link there); "
+                              "remove the link and rerun") from None
+        if e.errno != errno.EISDIR:
+            raise output_error(e, path) from None
+    else:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+    raise OutputError(f"{path}: not a file (a pipe, a device or a folder), where streammerge keeps its lock file; "
+                      "remove it and rerun")
 
 
 class OutputFolder:
@@ -170,9 +191,9 @@ class OutputFolder:
         path = self.out / STATE_DIR / LOCK_FILE
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link: refused, its target kept
         except OSError as e:
             raise output_error(e, path) from None
+        fd = open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
