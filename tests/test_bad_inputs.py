@@ -330,6 +330,22 @@ def test_refuses_a_non_empty_foreign_folder(ckpt, tmp_path, capsys):
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["sub", "thesis.tex"]
 
 
+def test_a_foreign_folder_is_refused_before_planning(make_ckpt, tmp_path):
+    """The refusal needs no plan, so it comes before one: naming the optimizer state imports torch and transformers
+    (seconds) only to be refused."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    ckpt = make_ckpt(world_size=WS, shard_placement="first_divisible")  # good's checkpoint, its optimizer files too
+    code = ("import sys; from streammerge.cli import main; code = main(sys.argv[1:]); "
+            "print(code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(streammerge.__file__).parents[1])}  # the code under test
+    r = subprocess.run([sys.executable, "-c", code, str(ckpt), str(out)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert "not empty" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.stdout == "2 []\n" and [p.name for p in out.iterdir()] == ["thesis.tex"], r.stdout
+
+
 @pytest.mark.parametrize("where", ["actor", "actor/huggingface", "actor/new/deeper"])
 def test_refuses_an_output_inside_the_checkpoint(ckpt, tmp_path, capsys, where):
     before = snapshot(ckpt)

@@ -76,6 +76,25 @@ def open_lock(path: Path) -> int:
                       "remove it and rerun")
 
 
+def check_out_dir(out: Path, source: Path) -> dict | None:
+    """The refusals of an output folder that need no plan: inside the checkpoint, not a folder, holding files but no
+    streammerge manifest. Returns OUT's manifest (None where it has none), which `OutputFolder` compares with the
+    plan. A merge calls this before planning too: planning takes seconds (naming optimizer state imports torch)."""
+    src = source.resolve()
+    if out == src or src in out.parents:
+        raise OutputError(f"{out}: the output folder is inside the checkpoint {src}; choose a folder outside it")
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    previous = Manifest.read(out)
+    # a run killed before its first manifest leaves only our state folder and temp files
+    if previous is None and any(p.name != STATE_DIR and not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
+        raise OutputError(f"{out}: folder is not empty and is not a streammerge output; "
+                          "choose an empty or new folder (nothing was changed)")
+    return previous
+
+
 class OutputFolder:
     """One merge's output folder. Use as a context manager; call `finish` once every data file is written."""
 
@@ -134,20 +153,11 @@ class OutputFolder:
 
     def _check(self) -> dict | None:
         """Refuse folders we could damage; return the manifest of a previous run of this same merge."""
-        src, out = self.source.resolve(), self.out
-        if out == src or src in out.parents:
-            raise OutputError(f"{out}: the output folder is inside the checkpoint {src}; choose a folder outside it")
-        if not out.exists():
-            return None
-        if not out.is_dir():
-            raise OutputError(f"{out}: exists and is not a folder")
-        previous = Manifest.read(out)
-        self._check_links(previous)
+        out = self.out
+        previous = check_out_dir(out, self.source)
+        if out.exists():
+            self._check_links(previous)
         if previous is None:
-            # a run killed before its first manifest leaves only our state folder and temp files
-            if any(p.name != STATE_DIR and not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
-                raise OutputError(f"{out}: folder is not empty and is not a streammerge output; "
-                                  "choose an empty or new folder (nothing was changed)")
             return None
         if previous.get("fingerprint") != self.fingerprint:
             raise OutputError(f"{out}: holds a different merge (other checkpoint or options, or a streammerge "
