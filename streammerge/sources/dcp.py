@@ -105,6 +105,9 @@ def megatron_backend(folder: Path) -> str | None:
     """Megatron-Core's `metadata.json` backend name, or None when the folder has none."""
     path = folder / MEGATRON_METADATA
     if not path.is_file():
+        if path.exists():  # not read: a pipe would wait for a writer; not ignored: the layout would be guessed
+            raise CheckpointError(f"{path}: not a file (a pipe, a device or a folder); copy Megatron-Core's file "
+                                  "itself")
         return None
     try:
         meta = jsonfile.loads(path.read_text())
