@@ -45,7 +45,7 @@ from .paths import user_path
 from .plan import FilePlan, Plan, TensorPlan, build_plan, copy_plans, fmt_bytes
 from .sources import Source, open_checkpoint
 from .write.manifest import Manifest
-from .write.transaction import OutputFolder, index_bytes
+from .write.transaction import OutputFolder, check_out_dir, index_bytes
 from .write.writer import FileWriter, OutputFile, in_flight, piece_ranges
 
 FINGERPRINT_VERSION = 2
@@ -516,7 +516,13 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
     """
     t0 = time.perf_counter()
     out = user_path(out_dir).resolve()
-    mp = checkpoint if isinstance(checkpoint, MergePlan) else plan_merge(checkpoint, options, **kwargs)
+    if isinstance(checkpoint, MergePlan):
+        mp = checkpoint
+    else:
+        source = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
+        if part == 0:  # another part looks once part 0 has set the folder up
+            check_out_dir(out, source.path)
+        mp = plan_merge(source, options, **kwargs)
     opts = mp.options
     if mp.config is None and not opts.weights_only:
         raise ConfigError(f"{mp.source.path}: no config.json (no huggingface/ folder beside it, no --model-name): "

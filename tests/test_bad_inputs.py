@@ -22,6 +22,7 @@ from ckpt_tools import REPO, copy_actor, device_mesh, rewrite_rank, snapshot
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
 
+import streammerge
 from streammerge.cli import main
 from streammerge.errors import CheckpointError
 
@@ -239,6 +240,21 @@ def test_watch_of_a_tracker_that_is_a_pipe(tmp_path):
     assert r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.parametrize("command", [[], ["inspect"]])
+def test_merge_or_inspect_of_a_tracker_that_is_a_pipe(tmp_path, command):
+    """A pipe as the tracker is named as what it is, as watch names it, not "not a checkpoint"; and never opened to
+    read, which would wait for a writer."""
+    run = tmp_path / "run"
+    (run / "global_step_5" / "actor").mkdir(parents=True)
+    os.mkfifo(run / "latest_checkpointed_iteration.txt")
+    env = {**os.environ, "PYTHONPATH": str(Path(streammerge.__file__).parents[1])}  # the code under test
+    out = [str(tmp_path / "out")] if not command else []
+    r = subprocess.run([sys.executable, "-m", "streammerge", *command, str(run), *out], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "latest_checkpointed_iteration.txt: not a file (a pipe" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "out").exists(), r.stderr
+
+
 def test_path_that_is_a_file_or_missing(tmp_path, capsys):
     f = tmp_path / "model_world_size_1_rank_0.pt"
     f.write_bytes(b"x")
@@ -314,6 +330,22 @@ def test_refuses_a_non_empty_foreign_folder(ckpt, tmp_path, capsys):
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["sub", "thesis.tex"]
 
 
+def test_a_foreign_folder_is_refused_before_planning(make_ckpt, tmp_path):
+    """The refusal needs no plan, so it comes before one: naming the optimizer state imports torch and transformers
+    (seconds) only to be refused."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    ckpt = make_ckpt(world_size=WS, shard_placement="first_divisible")  # good's checkpoint, its optimizer files too
+    code = ("import sys; from streammerge.cli import main; code = main(sys.argv[1:]); "
+            "print(code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(streammerge.__file__).parents[1])}  # the code under test
+    r = subprocess.run([sys.executable, "-c", code, str(ckpt), str(out)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert "not empty" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.stdout == "2 []\n" and [p.name for p in out.iterdir()] == ["thesis.tex"], r.stdout
+
+
 @pytest.mark.parametrize("where", ["actor", "actor/huggingface", "actor/new/deeper"])
 def test_refuses_an_output_inside_the_checkpoint(ckpt, tmp_path, capsys, where):
     before = snapshot(ckpt)
@@ -369,7 +401,7 @@ def test_a_rerun_changes_nothing_outside_the_output_folder(ckpt, tmp_path, capsy
 
     for case, tamper, words in [("listed", listing, "lists '../elsewhere/victim.txt'"),
                                 ("linked", linked_state, "links out of the output folder"),
-                                ("lock", linked_lock, ".streammerge/lock: write failed")]:
+                                ("lock", linked_lock, ".streammerge/lock: a link")]:
         out = tmp_path / case
         shutil.copytree(done, out, symlinks=True)
         tamper(out)

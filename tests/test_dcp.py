@@ -281,6 +281,23 @@ def test_missing_file(ckpts: Path, tmp_path: Path) -> None:
         read_dcp(folder)
 
 
+def test_a_data_file_that_is_a_pipe(ckpts: Path, tmp_path: Path) -> None:
+    """A pipe's size is 0: it is named as not a file, not as a "0-byte file" an item runs past."""
+    folder = _copy(ckpts, "tiny", tmp_path)
+    (folder / "__0_0.distcp").unlink()
+    os.mkfifo(folder / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: not a file \(a pipe"):
+        read_dcp(folder)
+
+
+def test_a_megatron_metadata_json_that_is_a_pipe(ckpts: Path, tmp_path: Path) -> None:
+    """Not taken for a plain DCP folder without Megatron-Core's marker, nor read (a pipe waits for a writer)."""
+    folder = _copy(ckpts, "tiny", tmp_path)
+    os.mkfifo(folder / "metadata.json")
+    with pytest.raises(CheckpointError, match=r"metadata\.json: not a file \(a pipe"):
+        open_checkpoint(folder)
+
+
 def test_metadata_points_outside_file(ckpts: Path, tmp_path: Path) -> None:
     folder = _copy(ckpts, "tiny", tmp_path)
     size = (folder / "__0_0.distcp").stat().st_size

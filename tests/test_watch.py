@@ -348,3 +348,26 @@ def test_a_tracker_watch_cannot_follow_is_said_once(actors, tmp_path, caplog):
         assert said == ([] if words is None else [m for m in said if words in m]) and len(said) == (words is not None)
     add_step(run, 7, actors[0])
     assert [(r.step, r.ok) for r in watcher.run(once=True, interval=0.1)] == [(7, True)]
+
+
+def test_a_link_or_a_pipe_as_the_state_lock_is_refused(actors, tmp_path):
+    """The state's lock file lies in the run folder, which is the trainer's: a link planted there is not followed
+    (the watcher would create or open a file elsewhere), and a pipe is no lock file; one line each, then a rerun
+    records the step once the lock file is the watcher's own."""
+    from streammerge.errors import OutputError
+
+    run = tmp_path / "run"
+    add_step(run, 1, actors[0])
+    lock = run / (STATE_FILE + ".lock")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    watcher = Watcher(run, push=False, optimizer=False, max_shard_size=SHARD, out_root=tmp_path / "out")
+    for plant, words in ((lambda: lock.symlink_to(elsewhere / "created"), r"\.lock: a link"),
+                         (lambda: os.mkfifo(lock), r"\.lock: not a file \(a pipe")):
+        plant()
+        with pytest.raises(OutputError, match=words):
+            watcher.run(once=True, interval=0.1)
+        assert list(elsewhere.iterdir()) == [] and watcher.done_steps() == {}
+        lock.unlink()
+    assert [(r.step, r.ok) for r in watcher.run(once=True, interval=0.1)] == [(1, True)]
+    assert list(watcher.done_steps()) == [1] and lock.is_file() and not lock.is_symlink()

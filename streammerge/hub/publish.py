@@ -36,6 +36,7 @@ from ..options import MergeOptions
 from ..paths import user_path
 from ..pipeline import MergePlan, MergeResult, merge, plan_merge
 from ..sources import Source, open_checkpoint
+from ..write.transaction import check_out_dir
 from .card import make_model_card
 from .pusher import OWNED_PATTERNS, HubPusher, earlier_card_check, edited_card_check
 from .repo import repo_name_for
@@ -318,6 +319,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
             pusher.submit(path, f.filename, sha256=f.sha256, size=f.size)
             files.append(f.filename)
 
+        check_out_dir(out.resolve(), ck.path)  # before seconds of planning, where the refusal needs no plan
         plan = plan_merge(ck, opts, token=token, endpoint=endpoint)  # a bad checkpoint fails before the Hub is touched
         has_optimizer = plan.plan(OPTIMIZER_DIR) is not None
         if model_card and "README.md" not in plan.small:  # a README carried from huggingface/ is the user's own

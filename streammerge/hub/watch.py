@@ -28,7 +28,8 @@ from ..errors import CheckpointError, ConfigError, StreammergeError
 from ..options import MergeOptions
 from ..paths import user_path
 from ..pipeline import merge
-from ..sources import LATEST_FILE, Source, open_checkpoint
+from ..sources import LATEST_FILE, Source, open_checkpoint, read_tracker
+from ..write.transaction import open_lock
 from .publish import PushResult, check_push_counts, default_out_dir, merge_and_push
 from .repo import check_target
 from .retry import PushError
@@ -65,19 +66,7 @@ def step_dir(run_dir: Path, step: int) -> Path | None:
 
 def latest_step(run_dir: Path) -> int | None:
     """The step named by the trainer's tracker file, None while there is none (or it is mid-write)."""
-    return _step_named(_tracker(run_dir))
-
-
-def _tracker(run_dir: Path) -> str | None:
-    """The tracker file's text, stripped; None while there is none."""
-    path = run_dir / LATEST_FILE
-    try:
-        if not path.is_file() and path.exists():  # a pipe: reading it would wait for ever, poll after poll
-            raise CheckpointError(f"{path}: not a file (a pipe, a device or a folder); the tracker is the trainer's "
-                                  "text file naming its latest step")
-        return path.read_text().strip()
-    except FileNotFoundError:
-        return None
+    return _step_named(read_tracker(run_dir))
 
 
 def _step_named(text: str | None) -> int | None:
@@ -193,7 +182,7 @@ class Watcher:
         step pushed again), rename the other's temp file away (the watcher dies) or mix both in it."""
         import fcntl
 
-        fd = os.open(self.state_file.with_name(self.state_file.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock(self.state_file.with_name(self.state_file.name + ".lock"))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -203,7 +192,7 @@ class Watcher:
     # ---- one look --------------------------------------------------------------------------
     def candidates(self) -> list[tuple[int, Path]]:
         """Steps to process, oldest first: not done yet, and not newer than the tracker's step."""
-        text = _tracker(self.run_dir)
+        text = read_tracker(self.run_dir)
         latest = _step_named(text)
         if latest is None:
             if text:  # empty: mid-write, no word

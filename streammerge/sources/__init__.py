@@ -9,6 +9,8 @@ also looks just below: veRL Megatron's `dist_ckpt/` and `model/dist_ckpt/`, prim
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +35,21 @@ def open_checkpoint(path: str | Path) -> Source:
     return opener(folder)
 
 
+def read_tracker(folder: Path) -> str | None:
+    """The text of `folder`'s tracker file, stripped; None where there is none. A pipe there is refused, never read:
+    reading one waits for a writer (a watcher would wait at every look, a merge for ever)."""
+    path = folder / LATEST_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # opening a pipe to read waits too
+    except FileNotFoundError:
+        return None
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path}: not a file (a pipe, a device or a folder); the tracker is the trainer's "
+                                  "text file naming its latest step")
+        return fh.read().decode(errors="replace").strip()
+
+
 def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -42,8 +59,8 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
         if holds(path):
             return path, opener
     latest = path / LATEST_FILE
-    if latest.is_file() and depth < 2:
-        text = latest.read_text(errors="replace").strip()
+    text = read_tracker(path) if depth < 2 else None
+    if text is not None:
         if text == "release":  # Megatron-LM's converted checkpoints
             names = ["release"]
         elif text.isascii() and text.isdigit():  # str.isdigit also takes "²", which int() refuses
@@ -66,4 +83,4 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
                           f"an actor/ folder; {LATEST_FILE})")
 
 
-__all__ = ["FORMATS", "Piece", "ReadStats", "Source", "SourceTensor", "open_checkpoint"]
+__all__ = ["FORMATS", "Piece", "ReadStats", "Source", "SourceTensor", "open_checkpoint", "read_tracker"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -104,6 +105,9 @@ def megatron_backend(folder: Path) -> str | None:
     """Megatron-Core's `metadata.json` backend name, or None when the folder has none."""
     path = folder / MEGATRON_METADATA
     if not path.is_file():
+        if path.exists():  # not read: a pipe would wait for a writer; not ignored: the layout would be guessed
+            raise CheckpointError(f"{path}: not a file (a pipe, a device or a folder); copy Megatron-Core's file "
+                                  "itself")
         return None
     try:
         meta = jsonfile.loads(path.read_text())
@@ -438,9 +442,13 @@ def _read_dcp(folder: Path, stats: ReadStats) -> DcpCheckpoint:
         file = str(folder / rel)
         if file not in sizes:
             try:
-                sizes[file] = os.stat(file).st_size
+                st = os.stat(file)
             except OSError as e:
                 raise CheckpointError(f"{file}: cannot read ({e.strerror or e}), named by {md.path}") from None
+            if not stat.S_ISREG(st.st_mode):  # a pipe's size is 0: "past the end of the 0-byte file" would mislead
+                raise CheckpointError(f"{file}: not a file (a pipe, a device or a folder), named by {md.path}; "
+                                      "copy the checkpoint's file itself")
+            sizes[file] = st.st_size
         if offset + length > sizes[file]:
             raise CheckpointError(f"{file}: item {fqn!r} at [{offset}, {offset + length}) runs past the end of the "
                                   f"{sizes[file]}-byte file (truncated? copy it again)")

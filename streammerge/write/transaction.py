@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +54,45 @@ def foreign_loaded_files(out: Path, ours: set[str]) -> list[str]:
     return sorted(found)
 
 Sync = Callable[[], None]
+
+
+def open_lock(path: Path) -> int:
+    """A read-write fd on the lock file `path` (created if missing), to flock. Lock files lie in folders others
+    write too (a run folder is the trainer's): a link there is refused, not followed to create or open a file
+    elsewhere, and so is anything but a regular file (a pipe, a device, a folder)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(f"{path}: a link, where streammerge keeps its lock file (it follows no link there); "
+                              "remove the link and rerun") from None
+        if e.errno != errno.EISDIR:
+            raise output_error(e, path) from None
+    else:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+    raise OutputError(f"{path}: not a file (a pipe, a device or a folder), where streammerge keeps its lock file; "
+                      "remove it and rerun")
+
+
+def check_out_dir(out: Path, source: Path) -> dict | None:
+    """The refusals of an output folder that need no plan: inside the checkpoint, not a folder, holding files but no
+    streammerge manifest. Returns OUT's manifest (None where it has none), which `OutputFolder` compares with the
+    plan. A merge calls this before planning too: planning takes seconds (naming optimizer state imports torch)."""
+    src = source.resolve()
+    if out == src or src in out.parents:
+        raise OutputError(f"{out}: the output folder is inside the checkpoint {src}; choose a folder outside it")
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    previous = Manifest.read(out)
+    # a run killed before its first manifest leaves only our state folder and temp files
+    if previous is None and any(p.name != STATE_DIR and not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
+        raise OutputError(f"{out}: folder is not empty and is not a streammerge output; "
+                          "choose an empty or new folder (nothing was changed)")
+    return previous
 
 
 class OutputFolder:
@@ -113,20 +153,11 @@ class OutputFolder:
 
     def _check(self) -> dict | None:
         """Refuse folders we could damage; return the manifest of a previous run of this same merge."""
-        src, out = self.source.resolve(), self.out
-        if out == src or src in out.parents:
-            raise OutputError(f"{out}: the output folder is inside the checkpoint {src}; choose a folder outside it")
-        if not out.exists():
-            return None
-        if not out.is_dir():
-            raise OutputError(f"{out}: exists and is not a folder")
-        previous = Manifest.read(out)
-        self._check_links(previous)
+        out = self.out
+        previous = check_out_dir(out, self.source)
+        if out.exists():
+            self._check_links(previous)
         if previous is None:
-            # a run killed before its first manifest leaves only our state folder and temp files
-            if any(p.name != STATE_DIR and not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
-                raise OutputError(f"{out}: folder is not empty and is not a streammerge output; "
-                                  "choose an empty or new folder (nothing was changed)")
             return None
         if previous.get("fingerprint") != self.fingerprint:
             raise OutputError(f"{out}: holds a different merge (other checkpoint or options, or a streammerge "
@@ -170,9 +201,9 @@ class OutputFolder:
         path = self.out / STATE_DIR / LOCK_FILE
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link: refused, its target kept
         except OSError as e:
             raise output_error(e, path) from None
+        fd = open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
