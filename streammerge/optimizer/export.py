@@ -14,6 +14,7 @@ from typing import Any
 from .. import jsonfile
 from ..errors import CheckpointError, StreammergeError
 from ..paths import user_path
+from ..sources.picklescan import torch_load
 from . import OPTIMIZER_DIR, OPTIMIZER_INDEX, OPTIMIZER_PT
 
 
@@ -96,13 +97,12 @@ def load_optimizer_state_dict(path: str | Path, *, flatten_state: bool = False) 
     `optimizer/`). `flatten_state=True` gives torch's flattened form instead. Feed either to
     `torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`.
     """
-    import torch
 
     folder = _export_dir(Path(path))
     if (folder / OPTIMIZER_INDEX).is_file():
         osd = _load_safetensors_export(folder)
     else:
-        osd = torch.load(folder / OPTIMIZER_PT, map_location="cpu", mmap=True, weights_only=True)
+        osd = torch_load(folder / OPTIMIZER_PT, map_location="cpu", mmap=True, weights_only=True)
     return flatten(osd) if flatten_state else osd
 
 

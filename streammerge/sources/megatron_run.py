@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 from .. import jsonfile
 from ..errors import CheckpointError, ConfigError, StreammergeError, UnsupportedLayoutError
-from .picklescan import oversized_memo
+from .picklescan import deep_stack, nesting_bound, oversized_memo
 from .torchzip import read_directory, read_record
 
 if TYPE_CHECKING:
@@ -114,9 +114,11 @@ def inert_loads(data: bytes) -> Any:
     if why:
         raise pickle.UnpicklingError(why)
     try:
-        return _Inert(data).load()
+        return deep_stack(_Inert(data).load, nesting_bound(data))
     except pickle.UnpicklingError:
         raise
+    except CheckpointError as e:  # no thread to unpickle it on
+        raise pickle.UnpicklingError(str(e)) from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError,
             RecursionError) as e:
         raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from None

@@ -26,6 +26,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
 from .base import Piece, ReadStats
+from .picklescan import torch_load
 from .torchpickle import check_storages, named_storages
 from .torchzip import check_torch_records, data_offsets, read_directory, read_record
 
@@ -71,7 +72,9 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     try:
         with warnings.catch_warnings(), _quiet("torch.distributed.device_mesh"):
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="meta", weights_only=not trust_pickle, mmap=False)
+            obj = torch_load(path, map_location="meta", weights_only=not trust_pickle, mmap=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")

@@ -28,6 +28,7 @@ from typing import Any
 from ..checksum import crc32
 from ..errors import CheckpointError
 from .base import Oracle, bytes_rows
+from .picklescan import torch_load
 from .rankfile import row_major_coordinate
 
 Box = tuple[tuple[int, int], ...]
@@ -124,7 +125,7 @@ class VerlOracle(Oracle):
 
         try:
             with _quiet_mesh_log():
-                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                obj = torch_load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch refuses it: the merge's reader must not have accepted it either
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it ({why})") from None
