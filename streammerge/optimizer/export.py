@@ -25,6 +25,9 @@ def walk_state(entry: Mapping, prefix: str = "", _seen: set[int] | None = None):
     """
     seen = _seen if _seen is not None else {id(entry)}
     for k, v in entry.items():
+        if not isinstance(k, (str, int)):  # a tuple may nest deeper than str() can follow
+            raise CheckpointError(f"optimizer state {prefix.rstrip('.')!r} has a {type(k).__name__} key (not an "
+                                  "optimizer's state; a crafted file?)")
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             if id(v) in seen or key.count(".") > 64:

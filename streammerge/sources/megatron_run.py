@@ -143,7 +143,8 @@ def namespace_fields(value: Any) -> dict[str, Any] | None:
     state = value.state
     if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
         state = {**(state[0] or {}), **(state[1] or {})}
-    return {str(k): v for k, v in state.items()} if isinstance(state, dict) else {}
+    # getattr reaches only string names; str() of another key could recurse past the limit (a tuple nested deep)
+    return {k: v for k, v in state.items() if isinstance(k, str)} if isinstance(state, dict) else {}
 
 
 # ---------------------------------------------------------------- what the run recorded
@@ -412,6 +413,8 @@ def _check_one(a: Arch, cfg: Mapping[str, Any], r: Recorded, where: str) -> None
 def _show(v: Any) -> str:
     """A recorded value as a message shows it; containers a few levels deep at most (the unpickler builds any depth,
     which str would recurse through past Python's limit)."""
+    if isinstance(v, dict) and not all(isinstance(k, (str, int, float)) for k in v):
+        v = list(v.items())  # reprlib looks each key up again, hashing a tuple key as deep as it nests
     if isinstance(v, (tuple, list, dict, set, frozenset)):
         return reprlib.repr(v)[:60]
     return (repr(v) if isinstance(v, str) else str(v))[:60]

@@ -310,9 +310,11 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
     obj = torch_load_meta(path, trust_pickle=trust_pickle)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    tensors, other = {}, {}
+    tensors: dict[str, TensorRecord] = {}
+    other: dict = {}  # non-tensor entries, under any key _KEYS allows
     records = storage_records(path)
     for name, value in obj.items():
+        _check_key(name, path)
         if not isinstance(name, str) or not _is_torch_tensor(value):
             if _holds_tensor(value):
                 what = (f"entry {name!r} holds tensors inside a {type(value).__name__}" if isinstance(name, str)
@@ -336,6 +338,17 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
                 )
             tensors[name] = rec
     return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns, tensors=tensors, other=other)
+
+
+_KEYS = (str, int, float, bytes, type(None))  # the keys a state dict may hold: hashed without recursion
+
+
+def _check_key(name: Any, path: Path) -> None:
+    """Refuse a key of another type before anything hashes it again: a tuple may nest deeper than this thread's
+    stack can hash (the unpickler's thread had a stack for it)."""
+    if not isinstance(name, _KEYS):
+        raise CheckpointError(f"{path}: an entry under a {type(name).__name__} key; a model rank file maps names "
+                              "to tensors, and streammerge reads no other keys")
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -392,6 +405,7 @@ def records_from_state(obj: Any, offsets: dict[str, int], path: Path, rank: int,
     layouts: dict[tuple[int, int], tuple] = {}  # ids stay valid: `obj` keeps every object alive
     for name, v in obj.items():
         if not isinstance(name, str):
+            _check_key(name, path)
             return None
         if isinstance(v, mp.Local):
             local, placements, mesh_shape, coord, shape, dtype = v, None, None, None, v.shape, v.dtype

@@ -279,6 +279,8 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     if isinstance(state, tuple) and len(state) == 2:
         state = {**(state[0] or {}), **(state[1] or {})}
     ret.state = dict(state or {})
+    if not all(isinstance(k, str) for k in ret.state):  # torch sets each as an attribute
+        raise Malformed("a tensor's state under a key that is no attribute name")
     return ret
 
 
