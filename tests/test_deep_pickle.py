@@ -15,11 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from ckpt_tools import rewrite_with_torch
 from torch.distributed.tensor import Shard
 
 import streammerge
@@ -30,18 +30,6 @@ DEEP = b")" + b"\x85" * 300_000  # EMPTY_TUPLE, then TUPLE1 300,000 times: (((()
 SENTINEL = b"X\x08\x00\x00\x00SENTINEL"  # the string "SENTINEL" as protocol 2 pickles it
 CODE = Path(streammerge.__file__).resolve().parents[1]  # the children run the streammerge this test imported
 MEGATRON = Path(__file__).resolve().parent / "data" / "megatron" / "llama_tp2_pp2"
-
-
-def _rewrite(path: Path, edit) -> None:
-    """Write a torch zip file again through torch's own writer, each record edited."""
-    with zipfile.ZipFile(path) as z:
-        items = [(i.filename.split("/", 1)[1], z.read(i)) for i in z.infolist()]
-    w = torch._C.PyTorchFileWriter(str(path))
-    for name, b in items:
-        if name not in ("version", ".data/version", ".data/serialization_id"):  # the writer adds its own
-            b = edit(name, b)
-            w.write_record(name, b, len(b))
-    w.write_end_of_file()
 
 
 def _deep_key(pickled: bytes) -> bytes:
@@ -55,7 +43,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("deep")
     rank = write_rank_files(root / "verl", {"a.weight": (torch.ones(6, 4), [Shard(0)]), "SENTINEL": torch.ones(5)},
                             (2,))
-    _rewrite(rank / "model_world_size_2_rank_0.pt", lambda n, b: _deep_key(b) if n == "data.pkl" else b)
+    rewrite_with_torch(rank / "model_world_size_2_rank_0.pt", lambda n, b: _deep_key(b) if n == "data.pkl" else b)
 
     import torch.distributed.checkpoint as dcp
 
@@ -67,7 +55,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run = shutil.copytree(MEGATRON, root / "megatron")
     args = argparse.Namespace(num_layers={"SENTINEL": 1}, hidden_size=32, params_dtype=torch.float32)
     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 1}, run / "common.pt")
-    _rewrite(run / "common.pt", lambda n, b: _deep_key(b) if n == "data.pkl" else b)
+    rewrite_with_torch(run / "common.pt", lambda n, b: _deep_key(b) if n == "data.pkl" else b)
     return {"verl": rank, "dcp": root / "dcp", "megatron": run}
 
 
@@ -126,7 +114,7 @@ def test_a_deep_key_in_a_dtensors_state_on_the_rank_matcher(ckpts: dict[str, Pat
     folder = write_rank_files(tmp_path / "verl", {f"l{i}.weight": (torch.ones(6, 4), [Shard(0)]) for i in range(3)},
                               (2,))
     state = b"N}q\x11(X\r\x00\x00\x00_local_tensor"  # the first DTensor's state: (None, {"_local_tensor": ...})
-    _rewrite(folder / "model_world_size_2_rank_1.pt",
+    rewrite_with_torch(folder / "model_world_size_2_rank_1.pt",
              lambda n, b: b.replace(state, state[:5] + DEEP + b"K\x01" + state[5:], 1) if n == "data.pkl" else b)
     code = ("from pathlib import Path\nfrom streammerge.sources.rankset import load_ranks\n"
             f"load_ranks(sorted(Path({str(folder)!r}).glob('*.pt')), 2, match_min_records=0)\n")
@@ -168,3 +156,15 @@ def test_no_thread_with_the_stack_is_a_one_line_refusal() -> None:
 
     with pytest.raises(CheckpointError, match="could nest tuples 100000000 deep, more than streammerge unpickles"):
         deep_stack(lambda: None, 100_000_000)
+
+
+def test_verifys_oracle_names_no_entry_under_a_deep_key() -> None:
+    """A rank file's entry holding no tensor, a dict under a deep key inside (the merge leaves it out): verify's
+    oracle, which names nested entries by joining their keys, skips the key instead of recursing through str()."""
+    from streammerge.sources.picklescan import deep_stack, nesting_bound
+    from streammerge.sources.verl_oracle import _flat
+
+    data = b"\x80\x02}(X\x02\x00\x00\x00zz}" + DEEP + b"K\x01sX\x01\x00\x00\x00wK\x02u."  # {"zz": {deep: 1}, "w": 2}
+    state = deep_stack(lambda: pickle.loads(data), nesting_bound(data))
+    assert dict(_flat(state)) == {"w": 2}
+    assert dict(_flat({"state": {((),): {"step": 1}, 0: {"step": 2}}, "param_groups": []})) == {"state.0.step": 2}
