@@ -115,8 +115,9 @@ def test_a_deep_key_in_a_dtensors_state_on_the_rank_matcher(ckpts: dict[str, Pat
     folder = write_rank_files(tmp_path / "verl", {f"l{i}.weight": (torch.ones(6, 4), [Shard(0)]) for i in range(3)},
                               (2,))
     state = b"N}q\x11(X\r\x00\x00\x00_local_tensor"  # the first DTensor's state: (None, {"_local_tensor": ...})
+    deep_first = state[:5] + DEEP + b"K\x01" + state[5:]  # after the MARK: {deep: 1, "_local_tensor": ...}
     rewrite_with_torch(folder / "model_world_size_2_rank_1.pt",
-             lambda n, b: b.replace(state, state[:5] + DEEP + b"K\x01" + state[5:], 1) if n == "data.pkl" else b)
+                       lambda n, b: b.replace(state, deep_first, 1) if n == "data.pkl" else b)
     code = ("from pathlib import Path\nfrom streammerge.sources.rankset import load_ranks\n"
             f"load_ranks(sorted(Path({str(folder)!r}).glob('*.pt')), 2, match_min_records=0)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=CODE, capture_output=True, text=True, timeout=300,
