@@ -100,7 +100,6 @@ def load_optimizer_state_dict(path: str | Path, *, flatten_state: bool = False) 
     `optimizer/`). `flatten_state=True` gives torch's flattened form instead. Feed either to
     `torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`.
     """
-
     folder = _export_dir(Path(path))
     if (folder / OPTIMIZER_INDEX).is_file():
         osd = _load_safetensors_export(folder)
