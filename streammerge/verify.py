@@ -48,6 +48,7 @@ from .sources import Source, open_checkpoint
 from .sources.base import Oracle, bytes_rows, open_checkpoint_file, pread_into, row_major
 from .sources.hf import INDEX, SINGLE
 from .sources.lora import ADAPTER_CONFIG
+from .sources.picklescan import torch_load
 from .sources.verl_oracle import zip_records
 from .write.manifest import MANIFEST, STATE_DIR, Manifest, crc32_file, sha256_file
 from .write.safetensors_format import CODE_DTYPES, read_header
@@ -425,7 +426,7 @@ def _check_torch_pickle(path: Path, rel: str, plan: Plan, fp: FilePlan, report: 
         values = jsonfile.loads(plan.index_metadata.get("state_values", "{}"))
         want = nest({**{n: torch.empty(plan.tensors[n].shape, dtype=plan.tensors[n].dtype.torch(), device="meta")
                         for n in fp.names}, **values}, groups)
-        got = torch.load(path, map_location="meta", weights_only=True)
+        got = torch_load(path, map_location="meta", weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch's reader refuses a damaged file in many ways)
         first = (str(e).splitlines() or [""])[0][:160]
         report.fail(f"{rel}: torch.load cannot read it as the merge writes it ({first})")
@@ -961,13 +962,12 @@ def _check_optimizer_groups(out: Path, p: Plan, report: VerifyReport) -> None:
                         f"({(str(e).splitlines() or [''])[0][:120]})")
             return
     elif pt.is_file() and "param_groups" in want:
-        import torch
 
         from .optimizer.export import nest
 
         rel = f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}"
         try:
-            got = {"param_groups": torch.load(pt, map_location="cpu", mmap=True, weights_only=True)["param_groups"]}
+            got = {"param_groups": torch_load(pt, map_location="cpu", mmap=True, weights_only=True)["param_groups"]}
         except Exception as e:  # noqa: BLE001  (torch's reader refuses a damaged file in many ways)
             report.fail(f"{rel}: torch.load cannot read its param groups ({(str(e).splitlines() or [''])[0][:120]})")
             return

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ckpt_tools import rewrite_with_torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.distributed.tensor import DTensor, Shard
@@ -576,19 +577,6 @@ def _build_on_global(global_line: bytes, state: bytes):
         at = b.index(b"c" + global_line) + 1 + len(global_line)
         return b[:at] + state + b"b" + b[at:]
     return edit
-
-
-def rewrite_with_torch(path: Path, edit) -> None:
-    """Write the file again through torch's own zip writer (its alignment, its records), data.pkl edited: where
-    `repack`'s layout sends a file to the stricter checks, this one stays a file torch.save could have written."""
-    with zipfile.ZipFile(path) as z:
-        items = [(i.filename.split("/", 1)[1], z.read(i)) for i in z.infolist()]
-    w = torch._C.PyTorchFileWriter(str(path))
-    for name, b in items:
-        if name not in ("version", ".data/version", ".data/serialization_id"):  # the writer adds its own
-            b = edit(name, b)
-            w.write_record(name, b, len(b))
-    w.write_end_of_file()
 
 
 @pytest.mark.parametrize("case", ["as_saved", "records_in_another_order", "storage_named_smaller"])

@@ -14,6 +14,7 @@ from typing import Any
 from .. import jsonfile
 from ..errors import CheckpointError, StreammergeError
 from ..paths import user_path
+from ..sources.picklescan import torch_load
 from . import OPTIMIZER_DIR, OPTIMIZER_INDEX, OPTIMIZER_PT
 
 
@@ -24,6 +25,9 @@ def walk_state(entry: Mapping, prefix: str = "", _seen: set[int] | None = None):
     """
     seen = _seen if _seen is not None else {id(entry)}
     for k, v in entry.items():
+        if not isinstance(k, (str, int)):  # a tuple may nest deeper than str() can follow
+            raise CheckpointError(f"optimizer state {prefix.rstrip('.')!r} has a {type(k).__name__} key (not an "
+                                  "optimizer's state; a crafted file?)")
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             if id(v) in seen or key.count(".") > 64:
@@ -96,13 +100,11 @@ def load_optimizer_state_dict(path: str | Path, *, flatten_state: bool = False) 
     `optimizer/`). `flatten_state=True` gives torch's flattened form instead. Feed either to
     `torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`.
     """
-    import torch
-
     folder = _export_dir(Path(path))
     if (folder / OPTIMIZER_INDEX).is_file():
         osd = _load_safetensors_export(folder)
     else:
-        osd = torch.load(folder / OPTIMIZER_PT, map_location="cpu", mmap=True, weights_only=True)
+        osd = torch_load(folder / OPTIMIZER_PT, map_location="cpu", mmap=True, weights_only=True)
     return flatten(osd) if flatten_state else osd
 
 

@@ -71,6 +71,9 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
         if not (isinstance(params, list) and all(type(i) is int for i in params)):
             raise CheckpointError(f"{path}: not an optimizer state dict (a param group that is not a dict with a "
                                   "'params' list of parameter indices)")
+    for pid in state:  # before any is hashed again: a tuple key may nest deeper than this thread's stack can hash
+        if not isinstance(pid, int):
+            raise Skip(f"{path.name}: optimizer state keyed by {type(pid).__name__}, not by parameter index")
     orphans = sorted(set(state) - {i for g in groups for i in g["params"]}, key=str)
     if orphans:
         raise CheckpointError(f"{path}: optimizer state entry {orphans[0]!r} is in no param group (a damaged or "

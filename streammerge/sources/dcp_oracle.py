@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from .base import Oracle, pread_into
-from .picklescan import oversized_memo
+from .picklescan import deep_stack, nesting_bound, oversized_memo, torch_load
 
 Box = tuple[tuple[int, int], ...]
 CACHE_CHUNKS = 4096  # where chunks lie (a few numbers each), for the boxes still to come
@@ -74,8 +74,8 @@ def load_metadata(folder: Path) -> Any:
         why = oversized_memo(data)
         if why:
             raise ValueError(why)
-        return _TorchClasses(io.BytesIO(data)).load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+        return deep_stack(_TorchClasses(io.BytesIO(data)).load, nesting_bound(data))
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, CheckpointError) as e:
         raise CheckpointError(f"{path}: torch's DCP classes cannot read it ({e})") from None
 
 
@@ -173,7 +173,7 @@ class DcpOracle(Oracle):
 
         with ItemFile(path, info.offset, info.length) as f:
             try:
-                t = torch.load(f, map_location=device, weights_only=True)  # type: ignore[arg-type]
+                t = torch_load(f, map_location=device, weights_only=True)
                 f.seek(0)
                 reader = torch._C.PyTorchFileReader(f)  # type: ignore[call-overload]  # as torch.load above
                 records = [r for r in reader.get_all_records() if r.startswith("data/")]

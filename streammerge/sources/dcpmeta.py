@@ -26,7 +26,7 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError, UnsupportedLayoutError
-from .picklescan import oversized_memo
+from .picklescan import deep_stack, nesting_bound, oversized_memo
 
 METADATA_FILE = ".metadata"
 METADATA_TMP = ".metadata.tmp"  # what dcp.save writes, then renames to .metadata
@@ -220,7 +220,7 @@ def _unpickle(data: bytes, where: Path) -> Any:
     if why:
         raise CheckpointError(f"{where}: corrupt pickle ({why}); copy it again")
     try:
-        return _Unpickler(io.BytesIO(data)).load()
+        return deep_stack(_Unpickler(io.BytesIO(data)).load, nesting_bound(data))
     except UnsupportedLayoutError as e:
         raise UnsupportedLayoutError(f"{where}: {e}") from None
     except CheckpointError as e:

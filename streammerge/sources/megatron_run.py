@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 from .. import jsonfile
 from ..errors import CheckpointError, ConfigError, StreammergeError, UnsupportedLayoutError
-from .picklescan import oversized_memo
+from .picklescan import deep_stack, nesting_bound, oversized_memo
 from .torchzip import read_directory, read_record
 
 if TYPE_CHECKING:
@@ -114,9 +114,11 @@ def inert_loads(data: bytes) -> Any:
     if why:
         raise pickle.UnpicklingError(why)
     try:
-        return _Inert(data).load()
+        return deep_stack(_Inert(data).load, nesting_bound(data))
     except pickle.UnpicklingError:
         raise
+    except CheckpointError as e:  # no thread to unpickle it on
+        raise pickle.UnpicklingError(str(e)) from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError,
             RecursionError) as e:
         raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from None
@@ -141,7 +143,8 @@ def namespace_fields(value: Any) -> dict[str, Any] | None:
     state = value.state
     if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
         state = {**(state[0] or {}), **(state[1] or {})}
-    return {str(k): v for k, v in state.items()} if isinstance(state, dict) else {}
+    # getattr reaches only string names; str() of another key could recurse past the limit (a tuple nested deep)
+    return {k: v for k, v in state.items() if isinstance(k, str)} if isinstance(state, dict) else {}
 
 
 # ---------------------------------------------------------------- what the run recorded
@@ -410,6 +413,8 @@ def _check_one(a: Arch, cfg: Mapping[str, Any], r: Recorded, where: str) -> None
 def _show(v: Any) -> str:
     """A recorded value as a message shows it; containers a few levels deep at most (the unpickler builds any depth,
     which str would recurse through past Python's limit)."""
+    if isinstance(v, dict) and not all(isinstance(k, (str, int, float)) for k in v):
+        v = list(v.items())  # reprlib looks each key up again, hashing a tuple key as deep as it nests
     if isinstance(v, (tuple, list, dict, set, frozenset)):
         return reprlib.repr(v)[:60]
     return (repr(v) if isinstance(v, str) else str(v))[:60]

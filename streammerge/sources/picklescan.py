@@ -4,15 +4,26 @@ The rank matcher compares pickles byte for byte, except for a few tokens that di
 nothing to a merge (the device a rank saved from, a cached hash). A token is only a token where an
 opcode starts; the same bytes inside a tensor name or an integer's operand are data. This walk says
 which positions are opcode starts, and which opcodes begin each key of the state dict.
+
+Every reader of a pickle from a checkpoint unpickles it through `deep_stack`: CPython hashes a nested tuple by C
+recursion with no depth limit, and an unpickler hashes each dict key it sets, so a key nested a few hundred thousand
+deep (as many bytes) would overflow a thread's stack and kill the process.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import pickletools
 import re
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from ..errors import CheckpointError
+
+T = TypeVar("T")
 
 _GLOBAL_LIKE = (ord("c"), ord("i"))  # GLOBAL, INST: two newline-terminated arguments
 _SETITEM, _SETITEMS, _STOP = ord("s"), ord("u"), ord(".")
@@ -177,3 +188,70 @@ def _walk(data: bytes, opcodes: frozenset[int]) -> str | None:
     except (IndexError, ValueError, struct.error):
         pass
     return None
+
+
+_TUPLE_OPCODES = (b"t", b"\x85", b"\x86", b"\x87")  # TUPLE, TUPLE1, TUPLE2, TUPLE3: one level of nesting each
+_STACK_BASE = 16 << 20  # the unpickler's own frames (torch's is Python) and what they call, besides hashing
+_STACK_PER_LEVEL = 128  # C stack one level of tuple hashing takes, with room for other builds of CPython
+_STACK_MAX = 8 << 30  # address space only: a stack is reserved whole and touched as deep as it is used
+_stack_size_lock = threading.Lock()  # threading.stack_size is process-wide: set for one thread start at a time
+
+
+def nesting_bound(data: bytes) -> int:
+    """How deep the tuples of this pickle can nest, at most: its tuple opcodes' bytes, counted wherever they occur
+    (in strings too), so the count is cheap and never too low."""
+    return sum(map(data.count, _TUPLE_OPCODES))
+
+
+def deep_stack(call: Callable[[], T], depth: int) -> T:
+    """`call()` on a thread whose stack can hash tuples nested `depth` deep; what it returns, or what it raises.
+
+    A one-line CheckpointError (naming no file: callers add it) when no such thread can start, or when the stack
+    it needs is past what is reserved for any pickle. What `call` returns must not be hashed again on another
+    thread where it may hold such tuples: readers refuse keys of the wrong type before using them as keys.
+    """
+    size = _STACK_BASE + _STACK_PER_LEVEL * depth
+    if size > _STACK_MAX:
+        raise CheckpointError(f"its pickle could nest tuples {depth} deep, more than streammerge unpickles (a crafted "
+                              "or damaged file)")
+    returned: list[T] = []
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            returned.append(call())
+        except BaseException as e:  # handed to the caller's thread as it is
+            raised.append(e)
+
+    thread = threading.Thread(target=run, name="streammerge-unpickle", daemon=True)
+    try:
+        with _stack_size_lock:
+            before = threading.stack_size(size)
+            try:
+                thread.start()
+            finally:
+                threading.stack_size(before)
+    except (RuntimeError, ValueError, MemoryError) as e:
+        raise CheckpointError(f"no thread with a {size >> 20} MiB stack can start to unpickle it ({e}), and a pickle "
+                              f"whose tuples may nest {depth} deep needs one; raise the address-space limit "
+                              "(ulimit -v)") from None
+    thread.join()
+    if raised:
+        raise raised[0]
+    return returned[0]
+
+
+def torch_load(f: Any, **kwargs: Any) -> Any:
+    """`torch.load(f, **kwargs)` through `deep_stack`, sized by the data.pkl torch's own zip reader finds in `f` (a
+    path or a seekable file, left at its start)."""
+    import torch
+
+    try:
+        pkl = torch._C.PyTorchFileReader(f if hasattr(f, "read") else str(f)).get_record("data.pkl")
+        depth = nesting_bound(pkl)
+    except RuntimeError:  # not a zip torch reads: a legacy file, one pickle stream (its tensors' bytes are after it)
+        depth = f.seek(0, 2) if hasattr(f, "read") else os.path.getsize(f)
+    finally:
+        if hasattr(f, "read"):
+            f.seek(0)
+    return deep_stack(lambda: torch.load(f, **kwargs), depth)

@@ -26,6 +26,7 @@ from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
 from .base import Piece, ReadStats
+from .picklescan import torch_load
 from .torchpickle import check_storages, named_storages
 from .torchzip import check_torch_records, data_offsets, read_directory, read_record
 
@@ -71,7 +72,9 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
     try:
         with warnings.catch_warnings(), _quiet("torch.distributed.device_mesh"):
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="meta", weights_only=not trust_pickle, mmap=False)
+            obj = torch_load(path, map_location="meta", weights_only=not trust_pickle, mmap=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
@@ -307,9 +310,11 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
     obj = torch_load_meta(path, trust_pickle=trust_pickle)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    tensors, other = {}, {}
+    tensors: dict[str, TensorRecord] = {}
+    other: dict = {}  # non-tensor entries, under any key _KEYS allows
     records = storage_records(path)
     for name, value in obj.items():
+        _check_key(name, path)
         if not isinstance(name, str) or not _is_torch_tensor(value):
             if _holds_tensor(value):
                 what = (f"entry {name!r} holds tensors inside a {type(value).__name__}" if isinstance(name, str)
@@ -333,6 +338,17 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
                 )
             tensors[name] = rec
     return RankFile(path=Path(path), rank=rank, size=st.st_size, mtime_ns=st.st_mtime_ns, tensors=tensors, other=other)
+
+
+_KEYS = (str, int, float, bytes, type(None))  # the keys a state dict may hold: hashed without recursion
+
+
+def _check_key(name: Any, path: Path) -> None:
+    """Refuse a key of another type before anything hashes it again: a tuple may nest deeper than this thread's
+    stack can hash (the unpickler's thread had a stack for it)."""
+    if not isinstance(name, _KEYS):
+        raise CheckpointError(f"{path}: an entry under a {type(name).__name__} key; a model rank file maps names "
+                              "to tensors, and streammerge reads no other keys")
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -389,6 +405,7 @@ def records_from_state(obj: Any, offsets: dict[str, int], path: Path, rank: int,
     layouts: dict[tuple[int, int], tuple] = {}  # ids stay valid: `obj` keeps every object alive
     for name, v in obj.items():
         if not isinstance(name, str):
+            _check_key(name, path)
             return None
         if isinstance(v, mp.Local):
             local, placements, mesh_shape, coord, shape, dtype = v, None, None, None, v.shape, v.dtype

@@ -678,8 +678,10 @@ def _mesh_owned(memo: dict) -> set[int]:
     owned: set[int] = set()
     states = [v.__dict__ for v in memo.values() if type(v) is mp.DeviceMesh]
     stack = list(states)
-    for v in memo.values():  # the state dict each mesh was built from (BUILD copied its items)
-        if isinstance(v, dict) and any(all(k in s and s[k] is x for k, x in v.items()) for s in states):
+    for v in memo.values():  # the state dict each mesh was built from (BUILD copied its items); names only, as
+        # hashing another key again could recurse past this thread's stack (a tuple nested deep)
+        if isinstance(v, dict) and any(all(isinstance(k, str) and k in s and s[k] is x for k, x in v.items())
+                                       for s in states):
             stack.append(v)
     while stack:
         v = stack.pop()

@@ -26,7 +26,7 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError
-from .picklescan import beyond_torch
+from .picklescan import beyond_torch, deep_stack, nesting_bound
 from .torchzip import Directory, check_torch_records, data_offsets, read_directory, read_record
 
 _DTYPES = {name: dtypes.of(name) for name in (
@@ -279,6 +279,8 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     if isinstance(state, tuple) and len(state) == 2:
         state = {**(state[0] or {}), **(state[1] or {})}
     ret.state = dict(state or {})
+    if not all(isinstance(k, str) for k in ret.state):  # torch sets each as an attribute
+        raise Malformed("a tensor's state under a key that is no attribute name")
     return ret
 
 
@@ -486,9 +488,9 @@ def named_storages(data: bytes) -> dict[str, tuple[DType | None, int]] | None:
     anything; None if the pickle cannot be read so."""
     reader = _StorageReader(io.BytesIO(data))
     try:
-        reader.load()
+        deep_stack(reader.load, nesting_bound(data))
     except (NotPlain, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, OverflowError, RecursionError, struct.error):
+            MemoryError, OverflowError, RecursionError, struct.error, CheckpointError):
         return None
     return reader.storages
 
@@ -521,10 +523,12 @@ def _decode(data: bytes, memo: bool) -> tuple[Any, dict | None, dict[str, tuple[
     gc.disable()  # millions of small acyclic objects: the cyclic collector would rescan them again and again
     try:
         u = _Unpickler(io.BytesIO(data))
-        obj = u.load()
+        obj = deep_stack(u.load, nesting_bound(data))
         return obj, (u.memo.copy() if memo else None), u.storages
     except NotPlain:
         raise
+    except CheckpointError as e:  # no thread to unpickle it on: torch.load's reading of the file says so, naming it
+        raise NotPlain(str(e)) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             MemoryError, OverflowError, RecursionError) as e:
         raise NotPlain(f"corrupt pickle ({type(e).__name__}: {e})") from None

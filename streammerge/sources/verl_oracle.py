@@ -28,6 +28,7 @@ from typing import Any
 from ..checksum import crc32
 from ..errors import CheckpointError
 from .base import Oracle, bytes_rows
+from .picklescan import torch_load
 from .rankfile import row_major_coordinate
 
 Box = tuple[tuple[int, int], ...]
@@ -124,7 +125,7 @@ class VerlOracle(Oracle):
 
         try:
             with _quiet_mesh_log():
-                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                obj = torch_load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch refuses it: the merge's reader must not have accepted it either
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses it ({why})") from None
@@ -590,6 +591,9 @@ def _unmap_span(view: Any) -> None:
     _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
+_NAMES = (str, int)  # keys that make names; the merge reads nothing under another (str() of a deep tuple recurses)
+
+
 def _flat(obj: Any, prefix: str = "", seen: set[int] | None = None) -> Any:
     """A model state dict as is; an optimizer's nested state as `state.<int>.<key>` (as the optimizer plan names it).
 
@@ -601,9 +605,12 @@ def _flat(obj: Any, prefix: str = "", seen: set[int] | None = None) -> Any:
     seen.add(id(obj))
     if isinstance(obj, dict) and "state" in obj and "param_groups" in obj and not prefix:
         for pid, entry in obj["state"].items():
-            yield from _flat(entry, f"state.{pid}.", seen)
+            if isinstance(pid, _NAMES):
+                yield from _flat(entry, f"state.{pid}.", seen)
         return
     for k, v in (obj.items() if isinstance(obj, dict) else ()):
+        if not isinstance(k, _NAMES):
+            continue
         if isinstance(v, dict):
             yield from _flat(v, f"{prefix}{k}.", seen)
         else:

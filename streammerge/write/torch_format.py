@@ -26,6 +26,7 @@ from ..checksum import crc32
 from ..errors import VerifyError
 from ..optimizer.export import flatten, nest
 from ..sources.base import row_major
+from ..sources.picklescan import torch_load
 from .writer import OutputFile, _drop_cache, fill_window, output_error, tmp_path, windows
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class _Sink:
 
 def _record_offsets(tmp: Path, tensors: dict) -> list[tuple[int, object]]:
     """(byte offset in the file, TensorPlan) for every record, in file order."""
-    loaded = flatten(torch.load(tmp, map_location="meta", weights_only=True))
+    loaded = flatten(torch_load(tmp, map_location="meta", weights_only=True))
     out = []
     for name, t in tensors.items():
         meta = loaded.get(name)
