@@ -962,7 +962,6 @@ def _check_optimizer_groups(out: Path, p: Plan, report: VerifyReport) -> None:
                         f"({(str(e).splitlines() or [''])[0][:120]})")
             return
     elif pt.is_file() and "param_groups" in want:
-
         from .optimizer.export import nest
 
         rel = f"{OPTIMIZER_DIR}/{OPTIMIZER_PT}"

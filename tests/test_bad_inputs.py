@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_tools import REPO, copy_actor, device_mesh, rewrite_rank, snapshot
+from ckpt_tools import REPO, copy_actor, device_mesh, rewrite_rank, run_together, snapshot
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -344,6 +344,21 @@ def test_a_foreign_folder_is_refused_before_planning(make_ckpt, tmp_path):
                        timeout=120)
     assert "not empty" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert r.stdout == "2 []\n" and [p.name for p in out.iterdir()] == ["thesis.tex"], r.stdout
+
+
+def test_a_pipe_as_the_manifest_is_refused_never_read(make_ckpt, tmp_path):
+    """OUT/.streammerge/manifest.json as a pipe: merge and verify say so in one line; opening it to read would wait
+    for a writer for ever."""
+    out = tmp_path / "out"
+    (out / ".streammerge").mkdir(parents=True)
+    os.mkfifo(out / ".streammerge" / "manifest.json")
+    ckpt = make_ckpt(world_size=WS, shard_placement="first_divisible")
+    env = {**os.environ, "PYTHONPATH": str(Path(streammerge.__file__).parents[1])}  # the code under test
+    merged, verified = run_together([sys.executable, "-m", "streammerge", str(ckpt), str(out), "--no-optimizer"],
+                                    [sys.executable, "-m", "streammerge", "verify", str(out)], env=env, timeout=60)
+    for r, code in ((merged, 2), (verified, 1)):
+        assert r.returncode == code and "manifest.json: not a file (a pipe" in r.stderr + r.stdout, r.stderr
+    assert merged.stderr.count("\n") == 1, merged.stderr
 
 
 @pytest.mark.parametrize("where", ["actor", "actor/huggingface", "actor/new/deeper"])

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -369,5 +371,21 @@ def test_a_link_or_a_pipe_as_the_state_lock_is_refused(actors, tmp_path):
             watcher.run(once=True, interval=0.1)
         assert list(elsewhere.iterdir()) == [] and watcher.done_steps() == {}
         lock.unlink()
+    state = run / STATE_FILE  # the state itself as a pipe: named, never opened to read (that waits for a writer)
+    os.mkfifo(state)
+    looked: list = []
+    look = threading.Thread(target=lambda: looked.append(_raised(watcher.done_steps)), daemon=True)
+    look.start()
+    look.join(30)
+    assert looked and re.search(r"\.streammerge-watch\.json: not a file \(a pipe", str(looked[0])), looked
+    state.unlink()
     assert [(r.step, r.ok) for r in watcher.run(once=True, interval=0.1)] == [(1, True)]
     assert list(watcher.done_steps()) == [1] and lock.is_file() and not lock.is_symlink()
+
+
+def _raised(call) -> BaseException | None:
+    try:
+        call()
+    except BaseException as e:  # noqa: BLE001 - the test looks at what it was
+        return e
+    return None

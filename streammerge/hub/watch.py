@@ -26,7 +26,7 @@ from typing import Any
 from .. import jsonfile
 from ..errors import CheckpointError, ConfigError, StreammergeError
 from ..options import MergeOptions
-from ..paths import user_path
+from ..paths import NotAFile, read_small, user_path
 from ..pipeline import merge
 from ..sources import LATEST_FILE, Source, open_checkpoint, read_tracker
 from ..write.transaction import open_lock
@@ -149,9 +149,14 @@ class Watcher:
 
     def _read_state(self) -> dict:
         try:
-            state = jsonfile.loads(self.state_file.read_text())
-        except FileNotFoundError:
+            data = read_small(self.state_file)
+        except NotAFile as e:
+            raise StreammergeError(f"{e}, where the watcher keeps its state; remove it (the watcher then looks at "
+                                   "every step again)") from None
+        if data is None:
             return {"version": 1, "targets": {}}
+        try:
+            state = jsonfile.loads(data.decode())
         except ValueError:
             state = None
         if not (isinstance(state, dict) and isinstance(state.setdefault("targets", {}), dict)

@@ -9,13 +9,11 @@ also looks just below: veRL Megatron's `dist_ckpt/` and `model/dist_ckpt/`, prim
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..paths import user_path
+from ..paths import NotAFile, read_small, user_path
 from . import dcp, verl
 from .base import Piece, ReadStats, Source, SourceTensor
 
@@ -38,16 +36,11 @@ def open_checkpoint(path: str | Path) -> Source:
 def read_tracker(folder: Path) -> str | None:
     """The text of `folder`'s tracker file, stripped; None where there is none. A pipe there is refused, never read:
     reading one waits for a writer (a watcher would wait at every look, a merge for ever)."""
-    path = folder / LATEST_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # opening a pipe to read waits too
-    except FileNotFoundError:
-        return None
-    with open(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(f"{path}: not a file (a pipe, a device or a folder); the tracker is the trainer's "
-                                  "text file naming its latest step")
-        return fh.read().decode(errors="replace").strip()
+        data = read_small(folder / LATEST_FILE)
+    except NotAFile as e:
+        raise CheckpointError(f"{e}; the tracker is the trainer's text file naming its latest step") from None
+    return None if data is None else data.decode(errors="replace").strip()
 
 
 def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:

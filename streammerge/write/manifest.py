@@ -14,6 +14,7 @@ from typing import Any
 from .. import jsonfile
 from ..checksum import crc32
 from ..errors import OutputError
+from ..paths import NotAFile, read_small
 from .writer import OutputFile, output_error
 
 STATE_DIR = ".streammerge"
@@ -51,9 +52,10 @@ class Manifest:
     def read(out_dir: Path) -> dict | None:
         path = out_dir / STATE_DIR / MANIFEST
         try:
-            return _checked(jsonfile.loads(path.read_text()), path)
-        except FileNotFoundError:
-            return None
+            data = read_small(path)
+            return None if data is None else _checked(jsonfile.loads(data.decode()), path)
+        except NotAFile as e:
+            raise OutputError(f"{e}, where streammerge keeps its manifest; remove it and rerun") from None
         except ValueError:
             raise OutputError(f"{path}: unreadable manifest (delete the output folder to start over)") from None
 
@@ -71,7 +73,10 @@ class Manifest:
             if p == self.path:
                 continue
             try:
-                data = _checked(jsonfile.loads(p.read_text()), p)
+                raw = read_small(p)
+                if raw is None:
+                    continue
+                data = _checked(jsonfile.loads(raw.decode()), p)
             except (OSError, ValueError):
                 continue  # a part being replaced right now; its rank lists it again when it finishes
             if data.get("fingerprint") == self.data["fingerprint"]:
