@@ -768,13 +768,7 @@ def _cached_float32(asked: Mapping[str, Any]) -> dict | None:
     """The float32 rules cached for this config (they do not depend on the weights' names): a small file of their
     own, `<config key>.float32.json`, so that a plan reads no whole answer."""
     key = _config_key(asked)
-    if key is None:
-        return None
-    try:
-        rules = json.loads((_cache_dir() / f"{key}.float32.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return rules if isinstance(rules, dict) else None
+    return None if key is None else _cache_read(f"{key}.float32.json")
 
 
 def _cache_float32(asked: Mapping[str, Any], rules: Mapping[str, Any]) -> None:
@@ -792,13 +786,16 @@ def _cache_dir() -> Path:
 
 def _cache_get(asked: Mapping[str, Any], names: list[str]) -> dict | None:
     key = _cache_key(asked, names)
-    if key is None:
-        return None
+    answer = None if key is None else _cache_read(f"{key}.json")
+    return answer if answer is not None and isinstance(answer.get("models"), list) else None
+
+
+def _cache_read(name: str) -> dict | None:
     try:
-        answer = json.loads((_cache_dir() / f"{key}.json").read_text())
+        data = json.loads((_cache_dir() / name).read_text())
     except (OSError, ValueError, RecursionError):
         return None
-    return answer if isinstance(answer, dict) and isinstance(answer.get("models"), list) else None
+    return data if isinstance(data, dict) else None
 
 
 def _cache_put(asked: Mapping[str, Any], names: list[str], answer: dict) -> None:
