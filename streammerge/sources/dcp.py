@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from .. import jsonfile
 from ..checksum import crc32
 from ..errors import CheckpointError, ConfigError, UnsupportedLayoutError
+from ..paths import NotAFile, read_small
 from . import torchpickle
 from .base import Oracle, Piece, ReadStats, Source, SourceTensor, no_readahead, open_checkpoint_file, step_of
 from .dcpmeta import METADATA_FILE, METADATA_TMP, DcpMetadata, TensorEntry, read_metadata
@@ -104,14 +105,13 @@ def open_dcp(folder: Path) -> Source:
 def megatron_backend(folder: Path) -> str | None:
     """Megatron-Core's `metadata.json` backend name, or None when the folder has none."""
     path = folder / MEGATRON_METADATA
-    if not path.is_file():
-        if path.exists():  # not read: a pipe would wait for a writer; not ignored: the layout would be guessed
-            raise CheckpointError(f"{path}: not a file (a pipe, a device or a folder); copy Megatron-Core's file "
-                                  "itself")
-        return None
     try:
-        meta = jsonfile.loads(path.read_text())
-        backend = meta["sharded_backend"]
+        data = read_small(path)  # a pipe is not read (it would wait), nor ignored (the layout would be guessed)
+        if data is None:
+            return None
+        backend = jsonfile.loads(data.decode())["sharded_backend"]
+    except NotAFile as e:
+        raise CheckpointError(f"{e}; copy Megatron-Core's file itself") from None
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise CheckpointError(f"{path}: not Megatron-Core checkpoint metadata ({e})") from None
     return str(backend)
