@@ -73,6 +73,7 @@ class MergePlan:
     generation: dict | None = None  # generation_config.json as written (transformers is asked whether it reads it)
     buffers: list[str] = field(default_factory=list)  # buffers older transformers saved, left out (legacy_buffers)
     float32: tuple[str, ...] = ()  # written in float32 where `dtype` would round them (keep_float32)
+    dtypes_pending: bool = False  # whether several kept dtypes are warned of waits for the check (several_dtypes)
 
     @property
     def weights(self) -> Plan:
@@ -132,9 +133,29 @@ class MergePlan:
             self.warnings.append(note)
         self.note_architecture(note)
         self._float32_differs()
+        if self.dtypes_pending:
+            self.several_dtypes((self.arch.answer or {}).get("fp32"))
         if self.config is not None:
             self.arch.remember_written(json.loads(config_bytes(self.config, self.dtype or self.saved_dtype())),
                                        self._weight_names)
+
+    def several_dtypes(self, rules: Any) -> None:
+        """Weights kept (`--dtype keep`) in several floating dtypes are warned of: transformers loads them all as
+        one. Not where config.json names the one half dtype and the float32 ones are just those transformers keeps
+        in float32 beside it (`rules`: `float32_rules`, e.g. a bfloat16 model's float32 router)."""
+        self.dtypes_pending = False
+        kept = sorted(d.name for d in self.kept_dtypes())
+        if self.config is None or self.dtype is not None or len(kept) < 2:
+            return
+        named = resolve_dtype("auto", self.config)
+        if isinstance(rules, dict) and len(kept) == 2 and "float32" in kept and named is not None and \
+                named.name in kept and named.name != "float32":
+            half = named.name
+            wide = {n for n, t in self.weights.tensors.items() if t.dtype == dtypes.float32}
+            if architecture.kept_in_float32(wide, rules, half) == wide:
+                return
+        self.warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "
+                             "all as the one its dtype option or config.json names; give --dtype to write one")
 
     def _float32_differs(self) -> None:
         """A plan made without transformers' float32 rules (its code did not seem to name any) that the answer
@@ -415,10 +436,11 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
             small[p.relative_to(model_dir).as_posix()] = p
     merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info,
                            buffers=sorted(buffers), float32=float32)
-    kept = sorted(d.name for d in merge_plan.kept_dtypes())
-    if config is not None and dtype is None and len(kept) > 1:
-        warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "
-                        "all as the one its dtype option or config.json names; give --dtype to write one")
+    rules = architecture.cached_float32(config, generation) if config is not None and dtype is None else None
+    if rules is None and arch is not None:
+        merge_plan.dtypes_pending = True  # the check's answer holds the float32 rules
+    else:
+        merge_plan.several_dtypes(rules)
     for rel, data in generated.items():
         merge_plan.add_generated(rel, data)
     return merge_plan

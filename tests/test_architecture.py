@@ -830,6 +830,34 @@ def test_a_plan_made_without_the_float32_rules_is_warned_of_once_transformers_an
                for w in plan.warnings), plan.warnings
 
 
+def test_keep_dtype_of_a_half_model_with_its_float32_router_is_not_warned_of_as_several_dtypes(tmp_path, monkeypatch):
+    """--dtype keep of a bfloat16 run whose router stayed float32, its config naming bfloat16, writes what transformers
+    itself keeps: no warning that transformers loads the weights as one dtype. Another float32 tensor beside them, or a
+    config naming float16, is still warned of."""
+    model, state = _deepseek()
+    router = {"model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.1.mlp.gate.weight"}
+    mixed = {k: v if k in router else v.to(torch.bfloat16) for k, v in state.items()}
+    folder = _save(tmp_path / "ckpt", mixed, _config(model))
+    several = "the weights keep several floating dtypes"
+
+    result = streammerge.merge(folder, tmp_path / "out", dtype="keep")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert {k for k, v in got.items() if v.dtype == torch.float32} == router
+    assert not any(several in w for w in result.warnings), result.warnings
+    cached = streammerge.plan_merge(folder, dtype="keep", check_architecture=False)  # the rules are cached now
+    assert not any(several in w for w in cached.warnings), cached.warnings
+
+    also = _save(tmp_path / "ckpt2", {**mixed, "lm_head.weight": state["lm_head.weight"]}, _config(model))
+    result = streammerge.merge(also, tmp_path / "out2", dtype="keep")
+    assert any(w.startswith(f"{several} (bfloat16, float32)") for w in result.warnings), result.warnings
+    # config.json naming float16 would load the bfloat16 weights rounded to float16: warned
+    f16 = _save(tmp_path / "ckpt3", mixed, _config(model, dtype="float16"))
+    assert any(several in w for w in streammerge.plan_merge(f16, dtype="keep", check_architecture=False).warnings)
+    monkeypatch.setenv("STREAMMERGE_CACHE", str(tmp_path / "other-cache"))  # rules unknown, nothing asked: warned
+    unknown = streammerge.plan_merge(folder, dtype="keep", check_architecture=False)
+    assert any(several in w for w in unknown.warnings), unknown.warnings
+
+
 def test_float32_rules_match_names_as_transformers_does():
     """transformers 5 matches its patterns as regular expressions anywhere in the name (its own alternation is the
     oracle); transformers 4 matched whole dotted parts. Only half precision keeps anything."""
