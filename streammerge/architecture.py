@@ -61,7 +61,7 @@ AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoMode
 # ---------------------------------------------------------------- in the child (or in-process): ask transformers
 
 def describe(config: Mapping[str, Any], names: Any = None, generation: Mapping[str, Any] | None = None,
-             early: Any = None) -> dict[str, Any]:
+             early: Any = None, built: dict[int, Any] | None = None) -> dict[str, Any]:
     """What transformers builds from `config`: {"models": [...]}, {"skip": why} or {"refuse": why} (transformers
     refuses the config, or `generation`, the generation_config.json written beside it: then "file" names it).
     Imports torch and transformers.
@@ -71,7 +71,8 @@ def describe(config: Mapping[str, Any], names: Any = None, generation: Mapping[s
     their absence loads the same model), and the class's ignore patterns. The config's own class comes first,
     then (a config that is no token classifier) the same model as veRL's critic: <Type>ForTokenClassification
     with one label. `fp32` holds `float32_rules` of the config's own class, given to `early` as soon as that model
-    is built (the merge's plan may wait for it; the weights' names come later).
+    is built (the merge's plan may wait for it; the weights' names come later). `built` keeps the models built
+    (on the meta device) for a later call with the same config, which then builds none.
     """
     import logging
 
@@ -79,13 +80,13 @@ def describe(config: Mapping[str, Any], names: Any = None, generation: Mapping[s
     level = log.level
     log.setLevel(logging.ERROR)  # its warnings about the config are not the merge's; the caller's level comes back
     try:
-        return _describe(config, names, generation, early)
+        return _describe(config, names, generation, early, built)
     finally:
         log.setLevel(level)
 
 
 def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, Any] | None = None,
-              early: Any = None) -> dict[str, Any]:
+              early: Any = None, built: dict[int, Any] | None = None) -> dict[str, Any]:
     import copy
     import warnings
 
@@ -132,14 +133,19 @@ def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, An
         builders.append((transformers.AutoModelForTokenClassification, critic))
     models: list[dict] = []
     rules: dict[str, Any] = {}
+    built = {} if built is None else built
     for i, (cls, c) in enumerate(builders):
         try:
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if cls.__name__.startswith("AutoModel"):
-                    model = cls.from_config(c, trust_remote_code=False, attn_implementation="eager")
-                else:
-                    model = cls._from_config(c, attn_implementation="eager")
+            if i in built:
+                model = built[i]
+            else:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if cls.__name__.startswith("AutoModel"):
+                        model = cls.from_config(c, trust_remote_code=False, attn_implementation="eager")
+                    else:
+                        model = cls._from_config(c, attn_implementation="eager")
+                built[i] = model
         except Exception as e:
             if i == 0:
                 first = (str(e).splitlines() or [type(e).__name__])[0][:200]
@@ -370,6 +376,7 @@ class ArchCheck:
     io_note: str | None = None  # why this process could not step aside on the disk
     _float32: dict | None = None  # the child's early answer (float32_rules)
     _float32_ready: threading.Event = field(default_factory=threading.Event)
+    _built: dict[int, Any] = field(default_factory=dict, repr=False)  # in-process: models `float32` built on meta
 
     def float32(self, dtype: str) -> dict[str, Any] | None:
         """transformers' `float32_rules` for the config's model, which the plan needs before any byte is written:
@@ -379,7 +386,7 @@ class ArchCheck:
         if cached is not None or not names_float32(self.config, dtype):
             return cached
         if self.how == "in-process":
-            rules = _safe_describe(self.config, [], self.generation).get("fp32")
+            rules = _safe_describe(self.config, [], self.generation, self._built).get("fp32")
         elif self._thread is None or not self._float32_ready.wait(_timeout()):
             return None  # (deferred: a cached config whose answers all predate the float32 rules)
         else:
@@ -408,8 +415,9 @@ class ArchCheck:
         self.ready(names)
         if self.answer is not None:
             return self.answer
-        if self._thread is None:  # in-process
-            self.answer = _safe_describe(self.config, names, self.generation)
+        if self._thread is None:  # in-process: the models `float32` built, if it did
+            self.answer = _safe_describe(self.config, names, self.generation, self._built)
+            self._built.clear()
         else:
             timeout = _timeout()
             self._thread.join(timeout)
@@ -555,10 +563,10 @@ def _timeout() -> float:
     return seconds
 
 
-def _safe_describe(config: Mapping[str, Any], names: list[str],
-                   generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _safe_describe(config: Mapping[str, Any], names: list[str], generation: Mapping[str, Any] | None = None,
+                   built: dict[int, Any] | None = None) -> dict[str, Any]:
     try:
-        return describe(config, names, generation)
+        return describe(config, names, generation, built=built)
     except Exception as e:  # noqa: BLE001
         return {"skip": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
 

@@ -830,6 +830,25 @@ def test_a_plan_made_without_the_float32_rules_is_warned_of_once_transformers_an
                for w in plan.warnings), plan.warnings
 
 
+def test_in_process_the_model_is_built_once_for_the_float32_rules_and_the_check(tmp_path, monkeypatch):
+    """transformers already imported (a merge at the end of training): the plan's float32 rules and the check's
+    names come from one build of the model on the meta device (a DeepSeek-V3 of full size takes seconds to build)."""
+    model, state = _deepseek()
+    folder = _save(tmp_path / "ckpt", state, _config(model))
+    cls = transformers.DeepseekV3ForCausalLM
+    built = []
+    original = cls.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__init__", counting)
+    result = streammerge.merge(folder, tmp_path / "out")
+    assert result.plan.float32 and "asked in this process" in result.plan.arch_note, result.plan.arch_note
+    assert len(built) == 1, built
+
+
 def test_keep_dtype_of_a_half_model_with_its_float32_router_is_not_warned_of_as_several_dtypes(tmp_path, monkeypatch):
     """--dtype keep of a bfloat16 run whose router stayed float32, its config naming bfloat16, writes what transformers
     itself keeps: no warning that transformers loads the weights as one dtype. Another float32 tensor beside them, or a
