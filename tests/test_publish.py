@@ -684,6 +684,8 @@ def test_seed_calls_never_raise_they_log_one_error_line_and_return_the_failure(h
     cases = [  # (what, HF_TOKEN, call, error kind, words in the error)
         ("bad token", BAD_TOKEN, lambda: streammerge.upload_checkpoint_to_hf(
             checkpoint_dir=run_dir, repo_id="tiny", step=2), "auth", "hf auth login"),
+        ("no token", None, lambda: streammerge.upload_checkpoint_to_hf(
+            checkpoint_dir=run_dir, repo_id="tiny", step=2), "auth", "no Hugging Face token to"),
         ("missing checkpoint", WRITE_TOKEN, lambda: streammerge.upload_checkpoint_to_hf(
             checkpoint_dir=tmp_path / "no-such-run", repo_id="tiny", step=2), "CheckpointError", "no-such-run"),
         ("merge error", WRITE_TOKEN, lambda: streammerge.HuggingFaceUploader(
@@ -697,14 +699,17 @@ def test_seed_calls_never_raise_they_log_one_error_line_and_return_the_failure(h
          "failed", "after 5 attempts"),
     ]
     for what, token, call, kind, words in cases:
-        monkeypatch.setenv("HF_TOKEN", token)
+        if token is None:
+            monkeypatch.delenv("HF_TOKEN", raising=False)
+        else:
+            monkeypatch.setenv("HF_TOKEN", token)
         caplog.clear()
         with caplog.at_level(logging.INFO):
             result = call()
         assert not result.ok and result.error_kind == kind and words in result.error, (what, result.error)
         errors = _errors(caplog)
         assert len(errors) == 1 and "\n" not in errors[0] and words in errors[0], (what, errors)
-        assert token not in caplog.text + result.error, what
+        assert token is None or token not in caplog.text + result.error, what
     assert not hub.repos and not (run_dir / "global_step_2" / "actor-hf").exists()  # refused before merging
 
     monkeypatch.setenv("HF_TOKEN", BAD_TOKEN)

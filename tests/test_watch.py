@@ -187,7 +187,9 @@ def test_a_failed_push_is_not_recorded_and_is_retried_at_the_next_look(hub, acto
 
     # Without --push the sidecar only merges, under its own record.
     merged = Watcher(run, push=False, optimizer=False, max_shard_size=SHARD, out_root=tmp_path / "local")
-    assert [(r.step, r.ok) for r in merged.run(once=True, interval=0.1)] == [(4, True)]
+    only = merged.run(once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in only] == [(4, True)]
+    assert only[0].summary() == only[0].merge.summary()  # the log line says "step 4: " once, before it
     assert local_files(tmp_path / "local" / "global_step_4") == \
         {k: v for k, v in local_files(out_root / "global_step_4").items() if k != "README.md"}
     assert set(merged.done_steps()) == {4}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from huggingface_hub import get_token
+from huggingface_hub.errors import LocalTokenNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,10 @@ class Retrier:
 
     def classify(self, exc: BaseException, what: str) -> PushError | None:
         """A PushError for failures that retrying cannot fix, None otherwise."""
+        if isinstance(exc, LocalTokenNotFoundError):  # raised before any request: nothing to retry
+            return PushError(f"There is no Hugging Face token to {what} on {self.endpoint}: log in with "
+                             f"`hf auth login`, or set HF_TOKEN to a token with write access ({TOKENS_URL})",
+                             kind="auth")
         status = status_of(exc)
         if status == 401:
             return PushError(self.redact(

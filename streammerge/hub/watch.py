@@ -282,7 +282,7 @@ class Watcher:
                 t0 = time.perf_counter()
                 merged = merge(ck, out, self.options)
                 result = PushResult(ok=True, out_dir=merged.out_dir, step=step, merge=merged,
-                                    seconds=time.perf_counter() - t0, note=f"step {step}: {merged.summary()}")
+                                    seconds=time.perf_counter() - t0, note=merged.summary())
         except Exception as e:  # a sidecar outlives one bad step: log, look again later
             kind = e.kind if isinstance(e, PushError) else type(e).__name__
             expected = isinstance(e, (PushError, StreammergeError, OSError, ValueError))
