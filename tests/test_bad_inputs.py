@@ -188,6 +188,49 @@ def test_bad_checkpoint_gives_one_line(case, good, tmp_path, capsys):
     assert snapshot(ckpt) == before, "the checkpoint was modified"
 
 
+def _deepspeed_run(d: Path) -> Path:
+    """DeepSpeed's layout (names as its engine saves them): a `latest` tag naming the step folder."""
+    (d / "global_step10").mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}}, d / "global_step10" / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, d / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (d / "latest").write_text("global_step10")
+    (d / "zero_to_fp32.py").write_text("raise SystemExit('never run')\n")
+    return d
+
+
+def _megatron_legacy(d: Path) -> Path:
+    """Megatron-LM's `--ckpt-format torch`: a tracker, then one file per model-parallel rank."""
+    (d / "iter_0000100" / "mp_rank_00").mkdir(parents=True)
+    torch.save({"model": {"w": torch.zeros(2)}, "iteration": 100}, d / "iter_0000100" / "mp_rank_00" /
+               "model_optim_rng.pt")
+    (d / "latest_checkpointed_iteration.txt").write_text("100")
+    return d
+
+
+def _hf_folder(d: Path) -> Path:
+    import transformers
+
+    config = transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (_deepspeed_run, "a DeepSpeed checkpoint"), (_megatron_legacy, "legacy `torch` format"),
+    (_hf_folder, "already a Hugging Face model folder")], ids=["deepspeed", "megatron-legacy", "hf-folder"])
+def test_a_format_streammerge_does_not_read_is_named_with_what_reads_it(make, words, tmp_path, capsys):
+    """Rather than "not a checkpoint": what the folder is, in one line, and which tool reads it."""
+    ckpt = make(tmp_path / "ckpt")
+    capsys.readouterr()  # save_pretrained's progress bar
+    before = snapshot(ckpt)
+    for command in (["merge", ckpt, tmp_path / "out"], ["inspect", ckpt]):
+        code, stdout, stderr = run_cli(command, capsys)
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and words in lines[0], (command, stdout, stderr)
+    assert not (tmp_path / "out").exists() and snapshot(ckpt) == before
+
+
 def test_the_good_checkpoint_merges(good, tmp_path, capsys):
     """The cases above fail because of what they break, not because the base checkpoint is bad."""
     code, stdout, stderr = run_cli(["merge", good, tmp_path / "out", "--verify"], capsys)

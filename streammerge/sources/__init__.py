@@ -71,9 +71,46 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
     if depth < 3 and any(holds(path / "critic") for _, holds, _ in FORMATS if (path / "critic").is_dir()):
         raise CheckpointError(f"{path}: no actor/ here, only critic/ (veRL's value model); give "
                               f"{path / 'critic'} to merge the critic")
+    for holds_it, what in UNREAD:
+        if holds_it(path):
+            raise CheckpointError(f"{path}: {what}")
     kinds = "; ".join(what for what, _, _ in FORMATS)
     raise CheckpointError(f"{path}: not a checkpoint streammerge can read (looked for: {kinds}; "
                           f"an actor/ folder; {LATEST_FILE})")
+
+
+def _has(path: Path, *patterns: str) -> bool:
+    return any(next(path.glob(p), None) is not None for p in patterns)
+
+
+def _deepspeed(path: Path) -> bool:
+    """DeepSpeed's files, here or in the step folder its `latest` file names (names only, nothing read)."""
+    files = ("mp_rank_*_model_states.pt", "*zero_pp_rank_*_optim_states.pt", "layer_*-model_*-model_states.pt")
+    if _has(path, *files):
+        return True
+    try:
+        tag = read_small(path / "latest")
+    except NotAFile:
+        return False
+    name = tag.decode(errors="replace").strip() if tag is not None and len(tag) < 256 else ""
+    return bool(name) and "/" not in name and name not in (".", "..") and (path / name).is_dir() and \
+        _has(path / name, *files)
+
+
+# Formats recognised by their file names, to say what reads them: (is it here, what it is and what to do)
+UNREAD: list[tuple[Callable[[Path], bool], str]] = [
+    (_deepspeed, "a DeepSpeed checkpoint (mp_rank_*_model_states.pt, *zero_pp_rank_*_optim_states.pt), which "
+                 "streammerge does not read: DeepSpeed's zero_to_fp32.py, which DeepSpeed writes into the checkpoint "
+                 "folder, gathers its weights"),
+    (lambda p: _has(p, "mp_rank_*/model_optim_rng.pt"),
+     "a Megatron checkpoint in the legacy `torch` format (mp_rank_*/model_optim_rng.pt); streammerge reads Megatron's "
+     "`torch_dist` format: convert it with Megatron-LM's tools/checkpoint/convert.py, or save with --ckpt-format "
+     "torch_dist"),
+    (lambda p: (p / "config.json").is_file() and _has(p, "model.safetensors", "model.safetensors.index.json",
+                                                     "pytorch_model.bin", "pytorch_model.bin.index.json"),
+     "already a Hugging Face model folder (config.json and its weights): there is nothing to merge (`hf upload` "
+     "pushes it as it is)"),
+]
 
 
 __all__ = ["FORMATS", "Piece", "ReadStats", "Source", "SourceTensor", "open_checkpoint", "read_tracker"]
