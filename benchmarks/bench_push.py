@@ -10,6 +10,9 @@ a fresh server (tests/hubserver.py, run as a subprocess so it does not share our
 - ``serial_hashed``: ``merge()`` then a push given the writer's sha256 from the manifest (isolates
   the gain of overlapping from the gain of not hashing twice).
 - ``overlapped``: ``merge_and_push()``: each file uploads while the next one is merged.
+- ``hf_upload_folder``: ``merge()``, then huggingface_hub's own upload (``HfApi.create_repo`` +
+  ``upload_folder``, what ``hf upload`` runs) of the finished folder, as a user without streammerge's push
+  would upload it. (huggingface_hub 2.x has no ``upload_large_folder``.)
 
 The server keeps blobs in memory and hashes what it receives (sha256, md5 per multipart part), on
 the same machine: its CPU and memory traffic are part of every number. ``--link-mbps 0 400 100``
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # the test server speaks LFS only
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("STREAMMERGE_ARCH_CHECK", "0")  # plain tensors, no model: transformers would refuse the config
 
 TENSOR_ROWS, TENSOR_COLS = 4096, 16384  # 256 MiB of float32 per tensor
 
@@ -118,7 +122,7 @@ def serve(link_mbps: float) -> None:
         sys.stdin.read()
 
 
-def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float) -> dict:
+def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float, workers: int = 2) -> dict:
     from hubserver import WRITE_TOKEN
 
     import streammerge
@@ -130,27 +134,40 @@ def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float) -> 
     merge_opts = {"dtype": "keep", "max_shard_size": shard, "optimizer": False}
     with Server(link_mbps) as server:
         push_opts = {"token": WRITE_TOKEN, "endpoint": server.endpoint}
+        ours = {"upload_workers": workers}
         t0 = time.perf_counter()
         if mode == "overlapped":
-            result = merge_and_push(ckpt, out, f"bench-{mode}", model_card=False, **push_opts, **merge_opts)
+            result = merge_and_push(ckpt, out, f"bench-{mode}", model_card=False, **push_opts, **ours, **merge_opts)
             t_merge_done = t0 + result.merge.seconds
             files = len(result.files)
         else:
             merged = streammerge.merge(ckpt, out, **merge_opts)
             t_merge_done = time.perf_counter()
             if mode == "serial":
-                push_folder(out, f"bench-{mode}", **push_opts)
+                push_folder(out, f"bench-{mode}", max_workers=workers, **push_opts)
+            elif mode.startswith("hf_"):
+                hf_upload(mode, out, f"alice/bench-{mode}", server.endpoint)
             else:  # serial_hashed
-                with HubPusher(f"bench-{mode}", **push_opts) as pusher:
+                with HubPusher(f"bench-{mode}", max_workers=workers, **push_opts) as pusher:
                     for f in merged.files:
                         pusher.submit(out / f.filename, f.filename, sha256=f.sha256, size=f.size)
             files = len(merged.files)
         t_end = time.perf_counter()
-    return {"mode": mode, "link_mbps": link_mbps or None, "total_s": round(t_end - t0, 2),
+    return {"mode": mode, "link_mbps": link_mbps or None, "upload_workers": workers, "total_s": round(t_end - t0, 2),
             "merge_s": round(t_merge_done - t0, 2), "after_merge_s": round(t_end - t_merge_done, 2), "files": files}
 
 
-MODES = ("serial", "serial_hashed", "overlapped")
+def hf_upload(mode: str, folder: Path, repo_id: str, endpoint: str) -> None:
+    """huggingface_hub's upload of a finished folder (the merge's state folder left out)."""
+    from hubserver import WRITE_TOKEN
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=WRITE_TOKEN)
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder, ignore_patterns=[".streammerge/*"])
+
+
+MODES = ("serial", "serial_hashed", "overlapped", "hf_upload_folder")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -158,12 +175,18 @@ def summarize(runs: list[dict]) -> dict:
     def med(mode: str, key: str) -> float:
         return round(statistics.median(r[key] for r in runs if r["mode"] == mode), 2)
 
-    out: dict = {m: {k: med(m, k) for k in ("total_s", "merge_s", "after_merge_s")} for m in MODES}
+    done = {r["mode"] for r in runs}
+    out: dict = {m: {k: med(m, k) for k in ("total_s", "merge_s", "after_merge_s")} for m in MODES if m in done}
+    if not {"serial", "serial_hashed", "overlapped"} <= done:
+        return out
     out["overlapped_vs_serial"] = round(out["overlapped"]["total_s"] / out["serial"]["total_s"], 3)
     out["overlapped_vs_serial_hashed"] = round(out["overlapped"]["total_s"] / out["serial_hashed"]["total_s"], 3)
     # The floor for overlapping: the longer of merge and upload, as measured apart in serial_hashed.
     floor = max(out["serial_hashed"]["merge_s"], out["serial_hashed"]["after_merge_s"])
     out["overlapped_vs_max_of_merge_and_upload"] = round(out["overlapped"]["total_s"] / floor, 3)
+    for m in MODES:
+        if m.startswith("hf_") and m in done:
+            out[f"overlapped_vs_{m}"] = round(out["overlapped"]["total_s"] / out[m]["total_s"], 3)
     return out
 
 
@@ -176,11 +199,17 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     ap.add_argument("--link-mbps", type=float, nargs="+", default=[0.0],
                     help="server uplink speeds in MB/s to run at; 0 = as fast as the local server goes (default)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
+    ap.add_argument("--upload-workers", type=int, default=5, help="streammerge's files uploaded at once (its default: 5)")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "push.json"))
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         return serve(args.link_mbps[0])
 
+    modes = [m for m in args.modes.split(",") if m]
+    if set(modes) - set(MODES):
+        ap.error(f"unknown modes {sorted(set(modes) - set(MODES))}")
     load_at_start = os.getloadavg()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -192,8 +221,8 @@ def main() -> None:
         runs = []
         for link in args.link_mbps:
             for i in range(args.repeat):
-                for mode in MODES[i % 3:] + MODES[:i % 3]:  # rotate the order: no mode always runs first
-                    r = run_mode(mode, ckpt, work / f"out-{mode}", args.max_shard_size, link)
+                for mode in modes[i % len(modes):] + modes[:i % len(modes)]:  # no mode always runs first
+                    r = run_mode(mode, ckpt, work / f"out-{mode}", args.max_shard_size, link, args.upload_workers)
                     r["repeat"] = i
                     print(json.dumps(r), flush=True)
                     runs.append(r)
@@ -214,7 +243,7 @@ def main() -> None:
                     "copies share the machine with the merge in every run; link_unlimited has no network at all, "
                     "link_N models only a bandwidth (no latency, no TLS).",
         }
-        out = ROOT / "benchmarks" / "results" / "push.json"
+        out = Path(args.results)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(summary, indent=1))

@@ -117,7 +117,7 @@ def _push_args(p: argparse.ArgumentParser, *, repo_default: str = "default: name
                    help="do not write and push a README.md model card (an earlier push's card, unedited, is deleted)")
     g.add_argument("--max-files-per-commit", type=int, default=50, metavar="N",
                    help="split bigger pushes into several commits (default 50)")
-    g.add_argument("--upload-workers", type=int, default=2, metavar="N", help="files uploaded at once (default 2)")
+    g.add_argument("--upload-workers", type=int, default=5, metavar="N", help="files uploaded at once (default 5)")
 
 
 def _push_settings(args: argparse.Namespace):

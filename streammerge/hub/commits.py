@@ -141,7 +141,7 @@ class Committer:
 
     def __init__(self, api: HfApi, calls: Retrier, repo: HubRepo, *, delete_patterns: Iterable[str] | None = None,
                  delete_if: Mapping[str, Callable[[bytes], bool]] | None = None,
-                 keep_if: Mapping[str, Callable[[bytes], bool]] | None = None, num_threads: int = 2):
+                 keep_if: Mapping[str, Callable[[bytes], bool]] | None = None, num_threads: int = 5):
         self.api = api
         self.calls = calls
         self.repo = repo

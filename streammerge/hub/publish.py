@@ -239,7 +239,7 @@ class PushResult:
                 f"{self.commit_url}")
 
 
-def check_push_counts(max_files_per_commit: int = 50, upload_workers: int = 2) -> None:
+def check_push_counts(max_files_per_commit: int = 50, upload_workers: int = 5) -> None:
     """Refused before anything starts, in the words of the flags too (HubPusher would refuse them later)."""
     for name, value in (("max_files_per_commit", max_files_per_commit), ("upload_workers", upload_workers)):
         if not (isinstance(value, int) and value >= 1):
@@ -251,7 +251,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
                    revision: str | None = None, commit_message: str | None = None, token: str | None = None,
                    endpoint: str | None = None, options: MergeOptions | None = None,
                    optimizer: bool | None = None, model_name: str | None = None, model_card: bool = True,
-                   max_files_per_commit: int = 50, upload_workers: int = 2, retry: RetryPolicy | None = None,
+                   max_files_per_commit: int = 50, upload_workers: int = 5, retry: RetryPolicy | None = None,
                    delete_stale: bool = True, verify: bool = False, **merge_options: Any) -> PushResult:
     """Merge ``checkpoint`` into ``out_dir`` and push it to ``repo_id``, uploading while merging.
 

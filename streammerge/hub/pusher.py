@@ -75,7 +75,7 @@ class HubPusher:
 
     def __init__(self, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
                  private: bool = False, organization: str | None = None, revision: str | None = None,
-                 commit_message: str | None = None, max_files_per_commit: int = 50, max_workers: int = 2,
+                 commit_message: str | None = None, max_files_per_commit: int = 50, max_workers: int = 5,
                  repo_type: str = "model", retry: RetryPolicy | None = None,
                  delete_patterns: Iterable[str] | None = None,
                  delete_if: Mapping[str, Callable[[bytes], bool]] | None = None,
