@@ -65,12 +65,17 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", choices=LORA_MODES, default="both",
                    help="fold the adapter into the weights, export it as a peft adapter folder, or both (default)")
     _lora_setting_args(g)
-    g.add_argument("--base-model", metavar="NAME_OR_PATH",
-                   help="base weights for an adapter-only (save_lora_only) checkpoint: a model folder or Hub model")
+    _base_model_arg(g)
     g = p.add_argument_group("torch DCP checkpoints")
     g.add_argument("--key-prefix", metavar="PREFIX",
                    help="strip this prefix from DCP keys "
                         "(default: detect 'model.' of {'model': ..., 'optimizer': ...})")
+
+
+def _base_model_arg(g: argparse._ArgumentGroup, verify: bool = False) -> None:
+    g.add_argument("--base-model", metavar="NAME_OR_PATH",
+                   help="base weights for an adapter-only (save_lora_only) checkpoint: a model folder or Hub model" +
+                        (", as the merge took them, for a folder without a manifest" if verify else ""))
 
 
 def _lora_setting_args(g: argparse._ArgumentGroup) -> None:
@@ -264,7 +269,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     _warn_trust_pickle(args)
     report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle, checksums=args.checksums,
                     lora=args.lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                    lora_rslora=args.lora_rslora)
+                    lora_rslora=args.lora_rslora, base_model=args.base_model)
     print(shown(report.summary()))
     return 0 if report.ok else 1
 
@@ -347,6 +352,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--lora", choices=LORA_MODES, default=None,
                        help="the merge's --lora, for a folder without a manifest (default: both)")
         _lora_setting_args(g)
+        _base_model_arg(g, verify=True)
     elif command == "demo":
         p = argparse.ArgumentParser(prog="streammerge demo",
                                     description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")

@@ -267,7 +267,7 @@ def _refuse_quantized(weights: Plan, where: str) -> None:
                                          "merged")
 
 
-def _absolute_folders(options: MergeOptions) -> MergeOptions:
+def absolute_folders(options: MergeOptions) -> MergeOptions:
     """A --model-name or --base-model given as a relative folder, made absolute: the manifest records the options,
     and verify (or a resume) run from another folder must find the same one."""
     changes = {}
@@ -307,7 +307,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     `check_architecture` starts asking transformers which tensors config.json describes, beside reading the
     checkpoint's metadata (`merge` waits for the answer before writing; inspect and verify do not ask).
     """
-    options = _absolute_folders(MergeOptions.create(options, **kwargs))
+    options = absolute_folders(MergeOptions.create(options, **kwargs))
     source = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
     model_dir: Path | None
     if options.model_name:

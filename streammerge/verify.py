@@ -100,7 +100,8 @@ class VerifyReport:
 def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, trust_pickle: bool = False,
            chunk_size: int | str = DEFAULT_CHUNK, workers: int | None = None,
            checksums: str = "auto", lora: str | None = None, lora_rank: int | None = None,
-           lora_alpha: float | None = None, lora_rslora: bool | None = None) -> VerifyReport:
+           lora_alpha: float | None = None, lora_rslora: bool | None = None,
+           base_model: str | None = None) -> VerifyReport:
     """Check an output folder; given the checkpoint, check every tensor against its source pieces.
 
     Problems with the output are collected in the report (never raised); a checkpoint that cannot
@@ -111,8 +112,9 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     files, where streams would have them read from disk twice); ``"auto"`` picks by the memory free.
     Other formats check their checksums after the comparison either way.
 
-    ``lora``, ``lora_rank``, ``lora_alpha``, ``lora_rslora``: a LoRA checkpoint's merge mode and the settings its
-    files do not record, as the merge took them (``--lora adapter``, ``--lora-rank`` ...). A folder with a manifest
+    ``lora``, ``lora_rank``, ``lora_alpha``, ``lora_rslora``, ``base_model``: a LoRA checkpoint's merge mode, the
+    settings its files do not record and an adapter-only checkpoint's base weights, as the merge took them
+    (``--lora adapter``, ``--lora-rank``, ``--base-model`` ...). A folder with a manifest
     is checked with those it records (one given that differs is a failure); one without is checked with these (a
     folder cannot tell whether its weights are the fold or the base as saved: without ``lora``, ``both``).
     """
@@ -136,9 +138,10 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
                                    checksum=lambda rel: checkpoint_dir is None or not rel.endswith(".safetensors"),
                                    against_checkpoint=ck is not None)
         if ck is not None:
-            from .pipeline import import_behind
+            from .pipeline import absolute_folders, import_behind
 
-            given = {"lora": lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_rslora": lora_rslora}
+            given = {"lora": lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_rslora": lora_rslora,
+                     "base_model": absolute_folders(MergeOptions(base_model=base_model)).base_model}
             reading = _start_reading(out, ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
                                      checksums=checksums, lora={k: v for k, v in given.items() if v is not None},
                                      then=functools.partial(import_behind, *ck.oracle_modules))
@@ -561,8 +564,8 @@ def _folder_options(out: Path) -> tuple[dict, str]:
 
 
 def _with_lora_flags(options: MergeOptions, given: dict, manifest: dict | None, report: VerifyReport) -> MergeOptions:
-    """verify's --lora/--lora-rank/--lora-alpha/--lora-rslora: the options of a folder without a manifest; with one,
-    they must be what it records (the merge's own)."""
+    """verify's --lora/--lora-rank/--lora-alpha/--lora-rslora/--base-model: the options of a folder without a
+    manifest; with one, they must be what it records (the merge's own)."""
     if not given:
         return options
     if manifest is None:
@@ -571,8 +574,10 @@ def _with_lora_flags(options: MergeOptions, given: dict, manifest: dict | None, 
         ran = getattr(options, key)
         flag = "--" + key.replace("_", "-")
         if ran is None:
-            report.notes.append(f"{flag} {value}: not used; the merge ran without it (the checkpoint's files gave the "
-                                "setting), and the folder is checked as it was made")
+            had = "the checkpoint holds the base weights" if key == "base_model" else \
+                "the checkpoint's files gave the setting"
+            report.notes.append(f"{flag} {value}: not used; the merge ran without it ({had}), and the folder is "
+                                "checked as it was made")
         elif (ran != value) if isinstance(value, str) else (float(ran) != float(value)):
             report.fail(f"{flag} {value}: the merge ran with {flag} {ran} (.streammerge/manifest.json); the folder is "
                         "checked as it was made: leave the flag out, or merge again with it")

@@ -208,6 +208,17 @@ def test_three_ranks_bf16_lora_only_with_base_folder_and_modules_to_save(bf16_ws
     assert cfg["modules_to_save"] == ["lm_head"] and cfg["lora_alpha"] == 32
     report = verify(out, actor)
     assert report.ok, report.failures
+    # a copy without the manifest (as pulled from the Hub): verify needs the base the merge took, as the merge did
+    pulled = tmp_path / "pulled"
+    shutil.copytree(out, pulled, ignore=shutil.ignore_patterns(".streammerge"))
+    rc, err = run(["verify", pulled, actor], capsys)
+    assert rc != 0 and "--base-model" in err + run.out, (err, run.out)  # type: ignore[attr-defined]
+    rc, err = run(["verify", pulled, actor, "--base-model", base], capsys)
+    assert rc == 0, run.out  # type: ignore[attr-defined]
+    other = tmp_path / "other-base"  # the same weights elsewhere: not the base this merge recorded
+    shutil.copytree(base, other)
+    failures = verify(out, actor, base_model=str(other)).failures
+    assert any(f.startswith(f"--base-model {other}: the merge ran with --base-model {base}") for f in failures), failures
     # the adapter alone needs no base
     rc, err = run(["merge", actor, tmp_path / "adapter", "--lora", "adapter", "--no-optimizer"], capsys)
     assert rc == 0, err
