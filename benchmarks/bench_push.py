@@ -200,7 +200,8 @@ def main() -> None:
     ap.add_argument("--link-mbps", type=float, nargs="+", default=[0.0],
                     help="server uplink speeds in MB/s to run at; 0 = as fast as the local server goes (default)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
-    ap.add_argument("--upload-workers", type=int, default=5, help="streammerge's files uploaded at once (its default: 5)")
+    ap.add_argument("--upload-workers", type=int, default=5,
+                    help="streammerge's files uploaded at once (its default: 5)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "push.json"))
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

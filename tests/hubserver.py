@@ -39,6 +39,7 @@ import json
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -222,6 +223,15 @@ class _Drop(Exception):
     """Close the connection without answering."""
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (a killed push process resets its idle keep-alive connections) is no error of
+        this server's; anything else is printed as socketserver does."""
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class HubServer:
     """In-process Hub-compatible server; use as a context manager (``with HubServer() as hub``)."""
 
@@ -247,7 +257,7 @@ class HubServer:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> HubServer:
         handler = type("BoundHandler", (_Handler,), {"hub": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _Server(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="hubserver", daemon=True)

@@ -218,7 +218,8 @@ def test_three_ranks_bf16_lora_only_with_base_folder_and_modules_to_save(bf16_ws
     other = tmp_path / "other-base"  # the same weights elsewhere: not the base this merge recorded
     shutil.copytree(base, other)
     failures = verify(out, actor, base_model=str(other)).failures
-    assert any(f.startswith(f"--base-model {other}: the merge ran with --base-model {base}") for f in failures), failures
+    ran = f"--base-model {other}: the merge ran with --base-model {base}"
+    assert any(f.startswith(ran) for f in failures), failures
     # the adapter alone needs no base
     rc, err = run(["merge", actor, tmp_path / "adapter", "--lora", "adapter", "--no-optimizer"], capsys)
     assert rc == 0, err

@@ -21,6 +21,7 @@ import pytest
 from hubserver import WRITE_TOKEN, HubServer
 
 import streammerge
+from streammerge.errors import ConfigError
 from streammerge.hub.retry import RetryPolicy
 from streammerge.hub.watch import STATE_FILE, Watcher, watch
 
@@ -193,6 +194,16 @@ def test_a_failed_push_is_not_recorded_and_is_retried_at_the_next_look(hub, acto
     assert local_files(tmp_path / "local" / "global_step_4") == \
         {k: v for k, v in local_files(out_root / "global_step_4").items() if k != "README.md"}
     assert set(merged.done_steps()) == {4}
+
+
+def test_the_library_pushes_where_a_repo_is_named_as_the_cli_does_with_push(tmp_path):
+    """Watcher(run) merges only, as `streammerge watch RUN` does; given a repo it pushes there; push=True without one
+    is refused, as `watch --push` without --repo-id is."""
+    assert Watcher(tmp_path).push is False
+    assert Watcher(tmp_path, repo_id="me/x").push is True
+    assert Watcher(tmp_path, repo_id="me/x", push=False).push is False
+    with pytest.raises(ConfigError, match="needs --repo-id"):
+        Watcher(tmp_path, push=True)
 
 
 @pytest.mark.slow

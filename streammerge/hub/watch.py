@@ -92,7 +92,8 @@ class Watcher:
 
     Args:
         run_dir: the trainer's checkpoint folder (holds ``global_step_N/`` or ``iter_NNNNNNN/`` and the tracker file).
-        push: push each merged step to ``repo_id`` (else only merge).
+        push: push each merged step to ``repo_id`` (else only merge); default: push where a ``repo_id`` is given, as
+            the CLI's ``watch --push --repo-id`` (``watch`` alone only merges).
         revision: branch for every push (default ``main``); ``revision_per_step`` pushes step N to
             branch ``step-N`` instead.
         only_latest: only the step the tracker names; older unpushed steps are skipped.
@@ -104,11 +105,12 @@ class Watcher:
             :func:`streammerge.hub.publish.merge_and_push` (token, endpoint, commit_message, ...).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, push: bool = True, repo_id: str | None = None,
+    def __init__(self, run_dir: str | os.PathLike, *, push: bool | None = None, repo_id: str | None = None,
                  organization: str | None = None, private: bool | None = None, revision: str | None = None,
                  revision_per_step: bool = False, only_latest: bool = False, out_root: str | os.PathLike | None = None,
                  state_file: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any):
         self.run_dir = user_path(run_dir).resolve()
+        push = bool(repo_id) if push is None else push
         if not self.run_dir.is_dir():
             raise CheckpointError(f"{self.run_dir}: no such run folder")
         if push and not repo_id:  # each step has its own output folder: none of them names the model
