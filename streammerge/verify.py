@@ -435,7 +435,12 @@ def _check_torch_pickle(path: Path, rel: str, plan: Plan, fp: FilePlan, report: 
         report.fail(f"{rel}: torch.load cannot read it as the merge writes it ({first})")
         return
     storages: list[object] = []
-    if _pickled(got, storages) != _pickled(want, []):
+    try:
+        differs = _pickled(got, storages) != _pickled(want, [])
+    except RecursionError:
+        report.fail(f"{rel}: its pickle nests deeper than anything the merge writes; rerun the merge to write it again")
+        return
+    if differs:
         report.fail(f"{rel}: its pickle differs from what the merge writes (param groups, non-tensor state, nesting, "
                     "or where a tensor lies in its record); rerun the merge to write it again")
     elif len(set(storages)) != len(storages):
@@ -980,9 +985,12 @@ def _check_optimizer_groups(out: Path, p: Plan, report: VerifyReport) -> None:
         return
     for key in sorted(set(want) | set(got)):
         a, b = got.get(key), want.get(key)
-        if _canonical(a) != _canonical(b):
-            report.fail(f"{rel}: {key} differ from the checkpoint's ({_first_group_difference(a, b)}); rerun the "
-                        "merge to write them again")
+        try:
+            why = _first_group_difference(a, b) if _canonical(a) != _canonical(b) else None
+        except RecursionError:  # read from a pickle, which can nest lists deeper than Python recurses
+            why = "they nest deeper than the checkpoint's"
+        if why is not None:
+            report.fail(f"{rel}: {key} differ from the checkpoint's ({why}); rerun the merge to write them again")
         else:
             report.files_checked.add(rel)
 

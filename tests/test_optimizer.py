@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -366,6 +367,32 @@ def test_cli_torch_format_and_resume_reuses_files(tmp_path) -> None:
     path.write_bytes(bytes(data))
     failures = streammerge.verify(tmp_path / "out", FIXTURES / name).failures
     assert any(f.startswith("optimizer/optimizer.pt: tensor ") and "differ from rank" in f for f in failures), failures
+
+    # a param group value nested deeper than Python recurses (torch.load reads it): a failure, not an internal error
+    def nest_deep() -> None:
+        state = torch.load(path, weights_only=True)
+        value: object = 1e-3
+        for _ in range(20_000):
+            value = [value]
+        state["param_groups"][0]["lr"] = value
+        torch.save(state, path)
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)  # torch.save pickles it recursively, on a thread with the stack for it
+    try:
+        stack = threading.stack_size(256 << 20)
+        saver = threading.Thread(target=nest_deep)
+        saver.start()
+        saver.join()
+        threading.stack_size(stack)
+    finally:
+        sys.setrecursionlimit(limit)
+    failures = streammerge.verify(tmp_path / "out", FIXTURES / name).failures
+    assert "optimizer/optimizer.pt: its pickle nests deeper than anything the merge writes; rerun the merge to write " \
+        "it again" in failures, failures
+    shutil.rmtree(tmp_path / "out" / ".streammerge")
+    failures = streammerge.verify(tmp_path / "out", FIXTURES / name).failures
+    assert any("param_groups differ from the checkpoint's (they nest deeper" in f for f in failures), failures
 
 
 # ---------------------------------------------------------------- resume on another world size
