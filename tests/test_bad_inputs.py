@@ -216,9 +216,21 @@ def _hf_folder(d: Path) -> Path:
     return d
 
 
+def _peft_adapter(d: Path) -> Path:
+    import peft
+    import transformers
+
+    config = transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    model = peft.get_peft_model(transformers.Qwen2ForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(d)
+    return d
+
+
 @pytest.mark.parametrize(("make", "words"), [
     (_deepspeed_run, "a DeepSpeed checkpoint"), (_megatron_legacy, "legacy `torch` format"),
-    (_hf_folder, "already a Hugging Face model folder")], ids=["deepspeed", "megatron-legacy", "hf-folder"])
+    (_hf_folder, "already a Hugging Face model folder"), (_peft_adapter, "a peft adapter folder")],
+    ids=["deepspeed", "megatron-legacy", "hf-folder", "peft-adapter"])
 def test_a_format_streammerge_does_not_read_is_named_with_what_reads_it(make, words, tmp_path, capsys):
     """Rather than "not a checkpoint": what the folder is, in one line, and which tool reads it."""
     ckpt = make(tmp_path / "ckpt")
