@@ -108,7 +108,7 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
      "torch_dist"),
     (lambda p: (p / "adapter_config.json").is_file() and _has(p, "adapter_model.safetensors", "adapter_model.bin"),
      "a peft adapter folder (adapter_config.json and its weights), which streammerge does not read: it folds LoRA "
-     "from training checkpoints; peft's PeftModel.from_pretrained(base, folder).merge_and_unload() folds this one"),
+     "from training checkpoints; peft's merge_and_unload() of the adapter loaded onto its base folds this one"),
     (lambda p: (p / "config.json").is_file() and _has(p, "model.safetensors", "model.safetensors.index.json",
                                                      "pytorch_model.bin", "pytorch_model.bin.index.json"),
      "already a Hugging Face model folder (config.json and its weights): there is nothing to merge (`hf upload` "
