@@ -132,9 +132,10 @@ class MergePlan:
             self.config = fixed
             self.warnings.append(note)
         self.note_architecture(note)
-        self._float32_differs()
+        rules = (self.arch.answer or {}).get("fp32")
+        self._float32_differs(rules)
         if self.dtypes_pending:
-            self.several_dtypes((self.arch.answer or {}).get("fp32"))
+            self.several_dtypes(rules)
         if self.config is not None:
             self.arch.remember_written(json.loads(config_bytes(self.config, self.dtype or self.saved_dtype())),
                                        self._weight_names)
@@ -148,19 +149,17 @@ class MergePlan:
         if self.config is None or self.dtype is not None or len(kept) < 2:
             return
         named = resolve_dtype("auto", self.config)
-        if isinstance(rules, dict) and len(kept) == 2 and "float32" in kept and named is not None and \
-                named.name in kept and named.name != "float32":
-            half = named.name
+        half = named.name if named is not None and named != dtypes.float32 else None
+        if isinstance(rules, dict) and half is not None and kept == sorted((half, "float32")):
             wide = {n for n, t in self.weights.tensors.items() if t.dtype == dtypes.float32}
             if architecture.kept_in_float32(wide, rules, half) == wide:
                 return
         self.warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "
                              "all as the one its dtype option or config.json names; give --dtype to write one")
 
-    def _float32_differs(self) -> None:
+    def _float32_differs(self, rules: Any) -> None:
         """A plan made without transformers' float32 rules (its code did not seem to name any) that the answer
-        contradicts: warned of, since transformers loads the weights either way (rounded ones upcast)."""
-        rules = (self.arch.answer or {}).get("fp32") if self.arch is not None else None
+        (`rules`) contradicts: warned of, since transformers loads the weights either way (rounded ones upcast)."""
         if not isinstance(rules, dict) or self.dtype is None or self.options.float32_names is not None:
             return
         wide = (dtypes.float32, dtypes.float64)

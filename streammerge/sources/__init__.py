@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..model_folder import WEIGHT_INDEXES
 from ..paths import NotAFile, read_small, user_path
 from . import dcp, verl
 from .base import Piece, ReadStats, Source, SourceTensor
+from .hf import SINGLE
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 SUBFOLDERS = ("actor",)  # where a step folder keeps its checkpoint
@@ -97,6 +99,12 @@ def _deepspeed(path: Path) -> bool:
         _has(path / name, *files)
 
 
+def _peft_adapter(path: Path) -> bool:
+    from .lora import ADAPTER_CONFIG, ADAPTER_FILE  # (lora reads plans, and the planner reads sources)
+
+    return (path / ADAPTER_CONFIG).is_file() and _has(path, ADAPTER_FILE, "adapter_model.bin")
+
+
 # Formats recognised by their file names, to say what reads them: (is it here, what it is and what to do)
 UNREAD: list[tuple[Callable[[Path], bool], str]] = [
     (_deepspeed, "a DeepSpeed checkpoint (mp_rank_*_model_states.pt, *zero_pp_rank_*_optim_states.pt), which "
@@ -106,11 +114,10 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
      "a Megatron checkpoint in the legacy `torch` format (mp_rank_*/model_optim_rng.pt); streammerge reads Megatron's "
      "`torch_dist` format: convert it with Megatron-LM's tools/checkpoint/convert.py, or save with --ckpt-format "
      "torch_dist"),
-    (lambda p: (p / "adapter_config.json").is_file() and _has(p, "adapter_model.safetensors", "adapter_model.bin"),
+    (_peft_adapter,
      "a peft adapter folder (adapter_config.json and its weights), which streammerge does not read: it folds LoRA "
      "from training checkpoints; peft's merge_and_unload() of the adapter loaded onto its base folds this one"),
-    (lambda p: (p / "config.json").is_file() and _has(p, "model.safetensors", "model.safetensors.index.json",
-                                                     "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    (lambda p: (p / "config.json").is_file() and _has(p, SINGLE, "pytorch_model.bin", *WEIGHT_INDEXES),
      "already a Hugging Face model folder (config.json and its weights): there is nothing to merge (`hf upload` "
      "pushes it as it is)"),
 ]
