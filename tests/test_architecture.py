@@ -862,6 +862,8 @@ def test_keep_dtype_of_a_half_model_with_its_float32_router_is_not_warned_of_as_
     result = streammerge.merge(folder, tmp_path / "out", dtype="keep")
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert {k for k, v in got.items() if v.dtype == torch.float32} == router
+    for name, value in got.items():
+        assert value.dtype == mixed[name].dtype and torch.equal(value, mixed[name]), name  # the trained bits, as saved
     assert not any(several in w for w in result.warnings), result.warnings
     cached = streammerge.plan_merge(folder, dtype="keep", check_architecture=False)  # the rules are cached now
     assert not any(several in w for w in cached.warnings), cached.warnings

@@ -220,6 +220,14 @@ def test_three_ranks_bf16_lora_only_with_base_folder_and_modules_to_save(bf16_ws
     failures = verify(out, actor, base_model=str(other)).failures
     ran = f"--base-model {other}: the merge ran with --base-model {base}"
     assert any(f.startswith(ran) for f in failures), failures
+    # the base given is the one compared with: another base's weights fail the folded tensor they change
+    weights = load_file(other / "model.safetensors")
+    changed = next(k for k in sorted(weights) if k.endswith("q_proj.weight"))
+    weights[changed] = weights[changed].clone()
+    weights[changed].view(-1)[0] += 1
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    failures = verify(pulled, actor, base_model=str(other)).failures
+    assert any(changed in f for f in failures), failures
     # the adapter alone needs no base
     rc, err = run(["merge", actor, tmp_path / "adapter", "--lora", "adapter", "--no-optimizer"], capsys)
     assert rc == 0, err
