@@ -122,7 +122,7 @@ def serve(link_mbps: float) -> None:
         sys.stdin.read()
 
 
-def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float, workers: int = 2) -> dict:
+def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float, workers: int) -> dict:
     from hubserver import WRITE_TOKEN
 
     import streammerge
@@ -146,7 +146,7 @@ def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float, wor
             if mode == "serial":
                 push_folder(out, f"bench-{mode}", max_workers=workers, **push_opts)
             elif mode.startswith("hf_"):
-                hf_upload(mode, out, f"alice/bench-{mode}", server.endpoint)
+                hf_upload(out, f"alice/bench-{mode}", server.endpoint)
             else:  # serial_hashed
                 with HubPusher(f"bench-{mode}", max_workers=workers, **push_opts) as pusher:
                     for f in merged.files:
@@ -157,7 +157,7 @@ def run_mode(mode: str, ckpt: Path, out: Path, shard: str, link_mbps: float, wor
             "merge_s": round(t_merge_done - t0, 2), "after_merge_s": round(t_end - t_merge_done, 2), "files": files}
 
 
-def hf_upload(mode: str, folder: Path, repo_id: str, endpoint: str) -> None:
+def hf_upload(folder: Path, repo_id: str, endpoint: str) -> None:
     """huggingface_hub's upload of a finished folder (the merge's state folder left out)."""
     from hubserver import WRITE_TOKEN
     from huggingface_hub import HfApi
@@ -191,6 +191,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def main() -> None:
+    from streammerge.options import UPLOAD_WORKERS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=2.0)
     ap.add_argument("--max-shard-size", default="500MB")
@@ -200,8 +202,8 @@ def main() -> None:
     ap.add_argument("--link-mbps", type=float, nargs="+", default=[0.0],
                     help="server uplink speeds in MB/s to run at; 0 = as fast as the local server goes (default)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
-    ap.add_argument("--upload-workers", type=int, default=5,
-                    help="streammerge's files uploaded at once (its default: 5)")
+    ap.add_argument("--upload-workers", type=int, default=UPLOAD_WORKERS,
+                    help=f"streammerge's files uploaded at once (its default: {UPLOAD_WORKERS})")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "push.json"))
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

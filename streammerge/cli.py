@@ -13,7 +13,7 @@ from typing import NoReturn, TextIO
 
 from . import __version__
 from .errors import StreammergeError
-from .options import CHECKSUMS, DTYPE_CHOICES, LORA_MODES, OPTIMIZER_FORMATS, MergeOptions
+from .options import CHECKSUMS, DTYPE_CHOICES, LORA_MODES, OPTIMIZER_FORMATS, UPLOAD_WORKERS, MergeOptions
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 PUSH_FAILED = 4  # exit code: the push (or, in watch, a step) failed; re-running resumes it
@@ -122,7 +122,8 @@ def _push_args(p: argparse.ArgumentParser, *, repo_default: str = "default: name
                    help="do not write and push a README.md model card (an earlier push's card, unedited, is deleted)")
     g.add_argument("--max-files-per-commit", type=int, default=50, metavar="N",
                    help="split bigger pushes into several commits (default 50)")
-    g.add_argument("--upload-workers", type=int, default=5, metavar="N", help="files uploaded at once (default 5)")
+    g.add_argument("--upload-workers", type=int, default=UPLOAD_WORKERS, metavar="N",
+                   help=f"files uploaded at once (default {UPLOAD_WORKERS})")
 
 
 def _push_settings(args: argparse.Namespace):

@@ -19,6 +19,7 @@ from .dtypes import DType
 
 MAX_SHARD_SIZE = 5 * 10**9  # huggingface_hub's default ("5GB", decimal)
 DEFAULT_BUFFER_SIZE = 64 * 2**20
+UPLOAD_WORKERS = 5  # files a push uploads at once: huggingface_hub's upload_folder default
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 DTYPE_CHOICES = ("auto", "keep", "bfloat16", "float16", "float32")

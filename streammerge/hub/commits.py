@@ -30,6 +30,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelet
 from huggingface_hub.utils.sha import git_hash
 
 from ..model_folder import MODEL_FILE_PATTERNS
+from ..options import UPLOAD_WORKERS
 from ..sources.hf import INDEX, SINGLE
 from .repo import HubRepo
 from .retry import RETRY_STATUS, PushError, Retrier, status_of
@@ -141,7 +142,7 @@ class Committer:
 
     def __init__(self, api: HfApi, calls: Retrier, repo: HubRepo, *, delete_patterns: Iterable[str] | None = None,
                  delete_if: Mapping[str, Callable[[bytes], bool]] | None = None,
-                 keep_if: Mapping[str, Callable[[bytes], bool]] | None = None, num_threads: int = 5):
+                 keep_if: Mapping[str, Callable[[bytes], bool]] | None = None, num_threads: int = UPLOAD_WORKERS):
         self.api = api
         self.calls = calls
         self.repo = repo

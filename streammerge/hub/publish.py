@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from ..model_folder import hub_id
 from ..optimizer import OPTIMIZER_DIR, OPTIMIZER_PT, optimizer_save_mode_enabled
-from ..options import MergeOptions
+from ..options import UPLOAD_WORKERS, MergeOptions
 from ..paths import user_path
 from ..pipeline import MergePlan, MergeResult, merge, plan_merge
 from ..sources import Source, open_checkpoint
@@ -239,7 +239,7 @@ class PushResult:
                 f"{self.commit_url}")
 
 
-def check_push_counts(max_files_per_commit: int = 50, upload_workers: int = 5) -> None:
+def check_push_counts(max_files_per_commit: int = 50, upload_workers: int = UPLOAD_WORKERS) -> None:
     """Refused before anything starts, in the words of the flags too (HubPusher would refuse them later)."""
     for name, value in (("max_files_per_commit", max_files_per_commit), ("upload_workers", upload_workers)):
         if not (isinstance(value, int) and value >= 1):
@@ -251,8 +251,9 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
                    revision: str | None = None, commit_message: str | None = None, token: str | None = None,
                    endpoint: str | None = None, options: MergeOptions | None = None,
                    optimizer: bool | None = None, model_name: str | None = None, model_card: bool = True,
-                   max_files_per_commit: int = 50, upload_workers: int = 5, retry: RetryPolicy | None = None,
-                   delete_stale: bool = True, verify: bool = False, **merge_options: Any) -> PushResult:
+                   max_files_per_commit: int = 50, upload_workers: int = UPLOAD_WORKERS,
+                   retry: RetryPolicy | None = None, delete_stale: bool = True, verify: bool = False,
+                   **merge_options: Any) -> PushResult:
     """Merge ``checkpoint`` into ``out_dir`` and push it to ``repo_id``, uploading while merging.
 
     ``out_dir=None`` uses :func:`default_out_dir`. ``repo_id=None`` names the repo after ``out_dir``,

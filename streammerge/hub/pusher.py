@@ -22,6 +22,7 @@ from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
+from ..options import UPLOAD_WORKERS
 from .card import card_state
 from .commits import WEIGHT_PATTERNS, Committer, Upload
 from .repo import HubRepo, check_target
@@ -75,7 +76,7 @@ class HubPusher:
 
     def __init__(self, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
                  private: bool = False, organization: str | None = None, revision: str | None = None,
-                 commit_message: str | None = None, max_files_per_commit: int = 50, max_workers: int = 5,
+                 commit_message: str | None = None, max_files_per_commit: int = 50, max_workers: int = UPLOAD_WORKERS,
                  repo_type: str = "model", retry: RetryPolicy | None = None,
                  delete_patterns: Iterable[str] | None = None,
                  delete_if: Mapping[str, Callable[[bytes], bool]] | None = None,
