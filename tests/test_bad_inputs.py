@@ -207,23 +207,23 @@ def _megatron_legacy(d: Path) -> Path:
     return d
 
 
-def _hf_folder(d: Path) -> Path:
+def _tiny_qwen2():
     import transformers
 
-    config = transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(d)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=32))
+
+
+def _hf_folder(d: Path) -> Path:
+    _tiny_qwen2().save_pretrained(d)
     return d
 
 
 def _peft_adapter(d: Path) -> Path:
     import peft
-    import transformers
 
-    config = transformers.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
-    model = peft.get_peft_model(transformers.Qwen2ForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    model.save_pretrained(d)
+    peft.get_peft_model(_tiny_qwen2(), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(d)
     return d
 
 
