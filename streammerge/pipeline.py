@@ -435,11 +435,12 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
             small[p.relative_to(model_dir).as_posix()] = p
     merge_plan = MergePlan(source, options, dtype, config, model_dir, plans, small, warnings=warnings, lora=lora_info,
                            buffers=sorted(buffers), float32=float32)
-    rules = architecture.cached_float32(config, generation) if config is not None and dtype is None else None
-    if rules is None and arch is not None:
-        merge_plan.dtypes_pending = True  # the check's answer holds the float32 rules
-    else:
-        merge_plan.several_dtypes(rules)
+    if config is not None and dtype is None and len(merge_plan.kept_dtypes()) > 1:
+        rules = architecture.cached_float32(config, generation)
+        if rules is None and arch is not None:
+            merge_plan.dtypes_pending = True  # the check's answer holds the float32 rules
+        else:
+            merge_plan.several_dtypes(rules)
     for rel, data in generated.items():
         merge_plan.add_generated(rel, data)
     return merge_plan
