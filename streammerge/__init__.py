@@ -13,31 +13,63 @@ Public API::
 Options are keyword arguments or one `MergeOptions`.
 """
 
-from typing import Any
-
-from .errors import CheckpointError, ConfigError, OutputError, StreammergeError, UnsafePickleError, VerifyError
-from .optimizer import OPTIMIZER_SAVE_MODES, load_optimizer_state_dict, optimizer_save_mode_enabled
-from .options import MergeOptions
-from .pipeline import MergePlan, MergeResult, merge, plan, plan_merge
-from .sources import Source, open_checkpoint
-from .verify import VerifyReport, verify
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
-_PUBLISH = ("HuggingFaceUploader", "PushResult", "merge_and_push", "upload_checkpoint_to_hf")
+# Imported on first use, so that `import streammerge` (and the `streammerge` script, which Ctrl-C may stop while it
+# loads) costs nothing before the command starts; the Hub stack (huggingface_hub) loads only when a push needs it.
+_HOMES = {
+    "CheckpointError": "errors", "ConfigError": "errors", "OutputError": "errors", "StreammergeError": "errors",
+    "UnsafePickleError": "errors", "VerifyError": "errors",
+    "OPTIMIZER_SAVE_MODES": "optimizer", "load_optimizer_state_dict": "optimizer",
+    "optimizer_save_mode_enabled": "optimizer",
+    "MergeOptions": "options",
+    "MergePlan": "pipeline", "MergeResult": "pipeline", "merge": "pipeline", "plan": "pipeline",
+    "plan_merge": "pipeline",
+    "Source": "sources", "open_checkpoint": "sources",
+    "VerifyReport": "verify", "verify": "verify",
+    "HuggingFaceUploader": "hub.publish", "PushResult": "hub.publish", "merge_and_push": "hub.publish",
+    "upload_checkpoint_to_hf": "hub.publish",
+    "watch": "hub.watch",
+}
+
+if TYPE_CHECKING:
+    from .errors import CheckpointError, ConfigError, OutputError, StreammergeError, UnsafePickleError, VerifyError
+    from .hub.publish import HuggingFaceUploader, PushResult, merge_and_push, upload_checkpoint_to_hf
+    from .hub.watch import watch
+    from .optimizer import OPTIMIZER_SAVE_MODES, load_optimizer_state_dict, optimizer_save_mode_enabled
+    from .options import MergeOptions
+    from .pipeline import MergePlan, MergeResult, merge, plan, plan_merge
+    from .sources import Source, open_checkpoint
+    from .verify import VerifyReport, verify
 
 
 def __getattr__(name: str) -> Any:
-    """The Hub stack (huggingface_hub) is imported only when a push needs it."""
-    if name in _PUBLISH:
-        from .hub import publish
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(publish, name)
-    if name == "watch":
-        from .hub.watch import watch
 
-        return watch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # importing a submodule binds it on its package: the submodules `plan` and `verify` must not take the names
+        # of the functions
+        if not (name in _HOMES and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
 
 
 __all__ = [

@@ -392,8 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(e, KeyboardInterrupt):
-            print("streammerge: interrupted; finished files are kept, rerun the same command to resume",
-                  file=sys.stderr)
+            print(INTERRUPTED, file=sys.stderr)
             _exit_now_if_uploading(130)
         elif exit_code(e) == 3:
             print(f"streammerge: internal error: {type(e).__name__}: {shown(e)} (rerun with --debug for the traceback, "
@@ -426,6 +425,7 @@ def _command(argv: list[str]) -> tuple[str, list[str]]:
 
 
 READ_ONLY = ("verify", "inspect")
+INTERRUPTED = "streammerge: interrupted; finished files are kept, rerun the same command to resume"
 
 
 def run() -> NoReturn:
@@ -437,11 +437,14 @@ def run() -> NoReturn:
     """
     try:
         code = main()
-    except (KeyboardInterrupt, Exception) as e:  # only --debug lets them out of main
-        import traceback
-
-        traceback.print_exc()
+    except (KeyboardInterrupt, Exception) as e:  # only --debug, or a Ctrl-C while the arguments are read
         code = exit_code(e)
+        if code == 130 and "--debug" not in sys.argv[1:]:
+            print(INTERRUPTED, file=sys.stderr)
+        else:
+            import traceback
+
+            traceback.print_exc()
         if code == 130:
             _exit_now_if_uploading(code)
     if _command(sys.argv[1:])[0] in READ_ONLY:

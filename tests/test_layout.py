@@ -49,3 +49,26 @@ def test_merge_path_modules_import_no_torch() -> None:
                          cwd=REPO, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == {}, run.stdout
+
+
+def test_public_names_resolve_to_the_functions_whatever_was_imported_first() -> None:
+    """`streammerge.plan` and `streammerge.verify` are functions though submodules of those names exist, and
+    `import streammerge` alone loads none of the pipeline (the script's start, where a Ctrl-C must stay clean)."""
+    code = ("import json, sys, types\n"
+            "first = sys.argv[1]\n"
+            "if first: __import__(first)\n"
+            "import streammerge\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('streammerge.'))\n"
+            "kinds = {n: type(getattr(streammerge, n)).__name__ for n in streammerge.__all__}\n"
+            "from streammerge import plan, verify\n"
+            "print(json.dumps([loaded, kinds, callable(plan) and callable(verify), sorted(dir(streammerge))]))\n")
+    for first in ("", "streammerge.plan", "streammerge.verify", "streammerge.cli"):
+        run = subprocess.run([sys.executable, "-c", code, first], capture_output=True, text=True, cwd=REPO,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        loaded, kinds, callables, names = json.loads(run.stdout)
+        if not first:
+            assert loaded == [], loaded
+        assert not [n for n, kind in kinds.items() if kind == "module"], kinds
+        assert kinds["plan"] == kinds["verify"] == kinds["merge"] == "function" and callables
+        assert set(streammerge.__all__) <= set(names)

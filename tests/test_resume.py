@@ -7,6 +7,7 @@ look complete (an index) without being complete.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import random
@@ -122,6 +123,39 @@ def test_kill_9_at_random_points_then_resume(big, reference, tmp_path):
     assert not [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX)]
     assert streammerge.verify(out, big).ok
     print(f"{killed} kills; the final run reused {len(result.reused)} of {len(result.files)} files")
+
+
+# A Ctrl-C that lands while the modules load, or while the arguments are read: raised there by a dependency that
+# stands in for the real one on PYTHONPATH (numpy, which the command line imports first; argparse's parse_args).
+CTRL_C_AT = {
+    "loading": {"numpy/__init__.py": "raise KeyboardInterrupt\n"},
+    "parsing": {"sitecustomize.py": "import argparse\n"
+                                    "def parse_args(self, *a, **k):\n    raise KeyboardInterrupt\n"
+                                    "argparse.ArgumentParser.parse_args = parse_args\n"},
+}
+
+
+@pytest.mark.parametrize("entry", ["script", "-m"])
+@pytest.mark.parametrize("moment", list(CTRL_C_AT))
+def test_interrupt_while_starting_is_one_line(big, tmp_path, moment, entry):
+    """Ctrl-C just after pressing Enter ends as one later does: one line and exit 130, no traceback, nothing written."""
+    for name, text in CTRL_C_AT[moment].items():
+        (tmp_path / "inject" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "inject" / name).write_text(text)
+    if entry == "script":  # what the installed `streammerge` script runs
+        (script,) = importlib.metadata.entry_points(group="console_scripts", name="streammerge")
+        launch = ["-c", f"import sys; from {script.module} import {script.attr}; sys.exit({script.attr}())"]
+    else:
+        launch = ["-m", "streammerge"]
+    before = snapshot(big)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), str(REPO)])}
+    proc = subprocess.run([sys.executable, *launch, str(big), str(tmp_path / "out"), *CLI_OPTIONS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("streammerge: interrupted"), line
+    assert not (tmp_path / "out").exists()
+    assert snapshot(big) == before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
