@@ -382,6 +382,7 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
     source.use_model(config, model_dir)
     with gc_paused():
         tensors = source.tensors(options)
+        warnings += source.warnings(options)
         from .sources import lora
 
         generated: dict[str, bytes | Callable[[], bytes]] = {}

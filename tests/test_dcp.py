@@ -1276,6 +1276,61 @@ def test_tensors_pickled_inside_a_non_tensor_item_are_refused(tmp_path: Path, ca
     assert raw(load_file(tmp_path / "out_extra" / "model.safetensors")["w"]) == raw(w)
 
 
+class _WithExtraState(nn.Module):
+    """A module whose state dict holds what get_extra_state() returns: DCP flattens a dict or list of tensors below
+    the module's key ('0._extra_state.scale')."""
+
+    def __init__(self, extra: object) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.extra = extra
+
+    def get_extra_state(self) -> object:
+        return self.extra
+
+    def set_extra_state(self, state: object) -> None:
+        self.extra = state
+
+
+@pytest.mark.parametrize("extra", ["dict", "list"])
+def test_a_modules_extra_state_is_merged_as_torch_reads_it(tmp_path: Path, extra: str) -> None:
+    """A bare model.state_dict() whose module keeps tensors in its extra state: they sit nested below the module's key,
+    and the merge took them for a trainer's container beside the model and left them out (exit 0), where the same
+    state dict saved as {"model": ...} kept them. Both now merge every tensor torch reads back."""
+    torch.manual_seed(0)
+    value = {"scale": torch.tensor([0.5, 2.0])} if extra == "dict" else [torch.tensor([0.5, 2.0]), 3]
+    state = nn.Sequential(_WithExtraState(value), nn.Linear(2, 1)).state_dict()
+    for nest, saved in (("bare", state), ("nested", {"model": state})):
+        folder = tmp_path / nest
+        dcp.save(saved, checkpoint_id=str(folder), no_dist=True)
+        dcp_to_torch_save(str(folder), str(folder) + ".pt")
+        ref = flat_reference(folder, read_dcp(folder))
+        want = {k.removeprefix("model."): v for k, v in ref.items() if isinstance(v, torch.Tensor)}
+        assert len(want) == 5
+        result = streammerge.merge(folder, tmp_path / f"out_{nest}", dtype="keep", weights_only=True)
+        got = load_file(tmp_path / f"out_{nest}" / "model.safetensors")
+        assert set(got) == set(want), nest
+        assert all(raw(got[k]) == raw(v) and got[k].dtype == v.dtype for k, v in want.items()), nest
+        assert not [w for w in result.plan.warnings if "left out" in w]
+
+
+def test_a_tensor_container_beside_a_bare_model_is_named_when_left_out(tmp_path: Path, capsys) -> None:
+    """Beside a bare state dict's top-level tensors, a container under a plain name ('ema') is taken for a trainer's
+    state, as optimizer or lr_scheduler are; it was left out with a word only from inspect (as 'ema.*'). The merge now
+    says what it left out; --key-prefix merges it instead."""
+    w, e = torch.arange(4.0).reshape(2, 2), torch.ones(3)
+    folder = tmp_path / "ck"
+    dcp.save({"w": w, "ema": {"w": e}, "lr_scheduler": {"last": torch.tensor(3)}}, checkpoint_id=str(folder),
+             no_dist=True)
+    assert main([str(folder), str(tmp_path / "out"), "--weights-only", "--no-progress", "--dtype", "keep"]) == 0
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "left out" in x]
+    assert "left out ema.* (1 tensors)" in line and "lr_scheduler" not in line and "--key-prefix" in line
+    assert list(load_file(tmp_path / "out" / "model.safetensors")) == ["w"]
+    streammerge.merge(folder, tmp_path / "ema", dtype="keep", weights_only=True, key_prefix="ema")
+    assert raw(load_file(tmp_path / "ema" / "model.safetensors")["w"]) == raw(e)
+
+
 def test_a_save_with_flatten_state_dict_false(tmp_path: Path, capsys) -> None:
     """flatten_state_dict=False stores each nested dict whole, as one pickled item, and .metadata records no nesting:
     the model inside {"model": ...} was dropped and the top-level tensors merged as the model (exit 0). Refused in one

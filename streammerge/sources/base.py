@@ -249,6 +249,10 @@ class Source(abc.ABC):
     def tensors(self, options: MergeOptions) -> dict[str, SourceTensor]:
         """Every model tensor, in save order, under the names the checkpoint uses."""
 
+    def warnings(self, options: MergeOptions) -> list[str]:
+        """What the merge leaves out of the checkpoint that might have been meant as the model's."""
+        return []
+
     def optimizer_plan(self, weights: Plan, options: MergeOptions, config: dict | None,
                        model_dir: Path | None) -> tuple[Plan | None, list[str]]:
         """The optimizer export, or (None, [why not]) when there is none or it cannot be named safely."""

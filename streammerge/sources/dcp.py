@@ -607,7 +607,14 @@ def _of_model(key: str, split: KeySplit, ck: DcpCheckpoint) -> bool:
     if split.prefix:
         return key.startswith(split.prefix)
     path = (ck.meta.planner_data or {}).get(key, (key,))
-    return len(path) == 1 and key not in NOT_MODEL_KEYS
+    return _top_level_model(path) and key not in NOT_MODEL_KEYS
+
+
+def _top_level_model(path: tuple) -> bool:
+    """Whether a key of a saved dict with no `model` container is the model's: a top-level key, or nested below a
+    module's key (`layer._extra_state.scale`, what a module's get_extra_state() returns): a model's state dict has
+    dotted keys, a trainer's containers beside it (optimizer, lr_scheduler, ...) plain names."""
+    return len(path) == 1 or "." in str(path[0]) or path[0] == "_extra_state"
 
 
 def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
@@ -630,8 +637,7 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
                               f"(keys start with {', '.join(heads)})")
         parent = key_prefix[:-len("model.")] if key_prefix.endswith("model.") else None
         opt = _optimizer_prefix(keys, parent) if parent is not None else None
-        others = _others(keys, model, opt)
-        return KeySplit(key_prefix, model, opt, others, f"--key-prefix {key_prefix!r}")
+        return KeySplit(key_prefix, model, opt, _others(_paths(ck), model, opt), f"--key-prefix {key_prefix!r}")
     paths = _paths(ck)
     containers = {p[:i] for p in paths.values() for i in range(1, min(len(p), 3))}
     candidates = sorted((c for c in containers if c[-1] in MODEL_CONTAINERS),
@@ -646,18 +652,17 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
         model = {k[len(prefix):]: k for k, p in paths.items() if p[:len(found)] == found}
         if all(k.startswith(prefix) for k in model.values()):
             opt = _optimizer_prefix(keys, ".".join(str(x) for x in found[:-1]) + "." if len(found) > 1 else "")
-            others = _others(keys, model, opt)
-            return KeySplit(prefix, model, opt, others, f"the {prefix!r} keys of the saved dict")
+            return KeySplit(prefix, model, opt, _others(paths, model, opt), f"the {prefix!r} keys of the saved dict")
     opt = _optimizer_prefix(keys, "")
     top = {k: k for k, p in paths.items()  # not the flat optimizer's keys, nor a trainer's rng_state, step, ...
-           if len(p) == 1 and not (opt and k.startswith(opt)) and k not in NOT_MODEL_KEYS}
+           if _top_level_model(p) and not (opt and k.startswith(opt)) and k not in NOT_MODEL_KEYS}
     if not top:
         heads = sorted({str(p[0]) for p in paths.values()})[:6]
         raise CheckpointError(f"{ck.folder}: cannot tell which tensors are the model (the saved dict holds "
                               f"{', '.join(heads)}); name them with --key-prefix, e.g. --key-prefix {heads[0]}.")
     nested = {str(p[0]) + "." for p in paths.values() if len(p) > 1}
     how = "every key" if not nested and len(top) == len(keys) else "the top-level keys of the saved dict"
-    return KeySplit("", top, opt, _others(keys, top, opt), how)
+    return KeySplit("", top, opt, _others(paths, top, opt), how)
 
 
 def _optimizer_prefix(keys: list[str], parent: str) -> str | None:
@@ -668,13 +673,14 @@ def _optimizer_prefix(keys: list[str], parent: str) -> str | None:
     return None
 
 
-def _others(keys: list[str], model: Mapping[str, str], opt: str | None) -> dict[str, int]:
-    """The keys neither the model nor the optimizer takes, counted by their first segment (inspect lists them)."""
+def _others(paths: Mapping[str, tuple], model: Mapping[str, str], opt: str | None) -> dict[str, int]:
+    """The keys neither the model nor the optimizer takes, counted by the saved dict's key they sit under (inspect
+    lists them)."""
     taken = set(model.values())
     out: dict[str, int] = {}
-    for k in keys:
+    for k, path in paths.items():
         if k not in taken and not (opt and k.startswith(opt)):
-            head = k.split(".", 1)[0]
+            head = str(path[0]) if len(path) > 1 else k.split(".", 1)[0]
             out[head] = out.get(head, 0) + 1
     return out
 
@@ -717,6 +723,18 @@ class DcpSource(Source):
         if not tensors:
             raise CheckpointError(f"{self.path}: the checkpoint holds no model tensors")
         return tensors
+
+    def warnings(self, options: MergeOptions) -> list[str]:
+        split = self.split(options.key_prefix)
+        if split.prefix or options.key_prefix is not None:
+            return []
+        unknown = {head: n for head, n in split.others.items() if head not in _TRAINER_KEYS | NOT_MODEL_KEYS}
+        if not unknown:
+            return []
+        left = ", ".join(f"{head}.* ({n} tensors)" for head, n in sorted(unknown.items()))
+        return [f"{self.checkpoint().folder}: left out {left}: nested beside the top-level tensors the merge takes "
+                "as the model, so taken for a trainer's state (a model's state dict nests nothing under a plain "
+                "name); to merge them, name them with --key-prefix"]
 
     def has_optimizer(self) -> bool:
         try:

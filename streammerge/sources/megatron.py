@@ -394,6 +394,9 @@ class MegatronSource(DcpSource):
     def has_optimizer(self) -> bool:
         return self.optimizer_checkpoint()[1] is not None
 
+    def warnings(self, options: MergeOptions) -> list[str]:
+        return []  # its mapping takes every key or refuses the checkpoint
+
     def optimizer_plan(self, weights: Plan, options: MergeOptions, config: dict | None,
                        model_dir: Path | None) -> tuple[Plan | None, list[str]]:
         oc, kind = self.optimizer_checkpoint()
