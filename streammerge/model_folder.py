@@ -53,7 +53,7 @@ def read_config(model_dir: Path | None) -> dict | None:
             raise CheckpointError(f"{path}: not a file (a link to nothing, a pipe or a device); replace it with the "
                                   "file itself")
         return None
-    return jsonfile.read_object(path, parse_constant=_no_constant)
+    return jsonfile.read_object(path)  # Infinity and NaN as transformers reads them (4.x wrote them so)
 
 
 def read_generation_config(model_dir: Path | None) -> dict | None:
@@ -63,14 +63,10 @@ def read_generation_config(model_dir: Path | None) -> dict | None:
     if model_dir is None or not (model_dir / GENERATION_CONFIG).is_file():
         return None
     try:
-        return jsonfile.read_object(model_dir / GENERATION_CONFIG, parse_constant=_no_constant)
+        return jsonfile.read_object(model_dir / GENERATION_CONFIG)
     except CheckpointError as e:
         raise ConfigError(f"{e}: transformers would load the model without it, generating otherwise than it was set "
                           "up to, or not load it at all; fix the file, or remove it") from None
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def ties_embeddings(config: Mapping | None) -> bool:

@@ -105,6 +105,40 @@ def test_a_config_transformers_cannot_read_is_refused(tmp_path, change):
                                        r"the folder")
 
 
+@pytest.mark.parametrize("form", ["transformers 5", "transformers 4"])
+def test_a_config_holding_inf_and_nan_merges_as_transformers_reads_it(tmp_path, form):
+    """Mamba2-style configs hold inf (time_step_limit = (0.0, inf)): transformers 5's save_pretrained writes it as
+    {"__float__": "Infinity"}, 4.x as a bare Infinity, and from_pretrained reads both. The merge refused both ("cannot
+    read it", "not valid JSON"). Now both merge, verify and resume, and config.json keeps the form it had."""
+    import math
+
+    config = transformers.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                       state_size=8, n_groups=1, expand=2, time_step_limit=(0.0, math.inf))
+    torch.manual_seed(0)
+    model = transformers.Mamba2ForCausalLM(config)
+    model.config.init_floor = math.nan
+    folder = _save(tmp_path / "ckpt", model.state_dict(), {})
+    if form == "transformers 5":
+        model.config.save_pretrained(folder / "huggingface")
+        assert '"__float__": "Infinity"' in (folder / "huggingface" / "config.json").read_text()
+    else:
+        (folder / "huggingface" / "config.json").write_text(json.dumps(model.config.to_dict()))  # allow_nan: 4.x's way
+    written = (folder / "huggingface" / "config.json").read_text()
+    out = tmp_path / "out"
+    streammerge.merge(folder, out, dtype="keep")
+    text_before = (out / "config.json").read_text()
+    again = streammerge.merge(folder, out, dtype="keep")
+    assert again.reused and again.bytes_written == 0 and (out / "config.json").read_text() == text_before
+    assert streammerge.verify(out, folder).ok
+    text = (out / "config.json").read_text()
+    assert ('"__float__"' in text) == (form == "transformers 5") and ("Infinity" in text and "NaN" in text)
+    assert json.loads(text)["time_step_limit"] == json.loads(written)["time_step_limit"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.time_step_limit[1] == math.inf and math.isnan(loaded.config.init_floor)
+    want = model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+
+
 def test_the_right_config_merges_and_says_it_was_checked(tmp_path):
     model = _model()
     folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model))

@@ -38,8 +38,10 @@ def built_in_config(config: Mapping[str, Any], where: str) -> Any:
     A model type transformers does not know needs the checkpoint's code (`auto_map`), which
     streammerge never runs: Skip says so.
     """
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, PretrainedConfig
 
+    # from_pretrained decodes the {"__float__": "Infinity"} that save_pretrained writes for inf and NaN (transformers 5)
+    config = getattr(PretrainedConfig, "_decode_special_floats", lambda c: c)(dict(config))
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         remote = " (its auto_map names code shipped with the checkpoint, which streammerge never runs)" \
