@@ -42,7 +42,7 @@ from .model_folder import (
 )
 from .options import DEFAULT_BUFFER_SIZE, MergeOptions, resolve_dtype
 from .paths import user_path
-from .plan import FilePlan, Plan, TensorPlan, build_plan, copy_plans, fmt_bytes
+from .plan import FilePlan, Plan, TensorPlan, build_plan, copy_plans, fmt_bytes, tied_duplicates
 from .sources import Source, open_checkpoint
 from .write.manifest import Manifest
 from .write.transaction import OutputFolder, check_out_dir, index_bytes
@@ -367,7 +367,9 @@ def keep_float32(tensors: list[TensorPlan], options: MergeOptions, dtype: DType 
         if rules is None and arch is None and config is not None and architecture.names_float32(config, dtype.name):
             return tensors, (), (f"float32     transformers may keep some of these in float32 when it loads the model "
                                  f"in {dtype.name}; a merge asks it, and writes those in float32")
-    kept = sorted(t.name for t in half if t.name in keep)
+    # a tied output embedding is the input embedding's tensor in transformers, in that tensor's dtype (not written)
+    tied = tied_duplicates({t.name: t for t in tensors}, ties_embeddings(config))
+    kept = sorted(t.name for t in half if tied.get(t.name, t.name) in keep)
     if not kept:
         return tensors, (), ""
     note = (f"float32     {len(kept)} tensors written in float32, not {dtype.name}: transformers keeps them in float32 "

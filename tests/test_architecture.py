@@ -833,6 +833,46 @@ def test_what_transformers_keeps_in_float32_is_written_in_float32_as_save_pretra
     assert report.ok and any("but for the 2 tensors it holds in float32" in n for n in report.notes), report.notes
 
 
+def test_a_tied_output_embedding_transformers_keeps_in_float32_is_the_input_embedding(tmp_path):
+    """HY-V4 keeps lm_head in float32 (`_keep_in_fp32_modules_strict`), but with tie_word_embeddings its lm_head is
+    the input embedding, in the input embedding's dtype. The merge kept lm_head in float32 and then refused it as
+    differing from its bfloat16 twin. Now the folder is transformers' own save of the model loaded in bfloat16."""
+    config = transformers.CONFIG_MAPPING["hy_v4"]()
+    fields = {k: v[-2:] if k.endswith("_layer_types") and isinstance(v, list) else v
+              for k, v in config.to_dict().items() if k != "layer_types"}
+    fields.update(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts=4,
+                  num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1, max_position_embeddings=64,
+                  q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, index_topk=8,
+                  index_head_dim=8, qk_head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=16,
+                  tie_word_embeddings=True, dtype="bfloat16")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(type(config).from_dict(fields)).float()
+    assert "lm_head" in model._keep_in_fp32_modules_strict and model.lm_head.weight is model.model.embed_tokens.weight
+    model.load_state_dict({k: torch.randn(v.shape) for k, v in model.state_dict().items()})  # rounding shows
+    state = model.state_dict()
+    folder = _save(tmp_path / "ckpt", state, _config(model, architectures=[type(model).__name__]))
+    model.save_pretrained(tmp_path / "fp32")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)
+    loaded.save_pretrained(tmp_path / "ref")
+    ref = load_file(tmp_path / "ref" / "model.safetensors")
+    assert "lm_head.weight" not in ref and ref["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+    out = tmp_path / "out"
+    streammerge.merge(folder, out)  # --dtype auto: bfloat16, as config.json names
+    got = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in got
+    # (save_pretrained writes the experts one by one, the model's state dict holds them fused: compare the rest)
+    common = set(got) & set(ref)
+    assert len(common) > len(got) // 2
+    assert all(got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]) for k in common)
+    again = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    mine = again.state_dict()
+    assert all(mine[k].dtype == v.dtype and torch.equal(mine[k], v) for k, v in loaded.state_dict().items())
+    assert streammerge.verify(out, folder).ok
+
+
 def test_the_first_cli_merge_waits_for_transformers_float32_rules_and_inspect_says_so(tmp_path):
     """A child process answers; the plan waits for its early line only where transformers' code for the model names
     such modules. inspect never asks: it says a merge will, then (the answer cached) which tensors."""
