@@ -522,10 +522,20 @@ class ArchCheck:
         if alt and _but_dtype(written) == _but_dtype(critic_config(self.config, cls)):
             _cache_put(self.asked(written), names, {**self.answer, "models": alt})
 
-    def check(self, shapes: Shapes) -> tuple[dict | None, str]:
+    def check(self, shapes: Shapes, tied: Mapping[str, str] | None = None) -> tuple[dict | None, str]:
         """(a config to write instead, or None; a note). Raises ConfigError where transformers would load
-        another model than these tensors."""
+        another model than these tensors. `tied`: output embeddings left out as tied (name -> the input embedding
+        written), which the model must tie to be these weights."""
         found = self.verdict(shapes)
+        untied = {name: kept for name, kept in (tied or {}).items() if kept in shapes}
+        if found.problem and not found.critic and found.file == "config.json" and untied and \
+                not self.verdict({**shapes, **{name: shapes[kept] for name, kept in untied.items()}}).problem:
+            name, kept = sorted(untied.items())[0]
+            cls = self.answer["models"][0]["class"] if self.answer else "the model"
+            raise ConfigError(f"{self.where}: ties the embeddings (tie_word_embeddings), but transformers "
+                              f"{(self.answer or {}).get('transformers', '?')} builds {cls}, which does not tie "
+                              f"{name} to {kept}: it would load without the trained {name} (randomly initialised); "
+                              "set tie_word_embeddings to false in that config (both are then written)")
         if found.critic is not None:
             return critic_config(self.config, found.critic), (f"{found.problem}: config.json is written with "
                                                                f"architectures [{found.critic!r}] and one label")

@@ -42,7 +42,7 @@ from .model_folder import (
 )
 from .options import DEFAULT_BUFFER_SIZE, MergeOptions, resolve_dtype
 from .paths import user_path
-from .plan import FilePlan, Plan, TensorPlan, build_plan, copy_plans, fmt_bytes, tied_duplicates
+from .plan import OUTPUT_EMBEDDINGS, FilePlan, Plan, TensorPlan, build_plan, copy_plans, fmt_bytes, tied_duplicates
 from .sources import Source, open_checkpoint
 from .write.manifest import Manifest
 from .write.transaction import OutputFolder, check_out_dir, index_bytes
@@ -125,7 +125,7 @@ class MergePlan:
             return
         self.arch_done = True
         try:
-            fixed, note = self.arch.check(self._weight_shapes)
+            fixed, note = self.arch.check(self._weight_shapes, self._tied_outputs())
         finally:
             self.arch.close()
         if fixed is not None:
@@ -177,6 +177,12 @@ class MergePlan:
             self.warnings.append(f"{len(extra)} tensors were written in float32 ({extra[0]}"
                                  f"{', ...' if len(extra) > 1 else ''}) that transformers would load in "
                                  f"{self.dtype.name}: their values are the trained ones, unrounded")
+
+    def _tied_outputs(self) -> dict[str, str]:
+        """Output embeddings left out as tied by config.json (name -> the input embedding written)."""
+        if not ties_embeddings(self.config):
+            return {}
+        return {name: kept for name, kept in self.weights.dropped.items() if name.endswith(OUTPUT_EMBEDDINGS)}
 
     @functools.cached_property
     def _weight_shapes(self) -> dict[str, tuple[int, ...]]:

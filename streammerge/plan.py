@@ -278,7 +278,7 @@ def output_dtype(source_dtype: DType, dtype: DType | None) -> DType:
 
 # ---------------------------------------------------------------- tied weights
 
-_OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight",
                      "tok_embeddings.weight")
 
@@ -299,7 +299,7 @@ def tied_duplicates(tensors: Mapping[str, TensorPlan], tie_embeddings: bool) -> 
     for name, t in tensors.items():
         key = _storage_key(t)
         if key in by_bytes and t.pieces and (tie_embeddings or not any(
-                n.endswith(_OUTPUT_EMBEDDINGS) for n in (name, by_bytes[key]))):
+                n.endswith(OUTPUT_EMBEDDINGS) for n in (name, by_bytes[key]))):
             dropped[name] = by_bytes[key]
         else:
             by_bytes[key] = name
@@ -307,9 +307,9 @@ def tied_duplicates(tensors: Mapping[str, TensorPlan], tie_embeddings: bool) -> 
         # save_pretrained keeps the input embedding: one dropped above as an alias of an output embedding that came
         # first in the state dict is kept, and the output embedding is dropped as tied below
         for name, kept in list(dropped.items()):
-            if name.endswith(_INPUT_EMBEDDINGS) and kept.endswith(_OUTPUT_EMBEDDINGS):
+            if name.endswith(_INPUT_EMBEDDINGS) and kept.endswith(OUTPUT_EMBEDDINGS):
                 del dropped[name]
-        for out_name in [n for n in tensors if n.endswith(_OUTPUT_EMBEDDINGS) and n not in dropped]:
+        for out_name in [n for n in tensors if n.endswith(OUTPUT_EMBEDDINGS) and n not in dropped]:
             prefix = out_name.rsplit(".", 2)[0] + "." if out_name.count(".") >= 2 else ""
             inputs = [n for n in tensors if n.endswith(_INPUT_EMBEDDINGS) and n.startswith(prefix)
                       and tensors[n].shape == tensors[out_name].shape]

@@ -873,6 +873,34 @@ def test_a_tied_output_embedding_transformers_keeps_in_float32_is_the_input_embe
     assert streammerge.verify(out, folder).ok
 
 
+def test_a_tie_flag_the_models_class_does_not_honour_is_refused_saying_so(tmp_path):
+    """BigBirdPegasusForCausalLM's config ties the embeddings by default, but transformers 5 builds the class untied:
+    the output embedding left out as tied would load randomly initialised. Refused (it was, as '1 missing from the
+    checkpoint', which is not what went wrong), saying to untie the config; done so, the folder is the trained model."""
+    config = transformers.BigBirdPegasusConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+    assert config.tie_word_embeddings
+    torch.manual_seed(0)
+    model = transformers.BigBirdPegasusForCausalLM(config)
+    embed = "model.decoder.embed_tokens.weight"
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    state = model.state_dict()
+    state["lm_head.weight"] = state[embed].clone()  # equal values: nothing but the class says they are two tensors
+    folder = _save(tmp_path / "ckpt", state, _config(model, architectures=[type(model).__name__]))
+    _refused(folder, tmp_path / "out", rf"config\.json: ties the embeddings \(tie_word_embeddings\), but transformers "
+                                       rf"\S+ builds BigBirdPegasusForCausalLM, which does not tie lm_head\.weight to "
+                                       rf"{re.escape(embed)}: .*set tie_word_embeddings to false")
+    (folder / "huggingface" / "config.json").write_text(json.dumps(_config(model, tie_word_embeddings=False)))
+    streammerge.merge(folder, tmp_path / "out", dtype="keep")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(state) and all(torch.equal(got[k], v) for k, v in state.items())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    assert streammerge.verify(tmp_path / "out", folder).ok
+
+
 def test_the_first_cli_merge_waits_for_transformers_float32_rules_and_inspect_says_so(tmp_path):
     """A child process answers; the plan waits for its early line only where transformers' code for the model names
     such modules. inspect never asks: it says a merge will, then (the answer cached) which tensors."""
