@@ -373,6 +373,8 @@ def keep_float32(tensors: list[TensorPlan], options: MergeOptions, dtype: DType 
         if rules is None and arch is None and config is not None and architecture.names_float32(config, dtype.name):
             return tensors, (), (f"float32     transformers may keep some of these in float32 when it loads the model "
                                  f"in {dtype.name}; a merge asks it, and writes those in float32")
+    if not keep:
+        return tensors, (), ""
     # a tied output embedding is the input embedding's tensor in transformers, in that tensor's dtype (not written)
     tied = tied_duplicates({t.name: t for t in tensors}, ties_embeddings(config))
     kept = sorted(t.name for t in half if tied.get(t.name, t.name) in keep)

@@ -1323,3 +1323,69 @@ def test_a_base_file_safetensors_refuses_is_refused(tmp_path, case):
     with pytest.raises(CheckpointError, match="model.safetensors") as e:
         HFSource(tmp_path).tensors()
     assert "\n" not in str(e.value)
+
+
+def _wrapped(model) -> tuple[list[str], list[str]]:
+    """The modules peft gave a LoRA layer, and those it wrapped for modules_to_save, in a loaded PeftModel."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    modules = list(model.named_modules())
+    return ([n for n, m in modules if isinstance(m, LoraLayer)],
+            [n for n, m in modules if isinstance(m, ModulesToSaveWrapper)])
+
+
+def _loads_as_trained(out: Path, model, base_cls, config, base_sd: dict) -> dict:
+    """PeftModel.from_pretrained(untrained base, OUT/lora_adapter) wraps exactly the trained model's modules, and its
+    merge_and_unload() equals the trained model's bit for bit. Returns the exported adapter_config.json."""
+    from peft import PeftModel
+
+    base = base_cls(config)
+    base.load_state_dict(base_sd)
+    loaded = PeftModel.from_pretrained(base, out / "lora_adapter")
+    assert _wrapped(loaded) == _wrapped(model)
+    got, want = loaded.merge_and_unload().state_dict(), model.merge_and_unload().state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    return json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
+
+
+def test_the_exported_adapter_of_an_all_linear_vision_language_lora_loads_in_peft(tmp_path, capsys):
+    """Qwen2-VL's vision merger holds its Linear layers in an nn.Sequential (`merger.mlp.0`, `mlp.2`). The exported
+    target_modules were the layers' last names, "0" and "2", which peft matches against every module named so (whole
+    decoder and vision blocks): PeftModel.from_pretrained failed. Each name is now the shortest that matches only
+    the adapted modules."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=263, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=261,
+                         eos_token_id=262, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, in_channels=3, temporal_patch_size=2),
+        architectures=["Qwen2VLForConditionalGeneration"])
+    model, config, base_sd = _trained_peft(Qwen2VLForConditionalGeneration, config)
+    actor = _save_actor(tmp_path, model, config, place=None, meta=META)
+    rc, err = run(["merge", actor, tmp_path / "out", "--dtype", "float32", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    cfg = _loads_as_trained(tmp_path / "out", model, Qwen2VLForConditionalGeneration, config, base_sd)
+    assert "mlp.0" in cfg["target_modules"] and "0" not in cfg["target_modules"] and "q_proj" in cfg["target_modules"]
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["adapter_config", "meta_only"])
+def test_a_modules_to_save_below_one_layer_is_exported_as_peft_wraps_it(tmp_path, capsys, recorded):
+    """modules_to_save=["layers.0.mlp"]: peft wraps that one module. The exported config named its parameters' parents
+    ("down_proj", "gate_proj", "up_proj"), so peft wrapped them in every layer and failed to load the adapter
+    (KeyError). Now: the recorded value where a file records it, else names that match only the wrapped module."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    config = model_config(LoraSpec("", hidden_size=32, num_layers=2))
+    model, config, base_sd = _trained_peft(config=config, target_modules=["q_proj"], modules_to_save=["layers.0.mlp"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(torch.randn_like(p) * 0.1)  # trained, as it would be
+    actor = _save_actor(tmp_path, model, config, **({} if recorded else {"place": None, "meta": META}))
+    rc, err = run(["merge", actor, tmp_path / "out", "--dtype", "float32", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    cfg = _loads_as_trained(tmp_path / "out", model, Qwen2ForCausalLM, config, base_sd)
+    assert cfg["modules_to_save"] == (["layers.0.mlp"] if recorded else ["0.mlp"])

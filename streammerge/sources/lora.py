@@ -421,10 +421,39 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
                 "modules": len(adapters), "adapter_dir": ADAPTER_DIR if mode in ("adapter", "both") else None}
     if mode in ("adapter", "both"):
         out.plans.append(_adapter_plan(adapters, {**saved, **biases}, options))
+        modules = {n.rsplit(".", i)[0] for n in [*plain, *(_short(a.module) + ".weight" for a in adapters)]
+                   for i in range(1, n.count(".") + 1)}
+        wrapped = {_short(m[:m.index(".modules_to_save.")]) for m in tensors if ".modules_to_save." in m}
         out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(
-            adapters, r, alpha, rslora, task, hub_id(base_ref) or base_ref,
-            sorted({_short(n.rsplit(".", 1)[0]).rsplit(".", 1)[-1] for n in saved}), settings.bias, bool(conv1d))
+            _peft_names({_short(a.module) for a in adapters}, modules, dot=True), r, alpha, rslora, task,
+            hub_id(base_ref) or base_ref,
+            list(settings.modules_to_save) or _peft_names(wrapped, modules, dot=False), settings.bias, bool(conv1d))
     return out
+
+
+def _peft_names(chosen: set[str], modules: set[str], *, dot: bool) -> list[str]:
+    """adapter_config.json's names for the `chosen` modules, among the model's `modules`: each one's shortest trailing
+    part that matches no other module, as peft matches them when it loads the adapter: target_modules (`dot`) where
+    a module's name is the part or ends with "." + it, modules_to_save where it ends with it. Short names where they
+    are unambiguous (`q_proj`), longer ones where not (a vision merger's `mlp.0`: `0` would wrap whole blocks)."""
+    by_leaf: dict[str, list[str]] = {}
+    for key in modules | chosen:
+        by_leaf.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    fits: dict[str, bool] = {}
+    out = set()
+    for module in sorted(chosen):
+        parts = module.split(".")
+        near = [k for leaf, keys in by_leaf.items() if (leaf == parts[-1] if dot else leaf.endswith(parts[-1]))
+                for k in keys]
+        for i in range(len(parts) - 1, -1, -1):
+            part = ".".join(parts[i:])
+            if part not in fits:
+                fits[part] = all(k in chosen for k in near
+                                 if (k == part or k.endswith("." + part) if dot else k.endswith(part)))
+            if fits[part]:
+                out.add(part)
+                break
+    return sorted(out)
 
 
 def _conv1d_model(config: Mapping) -> str | None:
@@ -659,11 +688,10 @@ def _adapter_plan(adapters: list[Adapter], saved: Mapping[str, SourceTensor], op
                       single_file=ADAPTER_FILE)
 
 
-def _adapter_config(adapters: list[Adapter], r: int, alpha: float, rslora: bool, task: str, base: str | None,
+def _adapter_config(targets: list[str], r: int, alpha: float, rslora: bool, task: str, base: str | None,
                     modules_to_save: list[str], bias: str = "none", fan_in_fan_out: bool = False) -> bytes:
     """adapter_config.json as peft writes it for a LoraConfig with these settings (peft turns fan_in_fan_out on
     in the config it saves when it wraps a Conv1D; lora_A and lora_B are saved untransposed either way)."""
-    targets = sorted({a.module.rsplit(".", 1)[-1] for a in adapters})
     cfg = {
         "peft_type": "LORA", "task_type": task, "r": r,
         "lora_alpha": alpha if not float(alpha).is_integer() else int(alpha),
