@@ -326,13 +326,17 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
             raise CheckpointError(f"{source.path}: {name!r}: LoRA biases (lora_bias=True) are not supported")
     adapters, plain, adapter_names, saved = _pair(source, tensors)
     # a module whose base_layer holds parameters other than a Linear's weight and bias: peft's ParamWrapper
-    wrapped = {n.split(".base_layer.", 1)[0] for n in tensors
-               if ".base_layer." in n and n.split(".base_layer.", 1)[1] not in ("weight", "bias")}
+    # (target_parameters) or a layer of another kind (nn.MultiheadAttention's in_proj_weight)
+    not_linear: dict[str, str] = {}
+    for n in tensors:
+        if ".base_layer." in n and n.split(".base_layer.", 1)[1] not in ("weight", "bias"):
+            not_linear.setdefault(*n.split(".base_layer.", 1))
     for a in adapters:
-        if a.base is None and a.module in wrapped:
-            raise CheckpointError(f"{source.path}: {_short(a.module)!r}: LoRA on a parameter (target_parameters: "
-                                  "peft's ParamWrapper, e.g. MoE experts) is not supported by streammerge's LoRA fold; "
-                                  "merge it with peft's merge_and_unload instead")
+        if a.base is None and a.module in not_linear:
+            raise CheckpointError(f"{source.path}: {_short(a.module)!r}: LoRA on a layer whose base holds "
+                                  f"{not_linear[a.module]!r}, not a Linear's weight (peft's ParamWrapper for "
+                                  "target_parameters, e.g. MoE experts, or nn.MultiheadAttention) is not supported by "
+                                  "streammerge's LoRA fold; merge it with peft's merge_and_unload instead")
     if len(adapter_names) > 1:
         raise CheckpointError(f"{source.path}: several LoRA adapters {sorted(adapter_names)}; streammerge folds "
                               "one (peft's merge_and_unload folds the active ones)")
