@@ -20,7 +20,7 @@ from typing import Any
 from . import jsonfile
 from .dtypes import DType
 from .errors import CheckpointError, ConfigError
-from .paths import user_path
+from .paths import user_path, walk
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 GENERATION_CONFIG = "generation_config.json"
@@ -137,7 +137,7 @@ def carried_files(model_dir: Path | None, root: Path | None = None,
     if model_dir is None:
         return
     root = (root or model_dir).resolve()
-    for p in sorted(model_dir.rglob("*")):
+    for p in walk(model_dir):
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES or p.is_dir():
             continue
         if any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(model_dir).parts):

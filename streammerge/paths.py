@@ -1,9 +1,11 @@
-"""Paths a user typed: `~` expanded where it can be; small files read without waiting on a pipe."""
+"""Paths a user typed: `~` expanded where it can be; small files read without waiting on a pipe; every file of a
+folder, links to folders followed."""
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -33,3 +35,26 @@ def user_path(path: str | os.PathLike[str]) -> Path:
         return Path(path).expanduser()
     except RuntimeError:
         return Path(path)
+
+
+def walk(root: Path) -> Iterator[Path]:
+    """Every entry under `root` (files, folders, links), as seen from `root`, folders that are links entered too (but
+    not one inside itself). Path.rglob (before Python 3.13) does not enter them, so a file a loader reads through a
+    linked folder (optimizer/, lora_adapter/) would be left out of a check or an upload."""
+
+    def visit(folder: Path, above: frozenset[tuple[int, int]]) -> Iterator[Path]:
+        try:
+            st = os.stat(folder)
+            names = sorted(os.listdir(folder))
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) in above:  # a link back up the tree
+            return
+        above = above | {(st.st_dev, st.st_ino)}
+        for name in names:
+            path = folder / name
+            yield path
+            if path.is_dir():
+                yield from visit(path, above)
+
+    yield from visit(root, frozenset())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import itertools
 import json
@@ -42,7 +43,7 @@ from .errors import OutputError, StreammergeError
 from .model_folder import DTYPE_KEYS
 from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT
 from .options import CHECKSUMS, LORA_MODES, MergeOptions, parse_size
-from .paths import user_path
+from .paths import user_path, walk
 from .plan import FilePlan, Piece, Plan, TensorPlan
 from .sources import Source, open_checkpoint
 from .sources.base import Oracle, bytes_rows, open_checkpoint_file, pread_into, row_major
@@ -181,7 +182,8 @@ def _rel(out: Path, path: Path) -> str:
 
 
 def _output_files(out: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in out.rglob(pattern) if p.is_file() and STATE_DIR not in p.relative_to(out).parts)
+    return sorted(p for p in walk(out) if fnmatch.fnmatch(p.name, pattern) and p.is_file()
+                  and STATE_DIR not in p.relative_to(out).parts)
 
 
 def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], bool] = lambda rel: True, *,
@@ -233,7 +235,7 @@ def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], b
 
 
 def _check_temp_files(out: Path, report: VerifyReport) -> None:
-    leftovers = [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX)]
+    leftovers = [p for p in walk(out) if p.name.endswith(TMP_SUFFIX)]
     leftovers += [p for p in [out / STATE_DIR / "manifest.tmp"] if p.exists()]
     for p in sorted(leftovers):
         report.fail(f"{_rel(out, p)}: temporary file left by an interrupted merge; rerun the merge to finish")

@@ -458,6 +458,36 @@ def test_model_name_as_a_hub_cache_snapshot_folder_follows_its_links_into_blobs(
         streammerge.merge(actor, tmp_path / "out2", model_name=str(snap), optimizer=False)
 
 
+def test_a_linked_folder_in_huggingface_is_carried_and_pushed(hub, make_ckpt, tmp_path):
+    """huggingface/additional_chat_templates/ as a link to a folder in the checkpoint: its template was left out of
+    OUT (Path.rglob does not enter linked folders), and push_folder left it out of the repo. A linked folder outside
+    the checkpoint is refused, as a linked file is."""
+    from streammerge.hub.pusher import push_folder
+
+    actor = tmp_path / "actor"
+    shutil.copytree(make_ckpt(), actor)
+    (actor / "templates").mkdir()
+    template = b"{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (actor / "templates" / "tool_use.jinja").write_bytes(template)
+    (actor / "huggingface" / "additional_chat_templates").symlink_to(Path("..", "templates"),
+                                                                      target_is_directory=True)
+    out = tmp_path / "out"
+    streammerge.merge(actor, out, optimizer=False)
+    assert (out / "additional_chat_templates" / "tool_use.jinja").read_bytes() == template
+    moved = tmp_path / "out_templates"
+    shutil.move(out / "additional_chat_templates", moved)
+    (out / "additional_chat_templates").symlink_to(moved, target_is_directory=True)
+    push_folder(out, "alice/tiny-linked", endpoint=hub.endpoint, token=WRITE_TOKEN, retry=FAST)
+    assert remote_files(hub, "alice/tiny-linked")["additional_chat_templates/tool_use.jinja"] == template
+
+    outside = tmp_path / "outside_templates"
+    shutil.copytree(actor / "templates", outside)
+    (actor / "huggingface" / "additional_chat_templates").unlink()
+    (actor / "huggingface" / "additional_chat_templates").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="links outside"):
+        streammerge.merge(actor, tmp_path / "out2", optimizer=False)
+
+
 def test_model_name_from_the_hub_fetches_config_and_tokenizer_only(hub, make_ckpt, tmp_path):
     hf = make_ckpt() / "huggingface"
     hub.create_repo("acme/base")

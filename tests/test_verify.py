@@ -236,6 +236,32 @@ def test_the_undamaged_copy_verifies(merged, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+def test_files_in_a_folder_that_is_a_link_are_verified(merged, tmp_path):
+    """optimizer/ replaced by a link to a copy with one flipped bit, and an added linked folder holding a chat template
+    transformers' tokenizer reads: verify listed the folder's files with Path.rglob, which does not enter linked
+    folders, and said OK (against the checkpoint, with a quarter of the tensors compared)."""
+    ckpt, good = merged
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    counted = streammerge.verify(out, ckpt).tensors_checked
+    shutil.move(out / "optimizer", tmp_path / "elsewhere")
+    (out / "optimizer").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    same = streammerge.verify(out, ckpt)
+    assert same.ok and same.tensors_checked == counted, same.summary()  # a link to the same files is the same folder
+    flip_optimizer_byte(out)
+    for checkpoint in (ckpt, None):
+        report = streammerge.verify(out, checkpoint)
+        assert any("optimizer/optimizer-" in f for f in report.failures), report.summary()
+    shutil.rmtree(tmp_path / "elsewhere")
+    shutil.copytree(good / "optimizer", tmp_path / "elsewhere")
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "default.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (out / "additional_chat_templates").symlink_to(tmp_path / "templates", target_is_directory=True)
+    for checkpoint in (ckpt, None):
+        report = streammerge.verify(out, checkpoint)
+        assert [f for f in report.failures if "additional_chat_templates/default.jinja" in f], report.summary()
+
+
 @pytest.mark.parametrize("checksums", ["streams", "compare"])
 def test_verify_command_takes_the_crcs_where_told(merged, capsys, checksums):
     ckpt, out = merged

@@ -23,6 +23,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
 from ..options import UPLOAD_WORKERS
+from ..paths import walk
 from .card import card_state
 from .commits import WEIGHT_PATTERNS, Committer, Upload
 from .repo import HubRepo, check_target
@@ -263,7 +264,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, ignore: Iterable[str
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
     patterns = tuple(ignore) + ALWAYS_IGNORE
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = [p for p in walk(root) if p.is_file()]
     if delete_stale and any((root / name).is_file() for name in (SINGLE, INDEX)):
         options.setdefault("delete_patterns", OWNED_PATTERNS)
         options.setdefault("delete_if", {"README.md": earlier_card_check(lambda: pusher.repo_id)})

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..checksum import crc32
 from ..errors import OutputError
+from ..paths import walk
 from .manifest import MANIFEST, STATE_DIR, Manifest
 from .writer import TMP_SUFFIX, OutputFile, output_error, tmp_path
 
@@ -45,7 +46,7 @@ def foreign_loaded_files(out: Path, ours: set[str]) -> list[str]:
     """Files of ``out`` (relative, sorted) a loader may read that are not in ``ours``: hidden files and folders, our
     temp files and a push's model card are no loader's."""
     found = []
-    for path in out.rglob("*"):
+    for path in walk(out):
         rel = path.relative_to(out)
         if ((path.suffix in LOADED_SUFFIXES or path.name.startswith("tokenizer")) and rel.as_posix() not in ours
                 and rel.as_posix() != MODEL_CARD and not path.name.endswith(TMP_SUFFIX)
