@@ -42,7 +42,7 @@ from .dtypes import DType
 from .errors import OutputError, StreammergeError
 from .model_folder import DTYPE_KEYS
 from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT
-from .options import CHECKSUMS, LORA_MODES, MergeOptions, parse_size
+from .options import CHECKSUMS, LORA_MODES, MergeOptions, parse_size, resolve_dtype
 from .paths import user_path, walk
 from .plan import FilePlan, Piece, Plan, TensorPlan
 from .sources import Source, open_checkpoint
@@ -165,6 +165,7 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
                                       weight_maps=weight_maps)
         if arch is not None and shapes is not None:
             _check_architecture(arch, shapes, report)
+            _note_rounded_float32(arch, _loaded_map(out, headers, weight_maps) or {}, headers, report)
     finally:
         if reading is not None:
             reading.close()
@@ -524,6 +525,24 @@ def _check_architecture(arch: ArchCheck, shapes: dict[str, tuple[int, ...]], rep
                     "--model-name where the checkpoint's config is not the model's)")
     else:
         report.notes.append(found.note)
+
+
+def _note_rounded_float32(arch: ArchCheck, loaded: dict[str, str], headers: dict[str, _Header],
+                          report: VerifyReport) -> None:
+    """Tensors transformers keeps in float32 in the half-precision model config.json names, held in that half dtype
+    here: they load upcast with rounded values. A merge writes them in float32 unless told otherwise (float32_names),
+    so a folder without a manifest may hold them either way: a note, not a failure."""
+    half = resolve_dtype("auto", arch.config)
+    rules = (arch.answer or {}).get("fp32")
+    if half not in (dtypes.bfloat16, dtypes.float16) or not isinstance(rules, dict):
+        return
+    held = {name: headers[file].entries[name].dtype for name, file in loaded.items()
+            if file in headers and name in headers[file].entries}
+    rounded = sorted(n for n in architecture.kept_in_float32(held, rules, half.name) if held[n] == half)
+    if rounded:
+        report.notes.append(f"{len(rounded)} tensors transformers keeps in float32 in a {half.name} model are "
+                            f"{half.name} here ({rounded[0]}{', ...' if len(rounded) > 1 else ''}): they load upcast "
+                            "with rounded values; a merge writes them in float32 unless given float32_names")
 
 
 # ---------------------------------------------------------------- against the checkpoint
