@@ -883,6 +883,13 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
         for rel in foreign_loaded_files(out, planned | set(listed)):
             report.fail(f"{rel}: not written by the merge (its plan has no such file), and transformers, the "
                         "tokenizer or load_optimizer_state_dict may read it; remove it")
+    else:  # another tool's folder may hold files of its own (save_pretrained's generation_config.json): told of
+        extra = [rel for rel in foreign_loaded_files(out, planned)
+                 if not rel.endswith((".safetensors", ".safetensors.index.json"))]  # compared wherever they are
+        if extra:
+            report.notes.append(f"{len(extra)} files the checkpoint gives nothing for are not compared, and "
+                                f"transformers, the tokenizer or peft may read them: {', '.join(extra[:4])}"
+                                f"{', ...' if len(extra) > 4 else ''}")
     if (out / ADAPTER_CONFIG).is_file() and ADAPTER_CONFIG not in merge_plan.small and (out / "config.json").is_file():
         report.fail(f"{ADAPTER_CONFIG}: beside config.json it makes transformers load this folder as a peft adapter of "
                     "the base model it names, not as these weights; remove it")

@@ -609,7 +609,18 @@ def test_without_a_manifest_the_checkpoint_still_checks_everything(merged_keep, 
     assert any(n.startswith("no manifest: ") for n in report.notes), report.notes
     assert {"config.json", "optimizer/optimizer.safetensors.index.json"} <= report.files_checked
     assert report.tensors_checked > 0
+    assert not [n for n in report.notes if "the checkpoint gives nothing for" in n]
     assert not streammerge.verify(out).ok  # the folder alone: nothing to check it against
+    # files a loader reads that the checkpoint gives nothing for (another tool's, or added): passed with no word
+    (out / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    (out / "extra_templates").mkdir()
+    (out / "extra_templates" / "tools.jinja").write_text("{{ tools }}")
+    report = streammerge.verify(out, ckpt)
+    assert report.ok and [n for n in report.notes if n.startswith("2 files the checkpoint gives nothing for are not "
+                                                                  "compared") and "chat_template.jinja" in n
+                          and "extra_templates/tools.jinja" in n], report.notes
+    (out / "chat_template.jinja").unlink()
+    shutil.rmtree(out / "extra_templates")
     config = json.loads((out / "config.json").read_text())
     config["hidden_act"] = "relu"
     (out / "config.json").write_text(json.dumps(config))
