@@ -205,6 +205,12 @@ def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], b
                     "(file checksums cannot be checked); give the checkpoint too (streammerge verify OUT CKPT) to "
                     "compare every tensor with it")
         return None
+    try:
+        recorded_options(manifest.get("options"), trust_pickle=False)
+    except (ValueError, TypeError) as e:  # verify re-plans with them: compared as a folder without them instead
+        report.fail(f"{out / STATE_DIR / MANIFEST}: records options no merge takes ({str(e)[:120]}): a damaged or "
+                    "edited manifest; merge again into a new folder")
+        manifest = {**manifest, "options": None}
     if not manifest.get("complete"):
         report.fail(f"{out}: the merge did not finish; rerun the same merge command to resume")
     for rel, entry in manifest.get("files", {}).items():
@@ -220,7 +226,10 @@ def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], b
         if not checksum(rel):
             continue
         report.bytes_read += size
-        if entry.get("crc32") is not None:
+        if entry.get("crc32") is not None and type(entry["crc32"]) is not int:
+            report.fail(f"{rel}: the manifest records crc32 {str(entry['crc32'])[:20]!r}, not a number (a damaged or "
+                        "edited manifest)")
+        elif entry.get("crc32") is not None:
             crc = crc32_file(path)
             if crc != entry["crc32"]:
                 report.fail(f"{rel}: crc32 {crc:08x} differs from the manifest's {entry['crc32']:08x} "
@@ -228,8 +237,8 @@ def _check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], b
         elif entry.get("sha256") is not None:
             digest = sha256_file(path)
             if digest != entry["sha256"]:
-                report.fail(f"{rel}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}... "
-                            "(changed after it was written)")
+                report.fail(f"{rel}: sha256 {digest[:16]}... differs from the manifest's "
+                            f"{str(entry['sha256'])[:16]}... (changed after it was written)")
         else:
             report.fail(f"{rel}: the manifest records no checksum for it")
     return manifest
@@ -327,6 +336,8 @@ def _bad_weight_map(weight_map: object, base: Path) -> str | None:
     for name, filename in weight_map.items():
         if not isinstance(filename, str):
             return f"{name!r} maps to {repr(filename)[:40]}, not a file name"
+        if "\0" in filename:
+            return f"{name!r} maps to {filename!r}, which no file is named"
         if ".." in Path(filename).parts or not (base / filename).resolve().is_relative_to(base.resolve()):
             return f"{name!r} maps to {filename!r}, outside the folder"
     return None

@@ -165,6 +165,15 @@ DAMAGE = {
                                      [INDEX, "not one of the folder's safetensors"], False),
     "index_maps_outside": (edit_index(lambda idx: idx["weight_map"].update({"x": "/etc/passwd"})),
                            [INDEX, "outside the folder"], False),
+    "index_maps_to_a_nul": (edit_index(lambda idx: idx["weight_map"].update({"x": "a\0b"})),
+                            [INDEX, "which no file is named"], True),
+    # an edited manifest: failure lines, not a ValueError out of verify (exit 2 naming no file)
+    "manifest_crc32_a_string": (edit_manifest(lambda m: m["files"]["config.json"].update(crc32="x")),
+                                ["config.json", "the manifest records crc32 'x', not a number"], False),
+    "manifest_dtype_unknown": (edit_manifest(lambda m: m["options"].update(dtype="int3")),
+                               ["manifest.json", "records options no merge takes (unknown dtype 'int3')"], True),
+    "manifest_float32_names_a_string": (edit_manifest(lambda m: m["options"].update(float32_names="w")),
+                                        ["manifest.json", "records options no merge takes"], False),
     # the header's metadata edited (same length): the tensors all compare equal, the file is not what the merge wrote
     "header_metadata_vs_source": (lambda out: shards(out)[0].write_bytes(
         shards(out)[0].read_bytes().replace(b'"format":"pt"', b'"format":"np"', 1)),
