@@ -926,7 +926,10 @@ def _check_unlisted_files(out: Path, manifest: dict, report: VerifyReport) -> No
 CONFIG_FILES = ("config.json", "generation_config.json")  # what the model is and how it generates: never a note
 # what peft builds an adapter from: another writer's other keys (its version, new defaults) are notes
 ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules",
-                "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "layers_to_transform")
+                "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "layers_to_transform", "layers_pattern",
+                "exclude_modules", "layer_replication", "target_parameters", "trainable_token_indices", "lora_bias")
+# peft's defaults for the keys above that the merge does not write: absent is the default
+ADAPTER_DEFAULTS = {"lora_bias": False}
 # What save_pretrained adds or spells its own way; the dtype is the tensors' own (compared one by one).
 WRITER_KEYS = ("transformers_version", "_name_or_path", *DTYPE_KEYS)
 
@@ -951,7 +954,8 @@ def _same_data(got: bytes, want: bytes, *, strict: bool, keys: tuple[str, ...] |
     except ValueError:
         return False
     if keys is not None:
-        return isinstance(a, dict) and isinstance(b, dict) and all(a.get(k) == b.get(k) for k in keys)
+        return isinstance(a, dict) and isinstance(b, dict) and all(
+            a.get(k, ADAPTER_DEFAULTS.get(k)) == b.get(k, ADAPTER_DEFAULTS.get(k)) for k in keys)
     if strict and isinstance(a, dict) and isinstance(b, dict):
         a, b = ({k: v for k, v in d.items() if k not in WRITER_KEYS} for d in (a, b))
     return bool(a == b)

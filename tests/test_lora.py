@@ -156,6 +156,14 @@ def test_verify_without_a_manifest_fails_an_adapter_config_that_changes_the_adap
     failures = verify(out, fp32_ws2).failures
     assert any(f.startswith("lora_adapter/adapter_config.json: differs") and "'lora_alpha'" in f for f in failures), \
         failures
+    # keys that change which modules peft adapts (they passed as notes), and peft's own defaults (still equal)
+    for key, value in (("exclude_modules", ["q_proj"]), ("layer_replication", [[0, 1]]), ("lora_bias", True)):
+        path.write_text(json.dumps({**config, key: value}))
+        failures = verify(out, fp32_ws2).failures
+        assert any(f.startswith("lora_adapter/adapter_config.json: differs") and repr(key) in f for f in failures), \
+            (key, failures)
+    path.write_text(json.dumps({**config, "exclude_modules": None, "layer_replication": None, "lora_bias": False}))
+    assert verify(out, fp32_ws2).ok
 
 
 def _verify_tampered_fold(out: Path, ckpt: Path, name: str, index: tuple[int, int]) -> list[str]:
