@@ -137,7 +137,7 @@ def carried_files(model_dir: Path | None, root: Path | None = None,
     if model_dir is None:
         return
     root = (root or model_dir).resolve()
-    for p in walk(model_dir):
+    for p in sorted(walk(model_dir)):
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES or p.is_dir():
             continue
         if any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(model_dir).parts):
