@@ -46,6 +46,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .model_folder import DTYPE_KEYS, GENERATION_CONFIG, legacy_buffers
+from .options import env_seconds
 
 CHECK_VERSION = 3  # 2: the answer covers generation_config.json too; 3: and what transformers keeps in float32
 TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the child (default 300)
@@ -562,15 +563,7 @@ class Verdict:
 
 
 def _timeout() -> float:
-    text = os.environ.get(TIMEOUT_ENV) or "300"
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0 < seconds < 10**9:  # nan, inf and 0 or less too: the check would never answer, or never be asked
-        raise ConfigError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds above 0 (the check's default is 300; "
-                          f"{DISABLE_ENV}=0 leaves it out)")
-    return seconds
+    return env_seconds(TIMEOUT_ENV, 300, f"how long the architecture check may take; {DISABLE_ENV}=0 leaves it out")
 
 
 def _safe_describe(config: Mapping[str, Any], names: list[str], generation: Mapping[str, Any] | None = None,

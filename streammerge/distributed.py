@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
-from .options import MergeOptions
+from .options import MergeOptions, env_seconds
 from .pipeline import MergeResult, merge, peak_rss
 
 # A writer waits at the last barrier while the others finish their share: allow long merges (torchrun's agent
@@ -32,7 +32,7 @@ from .pipeline import MergeResult, merge, peak_rss
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 # Until every host's ranks have met: a host that died before (another host's agent does not stop ours) must not
 # leave the others waiting for a day.
-STARTUP_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("STREAMMERGE_TORCHRUN_STARTUP_S") or 600))
+STARTUP_ENV = "STREAMMERGE_TORCHRUN_STARTUP_S"
 
 
 def launched_by_torchrun() -> bool:
@@ -94,7 +94,8 @@ def merge_torchrun(checkpoint_dir: str | Path, out_dir: str | Path, options: Mer
     created = not dist.is_initialized()
     try:
         if created:
-            dist.init_process_group("gloo", timeout=STARTUP_TIMEOUT)
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=env_seconds(
+                STARTUP_ENV, 600, "how long torchrun's ranks on every host may take to meet")))
         writers = _writer_ranks(me)
         # every rank must take part in creating a group, even one it is not in; the writers' own group waits long
         group = dist.new_group(ranks=writers, timeout=BARRIER_TIMEOUT)

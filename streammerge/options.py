@@ -8,6 +8,7 @@ in `merge` and another in `verify`. `fingerprint_fields()` is what a resumed run
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -154,3 +155,18 @@ def dtype_word(dtype: str | DType | Any | None) -> str:
         word = dtype.lower().removeprefix("torch.")
         return word if word in ("auto", "keep") else dtypes.of(word).name
     return dtypes.of(dtype).name
+
+
+def env_seconds(name: str, default: float, what: str) -> float:
+    """A number of seconds from the environment variable `name` (`default` where unset): above 0 and finite, else a
+    one-line ConfigError naming the variable (a float() of "inf" would overflow a timer later, "nan" never fire)."""
+    from .errors import ConfigError
+
+    text = os.environ.get(name) or str(default)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < 10**9:
+        raise ConfigError(f"{name}={text!r} is not a number of seconds above 0 ({what}; the default is {default:g})")
+    return seconds

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -24,7 +25,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 import streammerge
 from streammerge.cli import main
-from streammerge.errors import CheckpointError
+from streammerge.errors import CheckpointError, ConfigError
 
 WS = 4
 
@@ -522,6 +523,31 @@ def test_real_gpu_checkpoint_missing_a_rank(verl_fixtures, tmp_path, capsys):
     assert code == 2 and "rank(s) 2 of world size 4" in stderr and "shared file system" in stderr
     cfg = json.loads((d / "fsdp_config.json").read_text())
     assert cfg["world_size"] == 4
+
+
+def test_a_torchrun_setting_out_of_range_neither_stops_a_plain_merge_nor_goes_unnamed(good, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """STREAMMERGE_TORCHRUN_STARTUP_S was read with float() whenever the module loaded, which every merge does: "inf"
+    ended a plain merge with an internal error (OverflowError), "abc" with a message naming no variable. A plain
+    merge does not use it; where torchrun's ranks meet, a bad value is one line naming it."""
+    from streammerge.distributed import STARTUP_ENV
+    from streammerge.options import env_seconds
+
+    for value in ("inf", "1e20", "abc", "-1"):
+        monkeypatch.setenv(STARTUP_ENV, value)
+        code, _, stderr = run_cli(["merge", good, tmp_path / value, "--no-progress"], capsys)
+        assert code == 0, stderr
+        with pytest.raises(ConfigError, match=rf"^{STARTUP_ENV}='{re.escape(value)}' is not a number of seconds"):
+            env_seconds(STARTUP_ENV, 600, "how long torchrun's ranks may take to meet")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e20"])
+def test_a_watch_interval_out_of_range_gives_one_line(good, tmp_path, capsys, value):
+    """--interval inf (or 1e20) overflowed the wait's timer: an internal error after the first look."""
+    run = tmp_path / "run"
+    shutil.copytree(good, run / "global_step_1" / "actor")
+    code, _, stderr = run_cli(["watch", run, "--interval", value], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "--interval" in stderr, stderr
 
 
 @pytest.mark.parametrize("args, env, words", [

@@ -306,7 +306,7 @@ class Watcher:
         ``once`` looks twice, ``min(interval, 5 s)`` apart, to see which checkpoints are complete,
         processes them and returns.
         """
-        if not interval > 0:  # a wait of 0 s or less would look at the run folder without pause
+        if not 0 < interval < 10**9:  # 0 s or less would look without pause; inf overflows the wait's timer
             raise ValueError(f"interval {interval!r} (--interval): give the seconds between looks, more than 0")
         stop = stop or threading.Event()
         results: list[PushResult] = []
