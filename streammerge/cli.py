@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -265,8 +266,11 @@ def _say(text: str, stream: TextIO | None = None) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .paths import user_path
     from .verify import verify
 
+    if not os.path.lexists(user_path(args.out_dir)):  # a mistyped path, not a folder that failed its checks
+        raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(args.out_dir))
     _warn_trust_pickle(args)
     report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle, checksums=args.checksums,
                     lora=args.lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,

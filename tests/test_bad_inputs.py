@@ -583,3 +583,26 @@ def test_a_watch_state_file_that_is_no_state(make_ckpt, tmp_path, text):
     watcher = Watcher(make_ckpt().parents[1], push=False, state_file=state, out_root=tmp_path / "out")
     with pytest.raises(StreammergeError, match="unreadable watch state; fix or delete it"):
         watcher.done_steps()
+
+
+def test_verify_of_a_folder_that_does_not_exist_is_a_usage_error(tmp_path, capsys):
+    """A mistyped OUT was reported as a folder that failed verification (exit 1, "FAIL ... not a folder")."""
+    code, stdout, stderr = run_cli(["verify", tmp_path / "no-such-folder"], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "no such file or directory" in stderr and not stdout, stderr
+
+
+def test_closed_standard_streams_neither_fail_a_merge_nor_end_in_its_files(good, tmp_path):
+    """`streammerge CKPT OUT >&-` finished the merge, then ended in an internal error printing its summary (exit 3);
+    with all three closed it wrote nothing (exit 3); verify and inspect printed a traceback and exited 1. A closed
+    stream is /dev/null now, and its descriptor is taken before any output file is opened."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ref = tmp_path / "ref"
+    streammerge.merge(good, ref)
+    for closed in (">&-", "<&- >&- 2>&-"):
+        out = tmp_path / f"out{len(closed)}"
+        for args in ([good, out, "--no-progress"], ["verify", out], ["inspect", good]):
+            proc = subprocess.run(["bash", "-c", f'exec "$0" -m streammerge "$@" {closed}', sys.executable,
+                                   *map(str, args)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, (closed, args, proc.stderr)
+        assert snapshot(out) and {k: v[0] for k, v in snapshot(out).items() if not k.startswith(".streammerge")} == \
+            {k: v[0] for k, v in snapshot(ref).items() if not k.startswith(".streammerge")}
