@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(e, KeyboardInterrupt):
-            print(INTERRUPTED, file=sys.stderr)
+            print("streammerge: interrupted" if command in READ_ONLY else INTERRUPTED, file=sys.stderr)
             _exit_now_if_uploading(130)
         elif exit_code(e) == 3:
             print(f"streammerge: internal error: {type(e).__name__}: {shown(e)} (rerun with --debug for the traceback, "
@@ -444,7 +444,8 @@ def run() -> NoReturn:
     except (KeyboardInterrupt, Exception) as e:  # only --debug, or a Ctrl-C while the arguments are read
         code = exit_code(e)
         if code == 130 and "--debug" not in sys.argv[1:]:
-            print(INTERRUPTED, file=sys.stderr)
+            print("streammerge: interrupted" if _command(sys.argv[1:])[0] in READ_ONLY else INTERRUPTED,
+                  file=sys.stderr)
         else:
             import traceback
 

@@ -39,6 +39,8 @@ def parse_size(size: int | str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
     if not m:
         raise ValueError(f"cannot read size {size!r}: use e.g. 5GB, 500MB or 64MiB")
+    if not m.group(2) and "." in m.group(1):  # "1.5" was taken as 1 byte
+        raise ValueError(f"size {size!r} is not a whole number of bytes: give a unit, e.g. {m.group(1)}GB")
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2) or "B"])
 
 

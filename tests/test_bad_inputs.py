@@ -552,6 +552,7 @@ def test_a_watch_interval_out_of_range_gives_one_line(good, tmp_path, capsys, va
 
 @pytest.mark.parametrize("args, env, words", [
     (["--buffer-size", "100TB"], {}, "buffer_size 100000000000000 is more than this machine's memory"),
+    (["--max-shard-size", "1.5"], {}, "size '1.5' is not a whole number of bytes: give a unit, e.g. 1.5GB"),
     ([], {"STREAMMERGE_ARCH_TIMEOUT": "inf"}, "STREAMMERGE_ARCH_TIMEOUT='inf' is not a number of seconds above 0"),
     ([], {"STREAMMERGE_ARCH_TIMEOUT": "-1"}, "STREAMMERGE_ARCH_TIMEOUT='-1' is not a number of seconds above 0"),
     ([], {"STREAMMERGE_ARCH_TIMEOUT": "nan"}, "STREAMMERGE_ARCH_TIMEOUT='nan' is not a number of seconds above 0"),
@@ -606,3 +607,24 @@ def test_closed_standard_streams_neither_fail_a_merge_nor_end_in_its_files(good,
             assert proc.returncode == 0, (closed, args, proc.stderr)
         assert snapshot(out) and {k: v[0] for k, v in snapshot(out).items() if not k.startswith(".streammerge")} == \
             {k: v[0] for k, v in snapshot(ref).items() if not k.startswith(".streammerge")}
+
+
+def test_an_interrupted_verify_or_inspect_says_nothing_of_files_kept(good, tmp_path, capsys, monkeypatch):
+    """verify and inspect write nothing: their Ctrl-C said "finished files are kept, rerun the same command to
+    resume". The interrupt is raised by safetensors' reader, as a Ctrl-C lands there."""
+    import safetensors
+
+    import streammerge.pipeline
+
+    out = tmp_path / "out"
+    streammerge.merge(good, out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors, "safe_open", interrupted)
+    code, _, stderr = run_cli(["verify", out], capsys)
+    assert code == 130 and stderr == "streammerge: interrupted\n", stderr
+    monkeypatch.setattr(streammerge.pipeline, "open_checkpoint", interrupted)  # a Ctrl-C while planning
+    code, _, stderr = run_cli(["inspect", good], capsys)
+    assert code == 130 and stderr == "streammerge: interrupted\n", stderr
