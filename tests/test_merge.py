@@ -127,6 +127,25 @@ def test_demo_command_runs_the_whole_path(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "weights equal the gathered training state" in run.stdout and ": True" in run.stdout
     assert (tmp_path / "demo" / "model" / "model.safetensors.index.json").is_file()
+    again = subprocess.run([sys.executable, "-m", "streammerge", "demo", str(tmp_path / "demo")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and not again.stdout and "not empty (it holds 'checkpoint', ...)" in again.stderr
+
+
+def test_the_demo_writes_only_into_a_folder_of_its_own(tmp_path: Path, capsys) -> None:
+    """`demo DIR` wrote its checkpoint/ and model/ into any folder: a merge output (which then failed verify), the
+    current folder for DIR ''. A folder holding anything, or a file, is refused in one line, untouched."""
+    from streammerge.cli import main
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (tmp_path / "a_file").write_text("x")
+    for target, words in ((merged, "not empty (it holds 'config.json')"), (tmp_path / "a_file", "not a folder")):
+        assert main(["demo", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert sorted(p.name for p in merged.iterdir()) == ["config.json"]
 
 
 def _imported(stderr: str) -> set[str]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+
+from ..errors import OutputError
 
 SHARD = "200KB"  # small on purpose: the tiny model still shows sharded files and an index
 
@@ -20,6 +23,12 @@ def run_demo(out_dir: str | Path) -> int:
     from .synthetic import make_checkpoint
 
     out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: not a folder; give a new folder for the demo")
+    held = sorted(os.listdir(out)) if out.is_dir() else []
+    if held:  # a merge output, a home folder, an earlier demo: its checkpoint/ and model/ go into a folder of its own
+        raise OutputError(f"{out}: not empty (it holds {held[0]!r}{', ...' if len(held) > 1 else ''}); give a new "
+                          "folder for the demo, which writes checkpoint/ and model/ there")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print("1/4 training a tiny Qwen2 with FSDP2 on 2 CPU processes (gloo) and saving veRL-style rank files ...")
