@@ -101,12 +101,15 @@ class MergeOptions:
         if self.lora not in LORA_MODES:
             raise ValueError(f"--lora {self.lora!r}: use one of {', '.join(LORA_MODES)}")
         if self.max_shard_size <= 0:
-            raise ValueError("max_shard_size must be positive")
+            raise ValueError(f"max_shard_size (--max-shard-size) {self.max_shard_size}: give more than 0 bytes")
+        if self.buffer_size <= 0:  # 0 was taken, and ran in the smallest windows there are
+            raise ValueError(f"buffer_size (--buffer-size) {self.buffer_size}: give more than 0 bytes")
         if self.workers is not None and self.workers < 1:
-            raise ValueError("workers must be at least 1")
+            raise ValueError(f"workers (--workers) {self.workers}: give 1 or more")
         memory = _physical_memory()
         if memory and self.buffer_size > memory:
-            raise ValueError(f"buffer_size {self.buffer_size} is more than this machine's memory ({memory} bytes); "
+            raise ValueError(f"buffer_size (--buffer-size) {self.buffer_size} is more than this machine's memory "
+                             f"({memory} bytes); "
                              "the default 64MiB runs at disk speed")
 
     @classmethod

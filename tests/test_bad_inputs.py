@@ -551,7 +551,10 @@ def test_a_watch_interval_out_of_range_gives_one_line(good, tmp_path, capsys, va
 
 
 @pytest.mark.parametrize("args, env, words", [
-    (["--buffer-size", "100TB"], {}, "buffer_size 100000000000000 is more than this machine's memory"),
+    (["--buffer-size", "100TB"], {}, "buffer_size (--buffer-size) 100000000000000 is more than this machine's memory"),
+    (["--buffer-size", "0"], {}, "buffer_size (--buffer-size) 0: give more than 0 bytes"),
+    (["--max-shard-size", "0"], {}, "max_shard_size (--max-shard-size) 0: give more than 0 bytes"),
+    (["--workers", "0"], {}, "workers (--workers) 0: give 1 or more"),
     (["--max-shard-size", "1.5"], {}, "size '1.5' is not a whole number of bytes: give a unit, e.g. 1.5GB"),
     ([], {"STREAMMERGE_ARCH_TIMEOUT": "inf"}, "STREAMMERGE_ARCH_TIMEOUT='inf' is not a number of seconds above 0"),
     ([], {"STREAMMERGE_ARCH_TIMEOUT": "-1"}, "STREAMMERGE_ARCH_TIMEOUT='-1' is not a number of seconds above 0"),
