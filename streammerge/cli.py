@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from . import __version__
-from .errors import StreammergeError
+from .errors import ConfigError, StreammergeError
 from .options import CHECKSUMS, DTYPE_CHOICES, LORA_MODES, OPTIMIZER_FORMATS, UPLOAD_WORKERS, MergeOptions
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -137,6 +137,22 @@ def _push_settings(args: argparse.Namespace):
     return settings
 
 
+def _refuse_push_flags_without_push(args: argparse.Namespace) -> None:
+    """A push flag without --push (or a --config that decides) would be dropped and the command only merge: the user
+    meant to push and forgot the flag that does. --no-push says that dropping them is meant."""
+    if args.push is not None or args.config:
+        return
+    given = {"--repo-id": args.repo_id, "--organization": args.organization, "--private/--no-private": args.private,
+             "--revision": args.revision, "--commit-message": args.commit_message,
+             "--no-model-card": args.no_model_card or None}
+    if getattr(args, "revision_per_step", False):
+        given["--revision-per-step"] = True
+    flags = [flag for flag, value in given.items() if value is not None]
+    if flags:
+        raise ConfigError(f"{flags[0]} is a push setting, and there is no --push: add --push to push, or leave "
+                          f"{flags[0]} out to merge only")
+
+
 def _push_options(args: argparse.Namespace) -> dict:
     return {"model_card": not args.no_model_card, "commit_message": args.commit_message,
             "max_files_per_commit": args.max_files_per_commit, "upload_workers": args.upload_workers}
@@ -209,6 +225,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s streammerge: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _refuse_push_flags_without_push(args)
     settings = _push_settings(args)
     _warn_trust_pickle(args)
     push_options = _push_options(args) if settings.enabled else {}
@@ -228,6 +245,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline import merge
 
     torchrun = launched_by_torchrun()
+    _refuse_push_flags_without_push(args)
     if args.push or args.config:
         if torchrun:
             raise OutputError("--push is not supported under torchrun: merge with torchrun, then push the folder "

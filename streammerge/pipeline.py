@@ -385,11 +385,26 @@ def keep_float32(tensors: list[TensorPlan], options: MergeOptions, dtype: DType 
     return [replace(t, dtype=dtypes.float32) if t.name in kept else t for t in tensors], tuple(kept), note
 
 
+def _refuse_lora_options(source: Source, options: MergeOptions) -> None:
+    """A LoRA flag on a checkpoint without an adapter would change nothing: the user expects another checkpoint."""
+    given = [flag for flag, value in (("--lora " + options.lora, options.lora != "both"),
+                                      ("--lora-rank", options.lora_rank is not None),
+                                      ("--lora-alpha", options.lora_alpha is not None),
+                                      ("--lora-rslora", options.lora_rslora is not None),
+                                      ("--base-model", options.base_model is not None)) if value]
+    if given:
+        raise ConfigError(f"{given[0]}: {source.path} holds no LoRA adapter (no lora_A/lora_B tensors), so there is "
+                          "nothing for it to change; leave it out")
+
+
 def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, model_paths: list[Path],
                 config: dict | None, dtype: DType | None, warnings: list[str], token: str | None,
                 endpoint: str | None, arch: ArchCheck | None = None,
                 generation: dict | None = None) -> MergePlan:
     source.use_model(config, model_dir)
+    if options.key_prefix is not None and not source.takes_key_prefix:
+        raise ConfigError(f"--key-prefix {options.key_prefix!r}: {source.path} is a {source.format} checkpoint, "
+                          "whose tensors need no prefix to be picked out (it is for torch DCP); leave it out")
     with gc_paused():
         tensors = source.tensors(options)
         warnings += source.warnings(options)
@@ -408,6 +423,7 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
             warnings += planned.warnings
             lora_info = planned.info
         else:
+            _refuse_lora_options(source, options)
             weights_tensors, extra, notes = copy_plans(tensors.values(), dtype), [], []
             warnings += [f"{p}: not copied: the checkpoint holds no LoRA adapter, and beside config.json it would make "
                          "transformers load OUT as a peft adapter" for p in adapter_config]

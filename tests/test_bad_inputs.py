@@ -631,3 +631,40 @@ def test_an_interrupted_verify_or_inspect_says_nothing_of_files_kept(good, tmp_p
     monkeypatch.setattr(streammerge.pipeline, "open_checkpoint", interrupted)  # a Ctrl-C while planning
     code, _, stderr = run_cli(["inspect", good], capsys)
     assert code == 130 and stderr == "streammerge: interrupted\n", stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--repo-id", "me/x"], "--repo-id is a push setting, and there is no --push: add --push to push"),
+    (["--private"], "--private/--no-private is a push setting, and there is no --push"),
+    (["--revision", "dev", "--commit-message", "m"], "--revision is a push setting, and there is no --push"),
+    (["--key-prefix", "model."], "--key-prefix 'model.': {ck} is a veRL FSDP checkpoint, whose tensors need no prefix"),
+    (["--lora-rank", "8"], "--lora-rank: {ck} holds no LoRA adapter (no lora_A/lora_B tensors)"),
+    (["--lora", "adapter"], "--lora adapter: {ck} holds no LoRA adapter"),
+    (["--lora-rslora"], "--lora-rslora: {ck} holds no LoRA adapter"),
+    (["--base-model", "some/model"], "--base-model: {ck} holds no LoRA adapter"),
+])
+def test_a_flag_that_would_change_nothing_is_refused(good, tmp_path, capsys, args, words):
+    """--repo-id without --push merged only and exited 0 (the user meant to push); --key-prefix on rank files, or a
+    LoRA flag on a checkpoint without an adapter, was dropped: each says the user expects another checkpoint."""
+    code, stdout, stderr = run_cli([good, tmp_path / "out", *args], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and words.format(ck=good) in stderr, stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_flags_with_no_push_merge_and_watch_refuses_them_without_push(good, tmp_path, capsys):
+    code, stdout, stderr = run_cli([good, tmp_path / "out", "--no-push", "--repo-id", "me/x", "--no-optimizer"],
+                                   capsys)
+    assert code == 0 and (tmp_path / "out" / "config.json").is_file(), stderr
+    run = tmp_path / "run"
+    shutil.copytree(good, run / "global_step_1" / "actor")
+    code, stdout, stderr = run_cli(["watch", run, "--repo-id", "me/x", "--once", "--out-root", tmp_path / "w"], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "--repo-id is a push setting" in stderr, stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_key_prefix_on_a_megatron_checkpoint_is_refused(tmp_path):
+    """Megatron's tensors are named by the architecture: a --key-prefix was dropped."""
+    ck = REPO / "tests" / "data" / "megatron" / "qwen2_tp2"
+    with pytest.raises(ConfigError, match="is a Megatron torch_dist checkpoint, whose tensors need no prefix"):
+        streammerge.merge(ck, tmp_path / "out", key_prefix="decoder.")
+    assert not (tmp_path / "out").exists()

@@ -102,6 +102,15 @@ def test_fold_and_adapter_equal_peft_two_ranks_fp32(fp32_ws2, tmp_path, capsys):
     assert report.tensors_checked > 0
 
 
+def test_base_model_for_a_checkpoint_holding_its_base_is_refused(fp32_ws2, tmp_path, capsys):
+    """--base-model was dropped when the checkpoint holds its base weights: the user took it for adapter-only."""
+    base = fp32_ws2 / "reference" / "base"
+    rc, err = run(["merge", fp32_ws2, tmp_path / "out", "--base-model", base], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"--base-model {base}: {fp32_ws2} holds its own base weights" in err and "save_lora_only" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_optimizer_state_is_named_by_the_adapter_parameters(fp32_ws2, tmp_path):
     merge(fp32_ws2, tmp_path / "out")

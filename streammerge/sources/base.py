@@ -224,6 +224,7 @@ class Source(abc.ABC):
     format: str = "?"  # "veRL FSDP", "torch DCP", "Megatron torch_dist"
     oracle_modules: tuple[str, ...] = ("torch",)  # what the oracle imports: verify starts that early
     oracle_after_plan = False  # the oracle needs what planning learns (the config): verify makes it after planning
+    takes_key_prefix = False  # --key-prefix picks the model's tensors out of the saved dict (plain DCP only)
     # [size, mtime_ns] of its files (by path) when a caller found it complete (watch: two equal looks); a merge takes
     # this as the state it must end with, so a file saved again after those looks but before the merge read it fails
     seen: dict[str, list[int]] | None = None

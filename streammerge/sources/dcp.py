@@ -692,6 +692,7 @@ class DcpSource(Source):
 
     format = "torch DCP"
     oracle_modules = ("torch.distributed.checkpoint",)
+    takes_key_prefix = True
 
     def __init__(self, path: Path, *, hf_dir: Path | None = None, step: int | None = None):
         super().__init__(path, step=step, hf_dir=hf_dir)

@@ -378,6 +378,10 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
                               "record the run's bias in an adapter_config.json")
     out = LoraPlan(weights=[])
     base_name = getattr(options, "base_model", None)
+    if base_name and not missing:
+        raise ConfigError(f"--base-model {base_name}: {source.path} holds its own base weights "
+                          f"({_short(adapters[0].module)}.base_layer.weight), which are the ones trained with the "
+                          "adapter; --base-model is for adapter-only (save_lora_only) checkpoints: leave it out")
     if missing and base_name:
         own = set(plain)
         adapters, plain = _with_base(source, adapters, plain, base_name, options, token, endpoint)

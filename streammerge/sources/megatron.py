@@ -333,6 +333,7 @@ class MegatronSource(DcpSource):
 
     format = "Megatron torch_dist"
     oracle_after_plan = True  # names and layouts come from the architecture in the config
+    takes_key_prefix = False  # the architecture names the tensors
 
     def __init__(self, path: Path, *, hf_dir: Path | None = None, step: int | None = None):
         super().__init__(path, hf_dir=hf_dir, step=step)
