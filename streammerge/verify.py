@@ -98,6 +98,22 @@ class VerifyReport:
         return "\n".join([head] + [f"  note: {m}" for m in self.notes] + [f"  FAIL {m}" for m in self.failures])
 
 
+def _open_given_checkpoint(checkpoint_dir: str | Path, out: Path) -> Source:
+    """The checkpoint verify compares with; where it is not one but OUT is, the two were given the wrong way round."""
+    from .errors import CheckpointError
+
+    try:
+        return open_checkpoint(checkpoint_dir)
+    except CheckpointError as e:
+        try:
+            open_checkpoint(out)
+        except StreammergeError:
+            raise e from None
+        given = user_path(checkpoint_dir).resolve()
+        raise CheckpointError(f"{given} is not a checkpoint and {out} is one: the two are given the wrong way round; "
+                              "the merged folder comes first (streammerge verify OUT_DIR CKPT_DIR)") from None
+
+
 def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, trust_pickle: bool = False,
            chunk_size: int | str = DEFAULT_CHUNK, workers: int | None = None,
            checksums: str = "auto", lora: str | None = None, lora_rank: int | None = None,
@@ -133,7 +149,7 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     arch = _start_architecture(out, report)  # first: a child importing transformers answers while the rest reads
     reading = None
     try:
-        ck = open_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        ck = _open_given_checkpoint(checkpoint_dir, out) if checkpoint_dir is not None else None
         # with the checkpoint, every tensor of a safetensors file is compared with its source: no checksum pass
         manifest = _check_manifest(out, report,
                                    checksum=lambda rel: checkpoint_dir is None or not rel.endswith(".safetensors"),

@@ -668,3 +668,14 @@ def test_key_prefix_on_a_megatron_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="is a Megatron torch_dist checkpoint, whose tensors need no prefix"):
         streammerge.merge(ck, tmp_path / "out", key_prefix="decoder.")
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_with_the_folders_swapped_says_so(good, tmp_path, capsys):
+    """It said the merged folder was "already a Hugging Face model folder: there is nothing to merge"."""
+    out = tmp_path / "out"
+    assert run_cli([good, out, "--no-optimizer"], capsys)[0] == 0
+    code, stdout, stderr = run_cli(["verify", good, out], capsys)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"{out} is not a checkpoint and {good} is one: the two are given the wrong way round" in stderr, stderr
+    code, stdout, stderr = run_cli(["verify", out, tmp_path], capsys)  # neither is a checkpoint: the plain error
+    assert code == 2 and "wrong way round" not in stderr and "not a checkpoint streammerge can read" in stderr, stderr

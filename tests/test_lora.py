@@ -708,6 +708,36 @@ def test_adapter_config_refusals_of_what_the_fold_cannot_do(tmp_path, capsys, ex
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_the_exported_adapter_config_keeps_the_runs_dropout(tmp_path, capsys):
+    """It said lora_dropout 0.0 whatever the run used: training on from the exported adapter changed its recipe."""
+    model, config, _ = _trained_peft(lora_dropout=0.05)
+    actor = _save_actor(tmp_path, model, config)
+    rc, err = run(["merge", actor, tmp_path / "out", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "out" / "lora_adapter" / "adapter_config.json").read_text())
+    peft_cfg = json.loads((tmp_path / "peft_saved" / "adapter_config.json").read_text())
+    assert cfg["lora_dropout"] == peft_cfg["lora_dropout"] == 0.05
+    actor2 = _save_actor(tmp_path / "2", model, config, edit={"lora_dropout": "0.05"})
+    rc, err = run(["merge", actor2, tmp_path / "out2"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and 'lora_dropout is "0.05"; it must be a number from 0 to 1' in err, err
+
+
+def test_a_rank_and_alpha_pattern_giving_every_module_r_and_alpha_merges_as_peft(tmp_path, capsys):
+    """A pattern that names the common rank and alpha (a config written by a sweep) changes nothing: it was refused."""
+    model, config, _ = _trained_peft(rank_pattern={"q_proj": 8, "v_proj": 8}, alpha_pattern={"q_proj": 16})
+    actor = _save_actor(tmp_path, model, config)
+    assert json.loads((actor / "lora_adapter" / "adapter_config.json").read_text())["rank_pattern"] == {
+        "q_proj": 8, "v_proj": 8}
+    rc, err = run(["merge", actor, tmp_path / "out", "--dtype", "float32", "--no-optimizer"], capsys)
+    assert rc == 0, err
+    _assert_bits(tmp_path / "out", _peft_merged(model))
+    model2, _, _ = _trained_peft(rank_pattern={"q_proj": 8}, alpha_pattern={"q_proj": 32})  # q_proj scaled twice
+    actor2 = _save_actor(tmp_path / "2", model2, config)
+    rc, err = run(["merge", actor2, tmp_path / "out2"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert 'alpha_pattern is {"q_proj": 32}: a lora_alpha per module other than lora_alpha 16' in err, err
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"init_lora_weights": "some_new_method"}, "an initialisation streammerge does not know"),
     ({"layer_replication": [[0, 1], [0, 1]]}, "layers repeated over shared base weights"),

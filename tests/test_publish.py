@@ -817,6 +817,22 @@ def test_unknown_key_in_hf_upload_is_an_error_naming_the_closest_key(hub, make_c
     assert not out.exists() and not hub.repos and not hub.requests()  # a typo never publishes anything
 
 
+@pytest.mark.parametrize("text, words", [
+    ("a:\n  hf_upload: {enabled: true}\nb:\n  hf_upload: {enabled: false}\n",
+     "several different hf_upload: blocks (a.hf_upload, b.hf_upload); keep one"),
+    ("hf_upload: [enabled]\n", "hf_upload must be a mapping of enabled, repo_id"),
+    ("hf_upload: {enabled: true, optimizer_save_mode: half}\n",
+     "hf_upload.optimizer_save_mode: expected 'full' or null, got 'half'"),
+])
+def test_every_config_error_names_the_config_file(tmp_path, text, words):
+    """Two of them named only the block: with a run's several YAML files the user could not tell which one."""
+    config = tmp_path / "ppo_trainer.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_push_config(config)
+    assert str(e.value).startswith(f"{config}: ") and words in str(e.value), e.value
+
+
 def test_cli_private_on_an_existing_public_repo_warns_how_to_change_it(hub, make_ckpt, tmp_path):
     hub.create_repo("alice/tiny")  # public
     proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "tiny", "--private", "--no-optimizer"], hub)

@@ -125,7 +125,10 @@ def load_push_config(path: str | os.PathLike) -> PushConfig:
         raise ConfigError(f"{path}: not a YAML text file (not UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    block = find_config_block(data)
+    try:
+        block = find_config_block(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if block is None:
         raise ConfigError(f"{path}: no {CONFIG_BLOCK}: block found")
     for key in block:  # a typo such as "privat" must not publish a private model publicly
@@ -149,7 +152,10 @@ def load_push_config(path: str | os.PathLike) -> PushConfig:
     config = PushConfig(enabled=block.get("enabled") is True, repo_id=block.get("repo_id") or None,
                         organization=block.get("organization") or None, private=private)
     if "optimizer_save_mode" in block:
-        config.optimizer_save_mode = optimizer_mode(block["optimizer_save_mode"])
+        try:
+            config.optimizer_save_mode = optimizer_mode(block["optimizer_save_mode"])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {CONFIG_BLOCK}.{e}") from None
     return config
 
 

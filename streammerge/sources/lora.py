@@ -136,6 +136,7 @@ class LoraSettings:
     init: bool | str = True
     fan_in_fan_out: bool = False
     modules_to_save: tuple[str, ...] = ()
+    dropout: float = 0.0  # carried into the exported adapter_config.json, for training on from it
     where: dict[str, str] = field(default_factory=dict)  # the file and field each recorded value came from
 
     @property
@@ -167,6 +168,7 @@ def _is_number(v: Any) -> bool:
 _FIELDS: dict[str, tuple[Any, str]] = {
     "r": (lambda v: _is_int(v) and v > 0, "an integer > 0"),
     "lora_alpha": (_is_number, "a number"),
+    "lora_dropout": (lambda v: v is None or (_is_number(v) and 0 <= v <= 1), "a number from 0 to 1"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
@@ -235,6 +237,15 @@ def _with_option(rec: Recorded | None, option: Any, flag: str) -> Any:
     return option
 
 
+def _refuse_pattern(records: list[tuple[str, dict]], name: str, field: str, value: Any) -> None:
+    """A per-module rank or alpha the fold cannot apply; a pattern that gives every module `value` changes nothing."""
+    rec = _recorded(records, name)
+    if rec is not None and rec.value and any(not _same(v, value) for v in rec.value.values()):
+        raise CheckpointError(f"{rec.where} is {json.dumps(rec.value)}: a {field} per module other than {field} "
+                              f"{json.dumps(value)} is not supported by streammerge's LoRA fold; merge it with peft's "
+                              "merge_and_unload instead")
+
+
 def lora_settings(source: Source, options: Any, ranks: Mapping[int, list[str]]) -> LoraSettings:
     """The run's LoraConfig from lora_train_meta.json and adapter_config.json, and the options; refuses guesses,
     values of the wrong type, files that disagree and options that contradict a file. `ranks`: the adapted modules
@@ -245,8 +256,7 @@ def lora_settings(source: Source, options: Any, ranks: Mapping[int, list[str]]) 
     init = _recorded(records, "init_lora_weights")
     dora = _recorded(records, "use_dora")
     fifo = _recorded(records, "fan_in_fan_out")
-    for name, why in (("rank_pattern", "a rank per module"), ("alpha_pattern", "an alpha per module"),
-                      ("target_parameters", "LoRA on parameters (peft's ParamWrapper, e.g. MoE experts)"),
+    for name, why in (("target_parameters", "LoRA on parameters (peft's ParamWrapper, e.g. MoE experts)"),
                       ("layer_replication", "layers repeated over shared base weights"),
                       ("alora_invocation_tokens", "activated LoRA, applied only after its invocation tokens")):
         rec = _recorded(records, name)
@@ -293,6 +303,7 @@ def lora_settings(source: Source, options: Any, ranks: Mapping[int, list[str]]) 
     (seen,) = ranks
     if r is None:
         r = seen
+    _refuse_pattern(records, "rank_pattern", "r", r)
     if r != seen:
         where = "--lora-rank" if rank_opt is not None else r_rec.where if r_rec else "r"
         raise CheckpointError(f"{source.path}: LoRA rank {r!r} (from {where}) but lora_A has {seen} rows")
@@ -300,7 +311,9 @@ def lora_settings(source: Source, options: Any, ranks: Mapping[int, list[str]]) 
         raise ConfigError(f"{source.path}: a LoRA checkpoint that records no lora_alpha (no {META_FILE} or "
                           f"{ADAPTER_CONFIG} with it): give --lora-alpha and --lora-rank, and --lora-rslora if the run "
                           "used rsLoRA, as the run's LoraConfig had them; the scale cannot be read from the weights")
+    _refuse_pattern(records, "alpha_pattern", "lora_alpha", alpha)
     saved = _recorded(records, "modules_to_save")
+    dropout = _recorded(records, "lora_dropout")
     wheres = {name: rec.where for name, rec in (("bias", bias), ("init_lora_weights", init), ("fan_in_fan_out", fifo),
                                                  ("modules_to_save", saved)) if rec is not None}
     return LoraSettings(r=r, alpha=float(alpha), rslora=bool(rslora),
@@ -308,7 +321,8 @@ def lora_settings(source: Source, options: Any, ranks: Mapping[int, list[str]]) 
                         bias=bias.value if bias is not None else "none",
                         init=init.value if init is not None else True,
                         fan_in_fan_out=bool(fifo and fifo.value),
-                        modules_to_save=tuple(saved.value) if saved is not None else (), where=wheres)
+                        modules_to_save=tuple(saved.value) if saved is not None else (),
+                        dropout=dropout.value if dropout is not None else 0.0, where=wheres)
 
 
 def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any, config: Mapping | None,
@@ -435,7 +449,8 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
         out.generated[f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"] = _adapter_config(
             _peft_names({_short(a.module) for a in adapters}, modules, dot=True), r, alpha, rslora, task,
             hub_id(base_ref) or base_ref,
-            list(settings.modules_to_save) or _peft_names(wrapped, modules, dot=False), settings.bias, bool(conv1d))
+            list(settings.modules_to_save) or _peft_names(wrapped, modules, dot=False), settings.bias, bool(conv1d),
+            settings.dropout)
     return out
 
 
@@ -697,13 +712,14 @@ def _adapter_plan(adapters: list[Adapter], saved: Mapping[str, SourceTensor], op
 
 
 def _adapter_config(targets: list[str], r: int, alpha: float, rslora: bool, task: str, base: str | None,
-                    modules_to_save: list[str], bias: str = "none", fan_in_fan_out: bool = False) -> bytes:
+                    modules_to_save: list[str], bias: str = "none", fan_in_fan_out: bool = False,
+                    dropout: float = 0.0) -> bytes:
     """adapter_config.json as peft writes it for a LoraConfig with these settings (peft turns fan_in_fan_out on
     in the config it saves when it wraps a Conv1D; lora_A and lora_B are saved untransposed either way)."""
     cfg = {
         "peft_type": "LORA", "task_type": task, "r": r,
         "lora_alpha": alpha if not float(alpha).is_integer() else int(alpha),
-        "target_modules": targets, "lora_dropout": 0.0, "bias": bias, "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": targets, "lora_dropout": dropout, "bias": bias, "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": rslora, "use_dora": False, "modules_to_save": modules_to_save or None, "init_lora_weights": True,
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base,
     }
