@@ -623,9 +623,9 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                 if bar:  # the writer counts tensor bytes as they land; headers, a torch file's records: here
                     bar.update(planned - bar.n)
                 done(f)
-                mp.check_architecture(wait=False)
+                _check_architecture(mp, folder, wait=False)
             fell_back.update(writer.fallbacks)
-            mp.check_architecture()  # the index and config.json appear only once transformers agreed
+            _check_architecture(mp, folder)  # the index and config.json appear only once transformers agreed
             _check_unchanged(mp, inputs)
             folder.finish(mp.contents, done)
     finally:
@@ -641,6 +641,15 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                for rel in folder.removed]
     return MergeResult(out, files, mp, written, sum(f.size for f in files), time.perf_counter() - t0,
                        peak_rss(), reused + folder.kept, list(mp.warnings) + removed, fell_back)
+
+
+def _check_architecture(mp: MergePlan, folder: OutputFolder, *, wait: bool = True) -> None:
+    """A refusal that comes after data files were written (transformers answered late) takes them away again."""
+    try:
+        mp.check_architecture(wait=wait)
+    except ConfigError:
+        folder.abandon()
+        raise
 
 
 def _inputs(mp: MergePlan, *, baseline: bool = True) -> dict[str, list[int]]:

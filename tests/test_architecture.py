@@ -538,6 +538,29 @@ def test_the_verify_command_asks_a_child_process_and_exits_1_on_a_config_of_anot
     assert hows[0].startswith("asked a child process: ") and hows[1] == "answer cached)", hows
 
 
+def test_a_refusal_after_the_weights_were_written_takes_them_away_so_the_right_config_merges(tmp_path):
+    """A child process answers seconds after a small model's files are written. The refusal left model.safetensors
+    and the manifest, and the rerun its advice asks for (--model-name with the right config) was refused as
+    "holds a different merge"."""
+    model = _model()
+    folder = _save(tmp_path / "ckpt", model.state_dict(), _config(model, num_key_value_heads=4))
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "config.json").write_text(json.dumps(_config(model)))
+    env = dict(os.environ, PYTHONPATH=str(REPO), STREAMMERGE_CACHE=str(tmp_path / "cli_cache"))
+    out = tmp_path / "out"
+    merge = [sys.executable, "-m", "streammerge", str(folder), str(out)]
+    refused = subprocess.run(merge, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "which is not these weights" in refused.stderr, refused.stderr
+    assert not out.exists()
+    out.mkdir()  # a folder the user made stays, empty
+    assert subprocess.run(merge, env=env, capture_output=True).returncode == 2
+    assert out.is_dir() and not list(out.iterdir())
+    fixed = subprocess.run([*merge, "--model-name", str(good)], env=env, capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stderr
+    assert streammerge.verify(out, folder).ok
+
+
 def test_a_base_models_quantization_config_is_left_out_for_full_precision_weights(tmp_path):
     """A bf16 fine-tune of an FP8 checkpoint keeps the base's quantization_config in its config.json: transformers on
     a GPU would swap in FP8 layers and initialise their scales at random (benchmarks/results/quant_config_gpu.json).

@@ -123,6 +123,8 @@ class OutputFolder:
         if self.sync is not None and self.part != 0:
             self.sync()  # part 0 checks and sets up the folder first
         previous = self._check()
+        self._new = previous is None and not self.out.exists()
+        self._fresh = previous is None
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -258,6 +260,23 @@ class OutputFolder:
 
     def add(self, f: OutputFile) -> None:
         self.manifest.add(f)
+
+    def abandon(self) -> None:
+        """Undo a merge refused after it began writing (transformers found config.json is not these weights): a
+        rerun with the right config is another merge, which a folder holding this one's files would refuse. Only a
+        folder this run started, in one process; a resumed or shared one keeps its files."""
+        if not getattr(self, "_fresh", False) or self.sync is not None:
+            return
+        state = self.out / STATE_DIR
+        rels = [*self.data_files, *(f"{STATE_DIR}/{name}" for name in (MANIFEST, "manifest.tmp", LOCK_FILE))]
+        for rel in rels:
+            with contextlib.suppress(OSError):
+                (self.out / rel).unlink(missing_ok=True)
+                tmp_path(self.out / rel).unlink(missing_ok=True)
+        folders = sorted({(self.out / rel).parent for rel in self.data_files} | {state}, key=lambda f: -len(f.parts))
+        for folder in [*folders, *([self.out] if self._new else [])]:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only where nothing else is left
 
     # ------------------------------------------------------------ end
 
