@@ -17,6 +17,7 @@ from .errors import ConfigError, StreammergeError
 from .options import CHECKSUMS, DTYPE_CHOICES, LORA_MODES, OPTIMIZER_FORMATS, UPLOAD_WORKERS, MergeOptions
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+_ENTRY = False  # set by run(): this process is the command, not a program calling main()
 PUSH_FAILED = 4  # exit code: the push (or, in watch, a step) failed; re-running resumes it
 HELP = """streammerge CKPT_DIR OUT_DIR [options]     merge a sharded checkpoint into a Hugging Face folder
 streammerge inspect CKPT_DIR [--json]       print the merge plan without writing
@@ -194,6 +195,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         result = pushed.merge
     for w in result.warnings:
         print(f"streammerge: warning: {shown(w)}", file=sys.stderr)
+    if settings.enabled or not args.verify:
+        _decided()
     print(shown(result.summary()))
     if settings.enabled:
         if pushed.verify is not None:
@@ -260,6 +263,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     for w in result.warnings:
         _say(f"streammerge: warning: {w}", sys.stderr)
+    if not args.verify:
+        _decided()
     _say(result.summary())
     if args.verify and (not torchrun or os.environ.get("RANK") == "0"):  # one writer checks the whole folder
         return _verify_merged(result.out_dir, args)
@@ -271,8 +276,19 @@ def _verify_merged(out_dir: Path, args: argparse.Namespace) -> int:
     from .verify import verify
 
     report = verify(out_dir, args.checkpoint, trust_pickle=args.trust_pickle)
+    _decided()
     print(shown(report.summary()))
     return 0 if report.ok else 1
+
+
+def _decided() -> None:
+    """The merge (and push) finished and its summary comes next: a Ctrl-C from here to the process's end (the
+    interpreter's teardown takes a moment) would say "interrupted ... rerun to resume" and exit 130 for a folder that
+    is complete. Only for the process entry (`run`): a program calling `main` keeps its own Ctrl-C."""
+    if _ENTRY:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _say(text: str, stream: TextIO | None = None) -> None:
@@ -457,6 +473,8 @@ def run() -> NoReturn:
     nothing: a read-only command ends at once, after flushing its output. Commands that write exit normally.
     With --debug, `main` raises for the traceback; the process still exits with the code the error has without it.
     """
+    global _ENTRY
+    _ENTRY = True
     try:
         code = main()
     except (KeyboardInterrupt, Exception) as e:  # only --debug, or a Ctrl-C while the arguments are read

@@ -183,6 +183,22 @@ def test_interrupt_stops_cleanly_and_resumes(big, reference, tmp_path, sig):
     assert tree_bytes(out) == ref_bytes
 
 
+def test_a_ctrl_c_after_the_summary_leaves_the_finished_merge_at_exit_code_0(big, tmp_path):
+    """The interpreter's teardown follows the summary: a Ctrl-C there said "interrupted ... rerun the same command to
+    resume" and exited 130 (or died of SIGINT) for a folder that was complete."""
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "streammerge", str(big), str(out), *CLI_OPTIONS], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        summary = proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert summary.startswith("wrote ") and proc.returncode == 0 and "interrupted" not in stderr, \
+            (summary, proc.returncode, stderr)
+        assert (out / INDEX).is_file()
+
+
 # ---------------------------------------------------------------- the states a killed run can leave
 
 
