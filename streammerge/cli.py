@@ -282,9 +282,10 @@ def _verify_merged(out_dir: Path, args: argparse.Namespace) -> int:
 
 
 def _decided() -> None:
-    """The merge (and push) finished and its summary comes next: a Ctrl-C from here to the process's end (the
-    interpreter's teardown takes a moment) would say "interrupted ... rerun to resume" and exit 130 for a folder that
-    is complete. Only for the process entry (`run`): a program calling `main` keeps its own Ctrl-C."""
+    """The command's outcome is settled (a merge or push finished and its summary comes next, or it stopped and said
+    so): a Ctrl-C from here to the process's end (the interpreter's teardown takes a moment) would say "interrupted
+    ... rerun to resume" and exit 130 for a folder that is complete, or add a traceback. Only for the process entry
+    (`run`): a program calling `main` keeps its own Ctrl-C."""
     if _ENTRY:
         import signal
 
@@ -432,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, KeyboardInterrupt):
             print("streammerge: interrupted" if command in READ_ONLY else INTERRUPTED, file=sys.stderr)
             _exit_now_if_uploading(130)
+            _decided()  # it stopped and said so: a second Ctrl-C would only add a traceback from the teardown
         elif exit_code(e) == 3:
             print(f"streammerge: internal error: {type(e).__name__}: {shown(e)} (rerun with --debug for the traceback, "
                   "and please report it)", file=sys.stderr)

@@ -23,6 +23,7 @@ import pytest
 from ckpt_tools import REPO, copy_actor, snapshot, tree_bytes
 
 import streammerge
+from streammerge.cli import INTERRUPTED
 from streammerge.write.manifest import MANIFEST, STATE_DIR, crc32_file
 from streammerge.write.writer import TMP_SUFFIX, tmp_path
 
@@ -197,6 +198,24 @@ def test_a_ctrl_c_after_the_summary_leaves_the_finished_merge_at_exit_code_0(big
         assert summary.startswith("wrote ") and proc.returncode == 0 and "interrupted" not in stderr, \
             (summary, proc.returncode, stderr)
         assert (out / INDEX).is_file()
+
+
+def test_a_second_ctrl_c_while_it_stops_still_ends_with_one_line_and_130(big, tmp_path):
+    """The second one landed in the interpreter's teardown: the process died of SIGINT (no exit code 130)."""
+    stopped = 0
+    for attempt in range(4):
+        out = tmp_path / f"out{attempt}"
+        proc = start(big, out, "--workers", "1")
+        if wait_for(lambda out=out: bool((manifest_of(out) or {}).get("files")), proc):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.002 * attempt)
+            proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        if proc.returncode != 0:  # else it finished before the first one landed
+            assert proc.returncode == 130 and stderr.splitlines() == [INTERRUPTED], (proc.returncode, stderr)
+            stopped += 1
+        check_invariants(out)
+    assert stopped, "every run finished before its Ctrl-C; the checkpoint is too small to test this"
 
 
 # ---------------------------------------------------------------- the states a killed run can leave
