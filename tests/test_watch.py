@@ -402,3 +402,54 @@ def _raised(call) -> BaseException | None:
     except BaseException as e:  # noqa: BLE001 - the test looks at what it was
         return e
     return None
+
+
+def test_a_step_that_cannot_be_merged_as_saved_fails_watch_once_and_is_said_once_in_the_loop(actors, tmp_path,
+                                                                                              caplog):
+    """A rank file never copied: `watch --once` exited 0 with nothing merged, and the loop logged "not complete yet"
+    at every look for ever. Refused twice on files that did not change, the step is stuck: --once fails (exit 4),
+    the loop says it once as a warning, and merges it once the file is there."""
+    import logging
+
+    from streammerge.cli import main
+
+    run = tmp_path / "run"
+    actor = add_step(run, 1, actors[0])
+    rank_file = next(actor.glob("model_world_size_*_rank_1.pt"))
+    kept = tmp_path / rank_file.name
+    rank_file.rename(kept)
+    with caplog.at_level(logging.INFO, logger="streammerge.hub.watch"):
+        code = main(["watch", str(run), "--once", "--interval", "0.1", "--no-optimizer", "--out-root",
+                     str(tmp_path / "o")])
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert code == 4 and len(said) == 1, said
+    assert said[0].startswith("step 1: cannot be merged as saved (its files did not change between two looks): ") and \
+        "missing model rank files for rank(s) 1" in said[0], said[0]
+    assert not (tmp_path / "o").exists()
+
+    watcher = Watcher(run, push=False, optimizer=False, max_shard_size=SHARD, out_root=tmp_path / "out",
+                      state_file=tmp_path / "state.json")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="streammerge.hub.watch"):
+        assert [watcher.poll() for _ in range(4)] == [[]] * 4
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+    kept.rename(rank_file)
+    assert watcher.poll() == []  # a change: looked at again, merged once two looks agree
+    assert [(r.step, r.ok) for r in watcher.poll()] == [(1, True)]
+
+
+def test_watch_says_the_merges_warnings(tmp_path, caplog):
+    """The merge command prints its warnings (here: Megatron's optimizer state cannot be exported); watch merged and
+    pushed without saying them."""
+    import logging
+
+    fixture = ROOT / "tests" / "data" / "megatron" / "llama_mlm_optim_pp2_dp2"
+    run = tmp_path / "run"
+    shutil.copytree(fixture, run, ignore=shutil.ignore_patterns("reference"))
+    assert streammerge.merge(run, tmp_path / "merged").warnings  # what the merge command would print
+    with caplog.at_level(logging.INFO, logger="streammerge.hub.watch"):
+        results = Watcher(run, push=False, out_root=tmp_path / "out", state_file=tmp_path / "s.json").run(
+            once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in results] == [(1, True)]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("step 1: warning: optimizer not exported: ") for m in said), said

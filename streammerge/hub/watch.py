@@ -135,6 +135,9 @@ class Watcher:
         self.options = MergeOptions.create(options, **{k: v for k, v in kwargs.items() if k not in PUSH_OPTIONS})
         self._seen: dict[int, Snapshot] = {}
         self._told: set[str] = set()  # trackers already warned about: each is said once, not at every look
+        # steps the last look could not open: their files then, and why (refused twice on the same files: stuck)
+        self._refused: dict[int, tuple[Snapshot | None, str]] = {}
+        self._stuck: dict[int, str] = {}
 
     # ---- state -----------------------------------------------------------------------------
     @property
@@ -228,9 +231,11 @@ class Watcher:
             missing = getattr(ck, "missing_optim_ranks", ())
             now = snapshot(ck.path)
         except (CheckpointError, OSError) as e:  # OSError: the trainer removed it while we looked (max_ckpt_to_keep)
-            logger.info("step %d: not complete yet, or removed (%s)", step, e)
             self._seen.pop(step, None)
+            self._note_refused(step, path, e)
             return None
+        self._refused.pop(step, None)
+        self._stuck.pop(step, None)
         if missing and self.options.optimizer:
             logger.info("step %d: waiting for optimizer rank files %s", step, list(missing))
             self._seen.pop(step, None)
@@ -243,6 +248,22 @@ class Watcher:
         # the merge must end with the files as these looks found them: one saved again since then is not merged
         ck.seen = {(ck.path / rel).as_posix(): list(st) for rel, st in now.items()}
         return ck
+
+    def _note_refused(self, step: int, path: Path, e: Exception) -> None:
+        """A step being saved is refused until it is complete; one refused twice for the same reason while its files
+        stay as they were is not being saved: it needs the user (rank files never copied, a damaged file)."""
+        try:
+            files = snapshot(path) if isinstance(e, CheckpointError) and path.is_dir() else None
+        except OSError:
+            files = None
+        before, self._refused[step] = self._refused.get(step), (files, str(e))
+        if files is not None and before == (files, str(e)):
+            self._stuck[step] = str(e)
+            self._tell(f"stuck {step} {e}", f"step {step}: cannot be merged as saved (its files did not change "
+                                             f"between two looks): {e}")
+        else:
+            self._stuck.pop(step, None)
+            logger.info("step %d: not complete yet, or removed (%s)", step, e)
 
     def poll(self) -> list[PushResult]:
         """Look once; merge (and push) each step that is ready. Failures are logged and retried later."""
@@ -293,6 +314,8 @@ class Watcher:
             return PushResult(ok=False, step=step, out_dir=out, error=str(e), error_kind=kind)
         result.step = step
         self._seen.pop(step, None)
+        for w in result.merge.warnings if result.merge is not None else ():  # as the merge command says them
+            logger.warning("step %d: warning: %s", step, w)
         self._record(step, {"revision": result.revision, "commit": result.commit_oid, "out_dir": str(result.out_dir),
                             "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         logger.info("step %d: %s", step, result.summary())
@@ -312,10 +335,14 @@ class Watcher:
         results: list[PushResult] = []
         if once:
             results += self.poll()  # steps this watcher already looked at may be ready now
-            if not self._seen.keys() - {r.step for r in results}:
+            if not (self._seen.keys() | self._refused.keys()) - {r.step for r in results}:
                 return results
             time.sleep(min(interval, MAX_SETTLE))
-            return results + self.poll()
+            results += self.poll()
+            # what is there cannot be merged as it is: a failed step, not one to look at again later
+            done = {r.step for r in results}
+            return results + [PushResult(ok=False, step=step, error=why, error_kind="CheckpointError")
+                              for step, why in sorted(self._stuck.items()) if step not in done]
         logger.info("watching %s every %g s (state in %s)", self.run_dir, interval, self.state_file)
         while not stop.is_set():
             results += self.poll()
