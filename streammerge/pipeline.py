@@ -385,7 +385,7 @@ def keep_float32(tensors: list[TensorPlan], options: MergeOptions, dtype: DType 
     return [replace(t, dtype=dtypes.float32) if t.name in kept else t for t in tensors], tuple(kept), note
 
 
-def _refuse_lora_options(source: Source, options: MergeOptions) -> None:
+def refuse_lora_options(source: Source, options: MergeOptions) -> None:
     """A LoRA flag on a checkpoint without an adapter would change nothing: the user expects another checkpoint."""
     given = [flag for flag, value in (("--lora " + options.lora, options.lora != "both"),
                                       ("--lora-rank", options.lora_rank is not None),
@@ -423,7 +423,7 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
             warnings += planned.warnings
             lora_info = planned.info
         else:
-            _refuse_lora_options(source, options)
+            refuse_lora_options(source, options)
             weights_tensors, extra, notes = copy_plans(tensors.values(), dtype), [], []
             warnings += [f"{p}: not copied: the checkpoint holds no LoRA adapter, and beside config.json it would make "
                          "transformers load OUT as a peft adapter" for p in adapter_config]

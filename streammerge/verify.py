@@ -618,7 +618,8 @@ def _folder_options(out: Path) -> tuple[dict, str]:
 
 def _with_lora_flags(options: MergeOptions, given: dict, manifest: dict | None, report: VerifyReport) -> MergeOptions:
     """verify's --lora/--lora-rank/--lora-alpha/--lora-rslora/--base-model: the options of a folder without a
-    manifest; with one, they must be what it records (the merge's own)."""
+    manifest; with one, they must be what it records (the merge's own). A flag the merge ran without is held to what
+    the checkpoint's files gave it, once the plan says (`_check_flags_the_merge_ran_without`)."""
     if not given:
         return options
     if manifest is None:
@@ -626,15 +627,38 @@ def _with_lora_flags(options: MergeOptions, given: dict, manifest: dict | None, 
     for key, value in given.items():
         ran = getattr(options, key)
         flag = "--" + key.replace("_", "-")
-        if ran is None:
-            had = "the checkpoint holds the base weights" if key == "base_model" else \
-                "the checkpoint's files gave the setting"
-            report.notes.append(f"{flag} {value}: not used; the merge ran without it ({had}), and the folder is "
-                                "checked as it was made")
-        elif (ran != value) if isinstance(value, str) else (float(ran) != float(value)):
+        if ran is not None and ((ran != value) if isinstance(value, str) else (float(ran) != float(value))):
             report.fail(f"{flag} {value}: the merge ran with {flag} {ran} (.streammerge/manifest.json); the folder is "
                         "checked as it was made: leave the flag out, or merge again with it")
     return options
+
+
+_PLANNED = {"lora_rank": "r", "lora_alpha": "alpha", "lora_rslora": "rslora"}  # a flag -> the plan's LoRA setting
+
+
+def _check_flags_the_merge_ran_without(ck: Source, options: MergeOptions, given: dict, plan: MergePlan,
+                                       report: VerifyReport) -> None:
+    """A LoRA flag for a checkpoint without an adapter is refused as the merge refuses it; one the merge ran without
+    must equal what the checkpoint's files gave (lora_train_meta.json, adapter_config.json)."""
+    from .pipeline import refuse_lora_options
+
+    if plan.lora is None:
+        refuse_lora_options(ck, options.replace(**given))
+        return
+    for key, value in given.items():
+        if getattr(options, key) is not None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "base_model":
+            report.notes.append(f"{flag} {value}: not used; the checkpoint holds its own base weights, which the "
+                                "merge folded onto")
+            continue
+        used = plan.lora.get(_PLANNED[key])
+        if used is None or (float(used) != float(value)):
+            report.fail(f"{flag} {value}: the merge used {used} (from the checkpoint's files); the folder is checked "
+                        "as it was made: leave the flag out")
+        else:
+            report.notes.append(f"{flag} {value}: as the checkpoint's files give it (the merge took it from there)")
 
 
 @dataclass
@@ -691,6 +715,8 @@ def _start_reading(out: Path, ck: Source, manifest: dict | None, report: VerifyR
         if not as_read:
             then()
         reading.plan = plan_merge(ck, options, check_architecture=False)
+        if lora and manifest is not None:
+            _check_flags_the_merge_ran_without(ck, options, lora, reading.plan, report)
         if as_read:  # the first tensors' bytes are on their way while torch is imported and each file loaded
             reading.readahead = _Readahead([t for p in reading.plan.plans for t in p.tensors.values()])
             then()

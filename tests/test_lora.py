@@ -1260,6 +1260,30 @@ def test_verify_takes_the_lora_settings_the_merge_took(tmp_path, capsys):
     assert verify(out, actor, lora_rank=8, lora_alpha=16, lora_rslora=True).ok
 
 
+def test_verify_holds_a_flag_the_merge_ran_without_to_the_checkpoints_own_setting(tmp_path, capsys, make_ckpt):
+    """lora_train_meta.json gave r 8 and alpha 16: verify --lora-alpha 99 said OK, with a note that the flag was not
+    used (a flag that differs fails, as it does where the merge took the flag). On a checkpoint without LoRA a LoRA
+    flag is refused as the merge refuses it (it noted "the checkpoint's files gave the setting", or advised merging
+    again with --lora fold, which the merge refuses)."""
+    model, config, _ = _trained_peft(target_modules=["q_proj", "o_proj"])
+    actor = _save_actor(tmp_path, model, config, meta=META)
+    out = tmp_path / "out"
+    rc, err = run(["merge", actor, out, "--no-optimizer"], capsys)
+    assert rc == 0, err
+    rc, err = run(["verify", out, actor, "--lora-alpha", "99"], capsys)
+    said = run.out  # type: ignore[attr-defined]
+    assert rc == 1 and "--lora-alpha 99.0: the merge used 16.0 (from the checkpoint's files)" in said, said
+    rc, err = run(["verify", out, actor, "--lora-alpha", "16", "--lora-rank", "8"], capsys)
+    said = run.out  # type: ignore[attr-defined]
+    assert rc == 0 and "--lora-rank 8: as the checkpoint's files give it" in said, said
+
+    good_plain, plain_out = make_ckpt(), tmp_path / "plain_out"
+    assert run(["merge", good_plain, plain_out, "--no-optimizer"], capsys)[0] == 0
+    for flags, words in ((["--lora-rank", "4"], "--lora-rank: "), (["--lora", "fold"], "--lora fold: ")):
+        rc, err = run(["verify", plain_out, good_plain, *flags], capsys)
+        assert rc == 2 and err.count("\n") == 1 and words in err and "holds no LoRA adapter" in err, err
+
+
 def test_verify_takes_the_lora_mode_the_merge_took(tmp_path, capsys):
     """--lora adapter keeps the base weights as saved: a folder without a manifest cannot tell them from a fold, and is
     checked as --lora both (the fold), which fails; verify --lora adapter checks it as made. With a manifest, a mode
