@@ -122,9 +122,9 @@ def _push_args(p: argparse.ArgumentParser, *, repo_default: str = "default: name
                    help="seed workflow spelling: none = --no-optimizer")
     g.add_argument("--no-model-card", action="store_true",
                    help="do not write and push a README.md model card (an earlier push's card, unedited, is deleted)")
-    g.add_argument("--max-files-per-commit", type=int, default=50, metavar="N",
+    g.add_argument("--max-files-per-commit", type=int, default=None, metavar="N",
                    help="split bigger pushes into several commits (default 50)")
-    g.add_argument("--upload-workers", type=int, default=UPLOAD_WORKERS, metavar="N",
+    g.add_argument("--upload-workers", type=int, default=None, metavar="N",
                    help=f"files uploaded at once (default {UPLOAD_WORKERS})")
 
 
@@ -145,7 +145,8 @@ def _refuse_push_flags_without_push(args: argparse.Namespace) -> None:
         return
     given = {"--repo-id": args.repo_id, "--organization": args.organization, "--private/--no-private": args.private,
              "--revision": args.revision, "--commit-message": args.commit_message,
-             "--no-model-card": args.no_model_card or None}
+             "--no-model-card": args.no_model_card or None, "--max-files-per-commit": args.max_files_per_commit,
+             "--upload-workers": args.upload_workers}
     if getattr(args, "revision_per_step", False):
         given["--revision-per-step"] = True
     flags = [flag for flag, value in given.items() if value is not None]
@@ -154,9 +155,30 @@ def _refuse_push_flags_without_push(args: argparse.Namespace) -> None:
                           f"{flags[0]} out to merge only")
 
 
+def _say_logged_warnings() -> None:
+    """The push's warnings (a public repo kept public, an edited model card kept, a retried call) come from its
+    loggers: said as the merge's own warnings are, not as Python's bare last-resort lines."""
+    import logging
+
+    class Said(logging.StreamHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            self.stream = sys.stderr  # the stream of the moment (a test's capture, a redirection)
+            super().emit(record)
+
+        def format(self, record: logging.LogRecord) -> str:
+            return f"streammerge: {record.levelname.lower()}: {record.getMessage()}"
+
+    root = logging.getLogger("streammerge")
+    if not any(type(h).__name__ == "Said" for h in root.handlers):
+        handler = Said()
+        handler.setLevel(logging.WARNING)
+        root.addHandler(handler)
+
+
 def _push_options(args: argparse.Namespace) -> dict:
     return {"model_card": not args.no_model_card, "commit_message": args.commit_message,
-            "max_files_per_commit": args.max_files_per_commit, "upload_workers": args.upload_workers}
+            "max_files_per_commit": 50 if args.max_files_per_commit is None else args.max_files_per_commit,
+            "upload_workers": UPLOAD_WORKERS if args.upload_workers is None else args.upload_workers}
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -175,6 +197,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     settings = _push_settings(args)
     _warn_trust_pickle(args)
+    _say_logged_warnings()
     options = merge_options(args, optimizer=settings.optimizer)
     if not settings.enabled:  # a config file with enabled: false, or --no-push
         if args.push is None:

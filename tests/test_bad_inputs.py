@@ -637,6 +637,8 @@ def test_an_interrupted_verify_or_inspect_says_nothing_of_files_kept(good, tmp_p
     (["--repo-id", "me/x"], "--repo-id is a push setting, and there is no --push: add --push to push"),
     (["--private"], "--private/--no-private is a push setting, and there is no --push"),
     (["--revision", "dev", "--commit-message", "m"], "--revision is a push setting, and there is no --push"),
+    (["--upload-workers", "0"], "--upload-workers is a push setting, and there is no --push"),
+    (["--max-files-per-commit", "9"], "--max-files-per-commit is a push setting, and there is no --push"),
     (["--key-prefix", "model."], "--key-prefix 'model.': {ck} is a veRL FSDP checkpoint, whose tensors need no prefix"),
     (["--lora-rank", "8"], "--lora-rank: {ck} holds no LoRA adapter (no lora_A/lora_B tensors)"),
     (["--lora", "adapter"], "--lora adapter: {ck} holds no LoRA adapter"),

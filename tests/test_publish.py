@@ -838,7 +838,7 @@ def test_cli_private_on_an_existing_public_repo_warns_how_to_change_it(hub, make
     proc = cli([make_ckpt(), tmp_path / "out", "--push", "--repo-id", "tiny", "--private", "--no-optimizer"], hub)
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "public" in line]
-    assert len(warnings) == 1, proc.stderr
+    assert len(warnings) == 1 and warnings[0].startswith("streammerge: warning: alice/tiny exists"), proc.stderr
     for words in ("alice/tiny exists and is public", "does not change", "hf repos settings alice/tiny --private",
                   "update_repo_settings"):
         assert words in warnings[0], warnings[0]
