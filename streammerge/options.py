@@ -125,6 +125,10 @@ class MergeOptions:
                 kwargs[key] = parse_size(kwargs[key])
         if "dtype" in kwargs:
             kwargs["dtype"] = dtype_word(kwargs["dtype"])
+        prefix = kwargs.get("key_prefix")
+        if prefix is not None and (not isinstance(prefix, str) or not prefix.strip(".")):
+            raise ValueError(f"key_prefix (--key-prefix) {prefix!r}: give the name of the container that holds the "
+                             "model's tensors (model, app.model), or leave it out to read the saved dict's nesting")
         if kwargs.get("float32_names") is not None:
             if isinstance(kwargs["float32_names"], str) or \
                     not all(isinstance(n, str) for n in kwargs["float32_names"]):

@@ -45,7 +45,7 @@ from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT
 from .options import CHECKSUMS, LORA_MODES, MergeOptions, parse_size, resolve_dtype
 from .paths import user_path, walk
 from .plan import FilePlan, Piece, Plan, TensorPlan
-from .sources import Source, open_checkpoint
+from .sources import Source, model_folder, open_checkpoint
 from .sources.base import Oracle, bytes_rows, open_checkpoint_file, pread_into, row_major
 from .sources.hf import INDEX, SINGLE
 from .sources.lora import ADAPTER_CONFIG
@@ -105,11 +105,15 @@ def _open_given_checkpoint(checkpoint_dir: str | Path, out: Path) -> Source:
     try:
         return open_checkpoint(checkpoint_dir)
     except CheckpointError as e:
+        given = user_path(checkpoint_dir).resolve()
         try:
             open_checkpoint(out)
         except StreammergeError:
+            if given.is_dir() and model_folder(given):
+                raise CheckpointError(f"{given}: a Hugging Face model folder, not the checkpoint {out} was merged "
+                                      "from: give that checkpoint, or leave it out to check the folder against its "
+                                      "manifest") from None
             raise e from None
-        given = user_path(checkpoint_dir).resolve()
         raise CheckpointError(f"{given} is not a checkpoint and {out} is one: the two are given the wrong way round; "
                               "the merged folder comes first (streammerge verify OUT_DIR CKPT_DIR)") from None
 

@@ -664,6 +664,14 @@ def test_push_flags_with_no_push_merge_and_watch_refuses_them_without_push(good,
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("prefix", ["", "."])
+def test_an_empty_key_prefix_is_refused_as_given(good, tmp_path, capsys, prefix):
+    """It was taken as '.', and a DCP merge said no key starts with --key-prefix '.'."""
+    code, _, stderr = run_cli(["inspect", good, "--key-prefix", prefix], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and f"(--key-prefix) {prefix!r}: give the name of the container" \
+        in stderr, stderr
+
+
 def test_key_prefix_on_a_megatron_checkpoint_is_refused(tmp_path):
     """Megatron's tensors are named by the architecture: a --key-prefix was dropped."""
     ck = REPO / "tests" / "data" / "megatron" / "qwen2_tp2"
@@ -679,5 +687,8 @@ def test_verify_with_the_folders_swapped_says_so(good, tmp_path, capsys):
     code, stdout, stderr = run_cli(["verify", good, out], capsys)
     assert code == 2 and stderr.count("\n") == 1, stderr
     assert f"{out} is not a checkpoint and {good} is one: the two are given the wrong way round" in stderr, stderr
+    code, stdout, stderr = run_cli(["verify", out, out], capsys)  # it said "there is nothing to merge"
+    assert code == 2 and f"{out}: a Hugging Face model folder, not the checkpoint {out} was merged from" in stderr, \
+        stderr
     code, stdout, stderr = run_cli(["verify", out, tmp_path], capsys)  # neither is a checkpoint: the plain error
     assert code == 2 and "wrong way round" not in stderr and "not a checkpoint streammerge can read" in stderr, stderr

@@ -105,6 +105,11 @@ def _peft_adapter(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and _has(path, ADAPTER_FILE, "adapter_model.bin")
 
 
+def model_folder(path: Path) -> bool:
+    """A Hugging Face model folder: config.json and the weights transformers loads with it."""
+    return (path / "config.json").is_file() and _has(path, SINGLE, "pytorch_model.bin", *WEIGHT_INDEXES)
+
+
 # Formats recognised by their file names, to say what reads them: (is it here, what it is and what to do)
 UNREAD: list[tuple[Callable[[Path], bool], str]] = [
     (_deepspeed, "a DeepSpeed checkpoint (mp_rank_*_model_states.pt, *zero_pp_rank_*_optim_states.pt), which "
@@ -117,7 +122,7 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
     (_peft_adapter,
      "a peft adapter folder (adapter_config.json and its weights), which streammerge does not read: it folds LoRA "
      "from training checkpoints; peft's merge_and_unload() of the adapter loaded onto its base folds this one"),
-    (lambda p: (p / "config.json").is_file() and _has(p, SINGLE, "pytorch_model.bin", *WEIGHT_INDEXES),
+    (lambda p: model_folder(p),
      "already a Hugging Face model folder (config.json and its weights): there is nothing to merge (`hf upload` "
      "pushes it as it is)"),
 ]
