@@ -322,6 +322,10 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         model_dir, root = source.hf_dir, source.root
         model_paths = list(carried_files(model_dir, root))
     config = read_config(model_dir)
+    if options.weights_only and config is not None and model_dir is not None:
+        raise ConfigError(f"--weights-only: {model_dir / 'config.json'} describes these weights, and the folder gets it "
+                          "so that transformers loads it as the model (--weights-only is for a checkpoint without "
+                          "one); leave --weights-only out")
     generation = read_generation_config(model_dir) if model_dir is not None and \
         model_dir / GENERATION_CONFIG in model_paths else None
     dtype = resolve_dtype(options.dtype, config)

@@ -641,6 +641,7 @@ def test_an_interrupted_verify_or_inspect_says_nothing_of_files_kept(good, tmp_p
     (["--max-files-per-commit", "9"], "--max-files-per-commit is a push setting, and there is no --push"),
     (["--key-prefix", "model."], "--key-prefix 'model.': {ck} is a veRL FSDP checkpoint, whose tensors need no prefix"),
     (["--lora-rank", "8"], "--lora-rank: {ck} holds no LoRA adapter (no lora_A/lora_B tensors)"),
+    (["--weights-only"], "--weights-only: {ck}/huggingface/config.json describes these weights"),
     (["--lora", "adapter"], "--lora adapter: {ck} holds no LoRA adapter"),
     (["--lora-rslora"], "--lora-rslora: {ck} holds no LoRA adapter"),
     (["--base-model", "some/model"], "--base-model: {ck} holds no LoRA adapter"),
