@@ -332,7 +332,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     _warn_trust_pickle(args)
     report = verify(args.out_dir, args.checkpoint, trust_pickle=args.trust_pickle, checksums=args.checksums,
                     lora=args.lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                    lora_rslora=args.lora_rslora, base_model=args.base_model)
+                    lora_rslora=args.lora_rslora, base_model=args.base_model, model_name=args.model_name,
+                    key_prefix=args.key_prefix)
     print(shown(report.summary()))
     return 0 if report.ok else 1
 
@@ -416,6 +417,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help="the merge's --lora, for a folder without a manifest (default: both)")
         _lora_setting_args(g)
         _base_model_arg(g, verify=True)
+        g = p.add_argument_group("what else the merge was given", "as the merge took it, for a folder without a "
+                                 "manifest (one with a manifest is checked with what it records)")
+        g.add_argument("--model-name", metavar="NAME_OR_PATH",
+                       help="the config the merge took (a Megatron checkpoint's tensor names come from it)")
+        g.add_argument("--key-prefix", metavar="PREFIX", help="the DCP container the merge took the model from")
     elif command == "demo":
         p = argparse.ArgumentParser(prog="streammerge demo",
                                     description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")

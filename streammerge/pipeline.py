@@ -322,10 +322,6 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         model_dir, root = source.hf_dir, source.root
         model_paths = list(carried_files(model_dir, root))
     config = read_config(model_dir)
-    if options.weights_only and config is not None and model_dir is not None:
-        raise ConfigError(f"--weights-only: {model_dir / 'config.json'} describes these weights, and the folder gets it "
-                          "so that transformers loads it as the model (--weights-only is for a checkpoint without "
-                          "one); leave --weights-only out")
     generation = read_generation_config(model_dir) if model_dir is not None and \
         model_dir / GENERATION_CONFIG in model_paths else None
     dtype = resolve_dtype(options.dtype, config)
@@ -411,6 +407,10 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
                           "whose tensors need no prefix to be picked out (it is for torch DCP); leave it out")
     with gc_paused():
         tensors = source.tensors(options)
+        if options.weights_only and config is not None and model_dir is not None:  # after what the source refuses
+            raise ConfigError(f"--weights-only: {model_dir / 'config.json'} describes these weights, and the folder "
+                              "gets it so that transformers loads it as the model (--weights-only is for a checkpoint "
+                              "without one); leave --weights-only out")
         warnings += source.warnings(options)
         from .sources import lora
 

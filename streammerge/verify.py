@@ -122,7 +122,8 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
            chunk_size: int | str = DEFAULT_CHUNK, workers: int | None = None,
            checksums: str = "auto", lora: str | None = None, lora_rank: int | None = None,
            lora_alpha: float | None = None, lora_rslora: bool | None = None,
-           base_model: str | None = None) -> VerifyReport:
+           base_model: str | None = None, model_name: str | None = None,
+           key_prefix: str | None = None) -> VerifyReport:
     """Check an output folder; given the checkpoint, check every tensor against its source pieces.
 
     Problems with the output are collected in the report (never raised); a checkpoint that cannot
@@ -138,6 +139,8 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
     (``--lora adapter``, ``--lora-rank``, ``--base-model`` ...). A folder with a manifest
     is checked with those it records (one given that differs is a failure); one without is checked with these (a
     folder cannot tell whether its weights are the fold or the base as saved: without ``lora``, ``both``).
+    ``model_name`` and ``key_prefix`` likewise: the config a merge took (a Megatron checkpoint's names come from it)
+    and the DCP container it took the model from.
     """
     if checksums not in CHECKSUMS:
         raise ValueError(f"checksums must be one of {', '.join(CHECKSUMS)}, not {checksums!r}")
@@ -161,8 +164,10 @@ def verify(out_dir: str | Path, checkpoint_dir: str | Path | None = None, *, tru
         if ck is not None:
             from .pipeline import absolute_folders, import_behind
 
+            folders = absolute_folders(MergeOptions.create(base_model=base_model, model_name=model_name,
+                                                           key_prefix=key_prefix))
             given = {"lora": lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_rslora": lora_rslora,
-                     "base_model": absolute_folders(MergeOptions(base_model=base_model)).base_model}
+                     "base_model": folders.base_model, "model_name": folders.model_name, "key_prefix": key_prefix}
             reading = _start_reading(out, ck, manifest, report, trust_pickle=trust_pickle, workers=workers,
                                      checksums=checksums, lora={k: v for k, v in given.items() if v is not None},
                                      then=functools.partial(import_behind, *ck.oracle_modules))
@@ -620,10 +625,11 @@ def _folder_options(out: Path) -> tuple[dict, str]:
     return fields, "compared as a merge " + ", ".join(words) + ", tensor by tensor wherever the folder holds them"
 
 
-def _with_lora_flags(options: MergeOptions, given: dict, manifest: dict | None, report: VerifyReport) -> MergeOptions:
-    """verify's --lora/--lora-rank/--lora-alpha/--lora-rslora/--base-model: the options of a folder without a
-    manifest; with one, they must be what it records (the merge's own). A flag the merge ran without is held to what
-    the checkpoint's files gave it, once the plan says (`_check_flags_the_merge_ran_without`)."""
+def _with_flags(options: MergeOptions, given: dict, manifest: dict | None, report: VerifyReport) -> MergeOptions:
+    """verify's --lora/--lora-rank/--lora-alpha/--lora-rslora/--base-model/--model-name/--key-prefix: the options
+    of a folder without a manifest; with one, they must be what it records (the merge's own). A LoRA flag the merge
+    ran without is held to what the checkpoint's files gave it, once the plan says
+    (`_check_flags_the_merge_ran_without`)."""
     if not given:
         return options
     if manifest is None:
@@ -631,10 +637,18 @@ def _with_lora_flags(options: MergeOptions, given: dict, manifest: dict | None, 
     for key, value in given.items():
         ran = getattr(options, key)
         flag = "--" + key.replace("_", "-")
+        if key == "key_prefix" and ran is not None:  # "model" and "model." name one container
+            ran, value = ran.rstrip("."), value.rstrip(".")
         if ran is not None and ((ran != value) if isinstance(value, str) else (float(ran) != float(value))):
             report.fail(f"{flag} {value}: the merge ran with {flag} {ran} (.streammerge/manifest.json); the folder is "
                         "checked as it was made: leave the flag out, or merge again with it")
+        elif ran is None and key in _NOT_LORA:
+            report.fail(f"{flag} {value}: the merge ran without it (.streammerge/manifest.json); the folder is checked "
+                        "as it was made: leave the flag out, or merge again with it")
     return options
+
+
+_NOT_LORA = ("model_name", "key_prefix")  # verify's flags for what any checkpoint's merge may have been given
 
 
 _PLANNED = {"lora_rank": "r", "lora_alpha": "alpha", "lora_rslora": "rslora"}  # a flag -> the plan's LoRA setting
@@ -646,6 +660,9 @@ def _check_flags_the_merge_ran_without(ck: Source, options: MergeOptions, given:
     must equal what the checkpoint's files gave (lora_train_meta.json, adapter_config.json)."""
     from .pipeline import refuse_lora_options
 
+    given = {k: v for k, v in given.items() if k not in _NOT_LORA}
+    if not given:
+        return
     if plan.lora is None:
         refuse_lora_options(ck, options.replace(**given))
         return
@@ -700,7 +717,7 @@ def _start_reading(out: Path, ck: Source, manifest: dict | None, report: VerifyR
         folder, note = _folder_options(out)
         report.notes.append(f"no manifest: {note}")
     options = recorded_options((manifest or {}).get("options"), trust_pickle=trust_pickle, folder=folder)
-    options = _with_lora_flags(options, lora or {}, manifest, report)
+    options = _with_flags(options, lora or {}, manifest, report)
     reading = _Reading(options, manifest, None if ck.oracle_after_plan else ck.oracle(options), list(ck.files()))
     as_read = False  # the CRC-32s come from the comparison's reads (see _streams)
     try:

@@ -274,9 +274,10 @@ def test_run_folder_naming_a_missing_step(tmp_path, capsys):
     assert code == 2 and "names step 7" in stderr and "global_step_7 does not exist" in stderr
 
 
-@pytest.mark.parametrize("text", ["²", "step 7", ""])
+@pytest.mark.parametrize("text", ["²", "step 7", "", "9" * 5000])
 def test_a_tracker_that_is_not_a_step_number(tmp_path, capsys, text):
-    """str.isdigit() takes '²', which int() refuses: the tracker must still give its one line."""
+    """str.isdigit() takes '²', which int() refuses, and int() refuses 5,000 digits with an error naming no file:
+    the tracker must still give its one line."""
     run = tmp_path / "run"
     (run / "global_step_5" / "actor").mkdir(parents=True)
     (run / "latest_checkpointed_iteration.txt").write_text(text)

@@ -900,6 +900,27 @@ def test_model_keys_from_the_saved_nesting(ckpts: Path) -> None:
         open_checkpoint(ckpts / "w2_shard1").tensors(opts.replace(key_prefix="nope."))
 
 
+def test_verify_takes_the_key_prefix_the_merge_took(tmp_path: Path) -> None:
+    """A folder merged with --key-prefix ema, copied without .streammerge/: verify compared it with model.'s tensors
+    and failed, and had no --key-prefix to be told otherwise. With a manifest, another prefix is a failure."""
+    torch.manual_seed(0)
+    state = {"model": {"w": torch.randn(4, 4)}, "ema": {"w": torch.randn(4, 4)}}
+    dcp.save(state, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    out = tmp_path / "out"
+    streammerge.merge(tmp_path / "ck", out, weights_only=True, key_prefix="ema")
+    assert torch.equal(load_file(out / "model.safetensors")["w"], state["ema"]["w"])
+    assert streammerge.verify(out, tmp_path / "ck", key_prefix="ema.").ok
+    report = streammerge.verify(out, tmp_path / "ck", key_prefix="model")
+    assert not report.ok and any("--key-prefix model: the merge ran with --key-prefix ema" in f
+                                 for f in report.failures), report.summary()
+    shutil.rmtree(out / ".streammerge")
+    assert not streammerge.verify(out, tmp_path / "ck").ok  # checked as a merge of model.: its tensors differ
+    assert streammerge.verify(out, tmp_path / "ck", key_prefix="ema").ok
+    r = subprocess.run([sys.executable, "-m", "streammerge", "verify", str(out), str(tmp_path / "ck"), "--key-prefix",
+                        "ema"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.startswith(f"verify {out}: OK"), r.stdout + r.stderr
+
+
 def test_two_model_containers_or_none_at_all(tmp_path: Path) -> None:
     """Two `model` containers at one depth: the one merged followed the string hash seed (actor in one run, critic
     in the next, and verify disagreed). A save of no tensors ended in an internal IndexError. Both: one line."""

@@ -511,6 +511,25 @@ def test_refuses_other_megatron_backends(tmp_path: Path) -> None:
         streammerge.plan(folder)
 
 
+def test_verify_takes_the_model_name_the_merge_took(tmp_path: Path) -> None:
+    """A Megatron-LM checkpoint has no huggingface/: the merge takes --model-name. Verify of its folder without a
+    manifest asked for --model-name, which verify did not take: the README's own Megatron-LM example could never be
+    verified from a copy."""
+    folder = _copy("llama_tp2_pp2", tmp_path)
+    config = tmp_path / "config"
+    shutil.move(folder / "huggingface", config)
+    out = tmp_path / "out"
+    streammerge.merge(folder, out, model_name=str(config))
+    shutil.rmtree(out / ".streammerge")
+    with pytest.raises(ConfigError, match="give it with --model-name"):
+        streammerge.verify(out, folder)
+    report = streammerge.verify(out, folder, model_name=str(config))
+    assert report.ok and report.tensors_checked > 0, report.summary()
+    ref = load_file(FIX / "llama_tp2_pp2" / "reference" / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def test_verify_catches_a_changed_qkv_byte_through_torch(tmp_path: Path) -> None:
     folder = _copy("llama_tp2_pp2", tmp_path)
     out = tmp_path / "out"

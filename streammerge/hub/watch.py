@@ -28,7 +28,7 @@ from ..errors import CheckpointError, ConfigError, StreammergeError
 from ..options import MergeOptions
 from ..paths import NotAFile, read_small, user_path
 from ..pipeline import merge
-from ..sources import LATEST_FILE, Source, open_checkpoint, read_tracker
+from ..sources import LATEST_FILE, Source, open_checkpoint, read_tracker, step_number
 from ..write.transaction import open_lock
 from .publish import PushResult, check_push_counts, default_out_dir, merge_and_push
 from .repo import check_target
@@ -66,11 +66,9 @@ def step_dir(run_dir: Path, step: int) -> Path | None:
 
 def latest_step(run_dir: Path) -> int | None:
     """The step named by the trainer's tracker file, None while there is none (or it is mid-write)."""
-    return _step_named(read_tracker(run_dir))
+    return step_number(read_tracker(run_dir))
 
 
-def _step_named(text: str | None) -> int | None:
-    return int(text) if text and text.isascii() and text.isdigit() else None
 
 
 def snapshot(folder: Path) -> Snapshot:
@@ -203,7 +201,7 @@ class Watcher:
     def candidates(self) -> list[tuple[int, Path]]:
         """Steps to process, oldest first: not done yet, and not newer than the tracker's step."""
         text = read_tracker(self.run_dir)
-        latest = _step_named(text)
+        latest = step_number(text)
         if latest is None:
             if text:  # empty: mid-write, no word
                 self._tell(text, f"{self.run_dir / LATEST_FILE} holds {text[:40]!r}, not a step number: watch "

@@ -35,6 +35,12 @@ def open_checkpoint(path: str | Path) -> Source:
     return opener(folder)
 
 
+def step_number(text: str | None) -> int | None:
+    """The step a tracker's text names, or None (str.isdigit also takes "²", which int() refuses; a number of
+    thousands of digits is a damaged file, which int() refuses with an error that names no file)."""
+    return int(text) if text and len(text) <= 20 and text.isascii() and text.isdigit() else None
+
+
 def read_tracker(folder: Path) -> str | None:
     """The text of `folder`'s tracker file, stripped; None where there is none. A pipe there is refused, never read:
     reading one waits for a writer (a watcher would wait at every look, a merge for ever)."""
@@ -58,7 +64,7 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
     if text is not None:
         if text == "release":  # Megatron-LM's converted checkpoints
             names = ["release"]
-        elif text.isascii() and text.isdigit():  # str.isdigit also takes "²", which int() refuses
+        elif step_number(text) is not None:
             names = [f"global_step_{int(text)}", f"iter_{int(text):07d}"]  # veRL, Megatron-LM
         else:
             raise CheckpointError(f"{latest}: expected a step number, found {text[:40]!r}")
