@@ -449,6 +449,8 @@ def _exit_now_if_uploading(code: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _interrupt_said
+    _interrupt_said = False
     command, argv = _command(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(command).parse_args(argv)
     previous = _sigterm_as_interrupt()
@@ -460,9 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(e, KeyboardInterrupt):
-            print("streammerge: interrupted" if command in READ_ONLY else INTERRUPTED, file=sys.stderr)
+            _decided()  # it stops and says so: a second Ctrl-C would only add a line or a traceback from the teardown
+            _say_interrupted(command)
             _exit_now_if_uploading(130)
-            _decided()  # it stopped and said so: a second Ctrl-C would only add a traceback from the teardown
         elif exit_code(e) == 3:
             print(f"streammerge: internal error: {type(e).__name__}: {shown(e)} (rerun with --debug for the traceback, "
                   "and please report it)", file=sys.stderr)
@@ -495,6 +497,14 @@ def _command(argv: list[str]) -> tuple[str, list[str]]:
 
 READ_ONLY = ("verify", "inspect")
 INTERRUPTED = "streammerge: interrupted; finished files are kept, rerun the same command to resume"
+_interrupt_said = False  # a second Ctrl-C that lands just after the first one's line must not say it again
+
+
+def _say_interrupted(command: str) -> None:
+    global _interrupt_said
+    if not _interrupt_said:
+        _interrupt_said = True
+        print("streammerge: interrupted" if command in READ_ONLY else INTERRUPTED, file=sys.stderr)
 
 
 def run() -> NoReturn:
@@ -511,8 +521,8 @@ def run() -> NoReturn:
     except (KeyboardInterrupt, Exception) as e:  # only --debug, or a Ctrl-C while the arguments are read
         code = exit_code(e)
         if code == 130 and "--debug" not in sys.argv[1:]:
-            print("streammerge: interrupted" if _command(sys.argv[1:])[0] in READ_ONLY else INTERRUPTED,
-                  file=sys.stderr)
+            _decided()
+            _say_interrupted(_command(sys.argv[1:])[0])
         else:
             import traceback
 
