@@ -455,11 +455,16 @@ def _plan_merge(source: Source, options: MergeOptions, model_dir: Path | None, m
         warnings.append(f"{source.path}: no config.json (and no --model-name): the output holds weights that "
                         "transformers cannot load on their own")
     plans = [weights, *extra]
-    if options.optimizer and source.has_optimizer():
+    exports = options.optimizer and source.has_optimizer()
+    if exports:
         opt_plan, opt_warnings = source.optimizer_plan(weights, options, config, model_dir)
         warnings += opt_warnings
         if opt_plan is not None:
             plans.insert(1, opt_plan)
+    if options.optimizer_format != "safetensors" and not exports:
+        why = "--no-optimizer was given" if not options.optimizer else f"{source.path} holds no optimizer state"
+        raise ConfigError(f"--optimizer-format {options.optimizer_format}: no optimizer is exported ({why}), so there "
+                          "is nothing for it to change; leave it out")
     small: dict[str, Path | None] = {}
     if model_dir is not None:
         for p in model_paths:

@@ -643,6 +643,8 @@ def test_an_interrupted_verify_or_inspect_says_nothing_of_files_kept(good, tmp_p
     (["--key-prefix", "model."], "--key-prefix 'model.': {ck} is a veRL FSDP checkpoint, whose tensors need no prefix"),
     (["--lora-rank", "8"], "--lora-rank: {ck} holds no LoRA adapter (no lora_A/lora_B tensors)"),
     (["--weights-only"], "--weights-only: {ck}/huggingface/config.json describes these weights"),
+    (["--no-optimizer", "--optimizer-format", "torch"], "--optimizer-format torch: no optimizer is exported "
+                                                         "(--no-optimizer was given), so there is nothing for it"),
     (["--lora", "adapter"], "--lora adapter: {ck} holds no LoRA adapter"),
     (["--lora-rslora"], "--lora-rslora: {ck} holds no LoRA adapter"),
     (["--base-model", "some/model"], "--base-model: {ck} holds no LoRA adapter"),
