@@ -950,9 +950,13 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
             report.fail(f"{rel}: differs from what the merge writes from the checkpoint ({why}); rerun the merge to "
                         "write it again")
     planned = {*merge_plan.small, *merge_plan.indexes, *(p.rel(f.filename) for p in merge_plan.plans for f in p.files)}
+    # a rerun removes such a file only where it is still the same merge; where the checkpoint now plans another one
+    # (its optimizer files gone, say), a rerun into this folder is refused
+    same = manifest is None or manifest.get("fingerprint") == merge_plan.fingerprint()
+    advice = "rerun the merge to remove it" if same else \
+        "the checkpoint no longer plans the merge this folder holds: merge it into a new folder"
     for rel in sorted(set(listed) - planned - {"README.md"}):  # a push's card: noted below
-        report.fail(f"{rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it; rerun the "
-                    "merge to remove it")
+        report.fail(f"{rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it; {advice}")
     if not own_layout:  # a folder of ours: a file a loader reads that the merge did not write changes what loads
         for rel in foreign_loaded_files(out, planned | set(listed)):
             report.fail(f"{rel}: not written by the merge (its plan has no such file), and transformers, the "

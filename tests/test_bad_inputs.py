@@ -696,3 +696,22 @@ def test_verify_with_the_folders_swapped_says_so(good, tmp_path, capsys):
         stderr
     code, stdout, stderr = run_cli(["verify", out, tmp_path], capsys)  # neither is a checkpoint: the plain error
     assert code == 2 and "wrong way round" not in stderr and "not a checkpoint streammerge can read" in stderr, stderr
+
+
+def test_verify_advises_a_rerun_only_where_the_rerun_is_the_same_merge(make_ckpt, tmp_path, capsys):
+    """A file the checkpoint no longer gives: verify said "rerun the merge to remove it" also where the checkpoint
+    now plans another merge (its optimizer files gone), and that rerun was refused as "holds a different merge"."""
+    ck = copy_actor(make_ckpt(), tmp_path / "actor", optimizer=True)
+    out = tmp_path / "out"
+    assert run_cli([ck, out], capsys)[0] == 0 and (out / "optimizer").is_dir()
+    (ck / "huggingface" / "generation_config.json").unlink()  # the same merge, less one small file
+    code, stdout, _ = run_cli(["verify", out, ck], capsys)
+    assert code == 1 and "generation_config.json: an earlier run of this merge wrote it, and the checkpoint no " \
+        "longer gives it; rerun the merge to remove it" in stdout, stdout
+    assert run_cli([ck, out], capsys)[0] == 0 and run_cli(["verify", out, ck], capsys)[0] == 0
+    next(ck.glob("optim_world_size_*_rank_1.pt")).unlink()  # no optimizer export is planned any more
+    code, stdout, _ = run_cli(["verify", out, ck], capsys)
+    assert code == 1 and "the checkpoint no longer plans the merge this folder holds: merge it into a new folder" \
+        in stdout and "rerun the merge to remove it" not in stdout, stdout
+    code, _, stderr = run_cli([ck, out], capsys)
+    assert code == 2 and "holds a different merge" in stderr, stderr
