@@ -1445,6 +1445,26 @@ def test_param_groups_that_do_not_hold_the_state_are_a_warning(case: str, tmp_pa
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_a_list_valued_param_group_setting_is_loaded_as_a_list(fmt: str, tmp_path: Path) -> None:
+    """JSON has no tuples, and every list in the exported groups came back a tuple (right for torch's betas): a
+    setting torch held as a list was loaded as a tuple, which != the list in Python."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, opt = _trained_tiny()
+    opt.param_groups[0]["custom"] = [1, 2]
+    want = get_optimizer_state_dict(model, opt)
+    assert isinstance(want["param_groups"][0]["betas"], tuple)
+    dcp.save({"model": get_model_state_dict(model), "optimizer": want}, checkpoint_id=str(tmp_path / "ck"),
+             no_dist=True)
+    out = tmp_path / "out"
+    streammerge.merge(tmp_path / "ck", out, dtype="keep", weights_only=True, optimizer_format=fmt)
+    got = streammerge.load_optimizer_state_dict(out)
+    assert got["param_groups"][0]["custom"] == [1, 2] and isinstance(got["param_groups"][0]["betas"], tuple)
+    _same_optimizer_state(got, want)
+    assert streammerge.verify(out, tmp_path / "ck").ok
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_verify_without_a_manifest_compares_the_param_groups(fmt: str, tmp_path: Path) -> None:
     """A folder without .streammerge/ (another tool's, or one whose state folder was removed) had its optimizer tensors
     compared but not its param groups: a changed lr, betas or a parameter moved to another group passed. They are

@@ -18,6 +18,7 @@ from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan
 from ..sources.dcp import strip_wrappers
 from . import LAYOUT_NAME, Skip
+from .export import groups_json
 from .fsdp import export_plan
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def plan_dcp_optimizer(ck: DcpCheckpoint, prefix: str, weights: Plan, options: M
         tensors, groups, values = _state(ck, prefix, weights)
     except Skip as e:
         return None, [f"optimizer not exported: {e}"]
-    meta = {"format": LAYOUT_NAME, "param_groups": json.dumps(groups), "source": source_note}
+    meta = {"format": LAYOUT_NAME, "param_groups": groups_json(groups), "source": source_note}
     if values:
         meta["state_values"] = json.dumps(values)
     if step is not None:
@@ -113,9 +114,7 @@ def _json_value(ck: DcpCheckpoint, key: str) -> Any:
         value = ck.read_object(key)
     except CheckpointError as e:
         raise Skip(f"cannot read {key!r} ({e})") from None
-    if isinstance(value, tuple):
-        value = list(value)
-    try:
+    try:  # a tuple stays one: groups_json tells torch's lists from its tuples (betas)
         json.dumps(value, allow_nan=True)
     except (TypeError, ValueError):
         raise Skip(f"{key!r} holds a {type(value).__name__}, which cannot be recorded as JSON") from None

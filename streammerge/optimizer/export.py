@@ -6,6 +6,7 @@ each rank of a resumed job touches only the slices it keeps.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,19 @@ def walk_state(entry: Mapping, prefix: str = "", _seen: set[int] | None = None):
             yield key, v
 
 
+LIST_FIELDS = "streammerge_lists"  # a group's fields that torch held as lists: JSON writes tuples as lists too
+
+
+def groups_json(groups: Sequence[Mapping]) -> str:
+    """The param groups as the index metadata holds them: JSON, with each group's list-valued fields named, since
+    JSON has no tuples and `nest` takes every other list for one (torch's betas)."""
+    out = []
+    for g in groups:
+        lists = sorted(k for k, v in g.items() if isinstance(v, list) and k not in ("params", "param_names"))
+        out.append({**g, LIST_FIELDS: lists} if lists else dict(g))
+    return json.dumps(out)
+
+
 def nest(flat: Mapping[str, Any], param_groups: Sequence[Mapping]) -> dict:
     """`{"state.<fqn>.<key>": v}` + param groups -> `{"state": {fqn: {key: v}}, "param_groups": [...]}`.
 
@@ -60,9 +74,11 @@ def nest(flat: Mapping[str, Any], param_groups: Sequence[Mapping]) -> dict:
     state = {f: by_fqn[f] for f in fqns if f in by_fqn}
     groups = []
     for g in param_groups:
-        # JSON has no tuples: torch's are betas and the like; param_names (named-parameter optimizers) is a list
-        hyper = {k: tuple(v) if isinstance(v, list) and k != "param_names" else v for k, v in g.items()
-                 if k != "params"}
+        # JSON has no tuples: torch's are betas and the like; param_names (named-parameter optimizers) is a list, and
+        # so is each field groups_json names
+        lists = {"param_names", *g.get(LIST_FIELDS, ())}
+        hyper = {k: tuple(v) if isinstance(v, list) and k not in lists else v for k, v in g.items()
+                 if k not in ("params", LIST_FIELDS)}
         groups.append({**hyper, "params": list(g["params"])})
     return {"state": state, "param_groups": groups}
 

@@ -40,7 +40,7 @@ from ..sources.rankfile import (
     torch_load_meta,
 )
 from . import LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError, Skip
-from .export import walk_state
+from .export import groups_json, walk_state
 from .naming import ModelParams, model_params
 
 Named = tuple[dict[str, TensorPlan], dict[int, list[str]]]  # output tensors; each entry's parameter names
@@ -168,7 +168,7 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
             meta_groups.append({**hyper, "params": [f for i in g["params"] for f in fqns[i]]})
     except Skip as e:
         return None, [f"optimizer not exported: {e}"]
-    index_metadata = {"format": LAYOUT_NAME, "param_groups": json.dumps(meta_groups)}
+    index_metadata = {"format": LAYOUT_NAME, "param_groups": groups_json(meta_groups)}
     if values:
         index_metadata["state_values"] = json.dumps(values)
     if ck.step is not None:
