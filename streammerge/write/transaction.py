@@ -116,6 +116,7 @@ class OutputFolder:
         self.removed: list[str] = []  # files of an earlier run this merge no longer writes
         self.kept: list[str] = []  # small files an earlier run wrote as this one would: left as they were
         self._lock_fd: int | None = None
+        self._fresh = self._new = False  # set on entering: no earlier run's files here / the folder made by this run
 
     # ------------------------------------------------------------ start
 
@@ -123,8 +124,7 @@ class OutputFolder:
         if self.sync is not None and self.part != 0:
             self.sync()  # part 0 checks and sets up the folder first
         previous = self._check()
-        self._new = previous is None and not self.out.exists()
-        self._fresh = previous is None
+        new = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -136,6 +136,8 @@ class OutputFolder:
                 # again, holding the lock: a merge with other options that finished here since the first look would
                 # otherwise be taken down and replaced, and both would exit 0
                 previous = self._check()
+            self._fresh = previous is None  # what abandon() may take away: a folder this run started
+            self._new = new and self._fresh
             self.manifest.adopt(previous)
             self.prior = {rel: self.manifest.finished(self.out, rel) for rel in self.data_files}
             if self.part != 0:
@@ -265,7 +267,7 @@ class OutputFolder:
         """Undo a merge refused after it began writing (transformers found config.json is not these weights): a
         rerun with the right config is another merge, which a folder holding this one's files would refuse. Only a
         folder this run started, in one process; a resumed or shared one keeps its files."""
-        if not getattr(self, "_fresh", False) or self.sync is not None:
+        if not self._fresh or self.sync is not None:
             return
         state = self.out / STATE_DIR
         rels = [*self.data_files, *(f"{STATE_DIR}/{name}" for name in (MANIFEST, "manifest.tmp", LOCK_FILE))]
