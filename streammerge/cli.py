@@ -176,9 +176,10 @@ def _say_logged_warnings() -> None:
 
 
 def _push_options(args: argparse.Namespace) -> dict:
+    """The push's own settings; a count not given is left to the library's default."""
+    counts = {"max_files_per_commit": args.max_files_per_commit, "upload_workers": args.upload_workers}
     return {"model_card": not args.no_model_card, "commit_message": args.commit_message,
-            "max_files_per_commit": 50 if args.max_files_per_commit is None else args.max_files_per_commit,
-            "upload_workers": UPLOAD_WORKERS if args.upload_workers is None else args.upload_workers}
+            **{k: v for k, v in counts.items() if v is not None}}
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

@@ -39,7 +39,7 @@ from .architecture import ArchCheck, critic_config
 from .checksum import FELL_BACK as CRC_FELL_BACK
 from .checksum import crc32
 from .dtypes import DType
-from .errors import OutputError, StreammergeError
+from .errors import CheckpointError, OutputError, StreammergeError
 from .model_folder import DTYPE_KEYS
 from .optimizer import OPTIMIZER_DIR, OPTIMIZER_PT
 from .options import CHECKSUMS, LORA_MODES, MergeOptions, parse_size, resolve_dtype
@@ -100,8 +100,6 @@ class VerifyReport:
 
 def _open_given_checkpoint(checkpoint_dir: str | Path, out: Path) -> Source:
     """The checkpoint verify compares with; where it is not one but OUT is, the two were given the wrong way round."""
-    from .errors import CheckpointError
-
     try:
         return open_checkpoint(checkpoint_dir)
     except CheckpointError as e:
@@ -778,7 +776,8 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
     torch_threads = 0
     try:
         plans = merge_plan.plans
-        if reading.manifest is not None and merge_plan.fingerprint() != reading.manifest.get("fingerprint"):
+        same_merge = reading.manifest is None or merge_plan.fingerprint() == reading.manifest.get("fingerprint")
+        if not same_merge:
             report.fail(f"{out}: was not made from {ck.path} with the options it records (its plan fingerprint "
                         "differs); tensors are compared one by one below")
         if ck.oracle_after_plan:
@@ -801,7 +800,7 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
         torch_threads = torch.get_num_threads()  # set back when the comparing threads are done
         pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="streammerge-verify",
                                   initializer=_one_torch_thread)
-        _check_small_files(out, merge_plan, reading.manifest, report)
+        _check_small_files(out, merge_plan, reading.manifest, report, same_merge=same_merge)
         own_layout = reading.manifest is None  # a folder another tool wrote: its own files, its own tie copies
         for p in plans:
             expected_files = {p.rel(fp.filename): fp for fp in p.files}
@@ -902,7 +901,8 @@ def _check_against_checkpoint(out: Path, ck: Source, reading: _Reading, headers:
         sources.close()
 
 
-def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, report: VerifyReport) -> None:
+def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, report: VerifyReport, *,
+                       same_merge: bool) -> None:
     """config.json, generation_config.json, the tokenizer's files, the indexes, an adapter's config: byte for byte
     what the merge writes from the checkpoint (the manifest's checksums only say they are as the merge left them)."""
     listed = (manifest or {}).get("files", {})
@@ -952,8 +952,7 @@ def _check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, 
     planned = {*merge_plan.small, *merge_plan.indexes, *(p.rel(f.filename) for p in merge_plan.plans for f in p.files)}
     # a rerun removes such a file only where it is still the same merge; where the checkpoint now plans another one
     # (its optimizer files gone, say), a rerun into this folder is refused
-    same = manifest is None or manifest.get("fingerprint") == merge_plan.fingerprint()
-    advice = "rerun the merge to remove it" if same else \
+    advice = "rerun the merge to remove it" if same_merge else \
         "the checkpoint no longer plans the merge this folder holds: merge it into a new folder"
     for rel in sorted(set(listed) - planned - {"README.md"}):  # a push's card: noted below
         report.fail(f"{rel}: an earlier run of this merge wrote it, and the checkpoint no longer gives it; {advice}")

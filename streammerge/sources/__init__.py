@@ -64,8 +64,8 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
     if text is not None:
         if text == "release":  # Megatron-LM's converted checkpoints
             names = ["release"]
-        elif step_number(text) is not None:
-            names = [f"global_step_{int(text)}", f"iter_{int(text):07d}"]  # veRL, Megatron-LM
+        elif (step := step_number(text)) is not None:
+            names = [f"global_step_{step}", f"iter_{step:07d}"]  # veRL, Megatron-LM
         else:
             raise CheckpointError(f"{latest}: expected a step number, found {text[:40]!r}")
         step_dir = next((path / n for n in names if (path / n).is_dir()), None)
@@ -128,7 +128,7 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
     (_peft_adapter,
      "a peft adapter folder (adapter_config.json and its weights), which streammerge does not read: it folds LoRA "
      "from training checkpoints; peft's merge_and_unload() of the adapter loaded onto its base folds this one"),
-    (lambda p: model_folder(p),
+    (model_folder,
      "already a Hugging Face model folder (config.json and its weights): there is nothing to merge (`hf upload` "
      "pushes it as it is)"),
 ]
