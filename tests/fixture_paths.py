@@ -12,3 +12,6 @@ VERL_CASES = sorted(p.name for p in VERL_DATA.iterdir() if (p / "reference").is_
 SHARED_VERL = Path(os.environ.get("STREAMMERGE_FIXTURES") or REPO.parent / "shared" / "fixtures" / "verl").resolve()
 SHARED_CASES = sorted(p.name for p in SHARED_VERL.iterdir() if (p / "reference").is_dir()) \
     if SHARED_VERL.is_dir() else []
+# veRL LoRA checkpoints of FSDP1 (peft, veRL's LoRA wrap policy), made on a GPU with peft's merge as the oracle
+VERL_LORA_DATA = REPO / "tests" / "data" / "verl_lora"
+VERL_LORA_CASES = sorted(p.name for p in VERL_LORA_DATA.iterdir() if (p / "reference").is_dir())

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.tensor  # noqa: F401  (lets this file's torch.load(weights_only=True) rebuild DTensors)
+from fixture_paths import VERL_LORA_CASES, VERL_LORA_DATA
 from safetensors.torch import load_file, save_file
 
 from streammerge.cli import main as cli_main
@@ -124,6 +125,46 @@ def test_optimizer_state_is_named_by_the_adapter_parameters(fp32_ws2, tmp_path):
     assert set(got) == set(want)
     for k, v in want.items():
         assert torch.equal(got[k], v.reshape(got[k].shape)), k
+
+
+@pytest.mark.parametrize("case", VERL_LORA_CASES)
+def test_fsdp1_lora_made_on_a_gpu(case, tmp_path):
+    """veRL's FSDP1 LoRA (each lora_A / lora_B its own FSDP unit): the fold is peft's merge_and_unload bit for bit,
+    and the optimizer is exported by adapter name, equal to torch's gathered state, flat parameters
+    (use_orig_params=False) or per-parameter pieces (True) alike; verify replays both."""
+    actor = VERL_LORA_DATA / case
+    out = tmp_path / "out"
+    result = merge(actor, out)
+    merged = load_file(actor / "reference" / "merged.safetensors")
+    got = load_file(out / "model.safetensors")
+    dropped = result.plans[0].dropped
+    assert set(got) | set(dropped) == set(merged) and ("qwen2" in case) == bool(dropped)
+    assert all(torch.equal(got[k], merged[k]) for k in got)
+    ref = torch.load(actor / "reference" / "optimizer.pt", weights_only=True)
+    want = {f"state.{p}.{k}": v for p, s in ref["state"].items() for k, v in s.items()}
+    index = json.loads((out / "optimizer" / "optimizer.safetensors.index.json").read_text())
+    exported = {}
+    for f in set(index["weight_map"].values()):
+        exported.update(load_file(out / "optimizer" / f))
+    assert want and set(exported) == set(want)
+    assert all(torch.equal(exported[k], v.reshape(exported[k].shape)) for k, v in want.items())
+    assert json.loads(index["metadata"]["param_groups"])[0]["params"] == ref["param_groups"][0]["params"]
+    report = verify(out, actor)
+    assert report.ok, report.failures
+
+
+def test_fsdp1_lora_adapter_gives_the_trained_logits(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    actor = VERL_LORA_DATA / "fsdp1_lora_llama_ws4"
+    merge(actor, tmp_path / "out", lora="adapter", optimizer=False)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "out"),
+                                      tmp_path / "out" / "lora_adapter").eval()
+    ref = load_file(actor / "reference" / "logits.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"]).logits
+    assert torch.allclose(logits, ref["logits"], atol=1e-5, rtol=0)  # the oracle's were computed on another CPU
 
 
 @pytest.mark.slow

@@ -771,4 +771,32 @@ def peft_params(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> Any:
         if name in shapes and tuple(shapes[name]) != shape:
             raise CheckpointError(f"{name!r} is {list(shapes[name])} in the checkpoint but {list(shape)} in "
                                   f"{model.model_class}; cannot name the optimizer state")
-    return ModelParams(tuple(params), (), model.model_class)
+    return ModelParams(tuple(params), _peft_fsdp1_units(model, [n for n, _ in params]), model.model_class)
+
+
+def _peft_fsdp1_units(model: Any, names: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """FSDP1 units of the peft model as veRL's LoRA wrap policy makes them: the plain model's units (root, one per
+    decoder layer), and every leaf module with a trainable weight (each `lora_A.<adapter>`, `lora_B.<adapter>` and
+    `modules_to_save.<adapter>` copy) a unit of its own, nested where it stands. FlatParameters come in the order
+    named_parameters visits their modules: a unit before the units nested in it, siblings in module order."""
+    unit_of = {PREFIX + fqn: PREFIX + prefix if prefix else "" for prefix, members in model.units for fqn in members}
+    owner: dict[str, str] = {}
+    for name in names:
+        m = re.search(r"^(.+\.(?:lora_[AB]|modules_to_save)\.[^.]+)\.[^.]+$", name)
+        if m:
+            owner[name] = m.group(1)
+            continue
+        plain = re.sub(r"\.(?:base_layer|original_module)(?=\.[^.]+$)", "", name)
+        if plain not in unit_of:  # e.g. a modules_to_save copy of a module with children: units not known
+            return ()
+        owner[name] = unit_of[plain]
+    members: dict[str, list[str]] = {}
+    for name in names:
+        members.setdefault(owner[name], []).append(name)
+
+    def visited(unit: str) -> tuple[int, int]:  # where named_parameters first enters the unit's module; outer first
+        inside = [i for i, n in enumerate(names) if not unit or owner[n] == unit or n.startswith(unit + ".")]
+        return min(inside), unit.count(".") if unit else -1
+
+    order = sorted(members, key=visited)
+    return tuple((u, tuple(members[u])) for u in order)

@@ -28,6 +28,10 @@ and the oracle, gathered from the live training state:
                                   holds (types, placements, global/local shapes, sha256 of locals)
 
 ``--device cpu`` runs the same code on CPU (gloo), for trying the script without a GPU.
+
+The LoRA cases (``LORA_CASES``: peft LoRA under FSDP1, wrapped by veRL's LoRA policy) also write
+``lora_train_meta.json`` and, in ``reference/``, peft's ``merge_and_unload()`` of the trained model
+(``merged.safetensors``) and its logits (``logits.safetensors``); they are kept in tests/data/verl_lora/.
 """
 
 from __future__ import annotations
@@ -59,7 +63,14 @@ CASES = {
     "fsdp2_hsdp_llama_2x2": dict(fsdp=2, arch="llama", mesh=(2, 2), names=("ddp", "fsdp")),
     "fsdp1_origparams_llama_ws4": dict(fsdp=1, arch="llama", mesh=(4,), names=("fsdp",), use_orig_params=True),
     "fsdp1_hsdp_llama_2x2": dict(fsdp=1, arch="llama", mesh=(2, 2), names=("ddp", "fsdp"), use_orig_params=False),
+    # peft LoRA (r 4, alpha 8, all-linear) under FSDP1, wrapped as veRL wraps it: each trainable leaf module
+    # (lora_A / lora_B) its own unit, so that no FlatParameter mixes frozen and trainable parameters
+    "fsdp1_lora_llama_ws4": dict(fsdp=1, arch="llama", mesh=(4,), names=("fsdp",), use_orig_params=False,
+                                 lora=dict(r=4, lora_alpha=8)),
+    "fsdp1_lora_origparams_qwen2_ws4": dict(fsdp=1, arch="qwen2", mesh=(4,), names=("fsdp",), use_orig_params=True,
+                                            lora=dict(r=4, lora_alpha=8)),
 }
+LORA_CASES = [c for c, spec in CASES.items() if spec.get("lora")]  # they go to tests/data/verl_lora/
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -224,6 +235,37 @@ def _manual_full_state(fsdp_model, optimizer, param_order, spec):
     return model_full, optim_full
 
 
+def _lora_config(spec):
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec["lora"]["r"], lora_alpha=spec["lora"]["lora_alpha"], target_modules="all-linear",
+                      lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def _save_lora_oracle(spec, config, tensors, out_dir) -> None:
+    """What a LoRA case adds (rank 0): veRL's lora_train_meta.json; reference/merged.safetensors, peft's own
+    merge_and_unload() of the trained model rebuilt on the CPU; reference/logits.safetensors, the trained (unmerged)
+    model's logits on fixed input ids."""
+    import torch
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+
+    with open(os.path.join(out_dir, "lora_train_meta.json"), "w") as f:
+        json.dump({"r": spec["lora"]["r"], "lora_alpha": spec["lora"]["lora_alpha"], "task_type": "CAUSAL_LM"}, f)
+    config._attn_implementation = "eager"
+    trained = get_peft_model(_model_cls(spec["arch"])(config).float(), _lora_config(spec))
+    trained.load_state_dict(tensors, strict=True)
+    trained.eval()
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = trained(input_ids=ids).logits
+    ref = os.path.join(out_dir, "reference")
+    save_file({"input_ids": ids, "logits": logits.contiguous()}, os.path.join(ref, "logits.safetensors"))
+    merged = trained.merge_and_unload().state_dict()
+    save_file({k: v.detach().clone().contiguous() for k, v in merged.items()}, os.path.join(ref, "merged.safetensors"),
+              metadata={"format": "pt"})
+
+
 # ----------------------------------------------------------------------------- one rank
 
 
@@ -258,6 +300,11 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
     model = _model_cls(spec["arch"])(config).float()
     layer_cls = _layer_cls(model)
     options = {"mesh": list(spec["mesh"]), "mesh_dim_names": list(spec["names"])}
+    if spec.get("lora"):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(spec))
+        options["lora"] = dict(spec["lora"], target_modules="all-linear", lora_dropout=0.0)
 
     if spec["fsdp"] == 2:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -307,15 +354,24 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
     else:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+        from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
 
         strategy = ShardingStrategy.FULL_SHARD if len(spec["mesh"]) == 1 else ShardingStrategy.HYBRID_SHARD
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_cls})
+        if spec.get("lora"):  # veRL's LoRA policy: a leaf module with a trainable weight is a unit of its own
+            def trainable_leaf(m) -> bool:
+                w = getattr(m, "weight", None)
+                return not list(m.children()) and w is not None and w.requires_grad
+
+            leaf = functools.partial(lambda_auto_wrap_policy, lambda_fn=trainable_leaf)
+            policy = functools.partial(_or_policy, policies=[leaf, policy])
         fsdp_model = FSDP(
             model,
-            auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_cls}),
+            auto_wrap_policy=policy,
             sharding_strategy=strategy,
             mixed_precision=MixedPrecision(
-                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32,
+                cast_forward_inputs=bool(spec.get("lora")),  # peft casts x to lora_A's (still sharded) float32
             ),
             device_id=device,
             sync_module_states=use_cuda,  # FSDP1 refuses it for CPU modules (--device cpu)
@@ -326,7 +382,8 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
         options.update(
             sharding_strategy=strategy.name,
             use_orig_params=spec["use_orig_params"],
-            auto_wrap=f"transformer_auto_wrap_policy({{{layer_cls.__name__}}}) + root",
+            auto_wrap=f"transformer_auto_wrap_policy({{{layer_cls.__name__}}}) + root"
+            + (" + every leaf module with a trainable weight (veRL's LoRA policy)" if spec.get("lora") else ""),
             mixed_precision="param_dtype=bfloat16, reduce_dtype=float32, buffer_dtype=float32, master float32",
             sync_module_states=use_cuda,
             state_dict_type="SHARDED_STATE_DICT (ShardedStateDictConfig(offload_to_cpu=True))",
@@ -448,10 +505,13 @@ def _worker(case: str, out_dir: str, rank: int, world: int, device_kind: str) ->
         ref = os.path.join(out_dir, "reference")
         os.makedirs(ref, exist_ok=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in full_model.items()}
-        if config.tie_word_embeddings and "lm_head.weight" not in tensors:
-            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        pre = "base_model.model." if spec.get("lora") else ""
+        if config.tie_word_embeddings and pre + "lm_head.weight" not in tensors:
+            tensors[pre + "lm_head.weight"] = tensors[pre + "model.embed_tokens.weight"].clone()
             options["lm_head_added_from_embed_tokens"] = True
         save_file(tensors, os.path.join(ref, "model.safetensors"), metadata={"format": "pt"})
+        if spec.get("lora"):
+            _save_lora_oracle(spec, config, tensors, out_dir)
 
         def to_cpu(x):
             if isinstance(x, torch.Tensor):
@@ -713,6 +773,8 @@ def verify(root: str) -> int:
                 if not info["use_orig_params"]:
                     pname = ("" if mod == "<root>" else mod + ".") + "_fsdp_wrapped_module._flat_param"
                     i = order.index(pname)
+                    if all(i not in o["state"] for o in optims):  # frozen (LoRA's base): no state
+                        continue
                     for key in ("exp_avg", "exp_avg_sq"):
                         pieces = {}
                         for r in range(W):
@@ -730,6 +792,9 @@ def verify(root: str) -> int:
                     for j, (name, shp) in enumerate(zip(names, fp["shapes"])):
                         pname = [n for n in order if n.replace("_fsdp_wrapped_module.", "") == name][0]
                         i = order.index(pname)
+                        if name not in ref_opt["state"]:  # frozen (LoRA's base): no state on any rank
+                            assert all(o["state"].get(i) is None for o in optims), name
+                            continue
                         for key in ("exp_avg", "exp_avg_sq"):
                             full = torch.full((int(torch.Size(shp).numel()),), float("nan"))
                             for r in range(W):
