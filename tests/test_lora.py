@@ -153,6 +153,21 @@ def test_fsdp1_lora_made_on_a_gpu(case, tmp_path):
     assert report.ok, report.failures
 
 
+def test_fsdp1_lora_flat_optimizer_of_another_wrapping_is_not_guessed(tmp_path):
+    """One FlatParameter fewer than veRL's LoRA wrap makes: no export, a warning that counts what was expected."""
+    actor = tmp_path / "actor"
+    shutil.copytree(VERL_LORA_DATA / "fsdp1_lora_llama_ws4", actor)
+    for path in actor.glob("optim_world_size_4_rank_*.pt"):
+        osd = torch.load(path, weights_only=True, map_location="cpu")  # saved from the GPU
+        last = osd["param_groups"][0]["params"].pop()
+        osd["state"].pop(last, None)
+        torch.save(osd, path)
+    result = merge(actor, tmp_path / "out")
+    assert not (tmp_path / "out" / "optimizer").exists()
+    assert any("FSDP1 optimizer holds 30 entries (flat parameters); expected 31 flat parameters (the root, one per "
+               "LlamaForCausalLM decoder layer and one per LoRA factor" in w for w in result.warnings), result.warnings
+
+
 def test_fsdp1_lora_adapter_gives_the_trained_logits(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

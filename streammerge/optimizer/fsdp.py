@@ -467,10 +467,15 @@ def _plan_fsdp1(files: Sequence[RankFile], model: ModelParams) -> Named:
     world = len(files)
     units = model.units
     shapes = dict(model.params)
-    if len(ids) != len(units):
+    if len(ids) != len(units) or not units:
         what = "one per parameter (use_orig_params=True?)" if len(ids) == len(model.params) else "flat parameters"
-        raise Skip(f"FSDP1 optimizer holds {len(ids)} entries ({what}); expected {len(units)} flat parameters "
-                    f"(the root and one per {model.model_class} decoder layer); cannot match them to parameters")
+        lora = any(".lora_" in f for _, members in units for f in members)
+        if not units:
+            expected = "no FSDP1 units are known for this model's modules"
+        else:
+            expected = (f"expected {len(units)} flat parameters (the root, one per {model.model_class} decoder layer"
+                        + (" and one per LoRA factor, as veRL's LoRA wrap policy makes them)" if lora else ")"))
+        raise Skip(f"FSDP1 optimizer holds {len(ids)} entries ({what}); {expected}; cannot match them to parameters")
     tensors: dict[str, TensorPlan] = {}
     fqns: dict[int, list[str]] = {}
     for pid, (prefix, members) in zip(ids, units):
