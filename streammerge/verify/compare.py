@@ -45,7 +45,6 @@ def check_against_checkpoint(out: Path, ck: Source, reading: Reading, headers: d
     sources = _Sources(chunk)
     own_reader = 0
     tasks: list[Callable[[], None]] = []
-    lock = threading.Lock()
     serial: threading.Lock | None = None  # for oracles not made for threads
 
     def compare(rel: str, header: Header, entry: Entry, name: str, t: TensorPlan, with_oracle: bool) -> None:
@@ -61,8 +60,7 @@ def check_against_checkpoint(out: Path, ck: Source, reading: Reading, headers: d
                 _compare_tensor(rel, header, entry, name, t, sources, report, chunk)
         except OSError as e:
             report.fail(f"{rel}: tensor {name!r}: cannot read its source ({e})")
-        with lock:
-            report.tensors_checked += 1
+        report.count(tensors=1)
 
     pool = None
     torch_threads = 0
@@ -241,7 +239,7 @@ def _compare_with_oracle(rel: str, header: Header, entry: Entry, t: TensorPlan, 
             if not pread_into(out_file.fileno(), got, header.data_start + entry.begin + first * isz):
                 report.fail(f"{rel}: tensor {t.name!r}: the file ends inside its data")
                 return
-            report.bytes_read += 2 * len(got)
+            report.count(read=2 * len(got))
             if not np.array_equal(np.frombuffer(got, dtype=np.uint8), want.numpy()) and not (
                     t.fold is None and _only_nan_payloads(t, want, torch.frombuffer(got, dtype=torch.uint8))
                     and _is_merge_cast(t, oracle.read(t.source.name, box), np.frombuffer(got, dtype=np.uint8))):
@@ -483,7 +481,7 @@ def _compare_tensor(rel: str, header: Header, entry: Entry, name: str, t: Tensor
                 sizes = tuple(psizes[inverse[d]] for d in range(len(order)))
                 lo = tuple(s + plo[inverse[d]] for d, s in enumerate(p.start))
                 got = _read_box(out_file.fileno(), base, t.geometry, lo, sizes, t.dtype.torch(), chunk)
-                report.bytes_read += span + math.prod(sizes) * out_isz
+                report.count(read=span + math.prod(sizes) * out_isz)
                 if got is None:
                     report.fail(f"{rel}: tensor {name!r}: the file ends inside its data")
                     return

@@ -76,7 +76,7 @@ def check_manifest(out: Path, report: VerifyReport, checksum: Callable[[str], bo
             continue
         if not checksum(rel):
             continue
-        report.bytes_read += size
+        report.count(read=size)
         if entry.get("crc32") is not None and type(entry["crc32"]) is not int:
             report.fail(f"{rel}: the manifest records crc32 {str(entry['crc32'])[:20]!r}, not a number (a damaged or "
                         "edited manifest)")

@@ -3,6 +3,7 @@ Problems with the output are collected, never raised; `ok` is whether there are 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ class VerifyReport:
     bytes_read: int = 0
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was not checked, and why
+    _counting: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -25,6 +27,12 @@ class VerifyReport:
 
     def fail(self, message: str) -> None:
         self.failures.append(message)
+
+    def count(self, *, tensors: int = 0, read: int = 0) -> None:
+        """Tensors compared and bytes read, from the comparing threads at once (a bare `+=` would lose some)."""
+        with self._counting:
+            self.tensors_checked += tensors
+            self.bytes_read += read
 
     def __repr__(self) -> str:
         return (f"VerifyReport({str(self.out_dir)!r}, ok={self.ok}, files={len(self.files_checked)}, "

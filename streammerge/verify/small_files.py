@@ -51,7 +51,7 @@ def check_small_files(out: Path, merge_plan: MergePlan, manifest: dict | None, r
             continue
         got = path.read_bytes()
         report.files_checked.add(rel)
-        report.bytes_read += len(got)
+        report.count(read=len(got))
         if got != want and rel == "config.json":
             want = _as_critic(got, merge_plan) or want
         strict = rel in CONFIG_FILES  # what the model is and how it generates: never a note
