@@ -27,10 +27,25 @@ streammerge CKPT_DIR OUT_DIR --push [--repo-id NAME]  merge and push to the Hugg
 streammerge watch RUN_DIR --push --repo-id NAME      merge and push each new checkpoint of a training run"""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors said in one line (its usage block would bury the line that says what is wrong)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _path(text: str) -> str:
+    """A path argument as typed; an empty one (an unset shell variable, quoted) would be taken as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    return text
+
+
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT_DIR",
+    p.add_argument("checkpoint", metavar="CKPT_DIR", type=_path,
                    help="actor/ folder, global_step_N folder, run folder, or a torch DCP or Megatron torch_dist folder")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new or empty; or a previous run to resume)")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=_path,
+                   help="output folder (new or empty; or a previous run to resume)")
     _plan_args(p)
     _write_args(p)
     p.add_argument("--keep-cache", action="store_true",
@@ -55,7 +70,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-optimizer", action="store_true", help="do not export optimizer state")
     p.add_argument("--optimizer-format", choices=OPTIMIZER_FORMATS, default="safetensors",
                    help="optimizer export: sharded safetensors + index (default), or one optimizer.pt for torch.load")
-    p.add_argument("--model-name", metavar="NAME_OR_PATH",
+    p.add_argument("--model-name", metavar="NAME_OR_PATH", type=_path,
                    help="take config and tokenizer from this model folder or Hub model, not from huggingface/")
     p.add_argument("--weights-only", action="store_true",
                    help="a checkpoint without a config: write the weights alone (transformers cannot load the "
@@ -75,7 +90,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _base_model_arg(g: argparse._ArgumentGroup, verify: bool = False) -> None:
-    g.add_argument("--base-model", metavar="NAME_OR_PATH",
+    g.add_argument("--base-model", metavar="NAME_OR_PATH", type=_path,
                    help="base weights for an adapter-only (save_lora_only) checkpoint: a model folder or Hub model" +
                         (", as the merge took them, for a folder without a manifest" if verify else ""))
 
@@ -116,7 +131,7 @@ def _push_args(p: argparse.ArgumentParser, *, repo_default: str = "default: name
                    help="create the repo private (an existing repo keeps its visibility; a warning says so)")
     g.add_argument("--revision", metavar="BRANCH", help="branch to commit to (default main; created from main)")
     g.add_argument("--commit-message", metavar="TEXT")
-    g.add_argument("--config", metavar="FILE",
+    g.add_argument("--config", metavar="FILE", type=_path,
                    help="YAML file with an hf_upload: block (top level or nested); flags override it")
     g.add_argument("--optimizer-save-mode", choices=["full", "none"], default=None,
                    help="seed workflow spelling: none = --no-optimizer")
@@ -369,17 +384,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "merge":
-        p = argparse.ArgumentParser(prog="streammerge", description="Merge a sharded checkpoint (veRL FSDP, LoRA, "
+        p = _Parser(prog="streammerge", description="Merge a sharded checkpoint (veRL FSDP, LoRA, "
                                     "torch DCP, Megatron torch_dist) into a Hugging Face model folder, streaming in "
                                     "bounded memory.", epilog=HELP,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         _merge_args(p)
         _push_args(p)
     elif command == "watch":
-        p = argparse.ArgumentParser(prog="streammerge watch", description="Follow a training run's "
+        p = _Parser(prog="streammerge watch", description="Follow a training run's "
                                     "latest_checkpointed_iteration.txt; merge (and with --push, push) each new "
                                     "checkpoint once all its rank files are there and no longer growing.")
-        p.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's checkpoint folder (holds global_step_N/)")
+        p.add_argument("run_dir", metavar="RUN_DIR", type=_path,
+                       help="the trainer's checkpoint folder (holds global_step_N/)")
         _plan_args(p)
         _write_args(p)
         _push_args(p, repo_default="required with --push: every step is pushed to that repo")
@@ -389,23 +405,23 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--once", action="store_true", help="process what is there now, then exit")
         p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
                        help="seconds between looks (default 60); with --once the two looks are at most 5 s apart")
-        p.add_argument("--out-root", metavar="DIR",
+        p.add_argument("--out-root", metavar="DIR", type=_path,
                        help="merge step N into DIR/global_step_N (default: RUN_DIR/global_step_N/actor-hf)")
-        p.add_argument("--state-file", metavar="FILE",
+        p.add_argument("--state-file", metavar="FILE", type=_path,
                        help="where pushed steps are recorded (default RUN_DIR/.streammerge-watch.json)")
     elif command == "inspect":
-        p = argparse.ArgumentParser(prog="streammerge inspect", description="Print the merge plan; writes nothing.")
-        p.add_argument("checkpoint", metavar="CKPT_DIR")
+        p = _Parser(prog="streammerge inspect", description="Print the merge plan; writes nothing.")
+        p.add_argument("checkpoint", metavar="CKPT_DIR", type=_path)
         _plan_args(p)
         p.add_argument("--all", action="store_true", help="list every tensor (default: the first 60)")
         p.add_argument("--json", action="store_true", help="machine-readable plan")
     elif command == "verify":
-        p = argparse.ArgumentParser(prog="streammerge verify",
+        p = _Parser(prog="streammerge verify",
                                     description="Check a merged folder: headers, coverage, crc32 against the manifest, "
                                                 "index; given the checkpoint, every tensor against its source pieces. "
                                                 "Exit code 0 only when everything holds.")
-        p.add_argument("out_dir", metavar="OUT_DIR")
-        p.add_argument("checkpoint", metavar="CKPT_DIR", nargs="?", default=None)
+        p.add_argument("out_dir", metavar="OUT_DIR", type=_path)
+        p.add_argument("checkpoint", metavar="CKPT_DIR", nargs="?", default=None, type=_path)
         p.add_argument("--trust-pickle", action="store_true",
                        help="DANGEROUS: load rank files with weights_only=False")
         p.add_argument("--checksums", choices=CHECKSUMS, default="auto",
@@ -420,13 +436,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _base_model_arg(g, verify=True)
         g = p.add_argument_group("what else the merge was given", "as the merge took it, for a folder without a "
                                  "manifest (one with a manifest is checked with what it records)")
-        g.add_argument("--model-name", metavar="NAME_OR_PATH",
+        g.add_argument("--model-name", metavar="NAME_OR_PATH", type=_path,
                        help="the config the merge took (a Megatron checkpoint's tensor names come from it)")
         g.add_argument("--key-prefix", metavar="PREFIX", help="the DCP container the merge took the model from")
     elif command == "demo":
-        p = argparse.ArgumentParser(prog="streammerge demo",
+        p = _Parser(prog="streammerge demo",
                                     description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")
-        p.add_argument("out_dir", nargs="?", default="streammerge-demo", metavar="OUT_DIR")
+        p.add_argument("out_dir", nargs="?", default="streammerge-demo", metavar="OUT_DIR", type=_path)
     else:
         raise KeyError(command)
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -136,3 +136,26 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> No
                               env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert ("Traceback" in proc.stderr) == bool(extra) and "folder is not empty" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["", "out"], ["ckpt", ""], ["verify", "out", ""], ["inspect", " "], ["watch", ""],
+                                  ["ckpt", "out", "--model-name", ""], ["ckpt", "out", "--base-model", ""],
+                                  ["watch", "run", "--out-root", ""]])
+def test_an_empty_path_is_refused_in_one_line(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """An unset shell variable, quoted, gave "" and "" is the current folder: verify compared OUT with whatever
+    checkpoint the shell stood in, and a merge wrote into the current folder when it was empty."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "an empty path (an unset shell variable?)" in err and "--help)" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_argument_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["ckpt", "out", "--dtype", "int4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("streammerge: error: argument --dtype"), err
