@@ -581,6 +581,10 @@ BLOB_EDITS = {
     "name_not_utf8": lambda b: _repacked(b, after=lambda raw: raw.replace(b"serialization_id", b"serializ\xfftion_id")),
     "format_version_header": lambda b: _repacked(
         b, after=lambda raw: raw.replace(b"PK\x03\x04", b"PK\x03\x05", 2).replace(b"PK\x03\x05", b"PK\x03\x04", 1)),
+    "torchscript_constants": lambda b: _repacked(b, lambda items: [
+        *items, (items[0][0].split("/")[0] + "/constants.pkl", b"\x80\x02).")]),
+    "requires_grad_int": lambda b: _repacked(b, lambda items: [
+        (n, d.replace(b"\x89", b"K\x00", 1) if n.endswith("/data.pkl") else d) for n, d in items]),
 }
 
 

@@ -839,3 +839,75 @@ def test_a_rank_file_or_fsdp_config_that_is_no_file(good: Path, tmp_path: Path, 
         (actor / "fsdp_config.json").mkdir()
         with pytest.raises(CheckpointError, match="fsdp_config.json: not a file"):
             verl_source(actor)
+
+
+def _first_after(marker: bytes, old: bytes, new: bytes):
+    """An edit of data.pkl: the first `old` after `marker` becomes `new`."""
+    def edit(name: str, b: bytes) -> bytes:
+        if name != "data.pkl":
+            return b
+        i = b.index(old, b.index(marker))
+        return b[:i] + new + b[i + len(old):]
+    return edit
+
+
+def _shard_state(state: bytes):
+    shard = rb"ctorch.distributed.tensor.placement_types\nShard\n(q.)\)\x81(q.)\}(q.)X\x03\x00\x00\x00dim(q.)K\x00sb"
+
+    def edit(name: str, b: bytes) -> bytes:
+        m = re.search(shard, b, re.S) if name == "data.pkl" else None
+        if m is None:
+            return b
+        return (b[:m.start()] + b"ctorch.distributed.tensor.placement_types\nShard\n" + m.group(1) + b")\x81"
+                + m.group(2) + state + b"b" + b[m.end():])
+    return edit
+
+
+def _text(s: bytes) -> bytes:
+    return b"X" + len(s).to_bytes(4, "little") + s
+
+
+TORCH_REFUSES = {
+    # found by a differential fuzz campaign (43,000 mutants): each merged with exit code 0 although torch.load refuses
+    "dtensor_global_of_another_module": lambda n, b: b.replace(b"ctorch.distributed.tensor\nDTensor\n",
+                                                               b"ctorch.distributed.tensor._api\nDTensor\n"),
+    "requires_grad_int": _first_after(b"c.bias", b"\x89", b"K\x00"),
+    "dtensor_requires_grad_none": _first_after(b"ctorch\ndevice\n", b"\x89", b"N"),
+    "device_leading_zero": _first_after(b"ctorch\ndevice\n", _text(b"cpu"), _text(b"cpu:01")),
+    "shard_dim_text": _shard_state(b"}" + _text(b"dim") + _text(b"0") + b"s"),
+    "shard_state_slots": _shard_state(b"N}" + _text(b"dim") + b"K\x00s\x86"),
+    "storage_size_bool": _first_after(b"c.bias", b"K\x05t", b"\x88t"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TORCH_REFUSES))
+def test_what_torch_refuses_to_rebuild_is_refused(good: Path, tmp_path: Path, case: str) -> None:
+    p = rank_file(copy(good, tmp_path))
+    before = records_bytes(p)
+    rewrite_with_torch(p, TORCH_REFUSES[case])
+    assert records_bytes(p) != before
+    assert differential(p) == "both refuse"
+
+
+def test_what_torch_reads_leniently_is_left_to_torch(good: Path, tmp_path: Path) -> None:
+    """A plain tensor's requires_grad None: torch takes it (only a DTensor's must be a bool); the fast reader sends
+    what is not true or false to torch's own reading, which decides."""
+    p = rank_file(copy(good, tmp_path))
+    rewrite_with_torch(p, _first_after(b"c.bias", b"\x89", b"N"))
+    assert differential(p) == "same"
+
+
+def test_a_torchscript_archive_is_refused(good: Path, tmp_path: Path) -> None:
+    """torch.load(weights_only=True) refuses any zip holding constants.pkl (TorchScript's); the reader ignored it."""
+    p = rank_file(copy(good, tmp_path))
+    repack(p, edit=lambda items: [*items, (items[0][0].split("/", 1)[0] + "/constants.pkl", b"\x80\x02).")])
+    assert differential(p) == "both refuse"
+    with pytest.raises(CheckpointError, match="TorchScript archive"):
+        load_rank_file(p, 0, WS)
+
+
+def test_a_float8_tensor_saved_requiring_grad(tmp_path: Path) -> None:
+    """torch.save writes it, torch.load refuses it (a float8 tensor is rebuilt in place): so does the reader."""
+    p = tmp_path / f"model_world_size_{WS}_rank_0.pt"
+    torch.save({"w": torch.zeros(2, 4).to(torch.float8_e4m3fn).requires_grad_(True)}, p)
+    assert differential(p) == "both refuse"

@@ -139,7 +139,7 @@ _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _M32 = 0xFFFFFFFF
 # the records torch's reader reads besides data.pkl and the storages: their local headers are checked as theirs
 _SMALL_RECORDS = ("byteorder", "version", ".data/version", ".storage_alignment", ".data/serialization_id",
-                  ".format_version")
+                  ".format_version", "constants.pkl")  # the last: TorchScript's, which torch.load refuses
 
 
 class _Entry(NamedTuple):

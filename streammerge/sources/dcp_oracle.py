@@ -75,7 +75,8 @@ def load_metadata(folder: Path) -> Any:
         if why:
             raise ValueError(why)
         return deep_stack(_TorchClasses(io.BytesIO(data)).load, nesting_bound(data))
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, CheckpointError) as e:
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, RuntimeError,
+            CheckpointError) as e:
         raise CheckpointError(f"{path}: torch's DCP classes cannot read it ({e})") from None
 
 

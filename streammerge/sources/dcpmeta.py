@@ -129,9 +129,12 @@ class _TensorProperties(_Rec):
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, dict):
             state = (state.get("dtype"), state.get("layout", "torch.strided"), state.get("requires_grad"),
-                     state.get("memory_format", 0), state.get("pin_memory"))
+                     state.get("memory_format", _MemFormat(0)), state.get("pin_memory"))
         if not isinstance(state, tuple) or len(state) != 5:
             raise UnsupportedLayoutError("TensorProperties with unexpected pickled state")
+        if not isinstance(state[3], _MemFormat):  # torch compares it with its enum's members, and refuses another
+            raise CheckpointError(f"TensorProperties with memory format {str(state[3])[:40]}, which is no "
+                                  "memory-format code (torch refuses it)")
         self.f.update(zip(("dtype", "layout", "requires_grad", "memory_format", "pin_memory"), state))
 
 
@@ -149,10 +152,14 @@ def _get_layout(name: str) -> str:
     return name
 
 
+class _MemFormat(int):
+    """A memory-format code as torch's enum gives it: TensorProperties refuses any other value in its place."""
+
+
 def _mem_format(code: int) -> int:
-    if code not in (0, 1, 2):  # contiguous, channels_last, preserve: recorded only, strides come from the blob
-        raise CheckpointError(f"bad memory-format code {code!r}")
-    return code
+    if type(code) is not int or code not in (0, 1, 2):  # contiguous, channels_last, preserve: recorded only, strides
+        raise CheckpointError(f"bad memory-format code {code!r}")  # come from the blob
+    return _MemFormat(code)
 
 
 def _enum_value(value: Any) -> Any:

@@ -152,7 +152,7 @@ def _placement_name(p: Any) -> str:
     from torch.distributed.tensor import Partial, Replicate, Shard
 
     if type(p) is Shard:
-        return f"Shard({p.dim})"
+        return f"Shard({operator.index(p.dim)})"  # torch takes Shard(True) as Shard(1)
     if type(p) is Replicate:
         return "Replicate()"
     if isinstance(p, Partial):
@@ -233,6 +233,9 @@ def _record(name: str, t: Any, rank: int, world_size: int, path: Path,
     import torch
     from torch.distributed.tensor import DTensor
 
+    if any(n < 0 for n in (*t.shape, *t.stride())):  # torch.load refuses them; the meta device takes them
+        raise CheckpointError(f"{path}: tensor {name!r} has a negative size or stride {list(t.shape)} (torch.load "
+                              "refuses it)")
     if isinstance(t, DTensor):
         local = t._local_tensor
         try:

@@ -112,20 +112,34 @@ class TensorMeta(Obj):
     pass
 
 
-class Shard(Obj):
-    dim: Any  # set from the pickled state
+class _Placement(Obj):
+    """A placement's state is exactly its fields, each of its type: torch's placements (C++ since 2.13) refuse
+    another (a string dim, a slots tuple); such a file goes to torch.load, which says so."""
+
+    FIELDS: dict[str, type] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        if type(state) is not dict or set(state) != set(self.FIELDS) or any(
+                type(state[k]) is not t for k, t in self.FIELDS.items()):
+            raise NotPlain(f"{type(self).__name__} placement with state {str(state)[:60]}")
+        self.__dict__.update(state)
 
 
-class Replicate(Obj):
+class Shard(_Placement):
+    FIELDS = {"dim": int}
+    dim: int  # set from the pickled state
+
+
+class Replicate(_Placement):
     pass
 
 
-class Partial(Obj):
-    pass
+class Partial(_Placement):
+    FIELDS = {"reduce_op": str}
 
 
-class StridedShard(Obj):
-    pass
+class StridedShard(_Placement):
+    FIELDS = {"dim": int, "split_factor": int}
 
 
 class _UntypedStorage:
@@ -194,10 +208,13 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
     return _view(storage, storage_offset, size, stride)
 
 
-def _grad_ok(dtype: DType, requires_grad: Any) -> None:
-    """torch refuses gradients on integer tensors (a flag the merge otherwise ignores)."""
-    if requires_grad and not dtype.name.startswith(("float", "bfloat", "complex")):
-        raise Malformed(f"an {dtype.name} tensor that requires gradients (torch.load refuses it)")
+def _grad_ok(dtype: DType, requires_grad: Any, *, rebuilt_in_place: bool = False) -> None:
+    """torch takes only true or false, and refuses gradients on integer tensors, and on any tensor it rebuilds in
+    place (`_rebuild_tensor_v3`: float8, uint16-64); a flag the merge otherwise ignores."""
+    if type(requires_grad) is not bool:
+        raise NotPlain(f"requires_grad {str(requires_grad)[:20]} (torch takes only True or False)")
+    if requires_grad and (rebuilt_in_place or not dtype.name.startswith(("float", "bfloat", "complex"))):
+        raise Malformed(f"an {dtype.name} tensor saved as requiring gradients (torch.load refuses it)")
 
 
 _INT64 = 2 ** 63
@@ -236,7 +253,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     if not isinstance(storage, Storage) or storage.dtype is not None or not isinstance(dtype, DType):
         raise NotPlain("_rebuild_tensor_v3 without an untyped storage and a dtype")
     _plain_view(backward_hooks, metadata)
-    _grad_ok(dtype, requires_grad)
+    _grad_ok(dtype, requires_grad, rebuilt_in_place=True)
     # the view must fit in the storage's whole elements (its bytes are checked against the record by size)
     return _view(Storage(storage.key, dtype, storage.numel // dtype.itemsize), storage_offset, size, stride)
 
@@ -252,17 +269,19 @@ def _plain_view(backward_hooks: Any, metadata: Any) -> None:
 def _rebuild_parameter(data, requires_grad, backward_hooks):
     """torch's signature (no defaults: a call torch refuses fails here too); nn.Parameter refuses gradients on
     integer tensors."""
-    if isinstance(data, Local):
+    if isinstance(data, (Local, Wrapper)):
         _grad_ok(data.dtype, requires_grad)
+    else:
+        raise NotPlain("a parameter of something that is no tensor")
     return data
 
 
-def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset=0, layout=None, device=None,
-                              requires_grad=False) -> Wrapper:
+def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset, layout, device, requires_grad) -> Wrapper:
+    """torch's signature, without defaults: a call torch refuses (an argument left out) fails here too."""
     if cls is not DTensor or not isinstance(dtype, DType):
         raise NotPlain("unknown tensor subclass")
-    if layout not in (None, "torch.strided") or type(device) is not Device:
-        raise Malformed("a DTensor whose layout or device is not one")
+    if layout is not _STRIDED or type(device) is not Device:
+        raise NotPlain("a DTensor whose layout or device is not one torch builds")
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(type(x) is int and x >= 0 for x in (*size, *stride))):
         raise Malformed(f"a DTensor whose shape {str(size)[:40]} or stride {str(stride)[:40]} is not whole numbers")
@@ -296,16 +315,21 @@ class Device(tuple):
 
 
 def _device(*args):
-    """torch.device(type[, index]) as torch builds it: a device type torch knows, else torch.load refuses."""
-    if not args or type(args[0]) is not str or not _DEVICE.match(args[0]) or ":" in args[0] and len(args) > 1:
-        raise Malformed(f"a tensor on an unknown device {str(args)[:40]}")
+    """torch.device(type[, index]) as torch builds it: a device type torch knows and an index it parses (no leading
+    zero, not negative, an int), else torch.load refuses."""
+    if not args or len(args) > 2 or type(args[0]) is not str or not _DEVICE.match(args[0]) or len(args) == 2 and (
+            ":" in args[0] or type(args[1]) is not int or not 0 <= args[1] < 2**31):
+        raise NotPlain(f"a tensor on device {str(args)[:40]}, which torch.device refuses")
     return Device(args)
+
+
+_STRIDED = object()  # torch.strided, as only _get_layout gives it (a bare string is no layout to torch)
 
 
 def _get_layout(name):
     if name != "torch.strided":
         raise NotPlain(f"layout {name}")
-    return name
+    return _STRIDED
 
 
 _GLOBALS: dict[tuple[str, str], Any] = {
@@ -320,7 +344,6 @@ _GLOBALS: dict[tuple[str, str], Any] = {
     ("torch", "device"): _Global(_device),
     ("torch.serialization", "_get_layout"): _Global(_get_layout),
     ("torch.distributed.tensor", "DTensor"): DTensor,
-    ("torch.distributed.tensor._api", "DTensor"): DTensor,
     ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"): DTensorSpec,
     ("torch.distributed.tensor._dtensor_spec", "TensorMeta"): TensorMeta,
     ("torch.distributed.tensor._dtensor_spec", "ShardOrderEntry"): Obj,
@@ -336,7 +359,7 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 
 # torch's device types (and accelerator plugins veRL saves from: npu, musa); torch.device refuses any other
 _DEVICE = re.compile(r"(cpu|cuda|ipu|xpu|mkldnn|opengl|opencl|ideep|hip|ve|fpga|maia|xla|lazy|vulkan|mps|meta|hpu"
-                       r"|mtia|privateuseone|npu|musa)(:[0-9]+)?\Z")
+                       r"|mtia|privateuseone|npu|musa)(:(0|[1-9][0-9]{0,8}))?\Z")
 
 
 class _Unpickler(pickle.Unpickler):
@@ -477,8 +500,10 @@ class _StorageReader(pickle._Unpickler):
         return _UntypedStorage if (module, name) == ("torch.storage", "UntypedStorage") else _Stub
 
     def persistent_load(self, pid: Any) -> _Stub:
-        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str \
-                and type(pid[4]) is int and (isinstance(pid[1], _StorageType) or pid[1] is _UntypedStorage):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and (
+                isinstance(pid[1], _StorageType) or pid[1] is _UntypedStorage):
+            if type(pid[2]) is not str or type(pid[4]) is not int or pid[4] < 0:  # torch finds no such record
+                raise NotPlain(f"storage key {str(pid[2])[:20]} of size {str(pid[4])[:20]}")
             self.storages.setdefault(pid[2], (pid[1].dtype if isinstance(pid[1], _StorageType) else None, pid[4]))
         return _Stub()
 

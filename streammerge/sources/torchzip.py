@@ -281,6 +281,9 @@ def torch_records_problem(read: Callable[[str], bytes | None]) -> tuple[type[Che
     A file saved big-endian is refused: its tensor bytes would need swapping, which the byte-copying writer
     never does. A file without the byteorder record is little-endian, as torch.load assumes by default.
     """
+    if read("constants.pkl") is not None:
+        return CheckpointError, ("a TorchScript archive (it holds constants.pkl), which torch.load(weights_only=True) "
+                                 "refuses; save the state dict with torch.save")
     version_name = ".data/version"  # torch's reader asks in this order
     version = read(version_name)
     if version is None:
