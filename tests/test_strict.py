@@ -911,3 +911,27 @@ def test_a_float8_tensor_saved_requiring_grad(tmp_path: Path) -> None:
     p = tmp_path / f"model_world_size_{WS}_rank_0.pt"
     torch.save({"w": torch.zeros(2, 4).to(torch.float8_e4m3fn).requires_grad_(True)}, p)
     assert differential(p) == "both refuse"
+
+
+def test_a_spec_whose_mesh_is_no_mesh_is_decoded_in_full(tmp_path: Path) -> None:
+    """torch.load reads a DTensor whose spec names another memoised object (a tuple) as its mesh; the rank-set matcher
+    died there (AttributeError, an internal error): it now leaves such a file to the full decode."""
+    g = torch.Generator().manual_seed(0)
+    actor = write_rank_files(tmp_path / "actor", {f"t{i}.weight": (torch.randn(2, 2, generator=g), [Shard(0)])
+                                                  for i in range(3)}, (WS,))
+
+    def mesh_to_tuple(name: str, b: bytes) -> bytes:
+        if name != "data.pkl":
+            return b
+        ops = list(pickletools.genops(b))
+        tuple_memo = next(ops[i + 1][1] for i in range(len(ops) - 1)
+                          if ops[i][0].name == "TUPLE2" and ops[i + 1][0].name == "BINPUT")
+        mesh_key = next(ops[i + 1][1] for i in range(len(ops) - 1) if ops[i][1] == "mesh")
+        first = next(i for i in range(len(ops) - 1) if ops[i][0].name == "BINGET" and ops[i][1] == mesh_key)
+        pos = ops[first + 1][2]  # the BINGET of the mesh right after the 'mesh' key, in the second spec
+        return b[:pos + 1] + bytes([tuple_memo]) + b[pos + 2:]
+
+    rewrite_with_torch(rank_file(actor), mesh_to_tuple)
+    torch_locals(rank_file(actor))  # torch reads it
+    stats = ranks_equal_torch(actor)
+    assert any("something other than a device mesh" in why for why in stats.fallbacks), stats.fallbacks

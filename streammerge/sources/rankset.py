@@ -288,6 +288,8 @@ class _Matcher:
         index = {id(v): i for i, v in prefix[1].items()}
         if any(id(m) not in index for m in head_meshes):
             raise Fallback("rank 0's device mesh is not a memoised object")
+        if any(type(m) is not mp.DeviceMesh for m in (*full_meshes, *head_meshes)):
+            raise Fallback("rank 0's DTensor spec holds something other than a device mesh as its mesh")
         mesh_list = [(index[id(hm)], values[r].state["_spec"]) for hm, r in zip(head_meshes, firsts)]
         st = os.stat(path)
         template = RankFile(path, 0, st.st_size, st.st_mtime_ns, tensors, {})
