@@ -53,6 +53,7 @@ TIMEOUT_ENV = "STREAMMERGE_ARCH_TIMEOUT"  # seconds the merge waits for the chil
 DISABLE_ENV = "STREAMMERGE_ARCH_CHECK"  # "0": skip the check (with a warning)
 CACHE_ENV = "STREAMMERGE_CACHE"
 FLOAT32_LINE = b"float32 "  # the child's early line: float32_rules, before it asks for the weights' names
+PLACED_LINE = b"loads_as "  # its second early line: the first model's `loads_as` of the names, once given them
 IO_ENV = "STREAMMERGE_ARCH_IO"  # "idle": this process reads in the idle I/O class while the child imports (opt-in)
 Shapes = Mapping[str, tuple[int, ...]]
 # What loads a config.json that names no architectures (transformers maps its model_type): the first that has a class
@@ -62,7 +63,7 @@ AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoMode
 # ---------------------------------------------------------------- in the child (or in-process): ask transformers
 
 def describe(config: Mapping[str, Any], names: Any = None, generation: Mapping[str, Any] | None = None,
-             early: Any = None, built: dict[int, Any] | None = None) -> dict[str, Any]:
+             early: Any = None, built: dict[int, Any] | None = None, placed: Any = None) -> dict[str, Any]:
     """What transformers builds from `config`: {"models": [...]}, {"skip": why} or {"refuse": why} (transformers
     refuses the config, or `generation`, the generation_config.json written beside it: then "file" names it).
     Imports torch and transformers.
@@ -72,8 +73,10 @@ def describe(config: Mapping[str, Any], names: Any = None, generation: Mapping[s
     their absence loads the same model), and the class's ignore patterns. The config's own class comes first,
     then (a config that is no token classifier) the same model as veRL's critic: <Type>ForTokenClassification
     with one label. `fp32` holds `float32_rules` of the config's own class, given to `early` as soon as that model
-    is built (the merge's plan may wait for it; the weights' names come later). `built` keeps the models built
-    (on the meta device) for a later call with the same config, which then builds none.
+    is built (the merge's plan may wait for it; the weights' names come later), and the config's own model's
+    `loads_as` to `placed` as soon as the names are placed (the plan may wait for it too: transformers matches its
+    float32 rules to the names as it loads them). `built` keeps the models built (on the meta device) for a later
+    call with the same config, which then builds none.
     """
     import logging
 
@@ -81,13 +84,13 @@ def describe(config: Mapping[str, Any], names: Any = None, generation: Mapping[s
     level = log.level
     log.setLevel(logging.ERROR)  # its warnings about the config are not the merge's; the caller's level comes back
     try:
-        return _describe(config, names, generation, early, built)
+        return _describe(config, names, generation, early, built, placed)
     finally:
         log.setLevel(level)
 
 
 def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, Any] | None = None,
-              early: Any = None, built: dict[int, Any] | None = None) -> dict[str, Any]:
+              early: Any = None, built: dict[int, Any] | None = None, placed: Any = None) -> dict[str, Any]:
     import copy
     import warnings
 
@@ -164,6 +167,8 @@ def _describe(config: Mapping[str, Any], names: Any, generation: Mapping[str, An
         if callable(names):
             names = names()
         entry["loads_as"] = _loads_as(model, names or [])
+        if i == 0 and placed is not None:
+            placed(entry["loads_as"])
         models.append(entry)
     return {"transformers": transformers.__version__, "models": models, "fp32": rules}
 
@@ -184,14 +189,15 @@ def float32_rules(model: Any) -> dict[str, Any]:
             "match": "search" if major >= 5 else "module"}
 
 
-def kept_in_float32(names: Iterable[str], rules: Mapping[str, Any], dtype: str) -> set[str]:
+def kept_in_float32(names: Iterable[str], rules: Mapping[str, Any], dtype: str,
+                    loads_as: Mapping[str, Any] | None = None) -> set[str]:
     """Of `names`, those transformers loads in float32 into a model loaded in `dtype` (`float32_rules`): the names
-    it matches as its loader does. An answer it could not have given (a pattern that is no regular expression)
-    matches nothing."""
-    found = list(rules.get("strict") or ()) if dtype in ("bfloat16", "float16") else []
-    if dtype == "float16":
-        found += list(rules.get("float16") or ())
-    if not found or not all(isinstance(p, str) for p in found):
+    it matches as its loader does, which matches the name a tensor loads as (`loads_as`: the answer's, name ->
+    [the model's key, fused?]; Ergo's `tok_embeddings` loads as `embed_tokens`, DeepSeek-V4's `gate.bias` as
+    `gate.e_score_correction_bias`) as well as the name written. An answer it could not have given (a pattern that
+    is no regular expression) matches nothing."""
+    found = float32_patterns(rules, dtype)
+    if not found:
         return set()
     if rules.get("match") == "module":
         alternatives = [rf"((^|\.){p}($|\.))" for p in found]
@@ -201,7 +207,26 @@ def kept_in_float32(names: Iterable[str], rules: Mapping[str, Any], dtype: str) 
         rx = re.compile("|".join(alternatives))
     except re.error:
         return set()
-    return {n for n in names if rx.search(n)}
+    renamed = {n: str(t[0]) for n, t in (loads_as or {}).items()
+               if isinstance(t, (list, tuple)) and t and isinstance(t[0], str)}
+    return {n for n in names if rx.search(n) or (n in renamed and rx.search(renamed[n]))}
+
+
+def float32_patterns(rules: Mapping[str, Any], dtype: str) -> list[str]:
+    """The patterns of `float32_rules` that keep names in float32 in a model loaded in `dtype` ([] for an answer
+    transformers could not have given)."""
+    found = list(rules.get("strict") or ()) if dtype in ("bfloat16", "float16") else []
+    if dtype == "float16":
+        found += list(rules.get("float16") or ())
+    return found if all(isinstance(p, str) for p in found) else []
+
+
+def first_loads_as(answer: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `loads_as` of the config's own model in a check's answer ({} where there is none)."""
+    models = (answer or {}).get("models")
+    first = models[0] if isinstance(models, list) and models and isinstance(models[0], dict) else {}
+    value = first.get("loads_as")
+    return value if isinstance(value, dict) else {}
 
 
 def names_float32(config: Mapping[str, Any], dtype: str) -> bool:
@@ -303,13 +328,14 @@ def _model_names(model: Any) -> dict[str, Any]:
 
 
 def child_main() -> None:
-    """The child: a line of JSON in (the config and the generation config), then (once the merge has planned) a
-    line of the weights' names; one JSON line out (the answer and this process's peak RSS). The model is built
-    while the merge plans."""
+    """The child: a line of JSON in (the config and the generation config), then (once the merge has planned, or
+    while it plans where it needs them) a line of the weights' names; out, its early lines (the float32 rules once
+    the model is built, before it reads the names; the names as it loads them, once placed) and one JSON line (the
+    answer and this process's peak RSS). The model is built while the merge plans."""
     try:
         asked = json.loads(sys.stdin.buffer.readline())
         answer = describe(asked["config"], lambda: json.loads(sys.stdin.buffer.readline() or b"[]"),
-                          asked.get("generation"), early=_say_float32)
+                          asked.get("generation"), early=_say_float32, placed=_say_placed)
     except Exception as e:
         answer = {"skip": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
     answer["rss"] = _own_peak()
@@ -319,6 +345,11 @@ def child_main() -> None:
 
 def _say_float32(rules: Mapping[str, Any]) -> None:
     sys.stdout.write(FLOAT32_LINE.decode() + json.dumps(rules) + "\n")
+    sys.stdout.flush()
+
+
+def _say_placed(loads_as: Mapping[str, Any]) -> None:
+    sys.stdout.write(PLACED_LINE.decode() + json.dumps(loads_as) + "\n")
     sys.stdout.flush()
 
 
@@ -378,6 +409,9 @@ class ArchCheck:
     _float32: dict | None = None  # the child's early answer (float32_rules)
     _float32_ready: threading.Event = field(default_factory=threading.Event)
     _built: dict[int, Any] = field(default_factory=dict, repr=False)  # in-process: models `float32` built on meta
+    _placed: dict | None = None  # the child's second early answer: the first model's loads_as of `_names`
+    _placed_ready: threading.Event = field(default_factory=threading.Event)
+    _put: list[str] | None = None  # the names the answer this check computed was cached under
 
     def float32(self, dtype: str) -> dict[str, Any] | None:
         """transformers' `float32_rules` for the config's model, which the plan needs before any byte is written:
@@ -395,6 +429,29 @@ class ArchCheck:
         if isinstance(rules, dict):
             _cache_float32(self.asked(), rules)
         return rules
+
+    def loads_as(self, names: list[str], planned: list[str] | None = None) -> dict[str, Any] | None:
+        """The names transformers' loader renames, as the config's own model loads them (its answer's `loads_as`),
+        which the plan needs before any byte is written where transformers keeps some in float32: its rules match
+        the name a tensor loads as. A cached answer for `planned` (the names the check will be given, if the plan can
+        tell them), else asked: `names` (all of them: any list holding the checked names places them alike, each name
+        on its own) are given to the check now, in place of those `ready` would give. None where it cannot be told
+        (the check will skip, or refuse the config)."""
+        if self.answer is None and self._names is None and planned is not None and planned != names:
+            cached = _cache_get(self.asked(), planned)
+            if cached is not None:
+                self.close()
+                self.answer, self.how, self._names = cached, "cache", list(planned)
+                self._names_ready.set()
+        self.ready(names)
+        if self.answer is None and self._thread is None:  # in-process: the models `float32` built, if it did
+            self.answer = _safe_describe(self.config, names, self.generation, self._built)
+            self._built.clear()
+        if self.answer is not None:
+            return first_loads_as(self.answer) if "models" in self.answer else None
+        if not self._placed_ready.wait(_timeout()):
+            return None  # (the check says so once it gives up waiting)
+        return self._placed
 
     def ready(self, names: list[str]) -> bool:
         """Whether `result` answers without waiting: in-process, cached, or the child has answered. The first call
@@ -415,6 +472,9 @@ class ArchCheck:
     def result(self, names: list[str]) -> dict[str, Any]:
         self.ready(names)
         if self.answer is not None:
+            if "models" in self.answer and self.how == "in-process" and self._put is None:
+                self._put = list(names)  # computed by the plan (`loads_as`) for names holding these
+                _cache_put(self.asked(), names, self.answer)
             return self.answer
         if self._thread is None:  # in-process: the models `float32` built, if it did
             self.answer = _safe_describe(self.config, names, self.generation, self._built)
@@ -430,6 +490,7 @@ class ArchCheck:
                 self.answer = _parse(self._out, self._err)
         self.seconds = time.perf_counter() - self.started
         if "models" in self.answer:
+            self._put = list(names)
             _cache_put(self.asked(), names, self.answer)
         return self.answer
 
@@ -722,6 +783,16 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
             pass
         with contextlib.suppress(OSError):
             proc.stdin.close()
+        try:  # the first model's loads_as, as soon as the child has placed the names (the plan may wait for it)
+            for line in iter(proc.stdout.readline, b""):
+                if line.startswith(PLACED_LINE):
+                    with contextlib.suppress(ValueError):
+                        placed = json.loads(line[len(PLACED_LINE):])
+                        check._placed = placed if isinstance(placed, dict) else None
+                    break
+                check._out += line
+        finally:
+            check._placed_ready.set()
         check._out += proc.stdout.read()
         if check._yield is not None:
             check._yield.end()
@@ -731,6 +802,8 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
     except Exception as e:  # noqa: BLE001
         check._err += str(e).encode()
     finally:
+        check._float32_ready.set()
+        check._placed_ready.set()
         err.close()
 
 
@@ -773,6 +846,15 @@ def _cached_config(asked: Mapping[str, Any]) -> bool:
 def cached_float32(config: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> dict | None:
     """`float32_rules` for this config from an earlier check's answer, without asking transformers (inspect)."""
     return _cached_float32({"config": dict(config), "generation": None if generation is None else dict(generation)})
+
+
+def cached_loads_as(config: Mapping[str, Any], generation: Mapping[str, Any] | None,
+                    names: list[str]) -> dict[str, Any] | None:
+    """The config's own model's `loads_as` from an earlier check's answer for exactly these weights' names (None where
+    there is none), without asking transformers (a plan made without the check, inspect)."""
+    asked = {"config": dict(config), "generation": None if generation is None else dict(generation)}
+    answer = _cache_get(asked, names)
+    return None if answer is None else first_loads_as(answer)
 
 
 def _cached_float32(asked: Mapping[str, Any]) -> dict | None:

@@ -133,17 +133,19 @@ class MergePlan:
             self.warnings.append(note)
         self.note_architecture(note)
         rules = (self.arch.answer or {}).get("fp32")
-        self._float32_differs(rules)
+        loads_as = architecture.first_loads_as(self.arch.answer)
+        self._float32_differs(rules, loads_as)
         if self.dtypes_pending:
-            self.several_dtypes(rules)
+            self.several_dtypes(rules, loads_as)
         if self.config is not None:
             self.arch.remember_written(json.loads(config_bytes(self.config, self.dtype or self.saved_dtype())),
                                        self._weight_names)
 
-    def several_dtypes(self, rules: Any) -> None:
+    def several_dtypes(self, rules: Any, loads_as: dict[str, Any] | None = None) -> None:
         """Weights kept (`--dtype keep`) in several floating dtypes are warned of: transformers loads them all as
         one. Not where config.json names the one half dtype and the float32 ones are just those transformers keeps
-        in float32 beside it (`rules`: `float32_rules`, e.g. a bfloat16 model's float32 router)."""
+        in float32 beside it (`rules`: `float32_rules`, e.g. a bfloat16 model's float32 router; matched as the
+        names load, `loads_as`)."""
         self.dtypes_pending = False
         kept = sorted(d.name for d in self.kept_dtypes())
         if self.config is None or self.dtype is not None or len(kept) < 2:
@@ -152,20 +154,21 @@ class MergePlan:
         half = named.name if named is not None and named != dtypes.float32 else None
         if isinstance(rules, dict) and half is not None and kept == sorted((half, "float32")):
             wide = {n for n, t in self.weights.tensors.items() if t.dtype == dtypes.float32}
-            if architecture.kept_in_float32(wide, rules, half) == wide:
+            if architecture.kept_in_float32(wide, rules, half, loads_as) == wide:
                 return
         self.warnings.append(f"the weights keep several floating dtypes ({', '.join(kept)}): transformers loads them "
                              "all as the one its dtype option or config.json names; give --dtype to write one")
 
-    def _float32_differs(self, rules: Any) -> None:
-        """A plan made without transformers' float32 rules (its code did not seem to name any) that the answer
-        (`rules`) contradicts: warned of, since transformers loads the weights either way (rounded ones upcast)."""
+    def _float32_differs(self, rules: Any, loads_as: dict[str, Any] | None = None) -> None:
+        """A plan made without transformers' float32 rules (its code did not seem to name any), or without the names
+        as transformers loads them (`loads_as`: its rules match those; the plan could not wait for them), that the
+        answer contradicts: warned of, since transformers loads the weights either way (rounded ones upcast)."""
         if not isinstance(rules, dict) or self.dtype is None or self.options.float32_names is not None:
             return
         wide = (dtypes.float32, dtypes.float64)
         candidates = {n for n, t in self.weights.tensors.items() if t.source_dtype in wide and t.dtype == self.dtype}
         candidates |= set(self.float32)
-        wanted = architecture.kept_in_float32(candidates, rules, self.dtype.name)
+        wanted = architecture.kept_in_float32(candidates, rules, self.dtype.name, loads_as)
         missed, extra = sorted(wanted - set(self.float32)), sorted(set(self.float32) - wanted)
         if missed:
             more = ", ..." if len(missed) > 1 else ""
@@ -359,24 +362,36 @@ def keep_float32(tensors: list[TensorPlan], options: MergeOptions, dtype: DType 
     """The tensors transformers keeps in float32 when it loads the model in half precision (the routers' gates and
     score biases of DeepSeek-V3 or GLM-4.5, say) are written in float32, as save_pretrained writes them, where
     `dtype` would round them: `options.float32_names` (what a merge recorded, for verify), else transformers' rules
-    for the config's class (asked by the check, else cached). Returns the tensors, the names kept so, and a note."""
+    for the config's class (asked by the check, else cached), matched to the names as transformers loads them
+    (renamed from a checkpoint's original spellings: the check's `loads_as`, asked of it where the rules keep any
+    name in float32, else cached). Returns the tensors, the names kept so, and a note."""
     half = [t for t in tensors if t.dtype in (dtypes.bfloat16, dtypes.float16)
             and t.source_dtype in (dtypes.float32, dtypes.float64) and t.dtype == dtype]
     if not half or dtype is None:
         return tensors, (), ""
+    # a tied output embedding is the input embedding's tensor in transformers, in that tensor's dtype (not written)
+    tied = tied_duplicates({t.name: t for t in tensors}, ties_embeddings(config))
     if options.float32_names is not None:
         keep = set(options.float32_names)
     else:
         rules = arch.float32(dtype.name) if arch is not None else \
             architecture.cached_float32(config, generation) if config is not None else None
-        keep = architecture.kept_in_float32((t.name for t in half), rules, dtype.name) if rules else set()
+        keep = set()
+        if rules and architecture.float32_patterns(rules, dtype.name):
+            # the names as transformers loads them. The check is given, and its answer cached by, the names of the
+            # weights' plan (`MergePlan._weight_names`): these but for the tied duplicates `build_plan` drops, which
+            # keep_float32 leaves as they are (a duplicate is kept in float32 with what it duplicates), so
+            # `planned` is that list; the child is given all (a name loads as it does whatever else is asked)
+            names = sorted({t.name for t in tensors})
+            planned = [n for n in names if n not in tied]
+            loads_as = arch.loads_as(names, planned) if arch is not None else \
+                architecture.cached_loads_as(config, generation, planned) if config is not None else None
+            keep = architecture.kept_in_float32((t.name for t in half), rules, dtype.name, loads_as)
         if rules is None and arch is None and config is not None and architecture.names_float32(config, dtype.name):
             return tensors, (), (f"float32     transformers may keep some of these in float32 when it loads the model "
                                  f"in {dtype.name}; a merge asks it, and writes those in float32")
     if not keep:
         return tensors, (), ""
-    # a tied output embedding is the input embedding's tensor in transformers, in that tensor's dtype (not written)
-    tied = tied_duplicates({t.name: t for t in tensors}, ties_embeddings(config))
     kept = sorted(t.name for t in half if tied.get(t.name, t.name) in keep)
     if not kept:
         return tensors, (), ""

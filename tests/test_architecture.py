@@ -1035,3 +1035,128 @@ def test_float32_rules_match_names_as_transformers_does():
     assert kept_in_float32(names, {"strict": [], "float16": ["lm_head"], "match": "search"}, "float16") == \
         {"lm_head.weight"}
     assert kept_in_float32(names, {"strict": ["("], "match": "search"}, "bfloat16") == set()
+
+
+# ---------------------------------------------------------------- float32 rules matched as transformers renames on load
+
+def _ergo(tmp_path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """A tiny Ergo saved with its original names (`tok_embeddings`, `post_ffn_residual.scale`, the router's
+    `gate_kernel` and `router_bias`), which transformers renames on load (`embed_tokens`, `*_residual_gate`,
+    `gate.linear`, `gate.e_score_correction_bias`) and keeps in float32 under those names; trained in float32, its
+    config naming bfloat16. Returns the model's state (transformers' names) and the checkpoint."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    config = transformers.ErgoConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        first_dense_intermediate_size=64, num_dense_blocks=1, moe_intermediate_size=16, shared_intermediate_size=16,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=64, sliding_window=8, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config.architectures = ["ErgoForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.ErgoForCausalLM(config)
+    state = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}  # every value random: rounding shows
+    model.load_state_dict(state)
+    original = revert_weight_conversion(model, {k: v.clone() for k, v in state.items()})
+    assert "tok_embeddings.weight" in original and "model.embed_tokens.weight" not in original
+    return state, _save(tmp_path / "ckpt", original, _config(model, dtype="bfloat16"))
+
+
+ERGO_RENAMED_FLOAT32 = {"tok_embeddings.weight", "layers.1.feed_forward.gate_kernel",
+                        "layers.1.feed_forward.router_bias"} | {
+    f"layers.{i}.{part}_residual.scale" for i in (0, 1) for part in ("post_attention", "post_ffn")}
+
+
+def _loads_as_transformers_keeps_it(out: Path, state: dict[str, torch.Tensor]) -> None:
+    """transformers loads `out` (config.json: bfloat16) with the trained values: the float32 it keeps, bit-exact."""
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert set(loaded) == set(state)
+    kept = {k for k, v in loaded.items() if v.dtype == torch.float32}
+    assert "model.embed_tokens.weight" in kept and "model.layers.1.mlp.gate.linear.weight" in kept
+    for name, value in loaded.items():
+        assert torch.equal(value, state[name].to(value.dtype)), name
+
+
+def test_what_transformers_keeps_in_float32_under_the_name_it_renames_to_is_written_in_float32(tmp_path):
+    """transformers matches its float32 rules to the names as it loads them, after renaming a checkpoint's original
+    spellings: Ergo's `tok_embeddings` (`embed_tokens` is kept in float32) were written bfloat16 and loaded rounded,
+    without a word. Now the first merge (in this process) writes them in float32; a folder that holds them rounded is
+    noted by verify."""
+    state, folder = _ergo(tmp_path)
+    out = tmp_path / "out"
+    result = streammerge.merge(folder, out)
+    got = load_file(out / "model.safetensors")
+    wide = {k for k, v in got.items() if v.dtype == torch.float32}
+    assert ERGO_RENAMED_FLOAT32 <= wide and set(result.plan.float32) == wide, sorted(wide)
+    assert not [w for w in result.warnings if "float32" in w], result.warnings
+    _loads_as_transformers_keeps_it(out, state)
+    assert streammerge.verify(out, folder).ok
+
+    # no manifest, the embeddings rounded: verify says transformers loads them upcast
+    from safetensors.torch import save_file
+    shutil.rmtree(out / ".streammerge")
+    save_file({**got, "tok_embeddings.weight": got["tok_embeddings.weight"].to(torch.bfloat16)},
+              out / "model.safetensors", metadata={"format": "pt"})
+    report = streammerge.verify(out, folder)
+    assert [n for n in report.notes if n.startswith(
+        "1 tensors transformers keeps in float32 in a bfloat16 model are bfloat16 here (tok_embeddings.weight)")], \
+        report.notes
+
+
+def test_a_plan_made_without_the_renamed_names_warns_and_the_merge_again_writes_them_in_float32(tmp_path):
+    """A plan made without transformers' answer for these names (here: no check; the float32 rules cached, as a merge
+    of the config with other names leaves them) cannot tell the names transformers renames: the check's answer warns
+    of those it keeps in float32, naming them, and the merge it advises (the answer cached) writes them in float32;
+    inspect, which never asks, then shows them too."""
+    from streammerge import architecture
+
+    state, folder = _ergo(tmp_path)
+    config = json.loads((folder / "huggingface" / "config.json").read_text())
+    rules = architecture.describe(config, [])["fp32"]
+    architecture._cache_float32({"config": config, "generation": None}, rules)
+    plan = streammerge.plan_merge(folder, check_architecture=False)
+    assert plan.float32 and not ERGO_RENAMED_FLOAT32 & set(plan.float32)  # the norms, kept by their written names
+    plan.check_architecture()
+    missed = [w for w in plan.warnings if w.startswith(
+        f"transformers keeps {len(ERGO_RENAMED_FLOAT32)} of these tensors in float32 when it loads the model in "
+        "bfloat16 (layers.0.post_attention_residual.scale, ...)")]
+    assert missed and "merge again into a new folder" in missed[0], plan.warnings
+
+    result = streammerge.merge(folder, tmp_path / "out")
+    assert "answer cached" in result.plan.arch_note, result.plan.arch_note
+    assert ERGO_RENAMED_FLOAT32 <= set(result.plan.float32)
+    assert not [w for w in result.warnings if "float32" in w], result.warnings
+    _loads_as_transformers_keeps_it(tmp_path / "out", state)
+    again = streammerge.plan_merge(folder, check_architecture=False)  # inspect's plan: the cached answer's names
+    assert again.float32 == result.plan.float32
+
+
+def test_the_first_cli_merge_writes_what_transformers_keeps_in_float32_under_its_renamed_names(tmp_path):
+    """The child process gives the plan the names as transformers loads them right after its float32 rules (the
+    plan gives it the weights' names first): the first merge, not just a second one, writes them in float32."""
+    state, folder = _ergo(tmp_path)
+    code = Path(streammerge.__file__).resolve().parents[1]  # the streammerge this test imported
+    env = dict(os.environ, PYTHONPATH=str(code), STREAMMERGE_CACHE=str(tmp_path / "cli-cache"))
+    merged = subprocess.run([sys.executable, "-m", "streammerge", str(folder), str(tmp_path / "out"), "--no-progress"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    assert "(asked a child process" in merged.stdout and "warning" not in merged.stdout.lower() + \
+        merged.stderr.lower(), merged.stdout + merged.stderr
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert ERGO_RENAMED_FLOAT32 <= {k for k, v in got.items() if v.dtype == torch.float32}
+    _loads_as_transformers_keeps_it(tmp_path / "out", state)
+
+
+def test_float32_rules_match_the_name_a_tensor_loads_as():
+    from streammerge.architecture import kept_in_float32
+
+    rules = {"strict": ["embed_tokens", r"gate\.e_score_correction_bias"], "float16": [], "match": "search"}
+    loads_as = {"tok_embeddings.weight": ["model.embed_tokens.weight", False],
+                "layers.1.gate.bias": ["model.layers.1.gate.e_score_correction_bias", False],
+                "output.weight": ["lm_head.weight", False]}
+    names = [*loads_as, "model.embed_tokens.weight", "norm.weight"]
+    assert kept_in_float32(names, rules, "bfloat16") == {"model.embed_tokens.weight"}
+    assert kept_in_float32(names, rules, "bfloat16", loads_as) == {
+        "model.embed_tokens.weight", "tok_embeddings.weight", "layers.1.gate.bias"}
+    assert kept_in_float32(names, rules, "float32", loads_as) == set()
+    assert kept_in_float32(names, rules, "bfloat16", {"norm.weight": None, "output.weight": [3]}) == \
+        {"model.embed_tokens.weight"}  # an answer transformers could not have given matches as written

@@ -79,7 +79,9 @@ def note_rounded_float32(arch: ArchCheck, loaded: dict[str, str], headers: dict[
         return
     held = {name: headers[file].entries[name].dtype for name, file in loaded.items()
             if file in headers and name in headers[file].entries}
-    rounded = sorted(n for n in architecture.kept_in_float32(held, rules, half.name) if held[n] == half)
+    # matched as transformers loads the names (renamed from a checkpoint's original spellings)
+    loads_as = architecture.first_loads_as(arch.answer)
+    rounded = sorted(n for n in architecture.kept_in_float32(held, rules, half.name, loads_as) if held[n] == half)
     if rounded:
         report.notes.append(f"{len(rounded)} tensors transformers keeps in float32 in a {half.name} model are "
                             f"{half.name} here ({rounded[0]}{', ...' if len(rounded) > 1 else ''}): they load upcast "
