@@ -1512,3 +1512,20 @@ def test_verify_without_a_manifest_compares_the_param_groups(fmt: str, tmp_path:
                                      for f in report.failures), report.summary()
     (index if fmt == "safetensors" else pt).write_bytes(pristine)
     assert streammerge.verify(out, folder).ok
+
+
+def test_a_memory_format_that_is_no_code_is_refused(ckpts: Path, tmp_path: Path) -> None:
+    """torch's TensorProperties compares the memory format with its enum's members and refuses anything else (here the
+    plain int 0 where the enum belongs); the reader took any value there, and verify died on it (an internal error)."""
+    folder = _copy(ckpts, next(iter(CASES)), tmp_path)
+    data = (folder / ".metadata").read_bytes()
+    ops = list(pickletools.genops(data))
+    at = next(ops[i + 1][2] for i in range(len(ops) - 3)
+              if [o[0].name for o in ops[i:i + 4]] == ["NEWFALSE", "BINGET", "NEWFALSE", "TUPLE"])
+    (folder / ".metadata").write_bytes(data[:at] + b"K\x00" + data[at + 2:])  # BINGET n -> BININT1 0, same length
+    with pytest.raises(RuntimeError, match="memory_format"):
+        pickle.loads((folder / ".metadata").read_bytes())
+    with pytest.raises(CheckpointError, match="memory format 0, which is no memory-format code"):
+        read_dcp(folder)
+    with pytest.raises(CheckpointError, match="torch's DCP classes cannot read it"):
+        load_metadata(folder)
