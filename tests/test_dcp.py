@@ -1529,3 +1529,13 @@ def test_a_memory_format_that_is_no_code_is_refused(ckpts: Path, tmp_path: Path)
         read_dcp(folder)
     with pytest.raises(CheckpointError, match="torch's DCP classes cannot read it"):
         load_metadata(folder)
+
+
+def test_an_item_pickled_under_another_protocol_number_is_read(tmp_path: Path) -> None:
+    """torch's unpickler takes any protocol number (the opcodes decide); Python's refuses one above 5, and the item
+    was refused as "unsupported pickle protocol" though torch reads it."""
+    dcp.save({"w": torch.zeros(2, 3)}, checkpoint_id=str(tmp_path / "b"), no_dist=True)
+    blob = _append_blob(tmp_path / "b", "w", W.clone(), lambda b: _repacked(b, lambda items: [
+        (n, b"\x80\x06" + d[2:] if n.endswith("/data.pkl") else d) for n, d in items]))
+    assert torch.equal(torch.load(io.BytesIO(blob), weights_only=True), W)
+    assert assemble(read_dcp(tmp_path / "b").tensors["w"]).tobytes() == raw(W)

@@ -935,3 +935,39 @@ def test_a_spec_whose_mesh_is_no_mesh_is_decoded_in_full(tmp_path: Path) -> None
     torch_locals(rank_file(actor))  # torch reads it
     stats = ranks_equal_torch(actor)
     assert any("something other than a device mesh" in why for why in stats.fallbacks), stats.fallbacks
+
+
+def _int_storage_key(name: str, b: bytes) -> bytes:
+    """c.bias's storage key as the int torch formats into its record name (data/{key}), not the text torch.save
+    writes."""
+    if name != "data.pkl":
+        return b
+    m = re.compile(rb"X\x01\x00\x00\x00([0-9])").search(b, b.index(b"c.bias"))
+    assert m is not None
+    return b[:m.start()] + b"K" + bytes([int(m.group(1))]) + b[m.end():]
+
+
+TORCH_READS = {
+    "pickle_protocol_6": lambda n, b: b"\x80\x06" + b[2:] if n == "data.pkl" else b,
+    "integer_storage_key": _int_storage_key,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TORCH_READS))
+def test_what_torch_reads_is_read_alike(good: Path, tmp_path: Path, case: str) -> None:
+    """Found by the fuzz campaign as refusals stricter than torch's, each with a misleading message: torch's reader
+    parses the version's leading digits, takes any pickle protocol number, and names a storage's record data/{key}
+    whatever the key's type."""
+    p = rank_file(copy(good, tmp_path))
+    before = records_bytes(p)
+    rewrite_with_torch(p, TORCH_READS[case])
+    assert records_bytes(p) != before
+    assert differential(p) == "same"
+
+
+@pytest.mark.parametrize("version, expect", [(b"3.0", "same"), (b" 3\n", "same"), (b"3x", "same"),
+                                             (b"x3", "both refuse"), (b"0x3", "both refuse"), (b"-3", "both refuse")])
+def test_the_version_is_parsed_as_torch_parses_it(good: Path, tmp_path: Path, version: bytes, expect: str) -> None:
+    p = rank_file(copy(good, tmp_path))
+    repack(p, data=lambda name, b: version if name in ("version", ".data/version") else b)
+    assert differential(p) == expect

@@ -502,9 +502,11 @@ class _StorageReader(pickle._Unpickler):
     def persistent_load(self, pid: Any) -> _Stub:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and (
                 isinstance(pid[1], _StorageType) or pid[1] is _UntypedStorage):
-            if type(pid[2]) is not str or type(pid[4]) is not int or pid[4] < 0:  # torch finds no such record
+            # torch reads record f"data/{key}": an int key 0 is data/0; a key or size of another type it refuses
+            key = pid[2] if type(pid[2]) is str else str(pid[2]) if type(pid[2]) is int else None
+            if key is None or type(pid[4]) is not int or pid[4] < 0:
                 raise NotPlain(f"storage key {str(pid[2])[:20]} of size {str(pid[4])[:20]}")
-            self.storages.setdefault(pid[2], (pid[1].dtype if isinstance(pid[1], _StorageType) else None, pid[4]))
+            self.storages.setdefault(key, (pid[1].dtype if isinstance(pid[1], _StorageType) else None, pid[4]))
         return _Stub()
 
 
@@ -544,6 +546,8 @@ def _decode(data: bytes, memo: bool) -> tuple[Any, dict | None, dict[str, tuple[
     why = beyond_torch(data)
     if why:
         raise NotPlain(why)
+    if data[:1] == pickle.PROTO and len(data) > 1 and data[1] > pickle.HIGHEST_PROTOCOL:
+        data = pickle.PROTO + bytes([2]) + data[2:]  # torch's unpickler takes any protocol number; Python's refuses
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of small acyclic objects: the cyclic collector would rescan them again and again
     try:

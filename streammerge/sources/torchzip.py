@@ -9,6 +9,7 @@ too, but at ~6 µs per entry, and checkpoints with 50,000 tensors per rank file 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -295,7 +296,7 @@ def torch_records_problem(read: Callable[[str], bytes | None]) -> tuple[type[Che
         if text is None:
             continue
         try:
-            number = int(text)
+            number = _leading_number(text) if name == version_name else int(text)
         except ValueError:
             return CheckpointError, _corrupted(f"record {name} holds {text[:20]!r}, not a number")
         if name == version_name and not 1 <= number <= _MAX_VERSION:
@@ -312,6 +313,16 @@ def torch_records_problem(read: Callable[[str], bytes | None]) -> tuple[type[Che
         return UnsupportedLayoutError, ("saved on a big-endian machine (its byteorder record says 'big'); load and "
                                         "re-save it with torch.save on a little-endian machine")
     return CheckpointError, f"unknown byteorder record {order[:20]!r} (torch.load refuses it too)"
+
+
+def _leading_number(text: bytes) -> int:
+    """The version as torch's C++ reader parses it (strtoull): the digits after blanks and a sign, whatever follows
+    them ("3.0" is 3); a minus sign wraps to a huge number, which is out of range."""
+    m = re.match(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)", text)
+    if m is None:
+        raise ValueError(text)
+    number = int(m.group(2))
+    return -number if m.group(1) == b"-" and number else number
 
 
 def read_record(d: Directory, name: str, *, check_crc: bool = True) -> bytes:
