@@ -971,3 +971,11 @@ def test_the_version_is_parsed_as_torch_parses_it(good: Path, tmp_path: Path, ve
     p = rank_file(copy(good, tmp_path))
     repack(p, data=lambda name, b: version if name in ("version", ".data/version") else b)
     assert differential(p) == expect
+
+
+def test_a_size_torch_cannot_build_is_left_to_torch(good: Path, tmp_path: Path) -> None:
+    """A DTensor spec's TensorMeta shape torch.Size((6, 'x')): torch.Size refuses a string; the fast reader built it
+    (the merge reads the shape elsewhere, so the file merged)."""
+    p = rank_file(copy(good, tmp_path))
+    rewrite_with_torch(p, _first_after(b"ctorch\nSize\n", b"K\x04", _text(b"x")))
+    assert differential(p) == "both refuse"

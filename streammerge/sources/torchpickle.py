@@ -304,7 +304,13 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 
 def _size(*args):
-    return tuple(*args)
+    """torch.Size(iterable) as torch builds it: C int64s only (a bool is taken as 0 or 1); torch.load refuses others."""
+    if len(args) != 1 or not isinstance(args[0], (tuple, list)):
+        raise NotPlain(f"torch.Size of {str(args)[:40]}")
+    size = tuple(int(x) if type(x) is bool else x for x in args[0])
+    if not _int64s(*size):
+        raise NotPlain(f"torch.Size {str(size)[:40]}, which torch refuses")
+    return size
 
 
 class Device(tuple):
