@@ -723,3 +723,33 @@ def test_fsdp1_flat_shard_of_another_dtype_on_one_rank(name, tmp_path) -> None:
     with pytest.raises(streammerge.CheckpointError, match=r"optim_world_size_4_rank_1.pt.*bfloat16"):
         streammerge.merge(ck, tmp_path / "out")
     assert not (tmp_path / "out" / "optimizer").exists()
+
+
+def test_state_keys_one_inside_the_other_are_not_exported(tmp_path) -> None:
+    """{"exp_avg": T, "exp_avg.x": 0.5} (torch.load reads it): the export's dotted names, nested again on load,
+    cannot hold both; it exited 0 with an export load_optimizer_state_dict then failed on (and verify passed)."""
+    def dotted(osd: dict) -> None:
+        osd["state"][0]["exp_avg.x"] = 0.5
+
+    ck = _tampered(tmp_path, "fsdp2_llama_shard1_ws4", dotted)
+    result = streammerge.merge(ck, tmp_path / "out")
+    assert result.warnings == [
+        "optimizer not exported: its state holds both 'state.model.embed_tokens.weight.exp_avg' and "
+        "'state.model.embed_tokens.weight.exp_avg.x', which the export's dotted names cannot tell apart when loaded "
+        "back; the weights are exported"]
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "optimizer").exists()
+
+
+def test_a_storage_alignment_of_zero_is_one_line_not_a_crash(tmp_path) -> None:
+    """torch.load reads such a file on the CPU, but its meta-device reading (the optimizer reader's) divides by the
+    alignment: the merge died of SIGFPE, with no message."""
+    from ckpt_tools import rewrite_with_torch
+
+    ck = _tampered(tmp_path, "fsdp2_llama_shard1_ws4", lambda osd: None, ranks=(1,))
+    path = ck / "optim_world_size_4_rank_1.pt"
+    rewrite_with_torch(path, lambda name, b: b"0" if name == ".storage_alignment" else b)
+    torch.load(path, map_location="cpu", weights_only=True)
+    cli = subprocess.run([sys.executable, "-m", "streammerge", str(ck), str(tmp_path / "out")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
+    assert "record .storage_alignment holds no positive number" in cli.stderr

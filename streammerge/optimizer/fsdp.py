@@ -188,6 +188,12 @@ def export_plan(tensors: Mapping[str, TensorPlan], index_metadata: Mapping[str, 
     if odd is not None:
         return None, [*warnings, f"optimizer not exported: {odd.name!r} is {odd.dtype.name}, which neither "
                                  "optimizer format streammerge writes can hold; the weights are exported"]
+    names = {*tensors, *json.loads(index_metadata.get("state_values", "{}"))}
+    inside = next(((n[:i], n) for n in sorted(names) for i, c in enumerate(n) if c == "." and n[:i] in names), None)
+    if inside is not None:  # {"exp_avg": T, "exp_avg.x": 0.5}: torch's flat names, nested again, cannot hold both
+        return None, [*warnings, f"optimizer not exported: its state holds both {inside[0]!r} and {inside[1]!r}, "
+                                 "which the export's dotted names cannot tell apart when loaded back; the weights are "
+                                 "exported"]
     if fmt == "torch":
         return build_plan(tensors.values(), max_shard_size=max_shard_size, subdir=OPTIMIZER_DIR,
                           index_metadata=index_metadata, metadata=None, single_file=OPTIMIZER_PT), list(warnings)

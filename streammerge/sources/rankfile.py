@@ -66,6 +66,11 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
             stacklevel=2,
         )
     check_zip(path)
+    d = read_directory(path)
+    if d.has(".storage_alignment") and int(read_record(d, ".storage_alignment", check_crc=False)) <= 0:
+        # torch's meta-device reading divides by it (the process dies of SIGFPE); its CPU reading ignores it
+        raise CheckpointError(f"{path}: record .storage_alignment holds no positive number; re-save the file with "
+                              "torch.save")
     import torch
     import torch.distributed.tensor  # noqa: F401  (registers DTensor & placements with the weights-only unpickler)
 
