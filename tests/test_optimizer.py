@@ -753,3 +753,26 @@ def test_a_storage_alignment_of_zero_is_one_line_not_a_crash(tmp_path) -> None:
                          capture_output=True, text=True)
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
     assert "record .storage_alignment holds no positive number" in cli.stderr
+
+
+def test_a_tensor_inside_a_container_is_not_exported(tmp_path) -> None:
+    """torch.load reads a state tensor held in a tuple; comparing the ranks' copies was an internal error."""
+    def wrapped(osd: dict) -> None:
+        osd["state"][0]["exp_avg"] = (osd["state"][0]["exp_avg"],)
+
+    result = streammerge.merge(_tampered(tmp_path, "fsdp2_llama_shard1_ws4", wrapped), tmp_path / "out")
+    assert len(result.warnings) == 1, result.warnings
+    assert "optimizer not exported" in result.warnings[0] and "state.0.exp_avg holds tensors inside a tuple" \
+        in result.warnings[0]
+    assert not (tmp_path / "out" / "optimizer").exists()
+
+
+def test_a_setting_that_is_a_tensor_on_one_rank_only_is_refused(tmp_path) -> None:
+    """lr a tensor on rank 0, a float on the others: 'Tensor.item() cannot be called on meta tensors', an internal
+    error; the ranks disagree, which is one line."""
+    def tensor_lr(osd: dict) -> None:
+        osd["param_groups"][0]["lr"] = torch.tensor(osd["param_groups"][0]["lr"])
+
+    ck = _tampered(tmp_path, "fsdp2_llama_shard1_ws4", tensor_lr, ranks=(0,))
+    with pytest.raises(streammerge.CheckpointError, match="param group 0 has lr 0.001, but optim_world_size_4_rank_0"):
+        streammerge.merge(ck, tmp_path / "out")

@@ -33,6 +33,7 @@ from ..sources.rankfile import (
     _record,
     _span_bytes,
     chunk_bounds,
+    holds_tensor,
     layout_name,
     row_major_coordinate,
     storage_records,
@@ -98,8 +99,14 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
                                           f"{rec.offset + _span_bytes(rec)}, file has {st.st_size}")
                 tensors[name] = rec
                 keys.setdefault(pid, []).append(name)
+            elif holds_tensor(value):  # torch.load reads it; no export format holds a tensor inside a container
+                raise Skip(f"{path.name}: optimizer state {name} holds tensors inside a {type(value).__name__}")
             else:
                 values[name] = value
+    for i, g in enumerate(groups):
+        for k, v in g.items():
+            if k != "params" and not hasattr(v, "shape") and holds_tensor(v):
+                raise Skip(f"{path.name}: param group {i} holds tensors inside its {k!r}")
     ids = [i for g in groups for i in g.get("params", [])]
     return RankFile(Path(path), rank, st.st_size, st.st_mtime_ns, tensors,
                     {"param_groups": groups, "ids": ids, "keys": keys, "values": values})
@@ -287,8 +294,8 @@ def _scalar(raw: bytes, dtype: Any) -> Any:
 
 def _same_setting(a: Any, b: Any) -> bool:
     """Two ranks' values of a param group setting agree (a tensor, loaded onto the meta device, by kind and shape)."""
-    if hasattr(a, "shape") and hasattr(b, "shape"):
-        return (a.dtype, tuple(a.shape)) == (b.dtype, tuple(b.shape))
+    if hasattr(a, "shape") or hasattr(b, "shape"):  # a tensor on one rank and a number on another: not the same
+        return hasattr(a, "shape") and hasattr(b, "shape") and (a.dtype, tuple(a.shape)) == (b.dtype, tuple(b.shape))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
     return _same_value(a, b)

@@ -324,7 +324,7 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
     for name, value in obj.items():
         _check_key(name, path)
         if not isinstance(name, str) or not _is_torch_tensor(value):
-            if _holds_tensor(value):
+            if holds_tensor(value):
                 what = (f"entry {name!r} holds tensors inside a {type(value).__name__}" if isinstance(name, str)
                         else f"a tensor lies under the {type(name).__name__} key {name!r}")
                 raise CheckpointError(f"{path}: {what}; a model rank file maps each name to one tensor, and "
@@ -359,7 +359,7 @@ def _check_key(name: Any, path: Path) -> None:
                               "to tensors, and streammerge reads no other keys")
 
 
-def _holds_tensor(value: Any) -> bool:
+def holds_tensor(value: Any) -> bool:
     """Whether a tensor lies anywhere inside lists, tuples, sets and dicts (keys too), however deep."""
     seen, todo = set(), [value]
     while todo:
