@@ -134,12 +134,30 @@ class MergePlan:
         self.note_architecture(note)
         rules = (self.arch.answer or {}).get("fp32")
         loads_as = architecture.first_loads_as(self.arch.answer)
+        self._adapter_loads(loads_as)
         self._float32_differs(rules, loads_as)
         if self.dtypes_pending:
             self.several_dtypes(rules, loads_as)
         if self.config is not None:
             self.arch.remember_written(json.loads(config_bytes(self.config, self.dtype or self.saved_dtype())),
                                        self._weight_names)
+
+    def _adapter_loads(self, loads_as: dict[str, Any] | None) -> None:
+        """An exported adapter names the modules as the checkpoint does; where transformers renames or fuses their
+        weights on load (transformers 4 names: Qwen2-VL's `model.layers`, Qwen2-MoE's per-expert layers), the model
+        PeftModel.from_pretrained wraps may have no such modules (it loads the adapter inert or on other layers), unless
+        peft converts the names itself, which it does for some models (LLaVA, Qwen3-MoE): warned of, not refused."""
+        adapted = (self.lora or {}).get("adapted") if (self.lora or {}).get("adapter_dir") else None
+        moved = sorted(n for n in adapted or () if n in (loads_as or {}))
+        if moved:
+            assert loads_as is not None
+            target, fused = loads_as[moved[0]][:2]
+            more = f" (and {len(moved) - 1} more adapted weights)" if len(moved) > 1 else ""
+            self.warnings.append(
+                f"{moved[0]}{more}: transformers {'fuses it into' if fused else 'loads it as'} {target} on load, and "
+                "the exported adapter (lora_adapter/) names the checkpoint's modules: peft finds them only where it "
+                "converts such names itself (it does for some models, not for others), so check that the adapter "
+                "loads as trained, or use the folded weights, which do")
 
     def several_dtypes(self, rules: Any, loads_as: dict[str, Any] | None = None) -> None:
         """Weights kept (`--dtype keep`) in several floating dtypes are warned of: transformers loads them all as

@@ -1516,3 +1516,48 @@ def test_a_modules_to_save_below_one_layer_is_exported_as_peft_wraps_it(tmp_path
     assert rc == 0, err
     cfg = _loads_as_trained(tmp_path / "out", model, Qwen2ForCausalLM, config, base_sd)
     assert cfg["modules_to_save"] == (["layers.0.mlp"] if recorded else ["0.mlp"])
+
+
+def test_an_adapter_whose_modules_transformers_renames_is_warned_of(tmp_path):
+    """A transformers-4 Qwen2-MoE LoRA with every expert's Linear adapted (one module per expert): the fold loads as
+    trained (transformers fuses the folded experts), but the exported adapter names per-expert modules that the
+    fused model lacks, and peft loaded it with the experts' LoRA silently dropped. It is now warned of."""
+    import transformers
+
+    from streammerge.testing.rankfiles import write_rank_files
+
+    cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, num_experts=2, num_experts_per_tok=1,
+                                      tie_word_embeddings=False, architectures=["Qwen2MoeForCausalLM"])
+    torch.manual_seed(0)
+    sd5 = transformers.Qwen2MoeForCausalLM(cfg).state_dict()
+    sd4 = {}
+    for k, v in sd5.items():
+        pre, _, part = k.partition(".mlp.experts.")
+        if part == "gate_up_proj":
+            for e in range(cfg.num_experts):
+                sd4[f"{pre}.mlp.experts.{e}.gate_proj.weight"] = v[e, :16].clone()
+                sd4[f"{pre}.mlp.experts.{e}.up_proj.weight"] = v[e, 16:].clone()
+        elif part == "down_proj":
+            for e in range(cfg.num_experts):
+                sd4[f"{pre}.mlp.experts.{e}.down_proj.weight"] = v[e].clone()
+        else:
+            sd4[k] = v
+    g = torch.Generator().manual_seed(5)
+    peft_sd = {}
+    for k, v in sd4.items():
+        if ".experts." in k:
+            mod = "base_model.model." + k.removesuffix(".weight")
+            peft_sd[mod + ".base_layer.weight"] = v
+            peft_sd[mod + ".lora_A.default.weight"] = torch.randn(4, v.shape[1], generator=g)
+            peft_sd[mod + ".lora_B.default.weight"] = torch.randn(v.shape[0], 4, generator=g)
+        else:
+            peft_sd["base_model.model." + k] = v
+    actor = write_rank_files(tmp_path / "actor", peft_sd, (1,))
+    cfg.save_pretrained(actor / "huggingface")
+    (actor / "lora_train_meta.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM"}))
+    result = merge(actor, tmp_path / "out", optimizer=False)
+    assert any("model.layers.0.mlp.experts.0.down_proj.weight (and 5 more adapted weights): transformers fuses it "
+               "into model.layers.0.mlp.experts.down_proj on load, and the exported adapter (lora_adapter/) names "
+               "the checkpoint's modules" in w for w in result.warnings), result.warnings

@@ -440,7 +440,8 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
     base_ref = base_name or (config or {}).get("_name_or_path")
     base_ref = base_ref if isinstance(base_ref, str) and base_ref else None
     out.info = {"r": r, "alpha": alpha, "scale": scale, "rslora": rslora, "mode": mode, "base_model": base_ref,
-                "modules": len(adapters), "adapter_dir": ADAPTER_DIR if mode in ("adapter", "both") else None}
+                "modules": len(adapters), "adapter_dir": ADAPTER_DIR if mode in ("adapter", "both") else None,
+                "adapted": sorted(_short(a.module) + ".weight" for a in adapters)}
     if mode in ("adapter", "both"):
         out.plans.append(_adapter_plan(adapters, {**saved, **biases}, options))
         modules = {n.rsplit(".", i)[0] for n in [*plain, *(_short(a.module) + ".weight" for a in adapters)]
