@@ -754,6 +754,20 @@ def start_folder(folder: Path) -> tuple[ArchCheck | None, str | None]:
     return start(config, str(folder / "config.json"), read_generation_config(folder))
 
 
+def _early_line(proc: subprocess.Popen, check: ArchCheck, prefix: bytes) -> dict | None:
+    """The child's early answer that starts with `prefix` (a JSON object after it), read from its stdout; the lines
+    before it belong to the final answer. None if the child ends, or says something else there."""
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, b""):
+        if line.startswith(prefix):
+            with contextlib.suppress(ValueError):
+                value = json.loads(line[len(prefix):])
+                return value if isinstance(value, dict) else None
+            return None
+        check._out += line
+    return None
+
+
 def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
     proc = check._proc
     assert proc is not None and proc.stdin is not None and proc.stdout is not None
@@ -766,13 +780,7 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
         else:
             check._out = first
         try:  # the float32 rules come once the model is built, before the child asks for the names
-            for line in iter(proc.stdout.readline, b""):
-                if line.startswith(FLOAT32_LINE):
-                    with contextlib.suppress(ValueError):
-                        rules = json.loads(line[len(FLOAT32_LINE):])
-                        check._float32 = rules if isinstance(rules, dict) else None
-                    break
-                check._out += line
+            check._float32 = _early_line(proc, check, FLOAT32_LINE)
         finally:
             check._float32_ready.set()
         check._names_ready.wait()
@@ -784,13 +792,7 @@ def _run_child(check: ArchCheck, data: bytes, err: Any) -> None:
         with contextlib.suppress(OSError):
             proc.stdin.close()
         try:  # the first model's loads_as, as soon as the child has placed the names (the plan may wait for it)
-            for line in iter(proc.stdout.readline, b""):
-                if line.startswith(PLACED_LINE):
-                    with contextlib.suppress(ValueError):
-                        placed = json.loads(line[len(PLACED_LINE):])
-                        check._placed = placed if isinstance(placed, dict) else None
-                    break
-                check._out += line
+            check._placed = _early_line(proc, check, PLACED_LINE)
         finally:
             check._placed_ready.set()
         check._out += proc.stdout.read()
