@@ -411,7 +411,7 @@ class ArchCheck:
     _built: dict[int, Any] = field(default_factory=dict, repr=False)  # in-process: models `float32` built on meta
     _placed: dict | None = None  # the child's second early answer: the first model's loads_as of `_names`
     _placed_ready: threading.Event = field(default_factory=threading.Event)
-    _put: list[str] | None = None  # the names the answer this check computed was cached under
+    _answer_cached: bool = False  # the answer this check computed is in the cache
 
     def float32(self, dtype: str) -> dict[str, Any] | None:
         """transformers' `float32_rules` for the config's model, which the plan needs before any byte is written:
@@ -472,8 +472,8 @@ class ArchCheck:
     def result(self, names: list[str]) -> dict[str, Any]:
         self.ready(names)
         if self.answer is not None:
-            if "models" in self.answer and self.how == "in-process" and self._put is None:
-                self._put = list(names)  # computed by the plan (`loads_as`) for names holding these
+            if "models" in self.answer and self.how == "in-process" and not self._answer_cached:
+                self._answer_cached = True  # computed by the plan (`loads_as`) for names holding these
                 _cache_put(self.asked(), names, self.answer)
             return self.answer
         if self._thread is None:  # in-process: the models `float32` built, if it did
@@ -490,7 +490,7 @@ class ArchCheck:
                 self.answer = _parse(self._out, self._err)
         self.seconds = time.perf_counter() - self.started
         if "models" in self.answer:
-            self._put = list(names)
+            self._answer_cached = True
             _cache_put(self.asked(), names, self.answer)
         return self.answer
 
@@ -845,17 +845,21 @@ def _cached_config(asked: Mapping[str, Any]) -> bool:
         return False
 
 
+def _asked(config: Mapping[str, Any], generation: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a check of this config is asked (`ArchCheck.asked`), for the cache's answers without a check."""
+    return {"config": dict(config), "generation": None if generation is None else dict(generation)}
+
+
 def cached_float32(config: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> dict | None:
     """`float32_rules` for this config from an earlier check's answer, without asking transformers (inspect)."""
-    return _cached_float32({"config": dict(config), "generation": None if generation is None else dict(generation)})
+    return _cached_float32(_asked(config, generation))
 
 
 def cached_loads_as(config: Mapping[str, Any], generation: Mapping[str, Any] | None,
                     names: list[str]) -> dict[str, Any] | None:
     """The config's own model's `loads_as` from an earlier check's answer for exactly these weights' names (None where
     there is none), without asking transformers (a plan made without the check, inspect)."""
-    asked = {"config": dict(config), "generation": None if generation is None else dict(generation)}
-    answer = _cache_get(asked, names)
+    answer = _cache_get(_asked(config, generation), names)
     return None if answer is None else first_loads_as(answer)
 
 

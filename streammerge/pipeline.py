@@ -142,15 +142,14 @@ class MergePlan:
             self.arch.remember_written(json.loads(config_bytes(self.config, self.dtype or self.saved_dtype())),
                                        self._weight_names)
 
-    def _adapter_loads(self, loads_as: dict[str, Any] | None) -> None:
+    def _adapter_loads(self, loads_as: dict[str, Any]) -> None:
         """An exported adapter names the modules as the checkpoint does; where transformers renames or fuses their
         weights on load (transformers 4 names: Qwen2-VL's `model.layers`, Qwen2-MoE's per-expert layers), the model
         PeftModel.from_pretrained wraps may have no such modules (it loads the adapter inert or on other layers), unless
         peft converts the names itself, which it does for some models (LLaVA, Qwen3-MoE): warned of, not refused."""
-        adapted = (self.lora or {}).get("adapted") if (self.lora or {}).get("adapter_dir") else None
-        moved = sorted(n for n in adapted or () if n in (loads_as or {}))
+        lora = self.lora or {}
+        moved = sorted(n for n in lora.get("adapted", ()) if n in loads_as) if lora.get("adapter_dir") else []
         if moved:
-            assert loads_as is not None
             target, fused = loads_as[moved[0]][:2]
             more = f" (and {len(moved) - 1} more adapted weights)" if len(moved) > 1 else ""
             self.warnings.append(

@@ -69,8 +69,6 @@ def latest_step(run_dir: Path) -> int | None:
     return step_number(read_tracker(run_dir))
 
 
-
-
 def snapshot(folder: Path) -> Snapshot:
     """Size and mtime of every file under ``folder``: equal twice in a row means nobody is writing."""
     out: Snapshot = {}

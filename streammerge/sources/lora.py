@@ -792,12 +792,11 @@ def _peft_fsdp1_units(model: Any, names: list[str]) -> tuple[tuple[str, tuple[st
             return ()
         owner[name] = unit_of[plain]
     members: dict[str, list[str]] = {}
-    for name in names:
+    first: dict[str, int] = {}  # module -> the first parameter under it: where named_parameters enters it
+    for i, name in enumerate(names):
         members.setdefault(owner[name], []).append(name)
-
-    def visited(unit: str) -> tuple[int, int]:  # where named_parameters first enters the unit's module; outer first
-        inside = [i for i, n in enumerate(names) if not unit or owner[n] == unit or n.startswith(unit + ".")]
-        return min(inside), unit.count(".") if unit else -1
-
-    order = sorted(members, key=visited)
+        for at in (j for j, c in enumerate(name) if c == "."):
+            first.setdefault(name[:at], i)
+    # a unit's module before the units nested in it (same first parameter, fewer dots); the root first of all
+    order = sorted(members, key=lambda u: (first[u], u.count(".")) if u else (-1, -1))
     return tuple((u, tuple(members[u])) for u in order)

@@ -28,7 +28,7 @@ from ..errors import CheckpointError, UnsafePickleError, UnsupportedLayoutError
 from .base import Piece, ReadStats
 from .picklescan import torch_load
 from .torchpickle import check_storages, named_storages
-from .torchzip import check_torch_records, data_offsets, read_directory, read_record
+from .torchzip import Directory, check_torch_records, data_offsets, read_directory, read_record
 
 UNSAFE_FLAG = "--trust-pickle"
 
@@ -65,8 +65,7 @@ def torch_load_meta(path: Path, *, trust_pickle: bool = False) -> Any:
             f"loading {path} with weights_only=False: any code pickled in this file will run",
             stacklevel=2,
         )
-    check_zip(path)
-    d = read_directory(path)
+    d = check_zip(path)
     if d.has(".storage_alignment") and int(read_record(d, ".storage_alignment", check_crc=False)) <= 0:
         # torch's meta-device reading divides by it (the process dies of SIGFPE); its CPU reading ignores it
         raise CheckpointError(f"{path}: record .storage_alignment holds no positive number; re-save the file with "
@@ -126,8 +125,8 @@ def _check_storages(path: Path) -> None:
                               "take one storage's bytes for another's; re-save it with torch.save")
 
 
-def check_zip(path: Path) -> None:
-    """Name truncation and corruption before torch reads a rank file.
+def check_zip(path: Path) -> Directory:
+    """Name truncation and corruption before torch reads a rank file; returns its zip directory.
 
     torch.save writes a zip whose directory sits at the end, so a cut-short copy loses it first;
     torch.load checks no CRCs, so the pickle's CRC is checked here (tensor data is checked by verify).
@@ -137,6 +136,7 @@ def check_zip(path: Path) -> None:
     read_record(d, "data.pkl")
     check_torch_records(d)
     data_offsets(d)  # every record's local header
+    return d
 
 
 class _quiet:
