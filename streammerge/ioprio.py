@@ -6,8 +6,8 @@ synchronous reads, queued behind the reads the merge keeps ahead of itself; wher
 child, the merge then waits for it. With STREAMMERGE_ARCH_IO=idle every thread of the process stands in the idle
 I/O class while the child imports, which an I/O scheduler that knows priorities (mq-deadline, bfq) serves only when
 nothing else waits; one that knows none (`none`, common on NVMe) ignores it. It is opt-in: where it was measured
-(README, "What the architecture check costs") the child waited as long either way (its reads probably wait in the disk's
-own queue, which priorities do not reach).
+(benchmarks/README.md, "What the architecture check costs") the child waited as long either way (its reads probably
+wait in the disk's own queue, which priorities do not reach).
 
 Python has no ioprio_set, and psutil's `ionice` sets one task, not every thread of a process: a system call
 through ctypes, on the architectures whose call numbers are below.
