@@ -15,3 +15,7 @@ SHARED_CASES = sorted(p.name for p in SHARED_VERL.iterdir() if (p / "reference")
 # veRL LoRA checkpoints of FSDP1 (peft, veRL's LoRA wrap policy), made on a GPU with peft's merge as the oracle
 VERL_LORA_DATA = REPO / "tests" / "data" / "verl_lora"
 VERL_LORA_CASES = sorted(p.name for p in VERL_LORA_DATA.iterdir() if (p / "reference").is_dir())
+# accelerate / HF Trainer FSDP2 SHARDED_STATE_DICT checkpoints (checkpoint-N/ as Trainer wrote it, the model folder
+# the run started from, torch's gathered state as the oracle), made on a GPU by tests/data/make_accelerate.py
+ACCELERATE_DATA = REPO / "tests" / "data" / "accelerate"
+ACCELERATE_CASES = sorted(p.name for p in ACCELERATE_DATA.iterdir() if (p / "reference").is_dir())

@@ -48,6 +48,8 @@ MEGATRON_METADATA = "metadata.json"  # Megatron-Core dist_checkpointing: {"shard
 # Where trainers keep the DCP below the folder a user names: veRL Megatron (<= 0.8: actor/dist_ckpt,
 # >= 0.9: actor/model/dist_ckpt), prime-rl (step_N/trainer), accelerate FSDP (pytorch_model_fsdp_0).
 DCP_SUBFOLDERS = ("dist_ckpt", "model/dist_ckpt", "trainer", "pytorch_model_fsdp_0")
+# accelerate's save_fsdp_optimizer writes the optimizer as a DCP of its own ({"optimizer": ...}) beside the model's
+ACCELERATE_OPTIMIZER = {"pytorch_model_fsdp_0": "optimizer_0"}
 MODEL_CONTAINERS = ("model",)
 OPTIMIZER_CONTAINERS = ("optimizer", "optimizers", "optim")
 _T = TypeVar("_T")
@@ -697,6 +699,8 @@ class DcpSource(Source):
     def __init__(self, path: Path, *, hf_dir: Path | None = None, step: int | None = None):
         super().__init__(path, step=step, hf_dir=hf_dir)
         self._ck: DcpCheckpoint | None = None
+        self._opt_ck: DcpCheckpoint | None = None
+        self._opt_error: str | None = None
         self._split: tuple[str | None, KeySplit] | None = None
 
     @property
@@ -739,9 +743,27 @@ class DcpSource(Source):
 
     def has_optimizer(self) -> bool:
         try:
-            return self.split(self._key_prefix()).optimizer_prefix is not None
+            return self.split(self._key_prefix()).optimizer_prefix is not None or self._optimizer_folder() is not None
         except CheckpointError:
             return False
+
+    def _optimizer_folder(self) -> Path | None:
+        """accelerate's optimizer DCP beside this model DCP (checkpoint-N/optimizer_0/ of `{"optimizer": ...}`)."""
+        name = ACCELERATE_OPTIMIZER.get(self.path.name)
+        beside = self.path.parent / name if name else None
+        return beside if beside is not None and beside.is_dir() and is_dcp_folder(beside) else None
+
+    def optimizer_dcp(self) -> DcpCheckpoint | None:
+        """The DCP beside this one that holds the optimizer (read once), or None where there is none or it cannot
+        be read (`_opt_error` says why: the weights are merged all the same)."""
+        if self._opt_ck is None and self._opt_error is None:
+            beside = self._optimizer_folder()
+            if beside is not None:
+                try:
+                    self._opt_ck = read_dcp(beside, self.stats)
+                except CheckpointError as e:
+                    self._opt_error = str(e)
+        return self._opt_ck
 
     def _key_prefix(self) -> str | None:
         return self._split[0] if self._split is not None else None
@@ -751,10 +773,18 @@ class DcpSource(Source):
         from ..optimizer.dcp import plan_dcp_optimizer
 
         split = self.split(options.key_prefix)
-        if split.optimizer_prefix is None:
-            return None, []
-        return plan_dcp_optimizer(self.checkpoint(), split.optimizer_prefix, weights, options,
-                                  source_note=f"torch DCP {self.path.name}", step=self.step)
+        if split.optimizer_prefix is not None:
+            return plan_dcp_optimizer(self.checkpoint(), split.optimizer_prefix, weights, options,
+                                      source_note=f"torch DCP {self.path.name}", step=self.step)
+        oc = self.optimizer_dcp()
+        if oc is None:
+            return None, [f"optimizer not exported: {self._opt_error}"] if self._opt_error else []
+        prefix = _optimizer_prefix(list(oc.tensors), "")
+        if prefix is None:
+            return None, [f"optimizer not exported: {oc.folder} holds no optimizer state tensors "
+                          f"({', '.join(OPTIMIZER_CONTAINERS)}.state.*)"]
+        return plan_dcp_optimizer(oc, prefix, weights, options, step=self.step,
+                                  source_note=f"torch DCP {oc.folder.name}, beside {self.path.name}")
 
     def info(self) -> dict[str, Any]:
         ck = self.checkpoint()
@@ -768,15 +798,20 @@ class DcpSource(Source):
                          + (f", {split.prefix!r} stripped" if split.prefix else ""))
             if split.optimizer_prefix:
                 lines.append(f"optimizer   {split.optimizer_prefix}state.*")
+            elif self._optimizer_folder() is not None:
+                lines.append(f"optimizer   {self._optimizer_folder()}, beside this folder")
             if split.others:
                 left = ", ".join(f"{k}.* ({n} tensors)" for k, n in sorted(split.others.items()))
                 lines.append(f"not merged  {left}")
         return lines
 
     def files(self) -> list[Path]:
-        return list(self.checkpoint().files)
+        oc = self.optimizer_dcp()
+        return list(self.checkpoint().files) + (list(oc.files) if oc is not None else [])
 
     def oracle(self, options: MergeOptions) -> Oracle:
-        from .dcp_oracle import DcpOracle
+        from .dcp_oracle import DcpOracle, DcpPair
 
-        return DcpOracle(self.path, self.split(options.key_prefix).model)  # optimizer sources keep their DCP keys
+        model = DcpOracle(self.path, self.split(options.key_prefix).model)  # optimizer sources keep their DCP keys
+        oc = self.optimizer_dcp()
+        return model if oc is None else DcpPair(model, DcpOracle(oc.folder), set(oc.tensors))

@@ -238,6 +238,30 @@ class DcpOracle(Oracle):
         self._cache.clear()
 
 
+class DcpPair(Oracle):
+    """A model DCP and the optimizer DCP saved beside it (accelerate's `optimizer_0/`): each name is read from the
+    folder that holds it (`optimizer_keys`: the optimizer folder's keys, by which the export's sources are named)."""
+
+    def __init__(self, model: DcpOracle, optimizer: DcpOracle, optimizer_keys: set[str]):
+        self.model, self.optimizer, self.optimizer_keys = model, optimizer, optimizer_keys
+
+    def _of(self, name: str) -> DcpOracle:
+        return self.optimizer if name in self.optimizer_keys and name not in self.model.names else self.model
+
+    def shape(self, name: str) -> tuple[tuple[int, ...], str] | None:
+        return self._of(name).shape(name)
+
+    def read(self, name: str, box: Box) -> Any:
+        return self._of(name).read(name, box)
+
+    def check_integrity(self, paths: Sequence[Path]) -> list[str]:
+        return self.model.check_integrity(paths) + self.optimizer.check_integrity(paths)
+
+    def close(self) -> None:
+        self.model.close()
+        self.optimizer.close()
+
+
 def _read_span(path: Path, storage: int, view: Any) -> Any:
     """The elements of a meta view of a stored tensor, from its storage's bytes at `storage` in `path`: only the
     span the view covers is read, as torch.load(mmap=True) would fault it in."""
