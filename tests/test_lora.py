@@ -1561,3 +1561,28 @@ def test_an_adapter_whose_modules_transformers_renames_is_warned_of(tmp_path):
     assert any("model.layers.0.mlp.experts.0.down_proj.weight (and 5 more adapted weights): transformers fuses it "
                "into model.layers.0.mlp.experts.down_proj on load, and the exported adapter (lora_adapter/) names "
                "the checkpoint's modules" in w for w in result.warnings), result.warnings
+
+
+def test_an_adapter_state_dict_without_adapter_names_is_refused_saying_what_it_is(tmp_path: Path, capsys) -> None:
+    """What the HF Trainer saves for a peft model under FSDP SHARDED_STATE_DICT: a DCP of `{"model":
+    get_peft_model_state_dict(model)}`, whose keys lost the adapter's name (`q_proj.lora_A.weight`) and which
+    records no lora_alpha. Refused in one line that names the form and the way out (it was blamed on "another
+    tuner"); nothing is written."""
+    import torch.distributed.checkpoint as dcp
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    spec = LoraSpec(actor_dir=str(tmp_path))
+    base = Qwen2ForCausalLM(model_config(spec))
+    base.save_pretrained(tmp_path / "base")
+    state = get_peft_model_state_dict(get_peft_model(base, lora_config(spec)))
+    assert any(k.endswith(".lora_A.weight") for k in state)
+    ckpt = tmp_path / "checkpoint-3"
+    dcp.save({"model": state}, checkpoint_id=ckpt / "pytorch_model_fsdp_0")
+    out = tmp_path / "out"
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert cli_main([str(ckpt), str(out), "--model-name", str(tmp_path / "base"),
+                     "--base-model", str(tmp_path / "base")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without its adapter's name" in err[0] and "merge_and_unload" in err[0], err
+    assert not out.exists()

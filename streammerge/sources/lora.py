@@ -56,6 +56,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 NOTE = "LoRA  "  # the plan note of a LoRA checkpoint (inspect shows it; the optimizer export looks for it)
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)\.(?P<adapter>[^.]+)\.weight$")
+_UNNAMED_LORA = re.compile(r"\.lora_(A|B)\.weight$")  # an adapter file's keys: the adapter's name taken out
 _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA (use_dora=True)",
     "lora_embedding_A": "LoRA on embeddings",
@@ -651,6 +652,11 @@ def _pair(source: Source, tensors: Mapping[str, SourceTensor]
 def _refuse_other_tuners(source: Source, name: str, adapter_names: set[str], lora_modules: Mapping) -> None:
     """A key that is neither LoRA's nor the model's is another peft tuner's part, which the fold would leave out
     (or write under a name transformers ignores)."""
+    if _UNNAMED_LORA.search(name):
+        raise CheckpointError(f"{source.path}: {name!r}: a LoRA factor saved without its adapter's name, as peft's "
+                              "get_peft_model_state_dict gives it (the HF Trainer saves a peft model so under FSDP "
+                              "SHARDED_STATE_DICT), with no record of lora_alpha: streammerge does not fold this form; "
+                              "load it into the peft model (set_peft_model_state_dict) and use peft's merge_and_unload")
     if ".trainable_tokens_" in name or ".token_adapter." in name:
         raise CheckpointError(f"{source.path}: {name!r}: peft trainable tokens (trainable_token_indices) are not "
                               "supported by streammerge's LoRA fold; merge it with peft's merge_and_unload instead")
