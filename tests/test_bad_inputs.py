@@ -208,6 +208,15 @@ def _megatron_legacy(d: Path) -> Path:
     return d
 
 
+def _accelerate_per_rank(d: Path) -> Path:
+    """accelerate's save_fsdp_model/save_fsdp_optimizer with use_dcp=False: one torch.save per rank, no DCP."""
+    d.mkdir(parents=True)
+    for r in range(2):
+        torch.save({"model.embed_tokens.weight": torch.zeros(2, 4)}, d / f"pytorch_model_fsdp_0_rank{r}.bin")
+        torch.save({"state": {}, "param_groups": []}, d / f"optimizer_0_rank{r}.bin")
+    return d
+
+
 def _tiny_qwen2():
     import transformers
 
@@ -230,8 +239,9 @@ def _peft_adapter(d: Path) -> Path:
 
 @pytest.mark.parametrize(("make", "words"), [
     (_deepspeed_run, "a DeepSpeed checkpoint"), (_megatron_legacy, "legacy `torch` format"),
-    (_hf_folder, "already a Hugging Face model folder"), (_peft_adapter, "a peft adapter folder")],
-    ids=["deepspeed", "megatron-legacy", "hf-folder", "peft-adapter"])
+    (_hf_folder, "already a Hugging Face model folder"), (_peft_adapter, "a peft adapter folder"),
+    (_accelerate_per_rank, "accelerate's per-rank FSDP files")],
+    ids=["deepspeed", "megatron-legacy", "hf-folder", "peft-adapter", "accelerate-per-rank"])
 def test_a_format_streammerge_does_not_read_is_named_with_what_reads_it(make, words, tmp_path, capsys):
     """Rather than "not a checkpoint": what the folder is, in one line, and which tool reads it."""
     ckpt = make(tmp_path / "ckpt")

@@ -125,6 +125,9 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
      "a Megatron checkpoint in the legacy `torch` format (mp_rank_*/model_optim_rng.pt); streammerge reads Megatron's "
      "`torch_dist` format: convert it with Megatron-LM's tools/checkpoint/convert.py, or save with --ckpt-format "
      "torch_dist"),
+    (lambda p: _has(p, "pytorch_model_fsdp_*_rank*.bin"),
+     "accelerate's per-rank FSDP files (pytorch_model_fsdp_*_rank*.bin, saved with use_dcp=False), which streammerge "
+     "does not read: save with accelerate's default (use_dcp=True, a pytorch_model_fsdp_0/ folder), which it reads"),
     (_peft_adapter,
      "a peft adapter folder (adapter_config.json and its weights), which streammerge does not read: it folds LoRA "
      "from training checkpoints; peft's merge_and_unload() of the adapter loaded onto its base folds this one"),
