@@ -1563,26 +1563,74 @@ def test_an_adapter_whose_modules_transformers_renames_is_warned_of(tmp_path):
                "the checkpoint's modules" in w for w in result.warnings), result.warnings
 
 
-def test_an_adapter_state_dict_without_adapter_names_is_refused_saying_what_it_is(tmp_path: Path, capsys) -> None:
-    """What the HF Trainer saves for a peft model under FSDP SHARDED_STATE_DICT: a DCP of `{"model":
-    get_peft_model_state_dict(model)}`, whose keys lost the adapter's name (`q_proj.lora_A.weight`) and which
-    records no lora_alpha. Refused in one line that names the form and the way out (it was blamed on "another
-    tuner"); nothing is written."""
+def _trainer_fsdp_checkpoint(tmp_path: Path, model, config, base_sd: dict) -> tuple[Path, Path]:
+    """What the HF Trainer saves for a peft model under FSDP SHARDED_STATE_DICT (accelerate's save_fsdp_model with
+    adapter_only=True): a DCP of `{"model": get_peft_model_state_dict(model)}` in checkpoint-N/pytorch_model_fsdp_0,
+    whose keys lost the adapter's name (`q_proj.lora_A.weight`) and which records no LoraConfig. Also the base
+    model folder the run started from. Returns (checkpoint-N, base)."""
     import torch.distributed.checkpoint as dcp
-    from peft import get_peft_model, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
-    spec = LoraSpec(actor_dir=str(tmp_path))
-    base = Qwen2ForCausalLM(model_config(spec))
+    base = Qwen2ForCausalLM(config)
+    base.load_state_dict(base_sd)
     base.save_pretrained(tmp_path / "base")
-    state = get_peft_model_state_dict(get_peft_model(base, lora_config(spec)))
-    assert any(k.endswith(".lora_A.weight") for k in state)
+    state = get_peft_model_state_dict(model)
+    assert any(re.search(r"\.lora_[AB]\.weight$", k) for k in state), sorted(state)[:3]
     ckpt = tmp_path / "checkpoint-3"
     dcp.save({"model": state}, checkpoint_id=ckpt / "pytorch_model_fsdp_0")
-    out = tmp_path / "out"
+    return ckpt, tmp_path / "base"
+
+
+def test_an_adapter_state_dict_without_adapter_names_folds_as_peft_merges(tmp_path: Path, capsys) -> None:
+    """The Trainer's FSDP checkpoint of a peft model (adapter state dict, no adapter names, no lora_alpha) with
+    --base-model and --lora-alpha: the fold is peft's merge_and_unload bit for bit, and the exported adapter loads
+    in peft as the trained model. It was refused, blamed on "another tuner"."""
+    model, config, base_sd = _trained_peft()
+    ckpt, base = _trainer_fsdp_checkpoint(tmp_path, model, config, base_sd)
     capsys.readouterr()  # save_pretrained's progress bar
-    assert cli_main([str(ckpt), str(out), "--model-name", str(tmp_path / "base"),
-                     "--base-model", str(tmp_path / "base")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "without its adapter's name" in err[0] and "merge_and_unload" in err[0], err
-    assert not out.exists()
+    out = tmp_path / "out"
+    rc, err = run(["merge", ckpt, out, "--model-name", base, "--base-model", base, "--lora-alpha", "16",
+                   "--dtype", "float32"], capsys)
+    assert rc == 0, err
+    _assert_bits(out, _peft_merged(model))
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+    cfg = _loads_as_trained(out, model, Qwen2ForCausalLM, config, base_sd)
+    assert (cfg["r"], cfg["lora_alpha"]) == (8, 16)
+    assert verify(out, ckpt).ok
+
+
+def test_an_adapter_state_dict_without_adapter_names_needs_lora_alpha(tmp_path: Path, capsys) -> None:
+    """Nothing in such a checkpoint records lora_alpha, and the scale cannot be read from the weights: one line
+    asking for it, nothing written."""
+    model, config, base_sd = _trained_peft()
+    ckpt, base = _trainer_fsdp_checkpoint(tmp_path, model, config, base_sd)
+    capsys.readouterr()  # save_pretrained's progress bar
+    rc, err = run(["merge", ckpt, tmp_path / "out", "--model-name", base, "--base-model", base], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "--lora-alpha" in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_state_dict_with_other_tensors_is_refused(tmp_path: Path, capsys) -> None:
+    """modules_to_save copies lose their marks in an adapter state dict (`lm_head.weight`, like a trained bias's
+    name): without the run's adapter_config.json which one a key is cannot be told, so the fold is refused."""
+    model, config, base_sd = _trained_peft(modules_to_save=["lm_head"])
+    ckpt, base = _trainer_fsdp_checkpoint(tmp_path, model, config, base_sd)
+    capsys.readouterr()  # save_pretrained's progress bar
+    rc, err = run(["merge", ckpt, tmp_path / "out", "--model-name", base, "--base-model", base, "--lora-alpha", "16"],
+                  capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "modules_to_save" in lines[0] and "lm_head" in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_state_dict_with_lora_biases_is_refused(tmp_path: Path, capsys) -> None:
+    """lora_bias=True's `lora_B.bias` without the adapter's name is refused as LoRA biases are elsewhere."""
+    model, config, base_sd = _trained_peft(lora_bias=True)
+    ckpt, base = _trainer_fsdp_checkpoint(tmp_path, model, config, base_sd)
+    capsys.readouterr()  # save_pretrained's progress bar
+    rc, err = run(["merge", ckpt, tmp_path / "out", "--model-name", base, "--base-model", base, "--lora-alpha", "16"],
+                  capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "LoRA biases (lora_bias=True)" in lines[0], err

@@ -55,8 +55,9 @@ ADAPTER_DIR = "lora_adapter"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 NOTE = "LoRA  "  # the plan note of a LoRA checkpoint (inspect shows it; the optimizer export looks for it)
-_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)\.(?P<adapter>[^.]+)\.weight$")
-_UNNAMED_LORA = re.compile(r"\.lora_(A|B)\.weight$")  # an adapter file's keys: the adapter's name taken out
+# peft's model state dict names the adapter (`q_proj.lora_A.default.weight`); get_peft_model_state_dict (an adapter
+# file's keys, and what the HF Trainer saves for a peft model under FSDP SHARDED_STATE_DICT) takes the name out
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA (use_dora=True)",
     "lora_embedding_A": "LoRA on embeddings",
@@ -337,7 +338,7 @@ def plan_lora(source: Source, tensors: Mapping[str, SourceTensor], options: Any,
             if f".{marker}." in name or name.endswith(f".{marker}"):
                 raise CheckpointError(f"{source.path}: {name!r}: {what} is not supported by streammerge's LoRA fold; "
                                       "merge it with peft's merge_and_unload instead")
-        if re.search(r"\.lora_B\.[^.]+\.bias$", name):
+        if re.search(r"\.lora_B(\.[^.]+)?\.bias$", name):
             raise CheckpointError(f"{source.path}: {name!r}: LoRA biases (lora_bias=True) are not supported")
     adapters, plain, adapter_names, saved = _pair(source, tensors)
     # a module whose base_layer holds parameters other than a Linear's weight and bias: peft's ParamWrapper
@@ -613,12 +614,18 @@ def _pair(source: Source, tensors: Mapping[str, SourceTensor]
     parts: dict[str, dict[str, SourceTensor]] = {}
     names: set[str] = set()
     lora_keys: set[str] = set()
+    unnamed = None  # a factor saved without its adapter's name
     for name, t in tensors.items():
         m = _LORA.match(name)
         if m:
             parts.setdefault(m["module"], {})[m["ab"]] = t
-            names.add(m["adapter"])
+            if m["adapter"] is None:
+                unnamed = name
+            else:
+                names.add(m["adapter"])
             lora_keys.add(name)
+    if unnamed is not None:
+        _check_unnamed(source, tensors, unnamed, names, lora_keys)
     adapters = []
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
@@ -649,14 +656,26 @@ def _pair(source: Source, tensors: Mapping[str, SourceTensor]
     return adapters, plain, names, saved
 
 
+def _check_unnamed(source: Source, tensors: Mapping[str, SourceTensor], unnamed: str, names: set[str],
+                   lora_keys: set[str]) -> None:
+    """Factors saved without the adapter's name (an adapter state dict: get_peft_model_state_dict) are folded only
+    where they are all the checkpoint holds: there, a modules_to_save copy and a trained bias both lost the marks
+    that tell them apart, and without the run's adapter_config.json which one a key is cannot be told."""
+    if names:
+        raise CheckpointError(f"{source.path}: {unnamed!r} has no adapter name but other LoRA keys name "
+                              f"{sorted(names)[0]!r}: tensors of two saves?")
+    other = next((n for n in tensors if n not in lora_keys), None)
+    if other is not None:
+        raise CheckpointError(f"{source.path}: an adapter state dict (LoRA keys without the adapter's name, as peft's "
+                              f"get_peft_model_state_dict gives them) that also holds {other!r}: a modules_to_save "
+                              "copy or a trained bias, which cannot be told apart without the run's "
+                              "adapter_config.json; load it into the peft model (set_peft_model_state_dict) and use "
+                              "peft's merge_and_unload")
+
+
 def _refuse_other_tuners(source: Source, name: str, adapter_names: set[str], lora_modules: Mapping) -> None:
     """A key that is neither LoRA's nor the model's is another peft tuner's part, which the fold would leave out
     (or write under a name transformers ignores)."""
-    if _UNNAMED_LORA.search(name):
-        raise CheckpointError(f"{source.path}: {name!r}: a LoRA factor saved without its adapter's name, as peft's "
-                              "get_peft_model_state_dict gives it (the HF Trainer saves a peft model so under FSDP "
-                              "SHARDED_STATE_DICT), with no record of lora_alpha: streammerge does not fold this form; "
-                              "load it into the peft model (set_peft_model_state_dict) and use peft's merge_and_unload")
     if ".trainable_tokens_" in name or ".token_adapter." in name:
         raise CheckpointError(f"{source.path}: {name!r}: peft trainable tokens (trainable_token_indices) are not "
                               "supported by streammerge's LoRA fold; merge it with peft's merge_and_unload instead")
