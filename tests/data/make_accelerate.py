@@ -52,10 +52,11 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from make_verl_gpu import _free_port as free_port  # this folder: the script's own, first on sys.path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -226,14 +227,6 @@ def worker(case_name: str, case_dir: Path) -> None:
     (ref_dir / "INFO.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def make_case(case_name: str, out: Path) -> Path:
     import torch
 
@@ -248,7 +241,7 @@ def make_case(case_name: str, out: Path) -> Path:
     env = {**os.environ, "ACCELERATE_TORCH_DEVICE": "cuda:0", "PYTHONPATH": path,
            "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
-               f"--master_port={_free_port()}", str(Path(__file__).resolve()), "--worker", case_name, str(case_dir)]
+               f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", case_name, str(case_dir)]
     subprocess.run(command, env=env, check=True)
     info_path = case_dir / "reference" / "INFO.json"
     info = json.loads(info_path.read_text())
