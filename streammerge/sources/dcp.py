@@ -798,8 +798,8 @@ class DcpSource(Source):
                          + (f", {split.prefix!r} stripped" if split.prefix else ""))
             if split.optimizer_prefix:
                 lines.append(f"optimizer   {split.optimizer_prefix}state.*")
-            elif self._optimizer_folder() is not None:
-                lines.append(f"optimizer   {self._optimizer_folder()}, beside this folder")
+            elif (beside := self._optimizer_folder()) is not None:
+                lines.append(f"optimizer   {beside}, beside this folder")
             if split.others:
                 left = ", ".join(f"{k}.* ({n} tensors)" for k, n in sorted(split.others.items()))
                 lines.append(f"not merged  {left}")
