@@ -385,15 +385,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "merge":
         p = _Parser(prog="streammerge", description="Merge a sharded checkpoint (veRL FSDP, LoRA, "
-                                    "torch DCP, Megatron torch_dist) into a Hugging Face model folder, streaming in "
-                                    "bounded memory.", epilog=HELP,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "torch DCP, Megatron torch_dist) into a Hugging Face model folder, streaming in "
+                    "bounded memory.", epilog=HELP,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
         _merge_args(p)
         _push_args(p)
     elif command == "watch":
         p = _Parser(prog="streammerge watch", description="Follow a training run's "
-                                    "latest_checkpointed_iteration.txt; merge (and with --push, push) each new "
-                                    "checkpoint once all its rank files are there and no longer growing.")
+                    "latest_checkpointed_iteration.txt; merge (and with --push, push) each new "
+                    "checkpoint once all its rank files are there and no longer growing.")
         p.add_argument("run_dir", metavar="RUN_DIR", type=_path,
                        help="the trainer's checkpoint folder (holds global_step_N/)")
         _plan_args(p)
@@ -417,9 +417,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable plan")
     elif command == "verify":
         p = _Parser(prog="streammerge verify",
-                                    description="Check a merged folder: headers, coverage, crc32 against the manifest, "
-                                                "index; given the checkpoint, every tensor against its source pieces. "
-                                                "Exit code 0 only when everything holds.")
+                    description="Check a merged folder: headers, coverage, crc32 against the manifest, "
+                                "index; given the checkpoint, every tensor against its source pieces. "
+                                "Exit code 0 only when everything holds.")
         p.add_argument("out_dir", metavar="OUT_DIR", type=_path)
         p.add_argument("checkpoint", metavar="CKPT_DIR", nargs="?", default=None, type=_path)
         p.add_argument("--trust-pickle", action="store_true",
@@ -441,7 +441,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--key-prefix", metavar="PREFIX", help="the DCP container the merge took the model from")
     elif command == "demo":
         p = _Parser(prog="streammerge demo",
-                                    description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")
+                    description="Make a small real FSDP2 checkpoint on CPU (gloo) and merge it.")
         p.add_argument("out_dir", nargs="?", default="streammerge-demo", metavar="OUT_DIR", type=_path)
     else:
         raise KeyError(command)
