@@ -32,6 +32,14 @@ from fixture_paths import SHARED_VERL, VERL_DATA  # noqa: E402
 from streammerge.testing.synthetic import make_checkpoint  # noqa: E402
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): a worker per core, at most 8, since many tests start process trees of
+    their own (torchrun hosts, the CLI, its architecture child)."""
+    import os
+
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def architecture_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The architecture check's answers go to a folder of this run, not the user's ~/.cache (CLI children too)."""
