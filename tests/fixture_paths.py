@@ -15,7 +15,10 @@ SHARED_CASES = sorted(p.name for p in SHARED_VERL.iterdir() if (p / "reference")
 # veRL LoRA checkpoints of FSDP1 (peft, veRL's LoRA wrap policy), made on a GPU with peft's merge as the oracle
 VERL_LORA_DATA = REPO / "tests" / "data" / "verl_lora"
 VERL_LORA_CASES = sorted(p.name for p in VERL_LORA_DATA.iterdir() if (p / "reference").is_dir())
-# accelerate / HF Trainer FSDP2 SHARDED_STATE_DICT checkpoints (checkpoint-N/ as Trainer wrote it, the model folder
-# the run started from, torch's gathered state as the oracle), made on a GPU by tests/data/make_accelerate.py
+# accelerate / HF Trainer FSDP1 and FSDP2 SHARDED_STATE_DICT checkpoints (checkpoint-N/ as Trainer wrote it, the
+# model folder the run started from, torch's gathered state as the oracle), made on a GPU by
+# tests/data/make_accelerate.py; the LoRA cases (a peft model trained by the Trainer) hold peft's merge as the oracle
 ACCELERATE_DATA = REPO / "tests" / "data" / "accelerate"
-ACCELERATE_CASES = sorted(p.name for p in ACCELERATE_DATA.iterdir() if (p / "reference").is_dir())
+_ACCELERATE = sorted(p.name for p in ACCELERATE_DATA.iterdir() if (p / "reference").is_dir())
+ACCELERATE_LORA_CASES = [c for c in _ACCELERATE if (ACCELERATE_DATA / c / "reference" / "merged.safetensors").is_file()]
+ACCELERATE_CASES = [c for c in _ACCELERATE if c not in ACCELERATE_LORA_CASES]

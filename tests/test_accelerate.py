@@ -1,10 +1,11 @@
-"""accelerate / HF Trainer checkpoints of FSDP2 with `SHARDED_STATE_DICT`, as real runs write them.
+"""accelerate / HF Trainer checkpoints of FSDP1 and FSDP2 with `SHARDED_STATE_DICT`, as real runs write them.
 
 `tests/data/accelerate/<case>/run/checkpoint-3/` is what `Trainer._save_checkpoint` wrote (made on a GPU by
 `tests/data/make_accelerate.py` with accelerate and transformers themselves, 2 ranks): `pytorch_model_fsdp_0/` (a DCP
 of `{"model": state dict}`), `optimizer_0/` (a DCP of `{"optimizer": ...}`), scheduler, RNG and trainer state, and no
 config.json: the user names the model folder the run started from (`huggingface/`) with `--model-name`.
 The oracle in `reference/` was gathered by torch inside the training processes when the checkpoint was saved.
+The LoRA cases trained a peft model: their oracle is also peft's merge of it, and the user gives the base model.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers  # noqa: F401  (imported: the merge asks transformers in this process, not in a child)
-from fixture_paths import ACCELERATE_CASES, ACCELERATE_DATA
+from fixture_paths import ACCELERATE_CASES, ACCELERATE_DATA, ACCELERATE_LORA_CASES
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_optimizer import assert_same_optimizer
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import streammerge
@@ -54,19 +57,24 @@ def merged(request, tmp_path_factory) -> tuple[str, Path, Path, str]:
 def test_the_fixture_is_what_accelerate_writes() -> None:
     """The layout the tests rely on, from accelerate's own save (not a hand-made one): two DCP folders, one per
     saved dict, and no config.json (Trainer writes none with SHARDED_STATE_DICT)."""
-    assert ACCELERATE_CASES
+    assert ACCELERATE_CASES and ACCELERATE_LORA_CASES
     size = sum(p.stat().st_size for p in ACCELERATE_DATA.rglob("*") if p.is_file())
-    assert size < 2 * 10**6, f"tests/data/accelerate holds {size} bytes"
-    for case in ACCELERATE_CASES:
+    assert size < 5 * 10**6, f"tests/data/accelerate holds {size} bytes"
+    versions = set()
+    for case in ACCELERATE_CASES + ACCELERATE_LORA_CASES:
         ckpt = ACCELERATE_DATA / case / CHECKPOINT
         info = _info(case)
         plugin = info["fsdp_plugin"]
-        assert plugin["fsdp_version"] == 2 and plugin["state_dict_type"] == "StateDictType.SHARDED_STATE_DICT"
+        versions.add(plugin["fsdp_version"])
+        assert plugin["fsdp_version"] == (1 if "fsdp1" in case else 2)
+        assert plugin["state_dict_type"] == "StateDictType.SHARDED_STATE_DICT"
+        assert bool(info.get("lora")) == (case in ACCELERATE_LORA_CASES)
         assert info["distributed_type"] == "DistributedType.FSDP" and info["world_size"] == 2
         assert all((ckpt / d / ".metadata").is_file() for d in ("pytorch_model_fsdp_0", "optimizer_0"))
         assert not (ckpt / "config.json").exists()
         assert sorted(p.name for p in (ckpt / "pytorch_model_fsdp_0").iterdir()) == [".metadata", "__0_0.distcp",
                                                                                        "__1_0.distcp"]
+    assert versions == {1, 2}  # FSDP1 (accelerate's default fsdp_version) and FSDP2
 
 
 @pytest.mark.parametrize("case", ACCELERATE_CASES)
@@ -81,8 +89,9 @@ def test_the_oracle_is_the_checkpoint_as_torch_reads_it(case: str, tmp_path: Pat
     assert set(model) == {"model"} and set(optim) == {"optimizer"}
     ref = load_file(ACCELERATE_DATA / case / "reference" / "model.safetensors")
     assert set(model["model"]) == set(ref) and all(torch.equal(model["model"][k], v) for k, v in ref.items())
+    # torch's reader gives the state in the DCP's key order, not the param groups' (under FSDP1)
     assert_same_optimizer(optim["optimizer"], torch.load(ACCELERATE_DATA / case / "reference" / "optimizer.pt",
-                                                         weights_only=True))
+                                                         weights_only=True), ordered=False)
 
 
 def test_weights_equal_torchs_gathered_state_bit_for_bit(merged) -> None:
@@ -195,3 +204,153 @@ def test_inspect_names_the_optimizer_folder(capsys) -> None:
     assert main(["inspect", str(ckpt), "--model-name", str(ACCELERATE_DATA / case / "huggingface")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("optimizer ")]
     assert lines == [f"optimizer   {ckpt / 'optimizer_0'}, beside this folder"]
+
+
+# ---- a peft LoRA model trained by the Trainer (adapter_only=True: get_peft_model_state_dict, keys without the
+# adapter's name, no LoraConfig recorded); the user gives the base model and lora_alpha
+
+
+def _saved_keys(case: str) -> list[str]:
+    """The model DCP's keys, as torch's own reader lists them."""
+    return list(FileSystemReader(ACCELERATE_DATA / case / CHECKPOINT / "pytorch_model_fsdp_0").read_metadata()
+                .state_dict_metadata)
+
+
+LORA_SAVED = [c for c in ACCELERATE_LORA_CASES if _saved_keys(c)]
+LORA_EMPTY = [c for c in ACCELERATE_LORA_CASES if not _saved_keys(c)]
+
+
+def test_the_lora_fixtures_are_what_the_trainer_saves() -> None:
+    """FSDP2 saves the adapter's factors only, named as get_peft_model_state_dict names them; FSDP1 (accelerate's
+    save of a peft model under SHARDED_STATE_DICT) saved no tensor at all. The base in huggingface/ is the run's
+    frozen base, as torch gathered it when the checkpoint was saved."""
+    assert LORA_SAVED and LORA_EMPTY
+    assert all(_info(c)["fsdp_plugin"]["fsdp_version"] == 2 for c in LORA_SAVED)
+    assert all(_info(c)["fsdp_plugin"]["fsdp_version"] == 1 for c in LORA_EMPTY)
+    for case in LORA_SAVED:
+        keys = _saved_keys(case)
+        assert all(re.fullmatch(r"model\.base_model\.model\..+\.lora_[AB]\.weight", k) for k in keys), keys[:3]
+    for case in ACCELERATE_LORA_CASES:
+        ref = load_file(ACCELERATE_DATA / case / "reference" / "model.safetensors")
+        base = load_file(ACCELERATE_DATA / case / "huggingface" / "model.safetensors")
+        for name, w in base.items():
+            k = "base_model.model." + name
+            module, leaf = k.rsplit(".", 1)
+            layer = f"{module}.base_layer.{leaf}"  # a LoRA-wrapped module's own weight and bias
+            assert torch.equal(ref[layer if layer in ref else k], w), name
+        assert any(k.endswith("lora_B.default.weight") and ref[k].abs().max() > 0 for k in ref)  # trained
+
+
+@pytest.fixture(scope="module", params=[(c, e) for c in LORA_SAVED for e in ENTRIES],
+                ids=[f"{c}-{e}" for c in LORA_SAVED for e in ENTRIES])
+def lora_merged(request, tmp_path_factory) -> tuple[str, Path, Path, str]:
+    """`streammerge CKPT OUT --model-name BASE --base-model BASE --lora-alpha A`: (case, ckpt, out, stderr)."""
+    case, entry = request.param
+    ckpt = ACCELERATE_DATA / case / ENTRIES[entry]
+    base = ACCELERATE_DATA / case / "huggingface"
+    out = tmp_path_factory.mktemp(f"{case}-{entry}") / "out"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        rc = main([str(ckpt), str(out), "--model-name", str(base), "--base-model", str(base),
+                   "--lora-alpha", str(_info(case)["lora"]["lora_alpha"])])
+    assert rc == 0, stderr.getvalue()
+    return case, ckpt, out, stderr.getvalue()
+
+
+def test_the_lora_fold_is_peft_merge_and_unload_bit_for_bit(lora_merged) -> None:
+    """The oracle: peft's merge_and_unload() of the peft model loaded with torch's gathered state."""
+    case, _, out, _ = lora_merged
+    want = load_file(ACCELERATE_DATA / case / "reference" / "merged.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(want) - ({"lm_head.weight"} if _info(case)["case"]["tie"] else set())
+    differ = [k for k in got if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+    assert not differ, f"{len(differ)} tensors differ from peft's merge, e.g. {differ[0]}"
+
+
+def test_the_folded_model_gives_the_trained_logits(lora_merged) -> None:
+    from transformers import AutoModelForCausalLM
+
+    case, _, out, _ = lora_merged
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ref = load_file(ACCELERATE_DATA / case / "reference" / "logits.safetensors")
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ref["input_ids"]).logits
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_exported_adapter_loads_in_peft_as_the_trained_one(lora_merged) -> None:
+    """PeftModel.from_pretrained(the base, OUT/lora_adapter) with the run's r, alpha and target modules, merging to
+    peft's merge of the trained model bit for bit."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    case, _, out, _ = lora_merged
+    cfg = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
+    run = _info(case)["lora"]
+    assert (cfg["r"], cfg["lora_alpha"], sorted(cfg["target_modules"])) == (
+        run["r"], run["lora_alpha"], sorted(run["target_modules"]))
+    base = AutoModelForCausalLM.from_pretrained(ACCELERATE_DATA / case / "huggingface")
+    merged = PeftModel.from_pretrained(base, out / "lora_adapter").merge_and_unload().state_dict()
+    want = load_file(ACCELERATE_DATA / case / "reference" / "merged.safetensors")
+    assert set(merged) == set(want) and all(torch.equal(merged[k], want[k]) for k in want)
+
+
+def test_verify_passes_on_the_folded_model(lora_merged) -> None:
+    _, ckpt, out, _ = lora_merged
+    assert streammerge.verify(out, ckpt).ok
+
+
+@pytest.mark.parametrize("case", LORA_EMPTY)
+def test_a_checkpoint_that_saved_no_weights_is_refused_in_one_line(case: str, tmp_path: Path, capsys) -> None:
+    """accelerate's FSDP1 save of a peft model wrote an empty pytorch_model_fsdp_0 (torch's reader finds no key)
+    though the adapter was trained: the one line says the adapter is not in the checkpoint (it said "a save with
+    flatten_state_dict=False"), and nothing is written."""
+    base = ACCELERATE_DATA / case / "huggingface"
+    rc = main([str(ACCELERATE_DATA / case / CHECKPOINT), str(tmp_path / "out"), "--model-name", str(base),
+               "--base-model", str(base), "--lora-alpha", "8"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, lines
+    assert "LoRA adapter is in no file of this checkpoint" in lines[0] and "optimizer_0" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_adapters_optimizer_is_exported_as_torch_gathered_it(lora_merged) -> None:
+    """optimizer_0/ names the peft model's parameters (`q_proj.lora_A.default.weight`), which the adapter state dict
+    saved without the adapter's name: the export keeps the optimizer's names, equal to what torch gathered in
+    training (it was left out, with a warning), and verify compares it with optimizer_0/ as torch reads it."""
+    case, ckpt, out, stderr = lora_merged
+    want = torch.load(ACCELERATE_DATA / case / "reference" / "optimizer.pt", weights_only=True)
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(out), want)
+    assert all(".lora_A.default." in k or ".lora_B.default." in k for k in want["state"])
+    assert "warning" not in stderr.lower(), stderr
+    report = streammerge.verify(out, ckpt)
+    assert report.ok and not [n for n in report.notes if "own reader" in n], report.notes
+    assert report.tensors_checked == sum(len(load_file(p)) for p in out.rglob("*.safetensors"))
+
+
+def test_an_optimizer_naming_two_adapters_for_unnamed_factors_is_left_out_with_the_reason(tmp_path: Path) -> None:
+    """Factors saved without the adapter's name, an optimizer naming two adapters: which one the factors are cannot
+    be told, so the optimizer is not exported (the weights are), and the warning says why."""
+    import torch.distributed.checkpoint as dcp
+
+    case = LORA_SAVED[0]
+    work = _copy_case(case, tmp_path)
+    folder = work / CHECKPOINT / "optimizer_0"
+    dcp_to_torch_save(folder, tmp_path / "optimizer.pt")
+    optim = torch.load(tmp_path / "optimizer.pt", weights_only=True)["optimizer"]
+    first = next(iter(optim["state"]))
+    other = first.replace(".default.", ".other.")
+    optim["state"][other] = optim["state"].pop(first)
+    optim["param_groups"][0]["params"] = [other if p == first else p for p in optim["param_groups"][0]["params"]]
+    shutil.rmtree(folder)
+    dcp.save({"optimizer": optim}, checkpoint_id=folder, no_dist=True)
+    base = work / "huggingface"
+    result = streammerge.merge(work / CHECKPOINT, tmp_path / "out", model_name=str(base), base_model=str(base),
+                               lora_alpha=8)
+    assert not (tmp_path / "out" / "optimizer").exists()
+    said = [w for w in result.warnings if w.startswith("optimizer not exported")]
+    assert len(said) == 1 and "adapters default, other" in said[0], result.warnings
+    want = load_file(ACCELERATE_DATA / case / "reference" / "merged.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in got)

@@ -11,12 +11,14 @@ No parameter order has to be rebuilt: every name is checked against the weights 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan
 from ..sources.dcp import strip_wrappers
+from ..sources.lora import split_factor
 from . import LAYOUT_NAME, Skip
 from .export import groups_json
 from .fsdp import export_plan
@@ -24,6 +26,9 @@ from .fsdp import export_plan
 if TYPE_CHECKING:
     from ..options import MergeOptions
     from ..sources.dcp import DcpCheckpoint
+
+# `<module>.lora_A.<adapter>.weight.<key>`: a LoRA factor's state, named as the peft model's parameter
+_ADAPTER = re.compile(r"^(?P<factor>.+\.lora_[AB])\.(?P<adapter>[^.]+)\.weight\.")
 
 
 def _param_and_key(rest: str, path: tuple | None, depth: int, params: Mapping[str, tuple[int, ...]]) -> tuple[str, str]:
@@ -41,10 +46,18 @@ def _param_and_key(rest: str, path: tuple | None, depth: int, params: Mapping[st
 
 
 def plan_dcp_optimizer(ck: DcpCheckpoint, prefix: str, weights: Plan, options: MergeOptions, *,
-                       source_note: str, step: int | None) -> tuple[Plan | None, list[str]]:
-    """Plan `OUT/optimizer/` from the `<prefix>state.*` tensors and `<prefix>param_groups.*` items."""
+                       source_note: str, step: int | None,
+                       peft: Mapping[str, tuple[int, ...]] | None = None) -> tuple[Plan | None, list[str]]:
+    """Plan `OUT/optimizer/` from the `<prefix>state.*` tensors and `<prefix>param_groups.*` items.
+
+    `peft`: the saved parameters of a peft model (name -> shape), where the optimizer was built over the peft
+    model: its state is then named by them, as veRL's rank files' export names it.
+    """
     try:
-        tensors, groups, values = _state(ck, prefix, weights)
+        params = _params(weights)
+        if peft is not None:
+            params.update(_peft_names(ck, prefix, peft))
+        tensors, groups, values = _state(ck, prefix, params)
     except Skip as e:
         return None, [f"optimizer not exported: {e}"]
     meta = {"format": LAYOUT_NAME, "param_groups": groups_json(groups), "source": source_note}
@@ -55,9 +68,35 @@ def plan_dcp_optimizer(ck: DcpCheckpoint, prefix: str, weights: Plan, options: M
     return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size)
 
 
-def _state(ck: DcpCheckpoint, prefix: str, weights: Plan) -> tuple[dict[str, TensorPlan], list[dict], dict]:
+def _params(weights: Plan) -> dict[str, tuple[int, ...]]:
     params = {n: t.shape for n, t in weights.tensors.items()}
     params.update({n: weights.tensors[k].shape for n, k in weights.dropped.items()})
+    return params
+
+
+def _peft_names(ck: DcpCheckpoint, prefix: str, saved: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The peft model's parameter names, as its optimizer names them.
+
+    An adapter state dict (get_peft_model_state_dict) drops the adapter's name (`q_proj.lora_A.weight`), which the
+    peft model's parameters keep (`q_proj.lora_A.default.weight`): the optimizer state's keys tell the name.
+    """
+    names = dict(saved)
+    unnamed = {f"{f[0]}.lora_{f[1]}": shape for n, shape in saved.items()
+               if (f := split_factor(n)) is not None and f[2] is None}
+    if unnamed:
+        state = prefix + "state."
+        found = {m["adapter"] for k in ck.tensors if k.startswith(state)
+                 and (m := _ADAPTER.match(k[len(state):])) and m["factor"] in unnamed}
+        if len(found) > 1:
+            raise Skip(f"the optimizer state names adapters {', '.join(sorted(found))}, the saved factors none: "
+                       "which one they are cannot be told")
+        for adapter in found:
+            names.update({f"{factor}.{adapter}.weight": shape for factor, shape in unnamed.items()})
+    return names
+
+
+def _state(ck: DcpCheckpoint, prefix: str, params: Mapping[str, tuple[int, ...]]
+           ) -> tuple[dict[str, TensorPlan], list[dict], dict]:
     state_prefix = prefix + "state."
     depth = prefix.count(".") + 1  # where the fqn sits in a planner_data path
     pd = ck.meta.planner_data or {}
@@ -68,9 +107,6 @@ def _state(ck: DcpCheckpoint, prefix: str, weights: Plan) -> tuple[dict[str, Ten
             continue
         fqn, skey = _param_and_key(key[len(state_prefix):], pd.get(key), depth, params)
         if fqn not in params:
-            if ".lora_A." in fqn or ".lora_B." in fqn or fqn.startswith("base_model.model."):
-                raise Skip(f"optimizer state {key!r} is a LoRA (peft) model's: the optimizer of a peft model saved "
-                           "with torch DCP is not exported (veRL rank files' is)")
             raise Skip(f"optimizer state {key!r} is for {fqn!r}, which is not a weight of the model")
         if src.shape not in ((), params[fqn]):  # factored state (Adafactor's row/col variances): another layout
             raise Skip(f"optimizer state {key!r} has shape {list(src.shape)}, but the parameter {fqn!r} has "

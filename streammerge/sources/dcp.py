@@ -718,8 +718,23 @@ class DcpSource(Source):
 
     def split(self, key_prefix: str | None) -> KeySplit:
         if self._split is None or self._split[0] != key_prefix:
-            self._split = (key_prefix, split_keys(self.checkpoint(), key_prefix))
+            ck = self.checkpoint()
+            if not ck.tensors:
+                self._refuse_empty(ck)
+            self._split = (key_prefix, split_keys(ck, key_prefix))
         return self._split[1]
+
+    def _refuse_empty(self, ck: DcpCheckpoint) -> None:
+        """A model DCP with no tensors beside an optimizer DCP of a peft model's adapter: accelerate's FSDP1
+        SHARDED_STATE_DICT save of a peft model (what the HF Trainer calls) writes such an empty model save."""
+        oc = self.optimizer_dcp()
+        adapter = next((k for k in oc.tensors if ".lora_A." in k or ".lora_B." in k), None) if oc else None
+        if oc is not None and adapter is not None:
+            raise CheckpointError(
+                f"{ck.folder}: the save holds no tensors: the trained LoRA adapter is in no file of this checkpoint "
+                f"({oc.folder.name} beside it holds only its optimizer state, e.g. {adapter}): accelerate's FSDP1 "
+                "SHARDED_STATE_DICT save of a peft model (HF Trainer checkpoints) wrote no weights; FSDP2 "
+                "(fsdp_version 2) checkpoints hold the adapter")
 
     def tensors(self, options: MergeOptions) -> dict[str, SourceTensor]:
         ck = self.checkpoint()
@@ -771,10 +786,15 @@ class DcpSource(Source):
     def optimizer_plan(self, weights: Plan, options: MergeOptions, config: dict | None,
                        model_dir: Path | None) -> tuple[Plan | None, list[str]]:
         from ..optimizer.dcp import plan_dcp_optimizer
+        from .lora import NOTE as LORA_NOTE
 
         split = self.split(options.key_prefix)
+        peft = None
+        if any(n.startswith(LORA_NOTE) for n in weights.notes):  # its optimizer names the peft model's parameters
+            ck = self.checkpoint()
+            peft = {name: ck.tensors[key].shape for name, key in split.model.items()}
         if split.optimizer_prefix is not None:
-            return plan_dcp_optimizer(self.checkpoint(), split.optimizer_prefix, weights, options,
+            return plan_dcp_optimizer(self.checkpoint(), split.optimizer_prefix, weights, options, peft=peft,
                                       source_note=f"torch DCP {self.path.name}", step=self.step)
         oc = self.optimizer_dcp()
         if oc is None:
@@ -783,7 +803,7 @@ class DcpSource(Source):
         if prefix is None:
             return None, [f"optimizer not exported: {oc.folder} holds no optimizer state tensors "
                           f"({', '.join(OPTIMIZER_CONTAINERS)}.state.*)"]
-        return plan_dcp_optimizer(oc, prefix, weights, options, step=self.step,
+        return plan_dcp_optimizer(oc, prefix, weights, options, step=self.step, peft=peft,
                                   source_note=f"torch DCP {oc.folder.name}, beside {self.path.name}")
 
     def info(self) -> dict[str, Any]:

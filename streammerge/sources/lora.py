@@ -58,6 +58,14 @@ NOTE = "LoRA  "  # the plan note of a LoRA checkpoint (inspect shows it; the opt
 # peft's model state dict names the adapter (`q_proj.lora_A.default.weight`); get_peft_model_state_dict (an adapter
 # file's keys, and what the HF Trainer saves for a peft model under FSDP SHARDED_STATE_DICT) takes the name out
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+def split_factor(name: str) -> tuple[str, str, str | None] | None:
+    """`<module>.lora_A[.<adapter>].weight` -> (module, "A", the adapter's name or None); None for other names."""
+    m = _LORA.match(name)
+    return (m["module"], m["ab"], m["adapter"]) if m else None
+
+
 _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA (use_dora=True)",
     "lora_embedding_A": "LoRA on embeddings",

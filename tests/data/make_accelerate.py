@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Generate real accelerate / HF Trainer FSDP2 ``SHARDED_STATE_DICT`` checkpoints with torch-gathered oracles.
+"""Generate real accelerate / HF Trainer FSDP1 and FSDP2 ``SHARDED_STATE_DICT`` checkpoints with torch-gathered
+oracles, of full models and of peft LoRA models.
 
 NOT run in CI: the committed fixture is ``tests/data/accelerate/`` (see its README.md). Usage::
 
@@ -20,7 +21,11 @@ For each case it writes ``OUT_DIR/<case>/``:
                                 loaded with that full state dict (strict)
     reference/INFO.json         versions, device, launch command and environment, arguments, the files written
 
-Training: ``transformers.Trainer`` with ``fsdp="full_shard auto_wrap", fsdp_config={"version": 2,
+The LoRA cases also write ``huggingface/model.safetensors`` (the frozen base, saved before ``get_peft_model``: the
+user's --base-model) and ``reference/merged.safetensors`` (peft's ``merge_and_unload()`` of a CPU peft model loaded
+with the gathered state); their logits are the merged model's.
+
+Training: ``transformers.Trainer`` with ``fsdp="full_shard auto_wrap", fsdp_config={"version": 1 or 2,
 "state_dict_type": "SHARDED_STATE_DICT", ...}``, 2 processes started by torchrun, a few AdamW steps, then
 the checkpoint.
 
@@ -65,14 +70,23 @@ STEPS = 3
 SEQ = 16
 BATCH = 2  # per device
 
-# arch: llama | qwen2; mixed: accelerate's mixed precision (master weights are float32 always). Odd vocab sizes:
-# the embedding's rows shard unevenly over the 2 ranks (50/49, 132/131)
+# arch: llama | qwen2; mixed: accelerate's mixed precision (master weights are float32 always); fsdp: accelerate's
+# fsdp_version (1 is accelerate's default); lora: the run trains a peft LoRA adapter on a frozen base model. Odd vocab
+# sizes: the embedding's rows shard unevenly over the 2 ranks (50/49, 132/131)
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"], lora_dropout=0.0)
 CASES = {
     # Llama, untied, float32 throughout
-    "llama_fp32": dict(arch="llama", tie=False, mixed="no", seed=1, vocab=99),
+    "llama_fp32": dict(arch="llama", tie=False, mixed="no", seed=1, vocab=99, fsdp=2),
     # Qwen2 (q/k/v biases), tied embeddings, bf16 mixed precision (FSDP2 MixedPrecisionPolicy, fp32 master weights)
     # (byte-level BPE, which transformers 5 loads Qwen2 tokenizers as, needs more than 256 ids)
-    "qwen2_tied_bf16": dict(arch="qwen2", tie=True, mixed="bf16", seed=2, vocab=263),
+    "qwen2_tied_bf16": dict(arch="qwen2", tie=True, mixed="bf16", seed=2, vocab=263, fsdp=2),
+    # the same two under FSDP1 (use_orig_params, ShardedTensors in the DCP)
+    "llama_fsdp1_fp32": dict(arch="llama", tie=False, mixed="no", seed=3, vocab=99, fsdp=1),
+    "qwen2_fsdp1_tied_bf16": dict(arch="qwen2", tie=True, mixed="bf16", seed=4, vocab=263, fsdp=1),
+    # peft LoRA: the Trainer saves get_peft_model_state_dict (adapter_only=True), keys without the adapter's name
+    "llama_lora_fsdp2": dict(arch="llama", tie=False, mixed="no", seed=5, vocab=99, fsdp=2, lora=True),
+    "qwen2_lora_fsdp1_tied": dict(arch="qwen2", tie=True, mixed="no", seed=6, vocab=263, fsdp=1, lora=True),
 }
 HIDDEN = 16
 INTERMEDIATE = 32
@@ -153,8 +167,18 @@ def worker(case_name: str, case_dir: Path) -> None:
     config = AutoConfig.from_pretrained(base)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # same seed: same init on every rank
     layer_cls = type(model.model.layers[0]).__name__
-    fsdp_config = {"version": 2, "state_dict_type": "SHARDED_STATE_DICT", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                   "transformer_layer_cls_to_wrap": [layer_cls], "reshard_after_forward": True}
+    if case.get("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        if int(os.environ["RANK"]) == 0:  # the frozen base model the run started from: the user's --base-model
+            model.save_pretrained(base)
+        model = get_peft_model(model, LoraConfig(**LORA, task_type="CAUSAL_LM"))
+    fsdp_config = {"version": case["fsdp"], "state_dict_type": "SHARDED_STATE_DICT",
+                   "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": [layer_cls]}
+    if case["fsdp"] == 2:
+        fsdp_config["reshard_after_forward"] = True
+    else:  # FSDP1: "full_shard" gives the sharding strategy; frozen and trained parameters share flat parameters
+        fsdp_config["use_orig_params"] = True
     args = TrainingArguments(
         output_dir=str(case_dir / "run"), max_steps=STEPS, save_strategy="steps", save_steps=STEPS,
         per_device_train_batch_size=BATCH, learning_rate=1e-3, weight_decay=0.01,
@@ -199,17 +223,33 @@ def worker(case_name: str, case_dir: Path) -> None:
               metadata={"format": "pt"})
     torch.save(gathered["optimizer"], ref_dir / "optimizer.pt")
     cpu_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    cpu_model.load_state_dict(full, strict=True)
+    if case.get("lora"):
+        # the trained model as peft merges it: the fold streammerge must equal
+        from peft import LoraConfig, get_peft_model
+
+        cpu_model = get_peft_model(cpu_model, LoraConfig(**LORA, task_type="CAUSAL_LM"))
+        cpu_model.load_state_dict(full, strict=True)
+        cpu_model = cpu_model.merge_and_unload().eval()
+        merged = cpu_model.state_dict()
+        save_file({k: v.detach().clone().contiguous() for k, v in merged.items()}, ref_dir / "merged.safetensors",
+                  metadata={"format": "pt"})
+    else:
+        cpu_model.load_state_dict(full, strict=True)
     with torch.no_grad():
         logits = cpu_model(input_ids=input_ids).logits
     save_file({"input_ids": input_ids, "logits": logits.contiguous()}, ref_dir / "logits.safetensors",
               metadata={"format": "pt"})
     import accelerate
 
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__}
+    if case.get("lora"):
+        import peft
+
+        versions["peft"] = peft.__version__
     info = {
         "case": {"name": case_name, **case},
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+        "versions": versions,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "world_size": int(os.environ["WORLD_SIZE"]),
         "environment": {k: os.environ.get(k) for k in ("ACCELERATE_TORCH_DEVICE",)},
@@ -218,6 +258,7 @@ def worker(case_name: str, case_dir: Path) -> None:
         "fsdp_plugin": {"fsdp_version": plugin.fsdp_version, "state_dict_type": str(plugin.state_dict_type),
                         "mixed_precision_policy": str(plugin.mixed_precision_policy)},
         "fsdp_config": fsdp_config,
+        "lora": LORA if case.get("lora") else None,
         "optimizer": gathered["optimizer_class"],
         "optim_name": str(args.optim),
         "model_class": gathered["model_class"],
