@@ -725,16 +725,17 @@ class DcpSource(Source):
         return self._split[1]
 
     def _refuse_empty(self, ck: DcpCheckpoint) -> None:
-        """A model DCP with no tensors beside an optimizer DCP of a peft model's adapter: accelerate's FSDP1
-        SHARDED_STATE_DICT save of a peft model (what the HF Trainer calls) writes such an empty model save."""
+        """A model DCP with no tensors beside an optimizer DCP of a peft model's adapter: what accelerate's FSDP1
+        SHARDED_STATE_DICT save of a peft model writes with peft 0.21, whose adapter filter removes FSDP1's wrapper
+        name from the front of a module's name only (0.22 removes it at any depth)."""
         oc = self.optimizer_dcp()
         adapter = next((k for k in oc.tensors if ".lora_A." in k or ".lora_B." in k), None) if oc else None
         if oc is not None and adapter is not None:
             raise CheckpointError(
                 f"{ck.folder}: the save holds no tensors: the trained LoRA adapter is in no file of this checkpoint "
-                f"({oc.folder.name} beside it holds only its optimizer state, e.g. {adapter}): accelerate's FSDP1 "
-                "SHARDED_STATE_DICT save of a peft model (HF Trainer checkpoints) wrote no weights; FSDP2 "
-                "(fsdp_version 2) checkpoints hold the adapter")
+                f"({oc.folder.name} beside it holds only its optimizer state, e.g. {adapter}): under FSDP1, peft "
+                "0.21's get_peft_model_state_dict (what the HF Trainer's checkpoint saves) finds no adapter inside "
+                "nested FSDP units; peft 0.20 or 0.22 and later, or FSDP2, save it")
 
     def tensors(self, options: MergeOptions) -> dict[str, SourceTensor]:
         ck = self.checkpoint()

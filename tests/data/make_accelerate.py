@@ -86,7 +86,13 @@ CASES = {
     "qwen2_fsdp1_tied_bf16": dict(arch="qwen2", tie=True, mixed="bf16", seed=4, vocab=263, fsdp=1),
     # peft LoRA: the Trainer saves get_peft_model_state_dict (adapter_only=True), keys without the adapter's name
     "llama_lora_fsdp2": dict(arch="llama", tie=False, mixed="no", seed=5, vocab=99, fsdp=2, lora=True),
-    "qwen2_lora_fsdp1_tied": dict(arch="qwen2", tie=True, mixed="no", seed=6, vocab=263, fsdp=1, lora=True),
+    # peft 0.21 under FSDP1: its get_peft_model_state_dict strips only a leading _fsdp_wrapped_module. from module
+    # names and finds no adapter inside the nested decoder-layer units: the checkpoint holds no weights
+    "qwen2_lora_fsdp1_tied": dict(arch="qwen2", tie=True, mixed="no", seed=6, vocab=263, fsdp=1, lora=True,
+                                  peft="0.21."),
+    # the same with peft 0.22, which strips the wrapper names at any depth
+    "qwen2_lora_fsdp1_tied_peft022": dict(arch="qwen2", tie=True, mixed="no", seed=7, vocab=263, fsdp=1, lora=True,
+                                          peft="0.22."),
 }
 HIDDEN = 16
 INTERMEDIATE = 32
@@ -168,8 +174,10 @@ def worker(case_name: str, case_dir: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # same seed: same init on every rank
     layer_cls = type(model.model.layers[0]).__name__
     if case.get("lora"):
+        import peft
         from peft import LoraConfig, get_peft_model
 
+        assert peft.__version__.startswith(case.get("peft", "")), f"case {case_name} needs peft {case['peft']}x"
         if int(os.environ["RANK"]) == 0:  # the frozen base model the run started from: the user's --base-model
             model.save_pretrained(base)
         model = get_peft_model(model, LoraConfig(**LORA, task_type="CAUSAL_LM"))
