@@ -735,7 +735,7 @@ class DcpSource(Source):
                 f"{ck.folder}: the save holds no tensors: the trained LoRA adapter is in no file of this checkpoint "
                 f"({oc.folder.name} beside it holds only its optimizer state, e.g. {adapter}): under FSDP1, peft "
                 "0.21's get_peft_model_state_dict (what the HF Trainer's checkpoint saves) finds no adapter inside "
-                "nested FSDP units; peft 0.20 or 0.22 and later, or FSDP2, save it")
+                "nested FSDP units; FSDP2 checkpoints hold it, and peft 0.20 and 0.22 select the adapter otherwise")
 
     def tensors(self, options: MergeOptions) -> dict[str, SourceTensor]:
         ck = self.checkpoint()

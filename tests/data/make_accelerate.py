@@ -90,9 +90,6 @@ CASES = {
     # names and finds no adapter inside the nested decoder-layer units: the checkpoint holds no weights
     "qwen2_lora_fsdp1_tied": dict(arch="qwen2", tie=True, mixed="no", seed=6, vocab=263, fsdp=1, lora=True,
                                   peft="0.21."),
-    # the same with peft 0.22, which strips the wrapper names at any depth
-    "qwen2_lora_fsdp1_tied_peft022": dict(arch="qwen2", tie=True, mixed="no", seed=7, vocab=263, fsdp=1, lora=True,
-                                          peft="0.22."),
 }
 HIDDEN = 16
 INTERMEDIATE = 32
