@@ -217,6 +217,29 @@ def _accelerate_per_rank(d: Path) -> Path:
     return d
 
 
+def _accelerate_local(d: Path) -> Path:
+    """accelerate's FSDP1 LOCAL_STATE_DICT: each rank's flat parameter shard, torch.save'd as it is."""
+    d.mkdir(parents=True)
+    for r in range(2):
+        torch.save({"_flat_param": torch.zeros(8)}, d / f"pytorch_model_fsdp_rank{r}.bin")
+    return d
+
+
+def _accelerate_full(d: Path) -> Path:
+    """accelerate's save_state() with FULL_STATE_DICT: rank 0's torch.save of the gathered state dict."""
+    d.mkdir(parents=True)
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 4)}, d / "pytorch_model_fsdp.bin")
+    torch.save({"state": {}, "param_groups": []}, d / "optimizer.bin")
+    return d
+
+
+def _trainer_full(d: Path) -> Path:
+    """The HF Trainer's checkpoint under FULL_STATE_DICT: save_pretrained's folder, and accelerate's file beside."""
+    _hf_folder(d)
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 4)}, d / "pytorch_model_fsdp.bin")
+    return d
+
+
 def _tiny_qwen2():
     import transformers
 
@@ -240,8 +263,11 @@ def _peft_adapter(d: Path) -> Path:
 @pytest.mark.parametrize(("make", "words"), [
     (_deepspeed_run, "a DeepSpeed checkpoint"), (_megatron_legacy, "legacy `torch` format"),
     (_hf_folder, "already a Hugging Face model folder"), (_peft_adapter, "a peft adapter folder"),
-    (_accelerate_per_rank, "accelerate's per-rank FSDP files")],
-    ids=["deepspeed", "megatron-legacy", "hf-folder", "peft-adapter", "accelerate-per-rank"])
+    (_accelerate_per_rank, "accelerate's per-rank FSDP files"),
+    (_accelerate_local, "accelerate's FSDP1 LOCAL_STATE_DICT files"),
+    (_accelerate_full, "accelerate's FULL_STATE_DICT save"), (_trainer_full, "already a Hugging Face model folder")],
+    ids=["deepspeed", "megatron-legacy", "hf-folder", "peft-adapter", "accelerate-per-rank", "accelerate-local",
+         "accelerate-full", "trainer-full"])
 def test_a_format_streammerge_does_not_read_is_named_with_what_reads_it(make, words, tmp_path, capsys):
     """Rather than "not a checkpoint": what the folder is, in one line, and which tool reads it."""
     ckpt = make(tmp_path / "ckpt")

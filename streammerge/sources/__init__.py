@@ -128,12 +128,21 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
     (lambda p: _has(p, "pytorch_model_fsdp_*_rank*.bin"),
      "accelerate's per-rank FSDP files (pytorch_model_fsdp_*_rank*.bin, saved with use_dcp=False), which streammerge "
      "does not read: save with accelerate's default (use_dcp=True, a pytorch_model_fsdp_0/ folder), which it reads"),
+    (lambda p: _has(p, "pytorch_model_fsdp_rank*.bin"),
+     "accelerate's FSDP1 LOCAL_STATE_DICT files (pytorch_model_fsdp_rank*.bin: each rank's flat parameter shard, "
+     "which records no parameter names), which streammerge does not read: save with SHARDED_STATE_DICT (a "
+     "pytorch_model_fsdp_0/ folder), which it reads"),
     (_peft_adapter,
      "a peft adapter folder (adapter_config.json and its weights), which streammerge does not read: it folds LoRA "
      "from training checkpoints; peft's merge_and_unload() of the adapter loaded onto its base folds this one"),
     (model_folder,
      "already a Hugging Face model folder (config.json and its weights): there is nothing to merge (`hf upload` "
      "pushes it as it is)"),
+    # after the model folder: the HF Trainer's FULL_STATE_DICT checkpoint holds both, and is a model folder
+    (lambda p: _has(p, "pytorch_model_fsdp.bin", "pytorch_model_fsdp_[0-9]*.bin"),
+     "accelerate's FULL_STATE_DICT save (pytorch_model_fsdp*.bin: the whole state dict gathered into one torch.save), "
+     "which streammerge does not read: it is already merged; load it onto the model with torch.load(..., "
+     "weights_only=True) and save_pretrained"),
 ]
 
 
