@@ -248,6 +248,22 @@ def test_the_lora_fixtures_are_what_the_trainer_saves() -> None:
         assert any(k.endswith("lora_B.default.weight") and ref[k].abs().max() > 0 for k in ref)  # trained
 
 
+@pytest.mark.parametrize("case", LORA_SAVED)
+def test_the_lora_oracle_is_the_checkpoint_as_torch_reads_it(case: str, tmp_path: Path) -> None:
+    """torch's DCP reader finds in pytorch_model_fsdp_0 each trained factor of the gathered peft state (named without
+    the adapter), and in optimizer_0 the gathered optimizer state."""
+    ckpt = ACCELERATE_DATA / case / CHECKPOINT
+    dcp_to_torch_save(ckpt / "pytorch_model_fsdp_0", tmp_path / "model.pt")
+    dcp_to_torch_save(ckpt / "optimizer_0", tmp_path / "optimizer.pt")
+    model = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    ref = load_file(ACCELERATE_DATA / case / "reference" / "model.safetensors")
+    factors = {k.replace(".default.", "."): v for k, v in ref.items() if ".lora_" in k}
+    assert set(model) == set(factors) and all(torch.equal(model[k], v) for k, v in factors.items())
+    assert_same_optimizer(torch.load(tmp_path / "optimizer.pt", weights_only=True)["optimizer"],
+                          torch.load(ACCELERATE_DATA / case / "reference" / "optimizer.pt", weights_only=True),
+                          ordered=False)
+
+
 @pytest.fixture(scope="module", params=[(c, e) for c in LORA_SAVED for e in ENTRIES],
                 ids=[f"{c}-{e}" for c in LORA_SAVED for e in ENTRIES])
 def lora_merged(request, tmp_path_factory) -> tuple[str, Path, Path, str]:
