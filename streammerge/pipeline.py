@@ -74,6 +74,7 @@ class MergePlan:
     buffers: list[str] = field(default_factory=list)  # buffers older transformers saved, left out (legacy_buffers)
     float32: tuple[str, ...] = ()  # written in float32 where `dtype` would round them (keep_float32)
     dtypes_pending: bool = False  # whether several kept dtypes are warned of waits for the check (several_dtypes)
+    no_card: bool = False  # pushed without a model card: an earlier push's card in OUT goes, as on the Hub
 
     @property
     def weights(self) -> Plan:
@@ -629,7 +630,7 @@ def merge(checkpoint: str | Path | Source | MergePlan, out_dir: str | Path, opti
                           data_files=[p.rel(fp.filename) for p, fp in shares],
                           small_files=sorted(set(mp.small) - set(mp.indexes)), index_files=mp.indexes,
                           all_data_files=[p.rel(fp.filename) for p in mp.plans for fp in p.files],
-                          part=part, sync=sync, inputs=inputs)
+                          part=part, sync=sync, inputs=inputs, drop_card=mp.no_card)
     files: list[OutputFile] = []
     reused: list[str] = []
     written = planned = 0

@@ -581,6 +581,25 @@ def test_push_over_an_earlier_push_deletes_its_stale_shards_and_optimizer_in_the
     assert again.commits == 0 and not again.deleted and len(hub.commit_log("alice/tiny")) == n_commits
 
 
+def test_a_push_without_a_card_into_the_folder_of_one_with_a_card_leaves_the_folder_as_the_repo(hub, make_ckpt,
+                                                                                                     tmp_path):
+    """--no-model-card over an earlier push into the same OUT: the Hub's generated card is deleted (it described that
+    push), and so is the local copy, so that the folder and the repo hold the same files."""
+    out = tmp_path / "out"
+    first = merge_and_push(make_ckpt(), out, "tiny", **opts(hub))
+    assert "README.md" in first.files and (out / "README.md").is_file()
+    second = merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False))
+    assert second.deleted == ["README.md"]
+    assert local_files(out) == remote_files(hub, "alice/tiny") and not (out / "README.md").exists()
+    assert streammerge.verify(out, make_ckpt()).ok
+    # a card the user edited in the folder is theirs: it stays
+    merge_and_push(make_ckpt(), out, "tiny", **opts(hub))
+    edited = (out / "README.md").read_bytes() + b"\nmy notes\n"
+    (out / "README.md").write_bytes(edited)
+    merge_and_push(make_ckpt(), out, "tiny", **opts(hub, model_card=False))
+    assert (out / "README.md").read_bytes() == edited
+
+
 def test_a_later_step_of_the_same_model_in_several_commits_ends_with_its_index_and_config(hub, make_ckpt, tmp_path):
     """Step B of the same run (same shapes and config: its index and config are byte for byte step A's) pushed over
     step A in several commits. The first commit hides index and config (its shards overwrite A's), so the last must

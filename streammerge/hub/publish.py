@@ -334,6 +334,7 @@ def merge_and_push(checkpoint: str | os.PathLike | Source, out_dir: str | os.Pat
             plan.add_generated("README.md", lambda: _card(plan, full_id, label).encode())
             if delete_stale:  # a README on the Hub that someone wrote or edited is theirs: kept, with a warning
                 pusher.committer.keep_if["README.md"] = edited_card_check(lambda: pusher.repo_id)
+        plan.no_card = delete_stale and "README.md" not in plan.small  # the commit deletes an earlier push's card
         try:
             result = merge(plan, out, on_file_done=upload, hash_sha256=True)
         except Exception:  # not KeyboardInterrupt: an interrupted push resumes, its uploads are kept

@@ -102,8 +102,9 @@ class OutputFolder:
     def __init__(self, out: Path, *, fingerprint: str, source: Path, options: dict[str, Any],
                  data_files: Sequence[str], small_files: Sequence[str], index_files: Sequence[str],
                  all_data_files: Sequence[str] | None = None, part: int = 0, sync: Sync | None = None,
-                 inputs: dict[str, list[int]] | None = None):
+                 inputs: dict[str, list[int]] | None = None, drop_card: bool = False):
         self.out, self.fingerprint, self.source = out, fingerprint, source
+        self.drop_card = drop_card  # a push without a card: an earlier push's card, as it wrote it, goes too
         self.inputs = inputs or {}
         self.part, self.sync = part, sync
         self.data_files = list(data_files)  # this part's share
@@ -302,7 +303,7 @@ class OutputFolder:
         others = [rel for rel in self.small_files if rel not in loaders]
         data = {rel: contents(rel) for rel in others + loaders}  # small: all made before the folder changes
         kept = {rel: f for rel in data if (f := self._as_written(rel, data[rel])) is not None}
-        stale = set(self.manifest.data["files"]) - self.planned - {MODEL_CARD}
+        stale = self._unplanned()
         if self.manifest.data["complete"] and not stale and len(kept) == len(data):
             self.manifest.remove_parts()  # a complete manifest lists every file: it is not written again
             self.kept = list(data)
@@ -356,11 +357,17 @@ class OutputFolder:
         except OSError as e:
             raise output_error(e, self.out / rel) from None
 
+    def _unplanned(self) -> set[str]:
+        """Files an earlier run of this merge wrote that this one does not. A model card a push generated stays: it
+        is the push's, and no loader reads it; except under a push without a card (whose commit deletes the Hub's
+        copy), where it goes too, unless edited since it was written."""
+        card = self.drop_card and self.manifest.finished(self.out, MODEL_CARD) is not None
+        return set(self.manifest.data["files"]) - self.planned - (set() if card else {MODEL_CARD})
+
     def _remove_unplanned(self) -> None:
         """Files an earlier run of this merge wrote that this one does not (a chat template since removed from the
-        checkpoint's huggingface/ folder): left in place, transformers would load them with the new ones. A model
-        card a push generated stays: it is the push's, and no loader reads it."""
-        for rel in sorted(set(self.manifest.data["files"]) - self.planned - {MODEL_CARD}):
+        checkpoint's huggingface/ folder): left in place, transformers would load them with the new ones."""
+        for rel in sorted(self._unplanned()):
             path = self.out / rel
             try:
                 path.unlink(missing_ok=True)  # its temp copy, if a killed run left one, went with the others at start
