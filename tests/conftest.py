@@ -32,6 +32,7 @@ from fixture_paths import SHARED_VERL, VERL_DATA  # noqa: E402
 from streammerge.testing.synthetic import make_checkpoint  # noqa: E402
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown to pytest where xdist is not installed
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto` (pyproject's addopts): a worker per core, at most 8, since many tests start process trees of
     their own (torchrun hosts, the CLI, its architecture child)."""
