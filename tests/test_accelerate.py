@@ -44,12 +44,16 @@ def _info(case: str) -> dict:
                 ids=[f"{c}-{e}" for c in ACCELERATE_CASES for e in ENTRIES])
 def merged(request, tmp_path_factory) -> tuple[str, Path, Path, str]:
     """`streammerge CKPT OUT --model-name huggingface/` of each case, from either folder: (case, ckpt, out, stderr)."""
-    case, entry = request.param
+    return _merge(*request.param, tmp_path_factory)
+
+
+def _merge(case: str, entry: str, tmp_path_factory, *args: str) -> tuple[str, Path, Path, str]:
+    """`streammerge CKPT OUT --model-name huggingface/ ARGS` from the checkpoint-N or DCP folder, exit code 0."""
     ckpt = ACCELERATE_DATA / case / ENTRIES[entry]
     out = tmp_path_factory.mktemp(f"{case}-{entry}") / "out"
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        rc = main([str(ckpt), str(out), "--model-name", str(ACCELERATE_DATA / case / "huggingface")])
+        rc = main([str(ckpt), str(out), "--model-name", str(ACCELERATE_DATA / case / "huggingface"), *args])
     assert rc == 0, stderr.getvalue()
     return case, ckpt, out, stderr.getvalue()
 
@@ -97,29 +101,42 @@ def test_the_oracle_is_the_checkpoint_as_torch_reads_it(case: str, tmp_path: Pat
 def test_weights_equal_torchs_gathered_state_bit_for_bit(merged) -> None:
     case, _, out, _ = merged
     ref = load_file(ACCELERATE_DATA / case / "reference" / "model.safetensors")
-    got = load_file(out / "model.safetensors")
-    tied = json.loads((ACCELERATE_DATA / case / "huggingface" / "config.json").read_text())["tie_word_embeddings"]
-    assert set(ref) - set(got) == ({"lm_head.weight"} if tied else set()) and set(got) <= set(ref)
-    if tied:  # left out as save_pretrained leaves it out: it is the embedding
+    if _tied(case):  # left out as save_pretrained leaves it out: it is the embedding
         assert torch.equal(ref["lm_head.weight"], ref["model.embed_tokens.weight"])
-    differ = [k for k in got if got[k].dtype != ref[k].dtype or not torch.equal(got[k], ref[k])]
-    assert not differ, f"{len(differ)} tensors differ from torch's gathered state, e.g. {differ[0]}"
+    _assert_bits(case, out, ref, "torch's gathered state")
+
+
+def _tied(case: str) -> bool:
+    return json.loads((ACCELERATE_DATA / case / "huggingface" / "config.json").read_text())["tie_word_embeddings"]
+
+
+def _assert_bits(case: str, out: Path, want: dict, oracle: str) -> None:
+    """OUT's weights are `want`'s, dtype and bits, but for a tied lm_head.weight (the embedding)."""
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(want) - ({"lm_head.weight"} if _tied(case) else set())
+    differ = [k for k in got if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+    assert not differ, f"{len(differ)} tensors differ from {oracle}, e.g. {differ[0]}"
 
 
 def test_transformers_loads_the_trained_model(merged) -> None:
     """The folder loads with nothing missing and computes the trained model's logits (the oracle's: a float32 model
     built from the run's config and loaded with torch's gathered state)."""
+    case, _, out, _ = merged
+    assert _assert_trained_logits(case, out).dtype == torch.float32
+
+
+def _assert_trained_logits(case: str, out: Path):
+    """OUT loads with nothing missing or left over and gives the oracle's logits; returns the model."""
     from transformers import AutoModelForCausalLM
 
-    case, _, out, _ = merged
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert model.dtype == torch.float32
     ref = load_file(ACCELERATE_DATA / case / "reference" / "logits.safetensors")
     with torch.no_grad():
         logits = model.eval()(input_ids=ref["input_ids"]).logits
     # the oracle's logits come from torch 2.11 on the GPU machine's CPU: other kernels, not bit-equal (5e-8 apart)
     torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-6)
+    return model
 
 
 def test_config_and_tokenizer_come_from_model_name(merged) -> None:
@@ -269,37 +286,19 @@ def test_the_lora_oracle_is_the_checkpoint_as_torch_reads_it(case: str, tmp_path
 def lora_merged(request, tmp_path_factory) -> tuple[str, Path, Path, str]:
     """`streammerge CKPT OUT --model-name BASE --base-model BASE --lora-alpha A`: (case, ckpt, out, stderr)."""
     case, entry = request.param
-    ckpt = ACCELERATE_DATA / case / ENTRIES[entry]
-    base = ACCELERATE_DATA / case / "huggingface"
-    out = tmp_path_factory.mktemp(f"{case}-{entry}") / "out"
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        rc = main([str(ckpt), str(out), "--model-name", str(base), "--base-model", str(base),
-                   "--lora-alpha", str(_info(case)["lora"]["lora_alpha"])])
-    assert rc == 0, stderr.getvalue()
-    return case, ckpt, out, stderr.getvalue()
+    return _merge(case, entry, tmp_path_factory, "--base-model", str(ACCELERATE_DATA / case / "huggingface"),
+                  "--lora-alpha", str(_info(case)["lora"]["lora_alpha"]))
 
 
 def test_the_lora_fold_is_peft_merge_and_unload_bit_for_bit(lora_merged) -> None:
     """The oracle: peft's merge_and_unload() of the peft model loaded with torch's gathered state."""
     case, _, out, _ = lora_merged
-    want = load_file(ACCELERATE_DATA / case / "reference" / "merged.safetensors")
-    got = load_file(out / "model.safetensors")
-    assert set(got) == set(want) - ({"lm_head.weight"} if _info(case)["case"]["tie"] else set())
-    differ = [k for k in got if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
-    assert not differ, f"{len(differ)} tensors differ from peft's merge, e.g. {differ[0]}"
+    _assert_bits(case, out, load_file(ACCELERATE_DATA / case / "reference" / "merged.safetensors"), "peft's merge")
 
 
 def test_the_folded_model_gives_the_trained_logits(lora_merged) -> None:
-    from transformers import AutoModelForCausalLM
-
     case, _, out, _ = lora_merged
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    ref = load_file(ACCELERATE_DATA / case / "reference" / "logits.safetensors")
-    with torch.no_grad():
-        logits = model.eval()(input_ids=ref["input_ids"]).logits
-    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-6)
+    _assert_trained_logits(case, out)
 
 
 def test_the_exported_adapter_loads_in_peft_as_the_trained_one(lora_merged) -> None:
