@@ -91,7 +91,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 def _base_model_arg(g: argparse._ArgumentGroup, verify: bool = False) -> None:
     g.add_argument("--base-model", metavar="NAME_OR_PATH", type=_path,
-                   help="base weights for an adapter-only (save_lora_only) checkpoint: a model folder or Hub model" +
+                   help="base weights for an adapter-only (save_lora_only) checkpoint: a model folder or Hub model; "
+                        "also its config and tokenizer where the checkpoint has no config.json" +
                         (", as the merge took them, for a folder without a manifest" if verify else ""))
 
 

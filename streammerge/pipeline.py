@@ -304,6 +304,15 @@ def absolute_folders(options: MergeOptions) -> MergeOptions:
     return options.replace(**changes) if changes else options
 
 
+def _config_from_base(options: MergeOptions, source: Source) -> tuple[MergeOptions, bool]:
+    """--base-model stands in for --model-name where the checkpoint has no config.json (the HF Trainer's checkpoint
+    of a peft model): the base model's config and tokenizer are the folded model's, as for peft's own merge. Recorded
+    as --model-name, so that verify and a resume read the same folder."""
+    if options.model_name or not options.base_model or options.weights_only or read_config(source.hf_dir) is not None:
+        return options, False
+    return options.replace(model_name=options.base_model), True
+
+
 def _model_name_differs(model_name: str, config: dict, source: Source) -> list[str]:
     """A warning where --model-name's config.json says other than the one the checkpoint was saved with (its
     huggingface/ folder): the weights were trained as the checkpoint's config describes, and config.json is written
@@ -335,6 +344,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
     """
     options = absolute_folders(MergeOptions.create(options, **kwargs))
     source = checkpoint if isinstance(checkpoint, Source) else open_checkpoint(checkpoint)
+    options, from_base = _config_from_base(options, source)
     model_dir: Path | None
     if options.model_name:
         model_dir, root = model_dir_for(options.model_name, token=token, endpoint=endpoint)
@@ -367,6 +377,8 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
         if arch is not None:
             arch.close()
         raise
+    if from_base:
+        merge_plan.weights.notes.append(f"config      {model_dir} (--base-model's: the checkpoint has no config.json)")
     merge_plan.arch = arch
     merge_plan.generation = generation
     if arch is None and arch_note:

@@ -44,16 +44,17 @@ def _info(case: str) -> dict:
                 ids=[f"{c}-{e}" for c in ACCELERATE_CASES for e in ENTRIES])
 def merged(request, tmp_path_factory) -> tuple[str, Path, Path, str]:
     """`streammerge CKPT OUT --model-name huggingface/` of each case, from either folder: (case, ckpt, out, stderr)."""
-    return _merge(*request.param, tmp_path_factory)
+    case, entry = request.param
+    return _merge(case, entry, tmp_path_factory, "--model-name", str(ACCELERATE_DATA / case / "huggingface"))
 
 
 def _merge(case: str, entry: str, tmp_path_factory, *args: str) -> tuple[str, Path, Path, str]:
-    """`streammerge CKPT OUT --model-name huggingface/ ARGS` from the checkpoint-N or DCP folder, exit code 0."""
+    """`streammerge CKPT OUT ARGS` from the checkpoint-N or DCP folder, exit code 0."""
     ckpt = ACCELERATE_DATA / case / ENTRIES[entry]
     out = tmp_path_factory.mktemp(f"{case}-{entry}") / "out"
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        rc = main([str(ckpt), str(out), "--model-name", str(ACCELERATE_DATA / case / "huggingface"), *args])
+        rc = main([str(ckpt), str(out), *args])
     assert rc == 0, stderr.getvalue()
     return case, ckpt, out, stderr.getvalue()
 
@@ -63,7 +64,7 @@ def test_the_fixture_is_what_accelerate_writes() -> None:
     saved dict, and no config.json (Trainer writes none with SHARDED_STATE_DICT)."""
     assert ACCELERATE_CASES and ACCELERATE_LORA_CASES
     size = sum(p.stat().st_size for p in ACCELERATE_DATA.rglob("*") if p.is_file())
-    assert size < 5 * 10**6, f"tests/data/accelerate holds {size} bytes"
+    assert size < 6 * 10**6, f"tests/data/accelerate holds {size} bytes"
     versions = set()
     for case in ACCELERATE_CASES + ACCELERATE_LORA_CASES:
         ckpt = ACCELERATE_DATA / case / CHECKPOINT
@@ -79,6 +80,8 @@ def test_the_fixture_is_what_accelerate_writes() -> None:
         assert sorted(p.name for p in (ckpt / "pytorch_model_fsdp_0").iterdir()) == [".metadata", "__0_0.distcp",
                                                                                        "__1_0.distcp"]
     assert versions == {1, 2}  # FSDP1 (accelerate's default fsdp_version) and FSDP2
+    # FSDP1 both ways: flat parameters in training (use_orig_params=False) and the original ones
+    assert {_info(c)["fsdp_config"]["use_orig_params"] for c in ACCELERATE_CASES if "fsdp1" in c} == {True, False}
 
 
 @pytest.mark.parametrize("case", ACCELERATE_CASES)
@@ -142,7 +145,10 @@ def _assert_trained_logits(case: str, out: Path):
 def test_config_and_tokenizer_come_from_model_name(merged) -> None:
     """Trainer's checkpoint-N holds no config.json nor tokenizer: OUT has --model-name's, the config naming the
     dtype written (float32, as saved)."""
-    case, _, out, _ = merged
+    _assert_config_and_tokenizer_of(merged[0], merged[2])
+
+
+def _assert_config_and_tokenizer_of(case: str, out: Path) -> None:
     base = ACCELERATE_DATA / case / "huggingface"
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
@@ -244,13 +250,16 @@ LORA_EMPTY = [c for c in ACCELERATE_LORA_CASES if not _saved_keys(c)]
 
 
 def test_the_lora_fixtures_are_what_the_trainer_saves() -> None:
-    """FSDP2 saves the adapter's factors only, named as get_peft_model_state_dict names them; FSDP1 with peft 0.21
-    saved no tensor at all. The base in huggingface/ is the run's frozen base, as torch gathered it when the
-    checkpoint was saved."""
+    """FSDP2, and FSDP1 with peft 0.22, save the adapter's factors only, named as get_peft_model_state_dict names
+    them; FSDP1 with peft 0.21 saved no tensor at all. The base in huggingface/ is the run's frozen base, as torch
+    gathered it when the checkpoint was saved."""
     assert LORA_SAVED and LORA_EMPTY
-    assert all(_info(c)["fsdp_plugin"]["fsdp_version"] == 2 for c in LORA_SAVED if "fsdp1" not in c)
-    assert all(_info(c)["fsdp_plugin"]["fsdp_version"] == 1 and _info(c)["versions"]["peft"].startswith("0.21.")
-               for c in LORA_EMPTY)
+
+    def run(c: str) -> tuple[int, str]:
+        return _info(c)["fsdp_plugin"]["fsdp_version"], _info(c)["versions"]["peft"][:5]
+
+    assert {run(c) for c in LORA_SAVED} == {(2, "0.21."), (1, "0.22.")}
+    assert {run(c) for c in LORA_EMPTY} == {(1, "0.21.")}
     for case in LORA_SAVED:
         keys = _saved_keys(case)
         assert all(re.fullmatch(r"model\.base_model\.model\..+\.lora_[AB]\.weight", k) for k in keys), keys[:3]
@@ -284,7 +293,7 @@ def test_the_lora_oracle_is_the_checkpoint_as_torch_reads_it(case: str, tmp_path
 @pytest.fixture(scope="module", params=[(c, e) for c in LORA_SAVED for e in ENTRIES],
                 ids=[f"{c}-{e}" for c in LORA_SAVED for e in ENTRIES])
 def lora_merged(request, tmp_path_factory) -> tuple[str, Path, Path, str]:
-    """`streammerge CKPT OUT --model-name BASE --base-model BASE --lora-alpha A`: (case, ckpt, out, stderr)."""
+    """`streammerge CKPT OUT --base-model BASE --lora-alpha A`: (case, ckpt, out, stderr)."""
     case, entry = request.param
     return _merge(case, entry, tmp_path_factory, "--base-model", str(ACCELERATE_DATA / case / "huggingface"),
                   "--lora-alpha", str(_info(case)["lora"]["lora_alpha"]))
@@ -294,6 +303,15 @@ def test_the_lora_fold_is_peft_merge_and_unload_bit_for_bit(lora_merged) -> None
     """The oracle: peft's merge_and_unload() of the peft model loaded with torch's gathered state."""
     case, _, out, _ = lora_merged
     _assert_bits(case, out, load_file(ACCELERATE_DATA / case / "reference" / "merged.safetensors"), "peft's merge")
+
+
+def test_the_base_model_gives_config_and_tokenizer(lora_merged) -> None:
+    """--base-model alone: the checkpoint has no config.json, so the base model's config and tokenizer are written,
+    as peft's own merge keeps them (--model-name was needed too, or the merge was refused)."""
+    case, _, out, _ = lora_merged
+    _assert_config_and_tokenizer_of(case, out)
+    recorded = json.loads((out / ".streammerge" / "manifest.json").read_text())["options"]
+    assert recorded["model_name"] == recorded["base_model"] == str(ACCELERATE_DATA / case / "huggingface")
 
 
 def test_the_folded_model_gives_the_trained_logits(lora_merged) -> None:

@@ -727,7 +727,7 @@ class DcpSource(Source):
     def _refuse_empty(self, ck: DcpCheckpoint) -> None:
         """A model DCP with no tensors beside an optimizer DCP of a peft model's adapter: what accelerate's FSDP1
         SHARDED_STATE_DICT save of a peft model writes with peft 0.21, whose adapter filter removes FSDP1's wrapper
-        name from the front of a module's name only (0.22 removes it at any depth)."""
+        name from the front of a module's name only (0.22 removes it at any depth, and its saves hold the adapter)."""
         oc = self.optimizer_dcp()
         adapter = next((k for k in oc.tensors if ".lora_A." in k or ".lora_B." in k), None) if oc else None
         if oc is not None and adapter is not None:
@@ -735,7 +735,7 @@ class DcpSource(Source):
                 f"{ck.folder}: the save holds no tensors: the trained LoRA adapter is in no file of this checkpoint "
                 f"({oc.folder.name} beside it holds only its optimizer state, e.g. {adapter}): under FSDP1, peft "
                 "0.21's get_peft_model_state_dict (what the HF Trainer's checkpoint saves) finds no adapter inside "
-                "nested FSDP units; FSDP2 checkpoints hold it, and peft 0.20 and 0.22 select the adapter otherwise")
+                "nested FSDP units; checkpoints saved with peft 0.22 or later, or with FSDP2, hold it")
 
     def tensors(self, options: MergeOptions) -> dict[str, SourceTensor]:
         ck = self.checkpoint()

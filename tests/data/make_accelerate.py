@@ -48,7 +48,8 @@ oracle's gathers, after the save, are routed through host memory (make_verl_gpu'
 ``_stage_dtensor_gathers_through_cpu``: gloo's coalesced all-gather crashes on CUDA tensors).
 
 Made with torch 2.11.0+cu130, transformers 5.17.0 (the GPU machine's) and accelerate 1.16.0 (carried as a wheel)
-on one NVIDIA H200; see tests/data/accelerate/README.md.
+on one NVIDIA H200 or H100, peft 0.21.0 (the machine's) or 0.22.0 (a wheel, for the case that asks for it); see
+tests/data/accelerate/README.md.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ CASES = {
     # names and finds no adapter inside the nested decoder-layer units: the checkpoint holds no weights
     "qwen2_lora_fsdp1_tied": dict(arch="qwen2", tie=True, mixed="no", seed=6, vocab=263, fsdp=1, lora=True,
                                   peft="0.21."),
+    # the same run with peft 0.22, whose get_peft_model_state_dict strips wrapper names at any depth
+    "qwen2_lora_fsdp1_tied_peft022": dict(arch="qwen2", tie=True, mixed="no", seed=8, vocab=263, fsdp=1, lora=True,
+                                          peft="0.22."),
+    # FSDP1 with use_orig_params=False: flat parameters in training, original names in the saved state
+    "llama_fsdp1_flat_fp32": dict(arch="llama", tie=False, mixed="no", seed=7, vocab=99, fsdp=1, orig_params=False),
 }
 HIDDEN = 16
 INTERMEDIATE = 32
@@ -183,7 +189,7 @@ def worker(case_name: str, case_dir: Path) -> None:
     if case["fsdp"] == 2:
         fsdp_config["reshard_after_forward"] = True
     else:  # FSDP1: "full_shard" gives the sharding strategy; frozen and trained parameters share flat parameters
-        fsdp_config["use_orig_params"] = True
+        fsdp_config["use_orig_params"] = case.get("orig_params", True)
     args = TrainingArguments(
         output_dir=str(case_dir / "run"), max_steps=STEPS, save_strategy="steps", save_steps=STEPS,
         per_device_train_batch_size=BATCH, learning_rate=1e-3, weight_decay=0.01,
