@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _torch_records(path: Path, rank: int, world_size: int) -> dict:
     obj = load.torch_load_meta(path)
-    return {n: load._record(n, v, rank, world_size, path) for n, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {n: load.tensor_record(n, v, rank, world_size, path) for n, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def _rank_files(actor: Path):

@@ -30,14 +30,14 @@ from ..sources import lora
 from ..sources.base import Piece, SourceTensor, open_checkpoint_file
 from ..sources.rankfile import (
     RankFile,
-    _record,
-    _span_bytes,
     chunk_bounds,
     holds_tensor,
     layout_name,
     row_major_coordinate,
+    span_bytes,
     storage_records,
     tensor_pieces,
+    tensor_record,
     torch_load_meta,
 )
 from . import LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError, Skip
@@ -93,10 +93,10 @@ def load_optim_file(path: Path, rank: int, world_size: int, *, trust_pickle: boo
         for key, value in flat:
             name = f"state.{pid}.{key}"
             if isinstance(value, torch.Tensor):
-                rec = _record(name, value, rank, world_size, path, records)
-                if rec.offset + _span_bytes(rec) > st.st_size:
+                rec = tensor_record(name, value, rank, world_size, path, records)
+                if rec.offset + span_bytes(rec) > st.st_size:
                     raise CheckpointError(f"{path}: truncated: {name} needs bytes up to "
-                                          f"{rec.offset + _span_bytes(rec)}, file has {st.st_size}")
+                                          f"{rec.offset + span_bytes(rec)}, file has {st.st_size}")
                 tensors[name] = rec
                 keys.setdefault(pid, []).append(name)
             elif holds_tensor(value):  # torch.load reads it; no export format holds a tensor inside a container

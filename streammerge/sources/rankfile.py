@@ -233,8 +233,10 @@ def storage_records(path: Path) -> dict[int, int]:
     return {start: d.sizes[i] for i, start in data_offsets(d, picked).items()}
 
 
-def _record(name: str, t: Any, rank: int, world_size: int, path: Path,
-            records: dict[int, int] | None = None) -> TensorRecord:
+def tensor_record(name: str, t: Any, rank: int, world_size: int, path: Path,
+                  records: dict[int, int] | None = None) -> TensorRecord:
+    """Where one tensor of a rank file (plain or DTensor, loaded on the meta device) lies in the file and in the full
+    tensor, checked as torch's reader of real tensors would check it."""
     import torch
     from torch.distributed.tensor import DTensor
 
@@ -334,11 +336,11 @@ def load_rank_file(path: Path, rank: int, world_size: int, *, trust_pickle: bool
                 stats.left_out[repr(name)[:40]] += 1
         else:
             try:
-                rec = _record(name, value, rank, world_size, path, records)
+                rec = tensor_record(name, value, rank, world_size, path, records)
             except (AttributeError, TypeError, ValueError, IndexError, KeyError) as e:  # a tensor torch half-built
                 raise CheckpointError(f"{path}: tensor {name!r} is malformed ({type(e).__name__}: "
                                       f"{(str(e).splitlines() or [''])[0][:150]})") from None
-            nbytes = _span_bytes(rec)
+            nbytes = span_bytes(rec)
             if rec.offset + nbytes > st.st_size:
                 raise CheckpointError(
                     f"{path}: truncated: tensor {name!r} needs bytes up to {rec.offset + nbytes}, "
@@ -372,7 +374,7 @@ def holds_tensor(value: Any) -> bool:
     return False
 
 
-def _span_bytes(rec: TensorRecord) -> int:
+def span_bytes(rec: TensorRecord) -> int:
     """Bytes from the first to one past the last element of a (possibly strided) local tensor."""
     if any(s == 0 for s in rec.local_shape):
         return 0
@@ -382,7 +384,7 @@ def _span_bytes(rec: TensorRecord) -> int:
 
 def _checked(tensors: dict[str, TensorRecord], path: Path, size: int) -> dict[str, TensorRecord]:
     for name, rec in tensors.items():
-        nbytes = _span_bytes(rec)
+        nbytes = span_bytes(rec)
         if rec.offset + nbytes > size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} needs bytes up to {rec.offset + nbytes}, "
                                   f"file has {size}")

@@ -42,10 +42,10 @@ from .rankfile import (
     TensorRecord,
     _checked,
     _mesh_layout,
-    _span_bytes,
     layout_name,
     load_rank_file,
     records_from_state,
+    span_bytes,
     tensor_pieces,
 )
 
@@ -315,9 +315,9 @@ class _Matcher:
             keys = zipdir.storage_offsets(d, {key for key, _ in self.storage})  # raises if one is missing
             base = array("q", (keys[key] + off for key, off in self.storage))
             for t, o in zip(self.template.tensors.values(), base):
-                if o + _span_bytes(t) > d.size:
+                if o + span_bytes(t) > d.size:
                     raise CheckpointError(f"{path}: truncated: tensor {t.name!r} needs bytes up to "
-                                          f"{o + _span_bytes(t)}, file has {d.size}")
+                                          f"{o + span_bytes(t)}, file has {d.size}")
             zipdir.check_torch_records(d)
             first = next(iter(self.groups.values())).ref  # rank 0's, its sizes checked against its storages
             if any(d.sizes[d.index(n)] != first.sizes[first.index(n)] for n in first.names if n.startswith("data/")):

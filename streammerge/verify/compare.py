@@ -25,7 +25,7 @@ from ..plan import Piece, TensorPlan
 from ..sources import Source
 from ..sources.base import Oracle, bytes_rows, open_checkpoint_file, pread_into, row_major
 from ..sources.verl_oracle import zip_records
-from ..write.writer import _is_contiguous, windows
+from ..write.writer import is_contiguous, windows
 from .folder import Entry, Header, check_header_bytes, check_torch_pickle, torch_file_header
 from .loading import loaded_map
 from .reading import Reading
@@ -460,7 +460,7 @@ def _compare_tensor(rel: str, header: Header, entry: Entry, name: str, t: Tensor
             rec = sources.record_of(p.file, p.offset)
             if rec is not None:
                 sources.needed.setdefault((p.file, rec[0]), name)
-            streaming = (rec is not None and (p.file, rec[0]) not in sources.checked and _is_contiguous(pshape, pstride)
+            streaming = (rec is not None and (p.file, rec[0]) not in sources.checked and is_contiguous(pshape, pstride)
                          and p.offset + math.prod(p.shape) * src_isz <= rec[0] + rec[1])
             crc = 0
             if streaming:

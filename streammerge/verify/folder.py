@@ -264,10 +264,10 @@ def check_unlisted_files(out: Path, manifest: dict, report: VerifyReport) -> Non
 def torch_file_header(path: Path, rel: str, plan: Plan, fp: FilePlan, report: VerifyReport) -> Header | None:
     """Where each tensor of a torch.save file (optimizer.pt) lies, as torch's own reader finds it (the pickle read onto
     the meta device), so that its records are compared with the checkpoint as a safetensors file's tensors are."""
-    from ..write.torch_format import _record_offsets
+    from ..write.torch_format import record_offsets
 
     try:
-        offsets = _record_offsets(path, {n: plan.tensors[n] for n in fp.names})
+        offsets = record_offsets(path, {n: plan.tensors[n] for n in fp.names})
     except Exception as e:  # noqa: BLE001  (torch's reader refuses a damaged file in many ways)
         report.fail(f"{rel}: torch.load cannot read where its tensors lie ({(str(e).splitlines() or [''])[0][:160]})")
         return None

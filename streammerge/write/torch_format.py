@@ -50,7 +50,7 @@ def write_torch_file(plan: Plan, fp: FilePlan, path: Path, writer: FileWriter) -
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         _save_skeleton(tmp, {t.name: t for t in tensors}, values, groups)
-        offsets = _record_offsets(tmp, {t.name: t for t in tensors})
+        offsets = record_offsets(tmp, {t.name: t for t in tensors})
         crcs = _fill(tmp, offsets, plan, writer)
         _patch_crcs(tmp, crcs)
         digest = _hash_and_check(tmp, crcs, writer)
@@ -104,7 +104,7 @@ class _Sink:
         return call
 
 
-def _record_offsets(tmp: Path, tensors: dict) -> list[tuple[int, object]]:
+def record_offsets(tmp: Path, tensors: dict) -> list[tuple[int, object]]:
     """(byte offset in the file, TensorPlan) for every record, in file order."""
     loaded = flatten(torch_load(tmp, map_location="meta", weights_only=True))
     out = []

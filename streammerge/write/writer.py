@@ -179,7 +179,8 @@ def windows(shape: tuple[int, ...], itemsize: int, budget: int) -> Iterator[Box]
             yield head + ((a, min(a + step, shape[k])),) + tail
 
 
-def _is_contiguous(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+def is_contiguous(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether a box of `sizes` stored with `strides` (in elements) is one row-major run, so one read fills it."""
     expected = 1
     for size, stride in zip(reversed(sizes), reversed(strides)):
         if size != 1 and stride != expected:
@@ -408,8 +409,8 @@ def fill_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarray, s
     src_isz = t.source_dtype.itemsize
     for p, sizes, src_off, dst in piece_parts(t, box):
         dst_flat = sum(i * st for i, st in zip(dst, wstrides))
-        if (t.dtype == t.source_dtype and _is_contiguous(sizes, p.stride)
-                and _is_contiguous(sizes, wstrides)):
+        if (t.dtype == t.source_dtype and is_contiguous(sizes, p.stride)
+                and is_contiguous(sizes, wstrides)):
             start = dst_flat * src_isz
             sources.read_into(p.file, src_off, out_mv[start:start + math.prod(sizes) * src_isz])
             continue
