@@ -240,6 +240,27 @@ def _trainer_full(d: Path) -> Path:
     return d
 
 
+def _lightning_state() -> dict:
+    return {"epoch": 0, "global_step": 3, "pytorch-lightning_version": "2.6.6",
+            "state_dict": {"model.model.embed_tokens.weight": torch.zeros(2, 4)},
+            "optimizer_states": [{"state": {}, "param_groups": []}]}
+
+
+def _lightning_file(d: Path) -> Path:
+    """What Lightning's ModelCheckpoint writes under DDP or one device: a torch.save of the whole training state."""
+    d.mkdir(parents=True)
+    torch.save(_lightning_state(), d / "epoch=0-step=3.ckpt")
+    return d / "epoch=0-step=3.ckpt"
+
+
+def _lightning_folder(d: Path) -> Path:
+    """ModelCheckpoint's dirpath, the folder its .ckpt saves go into."""
+    d.mkdir(parents=True)
+    for step in (3, 6):
+        torch.save(_lightning_state(), d / f"epoch=0-step={step}.ckpt")
+    return d
+
+
 def _tiny_qwen2():
     import transformers
 
@@ -265,9 +286,10 @@ def _peft_adapter(d: Path) -> Path:
     (_hf_folder, "already a Hugging Face model folder"), (_peft_adapter, "a peft adapter folder"),
     (_accelerate_per_rank, "accelerate's per-rank FSDP files"),
     (_accelerate_local, "accelerate's FSDP1 LOCAL_STATE_DICT files"),
-    (_accelerate_full, "accelerate's FULL_STATE_DICT save"), (_trainer_full, "already a Hugging Face model folder")],
+    (_accelerate_full, "accelerate's FULL_STATE_DICT save"), (_trainer_full, "already a Hugging Face model folder"),
+    (_lightning_file, "a PyTorch Lightning checkpoint file"), (_lightning_folder, "a folder of PyTorch Lightning")],
     ids=["deepspeed", "megatron-legacy", "hf-folder", "peft-adapter", "accelerate-per-rank", "accelerate-local",
-         "accelerate-full", "trainer-full"])
+         "accelerate-full", "trainer-full", "lightning-file", "lightning-folder"])
 def test_a_format_streammerge_does_not_read_is_named_with_what_reads_it(make, words, tmp_path, capsys):
     """Rather than "not a checkpoint": what the folder is, in one line, and which tool reads it."""
     ckpt = make(tmp_path / "ckpt")

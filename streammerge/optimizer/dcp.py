@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
@@ -46,26 +47,45 @@ def _param_and_key(rest: str, path: tuple | None, depth: int, params: Mapping[st
 
 
 def plan_dcp_optimizer(ck: DcpCheckpoint, prefix: str, weights: Plan, options: MergeOptions, *,
-                       source_note: str, step: int | None,
-                       peft: Mapping[str, tuple[int, ...]] | None = None) -> tuple[Plan | None, list[str]]:
+                       source_note: str, step: int | None, peft: Mapping[str, tuple[int, ...]] | None = None,
+                       module_prefix: str = "") -> tuple[Plan | None, list[str]]:
     """Plan `OUT/optimizer/` from the `<prefix>state.*` tensors and `<prefix>param_groups.*` items.
 
     `peft`: the saved parameters of a peft model (name -> shape), where the optimizer was built over the peft
     model: its state is then named by them, as veRL's rank files' export names it.
+    `module_prefix`: what the optimizer's parameter names have before the weights' names (a LightningModule's
+    attribute, `model.`): the export is named by the weights' names, those of the model it loads into.
     """
     try:
         params = _params(weights)
         if peft is not None:
             params.update(_peft_names(ck, prefix, peft))
+        params = {module_prefix + n: shape for n, shape in params.items()}
         tensors, groups, values = _state(ck, prefix, params)
     except Skip as e:
         return None, [f"optimizer not exported: {e}"]
+    if module_prefix:
+        tensors, groups, values = _without(module_prefix, tensors, groups, values)
     meta = {"format": LAYOUT_NAME, "param_groups": groups_json(groups), "source": source_note}
     if values:
         meta["state_values"] = json.dumps(values)
     if step is not None:
         meta["step"] = str(step)
     return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size)
+
+
+def _without(module_prefix: str, tensors: dict[str, TensorPlan], groups: list[dict], values: dict[str, Any]
+             ) -> tuple[dict[str, TensorPlan], list[dict], dict[str, Any]]:
+    """The state and groups renamed to the weights' names (every parameter name starts with `module_prefix`: they
+    were matched to the weights' names with it)."""
+    n = len(module_prefix)
+
+    def name(key: str) -> str:  # state.<module_prefix><fqn>.<key> -> state.<fqn>.<key>
+        return "state." + key[len("state.") + n:]
+
+    return ({name(k): replace(t, name=name(k)) for k, t in tensors.items()},
+            [{**g, "params": [p[n:] for p in g["params"]]} for g in groups],
+            {name(k): v for k, v in values.items()})
 
 
 def _params(weights: Plan) -> dict[str, tuple[int, ...]]:

@@ -55,6 +55,8 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if not path.is_dir():
+        if path.suffix == ".ckpt":
+            raise CheckpointError(f"{path}: {LIGHTNING_FILE}")
         raise CheckpointError(f"{path}: not a folder (give the checkpoint folder, not a file)")
     for _, holds, opener in FORMATS:
         if holds(path):
@@ -116,6 +118,13 @@ def model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and _has(path, SINGLE, "pytorch_model.bin", *WEIGHT_INDEXES)
 
 
+# a file a user gives where a folder is wanted: what it is and what to do
+LIGHTNING_FILE = ("a PyTorch Lightning checkpoint file (a torch.save of the whole training state, which DDP, one "
+                  "device and FSDPStrategy(state_dict_type=\"full\") write), which streammerge does not read: its "
+                  "weights are gathered already (load it with torch.load(..., weights_only=True) and save_pretrained "
+                  "the LightningModule's model); a sharded save (ModelParallelStrategy, or FSDPStrategy("
+                  "state_dict_type=\"sharded\")) is a .ckpt folder, which streammerge reads")
+
 # Formats recognised by their file names, to say what reads them: (is it here, what it is and what to do)
 UNREAD: list[tuple[Callable[[Path], bool], str]] = [
     (_deepspeed, "a DeepSpeed checkpoint (mp_rank_*_model_states.pt, *zero_pp_rank_*_optim_states.pt), which "
@@ -138,6 +147,8 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
     (model_folder,
      "already a Hugging Face model folder (config.json and its weights): there is nothing to merge (`hf upload` "
      "pushes it as it is)"),
+    (lambda p: _has(p, "*.ckpt"),
+     "a folder of PyTorch Lightning checkpoints (*.ckpt): give the one to merge, a sharded save's .ckpt folder"),
     # after the model folder: the HF Trainer's FULL_STATE_DICT checkpoint holds both, and is a model folder
     (lambda p: _has(p, "pytorch_model_fsdp.bin", "pytorch_model_fsdp_[0-9]*.bin"),
      "accelerate's FULL_STATE_DICT save (pytorch_model_fsdp*.bin: the whole state dict gathered into one torch.save), "

@@ -286,7 +286,7 @@ def step_of(path: Path, step_dir: re.Pattern[str]) -> int | None:
     for part in reversed(path.parts):
         m = step_dir.match(part)
         if m:
-            return int(m.group(1))
+            return int(next(g for g in m.groups() if g is not None))
     return None
 
 

@@ -43,7 +43,13 @@ if TYPE_CHECKING:
     from ..plan import Plan
 
 RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
-STEP_DIR = re.compile(r"^(?:global_step_|iter_|step[_-]|checkpoint-)(\d+)$")
+STEP_DIR = re.compile(r"^(?:global_step_|iter_|step[_-]|checkpoint-)(\d+)$"
+                      r"|^(?:.+-)?step=(\d+)(?:-.+)?\.ckpt$")  # Lightning's ModelCheckpoint: epoch=0-step=3.ckpt
+# PyTorch Lightning's sharded save (FSDPStrategy(state_dict_type="sharded")): a DCP of {"model": the LightningModule's
+# state dict, "optimizer_<i>": each optimizer's}, and this pickle of the rest of the checkpoint beside it
+LIGHTNING_META = "meta.pt"
+LIGHTNING_CONTAINERS = ("model.", "state_dict.")  # FSDPStrategy's, ModelParallelStrategy's
+_NUMBERED_OPTIMIZER = re.compile(r"optimizer_\d+\.")
 MEGATRON_METADATA = "metadata.json"  # Megatron-Core dist_checkpointing: {"sharded_backend": "torch_dist", ...}
 # Where trainers keep the DCP below the folder a user names: veRL Megatron (<= 0.8: actor/dist_ckpt,
 # >= 0.9: actor/model/dist_ckpt), prime-rl (step_N/trainer), accelerate FSDP (pytorch_model_fsdp_0).
@@ -522,6 +528,7 @@ class KeySplit:
     optimizer_prefix: str | None  # e.g. "optimizer." (its keys: <prefix>state.<fqn>.<key>)
     others: dict[str, int]  # other containers holding tensors -> how many (not exported)
     how: str  # for inspect: how the split was decided
+    module_prefix: str = ""  # a LightningModule's attribute holding the model (`model.`): left out of the names
 
 
 def _paths(ck: DcpCheckpoint) -> dict[str, tuple]:
@@ -577,9 +584,28 @@ def split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
             f"an object, which DCP stores whole; {len(pickled)} such items), and the merge would leave them out; "
             "save them as tensors (in a dict or a list), or choose the model's keys with --key-prefix")
     model = unwrapped(split.model, ck.folder)
-    if model == split.model:
+    if model != split.model:
+        split = replace(split, model=model,
+                        how=f"{split.how}, wrapper segments ({', '.join(WRAPPER_SEGMENTS)}) removed")
+    if key_prefix is None and split.prefix in LIGHTNING_CONTAINERS and is_lightning(ck.folder):
+        split = _lightning_module(split)
+    return split
+
+
+def is_lightning(folder: Path) -> bool:
+    return (folder / LIGHTNING_META).is_file()
+
+
+def _lightning_module(split: KeySplit) -> KeySplit:
+    """Lightning's `model` container is the LightningModule's state dict: where every name starts with one attribute
+    (`self.model = AutoModelForCausalLM...`), that attribute is the transformers model, and its names are the
+    model's without it. (transformers 5 loads the longer names too; other loaders of the folder would not.)"""
+    heads = {name.split(".", 1)[0] for name in split.model}
+    if len(heads) != 1 or not all("." in name for name in split.model):
         return split
-    return replace(split, model=model, how=f"{split.how}, wrapper segments ({', '.join(WRAPPER_SEGMENTS)}) removed")
+    attribute = heads.pop() + "."
+    model = {name[len(attribute):]: key for name, key in split.model.items()}
+    return replace(split, model=model, module_prefix=attribute)
 
 
 def unwrapped(model: Mapping[str, str], where: Path) -> dict[str, str]:
@@ -639,11 +665,17 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
                               f"(keys start with {', '.join(heads)})")
         parent = key_prefix[:-len("model.")] if key_prefix.endswith("model.") else None
         opt = _optimizer_prefix(keys, parent) if parent is not None else None
-        return KeySplit(key_prefix, model, opt, _others(_paths(ck), model, opt), f"--key-prefix {key_prefix!r}")
+        container = next((c for c in LIGHTNING_CONTAINERS if key_prefix.startswith(c)), None)
+        module = ""
+        if opt is None and container is not None and is_lightning(ck.folder):
+            # a module inside the LightningModule: its optimizer names the parameters from the LightningModule down
+            opt, module = _optimizer_prefix(keys, ""), key_prefix[len(container):]
+        return KeySplit(key_prefix, model, opt, _others(_paths(ck), model, opt), f"--key-prefix {key_prefix!r}",
+                        module_prefix=module if opt else "")
     paths = _paths(ck)
     containers = {p[:i] for p in paths.values() for i in range(1, min(len(p), 3))}
-    candidates = sorted((c for c in containers if c[-1] in MODEL_CONTAINERS),
-                        key=lambda c: (len(c), tuple(map(str, c))))
+    named = MODEL_CONTAINERS + (("state_dict",) if is_lightning(ck.folder) else ())
+    candidates = sorted((c for c in containers if c[-1] in named), key=lambda c: (len(c), tuple(map(str, c))))
     found = candidates[0] if candidates else None
     if found is not None and len(candidates) > 1 and len(candidates[1]) == len(found):
         names = [".".join(map(str, c)) + "." for c in candidates if len(c) == len(found)]
@@ -660,8 +692,9 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
            if _top_level_model(p) and not (opt and k.startswith(opt)) and k not in NOT_MODEL_KEYS}
     if not top:
         heads = sorted({str(p[0]) for p in paths.values()})[:6]
+        likely = [h for h in heads if h not in NOT_MODEL_KEYS and not _NUMBERED_OPTIMIZER.match(h + ".")] or heads
         raise CheckpointError(f"{ck.folder}: cannot tell which tensors are the model (the saved dict holds "
-                              f"{', '.join(heads)}); name them with --key-prefix, e.g. --key-prefix {heads[0]}.")
+                              f"{', '.join(heads)}); name them with --key-prefix, e.g. --key-prefix {likely[0]}.")
     nested = {str(p[0]) + "." for p in paths.values() if len(p) > 1}
     how = "every key" if not nested and len(top) == len(keys) else "the top-level keys of the saved dict"
     return KeySplit("", top, opt, _others(paths, top, opt), how)
@@ -672,7 +705,19 @@ def _optimizer_prefix(keys: list[str], parent: str) -> str | None:
         p = f"{parent}{name}."
         if any(k.startswith(p + "state.") for k in keys):
             return p
-    return None
+    numbered = _numbered_optimizers(keys, parent)
+    return numbered[0] if len(numbered) == 1 else None
+
+
+def _numbered_optimizers(keys: list[str], parent: str) -> list[str]:
+    """Lightning's `optimizer_<i>.` containers that hold optimizer state (one per optimizer configure_optimizers
+    returned)."""
+    found = set()
+    for k in keys:
+        m = _NUMBERED_OPTIMIZER.match(k, len(parent)) if k.startswith(parent) else None
+        if m and k.startswith("state.", m.end()):
+            found.add(k[:m.end()])
+    return sorted(found)
 
 
 def _others(paths: Mapping[str, tuple], model: Mapping[str, str], opt: str | None) -> dict[str, int]:
@@ -747,6 +792,13 @@ class DcpSource(Source):
 
     def warnings(self, options: MergeOptions) -> list[str]:
         split = self.split(options.key_prefix)
+        parent = split.prefix[:split.prefix.rstrip(".").rfind(".") + 1]  # where the model's container sits
+        numbered = _numbered_optimizers(list(self.checkpoint().tensors), parent) \
+            if split.prefix and split.optimizer_prefix is None else []
+        if len(numbered) > 1 and options.optimizer:
+            return [f"optimizer not exported: the checkpoint holds {len(numbered)} optimizers "
+                    f"({', '.join(p[:-1] for p in numbered)}: configure_optimizers returned several), and the export "
+                    "is one optimizer's state"]
         if split.prefix or options.key_prefix is not None:
             return []
         unknown = {head: n for head, n in split.others.items() if head not in _TRAINER_KEYS | NOT_MODEL_KEYS}
@@ -796,7 +848,8 @@ class DcpSource(Source):
             peft = {name: ck.tensors[key].shape for name, key in split.model.items()}
         if split.optimizer_prefix is not None:
             return plan_dcp_optimizer(self.checkpoint(), split.optimizer_prefix, weights, options, peft=peft,
-                                      source_note=f"torch DCP {self.path.name}", step=self.step)
+                                      source_note=f"torch DCP {self.path.name}", step=self.step,
+                                      module_prefix=split.module_prefix)
         oc = self.optimizer_dcp()
         if oc is None:
             return None, [f"optimizer not exported: {self._opt_error}"] if self._opt_error else []
@@ -815,8 +868,11 @@ class DcpSource(Source):
         lines = super().describe()
         if self._split is not None:
             split = self._split[1]
+            stripped = [repr(split.prefix)] if split.prefix else []
+            if split.module_prefix:
+                stripped.append(f"the LightningModule's attribute {split.module_prefix!r}")
             lines.append(f"model       {len(split.model)} tensors: {split.how}"
-                         + (f", {split.prefix!r} stripped" if split.prefix else ""))
+                         + (f", {' and '.join(stripped)} stripped" if stripped else ""))
             if split.optimizer_prefix:
                 lines.append(f"optimizer   {split.optimizer_prefix}state.*")
             elif (beside := self._optimizer_folder()) is not None:

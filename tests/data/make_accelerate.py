@@ -108,8 +108,9 @@ def _config(case: dict):
     from transformers import LlamaConfig, Qwen2Config
 
     vocab = case["vocab"]
-    common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
+    common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                  num_hidden_layers=case.get("layers", LAYERS), num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, max_position_embeddings=64,
                   tie_word_embeddings=case["tie"], bos_token_id=vocab - 2, eos_token_id=vocab - 1,
                   pad_token_id=vocab - 1, dtype="float32")
     if case["arch"] == "llama":
@@ -121,15 +122,16 @@ def _config(case: dict):
     return cfg
 
 
-def write_base(case_name: str, case_dir: Path) -> Path:
-    """config.json, generation_config.json and the tokenizer: the folder a user gives as --model-name."""
+def write_base(case_name: str, case_dir: Path, case: dict | None = None) -> Path:
+    """config.json, generation_config.json and the tokenizer: the folder a user gives as --model-name (`case`: another
+    generator's case, with the same arch, tie and vocab fields)."""
     from transformers import GenerationConfig
 
     sys.path.insert(0, str(REPO))
     from streammerge.testing.synthetic import _tokenizer
 
     base = case_dir / "huggingface"
-    case = CASES[case_name]
+    case = case or CASES[case_name]
     cfg = _config(case)
     cfg.save_pretrained(base)
     GenerationConfig.from_model_config(cfg).save_pretrained(base)

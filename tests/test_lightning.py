@@ -1,0 +1,230 @@
+"""PyTorch Lightning sharded checkpoints of FSDP training, as real runs write them.
+
+`tests/data/lightning/<case>/run/checkpoints/epoch=0-step=3.ckpt/` is what Lightning's ModelCheckpoint wrote (made by
+`tests/data/make_lightning.py` with lightning and transformers themselves, 2 ranks): a torch DCP folder of the
+LightningModule's state dict (`state_dict` under ModelParallelStrategy, `model` under FSDPStrategy) and of
+`optimizer_0`, with Lightning's `meta.pt` beside it. The LightningModule holds the transformers model as `self.model`,
+so its names are `model.` + transformers'. The oracle in `reference/` was gathered by torch in the training processes
+when training ended, right after that save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # noqa: F401  (imported: the merge asks transformers in this process, not in a child)
+from fixture_paths import LIGHTNING_CASES, LIGHTNING_DATA
+from safetensors.torch import load_file
+from test_optimizer import assert_same_optimizer
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import streammerge
+from streammerge.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+CKPT = Path("run") / "checkpoints" / "epoch=0-step=3.ckpt"
+ATTRIBUTE = "model."  # the LightningModule's attribute holding the transformers model
+
+
+def _info(case: str) -> dict:
+    return json.loads((LIGHTNING_DATA / case / "reference" / "INFO.json").read_text())
+
+
+def _container(case: str) -> str:
+    return "model" if _info(case)["strategy"]["class"] == "FSDPStrategy" else "state_dict"
+
+
+def _tied(case: str) -> bool:
+    return json.loads((LIGHTNING_DATA / case / "huggingface" / "config.json").read_text())["tie_word_embeddings"]
+
+
+def test_the_fixture_is_what_lightning_writes() -> None:
+    """A DCP folder named as a checkpoint file, with Lightning's meta.pt, of the LightningModule's state dict and of
+    `optimizer_0`; both strategies; no config.json (Lightning saves none)."""
+    assert LIGHTNING_CASES
+    size = sum(p.stat().st_size for p in LIGHTNING_DATA.rglob("*") if p.is_file())
+    assert size < 2 * 10**6, f"tests/data/lightning holds {size} bytes"
+    strategies = set()
+    for case in LIGHTNING_CASES:
+        ckpt = LIGHTNING_DATA / case / CKPT
+        info = _info(case)
+        strategies.add(info["strategy"]["class"])
+        assert info["world_size"] == 2 and info["versions"]["lightning"].startswith("2.")
+        assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+        keys = list(FileSystemReader(ckpt).read_metadata().state_dict_metadata)
+        assert {k.split(".", 1)[0] for k in keys} == {_container(case), "optimizer_0"}
+        assert all(k.startswith(f"{_container(case)}.{ATTRIBUTE}") for k in keys if not k.startswith("optimizer_0."))
+    assert "ModelParallelStrategy" in strategies
+
+
+@pytest.mark.parametrize("case", LIGHTNING_CASES)
+def test_the_oracle_is_the_checkpoint_as_torch_reads_it(case: str, tmp_path: Path) -> None:
+    """torch's DCP reader finds in the folder the LightningModule's state and the optimizer's, equal to what torch
+    gathered in training: what the oracle says is in the checkpoint is there."""
+    dcp_to_torch_save(LIGHTNING_DATA / case / CKPT, tmp_path / "all.pt")
+    saved = torch.load(tmp_path / "all.pt", weights_only=True)
+    ref = load_file(LIGHTNING_DATA / case / "reference" / "model.safetensors")
+    model = saved[_container(case)]
+    assert set(model) == set(ref) and all(torch.equal(model[k], v) for k, v in ref.items())
+    assert_same_optimizer(saved["optimizer_0"], _reference_optimizer(case), ordered=False)
+
+
+def _reference_optimizer(case: str) -> dict:
+    return torch.load(LIGHTNING_DATA / case / "reference" / "optimizer.pt", weights_only=True)
+
+
+def _optimizer_without_attribute(case: str) -> dict:
+    """The gathered optimizer state, named by the transformers model's parameters."""
+    want = _reference_optimizer(case)
+    return {"state": {k.removeprefix(ATTRIBUTE): v for k, v in want["state"].items()},
+            "param_groups": [{**g, "params": [p.removeprefix(ATTRIBUTE) for p in g["params"]]}
+                             for g in want["param_groups"]]}
+
+
+@pytest.fixture(scope="module", params=LIGHTNING_CASES)
+def merged(request, tmp_path_factory) -> tuple[str, Path, Path, str]:
+    """`streammerge epoch=0-step=3.ckpt OUT --model-name huggingface/`: (case, ckpt, out, stderr)."""
+    case = request.param
+    ckpt = LIGHTNING_DATA / case / CKPT
+    out = tmp_path_factory.mktemp(case) / "out"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        rc = main([str(ckpt), str(out), "--model-name", str(LIGHTNING_DATA / case / "huggingface")])
+    assert rc == 0, stderr.getvalue()
+    return case, ckpt, out, stderr.getvalue()
+
+
+def test_weights_are_the_trained_ones_under_transformers_names(merged) -> None:
+    """Every tensor bit for bit as torch gathered it, named as transformers names it: without the LightningModule's
+    `model.` (transformers 5 would load the longer names too; vLLM and other loaders of the folder would not), and the
+    tied lm_head.weight left out as save_pretrained leaves it out. The merge was refused ("cannot tell which tensors
+    are the model", suggesting the optimizer's keys) or kept the longer names."""
+    case, _, out, stderr = merged
+    ref = {k.removeprefix(ATTRIBUTE): v for k, v in
+           load_file(LIGHTNING_DATA / case / "reference" / "model.safetensors").items()}
+    if _tied(case):
+        assert torch.equal(ref["lm_head.weight"], ref["model.embed_tokens.weight"])
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(ref) - ({"lm_head.weight"} if _tied(case) else set())
+    assert all(got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]) for k in got)
+    assert "warning" not in stderr.lower(), stderr
+
+
+def test_transformers_loads_the_trained_model(merged) -> None:
+    from transformers import AutoModelForCausalLM
+
+    case, _, out, _ = merged
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ref = load_file(LIGHTNING_DATA / case / "reference" / "logits.safetensors")
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ref["input_ids"]).logits
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_optimizer_export_is_torchs_gathered_state_under_the_models_names(merged) -> None:
+    """`optimizer_0` (Lightning's name for the first optimizer) is exported, equal to what torch gathered, named by
+    the transformers model's parameters, which set_optimizer_state_dict on the loaded model pairs it with. It was left
+    out without a word. The step comes from the checkpoint's name."""
+    case, _, out, _ = merged
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(out), _optimizer_without_attribute(case))
+    index = json.loads((out / "optimizer" / "optimizer.safetensors.index.json").read_text())
+    assert index["metadata"]["step"] == "3"
+
+
+def test_verify_passes(merged) -> None:
+    case, ckpt, out, _ = merged
+    report = streammerge.verify(out, ckpt)
+    assert report.ok and not [n for n in report.notes if "own reader" in n], report.notes
+    # and the tied lm_head.weight, left out of the folder, against the embedding it is
+    assert report.tensors_checked == sum(len(load_file(p)) for p in out.rglob("*.safetensors")) + _tied(case)
+
+
+def test_inspect_says_what_was_taken(capsys) -> None:
+    case = LIGHTNING_CASES[0]
+    assert main(["inspect", str(LIGHTNING_DATA / case / CKPT), "--model-name",
+                 str(LIGHTNING_DATA / case / "huggingface")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("step 3" in line for line in lines if line.startswith("format"))
+    model = next(line for line in lines if line.startswith("model "))
+    assert f"the LightningModule's attribute '{ATTRIBUTE}'" in model, model
+    assert "optimizer   optimizer_0.state.*" in lines
+
+
+def _resaved(case: str, tmp_path: Path, change) -> Path:
+    """The case's checkpoint as torch reads it, changed by `change(state)` and written again by dcp.save, with
+    Lightning's meta.pt beside it."""
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = LIGHTNING_DATA / case / CKPT
+    dcp_to_torch_save(ckpt, tmp_path / "all.pt")
+    state = torch.load(tmp_path / "all.pt", weights_only=True)
+    change(state)
+    folder = tmp_path / "epoch=0-step=3.ckpt"
+    dcp.save(state, checkpoint_id=folder, no_dist=True)
+    shutil.copy(ckpt / "meta.pt", folder / "meta.pt")
+    return folder
+
+
+def test_two_optimizers_are_not_exported_and_the_warning_says_why(tmp_path: Path) -> None:
+    """configure_optimizers returned two (optimizer_0, optimizer_1): the export is one optimizer's state, so none is
+    exported, with a warning; the weights are merged all the same."""
+    case = LIGHTNING_CASES[0]
+
+    def second(state: dict) -> None:
+        state["optimizer_1"] = state["optimizer_0"]
+
+    folder = _resaved(case, tmp_path, second)
+    result = streammerge.merge(folder, tmp_path / "out", model_name=str(LIGHTNING_DATA / case / "huggingface"))
+    assert not (tmp_path / "out" / "optimizer").exists()
+    assert [w for w in result.warnings if "optimizer_0, optimizer_1" in w and w.startswith("optimizer not exported")]
+    ref = load_file(LIGHTNING_DATA / case / "reference" / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(got[k], ref[ATTRIBUTE + k]) for k in got)
+
+
+def test_a_module_holding_more_than_the_model_is_refused_and_key_prefix_picks_the_model(tmp_path: Path,
+                                                                                        capsys) -> None:
+    """A LightningModule with a parameter beside the transformers model (a value head): no attribute is the model
+    alone, so the names stay the module's, and the architecture check refuses them: one line, nothing written.
+    `--key-prefix <container>.model.` takes the transformers model, and its optimizer state too, by its names."""
+    case = LIGHTNING_CASES[0]
+
+    def head(state: dict) -> None:
+        state[_container(case)]["value_head.weight"] = torch.zeros(1, 16)
+
+    folder = _resaved(case, tmp_path, head)
+    base = str(LIGHTNING_DATA / case / "huggingface")
+    rc = main([str(folder), str(tmp_path / "refused"), "--model-name", base])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(lines) == 1 and "value_head.weight" in lines[0], lines
+    assert not (tmp_path / "refused" / "model.safetensors").exists()
+    out = tmp_path / "out"
+    assert main([str(folder), str(out), "--model-name", base, "--key-prefix", f"{_container(case)}.{ATTRIBUTE}"]) == 0
+    ref = load_file(LIGHTNING_DATA / case / "reference" / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert {ATTRIBUTE + k for k in got} == set(ref) - ({ATTRIBUTE + "lm_head.weight"} if _tied(case) else set())
+    assert all(torch.equal(got[k], ref[ATTRIBUTE + k]) for k in got)
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(out), _optimizer_without_attribute(case))
+
+
+def test_the_key_prefix_hint_names_the_model_not_the_optimizer(tmp_path: Path, capsys) -> None:
+    """A saved dict whose model container has no name streammerge knows: the one-line error suggests it, not
+    Lightning's `optimizer_0` (which sorts first, and which it suggested)."""
+    case = next(c for c in LIGHTNING_CASES if _container(c) == "state_dict")
+
+    def rename(state: dict) -> None:
+        state["weights"] = state.pop("state_dict")
+
+    folder = _resaved(case, tmp_path, rename)
+    (folder / "meta.pt").unlink()
+    rc = main([str(folder), str(tmp_path / "out"), "--model-name", str(LIGHTNING_DATA / case / "huggingface")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].endswith("e.g. --key-prefix weights."), lines
