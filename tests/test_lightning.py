@@ -107,6 +107,13 @@ def test_weights_are_the_trained_ones_under_transformers_names(merged) -> None:
     tied lm_head.weight left out as save_pretrained leaves it out. The merge was refused ("cannot tell which tensors
     are the model", suggesting the optimizer's keys) or kept the longer names."""
     case, _, out, stderr = merged
+    _assert_trained_weights(case, out)
+    assert "warning" not in stderr.lower(), stderr
+
+
+def _assert_trained_weights(case: str, out: Path) -> None:
+    """OUT's weights are torch's gathered ones, dtype and bits, under transformers' names; the tied lm_head.weight
+    (the embedding) left out."""
     ref = {k.removeprefix(ATTRIBUTE): v for k, v in
            load_file(LIGHTNING_DATA / case / "reference" / "model.safetensors").items()}
     if _tied(case):
@@ -114,7 +121,6 @@ def test_weights_are_the_trained_ones_under_transformers_names(merged) -> None:
     got = load_file(out / "model.safetensors")
     assert set(got) == set(ref) - ({"lm_head.weight"} if _tied(case) else set())
     assert all(got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]) for k in got)
-    assert "warning" not in stderr.lower(), stderr
 
 
 def test_transformers_loads_the_trained_model(merged) -> None:
@@ -185,9 +191,7 @@ def test_two_optimizers_are_not_exported_and_the_warning_says_why(tmp_path: Path
     result = streammerge.merge(folder, tmp_path / "out", model_name=str(LIGHTNING_DATA / case / "huggingface"))
     assert not (tmp_path / "out" / "optimizer").exists()
     assert [w for w in result.warnings if "optimizer_0, optimizer_1" in w and w.startswith("optimizer not exported")]
-    ref = load_file(LIGHTNING_DATA / case / "reference" / "model.safetensors")
-    got = load_file(tmp_path / "out" / "model.safetensors")
-    assert all(torch.equal(got[k], ref[ATTRIBUTE + k]) for k in got)
+    _assert_trained_weights(case, tmp_path / "out")
 
 
 def test_a_module_holding_more_than_the_model_is_refused_and_key_prefix_picks_the_model(tmp_path: Path,
@@ -208,10 +212,7 @@ def test_a_module_holding_more_than_the_model_is_refused_and_key_prefix_picks_th
     assert not (tmp_path / "refused" / "model.safetensors").exists()
     out = tmp_path / "out"
     assert main([str(folder), str(out), "--model-name", base, "--key-prefix", f"{_container(case)}.{ATTRIBUTE}"]) == 0
-    ref = load_file(LIGHTNING_DATA / case / "reference" / "model.safetensors")
-    got = load_file(out / "model.safetensors")
-    assert {ATTRIBUTE + k for k in got} == set(ref) - ({ATTRIBUTE + "lm_head.weight"} if _tied(case) else set())
-    assert all(torch.equal(got[k], ref[ATTRIBUTE + k]) for k in got)
+    _assert_trained_weights(case, out)
     assert_same_optimizer(streammerge.load_optimizer_state_dict(out), _optimizer_without_attribute(case))
 
 
@@ -228,3 +229,20 @@ def test_the_key_prefix_hint_names_the_model_not_the_optimizer(tmp_path: Path, c
     rc = main([str(folder), str(tmp_path / "out"), "--model-name", str(LIGHTNING_DATA / case / "huggingface")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].endswith("e.g. --key-prefix weights."), lines
+
+
+def test_fsdp_strategys_model_container_merges_the_same(tmp_path: Path) -> None:
+    """FSDPStrategy(state_dict_type="sharded") names the LightningModule's state dict `model`, not `state_dict` (its
+    save_checkpoint; no FSDP1 Lightning run was made here, since Lightning runs FSDP1 only on a GPU): the same
+    checkpoint with that name merges to the same weights and optimizer export."""
+    case = next(c for c in LIGHTNING_CASES if _container(c) == "state_dict")
+
+    def rename(state: dict) -> None:
+        state["model"] = state.pop("state_dict")
+
+    folder = _resaved(case, tmp_path, rename)
+    out = tmp_path / "out"
+    result = streammerge.merge(folder, out, model_name=str(LIGHTNING_DATA / case / "huggingface"))
+    assert not result.warnings, result.warnings
+    _assert_trained_weights(case, out)
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(out), _optimizer_without_attribute(case))
