@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 STEP_DIR = re.compile(r"^(?:global_step_|iter_|step[_-]|checkpoint-)(\d+)$"
                       r"|^(?:.+-)?step=(\d+)(?:-.+)?\.ckpt$")  # Lightning's ModelCheckpoint: epoch=0-step=3.ckpt
-# PyTorch Lightning's sharded save (FSDPStrategy(state_dict_type="sharded")): a DCP of {"model": the LightningModule's
-# state dict, "optimizer_<i>": each optimizer's}, and this pickle of the rest of the checkpoint beside it
+# PyTorch Lightning's sharded save: a DCP of {"model" (FSDPStrategy) or "state_dict" (ModelParallelStrategy): the
+# LightningModule's state dict, "optimizer_<i>": each optimizer's}, with this pickle of the rest beside it (never read)
 LIGHTNING_META = "meta.pt"
 LIGHTNING_CONTAINERS = ("model.", "state_dict.")  # FSDPStrategy's, ModelParallelStrategy's
 _NUMBERED_OPTIMIZER = re.compile(r"optimizer_\d+\.")
