@@ -246,3 +246,17 @@ def test_fsdp_strategys_model_container_merges_the_same(tmp_path: Path) -> None:
     assert not result.warnings, result.warnings
     _assert_trained_weights(case, out)
     assert_same_optimizer(streammerge.load_optimizer_state_dict(out), _optimizer_without_attribute(case))
+
+
+def test_the_step_of_last_ckpt_comes_from_lightnings_meta_pt(tmp_path: Path, capsys) -> None:
+    """ModelCheckpoint(save_last=True) names a save `last.ckpt`: the step is `global_step` in Lightning's meta.pt,
+    read without running anything from it (a meta.pt that is no plain pickle leaves the step unknown)."""
+    case = LIGHTNING_CASES[0]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    shutil.copytree(LIGHTNING_DATA / case / CKPT, last)
+    base = str(LIGHTNING_DATA / case / "huggingface")
+    assert main(["inspect", str(last), "--model-name", base]) == 0
+    assert "step 3" in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("format"))
+    (last / "meta.pt").write_bytes(b"not a zip")
+    assert main(["inspect", str(last), "--model-name", base]) == 0
+    assert "step ?" in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("format"))

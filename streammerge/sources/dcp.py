@@ -36,7 +36,15 @@ from ..paths import NotAFile, read_small
 from . import torchpickle
 from .base import Oracle, Piece, ReadStats, Source, SourceTensor, no_readahead, open_checkpoint_file, step_of
 from .dcpmeta import METADATA_FILE, METADATA_TMP, DcpMetadata, TensorEntry, read_metadata
-from .torchzip import REFUSED_FLAGS, names_problem, on_one_disk, torch_records_problem, zip64_fields
+from .torchzip import (
+    REFUSED_FLAGS,
+    names_problem,
+    on_one_disk,
+    read_directory,
+    read_record,
+    torch_records_problem,
+    zip64_fields,
+)
 
 if TYPE_CHECKING:
     from ..options import MergeOptions
@@ -98,7 +106,8 @@ def open_dcp(folder: Path) -> Source:
     if d is None:
         raise CheckpointError(f"{folder}: no DCP checkpoint (.metadata) here or in {', '.join(DCP_SUBFOLDERS)}")
     hf_dir = find_hf_dir(d)
-    step = step_of(d, STEP_DIR)
+    step = lightning_step(d) if is_lightning(d) else None
+    step = step_of(d, STEP_DIR) if step is None else step
     backend = megatron_backend(d)
     if backend is not None:
         if backend != "torch_dist":
@@ -594,6 +603,18 @@ def split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
 
 def is_lightning(folder: Path) -> bool:
     return (folder / LIGHTNING_META).is_file()
+
+
+def lightning_step(folder: Path) -> int | None:
+    """`global_step` from Lightning's meta.pt (a `last.ckpt/` names none), read by the allowlisting unpickler: nothing
+    in it runs, and a pickle naming anything else gives None (the folder's name may tell the step then)."""
+    try:
+        d = read_directory(folder / LIGHTNING_META)
+        state = torchpickle.decode(read_record(d, next(n for n in d.names if n.endswith("data.pkl"))))
+    except (CheckpointError, OSError, StopIteration):
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if type(step) is int and step >= 0 else None
 
 
 def _lightning_module(split: KeySplit) -> KeySplit:

@@ -72,6 +72,7 @@ CASES = {
                              layers=1),
     "qwen2_fsdp2_tied_bf16": dict(arch="qwen2", tie=True, mixed="bf16", strategy="model_parallel", seed=12,
                                   vocab=263, layers=1),
+    "llama_fsdp1_fp32": dict(arch="llama", tie=False, mixed="no", strategy="fsdp", seed=13, vocab=99, layers=1),
     "qwen2_fsdp1_tied_bf16": dict(arch="qwen2", tie=True, mixed="bf16", strategy="fsdp", seed=14, vocab=263,
                                   layers=1),
 }
