@@ -260,3 +260,41 @@ def test_the_step_of_last_ckpt_comes_from_lightnings_meta_pt(tmp_path: Path, cap
     (last / "meta.pt").write_bytes(b"not a zip")
     assert main(["inspect", str(last), "--model-name", base]) == 0
     assert "step ?" in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("format"))
+
+
+def test_a_lightning_module_holding_a_peft_model_folds_as_peft_merges(tmp_path: Path) -> None:
+    """`self.model = get_peft_model(...)`: the attribute is left out as for any model, and the peft names below it
+    fold as peft's merge_and_unload does, bit for bit, with the adapter's optimizer exported under the peft model's
+    names. Lightning's layout saved by dcp.save in one process (Lightning's own sharded runs are the cases above),
+    with a fixture's meta.pt beside it; the run records no LoraConfig, so r and alpha are given."""
+    import torch.distributed.checkpoint as dcp
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    case = next(c for c in LIGHTNING_CASES if _container(c) == "state_dict")
+    base = LIGHTNING_DATA / case / "huggingface"
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    module = torch.nn.Module()
+    module.model = peft_model
+    optim = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    batch = torch.arange(8)[None]
+    for _ in range(2):  # lora_B leaves zero: the fold changes the weights
+        module.model(input_ids=batch, labels=batch).loss.backward()
+        optim.step()
+    folder = tmp_path / "epoch=0-step=2.ckpt"
+    dcp.save({"state_dict": module.state_dict(), "optimizer_0": get_optimizer_state_dict(module, optim)},
+             checkpoint_id=folder, no_dist=True)
+    shutil.copy(LIGHTNING_DATA / case / CKPT / "meta.pt", folder / "meta.pt")
+    want_optim = get_optimizer_state_dict(peft_model, optim)
+    want = peft_model.merge_and_unload().state_dict()
+    out = tmp_path / "out"
+    assert main([str(folder), str(out), "--model-name", str(base), "--lora-rank", "4", "--lora-alpha", "8"]) == 0
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(want) - ({"lm_head.weight"} if _tied(case) else set())
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert (out / "lora_adapter" / "adapter_config.json").is_file()
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(out), want_optim)
+    assert streammerge.verify(out, folder).ok
