@@ -21,6 +21,7 @@ import torch
 import transformers  # noqa: F401  (imported: the merge asks transformers in this process, not in a child)
 from fixture_paths import LIGHTNING_CASES, LIGHTNING_DATA
 from safetensors.torch import load_file
+from test_accelerate import assert_trained_logits
 from test_optimizer import assert_same_optimizer
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -124,15 +125,8 @@ def _assert_trained_weights(case: str, out: Path) -> None:
 
 
 def test_transformers_loads_the_trained_model(merged) -> None:
-    from transformers import AutoModelForCausalLM
-
     case, _, out, _ = merged
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    ref = load_file(LIGHTNING_DATA / case / "reference" / "logits.safetensors")
-    with torch.no_grad():
-        logits = model.eval()(input_ids=ref["input_ids"]).logits
-    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-6)
+    assert_trained_logits(out, LIGHTNING_DATA / case / "reference" / "logits.safetensors")
 
 
 def test_the_optimizer_export_is_torchs_gathered_state_under_the_models_names(merged) -> None:

@@ -60,6 +60,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from make_verl_gpu import _free_port as free_port  # this folder: the script's own, first on sys.path
@@ -199,7 +200,6 @@ def worker(case_name: str, case_dir: Path) -> None:
         bf16=case["mixed"] == "bf16", fsdp="full_shard auto_wrap", fsdp_config=fsdp_config, ddp_backend="gloo",
         dataloader_num_workers=0, disable_tqdm=True,
     )
-    input_ids = torch.randint(0, case["vocab"] - 3, (2, 8), generator=torch.Generator().manual_seed(1234))
     gathered: dict = {}
 
     class Oracle(TrainerCallback):
@@ -229,12 +229,8 @@ def worker(case_name: str, case_dir: Path) -> None:
     if int(os.environ["RANK"]) != 0:
         return
     plugin = trainer.accelerator.state.fsdp_plugin
-    ref_dir.mkdir(parents=True, exist_ok=True)
     full = gathered["model"]
-    # safetensors refuses shared storage: tied weights are saved as separate copies, every key kept
-    save_file({k: v.detach().clone().contiguous() for k, v in full.items()}, ref_dir / "model.safetensors",
-              metadata={"format": "pt"})
-    torch.save(gathered["optimizer"], ref_dir / "optimizer.pt")
+    save_oracle(ref_dir, full, gathered["optimizer"])
     cpu_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     if case.get("lora"):
         # the trained model as peft merges it: the fold streammerge must equal
@@ -248,10 +244,7 @@ def worker(case_name: str, case_dir: Path) -> None:
                   metadata={"format": "pt"})
     else:
         cpu_model.load_state_dict(full, strict=True)
-    with torch.no_grad():
-        logits = cpu_model(input_ids=input_ids).logits
-    save_file({"input_ids": input_ids, "logits": logits.contiguous()}, ref_dir / "logits.safetensors",
-              metadata={"format": "pt"})
+    save_logits(ref_dir, cpu_model, case["vocab"])
     import accelerate
 
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
@@ -281,6 +274,30 @@ def worker(case_name: str, case_dir: Path) -> None:
     (ref_dir / "INFO.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def save_oracle(ref_dir: Path, model: dict, optimizer: dict) -> None:
+    """reference/model.safetensors and reference/optimizer.pt: the state torch gathered."""
+    import torch
+    from safetensors.torch import save_file
+
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage: tied weights are saved as separate copies, every key kept
+    save_file({k: v.detach().clone().contiguous() for k, v in model.items()}, ref_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    torch.save(optimizer, ref_dir / "optimizer.pt")
+
+
+def save_logits(ref_dir: Path, model, vocab: int) -> None:
+    """reference/logits.safetensors: fixed input_ids [2, 8] and the logits `model` (float32, CPU) gives them."""
+    import torch
+    from safetensors.torch import save_file
+
+    input_ids = torch.randint(0, vocab - 3, (2, 8), generator=torch.Generator().manual_seed(1234))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    save_file({"input_ids": input_ids, "logits": logits.contiguous()}, ref_dir / "logits.safetensors",
+              metadata={"format": "pt"})
+
+
 def make_case(case_name: str, out: Path) -> Path:
     import torch
 
@@ -291,36 +308,42 @@ def make_case(case_name: str, out: Path) -> Path:
     if case_dir.exists():
         shutil.rmtree(case_dir)
     write_base(case_name, case_dir)
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "ACCELERATE_TORCH_DEVICE": "cuda:0", "PYTHONPATH": path,
-           "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
-               f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", case_name, str(case_dir)]
-    subprocess.run(command, env=env, check=True)
-    info_path = case_dir / "reference" / "INFO.json"
-    info = json.loads(info_path.read_text())
-    info["command"] = " ".join(["ACCELERATE_TORCH_DEVICE=cuda:0", "torchrun", command[3],
-                                "tests/data/make_accelerate.py", "--worker", case_name, f"OUT/{case_name}"])
-    info["files"] = {str(p.relative_to(case_dir)): p.stat().st_size
-                     for p in sorted(case_dir.rglob("*")) if p.is_file()}
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    run_workers(Path(__file__), case_name, case_dir, {"ACCELERATE_TORCH_DEVICE": "cuda:0"})
     return case_dir
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--cases", default=",".join(CASES))
-    a = p.parse_args()
-    for name in a.cases.split(","):
-        print(make_case(name, a.out.resolve()))
+def run_workers(script: Path, case_name: str, case_dir: Path, env: dict[str, str]) -> None:
+    """torchrun WORLD_SIZE processes of `script --worker CASE CASE_DIR` (this repo first on their path, `env` added),
+    then record in the case's INFO.json the command and every file written."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
+               f"--master_port={free_port()}", str(script.resolve()), "--worker", case_name, str(case_dir)]
+    subprocess.run(command, env={**os.environ, **env, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"},
+                   check=True)
+    info_path = case_dir / "reference" / "INFO.json"
+    info = json.loads(info_path.read_text())
+    info["command"] = " ".join([*(f"{k}={v}" for k, v in env.items()), "torchrun", command[3],
+                                f"tests/data/{script.name}", "--worker", case_name, f"OUT/{case_name}"])
+    info["files"] = {str(p.relative_to(case_dir)): p.stat().st_size
+                     for p in sorted(case_dir.rglob("*")) if p.is_file()}
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":  # torchrun passes: --worker CASE CASE_DIR
+def cli(doc: str, cases: dict, make: Callable[[str, Path], Path], work: Callable[[str, Path], None]) -> None:
+    """A generator's command line: `OUT [--cases a,b]`, or, in the processes torchrun starts, `--worker CASE DIR`."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         import faulthandler
 
         faulthandler.enable()
-        worker(sys.argv[2], Path(sys.argv[3]))
-    else:
-        main()
+        work(sys.argv[2], Path(sys.argv[3]))
+        return
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--cases", default=",".join(cases))
+    a = p.parse_args()
+    for name in a.cases.split(","):
+        print(make(name, a.out.resolve()))
+
+
+if __name__ == "__main__":
+    cli(__doc__, CASES, make_case, worker)

@@ -43,19 +43,21 @@ lightning 2.6.6); see tests/data/lightning/README.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from make_accelerate import write_base  # this folder: the script's own, first on sys.path
-from make_verl_gpu import _free_port as free_port
+from make_accelerate import (  # this folder: the script's own, first on sys.path
+    cli,
+    run_workers,
+    save_logits,
+    save_oracle,
+    write_base,
+)
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 WORLD_SIZE = 2
 STEPS = 3
 SEQ = 16
@@ -94,7 +96,6 @@ def worker(case_name: str, case_dir: Path) -> None:
     import transformers
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -169,18 +170,11 @@ def worker(case_name: str, case_dir: Path) -> None:
     assert gathered.get("step") == STEPS, gathered.get("step")
     if int(os.environ["RANK"]) != 0:
         return
-    ref_dir.mkdir(parents=True, exist_ok=True)
     full = gathered["model"]
-    save_file({k: v.detach().clone().contiguous() for k, v in full.items()}, ref_dir / "model.safetensors",
-              metadata={"format": "pt"})
-    torch.save(gathered["optimizer"], ref_dir / "optimizer.pt")
+    save_oracle(ref_dir, full, gathered["optimizer"])
     cpu_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     cpu_model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=True)
-    input_ids = torch.randint(0, case["vocab"] - 3, (2, 8), generator=torch.Generator().manual_seed(1234))
-    with torch.no_grad():
-        logits = cpu_model(input_ids=input_ids).logits
-    save_file({"input_ids": input_ids, "logits": logits.contiguous()}, ref_dir / "logits.safetensors",
-              metadata={"format": "pt"})
+    save_logits(ref_dir, cpu_model, case["vocab"])
     info = {
         "case": {"name": case_name, **case},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -210,35 +204,9 @@ def make_case(case_name: str, out: Path) -> Path:
         shutil.rmtree(case_dir)
     case = CASES[case_name]
     write_base(case_name, case_dir, case)
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
-               f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", case_name, str(case_dir)]
-    subprocess.run(command, env=env, check=True)
-    info_path = case_dir / "reference" / "INFO.json"
-    info = json.loads(info_path.read_text())
-    info["command"] = " ".join(["torchrun", command[3], "tests/data/make_lightning.py", "--worker", case_name,
-                                f"OUT/{case_name}"])
-    info["files"] = {str(p.relative_to(case_dir)): p.stat().st_size
-                     for p in sorted(case_dir.rglob("*")) if p.is_file()}
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    run_workers(Path(__file__), case_name, case_dir, {})
     return case_dir
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--cases", default=",".join(CASES))
-    a = p.parse_args()
-    for name in a.cases.split(","):
-        print(make_case(name, a.out.resolve()))
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":  # torchrun passes: --worker CASE CASE_DIR
-        import faulthandler
-
-        faulthandler.enable()
-        worker(sys.argv[2], Path(sys.argv[3]))
-    else:
-        main()
+    cli(__doc__, CASES, make_case, worker)
