@@ -453,3 +453,27 @@ def test_watch_says_the_merges_warnings(tmp_path, caplog):
     assert [(r.step, r.ok) for r in results] == [(1, True)]
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(m.startswith("step 1: warning: optimizer not exported: ") for m in said), said
+
+
+def test_an_hf_trainer_run_is_watched_by_its_finished_checkpoint_folders(tmp_path):
+    """The HF Trainer writes no tracker: its output_dir holds checkpoint-N/ folders, trainer_state.json the last file
+    of each save. The watcher merges each finished one (it waited with nothing to follow), and not one whose save has
+    not written trainer_state.json yet."""
+    from safetensors.torch import load_file
+
+    case = ROOT / "tests" / "data" / "accelerate" / "llama_fp32"
+    run = tmp_path / "output_dir"
+    shutil.copytree(case / "run", run)
+    shutil.copytree(run / "checkpoint-3", run / "checkpoint-6", ignore=shutil.ignore_patterns("trainer_state.json"))
+    watcher = Watcher(run, push=False, model_name=str(case / "huggingface"), out_root=tmp_path / "out",
+                      state_file=tmp_path / "state.json")
+    results = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in results] == [(3, True)], [r.error for r in results]
+    got = load_file(tmp_path / "out" / "global_step_3" / "model.safetensors")
+    ref = load_file(case / "reference" / "model.safetensors")
+    assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref)
+    assert (tmp_path / "out" / "global_step_3" / "optimizer").is_dir()
+    shutil.copy(run / "checkpoint-3" / "trainer_state.json", run / "checkpoint-6" / "trainer_state.json")
+    results = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in results] == [(6, True)], [r.error for r in results]
+    assert set(watcher.done_steps()) == {3, 6}

@@ -1,9 +1,10 @@
 """Watch: a sidecar that merges (and pushes) each new checkpoint of a training run as it lands.
 
-It follows the run's ``latest_checkpointed_iteration.txt``. A step is taken once every rank file
-is present and no file of its actor folder changed size or mtime between two looks, so a checkpoint
-still being written (or copied in from other nodes) is never merged half-way. Each finished step is
-recorded in a small state file (``RUN_DIR/.streammerge-watch.json`` by default), written
+It follows the run's ``latest_checkpointed_iteration.txt`` (veRL, Megatron-LM), or, where there is none, the
+HF Trainer's ``checkpoint-N`` folders whose ``trainer_state.json`` is written (the Trainer's last file of a save). A
+step is taken once every rank file is present and no file of its checkpoint folder changed size or mtime between
+two looks, so a checkpoint still being written (or copied in from other nodes) is never merged half-way. Each
+finished step is recorded in a small state file (``RUN_DIR/.streammerge-watch.json`` by default), written
 atomically after each push, so a restarted watcher never pushes a step twice.
 
 Meant for a login node: one process, no GPU, bounded memory (the merge streams).
@@ -46,27 +47,41 @@ PUSH_OPTIONS = frozenset({"token", "endpoint", "model_card", "commit_message", "
 Snapshot = dict[str, tuple[int, int]]
 
 
-STEP_DIR = re.compile(r"global_step_(\d+)|iter_(\d{7,})")  # veRL's, Megatron-LM's
+STEP_DIR = re.compile(r"global_step_(\d+)|iter_(\d{7,})|checkpoint-(\d+)")  # veRL's, Megatron-LM's, HF Trainer's
+# what the HF Trainer writes last into checkpoint-N (after the model, optimizer, scheduler and RNG states): a run
+# folder of checkpoint-N folders and no tracker is followed by it
+TRAINER_STATE = "trainer_state.json"
 
 
 def step_dirs(run_dir: Path) -> Iterator[tuple[int, Path]]:
-    """``(N, run_dir/global_step_N)`` (Megatron-LM: ``iter_NNNNNNN``) in step order."""
+    """``(N, run_dir/global_step_N)`` (Megatron-LM: ``iter_NNNNNNN``, the HF Trainer: ``checkpoint-N``) in step
+    order."""
     found = []
     for p in run_dir.iterdir():
         m = STEP_DIR.fullmatch(p.name)
         if m and p.is_dir():
-            found.append((int(m.group(1) or m.group(2)), p))
+            found.append((int(next(g for g in m.groups() if g is not None)), p))
     return iter(sorted(found))
 
 
 def step_dir(run_dir: Path, step: int) -> Path | None:
-    """The folder of step N: ``global_step_N``, or Megatron-LM's ``iter_NNNNNNN``, where it is a folder."""
-    return next((p for p in (run_dir / f"global_step_{step}", run_dir / f"iter_{step:07d}") if p.is_dir()), None)
+    """The folder of step N: ``global_step_N``, Megatron-LM's ``iter_NNNNNNN`` or the HF Trainer's
+    ``checkpoint-N``, where it is a folder."""
+    names = (f"global_step_{step}", f"iter_{step:07d}", f"checkpoint-{step}")
+    return next((run_dir / n for n in names if (run_dir / n).is_dir()), None)
 
 
 def latest_step(run_dir: Path) -> int | None:
-    """The step named by the trainer's tracker file, None while there is none (or it is mid-write)."""
-    return step_number(read_tracker(run_dir))
+    """The step named by the trainer's tracker file, None while there is none (or it is mid-write); the HF Trainer
+    writes no tracker: its newest checkpoint-N that holds trainer_state.json."""
+    text = read_tracker(run_dir)
+    return step_number(text) if text is not None else trainer_latest(run_dir)
+
+
+def trainer_latest(run_dir: Path) -> int | None:
+    """The newest HF Trainer checkpoint-N whose save finished (its trainer_state.json written), or None."""
+    saved = [n for n, p in step_dirs(run_dir) if p.name.startswith("checkpoint-") and (p / TRAINER_STATE).is_file()]
+    return max(saved, default=None)
 
 
 def snapshot(folder: Path) -> Snapshot:
@@ -197,14 +212,15 @@ class Watcher:
 
     # ---- one look --------------------------------------------------------------------------
     def candidates(self) -> list[tuple[int, Path]]:
-        """Steps to process, oldest first: not done yet, and not newer than the tracker's step."""
+        """Steps to process, oldest first: not done yet, and not newer than the tracker's step (the HF Trainer's
+        newest finished checkpoint-N where there is no tracker)."""
         text = read_tracker(self.run_dir)
-        latest = step_number(text)
+        latest = step_number(text) if text is not None else trainer_latest(self.run_dir)
         if latest is None:
             if text:  # empty: mid-write, no word
                 self._tell(text, f"{self.run_dir / LATEST_FILE} holds {text[:40]!r}, not a step number: watch "
-                                 "follows numbered steps (global_step_N/, iter_NNNNNNN/) only (Megatron-LM writes "
-                                 "'release' for a converted checkpoint); waiting")
+                                 "follows numbered steps (global_step_N/, iter_NNNNNNN/, checkpoint-N/) only "
+                                 "(Megatron-LM writes 'release' for a converted checkpoint); waiting")
             return []
         if step_dir(self.run_dir, latest) is None:
             self._tell(f"step {latest}", f"{self.run_dir / LATEST_FILE} names step {latest}, but {self.run_dir} has "
@@ -213,7 +229,10 @@ class Watcher:
         if self.only_latest:
             path = step_dir(self.run_dir, latest)
             return [(latest, path)] if latest not in done and path is not None else []
-        return [(n, p) for n, p in step_dirs(self.run_dir) if n <= latest and n not in done]
+        steps = [(n, p) for n, p in step_dirs(self.run_dir) if n <= latest and n not in done]
+        if text is None:  # the HF Trainer's: a checkpoint-N without trainer_state.json is a save that did not finish
+            steps = [(n, p) for n, p in steps if (p / TRAINER_STATE).is_file()]
+        return steps
 
     def _tell(self, key: str, message: str) -> None:
         if key not in self._told:
