@@ -393,17 +393,19 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _push_args(p)
     elif command == "watch":
         p = _Parser(prog="streammerge watch", description="Follow a training run's "
-                    "latest_checkpointed_iteration.txt (or the HF Trainer's checkpoint-N folders); merge (and with "
-                    "--push, push) each new checkpoint once all its rank files are there and no longer growing.")
+                    "latest_checkpointed_iteration.txt (or the HF Trainer's checkpoint-N folders, Lightning's sharded "
+                    "*.ckpt folders); merge (and with --push, push) each new checkpoint once all its rank files are "
+                    "there and no longer growing.")
         p.add_argument("run_dir", metavar="RUN_DIR", type=_path,
-                       help="the trainer's checkpoint folder (holds global_step_N/, iter_NNNNNNN/ or checkpoint-N/)")
+                       help="the trainer's checkpoint folder (holds global_step_N/, iter_NNNNNNN/, checkpoint-N/ "
+                            "or *.ckpt/)")
         _plan_args(p)
         _write_args(p)
         _push_args(p, repo_default="required with --push: every step is pushed to that repo")
         p.add_argument("--revision-per-step", action="store_true", help="push step N to branch step-N")
         p.add_argument("--only-latest", action="store_true",
-                       help="only the newest step (the tracker's, or the newest finished checkpoint-N); skip older "
-                            "unpushed steps")
+                       help="only the newest step (the tracker's, else the newest finished checkpoint-N/ or "
+                            "*.ckpt/); skip older unpushed steps")
         p.add_argument("--once", action="store_true", help="process what is there now, then exit")
         p.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
                        help="seconds between looks (default 60); with --once the two looks are at most 5 s apart")

@@ -477,3 +477,30 @@ def test_an_hf_trainer_run_is_watched_by_its_finished_checkpoint_folders(tmp_pat
     results = watcher.run(once=True, interval=0.1)
     assert [(r.step, r.ok) for r in results] == [(6, True)], [r.error for r in results]
     assert set(watcher.done_steps()) == {3, 6}
+
+
+def test_a_lightning_run_is_watched_by_its_sharded_ckpt_folders(tmp_path):
+    """Lightning's ModelCheckpoint folder has no tracker either: each sharded save is a *.ckpt folder, finished once
+    rank 0 wrote meta.pt into it, its step meta.pt's global_step. last.ckpt, a copy of the newest, is not merged a
+    second time, and a folder whose meta.pt is not there yet is not merged."""
+    import torch
+    from safetensors.torch import load_file
+
+    case = ROOT / "tests" / "data" / "lightning" / "qwen2_fsdp2_tied_bf16"
+    run = tmp_path / "checkpoints"
+    shutil.copytree(case / "run" / "checkpoints", run)
+    shutil.copytree(run / "epoch=0-step=3.ckpt", run / "last.ckpt")
+    watcher = Watcher(run, push=False, model_name=str(case / "huggingface"), out_root=tmp_path / "out",
+                      state_file=tmp_path / "state.json")
+    results = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok, r.out_dir.name) for r in results] == [(3, True, "global_step_3")], [r.error for r in results]
+    assert "epoch=0-step=3.ckpt" in results[0].merge.plan.source.path.name
+    got = load_file(tmp_path / "out" / "global_step_3" / "model.safetensors")
+    ref = load_file(case / "reference" / "model.safetensors")
+    assert got and all(got[k].equal(ref["model." + k]) for k in got)
+    later = run / "epoch=1-step=6.ckpt"
+    shutil.copytree(run / "epoch=0-step=3.ckpt", later, ignore=shutil.ignore_patterns("meta.pt"))
+    assert watcher.run(once=True, interval=0.1) == []
+    torch.save({"epoch": 1, "global_step": 6, "pytorch-lightning_version": "2.6.6"}, later / "meta.pt")
+    results = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in results] == [(6, True)], [r.error for r in results]

@@ -1,7 +1,8 @@
 """Watch: a sidecar that merges (and pushes) each new checkpoint of a training run as it lands.
 
 It follows the run's ``latest_checkpointed_iteration.txt`` (veRL, Megatron-LM), or, where there is none, the
-HF Trainer's ``checkpoint-N`` folders whose ``trainer_state.json`` is written (the Trainer's last file of a save). A
+HF Trainer's ``checkpoint-N`` folders whose ``trainer_state.json`` is written (the Trainer's last file of a save)
+and Lightning's sharded ``*.ckpt`` folders once their ``meta.pt`` is (Lightning's last). A
 step is taken once every rank file is present and no file of its checkpoint folder changed size or mtime between
 two looks, so a checkpoint still being written (or copied in from other nodes) is never merged half-way. Each
 finished step is recorded in a small state file (``RUN_DIR/.streammerge-watch.json`` by default), written
@@ -30,6 +31,7 @@ from ..options import MergeOptions
 from ..paths import NotAFile, read_small, user_path
 from ..pipeline import merge
 from ..sources import LATEST_FILE, Source, open_checkpoint, read_tracker, step_number
+from ..sources.dcp import LIGHTNING_STEP, is_lightning, lightning_step
 from ..write.transaction import open_lock
 from .publish import PushResult, check_push_counts, default_out_dir, merge_and_push
 from .repo import check_target
@@ -48,40 +50,49 @@ Snapshot = dict[str, tuple[int, int]]
 
 
 STEP_DIR = re.compile(r"global_step_(\d+)|iter_(\d{7,})|checkpoint-(\d+)")  # veRL's, Megatron-LM's, HF Trainer's
-# what the HF Trainer writes last into checkpoint-N (after the model, optimizer, scheduler and RNG states): a run
-# folder of checkpoint-N folders and no tracker is followed by it
+# what the HF Trainer writes last into checkpoint-N (after the model, optimizer, scheduler and RNG states)
 TRAINER_STATE = "trainer_state.json"
 
 
 def step_dirs(run_dir: Path) -> Iterator[tuple[int, Path]]:
-    """``(N, run_dir/global_step_N)`` (Megatron-LM: ``iter_NNNNNNN``, the HF Trainer: ``checkpoint-N``) in step
-    order."""
-    found = []
-    for p in run_dir.iterdir():
+    """``(N, run_dir/global_step_N)`` (Megatron-LM: ``iter_NNNNNNN``, the HF Trainer: ``checkpoint-N``, Lightning:
+    a sharded ``*.ckpt/`` folder with its meta.pt, of the step meta.pt or the name gives) in step order. Lightning's
+    ``last.ckpt/`` is the step another folder holds too: that one is taken."""
+    found: dict[int, Path] = {}
+    for p in sorted(run_dir.iterdir()):
         m = STEP_DIR.fullmatch(p.name)
         if m and p.is_dir():
-            found.append((int(next(g for g in m.groups() if g is not None)), p))
-    return iter(sorted(found))
+            found[int(next(g for g in m.groups() if g is not None))] = p
+        elif p.suffix == ".ckpt" and p.is_dir() and is_lightning(p):
+            named = LIGHTNING_STEP.match(p.name)
+            step = lightning_step(p)
+            step = int(named.group(1)) if step is None and named else step
+            if step is not None and (step not in found or found[step].name == "last.ckpt"):
+                found[step] = p
+    return iter(sorted(found.items()))
 
 
 def step_dir(run_dir: Path, step: int) -> Path | None:
-    """The folder of step N: ``global_step_N``, Megatron-LM's ``iter_NNNNNNN`` or the HF Trainer's
-    ``checkpoint-N``, where it is a folder."""
-    names = (f"global_step_{step}", f"iter_{step:07d}", f"checkpoint-{step}")
-    return next((run_dir / n for n in names if (run_dir / n).is_dir()), None)
+    """The folder of step N (see `step_dirs`), where there is one."""
+    return dict(step_dirs(run_dir)).get(step)
 
 
 def latest_step(run_dir: Path) -> int | None:
-    """The step named by the trainer's tracker file, None while there is none (or it is mid-write); the HF Trainer
-    writes no tracker: its newest checkpoint-N that holds trainer_state.json."""
+    """The step named by the trainer's tracker file, None while there is none (or it is mid-write); where the run
+    folder has no tracker (the HF Trainer's, Lightning's), its newest step whose save finished."""
     text = read_tracker(run_dir)
-    return step_number(text) if text is not None else trainer_latest(run_dir)
+    return step_number(text) if text is not None else untracked_latest(run_dir)
 
 
-def trainer_latest(run_dir: Path) -> int | None:
-    """The newest HF Trainer checkpoint-N whose save finished (its trainer_state.json written), or None."""
-    saved = [n for n, p in step_dirs(run_dir) if p.name.startswith("checkpoint-") and (p / TRAINER_STATE).is_file()]
-    return max(saved, default=None)
+def finished(path: Path) -> bool:
+    """A step folder of a run without a tracker whose save finished: the HF Trainer's checkpoint-N holds
+    trainer_state.json, Lightning's .ckpt folder its meta.pt (rank 0 writes either once the rest is saved)."""
+    return (path / TRAINER_STATE).is_file() if path.name.startswith("checkpoint-") else is_lightning(path)
+
+
+def untracked_latest(run_dir: Path) -> int | None:
+    """The newest finished step of a run folder without a tracker, or None."""
+    return max((n for n, p in step_dirs(run_dir) if finished(p)), default=None)
 
 
 def snapshot(folder: Path) -> Snapshot:
@@ -212,10 +223,10 @@ class Watcher:
 
     # ---- one look --------------------------------------------------------------------------
     def candidates(self) -> list[tuple[int, Path]]:
-        """Steps to process, oldest first: not done yet, and not newer than the tracker's step (the HF Trainer's
-        newest finished checkpoint-N where there is no tracker)."""
+        """Steps to process, oldest first: not done yet, and not newer than the tracker's step (where there is no
+        tracker, the newest finished step: the HF Trainer's checkpoint-N, Lightning's .ckpt folders)."""
         text = read_tracker(self.run_dir)
-        latest = step_number(text) if text is not None else trainer_latest(self.run_dir)
+        latest = step_number(text) if text is not None else untracked_latest(self.run_dir)
         if latest is None:
             if text:  # empty: mid-write, no word
                 self._tell(text, f"{self.run_dir / LATEST_FILE} holds {text[:40]!r}, not a step number: watch "
@@ -230,8 +241,8 @@ class Watcher:
             path = step_dir(self.run_dir, latest)
             return [(latest, path)] if latest not in done and path is not None else []
         steps = [(n, p) for n, p in step_dirs(self.run_dir) if n <= latest and n not in done]
-        if text is None:  # the HF Trainer's: a checkpoint-N without trainer_state.json is a save that did not finish
-            steps = [(n, p) for n, p in steps if (p / TRAINER_STATE).is_file()]
+        if text is None:  # the HF Trainer's, Lightning's: a step folder whose save did not finish is not one yet
+            steps = [(n, p) for n, p in steps if finished(p)]
         return steps
 
     def _tell(self, key: str, message: str) -> None:

@@ -51,8 +51,8 @@ if TYPE_CHECKING:
     from ..plan import Plan
 
 RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
-STEP_DIR = re.compile(r"^(?:global_step_|iter_|step[_-]|checkpoint-)(\d+)$"
-                      r"|^(?:.+-)?step=(\d+)(?:-.+)?\.ckpt$")  # Lightning's ModelCheckpoint: epoch=0-step=3.ckpt
+LIGHTNING_STEP = re.compile(r"^(?:.+-)?step=(\d+)(?:-.+)?\.ckpt$")  # Lightning's ModelCheckpoint: epoch=0-step=3.ckpt
+STEP_DIR = re.compile(r"^(?:global_step_|iter_|step[_-]|checkpoint-)(\d+)$|" + LIGHTNING_STEP.pattern)
 # PyTorch Lightning's sharded save: a DCP of {"model" (FSDPStrategy) or "state_dict" (ModelParallelStrategy): the
 # LightningModule's state dict, "optimizer_<i>": each optimizer's}, with this pickle of the rest beside it (never read)
 LIGHTNING_META = "meta.pt"
