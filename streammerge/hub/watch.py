@@ -113,7 +113,8 @@ class Watcher:
     """Merges, and with ``push`` pushes, every complete checkpoint of ``run_dir`` once.
 
     Args:
-        run_dir: the trainer's checkpoint folder (holds ``global_step_N/`` or ``iter_NNNNNNN/`` and the tracker file).
+        run_dir: the trainer's checkpoint folder (holds ``global_step_N/`` or ``iter_NNNNNNN/`` and the tracker
+            file, or the HF Trainer's ``checkpoint-N/``, or Lightning's sharded ``*.ckpt/``).
         push: push each merged step to ``repo_id`` (else only merge); default: push where a ``repo_id`` is given, as
             the CLI's ``watch --push --repo-id`` (``watch`` alone only merges).
         revision: branch for every push (default ``main``); ``revision_per_step`` pushes step N to
