@@ -23,6 +23,6 @@ _ACCELERATE = sorted(p.name for p in ACCELERATE_DATA.iterdir() if (p / "referenc
 ACCELERATE_LORA_CASES = [c for c in _ACCELERATE if (ACCELERATE_DATA / c / "reference" / "merged.safetensors").is_file()]
 ACCELERATE_CASES = [c for c in _ACCELERATE if c not in ACCELERATE_LORA_CASES]
 # PyTorch Lightning sharded checkpoints (a DCP folder per ModelCheckpoint save, with Lightning's meta.pt) of FSDP2
-# (ModelParallelStrategy, made on CPU) and FSDP1 (FSDPStrategy, on a GPU) by tests/data/make_lightning.py
+# (ModelParallelStrategy, made on CPU by tests/data/make_lightning.py, whose FSDPStrategy cases need a GPU)
 LIGHTNING_DATA = REPO / "tests" / "data" / "lightning"
 LIGHTNING_CASES = sorted(p.name for p in LIGHTNING_DATA.iterdir() if (p / "reference").is_dir())

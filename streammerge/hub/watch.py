@@ -231,8 +231,8 @@ class Watcher:
         if latest is None:
             if text:  # empty: mid-write, no word
                 self._tell(text, f"{self.run_dir / LATEST_FILE} holds {text[:40]!r}, not a step number: watch "
-                                 "follows numbered steps (global_step_N/, iter_NNNNNNN/, checkpoint-N/) only "
-                                 "(Megatron-LM writes 'release' for a converted checkpoint); waiting")
+                                 "follows numbered steps (global_step_N/, iter_NNNNNNN/) only (Megatron-LM writes "
+                                 "'release' for a converted checkpoint); waiting")
             return []
         if step_dir(self.run_dir, latest) is None:
             self._tell(f"step {latest}", f"{self.run_dir / LATEST_FILE} names step {latest}, but {self.run_dir} has "
