@@ -127,6 +127,11 @@ class MergePlan:
         self.arch_done = True
         try:
             fixed, note = self.arch.check(self._weight_shapes, self._tied_outputs())
+        except ConfigError as e:
+            hint = self.source.names_hint()
+            if hint is None:
+                raise
+            raise ConfigError(f"{e}; or {hint}") from None
         finally:
             self.arch.close()
         if fixed is not None:

@@ -191,8 +191,8 @@ def test_two_optimizers_are_not_exported_and_the_warning_says_why(tmp_path: Path
 def test_a_module_holding_more_than_the_model_is_refused_and_key_prefix_picks_the_model(tmp_path: Path,
                                                                                         capsys) -> None:
     """A LightningModule with a parameter beside the transformers model (a value head): no attribute is the model
-    alone, so the names stay the module's, and the architecture check refuses them: one line, nothing written.
-    `--key-prefix <container>.model.` takes the transformers model, and its optimizer state too, by its names."""
+    alone, so the names stay the module's, and the architecture check refuses them: one line, nothing written, naming
+    the `--key-prefix <container>.model.` that takes the transformers model, and its optimizer state too."""
     case = LIGHTNING_CASES[0]
 
     def head(state: dict) -> None:
@@ -203,6 +203,7 @@ def test_a_module_holding_more_than_the_model_is_refused_and_key_prefix_picks_th
     rc = main([str(folder), str(tmp_path / "refused"), "--model-name", base])
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(lines) == 1 and "value_head.weight" in lines[0], lines
+    assert lines[0].endswith(f"--key-prefix {_container(case)}.{ATTRIBUTE} takes that attribute alone"), lines[0]
     assert not (tmp_path / "refused" / "model.safetensors").exists()
     out = tmp_path / "out"
     assert main([str(folder), str(out), "--model-name", base, "--key-prefix", f"{_container(case)}.{ATTRIBUTE}"]) == 0

@@ -274,6 +274,11 @@ class Source(abc.ABC):
         """An independent reader for `verify` (None: this format has none; verify then says so)."""
         return None
 
+    def names_hint(self) -> str | None:
+        """What to try where transformers refuses the names as the model's, when the format can tell (a wrapper's
+        names around the model), for the refusal's one line."""
+        return None
+
     def describe(self) -> list[str]:
         info = ", ".join(f"{k} {v}" for k, v in self.info().items() if v is not None)
         step = self.step if self.step is not None else "?"

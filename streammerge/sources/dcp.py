@@ -19,6 +19,7 @@ Which keys are the model: the nesting `planner_data` records (`{"model": ..., "o
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import re
@@ -829,6 +830,20 @@ class DcpSource(Source):
         return [f"{self.checkpoint().folder}: left out {left}: nested beside the top-level tensors the merge takes "
                 "as the model, so taken for a trainer's state (a model's state dict nests nothing under a plain "
                 "name); to merge them, name them with --key-prefix"]
+
+    def names_hint(self) -> str | None:
+        """A LightningModule whose names start with more than one attribute (the model and a value head, say) keeps
+        its names: --key-prefix takes the attribute most of them start with."""
+        split = self._split[1] if self._split is not None else None
+        if split is None or split.module_prefix or split.prefix not in LIGHTNING_CONTAINERS or \
+                not is_lightning(self.path):
+            return None
+        heads = collections.Counter(name.split(".", 1)[0] for name in split.model if "." in name)
+        if not heads:
+            return None
+        head = heads.most_common(1)[0][0]
+        return (f"this is a LightningModule's state dict, and more than its {head!r} attribute: --key-prefix "
+                f"{split.prefix}{head}. takes that attribute alone")
 
     def has_optimizer(self) -> bool:
         try:
