@@ -48,7 +48,7 @@ def _tied(case: str) -> bool:
 
 def test_the_fixture_is_what_lightning_writes() -> None:
     """A DCP folder named as a checkpoint file, with Lightning's meta.pt, of the LightningModule's state dict and of
-    `optimizer_0`; both strategies; no config.json (Lightning saves none)."""
+    `optimizer_0`; ModelParallelStrategy's among them; no config.json (Lightning saves none)."""
     assert LIGHTNING_CASES
     size = sum(p.stat().st_size for p in LIGHTNING_DATA.rglob("*") if p.is_file())
     assert size < 2 * 10**6, f"tests/data/lightning holds {size} bytes"
@@ -62,6 +62,7 @@ def test_the_fixture_is_what_lightning_writes() -> None:
         keys = list(FileSystemReader(ckpt).read_metadata().state_dict_metadata)
         assert {k.split(".", 1)[0] for k in keys} == {_container(case), "optimizer_0"}
         assert all(k.startswith(f"{_container(case)}.{ATTRIBUTE}") for k in keys if not k.startswith("optimizer_0."))
+        assert not list((LIGHTNING_DATA / case / "run").rglob("config.json"))
     assert "ModelParallelStrategy" in strategies
 
 
