@@ -20,7 +20,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -72,16 +72,11 @@ def step_dirs(run_dir: Path) -> Iterator[tuple[int, Path]]:
     return iter(sorted(found.items()))
 
 
-def step_dir(run_dir: Path, step: int) -> Path | None:
-    """The folder of step N (see `step_dirs`), where there is one."""
-    return dict(step_dirs(run_dir)).get(step)
-
-
 def latest_step(run_dir: Path) -> int | None:
     """The step named by the trainer's tracker file, None while there is none (or it is mid-write); where the run
     folder has no tracker (the HF Trainer's, Lightning's), its newest step whose save finished."""
     text = read_tracker(run_dir)
-    return step_number(text) if text is not None else untracked_latest(run_dir)
+    return step_number(text) if text is not None else newest_finished(dict(step_dirs(run_dir)))
 
 
 def finished(path: Path) -> bool:
@@ -90,9 +85,9 @@ def finished(path: Path) -> bool:
     return (path / TRAINER_STATE).is_file() if path.name.startswith("checkpoint-") else is_lightning(path)
 
 
-def untracked_latest(run_dir: Path) -> int | None:
-    """The newest finished step of a run folder without a tracker, or None."""
-    return max((n for n, p in step_dirs(run_dir) if finished(p)), default=None)
+def newest_finished(dirs: Mapping[int, Path]) -> int | None:
+    """The newest finished step of a run folder without a tracker (its `step_dirs`), or None."""
+    return max((n for n, p in dirs.items() if finished(p)), default=None)
 
 
 def snapshot(folder: Path) -> Snapshot:
@@ -227,21 +222,22 @@ class Watcher:
         """Steps to process, oldest first: not done yet, and not newer than the tracker's step (where there is no
         tracker, the newest finished step: the HF Trainer's checkpoint-N, Lightning's .ckpt folders)."""
         text = read_tracker(self.run_dir)
-        latest = step_number(text) if text is not None else untracked_latest(self.run_dir)
+        dirs = dict(step_dirs(self.run_dir))  # listed once a look: Lightning's folders each read their meta.pt
+        latest = step_number(text) if text is not None else newest_finished(dirs)
         if latest is None:
             if text:  # empty: mid-write, no word
                 self._tell(text, f"{self.run_dir / LATEST_FILE} holds {text[:40]!r}, not a step number: watch "
                                  "follows numbered steps (global_step_N/, iter_NNNNNNN/) only (Megatron-LM writes "
                                  "'release' for a converted checkpoint); waiting")
             return []
-        if step_dir(self.run_dir, latest) is None:
+        if latest not in dirs:
             self._tell(f"step {latest}", f"{self.run_dir / LATEST_FILE} names step {latest}, but {self.run_dir} has "
                        f"neither global_step_{latest}/ nor iter_{latest:07d}/; waiting for it")
         done = self.done_steps()
         if self.only_latest:
-            path = step_dir(self.run_dir, latest)
+            path = dirs.get(latest)
             return [(latest, path)] if latest not in done and path is not None else []
-        steps = [(n, p) for n, p in step_dirs(self.run_dir) if n <= latest and n not in done]
+        steps = [(n, p) for n, p in sorted(dirs.items()) if n <= latest and n not in done]
         if text is None:  # the HF Trainer's, Lightning's: a step folder whose save did not finish is not one yet
             steps = [(n, p) for n, p in steps if finished(p)]
         return steps
