@@ -48,7 +48,7 @@ def _tied(case: str) -> bool:
 
 def test_the_fixture_is_what_lightning_writes() -> None:
     """A DCP folder named as a checkpoint file, with Lightning's meta.pt, of the LightningModule's state dict and of
-    `optimizer_0`; ModelParallelStrategy's among them; no config.json (Lightning saves none)."""
+    `optimizer_0`; runs of both strategies among them; no config.json (Lightning saves none)."""
     assert LIGHTNING_CASES
     size = sum(p.stat().st_size for p in LIGHTNING_DATA.rglob("*") if p.is_file())
     assert size < 2 * 10**6, f"tests/data/lightning holds {size} bytes"
@@ -63,7 +63,7 @@ def test_the_fixture_is_what_lightning_writes() -> None:
         assert {k.split(".", 1)[0] for k in keys} == {_container(case), "optimizer_0"}
         assert all(k.startswith(f"{_container(case)}.{ATTRIBUTE}") for k in keys if not k.startswith("optimizer_0."))
         assert not list((LIGHTNING_DATA / case / "run").rglob("config.json"))
-    assert "ModelParallelStrategy" in strategies
+    assert strategies == {"ModelParallelStrategy", "FSDPStrategy"}
 
 
 @pytest.mark.parametrize("case", LIGHTNING_CASES)
@@ -225,23 +225,6 @@ def test_the_key_prefix_hint_names_the_model_not_the_optimizer(tmp_path: Path, c
     rc = main([str(folder), str(tmp_path / "out"), "--model-name", str(LIGHTNING_DATA / case / "huggingface")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].endswith("e.g. --key-prefix weights."), lines
-
-
-def test_fsdp_strategys_model_container_merges_the_same(tmp_path: Path) -> None:
-    """FSDPStrategy(state_dict_type="sharded") names the LightningModule's state dict `model`, not `state_dict` (its
-    save_checkpoint; no FSDP1 Lightning run was made here, since Lightning runs FSDP1 only on a GPU): the same
-    checkpoint with that name merges to the same weights and optimizer export."""
-    case = next(c for c in LIGHTNING_CASES if _container(c) == "state_dict")
-
-    def rename(state: dict) -> None:
-        state["model"] = state.pop("state_dict")
-
-    folder = _resaved(case, tmp_path, rename)
-    out = tmp_path / "out"
-    result = streammerge.merge(folder, out, model_name=str(LIGHTNING_DATA / case / "huggingface"))
-    assert not result.warnings, result.warnings
-    _assert_trained_weights(case, out)
-    assert_same_optimizer(streammerge.load_optimizer_state_dict(out), _optimizer_without_attribute(case))
 
 
 def test_the_step_of_last_ckpt_comes_from_lightnings_meta_pt(tmp_path: Path, capsys) -> None:

@@ -38,7 +38,8 @@ CUDA tensors through host memory). Nothing of that reaches the checkpoint, which
 oracle's gathers run after training.
 
 The committed ModelParallelStrategy cases were made on CPU (this project's VM: torch 2.13.0, transformers 5.25.0,
-lightning 2.6.6); see tests/data/lightning/README.md.
+lightning 2.6.6), the FSDPStrategy cases on one H100 (torch 2.11.0, transformers 5.17.0, lightning 2.6.6); see
+tests/data/lightning/README.md.
 """
 
 from __future__ import annotations
