@@ -531,14 +531,19 @@ def _tensor(fqn: str, entry: TensorEntry, where: Mapping, used: set, fds: dict[s
 
 @dataclass(frozen=True)
 class KeySplit:
-    """The model's keys (output name -> DCP key), the optimizer's container, and what is left out."""
+    """The model's keys (output name -> DCP key), the optimizer's containers, and what is left out."""
 
     prefix: str  # stripped from model keys ("" for none)
     model: dict[str, str]
-    optimizer_prefix: str | None  # e.g. "optimizer." (its keys: <prefix>state.<fqn>.<key>)
+    optimizers: tuple[str, ...]  # ("optimizer.",): keys <prefix>state.<fqn>.<key>; or Lightning's optimizer_<i>.
     others: dict[str, int]  # other containers holding tensors -> how many (not exported)
     how: str  # for inspect: how the split was decided
     module_prefix: str = ""  # a LightningModule's attribute holding the model (`model.`): left out of the names
+
+    @property
+    def optimizer_prefix(self) -> str | None:
+        """The optimizer exported: the one found (with several, none is: the export is one optimizer's state)."""
+        return self.optimizers[0] if len(self.optimizers) == 1 else None
 
 
 def _paths(ck: DcpCheckpoint) -> dict[str, tuple]:
@@ -686,14 +691,14 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
             raise ConfigError(f"{ck.folder}: no tensor key starts with --key-prefix {key_prefix!r} "
                               f"(keys start with {', '.join(heads)})")
         parent = key_prefix[:-len("model.")] if key_prefix.endswith("model.") else None
-        opt = _optimizer_prefix(keys, parent) if parent is not None else None
+        opts = _optimizers(keys, parent) if parent is not None else ()
         container = next((c for c in LIGHTNING_CONTAINERS if key_prefix.startswith(c)), None)
         module = ""
-        if opt is None and container is not None and is_lightning(ck.folder):
+        if not opts and container is not None and is_lightning(ck.folder):
             # a module inside the LightningModule: its optimizer names the parameters from the LightningModule down
-            opt, module = _optimizer_prefix(keys, ""), key_prefix[len(container):]
-        return KeySplit(key_prefix, model, opt, _others(_paths(ck), model, opt), f"--key-prefix {key_prefix!r}",
-                        module_prefix=module if opt else "")
+            opts, module = _optimizers(keys, ""), key_prefix[len(container):]
+        return KeySplit(key_prefix, model, opts, _others(_paths(ck), model, opts), f"--key-prefix {key_prefix!r}",
+                        module_prefix=module if len(opts) == 1 else "")
     paths = _paths(ck)
     containers = {p[:i] for p in paths.values() for i in range(1, min(len(p), 3))}
     named = MODEL_CONTAINERS + (("state_dict",) if is_lightning(ck.folder) else ())
@@ -707,11 +712,11 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
         prefix = ".".join(str(x) for x in found) + "."
         model = {k[len(prefix):]: k for k, p in paths.items() if p[:len(found)] == found}
         if all(k.startswith(prefix) for k in model.values()):
-            opt = _optimizer_prefix(keys, ".".join(str(x) for x in found[:-1]) + "." if len(found) > 1 else "")
-            return KeySplit(prefix, model, opt, _others(paths, model, opt), f"the {prefix!r} keys of the saved dict")
-    opt = _optimizer_prefix(keys, "")
+            opts = _optimizers(keys, ".".join(str(x) for x in found[:-1]) + "." if len(found) > 1 else "")
+            return KeySplit(prefix, model, opts, _others(paths, model, opts), f"the {prefix!r} keys of the saved dict")
+    opts = _optimizers(keys, "")
     top = {k: k for k, p in paths.items()  # not the flat optimizer's keys, nor a trainer's rng_state, step, ...
-           if _top_level_model(p) and not (opt and k.startswith(opt)) and k not in NOT_MODEL_KEYS}
+           if _top_level_model(p) and not k.startswith(opts) and k not in NOT_MODEL_KEYS}
     if not top:
         heads = sorted({str(p[0]) for p in paths.values()})[:6]
         likely = [h for h in heads if h not in NOT_MODEL_KEYS and not _NUMBERED_OPTIMIZER.match(h + ".")] or heads
@@ -719,16 +724,17 @@ def _split_keys(ck: DcpCheckpoint, key_prefix: str | None) -> KeySplit:
                               f"{', '.join(heads)}); name them with --key-prefix, e.g. --key-prefix {likely[0]}.")
     nested = {str(p[0]) + "." for p in paths.values() if len(p) > 1}
     how = "every key" if not nested and len(top) == len(keys) else "the top-level keys of the saved dict"
-    return KeySplit("", top, opt, _others(paths, top, opt), how)
+    return KeySplit("", top, opts, _others(paths, top, opts), how)
 
 
-def _optimizer_prefix(keys: list[str], parent: str) -> str | None:
+def _optimizers(keys: list[str], parent: str) -> tuple[str, ...]:
+    """The containers under `parent` holding optimizer state: a trainer's `optimizer.`, else Lightning's numbered
+    ones (one per optimizer configure_optimizers returned)."""
     for name in OPTIMIZER_CONTAINERS:
         p = f"{parent}{name}."
         if any(k.startswith(p + "state.") for k in keys):
-            return p
-    numbered = _numbered_optimizers(keys, parent)
-    return numbered[0] if len(numbered) == 1 else None
+            return (p,)
+    return tuple(_numbered_optimizers(keys, parent))
 
 
 def _numbered_optimizers(keys: list[str], parent: str) -> list[str]:
@@ -742,13 +748,13 @@ def _numbered_optimizers(keys: list[str], parent: str) -> list[str]:
     return sorted(found)
 
 
-def _others(paths: Mapping[str, tuple], model: Mapping[str, str], opt: str | None) -> dict[str, int]:
-    """The keys neither the model nor the optimizer takes, counted by the saved dict's key they sit under (inspect
+def _others(paths: Mapping[str, tuple], model: Mapping[str, str], opts: tuple[str, ...]) -> dict[str, int]:
+    """The keys neither the model nor an optimizer takes, counted by the saved dict's key they sit under (inspect
     lists them)."""
     taken = set(model.values())
     out: dict[str, int] = {}
     for k, path in paths.items():
-        if k not in taken and not (opt and k.startswith(opt)):
+        if k not in taken and not k.startswith(opts):
             head = str(path[0]) if len(path) > 1 else k.split(".", 1)[0]
             out[head] = out.get(head, 0) + 1
     return out
@@ -814,13 +820,10 @@ class DcpSource(Source):
 
     def warnings(self, options: MergeOptions) -> list[str]:
         split = self.split(options.key_prefix)
-        parent = split.prefix[:split.prefix.rstrip(".").rfind(".") + 1]  # where the model's container sits
-        numbered = _numbered_optimizers(list(self.checkpoint().tensors), parent) \
-            if split.prefix and split.optimizer_prefix is None else []
-        if len(numbered) > 1 and options.optimizer:
-            return [f"optimizer not exported: the checkpoint holds {len(numbered)} optimizers "
-                    f"({', '.join(p[:-1] for p in numbered)}: configure_optimizers returned several), and the export "
-                    "is one optimizer's state"]
+        if len(split.optimizers) > 1 and options.optimizer:
+            why = "configure_optimizers returned several" if is_lightning(self.path) else "the training used several"
+            return [f"optimizer not exported: the checkpoint holds {len(split.optimizers)} optimizers "
+                    f"({', '.join(p[:-1] for p in split.optimizers)}: {why}), and the export is one optimizer's state"]
         if split.prefix or options.key_prefix is not None:
             return []
         unknown = {head: n for head, n in split.others.items() if head not in _TRAINER_KEYS | NOT_MODEL_KEYS}
@@ -889,7 +892,8 @@ class DcpSource(Source):
         oc = self.optimizer_dcp()
         if oc is None:
             return None, [f"optimizer not exported: {self._opt_error}"] if self._opt_error else []
-        prefix = _optimizer_prefix(list(oc.tensors), "")
+        found = _optimizers(list(oc.tensors), "")
+        prefix = found[0] if len(found) == 1 else None
         if prefix is None:
             return None, [f"optimizer not exported: {oc.folder} holds no optimizer state tensors "
                           f"({', '.join(OPTIMIZER_CONTAINERS)}.state.*)"]
