@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +32,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
 
-from bench_merge import WARM, cache_policy, disk, drop_cache, machine, measure  # noqa: E402
+from bench_merge import (  # noqa: E402
+    WARM,
+    cache_policy,
+    contender_summary,
+    disk,
+    drop_cache,
+    machine,
+    measure,
+    print_summary,
+)
 
 from streammerge.testing.presets import PRESETS, check_merge, make_dcp_checkpoint  # noqa: E402
 
@@ -103,17 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {rep + 1}/{a.repeat} {c:<17} {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
                   f"(load {load:.1f})", file=sys.stderr)
             shutil.rmtree(out, ignore_errors=True)
-    summary = {}
-    for c, rs in runs.items():
-        ok = [r for r in rs if r["returncode"] == 0]
-        if ok:
-            wall = statistics.median(r["wall_s"] for r in ok)
-            summary[c] = {"wall_s": round(wall, 2), "wall_s_all": [round(r["wall_s"], 2) for r in ok],
-                          "peak_rss_mb": round(max(r["peak_rss_mb"] for r in ok), 1),
-                          "mb_per_s": round(size / 1e6 / wall, 1), "runs": len(ok)}
-    if "cp" in summary:
-        for s in summary.values():
-            s["ratio_to_cp"] = round(s["wall_s"] / summary["cp"]["wall_s"], 2)
+    summary = contender_summary(runs, "cp", size)
     result = {"machine": machine(), "disk": disk(work), "cache_policy": policy, "repeat": a.repeat,
               "command": " ".join(["bench_dcp.py", *(argv if argv is not None else sys.argv[1:])]),
               "preset": a.preset, "world_size": a.world_size, "checkpoint_bytes": size, "summary": summary,
@@ -123,12 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dcp.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{a.preset} DCP, world size {a.world_size}, {size / 1e9:.2f} GB; cache {policy}")
-    for c, s in summary.items():
-        ratio = s.get("ratio_to_cp", float("nan"))
-        print(f"  {c:<18}{s['wall_s']:>8.2f} s{s['peak_rss_mb']:>10.0f} MB{ratio:>7.2f} x cp")
-    for k, v in checks.items():
-        print(f"  check: {k}: {'yes' if v else 'NO'}")
+    print_summary(f"{a.preset} DCP, world size {a.world_size}, {size / 1e9:.2f} GB; cache {policy}", summary, "cp",
+                  checks)
     return 0
 
 

@@ -187,6 +187,34 @@ def sha_files(folder: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------- machine
 
+def contender_summary(runs: dict[str, list[dict]], baseline: str, size: int | None = None) -> dict:
+    """Per contender: the median wall time of its successful runs (and each), the largest peak RSS, the throughput
+    over `size` bytes where given, and the ratio to `baseline`'s median."""
+    summary = {}
+    for c, rs in runs.items():
+        ok = [r for r in rs if r["returncode"] == 0]
+        if ok:
+            wall = statistics.median(r["wall_s"] for r in ok)
+            summary[c] = {"wall_s": round(wall, 2), "wall_s_all": [round(r["wall_s"], 2) for r in ok],
+                          "peak_rss_mb": round(max(r["peak_rss_mb"] for r in ok), 1), "runs": len(ok)}
+            if size:
+                summary[c]["mb_per_s"] = round(size / 1e6 / wall, 1)
+    if baseline in summary:
+        for s in summary.values():
+            s[f"ratio_to_{baseline}"] = round(s["wall_s"] / summary[baseline]["wall_s"], 2)
+    return summary
+
+
+def print_summary(title: str, summary: dict, baseline: str, checks: dict[str, bool]) -> None:
+    print(title)
+    width = max(map(len, summary), default=0) + 2
+    for c, s in summary.items():
+        ratio = s.get(f"ratio_to_{baseline}", float("nan"))
+        print(f"  {c:<{width}}{s['wall_s']:>8.2f} s{s['peak_rss_mb']:>10.0f} MB{ratio:>7.2f} x {baseline}")
+    for k, v in checks.items():
+        print(f"  check: {k}: {'yes' if v else 'NO'}")
+
+
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())

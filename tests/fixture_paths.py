@@ -26,3 +26,7 @@ ACCELERATE_CASES = [c for c in _ACCELERATE if c not in ACCELERATE_LORA_CASES]
 # (ModelParallelStrategy, made on CPU by tests/data/make_lightning.py, whose FSDPStrategy cases need a GPU)
 LIGHTNING_DATA = REPO / "tests" / "data" / "lightning"
 LIGHTNING_CASES = sorted(p.name for p in LIGHTNING_DATA.iterdir() if (p / "reference").is_dir())
+# DeepSpeed ZeRO checkpoints (stages 1, 2, 3; what engine.save_checkpoint wrote) with DeepSpeed's gathered master
+# weights and optimizer state as the oracle, made on CPU by tests/data/make_deepspeed.py
+DEEPSPEED_DATA = REPO / "tests" / "data" / "deepspeed"
+DEEPSPEED_CASES = sorted(p.name for p in DEEPSPEED_DATA.iterdir() if (p / "reference").is_dir())

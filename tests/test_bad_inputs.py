@@ -190,10 +190,10 @@ def test_bad_checkpoint_gives_one_line(case, good, tmp_path, capsys):
 
 
 def _deepspeed_run(d: Path) -> Path:
-    """DeepSpeed's layout (names as its engine saves them): a `latest` tag naming the step folder."""
+    """DeepSpeed's layout without ZeRO (stage 0: the model states alone, names as its engine saves them): a `latest`
+    tag naming the step folder. (ZeRO's partitions are read: tests/test_deepspeed.py.)"""
     (d / "global_step10").mkdir(parents=True)
     torch.save({"module": {"w": torch.zeros(2)}}, d / "global_step10" / "mp_rank_00_model_states.pt")
-    torch.save({"optimizer_state_dict": {}}, d / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     (d / "latest").write_text("global_step10")
     (d / "zero_to_fp32.py").write_text("raise SystemExit('never run')\n")
     return d
@@ -282,7 +282,7 @@ def _peft_adapter(d: Path) -> Path:
 
 
 @pytest.mark.parametrize(("make", "words"), [
-    (_deepspeed_run, "a DeepSpeed checkpoint"), (_megatron_legacy, "legacy `torch` format"),
+    (_deepspeed_run, "a DeepSpeed checkpoint without ZeRO"), (_megatron_legacy, "legacy `torch` format"),
     (_hf_folder, "already a Hugging Face model folder"), (_peft_adapter, "a peft adapter folder"),
     (_accelerate_per_rank, "accelerate's per-rank FSDP files"),
     (_accelerate_local, "accelerate's FSDP1 LOCAL_STATE_DICT files"),

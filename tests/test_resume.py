@@ -82,6 +82,8 @@ def check_invariants(out: Path) -> None:
         assert not (out / INDEX).exists()
         return
     for rel, entry in m["files"].items():
+        if not (out / rel).exists() and not rel.endswith(".safetensors"):
+            continue  # a small file is listed just before its rename (the transaction's order): killed in between
         assert (out / rel).stat().st_size == entry["size"], rel
         assert crc32_file(out / rel) == entry["crc32"], rel  # every file the manifest lists has its checksum
     if (out / INDEX).exists():

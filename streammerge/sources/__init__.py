@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..model_folder import WEIGHT_INDEXES
 from ..paths import NotAFile, read_small, user_path
-from . import dcp, verl
+from . import dcp, deepspeed, verl
 from .base import Piece, ReadStats, Source, SourceTensor
 from .hf import SINGLE
 
@@ -26,6 +26,8 @@ SUBFOLDERS = ("actor",)  # where a step folder keeps its checkpoint
 FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Source]]] = [
     ("veRL FSDP rank files (model_world_size_*_rank_*.pt)", verl.has_rank_files, verl.verl_source),
     ("torch DCP or Megatron torch_dist (.metadata, __*_*.distcp)", dcp.holds, dcp.open_dcp),
+    ("DeepSpeed ZeRO (global_stepN/ with *zero_pp_rank_*_optim_states.pt, or the folder whose `latest` names it)",
+     deepspeed.holds, deepspeed.open_deepspeed),
 ]
 
 
@@ -127,9 +129,9 @@ LIGHTNING_FILE = ("a PyTorch Lightning checkpoint file (a torch.save of the whol
 
 # Formats recognised by their file names, to say what reads them: (is it here, what it is and what to do)
 UNREAD: list[tuple[Callable[[Path], bool], str]] = [
-    (_deepspeed, "a DeepSpeed checkpoint (mp_rank_*_model_states.pt, *zero_pp_rank_*_optim_states.pt), which "
-                 "streammerge does not read: DeepSpeed's zero_to_fp32.py, which DeepSpeed writes into the checkpoint "
-                 "folder, gathers its weights"),
+    (_deepspeed, "a DeepSpeed checkpoint without ZeRO optimizer partitions (mp_rank_*_model_states.pt alone: ZeRO "
+                 "stage 0, or pipeline-parallel layer_*-model_states.pt), which streammerge does not read (it reads "
+                 "ZeRO stages 1 to 3): the model states file holds the whole model, under `module`"),
     (lambda p: _has(p, "mp_rank_*/model_optim_rng.pt"),
      "a Megatron checkpoint in the legacy `torch` format (mp_rank_*/model_optim_rng.pt); streammerge reads Megatron's "
      "`torch_dist` format: convert it with Megatron-LM's tools/checkpoint/convert.py, or save with --ckpt-format "

@@ -192,6 +192,7 @@ class Oracle(abc.ABC):
         """Copies of one piece that `read` found to differ (HSDP replicas): one problem per tensor and file."""
         return []
 
+    reads_flat = False  # `read` gives boxes of tensors the source stores as pieces of the flattened tensor
     crc_from_reads = 0  # records whose checksum check_integrity took from what `read` gave
     crc_streamed = 0  # records check_integrity read for their checksum
 

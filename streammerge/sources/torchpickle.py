@@ -291,8 +291,19 @@ def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset, layout, 
     return Wrapper(cls, dtype, size, stride)
 
 
+class PlainTensor:
+    """`torch.Tensor` as `_rebuild_from_type_v2` names it for a plain tensor pickled with Python attributes; only
+    formats that save such tensors (DeepSpeed's flat partitions) map the name to it (torch.load takes it)."""
+
+    __setstate__ = _no_state
+
+
 def _rebuild_from_type_v2(func, new_type, args, state):
     ret = func(*args)
+    if new_type is PlainTensor and isinstance(ret, Local):  # the attributes (DeepSpeed's bookkeeping) are not data
+        if not (state is None or isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+            raise Malformed("a tensor's state under a key that is no attribute name")
+        return ret
     if not isinstance(ret, Wrapper) or new_type is not DTensor:
         raise NotPlain("unknown tensor subclass")
     if isinstance(state, tuple) and len(state) == 2:
@@ -369,9 +380,10 @@ _DEVICE = re.compile(r"(cpu|cuda|ipu|xpu|mkldnn|opengl|opencl|ideep|hip|ve|fpga|
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO):
+    def __init__(self, file: io.BytesIO, extra: dict[tuple[str, str], Any] | None = None):
         super().__init__(file)
         self.storages: dict[str, tuple[DType | None, int]] = {}  # key -> (dtype, numel), as torch loads each once
+        self.extra = extra or {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch":
@@ -379,10 +391,10 @@ class _Unpickler(pickle.Unpickler):
                 return _DTYPES[name]
             if name in _STORAGES:
                 return _STORAGES[name]
-        try:
-            return _GLOBALS[(module, name)]
-        except KeyError:
-            raise NotPlain(f"{module}.{name}") from None
+        found = _GLOBALS.get((module, name)) or self.extra.get((module, name))
+        if found is None:
+            raise NotPlain(f"{module}.{name}")
+        return found
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
@@ -542,13 +554,28 @@ def decode_or_raise(data: bytes, *, memo: bool = False) -> Any:
     return (obj, memo_copy) if memo else obj
 
 
-def _decode_storages(data: bytes) -> tuple[Any, dict[str, tuple[DType | None, int]]]:
+def _decode_storages(data: bytes, extra: dict[tuple[str, str], Any] | None = None
+                     ) -> tuple[Any, dict[str, tuple[DType | None, int]]]:
     """The decoded object and every storage its pickle names: key -> (dtype, numel)."""
-    obj, _, storages = _decode(data, False)
+    obj, _, storages = _decode(data, False, extra)
     return obj, storages
 
 
-def _decode(data: bytes, memo: bool) -> tuple[Any, dict | None, dict[str, tuple[DType | None, int]]]:
+def read_format_state(path: Path, extra: dict[tuple[str, str], Any], what: str) -> State:
+    """`read_state` for a format with no torch.load fallback (torch's weights-only loader refuses the classes its
+    files name): `extra` maps those names to inert records of ours, and anything else is refused in one line."""
+    try:
+        d = read_directory(path)
+        data = read_record(d, "data.pkl")
+        check_torch_records(d)
+        obj, storages = _decode_storages(data, extra)
+    except NotPlain as e:
+        raise CheckpointError(f"{path}: not {what} as streammerge reads it ({e}); nothing in it was run") from None
+    return State(d, data, obj, check_storages(d, storages))
+
+
+def _decode(data: bytes, memo: bool, extra: dict[tuple[str, str], Any] | None = None
+            ) -> tuple[Any, dict | None, dict[str, tuple[DType | None, int]]]:
     why = beyond_torch(data)
     if why:
         raise NotPlain(why)
@@ -557,7 +584,7 @@ def _decode(data: bytes, memo: bool) -> tuple[Any, dict | None, dict[str, tuple[
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of small acyclic objects: the cyclic collector would rescan them again and again
     try:
-        u = _Unpickler(io.BytesIO(data))
+        u = _Unpickler(io.BytesIO(data), extra)
         obj = deep_stack(u.load, nesting_bound(data))
         return obj, (u.memo.copy() if memo else None), u.storages
     except NotPlain:

@@ -312,11 +312,12 @@ def make_case(case_name: str, out: Path) -> Path:
     return case_dir
 
 
-def run_workers(script: Path, case_name: str, case_dir: Path, env: dict[str, str]) -> None:
-    """torchrun WORLD_SIZE processes of `script --worker CASE CASE_DIR` (this repo first on their path, `env` added),
+def run_workers(script: Path, case_name: str, case_dir: Path, env: dict[str, str], world_size: int = WORLD_SIZE
+                ) -> None:
+    """torchrun `world_size` processes of `script --worker CASE CASE_DIR` (this repo first on their path, `env` added),
     then record in the case's INFO.json the command and every file written."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
                f"--master_port={free_port()}", str(script.resolve()), "--worker", case_name, str(case_dir)]
     subprocess.run(command, env={**os.environ, **env, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"},
                    check=True)

@@ -1,0 +1,55 @@
+"""DeepSpeed ZeRO optimizer state -> the optimizer export's plan.
+
+The torch optimizer inside DeepSpeed steps over flat partitions, one per group and rank, so its state (exp_avg,
+exp_avg_sq) is flat too, laid out exactly as the master weights (`sources.deepspeed`), and its `step` is one scalar
+per group. The export is the same as for every other format: `state.<fqn>.<key>` in the saved dtype, each parameter's
+group's step as its own, and the groups' settings with their parameters' names in the index metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from ..plan import Plan, TensorPlan
+from . import LAYOUT_NAME
+from .export import groups_json
+from .fsdp import export_plan
+
+if TYPE_CHECKING:
+    from ..options import MergeOptions
+    from ..sources.deepspeed import DeepSpeedSource
+
+
+def plan_deepspeed_optimizer(source: DeepSpeedSource, weights: Plan, options: MergeOptions
+                             ) -> tuple[Plan | None, list[str]]:
+    """Plan `OUT/optimizer/`, or (None, [why not])."""
+    state, names, hyper = source.state_tensors()
+    known = set(weights.tensors) | set(weights.dropped)
+    stray = next((n for g in names for n in g if n not in known), None)
+    if stray is not None:
+        return None, [f"optimizer not exported: its state is for {stray!r}, which is not a weight of the model"]
+    if not any(len(entry) > 1 for entry in state.values()):
+        return None, ["optimizer not exported: the ZeRO partitions hold no per-parameter state (exp_avg, ...) laid out "
+                      "as the weights"]
+    if any(not _jsonable(h) for h in hyper) or any(not h for h in hyper):
+        return None, ["optimizer not exported: a param group's settings cannot be recorded as JSON"]
+    tensors: dict[str, TensorPlan] = {}
+    for fqn, entry in state.items():
+        for key, src in entry.items():
+            name = f"state.{fqn}.{key}"
+            tensors[name] = TensorPlan(name, src, src.dtype)
+    groups: list[dict[str, Any]] = [{**h, "params": list(g)} for h, g in zip(hyper, names)]
+    meta = {"format": LAYOUT_NAME, "param_groups": groups_json(groups),
+            "source": f"DeepSpeed ZeRO-{source.layout().stage} {source.path.name}"}
+    if source.step is not None:
+        meta["step"] = str(source.step)
+    return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        return False
+    return True
