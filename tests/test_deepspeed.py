@@ -242,3 +242,17 @@ def test_a_truncated_partition_is_refused_as_torch_refuses_it(tmp_path: Path, ca
     with pytest.raises(Exception):  # noqa: B017  (torch's own refusal, whatever its kind)
         _load(path)
     _refused(run, case, tmp_path, capsys, path.name)
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero3"])
+def test_model_states_that_do_not_fit_the_partitions_are_refused(stage: str, tmp_path: Path, capsys) -> None:
+    """The model states of another save (here: one parameter fewer than the partitions hold): refused in one line,
+    where a walk of the partitions by these shapes would give every later parameter another one's elements."""
+    case = next(c for c in DEEPSPEED_CASES if stage in c)
+    run = _mutated(case, tmp_path)
+    path = next(p for p in sorted((run / STEP).glob("*model_states.pt")))
+    state = torch.load(path, weights_only=True)
+    first = state["param_shapes"][0]
+    first.pop(next(iter(first)))
+    torch.save(state, path)
+    _refused(run, case, tmp_path, capsys, "a partition of another save?")

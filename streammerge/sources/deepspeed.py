@@ -158,10 +158,10 @@ def _pieces_3(z: ZeroLayout, flats: list[list[Flat]], group: int, index: int) ->
     return out
 
 
-def _check_sizes(z: ZeroLayout, what: str) -> None:
-    """The flats hold exactly the parameters, as zero_to_fp32 checks (stages 1 and 2: up to DeepSpeed's alignment of
-    each group to 2 x world size elements)."""
-    flats = z.flats[what]
+def _check_sizes(z: ZeroLayout, where: Path) -> None:
+    """The master weights' flats hold exactly the parameters, as zero_to_fp32 checks (stages 1 and 2: up to
+    DeepSpeed's alignment of each group to 2 x world size elements)."""
+    flats = z.flats["fp32"]
     for g, params in enumerate(z.groups):
         if z.stage <= 2:
             pads = z.paddings[g] if z.paddings is not None else [0] * len(params)
@@ -169,14 +169,15 @@ def _check_sizes(z: ZeroLayout, what: str) -> None:
             have = sum(flats[r][g].numel for r in range(z.world_size))
             align = 2 * z.world_size
             if -(-used // align) * align != -(-have // align) * align:
-                raise CheckpointError(f"{what}: group {g} holds {have} elements, its parameters {used}")
+                raise CheckpointError(f"{where}: the master weights of group {g} hold {have} elements, its "
+                                      f"parameters {used} (a partition of another save?)")
     if z.stage == 3:
         want = sum(-(-math.prod(s) // z.world_size) for g in z.groups for _, s in g)
         for r in range(z.world_size):
             have = sum(f.numel for f in flats[r])
             if have != want:
-                raise CheckpointError(f"{what}: rank {r}'s partition holds {have} elements, its chunks of the "
-                                      f"parameters {want}")
+                raise CheckpointError(f"{where}: rank {r}'s master weights hold {have} elements, its chunks of "
+                                      f"the parameters {want} (a partition of another save?)")
 
 
 def _state_like_weights(state: list[list[Flat]], weights: list[list[Flat]], pads: Any) -> list[list[Flat]] | None:
@@ -254,32 +255,17 @@ class DeepSpeedSource(Source):
             raise CheckpointError(f"{model_file}: shared_params is not a map of names")
         key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
         flats = {"fp32": [self._flats(s, o, key, p, r) for r, (s, o, p) in enumerate(zip(states, osd, optim))]}
+        if any(len(f) != len(groups) for f in flats["fp32"]):
+            raise CheckpointError(f"{optim[0]}: the optimizer partitions hold {len(flats['fp32'][0])} flat groups, "
+                                  f"the model states list {len(groups)}")
         base_key = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
-        steps: list[Flat | None] = [None] * len(groups)
-        hyper: list[dict[str, Any]] = [{} for _ in groups]
-        base0 = osd[0].get(base_key)
-        if isinstance(base0, dict) and isinstance(base0.get("state"), dict):
-            keys = sorted({k for v in base0["state"].values() if isinstance(v, dict) for k in v})
-            for k in keys:
-                if k == "step":
-                    continue
-                try:
-                    flats[k] = [self._flats(s, o, (base_key, "state", k), p, r)
-                                for r, (s, o, p) in enumerate(zip(states, osd, optim))]
-                except CheckpointError:
-                    flats.pop(k, None)
-            for g, v in base0["state"].items():
-                if type(g) is int and 0 <= g < len(groups) and isinstance(v, dict) and isinstance(
-                        v.get("step"), tp.Local) and v["step"].shape == ():
-                    steps[g] = self._flat(states[0], v["step"], optim[0], 0)
-            pg = base0.get("param_groups")
-            if isinstance(pg, list) and len(pg) == len(groups):
-                hyper = [{k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else {} for g in pg]
+        state, steps, hyper = self._optimizer_state(states, osd, optim, base_key, len(groups))
         paddings = osd[0].get("param_alignment_paddings") if stage <= 2 else None
         if paddings is not None and not (isinstance(paddings, list) and len(paddings) == len(groups) and all(
                 isinstance(p, list) and len(p) == len(g) and all(type(x) is int and x >= 0 for x in p)
                 for p, g in zip(paddings, groups))):
-            raise CheckpointError(f"{optim[0]}: param_alignment_paddings does not list each parameter of each group")
+            raise CheckpointError(f"{optim[0]}: its param_alignment_paddings do not list the parameters of the model "
+                                  "states' groups (a partition of another save?)")
         buffers = self._buffers(model, model_file)
         self._files = [*optim, model_file]
         self.stats.files = len(self._files)
@@ -291,20 +277,42 @@ class DeepSpeedSource(Source):
         z = ZeroLayout(stage, world, groups, paddings, dict(shared), buffers, flats, steps, hyper,
                        steps_done if type(steps_done) is int else None, version if isinstance(version, str) else None,
                        order)
-        if any(len(f) != len(groups) for per_rank in flats.values() for f in per_rank):
-            raise CheckpointError(f"{optim[0]}: the optimizer partitions hold {len(flats['fp32'][0])} flat groups, "
-                                  f"the model states list {len(groups)}")
-        _check_sizes(z, "fp32")
+        _check_sizes(z, self.path)
         pads = osd[-1].get("group_paddings") if stage <= 2 else None
-        for k in [k for k in flats if k != "fp32"]:
-            same = _state_like_weights(flats[k], flats["fp32"], pads)
-            if same is None:
-                del z.flats[k]  # state of another layout than the weights' (not per element): not exported
-            else:
+        for k, per_rank in state.items():  # state of another layout than the weights' (not per element): not exported
+            same = _state_like_weights(per_rank, flats["fp32"], pads)
+            if same is not None:
                 z.flats[k] = same
         if self.step is None and z.global_steps is not None:
             self.step = z.global_steps
         return z
+
+    def _optimizer_state(self, states: list[tp.State], osd: list[dict], optim: list[Path], base_key: str,
+                         n_groups: int) -> tuple[dict[str, list[list[Flat]]], list[Flat | None], list[dict[str, Any]]]:
+        """The torch optimizer's state over the flat partitions: per key (exp_avg, ...) each rank's flats, each
+        group's step (rank 0's scalar), each group's settings. What is not laid out as expected is left out."""
+        state: dict[str, list[list[Flat]]] = {}
+        steps: list[Flat | None] = [None] * n_groups
+        hyper: list[dict[str, Any]] = [{} for _ in range(n_groups)]
+        base0 = osd[0].get(base_key)
+        if not (isinstance(base0, dict) and isinstance(base0.get("state"), dict)):
+            return state, steps, hyper
+        for k in sorted({k for v in base0["state"].values() if isinstance(v, dict) for k in v if k != "step"}):
+            try:
+                per_rank = [self._flats(s, o, (base_key, "state", k), p, r)
+                            for r, (s, o, p) in enumerate(zip(states, osd, optim))]
+            except CheckpointError:
+                continue
+            if all(len(f) == n_groups for f in per_rank):
+                state[k] = per_rank
+        for g, v in base0["state"].items():
+            if type(g) is int and 0 <= g < n_groups and isinstance(v, dict) and isinstance(v.get("step"), tp.Local) \
+                    and v["step"].shape == ():
+                steps[g] = self._flat(states[0], v["step"], optim[0], 0)
+        pg = base0.get("param_groups")
+        if isinstance(pg, list) and len(pg) == n_groups:
+            hyper = [{k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else {} for g in pg]
+        return state, steps, hyper
 
     def _state(self, path: Path, what: str) -> tp.State:
         st = tp.read_format_state(path, GLOBALS, what)
@@ -358,6 +366,8 @@ class DeepSpeedSource(Source):
                 seen.add(name)
                 group.append((name, shape))
             out.append(group)
+        if not seen:
+            raise CheckpointError(f"{path}: param_shapes lists no parameter")
         return out
 
     def _buffers(self, model: tp.State, path: Path) -> dict[str, SourceTensor]:
