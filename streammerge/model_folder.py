@@ -235,10 +235,14 @@ def model_dir_for(model_name: str, *, token: str | None = None, endpoint: str | 
     return snap, snap.parent.parent  # the cache's snapshots/<rev>/ link into the repo's blobs/
 
 
+# DeepSpeed's scripts, which it writes into every save folder (the HF Trainer's checkpoint-N/ too): not model code
+NOT_MODEL_FILES = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
 def model_files(model_dir: Path, root: Path) -> Iterator[Path]:
     """The config and tokenizer files of a model given by name (not its weights or anything else)."""
-    yield from carried_files(model_dir, root, keep=lambda p: p.parent == model_dir and any(
-        fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS))
+    yield from carried_files(model_dir, root, keep=lambda p: p.parent == model_dir and p.name not in NOT_MODEL_FILES
+                             and any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS))
 
 
 # ---------------------------------------------------------------- buffers older transformers saved

@@ -309,13 +309,19 @@ def absolute_folders(options: MergeOptions) -> MergeOptions:
     return options.replace(**changes) if changes else options
 
 
-def _config_from_base(options: MergeOptions, source: Source) -> tuple[MergeOptions, bool]:
+def _config_from_base(options: MergeOptions, source: Source) -> tuple[MergeOptions, str | None]:
     """--base-model stands in for --model-name where the checkpoint has no config.json (the HF Trainer's checkpoint
-    of a peft model): the base model's config and tokenizer are the folded model's, as for peft's own merge. Recorded
-    as --model-name, so that verify and a resume read the same folder."""
-    if options.model_name or not options.base_model or options.weights_only or read_config(source.hf_dir) is not None:
-        return options, False
-    return options.replace(model_name=options.base_model), True
+    of a peft model): the base model's config and tokenizer are the folded model's, as for peft's own merge. Else a
+    folder the source names beside it (the HF Trainer's checkpoint-N/ around a DeepSpeed save). Recorded as
+    --model-name, so that verify and a resume read the same folder; returns whose config it is, for inspect."""
+    if options.model_name or options.weights_only or read_config(source.hf_dir) is not None:
+        return options, None
+    if options.base_model:
+        return options.replace(model_name=options.base_model), "--base-model's: the checkpoint has no config.json"
+    beside = source.trainer_folder()
+    if beside is None or not (beside / "config.json").is_file():
+        return options, None
+    return options.replace(model_name=str(beside)), "the folder around the checkpoint: its config and tokenizer only"
 
 
 def _model_name_differs(model_name: str, config: dict, source: Source) -> list[str]:
@@ -383,7 +389,7 @@ def plan_merge(checkpoint: str | Path | Source, options: MergeOptions | None = N
             arch.close()
         raise
     if from_base:
-        merge_plan.weights.notes.append(f"config      {model_dir} (--base-model's: the checkpoint has no config.json)")
+        merge_plan.weights.notes.append(f"config      {model_dir} ({from_base})")
     merge_plan.arch = arch
     merge_plan.generation = generation
     if arch is None and arch_note:

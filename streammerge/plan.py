@@ -73,12 +73,13 @@ class TensorPlan:
 
     @property
     def flat(self) -> bool:
-        return self.source.flat
+        return self.source.flat and self.fold is None
 
     @property
     def geometry(self) -> tuple[int, ...]:
-        """The shape the pieces are boxes of."""
-        return self.source.geometry
+        """The shape the writer's boxes are in: the pieces' (a fold's are its rows and columns; it reads each source's
+        box in that source's own)."""
+        return self.shape if self.fold is not None else self.source.geometry
 
     @property
     def fold_dtype(self) -> DType:

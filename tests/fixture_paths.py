@@ -29,4 +29,6 @@ LIGHTNING_CASES = sorted(p.name for p in LIGHTNING_DATA.iterdir() if (p / "refer
 # DeepSpeed ZeRO checkpoints (stages 1, 2, 3; what engine.save_checkpoint wrote) with DeepSpeed's gathered master
 # weights and optimizer state as the oracle, made on CPU by tests/data/make_deepspeed.py
 DEEPSPEED_DATA = REPO / "tests" / "data" / "deepspeed"
-DEEPSPEED_CASES = sorted(p.name for p in DEEPSPEED_DATA.iterdir() if (p / "reference").is_dir())
+_DEEPSPEED = sorted(p.name for p in DEEPSPEED_DATA.iterdir() if (p / "reference").is_dir())
+DEEPSPEED_LORA_CASES = [c for c in _DEEPSPEED if (DEEPSPEED_DATA / c / "reference" / "merged.safetensors").is_file()]
+DEEPSPEED_CASES = [c for c in _DEEPSPEED if c not in DEEPSPEED_LORA_CASES]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers  # noqa: F401  (imported: the merge asks transformers in this process, not in a child)
-from fixture_paths import DEEPSPEED_CASES, DEEPSPEED_DATA
+from fixture_paths import DEEPSPEED_CASES, DEEPSPEED_DATA, DEEPSPEED_LORA_CASES
 from safetensors.torch import load_file
 from test_accelerate import assert_trained_logits
 from test_optimizer import assert_same_optimizer
@@ -56,10 +56,11 @@ def test_the_fixture_is_what_deepspeed_writes() -> None:
     """Each ZeRO stage among the cases, the bf16 optimizer's files (bf16_zero_pp_rank_*) among them; 2 ranks; the
     saved stage and partition count as the files' names say; DeepSpeed's zero_to_fp32 agreed with the oracle."""
     assert {_info(c)["deepspeed_config"]["zero_optimization"]["stage"] for c in DEEPSPEED_CASES} == {1, 2, 3}
+    assert {_info(c)["deepspeed_config"]["zero_optimization"]["stage"] for c in DEEPSPEED_LORA_CASES} == {2, 3}
     size = sum(p.stat().st_size for p in DEEPSPEED_DATA.rglob("*") if p.is_file())
-    assert size < 10**6, f"tests/data/deepspeed holds {size} bytes"
+    assert size < 1.5 * 10**6, f"tests/data/deepspeed holds {size} bytes"
     prefixes = set()
-    for case in DEEPSPEED_CASES:
+    for case in DEEPSPEED_CASES + DEEPSPEED_LORA_CASES:
         info = _info(case)
         assert info["world_size"] in (2, 3) and info["versions"]["deepspeed"].startswith("0.")
         assert "gives every tensor" in info["zero_to_fp32"]
@@ -154,18 +155,26 @@ def test_the_run_folder_and_the_step_folder_merge_alike(tmp_path: Path) -> None:
     _assert_trained_weights(case, out)
 
 
-def test_the_hf_trainers_checkpoint_folder_gives_its_config(tmp_path: Path) -> None:
-    """The HF Trainer with DeepSpeed saves config.json and the tokenizer into checkpoint-N/, beside `latest` and
-    global_stepN/: the merge takes them, with no --model-name."""
+def test_the_hf_trainers_checkpoint_folder_gives_its_config(tmp_path: Path, capsys) -> None:
+    """The HF Trainer with DeepSpeed saves config.json and the tokenizer into checkpoint-N/, beside `latest`,
+    global_stepN/, its trainer_state.json and DeepSpeed's scripts: the merge takes the config and tokenizer alone, as
+    --model-name takes a folder, with no --model-name given (inspect says so); verify reads the same."""
     case = next(c for c in DEEPSPEED_CASES if "zero3" in c)
     ckpt = tmp_path / "checkpoint-3"
     shutil.copytree(_run(case), ckpt)
     for f in Path(_base(case)).iterdir():
         shutil.copy(f, ckpt / f.name)
+    (ckpt / "trainer_state.json").write_text('{"global_step": 3}')
     out = tmp_path / "out"
     assert main([str(ckpt), str(out)]) == 0
     _assert_trained_weights(case, out)
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(
+        ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"])
     assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    assert main(["inspect", str(ckpt)]) == 0
+    assert f"config      {ckpt} (the folder around the checkpoint" in capsys.readouterr().out
+    assert streammerge.verify(out, ckpt).ok
 
 
 def _mutated(case: str, tmp_path: Path) -> Path:
@@ -197,18 +206,6 @@ def test_a_stale_rank_from_a_larger_run_is_refused(tmp_path: Path, capsys) -> No
     first = _optim_files(run / STEP)[0]
     shutil.copy(first, first.with_name(first.name.replace("rank_0_", "rank_2_")))
     _refused(run, case, tmp_path, capsys, "3 optimizer partitions", "saved by 2 ranks")
-
-
-def test_frozen_parameters_are_refused(tmp_path: Path, capsys) -> None:
-    """A model with frozen parameters (a LoRA run) keeps them elsewhere: refused in one line, not merged without
-    them."""
-    case = next(c for c in DEEPSPEED_CASES if "zero2" in c or "zero1" in c)
-    run = _mutated(case, tmp_path)
-    path = run / STEP / "mp_rank_00_model_states.pt"
-    state = torch.load(path, weights_only=True)
-    state["frozen_param_shapes"] = {"model.frozen.weight": torch.Size([2, 2])}
-    torch.save(state, path)
-    _refused(run, case, tmp_path, capsys, "frozen parameters", "zero_to_fp32.py")
 
 
 def test_a_pickle_naming_other_code_is_refused_and_nothing_runs(tmp_path: Path, capsys) -> None:
@@ -256,3 +253,60 @@ def test_model_states_that_do_not_fit_the_partitions_are_refused(stage: str, tmp
     first.pop(next(iter(first)))
     torch.save(state, path)
     _refused(run, case, tmp_path, capsys, "a partition of another save?")
+
+
+# ---------------------------------------------------------------- LoRA: a peft model trained under ZeRO
+
+LORA_FLAGS = ["--lora-rank", "4", "--lora-alpha", "8"]  # DeepSpeed records no LoraConfig (the HF Trainer saves one)
+
+
+@pytest.fixture(scope="module", params=DEEPSPEED_LORA_CASES)
+def lora_merged(request, tmp_path_factory) -> tuple[str, Path]:
+    case = request.param
+    out = tmp_path_factory.mktemp(case) / "out"
+    assert main([str(_run(case)), str(out), "--model-name", _base(case), *LORA_FLAGS]) == 0
+    return case, out
+
+
+def test_a_lora_run_folds_as_peft_merges(lora_merged) -> None:
+    """The frozen base (stages 1 and 2: whole in the model states; stage 3: a chunk per rank) with the trained
+    adapter (float32 master weights) folded: peft's merge_and_unload() of the gathered state, bit for bit. It was
+    refused ("frozen parameters ... does not merge from DeepSpeed checkpoints yet")."""
+    case, out = lora_merged
+    want = load_file(DEEPSPEED_DATA / case / "reference" / "merged.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in got)
+    assert_trained_logits(out, DEEPSPEED_DATA / case / "reference" / "logits.safetensors")
+
+
+def test_a_lora_runs_adapter_and_optimizer_are_exported(lora_merged) -> None:
+    """The adapter folder holds the trained factors (peft's names, as peft loads them); the optimizer export holds the
+    adapter's state under the peft model's parameter names, as DeepSpeed gathers it; verify passes."""
+    case, out = lora_merged
+    ref = load_file(DEEPSPEED_DATA / case / "reference" / "model.safetensors")
+    adapter = load_file(out / "lora_adapter" / "adapter_model.safetensors")
+    factors = {k: v for k, v in ref.items() if ".lora_" in k}
+    assert {k.replace(".default", "") for k in factors} == set(adapter)
+    assert all(torch.equal(adapter[k.replace(".default", "")], v) for k, v in factors.items())
+    want = torch.load(DEEPSPEED_DATA / case / "reference" / "optimizer.pt", weights_only=True)
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(out), want)
+    report = streammerge.verify(out, _run(case))
+    assert report.ok, report.failures
+    assert not [n for n in report.notes if "own reader" in n], report.notes
+
+
+def test_the_hf_trainers_lora_checkpoint_tells_its_lora_settings(tmp_path: Path) -> None:
+    """The HF Trainer saves peft's adapter_config.json into checkpoint-N/ beside the ZeRO files: r and alpha come
+    from it, with no --lora-rank or --lora-alpha."""
+    from peft import LoraConfig
+
+    case = DEEPSPEED_LORA_CASES[-1]
+    ckpt = tmp_path / "checkpoint-3"
+    shutil.copytree(_run(case), ckpt)
+    LoraConfig(**{k: v for k, v in _info(case)["lora"].items() if k != "peft"}).save_pretrained(ckpt)
+    out = tmp_path / "out"
+    assert main([str(ckpt), str(out), "--model-name", _base(case)]) == 0
+    want = load_file(DEEPSPEED_DATA / case / "reference" / "merged.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)

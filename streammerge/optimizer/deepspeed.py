@@ -25,7 +25,9 @@ def plan_deepspeed_optimizer(source: DeepSpeedSource, weights: Plan, options: Me
                              ) -> tuple[Plan | None, list[str]]:
     """Plan `OUT/optimizer/`, or (None, [why not])."""
     state, names, hyper = source.state_tensors()
-    known = set(weights.tensors) | set(weights.dropped)
+    # the weights' names, or the checkpoint's own where a LoRA run's are folded away: the optimizer of a peft model
+    # names the peft model's parameters (as the adapter export and set_optimizer_state_dict on that model do)
+    known = set(weights.tensors) | set(weights.dropped) | set(source.tensors())
     stray = next((n for g in names for n in g if n not in known), None)
     if stray is not None:
         return None, [f"optimizer not exported: its state is for {stray!r}, which is not a weight of the model"]

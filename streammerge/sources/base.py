@@ -242,6 +242,12 @@ class Source(abc.ABC):
         """The folder holding the checkpoint and its huggingface/: copied files may not link out of it."""
         return self.path
 
+    def trainer_folder(self) -> Path | None:
+        """The folder a trainer saved the checkpoint into beside its own files (the HF Trainer's checkpoint-N/ around a
+        DeepSpeed save): its config.json and tokenizer are taken as --model-name takes a folder (those alone) where
+        nothing else names a config, and its peft adapter_config.json tells the LoRA settings."""
+        return None
+
     def use_model(self, config: dict | None, model_dir: Path | None) -> None:
         """The config the merge writes (from the checkpoint or --model-name), given before `tensors`:
         formats whose tensors are named and laid out by the architecture (Megatron) need it."""

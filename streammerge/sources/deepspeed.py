@@ -113,6 +113,7 @@ class ZeroLayout:
     paddings: list[list[int]] | None  # stages 1 and 2: elements after each parameter
     shared: dict[str, str]  # tied name -> the parameter it shares
     buffers: dict[str, SourceTensor]
+    frozen: dict[str, SourceTensor]  # parameters no optimizer holds (a LoRA run's base), in the training dtype
     flats: dict[str, list[list[Flat]]]  # "fp32" (master weights), "exp_avg", ...: [rank][group]
     steps: list[Flat | None]  # per group: the optimizer's step (rank 0's scalar)
     hyper: list[dict[str, Any]]  # per group: the optimizer's settings
@@ -202,16 +203,30 @@ class DeepSpeedSource(Source):
     format = "DeepSpeed ZeRO"
 
     def __init__(self, folder: Path):
-        hf = next((d for d in (folder, folder.parent) if (d / "config.json").is_file()), None)
+        from .dcp import find_hf_dir
+
         m = _STEP.match(folder.name)
-        super().__init__(folder, step=int(m.group(1)) if m else None, hf_dir=hf)
+        super().__init__(folder, step=int(m.group(1)) if m else None, hf_dir=find_hf_dir(folder))
         self._layout: ZeroLayout | None = None
         self._files: list[Path] = []
+        self._model_files: list[Path] = []
 
     @property
     def root(self) -> Path:
-        """The HF Trainer's checkpoint-N/ where its config.json is the one taken (it holds the step folder)."""
-        return self.path.parent if self.hf_dir == self.path.parent else self.path
+        """huggingface/ may sit beside the step folder."""
+        return self.path.parent if self.hf_dir is not None and self.hf_dir.parent == self.path.parent else self.path
+
+    def trainer_folder(self) -> Path | None:
+        """The HF Trainer's checkpoint-N/ (config.json, the tokenizer or peft's adapter_config.json beside `latest`
+        and global_stepN/, among its trainer_state.json, scheduler.pt and DeepSpeed's scripts, which are no part of a
+        model folder); else the step folder itself."""
+        tag = self.path.parent / LATEST
+        try:
+            named = tag.is_file() and tag.stat().st_size < 256 and tag.read_text(errors="replace").strip() == \
+                self.path.name
+        except OSError:
+            named = False
+        return self.path.parent if named else self.path
 
     def layout(self) -> ZeroLayout:
         if self._layout is None:
@@ -244,12 +259,7 @@ class DeepSpeedSource(Source):
                                   "partitions")
         model = self._state(model_file, "DeepSpeed model states")
         groups = self._param_groups(model.obj, model_file)
-        frozen = model.obj.get("frozen_param_shapes")
-        if frozen:
-            raise UnsupportedLayoutError(f"{model_file}: {len(frozen)} frozen parameters (e.g. "
-                                         f"{next(iter(frozen))!r}: a LoRA or partly frozen model), which streammerge "
-                                         "does not merge from DeepSpeed checkpoints yet; DeepSpeed's zero_to_fp32.py "
-                                         "in the checkpoint folder gathers them")
+        frozen = self._frozen(model, model_file, stage, world)
         shared = model.obj.get("shared_params") or {}
         if not (isinstance(shared, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items())):
             raise CheckpointError(f"{model_file}: shared_params is not a map of names")
@@ -267,14 +277,14 @@ class DeepSpeedSource(Source):
             raise CheckpointError(f"{optim[0]}: its param_alignment_paddings do not list the parameters of the model "
                                   "states' groups (a partition of another save?)")
         buffers = self._buffers(model, model_file)
-        self._files = [*optim, model_file]
+        self._files = [*optim, *(self._model_files or [model_file])]
         self.stats.files = len(self._files)
         self.stats.decoded = len(self._files)
         steps_done = model.obj.get("global_steps")
         version = model.obj.get("ds_version")
         module = model.obj.get("module")
         order = tuple(k for k in module if isinstance(k, str)) if isinstance(module, dict) else ()
-        z = ZeroLayout(stage, world, groups, paddings, dict(shared), buffers, flats, steps, hyper,
+        z = ZeroLayout(stage, world, groups, paddings, dict(shared), buffers, frozen, flats, steps, hyper,
                        steps_done if type(steps_done) is int else None, version if isinstance(version, str) else None,
                        order)
         _check_sizes(z, self.path)
@@ -313,6 +323,45 @@ class DeepSpeedSource(Source):
         if isinstance(pg, list) and len(pg) == n_groups:
             hyper = [{k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else {} for g in pg]
         return state, steps, hyper
+
+    def _frozen(self, model: tp.State, path: Path, stage: int, world: int) -> dict[str, SourceTensor]:
+        """Parameters that are not trained (a LoRA run's base model): stages 1 and 2 keep each whole in the model
+        states (`frozen_param_fragments`), stage 3 one chunk of each in every rank's model states, cut as the
+        trained ones are."""
+        shapes = model.obj.get("frozen_param_shapes") or {}
+        if not isinstance(shapes, dict) or not all(isinstance(k, str) and isinstance(v, tuple) for k, v in
+                                                   shapes.items()):
+            raise CheckpointError(f"{path}: frozen_param_shapes is not a map of names to shapes")
+        if not shapes:
+            return {}
+        files = [(model, path)] if stage <= 2 else [
+            (model, path) if r == 0 else (self._state(self.path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+                                                      "DeepSpeed model states"),
+                                          self.path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+            for r in range(world)]
+        self._model_files = [f for _, f in files]
+        out: dict[str, SourceTensor] = {}
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            chunk = numel if stage <= 2 else -(-numel // world)
+            pieces, dtype = [], None
+            for r, (st, f) in enumerate(files):
+                frags = st.obj.get("frozen_param_fragments")
+                t = frags.get(name) if isinstance(frags, dict) else None
+                length = max(0, min(chunk, numel - r * chunk))
+                want = shape if stage <= 2 else (chunk,) if length else None
+                if not isinstance(t, tp.Local) or t.storage.key not in st.offsets or (
+                        want is not None and t.shape != want) or t.stride != row_major(t.shape) or \
+                        t.offset < 0 or t.offset + math.prod(t.shape) > t.storage.numel or dtype not in (None, t.dtype):
+                    raise CheckpointError(f"{f}: the frozen parameter {name!r} is not saved as a ZeRO stage {stage} "
+                                          f"save keeps it ({list(shape)}, in {world} ranks' chunks of {chunk})")
+                dtype = t.dtype
+                if length:
+                    pieces.append(Piece(r, str(f), st.offsets[t.storage.key] + t.offset * t.dtype.itemsize,
+                                        (length,), (1,), (r * chunk,)))
+            assert dtype is not None
+            out[name] = SourceTensor(name, shape, dtype, tuple(pieces), layout=f"ZeRO-{stage} frozen", flat=True)
+        return out
 
     def _state(self, path: Path, what: str) -> tp.State:
         st = tp.read_format_state(path, GLOBALS, what)
@@ -401,7 +450,7 @@ class DeepSpeedSource(Source):
             if target not in out:
                 raise CheckpointError(f"{self.path}: shared_params ties {name!r} to {target!r}, which no group holds")
             out.setdefault(name, out[target].renamed(name))
-        for name, t in z.buffers.items():
+        for name, t in [*z.frozen.items(), *z.buffers.items()]:
             out.setdefault(name, t)
         return {**{n: out[n] for n in z.order if n in out}, **out}  # as the model's state dict orders them
 

@@ -86,6 +86,10 @@ class DeepSpeedOracle(Oracle):
                                                   for i, (n, _) in enumerate(ps)}
         self.shared = dict(model.get("shared_params") or {})
         self.buffers = {n: model["module"][n] for n in model.get("buffer_names") or []}
+        self.frozen = dict(model.get("frozen_param_shapes") or {})  # name -> shape: not trained (a LoRA run's base)
+        ranks = [model] if self.stage <= 2 or not self.frozen else [
+            model, *(_load(self.folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(1, self.world))]
+        self.fragments = [m.get("frozen_param_fragments") or {} for m in ranks]  # [rank][name]: whole, or a chunk
         self._ready = True
 
     reads_flat = True  # every tensor whole, however the merge's plan cuts it into pieces
@@ -108,8 +112,20 @@ class DeepSpeedOracle(Oracle):
                 step = self.steps[g]
                 return None if step is None else ((), str(step.dtype).removeprefix("torch."))
             return tuple(self.groups[g][i][1]), str(self.tables[what][0][g].dtype).removeprefix("torch.")
+        if name in self.frozen:
+            return tuple(self.frozen[name]), str(self.fragments[0][name].dtype).removeprefix("torch.")
         b = self.buffers.get(name)
         return None if b is None else (tuple(b.shape), str(b.dtype).removeprefix("torch."))
+
+    def _frozen_rows(self, name: str, lo: int, hi: int) -> Any:
+        """Rows [lo, hi) of a frozen parameter: the saved tensor (stages 1 and 2), or the ranks' chunks end to end."""
+        shape = tuple(self.frozen[name])
+        if self.stage <= 2:
+            return self.fragments[0][name][lo:hi].clone()
+        inner = math.prod(shape[1:])
+        chunks = [f[name] for f in self.fragments]
+        flat = self._rank_range(chunks, lo * inner, (hi - lo) * inner)  # chunk r starts at element r * chunk
+        return flat.reshape((hi - lo, *shape[1:]))
 
     def _elements(self, g: int, i: int, what: str, lo: int, hi: int) -> Any:
         """Elements [lo, hi) of the flattened parameter (or of its optimizer state `what`)."""
@@ -156,6 +172,11 @@ class DeepSpeedOracle(Oracle):
 
     def read(self, name: str, box: Box) -> Any:
         at = self._param(name)
+        if at is None and name in self.frozen:
+            if not self.frozen[name]:
+                return self._frozen_rows(name, 0, 1).reshape(())
+            rows = self._frozen_rows(name, box[0][0], box[0][1])
+            return rows[(slice(None), *(slice(lo, hi) for lo, hi in box[1:]))]
         if at is None:
             b = self.buffers[name]
             return b[tuple(slice(lo, hi) for lo, hi in box)].clone()

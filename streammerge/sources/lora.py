@@ -157,10 +157,13 @@ class LoraSettings:
 
 def adapter_config_files(source: Source) -> list[Path]:
     """peft's adapter_config.json where a checkpoint keeps it: in its folder, its `lora_adapter/` (veRL writes one
-    there beside the rank files) and its config folder (`huggingface/`)."""
+    there beside the rank files), its config folder (`huggingface/`) and the trainer's folder around it (the HF
+    Trainer's checkpoint-N/)."""
     hf = source.hf_dir if source.hf_dir is not None else source.path / "huggingface"
+    around = source.trainer_folder()
     found: dict[Path, Path] = {}
-    for p in (source.path / ADAPTER_CONFIG, source.path / ADAPTER_DIR / ADAPTER_CONFIG, hf / ADAPTER_CONFIG):
+    for p in (source.path / ADAPTER_CONFIG, source.path / ADAPTER_DIR / ADAPTER_CONFIG, hf / ADAPTER_CONFIG,
+              *([around / ADAPTER_CONFIG] if around is not None else [])):
         if p.is_file():
             found.setdefault(p.resolve(), p)
     return list(found.values())
@@ -716,8 +719,6 @@ def _check_shapes(source: Source, a: Adapter, conv1d: bool) -> None:
         kind = "a GPT-2-style Conv1D's (in, out)" if conv1d else "a Linear's (out, in)"
         raise CheckpointError(f"{source.path}: {_short(a.module)}: lora_A {list(a.a.shape)} and lora_B "
                               f"{list(a.b.shape)} do not fit the base weight {list(base.shape)} ({kind}); cannot fold")
-    if base.flat or a.a.flat or a.b.flat:
-        raise CheckpointError(f"{source.path}: {_short(a.module)}: flat-parameter pieces cannot be folded")
 
 
 def _check_dtypes(source: Source, a: Adapter) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..dtypes import DType
 from ..plan import TensorPlan
-from ..sources.base import SourceTensor, pieces_key
+from ..sources.base import SourceTensor, pieces_key, row_major
 from .writer import Box, Sources, fill_window
 
 if TYPE_CHECKING:
@@ -88,8 +88,22 @@ def _read_as(work: DType, source, box: Box, scratch: np.ndarray, sources: Source
     would)."""
     shape = tuple(hi - lo for lo, hi in box)
     buf = np.empty(math.prod(shape), dtype=np.dtype(work.numpy))
-    fill_window(TensorPlan(source.name, source, work), box, buf.view(np.uint8), scratch, sources)
+    fill_window(TensorPlan(source.name, source, work), geometry_box(source, box), buf.view(np.uint8), scratch, sources)
     return buf.reshape(shape)
+
+
+def geometry_box(source, box: Box) -> Box:
+    """`box` of the tensor in the coordinates its pieces use: itself, or for a tensor stored flattened (DeepSpeed's
+    partitions) the run of the flattened tensor it is, which it is for the boxes windows are cut into (part of one
+    row, or whole rows)."""
+    if not source.flat:
+        return box
+    strides = row_major(source.shape)
+    first = sum(lo * st for (lo, _), st in zip(box, strides))
+    n = math.prod(hi - lo for lo, hi in box)
+    last = sum((hi - 1) * st for (_, hi), st in zip(box, strides))
+    assert n == 0 or last - first + 1 == n, (source.name, box)  # a contiguous run
+    return ((first, first + n),)
 
 
 _a_cache: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
@@ -145,7 +159,7 @@ def fill_fold_window(t: TensorPlan, box: Box, out: np.ndarray, scratch: np.ndarr
         return b[lo:hi]
 
     if t.dtype == work:
-        n = fill_window(TensorPlan(t.source.name, t.source, work), box, out, scratch, sources)
+        n = fill_window(TensorPlan(t.source.name, t.source, work), geometry_box(t.source, box), out, scratch, sources)
         w = torch.from_numpy(out[:n].view(np.dtype(work.numpy))).view(r1 - r0, c1 - c0)
         add_delta(w, read_b, a, fold.scale, fold.b.shape[0], box, fold.transpose)
         return n

@@ -23,6 +23,10 @@ For each case it writes ``OUT_DIR/<case>/``:
     reference/INFO.json            versions, the DeepSpeed config, launch command, the files written; and whether
                                    DeepSpeed's own zero_to_fp32 gives the same weights (it must: checked here)
 
+The LoRA cases train a peft model (``get_peft_model`` with make_accelerate's LoRA settings) and also write
+``reference/merged.safetensors``: peft's ``merge_and_unload()`` of a CPU peft model loaded with the gathered state
+(the frozen base gathered with ``deepspeed.zero.GatheredParameters``); their logits are the merged model's.
+
 Training: ``deepspeed.initialize`` of a transformers model with a torch AdamW of two parameter groups as the HF
 Trainer makes them (weight decay 0.01; none for norms and biases), 3 steps of batch 2 per rank, 2 or 3 ranks on CPU
 (torchrun, DeepSpeed's CPU accelerator, gloo). DeepSpeed runs on CPU as it runs on GPUs for these stages: what it
@@ -38,6 +42,7 @@ import sys
 from pathlib import Path
 
 from make_accelerate import (  # this folder: the script's own, first on sys.path
+    LORA,
     SEQ,
     cli,
     run_workers,
@@ -56,15 +61,21 @@ BATCH = 2  # per rank
 CASES = {
     "llama_zero2_ws3_fp32": dict(arch="llama", tie=False, stage=2, bf16=False, seed=21, vocab=101, layers=1, world=3),
     "qwen2_zero3_tied_bf16": dict(arch="qwen2", tie=True, stage=3, bf16=True, seed=22, vocab=263, layers=1),
+    "llama_lora_zero2_fp32": dict(arch="llama", tie=False, stage=2, bf16=False, seed=25, vocab=99, layers=1,
+                                  lora=True),
+    "llama_lora_zero3_fp32": dict(arch="llama", tie=False, stage=3, bf16=False, seed=26, vocab=99, layers=1,
+                                  lora=True),
     "llama_zero1_bf16": dict(arch="llama", tie=False, stage=1, bf16=True, seed=23, vocab=99, layers=1),
 }
 
 
 def _groups(model) -> list[dict]:
-    """The HF Trainer's two parameter groups: weight decay for weights, none for norms and biases."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}]
+    """The HF Trainer's two parameter groups: weight decay for weights, none for norms and biases (of the trained
+    parameters: a LoRA run's adapter matrices are all in the first)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    rest = [p for p in trained if p.ndim < 2]
+    return [{"params": decay, "weight_decay": 0.01}] + ([{"params": rest, "weight_decay": 0.0}] if rest else [])
 
 
 def worker(case_name: str, case_dir: Path) -> None:
@@ -80,6 +91,10 @@ def worker(case_name: str, case_dir: Path) -> None:
     config = AutoConfig.from_pretrained(case_dir / "huggingface")
     transformers.set_seed(case["seed"])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if case.get("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(**LORA))
     names = {id(p): n for n, p in model.named_parameters()}
     optim = torch.optim.AdamW(_groups(model), lr=1e-3, weight_decay=0.01)
     ds_config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
@@ -118,14 +133,28 @@ def worker(case_name: str, case_dir: Path) -> None:
                            "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().cpu().clone(),
                            "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().cpu().clone()}
             groups[gi]["params"].append(name)
+    for name, p in engine.module.named_parameters():  # the frozen ones (a LoRA run's base), as the module holds them
+        if not p.requires_grad:
+            with deepspeed.zero.GatheredParameters([p]):  # ZeRO-3 holds a chunk per rank; 1 and 2 the whole
+                weights[name] = p.data.detach().cpu().clone()
     torch.distributed.barrier()
     if rank != 0:
         return
     ref_dir = case_dir / "reference"
     save_oracle(ref_dir, weights, {"state": state, "param_groups": groups})
     cpu_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    missing, unexpected = cpu_model.load_state_dict(weights, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"} and (not missing or config.tie_word_embeddings)
+    if case.get("lora"):  # the peft model loaded with the gathered state, merged by peft itself
+        from peft import LoraConfig, get_peft_model
+        from safetensors.torch import save_file
+
+        cpu_model = get_peft_model(cpu_model, LoraConfig(**LORA))
+        missing, unexpected = cpu_model.load_state_dict(weights, strict=True)
+        cpu_model = cpu_model.merge_and_unload().eval()
+        save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, ref_dir / "merged.safetensors",
+                  metadata={"format": "pt"})
+    else:
+        missing, unexpected = cpu_model.load_state_dict(weights, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"} and (not missing or config.tie_word_embeddings)
     save_logits(ref_dir, cpu_model, case["vocab"])
     info = {
         "case": {"name": case_name, **case},
@@ -135,6 +164,7 @@ def worker(case_name: str, case_dir: Path) -> None:
         "world_size": int(os.environ["WORLD_SIZE"]),
         "deepspeed_config": ds_config,
         "optimizer": "torch.optim.AdamW(lr=1e-3), groups: weight_decay 0.01 (ndim >= 2), 0.0 (norms, biases)",
+        **({"lora": {**LORA, "peft": __import__("peft").__version__}} if case.get("lora") else {}),
         "steps": STEPS, "per_rank_batch": BATCH, "seq": SEQ,
     }
     (ref_dir / "INFO.json").write_text(json.dumps(info, indent=2) + "\n")
