@@ -4,9 +4,9 @@
 
 Makes the checkpoint with DeepSpeed itself (under --workdir, once): a transformers model of the preset's shapes
 (`streammerge.testing.presets.hf_config`, random init), `deepspeed.initialize` with ZeRO stage --stage and a torch
-AdamW, one training step, `engine.save_checkpoint`, on --world-size gloo processes on CPU (DeepSpeed's CPU
-accelerator). Then runs every contender --repeat times, interleaved, each in its own subprocess, with the page cache
-dropped before each run:
+AdamW, one training step, `engine.save_checkpoint`, on --world-size processes: on CPU through gloo (DeepSpeed's CPU
+accelerator), or on the GPUs through NCCL where there are some. Then runs every contender --repeat times,
+interleaved, each in its own subprocess, with the page cache dropped before each run:
 
     zero_to_fp32         python CKPT/zero_to_fp32.py CKPT OUT: the script DeepSpeed writes into every checkpoint, the
                          float32 weights as pytorch_model.bin (torch.save)
@@ -60,7 +60,7 @@ def _train(stage: int, preset: str, out: str) -> None:
 
     from streammerge.testing.presets import hf_config
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     settings = hf_config(preset)
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def _train(stage: int, preset: str, out: str) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, config={
         "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True, "steps_per_print": 10**6})
-    batch = torch.randint(0, 1000, (1, 8))
+    batch = torch.randint(0, 1000, (1, 8)).to(engine.device)
     engine.backward(engine(input_ids=batch, labels=batch).loss)
     engine.step()
     engine.save_checkpoint(out)
