@@ -504,3 +504,26 @@ def test_a_lightning_run_is_watched_by_its_sharded_ckpt_folders(tmp_path):
     torch.save({"epoch": 1, "global_step": 6, "pytorch-lightning_version": "2.6.6"}, later / "meta.pt")
     results = watcher.run(once=True, interval=0.1)
     assert [(r.step, r.ok) for r in results] == [(6, True)], [r.error for r in results]
+
+
+def test_a_deepspeed_run_is_watched_by_its_latest_tag(tmp_path):
+    """DeepSpeed's save folder names its newest complete step in `latest` (global_stepN, written once the ranks have
+    saved): a step folder it does not name yet is not merged; once it does, it is. Before, the watcher waited for ever
+    (it followed latest_checkpointed_iteration.txt alone, and global_stepN without the underscore was no step)."""
+    from safetensors.torch import load_file
+
+    case = ROOT / "tests" / "data" / "deepspeed" / "llama_zero1_bf16"
+    run = tmp_path / "ckpts"
+    shutil.copytree(case / "run", run)
+    shutil.copytree(run / "global_step3", run / "global_step6")
+    watcher = Watcher(run, push=False, model_name=str(case / "huggingface"), out_root=tmp_path / "out",
+                      state_file=tmp_path / "state.json")
+    results = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in results] == [(3, True)], [r.error for r in results]
+    got = load_file(tmp_path / "out" / "global_step_3" / "model.safetensors")
+    ref = load_file(case / "reference" / "model.safetensors")
+    assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref)
+    (run / "latest").write_text("global_step6")
+    results = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in results] == [(6, True)], [r.error for r in results]
+    assert set(watcher.done_steps()) == {3, 6}

@@ -1,6 +1,7 @@
 """Watch: a sidecar that merges (and pushes) each new checkpoint of a training run as it lands.
 
-It follows the run's ``latest_checkpointed_iteration.txt`` (veRL, Megatron-LM), or, where there is none, the
+It follows the run's ``latest_checkpointed_iteration.txt`` (veRL, Megatron-LM) or DeepSpeed's ``latest`` tag
+(``global_stepN``), or, where there is none, the
 HF Trainer's ``checkpoint-N`` folders whose ``trainer_state.json`` is written (the Trainer's last file of a save)
 and Lightning's sharded ``*.ckpt`` folders once their ``meta.pt`` is (Lightning's last). A
 step is taken once every rank file is present and no file of its checkpoint folder changed size or mtime between
@@ -32,6 +33,7 @@ from ..paths import NotAFile, read_small, user_path
 from ..pipeline import merge
 from ..sources import LATEST_FILE, Source, open_checkpoint, read_tracker, step_number
 from ..sources.dcp import LIGHTNING_STEP, is_lightning, lightning_step
+from ..sources.deepspeed import tagged_step
 from ..write.transaction import open_lock
 from .publish import PushResult, check_push_counts, default_out_dir, merge_and_push
 from .repo import check_target
@@ -49,7 +51,8 @@ PUSH_OPTIONS = frozenset({"token", "endpoint", "model_card", "commit_message", "
 Snapshot = dict[str, tuple[int, int]]
 
 
-STEP_DIR = re.compile(r"global_step_(\d+)|iter_(\d{7,})|checkpoint-(\d+)")  # veRL's, Megatron-LM's, HF Trainer's
+# veRL's, DeepSpeed's (no underscore), Megatron-LM's, the HF Trainer's
+STEP_DIR = re.compile(r"global_step_?(\d+)|iter_(\d{7,})|checkpoint-(\d+)")
 # what the HF Trainer writes last into checkpoint-N (after the model, optimizer, scheduler and RNG states)
 TRAINER_STATE = "trainer_state.json"
 
@@ -72,10 +75,20 @@ def step_dirs(run_dir: Path) -> Iterator[tuple[int, Path]]:
     return iter(sorted(found.items()))
 
 
+def tracker(run_dir: Path) -> str | None:
+    """The text of the trainer's tracker: veRL's and Megatron-LM's latest_checkpointed_iteration.txt, or the step of
+    DeepSpeed's `latest` tag (global_stepN); None where there is none."""
+    text = read_tracker(run_dir)
+    if text is None:
+        step = tagged_step(run_dir)
+        text = None if step is None else str(step)
+    return text
+
+
 def latest_step(run_dir: Path) -> int | None:
     """The step named by the trainer's tracker file, None while there is none (or it is mid-write); where the run
     folder has no tracker (the HF Trainer's, Lightning's), its newest step whose save finished."""
-    text = read_tracker(run_dir)
+    text = tracker(run_dir)
     return step_number(text) if text is not None else newest_finished(dict(step_dirs(run_dir)))
 
 
@@ -221,7 +234,7 @@ class Watcher:
     def candidates(self) -> list[tuple[int, Path]]:
         """Steps to process, oldest first: not done yet, and not newer than the tracker's step (where there is no
         tracker, the newest finished step: the HF Trainer's checkpoint-N, Lightning's .ckpt folders)."""
-        text = read_tracker(self.run_dir)
+        text = tracker(self.run_dir)
         dirs = dict(step_dirs(self.run_dir))  # listed once a look: Lightning's folders each read their meta.pt
         latest = step_number(text) if text is not None else newest_finished(dirs)
         if latest is None:

@@ -82,6 +82,17 @@ def step_folder(path: Path) -> Path | None:
     return path / name if (path / name).is_dir() and _optim_files(path / name) else None
 
 
+def tagged_step(run_dir: Path) -> int | None:
+    """The step DeepSpeed's `latest` tag names (`global_stepN`, written once a save is complete), else None."""
+    try:
+        tag = read_small(run_dir / LATEST) if (run_dir / LATEST).is_file() and \
+            (run_dir / LATEST).stat().st_size < 256 else None
+    except (OSError, NotAFile):
+        return None
+    m = _STEP.fullmatch(tag.decode(errors="replace").strip()) if tag is not None else None
+    return int(m.group(1)) if m and len(m.group(1)) <= 20 else None
+
+
 def holds(path: Path) -> bool:
     return step_folder(path) is not None
 
