@@ -39,7 +39,6 @@ from .base import Piece, Source, SourceTensor, row_major
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # stages 1 and 2 (and 0)
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_MODEL3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _STEP = re.compile(r"^global_step(\d+)$")
 LATEST = "latest"
 
@@ -54,7 +53,7 @@ def _zero_stage(value: Any) -> int:
 GLOBALS: dict[tuple[str, str], Any] = {
     ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"): tp.Obj,
     ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"): tp.Obj,
-    ("deepspeed.runtime.zero.config", "ZeroStageEnum"): tp._Global(_zero_stage),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"): tp.Global(_zero_stage),
     ("deepspeed.utils.tensor_fragment", "fragment_address"): tp.Obj,
     ("torch", "Tensor"): tp.PlainTensor,
 }
@@ -67,16 +66,22 @@ def _optim_files(folder: Path) -> list[Path]:
         return []
 
 
+def _tag(folder: Path) -> str:
+    """The text of DeepSpeed's `latest` tag in `folder` ("" where there is none; anything long is no tag, unread)."""
+    try:
+        tag = read_small(folder / LATEST) if (folder / LATEST).is_file() and \
+            (folder / LATEST).stat().st_size < 256 else None
+    except (OSError, NotAFile):
+        return ""
+    return tag.decode(errors="replace").strip() if tag is not None else ""
+
+
 def step_folder(path: Path) -> Path | None:
     """The folder holding the ZeRO partitions: `path` itself, or the one its `latest` tag names (a save folder, or
     the HF Trainer's checkpoint-N/)."""
     if _optim_files(path):
         return path
-    try:
-        tag = read_small(path / LATEST) if (path / LATEST).is_file() and (path / LATEST).stat().st_size < 256 else None
-    except (OSError, NotAFile):
-        return None
-    name = tag.decode(errors="replace").strip() if tag is not None else ""
+    name = _tag(path)
     if not name or "/" in name or name in (".", ".."):
         return None
     return path / name if (path / name).is_dir() and _optim_files(path / name) else None
@@ -84,12 +89,7 @@ def step_folder(path: Path) -> Path | None:
 
 def tagged_step(run_dir: Path) -> int | None:
     """The step DeepSpeed's `latest` tag names (`global_stepN`, written once a save is complete), else None."""
-    try:
-        tag = read_small(run_dir / LATEST) if (run_dir / LATEST).is_file() and \
-            (run_dir / LATEST).stat().st_size < 256 else None
-    except (OSError, NotAFile):
-        return None
-    m = _STEP.fullmatch(tag.decode(errors="replace").strip()) if tag is not None else None
+    m = _STEP.fullmatch(_tag(run_dir))
     return int(m.group(1)) if m and len(m.group(1)) <= 20 else None
 
 
@@ -220,7 +220,6 @@ class DeepSpeedSource(Source):
         super().__init__(folder, step=int(m.group(1)) if m else None, hf_dir=find_hf_dir(folder))
         self._layout: ZeroLayout | None = None
         self._files: list[Path] = []
-        self._model_files: list[Path] = []
 
     @property
     def root(self) -> Path:
@@ -231,13 +230,7 @@ class DeepSpeedSource(Source):
         """The HF Trainer's checkpoint-N/ (config.json, the tokenizer or peft's adapter_config.json beside `latest`
         and global_stepN/, among its trainer_state.json, scheduler.pt and DeepSpeed's scripts, which are no part of a
         model folder); else the step folder itself."""
-        tag = self.path.parent / LATEST
-        try:
-            named = tag.is_file() and tag.stat().st_size < 256 and tag.read_text(errors="replace").strip() == \
-                self.path.name
-        except OSError:
-            named = False
-        return self.path.parent if named else self.path
+        return self.path.parent if _tag(self.path.parent) == self.path.name else self.path
 
     def layout(self) -> ZeroLayout:
         if self._layout is None:
@@ -270,7 +263,7 @@ class DeepSpeedSource(Source):
                                   "partitions")
         model = self._state(model_file, "DeepSpeed model states")
         groups = self._param_groups(model.obj, model_file)
-        frozen = self._frozen(model, model_file, stage, world)
+        frozen, model_files = self._frozen(model, model_file, stage, world)
         shared = model.obj.get("shared_params") or {}
         if not (isinstance(shared, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items())):
             raise CheckpointError(f"{model_file}: shared_params is not a map of names")
@@ -288,22 +281,22 @@ class DeepSpeedSource(Source):
             raise CheckpointError(f"{optim[0]}: its param_alignment_paddings do not list the parameters of the model "
                                   "states' groups (a partition of another save?)")
         buffers = self._buffers(model, model_file)
-        self._files = [*optim, *(self._model_files or [model_file])]
+        self._files = [*optim, *model_files]
         self.stats.files = len(self._files)
         self.stats.decoded = len(self._files)
         steps_done = model.obj.get("global_steps")
         version = model.obj.get("ds_version")
         module = model.obj.get("module")
         order = tuple(k for k in module if isinstance(k, str)) if isinstance(module, dict) else ()
-        z = ZeroLayout(stage, world, groups, paddings, dict(shared), buffers, frozen, flats, steps, hyper,
-                       steps_done if type(steps_done) is int else None, version if isinstance(version, str) else None,
-                       order)
-        _check_sizes(z, self.path)
         pads = osd[-1].get("group_paddings") if stage <= 2 else None
         for k, per_rank in state.items():  # state of another layout than the weights' (not per element): not exported
             same = _state_like_weights(per_rank, flats["fp32"], pads)
             if same is not None:
-                z.flats[k] = same
+                flats[k] = same
+        z = ZeroLayout(stage, world, groups, paddings, dict(shared), buffers, frozen, flats, steps, hyper,
+                       steps_done if type(steps_done) is int else None, version if isinstance(version, str) else None,
+                       order)
+        _check_sizes(z, self.path)
         if self.step is None and z.global_steps is not None:
             self.step = z.global_steps
         return z
@@ -335,22 +328,22 @@ class DeepSpeedSource(Source):
             hyper = [{k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else {} for g in pg]
         return state, steps, hyper
 
-    def _frozen(self, model: tp.State, path: Path, stage: int, world: int) -> dict[str, SourceTensor]:
+    def _frozen(self, model: tp.State, path: Path, stage: int, world: int
+                ) -> tuple[dict[str, SourceTensor], list[Path]]:
         """Parameters that are not trained (a LoRA run's base model): stages 1 and 2 keep each whole in the model
         states (`frozen_param_fragments`), stage 3 one chunk of each in every rank's model states, cut as the
-        trained ones are."""
+        trained ones are. Also the model states files read."""
         shapes = model.obj.get("frozen_param_shapes") or {}
         if not isinstance(shapes, dict) or not all(isinstance(k, str) and isinstance(v, tuple) for k, v in
                                                    shapes.items()):
             raise CheckpointError(f"{path}: frozen_param_shapes is not a map of names to shapes")
         if not shapes:
-            return {}
+            return {}, [path]
         files = [(model, path)] if stage <= 2 else [
             (model, path) if r == 0 else (self._state(self.path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
                                                       "DeepSpeed model states"),
                                           self.path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
             for r in range(world)]
-        self._model_files = [f for _, f in files]
         out: dict[str, SourceTensor] = {}
         for name, shape in shapes.items():
             numel = math.prod(shape)
@@ -372,7 +365,7 @@ class DeepSpeedSource(Source):
                                         (length,), (1,), (r * chunk,)))
             assert dtype is not None
             out[name] = SourceTensor(name, shape, dtype, tuple(pieces), layout=f"ZeRO-{stage} frozen", flat=True)
-        return out
+        return out, [f for _, f in files]
 
     def _state(self, path: Path, what: str) -> tp.State:
         st = tp.read_format_state(path, GLOBALS, what)

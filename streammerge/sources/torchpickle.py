@@ -145,10 +145,10 @@ class StridedShard(_Placement):
 class _UntypedStorage:
     """The `torch.storage.UntypedStorage` a persistent id names for dtypes rebuilt by _rebuild_tensor_v3."""
 
-    __setstate__ = _no_state  # a BUILD on the class itself: refused (see _Global)
+    __setstate__ = _no_state  # a BUILD on the class itself: refused (see Global)
 
 
-class _Global:
+class Global:
     """A function the allowlist maps a global to. One object serves every file read in this process, so a BUILD
     opcode must not set attributes on it (its `__defaults__`, say) for the files read after: refused, as torch
     refuses BUILD on anything but tensors, parameters and dicts."""
@@ -351,15 +351,15 @@ def _get_layout(name):
 
 _GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _Global(_rebuild_tensor_v2),
-    ("torch._utils", "_rebuild_tensor_v3"): _Global(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_tensor_v2"): Global(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): Global(_rebuild_tensor_v3),
     ("torch.storage", "UntypedStorage"): _UntypedStorage,
-    ("torch._utils", "_rebuild_parameter"): _Global(_rebuild_parameter),
-    ("torch._utils", "_rebuild_wrapper_subclass"): _Global(_rebuild_wrapper_subclass),
-    ("torch._tensor", "_rebuild_from_type_v2"): _Global(_rebuild_from_type_v2),
-    ("torch", "Size"): _Global(_size),
-    ("torch", "device"): _Global(_device),
-    ("torch.serialization", "_get_layout"): _Global(_get_layout),
+    ("torch._utils", "_rebuild_parameter"): Global(_rebuild_parameter),
+    ("torch._utils", "_rebuild_wrapper_subclass"): Global(_rebuild_wrapper_subclass),
+    ("torch._tensor", "_rebuild_from_type_v2"): Global(_rebuild_from_type_v2),
+    ("torch", "Size"): Global(_size),
+    ("torch", "device"): Global(_device),
+    ("torch.serialization", "_get_layout"): Global(_get_layout),
     ("torch.distributed.tensor", "DTensor"): DTensor,
     ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"): DTensorSpec,
     ("torch.distributed.tensor._dtensor_spec", "TensorMeta"): TensorMeta,
