@@ -43,7 +43,8 @@ def _path(text: str) -> str:
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT_DIR", type=_path,
-                   help="actor/ folder, global_step_N folder, run folder, or a torch DCP or Megatron torch_dist folder")
+                   help="actor/ folder, global_step_N folder, run folder, a torch DCP or Megatron torch_dist folder, "
+                        "or a DeepSpeed ZeRO save (its folder, global_stepN/, or the HF Trainer's checkpoint-N/)")
     p.add_argument("out_dir", metavar="OUT_DIR", type=_path,
                    help="output folder (new or empty; or a previous run to resume)")
     _plan_args(p)
@@ -386,19 +387,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "merge":
         p = _Parser(prog="streammerge", description="Merge a sharded checkpoint (veRL FSDP, LoRA, "
-                    "torch DCP, Megatron torch_dist) into a Hugging Face model folder, streaming in "
+                    "torch DCP, Megatron torch_dist, DeepSpeed ZeRO) into a Hugging Face model folder, streaming in "
                     "bounded memory.", epilog=HELP,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
         _merge_args(p)
         _push_args(p)
     elif command == "watch":
         p = _Parser(prog="streammerge watch", description="Follow a training run's "
-                    "latest_checkpointed_iteration.txt (or the HF Trainer's checkpoint-N folders, Lightning's sharded "
+                    "latest_checkpointed_iteration.txt or DeepSpeed's latest tag (or the HF Trainer's checkpoint-N "
+                    "folders, Lightning's sharded "
                     "*.ckpt folders); merge (and with --push, push) each new checkpoint once all its rank files are "
                     "there and no longer growing.")
         p.add_argument("run_dir", metavar="RUN_DIR", type=_path,
-                       help="the trainer's checkpoint folder (holds global_step_N/, iter_NNNNNNN/, checkpoint-N/ "
-                            "or *.ckpt/)")
+                       help="the trainer's checkpoint folder (holds global_step_N/, iter_NNNNNNN/, checkpoint-N/, "
+                            "*.ckpt/ or DeepSpeed's global_stepN/)")
         _plan_args(p)
         _write_args(p)
         _push_args(p, repo_default="required with --push: every step is pushed to that repo")
