@@ -34,7 +34,9 @@ def plan_deepspeed_optimizer(source: DeepSpeedSource, weights: Plan, options: Me
     if not any(len(entry) > 1 for entry in state.values()):
         return None, ["optimizer not exported: the ZeRO partitions hold no per-parameter state (exp_avg, ...) laid out "
                       "as the weights"]
-    if any(not _jsonable(h) for h in hyper) or any(not h for h in hyper):
+    if not hyper:
+        return None, ["optimizer not exported: its param groups do not list the flat groups the partitions hold"]
+    if any(not _jsonable(h) for h in hyper):
         return None, ["optimizer not exported: a param group's settings cannot be recorded as JSON"]
     tensors: dict[str, TensorPlan] = {}
     for fqn, entry in state.items():

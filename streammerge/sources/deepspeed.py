@@ -114,20 +114,24 @@ class Flat:
     dtype: dtypes.DType
 
 
+ParamGroup = tuple[dict[str, Any], list[int]]  # an optimizer param group's settings, and the flat groups it holds
+
+
 @dataclass(frozen=True)
 class ZeroLayout:
     """What the model states and optimizer partitions say of where each parameter lies."""
 
     stage: int
     world_size: int
-    groups: list[list[tuple[str, tuple[int, ...]]]]  # per group, (name, shape) in flat order
+    groups: list[list[tuple[str, tuple[int, ...]]]]  # per flat group, (name, shape) in flat order (ZeRO-3: per
+    # sub-group, as it cuts a group of more than `sub_group_size` elements into several of whole parameters)
     paddings: list[list[int]] | None  # stages 1 and 2: elements after each parameter
     shared: dict[str, str]  # tied name -> the parameter it shares
     buffers: dict[str, SourceTensor]
     frozen: dict[str, SourceTensor]  # parameters no optimizer holds (a LoRA run's base), in the training dtype
     flats: dict[str, list[list[Flat]]]  # "fp32" (master weights), "exp_avg", ...: [rank][group]
-    steps: list[Flat | None]  # per group: the optimizer's step (rank 0's scalar)
-    hyper: list[dict[str, Any]]  # per group: the optimizer's settings
+    steps: list[Flat | None]  # per flat group: the optimizer's step (rank 0's scalar)
+    hyper: list[ParamGroup]  # per optimizer param group
     global_steps: int | None
     version: str | None
     order: tuple[str, ...] = ()  # the model's state dict order (the module state dict's keys)
@@ -135,6 +139,7 @@ class ZeroLayout:
     def pieces(self, what: str, group: int, index: int) -> list[Piece]:
         """Where parameter `index` of `group` lies in the `what` flats: runs of its flattened elements."""
         return (_pieces_12 if self.stage <= 2 else _pieces_3)(self, self.flats[what], group, index)
+
 
 
 def _pieces_12(z: ZeroLayout, flats: list[list[Flat]], group: int, index: int) -> list[Piece]:
@@ -302,12 +307,13 @@ class DeepSpeedSource(Source):
         return z
 
     def _optimizer_state(self, states: list[tp.State], osd: list[dict], optim: list[Path], base_key: str,
-                         n_groups: int) -> tuple[dict[str, list[list[Flat]]], list[Flat | None], list[dict[str, Any]]]:
-        """The torch optimizer's state over the flat partitions: per key (exp_avg, ...) each rank's flats, each
-        group's step (rank 0's scalar), each group's settings. What is not laid out as expected is left out."""
+                         n_flats: int) -> tuple[dict[str, list[list[Flat]]], list[Flat | None], list[ParamGroup]]:
+        """The torch optimizer's state over the flat partitions: per key (exp_avg, ...) each rank's flats, each flat
+        group's step (rank 0's scalar), and each param group's settings with the flat groups it holds (its `params`,
+        indices of the state). What is not laid out as expected is left out."""
         state: dict[str, list[list[Flat]]] = {}
-        steps: list[Flat | None] = [None] * n_groups
-        hyper: list[dict[str, Any]] = [{} for _ in range(n_groups)]
+        steps: list[Flat | None] = [None] * n_flats
+        hyper: list[ParamGroup] = []
         base0 = osd[0].get(base_key)
         if not (isinstance(base0, dict) and isinstance(base0.get("state"), dict)):
             return state, steps, hyper
@@ -317,15 +323,17 @@ class DeepSpeedSource(Source):
                             for r, (s, o, p) in enumerate(zip(states, osd, optim))]
             except CheckpointError:
                 continue
-            if all(len(f) == n_groups for f in per_rank):
+            if all(len(f) == n_flats for f in per_rank):
                 state[k] = per_rank
         for g, v in base0["state"].items():
-            if type(g) is int and 0 <= g < n_groups and isinstance(v, dict) and isinstance(v.get("step"), tp.Local) \
+            if type(g) is int and 0 <= g < n_flats and isinstance(v, dict) and isinstance(v.get("step"), tp.Local) \
                     and v["step"].shape == ():
                 steps[g] = self._flat(states[0], v["step"], optim[0], 0)
         pg = base0.get("param_groups")
-        if isinstance(pg, list) and len(pg) == n_groups:
-            hyper = [{k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else {} for g in pg]
+        if isinstance(pg, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in pg):
+            members = [list(g["params"]) for g in pg]
+            if sorted(i for m in members for i in m) == list(range(n_flats)):
+                hyper = [({k: v for k, v in g.items() if k != "params"}, m) for g, m in zip(pg, members)]
         return state, steps, hyper
 
     def _frozen(self, model: tp.State, path: Path, stage: int, world: int
@@ -473,7 +481,8 @@ class DeepSpeedSource(Source):
                     if k != "fp32":
                         entry[k] = SourceTensor(f"{name}.{k}", shape, z.flats[k][0][0].dtype,
                                                 tuple(z.pieces(k, g, i)), layout=f"ZeRO-{z.stage}", flat=True)
-        return state, [[n for n, _ in g] for g in z.groups], z.hyper
+        names = [[n for i in flat_groups for n, _ in z.groups[i]] for _, flat_groups in z.hyper]
+        return state, names, [h for h, _ in z.hyper]
 
     def has_optimizer(self) -> bool:
         return True

@@ -57,10 +57,13 @@ BATCH = 2  # per rank
 # stage: ZeRO stage; bf16: DeepSpeed's bf16 mode (bfloat16 weights in training, float32 master weights in the
 # optimizer partitions); world: ranks; layers 1: the checkpoint holds three copies of the model (weights, exp_avg,
 # exp_avg_sq). llama_zero2_ws3_fp32: 3 ranks and vocab 101, so a group's elements do not split evenly and the last
-# rank's partition is shorter (its padding is not saved with the weights, and is with the optimizer state)
+# rank's partition is shorter (its padding is not saved with the weights, and is with the optimizer state).
+# sub_group: ZeRO-3's sub_group_size (elements of a rank's partition), small so that a group is cut into several
+# sub-groups, a flat tensor and an optimizer step each, as DeepSpeed's default of 1e9 cuts a 7B model's
 CASES = {
     "llama_zero2_ws3_fp32": dict(arch="llama", tie=False, stage=2, bf16=False, seed=21, vocab=101, layers=1, world=3),
-    "qwen2_zero3_tied_bf16": dict(arch="qwen2", tie=True, stage=3, bf16=True, seed=22, vocab=263, layers=1),
+    "qwen2_zero3_tied_bf16": dict(arch="qwen2", tie=True, stage=3, bf16=True, seed=22, vocab=263, layers=1,
+                                  sub_group=1000),
     "llama_lora_zero2_fp32": dict(arch="llama", tie=False, stage=2, bf16=False, seed=25, vocab=99, layers=1,
                                   lora=True),
     "llama_lora_zero3_fp32": dict(arch="llama", tie=False, stage=3, bf16=False, seed=26, vocab=99, layers=1,
@@ -98,7 +101,9 @@ def worker(case_name: str, case_dir: Path) -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     optim = torch.optim.AdamW(_groups(model), lr=1e-3, weight_decay=0.01)
     ds_config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": case["stage"]}, "zero_allow_untested_optimizer": True,
+                 "zero_optimization": {"stage": case["stage"],
+                                       **({"sub_group_size": case["sub_group"]} if "sub_group" in case else {})},
+                 "zero_allow_untested_optimizer": True,
                  "bf16": {"enabled": case["bf16"]}, "steps_per_print": 10**6}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
     rank = int(os.environ["RANK"])
@@ -120,16 +125,19 @@ def worker(case_name: str, case_dir: Path) -> None:
     weights, state, groups = {}, {}, []
     for group in optim.param_groups:
         groups.append({k: v for k, v in group.items() if k != "params"})
-    # the torch AdamW over DeepSpeed's flat partitions, one per group (ZeRO-3 swaps them into its groups at each
-    # step): their state, in group order, holds each group's step
+    # the torch AdamW over DeepSpeed's flat partitions, one per group or, in ZeRO-3, per sub-group (ZeRO-3 swaps them
+    # into its groups at each step): their state, in that order, holds each one's step; DeepSpeed's own lists of the
+    # parameters in each say which step is a parameter's
     steps = [s["step"].clone() for s in engine.optimizer.optimizer.state.values()]
-    assert len(steps) == len(groups), (len(steps), len(groups))
+    flat_groups = next(getattr(zero, a) for a in ("fp16_groups", "bit16_groups", "bf16_groups") if hasattr(zero, a))
+    assert len(steps) == len(flat_groups), (len(steps), len(flat_groups))
+    step_of = {id(p): steps[i] for i, ps in enumerate(flat_groups) for p in ps}
     for gi, group in enumerate(_groups(engine.module)):
         groups[gi]["params"] = []
         for p in group["params"]:  # collectives under ZeRO-3: every rank asks for every parameter in one order
             name = names[id(p)]
             weights[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
-            state[name] = {"step": steps[gi],
+            state[name] = {"step": step_of[id(p)],
                            "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().cpu().clone(),
                            "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().cpu().clone()}
             groups[gi]["params"].append(name)
