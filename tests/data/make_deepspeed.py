@@ -59,7 +59,7 @@ BATCH = 2  # per rank
 # exp_avg_sq). llama_zero2_ws3_fp32: 3 ranks and vocab 101, so a group's elements do not split evenly and the last
 # rank's partition is shorter (its padding is not saved with the weights, and is with the optimizer state).
 # sub_group: ZeRO-3's sub_group_size (elements of a rank's partition), small so that a group is cut into several
-# sub-groups, a flat tensor and an optimizer step each, as DeepSpeed's default of 1e9 cuts a 7B model's
+# sub-groups, a flat tensor and an optimizer step each, as DeepSpeed's default of 1e9 cuts a 70B model's on 8 ranks
 CASES = {
     "llama_zero2_ws3_fp32": dict(arch="llama", tie=False, stage=2, bf16=False, seed=21, vocab=101, layers=1, world=3),
     "qwen2_zero3_tied_bf16": dict(arch="qwen2", tie=True, stage=3, bf16=True, seed=22, vocab=263, layers=1,
