@@ -24,6 +24,7 @@ names decode to inert records (nothing from the file runs), and any other name i
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -140,11 +141,28 @@ class ZeroLayout:
         """Where parameter `index` of `group` lies in the `what` flats: runs of its flattened elements."""
         return (_pieces_12 if self.stage <= 2 else _pieces_3)(self, self.flats[what], group, index)
 
+    @functools.cached_property
+    def starts(self) -> list[list[int]]:
+        """Where each parameter starts, per group: stages 1 and 2, in its group's flat buffer (the ranks' partitions
+        end to end); stage 3, in every rank's flats end to end, where its chunk lies. One pass for all: a model of
+        thousands of parameters (an MoE's experts) would be summed again for each one."""
+        out: list[list[int]] = []
+        at = 0
+        for g, params in enumerate(self.groups):
+            pads = self.paddings[g] if self.paddings is not None else [0] * len(params)
+            if self.stage <= 2:
+                at = 0
+            row = []
+            for (_, shape), pad in zip(params, pads):
+                row.append(at)
+                at += math.prod(shape) + pad if self.stage <= 2 else -(-math.prod(shape) // self.world_size)
+            out.append(row)
+        return out
+
 
 
 def _pieces_12(z: ZeroLayout, flats: list[list[Flat]], group: int, index: int) -> list[Piece]:
-    pads = z.paddings[group] if z.paddings is not None else [0] * len(z.groups[group])
-    start = sum(math.prod(s) + p for (_, s), p in zip(z.groups[group][:index], pads))
+    start = z.starts[group][index]
     numel = math.prod(z.groups[group][index][1])
     out, base = [], 0  # the ranks' partitions end to end (the last rank's may be longer: the group's padding)
     for r in range(z.world_size):
@@ -157,11 +175,9 @@ def _pieces_12(z: ZeroLayout, flats: list[list[Flat]], group: int, index: int) -
 
 
 def _pieces_3(z: ZeroLayout, flats: list[list[Flat]], group: int, index: int) -> list[Piece]:
-    order = [s for g in z.groups for _, s in g]
-    at = sum(len(g) for g in z.groups[:group]) + index
-    chunk = -(-math.prod(order[at]) // z.world_size)
-    start = sum(-(-math.prod(s) // z.world_size) for s in order[:at])  # in each rank's flats, end to end
-    numel = math.prod(order[at])
+    numel = math.prod(z.groups[group][index][1])
+    chunk = -(-numel // z.world_size)
+    start = z.starts[group][index]  # in each rank's flats, end to end
     out = []
     for r in range(z.world_size):
         first, length = r * chunk, max(0, min(chunk, numel - r * chunk))  # the last chunks hold padding or nothing
@@ -224,6 +240,7 @@ class DeepSpeedSource(Source):
         m = _STEP.match(folder.name)
         super().__init__(folder, step=int(m.group(1)) if m else None, hf_dir=find_hf_dir(folder))
         self._layout: ZeroLayout | None = None
+        self._tensors: dict[str, SourceTensor] | None = None  # the weights' (the optimizer plan names them too)
         self._files: list[Path] = []
 
     @property
@@ -451,6 +468,11 @@ class DeepSpeedSource(Source):
         return out
 
     def tensors(self, options: Any = None) -> dict[str, SourceTensor]:
+        if self._tensors is None:
+            self._tensors = self._model_tensors()
+        return self._tensors
+
+    def _model_tensors(self) -> dict[str, SourceTensor]:
         z = self.layout()
         out: dict[str, SourceTensor] = {}
         dtype = z.flats["fp32"][0][0].dtype

@@ -90,7 +90,22 @@ class DeepSpeedOracle(Oracle):
         ranks = [model] if self.stage <= 2 or not self.frozen else [
             model, *(_load(self.folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(1, self.world))]
         self.fragments = [m.get("frozen_param_fragments") or {} for m in ranks]  # [rank][name]: whole, or a chunk
+        self.starts = self._starts()
         self._ready = True
+
+    def _starts(self) -> dict[tuple[int, int], int]:
+        """(group, index) -> where the parameter starts: in its group's buffer (stages 1 and 2: the ranks' partitions
+        end to end, each parameter followed by its padding), or in every rank's flats end to end (stage 3: its chunk of
+        ceil(numel / world) elements). One pass: summed again per read, an MoE's thousands of parameters would cost
+        the square of their number."""
+        out, at = {}, 0
+        for g, params in enumerate(self.groups):
+            pads = self.paddings[g] if self.paddings is not None else [0] * len(params)
+            at = 0 if self.stage <= 2 else at
+            for i, ((_, shape), pad) in enumerate(zip(params, pads)):
+                out[(g, i)] = at
+                at += math.prod(shape) + pad if self.stage <= 2 else math.ceil(math.prod(shape) / self.world)
+        return out
 
     reads_flat = True  # every tensor whole, however the merge's plan cuts it into pieces
 
@@ -132,19 +147,12 @@ class DeepSpeedOracle(Oracle):
         import torch
 
         flats = self.tables[what]
-        params = self.groups[g]
+        start = self.starts[(g, i)]
         parts = []
         if self.stage <= 2:
-            pads = self.paddings[g] if self.paddings is not None else [0] * len(params)
-            start = 0
-            for k in range(i):
-                start += math.prod(params[k][1]) + pads[k]
             parts.append(self._rank_range([flats[r][g] for r in range(self.world)], start + lo, hi - lo))
         else:
-            shapes = [s for ps in self.groups for _, s in ps]
-            k = sum(len(ps) for ps in self.groups[:g]) + i
-            chunk = math.ceil(math.prod(shapes[k]) / self.world)
-            start = sum(math.ceil(math.prod(s) / self.world) for s in shapes[:k])
+            chunk = math.ceil(math.prod(self.groups[g][i][1]) / self.world)
             for r in range(self.world):
                 a, b = max(lo, r * chunk), min(hi, (r + 1) * chunk)
                 if a >= b:
