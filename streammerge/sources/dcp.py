@@ -41,8 +41,6 @@ from .torchzip import (
     REFUSED_FLAGS,
     names_problem,
     on_one_disk,
-    read_directory,
-    read_record,
     torch_records_problem,
     zip64_fields,
 )
@@ -615,10 +613,10 @@ def lightning_step(folder: Path) -> int | None:
     """`global_step` from Lightning's meta.pt (a `last.ckpt/` names none), read by the allowlisting unpickler: nothing
     in it runs, and a pickle naming anything else gives None (the folder's name may tell the step then)."""
     try:
-        d = read_directory(folder / LIGHTNING_META)
-        state = torchpickle.decode(read_record(d, next(n for n in d.names if n.endswith("data.pkl"))))
-    except (CheckpointError, OSError, StopIteration):
+        read = torchpickle.read_state(folder / LIGHTNING_META)
+    except (CheckpointError, OSError):
         return None
+    state = read.obj if read is not None else None
     step = state.get("global_step") if isinstance(state, dict) else None
     return step if type(step) is int and step >= 0 else None
 
