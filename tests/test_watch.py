@@ -455,23 +455,32 @@ def test_watch_says_the_merges_warnings(tmp_path, caplog):
     assert any(m.startswith("step 1: warning: optimizer not exported: ") for m in said), said
 
 
+def _watch_first_step(run: Path, case: Path, tmp_path: Path, prefix: str = "") -> tuple[Watcher, list, bool]:
+    """A merge-only watcher of `run`: its first look merges step 3 alone, whose weights are the case's reference
+    (named there with `prefix`, a LightningModule's attribute). Returns the watcher, that look's results, and whether
+    the merged file holds every weight of the reference (a tied one is left out of it)."""
+    from safetensors.torch import load_file
+
+    watcher = Watcher(run, push=False, model_name=str(case / "huggingface"), out_root=tmp_path / "out",
+                      state_file=tmp_path / "state.json")
+    results = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok, r.out_dir.name) for r in results] == [(3, True, "global_step_3")], [r.error for r in results]
+    got = load_file(tmp_path / "out" / "global_step_3" / "model.safetensors")
+    ref = load_file(case / "reference" / "model.safetensors")
+    assert got and all(got[k].equal(ref[prefix + k]) for k in got)
+    return watcher, results, set(got) == {k.removeprefix(prefix) for k in ref}
+
+
 def test_an_hf_trainer_run_is_watched_by_its_finished_checkpoint_folders(tmp_path):
     """The HF Trainer writes no tracker: its output_dir holds checkpoint-N/ folders, trainer_state.json the last file
     of each save. The watcher merges each finished one (it waited with nothing to follow), and not one whose save has
     not written trainer_state.json yet."""
-    from safetensors.torch import load_file
-
     case = ROOT / "tests" / "data" / "accelerate" / "llama_fp32"
     run = tmp_path / "output_dir"
     shutil.copytree(case / "run", run)
     shutil.copytree(run / "checkpoint-3", run / "checkpoint-6", ignore=shutil.ignore_patterns("trainer_state.json"))
-    watcher = Watcher(run, push=False, model_name=str(case / "huggingface"), out_root=tmp_path / "out",
-                      state_file=tmp_path / "state.json")
-    results = watcher.run(once=True, interval=0.1)
-    assert [(r.step, r.ok) for r in results] == [(3, True)], [r.error for r in results]
-    got = load_file(tmp_path / "out" / "global_step_3" / "model.safetensors")
-    ref = load_file(case / "reference" / "model.safetensors")
-    assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref)
+    watcher, _, every_weight = _watch_first_step(run, case, tmp_path)
+    assert every_weight
     assert (tmp_path / "out" / "global_step_3" / "optimizer").is_dir()
     shutil.copy(run / "checkpoint-3" / "trainer_state.json", run / "checkpoint-6" / "trainer_state.json")
     results = watcher.run(once=True, interval=0.1)
@@ -484,20 +493,13 @@ def test_a_lightning_run_is_watched_by_its_sharded_ckpt_folders(tmp_path):
     rank 0 wrote meta.pt into it, its step meta.pt's global_step. last.ckpt, a copy of the newest, is not merged a
     second time, and a folder whose meta.pt is not there yet is not merged."""
     import torch
-    from safetensors.torch import load_file
 
     case = ROOT / "tests" / "data" / "lightning" / "qwen2_fsdp2_tied_bf16"
     run = tmp_path / "checkpoints"
     shutil.copytree(case / "run" / "checkpoints", run)
     shutil.copytree(run / "epoch=0-step=3.ckpt", run / "last.ckpt")
-    watcher = Watcher(run, push=False, model_name=str(case / "huggingface"), out_root=tmp_path / "out",
-                      state_file=tmp_path / "state.json")
-    results = watcher.run(once=True, interval=0.1)
-    assert [(r.step, r.ok, r.out_dir.name) for r in results] == [(3, True, "global_step_3")], [r.error for r in results]
+    watcher, results, _ = _watch_first_step(run, case, tmp_path, prefix="model.")
     assert "epoch=0-step=3.ckpt" in results[0].merge.plan.source.path.name
-    got = load_file(tmp_path / "out" / "global_step_3" / "model.safetensors")
-    ref = load_file(case / "reference" / "model.safetensors")
-    assert got and all(got[k].equal(ref["model." + k]) for k in got)
     later = run / "epoch=1-step=6.ckpt"
     shutil.copytree(run / "epoch=0-step=3.ckpt", later, ignore=shutil.ignore_patterns("meta.pt"))
     assert watcher.run(once=True, interval=0.1) == []
@@ -510,19 +512,12 @@ def test_a_deepspeed_run_is_watched_by_its_latest_tag(tmp_path):
     """DeepSpeed's save folder names its newest complete step in `latest` (global_stepN, written once the ranks have
     saved): a step folder it does not name yet is not merged; once it does, it is. Before, the watcher waited for ever
     (it followed latest_checkpointed_iteration.txt alone, and global_stepN without the underscore was no step)."""
-    from safetensors.torch import load_file
-
     case = ROOT / "tests" / "data" / "deepspeed" / "llama_zero1_bf16"
     run = tmp_path / "ckpts"
     shutil.copytree(case / "run", run)
     shutil.copytree(run / "global_step3", run / "global_step6")
-    watcher = Watcher(run, push=False, model_name=str(case / "huggingface"), out_root=tmp_path / "out",
-                      state_file=tmp_path / "state.json")
-    results = watcher.run(once=True, interval=0.1)
-    assert [(r.step, r.ok) for r in results] == [(3, True)], [r.error for r in results]
-    got = load_file(tmp_path / "out" / "global_step_3" / "model.safetensors")
-    ref = load_file(case / "reference" / "model.safetensors")
-    assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref)
+    watcher, _, every_weight = _watch_first_step(run, case, tmp_path)
+    assert every_weight
     (run / "latest").write_text("global_step6")
     results = watcher.run(once=True, interval=0.1)
     assert [(r.step, r.ok) for r in results] == [(6, True)], [r.error for r in results]
