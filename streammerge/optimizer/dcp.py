@@ -20,8 +20,8 @@ from ..errors import CheckpointError
 from ..plan import Plan, TensorPlan
 from ..sources.dcp import strip_wrappers
 from ..sources.lora import split_factor
-from . import LAYOUT_NAME, Skip
-from .export import groups_json
+from . import Skip
+from .export import index_metadata
 from .fsdp import export_plan
 
 if TYPE_CHECKING:
@@ -66,11 +66,7 @@ def plan_dcp_optimizer(ck: DcpCheckpoint, prefix: str, weights: Plan, options: M
         return None, [f"optimizer not exported: {e}"]
     if module_prefix:
         tensors, groups, values = _without(module_prefix, tensors, groups, values)
-    meta = {"format": LAYOUT_NAME, "param_groups": groups_json(groups), "source": source_note}
-    if values:
-        meta["state_values"] = json.dumps(values)
-    if step is not None:
-        meta["step"] = str(step)
+    meta = index_metadata(groups, source=source_note, values=values, step=step)
     return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size)
 
 

@@ -8,13 +8,11 @@ group's step as its own, and the groups' settings with their parameters' names i
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from ..plan import Plan, TensorPlan
-from . import LAYOUT_NAME
-from .export import groups_json
-from .fsdp import export_plan
+from .export import index_metadata
+from .fsdp import export_plan, jsonable
 
 if TYPE_CHECKING:
     from ..options import MergeOptions
@@ -36,7 +34,7 @@ def plan_deepspeed_optimizer(source: DeepSpeedSource, weights: Plan, options: Me
                       "as the weights"]
     if not hyper:
         return None, ["optimizer not exported: its param groups do not list the flat groups the partitions hold"]
-    if any(not _jsonable(h) for h in hyper):
+    if any(not jsonable(h) for h in hyper):
         return None, ["optimizer not exported: a param group's settings cannot be recorded as JSON"]
     tensors: dict[str, TensorPlan] = {}
     for fqn, entry in state.items():
@@ -44,16 +42,7 @@ def plan_deepspeed_optimizer(source: DeepSpeedSource, weights: Plan, options: Me
             name = f"state.{fqn}.{key}"
             tensors[name] = TensorPlan(name, src, src.dtype)
     groups: list[dict[str, Any]] = [{**h, "params": list(g)} for h, g in zip(hyper, names)]
-    meta = {"format": LAYOUT_NAME, "param_groups": groups_json(groups),
-            "source": f"DeepSpeed ZeRO-{source.layout().stage} {source.path.name}"}
-    if source.step is not None:
-        meta["step"] = str(source.step)
+    meta = index_metadata(groups, source=f"DeepSpeed ZeRO-{source.layout().stage} {source.path.name}",
+                          step=source.step)
     return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size)
 
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value, allow_nan=True)
-    except (TypeError, ValueError):
-        return False
-    return True

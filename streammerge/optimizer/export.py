@@ -16,7 +16,7 @@ from .. import jsonfile
 from ..errors import CheckpointError, StreammergeError
 from ..paths import user_path
 from ..sources.picklescan import torch_load
-from . import OPTIMIZER_DIR, OPTIMIZER_INDEX, OPTIMIZER_PT
+from . import LAYOUT_NAME, OPTIMIZER_DIR, OPTIMIZER_INDEX, OPTIMIZER_PT
 
 
 def walk_state(entry: Mapping, prefix: str = "", _seen: set[int] | None = None):
@@ -41,6 +41,20 @@ def walk_state(entry: Mapping, prefix: str = "", _seen: set[int] | None = None):
 
 
 LIST_FIELDS = "streammerge_lists"  # a group's fields that torch held as lists: JSON writes tuples as lists too
+
+
+def index_metadata(groups: Sequence[Mapping], *, source: str | None = None, values: Mapping[str, Any] | None = None,
+                   step: int | None = None) -> dict[str, str]:
+    """The optimizer index's metadata for torch's flattened layout: the param groups, where the state came from, its
+    values that are no tensors (as JSON) and the training step."""
+    meta = {"format": LAYOUT_NAME, "param_groups": groups_json(groups)}
+    if source is not None:
+        meta["source"] = source
+    if values:
+        meta["state_values"] = json.dumps(values)
+    if step is not None:
+        meta["step"] = str(step)
+    return meta
 
 
 def groups_json(groups: Sequence[Mapping]) -> str:

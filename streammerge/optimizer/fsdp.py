@@ -40,8 +40,8 @@ from ..sources.rankfile import (
     tensor_record,
     torch_load_meta,
 )
-from . import LAYOUT_NAME, NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError, Skip
-from .export import groups_json, walk_state
+from . import NO_OPTIMIZER_HINT, OPTIMIZER_DIR, OPTIMIZER_PT, OptimizerMismatchError, Skip
+from .export import index_metadata, walk_state
 from .naming import ModelParams, model_params
 
 Named = tuple[dict[str, TensorPlan], dict[int, list[str]]]  # output tensors; each entry's parameter names
@@ -175,13 +175,9 @@ def plan_optimizer(ck: VerlSource, weights_plan: Plan, options: MergeOptions, co
             meta_groups.append({**hyper, "params": [f for i in g["params"] for f in fqns[i]]})
     except Skip as e:
         return None, [f"optimizer not exported: {e}"]
-    index_metadata = {"format": LAYOUT_NAME, "param_groups": groups_json(meta_groups)}
-    if values:
-        index_metadata["state_values"] = json.dumps(values)
-    if ck.step is not None:
-        index_metadata["step"] = str(ck.step)
-    index_metadata["source_world_size"] = str(ck.world_size)
-    return export_plan(tensors, index_metadata, fmt, max_shard_size)
+    meta = index_metadata(meta_groups, values=values, step=ck.step)
+    meta["source_world_size"] = str(ck.world_size)
+    return export_plan(tensors, meta, fmt, max_shard_size)
 
 
 def export_plan(tensors: Mapping[str, TensorPlan], index_metadata: Mapping[str, str], fmt: str,
@@ -256,7 +252,7 @@ def _check_json(obj: Any, what: str) -> None:
     try:
         json.dumps(obj, allow_nan=True)
     except (TypeError, ValueError):
-        bad = {k: type(v).__name__ for k, v in obj.items() if not _jsonable(v)}
+        bad = {k: type(v).__name__ for k, v in obj.items() if not jsonable(v)}
         raise Skip(f"{what} holds values that cannot be recorded as JSON: {bad}") from None
 
 
@@ -315,7 +311,8 @@ def _scalar_mismatch(rf: RankFile, first: RankFile, name: str, got: Any, want: A
             f"{NO_OPTIMIZER_HINT})")
 
 
-def _jsonable(v: Any) -> bool:
+def jsonable(v: Any) -> bool:
+    """Whether the index metadata's JSON can record `v`."""
     try:
         json.dumps(v)
         return True
