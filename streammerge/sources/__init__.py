@@ -100,13 +100,8 @@ def _deepspeed(path: Path) -> bool:
     files = ("mp_rank_*_model_states.pt", "*zero_pp_rank_*_optim_states.pt", "layer_*-model_*-model_states.pt")
     if _has(path, *files):
         return True
-    try:  # a tag file is a step folder's name: anything longer is not one, and is not read
-        tag = read_small(path / "latest") if (path / "latest").stat().st_size < 256 else None
-    except (OSError, NotAFile):
-        return False
-    name = tag.decode(errors="replace").strip() if tag is not None else ""
-    return bool(name) and "/" not in name and name not in (".", "..") and (path / name).is_dir() and \
-        _has(path / name, *files)
+    tagged = deepspeed.tagged_folder(path)
+    return tagged is not None and _has(tagged, *files)
 
 
 def _peft_adapter(path: Path) -> bool:

@@ -77,15 +77,21 @@ def _tag(folder: Path) -> str:
     return tag.decode(errors="replace").strip() if tag is not None else ""
 
 
+def tagged_folder(path: Path) -> Path | None:
+    """The step folder `path`'s `latest` tag names, where it is one."""
+    name = _tag(path)
+    if not name or "/" in name or name in (".", ".."):
+        return None
+    return path / name if (path / name).is_dir() else None
+
+
 def step_folder(path: Path) -> Path | None:
     """The folder holding the ZeRO partitions: `path` itself, or the one its `latest` tag names (a save folder, or
     the HF Trainer's checkpoint-N/)."""
     if _optim_files(path):
         return path
-    name = _tag(path)
-    if not name or "/" in name or name in (".", ".."):
-        return None
-    return path / name if (path / name).is_dir() and _optim_files(path / name) else None
+    tagged = tagged_folder(path)
+    return tagged if tagged is not None and _optim_files(tagged) else None
 
 
 def tagged_step(run_dir: Path) -> int | None:
