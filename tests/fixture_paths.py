@@ -32,10 +32,13 @@ VERL_LORA_CASES = cases(VERL_LORA_DATA)
 # tests/data/make_accelerate.py; the LoRA cases (a peft model trained by the Trainer) hold peft's merge as the oracle
 ACCELERATE_DATA = REPO / "tests" / "data" / "accelerate"
 ACCELERATE_CASES, ACCELERATE_LORA_CASES = lora_split(ACCELERATE_DATA)
-# PyTorch Lightning sharded checkpoints (a DCP folder per ModelCheckpoint save, with Lightning's meta.pt) of FSDP2
-# (ModelParallelStrategy, made on CPU) and FSDP1 (FSDPStrategy, made on a GPU) by tests/data/make_lightning.py
+# PyTorch Lightning checkpoints made by tests/data/make_lightning.py: sharded ones (a DCP folder per ModelCheckpoint
+# save, with Lightning's meta.pt) of FSDP2 (ModelParallelStrategy, made on CPU) and FSDP1 (FSDPStrategy, made on a
+# GPU), and single files (a torch.save of the whole training state) of DDPStrategy (made on CPU)
 LIGHTNING_DATA = REPO / "tests" / "data" / "lightning"
-LIGHTNING_CASES = cases(LIGHTNING_DATA)
+LIGHTNING_CKPT = Path("run") / "checkpoints" / "epoch=0-step=3.ckpt"
+LIGHTNING_CASES = [c for c in cases(LIGHTNING_DATA) if (LIGHTNING_DATA / c / LIGHTNING_CKPT).is_dir()]
+LIGHTNING_FILE_CASES = [c for c in cases(LIGHTNING_DATA) if (LIGHTNING_DATA / c / LIGHTNING_CKPT).is_file()]
 # DeepSpeed ZeRO checkpoints (stages 1, 2, 3; what engine.save_checkpoint wrote) with DeepSpeed's gathered master
 # weights and optimizer state as the oracle (and peft's merge for the LoRA cases), made on CPU by
 # tests/data/make_deepspeed.py

@@ -132,12 +132,12 @@ def _assert_trained_logits(case: str, out: Path):
     return assert_trained_logits(out, ACCELERATE_DATA / case / "reference" / "logits.safetensors")
 
 
-def assert_trained_logits(out: Path, oracle: Path):
-    """OUT loads with nothing missing or left over and gives the oracle's logits (input_ids and logits in the
-    `oracle` file); returns the model."""
+def assert_trained_logits(out: Path, oracle: Path, **load):
+    """OUT loads (with from_pretrained's `load` arguments) with nothing missing or left over and gives the oracle's
+    logits (input_ids and logits in the `oracle` file); returns the model."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, **load)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ref = load_file(oracle)
     with torch.no_grad():

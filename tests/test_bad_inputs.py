@@ -225,14 +225,6 @@ def _accelerate_local(d: Path) -> Path:
     return d
 
 
-def _accelerate_full(d: Path) -> Path:
-    """accelerate's save_state() with FULL_STATE_DICT: rank 0's torch.save of the gathered state dict."""
-    d.mkdir(parents=True)
-    torch.save({"model.embed_tokens.weight": torch.zeros(2, 4)}, d / "pytorch_model_fsdp.bin")
-    torch.save({"state": {}, "param_groups": []}, d / "optimizer.bin")
-    return d
-
-
 def _trainer_full(d: Path) -> Path:
     """The HF Trainer's checkpoint under FULL_STATE_DICT: save_pretrained's folder, and accelerate's file beside."""
     _hf_folder(d)
@@ -244,13 +236,6 @@ def _lightning_state() -> dict:
     return {"epoch": 0, "global_step": 3, "pytorch-lightning_version": "2.6.6",
             "state_dict": {"model.model.embed_tokens.weight": torch.zeros(2, 4)},
             "optimizer_states": [{"state": {}, "param_groups": []}]}
-
-
-def _lightning_file(d: Path) -> Path:
-    """What Lightning's ModelCheckpoint writes under DDP or one device: a torch.save of the whole training state."""
-    d.mkdir(parents=True)
-    torch.save(_lightning_state(), d / "epoch=0-step=3.ckpt")
-    return d / "epoch=0-step=3.ckpt"
 
 
 def _lightning_folder(d: Path) -> Path:
@@ -286,10 +271,9 @@ def _peft_adapter(d: Path) -> Path:
     (_hf_folder, "already a Hugging Face model folder"), (_peft_adapter, "a peft adapter folder"),
     (_accelerate_per_rank, "accelerate's per-rank FSDP files"),
     (_accelerate_local, "accelerate's FSDP1 LOCAL_STATE_DICT files"),
-    (_accelerate_full, "accelerate's FULL_STATE_DICT save"), (_trainer_full, "already a Hugging Face model folder"),
-    (_lightning_file, "a PyTorch Lightning checkpoint file"), (_lightning_folder, "a folder of PyTorch Lightning")],
+    (_trainer_full, "already a Hugging Face model folder"), (_lightning_folder, "a folder of PyTorch Lightning")],
     ids=["deepspeed", "megatron-legacy", "hf-folder", "peft-adapter", "accelerate-per-rank", "accelerate-local",
-         "accelerate-full", "trainer-full", "lightning-file", "lightning-folder"])
+         "trainer-full", "lightning-folder"])
 def test_a_format_streammerge_does_not_read_is_named_with_what_reads_it(make, words, tmp_path, capsys):
     """Rather than "not a checkpoint": what the folder is, in one line, and which tool reads it."""
     ckpt = make(tmp_path / "ckpt")

@@ -1,10 +1,11 @@
 """Sources: find a checkpoint on disk and the format that reads it.
 
-`open_checkpoint(path)` accepts what users type: the folder holding the files, a `global_step_N`
-folder (its `actor/`), or a run folder whose `latest_checkpointed_iteration.txt` names the step
-(veRL's `global_step_N/`, Megatron-LM's `iter_NNNNNNN/` or `release/`). Each format registers how to
-recognise its folder and how to open it; the first that recognises a folder reads it (a DCP format
-also looks just below: veRL Megatron's `dist_ckpt/` and `model/dist_ckpt/`, prime-rl's `trainer/`).
+`open_checkpoint(path)` accepts what users type: the folder holding the files, one torch.save file of a whole
+model (a Lightning `.ckpt`), a `global_step_N` folder (its `actor/`), or a run folder whose
+`latest_checkpointed_iteration.txt` names the step (veRL's `global_step_N/`, Megatron-LM's `iter_NNNNNNN/` or
+`release/`). Each format registers how to recognise its folder and how to open it; the first that recognises a folder
+reads it (a DCP format also looks just below: veRL Megatron's `dist_ckpt/` and `model/dist_ckpt/`, prime-rl's
+`trainer/`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,26 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..model_folder import WEIGHT_INDEXES
 from ..paths import NotAFile, read_small, user_path
-from . import dcp, deepspeed, verl
+from . import dcp, deepspeed, torchfile, verl
 from .base import Piece, ReadStats, Source, SourceTensor
 from .hf import SINGLE
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 SUBFOLDERS = ("actor",)  # where a step folder keeps its checkpoint
+
+
+def _accelerate_full(path: Path) -> Path | None:
+    """accelerate's FULL_STATE_DICT file in a save_state folder. Not the HF Trainer's checkpoint under
+    FULL_STATE_DICT, which writes it beside save_pretrained's model folder: that is a model folder."""
+    return None if model_folder(path) else torchfile.accelerate_full(path)
+
+
+def _open_accelerate_full(path: Path) -> Source:
+    found = _accelerate_full(path)
+    if found is None:  # FORMATS found it there a moment ago
+        raise CheckpointError(f"{path}: accelerate's pytorch_model_fsdp.bin is gone")
+    return torchfile.open_torch_file(found)
+
 
 # (what it is, does this folder hold it, open it)
 FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Source]]] = [
@@ -28,6 +43,8 @@ FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Source]]] = [
     ("torch DCP or Megatron torch_dist (.metadata, __*_*.distcp)", dcp.holds, dcp.open_dcp),
     ("DeepSpeed ZeRO (global_stepN/ with *zero_pp_rank_*_optim_states.pt, or the folder whose `latest` names it)",
      deepspeed.holds, deepspeed.open_deepspeed),
+    ("accelerate's FULL_STATE_DICT save (pytorch_model_fsdp.bin)", lambda p: _accelerate_full(p) is not None,
+     _open_accelerate_full),
 ]
 
 
@@ -57,9 +74,15 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if not path.is_dir():
-        if path.suffix == ".ckpt":
-            raise CheckpointError(f"{path}: {LIGHTNING_FILE}")
-        raise CheckpointError(f"{path}: not a folder (give the checkpoint folder, not a file)")
+        sharded = next((what for what, holds, opener in FORMATS
+                        if opener is not _open_accelerate_full and holds(path.parent)), None)
+        if sharded is not None:
+            raise CheckpointError(f"{path}: one file of a sharded checkpoint ({sharded}), not a folder: give the "
+                                  f"folder holding it, {path.parent}")
+        if torchfile.holds(path):
+            return path, torchfile.open_torch_file
+        raise CheckpointError(f"{path}: not a checkpoint file streammerge reads (it reads one torch.save file of a "
+                              "whole model, such as a Lightning .ckpt; else give the checkpoint folder)")
     for _, holds, opener in FORMATS:
         if holds(path):
             return path, opener
@@ -115,13 +138,6 @@ def model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and _has(path, SINGLE, "pytorch_model.bin", *WEIGHT_INDEXES)
 
 
-# a file a user gives where a folder is wanted: what it is and what to do
-LIGHTNING_FILE = ("a PyTorch Lightning checkpoint file (a torch.save of the whole training state, which DDP, one "
-                  "device and FSDPStrategy(state_dict_type=\"full\") write), which streammerge does not read: its "
-                  "weights are gathered already (load it with torch.load(..., weights_only=True) and save_pretrained "
-                  "the LightningModule's model); a sharded save (ModelParallelStrategy, or FSDPStrategy("
-                  "state_dict_type=\"sharded\")) is a .ckpt folder, which streammerge reads")
-
 # Formats recognised by their file names, to say what reads them: (is it here, what it is and what to do)
 UNREAD: list[tuple[Callable[[Path], bool], str]] = [
     (_deepspeed, "a DeepSpeed checkpoint without ZeRO optimizer partitions (mp_rank_*_model_states.pt alone: ZeRO "
@@ -146,11 +162,6 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
      "pushes it as it is)"),
     (lambda p: _has(p, "*.ckpt"),
      "a folder of PyTorch Lightning checkpoints (*.ckpt): give the one to merge, a sharded save's .ckpt folder"),
-    # after the model folder: the HF Trainer's FULL_STATE_DICT checkpoint holds both, and is a model folder
-    (lambda p: _has(p, "pytorch_model_fsdp.bin", "pytorch_model_fsdp_[0-9]*.bin"),
-     "accelerate's FULL_STATE_DICT save (pytorch_model_fsdp*.bin: the whole state dict gathered into one torch.save), "
-     "which streammerge does not read: it is already merged; load it onto the model with torch.load(..., "
-     "weights_only=True) and save_pretrained"),
 ]
 
 

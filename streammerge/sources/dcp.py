@@ -25,7 +25,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -625,12 +625,21 @@ def _lightning_module(split: KeySplit) -> KeySplit:
     """Lightning's `model` container is the LightningModule's state dict: where every name starts with one attribute
     (`self.model = AutoModelForCausalLM...`), that attribute is the transformers model, and its names are the
     model's without it. (transformers 5 loads the longer names too; other loaders of the folder would not.)"""
-    heads = {name.split(".", 1)[0] for name in split.model}
-    if len(heads) != 1 or not all("." in name for name in split.model):
+    attribute = lightning_attribute(split.model)
+    if attribute is None:
         return split
-    attribute = heads.pop() + "."
     model = {name[len(attribute):]: key for name, key in split.model.items()}
     return replace(split, model=model, module_prefix=attribute)
+
+
+def lightning_attribute(names: Iterable[str]) -> str | None:
+    """The one attribute of a LightningModule every name of its state dict starts with (`model.`), or None."""
+    heads = set()
+    for name in names:
+        if "." not in name:
+            return None
+        heads.add(name.split(".", 1)[0])
+    return heads.pop() + "." if len(heads) == 1 else None
 
 
 def unwrapped(model: Mapping[str, str], where: Path) -> dict[str, str]:

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Generate real PyTorch Lightning sharded (torch DCP) checkpoints of FSDP training, with torch-gathered oracles.
+"""Generate real PyTorch Lightning checkpoints of FSDP training (sharded: torch DCP) and of DDP training (one file),
+with torch-gathered oracles.
 
 NOT run in CI: the committed fixture is ``tests/data/lightning/`` (see its README.md). Usage::
 
     python tests/data/make_lightning.py OUT_DIR [--cases a,b]     # lightning, transformers; FSDPStrategy: a GPU
 
-Two strategies, both saving a DCP folder named as the checkpoint file would be: ``ModelParallelStrategy`` (FSDP2, the
+Two strategies saving a DCP folder named as the checkpoint file would be: ``ModelParallelStrategy`` (FSDP2, the
 model sharded by ``fully_shard`` in ``configure_model``; runs on CPU) and ``FSDPStrategy(state_dict_type="sharded")``
-(FSDP1; a GPU).
+(FSDP1; a GPU). And ``DDPStrategy`` (CPU), whose rank 0 torch.saves Lightning's whole checkpoint dict into the one file
+``epoch=0-step=3.ckpt`` (its reference/ then holds no optimizer.pt: one file's optimizer state is not exported).
 
 For each case it writes ``OUT_DIR/<case>/``:
 
@@ -78,6 +80,11 @@ CASES = {
     "llama_fsdp1_fp32": dict(arch="llama", tie=False, mixed="no", strategy="fsdp", seed=13, vocab=99, layers=1),
     "qwen2_fsdp1_tied_bf16": dict(arch="qwen2", tie=True, mixed="bf16", strategy="fsdp", seed=14, vocab=263,
                                   layers=1),
+    # DDPStrategy: every rank holds the whole model, and rank 0 torch.saves Lightning's whole checkpoint dict into one
+    # file (no folder); "bf16-true": the weights themselves in bfloat16
+    "llama_ddp_fp32": dict(arch="llama", tie=False, mixed="no", strategy="ddp", seed=15, vocab=99, layers=1),
+    "qwen2_ddp_tied_bf16": dict(arch="qwen2", tie=True, mixed="bf16-true", strategy="ddp", seed=16, vocab=263,
+                                layers=1),
 }
 
 
@@ -96,7 +103,7 @@ def worker(case_name: str, case_dir: Path) -> None:
     import torch
     import transformers
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -106,6 +113,7 @@ def worker(case_name: str, case_dir: Path) -> None:
 
     case = CASES[case_name]
     gpu = case["strategy"] == "fsdp"
+    ddp = case["strategy"] == "ddp"
     if gpu:
         _one_gpu_for_every_rank(WORLD_SIZE)
         torch.cuda.set_device(0)
@@ -120,7 +128,7 @@ def worker(case_name: str, case_dir: Path) -> None:
             self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
         def configure_model(self) -> None:
-            if gpu:  # FSDPStrategy wraps the module itself
+            if gpu or ddp:  # FSDPStrategy wraps the module itself; DDP shards nothing
                 return
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -147,7 +155,8 @@ def worker(case_name: str, case_dir: Path) -> None:
             from make_verl_gpu import _stage_dtensor_gathers_through_cpu
 
             _stage_dtensor_gathers_through_cpu()
-            model, optim = trainer.strategy.model, trainer.optimizers[0]
+            # DDP: the LightningModule itself (every rank holds all of it), not DDP's wrapper around it
+            model, optim = pl_module if ddp else trainer.strategy.model, trainer.optimizers[0]
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             gathered["model"] = get_model_state_dict(model, options=options)
             gathered["optimizer"] = get_optimizer_state_dict(model, optim, options=options)
@@ -160,6 +169,9 @@ def worker(case_name: str, case_dir: Path) -> None:
     if gpu:
         strategy = FSDPStrategy(state_dict_type="sharded", process_group_backend="gloo", auto_wrap_policy={layer_cls})
         precision = "bf16-mixed" if case["mixed"] == "bf16" else "32-true"
+    elif ddp:
+        strategy = DDPStrategy(process_group_backend="gloo")
+        precision = "bf16-true" if case["mixed"] == "bf16-true" else "32-true"
     else:
         strategy = ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1)
         precision = "32-true"
@@ -173,6 +185,8 @@ def worker(case_name: str, case_dir: Path) -> None:
         return
     full = gathered["model"]
     save_oracle(ref_dir, full, gathered["optimizer"])
+    if ddp:  # one file's optimizer state is keyed by position, not name, and not exported: no oracle kept for it
+        (ref_dir / "optimizer.pt").unlink()
     cpu_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     cpu_model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=True)
     save_logits(ref_dir, cpu_model, case["vocab"])
@@ -183,9 +197,9 @@ def worker(case_name: str, case_dir: Path) -> None:
         "device": torch.cuda.get_device_name(0) if gpu else "cpu",
         "world_size": int(os.environ["WORLD_SIZE"]),
         "strategy": {"class": type(trainer.strategy).__name__, "precision": precision, "process_group_backend":
-                     trainer.strategy.process_group_backend if gpu else "gloo (torch's default for CPU)",
+                     trainer.strategy.process_group_backend if gpu or ddp else "gloo (torch's default for CPU)",
                      **({"state_dict_type": "sharded", "auto_wrap_policy": [layer_cls.__name__],
-                         "kwargs": {k: str(v) for k, v in trainer.strategy.kwargs.items()}} if gpu else
+                         "kwargs": {k: str(v) for k, v in trainer.strategy.kwargs.items()}} if gpu else {} if ddp else
                         {"fully_shard": "each decoder layer, then the transformers model",
                          "mp_policy": "bfloat16 params and reduce" if case["mixed"] == "bf16" else "default"})},
         "optimizer": "torch.optim.AdamW(lr=1e-3, weight_decay=0.01)",
