@@ -39,14 +39,12 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
 
 from bench_merge import (  # noqa: E402
-    WARM,
     cache_policy,
     contender_summary,
     disk,
-    drop_cache,
     machine,
-    measure,
     print_summary,
+    run_contenders,
 )
 
 CONTENDERS = ["zero_to_fp32", "zero_to_fp32-safetensors", "streammerge-weights", "streammerge"]
@@ -145,34 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
 
     policy = cache_policy()
-    runs: dict[str, list[dict]] = {c: [] for c in contenders}
+    runs, kept = run_contenders(contenders, a.repeat, lambda c, out: command(c, ckpt, out), files, env, work, policy)
     checks: dict[str, bool] = {}
-    kept: dict[str, Path] = {}
-    for rep in range(a.repeat):
-        for c in contenders:
-            out = work / f"out-{c}"
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            drop_cache(files, policy)
-            subprocess.run([sys.executable, "-c", WARM], cwd=ROOT, env=env, capture_output=True)
-            load = os.getloadavg()[0]
-            r = measure(command(c, ckpt, out), env)
-            r["loadavg_1m_before"] = load
-            if r["returncode"] != 0:
-                print(f"{c} failed ({r['returncode']}): {r['stderr'][-800:]}", file=sys.stderr)
-                r["error"] = next((ln.strip() for ln in reversed(r["stderr"].splitlines()) if ln.strip()), "")[:300]
-                r["stderr"] = r["stderr"][-3000:]
-                r.pop("stdout")
-            else:
-                r.pop("stdout")
-                r.pop("stderr")
-            runs[c].append(r)
-            print(f"run {rep + 1}/{a.repeat} {c:<20} {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-                  f"(load {load:.1f})", file=sys.stderr)
-            if rep == a.repeat - 1 and r["returncode"] == 0:
-                kept[c] = out / "m"
-            else:
-                shutil.rmtree(out, ignore_errors=True)
     if "zero_to_fp32" in kept:
         for c in ("streammerge-weights", "streammerge"):
             if c in kept:

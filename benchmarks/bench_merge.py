@@ -187,6 +187,40 @@ def sha_files(folder: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------- machine
 
+def run_contenders(contenders: list[str], repeat: int, command, files: list[Path], env: dict, work: Path,
+                   policy: str) -> tuple[dict[str, list[dict]], dict[str, Path]]:
+    """Each contender `repeat` times, interleaved, each `command(contender, out)` in its own process after the page
+    cache is dropped (and the common imports warmed): every run, and each contender's output folder (`out/m`) from its
+    last run where that succeeded (the caller compares and removes them)."""
+    runs: dict[str, list[dict]] = {c: [] for c in contenders}
+    kept: dict[str, Path] = {}
+    for rep in range(repeat):
+        for c in contenders:
+            out = work / f"out-{c}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            drop_cache(files, policy)
+            subprocess.run([sys.executable, "-c", WARM], cwd=ROOT, env=env, capture_output=True)
+            load = os.getloadavg()[0]
+            r = measure(command(c, out), env)
+            r["loadavg_1m_before"] = load
+            r.pop("stdout")
+            if r["returncode"] != 0:
+                print(f"{c} failed ({r['returncode']}): {r['stderr'][-800:]}", file=sys.stderr)
+                r["error"] = next((ln.strip() for ln in reversed(r["stderr"].splitlines()) if ln.strip()), "")[:300]
+                r["stderr"] = r["stderr"][-3000:]
+            else:
+                r.pop("stderr")
+            runs[c].append(r)
+            print(f"run {rep + 1}/{repeat} {c:<22} {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                  f"(load {load:.1f})", file=sys.stderr)
+            if rep == repeat - 1 and r["returncode"] == 0:
+                kept[c] = out / "m"
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+    return runs, kept
+
+
 def contender_summary(runs: dict[str, list[dict]], baseline: str, size: int | None = None) -> dict:
     """Per contender: the median wall time of its successful runs (and each), the largest peak RSS, the throughput
     over `size` bytes where given, and the ratio to `baseline`'s median."""

@@ -35,14 +35,12 @@ sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streamm
 
 from bench_deepspeed import _same_weights  # noqa: E402
 from bench_merge import (  # noqa: E402
-    WARM,
     cache_policy,
     contender_summary,
     disk,
-    drop_cache,
     machine,
-    measure,
     print_summary,
+    run_contenders,
 )
 
 CONTENDERS = ["load+save_pretrained", "mmap+save_pretrained", "streammerge"]
@@ -110,31 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"p.Path({str(ckpt)!r}), p.Path({str(config_dir)!r}))"], cwd=HERE, env=env, check=True)
     size = ckpt.stat().st_size
     policy = cache_policy()
-    runs: dict[str, list[dict]] = {c: [] for c in contenders}
-    kept: dict[str, Path] = {}
-    for rep in range(a.repeat):
-        for c in contenders:
-            out = work / f"out-{c}"
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            drop_cache([ckpt], policy)
-            subprocess.run([sys.executable, "-c", WARM], cwd=ROOT, env=env, capture_output=True)
-            load = os.getloadavg()[0]
-            r = measure(command(c, ckpt, config_dir, out), env)
-            r["loadavg_1m_before"] = load
-            r.pop("stdout")
-            if r["returncode"] != 0:
-                print(f"{c} failed ({r['returncode']}): {r['stderr'][-800:]}", file=sys.stderr)
-                r["stderr"] = r["stderr"][-3000:]
-            else:
-                r.pop("stderr")
-            runs[c].append(r)
-            print(f"run {rep + 1}/{a.repeat} {c:<22} {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-                  f"(load {load:.1f})", file=sys.stderr)
-            if rep == a.repeat - 1 and r["returncode"] == 0:
-                kept[c] = out / "m"
-            else:
-                shutil.rmtree(out, ignore_errors=True)
+    runs, kept = run_contenders(contenders, a.repeat, lambda c, out: command(c, ckpt, config_dir, out), [ckpt], env,
+                                work, policy)
     checks = {f"streammerge's weights == {c}'s, bit for bit": _same_weights(kept["streammerge"], kept[c])
               for c in kept if c != "streammerge" and "streammerge" in kept}
     for c in kept:
