@@ -106,6 +106,12 @@ class TorchFileSource(Source):
             declined: list[str] = []
             st = tp.read_state(self.path, declined)
             if st is None:
+                if declined and " " not in declined[0]:  # a global's name: module.qualname
+                    raise CheckpointError(
+                        f"{self.path}: not a torch.save file streammerge reads (its pickle names {declined[0]}, "
+                        "neither plain data nor a tensor: in a Lightning .ckpt, an object save_hyperparameters() "
+                        "kept); nothing in it was run, and torch.load(weights_only=True) refuses it too. A file you "
+                        "trust can be saved again without that entry")
                 if declined:
                     raise CheckpointError(f"{self.path}: not a torch.save file streammerge reads ({declined[0]}); "
                                           "nothing in it was run")
