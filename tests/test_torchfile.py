@@ -1,5 +1,6 @@
 """One torch.save file of a whole model, streamed into a model folder: PyTorch Lightning's single-file `.ckpt`,
-accelerate's FULL_STATE_DICT `pytorch_model_fsdp_0.bin`, a user's `torch.save(model.state_dict())`.
+accelerate's FULL_STATE_DICT `pytorch_model_fsdp.bin` (with `optimizer.bin`), a user's
+`torch.save(model.state_dict())`.
 
 The Lightning cases are real DDP runs (`tests/data/lightning/<case>/run/checkpoints/epoch=0-step=3.ckpt`, made by
 `tests/data/make_lightning.py` on CPU with 2 ranks), with the LightningModule's state dict as the oracle. The others
@@ -21,6 +22,7 @@ from fixture_paths import LIGHTNING_CKPT, LIGHTNING_DATA, LIGHTNING_FILE_CASES, 
 from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file
 from test_accelerate import assert_trained_logits
+from test_optimizer import assert_same_optimizer
 from test_strict import MUTATIONS, STRICTER, mutate
 
 import streammerge
@@ -95,8 +97,8 @@ def test_the_optimizer_is_not_exported_and_the_warning_says_why(merged) -> None:
     """Lightning's optimizer_states keys the state by position: no export is guessed from it, and the merge says so."""
     _, _, out, stderr = merged
     assert not (out / "optimizer").exists()
-    assert "optimizer not exported" in stderr and "'optimizer_states' keys each parameter's state by its position" \
-        in stderr, stderr
+    assert "optimizer not exported: epoch=0-step=3.ckpt's optimizer_states.0: its state is keyed by each " \
+        "parameter's position" in stderr, stderr
 
 
 def test_verify_passes(merged) -> None:
@@ -164,40 +166,96 @@ def _assert_model_of(out: Path, model, tmp_path: Path) -> None:
         assert torch.equal(got.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_accelerates_full_state_dict_folder_is_merged(tmp_path: Path, capsys) -> None:
-    """accelerate's save_state under FULL_STATE_DICT: `pytorch_model_fsdp_0.bin` (torch.save of the gathered state
-    dict) and optimizer_0.bin beside it. The folder is given; views saved strided or at an offset are read as torch
-    reads them. The previous code refused the folder."""
-    model = _qwen2()
+def _trained(seed: int) -> tuple:
+    """A tiny tied Qwen2 after two AdamW steps (two param groups, as the HF Trainer makes them): (model, optimizer)."""
+    model = _qwen2(seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+    ids = torch.arange(12).view(2, 6)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), opt
+
+
+def _named_optimizer(model, opt) -> dict:
+    """The optimizer's state by parameter name: what FSDP's optim_state_dict (accelerate's FULL_STATE_DICT) and
+    get_optimizer_state_dict give."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+
+
+def test_accelerates_full_state_dict_folder_is_merged_with_its_optimizer(tmp_path: Path, capsys) -> None:
+    """accelerate's save_state under FULL_STATE_DICT: `pytorch_model_fsdp.bin` (torch.save of the gathered state
+    dict) and `optimizer.bin` beside it (the optimizer's state by parameter name). The folder is given; views saved
+    strided or at an offset are read as torch reads them; the optimizer is exported as torch gathered it. The previous
+    code refused the folder."""
+    model, opt = _trained(0)
     sd = _strided(model.state_dict())
     ckpt = tmp_path / "checkpoint-7"
     ckpt.mkdir()
-    torch.save(sd, ckpt / "pytorch_model_fsdp_0.bin")
-    torch.save({"state": {}, "param_groups": []}, ckpt / "optimizer_0.bin")
+    torch.save(sd, ckpt / "pytorch_model_fsdp.bin")
+    torch.save(_named_optimizer(model, opt), ckpt / "optimizer.bin")
     model.config.save_pretrained(tmp_path / "base")
     rc, err = _run([ckpt, tmp_path / "out", "--model-name", tmp_path / "base"], capsys)
-    assert rc == 0, err
+    assert rc == 0 and "warning" not in err, err
     got = load_file(tmp_path / "out" / "model.safetensors")
-    want = torch.load(ckpt / "pytorch_model_fsdp_0.bin", weights_only=True)
+    want = torch.load(ckpt / "pytorch_model_fsdp.bin", weights_only=True)
     assert set(got) == set(want) - {"lm_head.weight"}
     assert all(torch.equal(got[k], want[k]) for k in got)
     _assert_model_of(tmp_path / "out", model, tmp_path)
-    assert streammerge.verify(tmp_path / "out", ckpt).ok
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), _named_optimizer(model, opt))
+    report = streammerge.verify(tmp_path / "out", ckpt)
+    assert report.ok, report.failures
+    assert report.tensors_checked > len(got)  # the optimizer's tensors too, read from optimizer.bin by torch
+
+
+def test_a_named_optimizer_in_a_lightning_file_is_exported_under_the_models_names(tmp_path: Path, capsys) -> None:
+    """A LightningModule's optimizer saved by name (get_optimizer_state_dict of the LightningModule: `model.` + the
+    transformers names): exported under the transformers names, as the weights are."""
+    model, opt = _trained(6)
+    named = _named_optimizer(model, opt)
+    lit = {"state": {ATTRIBUTE + k: v for k, v in named["state"].items()},
+           "param_groups": [{**g, "params": [ATTRIBUTE + n for n in g["params"]]} for g in named["param_groups"]]}
+    path = tmp_path / "epoch=1-step=2.ckpt"
+    torch.save({"state_dict": {ATTRIBUTE + k: v for k, v in model.state_dict().items()}, "optimizer_states": [lit],
+                "global_step": 2, "pytorch-lightning_version": "2.6.6"}, path)
+    model.config.save_pretrained(tmp_path / "base")
+    rc, err = _run([path, tmp_path / "out", "--model-name", tmp_path / "base"], capsys)
+    assert rc == 0 and "warning" not in err, err
+    assert_same_optimizer(streammerge.load_optimizer_state_dict(tmp_path / "out"), named)
+    assert streammerge.verify(tmp_path / "out", path).ok
+
+
+def test_a_named_optimizer_of_other_parameters_is_not_exported(tmp_path: Path, capsys) -> None:
+    """State for a parameter the model does not have (another model's optimizer saved beside it): not exported, and
+    the warning says which."""
+    model, opt = _trained(7)
+    named = _named_optimizer(model, opt)
+    named["state"]["value_head.weight"] = named["state"].pop("model.norm.weight")
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": named}, path)
+    model.config.save_pretrained(tmp_path / "base")
+    rc, err = _run([path, tmp_path / "out", "--model-name", tmp_path / "base"], capsys)
+    assert rc == 0 and "optimizer not exported: ckpt.pt's optimizer: optimizer state for 'value_head.weight', " \
+        "which is not a weight of the model" in err, err
+    assert not (tmp_path / "out" / "optimizer").exists()
 
 
 @pytest.mark.parametrize("container", ["model", "state_dict", "module", "model_state_dict"])
 def test_a_training_dict_with_one_model_container_is_merged(container: str, tmp_path: Path, capsys) -> None:
-    """A user's torch.save({"model": model.state_dict(), "optimizer": ..., "step": 5}): the container is the model,
-    the rest left out (and said by inspect)."""
-    model = _qwen2(1)
-    opt = torch.optim.AdamW(model.parameters())
-    model(input_ids=torch.arange(6).view(1, 6), labels=torch.arange(6).view(1, 6)).loss.backward()
-    opt.step()
+    """A user's torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 5}): the
+    container is the model, the rest left out (said by inspect); the optimizer, keyed by position, is not exported."""
+    model, opt = _trained(1)
     path = tmp_path / "ckpt.pt"
     torch.save({container: model.state_dict(), "optimizer": opt.state_dict(), "step": 5}, path)
     model.config.save_pretrained(tmp_path / "base")
     rc, err = _run([path, tmp_path / "out", "--model-name", tmp_path / "base"], capsys)
-    assert rc == 0, err
+    assert rc == 0 and "optimizer not exported: ckpt.pt's optimizer: its state is keyed by each parameter's " \
+        "position" in err, err
     _assert_model_of(tmp_path / "out", model, tmp_path)
     assert main(["inspect", str(path), "--model-name", str(tmp_path / "base")]) == 0
     out = capsys.readouterr().out
@@ -367,8 +425,8 @@ def test_accelerates_file_given_alone_is_read_and_a_rank_file_names_its_folder(t
     """The FULL_STATE_DICT file itself is a whole model; a DCP's .distcp file given alone is one file of a sharded
     save, refused with its folder named."""
     case = LIGHTNING_FILE_CASES[0]
-    (tmp_path / "pytorch_model_fsdp_0.bin").write_bytes((LIGHTNING_DATA / case / LIGHTNING_CKPT).read_bytes())
-    assert isinstance(open_checkpoint(tmp_path / "pytorch_model_fsdp_0.bin"), TorchFileSource)
+    (tmp_path / "pytorch_model_fsdp.bin").write_bytes((LIGHTNING_DATA / case / LIGHTNING_CKPT).read_bytes())
+    assert isinstance(open_checkpoint(tmp_path / "pytorch_model_fsdp.bin"), TorchFileSource)
     sharded = LIGHTNING_DATA / "llama_fsdp2_fp32" / LIGHTNING_CKPT
     with pytest.raises(StreammergeError, match="one file of a sharded checkpoint .torch DCP.*give the folder"):
         open_checkpoint(sharded / "__0_0.distcp")

@@ -57,7 +57,7 @@ def plan_dcp_optimizer(ck: DcpCheckpoint, prefix: str, weights: Plan, options: M
     attribute, `model.`): the export is named by the weights' names, those of the model it loads into.
     """
     try:
-        params = _params(weights)
+        params = weight_shapes(weights)
         if peft is not None:
             params.update(_peft_names(ck, prefix, peft))
         params = {module_prefix + n: shape for n, shape in params.items()}
@@ -65,13 +65,13 @@ def plan_dcp_optimizer(ck: DcpCheckpoint, prefix: str, weights: Plan, options: M
     except Skip as e:
         return None, [f"optimizer not exported: {e}"]
     if module_prefix:
-        tensors, groups, values = _without(module_prefix, tensors, groups, values)
+        tensors, groups, values = without_prefix(module_prefix, tensors, groups, values)
     meta = index_metadata(groups, source=source_note, values=values, step=step)
     return export_plan(tensors, meta, options.optimizer_format, options.max_shard_size)
 
 
-def _without(module_prefix: str, tensors: dict[str, TensorPlan], groups: list[dict], values: dict[str, Any]
-             ) -> tuple[dict[str, TensorPlan], list[dict], dict[str, Any]]:
+def without_prefix(module_prefix: str, tensors: dict[str, TensorPlan], groups: list[dict], values: dict[str, Any]
+                   ) -> tuple[dict[str, TensorPlan], list[dict], dict[str, Any]]:
     """The state and groups renamed to the weights' names (every parameter name starts with `module_prefix`: they
     were matched to the weights' names with it)."""
     n = len(module_prefix)
@@ -84,7 +84,7 @@ def _without(module_prefix: str, tensors: dict[str, TensorPlan], groups: list[di
             {name(k): v for k, v in values.items()})
 
 
-def _params(weights: Plan) -> dict[str, tuple[int, ...]]:
+def weight_shapes(weights: Plan) -> dict[str, tuple[int, ...]]:
     params = {n: t.shape for n, t in weights.tensors.items()}
     params.update({n: weights.tensors[k].shape for n, k in weights.dropped.items()})
     return params
@@ -140,11 +140,11 @@ def _state(ck: DcpCheckpoint, prefix: str, params: Mapping[str, tuple[int, ...]]
             values[f"state.{fqn}.{skey}"] = _json_value(ck, key)
             stateful.add(fqn)
     groups = _param_groups(ck, prefix, depth, params)
-    _check_membership(groups, stateful, params)
+    check_membership(groups, stateful, params)
     return tensors, groups, values
 
 
-def _check_membership(groups: list[dict], stateful: set[str], params: Mapping[str, Any]) -> None:
+def check_membership(groups: list[dict], stateful: set[str], params: Mapping[str, Any]) -> None:
     """Each group's params are weights of the model, in one group each, and every parameter with state is in a
     group: torch's loader pairs the state with parameters through the groups, so anything else is an optimizer
     state dict it cannot load, or one that gives the state to other parameters."""

@@ -12,8 +12,10 @@ Which tensors are the model: `--key-prefix` when given; a Lightning checkpoint's
 LightningModule's attribute every name starts with (`model.`); a dict of tensors (a bare state dict); else the one
 container named as a model's (`model`, `state_dict`, `module`, `model_state_dict`).
 
-The optimizer is not exported: `optimizer.state_dict()` keys each parameter's state by its position among the
-optimizer's parameters, and the file does not say which parameter each position is (a sharded save names them).
+The optimizer (Lightning's `optimizer_states`, a training dict's `optimizer`, accelerate's `optimizer.bin` beside its
+model file) is exported where its state is keyed by parameter name (`get_optimizer_state_dict`, FSDP's
+`optim_state_dict`), not where `optimizer.state_dict()` keyed it by each parameter's position among the optimizer's
+parameters: the file does not say which parameter each position is (optimizer/torchfile.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from .rankfile import check_zip
 LIGHTNING_VERSION = "pytorch-lightning_version"  # a key of every checkpoint dict Lightning's Trainer saves
 MODEL_KEYS = ("model", "state_dict", "module", "model_state_dict")
 OPTIMIZER_KEYS = ("optimizer_states", "optimizer", "optimizer_state_dict", "optim")
-ACCELERATE_FULL = re.compile(r"^pytorch_model_fsdp(?:_0)?\.bin$")  # accelerate's save_state, FULL_STATE_DICT
+ACCELERATE_FULL = re.compile(r"^pytorch_model_fsdp\.bin$")  # accelerate's save_state, FULL_STATE_DICT (one model)
+ACCELERATE_OPTIMIZER = "optimizer.bin"  # beside it: the first optimizer's state dict, by parameter name
 _STEP = re.compile(r"(?:^|[-_])step[=_-]?(\d+)(?:[-_.]|$)")
 
 KeyPath = tuple[Any, ...]  # the keys from the saved object down to one tensor
@@ -90,40 +93,47 @@ def _container(prefix: str) -> str:
     return prefix if prefix.endswith(".") else prefix + "."
 
 
+def read_torch_file(path: Path) -> tp.State:
+    """A torch.save file's pickle, decoded by the allowlisting unpickler, with each storage's place in the file; a
+    file it does not read is refused in one line that says why."""
+    declined: list[str] = []
+    st = tp.read_state(path, declined)
+    if st is not None:
+        return st
+    if declined and " " not in declined[0]:  # a global's name: module.qualname
+        raise CheckpointError(
+            f"{path}: not a torch.save file streammerge reads (its pickle names {declined[0]}, neither plain data "
+            "nor a tensor: in a Lightning .ckpt, an object save_hyperparameters() kept); nothing in it was run, and "
+            "torch.load(weights_only=True) refuses it too. A file you trust can be saved again without that entry")
+    if declined:
+        raise CheckpointError(f"{path}: not a torch.save file streammerge reads ({declined[0]}); nothing in it was run")
+    if _legacy(path):
+        raise CheckpointError(f"{path}: a file of torch.save's legacy format (torch before 1.6, or "
+                              "_use_new_zipfile_serialization=False), which streammerge does not read: load it and "
+                              "save it again with torch.save")
+    check_zip(path)  # says what is wrong with the zip
+    raise CheckpointError(f"{path}: not a torch.save file streammerge reads")
+
+
 class TorchFileSource(Source):
     """A whole state dict in one torch.save file (the file is `path`)."""
 
     format = "torch.save file"
     takes_key_prefix = True
+    oracle_after_plan = True  # it reads the tensors planning found (the optimizer's may be in a file beside)
 
     def __init__(self, path: Path):
         super().__init__(path)
         self._state: tp.State | None = None
+        self._others: dict[Path, tp.State] = {}  # other files read (accelerate's optimizer.bin)
         self._split: tuple[str | None, dict[str, KeyPath], str, str] | None = None
+        self._located: dict[str, tuple[Path, KeyPath]] = {}  # each planned tensor's file and key path, for verify
 
     def state(self) -> tp.State:
         if self._state is None:
-            declined: list[str] = []
-            st = tp.read_state(self.path, declined)
-            if st is None:
-                if declined and " " not in declined[0]:  # a global's name: module.qualname
-                    raise CheckpointError(
-                        f"{self.path}: not a torch.save file streammerge reads (its pickle names {declined[0]}, "
-                        "neither plain data nor a tensor: in a Lightning .ckpt, an object save_hyperparameters() "
-                        "kept); nothing in it was run, and torch.load(weights_only=True) refuses it too. A file you "
-                        "trust can be saved again without that entry")
-                if declined:
-                    raise CheckpointError(f"{self.path}: not a torch.save file streammerge reads ({declined[0]}); "
-                                          "nothing in it was run")
-                if _legacy(self.path):
-                    raise CheckpointError(f"{self.path}: a file of torch.save's legacy format (torch before 1.6, or "
-                                          "_use_new_zipfile_serialization=False), which streammerge does not read: "
-                                          "load it and save it again with torch.save")
-                check_zip(self.path)  # says what is wrong with the zip
-                raise CheckpointError(f"{self.path}: not a torch.save file streammerge reads")
-            self._state = st
+            self._state = read_torch_file(self.path)
             self.stats.files = self.stats.decoded = 1
-            obj = st.obj
+            obj = self._state.obj
             step = obj.get("global_step") if isinstance(obj, dict) and LIGHTNING_VERSION in obj else None
             m = _STEP.search(self.path.stem)
             self.step = step if type(step) is int and step >= 0 else int(m.group(1)) if m else None
@@ -185,43 +195,88 @@ class TorchFileSource(Source):
     def tensors(self, options: Any) -> dict[str, SourceTensor]:
         st = self.state()
         model, _, _ = self.split(options.key_prefix)
-        out = {}
-        for name, path in model.items():
-            out[name] = self._tensor(st, name, path)
-        return out
+        return {name: self.file_tensor(self.path, st, name, path) for name, path in model.items()}
 
-    def _tensor(self, st: tp.State, name: str, path: KeyPath) -> SourceTensor:
+    def file_tensor(self, file: Path, st: tp.State, name: str, path: KeyPath) -> SourceTensor:
+        """The tensor at key path `path` of `file` (read as `st`), as one piece of the file; verify's oracle finds it
+        by `name`."""
         t: Any = st.obj
         for k in path:
             t = t[k]
         key = ".".join(map(str, path))
         if isinstance(t, tp.Wrapper):
-            raise UnsupportedLayoutError(f"{self.path}: {key!r} is a {t.cls.__name__} (one rank's shard of a sharded "
+            raise UnsupportedLayoutError(f"{file}: {key!r} is a {t.cls.__name__} (one rank's shard of a sharded "
                                          "model), not a whole tensor: give the sharded save's folder")
         if t.storage.key not in st.offsets or t.storage.dtype is None:
-            raise CheckpointError(f"{self.path}: {key!r} has no stored data")
+            raise CheckpointError(f"{file}: {key!r} has no stored data")
         numel = math.prod(t.shape)
-        if numel > 1 and any(st_ == 0 and s > 1 for s, st_ in zip(t.shape, t.stride)):
-            raise UnsupportedLayoutError(f"{self.path}: {key!r} is saved as an expanded view (a stride of 0), whose "
+        if numel > 1 and any(stride == 0 and s > 1 for s, stride in zip(t.shape, t.stride)):
+            raise UnsupportedLayoutError(f"{file}: {key!r} is saved as an expanded view (a stride of 0), whose "
                                          "elements share bytes; save it after .contiguous()")
-        last = sum((s - 1) * st_ for s, st_ in zip(t.shape, t.stride)) if numel else -1
+        last = sum((s - 1) * stride for s, stride in zip(t.shape, t.stride)) if numel else -1
         if t.offset < 0 or numel and t.offset + last + 1 > t.storage.numel:
-            raise CheckpointError(f"{self.path}: {key!r} reaches outside its storage (torch.load refuses it)")
-        piece = Piece(0, str(self.path), st.offsets[t.storage.key] + t.offset * t.dtype.itemsize, t.shape, t.stride,
+            raise CheckpointError(f"{file}: {key!r} reaches outside its storage (torch.load refuses it)")
+        self._located[name] = (file, path)
+        piece = Piece(0, str(file), st.offsets[t.storage.key] + t.offset * t.dtype.itemsize, t.shape, t.stride,
                       (0,) * len(t.shape))
         return SourceTensor(name, t.shape, t.dtype, (piece,) if numel else ())
 
-    def _optimizer_keys(self) -> list[str]:
+    def _optimizer(self) -> tuple[Path, tp.State, KeyPath] | str | None:
+        """Where the optimizer's state dict is (its file, read; its key path there), or why none is exported, or None
+        where the checkpoint holds none: in the file (Lightning's `optimizer_states`, a training dict's `optimizer`),
+        else accelerate's `optimizer.bin` beside its FULL_STATE_DICT model file."""
         obj = self.state().obj
-        return [k for k in OPTIMIZER_KEYS if isinstance(obj, dict) and obj.get(k)]
+        found = [(k, obj[k]) for k in OPTIMIZER_KEYS if isinstance(obj, dict) and obj.get(k)]
+        if found:
+            key, value = found[0]
+            if isinstance(value, list):  # Lightning: one state dict per optimizer configure_optimizers returned
+                if len(value) != 1:
+                    return (f"the checkpoint holds {len(value)} optimizers ({key}), and the export is one "
+                            "optimizer's state")
+                return self.path, self._state_of(self.path), (key, 0)
+            return self.path, self._state_of(self.path), (key,)
+        if ACCELERATE_FULL.match(self.path.name):
+            beside = sorted(p.name for p in self.path.parent.glob("optimizer*.bin"))
+            if len(beside) > 1:
+                return f"{self.path.parent} holds {len(beside)} optimizers ({', '.join(beside)})"
+            if beside == [ACCELERATE_OPTIMIZER]:
+                other = self.path.parent / ACCELERATE_OPTIMIZER
+                st = self._state_of(other)
+                return other, st, ()
+        return None
 
-    def warnings(self, options: Any) -> list[str]:
-        found = self._optimizer_keys()
-        if not found or not options.optimizer:
-            return []
-        return [f"optimizer not exported: {self.path.name}'s {found[0]!r} keys each parameter's state by its "
-                "position in the optimizer, and the file does not say which parameter each position is (a sharded "
-                "save names them)"]
+    def _state_of(self, file: Path) -> tp.State:
+        if file == self.path:
+            return self.state()
+        if file not in self._others:
+            self._others[file] = read_torch_file(file)
+        return self._others[file]
+
+    def has_optimizer(self) -> bool:
+        try:
+            return self._optimizer() is not None
+        except CheckpointError:
+            return True  # optimizer_plan says why it is not exported
+
+    def optimizer_plan(self, weights: Any, options: Any, config: Any, model_dir: Path | None
+                       ) -> tuple[Any, list[str]]:
+        from ..optimizer.torchfile import plan_file_optimizer
+        from .lora import NOTE as LORA_NOTE
+
+        try:
+            found = self._optimizer()
+        except CheckpointError as e:
+            return None, [f"optimizer not exported: {e}"]
+        if found is None:
+            return None, []
+        if isinstance(found, str):
+            return None, [f"optimizer not exported: {found}"]
+        file, st, at = found
+        peft = None
+        if any(n.startswith(LORA_NOTE) for n in weights.notes):  # its optimizer names the peft model's parameters
+            peft = {name: t.shape for name, t in self.tensors(options).items()}
+        _, _, attribute = self.split(options.key_prefix)
+        return plan_file_optimizer(self, file, st, at, weights, options, peft=peft, module_prefix=attribute)
 
     def names_hint(self) -> str | None:
         """A LightningModule with more than one attribute (a model and a value head) keeps its names."""
@@ -235,7 +290,8 @@ class TorchFileSource(Source):
                 f"state_dict.{head}. takes that attribute alone")
 
     def files(self) -> list[Path]:
-        return [self.path]
+        beside = self.path.parent / ACCELERATE_OPTIMIZER
+        return [self.path, beside] if ACCELERATE_FULL.match(self.path.name) and beside.is_file() else [self.path]
 
     def info(self) -> dict[str, Any]:
         obj = self.state().obj
@@ -256,7 +312,7 @@ class TorchFileSource(Source):
 
     def oracle(self, options: Any) -> Oracle:
         model, _, _ = self.split(options.key_prefix)
-        return TorchFileOracle(self.path, model)
+        return TorchFileOracle({**{name: (self.path, path) for name, path in model.items()}, **self._located})
 
 
 def open_torch_file(path: Path) -> TorchFileSource:
@@ -264,33 +320,34 @@ def open_torch_file(path: Path) -> TorchFileSource:
 
 
 class TorchFileOracle(Oracle):
-    """The file as `torch.load(weights_only=True, mmap=True)` gives it; each name's tensor found by its key path.
-    The zip records' CRC-32s (which torch.load does not check) are checked by the rank files' oracle's streaming."""
+    """The files as `torch.load(weights_only=True, mmap=True)` gives them; each name's tensor found by its file and key
+    path. The zip records' CRC-32s (which torch.load does not check) are checked by the rank files' oracle's
+    streaming."""
 
-    def __init__(self, path: Path, model: dict[str, KeyPath]):
+    def __init__(self, located: dict[str, tuple[Path, KeyPath]]):
         from .verl_oracle import VerlOracle
 
-        self.path, self.model = path, model
-        self._obj: Any = None
-        self._zip = VerlOracle([path], 1)
+        self.located = located
+        self._loaded: dict[Path, Any] = {}
+        self._zip = VerlOracle(sorted({f for f, _ in located.values()}), 1)
 
     def load_all(self) -> None:
-        if self._obj is None:
-            from .picklescan import torch_load
+        from .picklescan import torch_load
 
+        for file in sorted({f for f, _ in self.located.values()} - set(self._loaded)):
             try:
-                self._obj = torch_load(self.path, map_location="cpu", mmap=True, weights_only=True)
+                self._loaded[file] = torch_load(file, map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:  # noqa: BLE001  (torch's loader raises many kinds; each is a file it refuses)
-                raise CheckpointError(f"{self.path}: torch.load(weights_only=True) refuses it ({type(e).__name__}: "
+                raise CheckpointError(f"{file}: torch.load(weights_only=True) refuses it ({type(e).__name__}: "
                                       f"{(str(e).splitlines() or [''])[0][:200]})") from None
 
     def _get(self, name: str) -> Any:
-        self.load_all()
-        path = self.model.get(name)
-        if path is None:
+        where = self.located.get(name)
+        if where is None:
             return None
-        t = self._obj
-        for k in path:
+        self.load_all()
+        t = self._loaded[where[0]]
+        for k in where[1]:
             t = t[k]
         return t
 
@@ -302,7 +359,8 @@ class TorchFileOracle(Oracle):
         return self._get(name)[tuple(slice(lo, hi) for lo, hi in box)].clone()
 
     def locate(self, name: str, index: tuple[int, ...]) -> str:
-        return self.path.name
+        where = self.located.get(name)
+        return where[0].name if where else "the checkpoint"
 
     def check_integrity(self, paths: Any) -> list[str]:
         return self._zip.check_integrity(paths)
@@ -312,4 +370,4 @@ class TorchFileOracle(Oracle):
 
     def close(self) -> None:
         self._zip.close()
-        self._obj = None
+        self._loaded.clear()
