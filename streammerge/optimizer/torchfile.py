@@ -55,6 +55,8 @@ def plan_file_optimizer(source: TorchFileSource, path: Path, st: tp.State, at: K
 
 def _state(source: TorchFileSource, path: Path, st: tp.State, at: KeyPath, osd: dict,
            params: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, TensorPlan], list[dict], dict[str, Any]]:
+    if not isinstance(osd, dict):
+        raise Skip(f"it is a {type(osd).__name__}, no optimizer state dict")
     state, groups = osd.get("state"), osd.get("param_groups")
     if not isinstance(state, dict) or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise Skip("it is no optimizer state dict (state and param_groups)")

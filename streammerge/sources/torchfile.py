@@ -35,15 +35,13 @@ from .rankfile import check_zip
 LIGHTNING_VERSION = "pytorch-lightning_version"  # a key of every checkpoint dict Lightning's Trainer saves
 MODEL_KEYS = ("model", "state_dict", "module", "model_state_dict")
 OPTIMIZER_KEYS = ("optimizer_states", "optimizer", "optimizer_state_dict", "optim")
-ACCELERATE_FULL = re.compile(r"^pytorch_model_fsdp\.bin$")  # accelerate's save_state, FULL_STATE_DICT (one model)
+ACCELERATE_FULL = "pytorch_model_fsdp.bin"  # accelerate's save_state under FULL_STATE_DICT (its first model)
 ACCELERATE_OPTIMIZER = "optimizer.bin"  # beside it: the first optimizer's state dict, by parameter name
+SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # torch.save files' names: a damaged one is read, to say what is wrong
+_LEGACY = b"\x80\x02\x8a\x0a"  # torch.save's format before torch 1.6: a protocol 2 pickle opening with a long
 _STEP = re.compile(r"(?:^|[-_])step[=_-]?(\d+)(?:[-_.]|$)")
 
 KeyPath = tuple[Any, ...]  # the keys from the saved object down to one tensor
-
-
-SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # torch.save files' names: a damaged one is read, to say what is wrong
-_LEGACY = b"\x80\x02\x8a\x0a"  # torch.save's format before torch 1.6: a protocol 2 pickle opening with a long
 
 
 def holds(path: Path) -> bool:
@@ -60,12 +58,9 @@ def _legacy(path: Path) -> bool:
 
 
 def accelerate_full(folder: Path) -> Path | None:
-    """The one FULL_STATE_DICT model file of an accelerate save_state folder, or None."""
-    try:
-        found = [p for p in folder.iterdir() if ACCELERATE_FULL.match(p.name) and p.is_file()]
-    except OSError:
-        return None
-    return found[0] if len(found) == 1 else None
+    """The FULL_STATE_DICT model file of an accelerate save_state folder, or None."""
+    path = folder / ACCELERATE_FULL
+    return path if path.is_file() else None
 
 
 def _flatten(obj: Any) -> tuple[dict[str, tuple[KeyPath, Any]], set[str]]:
@@ -226,7 +221,8 @@ class TorchFileSource(Source):
         where the checkpoint holds none: in the file (Lightning's `optimizer_states`, a training dict's `optimizer`),
         else accelerate's `optimizer.bin` beside its FULL_STATE_DICT model file."""
         obj = self.state().obj
-        found = [(k, obj[k]) for k in OPTIMIZER_KEYS if isinstance(obj, dict) and obj.get(k)]
+        found = [(k, obj[k]) for k in OPTIMIZER_KEYS if isinstance(obj, dict) and obj.get(k)
+                 and isinstance(obj[k], (dict, list))]
         if found:
             key, value = found[0]
             if isinstance(value, list):  # Lightning: one state dict per optimizer configure_optimizers returned
@@ -235,14 +231,13 @@ class TorchFileSource(Source):
                             "optimizer's state")
                 return self.path, self._state_of(self.path), (key, 0)
             return self.path, self._state_of(self.path), (key,)
-        if ACCELERATE_FULL.match(self.path.name):
+        if self.path.name == ACCELERATE_FULL:
             beside = sorted(p.name for p in self.path.parent.glob("optimizer*.bin"))
             if len(beside) > 1:
                 return f"{self.path.parent} holds {len(beside)} optimizers ({', '.join(beside)})"
             if beside == [ACCELERATE_OPTIMIZER]:
                 other = self.path.parent / ACCELERATE_OPTIMIZER
-                st = self._state_of(other)
-                return other, st, ()
+                return other, self._state_of(other), ()
         return None
 
     def _state_of(self, file: Path) -> tp.State:
@@ -291,7 +286,7 @@ class TorchFileSource(Source):
 
     def files(self) -> list[Path]:
         beside = self.path.parent / ACCELERATE_OPTIMIZER
-        return [self.path, beside] if ACCELERATE_FULL.match(self.path.name) and beside.is_file() else [self.path]
+        return [self.path, beside] if self.path.name == ACCELERATE_FULL and beside.is_file() else [self.path]
 
     def info(self) -> dict[str, Any]:
         obj = self.state().obj
@@ -305,6 +300,24 @@ class TorchFileSource(Source):
                          + (f", the LightningModule's attribute {attribute!r} stripped" if attribute else ""))
             taken = {".".join(map(str, p)) for p in model.values()}
             flat, _ = _flatten(self.state().obj)
+            try:
+                found = self._optimizer()
+            except CheckpointError as e:
+                found = str(e)
+            if isinstance(found, str):
+                lines.append(f"optimizer   not exported: {found}")
+            elif found is not None:
+                file, st, at = found
+                where = ".".join(map(str, at))
+                osd: Any = st.obj
+                for k in at:
+                    osd = osd[k]
+                state = osd.get("state") if isinstance(osd, dict) else None
+                named = isinstance(state, dict) and all(isinstance(k, str) for k in state)
+                lines.append(f"optimizer   {file.name}" + (f": {where}.*" if where else "") + (
+                    ", by parameter name" if named else ", not exported: its state is keyed by position"))
+                if file == self.path:
+                    taken |= {name for name in flat if name.startswith(where + ".")}
             left = Counter(name.split(".", 1)[0] for name in flat if name not in taken)
             if left:
                 lines.append("not merged  " + ", ".join(f"{k}.* ({n} tensors)" for k, n in sorted(left.items())))
