@@ -396,12 +396,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     elif command == "watch":
         p = _Parser(prog="streammerge watch", description="Follow a training run's "
                     "latest_checkpointed_iteration.txt or DeepSpeed's latest tag (or the HF Trainer's checkpoint-N "
-                    "folders, Lightning's sharded "
-                    "*.ckpt folders); merge (and with --push, push) each new checkpoint once all its rank files are "
-                    "there and no longer growing.")
+                    "folders, Lightning's *.ckpt saves); merge (and with --push, push) each new checkpoint once all "
+                    "its rank files are there and no longer growing.")
         p.add_argument("run_dir", metavar="RUN_DIR", type=_path,
                        help="the trainer's checkpoint folder (holds global_step_N/, iter_NNNNNNN/, checkpoint-N/, "
-                            "*.ckpt/ or DeepSpeed's global_stepN/)")
+                            "*.ckpt saves or DeepSpeed's global_stepN/)")
         _plan_args(p)
         _write_args(p)
         _push_args(p, repo_default="required with --push: every step is pushed to that repo")

@@ -508,6 +508,26 @@ def test_a_lightning_run_is_watched_by_its_sharded_ckpt_folders(tmp_path):
     assert [(r.step, r.ok) for r in results] == [(6, True)], [r.error for r in results]
 
 
+def test_a_lightning_run_of_single_file_saves_is_watched(tmp_path):
+    """Under DDP, Lightning's ModelCheckpoint writes each save as one file, epoch=E-step=N.ckpt (not atomically: the
+    bytes go straight into it). One whose zip is not whole yet (cut short here) is not merged; once it is, it is.
+    last.ckpt, a copy of the newest, is not merged a second time. Before, the watcher saw no step at all."""
+    case = ROOT / "tests" / "data" / "lightning" / "llama_ddp_fp32"
+    run = tmp_path / "checkpoints"
+    shutil.copytree(case / "run" / "checkpoints", run)
+    shutil.copy(run / "epoch=0-step=3.ckpt", run / "last.ckpt")
+    watcher, results, every_weight = _watch_first_step(run, case, tmp_path, prefix="model.")
+    assert every_weight and results[0].merge.plan.source.path.name == "epoch=0-step=3.ckpt"
+    whole = (run / "epoch=0-step=3.ckpt").read_bytes()
+    later = run / "epoch=1-step=6.ckpt"
+    later.write_bytes(whole[:len(whole) // 2])  # being written
+    assert watcher.run(once=True, interval=0.1) == []
+    later.write_bytes(whole)
+    results = watcher.run(once=True, interval=0.1)
+    assert [(r.step, r.ok) for r in results] == [(6, True)], [r.error for r in results]
+    assert set(watcher.done_steps()) == {3, 6}
+
+
 def test_a_deepspeed_run_is_watched_by_its_latest_tag(tmp_path):
     """DeepSpeed's save folder names its newest complete step in `latest` (global_stepN, written once the ranks have
     saved): a step folder it does not name yet is not merged; once it does, it is. Before, the watcher waited for ever

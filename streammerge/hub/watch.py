@@ -2,8 +2,9 @@
 
 It follows the run's ``latest_checkpointed_iteration.txt`` (veRL, Megatron-LM) or DeepSpeed's ``latest`` tag
 (``global_stepN``), or, where there is none, the
-HF Trainer's ``checkpoint-N`` folders whose ``trainer_state.json`` is written (the Trainer's last file of a save)
-and Lightning's sharded ``*.ckpt`` folders once their ``meta.pt`` is (Lightning's last). A
+HF Trainer's ``checkpoint-N`` folders whose ``trainer_state.json`` is written (the Trainer's last file of a save),
+Lightning's sharded ``*.ckpt`` folders once their ``meta.pt`` is (Lightning's last), and Lightning's single-file
+``*.ckpt`` saves once the file is a whole zip (its directory, written last, is there). A
 step is taken once every rank file is present and no file of its checkpoint folder changed size or mtime between
 two looks, so a checkpoint still being written (or copied in from other nodes) is never merged half-way. Each
 finished step is recorded in a small state file (``RUN_DIR/.streammerge-watch.json`` by default), written
@@ -21,6 +22,7 @@ import os
 import re
 import threading
 import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,13 +61,18 @@ TRAINER_STATE = "trainer_state.json"
 
 def step_dirs(run_dir: Path) -> Iterator[tuple[int, Path]]:
     """``(N, run_dir/global_step_N)`` (Megatron-LM: ``iter_NNNNNNN``, the HF Trainer: ``checkpoint-N``, Lightning:
-    a sharded ``*.ckpt/`` folder with its meta.pt, of the step meta.pt or the name gives) in step order. Lightning's
-    ``last.ckpt/`` is the step another folder holds too: that one is taken."""
+    a sharded ``*.ckpt/`` folder with its meta.pt, of the step meta.pt or the name gives, or a single-file ``*.ckpt``
+    whose name gives it) in step order. Lightning's ``last.ckpt`` is the step another save holds too: that one is
+    taken."""
     found: dict[int, Path] = {}
     for p in sorted(run_dir.iterdir()):
         m = STEP_DIR.fullmatch(p.name)
         if m and p.is_dir():
             found[int(next(g for g in m.groups() if g is not None))] = p
+        elif p.suffix == ".ckpt" and p.is_file():  # one torch.save of the whole checkpoint (DDP, one device)
+            named = LIGHTNING_STEP.match(p.name)
+            if named:
+                found.setdefault(int(named.group(1)), p)
         elif p.suffix == ".ckpt" and p.is_dir() and is_lightning(p):
             named = LIGHTNING_STEP.match(p.name)
             step = lightning_step(p)
@@ -94,7 +101,10 @@ def latest_step(run_dir: Path) -> int | None:
 
 def finished(path: Path) -> bool:
     """A step folder of a run without a tracker whose save finished: the HF Trainer's checkpoint-N holds
-    trainer_state.json, Lightning's .ckpt folder its meta.pt (rank 0 writes either once the rest is saved)."""
+    trainer_state.json, Lightning's .ckpt folder its meta.pt (rank 0 writes either once the rest is saved); a
+    single-file .ckpt is a whole zip (torch.save writes its directory last)."""
+    if path.is_file():
+        return zipfile.is_zipfile(path)
     return (path / TRAINER_STATE).is_file() if path.name.startswith("checkpoint-") else is_lightning(path)
 
 
@@ -104,7 +114,11 @@ def newest_finished(dirs: Mapping[int, Path]) -> int | None:
 
 
 def snapshot(folder: Path) -> Snapshot:
-    """Size and mtime of every file under ``folder``: equal twice in a row means nobody is writing."""
+    """Size and mtime of every file under ``folder`` (or of the one file it is): equal twice in a row means nobody is
+    writing."""
+    if folder.is_file():
+        st = folder.stat()
+        return {"": (st.st_size, st.st_mtime_ns)}
     out: Snapshot = {}
     for p in folder.rglob("*"):
         try:
@@ -289,7 +303,7 @@ class Watcher:
         """A step being saved is refused until it is complete; one refused twice for the same reason while its files
         stay as they were is not being saved: it needs the user (rank files never copied, a damaged file)."""
         try:
-            files = snapshot(path) if isinstance(e, CheckpointError) and path.is_dir() else None
+            files = snapshot(path) if isinstance(e, CheckpointError) and path.exists() else None
         except OSError:
             files = None
         before, self._refused[step] = self._refused.get(step), (files, str(e))
