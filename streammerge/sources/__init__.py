@@ -161,7 +161,8 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
      "already a Hugging Face model folder (config.json and its weights): there is nothing to merge (`hf upload` "
      "pushes it as it is)"),
     (lambda p: _has(p, "*.ckpt"),
-     "a folder of PyTorch Lightning checkpoints (*.ckpt): give the one to merge, a sharded save's .ckpt folder"),
+     "a folder of PyTorch Lightning checkpoints (*.ckpt): give the one to merge (a .ckpt file, or a sharded save's "
+     ".ckpt folder)"),
 ]
 
 
