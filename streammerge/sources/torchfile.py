@@ -6,7 +6,9 @@ Such a file is gathered already, but the usual way to a model folder (torch.load
 whole model in memory. torch.save writes a zip with each storage as one uncompressed record, so every tensor is one
 piece of the file (its storage's record, from the tensor's offset, with its strides), which the writer streams as it
 streams a rank file's. The pickle is decoded by the allowlisting unpickler (torchpickle): plain data and tensors,
-nothing run; a pickle naming any other class is refused in one line.
+nothing run. Objects of other classes beside the model (what save_hyperparameters() keeps in a Lightning checkpoint:
+an argparse.Namespace, a config object) are decoded as inert records that keep nothing and run nothing, and their
+classes are listed; one among the model's tensors is refused.
 
 Which tensors are the model: `--key-prefix` when given; a Lightning checkpoint's `state_dict`, without the
 LightningModule's attribute every name starts with (`model.`); a dict of tensors (a bare state dict); else the one
@@ -20,10 +22,12 @@ parameters: the file does not say which parameter each position is (optimizer/to
 
 from __future__ import annotations
 
+import _compat_pickle
 import math
 import re
 import zipfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +68,16 @@ def accelerate_full(folder: Path) -> Path | None:
 
 
 def _flatten(obj: Any) -> tuple[dict[str, tuple[KeyPath, Any]], set[str]]:
-    """Every tensor in the saved object under its dotted name (as torch DCP flattens a state dict), with its key path;
-    and the dotted names two paths give (`{"a.b": x, "a": {"b": y}}`). Dicts and lists are walked, each once."""
+    """Every tensor in the saved object under its dotted name (as torch DCP flattens a state dict), with its key path,
+    and every object of a class beyond the allowlist (`tp.Inert`); and the dotted names two paths give
+    (`{"a.b": x, "a": {"b": y}}`). Dicts and lists are walked, each once."""
     out: dict[str, tuple[KeyPath, Any]] = {}
     twice: set[str] = set()
     seen: set[int] = set()
     stack: list[tuple[KeyPath, Any]] = [((), obj)]
     while stack:
         path, v = stack.pop()
-        if isinstance(v, (tp.Local, tp.Wrapper)):
+        if isinstance(v, (tp.Local, tp.Wrapper, tp.Inert)):
             name = ".".join(map(str, path))
             if name in out:
                 twice.add(name)
@@ -88,18 +93,15 @@ def _container(prefix: str) -> str:
     return prefix if prefix.endswith(".") else prefix + "."
 
 
-def read_torch_file(path: Path) -> tp.State:
-    """A torch.save file's pickle, decoded by the allowlisting unpickler, with each storage's place in the file; a
-    file it does not read is refused in one line that says why."""
+def read_torch_file(path: Path) -> tuple[tp.State, list[tuple[str, str]]]:
+    """A torch.save file's pickle, decoded by the allowlisting unpickler, with each storage's place in the file, and
+    the globals beyond the allowlist it names (decoded as inert records: nothing of them runs); a file it does not read
+    is refused in one line that says why."""
     declined: list[str] = []
-    st = tp.read_state(path, declined)
+    inert = tp.InertGlobals()
+    st = tp.read_state(path, declined, extra=inert)
     if st is not None:
-        return st
-    if declined and " " not in declined[0]:  # a global's name: module.qualname
-        raise CheckpointError(
-            f"{path}: not a torch.save file streammerge reads (its pickle names {declined[0]}, neither plain data "
-            "nor a tensor: in a Lightning .ckpt, an object save_hyperparameters() kept); nothing in it was run, and "
-            "torch.load(weights_only=True) refuses it too. A file you trust can be saved again without that entry")
+        return st, sorted(inert)
     if declined:
         raise CheckpointError(f"{path}: not a torch.save file streammerge reads ({declined[0]}); nothing in it was run")
     if _legacy(path):
@@ -108,6 +110,18 @@ def read_torch_file(path: Path) -> tp.State:
                               "save it again with torch.save")
     check_zip(path)  # says what is wrong with the zip
     raise CheckpointError(f"{path}: not a torch.save file streammerge reads")
+
+
+def _py3_name(name: tuple[str, str]) -> tuple[str, str]:
+    """A global's name as Python 3 calls it (`__builtin__.getattr` -> `builtins.getattr`): torch's weights-only
+    unpickler renames a protocol-2 pickle's names so before it looks them up (the C unpickler, as this one runs
+    it, does not)."""
+    mapped = _compat_pickle.NAME_MAPPING.get(name)
+    return mapped if mapped is not None else (_compat_pickle.IMPORT_MAPPING.get(name[0], name[0]), name[1])
+
+
+def _global(v: tp.Inert) -> str:
+    return ".".join(v.global_name)
 
 
 class TorchFileSource(Source):
@@ -123,10 +137,14 @@ class TorchFileSource(Source):
         self._others: dict[Path, tp.State] = {}  # other files read (accelerate's optimizer.bin)
         self._split: tuple[str | None, dict[str, KeyPath], str, str] | None = None
         self._located: dict[str, tuple[Path, KeyPath]] = {}  # each planned tensor's file and key path, for verify
+        self.inert: list[tuple[str, str]] = []  # globals the files name beyond the allowlist, read as inert records
 
     def state(self) -> tp.State:
         if self._state is None:
-            self._state = read_torch_file(self.path)
+            self._state, inert = read_torch_file(self.path)
+            self.inert += inert
+            for name in inert:
+                self.stats.left_out[".".join(name)] += 1
             self.stats.files = self.stats.decoded = 1
             obj = self._state.obj
             step = obj.get("global_step") if isinstance(obj, dict) and LIGHTNING_VERSION in obj else None
@@ -159,7 +177,8 @@ class TorchFileSource(Source):
                                   f"{', '.join(h + '.' for h in heads[:6])})")
         elif self.lightning():
             prefix, how = "state_dict.", "the LightningModule's state dict (Lightning's `state_dict`)"
-        elif isinstance(obj, dict) and obj and all(isinstance(v, (tp.Local, tp.Wrapper)) for v in obj.values()):
+        elif isinstance(obj, dict) and obj and all(isinstance(v, (tp.Local, tp.Wrapper, tp.Inert))
+                                                   for v in obj.values()):
             prefix, how = "", "every key (a state dict)"
         else:
             found = [k for k in MODEL_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)
@@ -175,6 +194,11 @@ class TorchFileSource(Source):
         model = {name[len(prefix):]: name for name in flat if name.startswith(prefix) and len(name) > len(prefix)}
         if not model:
             raise CheckpointError(f"{self.path}: {how} holds no tensor")
+        objects = [key for key in model.values() if isinstance(flat[key][1], tp.Inert)]
+        if objects:
+            raise CheckpointError(f"{self.path}: {objects[0]!r} among the model's tensors is an object of "
+                                  f"{_global(flat[objects[0]][1])} (nothing of it was run), which streammerge does not "
+                                  "merge: it merges tensors")
         if key_prefix is None and self.lightning():
             attribute = lightning_attribute(model) or ""
             model = {name[len(attribute):]: key for name, key in model.items()}
@@ -244,7 +268,8 @@ class TorchFileSource(Source):
         if file == self.path:
             return self.state()
         if file not in self._others:
-            self._others[file] = read_torch_file(file)
+            self._others[file], inert = read_torch_file(file)
+            self.inert += inert
         return self._others[file]
 
     def has_optimizer(self) -> bool:
@@ -318,14 +343,16 @@ class TorchFileSource(Source):
                     ", by parameter name" if named else ", not exported: its state is keyed by position"))
                 if file == self.path:
                     taken |= {name for name in flat if name.startswith(where + ".")}
-            left = Counter(name.split(".", 1)[0] for name in flat if name not in taken)
+            left = Counter(name.split(".", 1)[0] for name, (_, v) in flat.items()
+                           if name not in taken and not isinstance(v, tp.Inert))
             if left:
                 lines.append("not merged  " + ", ".join(f"{k}.* ({n} tensors)" for k, n in sorted(left.items())))
         return lines
 
     def oracle(self, options: Any) -> Oracle:
         model, _, _ = self.split(options.key_prefix)
-        return TorchFileOracle({**{name: (self.path, path) for name, path in model.items()}, **self._located})
+        return TorchFileOracle({**{name: (self.path, path) for name, path in model.items()}, **self._located},
+                               self.inert)
 
 
 def open_torch_file(path: Path) -> TorchFileSource:
@@ -334,22 +361,27 @@ def open_torch_file(path: Path) -> TorchFileSource:
 
 class TorchFileOracle(Oracle):
     """The files as `torch.load(weights_only=True, mmap=True)` gives them; each name's tensor found by its file and key
-    path. The zip records' CRC-32s (which torch.load does not check) are checked by the rank files' oracle's
-    streaming."""
+    path. Classes the files name beyond torch's allowlist (`inert`: none is in the model, which the source refused)
+    are allowlisted as inert stand-ins under their names, as torch's `safe_globals` takes them: nothing of them runs.
+    The zip records' CRC-32s (which torch.load does not check) are checked by the rank files' oracle's streaming."""
 
-    def __init__(self, located: dict[str, tuple[Path, KeyPath]]):
+    def __init__(self, located: dict[str, tuple[Path, KeyPath]], inert: Sequence[tuple[str, str]] = ()):
         from .verl_oracle import VerlOracle
 
-        self.located = located
+        self.located, self.inert = located, list(inert)
         self._loaded: dict[Path, Any] = {}
         self._zip = VerlOracle(sorted({f for f, _ in located.values()}), 1)
 
     def load_all(self) -> None:
+        import torch
+
         from .picklescan import torch_load
 
+        stand_ins: list[Any] = [tp.inert_class(*name) for name in {*self.inert, *map(_py3_name, self.inert)}]
         for file in sorted({f for f, _ in self.located.values()} - set(self._loaded)):
             try:
-                self._loaded[file] = torch_load(file, map_location="cpu", mmap=True, weights_only=True)
+                with torch.serialization.safe_globals(stand_ins):
+                    self._loaded[file] = torch_load(file, map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:  # noqa: BLE001  (torch's loader raises many kinds; each is a file it refuses)
                 raise CheckpointError(f"{file}: torch.load(weights_only=True) refuses it ({type(e).__name__}: "
                                       f"{(str(e).splitlines() or [''])[0][:200]})") from None

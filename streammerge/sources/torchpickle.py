@@ -91,6 +91,50 @@ class Obj:
         self.__dict__.update(state)
 
 
+class Inert:
+    """An object of a class no allowlist names, where the reader takes such objects (`InertGlobals`): it takes any
+    arguments and state, keeps none, and runs nothing; its class says which global the pickle named."""
+
+    global_name: tuple[str, str] = ("?", "?")  # (module, qualname)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Inert:
+        return type(self)()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+def inert_class(module: str, qualname: str) -> type[Inert]:
+    """An `Inert` class under a global's own name (module and qualname: how torch's weights-only allowlist finds a
+    class)."""
+    return type(qualname.rpartition(".")[2], (Inert,), {"__module__": module, "__qualname__": qualname,
+                                                        "global_name": (module, qualname)})
+
+
+class InertGlobals(dict):
+    """An `extra` allowlist that gives every global the allowlist lacks as an `Inert` class, and keeps their names:
+    for a file whose objects beside the tensors need not be understood (a Lightning checkpoint's hyper_parameters).
+    The reader must refuse an Inert where it takes tensors from."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        found = super().get(key)
+        if found is None:
+            found = self[key] = inert_class(*key)
+        return found
+
+
 class DTensor(Obj):
     pass
 
@@ -383,7 +427,7 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, extra: dict[tuple[str, str], Any] | None = None):
         super().__init__(file)
         self.storages: dict[str, tuple[DType | None, int]] = {}  # key -> (dtype, numel), as torch loads each once
-        self.extra = extra or {}
+        self.extra = extra if extra is not None else {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch":
@@ -419,8 +463,10 @@ class State:
     offsets: dict[str, int]  # storage key -> byte offset of its data in the file (every storage the pickle names)
 
 
-def read_state(path: str | Path, declined: list[str] | None = None) -> State | None:
-    """Unpickle a torch zip checkpoint into our records, with each storage's byte offset in the file.
+def read_state(path: str | Path, declined: list[str] | None = None,
+               extra: dict[tuple[str, str], Any] | None = None) -> State | None:
+    """Unpickle a torch zip checkpoint into our records, with each storage's byte offset in the file (`extra`: globals
+    beyond the allowlist, as in read_format_state).
 
     Returns None when the file needs torch.load (unknown globals, legacy format), and adds why to `declined`.
     """
@@ -431,7 +477,7 @@ def read_state(path: str | Path, declined: list[str] | None = None) -> State | N
         return None  # load.check_zip (or torch.load) reports what is wrong with the file
     check_torch_records(d)
     try:
-        obj, storages = _decode_storages(data)
+        obj, storages = _decode_storages(data, extra)
     except Malformed as e:
         raise CheckpointError(f"{d.path}: {e}; torch.load refuses or misreads such a file") from None
     except NotPlain as e:
