@@ -137,6 +137,30 @@ def test_inspect_says_what_was_taken(capsys) -> None:
     assert any(line.startswith("not merged") and "callbacks.*" in line for line in lines), lines
 
 
+def test_a_module_holding_more_than_the_model_is_refused_and_key_prefix_picks_the_model(tmp_path: Path,
+                                                                                        capsys) -> None:
+    """A LightningModule with a parameter beside the transformers model (an RL value head): no attribute is the model
+    alone, so the names stay the module's and the architecture check refuses them, in one line that names the
+    `--key-prefix state_dict.model.` taking the transformers model; with it, the trained weights."""
+    case = LIGHTNING_FILE_CASES[0]
+    saved = torch.load(LIGHTNING_DATA / case / LIGHTNING_CKPT, weights_only=True)
+    saved["state_dict"]["value_head.weight"] = torch.zeros(1, 16)
+    path = tmp_path / "epoch=0-step=3.ckpt"
+    torch.save(saved, path)
+    base = LIGHTNING_DATA / case / "huggingface"
+    rc, err = _run([path, tmp_path / "refused", "--model-name", base], capsys)
+    lines = err.strip().splitlines()
+    assert rc != 0 and len(lines) == 1 and "value_head.weight" in lines[0], lines
+    assert lines[0].endswith(f"--key-prefix state_dict.{ATTRIBUTE} takes that attribute alone"), lines[0]
+    assert not (tmp_path / "refused" / "model.safetensors").exists()
+    rc, err = _run([path, tmp_path / "out", "--model-name", base, "--key-prefix", f"state_dict.{ATTRIBUTE}",
+                    "--dtype", "keep"], capsys)
+    assert rc == 0, err
+    ref = load_file(LIGHTNING_DATA / case / "reference" / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert got and all(torch.equal(v, ref[ATTRIBUTE + k]) for k, v in got.items())
+
+
 # ---------------------------------------------------------------- torch.save files made here
 
 def _qwen2(seed: int = 0):

@@ -114,8 +114,7 @@ def read_torch_file(path: Path) -> tuple[tp.State, list[tuple[str, str]]]:
 
 def _py3_name(name: tuple[str, str]) -> tuple[str, str]:
     """A global's name as Python 3 calls it (`__builtin__.getattr` -> `builtins.getattr`): torch's weights-only
-    unpickler renames a protocol-2 pickle's names so before it looks them up (the C unpickler, as this one runs
-    it, does not)."""
+    unpickler looks a protocol-2 pickle's names up so; the allowlisting unpickler keeps them as written."""
     mapped = _compat_pickle.NAME_MAPPING.get(name)
     return mapped if mapped is not None else (_compat_pickle.IMPORT_MAPPING.get(name[0], name[0]), name[1])
 
