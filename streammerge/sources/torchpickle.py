@@ -92,8 +92,9 @@ class Obj:
 
 
 class Inert:
-    """An object of a class no allowlist names, where the reader takes such objects (`InertGlobals`): it takes any
-    arguments and state, keeps none, and runs nothing; its class says which global the pickle named."""
+    """An object of a class no allowlist names, where the reader takes such objects (`InertGlobals`, and the storage
+    reader, which wants only storage keys): it takes any arguments and state, keeps none, and runs nothing; its class
+    says which global the pickle named."""
 
     global_name: tuple[str, str] = ("?", "?")  # (module, qualname)
 
@@ -522,28 +523,6 @@ class MeshView:
 
 
 
-class _Stub:
-    """Whatever a pickle builds, where only its storage keys are wanted: takes any arguments and state, runs nothing."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
-        return _Stub()
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-    def append(self, value: Any) -> None:
-        pass
-
-    def extend(self, values: Any) -> None:
-        pass
-
-
 class _StorageReader(pickle._Unpickler):
     """The storages of every persistent id, in the order the pickle first names them; every other global is a stub.
     Python's pure-Python unpickler: its memo is a dict, which no index in the file can make huge."""
@@ -561,9 +540,9 @@ class _StorageReader(pickle._Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in _STORAGES:
             return _STORAGES[name]
-        return _UntypedStorage if (module, name) == ("torch.storage", "UntypedStorage") else _Stub
+        return _UntypedStorage if (module, name) == ("torch.storage", "UntypedStorage") else Inert
 
-    def persistent_load(self, pid: Any) -> _Stub:
+    def persistent_load(self, pid: Any) -> Inert:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and (
                 isinstance(pid[1], _StorageType) or pid[1] is _UntypedStorage):
             # torch reads record f"data/{key}": an int key 0 is data/0; a key or size of another type it refuses
@@ -571,7 +550,7 @@ class _StorageReader(pickle._Unpickler):
             if key is None or type(pid[4]) is not int or pid[4] < 0:
                 raise NotPlain(f"storage key {str(pid[2])[:20]} of size {str(pid[4])[:20]}")
             self.storages.setdefault(key, (pid[1].dtype if isinstance(pid[1], _StorageType) else None, pid[4]))
-        return _Stub()
+        return Inert()
 
 
 def named_storages(data: bytes) -> dict[str, tuple[DType | None, int]] | None:
