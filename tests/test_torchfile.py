@@ -398,6 +398,18 @@ def test_one_ranks_file_of_a_sharded_save_is_refused(tmp_path: Path, capsys) -> 
     _refused(alone, tmp_path, capsys, "one rank's shard of a sharded model", "give the sharded save's folder")
 
 
+def test_a_deepspeed_model_states_file_given_alone_is_refused(tmp_path: Path, capsys) -> None:
+    """DeepSpeed's mp_rank_00_model_states.pt holds the model under `module`, in the training dtype (bfloat16 here),
+    beside float32 master weights elsewhere in the save: given alone (away from its step folder, as a stage 0 save's
+    would be), it is refused rather than merged from its 16-bit copy."""
+    from fixture_paths import DEEPSPEED_DATA
+
+    case = next(c for c in sorted(DEEPSPEED_DATA.iterdir()) if c.name == "llama_zero1_bf16")
+    alone = tmp_path / "mp_rank_00_model_states.pt"
+    shutil.copy(next(case.rglob("mp_rank_00_model_states.pt")), alone)
+    _refused(alone, tmp_path, capsys, "a DeepSpeed model states file, which streammerge does not read alone")
+
+
 def test_a_file_that_is_no_checkpoint_is_refused(tmp_path: Path, capsys) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("hello")

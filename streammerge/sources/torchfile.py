@@ -166,6 +166,12 @@ class TorchFileSource(Source):
         from .dcp import lightning_attribute, unwrapped
 
         obj = self.state().obj
+        if (isinstance(obj, dict) and "ds_version" in obj) or \
+                any(module.split(".")[0] == "deepspeed" for module, _ in self.inert):
+            raise UnsupportedLayoutError(
+                f"{self.path}: a DeepSpeed model states file, which streammerge does not read alone: its `module` "
+                "holds the model in the training dtype, and a save with mixed precision keeps the float32 master "
+                "weights elsewhere; streammerge reads ZeRO stages 1 to 3 from the step folder")
         flat, twice = _flatten(obj)
         heads = sorted({name.split(".", 1)[0] for name in flat})
         attribute = ""
