@@ -302,6 +302,17 @@ def test_two_model_containers_are_refused_and_key_prefix_picks_one(tmp_path: Pat
     _assert_model_of(tmp_path / "out", other, tmp_path)
 
 
+def test_a_model_entry_whose_key_is_no_name_is_refused(tmp_path: Path, capsys) -> None:
+    """A tensor under a tuple key in the model's dict: no state dict holds one, and leaving it out would drop a
+    tensor silently."""
+    sd = dict(_qwen2().state_dict())
+    sd[("lm_head", "bias")] = torch.zeros(40)
+    path = tmp_path / "sd.pt"
+    torch.save({"model": sd}, path)
+    _refused(path, tmp_path, capsys, "'model.<a tuple key>': the model's state dict holds an entry whose key is "
+             "no name")
+
+
 def test_a_wrong_key_prefix_names_the_keys_there_are(tmp_path: Path, capsys) -> None:
     path = tmp_path / "sd.pt"
     torch.save({"model": _qwen2().state_dict()}, path)

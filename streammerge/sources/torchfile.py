@@ -67,10 +67,14 @@ def accelerate_full(folder: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+class _NotAName:
+    """What a dict holds under a key that is no name (neither str nor int): no state dict's entry."""
+
+
 def _flatten(obj: Any) -> tuple[dict[str, tuple[KeyPath, Any]], set[str]]:
     """Every tensor in the saved object under its dotted name (as torch DCP flattens a state dict), with its key path,
-    and every object of a class beyond the allowlist (`tp.Inert`); and the dotted names two paths give
-    (`{"a.b": x, "a": {"b": y}}`). Dicts and lists are walked, each once."""
+    every object of a class beyond the allowlist (`tp.Inert`) and every entry whose key is no name (`_NotAName`); and
+    the dotted names two paths give (`{"a.b": x, "a": {"b": y}}`). Dicts and lists are walked, each once."""
     out: dict[str, tuple[KeyPath, Any]] = {}
     twice: set[str] = set()
     seen: set[int] = set()
@@ -85,7 +89,10 @@ def _flatten(obj: Any) -> tuple[dict[str, tuple[KeyPath, Any]], set[str]]:
         elif isinstance(v, (dict, list, tuple)) and id(v) not in seen:
             seen.add(id(v))
             items = v.items() if isinstance(v, dict) else enumerate(v)
-            stack.extend(reversed([((*path, k), x) for k, x in items if isinstance(k, (str, int))]))
+            stack.extend(reversed([((*path, k), x) if isinstance(k, (str, int)) else
+                                   ((*path, f"<a {type(k).__name__} key>"), _NotAName()) for k, x in items]))
+        elif isinstance(v, _NotAName):
+            out[".".join(map(str, path))] = (path, v)
     return out, twice
 
 
@@ -199,6 +206,10 @@ class TorchFileSource(Source):
         model = {name[len(prefix):]: name for name in flat if name.startswith(prefix) and len(name) > len(prefix)}
         if not model:
             raise CheckpointError(f"{self.path}: {how} holds no tensor")
+        odd = [key for key in model.values() if isinstance(flat[key][1], _NotAName)]
+        if odd:
+            raise CheckpointError(f"{self.path}: {odd[0]!r}: the model's state dict holds an entry whose key is no "
+                                  "name, which no state dict holds; streammerge merges named tensors")
         objects = [key for key in model.values() if isinstance(flat[key][1], tp.Inert)]
         if objects:
             raise CheckpointError(f"{self.path}: {objects[0]!r} among the model's tensors is an object of "
@@ -349,7 +360,7 @@ class TorchFileSource(Source):
                 if file == self.path:
                     taken |= {name for name in flat if name.startswith(where + ".")}
             left = Counter(name.split(".", 1)[0] for name, (_, v) in flat.items()
-                           if name not in taken and not isinstance(v, tp.Inert))
+                           if name not in taken and isinstance(v, (tp.Local, tp.Wrapper)))
             if left:
                 lines.append("not merged  " + ", ".join(f"{k}.* ({n} tensors)" for k, n in sorted(left.items())))
         return lines
