@@ -9,7 +9,6 @@ safely: that is not exported (the source says why).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,7 +82,7 @@ def _state(source: TorchFileSource, path: Path, st: tp.State, at: KeyPath, osd: 
                 src = source.file_tensor(path, st, f"{'.'.join(map(str, at))}.state.{saved_fqn}.{key}",
                                          (*at, "state", saved_fqn, key))
                 tensors[name] = TensorPlan(name, src, src.dtype)
-            elif _json(v):
+            elif jsonable(v):
                 values[name] = v
             else:
                 raise Skip(f"optimizer state {name!r} is a {type(v).__name__}, which cannot be recorded")
@@ -99,10 +98,3 @@ def _state(source: TorchFileSource, path: Path, st: tp.State, at: KeyPath, osd: 
     check_membership(named, {strip_wrappers(f) for f in state}, params)
     return tensors, named, values
 
-
-def _json(v: Any) -> bool:
-    try:
-        json.dumps(v, allow_nan=True)
-    except (TypeError, ValueError):
-        return False
-    return True
