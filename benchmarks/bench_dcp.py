@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,14 +32,12 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
 
 from bench_merge import (  # noqa: E402
-    WARM,
     cache_policy,
     contender_summary,
     disk,
-    drop_cache,
     machine,
-    measure,
     print_summary,
+    run_contenders,
 )
 
 from streammerge.testing.presets import PRESETS, check_merge, make_dcp_checkpoint  # noqa: E402
@@ -86,31 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(ckpt.glob("*.distcp")) + [ckpt / ".metadata"]
     size = sum(f.stat().st_size for f in files)
     policy = cache_policy()
-    runs: dict[str, list[dict]] = {c: [] for c in contenders}
-    checks: dict[str, bool] = {}
-    for rep in range(a.repeat):
-        for c in contenders:
-            out = work / f"out-{c}"
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            drop_cache(files, policy)
-            if c != "cp":
-                subprocess.run([sys.executable, "-c", WARM], cwd=ROOT, env=env, capture_output=True)
-            load = os.getloadavg()[0]
-            r = measure(command(c, ckpt, out), env)
-            r["loadavg_1m_before"] = load
-            if r["returncode"] != 0:
-                print(f"{c} failed ({r['returncode']}): {r['stderr'][-800:]}", file=sys.stderr)
-            elif rep == 0 and c in ("streammerge", "torch"):
-                what = f"{c} float32 output == the preset's tensors, bit for bit"
-                checks[what] = check_merge(out / "m", a.preset) > 0
-            if r["returncode"] == 0:
-                r.pop("stdout")
-                r.pop("stderr")
-            runs[c].append(r)
-            print(f"run {rep + 1}/{a.repeat} {c:<17} {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-                  f"(load {load:.1f})", file=sys.stderr)
-            shutil.rmtree(out, ignore_errors=True)
+    runs, kept = run_contenders(contenders, a.repeat, lambda c, out: command(c, ckpt, out), files, env, work, policy,
+                                unwarmed=("cp",))
+    checks = {f"{c} float32 output == the preset's tensors, bit for bit": check_merge(kept[c], a.preset) > 0
+              for c in ("streammerge", "torch") if c in kept}
+    for c in kept:
+        shutil.rmtree(kept[c].parent, ignore_errors=True)
     summary = contender_summary(runs, "cp", size)
     result = {"machine": machine(), "disk": disk(work), "cache_policy": policy, "repeat": a.repeat,
               "command": " ".join(["bench_dcp.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -45,6 +45,7 @@ from bench_merge import (  # noqa: E402
     machine,
     print_summary,
     run_contenders,
+    same_weights,
 )
 
 CONTENDERS = ["zero_to_fp32", "zero_to_fp32-safetensors", "streammerge-weights", "streammerge"]
@@ -91,24 +92,6 @@ def command(name: str, ckpt: Path, out: Path) -> list[str]:
     raise KeyError(name)
 
 
-def _same_weights(a: Path, b: Path) -> bool:
-    """Every tensor of folder `a` is in `b`, bit for bit (zero_to_fp32 also writes a tied lm_head.weight)."""
-    import torch
-    from safetensors import safe_open
-
-    def tensors(folder: Path) -> dict[str, torch.Tensor]:
-        out = {}
-        for f in folder.glob("*.safetensors"):
-            with safe_open(str(f), "pt") as st:
-                out.update({k: st.get_tensor(k) for k in st.keys()})
-        for f in folder.glob("pytorch_model*.bin"):
-            out.update(torch.load(f, weights_only=True, mmap=True))
-        return out
-
-    ta, tb = tensors(a), tensors(b)
-    return bool(ta) and set(ta) <= set(tb) and all(torch.equal(v, tb[k]) for k, v in ta.items())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen2.5-0.5b")
@@ -148,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if "zero_to_fp32" in kept:
         for c in ("streammerge-weights", "streammerge"):
             if c in kept:
-                checks[f"{c}'s weights == zero_to_fp32's, bit for bit"] = _same_weights(kept[c], kept["zero_to_fp32"])
+                checks[f"{c}'s weights == zero_to_fp32's, bit for bit"] = same_weights(kept[c], kept["zero_to_fp32"])
     for c in kept:
         shutil.rmtree(kept[c].parent, ignore_errors=True)
     summary = contender_summary(runs, "zero_to_fp32")

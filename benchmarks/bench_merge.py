@@ -188,10 +188,11 @@ def sha_files(folder: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- machine
 
 def run_contenders(contenders: list[str], repeat: int, command, files: list[Path], env: dict, work: Path,
-                   policy: str) -> tuple[dict[str, list[dict]], dict[str, Path]]:
+                   policy: str, unwarmed: tuple[str, ...] = ()) -> tuple[dict[str, list[dict]], dict[str, Path]]:
     """Each contender `repeat` times, interleaved, each `command(contender, out)` in its own process after the page
-    cache is dropped (and the common imports warmed): every run, and each contender's output folder (`out/m`) from its
-    last run where that succeeded (the caller compares and removes them)."""
+    cache is dropped (and the common imports warmed, but for the `unwarmed`, which import nothing: cp): every run, and
+    each contender's output folder (`out/m`) from its last run where that succeeded (the caller compares and removes
+    them)."""
     runs: dict[str, list[dict]] = {c: [] for c in contenders}
     kept: dict[str, Path] = {}
     for rep in range(repeat):
@@ -200,7 +201,8 @@ def run_contenders(contenders: list[str], repeat: int, command, files: list[Path
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             drop_cache(files, policy)
-            subprocess.run([sys.executable, "-c", WARM], cwd=ROOT, env=env, capture_output=True)
+            if c not in unwarmed:
+                subprocess.run([sys.executable, "-c", WARM], cwd=ROOT, env=env, capture_output=True)
             load = os.getloadavg()[0]
             r = measure(command(c, out), env)
             r["loadavg_1m_before"] = load
@@ -219,6 +221,25 @@ def run_contenders(contenders: list[str], repeat: int, command, files: list[Path
             else:
                 shutil.rmtree(out, ignore_errors=True)
     return runs, kept
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Every tensor of folder `a` (safetensors or pytorch_model*.bin) is in `b`, bit for bit (`b` may hold more: a tied
+    lm_head.weight that zero_to_fp32 writes)."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict[str, torch.Tensor]:
+        out = {}
+        for f in folder.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as st:
+                out.update({k: st.get_tensor(k) for k in st.keys()})
+        for f in folder.glob("pytorch_model*.bin"):
+            out.update(torch.load(f, weights_only=True, mmap=True))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    return bool(ta) and set(ta) <= set(tb) and all(torch.equal(v, tb[k]) for k, v in ta.items())
 
 
 def contender_summary(runs: dict[str, list[dict]], baseline: str, size: int | None = None) -> dict:

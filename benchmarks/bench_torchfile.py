@@ -33,7 +33,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
 
-from bench_deepspeed import _same_weights  # noqa: E402
 from bench_merge import (  # noqa: E402
     cache_policy,
     contender_summary,
@@ -41,6 +40,7 @@ from bench_merge import (  # noqa: E402
     machine,
     print_summary,
     run_contenders,
+    same_weights,
 )
 
 CONTENDERS = ["load+save_pretrained", "mmap+save_pretrained", "streammerge"]
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = cache_policy()
     runs, kept = run_contenders(contenders, a.repeat, lambda c, out: command(c, ckpt, config_dir, out), [ckpt], env,
                                 work, policy)
-    checks = {f"streammerge's weights == {c}'s, bit for bit": _same_weights(kept["streammerge"], kept[c])
+    checks = {f"streammerge's weights == {c}'s, bit for bit": same_weights(kept["streammerge"], kept[c])
               for c in kept if c != "streammerge" and "streammerge" in kept}
     for c in kept:
         shutil.rmtree(kept[c].parent, ignore_errors=True)
