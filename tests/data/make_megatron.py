@@ -28,6 +28,13 @@ For each case this script
 4. reads the result back with torch's own DCP reader only (no Megatron), maps it to HF names
    with :func:`mcore_to_hf` and compares every tensor with the reference, bit for bit.
 
+The "legacy" cases (Megatron-LM ``--ckpt-format torch``: ``iter_0000001/mp_rank_*/
+model_optim_rng.pt``, one ``torch.save`` per model-parallel rank) re-use the HF model of a
+torch_dist case (``ref``): step 1 must reproduce that case's ``reference/model.safetensors``
+byte for byte (else the script stops), steps 2-3 are the same, the save is Megatron-LM's legacy
+``save_checkpoint`` path (:func:`_save_legacy`), and step 4 is :func:`verify_legacy` (torch.load
+of every rank file, TP/PP/EP shards re-assembled by hand, compared with the ref's reference).
+
 Megatron on CPU needs a few shims (see :func:`_setup_megatron`): one MoE module imports
 triton at import time (stubbed), ``torch.cuda.synchronize`` / ``current_device`` are replaced
 with CPU no-ops, ``Tensor.cuda()`` returns the tensor itself (tied embeddings with PP > 1), and
@@ -67,6 +74,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #         "verl_v2" -> veRL >= 0.9 (layout schema v2): actor/{model,optimizer,extra}/dist_ckpt/,
 #                     transformer_config.json, ckpt_contents.json; optimizer 'fully_reshardable'
 #                     (actor.megatron.dist_ckpt_optim_fully_reshardable=True)
+#         "legacy" -> Megatron-LM legacy format (--ckpt-format torch): <case>/iter_0000001/
+#                     mp_rank_*/model_optim_rng.pt (one torch.save per model-parallel rank) +
+#                     tracker file.  A legacy case re-uses the HF model of the torch_dist case
+#                     named by "ref" (same arch/layers/vocab/pad_to/tied/dtype/seed): its ground
+#                     truth is <ref>/reference/model.safetensors and <ref>/huggingface/, and the
+#                     generator checks that the reference it computes is byte-identical to it.
+#                     "optim": also save Megatron's non-distributed optimizer (FP32Optimizer
+#                     for fp32) + scheduler; without it the files are like --no-save-optim.
 CASES = {
     "llama_tp2_pp2": dict(arch="llama", tp=2, pp=2, ep=1, dp=1, layers=4, vocab=128, pad_to=128,
                           tied=False, dtype="float32", layout="plain", seed=1),
@@ -87,7 +102,28 @@ CASES = {
     "verl_v2_qwen3_tp2_dp2": dict(arch="qwen3", tp=2, pp=1, ep=1, dp=2, layers=2, vocab=128,
                                   pad_to=128, tied=False, dtype="bfloat16", layout="verl_v2",
                                   seed=8),
+    "legacy_llama_tp2_pp2": dict(arch="llama", tp=2, pp=2, ep=1, dp=1, layers=4, vocab=128,
+                                 pad_to=128, tied=False, dtype="float32", layout="legacy",
+                                 seed=1, ref="llama_tp2_pp2", optim=False),
+    "legacy_qwen2_tp2_optim": dict(arch="qwen2", tp=2, pp=1, ep=1, dp=1, layers=2, vocab=131,
+                                   pad_to=256, tied=True, dtype="float32", layout="legacy",
+                                   seed=2, ref="qwen2_tp2", optim=True),
+    "legacy_qwen3_pp2": dict(arch="qwen3", tp=1, pp=2, ep=1, dp=1, layers=2, vocab=128,
+                             pad_to=128, tied=True, dtype="float32", layout="legacy", seed=3,
+                             ref="qwen3_pp2", optim=False),
+    "legacy_mixtral_ep2_tp2": dict(arch="mixtral", tp=2, pp=1, ep=2, dp=2, layers=2, vocab=128,
+                                   pad_to=128, tied=False, dtype="float32", layout="legacy",
+                                   seed=5, ref="mixtral_ep2_tp2", optim=False),
 }
+# the HF model of a legacy case must be the one of its "ref" case
+_SAME_MODEL = ("arch", "layers", "vocab", "pad_to", "tied", "dtype", "seed")
+for _n, _c in CASES.items():
+    if "ref" in _c:
+        assert all(_c[k] == CASES[_c["ref"]][k] for k in _SAME_MODEL), _n
+
+
+def has_optimizer(c):
+    return c["layout"] in ("mlm", "verl_v1", "verl_v2") or c.get("optim", False)
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 32, 4, 2, 8, 64
 N_EXPERTS, TOPK, MOE_FFN = 4, 2, 16
@@ -523,7 +559,8 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
     stage = os.path.join(work, "staging")
 
     chunks, optimizer, sched = [model], None, None
-    if c["layout"] != "plain":
+    distopt = c["layout"] != "legacy"     # legacy case: Megatron's non-distributed optimizer
+    if has_optimizer(c):
         _setup_megatron_optimizer_on_cpu()
         from megatron.core.distributed import DistributedDataParallel as DDP
         from megatron.core.distributed import DistributedDataParallelConfig
@@ -532,7 +569,7 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
         from megatron.core.transformer.module import Float16Module
 
         inner = Float16Module(cfg, model) if dtype == torch.bfloat16 else model
-        ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=True,
+        ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=distopt,
                                                 grad_reduce_in_fp32=True,
                                                 overlap_grad_reduce=False,
                                                 overlap_param_gather=False)
@@ -561,11 +598,11 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
     except (RuntimeError, NotImplementedError) as exc:   # e.g. a collective gloo lacks
         print(f"[{c['name']}] rank {rank} parallel forward skipped: {exc!r}"[:300], flush=True)
 
-    if c["layout"] != "plain":
+    if has_optimizer(c):
         ocfg = OptimizerConfig(optimizer="adam", lr=0.0, min_lr=0.0, weight_decay=0.01,
                                adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=0.0,
                                bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                               use_distributed_optimizer=True)
+                               use_distributed_optimizer=distopt)
         optimizer = get_megatron_optimizer(ocfg, chunks)
         sched = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=0.0, min_lr=0.0,
                                         lr_warmup_steps=0, lr_decay_steps=10,
@@ -627,6 +664,8 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
         if rank == 0:
             with open(os.path.join(out_dir, "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write("1")
+    elif c["layout"] == "legacy":
+        _save_legacy(c, model, optimizer, sched, out_dir, dtype)
     elif c["layout"] in ("verl_v1", "verl_v2"):
         # like veRL's MegatronCheckpointManager.save_checkpoint with use_dist_checkpointing=True:
         # v1 = veRL <= 0.8 (one dist_ckpt/ with model+optimizer+lr_scheduler+rng_state),
@@ -665,6 +704,110 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
                 _write_verl_manifest(c, ws, os.path.join(actor, "ckpt_contents.json"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def legacy_rank_dir(c, tp, pp, ep):
+    """Megatron-LM get_checkpoint_name: mp_rank_{tp:02d}[_{pp:03d} if PP>1][_{ep:03d} if EP>1]"""
+    d = f"mp_rank_{tp:02d}" if c["pp"] == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+    return d + f"_{ep:03d}" if c["ep"] > 1 else d
+
+
+def _legacy_args(c, dtype):
+    """A representative subset of Megatron-LM's args Namespace for --ckpt-format torch (the real
+    one has hundreds of fields); values are those of the model (they agree with the HF config)."""
+    import argparse as ap
+
+    moe = c["arch"] in ("qwen3_moe", "mixtral")
+    a = ap.Namespace(
+        num_layers=c["layers"], hidden_size=HIDDEN, ffn_hidden_size=MOE_FFN if moe else FFN,
+        num_attention_heads=HEADS, group_query_attention=True, num_query_groups=KV_HEADS,
+        kv_channels=HEAD_DIM, max_position_embeddings=64, position_embedding_type="rope",
+        # Megatron-LM's --rotary-base is type=int
+        rotary_base=int(hf_config(c).rope_parameters["rope_theta"]),
+        normalization="RMSNorm", norm_epsilon=EPS, swiglu=True,
+        untie_embeddings_and_output_weights=not c["tied"], add_bias_linear=False,
+        add_qkv_bias=c["arch"] == "qwen2", qk_layernorm=c["arch"] in ("qwen3", "qwen3_moe"),
+        num_experts=N_EXPERTS if moe else None,
+        padded_vocab_size=c["pad_to"], make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"],
+        virtual_pipeline_model_parallel_size=None,
+        expert_model_parallel_size=c["ep"], data_parallel_size=c["dp"],
+        bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype,
+        transformer_impl="local", ckpt_format="torch",
+        use_distributed_optimizer=False, no_save_optim=None if c.get("optim") else True,
+        no_save_rng=None, tokenizer_type="HuggingFaceTokenizer", iteration=1,
+        consumed_train_samples=8)
+    if moe:
+        a.moe_router_topk = TOPK
+        a.moe_ffn_hidden_size = MOE_FFN
+        a.expert_tensor_parallel_size = c["tp"]     # Megatron-LM default: = TP
+        a.moe_grouped_gemm = False
+        a.moe_token_dispatcher_type = "allgather"
+        a.moe_router_load_balancing_type = "none"
+    return a
+
+
+def _save_legacy(c, model, optimizer, sched, out_dir, dtype):
+    """Like Megatron-LM megatron/training/checkpointing.py save_checkpoint with
+    --ckpt-format torch: generate_state_dict() with model.state_dict_for_save_checkpoint() and
+    optimizer.state_dict(), torch.save to iter_0000001/<rank dir>/model_optim_rng.pt by the
+    ranks with data-parallel rank 0 or expert-data-parallel rank 0 (one writer per file)."""
+    import random
+
+    import numpy as np
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    rank = dist.get_rank()
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    ep = ps.get_expert_model_parallel_rank()
+    writes = ps.get_data_parallel_rank() == 0 or ps.get_expert_data_parallel_rank() == 0
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (rank, tp, pp, ep, writes))
+    writer = {}
+    for r, t, p, e, w in everyone:
+        if w:
+            writer.setdefault((t, p, e), r)
+    # every (tp, pp, ep) file must have a writer
+    assert len(writer) == c["tp"] * c["pp"] * c["ep"], (writer, everyone)
+
+    # rng: get_rng_state() for ckpt_format 'torch' = [rng_state] (no data_parallel_random_init);
+    # no 'cuda_rng_state' on CPU
+    random.seed(rank)
+    np.random.seed(rank)
+    torch.manual_seed(rank)
+    rng_state = [{"random_rng_state": random.getstate(),
+                  "np_rng_state": np.random.get_state(),
+                  "torch_rng_state": torch.get_rng_state(),
+                  "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}]
+    state = {"args": _legacy_args(c, dtype), "checkpoint_version": 3.0, "iteration": 1,
+             "model": model.state_dict_for_save_checkpoint()}       # unwrap_model(model)
+    if c.get("optim"):
+        state["optimizer"] = optimizer.state_dict()
+        state["opt_param_scheduler"] = sched.state_dict()
+    state["rng_state"] = rng_state
+    state["num_floating_point_operations_so_far"] = 123456789
+    if writer[(tp, pp, ep)] == rank:
+        path = os.path.join(out_dir, "iter_0000001", legacy_rank_dir(c, tp, pp, ep),
+                            "model_optim_rng.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state, path)
+        print(f"[{c['name']}] rank {rank} wrote {os.path.relpath(path, out_dir)}", flush=True)
+    if c.get("optim") and rank == 0:
+        # the optimizer's positional state index -> parameter name (not in the checkpoint;
+        # printed for the README)
+        names = {id(p): n for n, p in model.named_parameters()}
+        i = 0
+        for g, grp in enumerate(optimizer.param_groups):
+            for p in grp["params"]:
+                print(f"[{c['name']}] optimizer state {i}: group {g} {names[id(p)]} "
+                      f"{tuple(p.shape)}", flush=True)
+                i += 1
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(out_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("1")
 
 
 def _write_transformer_config(cfg, path):
@@ -758,6 +901,8 @@ def dcp_dir(case_dir, c):
 def verify(case_dir, c):
     from safetensors.torch import load_file
 
+    if c["layout"] == "legacy":
+        return verify_legacy(case_dir, c)
     ref = load_file(os.path.join(case_dir, "reference", "model.safetensors"))
     dcp = load_dcp(dcp_dir(case_dir, c))
     # no "model." prefix even when the saved dict nests the model under "model": DCP keys are
@@ -790,11 +935,255 @@ def verify(case_dir, c):
 
 
 # --------------------------------------------------------------------------------------------
+# Legacy (--ckpt-format torch) reading and verification, torch only
+# --------------------------------------------------------------------------------------------
+LEGACY_KEYS = ["args", "checkpoint_version", "iteration", "model", "rng_state",
+               "num_floating_point_operations_so_far"]
+LEGACY_OPTIM_KEYS = ["args", "checkpoint_version", "iteration", "model", "optimizer",
+                     "opt_param_scheduler", "rng_state", "num_floating_point_operations_so_far"]
+
+# local (per-stage, TP-local) state_dict_for_save_checkpoint() names -> how TP shards combine and
+# the global (DCP-style, layers stacked) name that mcore_to_hf reads
+_LAYER_PARTS = {          # suffix after "decoder.layers.{local}."
+    "input_layernorm.weight": ("repl", "self_attention.linear_qkv.layer_norm_weight"),
+    "pre_mlp_layernorm.weight": ("repl", "mlp.linear_fc1.layer_norm_weight"),
+    "self_attention.linear_qkv.weight": ("col", "self_attention.linear_qkv.weight"),
+    "self_attention.linear_qkv.bias": ("col", "self_attention.linear_qkv.bias"),
+    "self_attention.q_layernorm.weight": ("repl", "self_attention.q_layernorm.weight"),
+    "self_attention.k_layernorm.weight": ("repl", "self_attention.k_layernorm.weight"),
+    "self_attention.linear_proj.weight": ("row", "self_attention.linear_proj.weight"),
+    "mlp.linear_fc1.weight": ("gated", "mlp.linear_fc1.weight"),
+    "mlp.linear_fc2.weight": ("row", "mlp.linear_fc2.weight"),
+    "mlp.router.weight": ("repl", "mlp.router.weight"),
+}
+_EXPERT_PARTS = {         # suffix after "decoder.layers.{local}.mlp.experts.local_experts.{k}."
+    "linear_fc1.weight": ("gated", "mlp.experts.experts.linear_fc1.weight"),
+    "linear_fc2.weight": ("row", "mlp.experts.experts.linear_fc2.weight"),
+}
+_TOP_PARTS = {
+    "embedding.word_embeddings.weight": ("col", "embedding.word_embeddings.weight"),
+    "output_layer.weight": ("col", "output_layer.weight"),
+    "decoder.final_layernorm.weight": ("repl", "decoder.final_layernorm.weight"),
+}
+
+
+def _same_bytes(a, b):
+    def raw(t):
+        return t.contiguous().view(-1).view(torch.uint8)
+
+    return a.dtype == b.dtype and a.shape == b.shape and raw(a).equal(raw(b))
+
+
+def load_legacy(case_dir, c):
+    """{(tp, pp, ep): dict} of every mp_rank_*/model_optim_rng.pt, with torch only."""
+    with open(os.path.join(case_dir, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read() == "1"
+    it = os.path.join(case_dir, "iter_0000001")
+    want = {legacy_rank_dir(c, t, p, e): (t, p, e) for t in range(c["tp"])
+            for p in range(c["pp"]) for e in range(c["ep"])}
+    assert sorted(os.listdir(it)) == sorted(want), (sorted(os.listdir(it)), sorted(want))
+    files = {}
+    for d, tpe in want.items():
+        assert os.listdir(os.path.join(it, d)) == ["model_optim_rng.pt"], d
+        files[tpe] = torch.load(os.path.join(it, d, "model_optim_rng.pt"), map_location="cpu",
+                                weights_only=False)
+    return files
+
+
+def legacy_to_global(c, files):
+    """Per-rank local state dicts -> global tensors under the torch_dist key names (layers
+    stacked on dim 0, experts on dim 1), i.e. what mcore_to_hf reads.  Also returns facts:
+    the _extra_state entries and the tied output_layer copy."""
+    import re
+
+    T, P, E = c["tp"], c["pp"], c["ep"]
+    per_stage, per_ep = c["layers"] // P, N_EXPERTS // E
+    slots, extra, unknown = {}, {}, []
+
+    def put(gkey, idx, kind, tp, t):
+        s = slots.setdefault((gkey, idx), {"kind": kind, "parts": {}, "copies": 0})
+        assert s["kind"] == kind
+        k = 0 if kind == "repl" else tp
+        s["copies"] += 1
+        if k in s["parts"]:     # a replica (norms over TP, dense weights over EP files)
+            assert _same_bytes(s["parts"][k], t), f"replicas differ: {gkey}{idx} tp {tp}"
+        else:
+            s["parts"][k] = t
+
+    layer_re = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+    expert_re = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)")
+    for (tp, pp, ep), sd in files.items():
+        for key, t in sd["model"].items():
+            if key.endswith("_extra_state"):
+                extra[(tp, pp, ep, key)] = t
+                continue
+            m = layer_re.fullmatch(key)
+            if m is None:
+                if key not in _TOP_PARTS:
+                    unknown.append(key)
+                    continue
+                kind, gkey = _TOP_PARTS[key]
+                put(gkey, (), kind, tp, t)
+                continue
+            i = pp * per_stage + int(m.group(1))              # global layer
+            x = expert_re.fullmatch(m.group(2))
+            if x is not None:
+                e = ep * per_ep + int(x.group(1))               # global expert
+                if x.group(2) not in _EXPERT_PARTS:
+                    unknown.append(key)
+                    continue
+                kind, gkey = _EXPERT_PARTS[x.group(2)]
+                put("decoder.layers." + gkey, (i, e), kind, tp, t)
+            elif m.group(2) in _LAYER_PARTS:
+                kind, gkey = _LAYER_PARTS[m.group(2)]
+                put("decoder.layers." + gkey, (i,), kind, tp, t)
+            else:
+                unknown.append(key)
+    assert not unknown, f"unmapped legacy keys: {unknown}"
+
+    pieces = {}
+    for (gkey, idx), s in slots.items():
+        parts = s["parts"]
+        if s["kind"] == "repl":
+            full = parts[0]
+        else:
+            assert sorted(parts) == list(range(T)), (gkey, idx, sorted(parts))
+            ps_ = [parts[r] for r in range(T)]
+            if s["kind"] == "col":
+                full = torch.cat(ps_, 0)
+            elif s["kind"] == "row":
+                full = torch.cat(ps_, 1)
+            else:   # gated fc1: each TP rank holds [gate_shard; up_shard]
+                halves = [p.chunk(2, 0) for p in ps_]
+                full = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+        pieces.setdefault(gkey, {})[idx] = full
+    glob = {}
+    for gkey, by_idx in pieces.items():
+        if () in by_idx:
+            glob[gkey] = by_idx[()]
+        elif len(next(iter(by_idx))) == 1:
+            assert sorted(by_idx) == [(i,) for i in range(c["layers"])], gkey
+            glob[gkey] = torch.stack([by_idx[(i,)] for i in range(c["layers"])])
+        else:
+            want = [(i, e) for i in range(c["layers"]) for e in range(N_EXPERTS)]
+            assert sorted(by_idx) == want, gkey
+            glob[gkey] = torch.stack([torch.stack([by_idx[(i, e)] for e in range(N_EXPERTS)])
+                                      for i in range(c["layers"])])
+    copies = {f"{g}{list(i) if i else ''}": s["copies"] for (g, i), s in slots.items()
+              if s["kind"] == "repl"}
+    return glob, extra, copies
+
+
+def _expected_adam(name, shape, beta1=0.9, beta2=0.95):
+    """exp_avg / exp_avg_sq after one torch AdamW step from zero state with the gradient that
+    _fill_grads_and_step gives the DDP parameter 'module.<name>'."""
+    g = torch.Generator().manual_seed(zlib.crc32(("module." + name).encode()))
+    grad = 0.01 * torch.randn(shape, generator=g)
+    m = torch.zeros(shape).lerp_(grad, 1 - beta1)
+    v = torch.zeros(shape).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return m, v
+
+
+def verify_legacy(case_dir, c):
+    from safetensors.torch import load_file
+
+    ref_dir = os.path.join(os.path.dirname(os.path.abspath(case_dir)), c["ref"])
+    ref = load_file(os.path.join(ref_dir, "reference", "model.safetensors"))
+    files = load_legacy(case_dir, c)
+    keys = LEGACY_OPTIM_KEYS if c.get("optim") else LEGACY_KEYS
+    for tpe, sd in files.items():
+        assert list(sd) == keys, (tpe, list(sd))
+        assert sd["checkpoint_version"] == 3.0 and sd["iteration"] == 1, tpe
+        a = sd["args"]
+        assert (a.ckpt_format, a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                a.expert_model_parallel_size) == ("torch", c["tp"], c["pp"], c["ep"]), tpe
+        assert a.padded_vocab_size == c["pad_to"], tpe
+        for t in sd["model"].values():          # no tensor drags a larger storage along
+            if isinstance(t, torch.Tensor):
+                assert t.untyped_storage().nbytes() == t.nbytes, tpe
+    glob, extra, copies = legacy_to_global(c, files)
+    assert all(v is None for v in extra.values()), {k: type(v) for k, v in extra.items()}
+    if c["tied"]:
+        # with PP > 1 the last stage holds a copy of the embedding as output_layer.weight
+        out = glob.pop("output_layer.weight", None)
+        if out is not None:
+            assert _same_bytes(out, glob["embedding.word_embeddings.weight"])
+            print(f"[{c['name']}] tied: last stage's output_layer.weight == "
+                  f"embedding.word_embeddings.weight (bit-identical)", flush=True)
+    got = mcore_to_hf(c, glob)
+    assert set(got) == set(ref), sorted(set(got) ^ set(ref))
+    for k, v in ref.items():
+        assert _same_bytes(got[k], v), k
+    used = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight"}
+    unused = [k for k in glob if k not in used and not k.startswith("decoder.layers.")
+              and not (k == "output_layer.weight" and not c["tied"])]
+    assert not unused, unused
+    print(f"[{c['name']}] verified: {len(files)} rank files, {len(ref)} HF tensors "
+          f"bit-identical to {c['ref']}/reference; {len(extra)} _extra_state entries (all None); "
+          f"{len(copies)} replicated tensors (norms/router) each identical in all "
+          f"{min(copies.values())}..{max(copies.values())} files holding it", flush=True)
+    if c.get("optim"):
+        for (tp, _pp, _ep), sd in files.items():
+            opt = sd["optimizer"]
+            assert list(opt) == ["state", "param_groups"], list(opt)
+            pos = [i for g in opt["param_groups"] for i in g["params"]]
+            assert pos == list(range(len(pos))) and sorted(opt["state"]) == pos
+            params = {k: v for k, v in sd["model"].items() if not k.endswith("_extra_state")}
+            assert len(pos) == len(params)
+            mapping = {}
+            for i in pos:
+                st = opt["state"][i]
+                assert sorted(st) == ["exp_avg", "exp_avg_sq", "step"], sorted(st)
+                hits = []
+                for name, w in params.items():
+                    if w.shape != st["exp_avg"].shape:
+                        continue
+                    m, v = _expected_adam(name, w.shape)
+                    if torch.equal(st["exp_avg"], m) and torch.equal(st["exp_avg_sq"], v):
+                        hits.append(name)
+                assert len(hits) == 1, (i, hits)
+                mapping[i] = hits[0]
+                assert float(st["step"]) == 1.0
+            assert sorted(mapping.values()) == sorted(params)
+            print(f"[{c['name']}] tp{tp}: optimizer state {len(pos)} positions = the "
+                  f"{len(params)} params, each matched to its name by its own Adam moments "
+                  f"(bit-exact): "
+                  + ", ".join(f"{i}={n}" for i, n in mapping.items()), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+def _check_same_reference(c, out_root, hf_tmp):
+    """A legacy case writes no reference of its own: the HF model it was made from must be
+    byte-identical to its torch_dist "ref" case's reference/model.safetensors (and have the
+    same config.json, up to the transformers version that wrote it)."""
+    ref_dir = os.path.join(out_root, c["ref"])
+    ref_st = os.path.join(ref_dir, "reference", "model.safetensors")
+    if not os.path.isfile(ref_st):
+        raise SystemExit(f"[{c['name']}] needs {ref_st}: generate case {c['ref']!r} first")
+    with open(ref_st, "rb") as f1, open(os.path.join(hf_tmp, "model.safetensors"), "rb") as f2:
+        a, b = f1.read(), f2.read()
+    if a != b:
+        raise SystemExit(f"[{c['name']}] FATAL: the HF model built here is NOT byte-identical "
+                         f"to {ref_st} ({len(b)} vs {len(a)} bytes); refusing to write a "
+                         f"legacy checkpoint with a different ground truth")
+    with open(os.path.join(ref_dir, "huggingface", "config.json")) as f1, \
+            open(os.path.join(hf_tmp, "config.json")) as f2:
+        c1, c2 = json.load(f1), json.load(f2)
+    c1.pop("transformers_version", None)
+    c2.pop("transformers_version", None)
+    if c1 != c2:
+        raise SystemExit(f"[{c['name']}] FATAL: config.json differs from {ref_dir}/huggingface: "
+                         f"{sorted(k for k in set(c1) | set(c2) if c1.get(k) != c2.get(k))}")
+    print(f"[{c['name']}] HF model == {c['ref']}/reference/model.safetensors byte for byte "
+          f"({len(a)} bytes); config.json equal", flush=True)
+
+
 def generate(name, out_root, keep_work=False):
     c = {**CASES[name], "name": name}
     case_dir = os.path.join(out_root, name)
-    shutil.rmtree(case_dir, ignore_errors=True)
-    os.makedirs(case_dir)
+    if c["layout"] != "legacy":     # a legacy case is cleared only once its reference checks
+        shutil.rmtree(case_dir, ignore_errors=True)
+        os.makedirs(case_dir)
     work = tempfile.mkdtemp(prefix=f"mcore-{name}-")
 
     model = build_hf(c)
@@ -807,17 +1196,22 @@ def generate(name, out_root, keep_work=False):
     if c["dtype"] == "bfloat16":
         model = model.to(torch.bfloat16)
     model.save_pretrained(hf_tmp)
+    if c["layout"] == "legacy":
+        _check_same_reference(c, out_root, hf_tmp)
+        shutil.rmtree(case_dir, ignore_errors=True)
+        os.makedirs(case_dir)
     # veRL v1 writes config + tokenizer (no weights) to actor/huggingface/; veRL v2 with
     # use_dist_checkpointing and no bridge writes no HF folder at all, so for it (and for the
     # plain / Megatron-LM cases) the config lives in <case>/huggingface/, outside the tree.
-    hf_dir = (os.path.join(case_dir, "global_step_1", "actor", "huggingface")
-              if c["layout"] == "verl_v1" else os.path.join(case_dir, "huggingface"))
-    os.makedirs(hf_dir, exist_ok=True)
-    shutil.copy(os.path.join(hf_tmp, "config.json"), hf_dir)
-    tok.save_pretrained(hf_dir)
-    os.makedirs(os.path.join(case_dir, "reference"))
-    shutil.copy(os.path.join(hf_tmp, "model.safetensors"),
-                os.path.join(case_dir, "reference", "model.safetensors"))
+    if c["layout"] != "legacy":     # a legacy case uses its ref case's config and reference
+        hf_dir = (os.path.join(case_dir, "global_step_1", "actor", "huggingface")
+                  if c["layout"] == "verl_v1" else os.path.join(case_dir, "huggingface"))
+        os.makedirs(hf_dir, exist_ok=True)
+        shutil.copy(os.path.join(hf_tmp, "config.json"), hf_dir)
+        tok.save_pretrained(hf_dir)
+        os.makedirs(os.path.join(case_dir, "reference"))
+        shutil.copy(os.path.join(hf_tmp, "model.safetensors"),
+                    os.path.join(case_dir, "reference", "model.safetensors"))
 
     from safetensors.torch import load_file
 
