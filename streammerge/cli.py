@@ -44,6 +44,7 @@ def _path(text: str) -> str:
 def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT_DIR", type=_path,
                    help="actor/ folder, global_step_N folder, run folder, a torch DCP or Megatron torch_dist folder, "
+                        "a Megatron-LM legacy iter_N folder (mp_rank_*/), "
                         "a DeepSpeed ZeRO save (its folder, global_stepN/, or the HF Trainer's checkpoint-N/), or one "
                         "torch.save file of a whole model (a Lightning .ckpt)")
     p.add_argument("out_dir", metavar="OUT_DIR", type=_path,
@@ -388,8 +389,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "merge":
         p = _Parser(prog="streammerge", description="Merge a sharded checkpoint (veRL FSDP, LoRA, torch DCP, "
-                    "Megatron torch_dist, DeepSpeed ZeRO; or one torch.save file) into a Hugging Face model folder, "
-                    "streaming in bounded memory.", epilog=HELP,
+                    "Megatron torch_dist or legacy, DeepSpeed ZeRO; or one torch.save file) into a Hugging Face model "
+                    "folder, streaming in bounded memory.", epilog=HELP,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
         _merge_args(p)
         _push_args(p)

@@ -199,15 +199,6 @@ def _deepspeed_run(d: Path) -> Path:
     return d
 
 
-def _megatron_legacy(d: Path) -> Path:
-    """Megatron-LM's `--ckpt-format torch`: a tracker, then one file per model-parallel rank."""
-    (d / "iter_0000100" / "mp_rank_00").mkdir(parents=True)
-    torch.save({"model": {"w": torch.zeros(2)}, "iteration": 100}, d / "iter_0000100" / "mp_rank_00" /
-               "model_optim_rng.pt")
-    (d / "latest_checkpointed_iteration.txt").write_text("100")
-    return d
-
-
 def _accelerate_per_rank(d: Path) -> Path:
     """accelerate's save_fsdp_model/save_fsdp_optimizer with use_dcp=False: one torch.save per rank, no DCP."""
     d.mkdir(parents=True)
@@ -267,12 +258,12 @@ def _peft_adapter(d: Path) -> Path:
 
 
 @pytest.mark.parametrize(("make", "words"), [
-    (_deepspeed_run, "a DeepSpeed checkpoint without ZeRO"), (_megatron_legacy, "legacy `torch` format"),
+    (_deepspeed_run, "a DeepSpeed checkpoint without ZeRO"),
     (_hf_folder, "already a Hugging Face model folder"), (_peft_adapter, "a peft adapter folder"),
     (_accelerate_per_rank, "accelerate's per-rank FSDP files"),
     (_accelerate_local, "accelerate's FSDP1 LOCAL_STATE_DICT files"),
     (_trainer_full, "already a Hugging Face model folder"), (_lightning_folder, "a folder of PyTorch Lightning")],
-    ids=["deepspeed", "megatron-legacy", "hf-folder", "peft-adapter", "accelerate-per-rank", "accelerate-local",
+    ids=["deepspeed", "hf-folder", "peft-adapter", "accelerate-per-rank", "accelerate-local",
          "trainer-full", "lightning-folder"])
 def test_a_format_streammerge_does_not_read_is_named_with_what_reads_it(make, words, tmp_path, capsys):
     """Rather than "not a checkpoint": what the folder is, in one line, and which tool reads it."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..model_folder import WEIGHT_INDEXES
 from ..paths import NotAFile, read_small, user_path
-from . import dcp, deepspeed, torchfile, verl
+from . import dcp, deepspeed, megatron_legacy, torchfile, verl
 from .base import Piece, ReadStats, Source, SourceTensor
 from .hf import SINGLE
 
@@ -43,6 +43,8 @@ FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Source]]] = [
     ("torch DCP or Megatron torch_dist (.metadata, __*_*.distcp)", dcp.holds, dcp.open_dcp),
     ("DeepSpeed ZeRO (global_stepN/ with *zero_pp_rank_*_optim_states.pt, or the folder whose `latest` names it)",
      deepspeed.holds, deepspeed.open_deepspeed),
+    ("Megatron-LM legacy torch format (mp_rank_*/model_optim_rng.pt)", megatron_legacy.holds,
+     megatron_legacy.open_legacy),
     ("accelerate's FULL_STATE_DICT save (pytorch_model_fsdp.bin)", lambda p: _accelerate_full(p) is not None,
      _open_accelerate_full),
 ]
@@ -79,6 +81,9 @@ def _find(path: Path, depth: int = 0) -> tuple[Path, Callable[[Path], Source]]:
         if sharded is not None:
             raise CheckpointError(f"{path}: one file of a sharded checkpoint ({sharded}), not a folder: give the "
                                   f"folder holding it, {path.parent}")
+        if path.name == megatron_legacy.FILE and megatron_legacy.holds(path.parent.parent):
+            raise CheckpointError(f"{path}: one rank's file of a Megatron-LM checkpoint (legacy torch format), not a "
+                                  f"folder: give the folder holding its mp_rank_*/ folders, {path.parent.parent}")
         if torchfile.holds(path):
             return path, torchfile.open_torch_file
         raise CheckpointError(f"{path}: not a checkpoint file streammerge reads (it reads one torch.save file of a "
@@ -143,10 +148,9 @@ UNREAD: list[tuple[Callable[[Path], bool], str]] = [
     (_deepspeed, "a DeepSpeed checkpoint without ZeRO optimizer partitions (mp_rank_*_model_states.pt alone: ZeRO "
                  "stage 0, or pipeline-parallel layer_*-model_states.pt), which streammerge does not read (it reads "
                  "ZeRO stages 1 to 3): the model states file holds the whole model, under `module`"),
-    (lambda p: _has(p, "mp_rank_*/model_optim_rng.pt"),
-     "a Megatron checkpoint in the legacy `torch` format (mp_rank_*/model_optim_rng.pt); streammerge reads Megatron's "
-     "`torch_dist` format: convert it with Megatron-LM's tools/checkpoint/convert.py, or save with --ckpt-format "
-     "torch_dist"),
+    (lambda p: bool(megatron_legacy.RANK_DIR.match(p.name)) and (p / megatron_legacy.FILE).is_file(),
+     "one rank's folder of a Megatron-LM checkpoint (legacy torch format): give the folder holding its mp_rank_*/ "
+     "folders"),
     (lambda p: _has(p, "pytorch_model_fsdp_*_rank*.bin"),
      "accelerate's per-rank FSDP files (pytorch_model_fsdp_*_rank*.bin, saved with use_dcp=False), which streammerge "
      "does not read: save with accelerate's default (use_dcp=True, a pytorch_model_fsdp_0/ folder), which it reads"),

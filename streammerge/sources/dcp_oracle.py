@@ -23,7 +23,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import CheckpointError
 from .base import Oracle, pread_into
@@ -280,6 +280,19 @@ def _read_span(path: Path, storage: int, view: Any) -> Any:
     return torch.frombuffer(buf, dtype=view.dtype).as_strided(tuple(view.shape), tuple(view.stride()))
 
 
+class KeyReader(Protocol):
+    """Global Megatron tensors by torch_dist key, as torch reads them: a DCP folder's (`DcpOracle`), or the legacy
+    format's rank files put together (`megatron_legacy.LegacyReader`)."""
+
+    def entry(self, key: str) -> Any: ...  # global `size` and `properties.dtype`, or None
+
+    def read(self, key: str, box: Box) -> Any: ...
+
+    def check_integrity(self, paths: Sequence[Path]) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
 class MegatronOracle(Oracle):
     """HF tensors of a Megatron checkpoint: the mapping table's (key, layer/expert, part), read by torch.
 
@@ -288,7 +301,7 @@ class MegatronOracle(Oracle):
     arithmetic of the part (`megatron.torch_view`: view/reshape/chunk, not our piece offsets).
     """
 
-    def __init__(self, sources: Mapping[str, tuple[DcpOracle, Any]], arch: Any):
+    def __init__(self, sources: Mapping[str, tuple[KeyReader, Any]], arch: Any):
         self.sources, self.arch = dict(sources), arch
         self._last: tuple[Any, Any] | None = None
 
@@ -345,7 +358,7 @@ class MegatronOracle(Oracle):
         return src.reshape((last + 1 - first,) + src.shape[len(take.index) + 1:])[rows - first]
 
     def check_integrity(self, paths: Sequence[Path]) -> list[str]:
-        seen: dict[int, DcpOracle] = {id(o): o for o, _ in self.sources.values()}
+        seen: dict[int, KeyReader] = {id(o): o for o, _ in self.sources.values()}
         return [p for o in seen.values() for p in o.check_integrity(paths)]
 
     def close(self) -> None:

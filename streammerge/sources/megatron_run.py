@@ -181,7 +181,7 @@ def common_state(folder: Path, ck: DcpCheckpoint) -> tuple[Any, str] | None:
     return value, where
 
 
-def _megatron_lm(args: Mapping[str, Any], where: str) -> Recorded:
+def megatron_lm_args(args: Mapping[str, Any], where: str) -> Recorded:
     """Megatron-LM's args, in our names (old and new spellings: norm_epsilon / layernorm_epsilon, ...)."""
     s: dict[str, tuple[str, Any]] = {}
 
@@ -256,7 +256,7 @@ def recorded(folder: Path, ck: DcpCheckpoint) -> list[Recorded]:
         if args is None:
             raise CheckpointError(f"{common[1]}: the run's args are not an argparse.Namespace "
                                   f"({type(common[0]['args']).__name__}); its settings cannot be checked: not merged")
-        out.append(_megatron_lm(args, f"{common[1]} (Megatron-LM args)"))
+        out.append(megatron_lm_args(args, f"{common[1]} (Megatron-LM args)"))
     path = next((d / RECORDED_CONFIG for d in (folder, *folder.parents[:2]) if (d / RECORDED_CONFIG).is_file()), None)
     if path is not None:
         out.append(_transformer_config(jsonfile.read_object(path), str(path)))
@@ -421,4 +421,4 @@ def _show(v: Any) -> str:
 
 
 __all__ = ["COMMON_FILE", "COMMON_KEY", "DEFAULTS", "RECORDED_CONFIG", "Record", "Recorded", "check", "common_state",
-           "global_name", "inert_loads", "namespace_fields", "recorded", "rope_of"]
+           "global_name", "inert_loads", "megatron_lm_args", "namespace_fields", "recorded", "rope_of"]

@@ -130,6 +130,33 @@ def _global(v: tp.Inert) -> str:
     return ".".join(v.global_name)
 
 
+def whole_tensor(file: Path, st: tp.State, name: str, path: KeyPath, rank: int = 0) -> SourceTensor:
+    """The tensor at key path `path` of `file` (read as `st`) as one piece of the file: its storage's record, from the
+    tensor's offset, with its strides (`rank`: which file of several, for messages)."""
+    t: Any = st.obj
+    for k in path:
+        t = t[k]
+    key = ".".join(map(str, path))
+    if isinstance(t, tp.Wrapper):
+        raise UnsupportedLayoutError(f"{file}: {key!r} is a {t.cls.__name__} (one rank's shard of a sharded "
+                                     "model), not a whole tensor: give the sharded save's folder")
+    if isinstance(t, tp.Inert):
+        raise CheckpointError(f"{file}: {key!r} is an object of {_global(t)} (nothing of it was run), which "
+                              "streammerge does not merge: it merges tensors")
+    if not isinstance(t, tp.Local) or t.storage.key not in st.offsets or t.storage.dtype is None:
+        raise CheckpointError(f"{file}: {key!r} has no stored data")
+    numel = math.prod(t.shape)
+    if numel > 1 and any(stride == 0 and s > 1 for s, stride in zip(t.shape, t.stride)):
+        raise UnsupportedLayoutError(f"{file}: {key!r} is saved as an expanded view (a stride of 0), whose "
+                                     "elements share bytes; save it after .contiguous()")
+    last = sum((s - 1) * stride for s, stride in zip(t.shape, t.stride)) if numel else -1
+    if t.offset < 0 or numel and t.offset + last + 1 > t.storage.numel:
+        raise CheckpointError(f"{file}: {key!r} reaches outside its storage (torch.load refuses it)")
+    piece = Piece(rank, str(file), st.offsets[t.storage.key] + t.offset * t.dtype.itemsize, t.shape, t.stride,
+                  (0,) * len(t.shape))
+    return SourceTensor(name, t.shape, t.dtype, (piece,) if numel else ())
+
+
 class TorchFileSource(Source):
     """A whole state dict in one torch.save file (the file is `path`)."""
 
@@ -235,26 +262,9 @@ class TorchFileSource(Source):
     def file_tensor(self, file: Path, st: tp.State, name: str, path: KeyPath) -> SourceTensor:
         """The tensor at key path `path` of `file` (read as `st`), as one piece of the file; verify's oracle finds it
         by `name`."""
-        t: Any = st.obj
-        for k in path:
-            t = t[k]
-        key = ".".join(map(str, path))
-        if isinstance(t, tp.Wrapper):
-            raise UnsupportedLayoutError(f"{file}: {key!r} is a {t.cls.__name__} (one rank's shard of a sharded "
-                                         "model), not a whole tensor: give the sharded save's folder")
-        if t.storage.key not in st.offsets or t.storage.dtype is None:
-            raise CheckpointError(f"{file}: {key!r} has no stored data")
-        numel = math.prod(t.shape)
-        if numel > 1 and any(stride == 0 and s > 1 for s, stride in zip(t.shape, t.stride)):
-            raise UnsupportedLayoutError(f"{file}: {key!r} is saved as an expanded view (a stride of 0), whose "
-                                         "elements share bytes; save it after .contiguous()")
-        last = sum((s - 1) * stride for s, stride in zip(t.shape, t.stride)) if numel else -1
-        if t.offset < 0 or numel and t.offset + last + 1 > t.storage.numel:
-            raise CheckpointError(f"{file}: {key!r} reaches outside its storage (torch.load refuses it)")
+        t = whole_tensor(file, st, name, path)
         self._located[name] = (file, path)
-        piece = Piece(0, str(file), st.offsets[t.storage.key] + t.offset * t.dtype.itemsize, t.shape, t.stride,
-                      (0,) * len(t.shape))
-        return SourceTensor(name, t.shape, t.dtype, (piece,) if numel else ())
+        return t
 
     def _optimizer(self) -> tuple[Path, tp.State, KeyPath] | str | None:
         """Where the optimizer's state dict is (its file, read; its key path there), or why none is exported, or None
