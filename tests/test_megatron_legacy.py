@@ -18,14 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from test_strict import MUTATIONS, STRICTER, mutate
+from test_torchfile import CHOICES
 
 import streammerge
-from streammerge.errors import CheckpointError, ConfigError, UnsupportedLayoutError
+from streammerge.errors import CheckpointError, ConfigError, StreammergeError, UnsupportedLayoutError
 from streammerge.sources import megatron_legacy, open_checkpoint
 from streammerge.sources.megatron_legacy import FILE, LegacyReader, MegatronLegacySource
+from streammerge.sources.torchfile import TorchFileOracle
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "data" / "megatron"
@@ -358,3 +361,82 @@ def test_placements_equal_torch_cat(tmp_path_factory, tp, stages, ep, per_rank, 
         want = m[tuple(slice(lo, hi) for lo, hi in (*box, *rest))]
         assert torch.equal(reader.read(key, (*box, *rest)), want), key
     reader.close()
+
+
+# ---------------------------------------------------------------- against torch, on mutated files
+
+# refusals of this reader's own where torch.load reads every file: the layout (which the args and the shards say,
+# and torch does not check), and the torch.save file reader's stated ones (test_torchfile's CHOICES)
+LAYOUT = ("no run args", "is missing", "is not a rank of this run", "the rank files hold", "does not know how tensor "
+          "parallelism splits it", "virtual pipeline stages", "not a positive whole number", "stage ", "is float",
+          "no `model` dict", "has no stored data", "an object of", "differs from tensor_model_parallel_size",
+          "whose key is no name", "which tensor parallelism does not split so")
+
+
+def _our_globals(step: Path) -> tuple[dict[str, tuple], MegatronLegacySource]:
+    """Each global tensor as the source places it: its bytes read where its pieces say, with their strides."""
+    import numpy as np
+
+    src = MegatronLegacySource(step)
+    tensors = src.read()[3]
+    out = {}
+    for key, t in tensors.items():
+        size = t.dtype.itemsize
+        data = np.zeros((*t.shape, size), np.uint8)
+        for p in t.pieces:
+            raw = np.fromfile(p.file, np.uint8)
+            view = np.lib.stride_tricks.as_strided(raw[p.offset:], (*p.shape, size),
+                                                   (*(s * size for s in p.stride), 1), writeable=False)
+            data[tuple(slice(s, s + n) for s, n in zip(p.start, p.shape))] = view
+        out[key] = (t.shape, t.dtype.name, data.tobytes())
+    return out, src
+
+
+def _torch_globals(src: MegatronLegacySource) -> dict[str, tuple]:
+    """The same tensors as torch.load gives the shards, concatenated by torch (LegacyReader)."""
+    _, sizes, placements, _ = src.read()
+    reader = LegacyReader(placements, sizes, src._inert)
+    try:
+        out = {}
+        for key in {pl.key for pl in placements}:
+            entry = reader.entry(key)
+            m = reader.read(key, tuple((0, n) for n in entry.size))
+            out[key] = (tuple(m.shape), str(m.dtype).removeprefix("torch."), _bits(m))
+        return out
+    finally:
+        reader.close()
+
+
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutation=MUTATIONS, rank=st.sampled_from(["mp_rank_00_000", "mp_rank_01_001"]))
+def test_differential_fuzz(tmp_path_factory: pytest.TempPathFactory, mutation: tuple, rank: str) -> None:
+    """A real rank file, mutated: the source's global tensors are exactly what torch.load of the shards gives when
+    torch concatenates them, or the source refuses in one line where torch refuses too (or for a stated reason)."""
+    folder = tmp_path_factory.mktemp("fuzz") / "run"
+    shutil.copytree(FIX / "legacy_llama_tp2_pp2", folder)
+    step = folder / "iter_0000001"
+    mutate(step / rank / FILE, mutation)
+    try:
+        ours, src = _our_globals(step)
+    except StreammergeError as e:
+        assert "\n" not in str(e)
+        clean = MegatronLegacySource(FIX / "legacy_llama_tp2_pp2" / "iter_0000001")
+        clean.read()
+        torch_reads = TorchFileOracle({"file": (step / rank / FILE, ())}, clean._inert)  # weights_only, stand-ins
+        try:
+            torch_reads.load_all()
+        except CheckpointError:  # torch refuses it too
+            return
+        finally:
+            torch_reads.close()
+        assert any(s in str(e) for s in (*STRICTER, *CHOICES, *LAYOUT)), f"refused what torch reads: {e}"
+        return
+    try:
+        want = _torch_globals(src)
+    except CheckpointError as e:
+        # torch refuses what the source read: a call of what a call returned (a mutated pickle can make one of a
+        # global the source read as an inert record), outside the model's tensors
+        assert "reduce for unrecognized function" in str(e) or "Unsupported" in str(e), e
+        return
+    assert ours == want
