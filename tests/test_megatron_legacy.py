@@ -348,7 +348,7 @@ def test_placements_equal_torch_cat(tmp_path_factory, tp, stages, ep, per_rank, 
     src = open_checkpoint(folder / "iter_0000001")
     _, sizes, placements, tensors = src.read()
     assert set(tensors) == set(g)
-    reader = LegacyReader(placements, sizes, src._inert)
+    reader = LegacyReader(placements, sizes, src.inert)
     for key, (m, _) in g.items():
         assert tensors[key].shape == tuple(m.shape), key
         assert torch.equal(_assemble(tensors[key]), m), key
@@ -395,7 +395,7 @@ def _our_globals(step: Path) -> tuple[dict[str, tuple], MegatronLegacySource]:
 def _torch_globals(src: MegatronLegacySource) -> dict[str, tuple]:
     """The same tensors as torch.load gives the shards, concatenated by torch (LegacyReader)."""
     _, sizes, placements, _ = src.read()
-    reader = LegacyReader(placements, sizes, src._inert)
+    reader = LegacyReader(placements, sizes, src.inert)
     try:
         out = {}
         for key in {pl.key for pl in placements}:
@@ -423,7 +423,7 @@ def test_differential_fuzz(tmp_path_factory: pytest.TempPathFactory, mutation: t
         assert "\n" not in str(e)
         clean = MegatronLegacySource(FIX / "legacy_llama_tp2_pp2" / "iter_0000001")
         clean.read()
-        torch_reads = TorchFileOracle({"file": (step / rank / FILE, ())}, clean._inert)  # weights_only, stand-ins
+        torch_reads = TorchFileOracle({"file": (step / rank / FILE, ())}, clean.inert)  # weights_only, stand-ins
         try:
             torch_reads.load_all()
         except CheckpointError:  # torch refuses it too

@@ -36,7 +36,7 @@ from . import torchpickle as tp
 from .base import Oracle, Piece, Source, SourceTensor, step_of
 from .dcp_oracle import MegatronOracle
 from .megatron import Arch, Take, arch_of, pieces_by_layer, table, text_config, view
-from .torchfile import KeyPath, TorchFileOracle, _flatten, _NotAName, read_torch_file, whole_tensor
+from .torchfile import KeyPath, NotAName, TorchFileOracle, flatten, read_torch_file, whole_tensor
 from .torchzip import read_directory, read_record
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class MegatronLegacySource(Source):
         self._config_where = str(path)
         self._read: tuple[dict[str, Any], Sizes, list[Placement], dict[str, SourceTensor]] | None = None
         self._mapping: tuple[Arch, dict[str, Take]] | None = None
-        self._inert: list[tuple[str, str]] = []
+        self.inert: list[tuple[str, str]] = []
         self._optimizer: list[str] = []  # where optimizer state is: the files' `optimizer`, distrib_optim.pt
         self.copies: list[Placement] = []  # replicas not read (placed as the shard each must equal)
 
@@ -220,7 +220,7 @@ class MegatronLegacySource(Source):
             self.stats.decoded += 1
             for g in inert:
                 self.stats.left_out[".".join(g)] += 1
-            self._inert += [g for g in inert if g not in self._inert]
+            self.inert += [g for g in inert if g not in self.inert]
             obj = st.obj
             if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
                 chunks = sorted(k for k in obj if isinstance(k, str) and re.fullmatch(r"model\d+", k)) \
@@ -234,12 +234,12 @@ class MegatronLegacySource(Source):
                 self._optimizer.append("optimizer")
             if (file.parent / DISTRIB_OPTIM).is_file() and DISTRIB_OPTIM not in self._optimizer:
                 self._optimizer.append(DISTRIB_OPTIM)
-            flat, _ = _flatten(obj["model"])
+            flat, _ = flatten(obj["model"])
             for key, (path, v) in flat.items():
                 if key.endswith("_extra_state"):  # Transformer Engine's FP8 metadata, no weights (as in torch_dist)
                     self.stats.left_out["_extra_state"] += 1
                     continue
-                if isinstance(v, _NotAName):
+                if isinstance(v, NotAName):
                     raise CheckpointError(f"{file}: {key!r}: the model's state dict holds an entry whose key is no "
                                           "name, which no state dict holds")
                 locals_.append((file, (t, p, e), key, ("model", *path)))
@@ -387,7 +387,7 @@ class MegatronLegacySource(Source):
     def oracle(self, options: MergeOptions) -> Oracle:
         _, sizes, placements, _ = self.read()
         arch, takes = self.mapping()
-        reader = LegacyReader(placements, sizes, self._inert, self.copies)
+        reader = LegacyReader(placements, sizes, self.inert, self.copies)
         return LegacyOracle({name: (reader, t) for name, t in takes.items()}, arch, reader)
 
 
@@ -449,7 +449,7 @@ class LegacyReader:
         self._files = TorchFileOracle(located, inert)
 
     def _shard(self, i: int) -> Any:
-        return self._files._get(str(i))
+        return self._files.tensor(str(i))
 
     def entry(self, key: str) -> _Entry | None:
         shards = self._by_key.get(key)
@@ -501,7 +501,7 @@ class LegacyReader:
             if taken is None:
                 out.append(f"{pl.file}: {'.'.join(map(str, pl.path))} has no taken shard to equal")
                 continue
-            a, b = self._shard(taken), self._files._get(f"copy {i}")
+            a, b = self._shard(taken), self._files.tensor(f"copy {i}")
             if a.dtype != b.dtype or a.shape != b.shape or not bytes_rows(a).equal(bytes_rows(b)):
                 file = self._files.located[str(taken)][0]
                 out.append(f"{pl.file}: {'.'.join(map(str, pl.path[1:]))} differs from the copy the merge took "

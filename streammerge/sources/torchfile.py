@@ -67,13 +67,13 @@ def accelerate_full(folder: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-class _NotAName:
+class NotAName:
     """What a dict holds under a key that is no name (neither str nor int): no state dict's entry."""
 
 
-def _flatten(obj: Any) -> tuple[dict[str, tuple[KeyPath, Any]], set[str]]:
+def flatten(obj: Any) -> tuple[dict[str, tuple[KeyPath, Any]], set[str]]:
     """Every tensor in the saved object under its dotted name (as torch DCP flattens a state dict), with its key path,
-    every object of a class beyond the allowlist (`tp.Inert`) and every entry whose key is no name (`_NotAName`); and
+    every object of a class beyond the allowlist (`tp.Inert`) and every entry whose key is no name (`NotAName`); and
     the dotted names two paths give (`{"a.b": x, "a": {"b": y}}`). Dicts and lists are walked, each once."""
     out: dict[str, tuple[KeyPath, Any]] = {}
     twice: set[str] = set()
@@ -90,8 +90,8 @@ def _flatten(obj: Any) -> tuple[dict[str, tuple[KeyPath, Any]], set[str]]:
             seen.add(id(v))
             items = v.items() if isinstance(v, dict) else enumerate(v)
             stack.extend(reversed([((*path, k), x) if isinstance(k, (str, int)) else
-                                   ((*path, f"<a {type(k).__name__} key>"), _NotAName()) for k, x in items]))
-        elif isinstance(v, _NotAName):
+                                   ((*path, f"<a {type(k).__name__} key>"), NotAName()) for k, x in items]))
+        elif isinstance(v, NotAName):
             out[".".join(map(str, path))] = (path, v)
     return out, twice
 
@@ -206,7 +206,7 @@ class TorchFileSource(Source):
                 f"{self.path}: a DeepSpeed model states file, which streammerge does not read alone: its `module` "
                 "holds the model in the training dtype, and a save with mixed precision keeps the float32 master "
                 "weights elsewhere; streammerge reads ZeRO stages 1 to 3 from the step folder")
-        flat, twice = _flatten(obj)
+        flat, twice = flatten(obj)
         heads = sorted({name.split(".", 1)[0] for name in flat})
         attribute = ""
         if key_prefix is not None:
@@ -233,7 +233,7 @@ class TorchFileSource(Source):
         model = {name[len(prefix):]: name for name in flat if name.startswith(prefix) and len(name) > len(prefix)}
         if not model:
             raise CheckpointError(f"{self.path}: {how} holds no tensor")
-        odd = [key for key in model.values() if isinstance(flat[key][1], _NotAName)]
+        odd = [key for key in model.values() if isinstance(flat[key][1], NotAName)]
         if odd:
             raise CheckpointError(f"{self.path}: {odd[0]!r}: the model's state dict holds an entry whose key is no "
                                   "name, which no state dict holds; streammerge merges named tensors")
@@ -350,7 +350,7 @@ class TorchFileSource(Source):
             lines.append(f"model       {len(model)} tensors: {how}"
                          + (f", the LightningModule's attribute {attribute!r} stripped" if attribute else ""))
             taken = {".".join(map(str, p)) for p in model.values()}
-            flat, _ = _flatten(self.state().obj)
+            flat, _ = flatten(self.state().obj)
             try:
                 found = self._optimizer()
             except CheckpointError as e:
@@ -412,7 +412,7 @@ class TorchFileOracle(Oracle):
                 raise CheckpointError(f"{file}: torch.load(weights_only=True) refuses it ({type(e).__name__}: "
                                       f"{(str(e).splitlines() or [''])[0][:200]})") from None
 
-    def _get(self, name: str) -> Any:
+    def tensor(self, name: str) -> Any:
         where = self.located.get(name)
         if where is None:
             return None
@@ -423,11 +423,11 @@ class TorchFileOracle(Oracle):
         return t
 
     def shape(self, name: str) -> tuple[tuple[int, ...], str] | None:
-        t = self._get(name)
+        t = self.tensor(name)
         return None if t is None else (tuple(t.shape), str(t.dtype).removeprefix("torch."))
 
     def read(self, name: str, box: tuple[tuple[int, int], ...]) -> Any:
-        return self._get(name)[tuple(slice(lo, hi) for lo, hi in box)].clone()
+        return self.tensor(name)[tuple(slice(lo, hi) for lo, hi in box)].clone()
 
     def locate(self, name: str, index: tuple[int, ...]) -> str:
         where = self.located.get(name)
