@@ -23,11 +23,13 @@ parameter an entry is.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, UnsupportedLayoutError
@@ -97,6 +99,11 @@ class Sizes:
     layers: int
     experts: int  # 0: dense
 
+    def lead(self, n: int) -> tuple[int, ...]:
+        """The leading dims of a global tensor whose placements have `n` leading indices: none, layers, or
+        (layers, experts)."""
+        return ((), (self.layers,), (self.layers, self.experts))[n]
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -158,6 +165,7 @@ class MegatronLegacySource(Source):
         self.inert: list[tuple[str, str]] = []
         self._optimizer: list[str] = []  # where optimizer state is: the files' `optimizer`, distrib_optim.pt
         self.copies: list[Placement] = []  # replicas not read (placed as the shard each must equal)
+        self._args_file: Path | None = None  # the rank file the run's args were read from
 
     def use_model(self, config: dict | None, model_dir: Path | None) -> None:
         self.config = config
@@ -196,7 +204,7 @@ class MegatronLegacySource(Source):
 
     def _read_all(self) -> tuple[dict[str, Any], Sizes, list[Placement], dict[str, SourceTensor]]:
         found = self.rank_files()
-        first = next(iter(found.values()))
+        first = self._args_file = next(iter(found.values()))
         args = self.args(first)
         sizes = sizes_of(args, f"{first} (args)")
         want = {rank_dir(t, p, e, sizes.pp, sizes.ep): (t, p, e)
@@ -258,7 +266,7 @@ class MegatronLegacySource(Source):
         per_rank = sizes.experts // sizes.ep if sizes.experts else 0
 
         placements: list[Placement] = []
-        copies: list[Placement] = []
+        self.copies = []
         for file, (t, p, e), key, path in locals_:
             lead: tuple[int, ...] = ()
             m = _LAYER.match(key)
@@ -280,21 +288,17 @@ class MegatronLegacySource(Source):
                 if key == "output_layer.weight" and tied and p == sizes.pp - 1 and sizes.pp > 1:
                     # the last stage's copy of the tied embedding (kept equal to it by Megatron's all-reduce)
                     self.stats.left_out["output_layer.weight (the last stage's copy of the tied embedding)"] += 1
-                    copies.append(Placement("embedding.word_embeddings.weight", file, path, lead, t, _COLUMN))
+                    self.copies.append(Placement("embedding.word_embeddings.weight", file, path, lead, t, _COLUMN))
                     continue
             if isinstance(split, str):
                 raise UnsupportedLayoutError(f"{file}: Megatron key {key!r}: streammerge does not know how tensor "
                                              "parallelism splits it, so it cannot put its shards together; refusing "
                                              "to drop it")
-            placement = Placement(gkey, file, path, lead, t, split)
-            if (split is None and t) or (e and len(lead) != 2):
-                # every TP rank holds it, or every expert rank holds the dense layers: rank 0's is taken (torch_dist
-                # keeps one replica); verify compares the others with it
-                copies.append(placement)
-            else:
-                placements.append(placement)
-        self.copies = [c if c.split is not None else Placement(c.key, c.file, c.path, c.lead, 0, None)
-                       for c in copies]
+            # every TP rank holds an unsplit tensor, every expert rank the dense layers: rank 0's is taken (torch_dist
+            # keeps one replica), and verify compares the others with it (a copy is placed as the shard it must equal)
+            copy = (split is None and t) or (e and len(lead) != 2)
+            (self.copies if copy else placements).append(
+                Placement(gkey, file, path, lead, t if split is not None else 0, split))
         return args, sizes, placements, self._globals(sizes, placements, states)
 
     def _globals(self, sizes: Sizes, placements: Sequence[Placement],
@@ -315,7 +319,7 @@ class MegatronLegacySource(Source):
                                       f"{pls[0].file} holds {first.dtype.name} {list(first.shape)}")
             split = pls[0].split
             tps = sizes.tp if split is not None else 1
-            lead_shape = {0: (), 1: (sizes.layers,), 2: (sizes.layers, sizes.experts)}[len(pls[0].lead)]
+            lead_shape = sizes.lead(len(pls[0].lead))
             shape = list(first.shape)
             if split is not None:
                 if split[0] >= len(shape) or (split[1] and shape[0] % 2):
@@ -323,11 +327,8 @@ class MegatronLegacySource(Source):
                                           "does not split so")
                 shape[split[0]] *= sizes.tp
             seen = {(pl.lead, pl.tp) for pl in pls}
-            wanted = len(pls) if len(seen) == len(pls) else -1
-            count = tps
-            for n in lead_shape:
-                count *= n
-            if wanted != count:
+            count = tps * math.prod(lead_shape)
+            if len(seen) != len(pls) or len(pls) != count:
                 raise CheckpointError(f"{self.path}: {key!r}: the rank files hold {len(pls)} shards "
                                       f"({len(seen)} different), the run's layout {count}")
             pieces: list[Piece] = []
@@ -343,8 +344,7 @@ class MegatronLegacySource(Source):
         if self._mapping is None:
             args, _, _, tensors = self.read()
             arch = arch_of(self.config, self._config_where)
-            first = next(iter(self.rank_files().values()))
-            recorded = megatron_run.megatron_lm_args(args, f"{first} (Megatron-LM args)")
+            recorded = megatron_run.megatron_lm_args(args, f"{self._args_file} (Megatron-LM args)")
             megatron_run.check(arch, text_config(self.config), [recorded], self._config_where)
             where = f"{self.path} (with {self._config_where})"
             takes = table(arch, {k: t.shape for k, t in tensors.items()}, where,
@@ -417,14 +417,6 @@ def _pieces(shard: SourceTensor, pl: Placement, tp_size: int) -> list[Piece]:
     return out
 
 
-class _Entry:
-    """What MegatronOracle asks of a stored tensor: its global size and dtype (torch's names, as DCP metadata's)."""
-
-    def __init__(self, size: tuple[int, ...], dtype: Any):
-        self.size = size
-        self.properties = type("Properties", (), {"dtype": dtype})()
-
-
 class LegacyReader:
     """The global torch_dist tensors as torch reads the rank files (`torch.load(weights_only=True, mmap=True)`): a box
     is the concatenation, in TP order, of each shard's part in it (a gated shard's gate halves first, then its up
@@ -451,7 +443,8 @@ class LegacyReader:
     def _shard(self, i: int) -> Any:
         return self._files.tensor(str(i))
 
-    def entry(self, key: str) -> _Entry | None:
+    def entry(self, key: str) -> SimpleNamespace | None:
+        """The global tensor's `size` and `properties.dtype`, as MegatronOracle asks them of DCP metadata."""
         shards = self._by_key.get(key)
         if not shards:
             return None
@@ -461,8 +454,7 @@ class LegacyReader:
         shape = list(t.shape)
         if pl.split is not None:
             shape[pl.split[0]] *= len(shards[lead])
-        lead_shape = {0: (), 1: (self.sizes.layers,), 2: (self.sizes.layers, self.sizes.experts)}[len(lead)]
-        return _Entry((*lead_shape, *shape), t.dtype)
+        return SimpleNamespace(size=(*self.sizes.lead(len(lead)), *shape), properties=SimpleNamespace(dtype=t.dtype))
 
     def read(self, key: str, box: tuple[tuple[int, int], ...]) -> Any:
         import torch
