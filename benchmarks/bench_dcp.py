@@ -19,9 +19,6 @@ equal the preset's formula bit for bit (every tensor). Results: benchmarks/resul
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
 import sys
 import time
@@ -31,14 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
 
-from bench_merge import (  # noqa: E402
-    cache_policy,
-    contender_summary,
-    disk,
-    machine,
-    print_summary,
-    run_contenders,
-)
+from bench_merge import bench_env, cache_policy, contender_parser, report, run_contenders  # noqa: E402
 
 from streammerge.testing.presets import PRESETS, check_merge, make_dcp_checkpoint  # noqa: E402
 
@@ -60,17 +50,13 @@ def command(name: str, ckpt: Path, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = contender_parser(__doc__, "bench_dcp")
     p.add_argument("--preset", default="qwen2.5-1.5b", choices=list(PRESETS))
     p.add_argument("--world-size", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--contenders", default=",".join(CONTENDERS))
-    p.add_argument("--workdir", default="/work/bench-tmp/bench_dcp", help="checkpoint and outputs (deleted after)")
-    p.add_argument("--results", default=str(HERE / "results"))
-    p.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
     a = p.parse_args(argv)
     contenders = [c for c in a.contenders.split(",") if c]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    env = bench_env()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"dcp-{a.preset}-ws{a.world_size}"
@@ -89,18 +75,11 @@ def main(argv: list[str] | None = None) -> int:
               for c in ("streammerge", "torch") if c in kept}
     for c in kept:
         shutil.rmtree(kept[c].parent, ignore_errors=True)
-    summary = contender_summary(runs, "cp", size)
-    result = {"machine": machine(), "disk": disk(work), "cache_policy": policy, "repeat": a.repeat,
-              "command": " ".join(["bench_dcp.py", *(argv if argv is not None else sys.argv[1:])]),
-              "preset": a.preset, "world_size": a.world_size, "checkpoint_bytes": size, "summary": summary,
-              "checks": checks, "runs": runs}
     if not a.keep:
         shutil.rmtree(ckpt, ignore_errors=True)
-    out = Path(a.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dcp.json").write_text(json.dumps(result, indent=1) + "\n")
-    print_summary(f"{a.preset} DCP, world size {a.world_size}, {size / 1e9:.2f} GB; cache {policy}", summary, "cp",
-                  checks)
+    report("bench_dcp", a, argv, work, policy, runs, "cp", checks,
+           f"{a.preset} DCP, world size {a.world_size}, {size / 1e9:.2f} GB; cache {policy}",
+           {"preset": a.preset, "world_size": a.world_size, "checkpoint_bytes": size}, size)
     return 0
 
 

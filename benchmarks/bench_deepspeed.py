@@ -26,7 +26,6 @@ steady state.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -38,15 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
 
-from bench_merge import (  # noqa: E402
-    cache_policy,
-    contender_summary,
-    disk,
-    machine,
-    print_summary,
-    run_contenders,
-    same_weights,
-)
+from bench_merge import bench_env, cache_policy, contender_parser, report, run_contenders, same_weights  # noqa: E402
 
 CONTENDERS = ["zero_to_fp32", "zero_to_fp32-safetensors", "streammerge-weights", "streammerge"]
 
@@ -93,22 +84,18 @@ def command(name: str, ckpt: Path, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = contender_parser(__doc__, "bench_deepspeed")
     p.add_argument("--preset", default="qwen2.5-0.5b")
     p.add_argument("--stage", type=int, default=3)
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--contenders", default=",".join(CONTENDERS))
-    p.add_argument("--workdir", default="/work/bench-tmp/bench_deepspeed", help="checkpoint and outputs")
-    p.add_argument("--results", default=str(HERE / "results"))
-    p.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
     p.add_argument("--train", nargs=2, metavar=("STAGE", "OUT"), help=argparse.SUPPRESS)  # a rank of the run
     a = p.parse_args(argv)
     if a.train:
         _train(int(a.train[0]), a.preset, a.train[1])
         return 0
     contenders = [c for c in a.contenders.split(",") if c]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    env = bench_env()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"zero{a.stage}-{a.preset}-ws{a.world_size}"
@@ -134,18 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                 checks[f"{c}'s weights == zero_to_fp32's, bit for bit"] = same_weights(kept[c], kept["zero_to_fp32"])
     for c in kept:
         shutil.rmtree(kept[c].parent, ignore_errors=True)
-    summary = contender_summary(runs, "zero_to_fp32")
-    result = {"machine": machine(), "disk": disk(work), "cache_policy": policy, "repeat": a.repeat,
-              "command": " ".join(["bench_deepspeed.py", *(argv if argv is not None else sys.argv[1:])]),
-              "deepspeed": deepspeed.__version__, "preset": a.preset, "stage": a.stage, "world_size": a.world_size,
-              "checkpoint_bytes": size, "summary": summary, "checks": checks, "runs": runs}
     if not a.keep:
         shutil.rmtree(ckpt, ignore_errors=True)
-    res = Path(a.results)
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "deepspeed.json").write_text(json.dumps(result, indent=1) + "\n")
-    print_summary(f"{a.preset} ZeRO-{a.stage}, world size {a.world_size}, {size / 1e9:.2f} GB of step files; "
-                  f"cache {policy}", summary, "zero_to_fp32", checks)
+    report("bench_deepspeed", a, argv, work, policy, runs, "zero_to_fp32", checks,
+           f"{a.preset} ZeRO-{a.stage}, world size {a.world_size}, {size / 1e9:.2f} GB of step files; cache {policy}",
+           {"deepspeed": deepspeed.__version__, "preset": a.preset, "stage": a.stage, "world_size": a.world_size,
+            "checkpoint_bytes": size})
     return 0
 
 

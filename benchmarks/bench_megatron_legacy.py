@@ -25,9 +25,6 @@ bit for bit. Results: benchmarks/results/megatron_legacy.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,15 +34,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
 
-from bench_merge import (  # noqa: E402
-    cache_policy,
-    contender_summary,
-    disk,
-    machine,
-    print_summary,
-    run_contenders,
-    same_weights,
-)
+from bench_merge import bench_env, cache_policy, contender_parser, report, run_contenders, same_weights  # noqa: E402
 
 CONTENDERS = ["load+cat+save_file", "mmap+cat+save_file", "streammerge"]
 # a converter of Megatron-LM's legacy files to Hugging Face names (Llama/Qwen2 family): argv is STEP CONFIG OUT MMAP
@@ -184,18 +173,14 @@ def command(name: str, step: Path, config_dir: Path, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = contender_parser(__doc__, "bench_megatron_legacy")
     p.add_argument("--preset", default="qwen2.5-0.5b")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--contenders", default=",".join(CONTENDERS))
-    p.add_argument("--workdir", default="/work/bench-tmp/bench_megatron_legacy", help="checkpoint and outputs")
-    p.add_argument("--results", default=str(HERE / "results"))
-    p.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
     a = p.parse_args(argv)
     contenders = [c for c in a.contenders.split(",") if c]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    env = bench_env()
     work = Path(a.workdir)
     tag = f"{a.preset}-tp{a.tp}-pp{a.pp}"
     step, config_dir, truth = work / tag / "iter_0000001", work / f"{tag}-config", work / f"{tag}-truth"
@@ -214,20 +199,13 @@ def main(argv: list[str] | None = None) -> int:
               same_weights(kept[c], truth) for c in kept}
     for c in kept:
         shutil.rmtree(kept[c].parent, ignore_errors=True)
-    baseline = contenders[0]
-    summary = contender_summary(runs, baseline)
-    result = {"machine": machine(), "disk": disk(work), "cache_policy": policy, "repeat": a.repeat,
-              "command": " ".join(["bench_megatron_legacy.py", *(argv if argv is not None else sys.argv[1:])]),
-              "preset": a.preset, "tp": a.tp, "pp": a.pp, "rank_files": len(files), "checkpoint_bytes": size,
-              "summary": summary, "checks": checks, "runs": runs}
     if not a.keep:
         for d in (work / tag, config_dir, truth):
             shutil.rmtree(d, ignore_errors=True)
-    res = Path(a.results)
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "megatron_legacy.json").write_text(json.dumps(result, indent=1) + "\n")
-    print_summary(f"{a.preset}, Megatron-LM legacy TP{a.tp}·PP{a.pp}, {len(files)} rank files of {size / 1e9:.2f} GB "
-                  f"(bfloat16); cache {policy}", summary, baseline, checks)
+    report("bench_megatron_legacy", a, argv, work, policy, runs, contenders[0], checks,
+           f"{a.preset}, Megatron-LM legacy TP{a.tp}·PP{a.pp}, {len(files)} rank files of {size / 1e9:.2f} GB "
+           f"(bfloat16); cache {policy}",
+           {"preset": a.preset, "tp": a.tp, "pp": a.pp, "rank_files": len(files), "checkpoint_bytes": size})
     return 0
 
 

@@ -270,6 +270,35 @@ def print_summary(title: str, summary: dict, baseline: str, checks: dict[str, bo
         print(f"  check: {k}: {'yes' if v else 'NO'}")
 
 
+def contender_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every contenders benchmark takes; `name` (bench_dcp, ...) names its work folder."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--workdir", default=f"/work/bench-tmp/{name}", help="checkpoint and outputs")
+    p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
+    return p
+
+
+def bench_env() -> dict:
+    """The contenders' environment: this checkout's streammerge, no tokenizer threads."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+
+
+def report(name: str, a: argparse.Namespace, argv: list[str] | None, work: Path, policy: str, runs: dict,
+           baseline: str, checks: dict[str, bool], title: str, facts: dict, size: int | None = None) -> None:
+    """Summarise the runs against `baseline`, write results/<name without bench_>.json (the machine, the command, the
+    benchmark's `facts`, the summary, the checks and every run) and print the summary under `title`."""
+    summary = contender_summary(runs, baseline, size)
+    result = {"machine": machine(), "disk": disk(work), "cache_policy": policy, "repeat": a.repeat,
+              "command": " ".join([f"{name}.py", *(argv if argv is not None else sys.argv[1:])]), **facts,
+              "summary": summary, "checks": checks, "runs": runs}
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    (res / f"{name.removeprefix('bench_')}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print_summary(title, summary, baseline, checks)
+
+
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())

@@ -21,9 +21,6 @@ Results: benchmarks/results/torchfile.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,15 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
 
-from bench_merge import (  # noqa: E402
-    cache_policy,
-    contender_summary,
-    disk,
-    machine,
-    print_summary,
-    run_contenders,
-    same_weights,
-)
+from bench_merge import bench_env, cache_policy, contender_parser, report, run_contenders, same_weights  # noqa: E402
 
 CONTENDERS = ["load+save_pretrained", "mmap+save_pretrained", "streammerge"]
 # what a user writes to turn a Lightning .ckpt into a model folder: argv is CKPT CONFIG_DIR OUT MMAP
@@ -90,16 +79,12 @@ def command(name: str, ckpt: Path, config_dir: Path, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = contender_parser(__doc__, "bench_torchfile")
     p.add_argument("--preset", default="qwen2.5-0.5b")
-    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--contenders", default=",".join(CONTENDERS))
-    p.add_argument("--workdir", default="/work/bench-tmp/bench_torchfile", help="checkpoint and outputs")
-    p.add_argument("--results", default=str(HERE / "results"))
-    p.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
     a = p.parse_args(argv)
     contenders = [c for c in a.contenders.split(",") if c]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    env = bench_env()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt, config_dir = work / f"{a.preset}-epoch=0-step=1.ckpt", work / f"{a.preset}-config"
@@ -114,19 +99,12 @@ def main(argv: list[str] | None = None) -> int:
               for c in kept if c != "streammerge" and "streammerge" in kept}
     for c in kept:
         shutil.rmtree(kept[c].parent, ignore_errors=True)
-    baseline = contenders[0]
-    summary = contender_summary(runs, baseline)
-    result = {"machine": machine(), "disk": disk(work), "cache_policy": policy, "repeat": a.repeat,
-              "command": " ".join(["bench_torchfile.py", *(argv if argv is not None else sys.argv[1:])]),
-              "preset": a.preset, "checkpoint_bytes": size, "summary": summary, "checks": checks, "runs": runs}
     if not a.keep:
         ckpt.unlink()
         shutil.rmtree(config_dir, ignore_errors=True)
-    res = Path(a.results)
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "torchfile.json").write_text(json.dumps(result, indent=1) + "\n")
-    print_summary(f"{a.preset}, a Lightning .ckpt of {size / 1e9:.2f} GB (weights and AdamW state); cache {policy}",
-                  summary, baseline, checks)
+    report("bench_torchfile", a, argv, work, policy, runs, contenders[0], checks,
+           f"{a.preset}, a Lightning .ckpt of {size / 1e9:.2f} GB (weights and AdamW state); cache {policy}",
+           {"preset": a.preset, "checkpoint_bytes": size})
     return 0
 
 
