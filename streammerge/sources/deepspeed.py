@@ -166,7 +166,6 @@ class ZeroLayout:
         return out
 
 
-
 def _pieces_12(z: ZeroLayout, flats: list[list[Flat]], group: int, index: int) -> list[Piece]:
     start = z.starts[group][index]
     numel = math.prod(z.groups[group][index][1])
