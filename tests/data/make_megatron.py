@@ -10,6 +10,9 @@ on 3.11), torch (CPU is enough) and transformers::
     python tests/data/make_megatron.py --out tests/data/megatron            # every case
     python tests/data/make_megatron.py --out tests/data/megatron --case qwen2_tp2
     python tests/data/make_megatron.py --out tests/data/megatron --verify-only
+    # a legacy case needs its "ref" case first, e.g. the VPP pair:
+    python tests/data/make_megatron.py --out tests/data/megatron --case qwen2_mlm_vpp2_pp2
+    python tests/data/make_megatron.py --out tests/data/megatron --case legacy_qwen2_tp2_vpp2_pp2
 
 For each case this script
 
@@ -34,6 +37,16 @@ torch_dist case (``ref``): step 1 must reproduce that case's ``reference/model.s
 byte for byte (else the script stops), steps 2-3 are the same, the save is Megatron-LM's legacy
 ``save_checkpoint`` path (:func:`_save_legacy`), and step 4 is :func:`verify_legacy` (torch.load
 of every rank file, TP/PP/EP shards re-assembled by hand, compared with the ref's reference).
+
+Virtual pipeline parallelism (``vpp`` in a case: the interleaved schedule) builds one GPTModel
+chunk per virtual stage on every PP rank (``vp_stage=v``, ``pre_process`` / ``post_process`` from
+``is_pipeline_first_stage`` / ``is_pipeline_last_stage(ignore_virtual=False, vp_stage=v)``), loads
+the staging checkpoint into all chunks in one ``dist_checkpointing.load`` (``{"model0": ...,
+"model1": ...}``), runs the forward through the virtual stages in order (v=0,p=0), (0,1), ...,
+(1,0), (1,1), and saves each chunk under ``model0``, ``model1``, ... (Megatron-LM's
+``generate_state_dict`` with several chunks).  The verification places chunk v of PP rank p at
+global layer ``v*L/vpp + p*L/(pp*vpp)`` (:func:`layer_offset`, Megatron's
+``get_transformer_layer_offset`` written out) and checks which file / chunk holds which layer.
 
 Megatron on CPU needs a few shims (see :func:`_setup_megatron`): one MoE module imports
 triton at import time (stubbed), ``torch.cuda.synchronize`` / ``current_device`` are replaced
@@ -66,7 +79,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #                     model.sharded_state_dict(), Megatron's default save strategy)
 #         "mlm"    -> Megatron-LM training layout: <case>/iter_0000001/ + tracker file,
 #                     {"model", "optimizer", "args", "iteration", ...} with the distributed
-#                     optimizer in Megatron-LM's default 'dp_reshardable' form, fully parallel save
+#                     optimizer in Megatron-LM's default 'dp_reshardable' form, fully parallel save.
+#                     "optim": False -> no optimizer / opt_param_scheduler (like --no-save-optim;
+#                     default True for this layout)
 #         "verl_v1" -> veRL <= 0.8 MegatronCheckpointManager (use_dist_checkpointing=True):
 #                     <case>/global_step_1/actor/{dist_ckpt/,huggingface/,transformer_config.json}
 #                     one DCP with {"model", "optimizer", "lr_scheduler", "rng_state"}, optimizer
@@ -82,6 +97,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #                     generator checks that the reference it computes is byte-identical to it.
 #                     "optim": also save Megatron's non-distributed optimizer (FP32Optimizer
 #                     for fp32) + scheduler; without it the files are like --no-save-optim.
+# vpp: virtual pipeline parallel size (interleaved schedule; optional, PP > 1, no optimizer):
+#      one GPTModel chunk per virtual stage (vp_stage=v), saved as "model0", "model1", ...
+#      instead of "model" (Megatron-LM generate_state_dict with len(model) > 1); chunk v on PP
+#      rank p holds the layers from get_transformer_layer_offset = v*L/vpp + p*L/(pp*vpp).
 CASES = {
     "llama_tp2_pp2": dict(arch="llama", tp=2, pp=2, ep=1, dp=1, layers=4, vocab=128, pad_to=128,
                           tied=False, dtype="float32", layout="plain", seed=1),
@@ -114,16 +133,47 @@ CASES = {
     "legacy_mixtral_ep2_tp2": dict(arch="mixtral", tp=2, pp=1, ep=2, dp=2, layers=2, vocab=128,
                                    pad_to=128, tied=False, dtype="float32", layout="legacy",
                                    seed=5, ref="mixtral_ep2_tp2", optim=False),
+    # VPP (interleaved): Megatron-LM torch_dist run folder with model0/model1, no optimizer ...
+    "qwen2_mlm_vpp2_pp2": dict(arch="qwen2", tp=1, pp=2, vpp=2, ep=1, dp=1, layers=4, vocab=128,
+                               pad_to=128, tied=True, dtype="float32", layout="mlm", seed=9,
+                               optim=False),
+    # ... and the same HF model in the legacy torch format, TP=2 (generate the one above first)
+    "legacy_qwen2_tp2_vpp2_pp2": dict(arch="qwen2", tp=2, pp=2, vpp=2, ep=1, dp=1, layers=4,
+                                      vocab=128, pad_to=128, tied=True, dtype="float32",
+                                      layout="legacy", seed=9, ref="qwen2_mlm_vpp2_pp2",
+                                      optim=False),
 }
 # the HF model of a legacy case must be the one of its "ref" case
 _SAME_MODEL = ("arch", "layers", "vocab", "pad_to", "tied", "dtype", "seed")
 for _n, _c in CASES.items():
     if "ref" in _c:
         assert all(_c[k] == CASES[_c["ref"]][k] for k in _SAME_MODEL), _n
+    if _c.get("vpp"):   # VPP: PP > 1, layers split evenly over pp * vpp chunks, no optimizer
+        assert _c["pp"] > 1 and _c["layers"] % (_c["pp"] * _c["vpp"]) == 0, _n
+        assert _c["layout"] in ("mlm", "legacy") and _c.get("optim") is False, _n
 
 
 def has_optimizer(c):
-    return c["layout"] in ("mlm", "verl_v1", "verl_v2") or c.get("optim", False)
+    # "mlm" / veRL layouts save the optimizer unless the case says optim=False
+    return c.get("optim", c["layout"] in ("mlm", "verl_v1", "verl_v2"))
+
+
+def vpp_size(c):
+    return c.get("vpp") or 1
+
+
+def layer_offset(c, pp_rank, vp_stage=0):
+    """Global index of local layer 0 of model chunk vp_stage on PP rank pp_rank: Megatron's
+    get_transformer_layer_offset (megatron/core/transformer/transformer_layer.py) for an even
+    split without VPP (pp_rank * L/pp) and with VPP (vp_stage * L/vpp + pp_rank * L/(pp*vpp)).
+    Written out here (not taken from Megatron, not a running count of the layers seen) so the
+    verification checks the placement independently."""
+    L, P = c["layers"], c["pp"]
+    if not c.get("vpp"):
+        assert vp_stage == 0
+        return pp_rank * (L // P)
+    V = c["vpp"]
+    return vp_stage * (L // V) + pp_rank * (L // (P * V))
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 32, 4, 2, 8, 64
 N_EXPERTS, TOPK, MOE_FFN = 4, 2, 16
@@ -426,6 +476,7 @@ def mcore_config(c, dtype):
         bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
         tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"],
+        virtual_pipeline_model_parallel_size=c.get("vpp"),
         expert_model_parallel_size=c["ep"], sequence_parallel=False,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
     )
@@ -437,6 +488,8 @@ def mcore_config(c, dtype):
 
 
 def build_mcore(c, dtype):
+    """(config, GPTModel) for this rank; with VPP (c["vpp"]) the model is a list of chunks,
+    one GPTModel per virtual stage v (vp_stage=v), as Megatron-LM's get_model builds them."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -446,6 +499,16 @@ def build_mcore(c, dtype):
     spec = get_gpt_layer_local_spec(num_experts=N_EXPERTS if moe else None, moe_grouped_gemm=False,
                                     qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
     rope_base = hf_config(c).rope_parameters["rope_theta"]
+    if c.get("vpp"):
+        chunks = []
+        for v in range(c["vpp"]):
+            chunks.append(GPTModel(
+                cfg, spec, vocab_size=c["pad_to"], max_sequence_length=64,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v),
+                position_embedding_type="rope", rotary_base=rope_base,
+                share_embeddings_and_output_weights=c["tied"], vp_stage=v))
+        return cfg, chunks
     model = GPTModel(cfg, spec, vocab_size=c["pad_to"], max_sequence_length=64,
                      pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage(),
@@ -482,6 +545,41 @@ def mcore_logits(c, model, ids):
     return torch.cat(parts, -1).float()
 
 
+def mcore_logits_vpp(c, chunks, ids):
+    """Forward through the interleaved virtual stages (v=0,p=0), (0,1), ..., (1,0), (1,1), ...:
+    each rank runs its chunk v when virtual stage (v, p) comes, receiving the activation from
+    the previous virtual stage's PP rank and sending its output to the next one (gloo
+    send/recv); logits gathered over TP.  Full logits on the last virtual stage, else None."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pos = torch.arange(SEQ)[None]
+    P, V = c["pp"], c["vpp"]
+    p_me = ps.get_pipeline_model_parallel_rank()
+    ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    order = [(v, p) for v in range(V) for p in range(P)]
+    out = None
+    with torch.no_grad():
+        for k, (v, p) in enumerate(order):
+            if p != p_me:
+                continue
+            model = chunks[v]
+            if k > 0:
+                x = torch.empty(SEQ, 1, HIDDEN, dtype=next(model.parameters()).dtype)
+                dist.recv(x, src=ranks[order[k - 1][1]])
+                model.set_input_tensor(x)
+            out = model(ids, pos, attention_mask=_causal_mask())
+            if k < len(order) - 1:
+                dist.send(out.contiguous(), dst=ranks[order[k + 1][1]])
+                out = None
+    if out is None:
+        return None
+    tp_group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(out) for _ in range(c["tp"])]
+    dist.all_gather(parts, out.contiguous(), group=tp_group)
+    return torch.cat(parts, -1).float()
+
+
 def _init_dist(rank, ws, port, c):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -493,6 +591,7 @@ def _init_dist(rank, ws, port, c):
     else:
         ps.initialize_model_parallel(tensor_model_parallel_size=c["tp"],
                                      pipeline_model_parallel_size=c["pp"],
+                                     virtual_pipeline_model_parallel_size=c.get("vpp"),
                                      expert_model_parallel_size=c["ep"])
 
 
@@ -502,8 +601,8 @@ def _stage_worker(rank, ws, port, c, work):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    _init_dist(rank, ws, port, {**c, "tp": 1, "pp": 1, "ep": 1})
-    c1 = {**c, "tp": 1, "pp": 1, "ep": 1}
+    _init_dist(rank, ws, port, {**c, "tp": 1, "pp": 1, "ep": 1, "vpp": None})
+    c1 = {**c, "tp": 1, "pp": 1, "ep": 1, "vpp": None}
     _, model = build_mcore(c1, torch.float32)
     sd = torch.load(os.path.join(work, "mcore_tp1.pt"))
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -554,8 +653,12 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
 
     _init_dist(rank, ws, port, c)
     dtype = torch.bfloat16 if c["dtype"] == "bfloat16" else torch.float32
-    cfg, model = build_mcore(c, dtype)
-    model.eval()
+    cfg, built = build_mcore(c, dtype)
+    vpp = c.get("vpp")
+    models = built if vpp else [built]      # VPP: one GPTModel chunk per virtual stage
+    model = models[0]
+    for m in models:
+        m.eval()
     stage = os.path.join(work, "staging")
 
     chunks, optimizer, sched = [model], None, None
@@ -578,13 +681,22 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
 
     # weights: Megatron reshards the 1-process staging checkpoint into this layout
     # (Megatron-LM and veRL take sharded_state_dict() of the unwrapped GPTModel, not of DDP)
-    sd = dist_checkpointing.load(model.sharded_state_dict(), stage)
-    model.load_state_dict(sd, strict=False)
+    if vpp:     # one load for all chunks, {"model0": ..., "model1": ...} as Megatron-LM does:
+        # each chunk's sharded_state_dict maps its local layers to their global offsets, and the
+        # sharding validation needs every layer covered in a single load
+        sds = dist_checkpointing.load({f"model{v}": m.sharded_state_dict()
+                                       for v, m in enumerate(models)}, stage)
+        for v, m in enumerate(models):
+            m.load_state_dict(sds[f"model{v}"], strict=False)
+    else:
+        sd = dist_checkpointing.load(model.sharded_state_dict(), stage)
+        model.load_state_dict(sd, strict=False)
 
     # forward in the parallel layout (gloo collectives) must still equal HF
     ref = torch.load(os.path.join(work, "hf_logits.pt"))
     try:
-        got = mcore_logits(c, model, torch.load(os.path.join(work, "ids.pt")))
+        ids = torch.load(os.path.join(work, "ids.pt"))
+        got = mcore_logits_vpp(c, models, ids) if vpp else mcore_logits(c, model, ids)
         if got is not None:
             got = got[..., : c["vocab"]]
             err = (got - ref).abs().max().item()
@@ -642,18 +754,31 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
             num_layers=c["layers"], hidden_size=HIDDEN, ffn_hidden_size=FFN,
             num_attention_heads=HEADS, group_query_attention=True, num_query_groups=KV_HEADS,
             kv_channels=HEAD_DIM, max_position_embeddings=64, position_embedding_type="rope",
-            rotary_base=10000, normalization="RMSNorm", norm_epsilon=EPS, swiglu=True,
+            # = 10000 and False for the llama case; Megatron-LM's --rotary-base is type=int
+            rotary_base=int(hf_config(c).rope_parameters["rope_theta"]), normalization="RMSNorm",
+            norm_epsilon=EPS, swiglu=True,
             untie_embeddings_and_output_weights=not c["tied"], add_bias_linear=False,
-            add_qkv_bias=False, padded_vocab_size=c["pad_to"], make_vocab_size_divisible_by=128,
+            add_qkv_bias=c["arch"] == "qwen2", padded_vocab_size=c["pad_to"],
+            make_vocab_size_divisible_by=128,
             tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"],
             expert_model_parallel_size=c["ep"], data_parallel_size=c["dp"],
             bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype,
             ckpt_format="torch_dist", use_distributed_optimizer=True,
             tokenizer_type="HuggingFaceTokenizer", iteration=1, consumed_train_samples=8)
+        if vpp:     # Megatron-LM's validated args (None without VPP: not recorded here then)
+            args.num_layers_per_virtual_pipeline_stage = c["layers"] // (c["pp"] * vpp)
+            args.virtual_pipeline_model_parallel_size = vpp
+        if not has_optimizer(c):
+            args.no_save_optim = True
         state = {"args": args, "checkpoint_version": 3.0, "iteration": 1}
-        state["model"] = model.sharded_state_dict(metadata=meta)     # unwrap_model(model)
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=meta)
-        state["opt_param_scheduler"] = sched.state_dict()
+        if vpp:     # generate_state_dict: len(model) > 1 -> "model0", "model1", ...
+            for v, m in enumerate(models):
+                state[f"model{v}"] = m.sharded_state_dict(metadata=meta)
+        else:
+            state["model"] = model.sharded_state_dict(metadata=meta)     # unwrap_model(model)
+        if has_optimizer(c):    # else like --no-save-optim: no optimizer, no scheduler
+            state["optimizer"] = optimizer.sharded_state_dict(state, metadata=meta)
+            state["opt_param_scheduler"] = sched.state_dict()
         state["rng_state"] = rng_obj
         state["num_floating_point_operations_so_far"] = 123456789
         strategy = FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy(), dp_cp_group)
@@ -665,7 +790,7 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
             with open(os.path.join(out_dir, "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write("1")
     elif c["layout"] == "legacy":
-        _save_legacy(c, model, optimizer, sched, out_dir, dtype)
+        _save_legacy(c, models, optimizer, sched, out_dir, dtype)
     elif c["layout"] in ("verl_v1", "verl_v2"):
         # like veRL's MegatronCheckpointManager.save_checkpoint with use_dist_checkpointing=True:
         # v1 = veRL <= 0.8 (one dist_ckpt/ with model+optimizer+lr_scheduler+rng_state),
@@ -730,7 +855,7 @@ def _legacy_args(c, dtype):
         num_experts=N_EXPERTS if moe else None,
         padded_vocab_size=c["pad_to"], make_vocab_size_divisible_by=128,
         tensor_model_parallel_size=c["tp"], pipeline_model_parallel_size=c["pp"],
-        virtual_pipeline_model_parallel_size=None,
+        virtual_pipeline_model_parallel_size=c.get("vpp"),
         expert_model_parallel_size=c["ep"], data_parallel_size=c["dp"],
         bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype,
         transformer_impl="local", ckpt_format="torch",
@@ -744,14 +869,18 @@ def _legacy_args(c, dtype):
         a.moe_grouped_gemm = False
         a.moe_token_dispatcher_type = "allgather"
         a.moe_router_load_balancing_type = "none"
+    if c.get("vpp"):    # as given by --num-layers-per-virtual-pipeline-stage
+        a.num_layers_per_virtual_pipeline_stage = c["layers"] // (c["pp"] * c["vpp"])
     return a
 
 
-def _save_legacy(c, model, optimizer, sched, out_dir, dtype):
+def _save_legacy(c, models, optimizer, sched, out_dir, dtype):
     """Like Megatron-LM megatron/training/checkpointing.py save_checkpoint with
     --ckpt-format torch: generate_state_dict() with model.state_dict_for_save_checkpoint() and
     optimizer.state_dict(), torch.save to iter_0000001/<rank dir>/model_optim_rng.pt by the
-    ranks with data-parallel rank 0 or expert-data-parallel rank 0 (one writer per file)."""
+    ranks with data-parallel rank 0 or expert-data-parallel rank 0 (one writer per file).
+    With VPP (several model chunks) each chunk goes under "model0", "model1", ... instead of
+    "model" (its layers numbered from 0 within the chunk)."""
     import random
 
     import numpy as np
@@ -781,8 +910,10 @@ def _save_legacy(c, model, optimizer, sched, out_dir, dtype):
                   "np_rng_state": np.random.get_state(),
                   "torch_rng_state": torch.get_rng_state(),
                   "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}]
-    state = {"args": _legacy_args(c, dtype), "checkpoint_version": 3.0, "iteration": 1,
-             "model": model.state_dict_for_save_checkpoint()}       # unwrap_model(model)
+    state = {"args": _legacy_args(c, dtype), "checkpoint_version": 3.0, "iteration": 1}
+    for key, m in zip(legacy_model_keys(c), models):      # unwrap_model(model)[i]
+        state[key] = m.state_dict_for_save_checkpoint()
+    model = models[0]
     if c.get("optim"):
         state["optimizer"] = optimizer.state_dict()
         state["opt_param_scheduler"] = sched.state_dict()
@@ -914,6 +1045,8 @@ def verify(case_dir, c):
         assert got[k].contiguous().view(-1).view(torch.uint8).equal(        # same bytes
             v.contiguous().view(-1).view(torch.uint8)), k
     print(f"[{c['name']}] verified: {len(ref)} HF tensors bit-identical to reference", flush=True)
+    if c.get("vpp"):
+        _verify_vpp_dcp(c, dcp_dir(case_dir, c), dcp)
     if c["layout"] == "verl_v2":
         # fully_reshardable optimizer state is in model space: the same mapping applies to
         # optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>; with lr=0 the fp32 master
@@ -934,6 +1067,55 @@ def verify(case_dir, c):
               flush=True)
 
 
+def _verify_vpp_dcp(c, path, dcp):
+    """VPP torch_dist (Megatron-LM layout) facts, torch only: the common state records the
+    VPP args and no model/optimizer entries; each layer's chunks were written by the PP rank
+    that Megatron's offset formula gives it (with TP = DP = 1, global rank = PP rank); tied:
+    no output_layer.weight key; no optimizer key without an optimizer."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    assert c["layout"] == "mlm" and c["tp"] == 1 and c["dp"] == 1 and c["ep"] == 1, c["name"]
+    common = dcp["common_state/shard_0_1"]
+    assert isinstance(common, list) and len(common) == 1
+    common = common[0]
+    want = ["args", "checkpoint_version", "iteration", "num_floating_point_operations_so_far",
+            "content_metadata"]
+    if has_optimizer(c):
+        want[3:3] = ["optimizer", "opt_param_scheduler"]
+    assert sorted(common) == sorted(want), sorted(common)
+    a = common["args"]
+    assert (a.pipeline_model_parallel_size, a.virtual_pipeline_model_parallel_size,
+            a.ckpt_format) == (c["pp"], c["vpp"], "torch_dist"), a
+    if not has_optimizer(c):
+        assert a.no_save_optim is True
+        assert not [k for k in dcp if k.startswith("optimizer")], "optimizer keys present"
+    if c["tied"]:
+        assert "output_layer.weight" not in dcp
+    # which file holds which layer: from .metadata storage_data, not from the tensors
+    md = FileSystemReader(path).read_metadata()
+    L, P, V = c["layers"], c["pp"], c["vpp"]
+    n = L // (P * V)
+    owner = {i: p for p in range(P) for v in range(V)
+             for i in range(layer_offset(c, p, v), layer_offset(c, p, v) + n)}
+    assert sorted(owner) == list(range(L))
+    seen = {}
+    for idx, info in md.storage_data.items():
+        key = idx.fqn
+        if key.startswith("decoder.layers.") and idx.offset is not None:
+            i = idx.offset[0]
+            seen.setdefault(i, set()).add(info.relative_path)
+        elif key.startswith("decoder.layers.") and "/shard_" in key:   # _extra_state bytes
+            i = int(key.split("/shard_")[1].split("_")[0].split(".")[0])
+            seen.setdefault(i, set()).add(info.relative_path)
+    assert seen == {i: {f"__{owner[i]}_0.distcp"} for i in range(L)}, seen
+    for k in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight"):
+        files = {info.relative_path for idx, info in md.storage_data.items() if idx.fqn == k}
+        assert files == {"__0_0.distcp" if k.startswith("embedding") else f"__{P - 1}_0.distcp"}
+    print(f"[{c['name']}] VPP: args.virtual_pipeline_model_parallel_size={V}; layer -> writing "
+          f"rank (= PP rank): " + ", ".join(f"{i}->{owner[i]}" for i in range(L))
+          + f"; common_state keys {sorted(common)}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Legacy (--ckpt-format torch) reading and verification, torch only
 # --------------------------------------------------------------------------------------------
@@ -941,6 +1123,18 @@ LEGACY_KEYS = ["args", "checkpoint_version", "iteration", "model", "rng_state",
                "num_floating_point_operations_so_far"]
 LEGACY_OPTIM_KEYS = ["args", "checkpoint_version", "iteration", "model", "optimizer",
                      "opt_param_scheduler", "rng_state", "num_floating_point_operations_so_far"]
+
+
+def legacy_model_keys(c):
+    """["model"], or with VPP ["model0", "model1", ...] (one per virtual stage)."""
+    return [f"model{v}" for v in range(c["vpp"])] if c.get("vpp") else ["model"]
+
+
+def legacy_keys(c):
+    """The top-level keys of a rank file, in order (model -> model0, model1, ... with VPP)."""
+    keys = LEGACY_OPTIM_KEYS if c.get("optim") else LEGACY_KEYS
+    i = keys.index("model")
+    return keys[:i] + legacy_model_keys(c) + keys[i + 1:]
 
 # local (per-stage, TP-local) state_dict_for_save_checkpoint() names -> how TP shards combine and
 # the global (DCP-style, layers stacked) name that mcore_to_hf reads
@@ -993,12 +1187,16 @@ def load_legacy(case_dir, c):
 def legacy_to_global(c, files):
     """Per-rank local state dicts -> global tensors under the torch_dist key names (layers
     stacked on dim 0, experts on dim 1), i.e. what mcore_to_hf reads.  Also returns facts:
-    the _extra_state entries and the tied output_layer copy."""
+    the _extra_state entries, the replica counts and, per (pp, virtual stage) model chunk, which
+    global layers and which top-level tensors (embedding, final norm, output layer) it holds.
+    With VPP each file holds model0, model1, ...: chunk v of PP rank p starts at global layer
+    layer_offset(c, p, v) (Megatron's formula), its local layers numbered from 0."""
     import re
 
     T, P, E = c["tp"], c["pp"], c["ep"]
-    per_stage, per_ep = c["layers"] // P, N_EXPERTS // E
+    per_chunk, per_ep = c["layers"] // (P * vpp_size(c)), N_EXPERTS // E
     slots, extra, unknown = {}, {}, []
+    where = {"layers": {}, "top": {}}   # (pp, v) -> global layers / top-level keys
 
     def put(gkey, idx, kind, tp, t):
         s = slots.setdefault((gkey, idx), {"kind": kind, "parts": {}, "copies": 0})
@@ -1013,32 +1211,37 @@ def legacy_to_global(c, files):
     layer_re = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
     expert_re = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)")
     for (tp, pp, ep), sd in files.items():
-        for key, t in sd["model"].items():
-            if key.endswith("_extra_state"):
-                extra[(tp, pp, ep, key)] = t
-                continue
-            m = layer_re.fullmatch(key)
-            if m is None:
-                if key not in _TOP_PARTS:
-                    unknown.append(key)
+        for v, mkey in enumerate(legacy_model_keys(c)):     # VPP: model0, model1, ...
+            base = layer_offset(c, pp, v)                   # global index of local layer 0
+            for key, t in sd[mkey].items():
+                if key.endswith("_extra_state"):
+                    extra[(tp, pp, ep, mkey, key)] = t
                     continue
-                kind, gkey = _TOP_PARTS[key]
-                put(gkey, (), kind, tp, t)
-                continue
-            i = pp * per_stage + int(m.group(1))              # global layer
-            x = expert_re.fullmatch(m.group(2))
-            if x is not None:
-                e = ep * per_ep + int(x.group(1))               # global expert
-                if x.group(2) not in _EXPERT_PARTS:
-                    unknown.append(key)
+                m = layer_re.fullmatch(key)
+                if m is None:
+                    if key not in _TOP_PARTS:
+                        unknown.append(key)
+                        continue
+                    where["top"].setdefault((pp, v), set()).add(key)
+                    kind, gkey = _TOP_PARTS[key]
+                    put(gkey, (), kind, tp, t)
                     continue
-                kind, gkey = _EXPERT_PARTS[x.group(2)]
-                put("decoder.layers." + gkey, (i, e), kind, tp, t)
-            elif m.group(2) in _LAYER_PARTS:
-                kind, gkey = _LAYER_PARTS[m.group(2)]
-                put("decoder.layers." + gkey, (i,), kind, tp, t)
-            else:
-                unknown.append(key)
+                assert int(m.group(1)) < per_chunk, (mkey, key)   # local numbering from 0
+                i = base + int(m.group(1))                        # global layer
+                where["layers"].setdefault((pp, v), set()).add(i)
+                x = expert_re.fullmatch(m.group(2))
+                if x is not None:
+                    e = ep * per_ep + int(x.group(1))               # global expert
+                    if x.group(2) not in _EXPERT_PARTS:
+                        unknown.append(key)
+                        continue
+                    kind, gkey = _EXPERT_PARTS[x.group(2)]
+                    put("decoder.layers." + gkey, (i, e), kind, tp, t)
+                elif m.group(2) in _LAYER_PARTS:
+                    kind, gkey = _LAYER_PARTS[m.group(2)]
+                    put("decoder.layers." + gkey, (i,), kind, tp, t)
+                else:
+                    unknown.append(key)
     assert not unknown, f"unmapped legacy keys: {unknown}"
 
     pieces = {}
@@ -1071,7 +1274,7 @@ def legacy_to_global(c, files):
                                       for i in range(c["layers"])])
     copies = {f"{g}{list(i) if i else ''}": s["copies"] for (g, i), s in slots.items()
               if s["kind"] == "repl"}
-    return glob, extra, copies
+    return glob, extra, copies, where
 
 
 def _expected_adam(name, shape, beta1=0.9, beta2=0.95):
@@ -1090,22 +1293,47 @@ def verify_legacy(case_dir, c):
     ref_dir = os.path.join(os.path.dirname(os.path.abspath(case_dir)), c["ref"])
     ref = load_file(os.path.join(ref_dir, "reference", "model.safetensors"))
     files = load_legacy(case_dir, c)
-    keys = LEGACY_OPTIM_KEYS if c.get("optim") else LEGACY_KEYS
+    keys = legacy_keys(c)       # "model", or "model0", "model1", ... with VPP
     for tpe, sd in files.items():
         assert list(sd) == keys, (tpe, list(sd))
         assert sd["checkpoint_version"] == 3.0 and sd["iteration"] == 1, tpe
         a = sd["args"]
         assert (a.ckpt_format, a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                 a.expert_model_parallel_size) == ("torch", c["tp"], c["pp"], c["ep"]), tpe
+        assert a.virtual_pipeline_model_parallel_size == c.get("vpp"), tpe
         assert a.padded_vocab_size == c["pad_to"], tpe
-        for t in sd["model"].values():          # no tensor drags a larger storage along
-            if isinstance(t, torch.Tensor):
-                assert t.untyped_storage().nbytes() == t.nbytes, tpe
-    glob, extra, copies = legacy_to_global(c, files)
+        for mkey in legacy_model_keys(c):
+            for t in sd[mkey].values():         # no tensor drags a larger storage along
+                if isinstance(t, torch.Tensor):
+                    assert t.untyped_storage().nbytes() == t.nbytes, tpe
+    glob, extra, copies, where = legacy_to_global(c, files)
     assert all(v is None for v in extra.values()), {k: type(v) for k, v in extra.items()}
+    # placement: chunk v of PP rank p holds exactly the layers Megatron's offset formula gives;
+    # the embedding is only in the first virtual stage (p 0, v 0), the final norm (and the
+    # output layer, untied or tied with PP > 1) only in the last one (p P-1, v V-1)
+    P, V = c["pp"], vpp_size(c)
+    n = c["layers"] // (P * V)
+    for p in range(P):
+        for v in range(V):
+            o = layer_offset(c, p, v)
+            assert where["layers"].get((p, v)) == set(range(o, o + n)), (p, v, where)
+    first, last = (0, 0), (P - 1, V - 1)
+    top_want = {first: {"embedding.word_embeddings.weight"}}
+    top_want.setdefault(last, set()).add("decoder.final_layernorm.weight")
+    if not c["tied"] or P > 1:
+        top_want[last].add("output_layer.weight")
+    assert where["top"] == top_want, (where["top"], top_want)
+    placement = "; ".join(
+        f"pp {p} {legacy_model_keys(c)[v]}: layers {sorted(where['layers'][(p, v)])}"
+        + (f" + {', '.join(sorted(where['top'][(p, v)]))}" if (p, v) in where["top"] else "")
+        for p in range(P) for v in range(V))
+    print(f"[{c['name']}] placement (the same in every TP/EP file of a PP rank): {placement}",
+          flush=True)
     if c["tied"]:
-        # with PP > 1 the last stage holds a copy of the embedding as output_layer.weight
+        # with PP > 1 the last (virtual) stage holds a copy of the embedding as
+        # output_layer.weight
         out = glob.pop("output_layer.weight", None)
+        assert (out is not None) == (P > 1)
         if out is not None:
             assert _same_bytes(out, glob["embedding.word_embeddings.weight"])
             print(f"[{c['name']}] tied: last stage's output_layer.weight == "
