@@ -44,6 +44,8 @@ CASES = {
     "llama_mlm_optim_pp2_dp2": ("llama_mlm_optim_pp2_dp2", None),  # Megatron-LM run folder -> iter_0000001
     "verl_v1_qwen2_tp2_dp2": ("verl_v1_qwen2_tp2_dp2", None),  # veRL run folder -> global_step_1/actor/dist_ckpt
     "verl_v2_qwen3_tp2_dp2": ("verl_v2_qwen3_tp2_dp2", "verl_v2_qwen3_tp2_dp2/huggingface"),  # .../model/dist_ckpt
+    # virtual pipeline stages: Megatron-LM saves model0 and model1, whose tensors share the torch_dist keys
+    "qwen2_mlm_vpp2_pp2": ("qwen2_mlm_vpp2_pp2", None),
 }
 
 

@@ -38,6 +38,9 @@ CASES = {  # legacy case -> the torch_dist case made from the same HF model (its
     "legacy_qwen2_tp2_optim": "qwen2_tp2",  # tied, vocab 131 saved as 256, a non-distributed optimizer
     "legacy_qwen3_pp2": "qwen3_pp2",  # tied with PP2: the last stage keeps a copy of the embedding
     "legacy_mixtral_ep2_tp2": "mixtral_ep2_tp2",  # rank folders mp_rank_TT_EEE
+    # tied, TP2 x PP2 with 2 virtual stages: each file holds model0 and model1, one layer each; global layer order
+    # (v, p): model0 of stage 0, model0 of stage 1, model1 of stage 0, model1 of stage 1 (with the embedding's copy)
+    "legacy_qwen2_tp2_vpp2_pp2": "qwen2_mlm_vpp2_pp2",
 }
 
 
@@ -190,6 +193,8 @@ def test_verify_catches_a_changed_weight_in_a_rank_file(tmp_path: Path) -> None:
     ("legacy_qwen3_pp2", "mp_rank_00_001", "output_layer.weight"),  # the tied embedding's copy
     ("legacy_llama_tp2_pp2", "mp_rank_01_000", "decoder.layers.1.input_layernorm.weight"),  # a TP replica
     ("legacy_mixtral_ep2_tp2", "mp_rank_00_001", "decoder.layers.0.self_attention.linear_qkv.weight"),  # EP replica
+    ("legacy_qwen2_tp2_vpp2_pp2", "mp_rank_01_001", "model1.output_layer.weight"),  # the last virtual stage's copy
+    ("legacy_qwen2_tp2_vpp2_pp2", "mp_rank_01_000", "model1.decoder.layers.0.input_layernorm.weight"),
 ])
 def test_verify_compares_the_copies_the_merge_did_not_read(tmp_path: Path, case: str, rank: str, key: str) -> None:
     """Megatron keeps copies equal (the tied output layer by its all-reduce; norms on every TP rank; the dense layers on
@@ -201,8 +206,10 @@ def test_verify_compares_the_copies_the_merge_did_not_read(tmp_path: Path, case:
     report = streammerge.verify(out, folder, model_name=str(_config(case)))
     assert report.ok, report.summary()
 
+    chunk, local = key.split(".", 1) if key.startswith("model1.") else ("model", key)
+
     def edit(obj):
-        obj["model"][key].view(-1)[0] += 1.0
+        obj[chunk][local].view(-1)[0] += 1.0
 
     _rewrite(_rank_file(folder, rank), edit)
     report = streammerge.verify(out, folder, model_name=str(_config(case)))
@@ -213,13 +220,17 @@ def test_verify_compares_the_copies_the_merge_did_not_read(tmp_path: Path, case:
 # ---------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("edit, error, message", [
-    (lambda o: setattr(o["args"], "virtual_pipeline_model_parallel_size", 2), UnsupportedLayoutError,
-     "virtual pipeline stages"),
+    (lambda o: setattr(o["args"], "virtual_pipeline_model_parallel_size", 2), CheckpointError,
+     r"holds model where the run's args give 2 virtual pipeline stages \(model0, model1\): the files and the args "
+     "are not of one run"),
+    (lambda o: setattr(o["args"], "virtual_pipeline_model_parallel_size", 0), CheckpointError,
+     "virtual_pipeline_model_parallel_size 0, not a positive whole number"),
     (lambda o: setattr(o["args"], "expert_tensor_parallel_size", 1), UnsupportedLayoutError,
      "expert_tensor_parallel_size 1 differs"),
     (lambda o: setattr(o["args"], "num_layers", 3), CheckpointError, "hold 2 layers"),
     (lambda o: o.pop("args"), CheckpointError, "no run args"),
-    (lambda o: o.__setitem__("model0", o.pop("model")), UnsupportedLayoutError, r"virtual pipeline stages \(model0\)"),
+    (lambda o: o.__setitem__("model0", o.pop("model")), CheckpointError,
+     r"holds model0 where the run's args give no virtual pipeline stages \(model\)"),
     (lambda o: o["model"].__setitem__("decoder.layers.0.mlp.linear_fc2.bias", torch.zeros(32)),
      UnsupportedLayoutError, "does not know how tensor parallelism splits it"),
     (lambda o: o["model"].__setitem__("decoder.layers.0.mlp.linear_fc2.weight", torch.zeros(32, 4)),
@@ -304,15 +315,17 @@ def _cut(g: torch.Tensor, split, tp: int, t: int) -> torch.Tensor:
     return g.chunk(tp, dim=d)[t].clone()
 
 
-@settings(max_examples=25, deadline=None)
-@given(tp=st.integers(1, 3), stages=st.lists(st.integers(1, 2), min_size=1, max_size=3), ep=st.integers(1, 2),
+@settings(max_examples=30, deadline=None)
+@given(tp=st.integers(1, 3), pp=st.integers(1, 3), vpp=st.integers(1, 2), ep=st.integers(1, 2),
        per_rank=st.integers(1, 2), rows=st.integers(1, 3), hidden=st.integers(1, 3), data=st.data())
-def test_placements_equal_torch_cat(tmp_path_factory, tp, stages, ep, per_rank, rows, hidden, data) -> None:
-    """Rank files written for any TP x PP x EP (uneven stages included; PP and EP together give mp_rank_TT_PPP_EEE):
-    the source's global tensors, assembled from its pieces, and the oracle's boxes equal the global tensors the shards
-    were cut from."""
+def test_placements_equal_torch_cat(tmp_path_factory, tp, pp, vpp, ep, per_rank, rows, hidden, data) -> None:
+    """Rank files written for any TP x PP x VPP x EP (uneven stages included, a stage without layers too; PP and EP
+    together give mp_rank_TT_PPP_EEE; with VPP each file holds model0, model1, and chunk v of every pipeline rank
+    comes before chunk v + 1): the source's global tensors, assembled from its pieces, and the oracle's boxes equal
+    the global tensors the shards were cut from."""
     folder = tmp_path_factory.mktemp("layout")
-    pp, layers, experts = len(stages), sum(stages), ep * per_rank
+    stages = data.draw(st.lists(st.integers(0, 2), min_size=pp * vpp, max_size=pp * vpp).filter(sum))
+    layers, experts = sum(stages), ep * per_rank
     n = rows * tp  # every split dim: a multiple of TP
     g = {  # global tensors in torch_dist's layout
         "embedding.word_embeddings.weight": (torch.randn(n, hidden), (0, False)),
@@ -327,31 +340,35 @@ def test_placements_equal_torch_cat(tmp_path_factory, tp, stages, ep, per_rank, 
     }
     local = {"decoder.layers.self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight"}
     args = argparse.Namespace(num_layers=layers, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
                               expert_model_parallel_size=ep, num_experts=experts,
                               untie_embeddings_and_output_weights=True)
-    first = [sum(stages[:p]) for p in range(pp)]
+    first = [sum(stages[:s]) for s in range(pp * vpp)]  # virtual stage s = v * pp + p
     for t in range(tp):
         for p in range(pp):
             for e in range(ep):
-                model = {}
-                for key, (m, split) in g.items():
-                    if not key.startswith("decoder.layers."):
-                        if p == (0 if key.startswith("embedding") else pp - 1):
-                            model[key] = _cut(m, split, tp, t)
-                        continue
-                    rest = key.removeprefix("decoder.layers.")
-                    for j in range(stages[p]):
-                        layer = m[first[p] + j]
-                        if rest.startswith("mlp.experts.experts."):
-                            for k in range(per_rank):
-                                name = f"decoder.layers.{j}.mlp.experts.local_experts.{k}." + \
-                                       rest.removeprefix("mlp.experts.experts.")
-                                model[name] = _cut(layer[e * per_rank + k], split, tp, t)
-                        else:
-                            model[f"decoder.layers.{j}.{local.get(key, rest)}"] = _cut(layer, split, tp, t)
+                saved: dict = {"args": args, "iteration": 1}
+                for v in range(vpp):
+                    s = v * pp + p
+                    model = saved["model" if vpp == 1 else f"model{v}"] = {}
+                    for key, (m, split) in g.items():
+                        if not key.startswith("decoder.layers."):
+                            if s == (0 if key.startswith("embedding") else pp * vpp - 1):
+                                model[key] = _cut(m, split, tp, t)
+                            continue
+                        rest = key.removeprefix("decoder.layers.")
+                        for j in range(stages[s]):
+                            layer = m[first[s] + j]
+                            if rest.startswith("mlp.experts.experts."):
+                                for k in range(per_rank):
+                                    name = f"decoder.layers.{j}.mlp.experts.local_experts.{k}." + \
+                                           rest.removeprefix("mlp.experts.experts.")
+                                    model[name] = _cut(layer[e * per_rank + k], split, tp, t)
+                            else:
+                                model[f"decoder.layers.{j}.{local.get(key, rest)}"] = _cut(layer, split, tp, t)
                 path = folder / "iter_0000001" / megatron_legacy.rank_dir(t, p, e, pp, ep) / FILE
                 path.parent.mkdir(parents=True)
-                torch.save({"args": args, "iteration": 1, "model": model}, path)
+                torch.save(saved, path)
     src = open_checkpoint(folder / "iter_0000001")
     _, sizes, placements, tensors = src.read()
     assert set(tensors) == set(g)

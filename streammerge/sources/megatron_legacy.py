@@ -6,17 +6,21 @@ parallel rank; the pipeline rank only with PP > 1, the expert rank only with EP 
 stage's layers numbered from 0, the rank's experts numbered from 0), `optimizer`, `rng_state`. Data-parallel replicas
 write no file of their own.
 
+With virtual pipeline stages (the interleaved schedule), a rank file holds `model0`, `model1`, ... instead of `model`:
+chunk v of every pipeline rank comes before chunk v + 1 in the model, each with its layers numbered from 0.
+
 The files are read by the torch.save file reader (the allowlisting unpickler; the args and the rng state are read as
 inert records beside the model: nothing runs). Every tensor is placed where a `torch_dist` save of the same model keeps
-it: layers stacked on a leading dim (the stage's first layer plus the layer's number), TP shards side by side on the
+it: layers stacked on a leading dim (the (virtual) stage's first layer plus the layer's number; a stage's first layer is
+counted from the layers the stages before it hold, so uneven stages need no formula), TP shards side by side on the
 dim the layer splits (column-parallel rows, row-parallel columns; a gated fc1's shard is [gate; up], each half going to
 its half), experts on their axis, norms and the router from TP rank 0. Those global tensors, as pieces of the rank
 files, go through the `torch_dist` mapping table (`megatron.table`), so the Hugging Face names, the QKV split and the
 checks against config.json and the run's args are the same for both formats. The args also give the parallel sizes,
 which the rank folders' names cannot (`mp_rank_00_001` is a pipeline or an expert rank).
 
-Refused: virtual pipeline stages (`model0`, `model1`, ...), an expert tensor-parallel size other than TP's, a key whose
-TP split is not known here, missing or extra rank folders. The optimizer is not exported: `optimizer.state_dict()`
+Refused: an expert tensor-parallel size other than TP's, a key whose TP split is not known here, missing or extra rank
+folders, model chunks other than the args' virtual stages. The optimizer is not exported: `optimizer.state_dict()`
 keys it by position, and the distributed optimizer's `distrib_optim.pt` keeps flat buffers; neither says which
 parameter an entry is.
 """
@@ -98,6 +102,11 @@ class Sizes:
     ep: int
     layers: int
     experts: int  # 0: dense
+    vpp: int = 1  # virtual pipeline stages per pipeline rank: each rank file holds model0, model1, ... instead of model
+
+    def chunks(self) -> list[str]:
+        """The model chunks each rank file holds, in virtual stage order."""
+        return ["model"] if self.vpp == 1 else [f"model{v}" for v in range(self.vpp)]
 
     def lead(self, n: int) -> tuple[int, ...]:
         """The leading dims of a global tensor whose placements have `n` leading indices: none, layers, or
@@ -130,11 +139,7 @@ def sizes_of(args: Mapping[str, Any], where: str) -> Sizes:
     tp = _whole(args.get("tensor_model_parallel_size"), "tensor_model_parallel_size", where, 1)
     pp = _whole(args.get("pipeline_model_parallel_size"), "pipeline_model_parallel_size", where, 1)
     ep = _whole(args.get("expert_model_parallel_size"), "expert_model_parallel_size", where, 1)
-    vpp = args.get("virtual_pipeline_model_parallel_size")
-    if vpp not in (None, 1):
-        raise UnsupportedLayoutError(f"{where}: virtual pipeline stages (virtual_pipeline_model_parallel_size {vpp}), "
-                                     "which streammerge does not read in the legacy format: save with --ckpt-format "
-                                     "torch_dist")
+    vpp = _whole(args.get("virtual_pipeline_model_parallel_size"), "virtual_pipeline_model_parallel_size", where, 1)
     etp = args.get("expert_tensor_parallel_size")
     if etp not in (None, tp):
         raise UnsupportedLayoutError(f"{where}: expert_tensor_parallel_size {etp} differs from "
@@ -144,7 +149,7 @@ def sizes_of(args: Mapping[str, Any], where: str) -> Sizes:
     experts = 0 if experts is None else _whole(experts, "num_experts", where)
     if experts % ep:
         raise CheckpointError(f"{where}: the run's args give {experts} experts over {ep} expert-parallel ranks")
-    return Sizes(tp, pp, ep, _whole(args.get("num_layers"), "num_layers", where), experts)
+    return Sizes(tp, pp, ep, _whole(args.get("num_layers"), "num_layers", where), experts, vpp)
 
 
 class MegatronLegacySource(Source):
@@ -219,7 +224,9 @@ class MegatronLegacySource(Source):
         tied = not args.get("untie_embeddings_and_output_weights", False)
 
         states: dict[Path, tp.State] = {}
+        # (file, (TP rank, virtual stage, expert rank), the key as the file shows it, its key path in the file)
         locals_: list[tuple[Path, tuple[int, int, int], str, KeyPath]] = []
+        stages = sizes.pp * sizes.vpp  # in the model's order: chunk v of every pipeline rank before chunk v + 1
         for name, (t, p, e) in want.items():
             file = found[name]
             st, inert = read_torch_file(file)
@@ -230,68 +237,64 @@ class MegatronLegacySource(Source):
                 self.stats.left_out[".".join(g)] += 1
             self.inert += [g for g in inert if g not in self.inert]
             obj = st.obj
-            if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-                chunks = sorted(k for k in obj if isinstance(k, str) and re.fullmatch(r"model\d+", k)) \
-                    if isinstance(obj, dict) else []
-                if chunks:
-                    raise UnsupportedLayoutError(f"{file}: virtual pipeline stages ({', '.join(chunks[:3])}), which "
-                                                 "streammerge does not read in the legacy format: save with "
-                                                 "--ckpt-format torch_dist")
-                raise CheckpointError(f"{file}: no `model` dict: not a Megatron-LM rank file")
+            self._check_chunks(file, obj, sizes)
             if obj.get("optimizer") and "optimizer" not in self._optimizer:
                 self._optimizer.append("optimizer")
             if (file.parent / DISTRIB_OPTIM).is_file() and DISTRIB_OPTIM not in self._optimizer:
                 self._optimizer.append(DISTRIB_OPTIM)
-            flat, _ = flatten(obj["model"])
-            for key, (path, v) in flat.items():
-                if key.endswith("_extra_state"):  # Transformer Engine's FP8 metadata, no weights (as in torch_dist)
-                    self.stats.left_out["_extra_state"] += 1
-                    continue
-                if isinstance(v, NotAName):
-                    raise CheckpointError(f"{file}: {key!r}: the model's state dict holds an entry whose key is no "
-                                          "name, which no state dict holds")
-                locals_.append((file, (t, p, e), key, ("model", *path)))
+            for v, chunk in enumerate(sizes.chunks()):
+                flat, _ = flatten(obj[chunk])
+                for key, (path, value) in flat.items():
+                    shown = key if sizes.vpp == 1 else f"{chunk}.{key}"
+                    if key.endswith("_extra_state"):  # Transformer Engine's FP8 metadata, no weights (as in torch_dist)
+                        self.stats.left_out["_extra_state"] += 1
+                        continue
+                    if isinstance(value, NotAName):
+                        raise CheckpointError(f"{file}: {shown!r}: the model's state dict holds an entry whose key is "
+                                              "no name, which no state dict holds")
+                    locals_.append((file, (t, v * sizes.pp + p, e), shown, (chunk, *path)))
 
-        # each stage's first layer: the layers of the stages before it (TP rank 0, expert rank 0 counts them)
-        counts = [0] * sizes.pp
-        for _, (t, p, e), key, _ in locals_:
-            m = _LAYER.match(key)
+        # each (virtual) stage's first layer: the layers of the stages before it (TP rank 0, expert rank 0 counts them)
+        counts = [0] * stages
+        for _, (t, s, e), _, path in locals_:
+            m = _LAYER.match(str(path[1]))
             if m and t == 0 and e == 0:
-                counts[p] = max(counts[p], int(m.group(1)) + 1)
-        first_layer = [sum(counts[:p]) for p in range(sizes.pp)]
+                counts[s] = max(counts[s], int(m.group(1)) + 1)
+        first_layer = [sum(counts[:s]) for s in range(stages)]
         if sum(counts) != sizes.layers:
             raise CheckpointError(f"{self.path}: the rank files hold {sum(counts)} layers "
-                                  f"({'+'.join(map(str, counts))} over the pipeline stages), the run's args "
-                                  f"num_layers {sizes.layers}")
+                                  f"({'+'.join(map(str, counts))} over the {'virtual ' if sizes.vpp > 1 else ''}"
+                                  f"pipeline stages), the run's args num_layers {sizes.layers}")
         per_rank = sizes.experts // sizes.ep if sizes.experts else 0
 
         placements: list[Placement] = []
         self.copies = []
-        for file, (t, p, e), key, path in locals_:
+        for file, (t, s, e), shown, path in locals_:
+            key = str(path[1])
             lead: tuple[int, ...] = ()
             m = _LAYER.match(key)
             if m:
                 j, rest = int(m.group(1)), _LOCAL_NAMES.get(m.group(2), m.group(2))
-                if j >= counts[p]:
-                    raise CheckpointError(f"{file}: {key!r}: stage {p} has {counts[p]} layers on TP rank 0")
+                if j >= counts[s]:
+                    raise CheckpointError(f"{file}: {shown!r}: {_stage(s, sizes)} has {counts[s]} layers on TP rank 0")
                 x = _EXPERT.match(rest)
                 if x:
                     k, part = int(x.group(1)), x.group(2)
                     if k >= per_rank:
-                        raise CheckpointError(f"{file}: {key!r}: the run's args give {per_rank} experts per rank")
+                        raise CheckpointError(f"{file}: {shown!r}: the run's args give {per_rank} experts per rank")
                     gkey, split, lead = _EXPERTS + part, _EXPERT_SPLIT.get(part, _UNKNOWN), \
-                        (first_layer[p] + j, e * per_rank + k)
+                        (first_layer[s] + j, e * per_rank + k)
                 else:
-                    gkey, split, lead = _L + rest, _LAYER_SPLIT.get(rest, _UNKNOWN), (first_layer[p] + j,)
+                    gkey, split, lead = _L + rest, _LAYER_SPLIT.get(rest, _UNKNOWN), (first_layer[s] + j,)
             else:
                 gkey, split = key, _MODEL_SPLIT.get(key, _UNKNOWN)
-                if key == "output_layer.weight" and tied and p == sizes.pp - 1 and sizes.pp > 1:
+                if key == "output_layer.weight" and tied and s > 0:
                     # the last stage's copy of the tied embedding (kept equal to it by Megatron's all-reduce)
                     self.stats.left_out["output_layer.weight (the last stage's copy of the tied embedding)"] += 1
                     self.copies.append(Placement("embedding.word_embeddings.weight", file, path, lead, t, _COLUMN))
                     continue
             if isinstance(split, str):
-                raise UnsupportedLayoutError(f"{file}: Megatron key {key!r}: streammerge does not know how tensor "
+                raise UnsupportedLayoutError(f"{file}: Megatron key {shown!r}: streammerge does not know how tensor "
                                              "parallelism splits it, so it cannot put its shards together; refusing "
                                              "to drop it")
             # every TP rank holds an unsplit tensor, every expert rank the dense layers: rank 0's is taken (torch_dist
@@ -300,6 +303,21 @@ class MegatronLegacySource(Source):
             (self.copies if copy else placements).append(
                 Placement(gkey, file, path, lead, t if split is not None else 0, split))
         return args, sizes, placements, self._globals(sizes, placements, states)
+
+    @staticmethod
+    def _check_chunks(file: Path, obj: Any, sizes: Sizes) -> None:
+        """The file holds the model chunks the run's args give: `model`, or one `modelV` per virtual stage."""
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{file}: no `model` dict: not a Megatron-LM rank file")
+        held = {k for k in obj if isinstance(k, str) and re.fullmatch(r"model\d*", k)}
+        want = sizes.chunks()
+        if held == set(want) and all(isinstance(obj[k], dict) for k in want):
+            return
+        if not held:
+            raise CheckpointError(f"{file}: no `model` dict: not a Megatron-LM rank file")
+        given = f"{sizes.vpp} virtual pipeline stages" if sizes.vpp > 1 else "no virtual pipeline stages"
+        raise CheckpointError(f"{file}: holds {', '.join(sorted(held))} where the run's args give {given} "
+                              f"({', '.join(want)}): the files and the args are not of one run")
 
     def _globals(self, sizes: Sizes, placements: Sequence[Placement],
                  states: Mapping[Path, tp.State]) -> dict[str, SourceTensor]:
@@ -378,7 +396,8 @@ class MegatronLegacySource(Source):
         if self._read is None:
             return {}
         s = self._read[1]
-        return {"TP": s.tp, "PP": s.pp, "EP": s.ep if s.ep > 1 else None, "layers": s.layers,
+        return {"TP": s.tp, "PP": s.pp, "VPP": s.vpp if s.vpp > 1 else None, "EP": s.ep if s.ep > 1 else None,
+                "layers": s.layers,
                 "experts": s.experts or None}
 
     def files(self) -> list[Path]:
@@ -389,6 +408,12 @@ class MegatronLegacySource(Source):
         arch, takes = self.mapping()
         reader = LegacyReader(placements, sizes, self.inert, self.copies)
         return LegacyOracle({name: (reader, t) for name, t in takes.items()}, arch, reader)
+
+
+def _stage(s: int, sizes: Sizes) -> str:
+    """A virtual stage by its pipeline rank (and model chunk)."""
+    p, v = s % sizes.pp, s // sizes.pp
+    return f"stage {p}" if sizes.vpp == 1 else f"stage {p}'s model{v}"
 
 
 def _pieces(shard: SourceTensor, pl: Placement, tp_size: int) -> list[Piece]:
@@ -496,7 +521,8 @@ class LegacyReader:
             a, b = self._shard(taken), self._files.tensor(f"copy {i}")
             if a.dtype != b.dtype or a.shape != b.shape or not bytes_rows(a).equal(bytes_rows(b)):
                 file = self._files.located[str(taken)][0]
-                out.append(f"{pl.file}: {'.'.join(map(str, pl.path[1:]))} differs from the copy the merge took "
+                shown = ".".join(map(str, pl.path[1:] if pl.path[0] == "model" else pl.path))
+                out.append(f"{pl.file}: {shown} differs from the copy the merge took "
                            f"from {file.parent.name}/{file.name}: the ranks disagree on the trained weights")
         return out
 
