@@ -10,7 +10,9 @@ own cutting on layouts the fixtures lack.
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -150,6 +152,37 @@ def _rewrite(path: Path, edit) -> None:
     obj = torch.load(path, weights_only=False)
     edit(obj)
     torch.save(obj, path)
+
+
+def _te_bytes(_) -> io.BytesIO:
+    b = io.BytesIO()
+    torch.save(None, b)
+    return b
+
+
+@pytest.mark.parametrize("form", [
+    _te_bytes,  # Transformer Engine 1.x: torch.save of the FP8 state (None without FP8) into a BytesIO
+    lambda _: torch.frombuffer(bytearray(pickle.dumps({"scale_fwd": [1.0]})), dtype=torch.uint8),  # TE 2.x: a tensor
+], ids=["BytesIO", "uint8 tensor"])
+def test_transformer_engines_extra_state_is_left_out(tmp_path: Path, form) -> None:
+    """A run with Transformer Engine layers keeps each module's FP8 state under `_extra_state`: a nested torch.save in
+    a BytesIO (TE 1.x) or a uint8 tensor of a pickle (TE 2.x). Neither is a weight: the merge leaves them out without
+    running them, verify's torch.load reads past them, and the weights are the model's."""
+    case = "legacy_llama_tp2_pp2"
+    folder = _copy(case, tmp_path)
+
+    def edit(obj):
+        for key in [k for k in obj["model"] if k.endswith("_extra_state")]:
+            obj["model"][key] = form(key)
+
+    for rank in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
+        _rewrite(_rank_file(folder, rank), edit)
+    out = tmp_path / "out"
+    result = streammerge.merge(folder, out, model_name=str(_config(case)))
+    assert result.plan.source.stats.left_out["_extra_state"] == 34
+    got, want = load_file(out / "model.safetensors"), _reference(case)
+    assert set(got) == set(want) and all(_bits(got[k]) == _bits(want[k]) for k in want)
+    assert streammerge.verify(out, folder, model_name=str(_config(case))).ok
 
 
 def test_verify_catches_shards_put_in_the_wrong_places(tmp_path: Path, monkeypatch) -> None:
