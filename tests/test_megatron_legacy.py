@@ -110,6 +110,20 @@ def test_the_layouts_users_type(tmp_path: Path) -> None:
         open_checkpoint(run / "iter_0000001" / "mp_rank_00_000")
 
 
+def test_a_release_folder_is_found_through_the_tracker(tmp_path: Path) -> None:
+    """Megatron-LM's converters save under release/ and write `release` into the tracker."""
+    case = "legacy_llama_tp2_pp2"
+    run = _copy(case, tmp_path)
+    (run / "iter_0000001").rename(run / "release")
+    (run / "latest_checkpointed_iteration.txt").write_text("release")
+    src = open_checkpoint(run)
+    assert isinstance(src, MegatronLegacySource) and src.path == run / "release"
+    out = tmp_path / "out"
+    streammerge.merge(run, out, model_name=str(_config(case)))
+    got, want = load_file(out / "model.safetensors"), _reference(case)
+    assert set(got) == set(want) and all(_bits(got[k]) == _bits(want[k]) for k in want)
+
+
 def test_the_optimizer_is_not_exported_and_the_merge_says_why(merged) -> None:
     out, result = merged["legacy_qwen2_tp2_optim"]
     assert not (out / "optimizer").exists()
