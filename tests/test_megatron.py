@@ -172,6 +172,27 @@ def _rename_key(folder: Path, old: str, new: str) -> None:
     (folder / ".metadata").write_bytes(pickle.dumps(md))
 
 
+@pytest.mark.parametrize("case", ["qwen3moe_ep2", "mixtral_ep2_tp2"])
+def test_transformer_engines_moe_norm_is_the_post_attention_norm(tmp_path: Path, case: str) -> None:
+    """megatron-core's Transformer Engine spec cannot fuse the pre-MLP norm of an MoE layer into a linear (the router
+    comes first), so it is a TENorm of its own: `decoder.layers.pre_mlp_layernorm.weight`, where the local spec's
+    keys map call it `mlp.linear_fc1.layer_norm_weight`. Either is the model's post_attention_layernorm; both at once
+    is one norm too many, refused."""
+    folder = _copy(case, tmp_path)
+    fused, own = "decoder.layers.mlp.linear_fc1.layer_norm_weight", "decoder.layers.pre_mlp_layernorm.weight"
+    _rename_key(folder, fused, own)
+    out = tmp_path / "out"
+    streammerge.merge(folder, out)
+    got, want = load_file(out / "model.safetensors"), load_file(_reference(case))
+    assert set(got) == set(want) and all(_bits(got[k]) == _bits(want[k]) for k in want)
+    assert streammerge.verify(out, folder).ok
+
+    both = tmp_path / "both"
+    _resave(FIX / case, both, lambda sd: sd.__setitem__(own, sd[fused].clone()))
+    with pytest.raises(UnsupportedLayoutError, match=f"Megatron key '{fused}' has no Hugging Face"):
+        streammerge.plan(both)
+
+
 def test_refuses_without_a_config(tmp_path: Path) -> None:
     folder = _copy("qwen3_pp2", tmp_path)
     shutil.rmtree(folder / "huggingface")

@@ -4,9 +4,10 @@ A `torch_dist` checkpoint is a DCP folder (plus `metadata.json`) whose keys are 
 sharded-tensor keys, with the global layout whatever TP/PP/EP it was saved with: layers stacked on
 a leading dim (`decoder.layers.self_attention.linear_qkv.weight` is [L, (nq+2ng)d, H]), QKV rows
 interleaved per KV group (`[q heads of the group; k; v]`), `linear_fc1` = `[gate; up]`, MoE experts
-stacked on dim 1, norms under Transformer-Engine names (`linear_qkv.layer_norm_weight`), the vocab
-padded. Every Hugging Face tensor is a box of one of them (a layer, an expert, the rows of a group,
-a half, the unpadded vocab), so the mapping is a view: plain pieces (offset, shape, strides) of the
+stacked on dim 1, norms under Transformer-Engine names (`linear_qkv.layer_norm_weight`; the norm before an MoE
+layer, which Transformer Engine cannot fuse into a router, as `pre_mlp_layernorm.weight`), the vocab padded.
+Every Hugging Face tensor is a box of one of them (a layer, an expert, the rows of a group, a half, the unpadded
+vocab), so the mapping is a view: plain pieces (offset, shape, strides) of the
 DCP chunks, copied by the writer like any other; verify, resume and torchrun work unchanged.
 
 The table (`table`) names, per architecture, which Megatron key and which box gives each HF tensor;
@@ -158,12 +159,17 @@ def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str,
     """
     dtypes_of = dtypes_of or {}
     qkv_rows = (a.heads + 2 * a.groups) * a.head_dim
+    # the norm before the MLP: fused into linear_fc1 (the local spec's renamed so too), or a layer of its own (the
+    # Transformer Engine spec's MoE layers); both present is two norms for one, and the second stays unmapped
+    pre_mlp = _L + "pre_mlp_layernorm.weight"
+    if pre_mlp not in shapes:
+        pre_mlp = _L + "mlp.linear_fc1.layer_norm_weight"
     expect: dict[str, tuple[int, ...]] = {
         "embedding.word_embeddings.weight": (-1, a.hidden),
         _L + "self_attention.linear_qkv.layer_norm_weight": (a.layers, a.hidden),
         _L + "self_attention.linear_qkv.weight": (a.layers, qkv_rows, a.hidden),
         _L + "self_attention.linear_proj.weight": (a.layers, a.hidden, a.heads * a.head_dim),
-        _L + "mlp.linear_fc1.layer_norm_weight": (a.layers, a.hidden),
+        pre_mlp: (a.layers, a.hidden),
         "decoder.final_layernorm.weight": (a.hidden,),
     }
     bias = _L + "self_attention.linear_qkv.bias"
@@ -237,7 +243,7 @@ def table(a: Arch, shapes: Mapping[str, tuple[int, ...]], where: str,
                       Take(p + n["up"], _L + "mlp.linear_fc1.weight", (i,), "up"),
                       Take(p + n["down"], _L + "mlp.linear_fc2.weight", (i,), "all")]
         takes += [Take(p + "input_layernorm.weight", _L + "self_attention.linear_qkv.layer_norm_weight", (i,), "all"),
-                  Take(p + "post_attention_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight", (i,), "all")]
+                  Take(p + "post_attention_layernorm.weight", pre_mlp, (i,), "all")]
     takes.append(Take("model.norm.weight", "decoder.final_layernorm.weight", (), "all"))
     if "output_layer.weight" in expect:
         takes.append(Take("lm_head.weight", "output_layer.weight", (), "vocab"))
