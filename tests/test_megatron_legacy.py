@@ -280,6 +280,9 @@ def test_verify_compares_the_copies_the_merge_did_not_read(tmp_path: Path, case:
      r"holds model0 where the run's args give no virtual pipeline stages \(model\)"),
     (lambda o: o["model"].__setitem__("decoder.layers.0.mlp.linear_fc2.bias", torch.zeros(32)),
      UnsupportedLayoutError, "does not know how tensor parallelism splits it"),
+    (lambda o: o.__setitem__("model", {k.replace("decoder.", "language_model.encoder."): v
+                                       for k, v in o["model"].items()}),
+     UnsupportedLayoutError, r"older than megatron-core's GPTModel .*tools/checkpoint/convert.py --saver mcore"),
     (lambda o: o["model"].__setitem__("decoder.layers.0.mlp.linear_fc2.weight", torch.zeros(32, 4)),
      CheckpointError, "the rank files hold 2 shards .2 different., the run's layout 4"),  # dense: on EP rank 0 only
     (lambda o: setattr(o["args"], "num_attention_heads", 8), ConfigError, "recorded num_attention_heads 8"),
@@ -441,7 +444,7 @@ def test_placements_equal_torch_cat(tmp_path_factory, tp, pp, vpp, ep, per_rank,
 LAYOUT = ("no run args", "is missing", "is not a rank of this run", "the rank files hold", "does not know how tensor "
           "parallelism splits it", "virtual pipeline stages", "not a positive whole number", "stage ", "is float",
           "no `model` dict", "has no stored data", "an object of", "differs from tensor_model_parallel_size",
-          "whose key is no name", "which tensor parallelism does not split so")
+          "whose key is no name", "which tensor parallelism does not split so", "older than megatron-core")
 
 
 def _our_globals(step: Path) -> tuple[dict[str, tuple], MegatronLegacySource]:

@@ -252,6 +252,11 @@ class MegatronLegacySource(Source):
                     if isinstance(value, NotAName):
                         raise CheckpointError(f"{file}: {shown!r}: the model's state dict holds an entry whose key is "
                                               "no name, which no state dict holds")
+                    if key.startswith("language_model."):
+                        raise UnsupportedLayoutError(f"{file}: Megatron key {shown!r}: a model of Megatron-LM's own, "
+                                                     "older than megatron-core's GPTModel (`language_model.*` names), "
+                                                     "which streammerge does not read: convert it with Megatron-LM's "
+                                                     "tools/checkpoint/convert.py --saver mcore first")
                     locals_.append((file, (t, v * sizes.pp + p, e), shown, (chunk, *path)))
 
         # each (virtual) stage's first layer: the layers of the stages before it (TP rank 0, expert rank 0 counts them)
