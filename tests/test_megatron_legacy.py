@@ -470,19 +470,22 @@ def _torch_globals(src: MegatronLegacySource) -> dict[str, tuple]:
 
 @settings(max_examples=80, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(mutation=MUTATIONS, rank=st.sampled_from(["mp_rank_00_000", "mp_rank_01_001"]))
-def test_differential_fuzz(tmp_path_factory: pytest.TempPathFactory, mutation: tuple, rank: str) -> None:
+@given(mutation=MUTATIONS, where=st.sampled_from([("legacy_llama_tp2_pp2", "mp_rank_00_000"),
+                                                  ("legacy_llama_tp2_pp2", "mp_rank_01_001"),
+                                                  ("legacy_qwen2_tp2_vpp2_pp2", "mp_rank_01_001")]))
+def test_differential_fuzz(tmp_path_factory: pytest.TempPathFactory, mutation: tuple, where: tuple[str, str]) -> None:
     """A real rank file, mutated: the source's global tensors are exactly what torch.load of the shards gives when
     torch concatenates them, or the source refuses in one line where torch refuses too (or for a stated reason)."""
+    case, rank = where
     folder = tmp_path_factory.mktemp("fuzz") / "run"
-    shutil.copytree(FIX / "legacy_llama_tp2_pp2", folder)
+    shutil.copytree(FIX / case, folder)
     step = folder / "iter_0000001"
     mutate(step / rank / FILE, mutation)
     try:
         ours, src = _our_globals(step)
     except StreammergeError as e:
         assert "\n" not in str(e)
-        clean = MegatronLegacySource(FIX / "legacy_llama_tp2_pp2" / "iter_0000001")
+        clean = MegatronLegacySource(FIX / case / "iter_0000001")
         clean.read()
         torch_reads = TorchFileOracle({"file": (step / rank / FILE, ())}, clean.inert)  # weights_only, stand-ins
         try:
