@@ -276,6 +276,8 @@ def test_verify_compares_the_copies_the_merge_did_not_read(tmp_path: Path, case:
      "expert_tensor_parallel_size 1 differs"),
     (lambda o: setattr(o["args"], "num_layers", 3), CheckpointError, "hold 2 layers"),
     (lambda o: o.pop("args"), CheckpointError, "no run args"),
+    (lambda o: o.__setitem__("model", list(o["model"].values())), CheckpointError,
+     "`model` is list, not a dict: not a Megatron-LM rank file"),
     (lambda o: o.__setitem__("model0", o.pop("model")), CheckpointError,
      r"holds model0 where the run's args give no virtual pipeline stages \(model\)"),
     (lambda o: o["model"].__setitem__("decoder.layers.0.mlp.linear_fc2.bias", torch.zeros(32)),
@@ -443,8 +445,9 @@ def test_placements_equal_torch_cat(tmp_path_factory, tp, pp, vpp, ep, per_rank,
 # and torch does not check), and the torch.save file reader's stated ones (test_torchfile's CHOICES)
 LAYOUT = ("no run args", "is missing", "is not a rank of this run", "the rank files hold", "does not know how tensor "
           "parallelism splits it", "virtual pipeline stages", "not a positive whole number", "stage ", "is float",
-          "no `model` dict", "has no stored data", "an object of", "differs from tensor_model_parallel_size",
-          "whose key is no name", "which tensor parallelism does not split so", "older than megatron-core")
+          "no `model` dict", "not a Megatron-LM rank file", "has no stored data", "an object of",
+          "differs from tensor_model_parallel_size", "whose key is no name",
+          "which tensor parallelism does not split so", "older than megatron-core")
 
 
 def _our_globals(step: Path) -> tuple[dict[str, tuple], MegatronLegacySource]:

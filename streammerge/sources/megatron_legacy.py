@@ -316,8 +316,12 @@ class MegatronLegacySource(Source):
             raise CheckpointError(f"{file}: no `model` dict: not a Megatron-LM rank file")
         held = {k for k in obj if isinstance(k, str) and re.fullmatch(r"model\d*", k)}
         want = sizes.chunks()
-        if held == set(want) and all(isinstance(obj[k], dict) for k in want):
-            return
+        if held == set(want):
+            odd = next((k for k in want if not isinstance(obj[k], dict)), None)
+            if odd is None:
+                return
+            raise CheckpointError(f"{file}: `{odd}` is {type(obj[odd]).__name__}, not a dict: not a Megatron-LM rank "
+                                  "file")
         if not held:
             raise CheckpointError(f"{file}: no `model` dict: not a Megatron-LM rank file")
         given = f"{sizes.vpp} virtual pipeline stages" if sizes.vpp > 1 else "no virtual pipeline stages"
