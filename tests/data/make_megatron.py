@@ -48,7 +48,7 @@ the staging checkpoint into all chunks in one ``dist_checkpointing.load`` (``{"m
 global layer ``v*L/vpp + p*L/(pp*vpp)`` (:func:`layer_offset`, Megatron's
 ``get_transformer_layer_offset`` written out) and checks which file / chunk holds which layer.
 
-Megatron on CPU needs a few shims (see :func:`_setup_megatron`): one MoE module imports
+Megatron on CPU needs a few shims (see :func:`setup_megatron`): one MoE module imports
 triton at import time (stubbed), ``torch.cuda.synchronize`` / ``current_device`` are replaced
 with CPU no-ops, ``Tensor.cuda()`` returns the tensor itself (tied embeddings with PP > 1), and
 the CUDA RNG tracker's ``fork`` becomes a null context (dropout is 0).
@@ -409,7 +409,7 @@ def mcore_to_hf(c, dcp, prefix=""):
 # --------------------------------------------------------------------------------------------
 # Megatron side (runs in spawned gloo workers)
 # --------------------------------------------------------------------------------------------
-def _setup_megatron():
+def setup_megatron():
     """CPU shims; must run before megatron.core is imported."""
     name = "megatron.core.transformer.moe.ops.paged_stash"
     if name not in sys.modules:     # this one module imports triton at import time
@@ -597,7 +597,7 @@ def _init_dist(rank, ws, port, c):
 
 def _stage_worker(rank, ws, port, c, work):
     """1 process: load the hand-converted weights, prove forward equality, save staging ckpt."""
-    _setup_megatron()
+    setup_megatron()
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -639,7 +639,7 @@ def _fill_grads_and_step(model_chunks, optimizer):
 
 
 def _parallel_worker(rank, ws, port, c, work, out_dir):
-    _setup_megatron()
+    setup_megatron()
     import argparse as ap
 
     import torch.distributed as dist
