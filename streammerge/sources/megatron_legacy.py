@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import CheckpointError, UnsupportedLayoutError
 from . import megatron_run
@@ -124,6 +124,18 @@ class Placement:
     lead: tuple[int, ...]  # (layer,) or (layer, expert): the global tensor's leading indices; () for others
     tp: int  # whose TP shard it is
     split: Split
+
+
+class _Entry(NamedTuple):
+    """A tensor of a rank file's model chunk, before it is placed."""
+
+    file: Path
+    t: int  # TP rank
+    s: int  # virtual stage: pipeline rank, and model chunk with VPP
+    e: int  # expert rank
+    key: str  # as the chunk's state dict names it
+    shown: str  # as messages name it (`model1.` in front with VPP)
+    path: KeyPath  # in the file's dict
 
 
 def _whole(value: Any, name: str, where: str, default: int | None = None) -> int:
@@ -224,10 +236,8 @@ class MegatronLegacySource(Source):
         tied = not args.get("untie_embeddings_and_output_weights", False)
 
         states: dict[Path, tp.State] = {}
-        # (file, (TP rank, virtual stage, expert rank), the key as the file shows it, its key path in the file)
-        locals_: list[tuple[Path, tuple[int, int, int], str, KeyPath]] = []
-        stages = sizes.pp * sizes.vpp  # in the model's order: chunk v of every pipeline rank before chunk v + 1
-        for name, (t, p, e) in want.items():
+        entries: list[_Entry] = []
+        for name, rank in want.items():
             file = found[name]
             st, inert = read_torch_file(file)
             states[file] = st
@@ -236,36 +246,47 @@ class MegatronLegacySource(Source):
             for g in inert:
                 self.stats.left_out[".".join(g)] += 1
             self.inert += [g for g in inert if g not in self.inert]
-            obj = st.obj
-            self._check_chunks(file, obj, sizes)
-            if obj.get("optimizer") and "optimizer" not in self._optimizer:
-                self._optimizer.append("optimizer")
-            if (file.parent / DISTRIB_OPTIM).is_file() and DISTRIB_OPTIM not in self._optimizer:
-                self._optimizer.append(DISTRIB_OPTIM)
-            for v, chunk in enumerate(sizes.chunks()):
-                flat, _ = flatten(obj[chunk])
-                for key, (path, value) in flat.items():
-                    shown = key if sizes.vpp == 1 else f"{chunk}.{key}"
-                    if key.endswith("_extra_state"):  # Transformer Engine's FP8 metadata, no weights (as in torch_dist)
-                        self.stats.left_out["_extra_state"] += 1
-                        continue
-                    if isinstance(value, NotAName):
-                        raise CheckpointError(f"{file}: {shown!r}: the model's state dict holds an entry whose key is "
-                                              "no name, which no state dict holds")
-                    if key.startswith("language_model."):
-                        raise UnsupportedLayoutError(f"{file}: Megatron key {shown!r}: a model of Megatron-LM's own, "
-                                                     "older than megatron-core's GPTModel (`language_model.*` names), "
-                                                     "which streammerge does not read: convert it with Megatron-LM's "
-                                                     "tools/checkpoint/convert.py --saver mcore first")
-                    locals_.append((file, (t, v * sizes.pp + p, e), shown, (chunk, *path)))
+            entries += self._entries(file, st.obj, rank, sizes)
+        placements = self._place(entries, sizes, tied)
+        return args, sizes, placements, self._globals(sizes, placements, states)
 
+    def _entries(self, file: Path, obj: Any, rank: tuple[int, int, int], sizes: Sizes) -> list[_Entry]:
+        """One rank file's model tensors, each with its TP rank, virtual stage and expert rank."""
+        self._check_chunks(file, obj, sizes)
+        if obj.get("optimizer") and "optimizer" not in self._optimizer:
+            self._optimizer.append("optimizer")
+        if (file.parent / DISTRIB_OPTIM).is_file() and DISTRIB_OPTIM not in self._optimizer:
+            self._optimizer.append(DISTRIB_OPTIM)
+        t, p, e = rank
+        out = []
+        for v, chunk in enumerate(sizes.chunks()):
+            flat, _ = flatten(obj[chunk])
+            for key, (path, value) in flat.items():
+                shown = key if sizes.vpp == 1 else f"{chunk}.{key}"
+                if key.endswith("_extra_state"):  # Transformer Engine's FP8 metadata, no weights (as in torch_dist)
+                    self.stats.left_out["_extra_state"] += 1
+                    continue
+                if isinstance(value, NotAName):
+                    raise CheckpointError(f"{file}: {shown!r}: the model's state dict holds an entry whose key is no "
+                                          "name, which no state dict holds")
+                if key.startswith("language_model."):
+                    raise UnsupportedLayoutError(f"{file}: Megatron key {shown!r}: a model of Megatron-LM's own, older "
+                                                 "than megatron-core's GPTModel (`language_model.*` names), which "
+                                                 "streammerge does not read: convert it with Megatron-LM's "
+                                                 "tools/checkpoint/convert.py --saver mcore first")
+                # chunk v of every pipeline rank comes before chunk v + 1 in the model
+                out.append(_Entry(file, t, v * sizes.pp + p, e, key, shown, (chunk, *path)))
+        return out
+
+    def _place(self, entries: Sequence[_Entry], sizes: Sizes, tied: bool) -> list[Placement]:
+        """Where each entry goes in the torch_dist global tensors; the replicas not read go to `self.copies`."""
         # each (virtual) stage's first layer: the layers of the stages before it (TP rank 0, expert rank 0 counts them)
-        counts = [0] * stages
-        for _, (t, s, e), _, path in locals_:
-            m = _LAYER.match(str(path[1]))
-            if m and t == 0 and e == 0:
-                counts[s] = max(counts[s], int(m.group(1)) + 1)
-        first_layer = [sum(counts[:s]) for s in range(stages)]
+        counts = [0] * (sizes.pp * sizes.vpp)
+        for x in entries:
+            m = _LAYER.match(x.key)
+            if m and x.t == 0 and x.e == 0:
+                counts[x.s] = max(counts[x.s], int(m.group(1)) + 1)
+        first_layer = [sum(counts[:s]) for s in range(len(counts))]
         if sum(counts) != sizes.layers:
             raise CheckpointError(f"{self.path}: the rank files hold {sum(counts)} layers "
                                   f"({'+'.join(map(str, counts))} over the {'virtual ' if sizes.vpp > 1 else ''}"
@@ -274,40 +295,41 @@ class MegatronLegacySource(Source):
 
         placements: list[Placement] = []
         self.copies = []
-        for file, (t, s, e), shown, path in locals_:
-            key = str(path[1])
+        for x in entries:
+            file, t, s, e = x.file, x.t, x.s, x.e
             lead: tuple[int, ...] = ()
-            m = _LAYER.match(key)
+            m = _LAYER.match(x.key)
             if m:
                 j, rest = int(m.group(1)), _LOCAL_NAMES.get(m.group(2), m.group(2))
                 if j >= counts[s]:
-                    raise CheckpointError(f"{file}: {shown!r}: {_stage(s, sizes)} has {counts[s]} layers on TP rank 0")
-                x = _EXPERT.match(rest)
-                if x:
-                    k, part = int(x.group(1)), x.group(2)
+                    raise CheckpointError(f"{file}: {x.shown!r}: {_stage(s, sizes)} has {counts[s]} layers on TP "
+                                          "rank 0")
+                ex = _EXPERT.match(rest)
+                if ex:
+                    k, part = int(ex.group(1)), ex.group(2)
                     if k >= per_rank:
-                        raise CheckpointError(f"{file}: {shown!r}: the run's args give {per_rank} experts per rank")
+                        raise CheckpointError(f"{file}: {x.shown!r}: the run's args give {per_rank} experts per rank")
                     gkey, split, lead = _EXPERTS + part, _EXPERT_SPLIT.get(part, _UNKNOWN), \
                         (first_layer[s] + j, e * per_rank + k)
                 else:
                     gkey, split, lead = _L + rest, _LAYER_SPLIT.get(rest, _UNKNOWN), (first_layer[s] + j,)
             else:
-                gkey, split = key, _MODEL_SPLIT.get(key, _UNKNOWN)
-                if key == "output_layer.weight" and tied and s > 0:
+                gkey, split = x.key, _MODEL_SPLIT.get(x.key, _UNKNOWN)
+                if x.key == "output_layer.weight" and tied and s > 0:
                     # the last stage's copy of the tied embedding (kept equal to it by Megatron's all-reduce)
                     self.stats.left_out["output_layer.weight (the last stage's copy of the tied embedding)"] += 1
-                    self.copies.append(Placement("embedding.word_embeddings.weight", file, path, lead, t, _COLUMN))
+                    self.copies.append(Placement("embedding.word_embeddings.weight", file, x.path, lead, t, _COLUMN))
                     continue
             if isinstance(split, str):
-                raise UnsupportedLayoutError(f"{file}: Megatron key {shown!r}: streammerge does not know how tensor "
+                raise UnsupportedLayoutError(f"{file}: Megatron key {x.shown!r}: streammerge does not know how tensor "
                                              "parallelism splits it, so it cannot put its shards together; refusing "
                                              "to drop it")
             # every TP rank holds an unsplit tensor, every expert rank the dense layers: rank 0's is taken (torch_dist
             # keeps one replica), and verify compares the others with it (a copy is placed as the shard it must equal)
             copy = (split is None and t) or (e and len(lead) != 2)
             (self.copies if copy else placements).append(
-                Placement(gkey, file, path, lead, t if split is not None else 0, split))
-        return args, sizes, placements, self._globals(sizes, placements, states)
+                Placement(gkey, file, x.path, lead, t if split is not None else 0, split))
+        return placements
 
     @staticmethod
     def _check_chunks(file: Path, obj: Any, sizes: Sizes) -> None:
