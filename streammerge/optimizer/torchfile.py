@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..plan import Plan, TensorPlan
 from ..sources import torchpickle as tp
 from ..sources.dcp import strip_wrappers
+from ..sources.torchfile import at_path
 from . import Skip
 from .dcp import check_membership, weight_shapes, without_prefix
 from .export import index_metadata
@@ -35,9 +36,7 @@ def plan_file_optimizer(source: TorchFileSource, path: Path, st: tp.State, at: K
     inputs). `module_prefix`: what the optimizer's names have before the weights' names (a LightningModule's
     attribute).
     """
-    osd: Any = st.obj
-    for k in at:
-        osd = osd[k]
+    osd = at_path(st.obj, at)
     try:
         params = {module_prefix + n: shape for n, shape in weight_shapes(weights).items()}
         params.update({module_prefix + n: shape for n, shape in (peft or {}).items()})

@@ -130,12 +130,17 @@ def _global(v: tp.Inert) -> str:
     return ".".join(v.global_name)
 
 
+def at_path(obj: Any, path: KeyPath) -> Any:
+    """What the saved object holds at key path `path`."""
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
 def whole_tensor(file: Path, st: tp.State, name: str, path: KeyPath, rank: int = 0) -> SourceTensor:
     """The tensor at key path `path` of `file` (read as `st`) as one piece of the file: its storage's record, from the
     tensor's offset, with its strides (`rank`: which file of several, for messages)."""
-    t: Any = st.obj
-    for k in path:
-        t = t[k]
+    t = at_path(st.obj, path)
     key = ".".join(map(str, path))
     if isinstance(t, tp.Wrapper):
         raise UnsupportedLayoutError(f"{file}: {key!r} is a {t.cls.__name__} (one rank's shard of a sharded "
@@ -360,9 +365,7 @@ class TorchFileSource(Source):
             elif found is not None:
                 file, st, at = found
                 where = ".".join(map(str, at))
-                osd: Any = st.obj
-                for k in at:
-                    osd = osd[k]
+                osd = at_path(st.obj, at)
                 state = osd.get("state") if isinstance(osd, dict) else None
                 named = isinstance(state, dict) and all(isinstance(k, str) for k in state)
                 lines.append(f"optimizer   {file.name}" + (f": {where}.*" if where else "") + (
@@ -417,10 +420,7 @@ class TorchFileOracle(Oracle):
         if where is None:
             return None
         self.load_all()
-        t = self._loaded[where[0]]
-        for k in where[1]:
-            t = t[k]
-        return t
+        return at_path(self._loaded[where[0]], where[1])
 
     def shape(self, name: str) -> tuple[tuple[int, ...], str] | None:
         t = self.tensor(name)
