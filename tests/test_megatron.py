@@ -57,6 +57,34 @@ def _bits(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def assert_equals_reference(out: Path, reference: Path) -> None:
+    """The merged model.safetensors holds exactly the tensors of the HF model's own save_pretrained file `reference`:
+    the same names, dtypes, shapes and bytes."""
+    ref, got = load_file(reference), load_file(out / "model.safetensors")
+    assert set(got) == set(ref)
+    for name, want in ref.items():
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+        assert _bits(got[name]) == _bits(want), f"{out}: {name} differs from the HF model"
+
+
+def assert_loads_as_reference(out: Path, reference: Path, tmp_path: Path) -> None:
+    """transformers loads the output with no missing, unexpected or mismatched key, and as the HF model loaded from
+    its own file `reference` (transformers 5 fuses MoE experts in memory: both go through the same conversion)."""
+    from transformers import AutoModelForCausalLM
+
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    shutil.copy(out / "config.json", ref_dir / "config.json")
+    shutil.copy(reference, ref_dir / "model.safetensors")
+    dtype = load_file(reference)["model.norm.weight"].dtype
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=dtype)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    want = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=dtype).state_dict()
+    got = model.state_dict()
+    assert set(got) == set(want)
+    assert all(_bits(got[k]) == _bits(want[k]) for k in want)
+
+
 def _merge(case: str, out: Path, **kwargs) -> streammerge.MergeResult:
     typed, model = CASES[case]
     return streammerge.merge(FIX / typed, out, model_name=str(FIX / model) if model else None, **kwargs)
@@ -73,32 +101,12 @@ def merged(tmp_path_factory) -> dict[str, tuple[Path, streammerge.MergeResult]]:
 def test_every_tensor_equals_the_hf_model(case: str, merged) -> None:
     out, result = merged[case]
     assert result.plan.source.format == "Megatron torch_dist"
-    ref = load_file(_reference(case))
-    got = load_file(out / "model.safetensors")
-    assert set(got) == set(ref)
-    for name, want in ref.items():
-        assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
-        assert _bits(got[name]) == _bits(want), f"{case}: {name} differs from the HF model"
+    assert_equals_reference(out, _reference(case))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_transformers_loads_it_as_the_hf_model(case: str, merged, tmp_path: Path) -> None:
-    """No missing or unexpected key, and the loaded model equals the HF model loaded from its own file
-    (transformers 5 fuses MoE experts in memory: both go through the same conversion)."""
-    from transformers import AutoModelForCausalLM
-
-    out, _ = merged[case]
-    ref_dir = tmp_path / "ref"
-    ref_dir.mkdir()
-    shutil.copy(out / "config.json", ref_dir / "config.json")
-    shutil.copy(_reference(case), ref_dir / "model.safetensors")
-    dtype = load_file(_reference(case))["model.norm.weight"].dtype
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=dtype)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    want = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=dtype).state_dict()
-    got = model.state_dict()
-    assert set(got) == set(want)
-    assert all(_bits(got[k]) == _bits(want[k]) for k in want)
+    assert_loads_as_reference(merged[case][0], _reference(case), tmp_path)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -183,8 +191,7 @@ def test_transformer_engines_moe_norm_is_the_post_attention_norm(tmp_path: Path,
     _rename_key(folder, fused, own)
     out = tmp_path / "out"
     streammerge.merge(folder, out)
-    got, want = load_file(out / "model.safetensors"), load_file(_reference(case))
-    assert set(got) == set(want) and all(_bits(got[k]) == _bits(want[k]) for k in want)
+    assert_equals_reference(out, _reference(case))
     assert streammerge.verify(out, folder).ok
 
     both = tmp_path / "both"

@@ -24,6 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from test_megatron import assert_equals_reference, assert_loads_as_reference
 from test_strict import MUTATIONS, STRICTER, mutate
 from test_torchfile import CHOICES
 
@@ -50,8 +51,12 @@ def _config(case: str) -> Path:
     return FIX / CASES[case] / "huggingface"
 
 
+def _reference_file(case: str) -> Path:
+    return FIX / CASES[case] / "reference" / "model.safetensors"
+
+
 def _reference(case: str) -> dict[str, torch.Tensor]:
-    return load_file(FIX / CASES[case] / "reference" / "model.safetensors")
+    return load_file(_reference_file(case))
 
 
 def _bits(t: torch.Tensor) -> bytes:
@@ -69,24 +74,12 @@ def merged(tmp_path_factory) -> dict[str, tuple[Path, streammerge.MergeResult]]:
 def test_every_tensor_equals_the_hf_model(case: str, merged) -> None:
     out, result = merged[case]
     assert result.plan.source.format == "Megatron-LM legacy torch" and result.plan.source.step == 1
-    ref = _reference(case)
-    got = load_file(out / "model.safetensors")
-    assert set(got) == set(ref)
-    for name, want in ref.items():
-        assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
-        assert _bits(got[name]) == _bits(want), f"{case}: {name} differs from the HF model"
+    assert_equals_reference(out, _reference_file(case))
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_transformers_loads_it_with_no_missing_key(case: str, merged) -> None:
-    from transformers import AutoModelForCausalLM
-
-    out, _ = merged[case]
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ref = _reference(case)
-    got = model.state_dict()
-    assert all(_bits(got[k]) == _bits(v) for k, v in ref.items() if k in got)
+def test_transformers_loads_it_as_the_hf_model(case: str, merged, tmp_path: Path) -> None:
+    assert_loads_as_reference(merged[case][0], _reference_file(case), tmp_path)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -120,8 +113,7 @@ def test_a_release_folder_is_found_through_the_tracker(tmp_path: Path) -> None:
     assert isinstance(src, MegatronLegacySource) and src.path == run / "release"
     out = tmp_path / "out"
     streammerge.merge(run, out, model_name=str(_config(case)))
-    got, want = load_file(out / "model.safetensors"), _reference(case)
-    assert set(got) == set(want) and all(_bits(got[k]) == _bits(want[k]) for k in want)
+    assert_equals_reference(out, _reference_file(case))
 
 
 def test_the_optimizer_is_not_exported_and_the_merge_says_why(merged) -> None:
@@ -194,8 +186,7 @@ def test_transformer_engines_extra_state_is_left_out(tmp_path: Path, form) -> No
     out = tmp_path / "out"
     result = streammerge.merge(folder, out, model_name=str(_config(case)))
     assert result.plan.source.stats.left_out["_extra_state"] == 34
-    got, want = load_file(out / "model.safetensors"), _reference(case)
-    assert set(got) == set(want) and all(_bits(got[k]) == _bits(want[k]) for k in want)
+    assert_equals_reference(out, _reference_file(case))
     assert streammerge.verify(out, folder, model_name=str(_config(case))).ok
 
 
