@@ -50,12 +50,11 @@ def command(name: str, ckpt: Path, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = contender_parser(__doc__, "bench_dcp")
+    p = contender_parser(__doc__, "bench_dcp", CONTENDERS)
     p.add_argument("--preset", default="qwen2.5-1.5b", choices=list(PRESETS))
     p.add_argument("--world-size", type=int, default=8)
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
     a = p.parse_args(argv)
-    contenders = [c for c in a.contenders.split(",") if c]
+    contenders = a.contenders
     env = bench_env()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -84,17 +84,16 @@ def command(name: str, ckpt: Path, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = contender_parser(__doc__, "bench_deepspeed")
+    p = contender_parser(__doc__, "bench_deepspeed", CONTENDERS)
     p.add_argument("--preset", default="qwen2.5-0.5b")
     p.add_argument("--stage", type=int, default=3)
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--train", nargs=2, metavar=("STAGE", "OUT"), help=argparse.SUPPRESS)  # a rank of the run
     a = p.parse_args(argv)
     if a.train:
         _train(int(a.train[0]), a.preset, a.train[1])
         return 0
-    contenders = [c for c in a.contenders.split(",") if c]
+    contenders = a.contenders
     env = bench_env()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)

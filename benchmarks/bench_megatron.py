@@ -60,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]  # this checkout, not an installed streammerge
 
-from bench_merge import bench_env, cache_policy, contender_parser, report, run_contenders  # noqa: E402
+from bench_merge import bench_env, cache_policy, contender_parser, report, run_contenders, same_weights  # noqa: E402
 
 CONTENDERS = ["mcore-load+save_file", "dcp_to_torch_save+save_file", "streammerge"]
 
@@ -184,25 +184,6 @@ def command(name: str, step: Path, config_dir: Path, out: Path, mcore_python: st
     raise KeyError(name)
 
 
-def same_bits(a: Path, b: Path) -> bool:
-    """The safetensors of folders a and b hold the same tensor names, each with the same dtype, shape and bytes."""
-    import torch
-    from safetensors import safe_open
-
-    def tensors(folder: Path) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as st:
-                out.update({k: st.get_tensor(k) for k in st.keys()})
-        return out
-
-    ta, tb = tensors(a), tensors(b)
-    return bool(ta) and set(ta) == set(tb) and all(
-        v.dtype == tb[k].dtype and v.shape == tb[k].shape
-        and torch.equal(v.contiguous().view(-1).view(torch.uint8), tb[k].contiguous().view(-1).view(torch.uint8))
-        for k, v in ta.items())
-
-
 def mcore_version(mcore_python: str, env: dict) -> str:
     r = subprocess.run([mcore_python, "-c", "from importlib.metadata import version; print(version('megatron-core'))"],
                        cwd=ROOT, env=env, capture_output=True, text=True)
@@ -210,15 +191,14 @@ def mcore_version(mcore_python: str, env: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = contender_parser(__doc__, "bench_megatron")
+    p = contender_parser(__doc__, "bench_megatron", CONTENDERS)
     p.add_argument("--preset", default="qwen2.5-0.5b")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=2)
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--mcore-python", default="/tmp/mcore/bin/python",
                    help="a Python with megatron-core 0.19.2, for the checkpoint maker and the mcore-load contender")
     a: argparse.Namespace = p.parse_args(argv)
-    contenders = [c for c in a.contenders.split(",") if c]
+    contenders = a.contenders
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         p.error(f"unknown contenders {sorted(unknown)}")
@@ -246,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     runs, kept = run_contenders(contenders, a.repeat,
                                 lambda c, out: command(c, step, config_dir, out, a.mcore_python, env), files, env,
                                 work, policy)
-    checks = {f"{c}'s weights == the Hugging Face model's (names, dtypes, shapes, bytes)": same_bits(truth, kept[c])
-              for c in kept}
+    checks = {f"{c}'s weights == the Hugging Face model's (names, dtypes, shapes, bytes)":
+              same_weights(truth, kept[c]) and same_weights(kept[c], truth) for c in kept}
     for c in kept:
         shutil.rmtree(kept[c].parent, ignore_errors=True)
     if not a.keep:

@@ -173,13 +173,12 @@ def command(name: str, step: Path, config_dir: Path, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = contender_parser(__doc__, "bench_megatron_legacy")
+    p = contender_parser(__doc__, "bench_megatron_legacy", CONTENDERS)
     p.add_argument("--preset", default="qwen2.5-0.5b")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=2)
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
     a = p.parse_args(argv)
-    contenders = [c for c in a.contenders.split(",") if c]
+    contenders = a.contenders
     env = bench_env()
     work = Path(a.workdir)
     tag = f"{a.preset}-tp{a.tp}-pp{a.pp}"

@@ -224,8 +224,9 @@ def run_contenders(contenders: list[str], repeat: int, command, files: list[Path
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    """Every tensor of folder `a` (safetensors or pytorch_model*.bin) is in `b`, bit for bit (`b` may hold more: a tied
-    lm_head.weight that zero_to_fp32 writes)."""
+    """Every tensor of folder `a` (safetensors or pytorch_model*.bin) is in `b` with the same dtype, shape and bytes
+    (`b` may hold more: a tied lm_head.weight that zero_to_fp32 writes). Bytes, not values: torch.equal calls -0.0 equal
+    to 0.0, and a NaN unequal to itself."""
     import torch
     from safetensors import safe_open
 
@@ -238,8 +239,12 @@ def same_weights(a: Path, b: Path) -> bool:
             out.update(torch.load(f, weights_only=True, mmap=True))
         return out
 
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().view(-1).view(torch.uint8)
+
     ta, tb = tensors(a), tensors(b)
-    return bool(ta) and set(ta) <= set(tb) and all(torch.equal(v, tb[k]) for k, v in ta.items())
+    return bool(ta) and set(ta) <= set(tb) and all(
+        v.dtype == tb[k].dtype and v.shape == tb[k].shape and torch.equal(raw(v), raw(tb[k])) for k, v in ta.items())
 
 
 def contender_summary(runs: dict[str, list[dict]], baseline: str, size: int | None = None) -> dict:
@@ -270,9 +275,12 @@ def print_summary(title: str, summary: dict, baseline: str, checks: dict[str, bo
         print(f"  check: {k}: {'yes' if v else 'NO'}")
 
 
-def contender_parser(doc: str, name: str) -> argparse.ArgumentParser:
-    """The options every contenders benchmark takes; `name` (bench_dcp, ...) names its work folder."""
+def contender_parser(doc: str, name: str, contenders: list[str]) -> argparse.ArgumentParser:
+    """The options every contenders benchmark takes; `name` (bench_dcp, ...) names its work folder; `--contenders`
+    (a comma-separated list, parsed to a list) picks from `contenders`, all by default."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contenders", default=list(contenders), type=lambda text: [c for c in text.split(",") if c],
+                   help=f"comma-separated, of {','.join(contenders)}")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", default=f"/work/bench-tmp/{name}", help="checkpoint and outputs")
     p.add_argument("--results", default=str(HERE / "results"))

@@ -79,11 +79,10 @@ def command(name: str, ckpt: Path, config_dir: Path, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = contender_parser(__doc__, "bench_torchfile")
+    p = contender_parser(__doc__, "bench_torchfile", CONTENDERS)
     p.add_argument("--preset", default="qwen2.5-0.5b")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
     a = p.parse_args(argv)
-    contenders = [c for c in a.contenders.split(",") if c]
+    contenders = a.contenders
     env = bench_env()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
