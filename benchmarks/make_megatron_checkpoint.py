@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -50,14 +49,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests" / "data"))
-from make_megatron import setup_megatron  # noqa: E402  the fixtures' CPU shims: one set for both
+from make_megatron import free_port, rng_state, setup_megatron  # noqa: E402  the fixtures' CPU shims and helpers
 
 # ---------------------------------------------------------------- megatron-core on CPU
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rope_theta(cfg: dict) -> float:
@@ -204,9 +198,6 @@ def _stage(cfg: dict, mcore_sd: dict[str, torch.Tensor], padded_vocab: int, stag
 def _worker(rank: int, world: int, port: int, cfg: dict, tp: int, pp: int, padded_vocab: int, stage: str,
             run: str) -> None:
     setup_megatron()
-    import random
-
-    import numpy as np
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -225,11 +216,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, tp: int, pp: int, padde
     dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
     meta = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
             "chained_optim_avoid_prefix": True, "dp_cp_group": dp_cp_group}
-    random.seed(rank)
-    np.random.seed(rank)
-    torch.manual_seed(rank)
-    rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-            "torch_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}]
+    rng = rng_state(rank, {})
     state = {"args": megatron_lm_args(cfg, tp, pp, padded_vocab, torch.bfloat16), "checkpoint_version": 3.0,
              "iteration": 1, "model": model.sharded_state_dict(metadata=meta),
              "rng_state": ShardedObject("rng_state", rng, (pp, tp), (ps.get_pipeline_model_parallel_rank(),

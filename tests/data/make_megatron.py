@@ -724,18 +724,7 @@ def _parallel_worker(rank, ws, port, c, work, out_dir):
         sched.step(increment=1)
 
     dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
-    import random
-
-    import numpy as np
-
-    random.seed(rank)
-    np.random.seed(rank)
-    torch.manual_seed(rank)
-    rng = [{"random_rng_state": random.getstate(),
-            "np_rng_state": np.random.get_state(),
-            "torch_rng_state": torch.get_rng_state(),
-            "rng_tracker_states": {}}]
-    rng_obj = ShardedObject("rng_state", rng, (c["pp"], c["tp"]),
+    rng_obj = ShardedObject("rng_state", rng_state(rank, {}), (c["pp"], c["tp"]),
                             (ps.get_pipeline_model_parallel_rank(),
                              ps.get_tensor_model_parallel_rank()),
                             replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
@@ -881,9 +870,6 @@ def _save_legacy(c, models, optimizer, sched, out_dir, dtype):
     ranks with data-parallel rank 0 or expert-data-parallel rank 0 (one writer per file).
     With VPP (several model chunks) each chunk goes under "model0", "model1", ... instead of
     "model" (its layers numbered from 0 within the chunk)."""
-    import random
-
-    import numpy as np
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -901,15 +887,8 @@ def _save_legacy(c, models, optimizer, sched, out_dir, dtype):
     # every (tp, pp, ep) file must have a writer
     assert len(writer) == c["tp"] * c["pp"] * c["ep"], (writer, everyone)
 
-    # rng: get_rng_state() for ckpt_format 'torch' = [rng_state] (no data_parallel_random_init);
-    # no 'cuda_rng_state' on CPU
-    random.seed(rank)
-    np.random.seed(rank)
-    torch.manual_seed(rank)
-    rng_state = [{"random_rng_state": random.getstate(),
-                  "np_rng_state": np.random.get_state(),
-                  "torch_rng_state": torch.get_rng_state(),
-                  "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}]
+    # rng: get_rng_state() for ckpt_format 'torch' = [rng_state] (no data_parallel_random_init)
+    rng = rng_state(rank, tensor_parallel.get_cuda_rng_tracker().get_states())
     state = {"args": _legacy_args(c, dtype), "checkpoint_version": 3.0, "iteration": 1}
     for key, m in zip(legacy_model_keys(c), models):      # unwrap_model(model)[i]
         state[key] = m.state_dict_for_save_checkpoint()
@@ -917,7 +896,7 @@ def _save_legacy(c, models, optimizer, sched, out_dir, dtype):
     if c.get("optim"):
         state["optimizer"] = optimizer.state_dict()
         state["opt_param_scheduler"] = sched.state_dict()
-    state["rng_state"] = rng_state
+    state["rng_state"] = rng
     state["num_floating_point_operations_so_far"] = 123456789
     if writer[(tp, pp, ep)] == rank:
         path = os.path.join(out_dir, "iter_0000001", legacy_rank_dir(c, tp, pp, ep),
@@ -992,7 +971,23 @@ def _write_verl_manifest(c, ws, path):
         json.dump(mf, f, indent=2, sort_keys=True)
 
 
-def _free_port():
+def rng_state(rank, tracker_states):
+    """Megatron-LM's saved RNG state of a rank ([one dict], as get_rng_state gives it without
+    data_parallel_random_init; no 'cuda_rng_state' on CPU), every generator seeded with the rank."""
+    import random
+
+    import numpy as np
+
+    random.seed(rank)
+    np.random.seed(rank)
+    torch.manual_seed(rank)
+    return [{"random_rng_state": random.getstate(),
+             "np_rng_state": np.random.get_state(),
+             "torch_rng_state": torch.get_rng_state(),
+             "rng_tracker_states": tracker_states}]
+
+
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -1001,7 +996,7 @@ def _free_port():
 def _spawn(fn, n, *args):
     import torch.multiprocessing as mp
 
-    mp.spawn(fn, args=(n, _free_port(), *args), nprocs=n, join=True)
+    mp.spawn(fn, args=(n, free_port(), *args), nprocs=n, join=True)
 
 
 # --------------------------------------------------------------------------------------------
