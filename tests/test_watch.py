@@ -346,7 +346,7 @@ def test_a_megatron_lm_run_is_watched_by_its_iter_folders(tmp_path):
 
 def test_a_megatron_lm_legacy_run_is_watched(tmp_path):
     """Megatron-LM's legacy torch format has the same tracker and iter_NNNNNNN folders, with mp_rank_*/ files inside."""
-    from safetensors.torch import load_file
+    from test_megatron import assert_equals_reference
 
     data = ROOT / "tests" / "data" / "megatron"
     run = tmp_path / "run"
@@ -354,9 +354,7 @@ def test_a_megatron_lm_legacy_run_is_watched(tmp_path):
     results = Watcher(run, push=False, optimizer=False, out_root=tmp_path / "out", state_file=tmp_path / "state.json",
                       model_name=str(data / "qwen3_pp2" / "huggingface")).run(once=True, interval=0.1)
     assert [(r.step, r.ok) for r in results] == [(1, True)], [r.error for r in results]
-    got = load_file(tmp_path / "out" / "global_step_1" / "model.safetensors")
-    ref = load_file(data / "qwen3_pp2" / "reference" / "model.safetensors")
-    assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref)
+    assert_equals_reference(tmp_path / "out" / "global_step_1", data / "qwen3_pp2" / "reference" / "model.safetensors")
 
 
 def test_a_tracker_watch_cannot_follow_is_said_once(actors, tmp_path, caplog):
